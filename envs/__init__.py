@@ -1,0 +1,1 @@
+"""Simulation tasks (imported as polcache.envs)."""

@@ -1,0 +1,1 @@
+"""Exported denoisers (imported as polcache.export)."""

@@ -1,0 +1,42 @@
+"""The `polcache` command. Thin: each subcommand lives in the module that owns the feature
+and exposes `register(subparsers)`; its handler calls one library function that tests call too."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from polcache.errors import PolcacheError
+
+# Modules that contribute subcommands, in the order `polcache --help` lists them.
+COMMAND_MODULES = [
+    "polcache.envs.record_cli",
+    "polcache.train.cli",
+    "polcache.sim.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polcache", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except PolcacheError as exc:
+        print(f"polcache {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"polcache {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""polcache.serve"""
