@@ -1,0 +1,75 @@
+"""What a policy consumes and produces, independent of the backend that computes it.
+
+The runtime (server, evaluator, simulated robot) talks only to `PolicyBackend`, so torch,
+ONNX Runtime and TensorRT backends are interchangeable. Observations are dicts of arrays
+keyed by name: `state` (float32 proprioception/low-dim state) and `image_<camera>`
+(uint8 HxWx3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name, e.g. "float32", "uint8"
+
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ArraySpec":
+        return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Shapes and timing of one policy: one observation per control step in, a chunk out."""
+
+    obs: dict[str, ArraySpec]  # per single time step, no batch or history axis
+    action_dim: int
+    n_obs_steps: int  # observation history the policy conditions on
+    horizon: int  # predicted action tokens
+    n_action_steps: int  # actions executed per chunk, starting at the current step
+    task: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "obs": {k: v.to_dict() for k, v in self.obs.items()},
+            "action_dim": self.action_dim,
+            "n_obs_steps": self.n_obs_steps,
+            "horizon": self.horizon,
+            "n_action_steps": self.n_action_steps,
+            "task": self.task,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PolicySpec":
+        return cls(
+            obs={k: ArraySpec.from_dict(v) for k, v in d["obs"].items()},
+            action_dim=int(d["action_dim"]),
+            n_obs_steps=int(d["n_obs_steps"]),
+            horizon=int(d["horizon"]),
+            n_action_steps=int(d["n_action_steps"]),
+            task=str(d.get("task", "")),
+        )
+
+
+class PolicyBackend(Protocol):
+    """Anything that turns a batch of observation histories into action chunks."""
+
+    spec: PolicySpec
+
+    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
+        """obs[key]: (B, n_obs_steps, *spec.obs[key].shape) -> actions (B, n_action_steps, action_dim),
+        unnormalised, float32; actions[:, 0] is due at the newest observation's step."""
+        ...
+
+    def reset(self) -> None:
+        """Forget any per-episode state (e.g. embedding ring buffers)."""
+        ...
