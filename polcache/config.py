@@ -1,0 +1,201 @@
+"""Typed, strict configuration: YAML in, dataclasses out, unknown keys rejected.
+
+Configs are plain dataclasses so that a checkpoint can store the full config and a
+typo in a YAML file or a `key=value` override fails loudly with the key's dotted path."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from polcache.errors import ConfigError
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = "ddpm"  # ddpm | ddim | flow
+    train_steps: int = 100
+    inference_steps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    clip_sample: bool = True
+
+
+@dataclass
+class ImageEncoderConfig:
+    channels: int = 32  # width of the first conv; later convs double it
+    keypoints: int = 32  # spatial-softmax keypoints per camera
+    feature_dim: int = 64
+    crop_fraction: float = 0.9  # random crop at training, centre crop at inference
+
+
+@dataclass
+class PolicyConfig:
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+    n_layers: int = 8
+    n_heads: int = 4
+    width: int = 256
+    ffn_mult: int = 4
+    p_drop_attn: float = 0.3
+    p_drop_emb: float = 0.0
+    state_hidden: int = 256
+    objective: str = "epsilon"  # epsilon (DDPM/DDIM) | flow (rectified flow velocity)
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000
+    batch_size: int = 256
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 1e-3
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    ema_warmup: int = 100  # EMA decay ramps up over the first steps, as in diffusion_policy
+    checkpoint_every: int = 2000
+    log_every: int = 50
+    val_fraction: float = 0.05
+    num_workers: int = 0
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+
+
+@dataclass
+class ExperimentConfig:
+    task: str = ""
+    dataset: str = ""
+    out: str = "runs/default"
+    obs_keys: list[str] = field(default_factory=lambda: ["state"])
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys with their dotted path."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in '{path}'" if path else ""
+        raise ConfigError(f"unknown config key{where}: {', '.join(repr(path + '.' + k if path else k) for k in unknown)} "
+                          f"(known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=1000")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(ExperimentConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    p = cfg.policy
+    if p.width % p.n_heads:
+        raise ConfigError(f"policy.width ({p.width}) must be divisible by policy.n_heads ({p.n_heads})")
+    if not 1 <= p.n_obs_steps <= p.horizon:
+        raise ConfigError(f"policy.n_obs_steps must be in 1..horizon ({p.horizon}), got {p.n_obs_steps}")
+    if not 1 <= p.n_action_steps <= p.horizon - p.n_obs_steps + 1:
+        raise ConfigError(f"policy.n_action_steps must be in 1..{p.horizon - p.n_obs_steps + 1}, got {p.n_action_steps}")
+    if p.objective not in ("epsilon", "flow"):
+        raise ConfigError(f"policy.objective must be 'epsilon' or 'flow', got {p.objective!r}")
+    if p.sampler.kind not in ("ddpm", "ddim", "flow"):
+        raise ConfigError(f"policy.sampler.kind must be ddpm, ddim or flow, got {p.sampler.kind!r}")
+    if not cfg.obs_keys or any(not (k == "state" or k.startswith("image_")) for k in cfg.obs_keys):
+        raise ConfigError(f"obs_keys must name 'state' and/or 'image_<camera>' keys, got {cfg.obs_keys}")
