@@ -1,0 +1,300 @@
+"""Demonstration episodes on disk, as one zarr (v3) group.
+
+Layout (same idea as diffusion_policy's ReplayBuffer, so datasets are easy to inspect):
+
+    <root>.attrs   {"format": "polcache-episodes", "version": 1, "complete": true, ...user attrs}
+    data/obs/<key> (N, ...)   every episode concatenated along time
+    data/action    (N, Da)    float32
+    meta/episode_ends (E,)    int64 cumulative ends; episode i is [ends[i-1], ends[i])
+    meta.attrs["tasks"]       one task string per episode
+
+Writes are atomic: a sibling temp directory is filled, flagged complete, and renamed into
+place, so a crash or a bad episode never leaves a half-written dataset where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from polcache.errors import DatasetError
+from polcache.policy.spec import ArraySpec
+
+FORMAT = "polcache-episodes"
+VERSION = 1
+_RESERVED_ATTRS = ("format", "version", "complete")
+_IMAGE_CHUNK = 64  # frames per image chunk: small enough to read one window cheaply
+_LOWDIM_CHUNK = 16384  # state/action rows per chunk: low-dim arrays are tiny
+
+
+@dataclass
+class Episode:
+    """One demonstration. obs: key -> (T, ...): "state" float32 (T, D), "image_<cam>" uint8 (T, H, W, 3)."""
+
+    obs: dict[str, np.ndarray]
+    action: np.ndarray  # (T, action_dim) float32
+    task: str = ""
+
+
+def _check_key(key: str) -> None:
+    if key != "state" and not (key.startswith("image_") and len(key) > len("image_")):
+        raise DatasetError(f"obs key {key!r} is not supported: use 'state' or 'image_<camera>'")
+    if "/" in key:
+        raise DatasetError(f"obs key {key!r} must not contain '/'")
+
+
+def _validated(episodes: Sequence[Episode]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Check every episode against the first one; return concatenated obs, actions and episode_ends."""
+    if len(episodes) == 0:
+        raise DatasetError("cannot write a dataset with no episodes")
+    keys = sorted(episodes[0].obs)
+    if not keys:
+        raise DatasetError("episode 0: obs is empty; need at least 'state' or one 'image_<camera>'")
+    for k in keys:
+        _check_key(k)
+    obs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    actions: list[np.ndarray] = []
+    lengths: list[int] = []
+    ref_shapes: dict[str, tuple[int, ...]] = {}
+    for i, ep in enumerate(episodes):
+        if sorted(ep.obs) != keys:
+            raise DatasetError(f"episode {i}: obs keys {sorted(ep.obs)} differ from episode 0's {keys}")
+        action = np.asarray(ep.action)
+        if action.ndim != 2 or action.shape[0] == 0:
+            raise DatasetError(f"episode {i}: action must be (T>0, action_dim), got shape {action.shape}")
+        if not np.issubdtype(action.dtype, np.number):
+            raise DatasetError(f"episode {i}: action has non-numeric dtype {action.dtype}")
+        action = action.astype(np.float32)
+        if not np.isfinite(action).all():
+            raise DatasetError(f"episode {i}: action contains NaN or inf")
+        T = action.shape[0]
+        ref_shapes.setdefault("action", action.shape[1:])
+        if action.shape[1:] != ref_shapes["action"]:
+            raise DatasetError(f"episode {i}: action dim {action.shape[1:]} differs from episode 0's {ref_shapes['action']}")
+        for k in keys:
+            x = np.asarray(ep.obs[k])
+            if x.ndim < 1 or x.shape[0] != T:
+                raise DatasetError(f"episode {i}: obs[{k!r}] has {x.shape[0] if x.ndim else 0} steps but action has {T}")
+            if k == "state":
+                if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+                    raise DatasetError(f"episode {i}: obs['state'] must be numeric (T, D), got {x.dtype} {x.shape}")
+                x = x.astype(np.float32)
+                if not np.isfinite(x).all():
+                    raise DatasetError(f"episode {i}: obs['state'] contains NaN or inf")
+            elif x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+                raise DatasetError(f"episode {i}: obs[{k!r}] must be uint8 (T, H, W, 3), got {x.dtype} {x.shape}")
+            ref_shapes.setdefault(k, x.shape[1:])
+            if x.shape[1:] != ref_shapes[k]:
+                raise DatasetError(f"episode {i}: obs[{k!r}] step shape {x.shape[1:]} differs from episode 0's {ref_shapes[k]}")
+            obs[k].append(x)
+        if not isinstance(ep.task, str):
+            raise DatasetError(f"episode {i}: task must be a str, got {type(ep.task).__name__}")
+        actions.append(action)
+        lengths.append(T)
+    cat = {k: np.concatenate(v, axis=0) for k, v in obs.items()}
+    return cat, np.concatenate(actions, axis=0), np.cumsum(lengths, dtype=np.int64)
+
+
+def _is_polcache(path: Path) -> bool:
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+    except Exception:
+        return False
+
+
+def _put(group: zarr.Group, name: str, data: np.ndarray, rows: int) -> None:
+    chunks = (max(1, min(rows, data.shape[0])),) + data.shape[1:]
+    # write_empty_chunks: every chunk lands on disk, so a missing chunk file means truncation.
+    group.create_array(name, data=data, chunks=chunks, config={"write_empty_chunks": True})
+
+
+def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | None = None) -> None:
+    """Write episodes atomically to `path`, replacing an existing polcache dataset only once the new one is complete."""
+    path = Path(path)
+    attrs = dict(attrs or {})
+    clash = [k for k in _RESERVED_ATTRS if k in attrs]
+    if clash:
+        raise DatasetError(f"{path}: attrs {clash} are reserved by polcache")
+    try:
+        json.dumps(attrs)
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: attrs must be JSON-serialisable ({e})") from None
+    obs, action, ends = _validated(episodes)
+    if path.exists() and not _is_polcache(path):
+        raise DatasetError(f"{path}: exists and is not a polcache dataset; refusing to overwrite it")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    old = path.parent / f".{path.name}.old-{tag}"
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs.update({"format": FORMAT, "version": VERSION, "complete": False, **attrs})
+        data = root.create_group("data")
+        obs_group = data.create_group("obs")
+        for k, x in obs.items():
+            _put(obs_group, k, x, _IMAGE_CHUNK if k.startswith("image_") else _LOWDIM_CHUNK)
+        _put(data, "action", action, _LOWDIM_CHUNK)
+        meta = root.create_group("meta")
+        _put(meta, "episode_ends", ends, len(ends))
+        meta.attrs["tasks"] = [ep.task for ep in episodes]
+        root.attrs["complete"] = True  # last write: only a fully written dataset carries it
+        if path.exists():
+            # POSIX cannot swap two directories atomically; the old one is moved aside and
+            # restored if the final rename fails, so a good dataset is never lost.
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class EpisodeStore:
+    """Read access to a dataset written by `write_dataset`; validated on open so later reads can trust it."""
+
+    def __init__(self, path: Path, root: zarr.Group, episode_ends: np.ndarray, tasks: list[str], obs_keys: list[str]):
+        self.path = path
+        self._root = root
+        self._ends = episode_ends
+        self._tasks = tasks
+        self._obs_keys = obs_keys
+        self._cache: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "EpisodeStore":
+        """Open and validate; any missing, truncated or foreign dataset raises DatasetError."""
+        path = Path(path)
+        if not path.exists():
+            raise DatasetError(f"{path}: dataset does not exist")
+        try:
+            root = zarr.open_group(str(path), mode="r")
+            attrs = dict(root.attrs)
+        except Exception:
+            raise DatasetError(f"{path}: not a polcache dataset (not a zarr group)") from None
+        if attrs.get("format") != FORMAT:
+            raise DatasetError(f"{path}: not a polcache dataset (format attr is {attrs.get('format')!r})")
+        if attrs.get("version") != VERSION:
+            raise DatasetError(f"{path}: dataset version {attrs.get('version')!r} is not supported (expected {VERSION})")
+        if attrs.get("complete") is not True:
+            raise DatasetError(f"{path}: dataset is incomplete (write was interrupted)")
+
+        def get(name: str) -> zarr.Array:
+            try:
+                node = root[name]
+            except Exception:
+                raise DatasetError(f"{path}: truncated dataset: missing array {name}") from None
+            if not isinstance(node, zarr.Array):
+                raise DatasetError(f"{path}: truncated dataset: {name} is not an array")
+            return node
+
+        ends = np.asarray(get("meta/episode_ends")[:])
+        if ends.ndim != 1 or len(ends) == 0 or not np.issubdtype(ends.dtype, np.integer):
+            raise DatasetError(f"{path}: meta/episode_ends must be a non-empty 1-D integer array, got {ends.dtype} {ends.shape}")
+        ends = ends.astype(np.int64)
+        if ends[0] <= 0 or (np.diff(ends) <= 0).any():
+            raise DatasetError(f"{path}: meta/episode_ends is not strictly increasing from > 0")
+        try:
+            tasks = list(root["meta"].attrs.get("tasks", []))
+        except Exception:
+            tasks = []
+        if len(tasks) != len(ends):
+            raise DatasetError(f"{path}: meta tasks list has {len(tasks)} entries for {len(ends)} episodes")
+        try:
+            obs_keys = sorted(name for name, _ in root["data/obs"].arrays())
+        except Exception:
+            obs_keys = []
+        if not obs_keys:
+            raise DatasetError(f"{path}: truncated dataset: no arrays under data/obs")
+        n = int(ends[-1])
+        for name in [f"data/obs/{k}" for k in obs_keys] + ["data/action", "meta/episode_ends"]:
+            arr = get(name)
+            want = len(ends) if name == "meta/episode_ends" else n
+            if arr.ndim == 0 or arr.shape[0] != want:
+                raise DatasetError(f"{path}: truncated dataset: {name} has {arr.shape[0] if arr.ndim else 0} rows, expected {want}")
+            if arr.nchunks_initialized != arr.nchunks:
+                raise DatasetError(f"{path}: truncated dataset: {name} has {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing")
+        if get("data/action").ndim != 2:
+            raise DatasetError(f"{path}: data/action must be 2-D (steps, action_dim)")
+        return cls(path, root, ends, [str(t) for t in tasks], obs_keys)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._ends)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self._ends[-1])
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        """int64 cumulative ends (a copy): episode i spans [ends[i-1], ends[i])."""
+        return self._ends.copy()
+
+    @property
+    def obs_keys(self) -> list[str]:
+        return list(self._obs_keys)
+
+    @property
+    def action_dim(self) -> int:
+        return int(self._root["data/action"].shape[1])
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """User attrs given to write_dataset (polcache's own format keys left out)."""
+        return {k: v for k, v in self._root.attrs.items() if k not in _RESERVED_ATTRS}
+
+    def obs_spec(self) -> dict[str, ArraySpec]:
+        """Per-step shape and dtype of each obs key, as a PolicySpec wants it."""
+        out = {}
+        for k in self._obs_keys:
+            arr = self._root[f"data/obs/{k}"]
+            out[k] = ArraySpec(tuple(int(s) for s in arr.shape[1:]), np.dtype(arr.dtype).name)
+        return out
+
+    def _node(self, key: str) -> zarr.Array:
+        if key == "action":
+            return self._root["data/action"]
+        if key not in self._obs_keys:
+            raise KeyError(f"{self.path}: no obs key {key!r}; have {self._obs_keys} and 'action'")
+        return self._root[f"data/obs/{key}"]
+
+    def array(self, key: str) -> np.ndarray:
+        """Whole obs key ("action" for actions) in memory; loaded once, cached, read-only (shared by datasets)."""
+        if key not in self._cache:
+            x = np.asarray(self._node(key)[:])
+            x.setflags(write=False)
+            self._cache[key] = x
+        return self._cache[key]
+
+    def episode(self, i: int) -> Episode:
+        n = self.num_episodes
+        if not -n <= i < n:
+            raise IndexError(f"episode {i} out of range for {n} episodes")
+        i %= n
+        start = 0 if i == 0 else int(self._ends[i - 1])
+        end = int(self._ends[i])
+        obs = {k: np.asarray(self._node(k)[start:end]) for k in self._obs_keys}
+        return Episode(obs=obs, action=np.asarray(self._node("action")[start:end]), task=self._tasks[i])
+
+    def __repr__(self) -> str:
+        return f"EpisodeStore({str(self.path)!r}, episodes={self.num_episodes}, steps={self.num_steps}, obs={self._obs_keys})"

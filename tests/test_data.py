@@ -1,0 +1,258 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file, save_file
+
+from polcache.data import Episode, EpisodeStore, Normalizer, SequenceDataset, episode_split, write_dataset
+from polcache.data import store as store_mod
+from polcache.errors import DatasetError
+from polcache.policy.spec import ArraySpec
+
+
+def make_episode(T: int, base: float, task: str = "push", image: bool = True) -> Episode:
+    """state[t] = base + t in both dims, action[t] = [base + t, -(base + t)]: values identify steps."""
+    t = base + np.arange(T, dtype=np.float32)
+    obs = {"state": np.stack([t, t + 0.5], axis=1)}
+    if image:
+        obs["image_front"] = (np.arange(T, dtype=np.uint8)[:, None, None, None] + np.zeros((T, 4, 5, 3), np.uint8) + int(base))
+    return Episode(obs=obs, action=np.stack([t, -t], axis=1), task=task)
+
+
+@pytest.fixture
+def episodes():
+    return [make_episode(5, 0.0, "a"), make_episode(3, 100.0, "b"), make_episode(70, 200.0, "c")]
+
+
+@pytest.fixture
+def ds_path(tmp_path, episodes):
+    path = tmp_path / "demo.zarr"
+    write_dataset(path, episodes, attrs={"source": "test"})
+    return path
+
+
+# ---- store ------------------------------------------------------------------
+
+
+def test_round_trip(ds_path, episodes):
+    s = EpisodeStore.open(ds_path)
+    assert s.num_episodes == 3 and s.num_steps == 78
+    assert s.episode_ends.tolist() == [5, 8, 78] and s.episode_ends.dtype == np.int64
+    assert s.obs_keys == ["image_front", "state"]
+    assert s.action_dim == 2 and s.tasks == ["a", "b", "c"] and s.attrs == {"source": "test"}
+    assert s.obs_spec() == {"state": ArraySpec((2,), "float32"), "image_front": ArraySpec((4, 5, 3), "uint8")}
+    for i, ep in enumerate(episodes):
+        got = s.episode(i)
+        assert got.task == ep.task
+        np.testing.assert_array_equal(got.action, ep.action)
+        for k in ep.obs:
+            np.testing.assert_array_equal(got.obs[k], ep.obs[k])
+            assert got.obs[k].dtype == ep.obs[k].dtype
+    np.testing.assert_array_equal(s.array("action"), np.concatenate([e.action for e in episodes]))
+    assert s.array("image_front").shape == (78, 4, 5, 3)
+    np.testing.assert_array_equal(s.episode(-1).action, episodes[-1].action)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda eps: eps.clear(), "no episodes"),
+        (lambda eps: eps[1].obs.pop("image_front"), "episode 1: obs keys"),
+        (lambda eps: eps[2].obs.__setitem__("state", np.zeros((70, 3), np.float32)), r"episode 2: obs\['state'\] step shape"),
+        (lambda eps: eps[1].obs.__setitem__("state", np.zeros((4, 2), np.float32)), r"episode 1: obs\['state'\] has 4 steps"),
+        (lambda eps: eps[2].action.__setitem__((3, 1), np.nan), "episode 2: action contains NaN"),
+        (lambda eps: eps[0].obs.__setitem__("image_front", np.zeros((5, 4, 5, 3), np.float32)), r"episode 0: obs\['image_front'\] must be uint8"),
+    ],
+)
+def test_write_rejects_bad_episodes(tmp_path, episodes, mutate, match):
+    mutate(episodes)
+    with pytest.raises(DatasetError, match=match):
+        write_dataset(tmp_path / "x.zarr", episodes)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_replace_keeps_old_dataset_on_failure(ds_path, episodes, monkeypatch):
+    bad = [make_episode(4, 0.0), make_episode(4, 0.0)]
+    bad[1].action[0, 0] = np.inf
+    with pytest.raises(DatasetError, match="episode 1: action"):
+        write_dataset(ds_path, bad)
+
+    # A failure in the middle of writing arrays (disk full, crash...) must not touch the old one.
+    calls = {"n": 0}
+    real_put = store_mod._put
+
+    def failing_put(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real_put(*a, **kw)
+
+    monkeypatch.setattr(store_mod, "_put", failing_put)
+    with pytest.raises(OSError, match="disk full"):
+        write_dataset(ds_path, [make_episode(4, 0.0)])
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in ds_path.parent.iterdir()) == ["demo.zarr"]  # no temp dirs left
+    s = EpisodeStore.open(ds_path)
+    assert s.num_steps == 78 and s.tasks == ["a", "b", "c"]
+
+    write_dataset(ds_path, [make_episode(4, 0.0, "new")])  # a good write replaces it
+    assert EpisodeStore.open(ds_path).tasks == ["new"]
+    assert sorted(p.name for p in ds_path.parent.iterdir()) == ["demo.zarr"]
+
+
+def test_refuses_to_overwrite_foreign_directory(tmp_path, episodes):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="not a polcache dataset; refusing"):
+        write_dataset(tmp_path / "mine", episodes)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_truncated_shorter_array(ds_path):
+    arr = zarr.open_array(str(ds_path / "data" / "obs" / "state"), mode="r+")
+    arr.resize((50, 2))
+    with pytest.raises(DatasetError, match=r"truncated dataset: data/obs/state has 50 rows, expected 78"):
+        EpisodeStore.open(ds_path)
+
+
+def test_truncated_missing_array(ds_path):
+    shutil.rmtree(ds_path / "data" / "action")
+    with pytest.raises(DatasetError, match="missing array data/action"):
+        EpisodeStore.open(ds_path)
+
+
+def test_truncated_missing_chunk(ds_path):
+    chunks = sorted(p for p in (ds_path / "data" / "obs" / "image_front" / "c").rglob("*") if p.is_file())
+    assert len(chunks) == 2  # 78 frames in chunks of 64
+    chunks[-1].unlink()
+    with pytest.raises(DatasetError, match="image_front has 1 of 2 chunks missing"):
+        EpisodeStore.open(ds_path)
+
+
+def test_broken_episode_ends(ds_path):
+    ends = zarr.open_array(str(ds_path / "meta" / "episode_ends"), mode="r+")
+    ends[:] = np.array([5, 8, 90])
+    with pytest.raises(DatasetError, match="has 78 rows, expected 90"):
+        EpisodeStore.open(ds_path)
+    ends[:] = np.array([5, 3, 78])
+    with pytest.raises(DatasetError, match="not strictly increasing"):
+        EpisodeStore.open(ds_path)
+
+
+def test_incomplete_flag(ds_path):
+    zarr.open_group(str(ds_path), mode="r+").attrs["complete"] = False
+    with pytest.raises(DatasetError, match="incomplete"):
+        EpisodeStore.open(ds_path)
+
+
+def test_foreign_datasets(tmp_path):
+    g = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    g.create_array("x", data=np.zeros(3))
+    with pytest.raises(DatasetError, match="plain.zarr: not a polcache dataset"):
+        EpisodeStore.open(tmp_path / "plain.zarr")
+    (tmp_path / "random").mkdir()
+    (tmp_path / "random" / "a.txt").write_text("hi")
+    with pytest.raises(DatasetError, match="random: not a polcache dataset"):
+        EpisodeStore.open(tmp_path / "random")
+    with pytest.raises(DatasetError, match="does not exist"):
+        EpisodeStore.open(tmp_path / "nope")
+
+
+# ---- sequence ---------------------------------------------------------------
+
+
+def test_padding_at_both_borders(ds_path):
+    ds = SequenceDataset(EpisodeStore.open(ds_path), horizon=16, n_obs_steps=2)
+    assert len(ds) == 78
+    # Episode 0 (T=5, values 0..4), current step t=0: obs steps -1, 0 -> [0, 0];
+    # actions steps -1 .. 14 -> [0, 0, 1, 2, 3, 4, 4, 4, ...] (first repeated before, last after).
+    s = ds[0]
+    assert ds.sample_info(0) == (0, 0)
+    np.testing.assert_array_equal(s["obs"]["state"][:, 0].numpy(), [0, 0])
+    want = [0, 0, 1, 2, 3] + [4] * 11
+    np.testing.assert_array_equal(s["action"][:, 0].numpy(), want)
+    np.testing.assert_array_equal(s["action"][:, 1].numpy(), [-v for v in want])
+    np.testing.assert_array_equal(s["obs"]["image_front"][:, 0, 0, 0].numpy(), [0, 0])
+    # Episode 0, t=4 (its last step): obs steps 3, 4; actions steps 3 .. 18 -> [3, 4, 4, ...].
+    s = ds[4]
+    np.testing.assert_array_equal(s["obs"]["state"][:, 1].numpy(), [3.5, 4.5])
+    np.testing.assert_array_equal(s["action"][:, 0].numpy(), [3] + [4] * 15)
+    # Episode 1 (T=3, values 100..102), t=1: obs steps 0, 1; actions steps 0 .. 15.
+    s = ds[6]
+    assert ds.sample_info(6) == (1, 1)
+    np.testing.assert_array_equal(s["obs"]["state"][:, 0].numpy(), [100, 101])
+    np.testing.assert_array_equal(s["action"][:, 0].numpy(), [100, 101] + [102] * 14)
+    # Episode 2, t=30: no padding, steps 29 .. 44.
+    s = ds[8 + 30]
+    np.testing.assert_array_equal(s["action"][:, 0].numpy(), 200 + np.arange(29, 45))
+    assert s["obs"]["state"].dtype == torch.float32 and s["action"].dtype == torch.float32
+    assert s["obs"]["image_front"].dtype == torch.uint8 and s["obs"]["image_front"].shape == (2, 4, 5, 3)
+    assert s["action"].shape == (16, 2)
+
+
+def test_windows_never_cross_episodes(ds_path):
+    ds = SequenceDataset(EpisodeStore.open(ds_path), horizon=8, n_obs_steps=3, keys=["state"])
+    bases = [0, 100, 200]
+    for i in range(len(ds)):
+        e, t = ds.sample_info(i)
+        s = ds[i]
+        assert list(s["obs"]) == ["state"]
+        lo, hi = bases[e], bases[e] + [5, 3, 70][e] - 1
+        for x in (s["obs"]["state"][:, 0], s["action"][:, 0]):
+            assert lo <= x.min().item() and x.max().item() <= hi
+        assert s["obs"]["state"][-1, 0].item() == bases[e] + t  # newest obs is the current step
+        assert s["action"][2, 0].item() == bases[e] + t  # action[To-1] is due at the current step
+
+
+def test_episode_subset_and_split(ds_path):
+    train, val = episode_split(10, 0.2, seed=1)
+    assert len(val) == 2 and sorted(train + val) == list(range(10)) and not set(train) & set(val)
+    assert episode_split(10, 0.2, seed=1) == (train, val)
+    assert episode_split(2, 0.01, seed=0)[1] != [] and episode_split(1, 0.5)[1] == []
+    ds = SequenceDataset(EpisodeStore.open(ds_path), horizon=4, n_obs_steps=2, episode_ids=[1])
+    assert len(ds) == 3 and {ds.sample_info(i)[0] for i in range(3)} == {1}
+    with pytest.raises(KeyError):
+        SequenceDataset(EpisodeStore.open(ds_path), horizon=4, n_obs_steps=2, keys=["image_side"])
+
+
+# ---- normalize --------------------------------------------------------------
+
+
+def test_normalizer_round_trip_and_constant_dims():
+    rng = np.random.default_rng(0)
+    action = rng.uniform(-3, 5, size=(200, 3)).astype(np.float32)
+    action[:, 1] = 0.25  # constant dim
+    state = rng.normal(size=(200, 4)) * 10
+    n = Normalizer.fit({"action": action, "state": state})
+    assert sorted(n.keys) == ["action", "state"]
+    y = n.normalize("action", action)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32
+    assert y[:, [0, 2]].min() >= -1 - 1e-6 and y[:, [0, 2]].max() <= 1 + 1e-6
+    np.testing.assert_allclose(y[:, [0, 2]].min(0), -1, atol=1e-6)
+    np.testing.assert_allclose(y[:, [0, 2]].max(0), 1, atol=1e-6)
+    np.testing.assert_allclose(y[:, 1], 0, atol=1e-7)  # constant dim: shifted to 0, not divided
+    np.testing.assert_allclose(n.unnormalize("action", y), action, atol=1e-6)
+    # torch, extra leading dims, float64 keeps its dtype
+    t = torch.from_numpy(state).reshape(10, 20, 4)
+    yt = n.normalize("state", t)
+    assert isinstance(yt, torch.Tensor) and yt.dtype == torch.float64 and yt.shape == (10, 20, 4)
+    torch.testing.assert_close(n.unnormalize("state", yt), t, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="last dim must be 4"):
+        n.normalize("state", np.zeros((2, 3)))
+
+
+def test_normalizer_state_dict_safetensors(tmp_path):
+    rng = np.random.default_rng(1)
+    a = rng.uniform(-1, 2, size=(50, 2)).astype(np.float32)
+    n = Normalizer.fit({"action": a, "state": np.ones((50, 3), np.float32)})
+    sd = n.state_dict()
+    assert {"action.min", "action.max", "action.mean", "action.std", "state.scale"} <= set(sd)
+    save_file(sd, str(tmp_path / "norm.safetensors"))
+    m = Normalizer.from_state_dict(load_file(str(tmp_path / "norm.safetensors")))
+    x = torch.from_numpy(a)
+    torch.testing.assert_close(m.normalize("action", x), n.normalize("action", x))
+    torch.testing.assert_close(m.unnormalize("action", m.normalize("action", x)), x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.stats("action")["min"], torch.from_numpy(a.min(0)))
