@@ -15,9 +15,6 @@ place, so a crash or a bad episode never leaves a half-written dataset where a g
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from polcache.atomic import atomic_directory
 from polcache.errors import DatasetError
 from polcache.policy.spec import ArraySpec
 
@@ -132,11 +130,7 @@ def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | N
     if path.exists() and not _is_polcache(path):
         raise DatasetError(f"{path}: exists and is not a polcache dataset; refusing to overwrite it")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    old = path.parent / f".{path.name}.old-{tag}"
-    try:
+    with atomic_directory(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs.update({"format": FORMAT, "version": VERSION, "complete": False, **attrs})
         data = root.create_group("data")
@@ -148,21 +142,6 @@ def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | N
         _put(meta, "episode_ends", ends, len(ends))
         meta.attrs["tasks"] = [ep.task for ep in episodes]
         root.attrs["complete"] = True  # last write: only a fully written dataset carries it
-        if path.exists():
-            # POSIX cannot swap two directories atomically; the old one is moved aside and
-            # restored if the final rename fails, so a good dataset is never lost.
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class EpisodeStore:

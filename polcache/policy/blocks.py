@@ -1,0 +1,116 @@
+"""The block: one named residual branch `x = x + f(norm(x))` of a decoder layer.
+
+Blocks are the unit that caching, calibration, export and VLA action experts talk about.
+A block only computes its delta f(norm(x)); the caller adds it to the residual stream,
+so a cached executor can substitute a stored or forecast delta without touching the
+model. Names follow `layers.<i>.<kind>` with kind in {sa, ca, ffn}.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SA, CA, FFN = "sa", "ca", "ffn"
+
+
+class Block(nn.Module):
+    """Base class: `delta(x, memory_kv)` returns f(norm(x))."""
+
+    kind: str
+
+    def __init__(self, name: str, layer: int, width: int):
+        super().__init__()
+        self.name = name
+        self.layer = layer
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Attention(Block):
+    def __init__(self, name: str, layer: int, width: int, n_heads: int, p_drop_attn: float):
+        super().__init__(name, layer, width)
+        self.n_heads = n_heads
+        self.head_dim = width // n_heads
+        self.p_drop_attn = p_drop_attn
+        self.out = nn.Linear(width, width)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, T, W) -> (B, h, T, d)
+        B, T, _ = t.shape
+        return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, t: torch.Tensor) -> torch.Tensor:  # (B, h, T, d) -> (B, T, W)
+        B, _, T, _ = t.shape
+        return t.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+
+    @property
+    def _dropout(self) -> float:
+        return self.p_drop_attn if self.training else 0.0
+
+
+class SelfAttentionBlock(_Attention):
+    """Causal self-attention over action tokens."""
+
+    kind = SA
+
+    def __init__(self, name: str, layer: int, width: int, n_heads: int, p_drop_attn: float):
+        super().__init__(name, layer, width, n_heads, p_drop_attn)
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x, memory_kv=None):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), is_causal=True,
+                                           dropout_p=self._dropout)
+        return self.out(self._merge(y))
+
+
+class CrossAttentionBlock(_Attention):
+    """Cross-attention from action tokens to the conditioning memory [time token, obs tokens].
+
+    Keys and values of the memory are computed by `memory_kv()` once per chunk (obs tokens)
+    or once per model (time tokens), never inside the denoising loop."""
+
+    kind = CA
+
+    def __init__(self, name: str, layer: int, width: int, n_heads: int, p_drop_attn: float):
+        super().__init__(name, layer, width, n_heads, p_drop_attn)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.register_buffer("mask", torch.ones(0, 0, dtype=torch.bool), persistent=False)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, W) memory -> keys, values (B, h, S, d). Token-wise, so it can be split by token."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(self, x, memory_kv=None):
+        k, v = memory_kv
+        q = self._heads(self.q(self.norm(x)))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=self._dropout)
+        return self.out(self._merge(y))
+
+
+class FeedForwardBlock(Block):
+    kind = FFN
+
+    def __init__(self, name: str, layer: int, width: int, mult: int, p_drop: float = 0.0):
+        super().__init__(name, layer, width)
+        self.fc1 = nn.Linear(width, mult * width)
+        self.fc2 = nn.Linear(mult * width, width)
+        self.drop = nn.Dropout(p_drop)
+
+    def forward(self, x, memory_kv=None):
+        return self.drop(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+
+
+def decoder_blocks(n_layers: int, width: int, n_heads: int, ffn_mult: int, p_drop_attn: float) -> list[Block]:
+    """The pre-norm decoder of DP-T as a flat, ordered list of named blocks."""
+    blocks: list[Block] = []
+    for i in range(n_layers):
+        blocks.append(SelfAttentionBlock(f"layers.{i}.sa", i, width, n_heads, p_drop_attn))
+        blocks.append(CrossAttentionBlock(f"layers.{i}.ca", i, width, n_heads, p_drop_attn))
+        blocks.append(FeedForwardBlock(f"layers.{i}.ffn", i, width, ffn_mult))
+    return blocks

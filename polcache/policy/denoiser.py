@@ -1,0 +1,129 @@
+"""DP-T: the transformer denoiser of Chi et al. (2023), as an ordered list of named blocks.
+
+Memory = [diffusion-step token, one token per observation step], passed through a
+token-wise conditioning MLP; action tokens attend causally to each other and to memory
+tokens up to their own time index. Because the conditioning is token-wise, the time
+token's memory depends only on the step and the observation tokens' memory only on the
+chunk: `prepare_chunk` computes both (and every cross-attention block's keys and values)
+once per chunk, so a denoising step only embeds x, runs the blocks and applies the head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polcache.config import PolicyConfig
+from polcache.policy.blocks import CA, Block, CrossAttentionBlock, decoder_blocks
+from polcache.policy.executor import ChunkContext, DeltaStore, run_blocks
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N,) timesteps -> (N, dim), as in DDPM / diffusion_policy's SinusoidalPosEmb."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class DiffusionTransformer(nn.Module):
+    def __init__(self, action_dim: int, obs_feature_dim: int, cfg: PolicyConfig):
+        super().__init__()
+        W, H, To = cfg.width, cfg.horizon, cfg.n_obs_steps
+        self.width, self.horizon, self.n_obs_steps = W, H, To
+        self.input_emb = nn.Linear(action_dim, W)
+        self.pos_emb = nn.Parameter(torch.zeros(1, H, W))
+        self.obs_emb = nn.Linear(obs_feature_dim, W)
+        self.cond_pos_emb = nn.Parameter(torch.zeros(1, 1 + To, W))
+        self.drop = nn.Dropout(cfg.p_drop_emb)
+        self.cond_mlp = nn.Sequential(nn.Linear(W, 4 * W), nn.Mish(), nn.Linear(4 * W, W))
+        self.blocks = nn.ModuleList(decoder_blocks(cfg.n_layers, W, cfg.n_heads, cfg.ffn_mult, cfg.p_drop_attn))
+        self.ln_f = nn.LayerNorm(W)
+        self.head = nn.Linear(W, action_dim)
+        # action token i sees the time token and observation tokens 0..i (diffusion_policy's memory mask)
+        t_idx = torch.arange(H)[:, None]
+        s_idx = torch.arange(1 + To)[None, :]
+        mask = t_idx >= (s_idx - 1)
+        for blk in self.blocks:
+            if isinstance(blk, CrossAttentionBlock):
+                blk.mask = mask
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        nn.init.normal_(self.cond_pos_emb, std=0.02)
+
+    @property
+    def block_list(self) -> list[Block]:
+        return list(self.blocks)
+
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    # ---- conditioning memory -------------------------------------------------------------
+    def time_memory(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(N,) timesteps -> (N, W) memory of the time token (independent of the observation)."""
+        return self.cond_mlp(sinusoidal_embedding(timesteps, self.width) + self.cond_pos_emb[0, 0])
+
+    def obs_memory(self, obs_features: torch.Tensor) -> torch.Tensor:
+        """(B, To, F) observation features -> (B, To, W) memory of the observation tokens."""
+        return self.cond_mlp(self.drop(self.obs_emb(obs_features) + self.cond_pos_emb[:, 1:]))
+
+    def embed_actions(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.input_emb(x) + self.pos_emb)
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(h))
+
+    # ---- training: the plain path --------------------------------------------------------
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, obs_features: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, Da) noisy actions, timesteps: (B,), obs_features: (B, To, F) -> (B, H, Da)."""
+        memory = torch.cat([self.time_memory(timesteps)[:, None], self.obs_memory(obs_features)], dim=1)
+        h = self.embed_actions(x)
+        for blk in self.blocks:
+            h = h + blk(h, blk.memory_kv(memory) if blk.kind == CA else None)
+        return self.output(h)
+
+    # ---- inference: per-chunk precomputation + plan-driven steps --------------------------
+    def prepare_chunk(self, obs_features: torch.Tensor, timesteps: torch.Tensor) -> ChunkContext:
+        """Compute every cross-attention block's keys/values for all `timesteps` of one chunk."""
+        B = obs_features.shape[0]
+        K = timesteps.shape[0]
+        t_mem = self.time_memory(timesteps)[None]  # (1, K, W)
+        o_mem = self.obs_memory(obs_features)  # (B, To, W)
+        kvs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for blk in self.blocks:
+            if blk.kind != CA:
+                kvs.append(None)
+                continue
+            tk, tv = blk.memory_kv(t_mem)  # (1, h, K, d)
+            ok, ov = blk.memory_kv(o_mem)  # (B, h, To, d)
+
+            def per_step(t: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+                t = t.permute(2, 0, 1, 3).unsqueeze(3).expand(K, B, -1, 1, -1)  # (K, B, h, 1, d)
+                o = o.unsqueeze(0).expand(K, -1, -1, -1, -1)  # (K, B, h, To, d)
+                return torch.cat([t, o], dim=3).contiguous()
+
+            kvs.append((per_step(tk, ok), per_step(tv, ov)))
+        return ChunkContext(kvs)
+
+    def step(
+        self,
+        x: torch.Tensor,
+        k: int,
+        ctx: ChunkContext,
+        ops: Sequence[int] | None = None,
+        store: DeltaStore | None = None,
+    ) -> torch.Tensor:
+        """One denoiser evaluation at step index k of the chunk prepared in `ctx`."""
+        h = run_blocks(self.blocks, self.embed_actions(x), k, ctx, ops, store)
+        return self.output(h)

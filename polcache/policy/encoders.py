@@ -1,0 +1,90 @@
+"""Observation encoders: one feature vector per observation step.
+
+`state` goes through an MLP; each `image_<camera>` through its own small GroupNorm CNN
+with a spatial-softmax keypoint head (as in Chi et al. / robomimic, trained from scratch,
+GroupNorm so that batch statistics never leak between training and deployment).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polcache.config import ImageEncoderConfig, PolicyConfig
+from polcache.policy.spec import ArraySpec
+
+
+class SpatialSoftmax(nn.Module):
+    """(B, C, H, W) feature maps -> (B, 2K) expected image coordinates of K keypoints."""
+
+    def __init__(self, channels: int, keypoints: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, keypoints, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        B, K, H, W = x.shape
+        ys = torch.linspace(-1.0, 1.0, H, device=x.device)
+        xs = torch.linspace(-1.0, 1.0, W, device=x.device)
+        attn = F.softmax(x.flatten(2), dim=-1).view(B, K, H, W)
+        ex = (attn.sum(2) * xs).sum(-1)
+        ey = (attn.sum(3) * ys).sum(-1)
+        return torch.cat([ex, ey], dim=-1)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, image_size: int, cfg: ImageEncoderConfig):
+        super().__init__()
+        c = cfg.channels
+        self.crop = max(8, int(round(image_size * cfg.crop_fraction)))
+
+        def conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(max(1, cout // 16), cout), nn.Mish()]
+
+        self.net = nn.Sequential(*conv(3, c, 2), *conv(c, c, 1), *conv(c, 2 * c, 2), *conv(2 * c, 2 * c, 1))
+        self.keypoints = SpatialSoftmax(2 * c, cfg.keypoints)
+        self.out = nn.Linear(2 * cfg.keypoints, cfg.feature_dim)
+        self.feature_dim = cfg.feature_dim
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        c = self.crop
+        if self.training:  # one random crop per image
+            top = torch.randint(0, H - c + 1, (1,)).item()
+            left = torch.randint(0, W - c + 1, (1,)).item()
+        else:
+            top, left = (H - c) // 2, (W - c) // 2
+        return x[..., top:top + c, left:left + c]
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, feature_dim)."""
+        x = img.permute(0, 3, 1, 2).float() / 255.0
+        return self.out(self.keypoints(self.net(self._crop(x))))
+
+
+class ObsEncoder(nn.Module):
+    def __init__(self, obs_spec: dict[str, ArraySpec], obs_keys: list[str], cfg: PolicyConfig):
+        super().__init__()
+        self.obs_keys = list(obs_keys)
+        self.encoders = nn.ModuleDict()
+        dim = 0
+        for key in self.obs_keys:
+            spec = obs_spec[key]
+            if key == "state":
+                self.encoders[key] = nn.Sequential(
+                    nn.Linear(spec.shape[0], cfg.state_hidden), nn.Mish(), nn.Linear(cfg.state_hidden, cfg.state_hidden))
+                dim += cfg.state_hidden
+            else:
+                self.encoders[key] = ImageEncoder(spec.shape[0], cfg.image)
+                dim += cfg.image.feature_dim
+        self.feature_dim = dim
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """obs[key]: (B, To, ...) with `state` already normalised -> (B, To, feature_dim)."""
+        feats = []
+        for key in self.obs_keys:
+            x = obs[key]
+            B, To = x.shape[:2]
+            feats.append(self.encoders[key](x.reshape(B * To, *x.shape[2:])).view(B, To, -1))
+        return torch.cat(feats, dim=-1)

@@ -1,0 +1,105 @@
+"""DiffusionPolicy: normalise -> encode observations -> sample an action chunk -> unnormalise.
+
+The sampling loop is the straight line every action takes: per-chunk precomputation
+(`prepare_chunk`), then K denoiser steps, each following one row of an optional cache
+plan, each followed by the sampler's coefficient update.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polcache.config import PolicyConfig
+from polcache.data.normalize import Normalizer
+from polcache.policy.denoiser import DiffusionTransformer
+from polcache.policy.encoders import ObsEncoder
+from polcache.policy.executor import DeltaStore
+from polcache.policy.samplers import Sampler, TrainingNoise, make_sampler
+from polcache.policy.spec import ArraySpec, PolicySpec
+
+
+class DiffusionPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig, obs_spec: dict[str, ArraySpec], obs_keys: Sequence[str], action_dim: int,
+                 normalizer: Normalizer, task: str = ""):
+        super().__init__()
+        self.cfg = cfg
+        self.obs_keys = list(obs_keys)
+        self.action_dim = action_dim
+        self.normalizer = normalizer
+        self.spec = PolicySpec(
+            obs={k: obs_spec[k] for k in self.obs_keys}, action_dim=action_dim, n_obs_steps=cfg.n_obs_steps,
+            horizon=cfg.horizon, n_action_steps=cfg.n_action_steps, task=task)
+        self.encoder = ObsEncoder(obs_spec, self.obs_keys, cfg)
+        self.denoiser = DiffusionTransformer(action_dim, self.encoder.feature_dim, cfg)
+        self.training_noise = TrainingNoise(cfg.sampler, cfg.objective)
+        self._samplers: dict[tuple[str, int], Sampler] = {}
+
+    # ---- observations ---------------------------------------------------------------------
+    def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Raw observation history (B, To, ...) -> (B, To, F) features."""
+        obs = dict(obs)
+        if "state" in obs:
+            obs["state"] = self.normalizer.normalize("state", obs["state"].float())
+        return self.encoder(obs)
+
+    # ---- training ---------------------------------------------------------------------------
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        feats = self.encode(batch["obs"])
+        x0 = self.normalizer.normalize("action", batch["action"])
+        xt, t, target = self.training_noise.corrupt(x0, generator)
+        return F.mse_loss(self.denoiser(xt, t, feats), target)
+
+    # ---- inference ----------------------------------------------------------------------------
+    def sampler(self, kind: str | None = None, steps: int | None = None) -> Sampler:
+        key = (kind or self.cfg.sampler.kind, int(steps or self.cfg.sampler.inference_steps))
+        if key not in self._samplers:
+            dev = next(self.parameters()).device
+            self._samplers[key] = make_sampler(self.cfg.sampler, *key).to(dev)
+        return self._samplers[key]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        features: torch.Tensor,
+        sampler: Sampler,
+        plan: Sequence[Sequence[int]] | None = None,
+        generator: torch.Generator | None = None,
+        store: DeltaStore | None = None,
+    ) -> torch.Tensor:
+        """Denoise one chunk in normalised action space: (B, To, F) features -> (B, H, Da).
+
+        `plan[k]` gives each block's op at step k (None: compute everything). A `store`
+        may be passed to observe the computed deltas (calibration)."""
+        B = features.shape[0]
+        K = sampler.num_steps
+        shape = (B, self.cfg.horizon, self.action_dim)
+        dev = features.device
+        x = torch.randn(shape, generator=generator, device=dev)
+        noise = torch.randn((K, *shape), generator=generator, device=dev) if sampler.needs_noise else None
+        ctx = self.denoiser.prepare_chunk(features, sampler.timesteps)
+        if plan is not None and store is None:
+            store = DeltaStore(len(self.denoiser.blocks))
+        for k in range(K):
+            out = self.denoiser.step(x, k, ctx, None if plan is None else plan[k], store)
+            x = sampler.update(k, x, out, None if noise is None else noise[k])
+        return x
+
+    @torch.no_grad()
+    def predict_action(
+        self,
+        obs: dict[str, torch.Tensor],
+        sampler: Sampler | None = None,
+        plan: Sequence[Sequence[int]] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Raw observation history -> {"action": (B, n_action_steps, Da) to execute now,
+        "action_pred": (B, H, Da) the whole predicted sequence}, unnormalised."""
+        sampler = sampler or self.sampler()
+        x = self.sample(self.encode(obs), sampler, plan, generator)
+        pred = self.normalizer.unnormalize("action", x)
+        start = self.cfg.n_obs_steps - 1
+        return {"action": pred[:, start:start + self.cfg.n_action_steps], "action_pred": pred}
