@@ -1,0 +1,349 @@
+"""The wire protocol between a robot and a policy server (docs/protocol.md is the contract).
+
+Every message is one msgpack map in one ZeroMQ frame: no multipart, so nothing depends on
+CONFLATE, and no pickle, so a peer can never make the other side execute code. Arrays
+travel as dtype name, shape and raw little-endian bytes. Decoding is strict: unknown
+versions, unknown types, missing or extra keys and wrong types are refused with a
+`ProtocolError` whose code and message name the problem, never with a crash.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Union
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20
+
+# dtypes a peer may send; object and structured dtypes are never accepted.
+ALLOWED_DTYPES = frozenset(
+    ["bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32", "float64"]
+)
+MAX_NDIM = 8
+
+# Per-step observation layout: key -> (shape, dtype name).
+ObsSpec = dict[str, tuple[tuple[int, ...], str]]
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; `code` is machine-readable, str(self) names the problem."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """Robot -> server, first message on a connection: what the robot will send and at what rate."""
+
+    obs_spec: ObsSpec
+    action_dim: int
+    hz: float
+    name: str
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Server -> robot: the handshake matched; `policy` is PolicySpec.to_dict() of the hosted policy."""
+
+    policy: dict
+    max_message_bytes: int
+    server: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Robot -> server: one control step. `seq` counts ticks within `epoch`; `t_capture` is robot clock."""
+
+    epoch: int
+    seq: int
+    t_capture: float
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ActionChunk:
+    """Server -> robot: actions answering observation (`epoch`, `seq`); `obs_seqs` are the history steps
+    used (oldest first); `t_actions[i]` is when `actions[i]` is due, on the robot's clock;
+    `timing` holds per-stage server milliseconds."""
+
+    epoch: int
+    seq: int
+    obs_seqs: list[int]
+    t_capture: float
+    t_actions: np.ndarray
+    actions: np.ndarray
+    timing: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Robot -> server, echoed back unchanged: keeps the session alive and measures round trip."""
+
+    t: float
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Robot -> server, echoed back as acknowledgement: a new episode starts at `epoch`."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Error:
+    """Server -> robot: a request was refused; `seq` is the observation it concerns, if any."""
+
+    code: str
+    message: str
+    seq: int | None
+
+
+Message = Union[Handshake, Welcome, Observation, ActionChunk, Heartbeat, Reset, Error]
+
+TYPE_NAMES: dict[type, str] = {
+    Handshake: "handshake",
+    Welcome: "welcome",
+    Observation: "obs",
+    ActionChunk: "chunk",
+    Heartbeat: "heartbeat",
+    Reset: "reset",
+    Error: "error",
+}
+TYPES_BY_NAME = {name: cls for cls, name in TYPE_NAMES.items()}
+
+
+# ---------------------------------------------------------------- arrays
+
+
+def encode_array(arr: np.ndarray) -> dict:
+    arr = np.asarray(arr)
+    if arr.dtype.name not in ALLOWED_DTYPES:
+        raise ProtocolError("bad_dtype", f"dtype {arr.dtype} cannot be sent")
+    data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
+
+
+def decode_array(obj: Any, where: str) -> np.ndarray:
+    """Read-only view on the received bytes; `where` names the field in errors."""
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+        raise ProtocolError("bad_array", f"{where}: an array is a map with keys dtype, shape, data")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise ProtocolError("bad_dtype", f"{where}: dtype {dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(s) is int and 0 <= s < 2**31 for s in shape)
+    ):
+        raise ProtocolError("bad_array", f"{where}: shape must be a list of at most {MAX_NDIM} non-negative ints")
+    if not isinstance(data, bytes):
+        raise ProtocolError("bad_array", f"{where}: data must be binary")
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    expected = math.prod(shape) * np_dtype.itemsize
+    if len(data) != expected:
+        raise ProtocolError(
+            "bad_array", f"{where}: {len(data)} bytes for shape {shape} {dtype} (expected {expected})"
+        )
+    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+
+
+def check_arrays(arrays: dict[str, np.ndarray], spec: ObsSpec) -> None:
+    """Refuse observations that do not match the negotiated spec, naming the first offending key."""
+    missing = sorted(set(spec) - set(arrays))
+    extra = sorted(set(arrays) - set(spec))
+    if missing:
+        raise ProtocolError("missing_key", f"observation lacks key(s) {missing}")
+    if extra:
+        raise ProtocolError("extra_key", f"observation has unexpected key(s) {extra}")
+    for key, (shape, dtype) in spec.items():
+        arr = arrays[key]
+        if tuple(arr.shape) != tuple(shape):
+            raise ProtocolError("bad_shape", f"observation {key!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        if arr.dtype.name != dtype:
+            raise ProtocolError("bad_dtype", f"observation {key!r} has dtype {arr.dtype.name}, expected {dtype}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ProtocolError("non_finite", f"observation {key!r} contains NaN or infinite values")
+
+
+# ---------------------------------------------------------------- field codecs
+# Each codec turns a wire value into its Python value or raises ProtocolError naming the field.
+
+
+def _int(value: Any, where: str) -> int:
+    if type(value) is not int:
+        raise ProtocolError("bad_type", f"{where} must be an integer")
+    return value
+
+
+def _float(value: Any, where: str) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ProtocolError("bad_type", f"{where} must be a finite number")
+    return float(value)
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) > 4096:
+        raise ProtocolError("bad_type", f"{where} must be a string of at most 4096 characters")
+    return value
+
+
+def _optional_int(value: Any, where: str) -> int | None:
+    return None if value is None else _int(value, where)
+
+
+def _int_list(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list):
+        raise ProtocolError("bad_type", f"{where} must be a list of integers")
+    return [_int(v, where) for v in value]
+
+
+def _float_map(value: Any, where: str) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_type", f"{where} must be a map of numbers")
+    return {_str(k, where): _float(v, f"{where}.{k}") for k, v in value.items()}
+
+
+def _array_map(value: Any, where: str) -> dict[str, np.ndarray]:
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_type", f"{where} must be a map of arrays")
+    return {_str(k, where): decode_array(v, f"{where}.{k}") for k, v in value.items()}
+
+
+def _obs_spec(value: Any, where: str) -> ObsSpec:
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_type", f"{where} must be a map of {{shape, dtype}}")
+    spec: ObsSpec = {}
+    for key, entry in value.items():
+        key = _str(key, where)
+        if not isinstance(entry, dict) or set(entry) != {"shape", "dtype"}:
+            raise ProtocolError("bad_type", f"{where}.{key} must be a map with keys shape, dtype")
+        shape = _int_list(entry["shape"], f"{where}.{key}.shape")
+        dtype = _str(entry["dtype"], f"{where}.{key}.dtype")
+        if dtype not in ALLOWED_DTYPES or any(s < 0 for s in shape) or len(shape) > MAX_NDIM:
+            raise ProtocolError("bad_type", f"{where}.{key}: unsupported shape {shape} or dtype {dtype!r}")
+        spec[key] = (tuple(shape), dtype)
+    return spec
+
+
+def _dict(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_type", f"{where} must be a map")
+    return value
+
+
+def _wire_obs_spec(spec: ObsSpec) -> dict:
+    return {k: {"shape": list(shape), "dtype": dtype} for k, (shape, dtype) in spec.items()}
+
+
+def _wire_arrays(arrays: dict[str, np.ndarray]) -> dict:
+    return {k: encode_array(v) for k, v in arrays.items()}
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+# (decode, encode) per field; fields not listed here use their value as is.
+_FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[[Any], Any]]] = {
+    (Handshake, "obs_spec"): (_obs_spec, _wire_obs_spec),
+    (Handshake, "action_dim"): (_int, int),
+    (Handshake, "hz"): (_float, float),
+    (Handshake, "name"): (_str, str),
+    (Welcome, "policy"): (_dict, _identity),
+    (Welcome, "max_message_bytes"): (_int, int),
+    (Welcome, "server"): (_str, str),
+    (Observation, "epoch"): (_int, int),
+    (Observation, "seq"): (_int, int),
+    (Observation, "t_capture"): (_float, float),
+    (Observation, "arrays"): (_array_map, _wire_arrays),
+    (ActionChunk, "epoch"): (_int, int),
+    (ActionChunk, "seq"): (_int, int),
+    (ActionChunk, "obs_seqs"): (_int_list, list),
+    (ActionChunk, "t_capture"): (_float, float),
+    (ActionChunk, "t_actions"): (decode_array, encode_array),
+    (ActionChunk, "actions"): (decode_array, encode_array),
+    (ActionChunk, "timing"): (_float_map, dict),
+    (Heartbeat, "t"): (_float, float),
+    (Reset, "epoch"): (_int, int),
+    (Error, "code"): (_str, str),
+    (Error, "message"): (_str, str),
+    (Error, "seq"): (_optional_int, _identity),
+}
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _wire_items(msg: Message, skip: str | None = None) -> list[tuple[str, Any]]:
+    cls = type(msg)
+    items: list[tuple[str, Any]] = [("v", PROTOCOL_VERSION), ("type", TYPE_NAMES[cls])]
+    for f in fields(cls):
+        if f.name != skip:
+            items.append((f.name, _FIELD_CODECS[(cls, f.name)][1](getattr(msg, f.name))))
+    return items
+
+
+def _pack_map(items: list[tuple[str, Any]], n_entries: int) -> bytes:
+    packer = msgpack.Packer()
+    return packer.pack_map_header(n_entries) + b"".join(packer.pack(k) + packer.pack(v) for k, v in items)
+
+
+def encode(msg: Message) -> bytes:
+    items = _wire_items(msg)
+    return _pack_map(items, len(items))
+
+
+def encode_chunk(chunk: ActionChunk) -> bytes:
+    """Encode a chunk whose timing["encode"] is the time this very encoding took: every other
+    field is packed first and timed, then the timing map is appended to the same msgpack map."""
+    t0 = time.perf_counter()
+    items = _wire_items(chunk, skip="timing")
+    head = _pack_map(items, len(items) + 1)
+    timing = {**chunk.timing, "encode": (time.perf_counter() - t0) * 1e3}
+    return head + msgpack.packb("timing") + msgpack.packb(timing)
+
+
+def decode(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate one frame. Raises ProtocolError for anything that is not a valid message."""
+    if len(data) > max_bytes:
+        raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types for bad input; all mean the same here
+        raise ProtocolError("malformed", f"not a msgpack message: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("malformed", f"message must be a msgpack map, got {type(obj).__name__}")
+    version = obj.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+    cls = TYPES_BY_NAME.get(obj.get("type")) if isinstance(obj.get("type"), str) else None
+    if cls is None:
+        raise ProtocolError("unknown_type", f"unknown message type {obj.get('type')!r}; known: {sorted(TYPES_BY_NAME)}")
+    name = TYPE_NAMES[cls]
+    expected = {f.name for f in fields(cls)}
+    given = set(obj) - {"v", "type"}
+    if expected - given:
+        raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(expected - given)}")
+    if given - expected:
+        raise ProtocolError("extra_key", f"{name} message has unexpected key(s) {sorted(map(str, given - expected))}")
+    msg = cls(**{k: _FIELD_CODECS[(cls, k)][0](obj[k], f"{name}.{k}") for k in expected})
+    if isinstance(msg, ActionChunk):
+        _check_chunk(msg)
+    return msg
+
+
+def _check_chunk(chunk: ActionChunk) -> None:
+    actions, t_actions = chunk.actions, chunk.t_actions
+    if actions.ndim != 2 or actions.dtype.kind != "f" or t_actions.ndim != 1 or t_actions.dtype.kind != "f":
+        raise ProtocolError("bad_shape", "chunk.actions must be (n, action_dim) floats and chunk.t_actions (n,) floats")
+    if len(t_actions) != len(actions):
+        raise ProtocolError("bad_shape", f"chunk has {len(actions)} actions but {len(t_actions)} due times")
+    if not (np.isfinite(actions).all() and np.isfinite(t_actions).all()):
+        raise ProtocolError("non_finite", "chunk contains NaN or infinite values")

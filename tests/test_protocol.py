@@ -1,0 +1,138 @@
+"""Wire protocol: every message type round-trips, and every kind of bad input is refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import numpy as np
+import pytest
+
+from polcache.client import protocol as P
+
+
+def _messages() -> list[P.Message]:
+    return [
+        P.Handshake(obs_spec={"state": ((39,), "float32"), "image_front": ((96, 96, 3), "uint8")}, action_dim=4, hz=50.0, name="arm"),
+        P.Welcome(policy={"obs": {"state": {"shape": [39], "dtype": "float32"}}, "action_dim": 4}, max_message_bytes=1024, server="s"),
+        P.Observation(epoch=2, seq=7, t_capture=12.5, arrays={"state": np.arange(39, dtype=np.float32), "image_front": np.zeros((96, 96, 3), np.uint8)}),
+        P.ActionChunk(epoch=2, seq=7, obs_seqs=[6, 7], t_capture=12.5, t_actions=12.5 + np.arange(8) / 50.0,
+                      actions=np.ones((8, 4), np.float32), timing={"decode": 0.1, "inference": 3.0}),
+        P.Heartbeat(t=3.25),
+        P.Reset(epoch=3),
+        P.Error(code="bad_shape", message="observation 'state' has shape (3,)", seq=None),
+        P.Error(code="inference", message="boom", seq=5),
+    ]
+
+
+def _assert_same(a: P.Message, b: P.Message) -> None:
+    assert type(a) is type(b)
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, dict) and x and isinstance(next(iter(x.values())), np.ndarray):
+            assert x.keys() == y.keys()
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])
+                assert x[k].dtype == y[k].dtype
+        elif isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y)
+            assert x.dtype == y.dtype
+        else:
+            assert x == y, f.name
+
+
+@pytest.mark.parametrize("msg", _messages(), ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    _assert_same(P.decode(P.encode(msg)), msg)
+
+
+def test_chunk_reports_its_own_encode_time():
+    chunk = _messages()[3]
+    decoded = P.decode(P.encode_chunk(chunk))
+    assert decoded.timing["inference"] == 3.0 and decoded.timing["encode"] >= 0.0
+    np.testing.assert_array_equal(decoded.actions, chunk.actions)
+
+
+def test_arrays_are_little_endian_raw_bytes():
+    wire = msgpack.unpackb(P.encode(P.Heartbeat(t=1.0)))
+    assert wire == {"v": P.PROTOCOL_VERSION, "type": "heartbeat", "t": 1.0}
+    enc = P.encode_array(np.array([1, 2], dtype=">i4"))
+    assert enc == {"dtype": "int32", "shape": [2], "data": b"\x01\x00\x00\x00\x02\x00\x00\x00"}
+
+
+def _raw(**obj) -> bytes:
+    return msgpack.packb({"v": P.PROTOCOL_VERSION, **obj})
+
+
+def _obs_wire(**override) -> bytes:
+    obj = {"type": "obs", "epoch": 0, "seq": 0, "t_capture": 1.0,
+           "arrays": {"state": P.encode_array(np.zeros(3, np.float32))}}
+    obj.update(override)
+    return _raw(**{k: v for k, v in obj.items() if v is not ...})
+
+
+@pytest.mark.parametrize(
+    "data, code, fragment",
+    [
+        (b"\xc1\xff\x00", "malformed", "msgpack"),
+        (msgpack.packb([1, 2, 3]), "malformed", "map"),
+        (msgpack.packb({"v": 99, "type": "heartbeat", "t": 1.0}), "version", "99"),
+        (msgpack.packb({"v": True, "type": "heartbeat", "t": 1.0}), "version", "True"),
+        (msgpack.packb({"type": "heartbeat", "t": 1.0}), "version", "None"),
+        (_raw(type="teleport"), "unknown_type", "teleport"),
+        (_obs_wire(seq=...), "missing_key", "seq"),
+        (_obs_wire(colour="red"), "extra_key", "colour"),
+        (_obs_wire(seq="7"), "bad_type", "obs.seq"),
+        (_obs_wire(t_capture=float("nan")), "bad_type", "obs.t_capture"),
+        (_obs_wire(arrays={"state": {"dtype": "float32", "shape": [3], "data": b"\x00" * 5}}), "bad_array", "obs.arrays.state"),
+        (_obs_wire(arrays={"state": {"dtype": "object", "shape": [1], "data": b"\x00" * 8}}), "bad_dtype", "object"),
+        (_obs_wire(arrays={"state": {"dtype": "uint8", "shape": [-1], "data": b""}}), "bad_array", "shape"),
+        (_obs_wire(arrays={"state": [1.0, 2.0]}), "bad_array", "obs.arrays.state"),
+        (_obs_wire(arrays=[1]), "bad_type", "obs.arrays"),
+        (_raw(type="chunk", epoch=0, seq=0, obs_seqs=[0], t_capture=0.0, t_actions=P.encode_array(np.zeros(2)),
+              actions=P.encode_array(np.zeros((3, 4), np.float32)), timing={}), "bad_shape", "due times"),
+        (_raw(type="chunk", epoch=0, seq=0, obs_seqs=[0], t_capture=0.0, t_actions=P.encode_array(np.zeros(1)),
+              actions=P.encode_array(np.full((1, 4), np.inf, np.float32)), timing={}), "non_finite", "NaN"),
+    ],
+)
+def test_bad_input_is_refused_by_name(data, code, fragment):
+    with pytest.raises(P.ProtocolError, match=fragment) as info:
+        P.decode(data)
+    assert info.value.code == code
+
+
+def test_oversized_message_is_refused_before_parsing():
+    data = P.encode(_messages()[2])
+    with pytest.raises(P.ProtocolError, match=f"{len(data)} bytes exceeds the limit of 1000") as info:
+        P.decode(data, max_bytes=1000)
+    assert info.value.code == "too_large"
+
+
+SPEC = {"state": ((3,), "float32"), "image": ((2, 2, 3), "uint8")}
+
+
+def _arrays(**override):
+    arrays = {"state": np.zeros(3, np.float32), "image": np.zeros((2, 2, 3), np.uint8)}
+    arrays.update(override)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "arrays, code, fragment",
+    [
+        (_arrays(image=None), "missing_key", "image"),
+        (_arrays(depth=np.zeros(1, np.float32)), "extra_key", "depth"),
+        (_arrays(state=np.zeros(4, np.float32)), "bad_shape", r"'state' has shape \(4,\), expected \(3,\)"),
+        (_arrays(state=np.zeros(3, np.float64)), "bad_dtype", "'state' has dtype float64, expected float32"),
+        (_arrays(state=np.array([0, np.nan, 0], np.float32)), "non_finite", "'state'"),
+        (_arrays(state=np.array([0, -np.inf, 0], np.float32)), "non_finite", "'state'"),
+    ],
+)
+def test_observation_must_match_spec(arrays, code, fragment):
+    with pytest.raises(P.ProtocolError, match=fragment) as info:
+        P.check_arrays(arrays, SPEC)
+    assert info.value.code == code
+
+
+def test_matching_observation_passes():
+    P.check_arrays(_arrays(), SPEC)
