@@ -53,6 +53,10 @@ class DiffusionPolicy(nn.Module):
         xt, t, target = self.training_noise.corrupt(x0, generator)
         return F.mse_loss(self.denoiser(xt, t, feats), target)
 
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The training loss; being forward() lets DistributedDataParallel wrap the policy."""
+        return self.compute_loss(batch)
+
     # ---- inference ----------------------------------------------------------------------------
     def sampler(self, kind: str | None = None, steps: int | None = None) -> Sampler:
         key = (kind or self.cfg.sampler.kind, int(steps or self.cfg.sampler.inference_steps))

@@ -1,0 +1,154 @@
+"""Checkpoints: one directory holding everything needed to run a policy.
+
+    config.yaml             the full experiment config
+    model.safetensors       inference weights (the EMA weights)
+    normalizer.safetensors  normalisation statistics
+    meta.json               format version, code version, observation spec, task, step
+    train/                  optional: raw weights + optimizer state, for resuming training
+
+Written atomically (temp directory + rename)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import polcache
+from polcache.atomic import atomic_directory
+from polcache.config import ExperimentConfig, from_dict, to_dict, validate
+from polcache.data.normalize import Normalizer
+from polcache.errors import CheckpointError, ConfigError
+from polcache.policy.policy import DiffusionPolicy
+from polcache.policy.spec import ArraySpec
+
+FORMAT = "polcache-checkpoint"
+VERSION = 1
+REQUIRED = ("config.yaml", "model.safetensors", "normalizer.safetensors", "meta.json")
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{polcache.__version__}+{sha}" if sha else polcache.__version__
+
+
+@dataclass
+class TrainState:
+    """What resuming needs beyond the inference files."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    lr_scheduler: dict
+    step: int
+
+
+def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPolicy,
+                    ema_state: dict[str, torch.Tensor] | None = None, step: int = 0,
+                    train_state: TrainState | None = None) -> Path:
+    """Write a checkpoint directory atomically. `ema_state` (if given) becomes the inference weights."""
+    path = Path(path)
+    weights = {k: v.detach().cpu().contiguous() for k, v in (ema_state or policy.state_dict()).items()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "step": step,
+        "task": cfg.task,
+        "obs_keys": policy.obs_keys,
+        "obs_spec": {k: v.to_dict() for k, v in policy.spec.obs.items()},
+        "action_dim": policy.action_dim,
+    }
+    with atomic_directory(path) as tmp:
+        tmp.mkdir()
+        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in policy.normalizer.state_dict().items()},
+                  str(tmp / "normalizer.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if train_state is not None:
+            (tmp / "train").mkdir()
+            save_file({k: v.detach().cpu().contiguous() for k, v in train_state.model.items()},
+                      str(tmp / "train" / "model.safetensors"))
+            torch.save({"optimizer": train_state.optimizer, "lr_scheduler": train_state.lr_scheduler,
+                        "step": train_state.step}, tmp / "train" / "state.pt")
+    return path
+
+
+def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
+    """Validate a checkpoint directory and return (config, meta) without building the model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path} is not a directory")
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete polcache checkpoint (missing {', '.join(missing)})")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}/meta.json: not valid JSON (truncated?)") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: meta.json format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is not supported (expected {VERSION})")
+    try:
+        cfg = from_dict(ExperimentConfig, yaml.safe_load((path / "config.yaml").read_text()) or {})
+        validate(cfg)
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{path}/config.yaml: {exc}") from None
+    return cfg, meta
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiffusionPolicy, ExperimentConfig, dict]:
+    """Load a checkpoint for inference (eval mode, EMA weights)."""
+    path = Path(path)
+    cfg, meta = read_meta(path)
+    try:
+        normalizer = Normalizer.from_state_dict(load_file(str(path / "normalizer.safetensors")))
+        weights = load_file(str(path / "model.safetensors"))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
+    obs_spec = {k: ArraySpec.from_dict(v) for k, v in meta["obs_spec"].items()}
+    policy = DiffusionPolicy(cfg.policy, obs_spec, meta["obs_keys"], int(meta["action_dim"]), normalizer, meta["task"])
+    try:
+        policy.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(f"{path}: weights do not match the config ({first})") from None
+    return policy.to(device).eval(), cfg, meta
+
+
+def load_train_state(path: str | Path) -> TrainState | None:
+    """Raw weights + optimizer state saved for resuming, or None if the checkpoint has none."""
+    train = Path(path) / "train"
+    if not (train / "state.pt").is_file():
+        return None
+    state = torch.load(train / "state.pt", weights_only=True)
+    return TrainState(load_file(str(train / "model.safetensors")), state["optimizer"], state["lr_scheduler"],
+                      int(state["step"]))
+
+
+def check_compatible(meta: dict, obs_spec: dict[str, ArraySpec], action_dim: int, where: str) -> None:
+    """Refuse a checkpoint whose observation or action shapes do not fit an environment/robot."""
+    for key in meta["obs_keys"]:
+        want = ArraySpec.from_dict(meta["obs_spec"][key])
+        have = obs_spec.get(key)
+        if have is None:
+            raise CheckpointError(f"checkpoint expects observation {key!r} {list(want.shape)}, "
+                                  f"but {where} provides only {sorted(obs_spec)}")
+        if tuple(have.shape) != tuple(want.shape):
+            raise CheckpointError(f"observation {key!r}: checkpoint expects shape {list(want.shape)}, "
+                                  f"{where} gives {list(have.shape)}")
+    if int(meta["action_dim"]) != int(action_dim):
+        raise CheckpointError(f"action dimension: checkpoint predicts {meta['action_dim']}, {where} takes {action_dim}")

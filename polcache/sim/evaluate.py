@@ -1,0 +1,115 @@
+"""In-process evaluation: run any PolicyBackend in a simulated task and report success rate
+(with a 95% Wilson interval), episode length and per-chunk inference latency.
+
+The rollout mirrors deployment: the policy sees the last n_obs_steps observations (the
+first one repeated at episode start), executes n_action_steps actions, then replans.
+Episode i resets with seed `seed + i`; policy noise is seeded per episode and chunk, so a
+run is reproducible and different seeds give different episodes."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from polcache.policy.spec import PolicyBackend
+from polcache.sim.stats import percentiles_ms, wilson_interval
+
+
+@dataclass
+class EvalResult:
+    task: str
+    episodes: int
+    successes: int
+    success_rate: float
+    ci95: tuple[float, float]
+    mean_episode_length: float
+    latency_ms: dict
+    seed: int
+    per_episode: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ci95"] = list(self.ci95)
+        return d
+
+    def summary(self) -> str:
+        lo, hi = self.ci95
+        lat = self.latency_ms
+        return (f"{self.task}: success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI "
+                f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps, "
+                f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
+
+
+def _stack(history: deque) -> dict[str, np.ndarray]:
+    return {k: np.stack([o[k] for o in history])[None] for k in history[0]}
+
+
+def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None) -> dict:
+    spec = backend.spec
+    backend.reset()
+    obs = env.reset(seed=seed)
+    history = deque([obs] * spec.n_obs_steps, maxlen=spec.n_obs_steps)
+    success, steps, chunk = False, 0, 0
+    done = False
+    while not done and steps < env.max_episode_steps:
+        t0 = time.perf_counter()
+        actions = backend.predict(_stack(history), seed=seed * 10007 + chunk)[0]
+        latencies.append(time.perf_counter() - t0)
+        chunk += 1
+        for a in actions:
+            obs, _, done, info = env.step(a)
+            history.append(obs)
+            steps += 1
+            if frames is not None:
+                frames.append(env.render())
+            if info.get("success"):
+                success = True
+            if done or success or steps >= env.max_episode_steps:
+                done = done or success
+                break
+    return {"seed": seed, "success": success, "length": steps}
+
+
+def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, progress: bool = True,
+             video_dir: str | Path | None = None, video_episodes: int = 0) -> EvalResult:
+    """Roll `backend` out for `episodes` episodes of `task` (episode i uses seed + i)."""
+    from polcache.envs import make_env  # simulation is an optional extra
+    from polcache.policy.checkpoint import check_compatible
+
+    image_keys = [k for k in backend.spec.obs if k.startswith("image_")]
+    cams = tuple(k[len("image_"):] for k in image_keys)
+    size = backend.spec.obs[image_keys[0]].shape[0] if image_keys else 96
+    env = make_env(task, seed=seed, image=bool(cams), cameras=cams or None, image_size=size)
+    meta = {"obs_keys": list(backend.spec.obs), "obs_spec": {k: v.to_dict() for k, v in backend.spec.obs.items()},
+            "action_dim": backend.spec.action_dim}
+    check_compatible(meta, env.observation_spec(), env.action_dim, f"task {task!r}")
+    latencies: list[float] = []
+    per_episode = []
+    try:
+        for i in tqdm(range(episodes), desc=f"eval {task}", disable=not progress, unit="ep"):
+            frames = [] if video_dir and i < video_episodes else None
+            ep = run_episode(env, backend, seed + i, latencies, frames)
+            per_episode.append(ep)
+            if frames:
+                _write_gif(Path(video_dir) / f"{task}_seed{seed + i}.gif", frames)
+    finally:
+        env.close()
+    n_ok = sum(e["success"] for e in per_episode)
+    return EvalResult(
+        task=task, episodes=episodes, successes=n_ok, success_rate=n_ok / max(1, episodes),
+        ci95=wilson_interval(n_ok, episodes),
+        mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else 0.0,
+        latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode)
+
+
+def _write_gif(path: Path, frames: list[np.ndarray]) -> None:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimsave(path, frames[::2], duration=0.08, loop=0)

@@ -1,0 +1,28 @@
+"""`polcache train`."""
+
+from __future__ import annotations
+
+import argparse
+
+from polcache.config import load_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a diffusion policy from a recorded dataset",
+        description="Train a DP-T policy. Re-running the same command resumes from OUT/last. "
+                    "Multi-GPU/CPU: torchrun --nproc_per_node N -m polcache.cli train --config ...")
+    p.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value, e.g. train.steps=1000")
+    p.add_argument("--fresh", action="store_true", help="ignore OUT/last and start from scratch")
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from polcache.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    path = train(cfg, fresh=args.fresh, progress=not args.no_progress)
+    print(f"checkpoint: {path}")
+    return 0

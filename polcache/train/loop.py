@@ -1,0 +1,164 @@
+"""Training: AdamW, cosine schedule with warm-up, EMA weights, periodic atomic checkpoints,
+resume after interruption, and torch DDP when launched by torchrun.
+
+The run directory holds `last/` (a full checkpoint plus optimizer state, rewritten every
+`checkpoint_every` steps) and `train_log.jsonl`. Running the same command again resumes
+from `last/` unless `fresh=True`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from polcache.config import ExperimentConfig, to_dict
+from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split
+from polcache.errors import CheckpointError, ConfigError
+from polcache.policy.checkpoint import TrainState, load_train_state, read_meta, save_checkpoint
+from polcache.policy.policy import DiffusionPolicy
+from polcache.train.ema import EMA
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def build_policy(cfg: ExperimentConfig, store: EpisodeStore) -> DiffusionPolicy:
+    spec = store.obs_spec()
+    missing = [k for k in cfg.obs_keys if k not in spec]
+    if missing:
+        raise ConfigError(f"obs_keys {missing} are not in dataset {cfg.dataset} (it has {sorted(spec)})")
+    stats = {"action": store.array("action")}
+    if "state" in cfg.obs_keys:
+        stats["state"] = store.array("state")
+    normalizer = Normalizer.fit(stats)
+    return DiffusionPolicy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
+
+
+def _infinite(loader: DataLoader, sampler: DistributedSampler | None):
+    epoch = 0
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+@torch.no_grad()
+def _val_loss(policy: DiffusionPolicy, data: SequenceDataset, batch_size: int, seed: int) -> float | None:
+    if len(data) == 0:
+        return None
+    policy.eval()
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    losses = [policy.compute_loss(b, g).item() for _, b in zip(range(8), loader)]
+    policy.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> Path:
+    """Train the policy described by `cfg`; returns the path of the final checkpoint (`out/last`)."""
+    if not cfg.dataset:
+        raise ConfigError("dataset: no dataset path given (set `dataset:` in the config or dataset=PATH)")
+    rank, world = _distributed()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed + rank)
+    out = Path(cfg.out)
+    store = EpisodeStore.open(cfg.dataset)
+    policy = build_policy(cfg, store)
+    train_ids, val_ids = episode_split(store.num_episodes, cfg.train.val_fraction, cfg.train.seed)
+    p = cfg.policy
+    train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, train_ids)
+    val_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, val_ids)
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
+                                  weight_decay=cfg.train.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, cfg.train.warmup_steps, cfg.train.steps))
+    ema = EMA(policy, cfg.train.ema_decay, cfg.train.ema_warmup)
+    step = 0
+    last = out / "last"
+    if not fresh and last.exists():
+        step = _resume(last, cfg, policy, optimizer, lr_sched, ema)
+        if rank == 0:
+            print(f"resuming from {last} at step {step}")
+
+    model = DistributedDataParallel(policy) if world > 1 else policy
+    sampler = DistributedSampler(train_data, world, rank, shuffle=True, seed=cfg.train.seed) if world > 1 else None
+    loader = DataLoader(train_data, batch_size=cfg.train.batch_size // world, shuffle=sampler is None,
+                        sampler=sampler, drop_last=len(train_data) >= cfg.train.batch_size,
+                        num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
+    batches = _infinite(loader, sampler)
+    log_path = out / "train_log.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
+    policy.train()
+    t0 = time.time()
+    while step < cfg.train.steps:
+        batch = next(batches)
+        loss = model(batch)  # DiffusionPolicy.forward is the training loss, so DDP syncs its gradients
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_sched.step()
+        step += 1
+        ema.update(policy, step)
+        if rank == 0:
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0],
+                                        "elapsed_s": round(time.time() - t0, 2)}) + "\n")
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                _save(last, cfg, policy, ema, optimizer, lr_sched, step)
+                val = _val_loss(policy, val_data, cfg.train.batch_size, cfg.train.seed)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "val_loss": val, "checkpoint": str(last)}) + "\n")
+    bar.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return last
+
+
+def _save(path: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, ema: EMA, optimizer, lr_sched, step: int) -> None:
+    save_checkpoint(path, cfg, policy, ema.state_dict(), step,
+                    TrainState(policy.state_dict(), optimizer.state_dict(), lr_sched.state_dict(), step))
+
+
+def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA) -> int:
+    old_cfg, _ = read_meta(last)
+    if to_dict(old_cfg.policy) != to_dict(cfg.policy) or old_cfg.obs_keys != cfg.obs_keys:
+        raise CheckpointError(f"{last} was trained with a different policy config; pass --fresh to start over "
+                              f"or use another out directory")
+    state = load_train_state(last)
+    if state is None:
+        raise CheckpointError(f"{last} has no training state to resume from; pass --fresh to start over")
+    policy.load_state_dict(state.model)
+    ema.load_state_dict(load_file(str(last / "model.safetensors")))
+    optimizer.load_state_dict(state.optimizer)
+    lr_sched.load_state_dict(state.lr_scheduler)
+    return state.step
