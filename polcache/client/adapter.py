@@ -1,0 +1,32 @@
+"""The robot, as the control loop sees it: three calls, no framework.
+
+Anything with these members is a robot (see docs/protocol.md for a worked example):
+`obs_spec` and `action_dim` go into the handshake, `observe` and `act` run inside every
+control tick and must return quickly, and `safe_stop` is called once when the watchdog gives
+up on the policy.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from polcache.client.protocol import ObsSpec
+
+
+class RobotAdapter(Protocol):
+    obs_spec: ObsSpec  # key -> (shape, dtype) of one control step
+    action_dim: int
+
+    def observe(self) -> dict[str, np.ndarray]:
+        """The latest observation, matching obs_spec. Must not block waiting for new data."""
+        ...
+
+    def act(self, action: np.ndarray) -> None:
+        """Command one action (float32, shape (action_dim,)) for the current step."""
+        ...
+
+    def safe_stop(self) -> None:
+        """Bring the robot to a safe rest; called when no valid action arrived for too long."""
+        ...

@@ -1,0 +1,211 @@
+"""The robot's connection to a policy server: handshake, non-blocking observation sends,
+heartbeats, and reconnection without ever blocking the control loop.
+
+A silent server (no reply for `timeout_s`) or a server that no longer knows this robot
+(`no_session`, e.g. after a restart) starts a new connection and a new epoch, so no chunk
+from before the interruption can be executed after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from polcache.client.curve import apply_client_keys
+from polcache.client.logs import RateLimitedLog
+from polcache.client.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ActionChunk,
+    Error,
+    Handshake,
+    Heartbeat,
+    Message,
+    Observation,
+    ObsSpec,
+    ProtocolError,
+    Reset,
+    Welcome,
+    check_arrays,
+    decode,
+    encode,
+)
+from polcache.client.rate import Clock, MonotonicClock
+
+log = logging.getLogger("polcache.client")
+
+SOCKET_HWM = 4  # messages; a full queue drops observations instead of delaying them
+MAX_DRAIN = 256  # messages read per poll, so a flood cannot stall a tick
+
+
+class ConnectError(RuntimeError):
+    """The server could not be reached, or refused this robot's handshake."""
+
+
+class PolicyClient:
+    def __init__(
+        self,
+        address: str,
+        obs_spec: ObsSpec,
+        action_dim: int,
+        hz: float,
+        *,
+        name: str = "robot",
+        keys_dir: str | None = None,
+        heartbeat_s: float = 0.25,
+        timeout_s: float = 1.0,
+        clock: Clock | None = None,
+        context: zmq.Context | None = None,
+    ):
+        self.address = address
+        self.obs_spec = obs_spec
+        self.keys_dir = keys_dir
+        self.heartbeat_s = heartbeat_s
+        self.timeout_s = timeout_s
+        self.clock = clock or MonotonicClock()
+        self._handshake = encode(Handshake(obs_spec=obs_spec, action_dim=action_dim, hz=float(hz), name=name))
+        self._context = context or zmq.Context.instance()
+        self._warn = RateLimitedLog(log).warning
+        self.epoch = 0  # bumped on every reset and reconnect
+        self.seq = -1  # of the last observation (sent or not) in this epoch
+        self.policy: dict | None = None  # the server's PolicySpec, once welcomed
+        self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+        self.rtt_s = float("nan")
+        self.connections = 0
+        self._socket: zmq.Socket | None = None
+        self._open()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def _open(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+        sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
+        if self.keys_dir:
+            apply_client_keys(sock, self.keys_dir)
+        sock.connect(self.address)
+        self._socket = sock
+        now = self.clock.now()
+        self._ready = False
+        self._handshake_due = now
+        self._last_rx = now
+        self._last_heartbeat = now
+
+    def _reconnect(self, reason: str) -> None:
+        log.warning("%s; reconnecting to %s with a new epoch", reason, self.address)
+        self.epoch += 1
+        self.seq = -1
+        self._open()
+
+    def _send(self, frame: bytes) -> bool:
+        try:
+            self._socket.send(frame, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def connect(self, timeout_s: float = 10.0) -> dict:
+        """Block until the server welcomes this robot; returns the policy spec."""
+        deadline = time.monotonic() + timeout_s
+        while not self._ready:
+            if time.monotonic() > deadline:
+                raise ConnectError(f"no answer from a policy server at {self.address} within {timeout_s:g} s")
+            self.poll()
+            self._socket.poll(10)
+        return self.policy
+
+    def poll(self) -> list[ActionChunk]:
+        """Read everything the server sent (never blocks); returns the action chunks among it."""
+        now = self.clock.now()
+        chunks = []
+        for _ in range(MAX_DRAIN):
+            try:
+                frame = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._last_rx = now
+            try:
+                msg = decode(frame)
+            except ProtocolError as exc:
+                self._warn(exc.code, f"unreadable message from server: {exc}")
+                continue
+            if isinstance(msg, ActionChunk):
+                chunks.append(msg)
+            elif not self._handle(msg, now):
+                return chunks  # the connection was replaced; the rest belonged to the old one
+        self._keep_alive(now)
+        return chunks
+
+    def _handle(self, msg: Message, now: float) -> bool:
+        """Handle a non-chunk message; False when it replaced the connection."""
+        if isinstance(msg, Welcome):
+            if not self._ready:
+                self._ready, self.policy = True, msg.policy
+                self.max_message_bytes = msg.max_message_bytes
+                self.connections += 1
+                log.info("connected to %s at %s (epoch %d)", msg.server, self.address, self.epoch)
+        elif isinstance(msg, Heartbeat):
+            self.rtt_s = now - msg.t
+        elif isinstance(msg, Error):
+            if msg.code == "spec_mismatch":
+                raise ConnectError(f"server at {self.address} refused the handshake: {msg.message}")
+            if msg.code == "no_session":
+                self._reconnect(f"server does not know this robot ({msg.message})")
+                return False
+            self._warn(msg.code, f"server error {msg.code} (seq {msg.seq}): {msg.message}")
+        elif not isinstance(msg, Reset):
+            self._warn("unexpected", f"unexpected {type(msg).__name__} message from server")
+        return True
+
+    def _keep_alive(self, now: float) -> None:
+        if self._ready and now - self._last_rx > self.timeout_s:
+            self._reconnect(f"no reply from server for {now - self._last_rx:.2f} s")
+        elif not self._ready and now >= self._handshake_due:
+            self._handshake_due = now + self.heartbeat_s
+            self._send(self._handshake)
+        elif self._ready and now - self._last_heartbeat >= self.heartbeat_s:
+            self._last_heartbeat = now
+            self._send(encode(Heartbeat(t=now)))
+
+    def send_observation(self, arrays: dict, t_capture: float) -> bool:
+        """Send one control step's observation without blocking. False (and a log line for
+        invalid data) when it was not sent; the step still consumes a sequence number."""
+        self.seq += 1
+        if not self._ready:
+            return False
+        try:
+            check_arrays(arrays, self.obs_spec)
+            frame = encode(Observation(epoch=self.epoch, seq=self.seq, t_capture=t_capture, arrays=arrays))
+            if len(frame) > self.max_message_bytes:
+                raise ProtocolError("too_large", f"{len(frame)} bytes exceed the server's limit of {self.max_message_bytes}")
+        except ProtocolError as exc:
+            self._warn(exc.code, f"observation {self.seq} not sent: {exc}")
+            return False
+        return self._send(frame)
+
+    def reset(self) -> int:
+        """Start a new episode: a new epoch, so old chunks can never be executed in it."""
+        self.epoch += 1
+        self.seq = -1
+        if self._ready:
+            self._send(encode(Reset(epoch=self.epoch)))
+        return self.epoch
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> "PolicyClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

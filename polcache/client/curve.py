@@ -1,0 +1,37 @@
+"""CurveZMQ key files: one directory holding the server and client key pairs written by
+`polcache keys`. The robot needs client.key_secret and server.key; the server needs
+server.key_secret and the public keys of the robots it admits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+SERVER_NAME = "server"
+CLIENT_NAME = "client"
+
+
+def key_path(keys_dir: str | Path, name: str, secret: bool) -> Path:
+    return Path(keys_dir) / (f"{name}.key_secret" if secret else f"{name}.key")
+
+
+def load_keypair(keys_dir: str | Path, name: str) -> tuple[bytes, bytes]:
+    path = key_path(keys_dir, name, secret=True)
+    if not path.is_file():
+        raise FileNotFoundError(f"CurveZMQ key {path} not found (create keys with `polcache keys --dir {keys_dir}`)")
+    public, secret = zmq.auth.load_certificate(str(path))
+    if secret is None:
+        raise ValueError(f"{path} holds no secret key")
+    return public, secret
+
+
+def apply_client_keys(socket: zmq.Socket, keys_dir: str | Path) -> None:
+    public, secret = load_keypair(keys_dir, CLIENT_NAME)
+    server_path = key_path(keys_dir, SERVER_NAME, secret=False)
+    if not server_path.is_file():
+        raise FileNotFoundError(f"server public key {server_path} not found")
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+    socket.curve_serverkey = zmq.auth.load_certificate(str(server_path))[0]

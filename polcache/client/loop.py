@@ -1,0 +1,107 @@
+"""The fixed-Hz control loop: one tick reads the robot, sends the observation without
+waiting, and executes the action due now, while the server computes the next chunk.
+
+Nothing in a tick blocks on the network, so inference overlaps execution and a slow or
+dead server degrades to holding, then a safe stop, never to a stalled loop.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from polcache.client.adapter import RobotAdapter
+from polcache.client.connection import PolicyClient
+from polcache.client.rate import Clock, MonotonicClock, Rate
+from polcache.client.records import ChunkRecord, TickRecord
+from polcache.client.schedule import ActionSchedule
+from polcache.client.watchdog import State, Watchdog
+
+
+class ControlLoop:
+    def __init__(
+        self,
+        adapter: RobotAdapter,
+        client: PolicyClient,
+        hz: float,
+        *,
+        schedule: ActionSchedule | None = None,
+        watchdog: Watchdog | None = None,
+        clock: Clock | None = None,
+        on_tick: Callable[[TickRecord], None] | None = None,
+        on_chunk: Callable[[ChunkRecord], None] | None = None,
+    ):
+        self.adapter = adapter
+        self.client = client
+        self.clock = clock or MonotonicClock()
+        self.rate = Rate(hz, self.clock)
+        self.schedule = schedule or ActionSchedule(hz)
+        self.watchdog = watchdog or Watchdog()
+        self.on_tick = on_tick
+        self.on_chunk = on_chunk
+        self.schedule.reset(client.epoch)
+
+    def reset_episode(self) -> None:
+        """New episode: new epoch on the wire, empty schedule, watchdog waiting for a first action."""
+        self.schedule.reset(self.client.reset())
+        self.watchdog.reset()
+        self.rate.reset()
+
+    def tick(self) -> TickRecord:
+        tick = self.rate.sleep()
+        now = tick.t
+        self._receive(now)
+        t_capture = self.clock.now()
+        sent = self.client.send_observation(self.adapter.observe(), t_capture)
+        decision = self.watchdog.step(now, self.schedule.action_at(now))
+        if decision.stop:
+            self.adapter.safe_stop()
+        elif decision.action is not None:
+            self.adapter.act(decision.action)
+        record = TickRecord(
+            t=now,
+            epoch=self.client.epoch,
+            seq=self.client.seq,
+            period_error_ms=tick.error * 1e3,
+            state=decision.state.value,
+            queue_depth=self.schedule.depth(now),
+            missed_ticks=tick.missed,
+            deadline_miss=decision.state in (State.HOLDING, State.STOPPED),
+            safe_stops=int(decision.stop),
+            obs_dropped=int(not sent),
+        )
+        if self.on_tick:
+            self.on_tick(record)
+        return record
+
+    def _receive(self, now: float) -> None:
+        chunks = self.client.poll()
+        if self.client.epoch != self.schedule.epoch:  # reconnected: forget the old connection's chunks
+            self.schedule.reset(self.client.epoch)
+        for chunk in chunks:
+            dropped = self.schedule.add(chunk, now)
+            if self.on_chunk:
+                self.on_chunk(
+                    ChunkRecord(
+                        t=now,
+                        epoch=chunk.epoch,
+                        seq=chunk.seq,
+                        latency_ms=(now - chunk.t_capture) * 1e3,
+                        inference_ms=chunk.timing.get("inference", float("nan")),
+                        server_ms=sum(chunk.timing.values()),
+                        dropped_actions=dropped or 0,
+                        stale_chunks=int(dropped is None),
+                    )
+                )
+
+    def run(self, seconds: float | None = None, ticks: int | None = None, until: Callable[[], bool] | None = None) -> None:
+        """Tick until `seconds` or `ticks` elapse or `until()` is true; on any exception the
+        robot is safe-stopped before the exception propagates."""
+        end = None if seconds is None else self.clock.now() + seconds
+        n = 0
+        try:
+            while (ticks is None or n < ticks) and (end is None or self.clock.now() < end) and not (until and until()):
+                self.tick()
+                n += 1
+        except BaseException:
+            self.adapter.safe_stop()
+            raise

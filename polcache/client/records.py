@@ -1,0 +1,45 @@
+"""What the robot side measures, one record per tick and one per received chunk.
+
+Records are plain dataclasses handed to callbacks, so the client stays free of any metrics
+backend; `polcache.metrics` turns them into summaries, counters, files and Prometheus text.
+Fields named in `counters` accumulate; other numeric fields are distributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class TickRecord:
+    kind: ClassVar[str] = "tick"
+    counters: ClassVar[tuple[str, ...]] = ("ticks", "missed_ticks", "deadline_miss", "safe_stops", "obs_dropped")
+
+    t: float
+    epoch: int
+    seq: int
+    period_error_ms: float  # how late the tick started
+    state: str  # watchdog state: waiting, fresh, holding, stopped
+    queue_depth: int  # actions left in the newest chunk
+    ticks: int = 1
+    missed_ticks: int = 0  # grid points skipped because the loop itself ran late
+    deadline_miss: bool = False  # no fresh action was due (holding or stopped)
+    safe_stops: int = 0
+    obs_dropped: int = 0  # observation not sent (not connected, socket full, or invalid)
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    kind: ClassVar[str] = "chunk"
+    counters: ClassVar[tuple[str, ...]] = ("chunks", "dropped_actions", "stale_chunks")
+
+    t: float
+    epoch: int
+    seq: int
+    latency_ms: float  # observation capture to chunk arrival
+    inference_ms: float  # as reported by the server
+    server_ms: float  # sum of the server's stages
+    chunks: int = 1
+    dropped_actions: int = 0  # already past due on arrival
+    stale_chunks: int = 0  # from another epoch or older than the newest accepted

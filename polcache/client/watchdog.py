@@ -1,0 +1,49 @@
+"""What to do on a tick with no fresh action: hold the last one briefly, then stop safely.
+
+A late chunk for one tick should not jerk the robot to a halt, but a dead server must not
+leave it replaying a stale command either. The watchdog holds the last action for `hold_s`,
+then asks for a safe stop exactly once, and resumes as soon as fresh actions return.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import NamedTuple
+
+import numpy as np
+
+
+class State(str, Enum):
+    WAITING = "waiting"  # no action yet this episode; the robot is assumed at rest
+    FRESH = "fresh"
+    HOLDING = "holding"
+    STOPPED = "stopped"
+
+
+class Decision(NamedTuple):
+    state: State
+    action: np.ndarray | None  # apply this, if not None
+    stop: bool  # call the adapter's safe_stop now (only on entering STOPPED)
+
+
+class Watchdog:
+    def __init__(self, hold_s: float = 0.2):
+        self.hold_s = hold_s
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = State.WAITING
+        self._last_action: np.ndarray | None = None
+        self._last_fresh = float("-inf")
+
+    def step(self, now: float, action: np.ndarray | None) -> Decision:
+        if action is not None:
+            self.state, self._last_action, self._last_fresh = State.FRESH, action, now
+            return Decision(self.state, action, False)
+        if self.state in (State.WAITING, State.STOPPED):
+            return Decision(self.state, None, False)
+        if now - self._last_fresh <= self.hold_s:
+            self.state = State.HOLDING
+            return Decision(self.state, self._last_action, False)
+        self.state = State.STOPPED
+        return Decision(self.state, None, True)

@@ -1,0 +1,89 @@
+"""Test doubles: a synthetic clock, a numpy policy backend and a scripted robot."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from polcache.policy.spec import ArraySpec, PolicySpec
+
+
+class FakeClock:
+    """Time moves only when the loop sleeps; `lateness` makes every wake-up late by that much."""
+
+    def __init__(self, t: float = 100.0):
+        self.t = t
+        self.lateness = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep_until(self, t: float) -> None:
+        self.t = max(self.t, t) + self.lateness
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+STATE_DIM = 3
+ACTION_DIM = 2
+
+
+def fake_spec(n_obs_steps: int = 2, n_action_steps: int = 8) -> PolicySpec:
+    return PolicySpec(
+        obs={"state": ArraySpec((STATE_DIM,), "float32")},
+        action_dim=ACTION_DIM,
+        n_obs_steps=n_obs_steps,
+        horizon=16,
+        n_action_steps=n_action_steps,
+        task="fake",
+    )
+
+
+class FakeBackend:
+    """actions[b, i] = newest state[0] + i in every dimension: an action's value says which
+    control step it belongs to when the state carries the step index. Records what it saw."""
+
+    def __init__(self, spec: PolicySpec | None = None, delay_s: float = 0.0):
+        self.spec = spec or fake_spec()
+        self.delay_s = delay_s
+        self.calls: list[dict[str, np.ndarray]] = []
+        self.resets = 0
+
+    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
+        state = obs["state"]
+        assert state.shape[1:] == (self.spec.n_obs_steps, STATE_DIM)
+        self.calls.append({k: v.copy() for k, v in obs.items()})
+        del self.calls[:-16]
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        steps = np.arange(self.spec.n_action_steps, dtype=np.float32)
+        base = state[:, -1, 0][:, None] + steps[None, :]
+        return np.repeat(base[:, :, None], self.spec.action_dim, axis=2).astype(np.float32)
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+class StepRobot:
+    """An adapter whose state is the index of the current tick, so with FakeBackend the action
+    applied at tick n should have value n."""
+
+    obs_spec = {"state": ((STATE_DIM,), "float32")}
+    action_dim = ACTION_DIM
+
+    def __init__(self):
+        self.tick = -1
+        self.applied: list[tuple[int, float]] = []  # (tick, action value)
+        self.stops: list[int] = []
+
+    def observe(self) -> dict[str, np.ndarray]:
+        self.tick += 1
+        return {"state": np.array([self.tick, 0, 0], np.float32)}
+
+    def act(self, action: np.ndarray) -> None:
+        self.applied.append((self.tick, float(action[0])))
+
+    def safe_stop(self) -> None:
+        self.stops.append(self.tick)

@@ -1,0 +1,24 @@
+"""The robot package installs alone: no torch, no MuJoCo, nothing else from polcache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CHECK = """
+import sys, pkgutil, importlib
+sys.modules['torch'] = None
+sys.modules['mujoco'] = None
+import polcache.client
+for info in pkgutil.iter_modules(polcache.client.__path__):
+    importlib.import_module('polcache.client.' + info.name)
+outside = sorted(m for m in sys.modules if m.startswith('polcache') and m != 'polcache' and not m.startswith('polcache.client'))
+assert not outside, outside
+print('ok')
+"""
+
+
+def test_client_imports_without_torch_or_the_rest_of_polcache():
+    result = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

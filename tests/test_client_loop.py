@@ -1,0 +1,129 @@
+"""The control loop on a synthetic clock against a scripted server with a chosen latency."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from polcache.client.loop import ControlLoop
+from polcache.client.protocol import ActionChunk
+from polcache.client.schedule import ActionSchedule
+from polcache.client.watchdog import Watchdog
+from fakes import FakeClock, StepRobot
+
+HZ = 50.0
+N_ACTIONS = 8
+
+
+class ScriptedClient:
+    """Stands in for PolicyClient: answers each observation `latency_s` after capture with
+    actions valued (captured tick + i + 1000 * epoch), unless `silent`."""
+
+    def __init__(self, clock: FakeClock, latency_s: float):
+        self.clock = clock
+        self.latency_s = latency_s
+        self.epoch, self.seq = 0, -1
+        self.silent = False
+        self.in_flight: list[ActionChunk] = []
+
+    def send_observation(self, arrays, t_capture) -> bool:
+        self.seq += 1
+        base = arrays["state"][0] + 1000 * self.epoch
+        values = (base + np.arange(N_ACTIONS, dtype=np.float32))[:, None].repeat(2, axis=1)
+        self.in_flight.append(ActionChunk(epoch=self.epoch, seq=self.seq, obs_seqs=[self.seq], t_capture=t_capture,
+                                          t_actions=t_capture + np.arange(N_ACTIONS) / HZ, actions=values,
+                                          timing={"inference": 1.0}))
+        return True
+
+    def poll(self) -> list[ActionChunk]:
+        arrived = [c for c in self.in_flight if c.t_capture + self.latency_s <= self.clock.now()]
+        self.in_flight = [c for c in self.in_flight if c not in arrived]
+        return [] if self.silent else arrived
+
+    def reset(self) -> int:
+        self.epoch += 1
+        self.seq = -1
+        return self.epoch
+
+
+def make_loop(latency_s: float, blend: str = "ensemble", hold_s: float = 0.1):
+    clock = FakeClock(t=0.0)
+    robot = StepRobot()
+    client = ScriptedClient(clock, latency_s)
+    ticks, chunks = [], []
+    loop = ControlLoop(robot, client, HZ, schedule=ActionSchedule(HZ, blend=blend), watchdog=Watchdog(hold_s),
+                       clock=clock, on_tick=ticks.append, on_chunk=chunks.append)
+    return loop, robot, client, clock, ticks, chunks
+
+
+@pytest.mark.parametrize("latency_ticks", [0.5, 1.5, 3.2])
+@pytest.mark.parametrize("blend", ["ensemble", "latest"])
+def test_every_action_executes_at_its_due_tick(latency_ticks, blend):
+    loop, robot, _, _, ticks, chunks = make_loop(latency_ticks / HZ, blend)
+    loop.run(ticks=40)
+    first = int(np.ceil(latency_ticks))  # the first chunk is usable from this tick on
+    assert [t for t, _ in robot.applied] == list(range(first, 40))
+    assert all(value == tick for tick, value in robot.applied)  # latency compensated, no off-by-one
+    assert [t.state for t in ticks[:first]] == ["waiting"] * first
+    assert not any(t.deadline_miss for t in ticks)
+    assert chunks[0].dropped_actions == first  # actions due before the chunk arrived
+    assert chunks[0].latency_ms == pytest.approx(first / HZ * 1e3)
+
+
+def test_silent_server_holds_then_stops_once_then_resumes():
+    loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
+    loop.run(ticks=20)
+    client.silent = True
+    loop.run(ticks=30)  # the chunk of tick 18 covers ticks 20-25, then 4 ticks of holding, then stop
+    states = [t.state for t in ticks[20:]]
+    assert states == ["fresh"] * 6 + ["holding"] * 4 + ["stopped"] * 20
+    assert robot.stops == [30]  # exactly one safe stop
+    assert sum(t.safe_stops for t in ticks) == 1 and all(t.deadline_miss for t in ticks[26:50])
+    client.silent = False
+    loop.run(ticks=5)
+    assert [t.state for t in ticks[-4:]] == ["fresh"] * 4
+    assert all(value == tick for tick, value in robot.applied[-4:])
+
+
+def test_reset_never_executes_chunks_from_the_previous_episode():
+    loop, robot, client, _, _, _ = make_loop(latency_s=2.5 / HZ)
+    loop.run(ticks=10)
+    assert client.in_flight  # chunks of epoch 0 still on their way
+    n_before = len(robot.applied)
+    loop.reset_episode()
+    loop.run(ticks=10)
+    after = robot.applied[n_before:]
+    assert after and all(value >= 1000 for _, value in after)  # only epoch-1 chunks
+    assert [t for t, _ in after][0] == 10 + 3  # waits for its own first chunk
+
+
+def test_reconnect_epoch_change_discards_old_chunks():
+    loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ)
+    loop.run(ticks=5)
+    client.epoch += 1  # what PolicyClient does when it reconnects
+    client.seq = -1
+    loop.run(ticks=5)
+    assert robot.applied[-1][1] >= 1000
+    assert loop.schedule.epoch == 1
+
+
+def test_period_error_and_missed_ticks_are_reported():
+    loop, _, _, clock, ticks, _ = make_loop(latency_s=0.5 / HZ)
+    clock.lateness = 0.0004
+    loop.run(ticks=3)
+    assert [t.period_error_ms for t in ticks] == pytest.approx([0.4] * 3)
+    clock.advance(0.07)  # the next tick was due at 0.06; now it is 0.1104
+    assert loop.tick().missed_ticks == 2
+
+
+def test_adapter_failure_stops_the_robot_safely():
+    loop, robot, _, _, _, _ = make_loop(latency_s=0.5 / HZ)
+
+    def broken(action):
+        raise RuntimeError("motor driver fault")
+
+    loop.run(ticks=3)
+    robot.act = broken
+    with pytest.raises(RuntimeError, match="motor driver"):
+        loop.run(ticks=3)
+    assert robot.stops
