@@ -1,0 +1,64 @@
+"""Task names -> environments and scripted experts, with one error for an unknown name."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import numpy as np
+
+from polcache.envs.base import TaskEnv
+from polcache.errors import PolcacheError, UnknownTaskError
+
+CUE_REACH = "cue-reach"
+Expert = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def list_tasks() -> list[str]:
+    """Every task make_env accepts: all Meta-World v3 tasks plus polcache's own."""
+    from polcache.envs.metaworld_env import metaworld_tasks
+
+    return metaworld_tasks() + [CUE_REACH]
+
+
+def _check_task(task: str) -> None:
+    tasks = list_tasks()
+    if task not in tasks:
+        close = difflib.get_close_matches(task, tasks, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see polcache.envs.list_tasks()"
+        raise UnknownTaskError(f"unknown task {task!r}{hint}")
+
+
+def make_env(
+    task: str,
+    seed: int | None = None,
+    image: bool = False,
+    cameras: tuple[str, ...] | None = None,
+    image_size: int = 96,
+) -> TaskEnv:
+    """Build `task`. image=True adds "image_<camera>" observations for `cameras` (default: the
+    task's usual camera); giving cameras alone also turns images on."""
+    _check_task(task)
+    cameras = tuple(cameras) if cameras else None
+    if task == CUE_REACH:
+        from polcache.envs.cue_reach import CueReachEnv
+
+        return CueReachEnv(seed, image, cameras, image_size)
+    from polcache.envs.metaworld_env import MetaWorldEnv
+
+    return MetaWorldEnv(task, seed, image, cameras, image_size)
+
+
+def make_expert(task: str, env: TaskEnv) -> Expert:
+    """The scripted expert for `task`: obs dict -> action. `env` must be the env it acts in
+    (cue-reach's expert reads the true target from it)."""
+    _check_task(task)
+    if env.task != task:
+        raise PolcacheError(f"expert for {task!r} asked to act in a {env.task!r} env")
+    if task == CUE_REACH:
+        from polcache.envs.cue_reach import cue_reach_expert
+
+        return cue_reach_expert(env)
+    from polcache.envs.metaworld_env import metaworld_expert
+
+    return metaworld_expert(task)

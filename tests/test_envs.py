@@ -1,0 +1,240 @@
+"""Simulation tasks: registry, seeding, observation layout, the cue-reach memory property and recording."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from polcache.envs import list_tasks, make_env, make_expert, record_demonstrations
+from polcache.envs.cue_reach import CUE_STEPS, DOCK_BY, GO_STEP
+from polcache.errors import PolcacheError, UnknownTaskError
+
+
+@pytest.fixture(scope="module")
+def reach():
+    env = make_env("reach-v3", seed=0)
+    yield env
+    env.close()
+
+
+def rollout(env, policy, seed):
+    """Observations (including the last) and the final info of one episode."""
+    obs = env.reset(seed=seed)
+    history = [obs]
+    info = {"success": False}
+    for _ in range(env.max_episode_steps):
+        obs, _, done, info = env.step(policy(obs))
+        history.append(obs)
+        if done:
+            break
+    return history, info
+
+
+# --- registry ---------------------------------------------------------------------------
+
+
+def test_list_tasks_has_all_metaworld_tasks_and_cue_reach():
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    tasks = list_tasks()
+    assert len(ALL_V3_ENVIRONMENTS) == 50
+    assert set(ALL_V3_ENVIRONMENTS) <= set(tasks)
+    assert "cue-reach" in tasks
+    assert len(tasks) == len(set(tasks)) == 51
+
+
+def test_unknown_task_names_it_and_suggests():
+    with pytest.raises(UnknownTaskError) as e:
+        make_env("reach-v2")
+    msg = str(e.value)
+    assert "reach-v2" in msg and "reach-v3" in msg and "\n" not in msg
+    with pytest.raises(UnknownTaskError, match="cue-reach"):
+        make_expert("cue-rech", None)
+
+
+def test_unknown_camera_is_a_clear_error():
+    with pytest.raises(PolcacheError, match="'tpo'.*did you mean top"):
+        make_env("cue-reach", cameras=("tpo",))
+
+
+# --- Meta-World -------------------------------------------------------------------------
+
+
+def test_metaworld_seeds_differ_and_reproduce(reach):
+    a = reach.reset(seed=1)["state"]
+    goal_a = reach.goal()
+    b = reach.reset(seed=2)["state"]
+    assert not np.allclose(goal_a, reach.goal())
+    assert not np.allclose(a[-3:], b[-3:])  # the goal is part of the observation
+    np.testing.assert_array_equal(reach.reset(seed=1)["state"], a)
+    np.testing.assert_array_equal(reach.goal(), goal_a)
+    # make_env(seed=s) starts with the episode reset(seed=s) gives, then s + 1.
+    other = make_env("reach-v3", seed=1)
+    np.testing.assert_array_equal(other.reset()["state"], a)
+    np.testing.assert_array_equal(other.reset()["state"], b)
+    other.close()
+
+
+def test_metaworld_state_obs_matches_spec(reach):
+    obs = reach.reset(seed=0)
+    obs2, reward, done, info = reach.step(np.zeros(reach.action_dim))
+    spec = reach.observation_spec()
+    assert set(spec) == set(obs) == {"state"}
+    for o in (obs, obs2):
+        assert o["state"].shape == spec["state"].shape == (39,)
+        assert o["state"].dtype == np.float32
+    assert isinstance(reward, float) and done is False and info["success"] is False
+    assert reach.max_episode_steps == 500 and reach.action_dim == 4
+    assert "reach" in reach.description
+
+
+def test_metaworld_expert_succeeds(reach):
+    _, info = rollout(reach, make_expert("reach-v3", reach), seed=3)
+    assert info["success"]
+
+
+def test_metaworld_images_match_spec_and_are_not_black():
+    env = make_env("push-v3", seed=0, image=True, cameras=("corner", "topview"), image_size=64)
+    obs = env.reset()
+    spec = env.observation_spec()
+    assert set(obs) == set(spec) == {"state", "image_corner", "image_topview"}
+    for key in ("image_corner", "image_topview"):
+        assert obs[key].shape == spec[key].shape == (64, 64, 3)
+        assert obs[key].dtype == np.uint8
+        assert obs[key].mean() > 20 and obs[key].std() > 10
+    frame = env.render(size=128)
+    assert frame.shape == (128, 128, 3) and frame.dtype == np.uint8
+    env.close()
+
+
+def test_corner_camera_is_upright():
+    """Meta-World's corner camera is mounted upside down; upright, the black sky is at the top."""
+    env = make_env("reach-v3", seed=0)
+    env.reset()
+    image = env.render("corner", 64).astype(float)
+    assert image[:8].mean() < image[-8:].mean()
+    env.close()
+
+
+# --- cue-reach --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cue():
+    env = make_env("cue-reach", seed=0, image=True, cameras=("top",), image_size=48)
+    yield env
+    env.close()
+
+
+def test_cue_reach_spec_and_images(cue):
+    obs = cue.reset(seed=0)
+    spec = cue.observation_spec()
+    assert set(obs) == set(spec) == {"state", "image_top"}
+    assert obs["state"].shape == spec["state"].shape and obs["state"].dtype == np.float32
+    assert obs["image_top"].shape == spec["image_top"].shape == (48, 48, 3)
+    assert obs["image_top"].std() > 10
+    assert cue.action_dim == 2 and cue.max_episode_steps <= 80
+
+
+def test_cue_reach_expert_always_succeeds(cue):
+    expert = make_expert("cue-reach", cue)
+    targets = []
+    for seed in range(12):
+        _, info = rollout(cue, expert, seed)
+        assert info["success"], f"seed {seed}"
+        targets.append(cue.target)
+    assert set(targets) == {0, 1, 2}
+
+
+def test_cue_reach_decision_time_observations_carry_no_cue(cue):
+    """States and images from DOCK_BY to the go signal are identical whatever the target, so a
+    policy seeing only the last two observations at decision time chooses blindly: 1/3 at best."""
+    expert = make_expert("cue-reach", cue)
+    by_target: dict[int, list] = {}
+    for seed in range(12):
+        history, _ = rollout(cue, expert, seed)
+        by_target.setdefault(cue.target, []).append(history)
+        cue_part = np.stack([o["state"][4:7] for o in history[: GO_STEP + 1]])
+        assert (cue_part[:CUE_STEPS].argmax(1) == cue.target).all()  # the cue is informative early...
+        assert not cue_part[CUE_STEPS:].any()  # ...and gone afterwards
+    assert set(by_target) == {0, 1, 2}
+    reference = by_target[0][0]
+    for histories in by_target.values():
+        for history in histories:
+            for t in range(DOCK_BY, GO_STEP + 1):
+                np.testing.assert_array_equal(history[t]["state"], reference[t]["state"])
+                np.testing.assert_array_equal(history[t]["image_top"], reference[t]["image_top"])
+    # Early images do show the cue: the first frames differ between targets.
+    assert not np.array_equal(by_target[0][0][0]["image_top"], by_target[1][0][0]["image_top"])
+
+
+def test_cue_reach_rushing_to_the_lit_pad_fails():
+    """A short-memory shortcut (go to the lit pad while it is lit) is ruled out."""
+    env = make_env("cue-reach")
+    pads = env.pads
+
+    def greedy(obs):
+        target = pads[int(obs["state"][4:7].argmax())]
+        return np.clip((target - obs["state"][:2]) * 20, -1, 1)
+
+    for seed in range(3):
+        history, info = rollout(env, greedy, seed)
+        assert not info["success"] and len(history) - 1 < env.max_episode_steps
+    env.close()
+
+
+# --- recording --------------------------------------------------------------------------
+
+
+def test_record_reach_writes_successful_episodes(tmp_path, reach):
+    from polcache.data.store import EpisodeStore
+
+    out = tmp_path / "reach.zarr"
+    summary = record_demonstrations("reach-v3", 2, out, seed=5, progress=False)
+    assert summary["episodes"] == 2 and summary["dropped"] == 0
+    store = EpisodeStore.open(out)
+    assert store.num_episodes == 2 and store.action_dim == 4
+    attrs = store.attrs
+    assert attrs["task"] == "reach-v3" and attrs["seed"] == 5 and attrs["episode_seeds"] == [5, 6]
+    assert attrs["obs_spec"] == {"state": {"shape": [39], "dtype": "float32"}}
+    assert attrs["expert"].endswith("SawyerReachV3Policy")
+    # obs[t] is the observation before action[t]: replaying the actions reproduces the states.
+    episode = store.episode(1)
+    obs = reach.reset(seed=6)
+    for t in range(len(episode.action)):
+        np.testing.assert_allclose(episode.obs["state"][t], obs["state"], atol=1e-6)
+        obs, _, _, info = reach.step(episode.action[t])
+    assert info["success"]
+    assert len(episode.action) < reach.max_episode_steps
+
+
+def test_record_drops_failed_episodes(tmp_path, monkeypatch):
+    from polcache.data.store import EpisodeStore
+    from polcache.envs import record
+
+    def flaky_expert(task, env):
+        expert = make_expert(task, env)
+        return lambda obs: np.zeros(2, np.float32) if env.target == 0 else expert(obs)
+
+    monkeypatch.setattr(record, "make_expert", flaky_expert)
+    summary = record_demonstrations("cue-reach", 6, tmp_path / "cue", image=True, image_size=32, progress=False)
+    env = make_env("cue-reach")
+    zero_target = [s for s in range(6) if (env.reset(seed=s), env.target)[1] == 0]
+    assert summary["dropped_seeds"] == zero_target and summary["episodes"] == 6 - len(zero_target) > 0
+    store = EpisodeStore.open(tmp_path / "cue")
+    assert store.obs_keys == ["image_top", "state"] and store.num_episodes == summary["episodes"]
+
+
+def test_record_cli(tmp_path, capsys):
+    from polcache.envs.record_cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(tmp_path / "d"), "--seed", "3"])
+    assert args.handler(args) == 0
+    assert "2 episodes" in capsys.readouterr().out
+    args = parser.parse_args(["record", "--task", "nope", "--episodes", "1", "--out", str(tmp_path / "e")])
+    with pytest.raises(UnknownTaskError, match="'nope'"):
+        args.handler(args)
