@@ -1,0 +1,52 @@
+"""Bad input gives one clear line naming the problem, never a traceback."""
+
+import pytest
+
+from polcache.cli import main
+
+
+def _err(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_unknown_task_in_record(capsys, tmp_path):
+    err = _err(capsys, ["record", "--task", "reach-v9", "--episodes", "1", "--out", str(tmp_path / "x.zarr")])
+    assert "reach-v9" in err and "reach-v3" in err
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    assert "not found" in _err(capsys, ["eval", "--checkpoint", str(tmp_path / "nope"), "--episodes", "1"])
+
+
+def test_incomplete_checkpoint(capsys, tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "meta.json").write_text("{}")
+    assert "missing" in _err(capsys, ["eval", "--checkpoint", str(tmp_path / "ck"), "--episodes", "1"])
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("policy:\n  widht: 64\n")
+    err = _err(capsys, ["train", "--config", str(cfg)])
+    assert "policy.widht" in err
+
+
+def test_bad_override_value(capsys):
+    assert "train.steps" in _err(capsys, ["train", "--config", "configs/reach_small.yaml", "train.steps=lots"])
+
+
+def test_missing_dataset(capsys, tmp_path):
+    err = _err(capsys, ["train", "--config", "configs/reach_small.yaml", f"dataset={tmp_path / 'none.zarr'}"])
+    assert "none.zarr" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_bad_cli_numbers(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--checkpoint", "x", "--episodes", value])
+    assert exc.value.code == 2
+    assert "--episodes" in capsys.readouterr().err

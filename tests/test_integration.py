@@ -1,0 +1,79 @@
+"""Record -> train -> save -> reload -> evaluate, through the same functions the CLI calls."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from polcache.cli import main
+from polcache.policy import load_backend, load_policy
+
+pytestmark = pytest.mark.slow
+
+TINY = ["policy.n_layers=2", "policy.width=32", "policy.state_hidden=32", "policy.sampler.inference_steps=4",
+        "train.batch_size=16", "train.warmup_steps=5", "train.log_every=10", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "reach.zarr"
+    assert main(["record", "--task", "reach-v3", "--episodes", "2", "--out", str(out), "--seed", "3"]) == 0
+    return out
+
+
+def _train(dataset: Path, out: Path, steps: int, extra=()) -> int:
+    return main(["train", "--config", "configs/reach_small.yaml", f"dataset={dataset}", f"out={out}",
+                 f"train.steps={steps}", "train.checkpoint_every=20", *TINY, *extra, "--no-progress"])
+
+
+def test_record_train_reload_eval(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(dataset, run, 40) == 0
+    ckpt = run / "last"
+    policy, cfg, meta = load_policy(ckpt)
+    assert meta["step"] == 40 and cfg.policy.width == 32 and meta["task"] == "reach-v3"
+    losses = [json.loads(l)["loss"] for l in (run / "train_log.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(losses) == 4 and all(map(lambda v: v == v, losses))
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--episodes", "2", "--seed", "5", "--json", str(out_json),
+                 "--no-progress"]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["episodes"] == 2 and result["task"] == "reach-v3"
+    assert {e["seed"] for e in result["per_episode"]} == {5, 6}
+    assert result["latency_ms"]["n"] > 0 and result["latency_ms"]["p50"] > 0
+    assert "success" in capsys.readouterr().out
+
+
+def test_resume_continues_from_last_checkpoint(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(dataset, run, 20) == 0
+    assert _train(dataset, run, 40) == 0
+    assert "resuming from" in capsys.readouterr().out
+    _, _, meta = load_policy(run / "last")
+    assert meta["step"] == 40
+
+
+def test_backend_predicts_unnormalised_chunks(dataset, tmp_path):
+    run = tmp_path / "run"
+    assert _train(dataset, run, 20) == 0
+    backend = load_backend(str(run / "last"), sampler="ddpm", steps=5)
+    import numpy as np
+
+    acts = backend.predict({"state": np.zeros((3, 2, 39), np.float32)}, seed=0)
+    assert acts.shape == (3, 8, 4) and acts.dtype == np.float32 and np.isfinite(acts).all()
+
+
+def test_ddp_two_cpu_processes_on_gloo(dataset, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "polcache.cli", "train", "--config", "configs/reach_small.yaml", f"dataset={dataset}",
+           f"out={run}", "train.steps=10", "train.checkpoint_every=10", *TINY, "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, _, meta = load_policy(run / "last")
+    assert meta["step"] == 10
