@@ -48,13 +48,15 @@ class FakeBackend:
     def __init__(self, spec: PolicySpec | None = None, delay_s: float = 0.0):
         self.spec = spec or fake_spec()
         self.delay_s = delay_s
-        self.calls: list[dict[str, np.ndarray]] = []
+        self.calls: list[dict[str, np.ndarray]] = []  # the last 16
+        self.first_obs: dict[str, np.ndarray] | None = None
         self.resets = 0
 
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
         state = obs["state"]
         assert state.shape[1:] == (self.spec.n_obs_steps, STATE_DIM)
         self.calls.append({k: v.copy() for k, v in obs.items()})
+        self.first_obs = self.first_obs or self.calls[-1]
         del self.calls[:-16]
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -87,3 +89,55 @@ class StepRobot:
 
     def safe_stop(self) -> None:
         self.stops.append(self.tick)
+
+
+class RawPeer:
+    """A bare DEALER for sending arbitrary bytes to a server and reading its replies."""
+
+    def __init__(self, endpoint: str):
+        import zmq
+
+        self._zmq = zmq
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+
+    def send(self, *frames: bytes) -> None:
+        self.socket.send_multipart(list(frames))
+
+    def recv(self, timeout_s: float = 2.0):
+        from polcache.client.protocol import decode
+
+        if not self.socket.poll(int(timeout_s * 1000)):
+            raise TimeoutError("no reply from server")
+        return decode(self.socket.recv())
+
+    def request(self, frame: bytes, timeout_s: float = 2.0):
+        self.send(frame)
+        return self.recv(timeout_s)
+
+    def handshake(self, spec=None, name: str = "raw"):
+        from polcache.client.protocol import Handshake, encode
+
+        spec = spec or {"state": ((STATE_DIM,), "float32")}
+        return self.request(encode(Handshake(obs_spec=spec, action_dim=ACTION_DIM, hz=50.0, name=name)))
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def observation(seq: int, epoch: int = 0, value: float | None = None, t_capture: float = 1.0, **arrays) -> bytes:
+    from polcache.client.protocol import Observation, encode
+
+    state = np.array([seq if value is None else value, 0, 0], np.float32)
+    return encode(Observation(epoch=epoch, seq=seq, t_capture=t_capture, arrays=arrays or {"state": state}))
+
+
+def wait_for(predicate, timeout_s: float = 2.0) -> bool:
+    """Poll `predicate` until true (records are appended just after the reply is sent)."""
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True

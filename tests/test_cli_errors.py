@@ -36,11 +36,11 @@ def test_unknown_config_key(capsys, tmp_path):
 
 
 def test_bad_override_value(capsys):
-    assert "train.steps" in _err(capsys, ["train", "--config", "configs/reach_small.yaml", "train.steps=lots"])
+    assert "train.steps" in _err(capsys, ["train", "--config", "configs/metaworld_small.yaml", "train.steps=lots"])
 
 
 def test_missing_dataset(capsys, tmp_path):
-    err = _err(capsys, ["train", "--config", "configs/reach_small.yaml", f"dataset={tmp_path / 'none.zarr'}"])
+    err = _err(capsys, ["train", "--config", "configs/metaworld_small.yaml", f"dataset={tmp_path / 'none.zarr'}"])
     assert "none.zarr" in err
 
 

@@ -26,7 +26,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _train(dataset: Path, out: Path, steps: int, extra=()) -> int:
-    return main(["train", "--config", "configs/reach_small.yaml", f"dataset={dataset}", f"out={out}",
+    return main(["train", "--config", "configs/metaworld_small.yaml", f"dataset={dataset}", f"out={out}",
                  f"train.steps={steps}", "train.checkpoint_every=20", *TINY, *extra, "--no-progress"])
 
 
@@ -70,7 +70,7 @@ def test_backend_predicts_unnormalised_chunks(dataset, tmp_path):
 def test_ddp_two_cpu_processes_on_gloo(dataset, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "polcache.cli", "train", "--config", "configs/reach_small.yaml", f"dataset={dataset}",
+           "-m", "polcache.cli", "train", "--config", "configs/metaworld_small.yaml", f"dataset={dataset}",
            f"out={run}", "train.steps=10", "train.checkpoint_every=10", *TINY, "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

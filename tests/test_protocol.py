@@ -48,7 +48,9 @@ def test_round_trip(msg):
 
 def test_chunk_reports_its_own_encode_time():
     chunk = _messages()[3]
-    decoded = P.decode(P.encode_chunk(chunk))
+    frame, encode_ms = P.encode_chunk(chunk)
+    decoded = P.decode(frame)
+    assert decoded.timing["encode"] == encode_ms
     assert decoded.timing["inference"] == 3.0 and decoded.timing["encode"] >= 0.0
     np.testing.assert_array_equal(decoded.actions, chunk.actions)
 

@@ -86,6 +86,11 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
     torch.manual_seed(cfg.train.seed + rank)
     out = Path(cfg.out)
     store = EpisodeStore.open(cfg.dataset)
+    recorded = str(store.attrs.get("task", ""))
+    if cfg.task and recorded and cfg.task != recorded:
+        raise ConfigError(f"task is {cfg.task!r} but dataset {cfg.dataset} was recorded on {recorded!r}; "
+                          f"set task={recorded} (or leave task empty)")
+    cfg.task = cfg.task or recorded
     policy = build_policy(cfg, store)
     train_ids, val_ids = episode_split(store.num_episodes, cfg.train.val_fraction, cfg.train.seed)
     p = cfg.policy

@@ -1,0 +1,138 @@
+"""Policy server on loopback: end to end with the robot loop, history, latest-observation
+semantics, heartbeats while busy, resets."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from fakes import FakeBackend, RawPeer, StepRobot, fake_spec, observation, wait_for
+from polcache.client import ControlLoop, PolicyClient
+from polcache.client.protocol import ActionChunk, Heartbeat, Reset, Welcome, encode
+from polcache.serve.history import ObservationHistory
+from polcache.serve.server import PolicyServer
+
+
+@pytest.fixture
+def records():
+    return []
+
+
+def serve(backend, records=None, **kw) -> PolicyServer:
+    return PolicyServer(backend, "tcp://127.0.0.1:0", on_record=None if records is None else records.append, **kw)
+
+
+def test_history_pads_the_first_observation_and_fills_gaps():
+    h = ObservationHistory(3)
+    h.push(0, {"x": np.array([0])})
+    seqs, stacked = h.window()
+    assert seqs == [0, 0, 0] and stacked["x"].shape == (1, 3, 1)
+    h.push(1, {"x": np.array([1])})
+    assert h.window()[0] == [0, 0, 1]
+    h.push(4, {"x": np.array([4])})  # 2 and 3 were never received
+    seqs, stacked = h.window()
+    assert seqs == [1, 1, 4] and stacked["x"][0, :, 0].tolist() == [1, 1, 4]
+    assert not h.push(3, {"x": np.array([3])})  # reordered: ignored
+    h.clear()
+    h.push(0, {"x": np.array([9])})
+    assert h.window()[0] == [0, 0, 0]
+
+
+def test_end_to_end_loop_executes_every_action_on_time(records):
+    backend = FakeBackend()
+    robot = StepRobot()
+    ticks, chunks = [], []
+    with serve(backend, records) as server, PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=50) as client:
+        spec = client.connect(timeout_s=5)
+        assert spec["n_action_steps"] == 8 and spec["n_obs_steps"] == 2
+        loop = ControlLoop(robot, client, 50, on_tick=ticks.append, on_chunk=chunks.append)
+        loop.run(ticks=40)
+    assert robot.applied and all(value == tick for tick, value in robot.applied)
+    assert robot.applied[-1][0] == 39 and not robot.stops
+    first = backend.first_obs["state"]
+    assert first[0, 0, 0] == first[0, 1, 0] == 0  # the first window is padded, never half-filled
+    assert all(c.stale_chunks == 0 for c in chunks) and len(chunks) >= 30
+    request = records[0]
+    assert request.kind == "request" and request.robot == "robot"
+    for stage in ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "encode_ms"):
+        assert getattr(request, stage) >= 0
+    assert request.total_ms < 100
+
+
+def test_chunk_carries_due_times_history_and_stage_timing():
+    with serve(FakeBackend()) as server:
+        peer = RawPeer(server.endpoint)
+        assert isinstance(peer.handshake(), Welcome)
+        peer.send(observation(0, t_capture=10.0))
+        chunk = peer.recv()
+        assert isinstance(chunk, ActionChunk) and chunk.seq == 0 and chunk.obs_seqs == [0, 0]
+        np.testing.assert_allclose(chunk.t_actions, 10.0 + np.arange(8) / 50.0)
+        assert chunk.actions.shape == (8, 2)
+        assert set(chunk.timing) == {"decode", "preprocess", "queue", "inference", "postprocess", "encode"}
+        peer.close()
+
+
+def test_busy_server_answers_heartbeats_and_only_the_latest_observation(records):
+    backend = FakeBackend(delay_s=0.3)
+    with serve(backend, records) as server:
+        peer = RawPeer(server.endpoint)
+        peer.handshake()
+        peer.send(observation(0))
+        time.sleep(0.05)  # seq 0 is now being computed
+        t0 = time.monotonic()
+        assert peer.request(encode(Heartbeat(t=1.5)), timeout_s=0.2) == Heartbeat(t=1.5)
+        assert time.monotonic() - t0 < 0.2  # answered while inference runs
+        for seq in range(1, 10):
+            peer.send(observation(seq))
+        answered = [peer.recv(timeout_s=2).seq, peer.recv(timeout_s=2).seq]
+        assert answered == [0, 9]  # 1-8 were superseded, never computed
+        assert backend.calls[-1]["state"][0, :, 0].tolist() == [8, 9]  # but they did extend the history
+        assert wait_for(lambda: len(records) == 2) and records[1].superseded == 8
+        peer.close()
+
+
+def test_reset_clears_history_and_drops_the_stale_chunk():
+    backend = FakeBackend(delay_s=0.2)
+    with serve(backend) as server:
+        peer = RawPeer(server.endpoint)
+        peer.handshake()
+        peer.send(observation(0, value=5.0))
+        time.sleep(0.05)
+        assert peer.request(encode(Reset(epoch=1))) == Reset(epoch=1)
+        peer.send(observation(0, epoch=1, value=7.0))
+        chunk = peer.recv()
+        assert chunk.epoch == 1  # the epoch-0 chunk computed meanwhile was never sent
+        assert backend.calls[-1]["state"][0, :, 0].tolist() == [7, 7]  # fresh, padded history
+        assert backend.resets == 2  # first epoch, then the reset
+        peer.close()
+
+
+def test_multiple_robots_are_served_independently():
+    with serve(FakeBackend()) as server:
+        peers = [RawPeer(server.endpoint) for _ in range(3)]
+        for i, peer in enumerate(peers):
+            peer.handshake(name=f"r{i}")
+            peer.send(observation(0, value=100.0 * i))
+        for i, peer in enumerate(peers):
+            assert peer.recv().actions[0, 0] == 100.0 * i
+            peer.close()
+
+
+def test_session_count_is_bounded():
+    with serve(FakeBackend(), max_sessions=2) as server:
+        peers = [RawPeer(server.endpoint) for _ in range(4)]
+        for i, peer in enumerate(peers):
+            peer.handshake(name=f"r{i}")
+        assert len(server.sessions) == 2
+        assert peers[0].request(observation(0)).code == "no_session"
+        for peer in peers:
+            peer.close()
+
+
+def test_spec_is_the_policy_spec():
+    with serve(FakeBackend(fake_spec(n_obs_steps=3))) as server:
+        peer = RawPeer(server.endpoint)
+        assert peer.handshake().policy["n_obs_steps"] == 3
+        peer.close()

@@ -1,0 +1,229 @@
+"""Faults and bad input: each gets a clear error reply or log line, and the server keeps serving."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from fakes import ACTION_DIM, STATE_DIM, FakeBackend, RawPeer, StepRobot, observation, wait_for
+from polcache.client import ControlLoop, PolicyClient
+from polcache.client.connection import ConnectError
+from polcache.client.protocol import PROTOCOL_VERSION, ActionChunk, Error, Handshake, Welcome, encode, encode_array
+from polcache.client.watchdog import Watchdog
+from polcache.errors import PolcacheError
+from polcache.serve.security import InsecureBindError, generate_keys, is_loopback
+from polcache.serve.server import PolicyServer
+
+
+@pytest.fixture
+def server():
+    with PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", max_message_bytes=64 * 1024) as srv:
+        yield srv
+
+
+@pytest.fixture
+def peer(server):
+    p = RawPeer(server.endpoint)
+    assert isinstance(p.handshake(), Welcome)
+    yield p
+    p.close()
+
+
+def assert_still_serving(peer: RawPeer, seq: int = 1000) -> None:
+    reply = peer.request(observation(seq))
+    assert isinstance(reply, ActionChunk) and reply.seq == seq
+
+
+def obs_map(**override) -> bytes:
+    obj = {"v": PROTOCOL_VERSION, "type": "obs", "epoch": 0, "seq": 0, "t_capture": 1.0,
+           "arrays": {"state": encode_array(np.zeros(STATE_DIM, np.float32))}}
+    obj.update(override)
+    return msgpack.packb({k: v for k, v in obj.items() if v is not ...})
+
+
+@pytest.mark.parametrize(
+    "frame, code, fragment",
+    [
+        (b"\x93\x01", "malformed", "msgpack"),
+        (msgpack.packb("hello"), "malformed", "map"),
+        (obs_map(v=2), "version", "version 2"),
+        (obs_map(type="launch"), "unknown_type", "launch"),
+        (obs_map(type="chunk"), "missing_key", "chunk message lacks"),
+        (obs_map(seq=...), "missing_key", "seq"),
+        (obs_map(extra=1), "extra_key", "extra"),
+        (observation(0, state=np.zeros(STATE_DIM + 1, np.float32)), "bad_shape", "'state' has shape (4,)"),
+        (observation(0, state=np.zeros(STATE_DIM, np.float64)), "bad_dtype", "'state' has dtype float64"),
+        (observation(0, state=np.array([np.nan, 0, 0], np.float32)), "non_finite", "NaN"),
+        (observation(0, state=np.array([np.inf, 0, 0], np.float32)), "non_finite", "infinite"),
+        (observation(0, state=np.zeros(STATE_DIM, np.float32), depth=np.zeros(2, np.float32)), "extra_key", "depth"),
+        (observation(0, image=np.zeros(2, np.uint8)), "missing_key", "state"),
+        (encode(Welcome(policy={}, max_message_bytes=1, server="x")), "unknown_type", "does not accept Welcome"),
+    ],
+)
+def test_bad_message_gets_an_error_naming_the_problem(peer, frame, code, fragment, caplog):
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+        reply = peer.request(frame)
+    assert isinstance(reply, Error) and reply.code == code
+    assert fragment in reply.message
+    assert any(code in r.getMessage() for r in caplog.records)  # and a log line on the server
+    assert_still_serving(peer)
+
+
+def test_multipart_message_is_refused(peer):
+    peer.send(observation(0), b"second frame")
+    reply = peer.recv()
+    assert reply.code == "malformed" and "one frame" in reply.message
+    assert_still_serving(peer)
+
+
+def test_observation_error_names_its_sequence_number(peer):
+    reply = peer.request(observation(42, state=np.zeros(1, np.float32)))
+    assert reply.seq == 42
+
+
+def test_observation_before_handshake_is_refused(server):
+    p = RawPeer(server.endpoint)
+    reply = p.request(observation(0))
+    assert reply.code == "no_session" and "handshake" in reply.message
+    p.close()
+
+
+@pytest.mark.parametrize(
+    "spec, action_dim, fragment",
+    [
+        ({"state": ((STATE_DIM + 1,), "float32")}, ACTION_DIM, "obs_spec.state.shape: robot (4,) != policy (3,)"),
+        ({"state": ((STATE_DIM,), "float64")}, ACTION_DIM, "obs_spec.state.dtype: robot float64 != policy float32"),
+        ({"joints": ((STATE_DIM,), "float32")}, ACTION_DIM, "obs_spec: the policy needs key(s) ['state']"),
+        ({"state": ((STATE_DIM,), "float32"), "image": ((2, 2, 3), "uint8")}, ACTION_DIM, "does not use"),
+        ({"state": ((STATE_DIM,), "float32")}, ACTION_DIM + 5, "action_dim: robot 7 != policy 2"),
+    ],
+)
+def test_handshake_mismatch_names_the_field(server, spec, action_dim, fragment):
+    p = RawPeer(server.endpoint)
+    reply = p.request(encode(Handshake(obs_spec=spec, action_dim=action_dim, hz=50.0, name="x")))
+    assert reply.code == "spec_mismatch" and fragment in reply.message
+    p.close()
+    client = PolicyClient(server.endpoint, spec, action_dim, hz=50)
+    with pytest.raises(ConnectError, match="refused the handshake"):
+        client.connect(timeout_s=2)
+    client.close()
+
+
+def test_oversized_messages(server, peer):
+    reply = peer.request(msgpack.packb({"v": 1, "type": "obs", "pad": b"x" * 100_000}))
+    assert reply.code == "too_large" and "exceeds the limit of 65536" in reply.message
+    peer.send(b"x" * 200_000)  # over the transport limit: ZeroMQ drops the connection
+    time.sleep(0.2)
+    fresh = RawPeer(server.endpoint)
+    fresh.handshake()
+    assert_still_serving(fresh)
+    fresh.close()
+
+
+def test_client_refuses_to_send_an_oversized_observation(server, caplog):
+    spec = {"state": ((STATE_DIM,), "float32")}
+    with PolicyClient(server.endpoint, spec, ACTION_DIM, hz=50) as client:
+        client.connect(timeout_s=2)
+        client.max_message_bytes = 10
+        with caplog.at_level(logging.WARNING, logger="polcache.client"):
+            assert not client.send_observation({"state": np.zeros(STATE_DIM, np.float32)}, 0.0)
+        assert "too_large" in caplog.text or "limit" in caplog.text
+
+
+def test_inference_failure_is_reported_and_serving_continues():
+    class Flaky(FakeBackend):
+        def predict(self, obs, seed=None):
+            if obs["state"][0, -1, 0] == 13:
+                raise RuntimeError("CUDA out of memory")
+            if obs["state"][0, -1, 0] == 14:
+                return np.full((1, 8, ACTION_DIM), np.nan, np.float32)
+            return super().predict(obs, seed)
+
+    with PolicyServer(Flaky(), "tcp://127.0.0.1:0") as server:
+        p = RawPeer(server.endpoint)
+        p.handshake()
+        reply = p.request(observation(13))
+        assert reply.code == "inference" and "out of memory" in reply.message and reply.seq == 13
+        assert "NaN" in p.request(observation(14)).message
+        assert_still_serving(p)
+        p.close()
+
+
+def test_slow_inference_is_a_logged_deadline_miss_and_the_robot_stops_safely(caplog):
+    records = []
+    robot = StepRobot()
+    with PolicyServer(FakeBackend(delay_s=0.2), "tcp://127.0.0.1:0", on_record=records.append) as server, \
+            PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=50) as client:
+        client.connect(timeout_s=2)
+        chunks = []
+        loop = ControlLoop(robot, client, 50, watchdog=Watchdog(hold_s=0.05), on_chunk=chunks.append)
+        with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+            loop.run(ticks=40)
+            assert wait_for(lambda: records)
+    assert records[0].deadline_miss and "over its 140.0 ms deadline" in caplog.text
+    assert chunks and all(c.dropped_actions == 8 for c in chunks)  # every action arrived too late
+    assert not robot.applied and robot.stops == []  # never moved, so never needed stopping
+
+
+def test_robot_disconnect_and_reconnect(server):
+    spec = {"state": ((STATE_DIM,), "float32")}
+    for _ in range(3):
+        with PolicyClient(server.endpoint, spec, ACTION_DIM, hz=50) as client:
+            client.connect(timeout_s=2)
+            assert client.send_observation({"state": np.zeros(STATE_DIM, np.float32)}, 0.0)
+            assert wait_for(lambda: client.poll())
+
+
+def test_server_restart_mid_episode(tmp_path):
+    endpoint = f"ipc://{tmp_path}/policy.sock"
+    robot = StepRobot()
+    ticks = []
+    server = PolicyServer(FakeBackend(), endpoint).start()
+    client = PolicyClient(endpoint, robot.obs_spec, robot.action_dim, hz=50, timeout_s=0.3)
+    client.connect(timeout_s=2)
+    loop = ControlLoop(robot, client, 50, watchdog=Watchdog(hold_s=0.1), on_tick=ticks.append)
+    loop.run(ticks=15)
+    server.stop()
+    loop.run(ticks=35)  # 0.7 s without a server: hold, then one safe stop, then a reconnect attempt
+    assert len(robot.stops) == 1 and client.epoch >= 1
+    server = PolicyServer(FakeBackend(), endpoint).start()
+    try:
+        assert loop.run(until=lambda: len(ticks) > 400 or ticks[-1].state == "fresh") is None
+        loop.run(ticks=10)
+    finally:
+        client.close()
+        server.stop()
+    assert ticks[-1].state == "fresh" and ticks[-1].epoch == client.epoch >= 1
+    resumed = [(t, v) for t, v in robot.applied if t > robot.stops[0]]
+    assert resumed and all(v == t for t, v in resumed)  # on time, and no chunk from before the restart
+    assert all(v <= t for t, v in robot.applied)  # before the stop: fresh or held, never from the future
+
+
+def test_non_loopback_bind_needs_keys_or_insecure(tmp_path):
+    assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:1")
+    assert is_loopback(f"ipc://{tmp_path}/x") and not is_loopback("tcp://*:5555") and not is_loopback("tcp://10.0.0.2:1")
+    with pytest.raises(InsecureBindError, match="polcache keys"):
+        PolicyServer(FakeBackend(), "tcp://0.0.0.0:0")
+    with PolicyServer(FakeBackend(), "tcp://0.0.0.0:0", insecure=True):
+        pass
+
+
+def test_curve_encrypted_session(tmp_path):
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    with pytest.raises(PolcacheError, match="already exists"):
+        generate_keys(keys)
+    assert oct((keys / "server.key_secret").stat().st_mode)[-3:] == "600"
+    spec = {"state": ((STATE_DIM,), "float32")}
+    with PolicyServer(FakeBackend(), "tcp://0.0.0.0:0", keys_dir=str(keys)) as server:
+        port = server.endpoint.rsplit(":", 1)[1]
+        with PolicyClient(f"tcp://127.0.0.1:{port}", spec, ACTION_DIM, hz=50, keys_dir=str(keys)) as client:
+            assert client.connect(timeout_s=3)["action_dim"] == ACTION_DIM
+        plain = PolicyClient(f"tcp://127.0.0.1:{port}", spec, ACTION_DIM, hz=50)
+        with pytest.raises(ConnectError, match="no answer"):
+            plain.connect(timeout_s=0.5)
+        plain.close()
