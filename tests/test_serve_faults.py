@@ -113,11 +113,12 @@ def test_handshake_mismatch_names_the_field(server, spec, action_dim, fragment):
     client.close()
 
 
-def test_oversized_messages(server, peer):
+def test_oversized_messages(server, peer, caplog):
     reply = peer.request(msgpack.packb({"v": 1, "type": "obs", "pad": b"x" * 100_000}))
     assert reply.code == "too_large" and "exceeds the limit of 65536" in reply.message
-    peer.send(b"x" * 200_000)  # over the transport limit: ZeroMQ drops the connection
-    time.sleep(0.2)
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+        peer.send(b"x" * 200_000)  # over the transport limit: ZeroMQ drops the connection, the server logs it
+        assert wait_for(lambda: "131072-byte transport limit" in caplog.text)
     fresh = RawPeer(server.endpoint)
     fresh.handshake()
     assert_still_serving(fresh)

@@ -300,14 +300,14 @@ def encode(msg: Message) -> bytes:
     return _pack_map(items, len(items))
 
 
-def encode_chunk(chunk: ActionChunk) -> bytes:
-    """Encode a chunk whose timing["encode"] is the time this very encoding took: every other
-    field is packed first and timed, then the timing map is appended to the same msgpack map."""
+def encode_chunk(chunk: ActionChunk) -> tuple[bytes, float]:
+    """Encode a chunk whose timing["encode"] is the time this very encoding took (also returned,
+    in ms): every other field is packed first and timed, then the timing map is appended."""
     t0 = time.perf_counter()
     items = _wire_items(chunk, skip="timing")
     head = _pack_map(items, len(items) + 1)
-    timing = {**chunk.timing, "encode": (time.perf_counter() - t0) * 1e3}
-    return head + msgpack.packb("timing") + msgpack.packb(timing)
+    encode_ms = (time.perf_counter() - t0) * 1e3
+    return head + msgpack.packb("timing") + msgpack.packb({**chunk.timing, "encode": encode_ms}), encode_ms
 
 
 def decode(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:

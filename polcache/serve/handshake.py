@@ -1,0 +1,36 @@
+"""Does a robot fit the hosted policy? Compared field by field at connection time, so a
+mismatch is refused once with a message naming the field instead of failing every request."""
+
+from __future__ import annotations
+
+from polcache.client.protocol import Handshake, ObsSpec, ProtocolError
+from polcache.policy.spec import PolicySpec
+
+
+def policy_obs_spec(spec: PolicySpec) -> ObsSpec:
+    return {key: (tuple(a.shape), a.dtype) for key, a in spec.obs.items()}
+
+
+def check_handshake(handshake: Handshake, spec: PolicySpec) -> None:
+    """Raise ProtocolError('spec_mismatch') naming the first field where robot and policy differ."""
+    robot, policy = handshake.obs_spec, policy_obs_spec(spec)
+
+    def refuse(message: str) -> None:
+        raise ProtocolError("spec_mismatch", message)
+
+    if handshake.hz <= 0:
+        refuse(f"hz: control rate must be positive, got {handshake.hz:g}")
+    if set(policy) - set(robot):
+        refuse(f"obs_spec: the policy needs key(s) {sorted(set(policy) - set(robot))} that the robot does not send")
+    if set(robot) - set(policy):
+        refuse(f"obs_spec: the robot sends key(s) {sorted(set(robot) - set(policy))} that the policy does not use")
+    for key, (shape, dtype) in policy.items():
+        if robot[key][0] != shape:
+            refuse(f"obs_spec.{key}.shape: robot {robot[key][0]} != policy {shape}")
+        if robot[key][1] != dtype:
+            refuse(f"obs_spec.{key}.dtype: robot {robot[key][1]} != policy {dtype}")
+    if handshake.action_dim != spec.action_dim:
+        refuse(f"action_dim: robot {handshake.action_dim} != policy {spec.action_dim}")
+    policy_hz = spec.extra.get("control_hz")
+    if policy_hz and abs(float(policy_hz) - handshake.hz) > 1e-6:
+        refuse(f"hz: robot {handshake.hz:g} != policy {float(policy_hz):g}")

@@ -1,0 +1,43 @@
+"""Per-robot observation history, kept by the server so a policy conditioned on several
+steps can never see a half-filled window.
+
+The first observation of an epoch is repeated to fill the window, a gap in sequence numbers
+repeats the newest earlier observation, and the window is cleared when the epoch changes,
+so the policy always receives exactly `n_steps` observations.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+class ObservationHistory:
+    def __init__(self, n_steps: int):
+        if n_steps < 1:
+            raise ValueError(f"history needs at least one step, got {n_steps}")
+        self.n_steps = n_steps
+        self._entries: deque[tuple[int, dict[str, np.ndarray]]] = deque(maxlen=n_steps)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def push(self, seq: int, arrays: dict[str, np.ndarray]) -> bool:
+        """Add one step; False (and ignored) if it is not newer than the newest step held."""
+        if self._entries and seq <= self._entries[-1][0]:
+            return False
+        self._entries.append((seq, arrays))
+        return True
+
+    def window(self) -> tuple[list[int], dict[str, np.ndarray]]:
+        """The sequence numbers used (oldest first) and each key stacked as (1, n_steps, ...)."""
+        if not self._entries:
+            raise ValueError("window of an empty history")
+        newest = self._entries[-1][0]
+        picks = []
+        for target in range(newest - self.n_steps + 1, newest + 1):
+            earlier = [entry for entry in self._entries if entry[0] <= target]
+            picks.append(earlier[-1] if earlier else self._entries[0])
+        stacked = {key: np.stack([arrays[key] for _, arrays in picks])[None] for key in picks[-1][1]}
+        return [seq for seq, _ in picks], stacked

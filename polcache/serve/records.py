@@ -1,0 +1,40 @@
+"""What the server measures per request and per refused message (see polcache.client.records
+for the record convention: `counters` accumulate, other numeric fields are distributions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    kind: ClassVar[str] = "request"
+    counters: ClassVar[tuple[str, ...]] = ("requests", "superseded", "deadline_miss")
+
+    t: float
+    robot: str
+    epoch: int
+    seq: int
+    decode_ms: float
+    preprocess_ms: float
+    queue_ms: float  # waiting for the inference worker
+    inference_ms: float
+    postprocess_ms: float
+    encode_ms: float
+    total_ms: float  # receipt to reply
+    queue_depth: int  # robots with an observation waiting when this one was dispatched
+    requests: int = 1
+    superseded: int = 0  # older observations of this robot replaced while it waited
+    deadline_miss: bool = False
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    kind: ClassVar[str] = "error"
+    counters: ClassVar[tuple[str, ...]] = ("errors",)
+
+    t: float
+    robot: str
+    code: str
+    errors: int = 1

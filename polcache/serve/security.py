@@ -1,0 +1,66 @@
+"""Who may connect: loopback by default; anything wider needs CurveZMQ keys or an explicit
+`--insecure`, because the protocol carries robot commands."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from polcache.client.curve import CLIENT_NAME, SERVER_NAME, key_path, load_keypair
+from polcache.errors import PolcacheError
+
+
+class InsecureBindError(PolcacheError):
+    """A non-loopback bind without keys and without --insecure."""
+
+
+def is_loopback(address: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on a loopback address or localhost."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    if not address.startswith("tcp://"):
+        return False
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # '*', an interface name or a host name: not provably loopback
+        return False
+
+
+def check_bind(address: str, keys_dir: str | None, insecure: bool) -> None:
+    if keys_dir or insecure or is_loopback(address):
+        return
+    raise InsecureBindError(
+        f"refusing to bind {address} without encryption: create keys with `polcache keys --dir DIR` and pass "
+        f"--keys DIR (to the robot too), or pass --insecure to serve unencrypted on a trusted network"
+    )
+
+
+def generate_keys(keys_dir: str | Path, force: bool = False) -> list[Path]:
+    """Write server and client CurveZMQ key pairs; secret keys are readable by the owner only."""
+    keys_dir = Path(keys_dir)
+    targets = [key_path(keys_dir, n, s) for n in (SERVER_NAME, CLIENT_NAME) for s in (False, True)]
+    existing = [p for p in targets if p.exists()]
+    if existing and not force:
+        raise PolcacheError(f"{existing[0]} already exists (pass --force to replace the keys)")
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    for name in (SERVER_NAME, CLIENT_NAME):
+        zmq.auth.create_certificates(str(keys_dir), name)
+        os.chmod(key_path(keys_dir, name, secret=True), 0o600)
+    return targets
+
+
+def apply_server_keys(socket: zmq.Socket, keys_dir: str | Path) -> None:
+    try:
+        public, secret = load_keypair(keys_dir, SERVER_NAME)
+    except (OSError, ValueError) as exc:
+        raise PolcacheError(str(exc)) from None
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+    socket.curve_server = True

@@ -1,0 +1,350 @@
+"""The policy server: one policy, many robots, latest observation wins.
+
+The main thread owns the ROUTER socket. It drains every waiting message before each
+dispatch, answers heartbeats, handshakes and resets at once, appends every observation to
+its robot's history and keeps only the newest one per robot as pending, so a busy policy
+always works on the freshest data and nothing queues without bound. One inference at a time
+runs on the worker thread; its chunk goes back stamped with due times on the robot's clock
+and the time each stage took.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from polcache.client.logs import RateLimitedLog
+from polcache.client.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ActionChunk,
+    Error,
+    Handshake,
+    Heartbeat,
+    Observation,
+    ProtocolError,
+    Reset,
+    Welcome,
+    check_arrays,
+    decode,
+    encode,
+    encode_chunk,
+)
+from polcache.errors import PolcacheError
+from polcache.policy.spec import PolicyBackend
+from polcache.serve.handshake import check_handshake, policy_obs_spec
+from polcache.serve.history import ObservationHistory
+from polcache.serve.records import ErrorRecord, RequestRecord
+from polcache.serve.security import apply_server_keys, check_bind
+from polcache.serve.worker import InferenceWorker, Job, Result
+
+log = logging.getLogger("polcache.serve")
+
+SOCKET_HWM = 4  # per robot, each way
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+
+class Pending(NamedTuple):
+    obs: Observation
+    decode_ms: float
+    received: float  # perf_counter
+
+
+@dataclass
+class Session:
+    """One connected robot, from its handshake until it is evicted."""
+
+    name: str
+    hz: float
+    history: ObservationHistory
+    epoch: int = 0
+    last_seen: float = 0.0
+    pending: Pending | None = None  # the newest observation not yet answered
+    superseded: int = 0
+    needs_backend_reset: bool = True
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.history.clear()
+        self.pending = None
+        self.needs_backend_reset = True
+
+
+class PolicyServer:
+    """Serve `backend` on `bind` (use port 0 / '*' for an ephemeral one; see `endpoint`)."""
+
+    def __init__(
+        self,
+        backend: PolicyBackend,
+        bind: str = DEFAULT_BIND,
+        *,
+        keys_dir: str | None = None,
+        insecure: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        deadline_ms: float | None = None,
+        max_sessions: int = 64,
+        session_timeout_s: float = 60.0,
+        on_record: Callable[[RequestRecord | ErrorRecord], None] | None = None,
+        name: str = "polcache",
+    ):
+        check_bind(bind, keys_dir, insecure)
+        self.backend = backend
+        self.spec = backend.spec
+        self.max_message_bytes = max_message_bytes
+        self.deadline_ms = deadline_ms
+        self.max_sessions = max_sessions
+        self.session_timeout_s = session_timeout_s
+        self.on_record = on_record
+        self.name = name
+        self._obs_spec = policy_obs_spec(self.spec)
+        self._warn = RateLimitedLog(log).warning
+        self.sessions: OrderedDict[bytes, Session] = OrderedDict()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._busy = False
+        self._next_sweep = 0.0
+
+        self._ctx = zmq.Context()
+        if keys_dir:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(keys_dir))
+        else:
+            self._auth = None
+        self._router = self._ctx.socket(zmq.ROUTER)
+        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SOCKET_HWM), (zmq.RCVHWM, SOCKET_HWM),
+                           (zmq.MAXMSGSIZE, 2 * max_message_bytes)):
+            self._router.setsockopt(opt, value)
+        if keys_dir:
+            apply_server_keys(self._router, keys_dir)
+        try:
+            self._router.bind(bind)
+        except zmq.ZMQError as exc:
+            self._router.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
+            self._ctx.term()
+            raise PolcacheError(f"cannot bind {bind}: {exc}") from None
+        self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        wake_endpoint = f"inproc://polcache-wake-{id(self)}"
+        self._wake = self._ctx.socket(zmq.PAIR)
+        self._wake.bind(wake_endpoint)
+        self._worker = InferenceWorker(backend, self._ctx, wake_endpoint)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self._router, self._wake, self._monitor):
+            poller.register(sock, zmq.POLLIN)
+        log.info("serving %s on %s", self.spec.task or "policy", self.endpoint)
+        while not self._stop.is_set():
+            events = dict(poller.poll(100))
+            if self._wake in events:
+                self._collect_results()
+            if self._router in events:
+                self._drain()
+            if self._monitor in events:
+                self._log_disconnects()
+            self._dispatch()
+            self._sweep_sessions()
+
+    def start(self) -> "PolicyServer":
+        """Serve on a background thread (tests, benchmarks, in-process robots)."""
+        self._thread = threading.Thread(target=self._serve_then_close, name="polcache-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve_then_close(self) -> None:
+        try:
+            self.serve_forever()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _shutdown(self) -> None:
+        self._worker.close()
+        if self._auth is not None:
+            self._auth.stop()
+        self._router.disable_monitor()
+        for sock in (self._monitor, self._wake, self._router):
+            sock.close(linger=0)
+        self._ctx.term()
+
+    # ------------------------------------------------------------ receiving
+
+    def _drain(self) -> None:
+        """Read everything waiting (bounded by the socket HWMs) before the next dispatch."""
+        while True:
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frames[0], frames[1:])
+
+    def _handle(self, robot: bytes, frames: list[bytes]) -> None:
+        session = self.sessions.get(robot)
+        if session is not None:
+            session.last_seen = time.monotonic()
+            self.sessions.move_to_end(robot)
+        t0 = time.perf_counter()
+        try:
+            if len(frames) != 1:
+                raise ProtocolError("malformed", f"expected one frame per message, got {len(frames)}")
+            msg = decode(frames[0], self.max_message_bytes)
+            decode_ms = (time.perf_counter() - t0) * 1e3
+            if isinstance(msg, Handshake):
+                self._on_handshake(robot, msg)
+            elif isinstance(msg, Heartbeat):
+                self._send(robot, frames[0])
+            elif isinstance(msg, (Observation, Reset)):
+                if session is None:
+                    raise ProtocolError("no_session", "no handshake on this connection (server restarted?): send a handshake first")
+                if isinstance(msg, Reset):
+                    session.start_epoch(msg.epoch)
+                    self._send(robot, frames[0])
+                else:
+                    self._on_observation(robot, session, msg, decode_ms)
+            else:
+                raise ProtocolError("unknown_type", f"the server does not accept {type(msg).__name__} messages")
+        except ProtocolError as exc:
+            self._refuse(robot, session, exc)
+
+    def _refuse(self, robot: bytes, session: Session | None, exc: ProtocolError, seq: int | None = None) -> None:
+        who = session.name if session else robot.hex()
+        self._warn(f"{who}:{exc.code}", f"refused message from {who}: [{exc.code}] {exc}")
+        self._send(robot, encode(Error(code=exc.code, message=str(exc), seq=seq)))
+        self._record(ErrorRecord(t=time.time(), robot=who, code=exc.code))
+
+    def _on_handshake(self, robot: bytes, msg: Handshake) -> None:
+        check_handshake(msg, self.spec)
+        self.sessions[robot] = Session(name=msg.name, hz=msg.hz, history=ObservationHistory(self.spec.n_obs_steps),
+                                       last_seen=time.monotonic())
+        self.sessions.move_to_end(robot)
+        while len(self.sessions) > self.max_sessions:
+            evicted = self.sessions.popitem(last=False)[1]
+            log.warning("too many robots: forgot %s (least recently seen)", evicted.name)
+        log.info("robot %s connected (%g Hz)", msg.name, msg.hz)
+        self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
+                                         server=self.name)))
+
+    def _on_observation(self, robot: bytes, session: Session, obs: Observation, decode_ms: float) -> None:
+        try:
+            check_arrays(obs.arrays, self._obs_spec)
+        except ProtocolError as exc:
+            self._refuse(robot, session, exc, seq=obs.seq)
+            return
+        if obs.epoch < session.epoch:
+            return  # sent before a reset the robot has since announced
+        if obs.epoch > session.epoch:
+            session.start_epoch(obs.epoch)
+        if not session.history.push(obs.seq, obs.arrays):
+            return  # duplicate or reordered
+        if session.pending is not None:
+            session.superseded += 1
+        session.pending = Pending(obs, decode_ms, time.perf_counter())
+
+    def _log_disconnects(self) -> None:
+        while self._monitor.poll(0):
+            recv_monitor_message(self._monitor)
+            self._warn("disconnect", "a robot connection closed (robot exited, network loss, or a message over "
+                                     f"the {2 * self.max_message_bytes}-byte transport limit)")
+
+    # ------------------------------------------------------------ inference
+
+    def _dispatch(self) -> None:
+        if self._busy:
+            return
+        waiting = [robot for robot, s in self.sessions.items() if s.pending is not None]
+        if not waiting:
+            return
+        robot = waiting[0]  # least recently seen first: fair across robots
+        session = self.sessions[robot]
+        pending = session.pending
+        t0 = time.perf_counter()
+        obs_seqs, stacked = session.history.window()
+        job = Job(robot=robot, epoch=session.epoch, seq=pending.obs.seq, obs_seqs=obs_seqs,
+                  t_capture=pending.obs.t_capture, received=pending.received, obs=stacked,
+                  reset_backend=session.needs_backend_reset, queue_depth=len(waiting), superseded=session.superseded)
+        job.timing.update(decode=pending.decode_ms, preprocess=(time.perf_counter() - t0) * 1e3,
+                          queue=(t0 - pending.received) * 1e3)
+        session.pending, session.superseded, session.needs_backend_reset = None, 0, False
+        self._busy = True
+        self._worker.submit(job)
+
+    def _collect_results(self) -> None:
+        while self._wake.poll(0):
+            self._wake.recv()
+        while not self._worker.results.empty():
+            self._busy = False
+            self._reply(self._worker.results.get())
+
+    def _reply(self, result: Result) -> None:
+        job = result.job
+        session = self.sessions.get(job.robot)
+        if session is None or session.epoch != job.epoch:
+            return  # the robot reset or left while we computed: the chunk would be stale
+        if result.actions is None:
+            self._refuse(job.robot, session, ProtocolError("inference", result.error), seq=job.seq)
+            return
+        n = len(result.actions)
+        chunk = ActionChunk(epoch=job.epoch, seq=job.seq, obs_seqs=job.obs_seqs, t_capture=job.t_capture,
+                            t_actions=job.t_capture + np.arange(n, dtype=np.float64) / session.hz,
+                            actions=result.actions, timing=job.timing)
+        frame, encode_ms = encode_chunk(chunk)
+        self._send(job.robot, frame)
+        total_ms = (time.perf_counter() - job.received) * 1e3 + job.timing["decode"]
+        deadline_ms = self.deadline_ms or (self.spec.n_action_steps - 1) / session.hz * 1e3
+        late = total_ms > deadline_ms
+        if late:
+            self._warn(f"{session.name}:deadline", f"observation {job.seq} of {session.name} took {total_ms:.1f} ms, "
+                                                   f"over its {deadline_ms:.1f} ms deadline")
+        timing = job.timing
+        self._record(RequestRecord(
+            t=time.time(), robot=session.name, epoch=job.epoch, seq=job.seq, decode_ms=timing["decode"],
+            preprocess_ms=timing["preprocess"], queue_ms=timing["queue"], inference_ms=timing["inference"],
+            postprocess_ms=timing["postprocess"], encode_ms=encode_ms, total_ms=total_ms,
+            queue_depth=job.queue_depth, superseded=job.superseded, deadline_miss=late))
+
+    # ------------------------------------------------------------ plumbing
+
+    def _send(self, robot: bytes, frame: bytes) -> None:
+        try:  # a ROUTER drops (never blocks on) messages to a full or departed robot
+            self._router.send_multipart([robot, frame], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self._warn("send", f"reply to {robot.hex()} not sent: {exc}")
+
+    def _record(self, record) -> None:
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def _sweep_sessions(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        for robot, session in list(itertools.takewhile(lambda kv: now - kv[1].last_seen > self.session_timeout_s,
+                                                       self.sessions.items())):
+            log.info("robot %s silent for %.0f s: session closed", session.name, now - session.last_seen)
+            del self.sessions[robot]
+
+    def __enter__(self) -> "PolicyServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
