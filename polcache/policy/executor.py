@@ -4,33 +4,71 @@ Each step follows a row of a precomputed plan: for every block, COMPUTE its delt
 store it), REUSE the stored delta, or FORECAST it from the last stored ones. Uncached
 inference is the all-COMPUTE plan (`ops=None`). No hooks and no global step counters:
 the plan is plain data that a torch loop, ONNX Runtime or TensorRT can all follow.
+
+One op is decided at run time, once per step: GATE (dynamic residual-threshold caching,
+TeaCache / first-block-cache style). The blocks before the first GATE of a row are
+computed; the change of the last of them since the previous step is accumulated, and
+all GATE blocks of the row are computed when the sum passes the plan's threshold
+(which then restarts), else reused.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from polcache.policy.blocks import Block
 
-COMPUTE, REUSE, FORECAST = 0, 1, 2
-OP_NAMES = {COMPUTE: "compute", REUSE: "reuse", FORECAST: "forecast"}
+COMPUTE, REUSE, FORECAST, GATE = 0, 1, 2, 3
+OP_NAMES = {COMPUTE: "compute", REUSE: "reuse", FORECAST: "forecast", GATE: "gate"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A cache plan as data: `ops[k][i]` is block i's op at denoising step k.
+
+    Behaves as the K rows that `DiffusionPolicy.sample` reads; `table()` gives the same as a
+    (K, n_blocks) int8 array for exported denoisers. `threshold` arms GATE ops; `method` and
+    `source` say what produced the plan (reported by eval and benchmarks)."""
+
+    ops: tuple[tuple[int, ...], ...]
+    method: str = "custom"
+    source: str = ""
+    threshold: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def __getitem__(self, k: int) -> tuple[int, ...]:
+        return self.ops[k]
+
+    def table(self) -> np.ndarray:
+        return np.asarray(self.ops, dtype=np.int8).reshape(len(self.ops), -1)
 
 
 class DeltaStore:
     """The per-chunk memory of a cached run: the last computed delta of every block, and the
-    one before it with both step indices, which first-order forecasting extrapolates from."""
+    one before it with both step indices, which first-order forecasting extrapolates from;
+    the GATE accumulator; and a count of block evaluations performed."""
 
-    def __init__(self, n_blocks: int):
+    def __init__(self, n_blocks: int, threshold: float | None = None):
         self.last: list[torch.Tensor | None] = [None] * n_blocks
         self.last_step = [0] * n_blocks
         self.prev: list[torch.Tensor | None] = [None] * n_blocks
         self.prev_step = [0] * n_blocks
+        self.slope: list[torch.Tensor | None] = [None] * n_blocks
+        self.threshold = threshold
+        self.accumulated = 0.0
+        self.computed = 0
 
     def put(self, i: int, k: int, delta: torch.Tensor) -> None:
         self.prev[i], self.prev_step[i] = self.last[i], self.last_step[i]
         self.last[i], self.last_step[i] = delta, k
+        self.slope[i] = None
+        self.computed += 1
 
     def reuse(self, i: int, k: int) -> torch.Tensor:
         d = self.last[i]
@@ -39,12 +77,34 @@ class DeltaStore:
         return d
 
     def forecast(self, i: int, k: int) -> torch.Tensor:
-        """Finite-difference (TaylorSeer-style, first order) extrapolation along the step index."""
+        """Finite-difference (TaylorSeer-style, first order) extrapolation along the step index;
+        the slope is computed once per update and shared by the steps it serves."""
         last, prev = self.last[i], self.prev[i]
         if prev is None:
             return self.reuse(i, k)
-        slope = (last - prev) / float(self.last_step[i] - self.prev_step[i])
-        return last + slope * float(k - self.last_step[i])
+        slope = self.slope[i]
+        if slope is None:
+            slope = self.slope[i] = (last - prev) / float(self.last_step[i] - self.prev_step[i])
+        return torch.add(last, slope, alpha=float(k - self.last_step[i]))
+
+    def gate(self, k: int, probe: int, ops: Sequence[int]) -> tuple[int, ...]:
+        """Resolve the GATE ops of step k's row from the relative L1 change of block `probe`
+        (computed at this step and the previous one) accumulated since the last full step."""
+        if self.threshold is None:
+            raise RuntimeError("plan has GATE ops but no threshold")
+        if probe < 0 or self.last_step[probe] != k or self.prev[probe] is None:
+            raise RuntimeError(f"GATE at step {k} needs the block before it computed at this step and the previous one")
+        cur, prev = self.last[probe], self.prev[probe]
+        self.accumulated += float((cur - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+        decided = REUSE
+        if self.accumulated >= self.threshold:
+            self.accumulated, decided = 0.0, COMPUTE
+        return tuple(decided if op == GATE else op for op in ops)
+
+
+def make_store(plan: Sequence[Sequence[int]] | None, n_blocks: int) -> DeltaStore:
+    """The store a plan runs with (a Plan carries its GATE threshold; plain rows have none)."""
+    return DeltaStore(n_blocks, plan.threshold if isinstance(plan, Plan) else None)
 
 
 class ChunkContext:
@@ -77,6 +137,9 @@ def run_blocks(
         return h
     for i, blk in enumerate(blocks):
         op = ops[i]
+        if op == GATE:  # decided once per step: the rest of the row becomes COMPUTE or REUSE
+            ops = store.gate(k, i - 1, ops)
+            op = ops[i]
         if op == COMPUTE:
             d = blk(h, ctx.kv_at(i, k))
             store.put(i, k, d)

@@ -17,7 +17,7 @@ from polcache.config import PolicyConfig
 from polcache.data.normalize import Normalizer
 from polcache.policy.denoiser import DiffusionTransformer
 from polcache.policy.encoders import ObsEncoder
-from polcache.policy.executor import DeltaStore
+from polcache.policy.executor import DeltaStore, make_store
 from polcache.policy.samplers import Sampler, TrainingNoise, make_sampler
 from polcache.policy.spec import ArraySpec, PolicySpec
 
@@ -77,7 +77,8 @@ class DiffusionPolicy(nn.Module):
         """Denoise one chunk in normalised action space: (B, To, F) features -> (B, H, Da).
 
         `plan[k]` gives each block's op at step k (None: compute everything). A `store`
-        may be passed to observe the computed deltas (calibration)."""
+        may be passed to observe the computed deltas (calibration) or count block evaluations;
+        by default a plan runs with `make_store(plan)`."""
         B = features.shape[0]
         K = sampler.num_steps
         shape = (B, self.cfg.horizon, self.action_dim)
@@ -86,7 +87,7 @@ class DiffusionPolicy(nn.Module):
         noise = torch.randn((K, *shape), generator=generator, device=dev) if sampler.needs_noise else None
         ctx = self.denoiser.prepare_chunk(features, sampler.timesteps)
         if plan is not None and store is None:
-            store = DeltaStore(len(self.denoiser.blocks))
+            store = make_store(plan, len(self.denoiser.blocks))
         for k in range(K):
             out = self.denoiser.step(x, k, ctx, None if plan is None else plan[k], store)
             x = sampler.update(k, x, out, None if noise is None else noise[k])
