@@ -136,7 +136,7 @@ def decode_array(obj: Any, where: str) -> np.ndarray:
         raise ProtocolError("bad_array", f"{where}: an array is a map with keys dtype, shape, data")
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
     if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-        raise ProtocolError("bad_dtype", f"{where}: dtype {dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
+        raise ProtocolError("bad_dtype", f"{where}: dtype {_short(dtype)} is not one of {sorted(ALLOWED_DTYPES)}")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
@@ -322,21 +322,27 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
         raise ProtocolError("malformed", f"message must be a msgpack map, got {type(obj).__name__}")
     version = obj.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError("version", f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+        raise ProtocolError("version", f"protocol version {_short(version)} is not supported (this side speaks {PROTOCOL_VERSION})")
     cls = TYPES_BY_NAME.get(obj.get("type")) if isinstance(obj.get("type"), str) else None
     if cls is None:
-        raise ProtocolError("unknown_type", f"unknown message type {obj.get('type')!r}; known: {sorted(TYPES_BY_NAME)}")
+        raise ProtocolError("unknown_type", f"unknown message type {_short(obj.get('type'))}; known: {sorted(TYPES_BY_NAME)}")
     name = TYPE_NAMES[cls]
     expected = {f.name for f in fields(cls)}
     given = set(obj) - {"v", "type"}
     if expected - given:
         raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(expected - given)}")
     if given - expected:
-        raise ProtocolError("extra_key", f"{name} message has unexpected key(s) {sorted(map(str, given - expected))}")
+        raise ProtocolError("extra_key", f"{name} message has unexpected key(s) {_short(sorted(map(str, given - expected)))}")
     msg = cls(**{k: _FIELD_CODECS[(cls, k)][0](obj[k], f"{name}.{k}") for k in expected})
     if isinstance(msg, ActionChunk):
         _check_chunk(msg)
     return msg
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() bounded in length, so an error message about a huge bad value stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_chunk(chunk: ActionChunk) -> None:
