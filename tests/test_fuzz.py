@@ -53,13 +53,13 @@ def _valid_messages(seq: int) -> list:
         Welcome(policy={}, max_message_bytes=10, server="x"),
         ActionChunk(epoch=0, seq=seq, obs_seqs=[seq], t_capture=0.0, t_actions=np.zeros(2), actions=np.zeros((2, 2), np.float32), timing={}),
         Heartbeat(t=1.0),
-        Reset(epoch=seq % 3),
+        Reset(epoch=0),
         Error(code="x", message="y", seq=None),
     ]
 
 
-def fuzz_frames(rng: random.Random, n: int):
-    for i in range(n):
+def fuzz_frames(rng: random.Random, start: int, n: int):
+    for i in range(start, start + n):  # sequence numbers keep increasing, so valid observations count
         strategy = rng.randrange(7)
         if strategy == 0:
             yield [rng.randbytes(rng.randrange(200))]
@@ -123,15 +123,15 @@ def test_fuzzed_messages_never_crash_or_grow_the_server():
     try:
         peer.handshake(name="fuzz")
         tracemalloc.start()
-        _pump(peer, fuzz_frames(rng, N_WARMUP))
+        _pump(peer, fuzz_frames(rng, 0, N_WARMUP))
         gc.collect()
         heap_before, rss_before = tracemalloc.get_traced_memory()[0], _rss_kb()
-        sent, replies = _pump(peer, fuzz_frames(rng, N_FUZZ))
+        sent, replies = _pump(peer, fuzz_frames(rng, N_WARMUP, N_FUZZ))
         gc.collect()
         heap_after, rss_after = tracemalloc.get_traced_memory()[0], _rss_kb()
         tracemalloc.stop()
         assert sent == N_FUZZ and replies > N_FUZZ // 4  # replies beyond the socket HWM may be dropped
-        assert handled["error"] > N_FUZZ // 2 and handled["request"] > 100  # refused, or answered with a chunk
+        assert handled["error"] > N_FUZZ // 2 and handled["request"] > 10  # refused, or answered (latest wins)
         assert server._thread.is_alive()
         assert heap_after - heap_before < 512 * 1024, (heap_before, heap_after)
         assert rss_after - rss_before < 0.05 * rss_before + 4096, (rss_before, rss_after)
