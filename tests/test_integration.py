@@ -77,3 +77,16 @@ def test_ddp_two_cpu_processes_on_gloo(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     _, _, meta = load_policy(run / "last")
     assert meta["step"] == 10
+
+
+def test_image_policy_trains_and_evaluates_on_cue_reach(tmp_path):
+    data = tmp_path / "cue.zarr"
+    assert main(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(data), "--image",
+                 "--image-size", "32"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/metaworld_small.yaml", "task=cue-reach", f"dataset={data}",
+                 f"out={run}", "obs_keys=[state, image_top]", "train.steps=4", "train.checkpoint_every=4",
+                 *TINY, "--no-progress"]) == 0
+    backend = load_backend(str(run / "last"))
+    assert backend.spec.obs["image_top"].shape == (32, 32, 3)
+    assert main(["eval", "--checkpoint", str(run / "last"), "--episodes", "1", "--no-progress"]) == 0
