@@ -2,7 +2,8 @@
 
 Records are plain dataclasses handed to callbacks, so the client stays free of any metrics
 backend; `polcache.metrics` turns them into summaries, counters, files and Prometheus text.
-Fields named in `counters` accumulate; other numeric fields are distributions.
+Fields named in `counters` accumulate, fields named in `summaries` are distributions; the rest
+(time, epoch, sequence number, labels) identify the record.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import ClassVar
 class TickRecord:
     kind: ClassVar[str] = "tick"
     counters: ClassVar[tuple[str, ...]] = ("ticks", "missed_ticks", "deadline_miss", "safe_stops", "obs_dropped")
+    summaries: ClassVar[tuple[str, ...]] = ("period_error_ms", "queue_depth")
 
     t: float
     epoch: int
@@ -33,11 +35,12 @@ class TickRecord:
 class ChunkRecord:
     kind: ClassVar[str] = "chunk"
     counters: ClassVar[tuple[str, ...]] = ("chunks", "dropped_actions", "stale_chunks")
+    summaries: ClassVar[tuple[str, ...]] = ("latency_ms", "inference_ms", "server_ms")
 
     t: float
     epoch: int
     seq: int
-    latency_ms: float  # observation capture to chunk arrival
+    latency_ms: float  # observation capture to the tick that received the chunk
     inference_ms: float  # as reported by the server
     server_ms: float  # sum of the server's stages
     chunks: int = 1

@@ -1,5 +1,5 @@
 """What the server measures per request and per refused message (see polcache.client.records
-for the record convention: `counters` accumulate, other numeric fields are distributions)."""
+for the record convention: `counters` accumulate, `summaries` are distributions)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import ClassVar
 class RequestRecord:
     kind: ClassVar[str] = "request"
     counters: ClassVar[tuple[str, ...]] = ("requests", "superseded", "deadline_miss")
+    summaries: ClassVar[tuple[str, ...]] = ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms",
+                                            "encode_ms", "total_ms", "queue_depth")
 
     t: float
     robot: str
@@ -33,6 +35,7 @@ class RequestRecord:
 class ErrorRecord:
     kind: ClassVar[str] = "error"
     counters: ClassVar[tuple[str, ...]] = ("errors",)
+    summaries: ClassVar[tuple[str, ...]] = ()
 
     t: float
     robot: str

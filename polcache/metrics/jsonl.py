@@ -1,0 +1,67 @@
+"""The metrics file the dashboard reads: one JSON object per line, written on a background
+thread so a slow disk never delays a control tick, and rotated by size so it never fills one.
+
+Lines look like {"kind": "tick", "t": ..., "period_error_ms": ..., ...}; see the record
+classes in polcache.client.records and polcache.serve.records for the fields of each kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+from polcache.metrics.registry import record_fields
+
+
+class JsonlWriter:
+    """Keeps `path` under `max_bytes` by renaming it to path.1 (path.1 to path.2, ...) and keeps
+    `backups` old files; drops (and counts) records when more than `queue_size` wait."""
+
+    def __init__(self, path: str | Path, max_bytes: int = 10 * 2**20, backups: int = 3, queue_size: int = 10_000):
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.dropped = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=queue_size)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._thread = threading.Thread(target=self._run, name="polcache-metrics-writer", daemon=True)
+        self._thread.start()
+
+    def __call__(self, record: Any) -> None:
+        self.write(record_fields(record))
+
+    def write(self, fields: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(json.dumps(fields, separators=(",", ":")))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while (line := self._queue.get()) is not None:
+            if self._file.tell() + len(line) + 1 > self.max_bytes:
+                self._rotate()
+            self._file.write(line + "\n")
+            if self._queue.empty():
+                self._file.flush()
+        self._file.close()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        if self.backups > 0:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")

@@ -1,0 +1,82 @@
+"""Metrics: in-process summaries, rotated JSON lines, Prometheus text over HTTP."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from fakes import FakeBackend, StepRobot
+from polcache.client import ControlLoop, PolicyClient
+from polcache.client.records import ChunkRecord, TickRecord
+from polcache.metrics import JsonlWriter, Metrics, collect_metrics
+from polcache.serve.server import PolicyServer
+
+
+def tick(error_ms: float, miss: bool = False) -> TickRecord:
+    return TickRecord(t=1.0, epoch=0, seq=1, period_error_ms=error_ms, state="fresh", queue_depth=3, deadline_miss=miss)
+
+
+def test_counters_accumulate_and_summaries_are_windowed():
+    m = Metrics(window=100)
+    for i in range(1000):
+        m.record(tick(float(i % 100), miss=i % 10 == 0))
+    m.record(ChunkRecord(t=1.0, epoch=0, seq=1, latency_ms=5.0, inference_ms=float("nan"), server_ms=1.0, dropped_actions=2))
+    snap = m.snapshot()
+    assert snap["tick"]["ticks"] == 1000 and snap["tick"]["deadline_miss"] == 100
+    assert snap["tick"]["period_error_ms"]["p50"] == pytest.approx(49.5) and snap["tick"]["period_error_ms"]["n"] == 1000
+    assert snap["chunk"]["dropped_actions"] == 2 and snap["chunk"]["inference_ms"] == {"n": 0}  # NaN not counted
+
+
+def test_prometheus_text_over_http():
+    with collect_metrics(port=0) as m:
+        m.record(tick(0.25, miss=True))
+        text = m.prometheus_text()
+        assert "# TYPE polcache_tick_deadline_miss_total counter\npolcache_tick_deadline_miss_total 1" in text
+        assert 'polcache_tick_period_error_ms{quantile="0.99"} 0.25' in text
+        assert "polcache_tick_period_error_ms_count 1" in text
+
+
+def test_http_endpoint_serves_metrics_only():
+    from polcache.metrics import serve_prometheus
+
+    m = Metrics()
+    m.record(tick(0.1))
+    http = serve_prometheus(m, 0)
+    try:
+        port = http.server_address[1]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "polcache_tick_ticks_total 1" in body
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+def test_jsonl_file_is_rotated_and_bounded(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path, max_bytes=2000, backups=2)
+    for i in range(200):
+        writer(tick(float(i)))
+    writer.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["metrics.jsonl", "metrics.jsonl.1", "metrics.jsonl.2"]
+    assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
+    last = [json.loads(line) for line in path.read_text().splitlines()][-1]
+    assert last["kind"] == "tick" and last["period_error_ms"] == 199.0
+
+
+def test_server_and_loop_write_one_metrics_file(tmp_path):
+    path = tmp_path / "run.jsonl"
+    robot = StepRobot()
+    with collect_metrics(path) as m:
+        with PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", on_record=m.record) as server, \
+                PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=100) as client:
+            client.connect(timeout_s=2)
+            ControlLoop(robot, client, 100, on_tick=m.record, on_chunk=m.record).run(ticks=20)
+        snap = m.snapshot()
+    kinds = {json.loads(line)["kind"] for line in path.read_text().splitlines()}
+    assert kinds == {"tick", "chunk", "request"}
+    assert snap["tick"]["ticks"] == 20 and snap["request"]["inference_ms"]["n"] >= 1
