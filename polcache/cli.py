@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "polcache.envs.record_cli",
     "polcache.train.cli",
     "polcache.sim.cli",
+    "polcache.cache.cli",
 ]
 
 

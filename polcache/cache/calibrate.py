@@ -1,0 +1,127 @@
+"""Calibration: run uncached sampling on real observations and measure, per block, how alike
+its residual delta is across denoising steps.
+
+The deltas are observed through a recording store handed to `DiffusionPolicy.sample` (the
+same store interface the cached executor writes to), not through hooks. Observations come
+from the checkpoint's training dataset when it exists, else from environment resets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from polcache.cache.errors import CacheError
+from polcache.cache.schedule import Calibration, Schedule, build_schedule, model_hash, save_schedule
+from polcache.config import ExperimentConfig
+from polcache.policy.executor import DeltaStore
+from polcache.policy.policy import DiffusionPolicy
+from polcache.policy.samplers import Sampler
+
+
+class RecordingStore(DeltaStore):
+    """Keeps every delta of one uncached chunk: trace[i][k] is block i's delta at step k, (B, D)."""
+
+    def __init__(self, n_blocks: int, steps: int, on_step: Callable[[], None] | None = None):
+        super().__init__(n_blocks)
+        self.trace: list[list[torch.Tensor | None]] = [[None] * steps for _ in range(n_blocks)]
+        self.on_step = on_step
+
+    def put(self, i: int, k: int, delta: torch.Tensor) -> None:
+        self.trace[i][k] = delta.reshape(delta.shape[0], -1)
+        if self.on_step is not None and i == len(self.trace) - 1:
+            self.on_step()
+
+
+@torch.no_grad()
+def calibrate(policy: DiffusionPolicy, sampler: Sampler, observations: dict[str, torch.Tensor], source: str = "",
+              batch_size: int = 8, seed: int = 0, progress: bool = False) -> Calibration:
+    """Per-block K x K mean cosine similarity and mean pairwise L1 distance of the deltas,
+    averaged over the N observation histories in `observations` (key -> (N, To, ...))."""
+    n_obs = int(next(iter(observations.values())).shape[0])
+    if n_obs < 1:
+        raise CacheError("calibration needs at least one observation")
+    names = policy.denoiser.block_names
+    n, K = len(names), sampler.num_steps
+    dev = next(policy.parameters()).device
+    sim = np.zeros((n, K, K))
+    l1 = np.zeros(n)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    # progress: per batch, K sampling steps then n per-block statistics
+    bar = tqdm(total=(K + n) * -(-n_obs // batch_size), desc="calibrate", disable=not progress)
+    for start in range(0, n_obs, batch_size):
+        batch = {k: v[start:start + batch_size].to(dev) for k, v in observations.items()}
+        store = RecordingStore(n, K, bar.update)
+        policy.sample(policy.encode(batch), sampler, None, gen, store)
+        for i in range(n):
+            x = torch.stack(store.trace[i], dim=1).float()  # (B, K, D)
+            u = F.normalize(x, dim=-1)
+            sim[i] += (u @ u.transpose(1, 2)).sum(0).double().cpu().numpy()
+            if K > 1:  # mean over step pairs a != t of the per-element mean |delta_a - delta_t|
+                l1[i] += torch.cdist(x, x, p=1).sum().item() / (x.shape[-1] * K * (K - 1))
+            store.trace[i] = []
+            bar.update()
+    bar.close()
+    return Calibration(block_names=names, similarity=sim / n_obs, l1=l1 / n_obs, samples=n_obs, source=source,
+                       seed=seed)
+
+
+def calibration_observations(policy: DiffusionPolicy, cfg: ExperimentConfig, samples: int,
+                             seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+    """`samples` observation histories (key -> (N, To, ...)) and a description of where they came
+    from: random windows of the training dataset if it exists, else environment resets (the
+    reset observation repeated To times, as at the start of an episode)."""
+    if samples < 1:
+        raise CacheError(f"calibration needs at least one sample, got {samples}")
+    keys, To = policy.obs_keys, policy.cfg.n_obs_steps
+    if cfg.dataset and Path(cfg.dataset).exists():
+        from polcache.data import EpisodeStore, SequenceDataset
+
+        ds = SequenceDataset(EpisodeStore.open(cfg.dataset), policy.cfg.horizon, To, keys=keys)
+        idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
+        windows = [ds[int(i)]["obs"] for i in idx]
+        obs = {k: torch.stack([w[k] for w in windows]) for k in keys}
+        return obs, f"dataset {cfg.dataset}: {len(idx)} random windows (seed {seed})"
+    task = cfg.task or policy.spec.task
+    if not task:
+        raise CacheError(f"no calibration observations: dataset {cfg.dataset or '(none)'} not found and the "
+                         "checkpoint names no task")
+    from polcache.envs import make_env  # simulation is an optional extra
+
+    cams = tuple(k[len("image_"):] for k in keys if k.startswith("image_"))
+    size = policy.spec.obs[f"image_{cams[0]}"].shape[0] if cams else 96
+    env = make_env(task, seed=seed, image=bool(cams), cameras=cams or None, image_size=size)
+    try:
+        frames = [env.reset(seed=seed + i) for i in range(samples)]
+    finally:
+        env.close()
+    obs = {k: torch.as_tensor(np.stack([np.repeat(f[k][None], To, axis=0) for f in frames])) for k in keys}
+    return obs, f"{task} environment resets: seeds {seed}..{seed + samples - 1}"
+
+
+def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, bu_blocks: int = 5,
+                         sampler: str | None = None, steps: int | None = None, samples: int = 32,
+                         method: str = "bac", force_last: bool = True, seed: int = 0, batch_size: int = 8,
+                         device: str = "cpu", progress: bool = True) -> Schedule:
+    """Calibrate a checkpoint, solve its schedule, and write it to `out` (plus a heatmap PNG beside it)."""
+    from polcache.cache.plot import plot_schedule
+    from polcache.policy.checkpoint import load_policy
+
+    policy, cfg, _ = load_policy(checkpoint, device)
+    smp = policy.sampler(sampler, steps)
+    K, n = smp.num_steps, len(policy.denoiser.block_names)
+    if not 1 <= budget <= K:
+        raise CacheError(f"--budget must be in 1..{K} (the number of denoising steps), got {budget}")
+    if method == "bac" and not 0 <= bu_blocks <= n:
+        raise CacheError(f"--bu-blocks must be in 0..{n} (the number of blocks), got {bu_blocks}")
+    obs, source = calibration_observations(policy, cfg, samples, seed)
+    calib = calibrate(policy, smp, obs, source, batch_size, seed, progress)
+    schedule = build_schedule(calib, method, budget, bu_blocks, force_last, model_hash(policy), smp.kind)
+    save_schedule(schedule, out)
+    plot_schedule(schedule, Path(out).with_suffix(".png"))
+    return schedule

@@ -1,0 +1,202 @@
+"""Schedules: per-block update steps, stored as a versioned JSON file and compiled to a plan.
+
+A schedule says, for every named block, at which denoising steps it recomputes its delta;
+at every other step the block reuses (or forecasts) its last delta. It records what it is
+only valid for -- the model (a hash of config, weights and normaliser) and the sampler
+with its step count K -- plus the budget, the Bubbling Union size and the calibration it
+was solved from, so other ACS variants can be re-solved from the file without rerunning
+the model. `to_plan` turns it into the (K, n_blocks) op table that the torch executor,
+ONNX Runtime and TensorRT all read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from polcache.atomic import atomic_write_text
+from polcache.cache.acs import acs_score, solve_acs
+from polcache.cache.bubbling import bubbling_union, top_blocks
+from polcache.cache.errors import CacheError
+from polcache.config import to_dict
+from polcache.policy.executor import COMPUTE, FORECAST, REUSE, Plan
+from polcache.policy.policy import DiffusionPolicy
+from polcache.policy.samplers import Sampler
+
+FORMAT = "polcache-cache-schedule"
+VERSION = 1
+METHODS = ("bac", "blockwise", "unified")  # ACS + Bubbling Union, per-block ACS, one ACS for all blocks
+
+
+@dataclass
+class Calibration:
+    """Statistics of uncached sampling on calibration observations, per block (model order)."""
+
+    block_names: list[str]
+    similarity: np.ndarray  # (n_blocks, K, K): mean over samples of cos(delta at step a, delta at step t)
+    l1: np.ndarray  # (n_blocks,): mean pairwise L1 distance (per element) of a block's deltas across steps
+    samples: int
+    source: str
+    seed: int
+
+    @property
+    def steps(self) -> int:
+        return int(self.similarity.shape[-1])
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "samples": self.samples, "seed": self.seed,
+                "l1": dict(zip(self.block_names, np.round(self.l1, 8).tolist())),
+                "similarity": np.round(self.similarity, 6).tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict, block_names: list[str]) -> "Calibration":
+        return cls(block_names=list(block_names), similarity=np.asarray(d["similarity"], dtype=np.float64),
+                   l1=np.asarray([d["l1"][n] for n in block_names], dtype=np.float64), samples=int(d["samples"]),
+                   source=str(d["source"]), seed=int(d["seed"]))
+
+
+@dataclass
+class Schedule:
+    method: str
+    model_hash: str
+    sampler: str
+    steps: int  # K
+    budget: int  # S: update steps per block chosen by ACS (plus the last step with force_last)
+    bu_blocks: int  # n: blocks widened by Bubbling Union (0 unless method is bac)
+    force_last: bool
+    update_steps: dict[str, list[int]]  # block name -> sorted update steps, in model block order
+    calibration: Calibration
+    bu_selected: list[str] = field(default_factory=list)
+    created: str = ""
+    code_version: str = ""
+
+    @property
+    def block_evals(self) -> int:
+        return sum(len(s) for s in self.update_steps.values())
+
+    def kept_similarity(self) -> dict[str, float]:
+        """Per block: mean over steps of the similarity between the delta used and the true one."""
+        sim = self.calibration.similarity
+        return {n: acs_score(sim[i], s) / self.steps for i, (n, s) in enumerate(self.update_steps.items())}
+
+    def to_plan(self, forecast: bool = False, source: str = "") -> Plan:
+        """The (K, n_blocks) op table; skipped steps REUSE the last delta, or FORECAST it."""
+        skip = FORECAST if forecast else REUSE
+        sets = [set(s) for s in self.update_steps.values()]
+        ops = tuple(tuple(COMPUTE if k in s else skip for s in sets) for k in range(self.steps))
+        return Plan(ops, method=self.method + ("+forecast" if forecast else ""), source=source)
+
+
+def model_hash(policy: DiffusionPolicy) -> str:
+    """sha256 of what decides the model's outputs: config, shapes, weights and normaliser."""
+    h = hashlib.sha256()
+    ident = {"config": to_dict(policy.cfg), "obs_keys": policy.obs_keys, "action_dim": policy.action_dim}
+    h.update(json.dumps(ident, sort_keys=True).encode())
+    tensors = dict(policy.state_dict())
+    tensors.update({f"normalizer.{k}": v for k, v in policy.normalizer.state_dict().items()})
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def build_schedule(calibration: Calibration, method: str, budget: int, bu_blocks: int, force_last: bool,
+                   model: str, sampler: str) -> Schedule:
+    """Solve ACS per block (or once on the mean similarity for `unified`), then Bubbling Union for `bac`."""
+    if method not in METHODS:
+        raise CacheError(f"unknown schedule method {method!r}: expected one of {', '.join(METHODS)}")
+    names, sim = calibration.block_names, calibration.similarity
+    if method == "unified":
+        steps = [solve_acs(sim.mean(axis=0), budget, force_last)] * len(names)
+    else:
+        steps = [solve_acs(sim[i], budget, force_last) for i in range(len(names))]
+    selected: list[int] = []
+    if method == "bac":
+        selected = top_blocks(calibration.l1, bu_blocks)
+        steps = bubbling_union(steps, names, selected)
+    return Schedule(method=method, model_hash=model, sampler=sampler, steps=calibration.steps, budget=int(budget),
+                    bu_blocks=int(bu_blocks) if method == "bac" else 0, force_last=bool(force_last),
+                    update_steps={n: list(s) for n, s in zip(names, steps)}, calibration=calibration,
+                    bu_selected=[names[i] for i in selected])
+
+
+def save_schedule(schedule: Schedule, path: str | Path) -> Path:
+    """Write the schedule as JSON, atomically."""
+    from polcache.policy.checkpoint import code_version
+
+    path = Path(path)
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": schedule.method,
+        "model": {"hash": schedule.model_hash, "blocks": list(schedule.update_steps)},
+        "sampler": {"kind": schedule.sampler, "steps": schedule.steps},
+        "budget": schedule.budget,
+        "bu_blocks": schedule.bu_blocks,
+        "force_last": schedule.force_last,
+        "bu_selected": schedule.bu_selected,
+        "block_evaluations": schedule.block_evals,
+        "block_evaluations_uncached": schedule.steps * len(schedule.update_steps),
+        "update_steps": schedule.update_steps,
+        "created": schedule.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code_version": schedule.code_version or code_version(),
+        "calibration": schedule.calibration.to_json(),
+    }
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def load_schedule(path: str | Path) -> Schedule:
+    """Read and validate a schedule file (format, version, shapes); not yet tied to a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"schedule file not found: {path}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CacheError(f"{path}: not valid JSON (truncated?)") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise CacheError(f"{path}: not a polcache cache schedule (format {d.get('format') if isinstance(d, dict) else None!r})")
+    if d.get("version") != VERSION:
+        raise CacheError(f"{path}: schedule version {d.get('version')} is not supported (expected {VERSION})")
+    try:
+        names = list(d["model"]["blocks"])
+        K = int(d["sampler"]["steps"])
+        steps = {n: [int(s) for s in d["update_steps"][n]] for n in names}
+        calibration = Calibration.from_json(d["calibration"], names)
+        schedule = Schedule(method=str(d["method"]), model_hash=str(d["model"]["hash"]), sampler=str(d["sampler"]["kind"]),
+                            steps=K, budget=int(d["budget"]), bu_blocks=int(d["bu_blocks"]),
+                            force_last=bool(d["force_last"]), update_steps=steps, calibration=calibration,
+                            bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
+                            code_version=str(d.get("code_version", "")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{path}: malformed schedule ({type(exc).__name__}: {exc})") from None
+    bad = [n for n, s in steps.items() if not s or s[0] != 0 or s != sorted(set(s)) or s[-1] >= K]
+    if bad:
+        raise CacheError(f"{path}: update steps of {bad[0]} must be sorted, distinct, start at 0 and stay below K={K}")
+    if calibration.similarity.shape != (len(names), K, K):
+        raise CacheError(f"{path}: calibration similarity has shape {calibration.similarity.shape}, "
+                         f"expected {(len(names), K, K)}")
+    return schedule
+
+
+def check_fits(schedule: Schedule, policy: DiffusionPolicy, sampler: Sampler, where: str = "schedule") -> None:
+    """Refuse a schedule calibrated for another model, sampler or step count."""
+    mine = model_hash(policy)
+    if schedule.model_hash != mine:
+        raise CacheError(f"{where} was calibrated for model {schedule.model_hash[7:19]}, not this one ({mine[7:19]}): "
+                         "run `polcache calibrate` for this checkpoint")
+    if (schedule.sampler, schedule.steps) != (sampler.kind, sampler.num_steps):
+        raise CacheError(f"{where} is for {schedule.sampler} with K={schedule.steps} steps, but the sampler is "
+                         f"{sampler.kind} with K={sampler.num_steps}: pass --sampler {schedule.sampler} "
+                         f"--steps {schedule.steps}, or recalibrate")
+    names = policy.denoiser.block_names
+    if list(schedule.update_steps) != names:
+        raise CacheError(f"{where} names blocks {list(schedule.update_steps)[:3]}..., the model has {names[:3]}...")

@@ -1,0 +1,69 @@
+"""`polcache calibrate` end to end on a tiny checkpoint, and the schedule used through load_backend."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from helpers import tiny_policy
+
+from polcache.cache import CacheError, plan_summary
+from polcache.cli import main
+from polcache.config import ExperimentConfig
+from polcache.data import Episode, write_dataset
+from polcache.policy import load_backend, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache_cli")
+    rng = np.random.default_rng(0)
+    episodes = [Episode(obs={"state": rng.normal(size=(20, 5)).astype(np.float32)},
+                        action=rng.uniform(-1, 1, (20, 3)).astype(np.float32)) for _ in range(3)]
+    write_dataset(tmp / "demo.zarr", episodes)
+    policy = tiny_policy(n_layers=2, width=32)
+    cfg = ExperimentConfig(task="", dataset=str(tmp / "demo.zarr"), policy=policy.cfg)
+    return save_checkpoint(tmp / "ckpt", cfg, policy)
+
+
+def test_calibrate_writes_schedule_and_heatmap(checkpoint, tmp_path, capsys):
+    out = tmp_path / "sched.json"
+    argv = ["calibrate", "--checkpoint", str(checkpoint), "--budget", "3", "--bu-blocks", "2", "--steps", "8",
+            "--sampler", "ddim", "--samples", "6", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "layers.1.ffn" in printed and "compute limit" in printed
+    doc = json.loads(out.read_text())
+    assert doc["method"] == "bac" and doc["sampler"] == {"kind": "ddim", "steps": 8} and doc["budget"] == 3
+    assert doc["calibration"]["samples"] == 6 and "demo.zarr" in doc["calibration"]["source"]
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+    backend = load_backend(str(checkpoint), cache=str(out), sampler="ddim", steps=8)
+    summary = plan_summary(backend.plan)
+    assert summary["method"] == "bac" and summary["block_evals"] == doc["block_evaluations"]
+    obs = {"state": np.zeros((2, 2, 5), np.float32)}
+    assert backend.predict(obs, seed=0).shape == (2, 8, 3)
+
+    with pytest.raises(CacheError, match="K=8"):
+        load_backend(str(checkpoint), cache=str(out), sampler="ddim", steps=10)
+
+
+def test_calibrate_errors_are_one_line(checkpoint, tmp_path, capsys):
+    argv = ["calibrate", "--checkpoint", str(checkpoint), "--budget", "9", "--steps", "8", "--sampler", "ddim",
+            "--out", str(tmp_path / "s.json"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--budget must be in 1..8" in err
+
+
+def test_environment_resets_when_the_dataset_is_missing():
+    from polcache.cache.calibrate import calibration_observations
+
+    policy = tiny_policy(n_layers=1, width=32, obs_dim=8)
+    obs, source = calibration_observations(policy, ExperimentConfig(task="cue-reach", dataset="nowhere.zarr"), 3)
+    assert obs["state"].shape == (3, 2, 8) and "resets" in source
+    assert np.array_equal(obs["state"][:, 0], obs["state"][:, 1])  # history = the reset observation repeated
+    assert not np.array_equal(obs["state"][0], obs["state"][1])
+    policy.spec = replace(policy.spec, task="")
+    with pytest.raises(CacheError, match="names no task"):
+        calibration_observations(policy, ExperimentConfig(), 3)

@@ -1,0 +1,153 @@
+"""Calibration statistics, schedule files (round trip, mismatch errors) and the --cache grammar."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_policy
+
+from polcache.cache import CacheError, plan_summary, resolve_plan, solve_acs
+from polcache.cache.calibrate import RecordingStore, calibrate
+from polcache.cache.schedule import (Calibration, build_schedule, check_fits, load_schedule, model_hash,
+                                     save_schedule)
+from polcache.policy.executor import COMPUTE, FORECAST, REUSE
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy(n_layers=2, width=32)
+
+
+@pytest.fixture(scope="module")
+def sampler(policy):
+    return policy.sampler("ddim", K)
+
+
+@pytest.fixture(scope="module")
+def calibration(policy, sampler):
+    obs = {"state": torch.randn(5, policy.cfg.n_obs_steps, 5, generator=torch.Generator().manual_seed(0))}
+    return calibrate(policy, sampler, obs, "test observations", batch_size=2)
+
+
+@pytest.fixture
+def schedule_file(tmp_path, policy, calibration):
+    sched = build_schedule(calibration, "bac", 3, 2, True, model_hash(policy), "ddim")
+    return save_schedule(sched, tmp_path / "sched.json"), sched
+
+
+def test_calibration_shapes_and_invariants(policy, calibration):
+    n = len(policy.denoiser.blocks)
+    assert calibration.similarity.shape == (n, K, K) and calibration.samples == 5
+    assert calibration.block_names == policy.denoiser.block_names
+    assert np.allclose(np.diagonal(calibration.similarity, axis1=1, axis2=2), 1.0, atol=1e-5)
+    assert np.allclose(calibration.similarity, calibration.similarity.transpose(0, 2, 1), atol=1e-6)
+    assert (calibration.l1 > 0).all()
+
+
+def test_calibration_matches_direct_computation(policy, sampler):
+    obs = {"state": torch.randn(3, policy.cfg.n_obs_steps, 5, generator=torch.Generator().manual_seed(1))}
+    calib = calibrate(policy, sampler, obs, batch_size=3, seed=7)
+    store = RecordingStore(len(policy.denoiser.blocks), K)
+    policy.sample(policy.encode(obs), sampler, None, torch.Generator().manual_seed(7), store)
+    for b in (0, 4):
+        x = torch.stack(store.trace[b], 1).double()  # (3, K, D)
+        cos = np.array([[[torch.nn.functional.cosine_similarity(x[s, a], x[s, t], dim=0).item() for t in range(K)]
+                         for a in range(K)] for s in range(3)]).mean(0)
+        l1 = np.mean([(x[s, a] - x[s, t]).abs().mean().item() for s in range(3) for a in range(K) for t in range(K)
+                      if a != t])
+        np.testing.assert_allclose(calib.similarity[b], cos, atol=1e-5)
+        assert calib.l1[b] == pytest.approx(l1, rel=1e-4)
+
+
+def test_build_schedule_methods(policy, calibration):
+    h = model_hash(policy)
+    blockwise = build_schedule(calibration, "blockwise", 3, 0, False, h, "ddim")
+    for i, name in enumerate(calibration.block_names):
+        assert blockwise.update_steps[name] == solve_acs(calibration.similarity[i], 3)
+    unified = build_schedule(calibration, "unified", 3, 0, True, h, "ddim")
+    assert len({tuple(s) for s in unified.update_steps.values()}) == 1
+    assert list(unified.update_steps.values())[0] == solve_acs(calibration.similarity.mean(0), 3, force_last=True)
+    bac = build_schedule(calibration, "bac", 3, 2, False, h, "ddim")
+    assert len(bac.bu_selected) == 2 and bac.block_evals >= blockwise.block_evals
+    with pytest.raises(CacheError, match="method"):
+        build_schedule(calibration, "fancy", 3, 0, False, h, "ddim")
+
+
+def test_schedule_file_round_trip(schedule_file, policy, sampler):
+    path, sched = schedule_file
+    back = load_schedule(path)
+    assert back.update_steps == sched.update_steps and back.bu_selected == sched.bu_selected
+    assert (back.method, back.model_hash, back.sampler, back.steps, back.budget, back.bu_blocks, back.force_last) == \
+           (sched.method, sched.model_hash, sched.sampler, sched.steps, sched.budget, sched.bu_blocks, True)
+    np.testing.assert_allclose(back.calibration.similarity, sched.calibration.similarity, atol=1e-6)
+    assert back.calibration.source == "test observations" and back.calibration.samples == 5
+    check_fits(back, policy, sampler)
+    plan = back.to_plan()
+    for k in range(K):
+        assert plan[k] == tuple(COMPUTE if k in s else REUSE for s in back.update_steps.values())
+    assert FORECAST in [op for row in back.to_plan(forecast=True) for op in row]
+
+
+def test_schedule_for_another_model_or_k_is_an_error(schedule_file, policy):
+    path, _ = schedule_file
+    sched = load_schedule(path)
+    with pytest.raises(CacheError, match="calibrated for model"):
+        check_fits(sched, tiny_policy(n_layers=2, width=32, seed=1), policy.sampler("ddim", K))
+    with pytest.raises(CacheError, match="K=8.*K=10"):
+        check_fits(sched, policy, policy.sampler("ddim", 10))
+    with pytest.raises(CacheError, match="ddpm"):
+        check_fits(sched, policy, policy.sampler("ddpm", K))
+    with pytest.raises(CacheError, match="calibrated for model"):
+        resolve_plan(str(path), tiny_policy(n_layers=2, width=32, seed=1), policy.sampler("ddim", K))
+
+
+def test_bad_schedule_files_are_clear_errors(tmp_path, schedule_file):
+    path, _ = schedule_file
+    with pytest.raises(CacheError, match="not found"):
+        load_schedule(tmp_path / "missing.json")
+    (tmp_path / "cut.json").write_text(path.read_text()[:100])
+    with pytest.raises(CacheError, match="not valid JSON"):
+        load_schedule(tmp_path / "cut.json")
+    doc = json.loads(path.read_text())
+    for change, match in (({"format": "x"}, "not a polcache"), ({"version": 99}, "version 99"),
+                          ({"update_steps": {}}, "malformed")):
+        (tmp_path / "bad.json").write_text(json.dumps(doc | change))
+        with pytest.raises(CacheError, match=match):
+            load_schedule(tmp_path / "bad.json")
+    doc["update_steps"]["layers.0.sa"] = [1, 3]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(CacheError, match="start at 0"):
+        load_schedule(tmp_path / "bad.json")
+
+
+def test_resolve_plan_grammar(schedule_file, policy, sampler):
+    path, sched = schedule_file
+    n = len(policy.denoiser.blocks)
+    s = plan_summary(resolve_plan("none", policy, sampler))
+    assert (s["method"], s["block_evals"], s["compute_limit"]) == ("none", K * n, 1.0)
+    s = plan_summary(resolve_plan("uniform:4", policy, sampler))
+    assert (s["method"], s["block_evals"], s["compute_limit"], s["source"]) == ("uniform", 2 * n, 4.0, "uniform:4")
+    s = plan_summary(resolve_plan("threshold:0.2", policy, sampler))
+    assert s["dynamic"] and s["block_evals"] is None and s["threshold"] == 0.2
+    s = plan_summary(resolve_plan(str(path), policy, sampler))
+    assert (s["method"], s["block_evals"]) == ("bac", sched.block_evals)
+    assert resolve_plan(f"bac:3:2@{path}", policy, sampler).ops == sched.to_plan().ops
+    assert resolve_plan(f"{path}+forecast", policy, sampler).method == "bac+forecast"
+    assert resolve_plan("uniform:2+forecast", policy, sampler).method == "uniform+forecast"
+    blockwise = resolve_plan(f"blockwise:2@{path}", policy, sampler)
+    assert blockwise.method == "blockwise" and plan_summary(blockwise)["block_evals"] == 3 * n  # 2 + forced last
+    unified = resolve_plan(f"unified:2@{path}", policy, sampler)
+    assert len({row.count(COMPUTE) for row in unified}) == 2  # all or nothing per step
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("fast", "unknown cache spec"), ("uniform:x", "integer"), ("uniform:0", "positive"), ("threshold:-1", "non-neg"),
+    ("bac:10:5", "needs a calibration"), ("bac:10@x.json", "bac:S:n"), ("none+forecast", "nothing to forecast"),
+    ("threshold:0.1+forecast", "static"), ("missing.json", "not found"), ("unified:99@{path}", "budget"),
+])
+def test_bad_specs_are_clear_errors(spec, match, schedule_file, policy, sampler):
+    with pytest.raises(CacheError, match=match):
+        resolve_plan(spec.format(path=schedule_file[0]), policy, sampler)
