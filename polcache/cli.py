@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "polcache.train.cli",
     "polcache.sim.cli",
     "polcache.cache.cli",
+    "polcache.serve.cli",
 ]
 
 

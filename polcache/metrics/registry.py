@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-QUANTILES = (0.5, 0.9, 0.99)
+QUANTILES = (0.5, 0.95, 0.99)
 
 
 class _Summary:
@@ -35,8 +35,8 @@ class _Summary:
         values = np.fromiter(self.recent, dtype=np.float64)
         if not len(values):
             return {"n": self.count}
-        p50, p90, p99 = np.percentile(values, [q * 100 for q in QUANTILES])
-        return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(values.max()),
+        p50, p95, p99 = np.percentile(values, [q * 100 for q in QUANTILES])
+        return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(values.max()),
                 "mean": float(values.mean()), "n": self.count}
 
 
@@ -44,7 +44,7 @@ class Metrics:
     """`window` bounds each distribution (most recent values); `sink` also receives every
     record (e.g. a JsonlWriter)."""
 
-    def __init__(self, window: int = 3000, sink: Callable[[Any], None] | None = None):
+    def __init__(self, window: int = 10_000, sink: Callable[[Any], None] | None = None):
         self.window = window
         self.sink = sink
         self._lock = threading.Lock()
@@ -66,7 +66,7 @@ class Metrics:
             self.sink(record)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """{kind: {counter: total, summary: {p50, p90, p99, max, mean, n}}}"""
+        """{kind: {counter: total, summary: {p50, p95, p99, max, mean, n}}}"""
         with self._lock:
             out: dict[str, dict[str, Any]] = {}
             for (kind, name), value in self._counters.items():

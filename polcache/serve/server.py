@@ -145,6 +145,13 @@ class PolicyServer:
     # ------------------------------------------------------------ lifecycle
 
     def serve_forever(self) -> None:
+        """Serve until stop() (from another thread or a signal handler); then release everything."""
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
         poller = zmq.Poller()
         for sock in (self._router, self._wake, self._monitor):
             poller.register(sock, zmq.POLLIN)
@@ -162,15 +169,9 @@ class PolicyServer:
 
     def start(self) -> "PolicyServer":
         """Serve on a background thread (tests, benchmarks, in-process robots)."""
-        self._thread = threading.Thread(target=self._serve_then_close, name="polcache-server", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, name="polcache-server", daemon=True)
         self._thread.start()
         return self
-
-    def _serve_then_close(self) -> None:
-        try:
-            self.serve_forever()
-        finally:
-            self._shutdown()
 
     def stop(self) -> None:
         self._stop.set()

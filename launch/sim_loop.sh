@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Start a policy server and a simulated robot together on loopback; stop both on exit.
+#
+#   launch/sim_loop.sh CHECKPOINT [TASK] [HZ] [EPISODES] [-- extra sim-robot args]
+#
+# TASK defaults to the checkpoint's task (meta.json), HZ to 50, EPISODES to 10.
+# Environment: PORT (default 5555), POLCACHE (default "python -m polcache.cli"),
+# METRICS_DIR (if set, both sides write metrics JSON lines there).
+set -euo pipefail
+
+if [ $# -lt 1 ]; then
+  sed -n '4,8p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+checkpoint=$1; shift
+task=${1:-}; [ $# -gt 0 ] && shift
+hz=${1:-50}; [ $# -gt 0 ] && shift
+episodes=${1:-10}; [ $# -gt 0 ] && shift
+[ "${1:-}" = "--" ] && shift
+
+port=${PORT:-5555}
+address="tcp://127.0.0.1:${port}"
+read -r -a polcache <<< "${POLCACHE:-python -m polcache.cli}"
+if [ -z "$task" ]; then
+  task=$(python -c 'import json,sys; print(json.load(open(sys.argv[1] + "/meta.json")).get("task", ""))' "$checkpoint")
+  [ -n "$task" ] || { echo "sim_loop: the checkpoint names no task; pass TASK" >&2; exit 2; }
+fi
+server_metrics=(); robot_metrics=()
+if [ -n "${METRICS_DIR:-}" ]; then
+  mkdir -p "$METRICS_DIR"
+  server_metrics=(--metrics-file "$METRICS_DIR/server.jsonl")
+  robot_metrics=(--metrics-file "$METRICS_DIR/robot.jsonl")
+fi
+
+server_pid=""
+cleanup() {
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$server_pid" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+"${polcache[@]}" serve --checkpoint "$checkpoint" --bind "$address" "${server_metrics[@]}" &
+server_pid=$!
+
+# The robot waits for the server's handshake reply itself (checkpoint loading takes a while).
+"${polcache[@]}" sim-robot --task "$task" --hz "$hz" --episodes "$episodes" --server "$address" \
+  --connect-timeout 120 "${robot_metrics[@]}" "$@"

@@ -1,0 +1,145 @@
+"""`polcache serve`, `polcache keys`, `polcache sim-robot`: the robot I/O runtime's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+
+from polcache.client.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from polcache.client.schedule import BLEND_MODES
+from polcache.serve.server import DEFAULT_BIND
+
+DEFAULT_SERVER = "tcp://127.0.0.1:5555"
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return x
+
+
+def _positive_int(value: str) -> int:
+    x = _positive_float(value)
+    if x != int(x):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return int(x)
+
+
+def _add_metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-file", help="append metrics as JSON lines here (rotated at 10 MiB, 3 backups)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus text on http://127.0.0.1:PORT/metrics (default: off)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="host a policy for robots over ZeroMQ",
+                              description="Serve one checkpoint to robots speaking the polcache protocol "
+                                          "(docs/protocol.md): each observation is answered with a timestamped "
+                                          "action chunk and per-stage timing. Binds to loopback unless told otherwise.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--cache", help="block cache schedule JSON or baseline spec (as for `polcache eval`)")
+    p.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ address to bind (default {DEFAULT_BIND})")
+    p.add_argument("--keys", help="CurveZMQ key directory from `polcache keys` (required for a non-loopback bind)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without encryption")
+    p.add_argument("--deadline-ms", type=_positive_float,
+                   help="per-request budget (default: (n_action_steps - 1) / robot rate)")
+    p.add_argument("--max-message-bytes", type=_positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help=f"refuse larger messages (default {DEFAULT_MAX_MESSAGE_BYTES})")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads (default 1)")
+    _add_metrics_args(p)
+    p.set_defaults(handler=_serve)
+
+    p = subparsers.add_parser("keys", help="create CurveZMQ keys for a non-loopback server",
+                              description="Write server and client CurveZMQ key pairs into a directory. Give the "
+                                          "directory to `polcache serve --keys` and to the robot "
+                                          "(client.key_secret + server.key suffice there).")
+    p.add_argument("--dir", required=True, help="directory for the key files")
+    p.add_argument("--force", action="store_true", help="replace existing keys")
+    p.set_defaults(handler=_keys)
+
+    p = subparsers.add_parser("sim-robot", help="run a simulated task as a robot against a policy server",
+                              description="Run a MuJoCo task as a robot that speaks the protocol, paced to wall-clock "
+                                          "time at --hz; prints success rate with a 95%% Wilson interval like "
+                                          "`polcache eval`, plus loop timing.")
+    p.add_argument("--task", required=True, help="task name (see polcache.envs.list_tasks())")
+    p.add_argument("--hz", type=_positive_float, required=True, help="control rate")
+    p.add_argument("--episodes", type=_positive_int, default=10, help="number of episodes (default 10)")
+    p.add_argument("--seed", type=int, default=1000, help="episode i resets with seed S+i (default 1000, as eval)")
+    p.add_argument("--server", default=DEFAULT_SERVER, help=f"policy server address (default {DEFAULT_SERVER})")
+    p.add_argument("--keys", help="CurveZMQ key directory (for an encrypted server)")
+    p.add_argument("--cameras", help="comma-separated cameras for image observations (default: state only)")
+    p.add_argument("--image-size", type=_positive_int, default=96)
+    p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble or latest")
+    p.add_argument("--decay", type=float, default=0.5, help="ensemble weight exp(-decay * k), k = 0 for the newest chunk")
+    p.add_argument("--hold-ms", type=_positive_float, default=200.0,
+                   help="hold the last action this long without a fresh one, then safe-stop (default 200)")
+    p.add_argument("--connect-timeout", type=_positive_float, default=30.0, help="seconds to wait for the server")
+    p.add_argument("--json", help="write the full result as JSON here")
+    _add_metrics_args(p)
+    p.set_defaults(handler=_sim_robot)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from polcache.serve.security import check_bind
+
+    check_bind(args.bind, args.keys, args.insecure)  # before the slow torch import and checkpoint load
+    import torch
+
+    from polcache.metrics import collect_metrics
+    from polcache.policy import load_backend
+    from polcache.serve.server import PolicyServer
+
+    _logging()
+    torch.set_num_threads(args.threads)
+    backend = load_backend(args.checkpoint, cache=args.cache)
+    with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
+        server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
+                              max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
+                              on_record=metrics.record, name=f"polcache serve {args.checkpoint}")
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        print(f"serving {args.checkpoint} on {server.endpoint} (Ctrl-C to stop)", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from polcache.serve.security import generate_keys
+
+    for path in generate_keys(args.dir, force=args.force):
+        print(f"wrote {path}")
+    return 0
+
+
+def _sim_robot(args: argparse.Namespace) -> int:
+    from polcache.atomic import atomic_write_text
+    from polcache.metrics import collect_metrics
+    from polcache.serve.sim_robot import run_sim_robot
+
+    _logging()
+    cameras = tuple(c for c in (args.cameras or "").split(",") if c) or None
+    with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
+        result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,
+                               image_size=args.image_size, keys_dir=args.keys, blend=args.blend, decay=args.decay,
+                               hold_s=args.hold_ms / 1e3, connect_timeout_s=args.connect_timeout, metrics=metrics)
+    print(result.summary())
+    tick = result.extra["tick"]
+    err = tick.get("period_error_ms", {})
+    print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
+          f"{err.get('p99', float('nan')):.3f} ms, {tick.get('missed_ticks', 0):.0f} missed ticks, "
+          f"{tick.get('deadline_miss', 0):.0f} ticks without a fresh action, {tick.get('safe_stops', 0):.0f} safe stops")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,39 @@
+"""`polcache serve`, `keys` and `sim-robot` turn user errors into one line and exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from polcache.cli import main
+
+
+def test_keys_are_written_once(tmp_path, capsys):
+    assert main(["keys", "--dir", str(tmp_path / "k")]) == 0
+    assert "server.key_secret" in capsys.readouterr().out
+    assert main(["keys", "--dir", str(tmp_path / "k")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["keys", "--dir", str(tmp_path / "k"), "--force"]) == 0
+
+
+def test_serve_refuses_an_open_bind_before_loading_anything(capsys):
+    assert main(["serve", "--checkpoint", "/nonexistent", "--bind", "tcp://0.0.0.0:5555"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing to bind tcp://0.0.0.0:5555" in err and "--insecure" in err
+
+
+def test_serve_reports_a_missing_checkpoint(capsys):
+    assert main(["serve", "--checkpoint", "/nonexistent"]) == 2
+    assert "/nonexistent" in capsys.readouterr().err
+
+
+def test_sim_robot_without_a_server(capsys):
+    pytest.importorskip("metaworld")
+    code = main(["sim-robot", "--task", "reach-v3", "--hz", "50", "--server", "tcp://127.0.0.1:1",
+                 "--connect-timeout", "0.3"])
+    assert code == 2 and "no answer from a policy server at tcp://127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_sim_robot_rejects_a_bad_rate(capsys):
+    with pytest.raises(SystemExit):
+        main(["sim-robot", "--task", "reach-v3", "--hz", "0"])
+    assert "positive" in capsys.readouterr().err

@@ -1,0 +1,50 @@
+"""The simulated robot over ZeroMQ agrees with in-process evaluation of the same policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from polcache.policy.spec import ArraySpec, PolicySpec
+from polcache.serve.server import PolicyServer
+
+pytest.importorskip("metaworld")
+
+TASK = "reach-v3"
+
+
+class ExpertBackend:
+    """Meta-World's scripted reach policy as a chunking backend: the expert's action for the
+    newest observation, repeated for the chunk (a stand-in for a trained checkpoint)."""
+
+    spec = PolicySpec(obs={"state": ArraySpec((39,), "float32")}, action_dim=4, n_obs_steps=2, horizon=8,
+                      n_action_steps=8, task=TASK)
+
+    def __init__(self):
+        from polcache.envs.metaworld_env import metaworld_expert
+
+        self.expert = metaworld_expert(TASK)
+
+    def predict(self, obs, seed=None):
+        action = self.expert({"state": obs["state"][0, -1]})
+        return np.repeat(action[None, None], self.spec.n_action_steps, axis=1).astype(np.float32)
+
+    def reset(self):
+        pass
+
+
+def test_sim_robot_over_zeromq_matches_in_process_eval():
+    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.evaluate import evaluate
+
+    episodes = 4
+    in_process = evaluate(ExpertBackend(), TASK, episodes, seed=1000, progress=False)
+    with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        remote = run_sim_robot(TASK, server.endpoint, hz=100, episodes=episodes, seed=1000)
+    assert remote.successes == in_process.successes == episodes
+    assert remote.ci95 == in_process.ci95
+    assert [e["seed"] for e in remote.per_episode] == [e["seed"] for e in in_process.per_episode]
+    tick = remote.extra["tick"]
+    assert tick["safe_stops"] == 0 and tick["ticks"] >= sum(e["length"] for e in remote.per_episode)
+    assert remote.latency_ms["n"] > 0
+    assert "success 100%" in remote.summary()
