@@ -48,3 +48,14 @@ def test_monotonic_clock_wakes_close_to_the_deadline():
     errors = [rate.sleep().error for _ in range(40)]
     assert min(errors) >= 0
     assert statistics.median(errors) < 0.001
+
+
+def test_realtime_priority_or_a_clear_refusal():
+    import subprocess
+    import sys
+
+    code = ("import os\nfrom polcache.client import use_realtime_priority\n"
+            "try:\n    use_realtime_priority(10)\nexcept PermissionError as e:\n    print('refused', e)\n"
+            "else:\n    print('fifo', os.sched_getscheduler(0) == os.SCHED_FIFO)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.startswith("fifo True") or ("refused" in out and "SCHED_FIFO" in out), out

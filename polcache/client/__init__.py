@@ -6,7 +6,7 @@ from polcache.client.adapter import RobotAdapter
 from polcache.client.connection import ConnectError, PolicyClient
 from polcache.client.loop import ControlLoop
 from polcache.client.protocol import PROTOCOL_VERSION, ProtocolError
-from polcache.client.rate import Clock, MonotonicClock, Rate
+from polcache.client.rate import Clock, MonotonicClock, Rate, use_realtime_priority
 from polcache.client.records import ChunkRecord, TickRecord
 from polcache.client.schedule import ActionSchedule
 from polcache.client.watchdog import Watchdog
@@ -25,4 +25,5 @@ __all__ = [
     "RobotAdapter",
     "TickRecord",
     "Watchdog",
+    "use_realtime_priority",
 ]

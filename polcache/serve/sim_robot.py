@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from polcache.client import ActionSchedule, ConnectError, ControlLoop, PolicyClient, Watchdog
+from polcache.client import ActionSchedule, ConnectError, ControlLoop, PolicyClient, Watchdog, use_realtime_priority
 from polcache.errors import PolcacheError
 from polcache.metrics import Metrics
 from polcache.sim.evaluate import EvalResult
@@ -57,10 +57,11 @@ def run_sim_robot(
     decay: float = 0.5,
     hold_s: float = 0.2,
     connect_timeout_s: float = 30.0,
+    realtime: bool = False,
     metrics: Metrics | None = None,
 ) -> EvalResult:
     """Run `episodes` episodes of `task` (episode i resets with seed + i, as in `polcache eval`);
-    every tick and chunk record goes to `metrics`."""
+    every tick and chunk record goes to `metrics`; `realtime` runs the loop under SCHED_FIFO."""
     from polcache.envs import make_env  # simulation is an optional extra
 
     metrics = metrics or Metrics()
@@ -73,6 +74,11 @@ def run_sim_robot(
                 client.connect(timeout_s=connect_timeout_s)
             except ConnectError as exc:
                 raise PolcacheError(str(exc)) from None
+            if realtime:
+                try:
+                    use_realtime_priority()
+                except PermissionError as exc:
+                    raise PolcacheError(str(exc)) from None
             loop = ControlLoop(robot, client, hz, schedule=ActionSchedule(hz, blend, decay), watchdog=Watchdog(hold_s),
                                on_tick=metrics.record, on_chunk=metrics.record)
             # Ticks without a step (waiting, stopped) do not count as episode steps; bound them anyway.

@@ -1,0 +1,161 @@
+"""Transport overhead for one 96x96x3 image + state observation answered by an 8x4 action
+chunk, over tcp loopback, side by side in one run:
+
+- polcache: the real PolicyServer (ROUTER/DEALER, validated single-frame msgpack, history,
+  inference worker hand-off) with a zero-cost policy, driven by PolicyClient's wire format;
+- msgpack REQ/REP: the same raw-numpy msgpack encoding with a bare echo server;
+- pickle REQ/REP: the common pickle-over-REQ/REP setup (baseline only; polcache never
+  unpickles peer data, which is why pickle lives here and not in polcache/).
+
+Each server runs in its own process. Modes are interleaved in rounds so drift hits all alike.
+
+    python benchmarks/bench_transport.py [--calls 2000] [--rounds 4] [--json benchmarks/results/transport.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import socket
+import subprocess
+import sys
+import time
+
+import msgpack
+import numpy as np
+import zmq
+
+from common import RESULTS, print_table, write_json
+from polcache.client.protocol import ActionChunk, Handshake, Observation, decode, encode, encode_array
+
+IMAGE = (96, 96, 3)
+STATE_DIM = 39
+ACTION_SHAPE = (8, 4)
+MODES = ("polcache", "msgpack", "pickle")
+
+
+class ZeroBackend:
+    """A policy that costs nothing, so only transport and runtime overhead are measured."""
+
+    def __init__(self):
+        from polcache.policy.spec import ArraySpec, PolicySpec
+
+        self.spec = PolicySpec(obs={"image_front": ArraySpec(IMAGE, "uint8"), "state": ArraySpec((STATE_DIM,), "float32")},
+                               action_dim=ACTION_SHAPE[1], n_obs_steps=2, horizon=16, n_action_steps=ACTION_SHAPE[0])
+
+    def predict(self, obs, seed=None):
+        return np.zeros((1, *ACTION_SHAPE), np.float32)
+
+    def reset(self):
+        pass
+
+
+def _raw_pack(arrays: dict[str, np.ndarray]) -> bytes:
+    return msgpack.packb({k: encode_array(v) for k, v in arrays.items()})
+
+
+def _raw_unpack(data: bytes) -> dict[str, np.ndarray]:
+    return {k: np.frombuffer(v["data"], dtype=v["dtype"]).reshape(v["shape"]) for k, v in msgpack.unpackb(data).items()}
+
+
+def serve(mode: str, port: int) -> None:
+    """Run one server in this process until killed."""
+    address = f"tcp://127.0.0.1:{port}"
+    if mode == "polcache":
+        from polcache.serve.server import PolicyServer
+
+        PolicyServer(ZeroBackend(), address, deadline_ms=1e9).serve_forever()
+        return
+    sock = zmq.Context.instance().socket(zmq.REP)
+    sock.bind(address)
+    actions = np.zeros(ACTION_SHAPE, np.float32)
+    while True:
+        data = sock.recv()
+        if mode == "pickle":
+            pickle.loads(data)
+            sock.send(pickle.dumps(actions))
+        else:
+            _raw_unpack(data)
+            sock.send(_raw_pack({"actions": actions}))
+
+
+class Client:
+    def __init__(self, mode: str, port: int):
+        self.mode = mode
+        ctx = zmq.Context.instance()
+        self.sock = ctx.socket(zmq.DEALER if mode == "polcache" else zmq.REQ)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+        self.seq = 0
+        if mode == "polcache":
+            spec = {"image_front": (IMAGE, "uint8"), "state": ((STATE_DIM,), "float32")}
+            self.sock.send(encode(Handshake(obs_spec=spec, action_dim=ACTION_SHAPE[1], hz=50.0, name="bench")))
+            self.sock.recv()
+
+    def round_trip(self, arrays: dict[str, np.ndarray]) -> None:
+        if self.mode == "pickle":
+            self.sock.send(pickle.dumps(arrays))
+            pickle.loads(self.sock.recv())
+        elif self.mode == "msgpack":
+            self.sock.send(_raw_pack(arrays))
+            _raw_unpack(self.sock.recv())
+        else:
+            self.seq += 1
+            self.sock.send(encode(Observation(epoch=0, seq=self.seq, t_capture=time.monotonic(), arrays=arrays)))
+            assert isinstance(decode(self.sock.recv()), ActionChunk)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000, help="round trips per mode and round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--json", default=str(RESULTS / "transport.json"))
+    parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port)
+        return
+
+    rng = np.random.default_rng(0)
+    arrays = {"image_front": rng.integers(0, 255, IMAGE, dtype=np.uint8),
+              "state": rng.standard_normal(STATE_DIM).astype(np.float32)}
+    ports = {mode: _free_port() for mode in MODES}
+    servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p)]) for m, p in ports.items()]
+    try:
+        clients = {mode: Client(mode, port) for mode, port in ports.items()}
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for _ in range(args.rounds):
+            for mode, client in clients.items():
+                for _ in range(50):  # warm-up after the other modes ran
+                    client.round_trip(arrays)
+                for _ in range(args.calls):
+                    t0 = time.perf_counter()
+                    client.round_trip(arrays)
+                    times[mode].append(time.perf_counter() - t0)
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
+    rows = []
+    for mode in MODES:
+        us = np.asarray(times[mode]) * 1e6
+        rows.append({"mode": mode, "calls": len(us), "p50_us": round(float(np.percentile(us, 50)), 1),
+                     "p99_us": round(float(np.percentile(us, 99)), 1), "mean_us": round(float(us.mean()), 1)})
+    payload_bytes = {"polcache": len(encode(Observation(epoch=0, seq=0, t_capture=0.0, arrays=arrays))),
+                     "msgpack": len(_raw_pack(arrays)), "pickle": len(pickle.dumps(arrays))}
+    for row in rows:
+        row["request_bytes"] = payload_bytes[row["mode"]]
+    print(f"round trip, 96x96x3 uint8 image + {STATE_DIM} float32 state -> 8x4 float32 actions, tcp loopback")
+    print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "request_bytes"])
+    write_json(args.json, {"benchmark": "transport", "rows": rows, "calls": args.calls, "rounds": args.rounds})
+
+
+if __name__ == "__main__":
+    main()
