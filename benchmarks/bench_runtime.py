@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench_transport import free_port
 from common import RESULTS, print_table, write_json
 from polcache.client import ControlLoop, PolicyClient, use_realtime_priority
 from polcache.metrics import Metrics
@@ -49,12 +49,6 @@ class MemorySampler(threading.Thread):
         t0 = time.monotonic()
         while not self.stop.wait(self.every_s):
             self.samples.append((round(time.monotonic() - t0, 1), rss_mb(), rss_mb(self.server_pid)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_episodes(loop: ControlLoop, robot: SimRobot, seconds: float, seed: list[int]) -> None:
@@ -86,7 +80,7 @@ def main() -> None:
     from polcache.envs import make_env
 
     task = args.task or json.loads((Path(args.checkpoint) / "meta.json").read_text())["task"]
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="polcache-serve-")
     command = [sys.executable, "-m", "polcache.cli", "serve", "--checkpoint", args.checkpoint, "--bind", address,
                "--threads", str(args.threads)] + (["--cache", args.cache] if args.cache else [])

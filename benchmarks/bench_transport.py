@@ -105,7 +105,7 @@ class Client:
             assert isinstance(decode(self.sock.recv()), ActionChunk)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -126,7 +126,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     arrays = {"image_front": rng.integers(0, 255, IMAGE, dtype=np.uint8),
               "state": rng.standard_normal(STATE_DIM).astype(np.float32)}
-    ports = {mode: _free_port() for mode in MODES}
+    ports = {mode: free_port() for mode in MODES}
     servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p)]) for m, p in ports.items()]
     try:
         clients = {mode: Client(mode, port) for mode, port in ports.items()}

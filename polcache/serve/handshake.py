@@ -4,16 +4,17 @@ mismatch is refused once with a message naming the field instead of failing ever
 from __future__ import annotations
 
 from polcache.client.protocol import Handshake, ObsSpec, ProtocolError
-from polcache.policy.spec import PolicySpec
+from polcache.policy.spec import ArraySpec, PolicySpec
 
 
-def policy_obs_spec(spec: PolicySpec) -> ObsSpec:
-    return {key: (tuple(a.shape), a.dtype) for key, a in spec.obs.items()}
+def wire_obs_spec(obs: dict[str, ArraySpec]) -> ObsSpec:
+    """ArraySpecs (policy, TaskEnv) in the protocol's key -> (shape, dtype) form."""
+    return {key: (tuple(a.shape), a.dtype) for key, a in obs.items()}
 
 
 def check_handshake(handshake: Handshake, spec: PolicySpec) -> None:
     """Raise ProtocolError('spec_mismatch') naming the first field where robot and policy differ."""
-    robot, policy = handshake.obs_spec, policy_obs_spec(spec)
+    robot, policy = handshake.obs_spec, wire_obs_spec(spec.obs)
 
     def refuse(message: str) -> None:
         raise ProtocolError("spec_mismatch", message)

@@ -40,7 +40,7 @@ from polcache.client.protocol import (
 )
 from polcache.errors import PolcacheError
 from polcache.policy.spec import PolicyBackend
-from polcache.serve.handshake import check_handshake, policy_obs_spec
+from polcache.serve.handshake import check_handshake, wire_obs_spec
 from polcache.serve.history import ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
 from polcache.serve.security import apply_server_keys, check_bind
@@ -104,7 +104,7 @@ class PolicyServer:
         self.session_timeout_s = session_timeout_s
         self.on_record = on_record
         self.name = name
-        self._obs_spec = policy_obs_spec(self.spec)
+        self._obs_spec = wire_obs_spec(self.spec.obs)
         self._warn = RateLimitedLog(log).warning
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
         self._stop = threading.Event()

@@ -13,6 +13,7 @@ import numpy as np
 from polcache.client import ActionSchedule, ConnectError, ControlLoop, PolicyClient, Watchdog, use_realtime_priority
 from polcache.errors import PolcacheError
 from polcache.metrics import Metrics
+from polcache.serve.handshake import wire_obs_spec
 from polcache.sim.evaluate import EvalResult
 from polcache.sim.stats import wilson_interval
 
@@ -22,7 +23,7 @@ class SimRobot:
 
     def __init__(self, env):
         self.env = env
-        self.obs_spec = {key: (tuple(a.shape), a.dtype) for key, a in env.observation_spec().items()}
+        self.obs_spec = wire_obs_spec(env.observation_spec())
         self.action_dim = env.action_dim
 
     def begin(self, seed: int) -> None:
