@@ -16,6 +16,12 @@ class RateLimitedLog:
         self._suppressed: dict[str, int] = {}
 
     def warning(self, key: str, message: str) -> None:
+        self._emit(logging.WARNING, key, message)
+
+    def info(self, key: str, message: str) -> None:
+        self._emit(logging.INFO, key, message)
+
+    def _emit(self, level: int, key: str, message: str) -> None:
         now = time.monotonic()
         if now - self._last.get(key, float("-inf")) < self.interval_s:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
@@ -26,4 +32,4 @@ class RateLimitedLog:
         suppressed = self._suppressed.pop(key, 0)
         self._last[key] = now
         suffix = f" ({suppressed} similar suppressed)" if suppressed else ""
-        self.logger.warning("%s%s", message, suffix)
+        self.logger.log(level, "%s%s", message, suffix)

@@ -105,7 +105,8 @@ class PolicyServer:
         self.on_record = on_record
         self.name = name
         self._obs_spec = wire_obs_spec(self.spec.obs)
-        self._warn = RateLimitedLog(log).warning
+        self._log = RateLimitedLog(log)
+        self._warn = self._log.warning
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -263,8 +264,8 @@ class PolicyServer:
     def _log_disconnects(self) -> None:
         while self._monitor.poll(0):
             recv_monitor_message(self._monitor)
-            self._warn("disconnect", "a robot connection closed (robot exited, network loss, or a message over "
-                                     f"the {2 * self.max_message_bytes}-byte transport limit)")
+            self._log.info("disconnect", "a robot connection closed (robot exited, network loss, or a message over "
+                                         f"the {2 * self.max_message_bytes}-byte transport limit)")
 
     # ------------------------------------------------------------ inference
 
