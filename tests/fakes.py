@@ -69,19 +69,25 @@ class FakeBackend:
 
 
 class StepRobot:
-    """An adapter whose state is the index of the current tick, so with FakeBackend the action
-    applied at tick n should have value n."""
+    """An adapter whose state is the index of the current control period (from the clock, so
+    ticks skipped under load keep the count right); with FakeBackend, the action applied in
+    period n should have value n."""
 
     obs_spec = {"state": ((STATE_DIM,), "float32")}
     action_dim = ACTION_DIM
 
-    def __init__(self):
+    def __init__(self, hz: float, clock=None):
+        self.hz = hz
+        self.now = clock.now if clock else time.monotonic
+        self.t0: float | None = None
         self.tick = -1
-        self.applied: list[tuple[int, float]] = []  # (tick, action value)
+        self.applied: list[tuple[int, float]] = []  # (period index, action value)
         self.stops: list[int] = []
 
     def observe(self) -> dict[str, np.ndarray]:
-        self.tick += 1
+        now = self.now()
+        self.t0 = now if self.t0 is None else self.t0
+        self.tick = round((now - self.t0) * self.hz)
         return {"state": np.array([self.tick, 0, 0], np.float32)}
 
     def act(self, action: np.ndarray) -> None:

@@ -48,7 +48,7 @@ class ScriptedClient:
 
 def make_loop(latency_s: float, blend: str = "ensemble", hold_s: float = 0.1):
     clock = FakeClock(t=0.0)
-    robot = StepRobot()
+    robot = StepRobot(HZ, clock)
     client = ScriptedClient(clock, latency_s)
     ticks, chunks = [], []
     loop = ControlLoop(robot, client, HZ, schedule=ActionSchedule(HZ, blend=blend), watchdog=Watchdog(hold_s),
@@ -89,12 +89,12 @@ def test_reset_never_executes_chunks_from_the_previous_episode():
     loop, robot, client, _, _, _ = make_loop(latency_s=2.5 / HZ)
     loop.run(ticks=10)
     assert client.in_flight  # chunks of epoch 0 still on their way
-    n_before = len(robot.applied)
-    loop.reset_episode()
+    n_before, last_tick = len(robot.applied), robot.tick
+    loop.reset_episode()  # the next tick starts a fresh grid right away
     loop.run(ticks=10)
     after = robot.applied[n_before:]
     assert after and all(value >= 1000 for _, value in after)  # only epoch-1 chunks
-    assert [t for t, _ in after][0] == 10 + 3  # waits for its own first chunk
+    assert after[0][0] == last_tick + 3  # waits for its own first chunk (2.5 periods away)
 
 
 def test_reconnect_epoch_change_discards_old_chunks():

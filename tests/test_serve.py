@@ -42,7 +42,7 @@ def test_history_pads_the_first_observation_and_fills_gaps():
 
 def test_end_to_end_loop_executes_every_action_on_time(records):
     backend = FakeBackend()
-    robot = StepRobot()
+    robot = StepRobot(50)
     ticks, chunks = [], []
     with serve(backend, records) as server, PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=50) as client:
         spec = client.connect(timeout_s=5)

@@ -155,7 +155,7 @@ def test_inference_failure_is_reported_and_serving_continues():
 
 def test_slow_inference_is_a_logged_deadline_miss_and_the_robot_stops_safely(caplog):
     records = []
-    robot = StepRobot()
+    robot = StepRobot(50)
     with PolicyServer(FakeBackend(delay_s=0.2), "tcp://127.0.0.1:0", on_record=records.append) as server, \
             PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=50) as client:
         client.connect(timeout_s=2)
@@ -180,7 +180,7 @@ def test_robot_disconnect_and_reconnect(server):
 
 def test_server_restart_mid_episode(tmp_path):
     endpoint = f"ipc://{tmp_path}/policy.sock"
-    robot = StepRobot()
+    robot = StepRobot(50)
     ticks = []
     server = PolicyServer(FakeBackend(), endpoint).start()
     client = PolicyClient(endpoint, robot.obs_spec, robot.action_dim, hz=50, timeout_s=0.3)
@@ -227,3 +227,11 @@ def test_curve_encrypted_session(tmp_path):
         with pytest.raises(ConnectError, match="no answer"):
             plain.connect(timeout_s=0.5)
         plain.close()
+
+
+def test_missing_keys_and_busy_ports_are_clear_errors(tmp_path):
+    with pytest.raises(PolcacheError, match="polcache keys"):
+        PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", keys_dir=str(tmp_path / "nokeys"))
+    with PolicyServer(FakeBackend(), "tcp://127.0.0.1:0") as server:
+        with pytest.raises(PolcacheError, match=f"cannot serve on {server.endpoint}"):
+            PolicyServer(FakeBackend(), server.endpoint)

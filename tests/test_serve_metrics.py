@@ -70,7 +70,7 @@ def test_jsonl_file_is_rotated_and_bounded(tmp_path):
 
 def test_server_and_loop_write_one_metrics_file(tmp_path):
     path = tmp_path / "run.jsonl"
-    robot = StepRobot()
+    robot = StepRobot(100)
     with collect_metrics(path) as m:
         with PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", on_record=m.record) as server, \
                 PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=100) as client:

@@ -49,6 +49,7 @@ from polcache.serve.worker import InferenceWorker, Job, Result
 log = logging.getLogger("polcache.serve")
 
 SOCKET_HWM = 4  # per robot, each way
+MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 
@@ -114,28 +115,26 @@ class PolicyServer:
         self._next_sweep = 0.0
 
         self._ctx = zmq.Context()
-        if keys_dir:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            self._auth = ThreadAuthenticator(self._ctx)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(keys_dir))
-        else:
-            self._auth = None
+        self._auth = None
         self._router = self._ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SOCKET_HWM), (zmq.RCVHWM, SOCKET_HWM),
                            (zmq.MAXMSGSIZE, 2 * max_message_bytes)):
             self._router.setsockopt(opt, value)
-        if keys_dir:
-            apply_server_keys(self._router, keys_dir)
         try:
+            if keys_dir:
+                apply_server_keys(self._router, keys_dir)
+                from zmq.auth.thread import ThreadAuthenticator
+
+                self._auth = ThreadAuthenticator(self._ctx)
+                self._auth.start()
+                self._auth.configure_curve(domain="*", location=str(keys_dir))
             self._router.bind(bind)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, PolcacheError) as exc:
             self._router.close(linger=0)
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
-            raise PolcacheError(f"cannot bind {bind}: {exc}") from None
+            raise PolcacheError(f"cannot serve on {bind}: {exc}") from None
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         wake_endpoint = f"inproc://polcache-wake-{id(self)}"
@@ -191,8 +190,8 @@ class PolicyServer:
     # ------------------------------------------------------------ receiving
 
     def _drain(self) -> None:
-        """Read everything waiting (bounded by the socket HWMs) before the next dispatch."""
-        while True:
+        """Read everything waiting before the next dispatch, so only the newest observation counts."""
+        for _ in range(MAX_DRAIN):
             try:
                 frames = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -240,8 +239,8 @@ class PolicyServer:
         self.sessions.move_to_end(robot)
         while len(self.sessions) > self.max_sessions:
             evicted = self.sessions.popitem(last=False)[1]
-            log.warning("too many robots: forgot %s (least recently seen)", evicted.name)
-        log.info("robot %s connected (%g Hz)", msg.name, msg.hz)
+            self._warn("evict", f"too many robots: forgot {evicted.name} (least recently seen)")
+        self._log.info(f"hello:{msg.name}", f"robot {msg.name} connected ({msg.hz:g} Hz)")
         self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
                                          server=self.name)))
 
