@@ -53,8 +53,10 @@ def _run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, args.budget, args.bu_blocks, args.sampler, args.steps, args.samples,
         args.method, not args.no_force_last, args.seed, args.batch_size, args.device, not args.no_progress)
     kept = schedule.kept_similarity()
-    table = Table(title=f"{schedule.method} schedule: {schedule.sampler} K={schedule.steps}, budget {schedule.budget}"
-                        + (f", Bubbling Union over {schedule.bu_blocks} blocks (*)" if schedule.method == "bac" else ""))
+    title = f"{schedule.method} schedule: {schedule.sampler} K={schedule.steps}, budget {schedule.budget}"
+    if schedule.method == "bac":
+        title += f", Bubbling Union over {schedule.bu_blocks} blocks (*)"
+    table = Table(title=title)
     table.add_column("block")
     table.add_column("L1 score", justify="right")
     table.add_column("updates", justify="right")

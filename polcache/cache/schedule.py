@@ -6,7 +6,10 @@ only valid for -- the model (a hash of config, weights and normaliser) and the s
 with its step count K -- plus the budget, the Bubbling Union size and the calibration it
 was solved from, so other ACS variants can be re-solved from the file without rerunning
 the model. `to_plan` turns it into the (K, n_blocks) op table that the torch executor,
-ONNX Runtime and TensorRT all read.
+ONNX Runtime and TensorRT all read: an exported denoiser exposes each block (or each run of
+blocks between cached ones) and the host follows `Plan.table()` row by row -- compute and
+keep the delta, add the kept delta, or add last + slope * (k - k_last) -- so no plan logic
+lives inside the exported graph.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from polcache.cache.acs import acs_score, solve_acs
 from polcache.cache.bubbling import bubbling_union, top_blocks
 from polcache.cache.errors import CacheError
 from polcache.config import to_dict
-from polcache.policy.executor import COMPUTE, FORECAST, REUSE, Plan
+from polcache.policy.executor import COMPUTE, REUSE, Plan
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.samplers import Sampler
 
@@ -85,12 +88,11 @@ class Schedule:
         sim = self.calibration.similarity
         return {n: acs_score(sim[i], s) / self.steps for i, (n, s) in enumerate(self.update_steps.items())}
 
-    def to_plan(self, forecast: bool = False, source: str = "") -> Plan:
-        """The (K, n_blocks) op table; skipped steps REUSE the last delta, or FORECAST it."""
-        skip = FORECAST if forecast else REUSE
+    def to_plan(self) -> Plan:
+        """The (K, n_blocks) op table: COMPUTE at a block's update steps, REUSE elsewhere."""
         sets = [set(s) for s in self.update_steps.values()]
-        ops = tuple(tuple(COMPUTE if k in s else skip for s in sets) for k in range(self.steps))
-        return Plan(ops, method=self.method + ("+forecast" if forecast else ""), source=source)
+        ops = tuple(tuple(COMPUTE if k in s else REUSE for s in sets) for k in range(self.steps))
+        return Plan(ops, method=self.method)
 
 
 def model_hash(policy: DiffusionPolicy) -> str:
@@ -162,8 +164,9 @@ def load_schedule(path: str | Path) -> Schedule:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CacheError(f"{path}: not valid JSON (truncated?)") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a polcache cache schedule (format {d.get('format') if isinstance(d, dict) else None!r})")
+    fmt = d.get("format") if isinstance(d, dict) else None
+    if fmt != FORMAT:
+        raise CacheError(f"{path}: not a polcache cache schedule (format {fmt!r})")
     if d.get("version") != VERSION:
         raise CacheError(f"{path}: schedule version {d.get('version')} is not supported (expected {VERSION})")
     try:
@@ -171,8 +174,8 @@ def load_schedule(path: str | Path) -> Schedule:
         K = int(d["sampler"]["steps"])
         steps = {n: [int(s) for s in d["update_steps"][n]] for n in names}
         calibration = Calibration.from_json(d["calibration"], names)
-        schedule = Schedule(method=str(d["method"]), model_hash=str(d["model"]["hash"]), sampler=str(d["sampler"]["kind"]),
-                            steps=K, budget=int(d["budget"]), bu_blocks=int(d["bu_blocks"]),
+        schedule = Schedule(method=str(d["method"]), model_hash=str(d["model"]["hash"]),
+                            sampler=str(d["sampler"]["kind"]), steps=K, budget=int(d["budget"]), bu_blocks=int(d["bu_blocks"]),
                             force_last=bool(d["force_last"]), update_steps=steps, calibration=calibration,
                             bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
                             code_version=str(d.get("code_version", "")))
