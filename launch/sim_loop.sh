@@ -33,12 +33,17 @@ if [ -n "${METRICS_DIR:-}" ]; then
 fi
 
 server_pid=""
+robot_pid=""
+stop() {  # TERM, wait up to 5 s, then KILL
+  local pid=$1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+}
 cleanup() {
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$server_pid" 2>/dev/null || true
-  fi
+  stop "$robot_pid"
+  stop "$server_pid"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -47,5 +52,11 @@ trap 'exit 130' INT TERM
 server_pid=$!
 
 # The robot waits for the server's handshake reply itself (checkpoint loading takes a while).
+# It runs in the background so a signal to this script is handled at once, not after it ends.
 "${polcache[@]}" sim-robot --task "$task" --hz "$hz" --episodes "$episodes" --server "$address" \
-  --connect-timeout 120 "${robot_metrics[@]}" "$@"
+  --connect-timeout 120 "${robot_metrics[@]}" "$@" &
+robot_pid=$!
+status=0
+wait "$robot_pid" || status=$?
+robot_pid=""
+exit "$status"

@@ -130,6 +130,7 @@ def _sim_robot(args: argparse.Namespace) -> int:
     from polcache.serve.sim_robot import run_sim_robot
 
     _logging()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # TERM stops the loop safely, like Ctrl-C
     cameras = tuple(c for c in (args.cameras or "").split(",") if c) or None
     with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
         result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,
