@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for observation choice and sampling noise")
     p.add_argument("--batch-size", type=_positive, default=8, help="observations per calibration batch")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=_positive, default=1,
+                   help="torch intra-op threads (default 1: shared CPUs oversubscribe badly)")
     p.add_argument("--out", required=True, help="schedule JSON to write (the heatmap goes to the same name .png)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_run)
@@ -47,8 +49,11 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    import torch
+
     from polcache.cache.calibrate import calibrate_checkpoint
 
+    torch.set_num_threads(args.threads)
     schedule = calibrate_checkpoint(
         args.checkpoint, args.out, args.budget, args.bu_blocks, args.sampler, args.steps, args.samples,
         args.method, not args.no_force_last, args.seed, args.batch_size, args.device, not args.no_progress)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+from polcache.cache.bubbling import block_layer_kind
 from polcache.cache.schedule import Schedule
+from polcache.policy.blocks import CA, FFN, SA
 
 
 def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
-    """Grid of small heatmaps (one per block, layers as rows). On each, the row segments that
-    serve the steps of a segment are drawn as white lines, update steps as dots on the diagonal."""
+    """Grid of small heatmaps, one per block (columns: layers, rows: sa/ca/ffn). On each, the
+    row segments that serve the steps of a segment are white lines, update steps red dots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,12 +20,17 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     names = list(schedule.update_steps)
     sim = schedule.calibration.similarity
     K = schedule.steps
-    cols = 3 if len(names) % 3 == 0 else min(6, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.0 * rows), squeeze=False)
+    where = [block_layer_kind(n) for n in names]
+    kinds = sorted({kind for _, kind in where}, key=(SA, CA, FFN).index)
+    cols = max(layer for layer, _ in where) + 1
+    fig, axes = plt.subplots(len(kinds), cols, figsize=(1.9 * cols + 1.2, 2.0 * len(kinds)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
     kept = schedule.kept_similarity()
     image = None
-    for ax, (i, name) in zip(axes.flat, enumerate(names)):
+    for i, (name, (layer, kind)) in enumerate(zip(names, where)):
+        ax = axes[kinds.index(kind), layer]
+        ax.axis("on")
         image = ax.imshow(sim[i], vmin=-1.0, vmax=1.0, cmap="viridis", interpolation="nearest")
         steps = schedule.update_steps[name]
         for start, end in zip(steps, steps[1:] + [K]):
@@ -34,8 +40,6 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
         ax.set_title(f"{name}{star} ({len(steps)}, {kept[name]:.3f})", fontsize=6)
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
     fig.suptitle(f"{schedule.method}: {schedule.sampler} K={K}, budget {schedule.budget}, "
                  f"BU blocks {schedule.bu_blocks} (*); title: updates, mean similarity kept", fontsize=8)
     if image is not None:
