@@ -151,8 +151,19 @@ def save_schedule(schedule: Schedule, path: str | Path) -> Path:
         "code_version": schedule.code_version or code_version(),
         "calibration": schedule.calibration.to_json(),
     }
-    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(path, _dumps(doc) + "\n")
     return path
+
+
+def _dumps(obj, depth: int = 0) -> str:
+    """Indented JSON whose innermost lists (update steps, similarity rows) stay on one line."""
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(k)}: {_dumps(v, depth + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(obj, list) and any(isinstance(v, (list, dict)) for v in obj):
+        return "[\n" + ",\n".join(inner + _dumps(v, depth + 1) for v in obj) + f"\n{pad}]"
+    return json.dumps(obj)
 
 
 def load_schedule(path: str | Path) -> Schedule:
