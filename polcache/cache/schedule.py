@@ -186,7 +186,8 @@ def load_schedule(path: str | Path) -> Schedule:
         steps = {n: [int(s) for s in d["update_steps"][n]] for n in names}
         calibration = Calibration.from_json(d["calibration"], names)
         schedule = Schedule(method=str(d["method"]), model_hash=str(d["model"]["hash"]),
-                            sampler=str(d["sampler"]["kind"]), steps=K, budget=int(d["budget"]), bu_blocks=int(d["bu_blocks"]),
+                            sampler=str(d["sampler"]["kind"]), steps=K, budget=int(d["budget"]),
+                            bu_blocks=int(d["bu_blocks"]),
                             force_last=bool(d["force_last"]), update_steps=steps, calibration=calibration,
                             bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
                             code_version=str(d.get("code_version", "")))
