@@ -81,3 +81,15 @@ def test_same_seed_same_actions_different_seed_different_actions():
     b = p.predict_action(obs, generator=torch.Generator().manual_seed(3))["action"]
     c = p.predict_action(obs, generator=torch.Generator().manual_seed(4))["action"]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_kept_time_keys_values_follow_weight_changes():
+    p = tiny_policy()
+    obs = {"state": torch.randn(1, 2, 5)}
+    before = p.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+    other = tiny_policy(seed=1)
+    p.load_state_dict(other.state_dict())
+    after = p.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+    expected = other.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, expected)

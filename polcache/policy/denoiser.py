@@ -44,6 +44,7 @@ class DiffusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(decoder_blocks(cfg.n_layers, W, cfg.n_heads, cfg.ffn_mult, cfg.p_drop_attn))
         self.ln_f = nn.LayerNorm(W)
         self.head = nn.Linear(W, action_dim)
+        self._time_kv: dict[tuple, list] = {}
         # action token i sees the time token and observation tokens 0..i (diffusion_policy's memory mask)
         t_idx = torch.arange(H)[:, None]
         s_idx = torch.arange(1 + To)[None, :]
@@ -95,26 +96,54 @@ class DiffusionTransformer(nn.Module):
 
     # ---- inference: per-chunk precomputation + plan-driven steps --------------------------
     def prepare_chunk(self, obs_features: torch.Tensor, timesteps: torch.Tensor) -> ChunkContext:
-        """Compute every cross-attention block's keys/values for all `timesteps` of one chunk."""
+        """Compute every cross-attention block's keys/values for all `timesteps` of one chunk.
+
+        The time token's keys/values depend only on the weights and the sampler's timesteps,
+        so outside training they are computed once per sampler and kept (`_time_kv`)."""
         B = obs_features.shape[0]
         K = timesteps.shape[0]
-        t_mem = self.time_memory(timesteps)[None]  # (1, K, W)
+        time_kv = self._time_kv_for(timesteps)
         o_mem = self.obs_memory(obs_features)  # (B, To, W)
         kvs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        for blk in self.blocks:
-            if blk.kind != CA:
+        for blk, t_kv in zip(self.blocks, time_kv):
+            if t_kv is None:
                 kvs.append(None)
                 continue
-            tk, tv = blk.memory_kv(t_mem)  # (1, h, K, d)
             ok, ov = blk.memory_kv(o_mem)  # (B, h, To, d)
 
             def per_step(t: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-                t = t.permute(2, 0, 1, 3).unsqueeze(3).expand(K, B, -1, 1, -1)  # (K, B, h, 1, d)
                 o = o.unsqueeze(0).expand(K, -1, -1, -1, -1)  # (K, B, h, To, d)
-                return torch.cat([t, o], dim=3).contiguous()
+                return torch.cat([t.expand(K, B, -1, -1, -1), o], dim=3).contiguous()
 
-            kvs.append((per_step(tk, ok), per_step(tv, ov)))
+            kvs.append((per_step(t_kv[0], ok), per_step(t_kv[1], ov)))
         return ChunkContext(kvs)
+
+    def _time_kv_for(self, timesteps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per block: the time token's keys and values at every step, (K, 1, h, 1, d) each."""
+        key = (tuple(timesteps.tolist()), timesteps.device)
+        cached = None if self.training or torch.is_grad_enabled() else self._time_kv.get(key)
+        if cached is not None:
+            return cached
+        t_mem = self.time_memory(timesteps)[None]  # (1, K, W)
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for blk in self.blocks:
+            if blk.kind != CA:
+                out.append(None)
+                continue
+            tk, tv = blk.memory_kv(t_mem)  # (1, h, K, d)
+            out.append((tk.permute(2, 0, 1, 3).unsqueeze(3), tv.permute(2, 0, 1, 3).unsqueeze(3)))
+        if not (self.training or torch.is_grad_enabled()):
+            self._time_kv[key] = out
+        return out
+
+    # Any change of mode or weights invalidates the kept time-token keys/values.
+    def train(self, mode: bool = True) -> "DiffusionTransformer":
+        self._time_kv.clear()
+        return super().train(mode)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._time_kv.clear()
+        return super().load_state_dict(*args, **kwargs)
 
     def step(
         self,
