@@ -141,9 +141,9 @@ class DiffusionTransformer(nn.Module):
         self._time_kv.clear()
         return super().train(mode)
 
-    def load_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # called also when a parent module loads
         self._time_kv.clear()
-        return super().load_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def step(
         self,
