@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+from polcache.cli_types import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,20 +15,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "solve the Adaptive Caching Scheduler per block and apply Bubbling Union. Writes the "
                     "schedule JSON (use it with `polcache eval --cache FILE`) and a heatmap PNG beside it.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
-    p.add_argument("--budget", type=_positive, required=True, help="update steps per block S (1..K)")
+    p.add_argument("--budget", type=positive_int, required=True, help="update steps per block S (1..K)")
     p.add_argument("--bu-blocks", type=int, default=5,
                    help="blocks widened by Bubbling Union (paper: 5 in simulation, 3 on robots; default 5)")
-    p.add_argument("--steps", type=_positive, help="denoising steps K (default: the checkpoint's)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
-    p.add_argument("--samples", type=_positive, default=32, help="calibration observations (default 32)")
+    p.add_argument("--samples", type=positive_int, default=32, help="calibration observations (default 32)")
     p.add_argument("--method", choices=["bac", "blockwise", "unified"], default="bac",
                    help="bac: ACS + Bubbling Union (default); blockwise: ACS per block; unified: one ACS for all")
     p.add_argument("--no-force-last", action="store_true",
                    help="do not recompute every block at the final step (the authors' code does)")
     p.add_argument("--seed", type=int, default=0, help="seed for observation choice and sampling noise")
-    p.add_argument("--batch-size", type=_positive, default=8, help="observations per calibration batch")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="observations per calibration batch")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=_positive, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: shared CPUs oversubscribe badly)")
     p.add_argument("--out", required=True, help="schedule JSON to write (the heatmap goes to the same name .png)")
     p.add_argument("--no-progress", action="store_true")

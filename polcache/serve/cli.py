@@ -7,28 +7,12 @@ import json
 import logging
 import signal
 
+from polcache.cli_types import positive_float, positive_int
 from polcache.client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from polcache.client.schedule import BLEND_MODES
 from polcache.serve.server import DEFAULT_BIND
 
 DEFAULT_SERVER = "tcp://127.0.0.1:5555"
-
-
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return x
-
-
-def _positive_int(value: str) -> int:
-    x = _positive_float(value)
-    if x != int(x):
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return int(x)
 
 
 def _add_metrics_args(p: argparse.ArgumentParser) -> None:
@@ -46,11 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ address to bind (default {DEFAULT_BIND})")
     p.add_argument("--keys", help="CurveZMQ key directory from `polcache keys` (required for a non-loopback bind)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without encryption")
-    p.add_argument("--deadline-ms", type=_positive_float,
+    p.add_argument("--deadline-ms", type=positive_float,
                    help="per-request budget (default: (n_action_steps - 1) / robot rate)")
-    p.add_argument("--max-message-bytes", type=_positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
+    p.add_argument("--max-message-bytes", type=positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help=f"refuse larger messages (default {DEFAULT_MAX_MESSAGE_BYTES})")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1)")
     _add_metrics_args(p)
     p.set_defaults(handler=_serve)
 
@@ -67,18 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "time at --hz; prints success rate with a 95%% Wilson interval like "
                                           "`polcache eval`, plus loop timing.")
     p.add_argument("--task", required=True, help="task name (see polcache.envs.list_tasks())")
-    p.add_argument("--hz", type=_positive_float, required=True, help="control rate")
-    p.add_argument("--episodes", type=_positive_int, default=10, help="number of episodes (default 10)")
+    p.add_argument("--hz", type=positive_float, required=True, help="control rate")
+    p.add_argument("--episodes", type=positive_int, default=10, help="number of episodes (default 10)")
     p.add_argument("--seed", type=int, default=1000, help="episode i resets with seed S+i (default 1000, as eval)")
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"policy server address (default {DEFAULT_SERVER})")
     p.add_argument("--keys", help="CurveZMQ key directory (for an encrypted server)")
     p.add_argument("--cameras", help="comma-separated cameras for image observations (default: state only)")
-    p.add_argument("--image-size", type=_positive_int, default=96)
+    p.add_argument("--image-size", type=positive_int, default=96)
     p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble or latest")
     p.add_argument("--decay", type=float, default=0.5, help="ensemble weight exp(-decay * k), k = 0 for the newest chunk")
-    p.add_argument("--hold-ms", type=_positive_float, default=200.0,
+    p.add_argument("--hold-ms", type=positive_float, default=200.0,
                    help="hold the last action this long without a fresh one, then safe-stop (default 200)")
-    p.add_argument("--connect-timeout", type=_positive_float, default=30.0, help="seconds to wait for the server")
+    p.add_argument("--connect-timeout", type=positive_float, default=30.0, help="seconds to wait for the server")
     p.add_argument("--realtime", action="store_true",
                    help="run the control loop under SCHED_FIFO (needs root or CAP_SYS_NICE): steadier ticks on a busy machine")
     p.add_argument("--json", help="write the full result as JSON here")

@@ -6,17 +6,8 @@ import argparse
 import json
 import time
 
+from polcache.cli_types import positive_int
 from polcache.errors import PolcacheError
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,10 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "95%% Wilson interval, episode length and per-chunk latency percentiles.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--task", help="task name (default: the task the checkpoint was trained on)")
-    p.add_argument("--episodes", type=_positive, default=50, help="number of episodes (default 50)")
+    p.add_argument("--episodes", type=positive_int, default=50, help="number of episodes (default 50)")
     p.add_argument("--seed", type=int, default=1000, help="episode i resets with seed S+i (default 1000)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
-    p.add_argument("--steps", type=_positive, help="denoising steps K (default: the checkpoint's)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
     p.add_argument("--cache", help="block cache: a schedule JSON from `polcache calibrate`, or a baseline such as "
                                    "uniform:N (see README)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest at batch 1)")
