@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Set up and run the main job on the embedded default: evaluate the shipped reach-v3 checkpoint
-# in MuJoCo and print success rate (95% CI) and per-chunk latency.
+# Set up and run the main job on the embedded default: the full real-time loop on loopback —
+# a ZeroMQ policy server hosting the shipped reach-v3 checkpoint and a MuJoCo robot ticking at
+# 50 Hz against it. Prints success rate (95% CI), period error and observation-to-action latency.
+# In-process evaluation without the transport: polcache eval --checkpoint polcache/assets/checkpoints/reach-v3
 set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[sim]"
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
-polcache eval --checkpoint polcache/assets/checkpoints/reach-v3 --episodes "${EPISODES:-20}" "$@"
+exec bash launch/sim_loop.sh polcache/assets/checkpoints/reach-v3 reach-v3 50 "${EPISODES:-20}" -- "$@"
