@@ -5,7 +5,9 @@ MUJOCO_GL must be chosen before mujoco is first imported; EGL works headless, GL
 
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -13,6 +15,15 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
 _OFF_FLAGS = (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX)
+_LIVE: "weakref.WeakSet[CameraRenderer]" = weakref.WeakSet()
+
+
+def _close_live_renderers() -> None:
+    """GL contexts freed during interpreter teardown (after EGL is gone) print EGL errors;
+    close whatever an unclosed env left open while EGL still works. Registered after the
+    first GL context exists, so it runs before mujoco's own atexit eglTerminate."""
+    for renderer in list(_LIVE):
+        renderer.close()
 
 
 class CameraRenderer:
@@ -36,6 +47,9 @@ class CameraRenderer:
                 self.model.vis.quality.shadowsize = 0
                 self.model.vis.quality.offsamples = 0
             renderer = mujoco.Renderer(self.model, size, size)
+            if not _LIVE:
+                atexit.register(_close_live_renderers)
+            _LIVE.add(self)
             if self.fast:
                 for flag in _OFF_FLAGS:
                     renderer.scene.flags[flag] = False
