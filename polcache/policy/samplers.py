@@ -40,6 +40,10 @@ class Sampler:
     s: torch.Tensor
     clip_sample: bool
 
+    def __post_init__(self) -> None:
+        # Python floats: multiplying by a float is cheaper than by an indexed 0-d tensor.
+        self._coef = list(zip(*(getattr(self, n).tolist() for n in ("a", "b", "c", "d", "e", "s"))))
+
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
@@ -49,12 +53,13 @@ class Sampler:
         return bool((self.s > 0).any())
 
     def update(self, k: int, x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        x0 = self.a[k] * x - self.b[k] * model_out
+        a, b, c, d, e, s = self._coef[k]
+        x0 = torch.add(x * a, model_out, alpha=-b)
         if self.clip_sample:
-            x0 = x0.clamp(-1.0, 1.0)
-        x = self.c[k] * x0 + self.d[k] * x + self.e[k] * model_out
-        if noise is not None and self.s[k] > 0:
-            x = x + self.s[k] * noise
+            x0 = x0.clamp_(-1.0, 1.0)
+        x = torch.add(x0 * c, x, alpha=d).add_(model_out, alpha=e)
+        if noise is not None and s > 0:
+            x = x.add_(noise, alpha=s)
         return x
 
     def to(self, device: torch.device | str) -> "Sampler":
