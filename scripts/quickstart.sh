@@ -4,9 +4,7 @@
 # 50 Hz against it. Prints success rate (95% CI), period error and observation-to-action latency.
 # In-process evaluation without the transport: polcache eval --checkpoint polcache/assets/checkpoints/reach-v3
 set -euo pipefail
-export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[sim]"
+bash scripts/setup.sh sim
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
 exec bash launch/sim_loop.sh polcache/assets/checkpoints/reach-v3 reach-v3 50 "${EPISODES:-20}" -- "$@"
