@@ -20,7 +20,10 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="polcache", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="polcache",
+        description="polcache: train, evaluate, accelerate (block-wise caching) and serve transformer diffusion "
+                    "policies. `polcache COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
