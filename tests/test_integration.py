@@ -90,3 +90,27 @@ def test_image_policy_trains_and_evaluates_on_cue_reach(tmp_path):
     backend = load_backend(str(run / "last"))
     assert backend.spec.obs["image_top"].shape == (32, 32, 3)
     assert main(["eval", "--checkpoint", str(run / "last"), "--episodes", "1", "--no-progress"]) == 0
+
+
+def test_interrupted_training_saves_and_resumes(dataset, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "polcache.cli", "train", "--config", "configs/metaworld_small.yaml",
+           f"dataset={dataset}", f"out={run}", "train.steps=100000", "train.checkpoint_every=100000", *TINY,
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "train_log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-1000:]
+    assert "interrupted: saved" in out
+    _, _, meta = load_policy(run / "last")
+    assert meta["step"] >= 10
+    assert _train(dataset, run, meta["step"] + 10) == 0
+    _, _, meta2 = load_policy(run / "last")
+    assert meta2["step"] == meta["step"] + 10

@@ -121,27 +121,33 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
     policy.train()
     t0 = time.time()
-    while step < cfg.train.steps:
-        batch = next(batches)
-        loss = model(batch)  # DiffusionPolicy.forward is the training loss, so DDP syncs its gradients
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_sched.step()
-        step += 1
-        ema.update(policy, step)
-        if rank == 0:
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0],
-                                        "elapsed_s": round(time.time() - t0, 2)}) + "\n")
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                _save(last, cfg, policy, ema, optimizer, lr_sched, step)
-                val = _val_loss(policy, val_data, cfg.train.batch_size, cfg.train.seed)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "val_loss": val, "checkpoint": str(last)}) + "\n")
+    try:
+        while step < cfg.train.steps:
+            batch = next(batches)
+            loss = model(batch)  # DiffusionPolicy.forward is the training loss, so DDP syncs its gradients
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_sched.step()
+            step += 1
+            ema.update(policy, step)
+            if rank == 0:
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0],
+                                            "elapsed_s": round(time.time() - t0, 2)}) + "\n")
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                    _save(last, cfg, policy, ema, optimizer, lr_sched, step)
+                    val = _val_loss(policy, val_data, cfg.train.batch_size, cfg.train.seed)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "val_loss": val, "checkpoint": str(last)}) + "\n")
+    except KeyboardInterrupt:
+        if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
+            _save(last, cfg, policy, ema, optimizer, lr_sched, step)
+            print(f"\ninterrupted: saved {last} at step {step}; run the same command to resume")
+        raise
     bar.close()
     if world > 1:
         dist.barrier()
