@@ -51,13 +51,13 @@ def _stack(history: deque) -> dict[str, np.ndarray]:
 
 
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None) -> dict:
+    """One episode; it ends at the first success, when the env says done, or at the step cap."""
     spec = backend.spec
     backend.reset()
     obs = env.reset(seed=seed)
     history = deque([obs] * spec.n_obs_steps, maxlen=spec.n_obs_steps)
-    success, steps, chunk = False, 0, 0
-    done = False
-    while not done and steps < env.max_episode_steps:
+    success, done, steps, chunk = False, False, 0, 0
+    while not (done or success) and steps < env.max_episode_steps:
         t0 = time.perf_counter()
         actions = backend.predict(_stack(history), seed=seed * 10007 + chunk)[0]
         latencies.append(time.perf_counter() - t0)
@@ -68,10 +68,8 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
             steps += 1
             if frames is not None:
                 frames.append(env.render())
-            if info.get("success"):
-                success = True
+            success = bool(info.get("success"))
             if done or success or steps >= env.max_episode_steps:
-                done = done or success
                 break
     return {"seed": seed, "success": success, "length": steps}
 
