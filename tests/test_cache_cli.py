@@ -35,6 +35,7 @@ def test_calibrate_writes_schedule_and_heatmap(checkpoint, tmp_path, capsys):
     assert "layers.1.ffn" in printed and "compute limit" in printed
     doc = json.loads(out.read_text())
     assert doc["method"] == "bac" and doc["sampler"] == {"kind": "ddim", "steps": 8} and doc["budget"] == 3
+    assert doc["objective"] == "error-bound" and len(doc["calibration"]["sensitivity"]) == 6  # 6 blocks
     assert doc["calibration"]["samples"] == 6 and "demo.zarr" in doc["calibration"]["source"]
     assert out.with_suffix(".png").stat().st_size > 1000
 

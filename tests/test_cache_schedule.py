@@ -45,6 +45,9 @@ def test_calibration_shapes_and_invariants(policy, calibration):
     assert np.allclose(np.diagonal(calibration.similarity, axis1=1, axis2=2), 1.0, atol=1e-5)
     assert np.allclose(calibration.similarity, calibration.similarity.transpose(0, 2, 1), atol=1e-6)
     assert (calibration.l1 > 0).all()
+    assert calibration.distance.shape == (n, K, K) and calibration.sensitivity.shape == (n, K)
+    assert np.allclose(np.diagonal(calibration.distance, axis1=1, axis2=2), 0.0, atol=1e-6)
+    assert (calibration.sensitivity >= 0).all() and calibration.sensitivity[:, -1].min() > 0
 
 
 def test_calibration_matches_direct_computation(policy, sampler):
@@ -58,7 +61,10 @@ def test_calibration_matches_direct_computation(policy, sampler):
                          for a in range(K)] for s in range(3)]).mean(0)
         l1 = np.mean([(x[s, a] - x[s, t]).abs().mean().item() for s in range(3) for a in range(K) for t in range(K)
                       if a != t])
+        dist = np.array([[[((x[s, a] - x[s, t]) ** 2).mean().item() for t in range(K)] for a in range(K)]
+                         for s in range(3)]).mean(0)
         np.testing.assert_allclose(calib.similarity[b], cos, atol=1e-5)
+        np.testing.assert_allclose(calib.distance[b], dist, rtol=1e-4, atol=1e-9)
         assert calib.l1[b] == pytest.approx(l1, rel=1e-4)
 
 
@@ -83,6 +89,9 @@ def test_schedule_file_round_trip(schedule_file, policy, sampler):
     assert (back.method, back.model_hash, back.sampler, back.steps, back.budget, back.bu_blocks, back.force_last) == \
            (sched.method, sched.model_hash, sched.sampler, sched.steps, sched.budget, sched.bu_blocks, True)
     np.testing.assert_allclose(back.calibration.similarity, sched.calibration.similarity, atol=1e-6)
+    for key in ("distance", "sensitivity"):  # stored to 5 significant digits
+        np.testing.assert_allclose(getattr(back.calibration, key), getattr(sched.calibration, key), rtol=1e-4)
+    assert back.objective == sched.objective == "similarity"
     assert back.calibration.source == "test observations" and back.calibration.samples == 5
     check_fits(back, policy, sampler)
     plan = back.to_plan()
@@ -101,6 +110,19 @@ def test_schedule_for_another_model_or_k_is_an_error(schedule_file, policy):
         check_fits(sched, policy, policy.sampler("ddpm", K))
     with pytest.raises(CacheError, match="calibrated for model"):
         resolve_plan(str(path), tiny_policy(n_layers=2, width=32, seed=1), policy.sampler("ddim", K))
+
+
+def test_version_1_files_read_as_the_similarity_objective(tmp_path, schedule_file, policy, sampler):
+    path, sched = schedule_file
+    doc = json.loads(path.read_text())
+    doc["version"] = 1
+    del doc["objective"], doc["calibration"]["distance"], doc["calibration"]["sensitivity"]
+    (tmp_path / "v1.json").write_text(json.dumps(doc))
+    old = load_schedule(tmp_path / "v1.json")
+    assert old.objective == "similarity" and old.calibration.sensitivity is None
+    assert old.to_plan().ops == sched.to_plan().ops
+    with pytest.raises(CacheError, match="recalibrate"):
+        resolve_plan(f"bac:3:2:error-bound@{tmp_path / 'v1.json'}", policy, sampler)
 
 
 def test_bad_schedule_files_are_clear_errors(tmp_path, schedule_file):
@@ -134,6 +156,9 @@ def test_resolve_plan_grammar(schedule_file, policy, sampler):
     s = plan_summary(resolve_plan(str(path), policy, sampler))
     assert (s["method"], s["block_evals"]) == ("bac", sched.block_evals)
     assert resolve_plan(f"bac:3:2@{path}", policy, sampler).ops == sched.to_plan().ops
+    assert resolve_plan(f"bac:3:2:similarity@{path}", policy, sampler).ops == sched.to_plan().ops
+    bound = build_schedule(sched.calibration, "bac", 3, 2, True, sched.model_hash, "ddim", "error-bound")
+    assert resolve_plan(f"bac:3:2:error-bound@{path}", policy, sampler).ops == bound.to_plan().ops
     assert resolve_plan(f"{path}+forecast", policy, sampler).method == "bac+forecast"
     assert resolve_plan("uniform:2+forecast", policy, sampler).method == "uniform+forecast"
     blockwise = resolve_plan(f"blockwise:2@{path}", policy, sampler)
@@ -144,7 +169,7 @@ def test_resolve_plan_grammar(schedule_file, policy, sampler):
 
 @pytest.mark.parametrize("spec,match", [
     ("fast", "unknown cache spec"), ("uniform:x", "integer"), ("uniform:0", "positive"), ("threshold:-1", "non-neg"),
-    ("bac:10:5", "needs a calibration"), ("bac:10@x.json", "bac:S:n"), ("none+forecast", "nothing to forecast"),
+    ("bac:10:5", "needs a calibration"), ("bac:10@x.json", "bac:S:n"), ("bac:3:2:best@{path}", "OBJECTIVE"), ("none+forecast", "nothing to forecast"),
     ("threshold:0.1+forecast", "static"), ("missing.json", "not found"), ("unified:99@{path}", "budget"),
 ])
 def test_bad_specs_are_clear_errors(spec, match, schedule_file, policy, sampler):

@@ -1,5 +1,6 @@
 """Calibration: run uncached sampling on real observations and measure, per block, how alike
-its residual delta is across denoising steps.
+its residual delta is across denoising steps (cosine similarity, the paper's measure, and
+squared distance), and how strongly an error in it at each step reaches the actions.
 
 The deltas are observed through a recording store handed to `DiffusionPolicy.sample` (the
 same store interface the cached executor writes to), not through hooks. Observations come
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from polcache.cache.errors import CacheError
 from polcache.cache.schedule import Calibration, Schedule, build_schedule, model_hash, save_schedule
+from polcache.cache.sensitivity import delta_sensitivity
 from polcache.config import ExperimentConfig
 from polcache.policy.executor import DeltaStore
 from polcache.policy.policy import DiffusionPolicy
@@ -40,9 +42,12 @@ class RecordingStore(DeltaStore):
 
 @torch.no_grad()
 def calibrate(policy: DiffusionPolicy, sampler: Sampler, observations: dict[str, torch.Tensor], source: str = "",
-              batch_size: int = 8, seed: int = 0, progress: bool = False) -> Calibration:
-    """Per-block K x K mean cosine similarity and mean pairwise L1 distance of the deltas,
-    averaged over the N observation histories in `observations` (key -> (N, To, ...))."""
+              batch_size: int = 8, seed: int = 0, progress: bool = False,
+              sensitivity_samples: int = 8) -> Calibration:
+    """Per-block K x K mean cosine similarity and squared distance, and mean pairwise L1 distance,
+    of the deltas, averaged over the N observation histories in `observations` (key -> (N, To, ...));
+    plus the per-step sensitivity of the actions to each delta, from the first
+    `sensitivity_samples` of them (0: skip, and the error-bound objective is unavailable)."""
     n_obs = int(next(iter(observations.values())).shape[0])
     if n_obs < 1:
         raise CacheError("calibration needs at least one observation")
@@ -50,10 +55,12 @@ def calibrate(policy: DiffusionPolicy, sampler: Sampler, observations: dict[str,
     n, K = len(names), sampler.num_steps
     dev = next(policy.parameters()).device
     sim = np.zeros((n, K, K))
+    dist = np.zeros((n, K, K))
     l1 = np.zeros(n)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    # progress: per batch, K sampling steps then n per-block statistics
-    bar = tqdm(total=(K + n) * -(-n_obs // batch_size), desc="calibrate", disable=not progress)
+    n_sens = min(sensitivity_samples, n_obs)
+    # progress: per batch, K sampling steps then n per-block statistics; then one per sensitivity sample
+    bar = tqdm(total=(K + n) * -(-n_obs // batch_size) + n_sens, desc="calibrate", disable=not progress)
     for start in range(0, n_obs, batch_size):
         batch = {k: v[start:start + batch_size].to(dev) for k, v in observations.items()}
         store = RecordingStore(n, K, bar.update)
@@ -62,13 +69,18 @@ def calibrate(policy: DiffusionPolicy, sampler: Sampler, observations: dict[str,
             x = torch.stack(store.trace[i], dim=1).float()  # (B, K, D)
             u = F.normalize(x, dim=-1)
             sim[i] += (u @ u.transpose(1, 2)).sum(0).double().cpu().numpy()
+            dist[i] += (torch.cdist(x, x) ** 2).sum(0).double().cpu().numpy() / x.shape[-1]
             if K > 1:  # mean over step pairs a != t of the per-element mean |delta_a - delta_t|
                 l1[i] += torch.cdist(x, x, p=1).sum().item() / (x.shape[-1] * K * (K - 1))
             store.trace[i] = []
             bar.update()
+    sens = None
+    if n_sens > 0:
+        feats = policy.encode({k: v[:n_sens].to(dev) for k, v in observations.items()})
+        sens = delta_sensitivity(policy, sampler, feats, gen, bar.update)
     bar.close()
     return Calibration(block_names=names, similarity=sim / n_obs, l1=l1 / n_obs, samples=n_obs, source=source,
-                       seed=seed)
+                       seed=seed, distance=dist / n_obs, sensitivity=sens)
 
 
 def calibration_observations(policy: DiffusionPolicy, cfg: ExperimentConfig, samples: int,
@@ -107,7 +119,7 @@ def calibration_observations(policy: DiffusionPolicy, cfg: ExperimentConfig, sam
 def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, bu_blocks: int = 5,
                          sampler: str | None = None, steps: int | None = None, samples: int = 32,
                          method: str = "bac", force_last: bool = True, seed: int = 0, batch_size: int = 8,
-                         device: str = "cpu", progress: bool = True) -> Schedule:
+                         device: str = "cpu", progress: bool = True, objective: str = "error-bound") -> Schedule:
     """Calibrate a checkpoint, solve its schedule, and write it to `out` (plus a heatmap PNG beside it)."""
     from polcache.cache.plot import plot_schedule
     from polcache.policy.checkpoint import load_policy
@@ -121,7 +133,7 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
         raise CacheError(f"--bu-blocks must be in 0..{n} (the number of blocks), got {bu_blocks}")
     obs, source = calibration_observations(policy, cfg, samples, seed)
     calib = calibrate(policy, smp, obs, source, batch_size, seed, progress)
-    schedule = build_schedule(calib, method, budget, bu_blocks, force_last, model_hash(policy), smp.kind)
+    schedule = build_schedule(calib, method, budget, bu_blocks, force_last, model_hash(policy), smp.kind, objective)
     save_schedule(schedule, out)
     plot_schedule(schedule, Path(out).with_suffix(".png"))
     return schedule

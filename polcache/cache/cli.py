@@ -23,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=positive_int, default=32, help="calibration observations (default 32)")
     p.add_argument("--method", choices=["bac", "blockwise", "unified"], default="bac",
                    help="bac: ACS + Bubbling Union (default); blockwise: ACS per block; unified: one ACS for all")
+    p.add_argument("--objective", choices=["error-bound", "similarity"], default="error-bound",
+                   help="what ACS optimises per block: error-bound (default) minimises a first-order bound on "
+                        "the action error, weighting each step by how strongly its errors reach the actions; "
+                        "similarity maximises the cosine similarity kept (the paper's BAC)")
     p.add_argument("--no-force-last", action="store_true",
                    help="do not recompute every block at the final step (the authors' code does)")
     p.add_argument("--seed", type=int, default=0, help="seed for observation choice and sampling noise")
@@ -48,9 +52,11 @@ def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     schedule = calibrate_checkpoint(
         args.checkpoint, args.out, args.budget, args.bu_blocks, args.sampler, args.steps, args.samples,
-        args.method, not args.no_force_last, args.seed, args.batch_size, args.device, not args.no_progress)
+        args.method, not args.no_force_last, args.seed, args.batch_size, args.device, not args.no_progress,
+        args.objective)
     kept = schedule.kept_similarity()
-    title = f"{schedule.method} schedule: {schedule.sampler} K={schedule.steps}, budget {schedule.budget}"
+    title = (f"{schedule.method} schedule ({schedule.objective} objective): {schedule.sampler} K={schedule.steps}, "
+             f"budget {schedule.budget}")
     if schedule.method == "bac":
         title += f", Bubbling Union over {schedule.bu_blocks} blocks (*)"
     table = Table(title=title)

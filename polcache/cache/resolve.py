@@ -6,9 +6,11 @@
     PATH.json              a schedule written by `polcache calibrate` (BAC by default)
     bac:S:n@PATH.json      ACS with S update steps per block + Bubbling Union over n blocks,
     blockwise:S@PATH.json  ACS per block without Bubbling Union,
-    unified:S@PATH.json    one ACS schedule for all blocks from their mean similarity,
+    unified:S@PATH.json    one ACS schedule for all blocks from their mean scores,
                            each re-solved from the calibration stored in the schedule file
                            (which also fixes the model, sampler, K and the forced last step)
+                           with the file's objective, or the one named after S (or n):
+                           e.g. bac:10:5:similarity@PATH.json is the paper's BAC
 
 Any spec except none and threshold may end in `+forecast`: skipped blocks extrapolate their
 delta from the last two updates instead of reusing the last one (e.g. `run.json+forecast`).
@@ -20,7 +22,7 @@ from typing import Sequence
 
 from polcache.cache.baselines import no_cache_plan, threshold_plan, uniform_plan, with_forecast
 from polcache.cache.errors import CacheError
-from polcache.cache.schedule import build_schedule, check_fits, load_schedule
+from polcache.cache.schedule import OBJECTIVES, build_schedule, check_fits, load_schedule
 from polcache.policy.executor import COMPUTE, GATE, Plan
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.samplers import Sampler
@@ -53,14 +55,17 @@ def resolve_plan(cache_spec: str, policy: DiffusionPolicy, sampler: Sampler) -> 
             raise CacheError(f"cache spec {spec!r}: {head} needs a calibration, e.g. {head}:"
                              f"{'10:5' if head == 'bac' else '10'}@schedule.json (from `polcache calibrate`)")
         fields = params.split(":")
-        if len(fields) != (2 if head == "bac" else 1):
-            raise CacheError(f"cache spec {spec!r}: expected {'bac:S:n' if head == 'bac' else head + ':S'}@PATH.json")
+        numbers = 2 if head == "bac" else 1
+        objective = fields.pop() if len(fields) == numbers + 1 else None
+        if len(fields) != numbers or (objective is not None and objective not in OBJECTIVES):
+            raise CacheError(f"cache spec {spec!r}: expected {'bac:S:n' if head == 'bac' else head + ':S'}"
+                             f"[:OBJECTIVE]@PATH.json, OBJECTIVE one of {', '.join(OBJECTIVES)}")
         budget = _number(fields[0], int, "the budget S", spec)
         bu = _number(fields[1], int, "the Bubbling Union block count n", spec) if head == "bac" else 0
         source = load_schedule(path)
         check_fits(source, policy, sampler, path)
         plan = build_schedule(source.calibration, head, budget, bu, source.force_last, source.model_hash,
-                              source.sampler).to_plan()
+                              source.sampler, objective or source.objective).to_plan()
     elif head == "uniform" and args:
         plan = uniform_plan(K, n, _number(args, int, "the interval N", spec))
     elif head == "threshold" and args:

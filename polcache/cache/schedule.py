@@ -33,8 +33,13 @@ from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.samplers import Sampler
 
 FORMAT = "polcache-cache-schedule"
-VERSION = 1
+VERSION = 2  # 2 added the objective, squared distances and sensitivities; version 1 files read as "similarity"
 METHODS = ("bac", "blockwise", "unified")  # ACS + Bubbling Union, per-block ACS, one ACS for all blocks
+# What ACS maximises per block: "similarity" -- the cosine similarity kept (the paper); "error-bound" --
+# minus the first-order bound on the action error, sum over steps t of
+# sqrt(sensitivity[t]) * ||delta[start] - delta[t]||, which ignores steps whose errors cannot reach
+# the actions and spends updates where they do.
+OBJECTIVES = ("error-bound", "similarity")
 
 
 @dataclass
@@ -47,21 +52,49 @@ class Calibration:
     samples: int
     source: str
     seed: int
+    distance: np.ndarray | None = None  # (n_blocks, K, K): mean per-element squared distance of the deltas
+    sensitivity: np.ndarray | None = None  # (n_blocks, K): see polcache.cache.sensitivity
 
     @property
     def steps(self) -> int:
         return int(self.similarity.shape[-1])
 
+    def objective_matrix(self, objective: str) -> np.ndarray:
+        """(n_blocks, K, K) scores for ACS: entry [i, a, t] is what serving step t with block i's
+        delta from step a keeps (higher is better)."""
+        if objective == "similarity":
+            return self.similarity
+        if objective != "error-bound":
+            raise CacheError(f"unknown schedule objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if self.distance is None or self.sensitivity is None:
+            raise CacheError("the error-bound objective needs the calibration's distances and sensitivities "
+                             "(recalibrate with this version, or use the similarity objective)")
+        return -np.sqrt(np.clip(self.sensitivity[:, None, :] * self.distance, 0.0, None))
+
     def to_json(self) -> dict:
-        return {"source": self.source, "samples": self.samples, "seed": self.seed,
-                "l1": dict(zip(self.block_names, np.round(self.l1, 8).tolist())),
-                "similarity": np.round(self.similarity, 6).tolist()}
+        d = {"source": self.source, "samples": self.samples, "seed": self.seed,
+             "l1": dict(zip(self.block_names, np.round(self.l1, 8).tolist())),
+             "similarity": np.round(self.similarity, 6).tolist()}
+        if self.distance is not None:
+            d["distance"] = _significant(self.distance).tolist()
+        if self.sensitivity is not None:
+            d["sensitivity"] = _significant(self.sensitivity).tolist()
+        return d
 
     @classmethod
     def from_json(cls, d: dict, block_names: list[str]) -> "Calibration":
+        def optional(key: str) -> np.ndarray | None:
+            return np.asarray(d[key], dtype=np.float64) if key in d else None
+
         return cls(block_names=list(block_names), similarity=np.asarray(d["similarity"], dtype=np.float64),
                    l1=np.asarray([d["l1"][n] for n in block_names], dtype=np.float64), samples=int(d["samples"]),
-                   source=str(d["source"]), seed=int(d["seed"]))
+                   source=str(d["source"]), seed=int(d["seed"]), distance=optional("distance"),
+                   sensitivity=optional("sensitivity"))
+
+
+def _significant(a: np.ndarray, digits: int = 5) -> np.ndarray:
+    """Round to `digits` significant digits (values span many decades; fixed decimals would zero them)."""
+    return np.asarray([float(f"{v:.{digits}g}") for v in np.ravel(a)]).reshape(np.shape(a))
 
 
 @dataclass
@@ -75,6 +108,7 @@ class Schedule:
     force_last: bool
     update_steps: dict[str, list[int]]  # block name -> sorted update steps, in model block order
     calibration: Calibration
+    objective: str = "similarity"  # one of OBJECTIVES
     bu_selected: list[str] = field(default_factory=list)
     created: str = ""
     code_version: str = ""
@@ -110,11 +144,12 @@ def model_hash(policy: DiffusionPolicy) -> str:
 
 
 def build_schedule(calibration: Calibration, method: str, budget: int, bu_blocks: int, force_last: bool,
-                   model: str, sampler: str) -> Schedule:
-    """Solve ACS per block (or once on the mean similarity for `unified`), then Bubbling Union for `bac`."""
+                   model: str, sampler: str, objective: str = "similarity") -> Schedule:
+    """Solve ACS per block (or once on the mean scores for `unified`) on the objective's scores,
+    then Bubbling Union for `bac`."""
     if method not in METHODS:
         raise CacheError(f"unknown schedule method {method!r}: expected one of {', '.join(METHODS)}")
-    names, sim = calibration.block_names, calibration.similarity
+    names, sim = calibration.block_names, calibration.objective_matrix(objective)
     if method == "unified":
         steps = [solve_acs(sim.mean(axis=0), budget, force_last)] * len(names)
     else:
@@ -126,7 +161,7 @@ def build_schedule(calibration: Calibration, method: str, budget: int, bu_blocks
     return Schedule(method=method, model_hash=model, sampler=sampler, steps=calibration.steps, budget=int(budget),
                     bu_blocks=int(bu_blocks) if method == "bac" else 0, force_last=bool(force_last),
                     update_steps={n: list(s) for n, s in zip(names, steps)}, calibration=calibration,
-                    bu_selected=[names[i] for i in selected])
+                    objective=objective, bu_selected=[names[i] for i in selected])
 
 
 def save_schedule(schedule: Schedule, path: str | Path) -> Path:
@@ -138,6 +173,7 @@ def save_schedule(schedule: Schedule, path: str | Path) -> Path:
         "format": FORMAT,
         "version": VERSION,
         "method": schedule.method,
+        "objective": schedule.objective,
         "model": {"hash": schedule.model_hash, "blocks": list(schedule.update_steps)},
         "sampler": {"kind": schedule.sampler, "steps": schedule.steps},
         "budget": schedule.budget,
@@ -178,8 +214,8 @@ def load_schedule(path: str | Path) -> Schedule:
     fmt = d.get("format") if isinstance(d, dict) else None
     if fmt != FORMAT:
         raise CacheError(f"{path}: not a polcache cache schedule (format {fmt!r})")
-    if d.get("version") != VERSION:
-        raise CacheError(f"{path}: schedule version {d.get('version')} is not supported (expected {VERSION})")
+    if d.get("version") not in (1, VERSION):
+        raise CacheError(f"{path}: schedule version {d.get('version')} is not supported (expected 1..{VERSION})")
     try:
         names = list(d["model"]["blocks"])
         K = int(d["sampler"]["steps"])
@@ -189,16 +225,20 @@ def load_schedule(path: str | Path) -> Schedule:
                             sampler=str(d["sampler"]["kind"]), steps=K, budget=int(d["budget"]),
                             bu_blocks=int(d["bu_blocks"]),
                             force_last=bool(d["force_last"]), update_steps=steps, calibration=calibration,
-                            bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
+                            objective=str(d.get("objective", "similarity")), bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
                             code_version=str(d.get("code_version", "")))
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheError(f"{path}: malformed schedule ({type(exc).__name__}: {exc})") from None
     bad = [n for n, s in steps.items() if not s or s[0] != 0 or s != sorted(set(s)) or s[-1] >= K]
     if bad:
         raise CacheError(f"{path}: update steps of {bad[0]} must be sorted, distinct, start at 0 and stay below K={K}")
-    if calibration.similarity.shape != (len(names), K, K):
-        raise CacheError(f"{path}: calibration similarity has shape {calibration.similarity.shape}, "
-                         f"expected {(len(names), K, K)}")
+    expected = {"similarity": (len(names), K, K), "distance": (len(names), K, K), "sensitivity": (len(names), K)}
+    for key, shape in expected.items():
+        value = getattr(calibration, key)
+        if value is not None and value.shape != shape:
+            raise CacheError(f"{path}: calibration {key} has shape {value.shape}, expected {shape}")
+    if schedule.objective not in OBJECTIVES:
+        raise CacheError(f"{path}: unknown objective {schedule.objective!r} (expected one of {', '.join(OBJECTIVES)})")
     return schedule
 
 
