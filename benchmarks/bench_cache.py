@@ -195,7 +195,8 @@ def timing_mode(args) -> None:
         from polcache.policy import load_policy
 
         policy, cfg, _ = load_policy(args.checkpoint)
-        obs, source = calibration_observations(policy, cfg, args.samples + args.deviation_obs, args.seed)
+        obs, source = calibration_observations(policy, cfg, args.samples + args.deviation_obs, args.seed,
+                                                 args.checkpoint)
         label = f"checkpoint {args.checkpoint}"
     else:
         policy = default_policy()

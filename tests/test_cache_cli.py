@@ -68,3 +68,17 @@ def test_environment_resets_when_the_dataset_is_missing():
     policy.spec = replace(policy.spec, task="")
     with pytest.raises(CacheError, match="names no task"):
         calibration_observations(policy, ExperimentConfig(), 3)
+
+
+def test_a_relative_dataset_is_found_from_another_directory(tmp_path, monkeypatch):
+    from polcache.cache.calibrate import find_dataset
+
+    (tmp_path / "data" / "d.zarr").mkdir(parents=True)
+    ckpt = tmp_path / "runs" / "x" / "last"
+    ckpt.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert find_dataset("data/d.zarr", ckpt) == tmp_path / "data" / "d.zarr"
+    assert find_dataset("data/d.zarr") is None and find_dataset("data/missing.zarr", ckpt) is None
+    assert find_dataset("", ckpt) is None

@@ -83,22 +83,36 @@ def calibrate(policy: DiffusionPolicy, sampler: Sampler, observations: dict[str,
                        seed=seed, distance=dist / n_obs, sensitivity=sens)
 
 
-def calibration_observations(policy: DiffusionPolicy, cfg: ExperimentConfig, samples: int,
-                             seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+def find_dataset(dataset: str, checkpoint: str | Path | None = None) -> Path | None:
+    """The training dataset of a checkpoint, if it is still around. A relative path was relative
+    to wherever training ran: try the current directory, then each directory above the checkpoint
+    (runs/NAME/last sits under the project that holds data/)."""
+    if not dataset:
+        return None
+    path = Path(dataset)
+    candidates = [path]
+    if not path.is_absolute() and checkpoint is not None:
+        candidates += [parent / path for parent in Path(checkpoint).resolve().parents]
+    return next((c for c in candidates if c.exists()), None)
+
+
+def calibration_observations(policy: DiffusionPolicy, cfg: ExperimentConfig, samples: int, seed: int = 0,
+                             checkpoint: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """`samples` observation histories (key -> (N, To, ...)) and a description of where they came
-    from: random windows of the training dataset if it exists, else environment resets (the
-    reset observation repeated To times, as at the start of an episode)."""
+    from: random windows of the training dataset if it exists (see `find_dataset`), else
+    environment resets (the reset observation repeated To times, as at the start of an episode)."""
     if samples < 1:
         raise CacheError(f"calibration needs at least one sample, got {samples}")
     keys, To = policy.obs_keys, policy.cfg.n_obs_steps
-    if cfg.dataset and Path(cfg.dataset).exists():
+    dataset = find_dataset(cfg.dataset, checkpoint)
+    if dataset is not None:
         from polcache.data import EpisodeStore, SequenceDataset
 
-        ds = SequenceDataset(EpisodeStore.open(cfg.dataset), policy.cfg.horizon, To, keys=keys)
+        ds = SequenceDataset(EpisodeStore.open(dataset), policy.cfg.horizon, To, keys=keys)
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
         windows = [ds[int(i)]["obs"] for i in idx]
         obs = {k: torch.stack([w[k] for w in windows]) for k in keys}
-        return obs, f"dataset {cfg.dataset}: {len(idx)} random windows (seed {seed})"
+        return obs, f"dataset {dataset}: {len(idx)} random windows (seed {seed})"
     task = cfg.task or policy.spec.task
     if not task:
         raise CacheError(f"no calibration observations: dataset {cfg.dataset or '(none)'} not found and the "
@@ -131,7 +145,7 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
         raise CacheError(f"--budget must be in 1..{K} (the number of denoising steps), got {budget}")
     if method == "bac" and not 0 <= bu_blocks <= n:
         raise CacheError(f"--bu-blocks must be in 0..{n} (the number of blocks), got {bu_blocks}")
-    obs, source = calibration_observations(policy, cfg, samples, seed)
+    obs, source = calibration_observations(policy, cfg, samples, seed, checkpoint)
     calib = calibrate(policy, smp, obs, source, batch_size, seed, progress)
     schedule = build_schedule(calib, method, budget, bu_blocks, force_last, model_hash(policy), smp.kind, objective)
     save_schedule(schedule, out)
