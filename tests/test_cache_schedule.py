@@ -169,7 +169,8 @@ def test_resolve_plan_grammar(schedule_file, policy, sampler):
 
 @pytest.mark.parametrize("spec,match", [
     ("fast", "unknown cache spec"), ("uniform:x", "integer"), ("uniform:0", "positive"), ("threshold:-1", "non-neg"),
-    ("bac:10:5", "needs a calibration"), ("bac:10@x.json", "bac:S:n"), ("bac:3:2:best@{path}", "OBJECTIVE"), ("none+forecast", "nothing to forecast"),
+    ("bac:10:5", "needs a calibration"), ("bac:10@x.json", "bac:S:n"), ("bac:3:2:best@{path}", "OBJECTIVE"),
+    ("none+forecast", "nothing to forecast"),
     ("threshold:0.1+forecast", "static"), ("missing.json", "not found"), ("unified:99@{path}", "budget"),
 ])
 def test_bad_specs_are_clear_errors(spec, match, schedule_file, policy, sampler):

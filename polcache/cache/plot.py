@@ -40,8 +40,8 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
         ax.set_title(f"{name}{star} ({len(steps)}, {kept[name]:.3f})", fontsize=6)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{schedule.method} ({schedule.objective} objective): {schedule.sampler} K={K}, budget {schedule.budget}, "
-                 f"BU blocks {schedule.bu_blocks} (*); title: updates, mean similarity kept", fontsize=8)
+    fig.suptitle(f"{schedule.method} ({schedule.objective} objective): {schedule.sampler} K={K}, "
+                 f"budget {schedule.budget}, BU blocks {schedule.bu_blocks} (*); title: updates, mean similarity kept", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.5, label="cosine similarity (row step a, column t)")
     path = Path(path)

@@ -225,7 +225,8 @@ def load_schedule(path: str | Path) -> Schedule:
                             sampler=str(d["sampler"]["kind"]), steps=K, budget=int(d["budget"]),
                             bu_blocks=int(d["bu_blocks"]),
                             force_last=bool(d["force_last"]), update_steps=steps, calibration=calibration,
-                            objective=str(d.get("objective", "similarity")), bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
+                            objective=str(d.get("objective", "similarity")),
+                            bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
                             code_version=str(d.get("code_version", "")))
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheError(f"{path}: malformed schedule ({type(exc).__name__}: {exc})") from None
