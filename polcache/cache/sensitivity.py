@@ -43,23 +43,16 @@ def delta_sensitivity(policy: DiffusionPolicy, sampler: Sampler, features: torch
     of a random projection of the action chunk with respect to each block's delta at each step.
 
     Observations run one at a time: the graph of a whole chunk at batch 1 is what bounds memory."""
-    den = policy.denoiser
-    n, K = len(den.blocks), sampler.num_steps
+    n, K = len(policy.denoiser.blocks), sampler.num_steps
     out = np.zeros((n, K))
-    shape = (1, policy.cfg.horizon, policy.action_dim)
-    dev = features.device
     for row in range(features.shape[0]):
-        with torch.no_grad():
-            ctx = den.prepare_chunk(features[row:row + 1], sampler.timesteps)
-        x = torch.randn(shape, generator=generator, device=dev)
-        noise = torch.randn((K, *shape), generator=generator, device=dev) if sampler.needs_noise else None
-        v = torch.randn(shape, generator=generator, device=dev)
+        x, noise = policy.initial_noise(1, sampler, generator, features.device)
+        v = torch.randn(x.shape, generator=generator, device=features.device)
         store = _GraphStore(n)
         with torch.enable_grad():
             x.requires_grad_(True)  # makes every delta a graph node without touching the weights
-            for k in range(K):
-                x = sampler.update(k, x, den.step(x, k, ctx, None, store), None if noise is None else noise[k])
-            grads = torch.autograd.grad((v * x).sum(), store.deltas, allow_unused=True)
+            actions = policy.denoise(features[row:row + 1], sampler, x, noise, None, store)
+            grads = torch.autograd.grad((v * actions).sum(), store.deltas, allow_unused=True)
         for (i, k), g in zip(store.index, grads):
             if g is not None:  # None: the delta cannot reach the output (e.g. fully clipped)
                 out[i, k] += float(g.double().pow(2).sum())

@@ -79,16 +79,27 @@ class DiffusionPolicy(nn.Module):
         `plan[k]` gives each block's op at step k (None: compute everything). A `store`
         may be passed to observe the computed deltas (calibration) or count block evaluations;
         by default a plan runs with `make_store(plan)`."""
-        B = features.shape[0]
-        K = sampler.num_steps
-        shape = (B, self.cfg.horizon, self.action_dim)
-        dev = features.device
-        x = torch.randn(shape, generator=generator, device=dev)
-        noise = torch.randn((K, *shape), generator=generator, device=dev) if sampler.needs_noise else None
-        ctx = self.denoiser.prepare_chunk(features, sampler.timesteps)
+        x, noise = self.initial_noise(features.shape[0], sampler, generator, features.device)
+        return self.denoise(features, sampler, x, noise, plan, store)
+
+    def initial_noise(self, batch: int, sampler: Sampler, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The starting sample (B, H, Da) and, for stochastic samplers, every step's noise (K, B, H, Da)."""
+        shape = (batch, self.cfg.horizon, self.action_dim)
+        x = torch.randn(shape, generator=generator, device=device)
+        noise = (torch.randn((sampler.num_steps, *shape), generator=generator, device=device)
+                 if sampler.needs_noise else None)
+        return x, noise
+
+    def denoise(self, features: torch.Tensor, sampler: Sampler, x: torch.Tensor, noise: torch.Tensor | None,
+                plan: Sequence[Sequence[int]] | None = None, store: DeltaStore | None = None) -> torch.Tensor:
+        """The denoising loop of `sample` from a given start and noise; not wrapped in no_grad, so
+        calibration can differentiate the actions with respect to the blocks' deltas."""
+        with torch.no_grad():  # the observation memory and K/V take no gradient
+            ctx = self.denoiser.prepare_chunk(features, sampler.timesteps)
         if plan is not None and store is None:
             store = make_store(plan, len(self.denoiser.blocks))
-        for k in range(K):
+        for k in range(sampler.num_steps):
             out = self.denoiser.step(x, k, ctx, None if plan is None else plan[k], store)
             x = sampler.update(k, x, out, None if noise is None else noise[k])
         return x
