@@ -12,6 +12,7 @@ from polcache.errors import PolcacheError
 # Modules that contribute subcommands, in the order `polcache --help` lists them.
 COMMAND_MODULES = [
     "polcache.envs.record_cli",
+    "polcache.data.cli",
     "polcache.train.cli",
     "polcache.sim.cli",
     "polcache.cache.cli",

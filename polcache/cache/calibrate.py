@@ -106,9 +106,9 @@ def calibration_observations(policy: DiffusionPolicy, cfg: ExperimentConfig, sam
     keys, To = policy.obs_keys, policy.cfg.n_obs_steps
     dataset = find_dataset(cfg.dataset, checkpoint)
     if dataset is not None:
-        from polcache.data import EpisodeStore, SequenceDataset
+        from polcache.data import SequenceDataset, open_dataset
 
-        ds = SequenceDataset(EpisodeStore.open(dataset), policy.cfg.horizon, To, keys=keys)
+        ds = SequenceDataset(open_dataset(dataset), policy.cfg.horizon, To, keys=keys)
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
         windows = [ds[int(i)]["obs"] for i in idx]
         obs = {k: torch.stack([w[k] for w in windows]) for k in keys}

@@ -1,0 +1,54 @@
+"""`polcache data`: convert datasets between polcache's zarr store and LeRobotDataset v3.0."""
+
+from __future__ import annotations
+
+import argparse
+
+from polcache.cli_types import positive_int
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "data", help="convert datasets to and from LeRobotDataset v3.0",
+        description="Convert between polcache datasets (zarr) and LeRobotDataset v3.0 roots. Training can also "
+                    "read a LeRobot root directly (dataset=ROOT); it is imported once into ROOT/.polcache.")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    imp = sub.add_parser("import-lerobot", help="LeRobotDataset v3.0 root -> polcache dataset",
+                         description="Read a LeRobotDataset v3.0 root (meta/info.json, parquet data, mp4 videos) and "
+                                     "write it as a polcache dataset. Images keep their size.")
+    imp.add_argument("root", help="LeRobot dataset root (the directory holding meta/info.json)")
+    imp.add_argument("--out", required=True, help="polcache dataset (zarr directory) to write")
+    imp.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    imp.set_defaults(handler=_import)
+
+    exp = sub.add_parser("export-lerobot", help="polcache dataset -> LeRobotDataset v3.0 root",
+                         description="Write a polcache dataset as a LeRobotDataset v3.0 root; camera images become "
+                                     "one H.264 mp4 per camera. The output appears only once complete.")
+    exp.add_argument("dataset", help="polcache dataset (zarr directory)")
+    exp.add_argument("--out", required=True, help="LeRobot root to write (replaced only if it is a LeRobot root)")
+    exp.add_argument("--fps", type=positive_int,
+                     help="frame rate (default: the dataset's fps attr, else 10)")
+    exp.add_argument("--crf", type=int, default=10, choices=range(0, 52), metavar="0..51",
+                     help="H.264 quality, lower is closer to the source (default 10)")
+    exp.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    exp.set_defaults(handler=_export)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from polcache.data.lerobot import import_lerobot
+
+    r = import_lerobot(args.root, args.out, progress=not args.no_progress)
+    print(f"wrote {r.path}: {r.episodes} episodes, {r.frames} frames at {r.fps} fps, obs {', '.join(r.obs_keys)}")
+    for skipped in r.skipped:
+        print(f"  skipped {skipped}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from polcache.data.lerobot import export_lerobot
+
+    r = export_lerobot(args.dataset, args.out, fps=args.fps, crf=args.crf, progress=not args.no_progress)
+    videos = f", videos ({r.codec}) {', '.join(r.video_keys)}" if r.video_keys else ""
+    print(f"wrote {r.path}: LeRobotDataset v3.0, {r.episodes} episodes, {r.frames} frames at {r.fps} fps{videos}")
+    return 0

@@ -1,0 +1,722 @@
+"""LeRobotDataset v3.0 in and out, and training straight from a LeRobot root.
+
+A v3.0 root, as lerobot writes it (many episodes per file; episodes located through metadata):
+
+    meta/info.json                  codebase_version "v3.0", fps, features, totals, path templates
+    meta/stats.json                 per feature min/max/mean/std/count (images: per channel, in [0, 1])
+    meta/tasks.parquet              task string (the pandas index) -> task_index
+    meta/episodes/chunk-*/file-*.parquet
+                                    one row per episode: length, tasks, dataset_from/to_index, the data
+                                    file holding it, and per camera the video file and its
+                                    [from_timestamp, to_timestamp) span in it; per-episode stats/...
+    data/chunk-*/file-*.parquet     one row per frame: observation.state, action, timestamp,
+                                    frame_index, episode_index, index, task_index
+    videos/<key>/chunk-*/file-*.mp4 one stream per camera, episodes back to back
+
+Mapping to polcache's episode store: observation.state <-> "state", action <-> action,
+observation.images.<cam> (or observation.image, as camera "main") <-> "image_<cam>", and the
+per-frame task_index (through tasks.parquet) <-> Episode.task. Images keep their size.
+
+Videos are written with libx264 (H.264), yuv420p, crf 10, a keyframe every 2 frames (lerobot's
+GOP, for cheap random access): near-lossless at the sizes policies use, decodable by every
+lerobot video backend, and fast on CPU. yuv420p halves chroma resolution, so image round trips
+are close, not exact; state and action round-trip exactly.
+
+pyarrow and PyAV are an optional extra, imported only when a LeRobot dataset is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from polcache.atomic import atomic_directory
+from polcache.data.store import Episode, EpisodeStore, write_dataset
+from polcache.errors import DatasetError
+
+CODEBASE_VERSION = "v3.0"
+INFO_PATH = "meta/info.json"
+STATS_PATH = "meta/stats.json"
+TASKS_PATH = "meta/tasks.parquet"
+EPISODES_DIR = "meta/episodes"
+EPISODES_PATH = EPISODES_DIR + "/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+CHUNKS_SIZE = 1000  # lerobot's defaults: files per chunk directory, MB per data / video file
+DATA_FILES_SIZE_IN_MB = 100
+VIDEO_FILES_SIZE_IN_MB = 200
+
+STATE, ACTION = "observation.state", "action"
+IMAGES_PREFIX = "observation.images."
+SINGLE_IMAGE, SINGLE_IMAGE_CAMERA = "observation.image", "main"
+# Per-frame bookkeeping columns every v3.0 dataset has (lerobot's DEFAULT_FEATURES).
+INDEX_FEATURES: dict[str, str] = {
+    "timestamp": "float32", "frame_index": "int64", "episode_index": "int64", "index": "int64", "task_index": "int64",
+}
+REQUIRED_INDEX_FEATURES = ("timestamp", "frame_index", "episode_index")
+
+CODEC, CODEC_NAME, PIX_FMT, GOP = "libx264", "h264", "yuv420p", 2
+DEFAULT_CRF = 10
+DEFAULT_FPS = 10
+_CACHE_VERSION = 1  # bump when import output changes, so stale caches are rebuilt
+_INSTALL_HINT = "pip install -e '.[lerobot]'"
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    path: Path
+    episodes: int
+    frames: int
+    obs_keys: list[str]
+    fps: int
+    skipped: list[str]  # LeRobot features polcache has no place for, with the reason
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: Path
+    episodes: int
+    frames: int
+    fps: int
+    video_keys: list[str]
+    codec: str
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError(f"LeRobot datasets need pyarrow: {_INSTALL_HINT}") from None
+    return pa, pq
+
+
+def _av() -> Any:
+    try:
+        import av
+    except ImportError:
+        raise DatasetError(f"LeRobot datasets need PyAV (av) for their videos: {_INSTALL_HINT}") from None
+    return av
+
+
+def is_lerobot_root(path: str | Path) -> bool:
+    """A LeRobot dataset root is a directory with meta/info.json (of any version)."""
+    return (Path(path) / INFO_PATH).is_file()
+
+
+# ---- import -----------------------------------------------------------------
+
+
+def _check_version(root: Path, version: Any) -> None:
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?", str(version))
+    if m is None:
+        raise DatasetError(f"{root}: {INFO_PATH} has no valid codebase_version (got {version!r}); "
+                           f"expected {CODEBASE_VERSION}")
+    major, minor = int(m.group(1)), int(m.group(2))
+    if (major, minor) < (3, 0):
+        how = ("convert it with lerobot's converter: python -m lerobot.scripts.convert_dataset_v21_to_v30 "
+               f"--repo-id=<user/name> --root={root} --push-to-hub=false")
+        if (major, minor) < (2, 1):
+            how = "convert it to v2.1 with an older lerobot release, then " + how
+        raise DatasetError(f"{root}: LeRobotDataset {version} is an older format; only {CODEBASE_VERSION} is "
+                           f"supported; {how}")
+    if (major, minor) > (3, 0):
+        raise DatasetError(f"{root}: LeRobotDataset {version} is newer than supported ({CODEBASE_VERSION})")
+
+
+def read_info(root: str | Path) -> dict[str, Any]:
+    """meta/info.json of a v3.0 root, refusing anything else with the reason."""
+    root = Path(root)
+    path = root / INFO_PATH
+    if not path.is_file():
+        raise DatasetError(f"{root}: not a LeRobot dataset root (no {INFO_PATH})")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable ({e})") from None
+    if not isinstance(info, dict):
+        raise DatasetError(f"{path}: not a JSON object")
+    _check_version(root, info.get("codebase_version"))
+    missing = [k for k in ("fps", "features", "total_episodes", "total_frames", "data_path") if k not in info]
+    if missing:
+        raise DatasetError(f"{path}: missing {', '.join(missing)}")
+    return info
+
+
+def _camera(key: str) -> str | None:
+    if key.startswith(IMAGES_PREFIX) and len(key) > len(IMAGES_PREFIX):
+        return key[len(IMAGES_PREFIX):]
+    return SINGLE_IMAGE_CAMERA if key == SINGLE_IMAGE else None
+
+
+def _image_hw(ft: dict) -> tuple[int, int] | None:
+    """(height, width) of an RGB camera feature, None if it is not 3-channel colour (depth, grey)."""
+    shape, names = list(ft.get("shape") or []), [str(n) for n in (ft.get("names") or [])]
+    info = ft.get("info") or {}
+    if len(shape) != 3 or info.get("is_depth_map") or info.get("video.is_depth_map"):
+        return None
+    if names and names[0].startswith("channel"):  # (C, H, W), as some older datasets declare
+        c, h, w = shape
+    else:
+        h, w, c = shape
+    return (int(h), int(w)) if c == 3 else None
+
+
+def _plan(root: Path, info: dict) -> tuple[dict[str, tuple[str, tuple[int, int]]], list[str]]:
+    """Cameras to import (polcache key -> (LeRobot key, (H, W))) and the features left out, with why."""
+    features = info["features"]
+    if not isinstance(features, dict):
+        raise DatasetError(f"{root}: {INFO_PATH} features is not an object")
+    missing = [k for k in (ACTION, *REQUIRED_INDEX_FEATURES) if k not in features]
+    if missing:
+        raise DatasetError(f"{root}: missing required feature(s) {', '.join(missing)} in {INFO_PATH}")
+    for key in (STATE, ACTION):
+        ft = features.get(key)
+        if ft is not None and (len(ft.get("shape") or []) != 1 or ft.get("dtype") in ("video", "image", "string")):
+            raise DatasetError(f"{root}: feature {key} must be a numeric vector, got dtype {ft.get('dtype')} "
+                               f"shape {ft.get('shape')}")
+    cameras: dict[str, tuple[str, tuple[int, int]]] = {}
+    skipped = []
+    for key, ft in features.items():
+        if key in (STATE, ACTION) or key in INDEX_FEATURES:
+            continue
+        cam = _camera(key)
+        if cam is None or ft.get("dtype") not in ("video", "image"):
+            skipped.append(f"{key} (no polcache counterpart)")
+        elif (hw := _image_hw(ft)) is None:
+            skipped.append(f"{key} (not an RGB image: shape {ft.get('shape')})")
+        else:
+            cameras[f"image_{cam}"] = (key, hw)
+    if STATE not in features and not cameras:
+        raise DatasetError(f"{root}: no observation.state and no RGB camera feature: nothing to use as observation")
+    if any(features[k]["dtype"] == "video" for k, _ in cameras.values()) and not info.get("video_path"):
+        raise DatasetError(f"{root}: {INFO_PATH} has video features but no video_path")
+    return cameras, skipped
+
+
+def _read_parquet(root: Path, path: Path, columns: list[str] | None, what: str) -> Any:
+    """Read `columns` (None: all) of one parquet file, turning every way it can be missing or broken
+    into a DatasetError naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rel = path.relative_to(root)
+    if not path.is_file():
+        raise DatasetError(f"{root}: missing {what} {rel}")
+    try:
+        names = set(pq.read_schema(path).names)
+        absent = [c for c in columns or [] if c not in names]
+        if absent:
+            raise DatasetError(f"{root}: {what} {rel} has no column(s) {', '.join(absent)}")
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{root}: {what} {rel} is unreadable (truncated or corrupt: {e})") from None
+
+
+def _concat(root: Path, tables: list[Any], what: str) -> Any:
+    import pyarrow as pa
+
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowException as e:
+        raise DatasetError(f"{root}: {what} files disagree on their columns ({e})") from None
+
+
+def _numbers(root: Path, table: Any, name: str) -> np.ndarray:
+    """A numeric column as (rows, width): list columns flattened, scalar columns as width 1."""
+    import pyarrow as pa
+
+    col = table.column(name).combine_chunks()
+    if col.null_count:
+        raise DatasetError(f"{root}: column {name} has {col.null_count} missing values")
+    n = len(col)
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+        values = col.flatten().to_numpy(zero_copy_only=False)
+        if n and values.size % n:
+            raise DatasetError(f"{root}: column {name} has rows of different lengths")
+        return values.reshape(n, -1)
+    return col.to_numpy(zero_copy_only=False).reshape(n, 1)
+
+
+def _read_episodes(root: Path, info: dict, video_keys: list[str]) -> dict[str, np.ndarray]:
+    """Episode metadata columns, sorted by episode_index and checked against info.json."""
+    files = sorted((root / EPISODES_DIR).glob("*/*.parquet"))
+    if not files:
+        raise DatasetError(f"{root}: missing episode metadata ({EPISODES_DIR}/chunk-*/file-*.parquet)")
+    need = ["episode_index", "length", "data/chunk_index", "data/file_index"]
+    for key in video_keys:
+        need += [f"videos/{key}/chunk_index", f"videos/{key}/file_index", f"videos/{key}/from_timestamp"]
+    table = _concat(root, [_read_parquet(root, f, need, "episode metadata file") for f in files], "episode metadata")
+    cols = {c: _numbers(root, table, c)[:, 0] for c in need}
+    order = np.argsort(cols["episode_index"], kind="stable")
+    cols = {c: v[order] for c, v in cols.items()}
+    n = len(order)
+    if n == 0:
+        raise DatasetError(f"{root}: the dataset has no episodes")
+    if not np.array_equal(cols["episode_index"], np.arange(n)):
+        raise DatasetError(f"{root}: episode metadata does not list episodes 0..{n - 1} once each")
+    if n != info["total_episodes"]:
+        raise DatasetError(f"{root}: episode metadata lists {n} episodes but {INFO_PATH} says total_episodes="
+                           f"{info['total_episodes']}: truncated dataset")
+    if int(cols["length"].sum()) != info["total_frames"]:
+        raise DatasetError(f"{root}: episode lengths add up to {int(cols['length'].sum())} frames but {INFO_PATH} "
+                           f"says total_frames={info['total_frames']}: truncated dataset")
+    return cols
+
+
+def _files(eps: dict[str, np.ndarray], prefix: str) -> list[tuple[int, int]]:
+    """(chunk_index, file_index) pairs the episodes use, in first-use order."""
+    pairs = zip(eps[f"{prefix}/chunk_index"].tolist(), eps[f"{prefix}/file_index"].tolist())
+    return list(dict.fromkeys(pairs))
+
+
+def _read_frames(root: Path, info: dict, eps: dict[str, np.ndarray], columns: list[str]) -> Any:
+    """Every frame's row, ordered by (episode_index, frame_index), checked against the episode lengths."""
+    import pyarrow as pa
+
+    tables = [_read_parquet(root, root / info["data_path"].format(chunk_index=c, file_index=f), columns, "data file")
+              for c, f in _files(eps, "data")]
+    table = _concat(root, tables, "data")
+    if table.num_rows != info["total_frames"]:
+        raise DatasetError(f"{root}: data files hold {table.num_rows} frames but {INFO_PATH} says total_frames="
+                           f"{info['total_frames']}: truncated dataset")
+    ep, fi = _numbers(root, table, "episode_index")[:, 0], _numbers(root, table, "frame_index")[:, 0]
+    lengths = eps["length"]
+    if ep.min() < 0 or ep.max() >= len(lengths):
+        raise DatasetError(f"{root}: data files name episode {int(ep.max())}, not in the episode metadata")
+    counts = np.bincount(ep, minlength=len(lengths))
+    bad = np.flatnonzero(counts != lengths)
+    if len(bad):
+        e = int(bad[0])
+        raise DatasetError(f"{root}: episode {e} has {counts[e]} frames in the data files but its metadata says "
+                           f"length {lengths[e]}: truncated dataset")
+    order = np.lexsort((fi, ep))
+    if not np.array_equal(fi[order], np.concatenate([np.arange(n) for n in lengths])):
+        raise DatasetError(f"{root}: frame_index does not run 0..length-1 in every episode")
+    return table.take(pa.array(order))
+
+
+def _read_tasks(root: Path) -> dict[int, str]:
+    """task_index -> task string from meta/tasks.parquet (written by pandas: the task is the index)."""
+    table = _read_parquet(root, root / TASKS_PATH, None, "task table")
+    meta = json.loads((table.schema.metadata or {}).get(b"pandas", b"{}"))
+    task_col = "task" if "task" in table.column_names else next(
+        (c for c in meta.get("index_columns", []) if isinstance(c, str) and c in table.column_names), None)
+    if task_col is None or "task_index" not in table.column_names:
+        raise DatasetError(f"{root}: {TASKS_PATH} needs a task_index column and the task strings")
+    return dict(zip(table.column("task_index").to_pylist(), table.column(task_col).to_pylist()))
+
+
+def _decode_video(root: Path, path: Path, times: np.ndarray, rows: np.ndarray, out: np.ndarray,
+                  filled: np.ndarray, tol: float, bar: tqdm) -> None:
+    """Decode one mp4, writing the frame shown at each wanted time (within tol) to out[rows]."""
+    import av
+
+    order = np.argsort(times, kind="stable")
+    times, rows = times[order], rows[order]
+    h, w = out.shape[1:3]
+    rel = path.relative_to(root)
+    if not path.is_file():
+        raise DatasetError(f"{root}: missing video file {rel}")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = float(frame.pts * stream.time_base)
+                lo, hi = np.searchsorted(times, t - tol, "left"), np.searchsorted(times, t + tol, "right")
+                if lo == hi:
+                    continue
+                if (frame.height, frame.width) != (h, w):
+                    raise DatasetError(f"{root}: {rel} has {frame.height}x{frame.width} frames but info.json "
+                                       f"declares {h}x{w} (polcache does not resize)")
+                out[rows[lo:hi]] = frame.to_ndarray(format="rgb24")
+                filled[rows[lo:hi]] = True
+                bar.update(hi - lo)
+    except (av.error.FFmpegError, IndexError) as e:
+        raise DatasetError(f"{root}: video {rel} is unreadable ({e})") from None
+
+
+def _decode_images(root: Path, key: str, column: Any, hw: tuple[int, int], bar: tqdm) -> np.ndarray:
+    """Images stored in the parquet as {bytes, path} structs (PNG/JPEG bytes)."""
+    import av
+
+    blobs = column.combine_chunks().field("bytes").to_pylist()
+    out = np.empty((len(blobs), *hw, 3), np.uint8)
+    for i, blob in enumerate(blobs):
+        if blob is None:
+            raise DatasetError(f"{root}: image feature {key} frame row {i} has no embedded bytes")
+        try:
+            with av.open(io.BytesIO(blob)) as c:
+                img = next(c.decode(video=0)).to_ndarray(format="rgb24")
+        except (av.error.FFmpegError, StopIteration) as e:
+            raise DatasetError(f"{root}: image feature {key} row {i} is not a readable image ({e})") from None
+        if img.shape[:2] != hw:
+            raise DatasetError(f"{root}: image feature {key} row {i} is {img.shape[0]}x{img.shape[1]}, info.json "
+                               f"declares {hw[0]}x{hw[1]} (polcache does not resize)")
+        out[i] = img
+        bar.update()
+    return out
+
+
+def _names(ft: dict) -> list[str] | None:
+    """A vector feature's element names: a list, or {"motors": [...]} as some datasets write them."""
+    names = ft.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def import_lerobot(root: str | Path, out: str | Path, progress: bool = True) -> ImportReport:
+    """Convert a LeRobotDataset v3.0 root into a polcache zarr dataset at `out` (written atomically)."""
+    _pyarrow()
+    root = Path(root)
+    info = read_info(root)
+    fps = info["fps"]
+    cameras, skipped = _plan(root, info)
+    features = info["features"]
+    videos = {k: lk for k, (lk, _) in cameras.items() if features[lk]["dtype"] == "video"}
+    eps = _read_episodes(root, info, list(videos.values()))
+    has_state, has_tasks = STATE in features, "task_index" in features
+    columns = [ACTION, "timestamp", "frame_index", "episode_index"] + [STATE] * has_state + ["task_index"] * has_tasks
+    columns += [lk for k, (lk, _) in cameras.items() if k not in videos]
+    frames = _read_frames(root, info, eps, columns)
+    action = _numbers(root, frames, ACTION)
+    state = _numbers(root, frames, STATE) if has_state else None
+    lengths = eps["length"]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    tasks = [""] * len(lengths)
+    if has_tasks:
+        task_of = _read_tasks(root)
+        task_index = _numbers(root, frames, "task_index")[starts, 0]  # an episode's task is its first frame's
+        unknown = sorted(set(task_index.tolist()) - set(task_of))
+        if unknown:
+            raise DatasetError(f"{root}: task_index {unknown[0]} is not in {TASKS_PATH}")
+        tasks = [task_of[int(t)] for t in task_index]
+
+    images: dict[str, np.ndarray] = {}
+    if cameras:
+        _av()
+    with tqdm(total=len(frames) * len(cameras), desc="decode images", unit="frame", disable=not progress) as bar:
+        timestamp = _numbers(root, frames, "timestamp")[:, 0].astype(np.float64)
+        episode_of = np.repeat(np.arange(len(lengths)), lengths)
+        for key, (lkey, hw) in cameras.items():
+            if key not in videos:
+                images[key] = _decode_images(root, lkey, frames.column(lkey), hw, bar)
+                continue
+            out_arr = np.empty((len(frames), *hw, 3), np.uint8)
+            filled = np.zeros(len(frames), bool)
+            # A frame is looked up at its episode's from_timestamp + its own timestamp, as lerobot does.
+            times = eps[f"videos/{lkey}/from_timestamp"][episode_of] + timestamp
+            file_of = list(zip(eps[f"videos/{lkey}/chunk_index"].tolist(), eps[f"videos/{lkey}/file_index"].tolist()))
+            for c, f in _files(eps, f"videos/{lkey}"):
+                rows = np.flatnonzero(np.array([fo == (c, f) for fo in file_of])[episode_of])
+                path = root / info["video_path"].format(video_key=lkey, chunk_index=c, file_index=f)
+                _decode_video(root, path, times[rows], rows, out_arr, filled, 0.4 / fps, bar)
+            if not filled.all():
+                row = int(np.flatnonzero(~filled)[0])
+                e = int(episode_of[row])
+                raise DatasetError(f"{root}: {lkey} has no video frame for episode {e} frame {row - starts[e]} "
+                                   f"(video truncated or timestamps off)")
+            images[key] = out_arr
+
+    obs_all = {**({"state": state} if state is not None else {}), **images}
+    episodes = [Episode(obs={k: v[s:s + n] for k, v in obs_all.items()}, action=action[s:s + n], task=tasks[e])
+                for e, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist()))]
+    attrs: dict[str, Any] = {"fps": fps, "source": f"lerobot {info['codebase_version']}"}
+    if info.get("robot_type"):
+        attrs["robot_type"] = info["robot_type"]
+    for key, attr in ((STATE, "state_names"), (ACTION, "action_names")):
+        if key in features and (names := _names(features[key])) is not None:
+            attrs[attr] = names
+    write_dataset(out, episodes, attrs)
+    return ImportReport(Path(out), len(episodes), len(frames), sorted(obs_all), fps, skipped)
+
+
+# ---- export -----------------------------------------------------------------
+
+
+class _VideoWriter:
+    """One camera's mp4: frames get consecutive pts at 1/fps, so frame g sits at g / fps seconds."""
+
+    def __init__(self, path: Path, fps: int, crf: int, width: int, height: int):
+        import av
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._frame = av.VideoFrame
+        self._container = av.open(str(path), "w")
+        self._stream = self._container.add_stream(CODEC, rate=fps, options={"crf": str(crf), "g": str(GOP)})
+        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, PIX_FMT
+        self._pts = 0
+
+    def write(self, images: np.ndarray) -> None:
+        for img in images:
+            frame = self._frame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            frame.pts = self._pts
+            self._pts += 1
+            self._container.mux(self._stream.encode(frame))
+
+    def finish(self) -> None:
+        """Flush the encoder; the file is complete once close() follows."""
+        self._container.mux(self._stream.encode())
+
+    def close(self) -> None:
+        self._container.close()
+
+
+def _stats(x: np.ndarray) -> dict[str, np.ndarray]:
+    """min/max/mean/std/count over frames of a (T, D) array, in float64."""
+    x = x.astype(np.float64)
+    return {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0), "count": np.array([len(x)])}
+
+
+def _image_stats(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-channel stats of uint8 (T, H, W, 3) images scaled to [0, 1], shaped (3, 1, 1) as lerobot keeps them.
+    Exact, from a 256-bin histogram per channel, so no float copy of the frames is made."""
+    flat = images.reshape(-1, 3)
+    hist = np.stack([np.bincount(flat[:, c], minlength=256) for c in range(3)]).astype(np.float64)
+    levels = np.arange(256) / 255.0
+    n = hist.sum(1)
+    mean = hist @ levels / n
+    std = np.sqrt(np.maximum(hist @ levels**2 / n - mean**2, 0.0))
+    lo = np.array([levels[np.flatnonzero(h)[0]] for h in hist])
+    hi = np.array([levels[np.flatnonzero(h)[-1]] for h in hist])
+    stats = {k: v.reshape(3, 1, 1) for k, v in (("min", lo), ("max", hi), ("mean", mean), ("std", std))}
+    return {**stats, "count": np.array([len(images)])}
+
+
+def _aggregate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Dataset stats from per-episode stats (count-weighted mean and pooled variance, as lerobot does)."""
+    n = np.array([p["count"][0] for p in parts], np.float64)
+    shape = (-1,) + (1,) * parts[0]["mean"].ndim
+    w = (n / n.sum()).reshape(shape)
+    means = np.stack([p["mean"] for p in parts])
+    mean = (w * means).sum(0)
+    var = (w * (np.stack([p["std"] for p in parts]) ** 2 + means**2)).sum(0) - mean**2
+    return {"min": np.min([p["min"] for p in parts], 0), "max": np.max([p["max"] for p in parts], 0),
+            "mean": mean, "std": np.sqrt(np.maximum(var, 0.0)), "count": np.array([int(n.sum())])}
+
+
+def _export_fps(fps: float | None, attrs: dict[str, Any]) -> int:
+    value = fps if fps is not None else attrs.get("fps", DEFAULT_FPS)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or value != int(value):
+        raise DatasetError(f"fps must be a positive integer for LeRobot (info.json stores an int), got {value!r}")
+    return int(value)
+
+
+def _vector_feature(dim: int, names: Any, prefix: str) -> dict[str, Any]:
+    ok = isinstance(names, list) and len(names) == dim
+    return {"dtype": "float32", "shape": [dim], "names": list(names) if ok else [f"{prefix}_{i}" for i in range(dim)]}
+
+
+def _features(store: EpisodeStore, video_keys: dict[str, str], fps: int, crf: int) -> dict[str, dict[str, Any]]:
+    """info.json's feature table for an exported store (polcache key -> LeRobot key in video_keys)."""
+    spec, attrs = store.obs_spec(), store.attrs
+    features: dict[str, dict[str, Any]] = {}
+    if "state" in spec:
+        features[STATE] = _vector_feature(spec["state"].shape[0], attrs.get("state_names"), "state")
+    features[ACTION] = _vector_feature(store.action_dim, attrs.get("action_names"), "action")
+    for k, vk in video_keys.items():
+        h, w, c = spec[k].shape
+        features[vk] = {"dtype": "video", "shape": [h, w, c], "names": ["height", "width", "channels"], "info": {
+            "video.height": h, "video.width": w, "video.codec": CODEC_NAME, "video.pix_fmt": PIX_FMT,
+            "video.fps": fps, "video.channels": c, "video.g": GOP, "video.crf": crf, "is_depth_map": False,
+            "has_audio": False}}
+    for name, dtype in INDEX_FEATURES.items():
+        features[name] = {"dtype": dtype, "shape": [1], "names": None}
+    return features
+
+
+def _fixed_list(x: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x, np.float32).ravel()), x.shape[1])
+
+
+def _write_tasks(path: Path, tasks: list[str]) -> None:
+    """Write the task table the way pandas does (task strings as the index), so lerobot's
+    pd.read_parquet(...).loc[task] works."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pandas_meta = {
+        "index_columns": ["task"],
+        "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
+                            "metadata": {"encoding": "UTF-8"}}],
+        "columns": [
+            {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+             "metadata": None},
+            {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
+        ],
+        "creator": {"library": "pyarrow", "version": pa.__version__},
+        "pandas_version": "2.2.0",
+    }
+    table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "task": pa.array(tasks, pa.string())})
+    pq.write_table(table.replace_schema_metadata({"pandas": json.dumps(pandas_meta)}), path)
+
+
+def _lists(stats: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {k: v.tolist() for k, v in stats.items()}
+
+
+def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = None, crf: int = DEFAULT_CRF,
+                   progress: bool = True) -> ExportReport:
+    """Write a polcache dataset as a LeRobotDataset v3.0 root at `out`, atomically: a sibling temp
+    directory is filled and renamed, so a failed export leaves nothing. fps: the dataset's `fps`
+    attr unless given, else DEFAULT_FPS. An existing `out` is replaced only if it is a LeRobot root."""
+    pa, pq = _pyarrow()
+    store = EpisodeStore.open(dataset)
+    out = Path(out)
+    fps = _export_fps(fps, store.attrs)
+    if out.exists() and not (out.is_dir() and (is_lerobot_root(out) or not any(out.iterdir()))):
+        raise DatasetError(f"{out}: exists and is not a LeRobot dataset; refusing to overwrite it")
+    spec = store.obs_spec()
+    cams = [k for k in store.obs_keys if k.startswith("image_")]
+    for k in cams:
+        h, w = spec[k].shape[:2]
+        if h % 2 or w % 2:
+            raise DatasetError(f"{dataset}: {k} is {h}x{w}; {CODEC} with {PIX_FMT} needs even image sizes "
+                               f"(polcache does not resize)")
+    if cams:
+        _av()
+    video_keys = {k: IMAGES_PREFIX + k[len("image_"):] for k in cams}
+    has_state = "state" in store.obs_keys
+    task_names = list(dict.fromkeys(store.tasks))
+    task_index = {t: i for i, t in enumerate(task_names)}
+
+    rows: list[dict[str, Any]] = []
+    ep_stats: list[dict[str, dict[str, np.ndarray]]] = []
+    with atomic_directory(out) as tmp:
+        writers: dict[str, _VideoWriter] = {}
+        data_path = tmp / DATA_PATH.format(chunk_index=0, file_index=0)
+        data_path.parent.mkdir(parents=True)
+        data_writer = None
+        try:
+            for k in cams:
+                h, w = spec[k].shape[:2]
+                writers[k] = _VideoWriter(tmp / VIDEO_PATH.format(video_key=video_keys[k], chunk_index=0,
+                                                                      file_index=0), fps, crf, w, h)
+            start = 0
+            bar = tqdm(total=store.num_steps, desc="encode video" if cams else "write frames", unit="frame",
+                       disable=not progress)
+            with bar:
+                for e in range(store.num_episodes):
+                    ep = store.episode(e)
+                    n = len(ep.action)
+                    frame_index = np.arange(n, dtype=np.int64)
+                    cols = {
+                        **({STATE: ep.obs["state"]} if has_state else {}), ACTION: ep.action,
+                        "timestamp": (frame_index / fps).astype(np.float32), "frame_index": frame_index,
+                        "episode_index": np.full(n, e, np.int64), "index": start + frame_index,
+                        "task_index": np.full(n, task_index[ep.task], np.int64)}
+                    table = pa.table({name: _fixed_list(x) if x.ndim == 2 else pa.array(x)
+                                      for name, x in cols.items()})
+                    if data_writer is None:
+                        data_writer = pq.ParquetWriter(str(data_path), table.schema, compression="snappy")
+                    data_writer.write_table(table)  # one row group per episode, as lerobot writes
+                    stats = {name: _stats(x if x.ndim == 2 else x[:, None]) for name, x in cols.items()}
+                    row: dict[str, Any] = {
+                        "episode_index": e, "tasks": [ep.task], "length": n, "data/chunk_index": 0,
+                        "data/file_index": 0, "dataset_from_index": start, "dataset_to_index": start + n}
+                    for k, vk in video_keys.items():
+                        writers[k].write(ep.obs[k])
+                        stats[vk] = _image_stats(ep.obs[k])
+                        row |= {f"videos/{vk}/chunk_index": 0, f"videos/{vk}/file_index": 0,
+                                f"videos/{vk}/from_timestamp": start / fps,
+                                f"videos/{vk}/to_timestamp": (start + n) / fps}
+                    row |= {f"stats/{name}/{s}": v.tolist() for name, st in stats.items() for s, v in st.items()}
+                    row |= {"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0}
+                    rows.append(row)
+                    ep_stats.append(stats)
+                    start += n
+                    bar.update(n)
+            for writer in writers.values():
+                writer.finish()
+        finally:
+            for writer in writers.values():
+                writer.close()
+            if data_writer is not None:
+                data_writer.close()
+
+        episodes_path = tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)
+        episodes_path.parent.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), episodes_path, compression="snappy")
+        _write_tasks(tmp / TASKS_PATH, task_names)
+        stats_json = {name: _lists(_aggregate([s[name] for s in ep_stats])) for name in ep_stats[0]}
+        (tmp / STATS_PATH).write_text(json.dumps(stats_json, indent=2))
+        info = {
+            "codebase_version": CODEBASE_VERSION, "robot_type": store.attrs.get("robot_type"),
+            "total_episodes": store.num_episodes, "total_frames": store.num_steps, "total_tasks": len(task_names),
+            "chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": DATA_FILES_SIZE_IN_MB,
+            "video_files_size_in_mb": VIDEO_FILES_SIZE_IN_MB, "fps": fps,
+            "splits": {"train": f"0:{store.num_episodes}"}, "data_path": DATA_PATH,
+            "video_path": VIDEO_PATH if cams else None, "features": _features(store, video_keys, fps, crf)}
+        (tmp / INFO_PATH).write_text(json.dumps(info, indent=4))
+    return ExportReport(out, store.num_episodes, store.num_steps, fps, list(video_keys.values()), CODEC_NAME)
+
+
+# ---- training straight from a LeRobot root ------------------------------------
+
+
+def _fingerprint(root: Path) -> str:
+    """Hash of info.json and every meta/data/video file's name, size and mtime: changes when the dataset does."""
+    h = hashlib.sha256(f"polcache-lerobot-import/{_CACHE_VERSION}\n".encode())
+    h.update((root / INFO_PATH).read_bytes())
+    for sub in ("meta", "data", "videos", "images"):
+        for p in sorted((root / sub).rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polcache" / "lerobot"
+
+
+def cached_import(root: str | Path, progress: bool = False) -> Path:
+    """Import a LeRobot root once and return the polcache copy: <root>/.polcache/episodes-<hash>.zarr,
+    or ~/.cache/polcache/lerobot/<hash>.zarr when the root is read-only. A file lock makes concurrent
+    callers (torchrun ranks) wait for one import instead of racing."""
+    import fcntl  # POSIX only, like the rest of the runtime; imported here so polcache.data loads anywhere
+
+    root = Path(root)
+    read_info(root)  # refuse a bad root before hashing or creating anything
+    key = _fingerprint(root)
+    for cache in (root / ".polcache" / f"episodes-{key}.zarr", _user_cache_dir() / f"{key}.zarr"):
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(cache.parent / f".{cache.name}.lock", "a")
+        except OSError:
+            continue
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not cache.exists():  # written atomically, so present means complete
+                import_lerobot(root, cache, progress)
+                if cache.parent == root / ".polcache":
+                    for stale in cache.parent.glob("episodes-*.zarr"):
+                        if stale != cache:
+                            shutil.rmtree(stale, ignore_errors=True)
+                            (cache.parent / f".{stale.name}.lock").unlink(missing_ok=True)
+        return cache
+    raise DatasetError(f"{root}: no writable cache directory for the imported dataset "
+                       f"(tried {root / '.polcache'} and {_user_cache_dir()})")
+
+
+def open_dataset(path: str | Path, progress: bool = False) -> EpisodeStore:
+    """Open a dataset for training: a polcache zarr store, or a LeRobot v3.0 root (imported once
+    into a cache, see `cached_import`), so `dataset=` may name either."""
+    path = Path(path)
+    return EpisodeStore.open(cached_import(path, progress) if is_lerobot_root(path) else path)

@@ -1,0 +1,401 @@
+"""LeRobotDataset v3.0 import/export: a hand-written v3.0 fixture (pyarrow + PyAV, not our exporter),
+round trips, refusals, training straight from a LeRobot root, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+av = pytest.importorskip("av")
+
+from polcache.cli import main  # noqa: E402
+from polcache.data import Episode, EpisodeStore, SequenceDataset, open_dataset, write_dataset  # noqa: E402
+from polcache.data import lerobot as lr  # noqa: E402
+from polcache.errors import DatasetError  # noqa: E402
+
+FPS, H, W = 15, 32, 32
+LENGTHS = [6, 4, 5]
+TASKS = ["pick the cube", "open the drawer"]
+EPISODE_TASK = [0, 1, 0]
+FILE_OF = [0, 0, 1]  # episodes 0 and 1 share data/video file 0, episode 2 is in file 1 (as aggregate writes)
+
+
+def frame_image(g: int) -> np.ndarray:
+    """Smooth image whose colour identifies global frame g (neighbours differ by ~5 levels per channel)."""
+    y, x = np.mgrid[0:H, 0:W]
+    return np.stack([20 + 6 * g + 2 * x, 40 + 3 * y + 4 * g, 200 - 5 * g - x], -1).clip(0, 255).astype(np.uint8)
+
+
+def state_of(g: int) -> list[float]:
+    return [g + 0.25, -g * 0.5, 1.0 / (g + 1)]
+
+
+def action_of(g: int) -> list[float]:
+    return [g * 0.1, 2.0 - g]
+
+
+def encode_video(path: Path, frames: list[np.ndarray]) -> None:
+    """Like lerobot's streaming encoder: time base 1/fps, frame k at pts k."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=FPS, options={"crf": "5", "g": "2"})
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        for k, img in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts = k
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+
+
+def write_fixture(root: Path) -> Path:
+    """A LeRobotDataset v3.0 root following lerobot's layout, written by hand."""
+    cam = "observation.images.top"
+    features = {
+        "observation.state": {"dtype": "float32", "shape": [3], "names": {"motors": ["x", "y", "z"]}},
+        "action": {"dtype": "float32", "shape": [2], "names": ["vx", "vy"]},
+        cam: {"dtype": "video", "shape": [H, W, 3], "names": ["height", "width", "channels"],
+              "info": {"video.height": H, "video.width": W, "video.codec": "h264", "video.pix_fmt": "yuv420p",
+                       "video.fps": FPS, "video.channels": 3, "has_audio": False}},
+        "next.reward": {"dtype": "float32", "shape": [1], "names": None},
+        "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+        "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+        "episode_index": {"dtype": "int64", "shape": [1], "names": None},
+        "index": {"dtype": "int64", "shape": [1], "names": None},
+        "task_index": {"dtype": "int64", "shape": [1], "names": None},
+    }
+    info = {"codebase_version": "v3.0", "robot_type": "toy", "total_episodes": 3, "total_frames": sum(LENGTHS),
+            "total_tasks": 2, "chunks_size": 1000, "data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
+            "fps": FPS, "splits": {"train": "0:3"}, "data_path": lr.DATA_PATH, "video_path": lr.VIDEO_PATH,
+            "features": features}
+    (root / "meta").mkdir(parents=True)
+    (root / "meta/info.json").write_text(json.dumps(info))
+    pq.write_table(pa.table({"task_index": [0, 1], "task": TASKS}), root / "meta/tasks.parquet")
+
+    g, data_rows, video_frames, ep_rows = 0, {0: [], 1: []}, {0: [], 1: []}, []
+    for e, n in enumerate(LENGTHS):
+        f = FILE_OF[e]
+        from_ts = len(video_frames[f]) / FPS
+        for k in range(n):
+            data_rows[f].append({"observation.state": state_of(g + k), "action": action_of(g + k), "next.reward": 0.0,
+                                 "timestamp": k / FPS, "frame_index": k, "episode_index": e, "index": g + k,
+                                 "task_index": EPISODE_TASK[e]})
+            video_frames[f].append(frame_image(g + k))
+        ep_rows.append({"episode_index": e, "tasks": [TASKS[EPISODE_TASK[e]]], "length": n,
+                        "data/chunk_index": 0, "data/file_index": f, "dataset_from_index": g,
+                        "dataset_to_index": g + n, f"videos/{cam}/chunk_index": 0, f"videos/{cam}/file_index": f,
+                        f"videos/{cam}/from_timestamp": from_ts, f"videos/{cam}/to_timestamp": from_ts + n / FPS,
+                        "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+        g += n
+    schema = pa.schema([("observation.state", pa.list_(pa.float32())), ("action", pa.list_(pa.float32(), 2)),
+                        ("next.reward", pa.float32()), ("timestamp", pa.float32()), ("frame_index", pa.int64()),
+                        ("episode_index", pa.int64()), ("index", pa.int64()), ("task_index", pa.int64())])
+    for f in (0, 1):
+        path = root / lr.DATA_PATH.format(chunk_index=0, file_index=f)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(data_rows[f], schema), path)
+        encode_video(root / lr.VIDEO_PATH.format(video_key=cam, chunk_index=0, file_index=f), video_frames[f])
+    ep_path = root / lr.EPISODES_PATH.format(chunk_index=0, file_index=0)
+    ep_path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(ep_rows), ep_path)
+    return root
+
+
+@pytest.fixture
+def lerobot_root(tmp_path) -> Path:
+    return write_fixture(tmp_path / "lerobot")
+
+
+def smooth_episode(n: int, seed: int, task: str) -> Episode:
+    rng = np.random.default_rng(seed)
+    images = np.stack([frame_image(seed * 7 + k) for k in range(n)])
+    return Episode(obs={"state": rng.normal(size=(n, 4)).astype(np.float32), "image_front": images},
+                   action=rng.normal(size=(n, 3)).astype(np.float32), task=task)
+
+
+@pytest.fixture
+def polcache_ds(tmp_path) -> Path:
+    path = tmp_path / "demo.zarr"
+    write_dataset(path, [smooth_episode(5, 0, "a"), smooth_episode(7, 1, "b"), smooth_episode(4, 2, "a")],
+                  attrs={"fps": 20, "state_names": ["p0", "p1", "p2", "p3"]})
+    return path
+
+
+def assert_images_close(got: np.ndarray, want: np.ndarray) -> None:
+    err = np.abs(got.astype(int) - want.astype(int))
+    assert got.shape == want.shape and err.mean() < 3.0 and err.max() < 40, (err.mean(), err.max())
+
+
+# ---- import -----------------------------------------------------------------
+
+
+def test_import_hand_written_root(lerobot_root, tmp_path):
+    report = lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False)
+    assert (report.episodes, report.frames, report.fps) == (3, 15, FPS)
+    assert report.skipped == ["next.reward (no polcache counterpart)"]
+    s = EpisodeStore.open(tmp_path / "out.zarr")
+    assert s.obs_keys == ["image_top", "state"] and s.action_dim == 2
+    assert s.episode_ends.tolist() == [6, 10, 15]
+    assert s.tasks == [TASKS[t] for t in EPISODE_TASK]
+    assert s.attrs["fps"] == FPS and s.attrs["robot_type"] == "toy"
+    assert s.attrs["state_names"] == ["x", "y", "z"] and s.attrs["action_names"] == ["vx", "vy"]
+    np.testing.assert_array_equal(s.array("state"), np.array([state_of(g) for g in range(15)], np.float32))
+    np.testing.assert_array_equal(s.array("action"), np.array([action_of(g) for g in range(15)], np.float32))
+    want = np.stack([frame_image(g) for g in range(15)])
+    got = s.array("image_top")
+    assert_images_close(got, want)
+    # every frame is nearest to its own source frame: no off-by-one at episode or file borders
+    dist = np.abs(got[:, None].astype(int) - want[None].astype(int)).mean(axis=(2, 3, 4))
+    assert dist.argmin(axis=1).tolist() == list(range(15))
+
+
+def test_import_embedded_png_images(lerobot_root, tmp_path):
+    """dtype "image" features: PNG bytes in the data parquet as {bytes, path} structs."""
+    info = json.loads((lerobot_root / "meta/info.json").read_text())
+    info["features"]["observation.image"] = {"dtype": "image", "shape": [H, W, 3],
+                                             "names": ["height", "width", "channels"]}
+    (lerobot_root / "meta/info.json").write_text(json.dumps(info))
+    png = av.CodecContext.create("png", "w")
+    png.width, png.height, png.pix_fmt = W, H, "rgb24"
+    for f in (0, 1):
+        path = lerobot_root / lr.DATA_PATH.format(chunk_index=0, file_index=f)
+        table = pq.read_table(path)
+        blobs = [{"bytes": b"".join(bytes(p) for p in png.encode(av.VideoFrame.from_ndarray(frame_image(int(g)),
+                                                                                               format="rgb24"))),
+                  "path": None} for g in table.column("index").to_pylist()]
+        struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        pq.write_table(table.append_column("observation.image", pa.array(blobs, struct)), path)
+    lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False)
+    s = EpisodeStore.open(tmp_path / "out.zarr")
+    assert s.obs_keys == ["image_main", "image_top", "state"]
+    np.testing.assert_array_equal(s.array("image_main"), np.stack([frame_image(g) for g in range(15)]))
+
+
+# ---- export and round trip ----------------------------------------------------
+
+
+def test_round_trip(polcache_ds, tmp_path):
+    out = tmp_path / "exported"
+    report = lr.export_lerobot(polcache_ds, out, progress=False)
+    assert (report.fps, report.codec, report.video_keys) == (20, "h264", ["observation.images.front"])
+    lr.import_lerobot(out, tmp_path / "back.zarr", progress=False)
+    src, back = EpisodeStore.open(polcache_ds), EpisodeStore.open(tmp_path / "back.zarr")
+    assert back.tasks == src.tasks and back.episode_ends.tolist() == src.episode_ends.tolist()
+    np.testing.assert_array_equal(back.array("state"), src.array("state"))
+    np.testing.assert_array_equal(back.array("action"), src.array("action"))
+    assert_images_close(back.array("image_front"), src.array("image_front"))
+    assert back.attrs["fps"] == 20 and back.attrs["state_names"] == ["p0", "p1", "p2", "p3"]
+
+
+def test_exported_meta_structure(polcache_ds, tmp_path):
+    out = tmp_path / "exported"
+    lr.export_lerobot(polcache_ds, out, fps=30, progress=False)
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 30
+    assert (info["total_episodes"], info["total_frames"], info["total_tasks"]) == (3, 16, 2)
+    assert info["data_path"] == "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+    assert info["video_path"] == "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+    assert info["splits"] == {"train": "0:3"} and info["chunks_size"] == 1000
+    feats = info["features"]
+    assert list(feats) == ["observation.state", "action", "observation.images.front", "timestamp", "frame_index",
+                           "episode_index", "index", "task_index"]
+    assert feats["observation.state"] == {"dtype": "float32", "shape": [4], "names": ["p0", "p1", "p2", "p3"]}
+    assert feats["action"]["shape"] == [3]
+    cam = feats["observation.images.front"]
+    assert cam["dtype"] == "video" and cam["shape"] == [H, W, 3]
+    assert cam["info"]["video.codec"] == "h264" and cam["info"]["video.pix_fmt"] == "yuv420p"
+
+    eps = pq.read_table(out / "meta/episodes/chunk-000/file-000.parquet").to_pydict()
+    for col in ["episode_index", "tasks", "length", "data/chunk_index", "data/file_index", "dataset_from_index",
+                "dataset_to_index", "videos/observation.images.front/chunk_index",
+                "videos/observation.images.front/file_index", "videos/observation.images.front/from_timestamp",
+                "videos/observation.images.front/to_timestamp", "meta/episodes/chunk_index",
+                "meta/episodes/file_index", "stats/action/mean"]:
+        assert col in eps, col
+    assert eps["length"] == [5, 7, 4] and eps["tasks"] == [["a"], ["b"], ["a"]]
+    assert eps["dataset_from_index"] == [0, 5, 12] and eps["dataset_to_index"] == [5, 12, 16]
+    assert eps["videos/observation.images.front/from_timestamp"] == pytest.approx([0, 5 / 30, 12 / 30])
+
+    tasks = pq.read_table(out / "meta/tasks.parquet")
+    assert tasks.column("task").to_pylist() == ["a", "b"] and tasks.column("task_index").to_pylist() == [0, 1]
+    assert json.loads(tasks.schema.metadata[b"pandas"])["index_columns"] == ["task"]  # pandas reads task as index
+
+    data = pq.read_table(out / "data/chunk-000/file-000.parquet")
+    assert data.num_rows == 16 and data.column("index").to_pylist() == list(range(16))
+    assert data.column("timestamp").to_pylist()[5:7] == pytest.approx([0, 1 / 30])
+
+    stats = json.loads((out / "meta/stats.json").read_text())
+    src = EpisodeStore.open(polcache_ds)
+    np.testing.assert_allclose(stats["action"]["mean"], src.array("action").mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["action"]["std"], src.array("action").std(0), rtol=1e-5)
+    img = stats["observation.images.front"]
+    assert np.array(img["mean"]).shape == (3, 1, 1) and img["count"] == [16]
+    np.testing.assert_allclose(np.array(img["mean"])[:, 0, 0], src.array("image_front").mean((0, 1, 2)) / 255)
+    assert set(stats) == set(feats)
+
+
+def test_export_refuses_foreign_directory(polcache_ds, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="not a LeRobot dataset; refusing"):
+        lr.export_lerobot(polcache_ds, out, progress=False)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_export_replaces_lerobot_root(polcache_ds, lerobot_root):
+    lr.export_lerobot(polcache_ds, lerobot_root, progress=False)
+    assert json.loads((lerobot_root / "meta/info.json").read_text())["total_frames"] == 16
+    assert not (lerobot_root / "data/chunk-000/file-001.parquet").exists()
+
+
+def test_interrupted_export_leaves_nothing(polcache_ds, tmp_path, monkeypatch):
+    def boom(self, images):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(lr._VideoWriter, "write", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        lr.export_lerobot(polcache_ds, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.zarr"]
+
+
+def test_export_refuses_odd_image_size(tmp_path):
+    ep = Episode(obs={"image_cam": np.zeros((3, 5, 6, 3), np.uint8)}, action=np.zeros((3, 2), np.float32))
+    write_dataset(tmp_path / "odd.zarr", [ep])
+    with pytest.raises(DatasetError, match="even image sizes"):
+        lr.export_lerobot(tmp_path / "odd.zarr", tmp_path / "out", progress=False)
+
+
+# ---- refusals -------------------------------------------------------------------
+
+
+def _edit_info(root: Path, **changes) -> None:
+    info = json.loads((root / "meta/info.json").read_text())
+    info.update(changes)
+    (root / "meta/info.json").write_text(json.dumps(info))
+
+
+def _drop_rows(root: Path) -> None:
+    path = root / lr.DATA_PATH.format(chunk_index=0, file_index=0)
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, table.num_rows - 2), path)
+
+
+def _cut_parquet(root: Path) -> None:
+    path = root / lr.DATA_PATH.format(chunk_index=0, file_index=1)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _drop_action(root: Path) -> None:
+    info = json.loads((root / "meta/info.json").read_text())
+    del info["features"]["action"]
+    (root / "meta/info.json").write_text(json.dumps(info))
+
+
+def _short_video(root: Path) -> None:
+    path = root / lr.VIDEO_PATH.format(video_key="observation.images.top", chunk_index=0, file_index=1)
+    encode_video(path, [frame_image(10 + k) for k in range(3)])
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda r: (r / "meta/info.json").unlink(), "not a LeRobot dataset root"),
+    (lambda r: _edit_info(r, codebase_version="v2.1"), "older format.*convert_dataset_v21_to_v30"),
+    (lambda r: _edit_info(r, codebase_version="v4.0"), "newer than supported"),
+    (lambda r: _edit_info(r, codebase_version="v3.1"), "newer than supported"),
+    (lambda r: _edit_info(r, total_frames=14), "total_frames=14: truncated"),
+    (_drop_rows, "data files hold 13 frames.*truncated"),
+    (lambda r: (r / lr.DATA_PATH.format(chunk_index=0, file_index=1)).unlink(), "missing data file"),
+    (_cut_parquet, "unreadable"),
+    (lambda r: (r / lr.VIDEO_PATH.format(video_key="observation.images.top", chunk_index=0, file_index=0)).unlink(),
+     "missing video file"),
+    (_short_video, "no video frame for episode 2 frame 3"),
+    (_drop_action, "missing required feature.*action"),
+    (lambda r: shutil.rmtree(r / "meta/episodes"), "missing episode metadata"),
+], ids=["no-info", "v2.1", "v4.0", "v3.1", "total-frames", "dropped-rows", "missing-data-file", "cut-parquet",
+        "missing-video", "short-video", "no-action", "no-episodes-meta"])
+def test_import_refusals(lerobot_root, tmp_path, mutate, match):
+    mutate(lerobot_root)
+    with pytest.raises(DatasetError, match=match):
+        lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+# ---- training straight from a LeRobot root ----------------------------------------
+
+
+def test_open_dataset_imports_once(lerobot_root, monkeypatch):
+    store = open_dataset(lerobot_root)
+    caches = list((lerobot_root / ".polcache").glob("episodes-*.zarr"))
+    assert len(caches) == 1 and store.path == caches[0]
+    ds = SequenceDataset(store, horizon=4, n_obs_steps=2, keys=["state", "image_top"])
+    item = ds[len(ds) - 1]
+    assert len(ds) == 15 and item["obs"]["image_top"].shape == (2, H, W, 3) and item["action"].shape == (4, 2)
+
+    def no_import(*a, **k):
+        raise AssertionError("imported again")
+
+    monkeypatch.setattr(lr, "import_lerobot", no_import)
+    assert open_dataset(lerobot_root).path == caches[0]
+
+    monkeypatch.undo()  # a changed dataset is imported again and the stale copy removed
+    data = lerobot_root / lr.DATA_PATH.format(chunk_index=0, file_index=0)
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+    fresh = open_dataset(lerobot_root)
+    assert fresh.path != caches[0] and list((lerobot_root / ".polcache").glob("episodes-*.zarr")) == [fresh.path]
+
+
+def test_open_dataset_read_only_root_uses_user_cache(lerobot_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (lerobot_root / ".polcache").write_text("")  # the cache directory cannot be created here
+    store = open_dataset(lerobot_root)
+    assert store.path.parent == tmp_path / "xdg/polcache/lerobot" and store.num_episodes == 3
+
+
+def test_open_dataset_zarr_and_bad_paths(polcache_ds, tmp_path):
+    assert open_dataset(polcache_ds).num_steps == 16
+    with pytest.raises(DatasetError, match="does not exist"):
+        open_dataset(tmp_path / "nope")
+
+
+# ---- CLI ------------------------------------------------------------------------------
+
+
+def test_cli_round_trip(polcache_ds, tmp_path, capsys):
+    out, back = tmp_path / "lerobot", tmp_path / "back.zarr"
+    assert main(["data", "export-lerobot", str(polcache_ds), "--out", str(out), "--fps", "25", "--no-progress"]) == 0
+    assert main(["data", "import-lerobot", str(out), "--out", str(back), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "LeRobotDataset v3.0, 3 episodes, 16 frames at 25 fps" in text and "3 episodes, 16 frames" in text
+    assert EpisodeStore.open(back).attrs["fps"] == 25
+
+
+def test_cli_bad_root(tmp_path, capsys):
+    (tmp_path / "old/meta").mkdir(parents=True)
+    (tmp_path / "old/meta/info.json").write_text(json.dumps({"codebase_version": "v2.1"}))
+    assert main(["data", "import-lerobot", str(tmp_path / "old"), "--out", str(tmp_path / "x.zarr")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polcache data: error:") and "v2.1" in err and len(err.splitlines()) == 1
+
+
+# ---- lerobot itself ----------------------------------------------------------------------
+
+
+def test_lerobot_loads_our_export(polcache_ds, tmp_path):
+    lerobot = pytest.importorskip("lerobot.datasets.lerobot_dataset",
+                                  reason="lerobot is not installable next to this torch build (it pins its own torch)")
+    out = tmp_path / "exported"
+    lr.export_lerobot(polcache_ds, out, progress=False)
+    ds = lerobot.LeRobotDataset("local/polcache-export", root=out, video_backend="pyav")
+    assert ds.num_episodes == 3 and ds.num_frames == 16 and ds.fps == 20
+    item = ds[6]
+    src = EpisodeStore.open(polcache_ds)
+    np.testing.assert_allclose(item["observation.state"].numpy(), src.array("state")[6])
+    assert item["task"] == "b" and tuple(item["observation.images.front"].shape) == (3, H, W)
+    got = (item["observation.images.front"].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    assert_images_close(got, src.array("image_front")[6])
