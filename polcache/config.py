@@ -54,6 +54,7 @@ class PolicyConfig:
 @dataclass
 class TrainConfig:
     steps: int = 20000
+    epochs: int = 0  # > 0: train this many passes over the training windows instead of `steps`
     batch_size: int = 256
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -64,6 +65,11 @@ class TrainConfig:
     checkpoint_every: int = 2000
     log_every: int = 50
     val_fraction: float = 0.05
+    val_windows: int = 256  # validation windows whose sampled actions are compared with the demonstrations
+    keep_best: bool = True  # also keep OUT/best: the EMA weights with the lowest validation action error
+    state_noise: float = 0.0  # std of Gaussian noise added to the normalised state while training
+    state_norm: str = "limits"  # limits ([min, max] -> [-1, 1]) | gaussian (zero mean, unit std)
+    action_norm: str = "limits"
     num_workers: int = 0
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch default
@@ -197,5 +203,13 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"policy.objective must be 'epsilon' or 'flow', got {p.objective!r}")
     if p.sampler.kind not in ("ddpm", "ddim", "flow"):
         raise ConfigError(f"policy.sampler.kind must be ddpm, ddim or flow, got {p.sampler.kind!r}")
+    t = cfg.train
+    for name in ("state_norm", "action_norm"):
+        if getattr(t, name) not in ("limits", "gaussian"):
+            raise ConfigError(f"train.{name} must be 'limits' or 'gaussian', got {getattr(t, name)!r}")
+    if t.steps < 0 or t.epochs < 0 or (t.steps == 0 and t.epochs == 0):
+        raise ConfigError(f"train.steps ({t.steps}) or train.epochs ({t.epochs}) must be positive")
+    if t.state_noise < 0 or t.val_windows < 0:
+        raise ConfigError("train.state_noise and train.val_windows must be >= 0")
     if not cfg.obs_keys or any(not (k == "state" or k.startswith("image_")) for k in cfg.obs_keys):
         raise ConfigError(f"obs_keys must name 'state' and/or 'image_<camera>' keys, got {cfg.obs_keys}")

@@ -103,7 +103,7 @@ def test_interrupted_training_saves_and_resumes(dataset, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run / "train_log.jsonl"
     deadline = time.time() + 120
-    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+    while not (log.exists() and '"loss"' in log.read_text()) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

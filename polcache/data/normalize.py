@@ -24,13 +24,16 @@ class Normalizer:
         self._p = {k: {f: torch.as_tensor(v[f], dtype=torch.float32).reshape(-1) for f in _FIELDS} for k, v in params.items()}
 
     @classmethod
-    def fit(cls, arrays: Mapping[str, Any], mode: str = "limits") -> "Normalizer":
-        """arrays: key -> (..., D). mode "limits" maps [min, max] to [-1, 1] (Chi et al.);
-        "gaussian" maps to zero mean, unit std. Constant dims map to 0 (shift only)."""
-        if mode not in ("limits", "gaussian"):
-            raise ValueError(f"unknown normalizer mode {mode!r}; use 'limits' or 'gaussian'")
+    def fit(cls, arrays: Mapping[str, Any], mode: str | Mapping[str, str] = "limits") -> "Normalizer":
+        """arrays: key -> (..., D); mode: one for all keys or key -> mode. "limits" maps [min, max]
+        to [-1, 1] (Chi et al.); "gaussian" maps to zero mean, unit std. Constant dims map to 0 (shift only)."""
+        modes = {k: mode if isinstance(mode, str) else mode.get(k, "limits") for k in arrays}
+        bad = {k: m for k, m in modes.items() if m not in ("limits", "gaussian")}
+        if bad:
+            raise ValueError(f"unknown normalizer mode {bad}; use 'limits' or 'gaussian'")
         params = {}
         for key, a in arrays.items():
+            mode = modes[key]
             x = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
             if x.ndim == 0 or x.size == 0:
                 raise ValueError(f"normalizer: {key!r} needs a non-empty (..., D) array, got shape {x.shape}")

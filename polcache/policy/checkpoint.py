@@ -55,8 +55,9 @@ class TrainState:
 
 def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPolicy,
                     ema_state: dict[str, torch.Tensor] | None = None, step: int = 0,
-                    train_state: TrainState | None = None) -> Path:
-    """Write a checkpoint directory atomically. `ema_state` (if given) becomes the inference weights."""
+                    train_state: TrainState | None = None, extra_meta: dict | None = None) -> Path:
+    """Write a checkpoint directory atomically. `ema_state` (if given) becomes the inference weights;
+    `extra_meta` (JSON) is stored in meta.json, e.g. the validation scores of a best checkpoint."""
     path = Path(path)
     weights = {k: v.detach().cpu().contiguous() for k, v in (ema_state or policy.state_dict()).items()}
     meta = {
@@ -69,6 +70,7 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
         "obs_keys": policy.obs_keys,
         "obs_spec": {k: v.to_dict() for k, v in policy.spec.obs.items()},
         "action_dim": policy.action_dim,
+        **(extra_meta or {}),
     }
     with atomic_directory(path) as tmp:
         tmp.mkdir()

@@ -47,15 +47,22 @@ class DiffusionPolicy(nn.Module):
         return self.encoder(obs)
 
     # ---- training ---------------------------------------------------------------------------
-    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        feats = self.encode(batch["obs"])
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None, state_noise: float = 0.0) -> torch.Tensor:
+        """Denoising loss; `state_noise` adds Gaussian noise of that std to the normalised state
+        (an augmentation against drifting off the demonstrations' states)."""
+        obs = dict(batch["obs"])
+        if "state" in obs and state_noise > 0:
+            state = self.normalizer.normalize("state", obs["state"].float())
+            noise = torch.randn(state.shape, generator=generator, device=state.device) * state_noise
+            obs["state"] = self.normalizer.unnormalize("state", state + noise)
+        feats = self.encode(obs)
         x0 = self.normalizer.normalize("action", batch["action"])
         xt, t, target = self.training_noise.corrupt(x0, generator)
         return F.mse_loss(self.denoiser(xt, t, feats), target)
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict, state_noise: float = 0.0) -> torch.Tensor:
         """The training loss; being forward() lets DistributedDataParallel wrap the policy."""
-        return self.compute_loss(batch)
+        return self.compute_loss(batch, state_noise=state_noise)
 
     # ---- inference ----------------------------------------------------------------------------
     def sampler(self, kind: str | None = None, steps: int | None = None) -> Sampler:

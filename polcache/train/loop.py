@@ -2,11 +2,16 @@
 resume after interruption, and torch DDP when launched by torchrun.
 
 The run directory holds `last/` (a full checkpoint plus optimizer state, rewritten every
-`checkpoint_every` steps) and `train_log.jsonl`. Running the same command again resumes
-from `last/` unless `fresh=True`."""
+`checkpoint_every` steps), `best/` (the EMA weights whose sampled actions on held-out
+episodes came closest to the demonstrations) and `train_log.jsonl`. Running the same
+command again resumes from `last/` unless `fresh=True`.
+
+Length follows the data when `train.epochs` is set: the step count is epochs x batches per
+epoch, so a dataset twice as large trains twice as many steps under the same config."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from polcache.config import ExperimentConfig, to_dict
-from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split
+from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError
 from polcache.policy.checkpoint import TrainState, load_train_state, read_meta, save_checkpoint
 from polcache.policy.policy import DiffusionPolicy
@@ -48,10 +53,10 @@ def build_policy(cfg: ExperimentConfig, store: EpisodeStore) -> DiffusionPolicy:
     missing = [k for k in cfg.obs_keys if k not in spec]
     if missing:
         raise ConfigError(f"obs_keys {missing} are not in dataset {cfg.dataset} (it has {sorted(spec)})")
-    stats = {"action": store.array("action")}
+    arrays, modes = {"action": store.array("action")}, {"action": cfg.train.action_norm}
     if "state" in cfg.obs_keys:
-        stats["state"] = store.array("state")
-    normalizer = Normalizer.fit(stats)
+        arrays["state"], modes["state"] = store.array("state"), cfg.train.state_norm
+    normalizer = Normalizer.fit(arrays, modes)
     return DiffusionPolicy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
 
 
@@ -64,16 +69,37 @@ def _infinite(loader: DataLoader, sampler: DistributedSampler | None):
         epoch += 1
 
 
+def total_steps(cfg: ExperimentConfig, n_windows: int) -> int:
+    """Optimizer steps of the run: `train.epochs` passes over the windows (at the global batch
+    size, however many processes share it), else `train.steps`."""
+    if cfg.train.epochs <= 0:
+        return cfg.train.steps
+    return cfg.train.epochs * max(1, n_windows // cfg.train.batch_size)
+
+
 @torch.no_grad()
-def _val_loss(policy: DiffusionPolicy, data: SequenceDataset, batch_size: int, seed: int) -> float | None:
+def validate(policy: DiffusionPolicy, data: SequenceDataset, batch_size: int, windows: int, seed: int) -> dict:
+    """Held-out metrics of `policy` (in eval mode): the denoising loss, and the mean squared error
+    (normalised units) between the actions it samples and the demonstrated ones over the executed
+    part of the chunk -- the closed-loop proxy used to choose the best checkpoint."""
     if len(data) == 0:
-        return None
+        return {}
     policy.eval()
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    losses = [policy.compute_loss(b, g).item() for _, b in zip(range(8), loader)]
-    policy.train()
-    return sum(losses) / len(losses)
+    idx = torch.linspace(0, len(data) - 1, min(len(data), max(windows, batch_size))).long().unique().tolist()
+    loader = DataLoader(torch.utils.data.Subset(data, idx), batch_size=batch_size, shuffle=False)
+    losses, errors = [], []
+    start, n_act = policy.cfg.n_obs_steps - 1, policy.cfg.n_action_steps
+    for i, batch in enumerate(loader):
+        losses.append(policy.compute_loss(batch, g).item())
+        if i * batch_size < windows:
+            x = policy.sample(policy.encode(batch["obs"]), policy.sampler(), generator=g)
+            target = policy.normalizer.normalize("action", batch["action"])
+            errors.append(((x - target)[:, start:start + n_act] ** 2).mean(dim=(1, 2)))
+    out = {"val_loss": sum(losses) / len(losses)}
+    if errors:
+        out["val_action_mse"] = torch.cat(errors).mean().item()
+    return out
 
 
 def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> Path:
@@ -85,7 +111,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed + rank)
     out = Path(cfg.out)
-    store = EpisodeStore.open(cfg.dataset)
+    store = open_dataset(cfg.dataset, progress=progress and rank == 0)
     recorded = str(store.attrs.get("task", ""))
     if cfg.task and recorded and cfg.task != recorded:
         raise ConfigError(f"task is {cfg.task!r} but dataset {cfg.dataset} was recorded on {recorded!r}; "
@@ -97,10 +123,11 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
     train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, train_ids)
     val_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, val_ids)
 
+    steps = total_steps(cfg, len(train_data))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, cfg.train.warmup_steps, cfg.train.steps))
+        optimizer, lambda s: cosine_with_warmup(s, cfg.train.warmup_steps, steps))
     ema = EMA(policy, cfg.train.ema_decay, cfg.train.ema_warmup)
     step = 0
     last = out / "last"
@@ -118,13 +145,20 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
     log_path = out / "train_log.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
+    bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
+    if rank == 0 and step == 0:
+        epochs = f"{cfg.train.epochs} epochs of " if cfg.train.epochs else ""
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"steps": steps, "train_windows": len(train_data), "val_windows": len(val_data),
+                                "plan": f"{epochs}{steps} steps at batch {cfg.train.batch_size}"}) + "\n")
+    judge = copy.deepcopy(policy)  # holds the EMA weights while validating
+    best = _best_so_far(out / "best")
     policy.train()
     t0 = time.time()
     try:
-        while step < cfg.train.steps:
+        while step < steps:
             batch = next(batches)
-            loss = model(batch)  # DiffusionPolicy.forward is the training loss, so DDP syncs its gradients
+            loss = model(batch, cfg.train.state_noise)  # forward is the training loss, so DDP syncs its gradients
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -133,16 +167,22 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
             ema.update(policy, step)
             if rank == 0:
                 bar.update(1)
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                if step % cfg.train.log_every == 0 or step == steps:
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
                     with open(log_path, "a") as f:
                         f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0],
                                             "elapsed_s": round(time.time() - t0, 2)}) + "\n")
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                if step % cfg.train.checkpoint_every == 0 or step == steps:
                     _save(last, cfg, policy, ema, optimizer, lr_sched, step)
-                    val = _val_loss(policy, val_data, cfg.train.batch_size, cfg.train.seed)
+                    judge.load_state_dict(ema.state_dict())
+                    val = validate(judge, val_data, cfg.train.batch_size, cfg.train.val_windows, cfg.train.seed)
+                    score = val.get("val_action_mse", val.get("val_loss"))
+                    improved = cfg.train.keep_best and score is not None and score < best
+                    if improved:
+                        best = score
+                        save_checkpoint(out / "best", cfg, judge, step=step, extra_meta={"validation": val})
                     with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "val_loss": val, "checkpoint": str(last)}) + "\n")
+                        f.write(json.dumps({"step": step, **val, "best": improved, "checkpoint": str(last)}) + "\n")
     except KeyboardInterrupt:
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
             _save(last, cfg, policy, ema, optimizer, lr_sched, step)
@@ -153,6 +193,24 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def save_initial(cfg: ExperimentConfig) -> Path:
+    """Checkpoint the config's policy at initialisation (no training) as OUT/last: the floor
+    against which trained policies are compared."""
+    store = open_dataset(cfg.dataset)
+    cfg.task = cfg.task or str(store.attrs.get("task", ""))
+    torch.manual_seed(cfg.train.seed)
+    return save_checkpoint(Path(cfg.out) / "last", cfg, build_policy(cfg, store), step=0)
+
+
+def _best_so_far(path: Path) -> float:
+    """The validation score stored with OUT/best, so a resumed run only replaces it with a better one."""
+    try:
+        val = json.loads((path / "meta.json").read_text())["validation"]
+        return float(val.get("val_action_mse", val.get("val_loss")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _save(path: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, ema: EMA, optimizer, lr_sched, step: int) -> None:

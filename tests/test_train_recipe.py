@@ -1,0 +1,83 @@
+"""Training-length, validation and augmentation options of the training recipe."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from polcache.cli import main
+from polcache.config import ConfigError, load_config
+from polcache.data import Normalizer
+from polcache.policy import load_policy
+from polcache.train.loop import total_steps
+
+from test_integration import TINY, dataset  # noqa: F401  (module-scoped recorded dataset)
+
+
+def test_epochs_set_the_step_count_from_the_data():
+    cfg = load_config("configs/metaworld_small.yaml", ["train.epochs=3", "train.batch_size=64"])
+    assert total_steps(cfg, 640) == 30
+    assert total_steps(cfg, 1280) == 60  # twice the data, twice the steps
+    assert total_steps(cfg, 10) == 3  # fewer windows than a batch: one batch per epoch
+    assert total_steps(load_config("configs/metaworld_small.yaml", ["train.steps=123"]), 640) == 123
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.state_norm=minmax", "train.state_norm"),
+    ("train.action_norm=1", "train.action_norm"),
+    ("train.state_noise=-0.1", "state_noise"),
+    ("train.steps=0", "train.steps"),
+])
+def test_recipe_options_are_validated(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("configs/metaworld_small.yaml", [override])
+
+
+def test_normalizer_modes_per_key():
+    rng = np.random.default_rng(0)
+    state, action = rng.normal(3.0, 2.0, (500, 4)), rng.uniform(-5, 7, (500, 2))
+    n = Normalizer.fit({"state": state, "action": action}, {"state": "gaussian", "action": "limits"})
+    z = n.normalize("state", state)
+    assert np.allclose(z.mean(0), 0, atol=1e-6) and np.allclose(z.std(0), 1, atol=1e-6)
+    a = n.normalize("action", action)
+    assert np.allclose(a.min(0), -1, atol=1e-6) and np.allclose(a.max(0), 1, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown normalizer mode"):
+        Normalizer.fit({"state": state}, {"state": "robust"})
+
+
+@pytest.mark.slow
+def test_state_noise_perturbs_only_training_inputs(dataset, tmp_path):  # noqa: F811
+    from polcache.data import EpisodeStore, SequenceDataset
+    from polcache.train.loop import build_policy
+
+    cfg = load_config("configs/metaworld_small.yaml", [*TINY, f"dataset={dataset}"])
+    store = EpisodeStore.open(dataset)
+    policy = build_policy(cfg, store).eval()  # no dropout: only the noise may differ
+    batch = next(iter(torch.utils.data.DataLoader(SequenceDataset(store, 16, 2, ["state"]), batch_size=8)))
+
+    def loss(noise: float) -> float:
+        return policy.compute_loss(batch, torch.Generator().manual_seed(0), state_noise=noise).item()
+
+    assert loss(0.0) == loss(0.0)
+    assert loss(0.5) != loss(0.0)
+
+
+@pytest.mark.slow
+def test_epoch_training_keeps_the_best_validated_checkpoint(dataset, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    args = ["train", "--config", "configs/metaworld_small.yaml", f"dataset={dataset}", f"out={run}", *TINY,
+            "train.epochs=2", "train.checkpoint_every=5", "train.val_fraction=0.5", "train.val_windows=8",
+            "--no-progress"]
+    assert main(args) == 0
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    plan, vals = log[0], [r for r in log if "val_action_mse" in r]
+    assert plan["steps"] == 2 * max(1, plan["train_windows"] // 16)
+    assert vals and all(r["val_action_mse"] >= 0 for r in vals)
+    best_step = min(vals, key=lambda r: r["val_action_mse"])["step"]
+    _, _, meta = load_policy(run / "best")
+    assert meta["step"] == best_step
+    assert meta["validation"]["val_action_mse"] == pytest.approx(min(r["val_action_mse"] for r in vals))
+    # Resuming a finished run does not replace best with a worse score.
+    assert main(args) == 0
+    assert load_policy(run / "best")[2]["step"] == best_step
