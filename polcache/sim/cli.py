@@ -13,7 +13,7 @@ from polcache.errors import PolcacheError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a checkpoint in MuJoCo: success rate and latency",
                               description="Roll a checkpoint out in a simulated task; prints success rate with a "
-                                          "95%% Wilson interval, episode length and per-chunk latency percentiles.")
+                                          "95% Wilson interval, episode length and per-chunk latency percentiles.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--task", help="task name (default: the task the checkpoint was trained on)")
     p.add_argument("--episodes", type=positive_int, default=50, help="number of episodes (default 50)")
@@ -22,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
     p.add_argument("--cache", help="block cache: a schedule JSON from `polcache calibrate`, or a baseline such as "
                                    "uniform:N (see README)")
+    p.add_argument("--max-steps", type=positive_int, help="cap each episode at this many steps (default: the "
+                                                           "task's own cap, 500 for Meta-World)")
+    p.add_argument("--action-steps", type=positive_int, help="execute only the first N actions of each chunk, then "
+                                                              "replan (default: the checkpoint's n_action_steps)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest at batch 1)")
     p.add_argument("--json", help="write the full result as JSON here")
     p.add_argument("--video", help="directory for GIFs of the first --video-episodes episodes")
@@ -43,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
     result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
-                      video_dir=args.video, video_episodes=args.video_episodes if args.video else 0)
+                      video_dir=args.video, video_episodes=args.video_episodes if args.video else 0, max_steps=args.max_steps,
+                      action_steps=args.action_steps)
     result.extra.update({"checkpoint": args.checkpoint, "sampler": backend.sampler.kind,
                          "steps": backend.sampler.num_steps, "threads": torch.get_num_threads(), "cache": "none"})
     if args.cache:

@@ -42,7 +42,8 @@ class EvalResult:
         lo, hi = self.ci95
         lat = self.latency_ms
         return (f"{self.task}: success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI "
-                f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps, "
+                f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps "
+                f"(cap {self.extra.get('max_steps', '?')}), "
                 f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
 
 
@@ -50,16 +51,20 @@ def _stack(history: deque) -> dict[str, np.ndarray]:
     return {k: np.stack([o[k] for o in history])[None] for k in history[0]}
 
 
-def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None) -> dict:
-    """One episode; it ends at the first success, when the env says done, or at the step cap."""
+def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
+                max_steps: int | None = None, action_steps: int | None = None) -> dict:
+    """One episode; it ends at the first success, when the env says done, or at the step cap
+    (`max_steps`, at most the task's own cap). `action_steps` executes only the first actions of
+    each chunk before replanning (at most the policy's n_action_steps)."""
     spec = backend.spec
+    cap = min(env.max_episode_steps, max_steps or env.max_episode_steps)
     backend.reset()
     obs = env.reset(seed=seed)
     history = deque([obs] * spec.n_obs_steps, maxlen=spec.n_obs_steps)
     success, done, steps, chunk = False, False, 0, 0
-    while not (done or success) and steps < env.max_episode_steps:
+    while not (done or success) and steps < cap:
         t0 = time.perf_counter()
-        actions = backend.predict(_stack(history), seed=seed * 10007 + chunk)[0]
+        actions = backend.predict(_stack(history), seed=seed * 10007 + chunk)[0][:action_steps]
         latencies.append(time.perf_counter() - t0)
         chunk += 1
         for a in actions:
@@ -69,14 +74,16 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
             if frames is not None:
                 frames.append(env.render())
             success = bool(info.get("success"))
-            if done or success or steps >= env.max_episode_steps:
+            if done or success or steps >= cap:
                 break
     return {"seed": seed, "success": success, "length": steps}
 
 
 def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, progress: bool = True,
-             video_dir: str | Path | None = None, video_episodes: int = 0) -> EvalResult:
-    """Roll `backend` out for `episodes` episodes of `task` (episode i uses seed + i)."""
+             video_dir: str | Path | None = None, video_episodes: int = 0, max_steps: int | None = None,
+             action_steps: int | None = None) -> EvalResult:
+    """Roll `backend` out for `episodes` episodes of `task` (episode i uses seed + i). `max_steps`
+    caps episodes below the task's own limit (e.g. 200 to compare with figures measured so)."""
     from polcache.envs import make_env  # simulation is an optional extra
     from polcache.policy.checkpoint import check_compatible
 
@@ -87,12 +94,13 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     meta = {"obs_keys": list(backend.spec.obs), "obs_spec": {k: v.to_dict() for k, v in backend.spec.obs.items()},
             "action_dim": backend.spec.action_dim}
     check_compatible(meta, env.observation_spec(), env.action_dim, f"task {task!r}")
+    cap = min(env.max_episode_steps, max_steps or env.max_episode_steps)
     latencies: list[float] = []
     per_episode = []
     try:
         for i in tqdm(range(episodes), desc=f"eval {task}", disable=not progress, unit="ep"):
             frames = [] if video_dir and i < video_episodes else None
-            ep = run_episode(env, backend, seed + i, latencies, frames)
+            ep = run_episode(env, backend, seed + i, latencies, frames, max_steps, action_steps)
             per_episode.append(ep)
             if frames:
                 _write_gif(Path(video_dir) / f"{task}_seed{seed + i}.gif", frames)
@@ -103,7 +111,8 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         task=task, episodes=episodes, successes=n_ok, success_rate=n_ok / max(1, episodes),
         ci95=wilson_interval(n_ok, episodes),
         mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else 0.0,
-        latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode)
+        latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode, extra={"max_steps": cap,
+                                                                      "action_steps": action_steps or backend.spec.n_action_steps})
 
 
 def _write_gif(path: Path, frames: list[np.ndarray]) -> None:

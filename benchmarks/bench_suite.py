@@ -1,0 +1,90 @@
+"""Train and evaluate one config on a task suite (Meta-World MT10 by default): one row per task
+plus the mean, with 95% intervals, training time and chunk latency.
+
+    python benchmarks/bench_suite.py --config configs/recommended_cpu.yaml             # MT10, 2 local workers
+    python benchmarks/bench_suite.py --config configs/recommended_cpu.yaml --untrained # the same table, untrained
+    python benchmarks/bench_suite.py --tasks push-v3,door-open-v3 --set train.epochs=100
+    python benchmarks/bench_suite.py --ray auto           # tasks as Ray tasks on an existing cluster
+
+Per task: N expert demonstrations (seeds demo-seed..), the config trained on them, then
+--episodes evaluation episodes on seeds disjoint from the demonstrations. Resumable: rerunning
+the same command reuses finished tasks and resumes interrupted training (OUT/<task>/)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from common import RESULTS, print_table, write_json  # noqa: E402
+
+from polcache.sim.stats import wilson_interval  # noqa: E402
+from polcache.sim.suite import SuiteRun, TaskResult, resolve_tasks, run_suite  # noqa: E402
+
+COLUMNS = ["task", "success", "95% CI", "mean length", "train min", "steps", "chunk p50 ms"]
+
+
+def row(r: TaskResult) -> dict:
+    lo, hi = r.ci95
+    return {"task": r.task, "success": f"{r.success_rate:.0%} ({r.successes}/{r.episodes})", "95% CI": f"{lo:.0%}-{hi:.0%}",
+            "mean length": f"{r.mean_episode_length:.0f}", "train min": f"{r.train_seconds / 60:.1f}",
+            "steps": r.train_steps, "chunk p50 ms": f"{r.chunk_latency_ms['p50']:.1f}"}
+
+
+def mean_row(results: list[TaskResult]) -> dict:
+    ok, n = sum(r.successes for r in results), sum(r.episodes for r in results)
+    lo, hi = wilson_interval(ok, n)
+    return {"task": "mean", "success": f"{ok / n:.1%}", "95% CI": f"{lo:.0%}-{hi:.0%}",
+            "mean length": f"{sum(r.mean_episode_length for r in results) / len(results):.0f}",
+            "train min": f"{sum(r.train_seconds for r in results) / 60:.1f} total",
+            "steps": "", "chunk p50 ms": f"{sorted(r.chunk_latency_ms['p50'] for r in results)[len(results) // 2]:.1f}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/recommended_cpu.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value (repeatable)")
+    ap.add_argument("--tasks", default="mt10", help="a suite name (mt10) or comma-separated task names")
+    ap.add_argument("--demos", type=int, default=50)
+    ap.add_argument("--demo-seed", type=int, default=0)
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--eval-seed", type=int, default=1000, help="evaluation seeds start here (demonstrations use demo-seed..)")
+    ap.add_argument("--max-steps", type=int, help="episode cap for evaluation (default: the task's, 500)")
+    ap.add_argument("--sampler", choices=["ddpm", "ddim", "flow"])
+    ap.add_argument("--steps", type=int, help="denoising steps at evaluation")
+    ap.add_argument("--action-steps", type=int, help="executed actions per chunk at evaluation (default: the config's)")
+    ap.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    ap.add_argument("--untrained", action="store_true", help="evaluate the config's policy at initialisation")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="local worker processes")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per task")
+    ap.add_argument("--ray", metavar="ADDRESS", help="run tasks on Ray: 'auto' (existing cluster), 'ray://host:port' or 'local'")
+    ap.add_argument("--out", default=str(RESULTS / "suite"), help="working directory (datasets, runs, per-task results)")
+    ap.add_argument("--json", help="summary JSON (default OUT/suite[_untrained].json)")
+    args = ap.parse_args()
+    if args.demo_seed <= args.eval_seed < args.demo_seed + args.demos:
+        ap.error("evaluation seeds overlap the demonstration seeds")
+
+    run = SuiteRun(config=args.config, overrides=tuple(args.overrides), demos=args.demos, demo_seed=args.demo_seed,
+                   episodes=args.episodes, eval_seed=args.eval_seed, max_steps=args.max_steps, sampler=args.sampler,
+                   steps=args.steps, action_steps=args.action_steps, untrained=args.untrained, checkpoint=args.checkpoint, threads=args.threads)
+    tasks = resolve_tasks(args.tasks)
+    print(f"{len(tasks)} tasks, {'ray ' + args.ray if args.ray else f'{args.workers} local workers'}, out {args.out}")
+    results = run_suite(tasks, run, args.out, workers=args.workers, ray_address=args.ray,
+                        on_result=lambda r: print(f"done {r.task}: {r.success_rate:.0%} ({r.successes}/{r.episodes}), "
+                                                  f"trained {r.train_seconds / 60:.1f} min", flush=True))
+    rows = [row(r) for r in results] + [mean_row(results)]
+    cap = results[0].extra.get("max_steps")
+    print(f"\nsuccess = Meta-World info['success'] at any step of an episode capped at {cap} steps; "
+          f"{args.episodes} episodes per task, seeds {args.eval_seed}-{args.eval_seed + args.episodes - 1}")
+    print_table(rows, COLUMNS)
+    name = "suite_untrained.json" if args.untrained else "suite.json"
+    write_json(args.json or Path(args.out) / name, {"run": run.key(), "episode_cap": cap, "rows": rows,
+                                                     "results": [{k: v for k, v in r.__dict__.items()} for r in results]})
+
+
+if __name__ == "__main__":
+    main()

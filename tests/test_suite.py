@@ -1,0 +1,60 @@
+"""The suite runner: record -> train -> evaluate per task, resumable, local processes or Ray."""
+
+import json
+
+import pytest
+
+from polcache.errors import PolcacheError
+from polcache.sim import suite
+from polcache.sim.suite import SuiteRun, resolve_tasks, run_suite, run_task
+
+pytestmark = pytest.mark.slow
+
+TINY = ("policy.n_layers=1", "policy.width=32", "policy.state_hidden=32", "policy.sampler.inference_steps=2",
+        "train.batch_size=16", "train.warmup_steps=2", "train.steps=6", "train.checkpoint_every=3",
+        "train.val_windows=4")
+
+
+def _run(**kw) -> SuiteRun:
+    return SuiteRun(config="configs/metaworld_small.yaml", overrides=TINY, demos=2, demo_seed=0, episodes=2,
+                    eval_seed=100, max_steps=16, **kw)
+
+
+def test_resolve_tasks():
+    assert resolve_tasks("mt10")[0] == "reach-v3" and len(resolve_tasks("MT10")) == 10
+    assert resolve_tasks("push-v3, reach-v3") == ["push-v3", "reach-v3"]
+    with pytest.raises(PolcacheError, match="unknown"):
+        resolve_tasks("push-v9")
+
+
+def test_task_result_is_stored_and_reused(tmp_path, monkeypatch):
+    first = run_task("reach-v3", _run(), tmp_path)
+    assert first.episodes == 2 and first.train_steps == 6 and first.demos == 2
+    assert first.extra["max_steps"] == 16 and all(e["length"] <= 16 for e in first.extra["per_episode"])
+    stored = json.loads((tmp_path / "reach-v3" / "result.json").read_text())
+    assert stored["successes"] == first.successes
+
+    import polcache.train.loop as loop
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a finished task must not train again"))
+    assert run_task("reach-v3", _run(), tmp_path).successes == first.successes
+    # A different request is not served from the stored result.
+    monkeypatch.undo()
+    again = run_task("reach-v3", _run(action_steps=4), tmp_path)
+    assert again.run["action_steps"] == 4
+
+
+def test_untrained_row_and_parallel_workers(tmp_path):
+    results = run_suite(["reach-v3", "drawer-close-v3"], _run(untrained=True), tmp_path, workers=2)
+    assert [r.task for r in results] == ["reach-v3", "drawer-close-v3"]
+    assert all(r.train_steps == 0 and r.episodes == 2 for r in results)
+    assert (tmp_path / "drawer-close-v3" / "untrained.json").exists()
+
+
+def test_ray_local_instance_gives_the_same_table(tmp_path):
+    pytest.importorskip("ray", reason="ray is an optional extra (pip install -e '.[cluster]')")
+    local = run_suite(["reach-v3"], _run(untrained=True), tmp_path / "local")
+    on_ray = run_suite(["reach-v3"], _run(untrained=True), tmp_path / "ray", ray_address="local")
+    assert [(r.task, r.successes, r.mean_episode_length) for r in on_ray] == \
+           [(r.task, r.successes, r.mean_episode_length) for r in local]
+    assert (tmp_path / "ray" / "reach-v3" / "untrained.json").exists()
+    assert suite._stored(tmp_path / "ray" / "reach-v3" / "untrained.json", _run(untrained=True)) is not None
