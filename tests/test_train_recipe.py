@@ -81,3 +81,10 @@ def test_epoch_training_keeps_the_best_validated_checkpoint(dataset, tmp_path): 
     # Resuming a finished run does not replace best with a worse score.
     assert main(args) == 0
     assert load_policy(run / "best")[2]["step"] == best_step
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    # YAML 1.1 reads `1e-3` as a string; a learning rate written that way must still work.
+    assert load_config("configs/metaworld_small.yaml", ["train.lr=1e-3"]).train.lr == 1e-3
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_config("configs/metaworld_small.yaml", ["train.lr=fast"])
