@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--sampler", choices=["ddpm", "ddim", "flow"])
     ap.add_argument("--steps", type=int, help="denoising steps at evaluation")
     ap.add_argument("--action-steps", type=int, help="executed actions per chunk at evaluation (default: the config's)")
+    ap.add_argument("--ensemble", type=float, metavar="DECAY", help="temporal ensembling at evaluation (default off)")
     ap.add_argument("--checkpoint", choices=["best", "last"], default="best")
     ap.add_argument("--untrained", action="store_true", help="evaluate the config's policy at initialisation")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="local worker processes")
@@ -70,7 +71,8 @@ def main() -> None:
 
     run = SuiteRun(config=args.config, overrides=tuple(args.overrides), demos=args.demos, demo_seed=args.demo_seed,
                    episodes=args.episodes, eval_seed=args.eval_seed, max_steps=args.max_steps, sampler=args.sampler,
-                   steps=args.steps, action_steps=args.action_steps, untrained=args.untrained, checkpoint=args.checkpoint, threads=args.threads)
+                   steps=args.steps, action_steps=args.action_steps,
+                   ensemble_decay=args.ensemble, untrained=args.untrained, checkpoint=args.checkpoint, threads=args.threads)
     tasks = resolve_tasks(args.tasks)
     print(f"{len(tasks)} tasks, {'ray ' + args.ray if args.ray else f'{args.workers} local workers'}, out {args.out}")
     results = run_suite(tasks, run, args.out, workers=args.workers, ray_address=args.ray,

@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                            "task's own cap, 500 for Meta-World)")
     p.add_argument("--action-steps", type=positive_int, help="execute only the first N actions of each chunk, then "
                                                               "replan (default: the checkpoint's n_action_steps)")
+    p.add_argument("--ensemble", type=float, metavar="DECAY", help="temporal ensembling of overlapping chunks with the "
+                   "robot client's action schedule, weight exp(-DECAY*k) for the k-th newest chunk (default: off)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest at batch 1)")
     p.add_argument("--json", help="write the full result as JSON here")
     p.add_argument("--video", help="directory for GIFs of the first --video-episodes episodes")
@@ -39,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from polcache.atomic import atomic_write_text
     from polcache.policy.backend import TorchBackend, load_backend
-    from polcache.sim.evaluate import evaluate
+    from polcache.sim.evaluate import Rollout, evaluate
 
     torch.set_num_threads(max(1, args.threads))
     backend = load_backend(args.checkpoint, cache=args.cache, sampler=args.sampler, steps=args.steps)
@@ -47,8 +49,8 @@ def _run(args: argparse.Namespace) -> int:
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
     result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
-                      video_dir=args.video, video_episodes=args.video_episodes if args.video else 0, max_steps=args.max_steps,
-                      action_steps=args.action_steps)
+                      video_dir=args.video, video_episodes=args.video_episodes if args.video else 0,
+                      rollout=Rollout(args.max_steps, args.action_steps, args.ensemble))
     result.extra.update({"checkpoint": args.checkpoint, "sampler": backend.sampler.kind,
                          "steps": backend.sampler.num_steps, "threads": torch.get_num_threads(), "cache": "none"})
     if args.cache:

@@ -51,24 +51,43 @@ def _stack(history: deque) -> dict[str, np.ndarray]:
     return {k: np.stack([o[k] for o in history])[None] for k in history[0]}
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """How actions reach the env. `max_steps` caps episodes below the task's own limit;
+    `action_steps` executes only that many actions per chunk before replanning (default: the
+    policy's n_action_steps); `ensemble_decay` blends overlapping chunks with the robot client's
+    own ActionSchedule (exponential temporal ensembling, weight exp(-decay * k) for the k-th
+    newest chunk), exactly as over ZeroMQ."""
+
+    max_steps: int | None = None
+    action_steps: int | None = None
+    ensemble_decay: float | None = None
+
+
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
-                max_steps: int | None = None, action_steps: int | None = None) -> dict:
-    """One episode; it ends at the first success, when the env says done, or at the step cap
-    (`max_steps`, at most the task's own cap). `action_steps` executes only the first actions of
-    each chunk before replanning (at most the policy's n_action_steps)."""
+                rollout: Rollout = Rollout()) -> dict:
+    """One episode; it ends at the first success, when the env says done, or at the step cap."""
+    from polcache.client.protocol import ActionChunk
+    from polcache.client.schedule import ActionSchedule
+
     spec = backend.spec
-    cap = min(env.max_episode_steps, max_steps or env.max_episode_steps)
+    cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
+    per_chunk = min(spec.n_action_steps, rollout.action_steps or spec.n_action_steps)
+    blend = None if rollout.ensemble_decay is None else ActionSchedule(1.0, "ensemble", rollout.ensemble_decay)
     backend.reset()
     obs = env.reset(seed=seed)
     history = deque([obs] * spec.n_obs_steps, maxlen=spec.n_obs_steps)
     success, done, steps, chunk = False, False, 0, 0
     while not (done or success) and steps < cap:
         t0 = time.perf_counter()
-        actions = backend.predict(_stack(history), seed=seed * 10007 + chunk)[0][:action_steps]
+        actions = backend.predict(_stack(history), seed=seed * 10007 + chunk)[0]
         latencies.append(time.perf_counter() - t0)
+        if blend is not None:  # the step index is the clock: action i is due at step + i
+            blend.add(ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64),
+                                  actions, {}), float(steps))
         chunk += 1
-        for a in actions:
-            obs, _, done, info = env.step(a)
+        for i in range(per_chunk):
+            obs, _, done, info = env.step(actions[i] if blend is None else blend.action_at(float(steps)))
             history.append(obs)
             steps += 1
             if frames is not None:
@@ -80,10 +99,8 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
 
 
 def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, progress: bool = True,
-             video_dir: str | Path | None = None, video_episodes: int = 0, max_steps: int | None = None,
-             action_steps: int | None = None) -> EvalResult:
-    """Roll `backend` out for `episodes` episodes of `task` (episode i uses seed + i). `max_steps`
-    caps episodes below the task's own limit (e.g. 200 to compare with figures measured so)."""
+             video_dir: str | Path | None = None, video_episodes: int = 0, rollout: Rollout = Rollout()) -> EvalResult:
+    """Roll `backend` out for `episodes` episodes of `task` (episode i uses seed + i)."""
     from polcache.envs import make_env  # simulation is an optional extra
     from polcache.policy.checkpoint import check_compatible
 
@@ -94,13 +111,13 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     meta = {"obs_keys": list(backend.spec.obs), "obs_spec": {k: v.to_dict() for k, v in backend.spec.obs.items()},
             "action_dim": backend.spec.action_dim}
     check_compatible(meta, env.observation_spec(), env.action_dim, f"task {task!r}")
-    cap = min(env.max_episode_steps, max_steps or env.max_episode_steps)
+    cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     latencies: list[float] = []
     per_episode = []
     try:
         for i in tqdm(range(episodes), desc=f"eval {task}", disable=not progress, unit="ep"):
             frames = [] if video_dir and i < video_episodes else None
-            ep = run_episode(env, backend, seed + i, latencies, frames, max_steps, action_steps)
+            ep = run_episode(env, backend, seed + i, latencies, frames, rollout)
             per_episode.append(ep)
             if frames:
                 _write_gif(Path(video_dir) / f"{task}_seed{seed + i}.gif", frames)
@@ -112,7 +129,8 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         ci95=wilson_interval(n_ok, episodes),
         mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else 0.0,
         latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode, extra={"max_steps": cap,
-                                                                      "action_steps": action_steps or backend.spec.n_action_steps})
+        "action_steps": min(backend.spec.n_action_steps, rollout.action_steps or backend.spec.n_action_steps),
+        "ensemble_decay": rollout.ensemble_decay})
 
 
 def _write_gif(path: Path, frames: list[np.ndarray]) -> None:

@@ -40,6 +40,7 @@ class SuiteRun:
     steps: int | None = None
     untrained: bool = False  # evaluate the config's policy at initialisation (the floor of the table)
     action_steps: int | None = None  # executed actions per chunk at evaluation (None: the config's)
+    ensemble_decay: float | None = None  # temporal ensembling at evaluation (None: off)
     checkpoint: str = "best"  # which checkpoint of a run to evaluate: best (validation) or last
     threads: int = 1
 
@@ -94,7 +95,7 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
     from polcache.data import EpisodeStore
     from polcache.envs import record_demonstrations
     from polcache.policy.backend import load_backend
-    from polcache.sim.evaluate import evaluate
+    from polcache.sim.evaluate import Rollout, evaluate
     from polcache.train.loop import save_initial, train
 
     torch.set_num_threads(run.threads)
@@ -114,8 +115,8 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
         checkpoint = checkpoint.parent / "best"
     train_seconds = _train_seconds(Path(cfg.out)) if not run.untrained else 0.0
     backend = load_backend(checkpoint, sampler=run.sampler, steps=run.steps)
-    res = evaluate(backend, task, run.episodes, run.eval_seed, progress=False, max_steps=run.max_steps,
-                   action_steps=run.action_steps)
+    res = evaluate(backend, task, run.episodes, run.eval_seed, progress=False,
+                   rollout=Rollout(run.max_steps, run.action_steps, run.ensemble_decay))
     result = TaskResult(
         task=task, run=run.key(), success_rate=res.success_rate, successes=res.successes, episodes=res.episodes,
         ci95=list(res.ci95), mean_episode_length=res.mean_episode_length, chunk_latency_ms=res.latency_ms,

@@ -1,0 +1,68 @@
+"""How evaluation feeds chunks to the env: step cap, executed actions per chunk, ensembling."""
+
+import numpy as np
+import pytest
+
+from polcache.sim.evaluate import Rollout, run_episode
+from fakes import ACTION_DIM, STATE_DIM, fake_spec
+
+
+class CountingEnv:
+    """Never succeeds; records every action it is given."""
+
+    max_episode_steps = 40
+
+    def __init__(self):
+        self.actions: list[np.ndarray] = []
+
+    def reset(self, seed=None):
+        self.actions.clear()
+        return {"state": np.zeros(STATE_DIM, np.float32)}
+
+    def step(self, action):
+        self.actions.append(np.asarray(action))
+        return {"state": np.zeros(STATE_DIM, np.float32)}, 0.0, False, {"success": False}
+
+
+class ChunkIndexBackend:
+    """Chunk c is filled with the value c, so an executed action says which chunks made it."""
+
+    def __init__(self, n_action_steps=4):
+        self.spec = fake_spec(n_action_steps=n_action_steps)
+        self.calls = 0
+
+    def predict(self, obs, seed=None):
+        out = np.full((1, self.spec.n_action_steps, ACTION_DIM), float(self.calls), np.float32)
+        self.calls += 1
+        return out
+
+    def reset(self):
+        self.calls = 0
+
+
+def _run(rollout: Rollout, n_action_steps=4):
+    env, backend, lat = CountingEnv(), ChunkIndexBackend(n_action_steps), []
+    result = run_episode(env, backend, seed=0, latencies=lat, rollout=rollout)
+    return result, np.array([a[0] for a in env.actions]), len(lat)
+
+
+def test_cap_and_default_chunking():
+    result, acts, chunks = _run(Rollout(max_steps=10))
+    assert result["length"] == 10 and chunks == 3
+    assert acts.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert _run(Rollout())[0]["length"] == CountingEnv.max_episode_steps
+    assert _run(Rollout(max_steps=1000))[0]["length"] == CountingEnv.max_episode_steps  # never above the task's
+
+
+def test_fewer_executed_actions_replan_sooner():
+    _, acts, chunks = _run(Rollout(max_steps=6, action_steps=2))
+    assert acts.tolist() == [0, 0, 1, 1, 2, 2] and chunks == 3
+    assert _run(Rollout(max_steps=8, action_steps=99))[2] == 2  # at most the policy's n_action_steps
+
+
+@pytest.mark.parametrize("decay, expected", [(0.0, [0, 0, 0.5, 0.5, 1.5, 1.5]),
+                                             (50.0, [0, 0, 1, 1, 2, 2])])
+def test_ensembling_blends_overlapping_chunks(decay, expected):
+    # Chunks of 4 replanned every 2 steps: from step 2 on, two chunks cover every step.
+    _, acts, _ = _run(Rollout(max_steps=6, action_steps=2, ensemble_decay=decay))
+    assert acts == pytest.approx(expected, abs=1e-6)
