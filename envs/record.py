@@ -47,14 +47,16 @@ def record_demonstrations(
     cameras: tuple[str, ...] | None = None,
     image_size: int = 96,
     progress: bool = True,
+    keep: int | None = None,
 ) -> dict:
     """Run the scripted expert for `episodes` episodes (episode i uses seed + i), keep those that
     end in success, and write them to `out`. Failed ones are dropped rather than kept, since
-    imitation learning would copy the failures. Returns a summary dict."""
+    imitation learning would copy the failures. With `keep`, stop as soon as that many are kept
+    (so "50 demonstrations" means 50 even where the expert fails some). Returns a summary dict."""
     from polcache.data.store import write_dataset
 
-    if episodes <= 0:
-        raise PolcacheError(f"episodes must be positive, got {episodes}")
+    if episodes <= 0 or (keep is not None and keep <= 0):
+        raise PolcacheError(f"episodes and keep must be positive, got {episodes} and {keep}")
     env = make_env(task, seed=seed, image=image, cameras=cameras, image_size=image_size)
     try:
         expert = make_expert(task, env)
@@ -68,9 +70,11 @@ def record_demonstrations(
                 else:
                     dropped_seeds.append(seed + i)
                 bar.set_postfix(kept=len(kept), dropped=len(dropped_seeds))
+                if keep is not None and len(kept) >= keep:
+                    break
         if progress:
             failed = f" (seeds {dropped_seeds})" if dropped_seeds else ""
-            print(f"record {task}: kept {len(kept)} of {episodes} episodes, dropped {len(dropped_seeds)} where the expert failed{failed}")
+            print(f"record {task}: kept {len(kept)} of {len(kept) + len(dropped_seeds)} episodes, dropped {len(dropped_seeds)} where the expert failed{failed}")
         if not kept:
             raise PolcacheError(f"{task}: the expert failed all {episodes} episodes; nothing written to {out}")
         attrs = {

@@ -13,6 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--task", required=True, help="task name, e.g. reach-v3 or cue-reach")
     p.add_argument("--episodes", type=int, required=True, help="episodes to attempt (failed ones are dropped)")
+    p.add_argument("--keep", type=int, help="stop once this many successful episodes are kept (attempting at most "
+                                            "--episodes)")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument("--image", action="store_true", help="also record camera images")
     p.add_argument("--seed", type=int, default=0, help="seed of episode 0; episode i uses seed + i")
@@ -27,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = record_demonstrations(
         args.task, args.episodes, args.out, image=args.image, seed=args.seed,
-        cameras=args.cameras, image_size=args.image_size,
+        cameras=args.cameras, image_size=args.image_size, keep=args.keep,
     )
     print(f"wrote {summary['path']}: {summary['episodes']} episodes, {summary['steps']} steps, obs {', '.join(summary['obs_keys'])}")
     return 0

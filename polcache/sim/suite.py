@@ -106,7 +106,8 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
         return stored
     data = Path(out) / "data" / f"{task}_{run.demos}demos_seed{run.demo_seed}.zarr"
     if not data.exists():
-        record_demonstrations(task, run.demos, data, seed=run.demo_seed, progress=False)
+        # Up to twice the attempts, so tasks whose expert sometimes fails still get `demos` episodes.
+        record_demonstrations(task, 2 * run.demos, data, seed=run.demo_seed, progress=False, keep=run.demos)
     cfg = load_config(run.config, [*run.overrides, f"task={task}", f"dataset={data}",
                                    f"out={root / ('untrained' if run.untrained else 'run')}", f"train.threads={run.threads}"])
     t0 = time.time()
