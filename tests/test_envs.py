@@ -227,6 +227,21 @@ def test_record_drops_failed_episodes(tmp_path, monkeypatch):
     assert store.obs_keys == ["image_top", "state"] and store.num_episodes == summary["episodes"]
 
 
+def test_record_keep_replaces_failed_episodes(tmp_path, monkeypatch):
+    from polcache.envs import record
+
+    def flaky_expert(task, env):
+        expert = make_expert(task, env)
+        return lambda obs: np.zeros(2, np.float32) if env.target == 0 else expert(obs)
+
+    monkeypatch.setattr(record, "make_expert", flaky_expert)
+    summary = record_demonstrations("cue-reach", 20, tmp_path / "cue", progress=False, keep=3)
+    assert summary["episodes"] == 3  # stopped once 3 were kept, failures did not count
+    attempted = 3 + summary["dropped"]
+    env = make_env("cue-reach")
+    assert summary["dropped_seeds"] == [s for s in range(attempted) if (env.reset(seed=s), env.target)[1] == 0]
+
+
 def test_record_cli(tmp_path, capsys):
     from polcache.envs.record_cli import register
 
