@@ -191,6 +191,15 @@ def test_round_trip(polcache_ds, tmp_path):
     np.testing.assert_array_equal(back.array("action"), src.array("action"))
     assert_images_close(back.array("image_front"), src.array("image_front"))
     assert back.attrs["fps"] == 20 and back.attrs["state_names"] == ["p0", "p1", "p2", "p3"]
+    assert "task" not in back.attrs  # several tasks: no single dataset task
+
+
+def test_single_task_becomes_the_dataset_task(tmp_path):
+    src = tmp_path / "one.zarr"
+    write_dataset(src, [smooth_episode(4, 0, "push-v3"), smooth_episode(4, 1, "push-v3")])
+    lr.export_lerobot(src, tmp_path / "exported", progress=False)
+    lr.import_lerobot(tmp_path / "exported", tmp_path / "back.zarr", progress=False)
+    assert EpisodeStore.open(tmp_path / "back.zarr").attrs["task"] == "push-v3"  # train/eval find the env by it
 
 
 def test_exported_meta_structure(polcache_ds, tmp_path):

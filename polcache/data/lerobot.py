@@ -436,6 +436,8 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True) -> 
     episodes = [Episode(obs={k: v[s:s + n] for k, v in obs_all.items()}, action=action[s:s + n], task=tasks[e])
                 for e, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist()))]
     attrs: dict[str, Any] = {"fps": fps, "source": f"lerobot {info['codebase_version']}"}
+    if len(set(tasks)) == 1 and tasks[0]:  # one task throughout (e.g. a Meta-World task name): the dataset's task
+        attrs["task"] = tasks[0]
     if info.get("robot_type"):
         attrs["robot_type"] = info["robot_type"]
     for key, attr in ((STATE, "state_names"), (ACTION, "action_names")):
