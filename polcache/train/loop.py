@@ -147,10 +147,13 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
         out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
     if rank == 0 and step == 0:
-        epochs = f"{cfg.train.epochs} epochs of " if cfg.train.epochs else ""
+        epochs = f" ({cfg.train.epochs} epochs of {steps // cfg.train.epochs} batches)" if cfg.train.epochs else ""
+        plan = f"{steps} steps{epochs} at batch {cfg.train.batch_size}, {len(train_data)} training windows"
+        if progress:
+            print(f"training {plan}")
         with open(log_path, "a") as f:
             f.write(json.dumps({"steps": steps, "train_windows": len(train_data), "val_windows": len(val_data),
-                                "plan": f"{epochs}{steps} steps at batch {cfg.train.batch_size}"}) + "\n")
+                                "plan": plan}) + "\n")
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
     best = _best_so_far(out / "best")
     policy.train()
