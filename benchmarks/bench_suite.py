@@ -25,13 +25,21 @@ from common import RESULTS, print_table, write_json  # noqa: E402
 from polcache.sim.stats import wilson_interval  # noqa: E402
 from polcache.sim.suite import SuiteRun, TaskResult, resolve_tasks, run_suite  # noqa: E402
 
-COLUMNS = ["task", "success", "95% CI", "mean length", "train min", "steps", "chunk p50 ms"]
+COLUMNS = ["task", "success", "95% CI", "within 200 steps", "mean length", "train min", "steps", "chunk p50 ms"]
+SHORT_CAP = 200  # LeRobot's evaluations cap Meta-World episodes here
+
+
+def within(r: TaskResult, cap: int = SHORT_CAP) -> int:
+    """Successes an evaluation capped at `cap` steps would count: episodes end at the first success
+    and rollouts are seeded, so the first `cap` steps are the same run."""
+    return sum(e["success"] and e["length"] <= cap for e in r.extra["per_episode"])
 
 
 def row(r: TaskResult) -> dict:
     lo, hi = r.ci95
     return {"task": r.task, "success": f"{r.success_rate:.0%} ({r.successes}/{r.episodes})", "95% CI": f"{lo:.0%}-{hi:.0%}",
-            "mean length": f"{r.mean_episode_length:.0f}", "train min": f"{r.train_seconds / 60:.1f}",
+            "within 200 steps": f"{within(r) / r.episodes:.0%}", "mean length": f"{r.mean_episode_length:.0f}",
+            "train min": f"{r.train_seconds / 60:.1f}",
             "steps": r.train_steps, "chunk p50 ms": f"{r.chunk_latency_ms['p50']:.1f}"}
 
 
@@ -39,6 +47,7 @@ def mean_row(results: list[TaskResult]) -> dict:
     ok, n = sum(r.successes for r in results), sum(r.episodes for r in results)
     lo, hi = wilson_interval(ok, n)
     return {"task": "mean", "success": f"{ok / n:.1%}", "95% CI": f"{lo:.0%}-{hi:.0%}",
+            "within 200 steps": f"{sum(within(r) for r in results) / n:.1%}",
             "mean length": f"{sum(r.mean_episode_length for r in results) / len(results):.0f}",
             "train min": f"{sum(r.train_seconds for r in results) / 60:.1f} total",
             "steps": "", "chunk p50 ms": f"{sorted(r.chunk_latency_ms['p50'] for r in results)[len(results) // 2]:.1f}"}
