@@ -23,3 +23,6 @@ def positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
     return n
+
+
+DEVICE_HELP = "compute device: cpu, cuda, cuda:N or auto (cuda when available, else cpu); default cpu"

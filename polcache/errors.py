@@ -20,3 +20,7 @@ class DatasetError(PolcacheError):
 
 class UnknownTaskError(PolcacheError):
     """A task name that no registered simulation task answers to."""
+
+
+class DeviceError(PolcacheError):
+    """A compute device that this machine does not have (e.g. --device cuda without CUDA)."""

@@ -137,8 +137,9 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     """Calibrate a checkpoint, solve its schedule, and write it to `out` (plus a heatmap PNG beside it)."""
     from polcache.cache.plot import plot_schedule
     from polcache.policy.checkpoint import load_policy
+    from polcache.policy.device import resolve_device
 
-    policy, cfg, _ = load_policy(checkpoint, device)
+    policy, cfg, _ = load_policy(checkpoint, resolve_device(device))
     smp = policy.sampler(sampler, steps)
     K, n = smp.num_steps, len(policy.denoiser.block_names)
     if not 1 <= budget <= K:

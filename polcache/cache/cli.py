@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import positive_int
+from polcache.cli_types import DEVICE_HELP, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="do not recompute every block at the final step (the authors' code does)")
     p.add_argument("--seed", type=int, default=0, help="seed for observation choice and sampling noise")
     p.add_argument("--batch-size", type=positive_int, default=8, help="observations per calibration batch")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: shared CPUs oversubscribe badly)")
     p.add_argument("--out", required=True, help="schedule JSON to write (the heatmap goes to the same name .png)")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from polcache.policy.checkpoint import load_policy
+from polcache.policy.device import resolve_device
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.spec import PolicySpec
 
@@ -39,7 +40,9 @@ class TorchBackend:
 
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,
                  device: str = "cpu") -> TorchBackend:
-    """Load a checkpoint as a backend; `cache` names a schedule file or a baseline spec (see polcache.cache)."""
+    """Load a checkpoint as a backend on `device` (cpu, cuda, cuda:N, auto); `cache` names a schedule
+    file or a baseline spec (see polcache.cache)."""
+    device = resolve_device(device)
     policy, _, _ = load_policy(checkpoint, device)
     plan = None
     if cache:

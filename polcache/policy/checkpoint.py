@@ -136,7 +136,7 @@ def load_train_state(path: str | Path) -> TrainState | None:
     train = Path(path) / "train"
     if not (train / "state.pt").is_file():
         return None
-    state = torch.load(train / "state.pt", weights_only=True)
+    state = torch.load(train / "state.pt", weights_only=True, map_location="cpu")  # the optimizer moves it back
     return TrainState(load_file(str(train / "model.safetensors")), state["optimizer"], state["lr_scheduler"],
                       int(state["step"]))
 

@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 
-from polcache.cli_types import positive_float, positive_int
+from polcache.cli_types import DEVICE_HELP, positive_float, positive_int
 from polcache.client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from polcache.client.schedule import BLEND_MODES
 from polcache.serve.server import DEFAULT_BIND
@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-bytes", type=positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help=f"refuse larger messages (default {DEFAULT_MAX_MESSAGE_BYTES})")
     p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     _add_metrics_args(p)
     p.set_defaults(handler=_serve)
 
@@ -86,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     _logging()
     torch.set_num_threads(args.threads)
-    backend = load_backend(args.checkpoint, cache=args.cache)
+    backend = load_backend(args.checkpoint, cache=args.cache, device=args.device)
     with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from polcache.cli_types import positive_int
+from polcache.cli_types import DEVICE_HELP, positive_int
 from polcache.errors import PolcacheError
 
 
@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                               "replan (default: the checkpoint's n_action_steps)")
     p.add_argument("--ensemble", type=float, metavar="DECAY", help="temporal ensembling of overlapping chunks with the "
                    "robot client's action schedule, weight exp(-DECAY*k) for the k-th newest chunk (default: off)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest at batch 1)")
     p.add_argument("--json", help="write the full result as JSON here")
     p.add_argument("--video", help="directory for GIFs of the first --video-episodes episodes")
@@ -44,7 +45,8 @@ def _run(args: argparse.Namespace) -> int:
     from polcache.sim.evaluate import Rollout, evaluate
 
     torch.set_num_threads(max(1, args.threads))
-    backend = load_backend(args.checkpoint, cache=args.cache, sampler=args.sampler, steps=args.steps)
+    backend = load_backend(args.checkpoint, cache=args.cache, sampler=args.sampler, steps=args.steps,
+                           device=args.device)
     task = args.task or backend.spec.task
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
@@ -56,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cache:
         from polcache.cache import plan_summary
 
-        uncached = TorchBackend(backend.policy, args.sampler, args.steps)
+        uncached = TorchBackend(backend.policy, args.sampler, args.steps, device=backend.device)
         result.extra["cache"] = plan_summary(backend.plan) | {"spec": args.cache}
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from polcache.cli_types import DEVICE_HELP
 from polcache.config import load_config
 
 
@@ -15,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
     p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value, e.g. train.steps=1000")
     p.add_argument("--fresh", action="store_true", help="ignore OUT/last and start from scratch")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     p.set_defaults(handler=_run)
 
@@ -23,6 +25,6 @@ def _run(args: argparse.Namespace) -> int:
     from polcache.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    path = train(cfg, fresh=args.fresh, progress=not args.no_progress)
+    path = train(cfg, fresh=args.fresh, progress=not args.no_progress, device=args.device)
     print(f"checkpoint: {path}")
     return 0

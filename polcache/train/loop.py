@@ -29,6 +29,7 @@ from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError
 from polcache.policy.checkpoint import TrainState, load_train_state, read_meta, save_checkpoint
+from polcache.policy.device import resolve_device, to_device
 from polcache.policy.policy import DiffusionPolicy
 from polcache.train.ema import EMA
 
@@ -85,12 +86,13 @@ def validate(policy: DiffusionPolicy, data: SequenceDataset, batch_size: int, wi
     if len(data) == 0:
         return {}
     policy.eval()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
     idx = torch.linspace(0, len(data) - 1, min(len(data), max(windows, batch_size))).long().unique().tolist()
     loader = DataLoader(torch.utils.data.Subset(data, idx), batch_size=batch_size, shuffle=False)
     losses, errors = [], []
     start, n_act = policy.cfg.n_obs_steps - 1, policy.cfg.n_action_steps
     for i, batch in enumerate(loader):
+        batch = to_device(batch, g.device)
         losses.append(policy.compute_loss(batch, g).item())
         if i * batch_size < windows:
             x = policy.sample(policy.encode(batch["obs"]), policy.sampler(), generator=g)
@@ -102,11 +104,16 @@ def validate(policy: DiffusionPolicy, data: SequenceDataset, batch_size: int, wi
     return out
 
 
-def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> Path:
-    """Train the policy described by `cfg`; returns the path of the final checkpoint (`out/last`)."""
+def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, device: str = "cpu") -> Path:
+    """Train the policy described by `cfg` on `device` (cpu, cuda, cuda:N, auto; under torchrun each
+    process takes its LOCAL_RANK's GPU); returns the path of the final checkpoint (`out/last`)."""
     if not cfg.dataset:
         raise ConfigError("dataset: no dataset path given (set `dataset:` in the config or dataset=PATH)")
+    dev = resolve_device(device)
     rank, world = _distributed()
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed + rank)
@@ -117,7 +124,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
         raise ConfigError(f"task is {cfg.task!r} but dataset {cfg.dataset} was recorded on {recorded!r}; "
                           f"set task={recorded} (or leave task empty)")
     cfg.task = cfg.task or recorded
-    policy = build_policy(cfg, store)
+    policy = build_policy(cfg, store).to(dev)
     train_ids, val_ids = episode_split(store.num_episodes, cfg.train.val_fraction, cfg.train.seed)
     p = cfg.policy
     train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, train_ids)
@@ -132,11 +139,13 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
     step = 0
     last = out / "last"
     if not fresh and last.exists():
-        step = _resume(last, cfg, policy, optimizer, lr_sched, ema)
+        step = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev)
         if rank == 0:
             print(f"resuming from {last} at step {step}")
 
-    model = DistributedDataParallel(policy) if world > 1 else policy
+    model = policy
+    if world > 1:
+        model = DistributedDataParallel(policy, device_ids=[dev.index] if dev.type == "cuda" else None)
     sampler = DistributedSampler(train_data, world, rank, shuffle=True, seed=cfg.train.seed) if world > 1 else None
     loader = DataLoader(train_data, batch_size=cfg.train.batch_size // world, shuffle=sampler is None,
                         sampler=sampler, drop_last=len(train_data) >= cfg.train.batch_size,
@@ -160,7 +169,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True) -> 
     t0 = time.time()
     try:
         while step < steps:
-            batch = next(batches)
+            batch = to_device(next(batches), dev)
             loss = model(batch, cfg.train.state_noise)  # forward is the training loss, so DDP syncs its gradients
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -221,7 +230,8 @@ def _save(path: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, ema: EMA, 
                     TrainState(policy.state_dict(), optimizer.state_dict(), lr_sched.state_dict(), step))
 
 
-def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA) -> int:
+def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
+            device: torch.device) -> int:
     old_cfg, _ = read_meta(last)
     if to_dict(old_cfg.policy) != to_dict(cfg.policy) or old_cfg.obs_keys != cfg.obs_keys:
         raise CheckpointError(f"{last} was trained with a different policy config; pass --fresh to start over "
@@ -230,7 +240,7 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     if state is None:
         raise CheckpointError(f"{last} has no training state to resume from; pass --fresh to start over")
     policy.load_state_dict(state.model)
-    ema.load_state_dict(load_file(str(last / "model.safetensors")))
+    ema.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)))
     optimizer.load_state_dict(state.optimizer)
     lr_sched.load_state_dict(state.lr_scheduler)
     return state.step
