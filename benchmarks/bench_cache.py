@@ -233,16 +233,17 @@ def success_mode(args) -> None:
         backend = load_backend(args.checkpoint, cache=None if spec == "none" else spec, sampler=args.sampler,
                                steps=args.steps)
         result = evaluate(backend, args.success, args.episodes, args.seed)
-        summary = plan_summary(backend.plan) if backend.plan is not None else {"compute_limit": 1.0}
+        what = backend.describe()
+        summary = what["cache"] or {"compute_limit": 1.0}
         lo, hi = result.ci95
-        rows.append({"task": args.success, "sampler": f"{backend.sampler.kind.upper()}-{backend.sampler.num_steps}",
+        rows.append({"task": args.success, "sampler": f"{what['sampler'].upper()}-{what['steps']}",
                      "cache": spec, "success": round(result.success_rate, 3),
                      "ci95": f"{lo:.2f}-{hi:.2f}", "episodes": result.episodes, "limit": summary["compute_limit"],
                      "p50_ms": round(result.latency_ms["p50"], 1)})
         print(result.summary())
     print(f"{torch.get_num_threads()} thread(s)")
     print_table(rows, ["task", "sampler", "cache", "success", "ci95", "episodes", "limit", "p50_ms"])
-    kind, K = backend.sampler.kind, backend.sampler.num_steps
+    kind, K = what["sampler"], what["steps"]
     write_json(args.json.replace(".json", f"_success_{args.success}_{kind}{K}.json"),
                {"benchmark": "cache_success", "checkpoint": args.checkpoint, "sampler": kind, "steps": K,
                 "threads": torch.get_num_threads(), "rows": rows})

@@ -64,6 +64,9 @@ class FakeBackend:
         base = state[:, -1, 0][:, None] + steps[None, :]
         return np.repeat(base[:, :, None], self.spec.action_dim, axis=2).astype(np.float32)
 
+    def describe(self) -> dict:
+        return {"backend": "fake", "device": "cpu", "sampler": "none", "steps": 0, "cache": None}
+
     def reset(self) -> None:
         self.resets += 1
 

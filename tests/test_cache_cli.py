@@ -82,3 +82,17 @@ def test_a_relative_dataset_is_found_from_another_directory(tmp_path, monkeypatc
     assert find_dataset("data/d.zarr", ckpt) == tmp_path / "data" / "d.zarr"
     assert find_dataset("data/d.zarr") is None and find_dataset("data/missing.zarr", ckpt) is None
     assert find_dataset("", ckpt) is None
+
+
+def test_eval_with_cache_reports_plan_and_side_by_side_speedup(tmp_path):
+    import json
+
+    from polcache.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1", "--max-steps", "8",
+                 "--cache", "uniform:4", "--json", str(out), "--no-progress"]) == 0
+    extra = json.loads(out.read_text())["extra"]
+    assert extra["cache"]["method"] == "uniform" and extra["cache"]["compute_limit"] == 4.0
+    assert extra["speedup"]["uncached_ms"] > 0 and extra["speedup"]["cached_ms"] > 0
+    assert (extra["device"], extra["sampler"], extra["steps"], extra["max_steps"]) == ("cpu", "ddim", 16, 8)

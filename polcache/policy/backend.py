@@ -37,6 +37,15 @@ class TorchBackend:
     def reset(self) -> None:
         """DP-T keeps no state between chunks."""
 
+    def describe(self) -> dict:
+        cache = None
+        if self.plan is not None:
+            from polcache.cache import plan_summary
+
+            cache = plan_summary(self.plan)
+        return {"backend": "torch", "device": str(self.device), "sampler": self.sampler.kind,
+                "steps": self.sampler.num_steps, "cache": cache}
+
 
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,
                  device: str = "cpu") -> TorchBackend:

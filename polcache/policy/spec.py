@@ -73,3 +73,8 @@ class PolicyBackend(Protocol):
     def reset(self) -> None:
         """Forget any per-episode state (e.g. embedding ring buffers)."""
         ...
+
+    def describe(self) -> dict:
+        """What runs, for reports (JSON-able): backend kind, device, sampler kind and `steps`,
+        and `cache` (the cache plan's summary, None when uncached)."""
+        ...

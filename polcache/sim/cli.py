@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from polcache.atomic import atomic_write_text
-    from polcache.policy.backend import TorchBackend, load_backend
+    from polcache.policy.backend import load_backend
     from polcache.sim.evaluate import Rollout, evaluate
 
     torch.set_num_threads(max(1, args.threads))
@@ -53,13 +53,12 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
                       video_dir=args.video, video_episodes=args.video_episodes if args.video else 0,
                       rollout=Rollout(args.max_steps, args.action_steps, args.ensemble))
-    result.extra.update({"checkpoint": args.checkpoint, "sampler": backend.sampler.kind,
-                         "steps": backend.sampler.num_steps, "threads": torch.get_num_threads(), "cache": "none"})
+    what = backend.describe()
+    result.extra.update({"checkpoint": args.checkpoint, "sampler": what["sampler"], "steps": what["steps"],
+                         "device": what["device"], "threads": torch.get_num_threads(), "cache": "none"})
     if args.cache:
-        from polcache.cache import plan_summary
-
-        uncached = TorchBackend(backend.policy, args.sampler, args.steps, device=backend.device)
-        result.extra["cache"] = plan_summary(backend.plan) | {"spec": args.cache}
+        uncached = load_backend(args.checkpoint, sampler=args.sampler, steps=args.steps, device=args.device)
+        result.extra["cache"] = what["cache"] | {"spec": args.cache}
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())
     if args.cache:

@@ -123,7 +123,8 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
         ci95=list(res.ci95), mean_episode_length=res.mean_episode_length, chunk_latency_ms=res.latency_ms,
         train_seconds=round(train_seconds or time.time() - t0, 1), train_steps=int(_checkpoint_step(checkpoint)),
         demos=EpisodeStore.open(data).num_episodes,
-        extra={"checkpoint": str(checkpoint), "sampler": backend.sampler.kind, "denoising_steps": backend.sampler.num_steps,
+        extra={"checkpoint": str(checkpoint), "sampler": backend.describe()["sampler"],
+               "denoising_steps": backend.describe()["steps"],
                "max_steps": res.extra.get("max_steps"), "per_episode": res.per_episode})
     atomic_write_text(result_path, json.dumps(asdict(result), indent=1))
     return result
