@@ -236,3 +236,52 @@ def test_missing_keys_and_busy_ports_are_clear_errors(tmp_path):
     with PolicyServer(FakeBackend(), "tcp://127.0.0.1:0") as server:
         with pytest.raises(PolcacheError, match=f"cannot serve on {server.endpoint}"):
             PolicyServer(FakeBackend(), server.endpoint)
+
+
+def handshake_map(**override) -> bytes:
+    obj = {"v": PROTOCOL_VERSION, "type": "handshake", "obs_spec": {"state": {"shape": [STATE_DIM], "dtype": "float32"}},
+           "action_dim": ACTION_DIM, "hz": 50.0, "name": "x"}
+    obj.update(override)
+    return msgpack.packb(obj)
+
+
+@pytest.mark.parametrize("frame, fragment", [
+    (handshake_map(hz=5e-324), "handshake.hz must be in [0.01, 10000] Hz"),  # would make every due time infinite
+    (handshake_map(hz=1e9), "handshake.hz"),
+    (handshake_map(action_dim=0), "handshake.action_dim must be in 1..65536"),
+    (obs_map(seq=-1), "obs.seq must be in 0..2^63-1"),
+    (obs_map(epoch=2**64 - 1), "obs.epoch"),
+    (obs_map(t_capture=1e300), "obs.t_capture must be within"),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "type": "heartbeat", "t": -1e13}), "heartbeat.t"),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "type": "reset", "epoch": -3}), "reset.epoch"),
+])
+def test_numbers_out_of_range_are_refused_by_name(server, frame, fragment):
+    p = RawPeer(server.endpoint)
+    assert isinstance(p.handshake(), Welcome)
+    reply = p.request(frame)
+    assert isinstance(reply, Error) and reply.code == "out_of_range" and fragment in reply.message, reply
+    assert_still_serving(p)
+    p.close()
+
+
+def test_field_errors_of_an_observation_carry_its_seq(peer):
+    reply = peer.request(obs_map(seq=77, t_capture="soon"))
+    assert reply.code == "bad_type" and reply.seq == 77
+    reply = peer.request(obs_map(seq=78, arrays={"state": {"dtype": "float32", "shape": [-1], "data": b""}}))
+    assert reply.code == "bad_array" and reply.seq == 78
+
+
+def test_the_first_documented_field_wins_when_several_are_wrong(peer):
+    # epoch comes before seq and t_capture in the obs table: it is the one named, every time.
+    for _ in range(5):
+        reply = peer.request(obs_map(epoch="a", seq="b", t_capture="c"))
+        assert reply.code == "bad_type" and reply.message.startswith("obs.epoch") and reply.seq is None
+
+
+def test_observation_of_an_ended_epoch_gets_an_error(peer):
+    from polcache.client.protocol import Reset
+
+    assert isinstance(peer.request(msgpack.packb({"v": PROTOCOL_VERSION, "type": "reset", "epoch": 5})), Reset)
+    reply = peer.request(obs_map(epoch=4, seq=9))
+    assert isinstance(reply, Error) and reply.code == "stale_epoch" and reply.seq == 9
+    assert "older than this session's epoch 5" in reply.message

@@ -25,17 +25,23 @@ ALLOWED_DTYPES = frozenset(
     ["bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32", "float64"]
 )
 MAX_NDIM = 8
+MAX_COUNT = 2**63 - 1  # epoch and seq: non-negative int64
+MIN_HZ, MAX_HZ = 0.01, 10_000.0  # control rates outside these are not a robot's (5e-324 Hz: infinite due times)
+MAX_TIME_S = 1e12  # robot-clock timestamps: finite and within +-1e12 s
+MAX_ACTION_DIM = 65_536
 
 # Per-step observation layout: key -> (shape, dtype name).
 ObsSpec = dict[str, tuple[tuple[int, ...], str]]
 
 
 class ProtocolError(ValueError):
-    """A message that breaks the protocol; `code` is machine-readable, str(self) names the problem."""
+    """A message that breaks the protocol; `code` is machine-readable, str(self) names the problem;
+    `seq` is the observation concerned when the message was an observation with a readable seq."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, seq: int | None = None):
         super().__init__(message)
         self.code = code
+        self.seq = seq
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,34 @@ def _float(value: Any, where: str) -> float:
     return float(value)
 
 
+def _count(value: Any, where: str) -> int:
+    value = _int(value, where)
+    if not 0 <= value <= MAX_COUNT:
+        raise ProtocolError("out_of_range", f"{where} must be in 0..2^63-1, got {value}")
+    return value
+
+
+def _hz(value: Any, where: str) -> float:
+    value = _float(value, where)
+    if not MIN_HZ <= value <= MAX_HZ:
+        raise ProtocolError("out_of_range", f"{where} must be in [{MIN_HZ:g}, {MAX_HZ:g}] Hz, got {value:g}")
+    return value
+
+
+def _time(value: Any, where: str) -> float:
+    value = _float(value, where)
+    if abs(value) > MAX_TIME_S:
+        raise ProtocolError("out_of_range", f"{where} must be within +-{MAX_TIME_S:g} s (robot clock), got {value:g}")
+    return value
+
+
+def _dim(value: Any, where: str) -> int:
+    value = _int(value, where)
+    if not 1 <= value <= MAX_ACTION_DIM:
+        raise ProtocolError("out_of_range", f"{where} must be in 1..{MAX_ACTION_DIM}, got {value}")
+    return value
+
+
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str) or len(value) > 4096:
         raise ProtocolError("bad_type", f"{where} must be a string of at most 4096 characters")
@@ -253,25 +287,25 @@ def _identity(value: Any) -> Any:
 # (decode, encode) per field; fields not listed here use their value as is.
 _FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[[Any], Any]]] = {
     (Handshake, "obs_spec"): (_obs_spec, _wire_obs_spec),
-    (Handshake, "action_dim"): (_int, int),
-    (Handshake, "hz"): (_float, float),
+    (Handshake, "action_dim"): (_dim, int),
+    (Handshake, "hz"): (_hz, float),
     (Handshake, "name"): (_str, str),
     (Welcome, "policy"): (_dict, _identity),
     (Welcome, "max_message_bytes"): (_int, int),
     (Welcome, "server"): (_str, str),
-    (Observation, "epoch"): (_int, int),
-    (Observation, "seq"): (_int, int),
-    (Observation, "t_capture"): (_float, float),
+    (Observation, "epoch"): (_count, int),
+    (Observation, "seq"): (_count, int),
+    (Observation, "t_capture"): (_time, float),
     (Observation, "arrays"): (_array_map, _wire_arrays),
-    (ActionChunk, "epoch"): (_int, int),
-    (ActionChunk, "seq"): (_int, int),
+    (ActionChunk, "epoch"): (_count, int),
+    (ActionChunk, "seq"): (_count, int),
     (ActionChunk, "obs_seqs"): (_int_list, list),
-    (ActionChunk, "t_capture"): (_float, float),
+    (ActionChunk, "t_capture"): (_time, float),
     (ActionChunk, "t_actions"): (decode_array, encode_array),
     (ActionChunk, "actions"): (decode_array, encode_array),
     (ActionChunk, "timing"): (_float_map, dict),
-    (Heartbeat, "t"): (_float, float),
-    (Reset, "epoch"): (_int, int),
+    (Heartbeat, "t"): (_time, float),
+    (Reset, "epoch"): (_count, int),
     (Error, "code"): (_str, str),
     (Error, "message"): (_str, str),
     (Error, "seq"): (_optional_int, _identity),
@@ -333,7 +367,13 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
         raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(expected - given)}")
     if given - expected:
         raise ProtocolError("extra_key", f"{name} message has unexpected key(s) {_short(sorted(map(str, given - expected)))}")
-    msg = cls(**{k: _FIELD_CODECS[(cls, k)][0](obj[k], f"{name}.{k}") for k in expected})
+    # Fields are checked in their documented order, so where several are wrong the same one is named.
+    seq = obj["seq"] if cls is Observation and type(obj["seq"]) is int and 0 <= obj["seq"] <= MAX_COUNT else None
+    try:
+        msg = cls(**{f.name: _FIELD_CODECS[(cls, f.name)][0](obj[f.name], f"{name}.{f.name}") for f in fields(cls)})
+    except ProtocolError as exc:
+        exc.seq = seq
+        raise
     if isinstance(msg, ActionChunk):
         _check_chunk(msg)
     return msg

@@ -19,8 +19,6 @@ def check_handshake(handshake: Handshake, spec: PolicySpec) -> None:
     def refuse(message: str) -> None:
         raise ProtocolError("spec_mismatch", message)
 
-    if handshake.hz <= 0:
-        refuse(f"hz: control rate must be positive, got {handshake.hz:g}")
     if set(policy) - set(robot):
         refuse(f"obs_spec: the policy needs key(s) {sorted(set(policy) - set(robot))} that the robot does not send")
     if set(robot) - set(policy):

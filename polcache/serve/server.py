@@ -224,7 +224,7 @@ class PolicyServer:
             else:
                 raise ProtocolError("unknown_type", f"the server does not accept {type(msg).__name__} messages")
         except ProtocolError as exc:
-            self._refuse(robot, session, exc)
+            self._refuse(robot, session, exc, seq=exc.seq)
 
     def _refuse(self, robot: bytes, session: Session | None, exc: ProtocolError, seq: int | None = None) -> None:
         who = session.name if session else robot.hex()
@@ -250,8 +250,11 @@ class PolicyServer:
         except ProtocolError as exc:
             self._refuse(robot, session, exc, seq=obs.seq)
             return
-        if obs.epoch < session.epoch:
-            return  # sent before a reset the robot has since announced
+        if obs.epoch < session.epoch:  # a robot bug: reset/reconnect start a newer epoch, never an older one
+            self._refuse(robot, session, ProtocolError(
+                "stale_epoch", f"obs.epoch {obs.epoch} is older than this session's epoch {session.epoch}; "
+                               f"observations of an ended epoch are not answered"), seq=obs.seq)
+            return
         if obs.epoch > session.epoch:
             session.start_epoch(obs.epoch)
         if not session.history.push(obs.seq, obs.arrays):
