@@ -59,6 +59,11 @@ class TaskEnv(abc.ABC):
     def data(self) -> mujoco.MjData:
         """The live MjData, for rendering."""
 
+    @property
+    @abc.abstractmethod
+    def control_period_s(self) -> float:
+        """Simulated seconds per step (sets the fps a recorded dataset states)."""
+
     @abc.abstractmethod
     def _reset(self, seed: int) -> np.ndarray:
         """Start the episode determined by `seed`; return the state vector."""

@@ -97,6 +97,10 @@ class CueReachEnv(TaskEnv):
         mujoco.mj_forward(self.model, self._data)  # camera and body poses for the first frame
         return self._state()
 
+    @property
+    def control_period_s(self) -> float:
+        return float(self.model.opt.timestep) * FRAME_SKIP
+
     def _step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
         failed = False
         if self._docked and not self.go:

@@ -56,6 +56,10 @@ class MetaWorldEnv(TaskEnv):
     def data(self) -> mujoco.MjData:
         return self._sim.data
 
+    @property
+    def control_period_s(self) -> float:
+        return float(self._sim.dt)  # timestep x frame skip: 0.0125 s (80 Hz) in Meta-World v3
+
     def _reset(self, seed: int) -> np.ndarray:
         self._sim.seed(seed)
         state, _ = self._gym.reset(seed=seed)

@@ -85,6 +85,7 @@ def record_demonstrations(
             "obs_spec": {k: v.to_dict() for k, v in env.observation_spec().items()},
             "action_dim": env.action_dim,
             "max_episode_steps": env.max_episode_steps,
+            "fps": round(1.0 / env.control_period_s, 6),  # control steps per simulated second
             "expert": getattr(expert, "__name__", type(expert).__name__),
             "extra_steps_after_success": EXTRA_STEPS,
         }

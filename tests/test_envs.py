@@ -200,6 +200,7 @@ def test_record_reach_writes_successful_episodes(tmp_path, reach):
     assert attrs["task"] == "reach-v3" and attrs["seed"] == 5 and attrs["episode_seeds"] == [5, 6]
     assert attrs["obs_spec"] == {"state": {"shape": [39], "dtype": "float32"}}
     assert attrs["expert"].endswith("SawyerReachV3Policy")
+    assert attrs["fps"] == 80.0  # Meta-World steps 5 x 2.5 ms: a LeRobot export states the real rate
     # obs[t] is the observation before action[t]: replaying the actions reproduces the states.
     episode = store.episode(1)
     obs = reach.reset(seed=6)
