@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 
 from common import RESULTS, print_table, write_json
-from polcache.client.protocol import ActionChunk, Handshake, Observation, decode, encode, encode_array
+from polcache_client.protocol import ActionChunk, Handshake, Observation, decode, encode, encode_array
 
 IMAGE = (96, 96, 3)
 STATE_DIM = 39

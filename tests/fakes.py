@@ -115,7 +115,7 @@ class RawPeer:
         self.socket.send_multipart(list(frames))
 
     def recv(self, timeout_s: float = 2.0):
-        from polcache.client.protocol import decode
+        from polcache_client.protocol import decode
 
         if not self.socket.poll(int(timeout_s * 1000)):
             raise TimeoutError("no reply from server")
@@ -126,7 +126,7 @@ class RawPeer:
         return self.recv(timeout_s)
 
     def handshake(self, spec=None, name: str = "raw"):
-        from polcache.client.protocol import Handshake, encode
+        from polcache_client.protocol import Handshake, encode
 
         spec = spec or {"state": ((STATE_DIM,), "float32")}
         return self.request(encode(Handshake(obs_spec=spec, action_dim=ACTION_DIM, hz=50.0, name=name)))
@@ -136,7 +136,7 @@ class RawPeer:
 
 
 def observation(seq: int, epoch: int = 0, value: float | None = None, t_capture: float = 1.0, **arrays) -> bytes:
-    from polcache.client.protocol import Observation, encode
+    from polcache_client.protocol import Observation, encode
 
     state = np.array([seq if value is None else value, 0, 0], np.float32)
     return encode(Observation(epoch=epoch, seq=seq, t_capture=t_capture, arrays=arrays or {"state": state}))

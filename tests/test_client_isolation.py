@@ -9,10 +9,10 @@ CHECK = """
 import sys, pkgutil, importlib
 sys.modules['torch'] = None
 sys.modules['mujoco'] = None
-import polcache.client
-for info in pkgutil.iter_modules(polcache.client.__path__):
-    importlib.import_module('polcache.client.' + info.name)
-outside = sorted(m for m in sys.modules if m.startswith('polcache') and m != 'polcache' and not m.startswith('polcache.client'))
+import polcache_client
+for info in pkgutil.iter_modules(polcache_client.__path__):
+    importlib.import_module('polcache_client.' + info.name)
+outside = sorted(m for m in sys.modules if m == 'polcache' or m.startswith('polcache.'))
 assert not outside, outside
 print('ok')
 """

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polcache.client.loop import ControlLoop
-from polcache.client.protocol import ActionChunk
-from polcache.client.schedule import ActionSchedule
-from polcache.client.watchdog import Watchdog
+from polcache_client.loop import ControlLoop
+from polcache_client.protocol import ActionChunk
+from polcache_client.schedule import ActionSchedule
+from polcache_client.watchdog import Watchdog
 from fakes import FakeClock, StepRobot
 
 HZ = 50.0

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from polcache.client.rate import MonotonicClock, Rate
+from polcache_client.rate import MonotonicClock, Rate
 from fakes import FakeClock
 
 
@@ -54,7 +54,7 @@ def test_realtime_priority_or_a_clear_refusal():
     import subprocess
     import sys
 
-    code = ("import os\nfrom polcache.client import use_realtime_priority\n"
+    code = ("import os\nfrom polcache_client import use_realtime_priority\n"
             "try:\n    use_realtime_priority(10)\nexcept PermissionError as e:\n    print('refused', e)\n"
             "else:\n    print('fifo', os.sched_getscheduler(0) == os.SCHED_FIFO)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polcache.client.protocol import ActionChunk
-from polcache.client.schedule import ActionSchedule
+from polcache_client.protocol import ActionChunk
+from polcache_client.schedule import ActionSchedule
 
 HZ = 10.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from polcache.client.watchdog import State, Watchdog
+from polcache_client.watchdog import State, Watchdog
 
 A = np.ones(2, np.float32)
 B = np.full(2, 2.0, np.float32)

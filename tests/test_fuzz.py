@@ -13,9 +13,9 @@ import numpy as np
 import zmq
 
 from fakes import STATE_DIM, FakeBackend, RawPeer, observation
-from polcache.client.protocol import (ActionChunk, Error, Handshake, Heartbeat, Reset, Welcome, encode,
-                                      encode_array)
 from polcache.serve.server import PolicyServer
+from polcache_client.protocol import (ActionChunk, Error, Handshake, Heartbeat, Reset, Welcome, encode,
+                                      encode_array)
 
 N_WARMUP = 1000
 N_FUZZ = 10_000

@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from polcache.client import protocol as P
+from polcache_client import protocol as P
 
 
 def _messages() -> list[P.Message]:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from fakes import FakeBackend, RawPeer, StepRobot, fake_spec, observation, wait_for
-from polcache.client import ControlLoop, PolicyClient
-from polcache.client.protocol import ActionChunk, Heartbeat, Reset, Welcome, encode
 from polcache.serve.history import ObservationHistory
 from polcache.serve.server import PolicyServer
+from polcache_client import ControlLoop, PolicyClient
+from polcache_client.protocol import ActionChunk, Heartbeat, Reset, Welcome, encode
 
 
 @pytest.fixture

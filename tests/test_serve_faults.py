@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from fakes import ACTION_DIM, STATE_DIM, FakeBackend, RawPeer, StepRobot, observation, wait_for
-from polcache.client import ControlLoop, PolicyClient
-from polcache.client.connection import ConnectError
-from polcache.client.protocol import PROTOCOL_VERSION, ActionChunk, Error, Handshake, Welcome, encode, encode_array
-from polcache.client.watchdog import Watchdog
 from polcache.errors import PolcacheError
 from polcache.serve.security import InsecureBindError, generate_keys, is_loopback
 from polcache.serve.server import PolicyServer
+from polcache_client import ControlLoop, PolicyClient
+from polcache_client.connection import ConnectError
+from polcache_client.protocol import PROTOCOL_VERSION, ActionChunk, Error, Handshake, Welcome, encode, encode_array
+from polcache_client.watchdog import Watchdog
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_client_refuses_to_send_an_oversized_observation(server, caplog):
     with PolicyClient(server.endpoint, spec, ACTION_DIM, hz=50) as client:
         client.connect(timeout_s=2)
         client.max_message_bytes = 10
-        with caplog.at_level(logging.WARNING, logger="polcache.client"):
+        with caplog.at_level(logging.WARNING, logger="polcache_client"):
             assert not client.send_observation({"state": np.zeros(STATE_DIM, np.float32)}, 0.0)
         assert "too_large" in caplog.text or "limit" in caplog.text
 
@@ -279,7 +279,7 @@ def test_the_first_documented_field_wins_when_several_are_wrong(peer):
 
 
 def test_observation_of_an_ended_epoch_gets_an_error(peer):
-    from polcache.client.protocol import Reset
+    from polcache_client.protocol import Reset
 
     assert isinstance(peer.request(msgpack.packb({"v": PROTOCOL_VERSION, "type": "reset", "epoch": 5})), Reset)
     reply = peer.request(obs_map(epoch=4, seq=9))

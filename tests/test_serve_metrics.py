@@ -8,10 +8,10 @@ import urllib.request
 import pytest
 
 from fakes import FakeBackend, StepRobot
-from polcache.client import ControlLoop, PolicyClient
-from polcache.client.records import ChunkRecord, TickRecord
 from polcache.metrics import JsonlWriter, Metrics, collect_metrics
 from polcache.serve.server import PolicyServer
+from polcache_client import ControlLoop, PolicyClient
+from polcache_client.records import ChunkRecord, TickRecord
 
 
 def tick(error_ms: float, miss: bool = False) -> TickRecord:

@@ -2,7 +2,7 @@
 thread so a slow disk never delays a control tick, and rotated by size so it never fills one.
 
 Lines look like {"kind": "tick", "t": ..., "period_error_ms": ..., ...}; see the record
-classes in polcache.client.records and polcache.serve.records for the fields of each kind.
+classes in polcache_client.records and polcache.serve.records for the fields of each kind.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 over a bounded recent window, readable as a dict or as Prometheus text.
 
 A record is any dataclass with `kind`, `counters` and `summaries` class attributes (see
-polcache.client.records). Recording is a few deque appends under a lock, cheap enough for
+polcache_client.records). Recording is a few deque appends under a lock, cheap enough for
 every control tick; percentiles are computed only when someone reads them.
 """
 

@@ -8,9 +8,9 @@ import logging
 import signal
 
 from polcache.cli_types import DEVICE_HELP, positive_float, positive_int
-from polcache.client.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from polcache.client.schedule import BLEND_MODES
 from polcache.serve.server import DEFAULT_BIND
+from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from polcache_client.schedule import BLEND_MODES
 
 DEFAULT_SERVER = "tcp://127.0.0.1:5555"
 

@@ -3,8 +3,8 @@ mismatch is refused once with a message naming the field instead of failing ever
 
 from __future__ import annotations
 
-from polcache.client.protocol import Handshake, ObsSpec, ProtocolError
 from polcache.policy.spec import ArraySpec, PolicySpec
+from polcache_client.protocol import Handshake, ObsSpec, ProtocolError
 
 
 def wire_obs_spec(obs: dict[str, ArraySpec]) -> ObsSpec:

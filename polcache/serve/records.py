@@ -1,4 +1,4 @@
-"""What the server measures per request and per refused message (see polcache.client.records
+"""What the server measures per request and per refused message (see polcache_client.records
 for the record convention: `counters` accumulate, `summaries` are distributions)."""
 
 from __future__ import annotations

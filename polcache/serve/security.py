@@ -10,8 +10,8 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from polcache.client.curve import CLIENT_NAME, SERVER_NAME, key_path, load_keypair
 from polcache.errors import PolcacheError
+from polcache_client.curve import CLIENT_NAME, SERVER_NAME, key_path, load_keypair
 
 
 class InsecureBindError(PolcacheError):

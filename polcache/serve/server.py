@@ -22,8 +22,15 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from polcache.client.logs import RateLimitedLog
-from polcache.client.protocol import (
+from polcache.errors import PolcacheError
+from polcache.policy.spec import PolicyBackend
+from polcache.serve.handshake import check_handshake, wire_obs_spec
+from polcache.serve.history import ObservationHistory
+from polcache.serve.records import ErrorRecord, RequestRecord
+from polcache.serve.security import apply_server_keys, check_bind
+from polcache.serve.worker import InferenceWorker, Job, Result
+from polcache_client.logs import RateLimitedLog
+from polcache_client.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ActionChunk,
     Error,
@@ -38,13 +45,6 @@ from polcache.client.protocol import (
     encode,
     encode_chunk,
 )
-from polcache.errors import PolcacheError
-from polcache.policy.spec import PolicyBackend
-from polcache.serve.handshake import check_handshake, wire_obs_spec
-from polcache.serve.history import ObservationHistory
-from polcache.serve.records import ErrorRecord, RequestRecord
-from polcache.serve.security import apply_server_keys, check_bind
-from polcache.serve.worker import InferenceWorker, Job, Result
 
 log = logging.getLogger("polcache.serve")
 

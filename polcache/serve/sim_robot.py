@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from polcache.client import ActionSchedule, ConnectError, ControlLoop, PolicyClient, Watchdog, use_realtime_priority
 from polcache.errors import PolcacheError
 from polcache.metrics import Metrics
 from polcache.serve.handshake import wire_obs_spec
 from polcache.sim.evaluate import EvalResult
 from polcache.sim.stats import wilson_interval
+from polcache_client import ActionSchedule, ConnectError, ControlLoop, PolicyClient, Watchdog, use_realtime_priority
 
 
 class SimRobot:

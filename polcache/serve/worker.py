@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from polcache.client.logs import RateLimitedLog
 from polcache.policy.spec import PolicyBackend
+from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.serve")
 

@@ -67,8 +67,8 @@ class Rollout:
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
                 rollout: Rollout = Rollout()) -> dict:
     """One episode; it ends at the first success, when the env says done, or at the step cap."""
-    from polcache.client.protocol import ActionChunk
-    from polcache.client.schedule import ActionSchedule
+    from polcache_client.protocol import ActionChunk
+    from polcache_client.schedule import ActionSchedule
 
     spec = backend.spec
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)

@@ -13,9 +13,9 @@ import time
 
 import zmq
 
-from polcache.client.curve import apply_client_keys
-from polcache.client.logs import RateLimitedLog
-from polcache.client.protocol import (
+from polcache_client.curve import apply_client_keys
+from polcache_client.logs import RateLimitedLog
+from polcache_client.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ActionChunk,
     Error,
@@ -31,9 +31,9 @@ from polcache.client.protocol import (
     decode,
     encode,
 )
-from polcache.client.rate import Clock, MonotonicClock
+from polcache_client.rate import Clock, MonotonicClock
 
-log = logging.getLogger("polcache.client")
+log = logging.getLogger("polcache_client")
 
 SOCKET_HWM = 4  # messages; a full queue drops observations instead of delaying them
 MAX_DRAIN = 256  # messages read per poll, so a flood cannot stall a tick

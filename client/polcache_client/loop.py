@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from polcache.client.adapter import RobotAdapter
-from polcache.client.connection import PolicyClient
-from polcache.client.rate import Clock, MonotonicClock, Rate
-from polcache.client.records import ChunkRecord, TickRecord
-from polcache.client.schedule import ActionSchedule
-from polcache.client.watchdog import State, Watchdog
+from polcache_client.adapter import RobotAdapter
+from polcache_client.connection import PolicyClient
+from polcache_client.rate import Clock, MonotonicClock, Rate
+from polcache_client.records import ChunkRecord, TickRecord
+from polcache_client.schedule import ActionSchedule
+from polcache_client.watchdog import State, Watchdog
 
 
 class ControlLoop:

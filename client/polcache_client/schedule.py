@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polcache.client.protocol import ActionChunk
+from polcache_client.protocol import ActionChunk
 
 BLEND_MODES = ("ensemble", "latest")
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from polcache.client.protocol import ObsSpec
+from polcache_client.protocol import ObsSpec
 
 
 class RobotAdapter(Protocol):
