@@ -41,9 +41,9 @@ class EvalResult:
     def summary(self) -> str:
         lo, hi = self.ci95
         lat = self.latency_ms
+        cap = f" (cap {self.extra['max_steps']})" if "max_steps" in self.extra else ""
         return (f"{self.task}: success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI "
-                f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps "
-                f"(cap {self.extra.get('max_steps', '?')}), "
+                f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps{cap}, "
                 f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
 
 
