@@ -46,7 +46,7 @@ def test_task_result_is_stored_and_reused(tmp_path, monkeypatch):
 def test_untrained_row_and_parallel_workers(tmp_path):
     results = run_suite(["reach-v3", "drawer-close-v3"], _run(untrained=True), tmp_path, workers=2)
     assert [r.task for r in results] == ["reach-v3", "drawer-close-v3"]
-    assert all(r.train_steps == 0 and r.episodes == 2 for r in results)
+    assert all(r.train_steps == 0 and r.train_seconds == 0 and r.episodes == 2 for r in results)
     assert (tmp_path / "drawer-close-v3" / "untrained.json").exists()
 
 

@@ -112,16 +112,17 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
                                    f"out={root / ('untrained' if run.untrained else 'run')}", f"train.threads={run.threads}"])
     t0 = time.time()
     checkpoint = save_initial(cfg) if run.untrained else train(cfg, progress=False)
+    # Summed over resumed segments when the log has them; an untrained row trained for 0 s.
+    train_seconds = 0.0 if run.untrained else (_train_seconds(Path(cfg.out)) or time.time() - t0)
     if run.checkpoint == "best" and (checkpoint.parent / "best").exists():
         checkpoint = checkpoint.parent / "best"
-    train_seconds = _train_seconds(Path(cfg.out)) if not run.untrained else 0.0
     backend = load_backend(checkpoint, sampler=run.sampler, steps=run.steps)
     res = evaluate(backend, task, run.episodes, run.eval_seed, progress=False,
                    rollout=Rollout(run.max_steps, run.action_steps, run.ensemble_decay))
     result = TaskResult(
         task=task, run=run.key(), success_rate=res.success_rate, successes=res.successes, episodes=res.episodes,
         ci95=list(res.ci95), mean_episode_length=res.mean_episode_length, chunk_latency_ms=res.latency_ms,
-        train_seconds=round(train_seconds or time.time() - t0, 1), train_steps=int(_checkpoint_step(checkpoint)),
+        train_seconds=round(train_seconds, 1), train_steps=int(_checkpoint_step(checkpoint)),
         demos=EpisodeStore.open(data).num_episodes,
         extra={"checkpoint": str(checkpoint), "sampler": backend.describe()["sampler"],
                "denoising_steps": backend.describe()["steps"],
