@@ -194,32 +194,22 @@ def _float(value: Any, where: str) -> float:
     return float(value)
 
 
-def _count(value: Any, where: str) -> int:
-    value = _int(value, where)
-    if not 0 <= value <= MAX_COUNT:
-        raise ProtocolError("out_of_range", f"{where} must be in 0..2^63-1, got {value}")
-    return value
+def _ranged(parse: Callable[[Any, str], Any], lo: float, hi: float, allowed: str) -> Callable[[Any, str], Any]:
+    """A field codec: `parse`, then refuse values outside [lo, hi] with `out_of_range`."""
+
+    def codec(value: Any, where: str) -> Any:
+        value = parse(value, where)
+        if not lo <= value <= hi:
+            raise ProtocolError("out_of_range", f"{where} must be {allowed}, got {value:g}")
+        return value
+
+    return codec
 
 
-def _hz(value: Any, where: str) -> float:
-    value = _float(value, where)
-    if not MIN_HZ <= value <= MAX_HZ:
-        raise ProtocolError("out_of_range", f"{where} must be in [{MIN_HZ:g}, {MAX_HZ:g}] Hz, got {value:g}")
-    return value
-
-
-def _time(value: Any, where: str) -> float:
-    value = _float(value, where)
-    if abs(value) > MAX_TIME_S:
-        raise ProtocolError("out_of_range", f"{where} must be within +-{MAX_TIME_S:g} s (robot clock), got {value:g}")
-    return value
-
-
-def _dim(value: Any, where: str) -> int:
-    value = _int(value, where)
-    if not 1 <= value <= MAX_ACTION_DIM:
-        raise ProtocolError("out_of_range", f"{where} must be in 1..{MAX_ACTION_DIM}, got {value}")
-    return value
+_count = _ranged(_int, 0, MAX_COUNT, "in 0..2^63-1")
+_hz = _ranged(_float, MIN_HZ, MAX_HZ, f"in [{MIN_HZ:g}, {MAX_HZ:g}] Hz")
+_time = _ranged(_float, -MAX_TIME_S, MAX_TIME_S, f"within +-{MAX_TIME_S:g} s (robot clock)")
+_dim = _ranged(_int, 1, MAX_ACTION_DIM, f"in 1..{MAX_ACTION_DIM}")
 
 
 def _str(value: Any, where: str) -> str:

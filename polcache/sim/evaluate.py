@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from polcache.policy.spec import PolicyBackend
 from polcache.sim.stats import percentiles_ms, wilson_interval
+from polcache_client.protocol import ActionChunk
+from polcache_client.schedule import ActionSchedule
 
 
 @dataclass
@@ -67,9 +69,6 @@ class Rollout:
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
                 rollout: Rollout = Rollout()) -> dict:
     """One episode; it ends at the first success, when the env says done, or at the step cap."""
-    from polcache_client.protocol import ActionChunk
-    from polcache_client.schedule import ActionSchedule
-
     spec = backend.spec
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     per_chunk = min(spec.n_action_steps, rollout.action_steps or spec.n_action_steps)

@@ -117,6 +117,7 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
     if run.checkpoint == "best" and (checkpoint.parent / "best").exists():
         checkpoint = checkpoint.parent / "best"
     backend = load_backend(checkpoint, sampler=run.sampler, steps=run.steps)
+    what = backend.describe()
     res = evaluate(backend, task, run.episodes, run.eval_seed, progress=False,
                    rollout=Rollout(run.max_steps, run.action_steps, run.ensemble_decay))
     result = TaskResult(
@@ -124,8 +125,7 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
         ci95=list(res.ci95), mean_episode_length=res.mean_episode_length, chunk_latency_ms=res.latency_ms,
         train_seconds=round(train_seconds, 1), train_steps=int(_checkpoint_step(checkpoint)),
         demos=EpisodeStore.open(data).num_episodes,
-        extra={"checkpoint": str(checkpoint), "sampler": backend.describe()["sampler"],
-               "denoising_steps": backend.describe()["steps"],
+        extra={"checkpoint": str(checkpoint), "sampler": what["sampler"], "denoising_steps": what["steps"],
                "max_steps": res.extra.get("max_steps"), "per_episode": res.per_episode})
     atomic_write_text(result_path, json.dumps(asdict(result), indent=1))
     return result
