@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_policy
 
 from polcache.cache.baselines import no_cache_plan, threshold_plan, uniform_plan, with_forecast
-from polcache.policy.executor import COMPUTE, FORECAST, GATE, REUSE, DeltaStore, Plan, make_store
+from polcache.policy.executor import COMPUTE, FORECAST, GATE, REUSE, DeltaStore, Plan, fused_rows, make_store
 
 SAMPLERS = [("ddpm", 10), ("ddim", 8), ("flow", 6)]
 
@@ -130,3 +130,27 @@ def test_store_counts_evaluations_and_gate_needs_a_threshold(policy):
     assert store.computed == 2 * n
     with pytest.raises(RuntimeError, match="threshold"):
         run(policy, features(policy), s, [row for row in threshold_plan(8, n, 0.1)])  # rows lose the threshold
+
+
+def test_fused_rows_group_reused_runs_and_keep_only_deltas_reused_later():
+    C, R = COMPUTE, REUSE
+    rows = fused_rows(Plan(((C, C, C, C), (R, R, C, R), (C, R, R, C))))
+    assert [(s.start, s.stop, s.compute, s.keep) for s in rows[0]] == [
+        (0, 1, True, True), (1, 2, True, True), (2, 3, True, False), (3, 4, True, True)]
+    assert [(s.start, s.stop, s.compute) for s in rows[1]] == [(0, 2, False), (2, 3, True), (3, 4, False)]
+    assert [(s.start, s.stop, s.compute, s.keep) for s in rows[2]] == [
+        (0, 1, True, False), (1, 3, False, False), (3, 4, True, False)]
+    assert fused_rows(Plan(((C, FORECAST), (C, C)))) is None  # forecast and GATE run block by block
+    assert fused_rows(Plan(((C, C), (R, R)))) is not None and fused_rows(Plan(((C, R), (R, R)))) is None
+
+
+@pytest.mark.parametrize("kind,K", SAMPLERS)
+def test_fused_run_equals_the_observed_block_by_block_run(policy, kind, K):
+    s = policy.sampler(kind, K)
+    f = features(policy)
+    n = len(policy.denoiser.blocks)
+    plan = Plan(random_ops(K, n, seed=K + 7))
+    assert fused_rows(plan) is not None
+    store = make_store(plan, n)  # an observing store forces the block-by-block path
+    torch.testing.assert_close(run(policy, f, s, plan), run(policy, f, s, plan, store=store), rtol=1e-6, atol=1e-6)
+    assert store.computed == int((plan.table() == COMPUTE).sum())

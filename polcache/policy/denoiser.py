@@ -19,7 +19,7 @@ from torch import nn
 
 from polcache.config import PolicyConfig
 from polcache.policy.blocks import CA, Block, CrossAttentionBlock, decoder_blocks
-from polcache.policy.executor import ChunkContext, DeltaStore, run_blocks
+from polcache.policy.executor import ChunkContext, DeltaStore, Segment, StackedDeltas, run_blocks, run_segments
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -120,10 +120,12 @@ class DiffusionTransformer(nn.Module):
 
     def _time_kv_for(self, timesteps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per block: the time token's keys and values at every step, (K, 1, h, 1, d) each."""
-        key = (tuple(timesteps.tolist()), timesteps.device)
+        # Keyed by the tensor itself (samplers are kept per policy), never by its values: reading
+        # them back to the host would block capturing a whole chunk as one CUDA graph.
+        key = id(timesteps)
         cached = None if self.training or torch.is_grad_enabled() else self._time_kv.get(key)
-        if cached is not None:
-            return cached
+        if cached is not None and cached[0] is timesteps:
+            return cached[1]
         t_mem = self.time_memory(timesteps)[None]  # (1, K, W)
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for blk in self.blocks:
@@ -133,7 +135,7 @@ class DiffusionTransformer(nn.Module):
             tk, tv = blk.memory_kv(t_mem)  # (1, h, K, d)
             out.append((tk.permute(2, 0, 1, 3).unsqueeze(3), tv.permute(2, 0, 1, 3).unsqueeze(3)))
         if not (self.training or torch.is_grad_enabled()):
-            self._time_kv[key] = out
+            self._time_kv[key] = (timesteps, out)
         return out
 
     # Any change of mode or weights invalidates the kept time-token keys/values.
@@ -156,3 +158,8 @@ class DiffusionTransformer(nn.Module):
         """One denoiser evaluation at step index k of the chunk prepared in `ctx`."""
         h = run_blocks(self.blocks, self.embed_actions(x), k, ctx, ops, store)
         return self.output(h)
+
+    def step_fused(self, x: torch.Tensor, k: int, ctx: ChunkContext, row: Sequence[Segment],
+                   deltas: StackedDeltas) -> torch.Tensor:
+        """`step` following a fused plan row (COMPUTE/REUSE plans; see executor.fused_rows)."""
+        return self.output(run_segments(self.blocks, self.embed_actions(x), k, ctx, row, deltas))

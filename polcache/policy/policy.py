@@ -17,7 +17,7 @@ from polcache.config import PolicyConfig
 from polcache.data.normalize import Normalizer
 from polcache.policy.denoiser import DiffusionTransformer
 from polcache.policy.encoders import ObsEncoder
-from polcache.policy.executor import DeltaStore, make_store
+from polcache.policy.executor import DeltaStore, Plan, StackedDeltas, fused_rows, make_store
 from polcache.policy.samplers import Sampler, TrainingNoise, make_sampler
 from polcache.policy.spec import ArraySpec, PolicySpec
 
@@ -101,11 +101,22 @@ class DiffusionPolicy(nn.Module):
     def denoise(self, features: torch.Tensor, sampler: Sampler, x: torch.Tensor, noise: torch.Tensor | None,
                 plan: Sequence[Sequence[int]] | None = None, store: DeltaStore | None = None) -> torch.Tensor:
         """The denoising loop of `sample` from a given start and noise; not wrapped in no_grad, so
-        calibration can differentiate the actions with respect to the blocks' deltas."""
+        calibration can differentiate the actions with respect to the blocks' deltas. A `Plan` of
+        COMPUTE/REUSE ops runs fused (see executor.fused_rows) unless a `store` observes it.
+        Free of host synchronisation for every plan without GATE ops, so a whole chunk can be
+        captured as one CUDA graph."""
         with torch.no_grad():  # the observation memory and K/V take no gradient
             ctx = self.denoiser.prepare_chunk(features, sampler.timesteps)
+        n = len(self.denoiser.blocks)
+        fused = fused_rows(plan) if isinstance(plan, Plan) and store is None else None
+        if fused is not None:
+            deltas = StackedDeltas(n)
+            for k in range(sampler.num_steps):
+                out = self.denoiser.step_fused(x, k, ctx, fused[k], deltas)
+                x = sampler.update(k, x, out, None if noise is None else noise[k])
+            return x
         if plan is not None and store is None:
-            store = make_store(plan, len(self.denoiser.blocks))
+            store = make_store(plan, n)
         for k in range(sampler.num_steps):
             out = self.denoiser.step(x, k, ctx, None if plan is None else plan[k], store)
             x = sampler.update(k, x, out, None if noise is None else noise[k])

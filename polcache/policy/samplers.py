@@ -54,13 +54,22 @@ class Sampler:
 
     def update(self, k: int, x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         a, b, c, d, e, s = self._coef[k]
-        x0 = torch.add(x * a, model_out, alpha=-b)
-        if self.clip_sample:
-            x0 = x0.clamp_(-1.0, 1.0)
-        x = torch.add(x0 * c, x, alpha=d).add_(model_out, alpha=e)
+        # zero terms are skipped (DDPM has no e, DDIM no d, flow no x0): each is a kernel on a GPU
+        out = None
+        if c:
+            x0 = torch.add(x * a, model_out, alpha=-b)
+            if self.clip_sample:
+                x0 = x0.clamp_(-1.0, 1.0)
+            out = x0 * c
+        if d:
+            out = x * d if out is None else out.add_(x, alpha=d)
+        if e:
+            out = model_out * e if out is None else out.add_(model_out, alpha=e)
+        if out is None:
+            out = torch.zeros_like(x)
         if noise is not None and s > 0:
-            x = x.add_(noise, alpha=s)
-        return x
+            out = out.add_(noise, alpha=s)
+        return out
 
     def to(self, device: torch.device | str) -> "Sampler":
         t = {n: getattr(self, n).to(device) for n in ("timesteps", "a", "b", "c", "d", "e", "s")}
