@@ -56,7 +56,7 @@ def naive_sample(policy: DiffusionPolicy, feats: torch.Tensor, kind: str, K: int
     sched = diffusers_scheduler(policy.cfg.sampler, kind)
     sched.set_timesteps(K)
     B = feats.shape[0]
-    x = torch.randn((B, policy.cfg.horizon, policy.action_dim), generator=gen)
+    x = torch.randn((B, policy.cfg.horizon, policy.action_dim), generator=gen, device=feats.device)
     stored: list[torch.Tensor | None] = [None] * len(den.blocks)
     for k, t in enumerate(sched.timesteps):
         tb = t.float().expand(B)

@@ -17,10 +17,10 @@ from polcache.data import Normalizer
 from polcache.policy import ArraySpec, DiffusionPolicy
 
 
-def default_policy(obs_dim: int = 39, action_dim: int = 4) -> DiffusionPolicy:
+def default_policy(obs_dim: int = 39, action_dim: int = 4, cfg: PolicyConfig | None = None) -> DiffusionPolicy:
     rng = np.random.default_rng(0)
     norm = Normalizer.fit({"state": rng.normal(size=(100, obs_dim)), "action": rng.uniform(-1, 1, (100, action_dim))})
-    return DiffusionPolicy(PolicyConfig(), {"state": ArraySpec((obs_dim,), "float32")}, ["state"], action_dim,
+    return DiffusionPolicy(cfg or PolicyConfig(), {"state": ArraySpec((obs_dim,), "float32")}, ["state"], action_dim,
                            norm).eval()
 
 

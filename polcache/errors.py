@@ -24,3 +24,16 @@ class UnknownTaskError(PolcacheError):
 
 class DeviceError(PolcacheError):
     """A compute device that this machine does not have (e.g. --device cuda without CUDA)."""
+
+
+class PrecisionError(PolcacheError):
+    """A reduced-precision denoiser whose actions disagree with fp32 beyond the stated tolerance."""
+
+
+class ExportError(PolcacheError):
+    """An exported policy artifact is missing, corrupt, tampered with, or used with settings
+    (cache plan, sampler, steps) other than the ones it was exported with."""
+
+
+class BackendUnavailableError(PolcacheError):
+    """An inference backend that this installation cannot run (e.g. TensorRT without tensorrt)."""

@@ -22,6 +22,9 @@ class Normalizer:
 
     def __init__(self, params: Mapping[str, Mapping[str, torch.Tensor]]):
         self._p = {k: {f: torch.as_tensor(v[f], dtype=torch.float32).reshape(-1) for f in _FIELDS} for k, v in params.items()}
+        # scale/offset per (key, device, dtype): copying them to a GPU at every call would cost a
+        # host-to-device transfer each time and make the chunk impossible to capture as a CUDA graph
+        self._affine: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def fit(cls, arrays: Mapping[str, Any], mode: str | Mapping[str, str] = "limits") -> "Normalizer":
@@ -72,7 +75,10 @@ class Normalizer:
             raise ValueError(f"normalizer {key!r}: last dim must be {d}, got shape {tuple(x.shape)}")
         if isinstance(x, torch.Tensor):
             dtype = x.dtype if x.is_floating_point() else torch.float32
-            scale, offset = p["scale"].to(x.device, dtype), p["offset"].to(x.device, dtype)
+            where = (key, x.device, dtype)
+            if where not in self._affine:
+                self._affine[where] = (p["scale"].to(x.device, dtype), p["offset"].to(x.device, dtype))
+            scale, offset = self._affine[where]
             x = x.to(dtype)
         else:
             x = np.asarray(x)

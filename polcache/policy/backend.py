@@ -9,30 +9,68 @@ import torch
 
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.device import resolve_device
+from polcache.policy.graph import ChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
+from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
+                                       probe_observations, reduced_copy)
 from polcache.policy.spec import PolicySpec
 
 
 class TorchBackend:
-    """Runs a DiffusionPolicy with a chosen sampler, step count and (optional) cache plan."""
+    """Runs a DiffusionPolicy with a chosen sampler, step count, (optional) cache plan, device and
+    denoiser precision.
+
+    On CUDA every chunk with a static plan replays a CUDA graph captured per batch size at its
+    first call (`warmup` captures ahead of serving); `graphs=False` or a run-time-decided plan
+    (threshold cache) runs eager, and `describe()` says which and why. A bf16/fp16 denoiser
+    passes the parity gate of polcache.policy.precision before it serves."""
 
     def __init__(self, policy: DiffusionPolicy, sampler: str | None = None, steps: int | None = None,
-                 plan: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu"):
-        self.policy = policy.to(device).eval()
+                 plan: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
+                 precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE):
         self.device = torch.device(device)
+        policy = policy.to(self.device).eval()
         self.sampler = policy.sampler(sampler, steps)
         if plan is not None and len(plan) != self.sampler.num_steps:
             raise ValueError(f"cache plan has {len(plan)} steps but the sampler runs {self.sampler.num_steps}")
         self.plan = plan
         self.spec: PolicySpec = policy.spec
+        self.precision = precision
+        self.parity = None
+        dtype = parse_precision(precision)
+        if dtype != torch.float32:
+            low = reduced_copy(policy, dtype)
+            self.parity = action_deviation(policy, low, self.sampler, plan, probe_observations(policy, device=self.device))
+            check_parity(self.parity, precision, precision_tolerance)
+            policy = low
+        self.policy = policy
+        self.graph_blocker = graph_blocker(self.device, plan) if graphs else "turned off"
+        self._graphs: dict[int, ChunkGraph] = {}
+
+    def _batch(self, obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.as_tensor(np.asarray(obs[k])).to(self.device) for k in self.spec.obs}
 
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
-        batch = {k: torch.as_tensor(np.asarray(obs[k])).to(self.device) for k in self.spec.obs}
+        batch = self._batch(obs)
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        out = self.policy.predict_action(batch, self.sampler, self.plan, gen)
+        if self.graph_blocker is not None:
+            out = self.policy.predict_action(batch, self.sampler, self.plan, gen)
+        else:
+            size = next(iter(batch.values())).shape[0]
+            graph = self._graphs.get(size)
+            if graph is None:
+                graph = self._graphs[size] = ChunkGraph(self.policy, self.sampler, self.plan, batch)
+            x, noise = self.policy.initial_noise(size, self.sampler, gen, self.device)
+            out = self.policy.to_actions(graph(batch, x, noise))
         return out["action"].float().cpu().numpy()
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run (and on CUDA capture) one chunk per batch size, so the first robot request does not pay it."""
+        for size in batch_sizes:
+            obs = probe_observations(self.policy, size)
+            self.predict({k: v.cpu().numpy() for k, v in obs.items()}, seed=0)
 
     def reset(self) -> None:
         """DP-T keeps no state between chunks."""
@@ -44,7 +82,9 @@ class TorchBackend:
 
             cache = plan_summary(self.plan)
         return {"backend": "torch", "device": str(self.device), "sampler": self.sampler.kind,
-                "steps": self.sampler.num_steps, "cache": cache}
+                "steps": self.sampler.num_steps, "cache": cache, "precision": self.precision,
+                "parity": self.parity, "cuda_graphs": self.graph_blocker is None,
+                "cuda_graphs_off_because": self.graph_blocker}
 
 
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,

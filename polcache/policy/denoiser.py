@@ -73,7 +73,8 @@ class DiffusionTransformer(nn.Module):
     # ---- conditioning memory -------------------------------------------------------------
     def time_memory(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(N,) timesteps -> (N, W) memory of the time token (independent of the observation)."""
-        return self.cond_mlp(sinusoidal_embedding(timesteps, self.width) + self.cond_pos_emb[0, 0])
+        emb = sinusoidal_embedding(timesteps, self.width).to(self.cond_pos_emb.dtype)
+        return self.cond_mlp(emb + self.cond_pos_emb[0, 0])
 
     def obs_memory(self, obs_features: torch.Tensor) -> torch.Tensor:
         """(B, To, F) observation features -> (B, To, W) memory of the observation tokens."""
@@ -100,9 +101,10 @@ class DiffusionTransformer(nn.Module):
 
         The time token's keys/values depend only on the weights and the sampler's timesteps,
         so outside training they are computed once per sampler and kept (`_time_kv`)."""
+        obs_features = obs_features.to(self.pos_emb.dtype)  # a reduced-precision denoiser runs in its dtype
         B = obs_features.shape[0]
         K = timesteps.shape[0]
-        time_kv = self._time_kv_for(timesteps)
+        time_kv = self.time_kv(timesteps)
         o_mem = self.obs_memory(obs_features)  # (B, To, W)
         kvs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for blk, t_kv in zip(self.blocks, time_kv):
@@ -118,7 +120,7 @@ class DiffusionTransformer(nn.Module):
             kvs.append((per_step(t_kv[0], ok), per_step(t_kv[1], ov)))
         return ChunkContext(kvs)
 
-    def _time_kv_for(self, timesteps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def time_kv(self, timesteps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per block: the time token's keys and values at every step, (K, 1, h, 1, d) each."""
         # Keyed by the tensor itself (samplers are kept per policy), never by its values: reading
         # them back to the host would block capturing a whole chunk as one CUDA graph.
@@ -155,11 +157,13 @@ class DiffusionTransformer(nn.Module):
         ops: Sequence[int] | None = None,
         store: DeltaStore | None = None,
     ) -> torch.Tensor:
-        """One denoiser evaluation at step index k of the chunk prepared in `ctx`."""
-        h = run_blocks(self.blocks, self.embed_actions(x), k, ctx, ops, store)
-        return self.output(h)
+        """One denoiser evaluation at step index k of the chunk prepared in `ctx`. The sample x
+        keeps its dtype (the sampler updates it in fp32) whatever the denoiser's precision."""
+        h = run_blocks(self.blocks, self.embed_actions(x.to(self.pos_emb.dtype)), k, ctx, ops, store)
+        return self.output(h).to(x.dtype)
 
     def step_fused(self, x: torch.Tensor, k: int, ctx: ChunkContext, row: Sequence[Segment],
                    deltas: StackedDeltas) -> torch.Tensor:
         """`step` following a fused plan row (COMPUTE/REUSE plans; see executor.fused_rows)."""
-        return self.output(run_segments(self.blocks, self.embed_actions(x), k, ctx, row, deltas))
+        h = run_segments(self.blocks, self.embed_actions(x.to(self.pos_emb.dtype)), k, ctx, row, deltas)
+        return self.output(h).to(x.dtype)

@@ -133,7 +133,10 @@ class DiffusionPolicy(nn.Module):
         """Raw observation history -> {"action": (B, n_action_steps, Da) to execute now,
         "action_pred": (B, H, Da) the whole predicted sequence}, unnormalised."""
         sampler = sampler or self.sampler()
-        x = self.sample(self.encode(obs), sampler, plan, generator)
-        pred = self.normalizer.unnormalize("action", x)
+        return self.to_actions(self.sample(self.encode(obs), sampler, plan, generator))
+
+    def to_actions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A normalised sample (B, H, Da) -> the unnormalised actions `predict_action` returns."""
+        pred = self.normalizer.unnormalize("action", x.float())
         start = self.cfg.n_obs_steps - 1
         return {"action": pred[:, start:start + self.cfg.n_action_steps], "action_pred": pred}

@@ -1,0 +1,210 @@
+"""One action chunk on a GPU: eager, CUDA graph, graph + BAC, torch.compile, bf16, side by side.
+
+Default-size DP-T (8 layers, width 256, 24 blocks), random weights, batch 1, end to end through
+`TorchBackend.predict` (observation upload, noise, chunk, actions back to the host). Per sampler
+configuration (DDPM-100 with BAC S=10, DDIM-16 with BAC S=5; Bubbling Union over 5 blocks,
+error-bound objective, calibrated on the device at the start) and per executor:
+
+    authors      conditioning memory and K/V recomputed every step + diffusers' scheduler.step
+                 (the executor of benchmarks/bench_cache.py, the BAC authors' style), eager
+    eager        polcache's executor without graphs
+    graph        the whole chunk replayed as one CUDA graph (polcache.policy.graph)
+    compile      each block compiled with torch.compile (inductor), then captured the same way
+    bf16         the graph with a bf16 denoiser, with its deviation from fp32 (same noise)
+
+each uncached ("none") and with the BAC plan. Columns: median and p99 ms per chunk, speedup over
+the eager uncached chunk, speedup over the authors' executor running the same plan, the sustained
+control rate (chunks per second back to back x actions executed per chunk), CUDA kernels per
+denoising step of the eager chunk, and bf16's action deviation. Methods are timed round-robin.
+
+    python benchmarks/bench_gpu.py [--calls 50] [--json benchmarks/results/gpu.json]
+    python benchmarks/bench_gpu.py --device cpu --quick     # the script's own smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from bench_cache import naive_sample
+from bench_denoiser import default_policy
+from common import RESULTS, print_table, write_json
+from polcache.cache import plan_summary
+from polcache.cache.calibrate import calibrate
+from polcache.cache.schedule import build_schedule, model_hash
+from polcache.policy.backend import TorchBackend
+from polcache.policy.device import resolve_device
+
+OBS_DIM = 39
+
+
+def bac_plan(policy, kind: str, K: int, budget: int, bu_blocks: int, device) -> tuple:
+    sampler = policy.sampler(kind, K)
+    g = torch.Generator().manual_seed(0)
+    obs = {"state": torch.randn(8, policy.cfg.n_obs_steps, OBS_DIM, generator=g).to(device)}
+    t0 = time.perf_counter()
+    calib = calibrate(policy, sampler, obs, "random states", batch_size=8, seed=0, sensitivity_samples=4)
+    plan = build_schedule(calib, "bac", budget, bu_blocks, True, model_hash(policy), kind, "error-bound").to_plan()
+    return plan, time.perf_counter() - t0
+
+
+def compiled_copy(policy):
+    """The policy with every block's forward compiled by inductor (CUDA graphs are ours, not inductor's)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(policy.denoiser.blocks))
+    fast = copy.deepcopy(policy)
+    for blk in fast.denoiser.blocks:
+        blk.forward = torch.compile(blk.forward, dynamic=False)
+    return fast
+
+
+def authors_fn(policy, kind: str, K: int, plan, obs: dict, device):
+    def fn():
+        with torch.no_grad():
+            batch = {k: torch.as_tensor(v).to(device) for k, v in obs.items()}
+            gen = torch.Generator(device=device).manual_seed(0)
+            x = naive_sample(policy, policy.encode(batch), kind, K, plan, gen)
+            return policy.to_actions(x)["action"].cpu().numpy()
+    return fn
+
+
+def kernels_per_step(fn, K: int) -> tuple[float | None, list]:
+    """CUDA kernels launched by one eager chunk, per denoising step, and the most frequent names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return None, []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.count for e in kernels)
+    top = sorted(((e.count, e.key[:80]) for e in kernels), reverse=True)[:12]
+    return round(total / K, 1), top
+
+
+def time_methods(fns: dict, calls: int, warmup: int, sustain_s: float) -> dict:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(calls):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, fn in fns.items():
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < sustain_s:
+            fn()
+            n += 1
+        ts = np.asarray(times[name]) * 1e3
+        out[name] = {"ms": float(np.median(ts)), "p99": float(np.percentile(ts, 99)),
+                     "chunks_per_s": n / (time.perf_counter() - t0)}
+    return out
+
+
+def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> list[dict]:
+    plan, calib_s = bac_plan(policy, kind, K, budget, args.bu_blocks, device)
+    summary = plan_summary(plan)
+    print(f"{kind.upper()}-{K}: BAC S={budget} BU {args.bu_blocks} calibrated in {calib_s:.1f} s, "
+          f"{summary['block_evals']} of {summary['block_evals_uncached']} block evaluations", flush=True)
+    g = np.random.default_rng(1)
+    obs = {"state": g.normal(size=(1, policy.cfg.n_obs_steps, OBS_DIM)).astype(np.float32)}
+    plans = {"none": None, "bac": plan}
+    backends, fns, info = {}, {}, {}
+    for pname, p in plans.items():
+        fns[("authors", pname)] = authors_fn(policy, kind, K, p, obs, device)
+        variants = [("eager", policy, dict(graphs=False)), ("graph", policy, {}),
+                    ("bf16", policy, dict(precision="bf16", precision_tolerance=float("inf")))]
+        if fast is not None:
+            variants.append(("compile", fast, {}))
+        for ename, pol, kw in variants:
+            try:
+                t0 = time.perf_counter()
+                b = TorchBackend(pol, kind, K, p, device=device, **kw)
+                b.warmup()
+                backends[(ename, pname)] = b
+                fns[(ename, pname)] = lambda b=b: b.predict(obs, seed=0)
+                info[(ename, pname)] = {"setup_s": round(time.perf_counter() - t0, 1), **b.describe()}
+            except Exception as e:  # one broken row must not cost the GPU run
+                traceback.print_exc()
+                info[(ename, pname)] = {"error": f"{type(e).__name__}: {e}"}
+    with torch.no_grad():
+        res = time_methods(fns, args.calls, args.warmup, args.sustain)
+    kern = {}
+    for pname in plans:
+        if ("eager", pname) in backends:
+            kern[pname] = kernels_per_step(fns[("eager", pname)], K)
+    n_act = policy.cfg.n_action_steps
+    base = res[("eager", "none")]["ms"]
+    rows = []
+    for (ename, pname), r in sorted(res.items(), key=lambda kv: (kv[0][1], list(plans).index(kv[0][1]))):
+        meta = info.get((ename, pname), {})
+        row = {"sampler": f"{kind.upper()}-{K}", "executor": ename,
+               "cache": "none" if pname == "none" else f"bac:{budget}:{args.bu_blocks}",
+               "ms": round(r["ms"], 2), "p99_ms": round(r["p99"], 2), "speedup": round(base / r["ms"], 2),
+               "vs_authors": round(res[("authors", pname)]["ms"] / r["ms"], 2),
+               "control_hz": round(r["chunks_per_s"] * n_act, 1),
+               "block_evals": summary["block_evals"] if pname == "bac" else summary["block_evals_uncached"]}
+        if ename == "eager" and pname in kern:
+            row["kernels_per_step"] = kern[pname][0]
+            row["top_kernels"] = kern[pname][1]
+        if meta.get("parity"):
+            row["bf16_max_abs"] = float(f"{meta['parity']['max_abs']:.3g}")
+            row["bf16_min_cos"] = round(meta["parity"]["min_cosine"], 4)
+        if "setup_s" in meta:
+            row["setup_s"] = meta["setup_s"]
+        rows.append(row)
+    for key, meta in info.items():
+        if "error" in meta:
+            rows.append({"sampler": f"{kind.upper()}-{K}", "executor": key[0], "cache": key[1], "error": meta["error"]})
+    order = ["authors", "eager", "graph", "compile", "bf16"]
+    rows.sort(key=lambda r: (r["cache"] != "none", order.index(r["executor"])))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--configs", default="ddpm:100:10,ddim:16:5", help="kind:K:S,...")
+    ap.add_argument("--bu-blocks", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--sustain", type=float, default=1.0, help="seconds of back-to-back chunks per method")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="2-layer model, few calls: a smoke test of the script")
+    ap.add_argument("--json", default=str(RESULTS / "gpu.json"))
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    if args.quick:
+        from polcache.config import PolicyConfig
+
+        args.calls, args.sustain, args.configs = 3, 0.05, "ddpm:20:4,ddim:8:3"
+    policy = default_policy(cfg=PolicyConfig(n_layers=2, width=64) if args.quick else None).to(device).eval()
+    fast = None
+    if not args.no_compile and device.type == "cuda":
+        fast = compiled_copy(policy)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, default DP-T ({len(policy.denoiser.blocks)} blocks), "
+          f"random weights, batch 1, fp32 unless bf16; medians of {args.calls} calls round-robin", flush=True)
+    rows = []
+    for spec in args.configs.split(","):
+        kind, K, budget = spec.split(":")
+        rows += bench_config(policy, fast, kind, int(K), int(budget), args, device)
+        print_table(rows, ["sampler", "executor", "cache", "ms", "p99_ms", "speedup", "vs_authors", "control_hz",
+                           "block_evals", "kernels_per_step", "bf16_max_abs", "bf16_min_cos", "setup_s", "error"])
+        write_json(args.json, {"benchmark": "gpu", "device": name, "torch": torch.__version__,
+                               "cuda": torch.version.cuda, "calls": args.calls, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

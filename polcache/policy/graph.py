@@ -1,0 +1,74 @@
+"""Whole action chunks captured as one CUDA graph.
+
+On a GPU a denoising step of DP-T at batch 1 is bound by kernel launches, not arithmetic:
+eager torch pays the launch of every kernel of every step. Capturing the whole chunk
+(observation encoding, per-chunk K/V, all K steps with their cache plan, sampler updates) once
+per (plan, batch size) and replaying it removes all of that host work. What makes this
+possible is that the chunk has no host synchronisation (see `DiffusionPolicy.denoise`) and a
+static plan: GATE rows are decided from the data at run time, so threshold plans stay eager
+(`graph_blocker` says why). Random numbers are drawn outside the graph and copied into its
+static input buffers, so replays follow the caller's generator exactly as eager runs do.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from polcache.policy.executor import GATE
+from polcache.policy.policy import DiffusionPolicy
+from polcache.policy.samplers import Sampler
+
+
+def graph_blocker(device: torch.device, plan: Sequence[Sequence[int]] | None) -> str | None:
+    """Why a chunk cannot be captured on `device` with `plan`, or None when it can."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if plan is not None and any(GATE in row for row in plan):
+        return "the threshold cache decides which blocks to compute from the data at run time"
+    return None
+
+
+class ChunkGraph:
+    """One captured chunk for a fixed policy, sampler, plan and batch size.
+
+    `__call__(obs, x, noise)` copies the inputs into the static buffers, replays the graph and
+    returns the normalised sample (a static buffer: read or copy it before the next call).
+    The weights must not be replaced while the graph lives (it reads them by address)."""
+
+    def __init__(self, policy: DiffusionPolicy, sampler: Sampler, plan: Sequence[Sequence[int]] | None,
+                 obs: dict[str, torch.Tensor], warmup: int = 2):
+        self.policy, self.sampler, self.plan = policy, sampler, plan
+        self.obs = {k: v.detach().clone() for k, v in obs.items()}
+        batch = next(iter(obs.values())).shape[0]
+        self.x, self.noise = policy.initial_noise(batch, sampler, None, next(iter(obs.values())).device)
+        self.x.zero_()
+        if self.noise is not None:
+            self.noise.zero_()
+        # The time token's K/V are kept by the denoiser; hold them so the graph's reads stay valid.
+        with torch.no_grad():
+            self._time_kv = policy.denoiser.time_kv(sampler.timesteps)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # allocator and cuBLAS workspaces settle before capture
+                self._chunk()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._chunk()
+
+    @torch.no_grad()
+    def _chunk(self) -> torch.Tensor:
+        feats = self.policy.encode(self.obs)
+        return self.policy.denoise(feats, self.sampler, self.x, self.noise, self.plan)
+
+    def __call__(self, obs: dict[str, torch.Tensor], x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        for k, buf in self.obs.items():
+            buf.copy_(obs[k])
+        self.x.copy_(x)
+        if noise is not None:
+            self.noise.copy_(noise)
+        self.graph.replay()
+        return self.out

@@ -1,0 +1,69 @@
+"""The torch backend's fast paths: CUDA graphs of whole chunks and reduced-precision denoisers.
+
+Both must give the actions of the plain eager fp32 path: graphs exactly what eager computes on
+the same device (same noise), bf16 within the parity gate, which also refuses to start when
+the tolerance is not met. The CUDA tests run on the GPU machine and skip here."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_policy
+
+from polcache.cache.baselines import threshold_plan, uniform_plan
+from polcache.errors import PrecisionError
+from polcache.policy.backend import TorchBackend
+from polcache.policy.precision import probe_observations
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def obs_np(policy, n=2, seed=3):
+    return {k: v.numpy() for k, v in probe_observations(policy, n, seed).items()}
+
+
+def test_bf16_denoiser_passes_its_gate_and_stays_close_on_cpu():
+    p = tiny_policy(n_layers=2, width=32)
+    ref = TorchBackend(p, "ddim", 8)
+    low = TorchBackend(tiny_policy(n_layers=2, width=32), "ddim", 8, precision="bf16", precision_tolerance=0.2)
+    assert low.parity["max_abs"] <= 0.2 and low.parity["min_cosine"] > 0.9
+    assert low.describe()["precision"] == "bf16" and ref.describe()["parity"] is None
+    obs = obs_np(p)
+    a, b = ref.predict(obs, seed=1), low.predict(obs, seed=1)
+    assert b.dtype == np.float32 and a.shape == b.shape
+    assert np.abs(a - b).max() < 0.5  # unnormalised units (actions span [-2, 2] here)
+
+
+def test_parity_gate_refuses_a_tolerance_it_cannot_meet():
+    with pytest.raises(PrecisionError, match=r"bf16 denoiser disagrees with fp32 by up to .* tolerance 1e-09"):
+        TorchBackend(tiny_policy(), "ddim", 8, precision="bf16", precision_tolerance=1e-9)
+    with pytest.raises(PrecisionError, match="expected one of fp32, bf16, fp16"):
+        TorchBackend(tiny_policy(), precision="int8")
+
+
+def test_graphs_say_why_they_are_off():
+    p = tiny_policy()
+    assert TorchBackend(p).describe()["cuda_graphs_off_because"] == "CUDA graphs need a CUDA device"
+    assert TorchBackend(p, graphs=False).describe()["cuda_graphs_off_because"] == "turned off"
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind,steps", [("ddpm", 20), ("ddim", 8), ("flow", 6)])
+def test_cuda_graph_chunks_equal_eager_chunks(kind, steps):
+    p = tiny_policy(n_layers=2, width=64)
+    n = len(p.denoiser.blocks)
+    for plan in (None, uniform_plan(steps, n, 3)):
+        eager = TorchBackend(p, kind, steps, plan, device="cuda", graphs=False)
+        graph = TorchBackend(p, kind, steps, plan, device="cuda")
+        assert graph.describe()["cuda_graphs"]
+        for batch in (1, 3):
+            obs = obs_np(p, batch)
+            for seed in (0, 1):  # replays with new inputs, not the captured ones
+                np.testing.assert_allclose(graph.predict(obs, seed), eager.predict(obs, seed), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_threshold_plans_run_eager_on_cuda_with_the_reason():
+    p = tiny_policy()
+    b = TorchBackend(p, "ddim", 8, threshold_plan(8, len(p.denoiser.blocks), 0.2), device="cuda")
+    assert "at run time" in b.describe()["cuda_graphs_off_because"]
+    assert b.predict(obs_np(p), seed=0).shape == (2, p.cfg.n_action_steps, p.action_dim)
