@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "polcache.sim.cli",
     "polcache.cache.cli",
     "polcache.serve.cli",
+    "polcache.export.cli",
 ]
 
 

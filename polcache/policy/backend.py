@@ -87,10 +87,41 @@ class TorchBackend:
                 "cuda_graphs_off_because": self.graph_blocker}
 
 
+BACKENDS = ("torch", "ort", "trt")
+
+
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,
-                 device: str = "cpu") -> TorchBackend:
-    """Load a checkpoint as a backend on `device` (cpu, cuda, cuda:N, auto); `cache` names a schedule
-    file or a baseline spec (see polcache.cache)."""
+                 device: str = "cpu", backend: str | None = None, threads: int | None = None, **torch_options):
+    """Load a policy as a backend on `device` (cpu, cuda, cuda:N, auto).
+
+    `checkpoint` is a checkpoint directory (backend "torch", the default for one) or an artifact
+    written by `polcache export` (backend "ort", the default for one). For a checkpoint, `cache`
+    names a schedule file or a baseline spec (see polcache.cache); for an artifact, `cache`,
+    `sampler` and `steps` default to the exported ones and are refused if they differ from them.
+    `threads`: ONNX Runtime intra-op threads (default: torch's thread count). `torch_options` go
+    to TorchBackend."""
+    from pathlib import Path
+
+    from polcache.errors import BackendUnavailableError, ExportError, PolcacheError
+
+    path = Path(checkpoint)
+    exported = (path / "manifest.json").is_file()
+    kind = backend or ("ort" if exported else "torch")
+    if kind not in BACKENDS:
+        raise PolcacheError(f"unknown backend {kind!r}: expected {', '.join(BACKENDS)}")
+    if kind == "trt":
+        raise BackendUnavailableError("TensorRT backend: not available in this version yet; use --backend ort "
+                                      "(an artifact from `polcache export`) or --backend torch")
+    if kind == "ort":
+        if not exported and (path / "model.safetensors").is_file():
+            raise ExportError(f"{path} is a checkpoint, not an exported policy: run `polcache export --checkpoint "
+                              f"{path} --format onnx --out DIR` (with the --cache/--sampler/--steps to run) and "
+                              "pass DIR")
+        from polcache.export.ort_backend import load_ort_backend
+
+        return load_ort_backend(path, cache=cache, sampler=sampler, steps=steps, device=device, threads=threads)
+    if exported:
+        raise ExportError(f"{path} is an exported policy (ONNX), not a checkpoint: run it with --backend ort")
     device = resolve_device(device)
     policy, _, _ = load_policy(checkpoint, device)
     plan = None
@@ -99,4 +130,4 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
 
         sampler_obj = policy.sampler(sampler, steps)
         plan = resolve_plan(cache, policy, sampler_obj)
-    return TorchBackend(policy, sampler, steps, plan, device)
+    return TorchBackend(policy, sampler, steps, plan, device, **torch_options)

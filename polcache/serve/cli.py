@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Serve one checkpoint to robots speaking the polcache protocol "
                                           "(docs/protocol.md): each observation is answered with a timestamped "
                                           "action chunk and per-stage timing. Binds to loopback unless told otherwise.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or an artifact from `polcache export`")
+    p.add_argument("--backend", choices=["torch", "ort", "trt"], help="inference backend (default: torch for a "
+                   "checkpoint, ort (ONNX Runtime) for an exported artifact; trt: not available yet)")
     p.add_argument("--cache", help="block cache schedule JSON or baseline spec (as for `polcache eval`)")
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ address to bind (default {DEFAULT_BIND})")
     p.add_argument("--keys", help="CurveZMQ key directory from `polcache keys` (required for a non-loopback bind)")
@@ -87,7 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     _logging()
     torch.set_num_threads(args.threads)
-    backend = load_backend(args.checkpoint, cache=args.cache, device=args.device)
+    backend = load_backend(args.checkpoint, cache=args.cache, device=args.device, backend=args.backend,
+                           threads=args.threads)
     with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,

@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a checkpoint in MuJoCo: success rate and latency",
                               description="Roll a checkpoint out in a simulated task; prints success rate with a "
                                           "95% Wilson interval, episode length and per-chunk latency percentiles.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or an artifact from `polcache export`")
+    p.add_argument("--backend", choices=["torch", "ort", "trt"], help="inference backend (default: torch for a "
+                   "checkpoint, ort (ONNX Runtime) for an exported artifact; trt: not available yet)")
     p.add_argument("--task", help="task name (default: the task the checkpoint was trained on)")
     p.add_argument("--episodes", type=positive_int, default=50, help="number of episodes (default 50)")
     p.add_argument("--seed", type=int, default=1000, help="episode i resets with seed S+i (default 1000)")
@@ -29,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble", type=float, metavar="DECAY", help="temporal ensembling of overlapping chunks with the "
                    "robot client's action schedule, weight exp(-DECAY*k) for the k-th newest chunk (default: off)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest at batch 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch (or ONNX Runtime) intra-op threads (default 1: "
+                                                           "fastest at batch 1)")
     p.add_argument("--json", help="write the full result as JSON here")
     p.add_argument("--video", help="directory for GIFs of the first --video-episodes episodes")
     p.add_argument("--video-episodes", type=int, default=3)
@@ -46,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     backend = load_backend(args.checkpoint, cache=args.cache, sampler=args.sampler, steps=args.steps,
-                           device=args.device)
+                           device=args.device, backend=args.backend, threads=max(1, args.threads))
     task = args.task or backend.spec.task
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
@@ -54,14 +57,18 @@ def _run(args: argparse.Namespace) -> int:
                       video_dir=args.video, video_episodes=args.video_episodes if args.video else 0,
                       rollout=Rollout(args.max_steps, args.action_steps, args.ensemble))
     what = backend.describe()
-    result.extra.update({"checkpoint": args.checkpoint, "sampler": what["sampler"], "steps": what["steps"],
-                         "device": what["device"], "threads": torch.get_num_threads(), "cache": "none"})
-    if args.cache:
+    result.extra.update({"checkpoint": args.checkpoint, "backend": what["backend"], "sampler": what["sampler"],
+                         "steps": what["steps"], "device": what["device"], "threads": torch.get_num_threads(),
+                         "cache": "none"})
+    exported = what["backend"] != "torch"  # the plan is inside the artifact: no uncached comparator to load
+    if exported and what["cache"]:
+        result.extra["cache"] = what["cache"] | {"spec": what.get("cache_spec")}
+    if args.cache and not exported:
         uncached = load_backend(args.checkpoint, sampler=args.sampler, steps=args.steps, device=args.device)
         result.extra["cache"] = what["cache"] | {"spec": args.cache}
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())
-    if args.cache:
+    if args.cache and not exported:
         sp = result.extra["speedup"]
         print(f"cache {args.cache}: {sp['uncached_ms']:.1f} ms -> {sp['cached_ms']:.1f} ms per chunk "
               f"({sp['speedup']:.2f}x, medians of {sp['calls']} calls side by side)")

@@ -1,0 +1,143 @@
+"""Export a policy (checkpoint + sampler + step count + cache plan) as an ONNX artifact.
+
+The cache plan is resolved with the same `--cache` grammar as the torch backend
+(`polcache.cache.resolve_plan`) and compiled into the step graph. Plans decided at run time
+(threshold caching: GATE ops) or extrapolating deltas (FORECAST) are refused: they run in
+the torch backend.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+import polcache
+from polcache.atomic import atomic_directory
+from polcache.errors import ExportError
+from polcache.export.manifest import MANIFEST, GraphEntry, Manifest, sha256_file
+from polcache.export.onnx_graphs import (OPSET, STEP_MODES, assemble_step, dims, io_description, trace_encoder,
+                                         trace_pieces)
+from polcache.policy.executor import COMPUTE, FORECAST, GATE
+from polcache.policy.policy import DiffusionPolicy
+
+DEFAULT_STEP_MODE = "if"
+
+
+def plan_table(policy: DiffusionPolicy, sampler, cache: str | None):
+    """(plan or None, (K, n_blocks) bool compute table) for a --cache spec; refuses plans that an
+    exported graph cannot run."""
+    K, n = sampler.num_steps, len(policy.denoiser.blocks)
+    if not cache or cache.strip() == "none":
+        return None, np.ones((K, n), dtype=bool)
+    from polcache.cache import resolve_plan
+
+    plan = resolve_plan(cache, policy, sampler)
+    table = plan.table()
+    if (table == GATE).any():
+        raise ExportError(f"--cache {cache}: the threshold cache decides at run time which blocks to compute (GATE "
+                          "ops), which exported graphs do not do; run it with --backend torch, or export a static "
+                          "plan (uniform:N, a schedule .json)")
+    if (table == FORECAST).any():
+        raise ExportError(f"--cache {cache}: forecasting (+forecast) is not exported; run it with --backend torch, "
+                          "or export the plan without +forecast")
+    compute = table == COMPUTE
+    if not compute[0].all():
+        raise ExportError(f"--cache {cache}: step 0 must compute every block (stored deltas start empty)")
+    return plan, compute
+
+
+def _schedule_sha(cache: str | None) -> str | None:
+    if not cache:
+        return None
+    path = Path(cache.strip().removesuffix("+forecast").rpartition("@")[2])
+    return sha256_file(path) if path.suffix == ".json" and path.is_file() else None
+
+
+def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = None, sampler: str | None = None,
+                  steps: int | None = None, step_mode: str = DEFAULT_STEP_MODE, checkpoint: str = "") -> Manifest:
+    """Write the artifact directory `out` (atomically) and return its manifest."""
+    from polcache.cache import plan_summary
+    from polcache.cache.schedule import model_hash
+
+    if step_mode not in STEP_MODES:
+        raise ExportError(f"unknown step mode {step_mode!r}: expected one of {', '.join(STEP_MODES)}")
+    t0 = time.perf_counter()
+    was_training = policy.training
+    policy = policy.cpu().eval()
+    smp = policy.sampler(sampler, steps)
+    plan, compute = plan_table(policy, smp, cache)
+    try:
+        encoder = trace_encoder(policy)
+        pieces = trace_pieces(policy, smp)
+        graphs: dict[str, onnx.ModelProto] = {"encoder": encoder}
+        pattern_of_step: list[int] = []
+        if step_mode == "if":
+            graphs["step"] = assemble_step(pieces, compute=compute)
+        else:
+            patterns: dict[tuple, int] = {}
+            for row in compute.tolist():
+                pattern_of_step.append(patterns.setdefault(tuple(row), len(patterns)))
+            for row, j in patterns.items():
+                graphs[f"step_p{j}"] = assemble_step(pieces, pattern=row, name=f"polcache_step_p{j}")
+    finally:
+        policy.train(was_training)
+    for name, model in graphs.items():
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except onnx.checker.ValidationError as exc:  # a bug here, not a user error: keep the detail
+            raise RuntimeError(f"exported graph {name} fails onnx.checker: {exc}") from exc
+    action = policy.normalizer.stats("action")
+    entries = {}
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        tmp.mkdir()
+        for name, model in graphs.items():
+            f = tmp / f"{name}.onnx"
+            f.write_bytes(model.SerializeToString())
+            entries[name] = GraphEntry(file=f.name, sha256=sha256_file(f), opset=OPSET, **io_description(model))
+        manifest = Manifest(
+            spec=policy.spec.to_dict(),
+            model={"hash": model_hash(policy), "checkpoint": str(checkpoint), "block_names":
+                   policy.denoiser.block_names, **dims(policy)},
+            sampler={"kind": smp.kind, "steps": smp.num_steps, "clip_sample": bool(smp.clip_sample),
+                     "needs_noise": bool(smp.needs_noise), "timesteps": smp.timesteps.tolist(),
+                     **{c: getattr(smp, c).tolist() for c in "abcdes"}},
+            cache={"spec": cache.strip() if cache else "none", "schedule_sha256": _schedule_sha(cache),
+                   "summary": plan_summary(plan) if plan is not None else None,
+                   "table": compute.astype(int).tolist()},
+            normalizer={"action": {"scale": action["scale"].tolist(), "offset": action["offset"].tolist()}},
+            graphs=entries, step_mode=step_mode, pattern_of_step=pattern_of_step,
+            polcache_version=_code_version(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            export_seconds=round(time.perf_counter() - t0, 3))
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest
+
+
+def _code_version() -> str:
+    try:
+        from polcache.policy.checkpoint import code_version
+
+        return code_version()
+    except Exception:  # noqa: BLE001 - a version string is never worth failing an export for
+        return polcache.__version__
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, cache: str | None = None, sampler: str | None = None,
+                      steps: int | None = None, step_mode: str = DEFAULT_STEP_MODE) -> Manifest:
+    from polcache.policy.checkpoint import load_policy
+
+    policy, _, _ = load_policy(checkpoint, "cpu")
+    return export_policy(policy, out, cache, sampler, steps, step_mode, checkpoint=str(checkpoint))
+
+
+@torch.no_grad()
+def torch_reference(policy: DiffusionPolicy, obs: dict[str, np.ndarray], sampler, plan, x: np.ndarray,
+                    noise: np.ndarray | None) -> np.ndarray:
+    """The torch policy's normalised sample from the same start and noise (for parity checks)."""
+    feats = policy.encode({k: torch.as_tensor(v) for k, v in obs.items()})
+    xs = policy.denoise(feats, sampler, torch.as_tensor(x), None if noise is None else torch.as_tensor(noise), plan)
+    return xs.float().numpy()

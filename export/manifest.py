@@ -1,0 +1,144 @@
+"""The manifest of an exported policy: what the artifact holds, and the checks that refuse a bad one.
+
+An artifact is one directory, written atomically:
+
+    manifest.json       this file's content (format, version, graphs with sha256 and I/O, policy
+                        spec, sampler tables, normaliser tables, cache plan, model identity)
+    encoder.onnx        observation history -> cross-attention keys/values of the observation tokens
+    step.onnx           one denoising step with the plan inside (step mode "if"), or
+    step_p<j>.onnx      one graph per distinct update pattern of the plan (step mode "patterns")
+
+Reading needs neither torch nor onnx: only json, hashlib and numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from polcache.errors import ExportError
+from polcache.policy.spec import PolicySpec
+
+FORMAT = "polcache-export"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class GraphEntry:
+    file: str
+    sha256: str
+    inputs: list[dict]  # {"name", "shape" (ints and "B" for the batch), "dtype"}
+    outputs: list[dict]
+    opset: int
+
+
+@dataclass
+class Manifest:
+    spec: dict  # PolicySpec.to_dict()
+    model: dict  # {"hash": model_hash(policy) (config, shapes, weights, normaliser), "checkpoint", dims...}
+    sampler: dict  # {"kind", "steps", "timesteps", "a".."s", "clip_sample", "needs_noise"}
+    cache: dict  # {"spec", "schedule_sha256", "summary", "table" (K x n_blocks, 1 = compute)}
+    normalizer: dict  # {"action": {"scale", "offset"}}: the decode of normalised samples
+    graphs: dict[str, GraphEntry]
+    step_mode: str = "if"  # "if": graph "step"; "patterns": graphs "step_p<j>", chosen by `pattern_of_step`
+    pattern_of_step: list[int] = field(default_factory=list)
+    format: str = FORMAT
+    version: int = VERSION
+    polcache_version: str = ""
+    created: str = ""
+    export_seconds: float = 0.0
+
+    @property
+    def policy_spec(self) -> PolicySpec:
+        return PolicySpec.from_dict(self.spec)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+
+def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
+    """Read and check an artifact's manifest; with `verify`, every graph file's sha256 too."""
+    root = Path(artifact)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{root}: not an exported policy (no {MANIFEST})")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ExportError(f"{path}: not valid JSON (truncated?)") from None
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if fmt != FORMAT:
+        raise ExportError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
+    if doc.get("version") != VERSION:
+        raise ExportError(f"{path}: export version {doc.get('version')} is not supported (expected {VERSION})")
+    try:
+        graphs = {name: GraphEntry(**g) for name, g in doc.pop("graphs").items()}
+        manifest = Manifest(graphs=graphs, **doc)
+        manifest.policy_spec  # noqa: B018 - validates the spec
+        K, n = int(manifest.sampler["steps"]), int(manifest.model["n_blocks"])
+        table = manifest.cache["table"]
+        if len(table) != K or any(len(row) != n for row in table):
+            raise ValueError(f"cache table is not {K} x {n}")
+        if manifest.step_mode not in ("if", "patterns"):
+            raise ValueError(f"unknown step mode {manifest.step_mode!r}")
+        needed = ["encoder"] + (["step"] if manifest.step_mode == "if"
+                                else [f"step_p{j}" for j in sorted(set(manifest.pattern_of_step))])
+        if manifest.step_mode == "patterns" and len(manifest.pattern_of_step) != K:
+            raise ValueError(f"pattern_of_step has {len(manifest.pattern_of_step)} entries, expected {K}")
+        missing = [g for g in needed if g not in graphs]
+        if missing:
+            raise ValueError(f"no graph entry for {', '.join(missing)}")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+    if verify:
+        for name in graphs:
+            graph_bytes(root, manifest, name)
+    return manifest
+
+
+def graph_bytes(artifact: str | Path, manifest: Manifest, name: str) -> bytes:
+    """One graph file's content, refused unless its sha256 is the manifest's (read once, so
+    what is checked is what gets loaded)."""
+    g = manifest.graphs[name]
+    f = Path(artifact) / g.file
+    if not f.is_file():
+        raise ExportError(f"{artifact}: graph {name!r} file {g.file} is missing")
+    data = f.read_bytes()
+    got = "sha256:" + hashlib.sha256(data).hexdigest()
+    if got != g.sha256:
+        raise ExportError(f"{f}: sha256 {got[7:19]}... does not match the manifest's {g.sha256[7:19]}... "
+                          "(modified or corrupt; export again)")
+    return data
+
+
+def check_request(manifest: Manifest, where: str, cache: str | None = None, sampler: str | None = None,
+                  steps: int | None = None) -> None:
+    """Refuse settings other than the exported ones (None: take the artifact's)."""
+    have_kind, have_steps = manifest.sampler["kind"], int(manifest.sampler["steps"])
+    if sampler is not None and sampler != have_kind:
+        raise ExportError(f"{where} was exported for sampler {have_kind}, not {sampler}: export again with "
+                          f"--sampler {sampler}")
+    if steps is not None and int(steps) != have_steps:
+        raise ExportError(f"{where} was exported for {have_kind} with K={have_steps} steps, not {steps}: export again "
+                          f"with --steps {steps}")
+    if cache is None:
+        return
+    exported = manifest.cache.get("spec") or "none"
+    if cache.strip() != exported:
+        raise ExportError(f"{where} was exported with --cache {exported}, not {cache.strip()}: the plan is part of "
+                          "the exported graphs, so export again with the cache you want")
+    want = manifest.cache.get("schedule_sha256")
+    path = Path(cache.strip().removesuffix("+forecast").rpartition("@")[2])
+    if want and path.suffix == ".json" and path.is_file() and sha256_file(path) != want:
+        raise ExportError(f"{path} changed since {where} was exported with it (sha256 differs): export again")

@@ -1,0 +1,196 @@
+"""ONNX export: graphs pass the checker, ONNX Runtime matches torch per step and per chunk (with
+and without a cache plan, any batch size), and a bad artifact or mismatched request is refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_policy
+from test_cli_errors import _err
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+
+from polcache.cache.calibrate import calibrate  # noqa: E402
+from polcache.cache.schedule import build_schedule, model_hash, save_schedule  # noqa: E402
+from polcache.cli import main  # noqa: E402
+from polcache.config import ExperimentConfig  # noqa: E402
+from polcache.errors import BackendUnavailableError, ExportError  # noqa: E402
+from polcache.export.exporter import export_policy, plan_table, torch_reference  # noqa: E402
+from polcache.export.ort_backend import OrtBackend  # noqa: E402
+from polcache.policy import load_backend, save_checkpoint  # noqa: E402
+from polcache.policy.executor import DeltaStore  # noqa: E402
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy(n_layers=2, width=32, obs_dim=8, action_dim=2)
+
+
+@pytest.fixture(scope="module")
+def schedule(policy, tmp_path_factory):
+    """A BAC schedule calibrated on random states (DDPM, K=8, S=3, Bubbling Union over 2 blocks)."""
+    smp = policy.sampler("ddpm", K)
+    obs = {"state": torch.randn(6, 2, 8, generator=torch.Generator().manual_seed(0))}
+    calib = calibrate(policy, smp, obs, "random states", batch_size=6, sensitivity_samples=2)
+    sched = build_schedule(calib, "bac", 3, 2, True, model_hash(policy), "ddpm", "error-bound")
+    return str(save_schedule(sched, tmp_path_factory.mktemp("sched") / "bac.json"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(policy, tmp_path_factory):
+    cfg = ExperimentConfig(task="cue-reach", policy=policy.cfg)
+    return str(save_checkpoint(tmp_path_factory.mktemp("export") / "ckpt", cfg, policy))
+
+
+def _obs(spec, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: (rng.integers(0, 256, (batch, spec.n_obs_steps, *s.shape)) if s.dtype == "uint8"
+                else rng.normal(size=(batch, spec.n_obs_steps, *s.shape))).astype(s.dtype)
+            for k, s in spec.obs.items()}
+
+
+def _artifact(policy, tmp_path, cache=None, kind="ddpm", mode="if"):
+    out = tmp_path / f"art-{mode}"
+    m = export_policy(policy, out, cache=cache, sampler=kind, steps=K, step_mode=mode)
+    for g in m.graphs.values():
+        onnx.checker.check_model(onnx.load(str(out / g.file)), full_check=True)
+    assert not policy.training  # tracing never leaves the policy in training mode
+    return out
+
+
+@pytest.mark.parametrize("cache", [None, "uniform:3", "bac"])
+def test_step_graph_matches_torch_step_and_update(policy, schedule, tmp_path, cache):
+    cache = schedule if cache == "bac" else cache
+    art = _artifact(policy, tmp_path, cache)
+    backend = OrtBackend(art, threads=1)
+    smp = policy.sampler("ddpm", K)
+    plan, compute = plan_table(policy, smp, cache)
+    n, B = len(policy.denoiser.blocks), 3
+    obs = _obs(backend.spec, B)
+    obs_kv = backend.encoder.run(None, obs)[0]
+    with torch.no_grad():
+        ctx = policy.denoiser.prepare_chunk(policy.encode({k: torch.as_tensor(v) for k, v in obs.items()}),
+                                            smp.timesteps)
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(B, 16, 2, generator=g), torch.randn(B, 16, 2, generator=g)
+    deltas = torch.randn(n, B, 16, 32, generator=g) * 0.1
+    for k in range(K):
+        store = DeltaStore(n)
+        for i in range(n):
+            store.put(i, 0, deltas[i])
+        with torch.no_grad():
+            want = smp.update(k, x, policy.denoiser.step(x, k, ctx, None if plan is None else plan[k], store),
+                              noise)
+        got, d_out = backend._steps[0].run(None, {"x": x.numpy(), "k": np.array(k), "obs_kv": obs_kv,
+                                                  "deltas": deltas.numpy(), "noise": noise.numpy()})
+        assert np.abs(got - want.numpy()).max() < 1e-4, k
+        for i in range(n):  # computed blocks hand out their new delta, reused ones the stored one
+            assert np.abs(d_out[i] - store.last[i].numpy()).max() < 1e-4
+            assert compute[k, i] or np.array_equal(d_out[i], deltas[i].numpy())
+
+
+@pytest.mark.parametrize("kind,cache,mode", [("ddpm", None, "if"), ("ddpm", "uniform:3", "if"),
+                                             ("ddim", "uniform:2", "if"), ("flow", "uniform:3", "if"),
+                                             ("ddpm", "bac", "patterns")])
+def test_chunk_matches_torch_with_the_same_noise_at_any_batch(policy, schedule, tmp_path, kind, cache, mode):
+    cache = schedule if cache == "bac" else cache  # calibrated for DDPM
+    art = _artifact(policy, tmp_path, cache, kind, mode)
+    backend = load_backend(str(art))
+    smp = policy.sampler(kind, K)
+    plan, _ = plan_table(policy, smp, cache)
+    for batch in (1, 3):
+        obs = _obs(backend.spec, batch, seed=batch)
+        x, noise = policy.initial_noise(batch, smp, torch.Generator().manual_seed(batch))
+        x, noise = x.numpy(), None if noise is None else noise.numpy()
+        got = backend.sample(obs, x, noise)
+        ref = torch_reference(policy, obs, smp, plan, x, noise)
+        assert np.abs(got - ref).max() < 1e-3
+        want = policy.normalizer.unnormalize("action", torch.as_tensor(ref))[:, 1:1 + policy.cfg.n_action_steps]
+        assert np.abs(backend.decode(got)["action"] - want.numpy()).max() < 1e-3
+        assert backend.predict(obs, seed=0).shape == (batch, policy.cfg.n_action_steps, 2)
+    assert np.array_equal(backend.predict(obs, seed=5), backend.predict(obs, seed=5))
+    what = backend.describe()
+    assert what["backend"] == "ort" and what["steps"] == K and what["step_mode"] == mode
+    assert (what["cache"] is None) == (cache is None)
+
+
+def test_image_policy_exports(tmp_path):
+    policy = tiny_policy(n_layers=1, width=32, image=True)
+    art = _artifact(policy, tmp_path, "uniform:2", kind="ddim")
+    backend = OrtBackend(art)
+    smp = policy.sampler("ddim", K)
+    plan, _ = plan_table(policy, smp, "uniform:2")
+    obs = _obs(backend.spec, 2)
+    x = np.random.default_rng(0).standard_normal((2, 16, 3), dtype=np.float32)
+    assert np.abs(backend.sample(obs, x) - torch_reference(policy, obs, smp, plan, x, None)).max() < 1e-3
+
+
+def test_bad_artifacts_and_requests_are_refused(policy, schedule, checkpoint, tmp_path, capsys):
+    art = _artifact(policy, tmp_path, "uniform:3")
+    with pytest.raises(ExportError, match=r"exported with --cache uniform:3, not uniform:2"):
+        load_backend(str(art), cache="uniform:2")
+    with pytest.raises(ExportError, match="K=8 steps, not 10"):
+        load_backend(str(art), steps=10)
+    with pytest.raises(ExportError, match="sampler ddpm, not ddim"):
+        load_backend(str(art), sampler="ddim")
+    assert load_backend(str(art), cache="uniform:3", sampler="ddpm", steps=K).K == K
+    with pytest.raises(ExportError, match="GATE"):
+        export_policy(policy, tmp_path / "gate", cache="threshold:0.1", sampler="ddpm", steps=K)
+    with pytest.raises(ExportError, match="forecast"):
+        export_policy(policy, tmp_path / "fc", cache="uniform:3+forecast", sampler="ddpm", steps=K)
+    assert not (tmp_path / "gate").exists()
+    with pytest.raises(ExportError, match="is a checkpoint, not an exported policy"):
+        load_backend(checkpoint, backend="ort")
+    with pytest.raises(ExportError, match="--backend ort"):
+        load_backend(str(art), backend="torch")
+    with pytest.raises(BackendUnavailableError, match="TensorRT backend: not available"):
+        load_backend(checkpoint, backend="trt")
+
+    step = art / "step.onnx"
+    data = bytearray(step.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    step.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="step.onnx: sha256 .* does not match the manifest"):
+        load_backend(str(art))
+    assert "does not match the manifest" in _err(capsys, ["eval", "--checkpoint", str(art), "--backend", "ort",
+                                                          "--episodes", "1"])
+    manifest = art / "manifest.json"
+    manifest.write_text(manifest.read_text()[:200])
+    with pytest.raises(ExportError, match="not valid JSON"):
+        load_backend(str(art))
+    doc = art / "manifest.json"
+    doc.write_text(json.dumps({"format": "polcache-export", "version": 1, "graphs": {}}))
+    with pytest.raises(ExportError, match="malformed manifest"):
+        load_backend(str(art))
+
+    base = ["export", "--checkpoint", checkpoint, "--format", "onnx", "--sampler", "ddpm", "--steps", str(K)]
+    assert "GATE" in _err(capsys, [*base, "--cache", "threshold:0.1", "--out", str(tmp_path / "g")])
+    assert "TensorRT backend: not available" in _err(capsys, ["eval", "--checkpoint", checkpoint, "--backend", "trt",
+                                                              "--episodes", "1"])
+    assert "TensorRT backend: not available" in _err(capsys, ["serve", "--checkpoint", checkpoint, "--backend",
+                                                               "trt"])
+
+
+def test_export_cli_then_eval_with_the_ort_backend(checkpoint, tmp_path, capsys):
+    out = tmp_path / "art"
+    argv = ["export", "--checkpoint", checkpoint, "--cache", "uniform:2", "--sampler", "ddim", "--steps", str(K),
+            "--format", "onnx", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "verified: max |ONNX Runtime - torch|" in printed and "step mode if" in printed
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["cache"]["spec"] == "uniform:2" and doc["sampler"]["kind"] == "ddim" and doc["model"]["hash"]
+    assert doc["graphs"]["step"]["inputs"][0] == {"name": "x", "shape": ["B", 16, 2], "dtype": "float32"}
+    err = _err(capsys, ["eval", "--checkpoint", str(out), "--backend", "ort", "--steps", "4", "--episodes", "1"])
+    assert "K=8 steps, not 4" in err
+    json_out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(out), "--backend", "ort", "--episodes", "1", "--max-steps", "12",
+                 "--no-progress", "--json", str(json_out)]) == 0
+    result = json.loads(json_out.read_text())
+    assert result["extra"]["backend"] == "ort" and result["extra"]["cache"]["method"] == "uniform"
