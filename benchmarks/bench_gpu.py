@@ -89,6 +89,27 @@ def kernels_per_step(fn, K: int) -> tuple[float | None, list]:
     return round(total / K, 1), top
 
 
+def one_step_kernels(policy, kind: str, K: int, device) -> list[str]:
+    """The CUDA kernels of one uncached eager denoising step plus its sampler update, in launch
+    order: what a further fusion would have to remove."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return []
+    sampler = policy.sampler(kind, K)
+    with torch.no_grad():
+        feats = policy.encode({"state": torch.zeros(1, policy.cfg.n_obs_steps, OBS_DIM, device=device)})
+        ctx = policy.denoiser.prepare_chunk(feats, sampler.timesteps)
+        x, noise = policy.initial_noise(1, sampler, None, device)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = policy.denoiser.step(x, 1, ctx)
+            sampler.update(1, x, out, None if noise is None else noise[1])
+            torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [e.name[:60] for e in sorted(events, key=lambda e: e.time_range.start)]
+
+
 def time_methods(fns: dict, calls: int, warmup: int, sustain_s: float) -> dict:
     for fn in fns.values():
         for _ in range(warmup):
@@ -143,6 +164,7 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
     for pname in plans:
         if ("eager", pname) in backends:
             kern[pname] = kernels_per_step(fns[("eager", pname)], K)
+    step_kernels = one_step_kernels(policy, kind, K, device)
     n_act = policy.cfg.n_action_steps
     base = res[("eager", "none")]["ms"]
     rows = []
@@ -157,6 +179,8 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
         if ename == "eager" and pname in kern:
             row["kernels_per_step"] = kern[pname][0]
             row["top_kernels"] = kern[pname][1]
+            if pname == "none":
+                row["step_kernels"] = step_kernels
         if meta.get("parity"):
             row["bf16_max_abs"] = float(f"{meta['parity']['max_abs']:.3g}")
             row["bf16_min_cos"] = round(meta["parity"]["min_cosine"], 4)

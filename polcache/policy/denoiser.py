@@ -51,7 +51,7 @@ class DiffusionTransformer(nn.Module):
         mask = t_idx >= (s_idx - 1)
         for blk in self.blocks:
             if isinstance(blk, CrossAttentionBlock):
-                blk.mask = mask
+                blk.set_mask(mask)
         self._init_weights()
 
     def _init_weights(self) -> None:
