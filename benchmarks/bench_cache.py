@@ -59,7 +59,7 @@ def naive_sample(policy: DiffusionPolicy, feats: torch.Tensor, kind: str, K: int
     x = torch.randn((B, policy.cfg.horizon, policy.action_dim), generator=gen, device=feats.device)
     stored: list[torch.Tensor | None] = [None] * len(den.blocks)
     for k, t in enumerate(sched.timesteps):
-        tb = t.float().expand(B)
+        tb = t.float().to(feats.device).expand(B)
         if plan is None:
             out = den(x, tb, feats)
         else:
