@@ -39,7 +39,7 @@ def reference(policy, feats, sampler, ops, seed=1, threshold=None):
     updates = {i: [] for i in range(len(den.blocks))}
     acc = 0.0
     for k in range(K):
-        h = den.embed_actions(x)
+        h = den.embed_step(x, ctx)
         row = list(ops[k])
         for i, blk in enumerate(den.blocks):
             if row[i] == GATE:

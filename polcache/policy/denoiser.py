@@ -83,6 +83,12 @@ class DiffusionTransformer(nn.Module):
     def embed_actions(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.input_emb(x) + self.pos_emb)
 
+    def embed_step(self, x: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """`embed_actions` at inference as one kernel: x W^T + (position embedding + bias) kept
+        per chunk (no dropout: steps are an inference path)."""
+        x = x.to(self.pos_emb.dtype)
+        return torch.baddbmm(ctx.embed_bias, x, self.input_emb.weight.t().expand(x.shape[0], -1, -1))
+
     def output(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.ln_f(h))
 
@@ -118,7 +124,7 @@ class DiffusionTransformer(nn.Module):
                 return torch.cat([t.expand(K, B, -1, -1, -1), o], dim=3).contiguous()
 
             kvs.append((per_step(t_kv[0], ok), per_step(t_kv[1], ov)))
-        return ChunkContext(kvs)
+        return ChunkContext(kvs, self.pos_emb + self.input_emb.bias)
 
     def time_kv(self, timesteps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per block: the time token's keys and values at every step, (K, 1, h, 1, d) each."""
@@ -159,11 +165,11 @@ class DiffusionTransformer(nn.Module):
     ) -> torch.Tensor:
         """One denoiser evaluation at step index k of the chunk prepared in `ctx`. The sample x
         keeps its dtype (the sampler updates it in fp32) whatever the denoiser's precision."""
-        h = run_blocks(self.blocks, self.embed_actions(x.to(self.pos_emb.dtype)), k, ctx, ops, store)
+        h = run_blocks(self.blocks, self.embed_step(x, ctx), k, ctx, ops, store)
         return self.output(h).to(x.dtype)
 
     def step_fused(self, x: torch.Tensor, k: int, ctx: ChunkContext, row: Sequence[Segment],
                    deltas: StackedDeltas) -> torch.Tensor:
         """`step` following a fused plan row (COMPUTE/REUSE plans; see executor.fused_rows)."""
-        h = run_segments(self.blocks, self.embed_actions(x.to(self.pos_emb.dtype)), k, ctx, row, deltas)
+        h = run_segments(self.blocks, self.embed_step(x, ctx), k, ctx, row, deltas)
         return self.output(h).to(x.dtype)

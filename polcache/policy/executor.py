@@ -116,10 +116,13 @@ def make_store(plan: Sequence[Sequence[int]] | None, n_blocks: int) -> DeltaStor
 
 class ChunkContext:
     """Everything a denoising step needs that is fixed for the whole chunk: per cross-attention
-    block, the memory keys/values at every step (time token per step + obs tokens per chunk)."""
+    block, the memory keys/values at every step (time token per step + obs tokens per chunk),
+    and the constant part of the action embedding (position embedding + input bias)."""
 
-    def __init__(self, memory_kv: list[tuple[torch.Tensor, torch.Tensor] | None]):
+    def __init__(self, memory_kv: list[tuple[torch.Tensor, torch.Tensor] | None],
+                 embed_bias: torch.Tensor | None = None):
         self.memory_kv = memory_kv  # per block: (K_all, V_all) of shape (steps, B, h, S, d) or None
+        self.embed_bias = embed_bias  # (1, H, W)
 
     def kv_at(self, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         kv = self.memory_kv[i]
