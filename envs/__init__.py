@@ -1,11 +1,27 @@
 """Simulation tasks (imported as polcache.envs): Meta-World v3 and the cue-reach memory task,
-behind one small TaskEnv interface, plus scripted experts and demonstration recording."""
+behind one small TaskEnv interface, plus scripted experts and demonstration recording.
 
-# First: the render module picks MUJOCO_GL, which only counts before mujoco's first import.
-import polcache.envs.render  # noqa: F401  isort: skip
+Exports are lazy, so that importing the package (the `polcache` command does, to register
+`record`) never imports MuJoCo: a robot workstation serves policies without the sim extra."""
 
-from polcache.envs.base import TaskEnv
-from polcache.envs.record import record_demonstrations
-from polcache.envs.registry import list_tasks, make_env, make_expert
+import os
+from importlib import import_module
+from typing import Any
 
-__all__ = ["TaskEnv", "list_tasks", "make_env", "make_expert", "record_demonstrations"]
+# MuJoCo reads MUJOCO_GL at its first import: EGL renders headless, GLFW needs a display.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+_EXPORTS = {
+    "TaskEnv": "polcache.envs.base",
+    "record_demonstrations": "polcache.envs.record",
+    "list_tasks": "polcache.envs.registry",
+    "make_env": "polcache.envs.registry",
+    "make_expert": "polcache.envs.registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'polcache.envs' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -1,18 +1,13 @@
-"""Offscreen camera images for MuJoCo tasks.
-
-MUJOCO_GL must be chosen before mujoco is first imported; EGL works headless, GLFW does not.
-"""
+"""Offscreen camera images for MuJoCo tasks (MUJOCO_GL is chosen in the package's __init__,
+which runs before any of its modules imports mujoco)."""
 
 from __future__ import annotations
 
 import atexit
-import os
 import weakref
 
-os.environ.setdefault("MUJOCO_GL", "egl")
-
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
+import mujoco
+import numpy as np
 
 _OFF_FLAGS = (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX)
 _LIVE: "weakref.WeakSet[CameraRenderer]" = weakref.WeakSet()
