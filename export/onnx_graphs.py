@@ -10,8 +10,11 @@ Three graphs, so that a chunk costs one encoder run and K step runs and no Pytho
   cross-attention block (they depend only on the weights and the sampler) and the sampler's
   coefficient tables. The graph gathers row k, embeds x, and for block i runs an `If` on
   compute[k, i]: its then-branch is the block's own nodes (the delta from the current
-  residual), its else-branch the stored delta deltas[i]. The sum goes through the head and
-  the sampler update (x0 = a x - b out, optionally clipped; x' = c x0 + d x + e out + s noise).
+  residual), its else-branch the stored delta deltas[i]. Consecutive blocks whose column of the
+  table is identical (the plan always computes them together: all blocks under uniform:N or
+  uncached, the blocks Bubbling Union aligned under BAC) share one If. The sum goes through the
+  head and the sampler update (x0 = a x - b out, optionally clipped; x' = c x0 + d x + e out +
+  s noise). The residual stream travels as (1, B, H, W), one slice of `deltas`.
 - the action decode (unnormalise, slice the executed steps) is two numpy operations on
   tables in the manifest, exactly what `DiffusionPolicy.predict_action` does.
 
@@ -23,9 +26,14 @@ a block's nodes and initializers become its If's then-branch, which reads the re
 the memory from the outer scope.
 
 Why one graph with If nodes rather than one graph per distinct update pattern of the plan
-(`assemble_step(..., pattern=row)`, the If replaced by the statically chosen branch): see
-`STEP_MODES` below and BENCHMARKS.md ("Exported denoisers"); `benchmarks/bench_export.py`
-measures both.
+(`assemble_step(..., pattern=row)`, the If replaced by the statically chosen branch, chosen per
+step by the runtime; `--step-graphs patterns`): measured by `benchmarks/bench_export.py`
+(BENCHMARKS.md, "Exported denoisers"), DDPM-100 on the default DP-T, one CPU thread: with a BAC
+schedule (34 distinct patterns) the If graph took 49.4 ms per chunk against 53.8 ms, is 8x
+smaller on disk (38 MB against 310 MB: every pattern graph carries the weights of the blocks it
+computes) and exported in 0.9 s against 2.0 s; the pattern graphs won only where the plan has
+very few patterns (uniform:10, 2 patterns: 39.1 against 41.0 ms), because an If's else-branch
+still copies the stored deltas it passes through. So "if" is the product; "patterns" stays for measuring.
 """
 
 from __future__ import annotations
@@ -241,9 +249,49 @@ def _value(name: str, elem: int, shape: Sequence) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, list(shape))
 
 
+def block_groups(compute: np.ndarray) -> list[list[int]]:
+    """Runs of consecutive blocks whose compute column is the same at every step: the plan computes
+    or reuses them together, so one If serves the run (uniform plans: one If for all blocks)."""
+    groups: list[list[int]] = []
+    for i in range(compute.shape[1]):
+        if groups and np.array_equal(compute[:, groups[-1][-1]], compute[:, i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _group_if(pieces: Pieces, group: list[int], stored: list[str]) -> onnx.NodeProto:
+    """One If for a run of blocks: the then-branch runs their nodes in order (each on the residual
+    plus the deltas before it), the else-branch passes their stored deltas through; it outputs
+    delta_<i> for every block of the run, which the outer graph adds to the residual."""
+    shape = [1, BATCH, None, None]
+    then_nodes, then_inits, then_out, else_nodes, else_out = [], [], [], [], []
+    h = f"h_{group[0]}"
+    for pos, i in enumerate(group):
+        b_nodes, b_inits = _inline(pieces.blocks[i], f"blk{i}/", {"h": h, "mem": "mem_kv", "d": f"blk{i}/computed"})
+        then_nodes += b_nodes
+        then_inits += b_inits
+        if pos + 1 < len(group):
+            then_nodes.append(helper.make_node("Add", [h, f"blk{i}/computed"], [f"blk{i}/h_next"],
+                                               name=f"blk{i}/residual_in_branch"))
+            h = f"blk{i}/h_next"
+        then_out.append(_value(f"blk{i}/computed", TensorProto.FLOAT, shape))
+        # gathered here, not split outside: only reused deltas are copied, once
+        else_nodes.append(helper.make_node("Gather", ["deltas", f"blk{i}/index"], [f"blk{i}/reused"],
+                                           name=f"blk{i}/reuse", axis=0))
+        else_out.append(_value(f"blk{i}/reused", TensorProto.FLOAT, shape))
+    tag = f"blk{group[0]}" + (f"-{group[-1]}" if len(group) > 1 else "")
+    then_g = helper.make_graph(then_nodes, f"{tag}_compute", [], then_out, initializer=then_inits)
+    else_g = helper.make_graph(else_nodes, f"{tag}_reuse", [], else_out)
+    return helper.make_node("If", [f"blk{group[0]}/compute"], [f"delta_{i}" for i in group], name=f"{tag}/if",
+                            then_branch=then_g, else_branch=else_g)
+
+
 def assemble_step(pieces: Pieces, compute: np.ndarray | None = None, pattern: Sequence[bool] | None = None,
                   name: str = "polcache_step") -> onnx.ModelProto:
-    """The step graph: with `compute` (K, n_blocks) bool, one If per block on compute[k, i];
+    """The step graph: with `compute` (K, n_blocks) bool, an If on compute[k, i] per block (one per
+    run of blocks that the table always computes together, see `block_groups`);
     with `pattern` (n_blocks,) bool instead, block i is inlined where pattern[i] and its
     stored delta passed through otherwise (no table, no If)."""
     if (compute is None) == (pattern is None):
@@ -254,9 +302,13 @@ def assemble_step(pieces: Pieces, compute: np.ndarray | None = None, pattern: Se
                                                          "mem": "mem_kv"})
     nodes += pre_nodes
     inits += pre_inits
-    # one Split each instead of a Gather per block: stored[i] is (1, B, H, W), compute[i] is (1,)
+    # pattern graphs: one Split of the stored deltas, stored[i] is (1, B, H, W); If graphs gather a
+    # block's stored delta inside its else-branch. compute[i] is (1,).
     stored = [f"blk{i}/stored" for i in range(n)]
-    nodes.append(helper.make_node("Split", ["deltas"], stored, name="deltas/split", axis=0))
+    if pattern is not None:
+        nodes.append(helper.make_node("Split", ["deltas"], stored, name="deltas/split", axis=0))
+    else:
+        inits += [numpy_helper.from_array(np.array([i], dtype=np.int64), f"blk{i}/index") for i in range(n)]
     if compute is not None:
         compute = np.asarray(compute, dtype=bool)
         if compute.ndim != 2 or compute.shape[1] != n:
@@ -267,29 +319,17 @@ def assemble_step(pieces: Pieces, compute: np.ndarray | None = None, pattern: Se
                                       name="plan/split", axis=0))
     elif len(pattern) != n:
         raise ValueError(f"pattern has {len(pattern)} entries, expected {n}")
-    deltas = []
-    for i, piece in enumerate(pieces.blocks):
-        io = {"h": f"h_{i}", "mem": "mem_kv"}
-        if pattern is not None:
-            if pattern[i]:
-                b_nodes, b_inits = _inline(piece, f"blk{i}/", io | {"d": f"delta_{i}"})
-                nodes += b_nodes
-                inits += b_inits
-                deltas.append(f"delta_{i}")
-            else:
-                deltas.append(stored[i])
-        else:
-            b_nodes, b_inits = _inline(piece, f"blk{i}/", io | {"d": f"blk{i}/computed"})
-            shape = [1, BATCH, None, None]
-            then_g = helper.make_graph(b_nodes, f"blk{i}_compute", [],
-                                       [_value(f"blk{i}/computed", TensorProto.FLOAT, shape)], initializer=b_inits)
-            else_g = helper.make_graph([helper.make_node("Identity", [stored[i]], [f"blk{i}/reused"],
-                                                         name=f"blk{i}/reuse")], f"blk{i}_reuse", [],
-                                       [_value(f"blk{i}/reused", TensorProto.FLOAT, shape)])
-            nodes.append(helper.make_node("If", [f"blk{i}/compute"], [f"delta_{i}"], name=f"blk{i}/if",
-                                          then_branch=then_g, else_branch=else_g))
-            deltas.append(f"delta_{i}")
-        nodes.append(helper.make_node("Add", [f"h_{i}", deltas[i]], [f"h_{i + 1}"], name=f"blk{i}/residual"))
+    deltas = [f"delta_{i}" if pattern is None or pattern[i] else stored[i] for i in range(n)]
+    for group in (block_groups(compute) if pattern is None else [[i] for i in range(n)]):
+        if pattern is None:
+            nodes.append(_group_if(pieces, group, stored))
+        elif pattern[group[0]]:
+            i = group[0]
+            b_nodes, b_inits = _inline(pieces.blocks[i], f"blk{i}/", {"h": f"h_{i}", "mem": "mem_kv", "d": deltas[i]})
+            nodes += b_nodes
+            inits += b_inits
+        for i in group:
+            nodes.append(helper.make_node("Add", [f"h_{i}", deltas[i]], [f"h_{i + 1}"], name=f"blk{i}/residual"))
     nodes.append(helper.make_node("Concat", deltas, ["deltas_out"], name="deltas/concat", axis=0))
     post_nodes, post_inits = _inline(pieces.post, "post/", {"h": f"h_{n}", "x": "x", "k": "k", "noise": "noise",
                                                              "x_next": "x_next"})

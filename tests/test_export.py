@@ -194,3 +194,13 @@ def test_export_cli_then_eval_with_the_ort_backend(checkpoint, tmp_path, capsys)
                  "--no-progress", "--json", str(json_out)]) == 0
     result = json.loads(json_out.read_text())
     assert result["extra"]["backend"] == "ort" and result["extra"]["cache"]["method"] == "uniform"
+
+
+def test_blocks_the_plan_computes_together_share_one_if(policy, tmp_path):
+    from polcache.export.onnx_graphs import block_groups
+
+    table = np.array([[1, 1, 1, 1], [0, 0, 1, 0], [1, 1, 1, 0]], dtype=bool)
+    assert block_groups(table) == [[0, 1], [2], [3]]
+    art = _artifact(policy, tmp_path, "uniform:3")
+    ifs = [node for node in onnx.load(str(art / "step.onnx")).graph.node if node.op_type == "If"]
+    assert len(ifs) == 1 and len(ifs[0].output) == len(policy.denoiser.blocks)
