@@ -3,7 +3,8 @@
 Per chunk: one encoder run, K step runs (the cache plan runs inside the step graph, no Python
 per block), then the action decode in numpy. Steps pass the sample and the stored deltas
 through OrtValues bound with IOBinding, ping-ponging two buffers each, so a step allocates and
-converts nothing (measured: ~15 us per step less than `session.run` with numpy dicts).
+converts nothing (measured during development on a DDPM-100 chunk: 1.5-2.5 ms per chunk faster
+than `session.run` with numpy dicts in three of four comparisons, within noise in the fourth).
 Needs no torch.
 """
 
