@@ -9,8 +9,10 @@ error-bound objective, calibrated on the device at the start) and per executor:
                  (the executor of benchmarks/bench_cache.py, the BAC authors' style), eager
     eager        polcache's executor without graphs
     graph        the whole chunk replayed as one CUDA graph (polcache.policy.graph)
+    graph+fused  the same with the sampler update compiled into one kernel (Sampler.fused)
     compile      each block compiled with torch.compile (inductor), then captured the same way
     bf16         the graph with a bf16 denoiser, with its deviation from fp32 (same noise)
+    bf16+fused   both
 
 each uncached ("none") and with the BAC plan. Columns: median and p99 ms per chunk, speedup over
 the eager uncached chunk, speedup over the authors' executor running the same plan, the sustained
@@ -144,7 +146,10 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
     for pname, p in plans.items():
         fns[("authors", pname)] = authors_fn(policy, kind, K, p, obs, device)
         variants = [("eager", policy, dict(graphs=False)), ("graph", policy, {}),
-                    ("bf16", policy, dict(precision="bf16", precision_tolerance=float("inf")))]
+                    ("graph+fused", policy, dict(fused_update=True)),
+                    ("bf16", policy, dict(precision="bf16", precision_tolerance=float("inf"))),
+                    ("bf16+fused", policy, dict(precision="bf16", precision_tolerance=float("inf"),
+                                                fused_update=True))]
         if fast is not None:
             variants.append(("compile", fast, {}))
         for ename, pol, kw in variants:
@@ -190,7 +195,7 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
     for key, meta in info.items():
         if "error" in meta:
             rows.append({"sampler": f"{kind.upper()}-{K}", "executor": key[0], "cache": key[1], "error": meta["error"]})
-    order = ["authors", "eager", "graph", "compile", "bf16"]
+    order = ["authors", "eager", "graph", "graph+fused", "compile", "bf16", "bf16+fused"]
     rows.sort(key=lambda r: (r["cache"] != "none", order.index(r["executor"])))
     return rows
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from polcache.errors import DeviceError, ExportError
-from polcache.export.manifest import Manifest, graph_bytes, read_manifest
-from polcache.policy.spec import PolicySpec
+from polcache.export.artifact import ExportedBackend
+from polcache.export.manifest import graph_bytes
 
 
 def _ort():
@@ -54,15 +54,15 @@ def default_threads() -> int:
     return int(torch.get_num_threads()) if torch is not None else 1
 
 
-class OrtBackend:
+class OrtBackend(ExportedBackend):
     """Runs an artifact written by `polcache export` (see polcache.export.manifest)."""
+
+    kind = "ort"
 
     def __init__(self, artifact: str | Path, device: str = "cpu", threads: int | None = None):
         ort = _ort()
-        self.artifact = Path(artifact)
-        self.manifest: Manifest = read_manifest(self.artifact, verify=False)
+        super().__init__(artifact)
         m = self.manifest
-        self.spec: PolicySpec = m.policy_spec
         self.threads = int(threads or default_threads())
         providers, self._dev, self._dev_id = _providers(ort, device)
         self.device = self._dev if self._dev == "cpu" else f"cuda:{self._dev_id}"
@@ -93,11 +93,6 @@ class OrtBackend:
             index = {j: i for i, j in enumerate(ids)}
             self._steps = [session(f"step_p{j}") for j in ids]
             self._pattern = [index[j] for j in m.pattern_of_step]
-        self.K = int(m.sampler["steps"])
-        self.needs_noise = bool(m.sampler["needs_noise"])
-        self.n_blocks, self.width = int(m.model["n_blocks"]), int(m.model["width"])
-        self._scale = np.asarray(m.normalizer["action"]["scale"], dtype=np.float32)
-        self._offset = np.asarray(m.normalizer["action"]["offset"], dtype=np.float32)
         self._k = [self._value(np.array(k, dtype=np.int64)) for k in range(self.K)]
 
     # ---- OrtValues on the session's device ---------------------------------------------------
@@ -109,34 +104,11 @@ class OrtBackend:
         return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self._dev, self._dev_id)
 
     # ---- PolicyBackend -------------------------------------------------------------------------
-    def _check_obs(self, obs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        feeds, batch = {}, None
-        for key, s in self.spec.obs.items():
-            if key not in obs:
-                raise ExportError(f"observation {key!r} missing (the policy takes {sorted(self.spec.obs)})")
-            a = np.ascontiguousarray(obs[key], dtype=s.dtype)
-            want = (self.spec.n_obs_steps, *s.shape)
-            if a.ndim != len(want) + 1 or a.shape[1:] != want:
-                raise ExportError(f"observation {key!r}: expected (batch, {', '.join(map(str, want))}), "
-                                  f"got {tuple(a.shape)}")
-            batch = a.shape[0] if batch is None else batch
-            if a.shape[0] != batch:
-                raise ExportError(f"observation {key!r} has batch {a.shape[0]}, others {batch}")
-            feeds[key] = a
-        return feeds, int(batch)
-
     def sample(self, obs: dict[str, np.ndarray], x: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        """Denoise one chunk from a given start x (B, H, Da) and per-step noise (K, B, H, Da) (ignored
-        by deterministic samplers; required by stochastic ones) -> the normalised sample (B, H, Da)."""
-        feeds, B = self._check_obs(obs)
+        feeds, B = self.check_obs(obs)
         H, Da = self.spec.horizon, self.spec.action_dim
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape != (B, H, Da):
-            raise ExportError(f"initial sample: expected shape {(B, H, Da)}, got {x.shape}")
-        if self.needs_noise:
-            if noise is None or np.shape(noise) != (self.K, B, H, Da):
-                raise ExportError(f"{self.manifest.sampler['kind']} needs noise of shape {(self.K, B, H, Da)}")
-            noise = np.ascontiguousarray(noise, dtype=np.float32)
+        x, noise = self.check_start(B, x, noise)
+        if noise is not None:
             noise_at = [self._value(noise[k]) for k in range(self.K)]
         else:
             zero = self._value(np.zeros((B, H, Da), np.float32))
@@ -165,35 +137,8 @@ class OrtBackend:
             self._steps[j].run_with_iobinding(b)
         return np.array(xs[self.K % 2].numpy(), copy=True)  # the OrtValue's memory goes with it
 
-    def decode(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Normalised sample -> {"action": executed steps, "action_pred": whole horizon}, unnormalised
-        exactly as DiffusionPolicy.predict_action."""
-        pred = (np.asarray(x, dtype=np.float32) - self._offset) / self._scale
-        start = self.spec.n_obs_steps - 1
-        return {"action": pred[:, start:start + self.spec.n_action_steps], "action_pred": pred}
-
-    def initial_noise(self, batch: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """numpy's default_rng(seed) draws: the start (B, H, Da), then every step's noise (K, B, H, Da)
-        for stochastic samplers (not the torch generator's numbers: same distribution, other draws)."""
-        rng = np.random.default_rng(seed)
-        shape = (batch, self.spec.horizon, self.spec.action_dim)
-        x = rng.standard_normal(shape, dtype=np.float32)
-        noise = rng.standard_normal((self.K, *shape), dtype=np.float32) if self.needs_noise else None
-        return x, noise
-
-    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
-        _, batch = self._check_obs(obs)
-        x, noise = self.initial_noise(batch, seed)
-        return np.ascontiguousarray(self.decode(self.sample(obs, x, noise))["action"])
-
-    def reset(self) -> None:
-        """DP-T keeps no state between chunks."""
-
     def describe(self) -> dict:
-        m = self.manifest
-        return {"backend": "ort", "device": self.device, "providers": self._steps[0].get_providers(),
-                "sampler": m.sampler["kind"], "steps": self.K, "cache": m.cache.get("summary"),
-                "cache_spec": m.cache.get("spec"), "artifact": str(self.artifact), "step_mode": m.step_mode,
+        return {**super().describe(), "device": self.device, "providers": self._steps[0].get_providers(),
                 "step_graphs": len(self._steps), "threads": self.threads, "onnxruntime": self._ort.__version__}
 
 
@@ -201,7 +146,7 @@ def load_ort_backend(artifact: str | Path, cache: str | None = None, sampler: st
                      steps: int | None = None, device: str = "cpu", threads: int | None = None) -> OrtBackend:
     """An artifact as a backend, after checking that `cache`, `sampler` and `steps` (None: the
     exported ones) are what it was exported with."""
-    from polcache.export.manifest import check_request
+    from polcache.export.manifest import check_request, read_manifest
 
     check_request(read_manifest(artifact, verify=False), str(artifact), cache, sampler, steps)
     return OrtBackend(artifact, device=device, threads=threads)

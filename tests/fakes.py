@@ -67,6 +67,9 @@ class FakeBackend:
     def describe(self) -> dict:
         return {"backend": "fake", "device": "cpu", "sampler": "none", "steps": 0, "cache": None}
 
+    def warmup(self, batch_sizes=(1,)) -> None:
+        pass
+
     def reset(self) -> None:
         self.resets += 1
 

@@ -4,6 +4,8 @@ Both must give the actions of the plain eager fp32 path: graphs exactly what eag
 the same device (same noise), bf16 within the parity gate, which also refuses to start when
 the tolerance is not met. The CUDA tests run on the GPU machine and skip here."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -67,3 +69,14 @@ def test_threshold_plans_run_eager_on_cuda_with_the_reason():
     b = TorchBackend(p, "ddim", 8, threshold_plan(8, len(p.denoiser.blocks), 0.2), device="cuda")
     assert "at run time" in b.describe()["cuda_graphs_off_because"]
     assert b.predict(obs_np(p), seed=0).shape == (2, p.cfg.n_action_steps, p.action_dim)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_fused_sampler_update_gives_the_same_actions():
+    p = tiny_policy()
+    obs = obs_np(p)
+    for kind in ("ddpm", "ddim"):
+        plain = TorchBackend(p, kind, 6).predict(obs, seed=1)
+        np.testing.assert_allclose(TorchBackend(p, kind, 6, fused_update=True).predict(obs, seed=1), plain,
+                                   atol=1e-5, rtol=1e-5)

@@ -27,10 +27,13 @@ class TorchBackend:
 
     def __init__(self, policy: DiffusionPolicy, sampler: str | None = None, steps: int | None = None,
                  plan: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
-                 precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE):
+                 precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE,
+                 fused_update: bool = False):
         self.device = torch.device(device)
         policy = policy.to(self.device).eval()
         self.sampler = policy.sampler(sampler, steps)
+        if fused_update:
+            self.sampler = self.sampler.fused()
         if plan is not None and len(plan) != self.sampler.num_steps:
             raise ValueError(f"cache plan has {len(plan)} steps but the sampler runs {self.sampler.num_steps}")
         self.plan = plan
@@ -91,32 +94,47 @@ BACKENDS = ("torch", "ort", "trt")
 
 
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,
-                 device: str = "cpu", backend: str | None = None, threads: int | None = None, **torch_options):
+                 device: str = "cpu", backend: str | None = None, threads: int | None = None,
+                 precision: str = "fp32", precision_tolerance: float | None = None, graphs: bool = True):
     """Load a policy as a backend on `device` (cpu, cuda, cuda:N, auto).
 
     `checkpoint` is a checkpoint directory (backend "torch", the default for one) or an artifact
-    written by `polcache export` (backend "ort", the default for one). For a checkpoint, `cache`
-    names a schedule file or a baseline spec (see polcache.cache); for an artifact, `cache`,
+    written by `polcache export` (backend "ort", the default for one, or "trt"). For a checkpoint,
+    `cache` names a schedule file or a baseline spec (see polcache.cache); for an artifact, `cache`,
     `sampler` and `steps` default to the exported ones and are refused if they differ from them.
-    `threads`: ONNX Runtime intra-op threads (default: torch's thread count). `torch_options` go
-    to TorchBackend."""
+    `threads`: ONNX Runtime intra-op threads (default: torch's thread count). `precision`: the
+    denoiser's (torch: fp32|bf16|fp16; trt: fp32|fp16; ort: fp32), checked against fp32 within
+    `precision_tolerance` before serving. `graphs`: CUDA graphs for the torch backend on a GPU."""
     from pathlib import Path
 
-    from polcache.errors import BackendUnavailableError, ExportError, PolcacheError
+    from polcache.errors import ExportError, PolcacheError
+    from polcache.policy.precision import DEFAULT_TOLERANCE
 
+    tolerance = DEFAULT_TOLERANCE if precision_tolerance is None else precision_tolerance
     path = Path(checkpoint)
     exported = (path / "manifest.json").is_file()
     kind = backend or ("ort" if exported else "torch")
     if kind not in BACKENDS:
         raise PolcacheError(f"unknown backend {kind!r}: expected {', '.join(BACKENDS)}")
     if kind == "trt":
-        raise BackendUnavailableError("TensorRT backend: not available in this version yet; use --backend ort "
-                                      "(an artifact from `polcache export`) or --backend torch")
-    if kind == "ort":
+        from polcache.export.trt_backend import require_tensorrt
+
+        require_tensorrt()  # one line before anything else is checked
+    if kind in ("ort", "trt"):
         if not exported and (path / "model.safetensors").is_file():
             raise ExportError(f"{path} is a checkpoint, not an exported policy: run `polcache export --checkpoint "
                               f"{path} --format onnx --out DIR` (with the --cache/--sampler/--steps to run) and "
                               "pass DIR")
+        from polcache.export.manifest import check_request, read_manifest
+
+        if kind == "trt":
+            from polcache.export.trt_backend import TrtBackend
+
+            check_request(read_manifest(path, verify=False), str(path), cache, sampler, steps)
+            return TrtBackend(path, device=device, precision=precision, precision_tolerance=tolerance)
+        if precision != "fp32":
+            raise ExportError(f"--precision {precision}: the ONNX Runtime backend runs the exported fp32 graphs; "
+                              "use --backend trt for fp16 engines or --backend torch for bf16/fp16")
         from polcache.export.ort_backend import load_ort_backend
 
         return load_ort_backend(path, cache=cache, sampler=sampler, steps=steps, device=device, threads=threads)
@@ -130,4 +148,5 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
 
         sampler_obj = policy.sampler(sampler, steps)
         plan = resolve_plan(cache, policy, sampler_obj)
-    return TorchBackend(policy, sampler, steps, plan, device, **torch_options)
+    return TorchBackend(policy, sampler, steps, plan, device, precision=precision, graphs=graphs,
+                        precision_tolerance=tolerance)

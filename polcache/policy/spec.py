@@ -8,7 +8,7 @@ keyed by name: `state` (float32 proprioception/low-dim state) and `image_<camera
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -72,6 +72,11 @@ class PolicyBackend(Protocol):
 
     def reset(self) -> None:
         """Forget any per-episode state (e.g. embedding ring buffers)."""
+        ...
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run one chunk per batch size before serving, so the first robot request pays no
+        one-time cost (CUDA graph capture, engine or session initialisation)."""
         ...
 
     def describe(self) -> dict:

@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 
-from polcache.cli_types import DEVICE_HELP, positive_float, positive_int
+from polcache.cli_types import add_backend_options, backend_options, positive_float, positive_int
 from polcache.serve.server import DEFAULT_BIND
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from polcache_client.schedule import BLEND_MODES
@@ -26,8 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "(docs/protocol.md): each observation is answered with a timestamped "
                                           "action chunk and per-stage timing. Binds to loopback unless told otherwise.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or an artifact from `polcache export`")
-    p.add_argument("--backend", choices=["torch", "ort", "trt"], help="inference backend (default: torch for a "
-                   "checkpoint, ort (ONNX Runtime) for an exported artifact; trt: not available yet)")
     p.add_argument("--cache", help="block cache schedule JSON or baseline spec (as for `polcache eval`)")
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ address to bind (default {DEFAULT_BIND})")
     p.add_argument("--keys", help="CurveZMQ key directory from `polcache keys` (required for a non-loopback bind)")
@@ -36,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="per-request budget (default: (n_action_steps - 1) / robot rate)")
     p.add_argument("--max-message-bytes", type=positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help=f"refuse larger messages (default {DEFAULT_MAX_MESSAGE_BYTES})")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    add_backend_options(p)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch (or ONNX Runtime) intra-op threads "
+                                                                  "(default 1)")
     _add_metrics_args(p)
     p.set_defaults(handler=_serve)
 
@@ -89,8 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     _logging()
     torch.set_num_threads(args.threads)
-    backend = load_backend(args.checkpoint, cache=args.cache, device=args.device, backend=args.backend,
-                           threads=args.threads)
+    backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, **backend_options(args))
+    backend.warmup()  # e.g. on CUDA: captures the chunk's graph before the first robot asks
     with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,

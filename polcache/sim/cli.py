@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from polcache.cli_types import DEVICE_HELP, positive_int
+from polcache.cli_types import add_backend_options, backend_options, positive_int
 from polcache.errors import PolcacheError
 
 
@@ -15,8 +15,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Roll a checkpoint out in a simulated task; prints success rate with a "
                                           "95% Wilson interval, episode length and per-chunk latency percentiles.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or an artifact from `polcache export`")
-    p.add_argument("--backend", choices=["torch", "ort", "trt"], help="inference backend (default: torch for a "
-                   "checkpoint, ort (ONNX Runtime) for an exported artifact; trt: not available yet)")
     p.add_argument("--task", help="task name (default: the task the checkpoint was trained on)")
     p.add_argument("--episodes", type=positive_int, default=50, help="number of episodes (default 50)")
     p.add_argument("--seed", type=int, default=1000, help="episode i resets with seed S+i (default 1000)")
@@ -30,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                               "replan (default: the checkpoint's n_action_steps)")
     p.add_argument("--ensemble", type=float, metavar="DECAY", help="temporal ensembling of overlapping chunks with the "
                    "robot client's action schedule, weight exp(-DECAY*k) for the k-th newest chunk (default: off)")
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    add_backend_options(p)
     p.add_argument("--threads", type=int, default=1, help="torch (or ONNX Runtime) intra-op threads (default 1: "
                                                            "fastest at batch 1)")
     p.add_argument("--json", help="write the full result as JSON here")
@@ -49,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     backend = load_backend(args.checkpoint, cache=args.cache, sampler=args.sampler, steps=args.steps,
-                           device=args.device, backend=args.backend, threads=max(1, args.threads))
+                           threads=max(1, args.threads), **backend_options(args))
     task = args.task or backend.spec.task
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
@@ -64,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     if exported and what["cache"]:
         result.extra["cache"] = what["cache"] | {"spec": what.get("cache_spec")}
     if args.cache and not exported:
-        uncached = load_backend(args.checkpoint, sampler=args.sampler, steps=args.steps, device=args.device)
+        uncached = load_backend(args.checkpoint, sampler=args.sampler, steps=args.steps, **backend_options(args))
         result.extra["cache"] = what["cache"] | {"spec": args.cache}
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())
