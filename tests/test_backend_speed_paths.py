@@ -56,11 +56,14 @@ def test_cuda_graph_chunks_equal_eager_chunks(kind, steps):
     for plan in (None, uniform_plan(steps, n, 3)):
         eager = TorchBackend(p, kind, steps, plan, device="cuda", graphs=False)
         graph = TorchBackend(p, kind, steps, plan, device="cuda")
+        fused = TorchBackend(p, kind, steps, plan, device="cuda", fused_update=True)
         assert graph.describe()["cuda_graphs"]
         for batch in (1, 3):
             obs = obs_np(p, batch)
             for seed in (0, 1):  # replays with new inputs, not the captured ones
-                np.testing.assert_allclose(graph.predict(obs, seed), eager.predict(obs, seed), atol=1e-5, rtol=1e-5)
+                want = eager.predict(obs, seed)
+                np.testing.assert_allclose(graph.predict(obs, seed), want, atol=1e-5, rtol=1e-5)
+                np.testing.assert_allclose(fused.predict(obs, seed), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
