@@ -15,8 +15,17 @@ from torch import nn
 SA, CA, FFN = "sa", "ca", "ffn"
 
 
+def project(linear: nn.Linear, y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A block's output projection, written straight into `out` when the executor gives one (the
+    row of its delta store): one GEMM with the bias, no copy afterwards."""
+    if out is None:
+        return linear(y)
+    torch.addmm(linear.bias, y.reshape(-1, y.shape[-1]), linear.weight.t(), out=out.view(-1, linear.out_features))
+    return out
+
+
 class Block(nn.Module):
-    """Base class: `delta(x, memory_kv)` returns f(norm(x))."""
+    """Base class: `forward(x, memory_kv, out=None)` returns f(norm(x)), written into `out` if given."""
 
     kind: str
 
@@ -26,7 +35,8 @@ class Block(nn.Module):
         self.layer = layer
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -60,11 +70,11 @@ class SelfAttentionBlock(_Attention):
         super().__init__(name, layer, width, n_heads, p_drop_attn)
         self.qkv = nn.Linear(width, 3 * width)
 
-    def forward(self, x, memory_kv=None):
+    def forward(self, x, memory_kv=None, out=None):
         q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
         y = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), is_causal=True,
                                            dropout_p=self._dropout)
-        return self.out(self._merge(y))
+        return project(self.out, self._merge(y), out)
 
 
 class CrossAttentionBlock(_Attention):
@@ -96,12 +106,12 @@ class CrossAttentionBlock(_Attention):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
-    def forward(self, x, memory_kv=None):
+    def forward(self, x, memory_kv=None, out=None):
         k, v = memory_kv
         q = self._heads(self.q(self.norm(x)))
         bias = self.bias[:, :k.shape[-2]]  # a view: rows stay aligned
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self._dropout)
-        return self.out(self._merge(y))
+        return project(self.out, self._merge(y), out)
 
 
 class FeedForwardBlock(Block):
@@ -113,8 +123,9 @@ class FeedForwardBlock(Block):
         self.fc2 = nn.Linear(mult * width, width)
         self.drop = nn.Dropout(p_drop)
 
-    def forward(self, x, memory_kv=None):
-        return self.drop(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+    def forward(self, x, memory_kv=None, out=None):
+        y = F.gelu(self.fc1(self.norm(x)))
+        return self.drop(self.fc2(y)) if out is None else project(self.fc2, y, out)
 
 
 def decoder_blocks(n_layers: int, width: int, n_heads: int, ffn_mult: int, p_drop_attn: float) -> list[Block]:

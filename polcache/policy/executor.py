@@ -11,11 +11,12 @@ computed; the change of the last of them since the previous step is accumulated,
 all GATE blocks of the row are computed when the sum passes the plan's threshold
 (which then restarts), else reused.
 
-A plan of only COMPUTE and REUSE ops also compiles to `Segment` rows (`fused_rows`): each
-computed block is one segment and each run of consecutive reused blocks another, whose stored
-deltas live in one (n_blocks, B*H*W) buffer and are added to the residual stream by a single
-GEMM (ones @ deltas). On a GPU, where a cached step is bound by the number of kernels it
-launches, this turns 24 residual adds of a mostly reused step into a handful.
+A plan of only COMPUTE and REUSE ops also compiles to `Segment` rows (`fused_rows`). All
+deltas live in one (n_blocks, B*H*W) buffer; a computed block writes its delta straight into
+its row, and the row together with the stored rows of the reused blocks after it is added to
+the residual stream by one GEMM (ones @ rows). On a GPU, where a cached step is bound by the
+number of kernels it launches, this turns 24 residual adds (and a copy per stored delta) of a
+mostly reused step into a handful of kernels.
 """
 
 from __future__ import annotations
@@ -163,50 +164,40 @@ def run_blocks(
 
 @dataclass(frozen=True)
 class Segment:
-    """Blocks start..stop-1 of one step: one computed block (`keep`: its delta is reused later,
-    so it is stored), or a run of reused blocks whose stored deltas are summed in one GEMM."""
+    """Blocks start..stop-1 of one step: block `start` is computed first when `compute`, then the
+    buffer rows start..stop-1 (its fresh delta and the stored deltas of the reused blocks that
+    follow it) are added to the residual stream at once."""
 
     start: int
     stop: int
     compute: bool
-    keep: bool = False
 
 
 @lru_cache(maxsize=64)
 def fused_rows(plan: Plan) -> tuple[tuple[Segment, ...], ...] | None:
     """The plan as Segment rows, or None when it has FORECAST or GATE ops (those need the
-    per-block DeltaStore)."""
+    per-block DeltaStore) or reuses a block before computing it."""
     table = plan.table()
     if not np.isin(table, (COMPUTE, REUSE)).all():
         return None
     K, n = table.shape
     if ((table == REUSE) & (np.cumsum(table == COMPUTE, axis=0) == 0)).any():
         return None  # reuse before the first computation: the DeltaStore names the error
-    reused_later = np.zeros_like(table, dtype=bool)  # computed at k and reused before its next compute
-    pending = np.zeros(n, dtype=bool)
-    for k in range(K - 1, -1, -1):
-        row = table[k]
-        reused_later[k] = (row == COMPUTE) & pending
-        pending = np.where(row == COMPUTE, False, pending | (row == REUSE))
     rows = []
     for k in range(K):
         segs, i = [], 0
         while i < n:
-            if table[k, i] == COMPUTE:
-                segs.append(Segment(i, i + 1, True, bool(reused_later[k, i])))
-                i += 1
-                continue
-            j = i
+            j = i + 1 if table[k, i] == COMPUTE else i
             while j < n and table[k, j] == REUSE:
                 j += 1
-            segs.append(Segment(i, j, False))
+            segs.append(Segment(i, j, bool(table[k, i] == COMPUTE)))
             i = j
         rows.append(tuple(segs))
     return tuple(rows)
 
 
 class StackedDeltas:
-    """The stored deltas of a fused run: row i holds block i's last kept delta, flattened."""
+    """The deltas of a fused run: row i holds block i's latest delta, flattened."""
 
     def __init__(self, n_blocks: int):
         self.n_blocks = n_blocks
@@ -225,13 +216,10 @@ def run_segments(blocks: Sequence[Block], h: torch.Tensor, k: int, ctx: ChunkCon
     deltas.ready(h)
     for seg in row:
         if seg.compute:
-            d = blocks[seg.start](h, ctx.kv_at(seg.start, k))
-            if seg.keep:
-                deltas.buf[seg.start].copy_(d.reshape(-1))
-            h = h + d
-        elif seg.stop - seg.start == 1:
+            blocks[seg.start](h, ctx.kv_at(seg.start, k), out=deltas.buf[seg.start].view_as(h))
+        n = seg.stop - seg.start
+        if n == 1:
             h = h + deltas.buf[seg.start].view_as(h)
         else:
-            n = seg.stop - seg.start
             h = torch.addmm(h.reshape(1, -1), deltas.ones[:, :n], deltas.buf[seg.start:seg.stop]).view_as(h)
     return h
