@@ -145,13 +145,13 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
     backends, fns, info = {}, {}, {}
     for pname, p in plans.items():
         fns[("authors", pname)] = authors_fn(policy, kind, K, p, obs, device)
-        variants = [("eager", policy, dict(graphs=False)), ("graph", policy, {}),
+        variants = [("eager", policy, dict(graphs=False)), ("graph", policy, dict(fused_update=False)),
                     ("graph+fused", policy, dict(fused_update=True)),
-                    ("bf16", policy, dict(precision="bf16", precision_tolerance=float("inf"))),
+                    ("bf16", policy, dict(precision="bf16", precision_tolerance=float("inf"), fused_update=False)),
                     ("bf16+fused", policy, dict(precision="bf16", precision_tolerance=float("inf"),
                                                 fused_update=True))]
         if fast is not None:
-            variants.append(("compile", fast, {}))
+            variants.append(("compile", fast, dict(fused_update=False)))
         for ename, pol, kw in variants:
             try:
                 t0 = time.perf_counter()

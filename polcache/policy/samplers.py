@@ -68,6 +68,10 @@ class Sampler:
         return out
 
     @property
+    def is_fused(self) -> bool:
+        return self._fused is not None
+
+    @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
