@@ -1,8 +1,9 @@
 """Exported denoisers (imported as polcache.export): ONNX graphs with the cache plan inside, run by
-ONNX Runtime (`OrtBackend`); TensorRT is on the roadmap.
+ONNX Runtime (`OrtBackend`) or built into TensorRT engines (`TrtBackend`, where tensorrt exists).
 
     polcache export --checkpoint DIR [--cache SPEC] [--sampler K] [--steps K] --format onnx --out ART
-    load_backend(ART)  # -> OrtBackend
+    load_backend(ART)                  # -> OrtBackend
+    load_backend(ART, backend="trt")   # -> TrtBackend (CUDA, tensorrt)
 
 onnx and onnxruntime are optional (`pip install -e '.[export]'`) and imported lazily."""
 
