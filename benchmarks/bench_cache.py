@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from bench_denoiser import default_policy
-from common import RESULTS, print_table, write_json
+from common import RESULTS, print_table, round_robin, write_json
 from polcache.cache import plan_summary
 from polcache.cache.baselines import threshold_plan, uniform_plan, with_forecast
 from polcache.cache.calibrate import calibrate, calibration_observations
@@ -133,17 +133,8 @@ def methods_for(policy, calib, sampler, budget: int, bu_blocks: int, h: str) -> 
 
 
 def time_round_robin(fns: dict, calls: int, warmup: int) -> dict:
-    """Median ms per function, calling them in turn so that load changes hit all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(calls):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(ts)) * 1e3 for name, ts in times.items()}
+    """Median ms per function, timed round-robin."""
+    return {name: float(np.median(ts)) * 1e3 for name, ts in round_robin(fns, calls, warmup).items()}
 
 
 def bench_config(policy, obs, kind: str, K: int, budget: int, bu_blocks: int, args) -> list[dict]:

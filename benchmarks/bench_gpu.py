@@ -35,7 +35,7 @@ import torch
 
 from bench_cache import naive_sample
 from bench_denoiser import default_policy
-from common import RESULTS, print_table, write_json
+from common import RESULTS, print_table, round_robin, write_json
 from polcache.cache import plan_summary
 from polcache.cache.calibrate import calibrate
 from polcache.cache.schedule import build_schedule, model_hash
@@ -113,15 +113,7 @@ def one_step_kernels(policy, kind: str, K: int, device) -> list[str]:
 
 
 def time_methods(fns: dict, calls: int, warmup: int, sustain_s: float) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(calls):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = round_robin(fns, calls, warmup)
     out = {}
     for name, fn in fns.items():
         n, t0 = 0, time.perf_counter()

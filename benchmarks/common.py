@@ -37,6 +37,20 @@ def median_ms(fn: Callable[[], object], calls: int, warmup: int = 3) -> float:
     return float(np.median(times)) * 1e3
 
 
+def round_robin(fns: dict, calls: int, warmup: int) -> dict[object, list[float]]:
+    """Seconds per call of each function, calling them in turn so that load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(calls):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
