@@ -38,6 +38,10 @@ class ImageEncoderConfig:
 class PolicyConfig:
     horizon: int = 16
     n_obs_steps: int = 2
+    obs_stride: int = 1  # control steps between observation frames (and past action tokens)
+    # Past-token prediction: which of the K-1 past action tokens the loss supervises: "all"
+    # (PTP), "none" (only current and future: the usual diffusion policy), "recent:k".
+    past_loss: str = "all"
     n_action_steps: int = 8
     n_layers: int = 8
     n_heads: int = 4
@@ -196,6 +200,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+def past_tokens(p: PolicyConfig) -> int:
+    """How many of the K-1 past action tokens the loss supervises (most recent first)."""
+    past = p.n_obs_steps - 1
+    if p.past_loss == "all":
+        return past
+    if p.past_loss == "none":
+        return 0
+    head, _, k = p.past_loss.partition(":")
+    if head == "recent" and k.isdigit() and 0 <= int(k) <= past:
+        return int(k)
+    raise ConfigError(f"policy.past_loss must be 'all', 'none' or 'recent:k' with 0 <= k <= {past} "
+                      f"(n_obs_steps - 1), got {p.past_loss!r}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     p = cfg.policy
     if p.width % p.n_heads:
@@ -206,6 +224,9 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"policy.n_action_steps must be in 1..{p.horizon - p.n_obs_steps + 1}, got {p.n_action_steps}")
     if p.objective not in ("epsilon", "flow"):
         raise ConfigError(f"policy.objective must be 'epsilon' or 'flow', got {p.objective!r}")
+    if p.obs_stride < 1:
+        raise ConfigError(f"policy.obs_stride must be >= 1, got {p.obs_stride}")
+    past_tokens(p)  # validates policy.past_loss
     if p.sampler.kind not in ("ddpm", "ddim", "flow"):
         raise ConfigError(f"policy.sampler.kind must be ddpm, ddim or flow, got {p.sampler.kind!r}")
     t = cfg.train

@@ -1,8 +1,10 @@
 """Training windows cut from episodes, like diffusion_policy's SequenceSampler.
 
-Sample (episode e, step t) -- t is the "current" step, the newest observation -- gives
-    obs[key]: steps t-To+1 .. t                 (To frames)
-    action:   steps t-To+1 .. t-To+H            (H actions; action[To-1] is due at step t)
+Sample (episode e, step t) -- t is the "current" step, the newest observation -- gives, with
+frame stride s (polcache.policy.spec.frame_offsets / action_offsets, which the runtime uses too)
+    obs[key]: steps t-(To-1)s, .., t-s, t                    (To frames)
+    action:   steps t-(To-1)s, .., t-s (past, strided), t, t+1, .., t+H-To   (H actions;
+              action[To-1] is due at step t)
 Every step of every episode is one sample. Indices before the episode's first step repeat
 the first frame/action, indices past its last step repeat the last one (the robot is
 assumed to rest there), so a window never reads from another episode.
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from polcache.data.store import EpisodeStore
+from polcache.policy.spec import action_offsets, frame_offsets
 
 
 def episode_split(num_episodes: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -48,6 +51,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         n_obs_steps: int,
         keys: Sequence[str] | None = None,
         episode_ids: Sequence[int] | None = None,
+        obs_stride: int = 1,
     ):
         if n_obs_steps < 1 or horizon < n_obs_steps:
             raise ValueError(f"need 1 <= n_obs_steps <= horizon, got n_obs_steps={n_obs_steps}, horizon={horizon}")
@@ -67,8 +71,8 @@ class SequenceDataset(torch.utils.data.Dataset):
         ends = store.episode_ends
         starts = np.concatenate([[0], ends[:-1]])
         obs_rows, act_rows, where = [], [], []
-        obs_off = np.arange(-(n_obs_steps - 1), 1)
-        act_off = np.arange(-(n_obs_steps - 1), horizon - n_obs_steps + 1)
+        obs_off = np.asarray(frame_offsets(n_obs_steps, obs_stride))
+        act_off = np.asarray(action_offsets(n_obs_steps, horizon, obs_stride))
         for e in ids:
             s, end = int(starts[e]), int(ends[e])
             t = np.arange(s, end)[:, None]

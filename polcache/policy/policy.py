@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from polcache.config import PolicyConfig
+from polcache.config import PolicyConfig, past_tokens
 from polcache.data.normalize import Normalizer
 from polcache.policy.denoiser import DiffusionTransformer
 from polcache.policy.encoders import ObsEncoder
@@ -32,7 +31,12 @@ class DiffusionPolicy(nn.Module):
         self.normalizer = normalizer
         self.spec = PolicySpec(
             obs={k: obs_spec[k] for k in self.obs_keys}, action_dim=action_dim, n_obs_steps=cfg.n_obs_steps,
-            horizon=cfg.horizon, n_action_steps=cfg.n_action_steps, task=task)
+            horizon=cfg.horizon, n_action_steps=cfg.n_action_steps, task=task, obs_stride=cfg.obs_stride)
+        # Loss weight per action token: past tokens 0..K-2 (oldest first) count only as far as
+        # policy.past_loss says; the current and future ones always do.
+        weight = torch.ones(cfg.horizon)
+        weight[: cfg.n_obs_steps - 1 - past_tokens(cfg)] = 0.0
+        self.register_buffer("token_weight", weight, persistent=False)
         self.encoder = ObsEncoder(obs_spec, self.obs_keys, cfg)
         self.denoiser = DiffusionTransformer(action_dim, self.encoder.feature_dim, cfg)
         self.training_noise = TrainingNoise(cfg.sampler, cfg.objective)
@@ -58,7 +62,8 @@ class DiffusionPolicy(nn.Module):
         feats = self.encode(obs)
         x0 = self.normalizer.normalize("action", batch["action"])
         xt, t, target = self.training_noise.corrupt(x0, generator)
-        return F.mse_loss(self.denoiser(xt, t, feats), target)
+        err = (self.denoiser(xt, t, feats) - target).pow(2).mean(dim=-1)  # (B, H)
+        return (err * self.token_weight).sum() / (self.token_weight.sum() * err.shape[0])
 
     def forward(self, batch: dict, state_noise: float = 0.0) -> torch.Tensor:
         """The training loss; being forward() lets DistributedDataParallel wrap the policy."""

@@ -26,6 +26,19 @@ class ArraySpec:
         return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]))
 
 
+def frame_offsets(n_obs_steps: int, stride: int = 1) -> tuple[int, ...]:
+    """Control steps of the observation frames relative to the current one, oldest first:
+    K frames at stride s end at the current step (0)."""
+    return tuple(-(n_obs_steps - 1 - j) * stride for j in range(n_obs_steps))
+
+
+def action_offsets(n_obs_steps: int, horizon: int, stride: int = 1) -> tuple[int, ...]:
+    """Control steps of the H action tokens relative to the current one: the K-1 past actions at
+    the observation frames' stride (token i pairs with frame i), then the current action and
+    dense future ones. Past-token prediction supervises tokens 0..K-2 too."""
+    return frame_offsets(n_obs_steps, stride)[:-1] + tuple(range(horizon - n_obs_steps + 1))
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """Shapes and timing of one policy: one observation per control step in, a chunk out."""
@@ -37,6 +50,16 @@ class PolicySpec:
     n_action_steps: int  # actions executed per chunk, starting at the current step
     task: str = ""
     extra: dict = field(default_factory=dict)
+    obs_stride: int = 1  # control steps between consecutive observation frames
+
+    @property
+    def frame_offsets(self) -> tuple[int, ...]:
+        return frame_offsets(self.n_obs_steps, self.obs_stride)
+
+    @property
+    def history_span(self) -> int:
+        """Control steps of history a window covers, current step included."""
+        return (self.n_obs_steps - 1) * self.obs_stride + 1
 
     def to_dict(self) -> dict:
         return {
@@ -46,6 +69,7 @@ class PolicySpec:
             "horizon": self.horizon,
             "n_action_steps": self.n_action_steps,
             "task": self.task,
+            "obs_stride": self.obs_stride,
         }
 
     @classmethod
@@ -57,6 +81,7 @@ class PolicySpec:
             horizon=int(d["horizon"]),
             n_action_steps=int(d["n_action_steps"]),
             task=str(d.get("task", "")),
+            obs_stride=int(d.get("obs_stride", 1)),
         )
 
 

@@ -3,7 +3,9 @@ steps can never see a half-filled window.
 
 The first observation of an epoch is repeated to fill the window, a gap in sequence numbers
 repeats the newest earlier observation, and the window is cleared when the epoch changes,
-so the policy always receives exactly `n_steps` observations.
+so the policy always receives exactly `n_steps` observations. With a frame stride s the
+window holds the steps newest-(n_steps-1)s, .., newest-s, newest (polcache.policy.spec's
+frame_offsets, the same layout as the training windows, padding included).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from collections import deque
 
 import numpy as np
 
+from polcache.policy.spec import frame_offsets
+
 
 class ObservationHistory:
-    def __init__(self, n_steps: int):
-        if n_steps < 1:
-            raise ValueError(f"history needs at least one step, got {n_steps}")
-        self.n_steps = n_steps
-        self._entries: deque[tuple[int, dict[str, np.ndarray]]] = deque(maxlen=n_steps)
+    def __init__(self, n_steps: int, stride: int = 1):
+        if n_steps < 1 or stride < 1:
+            raise ValueError(f"history needs at least one step and a stride >= 1, got {n_steps}, {stride}")
+        self.n_steps, self.offsets = n_steps, frame_offsets(n_steps, stride)
+        self._entries: deque[tuple[int, dict[str, np.ndarray]]] = deque(maxlen=(n_steps - 1) * stride + 1)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -36,7 +40,7 @@ class ObservationHistory:
             raise ValueError("window of an empty history")
         newest = self._entries[-1][0]
         picks = []
-        for target in range(newest - self.n_steps + 1, newest + 1):
+        for target in (newest + off for off in self.offsets):
             earlier = [entry for entry in self._entries if entry[0] <= target]
             picks.append(earlier[-1] if earlier else self._entries[0])
         stacked = {key: np.stack([arrays[key] for _, arrays in picks])[None] for key in picks[-1][1]}

@@ -234,7 +234,7 @@ class PolicyServer:
 
     def _on_handshake(self, robot: bytes, msg: Handshake) -> None:
         check_handshake(msg, self.spec)
-        self.sessions[robot] = Session(name=msg.name, hz=msg.hz, history=ObservationHistory(self.spec.n_obs_steps),
+        self.sessions[robot] = Session(name=msg.name, hz=msg.hz, history=ObservationHistory(self.spec.n_obs_steps, self.spec.obs_stride),
                                        last_seen=time.monotonic())
         self.sessions.move_to_end(robot)
         while len(self.sessions) > self.max_sessions:

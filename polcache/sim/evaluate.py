@@ -49,8 +49,10 @@ class EvalResult:
                 f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
 
 
-def _stack(history: deque) -> dict[str, np.ndarray]:
-    return {k: np.stack([o[k] for o in history])[None] for k in history[0]}
+def _stack(history: deque, offsets: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The policy's window from the newest observations (history[-1] is the current step)."""
+    picks = [history[len(history) - 1 + off] for off in offsets]
+    return {k: np.stack([o[k] for o in picks])[None] for k in picks[0]}
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,11 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
     blend = None if rollout.ensemble_decay is None else ActionSchedule(1.0, "ensemble", rollout.ensemble_decay)
     backend.reset()
     obs = env.reset(seed=seed)
-    history = deque([obs] * spec.n_obs_steps, maxlen=spec.n_obs_steps)
+    history = deque([obs] * spec.history_span, maxlen=spec.history_span)  # the first frame pads the start
     success, done, steps, chunk = False, False, 0, 0
     while not (done or success) and steps < cap:
         t0 = time.perf_counter()
-        actions = backend.predict(_stack(history), seed=seed * 10007 + chunk)[0]
+        actions = backend.predict(_stack(history, spec.frame_offsets), seed=seed * 10007 + chunk)[0]
         latencies.append(time.perf_counter() - t0)
         if blend is not None:  # the step index is the clock: action i is due at step + i
             blend.add(ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64),

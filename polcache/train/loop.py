@@ -127,8 +127,8 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
     policy = build_policy(cfg, store).to(dev)
     train_ids, val_ids = episode_split(store.num_episodes, cfg.train.val_fraction, cfg.train.seed)
     p = cfg.policy
-    train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, train_ids)
-    val_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, val_ids)
+    train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, train_ids, p.obs_stride)
+    val_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, val_ids, p.obs_stride)
 
     steps = total_steps(cfg, len(train_data))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,

@@ -1,0 +1,91 @@
+"""Long-context policies: the strided token layout, past-token loss masking, and the same
+windows (padding included) in training data, the server's history and the evaluator."""
+
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_policy
+
+from polcache.config import ExperimentConfig, PolicyConfig, validate
+from polcache.data import Episode, SequenceDataset, open_dataset, write_dataset
+from polcache.errors import ConfigError
+from polcache.policy.spec import action_offsets, frame_offsets
+from polcache.serve.history import ObservationHistory
+from polcache.sim.evaluate import _stack
+
+
+def test_token_layout_past_actions_at_the_frames_stride_then_dense_future():
+    assert frame_offsets(4, 3) == (-9, -6, -3, 0)
+    assert action_offsets(4, 8, 3) == (-9, -6, -3, 0, 1, 2, 3, 4)  # token K-1 is the current action
+    assert action_offsets(2, 16, 1) == tuple(range(-1, 15))  # short context: Chi et al.'s layout
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    eps = [Episode(obs={"state": np.arange(T, dtype=np.float32)[:, None] * [1, -1] + 100 * e},
+                   action=rng.normal(size=(T, 2)).astype(np.float32), task="toy") for e, T in enumerate((23, 9))]
+    path = tmp_path_factory.mktemp("lc") / "toy.zarr"
+    write_dataset(path, eps)
+    return open_dataset(path)
+
+
+@pytest.mark.parametrize("K,s", [(4, 3), (3, 1), (5, 2)])
+def test_training_windows_equal_the_runtime_windows_padding_included(store, K, s):
+    ds = SequenceDataset(store, horizon=K + 3, n_obs_steps=K, keys=["state"], obs_stride=s)
+    states = store.array("state")
+    start = 0
+    for length in np.diff(np.concatenate([[0], store.episode_ends])):
+        server = ObservationHistory(K, s)
+        span = (K - 1) * s + 1
+        evaluator = deque([{"state": states[start]}] * span, maxlen=span)
+        for t in range(length):
+            obs = {"state": states[start + t]}
+            server.push(t, obs)
+            if t:
+                evaluator.append(obs)
+            want = ds[start + t]["obs"]["state"].numpy()
+            assert np.array_equal(server.window()[1]["state"][0], want), (K, s, t)
+            assert np.array_equal(_stack(evaluator, frame_offsets(K, s))["state"][0], want), (K, s, t)
+        start += length
+
+
+def test_past_action_tokens_are_strided_and_padded_with_the_first_action(store):
+    ds = SequenceDataset(store, horizon=6, n_obs_steps=3, keys=["state"], obs_stride=2)
+    actions = store.array("action")
+    np.testing.assert_array_equal(ds[5]["action"].numpy(), actions[[1, 3, 5, 6, 7, 8]])
+    np.testing.assert_array_equal(ds[1]["action"].numpy(), actions[[0, 0, 1, 2, 3, 4]])
+
+
+@pytest.mark.parametrize("past_loss,supervised", [
+    ("all", [0, 1, 2]), ("none", [2]), ("recent:1", [1, 2])])
+def test_past_loss_supervises_only_the_tokens_it_names(past_loss, supervised):
+    """The gradient of the loss reaches the denoiser's prediction at exactly the supervised tokens
+    (past tokens are inputs either way: the action tokens attend to them)."""
+    p = tiny_policy(n_obs_steps=3, horizon=8, past_loss=past_loss, obs_stride=2).train()
+    seen = {}
+    p.denoiser.register_forward_hook(lambda mod, args, out: seen.setdefault("out", out))
+    g = torch.Generator().manual_seed(1)
+    batch = {"obs": {"state": torch.randn(4, 3, 5, generator=g)}, "action": torch.randn(4, 8, 3, generator=g)}
+    loss = p.compute_loss(batch, torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(loss, seen["out"])
+    reached = [i for i in range(8) if grad[:, i].abs().sum() > 0]
+    assert reached == supervised + list(range(3, 8)), past_loss
+
+
+def test_bad_long_context_settings_are_named():
+    for kw, match in ((dict(obs_stride=0), "obs_stride"), (dict(past_loss="recent:5"), "past_loss"),
+                      (dict(past_loss="some"), "past_loss")):
+        with pytest.raises(ConfigError, match=match):
+            validate(ExperimentConfig(policy=PolicyConfig(n_obs_steps=3, **kw)))
+
+
+def test_a_long_context_policy_samples_and_reports_its_stride():
+    p = tiny_policy(n_obs_steps=4, horizon=10, obs_stride=3, n_action_steps=4)
+    assert p.spec.obs_stride == 3 and p.spec.history_span == 10 and p.spec.frame_offsets == (-9, -6, -3, 0)
+    out = p.predict_action({"state": torch.randn(2, 4, 5)}, generator=torch.Generator().manual_seed(0))
+    assert out["action"].shape == (2, 4, 3) and out["action_pred"].shape == (2, 10, 3)
+    from polcache.policy.spec import PolicySpec
+    assert PolicySpec.from_dict(p.spec.to_dict()).obs_stride == 3
