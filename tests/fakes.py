@@ -52,7 +52,7 @@ class FakeBackend:
         self.first_obs: dict[str, np.ndarray] | None = None
         self.resets = 0
 
-    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
+    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None, past_actions=None) -> np.ndarray:
         state = obs["state"]
         assert state.shape[1:] == (self.spec.n_obs_steps, STATE_DIM)
         self.calls.append({k: v.copy() for k, v in obs.items()})

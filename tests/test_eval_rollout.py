@@ -31,7 +31,7 @@ class ChunkIndexBackend:
         self.spec = fake_spec(n_action_steps=n_action_steps)
         self.calls = 0
 
-    def predict(self, obs, seed=None):
+    def predict(self, obs, seed=None, past_actions=None):
         out = np.full((1, self.spec.n_action_steps, ACTION_DIM), float(self.calls), np.float32)
         self.calls += 1
         return out

@@ -89,3 +89,23 @@ def test_a_long_context_policy_samples_and_reports_its_stride():
     assert out["action"].shape == (2, 4, 3) and out["action_pred"].shape == (2, 10, 3)
     from polcache.policy.spec import PolicySpec
     assert PolicySpec.from_dict(p.spec.to_dict()).obs_stride == 3
+
+
+def test_self_verification_returns_the_candidate_whose_past_matches_what_was_executed():
+    from polcache.policy.backend import TorchBackend
+
+    p = tiny_policy(n_obs_steps=3, horizon=8, obs_stride=2, n_action_steps=4)
+    b = TorchBackend(p, "ddim", 4, candidates=6)
+    obs = {"state": np.random.default_rng(0).normal(size=(1, 3, 5)).astype(np.float32)}
+    # the six candidates the backend draws with seed 7, from one encoding broadcast to all six
+    with torch.no_grad():
+        feats = p.encode({"state": torch.as_tensor(obs["state"])}).expand(6, -1, -1)
+        x = p.sample(feats, b.sampler, None, torch.Generator().manual_seed(7))
+    preds = p.to_actions(x)
+    for pick in (0, 3, 5):
+        past = preds["action_pred"][pick, :2].numpy()  # what "the robot executed" = candidate pick's past
+        got = b.predict(obs, seed=7, past_actions=past)
+        np.testing.assert_allclose(got[0], preds["action"][pick].numpy(), atol=1e-6)
+    assert b.predict(obs, seed=7).shape == (1, 4, 3)  # no executed history yet: one candidate
+    with pytest.raises(ValueError, match="executed past actions"):
+        b.predict(obs, seed=7, past_actions=np.zeros((3, 3)))

@@ -34,7 +34,7 @@ class TorchBackend:
     def __init__(self, policy: DiffusionPolicy, sampler: str | None = None, steps: int | None = None,
                  plan: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
                  precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE,
-                 fused_update: bool | None = None):
+                 fused_update: bool | None = None, candidates: int = 1):
         self.device = torch.device(device)
         policy = policy.to(self.device).eval()
         self.sampler = policy.sampler(sampler, steps)
@@ -51,10 +51,13 @@ class TorchBackend:
             check_parity(self.parity, precision, precision_tolerance)
             policy = low
         self.policy = policy
+        if candidates < 1:
+            raise ValueError(f"self-verification candidates must be >= 1, got {candidates}")
+        self.candidates = candidates  # > 1: self-verification when predict gets the executed past actions
         self.graph_blocker = graph_blocker(self.device, plan) if graphs else "turned off"
         if fused_update if fused_update is not None else self.graph_blocker is None:
             self.sampler = self.sampler.fused()
-        self._graphs: dict[int, ChunkGraph] = {}
+        self._graphs: dict[tuple[int, bool], ChunkGraph] = {}  # per (batch size, from features)
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> ChunkGraph:
         try:
@@ -70,20 +73,49 @@ class TorchBackend:
     def _batch(self, obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(np.asarray(obs[k])).to(self.device) for k in self.spec.obs}
 
-    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
+    def _sample(self, inputs: dict[str, torch.Tensor], gen: torch.Generator | None) -> torch.Tensor:
+        """The normalised sample (B, H, Da) for raw observations or {"features": ...}, through the
+        captured graph of that batch size and input kind where graphs are on."""
+        size = next(iter(inputs.values())).shape[0]
+        if self.graph_blocker is not None:
+            with torch.no_grad():
+                feats = inputs["features"] if "features" in inputs else self.policy.encode(inputs)
+                return self.policy.sample(feats, self.sampler, self.plan, gen)
+        key = (size, "features" in inputs)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._capture(inputs)
+        x, noise = self.policy.initial_noise(size, self.sampler, gen, self.device)
+        return graph(inputs, x, noise)
+
+    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
+                past_actions: np.ndarray | None = None) -> np.ndarray:
         batch = self._batch(obs)
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        if self.graph_blocker is not None:
-            out = self.policy.predict_action(batch, self.sampler, self.plan, gen)
-        else:
-            size = next(iter(batch.values())).shape[0]
-            graph = self._graphs.get(size)
-            if graph is None:
-                graph = self._graphs[size] = self._capture(batch)
-            x, noise = self.policy.initial_noise(size, self.sampler, gen, self.device)
-            out = self.policy.to_actions(graph(batch, x, noise))
+        if self.candidates > 1 and past_actions is not None:
+            return self._verified(batch, np.asarray(past_actions), gen)
+        out = self.policy.to_actions(self._sample(batch, gen))
+        return out["action"].float().cpu().numpy()
+
+    def _verified(self, batch: dict[str, torch.Tensor], past_actions: np.ndarray,
+                  gen: torch.Generator | None) -> np.ndarray:
+        """Self-verification: N candidates from one encoding; the one whose predicted past action
+        tokens are closest (MSE, normalised actions) to what the robot executed at those steps."""
+        size = next(iter(batch.values())).shape[0]
+        past = self.spec.n_obs_steps - 1
+        if size != 1 or past_actions.shape != (past, self.spec.action_dim):
+            raise ValueError(f"self-verification takes one observation history and the {past} executed past "
+                             f"actions (shape {(past, self.spec.action_dim)}), got batch {size} and "
+                             f"{past_actions.shape}")
+        with torch.no_grad():
+            feats = self.policy.encode(batch).expand(self.candidates, -1, -1)
+            x = self._sample({"features": feats}, gen)
+            target = self.policy.normalizer.normalize("action", torch.as_tensor(past_actions, device=self.device))
+            scores = (x[:, :past].float() - target).pow(2).mean(dim=(1, 2))
+            best = int(torch.argmin(scores))
+            out = self.policy.to_actions(x[best:best + 1])
         return out["action"].float().cpu().numpy()
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
@@ -104,7 +136,7 @@ class TorchBackend:
         return {"backend": "torch", "device": str(self.device), "sampler": self.sampler.kind,
                 "steps": self.sampler.num_steps, "cache": cache, "precision": self.precision,
                 "parity": self.parity, "cuda_graphs": self.graph_blocker is None,
-                "fused_update": self.sampler.is_fused,
+                "fused_update": self.sampler.is_fused, "verify_candidates": self.candidates,
                 "cuda_graphs_off_because": self.graph_blocker}
 
 
@@ -113,7 +145,8 @@ BACKENDS = ("torch", "ort", "trt")
 
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,
                  device: str = "cpu", backend: str | None = None, threads: int | None = None,
-                 precision: str = "fp32", precision_tolerance: float | None = None, graphs: bool = True):
+                 precision: str = "fp32", precision_tolerance: float | None = None, graphs: bool = True,
+                 candidates: int = 1):
     """Load a policy as a backend on `device` (cpu, cuda, cuda:N, auto).
 
     `checkpoint` is a checkpoint directory (backend "torch", the default for one) or an artifact
@@ -122,7 +155,8 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
     `sampler` and `steps` default to the exported ones and are refused if they differ from them.
     `threads`: ONNX Runtime intra-op threads (default: torch's thread count). `precision`: the
     denoiser's (torch: fp32|bf16|fp16; trt: fp32|fp16; ort: fp32), checked against fp32 within
-    `precision_tolerance` before serving. `graphs`: CUDA graphs for the torch backend on a GPU."""
+    `precision_tolerance` before serving. `graphs`: CUDA graphs for the torch backend on a GPU.
+    `candidates` > 1: self-verification (torch backend only)."""
     from pathlib import Path
 
     from polcache.errors import ExportError, PolcacheError
@@ -138,6 +172,8 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
         from polcache.export.trt_backend import require_tensorrt
 
         require_tensorrt()  # one line before anything else is checked
+    if kind in ("ort", "trt") and candidates > 1:
+        raise PolcacheError(f"self-verification (--verify {candidates}) runs on the torch backend only")
     if kind in ("ort", "trt"):
         if not exported and (path / "model.safetensors").is_file():
             raise ExportError(f"{path} is a checkpoint, not an exported policy: run `polcache export --checkpoint "
@@ -167,4 +203,4 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
         sampler_obj = policy.sampler(sampler, steps)
         plan = resolve_plan(cache, policy, sampler_obj)
     return TorchBackend(policy, sampler, steps, plan, device, precision=precision, graphs=graphs,
-                        precision_tolerance=tolerance)
+                        precision_tolerance=tolerance, candidates=candidates)

@@ -33,16 +33,18 @@ def graph_blocker(device: torch.device, plan: Sequence[Sequence[int]] | None) ->
 class ChunkGraph:
     """One captured chunk for a fixed policy, sampler, plan and batch size.
 
-    `__call__(obs, x, noise)` copies the inputs into the static buffers, replays the graph and
+    `__call__(inputs, x, noise)` copies the inputs into the static buffers, replays the graph and
     returns the normalised sample (a static buffer: read or copy it before the next call).
+    `inputs` are the raw observations, or `{"features": (B, To, F)}` for a chunk from encoded
+    observations (self-verification encodes one observation and broadcasts it to N candidates).
     The weights must not be replaced while the graph lives (it reads them by address)."""
 
     def __init__(self, policy: DiffusionPolicy, sampler: Sampler, plan: Sequence[Sequence[int]] | None,
-                 obs: dict[str, torch.Tensor], warmup: int = 2):
+                 inputs: dict[str, torch.Tensor], warmup: int = 2):
         self.policy, self.sampler, self.plan = policy, sampler, plan
-        self.obs = {k: v.detach().clone() for k, v in obs.items()}
-        batch = next(iter(obs.values())).shape[0]
-        self.x, self.noise = policy.initial_noise(batch, sampler, None, next(iter(obs.values())).device)
+        self.obs = {k: v.detach().clone() for k, v in inputs.items()}
+        first = next(iter(inputs.values()))
+        self.x, self.noise = policy.initial_noise(first.shape[0], sampler, None, first.device)
         self.x.zero_()
         if self.noise is not None:
             self.noise.zero_()
@@ -61,12 +63,12 @@ class ChunkGraph:
 
     @torch.no_grad()
     def _chunk(self) -> torch.Tensor:
-        feats = self.policy.encode(self.obs)
+        feats = self.obs["features"] if "features" in self.obs else self.policy.encode(self.obs)
         return self.policy.denoise(feats, self.sampler, self.x, self.noise, self.plan)
 
-    def __call__(self, obs: dict[str, torch.Tensor], x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, inputs: dict[str, torch.Tensor], x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         for k, buf in self.obs.items():
-            buf.copy_(obs[k])
+            buf.copy_(inputs[k])
         self.x.copy_(x)
         if noise is not None:
             self.noise.copy_(noise)

@@ -90,9 +90,13 @@ class PolicyBackend(Protocol):
 
     spec: PolicySpec
 
-    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
+    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
+                past_actions: np.ndarray | None = None) -> np.ndarray:
         """obs[key]: (B, n_obs_steps, *spec.obs[key].shape) -> actions (B, n_action_steps, action_dim),
-        unnormalised, float32; actions[:, 0] is due at the newest observation's step."""
+        unnormalised, float32; actions[:, 0] is due at the newest observation's step.
+        `past_actions` (n_obs_steps - 1, action_dim): the actions the robot executed at the past
+        frames' steps (spec.frame_offsets[:-1]), once it has that much history; a backend that
+        self-verifies scores its candidates against them, others ignore them."""
         ...
 
     def reset(self) -> None:

@@ -79,16 +79,23 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
     obs = env.reset(seed=seed)
     history = deque([obs] * spec.history_span, maxlen=spec.history_span)  # the first frame pads the start
     success, done, steps, chunk = False, False, 0, 0
+    executed: list[np.ndarray] = []  # the action applied at each control step, for self-verification
     while not (done or success) and steps < cap:
+        past = None
+        if spec.n_obs_steps > 1 and steps + spec.frame_offsets[0] >= 0:
+            past = np.stack([executed[steps + off] for off in spec.frame_offsets[:-1]])
         t0 = time.perf_counter()
-        actions = backend.predict(_stack(history, spec.frame_offsets), seed=seed * 10007 + chunk)[0]
+        actions = backend.predict(_stack(history, spec.frame_offsets), seed=seed * 10007 + chunk,
+                                  past_actions=past)[0]
         latencies.append(time.perf_counter() - t0)
         if blend is not None:  # the step index is the clock: action i is due at step + i
             blend.add(ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64),
                                   actions, {}), float(steps))
         chunk += 1
         for i in range(per_chunk):
-            obs, _, done, info = env.step(actions[i] if blend is None else blend.action_at(float(steps)))
+            action = actions[i] if blend is None else blend.action_at(float(steps))
+            executed.append(np.asarray(action, dtype=np.float32))
+            obs, _, done, info = env.step(action)
             history.append(obs)
             steps += 1
             if frames is not None:
