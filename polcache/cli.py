@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "polcache.envs.record_cli",
     "polcache.data.cli",
     "polcache.train.cli",
+    "polcache.ptp.cli",
     "polcache.sim.cli",
     "polcache.cache.cli",
     "polcache.serve.cli",

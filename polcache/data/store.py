@@ -44,7 +44,8 @@ class Episode:
 
 
 def _check_key(key: str) -> None:
-    if key != "state" and not (key.startswith("image_") and len(key) > len("image_")):
+    # "embedding": per-frame encoder outputs written by `polcache ptp embed` (polcache.ptp.embeddings)
+    if key not in ("state", "embedding") and not (key.startswith("image_") and len(key) > len("image_")):
         raise DatasetError(f"obs key {key!r} is not supported: use 'state' or 'image_<camera>'")
     if "/" in key:
         raise DatasetError(f"obs key {key!r} must not contain '/'")
@@ -82,12 +83,12 @@ def _validated(episodes: Sequence[Episode]) -> tuple[dict[str, np.ndarray], np.n
             x = np.asarray(ep.obs[k])
             if x.ndim < 1 or x.shape[0] != T:
                 raise DatasetError(f"episode {i}: obs[{k!r}] has {x.shape[0] if x.ndim else 0} steps but action has {T}")
-            if k == "state":
+            if k in ("state", "embedding"):
                 if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-                    raise DatasetError(f"episode {i}: obs['state'] must be numeric (T, D), got {x.dtype} {x.shape}")
+                    raise DatasetError(f"episode {i}: obs[{k!r}] must be numeric (T, D), got {x.dtype} {x.shape}")
                 x = x.astype(np.float32)
                 if not np.isfinite(x).all():
-                    raise DatasetError(f"episode {i}: obs['state'] contains NaN or inf")
+                    raise DatasetError(f"episode {i}: obs[{k!r}] contains NaN or inf")
             elif x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
                 raise DatasetError(f"episode {i}: obs[{k!r}] must be uint8 (T, H, W, 3), got {x.dtype} {x.shape}")
             ref_shapes.setdefault(k, x.shape[1:])

@@ -44,7 +44,10 @@ class DiffusionPolicy(nn.Module):
 
     # ---- observations ---------------------------------------------------------------------
     def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Raw observation history (B, To, ...) -> (B, To, F) features."""
+        """Raw observation history (B, To, ...) -> (B, To, F) features. Windows of a store from
+        `polcache ptp embed` ({"embedding": (B, To, F)}) are already features: they pass through."""
+        if "embedding" in obs:
+            return obs["embedding"].float()
         obs = dict(obs)
         if "state" in obs:
             obs["state"] = self.normalizer.normalize("state", obs["state"].float())

@@ -12,6 +12,7 @@ epoch, so a dataset twice as large trains twice as many steps under the same con
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 import json
 import math
 import os
@@ -61,6 +62,30 @@ def build_policy(cfg: ExperimentConfig, store: EpisodeStore) -> DiffusionPolicy:
     return DiffusionPolicy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
 
 
+@dataclass
+class TrainingSource:
+    """What a run learns from: the episode store its windows are cut from, the policy to train
+    and the observation keys of the windows (the policy's own, or `embedding` for a head
+    fine-tuned on stored per-frame embeddings, see polcache.ptp.finetune)."""
+
+    store: EpisodeStore
+    policy: DiffusionPolicy
+    keys: list[str]
+
+
+def dataset_source(cfg: ExperimentConfig, progress: bool = False) -> TrainingSource:
+    """The recorded dataset `cfg.dataset` and a freshly initialised policy for it (sets cfg.task)."""
+    if not cfg.dataset:
+        raise ConfigError("dataset: no dataset path given (set `dataset:` in the config or dataset=PATH)")
+    store = open_dataset(cfg.dataset, progress=progress)
+    recorded = str(store.attrs.get("task", ""))
+    if cfg.task and recorded and cfg.task != recorded:
+        raise ConfigError(f"task is {cfg.task!r} but dataset {cfg.dataset} was recorded on {recorded!r}; "
+                          f"set task={recorded} (or leave task empty)")
+    cfg.task = cfg.task or recorded
+    return TrainingSource(store, build_policy(cfg, store), list(cfg.obs_keys))
+
+
 def _infinite(loader: DataLoader, sampler: DistributedSampler | None):
     epoch = 0
     while True:
@@ -104,11 +129,11 @@ def validate(policy: DiffusionPolicy, data: SequenceDataset, batch_size: int, wi
     return out
 
 
-def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, device: str = "cpu") -> Path:
+def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, device: str = "cpu",
+          source: TrainingSource | None = None) -> Path:
     """Train the policy described by `cfg` on `device` (cpu, cuda, cuda:N, auto; under torchrun each
-    process takes its LOCAL_RANK's GPU); returns the path of the final checkpoint (`out/last`)."""
-    if not cfg.dataset:
-        raise ConfigError("dataset: no dataset path given (set `dataset:` in the config or dataset=PATH)")
+    process takes its LOCAL_RANK's GPU); returns the path of the final checkpoint (`out/last`).
+    `source`: what to learn from (default: `dataset_source(cfg)`)."""
     dev = resolve_device(device)
     rank, world = _distributed()
     if world > 1 and dev.type == "cuda":
@@ -118,20 +143,15 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed + rank)
     out = Path(cfg.out)
-    store = open_dataset(cfg.dataset, progress=progress and rank == 0)
-    recorded = str(store.attrs.get("task", ""))
-    if cfg.task and recorded and cfg.task != recorded:
-        raise ConfigError(f"task is {cfg.task!r} but dataset {cfg.dataset} was recorded on {recorded!r}; "
-                          f"set task={recorded} (or leave task empty)")
-    cfg.task = cfg.task or recorded
-    policy = build_policy(cfg, store).to(dev)
+    source = source or dataset_source(cfg, progress=progress and rank == 0)
+    store, policy = source.store, source.policy.to(dev)
     train_ids, val_ids = episode_split(store.num_episodes, cfg.train.val_fraction, cfg.train.seed)
     p = cfg.policy
-    train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, train_ids, p.obs_stride)
-    val_data = SequenceDataset(store, p.horizon, p.n_obs_steps, cfg.obs_keys, val_ids, p.obs_stride)
+    train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, source.keys, train_ids, p.obs_stride)
+    val_data = SequenceDataset(store, p.horizon, p.n_obs_steps, source.keys, val_ids, p.obs_stride)
 
     steps = total_steps(cfg, len(train_data))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
+    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, cfg.train.warmup_steps, steps))
@@ -210,10 +230,8 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
 def save_initial(cfg: ExperimentConfig) -> Path:
     """Checkpoint the config's policy at initialisation (no training) as OUT/last: the floor
     against which trained policies are compared."""
-    store = open_dataset(cfg.dataset)
-    cfg.task = cfg.task or str(store.attrs.get("task", ""))
     torch.manual_seed(cfg.train.seed)
-    return save_checkpoint(Path(cfg.out) / "last", cfg, build_policy(cfg, store), step=0)
+    return save_checkpoint(Path(cfg.out) / "last", cfg, dataset_source(cfg).policy, step=0)
 
 
 def _best_so_far(path: Path) -> float:

@@ -1,0 +1,55 @@
+"""`polcache ptp embed` and `polcache ptp finetune`."""
+
+from __future__ import annotations
+
+import argparse
+
+from polcache.cli_types import DEVICE_HELP
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ptp", help="past-token prediction: embed a dataset once, fine-tune a long-context "
+                                          "head on the stored embeddings",
+                              description="Multistage long-context training (Torne et al. 2025): a short-context "
+                                          "policy's frozen encoder embeds every frame once; the long-context head "
+                                          "trains on the stored embeddings without running the encoder.")
+    sub = p.add_subparsers(dest="ptp_command", required=True, metavar="STEP")
+    e = sub.add_parser("embed", help="store the per-frame embeddings of a checkpoint's encoder over a dataset")
+    e.add_argument("--checkpoint", required=True, help="the trained short-context policy whose encoder to use")
+    e.add_argument("--dataset", help="dataset to embed (default: the one the checkpoint was trained on)")
+    e.add_argument("--out", required=True, help="embedding store to write (a polcache dataset, key `embedding`)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(handler=_embed)
+    f = sub.add_parser("finetune", help="train a long-context head on stored embeddings (resumes like train)")
+    f.add_argument("--embeddings", required=True, help="store written by `polcache ptp embed`")
+    f.add_argument("--config", required=True, help="YAML experiment config of the long-context policy")
+    f.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
+    f.add_argument("--fresh", action="store_true", help="ignore OUT/last and start from scratch")
+    f.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(handler=_finetune)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from polcache.policy.checkpoint import load_policy
+    from polcache.policy.device import resolve_device
+    from polcache.ptp.embeddings import embed_dataset
+
+    policy, cfg, _ = load_policy(args.checkpoint, resolve_device(args.device))
+    dataset = args.dataset or cfg.dataset
+    out = embed_dataset(policy, dataset, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
+                        progress=not args.no_progress)
+    print(f"wrote {out}: {policy.encoder.feature_dim}-d float32 embeddings of {dataset}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from polcache.config import load_config
+    from polcache.ptp.finetune import finetune
+
+    cfg = load_config(args.config, args.overrides)
+    path = finetune(cfg, args.embeddings, fresh=args.fresh, progress=not args.no_progress, device=args.device)
+    print(f"checkpoint: {path}")
+    return 0

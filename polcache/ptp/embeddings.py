@@ -1,0 +1,81 @@
+"""Per-frame embeddings of a frozen observation encoder, stored as a dataset.
+
+A long-context head sees K frames per sample; running the encoder (a ResNet per camera) on all
+of them at every training step is most of the cost. The encoder of a policy is per frame, so
+`embed_dataset` runs it once over every frame of a dataset and writes the result as an ordinary
+polcache dataset whose only observation key is `embedding` (one vector per frame, float32),
+with the same actions and episode boundaries. The store is independent of K and stride; its
+attributes name the encoder that made it by hash, so a fine-tune with another encoder is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from polcache.data import Episode, EpisodeStore, open_dataset, write_dataset
+from polcache.errors import DatasetError
+from polcache.policy.policy import DiffusionPolicy
+
+KEY = "embedding"
+ATTR = "embedding"
+
+
+def encoder_hash(policy: DiffusionPolicy) -> str:
+    """sha256 of what decides a frame's embedding: observation keys and shapes, encoder config and
+    weights, and the state normaliser (state is normalised before it is encoded)."""
+    h = hashlib.sha256()
+    ident = {"obs": {k: v.to_dict() for k, v in policy.spec.obs.items()}, "state_hidden": policy.cfg.state_hidden,
+             "image": vars(policy.cfg.image)}
+    h.update(json.dumps(ident, sort_keys=True, default=str).encode())
+    tensors = {f"encoder.{k}": v for k, v in policy.encoder.state_dict().items()}
+    if "state" in policy.spec.obs:
+        tensors.update({f"normalizer.{k}": v for k, v in policy.normalizer.stats("state").items()})
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().float().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+@torch.no_grad()
+def embed_dataset(policy: DiffusionPolicy, dataset: str | Path, out: str | Path, checkpoint: str = "",
+                  batch_size: int = 256, progress: bool = True) -> Path:
+    """Write the per-frame embeddings of every frame of `dataset` to `out` (atomically)."""
+    policy = policy.eval()
+    device = next(policy.parameters()).device
+    store = open_dataset(dataset)
+    missing = [k for k in policy.obs_keys if k not in store.obs_keys]
+    if missing:
+        raise DatasetError(f"{dataset} has no {missing} observations, which the policy's encoder takes")
+    arrays = {k: store.array(k) for k in policy.obs_keys}
+    n = len(store.array("action"))
+    feats = np.empty((n, policy.encoder.feature_dim), np.float32)
+    for i in tqdm(range(0, n, batch_size), disable=not progress, desc="embed", unit="batch"):
+        obs = {k: torch.from_numpy(np.array(a[i:i + batch_size]))[:, None].to(device) for k, a in arrays.items()}
+        feats[i:i + batch_size] = policy.encode(obs)[:, 0].float().cpu().numpy()
+    actions = np.asarray(store.array("action"), np.float32)
+    ends = store.episode_ends
+    starts = np.concatenate([[0], ends[:-1]])
+    task = str(store.attrs.get("task", ""))
+    episodes = [Episode(obs={KEY: feats[s:e]}, action=actions[s:e], task=task) for s, e in zip(starts, ends)]
+    attrs = {ATTR: {"encoder_hash": encoder_hash(policy), "checkpoint": str(checkpoint), "source": str(dataset),
+                    "feature_dim": int(feats.shape[1]), "dtype": "float32", "obs_keys": list(policy.obs_keys)}}
+    for name in ("task", "fps"):
+        if name in store.attrs:
+            attrs[name] = store.attrs[name]
+    write_dataset(out, episodes, attrs)
+    return Path(out)
+
+
+def embedding_info(store: EpisodeStore, where: str) -> dict:
+    """The store's embedding attributes, refused when it is not an embedding store."""
+    info = store.attrs.get(ATTR)
+    if not isinstance(info, dict) or KEY not in store.obs_keys or "encoder_hash" not in info:
+        raise DatasetError(f"{where} is not an embedding store from `polcache ptp embed`")
+    return info

@@ -1,0 +1,50 @@
+"""Fine-tune a long-context head on stored per-frame embeddings (the encoder never runs).
+
+The result is one ordinary checkpoint: the short-context policy's frozen encoder (and its
+normaliser) with the new head, so `eval`, `calibrate`, `serve` and `export` take it as any other.
+Everything else is `polcache train`'s loop (EMA, validation, checkpoints, resume, DDP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from polcache.config import ExperimentConfig, validate
+from polcache.data import open_dataset
+from polcache.errors import ConfigError, DatasetError
+from polcache.policy.checkpoint import load_policy
+from polcache.policy.policy import DiffusionPolicy
+from polcache.ptp.embeddings import KEY, embedding_info, encoder_hash
+from polcache.train.loop import TrainingSource, train
+
+
+def finetune_source(cfg: ExperimentConfig, embeddings: str | Path) -> TrainingSource:
+    """The embedding store and a policy with the store's encoder (frozen) and `cfg`'s head.
+
+    The encoder settings (state_hidden, image) and observation keys come from the checkpoint that
+    made the store; `cfg.dataset` becomes the store's source dataset (calibration reads it)."""
+    store = open_dataset(embeddings)
+    info = embedding_info(store, str(embeddings))
+    base, base_cfg, _ = load_policy(info["checkpoint"])
+    if encoder_hash(base) != info["encoder_hash"]:
+        raise DatasetError(f"{embeddings} was embedded by another encoder than the one now in {info['checkpoint']} "
+                           "(encoder hash differs): run `polcache ptp embed` again")
+    if list(cfg.obs_keys) != list(info["obs_keys"]):
+        raise ConfigError(f"obs_keys {cfg.obs_keys} disagree with the embedding store's encoder, which takes "
+                          f"{info['obs_keys']}")
+    cfg.policy.state_hidden, cfg.policy.image = base_cfg.policy.state_hidden, base_cfg.policy.image
+    cfg.dataset = info["source"]
+    cfg.task = cfg.task or base_cfg.task
+    validate(cfg)
+    policy = DiffusionPolicy(cfg.policy, base.spec.obs, base.obs_keys, base.action_dim, base.normalizer, cfg.task)
+    policy.encoder.load_state_dict(base.encoder.state_dict())
+    policy.encoder.requires_grad_(False)
+    if store.obs_spec()[KEY].shape != (policy.encoder.feature_dim,):
+        raise DatasetError(f"{embeddings}: embeddings of size {store.obs_spec()[KEY].shape} but the encoder makes "
+                           f"{policy.encoder.feature_dim}")
+    return TrainingSource(store, policy, [KEY])
+
+
+def finetune(cfg: ExperimentConfig, embeddings: str | Path, fresh: bool = False, progress: bool = True,
+             device: str = "cpu") -> Path:
+    """Train `cfg`'s long-context head from `embeddings`; returns the checkpoint path (OUT/last)."""
+    return train(cfg, fresh=fresh, progress=progress, device=device, source=finetune_source(cfg, embeddings))

@@ -1,0 +1,73 @@
+"""Multistage PTP training: embed every frame once with a frozen encoder, fine-tune a long-context
+head on the stored embeddings, get an ordinary checkpoint; stores from other encoders refused."""
+
+import numpy as np
+import pytest
+import torch
+from test_cli_errors import _err
+
+from polcache.cli import main
+from polcache.data import Episode, SequenceDataset, open_dataset, write_dataset
+from polcache.policy import load_policy
+from polcache.ptp.embeddings import encoder_hash
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A tiny short-context policy trained for a few steps on a toy dataset."""
+    root = tmp_path_factory.mktemp("ptp")
+    rng = np.random.default_rng(0)
+    eps = [Episode(obs={"state": rng.normal(size=(30, 5)).astype(np.float32)},
+                   action=rng.normal(size=(30, 2)).astype(np.float32), task="toy") for _ in range(4)]
+    write_dataset(root / "toy.zarr", eps)
+    args = ["train", "--config", "configs/recommended_cpu.yaml", f"dataset={root / 'toy.zarr'}", f"out={root / 'short'}",
+            "policy.n_layers=1", "policy.width=32", "policy.state_hidden=32", "policy.sampler.inference_steps=2",
+            "train.batch_size=8", "train.warmup_steps=1", "train.epochs=1", "train.val_windows=4", "--no-progress"]
+    assert main(args) == 0
+    return root
+
+
+def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run, capsys):
+    root = short_run
+    assert main(["ptp", "embed", "--checkpoint", str(root / "short" / "last"), "--out", str(root / "emb.zarr"),
+                 "--no-progress"]) == 0
+    base, _, _ = load_policy(root / "short" / "last")
+    store = open_dataset(root / "emb.zarr")
+    assert store.attrs["embedding"]["encoder_hash"] == encoder_hash(base)
+    # the stored embedding of every frame is what the encoder makes of that frame
+    raw = open_dataset(root / "toy.zarr").array("state")
+    with torch.no_grad():
+        want = base.encode({"state": torch.as_tensor(np.asarray(raw))[:, None]})[:, 0].numpy()
+    np.testing.assert_allclose(store.array("embedding"), want, atol=1e-6)
+
+    args = ["ptp", "finetune", "--embeddings", str(root / "emb.zarr"), "--config", "configs/ptp_cue_reach.yaml",
+            "task=toy", f"out={root / 'long'}", "policy.n_obs_steps=4", "policy.obs_stride=2", "policy.horizon=8",
+            "policy.n_action_steps=4", "policy.n_layers=1", "policy.width=32", "policy.sampler.inference_steps=2",
+            "train.batch_size=8", "train.warmup_steps=1", "train.epochs=1", "train.val_windows=4", "--no-progress"]
+    assert main(args) == 0
+    long, cfg, _ = load_policy(root / "long" / "last")
+    assert long.spec.obs_stride == 2 and long.spec.n_obs_steps == 4 and cfg.dataset == str(root / "toy.zarr")
+    assert encoder_hash(long) == encoder_hash(base)  # the encoder was frozen
+    # raw observations through the checkpoint = stored embeddings through the head
+    ds_raw = SequenceDataset(open_dataset(root / "toy.zarr"), 8, 4, ["state"], obs_stride=2)
+    ds_emb = SequenceDataset(store, 8, 4, ["embedding"], obs_stride=2)
+    with torch.no_grad():
+        a = long.encode({"state": ds_raw[17]["obs"]["state"][None]})
+        b = long.encode({"embedding": ds_emb[17]["obs"]["embedding"][None]})
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_a_store_from_another_encoder_or_obs_keys_is_refused(short_run, capsys):
+    root = short_run
+    main(["ptp", "embed", "--checkpoint", str(root / "short" / "last"), "--out", str(root / "emb2.zarr"),
+          "--no-progress"])
+    # retrain the short policy in place: its encoder changes, the store does not
+    assert main(["train", "--config", "configs/recommended_cpu.yaml", f"dataset={root / 'toy.zarr'}",
+                 f"out={root / 'short'}", "policy.n_layers=1", "policy.width=32", "policy.state_hidden=32",
+                 "policy.sampler.inference_steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.epochs=2",
+                 "train.val_windows=4", "--no-progress"]) == 0
+    base = ["ptp", "finetune", "--embeddings", str(root / "emb2.zarr"), "--config", "configs/ptp_cue_reach.yaml",
+            "task=toy", f"out={root / 'x'}", "policy.n_obs_steps=4", "policy.horizon=8", "policy.n_action_steps=4"]
+    assert "embedded by another encoder" in _err(capsys, base)
+    assert "not an embedding store" in _err(capsys, ["ptp", "finetune", "--embeddings", str(root / "toy.zarr"),
+                                                     "--config", "configs/ptp_cue_reach.yaml"])
