@@ -37,7 +37,7 @@ def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run
     # the stored embedding of every frame is what the encoder makes of that frame
     raw = open_dataset(root / "toy.zarr").array("state")
     with torch.no_grad():
-        want = base.encode({"state": torch.as_tensor(np.asarray(raw))[:, None]})[:, 0].numpy()
+        want = base.encode({"state": torch.as_tensor(np.array(raw))[:, None]})[:, 0].numpy()
     np.testing.assert_allclose(store.array("embedding"), want, atol=1e-6)
 
     args = ["ptp", "finetune", "--embeddings", str(root / "emb.zarr"), "--config", "configs/ptp_cue_reach.yaml",
