@@ -52,9 +52,15 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="largest accepted |action - fp32 action| in normalised units (default 0.05)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="torch on CUDA: run chunks eagerly instead of replaying a captured CUDA graph")
+    p.add_argument("--verify", type=positive_int, default=1, metavar="N",
+                   help="self-verification (long-context policies): once the robot's executed actions cover the "
+                        "past frames' steps, sample N candidate chunks and run the one whose predicted past "
+                        "actions match the executed ones best (torch backend; over ZeroMQ the robot reports them "
+                        "with protocol version 2; default 1: off)")
 
 
 def backend_options(args: argparse.Namespace) -> dict:
     """The load_backend keywords that add_backend_options parsed."""
     return {"backend": args.backend, "device": args.device, "precision": args.precision,
-            "precision_tolerance": args.precision_tolerance, "graphs": not args.no_cuda_graphs}
+            "precision_tolerance": args.precision_tolerance, "graphs": not args.no_cuda_graphs,
+            "candidates": args.verify}

@@ -30,7 +30,7 @@ STATE_DIM = 3
 ACTION_DIM = 2
 
 
-def fake_spec(n_obs_steps: int = 2, n_action_steps: int = 8) -> PolicySpec:
+def fake_spec(n_obs_steps: int = 2, n_action_steps: int = 8, obs_stride: int = 1) -> PolicySpec:
     return PolicySpec(
         obs={"state": ArraySpec((STATE_DIM,), "float32")},
         action_dim=ACTION_DIM,
@@ -38,6 +38,7 @@ def fake_spec(n_obs_steps: int = 2, n_action_steps: int = 8) -> PolicySpec:
         horizon=16,
         n_action_steps=n_action_steps,
         task="fake",
+        obs_stride=obs_stride,
     )
 
 
@@ -50,9 +51,11 @@ class FakeBackend:
         self.delay_s = delay_s
         self.calls: list[dict[str, np.ndarray]] = []  # the last 16
         self.first_obs: dict[str, np.ndarray] | None = None
+        self.past: list[np.ndarray | None] = []  # past_actions of each call (the last 16)
         self.resets = 0
 
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None, past_actions=None) -> np.ndarray:
+        self.past = [*self.past[-15:], None if past_actions is None else np.array(past_actions)]
         state = obs["state"]
         assert state.shape[1:] == (self.spec.n_obs_steps, STATE_DIM)
         self.calls.append({k: v.copy() for k, v in obs.items()})

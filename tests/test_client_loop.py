@@ -25,9 +25,11 @@ class ScriptedClient:
         self.epoch, self.seq = 0, -1
         self.silent = False
         self.in_flight: list[ActionChunk] = []
+        self.reported: list[tuple[int, int, list]] = []  # (epoch, seq, executed) per observation
 
-    def send_observation(self, arrays, t_capture) -> bool:
+    def send_observation(self, arrays, t_capture, executed=None) -> bool:
         self.seq += 1
+        self.reported.append((self.epoch, self.seq, list(executed or [])))
         base = arrays["state"][0] + 1000 * self.epoch
         values = (base + np.arange(N_ACTIONS, dtype=np.float32))[:, None].repeat(2, axis=1)
         self.in_flight.append(ActionChunk(epoch=self.epoch, seq=self.seq, obs_seqs=[self.seq], t_capture=t_capture,
@@ -127,3 +129,16 @@ def test_adapter_failure_stops_the_robot_safely():
     with pytest.raises(RuntimeError, match="motor driver"):
         loop.run(ticks=3)
     assert robot.stops
+
+
+def test_each_executed_action_is_reported_once_with_the_tick_it_was_applied_at():
+    loop, robot, client, _, _, _ = make_loop(latency_s=1.5 / HZ)
+    loop.run(ticks=12)
+    applied = dict(robot.applied)  # tick -> value; in epoch 0 the tick is the observation's seq
+    assert len(applied) == 10  # ticks 2..11 acted
+    for epoch, seq, done in client.reported:
+        want = [(seq - 1, applied[seq - 1])] if seq - 1 in applied else []
+        assert [(s, float(np.asarray(a).ravel()[0])) for s, a in done] == want, seq
+    loop.reset_episode()
+    loop.run(ticks=3)
+    assert client.reported[12][:2] == (1, 0) and client.reported[12][2] == []  # nothing leaks across episodes

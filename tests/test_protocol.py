@@ -68,7 +68,8 @@ def _raw(**obj) -> bytes:
 
 def _obs_wire(**override) -> bytes:
     obj = {"type": "obs", "epoch": 0, "seq": 0, "t_capture": 1.0,
-           "arrays": {"state": P.encode_array(np.zeros(3, np.float32))}}
+           "arrays": {"state": P.encode_array(np.zeros(3, np.float32))},
+           "executed_seqs": [], "executed": P.encode_array(np.zeros((0, 0), np.float32))}
     obj.update(override)
     return _raw(**{k: v for k, v in obj.items() if v is not ...})
 
@@ -91,6 +92,13 @@ def _obs_wire(**override) -> bytes:
         (_obs_wire(arrays={"state": {"dtype": "uint8", "shape": [-1], "data": b""}}), "bad_array", "shape"),
         (_obs_wire(arrays={"state": [1.0, 2.0]}), "bad_array", "obs.arrays.state"),
         (_obs_wire(arrays=[1]), "bad_type", "obs.arrays"),
+        (_obs_wire(executed=...), "missing_key", "executed"),
+        (_obs_wire(seq=5, executed_seqs=[3, 4], executed=P.encode_array(np.zeros((1, 2), np.float32))), "bad_shape",
+         "one row per"),
+        (_obs_wire(seq=5, executed_seqs=[5], executed=P.encode_array(np.zeros((1, 2), np.float32))), "out_of_range",
+         "earlier ticks"),
+        (_obs_wire(seq=5, executed_seqs=[4], executed=P.encode_array(np.full((1, 2), np.nan, np.float32))),
+         "non_finite", "obs.executed"),
         (_raw(type="chunk", epoch=0, seq=0, obs_seqs=[0], t_capture=0.0, t_actions=P.encode_array(np.zeros(2)),
               actions=P.encode_array(np.zeros((3, 4), np.float32)), timing={}), "bad_shape", "due times"),
         (_raw(type="chunk", epoch=0, seq=0, obs_seqs=[0], t_capture=0.0, t_actions=P.encode_array(np.zeros(1)),
@@ -138,3 +146,24 @@ def test_observation_must_match_spec(arrays, code, fragment):
 
 def test_matching_observation_passes():
     P.check_arrays(_arrays(), SPEC)
+
+
+def test_version_1_robots_are_read_and_answered_in_version_1():
+    obs = P.Observation(epoch=1, seq=4, t_capture=2.0, arrays={"state": np.zeros(3, np.float32)})
+    v1 = P.encode(obs, version=1)
+    wire = msgpack.unpackb(v1)
+    assert wire["v"] == 1 and "executed" not in wire and "executed_seqs" not in wire
+    msg, version = P.decode_versioned(v1)
+    assert version == 1 and msg.executed_seqs == [] and msg.executed.size == 0
+    with pytest.raises(P.ProtocolError, match="extra_key|unexpected") as info:  # a v1 message has no v2 fields
+        P.decode(msgpack.packb({**wire, "executed_seqs": []}))
+    assert info.value.code == "extra_key"
+
+
+def test_version_2_observations_carry_the_executed_actions():
+    executed = np.array([[0.1, -0.2], [0.3, 0.4]], np.float32)
+    obs = P.Observation(epoch=1, seq=6, t_capture=2.0, arrays={"state": np.zeros(3, np.float32)},
+                        executed_seqs=[4, 5], executed=executed)
+    msg, version = P.decode_versioned(P.encode(obs))
+    assert version == P.PROTOCOL_VERSION == 2 and msg.executed_seqs == [4, 5]
+    np.testing.assert_array_equal(msg.executed, executed)

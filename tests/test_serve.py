@@ -136,3 +136,31 @@ def test_spec_is_the_policy_spec():
         peer = RawPeer(server.endpoint)
         assert peer.handshake().policy["n_obs_steps"] == 3
         peer.close()
+
+
+def test_version_2_robots_report_executed_actions_that_reach_the_policy_at_the_past_frames_steps():
+    """Long-context spec (3 frames, stride 2): once the robot has executed actions at the two past
+    frames' steps, the backend gets exactly those, oldest first."""
+    backend = FakeBackend(fake_spec(n_obs_steps=3, obs_stride=2))
+    robot = StepRobot(50)
+    with serve(backend) as server, PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=50) as client:
+        client.connect(timeout_s=5)
+        assert client.version == 2
+        ControlLoop(robot, client, 50).run(ticks=40)
+        wait_for(lambda: backend.past and backend.past[-1] is not None, 5)
+    applied = dict(robot.applied)  # tick (= seq) -> value, every dimension equal
+    newest = backend.calls[-1]["state"][0, -1, 0]  # the observation seq of the last call (state carries it)
+    past = backend.past[-1]
+    assert past.shape == (2, robot.action_dim)
+    assert past[:, 0].tolist() == [applied[newest - 4], applied[newest - 2]]
+
+
+def test_version_1_robots_are_still_served_without_executed_actions():
+    backend = FakeBackend()
+    robot = StepRobot(50)
+    with serve(backend) as server, PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=50,
+                                                version=1) as client:
+        client.connect(timeout_s=5)
+        ControlLoop(robot, client, 50).run(ticks=30)
+    assert robot.applied and all(value == tick for tick, value in robot.applied)
+    assert all(p is None for p in backend.past)

@@ -39,7 +39,8 @@ def assert_still_serving(peer: RawPeer, seq: int = 1000) -> None:
 
 def obs_map(**override) -> bytes:
     obj = {"v": PROTOCOL_VERSION, "type": "obs", "epoch": 0, "seq": 0, "t_capture": 1.0,
-           "arrays": {"state": encode_array(np.zeros(STATE_DIM, np.float32))}}
+           "arrays": {"state": encode_array(np.zeros(STATE_DIM, np.float32))},
+           "executed_seqs": [], "executed": encode_array(np.zeros((0, 0), np.float32))}
     obj.update(override)
     return msgpack.packb({k: v for k, v in obj.items() if v is not ...})
 
@@ -49,7 +50,7 @@ def obs_map(**override) -> bytes:
     [
         (b"\x93\x01", "malformed", "msgpack"),
         (msgpack.packb("hello"), "malformed", "map"),
-        (obs_map(v=2), "version", "version 2"),
+        (obs_map(v=3), "version", "version 3"),
         (obs_map(type="launch"), "unknown_type", "launch"),
         (obs_map(type="chunk"), "missing_key", "chunk message lacks"),
         (obs_map(seq=...), "missing_key", "seq"),
@@ -136,7 +137,7 @@ def test_client_refuses_to_send_an_oversized_observation(server, caplog):
 
 def test_inference_failure_is_reported_and_serving_continues():
     class Flaky(FakeBackend):
-        def predict(self, obs, seed=None):
+        def predict(self, obs, seed=None, past_actions=None):
             if obs["state"][0, -1, 0] == 13:
                 raise RuntimeError("CUDA out of memory")
             if obs["state"][0, -1, 0] == 14:

@@ -25,7 +25,7 @@ class ExpertBackend:
 
         self.expert = metaworld_expert(TASK)
 
-    def predict(self, obs, seed=None):
+    def predict(self, obs, seed=None, past_actions=None):
         action = self.expert({"state": obs["state"][0, -1]})
         return np.repeat(action[None, None], self.spec.n_action_steps, axis=1).astype(np.float32)
 

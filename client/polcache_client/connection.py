@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import zmq
 
 from polcache_client.curve import apply_client_keys
 from polcache_client.logs import RateLimitedLog
 from polcache_client.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     ActionChunk,
     Error,
     Handshake,
@@ -57,14 +59,17 @@ class PolicyClient:
         timeout_s: float = 1.0,
         clock: Clock | None = None,
         context: zmq.Context | None = None,
+        version: int = PROTOCOL_VERSION,
     ):
         self.address = address
+        self.version = version  # 2 reports executed actions; a version-1 server gets version 1
         self.obs_spec = obs_spec
         self.keys_dir = keys_dir
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
         self.clock = clock or MonotonicClock()
-        self._handshake = encode(Handshake(obs_spec=obs_spec, action_dim=action_dim, hz=float(hz), name=name))
+        self._hello = Handshake(obs_spec=obs_spec, action_dim=action_dim, hz=float(hz), name=name)
+        self._handshake = encode(self._hello, version)
         self._context = context or zmq.Context.instance()
         self._warn = RateLimitedLog(log).warning
         self.epoch = 0  # bumped on every reset and reconnect
@@ -157,6 +162,12 @@ class PolicyClient:
         elif isinstance(msg, Error):
             if msg.code == "spec_mismatch":
                 raise ConnectError(f"server at {self.address} refused the handshake: {msg.message}")
+            if msg.code == "version" and not self._ready and self.version > 1:
+                self.version = 1  # an older server: speak its version (no executed actions)
+                self._handshake = encode(self._hello, 1)
+                self._handshake_due = now
+                log.info("server at %s speaks protocol version 1: falling back to it", self.address)
+                return True
             if msg.code == "no_session":
                 self._reconnect(f"server does not know this robot ({msg.message})")
                 return False
@@ -173,17 +184,24 @@ class PolicyClient:
             self._send(self._handshake)
         elif self._ready and now - self._last_heartbeat >= self.heartbeat_s:
             self._last_heartbeat = now
-            self._send(encode(Heartbeat(t=now)))
+            self._send(encode(Heartbeat(t=now), self.version))
 
-    def send_observation(self, arrays: dict, t_capture: float) -> bool:
+    def send_observation(self, arrays: dict, t_capture: float,
+                         executed: list[tuple[int, np.ndarray]] | None = None) -> bool:
         """Send one control step's observation without blocking. False (and a log line for
-        invalid data) when it was not sent; the step still consumes a sequence number."""
+        invalid data) when it was not sent; the step still consumes a sequence number.
+        `executed`: (seq, action) applied at earlier ticks of this epoch since the last
+        observation (protocol version 2; dropped when talking to a version-1 server)."""
         self.seq += 1
         if not self._ready:
             return False
         try:
             check_arrays(arrays, self.obs_spec)
-            frame = encode(Observation(epoch=self.epoch, seq=self.seq, t_capture=t_capture, arrays=arrays))
+            done = [(s, a) for s, a in (executed or []) if 0 <= s < self.seq] if self.version >= 2 else []
+            frame = encode(Observation(epoch=self.epoch, seq=self.seq, t_capture=t_capture, arrays=arrays,
+                                       executed_seqs=[int(s) for s, _ in done],
+                                       executed=(np.stack([np.asarray(a, np.float32) for _, a in done]) if done
+                                                 else np.zeros((0, 0), np.float32))), self.version)
             if len(frame) > self.max_message_bytes:
                 raise ProtocolError("too_large", f"{len(frame)} bytes exceed the server's limit of {self.max_message_bytes}")
         except ProtocolError as exc:
@@ -196,7 +214,7 @@ class PolicyClient:
         self.epoch += 1
         self.seq = -1
         if self._ready:
-            self._send(encode(Reset(epoch=self.epoch)))
+            self._send(encode(Reset(epoch=self.epoch), self.version))
         return self.epoch
 
     def close(self) -> None:

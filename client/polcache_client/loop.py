@@ -39,10 +39,12 @@ class ControlLoop:
         self.on_tick = on_tick
         self.on_chunk = on_chunk
         self.schedule.reset(client.epoch)
+        self._executed: list[tuple[int, int, object]] = []  # (epoch, seq, action) not yet reported
 
     def reset_episode(self) -> None:
         """New episode: new epoch on the wire, empty schedule, watchdog waiting for a first action."""
         self.schedule.reset(self.client.reset())
+        self._executed.clear()
         self.watchdog.reset()
         self.rate.reset()
 
@@ -51,12 +53,17 @@ class ControlLoop:
         now = tick.t
         self._receive(now)
         t_capture = self.clock.now()
-        sent = self.client.send_observation(self.adapter.observe(), t_capture)
+        epoch = self.client.epoch
+        done = [(seq, a) for e, seq, a in self._executed if e == epoch]
+        sent = self.client.send_observation(self.adapter.observe(), t_capture, executed=done)
+        if sent or self.client.epoch != epoch:
+            self._executed.clear()
         decision = self.watchdog.step(now, self.schedule.action_at(now))
         if decision.stop:
             self.adapter.safe_stop()
         elif decision.action is not None:
             self.adapter.act(decision.action)
+            self._executed.append((self.client.epoch, self.client.seq, decision.action))  # reported next tick
         record = TickRecord(
             t=now,
             epoch=self.client.epoch,

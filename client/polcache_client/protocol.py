@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Union
 
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # what this side writes by default
+SUPPORTED_VERSIONS = (1, 2)  # what it reads; a server answers each robot in the robot's version
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20
 
 # dtypes a peer may send; object and structured dtypes are never accepted.
@@ -63,14 +64,23 @@ class Welcome:
     server: str
 
 
+def _no_actions() -> np.ndarray:
+    return np.zeros((0, 0), np.float32)
+
+
 @dataclass(frozen=True)
 class Observation:
-    """Robot -> server: one control step. `seq` counts ticks within `epoch`; `t_capture` is robot clock."""
+    """Robot -> server: one control step. `seq` counts ticks within `epoch`; `t_capture` is robot clock.
+    Version 2: `executed[i]` is the action the robot actually applied at tick `executed_seqs[i]`
+    (ticks since its previous observation), which self-verifying policies compare their
+    predicted past actions with."""
 
     epoch: int
     seq: int
     t_capture: float
     arrays: dict[str, np.ndarray]
+    executed_seqs: list[int] = field(default_factory=list)
+    executed: np.ndarray = field(default_factory=_no_actions)
 
 
 @dataclass(frozen=True)
@@ -287,6 +297,8 @@ _FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[
     (Observation, "seq"): (_count, int),
     (Observation, "t_capture"): (_time, float),
     (Observation, "arrays"): (_array_map, _wire_arrays),
+    (Observation, "executed_seqs"): (_int_list, list),
+    (Observation, "executed"): (decode_array, encode_array),
     (ActionChunk, "epoch"): (_count, int),
     (ActionChunk, "seq"): (_count, int),
     (ActionChunk, "obs_seqs"): (_int_list, list),
@@ -305,12 +317,22 @@ _FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[
 # ---------------------------------------------------------------- messages
 
 
-def _wire_items(msg: Message, skip: str | None = None) -> list[tuple[str, Any]]:
+# Fields that version 1 does not have: a version-1 message lacks them, a version-2 one carries them.
+V2_FIELDS = frozenset({(Observation, "executed_seqs"), (Observation, "executed")})
+
+
+def _fields(cls: type, version: int) -> list[str]:
+    return [f.name for f in fields(cls) if version >= 2 or (cls, f.name) not in V2_FIELDS]
+
+
+def _wire_items(msg: Message, skip: str | None = None, version: int = PROTOCOL_VERSION) -> list[tuple[str, Any]]:
     cls = type(msg)
-    items: list[tuple[str, Any]] = [("v", PROTOCOL_VERSION), ("type", TYPE_NAMES[cls])]
-    for f in fields(cls):
-        if f.name != skip:
-            items.append((f.name, _FIELD_CODECS[(cls, f.name)][1](getattr(msg, f.name))))
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"cannot write protocol version {version} (this side speaks {SUPPORTED_VERSIONS})")
+    items: list[tuple[str, Any]] = [("v", version), ("type", TYPE_NAMES[cls])]
+    for name in _fields(cls, version):
+        if name != skip:
+            items.append((name, _FIELD_CODECS[(cls, name)][1](getattr(msg, name))))
     return items
 
 
@@ -319,16 +341,16 @@ def _pack_map(items: list[tuple[str, Any]], n_entries: int) -> bytes:
     return packer.pack_map_header(n_entries) + b"".join(packer.pack(k) + packer.pack(v) for k, v in items)
 
 
-def encode(msg: Message) -> bytes:
-    items = _wire_items(msg)
+def encode(msg: Message, version: int = PROTOCOL_VERSION) -> bytes:
+    items = _wire_items(msg, version=version)
     return _pack_map(items, len(items))
 
 
-def encode_chunk(chunk: ActionChunk) -> tuple[bytes, float]:
+def encode_chunk(chunk: ActionChunk, version: int = PROTOCOL_VERSION) -> tuple[bytes, float]:
     """Encode a chunk whose timing["encode"] is the time this very encoding took (also returned,
     in ms): every other field is packed first and timed, then the timing map is appended."""
     t0 = time.perf_counter()
-    items = _wire_items(chunk, skip="timing")
+    items = _wire_items(chunk, skip="timing", version=version)
     head = _pack_map(items, len(items) + 1)
     encode_ms = (time.perf_counter() - t0) * 1e3
     return head + msgpack.packb("timing") + msgpack.packb({**chunk.timing, "encode": encode_ms}), encode_ms
@@ -336,6 +358,11 @@ def encode_chunk(chunk: ActionChunk) -> tuple[bytes, float]:
 
 def decode(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Parse and validate one frame. Raises ProtocolError for anything that is not a valid message."""
+    return decode_versioned(data, max_bytes)[0]
+
+
+def decode_versioned(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[Message, int]:
+    """`decode`, also returning the protocol version the peer wrote (a server answers in it)."""
     if len(data) > max_bytes:
         raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     try:
@@ -345,13 +372,15 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     if not isinstance(obj, dict):
         raise ProtocolError("malformed", f"message must be a msgpack map, got {type(obj).__name__}")
     version = obj.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError("version", f"protocol version {_short(version)} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
+        raise ProtocolError("version", f"protocol version {_short(version)} is not supported (this side speaks "
+                                       f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     cls = TYPES_BY_NAME.get(obj.get("type")) if isinstance(obj.get("type"), str) else None
     if cls is None:
         raise ProtocolError("unknown_type", f"unknown message type {_short(obj.get('type'))}; known: {sorted(TYPES_BY_NAME)}")
     name = TYPE_NAMES[cls]
-    expected = {f.name for f in fields(cls)}
+    names = _fields(cls, version)
+    expected = set(names)
     given = set(obj) - {"v", "type"}
     if expected - given:
         raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(expected - given)}")
@@ -360,19 +389,35 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     # Fields are checked in their documented order, so where several are wrong the same one is named.
     seq = obj["seq"] if cls is Observation and type(obj["seq"]) is int and 0 <= obj["seq"] <= MAX_COUNT else None
     try:
-        msg = cls(**{f.name: _FIELD_CODECS[(cls, f.name)][0](obj[f.name], f"{name}.{f.name}") for f in fields(cls)})
+        msg = cls(**{n: _FIELD_CODECS[(cls, n)][0](obj[n], f"{name}.{n}") for n in names})
+        if isinstance(msg, Observation):
+            _check_executed(msg)
     except ProtocolError as exc:
         exc.seq = seq
         raise
     if isinstance(msg, ActionChunk):
         _check_chunk(msg)
-    return msg
+    return msg, version
 
 
 def _short(value: Any, limit: int = 80) -> str:
     """repr() bounded in length, so an error message about a huge bad value stays one line."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_executed(obs: Observation) -> None:
+    executed, seqs = obs.executed, obs.executed_seqs
+    if not seqs and executed.size == 0:
+        return
+    if executed.ndim != 2 or executed.dtype.kind != "f" or len(seqs) != len(executed):
+        raise ProtocolError("bad_shape", f"obs.executed must be ({len(seqs)}, action_dim) floats, one row per "
+                                         f"obs.executed_seqs entry, got {executed.dtype} {executed.shape}")
+    if not np.isfinite(executed).all():
+        raise ProtocolError("non_finite", "obs.executed contains NaN or infinite values")
+    if any(not 0 <= s < obs.seq for s in seqs):
+        raise ProtocolError("out_of_range", f"obs.executed_seqs must be earlier ticks of the epoch (0..{obs.seq - 1}), "
+                                            f"got {_short(seqs)}")
 
 
 def _check_chunk(chunk: ActionChunk) -> None:

@@ -45,3 +45,29 @@ class ObservationHistory:
             picks.append(earlier[-1] if earlier else self._entries[0])
         stacked = {key: np.stack([arrays[key] for _, arrays in picks])[None] for key in picks[-1][1]}
         return [seq for seq, _ in picks], stacked
+
+
+class ExecutedLog:
+    """The actions a robot reports having applied (protocol version 2), per control step of the
+    current epoch, the newest `span` steps kept: what self-verifying policies compare their
+    predicted past actions with, at exactly the past frames' steps."""
+
+    def __init__(self, span: int):
+        self.span = span
+        self._by_seq: dict[int, np.ndarray] = {}
+
+    def clear(self) -> None:
+        self._by_seq.clear()
+
+    def record(self, seqs: list[int], actions: np.ndarray) -> None:
+        for seq, action in zip(seqs, actions):
+            self._by_seq[int(seq)] = np.asarray(action, np.float32)
+        if self._by_seq:
+            newest = max(self._by_seq)
+            for seq in [s for s in self._by_seq if s <= newest - self.span]:
+                del self._by_seq[seq]
+
+    def at(self, seq: int, offsets: tuple[int, ...]) -> np.ndarray | None:
+        """The actions applied at steps seq + offsets (oldest first), or None while any is unknown."""
+        rows = [self._by_seq.get(seq + off) for off in offsets]
+        return None if not rows or any(r is None for r in rows) else np.stack(rows)

@@ -25,13 +25,14 @@ from zmq.utils.monitor import recv_monitor_message
 from polcache.errors import PolcacheError
 from polcache.policy.spec import PolicyBackend
 from polcache.serve.handshake import check_handshake, wire_obs_spec
-from polcache.serve.history import ObservationHistory
+from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
 from polcache.serve.security import apply_server_keys, check_bind
 from polcache.serve.worker import InferenceWorker, Job, Result
 from polcache_client.logs import RateLimitedLog
 from polcache_client.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     ActionChunk,
     Error,
     Handshake,
@@ -41,7 +42,7 @@ from polcache_client.protocol import (
     Reset,
     Welcome,
     check_arrays,
-    decode,
+    decode_versioned,
     encode,
     encode_chunk,
 )
@@ -66,6 +67,8 @@ class Session:
     name: str
     hz: float
     history: ObservationHistory
+    executed: ExecutedLog
+    version: int = PROTOCOL_VERSION  # the robot's protocol version: every reply is written in it
     epoch: int = 0
     last_seen: float = 0.0
     pending: Pending | None = None  # the newest observation not yet answered
@@ -75,6 +78,7 @@ class Session:
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.history.clear()
+        self.executed.clear()
         self.pending = None
         self.needs_backend_reset = True
 
@@ -207,10 +211,10 @@ class PolicyServer:
         try:
             if len(frames) != 1:
                 raise ProtocolError("malformed", f"expected one frame per message, got {len(frames)}")
-            msg = decode(frames[0], self.max_message_bytes)
+            msg, version = decode_versioned(frames[0], self.max_message_bytes)
             decode_ms = (time.perf_counter() - t0) * 1e3
             if isinstance(msg, Handshake):
-                self._on_handshake(robot, msg)
+                self._on_handshake(robot, msg, version)
             elif isinstance(msg, Heartbeat):
                 self._send(robot, frames[0])
             elif isinstance(msg, (Observation, Reset)):
@@ -229,12 +233,15 @@ class PolicyServer:
     def _refuse(self, robot: bytes, session: Session | None, exc: ProtocolError, seq: int | None = None) -> None:
         who = session.name if session else robot.hex()
         self._warn(f"{who}:{exc.code}", f"refused message from {who}: [{exc.code}] {exc}")
-        self._send(robot, encode(Error(code=exc.code, message=str(exc), seq=seq)))
+        version = session.version if session else PROTOCOL_VERSION
+        self._send(robot, encode(Error(code=exc.code, message=str(exc), seq=seq), version))
         self._record(ErrorRecord(t=time.time(), robot=who, code=exc.code))
 
-    def _on_handshake(self, robot: bytes, msg: Handshake) -> None:
+    def _on_handshake(self, robot: bytes, msg: Handshake, version: int) -> None:
         check_handshake(msg, self.spec)
-        self.sessions[robot] = Session(name=msg.name, hz=msg.hz, history=ObservationHistory(self.spec.n_obs_steps, self.spec.obs_stride),
+        self.sessions[robot] = Session(name=msg.name, hz=msg.hz,
+                                       history=ObservationHistory(self.spec.n_obs_steps, self.spec.obs_stride),
+                                       executed=ExecutedLog(self.spec.history_span), version=version,
                                        last_seen=time.monotonic())
         self.sessions.move_to_end(robot)
         while len(self.sessions) > self.max_sessions:
@@ -242,7 +249,7 @@ class PolicyServer:
             self._warn("evict", f"too many robots: forgot {evicted.name} (least recently seen)")
         self._log.info(f"hello:{msg.name}", f"robot {msg.name} connected ({msg.hz:g} Hz)")
         self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
-                                         server=self.name)))
+                                         server=self.name), version))
 
     def _on_observation(self, robot: bytes, session: Session, obs: Observation, decode_ms: float) -> None:
         try:
@@ -257,6 +264,12 @@ class PolicyServer:
             return
         if obs.epoch > session.epoch:
             session.start_epoch(obs.epoch)
+        if obs.executed_seqs and obs.executed.shape[1] != self.spec.action_dim:
+            self._refuse(robot, session, ProtocolError(
+                "bad_shape", f"obs.executed has {obs.executed.shape[1]} values per action, the policy's actions have "
+                             f"{self.spec.action_dim}"), seq=obs.seq)
+            return
+        session.executed.record(obs.executed_seqs, obs.executed)
         if not session.history.push(obs.seq, obs.arrays):
             return  # duplicate or reordered
         if session.pending is not None:
@@ -284,7 +297,8 @@ class PolicyServer:
         obs_seqs, stacked = session.history.window()
         job = Job(robot=robot, epoch=session.epoch, seq=pending.obs.seq, obs_seqs=obs_seqs,
                   t_capture=pending.obs.t_capture, received=pending.received, obs=stacked,
-                  reset_backend=session.needs_backend_reset, queue_depth=len(waiting), superseded=session.superseded)
+                  reset_backend=session.needs_backend_reset, queue_depth=len(waiting), superseded=session.superseded,
+                  past_actions=session.executed.at(pending.obs.seq, self.spec.frame_offsets[:-1]))
         job.timing.update(decode=pending.decode_ms, preprocess=(time.perf_counter() - t0) * 1e3,
                           queue=(t0 - pending.received) * 1e3)
         session.pending, session.superseded, session.needs_backend_reset = None, 0, False
@@ -310,7 +324,7 @@ class PolicyServer:
         chunk = ActionChunk(epoch=job.epoch, seq=job.seq, obs_seqs=job.obs_seqs, t_capture=job.t_capture,
                             t_actions=job.t_capture + np.arange(n, dtype=np.float64) / session.hz,
                             actions=result.actions, timing=job.timing)
-        frame, encode_ms = encode_chunk(chunk)
+        frame, encode_ms = encode_chunk(chunk, session.version)
         self._send(job.robot, frame)
         total_ms = (time.perf_counter() - job.received) * 1e3 + job.timing["decode"]
         deadline_ms = self.deadline_ms or (self.spec.n_action_steps - 1) / session.hz * 1e3

@@ -31,6 +31,7 @@ class Job:
     reset_backend: bool  # first request of a new epoch
     queue_depth: int  # robots waiting when this job was dispatched
     superseded: int  # older observations it replaced
+    past_actions: np.ndarray | None = None  # executed at the past frames' steps (protocol v2), if known
     timing: dict[str, float] = field(default_factory=dict)  # stages so far, ms
 
 
@@ -72,7 +73,7 @@ class InferenceWorker:
             if job.reset_backend:
                 self.backend.reset()
             t0 = time.perf_counter()
-            raw = self.backend.predict(job.obs)
+            raw = self.backend.predict(job.obs, past_actions=job.past_actions)
             t1 = time.perf_counter()
             actions = np.asarray(raw, dtype=np.float32)
             expected = (1, spec.n_action_steps, spec.action_dim)

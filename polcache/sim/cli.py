@@ -29,10 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble", type=float, metavar="DECAY", help="temporal ensembling of overlapping chunks with the "
                    "robot client's action schedule, weight exp(-DECAY*k) for the k-th newest chunk (default: off)")
     add_backend_options(p)
-    p.add_argument("--verify", type=positive_int, default=1, metavar="N",
-                   help="self-verification (long-context policies): sample N candidate chunks per step once the "
-                        "executed-action history covers the past tokens, run the one whose predicted past "
-                        "actions match the executed ones best (torch backend; default 1: off)")
     p.add_argument("--threads", type=int, default=1, help="torch (or ONNX Runtime) intra-op threads (default 1: "
                                                            "fastest at batch 1)")
     p.add_argument("--json", help="write the full result as JSON here")
@@ -51,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     backend = load_backend(args.checkpoint, cache=args.cache, sampler=args.sampler, steps=args.steps,
-                           threads=max(1, args.threads), candidates=args.verify, **backend_options(args))
+                           threads=max(1, args.threads), **backend_options(args))
     task = args.task or backend.spec.task
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
@@ -66,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
     if exported and what["cache"]:
         result.extra["cache"] = what["cache"] | {"spec": what.get("cache_spec")}
     if args.cache and not exported:
-        uncached = load_backend(args.checkpoint, sampler=args.sampler, steps=args.steps, **backend_options(args))
+        uncached = load_backend(args.checkpoint, sampler=args.sampler, steps=args.steps,
+                                **{**backend_options(args), "candidates": 1})
         result.extra["cache"] = what["cache"] | {"spec": args.cache}
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())
