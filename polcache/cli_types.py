@@ -57,10 +57,13 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "past frames' steps, sample N candidate chunks and run the one whose predicted past "
                         "actions match the executed ones best (torch backend; over ZeroMQ the robot reports them "
                         "with protocol version 2; default 1: off)")
+    p.add_argument("--verify-min-past", type=positive_int, metavar="M",
+                   help="score candidates once M of the past frames' steps have executed actions (default: all "
+                        "of them, the paper's rule; fewer verifies earlier in an episode)")
 
 
 def backend_options(args: argparse.Namespace) -> dict:
     """The load_backend keywords that add_backend_options parsed."""
     return {"backend": args.backend, "device": args.device, "precision": args.precision,
             "precision_tolerance": args.precision_tolerance, "graphs": not args.no_cuda_graphs,
-            "candidates": args.verify}
+            "candidates": args.verify, "min_verified": args.verify_min_past}

@@ -107,5 +107,16 @@ def test_self_verification_returns_the_candidate_whose_past_matches_what_was_exe
         got = b.predict(obs, seed=7, past_actions=past)
         np.testing.assert_allclose(got[0], preds["action"][pick].numpy(), atol=1e-6)
     assert b.predict(obs, seed=7).shape == (1, 4, 3)  # no executed history yet: one candidate
+    # a partial history (the oldest past step before the episode began): by default not verified,
+    # with min_verified=1 scored on the known token only
+    partial = preds["action_pred"][4, :2].numpy().copy()
+    partial[0] = np.nan
+    unverified = b.predict(obs, seed=7)
+    np.testing.assert_allclose(b.predict(obs, seed=7, past_actions=partial), unverified, atol=1e-6)
+    early = TorchBackend(p, "ddim", 4, candidates=6, min_verified=1)
+    scores = ((x[:, 1] - p.normalizer.normalize("action", torch.as_tensor(partial[1]))) ** 2).mean(dim=1)
+    best = int(torch.argmin(scores))
+    np.testing.assert_allclose(early.predict(obs, seed=7, past_actions=partial)[0], preds["action"][best].numpy(),
+                               atol=1e-6)
     with pytest.raises(ValueError, match="executed past actions"):
         b.predict(obs, seed=7, past_actions=np.zeros((3, 3)))

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from polcache.errors import ConfigError
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.device import resolve_device
 from polcache.policy.graph import ChunkGraph, graph_blocker
@@ -34,7 +35,7 @@ class TorchBackend:
     def __init__(self, policy: DiffusionPolicy, sampler: str | None = None, steps: int | None = None,
                  plan: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
                  precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE,
-                 fused_update: bool | None = None, candidates: int = 1):
+                 fused_update: bool | None = None, candidates: int = 1, min_verified: int | None = None):
         self.device = torch.device(device)
         policy = policy.to(self.device).eval()
         self.sampler = policy.sampler(sampler, steps)
@@ -52,8 +53,14 @@ class TorchBackend:
             policy = low
         self.policy = policy
         if candidates < 1:
-            raise ValueError(f"self-verification candidates must be >= 1, got {candidates}")
+            raise ConfigError(f"self-verification candidates must be >= 1, got {candidates}")
         self.candidates = candidates  # > 1: self-verification when predict gets the executed past actions
+        past = policy.spec.n_obs_steps - 1
+        if min_verified is not None and not 1 <= min_verified <= past:
+            raise ConfigError(f"--verify-min-past must be in 1..{past} (the policy's past action tokens), "
+                              f"got {min_verified}")
+        # past tokens that must have been executed before candidates are scored (default: all, the paper's rule)
+        self.min_verified = past if min_verified is None else min_verified
         self.graph_blocker = graph_blocker(self.device, plan) if graphs else "turned off"
         if fused_update if fused_update is not None else self.graph_blocker is None:
             self.sampler = self.sampler.fused()
@@ -95,14 +102,17 @@ class TorchBackend:
         if seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(int(seed))
         if self.candidates > 1 and past_actions is not None:
-            return self._verified(batch, np.asarray(past_actions), gen)
+            past_actions = np.asarray(past_actions, dtype=np.float32)
+            if np.isfinite(past_actions).all(axis=-1).sum() >= self.min_verified:
+                return self._verified(batch, past_actions, gen)
         out = self.policy.to_actions(self._sample(batch, gen))
         return out["action"].float().cpu().numpy()
 
     def _verified(self, batch: dict[str, torch.Tensor], past_actions: np.ndarray,
                   gen: torch.Generator | None) -> np.ndarray:
         """Self-verification: N candidates from one encoding; the one whose predicted past action
-        tokens are closest (MSE, normalised actions) to what the robot executed at those steps."""
+        tokens are closest (MSE, normalised actions) to what the robot executed at those steps
+        (rows of NaN: steps not executed, e.g. before the episode began, are not scored)."""
         size = next(iter(batch.values())).shape[0]
         past = self.spec.n_obs_steps - 1
         if size != 1 or past_actions.shape != (past, self.spec.action_dim):
@@ -112,8 +122,9 @@ class TorchBackend:
         with torch.no_grad():
             feats = self.policy.encode(batch).expand(self.candidates, -1, -1)
             x = self._sample({"features": feats}, gen)
+            known = torch.as_tensor(np.isfinite(past_actions).all(axis=-1), device=self.device)
             target = self.policy.normalizer.normalize("action", torch.as_tensor(past_actions, device=self.device))
-            scores = (x[:, :past].float() - target).pow(2).mean(dim=(1, 2))
+            scores = (x[:, :past][:, known].float() - target[known]).pow(2).mean(dim=(1, 2))
             best = int(torch.argmin(scores))
             out = self.policy.to_actions(x[best:best + 1])
         return out["action"].float().cpu().numpy()
@@ -146,7 +157,7 @@ BACKENDS = ("torch", "ort", "trt")
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,
                  device: str = "cpu", backend: str | None = None, threads: int | None = None,
                  precision: str = "fp32", precision_tolerance: float | None = None, graphs: bool = True,
-                 candidates: int = 1):
+                 candidates: int = 1, min_verified: int | None = None):
     """Load a policy as a backend on `device` (cpu, cuda, cuda:N, auto).
 
     `checkpoint` is a checkpoint directory (backend "torch", the default for one) or an artifact
@@ -156,7 +167,8 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
     `threads`: ONNX Runtime intra-op threads (default: torch's thread count). `precision`: the
     denoiser's (torch: fp32|bf16|fp16; trt: fp32|fp16; ort: fp32), checked against fp32 within
     `precision_tolerance` before serving. `graphs`: CUDA graphs for the torch backend on a GPU.
-    `candidates` > 1: self-verification (torch backend only)."""
+    `candidates` > 1: self-verification (torch backend only), scored once `min_verified` past
+    frames' steps have executed actions (default: all)."""
     from pathlib import Path
 
     from polcache.errors import ExportError, PolcacheError
@@ -203,4 +215,4 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
         sampler_obj = policy.sampler(sampler, steps)
         plan = resolve_plan(cache, policy, sampler_obj)
     return TorchBackend(policy, sampler, steps, plan, device, precision=precision, graphs=graphs,
-                        precision_tolerance=tolerance, candidates=candidates)
+                        precision_tolerance=tolerance, candidates=candidates, min_verified=min_verified)

@@ -95,8 +95,9 @@ class PolicyBackend(Protocol):
         """obs[key]: (B, n_obs_steps, *spec.obs[key].shape) -> actions (B, n_action_steps, action_dim),
         unnormalised, float32; actions[:, 0] is due at the newest observation's step.
         `past_actions` (n_obs_steps - 1, action_dim): the actions the robot executed at the past
-        frames' steps (spec.frame_offsets[:-1]), once it has that much history; a backend that
-        self-verifies scores its candidates against them, others ignore them."""
+        frames' steps (spec.frame_offsets[:-1]), NaN rows where none was (before the episode began,
+        a tick without an action); a backend that self-verifies scores its candidates against the
+        known rows, others ignore them."""
         ...
 
     def reset(self) -> None:

@@ -67,7 +67,11 @@ class ExecutedLog:
             for seq in [s for s in self._by_seq if s <= newest - self.span]:
                 del self._by_seq[seq]
 
-    def at(self, seq: int, offsets: tuple[int, ...]) -> np.ndarray | None:
-        """The actions applied at steps seq + offsets (oldest first), or None while any is unknown."""
+    def at(self, seq: int, offsets: tuple[int, ...], action_dim: int) -> np.ndarray | None:
+        """The actions applied at steps seq + offsets (oldest first), NaN rows where none was
+        reported; None while nothing at all is known."""
         rows = [self._by_seq.get(seq + off) for off in offsets]
-        return None if not rows or any(r is None for r in rows) else np.stack(rows)
+        if not rows or all(r is None for r in rows):
+            return None
+        unknown = np.full(action_dim, np.nan, np.float32)
+        return np.stack([unknown if r is None else r for r in rows])

@@ -298,7 +298,8 @@ class PolicyServer:
         job = Job(robot=robot, epoch=session.epoch, seq=pending.obs.seq, obs_seqs=obs_seqs,
                   t_capture=pending.obs.t_capture, received=pending.received, obs=stacked,
                   reset_backend=session.needs_backend_reset, queue_depth=len(waiting), superseded=session.superseded,
-                  past_actions=session.executed.at(pending.obs.seq, self.spec.frame_offsets[:-1]))
+                  past_actions=session.executed.at(pending.obs.seq, self.spec.frame_offsets[:-1],
+                                                   self.spec.action_dim))
         job.timing.update(decode=pending.decode_ms, preprocess=(time.perf_counter() - t0) * 1e3,
                           queue=(t0 - pending.received) * 1e3)
         session.pending, session.superseded, session.needs_backend_reset = None, 0, False

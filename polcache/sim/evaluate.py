@@ -82,8 +82,9 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
     executed: list[np.ndarray] = []  # the action applied at each control step, for self-verification
     while not (done or success) and steps < cap:
         past = None
-        if spec.n_obs_steps > 1 and steps + spec.frame_offsets[0] >= 0:
-            past = np.stack([executed[steps + off] for off in spec.frame_offsets[:-1]])
+        if spec.n_obs_steps > 1 and executed:
+            unknown = np.full(spec.action_dim, np.nan, np.float32)
+            past = np.stack([executed[steps + off] if steps + off >= 0 else unknown for off in spec.frame_offsets[:-1]])
         t0 = time.perf_counter()
         actions = backend.predict(_stack(history, spec.frame_offsets), seed=seed * 10007 + chunk,
                                   past_actions=past)[0]
