@@ -3,17 +3,21 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from polcache.envs import make_env
 from polcache.policy import load_backend, load_policy
 from polcache.policy.checkpoint import check_compatible
 
-SHIPPED = Path(__file__).resolve().parents[1] / "polcache" / "assets" / "checkpoints" / "reach-v3"
+ASSETS = Path(__file__).resolve().parents[1] / "polcache" / "assets" / "checkpoints"
+SHIPPED = ASSETS / "reach-v3"
+PTP = ASSETS / "cue-reach-ptp"
 
 
-def test_shipped_checkpoint_is_small_and_complete():
-    assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) < 8 * 2**20
-    assert not (SHIPPED / "train").exists()  # inference weights only
+@pytest.mark.parametrize("checkpoint", [SHIPPED, PTP], ids=lambda p: p.name)
+def test_shipped_checkpoint_is_small_and_complete(checkpoint):
+    assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < 8 * 2**20
+    assert not (checkpoint / "train").exists()  # inference weights only
 
 
 def test_shipped_checkpoint_loads_fits_and_predicts():
@@ -28,3 +32,15 @@ def test_shipped_checkpoint_loads_fits_and_predicts():
     assert np.abs(acts).max() <= 1.5  # actions in the expert's range, not noise
     again = backend.predict({"state": np.stack([obs, obs])[None]}, seed=0)
     np.testing.assert_array_equal(acts, again)
+
+
+@pytest.mark.slow
+def test_shipped_ptp_checkpoint_remembers_the_cue():
+    """The long-context PTP policy on cue-reach (16 frames at stride 3): it solves the memory task
+    on these seeds, where a 2-frame policy picks a pad by chance (BENCHMARKS.md, PTP section)."""
+    from polcache.sim.evaluate import evaluate
+
+    backend = load_backend(str(PTP))
+    assert backend.spec.n_obs_steps == 16 and backend.spec.obs_stride == 3 and backend.spec.task == "cue-reach"
+    result = evaluate(backend, "cue-reach", episodes=6, seed=1000, progress=False)
+    assert result.successes >= 5, result.summary()
