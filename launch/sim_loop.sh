@@ -5,7 +5,8 @@
 #
 # TASK defaults to the checkpoint's task (meta.json), HZ to 50, EPISODES to 10.
 # Environment: PORT (default 5555), POLCACHE (default "python -m polcache.cli"),
-# METRICS_DIR (if set, both sides write metrics JSON lines there).
+# METRICS_DIR (if set, both sides write metrics JSON lines there), SERVE_ARGS (extra `serve`
+# options, e.g. "--verify 16 --verify-min-past 3" or "--device cuda").
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -21,6 +22,7 @@ episodes=${1:-10}; [ $# -gt 0 ] && shift
 port=${PORT:-5555}
 address="tcp://127.0.0.1:${port}"
 read -r -a polcache <<< "${POLCACHE:-python -m polcache.cli}"
+read -r -a serve_args <<< "${SERVE_ARGS:-}"
 if [ -z "$task" ]; then
   task=$(python -c 'import json,sys; print(json.load(open(sys.argv[1] + "/meta.json")).get("task", ""))' "$checkpoint")
   [ -n "$task" ] || { echo "sim_loop: the checkpoint names no task; pass TASK" >&2; exit 2; }
@@ -48,7 +50,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-"${polcache[@]}" serve --checkpoint "$checkpoint" --bind "$address" "${server_metrics[@]}" &
+"${polcache[@]}" serve --checkpoint "$checkpoint" --bind "$address" "${server_metrics[@]}" "${serve_args[@]}" &
 server_pid=$!
 
 # The robot waits for the server's handshake reply itself (checkpoint loading takes a while).
