@@ -11,7 +11,7 @@ import numpy as np
 
 from polcache.errors import ExportError
 from polcache.export.manifest import Manifest, read_manifest
-from polcache.policy.spec import PolicySpec
+from polcache.policy.spec import PolicySpec, StatelessSession
 
 
 class ExportedBackend:
@@ -87,7 +87,9 @@ class ExportedBackend:
         noise = rng.standard_normal((self.K, *shape), dtype=np.float32) if self.needs_noise else None
         return x, noise
 
-    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
+    def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
+                past_actions: np.ndarray | None = None) -> np.ndarray:
+        """See PolicyBackend.predict; exported policies do not self-verify (`past_actions` unused)."""
         _, batch = self.check_obs(obs)
         x, noise = self.initial_noise(batch, seed)
         return np.ascontiguousarray(self.decode(self.sample(obs, x, noise))["action"])
@@ -109,6 +111,9 @@ class ExportedBackend:
 
     def reset(self) -> None:
         """DP-T keeps no state between chunks."""
+
+    def session(self) -> StatelessSession:
+        return StatelessSession(self)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         for size in batch_sizes:

@@ -73,6 +73,11 @@ class FakeBackend:
     def warmup(self, batch_sizes=(1,)) -> None:
         pass
 
+    def session(self):
+        from polcache.policy.spec import StatelessSession
+
+        return StatelessSession(self)
+
     def reset(self) -> None:
         self.resets += 1
 

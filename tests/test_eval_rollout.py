@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from polcache.policy.spec import StatelessSession
 from polcache.sim.evaluate import Rollout, run_episode
 from fakes import ACTION_DIM, STATE_DIM, fake_spec
 
@@ -35,6 +36,9 @@ class ChunkIndexBackend:
         out = np.full((1, self.spec.n_action_steps, ACTION_DIM), float(self.calls), np.float32)
         self.calls += 1
         return out
+
+    def session(self):
+        return StatelessSession(self)
 
     def reset(self):
         self.calls = 0

@@ -120,3 +120,45 @@ def test_self_verification_returns_the_candidate_whose_past_matches_what_was_exe
                                atol=1e-6)
     with pytest.raises(ValueError, match="executed past actions"):
         b.predict(obs, seed=7, past_actions=np.zeros((3, 3)))
+
+
+def _window(states, t, offsets):
+    picks = [max(0, t + off) for off in offsets]
+    return {"state": states[picks][None]}, picks
+
+
+def test_the_embedding_ring_buffer_gives_the_features_of_re_encoding_every_frame():
+    from polcache.policy.backend import TorchBackend
+
+    p = tiny_policy(n_obs_steps=4, horizon=10, obs_stride=3, n_action_steps=4)
+    b = TorchBackend(p, "ddim", 4)
+    session = b.session()
+    states = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
+    for t in range(0, 40, 2):  # a chunk every 2 steps
+        obs, steps = _window(states, t, p.spec.frame_offsets)
+        window = torch.as_tensor(obs["state"])
+        with torch.no_grad():
+            each = torch.cat([p.encode({"state": window[:, i:i + 1]}) for i in range(4)], dim=1)
+            batched = p.encode({"state": window})
+            got = session.ring.features(p, {"state": window}, steps)
+        assert torch.equal(got, each), t  # bit for bit: every frame re-encoded on its own
+        torch.testing.assert_close(got, batched, atol=1e-6, rtol=1e-6)  # one batch of K rounds differently
+        np.testing.assert_allclose(session.predict(obs, steps, seed=t), b.predict(obs, seed=t), atol=1e-4)
+    # each frame encoded once: 20 windows of 4 frames, but only the distinct steps seen
+    assert session.ring.encoded == len({max(0, t + off) for t in range(0, 40, 2) for off in p.spec.frame_offsets})
+
+
+def test_two_robots_sessions_keep_their_own_history():
+    from polcache.policy.backend import TorchBackend
+
+    p = tiny_policy(n_obs_steps=3, horizon=8, obs_stride=2, n_action_steps=4)
+    b = TorchBackend(p, "ddim", 4)
+    a_states = np.random.default_rng(1).normal(size=(10, 5)).astype(np.float32)
+    b_states = np.random.default_rng(2).normal(size=(10, 5)).astype(np.float32)
+    sa, sb = b.session(), b.session()
+    for t in range(10):  # interleaved, same step numbers, different observations
+        for session, states in ((sa, a_states), (sb, b_states)):
+            obs, steps = _window(states, t, p.spec.frame_offsets)
+            np.testing.assert_allclose(session.predict(obs, steps, seed=t), b.predict(obs, seed=t), atol=1e-4)
+    sa.reset()
+    assert not sa.ring._by_step and sb.ring._by_step

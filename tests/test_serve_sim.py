@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polcache.policy.spec import ArraySpec, PolicySpec
+from polcache.policy.spec import ArraySpec, PolicySpec, StatelessSession
 from polcache.serve.server import PolicyServer
 
 pytest.importorskip("metaworld")
@@ -28,6 +28,9 @@ class ExpertBackend:
     def predict(self, obs, seed=None, past_actions=None):
         action = self.expert({"state": obs["state"][0, -1]})
         return np.repeat(action[None, None], self.spec.n_action_steps, axis=1).astype(np.float32)
+
+    def session(self):
+        return StatelessSession(self)
 
     def reset(self):
         pass

@@ -15,6 +15,7 @@ from polcache.policy.graph import ChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
                                        probe_observations, reduced_copy)
+from polcache.policy.session import TorchSession
 from polcache.policy.spec import PolicySpec
 
 log = logging.getLogger(__name__)
@@ -98,36 +99,48 @@ class TorchBackend:
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
                 past_actions: np.ndarray | None = None) -> np.ndarray:
         batch = self._batch(obs)
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        if self.candidates > 1 and past_actions is not None:
+            with torch.no_grad():
+                return self.predict_features(self.policy.encode(batch), seed, past_actions)
+        out = self.policy.to_actions(self._sample(batch, self._generator(seed)))
+        return out["action"].float().cpu().numpy()
+
+    def predict_features(self, feats: torch.Tensor, seed: int | None = None,
+                         past_actions: np.ndarray | None = None) -> np.ndarray:
+        """`predict` from encoded observations (B, To, F): what sessions with an embedding ring
+        buffer call, and where self-verification happens."""
+        gen = self._generator(seed)
         if self.candidates > 1 and past_actions is not None:
             past_actions = np.asarray(past_actions, dtype=np.float32)
             if np.isfinite(past_actions).all(axis=-1).sum() >= self.min_verified:
-                return self._verified(batch, past_actions, gen)
-        out = self.policy.to_actions(self._sample(batch, gen))
+                return self._verified(feats, past_actions, gen)
+        out = self.policy.to_actions(self._sample({"features": feats}, gen))
         return out["action"].float().cpu().numpy()
 
-    def _verified(self, batch: dict[str, torch.Tensor], past_actions: np.ndarray,
-                  gen: torch.Generator | None) -> np.ndarray:
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def _verified(self, feats: torch.Tensor, past_actions: np.ndarray, gen: torch.Generator | None) -> np.ndarray:
         """Self-verification: N candidates from one encoding; the one whose predicted past action
         tokens are closest (MSE, normalised actions) to what the robot executed at those steps
         (rows of NaN: steps not executed, e.g. before the episode began, are not scored)."""
-        size = next(iter(batch.values())).shape[0]
+        size = feats.shape[0]
         past = self.spec.n_obs_steps - 1
         if size != 1 or past_actions.shape != (past, self.spec.action_dim):
             raise ValueError(f"self-verification takes one observation history and the {past} executed past "
                              f"actions (shape {(past, self.spec.action_dim)}), got batch {size} and "
                              f"{past_actions.shape}")
         with torch.no_grad():
-            feats = self.policy.encode(batch).expand(self.candidates, -1, -1)
-            x = self._sample({"features": feats}, gen)
+            x = self._sample({"features": feats.expand(self.candidates, -1, -1)}, gen)
             known = torch.as_tensor(np.isfinite(past_actions).all(axis=-1), device=self.device)
             target = self.policy.normalizer.normalize("action", torch.as_tensor(past_actions, device=self.device))
             scores = (x[:, :past][:, known].float() - target[known]).pow(2).mean(dim=(1, 2))
             best = int(torch.argmin(scores))
             out = self.policy.to_actions(x[best:best + 1])
         return out["action"].float().cpu().numpy()
+
+    def session(self) -> TorchSession:
+        return TorchSession(self)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run (and on CUDA capture) one chunk per batch size, so the first robot request does not pay it."""

@@ -109,6 +109,40 @@ class PolicyBackend(Protocol):
         one-time cost (CUDA graph capture, engine or session initialisation)."""
         ...
 
+    def session(self) -> "PolicySession":
+        """Per-robot state for one connection: the server opens one per robot and resets it at
+        each new epoch, the evaluator one per run; robots never share history."""
+        ...
+
+
+class PolicySession(Protocol):
+    """One robot's view of a backend: `predict` takes the window's observation steps too, so a
+    session can keep per-frame work (e.g. encoder embeddings) from one chunk to the next."""
+
+    def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
+                past_actions: np.ndarray | None = None) -> np.ndarray:
+        """As PolicyBackend.predict for one robot (batch 1); `seqs[i]` is the control step of
+        frame i (oldest first; padding repeats a step)."""
+        ...
+
+    def reset(self) -> None:
+        """A new episode: forget everything of the last one."""
+        ...
+
+
+class StatelessSession:
+    """The session of a backend that keeps nothing between chunks."""
+
+    def __init__(self, backend: PolicyBackend):
+        self.backend = backend
+
+    def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
+                past_actions: np.ndarray | None = None) -> np.ndarray:
+        return self.backend.predict(obs, seed=seed, past_actions=past_actions)
+
+    def reset(self) -> None:
+        self.backend.reset()
+
     def describe(self) -> dict:
         """What runs, for reports (JSON-able): backend kind, device, sampler kind and `steps`,
         and `cache` (the cache plan's summary, None when uncached)."""

@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from polcache.errors import PolcacheError
 from polcache.policy.spec import PolicyBackend
 from polcache.serve.handshake import check_handshake, wire_obs_spec
+from polcache.policy.spec import PolicySession
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
 from polcache.serve.security import apply_server_keys, check_bind
@@ -68,19 +69,20 @@ class Session:
     hz: float
     history: ObservationHistory
     executed: ExecutedLog
+    policy: PolicySession  # the robot's own policy state (e.g. its embedding ring buffer)
     version: int = PROTOCOL_VERSION  # the robot's protocol version: every reply is written in it
     epoch: int = 0
     last_seen: float = 0.0
     pending: Pending | None = None  # the newest observation not yet answered
     superseded: int = 0
-    needs_backend_reset: bool = True
+    needs_reset: bool = True  # the policy session is reset by the worker before its next chunk
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.history.clear()
         self.executed.clear()
         self.pending = None
-        self.needs_backend_reset = True
+        self.needs_reset = True
 
 
 class PolicyServer:
@@ -241,7 +243,8 @@ class PolicyServer:
         check_handshake(msg, self.spec)
         self.sessions[robot] = Session(name=msg.name, hz=msg.hz,
                                        history=ObservationHistory(self.spec.n_obs_steps, self.spec.obs_stride),
-                                       executed=ExecutedLog(self.spec.history_span), version=version,
+                                       executed=ExecutedLog(self.spec.history_span), policy=self.backend.session(),
+                                       version=version,
                                        last_seen=time.monotonic())
         self.sessions.move_to_end(robot)
         while len(self.sessions) > self.max_sessions:
@@ -296,13 +299,13 @@ class PolicyServer:
         t0 = time.perf_counter()
         obs_seqs, stacked = session.history.window()
         job = Job(robot=robot, epoch=session.epoch, seq=pending.obs.seq, obs_seqs=obs_seqs,
-                  t_capture=pending.obs.t_capture, received=pending.received, obs=stacked,
-                  reset_backend=session.needs_backend_reset, queue_depth=len(waiting), superseded=session.superseded,
+                  t_capture=pending.obs.t_capture, received=pending.received, obs=stacked, session=session.policy,
+                  reset_session=session.needs_reset, queue_depth=len(waiting), superseded=session.superseded,
                   past_actions=session.executed.at(pending.obs.seq, self.spec.frame_offsets[:-1],
                                                    self.spec.action_dim))
         job.timing.update(decode=pending.decode_ms, preprocess=(time.perf_counter() - t0) * 1e3,
                           queue=(t0 - pending.received) * 1e3)
-        session.pending, session.superseded, session.needs_backend_reset = None, 0, False
+        session.pending, session.superseded, session.needs_reset = None, 0, False
         self._busy = True
         self._worker.submit(job)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from polcache.policy.spec import PolicyBackend
+from polcache.policy.spec import PolicyBackend, PolicySession
 from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.serve")
@@ -28,7 +28,8 @@ class Job:
     t_capture: float  # robot clock
     received: float  # server perf_counter at receipt
     obs: dict[str, np.ndarray]  # (1, n_obs_steps, ...)
-    reset_backend: bool  # first request of a new epoch
+    session: PolicySession  # the robot's policy session (its per-robot state)
+    reset_session: bool  # first request of a new epoch
     queue_depth: int  # robots waiting when this job was dispatched
     superseded: int  # older observations it replaced
     past_actions: np.ndarray | None = None  # executed at the past frames' steps (protocol v2), if known
@@ -70,10 +71,10 @@ class InferenceWorker:
     def _infer(self, job: Job) -> Result:
         spec = self.backend.spec
         try:
-            if job.reset_backend:
-                self.backend.reset()
+            if job.reset_session:  # here, in the inference thread: never while the session predicts
+                job.session.reset()
             t0 = time.perf_counter()
-            raw = self.backend.predict(job.obs, past_actions=job.past_actions)
+            raw = job.session.predict(job.obs, job.obs_seqs, past_actions=job.past_actions)
             t1 = time.perf_counter()
             actions = np.asarray(raw, dtype=np.float32)
             expected = (1, spec.n_action_steps, spec.action_dim)

@@ -75,7 +75,8 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     per_chunk = min(spec.n_action_steps, rollout.action_steps or spec.n_action_steps)
     blend = None if rollout.ensemble_decay is None else ActionSchedule(1.0, "ensemble", rollout.ensemble_decay)
-    backend.reset()
+    session = backend.session()  # this episode's own policy state
+    session.reset()
     obs = env.reset(seed=seed)
     history = deque([obs] * spec.history_span, maxlen=spec.history_span)  # the first frame pads the start
     success, done, steps, chunk = False, False, 0, 0
@@ -86,7 +87,8 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
             unknown = np.full(spec.action_dim, np.nan, np.float32)
             past = np.stack([executed[steps + off] if steps + off >= 0 else unknown for off in spec.frame_offsets[:-1]])
         t0 = time.perf_counter()
-        actions = backend.predict(_stack(history, spec.frame_offsets), seed=seed * 10007 + chunk,
+        frame_steps = [max(0, steps + off) for off in spec.frame_offsets]  # the first frame pads the start
+        actions = session.predict(_stack(history, spec.frame_offsets), frame_steps, seed=seed * 10007 + chunk,
                                   past_actions=past)[0]
         latencies.append(time.perf_counter() - t0)
         if blend is not None:  # the step index is the clock: action i is due at step + i

@@ -1,0 +1,67 @@
+"""One robot's session on the torch backend: a ring buffer of per-frame embeddings.
+
+A long-context policy sees K frames, but between two chunks only the newest few are new. The
+encoder is per frame (polcache.policy.encoders), so each frame's embedding is computed once,
+kept under its control step, and reused by every later window that contains it; frames older
+than the window's span are dropped. Frames are encoded one at a time, so a window's features are
+bit for bit those of re-encoding each of its K frames on its own (encoding the K frames as one
+batch rounds differently on CPU BLAS, by ~1e-7).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from polcache.policy.backend import TorchBackend
+
+
+class EmbeddingRing:
+    """Per-frame encoder outputs keyed by control step, at most `span` steps back from the newest."""
+
+    def __init__(self, span: int):
+        self.span = span
+        self._by_step: dict[int, torch.Tensor] = {}
+        self.encoded = 0  # frames encoded so far (for benchmarks and tests)
+
+    def clear(self) -> None:
+        self._by_step.clear()
+
+    def features(self, policy, obs: dict[str, torch.Tensor], steps: Sequence[int]) -> torch.Tensor:
+        """obs[key]: (1, K, ...) window whose frame i was observed at steps[i] -> (1, K, F)."""
+        new = sorted({s for s in steps if s not in self._by_step})
+        if new:
+            first = {s: i for i, s in reversed(list(enumerate(steps)))}  # a frame's first index in the window
+            with torch.no_grad():
+                for s in new:
+                    i = first[s]
+                    self._by_step[s] = policy.encode({k: v[:, i:i + 1] for k, v in obs.items()})[0, 0]
+            self.encoded += len(new)
+            newest = max(self._by_step)
+            for s in [s for s in self._by_step if s <= newest - self.span]:
+                del self._by_step[s]
+        return torch.stack([self._by_step[s] for s in steps])[None]
+
+
+class TorchSession:
+    """`PolicySession` of TorchBackend: encodes each frame once, then samples (and self-verifies)
+    through the backend's own paths."""
+
+    def __init__(self, backend: "TorchBackend"):
+        self.backend = backend
+        self.ring = EmbeddingRing(backend.spec.history_span)
+
+    def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
+                past_actions: np.ndarray | None = None) -> np.ndarray:
+        b = self.backend
+        batch = b._batch(obs)
+        if next(iter(batch.values())).shape[0] != 1 or len(seqs) != b.spec.n_obs_steps:
+            raise ValueError(f"a session predicts for one robot: batch 1 and {b.spec.n_obs_steps} frame steps")
+        feats = self.ring.features(b.policy, batch, [int(s) for s in seqs])
+        return b.predict_features(feats, seed, past_actions)
+
+    def reset(self) -> None:
+        self.ring.clear()
