@@ -36,6 +36,7 @@ class ImageEncoderConfig:
 
 @dataclass
 class PolicyConfig:
+    family: str = "dp-t"  # the architecture, by name (polcache.policy.families)
     horizon: int = 16
     n_obs_steps: int = 2
     obs_stride: int = 1  # control steps between observation frames (and past action tokens)

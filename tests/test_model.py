@@ -1,5 +1,7 @@
 """DP-T structure: shapes, block naming/order, causal masking, inference path == training path."""
 
+import json
+import pytest
 import torch
 
 from polcache.config import PolicyConfig
@@ -94,3 +96,30 @@ def test_kept_time_keys_values_follow_weight_changes():
     expected = other.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, expected)
+
+
+def test_policy_families_by_name_and_old_checkpoints_load_as_dp_t(tmp_path, capsys):
+    import yaml
+
+    from polcache.cli import main
+    from polcache.config import ExperimentConfig
+    from polcache.errors import CheckpointError, ConfigError
+    from polcache.policy import load_policy, save_checkpoint
+    from polcache.policy.families import FAMILIES, get_family
+
+    assert "dp-t" in FAMILIES
+    with pytest.raises(ConfigError, match="policy.family 'vla-x' is not a known policy family"):
+        get_family("vla-x")
+    p = tiny_policy()
+    path = save_checkpoint(tmp_path / "ck", ExperimentConfig(task="test", policy=p.cfg), p)
+    assert json.loads((path / "meta.json").read_text())["family"] == "dp-t"
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    del cfg["policy"]["family"]  # a checkpoint from before families existed
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert load_policy(path)[1].policy.family == "dp-t"
+    cfg["policy"]["family"] = "vla-x"
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="'vla-x' is not a known policy family"):
+        load_policy(path)
+    assert main(["eval", "--checkpoint", str(path), "--episodes", "1"]) == 2
+    assert "not a known policy family" in capsys.readouterr().err

@@ -132,7 +132,10 @@ class Schedule:
 def model_hash(policy: DiffusionPolicy) -> str:
     """sha256 of what decides the model's outputs: config, shapes, weights and normaliser."""
     h = hashlib.sha256()
-    ident = {"config": to_dict(policy.cfg), "obs_keys": policy.obs_keys, "action_dim": policy.action_dim}
+    config = to_dict(policy.cfg)
+    if config.get("family") == "dp-t":  # hashes from before families existed stay valid for DP-T
+        del config["family"]
+    ident = {"config": config, "obs_keys": policy.obs_keys, "action_dim": policy.action_dim}
     h.update(json.dumps(ident, sort_keys=True).encode())
     tensors = dict(policy.state_dict())
     tensors.update({f"normalizer.{k}": v for k, v in policy.normalizer.state_dict().items()})

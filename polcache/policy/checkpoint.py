@@ -25,6 +25,7 @@ from polcache.atomic import atomic_directory
 from polcache.config import ExperimentConfig, from_dict, to_dict, validate
 from polcache.data.normalize import Normalizer
 from polcache.errors import CheckpointError, ConfigError
+from polcache.policy.families import build_policy
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.spec import ArraySpec
 
@@ -70,6 +71,7 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
         "obs_keys": policy.obs_keys,
         "obs_spec": {k: v.to_dict() for k, v in policy.spec.obs.items()},
         "action_dim": policy.action_dim,
+        "family": cfg.policy.family,
         **(extra_meta or {}),
     }
     with atomic_directory(path) as tmp:
@@ -122,7 +124,10 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
     except Exception as exc:  # safetensors raises several types for truncated/corrupt files
         raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
     obs_spec = {k: ArraySpec.from_dict(v) for k, v in meta["obs_spec"].items()}
-    policy = DiffusionPolicy(cfg.policy, obs_spec, meta["obs_keys"], int(meta["action_dim"]), normalizer, meta["task"])
+    try:
+        policy = build_policy(cfg.policy, obs_spec, meta["obs_keys"], int(meta["action_dim"]), normalizer, meta["task"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}/config.yaml: {exc}") from None
     try:
         policy.load_state_dict(weights)
     except RuntimeError as exc:

@@ -12,7 +12,7 @@ from polcache.config import ExperimentConfig, validate
 from polcache.data import open_dataset
 from polcache.errors import ConfigError, DatasetError
 from polcache.policy.checkpoint import load_policy
-from polcache.policy.policy import DiffusionPolicy
+from polcache.policy.families import build_policy
 from polcache.ptp.embeddings import KEY, embedding_info, encoder_hash
 from polcache.train.loop import TrainingSource, train
 
@@ -35,7 +35,7 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path) -> TrainingSo
     cfg.dataset = info["source"]
     cfg.task = cfg.task or base_cfg.task
     validate(cfg)
-    policy = DiffusionPolicy(cfg.policy, base.spec.obs, base.obs_keys, base.action_dim, base.normalizer, cfg.task)
+    policy = build_policy(cfg.policy, base.spec.obs, base.obs_keys, base.action_dim, base.normalizer, cfg.task)
     policy.encoder.load_state_dict(base.encoder.state_dict())
     policy.encoder.requires_grad_(False)
     if store.obs_spec()[KEY].shape != (policy.encoder.feature_dim,):

@@ -31,6 +31,7 @@ from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_spl
 from polcache.errors import CheckpointError, ConfigError
 from polcache.policy.checkpoint import TrainState, load_train_state, read_meta, save_checkpoint
 from polcache.policy.device import resolve_device, to_device
+from polcache.policy.families import build_policy as build_family_policy
 from polcache.policy.policy import DiffusionPolicy
 from polcache.train.ema import EMA
 
@@ -59,7 +60,7 @@ def build_policy(cfg: ExperimentConfig, store: EpisodeStore) -> DiffusionPolicy:
     if "state" in cfg.obs_keys:
         arrays["state"], modes["state"] = store.array("state"), cfg.train.state_norm
     normalizer = Normalizer.fit(arrays, modes)
-    return DiffusionPolicy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
+    return build_family_policy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
 
 
 @dataclass
