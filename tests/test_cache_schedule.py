@@ -93,6 +93,10 @@ def test_schedule_file_round_trip(schedule_file, policy, sampler):
         np.testing.assert_allclose(getattr(back.calibration, key), getattr(sched.calibration, key), rtol=1e-4)
     assert back.objective == sched.objective == "similarity"
     assert back.calibration.source == "test observations" and back.calibration.samples == 5
+    # blocks are stored by layer and kind as the model's Blocks say (not re-parsed from names)
+    assert back.calibration.layer_kind == [(b.layer, b.kind) for b in policy.denoiser.blocks]
+    doc = json.loads(path.read_text())
+    assert doc["model"]["kinds"][:3] == ["sa", "ca", "ffn"] and doc["model"]["layers"][:3] == [0, 0, 0]
     check_fits(back, policy, sampler)
     plan = back.to_plan()
     for k in range(K):
@@ -117,9 +121,11 @@ def test_version_1_files_read_as_the_similarity_objective(tmp_path, schedule_fil
     doc = json.loads(path.read_text())
     doc["version"] = 1
     del doc["objective"], doc["calibration"]["distance"], doc["calibration"]["sensitivity"]
+    del doc["model"]["layers"], doc["model"]["kinds"]  # older files: layers and kinds come from the names
     (tmp_path / "v1.json").write_text(json.dumps(doc))
     old = load_schedule(tmp_path / "v1.json")
     assert old.objective == "similarity" and old.calibration.sensitivity is None
+    assert old.calibration.layer_kind == sched.calibration.layer_kind
     assert old.to_plan().ops == sched.to_plan().ops
     with pytest.raises(CacheError, match="recalibrate"):
         resolve_plan(f"bac:3:2:error-bound@{tmp_path / 'v1.json'}", policy, sampler)

@@ -5,6 +5,10 @@ residual stream corrupted by upstream blocks still serving stale deltas, and has
 normalisation inside its branch to absorb that error. BU picks the blocks whose outputs
 change most across steps (mean pairwise L1 distance in the uncached run) and lets each
 of them also update whenever an FFN block at its layer or later updates.
+
+Blocks are described by their layer and kind as the model's `Block`s carry them (any policy
+family: a VLA action expert's feed-forward blocks are kind `ffn` too), never parsed from names;
+`legacy_layer_kind` reads schedule files written before the layers and kinds were stored.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from polcache.policy.blocks import FFN
 _NAME = re.compile(r"^layers\.(\d+)\.(sa|ca|ffn)$")
 
 
-def block_layer_kind(name: str) -> tuple[int, str]:
-    """`layers.<i>.<kind>` -> (i, kind)."""
+def legacy_layer_kind(name: str) -> tuple[int, str]:
+    """`layers.<i>.<kind>` -> (i, kind), for schedule files that predate stored layers/kinds."""
     m = _NAME.match(name)
     if m is None:
         raise CacheError(f"block name {name!r} is not of the form layers.<i>.<sa|ca|ffn>")
@@ -36,13 +40,13 @@ def top_blocks(scores: Sequence[float], n: int) -> list[int]:
     return [int(i) for i in order[:n]]
 
 
-def bubbling_union(update_steps: Sequence[Sequence[int]], block_names: Sequence[str],
+def bubbling_union(update_steps: Sequence[Sequence[int]], layer_kind: Sequence[tuple[int, str]],
                    selected: Sequence[int]) -> list[list[int]]:
     """Per-block update steps after BU: each selected block gains the (original, per-block ACS)
-    update steps of every FFN block at the same or a later layer."""
-    if len(update_steps) != len(block_names):
-        raise CacheError(f"{len(update_steps)} step lists for {len(block_names)} blocks")
-    layer_kind = [block_layer_kind(n) for n in block_names]
+    update steps of every FFN block at the same or a later layer; `layer_kind[i]` is block i's
+    (layer, kind)."""
+    if len(update_steps) != len(layer_kind):
+        raise CacheError(f"{len(update_steps)} step lists for {len(layer_kind)} blocks")
     out = [sorted(set(s)) for s in update_steps]
     for u in selected:
         layer_u = layer_kind[u][0]

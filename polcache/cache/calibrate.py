@@ -80,7 +80,8 @@ def calibrate(policy: DiffusionPolicy, sampler: Sampler, observations: dict[str,
         sens = delta_sensitivity(policy, sampler, feats, gen, bar.update)
     bar.close()
     return Calibration(block_names=names, similarity=sim / n_obs, l1=l1 / n_obs, samples=n_obs, source=source,
-                       seed=seed, distance=dist / n_obs, sensitivity=sens)
+                       seed=seed, distance=dist / n_obs, sensitivity=sens,
+                       layer_kind=[(b.layer, b.kind) for b in policy.denoiser.blocks])
 
 
 def find_dataset(dataset: str, checkpoint: str | Path | None = None) -> Path | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polcache.cache.bubbling import block_layer_kind
 from polcache.cache.schedule import Schedule
 from polcache.policy.blocks import CA, FFN, SA
 
@@ -20,8 +19,9 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     names = list(schedule.update_steps)
     sim = schedule.calibration.similarity
     K = schedule.steps
-    where = [block_layer_kind(n) for n in names]
-    kinds = sorted({kind for _, kind in where}, key=(SA, CA, FFN).index)
+    where = schedule.calibration.layer_kind
+    known = (SA, CA, FFN)  # DP-T's kinds first, any other family's after them
+    kinds = sorted({kind for _, kind in where}, key=lambda k: (known.index(k) if k in known else len(known), k))
     cols = max(layer for layer, _ in where) + 1
     fig, axes = plt.subplots(len(kinds), cols, figsize=(1.9 * cols + 1.2, 2.0 * len(kinds)), squeeze=False)
     for ax in axes.flat:

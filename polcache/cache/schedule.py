@@ -25,7 +25,7 @@ import torch
 
 from polcache.atomic import atomic_write_text
 from polcache.cache.acs import acs_score, solve_acs
-from polcache.cache.bubbling import bubbling_union, top_blocks
+from polcache.cache.bubbling import bubbling_union, legacy_layer_kind, top_blocks
 from polcache.cache.errors import CacheError
 from polcache.config import to_dict
 from polcache.policy.executor import COMPUTE, REUSE, Plan
@@ -54,6 +54,12 @@ class Calibration:
     seed: int
     distance: np.ndarray | None = None  # (n_blocks, K, K): mean per-element squared distance of the deltas
     sensitivity: np.ndarray | None = None  # (n_blocks, K): see polcache.cache.sensitivity
+    layer_kind: list[tuple[int, str]] | None = None  # per block, from the model's Blocks (None: parsed, legacy)
+
+    def __post_init__(self) -> None:
+        if self.layer_kind is None:
+            self.layer_kind = [legacy_layer_kind(n) for n in self.block_names]
+        self.layer_kind = [(int(layer), str(kind)) for layer, kind in self.layer_kind]
 
     @property
     def steps(self) -> int:
@@ -160,7 +166,7 @@ def build_schedule(calibration: Calibration, method: str, budget: int, bu_blocks
     selected: list[int] = []
     if method == "bac":
         selected = top_blocks(calibration.l1, bu_blocks)
-        steps = bubbling_union(steps, names, selected)
+        steps = bubbling_union(steps, calibration.layer_kind, selected)
     return Schedule(method=method, model_hash=model, sampler=sampler, steps=calibration.steps, budget=int(budget),
                     bu_blocks=int(bu_blocks) if method == "bac" else 0, force_last=bool(force_last),
                     update_steps={n: list(s) for n, s in zip(names, steps)}, calibration=calibration,
@@ -177,7 +183,9 @@ def save_schedule(schedule: Schedule, path: str | Path) -> Path:
         "version": VERSION,
         "method": schedule.method,
         "objective": schedule.objective,
-        "model": {"hash": schedule.model_hash, "blocks": list(schedule.update_steps)},
+        "model": {"hash": schedule.model_hash, "blocks": list(schedule.update_steps),
+                  "layers": [layer for layer, _ in schedule.calibration.layer_kind],
+                  "kinds": [kind for _, kind in schedule.calibration.layer_kind]},
         "sampler": {"kind": schedule.sampler, "steps": schedule.steps},
         "budget": schedule.budget,
         "bu_blocks": schedule.bu_blocks,
@@ -224,6 +232,9 @@ def load_schedule(path: str | Path) -> Schedule:
         K = int(d["sampler"]["steps"])
         steps = {n: [int(s) for s in d["update_steps"][n]] for n in names}
         calibration = Calibration.from_json(d["calibration"], names)
+        if "layers" in d["model"]:
+            calibration.layer_kind = [(int(a), str(b)) for a, b in zip(d["model"]["layers"], d["model"]["kinds"],
+                                                                        strict=True)]
         schedule = Schedule(method=str(d["method"]), model_hash=str(d["model"]["hash"]),
                             sampler=str(d["sampler"]["kind"]), steps=K, budget=int(d["budget"]),
                             bu_blocks=int(d["bu_blocks"]),
