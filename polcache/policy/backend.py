@@ -143,10 +143,13 @@ class TorchBackend:
         return TorchSession(self)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run (and on CUDA capture) one chunk per batch size, so the first robot request does not pay it."""
+        """Run (and on CUDA capture) one chunk per batch size, and one through a robot session (the
+        path the server takes), so the first robot request does not pay it."""
         for size in batch_sizes:
             obs = probe_observations(self.policy, size)
             self.predict({k: v.cpu().numpy() for k, v in obs.items()}, seed=0)
+        obs = {k: v.cpu().numpy() for k, v in probe_observations(self.policy, 1).items()}
+        self.session().predict(obs, list(range(self.spec.n_obs_steps)), seed=0)
 
     def reset(self) -> None:
         """DP-T keeps no state between chunks."""
