@@ -83,3 +83,18 @@ def test_fused_sampler_update_gives_the_same_actions():
         plain = TorchBackend(p, kind, 6).predict(obs, seed=1)
         np.testing.assert_allclose(TorchBackend(p, kind, 6, fused_update=True).predict(obs, seed=1), plain,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_robot_sessions_and_self_verification_replay_graphs_from_features():
+    p = tiny_policy(n_layers=2, width=64, n_obs_steps=3, horizon=10, obs_stride=2, n_action_steps=4)
+    eager = TorchBackend(p, "ddim", 6, device="cuda", graphs=False, candidates=4, min_verified=1)
+    graph = TorchBackend(p, "ddim", 6, device="cuda", candidates=4, min_verified=1)
+    obs = obs_np(p, 1)
+    steps = [0, 2, 4]
+    past = np.zeros((2, p.action_dim), np.float32)
+    for seed in (0, 1):
+        np.testing.assert_allclose(graph.session().predict(obs, steps, seed), eager.session().predict(obs, steps, seed),
+                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(graph.predict(obs, seed, past_actions=past),
+                                   eager.predict(obs, seed, past_actions=past), atol=1e-5, rtol=1e-5)
