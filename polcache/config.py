@@ -40,6 +40,7 @@ class PolicyConfig:
     horizon: int = 16
     n_obs_steps: int = 2
     obs_stride: int = 1  # control steps between observation frames (and past action tokens)
+    frame_mode: str = "strided"  # "mixed": the newest half of the frames dense, the older half strided
     # Past-token prediction: which of the K-1 past action tokens the loss supervises: "all"
     # (PTP), "none" (only current and future: the usual diffusion policy), "recent:k".
     past_loss: str = "all"
@@ -227,6 +228,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"policy.objective must be 'epsilon' or 'flow', got {p.objective!r}")
     if p.obs_stride < 1:
         raise ConfigError(f"policy.obs_stride must be >= 1, got {p.obs_stride}")
+    if p.frame_mode not in ("strided", "mixed"):
+        raise ConfigError(f"policy.frame_mode must be 'strided' or 'mixed', got {p.frame_mode!r}")
     past_tokens(p)  # validates policy.past_loss
     if p.sampler.kind not in ("ddpm", "ddim", "flow"):
         raise ConfigError(f"policy.sampler.kind must be ddpm, ddim or flow, got {p.sampler.kind!r}")

@@ -18,6 +18,9 @@ from polcache.sim.evaluate import _stack
 
 def test_token_layout_past_actions_at_the_frames_stride_then_dense_future():
     assert frame_offsets(4, 3) == (-9, -6, -3, 0)
+    assert frame_offsets(4, 3, "mixed") == (-7, -4, -1, 0)  # older half strided, newest half dense
+    assert frame_offsets(5, 2, "mixed") == (-6, -4, -2, -1, 0)
+    assert action_offsets(4, 6, 3, "mixed") == (-7, -4, -1, 0, 1, 2)
     assert action_offsets(4, 8, 3) == (-9, -6, -3, 0, 1, 2, 3, 4)  # token K-1 is the current action
     assert action_offsets(2, 16, 1) == tuple(range(-1, 15))  # short context: Chi et al.'s layout
 
@@ -32,14 +35,16 @@ def store(tmp_path_factory):
     return open_dataset(path)
 
 
-@pytest.mark.parametrize("K,s", [(4, 3), (3, 1), (5, 2)])
-def test_training_windows_equal_the_runtime_windows_padding_included(store, K, s):
-    ds = SequenceDataset(store, horizon=K + 3, n_obs_steps=K, keys=["state"], obs_stride=s)
+@pytest.mark.parametrize("K,s,mode", [(4, 3, "strided"), (3, 1, "strided"), (5, 2, "strided"), (5, 3, "mixed"),
+                                      (4, 2, "mixed")])
+def test_training_windows_equal_the_runtime_windows_padding_included(store, K, s, mode):
+    ds = SequenceDataset(store, horizon=K + 3, n_obs_steps=K, keys=["state"], obs_stride=s, frame_mode=mode)
+    offsets = frame_offsets(K, s, mode)
     states = store.array("state")
     start = 0
     for length in np.diff(np.concatenate([[0], store.episode_ends])):
-        server = ObservationHistory(K, s)
-        span = (K - 1) * s + 1
+        server = ObservationHistory(K, s, mode)
+        span = 1 - offsets[0]
         evaluator = deque([{"state": states[start]}] * span, maxlen=span)
         for t in range(length):
             obs = {"state": states[start + t]}
@@ -48,7 +53,7 @@ def test_training_windows_equal_the_runtime_windows_padding_included(store, K, s
                 evaluator.append(obs)
             want = ds[start + t]["obs"]["state"].numpy()
             assert np.array_equal(server.window()[1]["state"][0], want), (K, s, t)
-            assert np.array_equal(_stack(evaluator, frame_offsets(K, s))["state"][0], want), (K, s, t)
+            assert np.array_equal(_stack(evaluator, offsets)["state"][0], want), (K, s, t)
         start += length
 
 
@@ -77,7 +82,7 @@ def test_past_loss_supervises_only_the_tokens_it_names(past_loss, supervised):
 
 def test_bad_long_context_settings_are_named():
     for kw, match in ((dict(obs_stride=0), "obs_stride"), (dict(past_loss="recent:5"), "past_loss"),
-                      (dict(past_loss="some"), "past_loss")):
+                      (dict(past_loss="some"), "past_loss"), (dict(frame_mode="sparse"), "frame_mode")):
         with pytest.raises(ConfigError, match=match):
             validate(ExperimentConfig(policy=PolicyConfig(n_obs_steps=3, **kw)))
 
@@ -89,6 +94,9 @@ def test_a_long_context_policy_samples_and_reports_its_stride():
     assert out["action"].shape == (2, 4, 3) and out["action_pred"].shape == (2, 10, 3)
     from polcache.policy.spec import PolicySpec
     assert PolicySpec.from_dict(p.spec.to_dict()).obs_stride == 3
+    mixed = tiny_policy(n_obs_steps=4, horizon=10, obs_stride=3, frame_mode="mixed").spec
+    assert mixed.frame_offsets == (-7, -4, -1, 0) and mixed.history_span == 8
+    assert PolicySpec.from_dict(mixed.to_dict()) == mixed
 
 
 def test_self_verification_returns_the_candidate_whose_past_matches_what_was_executed():

@@ -109,7 +109,8 @@ def calibration_observations(policy: DiffusionPolicy, cfg: ExperimentConfig, sam
     if dataset is not None:
         from polcache.data import SequenceDataset, open_dataset
 
-        ds = SequenceDataset(open_dataset(dataset), policy.cfg.horizon, To, keys=keys, obs_stride=policy.cfg.obs_stride)
+        ds = SequenceDataset(open_dataset(dataset), policy.cfg.horizon, To, keys=keys, obs_stride=policy.cfg.obs_stride,
+                             frame_mode=policy.cfg.frame_mode)
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
         windows = [ds[int(i)]["obs"] for i in idx]
         obs = {k: torch.stack([w[k] for w in windows]) for k in keys}

@@ -52,6 +52,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         keys: Sequence[str] | None = None,
         episode_ids: Sequence[int] | None = None,
         obs_stride: int = 1,
+        frame_mode: str = "strided",
     ):
         if n_obs_steps < 1 or horizon < n_obs_steps:
             raise ValueError(f"need 1 <= n_obs_steps <= horizon, got n_obs_steps={n_obs_steps}, horizon={horizon}")
@@ -71,8 +72,8 @@ class SequenceDataset(torch.utils.data.Dataset):
         ends = store.episode_ends
         starts = np.concatenate([[0], ends[:-1]])
         obs_rows, act_rows, where = [], [], []
-        obs_off = np.asarray(frame_offsets(n_obs_steps, obs_stride))
-        act_off = np.asarray(action_offsets(n_obs_steps, horizon, obs_stride))
+        obs_off = np.asarray(frame_offsets(n_obs_steps, obs_stride, frame_mode))
+        act_off = np.asarray(action_offsets(n_obs_steps, horizon, obs_stride, frame_mode))
         for e in ids:
             s, end = int(starts[e]), int(ends[e])
             t = np.arange(s, end)[:, None]

@@ -31,7 +31,8 @@ class DiffusionPolicy(nn.Module):
         self.normalizer = normalizer
         self.spec = PolicySpec(
             obs={k: obs_spec[k] for k in self.obs_keys}, action_dim=action_dim, n_obs_steps=cfg.n_obs_steps,
-            horizon=cfg.horizon, n_action_steps=cfg.n_action_steps, task=task, obs_stride=cfg.obs_stride)
+            horizon=cfg.horizon, n_action_steps=cfg.n_action_steps, task=task, obs_stride=cfg.obs_stride,
+            frame_mode=cfg.frame_mode)
         # Loss weight per action token: past tokens 0..K-2 (oldest first) count only as far as
         # policy.past_loss says; the current and future ones always do.
         weight = torch.ones(cfg.horizon)

@@ -26,17 +26,27 @@ class ArraySpec:
         return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]))
 
 
-def frame_offsets(n_obs_steps: int, stride: int = 1) -> tuple[int, ...]:
-    """Control steps of the observation frames relative to the current one, oldest first:
-    K frames at stride s end at the current step (0)."""
-    return tuple(-(n_obs_steps - 1 - j) * stride for j in range(n_obs_steps))
+FRAME_MODES = ("strided", "mixed")
 
 
-def action_offsets(n_obs_steps: int, horizon: int, stride: int = 1) -> tuple[int, ...]:
+def frame_offsets(n_obs_steps: int, stride: int = 1, mode: str = "strided") -> tuple[int, ...]:
+    """Control steps of the observation frames relative to the current one, oldest first.
+    "strided": K frames at stride s ending at the current step (0). "mixed": the newest
+    ceil(K/2) frames dense (stride 1), the older floor(K/2) at stride s before them."""
+    if mode == "strided":
+        return tuple(-(n_obs_steps - 1 - j) * stride for j in range(n_obs_steps))
+    if mode != "mixed":
+        raise ValueError(f"frame mode {mode!r}: expected one of {', '.join(FRAME_MODES)}")
+    dense = n_obs_steps - n_obs_steps // 2
+    older = tuple(-(dense - 1) - stride * i for i in range(n_obs_steps // 2, 0, -1))
+    return older + tuple(range(-(dense - 1), 1))
+
+
+def action_offsets(n_obs_steps: int, horizon: int, stride: int = 1, mode: str = "strided") -> tuple[int, ...]:
     """Control steps of the H action tokens relative to the current one: the K-1 past actions at
-    the observation frames' stride (token i pairs with frame i), then the current action and
+    the observation frames' steps (token i pairs with frame i), then the current action and
     dense future ones. Past-token prediction supervises tokens 0..K-2 too."""
-    return frame_offsets(n_obs_steps, stride)[:-1] + tuple(range(horizon - n_obs_steps + 1))
+    return frame_offsets(n_obs_steps, stride, mode)[:-1] + tuple(range(horizon - n_obs_steps + 1))
 
 
 @dataclass(frozen=True)
@@ -51,15 +61,16 @@ class PolicySpec:
     task: str = ""
     extra: dict = field(default_factory=dict)
     obs_stride: int = 1  # control steps between consecutive observation frames
+    frame_mode: str = "strided"  # or "mixed": see frame_offsets
 
     @property
     def frame_offsets(self) -> tuple[int, ...]:
-        return frame_offsets(self.n_obs_steps, self.obs_stride)
+        return frame_offsets(self.n_obs_steps, self.obs_stride, self.frame_mode)
 
     @property
     def history_span(self) -> int:
         """Control steps of history a window covers, current step included."""
-        return (self.n_obs_steps - 1) * self.obs_stride + 1
+        return 1 - self.frame_offsets[0]
 
     def to_dict(self) -> dict:
         return {
@@ -70,6 +81,7 @@ class PolicySpec:
             "n_action_steps": self.n_action_steps,
             "task": self.task,
             "obs_stride": self.obs_stride,
+            "frame_mode": self.frame_mode,
         }
 
     @classmethod
@@ -82,6 +94,7 @@ class PolicySpec:
             n_action_steps=int(d["n_action_steps"]),
             task=str(d.get("task", "")),
             obs_stride=int(d.get("obs_stride", 1)),
+            frame_mode=str(d.get("frame_mode", "strided")),
         )
 
 

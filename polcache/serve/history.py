@@ -18,11 +18,11 @@ from polcache.policy.spec import frame_offsets
 
 
 class ObservationHistory:
-    def __init__(self, n_steps: int, stride: int = 1):
+    def __init__(self, n_steps: int, stride: int = 1, mode: str = "strided"):
         if n_steps < 1 or stride < 1:
             raise ValueError(f"history needs at least one step and a stride >= 1, got {n_steps}, {stride}")
-        self.n_steps, self.offsets = n_steps, frame_offsets(n_steps, stride)
-        self._entries: deque[tuple[int, dict[str, np.ndarray]]] = deque(maxlen=(n_steps - 1) * stride + 1)
+        self.n_steps, self.offsets = n_steps, frame_offsets(n_steps, stride, mode)
+        self._entries: deque[tuple[int, dict[str, np.ndarray]]] = deque(maxlen=1 - self.offsets[0])
 
     def clear(self) -> None:
         self._entries.clear()

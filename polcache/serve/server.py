@@ -242,7 +242,8 @@ class PolicyServer:
     def _on_handshake(self, robot: bytes, msg: Handshake, version: int) -> None:
         check_handshake(msg, self.spec)
         self.sessions[robot] = Session(name=msg.name, hz=msg.hz,
-                                       history=ObservationHistory(self.spec.n_obs_steps, self.spec.obs_stride),
+                                       history=ObservationHistory(self.spec.n_obs_steps, self.spec.obs_stride,
+                                                                  self.spec.frame_mode),
                                        executed=ExecutedLog(self.spec.history_span), policy=self.backend.session(),
                                        version=version,
                                        last_seen=time.monotonic())

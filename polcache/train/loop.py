@@ -148,8 +148,8 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
     store, policy = source.store, source.policy.to(dev)
     train_ids, val_ids = episode_split(store.num_episodes, cfg.train.val_fraction, cfg.train.seed)
     p = cfg.policy
-    train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, source.keys, train_ids, p.obs_stride)
-    val_data = SequenceDataset(store, p.horizon, p.n_obs_steps, source.keys, val_ids, p.obs_stride)
+    train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, source.keys, train_ids, p.obs_stride, p.frame_mode)
+    val_data = SequenceDataset(store, p.horizon, p.n_obs_steps, source.keys, val_ids, p.obs_stride, p.frame_mode)
 
     steps = total_steps(cfg, len(train_data))
     optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=cfg.train.lr, betas=cfg.train.betas,
