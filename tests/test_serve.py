@@ -12,7 +12,7 @@ from fakes import FakeBackend, RawPeer, StepRobot, fake_spec, observation, wait_
 from polcache.serve.history import ObservationHistory
 from polcache.serve.server import PolicyServer
 from polcache_client import ControlLoop, PolicyClient
-from polcache_client.protocol import ActionChunk, Heartbeat, Reset, Welcome, encode
+from polcache_client.protocol import ActionChunk, Handshake, Heartbeat, Reset, Welcome, encode
 
 
 @pytest.fixture
@@ -164,3 +164,31 @@ def test_version_1_robots_are_still_served_without_executed_actions():
         ControlLoop(robot, client, 50).run(ticks=30)
     assert robot.applied and all(value == tick for tick, value in robot.applied)
     assert all(p is None for p in backend.past)
+
+
+def test_phase_locked_robots_are_served_fairly():
+    """Four robots whose observations arrive at the same instant, in the same order, every tick,
+    with a policy slow enough that only about one chunk fits per tick: each gets its share."""
+    import zmq
+
+    backend = FakeBackend(delay_s=0.008)
+    with serve(backend) as server:
+        peers = [RawPeer(server.endpoint) for _ in range(4)]
+        for i, peer in enumerate(peers):
+            reply = peer.request(encode(Handshake(obs_spec={"state": ((3,), "float32")}, action_dim=2, hz=50.0,
+                                                  name=f"arm{i}")))
+            assert isinstance(reply, Welcome)
+        chunks = [0] * 4
+        for tick in range(60):
+            for peer in peers:  # same order every tick
+                peer.send(observation(tick))
+            end = time.monotonic() + 0.02
+            while time.monotonic() < end:
+                for i, peer in enumerate(peers):
+                    while peer.socket.poll(0):
+                        if isinstance(peer.recv(0.1), ActionChunk):
+                            chunks[i] += 1
+                time.sleep(0.001)
+        for peer in peers:
+            peer.socket.close(linger=0)
+    assert min(chunks) > 0 and max(chunks) <= 1.5 * min(chunks), chunks

@@ -73,6 +73,7 @@ class Session:
     version: int = PROTOCOL_VERSION  # the robot's protocol version: every reply is written in it
     epoch: int = 0
     last_seen: float = 0.0
+    last_served: float = 0.0  # perf_counter of its last dispatched observation: fairness across robots
     pending: Pending | None = None  # the newest observation not yet answered
     superseded: int = 0
     needs_reset: bool = True  # the policy session is reset by the worker before its next chunk
@@ -294,7 +295,10 @@ class PolicyServer:
         waiting = [robot for robot, s in self.sessions.items() if s.pending is not None]
         if not waiting:
             return
-        robot = waiting[0]  # least recently seen first: fair across robots
+        # The robot served longest ago goes first. (Least recently *seen* is not fair: robots that
+        # send at the same instant every tick keep the same arrival order, and the first would
+        # win every time.)
+        robot = min(waiting, key=lambda r: self.sessions[r].last_served)
         session = self.sessions[robot]
         pending = session.pending
         t0 = time.perf_counter()
@@ -307,6 +311,7 @@ class PolicyServer:
         job.timing.update(decode=pending.decode_ms, preprocess=(time.perf_counter() - t0) * 1e3,
                           queue=(t0 - pending.received) * 1e3)
         session.pending, session.superseded, session.needs_reset = None, 0, False
+        session.last_served = t0
         self._busy = True
         self._worker.submit(job)
 
