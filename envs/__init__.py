@@ -5,8 +5,8 @@ Exports are lazy, so that importing the package (the `polcache` command does, to
 `record`) never imports MuJoCo: a robot workstation serves policies without the sim extra."""
 
 import os
-from importlib import import_module
-from typing import Any
+
+from polcache.lazy import lazy_exports
 
 # MuJoCo reads MUJOCO_GL at its first import: EGL renders headless, GLFW needs a display.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -19,9 +19,4 @@ _EXPORTS = {
     "make_expert": "polcache.envs.registry",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'polcache.envs' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -3,8 +3,7 @@
 Imports are lazy so that torch-free code (the robot client, simulated robots) can use
 `polcache.policy.spec` without paying for torch."""
 
-from importlib import import_module
-from typing import Any
+from polcache.lazy import lazy_exports
 
 _EXPORTS = {
     "ArraySpec": "polcache.policy.spec",
@@ -17,9 +16,4 @@ _EXPORTS = {
     "save_checkpoint": "polcache.policy.checkpoint",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'polcache.policy' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
