@@ -79,12 +79,25 @@ class ExportedBackend:
         return {"action": pred[:, start:start + self.spec.n_action_steps], "action_pred": pred}
 
     def initial_noise(self, batch: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """numpy's default_rng(seed) draws: the start (B, H, Da), then every step's noise (K, B, H, Da)
-        for stochastic samplers (not the torch generator's numbers: same distribution, other draws)."""
-        rng = np.random.default_rng(seed)
+        """The start (B, H, Da) and, for stochastic samplers, every step's noise (K, B, H, Da).
+        Where torch is installed these are the torch backend's own draws for the same seed (a CPU
+        generator, same shapes, same order), so `--backend ort` and `--backend torch` on the same
+        seeds sample the same chunks; without torch (a robot computer), numpy's default_rng(seed)."""
         shape = (batch, self.spec.horizon, self.spec.action_dim)
-        x = rng.standard_normal(shape, dtype=np.float32)
-        noise = rng.standard_normal((self.K, *shape), dtype=np.float32) if self.needs_noise else None
+        try:
+            import torch
+        except ImportError:
+            rng = np.random.default_rng(seed)
+            x = rng.standard_normal(shape, dtype=np.float32)
+            noise = rng.standard_normal((self.K, *shape), dtype=np.float32) if self.needs_noise else None
+            return x, noise
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(seed))
+        x = torch.randn(shape, generator=gen).numpy()
+        noise = torch.randn((self.K, *shape), generator=gen).numpy() if self.needs_noise else None
         return x, noise
 
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,

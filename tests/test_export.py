@@ -209,3 +209,16 @@ def test_blocks_the_plan_computes_together_share_one_if(policy, tmp_path):
     art = _artifact(policy, tmp_path, "uniform:3")
     ifs = [node for node in onnx.load(str(art / "step.onnx")).graph.node if node.op_type == "If"]
     assert len(ifs) == 1 and len(ifs[0].output) == len(policy.denoiser.blocks)
+
+
+def test_ort_and_torch_backends_sample_the_same_chunk_for_the_same_seed(policy, tmp_path):
+    """With torch installed the exported backend draws the torch backend's noise, so the two
+    backends act alike on the same evaluation seeds (same episodes, not just the same statistics)."""
+    from polcache.policy.backend import TorchBackend
+
+    art = _artifact(policy, tmp_path, cache="uniform:3")
+    ort, torch_b = OrtBackend(art), TorchBackend(policy, "ddpm", K, plan_table(policy, policy.sampler("ddpm", K),
+                                                                               "uniform:3")[0])
+    obs = _obs(policy.spec, 1, seed=4)
+    for seed in (0, 7):
+        np.testing.assert_allclose(ort.predict(obs, seed=seed), torch_b.predict(obs, seed=seed), atol=1e-5)
