@@ -28,6 +28,7 @@ def test_epochs_set_the_step_count_from_the_data():
     ("train.action_norm=1", "train.action_norm"),
     ("train.state_noise=-0.1", "state_noise"),
     ("train.steps=0", "train.steps"),
+    ("train.action_norm=gaussian", "clips normalised actions"),  # with the default clip_sample: 0% on peg-insert
 ])
 def test_recipe_options_are_validated(override, match):
     with pytest.raises(ConfigError, match=match):
