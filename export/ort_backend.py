@@ -140,13 +140,3 @@ class OrtBackend(ExportedBackend):
     def describe(self) -> dict:
         return {**super().describe(), "device": self.device, "providers": self._steps[0].get_providers(),
                 "step_graphs": len(self._steps), "threads": self.threads, "onnxruntime": self._ort.__version__}
-
-
-def load_ort_backend(artifact: str | Path, cache: str | None = None, sampler: str | None = None,
-                     steps: int | None = None, device: str = "cpu", threads: int | None = None) -> OrtBackend:
-    """An artifact as a backend, after checking that `cache`, `sampler` and `steps` (None: the
-    exported ones) are what it was exported with."""
-    from polcache.export.manifest import check_request, read_manifest
-
-    check_request(read_manifest(artifact, verify=False), str(artifact), cache, sampler, steps)
-    return OrtBackend(artifact, device=device, threads=threads)

@@ -1,7 +1,6 @@
 """Long-context policies: the strided token layout, past-token loss masking, and the same
-windows (padding included) in training data, the server's history and the evaluator."""
-
-from collections import deque
+windows (padding included) in training data and at run time (the server's history, which the
+evaluator uses too)."""
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from polcache.data import Episode, SequenceDataset, open_dataset, write_dataset
 from polcache.errors import ConfigError
 from polcache.policy.spec import action_offsets, frame_offsets
 from polcache.serve.history import ObservationHistory
-from polcache.sim.evaluate import _stack
 
 
 def test_token_layout_past_actions_at_the_frames_stride_then_dense_future():
@@ -43,17 +41,12 @@ def test_training_windows_equal_the_runtime_windows_padding_included(store, K, s
     states = store.array("state")
     start = 0
     for length in np.diff(np.concatenate([[0], store.episode_ends])):
-        server = ObservationHistory(K, s, mode)
-        span = 1 - offsets[0]
-        evaluator = deque([{"state": states[start]}] * span, maxlen=span)
+        server = ObservationHistory(K, s, mode)  # the evaluator keeps its window with the same class
         for t in range(length):
-            obs = {"state": states[start + t]}
-            server.push(t, obs)
-            if t:
-                evaluator.append(obs)
-            want = ds[start + t]["obs"]["state"].numpy()
-            assert np.array_equal(server.window()[1]["state"][0], want), (K, s, t)
-            assert np.array_equal(_stack(evaluator, offsets)["state"][0], want), (K, s, t)
+            server.push(t, {"state": states[start + t]})
+            seqs, window = server.window()
+            assert np.array_equal(window["state"][0], ds[start + t]["obs"]["state"].numpy()), (K, s, t)
+            assert seqs == [max(0, t + off) for off in offsets]
         start += length
 
 

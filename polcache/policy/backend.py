@@ -102,8 +102,7 @@ class TorchBackend:
         if self.candidates > 1 and past_actions is not None:
             with torch.no_grad():
                 return self.predict_features(self.policy.encode(batch), seed, past_actions)
-        out = self.policy.to_actions(self._sample(batch, self._generator(seed)))
-        return out["action"].float().cpu().numpy()
+        return self._actions(self._sample(batch, self._generator(seed)))
 
     def predict_features(self, feats: torch.Tensor, seed: int | None = None,
                          past_actions: np.ndarray | None = None) -> np.ndarray:
@@ -114,8 +113,11 @@ class TorchBackend:
             past_actions = np.asarray(past_actions, dtype=np.float32)
             if np.isfinite(past_actions).all(axis=-1).sum() >= self.min_verified:
                 return self._verified(feats, past_actions, gen)
-        out = self.policy.to_actions(self._sample({"features": feats}, gen))
-        return out["action"].float().cpu().numpy()
+        return self._actions(self._sample({"features": feats}, gen))
+
+    def _actions(self, x: torch.Tensor) -> np.ndarray:
+        """A normalised sample -> the executed actions as float32 numpy on the host."""
+        return self.policy.to_actions(x)["action"].float().cpu().numpy()
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
@@ -136,8 +138,7 @@ class TorchBackend:
             target = self.policy.normalizer.normalize("action", torch.as_tensor(past_actions, device=self.device))
             scores = (x[:, :past][:, known].float() - target[known]).pow(2).mean(dim=(1, 2))
             best = int(torch.argmin(scores))
-            out = self.policy.to_actions(x[best:best + 1])
-        return out["action"].float().cpu().numpy()
+        return self._actions(x[best:best + 1])
 
     def session(self) -> TorchSession:
         return TorchSession(self)
@@ -200,26 +201,26 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
         from polcache.export.trt_backend import require_tensorrt
 
         require_tensorrt()  # one line before anything else is checked
-    if kind in ("ort", "trt") and candidates > 1:
-        raise PolcacheError(f"self-verification (--verify {candidates}) runs on the torch backend only")
     if kind in ("ort", "trt"):
+        if candidates > 1:
+            raise PolcacheError(f"self-verification (--verify {candidates}) runs on the torch backend only")
         if not exported and (path / "model.safetensors").is_file():
             raise ExportError(f"{path} is a checkpoint, not an exported policy: run `polcache export --checkpoint "
                               f"{path} --format onnx --out DIR` (with the --cache/--sampler/--steps to run) and "
                               "pass DIR")
+        if kind == "ort" and precision != "fp32":
+            raise ExportError(f"--precision {precision}: the ONNX Runtime backend runs the exported fp32 graphs; "
+                              "use --backend trt for fp16 engines or --backend torch for bf16/fp16")
         from polcache.export.manifest import check_request, read_manifest
 
+        check_request(read_manifest(path, verify=False), str(path), cache, sampler, steps)
         if kind == "trt":
             from polcache.export.trt_backend import TrtBackend
 
-            check_request(read_manifest(path, verify=False), str(path), cache, sampler, steps)
             return TrtBackend(path, device=device, precision=precision, precision_tolerance=tolerance)
-        if precision != "fp32":
-            raise ExportError(f"--precision {precision}: the ONNX Runtime backend runs the exported fp32 graphs; "
-                              "use --backend trt for fp16 engines or --backend torch for bf16/fp16")
-        from polcache.export.ort_backend import load_ort_backend
+        from polcache.export.ort_backend import OrtBackend
 
-        return load_ort_backend(path, cache=cache, sampler=sampler, steps=steps, device=device, threads=threads)
+        return OrtBackend(path, device=device, threads=threads)
     if exported:
         raise ExportError(f"{path} is an exported policy (ONNX), not a checkpoint: run it with --backend ort")
     device = resolve_device(device)

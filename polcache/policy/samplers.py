@@ -50,10 +50,8 @@ class Sampler:
         GPU, where a cached denoising step is bound by kernel launches, the update is a large
         share of it. Coefficients become one (6,) tensor per step (own storage, so every step
         reuses the one compiled graph)."""
-        import torch._dynamo  # noqa: F401 - torch.compile's frontend
-
-        out = self.to(self.timesteps.device)
         dev = self.timesteps.device
+        out = self.to(dev)
         out._coef_t = [torch.tensor(row, dtype=torch.float32, device=dev) for row in self._coef]
         clip = self.clip_sample
 

@@ -1,15 +1,15 @@
 """In-process evaluation: run any PolicyBackend in a simulated task and report success rate
 (with a 95% Wilson interval), episode length and per-chunk inference latency.
 
-The rollout mirrors deployment: the policy sees the last n_obs_steps observations (the
-first one repeated at episode start), executes n_action_steps actions, then replans.
+The rollout mirrors deployment: the policy's window and the executed actions it may verify
+against are kept by the server's own ObservationHistory and ExecutedLog (frames at the policy's
+offsets, the first one repeated at episode start); it executes n_action_steps actions, then replans.
 Episode i resets with seed `seed + i`; policy noise is seeded per episode and chunk, so a
 run is reproducible and different seeds give different episodes."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from polcache.policy.spec import PolicyBackend
+from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import percentiles_ms, wilson_interval
 from polcache_client.protocol import ActionChunk
 from polcache_client.schedule import ActionSchedule
@@ -49,12 +50,6 @@ class EvalResult:
                 f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
 
 
-def _stack(history: deque, offsets: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The policy's window from the newest observations (history[-1] is the current step)."""
-    picks = [history[len(history) - 1 + off] for off in offsets]
-    return {k: np.stack([o[k] for o in picks])[None] for k in picks[0]}
-
-
 @dataclass(frozen=True)
 class Rollout:
     """How actions reach the env. `max_steps` caps episodes below the task's own limit;
@@ -77,19 +72,15 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
     blend = None if rollout.ensemble_decay is None else ActionSchedule(1.0, "ensemble", rollout.ensemble_decay)
     session = backend.session()  # this episode's own policy state
     session.reset()
-    obs = env.reset(seed=seed)
-    history = deque([obs] * spec.history_span, maxlen=spec.history_span)  # the first frame pads the start
+    history = ObservationHistory(spec.n_obs_steps, spec.obs_stride, spec.frame_mode)
+    history.push(0, env.reset(seed=seed))
+    executed = ExecutedLog(spec.history_span)  # the action applied at each step, for self-verification
     success, done, steps, chunk = False, False, 0, 0
-    executed: list[np.ndarray] = []  # the action applied at each control step, for self-verification
     while not (done or success) and steps < cap:
-        past = None
-        if spec.n_obs_steps > 1 and executed:
-            unknown = np.full(spec.action_dim, np.nan, np.float32)
-            past = np.stack([executed[steps + off] if steps + off >= 0 else unknown for off in spec.frame_offsets[:-1]])
+        past = executed.at(steps, spec.frame_offsets[:-1], spec.action_dim)
         t0 = time.perf_counter()
-        frame_steps = [max(0, steps + off) for off in spec.frame_offsets]  # the first frame pads the start
-        actions = session.predict(_stack(history, spec.frame_offsets), frame_steps, seed=seed * 10007 + chunk,
-                                  past_actions=past)[0]
+        frame_steps, window = history.window()
+        actions = session.predict(window, frame_steps, seed=seed * 10007 + chunk, past_actions=past)[0]
         latencies.append(time.perf_counter() - t0)
         if blend is not None:  # the step index is the clock: action i is due at step + i
             blend.add(ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64),
@@ -97,10 +88,10 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
         chunk += 1
         for i in range(per_chunk):
             action = actions[i] if blend is None else blend.action_at(float(steps))
-            executed.append(np.asarray(action, dtype=np.float32))
+            executed.record([steps], np.asarray(action, dtype=np.float32)[None])
             obs, _, done, info = env.step(action)
-            history.append(obs)
             steps += 1
+            history.push(steps, obs)
             if frames is not None:
                 frames.append(env.render())
             success = bool(info.get("success"))
