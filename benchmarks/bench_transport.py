@@ -43,11 +43,16 @@ class ZeroBackend:
         self.spec = PolicySpec(obs={"image_front": ArraySpec(IMAGE, "uint8"), "state": ArraySpec((STATE_DIM,), "float32")},
                                action_dim=ACTION_SHAPE[1], n_obs_steps=2, horizon=16, n_action_steps=ACTION_SHAPE[0])
 
-    def predict(self, obs, seed=None):
+    def predict(self, obs, seed=None, past_actions=None):
         return np.zeros((1, *ACTION_SHAPE), np.float32)
 
     def reset(self):
         pass
+
+    def session(self):
+        from polcache.policy.spec import StatelessSession
+
+        return StatelessSession(self)
 
 
 def _raw_pack(arrays: dict[str, np.ndarray]) -> bytes:

@@ -82,6 +82,26 @@ class FakeBackend:
         self.resets += 1
 
 
+class BatchingFakeBackend(FakeBackend):
+    """FakeBackend that computes several robots' chunks in one `predict` call, as TorchBackend
+    does (polcache.policy.batching); a row whose newest state[0] is `fail_on` fails alone.
+    `batches` holds each call's newest state[0] per row (the robots' values), oldest call first."""
+
+    batch_blocker = None
+
+    def __init__(self, spec: PolicySpec | None = None, delay_s: float = 0.0, fail_on: float | None = None):
+        super().__init__(spec, delay_s)
+        self.fail_on = fail_on
+        self.batches: list[list[float]] = []
+
+    def predict_sessions(self, requests) -> list:
+        values = [float(r.obs["state"][0, -1, 0]) for r in requests]
+        self.batches.append(values)
+        ok = [r for r, v in zip(requests, values) if v != self.fail_on]
+        actions = iter(self.predict({k: np.concatenate([r.obs[k] for r in ok]) for k in self.spec.obs}) if ok else [])
+        return [ValueError(f"bad row {v:g}") if v == self.fail_on else next(actions)[None] for v in values]
+
+
 class StepRobot:
     """An adapter whose state is the index of the current control period (from the clock, so
     ticks skipped under load keep the count right); with FakeBackend, the action applied in

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 
 from polcache.errors import ConfigError
+from polcache.policy.batching import Outcome, SessionRequest, predict_alone
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.device import resolve_device
+from polcache.policy.executor import GATE
 from polcache.policy.graph import ChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
@@ -31,7 +33,12 @@ class TorchBackend:
     update is one compiled kernel (`fused_update`, default: with graphs; measured 2-9% faster
     chunks on an H100), falling back to the plain update, with the reason logged, where
     torch.compile fails. A bf16/fp16 denoiser passes the parity gate of polcache.policy.precision
-    before it serves."""
+    before it serves.
+
+    Several robots' sessions share one sampling call (`predict_sessions`): each row draws its noise
+    from its own seed, so it gets the chunk it would get alone. Rows that self-verify run alone
+    (their N candidates are a batch already), and a threshold cache turns batching off (its
+    compute-or-reuse decision would be taken over the whole batch, coupling the robots)."""
 
     def __init__(self, policy: DiffusionPolicy, sampler: str | None = None, steps: int | None = None,
                  plan: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
@@ -66,6 +73,8 @@ class TorchBackend:
         if fused_update if fused_update is not None else self.graph_blocker is None:
             self.sampler = self.sampler.fused()
         self._graphs: dict[tuple[int, bool], ChunkGraph] = {}  # per (batch size, from features)
+        self.batch_blocker = ("the threshold cache decides which blocks to compute from the whole batch's data"
+                              if plan is not None and any(GATE in row for row in plan) else None)
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> ChunkGraph:
         try:
@@ -81,20 +90,31 @@ class TorchBackend:
     def _batch(self, obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(np.asarray(obs[k])).to(self.device) for k in self.spec.obs}
 
-    def _sample(self, inputs: dict[str, torch.Tensor], gen: torch.Generator | None) -> torch.Tensor:
-        """The normalised sample (B, H, Da) for raw observations or {"features": ...}, through the
+    def _sample(self, inputs: dict[str, torch.Tensor], x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """The normalised sample (B, H, Da) from the start `x` and step `noise` (see
+        DiffusionPolicy.initial_noise) for raw observations or {"features": ...}, through the
         captured graph of that batch size and input kind where graphs are on."""
-        size = next(iter(inputs.values())).shape[0]
         if self.graph_blocker is not None:
             with torch.no_grad():
                 feats = inputs["features"] if "features" in inputs else self.policy.encode(inputs)
-                return self.policy.sample(feats, self.sampler, self.plan, gen)
-        key = (size, "features" in inputs)
+                return self.policy.denoise(feats, self.sampler, x, noise, self.plan)
+        key = (x.shape[0], "features" in inputs)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture(inputs)
-        x, noise = self.policy.initial_noise(size, self.sampler, gen, self.device)
         return graph(inputs, x, noise)
+
+    def _noise(self, size: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch's start and step noise, drawn from one generator seeded with `seed`."""
+        return self.policy.initial_noise(size, self.sampler, self._generator(seed), self.device)
+
+    def _row_noise(self, seeds: Sequence[int | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch's noise whose row i is what `_noise(1, seeds[i])` draws: rows batched together
+        sample what each would alone."""
+        rows = [self._noise(1, seed) for seed in seeds]
+        x = torch.cat([r[0] for r in rows])
+        noise = None if rows[0][1] is None else torch.cat([r[1] for r in rows], dim=1)
+        return x, noise
 
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
                 past_actions: np.ndarray | None = None) -> np.ndarray:
@@ -102,18 +122,48 @@ class TorchBackend:
         if self.candidates > 1 and past_actions is not None:
             with torch.no_grad():
                 return self.predict_features(self.policy.encode(batch), seed, past_actions)
-        return self._actions(self._sample(batch, self._generator(seed)))
+        return self._actions(self._sample(batch, *self._noise(next(iter(batch.values())).shape[0], seed)))
 
     def predict_features(self, feats: torch.Tensor, seed: int | None = None,
                          past_actions: np.ndarray | None = None) -> np.ndarray:
         """`predict` from encoded observations (B, To, F): what sessions with an embedding ring
         buffer call, and where self-verification happens."""
-        gen = self._generator(seed)
-        if self.candidates > 1 and past_actions is not None:
-            past_actions = np.asarray(past_actions, dtype=np.float32)
-            if np.isfinite(past_actions).all(axis=-1).sum() >= self.min_verified:
-                return self._verified(feats, past_actions, gen)
-        return self._actions(self._sample({"features": feats}, gen))
+        if self._verifies(past_actions):
+            return self._verified(feats, np.asarray(past_actions, dtype=np.float32), self._generator(seed))
+        return self._actions(self._sample({"features": feats}, *self._noise(feats.shape[0], seed)))
+
+    def predict_sessions(self, requests: Sequence[SessionRequest]) -> list[Outcome]:
+        """Each robot's chunk (see polcache.policy.batching): every session encodes its own window
+        (its ring kept), then the rows that can share it sample in one call."""
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        shared: list[int] = []
+        feats: list[torch.Tensor] = []
+        for i, r in enumerate(requests):
+            if (self.batch_blocker is not None or not isinstance(r.session, TorchSession)
+                    or r.session.backend is not self or self._verifies(r.past_actions)):
+                outcomes[i] = predict_alone(r)
+                continue
+            try:
+                feats.append(r.session.features(r.obs, r.seqs))
+                shared.append(i)
+            except Exception as exc:  # noqa: BLE001 - this row's input is bad, the others still run
+                outcomes[i] = exc
+        if shared:
+            try:
+                x, noise = self._row_noise([requests[i].seed for i in shared])
+                actions = self._actions(self._sample({"features": torch.cat(feats)}, x, noise))
+                for row, i in enumerate(shared):
+                    outcomes[i] = actions[row:row + 1]
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: every shared row learns why
+                for i in shared:
+                    outcomes[i] = exc
+        return outcomes
+
+    def _verifies(self, past_actions: np.ndarray | None) -> bool:
+        """Whether a chunk with these executed past actions is chosen by self-verification."""
+        if self.candidates == 1 or past_actions is None:
+            return False
+        return int(np.isfinite(np.asarray(past_actions, dtype=np.float32)).all(axis=-1).sum()) >= self.min_verified
 
     def _actions(self, x: torch.Tensor) -> np.ndarray:
         """A normalised sample -> the executed actions as float32 numpy on the host."""
@@ -133,7 +183,8 @@ class TorchBackend:
                              f"actions (shape {(past, self.spec.action_dim)}), got batch {size} and "
                              f"{past_actions.shape}")
         with torch.no_grad():
-            x = self._sample({"features": feats.expand(self.candidates, -1, -1)}, gen)
+            x = self._sample({"features": feats.expand(self.candidates, -1, -1)},
+                             *self.policy.initial_noise(self.candidates, self.sampler, gen, self.device))
             known = torch.as_tensor(np.isfinite(past_actions).all(axis=-1), device=self.device)
             target = self.policy.normalizer.normalize("action", torch.as_tensor(past_actions, device=self.device))
             scores = (x[:, :past][:, known].float() - target[known]).pow(2).mean(dim=(1, 2))
@@ -145,13 +196,16 @@ class TorchBackend:
         return TorchSession(self) if self.policy.encoder.per_frame else StatelessSession(self)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run (and on CUDA capture) one chunk per batch size, and one through a robot session (the
-        path the server takes), so the first robot request does not pay it."""
-        for size in batch_sizes:
-            obs = probe_observations(self.policy, size)
-            self.predict({k: v.cpu().numpy() for k, v in obs.items()}, seed=0)
+        """Run (and on CUDA capture) one chunk per batch size, directly and through that many robot
+        sessions (the path the server takes), so the first robot request does not pay it."""
         obs = {k: v.cpu().numpy() for k, v in probe_observations(self.policy, 1).items()}
-        self.session().predict(obs, list(range(self.spec.n_obs_steps)), seed=0)
+        seqs = list(range(self.spec.n_obs_steps))
+        for size in batch_sizes:
+            batch = probe_observations(self.policy, size)
+            self.predict({k: v.cpu().numpy() for k, v in batch.items()}, seed=0)
+            for outcome in self.predict_sessions([SessionRequest(self.session(), obs, seqs, 0) for _ in range(size)]):
+                if isinstance(outcome, Exception):
+                    raise outcome
 
     def reset(self) -> None:
         """DP-T keeps no state between chunks."""
@@ -166,7 +220,8 @@ class TorchBackend:
                 "steps": self.sampler.num_steps, "cache": cache, "precision": self.precision,
                 "parity": self.parity, "cuda_graphs": self.graph_blocker is None,
                 "fused_update": self.sampler.is_fused, "verify_candidates": self.candidates,
-                "cuda_graphs_off_because": self.graph_blocker}
+                "cuda_graphs_off_because": self.graph_blocker, "batched_sessions": self.batch_blocker is None,
+                "batching_off_because": self.batch_blocker}
 
 
 BACKENDS = ("torch", "ort", "trt")

@@ -56,12 +56,16 @@ class TorchSession:
 
     def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
                 past_actions: np.ndarray | None = None) -> np.ndarray:
+        return self.backend.predict_features(self.features(obs, seqs), seed, past_actions)
+
+    def features(self, obs: dict[str, np.ndarray], seqs: Sequence[int]) -> torch.Tensor:
+        """This robot's encoded window (1, K, F), kept frames reused: its row of a chunk that
+        several robots' sessions sample together (TorchBackend.predict_sessions)."""
         b = self.backend
         batch = b._batch(obs)
         if next(iter(batch.values())).shape[0] != 1 or len(seqs) != b.spec.n_obs_steps:
             raise ValueError(f"a session predicts for one robot: batch 1 and {b.spec.n_obs_steps} frame steps")
-        feats = self.ring.features(b.policy, batch, [int(s) for s in seqs])
-        return b.predict_features(feats, seed, past_actions)
+        return self.ring.features(b.policy, batch, [int(s) for s in seqs])
 
     def reset(self) -> None:
         self.ring.clear()

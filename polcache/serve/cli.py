@@ -8,7 +8,7 @@ import logging
 import signal
 
 from polcache.cli_types import add_backend_options, backend_options, positive_float, positive_int
-from polcache.serve.server import DEFAULT_BIND
+from polcache.serve.server import DEFAULT_BIND, DEFAULT_MAX_BATCH
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from polcache_client.schedule import BLEND_MODES
 
@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="per-request budget (default: (n_action_steps - 1) / robot rate)")
     p.add_argument("--max-message-bytes", type=positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help=f"refuse larger messages (default {DEFAULT_MAX_MESSAGE_BYTES})")
+    p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
+                   help=f"robots whose waiting observations share one inference (default {DEFAULT_MAX_BATCH}; "
+                        "1: one inference per robot)")
     add_backend_options(p)
     p.add_argument("--threads", type=positive_int, default=1, help="torch (or ONNX Runtime) intra-op threads "
                                                                   "(default 1)")
@@ -89,11 +92,13 @@ def _serve(args: argparse.Namespace) -> int:
     _logging()
     torch.set_num_threads(args.threads)
     backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, **backend_options(args))
-    backend.warmup()  # e.g. on CUDA: captures the chunk's graph before the first robot asks
     with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
-                              on_record=metrics.record, name=f"polcache serve {args.checkpoint}")
+                              on_record=metrics.record, name=f"polcache serve {args.checkpoint}",
+                              max_batch=args.max_batch)
+        # e.g. on CUDA: captures each batch size's graph before the first robots ask (they wait meanwhile)
+        backend.warmup(tuple(range(1, server.max_batch + 1)))
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         print(f"serving {args.checkpoint} on {server.endpoint} (Ctrl-C to stop)", flush=True)
         try:

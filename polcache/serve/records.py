@@ -12,7 +12,7 @@ class RequestRecord:
     kind: ClassVar[str] = "request"
     counters: ClassVar[tuple[str, ...]] = ("requests", "superseded", "deadline_miss")
     summaries: ClassVar[tuple[str, ...]] = ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms",
-                                            "encode_ms", "total_ms", "queue_depth")
+                                            "encode_ms", "total_ms", "queue_depth", "batch_size")
 
     t: float
     robot: str
@@ -26,6 +26,7 @@ class RequestRecord:
     encode_ms: float
     total_ms: float  # receipt to reply
     queue_depth: int  # robots with an observation waiting when this one was dispatched
+    batch_size: int  # robots whose chunks one inference computed with this one (1: alone)
     requests: int = 1
     superseded: int = 0  # older observations of this robot replaced while it waited
     deadline_miss: bool = False

@@ -4,8 +4,9 @@ The main thread owns the ROUTER socket. It drains every waiting message before e
 dispatch, answers heartbeats, handshakes and resets at once, appends every observation to
 its robot's history and keeps only the newest one per robot as pending, so a busy policy
 always works on the freshest data and nothing queues without bound. One inference at a time
-runs on the worker thread; its chunk goes back stamped with due times on the robot's clock
-and the time each stage took.
+runs on the worker thread, for up to `max_batch` waiting robots at once (the ones served longest
+ago; one backend call where the backend batches, see polcache.policy.batching); each chunk goes
+back stamped with due times on the robot's clock and the time each stage took.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from polcache.errors import PolcacheError
-from polcache.policy.spec import PolicyBackend
+from polcache.policy.batching import batching_blocker
+from polcache.policy.spec import PolicyBackend, PolicySession
 from polcache.serve.handshake import check_handshake, wire_obs_spec
-from polcache.policy.spec import PolicySession
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
 from polcache.serve.security import apply_server_keys, check_bind
@@ -53,6 +54,7 @@ log = logging.getLogger("polcache.serve")
 SOCKET_HWM = 4  # per robot, each way
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+DEFAULT_MAX_BATCH = 8  # robots per inference; on CPU a batch of 8 costs ~2x one row (BENCHMARKS.md)
 
 
 class Pending(NamedTuple):
@@ -102,13 +104,20 @@ class PolicyServer:
         session_timeout_s: float = 60.0,
         on_record: Callable[[RequestRecord | ErrorRecord], None] | None = None,
         name: str = "polcache",
+        max_batch: int = DEFAULT_MAX_BATCH,
     ):
         check_bind(bind, keys_dir, insecure)
+        if max_batch < 1:
+            raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
         self.backend = backend
         self.spec = backend.spec
         self.max_message_bytes = max_message_bytes
         self.deadline_ms = deadline_ms
         self.max_sessions = max_sessions
+        blocker = batching_blocker(backend)
+        self.max_batch = max_batch if blocker is None else 1
+        if blocker is not None and max_batch > 1:
+            log.info("one inference per robot: %s", blocker)
         self.session_timeout_s = session_timeout_s
         self.on_record = on_record
         self.name = name
@@ -295,25 +304,32 @@ class PolicyServer:
         waiting = [robot for robot, s in self.sessions.items() if s.pending is not None]
         if not waiting:
             return
-        # The robot served longest ago goes first. (Least recently *seen* is not fair: robots that
+        # The robots served longest ago go first. (Least recently *seen* is not fair: robots that
         # send at the same instant every tick keep the same arrival order, and the first would
-        # win every time.)
-        robot = min(waiting, key=lambda r: self.sessions[r].last_served)
+        # win every time.) A robot left out by max_batch is older than all served now: next turn
+        # it goes first.
+        robots = sorted(waiting, key=lambda r: self.sessions[r].last_served)[:self.max_batch]
+        jobs = [self._job(robot, len(waiting), len(robots)) for robot in robots]
+        self._busy = True
+        self._worker.submit(jobs)
+
+    def _job(self, robot: bytes, queue_depth: int, batch_size: int) -> Job:
+        """Take `robot`'s pending observation into a job: its window, its executed actions."""
         session = self.sessions[robot]
         pending = session.pending
         t0 = time.perf_counter()
         obs_seqs, stacked = session.history.window()
         job = Job(robot=robot, epoch=session.epoch, seq=pending.obs.seq, obs_seqs=obs_seqs,
                   t_capture=pending.obs.t_capture, received=pending.received, obs=stacked, session=session.policy,
-                  reset_session=session.needs_reset, queue_depth=len(waiting), superseded=session.superseded,
+                  reset_session=session.needs_reset, queue_depth=queue_depth, batch_size=batch_size,
+                  superseded=session.superseded,
                   past_actions=session.executed.at(pending.obs.seq, self.spec.frame_offsets[:-1],
                                                    self.spec.action_dim))
         job.timing.update(decode=pending.decode_ms, preprocess=(time.perf_counter() - t0) * 1e3,
                           queue=(t0 - pending.received) * 1e3)
         session.pending, session.superseded, session.needs_reset = None, 0, False
         session.last_served = t0
-        self._busy = True
-        self._worker.submit(job)
+        return job
 
     def _collect_results(self) -> None:
         while self._wake.poll(0):
@@ -347,7 +363,7 @@ class PolicyServer:
             t=time.time(), robot=session.name, epoch=job.epoch, seq=job.seq, decode_ms=timing["decode"],
             preprocess_ms=timing["preprocess"], queue_ms=timing["queue"], inference_ms=timing["inference"],
             postprocess_ms=timing["postprocess"], encode_ms=encode_ms, total_ms=total_ms,
-            queue_depth=job.queue_depth, superseded=job.superseded, deadline_miss=late))
+            queue_depth=job.queue_depth, batch_size=job.batch_size, superseded=job.superseded, deadline_miss=late))
 
     # ------------------------------------------------------------ plumbing
 

@@ -1,6 +1,10 @@
 """Inference on its own thread, so the server keeps answering heartbeats and draining
 observations while the policy computes; results come back through a queue plus a wake-up
-message on an inproc socket the server polls alongside the network."""
+message on an inproc socket the server polls alongside the network.
+
+The server hands over a batch: the jobs of every robot it serves at once. They run as one
+backend call where the backend batches (polcache.policy.batching), and each job's result stands
+alone: a row that fails is that robot's error, the others' chunks still go out."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from polcache.policy.batching import SessionRequest, predict_sessions
 from polcache.policy.spec import PolicyBackend, PolicySession
 from polcache_client.logs import RateLimitedLog
 
@@ -31,6 +36,7 @@ class Job:
     session: PolicySession  # the robot's policy session (its per-robot state)
     reset_session: bool  # first request of a new epoch
     queue_depth: int  # robots waiting when this job was dispatched
+    batch_size: int  # robots whose chunks this job's inference computed together
     superseded: int  # older observations it replaced
     past_actions: np.ndarray | None = None  # executed at the past frames' steps (protocol v2), if known
     timing: dict[str, float] = field(default_factory=dict)  # stages so far, ms
@@ -46,7 +52,7 @@ class Result:
 class InferenceWorker:
     def __init__(self, backend: PolicyBackend, context: zmq.Context, wake_endpoint: str):
         self.backend = backend
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
+        self._jobs: queue.Queue[list[Job] | None] = queue.Queue(maxsize=1)
         self.results: queue.SimpleQueue[Result] = queue.SimpleQueue()
         self._wake = context.socket(zmq.PAIR)
         self._wake.connect(wake_endpoint)
@@ -54,9 +60,9 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._run, name="polcache-inference", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Hand over one job; the server submits only when the previous result came back."""
-        self._jobs.put_nowait(job)
+    def submit(self, jobs: list[Job]) -> None:
+        """Hand over one batch; the server submits only when the previous results came back."""
+        self._jobs.put_nowait(jobs)
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -64,27 +70,53 @@ class InferenceWorker:
         self._wake.close(linger=0)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self.results.put(self._infer(job))
+        while (jobs := self._jobs.get()) is not None:
+            for result in self._infer(jobs):
+                self.results.put(result)
             self._wake.send(b"")
 
-    def _infer(self, job: Job) -> Result:
-        spec = self.backend.spec
+    def _infer(self, jobs: list[Job]) -> list[Result]:
+        """One result per job; every chunk's `inference` time is the shared call's."""
+        ready, results = [], []
+        for job in jobs:
+            try:
+                if job.reset_session:  # here, in the inference thread: never while the session predicts
+                    job.session.reset()
+                ready.append(job)
+            except Exception as exc:  # noqa: BLE001 - a failing policy must not take the server down
+                results.append(self._failed(job, exc))
+        t0 = time.perf_counter()
         try:
-            if job.reset_session:  # here, in the inference thread: never while the session predicts
-                job.session.reset()
-            t0 = time.perf_counter()
-            raw = job.session.predict(job.obs, job.obs_seqs, past_actions=job.past_actions)
+            outcomes = predict_sessions(self.backend, [SessionRequest(job.session, job.obs, job.obs_seqs,
+                                                                      past_actions=job.past_actions) for job in ready])
+        except Exception as exc:  # noqa: BLE001 - a backend that raised for the whole batch
+            outcomes = [exc] * len(ready)
+        inference_ms = (time.perf_counter() - t0) * 1e3
+        for job, outcome in zip(ready, outcomes):
             t1 = time.perf_counter()
-            actions = np.asarray(raw, dtype=np.float32)
-            expected = (1, spec.n_action_steps, spec.action_dim)
-            if actions.shape != expected:
-                raise ValueError(f"policy returned actions of shape {actions.shape}, expected {expected}")
-            if not np.isfinite(actions).all():
-                raise ValueError("policy produced NaN or infinite actions")
-            job.timing["inference"] = (t1 - t0) * 1e3
+            try:
+                actions = self._checked(outcome)
+            except Exception as exc:  # noqa: BLE001
+                results.append(self._failed(job, exc))
+                continue
+            job.timing["inference"] = inference_ms
             job.timing["postprocess"] = (time.perf_counter() - t1) * 1e3
-            return Result(job, actions[0], None)
-        except Exception as exc:  # a failing policy must not take the server down
-            self._warn(type(exc).__name__, f"inference failed for observation {job.seq}: {exc}")
-            return Result(job, None, f"{type(exc).__name__}: {exc}")
+            results.append(Result(job, actions, None))
+        return results
+
+    def _checked(self, outcome: np.ndarray | Exception) -> np.ndarray:
+        """One row's actions (n_action_steps, action_dim), or the reason it has none raised."""
+        if isinstance(outcome, Exception):
+            raise outcome
+        spec = self.backend.spec
+        actions = np.asarray(outcome, dtype=np.float32)
+        expected = (1, spec.n_action_steps, spec.action_dim)
+        if actions.shape != expected:
+            raise ValueError(f"policy returned actions of shape {actions.shape}, expected {expected}")
+        if not np.isfinite(actions).all():
+            raise ValueError("policy produced NaN or infinite actions")
+        return actions[0]
+
+    def _failed(self, job: Job, exc: Exception) -> Result:
+        self._warn(type(exc).__name__, f"inference failed for observation {job.seq}: {exc}")
+        return Result(job, None, f"{type(exc).__name__}: {exc}")

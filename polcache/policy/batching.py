@@ -1,0 +1,66 @@
+"""Several robots' chunks from one backend call.
+
+A server with several robots waiting can answer them with one batched inference instead of one
+call each: on CPU a batch of B windows costs far less than B calls (the weights are read once),
+on a GPU the per-call launch cost is paid once. What a robot's session keeps between chunks (its
+embedding ring, its executed actions) stays its own: each session prepares its own row, and the
+backend samples the rows together. A backend opts in by implementing `BatchingBackend`; any
+other backend, and any row its backend cannot share (e.g. one that self-verifies), is computed
+with one call per robot, with the same results.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from polcache.policy.spec import PolicyBackend, PolicySession
+
+
+class SessionRequest(NamedTuple):
+    """One robot's share of a batched inference: `PolicySession.predict`'s arguments."""
+
+    session: PolicySession
+    obs: dict[str, np.ndarray]  # (1, n_obs_steps, ...)
+    seqs: Sequence[int]
+    seed: int | None = None  # the row's own noise: a row gets the same chunk batched or alone
+    past_actions: np.ndarray | None = None
+
+
+Outcome = np.ndarray | Exception  # (1, n_action_steps, action_dim), or why this row failed
+
+
+@runtime_checkable
+class BatchingBackend(Protocol):
+    """A backend that computes several sessions' chunks in one call."""
+
+    batch_blocker: str | None  # why it cannot batch at all (e.g. a data-dependent cache plan), or None
+
+    def predict_sessions(self, requests: Sequence[SessionRequest]) -> list[Outcome]:
+        """One outcome per request, in order; a failing row does not fail the others. Each row's
+        chunk equals its session's own `predict` with the same seed (to float rounding)."""
+        ...
+
+
+def batching_blocker(backend: PolicyBackend) -> str | None:
+    """Why `backend` computes one robot per call, or None when it batches."""
+    if not isinstance(backend, BatchingBackend):
+        return f"the {type(backend).__name__} backend predicts one robot per call"
+    return backend.batch_blocker
+
+
+def predict_sessions(backend: PolicyBackend, requests: Sequence[SessionRequest]) -> list[Outcome]:
+    """Each request's chunk: in one call where the backend batches, else one call per robot."""
+    if batching_blocker(backend) is None:
+        return backend.predict_sessions(requests)
+    return [predict_alone(r) for r in requests]
+
+
+def predict_alone(request: SessionRequest) -> Outcome:
+    """One robot's chunk through its own session, its failure returned rather than raised."""
+    try:
+        return request.session.predict(request.obs, request.seqs, seed=request.seed,
+                                       past_actions=request.past_actions)
+    except Exception as exc:  # noqa: BLE001 - a failing row is reported to its robot only
+        return exc
