@@ -43,6 +43,18 @@ def test_batched_rows_equal_each_robot_alone_chunk_after_chunk(sampler):
     assert not np.allclose(got[0], got[1])  # the rows really differ: nothing leaked between robots
 
 
+def test_stateless_sessions_share_the_call_too():
+    """Policies whose encoder is not per frame (e.g. the VLA family) open stateless sessions; their
+    rows are batched as well, each equal to its robot alone."""
+    from polcache.policy.spec import StatelessSession
+
+    b = TorchBackend(tiny_policy(), "ddpm", 4)
+    obs = [{"state": np.random.default_rng(r).normal(size=(1, 2, 5)).astype(np.float32)} for r in range(3)]
+    got = b.predict_sessions([SessionRequest(StatelessSession(b), o, [0, 1], r) for r, o in enumerate(obs)])
+    for r, o in enumerate(obs):
+        np.testing.assert_allclose(got[r], b.predict(o, seed=r), atol=1e-5)
+
+
 def test_a_failing_row_fails_alone():
     b = TorchBackend(tiny_policy(), "ddim", 4)
     obs = {"state": np.ones((1, 2, 5), np.float32)}

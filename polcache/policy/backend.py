@@ -133,18 +133,18 @@ class TorchBackend:
         return self._actions(self._sample({"features": feats}, *self._noise(feats.shape[0], seed)))
 
     def predict_sessions(self, requests: Sequence[SessionRequest]) -> list[Outcome]:
-        """Each robot's chunk (see polcache.policy.batching): every session encodes its own window
-        (its ring kept), then the rows that can share it sample in one call."""
+        """Each robot's chunk (see polcache.policy.batching): every row is encoded on its own (a
+        ring-buffer session keeps its frames), then the rows that can share it sample in one call."""
         outcomes: list[Outcome | None] = [None] * len(requests)
         shared: list[int] = []
         feats: list[torch.Tensor] = []
         for i, r in enumerate(requests):
-            if (self.batch_blocker is not None or not isinstance(r.session, TorchSession)
+            if (self.batch_blocker is not None or not isinstance(r.session, (TorchSession, StatelessSession))
                     or r.session.backend is not self or self._verifies(r.past_actions)):
                 outcomes[i] = predict_alone(r)
                 continue
             try:
-                feats.append(r.session.features(r.obs, r.seqs))
+                feats.append(self._row_features(r))
                 shared.append(i)
             except Exception as exc:  # noqa: BLE001 - this row's input is bad, the others still run
                 outcomes[i] = exc
@@ -158,6 +158,16 @@ class TorchBackend:
                 for i in shared:
                     outcomes[i] = exc
         return outcomes
+
+    def _row_features(self, request: SessionRequest) -> torch.Tensor:
+        """One robot's encoded window (1, To, F), through its session's ring buffer where it has one."""
+        if isinstance(request.session, TorchSession):
+            return request.session.features(request.obs, request.seqs)
+        batch = self._batch(request.obs)
+        if next(iter(batch.values())).shape[0] != 1:
+            raise ValueError("a session predicts for one robot: batch 1")
+        with torch.no_grad():
+            return self.policy.encode(batch)
 
     def _verifies(self, past_actions: np.ndarray | None) -> bool:
         """Whether a chunk with these executed past actions is chosen by self-verification."""
