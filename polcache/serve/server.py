@@ -54,7 +54,7 @@ log = logging.getLogger("polcache.serve")
 SOCKET_HWM = 4  # per robot, each way
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
-DEFAULT_MAX_BATCH = 8  # robots per inference; on CPU a batch of 8 costs ~2x one row (BENCHMARKS.md)
+DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
 
 
 class Pending(NamedTuple):
