@@ -8,18 +8,23 @@ chunk, over tcp loopback, side by side in one run:
   unpickles peer data, which is why pickle lives here and not in polcache/).
 
 Each server runs in its own process. Modes are interleaved in rounds so drift hits all alike.
+`--baseline-tree DIR` adds "polcache-baseline": the same server imported from another checkout
+(e.g. `git worktree add /tmp/before main`), for a before/after comparison in one run.
 
-    python benchmarks/bench_transport.py [--calls 2000] [--rounds 4] [--json benchmarks/results/transport.json]
+    python benchmarks/bench_transport.py [--calls 2000] [--rounds 4] [--baseline-tree DIR]
+                                         [--json benchmarks/results/transport.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -32,6 +37,7 @@ IMAGE = (96, 96, 3)
 STATE_DIM = 39
 ACTION_SHAPE = (8, 4)
 MODES = ("polcache", "msgpack", "pickle")
+REPO = Path(__file__).resolve().parents[1]
 
 
 class ZeroBackend:
@@ -66,7 +72,7 @@ def _raw_unpack(data: bytes) -> dict[str, np.ndarray]:
 def serve(mode: str, port: int) -> None:
     """Run one server in this process until killed."""
     address = f"tcp://127.0.0.1:{port}"
-    if mode == "polcache":
+    if mode.startswith("polcache"):
         from polcache.serve.server import PolicyServer
 
         PolicyServer(ZeroBackend(), address, deadline_ms=1e9).serve_forever()
@@ -88,11 +94,12 @@ class Client:
     def __init__(self, mode: str, port: int):
         self.mode = mode
         ctx = zmq.Context.instance()
-        self.sock = ctx.socket(zmq.DEALER if mode == "polcache" else zmq.REQ)
+        self.polcache = mode.startswith("polcache")
+        self.sock = ctx.socket(zmq.DEALER if self.polcache else zmq.REQ)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(f"tcp://127.0.0.1:{port}")
         self.seq = 0
-        if mode == "polcache":
+        if self.polcache:
             spec = {"image_front": (IMAGE, "uint8"), "state": ((STATE_DIM,), "float32")}
             self.sock.send(encode(Handshake(obs_spec=spec, action_dim=ACTION_SHAPE[1], hz=50.0, name="bench")))
             self.sock.recv()
@@ -120,8 +127,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="round trips per mode and round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--baseline-tree", help="also time the polcache server of this checkout (before/after)")
     parser.add_argument("--json", default=str(RESULTS / "transport.json"))
-    parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=(*MODES, "polcache-baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -131,11 +139,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     arrays = {"image_front": rng.integers(0, 255, IMAGE, dtype=np.uint8),
               "state": rng.standard_normal(STATE_DIM).astype(np.float32)}
-    ports = {mode: free_port() for mode in MODES}
-    servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p)]) for m, p in ports.items()]
+    trees = {"polcache": REPO}  # the checkout this script belongs to, not whichever polcache is installed
+    if args.baseline_tree:
+        trees["polcache-baseline"] = Path(args.baseline_tree).resolve()
+    modes = [*trees, *MODES[1:]]
+    ports = {mode: free_port() for mode in modes}
+    servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p)],
+                                env={**os.environ, "PYTHONPATH": str(trees.get(m, REPO))}) for m, p in ports.items()]
     try:
         clients = {mode: Client(mode, port) for mode, port in ports.items()}
-        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(args.rounds):
             for mode, client in clients.items():
                 for _ in range(50):  # warm-up after the other modes ran
@@ -148,17 +161,18 @@ def main() -> None:
         for proc in servers:
             proc.kill()
             proc.wait()
+    polcache_bytes = len(encode(Observation(epoch=0, seq=0, t_capture=0.0, arrays=arrays)))
+    payload_bytes = {"msgpack": len(_raw_pack(arrays)), "pickle": len(pickle.dumps(arrays))}
+    bare_p99 = float(np.percentile(times["msgpack"], 99))
     rows = []
-    for mode in MODES:
+    for mode in modes:
         us = np.asarray(times[mode]) * 1e6
         rows.append({"mode": mode, "calls": len(us), "p50_us": round(float(np.percentile(us, 50)), 1),
-                     "p99_us": round(float(np.percentile(us, 99)), 1), "mean_us": round(float(us.mean()), 1)})
-    payload_bytes = {"polcache": len(encode(Observation(epoch=0, seq=0, t_capture=0.0, arrays=arrays))),
-                     "msgpack": len(_raw_pack(arrays)), "pickle": len(pickle.dumps(arrays))}
-    for row in rows:
-        row["request_bytes"] = payload_bytes[row["mode"]]
+                     "p99_us": round(float(np.percentile(us, 99)), 1), "mean_us": round(float(us.mean()), 1),
+                     "p99_over_msgpack": round(float(np.percentile(us, 99)) / (bare_p99 * 1e6), 2),
+                     "request_bytes": payload_bytes.get(mode, polcache_bytes)})
     print(f"round trip, 96x96x3 uint8 image + {STATE_DIM} float32 state -> 8x4 float32 actions, tcp loopback")
-    print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "request_bytes"])
+    print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "p99_over_msgpack", "request_bytes"])
     write_json(args.json, {"benchmark": "transport", "rows": rows, "calls": args.calls, "rounds": args.rounds})
 
 

@@ -180,8 +180,8 @@ class PolicyServer:
                 self._drain()
             if self._monitor in events:
                 self._log_disconnects()
-            self._dispatch()
             self._sweep_sessions()
+            self._dispatch()  # last: the woken worker then finds the GIL free, this thread asleep in poll
 
     def start(self) -> "PolicyServer":
         """Serve on a background thread (tests, benchmarks, in-process robots)."""
@@ -208,10 +208,9 @@ class PolicyServer:
     def _drain(self) -> None:
         """Read everything waiting before the next dispatch, so only the newest observation counts."""
         for _ in range(MAX_DRAIN):
-            try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a zmq.Again per turn
                 return
+            frames = self._router.recv_multipart(zmq.NOBLOCK)
             self._handle(frames[0], frames[1:])
 
     def _handle(self, robot: bytes, frames: list[bytes]) -> None:
@@ -332,11 +331,10 @@ class PolicyServer:
         return job
 
     def _collect_results(self) -> None:
-        while self._wake.poll(0):
-            self._wake.recv()
-        while not self._worker.results.empty():
-            self._busy = False
-            self._reply(self._worker.results.get())
+        self._wake.recv()  # the worker's one wake-up per batch, sent after the batch's results
+        self._busy = False
+        for result in self._worker.results.get_nowait():
+            self._reply(result)
 
     def _reply(self, result: Result) -> None:
         job = result.job

@@ -1,6 +1,8 @@
 """Inference on its own thread, so the server keeps answering heartbeats and draining
 observations while the policy computes; results come back through a queue plus a wake-up
-message on an inproc socket the server polls alongside the network.
+message on an inproc socket the server polls alongside the network. Both hand-offs are one
+thread wake-up each (SimpleQueue is a bare C lock, unlike queue.Queue's Condition): on a busy
+machine every wake-up is a chance to wait for a core, which is what the round trip's tail is made of.
 
 The server hands over a batch: the jobs of every robot it serves at once. They run as one
 backend call where the backend batches (polcache.policy.batching), and each job's result stands
@@ -52,8 +54,8 @@ class Result:
 class InferenceWorker:
     def __init__(self, backend: PolicyBackend, context: zmq.Context, wake_endpoint: str):
         self.backend = backend
-        self._jobs: queue.Queue[list[Job] | None] = queue.Queue(maxsize=1)
-        self.results: queue.SimpleQueue[Result] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()  # at most one batch waits
+        self.results: queue.SimpleQueue[list[Result]] = queue.SimpleQueue()  # a batch's results, then a wake-up
         self._wake = context.socket(zmq.PAIR)
         self._wake.connect(wake_endpoint)
         self._warn = RateLimitedLog(log).warning
@@ -62,7 +64,7 @@ class InferenceWorker:
 
     def submit(self, jobs: list[Job]) -> None:
         """Hand over one batch; the server submits only when the previous results came back."""
-        self._jobs.put_nowait(jobs)
+        self._jobs.put(jobs)
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -71,8 +73,7 @@ class InferenceWorker:
 
     def _run(self) -> None:
         while (jobs := self._jobs.get()) is not None:
-            for result in self._infer(jobs):
-                self.results.put(result)
+            self.results.put(self._infer(jobs))
             self._wake.send(b"")
 
     def _infer(self, jobs: list[Job]) -> list[Result]:
