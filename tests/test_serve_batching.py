@@ -160,3 +160,24 @@ def test_with_a_batch_cap_no_robot_is_served_twice_in_a_row_while_another_waits(
         assert len(after) < 2 or after <= waiting, (before, after)
     served = [sum(i in b for b in batches) for i in range(5)]
     assert max(served) - min(served) <= 2, served
+
+
+def test_torch_backend_serves_a_batch_over_the_wire():
+    """The real path: worker -> predict_sessions -> TorchBackend; rounds in which three robots send
+    at once until one inference has served several of them."""
+    backend = TorchBackend(tiny_policy(obs_dim=3, action_dim=2), "ddim", 4)
+    records = []
+    with PolicyServer(backend, "tcp://127.0.0.1:0", on_record=records.append) as server:
+        peers = _robots(server, 3)
+        for seq in range(20):
+            for i, peer in enumerate(peers):
+                peer.send(observation(seq, value=float(i)))
+            for peer in peers:
+                chunk = peer.recv()
+                assert isinstance(chunk, ActionChunk) and chunk.actions.shape == (8, 2)
+                assert np.isfinite(chunk.actions).all()
+            if wait_for(lambda: len(records) == 3 * (seq + 1), 2) and max(r.batch_size for r in records) > 1:
+                break
+        for peer in peers:
+            peer.close()
+    assert max(r.batch_size for r in records) > 1

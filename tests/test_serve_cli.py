@@ -37,3 +37,10 @@ def test_sim_robot_rejects_a_bad_rate(capsys):
     with pytest.raises(SystemExit):
         main(["sim-robot", "--task", "reach-v3", "--hz", "0"])
     assert "positive" in capsys.readouterr().err
+
+
+def test_serve_rejects_a_batch_cap_below_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--checkpoint", "/nonexistent", "--max-batch", "0"])
+    err = capsys.readouterr().err
+    assert "--max-batch" in err and "positive" in err
