@@ -12,7 +12,7 @@ from polcache.errors import ConfigError
 from polcache.policy.batching import Outcome, SessionRequest, predict_alone
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.device import resolve_device
-from polcache.policy.executor import GATE
+from polcache.policy.executor import decided_at_run_time
 from polcache.policy.graph import ChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
@@ -74,7 +74,7 @@ class TorchBackend:
             self.sampler = self.sampler.fused()
         self._graphs: dict[tuple[int, bool], ChunkGraph] = {}  # per (batch size, from features)
         self.batch_blocker = ("the threshold cache decides which blocks to compute from the whole batch's data"
-                              if plan is not None and any(GATE in row for row in plan) else None)
+                              if decided_at_run_time(plan) else None)
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> ChunkGraph:
         try:

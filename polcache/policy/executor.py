@@ -34,6 +34,11 @@ COMPUTE, REUSE, FORECAST, GATE = 0, 1, 2, 3
 OP_NAMES = {COMPUTE: "compute", REUSE: "reuse", FORECAST: "forecast", GATE: "gate"}
 
 
+def decided_at_run_time(plan: Sequence[Sequence[int]] | None) -> bool:
+    """Whether some of `plan`'s ops are GATEs: chosen from the chunk's data as it runs."""
+    return plan is not None and any(GATE in row for row in plan)
+
+
 @dataclass(frozen=True)
 class Plan:
     """A cache plan as data: `ops[k][i]` is block i's op at denoising step k.

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from polcache.policy.executor import GATE
+from polcache.policy.executor import decided_at_run_time
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.samplers import Sampler
 
@@ -25,7 +25,7 @@ def graph_blocker(device: torch.device, plan: Sequence[Sequence[int]] | None) ->
     """Why a chunk cannot be captured on `device` with `plan`, or None when it can."""
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if plan is not None and any(GATE in row for row in plan):
+    if decided_at_run_time(plan):
         return "the threshold cache decides which blocks to compute from the data at run time"
     return None
 
