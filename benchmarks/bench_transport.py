@@ -11,7 +11,7 @@ Each server runs in its own process. Modes are interleaved in rounds so drift hi
 `--baseline-tree DIR` adds "polcache-baseline": the same server imported from another checkout
 (e.g. `git worktree add /tmp/before main`), for a before/after comparison in one run.
 
-    python benchmarks/bench_transport.py [--calls 2000] [--rounds 4] [--baseline-tree DIR]
+    python benchmarks/bench_transport.py [--calls 400] [--rounds 20] [--baseline-tree DIR]
                                          [--json benchmarks/results/transport.json]
 """
 
@@ -125,8 +125,8 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000, help="round trips per mode and round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--calls", type=int, default=400, help="round trips per mode and round")
+    parser.add_argument("--rounds", type=int, default=20, help="short rounds: load changes hit all modes alike")
     parser.add_argument("--baseline-tree", help="also time the polcache server of this checkout (before/after)")
     parser.add_argument("--json", default=str(RESULTS / "transport.json"))
     parser.add_argument("--serve", choices=(*MODES, "polcache-baseline"), help=argparse.SUPPRESS)

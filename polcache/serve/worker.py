@@ -1,8 +1,9 @@
 """Inference on its own thread, so the server keeps answering heartbeats and draining
 observations while the policy computes; results come back through a queue plus a wake-up
-message on an inproc socket the server polls alongside the network. Both hand-offs are one
-thread wake-up each (SimpleQueue is a bare C lock, unlike queue.Queue's Condition): on a busy
-machine every wake-up is a chance to wait for a core, which is what the round trip's tail is made of.
+message on an inproc socket the server polls alongside the network. Each hand-off is one thread
+wake-up (SimpleQueue is a bare C lock, unlike queue.Queue's Condition): on a busy machine each
+wake-up may wait for a core, and these two are what the server adds to a bare REQ/REP round
+trip's wake-ups (BENCHMARKS.md, transport).
 
 The server hands over a batch: the jobs of every robot it serves at once. They run as one
 backend call where the backend batches (polcache.policy.batching), and each job's result stands
