@@ -117,6 +117,11 @@ class Client:
             assert isinstance(decode(self.sock.recv()), ActionChunk)
 
 
+def _import_path(tree: Path) -> str:
+    """PYTHONPATH under which a server imports polcache and polcache_client from `tree`."""
+    return os.pathsep.join([str(tree), str(tree / "client")])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,7 +150,8 @@ def main() -> None:
     modes = [*trees, *MODES[1:]]
     ports = {mode: free_port() for mode in modes}
     servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p)],
-                                env={**os.environ, "PYTHONPATH": str(trees.get(m, REPO))}) for m, p in ports.items()]
+                                env={**os.environ, "PYTHONPATH": _import_path(trees.get(m, REPO))})
+               for m, p in ports.items()]
     try:
         clients = {mode: Client(mode, port) for mode, port in ports.items()}
         times: dict[str, list[float]] = {mode: [] for mode in modes}

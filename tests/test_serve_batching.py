@@ -11,7 +11,7 @@ from fakes import BatchingFakeBackend, FakeBackend, RawPeer, observation, wait_f
 from helpers import tiny_policy
 from polcache.errors import PolcacheError
 from polcache.policy.backend import TorchBackend
-from polcache.policy.batching import SessionRequest, batching_blocker, predict_sessions
+from polcache.policy.batching import SessionRequest, batching_blocker, session_predictor
 from polcache.serve.server import PolicyServer
 from polcache_client.protocol import ActionChunk, Error
 
@@ -87,7 +87,7 @@ def test_backends_that_cannot_batch_say_why_and_are_called_once_per_robot():
     fake = FakeBackend()
     assert "one robot per call" in batching_blocker(fake)
     obs = {"state": np.zeros((1, 2, 3), np.float32)}
-    predict_sessions(fake, [SessionRequest(fake.session(), obs, [0, 1]) for _ in range(3)])
+    session_predictor(fake)([SessionRequest(fake.session(), obs, [0, 1]) for _ in range(3)])
     assert len(fake.calls) == 3
     with PolicyServer(fake, "tcp://127.0.0.1:0", max_batch=4) as server:
         assert server.max_batch == 1

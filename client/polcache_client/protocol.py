@@ -9,6 +9,7 @@ versions, unknown types, missing or extra keys and wrong types are refused with 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -142,12 +143,21 @@ TYPES_BY_NAME = {name: cls for cls, name in TYPE_NAMES.items()}
 # ---------------------------------------------------------------- arrays
 
 
+_DTYPE_NAMES = {np.dtype(name): name for name in ALLOWED_DTYPES}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """dtype.name without its cost: numpy builds that string anew (~3 us), several times a message."""
+    return _DTYPE_NAMES.get(dtype) or dtype.name
+
+
 def encode_array(arr: np.ndarray) -> dict:
     arr = np.asarray(arr)
-    if arr.dtype.name not in ALLOWED_DTYPES:
+    name = _dtype_name(arr.dtype)
+    if name not in ALLOWED_DTYPES:
         raise ProtocolError("bad_dtype", f"dtype {arr.dtype} cannot be sent")
     data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
+    return {"dtype": name, "shape": list(arr.shape), "data": data}
 
 
 def decode_array(obj: Any, where: str) -> np.ndarray:
@@ -186,7 +196,7 @@ def check_arrays(arrays: dict[str, np.ndarray], spec: ObsSpec) -> None:
         arr = arrays[key]
         if tuple(arr.shape) != tuple(shape):
             raise ProtocolError("bad_shape", f"observation {key!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
-        if arr.dtype.name != dtype:
+        if _dtype_name(arr.dtype) != dtype:
             raise ProtocolError("bad_dtype", f"observation {key!r} has dtype {arr.dtype.name}, expected {dtype}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise ProtocolError("non_finite", f"observation {key!r} contains NaN or infinite values")
@@ -350,8 +360,9 @@ FIELD_SINCE = {(Observation, "executed_seqs"): 2, (Observation, "executed"): 2,
 OPTIONAL_FIELDS = frozenset({(Handshake, "instruction"), (Reset, "instruction")})
 
 
-def _fields(cls: type, version: int) -> list[str]:
-    return [f.name for f in fields(cls) if version >= FIELD_SINCE.get((cls, f.name), 1)]
+@functools.lru_cache(maxsize=None)  # a few (type, version) pairs, asked twice per message each way
+def _fields(cls: type, version: int) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if version >= FIELD_SINCE.get((cls, f.name), 1))
 
 
 def _wire_items(msg: Message, skip: str | None = None, version: int = PROTOCOL_VERSION) -> list[tuple[str, Any]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from polcache.policy.batching import SessionRequest, predict_sessions
+from polcache.policy.batching import SessionRequest, session_predictor
 from polcache.policy.spec import PolicyBackend, PolicySession
 from polcache_client.logs import RateLimitedLog
 
@@ -55,6 +55,7 @@ class Result:
 class InferenceWorker:
     def __init__(self, backend: PolicyBackend, context: zmq.Context, wake_endpoint: str):
         self.backend = backend
+        self._predict = session_predictor(backend)
         self._jobs: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()  # at most one batch waits
         self.results: queue.SimpleQueue[list[Result]] = queue.SimpleQueue()  # a batch's results, then a wake-up
         self._wake = context.socket(zmq.PAIR)
@@ -89,8 +90,8 @@ class InferenceWorker:
                 results.append(self._failed(job, exc))
         t0 = time.perf_counter()
         try:
-            outcomes = predict_sessions(self.backend, [SessionRequest(job.session, job.obs, job.obs_seqs,
-                                                                      past_actions=job.past_actions) for job in ready])
+            outcomes = self._predict([SessionRequest(job.session, job.obs, job.obs_seqs, past_actions=job.past_actions)
+                                      for job in ready])
         except Exception as exc:  # noqa: BLE001 - a backend that raised for the whole batch
             outcomes = [exc] * len(ready)
         inference_ms = (time.perf_counter() - t0) * 1e3
