@@ -19,7 +19,8 @@ from polcache.policy.spec import PolicyBackend, PolicySession
 
 
 class SessionRequest(NamedTuple):
-    """One robot's share of a batched inference: `PolicySession.predict`'s arguments."""
+    """One robot's share of a batched inference: the `PolicySession.predict` arguments a server
+    passes (real-time chunking's committed actions are the evaluator's, never batched)."""
 
     session: PolicySession
     obs: dict[str, np.ndarray]  # (1, n_obs_steps, ...)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from polcache.policy.spec import CommittedActions
+
 if TYPE_CHECKING:
     from polcache.policy.backend import TorchBackend
 
@@ -55,8 +57,8 @@ class TorchSession:
         self.ring = EmbeddingRing(backend.spec.history_span)
 
     def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
-                past_actions: np.ndarray | None = None) -> np.ndarray:
-        return self.backend.predict_features(self.features(obs, seqs), seed, past_actions)
+                past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
+        return self.backend.predict_features(self.features(obs, seqs), seed, past_actions, committed)
 
     def features(self, obs: dict[str, np.ndarray], seqs: Sequence[int]) -> torch.Tensor:
         """This robot's encoded window (1, K, F), kept frames reused: its row of a chunk that
