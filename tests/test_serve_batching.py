@@ -43,16 +43,21 @@ def test_batched_rows_equal_each_robot_alone_chunk_after_chunk(sampler):
     assert not np.allclose(got[0], got[1])  # the rows really differ: nothing leaked between robots
 
 
-def test_stateless_sessions_share_the_call_too():
-    """Policies whose encoder is not per frame (e.g. the VLA family) open stateless sessions; their
-    rows are batched as well, each equal to its robot alone."""
-    from polcache.policy.spec import StatelessSession
+def test_vla_sessions_with_different_instructions_share_the_call():
+    """The VLA family's encoder is not per frame, so its robots get stateless sessions; their rows
+    are batched as well, each following its own instruction and equal to its robot alone."""
+    from helpers import tiny_vla, vla_observations
+    from polcache.policy.session import TorchSession
 
-    b = TorchBackend(tiny_policy(), "ddpm", 4)
-    obs = [{"state": np.random.default_rng(r).normal(size=(1, 2, 5)).astype(np.float32)} for r in range(3)]
-    got = b.predict_sessions([SessionRequest(StatelessSession(b), o, [0, 1], r) for r, o in enumerate(obs)])
+    b = TorchBackend(tiny_vla(), "flow", 4)
+    batch = vla_observations(b.policy, ["reach red", "open drawer", "press button"])
+    obs = [{k: v[r:r + 1].numpy() for k, v in batch.items()} for r in range(3)]
+    sessions = [b.session() for _ in obs]
+    assert not any(isinstance(s, TorchSession) for s in sessions)
+    got = b.predict_sessions([SessionRequest(s, o, [0, 1], r) for r, (s, o) in enumerate(zip(sessions, obs))])
     for r, o in enumerate(obs):
-        np.testing.assert_allclose(got[r], b.predict(o, seed=r), atol=1e-5)
+        np.testing.assert_allclose(got[r], b.session().predict(o, [0, 1], seed=r), atol=1e-5)
+    assert not np.allclose(got[0], got[1])
 
 
 def test_a_failing_row_fails_alone():
