@@ -6,7 +6,8 @@
 2. Attached dashboard: one `polcache serve` (shipped reach-v3 checkpoint) and `sim-robot`
    runs at --hz (after one warm-up run), alternating without and with `polcache dashboard` following both metrics
    files and a page polling /data.json every second (what an open browser tab does);
-   period error and observation-to-action latency from the robot's own figures.
+   period error and observation-to-action latency from the robot's own figures, and the
+   dashboard process's CPU use (percent of one core). Also the cost of computing every view.
 
     python benchmarks/bench_dashboard.py [--rounds 2] [--episodes 5] [--hz 50] [--json benchmarks/results/dashboard.json]
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from common import RESULTS, print_table, round_robin, write_json
+from polcache.dashboard import RunState
 from polcache.metrics import Metrics
 from polcache.metrics.prometheus import PrometheusRecorder
 from polcache_client.records import TickRecord
@@ -71,7 +73,8 @@ def robot_run(address: str, hz: float, episodes: int, out: Path, dashboard: bool
     robot_file, result = out / "robot.jsonl", out / "robot.json"
     for path in (robot_file, result):
         path.unlink(missing_ok=True)
-    dash, stop, poller = None, threading.Event(), None
+    dash, stop, poller, cpu_share = None, threading.Event(), None, 0.0
+    started = time.monotonic()
     if dashboard:
         dash = subprocess.Popen([*POLCACHE, "dashboard", "--metrics", str(server_file), "--metrics", str(robot_file),
                                  "--port", "0"], stdout=subprocess.PIPE, text=True)
@@ -85,13 +88,40 @@ def robot_run(address: str, hz: float, episodes: int, out: Path, dashboard: bool
     finally:
         stop.set()
         if dash is not None:
+            cpu_share = cpu_seconds(dash.pid) / (time.monotonic() - started)
             dash.terminate()
             dash.wait(timeout=10)
     r = json.loads(result.read_text())
     err = r["extra"]["tick"]["period_error_ms"]
     return {"period_error_p50_ms": err["p50"], "period_error_p99_ms": err["p99"],
             "latency_p50_ms": r["latency_ms"]["p50"], "latency_p99_ms": r["latency_ms"]["p99"],
-            "deadline_miss": r["extra"]["tick"].get("deadline_miss", 0), "ticks": r["extra"]["tick"]["ticks"]}
+            "deadline_miss": r["extra"]["tick"].get("deadline_miss", 0), "ticks": r["extra"]["tick"]["ticks"],
+            "dashboard_cpu_pct": 100 * cpu_share}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def views_cost(calls: int) -> dict:
+    """Milliseconds to compute every view (one page poll) over a full live window: 20,000 ticks,
+    2,500 chunks and 2,500 requests of one robot."""
+    state = RunState()
+    ticks = [{"kind": "tick", "t": 100 + i / 50, "robot": "r", "period_error_ms": 0.01, "queue_depth": 4, "ticks": 1,
+              "deadline_miss": False, "safe_stops": 0, "missed_ticks": 0, "obs_dropped": 0} for i in range(20000)]
+    chunks = [{"kind": "chunk", "t": 100 + i / 6.25, "robot": "r", "latency_ms": 20.0, "inference_ms": 9.0,
+               "server_ms": 10.0, "dropped_actions": 1, "stale_chunks": 0} for i in range(2500)]
+    requests = [{"kind": "request", "t": 100 + i / 6.25, "robot": "r", "inference_ms": 9.0, "decode_ms": 0.1,
+                 "superseded": 0, "deadline_miss": False} for i in range(2500)]
+    state.add(ticks + chunks + requests, {"offset": 0.0})
+    state.views()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        state.views()
+    return {"what": "views() over a full window (one page poll)",
+            "median_us": round((time.perf_counter() - t0) / calls * 1e6, 1)}
 
 
 def attached_cost(rounds: int, episodes: int, hz: float) -> list[dict]:
@@ -131,11 +161,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
 
-    recording = recording_cost(args.calls)
+    recording = recording_cost(args.calls) + [views_cost(20)]
     print_table(recording, ["what", "median_us", "p99_us", "share_of_50Hz_period"])
     attached = attached_cost(args.rounds, args.episodes, args.hz)
     columns = ["dashboard", "runs", "period_error_p50_ms", "period_error_p99_ms", "latency_p50_ms", "latency_p99_ms",
-               "deadline_miss", "ticks"]
+               "deadline_miss", "ticks", "dashboard_cpu_pct"]
     print_table(attached, columns)
     base, dash = attached
     ratios = {k: round(dash[k] / base[k], 3) if base[k] else None for k in columns[2:6]}

@@ -46,18 +46,48 @@ VIEWS = {
 }
 
 
+class Columns:
+    """One robot's records of one kind as columns (wall time, and each numeric field; NaN where
+    a record lacks it): stored once on arrival, so a page poll converts deques, not dicts."""
+
+    def __init__(self, keep: int | None):
+        self.keep = keep
+        self.t: deque[float] = deque(maxlen=keep)
+        self.fields: dict[str, deque[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def append(self, wall: float, record: dict[str, Any]) -> None:
+        for name, value in record.items():
+            if name != "t" and name not in self.fields and (value is None or isinstance(value, (int, float))):
+                self.fields[name] = deque([math.nan] * len(self.t), maxlen=self.keep)
+        self.t.append(wall)
+        for name, column in self.fields.items():
+            column.append(_number(record.get(name)))
+
+    def column(self, field: str) -> np.ndarray:
+        """"" is the time; an unknown field is all NaN."""
+        if not field:
+            return np.array(self.t, dtype=np.float64)
+        if field not in self.fields:
+            return np.full(len(self.t), math.nan)
+        return np.array(self.fields[field], dtype=np.float64)
+
+
 class RunState:
     """Records of any number of robots and servers, `keep` newest per robot and kind."""
 
     def __init__(self, keep: int | None = 20_000):
         self.keep = keep
-        self.records: dict[tuple[str, str], deque] = defaultdict(lambda: deque(maxlen=self.keep))
+        self.records: dict[tuple[str, str], Columns] = defaultdict(lambda: Columns(self.keep))
         self.servers: list[dict[str, Any]] = []  # info lines of servers
         self.robot_hz: dict[str, float] = {}
         self.errors: dict[tuple[str, str], int] = defaultdict(int)
         self.system: deque = deque(maxlen=keep)  # (wall time, cpu %, gpu % or None)
         self._local_offset = time.time() - time.monotonic()
         self.t0: float | None = None
+        self._columns: dict[tuple[str, str, str], np.ndarray] = {}
 
     def add(self, records: Iterable[dict[str, Any]], source: dict[str, Any] | None = None) -> None:
         """`source` carries per-file context: its info line's clock offset, once seen."""
@@ -79,7 +109,7 @@ class RunState:
             robot = str(r.get("robot") or "robot")
             if kind == "error":
                 self.errors[(robot, str(r.get("code")))] += int(r.get("errors", 1))
-            self.records[(robot, kind)].append((wall, r))
+            self.records[(robot, kind)].append(wall, r)
 
     def add_system(self, wall: float, cpu: float | None, gpu: float | None) -> None:
         self.system.append((wall, cpu, gpu))
@@ -91,6 +121,7 @@ class RunState:
         per-interval statistics (default: about 100 intervals over the whole run, at least 1 s)."""
         span = self._span()
         interval = interval_s or max(1.0, span / 100)
+        self._columns = {}  # per call: records change between calls
         out = {}
         for view, (title, kind) in VIEWS.items():
             out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
@@ -102,7 +133,7 @@ class RunState:
         return sorted({robot for robot, _ in self.records})
 
     def _span(self) -> float:
-        ends = [q[-1][0] for q in self.records.values() if q]
+        ends = [c.t[-1] for c in self.records.values() if len(c)]
         return max(ends) - self.t0 if ends and self.t0 is not None else 0.0
 
     def _series(self, kind: str, field: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -111,14 +142,21 @@ class RunState:
         for (robot, k), rows in self.records.items():
             if k != kind or not rows:
                 continue
-            t = np.fromiter((w for w, _ in rows), np.float64, len(rows)) - (self.t0 or 0.0)
-            v = np.fromiter((_number(r.get(field)) for _, r in rows), np.float64, len(rows))
+            t = self._column(robot, kind, "") - (self.t0 or 0.0)
+            v = self._column(robot, kind, field)
             keep = np.isfinite(v)
             if keep.any():
                 out[robot] = (t[keep], v[keep])
         return out
 
-    def _binned(self, kind: str, field: str, interval: float, stats: dict[str, Any]) -> list[dict[str, Any]]:
+    def _column(self, robot: str, kind: str, field: str) -> np.ndarray:
+        """One field of a robot's records as floats; "" is the time. Cached for one views() call."""
+        key = (robot, kind, field)
+        if key not in self._columns:
+            self._columns[key] = self.records[(robot, kind)].column(field)
+        return self._columns[key]
+
+    def _binned(self, kind: str, field: str, interval: float, stats: dict[str, str | float]) -> list[dict[str, Any]]:
         series = []
         for robot, (t, v) in sorted(self._series(kind, field).items()):
             series += _binned_values(robot, t, v, interval, stats)
@@ -144,7 +182,7 @@ class RunState:
         return lines
 
     def _view_latency(self, interval: float) -> dict[str, Any]:
-        stats = {f"p{q}": (lambda g, q=q: np.percentile(g, q)) for q in QUANTILES}
+        stats = {f"p{q}": q for q in QUANTILES}
         return {"series": self._binned("chunk", "latency_ms", interval, stats), "hlines": self._deadlines_ms()}
 
     def _view_latency_hist(self, interval: float) -> dict[str, Any]:
@@ -156,11 +194,10 @@ class RunState:
                     if self.records.get((robot, "request"))}
         network = {}
         for robot in self.robots():
-            rows = self.records.get((robot, "chunk"))
-            if rows:
-                gaps = [_number(r.get("latency_ms")) - _number(r.get("server_ms")) for _, r in rows]
-                gaps = [g for g in gaps if math.isfinite(g)]
-                network[robot] = _round(float(np.mean(gaps))) if gaps else None
+            if self.records.get((robot, "chunk")):
+                gaps = self._column(robot, "chunk", "latency_ms") - self._column(robot, "chunk", "server_ms")
+                gaps = gaps[np.isfinite(gaps)]
+                network[robot] = _round(float(gaps.mean())) if len(gaps) else None
         robots = sorted(set(requests) | set(network))
         stacks = [{"name": s, "values": [requests.get(r, [None] * len(STAGES))[i] for r in robots]}
                   for i, s in enumerate(STAGES)]
@@ -171,12 +208,11 @@ class RunState:
         series = []  # 1 / mean tick-to-tick time per interval: a partly covered interval reads right too
         for robot, (t, _) in sorted(self._series("tick", "ticks").items()):
             if len(t) > 1:
-                series += _binned_values(robot, t[1:], np.diff(t), interval, {"": lambda g: 1.0 / g.mean()})
+                series += _binned_values(robot, t[1:], np.diff(t), interval, {"": "rate"})
         return {"series": series, "hlines": [{"name": f"target {r}", "y": hz} for r, hz in sorted(self.robot_hz.items())]}
 
     def _view_period_error(self, interval: float) -> dict[str, Any]:
-        stats = {"p50": lambda g: np.percentile(g, 50), "p99": lambda g: np.percentile(g, 99)}
-        return {"series": self._binned("tick", "period_error_ms", interval, stats), "hlines": []}
+        return {"series": self._binned("tick", "period_error_ms", interval, {"p50": 50, "p99": 99}), "hlines": []}
 
     def _view_period_error_hist(self, interval: float) -> dict[str, Any]:
         return {"series": self._histograms("tick", "period_error_ms"), "vlines": []}
@@ -186,7 +222,7 @@ class RunState:
                 + self._cumulative("request", "deadline_miss", "requests over budget"), "hlines": []}
 
     def _view_queue(self, interval: float) -> dict[str, Any]:
-        return {"series": self._binned("tick", "queue_depth", interval, {"": np.mean}), "hlines": []}
+        return {"series": self._binned("tick", "queue_depth", interval, {"": "mean"}), "hlines": []}
 
     def _view_starvation(self, interval: float) -> dict[str, Any]:
         return {"series": self._cumulative("tick", "safe_stops", "safe stops")
@@ -199,8 +235,7 @@ class RunState:
                 + self._cumulative("request", "superseded", "superseded"), "hlines": []}
 
     def _view_inference(self, interval: float) -> dict[str, Any]:
-        stats = {"p50": lambda g: np.percentile(g, 50), "max": np.max}
-        return {"series": self._binned("request", "inference_ms", interval, stats), "hlines": []}
+        return {"series": self._binned("request", "inference_ms", interval, {"p50": 50, "max": "max"}), "hlines": []}
 
     def _view_cache(self, interval: float) -> dict[str, Any]:
         cache = ((self.servers[-1].get("backend") or {}).get("cache") or {}) if self.servers else {}
@@ -242,21 +277,39 @@ class RunState:
         return out
 
     def _mean(self, kind: str, robot: str, field: str) -> float | None:
-        values = [_number(r.get(field)) for _, r in self.records.get((robot, kind), ())]
-        values = [v for v in values if math.isfinite(v)]
-        return _round(float(np.mean(values))) if values else None
+        if not self.records.get((robot, kind)):
+            return None
+        values = self._column(robot, kind, field)
+        values = values[np.isfinite(values)]
+        return _round(float(values.mean())) if len(values) else None
 
 
 def _binned_values(robot: str, t: np.ndarray, v: np.ndarray, interval: float,
-                   stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """One series per statistic: fn(values in the interval) at each interval's middle (times
-    ascending within a robot's records)."""
+                   stats: dict[str, str | float]) -> list[dict[str, Any]]:
+    """One series per statistic, a point per interval (at its middle). A statistic is a
+    percentile (a number, numpy's linear interpolation), "mean", "max", or "rate" (v holds the
+    time between events: events per second). Vectorised: a page poll computes hundreds."""
     bins = np.floor(t / interval).astype(np.int64)
-    edges = np.flatnonzero(np.diff(bins)) + 1
-    groups = np.split(v, edges)
-    x = [round(float((b + 0.5) * interval), 3) for b in bins[np.r_[0, edges]]]
-    return [{"name": f"{robot} {label}".strip(), "x": x, "y": [_round(fn(g)) for g in groups]}
-            for label, fn in stats.items()]
+    order = np.lexsort((v, bins))
+    b, sv = bins[order], v[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(b) != 0])
+    counts = np.diff(np.r_[starts, len(b)])
+    x = [round(float((k + 0.5) * interval), 3) for k in b[starts]]
+    series = []
+    for label, stat in stats.items():
+        if stat == "mean":
+            y = np.add.reduceat(sv, starts) / counts
+        elif stat == "max":
+            y = np.maximum.reduceat(sv, starts)
+        elif stat == "rate":
+            y = counts / np.add.reduceat(sv, starts)
+        else:
+            pos = starts + float(stat) / 100 * (counts - 1)
+            lo = np.floor(pos).astype(np.int64)
+            hi = np.minimum(lo + 1, starts + counts - 1)
+            y = sv[lo] + (sv[hi] - sv[lo]) * (pos - lo)
+        series.append({"name": f"{robot} {label}".strip(), "x": x, "y": [_round(value) for value in y]})
+    return series
 
 
 def _number(value: Any) -> float:
@@ -270,7 +323,7 @@ def _round(value: float) -> float | None:
     return round(value, 4) if math.isfinite(value) else None
 
 
-def _thin(t: np.ndarray, y: np.ndarray, points: int = 400) -> tuple[list[float], list[float]]:
+def _thin(t: np.ndarray, y: np.ndarray, points: int = 200) -> tuple[list[float], list[float]]:
     """At most `points` samples of a monotone curve, always keeping the last."""
     idx = np.unique(np.r_[np.linspace(0, len(t) - 1, min(points, len(t))).astype(int), len(t) - 1])
     return [_round(x) for x in t[idx]], [_round(v) for v in y[idx]]
