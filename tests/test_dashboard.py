@@ -234,3 +234,15 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     empty.write_text("")
     assert main(["report", str(empty), "--out", str(tmp_path / "r")]) == 2
     assert "no metrics records" in capsys.readouterr().err
+
+
+def test_records_with_wrong_types_are_counted_not_fatal():
+    state = RunState()
+    state.add([{"kind": "info", "t": 1.0, "monotonic": "soon"}, {"kind": "tick", "t": "late"},
+               {"kind": "error", "t": 1.0, "robot": "r", "code": "x", "errors": "many"},
+               {"kind": "info", "role": "robot", "robot": "r", "hz": "fast", "t": 1.0},
+               {"kind": "tick", "t": 2.0, "robot": "r", "ticks": 1, "period_error_ms": "?", "queue_depth": None}])
+    assert state.bad_records == 4
+    views = state.views()
+    assert views["_meta"]["robots"] == ["r"] and views["period_error"]["series"] == []
+    json.dumps(views, allow_nan=False)

@@ -39,6 +39,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
             state.add(tail.poll() + tail.finish(), context)
             bad += tail.bad_lines
             tail.close()
+    bad += state.bad_records
     if not state.records:
         raise PolcacheError(f"report: no metrics records in {', '.join(map(str, paths))}")
     return state, bad

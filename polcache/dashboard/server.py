@@ -11,6 +11,7 @@ truncated files are followed) and/or Prometheus endpoints.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,7 @@ from polcache.dashboard.tail import JsonlTail
 from polcache.dashboard.views import RunState
 from polcache.errors import PolcacheError
 
+log = logging.getLogger(__name__)
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8")}
 
 
@@ -57,7 +59,8 @@ class Dashboard:
     def data(self) -> dict:
         with self.lock:
             views = self.state.views()
-        views["_meta"]["bad_lines"] = sum(getattr(s, "bad_lines", 0) for s, _ in self.sources)
+        views["_meta"]["bad_lines"] = views["_meta"]["bad_records"] + sum(
+            getattr(s, "bad_lines", 0) for s, _ in self.sources)
         return views
 
     def serve(self, port: int = 8050, host: str = "127.0.0.1") -> str:
@@ -79,7 +82,10 @@ class Dashboard:
 
     def _follow(self) -> None:
         while not self._stop.is_set():
-            self.poll()
+            try:
+                self.poll()
+            except OSError as exc:  # e.g. a metrics file made unreadable: say so, keep serving
+                log.warning("dashboard: reading the sources failed: %s", exc)
             self._stop.wait(self.poll_s)
 
 

@@ -81,35 +81,43 @@ class RunState:
     def __init__(self, keep: int | None = 20_000):
         self.keep = keep
         self.records: dict[tuple[str, str], Columns] = defaultdict(lambda: Columns(self.keep))
-        self.servers: list[dict[str, Any]] = []  # info lines of servers
+        self.server: dict[str, Any] | None = None  # the newest server info line
         self.robot_hz: dict[str, float] = {}
         self.errors: dict[tuple[str, str], int] = defaultdict(int)
         self.system: deque = deque(maxlen=keep)  # (wall time, cpu %, gpu % or None)
         self._local_offset = time.time() - time.monotonic()
         self.t0: float | None = None
+        self.bad_records = 0
         self._columns: dict[tuple[str, str, str], np.ndarray] = {}
 
     def add(self, records: Iterable[dict[str, Any]], source: dict[str, Any] | None = None) -> None:
-        """`source` carries per-file context: its info line's clock offset, once seen."""
+        """`source` carries per-file context: its info line's clock offset, once seen. A record
+        whose fields have the wrong types is counted in `bad_records` and skipped."""
         source = source if source is not None else {}
         for r in records:
-            kind, t = r.get("kind"), r.get("t")
-            if kind == "info":
-                if "monotonic" in r and isinstance(t, (int, float)):
-                    source["offset"] = t - r["monotonic"]
-                if r.get("role") == "server":
-                    self.servers.append(r)
-                elif r.get("role") == "robot" and r.get("robot") and r.get("hz"):
-                    self.robot_hz[r["robot"]] = float(r["hz"])
-                continue
-            if not isinstance(t, (int, float)) or not math.isfinite(t):
-                continue
-            wall = t + source.get("offset", self._local_offset) if kind in MONOTONIC_KINDS else t
-            self.t0 = wall if self.t0 is None else min(self.t0, wall)
-            robot = str(r.get("robot") or "robot")
-            if kind == "error":
-                self.errors[(robot, str(r.get("code")))] += int(r.get("errors", 1))
-            self.records[(robot, kind)].append(wall, r)
+            try:
+                self._add(r, source)
+            except (TypeError, ValueError, AttributeError):
+                self.bad_records += 1
+
+    def _add(self, r: dict[str, Any], source: dict[str, Any]) -> None:
+        kind, t = r.get("kind"), r.get("t")
+        if kind == "info":
+            if "monotonic" in r:
+                source["offset"] = float(t) - float(r["monotonic"])
+            if r.get("role") == "server":
+                self.server = r
+            elif r.get("role") == "robot" and r.get("robot") and r.get("hz"):
+                self.robot_hz[str(r["robot"])] = float(r["hz"])
+            return
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError("t")
+        wall = t + source.get("offset", self._local_offset) if kind in MONOTONIC_KINDS else t
+        robot = str(r.get("robot") or "robot")
+        if kind == "error":
+            self.errors[(robot, str(r.get("code")))] += int(r.get("errors", 1))
+        self.records[(robot, kind)].append(wall, r)
+        self.t0 = wall if self.t0 is None else min(self.t0, wall)
 
     def add_system(self, wall: float, cpu: float | None, gpu: float | None) -> None:
         self.system.append((wall, cpu, gpu))
@@ -125,7 +133,7 @@ class RunState:
         out = {}
         for view, (title, kind) in VIEWS.items():
             out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
-        out["_meta"] = {"robots": self.robots(), "interval_s": interval, "span_s": span,
+        out["_meta"] = {"robots": self.robots(), "interval_s": interval, "span_s": span, "bad_records": self.bad_records,
                         "errors": {f"{robot}: {code}": n for (robot, code), n in sorted(self.errors.items())}}
         return out
 
@@ -170,16 +178,13 @@ class RunState:
         return series
 
     def _deadlines_ms(self) -> list[dict[str, Any]]:
-        lines = []
-        for server in self.servers[-1:]:
-            if server.get("deadline_ms"):
-                lines.append({"name": "deadline", "y": float(server["deadline_ms"])})
-                continue
-            steps = (server.get("policy") or {}).get("n_action_steps")
-            for robot, hz in sorted(self.robot_hz.items()):
-                if steps:
-                    lines.append({"name": f"deadline {robot}", "y": _round((steps - 1) / hz * 1e3)})
-        return lines
+        if self.server is None:
+            return []
+        if self.server.get("deadline_ms"):
+            return [{"name": "deadline", "y": float(self.server["deadline_ms"])}]
+        steps = (self.server.get("policy") or {}).get("n_action_steps")
+        return [{"name": f"deadline {robot}", "y": _round((steps - 1) / hz * 1e3)}
+                for robot, hz in sorted(self.robot_hz.items())] if steps else []
 
     def _view_latency(self, interval: float) -> dict[str, Any]:
         stats = {f"p{q}": q for q in QUANTILES}
@@ -238,10 +243,10 @@ class RunState:
         return {"series": self._binned("request", "inference_ms", interval, {"p50": 50, "max": "max"}), "hlines": []}
 
     def _view_cache(self, interval: float) -> dict[str, Any]:
-        cache = ((self.servers[-1].get("backend") or {}).get("cache") or {}) if self.servers else {}
+        cache = ((self.server.get("backend") or {}).get("cache") or {}) if self.server else {}
         plan = cache.get("plan")
         if not plan:
-            note = "no cache plan (uncached policy, or no server info line)" if self.servers else "no server info yet"
+            note = "no cache plan (uncached policy, or no server info line)" if self.server else "no server info yet"
             return {"rows": [], "cols": [], "z": [], "note": note}
         names = cache.get("block_names") or [f"block {i}" for i in range(len(plan[0]))]
         limit = cache.get("compute_limit")
