@@ -246,3 +246,19 @@ def test_records_with_wrong_types_are_counted_not_fatal():
     views = state.views()
     assert views["_meta"]["robots"] == ["r"] and views["period_error"]["series"] == []
     json.dumps(views, allow_nan=False)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc")
+def test_system_sampler_reads_proc_stat_and_nvidia_smi(tmp_path, monkeypatch):
+    from polcache.dashboard.system import SystemSampler
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf '37\\n41\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    sampler = SystemSampler()
+    sampler._psutil = None  # the /proc/stat path, whether or not psutil is installed here
+    sampler.sample_cpu()
+    time.sleep(0.05)  # a few jiffies pass
+    assert 0.0 <= sampler.sample_cpu() <= 100.0
+    assert sampler.sample_gpu() == 39.0  # the mean over the GPUs listed
