@@ -16,7 +16,7 @@ from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
                                        probe_observations, reduced_copy)
 from polcache.policy.session import TorchSession
-from polcache.policy.spec import PolicySpec
+from polcache.policy.spec import PolicySession, PolicySpec, StatelessSession
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,9 @@ class TorchBackend:
             best = int(torch.argmin(scores))
         return self._actions(x[best:best + 1])
 
-    def session(self) -> TorchSession:
-        return TorchSession(self)
+    def session(self) -> PolicySession:
+        """A robot's session: an embedding ring where the encoder is per frame, else stateless."""
+        return TorchSession(self) if self.policy.encoder.per_frame else StatelessSession(self)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run (and on CUDA capture) one chunk per batch size, and one through a robot session (the

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from polcache.config import INSTRUCTION_KEY
+from polcache.policy.language import encode_instruction
 from polcache.policy.spec import PolicyBackend
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import percentiles_ms, wilson_interval
@@ -56,16 +58,24 @@ class Rollout:
     `action_steps` executes only that many actions per chunk before replanning (default: the
     policy's n_action_steps); `ensemble_decay` blends overlapping chunks with the robot client's
     own ActionSchedule (exponential temporal ensembling, weight exp(-decay * k) for the k-th
-    newest chunk), exactly as over ZeroMQ."""
+    newest chunk), exactly as over ZeroMQ. A language-conditioned policy follows `instruction`
+    in every episode, or else the task's `instructions` split (train | heldout), episode i
+    taking the split's i-th paraphrase (cycling)."""
 
     max_steps: int | None = None
     action_steps: int | None = None
     ensemble_decay: float | None = None
+    instruction: str | None = None
+    instructions: str = "heldout"
 
 
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
-                rollout: Rollout = Rollout()) -> dict:
-    """One episode; it ends at the first success, when the env says done, or at the step cap."""
+                rollout: Rollout = Rollout(), instruction: np.ndarray | None = None) -> dict:
+    """One episode; it ends at the first success, when the env says done, or at the step cap.
+    `instruction` (encoded) joins every observation of a language-conditioned policy."""
+    def observe(obs: dict) -> dict:
+        return obs if instruction is None else {**obs, INSTRUCTION_KEY: instruction}
+
     spec = backend.spec
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     per_chunk = min(spec.n_action_steps, rollout.action_steps or spec.n_action_steps)
@@ -73,7 +83,7 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
     session = backend.session()  # this episode's own policy state
     session.reset()
     history = ObservationHistory(spec.n_obs_steps, spec.obs_stride, spec.frame_mode)
-    history.push(0, env.reset(seed=seed))
+    history.push(0, observe(env.reset(seed=seed)))
     executed = ExecutedLog(spec.history_span)  # the action applied at each step, for self-verification
     success, done, steps, chunk = False, False, 0, 0
     while not (done or success) and steps < cap:
@@ -91,7 +101,7 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
             executed.record([steps], np.asarray(action, dtype=np.float32)[None])
             obs, _, done, info = env.step(action)
             steps += 1
-            history.push(steps, obs)
+            history.push(steps, observe(obs))
             if frames is not None:
                 frames.append(env.render())
             success = bool(info.get("success"))
@@ -104,6 +114,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
              video_dir: str | Path | None = None, video_episodes: int = 0, rollout: Rollout = Rollout()) -> EvalResult:
     """Roll `backend` out for `episodes` episodes of `task` (episode i uses seed + i)."""
     from polcache.envs import make_env  # simulation is an optional extra
+    from polcache.envs.instructions import instructions
     from polcache.policy.checkpoint import check_compatible
 
     image_keys = [k for k in backend.spec.obs if k.startswith("image_")]
@@ -112,14 +123,24 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     env = make_env(task, seed=seed, image=bool(cams), cameras=cams or None, image_size=size)
     meta = {"obs_keys": list(backend.spec.obs), "obs_spec": {k: v.to_dict() for k, v in backend.spec.obs.items()},
             "action_dim": backend.spec.action_dim}
-    check_compatible(meta, env.observation_spec(), env.action_dim, f"task {task!r}")
+    env_spec = env.observation_spec()
+    texts = None
+    if INSTRUCTION_KEY in backend.spec.obs:  # the evaluator gives the instruction, as a robot would
+        env_spec[INSTRUCTION_KEY] = backend.spec.obs[INSTRUCTION_KEY]
+        texts = (rollout.instruction,) if rollout.instruction is not None else instructions(task, rollout.instructions)
+        length = backend.spec.obs[INSTRUCTION_KEY].shape[0]
+        encoded = [encode_instruction(t, length, "--instruction") for t in texts]
+    check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     latencies: list[float] = []
     per_episode = []
     try:
         for i in tqdm(range(episodes), desc=f"eval {task}", disable=not progress, unit="ep"):
             frames = [] if video_dir and i < video_episodes else None
-            ep = run_episode(env, backend, seed + i, latencies, frames, rollout)
+            ep = run_episode(env, backend, seed + i, latencies, frames, rollout,
+                             None if texts is None else encoded[i % len(encoded)])
+            if texts is not None:
+                ep["instruction"] = texts[i % len(texts)]
             per_episode.append(ep)
             if frames:
                 _write_gif(Path(video_dir) / f"{task}_seed{seed + i}.gif", frames)
@@ -132,7 +153,8 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else 0.0,
         latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode, extra={"max_steps": cap,
         "action_steps": min(backend.spec.n_action_steps, rollout.action_steps or backend.spec.n_action_steps),
-        "ensemble_decay": rollout.ensemble_decay})
+        "ensemble_decay": rollout.ensemble_decay,
+        **({} if texts is None else {"instructions": list(texts)})})
 
 
 def _write_gif(path: Path, frames: list[np.ndarray]) -> None:
