@@ -241,8 +241,9 @@ def test_records_with_wrong_types_are_counted_not_fatal():
     state.add([{"kind": "info", "t": 1.0, "monotonic": "soon"}, {"kind": "tick", "t": "late"},
                {"kind": "error", "t": 1.0, "robot": "r", "code": "x", "errors": "many"},
                {"kind": "info", "role": "robot", "robot": "r", "hz": "fast", "t": 1.0},
-               {"kind": "tick", "t": 2.0, "robot": "r", "ticks": 1, "period_error_ms": "?", "queue_depth": None}])
-    assert state.bad_records == 4
+               {"kind": "tick", "t": 2.0, "robot": "r", "ticks": 1, "period_error_ms": "?", "queue_depth": None},
+               {"kind": "info", "t": 1.0, "role": "server", "backend": {"cache": {"plan": [[0, 1], [7]]}}}])
+    assert state.bad_records == 5 and state.server is None
     views = state.views()
     assert views["_meta"]["robots"] == ["r"] and views["period_error"]["series"] == []
     json.dumps(views, allow_nan=False)

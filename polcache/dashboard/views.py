@@ -106,6 +106,7 @@ class RunState:
             if "monotonic" in r:
                 source["offset"] = float(t) - float(r["monotonic"])
             if r.get("role") == "server":
+                _check_plan(((r.get("backend") or {}).get("cache") or {}).get("plan"))
                 self.server = r
             elif r.get("role") == "robot" and r.get("robot") and r.get("hz"):
                 self.robot_hz[str(r["robot"])] = float(r["hz"])
@@ -315,6 +316,15 @@ def _binned_values(robot: str, t: np.ndarray, v: np.ndarray, interval: float,
             y = sv[lo] + (sv[hi] - sv[lo]) * (pos - lo)
         series.append({"name": f"{robot} {label}".strip(), "x": x, "y": [_round(value) for value in y]})
     return series
+
+
+def _check_plan(plan: Any) -> None:
+    """A server info line's cache plan must be a table of op codes (the heatmap draws it)."""
+    if plan is None:
+        return
+    if not (isinstance(plan, list) and plan and all(isinstance(row, list) and len(row) == len(plan[0]) for row in plan)
+            and all(op in OP_NAMES for row in plan for op in row)):
+        raise ValueError("backend.cache.plan: expected equal-length rows of op codes 0-3")
 
 
 def _number(value: Any) -> float:
