@@ -85,7 +85,7 @@ def _plot(view: dict[str, Any], path: Path) -> bool:
     drew = {"line": _line, "hist": _hist, "bars": _bars, "heatmap": _heatmap}[view["type"]](ax, view)
     if drew:
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")  # legends placed outside the axes included
     plt.close(fig)
     return drew
 
@@ -134,5 +134,5 @@ def _heatmap(ax, view) -> bool:
     ax.set_yticks(range(len(view["rows"])), view["rows"], fontsize=5)
     ax.set_xlabel("denoising step")
     ax.legend(handles=[Patch(color=OP_COLORS[int(op)], label=name) for op, name in view["legend"].items()],
-              fontsize=6, loc="upper right")
+              fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return True
