@@ -39,7 +39,7 @@ class DiffusionTransformer(nn.Module):
         super().__init__()
         W, H = cfg.width, cfg.horizon
         To = cfg.n_obs_steps if memory_tokens is None else memory_tokens
-        self.width, self.horizon, self.n_obs_steps = W, H, To
+        self.width, self.horizon, self.memory_tokens = W, H, To
         self.input_emb = nn.Linear(action_dim, W)
         self.pos_emb = nn.Parameter(torch.zeros(1, H, W))
         self.obs_emb = nn.Linear(obs_feature_dim, W)

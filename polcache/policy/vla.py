@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polcache.config import INSTRUCTION_KEY, PolicyConfig
@@ -30,16 +31,27 @@ from polcache.policy.spec import ArraySpec
 
 
 class ImageTokens(nn.Module):
-    """(N, H, W, 3) uint8 -> (N, grid^2, width) tokens."""
+    """(N, H, W, 3) uint8 -> (N, grid^2, width) tokens: the CNN's feature map average-pooled over a
+    grid of equal cells (a fixed pool, not an adaptive one: ONNX cannot export an adaptive pool
+    over a dynamic batch; a remainder of the map beyond grid * cell is left out)."""
 
     def __init__(self, image_size: int, cfg: PolicyConfig):
         super().__init__()
         self.trunk = ConvTrunk(image_size, cfg.image)
-        self.pool = nn.AdaptiveAvgPool2d(cfg.vla.image_grid)
+        with torch.no_grad():
+            side = self.trunk.net(torch.zeros(1, 3, self.trunk.crop, self.trunk.crop)).shape[-1]
+        grid = cfg.vla.image_grid
+        if side < grid:
+            raise ValueError(f"policy.vla.image_grid {grid} exceeds the {side}x{side} feature map of "
+                             f"{image_size}px images")
+        self.cell = side // grid
         self.proj = nn.Linear(self.trunk.channels, cfg.vla.width)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(self.trunk.feature_map(img)).flatten(2).transpose(1, 2))
+        fm = self.trunk.feature_map(img)
+        n = self.cell * (fm.shape[-1] // self.cell)
+        pooled = F.avg_pool2d(fm[..., :n, :n], self.cell)
+        return self.proj(pooled.flatten(2).transpose(1, 2))
 
 
 class PrefixEncoder(nn.Module):

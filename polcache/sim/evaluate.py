@@ -10,6 +10,7 @@ run is reproducible and different seeds give different episodes."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from tqdm import tqdm
 
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.language import encode_instruction
-from polcache.policy.spec import PolicyBackend
+from polcache.errors import PolcacheError
+from polcache.policy.spec import CommittedActions, PolicyBackend
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import percentiles_ms, wilson_interval
 from polcache_client.protocol import ActionChunk
@@ -58,13 +60,16 @@ class Rollout:
     `action_steps` executes only that many actions per chunk before replanning (default: the
     policy's n_action_steps); `ensemble_decay` blends overlapping chunks with the robot client's
     own ActionSchedule (exponential temporal ensembling, weight exp(-decay * k) for the k-th
-    newest chunk), exactly as over ZeroMQ. A language-conditioned policy follows `instruction`
+    newest chunk), exactly as over ZeroMQ. `delay` simulates a policy that takes that many control
+    steps per chunk, `rtc` generates chunks by real-time chunking (flow samplers). A language-conditioned policy follows `instruction`
     in every episode, or else the task's `instructions` split (train | heldout), episode i
     taking the split's i-th paraphrase (cycling)."""
 
     max_steps: int | None = None
     action_steps: int | None = None
     ensemble_decay: float | None = None
+    delay: int = 0  # control steps from planning a chunk to executing it (simulated inference latency)
+    rtc: bool = False  # real-time chunking: guide each chunk toward the actions already committed
     instruction: str | None = None
     instructions: str = "heldout"
 
@@ -72,42 +77,72 @@ class Rollout:
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
                 rollout: Rollout = Rollout(), instruction: np.ndarray | None = None) -> dict:
     """One episode; it ends at the first success, when the env says done, or at the step cap.
-    `instruction` (encoded) joins every observation of a language-conditioned policy."""
+    `instruction` (encoded) joins every observation of a language-conditioned policy.
+
+    The step index is the clock: a chunk planned at step s has action i due at step s + i and,
+    with `rollout.delay` d, reaches the robot only at step s + d (the robot executes the previous
+    chunk meanwhile, as on a real robot whose policy takes d control periods; the episode's first
+    chunk is waited for). Returns also the jerk of the executed actions at the steps where a new
+    chunk takes over (`seam_jerk`) and elsewhere (`jerk`)."""
     def observe(obs: dict) -> dict:
         return obs if instruction is None else {**obs, INSTRUCTION_KEY: instruction}
 
     spec = backend.spec
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     per_chunk = min(spec.n_action_steps, rollout.action_steps or spec.n_action_steps)
-    blend = None if rollout.ensemble_decay is None else ActionSchedule(1.0, "ensemble", rollout.ensemble_decay)
+    if per_chunk + rollout.delay > spec.n_action_steps:
+        raise PolcacheError(f"a delay of {rollout.delay} steps with {per_chunk} actions executed per chunk needs "
+                            f"chunks of at least {per_chunk + rollout.delay} actions; the policy's have "
+                            f"{spec.n_action_steps} (lower --action-steps)")
+    schedule = (ActionSchedule(1.0, "latest") if rollout.ensemble_decay is None
+                else ActionSchedule(1.0, "ensemble", rollout.ensemble_decay))
     session = backend.session()  # this episode's own policy state
     session.reset()
     history = ObservationHistory(spec.n_obs_steps, spec.obs_stride, spec.frame_mode)
     history.push(0, observe(env.reset(seed=seed)))
     executed = ExecutedLog(spec.history_span)  # the action applied at each step, for self-verification
+    in_flight: deque[tuple[int, ActionChunk]] = deque()  # (step it arrives, chunk)
+    applied, seams = [], []
     success, done, steps, chunk = False, False, 0, 0
     while not (done or success) and steps < cap:
-        past = executed.at(steps, spec.frame_offsets[:-1], spec.action_dim)
-        t0 = time.perf_counter()
-        frame_steps, window = history.window()
-        actions = session.predict(window, frame_steps, seed=seed * 10007 + chunk, past_actions=past)[0]
-        latencies.append(time.perf_counter() - t0)
-        if blend is not None:  # the step index is the clock: action i is due at step + i
-            blend.add(ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64),
-                                  actions, {}), float(steps))
-        chunk += 1
-        for i in range(per_chunk):
-            action = actions[i] if blend is None else blend.action_at(float(steps))
-            executed.record([steps], np.asarray(action, dtype=np.float32)[None])
-            obs, _, done, info = env.step(action)
-            steps += 1
-            history.push(steps, observe(obs))
-            if frames is not None:
-                frames.append(env.render())
-            success = bool(info.get("success"))
-            if done or success or steps >= cap:
-                break
-    return {"seed": seed, "success": success, "length": steps}
+        if steps % per_chunk == 0:
+            past = executed.at(steps, spec.frame_offsets[:-1], spec.action_dim)
+            planned = schedule.planned(float(steps))
+            committed = CommittedActions(planned, rollout.delay) if rollout.rtc and len(planned) else None
+            t0 = time.perf_counter()
+            frame_steps, window = history.window()
+            actions = session.predict(window, frame_steps, seed=seed * 10007 + chunk, past_actions=past,
+                                      **({} if committed is None else {"committed": committed}))[0]
+            latencies.append(time.perf_counter() - t0)
+            in_flight.append((steps + (rollout.delay if chunk else 0),
+                              ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64),
+                                          actions, {})))
+            chunk += 1
+        while in_flight and in_flight[0][0] <= steps:
+            schedule.add(in_flight.popleft()[1], float(steps))
+            seams.append(steps)
+        action = schedule.action_at(float(steps))
+        executed.record([steps], np.asarray(action, dtype=np.float32)[None])
+        applied.append(action)
+        obs, _, done, info = env.step(action)
+        steps += 1
+        history.push(steps, observe(obs))
+        if frames is not None:
+            frames.append(env.render())
+        success = bool(info.get("success"))
+    return {"seed": seed, "success": success, "length": steps, **seam_jerk(np.asarray(applied), seams[1:])}
+
+
+def seam_jerk(actions: np.ndarray, seams: list[int]) -> dict:
+    """Mean norm of the third difference of the executed actions (a_t - 3a_{t-1} + 3a_{t-2} - a_{t-3})
+    at the steps where a new chunk took over, and at all other steps."""
+    if len(actions) < 4:
+        return {"seam_jerk": float("nan"), "jerk": float("nan")}
+    jerk = np.linalg.norm(actions[3:] - 3 * actions[2:-1] + 3 * actions[1:-2] - actions[:-3], axis=-1)
+    at_seam = np.zeros(len(jerk), bool)
+    at_seam[[s - 3 for s in seams if s >= 3]] = True
+    return {"seam_jerk": float(jerk[at_seam].mean()) if at_seam.any() else float("nan"),
+            "jerk": float(jerk[~at_seam].mean()) if (~at_seam).any() else float("nan")}
 
 
 def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, progress: bool = True,
@@ -153,8 +188,14 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else 0.0,
         latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode, extra={"max_steps": cap,
         "action_steps": min(backend.spec.n_action_steps, rollout.action_steps or backend.spec.n_action_steps),
-        "ensemble_decay": rollout.ensemble_decay,
+        "ensemble_decay": rollout.ensemble_decay, "delay": rollout.delay, "rtc": rollout.rtc,
+        **{key: _nanmean([e[key] for e in per_episode]) for key in ("seam_jerk", "jerk")},
         **({} if texts is None else {"instructions": list(texts)})})
+
+
+def _nanmean(values: list[float]) -> float | None:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
 
 
 def _write_gif(path: Path, frames: list[np.ndarray]) -> None:
