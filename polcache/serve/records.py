@@ -26,7 +26,7 @@ class RequestRecord:
     encode_ms: float
     total_ms: float  # receipt to reply
     queue_depth: int  # robots with an observation waiting when this one was dispatched
-    batch_size: int  # robots whose chunks one inference computed with this one (1: alone)
+    batch_size: int = 1  # robots whose chunks one inference computed together with this one (1: alone)
     requests: int = 1
     superseded: int = 0  # older observations of this robot replaced while it waited
     deadline_miss: bool = False
