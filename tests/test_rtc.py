@@ -50,3 +50,37 @@ def test_rtc_needs_a_flow_sampler_and_one_history():
     flow = TorchBackend(tiny_policy(objective="flow"), "flow", 4)
     with pytest.raises(ValueError, match=r"committed actions of shape \(n, 3\)"):
         flow.predict(obs, committed=CommittedActions(np.zeros((3, 2), np.float32), 1))
+
+
+def test_server_guides_each_robots_next_chunk_with_its_last_one():
+    from polcache.errors import PolcacheError
+    from polcache.serve.server import PolicyServer
+
+    with pytest.raises(PolcacheError, match="needs the torch backend and a flow sampler, this is torch with ddim"):
+        PolicyServer(TorchBackend(tiny_policy(), "ddim", 4), "tcp://127.0.0.1:0", rtc=True)
+    backend = TorchBackend(tiny_policy(objective="flow", obs_dim=3, action_dim=2), "flow", 4)
+    seen = []
+    predict_features = backend.predict_features
+
+    def spy(feats, seed=None, past_actions=None, committed=None):
+        seen.append(committed)
+        return predict_features(feats, seed, past_actions, committed)
+
+    backend.predict_features = spy
+    from fakes import RawPeer
+    from polcache_client import protocol as P
+
+    with PolicyServer(backend, "tcp://127.0.0.1:0", rtc=True, max_batch=1) as server:
+        peer = RawPeer(server.endpoint)
+        assert isinstance(peer.request(P.encode(P.Handshake(obs_spec={"state": ((3,), "float32")}, action_dim=2,
+                                                            hz=50.0, name="arm"))), P.Welcome)
+        chunks = []
+        for seq in range(3):
+            chunks.append(peer.request(P.encode(P.Observation(epoch=0, seq=seq, t_capture=1.0 + seq / 50,
+                                                              arrays={"state": np.zeros(3, np.float32)}))))
+        peer.close()
+    # the first chunk is unguided (the batched path); each later one is guided by the previous chunk's
+    # actions from its own observation's tick on
+    assert len(seen) == 2 and all(c is not None and c.delay >= 1 for c in seen)
+    np.testing.assert_allclose(seen[0].actions, chunks[0].actions[1:])
+    np.testing.assert_allclose(seen[1].actions, chunks[1].actions[1:])

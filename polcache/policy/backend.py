@@ -144,7 +144,7 @@ class TorchBackend:
         feats: list[torch.Tensor] = []
         for i, r in enumerate(requests):
             if (self.batch_blocker is not None or not isinstance(r.session, (TorchSession, StatelessSession))
-                    or r.session.backend is not self or self._verifies(r.past_actions)):
+                    or r.session.backend is not self or self._verifies(r.past_actions) or r.committed is not None):
                 outcomes[i] = predict_alone(r)
                 continue
             try:

@@ -15,18 +15,19 @@ from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from polcache.policy.spec import PolicyBackend, PolicySession
+from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession
 
 
 class SessionRequest(NamedTuple):
     """One robot's share of a batched inference: the `PolicySession.predict` arguments a server
-    passes (real-time chunking's committed actions are the evaluator's, never batched)."""
+    passes (rows with real-time chunking's committed actions run alone: one gradient per step)."""
 
     session: PolicySession
     obs: dict[str, np.ndarray]  # (1, n_obs_steps, ...)
     seqs: Sequence[int]
     seed: int | None = None  # the row's own noise: a row gets the same chunk batched or alone
     past_actions: np.ndarray | None = None
+    committed: CommittedActions | None = None
 
 
 Outcome = np.ndarray | Exception  # (1, n_action_steps, action_dim), or why this row failed
@@ -65,7 +66,8 @@ def predict_each(requests: Sequence[SessionRequest]) -> list[Outcome]:
 def predict_alone(request: SessionRequest) -> Outcome:
     """One robot's chunk through its own session, its failure returned rather than raised."""
     try:
+        extra = {} if request.committed is None else {"committed": request.committed}
         return request.session.predict(request.obs, request.seqs, seed=request.seed,
-                                       past_actions=request.past_actions)
+                                       past_actions=request.past_actions, **extra)
     except Exception as exc:  # noqa: BLE001 - a failing row is reported to its robot only
         return exc

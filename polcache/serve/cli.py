@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="per-request budget (default: (n_action_steps - 1) / robot rate)")
     p.add_argument("--max-message-bytes", type=positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help=f"refuse larger messages (default {DEFAULT_MAX_MESSAGE_BYTES})")
+    p.add_argument("--rtc", action="store_true",
+                   help="real-time chunking: guide each robot's next chunk toward its last chunk's actions still due "
+                        "(flow samplers, torch backend; robots should run --blend latest)")
     p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
                    help=f"robots whose waiting observations share one inference (default {DEFAULT_MAX_BATCH}; "
                         "1: one inference per robot)")
@@ -103,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
                               on_record=metrics.record, name=f"polcache serve {args.checkpoint}",
-                              instruction=args.instruction, max_batch=args.max_batch)
+                              instruction=args.instruction, max_batch=args.max_batch, rtc=args.rtc)
         # e.g. on CUDA: captures each batch size's graph before the first robots ask (they wait meanwhile)
         backend.warmup(tuple(range(1, server.max_batch + 1)))
         signal.signal(signal.SIGTERM, lambda *_: server.stop())

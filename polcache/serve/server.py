@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 from polcache.errors import PolcacheError
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.batching import batching_blocker
-from polcache.policy.spec import PolicyBackend, PolicySession
+from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession
 from polcache.serve.handshake import check_handshake, robot_obs_spec, session_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
@@ -80,6 +81,8 @@ class Session:
     pending: Pending | None = None  # the newest observation not yet answered
     superseded: int = 0
     needs_reset: bool = True  # the policy session is reset by the worker before its next chunk
+    planned: tuple[np.ndarray, np.ndarray] | None = None  # its last chunk's due times and actions (RTC)
+    latency_s: float | None = None  # smoothed observation-to-reply time (RTC's delay)
     instruction: np.ndarray | None = None  # encoded; joins every observation of a language-conditioned policy
 
     def start_epoch(self, epoch: int) -> None:
@@ -88,6 +91,18 @@ class Session:
         self.executed.clear()
         self.pending = None
         self.needs_reset = True
+        self.planned = None
+
+    def committed(self, t_capture: float) -> CommittedActions | None:
+        """Real-time chunking's input for a chunk observed at `t_capture`: the last chunk's actions
+        still due from then on, the first ceil(latency * hz) of them frozen."""
+        if self.planned is None:
+            return None
+        t_actions, actions = self.planned
+        due = actions[t_actions >= t_capture - 0.5 / self.hz]
+        if not len(due):
+            return None
+        return CommittedActions(due, math.ceil((self.latency_s or 0.0) * self.hz))
 
 
 class PolicyServer:
@@ -108,13 +123,22 @@ class PolicyServer:
         name: str = "polcache",
         instruction: str | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        rtc: bool = False,
     ):
         """`instruction`: what a language-conditioned policy follows for robots that send none.
         `max_batch`: robots whose waiting observations share one inference (1 where the backend
-        cannot batch, see polcache.policy.batching)."""
+        cannot batch, see polcache.policy.batching). `rtc`: real-time chunking (polcache.policy.rtc):
+        each robot's next chunk is guided toward the actions of its last chunk still due, the first
+        ceil(latency * hz) of them held exactly (latency: this robot's measured observation-to-reply
+        time); robots should then execute the newest chunk (`sim-robot --blend latest`)."""
         check_bind(bind, keys_dir, insecure)
         if max_batch < 1:
             raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
+        what = backend.describe()
+        if rtc and (what.get("backend") != "torch" or what.get("sampler") != "flow"):
+            raise PolcacheError(f"real-time chunking needs the torch backend and a flow sampler, this is "
+                                f"{what.get('backend')} with {what.get('sampler')}")
+        self.rtc = rtc
         if instruction is not None:  # a bad default is the operator's error, refused before serving
             session_instruction(instruction, backend.spec, None, "--instruction")
         self.backend = backend
@@ -337,7 +361,8 @@ class PolicyServer:
                   reset_session=session.needs_reset, queue_depth=queue_depth, batch_size=batch_size,
                   superseded=session.superseded,
                   past_actions=session.executed.at(pending.obs.seq, self.spec.frame_offsets[:-1],
-                                                   self.spec.action_dim))
+                                                   self.spec.action_dim),
+                  committed=session.committed(pending.obs.t_capture) if self.rtc else None)
         job.timing.update(decode=pending.decode_ms, preprocess=(time.perf_counter() - t0) * 1e3,
                           queue=(t0 - pending.received) * 1e3)
         session.pending, session.superseded, session.needs_reset = None, 0, False
@@ -365,6 +390,10 @@ class PolicyServer:
         frame, encode_ms = encode_chunk(chunk, session.version)
         self._send(job.robot, frame)
         total_ms = (time.perf_counter() - job.received) * 1e3 + job.timing["decode"]
+        if self.rtc:
+            session.planned = (chunk.t_actions, result.actions)
+            seen = total_ms / 1e3
+            session.latency_s = seen if session.latency_s is None else 0.7 * session.latency_s + 0.3 * seen
         deadline_ms = self.deadline_ms or (self.spec.n_action_steps - 1) / session.hz * 1e3
         late = total_ms > deadline_ms
         if late:

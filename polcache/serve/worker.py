@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from polcache.policy.batching import SessionRequest, session_predictor
-from polcache.policy.spec import PolicyBackend, PolicySession
+from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession
 from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.serve")
@@ -42,6 +42,7 @@ class Job:
     batch_size: int  # robots whose chunks this job's inference computed together
     superseded: int  # older observations it replaced
     past_actions: np.ndarray | None = None  # executed at the past frames' steps (protocol v2), if known
+    committed: CommittedActions | None = None  # real-time chunking: the robot's planned actions from now on
     timing: dict[str, float] = field(default_factory=dict)  # stages so far, ms
 
 
@@ -90,7 +91,8 @@ class InferenceWorker:
                 results.append(self._failed(job, exc))
         t0 = time.perf_counter()
         try:
-            outcomes = self._predict([SessionRequest(job.session, job.obs, job.obs_seqs, past_actions=job.past_actions)
+            outcomes = self._predict([SessionRequest(job.session, job.obs, job.obs_seqs, past_actions=job.past_actions,
+                                                     committed=job.committed)
                                       for job in ready])
         except Exception as exc:  # noqa: BLE001 - a backend that raised for the whole batch
             outcomes = [exc] * len(ready)
