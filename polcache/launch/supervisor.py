@@ -11,6 +11,7 @@ killed, the kernel sends each child SIGTERM (PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from typing import IO
 from polcache.errors import PolcacheError
 from polcache.launch.config import LaunchConfig, Placement, check_machine, tcp_port
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
-from polcache.launch.placement import child_setup, describe, placement_warning
+from polcache.launch.placement import child_setup, describe, placement_warnings
 
 POLCACHE = [sys.executable, "-m", "polcache.cli"]
 STOP_ORDER = ("robot", "server", "dashboard")
@@ -68,27 +69,26 @@ def robot_task(cfg: LaunchConfig) -> str:
     raise PolcacheError(f"robot.task: {ckpt} names no task; set robot.task")
 
 
-def server_command(cfg: LaunchConfig) -> list[str]:
+def server_command(cfg: LaunchConfig, run: Path) -> list[str]:
     s = cfg.server
     cmd = POLCACHE + ["serve", "--checkpoint", s.checkpoint, "--bind", s.bind, "--device", s.device,
                       "--precision", s.precision, "--threads", str(server_threads(cfg)),
-                      "--metrics-file", str(Path(cfg.run_dir) / "server.jsonl")]
+                      "--metrics-file", str(run / "server.jsonl")]
     for flag, value in (("--backend", s.backend), ("--cache", s.cache), ("--keys", s.keys)):
         if value is not None:
             cmd += [flag, value]
     return cmd + (["--insecure"] if s.insecure else [])
 
 
-def robot_command(cfg: LaunchConfig, task: str) -> list[str]:
-    r, run = cfg.robot, Path(cfg.run_dir)
+def robot_command(cfg: LaunchConfig, run: Path, task: str) -> list[str]:
+    r = cfg.robot
     cmd = POLCACHE + ["sim-robot", "--task", task, "--hz", f"{r.hz:g}", "--episodes", str(r.episodes),
                       "--seed", str(r.seed), "--server", connect_address(cfg.server.bind),
                       "--metrics-file", str(run / "robot.jsonl"), "--json", str(run / "robot.json")]
     return cmd + (["--keys", cfg.server.keys] if cfg.server.keys else [])
 
 
-def dashboard_command(cfg: LaunchConfig) -> list[str]:
-    run = Path(cfg.run_dir)
+def dashboard_command(cfg: LaunchConfig, run: Path) -> list[str]:
     metrics = [run / "server.jsonl"] + ([run / "robot.jsonl"] if cfg.robot.enabled else [])
     return POLCACHE + ["dashboard", *[a for m in metrics for a in ("--metrics", str(m))], "--port", str(cfg.dashboard.port)]
 
@@ -96,9 +96,9 @@ def dashboard_command(cfg: LaunchConfig) -> list[str]:
 class Launch:
     """The running children; `stop()` is safe to call at any point and more than once."""
 
-    def __init__(self, cfg: LaunchConfig):
+    def __init__(self, cfg: LaunchConfig, run_dir: Path):
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir = run_dir
         self.children: dict[str, Child] = {}
 
     def start(self, name: str, cmd: list[str], placement: Placement | None = None, to_log: bool = True) -> Child:
@@ -114,8 +114,7 @@ class Launch:
         child = self.children[name] = Child(name, proc, log_path)
         where = f", log {log_path}" if log_path else ""
         say(f"{name} started (pid {proc.pid}; {describe(placement)}{where})")
-        warning = placement_warning(name, proc.pid, placement)
-        if warning:
+        for warning in placement_warnings(name, proc.pid, placement):
             say(warning)
         return child
 
@@ -153,14 +152,22 @@ def dashboard_available() -> subprocess.Popen:
     return subprocess.Popen(POLCACHE + ["dashboard", "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def new_run_dir(cfg: LaunchConfig) -> Path:
+    """A fresh directory per launch under `run_dir`, so the metrics files (which append) and the
+    dashboard hold this run only, and earlier runs stay readable."""
+    run = Path(cfg.run_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run.mkdir(parents=True)
+    say(f"logs and metrics in {run}")
+    return run
+
+
 def run_launch(cfg: LaunchConfig) -> int:
     """Start everything, wait until the robot finishes (or, without a simulated robot, until
     Ctrl-C / SIGTERM), stop everything. Returns the exit status: the robot's when it finished its
     episodes, 130 when interrupted, 1 when a child died, 2 when the setup was refused."""
     check_machine(cfg)
     task = robot_task(cfg) if cfg.robot.enabled else ""
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    launch = Launch(cfg)
+    launch = Launch(cfg, new_run_dir(cfg))
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops everything, as Ctrl-C does
     try:
         return _supervise(cfg, launch, task)
@@ -177,7 +184,7 @@ def run_launch(cfg: LaunchConfig) -> int:
 
 def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
     probe = dashboard_available() if cfg.dashboard.enabled else None
-    server = launch.start("server", server_command(cfg), cfg.server.placement)
+    server = launch.start("server", server_command(cfg, launch.run_dir), cfg.server.placement)
     address = connect_address(cfg.server.bind)
     try:
         took = wait_for_server(server.proc, address, cfg.server.ready_timeout_s, cfg.server.keys)
@@ -193,7 +200,7 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
             say("polcache has no dashboard command (it comes with the dashboard feature): running without the "
                 "dashboard; set dashboard.enabled=false to silence this")
         else:
-            dash = launch.start("dashboard", dashboard_command(cfg))
+            dash = launch.start("dashboard", dashboard_command(cfg, launch.run_dir))
             url = f"http://127.0.0.1:{cfg.dashboard.port}/"
             try:
                 wait_for_http(dash.proc, url, cfg.dashboard.ready_timeout_s)
@@ -203,8 +210,8 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
             say(f"dashboard {url}")
     if cfg.robot.enabled:
         r = cfg.robot
-        say(f"robot: {task} at {r.hz:g} Hz, {r.episodes} episode(s); result {Path(cfg.run_dir) / 'robot.json'}")
-        launch.start("robot", robot_command(cfg, task), r.placement, to_log=False)
+        say(f"robot: {task} at {r.hz:g} Hz, {r.episodes} episode(s)")
+        launch.start("robot", robot_command(cfg, launch.run_dir, task), r.placement, to_log=False)
     else:
         say("running: a robot may connect now (Ctrl-C or SIGTERM stops everything)")
     while True:
