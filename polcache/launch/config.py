@@ -13,9 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from polcache.config import apply_overrides, from_dict
+from polcache.config import apply_overrides, from_dict, read_yaml_mapping
 from polcache.errors import ConfigError, PolcacheError
 
 DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
@@ -71,7 +69,7 @@ class DashboardLaunch:
 
 @dataclass
 class LaunchConfig:
-    run_dir: str = "runs/launch"  # logs, metrics files and the robot's result JSON
+    run_dir: str = "runs/launch"  # each launch writes logs, metrics and the robot's result into a fresh subdirectory
     stop_timeout_s: float = 10.0  # per process, after SIGTERM, before SIGKILL
     server: ServerLaunch = field(default_factory=ServerLaunch)
     robot: RobotLaunch = field(default_factory=RobotLaunch)
@@ -80,16 +78,7 @@ class LaunchConfig:
 
 def load_launch_config(path: str | Path, overrides: list[str] | None = None) -> LaunchConfig:
     """Read and check a launch config file, with `a.b=value` overrides (unknown keys refused)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"launch config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
-    cfg = from_dict(LaunchConfig, apply_overrides(data, overrides or []))
+    cfg = from_dict(LaunchConfig, apply_overrides(read_yaml_mapping(path), overrides or []))
     validate(cfg)
     return cfg
 
