@@ -31,13 +31,11 @@ LOOP_CPU, SERVER_CPU = 0, 1
 # Overrides of configs/launch/sim.yaml per mode (the config itself is the "pinned + FIFO" mode).
 MODES = {
     "unpinned": ["server.placement.cpus=[]", "robot.placement.cpus=[]", "robot.placement.fifo_priority=0",
-                 "robot.placement.slice_us=0", "server.threads=1"],
+                 "server.threads=1"],
     "unpinned 2 threads": ["server.placement.cpus=[]", "robot.placement.cpus=[]",
-                                   "robot.placement.fifo_priority=0", "robot.placement.slice_us=0", "server.threads=2"],
+                                   "robot.placement.fifo_priority=0", "server.threads=2"],
     "pinned": [f"server.placement.cpus=[{SERVER_CPU}]", f"robot.placement.cpus=[{LOOP_CPU}]",
-               "robot.placement.fifo_priority=0", "robot.placement.slice_us=0", "server.threads=0"],
-    "pinned + 100 us slice": [f"server.placement.cpus=[{SERVER_CPU}]", f"robot.placement.cpus=[{LOOP_CPU}]",
-                              "robot.placement.fifo_priority=0", "robot.placement.slice_us=100", "server.threads=0"],
+               "robot.placement.fifo_priority=0", "server.threads=0"],
     "pinned + SCHED_FIFO": [f"server.placement.cpus=[{SERVER_CPU}]", f"robot.placement.cpus=[{LOOP_CPU}]",
                             "robot.placement.fifo_priority=50", "server.threads=0"],
 }

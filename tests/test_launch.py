@@ -58,7 +58,6 @@ def test_shipped_launch_configs_load(name):
     ("server.device=gpu", "server.device"),
     ("server.precision=fp8", "server.precision"),
     ("robot.placement.fifo_priority=100", "robot.placement.fifo_priority"),
-    ("robot.placement.slice_us=5", "robot.placement.slice_us"),
     ("robot.placement.cpus=[0,0]", "robot.placement.cpus"),
     ("robot.hz=0", "robot.hz"),
     ("robot.episodes=0", "robot.episodes"),

@@ -18,19 +18,15 @@ from polcache.errors import ConfigError, PolcacheError
 
 DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
 FIFO_PRIORITIES = range(0, 100)  # 0: ordinary scheduling; 1..99: SCHED_FIFO with that priority
-SLICE_US = range(100, 100_001)  # what the kernel accepts as a fair task's requested slice
 
 
 @dataclass
 class Placement:
-    """Where a process runs: `cpus` it may use (empty: wherever the launcher may), its SCHED_FIFO
-    priority (0: ordinary scheduling) and, under ordinary scheduling, the time slice it asks the
-    kernel for (Linux 6.12+ EEVDF: a short slice lets a waking task preempt the running one
-    sooner, with no privileges; 0: the kernel's default)."""
+    """Where a process runs: `cpus` it may use (empty: wherever the launcher may) and its
+    SCHED_FIFO priority (0: ordinary scheduling)."""
 
     cpus: list[int] = field(default_factory=list)
     fifo_priority: int = 0
-    slice_us: int = 0
 
 
 @dataclass
@@ -105,9 +101,6 @@ def _check_placement(name: str, placement: Placement) -> None:
     if placement.fifo_priority not in FIFO_PRIORITIES:
         raise ConfigError(f"{name}.placement.fifo_priority: expected 0 (ordinary scheduling) or a SCHED_FIFO "
                           f"priority 1..99, got {placement.fifo_priority}")
-    if placement.slice_us and placement.slice_us not in SLICE_US:
-        raise ConfigError(f"{name}.placement.slice_us: expected 0 (the kernel's default) or "
-                          f"{SLICE_US.start}..{SLICE_US.stop - 1} microseconds, got {placement.slice_us}")
 
 
 def validate(cfg: LaunchConfig) -> None:

@@ -23,7 +23,7 @@ from typing import IO
 from polcache.errors import PolcacheError
 from polcache.launch.config import LaunchConfig, Placement, check_machine, tcp_port
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
-from polcache.launch.placement import child_setup, describe, placement_warnings
+from polcache.launch.placement import child_setup, describe, placement_warning
 
 POLCACHE = [sys.executable, "-m", "polcache.cli"]
 STOP_ORDER = ("robot", "server", "dashboard")
@@ -114,7 +114,8 @@ class Launch:
         child = self.children[name] = Child(name, proc, log_path)
         where = f", log {log_path}" if log_path else ""
         say(f"{name} started (pid {proc.pid}; {describe(placement)}{where})")
-        for warning in placement_warnings(name, proc.pid, placement):
+        warning = placement_warning(name, proc.pid, placement)
+        if warning:
             say(warning)
         return child
 
