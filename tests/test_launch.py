@@ -211,3 +211,19 @@ def test_a_server_that_dies_before_it_is_ready_is_one_error_and_nothing_is_left(
     assert "polcache launch: error: the server exited with status 2 before it was ready" in out
     assert "robot started" not in out
     assert all(gone(pid) for pid in launcher.pids().values())
+
+
+def test_http_health_check_waits_for_an_answer_and_notices_an_exit(tmp_path):
+    from polcache.launch.health import NotReady, wait_for_http
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_http(server, f"http://127.0.0.1:{port}/", timeout_s=30) < 30
+    finally:
+        server.kill()
+        server.wait()
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(NotReady, match="the dashboard exited with status 3 before it was ready"):
+        wait_for_http(dead, f"http://127.0.0.1:{free_port()}/", timeout_s=30)

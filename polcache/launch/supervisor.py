@@ -165,7 +165,8 @@ def new_run_dir(cfg: LaunchConfig) -> Path:
 def run_launch(cfg: LaunchConfig) -> int:
     """Start everything, wait until the robot finishes (or, without a simulated robot, until
     Ctrl-C / SIGTERM), stop everything. Returns the exit status: the robot's when it finished its
-    episodes, 130 when interrupted, 1 when a child died, 2 when the setup was refused."""
+    episodes, 130 when interrupted, 1 when a child died; raises PolcacheError (the CLI's exit
+    status 2) for a refused config or a child that exited before it was ready."""
     check_machine(cfg)
     task = robot_task(cfg) if cfg.robot.enabled else ""
     launch = Launch(cfg, new_run_dir(cfg))
@@ -185,30 +186,33 @@ def run_launch(cfg: LaunchConfig) -> int:
 
 def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
     probe = dashboard_available() if cfg.dashboard.enabled else None
-    server = launch.start("server", server_command(cfg, launch.run_dir), cfg.server.placement)
-    address = connect_address(cfg.server.bind)
     try:
-        took = wait_for_server(server.proc, address, cfg.server.ready_timeout_s, cfg.server.keys)
-    except NotReady as exc:
-        if probe is not None:
+        server = launch.start("server", server_command(cfg, launch.run_dir), cfg.server.placement)
+        try:
+            took = wait_for_server(server.proc, connect_address(cfg.server.bind), cfg.server.ready_timeout_s,
+                                   cfg.server.keys)
+        except NotReady as exc:
+            print(launch.tail("server"), file=sys.stderr)
+            raise PolcacheError(str(exc)) from None
+        say(f"server {cfg.server.bind} answered a heartbeat after {took:.1f} s (checkpoint {cfg.server.checkpoint}, "
+            f"device {cfg.server.device}, {server_threads(cfg)} thread(s))")
+        has_dashboard = probe is not None and probe.wait() == 0
+    finally:
+        if probe is not None and probe.poll() is None:
             probe.kill()
-        print(launch.tail("server"), file=sys.stderr)
-        raise PolcacheError(str(exc)) from None
-    say(f"server {cfg.server.bind} answered a heartbeat after {took:.1f} s (checkpoint {cfg.server.checkpoint}, "
-        f"device {cfg.server.device}, {server_threads(cfg)} thread(s))")
-    if probe is not None:
-        if probe.wait() != 0:
-            say("polcache has no dashboard command (it comes with the dashboard feature): running without the "
-                "dashboard; set dashboard.enabled=false to silence this")
-        else:
-            dash = launch.start("dashboard", dashboard_command(cfg, launch.run_dir))
-            url = f"http://127.0.0.1:{cfg.dashboard.port}/"
-            try:
-                wait_for_http(dash.proc, url, cfg.dashboard.ready_timeout_s)
-            except NotReady as exc:
-                print(launch.tail("dashboard"), file=sys.stderr)
-                raise PolcacheError(str(exc)) from None
-            say(f"dashboard {url}")
+            probe.wait()
+    if has_dashboard:
+        dash = launch.start("dashboard", dashboard_command(cfg, launch.run_dir))
+        url = f"http://127.0.0.1:{cfg.dashboard.port}/"
+        try:
+            wait_for_http(dash.proc, url, cfg.dashboard.ready_timeout_s)
+        except NotReady as exc:
+            print(launch.tail("dashboard"), file=sys.stderr)
+            raise PolcacheError(str(exc)) from None
+        say(f"dashboard {url}")
+    elif cfg.dashboard.enabled:
+        say("polcache has no dashboard command (it comes with the dashboard feature): running without the "
+            "dashboard; set dashboard.enabled=false to silence this")
     if cfg.robot.enabled:
         r = cfg.robot
         say(f"robot: {task} at {r.hz:g} Hz, {r.episodes} episode(s)")
