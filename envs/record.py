@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from polcache.config import INSTRUCTION_KEY
 from polcache.envs.base import TaskEnv
+from polcache.envs.instructions import instruction_array
 from polcache.envs.registry import Expert, make_env, make_expert
 from polcache.errors import PolcacheError
 
@@ -38,25 +41,11 @@ def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int):
     return episode, success
 
 
-def record_demonstrations(
-    task: str,
-    episodes: int,
-    out: str | Path,
-    image: bool = False,
-    seed: int = 0,
-    cameras: tuple[str, ...] | None = None,
-    image_size: int = 96,
-    progress: bool = True,
-    keep: int | None = None,
-) -> dict:
-    """Run the scripted expert for `episodes` episodes (episode i uses seed + i), keep those that
-    end in success, and write them to `out`. Failed ones are dropped rather than kept, since
-    imitation learning would copy the failures. With `keep`, stop as soon as that many are kept
-    (so "50 demonstrations" means 50 even where the expert fails some). Returns a summary dict."""
-    from polcache.data.store import write_dataset
-
-    if episodes <= 0 or (keep is not None and keep <= 0):
-        raise PolcacheError(f"episodes and keep must be positive, got {episodes} and {keep}")
+def _collect(task: str, episodes: int, seed: int, image: bool, cameras: tuple[str, ...] | None, image_size: int,
+             progress: bool, keep: int | None, instruction_bytes: int) -> tuple[list, list[int], list[int], dict]:
+    """One task's kept episodes, their seeds, the dropped seeds and the dataset attrs of its env.
+    With `instruction_bytes`, every step also carries the episode's instruction (episode i follows
+    the task's i-th training paraphrase, cycling)."""
     env = make_env(task, seed=seed, image=image, cameras=cameras, image_size=image_size)
     try:
         expert = make_expert(task, env)
@@ -65,6 +54,9 @@ def record_demonstrations(
             for i in bar:
                 episode, success = _run_episode(env, expert, seed + i, EXTRA_STEPS)
                 if success:
+                    if instruction_bytes:
+                        text = instruction_array(task, "train", len(kept), instruction_bytes)
+                        episode.obs[INSTRUCTION_KEY] = np.repeat(text[None], len(episode.action), axis=0)
                     kept.append(episode)
                     kept_seeds.append(seed + i)
                 else:
@@ -76,28 +68,69 @@ def record_demonstrations(
             failed = f" (seeds {dropped_seeds})" if dropped_seeds else ""
             print(f"record {task}: kept {len(kept)} of {len(kept) + len(dropped_seeds)} episodes, dropped {len(dropped_seeds)} where the expert failed{failed}")
         if not kept:
-            raise PolcacheError(f"{task}: the expert failed all {episodes} episodes; nothing written to {out}")
+            raise PolcacheError(f"{task}: the expert failed all {episodes} episodes; nothing written")
+        obs_spec = {k: v.to_dict() for k, v in env.observation_spec().items()}
+        if instruction_bytes:
+            obs_spec[INSTRUCTION_KEY] = {"shape": [instruction_bytes], "dtype": "uint8"}
         attrs = {
-            "task": task,
             "description": env.description,
-            "seed": seed,
-            "episode_seeds": kept_seeds,
-            "obs_spec": {k: v.to_dict() for k, v in env.observation_spec().items()},
+            "obs_spec": obs_spec,
             "action_dim": env.action_dim,
             "max_episode_steps": env.max_episode_steps,
             "fps": round(1.0 / env.control_period_s, 6),  # control steps per simulated second
             "expert": getattr(expert, "__name__", type(expert).__name__),
-            "extra_steps_after_success": EXTRA_STEPS,
         }
-        write_dataset(out, kept, attrs)
     finally:
         env.close()
+    return kept, kept_seeds, dropped_seeds, attrs
+
+
+def record_demonstrations(
+    task: str | Sequence[str],
+    episodes: int,
+    out: str | Path,
+    image: bool = False,
+    seed: int = 0,
+    cameras: tuple[str, ...] | None = None,
+    image_size: int = 96,
+    progress: bool = True,
+    keep: int | None = None,
+    instruction_bytes: int = 0,
+) -> dict:
+    """Run the scripted expert for `episodes` episodes (episode i uses seed + i), keep those that
+    end in success, and write them to `out`. Failed ones are dropped rather than kept, since
+    imitation learning would copy the failures. With `keep`, stop as soon as that many are kept
+    (so "50 demonstrations" means 50 even where the expert fails some). Several tasks (a list)
+    make one multi-task dataset, each episode naming its task; they must share observation and
+    action shapes (Meta-World's do). `instruction_bytes` > 0 adds the `instruction` observation
+    (see `_collect`). Returns a summary dict."""
+    from polcache.data.store import write_dataset
+
+    tasks = [task] if isinstance(task, str) else list(task)
+    if episodes <= 0 or (keep is not None and keep <= 0) or not tasks:
+        raise PolcacheError(f"episodes and keep must be positive and a task given, got {episodes}, {keep}, {tasks}")
+    kept, seeds, dropped, attrs = [], {}, {}, None
+    for name in tasks:
+        k, kept_seeds, dropped_seeds, task_attrs = _collect(name, episodes, seed, image, cameras, image_size, progress,
+                                                            keep, instruction_bytes)
+        if attrs is not None and (task_attrs["obs_spec"], task_attrs["action_dim"]) != (attrs["obs_spec"], attrs["action_dim"]):
+            raise PolcacheError(f"{name}: observations or actions differ in shape from {tasks[0]}'s; "
+                                "a multi-task dataset needs the same shapes")
+        attrs = attrs or task_attrs
+        kept += k
+        seeds[name], dropped[name] = kept_seeds, dropped_seeds
+    attrs = {**attrs, "task": tasks[0], "seed": seed, "extra_steps_after_success": EXTRA_STEPS}
+    if len(tasks) == 1:
+        attrs.update(episode_seeds=seeds[tasks[0]])
+    else:
+        attrs.update(description=f"{len(tasks)} tasks: {', '.join(tasks)}", tasks_recorded=tasks, episode_seeds=seeds)
+    write_dataset(out, kept, attrs)
     return {
         "path": str(out),
-        "task": task,
+        "task": tasks[0] if len(tasks) == 1 else tasks,
         "episodes": len(kept),
-        "dropped": len(dropped_seeds),
-        "dropped_seeds": dropped_seeds,
+        "dropped": sum(len(d) for d in dropped.values()),
+        "dropped_seeds": dropped[tasks[0]] if len(tasks) == 1 else dropped,
         "steps": int(sum(len(e.action) for e in kept)),
         "obs_keys": sorted(kept[0].obs),
     }

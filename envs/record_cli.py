@@ -11,7 +11,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="record scripted-expert demonstrations for a task",
         description="Run a task's scripted expert and write its successful episodes as a polcache dataset.",
     )
-    p.add_argument("--task", required=True, help="task name, e.g. reach-v3 or cue-reach")
+    p.add_argument("--task", required=True, help="task name, e.g. reach-v3 or cue-reach; several (comma-separated, or "
+                                              "a suite name: mt10) make one multi-task dataset")
     p.add_argument("--episodes", type=int, required=True, help="episodes to attempt (failed ones are dropped)")
     p.add_argument("--keep", type=int, help="stop once this many successful episodes are kept (attempting at most "
                                             "--episodes)")
@@ -21,15 +22,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cameras", type=lambda s: tuple(c for c in s.split(",") if c), default=None,
                    help="comma-separated cameras (default: the task's usual one); implies --image")
     p.add_argument("--image-size", type=int, default=96, help="square image size in pixels")
+    p.add_argument("--instructions", type=int, nargs="?", const=64, default=0, metavar="BYTES",
+                   help="also record each episode's instruction (one of the task's training paraphrases) as the "
+                        "'instruction' observation of BYTES UTF-8 bytes (default 64), for language-conditioned policies")
     p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from polcache.envs.record import record_demonstrations
 
+    from polcache.sim.suite import SUITES
+
+    tasks = list(SUITES.get(args.task, [t for t in args.task.split(",") if t]))
     summary = record_demonstrations(
-        args.task, args.episodes, args.out, image=args.image, seed=args.seed,
-        cameras=args.cameras, image_size=args.image_size, keep=args.keep,
+        tasks[0] if len(tasks) == 1 else tasks, args.episodes, args.out, image=args.image, seed=args.seed,
+        cameras=args.cameras, image_size=args.image_size, keep=args.keep, instruction_bytes=args.instructions,
     )
     print(f"wrote {summary['path']}: {summary['episodes']} episodes, {summary['steps']} steps, obs {', '.join(summary['obs_keys'])}")
     return 0

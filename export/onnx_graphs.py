@@ -130,10 +130,15 @@ def _trace(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]
            dynamic: dict[str, dict[int, str]]) -> onnx.ModelProto:
     module.eval()  # the exporter restores the wrapper's mode afterwards, which would reach the policy
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=inputs,
-                          output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # nn.TransformerEncoder's fused kernel has no ONNX form
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=inputs,
+                              output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -167,7 +172,7 @@ def dims(policy: DiffusionPolicy) -> dict[str, int]:
     ca = [blk for blk in den.blocks if blk.kind == CA]
     return {"n_blocks": len(den.blocks), "n_ca": len(ca), "heads": ca[0].n_heads, "head_dim": ca[0].head_dim,
             "width": den.width, "horizon": policy.cfg.horizon, "action_dim": policy.action_dim,
-            "n_obs_steps": policy.cfg.n_obs_steps}
+            "memory_tokens": den.memory_tokens}
 
 
 def trace_encoder(policy: DiffusionPolicy, batch: int = 2) -> onnx.ModelProto:
@@ -187,7 +192,7 @@ def trace_encoder(policy: DiffusionPolicy, batch: int = 2) -> onnx.ModelProto:
 
 def trace_pieces(policy: DiffusionPolicy, sampler: Sampler, batch: int = 2) -> Pieces:
     d = dims(policy)
-    B, H, Da, W, To = batch, d["horizon"], d["action_dim"], d["width"], d["n_obs_steps"]
+    B, H, Da, W, To = batch, d["horizon"], d["action_dim"], d["width"], d["memory_tokens"]
     n_ca, heads, hd = d["n_ca"], d["heads"], d["head_dim"]
     x = torch.randn(B, H, Da)
     k = torch.tensor(0, dtype=torch.int64)

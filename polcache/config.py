@@ -16,6 +16,8 @@ import yaml
 
 from polcache.errors import ConfigError
 
+INSTRUCTION_KEY = "instruction"  # the observation key a language-conditioned policy reads its instruction from
+
 
 @dataclass
 class SamplerConfig:
@@ -32,6 +34,19 @@ class ImageEncoderConfig:
     keypoints: int = 32  # spatial-softmax keypoints per camera
     feature_dim: int = 64
     crop_fraction: float = 0.9  # random crop at training, centre crop at inference
+
+
+@dataclass
+class VLAConfig:
+    """The prefix of the `vla` family (ignored by DP-T): a small transformer over image, instruction
+    and state tokens whose output the flow-matching action expert cross-attends to."""
+
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    image_grid: int = 4  # image tokens per camera and frame: image_grid x image_grid
+    instruction_bytes: int = 64  # UTF-8 bytes an instruction may take (longer ones are refused)
+    bytes_per_token: int = 4  # instruction bytes folded into one text token
 
 
 @dataclass
@@ -55,6 +70,7 @@ class PolicyConfig:
     objective: str = "epsilon"  # epsilon (DDPM/DDIM) | flow (rectified flow velocity)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    vla: VLAConfig = field(default_factory=VLAConfig)
 
 
 @dataclass
@@ -249,5 +265,20 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.steps ({t.steps}) or train.epochs ({t.epochs}) must be positive")
     if t.state_noise < 0 or t.val_windows < 0:
         raise ConfigError("train.state_noise and train.val_windows must be >= 0")
-    if not cfg.obs_keys or any(not (k == "state" or k.startswith("image_")) for k in cfg.obs_keys):
-        raise ConfigError(f"obs_keys must name 'state' and/or 'image_<camera>' keys, got {cfg.obs_keys}")
+    keys = [k for k in cfg.obs_keys if k != INSTRUCTION_KEY]
+    if not keys or any(not (k == "state" or k.startswith("image_")) for k in keys):
+        raise ConfigError(f"obs_keys must name 'state' and/or 'image_<camera>' keys (and 'instruction' for "
+                          f"policy.family=vla), got {cfg.obs_keys}")
+    if INSTRUCTION_KEY in cfg.obs_keys and p.family != "vla":
+        raise ConfigError(f"obs_keys: 'instruction' needs a language-conditioned family (policy.family=vla), "
+                          f"got policy.family={p.family!r}")
+    if p.family == "vla":
+        v = p.vla
+        if INSTRUCTION_KEY not in cfg.obs_keys:
+            raise ConfigError("policy.family=vla: obs_keys must include 'instruction'")
+        if v.width % v.heads or min(v.layers, v.image_grid, v.bytes_per_token) < 1:
+            raise ConfigError(f"policy.vla: width ({v.width}) must be divisible by heads ({v.heads}); layers, "
+                              "image_grid and bytes_per_token must be >= 1")
+        if v.instruction_bytes % v.bytes_per_token:
+            raise ConfigError(f"policy.vla.instruction_bytes ({v.instruction_bytes}) must be a multiple of "
+                              f"policy.vla.bytes_per_token ({v.bytes_per_token})")

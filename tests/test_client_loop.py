@@ -42,7 +42,7 @@ class ScriptedClient:
         self.in_flight = [c for c in self.in_flight if c not in arrived]
         return [] if self.silent else arrived
 
-    def reset(self) -> int:
+    def reset(self, instruction: str | None = None) -> int:
         self.epoch += 1
         self.seq = -1
         return self.epoch

@@ -70,3 +70,25 @@ def test_ensembling_blends_overlapping_chunks(decay, expected):
     # Chunks of 4 replanned every 2 steps: from step 2 on, two chunks cover every step.
     _, acts, _ = _run(Rollout(max_steps=6, action_steps=2, ensemble_decay=decay))
     assert acts == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_delay_keeps_the_previous_chunk_running_until_the_next_arrives():
+    from polcache.errors import PolcacheError
+
+    # chunk c is planned at step 4c and arrives 3 steps later; the first chunk is waited for
+    result, acts, _ = _run(Rollout(max_steps=16, action_steps=4, delay=3), n_action_steps=8)
+    assert acts.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
+    assert np.isfinite(result["seam_jerk"]) and np.isfinite(result["jerk"])
+    with pytest.raises(PolcacheError, match="needs chunks of at least 9 actions"):
+        _run(Rollout(max_steps=16, action_steps=6, delay=3), n_action_steps=8)
+
+
+def test_seam_jerk_separates_steps_where_a_chunk_takes_over():
+    from polcache.sim.evaluate import seam_jerk
+
+    smooth = np.arange(12, dtype=np.float32)[:, None]  # constant velocity: no jerk anywhere
+    assert seam_jerk(smooth, [4, 8]) == {"seam_jerk": 0.0, "jerk": 0.0}
+    jumpy = smooth.copy()
+    jumpy[8:] += 5.0  # a jump where the chunk planned at step 8 takes over
+    out = seam_jerk(jumpy, [4, 8])
+    assert out["seam_jerk"] == pytest.approx(2.5) and out["jerk"] > 0

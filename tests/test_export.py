@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_policy
+from helpers import tiny_policy, tiny_vla
 from test_cli_errors import _err
 
 pytest.importorskip("onnx")
@@ -122,11 +122,14 @@ def test_chunk_matches_torch_with_the_same_noise_at_any_batch(policy, schedule, 
     assert (what["cache"] is None) == (cache is None)
 
 
-def test_image_policy_exports(tmp_path):
-    policy = tiny_policy(n_layers=1, width=32, image=True)
-    art = _artifact(policy, tmp_path, "uniform:2", kind="ddim")
+@pytest.mark.parametrize("family", ["dp-t", "vla"])
+def test_image_policy_exports(tmp_path, family):
+    """DP-T and the VLA (prefix transformer over image, state and instruction tokens, flow expert)."""
+    policy = tiny_policy(n_layers=1, width=32, image=True) if family == "dp-t" else tiny_vla(image=True)
+    kind = "ddim" if family == "dp-t" else "flow"
+    art = _artifact(policy, tmp_path, "uniform:2", kind=kind)
     backend = OrtBackend(art)
-    smp = policy.sampler("ddim", K)
+    smp = policy.sampler(kind, K)
     plan, _ = plan_table(policy, smp, "uniform:2")
     obs = _obs(backend.spec, 2)
     x = np.random.default_rng(0).standard_normal((2, 16, 3), dtype=np.float32)

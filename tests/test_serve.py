@@ -12,7 +12,7 @@ from fakes import FakeBackend, RawPeer, StepRobot, fake_spec, observation, wait_
 from polcache.serve.history import ObservationHistory
 from polcache.serve.server import PolicyServer
 from polcache_client import ControlLoop, PolicyClient
-from polcache_client.protocol import ActionChunk, Handshake, Heartbeat, Reset, Welcome, encode
+from polcache_client.protocol import PROTOCOL_VERSION, ActionChunk, Handshake, Heartbeat, Reset, Welcome, encode
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_version_2_robots_report_executed_actions_that_reach_the_policy_at_the_p
     robot = StepRobot(50)
     with serve(backend) as server, PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=50) as client:
         client.connect(timeout_s=5)
-        assert client.version == 2
+        assert client.version == PROTOCOL_VERSION
         ControlLoop(robot, client, 50).run(ticks=40)
         wait_for(lambda: backend.past and backend.past[-1] is not None, 5)
     applied = dict(robot.applied)  # tick (= seq) -> value, every dimension equal

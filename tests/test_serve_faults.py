@@ -50,7 +50,7 @@ def obs_map(**override) -> bytes:
     [
         (b"\x93\x01", "malformed", "msgpack"),
         (msgpack.packb("hello"), "malformed", "map"),
-        (obs_map(v=3), "version", "version 3"),
+        (obs_map(v=4), "version", "version 4"),
         (obs_map(type="launch"), "unknown_type", "launch"),
         (obs_map(type="chunk"), "missing_key", "chunk message lacks"),
         (obs_map(seq=...), "missing_key", "seq"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import zmq
@@ -60,15 +61,19 @@ class PolicyClient:
         clock: Clock | None = None,
         context: zmq.Context | None = None,
         version: int = PROTOCOL_VERSION,
+        instruction: str | None = None,
     ):
+        """`instruction`: what a language-conditioned policy should do (protocol version 3; a
+        policy without language ignores it); `reset` may change it per episode."""
         self.address = address
-        self.version = version  # 2 reports executed actions; a version-1 server gets version 1
+        self.version = version  # 2 reports executed actions, 3 instructions; older servers get their version
         self.obs_spec = obs_spec
         self.keys_dir = keys_dir
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
         self.clock = clock or MonotonicClock()
-        self._hello = Handshake(obs_spec=obs_spec, action_dim=action_dim, hz=float(hz), name=name)
+        self._hello = Handshake(obs_spec=obs_spec, action_dim=action_dim, hz=float(hz), name=name,
+                                instruction=instruction)
         self._handshake = encode(self._hello, version)
         self._context = context or zmq.Context.instance()
         self._warn = RateLimitedLog(log).warning
@@ -160,13 +165,14 @@ class PolicyClient:
         elif isinstance(msg, Heartbeat):
             self.rtt_s = now - msg.t
         elif isinstance(msg, Error):
-            if msg.code == "spec_mismatch":
+            if msg.code == "spec_mismatch" or (msg.code == "bad_instruction" and not self._ready):
                 raise ConnectError(f"server at {self.address} refused the handshake: {msg.message}")
             if msg.code == "version" and not self._ready and self.version > 1:
-                self.version = 1  # an older server: speak its version (no executed actions)
-                self._handshake = encode(self._hello, 1)
+                self.version -= 1  # an older server: try its version (fewer fields)
+                self._handshake = encode(self._hello, self.version)
                 self._handshake_due = now
-                log.info("server at %s speaks protocol version 1: falling back to it", self.address)
+                log.info("server at %s does not speak our protocol version: falling back to version %d",
+                         self.address, self.version)
                 return True
             if msg.code == "no_session":
                 self._reconnect(f"server does not know this robot ({msg.message})")
@@ -209,12 +215,16 @@ class PolicyClient:
             return False
         return self._send(frame)
 
-    def reset(self) -> int:
-        """Start a new episode: a new epoch, so old chunks can never be executed in it."""
+    def reset(self, instruction: str | None = None) -> int:
+        """Start a new episode: a new epoch, so old chunks can never be executed in it. A new
+        `instruction` holds from this episode on (also across reconnects)."""
         self.epoch += 1
         self.seq = -1
+        if instruction is not None:
+            self._hello = replace(self._hello, instruction=instruction)
+            self._handshake = encode(self._hello, self.version)
         if self._ready:
-            self._send(encode(Reset(epoch=self.epoch), self.version))
+            self._send(encode(Reset(epoch=self.epoch, instruction=instruction), self.version))
         return self.epoch
 
     def close(self) -> None:

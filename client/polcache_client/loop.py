@@ -41,9 +41,10 @@ class ControlLoop:
         self.schedule.reset(client.epoch)
         self._executed: list[tuple[int, int, object]] = []  # (epoch, seq, action) not yet reported
 
-    def reset_episode(self) -> None:
-        """New episode: new epoch on the wire, empty schedule, watchdog waiting for a first action."""
-        self.schedule.reset(self.client.reset())
+    def reset_episode(self, instruction: str | None = None) -> None:
+        """New episode: new epoch on the wire (with a new `instruction`, if given), empty schedule,
+        watchdog waiting for a first action."""
+        self.schedule.reset(self.client.reset(instruction))
         self._executed.clear()
         self.watchdog.reset()
         self.rate.reset()

@@ -17,8 +17,8 @@ from typing import Any, Callable, Union
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 2  # what this side writes by default
-SUPPORTED_VERSIONS = (1, 2)  # what it reads; a server answers each robot in the robot's version
+PROTOCOL_VERSION = 3  # what this side writes by default
+SUPPORTED_VERSIONS = (1, 2, 3)  # what it reads; a server answers each robot in the robot's version
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20
 
 # dtypes a peer may send; object and structured dtypes are never accepted.
@@ -30,6 +30,7 @@ MAX_COUNT = 2**63 - 1  # epoch and seq: non-negative int64
 MIN_HZ, MAX_HZ = 0.01, 10_000.0  # control rates outside these are not a robot's (5e-324 Hz: infinite due times)
 MAX_TIME_S = 1e12  # robot-clock timestamps: finite and within +-1e12 s
 MAX_ACTION_DIM = 65_536
+MAX_INSTRUCTION_BYTES = 1024  # UTF-8 bytes of an instruction on the wire (a policy may allow fewer)
 
 # Per-step observation layout: key -> (shape, dtype name).
 ObsSpec = dict[str, tuple[tuple[int, ...], str]]
@@ -53,6 +54,7 @@ class Handshake:
     action_dim: int
     hz: float
     name: str
+    instruction: str | None = None  # version 3: what a language-conditioned policy should do
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,11 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class Reset:
-    """Robot -> server, echoed back as acknowledgement: a new episode starts at `epoch`."""
+    """Robot -> server, echoed back as acknowledgement: a new episode starts at `epoch`.
+    Version 3: `instruction`, if not None, replaces the robot's instruction from this episode on."""
 
     epoch: int
+    instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,24 @@ _dim = _ranged(_int, 1, MAX_ACTION_DIM, f"in 1..{MAX_ACTION_DIM}")
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str) or len(value) > 4096:
         raise ProtocolError("bad_type", f"{where} must be a string of at most 4096 characters")
+    try:  # frames are unpacked with surrogateescape, so a string of invalid UTF-8 is named here
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError("bad_type", f"{where} is not valid UTF-8 (at character {exc.start})") from None
+    return value
+
+
+def _instruction(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError("bad_type", f"{where} must be a string or nil")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ProtocolError("bad_type", f"{where} is not valid UTF-8 (at character {exc.start})") from None
+    if size > MAX_INSTRUCTION_BYTES:
+        raise ProtocolError("out_of_range", f"{where} must be at most {MAX_INSTRUCTION_BYTES} UTF-8 bytes, got {size}")
     return value
 
 
@@ -290,6 +312,7 @@ _FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[
     (Handshake, "action_dim"): (_dim, int),
     (Handshake, "hz"): (_hz, float),
     (Handshake, "name"): (_str, str),
+    (Handshake, "instruction"): (_instruction, _identity),
     (Welcome, "policy"): (_dict, _identity),
     (Welcome, "max_message_bytes"): (_int, int),
     (Welcome, "server"): (_str, str),
@@ -308,6 +331,7 @@ _FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[
     (ActionChunk, "timing"): (_float_map, dict),
     (Heartbeat, "t"): (_time, float),
     (Reset, "epoch"): (_count, int),
+    (Reset, "instruction"): (_instruction, _identity),
     (Error, "code"): (_str, str),
     (Error, "message"): (_str, str),
     (Error, "seq"): (_optional_int, _identity),
@@ -317,12 +341,17 @@ _FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[
 # ---------------------------------------------------------------- messages
 
 
-# Fields that version 1 does not have: a version-1 message lacks them, a version-2 one carries them.
-V2_FIELDS = frozenset({(Observation, "executed_seqs"), (Observation, "executed")})
+# The version that added a field: messages of older versions lack it, newer ones carry it.
+FIELD_SINCE = {(Observation, "executed_seqs"): 2, (Observation, "executed"): 2,
+               (Handshake, "instruction"): 3, (Reset, "instruction"): 3}
+
+
+# Fields a message may leave out (they then take their default, nil): what a minimal robot needs not write.
+OPTIONAL_FIELDS = frozenset({(Handshake, "instruction"), (Reset, "instruction")})
 
 
 def _fields(cls: type, version: int) -> list[str]:
-    return [f.name for f in fields(cls) if version >= 2 or (cls, f.name) not in V2_FIELDS]
+    return [f.name for f in fields(cls) if version >= FIELD_SINCE.get((cls, f.name), 1)]
 
 
 def _wire_items(msg: Message, skip: str | None = None, version: int = PROTOCOL_VERSION) -> list[tuple[str, Any]]:
@@ -366,7 +395,7 @@ def decode_versioned(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     if len(data) > max_bytes:
         raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, unicode_errors="surrogateescape")
     except Exception as exc:  # msgpack raises many types for bad input; all mean the same here
         raise ProtocolError("malformed", f"not a msgpack message: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
@@ -382,8 +411,9 @@ def decode_versioned(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     names = _fields(cls, version)
     expected = set(names)
     given = set(obj) - {"v", "type"}
-    if expected - given:
-        raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(expected - given)}")
+    names = [n for n in names if n in given or (cls, n) not in OPTIONAL_FIELDS]
+    if set(names) - given:
+        raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(set(names) - given)}")
     if given - expected:
         raise ProtocolError("extra_key", f"{name} message has unexpected key(s) {_short(sorted(map(str, given - expected)))}")
     # Fields are checked in their documented order, so where several are wrong the same one is named.

@@ -2,7 +2,7 @@
 its residual delta is across denoising steps (cosine similarity, the paper's measure, and
 squared distance), and how strongly an error in it at each step reaches the actions.
 
-The deltas are observed through a recording store handed to `DiffusionPolicy.sample` (the
+The deltas are observed through a recording store handed to the policy's `sample` (the
 same store interface the cached executor writes to), not through hooks. Observations come
 from the checkpoint's training dataset when it exists, else from environment resets.
 """
@@ -20,9 +20,9 @@ from tqdm import tqdm
 from polcache.cache.errors import CacheError
 from polcache.cache.schedule import Calibration, Schedule, build_schedule, model_hash, save_schedule
 from polcache.cache.sensitivity import delta_sensitivity
-from polcache.config import ExperimentConfig
+from polcache.config import INSTRUCTION_KEY, ExperimentConfig
 from polcache.policy.executor import DeltaStore
-from polcache.policy.policy import DiffusionPolicy
+from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
 
 
@@ -41,7 +41,7 @@ class RecordingStore(DeltaStore):
 
 
 @torch.no_grad()
-def calibrate(policy: DiffusionPolicy, sampler: Sampler, observations: dict[str, torch.Tensor], source: str = "",
+def calibrate(policy: CacheTarget, sampler: Sampler, observations: dict[str, torch.Tensor], source: str = "",
               batch_size: int = 8, seed: int = 0, progress: bool = False,
               sensitivity_samples: int = 8) -> Calibration:
     """Per-block K x K mean cosine similarity and squared distance, and mean pairwise L1 distance,
@@ -51,7 +51,7 @@ def calibrate(policy: DiffusionPolicy, sampler: Sampler, observations: dict[str,
     n_obs = int(next(iter(observations.values())).shape[0])
     if n_obs < 1:
         raise CacheError("calibration needs at least one observation")
-    names = policy.denoiser.block_names
+    names = [b.name for b in policy.cache_blocks]
     n, K = len(names), sampler.num_steps
     dev = next(policy.parameters()).device
     sim = np.zeros((n, K, K))
@@ -81,7 +81,7 @@ def calibrate(policy: DiffusionPolicy, sampler: Sampler, observations: dict[str,
     bar.close()
     return Calibration(block_names=names, similarity=sim / n_obs, l1=l1 / n_obs, samples=n_obs, source=source,
                        seed=seed, distance=dist / n_obs, sensitivity=sens,
-                       layer_kind=[(b.layer, b.kind) for b in policy.denoiser.blocks])
+                       layer_kind=[(b.layer, b.kind) for b in policy.cache_blocks])
 
 
 def find_dataset(dataset: str, checkpoint: str | Path | None = None) -> Path | None:
@@ -97,7 +97,7 @@ def find_dataset(dataset: str, checkpoint: str | Path | None = None) -> Path | N
     return next((c for c in candidates if c.exists()), None)
 
 
-def calibration_observations(policy: DiffusionPolicy, cfg: ExperimentConfig, samples: int, seed: int = 0,
+def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples: int, seed: int = 0,
                              checkpoint: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """`samples` observation histories (key -> (N, To, ...)) and a description of where they came
     from: random windows of the training dataset if it exists (see `find_dataset`), else
@@ -128,6 +128,11 @@ def calibration_observations(policy: DiffusionPolicy, cfg: ExperimentConfig, sam
         frames = [env.reset(seed=seed + i) for i in range(samples)]
     finally:
         env.close()
+    if INSTRUCTION_KEY in keys:  # a language-conditioned policy follows the task's training instructions
+        from polcache.envs.instructions import instruction_array
+
+        length = policy.spec.obs[INSTRUCTION_KEY].shape[0]
+        frames = [{**f, INSTRUCTION_KEY: instruction_array(task, "train", i, length)} for i, f in enumerate(frames)]
     obs = {k: torch.as_tensor(np.stack([np.repeat(f[k][None], To, axis=0) for f in frames])) for k in keys}
     return obs, f"{task} environment resets: seeds {seed}..{seed + samples - 1}"
 
@@ -143,14 +148,15 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
 
     policy, cfg, _ = load_policy(checkpoint, resolve_device(device))
     smp = policy.sampler(sampler, steps)
-    K, n = smp.num_steps, len(policy.denoiser.block_names)
+    K, n = smp.num_steps, len(policy.cache_blocks)
     if not 1 <= budget <= K:
         raise CacheError(f"--budget must be in 1..{K} (the number of denoising steps), got {budget}")
     if method == "bac" and not 0 <= bu_blocks <= n:
         raise CacheError(f"--bu-blocks must be in 0..{n} (the number of blocks), got {bu_blocks}")
     obs, source = calibration_observations(policy, cfg, samples, seed, checkpoint)
     calib = calibrate(policy, smp, obs, source, batch_size, seed, progress)
-    schedule = build_schedule(calib, method, budget, bu_blocks, force_last, model_hash(policy), smp.kind, objective)
+    schedule = build_schedule(calib, method, budget, bu_blocks, force_last, model_hash(policy), smp.kind, objective,
+                              policy.identity()["family"])
     save_schedule(schedule, out)
     plot_schedule(schedule, Path(out).with_suffix(".png"))
     return schedule

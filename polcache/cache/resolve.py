@@ -24,7 +24,7 @@ from polcache.cache.baselines import no_cache_plan, threshold_plan, uniform_plan
 from polcache.cache.errors import CacheError
 from polcache.cache.schedule import OBJECTIVES, build_schedule, check_fits, load_schedule
 from polcache.policy.executor import COMPUTE, GATE, Plan
-from polcache.policy.policy import DiffusionPolicy
+from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
 
 FORECAST_SUFFIX = "+forecast"
@@ -38,12 +38,12 @@ def _number(text: str, kind: type, what: str, spec: str):
                          f"got {text!r}") from None
 
 
-def resolve_plan(cache_spec: str, policy: DiffusionPolicy, sampler: Sampler) -> Plan:
+def resolve_plan(cache_spec: str, policy: CacheTarget, sampler: Sampler) -> Plan:
     """Resolve a cache spec (see the module docstring) into the plan `policy.sample` runs."""
     spec = cache_spec.strip()
     forecast = spec.endswith(FORECAST_SUFFIX)
     body = spec[: -len(FORECAST_SUFFIX)] if forecast else spec
-    K, n = sampler.num_steps, len(policy.denoiser.blocks)
+    K, n = sampler.num_steps, len(policy.cache_blocks)
     head, _, args = body.partition(":")
     if body.endswith(".json") and "@" not in body:
         schedule = load_schedule(body)
@@ -65,7 +65,7 @@ def resolve_plan(cache_spec: str, policy: DiffusionPolicy, sampler: Sampler) -> 
         source = load_schedule(path)
         check_fits(source, policy, sampler, path)
         plan = build_schedule(source.calibration, head, budget, bu, source.force_last, source.model_hash,
-                              source.sampler, objective or source.objective).to_plan()
+                              source.sampler, objective or source.objective, source.family).to_plan()
     elif head == "uniform" and args:
         plan = uniform_plan(K, n, _number(args, int, "the interval N", spec))
     elif head == "threshold" and args:

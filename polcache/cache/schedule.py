@@ -29,7 +29,7 @@ from polcache.cache.bubbling import bubbling_union, legacy_layer_kind, top_block
 from polcache.cache.errors import CacheError
 from polcache.config import to_dict
 from polcache.policy.executor import COMPUTE, REUSE, Plan
-from polcache.policy.policy import DiffusionPolicy
+from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
 
 FORMAT = "polcache-cache-schedule"
@@ -115,6 +115,7 @@ class Schedule:
     update_steps: dict[str, list[int]]  # block name -> sorted update steps, in model block order
     calibration: Calibration
     objective: str = "similarity"  # one of OBJECTIVES
+    family: str = "dp-t"  # the policy family calibrated (files from before families existed: DP-T)
     bu_selected: list[str] = field(default_factory=list)
     created: str = ""
     code_version: str = ""
@@ -135,14 +136,10 @@ class Schedule:
         return Plan(ops, method=self.method)
 
 
-def model_hash(policy: DiffusionPolicy) -> str:
-    """sha256 of what decides the model's outputs: config, shapes, weights and normaliser."""
+def model_hash(policy: CacheTarget) -> str:
+    """sha256 of what decides the model's outputs: identity (config, keys, shapes), weights and normaliser."""
     h = hashlib.sha256()
-    config = to_dict(policy.cfg)
-    if config.get("family") == "dp-t":  # hashes from before families existed stay valid for DP-T
-        del config["family"]
-    ident = {"config": config, "obs_keys": policy.obs_keys, "action_dim": policy.action_dim}
-    h.update(json.dumps(ident, sort_keys=True).encode())
+    h.update(json.dumps(policy.identity(), sort_keys=True).encode())
     tensors = dict(policy.state_dict())
     tensors.update({f"normalizer.{k}": v for k, v in policy.normalizer.state_dict().items()})
     for name in sorted(tensors):
@@ -153,7 +150,7 @@ def model_hash(policy: DiffusionPolicy) -> str:
 
 
 def build_schedule(calibration: Calibration, method: str, budget: int, bu_blocks: int, force_last: bool,
-                   model: str, sampler: str, objective: str = "similarity") -> Schedule:
+                   model: str, sampler: str, objective: str = "similarity", family: str = "dp-t") -> Schedule:
     """Solve ACS per block (or once on the mean scores for `unified`) on the objective's scores,
     then Bubbling Union for `bac`."""
     if method not in METHODS:
@@ -170,7 +167,7 @@ def build_schedule(calibration: Calibration, method: str, budget: int, bu_blocks
     return Schedule(method=method, model_hash=model, sampler=sampler, steps=calibration.steps, budget=int(budget),
                     bu_blocks=int(bu_blocks) if method == "bac" else 0, force_last=bool(force_last),
                     update_steps={n: list(s) for n, s in zip(names, steps)}, calibration=calibration,
-                    objective=objective, bu_selected=[names[i] for i in selected])
+                    objective=objective, family=family, bu_selected=[names[i] for i in selected])
 
 
 def save_schedule(schedule: Schedule, path: str | Path) -> Path:
@@ -183,7 +180,7 @@ def save_schedule(schedule: Schedule, path: str | Path) -> Path:
         "version": VERSION,
         "method": schedule.method,
         "objective": schedule.objective,
-        "model": {"hash": schedule.model_hash, "blocks": list(schedule.update_steps),
+        "model": {"hash": schedule.model_hash, "family": schedule.family, "blocks": list(schedule.update_steps),
                   "layers": [layer for layer, _ in schedule.calibration.layer_kind],
                   "kinds": [kind for _, kind in schedule.calibration.layer_kind]},
         "sampler": {"kind": schedule.sampler, "steps": schedule.steps},
@@ -240,6 +237,7 @@ def load_schedule(path: str | Path) -> Schedule:
                             bu_blocks=int(d["bu_blocks"]),
                             force_last=bool(d["force_last"]), update_steps=steps, calibration=calibration,
                             objective=str(d.get("objective", "similarity")),
+                            family=str(d["model"].get("family", "dp-t")),
                             bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
                             code_version=str(d.get("code_version", "")))
     except (KeyError, TypeError, ValueError) as exc:
@@ -257,8 +255,12 @@ def load_schedule(path: str | Path) -> Schedule:
     return schedule
 
 
-def check_fits(schedule: Schedule, policy: DiffusionPolicy, sampler: Sampler, where: str = "schedule") -> None:
-    """Refuse a schedule calibrated for another model, sampler or step count."""
+def check_fits(schedule: Schedule, policy: CacheTarget, sampler: Sampler, where: str = "schedule") -> None:
+    """Refuse a schedule calibrated for another family, model, sampler or step count."""
+    family = policy.identity()["family"]
+    if schedule.family != family:
+        raise CacheError(f"{where} was calibrated on a {schedule.family} policy, this checkpoint is a {family} policy: "
+                         "run `polcache calibrate` for this checkpoint")
     mine = model_hash(policy)
     if schedule.model_hash != mine:
         raise CacheError(f"{where} was calibrated for model {schedule.model_hash[7:19]}, not this one ({mine[7:19]}): "
@@ -267,6 +269,6 @@ def check_fits(schedule: Schedule, policy: DiffusionPolicy, sampler: Sampler, wh
         raise CacheError(f"{where} is for {schedule.sampler} with K={schedule.steps} steps, but the sampler is "
                          f"{sampler.kind} with K={sampler.num_steps}: pass --sampler {schedule.sampler} "
                          f"--steps {schedule.steps}, or recalibrate")
-    names = policy.denoiser.block_names
+    names = [b.name for b in policy.cache_blocks]
     if list(schedule.update_steps) != names:
         raise CacheError(f"{where} names blocks {list(schedule.update_steps)[:3]}..., the model has {names[:3]}...")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from polcache.policy.executor import DeltaStore
-from polcache.policy.policy import DiffusionPolicy
+from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
 
 
@@ -37,13 +37,13 @@ class _GraphStore(DeltaStore):
         self.index.append((i, k))
 
 
-def delta_sensitivity(policy: DiffusionPolicy, sampler: Sampler, features: torch.Tensor,
+def delta_sensitivity(policy: CacheTarget, sampler: Sampler, features: torch.Tensor,
                       generator: torch.Generator, on_sample: Callable[[], None] | None = None) -> np.ndarray:
     """(n_blocks, K) mean over the N rows of `features` (N, To, F) of the squared gradient norm
     of a random projection of the action chunk with respect to each block's delta at each step.
 
     Observations run one at a time: the graph of a whole chunk at batch 1 is what bounds memory."""
-    n, K = len(policy.denoiser.blocks), sampler.num_steps
+    n, K = len(policy.cache_blocks), sampler.num_steps
     out = np.zeros((n, K))
     for row in range(features.shape[0]):
         x, noise = policy.initial_noise(1, sampler, generator, features.device)

@@ -44,9 +44,10 @@ class Episode:
 
 
 def _check_key(key: str) -> None:
-    # "embedding": per-frame encoder outputs written by `polcache ptp embed` (polcache.ptp.embeddings)
-    if key not in ("state", "embedding") and not (key.startswith("image_") and len(key) > len("image_")):
-        raise DatasetError(f"obs key {key!r} is not supported: use 'state' or 'image_<camera>'")
+    # "embedding": per-frame encoder outputs written by `polcache ptp embed` (polcache.ptp.embeddings);
+    # "instruction": the UTF-8 bytes of the instruction followed (polcache.policy.language)
+    if key not in ("state", "embedding", "instruction") and not (key.startswith("image_") and len(key) > len("image_")):
+        raise DatasetError(f"obs key {key!r} is not supported: use 'state', 'instruction' or 'image_<camera>'")
     if "/" in key:
         raise DatasetError(f"obs key {key!r} must not contain '/'")
 
@@ -89,6 +90,9 @@ def _validated(episodes: Sequence[Episode]) -> tuple[dict[str, np.ndarray], np.n
                 x = x.astype(np.float32)
                 if not np.isfinite(x).all():
                     raise DatasetError(f"episode {i}: obs[{k!r}] contains NaN or inf")
+            elif k == "instruction":
+                if x.dtype != np.uint8 or x.ndim != 2:
+                    raise DatasetError(f"episode {i}: obs['instruction'] must be uint8 (T, bytes), got {x.dtype} {x.shape}")
             elif x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
                 raise DatasetError(f"episode {i}: obs[{k!r}] must be uint8 (T, H, W, 3), got {x.dtype} {x.shape}")
             ref_shapes.setdefault(k, x.shape[1:])

@@ -16,7 +16,8 @@ from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
                                        probe_observations, reduced_copy)
 from polcache.policy.session import TorchSession
-from polcache.policy.spec import PolicySpec
+from polcache.policy.rtc import guided_denoise, overlap_weights
+from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, StatelessSession
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +98,44 @@ class TorchBackend:
         return graph(inputs, x, noise)
 
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
-                past_actions: np.ndarray | None = None) -> np.ndarray:
+                past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
         batch = self._batch(obs)
-        if self.candidates > 1 and past_actions is not None:
+        if committed is not None or (self.candidates > 1 and past_actions is not None):
             with torch.no_grad():
-                return self.predict_features(self.policy.encode(batch), seed, past_actions)
+                feats = self.policy.encode(batch)
+            return self.predict_features(feats, seed, past_actions, committed)
         return self._actions(self._sample(batch, self._generator(seed)))
 
     def predict_features(self, feats: torch.Tensor, seed: int | None = None,
-                         past_actions: np.ndarray | None = None) -> np.ndarray:
+                         past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
         """`predict` from encoded observations (B, To, F): what sessions with an embedding ring
-        buffer call, and where self-verification happens."""
+        buffer call, and where self-verification and real-time chunking happen."""
         gen = self._generator(seed)
+        if committed is not None:
+            return self._actions(self._chunked(feats, committed, gen))
         if self.candidates > 1 and past_actions is not None:
             past_actions = np.asarray(past_actions, dtype=np.float32)
             if np.isfinite(past_actions).all(axis=-1).sum() >= self.min_verified:
                 return self._verified(feats, past_actions, gen)
         return self._actions(self._sample({"features": feats}, gen))
+
+    def _chunked(self, feats: torch.Tensor, committed: CommittedActions, gen: torch.Generator | None) -> torch.Tensor:
+        """Real-time chunking (polcache.policy.rtc), eager: one gradient per flow step."""
+        spec = self.spec
+        actions = np.asarray(committed.actions, dtype=np.float32)
+        if feats.shape[0] != 1 or actions.ndim != 2 or actions.shape[1] != spec.action_dim:
+            raise ValueError(f"real-time chunking takes one observation history and committed actions of shape "
+                             f"(n, {spec.action_dim}), got batch {feats.shape[0]} and {actions.shape}")
+        start = spec.n_obs_steps - 1  # token of the current step
+        n = min(len(actions), spec.horizon - start)
+        target = torch.zeros(1, spec.horizon, spec.action_dim, device=self.device)
+        weights = torch.zeros(1, spec.horizon, 1, device=self.device)
+        if n > 0:
+            target[0, start:start + n] = self.policy.normalizer.normalize(
+                "action", torch.as_tensor(actions[:n], device=self.device))
+            weights[0, start:start + n, 0] = torch.as_tensor(overlap_weights(n, committed.delay), device=self.device)
+        x, _ = self.policy.initial_noise(1, self.sampler, gen, self.device)
+        return guided_denoise(self.policy, feats, self.sampler, x, self.plan, target, weights)
 
     def _actions(self, x: torch.Tensor) -> np.ndarray:
         """A normalised sample -> the executed actions as float32 numpy on the host."""
@@ -140,8 +162,9 @@ class TorchBackend:
             best = int(torch.argmin(scores))
         return self._actions(x[best:best + 1])
 
-    def session(self) -> TorchSession:
-        return TorchSession(self)
+    def session(self) -> PolicySession:
+        """A robot's session: an embedding ring where the encoder is per frame, else stateless."""
+        return TorchSession(self) if self.policy.encoder.per_frame else StatelessSession(self)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run (and on CUDA capture) one chunk per batch size, and one through a robot session (the

@@ -2,7 +2,8 @@
 
 Memory = [diffusion-step token, one token per observation step], passed through a
 token-wise conditioning MLP; action tokens attend causally to each other and to memory
-tokens up to their own time index. Because the conditioning is token-wise, the time
+tokens up to their own time index. The VLA's action expert is the same transformer over a
+different memory: the prefix tokens, all of them visible to every action token. Because the conditioning is token-wise, the time
 token's memory depends only on the step and the observation tokens' memory only on the
 chunk: `prepare_chunk` computes both (and every cross-attention block's keys and values)
 once per chunk, so a denoising step only embeds x, runs the blocks and applies the head.
@@ -31,10 +32,14 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class DiffusionTransformer(nn.Module):
-    def __init__(self, action_dim: int, obs_feature_dim: int, cfg: PolicyConfig):
+    def __init__(self, action_dim: int, obs_feature_dim: int, cfg: PolicyConfig, memory_tokens: int | None = None,
+                 causal_memory: bool = True):
+        """`memory_tokens` conditioning tokens (default: one per observation step); with
+        `causal_memory` action token i sees only memory tokens 0..i (DP-T), otherwise all."""
         super().__init__()
-        W, H, To = cfg.width, cfg.horizon, cfg.n_obs_steps
-        self.width, self.horizon, self.n_obs_steps = W, H, To
+        W, H = cfg.width, cfg.horizon
+        To = cfg.n_obs_steps if memory_tokens is None else memory_tokens
+        self.width, self.horizon, self.memory_tokens = W, H, To
         self.input_emb = nn.Linear(action_dim, W)
         self.pos_emb = nn.Parameter(torch.zeros(1, H, W))
         self.obs_emb = nn.Linear(obs_feature_dim, W)
@@ -48,7 +53,7 @@ class DiffusionTransformer(nn.Module):
         # action token i sees the time token and observation tokens 0..i (diffusion_policy's memory mask)
         t_idx = torch.arange(H)[:, None]
         s_idx = torch.arange(1 + To)[None, :]
-        mask = t_idx >= (s_idx - 1)
+        mask = t_idx >= (s_idx - 1) if causal_memory else torch.ones(H, 1 + To, dtype=torch.bool)
         for blk in self.blocks:
             if isinstance(blk, CrossAttentionBlock):
                 blk.set_mask(mask)

@@ -33,19 +33,21 @@ class SpatialSoftmax(nn.Module):
         return torch.cat([ex, ey], dim=-1)
 
 
-class ImageEncoder(nn.Module):
+class ConvTrunk(nn.Module):
+    """(N, H, W, 3) uint8 -> (N, 2c, H/4, W/4) feature maps: a random crop while training (the
+    centre one at inference), then a small GroupNorm CNN. DP-T reads keypoints off it, the VLA
+    pools it into image tokens."""
+
     def __init__(self, image_size: int, cfg: ImageEncoderConfig):
         super().__init__()
         c = cfg.channels
         self.crop = max(8, int(round(image_size * cfg.crop_fraction)))
+        self.channels = 2 * c
 
         def conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(max(1, cout // 16), cout), nn.Mish()]
 
         self.net = nn.Sequential(*conv(3, c, 2), *conv(c, c, 1), *conv(c, 2 * c, 2), *conv(2 * c, 2 * c, 1))
-        self.keypoints = SpatialSoftmax(2 * c, cfg.keypoints)
-        self.out = nn.Linear(2 * cfg.keypoints, cfg.feature_dim)
-        self.feature_dim = cfg.feature_dim
 
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
@@ -57,10 +59,21 @@ class ImageEncoder(nn.Module):
             top, left = (H - c) // 2, (W - c) // 2
         return x[..., top:top + c, left:left + c]
 
+    def feature_map(self, img: torch.Tensor) -> torch.Tensor:
+        x = img.permute(0, 3, 1, 2).float() / 255.0
+        return self.net(self._crop(x))
+
+
+class ImageEncoder(ConvTrunk):
+    def __init__(self, image_size: int, cfg: ImageEncoderConfig):
+        super().__init__(image_size, cfg)
+        self.keypoints = SpatialSoftmax(self.channels, cfg.keypoints)
+        self.out = nn.Linear(2 * cfg.keypoints, cfg.feature_dim)
+        self.feature_dim = cfg.feature_dim
+
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, feature_dim)."""
-        x = img.permute(0, 3, 1, 2).float() / 255.0
-        return self.out(self.keypoints(self.net(self._crop(x))))
+        return self.out(self.keypoints(self.feature_map(img)))
 
 
 class ObsEncoder(nn.Module):
@@ -79,6 +92,9 @@ class ObsEncoder(nn.Module):
                 self.encoders[key] = ImageEncoder(spec.shape[0], cfg.image)
                 dim += cfg.image.feature_dim
         self.feature_dim = dim
+        self.memory_tokens = cfg.n_obs_steps  # one conditioning token per observation step ...
+        self.causal_memory = True  # ... each visible to the action tokens from its own time on
+        self.per_frame = True  # a frame's features never depend on other frames: a session may keep them
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """obs[key]: (B, To, ...) with `state` already normalised -> (B, To, feature_dim)."""

@@ -53,3 +53,12 @@ def _dpt(cfg, obs_spec, obs_keys, action_dim, normalizer, task):
 
 
 register_family(PolicyFamily("dp-t", _dpt, "transformer diffusion policy (Chi et al. 2023), DDPM/DDIM/flow"))
+
+
+def _vla(cfg, obs_spec, obs_keys, action_dim, normalizer, task):
+    from polcache.policy.vla import VisionLanguageAction
+
+    return VisionLanguageAction(cfg, obs_spec, obs_keys, action_dim, normalizer, task)
+
+
+register_family(PolicyFamily("vla", _vla, "vision-language prefix + flow-matching action expert (pi0/SmolVLA style)"))

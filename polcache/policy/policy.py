@@ -12,8 +12,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from polcache.config import PolicyConfig, past_tokens
+from polcache.config import PolicyConfig, past_tokens, to_dict
 from polcache.data.normalize import Normalizer
+from polcache.policy.blocks import Block
 from polcache.policy.denoiser import DiffusionTransformer
 from polcache.policy.encoders import ObsEncoder
 from polcache.policy.executor import DeltaStore, Plan, StackedDeltas, fused_rows, make_store
@@ -23,7 +24,10 @@ from polcache.policy.spec import ArraySpec, PolicySpec
 
 class DiffusionPolicy(nn.Module):
     def __init__(self, cfg: PolicyConfig, obs_spec: dict[str, ArraySpec], obs_keys: Sequence[str], action_dim: int,
-                 normalizer: Normalizer, task: str = ""):
+                 normalizer: Normalizer, task: str = "", encoder: nn.Module | None = None):
+        """`encoder` turns an observation window into the denoiser's memory tokens (default: DP-T's
+        one feature vector per observation step); it names `feature_dim`, `memory_tokens` and
+        whether that memory is `causal_memory` (action token i sees memory tokens up to i)."""
         super().__init__()
         self.cfg = cfg
         self.obs_keys = list(obs_keys)
@@ -38,10 +42,23 @@ class DiffusionPolicy(nn.Module):
         weight = torch.ones(cfg.horizon)
         weight[: cfg.n_obs_steps - 1 - past_tokens(cfg)] = 0.0
         self.register_buffer("token_weight", weight, persistent=False)
-        self.encoder = ObsEncoder(obs_spec, self.obs_keys, cfg)
-        self.denoiser = DiffusionTransformer(action_dim, self.encoder.feature_dim, cfg)
+        self.encoder = encoder if encoder is not None else ObsEncoder(obs_spec, self.obs_keys, cfg)
+        self.denoiser = DiffusionTransformer(action_dim, self.encoder.feature_dim, cfg, self.encoder.memory_tokens,
+                                             self.encoder.causal_memory)
         self.training_noise = TrainingNoise(cfg.sampler, cfg.objective)
         self._samplers: dict[tuple[str, int], Sampler] = {}
+
+    # ---- what the cache layer sees (polcache.cache.protocol.CacheTarget) ---------------------
+    @property
+    def cache_blocks(self) -> list[Block]:
+        return self.denoiser.block_list
+
+    def identity(self) -> dict:
+        """What besides the weights decides the outputs, for the model hash."""
+        config = to_dict(self.cfg)
+        if config["family"] == "dp-t":  # DP-T hashes from before families (and the VLA section) stay valid
+            del config["family"], config["vla"]
+        return {"config": config, "obs_keys": self.obs_keys, "action_dim": self.action_dim, "family": self.cfg.family}
 
     # ---- observations ---------------------------------------------------------------------
     def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:

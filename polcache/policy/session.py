@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from polcache.policy.spec import CommittedActions
+
 if TYPE_CHECKING:
     from polcache.policy.backend import TorchBackend
 
@@ -55,13 +57,13 @@ class TorchSession:
         self.ring = EmbeddingRing(backend.spec.history_span)
 
     def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
-                past_actions: np.ndarray | None = None) -> np.ndarray:
+                past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
         b = self.backend
         batch = b._batch(obs)
         if next(iter(batch.values())).shape[0] != 1 or len(seqs) != b.spec.n_obs_steps:
             raise ValueError(f"a session predicts for one robot: batch 1 and {b.spec.n_obs_steps} frame steps")
         feats = self.ring.features(b.policy, batch, [int(s) for s in seqs])
-        return b.predict_features(feats, seed, past_actions)
+        return b.predict_features(feats, seed, past_actions, committed)
 
     def reset(self) -> None:
         self.ring.clear()

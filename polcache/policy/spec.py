@@ -98,19 +98,31 @@ class PolicySpec:
         )
 
 
+@dataclass(frozen=True)
+class CommittedActions:
+    """Real-time chunking's input for the next chunk: the actions already planned for the steps it
+    covers (row 0 due at the newest observation's step, unnormalised) and `delay`, how many of them
+    execute before the chunk can arrive (held exactly; the rest of the overlap guides it with a
+    decaying weight). See polcache.policy.rtc."""
+
+    actions: np.ndarray  # (n, action_dim)
+    delay: int
+
+
 class PolicyBackend(Protocol):
     """Anything that turns a batch of observation histories into action chunks."""
 
     spec: PolicySpec
 
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
-                past_actions: np.ndarray | None = None) -> np.ndarray:
+                past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
         """obs[key]: (B, n_obs_steps, *spec.obs[key].shape) -> actions (B, n_action_steps, action_dim),
         unnormalised, float32; actions[:, 0] is due at the newest observation's step.
         `past_actions` (n_obs_steps - 1, action_dim): the actions the robot executed at the past
         frames' steps (spec.frame_offsets[:-1]), NaN rows where none was (before the episode began,
         a tick without an action); a backend that self-verifies scores its candidates against the
-        known rows, others ignore them."""
+        known rows, others ignore them. `committed` (batch 1): generate the chunk by real-time
+        chunking toward those actions; a backend that cannot raises ValueError."""
         ...
 
     def reset(self) -> None:
@@ -133,7 +145,7 @@ class PolicySession(Protocol):
     session can keep per-frame work (e.g. encoder embeddings) from one chunk to the next."""
 
     def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
-                past_actions: np.ndarray | None = None) -> np.ndarray:
+                past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
         """As PolicyBackend.predict for one robot (batch 1); `seqs[i]` is the control step of
         frame i (oldest first; padding repeats a step)."""
         ...
@@ -150,8 +162,10 @@ class StatelessSession:
         self.backend = backend
 
     def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
-                past_actions: np.ndarray | None = None) -> np.ndarray:
-        return self.backend.predict(obs, seed=seed, past_actions=past_actions)
+                past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
+        if committed is None:  # exported backends know nothing of real-time chunking
+            return self.backend.predict(obs, seed=seed, past_actions=past_actions)
+        return self.backend.predict(obs, seed=seed, past_actions=past_actions, committed=committed)
 
     def reset(self) -> None:
         self.backend.reset()

@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ address to bind (default {DEFAULT_BIND})")
     p.add_argument("--keys", help="CurveZMQ key directory from `polcache keys` (required for a non-loopback bind)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without encryption")
+    p.add_argument("--instruction", help="language-conditioned policies: the instruction followed for robots that "
+                                         "send none (protocol version 3 robots send their own)")
     p.add_argument("--deadline-ms", type=positive_float,
                    help="per-request budget (default: (n_action_steps - 1) / robot rate)")
     p.add_argument("--max-message-bytes", type=positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
@@ -56,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hz", type=positive_float, required=True, help="control rate")
     p.add_argument("--episodes", type=positive_int, default=10, help="number of episodes (default 10)")
     p.add_argument("--seed", type=int, default=1000, help="episode i resets with seed S+i (default 1000, as eval)")
+    p.add_argument("--instruction", help="send this instruction in every episode (default: the task's held-out "
+                                         "paraphrases, one per episode, where written; ignored by policies without "
+                                         "language)")
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"policy server address (default {DEFAULT_SERVER})")
     p.add_argument("--keys", help="CurveZMQ key directory (for an encrypted server)")
     p.add_argument("--cameras", help="comma-separated cameras for image observations (default: state only)")
@@ -93,7 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
     with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
-                              on_record=metrics.record, name=f"polcache serve {args.checkpoint}")
+                              on_record=metrics.record, name=f"polcache serve {args.checkpoint}",
+                              instruction=args.instruction)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         print(f"serving {args.checkpoint} on {server.endpoint} (Ctrl-C to stop)", flush=True)
         try:
@@ -123,7 +129,7 @@ def _sim_robot(args: argparse.Namespace) -> int:
         result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,
                                image_size=args.image_size, keys_dir=args.keys, blend=args.blend, decay=args.decay,
                                hold_s=args.hold_ms / 1e3, connect_timeout_s=args.connect_timeout,
-                               realtime=args.realtime, metrics=metrics)
+                               realtime=args.realtime, metrics=metrics, instruction=args.instruction)
     print(result.summary())
     tick = result.extra["tick"]
     err = tick.get("period_error_ms", {})

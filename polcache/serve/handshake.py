@@ -3,6 +3,10 @@ mismatch is refused once with a message naming the field instead of failing ever
 
 from __future__ import annotations
 
+import numpy as np
+
+from polcache.config import INSTRUCTION_KEY
+from polcache.policy.language import InstructionError, encode_instruction
 from polcache.policy.spec import ArraySpec, PolicySpec
 from polcache_client.protocol import Handshake, ObsSpec, ProtocolError
 
@@ -12,9 +16,31 @@ def wire_obs_spec(obs: dict[str, ArraySpec]) -> ObsSpec:
     return {key: (tuple(a.shape), a.dtype) for key, a in obs.items()}
 
 
+def robot_obs_spec(spec: PolicySpec) -> ObsSpec:
+    """What a robot sends each tick: the policy's observations but the instruction, which it sends
+    at handshake and reset (the server adds it to every observation)."""
+    return wire_obs_spec({k: a for k, a in spec.obs.items() if k != INSTRUCTION_KEY})
+
+
+def session_instruction(text: str | None, spec: PolicySpec, default: str | None, field: str) -> np.ndarray | None:
+    """The encoded instruction a robot's observations carry: its own (`text`), else the server's
+    `default`; None for a policy without language (which ignores instructions). Refused with
+    `bad_instruction`, naming `field`, where the policy needs one and has none or it does not fit."""
+    if INSTRUCTION_KEY not in spec.obs:
+        return None
+    text = text if text is not None else default
+    if text is None:
+        raise ProtocolError("bad_instruction", f"{field}: the hosted policy follows an instruction; send one "
+                                               "(protocol version 3) or start the server with --instruction")
+    try:
+        return encode_instruction(text, spec.obs[INSTRUCTION_KEY].shape[0], field)
+    except InstructionError as exc:
+        raise ProtocolError("bad_instruction", str(exc)) from None
+
+
 def check_handshake(handshake: Handshake, spec: PolicySpec) -> None:
     """Raise ProtocolError('spec_mismatch') naming the first field where robot and policy differ."""
-    robot, policy = handshake.obs_spec, wire_obs_spec(spec.obs)
+    robot, policy = handshake.obs_spec, robot_obs_spec(spec)
 
     def refuse(message: str) -> None:
         raise ProtocolError("spec_mismatch", message)

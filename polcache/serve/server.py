@@ -24,7 +24,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from polcache.errors import PolcacheError
 from polcache.policy.spec import PolicyBackend
-from polcache.serve.handshake import check_handshake, wire_obs_spec
+from polcache.config import INSTRUCTION_KEY
+from polcache.serve.handshake import check_handshake, robot_obs_spec, session_instruction
 from polcache.policy.spec import PolicySession
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
@@ -77,6 +78,7 @@ class Session:
     pending: Pending | None = None  # the newest observation not yet answered
     superseded: int = 0
     needs_reset: bool = True  # the policy session is reset by the worker before its next chunk
+    instruction: np.ndarray | None = None  # encoded; joins every observation of a language-conditioned policy
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -102,8 +104,12 @@ class PolicyServer:
         session_timeout_s: float = 60.0,
         on_record: Callable[[RequestRecord | ErrorRecord], None] | None = None,
         name: str = "polcache",
+        instruction: str | None = None,
     ):
+        """`instruction`: what a language-conditioned policy follows for robots that send none."""
         check_bind(bind, keys_dir, insecure)
+        if instruction is not None:  # a bad default is the operator's error, refused before serving
+            session_instruction(instruction, backend.spec, None, "--instruction")
         self.backend = backend
         self.spec = backend.spec
         self.max_message_bytes = max_message_bytes
@@ -112,7 +118,8 @@ class PolicyServer:
         self.session_timeout_s = session_timeout_s
         self.on_record = on_record
         self.name = name
-        self._obs_spec = wire_obs_spec(self.spec.obs)
+        self.instruction = instruction
+        self._obs_spec = robot_obs_spec(self.spec)
         self._log = RateLimitedLog(log)
         self._warn = self._log.warning
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
@@ -224,6 +231,9 @@ class PolicyServer:
                 if session is None:
                     raise ProtocolError("no_session", "no handshake on this connection (server restarted?): send a handshake first")
                 if isinstance(msg, Reset):
+                    if msg.instruction is not None:  # refused whole (the epoch too) if it does not fit
+                        session.instruction = session_instruction(msg.instruction, self.spec, None,
+                                                                  "reset.instruction")
                     session.start_epoch(msg.epoch)
                     self._send(robot, frames[0])
                 else:
@@ -242,11 +252,12 @@ class PolicyServer:
 
     def _on_handshake(self, robot: bytes, msg: Handshake, version: int) -> None:
         check_handshake(msg, self.spec)
+        instruction = session_instruction(msg.instruction, self.spec, self.instruction, "handshake.instruction")
         self.sessions[robot] = Session(name=msg.name, hz=msg.hz,
                                        history=ObservationHistory(self.spec.n_obs_steps, self.spec.obs_stride,
                                                                   self.spec.frame_mode),
                                        executed=ExecutedLog(self.spec.history_span), policy=self.backend.session(),
-                                       version=version,
+                                       version=version, instruction=instruction,
                                        last_seen=time.monotonic())
         self.sessions.move_to_end(robot)
         while len(self.sessions) > self.max_sessions:
@@ -275,7 +286,8 @@ class PolicyServer:
                              f"{self.spec.action_dim}"), seq=obs.seq)
             return
         session.executed.record(obs.executed_seqs, obs.executed)
-        if not session.history.push(obs.seq, obs.arrays):
+        arrays = obs.arrays if session.instruction is None else {**obs.arrays, INSTRUCTION_KEY: session.instruction}
+        if not session.history.push(obs.seq, arrays):
             return  # duplicate or reordered
         if session.pending is not None:
             session.superseded += 1

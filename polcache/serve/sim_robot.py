@@ -60,17 +60,23 @@ def run_sim_robot(
     connect_timeout_s: float = 30.0,
     realtime: bool = False,
     metrics: Metrics | None = None,
+    instruction: str | None = None,
 ) -> EvalResult:
     """Run `episodes` episodes of `task` (episode i resets with seed + i, as in `polcache eval`);
-    every tick and chunk record goes to `metrics`; `realtime` runs the loop under SCHED_FIFO."""
+    every tick and chunk record goes to `metrics`; `realtime` runs the loop under SCHED_FIFO.
+    Episode i sends `instruction`, or else the task's i-th held-out paraphrase where written."""
     from polcache.envs import make_env  # simulation is an optional extra
+    from polcache.envs.instructions import INSTRUCTIONS
+
+    texts = [instruction] if instruction is not None else list(INSTRUCTIONS.get(task, {}).get("heldout", [None]))
 
     metrics = metrics or Metrics()
     env = make_env(task, seed=seed, image=bool(cameras), cameras=cameras, image_size=image_size)
     robot = SimRobot(env)
     per_episode = []
     try:
-        with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=f"sim-robot {task}", keys_dir=keys_dir) as client:
+        with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=f"sim-robot {task}", keys_dir=keys_dir,
+                          instruction=texts[0]) as client:
             try:
                 client.connect(timeout_s=connect_timeout_s)
             except ConnectError as exc:
@@ -86,10 +92,11 @@ def run_sim_robot(
             max_ticks = 2 * env.max_episode_steps + int(10 * hz)
             for i in range(episodes):
                 robot.begin(seed + i)
-                loop.reset_episode()
+                loop.reset_episode(texts[i % len(texts)])
                 loop.run(ticks=max_ticks, until=lambda: robot.done)
                 per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
-                                    "safe_stops": robot.safe_stops})
+                                    "safe_stops": robot.safe_stops}
+                                   | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
     finally:
         env.close()
     n_ok = sum(e["success"] for e in per_episode)

@@ -28,6 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                               "replan (default: the checkpoint's n_action_steps)")
     p.add_argument("--ensemble", type=float, metavar="DECAY", help="temporal ensembling of overlapping chunks with the "
                    "robot client's action schedule, weight exp(-DECAY*k) for the k-th newest chunk (default: off)")
+    p.add_argument("--delay", type=int, default=0, metavar="STEPS",
+                   help="simulate a policy that takes STEPS control steps per chunk: the robot executes the previous "
+                        "chunk meanwhile (default 0)")
+    p.add_argument("--rtc", action="store_true", help="real-time chunking: generate each chunk guided toward the "
+                                                      "actions already committed (flow samplers; torch backend)")
+    p.add_argument("--instruction", help="language-conditioned policies: follow this instruction in every episode "
+                                         "(e.g. another task's, to check the policy listens)")
+    p.add_argument("--instructions", choices=["train", "heldout"], default="heldout",
+                   help="without --instruction: the task's paraphrases to cycle through, those trained on or the "
+                        "held-out ones (default)")
     add_backend_options(p)
     p.add_argument("--threads", type=int, default=1, help="torch (or ONNX Runtime) intra-op threads (default 1: "
                                                            "fastest at batch 1)")
@@ -53,7 +63,8 @@ def _run(args: argparse.Namespace) -> int:
         raise PolcacheError("the checkpoint names no task: pass --task")
     result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
                       video_dir=args.video, video_episodes=args.video_episodes if args.video else 0,
-                      rollout=Rollout(args.max_steps, args.action_steps, args.ensemble))
+                      rollout=Rollout(args.max_steps, args.action_steps, args.ensemble, args.delay, args.rtc,
+                                      args.instruction, args.instructions))
     what = backend.describe()
     result.extra.update({"checkpoint": args.checkpoint, "backend": what["backend"], "sampler": what["sampler"],
                          "steps": what["steps"], "device": what["device"], "threads": torch.get_num_threads(),

@@ -10,13 +10,17 @@ run is reproducible and different seeds give different episodes."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from polcache.policy.spec import PolicyBackend
+from polcache.config import INSTRUCTION_KEY
+from polcache.policy.language import encode_instruction
+from polcache.errors import PolcacheError
+from polcache.policy.spec import CommittedActions, PolicyBackend
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import percentiles_ms, wilson_interval
 from polcache_client.protocol import ActionChunk
@@ -56,54 +60,96 @@ class Rollout:
     `action_steps` executes only that many actions per chunk before replanning (default: the
     policy's n_action_steps); `ensemble_decay` blends overlapping chunks with the robot client's
     own ActionSchedule (exponential temporal ensembling, weight exp(-decay * k) for the k-th
-    newest chunk), exactly as over ZeroMQ."""
+    newest chunk), exactly as over ZeroMQ. `delay` simulates a policy that takes that many control
+    steps per chunk, `rtc` generates chunks by real-time chunking (flow samplers). A language-conditioned policy follows `instruction`
+    in every episode, or else the task's `instructions` split (train | heldout), episode i
+    taking the split's i-th paraphrase (cycling)."""
 
     max_steps: int | None = None
     action_steps: int | None = None
     ensemble_decay: float | None = None
+    delay: int = 0  # control steps from planning a chunk to executing it (simulated inference latency)
+    rtc: bool = False  # real-time chunking: guide each chunk toward the actions already committed
+    instruction: str | None = None
+    instructions: str = "heldout"
 
 
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
-                rollout: Rollout = Rollout()) -> dict:
-    """One episode; it ends at the first success, when the env says done, or at the step cap."""
+                rollout: Rollout = Rollout(), instruction: np.ndarray | None = None) -> dict:
+    """One episode; it ends at the first success, when the env says done, or at the step cap.
+    `instruction` (encoded) joins every observation of a language-conditioned policy.
+
+    The step index is the clock: a chunk planned at step s has action i due at step s + i and,
+    with `rollout.delay` d, reaches the robot only at step s + d (the robot executes the previous
+    chunk meanwhile, as on a real robot whose policy takes d control periods; the episode's first
+    chunk is waited for). Returns also the jerk of the executed actions at the steps where a new
+    chunk takes over (`seam_jerk`) and elsewhere (`jerk`)."""
+    def observe(obs: dict) -> dict:
+        return obs if instruction is None else {**obs, INSTRUCTION_KEY: instruction}
+
     spec = backend.spec
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     per_chunk = min(spec.n_action_steps, rollout.action_steps or spec.n_action_steps)
-    blend = None if rollout.ensemble_decay is None else ActionSchedule(1.0, "ensemble", rollout.ensemble_decay)
+    if per_chunk + rollout.delay > spec.n_action_steps:
+        raise PolcacheError(f"a delay of {rollout.delay} steps with {per_chunk} actions executed per chunk needs "
+                            f"chunks of at least {per_chunk + rollout.delay} actions; the policy's have "
+                            f"{spec.n_action_steps} (lower --action-steps)")
+    schedule = (ActionSchedule(1.0, "latest") if rollout.ensemble_decay is None
+                else ActionSchedule(1.0, "ensemble", rollout.ensemble_decay))
     session = backend.session()  # this episode's own policy state
     session.reset()
     history = ObservationHistory(spec.n_obs_steps, spec.obs_stride, spec.frame_mode)
-    history.push(0, env.reset(seed=seed))
+    history.push(0, observe(env.reset(seed=seed)))
     executed = ExecutedLog(spec.history_span)  # the action applied at each step, for self-verification
+    in_flight: deque[tuple[int, ActionChunk]] = deque()  # (step it arrives, chunk)
+    applied, seams = [], []
     success, done, steps, chunk = False, False, 0, 0
     while not (done or success) and steps < cap:
-        past = executed.at(steps, spec.frame_offsets[:-1], spec.action_dim)
-        t0 = time.perf_counter()
-        frame_steps, window = history.window()
-        actions = session.predict(window, frame_steps, seed=seed * 10007 + chunk, past_actions=past)[0]
-        latencies.append(time.perf_counter() - t0)
-        if blend is not None:  # the step index is the clock: action i is due at step + i
-            blend.add(ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64),
-                                  actions, {}), float(steps))
-        chunk += 1
-        for i in range(per_chunk):
-            action = actions[i] if blend is None else blend.action_at(float(steps))
-            executed.record([steps], np.asarray(action, dtype=np.float32)[None])
-            obs, _, done, info = env.step(action)
-            steps += 1
-            history.push(steps, obs)
-            if frames is not None:
-                frames.append(env.render())
-            success = bool(info.get("success"))
-            if done or success or steps >= cap:
-                break
-    return {"seed": seed, "success": success, "length": steps}
+        if steps % per_chunk == 0:
+            past = executed.at(steps, spec.frame_offsets[:-1], spec.action_dim)
+            planned = schedule.planned(float(steps))
+            committed = CommittedActions(planned, rollout.delay) if rollout.rtc and len(planned) else None
+            t0 = time.perf_counter()
+            frame_steps, window = history.window()
+            actions = session.predict(window, frame_steps, seed=seed * 10007 + chunk, past_actions=past,
+                                      **({} if committed is None else {"committed": committed}))[0]
+            latencies.append(time.perf_counter() - t0)
+            in_flight.append((steps + (rollout.delay if chunk else 0),
+                              ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64),
+                                          actions, {})))
+            chunk += 1
+        while in_flight and in_flight[0][0] <= steps:
+            schedule.add(in_flight.popleft()[1], float(steps))
+            seams.append(steps)
+        action = schedule.action_at(float(steps))
+        executed.record([steps], np.asarray(action, dtype=np.float32)[None])
+        applied.append(action)
+        obs, _, done, info = env.step(action)
+        steps += 1
+        history.push(steps, observe(obs))
+        if frames is not None:
+            frames.append(env.render())
+        success = bool(info.get("success"))
+    return {"seed": seed, "success": success, "length": steps, **seam_jerk(np.asarray(applied), seams[1:])}
+
+
+def seam_jerk(actions: np.ndarray, seams: list[int]) -> dict:
+    """Mean norm of the third difference of the executed actions (a_t - 3a_{t-1} + 3a_{t-2} - a_{t-3})
+    at the steps where a new chunk took over, and at all other steps."""
+    if len(actions) < 4:
+        return {"seam_jerk": float("nan"), "jerk": float("nan")}
+    jerk = np.linalg.norm(actions[3:] - 3 * actions[2:-1] + 3 * actions[1:-2] - actions[:-3], axis=-1)
+    at_seam = np.zeros(len(jerk), bool)
+    at_seam[[s - 3 for s in seams if s >= 3]] = True
+    return {"seam_jerk": float(jerk[at_seam].mean()) if at_seam.any() else float("nan"),
+            "jerk": float(jerk[~at_seam].mean()) if (~at_seam).any() else float("nan")}
 
 
 def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, progress: bool = True,
              video_dir: str | Path | None = None, video_episodes: int = 0, rollout: Rollout = Rollout()) -> EvalResult:
     """Roll `backend` out for `episodes` episodes of `task` (episode i uses seed + i)."""
     from polcache.envs import make_env  # simulation is an optional extra
+    from polcache.envs.instructions import instructions
     from polcache.policy.checkpoint import check_compatible
 
     image_keys = [k for k in backend.spec.obs if k.startswith("image_")]
@@ -112,14 +158,24 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     env = make_env(task, seed=seed, image=bool(cams), cameras=cams or None, image_size=size)
     meta = {"obs_keys": list(backend.spec.obs), "obs_spec": {k: v.to_dict() for k, v in backend.spec.obs.items()},
             "action_dim": backend.spec.action_dim}
-    check_compatible(meta, env.observation_spec(), env.action_dim, f"task {task!r}")
+    env_spec = env.observation_spec()
+    texts = None
+    if INSTRUCTION_KEY in backend.spec.obs:  # the evaluator gives the instruction, as a robot would
+        env_spec[INSTRUCTION_KEY] = backend.spec.obs[INSTRUCTION_KEY]
+        texts = (rollout.instruction,) if rollout.instruction is not None else instructions(task, rollout.instructions)
+        length = backend.spec.obs[INSTRUCTION_KEY].shape[0]
+        encoded = [encode_instruction(t, length, "--instruction") for t in texts]
+    check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     latencies: list[float] = []
     per_episode = []
     try:
         for i in tqdm(range(episodes), desc=f"eval {task}", disable=not progress, unit="ep"):
             frames = [] if video_dir and i < video_episodes else None
-            ep = run_episode(env, backend, seed + i, latencies, frames, rollout)
+            ep = run_episode(env, backend, seed + i, latencies, frames, rollout,
+                             None if texts is None else encoded[i % len(encoded)])
+            if texts is not None:
+                ep["instruction"] = texts[i % len(texts)]
             per_episode.append(ep)
             if frames:
                 _write_gif(Path(video_dir) / f"{task}_seed{seed + i}.gif", frames)
@@ -132,7 +188,14 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else 0.0,
         latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode, extra={"max_steps": cap,
         "action_steps": min(backend.spec.n_action_steps, rollout.action_steps or backend.spec.n_action_steps),
-        "ensemble_decay": rollout.ensemble_decay})
+        "ensemble_decay": rollout.ensemble_decay, "delay": rollout.delay, "rtc": rollout.rtc,
+        **{key: _nanmean([e[key] for e in per_episode]) for key in ("seam_jerk", "jerk")},
+        **({} if texts is None else {"instructions": list(texts)})})
+
+
+def _nanmean(values: list[float]) -> float | None:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
 
 
 def _write_gif(path: Path, frames: list[np.ndarray]) -> None:

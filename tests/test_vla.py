@@ -1,0 +1,170 @@
+"""The VLA family: registry round trip, prefix reuse, the cache protocol, instructions, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_policy, tiny_vla, vla_observations
+
+TEXTS = ["push the puck", "open the door", "reach the goal"]
+
+
+def test_vla_checkpoint_round_trip_and_both_families_by_name(tmp_path):
+    from polcache.config import ExperimentConfig
+    from polcache.policy import load_policy, save_checkpoint
+    from polcache.policy.vla import VisionLanguageAction
+
+    for policy in (tiny_vla(image=True), tiny_policy()):
+        family = policy.cfg.family
+        path = save_checkpoint(tmp_path / family, ExperimentConfig(task="test", policy=policy.cfg,
+                                                                     obs_keys=policy.obs_keys), policy)
+        assert json.loads((path / "meta.json").read_text())["family"] == family
+        loaded, cfg, _ = load_policy(path)
+        assert cfg.policy.family == family
+        assert isinstance(loaded, VisionLanguageAction) == (family == "vla")
+        obs = (vla_observations(policy, TEXTS) if family == "vla"
+               else {"state": torch.randn(3, policy.spec.n_obs_steps, 5)})
+        expected = policy.predict_action(obs, generator=torch.Generator().manual_seed(1))["action"]
+        got = loaded.predict_action(obs, generator=torch.Generator().manual_seed(1))["action"]
+        torch.testing.assert_close(got, expected)
+
+
+def test_prefix_keys_values_computed_once_per_chunk_equal_recomputing_every_step():
+    """The reference re-runs the prefix encoder and the plain forward pass (memory -> keys/values
+    in every cross-attention block) at every flow step."""
+    policy = tiny_vla(image=True)
+    obs = vla_observations(policy, TEXTS)
+    sampler = policy.sampler()
+    gen = torch.Generator().manual_seed(3)
+    x, noise = policy.initial_noise(len(TEXTS), sampler, gen)
+    with torch.no_grad():
+        fast = policy.denoise(policy.encode(obs), sampler, x.clone(), noise)
+        ref = x.clone()
+        for k in range(sampler.num_steps):
+            t = sampler.timesteps[k].expand(len(TEXTS))
+            out = policy.denoiser(ref, t, policy.encode(obs))
+            ref = sampler.update(k, ref, out, None)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_sees_every_token_and_the_instruction_changes_the_actions():
+    policy = tiny_vla()
+    assert policy.encoder.memory_tokens == 2 * 1 + 16 // 4  # a state token per frame + text tokens
+    ca = next(b for b in policy.cache_blocks if b.kind == "ca")
+    assert torch.isfinite(ca.bias[:, :1 + policy.encoder.memory_tokens]).all()  # no causal mask on the prefix
+    obs = vla_observations(policy, ["push the puck"])
+    first = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+    obs["instruction"] = vla_observations(policy, ["open the door"])["instruction"]
+    other = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+    assert not torch.allclose(first, other)
+
+
+def test_cache_layer_calibrates_and_caches_both_families_through_its_protocol(tmp_path):
+    from polcache.cache.calibrate import calibrate
+    from polcache.cache.errors import CacheError
+    from polcache.cache.protocol import CacheTarget
+    from polcache.cache.resolve import resolve_plan
+    from polcache.cache.schedule import build_schedule, check_fits, load_schedule, model_hash, save_schedule
+
+    schedules = {}
+    for policy in (tiny_vla(), tiny_policy()):
+        assert isinstance(policy, CacheTarget)
+        family = policy.cfg.family
+        sampler = policy.sampler()
+        obs = (vla_observations(policy, TEXTS * 2) if family == "vla"
+               else {"state": torch.randn(6, policy.spec.n_obs_steps, 5)})
+        calib = calibrate(policy, sampler, obs, sensitivity_samples=2)
+        assert [(b.layer, b.kind) for b in policy.cache_blocks] == calib.layer_kind
+        schedule = build_schedule(calib, "bac", 2, 2, True, model_hash(policy), sampler.kind, "error-bound",
+                                  policy.identity()["family"])
+        path = save_schedule(schedule, tmp_path / f"{family}.json")
+        assert load_schedule(path).family == family
+        plan = resolve_plan(f"bac:2:2@{path}", policy, sampler)
+        cached = policy.sample(policy.encode(obs), sampler, plan, torch.Generator().manual_seed(0))
+        assert torch.isfinite(cached).all()
+        schedules[family] = (load_schedule(path), policy, sampler)
+    with pytest.raises(CacheError, match="calibrated on a vla policy, this checkpoint is a dp-t policy"):
+        check_fits(schedules["vla"][0], schedules["dp-t"][1], schedules["dp-t"][2])
+    with pytest.raises(CacheError, match="calibrated for model"):
+        check_fits(schedules["vla"][0], tiny_vla(seed=1), schedules["vla"][2])
+
+
+def test_dp_t_model_hash_ignores_the_vla_section():
+    """DP-T schedules calibrated before families existed stay valid."""
+    from polcache.cache.schedule import model_hash
+    from polcache.config import VLAConfig
+
+    a = tiny_policy()
+    before = model_hash(a)
+    a.cfg.vla = VLAConfig(width=8)
+    assert model_hash(a) == before
+
+
+def test_instruction_encoding_refuses_what_a_robot_must_fix():
+    from polcache.policy.language import InstructionError, decode_instruction, encode_instruction
+
+    row = encode_instruction("öffne die Tür", 16)
+    assert row.dtype == np.uint8 and row.shape == (16,) and decode_instruction(row) == "öffne die Tür"
+    for bad, match in [("x" * 17, "17 UTF-8 bytes, at most 16"), (b"\xff\xfe", "not valid UTF-8"), ("", "empty"),
+                       ("a\0b", "NUL"), (3, "expected a string")]:
+        with pytest.raises(InstructionError, match=f"instruction: .*{match}"):
+            encode_instruction(bad, 16)
+
+
+def test_configs_name_the_language_key_and_family_together():
+    from polcache.config import ExperimentConfig, PolicyConfig, validate
+    from polcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'instruction' needs a language-conditioned family"):
+        validate(ExperimentConfig(obs_keys=["state", "instruction"]))
+    with pytest.raises(ConfigError, match="policy.family=vla: obs_keys must include 'instruction'"):
+        validate(ExperimentConfig(obs_keys=["state"], policy=PolicyConfig(family="vla")))
+    cfg = ExperimentConfig(obs_keys=["state", "instruction"], policy=PolicyConfig(family="vla"))
+    cfg.policy.vla.instruction_bytes = 30
+    with pytest.raises(ConfigError, match="instruction_bytes .30. must be a multiple"):
+        validate(cfg)
+
+
+@pytest.mark.slow
+def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, capsys):
+    """Record two Meta-World tasks with instructions, train a VLA a few steps, evaluate it with the
+    held-out paraphrases and with another task's instruction, calibrate and cache it."""
+    from polcache.cli import main
+    from polcache.data import open_dataset
+    from polcache.policy.language import decode_instruction
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["record", "--task", "reach-v3,push-v3", "--episodes", "2", "--instructions", "48",
+                 "--out", "mt.zarr"]) == 0
+    store = open_dataset("mt.zarr")
+    assert store.tasks == ["reach-v3"] * 2 + ["push-v3"] * 2
+    assert decode_instruction(store.episode(3).obs["instruction"][0]) == "slide the puck onto the target"
+    assert main(["train", "--config", str(_config()), "dataset=mt.zarr", "out=run", "train.steps=4",
+                 "train.epochs=0", "train.val_windows=4", "policy.vla.instruction_bytes=48", "policy.n_layers=2",
+                 "policy.width=32", "policy.vla.width=32"]) == 0
+    assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "2", "--max-steps", "8",
+                 "--no-progress", "--json", "heldout.json"]) == 0
+    result = json.loads((tmp_path / "heldout.json").read_text())
+    assert [e["instruction"] for e in result["per_episode"]] == ["nudge the puck over to the target",
+                                                                "push the small puck to the goal spot"]
+    assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "1", "--max-steps", "8",
+                 "--no-progress", "--instruction", "open the door", "--json", "swapped.json"]) == 0
+    assert json.loads((tmp_path / "swapped.json").read_text())["extra"]["instructions"] == ["open the door"]
+    assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "1",
+                 "--instruction", "x" * 49]) == 2
+    assert "--instruction: 49 UTF-8 bytes, at most 48 allowed" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", "run/last", "--budget", "3", "--bu-blocks", "2", "--samples", "4",
+                 "--out", "sched.json"]) == 0
+    assert json.loads((tmp_path / "sched.json").read_text())["model"]["family"] == "vla"
+    assert main(["eval", "--checkpoint", "run/last", "--task", "reach-v3", "--episodes", "1", "--max-steps", "8",
+                 "--no-progress", "--cache", "sched.json"]) == 0
+
+
+def _config():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "configs" / "vla_mt10.yaml"
