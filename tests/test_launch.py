@@ -75,10 +75,12 @@ def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
         port = busy.getsockname()[1]
         with pytest.raises(PolcacheError, match=f"server.bind: port {port} .* already in use"):
             check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"server.bind=tcp://127.0.0.1:{port}"]))
-        with pytest.raises(PolcacheError, match=f"dashboard.port: port {port} is already in use"):
+        with pytest.raises(PolcacheError, match=f"dashboard.port: port {port} on 127.0.0.1 is already in use"):
             check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}"]))
         check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}",
                                                                            "dashboard.enabled=false"]))
+    with pytest.raises(PolcacheError, match=r"server.bind: cannot bind 192\.0\.2\.1:5555 here"):  # not ours
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + ["server.bind=tcp://192.0.2.1:5555"]))
     unavailable = max(os.sched_getaffinity(0)) + 1
     with pytest.raises(PolcacheError, match=f"server.placement.cpus: CPU {unavailable} is not available"):
         check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"server.placement.cpus=[{unavailable}]"]))

@@ -7,6 +7,7 @@ against this machine (checkpoint, device, CPUs, free ports) right before anythin
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -130,13 +131,16 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError("run_dir: expected a directory for logs and metrics, got ''")
 
 
-def _port_in_use(host: str, port: int) -> bool:
+def _check_port_free(name: str, host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
             s.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except socket.gaierror:
+            raise PolcacheError(f"{name}: cannot resolve host {host!r}") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PolcacheError(f"{name}: port {port} on {host} is already in use") from None
+            raise PolcacheError(f"{name}: cannot bind {host}:{port} here ({exc.strerror})") from None
 
 
 def check_machine(cfg: LaunchConfig) -> None:
@@ -162,7 +166,7 @@ def check_machine(cfg: LaunchConfig) -> None:
             raise PolcacheError(f"{name}.placement.cpus: CPU {missing[0]} is not available here "
                                 f"(this process may use CPUs {sorted(allowed)})")
     address = tcp_port(s.bind)
-    if address is not None and _port_in_use(*address):
-        raise PolcacheError(f"server.bind: port {address[1]} on {address[0]} is already in use")
-    if cfg.dashboard.enabled and _port_in_use("127.0.0.1", cfg.dashboard.port):
-        raise PolcacheError(f"dashboard.port: port {cfg.dashboard.port} is already in use")
+    if address is not None:
+        _check_port_free("server.bind", *address)
+    if cfg.dashboard.enabled:
+        _check_port_free("dashboard.port", "127.0.0.1", cfg.dashboard.port)
