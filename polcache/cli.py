@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "polcache.cache.cli",
     "polcache.serve.cli",
     "polcache.export.cli",
+    "polcache.dashboard.cli",
     "polcache.launch.cli",
 ]
 

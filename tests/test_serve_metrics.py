@@ -30,12 +30,13 @@ def test_counters_accumulate_and_summaries_are_windowed():
 
 
 def test_prometheus_text_over_http():
-    with collect_metrics(port=0) as m:
+    with collect_metrics(port=0, robot="arm") as m:
         m.record(tick(0.25, miss=True))
         text = m.prometheus_text()
-        assert "# TYPE polcache_tick_deadline_miss_total counter\npolcache_tick_deadline_miss_total 1" in text
-        assert 'polcache_tick_period_error_ms{quantile="0.99"} 0.25' in text
-        assert "polcache_tick_period_error_ms_count 1" in text
+        assert "# TYPE polcache_tick_deadline_miss_total counter" in text
+        assert 'polcache_tick_deadline_miss_total{robot="arm"} 1.0' in text
+        assert 'polcache_tick_period_error_seconds_bucket{le="0.0005",robot="arm"} 1.0' in text
+        assert 'polcache_tick_period_error_seconds_count{robot="arm"} 1.0' in text
 
 
 def test_http_endpoint_serves_metrics_only():
@@ -47,7 +48,7 @@ def test_http_endpoint_serves_metrics_only():
     try:
         port = http.server_address[1]
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert "polcache_tick_ticks_total 1" in body
+        assert 'polcache_tick_ticks_total{robot=""} 1.0' in body
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
     finally:

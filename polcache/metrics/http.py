@@ -1,10 +1,13 @@
-"""A tiny Prometheus endpoint on the standard library: GET /metrics, nothing else. Off unless
-a port is given, and bound to loopback unless told otherwise."""
+"""A tiny Prometheus endpoint on the standard library: GET /metrics (prometheus_client's text
+exposition of the run's own registry), nothing else. Off unless a port is given, and bound to
+loopback unless told otherwise."""
 
 from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from polcache.metrics.registry import Metrics
 
@@ -20,7 +23,7 @@ def serve_prometheus(metrics: Metrics, port: int, host: str = "127.0.0.1") -> Th
                 return
             body = metrics.prometheus_text().encode()
             self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -3,6 +3,8 @@ thread so a slow disk never delays a control tick, and rotated by size so it nev
 
 Lines look like {"kind": "tick", "t": ..., "period_error_ms": ..., ...}; see the record
 classes in polcache_client.records and polcache.serve.records for the fields of each kind.
+`labels` (e.g. the robot's name) are added to every line that lacks them, so a reader of
+several files can tell robots apart.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ class JsonlWriter:
     """Keeps `path` under `max_bytes` by renaming it to path.1 (path.1 to path.2, ...) and keeps
     `backups` old files; drops (and counts) records when more than `queue_size` wait."""
 
-    def __init__(self, path: str | Path, max_bytes: int = 10 * 2**20, backups: int = 3, queue_size: int = 10_000):
+    def __init__(self, path: str | Path, max_bytes: int = 10 * 2**20, backups: int = 3, queue_size: int = 10_000,
+                 labels: dict[str, Any] | None = None):
         self.path = Path(path)
+        self.labels = dict(labels or {})
         self.max_bytes = max_bytes
         self.backups = backups
         self.dropped = 0
@@ -33,7 +37,7 @@ class JsonlWriter:
         self._thread.start()
 
     def __call__(self, record: Any) -> None:
-        self.write(record_fields(record))
+        self.write(self.labels | record_fields(record))
 
     def write(self, fields: dict[str, Any]) -> None:
         try:

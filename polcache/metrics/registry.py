@@ -1,9 +1,11 @@
 """In-process metrics built from runtime records: counters that accumulate and distributions
-over a bounded recent window, readable as a dict or as Prometheus text.
+over a bounded recent window, readable as a dict, and the same records as Prometheus
+histograms and counters (polcache.metrics.prometheus) for scraping.
 
 A record is any dataclass with `kind`, `counters` and `summaries` class attributes (see
-polcache_client.records). Recording is a few deque appends under a lock, cheap enough for
-every control tick; percentiles are computed only when someone reads them.
+polcache_client.records). Recording is a few deque appends and histogram increments under
+locks, cheap enough for every control tick (benchmarks/bench_dashboard.py measures it);
+percentiles are computed only when someone reads them.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from collections import deque
 from typing import Any, Callable
 
 import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
 
-QUANTILES = (0.5, 0.95, 0.99)
+from polcache.metrics.prometheus import PrometheusRecorder
+
+QUANTILES = (0.5, 0.95, 0.99)  # of the in-process snapshot
 
 
 class _Summary:
@@ -42,11 +47,14 @@ class _Summary:
 
 class Metrics:
     """`window` bounds each distribution (most recent values); `sink` also receives every
-    record (e.g. a JsonlWriter)."""
+    record (e.g. a JsonlWriter); `robot` labels the Prometheus series of records that do not
+    name their robot themselves (the robot side's tick and chunk records)."""
 
-    def __init__(self, window: int = 10_000, sink: Callable[[Any], None] | None = None):
+    def __init__(self, window: int = 10_000, sink: Callable[[Any], None] | None = None, robot: str = ""):
         self.window = window
         self.sink = sink
+        self.registry = CollectorRegistry()  # one per Metrics: several in one process never collide
+        self._prometheus = PrometheusRecorder(self.registry, robot)
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, str], float] = {}
         self._summaries: dict[tuple[str, str], _Summary] = {}
@@ -62,6 +70,7 @@ class Metrics:
                 if key not in self._summaries:
                     self._summaries[key] = _Summary(self.window)
                 self._summaries[key].add(float(getattr(record, name)))
+        self._prometheus.record(record)
         if self.sink is not None:
             self.sink(record)
 
@@ -76,22 +85,8 @@ class Metrics:
         return out
 
     def prometheus_text(self) -> str:
-        """Prometheus exposition format: counters as `_total`, distributions as summaries whose
-        quantiles cover the recent window and whose sum and count are cumulative."""
-        lines = []
-        with self._lock:
-            for (kind, name), value in sorted(self._counters.items()):
-                metric = f"polcache_{kind}_{name}_total"
-                lines += [f"# TYPE {metric} counter", f"{metric} {float(value):g}"]
-            for (kind, name), summary in sorted(self._summaries.items()):
-                metric = f"polcache_{kind}_{name}"
-                lines.append(f"# TYPE {metric} summary")
-                values = np.fromiter(summary.recent, dtype=np.float64)
-                if len(values):
-                    for q, v in zip(QUANTILES, np.percentile(values, [q * 100 for q in QUANTILES])):
-                        lines.append(f'{metric}{{quantile="{q:g}"}} {v:.6g}')
-                lines += [f"{metric}_sum {summary.total:.6g}", f"{metric}_count {summary.count}"]
-        return "\n".join(lines) + "\n"
+        """The Prometheus text exposition of every series recorded so far."""
+        return generate_latest(self.registry).decode()
 
 
 def record_fields(record: Any) -> dict[str, Any]:

@@ -183,7 +183,8 @@ class TorchBackend:
         if self.plan is not None:
             from polcache.cache import plan_summary
 
-            cache = plan_summary(self.plan)
+            cache = plan_summary(self.plan) | {  # the table itself: dashboards draw it as a heatmap
+                "plan": [[int(op) for op in row] for row in self.plan], "block_names": [b.name for b in self.policy.cache_blocks]}
         return {"backend": "torch", "device": str(self.device), "sampler": self.sampler.kind,
                 "steps": self.sampler.num_steps, "cache": cache, "precision": self.precision,
                 "parity": self.parity, "cuda_graphs": self.graph_blocker is None,

@@ -95,7 +95,9 @@ def _serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, **backend_options(args))
     backend.warmup()  # e.g. on CUDA: captures the chunk's graph before the first robot asks
-    with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
+    info = {"role": "server", "checkpoint": args.checkpoint, "backend": backend.describe(),
+            "policy": backend.spec.to_dict(), "deadline_ms": args.deadline_ms}
+    with collect_metrics(args.metrics_file, args.metrics_port, info=info) as metrics:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
                               on_record=metrics.record, name=f"polcache serve {args.checkpoint}",
@@ -120,12 +122,13 @@ def _keys(args: argparse.Namespace) -> int:
 def _sim_robot(args: argparse.Namespace) -> int:
     from polcache.atomic import atomic_write_text
     from polcache.metrics import collect_metrics
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.serve.sim_robot import run_sim_robot, sim_robot_name
 
     _logging()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # TERM stops the loop safely, like Ctrl-C
     cameras = tuple(c for c in (args.cameras or "").split(",") if c) or None
-    with collect_metrics(args.metrics_file, args.metrics_port) as metrics:
+    info = {"role": "robot", "task": args.task, "hz": args.hz, "server": args.server}
+    with collect_metrics(args.metrics_file, args.metrics_port, robot=sim_robot_name(args.task), info=info) as metrics:
         result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,
                                image_size=args.image_size, keys_dir=args.keys, blend=args.blend, decay=args.decay,
                                hold_s=args.hold_ms / 1e3, connect_timeout_s=args.connect_timeout,

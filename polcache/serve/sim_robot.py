@@ -44,6 +44,11 @@ class SimRobot:
         self.safe_stops += 1
 
 
+def sim_robot_name(task: str) -> str:
+    """The name the robot gives the server, and the label of its own metrics."""
+    return f"sim-robot {task}"
+
+
 def run_sim_robot(
     task: str,
     server: str,
@@ -75,7 +80,7 @@ def run_sim_robot(
     robot = SimRobot(env)
     per_episode = []
     try:
-        with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=f"sim-robot {task}", keys_dir=keys_dir,
+        with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=sim_robot_name(task), keys_dir=keys_dir,
                           instruction=texts[0]) as client:
             try:
                 client.connect(timeout_s=connect_timeout_s)

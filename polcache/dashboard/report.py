@@ -1,0 +1,138 @@
+"""`polcache report`: the dashboard's views of recorded runs as a static HTML page with PNGs.
+
+Reads whole metrics files (and their rotated backups FILE.N, oldest first), computes the same
+views as the live page (polcache.dashboard.views) and draws each with matplotlib (the `report`
+extra, also part of `sim`). The CPU/GPU view is live-only: metrics files do not record load.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from polcache.atomic import atomic_write_text
+from polcache.dashboard.tail import JsonlTail
+from polcache.dashboard.views import RunState
+from polcache.errors import PolcacheError
+
+OP_COLORS = ["#1f4e79", "#cfe2f3", "#f6b26b", "#b4a7d6"]  # compute, reuse, forecast, gate (as the page)
+
+
+def run_files(path: Path) -> list[Path]:
+    """A metrics file preceded by its rotated backups, oldest first."""
+    backups = sorted(path.parent.glob(f"{path.name}.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    return [p for p in backups if p.suffix[1:].isdigit()] + [path]
+
+
+def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
+    """Every record of every file (no bound on how many); returns the state and the number of
+    unreadable lines."""
+    state, bad = RunState(keep=None), 0
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise PolcacheError(f"report: {path}: no such metrics file")
+        context: dict[str, Any] = {}
+        for part in run_files(path):
+            tail = JsonlTail(part)
+            state.add(tail.poll() + tail.finish(), context)
+            bad += tail.bad_lines
+            tail.close()
+    bad += state.bad_records
+    if not state.records:
+        raise PolcacheError(f"report: no metrics records in {', '.join(map(str, paths))}")
+    return state, bad
+
+
+def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
+    """Write OUT/index.html, OUT/<view>.png and OUT/views.json; returns the page's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state, bad = load_runs(paths)
+    views = state.views()
+    meta = views.pop("_meta")
+    sections = []
+    for view_id, view in views.items():
+        if view_id == "system":
+            continue
+        drew = _plot(view, out / f"{view_id}.png")
+        body = (f'<img src="{view_id}.png" alt="{html.escape(view["title"])}">' if drew
+                else "<p>no data in these files</p>")
+        note = f'<p class="note">{html.escape(view["note"])}</p>' if view.get("note") else ""
+        sections.append(f'<section><h2>{html.escape(view["title"])}</h2>{body}{note}</section>')
+    errors = ", ".join(f"{k} {n}" for k, n in meta["errors"].items()) or "none"
+    page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>polcache report</title>"
+            f"<style>body{{font:13px system-ui,sans-serif;margin:12px}}section{{margin-bottom:18px}}"
+            f"h2{{font-size:14px}}.note{{color:#666}}img{{max-width:100%}}</style></head><body>"
+            f"<h1>polcache report</h1><p>files: {html.escape(', '.join(map(str, paths)))}<br>"
+            f"robots: {html.escape(', '.join(meta['robots']))}; {meta['span_s']:.1f} s of records, "
+            f"statistics per {meta['interval_s']:.1f} s; refused messages: {html.escape(errors)}; "
+            f"unreadable lines: {bad}</p>{''.join(sections)}</body></html>\n")
+    atomic_write_text(out / "views.json", json.dumps(views))
+    page_path = out / "index.html"
+    atomic_write_text(page_path, page)
+    return page_path
+
+
+def _plot(view: dict[str, Any], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.0))
+    drew = {"line": _line, "hist": _hist, "bars": _bars, "heatmap": _heatmap}[view["type"]](ax, view)
+    if drew:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100, bbox_inches="tight")  # legends placed outside the axes included
+    plt.close(fig)
+    return drew
+
+
+def _line(ax, view) -> bool:
+    for s in view["series"]:
+        ax.plot(s["x"], [float("nan") if v is None else v for v in s["y"]], label=s["name"], linewidth=1.2)
+    for h in view.get("hlines", []):
+        ax.axhline(h["y"], color="#c00", linestyle="--", linewidth=1, label=h["name"])
+    ax.set_xlabel("seconds since start")
+    if view["series"]:
+        ax.legend(fontsize=6, loc="best")
+    return bool(view["series"])
+
+
+def _hist(ax, view) -> bool:
+    for s in view["series"]:
+        ax.stairs(s["counts"], s["edges"], fill=True, alpha=0.35, label=s["name"])
+    for v in view.get("vlines", []):
+        ax.axvline(v["x"], color="#c00", linestyle="--", linewidth=1, label=v["name"])
+    if view["series"]:
+        ax.legend(fontsize=6)
+    return bool(view["series"])
+
+
+def _bars(ax, view) -> bool:
+    cats = view["categories"]
+    left = [0.0] * len(cats)
+    for s in view["stacks"]:
+        values = [v or 0.0 for v in s["values"]]
+        ax.barh(cats, values, left=left, label=s["name"])
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_xlabel("ms")
+    if cats:
+        ax.legend(fontsize=6, ncol=4)
+    return bool(cats)
+
+
+def _heatmap(ax, view) -> bool:
+    if not view["rows"]:
+        return False
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    ax.imshow(view["z"], aspect="auto", interpolation="nearest", cmap=ListedColormap(OP_COLORS), vmin=-0.5, vmax=3.5)
+    ax.set_yticks(range(len(view["rows"])), view["rows"], fontsize=5)
+    ax.set_xlabel("denoising step")
+    ax.legend(handles=[Patch(color=OP_COLORS[int(op)], label=name) for op, name in view["legend"].items()],
+              fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return True

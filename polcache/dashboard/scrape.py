@@ -1,0 +1,109 @@
+"""`polcache dashboard --connect ADDR`: records from a running process's Prometheus endpoint.
+
+ADDR is `HOST:PORT` or a URL (`http://HOST:PORT/metrics`) of a `--metrics-port` endpoint of
+`polcache serve` or `sim-robot`. Each scrape is turned back into records so the views are the
+same as from files: counter increases become counter fields, gauges their newest value, and
+a histogram's new observations become values at their bucket's midpoint. So from a scrape,
+distributions have bucket resolution and times have the scrape interval's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import urllib.request
+from collections import defaultdict
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from polcache.dashboard.views import MONOTONIC_KINDS
+from polcache.errors import PolcacheError
+
+PREFIX = "polcache_"
+
+
+def scrape_url(addr: str) -> str:
+    if "://" in addr:
+        return addr
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise PolcacheError(f"--connect {addr!r}: expected HOST:PORT or http://HOST:PORT/metrics")
+    return f"http://{host or '127.0.0.1'}:{port}/metrics"
+
+
+class PrometheusScraper:
+    """`poll()` returns the records that happened since the previous poll (none on the first:
+    it sets the baseline, so a long-running process's history is not replayed at one instant)."""
+
+    def __init__(self, addr: str, timeout_s: float = 2.0):
+        self.url = scrape_url(addr)
+        self.timeout_s = timeout_s
+        self._last: dict[tuple, float] | None = None
+        self.failures = 0
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
+                text = response.read().decode()
+        except OSError:
+            self.failures += 1  # the process may be starting or gone; keep trying
+            return []
+        current = parse_exposition(text)
+        last, self._last = self._last, current
+        return [] if last is None else records_between(last, current)
+
+
+def parse_exposition(text: str) -> dict[tuple, float]:
+    """{(kind, field, role, robot, code, le): value} for polcache's series."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(PREFIX) or family.type not in ("counter", "histogram", "gauge"):
+            continue
+        kind, _, field = family.name[len(PREFIX):].partition("_")
+        for sample in family.samples:
+            labels = sample.labels
+            if family.type == "counter" and sample.name.endswith("_total"):
+                key = (kind, field, "counter", labels.get("robot", ""), labels.get("code"), None)
+            elif family.type == "histogram" and sample.name.endswith("_bucket"):
+                key = (kind, field.removesuffix("_seconds") + "_ms", "bucket", labels.get("robot", ""), None,
+                       float(labels["le"]))
+            elif family.type == "gauge" and sample.name == family.name:
+                key = (kind, field, "gauge", labels.get("robot", ""), None, None)
+            else:
+                continue
+            out[key] = sample.value
+    return out
+
+
+def records_between(last: dict[tuple, float], current: dict[tuple, float]) -> list[dict[str, Any]]:
+    now = {"wall": time.time(), "monotonic": time.monotonic()}
+    records: list[dict[str, Any]] = []
+    counters: dict[tuple, dict[str, Any]] = defaultdict(dict)
+    buckets: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for key, value in current.items():
+        kind, field, role, robot, code, le = key
+        if role == "counter":
+            delta = value - last.get(key, 0.0)
+            if delta > 0:
+                counters[(kind, robot, code)][field] = delta
+        elif role == "gauge":
+            counters[(kind, robot, None)][field] = value
+        else:
+            buckets[(kind, field, robot)].append((le, value - last.get(key, 0.0)))
+    for (kind, robot, code), fields in counters.items():
+        extra = {"code": code} if code is not None else {}
+        records.append({"kind": kind, "t": _clock(kind, now), "robot": robot, **extra, **fields})
+    for (kind, field, robot), cumulative in buckets.items():
+        cumulative.sort()
+        below, lower = 0.0, 0.0
+        for le, count in cumulative:
+            n = int(round(count - below))
+            value_s = lower if math.isinf(le) else (lower + le) / 2
+            records += [{"kind": kind, "t": _clock(kind, now), "robot": robot, field: value_s * 1e3}] * max(n, 0)
+            below, lower = count, (le if not math.isinf(le) else lower)
+    return records
+
+
+def _clock(kind: str, now: dict[str, float]) -> float:
+    return now["monotonic"] if kind in MONOTONIC_KINDS else now["wall"]

@@ -1,0 +1,204 @@
+// polcache dashboard: polls /data.json once a second and draws every view as inline SVG.
+// Hand-written (no plotting library) so the page needs nothing but this server. Each view's
+// section gets data-received="1" once it has drawn data (the browser test checks that).
+"use strict";
+
+const W = 580, H = 230, M = { l: 52, r: 12, t: 8, b: 26 };
+const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                "#bcbd22", "#17becf"];
+const OP_COLORS = { 0: "#1f4e79", 1: "#cfe2f3", 2: "#f6b26b", 3: "#b4a7d6" };
+const NS = "http://www.w3.org/2000/svg";
+
+function el(tag, attrs, parent) {
+  const node = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (parent) parent.appendChild(node);
+  return node;
+}
+
+function text(parent, x, y, s, anchor) {
+  const t = el("text", { x, y, "text-anchor": anchor || "start" }, parent);
+  t.textContent = s;
+  return t;
+}
+
+function fmt(v) {
+  const a = Math.abs(v);
+  return a >= 1000 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 0.1 ? v.toFixed(2) : v.toPrecision(2);
+}
+
+function ticks(lo, hi, n) {
+  const out = [];
+  for (let i = 0; i <= n; i++) out.push(lo + (hi - lo) * i / n);
+  return out;
+}
+
+function frame(svg, x0, x1, y0, y1) {
+  const sx = v => M.l + (v - x0) / (x1 - x0 || 1) * (W - M.l - M.r);
+  const sy = v => H - M.b - (v - y0) / (y1 - y0 || 1) * (H - M.t - M.b);
+  el("rect", { x: M.l, y: M.t, width: W - M.l - M.r, height: H - M.t - M.b, fill: "none", stroke: "#ccc" }, svg);
+  for (const v of ticks(y0, y1, 4)) {
+    el("line", { x1: M.l, x2: W - M.r, y1: sy(v), y2: sy(v), stroke: "#eee" }, svg);
+    text(svg, M.l - 4, sy(v) + 3, fmt(v), "end");
+  }
+  for (const v of ticks(x0, x1, 5)) text(svg, sx(v), H - M.b + 13, fmt(v), "middle");
+  return [sx, sy];
+}
+
+function range(values, pad) {
+  const finite = values.filter(v => v !== null && Number.isFinite(v));
+  if (!finite.length) return [0, 1];
+  let lo = Math.min(...finite), hi = Math.max(...finite);
+  if (pad) lo = Math.min(lo, 0);
+  if (hi === lo) hi = lo + 1;
+  return [lo, hi + (hi - lo) * 0.05];
+}
+
+function legend(section, names) {
+  const div = document.createElement("div");
+  div.className = "legend";
+  names.forEach((name, i) => {
+    const span = document.createElement("span");
+    span.innerHTML = `<i style="background:${COLORS[i % COLORS.length]}"></i>`;
+    span.appendChild(document.createTextNode(name));
+    div.appendChild(span);
+  });
+  section.appendChild(div);
+}
+
+function drawLine(svg, section, view) {
+  const series = view.series || [];
+  const xs = series.flatMap(s => s.x), ys = series.flatMap(s => s.y).concat((view.hlines || []).map(h => h.y));
+  const [x0, x1] = range(xs, false), [y0, y1] = range(ys, true);
+  const [sx, sy] = frame(svg, x0, x1, y0, y1);
+  text(svg, W - M.r, H - 2, "seconds since start", "end");
+  series.forEach((s, i) => {
+    let d = "", pen = "M";
+    s.x.forEach((x, j) => {
+      if (s.y[j] === null) { pen = "M"; return; }
+      d += `${pen}${sx(x).toFixed(1)},${sy(s.y[j]).toFixed(1)} `;
+      pen = "L";
+    });
+    el("path", { d, fill: "none", stroke: COLORS[i % COLORS.length], "stroke-width": 1.4 }, svg);
+  });
+  (view.hlines || []).forEach(h => {
+    el("line", { x1: M.l, x2: W - M.r, y1: sy(h.y), y2: sy(h.y), stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
+    text(svg, W - M.r - 2, sy(h.y) - 3, `${h.name} ${fmt(h.y)}`, "end");
+  });
+  legend(section, series.map(s => s.name));
+  return series.some(s => s.y.some(v => v !== null));
+}
+
+function drawHist(svg, section, view) {
+  const series = view.series || [];
+  if (!series.length) { frame(svg, 0, 1, 0, 1); return false; }
+  const edges = series[0].edges;
+  const [x0, x1] = [edges[0], edges[edges.length - 1]];
+  const [y0, y1] = range(series.flatMap(s => s.counts), true);
+  const [sx, sy] = frame(svg, x0, x1, y0, y1);
+  series.forEach((s, i) => {
+    let d = `M${sx(s.edges[0])},${sy(0)} `;
+    s.counts.forEach((c, j) => { d += `L${sx(s.edges[j])},${sy(c)} L${sx(s.edges[j + 1])},${sy(c)} `; });
+    d += `L${sx(s.edges[s.edges.length - 1])},${sy(0)}`;
+    el("path", { d, fill: COLORS[i % COLORS.length], "fill-opacity": 0.3, stroke: COLORS[i % COLORS.length] }, svg);
+  });
+  (view.vlines || []).forEach(v => {
+    if (v.x < x0 || v.x > x1) return;
+    el("line", { x1: sx(v.x), x2: sx(v.x), y1: M.t, y2: H - M.b, stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
+    text(svg, sx(v.x) - 3, M.t + 10, v.name, "end");
+  });
+  legend(section, series.map(s => s.name));
+  return series.some(s => s.counts.some(c => c > 0));
+}
+
+function drawBars(svg, section, view) {
+  const cats = view.categories || [], stacks = view.stacks || [];
+  const totals = cats.map((_, i) => stacks.reduce((a, s) => a + (s.values[i] || 0), 0));
+  const [, x1] = range(totals, true);
+  const sx = v => M.l + 80 + v / x1 * (W - M.l - 80 - M.r - 50);  // room for the total
+  const rowH = Math.min(30, (H - M.t - M.b) / Math.max(cats.length, 1));
+  cats.forEach((cat, i) => {
+    let acc = 0;
+    const y = M.t + i * rowH;
+    text(svg, 4, y + rowH / 2 + 3, cat.length > 22 ? cat.slice(0, 21) + "…" : cat);
+    stacks.forEach((s, j) => {
+      const v = s.values[i] || 0;
+      const r = el("rect", { x: sx(acc), y: y + 2, width: Math.max(sx(acc + v) - sx(acc), 0), height: rowH - 4,
+                             fill: COLORS[j % COLORS.length] }, svg);
+      el("title", {}, r).textContent = `${s.name}: ${fmt(v)} ms`;
+      acc += v;
+    });
+    text(svg, sx(acc) + 3, y + rowH / 2 + 3, `${fmt(acc)} ms`);
+  });
+  legend(section, stacks.map(s => s.name));
+  return cats.length > 0 && totals.some(t => t > 0);
+}
+
+function drawHeatmap(svg, section, view) {
+  const rows = view.rows || [], cols = view.cols || [], z = view.z || [];
+  if (!rows.length) return false;
+  const left = 110, cw = (W - left - M.r) / cols.length, rh = (H - M.t - M.b) / rows.length;
+  rows.forEach((name, i) => {
+    if (rows.length <= 24 || i % 2 === 0) text(svg, left - 4, M.t + (i + 0.5) * rh + 3, name, "end");
+    cols.forEach((_, k) => {
+      const r = el("rect", { x: left + k * cw, y: M.t + i * rh, width: cw + 0.3, height: rh + 0.3,
+                             fill: OP_COLORS[z[i][k]] || "#000" }, svg);
+      el("title", {}, r).textContent = `${name}, step ${k}: ${(view.legend || {})[z[i][k]]}`;
+    });
+  });
+  cols.forEach(k => { if (cols.length <= 20 || k % 10 === 0) text(svg, left + (k + 0.5) * cw, H - M.b + 13, k, "middle"); });
+  text(svg, W - M.r, H - 2, "denoising step", "end");
+  const div = document.createElement("div");
+  div.className = "legend";
+  for (const [op, name] of Object.entries(view.legend || {})) {
+    div.innerHTML += `<span><i style="background:${OP_COLORS[op]}"></i>${name}</span>`;
+  }
+  section.appendChild(div);
+  return true;
+}
+
+const DRAW = { line: drawLine, hist: drawHist, bars: drawBars, heatmap: drawHeatmap };
+
+function render(data) {
+  const root = document.getElementById("views");
+  for (const [id, view] of Object.entries(data)) {
+    if (id.startsWith("_")) continue;
+    let section = document.getElementById(`view-${id}`);
+    if (!section) {
+      section = document.createElement("section");
+      section.className = "view";
+      section.id = `view-${id}`;
+      section.dataset.received = "0";
+      root.appendChild(section);
+    }
+    section.innerHTML = `<h2></h2>`;
+    section.querySelector("h2").textContent = view.title;
+    const svg = el("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}` }, section);
+    const drew = DRAW[view.type](svg, section, view);
+    if (drew) section.dataset.received = "1";
+    if (view.note) {
+      const p = document.createElement("p");
+      p.className = "note";
+      p.textContent = view.note;
+      section.appendChild(p);
+    }
+  }
+  const meta = data._meta;
+  const errors = Object.entries(meta.errors).map(([k, n]) => `${k} ${n}`).join(", ");
+  document.getElementById("status").textContent =
+    `robots: ${meta.robots.join(", ") || "none yet"} · ${fmt(meta.span_s)} s of records · interval ` +
+    `${fmt(meta.interval_s)} s · refused messages: ${errors || "none"} · unreadable lines: ${meta.bad_lines}`;
+  document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+}
+
+async function update() {
+  try {
+    const response = await fetch("/data.json", { cache: "no-store" });
+    render(await response.json());
+  } catch (err) {
+    document.getElementById("status").textContent = `no data: ${err}`;
+  }
+  setTimeout(update, 1000);
+}
+
+update();

@@ -1,0 +1,88 @@
+"""Follow a metrics JSON-lines file while its writer appends, rotates and truncates it.
+
+The writer (polcache.metrics.jsonl) renames a full file to FILE.1 and starts a new FILE; a
+user may also truncate it or start a new run over it. We keep the open handle (so the rest of
+a rotated file is still read), notice a new inode at the path and switch to it, notice a file
+shorter than our offset and start again from its beginning, and hold back a last line until
+its newline arrives, so a line caught half-written is read whole on the next poll.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+class JsonlTail:
+    """`poll()` returns the records appended since the last call; lines that are not JSON
+    objects (a torn write after truncation, a foreign file) are counted in `bad_lines`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.bad_lines = 0
+        self._file: BinaryIO | None = None
+        self._inode: int | None = None
+        self._partial = b""
+
+    def poll(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        if self._file is None and not self._open():
+            return records
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:  # between the writer's rename and its new file
+            stat = None
+        if stat is not None and stat.st_ino == self._inode and stat.st_size < self._file.tell():
+            self._file.seek(0)  # truncated under us: whatever we held back belonged to the old content
+            self._partial = b""
+        records += self._read()
+        if stat is not None and stat.st_ino != self._inode:  # rotated: the old file is finished
+            records += self.finish()
+            self._file.close()
+            self._file = None
+            if self._open():
+                records += self._read()
+        return records
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The held-back last line as a record, for a file that will not grow any more (a run
+        killed mid-write leaves half a line: counted in `bad_lines`)."""
+        lines, self._partial = [self._partial], b""
+        return self._parse(lines)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open(self) -> bool:
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            return False
+        self._inode = os.fstat(self._file.fileno()).st_ino
+        return True
+
+    def _read(self) -> list[dict[str, Any]]:
+        data = self._partial + self._file.read()
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # empty after a complete last line
+        return self._parse(lines)
+
+    def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
+        out = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                self.bad_lines += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("kind"), str):
+                out.append(record)
+            else:
+                self.bad_lines += 1
+        return out

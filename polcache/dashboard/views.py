@@ -1,0 +1,344 @@
+"""What the dashboard and the report show, computed once from metrics records.
+
+`RunState` takes records (the lines of the server's and robots' metrics files, or records
+made from a Prometheus scrape) and `views()` turns them into plain JSON-ready plot specs of
+four types: `line` (series of x/y, optional horizontal reference lines), `hist` (bin edges and
+counts per series, optional vertical reference lines), `bars` (stacked values per robot) and
+`heatmap` (rows x columns). The live page draws them in the browser and `polcache report` with
+matplotlib, so both show exactly the same numbers.
+
+Clocks: `tick` and `chunk` records carry the robot's monotonic clock, `request` and `error`
+records wall time. A file's `info` line holds both clocks at one instant; without one we use
+this machine's offset (the same machine's monotonic clock is shared by all its processes).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict, deque
+from typing import Any, Iterable
+
+import numpy as np
+
+MONOTONIC_KINDS = ("tick", "chunk")
+STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
+QUANTILES = (50, 95, 99)
+OP_NAMES = {0: "compute", 1: "reuse", 2: "forecast", 3: "gate"}  # polcache.policy.executor's op codes
+
+# Every view, in page order: id -> (title, type). The page and the report iterate this table.
+VIEWS = {
+    "latency": ("observation-to-action latency (ms): p50/p95/p99 per interval vs deadline", "line"),
+    "latency_hist": ("observation-to-action latency histogram (ms)", "hist"),
+    "stages": ("per-stage mean (ms): server stages, then network + wait for the tick", "bars"),
+    "rate": ("control loop achieved rate (Hz) vs target", "line"),
+    "period_error": ("period error (ms): p50/p99 per interval", "line"),
+    "period_error_hist": ("period error histogram (ms)", "hist"),
+    "deadline": ("deadline misses (cumulative): robot ticks without a fresh action, server requests over budget",
+                 "line"),
+    "queue": ("action queue depth (actions left in the newest chunk), mean per interval", "line"),
+    "starvation": ("starvation: safe stops and missed ticks (cumulative)", "line"),
+    "drops": ("dropped actions (past due on arrival), stale chunks, observations not sent, superseded (cumulative)",
+              "line"),
+    "inference": ("inference time per chunk (ms), server side: p50 and max per interval", "line"),
+    "cache": ("cache schedule (block x denoising step)", "heatmap"),
+    "system": ("CPU load (%) and GPU utilisation (%) of this machine", "line"),
+}
+
+
+class Columns:
+    """One robot's records of one kind as columns (wall time, and each numeric field; NaN where
+    a record lacks it): stored once on arrival, so a page poll converts deques, not dicts."""
+
+    def __init__(self, keep: int | None):
+        self.keep = keep
+        self.t: deque[float] = deque(maxlen=keep)
+        self.fields: dict[str, deque[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def append(self, wall: float, record: dict[str, Any]) -> None:
+        for name, value in record.items():
+            if name != "t" and name not in self.fields and (value is None or isinstance(value, (int, float))):
+                self.fields[name] = deque([math.nan] * len(self.t), maxlen=self.keep)
+        self.t.append(wall)
+        for name, column in self.fields.items():
+            column.append(_number(record.get(name)))
+
+    def column(self, field: str) -> np.ndarray:
+        """"" is the time; an unknown field is all NaN."""
+        if not field:
+            return np.array(self.t, dtype=np.float64)
+        if field not in self.fields:
+            return np.full(len(self.t), math.nan)
+        return np.array(self.fields[field], dtype=np.float64)
+
+
+class RunState:
+    """Records of any number of robots and servers, `keep` newest per robot and kind."""
+
+    def __init__(self, keep: int | None = 20_000):
+        self.keep = keep
+        self.records: dict[tuple[str, str], Columns] = defaultdict(lambda: Columns(self.keep))
+        self.server: dict[str, Any] | None = None  # the newest server info line
+        self.robot_hz: dict[str, float] = {}
+        self.errors: dict[tuple[str, str], int] = defaultdict(int)
+        self.system: deque = deque(maxlen=keep)  # (wall time, cpu %, gpu % or None)
+        self._local_offset = time.time() - time.monotonic()
+        self.t0: float | None = None
+        self.bad_records = 0
+        self._columns: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def add(self, records: Iterable[dict[str, Any]], source: dict[str, Any] | None = None) -> None:
+        """`source` carries per-file context: its info line's clock offset, once seen. A record
+        whose fields have the wrong types is counted in `bad_records` and skipped."""
+        source = source if source is not None else {}
+        for r in records:
+            try:
+                self._add(r, source)
+            except (TypeError, ValueError, AttributeError):
+                self.bad_records += 1
+
+    def _add(self, r: dict[str, Any], source: dict[str, Any]) -> None:
+        kind, t = r.get("kind"), r.get("t")
+        if kind == "info":
+            if "monotonic" in r:
+                source["offset"] = float(t) - float(r["monotonic"])
+            if r.get("role") == "server":
+                _check_plan(((r.get("backend") or {}).get("cache") or {}).get("plan"))
+                self.server = r
+            elif r.get("role") == "robot" and r.get("robot") and r.get("hz"):
+                self.robot_hz[str(r["robot"])] = float(r["hz"])
+            return
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError("t")
+        wall = t + source.get("offset", self._local_offset) if kind in MONOTONIC_KINDS else t
+        robot = str(r.get("robot") or "robot")
+        if kind == "error":
+            self.errors[(robot, str(r.get("code")))] += int(r.get("errors", 1))
+        self.records[(robot, kind)].append(wall, r)
+        self.t0 = wall if self.t0 is None else min(self.t0, wall)
+
+    def add_system(self, wall: float, cpu: float | None, gpu: float | None) -> None:
+        self.system.append((wall, cpu, gpu))
+
+    # ------------------------------------------------------------ views
+
+    def views(self, interval_s: float | None = None) -> dict[str, dict[str, Any]]:
+        """Every view of VIEWS as {"title", "type", ...data}; `interval_s` is the width of the
+        per-interval statistics (default: about 100 intervals over the whole run, at least 1 s)."""
+        span = self._span()
+        interval = interval_s or max(1.0, span / 100)
+        self._columns = {}  # per call: records change between calls
+        out = {}
+        for view, (title, kind) in VIEWS.items():
+            out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
+        out["_meta"] = {"robots": self.robots(), "interval_s": interval, "span_s": span, "bad_records": self.bad_records,
+                        "errors": {f"{robot}: {code}": n for (robot, code), n in sorted(self.errors.items())}}
+        return out
+
+    def robots(self) -> list[str]:
+        return sorted({robot for robot, _ in self.records})
+
+    def _span(self) -> float:
+        ends = [c.t[-1] for c in self.records.values() if len(c)]
+        return max(ends) - self.t0 if ends and self.t0 is not None else 0.0
+
+    def _series(self, kind: str, field: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per robot: (seconds since the run's start, values) of one field, non-finite dropped."""
+        out = {}
+        for (robot, k), rows in self.records.items():
+            if k != kind or not rows:
+                continue
+            t = self._column(robot, kind, "") - (self.t0 or 0.0)
+            v = self._column(robot, kind, field)
+            keep = np.isfinite(v)
+            if keep.any():
+                out[robot] = (t[keep], v[keep])
+        return out
+
+    def _column(self, robot: str, kind: str, field: str) -> np.ndarray:
+        """One field of a robot's records as floats; "" is the time. Cached for one views() call."""
+        key = (robot, kind, field)
+        if key not in self._columns:
+            self._columns[key] = self.records[(robot, kind)].column(field)
+        return self._columns[key]
+
+    def _binned(self, kind: str, field: str, interval: float, stats: dict[str, str | float]) -> list[dict[str, Any]]:
+        series = []
+        for robot, (t, v) in sorted(self._series(kind, field).items()):
+            series += _binned_values(robot, t, v, interval, stats)
+        return series
+
+    def _cumulative(self, kind: str, field: str, label: str) -> list[dict[str, Any]]:
+        series = []
+        for robot, (t, v) in sorted(self._series(kind, field).items()):
+            x, y = _thin(t, np.cumsum(v))
+            series.append({"name": f"{robot} {label}", "x": x, "y": y})
+        return series
+
+    def _deadlines_ms(self) -> list[dict[str, Any]]:
+        if self.server is None:
+            return []
+        if self.server.get("deadline_ms"):
+            return [{"name": "deadline", "y": float(self.server["deadline_ms"])}]
+        steps = (self.server.get("policy") or {}).get("n_action_steps")
+        return [{"name": f"deadline {robot}", "y": _round((steps - 1) / hz * 1e3)}
+                for robot, hz in sorted(self.robot_hz.items())] if steps else []
+
+    def _view_latency(self, interval: float) -> dict[str, Any]:
+        stats = {f"p{q}": q for q in QUANTILES}
+        return {"series": self._binned("chunk", "latency_ms", interval, stats), "hlines": self._deadlines_ms()}
+
+    def _view_latency_hist(self, interval: float) -> dict[str, Any]:
+        return {"series": self._histograms("chunk", "latency_ms"),
+                "vlines": [{"name": d["name"], "x": d["y"]} for d in self._deadlines_ms()]}
+
+    def _view_stages(self, interval: float) -> dict[str, Any]:
+        requests = {robot: [self._mean("request", robot, f"{s}_ms") for s in STAGES] for robot in self.robots()
+                    if self.records.get((robot, "request"))}
+        network = {}
+        for robot in self.robots():
+            if self.records.get((robot, "chunk")):
+                gaps = self._column(robot, "chunk", "latency_ms") - self._column(robot, "chunk", "server_ms")
+                gaps = gaps[np.isfinite(gaps)]
+                network[robot] = _round(float(gaps.mean())) if len(gaps) else None
+        robots = sorted(set(requests) | set(network))
+        stacks = [{"name": s, "values": [requests.get(r, [None] * len(STAGES))[i] for r in robots]}
+                  for i, s in enumerate(STAGES)]
+        stacks.append({"name": "network + tick wait", "values": [network.get(r) for r in robots]})
+        return {"categories": robots, "stacks": stacks if robots else []}
+
+    def _view_rate(self, interval: float) -> dict[str, Any]:
+        series = []  # 1 / mean tick-to-tick time per interval: a partly covered interval reads right too
+        for robot, (t, _) in sorted(self._series("tick", "ticks").items()):
+            if len(t) > 1:
+                series += _binned_values(robot, t[1:], np.diff(t), interval, {"": "rate"})
+        return {"series": series, "hlines": [{"name": f"target {r}", "y": hz} for r, hz in sorted(self.robot_hz.items())]}
+
+    def _view_period_error(self, interval: float) -> dict[str, Any]:
+        return {"series": self._binned("tick", "period_error_ms", interval, {"p50": 50, "p99": 99}), "hlines": []}
+
+    def _view_period_error_hist(self, interval: float) -> dict[str, Any]:
+        return {"series": self._histograms("tick", "period_error_ms"), "vlines": []}
+
+    def _view_deadline(self, interval: float) -> dict[str, Any]:
+        return {"series": self._cumulative("tick", "deadline_miss", "ticks without fresh action")
+                + self._cumulative("request", "deadline_miss", "requests over budget"), "hlines": []}
+
+    def _view_queue(self, interval: float) -> dict[str, Any]:
+        return {"series": self._binned("tick", "queue_depth", interval, {"": "mean"}), "hlines": []}
+
+    def _view_starvation(self, interval: float) -> dict[str, Any]:
+        return {"series": self._cumulative("tick", "safe_stops", "safe stops")
+                + self._cumulative("tick", "missed_ticks", "missed ticks"), "hlines": []}
+
+    def _view_drops(self, interval: float) -> dict[str, Any]:
+        return {"series": self._cumulative("chunk", "dropped_actions", "dropped actions")
+                + self._cumulative("chunk", "stale_chunks", "stale chunks")
+                + self._cumulative("tick", "obs_dropped", "observations not sent")
+                + self._cumulative("request", "superseded", "superseded"), "hlines": []}
+
+    def _view_inference(self, interval: float) -> dict[str, Any]:
+        return {"series": self._binned("request", "inference_ms", interval, {"p50": 50, "max": "max"}), "hlines": []}
+
+    def _view_cache(self, interval: float) -> dict[str, Any]:
+        cache = ((self.server.get("backend") or {}).get("cache") or {}) if self.server else {}
+        plan = cache.get("plan")
+        if not plan:
+            note = "no cache plan (uncached policy, or no server info line)" if self.server else "no server info yet"
+            return {"rows": [], "cols": [], "z": [], "note": note}
+        names = cache.get("block_names") or [f"block {i}" for i in range(len(plan[0]))]
+        limit = cache.get("compute_limit")
+        note = (f"{cache.get('method', '')} {cache.get('source', '')}: {cache.get('block_evals')} of "
+                f"{cache.get('block_evals_uncached')} block evaluations, compute limit "
+                f"{limit if limit is not None else 'n/a'}x")
+        return {"rows": names, "cols": list(range(len(plan))), "z": [list(col) for col in zip(*plan)],
+                "legend": OP_NAMES, "note": note}
+
+    def _view_system(self, interval: float) -> dict[str, Any]:
+        if not self.system:
+            return {"series": [], "hlines": []}
+        t = np.array([w for w, _, _ in self.system]) - (self.t0 if self.t0 is not None else self.system[0][0])
+        series = []
+        for i, name in ((1, "CPU %"), (2, "GPU %")):
+            values = [row[i] for row in self.system]
+            if any(v is not None for v in values):
+                series.append({"name": name, "x": [_round(x) for x in t],
+                               "y": [_round(v) if v is not None else None for v in values]})
+        return {"series": series, "hlines": [{"name": "100%", "y": 100.0}]}
+
+    def _histograms(self, kind: str, field: str, bins: int = 40) -> list[dict[str, Any]]:
+        series = self._series(kind, field)
+        if not series:
+            return []
+        every = np.concatenate([v for _, v in series.values()])
+        lo, hi = np.percentile(every, [0, 99.5])  # a few outliers must not squash the picture
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        out = []
+        for robot, (_, v) in sorted(series.items()):
+            counts, _ = np.histogram(np.clip(v, edges[0], edges[-1]), edges)
+            out.append({"name": robot, "edges": [_round(e) for e in edges], "counts": counts.tolist()})
+        return out
+
+    def _mean(self, kind: str, robot: str, field: str) -> float | None:
+        if not self.records.get((robot, kind)):
+            return None
+        values = self._column(robot, kind, field)
+        values = values[np.isfinite(values)]
+        return _round(float(values.mean())) if len(values) else None
+
+
+def _binned_values(robot: str, t: np.ndarray, v: np.ndarray, interval: float,
+                   stats: dict[str, str | float]) -> list[dict[str, Any]]:
+    """One series per statistic, a point per interval (at its middle). A statistic is a
+    percentile (a number, numpy's linear interpolation), "mean", "max", or "rate" (v holds the
+    time between events: events per second). Vectorised: a page poll computes hundreds."""
+    bins = np.floor(t / interval).astype(np.int64)
+    order = np.lexsort((v, bins))
+    b, sv = bins[order], v[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(b) != 0])
+    counts = np.diff(np.r_[starts, len(b)])
+    x = [round(float((k + 0.5) * interval), 3) for k in b[starts]]
+    series = []
+    for label, stat in stats.items():
+        if stat == "mean":
+            y = np.add.reduceat(sv, starts) / counts
+        elif stat == "max":
+            y = np.maximum.reduceat(sv, starts)
+        elif stat == "rate":
+            y = counts / np.add.reduceat(sv, starts)
+        else:
+            pos = starts + float(stat) / 100 * (counts - 1)
+            lo = np.floor(pos).astype(np.int64)
+            hi = np.minimum(lo + 1, starts + counts - 1)
+            y = sv[lo] + (sv[hi] - sv[lo]) * (pos - lo)
+        series.append({"name": f"{robot} {label}".strip(), "x": x, "y": [_round(value) for value in y]})
+    return series
+
+
+def _check_plan(plan: Any) -> None:
+    """A server info line's cache plan must be a table of op codes (the heatmap draws it)."""
+    if plan is None:
+        return
+    if not (isinstance(plan, list) and plan and all(isinstance(row, list) and len(row) == len(plan[0]) for row in plan)
+            and all(op in OP_NAMES for row in plan for op in row)):
+        raise ValueError("backend.cache.plan: expected equal-length rows of op codes 0-3")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        return float(value)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _round(value: float) -> float | None:
+    value = float(value)
+    return round(value, 4) if math.isfinite(value) else None
+
+
+def _thin(t: np.ndarray, y: np.ndarray, points: int = 200) -> tuple[list[float], list[float]]:
+    """At most `points` samples of a monotone curve, always keeping the last."""
+    idx = np.unique(np.r_[np.linspace(0, len(t) - 1, min(points, len(t))).astype(int), len(t) - 1])
+    return [_round(x) for x in t[idx]], [_round(v) for v in y[idx]]

@@ -1,0 +1,265 @@
+"""The dashboard's data path: following rotated and truncated files, views from records of
+several robots, Prometheus scrapes as records, the live page's JSON, the static report."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+
+import pytest
+
+from polcache.cli import main
+from polcache.dashboard import Dashboard, RunState, write_report
+from polcache.dashboard.scrape import PrometheusScraper, scrape_url
+from polcache.dashboard.tail import JsonlTail
+from polcache.dashboard.views import VIEWS
+from polcache.errors import PolcacheError
+from polcache.metrics import JsonlWriter, Metrics, serve_prometheus
+from test_metrics_prometheus import chunk, request, tick
+
+
+def line(**fields) -> str:
+    return json.dumps(fields) + "\n"
+
+
+# ------------------------------------------------------------ following files
+
+
+def test_tail_holds_back_a_half_written_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(line(kind="tick", t=1.0) + '{"kind": "tick", "t"')
+    tail = JsonlTail(path)
+    assert [r["t"] for r in tail.poll()] == [1.0]
+    with open(path, "a") as f:
+        f.write(': 2.0}\n')
+    assert [r["t"] for r in tail.poll()] == [2.0] and tail.bad_lines == 0
+
+
+def test_tail_survives_truncation_mid_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(line(kind="tick", t=1.0) + line(kind="tick", t=2.0) + '{"kind": "ti')
+    tail = JsonlTail(path)
+    assert len(tail.poll()) == 2
+    path.write_text(line(kind="tick", t=3.0))  # truncated and rewritten, shorter than before
+    assert [r["t"] for r in tail.poll()] == [3.0]
+    with open(path, "a") as f:
+        f.write("not json\n" + line(kind="chunk", t=4.0))
+    assert [r["t"] for r in tail.poll()] == [4.0] and tail.bad_lines == 1
+
+
+def test_tail_follows_the_writers_rotation_without_losing_records(tmp_path):
+    path = tmp_path / "m.jsonl"
+    writer = JsonlWriter(path, max_bytes=1500, backups=3)
+    tail = JsonlTail(path)
+    seen = []
+    for i in range(120):
+        writer(tick(float(i)))
+        if i % 7 == 0:
+            time.sleep(0.01)  # the writer's thread writes and rotates meanwhile
+            seen += tail.poll()
+    writer.close()
+    seen += tail.poll()
+    assert os.path.exists(f"{path}.3")  # it did rotate, several times
+    errors = [r["period_error_ms"] for r in seen]
+    assert errors == [float(i) for i in range(120)] and tail.bad_lines == 0
+
+
+# ------------------------------------------------------------ views
+
+
+def two_robot_run(tmp_path, seconds: float = 4.0, hz: float = 50.0):
+    """Records as the server and two robots write them (robots on the monotonic clock)."""
+    server, robots = [], {}
+    wall0, mono0 = 1_000_000.0, 500.0
+    server.append({"kind": "info", "t": wall0, "monotonic": mono0, "role": "server", "deadline_ms": None,
+                   "policy": {"n_action_steps": 8},
+                   "backend": {"cache": {"plan": [[0, 0, 0], [1, 0, 1]], "block_names": ["a", "b", "c"],
+                                         "compute_limit": 1.5, "block_evals": 4, "block_evals_uncached": 6}}})
+    for name, latency in (("left", 10.0), ("right", 30.0)):
+        rows = robots[name] = [{"kind": "info", "t": wall0, "monotonic": mono0, "role": "robot", "robot": name,
+                                "hz": hz}]
+        for i in range(int(seconds * hz)):
+            t = mono0 + i / hz
+            rows.append({"kind": "tick", "t": t, "robot": name, "period_error_ms": 0.01 * (i % 5), "queue_depth": 5,
+                         "ticks": 1, "missed_ticks": 0, "deadline_miss": i % 50 == 0, "safe_stops": 0,
+                         "obs_dropped": 0})
+            if i % 4 == 0:
+                rows.append({"kind": "chunk", "t": t, "robot": name, "latency_ms": latency + i % 3,
+                             "inference_ms": 5.0, "server_ms": 6.0, "chunks": 1, "dropped_actions": 1,
+                             "stale_chunks": 0})
+                server.append({"kind": "request", "t": wall0 + i / hz, "robot": name, "decode_ms": 0.1,
+                               "preprocess_ms": 0.1, "queue_ms": 0.3, "inference_ms": 5.0, "postprocess_ms": 0.1,
+                               "encode_ms": 0.2, "total_ms": 6.0, "queue_depth": 1, "requests": 1,
+                               "superseded": 0, "deadline_miss": False})
+    server.append({"kind": "error", "t": wall0 + 1, "robot": "left", "code": "bad_shape", "errors": 1})
+    paths = []
+    for name, rows in [("server", server), *robots.items()]:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(path)
+    return paths
+
+
+def state_of(paths) -> RunState:
+    state = RunState()
+    for path in paths:
+        tail = JsonlTail(path)
+        state.add(tail.poll(), {})
+    return state
+
+
+def test_views_tell_robots_apart_and_align_clocks(tmp_path):
+    views = state_of(two_robot_run(tmp_path)).views(interval_s=1.0)
+    assert set(VIEWS) <= set(views) and views["_meta"]["robots"] == ["left", "right"]
+    assert views["_meta"]["span_s"] == pytest.approx(3.98, abs=0.01)  # wall and monotonic records on one axis
+    p50 = {s["name"]: s["y"] for s in views["latency"]["series"] if s["name"].endswith("p50")}
+    assert set(p50) == {"left p50", "right p50"}
+    assert all(10 <= v <= 12 for v in p50["left p50"]) and all(30 <= v <= 32 for v in p50["right p50"])
+    assert [h["y"] for h in views["latency"]["hlines"]] == [140.0, 140.0]  # (8 - 1) / 50 Hz, one per robot
+    rates = [v for s in views["rate"]["series"] for v in s["y"]]
+    assert rates and all(v == pytest.approx(50.0, rel=1e-6) for v in rates)
+    misses = {s["name"]: s["y"][-1] for s in views["deadline"]["series"]}
+    assert misses["left ticks without fresh action"] == 4 and misses["right requests over budget"] == 0
+    stages = views["stages"]
+    assert stages["categories"] == ["left", "right"]
+    network = next(s for s in stages["stacks"] if s["name"] == "network + tick wait")["values"]
+    assert network == [pytest.approx(4.98), pytest.approx(24.98)]  # mean latency (10 or 30, + 0.98) - server time 6
+    assert views["cache"]["z"] == [[0, 1], [0, 0], [0, 1]] and views["cache"]["rows"] == ["a", "b", "c"]
+    assert "compute limit 1.5x" in views["cache"]["note"]
+    assert views["_meta"]["errors"] == {"left: bad_shape": 1}
+    assert sum(views["latency_hist"]["series"][0]["counts"]) == 50
+
+
+def test_views_without_records_are_empty_not_broken():
+    views = RunState().views()
+    assert views["latency"]["series"] == [] and views["cache"]["rows"] == []
+    json.dumps(views, allow_nan=False)
+
+
+# ------------------------------------------------------------ live page and scrapes
+
+
+def test_dashboard_serves_the_page_and_live_data(tmp_path):
+    paths = two_robot_run(tmp_path)
+    dashboard = Dashboard(paths, poll_s=0.05)
+    url = dashboard.serve(port=0)
+    try:
+        page = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert '<script src="/app.js">' in page and "http" not in page.replace('http-equiv', '')
+        script = urllib.request.urlopen(url + "app.js", timeout=5).read().decode()
+        assert "/data.json" in script and "data-received" in script
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            data = json.loads(urllib.request.urlopen(url + "data.json", timeout=5).read())
+            if data["_meta"]["robots"]:
+                break
+            time.sleep(0.05)
+        assert data["_meta"]["robots"] == ["left", "right"] and data["latency"]["series"]
+        with open(paths[1], "a") as f:  # the robot keeps writing: the page sees it
+            f.write(line(kind="tick", t=510.0, robot="left", ticks=1, period_error_ms=0.5, queue_depth=2))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and data["_meta"]["span_s"] < 9:
+            data = json.loads(urllib.request.urlopen(url + "data.json", timeout=5).read())
+            time.sleep(0.05)
+        assert data["_meta"]["span_s"] == pytest.approx(10.0, abs=0.01)
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(url + "elsewhere", timeout=5)
+    finally:
+        dashboard.stop()
+
+
+def test_scrape_turns_histogram_increases_into_values():
+    m = Metrics(robot="arm")
+    http = serve_prometheus(m, 0)
+    try:
+        scraper = PrometheusScraper(f"127.0.0.1:{http.server_address[1]}")
+        assert scraper.poll() == []  # the baseline
+        for _ in range(3):
+            m.record(tick(0.3, deadline_miss=True))
+        m.record(chunk(12.0))
+        m.record(request("arm", inference_ms=7.0))
+        records = scraper.poll()
+    finally:
+        http.shutdown()
+        http.server_close()
+    ticks = [r for r in records if r["kind"] == "tick"]
+    assert sum(r.get("ticks", 0) for r in ticks) == 3 and sum(r.get("deadline_miss", 0) for r in ticks) == 3
+    errors = sorted(r["period_error_ms"] for r in ticks if "period_error_ms" in r)
+    assert errors == [pytest.approx(0.375)] * 3  # the middle of the (0.25, 0.5] ms bucket
+    assert [r["latency_ms"] for r in records if "latency_ms" in r] == [pytest.approx(12.5)]  # (10, 15] ms
+    state = RunState()
+    state.add(records)
+    assert state.views()["latency"]["series"] and state.views()["_meta"]["robots"] == ["arm"]
+
+
+def test_scrape_address_forms():
+    assert scrape_url("127.0.0.1:9100") == "http://127.0.0.1:9100/metrics"
+    assert scrape_url(":9100") == "http://127.0.0.1:9100/metrics"
+    assert scrape_url("http://robot:9100/metrics") == "http://robot:9100/metrics"
+    with pytest.raises(PolcacheError, match="HOST:PORT"):
+        scrape_url("robot")
+
+
+# ------------------------------------------------------------ report and command line
+
+
+def test_report_writes_a_page_with_one_png_per_view(tmp_path):
+    paths = two_robot_run(tmp_path)
+    rotated = tmp_path / "server.jsonl.1"  # the server's older records, rotated away
+    rotated.write_text(line(kind="error", t=999_999.0, robot="right", code="non_finite", errors=1))
+    with open(paths[1], "a") as f:
+        f.write('{"kind": "tick", "t": 5')  # the robot was killed mid-line
+    page = write_report(paths, tmp_path / "report")
+    html = page.read_text()
+    for view in VIEWS:
+        if view != "system":
+            assert (tmp_path / "report" / f"{view}.png").stat().st_size > 1000, view
+            assert f'src="{view}.png"' in html
+    assert "unreadable lines: 1" in html and "right: non_finite 1" in html
+    views = json.loads((tmp_path / "report" / "views.json").read_text())
+    assert views["latency"]["series"]
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    assert main(["dashboard"]) == 2
+    assert "--metrics FILE" in capsys.readouterr().err
+    assert main(["dashboard", "--connect", "nowhere"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no such metrics file" in err and len(err.strip().splitlines()) == 1
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["report", str(empty), "--out", str(tmp_path / "r")]) == 2
+    assert "no metrics records" in capsys.readouterr().err
+
+
+def test_records_with_wrong_types_are_counted_not_fatal():
+    state = RunState()
+    state.add([{"kind": "info", "t": 1.0, "monotonic": "soon"}, {"kind": "tick", "t": "late"},
+               {"kind": "error", "t": 1.0, "robot": "r", "code": "x", "errors": "many"},
+               {"kind": "info", "role": "robot", "robot": "r", "hz": "fast", "t": 1.0},
+               {"kind": "tick", "t": 2.0, "robot": "r", "ticks": 1, "period_error_ms": "?", "queue_depth": None},
+               {"kind": "info", "t": 1.0, "role": "server", "backend": {"cache": {"plan": [[0, 1], [7]]}}}])
+    assert state.bad_records == 5 and state.server is None
+    views = state.views()
+    assert views["_meta"]["robots"] == ["r"] and views["period_error"]["series"] == []
+    json.dumps(views, allow_nan=False)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc")
+def test_system_sampler_reads_proc_stat_and_nvidia_smi(tmp_path, monkeypatch):
+    from polcache.dashboard.system import SystemSampler
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf '37\\n41\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    sampler = SystemSampler()
+    sampler._psutil = None  # the /proc/stat path, whether or not psutil is installed here
+    sampler.sample_cpu()
+    time.sleep(0.05)  # a few jiffies pass
+    assert 0.0 <= sampler.sample_cpu() <= 100.0
+    assert sampler.sample_gpu() == 39.0  # the mean over the GPUs listed

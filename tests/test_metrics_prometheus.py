@@ -1,0 +1,109 @@
+"""Prometheus exposition through prometheus_client: histograms per robot, counters, gauges, and
+the shipped Grafana dashboard only asks for series the registry exposes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from polcache.metrics import Metrics
+from polcache.metrics.prometheus import LATENCY_BUCKETS, PERIOD_ERROR_BUCKETS
+from polcache.serve.records import ErrorRecord, RequestRecord
+from polcache_client.records import ChunkRecord, TickRecord
+
+GRAFANA = Path(__file__).resolve().parents[1] / "docs" / "grafana" / "polcache.json"
+
+
+def tick(error_ms=0.1, **kw):
+    return TickRecord(t=1.0, epoch=0, seq=1, period_error_ms=error_ms, state="fresh", queue_depth=kw.pop("depth", 3), **kw)
+
+
+def chunk(latency_ms, **kw):
+    return ChunkRecord(t=1.0, epoch=0, seq=1, latency_ms=latency_ms, inference_ms=kw.pop("inference_ms", 5.0),
+                       server_ms=6.0, **kw)
+
+
+def request(robot, inference_ms=5.0, **kw):
+    return RequestRecord(t=1.0, robot=robot, epoch=0, seq=1, decode_ms=0.1, preprocess_ms=0.05, queue_ms=0.2,
+                         inference_ms=inference_ms, postprocess_ms=0.05, encode_ms=0.1, total_ms=inference_ms + 0.5,
+                         queue_depth=kw.pop("queue_depth", 1), **kw)
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.prometheus_text()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def exposed_names(metrics: Metrics) -> set[str]:
+    return {name for name, _ in samples(metrics)}
+
+
+def every_kind(robot: str = "arm") -> Metrics:
+    m = Metrics(robot=robot)
+    m.record(tick())
+    m.record(chunk(12.0))
+    m.record(request(robot))
+    m.record(ErrorRecord(t=1.0, robot=robot, code="bad_shape"))
+    return m
+
+
+def test_histograms_count_into_buckets_around_the_control_period():
+    m = Metrics(robot="arm")
+    for latency in (3.0, 12.0, 18.0, 25.0, 700.0):  # ms; a 50 Hz period is 20 ms
+        m.record(chunk(latency))
+    s = samples(m)
+    bucket = lambda le: s[("polcache_chunk_latency_seconds_bucket", (("le", le), ("robot", "arm")))]
+    assert bucket("0.005") == 1 and bucket("0.015") == 2 and bucket("0.02") == 3 and bucket("0.03") == 4
+    assert bucket("1.0") == 5 and bucket("+Inf") == 5
+    assert s[("polcache_chunk_latency_seconds_sum", (("robot", "arm"),))] == pytest.approx(0.758)
+    assert 0.02 in LATENCY_BUCKETS and 0.001 in PERIOD_ERROR_BUCKETS
+
+
+def test_series_are_labelled_per_robot_and_errors_per_code():
+    m = Metrics()  # a server: requests and errors name their robot themselves
+    for _ in range(3):
+        m.record(request("left", deadline_miss=True))
+    m.record(request("right", superseded=2, queue_depth=4))
+    m.record(ErrorRecord(t=1.0, robot="left", code="bad_shape"))
+    m.record(ErrorRecord(t=1.0, robot="left", code="bad_shape"))
+    m.record(ErrorRecord(t=1.0, robot="right", code="non_finite"))
+    s = samples(m)
+    assert s[("polcache_request_requests_total", (("robot", "left"),))] == 3
+    assert s[("polcache_request_deadline_miss_total", (("robot", "left"),))] == 3
+    assert s[("polcache_request_deadline_miss_total", (("robot", "right"),))] == 0
+    assert s[("polcache_request_superseded_total", (("robot", "right"),))] == 2
+    assert s[("polcache_request_queue_depth", (("robot", "right"),))] == 4  # a gauge: the newest value
+    assert s[("polcache_error_errors_total", (("code", "bad_shape"), ("robot", "left")))] == 2
+    assert s[("polcache_error_errors_total", (("code", "non_finite"), ("robot", "right")))] == 1
+
+
+def test_non_finite_values_are_not_observed():
+    m = Metrics(robot="arm")
+    m.record(chunk(10.0, inference_ms=float("nan")))
+    s = samples(m)
+    assert s[("polcache_chunk_inference_seconds_count", (("robot", "arm"),))] == 0
+    assert s[("polcache_chunk_latency_seconds_count", (("robot", "arm"),))] == 1
+
+
+def test_grafana_dashboard_asks_only_for_exposed_series():
+    dashboard = json.loads(GRAFANA.read_text())
+    names = exposed_names(every_kind())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(dashboard["panels"]) >= 10 and all(p["targets"] for p in dashboard["panels"])
+    used = set()
+    for expr in exprs:
+        found = set(re.findall(r"polcache_[a-z_]+", expr))
+        assert found, f"panel expression names no polcache metric: {expr}"
+        used |= found
+    assert used <= names, f"not exposed: {sorted(used - names)}"
+    for metric in ("polcache_chunk_latency_seconds_bucket", "polcache_tick_period_error_seconds_bucket",
+                   "polcache_tick_deadline_miss_total", "polcache_tick_queue_depth", "polcache_error_errors_total",
+                   "polcache_chunk_stale_chunks_total", "polcache_tick_safe_stops_total"):
+        assert metric in used
