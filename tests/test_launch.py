@@ -39,7 +39,7 @@ def sim_overrides(tmp_path: Path, *extra: str) -> list[str]:
     robot_cpu, server_cpu = (cpus[0], cpus[1]) if TWO_CPUS else (cpus[0], cpus[0])
     return [f"run_dir={tmp_path / 'runs'}", f"server.bind=tcp://127.0.0.1:{free_port()}",
             f"dashboard.port={free_port()}", f"robot.placement.cpus=[{robot_cpu}]",
-            f"server.placement.cpus=[{server_cpu}]", *extra]
+            f"server.placement.cpus=[{server_cpu}]", f"dashboard.placement.cpus=[{server_cpu}]", *extra]
 
 
 @pytest.mark.parametrize("name", ["sim", "workstation", "jetson"])
@@ -174,7 +174,9 @@ def test_sim_launch_runs_its_episodes_and_stops_everything(tmp_path):
     assert "polcache has no dashboard command" in out or re.search(r"dashboard http://127\.0\.0\.1:\d+/", out)
     if no_nice or not fifo_permitted():
         assert "robot: SCHED_FIFO priority 50 is not permitted here" in out
-    assert out.index("robot stopped (exit status 0)") < out.index("server stopped (exit status 0)")
+    order = ["robot stopped (exit status 0)", "server stopped (exit status 0)"]
+    order += ["dashboard stopped"] if "dashboard" in launcher.pids() else []
+    assert [out.index(line) for line in order] == sorted(out.index(line) for line in order), out
     assert all(gone(pid) for pid in launcher.pids().values())
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "robot.json").is_file() and (run / "server.jsonl").stat().st_size > 0
@@ -183,14 +185,16 @@ def test_sim_launch_runs_its_episodes_and_stops_everything(tmp_path):
 @pytest.mark.slow
 def test_sigterm_mid_run_stops_robot_then_server_and_children_are_pinned(tmp_path):
     pytest.importorskip("metaworld")
-    launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=200", "dashboard.enabled=false",
-                                      "robot.placement.fifo_priority=0"))
+    launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=200", "robot.placement.fifo_priority=0"))
     launcher.wait_for(r"robot started \(pid \d+")
     pids = launcher.pids()
-    assert set(pids) == {"server", "robot"}
+    assert {"server", "robot"} <= set(pids) <= {"server", "robot", "dashboard"}
     cpus = sorted(os.sched_getaffinity(0))
+    server_cpus = {cpus[1]} if TWO_CPUS else {cpus[0]}
     assert os.sched_getaffinity(pids["robot"]) == {cpus[0]}
-    assert os.sched_getaffinity(pids["server"]) == ({cpus[1]} if TWO_CPUS else {cpus[0]})
+    assert os.sched_getaffinity(pids["server"]) == server_cpus
+    if "dashboard" in pids:
+        assert os.sched_getaffinity(pids["dashboard"]) == server_cpus
     # every thread of the server, torch's and ZeroMQ's included, inherited the placement
     tasks = Path(f"/proc/{pids['server']}/task")
     for tid in os.listdir(tasks):
@@ -201,7 +205,9 @@ def test_sigterm_mid_run_stops_robot_then_server_and_children_are_pinned(tmp_pat
     launcher.proc.send_signal(signal.SIGTERM)
     out = launcher.finish(timeout=60)
     assert launcher.proc.returncode == 130, out
-    assert out.index("robot stopped (exit status 130)") < out.index("server stopped (exit status 0)")
+    order = ["robot stopped (exit status 130)", "server stopped (exit status 0)"]
+    order += ["dashboard stopped"] if "dashboard" in pids else []
+    assert [out.index(line) for line in order] == sorted(out.index(line) for line in order), out
     assert all(gone(pid) for pid in pids.values())
 
 

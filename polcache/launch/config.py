@@ -62,6 +62,7 @@ class DashboardLaunch:
     enabled: bool = True
     port: int = 8050
     ready_timeout_s: float = 30.0
+    placement: Placement = field(default_factory=Placement)  # keep it off the control loop's core
 
 
 @dataclass
@@ -127,6 +128,7 @@ def validate(cfg: LaunchConfig) -> None:
     _check_port("dashboard.port", d.port)
     _check_placement("server", s.placement)
     _check_placement("robot", r.placement)
+    _check_placement("dashboard", d.placement)
     if not cfg.run_dir:
         raise ConfigError("run_dir: expected a directory for logs and metrics, got ''")
 
@@ -160,7 +162,8 @@ def check_machine(cfg: LaunchConfig) -> None:
         except PolcacheError as exc:
             raise PolcacheError(f"server.device: {exc}") from None
     allowed = os.sched_getaffinity(0)
-    for name, placement in (("server", s.placement), ("robot", cfg.robot.placement)):
+    for name, placement in (("server", s.placement), ("robot", cfg.robot.placement),
+                            ("dashboard", cfg.dashboard.placement)):
         missing = sorted(set(placement.cpus) - allowed)
         if missing:
             raise PolcacheError(f"{name}.placement.cpus: CPU {missing[0]} is not available here "

@@ -145,7 +145,8 @@ class Launch:
                     proc.wait()
                     say(f"{name} did not stop within {self.cfg.stop_timeout_s:g} s after SIGTERM: killed")
                     continue
-            say(f"{name} stopped (exit status {proc.returncode})")
+            code = proc.returncode
+            say(f"{name} stopped ({f'exit status {code}' if code >= 0 else signal.Signals(-code).name})")
 
 
 def dashboard_available() -> subprocess.Popen:
@@ -202,7 +203,7 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
             probe.kill()
             probe.wait()
     if has_dashboard:
-        dash = launch.start("dashboard", dashboard_command(cfg, launch.run_dir))
+        dash = launch.start("dashboard", dashboard_command(cfg, launch.run_dir), cfg.dashboard.placement)
         url = f"http://127.0.0.1:{cfg.dashboard.port}/"
         try:
             wait_for_http(dash.proc, url, cfg.dashboard.ready_timeout_s)
