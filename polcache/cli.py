@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "polcache.serve.cli",
     "polcache.export.cli",
     "polcache.dashboard.cli",
+    "polcache.launch.cli",
 ]
 
 

@@ -1,0 +1,175 @@
+"""What `polcache launch` starts, as a strict YAML config (configs/launch/*.yaml).
+
+Two stages of checking, so a config written for another machine (a Jetson's CPU list, a
+workstation's key directory) can still be read and tested anywhere: `load_launch_config` checks
+the file alone (unknown keys by dotted path, types, ranges, addresses); `check_machine` checks it
+against this machine (checkpoint, device, CPUs, free ports) right before anything starts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from polcache.config import apply_overrides, from_dict, read_yaml_mapping
+from polcache.errors import ConfigError, PolcacheError
+
+DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
+FIFO_PRIORITIES = range(0, 100)  # 0: ordinary scheduling; 1..99: SCHED_FIFO with that priority
+
+
+@dataclass
+class Placement:
+    """Where a process runs: `cpus` it may use (empty: wherever the launcher may) and its
+    SCHED_FIFO priority (0: ordinary scheduling)."""
+
+    cpus: list[int] = field(default_factory=list)
+    fifo_priority: int = 0
+
+
+@dataclass
+class ServerLaunch:
+    checkpoint: str = "polcache/assets/checkpoints/reach-v3"
+    bind: str = "tcp://127.0.0.1:5555"
+    backend: str | None = None  # torch | ort | trt; None: serve's default for the checkpoint
+    device: str = "cpu"
+    precision: str = "fp32"
+    cache: str | None = None
+    threads: int = 0  # torch / ONNX Runtime threads; 0: one per CPU in `placement.cpus` (1 when unpinned)
+    keys: str | None = None  # CurveZMQ key directory (needed for a non-loopback bind)
+    insecure: bool = False
+    ready_timeout_s: float = 180.0  # checkpoint loading and warm-up (CUDA graphs, TensorRT engines) may be slow
+    placement: Placement = field(default_factory=Placement)
+
+
+@dataclass
+class RobotLaunch:
+    """The simulated robot (`polcache sim-robot`); disabled where a real robot connects."""
+
+    enabled: bool = True
+    task: str = ""  # "": the checkpoint's task
+    hz: float = 50.0
+    episodes: int = 10
+    seed: int = 1000
+    placement: Placement = field(default_factory=Placement)
+
+
+@dataclass
+class DashboardLaunch:
+    enabled: bool = True
+    port: int = 8050
+    ready_timeout_s: float = 30.0
+    placement: Placement = field(default_factory=Placement)  # keep it off the control loop's core
+
+
+@dataclass
+class LaunchConfig:
+    run_dir: str = "runs/launch"  # each launch writes logs, metrics and the robot's result into a fresh subdirectory
+    stop_timeout_s: float = 10.0  # per process, after SIGTERM, before SIGKILL
+    server: ServerLaunch = field(default_factory=ServerLaunch)
+    robot: RobotLaunch = field(default_factory=RobotLaunch)
+    dashboard: DashboardLaunch = field(default_factory=DashboardLaunch)
+
+
+def load_launch_config(path: str | Path, overrides: list[str] | None = None) -> LaunchConfig:
+    """Read and check a launch config file, with `a.b=value` overrides (unknown keys refused)."""
+    cfg = from_dict(LaunchConfig, apply_overrides(read_yaml_mapping(path), overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def tcp_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a tcp:// ZeroMQ address; None for ipc:// and inproc://."""
+    if address.startswith(("ipc://", "inproc://")):
+        return None
+    match = re.fullmatch(r"tcp://(.+):(\d+)", address)
+    if match is None:
+        raise ConfigError(f"server.bind: expected tcp://HOST:PORT, ipc://PATH or inproc://NAME, got {address!r}")
+    host = match.group(1).strip("[]")
+    return ("0.0.0.0" if host == "*" else host), int(match.group(2))
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{name}: expected a port in 1..65535, got {port}")
+
+
+def _check_placement(name: str, placement: Placement) -> None:
+    if any(c < 0 for c in placement.cpus) or len(set(placement.cpus)) != len(placement.cpus):
+        raise ConfigError(f"{name}.placement.cpus: expected distinct CPU numbers >= 0, got {placement.cpus}")
+    if placement.fifo_priority not in FIFO_PRIORITIES:
+        raise ConfigError(f"{name}.placement.fifo_priority: expected 0 (ordinary scheduling) or a SCHED_FIFO "
+                          f"priority 1..99, got {placement.fifo_priority}")
+
+
+def validate(cfg: LaunchConfig) -> None:
+    """Checks that need nothing but the config."""
+    s, r, d = cfg.server, cfg.robot, cfg.dashboard
+    address = tcp_port(s.bind)
+    if address is not None:
+        _check_port("server.bind", address[1])
+    if not DEVICE_PATTERN.fullmatch(s.device):
+        raise ConfigError(f"server.device: expected cpu, cuda, cuda:N or auto, got {s.device!r}")
+    if s.backend not in (None, "torch", "ort", "trt"):
+        raise ConfigError(f"server.backend: expected torch, ort or trt (or null), got {s.backend!r}")
+    if s.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"server.precision: expected fp32, bf16 or fp16, got {s.precision!r}")
+    if s.threads < 0:
+        raise ConfigError(f"server.threads: expected 0 (one per pinned CPU) or more, got {s.threads}")
+    for name, value in (("server.ready_timeout_s", s.ready_timeout_s), ("dashboard.ready_timeout_s", d.ready_timeout_s),
+                        ("stop_timeout_s", cfg.stop_timeout_s), ("robot.hz", r.hz)):
+        if not value > 0:
+            raise ConfigError(f"{name}: expected a positive number, got {value}")
+    if r.episodes < 1:
+        raise ConfigError(f"robot.episodes: expected a positive integer, got {r.episodes}")
+    _check_port("dashboard.port", d.port)
+    _check_placement("server", s.placement)
+    _check_placement("robot", r.placement)
+    _check_placement("dashboard", d.placement)
+    if not cfg.run_dir:
+        raise ConfigError("run_dir: expected a directory for logs and metrics, got ''")
+
+
+def _check_port_free(name: str, host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except socket.gaierror:
+            raise PolcacheError(f"{name}: cannot resolve host {host!r}") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PolcacheError(f"{name}: port {port} on {host} is already in use") from None
+            raise PolcacheError(f"{name}: cannot bind {host}:{port} here ({exc.strerror})") from None
+
+
+def check_machine(cfg: LaunchConfig) -> None:
+    """Checks against this machine, before anything starts: the checkpoint exists, the device
+    is there, the CPUs may be used, the ports are free. Raises PolcacheError naming the field."""
+    s = cfg.server
+    if not Path(s.checkpoint).is_dir():
+        raise PolcacheError(f"server.checkpoint: {s.checkpoint} is not a directory (a checkpoint or an exported "
+                            f"artifact; paths are relative to {os.getcwd()})")
+    if s.keys is not None and not Path(s.keys).is_dir():
+        raise PolcacheError(f"server.keys: {s.keys} is not a directory (create it with `polcache keys --dir {s.keys}`)")
+    if s.device != "cpu":
+        from polcache.policy.device import resolve_device  # imports torch: only where a GPU is asked for
+
+        try:
+            resolve_device(s.device)
+        except PolcacheError as exc:
+            raise PolcacheError(f"server.device: {exc}") from None
+    allowed = os.sched_getaffinity(0)
+    for name, placement in (("server", s.placement), ("robot", cfg.robot.placement),
+                            ("dashboard", cfg.dashboard.placement)):
+        missing = sorted(set(placement.cpus) - allowed)
+        if missing:
+            raise PolcacheError(f"{name}.placement.cpus: CPU {missing[0]} is not available here "
+                                f"(this process may use CPUs {sorted(allowed)})")
+    address = tcp_port(s.bind)
+    if address is not None:
+        _check_port_free("server.bind", *address)
+    if cfg.dashboard.enabled:
+        _check_port_free("dashboard.port", "127.0.0.1", cfg.dashboard.port)

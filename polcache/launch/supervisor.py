@@ -1,0 +1,232 @@
+"""`polcache launch`: the policy server, the dashboard and (for simulation) the robot as child
+processes, started in dependency order and stopped in the reverse of what matters for safety.
+
+Start: server (pinned, its thread count matched to its CPUs) -> heartbeat answered -> dashboard
+-> HTTP answered -> robot. Stop (Ctrl-C, SIGTERM, the robot finishing its episodes, or any child
+dying): robot first (SIGTERM: its control loop safe-stops the robot), then the server, then the
+dashboard; each gets `stop_timeout_s` before SIGKILL. Children run in their own sessions, so a
+terminal's Ctrl-C reaches only the launcher and the order holds; if the launcher itself is
+killed, the kernel sends each child SIGTERM (PR_SET_PDEATHSIG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from polcache.errors import PolcacheError
+from polcache.launch.config import LaunchConfig, Placement, check_machine, tcp_port
+from polcache.launch.health import NotReady, wait_for_http, wait_for_server
+from polcache.launch.placement import child_setup, describe, placement_warning
+
+POLCACHE = [sys.executable, "-m", "polcache.cli"]
+STOP_ORDER = ("robot", "server", "dashboard")
+LOG_TAIL_LINES = 10
+
+
+def say(message: str) -> None:
+    print(f"polcache launch: {message}", flush=True)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path | None  # None: output goes to the launcher's terminal
+
+
+def server_threads(cfg: LaunchConfig) -> int:
+    """Intra-op threads for the server: one per CPU it is pinned to, so its pool never spills
+    onto the control loop's core (and never idles on its own)."""
+    return cfg.server.threads or max(1, len(cfg.server.placement.cpus))
+
+
+def connect_address(bind: str) -> str:
+    """Where a local robot reaches a server bound to `bind` (a wildcard bind is reached on loopback)."""
+    hostport = tcp_port(bind)
+    if hostport is None:
+        return bind
+    host, port = hostport
+    return f"tcp://127.0.0.1:{port}" if host in ("0.0.0.0", "::") else bind
+
+
+def robot_task(cfg: LaunchConfig) -> str:
+    """robot.task, else the task the checkpoint (meta.json) or exported artifact (manifest.json) names."""
+    if cfg.robot.task:
+        return cfg.robot.task
+    ckpt = Path(cfg.server.checkpoint)
+    for name, read in (("meta.json", lambda m: m.get("task")), ("manifest.json", lambda m: m.get("policy", {}).get("task"))):
+        if (ckpt / name).is_file():
+            task = read(json.loads((ckpt / name).read_text()))
+            if task:
+                return task
+    raise PolcacheError(f"robot.task: {ckpt} names no task; set robot.task")
+
+
+def server_command(cfg: LaunchConfig, run: Path) -> list[str]:
+    s = cfg.server
+    cmd = POLCACHE + ["serve", "--checkpoint", s.checkpoint, "--bind", s.bind, "--device", s.device,
+                      "--precision", s.precision, "--threads", str(server_threads(cfg)),
+                      "--metrics-file", str(run / "server.jsonl")]
+    for flag, value in (("--backend", s.backend), ("--cache", s.cache), ("--keys", s.keys)):
+        if value is not None:
+            cmd += [flag, value]
+    return cmd + (["--insecure"] if s.insecure else [])
+
+
+def robot_command(cfg: LaunchConfig, run: Path, task: str) -> list[str]:
+    r = cfg.robot
+    cmd = POLCACHE + ["sim-robot", "--task", task, "--hz", f"{r.hz:g}", "--episodes", str(r.episodes),
+                      "--seed", str(r.seed), "--server", connect_address(cfg.server.bind),
+                      "--metrics-file", str(run / "robot.jsonl"), "--json", str(run / "robot.json")]
+    return cmd + (["--keys", cfg.server.keys] if cfg.server.keys else [])
+
+
+def dashboard_command(cfg: LaunchConfig, run: Path) -> list[str]:
+    metrics = [run / "server.jsonl"] + ([run / "robot.jsonl"] if cfg.robot.enabled else [])
+    return POLCACHE + ["dashboard", *[a for m in metrics for a in ("--metrics", str(m))], "--port", str(cfg.dashboard.port)]
+
+
+class Launch:
+    """The running children; `stop()` is safe to call at any point and more than once."""
+
+    def __init__(self, cfg: LaunchConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.children: dict[str, Child] = {}
+
+    def start(self, name: str, cmd: list[str], placement: Placement | None = None, to_log: bool = True) -> Child:
+        placement = placement or Placement()
+        log_path = self.run_dir / f"{name}.log" if to_log else None
+        out: IO | None = open(log_path, "w") if log_path else None
+        try:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, preexec_fn=child_setup(placement))
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own copy
+        child = self.children[name] = Child(name, proc, log_path)
+        where = f", log {log_path}" if log_path else ""
+        say(f"{name} started (pid {proc.pid}; {describe(placement)}{where})")
+        warning = placement_warning(name, proc.pid, placement)
+        if warning:
+            say(warning)
+        return child
+
+    def tail(self, name: str) -> str:
+        child = self.children[name]
+        if child.log is None or not child.log.is_file():
+            return ""
+        lines = child.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        return "\n".join(f"  {name}| {line}" for line in lines)
+
+    def exited(self) -> Child | None:
+        """A child that ended on its own, if any."""
+        return next((c for c in self.children.values() if c.proc.poll() is not None), None)
+
+    def stop(self) -> None:
+        for name in STOP_ORDER:
+            child = self.children.pop(name, None)
+            if child is None:
+                continue
+            proc = child.proc
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=self.cfg.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    say(f"{name} did not stop within {self.cfg.stop_timeout_s:g} s after SIGTERM: killed")
+                    continue
+            code = proc.returncode
+            say(f"{name} stopped ({f'exit status {code}' if code >= 0 else signal.Signals(-code).name})")
+
+
+def dashboard_available() -> subprocess.Popen:
+    """Ask (in the background) whether this polcache has a `dashboard` command; exit status 0 if so."""
+    return subprocess.Popen(POLCACHE + ["dashboard", "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def new_run_dir(cfg: LaunchConfig) -> Path:
+    """A fresh directory per launch under `run_dir`, so the metrics files (which append) and the
+    dashboard hold this run only, and earlier runs stay readable."""
+    run = Path(cfg.run_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run.mkdir(parents=True)
+    say(f"logs and metrics in {run}")
+    return run
+
+
+def run_launch(cfg: LaunchConfig) -> int:
+    """Start everything, wait until the robot finishes (or, without a simulated robot, until
+    Ctrl-C / SIGTERM), stop everything. Returns the exit status: the robot's when it finished its
+    episodes, 130 when interrupted, 1 when a child died; raises PolcacheError (the CLI's exit
+    status 2) for a refused config or a child that exited before it was ready."""
+    check_machine(cfg)
+    task = robot_task(cfg) if cfg.robot.enabled else ""
+    launch = Launch(cfg, new_run_dir(cfg))
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops everything, as Ctrl-C does
+    try:
+        return _supervise(cfg, launch, task)
+    except KeyboardInterrupt:
+        say("interrupted: stopping")
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the orderly stop short
+            signal.signal(sig, signal.SIG_IGN)
+        launch.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
+    probe = dashboard_available() if cfg.dashboard.enabled else None
+    try:
+        server = launch.start("server", server_command(cfg, launch.run_dir), cfg.server.placement)
+        try:
+            took = wait_for_server(server.proc, connect_address(cfg.server.bind), cfg.server.ready_timeout_s,
+                                   cfg.server.keys)
+        except NotReady as exc:
+            print(launch.tail("server"), file=sys.stderr)
+            raise PolcacheError(str(exc)) from None
+        say(f"server {cfg.server.bind} answered a heartbeat after {took:.1f} s (checkpoint {cfg.server.checkpoint}, "
+            f"device {cfg.server.device}, {server_threads(cfg)} thread(s))")
+        has_dashboard = probe is not None and probe.wait() == 0
+    finally:
+        if probe is not None and probe.poll() is None:
+            probe.kill()
+            probe.wait()
+    if has_dashboard:
+        dash = launch.start("dashboard", dashboard_command(cfg, launch.run_dir), cfg.dashboard.placement)
+        url = f"http://127.0.0.1:{cfg.dashboard.port}/"
+        try:
+            wait_for_http(dash.proc, url, cfg.dashboard.ready_timeout_s)
+        except NotReady as exc:
+            print(launch.tail("dashboard"), file=sys.stderr)
+            raise PolcacheError(str(exc)) from None
+        say(f"dashboard {url}")
+    elif cfg.dashboard.enabled:
+        say("polcache has no dashboard command (it comes with the dashboard feature): running without the "
+            "dashboard; set dashboard.enabled=false to silence this")
+    if cfg.robot.enabled:
+        r = cfg.robot
+        say(f"robot: {task} at {r.hz:g} Hz, {r.episodes} episode(s)")
+        launch.start("robot", robot_command(cfg, launch.run_dir, task), r.placement, to_log=False)
+    else:
+        say("running: a robot may connect now (Ctrl-C or SIGTERM stops everything)")
+    while True:
+        ended = launch.exited()
+        if ended is not None:
+            break
+        time.sleep(0.2)
+    if ended.name == "robot":
+        return ended.proc.returncode
+    print(launch.tail(ended.name), file=sys.stderr)
+    say(f"{ended.name} exited unexpectedly (status {ended.proc.returncode}): stopping everything")
+    return 1

@@ -1,0 +1,237 @@
+"""`polcache launch`: config checks, and real launches (server + simulated robot as processes)
+that finish by themselves, stop on SIGTERM robot-first, leave nothing running and pin children."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from polcache.errors import ConfigError, PolcacheError
+from polcache.launch import check_machine, load_launch_config
+from polcache.launch.supervisor import connect_address, dashboard_command, robot_task, server_command, server_threads
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "launch"
+SIM = CONFIGS / "sim.yaml"
+TWO_CPUS = len(os.sched_getaffinity(0)) >= 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sim_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    """sim.yaml on free ports, writing under tmp_path, placed on this machine's CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    robot_cpu, server_cpu = (cpus[0], cpus[1]) if TWO_CPUS else (cpus[0], cpus[0])
+    return [f"run_dir={tmp_path / 'runs'}", f"server.bind=tcp://127.0.0.1:{free_port()}",
+            f"dashboard.port={free_port()}", f"robot.placement.cpus=[{robot_cpu}]",
+            f"server.placement.cpus=[{server_cpu}]", f"dashboard.placement.cpus=[{server_cpu}]", *extra]
+
+
+@pytest.mark.parametrize("name", ["sim", "workstation", "jetson"])
+def test_shipped_launch_configs_load(name):
+    cfg = load_launch_config(CONFIGS / f"{name}.yaml")
+    assert cfg.server.checkpoint and cfg.dashboard.port == 8050
+    assert cfg.robot.enabled == (name == "sim")
+
+
+@pytest.mark.parametrize("override, named", [
+    ("server.bogus=1", "'server.bogus'"),
+    ("robot.placement.cpu=[0]", "'robot.placement.cpu'"),
+    ("server.bind=tcp://127.0.0.1:70000", "server.bind"),
+    ("server.bind=udp://x", "server.bind"),
+    ("dashboard.port=0", "dashboard.port"),
+    ("server.device=gpu", "server.device"),
+    ("server.precision=fp8", "server.precision"),
+    ("robot.placement.fifo_priority=100", "robot.placement.fifo_priority"),
+    ("robot.placement.cpus=[0,0]", "robot.placement.cpus"),
+    ("robot.hz=0", "robot.hz"),
+    ("robot.episodes=0", "robot.episodes"),
+])
+def test_config_refuses_bad_values_naming_the_field(override, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_launch_config(SIM, [override])
+
+
+def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
+    with pytest.raises(PolcacheError, match="server.checkpoint: .*nope is not a directory"):
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.checkpoint={tmp_path / 'nope'}")))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        with pytest.raises(PolcacheError, match=f"server.bind: port {port} .* already in use"):
+            check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"server.bind=tcp://127.0.0.1:{port}"]))
+        with pytest.raises(PolcacheError, match=f"dashboard.port: port {port} on 127.0.0.1 is already in use"):
+            check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}"]))
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}",
+                                                                           "dashboard.enabled=false"]))
+    with pytest.raises(PolcacheError, match=r"server.bind: cannot bind 192\.0\.2\.1:5555 here"):  # not ours
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + ["server.bind=tcp://192.0.2.1:5555"]))
+    unavailable = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(PolcacheError, match=f"server.placement.cpus: CPU {unavailable} is not available"):
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"server.placement.cpus=[{unavailable}]"]))
+
+
+def test_commands_pass_the_server_choices_through(tmp_path):
+    cfg = load_launch_config(SIM, ["server.bind=tcp://*:6000", "server.backend=ort", "server.device=cuda:1",
+                                   "server.precision=fp16", "server.cache=uniform:3", "server.placement.cpus=[0,1]"])
+    cmd = server_command(cfg, tmp_path)
+    for flag, value in (("--backend", "ort"), ("--device", "cuda:1"), ("--precision", "fp16"),
+                        ("--cache", "uniform:3"), ("--threads", "2"), ("--bind", "tcp://*:6000")):
+        assert cmd[cmd.index(flag) + 1] == value
+    assert server_threads(cfg) == 2 and connect_address(cfg.server.bind) == "tcp://127.0.0.1:6000"
+    assert dashboard_command(cfg, tmp_path)[-6:] == ["--metrics", str(tmp_path / "server.jsonl"),
+                                                     "--metrics", str(tmp_path / "robot.jsonl"), "--port", "8050"]
+    assert robot_task(cfg) == "reach-v3"  # from the checkpoint's meta.json
+
+
+def test_cli_refuses_a_busy_port_in_one_line_and_starts_nothing(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "polcache.cli", "launch", str(SIM),
+                               *sim_overrides(tmp_path, f"server.bind=tcp://127.0.0.1:{port}")],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"polcache launch: error: server.bind: port {port} on 127.0.0.1 "
+                                                f"is already in use"]
+    assert "started" not in proc.stdout and not (tmp_path / "runs").exists()
+
+
+class Launcher:
+    """`polcache launch` as a subprocess whose output lines are read as they come."""
+
+    def __init__(self, overrides: list[str], prefix: list[str] = ()):
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "polcache.cli", "launch", str(SIM), *overrides],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self._queue.put(line) for line in self.proc.stdout], daemon=True).start()
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            try:
+                self.lines.append(self._queue.get(timeout=0.5))
+            except queue.Empty:
+                if self.proc.poll() is not None and self._queue.empty():
+                    break
+        raise AssertionError(f"no line matching {pattern!r} in:\n" + "".join(self.lines))
+
+    def finish(self, timeout: float = 120) -> str:
+        self.proc.wait(timeout=timeout)
+        time.sleep(0.2)  # the reader thread drains the pipe
+        while not self._queue.empty():
+            self.lines.append(self._queue.get())
+        return "".join(self.lines)
+
+    def pids(self) -> dict[str, int]:
+        return {m.group(1): int(m.group(2)) for m in (re.search(r"(\w+) started \(pid (\d+)", line) for line in self.lines) if m}
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def fifo_permitted() -> bool:
+    probe = "import os; os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_sim_launch_runs_its_episodes_and_stops_everything(tmp_path):
+    pytest.importorskip("metaworld")
+    # Where SCHED_FIFO is permitted, take the permission away, so the refusal path runs too.
+    no_nice = ["setpriv", "--bounding-set", "-sys_nice"] if fifo_permitted() and shutil.which("setpriv") else []
+    launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=2", "robot.placement.fifo_priority=50"), no_nice)
+    out = launcher.finish()
+    assert launcher.proc.returncode == 0, out
+    assert re.search(r"reach-v3: success \d+% \(\d/2, 95% CI", out), out
+    assert "loop 50 Hz: period error p50" in out
+    assert re.search(r"server tcp://127\.0\.0\.1:\d+ answered a heartbeat", out)
+    assert "polcache has no dashboard command" in out or re.search(r"dashboard http://127\.0\.0\.1:\d+/", out)
+    if no_nice or not fifo_permitted():
+        assert "robot: SCHED_FIFO priority 50 is not permitted here" in out
+    order = ["robot stopped (exit status 0)", "server stopped (exit status 0)"]
+    order += ["dashboard stopped"] if "dashboard" in launcher.pids() else []
+    assert [out.index(line) for line in order] == sorted(out.index(line) for line in order), out
+    assert all(gone(pid) for pid in launcher.pids().values())
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "robot.json").is_file() and (run / "server.jsonl").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_stops_robot_then_server_and_children_are_pinned(tmp_path):
+    pytest.importorskip("metaworld")
+    launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=200", "robot.placement.fifo_priority=0"))
+    launcher.wait_for(r"robot started \(pid \d+")
+    pids = launcher.pids()
+    assert {"server", "robot"} <= set(pids) <= {"server", "robot", "dashboard"}
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus = {cpus[1]} if TWO_CPUS else {cpus[0]}
+    assert os.sched_getaffinity(pids["robot"]) == {cpus[0]}
+    assert os.sched_getaffinity(pids["server"]) == server_cpus
+    if "dashboard" in pids:
+        assert os.sched_getaffinity(pids["dashboard"]) == server_cpus
+    # every thread of the server, torch's and ZeroMQ's included, inherited the placement
+    tasks = Path(f"/proc/{pids['server']}/task")
+    for tid in os.listdir(tasks):
+        allowed = next(line for line in (tasks / tid / "status").read_text().splitlines()
+                       if line.startswith("Cpus_allowed_list"))
+        assert allowed.split()[-1] == (str(cpus[1]) if TWO_CPUS else str(cpus[0]))
+    launcher.wait_for(r"connected to polcache serve")  # the robot's loop is running
+    launcher.proc.send_signal(signal.SIGTERM)
+    out = launcher.finish(timeout=60)
+    assert launcher.proc.returncode == 130, out
+    order = ["robot stopped (exit status 130)", "server stopped (exit status 0)"]
+    order += ["dashboard stopped"] if "dashboard" in pids else []
+    assert [out.index(line) for line in order] == sorted(out.index(line) for line in order), out
+    assert all(gone(pid) for pid in pids.values())
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_before_it_is_ready_is_one_error_and_nothing_is_left(tmp_path):
+    launcher = Launcher(sim_overrides(tmp_path, "server.cache=no-such-plan", "dashboard.enabled=false"))
+    out = launcher.finish()
+    assert launcher.proc.returncode == 2, out
+    assert "polcache launch: error: the server exited with status 2 before it was ready" in out
+    assert "robot started" not in out
+    assert all(gone(pid) for pid in launcher.pids().values())
+
+
+def test_http_health_check_waits_for_an_answer_and_notices_an_exit(tmp_path):
+    from polcache.launch.health import NotReady, wait_for_http
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_http(server, f"http://127.0.0.1:{port}/", timeout_s=30) < 30
+    finally:
+        server.kill()
+        server.wait()
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(NotReady, match="the dashboard exited with status 3 before it was ready"):
+        wait_for_http(dead, f"http://127.0.0.1:{free_port()}/", timeout_s=30)
