@@ -134,10 +134,11 @@ class PolicyServer:
         check_bind(bind, keys_dir, insecure)
         if max_batch < 1:
             raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
-        what = backend.describe()
-        if rtc and (what.get("backend") != "torch" or what.get("sampler") != "flow"):
-            raise PolcacheError(f"real-time chunking needs the torch backend and a flow sampler, this is "
-                                f"{what.get('backend')} with {what.get('sampler')}")
+        if rtc:
+            what = backend.describe()
+            if what.get("backend") != "torch" or what.get("sampler") != "flow":
+                raise PolcacheError(f"real-time chunking needs the torch backend and a flow sampler, this is "
+                                    f"{what.get('backend')} with {what.get('sampler')}")
         self.rtc = rtc
         if instruction is not None:  # a bad default is the operator's error, refused before serving
             session_instruction(instruction, backend.spec, None, "--instruction")
