@@ -84,3 +84,37 @@ def test_server_guides_each_robots_next_chunk_with_its_last_one():
     assert len(seen) == 2 and all(c is not None and c.delay >= 1 for c in seen)
     np.testing.assert_allclose(seen[0].actions, chunks[0].actions[1:])
     np.testing.assert_allclose(seen[1].actions, chunks[1].actions[1:])
+
+
+def test_evaluator_commits_the_chunk_still_in_flight():
+    """With a delay as long as the chunks executed, the chunk planned last has not arrived when the
+    next is planned; it is still what the robot executes next, so it is what RTC holds to."""
+    from fakes import fake_spec
+
+    from polcache.policy.spec import StatelessSession
+    from polcache.sim.evaluate import Rollout, run_episode
+    from test_eval_rollout import CountingEnv
+
+    class Recorder:
+        spec = fake_spec(n_action_steps=8)
+
+        def __init__(self):
+            self.committed = []
+
+        def predict(self, obs, seed=None, past_actions=None, committed=None):
+            self.committed.append(committed)
+            return np.full((1, 8, 2), float(len(self.committed)), np.float32)
+
+        def session(self):
+            return StatelessSession(self)
+
+        def reset(self):
+            pass
+
+    backend = Recorder()
+    run_episode(CountingEnv(), backend, 0, [], rollout=Rollout(max_steps=12, action_steps=4, delay=4, rtc=True))
+    assert backend.committed[0] is None
+    # chunk 2 (planned at step 4) is held to chunk 1's actions for steps 4-7; chunk 3 (planned at step 8,
+    # before chunk 2 is delivered there) to chunk 2's, which are what runs from step 8
+    assert backend.committed[1].actions[:, 0].tolist() == [1.0] * 4 and backend.committed[1].delay == 4
+    assert backend.committed[2].actions[:, 0].tolist() == [2.0] * 4

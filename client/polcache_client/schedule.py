@@ -71,14 +71,6 @@ class ActionSchedule:
         weights = np.exp(-self.decay * np.arange(len(due)))
         return (np.tensordot(weights, np.stack(due), axes=1) / weights.sum()).astype(np.float32)
 
-    def planned(self, now: float) -> np.ndarray:
-        """The newest chunk's actions from `now` on, (n, action_dim) (n = 0 without a chunk): what is
-        committed for the steps a chunk requested now would cover (real-time chunking's target)."""
-        if not self._chunks:
-            return np.zeros((0, 0), np.float32)
-        newest = self._chunks[-1]
-        return newest.actions[newest.t_actions >= now - self.half_period]
-
     def depth(self, now: float) -> int:
         """Actions left in the newest chunk from now on: how long the robot can go without a new one."""
         if not self._chunks:

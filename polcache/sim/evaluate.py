@@ -103,20 +103,21 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
     executed = ExecutedLog(spec.history_span)  # the action applied at each step, for self-verification
     in_flight: deque[tuple[int, ActionChunk]] = deque()  # (step it arrives, chunk)
     applied, seams = [], []
+    last: ActionChunk | None = None
     success, done, steps, chunk = False, False, 0, 0
     while not (done or success) and steps < cap:
         if steps % per_chunk == 0:
             past = executed.at(steps, spec.frame_offsets[:-1], spec.action_dim)
-            planned = schedule.planned(float(steps))
+            # what the robot will execute from now on: the newest chunk planned, arrived or still in flight
+            planned = last.actions[last.t_actions >= steps] if last is not None else ()
             committed = CommittedActions(planned, rollout.delay) if rollout.rtc and len(planned) else None
             t0 = time.perf_counter()
             frame_steps, window = history.window()
             actions = session.predict(window, frame_steps, seed=seed * 10007 + chunk, past_actions=past,
                                       **({} if committed is None else {"committed": committed}))[0]
             latencies.append(time.perf_counter() - t0)
-            in_flight.append((steps + (rollout.delay if chunk else 0),
-                              ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64),
-                                          actions, {})))
+            last = ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64), actions, {})
+            in_flight.append((steps + (rollout.delay if chunk else 0), last))
             chunk += 1
         while in_flight and in_flight[0][0] <= steps:
             schedule.add(in_flight.popleft()[1], float(steps))
