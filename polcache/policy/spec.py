@@ -129,6 +129,11 @@ class PolicyBackend(Protocol):
         """Forget any per-episode state (e.g. embedding ring buffers)."""
         ...
 
+    def describe(self) -> dict:
+        """What runs, for reports (JSON-able): backend kind, device, sampler kind and `steps`,
+        and `cache` (the cache plan's summary, None when uncached)."""
+        ...
+
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run one chunk per batch size before serving, so the first robot request pays no
         one-time cost (CUDA graph capture, engine or session initialisation)."""
@@ -169,8 +174,3 @@ class StatelessSession:
 
     def reset(self) -> None:
         self.backend.reset()
-
-    def describe(self) -> dict:
-        """What runs, for reports (JSON-able): backend kind, device, sampler kind and `steps`,
-        and `cache` (the cache plan's summary, None when uncached)."""
-        ...
