@@ -13,7 +13,7 @@ import numpy as np
 from polcache.errors import PolcacheError
 from polcache.metrics import Metrics
 from polcache.serve.handshake import wire_obs_spec
-from polcache.sim.evaluate import EvalResult
+from polcache.sim.evaluate import EvalResult, finite_mean, seam_jerk
 from polcache.sim.stats import wilson_interval
 from polcache_client import ActionSchedule, ConnectError, ControlLoop, PolicyClient, Watchdog, use_realtime_priority
 
@@ -30,11 +30,14 @@ class SimRobot:
         self.obs = self.env.reset(seed=seed)
         self.steps, self.safe_stops = 0, 0
         self.done = self.success = False
+        self.applied: list[np.ndarray] = []  # every action applied this episode ...
+        self.seams: list[int] = []  # ... and the steps where a newly arrived chunk took over
 
     def observe(self) -> dict[str, np.ndarray]:
         return self.obs
 
     def act(self, action: np.ndarray) -> None:
+        self.applied.append(np.asarray(action, dtype=np.float32))
         self.obs, _, done, info = self.env.step(action)
         self.steps += 1
         self.success = self.success or info["success"]
@@ -91,8 +94,13 @@ def run_sim_robot(
                     use_realtime_priority()
                 except PermissionError as exc:
                     raise PolcacheError(str(exc)) from None
+            def chunk_arrived(record) -> None:
+                metrics.record(record)
+                if not record.stale_chunks:
+                    robot.seams.append(robot.steps)
+
             loop = ControlLoop(robot, client, hz, schedule=ActionSchedule(hz, blend, decay), watchdog=Watchdog(hold_s),
-                               on_tick=metrics.record, on_chunk=metrics.record)
+                               on_tick=metrics.record, on_chunk=chunk_arrived)
             # Ticks without a step (waiting, stopped) do not count as episode steps; bound them anyway.
             max_ticks = 2 * env.max_episode_steps + int(10 * hz)
             for i in range(episodes):
@@ -100,7 +108,8 @@ def run_sim_robot(
                 loop.reset_episode(texts[i % len(texts)])
                 loop.run(ticks=max_ticks, until=lambda: robot.done)
                 per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
-                                    "safe_stops": robot.safe_stops}
+                                    "safe_stops": robot.safe_stops,
+                                    **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
                                    | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
     finally:
         env.close()
@@ -112,4 +121,5 @@ def run_sim_robot(
         ci95=wilson_interval(n_ok, episodes), mean_episode_length=float(np.mean([e["length"] for e in per_episode])),
         latency_ms={k: latency.get(k, float("nan")) for k in ("p50", "p95", "p99")} | {"n": latency.get("n", 0)},
         seed=seed, per_episode=per_episode,
-        extra={"server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}), "chunk": snap.get("chunk", {})})
+        extra={"server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}), "chunk": snap.get("chunk", {}),
+               **{key: finite_mean([e[key] for e in per_episode]) for key in ("seam_jerk", "jerk")}})

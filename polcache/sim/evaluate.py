@@ -190,11 +190,12 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode, extra={"max_steps": cap,
         "action_steps": min(backend.spec.n_action_steps, rollout.action_steps or backend.spec.n_action_steps),
         "ensemble_decay": rollout.ensemble_decay, "delay": rollout.delay, "rtc": rollout.rtc,
-        **{key: _nanmean([e[key] for e in per_episode]) for key in ("seam_jerk", "jerk")},
+        **{key: finite_mean([e[key] for e in per_episode]) for key in ("seam_jerk", "jerk")},
         **({} if texts is None else {"instructions": list(texts)})})
 
 
-def _nanmean(values: list[float]) -> float | None:
+def finite_mean(values: list[float]) -> float | None:
+    """The mean of the finite values (None without any): per-episode figures an episode may lack."""
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else None
 
