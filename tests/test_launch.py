@@ -61,6 +61,8 @@ def test_shipped_launch_configs_load(name):
     ("robot.placement.cpus=[0,0]", "robot.placement.cpus"),
     ("robot.hz=0", "robot.hz"),
     ("robot.episodes=0", "robot.episodes"),
+    ("server.max_batch=0", "server.max_batch"),
+    ("robot.blend=average", "robot.blend"),
 ])
 def test_config_refuses_bad_values_naming_the_field(override, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
@@ -235,3 +237,15 @@ def test_http_health_check_waits_for_an_answer_and_notices_an_exit(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(NotReady, match="the dashboard exited with status 3 before it was ready"):
         wait_for_http(dead, f"http://127.0.0.1:{free_port()}/", timeout_s=30)
+
+
+def test_language_rtc_and_batching_options_reach_the_children(tmp_path):
+    from polcache.launch.supervisor import robot_command, server_command
+
+    cfg = load_launch_config(SIM, ["server.rtc=true", "server.max_batch=2", "server.instruction=open the door",
+                                   "robot.blend=latest", "robot.instruction=open the door"])
+    serve = server_command(cfg, tmp_path)
+    assert serve[-1] == "--rtc" and serve[serve.index("--max-batch") + 1] == "2"
+    assert serve[serve.index("--instruction") + 1] == "open the door"
+    robot = robot_command(cfg, tmp_path, "door-open-v3")
+    assert robot[robot.index("--blend") + 1] == "latest" and robot[robot.index("--instruction") + 1] == "open the door"

@@ -41,6 +41,9 @@ class ServerLaunch:
     threads: int = 0  # torch / ONNX Runtime threads; 0: one per CPU in `placement.cpus` (1 when unpinned)
     keys: str | None = None  # CurveZMQ key directory (needed for a non-loopback bind)
     insecure: bool = False
+    max_batch: int = 8  # robots whose waiting observations share one inference
+    rtc: bool = False  # real-time chunking (flow samplers; robots then run robot.blend: latest)
+    instruction: str | None = None  # language-conditioned policies: the default for robots that send none
     ready_timeout_s: float = 180.0  # checkpoint loading and warm-up (CUDA graphs, TensorRT engines) may be slow
     placement: Placement = field(default_factory=Placement)
 
@@ -54,6 +57,8 @@ class RobotLaunch:
     hz: float = 50.0
     episodes: int = 10
     seed: int = 1000
+    blend: str = "ensemble"  # ensemble | latest: how overlapping chunks are executed
+    instruction: str | None = None  # None: the task's held-out paraphrases (language-conditioned policies)
     placement: Placement = field(default_factory=Placement)
 
 
@@ -125,6 +130,10 @@ def validate(cfg: LaunchConfig) -> None:
             raise ConfigError(f"{name}: expected a positive number, got {value}")
     if r.episodes < 1:
         raise ConfigError(f"robot.episodes: expected a positive integer, got {r.episodes}")
+    if s.max_batch < 1:
+        raise ConfigError(f"server.max_batch: expected a positive integer, got {s.max_batch}")
+    if r.blend not in ("ensemble", "latest"):
+        raise ConfigError(f"robot.blend: expected ensemble or latest, got {r.blend!r}")
     _check_port("dashboard.port", d.port)
     _check_placement("server", s.placement)
     _check_placement("robot", r.placement)

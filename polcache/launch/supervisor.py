@@ -73,18 +73,21 @@ def server_command(cfg: LaunchConfig, run: Path) -> list[str]:
     s = cfg.server
     cmd = POLCACHE + ["serve", "--checkpoint", s.checkpoint, "--bind", s.bind, "--device", s.device,
                       "--precision", s.precision, "--threads", str(server_threads(cfg)),
-                      "--metrics-file", str(run / "server.jsonl")]
-    for flag, value in (("--backend", s.backend), ("--cache", s.cache), ("--keys", s.keys)):
+                      "--metrics-file", str(run / "server.jsonl"), "--max-batch", str(s.max_batch)]
+    for flag, value in (("--backend", s.backend), ("--cache", s.cache), ("--keys", s.keys),
+                        ("--instruction", s.instruction)):
         if value is not None:
             cmd += [flag, value]
-    return cmd + (["--insecure"] if s.insecure else [])
+    return cmd + (["--insecure"] if s.insecure else []) + (["--rtc"] if s.rtc else [])
 
 
 def robot_command(cfg: LaunchConfig, run: Path, task: str) -> list[str]:
     r = cfg.robot
     cmd = POLCACHE + ["sim-robot", "--task", task, "--hz", f"{r.hz:g}", "--episodes", str(r.episodes),
                       "--seed", str(r.seed), "--server", connect_address(cfg.server.bind),
-                      "--metrics-file", str(run / "robot.jsonl"), "--json", str(run / "robot.json")]
+                      "--metrics-file", str(run / "robot.jsonl"), "--json", str(run / "robot.json"),
+                      "--blend", r.blend]
+    cmd += ["--instruction", r.instruction] if r.instruction is not None else []
     return cmd + (["--keys", cfg.server.keys] if cfg.server.keys else [])
 
 
