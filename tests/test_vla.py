@@ -168,3 +168,14 @@ def _config():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1] / "configs" / "vla_mt10.yaml"
+
+
+@pytest.mark.parametrize("size", [24, 64, 96])
+def test_image_tokens_are_a_grid_of_equal_cells_at_any_image_size(size):
+    from polcache.config import PolicyConfig, VLAConfig
+    from polcache.policy.vla import ImageTokens
+
+    cfg = PolicyConfig(vla=VLAConfig(width=16, image_grid=4))
+    cfg.image.channels = 8
+    tokens = ImageTokens(size, cfg)(torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
+    assert tokens.shape == (2, 16, 16)

@@ -44,13 +44,12 @@ class ImageTokens(nn.Module):
         if side < grid:
             raise ValueError(f"policy.vla.image_grid {grid} exceeds the {side}x{side} feature map of "
                              f"{image_size}px images")
-        self.cell = side // grid
+        self.cell, self.grid = side // grid, grid
         self.proj = nn.Linear(self.trunk.channels, cfg.vla.width)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        fm = self.trunk.feature_map(img)
-        n = self.cell * (fm.shape[-1] // self.cell)
-        pooled = F.avg_pool2d(fm[..., :n, :n], self.cell)
+        n = self.cell * self.grid
+        pooled = F.avg_pool2d(self.trunk.feature_map(img)[..., :n, :n], self.cell)
         return self.proj(pooled.flatten(2).transpose(1, 2))
 
 
