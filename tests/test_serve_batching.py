@@ -108,7 +108,7 @@ def _robots(server: PolicyServer, n: int) -> list[RawPeer]:
 
 
 def test_waiting_robots_share_one_inference_and_each_gets_its_own_chunk():
-    backend = BatchingFakeBackend(delay_s=0.1)
+    backend = BatchingFakeBackend(delay_s=0.4)
     records = []
     with PolicyServer(backend, "tcp://127.0.0.1:0", on_record=records.append) as server:
         peers = _robots(server, 4)
@@ -120,7 +120,7 @@ def test_waiting_robots_share_one_inference_and_each_gets_its_own_chunk():
         for i, peer in enumerate(peers[1:], start=1):
             chunk = peer.recv()
             assert isinstance(chunk, ActionChunk) and chunk.actions[0, 0] == 100.0 * i  # its own row
-            assert chunk.timing["inference"] >= 100.0  # the shared call's time, truthfully
+            assert chunk.timing["inference"] >= 400.0  # the shared call's time, truthfully
         assert wait_for(lambda: len(records) == 4, 2)
         for peer in peers:
             peer.close()
@@ -129,7 +129,7 @@ def test_waiting_robots_share_one_inference_and_each_gets_its_own_chunk():
 
 
 def test_a_failing_row_is_its_robots_error_and_the_others_get_their_chunks():
-    backend = BatchingFakeBackend(delay_s=0.1, fail_on=200.0)
+    backend = BatchingFakeBackend(delay_s=0.4, fail_on=200.0)
     with PolicyServer(backend, "tcp://127.0.0.1:0") as server:
         peers = _robots(server, 4)
         peers[0].send(observation(0, value=1000.0))
