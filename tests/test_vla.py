@@ -124,7 +124,7 @@ def test_configs_name_the_language_key_and_family_together():
     with pytest.raises(ConfigError, match="policy.family=vla: obs_keys must include 'instruction'"):
         validate(ExperimentConfig(obs_keys=["state"], policy=PolicyConfig(family="vla")))
     cfg = ExperimentConfig(obs_keys=["state", "instruction"], policy=PolicyConfig(family="vla"))
-    cfg.policy.vla.instruction_bytes = 30
+    cfg.policy.vla.instruction_bytes, cfg.policy.vla.bytes_per_token = 30, 4
     with pytest.raises(ConfigError, match="instruction_bytes .30. must be a multiple"):
         validate(cfg)
 

@@ -2,9 +2,9 @@
 style, sized for CPUs).
 
 Prefix: per observation frame a state token and image_grid^2 tokens per camera (a GroupNorm CNN
-pooled to a grid), plus the instruction's tokens (its UTF-8 bytes, `bytes_per_token` bytes
-folded into one token: a byte-level tokenizer with embeddings trained from scratch, so held-out
-wording shares its subwords with the training instructions), through a small pre-norm
+pooled to a grid), plus the instruction's tokens (its UTF-8 bytes, `bytes_per_token` of them per
+token, default 1: a byte-level tokenizer with embeddings trained from scratch, so held-out wording
+shares its subwords with the training instructions), through a small pre-norm
 transformer encoder. The prefix depends only on the observation, so it runs once per chunk.
 
 Action expert: the DP-T decoder over the action tokens, cross-attending to the prefix output
