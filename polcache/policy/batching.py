@@ -66,8 +66,7 @@ def predict_each(requests: Sequence[SessionRequest]) -> list[Outcome]:
 def predict_alone(request: SessionRequest) -> Outcome:
     """One robot's chunk through its own session, its failure returned rather than raised."""
     try:
-        extra = {} if request.committed is None else {"committed": request.committed}
         return request.session.predict(request.obs, request.seqs, seed=request.seed,
-                                       past_actions=request.past_actions, **extra)
+                                       past_actions=request.past_actions, committed=request.committed)
     except Exception as exc:  # noqa: BLE001 - a failing row is reported to its robot only
         return exc

@@ -115,9 +115,9 @@ class DeltaStore:
         return tuple(decided if op == GATE else op for op in ops)
 
 
-def make_store(plan: Sequence[Sequence[int]] | None, n_blocks: int) -> DeltaStore:
+def make_store(plan: Sequence[Sequence[int]] | None, n_blocks: int, kind: type[DeltaStore] = DeltaStore) -> DeltaStore:
     """The store a plan runs with (a Plan carries its GATE threshold; plain rows have none)."""
-    return DeltaStore(n_blocks, plan.threshold if isinstance(plan, Plan) else None)
+    return kind(n_blocks, plan.threshold if isinstance(plan, Plan) else None)
 
 
 class ChunkContext:

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from polcache.policy.executor import DeltaStore, Plan
+from polcache.policy.executor import DeltaStore, make_store
 from polcache.policy.samplers import FLOW_TIME_SCALE, Sampler
 
 MAX_GUIDANCE = 5.0  # beta of the paper: caps the guidance weight near pure noise
@@ -66,7 +66,7 @@ def guided_denoise(policy, features: torch.Tensor, sampler: Sampler, x: torch.Te
     with torch.no_grad():
         ctx = policy.denoiser.prepare_chunk(features, sampler.timesteps)
     n = len(policy.cache_blocks)
-    store = None if plan is None else _ConstantStore(n, plan.threshold if isinstance(plan, Plan) else None)
+    store = None if plan is None else make_store(plan, n, _ConstantStore)
     times = (sampler.timesteps / FLOW_TIME_SCALE).tolist()
     for k, t in enumerate(times):
         with torch.enable_grad():

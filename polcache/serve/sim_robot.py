@@ -13,8 +13,8 @@ import numpy as np
 from polcache.errors import PolcacheError
 from polcache.metrics import Metrics
 from polcache.serve.handshake import wire_obs_spec
-from polcache.sim.evaluate import EvalResult, finite_mean, seam_jerk
-from polcache.sim.stats import wilson_interval
+from polcache.sim.evaluate import EvalResult
+from polcache.sim.stats import jerk_summary, seam_jerk, wilson_interval
 from polcache_client import ActionSchedule, ConnectError, ControlLoop, PolicyClient, Watchdog, use_realtime_priority
 
 
@@ -74,9 +74,10 @@ def run_sim_robot(
     every tick and chunk record goes to `metrics`; `realtime` runs the loop under SCHED_FIFO.
     Episode i sends `instruction`, or else the task's i-th held-out paraphrase where written."""
     from polcache.envs import make_env  # simulation is an optional extra
-    from polcache.envs.instructions import INSTRUCTIONS
+    from polcache.envs.instructions import INSTRUCTIONS, instructions
 
-    texts = [instruction] if instruction is not None else list(INSTRUCTIONS.get(task, {}).get("heldout", [None]))
+    texts = ([instruction] if instruction is not None
+             else list(instructions(task, "heldout")) if task in INSTRUCTIONS else [None])
 
     metrics = metrics or Metrics()
     env = make_env(task, seed=seed, image=bool(cameras), cameras=cameras, image_size=image_size)
@@ -122,4 +123,4 @@ def run_sim_robot(
         latency_ms={k: latency.get(k, float("nan")) for k in ("p50", "p95", "p99")} | {"n": latency.get("n", 0)},
         seed=seed, per_episode=per_episode,
         extra={"server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}), "chunk": snap.get("chunk", {}),
-               **{key: finite_mean([e[key] for e in per_episode]) for key in ("seam_jerk", "jerk")}})
+               **jerk_summary(per_episode)})

@@ -22,7 +22,7 @@ from polcache.policy.language import encode_instruction
 from polcache.errors import PolcacheError
 from polcache.policy.spec import CommittedActions, PolicyBackend
 from polcache.serve.history import ExecutedLog, ObservationHistory
-from polcache.sim.stats import percentiles_ms, wilson_interval
+from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
 from polcache_client.protocol import ActionChunk
 from polcache_client.schedule import ActionSchedule
 
@@ -114,7 +114,7 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
             t0 = time.perf_counter()
             frame_steps, window = history.window()
             actions = session.predict(window, frame_steps, seed=seed * 10007 + chunk, past_actions=past,
-                                      **({} if committed is None else {"committed": committed}))[0]
+                                      committed=committed)[0]
             latencies.append(time.perf_counter() - t0)
             last = ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64), actions, {})
             in_flight.append((steps + (rollout.delay if chunk else 0), last))
@@ -132,18 +132,6 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
             frames.append(env.render())
         success = bool(info.get("success"))
     return {"seed": seed, "success": success, "length": steps, **seam_jerk(np.asarray(applied), seams[1:])}
-
-
-def seam_jerk(actions: np.ndarray, seams: list[int]) -> dict:
-    """Mean norm of the third difference of the executed actions (a_t - 3a_{t-1} + 3a_{t-2} - a_{t-3})
-    at the steps where a new chunk took over, and at all other steps."""
-    if len(actions) < 4:
-        return {"seam_jerk": float("nan"), "jerk": float("nan")}
-    jerk = np.linalg.norm(actions[3:] - 3 * actions[2:-1] + 3 * actions[1:-2] - actions[:-3], axis=-1)
-    at_seam = np.zeros(len(jerk), bool)
-    at_seam[[s - 3 for s in seams if s >= 3]] = True
-    return {"seam_jerk": float(jerk[at_seam].mean()) if at_seam.any() else float("nan"),
-            "jerk": float(jerk[~at_seam].mean()) if (~at_seam).any() else float("nan")}
 
 
 def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, progress: bool = True,
@@ -190,14 +178,8 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode, extra={"max_steps": cap,
         "action_steps": min(backend.spec.n_action_steps, rollout.action_steps or backend.spec.n_action_steps),
         "ensemble_decay": rollout.ensemble_decay, "delay": rollout.delay, "rtc": rollout.rtc,
-        **{key: finite_mean([e[key] for e in per_episode]) for key in ("seam_jerk", "jerk")},
+        **jerk_summary(per_episode),
         **({} if texts is None else {"instructions": list(texts)})})
-
-
-def finite_mean(values: list[float]) -> float | None:
-    """The mean of the finite values (None without any): per-episode figures an episode may lack."""
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
 
 
 def _write_gif(path: Path, frames: list[np.ndarray]) -> None:

@@ -1,4 +1,5 @@
-"""Small statistics used by every report: Wilson intervals and latency percentiles."""
+"""Small statistics used by every report: Wilson intervals, latency percentiles, the jerk of the
+executed actions at chunk seams."""
 
 from __future__ import annotations
 
@@ -25,3 +26,26 @@ def percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     p50, p95, p99 = np.percentile(ms, [50, 95, 99])
     return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3), "n": len(ms)}
+
+
+def seam_jerk(actions: np.ndarray, seams: list[int]) -> dict:
+    """Mean norm of the third difference of the executed actions (a_t - 3a_{t-1} + 3a_{t-2} - a_{t-3})
+    at the steps where a new chunk took over, and at all other steps."""
+    if len(actions) < 4:
+        return {"seam_jerk": float("nan"), "jerk": float("nan")}
+    jerk = np.linalg.norm(actions[3:] - 3 * actions[2:-1] + 3 * actions[1:-2] - actions[:-3], axis=-1)
+    at_seam = np.zeros(len(jerk), bool)
+    at_seam[[s - 3 for s in seams if s >= 3]] = True
+    return {"seam_jerk": float(jerk[at_seam].mean()) if at_seam.any() else float("nan"),
+            "jerk": float(jerk[~at_seam].mean()) if (~at_seam).any() else float("nan")}
+
+
+def finite_mean(values: list[float]) -> float | None:
+    """The mean of the finite values (None without any): per-episode figures an episode may lack."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def jerk_summary(per_episode: list[dict]) -> dict[str, float | None]:
+    """Seam and off-seam jerk over a run's episodes (see `seam_jerk`)."""
+    return {key: finite_mean([e[key] for e in per_episode]) for key in ("seam_jerk", "jerk")}
