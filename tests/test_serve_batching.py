@@ -3,6 +3,8 @@ sessions stay apart, a failing row fails alone, and the server stays fair with a
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -116,6 +118,7 @@ def test_waiting_robots_share_one_inference_and_each_gets_its_own_chunk():
         assert wait_for(lambda: backend.batches, 2)
         for i, peer in enumerate(peers[1:], start=1):
             peer.send(observation(0, value=100.0 * i))
+            time.sleep(0.02)  # separate sockets: space the sends so they reach the server in this order
         assert peers[0].recv().actions[0, 0] == 1000.0
         for i, peer in enumerate(peers[1:], start=1):
             chunk = peer.recv()
