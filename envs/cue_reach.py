@@ -1,7 +1,7 @@
 """cue-reach: a memory task that a policy seeing only its last few observations cannot solve.
 
 Episode timeline (t = observations seen so far, observation t comes before action t):
-  t < CUE_STEPS        the correct pad is lit (state: one-hot cue; images: a yellow pad)
+  t < CUE_STEPS        the correct pad is lit (state: one-hot cue; with a camera only the yellow pad)
   t >= CUE_STEPS       all pads look identical and the cue part of the state is zero
   by DOCK_BY           the end effector must have entered the dock, which captures it
                        (centred, zero velocity, actions ignored) until the go signal
@@ -42,7 +42,8 @@ _DOCK_GO = np.array([0.1, 0.8, 0.2, 1.0])
 class CueReachEnv(TaskEnv):
     """Point-mass end effector with 2-D velocity actions in [-1, 1] (scaled to the actuators'
     speed range). State (8,): position xy, velocity xy, cue one-hot (zero after the cue
-    phase), go flag."""
+    phase, and always zero when a camera renders the scene: an image policy must read the lit
+    pad from pixels), go flag."""
 
     task = "cue-reach"
     description = (
@@ -141,7 +142,7 @@ class CueReachEnv(TaskEnv):
 
     def _state(self) -> np.ndarray:
         cue = np.zeros(3)
-        if self._t < CUE_STEPS:
+        if self._t < CUE_STEPS and not self.image:  # with a camera the lit pad is the only cue
             cue[self.target] = 1.0
         return np.concatenate([self._data.qpos[:2], self._data.qvel[:2], cue, [float(self.go)]]).astype(np.float32)
 
