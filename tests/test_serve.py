@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fakes import FakeBackend, RawPeer, StepRobot, fake_spec, observation, wait_for
+from polcache.errors import PolcacheError
 from polcache.serve.history import ObservationHistory
 from polcache.serve.server import PolicyServer
 from polcache_client import ControlLoop, PolicyClient
@@ -72,6 +73,21 @@ def test_chunk_carries_due_times_history_and_stage_timing():
         assert chunk.actions.shape == (8, 2)
         assert set(chunk.timing) == {"decode", "preprocess", "queue", "inference", "postprocess", "encode"}
         peer.close()
+
+
+def test_simulated_latency_is_added_to_every_inference():
+    """`serve --simulate-latency-ms`: a fast machine made to behave like a slow one."""
+    with serve(FakeBackend(), simulated_latency_ms=80.0) as server:
+        peer = RawPeer(server.endpoint)
+        peer.handshake()
+        for seq in range(2):
+            t0 = time.monotonic()
+            peer.send(observation(seq))
+            chunk = peer.recv(timeout_s=2)
+            assert chunk.timing["inference"] >= 80.0 and time.monotonic() - t0 >= 0.08
+        peer.close()
+    with pytest.raises(PolcacheError, match="simulated_latency_ms must be >= 0"):
+        serve(FakeBackend(), simulated_latency_ms=-1.0)
 
 
 def test_busy_server_answers_heartbeats_and_only_the_latest_observation(records):

@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 
-from polcache.cli_types import add_backend_options, backend_options, positive_float, positive_int
+from polcache.cli_types import add_backend_options, backend_options, non_negative_float, positive_float, positive_int
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_MAX_BATCH
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from polcache_client.schedule import BLEND_MODES
@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
                    help=f"robots whose waiting observations share one inference (default {DEFAULT_MAX_BATCH}; "
                         "1: one inference per robot)")
+    p.add_argument("--simulate-latency-ms", type=non_negative_float, default=0.0,
+                   help="add this much to every inference, as a slower computer would (testing real-time chunking "
+                        "and blending under latency; default 0)")
     add_backend_options(p)
     p.add_argument("--threads", type=positive_int, default=1, help="torch (or ONNX Runtime) intra-op threads "
                                                                   "(default 1)")
@@ -106,7 +109,8 @@ def _serve(args: argparse.Namespace) -> int:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
                               on_record=metrics.record, name=f"polcache serve {args.checkpoint}",
-                              instruction=args.instruction, max_batch=args.max_batch, rtc=args.rtc)
+                              instruction=args.instruction, max_batch=args.max_batch, rtc=args.rtc,
+                              simulated_latency_ms=args.simulate_latency_ms)
         # e.g. on CUDA: captures each batch size's graph before the first robots ask (they wait meanwhile)
         backend.warmup(tuple(range(1, server.max_batch + 1)))
         signal.signal(signal.SIGTERM, lambda *_: server.stop())

@@ -124,6 +124,7 @@ class PolicyServer:
         instruction: str | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         rtc: bool = False,
+        simulated_latency_ms: float = 0.0,
     ):
         """`instruction`: what a language-conditioned policy follows for robots that send none.
         `max_batch`: robots whose waiting observations share one inference (1 where the backend
@@ -134,6 +135,8 @@ class PolicyServer:
         check_bind(bind, keys_dir, insecure)
         if max_batch < 1:
             raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
+        if simulated_latency_ms < 0:
+            raise PolcacheError(f"simulated_latency_ms must be >= 0, got {simulated_latency_ms}")
         if rtc:
             what = backend.describe()
             if what.get("backend") != "torch" or what.get("sampler") != "flow":
@@ -190,7 +193,7 @@ class PolicyServer:
         wake_endpoint = f"inproc://polcache-wake-{id(self)}"
         self._wake = self._ctx.socket(zmq.PAIR)
         self._wake.bind(wake_endpoint)
-        self._worker = InferenceWorker(backend, self._ctx, wake_endpoint)
+        self._worker = InferenceWorker(backend, self._ctx, wake_endpoint, simulated_latency_ms / 1e3)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -54,8 +54,12 @@ class Result:
 
 
 class InferenceWorker:
-    def __init__(self, backend: PolicyBackend, context: zmq.Context, wake_endpoint: str):
+    def __init__(self, backend: PolicyBackend, context: zmq.Context, wake_endpoint: str,
+                 simulated_latency_s: float = 0.0):
+        """`simulated_latency_s`: added to every inference, as a slower computer would take (a test
+        aid: real-time chunking and chunk blending compared under latency on a fast machine)."""
         self.backend = backend
+        self.simulated_latency_s = simulated_latency_s
         self._predict = session_predictor(backend)
         self._jobs: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()  # at most one batch waits
         self.results: queue.SimpleQueue[list[Result]] = queue.SimpleQueue()  # a batch's results, then a wake-up
@@ -96,6 +100,8 @@ class InferenceWorker:
                                       for job in ready])
         except Exception as exc:  # noqa: BLE001 - a backend that raised for the whole batch
             outcomes = [exc] * len(ready)
+        if self.simulated_latency_s:
+            time.sleep(self.simulated_latency_s)
         inference_ms = (time.perf_counter() - t0) * 1e3
         for job, outcome in zip(ready, outcomes):
             t1 = time.perf_counter()
