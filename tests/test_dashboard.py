@@ -49,6 +49,18 @@ def test_tail_survives_truncation_mid_line(tmp_path):
     assert [r["t"] for r in tail.poll()] == [4.0] and tail.bad_lines == 1
 
 
+def test_tail_notices_a_file_rewritten_longer_between_two_polls(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(line(kind="info", t=1.0) + line(kind="tick", t=2.0))
+    tail = JsonlTail(path)
+    assert [r["t"] for r in tail.poll()] == [1.0, 2.0]
+    path.write_text("".join(line(kind="tick", t=10.0 + i) for i in range(5)))  # a new run, same inode, longer
+    assert [r["t"] for r in tail.poll()] == [10.0 + i for i in range(5)]
+    with open(path, "a") as f:
+        f.write(line(kind="tick", t=20.0))
+    assert [r["t"] for r in tail.poll()] == [20.0] and tail.bad_lines == 0
+
+
 def test_tail_follows_the_writers_rotation_without_losing_records(tmp_path):
     path = tmp_path / "m.jsonl"
     writer = JsonlWriter(path, max_bytes=1500, backups=3)

@@ -3,8 +3,10 @@
 The writer (polcache.metrics.jsonl) renames a full file to FILE.1 and starts a new FILE; a
 user may also truncate it or start a new run over it. We keep the open handle (so the rest of
 a rotated file is still read), notice a new inode at the path and switch to it, notice a file
-shorter than our offset and start again from its beginning, and hold back a last line until
-its newline arrives, so a line caught half-written is read whole on the next poll.
+shorter than our offset or whose first bytes changed (rewritten, even longer than before, between
+two polls: every run's first line is its info record with a timestamp) and start again from its
+beginning, and hold back a last line until its newline arrives, so a line caught half-written is
+read whole on the next poll.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any, BinaryIO
+
+HEAD_BYTES = 256  # compared at every poll to notice a file rewritten from its start
 
 
 class JsonlTail:
@@ -25,6 +29,7 @@ class JsonlTail:
         self._file: BinaryIO | None = None
         self._inode: int | None = None
         self._partial = b""
+        self._head = b""  # the file's first bytes as we read them: a rewrite changes them
 
     def poll(self) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
@@ -34,14 +39,16 @@ class JsonlTail:
             stat = os.stat(self.path)
         except FileNotFoundError:  # between the writer's rename and its new file
             stat = None
-        if stat is not None and stat.st_ino == self._inode and stat.st_size < self._file.tell():
+        if stat is not None and stat.st_ino == self._inode and self._rewritten(stat.st_size):
             self._file.seek(0)  # truncated under us: whatever we held back belonged to the old content
             self._partial = b""
+            self._head = b""
         records += self._read()
         if stat is not None and stat.st_ino != self._inode:  # rotated: the old file is finished
             records += self.finish()
             self._file.close()
             self._file = None
+            self._head = b""
             if self._open():
                 records += self._read()
         return records
@@ -65,8 +72,17 @@ class JsonlTail:
         self._inode = os.fstat(self._file.fileno()).st_ino
         return True
 
+    def _rewritten(self, size: int) -> bool:
+        if size < self._file.tell():
+            return True
+        return bool(self._head) and os.pread(self._file.fileno(), len(self._head), 0) != self._head
+
     def _read(self) -> list[dict[str, Any]]:
-        data = self._partial + self._file.read()
+        start = self._file.tell()
+        chunk = self._file.read()
+        if start < HEAD_BYTES:
+            self._head = (self._head + chunk)[:HEAD_BYTES]
+        data = self._partial + chunk
         lines = data.split(b"\n")
         self._partial = lines.pop()  # empty after a complete last line
         return self._parse(lines)
