@@ -11,6 +11,7 @@ import numpy as np
 
 from polcache.errors import ExportError
 from polcache.export.manifest import Manifest, read_manifest
+from polcache.policy.executor import COMPUTE, REUSE
 from polcache.policy.spec import PolicySpec, StatelessSession
 
 
@@ -136,5 +137,9 @@ class ExportedBackend:
 
     def describe(self) -> dict:
         m = self.manifest
-        return {"backend": self.kind, "sampler": m.sampler["kind"], "steps": self.K, "cache": m.cache.get("summary"),
+        cache = m.cache.get("summary")
+        if cache is not None and m.cache.get("table") is not None:  # the table itself, as the torch backend gives it
+            cache = cache | {"plan": [[COMPUTE if c else REUSE for c in row] for row in m.cache["table"]],
+                             "block_names": m.model.get("block_names")}
+        return {"backend": self.kind, "sampler": m.sampler["kind"], "steps": self.K, "cache": cache,
                 "cache_spec": m.cache.get("spec"), "artifact": str(self.artifact), "step_mode": m.step_mode}

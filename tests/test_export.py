@@ -120,6 +120,9 @@ def test_chunk_matches_torch_with_the_same_noise_at_any_batch(policy, schedule, 
     what = backend.describe()
     assert what["backend"] == "ort" and what["steps"] == K and what["step_mode"] == mode
     assert (what["cache"] is None) == (cache is None)
+    if plan is not None:  # the plan table itself, as the torch backend describes it (dashboards draw it)
+        assert what["cache"]["plan"] == [[int(op) for op in row] for row in plan]
+        assert what["cache"]["block_names"] == [b.name for b in policy.cache_blocks]
 
 
 @pytest.mark.parametrize("family", ["dp-t", "vla"])
