@@ -138,7 +138,7 @@ def test_paraphrases_of_a_task_embed_closer_than_different_tasks():
 
 
 @needs_minilm
-def test_minilm_chunks_are_not_captured_or_exported():
+def test_minilm_chunks_are_not_captured_or_exported(tmp_path):
     from polcache.policy.graph import graph_blocker
 
     policy = tiny_vla(text_encoder="minilm")
@@ -150,7 +150,7 @@ def test_minilm_chunks_are_not_captured_or_exported():
     from polcache.export.exporter import export_policy
 
     with pytest.raises(ExportError, match="cannot export this policy: policy.vla.text_encoder=minilm"):
-        export_policy(policy, "unused")
+        export_policy(policy, tmp_path / "artifact")
 
 
 @needs_minilm
