@@ -26,13 +26,15 @@ from polcache.policy.rtc import guided_denoise, overlap_weights
 from polcache.policy.spec import CommittedActions
 
 
-def fresh_vla():
+def fresh_vla(text_encoder: str = "bytes"):
+    """A freshly initialised VLA of configs/vla_mt10.yaml's size with the given text path."""
     from polcache.config import load_config, validate
     from polcache.data import Normalizer
     from polcache.policy.families import build_policy
     from polcache.policy.spec import ArraySpec
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "vla_mt10.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "vla_mt10.yaml",
+                      [f"policy.vla.text_encoder={text_encoder}"])
     validate(cfg)
     spec = {"state": ArraySpec((39,), "float32"), "instruction": ArraySpec((cfg.policy.vla.instruction_bytes,), "uint8")}
     rng = np.random.default_rng(0)

@@ -65,6 +65,8 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
 
     if step_mode not in STEP_MODES:
         raise ExportError(f"unknown step mode {step_mode!r}: expected one of {', '.join(STEP_MODES)}")
+    if policy.host_step is not None:
+        raise ExportError(f"cannot export this policy: {policy.host_step}; serve it with the torch backend")
     t0 = time.perf_counter()
     was_training = policy.training
     policy = policy.cpu().eval()

@@ -17,6 +17,7 @@ import yaml
 from polcache.errors import ConfigError
 
 INSTRUCTION_KEY = "instruction"  # the observation key a language-conditioned policy reads its instruction from
+TEXT_ENCODERS = ("bytes", "minilm")  # policy.vla.text_encoder
 
 
 @dataclass
@@ -49,6 +50,9 @@ class VLAConfig:
     # instruction bytes folded into one text token: 1 (every byte a token) keeps held-out wording
     # within the trained paraphrases' success on MT10, 4 did not (BENCHMARKS.md)
     bytes_per_token: int = 1
+    # bytes: the byte tokens above, embedded from scratch | minilm: a frozen pretrained sentence
+    # encoder (all-MiniLM-L6-v2 from a pinned package, `polcache[minilm]`), one projected token
+    text_encoder: str = "bytes"
 
 
 @dataclass
@@ -284,3 +288,5 @@ def validate(cfg: ExperimentConfig) -> None:
         if v.instruction_bytes % v.bytes_per_token:
             raise ConfigError(f"policy.vla.instruction_bytes ({v.instruction_bytes}) must be a multiple of "
                               f"policy.vla.bytes_per_token ({v.bytes_per_token})")
+        if v.text_encoder not in TEXT_ENCODERS:
+            raise ConfigError(f"policy.vla.text_encoder must be {' or '.join(TEXT_ENCODERS)}, got {v.text_encoder!r}")

@@ -70,7 +70,7 @@ class TorchBackend:
                               f"got {min_verified}")
         # past tokens that must have been executed before candidates are scored (default: all, the paper's rule)
         self.min_verified = past if min_verified is None else min_verified
-        self.graph_blocker = graph_blocker(self.device, plan) if graphs else "turned off"
+        self.graph_blocker = graph_blocker(self.device, plan, policy.host_step) if graphs else "turned off"
         if fused_update if fused_update is not None else self.graph_blocker is None:
             self.sampler = self.sampler.fused()
         self._graphs: dict[tuple[int, bool], ChunkGraph] = {}  # per (batch size, from features)

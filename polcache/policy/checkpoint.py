@@ -26,6 +26,7 @@ from polcache.config import ExperimentConfig, from_dict, to_dict, validate
 from polcache.data.normalize import Normalizer
 from polcache.errors import CheckpointError, ConfigError
 from polcache.policy.families import build_policy
+from polcache.policy.pinned import PackageWeights, check_installed
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.spec import ArraySpec
 
@@ -74,6 +75,9 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
         "family": cfg.policy.family,
         **(extra_meta or {}),
     }
+    pins = policy.external_weights()
+    if pins:
+        meta["external_weights"] = {name: pin.to_dict() for name, pin in pins.items()}
     with atomic_directory(path) as tmp:
         tmp.mkdir()
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -123,6 +127,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
         weights = load_file(str(path / "model.safetensors"))
     except Exception as exc:  # safetensors raises several types for truncated/corrupt files
         raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
+    check_external_weights(meta, path)
     obs_spec = {k: ArraySpec.from_dict(v) for k, v in meta["obs_spec"].items()}
     try:
         policy = build_policy(cfg.policy, obs_spec, meta["obs_keys"], int(meta["action_dim"]), normalizer, meta["task"])
@@ -134,6 +139,13 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise CheckpointError(f"{path}: weights do not match the config ({first})") from None
     return policy.to(device).eval(), cfg, meta
+
+
+def check_external_weights(meta: dict, path: str | Path) -> None:
+    """Refuse a checkpoint whose pinned pretrained weights (meta.json `external_weights`) are not
+    the installed package's, naming both."""
+    for record in meta.get("external_weights", {}).values():
+        check_installed(PackageWeights.from_dict(record, f"{path}/meta.json"), f"checkpoint {path}", CheckpointError)
 
 
 def load_train_state(path: str | Path) -> TrainState | None:

@@ -21,10 +21,14 @@ from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.samplers import Sampler
 
 
-def graph_blocker(device: torch.device, plan: Sequence[Sequence[int]] | None) -> str | None:
-    """Why a chunk cannot be captured on `device` with `plan`, or None when it can."""
+def graph_blocker(device: torch.device, plan: Sequence[Sequence[int]] | None,
+                  host_step: str | None = None) -> str | None:
+    """Why a chunk cannot be captured on `device` with `plan` for a policy part of which runs on
+    the host (`DiffusionPolicy.host_step`), or None when it can."""
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
+    if host_step is not None:
+        return host_step
     if decided_at_run_time(plan):
         return "the threshold cache decides which blocks to compute from the data at run time"
     return None

@@ -18,6 +18,7 @@ from polcache.policy.blocks import Block
 from polcache.policy.denoiser import DiffusionTransformer
 from polcache.policy.encoders import ObsEncoder
 from polcache.policy.executor import DeltaStore, Plan, StackedDeltas, fused_rows, make_store
+from polcache.policy.pinned import PackageWeights
 from polcache.policy.samplers import Sampler, TrainingNoise, make_sampler
 from polcache.policy.spec import ArraySpec, PolicySpec
 
@@ -59,6 +60,17 @@ class DiffusionPolicy(nn.Module):
         if config["family"] == "dp-t":  # DP-T hashes from before families (and the VLA section) stay valid
             del config["family"], config["vla"]
         return {"config": config, "obs_keys": self.obs_keys, "action_dim": self.action_dim, "family": self.cfg.family}
+
+    def external_weights(self) -> dict[str, PackageWeights]:
+        """Pretrained weights the policy runs but does not store (name -> pinned package):
+        checkpoints record them and loading refuses an installed package that differs."""
+        return {}
+
+    @property
+    def host_step(self) -> str | None:
+        """Why part of the policy runs on the host, outside a captured CUDA graph or an exported
+        ONNX graph (None: nothing does)."""
+        return None
 
     # ---- observations ---------------------------------------------------------------------
     def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,9 @@ pooled to a grid), plus the instruction's tokens (its UTF-8 bytes, `bytes_per_to
 token, default 1: a byte-level tokenizer with embeddings trained from scratch, so held-out wording
 shares its subwords with the training instructions), through a small pre-norm
 transformer encoder. The prefix depends only on the observation, so it runs once per chunk.
+With `text_encoder: minilm` the instruction is instead one token: the frozen pretrained MiniLM's
+sentence embedding (polcache.policy.sentence, cached per distinct instruction) through a trained
+linear projection.
 
 Action expert: the DP-T decoder over the action tokens, cross-attending to the prefix output
 (every action token sees every prefix token; cross-attention rather than pi0's joint attention,
@@ -26,7 +29,10 @@ from torch import nn
 from polcache.config import INSTRUCTION_KEY, PolicyConfig
 from polcache.data.normalize import Normalizer
 from polcache.policy.encoders import ConvTrunk
+from polcache.policy.language import decode_instruction
+from polcache.policy.pinned import PackageWeights
 from polcache.policy.policy import DiffusionPolicy
+from polcache.policy.sentence import minilm
 from polcache.policy.spec import ArraySpec
 
 
@@ -73,9 +79,14 @@ class PrefixEncoder(nn.Module):
             else:
                 self.tokenizers[key] = ImageTokens(obs_spec[key].shape[0], cfg)
                 tokens_per_frame += v.image_grid ** 2
-        self.byte_emb = nn.Embedding(256, v.width)
-        self.text_proj = nn.Linear(v.bytes_per_token * v.width, v.width)
-        text_tokens = v.instruction_bytes // v.bytes_per_token
+        self.sentence = minilm() if v.text_encoder == "minilm" else None  # frozen, not a submodule: never saved
+        if self.sentence is None:
+            self.byte_emb = nn.Embedding(256, v.width)
+            self.text_proj = nn.Linear(v.bytes_per_token * v.width, v.width)
+            text_tokens = v.instruction_bytes // v.bytes_per_token
+        else:
+            self.text_proj = nn.Linear(self.sentence.dim, v.width)
+            text_tokens = 1
         self.memory_tokens = cfg.n_obs_steps * tokens_per_frame + text_tokens
         self.pos_emb = nn.Parameter(torch.randn(1, self.memory_tokens, v.width) * 0.02)
         layer = nn.TransformerEncoderLayer(v.width, v.heads, 4 * v.width, dropout=0.1, activation="gelu",
@@ -95,10 +106,31 @@ class PrefixEncoder(nn.Module):
             B, To = x.shape[:2]
             t = self.tokenizers[key](x.reshape(B * To, *x.shape[2:]))
             tokens.append(t.reshape(B, -1, t.shape[-1]))  # (B, To * tokens per frame, width)
-        text = self.byte_emb(obs[INSTRUCTION_KEY][:, -1].long())  # (B, bytes, width)
-        B = text.shape[0]
-        tokens.append(self.text_proj(text.reshape(B, -1, self.bytes_per_token * text.shape[-1])))
+        tokens.append(self.text_tokens(obs[INSTRUCTION_KEY][:, -1]))
         return self.norm(self.transformer(torch.cat(tokens, dim=1) + self.pos_emb))
+
+    def text_tokens(self, instruction: torch.Tensor) -> torch.Tensor:
+        """(B, bytes) uint8 -> (B, text tokens, width)."""
+        if self.sentence is None:
+            text = self.byte_emb(instruction.long())  # (B, bytes, width)
+            return self.text_proj(text.reshape(text.shape[0], -1, self.bytes_per_token * text.shape[-1]))
+        # Each distinct instruction of the batch is decoded and looked up once (a batch of one
+        # robot, or a training batch, holds few); the embeddings are CPU tensors of the shared encoder.
+        distinct, row = torch.unique(instruction, dim=0, return_inverse=True)
+        emb = self.sentence.embed([decode_instruction(r) for r in distinct.cpu().numpy()])
+        return self.text_proj(emb.to(self.text_proj.weight.device)[row]).unsqueeze(1)
+
+    @property
+    def host_step(self) -> str | None:
+        """Why part of this encoder runs on the host, outside captured or exported graphs (None: none does)."""
+        if self.sentence is None:
+            return None
+        return ("policy.vla.text_encoder=minilm looks each instruction's frozen MiniLM embedding up on the host "
+                "(its tokenizer and cache are Python)")
+
+    def external_weights(self) -> dict[str, PackageWeights]:
+        """The pretrained weights this encoder runs but does not store."""
+        return {} if self.sentence is None else {"text_encoder": self.sentence.pin}
 
 
 class VisionLanguageAction(DiffusionPolicy):
@@ -108,3 +140,19 @@ class VisionLanguageAction(DiffusionPolicy):
                  normalizer: Normalizer, task: str = ""):
         super().__init__(cfg, obs_spec, obs_keys, action_dim, normalizer, task,
                          encoder=PrefixEncoder(obs_spec, obs_keys, cfg))
+
+    def identity(self) -> dict:
+        identity = super().identity()
+        vla = identity["config"]["vla"]
+        if vla["text_encoder"] == "bytes":  # hashes of VLAs from before text encoders existed stay valid
+            del vla["text_encoder"]
+        else:  # the frozen weights decide the outputs too, and are not in the state dict
+            identity["external_weights"] = {k: p.to_dict() for k, p in self.external_weights().items()}
+        return identity
+
+    def external_weights(self) -> dict[str, PackageWeights]:
+        return self.encoder.external_weights()
+
+    @property
+    def host_step(self) -> str | None:
+        return self.encoder.host_step

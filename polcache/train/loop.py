@@ -29,7 +29,7 @@ from tqdm import tqdm
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError
-from polcache.policy.checkpoint import TrainState, load_train_state, read_meta, save_checkpoint
+from polcache.policy.checkpoint import TrainState, check_external_weights, load_train_state, read_meta, save_checkpoint
 from polcache.policy.device import resolve_device, to_device
 from polcache.policy.families import build_policy as build_family_policy
 from polcache.policy.policy import DiffusionPolicy
@@ -251,7 +251,8 @@ def _save(path: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, ema: EMA, 
 
 def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
             device: torch.device) -> int:
-    old_cfg, _ = read_meta(last)
+    old_cfg, meta = read_meta(last)
+    check_external_weights(meta, last)
     if to_dict(old_cfg.policy) != to_dict(cfg.policy) or old_cfg.obs_keys != cfg.obs_keys:
         raise CheckpointError(f"{last} was trained with a different policy config; pass --fresh to start over "
                               f"or use another out directory")
