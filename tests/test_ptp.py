@@ -71,3 +71,33 @@ def test_a_store_from_another_encoder_or_obs_keys_is_refused(short_run, capsys):
     assert "embedded by another encoder" in _err(capsys, base)
     assert "not an embedding store" in _err(capsys, ["ptp", "finetune", "--embeddings", str(root / "toy.zarr"),
                                                      "--config", "configs/ptp_cue_reach.yaml"])
+
+
+def test_image_policy_embeds_and_finetunes_to_the_same_actions_as_raw_frames(tmp_path):
+    """With a camera: the stored embedding of a frame is the frozen image encoder's output at
+    inference (centre crop, no random crop), so the fine-tuned checkpoint given raw images encodes
+    exactly what the head was trained on."""
+    rng = np.random.default_rng(1)
+    eps = [Episode(obs={"state": rng.normal(size=(24, 3)).astype(np.float32),
+                        "image_top": rng.integers(0, 255, size=(24, 16, 16, 3), dtype=np.uint8)},
+                   action=rng.normal(size=(24, 2)).astype(np.float32), task="toy") for _ in range(3)]
+    write_dataset(tmp_path / "img.zarr", eps)
+    tiny = ["policy.n_layers=1", "policy.width=32", "policy.state_hidden=16", "policy.image.keypoints=4",
+            "policy.image.feature_dim=8", "policy.sampler.inference_steps=2", "train.batch_size=8",
+            "train.warmup_steps=1", "train.epochs=1", "train.val_windows=4", "--no-progress"]
+    assert main(["train", "--config", "configs/recommended_cpu.yaml", f"dataset={tmp_path / 'img.zarr'}",
+                 f"out={tmp_path / 'short'}", "obs_keys=[state,image_top]", *tiny]) == 0
+    assert main(["ptp", "embed", "--checkpoint", str(tmp_path / "short" / "last"), "--out", str(tmp_path / "emb.zarr"),
+                 "--no-progress"]) == 0
+    assert main(["ptp", "finetune", "--embeddings", str(tmp_path / "emb.zarr"),
+                 "--config", "configs/ptp_cue_reach_image.yaml", "task=toy", f"out={tmp_path / 'long'}",
+                 "policy.n_obs_steps=4", "policy.obs_stride=2", "policy.horizon=8", "policy.n_action_steps=4", *tiny]) == 0
+    long, _, _ = load_policy(tmp_path / "long" / "last")
+    ds_raw = SequenceDataset(open_dataset(tmp_path / "img.zarr"), 8, 4, ["state", "image_top"], obs_stride=2)
+    ds_emb = SequenceDataset(open_dataset(tmp_path / "emb.zarr"), 8, 4, ["embedding"], obs_stride=2)
+    for i in (0, 11, 30):  # an episode's padded start, its middle, another episode
+        raw = {k: v[None] for k, v in ds_raw[i]["obs"].items()}
+        with torch.no_grad():
+            a = long.encode(raw)
+            b = long.encode({"embedding": ds_emb[i]["obs"]["embedding"][None]})
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
