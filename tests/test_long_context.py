@@ -123,27 +123,31 @@ def test_self_verification_returns_the_candidate_whose_past_matches_what_was_exe
         b.predict(obs, seed=7, past_actions=np.zeros((3, 3)))
 
 
-def _window(states, t, offsets):
+def _window(frames, t, offsets):
     picks = [max(0, t + off) for off in offsets]
-    return {"state": states[picks][None]}, picks
+    return {key: x[picks][None] for key, x in frames.items()}, picks
 
 
-def test_the_embedding_ring_buffer_gives_the_features_of_re_encoding_every_frame():
+@pytest.mark.parametrize("image", [False, True], ids=["state", "image"])
+def test_the_embedding_ring_buffer_gives_the_features_of_re_encoding_every_frame(image):
     from polcache.policy.backend import TorchBackend
 
-    p = tiny_policy(n_obs_steps=4, horizon=10, obs_stride=3, n_action_steps=4)
+    p = tiny_policy(n_obs_steps=4, horizon=10, obs_stride=3, n_action_steps=4, image=image)
     b = TorchBackend(p, "ddim", 4)
     session = b.session()
-    states = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    frames = {"state": rng.normal(size=(40, 5)).astype(np.float32)}
+    if image:
+        frames["image_cam"] = rng.integers(0, 255, size=(40, 24, 24, 3), dtype=np.uint8)
     for t in range(0, 40, 2):  # a chunk every 2 steps
-        obs, steps = _window(states, t, p.spec.frame_offsets)
-        window = torch.as_tensor(obs["state"])
+        obs, steps = _window(frames, t, p.spec.frame_offsets)
+        window = {key: torch.as_tensor(x) for key, x in obs.items()}
         with torch.no_grad():
-            each = torch.cat([p.encode({"state": window[:, i:i + 1]}) for i in range(4)], dim=1)
-            batched = p.encode({"state": window})
-            got = session.ring.features(p, {"state": window}, steps)
+            each = torch.cat([p.encode({k: x[:, i:i + 1] for k, x in window.items()}) for i in range(4)], dim=1)
+            batched = p.encode(window)
+            got = session.ring.features(p, window, steps)
         assert torch.equal(got, each), t  # bit for bit: every frame re-encoded on its own
-        torch.testing.assert_close(got, batched, atol=1e-6, rtol=1e-6)  # one batch of K rounds differently
+        torch.testing.assert_close(got, batched, atol=1e-5, rtol=1e-5)  # one batch of K rounds differently
         np.testing.assert_allclose(session.predict(obs, steps, seed=t), b.predict(obs, seed=t), atol=1e-4)
     # each frame encoded once: 20 windows of 4 frames, but only the distinct steps seen
     assert session.ring.encoded == len({max(0, t + off) for t in range(0, 40, 2) for off in p.spec.frame_offsets})
@@ -159,7 +163,7 @@ def test_two_robots_sessions_keep_their_own_history():
     sa, sb = b.session(), b.session()
     for t in range(10):  # interleaved, same step numbers, different observations
         for session, states in ((sa, a_states), (sb, b_states)):
-            obs, steps = _window(states, t, p.spec.frame_offsets)
+            obs, steps = _window({"state": states}, t, p.spec.frame_offsets)
             np.testing.assert_allclose(session.predict(obs, steps, seed=t), b.predict(obs, seed=t), atol=1e-4)
     sa.reset()
     assert not sa.ring._by_step and sb.ring._by_step
