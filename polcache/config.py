@@ -17,6 +17,7 @@ import yaml
 from polcache.errors import ConfigError
 
 INSTRUCTION_KEY = "instruction"  # the observation key a language-conditioned policy reads its instruction from
+EMBEDDING_KEY = "embedding"  # the frame features `polcache ptp embed` stores and a fine-tuned head reads
 TEXT_ENCODERS = ("bytes", "minilm")  # policy.vla.text_encoder
 
 

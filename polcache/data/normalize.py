@@ -27,9 +27,11 @@ class Normalizer:
         self._affine: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def fit(cls, arrays: Mapping[str, Any], mode: str | Mapping[str, str] = "limits") -> "Normalizer":
+    def fit(cls, arrays: Mapping[str, Any], mode: str | Mapping[str, str] = "limits",
+            min_spread: float = RANGE_EPS) -> "Normalizer":
         """arrays: key -> (..., D); mode: one for all keys or key -> mode. "limits" maps [min, max]
-        to [-1, 1] (Chi et al.); "gaussian" maps to zero mean, unit std. Constant dims map to 0 (shift only)."""
+        to [-1, 1] (Chi et al.); "gaussian" maps to zero mean, unit std. Dims whose range (std) is
+        below `min_spread` are constant for this purpose: shifted to 0, never divided."""
         modes = {k: mode if isinstance(mode, str) else mode.get(k, "limits") for k in arrays}
         bad = {k: m for k, m in modes.items() if m not in ("limits", "gaussian")}
         if bad:
@@ -45,11 +47,11 @@ class Normalizer:
                 raise ValueError(f"normalizer: {key!r} contains NaN or inf")
             lo, hi, mean, std = x.min(0), x.max(0), x.mean(0), x.std(0)
             if mode == "limits":
-                flat = (hi - lo) < RANGE_EPS
+                flat = (hi - lo) < min_spread
                 scale = 2.0 / np.where(flat, 2.0, hi - lo)
                 offset = np.where(flat, -lo, -1.0 - scale * lo)
             else:
-                flat = std < RANGE_EPS
+                flat = std < min_spread
                 scale = 1.0 / np.where(flat, 1.0, std)
                 offset = np.where(flat, -mean, -mean * scale)
             params[key] = {"scale": scale, "offset": offset, "min": lo, "max": hi, "mean": mean, "std": std}

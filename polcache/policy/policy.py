@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from polcache.config import EMBEDDING_KEY as EMBEDDING
 from polcache.config import PolicyConfig, past_tokens, to_dict
 from polcache.data.normalize import Normalizer
 from polcache.policy.blocks import Block
@@ -75,9 +76,18 @@ class DiffusionPolicy(nn.Module):
     # ---- observations ---------------------------------------------------------------------
     def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw observation history (B, To, ...) -> (B, To, F) features. Windows of a store from
-        `polcache ptp embed` ({"embedding": (B, To, F)}) are already features: they pass through."""
-        if "embedding" in obs:
-            return obs["embedding"].float()
+        `polcache ptp embed` ({"embedding": (B, To, F)}) are already frame features. A head
+        fine-tuned on such a store (`polcache ptp finetune`) sees them standardised per dimension
+        (the checkpoint's normaliser then has an "embedding" key): a frozen encoder's feature
+        scales are whatever its short training left them."""
+        feats = obs["embedding"].float() if EMBEDDING in obs else self.frame_features(obs)
+        if EMBEDDING in self.normalizer.keys:
+            feats = self.normalizer.normalize(EMBEDDING, feats)
+        return feats
+
+    def frame_features(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's own output for raw observations (B, To, ...) -> (B, To, F), before any
+        standardisation: what `polcache ptp embed` stores."""
         obs = dict(obs)
         if "state" in obs:
             obs["state"] = self.normalizer.normalize("state", obs["state"].float())

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from polcache.config import EMBEDDING_KEY
 from polcache.data import Episode, EpisodeStore, open_dataset, write_dataset
 from polcache.errors import DatasetError
 from polcache.policy.policy import DiffusionPolicy
 
-KEY = "embedding"
+KEY = EMBEDDING_KEY
 ATTR = "embedding"
 
 
@@ -58,7 +59,7 @@ def embed_dataset(policy: DiffusionPolicy, dataset: str | Path, out: str | Path,
     feats = np.empty((n, policy.encoder.feature_dim), np.float32)
     for i in tqdm(range(0, n, batch_size), disable=not progress, desc="embed", unit="batch"):
         obs = {k: torch.from_numpy(np.array(a[i:i + batch_size]))[:, None].to(device) for k, a in arrays.items()}
-        feats[i:i + batch_size] = policy.encode(obs)[:, 0].float().cpu().numpy()
+        feats[i:i + batch_size] = policy.frame_features(obs)[:, 0].float().cpu().numpy()
     actions = np.asarray(store.array("action"), np.float32)
     ends = store.episode_ends
     starts = np.concatenate([[0], ends[:-1]])

@@ -1,20 +1,24 @@
 """Fine-tune a long-context head on stored per-frame embeddings (the encoder never runs).
 
 The result is one ordinary checkpoint: the short-context policy's frozen encoder (and its
-normaliser) with the new head, so `eval`, `calibrate`, `serve` and `export` take it as any other.
+normaliser, plus the stored embeddings' per-dimension statistics) with the new head, so `eval`, `calibrate`, `serve` and `export` take it as any other.
 Everything else is `polcache train`'s loop (EMA, validation, checkpoints, resume, DDP)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from polcache.config import ExperimentConfig, validate
-from polcache.data import open_dataset
+from polcache.data import EpisodeStore, Normalizer, open_dataset
 from polcache.errors import ConfigError, DatasetError
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.families import build_policy
 from polcache.ptp.embeddings import KEY, embedding_info, encoder_hash
 from polcache.train.loop import TrainingSource, train
+
+EMBEDDING_MIN_STD = 1e-9  # float32 rounding of the features is ~1e-10 and below
 
 
 def finetune_source(cfg: ExperimentConfig, embeddings: str | Path) -> TrainingSource:
@@ -35,13 +39,24 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path) -> TrainingSo
     cfg.dataset = info["source"]
     cfg.task = cfg.task or base_cfg.task
     validate(cfg)
-    policy = build_policy(cfg.policy, base.spec.obs, base.obs_keys, base.action_dim, base.normalizer, cfg.task)
+    policy = build_policy(cfg.policy, base.spec.obs, base.obs_keys, base.action_dim,
+                          with_embedding_stats(base.normalizer, store), cfg.task)
     policy.encoder.load_state_dict(base.encoder.state_dict())
     policy.encoder.requires_grad_(False)
     if store.obs_spec()[KEY].shape != (policy.encoder.feature_dim,):
         raise DatasetError(f"{embeddings}: embeddings of size {store.obs_spec()[KEY].shape} but the encoder makes "
                            f"{policy.encoder.feature_dim}")
     return TrainingSource(store, policy, [KEY])
+
+
+def with_embedding_stats(normalizer: Normalizer, store: EpisodeStore) -> Normalizer:
+    """`normalizer` plus per-dimension mean and std of the stored embeddings: the head reads them
+    standardised. A frozen encoder's feature scales are whatever its short training left: on
+    image cue-reach the camera branch's features varied by 1e-6..1e-5 (the state already told the
+    short policy where it was), and a head fed them raw ignored the cue they carry (40% success,
+    BENCHMARKS.md). Dims below EMBEDDING_MIN_STD are constant for this purpose."""
+    stats = Normalizer.fit({KEY: np.asarray(store.array(KEY))}, mode="gaussian", min_spread=EMBEDDING_MIN_STD)
+    return Normalizer({**{k: normalizer.stats(k) for k in normalizer.keys}, KEY: stats.stats(KEY)})
 
 
 def finetune(cfg: ExperimentConfig, embeddings: str | Path, fresh: bool = False, progress: bool = True,
