@@ -12,9 +12,10 @@ from polcache.policy.checkpoint import check_compatible
 ASSETS = Path(__file__).resolve().parents[1] / "polcache" / "assets" / "checkpoints"
 SHIPPED = ASSETS / "reach-v3"
 PTP = ASSETS / "cue-reach-ptp"
+PTP_IMAGE = ASSETS / "cue-reach-ptp-image"
 
 
-@pytest.mark.parametrize("checkpoint", [SHIPPED, PTP], ids=lambda p: p.name)
+@pytest.mark.parametrize("checkpoint", [SHIPPED, PTP, PTP_IMAGE], ids=lambda p: p.name)
 def test_shipped_checkpoint_is_small_and_complete(checkpoint):
     assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < 8 * 2**20
     assert not (checkpoint / "train").exists()  # inference weights only
@@ -42,5 +43,19 @@ def test_shipped_ptp_checkpoint_remembers_the_cue():
 
     backend = load_backend(str(PTP))
     assert backend.spec.n_obs_steps == 16 and backend.spec.obs_stride == 3 and backend.spec.task == "cue-reach"
+    result = evaluate(backend, "cue-reach", episodes=6, seed=1000, progress=False)
+    assert result.successes >= 5, result.summary()
+
+
+@pytest.mark.slow
+def test_shipped_image_ptp_checkpoint_reads_the_cue_from_pixels():
+    """The multistage PTP policy on cue-reach with a camera (the state carries no cue there): the
+    frozen short-context image encoder + a long-context head fine-tuned on its standardised stored
+    embeddings (BENCHMARKS.md, PTP with images)."""
+    from polcache.sim.evaluate import evaluate
+
+    backend = load_backend(str(PTP_IMAGE))
+    assert set(backend.spec.obs) == {"state", "image_top"} and backend.spec.n_obs_steps == 16
+    assert "embedding" in backend.policy.normalizer.keys
     result = evaluate(backend, "cue-reach", episodes=6, seed=1000, progress=False)
     assert result.successes >= 5, result.summary()
