@@ -92,3 +92,5 @@ def test_seam_jerk_separates_steps_where_a_chunk_takes_over():
     jumpy[8:] += 5.0  # a jump where the chunk planned at step 8 takes over
     out = seam_jerk(jumpy, [4, 8])
     assert out["seam_jerk"] == pytest.approx(2.5) and out["jerk"] > 0
+    # a chunk that arrived as the episode ended (over ZeroMQ) took over no executed step
+    assert seam_jerk(jumpy, [4, 8, len(jumpy)]) == out

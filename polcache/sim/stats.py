@@ -35,7 +35,8 @@ def seam_jerk(actions: np.ndarray, seams: list[int]) -> dict:
         return {"seam_jerk": float("nan"), "jerk": float("nan")}
     jerk = np.linalg.norm(actions[3:] - 3 * actions[2:-1] + 3 * actions[1:-2] - actions[:-3], axis=-1)
     at_seam = np.zeros(len(jerk), bool)
-    at_seam[[s - 3 for s in seams if s >= 3]] = True
+    # a chunk that arrived as the episode ended took over no executed step: no seam
+    at_seam[[s - 3 for s in seams if 3 <= s < len(actions)]] = True
     return {"seam_jerk": float(jerk[at_seam].mean()) if at_seam.any() else float("nan"),
             "jerk": float(jerk[~at_seam].mean()) if (~at_seam).any() else float("nan")}
 
