@@ -1,7 +1,8 @@
 """Fine-tune a long-context head on stored per-frame embeddings (the encoder never runs).
 
 The result is one ordinary checkpoint: the short-context policy's frozen encoder (and its
-normaliser, plus the stored embeddings' per-dimension statistics) with the new head, so `eval`, `calibrate`, `serve` and `export` take it as any other.
+normaliser, plus the stored embeddings' per-dimension statistics) with the new head, so `eval`,
+`calibrate`, `serve` and `export` take it as any other.
 Everything else is `polcache train`'s loop (EMA, validation, checkpoints, resume, DDP)."""
 
 from __future__ import annotations
