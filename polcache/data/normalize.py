@@ -61,6 +61,9 @@ class Normalizer:
     def keys(self) -> list[str]:
         return list(self._p)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._p
+
     def stats(self, key: str) -> dict[str, torch.Tensor]:
         """min/max/mean/std (and scale/offset) of one key, float32 (D,)."""
         return dict(self._param(key))

@@ -81,7 +81,7 @@ class DiffusionPolicy(nn.Module):
         (the checkpoint's normaliser then has an "embedding" key): a frozen encoder's feature
         scales are whatever its short training left them."""
         feats = obs["embedding"].float() if EMBEDDING in obs else self.frame_features(obs)
-        if EMBEDDING in self.normalizer.keys:
+        if EMBEDDING in self.normalizer:  # per frame and per chunk: a dict lookup, no list built
             feats = self.normalizer.normalize(EMBEDDING, feats)
         return feats
 
