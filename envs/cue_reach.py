@@ -86,9 +86,14 @@ class CueReachEnv(TaskEnv):
     def go(self) -> bool:
         return self._t >= GO_STEP
 
+    shows_cue = True  # pad-reach (pad_reach.py) keeps the scene and hides the cue
+
+    def _choose_target(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(3))
+
     def _reset(self, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        self.target = int(rng.integers(3))
+        self.target = self._choose_target(rng)
         mujoco.mj_resetData(self.model, self._data)
         self._data.qpos[:2] = START + rng.uniform(-START_JITTER, START_JITTER)
         self._t = 0
@@ -136,13 +141,13 @@ class CueReachEnv(TaskEnv):
     def _paint(self) -> None:
         """Light the cue pad during the cue phase and the dock once the go signal is on."""
         for i, gid in enumerate(self._pad_ids):
-            lit = self._t < CUE_STEPS and i == self.target
+            lit = self.shows_cue and self._t < CUE_STEPS and i == self.target
             self.model.geom_rgba[gid] = _PAD_LIT if lit else _PAD_OFF
         self.model.geom_rgba[self._dock_id] = _DOCK_GO if self.go else _DOCK_WAIT
 
     def _state(self) -> np.ndarray:
         cue = np.zeros(3)
-        if self._t < CUE_STEPS and not self.image:  # with a camera the lit pad is the only cue
+        if self.shows_cue and self._t < CUE_STEPS and not self.image:  # with a camera the lit pad is the only cue
             cue[self.target] = 1.0
         return np.concatenate([self._data.qpos[:2], self._data.qvel[:2], cue, [float(self.go)]]).astype(np.float32)
 

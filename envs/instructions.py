@@ -1,6 +1,6 @@
 """Instructions per task for language-conditioned policies: several paraphrases to train on and
 held-out ones that training never sees (evaluation checks the policy follows the meaning, not
-the exact words). Written for Meta-World's MT10 and our cue-reach task."""
+the exact words). Written for Meta-World's MT10 and our cue-reach and pad-reach tasks."""
 
 from __future__ import annotations
 
@@ -68,6 +68,22 @@ INSTRUCTIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "train": ("reach the target the cue showed", "go to the cued target", "move to the target shown by the cue",
                   "reach the cued goal", "touch the target the light pointed at"),
         "heldout": ("go where the cue pointed", "reach the goal the cue indicated"),
+    },
+    # pad-reach: the words are the only cue (envs/pad_reach.py).
+    "pad-reach-left": {
+        "train": ("go to the left pad", "reach the pad on the left", "move to the left target",
+                  "touch the left pad", "head for the pad on the left side"),
+        "heldout": ("reach the leftmost pad", "the left one, please"),
+    },
+    "pad-reach-middle": {
+        "train": ("go to the middle pad", "reach the pad in the middle", "move to the middle target",
+                  "touch the middle pad", "head for the pad in the middle"),
+        "heldout": ("reach the pad in the centre", "the middle one, please"),
+    },
+    "pad-reach-right": {
+        "train": ("go to the right pad", "reach the pad on the right", "move to the right target",
+                  "touch the right pad", "head for the pad on the right side"),
+        "heldout": ("reach the rightmost pad", "the right one, please"),
     },
 }
 

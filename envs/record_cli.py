@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a task's scripted expert and write its successful episodes as a polcache dataset.",
     )
     p.add_argument("--task", required=True, help="task name, e.g. reach-v3 or cue-reach; several (comma-separated, or "
-                                              "a suite name: mt10) make one multi-task dataset")
+                                              "a suite name: mt10, pad-reach) make one multi-task dataset")
     p.add_argument("--episodes", type=int, required=True, help="episodes to attempt (failed ones are dropped)")
     p.add_argument("--keep", type=int, help="stop once this many successful episodes are kept (attempting at most "
                                             "--episodes)")

@@ -11,6 +11,7 @@ from polcache.envs.base import TaskEnv
 from polcache.errors import PolcacheError, UnknownTaskError
 
 CUE_REACH = "cue-reach"
+PAD_REACH = "pad-reach-"
 Expert = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
@@ -18,7 +19,9 @@ def list_tasks() -> list[str]:
     """Every task make_env accepts: all Meta-World v3 tasks plus polcache's own."""
     from polcache.envs.metaworld_env import metaworld_tasks
 
-    return metaworld_tasks() + [CUE_REACH]
+    from polcache.envs.pad_reach import PAD_REACH_TASKS
+
+    return metaworld_tasks() + [CUE_REACH, *PAD_REACH_TASKS]
 
 
 def _check_task(task: str) -> None:
@@ -44,6 +47,10 @@ def make_env(
         from polcache.envs.cue_reach import CueReachEnv
 
         return CueReachEnv(seed, image, cameras, image_size)
+    if task.startswith(PAD_REACH):
+        from polcache.envs.pad_reach import PadReachEnv
+
+        return PadReachEnv(task, seed, image, cameras, image_size)
     from polcache.envs.metaworld_env import MetaWorldEnv
 
     return MetaWorldEnv(task, seed, image, cameras, image_size)
@@ -51,11 +58,11 @@ def make_env(
 
 def make_expert(task: str, env: TaskEnv) -> Expert:
     """The scripted expert for `task`: obs dict -> action. `env` must be the env it acts in
-    (cue-reach's expert reads the true target from it)."""
+    (cue-reach's and pad-reach's expert reads the true target from it)."""
     _check_task(task)
     if env.task != task:
         raise PolcacheError(f"expert for {task!r} asked to act in a {env.task!r} env")
-    if task == CUE_REACH:
+    if task == CUE_REACH or task.startswith(PAD_REACH):  # the same scene and expert
         from polcache.envs.cue_reach import cue_reach_expert
 
         return cue_reach_expert(env)

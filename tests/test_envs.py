@@ -35,14 +35,14 @@ def rollout(env, policy, seed):
 # --- registry ---------------------------------------------------------------------------
 
 
-def test_list_tasks_has_all_metaworld_tasks_and_cue_reach():
+def test_list_tasks_has_all_metaworld_tasks_and_our_own():
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
     tasks = list_tasks()
     assert len(ALL_V3_ENVIRONMENTS) == 50
     assert set(ALL_V3_ENVIRONMENTS) <= set(tasks)
-    assert "cue-reach" in tasks
-    assert len(tasks) == len(set(tasks)) == 51
+    assert {"cue-reach", "pad-reach-left", "pad-reach-middle", "pad-reach-right"} <= set(tasks)
+    assert len(tasks) == len(set(tasks)) == 54
 
 
 def test_unknown_task_names_it_and_suggests():
@@ -192,6 +192,29 @@ def test_cue_reach_rushing_to_the_lit_pad_fails():
         history, info = rollout(env, greedy, seed)
         assert not info["success"] and len(history) - 1 < env.max_episode_steps
     env.close()
+
+
+# --- pad-reach: the instruction is the only cue ------------------------------------------
+
+
+def test_pad_reach_tasks_look_alike_until_the_expert_heads_for_its_pad():
+    """Up to the go signal the three tasks give identical states and images for a seed, so only
+    the instruction can tell a policy which pad to reach; the expert reaches the named one."""
+    from polcache.envs.pad_reach import PAD_REACH_TASKS
+
+    histories = {}
+    for pad, task in enumerate(PAD_REACH_TASKS):
+        with make_env(task, image=True, cameras=("top",), image_size=32) as env:
+            history, info = rollout(env, make_expert(task, env), seed=7)
+            assert info["success"] and env.target == pad
+            histories[task] = history
+    reference = histories[PAD_REACH_TASKS[0]]
+    for history in histories.values():
+        for t in range(GO_STEP + 1):
+            np.testing.assert_array_equal(history[t]["state"], reference[t]["state"])
+            np.testing.assert_array_equal(history[t]["image_top"], reference[t]["image_top"])
+    finals = {task: h[-1]["state"][:2] for task, h in histories.items()}
+    assert len({tuple(np.round(p, 3)) for p in finals.values()}) == 3
 
 
 # --- recording --------------------------------------------------------------------------

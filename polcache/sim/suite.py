@@ -22,6 +22,8 @@ SUITES = {
     # Meta-World's MT10 (metaworld.env_dict.MT10_V3), in Meta-World's order.
     "mt10": ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
              "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3"),
+    # Our language test (envs/pad_reach.py): one scene, the instruction names the pad.
+    "pad-reach": ("pad-reach-left", "pad-reach-middle", "pad-reach-right"),
 }
 
 
