@@ -98,3 +98,19 @@ def test_robot_sessions_and_self_verification_replay_graphs_from_features():
                                    atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(graph.predict(obs, seed, past_actions=past),
                                    eager.predict(obs, seed, past_actions=past), atol=1e-5, rtol=1e-5)
+
+
+def test_threshold_cache_reports_the_block_evaluations_it_measured():
+    """A threshold cache decides per chunk, so its cost is measured, not read from the plan: the
+    mean lies between the evaluations always done and all of them, and a threshold of 0
+    computes everything."""
+    p = tiny_policy()
+    n, obs = len(p.denoiser.blocks), obs_np(p, 1)
+    for threshold, expect_all in ((0.0, True), (0.5, False)):
+        b = TorchBackend(p, "ddim", 8, threshold_plan(8, n, threshold))
+        assert b.describe()["cache"]["block_evals_mean"] is None  # nothing computed yet
+        for seed in range(3):
+            b.predict(obs, seed=seed)
+        cache = b.describe()["cache"]
+        assert cache["block_evals_min"] <= cache["block_evals_mean"] <= 8 * n
+        assert (cache["block_evals_mean"] == 8 * n) == expect_all

@@ -12,7 +12,7 @@ from polcache.errors import ConfigError
 from polcache.policy.batching import Outcome, SessionRequest, predict_alone
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.device import resolve_device
-from polcache.policy.executor import decided_at_run_time
+from polcache.policy.executor import decided_at_run_time, make_store
 from polcache.policy.graph import ChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
@@ -74,8 +74,11 @@ class TorchBackend:
         if fused_update if fused_update is not None else self.graph_blocker is None:
             self.sampler = self.sampler.fused()
         self._graphs: dict[tuple[int, bool], ChunkGraph] = {}  # per (batch size, from features)
+        self.dynamic = decided_at_run_time(plan)
         self.batch_blocker = ("the threshold cache decides which blocks to compute from the whole batch's data"
-                              if decided_at_run_time(plan) else None)
+                              if self.dynamic else None)
+        # a threshold cache's cost depends on the data: block evaluations and chunk calls so far
+        self.gate_evals, self.gate_calls = 0, 0
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> ChunkGraph:
         try:
@@ -98,7 +101,12 @@ class TorchBackend:
         if self.graph_blocker is not None:
             with torch.no_grad():
                 feats = inputs["features"] if "features" in inputs else self.policy.encode(inputs)
-                return self.policy.denoise(feats, self.sampler, x, noise, self.plan)
+                if not self.dynamic:
+                    return self.policy.denoise(feats, self.sampler, x, noise, self.plan)
+                store = make_store(self.plan, len(self.policy.cache_blocks))
+                x = self.policy.denoise(feats, self.sampler, x, noise, self.plan, store)
+                self.gate_evals, self.gate_calls = self.gate_evals + store.computed, self.gate_calls + 1
+                return x
         key = (x.shape[0], "features" in inputs)
         graph = self._graphs.get(key)
         if graph is None:
@@ -249,6 +257,8 @@ class TorchBackend:
 
             cache = plan_summary(self.plan) | {  # the table itself: dashboards draw it as a heatmap
                 "plan": [[int(op) for op in row] for row in self.plan], "block_names": [b.name for b in self.policy.cache_blocks]}
+            if self.dynamic:  # measured over the chunks computed so far
+                cache["block_evals_mean"] = round(self.gate_evals / self.gate_calls, 1) if self.gate_calls else None
         return {"backend": "torch", "device": str(self.device), "sampler": self.sampler.kind,
                 "steps": self.sampler.num_steps, "cache": cache, "precision": self.precision,
                 "parity": self.parity, "cuda_graphs": self.graph_blocker is None,

@@ -82,6 +82,10 @@ def _run(args: argparse.Namespace) -> int:
         sp = result.extra["speedup"]
         print(f"cache {args.cache}: {sp['uncached_ms']:.1f} ms -> {sp['cached_ms']:.1f} ms per chunk "
               f"({sp['speedup']:.2f}x, medians of {sp['calls']} calls side by side)")
+        cache = what["cache"]
+        if cache.get("dynamic"):
+            print(f"threshold cache: {cache['block_evals_mean']} of {cache['block_evals_uncached']} block evaluations "
+                  f"per chunk on average over the episodes")
     if args.json:
         atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
