@@ -119,7 +119,8 @@ def record_demonstrations(
         attrs = attrs or task_attrs
         kept += k
         seeds[name], dropped[name] = kept_seeds, dropped_seeds
-    attrs = {**attrs, "task": tasks[0], "seed": seed, "extra_steps_after_success": EXTRA_STEPS}
+    # a multi-task dataset names no single task: a policy trained on it asks eval for --task
+    attrs = {**attrs, "task": tasks[0] if len(tasks) == 1 else "", "seed": seed, "extra_steps_after_success": EXTRA_STEPS}
     if len(tasks) == 1:
         attrs.update(episode_seeds=seeds[tasks[0]])
     else:

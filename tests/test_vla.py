@@ -142,10 +142,13 @@ def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, ca
                  "--out", "mt.zarr"]) == 0
     store = open_dataset("mt.zarr")
     assert store.tasks == ["reach-v3"] * 2 + ["push-v3"] * 2
+    assert store.attrs["task"] == "" and store.attrs["tasks_recorded"] == ["reach-v3", "push-v3"]  # no single task
     assert decode_instruction(store.episode(3).obs["instruction"][0]) == "slide the puck onto the target"
     assert main(["train", "--config", str(_config()), "dataset=mt.zarr", "out=run", "train.steps=4",
                  "train.epochs=0", "train.val_windows=4", "policy.vla.instruction_bytes=48", "policy.n_layers=2",
                  "policy.width=32", "policy.vla.width=32"]) == 0
+    assert main(["eval", "--checkpoint", "run/last", "--episodes", "1"]) == 2  # which of its tasks?
+    assert "names no task: pass --task" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "2", "--max-steps", "8",
                  "--no-progress", "--json", "heldout.json"]) == 0
     result = json.loads((tmp_path / "heldout.json").read_text())

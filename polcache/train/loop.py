@@ -79,7 +79,8 @@ def dataset_source(cfg: ExperimentConfig, progress: bool = False) -> TrainingSou
     if not cfg.dataset:
         raise ConfigError("dataset: no dataset path given (set `dataset:` in the config or dataset=PATH)")
     store = open_dataset(cfg.dataset, progress=progress)
-    recorded = str(store.attrs.get("task", ""))
+    # multi-task datasets recorded before this rule stored their first task as the task: ignore it
+    recorded = "" if len(store.attrs.get("tasks_recorded", ())) > 1 else str(store.attrs.get("task", ""))
     if cfg.task and recorded and cfg.task != recorded:
         raise ConfigError(f"task is {cfg.task!r} but dataset {cfg.dataset} was recorded on {recorded!r}; "
                           f"set task={recorded} (or leave task empty)")
