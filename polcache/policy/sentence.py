@@ -42,6 +42,9 @@ class SentenceEncoder:
         except ImportError:
             raise ConfigError(f"policy.vla.text_encoder=minilm needs sentence-transformers next to {pin.package}: "
                               f"{INSTALL}") from None
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its "Loading weights" bar on stderr at every load
         self.pin = pin
         self.model = SentenceTransformer(str(weights.parent), device="cpu", local_files_only=True).eval()
         self.model.requires_grad_(False)
