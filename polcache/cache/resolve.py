@@ -23,7 +23,7 @@ from typing import Sequence
 from polcache.cache.baselines import no_cache_plan, threshold_plan, uniform_plan, with_forecast
 from polcache.cache.errors import CacheError
 from polcache.cache.schedule import OBJECTIVES, build_schedule, check_fits, load_schedule
-from polcache.policy.executor import COMPUTE, GATE, Plan
+from polcache.policy.executor import COMPUTE, Plan, decided_at_run_time
 from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
 
@@ -89,7 +89,7 @@ def plan_summary(plan: Sequence[Sequence[int]]) -> dict:
     rows = [tuple(r) for r in plan]
     K, n = len(rows), len(rows[0]) if rows else 0
     computed = sum(r.count(COMPUTE) for r in rows)
-    dynamic = any(GATE in r for r in rows)
+    dynamic = decided_at_run_time(rows)
     out = {
         "method": getattr(plan, "method", "custom"),
         "source": getattr(plan, "source", ""),
