@@ -50,7 +50,10 @@ def test_end_to_end_loop_executes_every_action_on_time(records):
         assert spec["n_action_steps"] == 8 and spec["n_obs_steps"] == 2
         loop = ControlLoop(robot, client, 50, on_tick=ticks.append, on_chunk=chunks.append)
         loop.run(ticks=40)
-    assert robot.applied and all(value == tick for tick, value in robot.applied)
+    # Each action is the one due in its period: exactly the period's index on a quiet machine; an
+    # observation read late under load shifts the chunk's due times by that fraction of a period, and
+    # the schedule interpolates (5.28 in period 5). A stale or shifted chunk is a whole period off.
+    assert robot.applied and all(abs(value - tick) < 0.5 for tick, value in robot.applied)
     assert robot.applied[-1][0] == 39 and not robot.stops
     first = backend.first_obs["state"]
     assert first[0, 0, 0] == first[0, 1, 0] == 0  # the first window is padded, never half-filled
