@@ -170,7 +170,7 @@ def probe(dataset: Path, work: Path, down_dims: str) -> dict:
 def train_budget(dataset: Path, work: Path, minutes: float, rate: dict, down_dims: str) -> dict:
     """Train for the steps that fill `minutes` of CPU time (the probe's rate); report what it took."""
     run = work / f"lerobot_dp_{down_dims.replace(',', '-')}_{minutes:g}min"
-    path = run.with_suffix(".train.json")
+    path = work / f"{run.name}.train.json"
     if path.exists():
         return json.loads(path.read_text())
     steps = int((minutes * 60 - rate["startup_cpu_seconds"]) / rate["cpu_seconds_per_step"])
@@ -288,7 +288,8 @@ def main() -> None:
     runs = []
     for minutes in args.minutes:
         trained = train_budget(dataset, args.work, minutes, rate, args.down_dims)
-        result = cached(Path(trained["checkpoint"]).parents[2].with_suffix(f".eval_{args.episodes}.json"),
+        run_dir = Path(trained["checkpoint"]).parents[2]
+        result = cached(run_dir.parent / f"{run_dir.name}.eval_{args.episodes}.json",
                         lambda: evaluate_lerobot(trained["checkpoint"], args.episodes, args.seed))
         runs.append({**trained, "eval": result})
         rows.append(row(f"LeRobot DiffusionPolicy ({minutes:g} CPU min budget, DDIM-10)", result["params"],
