@@ -63,6 +63,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from common import RESULTS, print_table, write_json  # noqa: E402
 
+from polcache.atomic import atomic_write_text  # noqa: E402
 from polcache.sim.stats import percentiles_ms, wilson_interval  # noqa: E402
 
 TASK = "push-v3"
@@ -255,7 +256,7 @@ def cached(path: Path, compute) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     result = compute()
-    path.write_text(json.dumps(result, indent=2))
+    atomic_write_text(path, json.dumps(result, indent=2))  # an interrupted run never leaves half a stage
     return result
 
 
