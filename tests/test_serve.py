@@ -3,6 +3,7 @@ semantics, heartbeats while busy, resets."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from fakes import FakeBackend, RawPeer, StepRobot, fake_spec, observation, wait_for
 from polcache.errors import PolcacheError
 from polcache.serve.history import ObservationHistory
-from polcache.serve.server import PolicyServer
+from polcache.serve.server import INLINE_WINDOW, PolicyServer
 from polcache_client import ControlLoop, PolicyClient
 from polcache_client.protocol import PROTOCOL_VERSION, ActionChunk, Handshake, Heartbeat, Reset, Welcome, encode
 
@@ -76,6 +77,50 @@ def test_chunk_carries_due_times_history_and_stage_timing():
         assert chunk.actions.shape == (8, 2)
         assert set(chunk.timing) == {"decode", "preprocess", "queue", "inference", "postprocess", "encode"}
         peer.close()
+
+
+class ThreadRecordingBackend(FakeBackend):
+    """Remembers which thread ran each inference."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: list[str] = []
+
+    def predict(self, obs, seed=None, past_actions=None):
+        self.threads.append(threading.current_thread().name)
+        return super().predict(obs, seed, past_actions)
+
+
+def _answer(peer: RawPeer, seqs: range) -> None:
+    for seq in seqs:
+        peer.send(observation(seq))
+        assert isinstance(peer.recv(timeout_s=5), ActionChunk)
+
+
+def test_fast_inference_runs_on_the_server_thread_and_a_slow_one_goes_back_to_the_worker():
+    backend = ThreadRecordingBackend()
+    with serve(backend, inline_ms=50.0) as server:  # 50 ms: a fake inference stays under it on a loaded CI machine
+        peer = RawPeer(server.endpoint)
+        peer.handshake()
+        _answer(peer, range(INLINE_WINDOW + 3))
+        # the first INLINE_WINDOW inferences are measured on the worker, then the server thread runs them
+        assert backend.threads == ["polcache-inference"] * INLINE_WINDOW + ["polcache-server"] * 3
+        backend.delay_s = 0.1  # the policy turns slow: one inference inline, then the worker again
+        _answer(peer, range(INLINE_WINDOW + 3, INLINE_WINDOW + 6))
+        assert backend.threads[-3:] == ["polcache-server", "polcache-inference", "polcache-inference"]
+        peer.close()
+
+
+def test_inline_ms_zero_keeps_every_inference_on_the_worker():
+    backend = ThreadRecordingBackend()
+    with serve(backend, inline_ms=0.0) as server:
+        peer = RawPeer(server.endpoint)
+        peer.handshake()
+        _answer(peer, range(INLINE_WINDOW + 3))
+        assert set(backend.threads) == {"polcache-inference"}
+        peer.close()
+    with pytest.raises(PolcacheError, match=r"inline_ms must be in \[0, 100\] ms"):
+        serve(FakeBackend(), inline_ms=-1.0)
 
 
 def test_simulated_latency_is_added_to_every_inference():

@@ -10,6 +10,7 @@ versions, unknown types, missing or extra keys and wrong types are refused with 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -144,6 +145,8 @@ TYPES_BY_NAME = {name: cls for cls, name in TYPE_NAMES.items()}
 
 
 _DTYPE_NAMES = {np.dtype(name): name for name in ALLOWED_DTYPES}
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in ALLOWED_DTYPES}  # what the bytes hold
+_ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
 
 
 def _dtype_name(dtype: np.dtype) -> str:
@@ -160,22 +163,22 @@ def encode_array(arr: np.ndarray) -> dict:
     return {"dtype": name, "shape": list(arr.shape), "data": data}
 
 
+def _is_dim(s: Any) -> bool:
+    return type(s) is int and 0 <= s < 2**31
+
+
 def decode_array(obj: Any, where: str) -> np.ndarray:
     """Read-only view on the received bytes; `where` names the field in errors."""
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+    if not isinstance(obj, dict) or obj.keys() != _ARRAY_KEYS:
         raise ProtocolError("bad_array", f"{where}: an array is a map with keys dtype, shape, data")
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+    np_dtype = _WIRE_DTYPES.get(dtype) if isinstance(dtype, str) else None
+    if np_dtype is None:
         raise ProtocolError("bad_dtype", f"{where}: dtype {_short(dtype)} is not one of {sorted(ALLOWED_DTYPES)}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(type(s) is int and 0 <= s < 2**31 for s in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(map(_is_dim, shape)):
         raise ProtocolError("bad_array", f"{where}: shape must be a list of at most {MAX_NDIM} non-negative ints")
     if not isinstance(data, bytes):
         raise ProtocolError("bad_array", f"{where}: data must be binary")
-    np_dtype = np.dtype(dtype).newbyteorder("<")
     expected = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected:
         raise ProtocolError(
@@ -273,7 +276,12 @@ def _int_list(value: Any, where: str) -> list[int]:
 def _float_map(value: Any, where: str) -> dict[str, float]:
     if not isinstance(value, dict):
         raise ProtocolError("bad_type", f"{where} must be a map of numbers")
-    return {_str(k, where): _float(v, f"{where}.{k}") for k, v in value.items()}
+    out = {}
+    for k, v in value.items():  # the usual entry passes the first test; any other is checked in full
+        if not (type(k) is str and len(k) <= 4096 and k.isascii() and type(v) is float and math.isfinite(v)):
+            k, v = _str(k, where), _float(v, f"{where}.{k}")
+        out[k] = float(v)
+    return out
 
 
 def _array_map(value: Any, where: str) -> dict[str, np.ndarray]:
@@ -365,25 +373,43 @@ def _fields(cls: type, version: int) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls) if version >= FIELD_SINCE.get((cls, f.name), 1))
 
 
+@functools.lru_cache(maxsize=None)
+def _decoders(cls: type, version: int) -> tuple[tuple[str, Callable[[Any, str], Any], str], ...]:
+    """(field, decode, name in errors) per field, built once instead of per message."""
+    return tuple((n, _FIELD_CODECS[(cls, n)][0], f"{TYPE_NAMES[cls]}.{n}") for n in _fields(cls, version))
+
+
+@functools.lru_cache(maxsize=None)
+def _key_sets(cls: type, version: int) -> tuple[frozenset[str], frozenset[str]]:
+    """The keys a message of this type and version may carry, and those it must."""
+    names = _fields(cls, version)
+    return frozenset(names), frozenset(n for n in names if (cls, n) not in OPTIONAL_FIELDS)
+
+
+_ENVELOPE = frozenset({"v", "type"})
+
+
+@functools.lru_cache(maxsize=None)
+def _encoders(cls: type, version: int) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
+    return tuple((n, _FIELD_CODECS[(cls, n)][1]) for n in _fields(cls, version))
+
+
 def _wire_items(msg: Message, skip: str | None = None, version: int = PROTOCOL_VERSION) -> list[tuple[str, Any]]:
     cls = type(msg)
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"cannot write protocol version {version} (this side speaks {SUPPORTED_VERSIONS})")
     items: list[tuple[str, Any]] = [("v", version), ("type", TYPE_NAMES[cls])]
-    for name in _fields(cls, version):
+    for name, to_wire in _encoders(cls, version):
         if name != skip:
-            items.append((name, _FIELD_CODECS[(cls, name)][1](getattr(msg, name))))
+            items.append((name, to_wire(getattr(msg, name))))
     return items
 
 
-def _pack_map(items: list[tuple[str, Any]], n_entries: int) -> bytes:
-    packer = msgpack.Packer()
-    return packer.pack_map_header(n_entries) + b"".join(packer.pack(k) + packer.pack(v) for k, v in items)
-
-
 def encode(msg: Message, version: int = PROTOCOL_VERSION) -> bytes:
-    items = _wire_items(msg, version=version)
-    return _pack_map(items, len(items))
+    return msgpack.Packer().pack_map_pairs(_wire_items(msg, version=version))
+
+
+_TIMING_KEY = msgpack.packb("timing")
 
 
 def encode_chunk(chunk: ActionChunk, version: int = PROTOCOL_VERSION) -> tuple[bytes, float]:
@@ -391,9 +417,10 @@ def encode_chunk(chunk: ActionChunk, version: int = PROTOCOL_VERSION) -> tuple[b
     in ms): every other field is packed first and timed, then the timing map is appended."""
     t0 = time.perf_counter()
     items = _wire_items(chunk, skip="timing", version=version)
-    head = _pack_map(items, len(items) + 1)
+    packer = msgpack.Packer()
+    head = packer.pack_map_header(len(items) + 1) + b"".join(map(packer.pack, itertools.chain.from_iterable(items)))
     encode_ms = (time.perf_counter() - t0) * 1e3
-    return head + msgpack.packb("timing") + msgpack.packb({**chunk.timing, "encode": encode_ms}), encode_ms
+    return head + _TIMING_KEY + packer.pack({**chunk.timing, "encode": encode_ms}), encode_ms
 
 
 def decode(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
@@ -419,18 +446,16 @@ def decode_versioned(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     if cls is None:
         raise ProtocolError("unknown_type", f"unknown message type {_short(obj.get('type'))}; known: {sorted(TYPES_BY_NAME)}")
     name = TYPE_NAMES[cls]
-    names = _fields(cls, version)
-    expected = set(names)
-    given = set(obj) - {"v", "type"}
-    names = [n for n in names if n in given or (cls, n) not in OPTIONAL_FIELDS]
-    if set(names) - given:
-        raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(set(names) - given)}")
-    if given - expected:
+    expected, required = _key_sets(cls, version)
+    given = obj.keys() - _ENVELOPE
+    if not required <= given:
+        raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(required - given)}")
+    if not given <= expected:
         raise ProtocolError("extra_key", f"{name} message has unexpected key(s) {_short(sorted(map(str, given - expected)))}")
     # Fields are checked in their documented order, so where several are wrong the same one is named.
     seq = obj["seq"] if cls is Observation and type(obj["seq"]) is int and 0 <= obj["seq"] <= MAX_COUNT else None
     try:
-        msg = cls(**{n: _FIELD_CODECS[(cls, n)][0](obj[n], f"{name}.{n}") for n in names})
+        msg = cls(**{n: parse(obj[n], where) for n, parse, where in _decoders(cls, version) if n in given})
         if isinstance(msg, Observation):
             _check_executed(msg)
     except ProtocolError as exc:

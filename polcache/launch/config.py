@@ -42,6 +42,7 @@ class ServerLaunch:
     keys: str | None = None  # CurveZMQ key directory (needed for a non-loopback bind)
     insecure: bool = False
     max_batch: int = 8  # robots whose waiting observations share one inference
+    inline_ms: float = 1.0  # inference faster than this runs on the server thread (`serve --inline-ms`)
     rtc: bool = False  # real-time chunking (flow samplers; robots then run robot.blend: latest)
     instruction: str | None = None  # language-conditioned policies: the default for robots that send none
     ready_timeout_s: float = 180.0  # checkpoint loading and warm-up (CUDA graphs, TensorRT engines) may be slow
@@ -132,6 +133,8 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"robot.episodes: expected a positive integer, got {r.episodes}")
     if s.max_batch < 1:
         raise ConfigError(f"server.max_batch: expected a positive integer, got {s.max_batch}")
+    if not 0 <= s.inline_ms <= 100:
+        raise ConfigError(f"server.inline_ms: expected 0 to 100 ms, got {s.inline_ms}")
     if r.blend not in ("ensemble", "latest"):
         raise ConfigError(f"robot.blend: expected ensemble or latest, got {r.blend!r}")
     _check_port("dashboard.port", d.port)

@@ -73,7 +73,8 @@ def server_command(cfg: LaunchConfig, run: Path) -> list[str]:
     s = cfg.server
     cmd = POLCACHE + ["serve", "--checkpoint", s.checkpoint, "--bind", s.bind, "--device", s.device,
                       "--precision", s.precision, "--threads", str(server_threads(cfg)),
-                      "--metrics-file", str(run / "server.jsonl"), "--max-batch", str(s.max_batch)]
+                      "--metrics-file", str(run / "server.jsonl"), "--max-batch", str(s.max_batch),
+                      "--inline-ms", str(s.inline_ms)]
     for flag, value in (("--backend", s.backend), ("--cache", s.cache), ("--keys", s.keys),
                         ("--instruction", s.instruction)):
         if value is not None:

@@ -8,7 +8,7 @@ import logging
 import signal
 
 from polcache.cli_types import add_backend_options, backend_options, non_negative_float, positive_float, positive_int
-from polcache.serve.server import DEFAULT_BIND, DEFAULT_MAX_BATCH
+from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from polcache_client.schedule import BLEND_MODES
 
@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
                    help=f"robots whose waiting observations share one inference (default {DEFAULT_MAX_BATCH}; "
                         "1: one inference per robot)")
+    p.add_argument("--inline-ms", type=non_negative_float, default=DEFAULT_INLINE_MS,
+                   help=f"while every recent inference took less than this, run it on the server thread and save "
+                        f"two thread hand-offs per chunk (default {DEFAULT_INLINE_MS:g}; 0: always on the worker thread, "
+                        f"at most 100)")
     p.add_argument("--simulate-latency-ms", type=non_negative_float, default=0.0,
                    help="add this much to every inference, as a slower computer would (testing real-time chunking "
                         "and blending under latency; default 0)")
@@ -110,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
                               on_record=metrics.record, name=f"polcache serve {args.checkpoint}",
                               instruction=args.instruction, max_batch=args.max_batch, rtc=args.rtc,
-                              simulated_latency_ms=args.simulate_latency_ms)
+                              simulated_latency_ms=args.simulate_latency_ms, inline_ms=args.inline_ms)
         # e.g. on CUDA: captures each batch size's graph before the first robots ask (they wait meanwhile)
         backend.warmup(tuple(range(1, server.max_batch + 1)))
         signal.signal(signal.SIGTERM, lambda *_: server.stop())

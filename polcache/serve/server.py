@@ -6,7 +6,9 @@ its robot's history and keeps only the newest one per robot as pending, so a bus
 always works on the freshest data and nothing queues without bound. One inference at a time
 runs on the worker thread, for up to `max_batch` waiting robots at once (the ones served longest
 ago; one backend call where the backend batches, see polcache.policy.batching); each chunk goes
-back stamped with due times on the robot's clock and the time each stage took.
+back stamped with due times on the robot's clock and the time each stage took. A policy fast
+enough (every recent inference under `inline_ms`) runs on the main thread instead: the two thread
+wake-ups of the hand-off would cost it more than its inference (BENCHMARKS.md, transport).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -57,6 +59,8 @@ SOCKET_HWM = 4  # per robot, each way
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
+DEFAULT_INLINE_MS = 1.0  # inference this fast runs on the server thread (see PolicyServer)
+INLINE_WINDOW = 16  # recent inference times that decide where the next one runs
 
 
 class Pending(NamedTuple):
@@ -125,6 +129,7 @@ class PolicyServer:
         max_batch: int = DEFAULT_MAX_BATCH,
         rtc: bool = False,
         simulated_latency_ms: float = 0.0,
+        inline_ms: float = DEFAULT_INLINE_MS,
     ):
         """`instruction`: what a language-conditioned policy follows for robots that send none.
         `max_batch`: robots whose waiting observations share one inference (1 where the backend
@@ -137,6 +142,8 @@ class PolicyServer:
             raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
         if simulated_latency_ms < 0:
             raise PolcacheError(f"simulated_latency_ms must be >= 0, got {simulated_latency_ms}")
+        if not 0 <= inline_ms <= 100:
+            raise PolcacheError(f"inline_ms must be in [0, 100] ms (inference run on the server thread), got {inline_ms}")
         if rtc:
             what = backend.describe()
             if what.get("backend") != "torch" or what.get("sampler") != "flow":
@@ -159,6 +166,7 @@ class PolicyServer:
         self.name = name
         self.instruction = instruction
         self._obs_spec = robot_obs_spec(self.spec)
+        self._past_offsets = self.spec.frame_offsets[:-1]  # the past frames' steps, asked once per chunk
         self._log = RateLimitedLog(log)
         self._warn = self._log.warning
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
@@ -166,6 +174,8 @@ class PolicyServer:
         self._thread: threading.Thread | None = None
         self._busy = False
         self._next_sweep = 0.0
+        self.inline_ms = inline_ms
+        self._recent_inference_ms: deque[float] = deque(maxlen=INLINE_WINDOW)
 
         self._ctx = zmq.Context()
         self._auth = None
@@ -205,19 +215,20 @@ class PolicyServer:
             self._shutdown()
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
-        for sock in (self._router, self._wake, self._monitor):
-            poller.register(sock, zmq.POLLIN)
+        # While no inference is out, only the network is polled: each extra socket in a poll costs
+        # syscalls on every message (BENCHMARKS.md, transport). Disconnects are logged by the sweep.
+        idle, busy = zmq.Poller(), zmq.Poller()
+        idle.register(self._router, zmq.POLLIN)
+        for sock in (self._router, self._wake):
+            busy.register(sock, zmq.POLLIN)
         log.info("serving %s on %s", self.spec.task or "policy", self.endpoint)
         while not self._stop.is_set():
-            events = dict(poller.poll(100))
+            events = dict((busy if self._busy else idle).poll(100))
             if self._wake in events:
                 self._collect_results()
             if self._router in events:
                 self._drain()
-            if self._monitor in events:
-                self._log_disconnects()
-            self._sweep_sessions()
+            self._once_a_second()
             self._dispatch()  # last: the woken worker then finds the GIL free, this thread asleep in poll
 
     def start(self) -> "PolicyServer":
@@ -351,8 +362,19 @@ class PolicyServer:
         # it goes first.
         robots = sorted(waiting, key=lambda r: self.sessions[r].last_served)[:self.max_batch]
         jobs = [self._job(robot, len(waiting), len(robots)) for robot in robots]
+        if self._runs_inline():
+            for result in self._worker.infer(jobs):
+                self._reply(result)
+            return
         self._busy = True
         self._worker.submit(jobs)
+
+    def _runs_inline(self) -> bool:
+        """Whether the next inference runs on this thread: only once the window of recent
+        inference times is full and all of it under inline_ms, so a slow policy never blocks here
+        and a fast one that turns slow goes back to the worker after one inference."""
+        recent = self._recent_inference_ms
+        return len(recent) == INLINE_WINDOW and max(recent) < self.inline_ms
 
     def _job(self, robot: bytes, queue_depth: int, batch_size: int) -> Job:
         """Take `robot`'s pending observation into a job: its window, its executed actions."""
@@ -364,7 +386,7 @@ class PolicyServer:
                   t_capture=pending.obs.t_capture, received=pending.received, obs=stacked, session=session.policy,
                   reset_session=session.needs_reset, queue_depth=queue_depth, batch_size=batch_size,
                   superseded=session.superseded,
-                  past_actions=session.executed.at(pending.obs.seq, self.spec.frame_offsets[:-1],
+                  past_actions=session.executed.at(pending.obs.seq, self._past_offsets,
                                                    self.spec.action_dim),
                   committed=session.committed(pending.obs.t_capture) if self.rtc else None)
         job.timing.update(decode=pending.decode_ms, preprocess=(time.perf_counter() - t0) * 1e3,
@@ -381,6 +403,8 @@ class PolicyServer:
 
     def _reply(self, result: Result) -> None:
         job = result.job
+        if result.actions is not None:
+            self._recent_inference_ms.append(job.timing["inference"])
         session = self.sessions.get(job.robot)
         if session is None or session.epoch != job.epoch:
             return  # the robot reset or left while we computed: the chunk would be stale
@@ -422,11 +446,13 @@ class PolicyServer:
         if self.on_record is not None:
             self.on_record(record)
 
-    def _sweep_sessions(self) -> None:
+    def _once_a_second(self) -> None:
+        """Housekeeping kept off the per-message path: closed connections logged, silent robots forgotten."""
         now = time.monotonic()
         if now < self._next_sweep:
             return
         self._next_sweep = now + 1.0
+        self._log_disconnects()
         for robot, session in list(itertools.takewhile(lambda kv: now - kv[1].last_seen > self.session_timeout_s,
                                                        self.sessions.items())):
             log.info("robot %s silent for %.0f s: session closed", session.name, now - session.last_seen)

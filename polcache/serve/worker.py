@@ -3,7 +3,8 @@ observations while the policy computes; results come back through a queue plus a
 message on an inproc socket the server polls alongside the network. Each hand-off is one thread
 wake-up (SimpleQueue is a bare C lock, unlike queue.Queue's Condition): on a busy machine each
 wake-up may wait for a core, and these two are what the server adds to a bare REQ/REP round
-trip's wake-ups (BENCHMARKS.md, transport).
+trip's wake-ups (BENCHMARKS.md, transport); so a policy faster than that runs on the server's
+own thread instead (`infer`, the server's inline path).
 
 The server hands over a batch: the jobs of every robot it serves at once. They run as one
 backend call where the backend batches (polcache.policy.batching), and each job's result stands
@@ -80,11 +81,12 @@ class InferenceWorker:
 
     def _run(self) -> None:
         while (jobs := self._jobs.get()) is not None:
-            self.results.put(self._infer(jobs))
+            self.results.put(self.infer(jobs))
             self._wake.send(b"")
 
-    def _infer(self, jobs: list[Job]) -> list[Result]:
-        """One result per job; every chunk's `inference` time is the shared call's."""
+    def infer(self, jobs: list[Job]) -> list[Result]:
+        """One result per job; every chunk's `inference` time is the shared call's. Runs on the
+        worker thread, or on the caller's while the worker is idle (the server's inline path)."""
         ready, results = [], []
         for job in jobs:
             try:
