@@ -25,6 +25,12 @@ state-only policy never ran torchvision code; this script refuses to run with a 
     OMP_NUM_THREADS=1 nice -n 5 /work/lerobot-venv/bin/python benchmarks/bench_peer_lerobot.py \\
         --dataset /work/exp/peer/push-v3_50demos_lerobot --work /work/exp/peer --minutes 8.8 26.4
 
+Another task (`--task`, its polcache run read from `--suite`): the same with reach-v3's
+demonstrations and polcache's 7.0 minutes on it, in a work folder of its own:
+
+    OMP_NUM_THREADS=1 nice -n 5 /work/lerobot-venv/bin/python benchmarks/bench_peer_lerobot.py --task reach-v3 \\
+        --dataset /work/exp/peer/reach-v3_50demos_lerobot --work /work/exp/peer/reach-v3 --minutes 7.0 21.0
+
 State only: LeRobot's DiffusionPolicy needs an image or `observation.environment_state` besides
 `observation.state`, so the 39-dim Meta-World state is split as LeRobot's own Meta-World env splits
 it: the first 4 dims (hand position, gripper) are the robot state, the other 35 (object poses, the
@@ -66,12 +72,10 @@ from common import RESULTS, print_table, write_json  # noqa: E402
 from polcache.atomic import atomic_write_text  # noqa: E402
 from polcache.sim.stats import percentiles_ms, wilson_interval  # noqa: E402
 
-TASK = "push-v3"
 ROBOT_STATE_DIMS = 4  # LeRobot's Meta-World env: agent_pos = obs[:4] (hand xyz, gripper)
 SHORT_CAP = 200  # LeRobot's Meta-World evaluations cap episodes here
 PROBE_STEPS = (20, 100)
-REPO_ID = "local/push-v3_50demos_split"
-POLCACHE_RESULT = Path("/work/exp/suite_mt10/push-v3/result.json")
+SUITE = Path("/work/exp/suite_mt10")  # bench_suite.py --out of the MT10 run: <task>/result.json, <task>/run
 COLUMNS = ["policy", "params", "train CPU min", "train wall min", "steps", "success", "95% CI", "within 200 steps", "95% CI (200)",
            "mean length", "chunk p50 ms", "chunk p95 ms"]
 
@@ -97,7 +101,11 @@ def check_torchvision_shim() -> str:
     raise SystemExit("the torchvision shim did not refuse a call")
 
 
-def derive_dataset(exported: Path, out: Path) -> Path:
+def repo_id(task: str) -> str:
+    return f"local/{task}_50demos_split"
+
+
+def derive_dataset(exported: Path, out: Path, task: str) -> Path:
     """polcache's LeRobot export (observation.state = 39 dims) -> the split-state dataset, written by
     LeRobot's own writer. Built beside `out` and renamed, so an interrupted run leaves nothing."""
     if (out / "meta" / "info.json").exists():
@@ -114,7 +122,7 @@ def derive_dataset(exported: Path, out: Path) -> Path:
                                           "names": None},
         "action": {"dtype": "float32", "shape": tuple(src.features["action"]["shape"]), "names": None},
     }
-    dst = LeRobotDataset.create(REPO_ID, fps=src.fps, features=features, root=partial, use_videos=False)
+    dst = LeRobotDataset.create(repo_id(task), fps=src.fps, features=features, root=partial, use_videos=False)
     episode = None
     for i in range(len(src)):
         item = src[i]
@@ -129,11 +137,11 @@ def derive_dataset(exported: Path, out: Path) -> Path:
     return out
 
 
-def run_lerobot_train(dataset: Path, out_dir: Path, steps: int, down_dims: str) -> tuple[float, float]:
+def run_lerobot_train(dataset: Path, out_dir: Path, steps: int, down_dims: str, task: str) -> tuple[float, float]:
     """LeRobot's own trainer (lerobot-train), one process, one torch thread; returns (wall, CPU) seconds."""
     shutil.rmtree(out_dir, ignore_errors=True)  # lerobot-train refuses an existing output_dir
     cmd = [sys.executable, "-m", "lerobot.scripts.lerobot_train",
-           f"--dataset.repo_id={REPO_ID}", f"--dataset.root={dataset}",
+           f"--dataset.repo_id={repo_id(task)}", f"--dataset.root={dataset}",
            "--policy.type=diffusion", "--policy.device=cpu", "--policy.push_to_hub=false",
            f"--policy.down_dims=[{down_dims}]",
            "--policy.noise_scheduler_type=DDIM", "--policy.num_inference_steps=10",
@@ -152,12 +160,12 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def probe(dataset: Path, work: Path, down_dims: str) -> dict:
+def probe(dataset: Path, work: Path, down_dims: str, task: str) -> dict:
     """Start-up CPU seconds and CPU seconds per step of LeRobot's trainer here, from two short runs."""
     path = work / f"probe_{down_dims.replace(',', '-')}.json"
     if path.exists():
         return json.loads(path.read_text())
-    runs = {n: run_lerobot_train(dataset, work / f"probe_{n}", n, down_dims) for n in PROBE_STEPS}
+    runs = {n: run_lerobot_train(dataset, work / f"probe_{n}", n, down_dims, task) for n in PROBE_STEPS}
     (n1, (_, c1)), (n2, (_, c2)) = runs.items()
     per_step = (c2 - c1) / (n2 - n1)
     result = {"runs": {str(n): {"wall_s": w, "cpu_s": c} for n, (w, c) in runs.items()},
@@ -168,14 +176,14 @@ def probe(dataset: Path, work: Path, down_dims: str) -> dict:
     return result
 
 
-def train_budget(dataset: Path, work: Path, minutes: float, rate: dict, down_dims: str) -> dict:
+def train_budget(dataset: Path, work: Path, minutes: float, rate: dict, down_dims: str, task: str) -> dict:
     """Train for the steps that fill `minutes` of CPU time (the probe's rate); report what it took."""
     run = work / f"lerobot_dp_{down_dims.replace(',', '-')}_{minutes:g}min"
     path = work / f"{run.name}.train.json"
     if path.exists():
         return json.loads(path.read_text())
     steps = int((minutes * 60 - rate["startup_cpu_seconds"]) / rate["cpu_seconds_per_step"])
-    wall, cpu = run_lerobot_train(dataset, run, steps, down_dims)
+    wall, cpu = run_lerobot_train(dataset, run, steps, down_dims, task)
     result = {"budget_cpu_minutes": minutes, "down_dims": down_dims, "steps": steps, "train_wall_seconds": wall,
               "train_cpu_seconds": cpu, "checkpoint": str(run / "checkpoints" / "last" / "pretrained_model")}
     path.write_text(json.dumps(result, indent=2))
@@ -191,7 +199,7 @@ def episode_summary(per_episode: list[dict]) -> dict:
             "per_episode": per_episode}
 
 
-def evaluate_lerobot(checkpoint: str, episodes: int, seed: int) -> dict:
+def evaluate_lerobot(checkpoint: str, task: str, episodes: int, seed: int) -> dict:
     """Roll LeRobot's policy out in polcache's env: LeRobot's select_action queue executes its 8-action
     chunks; a chunk's latency is the call that plans it (pre-processing, DDIM-10, post-processing)."""
     import torch
@@ -204,7 +212,7 @@ def evaluate_lerobot(checkpoint: str, episodes: int, seed: int) -> dict:
     policy = DiffusionPolicy.from_pretrained(checkpoint).eval()
     params = sum(p.numel() for p in policy.parameters())
     pre, post = make_pre_post_processors(policy.config, pretrained_path=checkpoint)
-    env = make_env(TASK, seed=seed)
+    env = make_env(task, seed=seed)
     per_episode, latencies = [], []
     for i in range(episodes):
         torch.manual_seed(seed + i)
@@ -226,15 +234,15 @@ def evaluate_lerobot(checkpoint: str, episodes: int, seed: int) -> dict:
     return {"params": params, **episode_summary(per_episode), "chunk_ms": percentiles_ms(latencies)}
 
 
-def evaluate_polcache(reference: dict, episodes: int, seed: int) -> dict:
-    """polcache's MT10 push-v3 checkpoint rerun on the same seeds in this process."""
+def evaluate_polcache(reference: dict, run: Path, task: str, episodes: int, seed: int) -> dict:
+    """polcache's MT10 checkpoint of `task` rerun on the same seeds in this process."""
     from polcache.policy.backend import load_backend
     from polcache.sim.evaluate import evaluate
 
     extra = reference["extra"]
-    checkpoint = str(POLCACHE_RESULT.parent / "run" / Path(extra["checkpoint"]).name)
+    checkpoint = str(run / Path(extra["checkpoint"]).name)
     backend = load_backend(checkpoint, sampler=extra["sampler"], steps=extra["denoising_steps"], threads=1)
-    result = evaluate(backend, TASK, episodes, seed=seed, progress=False)
+    result = evaluate(backend, task, episodes, seed=seed, progress=False)
     per_episode = [{"seed": e["seed"], "success": e["success"], "length": e["length"]}
                    for e in result.per_episode]
     return {"params": sum(p.numel() for p in backend.policy.parameters()), **episode_summary(per_episode),
@@ -262,10 +270,14 @@ def cached(path: Path, compute) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", type=Path, required=True, help="polcache's LeRobot export of the push-v3 demos")
+    ap.add_argument("--task", default="push-v3", help="the Meta-World task (default push-v3)")
+    ap.add_argument("--suite", type=Path, default=SUITE,
+                    help=f"polcache's MT10 suite run holding <task>/result.json and <task>/run (default {SUITE})")
+    ap.add_argument("--dataset", type=Path, required=True,
+                    help="polcache's LeRobot export of the task's demonstrations")
     ap.add_argument("--work", type=Path, required=True, help="folder for the derived dataset, runs and caches")
     ap.add_argument("--minutes", type=float, nargs="+", default=[8.8],
-                    help="training budgets in CPU minutes (polcache's push-v3 run: 8.8 minutes of one core)")
+                    help="training budgets in CPU minutes (polcache's push-v3 run: 8.8 minutes of one core, reach-v3 7.0)")
     ap.add_argument("--down-dims", default="128,256,512",
                     help="the UNet's widths: the issue's 17M-param UNet (LeRobot's default 512,1024,2048 is 250M)")
     ap.add_argument("--episodes", type=int, default=50)
@@ -278,20 +290,21 @@ def main() -> None:
     torch.set_num_threads(1)
     shim = check_torchvision_shim()
     args.work.mkdir(parents=True, exist_ok=True)
-    dataset = derive_dataset(args.dataset, args.work / "push-v3_50demos_lerobot_split")
-    rate = probe(dataset, args.work, args.down_dims)
-    reference = json.loads(POLCACHE_RESULT.read_text())
+    dataset = derive_dataset(args.dataset, args.work / f"{args.task}_50demos_lerobot_split", args.task)
+    rate = probe(dataset, args.work, args.down_dims, args.task)
+    reference = json.loads((args.suite / args.task / "result.json").read_text())
     polcache_eval = cached(args.work / f"polcache_eval_{args.episodes}.json",
-                           lambda: evaluate_polcache(reference, args.episodes, args.seed))
+                           lambda: evaluate_polcache(reference, args.suite / args.task / "run", args.task,
+                                                     args.episodes, args.seed))
     # polcache's run: one process, one thread, a core of its own (the other task on the other core)
     rows = [row("polcache recommended (DP-T, DDIM-16)", polcache_eval["params"], reference["train_seconds"],
                 reference["train_seconds"], reference["train_steps"], polcache_eval)]
     runs = []
     for minutes in args.minutes:
-        trained = train_budget(dataset, args.work, minutes, rate, args.down_dims)
+        trained = train_budget(dataset, args.work, minutes, rate, args.down_dims, args.task)
         run_dir = Path(trained["checkpoint"]).parents[2]
         result = cached(run_dir.parent / f"{run_dir.name}.eval_{args.episodes}.json",
-                        lambda: evaluate_lerobot(trained["checkpoint"], args.episodes, args.seed))
+                        lambda: evaluate_lerobot(trained["checkpoint"], args.task, args.episodes, args.seed))
         runs.append({**trained, "eval": result})
         rows.append(row(f"LeRobot DiffusionPolicy ({minutes:g} CPU min budget, DDIM-10)", result["params"],
                         trained["train_cpu_seconds"], trained["train_wall_seconds"], trained["steps"], result))
@@ -299,8 +312,8 @@ def main() -> None:
     for run in runs:
         ratio = run["eval"]["chunk_ms"]["p50"] / polcache_eval["chunk_ms"]["p50"]
         print(f"LeRobot {run['budget_cpu_minutes']:g} CPU min: chunk p50 {ratio:.1f}x polcache's")
-    write_json(RESULTS / "peer_lerobot.json", {
-        "task": TASK, "episodes": args.episodes, "seed": args.seed, "lerobot": lerobot.__version__,
+    write_json(RESULTS / ("peer_lerobot.json" if args.task == "push-v3" else f"peer_lerobot_{args.task}.json"), {
+        "task": args.task, "episodes": args.episodes, "seed": args.seed, "lerobot": lerobot.__version__,
         "torch": torch.__version__, "torchvision": shim, "probe": rate, "rows": rows,
         "polcache": {"reference": {k: reference[k] for k in ("train_seconds", "train_steps", "successes",
                                                               "episodes", "chunk_latency_ms")},
