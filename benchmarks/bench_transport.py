@@ -8,6 +8,9 @@ chunk, over tcp loopback, side by side in one run:
   unpickles peer data, which is why pickle lives here and not in polcache/).
 
 Each server runs in its own process. Modes are interleaved in rounds so drift hits all alike.
+Besides the round-trip times, the CPU each request costs the server process (all its threads:
+Python, ZeroMQ's I/O thread, the kernel on their behalf) and the client's thread: a figure that
+load on the machine barely moves, where the tail does.
 `--baseline-tree DIR` adds "polcache-baseline": the same server imported from another checkout
 (e.g. `git worktree add /tmp/before main`), for a before/after comparison in one run.
 
@@ -125,6 +128,12 @@ def _import_path(tree: Path) -> str:
     return os.pathsep.join([str(tree), str(tree / "client")])
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,14 +167,19 @@ def main() -> None:
     try:
         clients = {mode: Client(mode, port) for mode, port in ports.items()}
         times: dict[str, list[float]] = {mode: [] for mode in modes}
+        server_cpu = {mode: 0.0 for mode in modes}  # CPU seconds, over the timed calls only
+        client_cpu = {mode: 0.0 for mode in modes}
         for _ in range(args.rounds):
-            for mode, client in clients.items():
+            for (mode, client), server in zip(clients.items(), servers):
                 for _ in range(50):  # warm-up after the other modes ran
                     client.round_trip(arrays)
+                s0, c0 = process_cpu_s(server.pid), time.thread_time()
                 for _ in range(args.calls):
                     t0 = time.perf_counter()
                     client.round_trip(arrays)
                     times[mode].append(time.perf_counter() - t0)
+                server_cpu[mode] += process_cpu_s(server.pid) - s0
+                client_cpu[mode] += time.thread_time() - c0
     finally:
         for proc in servers:
             proc.kill()
@@ -179,12 +193,14 @@ def main() -> None:
         rows.append({"mode": mode, "calls": len(us), "p50_us": round(float(np.percentile(us, 50)), 1),
                      "p99_us": round(float(np.percentile(us, 99)), 1), "mean_us": round(float(us.mean()), 1),
                      "p99_over_msgpack": round(float(np.percentile(us, 99)) / (bare_p99 * 1e6), 2),
+                     "server_cpu_us": round(server_cpu[mode] / len(us) * 1e6, 1),
+                     "client_cpu_us": round(client_cpu[mode] / len(us) * 1e6, 1),
                      "request_bytes": payload_bytes.get(mode, polcache_bytes)})
         if clients[mode].server_us:  # what the server's stages account for; the rest is wake-ups, sockets, client
             rows[-1]["server_stages_p50_us"] = round(float(np.percentile(clients[mode].server_us, 50)), 1)
     print(f"round trip, 96x96x3 uint8 image + {STATE_DIM} float32 state -> 8x4 float32 actions, tcp loopback")
-    print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "p99_over_msgpack", "server_stages_p50_us",
-                       "request_bytes"])
+    print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "p99_over_msgpack", "server_cpu_us",
+                       "client_cpu_us", "server_stages_p50_us", "request_bytes"])
     write_json(args.json, {"benchmark": "transport", "rows": rows, "calls": args.calls, "rounds": args.rounds})
 
 
