@@ -18,7 +18,7 @@ from polcache.errors import ConfigError
 
 INSTRUCTION_KEY = "instruction"  # the observation key a language-conditioned policy reads its instruction from
 EMBEDDING_KEY = "embedding"  # the frame features `polcache ptp embed` stores and a fine-tuned head reads
-TEXT_ENCODERS = ("bytes", "minilm")  # policy.vla.text_encoder
+TEXT_ENCODERS = ("bytes", "minilm", "minilm-tokens")  # policy.vla.text_encoder
 
 
 @dataclass
@@ -52,7 +52,8 @@ class VLAConfig:
     # within the trained paraphrases' success on MT10, 4 did not (BENCHMARKS.md)
     bytes_per_token: int = 1
     # bytes: the byte tokens above, embedded from scratch | minilm: a frozen pretrained sentence
-    # encoder (all-MiniLM-L6-v2 from a pinned package, `polcache[minilm]`), one projected token
+    # encoder (all-MiniLM-L6-v2 from a pinned package, `polcache[minilm]`), one projected token |
+    # minilm-tokens: the same model's per-token states, each projected (the words stay apart)
     text_encoder: str = "bytes"
 
 
@@ -290,4 +291,5 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"policy.vla.instruction_bytes ({v.instruction_bytes}) must be a multiple of "
                               f"policy.vla.bytes_per_token ({v.bytes_per_token})")
         if v.text_encoder not in TEXT_ENCODERS:
-            raise ConfigError(f"policy.vla.text_encoder must be {' or '.join(TEXT_ENCODERS)}, got {v.text_encoder!r}")
+            raise ConfigError(f"policy.vla.text_encoder must be {', '.join(TEXT_ENCODERS[:-1])} or {TEXT_ENCODERS[-1]}, "
+                              f"got {v.text_encoder!r}")

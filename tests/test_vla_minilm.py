@@ -1,5 +1,6 @@
-"""The VLA's optional frozen MiniLM text path (policy.vla.text_encoder=minilm): config, the pinned
-package, the per-instruction cache, checkpoints without the frozen weights, and a CLI round trip."""
+"""The VLA's optional frozen MiniLM text paths (policy.vla.text_encoder=minilm, pooled, and
+minilm-tokens, per token): config, the pinned package, the per-instruction cache, checkpoints
+without the frozen weights, and a CLI round trip."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_config_names_the_text_encoders():
     cfg = ExperimentConfig(obs_keys=["state", "instruction"], policy=PolicyConfig(family="vla"))
     assert cfg.policy.vla.text_encoder == "bytes"
     cfg.policy.vla.text_encoder = "bert"
-    with pytest.raises(ConfigError, match="policy.vla.text_encoder must be bytes or minilm, got 'bert'"):
+    with pytest.raises(ConfigError, match="policy.vla.text_encoder must be bytes, minilm or minilm-tokens, got 'bert'"):
         validate(cfg)
 
 
@@ -114,8 +115,28 @@ def test_cached_instruction_embeddings_equal_recomputing_them():
 
 
 @needs_minilm
-def test_the_text_path_trains_its_projection_only_and_keeps_minilm_frozen():
-    policy = tiny_vla(text_encoder="minilm").train()
+def test_token_states_are_cached_cut_to_the_prefix_length_and_zero_after_the_text():
+    policy = tiny_vla(text_encoder="minilm-tokens")  # instruction_bytes 16: 16 // 3 + 2 = 7 text tokens
+    enc = policy.encoder
+    assert enc.n_text_tokens == 7 and enc.memory_tokens == 2 + 7
+    rows = vla_observations(policy, TEXTS)["instruction"][:, -1]
+    with torch.no_grad():
+        tokens = enc.text_tokens(rows)
+        again = enc.text_tokens(rows)
+    assert tokens.shape == (3, 7, policy.cfg.vla.width) and torch.equal(tokens, again)
+    torch.testing.assert_close(tokens[0], tokens[2])  # the same text, the same tokens
+    states = enc.sentence.compute_tokens("push the puck", 7)  # [CLS] push the puck [SEP]: 5 tokens
+    assert torch.allclose(states[:5].norm(dim=1), torch.ones(5), atol=1e-5) and not states[5:].any()
+    full = enc.sentence.model.encode(["push the puck"], output_value="token_embeddings")[0]
+    torch.testing.assert_close(states[:5], torch.nn.functional.normalize(full.float(), dim=-1))
+    assert enc.sentence.compute_tokens("push the puck", 3).shape == (3, enc.sentence.dim)  # cut, not refused
+    assert "minilm-tokens" in enc.host_step
+
+
+@needs_minilm
+@pytest.mark.parametrize("text_encoder", ["minilm", "minilm-tokens"])
+def test_the_text_path_trains_its_projection_only_and_keeps_minilm_frozen(text_encoder):
+    policy = tiny_vla(text_encoder=text_encoder).train()
     obs = vla_observations(policy, TEXTS)
     loss = policy.compute_loss({"obs": obs, "action": torch.randn(len(TEXTS), policy.cfg.horizon, 3)})
     loss.backward()

@@ -8,7 +8,10 @@ shares its subwords with the training instructions), through a small pre-norm
 transformer encoder. The prefix depends only on the observation, so it runs once per chunk.
 With `text_encoder: minilm` the instruction is instead one token: the frozen pretrained MiniLM's
 sentence embedding (polcache.policy.sentence, cached per distinct instruction) through a trained
-linear projection.
+linear projection; with `minilm-tokens`, one token per WordPiece token of the instruction (the
+same model's states before pooling, instruction_bytes // 3 + 2 of them, zero after the text's
+end: room for any instruction of three or more bytes per token; a longer one is cut), each
+through the projection.
 
 Action expert: the DP-T decoder over the action tokens, cross-attending to the prefix output
 (every action token sees every prefix token; cross-attention rather than pi0's joint attention,
@@ -79,14 +82,16 @@ class PrefixEncoder(nn.Module):
             else:
                 self.tokenizers[key] = ImageTokens(obs_spec[key].shape[0], cfg)
                 tokens_per_frame += v.image_grid ** 2
-        self.sentence = minilm() if v.text_encoder == "minilm" else None  # frozen, not a submodule: never saved
+        self.text_encoder = v.text_encoder
+        self.sentence = None if v.text_encoder == "bytes" else minilm()  # frozen, not a submodule: never saved
         if self.sentence is None:
             self.byte_emb = nn.Embedding(256, v.width)
             self.text_proj = nn.Linear(v.bytes_per_token * v.width, v.width)
             text_tokens = v.instruction_bytes // v.bytes_per_token
         else:
             self.text_proj = nn.Linear(self.sentence.dim, v.width)
-            text_tokens = 1
+            text_tokens = 1 if v.text_encoder == "minilm" else v.instruction_bytes // 3 + 2
+        self.n_text_tokens = text_tokens
         self.memory_tokens = cfg.n_obs_steps * tokens_per_frame + text_tokens
         self.pos_emb = nn.Parameter(torch.randn(1, self.memory_tokens, v.width) * 0.02)
         layer = nn.TransformerEncoderLayer(v.width, v.heads, 4 * v.width, dropout=0.1, activation="gelu",
@@ -117,16 +122,20 @@ class PrefixEncoder(nn.Module):
         # Each distinct instruction of the batch is decoded and looked up once (a batch of one
         # robot, or a training batch, holds few); the embeddings are CPU tensors of the shared encoder.
         distinct, row = torch.unique(instruction, dim=0, return_inverse=True)
-        emb = self.sentence.embed([decode_instruction(r) for r in distinct.cpu().numpy()])
-        return self.text_proj(emb.to(self.text_proj.weight.device)[row]).unsqueeze(1)
+        texts = [decode_instruction(r) for r in distinct.cpu().numpy()]
+        if self.text_encoder == "minilm":
+            emb = self.sentence.embed(texts).unsqueeze(1)  # (N, 1, dim)
+        else:
+            emb = self.sentence.embed_tokens(texts, self.n_text_tokens)  # (N, tokens, dim)
+        return self.text_proj(emb.to(self.text_proj.weight.device)[row])
 
     @property
     def host_step(self) -> str | None:
         """Why part of this encoder runs on the host, outside captured or exported graphs (None: none does)."""
         if self.sentence is None:
             return None
-        return ("policy.vla.text_encoder=minilm looks each instruction's frozen MiniLM embedding up on the host "
-                "(its tokenizer and cache are Python)")
+        return (f"policy.vla.text_encoder={self.text_encoder} looks each instruction's frozen MiniLM embedding up on "
+                "the host (its tokenizer and cache are Python)")
 
     def external_weights(self) -> dict[str, PackageWeights]:
         """The pretrained weights this encoder runs but does not store."""
