@@ -216,7 +216,7 @@ class PolicyServer:
 
     def _loop(self) -> None:
         # While no inference is out, only the network is polled: each extra socket in a poll costs
-        # syscalls on every message (BENCHMARKS.md, transport). Disconnects are logged by the sweep.
+        # syscalls on every message (BENCHMARKS.md, transport); disconnects are logged once a second.
         idle, busy = zmq.Poller(), zmq.Poller()
         idle.register(self._router, zmq.POLLIN)
         for sock in (self._router, self._wake):
