@@ -75,6 +75,7 @@ from polcache.sim.stats import percentiles_ms, wilson_interval  # noqa: E402
 ROBOT_STATE_DIMS = 4  # LeRobot's Meta-World env: agent_pos = obs[:4] (hand xyz, gripper)
 SHORT_CAP = 200  # LeRobot's Meta-World evaluations cap episodes here
 PROBE_STEPS = (20, 100)
+LATENCY_WARMUP = 5  # chunk calls per policy before the side-by-side latency is timed
 SUITE = Path("/work/exp/suite_mt10")  # bench_suite.py --out of the MT10 run: <task>/result.json, <task>/run
 COLUMNS = ["policy", "params", "train CPU min", "train wall min", "steps", "success", "95% CI", "within 200 steps", "95% CI (200)",
            "mean length", "chunk p50 ms", "chunk p95 ms"]
@@ -199,19 +200,43 @@ def episode_summary(per_episode: list[dict]) -> dict:
             "per_episode": per_episode}
 
 
+def load_lerobot(checkpoint: str):
+    """LeRobot's policy and its pre-/post-processors, loaded as its own evaluation loads them."""
+    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    policy = DiffusionPolicy.from_pretrained(checkpoint).eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=checkpoint)
+    return policy, pre, post
+
+
+def lerobot_action(policy, pre, post, state: np.ndarray):
+    """One select_action call on a Meta-World state: the next action of the queued chunk, or a new chunk."""
+    import torch
+
+    with torch.inference_mode():
+        return post(policy.select_action(pre({k: torch.from_numpy(v)[None] for k, v in split_state(state).items()})))
+
+
+def load_polcache(reference: dict, run: Path):
+    """polcache's checkpoint of the suite run, with the sampler and steps its evaluation used."""
+    from polcache.policy.backend import load_backend
+
+    extra = reference["extra"]
+    return load_backend(str(run / Path(extra["checkpoint"]).name), sampler=extra["sampler"],
+                        steps=extra["denoising_steps"], threads=1)
+
+
 def evaluate_lerobot(checkpoint: str, task: str, episodes: int, seed: int) -> dict:
     """Roll LeRobot's policy out in polcache's env: LeRobot's select_action queue executes its 8-action
     chunks; a chunk's latency is the call that plans it (pre-processing, DDIM-10, post-processing)."""
     import torch
-    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
-    from lerobot.policies.factory import make_pre_post_processors
     from lerobot.utils.constants import ACTION
 
     from polcache.envs import make_env
 
-    policy = DiffusionPolicy.from_pretrained(checkpoint).eval()
+    policy, pre, post = load_lerobot(checkpoint)
     params = sum(p.numel() for p in policy.parameters())
-    pre, post = make_pre_post_processors(policy.config, pretrained_path=checkpoint)
     env = make_env(task, seed=seed)
     per_episode, latencies = [], []
     for i in range(episodes):
@@ -221,9 +246,7 @@ def evaluate_lerobot(checkpoint: str, task: str, episodes: int, seed: int) -> di
         while not (done or success) and steps < env.max_episode_steps:
             planning = len(policy._queues[ACTION]) == 0
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                batch = pre({k: torch.from_numpy(v)[None] for k, v in split_state(obs["state"]).items()})
-                action = post(policy.select_action(batch))
+            action = lerobot_action(policy, pre, post, obs["state"])
             if planning:
                 latencies.append(time.perf_counter() - t0)
             obs, _, done, info = env.step(action[0].numpy())
@@ -236,17 +259,39 @@ def evaluate_lerobot(checkpoint: str, task: str, episodes: int, seed: int) -> di
 
 def evaluate_polcache(reference: dict, run: Path, task: str, episodes: int, seed: int) -> dict:
     """polcache's MT10 checkpoint of `task` rerun on the same seeds in this process."""
-    from polcache.policy.backend import load_backend
     from polcache.sim.evaluate import evaluate
 
-    extra = reference["extra"]
-    checkpoint = str(run / Path(extra["checkpoint"]).name)
-    backend = load_backend(checkpoint, sampler=extra["sampler"], steps=extra["denoising_steps"], threads=1)
+    backend = load_polcache(reference, run)
     result = evaluate(backend, task, episodes, seed=seed, progress=False)
     per_episode = [{"seed": e["seed"], "success": e["success"], "length": e["length"]}
                    for e in result.per_episode]
     return {"params": sum(p.numel() for p in backend.policy.parameters()), **episode_summary(per_episode),
             "chunk_ms": result.latency_ms}
+
+
+def latency_side_by_side(lerobot_checkpoint: str, reference: dict, run: Path, task: str, calls: int,
+                         seed: int) -> dict:
+    """Both policies' chunk latency on the same observations, alternating call by call in one
+    process, so load on the machine hits both alike (the evaluations above ran at other times)."""
+    from polcache.envs import make_env
+
+    policy, pre, post = load_lerobot(lerobot_checkpoint)
+    backend = load_polcache(reference, run)
+    env = make_env(task, seed=seed)
+    times: dict[str, list[float]] = {"lerobot": [], "polcache": []}
+    for i in range(calls + LATENCY_WARMUP):
+        state = np.asarray(env.reset(seed=seed + i)["state"], np.float32)
+        policy.reset()  # an empty queue: the next call plans a chunk
+        t0 = time.perf_counter()
+        lerobot_action(policy, pre, post, state)
+        t1 = time.perf_counter()
+        backend.predict({"state": np.repeat(state[None, None], backend.spec.n_obs_steps, axis=1)}, seed=i)
+        t2 = time.perf_counter()
+        if i >= LATENCY_WARMUP:
+            times["lerobot"].append(t1 - t0)
+            times["polcache"].append(t2 - t1)
+    result = {name: percentiles_ms(t) for name, t in times.items()}
+    return {**result, "calls": calls, "lerobot_over_polcache_p50": result["lerobot"]["p50"] / result["polcache"]["p50"]}
 
 
 def row(name: str, params: int, cpu_s: float, wall_s: float, steps: int, r: dict) -> dict:
@@ -282,6 +327,8 @@ def main() -> None:
                     help="the UNet's widths: the issue's 17M-param UNet (LeRobot's default 512,1024,2048 is 250M)")
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1000, help="first evaluation seed (polcache's MT10 suite: 1000)")
+    ap.add_argument("--latency-calls", type=int, default=100,
+                    help="chunks per policy in the side-by-side latency comparison (default 100)")
     args = ap.parse_args()
 
     import lerobot
@@ -309,16 +356,18 @@ def main() -> None:
         rows.append(row(f"LeRobot DiffusionPolicy ({minutes:g} CPU min budget, DDIM-10)", result["params"],
                         trained["train_cpu_seconds"], trained["train_wall_seconds"], trained["steps"], result))
     print_table(rows, COLUMNS)
-    for run in runs:
-        ratio = run["eval"]["chunk_ms"]["p50"] / polcache_eval["chunk_ms"]["p50"]
-        print(f"LeRobot {run['budget_cpu_minutes']:g} CPU min: chunk p50 {ratio:.1f}x polcache's")
+    side = latency_side_by_side(runs[0]["checkpoint"], reference, args.suite / args.task / "run", args.task,
+                                args.latency_calls, args.seed)
+    print(f"chunk latency side by side ({args.latency_calls} calls each, alternating, 1 thread, batch 1): LeRobot p50 "
+          f"{side['lerobot']['p50']:.1f} ms, polcache p50 {side['polcache']['p50']:.1f} ms: "
+          f"LeRobot {side['lerobot_over_polcache_p50']:.1f}x slower per chunk")
     write_json(RESULTS / ("peer_lerobot.json" if args.task == "push-v3" else f"peer_lerobot_{args.task}.json"), {
         "task": args.task, "episodes": args.episodes, "seed": args.seed, "lerobot": lerobot.__version__,
         "torch": torch.__version__, "torchvision": shim, "probe": rate, "rows": rows,
         "polcache": {"reference": {k: reference[k] for k in ("train_seconds", "train_steps", "successes",
                                                               "episodes", "chunk_latency_ms")},
                      "rerun": polcache_eval},
-        "lerobot_runs": runs})
+        "lerobot_runs": runs, "latency_side_by_side": side})
 
 
 if __name__ == "__main__":
