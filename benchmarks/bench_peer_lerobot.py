@@ -173,7 +173,7 @@ def probe(dataset: Path, work: Path, down_dims: str, task: str) -> dict:
               "cpu_seconds_per_step": per_step, "startup_cpu_seconds": max(0.0, c1 - n1 * per_step)}
     for n in PROBE_STEPS:
         shutil.rmtree(work / f"probe_{n}", ignore_errors=True)
-    path.write_text(json.dumps(result, indent=2))
+    atomic_write_text(path, json.dumps(result, indent=2))
     return result
 
 
@@ -187,7 +187,7 @@ def train_budget(dataset: Path, work: Path, minutes: float, rate: dict, down_dim
     wall, cpu = run_lerobot_train(dataset, run, steps, down_dims, task)
     result = {"budget_cpu_minutes": minutes, "down_dims": down_dims, "steps": steps, "train_wall_seconds": wall,
               "train_cpu_seconds": cpu, "checkpoint": str(run / "checkpoints" / "last" / "pretrained_model")}
-    path.write_text(json.dumps(result, indent=2))
+    atomic_write_text(path, json.dumps(result, indent=2))
     return result
 
 

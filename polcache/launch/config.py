@@ -16,6 +16,7 @@ from pathlib import Path
 
 from polcache.config import apply_overrides, from_dict, read_yaml_mapping
 from polcache.errors import ConfigError, PolcacheError
+from polcache.serve.server import DEFAULT_INLINE_MS, MAX_INLINE_MS
 
 DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
 FIFO_PRIORITIES = range(0, 100)  # 0: ordinary scheduling; 1..99: SCHED_FIFO with that priority
@@ -42,7 +43,7 @@ class ServerLaunch:
     keys: str | None = None  # CurveZMQ key directory (needed for a non-loopback bind)
     insecure: bool = False
     max_batch: int = 8  # robots whose waiting observations share one inference
-    inline_ms: float = 1.0  # inference faster than this runs on the server thread (`serve --inline-ms`)
+    inline_ms: float = DEFAULT_INLINE_MS  # inference faster than this runs on the server thread (`serve --inline-ms`)
     rtc: bool = False  # real-time chunking (flow samplers; robots then run robot.blend: latest)
     instruction: str | None = None  # language-conditioned policies: the default for robots that send none
     ready_timeout_s: float = 180.0  # checkpoint loading and warm-up (CUDA graphs, TensorRT engines) may be slow
@@ -133,8 +134,8 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"robot.episodes: expected a positive integer, got {r.episodes}")
     if s.max_batch < 1:
         raise ConfigError(f"server.max_batch: expected a positive integer, got {s.max_batch}")
-    if not 0 <= s.inline_ms <= 100:
-        raise ConfigError(f"server.inline_ms: expected 0 to 100 ms, got {s.inline_ms}")
+    if not 0 <= s.inline_ms <= MAX_INLINE_MS:
+        raise ConfigError(f"server.inline_ms: expected 0 to {MAX_INLINE_MS:g} ms, got {s.inline_ms}")
     if r.blend not in ("ensemble", "latest"):
         raise ConfigError(f"robot.blend: expected ensemble or latest, got {r.blend!r}")
     _check_port("dashboard.port", d.port)

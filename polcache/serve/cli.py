@@ -8,7 +8,7 @@ import logging
 import signal
 
 from polcache.cli_types import add_backend_options, backend_options, non_negative_float, positive_float, positive_int
-from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH
+from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from polcache_client.schedule import BLEND_MODES
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--inline-ms", type=non_negative_float, default=DEFAULT_INLINE_MS,
                    help=f"while every recent inference took less than this, run it on the server thread and save "
                         f"two thread hand-offs per chunk (default {DEFAULT_INLINE_MS:g}; 0: always on the worker thread, "
-                        f"at most 100)")
+                        f"at most {MAX_INLINE_MS:g})")
     p.add_argument("--simulate-latency-ms", type=non_negative_float, default=0.0,
                    help="add this much to every inference, as a slower computer would (testing real-time chunking "
                         "and blending under latency; default 0)")

@@ -60,6 +60,7 @@ MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replie
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
 DEFAULT_INLINE_MS = 1.0  # inference this fast runs on the server thread (see PolicyServer)
+MAX_INLINE_MS = 100.0  # beyond this, heartbeats and other robots would wait too long behind an inline inference
 INLINE_WINDOW = 16  # recent inference times that decide where the next one runs
 
 
@@ -142,8 +143,9 @@ class PolicyServer:
             raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
         if simulated_latency_ms < 0:
             raise PolcacheError(f"simulated_latency_ms must be >= 0, got {simulated_latency_ms}")
-        if not 0 <= inline_ms <= 100:
-            raise PolcacheError(f"inline_ms must be in [0, 100] ms (inference run on the server thread), got {inline_ms}")
+        if not 0 <= inline_ms <= MAX_INLINE_MS:
+            raise PolcacheError(f"inline_ms must be in [0, {MAX_INLINE_MS:g}] ms (inference run on the server thread), "
+                                f"got {inline_ms}")
         if rtc:
             what = backend.describe()
             if what.get("backend") != "torch" or what.get("sampler") != "flow":
