@@ -10,9 +10,11 @@ error-bound objective, calibrated on the device at the start) and per executor:
     eager        polcache's executor without graphs
     graph        the whole chunk replayed as one CUDA graph (polcache.policy.graph)
     graph+fused  the same with the sampler update compiled into one kernel (Sampler.fused)
+    +norm        each residual add fused with the next LayerNorm in one Triton kernel
+                 (polcache.policy.residual_norm; eager+norm shows its kernel count)
     compile      each block compiled with torch.compile (inductor), then captured the same way
     bf16         the graph with a bf16 denoiser, with its deviation from fp32 (same noise)
-    bf16+fused   both
+    bf16+fused   both (and bf16+fused+norm all three)
 
 each uncached ("none") and with the BAC plan. Columns: median and p99 ms per chunk, speedup over
 the eager uncached chunk, speedup over the authors' executor running the same plan, the sustained
@@ -139,9 +141,13 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
         fns[("authors", pname)] = authors_fn(policy, kind, K, p, obs, device)
         variants = [("eager", policy, dict(graphs=False)), ("graph", policy, dict(fused_update=False)),
                     ("graph+fused", policy, dict(fused_update=True)),
+                    ("eager+norm", policy, dict(graphs=False, fused_norm=True)),
+                    ("graph+fused+norm", policy, dict(fused_update=True, fused_norm=True)),
                     ("bf16", policy, dict(precision="bf16", precision_tolerance=float("inf"), fused_update=False)),
                     ("bf16+fused", policy, dict(precision="bf16", precision_tolerance=float("inf"),
-                                                fused_update=True))]
+                                                fused_update=True)),
+                    ("bf16+fused+norm", policy, dict(precision="bf16", precision_tolerance=float("inf"),
+                                                     fused_update=True, fused_norm=True))]
         if fast is not None:
             variants.append(("compile", fast, dict(fused_update=False)))
         for ename, pol, kw in variants:
@@ -158,9 +164,10 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
     with torch.no_grad():
         res = time_methods(fns, args.calls, args.warmup, args.sustain)
     kern = {}
-    for pname in plans:
-        if ("eager", pname) in backends:
-            kern[pname] = kernels_per_step(fns[("eager", pname)], K)
+    for ename in ("eager", "eager+norm"):
+        for pname in plans:
+            if (ename, pname) in backends:
+                kern[(ename, pname)] = kernels_per_step(fns[(ename, pname)], K)
     step_kernels = one_step_kernels(policy, kind, K, device)
     n_act = policy.cfg.n_action_steps
     base = res[("eager", "none")]["ms"]
@@ -173,10 +180,10 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
                "vs_authors": round(res[("authors", pname)]["ms"] / r["ms"], 2),
                "control_hz": round(r["chunks_per_s"] * n_act, 1),
                "block_evals": summary["block_evals"] if pname == "bac" else summary["block_evals_uncached"]}
-        if ename == "eager" and pname in kern:
-            row["kernels_per_step"] = kern[pname][0]
-            row["top_kernels"] = kern[pname][1]
-            if pname == "none":
+        if (ename, pname) in kern:
+            row["kernels_per_step"] = kern[(ename, pname)][0]
+            row["top_kernels"] = kern[(ename, pname)][1]
+            if (ename, pname) == ("eager", "none"):
                 row["step_kernels"] = step_kernels
         if meta.get("parity"):
             row["bf16_max_abs"] = float(f"{meta['parity']['max_abs']:.3g}")
@@ -187,7 +194,8 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
     for key, meta in info.items():
         if "error" in meta:
             rows.append({"sampler": f"{kind.upper()}-{K}", "executor": key[0], "cache": key[1], "error": meta["error"]})
-    order = ["authors", "eager", "graph", "graph+fused", "compile", "bf16", "bf16+fused"]
+    order = ["authors", "eager", "eager+norm", "graph", "graph+fused", "graph+fused+norm", "compile", "bf16",
+             "bf16+fused", "bf16+fused+norm"]
     rows.sort(key=lambda r: (r["cache"] != "none", order.index(r["executor"])))
     return rows
 

@@ -42,10 +42,13 @@ def test_parity_gate_refuses_a_tolerance_it_cannot_meet():
         TorchBackend(tiny_policy(), precision="int8")
 
 
-def test_graphs_say_why_they_are_off():
+def test_graphs_and_fused_norm_say_why_they_are_off():
     p = tiny_policy()
     assert TorchBackend(p).describe()["cuda_graphs_off_because"] == "CUDA graphs need a CUDA device"
     assert TorchBackend(p, graphs=False).describe()["cuda_graphs_off_because"] == "turned off"
+    assert TorchBackend(p).describe()["fused_norm_off_because"] == "turned off"
+    asked = TorchBackend(p, fused_norm=True).describe()
+    assert not asked["fused_norm"] and asked["fused_norm_off_because"] == "the fused add+norm kernel needs a CUDA device"
 
 
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
@@ -57,13 +60,17 @@ def test_cuda_graph_chunks_equal_eager_chunks(kind, steps):
         eager = TorchBackend(p, kind, steps, plan, device="cuda", graphs=False)
         graph = TorchBackend(p, kind, steps, plan, device="cuda")
         fused = TorchBackend(p, kind, steps, plan, device="cuda", fused_update=True)
-        assert graph.describe()["cuda_graphs"]
+        normed = TorchBackend(p, kind, steps, plan, device="cuda", fused_update=True, fused_norm=True)
+        normed_eager = TorchBackend(p, kind, steps, plan, device="cuda", graphs=False, fused_norm=True)
+        assert graph.describe()["cuda_graphs"] and normed.describe()["fused_norm"], normed.describe()
         for batch in (1, 3):
             obs = obs_np(p, batch)
             for seed in (0, 1):  # replays with new inputs, not the captured ones
                 want = eager.predict(obs, seed)
                 np.testing.assert_allclose(graph.predict(obs, seed), want, atol=1e-5, rtol=1e-5)
                 np.testing.assert_allclose(fused.predict(obs, seed), want, atol=1e-5, rtol=1e-5)
+                np.testing.assert_allclose(normed.predict(obs, seed), want, atol=1e-4, rtol=1e-4)
+                np.testing.assert_allclose(normed_eager.predict(obs, seed), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")

@@ -17,6 +17,7 @@ from polcache.policy.graph import ChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
                                        probe_observations, reduced_copy)
+from polcache.policy.residual_norm import add_norm_triton, triton_blocker
 from polcache.policy.session import TorchSession
 from polcache.policy.rtc import guided_denoise, overlap_weights
 from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, StatelessSession
@@ -44,7 +45,8 @@ class TorchBackend:
     def __init__(self, policy: DiffusionPolicy, sampler: str | None = None, steps: int | None = None,
                  plan: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
                  precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE,
-                 fused_update: bool | None = None, candidates: int = 1, min_verified: int | None = None):
+                 fused_update: bool | None = None, candidates: int = 1, min_verified: int | None = None,
+                 fused_norm: bool = False):
         self.device = torch.device(device)
         policy = policy.to(self.device).eval()
         self.sampler = policy.sampler(sampler, steps)
@@ -73,6 +75,11 @@ class TorchBackend:
         self.graph_blocker = graph_blocker(self.device, plan, policy.host_step) if graphs else "turned off"
         if fused_update if fused_update is not None else self.graph_blocker is None:
             self.sampler = self.sampler.fused()
+        # each residual add fused with the next LayerNorm in one Triton kernel (polcache.policy.residual_norm)
+        self.norm_blocker = triton_blocker(self.device) if fused_norm else "turned off"
+        if fused_norm and self.norm_blocker is not None:
+            log.warning("fused add+norm unavailable: %s; running the plain adds and LayerNorms", self.norm_blocker)
+        self.add_norm = add_norm_triton if self.norm_blocker is None else None
         self._graphs: dict[tuple[int, bool], ChunkGraph] = {}  # per (batch size, from features)
         self.dynamic = decided_at_run_time(plan)
         self.batch_blocker = ("the threshold cache decides which blocks to compute from the whole batch's data"
@@ -82,14 +89,14 @@ class TorchBackend:
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> ChunkGraph:
         try:
-            return ChunkGraph(self.policy, self.sampler, self.plan, batch)
+            return ChunkGraph(self.policy, self.sampler, self.plan, batch, add_norm=self.add_norm)
         except Exception as exc:  # noqa: BLE001 - torch.compile raises many kinds (no triton, no compiler)
             if not self.sampler.is_fused:
                 raise
             log.warning("compiled sampler update unavailable (%s: %s); capturing the plain update instead",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self.sampler = self.policy.sampler(self.sampler.kind, self.sampler.num_steps)
-            return ChunkGraph(self.policy, self.sampler, self.plan, batch)
+            return ChunkGraph(self.policy, self.sampler, self.plan, batch, add_norm=self.add_norm)
 
     def _batch(self, obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(np.asarray(obs[k])).to(self.device) for k in self.spec.obs}
@@ -102,7 +109,7 @@ class TorchBackend:
             with torch.no_grad():
                 feats = inputs["features"] if "features" in inputs else self.policy.encode(inputs)
                 if not self.dynamic:
-                    return self.policy.denoise(feats, self.sampler, x, noise, self.plan)
+                    return self.policy.denoise(feats, self.sampler, x, noise, self.plan, add_norm=self.add_norm)
                 store = make_store(self.plan, len(self.policy.cache_blocks))
                 x = self.policy.denoise(feats, self.sampler, x, noise, self.plan, store)
                 self.gate_evals, self.gate_calls = self.gate_evals + store.computed, self.gate_calls + 1
@@ -262,7 +269,8 @@ class TorchBackend:
         return {"backend": "torch", "device": str(self.device), "sampler": self.sampler.kind,
                 "steps": self.sampler.num_steps, "cache": cache, "precision": self.precision,
                 "parity": self.parity, "cuda_graphs": self.graph_blocker is None,
-                "fused_update": self.sampler.is_fused, "verify_candidates": self.candidates,
+                "fused_update": self.sampler.is_fused, "fused_norm": self.add_norm is not None,
+                "fused_norm_off_because": self.norm_blocker, "verify_candidates": self.candidates,
                 "cuda_graphs_off_because": self.graph_blocker, "batched_sessions": self.batch_blocker is None,
                 "batching_off_because": self.batch_blocker}
 

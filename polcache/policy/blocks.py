@@ -25,7 +25,9 @@ def project(linear: nn.Linear, y: torch.Tensor, out: torch.Tensor | None) -> tor
 
 
 class Block(nn.Module):
-    """Base class: `forward(x, memory_kv, out=None)` returns f(norm(x)), written into `out` if given."""
+    """Base class: `forward(x, memory_kv, out=None)` returns f(norm(x)), written into `out` if given.
+    Subclasses define `branch(y, memory_kv, out)` = f(y) on the normalised input, so an executor
+    that normalises itself (the residual add fused with the next LayerNorm) can skip `norm`."""
 
     kind: str
 
@@ -37,6 +39,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.branch(self.norm(x), memory_kv, out)
+
+    def branch(self, y: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -70,11 +76,11 @@ class SelfAttentionBlock(_Attention):
         super().__init__(name, layer, width, n_heads, p_drop_attn)
         self.qkv = nn.Linear(width, 3 * width)
 
-    def forward(self, x, memory_kv=None, out=None):
-        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), is_causal=True,
+    def branch(self, y, memory_kv=None, out=None):
+        q, k, v = self.qkv(y).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), is_causal=True,
                                            dropout_p=self._dropout)
-        return project(self.out, self._merge(y), out)
+        return project(self.out, self._merge(a), out)
 
 
 class CrossAttentionBlock(_Attention):
@@ -106,12 +112,12 @@ class CrossAttentionBlock(_Attention):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
-    def forward(self, x, memory_kv=None, out=None):
+    def branch(self, y, memory_kv=None, out=None):
         k, v = memory_kv
-        q = self._heads(self.q(self.norm(x)))
+        q = self._heads(self.q(y))
         bias = self.bias[:, :k.shape[-2]]  # a view: rows stay aligned
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self._dropout)
-        return project(self.out, self._merge(y), out)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self._dropout)
+        return project(self.out, self._merge(a), out)
 
 
 class FeedForwardBlock(Block):
@@ -123,9 +129,9 @@ class FeedForwardBlock(Block):
         self.fc2 = nn.Linear(mult * width, width)
         self.drop = nn.Dropout(p_drop)
 
-    def forward(self, x, memory_kv=None, out=None):
-        y = F.gelu(self.fc1(self.norm(x)))
-        return self.drop(self.fc2(y)) if out is None else project(self.fc2, y, out)
+    def branch(self, y, memory_kv=None, out=None):
+        a = F.gelu(self.fc1(y))
+        return self.drop(self.fc2(a)) if out is None else project(self.fc2, a, out)
 
 
 def decoder_blocks(n_layers: int, width: int, n_heads: int, ffn_mult: int, p_drop_attn: float) -> list[Block]:

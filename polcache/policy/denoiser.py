@@ -20,7 +20,8 @@ from torch import nn
 
 from polcache.config import PolicyConfig
 from polcache.policy.blocks import CA, Block, CrossAttentionBlock, decoder_blocks
-from polcache.policy.executor import ChunkContext, DeltaStore, Segment, StackedDeltas, run_blocks, run_segments
+from polcache.policy.executor import ChunkContext, DeltaStore, StackedDeltas, run_blocks, run_fused
+from polcache.policy.residual_norm import AddNorm, add_norm_torch
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -173,8 +174,9 @@ class DiffusionTransformer(nn.Module):
         h = run_blocks(self.blocks, self.embed_step(x, ctx), k, ctx, ops, store)
         return self.output(h).to(x.dtype)
 
-    def step_fused(self, x: torch.Tensor, k: int, ctx: ChunkContext, row: Sequence[Segment],
-                   deltas: StackedDeltas) -> torch.Tensor:
-        """`step` following a fused plan row (COMPUTE/REUSE plans; see executor.fused_rows)."""
-        h = run_segments(self.blocks, self.embed_step(x, ctx), k, ctx, row, deltas)
-        return self.output(h).to(x.dtype)
+    def step_fused(self, x: torch.Tensor, k: int, ctx: ChunkContext, computed: Sequence[int],
+                   deltas: StackedDeltas, add_norm: AddNorm = add_norm_torch) -> torch.Tensor:
+        """`step` computing only the blocks `computed` (a COMPUTE/REUSE plan's row, see
+        executor.fused_rows); `add_norm` fuses each residual add with the next LayerNorm."""
+        y = run_fused(self.blocks, self.embed_step(x, ctx), k, ctx, computed, deltas, self.ln_f, add_norm)
+        return self.head(y).to(x.dtype)

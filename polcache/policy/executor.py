@@ -11,12 +11,12 @@ computed; the change of the last of them since the previous step is accumulated,
 all GATE blocks of the row are computed when the sum passes the plan's threshold
 (which then restarts), else reused.
 
-A plan of only COMPUTE and REUSE ops also compiles to `Segment` rows (`fused_rows`). All
+A plan of only COMPUTE and REUSE ops also runs fused (`fused_rows`, `run_fused`). All
 deltas live in one (n_blocks, B*H*W) buffer; a computed block writes its delta straight into
 its row, and the row together with the stored rows of the reused blocks after it is added to
-the residual stream by one GEMM (ones @ rows). On a GPU, where a cached step is bound by the
-number of kernels it launches, this turns 24 residual adds (and a copy per stored delta) of a
-mostly reused step into a handful of kernels.
+the residual stream at once, with the next computed block's LayerNorm (residual_norm). On a
+GPU, where a step is bound by the number of kernels it launches, this turns the residual adds
+and LayerNorms of a step (and a copy per stored delta) into one kernel per computed block.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from polcache.policy.blocks import Block
+from polcache.policy.residual_norm import AddNorm, add_norm_torch
 
 COMPUTE, REUSE, FORECAST, GATE = 0, 1, 2, 3
 OP_NAMES = {COMPUTE: "compute", REUSE: "reuse", FORECAST: "forecast", GATE: "gate"}
@@ -167,38 +168,17 @@ def run_blocks(
     return h
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Blocks start..stop-1 of one step: block `start` is computed first when `compute`, then the
-    buffer rows start..stop-1 (its fresh delta and the stored deltas of the reused blocks that
-    follow it) are added to the residual stream at once."""
-
-    start: int
-    stop: int
-    compute: bool
-
-
 @lru_cache(maxsize=64)
-def fused_rows(plan: Plan) -> tuple[tuple[Segment, ...], ...] | None:
-    """The plan as Segment rows, or None when it has FORECAST or GATE ops (those need the
-    per-block DeltaStore) or reuses a block before computing it."""
+def fused_rows(plan: Plan) -> tuple[tuple[int, ...], ...] | None:
+    """Per step, the blocks the plan computes (every other block reuses its stored delta), or None
+    when it has FORECAST or GATE ops (those need the per-block DeltaStore) or reuses a block before
+    computing it."""
     table = plan.table()
     if not np.isin(table, (COMPUTE, REUSE)).all():
         return None
-    K, n = table.shape
     if ((table == REUSE) & (np.cumsum(table == COMPUTE, axis=0) == 0)).any():
         return None  # reuse before the first computation: the DeltaStore names the error
-    rows = []
-    for k in range(K):
-        segs, i = [], 0
-        while i < n:
-            j = i + 1 if table[k, i] == COMPUTE else i
-            while j < n and table[k, j] == REUSE:
-                j += 1
-            segs.append(Segment(i, j, bool(table[k, i] == COMPUTE)))
-            i = j
-        rows.append(tuple(segs))
-    return tuple(rows)
+    return tuple(tuple(int(i) for i in np.flatnonzero(r == COMPUTE)) for r in table)
 
 
 class StackedDeltas:
@@ -215,16 +195,17 @@ class StackedDeltas:
             self.ones = h.new_ones((1, self.n_blocks))
 
 
-def run_segments(blocks: Sequence[Block], h: torch.Tensor, k: int, ctx: ChunkContext, row: Sequence[Segment],
-                 deltas: StackedDeltas) -> torch.Tensor:
-    """Advance `h` through all blocks at step k following a fused row (see `fused_rows`)."""
+def run_fused(blocks: Sequence[Block], h: torch.Tensor, k: int, ctx: ChunkContext, computed: Sequence[int],
+              deltas: StackedDeltas, final_norm: torch.nn.LayerNorm, add_norm: AddNorm = add_norm_torch) -> torch.Tensor:
+    """Advance `h` through all blocks at step k computing only the blocks `computed` (a row of
+    `fused_rows`) and return the stream normalised by `final_norm`. Before each computed block the
+    delta rows since the previous one (its fresh delta and the stored ones of the reused blocks
+    after it) are added and the block's LayerNorm applied, in one `add_norm` call (one Triton
+    kernel on a GPU: polcache.policy.residual_norm); the block writes its delta into its row."""
     deltas.ready(h)
-    for seg in row:
-        if seg.compute:
-            blocks[seg.start](h, ctx.kv_at(seg.start, k), out=deltas.buf[seg.start].view_as(h))
-        n = seg.stop - seg.start
-        if n == 1:
-            h = h + deltas.buf[seg.start].view_as(h)
-        else:
-            h = torch.addmm(h.reshape(1, -1), deltas.ones[:, :n], deltas.buf[seg.start:seg.stop]).view_as(h)
-    return h
+    added = 0  # rows below this one are in h
+    for i in computed:
+        h, y = add_norm(h, deltas, added, i, blocks[i].norm)
+        blocks[i].branch(y, ctx.kv_at(i, k), out=deltas.buf[i].view_as(h))
+        added = i
+    return add_norm(h, deltas, added, len(blocks), final_norm)[1]

@@ -18,6 +18,7 @@ import torch
 
 from polcache.policy.executor import decided_at_run_time
 from polcache.policy.policy import DiffusionPolicy
+from polcache.policy.residual_norm import AddNorm
 from polcache.policy.samplers import Sampler
 
 
@@ -44,8 +45,8 @@ class ChunkGraph:
     The weights must not be replaced while the graph lives (it reads them by address)."""
 
     def __init__(self, policy: DiffusionPolicy, sampler: Sampler, plan: Sequence[Sequence[int]] | None,
-                 inputs: dict[str, torch.Tensor], warmup: int = 2):
-        self.policy, self.sampler, self.plan = policy, sampler, plan
+                 inputs: dict[str, torch.Tensor], warmup: int = 2, add_norm: AddNorm | None = None):
+        self.policy, self.sampler, self.plan, self.add_norm = policy, sampler, plan, add_norm
         self.obs = {k: v.detach().clone() for k, v in inputs.items()}
         first = next(iter(inputs.values()))
         self.x, self.noise = policy.initial_noise(first.shape[0], sampler, None, first.device)
@@ -68,7 +69,7 @@ class ChunkGraph:
     @torch.no_grad()
     def _chunk(self) -> torch.Tensor:
         feats = self.obs["features"] if "features" in self.obs else self.policy.encode(self.obs)
-        return self.policy.denoise(feats, self.sampler, self.x, self.noise, self.plan)
+        return self.policy.denoise(feats, self.sampler, self.x, self.noise, self.plan, add_norm=self.add_norm)
 
     def __call__(self, inputs: dict[str, torch.Tensor], x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         for k, buf in self.obs.items():

@@ -18,8 +18,9 @@ from polcache.data.normalize import Normalizer
 from polcache.policy.blocks import Block
 from polcache.policy.denoiser import DiffusionTransformer
 from polcache.policy.encoders import ObsEncoder
-from polcache.policy.executor import DeltaStore, Plan, StackedDeltas, fused_rows, make_store
+from polcache.policy.executor import COMPUTE, DeltaStore, Plan, StackedDeltas, fused_rows, make_store
 from polcache.policy.pinned import PackageWeights
+from polcache.policy.residual_norm import AddNorm, add_norm_torch
 from polcache.policy.samplers import Sampler, TrainingNoise, make_sampler
 from polcache.policy.spec import ArraySpec, PolicySpec
 
@@ -147,20 +148,24 @@ class DiffusionPolicy(nn.Module):
         return x, noise
 
     def denoise(self, features: torch.Tensor, sampler: Sampler, x: torch.Tensor, noise: torch.Tensor | None,
-                plan: Sequence[Sequence[int]] | None = None, store: DeltaStore | None = None) -> torch.Tensor:
+                plan: Sequence[Sequence[int]] | None = None, store: DeltaStore | None = None,
+                add_norm: AddNorm | None = None) -> torch.Tensor:
         """The denoising loop of `sample` from a given start and noise; not wrapped in no_grad, so
         calibration can differentiate the actions with respect to the blocks' deltas. A `Plan` of
         COMPUTE/REUSE ops runs fused (see executor.fused_rows) unless a `store` observes it.
         Free of host synchronisation for every plan without GATE ops, so a whole chunk can be
-        captured as one CUDA graph."""
+        captured as one CUDA graph. With `add_norm` (residual_norm's fused kernel) uncached steps run
+        the fused path too, as the all-COMPUTE plan."""
         with torch.no_grad():  # the observation memory and K/V take no gradient
             ctx = self.denoiser.prepare_chunk(features, sampler.timesteps)
         n = len(self.denoiser.blocks)
+        if plan is None and store is None and add_norm is not None:
+            plan = Plan(((COMPUTE,) * n,) * sampler.num_steps, method="uncached")
         fused = fused_rows(plan) if isinstance(plan, Plan) and store is None else None
         if fused is not None:
             deltas = StackedDeltas(n)
             for k in range(sampler.num_steps):
-                out = self.denoiser.step_fused(x, k, ctx, fused[k], deltas)
+                out = self.denoiser.step_fused(x, k, ctx, fused[k], deltas, add_norm or add_norm_torch)
                 x = sampler.update(k, x, out, None if noise is None else noise[k])
             return x
         if plan is not None and store is None:
