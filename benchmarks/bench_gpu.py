@@ -139,17 +139,19 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
     backends, fns, info = {}, {}, {}
     for pname, p in plans.items():
         fns[("authors", pname)] = authors_fn(policy, kind, K, p, obs, device)
-        variants = [("eager", policy, dict(graphs=False)), ("graph", policy, dict(fused_update=False)),
-                    ("graph+fused", policy, dict(fused_update=True)),
+        plain = dict(fused_norm=False)
+        variants = [("eager", policy, dict(graphs=False)), ("graph", policy, dict(fused_update=False, **plain)),
+                    ("graph+fused", policy, dict(fused_update=True, **plain)),
                     ("eager+norm", policy, dict(graphs=False, fused_norm=True)),
                     ("graph+fused+norm", policy, dict(fused_update=True, fused_norm=True)),
-                    ("bf16", policy, dict(precision="bf16", precision_tolerance=float("inf"), fused_update=False)),
+                    ("bf16", policy, dict(precision="bf16", precision_tolerance=float("inf"), fused_update=False,
+                                          **plain)),
                     ("bf16+fused", policy, dict(precision="bf16", precision_tolerance=float("inf"),
-                                                fused_update=True)),
+                                                fused_update=True, **plain)),
                     ("bf16+fused+norm", policy, dict(precision="bf16", precision_tolerance=float("inf"),
                                                      fused_update=True, fused_norm=True))]
         if fast is not None:
-            variants.append(("compile", fast, dict(fused_update=False)))
+            variants.append(("compile", fast, dict(fused_update=False, **plain)))
         for ename, pol, kw in variants:
             try:
                 t0 = time.perf_counter()

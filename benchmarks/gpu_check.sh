@@ -15,20 +15,22 @@ OUT=${OUT:-$PWD/benchmarks/results}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 if [ -d .whl ] && [ "$DEVICE" != cpu ]; then
-  pip install -q --no-deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
+  python -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
+  # the package as installed (pyproject maps export/ and envs/ into polcache)
+  python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i "warning" | tail -2
 fi
-export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 python -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
 
 echo "== CUDA tests"
-timeout 300 python -m pytest -q -p no:cacheprovider tests/test_residual_norm.py tests/test_backend_speed_paths.py \
+timeout 300 python -m pytest -q -rfEs -p no:cacheprovider tests/test_residual_norm.py tests/test_backend_speed_paths.py \
   tests/test_device.py tests/test_trt.py 2>&1 | tail -25
 
 echo "== dashboard GPU load sample (nvidia-smi)"
 python -c "from polcache.dashboard.system import SystemSampler; print('gpu utilisation %:', SystemSampler().sample_gpu())"
 
+[ -n "${TESTS_ONLY:-}" ] && exit 0  # the CUDA tests alone
 cd benchmarks
 echo "== bench_gpu"
 if [ -n "${QUICK:-}" ]; then

@@ -58,11 +58,12 @@ def test_cuda_graph_chunks_equal_eager_chunks(kind, steps):
     n = len(p.denoiser.blocks)
     for plan in (None, uniform_plan(steps, n, 3)):
         eager = TorchBackend(p, kind, steps, plan, device="cuda", graphs=False)
-        graph = TorchBackend(p, kind, steps, plan, device="cuda")
-        fused = TorchBackend(p, kind, steps, plan, device="cuda", fused_update=True)
-        normed = TorchBackend(p, kind, steps, plan, device="cuda", fused_update=True, fused_norm=True)
+        graph = TorchBackend(p, kind, steps, plan, device="cuda", fused_update=False, fused_norm=False)
+        fused = TorchBackend(p, kind, steps, plan, device="cuda", fused_update=True, fused_norm=False)
+        normed = TorchBackend(p, kind, steps, plan, device="cuda")  # the default: both fused
         normed_eager = TorchBackend(p, kind, steps, plan, device="cuda", graphs=False, fused_norm=True)
         assert graph.describe()["cuda_graphs"] and normed.describe()["fused_norm"], normed.describe()
+        assert normed.describe()["fused_update"] and not normed_eager.describe()["cuda_graphs"]
         for batch in (1, 3):
             obs = obs_np(p, batch)
             for seed in (0, 1):  # replays with new inputs, not the captured ones
