@@ -12,7 +12,6 @@ error-bound objective, calibrated on the device at the start) and per executor:
     graph+fused  the same with the sampler update compiled into one kernel (Sampler.fused)
     +norm        each residual add fused with the next LayerNorm in one Triton kernel
                  (polcache.policy.residual_norm; eager+norm shows its kernel count)
-    +norm+linear the same kernel also applies the next block's first projection
     compile      each block compiled with torch.compile (inductor), then captured the same way
     bf16         the graph with a bf16 denoiser, with its deviation from fp32 (same noise)
     bf16+fused   both (and bf16+fused+norm all three)
@@ -140,25 +139,20 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
     backends, fns, info = {}, {}, {}
     for pname, p in plans.items():
         fns[("authors", pname)] = authors_fn(policy, kind, K, p, obs, device)
-        plain = dict(fused_norm="off")
+        plain = dict(fused_norm=False)
         variants = [("eager", policy, dict(graphs=False)), ("graph", policy, dict(fused_update=False, **plain)),
                     ("graph+fused", policy, dict(fused_update=True, **plain)),
-                    ("eager+norm", policy, dict(graphs=False, fused_norm="norm")),
-                    ("graph+fused+norm", policy, dict(fused_update=True, fused_norm="norm")),
-                    ("graph+fused+norm+linear", policy, dict(fused_update=True, fused_norm="norm+linear")),
+                    ("eager+norm", policy, dict(graphs=False, fused_norm=True)),
+                    ("graph+fused+norm", policy, dict(fused_update=True, fused_norm=True)),
                     ("bf16", policy, dict(precision="bf16", precision_tolerance=float("inf"), fused_update=False,
                                           **plain)),
                     ("bf16+fused", policy, dict(precision="bf16", precision_tolerance=float("inf"),
                                                 fused_update=True, **plain)),
                     ("bf16+fused+norm", policy, dict(precision="bf16", precision_tolerance=float("inf"),
-                                                     fused_update=True, fused_norm="norm")),
-                    ("bf16+fused+norm+linear", policy, dict(precision="bf16", precision_tolerance=float("inf"),
-                                                            fused_update=True, fused_norm="norm+linear"))]
+                                                     fused_update=True, fused_norm=True))]
         if fast is not None:
             variants.append(("compile", fast, dict(fused_update=False, **plain)))
         for ename, pol, kw in variants:
-            if args.executors and ename not in args.executors:
-                continue
             try:
                 t0 = time.perf_counter()
                 b = TorchBackend(pol, kind, K, p, device=device, **kw)
@@ -178,7 +172,7 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
                 kern[(ename, pname)] = kernels_per_step(fns[(ename, pname)], K)
     step_kernels = one_step_kernels(policy, kind, K, device)
     n_act = policy.cfg.n_action_steps
-    base = res[("eager", "none")]["ms"] if ("eager", "none") in res else float("nan")
+    base = res[("eager", "none")]["ms"]
     rows = []
     for (ename, pname), r in sorted(res.items(), key=lambda kv: (kv[0][1], list(plans).index(kv[0][1]))):
         meta = info.get((ename, pname), {})
@@ -202,8 +196,8 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
     for key, meta in info.items():
         if "error" in meta:
             rows.append({"sampler": f"{kind.upper()}-{K}", "executor": key[0], "cache": key[1], "error": meta["error"]})
-    order = ["authors", "eager", "eager+norm", "graph", "graph+fused", "graph+fused+norm", "graph+fused+norm+linear",
-             "compile", "bf16", "bf16+fused", "bf16+fused+norm", "bf16+fused+norm+linear"]
+    order = ["authors", "eager", "eager+norm", "graph", "graph+fused", "graph+fused+norm", "compile", "bf16",
+             "bf16+fused", "bf16+fused+norm"]
     rows.sort(key=lambda r: (r["cache"] != "none", order.index(r["executor"])))
     return rows
 
@@ -217,8 +211,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sustain", type=float, default=1.0, help="seconds of back-to-back chunks per method")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--executors", type=lambda v: set(v.split(",")), default=None,
-                    help="only these executor rows (comma list; the authors' executor always runs)")
     ap.add_argument("--quick", action="store_true", help="2-layer model, few calls: a smoke test of the script")
     ap.add_argument("--json", default=str(RESULTS / "gpu.json"))
     args = ap.parse_args()

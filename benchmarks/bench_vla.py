@@ -73,20 +73,20 @@ def main() -> None:
             x = sampler.update(k, x, policy.denoiser(x, t, policy.encode(batch)), None)
         return x.cpu()
 
-    uncached = TorchBackend(policy, sampler.kind, sampler.num_steps, device=device, fused_norm="off")
+    uncached = TorchBackend(policy, sampler.kind, sampler.num_steps, device=device, fused_norm=False)
     fns = {"prefix every step (naive)": recompute_prefix_every_step,
            "prefix once per chunk": lambda: uncached.predict(obs, seed=0)}
     committed = CommittedActions(np.zeros((spec.n_action_steps, spec.action_dim), np.float32), delay=2)
     fns["+ real-time chunking"] = lambda: uncached.predict(obs, seed=0, committed=committed)
     if device.type == "cuda":
-        normed_uncached = TorchBackend(policy, sampler.kind, sampler.num_steps, device=device, fused_norm="norm")
+        normed_uncached = TorchBackend(policy, sampler.kind, sampler.num_steps, device=device, fused_norm=True)
         fns["prefix once + fused add+norm"] = lambda: normed_uncached.predict(obs, seed=0)
     if args.schedule:
         plan = resolve_plan(f"{args.bac}@{args.schedule}", policy, sampler)
-        cached = TorchBackend(policy, sampler.kind, sampler.num_steps, plan=plan, device=device, fused_norm="off")
+        cached = TorchBackend(policy, sampler.kind, sampler.num_steps, plan=plan, device=device, fused_norm=False)
         fns[f"prefix once + BAC {args.bac}"] = lambda: cached.predict(obs, seed=0)
         if device.type == "cuda":
-            normed = TorchBackend(policy, sampler.kind, sampler.num_steps, plan=plan, device=device, fused_norm="norm")
+            normed = TorchBackend(policy, sampler.kind, sampler.num_steps, plan=plan, device=device, fused_norm=True)
             fns[f"prefix once + BAC {args.bac} + fused add+norm"] = lambda: normed.predict(obs, seed=0)
         fns[f"prefix once + BAC {args.bac} + RTC"] = lambda: cached.predict(obs, seed=0, committed=committed)
     times = round_robin(fns, args.calls, warmup=3)

@@ -17,7 +17,7 @@ from polcache.policy.graph import ChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
                                        probe_observations, reduced_copy)
-from polcache.policy.residual_norm import fused_add_norm, triton_blocker
+from polcache.policy.residual_norm import add_norm_triton, triton_blocker
 from polcache.policy.session import TorchSession
 from polcache.policy.rtc import guided_denoise, overlap_weights
 from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, StatelessSession
@@ -35,8 +35,7 @@ class TorchBackend:
     update is one compiled kernel (`fused_update`, default: with graphs; measured 2-9% faster
     chunks on an H100), falling back to the plain update, with the reason logged, where
     torch.compile fails; and each residual add is fused with the next LayerNorm in one Triton kernel
-    (`fused_norm` "norm", default with graphs where Triton is installed: 12-17% faster on an H200;
-    "norm+linear" folds the block's first projection into the same kernel; "off"). A bf16/fp16 denoiser passes the parity gate of polcache.policy.precision
+    (`fused_norm`, default: with graphs where Triton is installed; 12-17% faster on an H200). A bf16/fp16 denoiser passes the parity gate of polcache.policy.precision
     before it serves.
 
     Several robots' sessions share one sampling call (`predict_sessions`): each row draws its noise
@@ -48,7 +47,7 @@ class TorchBackend:
                  plan: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
                  precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE,
                  fused_update: bool | None = None, candidates: int = 1, min_verified: int | None = None,
-                 fused_norm: str | None = None):
+                 fused_norm: bool | None = None):
         self.device = torch.device(device)
         policy = policy.to(self.device).eval()
         self.sampler = policy.sampler(sampler, steps)
@@ -77,15 +76,13 @@ class TorchBackend:
         self.graph_blocker = graph_blocker(self.device, plan, policy.host_step) if graphs else "turned off"
         if fused_update if fused_update is not None else self.graph_blocker is None:
             self.sampler = self.sampler.fused()
-        # each residual add fused with the next LayerNorm (and projection) in Triton (polcache.policy.residual_norm);
-        # default: "norm" with graphs (12-17% faster chunks on an H200), not eager (Triton's launch costs more there)
-        mode = fused_norm if fused_norm is not None else ("norm" if self.graph_blocker is None else "off")
-        add_norm = fused_add_norm(mode)
-        self.norm_blocker = "turned off" if add_norm is None else triton_blocker(self.device)
-        if fused_norm not in (None, "off") and self.norm_blocker is not None:
+        # each residual add fused with the next LayerNorm in one Triton kernel (polcache.policy.residual_norm);
+        # default: with graphs (12-17% faster chunks on an H200), not eager (Triton's launch costs more there)
+        use_norm = fused_norm if fused_norm is not None else self.graph_blocker is None
+        self.norm_blocker = triton_blocker(self.device) if use_norm else "turned off"
+        if fused_norm and self.norm_blocker is not None:
             log.warning("fused add+norm unavailable: %s; running the plain adds and LayerNorms", self.norm_blocker)
-        self.add_norm = add_norm if self.norm_blocker is None else None
-        self.fused_norm = mode if self.add_norm is not None else "off"
+        self.add_norm = add_norm_triton if self.norm_blocker is None else None
         self._graphs: dict[tuple[int, bool], ChunkGraph] = {}  # per (batch size, from features)
         self.dynamic = decided_at_run_time(plan)
         self.batch_blocker = ("the threshold cache decides which blocks to compute from the whole batch's data"
@@ -275,7 +272,7 @@ class TorchBackend:
         return {"backend": "torch", "device": str(self.device), "sampler": self.sampler.kind,
                 "steps": self.sampler.num_steps, "cache": cache, "precision": self.precision,
                 "parity": self.parity, "cuda_graphs": self.graph_blocker is None,
-                "fused_update": self.sampler.is_fused, "fused_norm": self.fused_norm,
+                "fused_update": self.sampler.is_fused, "fused_norm": self.add_norm is not None,
                 "fused_norm_off_because": self.norm_blocker, "verify_candidates": self.candidates,
                 "cuda_graphs_off_because": self.graph_blocker, "batched_sessions": self.batch_blocker is None,
                 "batching_off_because": self.batch_blocker}

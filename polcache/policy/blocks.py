@@ -26,11 +26,8 @@ def project(linear: nn.Linear, y: torch.Tensor, out: torch.Tensor | None) -> tor
 
 class Block(nn.Module):
     """Base class: `forward(x, memory_kv, out=None)` returns f(norm(x)), written into `out` if given.
-    f is split at its first projection: f(y) = tail(entry(y)), `entry` the block's first linear
-    layer (QKV, the cross-attention query, fc1). An executor that fuses the residual add, the
-    LayerNorm and that projection (polcache.policy.residual_norm) calls `tail` itself."""
-
-    entry: nn.Linear
+    Subclasses define `branch(y, memory_kv, out)` = f(y) on the normalised input, so an executor
+    that normalises itself (the residual add fused with the next LayerNorm) can skip `norm`."""
 
     kind: str
 
@@ -42,11 +39,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.tail(self.entry(self.norm(x)), memory_kv, out)
+        return self.branch(self.norm(x), memory_kv, out)
 
-    def tail(self, z: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-        """The rest of f after `entry`: z = entry(norm(x))."""
+    def branch(self, y: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -80,12 +76,8 @@ class SelfAttentionBlock(_Attention):
         super().__init__(name, layer, width, n_heads, p_drop_attn)
         self.qkv = nn.Linear(width, 3 * width)
 
-    @property
-    def entry(self) -> nn.Linear:
-        return self.qkv
-
-    def tail(self, z, memory_kv=None, out=None):
-        q, k, v = z.chunk(3, dim=-1)
+    def branch(self, y, memory_kv=None, out=None):
+        q, k, v = self.qkv(y).chunk(3, dim=-1)
         a = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), is_causal=True,
                                            dropout_p=self._dropout)
         return project(self.out, self._merge(a), out)
@@ -120,13 +112,9 @@ class CrossAttentionBlock(_Attention):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
-    @property
-    def entry(self) -> nn.Linear:
-        return self.q
-
-    def tail(self, z, memory_kv=None, out=None):
+    def branch(self, y, memory_kv=None, out=None):
         k, v = memory_kv
-        q = self._heads(z)
+        q = self._heads(self.q(y))
         bias = self.bias[:, :k.shape[-2]]  # a view: rows stay aligned
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self._dropout)
         return project(self.out, self._merge(a), out)
@@ -141,12 +129,8 @@ class FeedForwardBlock(Block):
         self.fc2 = nn.Linear(mult * width, width)
         self.drop = nn.Dropout(p_drop)
 
-    @property
-    def entry(self) -> nn.Linear:
-        return self.fc1
-
-    def tail(self, z, memory_kv=None, out=None):
-        a = F.gelu(z)
+    def branch(self, y, memory_kv=None, out=None):
+        a = F.gelu(self.fc1(y))
         return self.drop(self.fc2(a)) if out is None else project(self.fc2, a, out)
 
 

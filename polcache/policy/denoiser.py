@@ -177,6 +177,6 @@ class DiffusionTransformer(nn.Module):
     def step_fused(self, x: torch.Tensor, k: int, ctx: ChunkContext, computed: Sequence[int],
                    deltas: StackedDeltas, add_norm: AddNorm = add_norm_torch) -> torch.Tensor:
         """`step` computing only the blocks `computed` (a COMPUTE/REUSE plan's row, see
-        executor.fused_rows); `add_norm` fuses each residual add with the next LayerNorm and projection."""
-        return run_fused(self.blocks, self.embed_step(x, ctx), k, ctx, computed, deltas, self.ln_f, self.head,
-                         add_norm).to(x.dtype)
+        executor.fused_rows); `add_norm` fuses each residual add with the next LayerNorm."""
+        y = run_fused(self.blocks, self.embed_step(x, ctx), k, ctx, computed, deltas, self.ln_f, add_norm)
+        return self.head(y).to(x.dtype)

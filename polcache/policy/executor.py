@@ -14,10 +14,9 @@ all GATE blocks of the row are computed when the sum passes the plan's threshold
 A plan of only COMPUTE and REUSE ops also runs fused (`fused_rows`, `run_fused`). All
 deltas live in one (n_blocks, B*H*W) buffer; a computed block writes its delta straight into
 its row, and the row together with the stored rows of the reused blocks after it is added to
-the residual stream at once, with the next computed block's LayerNorm and first projection
-(residual_norm). On a GPU, where a step is bound by the number of kernels it launches, this turns
-the residual adds, LayerNorms and first projections of a step (and a copy per stored delta) into
-one or two kernels per computed block.
+the residual stream at once, with the next computed block's LayerNorm (residual_norm). On a
+GPU, where a step is bound by the number of kernels it launches, this turns the residual adds
+and LayerNorms of a step (and a copy per stored delta) into one kernel per computed block.
 """
 
 from __future__ import annotations
@@ -197,18 +196,16 @@ class StackedDeltas:
 
 
 def run_fused(blocks: Sequence[Block], h: torch.Tensor, k: int, ctx: ChunkContext, computed: Sequence[int],
-              deltas: StackedDeltas, final_norm: torch.nn.LayerNorm, head: torch.nn.Linear,
-              add_norm: AddNorm = add_norm_torch) -> torch.Tensor:
+              deltas: StackedDeltas, final_norm: torch.nn.LayerNorm, add_norm: AddNorm = add_norm_torch) -> torch.Tensor:
     """Advance `h` through all blocks at step k computing only the blocks `computed` (a row of
-    `fused_rows`) and return head(final_norm(h)). Before each computed block the delta rows since
-    the previous one (its fresh delta and the stored ones of the reused blocks after it) are added,
-    and the block's LayerNorm and first projection applied, in one `add_norm` call (one or two
-    kernels on a GPU: polcache.policy.residual_norm); the block writes its delta into its row."""
+    `fused_rows`) and return the stream normalised by `final_norm`. Before each computed block the
+    delta rows since the previous one (its fresh delta and the stored ones of the reused blocks
+    after it) are added and the block's LayerNorm applied, in one `add_norm` call (one Triton
+    kernel on a GPU: polcache.policy.residual_norm); the block writes its delta into its row."""
     deltas.ready(h)
     added = 0  # rows below this one are in h
     for i in computed:
-        blk = blocks[i]
-        h, z = add_norm(h, deltas, added, i, blk.norm, blk.entry)
-        blk.tail(z, ctx.kv_at(i, k), out=deltas.buf[i].view_as(h))
+        h, y = add_norm(h, deltas, added, i, blocks[i].norm)
+        blocks[i].branch(y, ctx.kv_at(i, k), out=deltas.buf[i].view_as(h))
         added = i
-    return add_norm(h, deltas, added, len(blocks), final_norm, head)[1]
+    return add_norm(h, deltas, added, len(blocks), final_norm)[1]

@@ -1,20 +1,16 @@
-"""The residual add that ends a run of blocks, fused with the LayerNorm and the first projection
-of the block that comes next.
+"""The residual add that ends a run of blocks, fused with the LayerNorm that starts the next one.
 
 A fused plan row (executor.fused_rows) adds to the residual stream, before each computed block,
 the deltas of the blocks since the previous one (its fresh delta and the stored deltas of the
-reused blocks after it); the computed block then normalises the stream and applies its first
-projection (`Block.entry`: QKV, the cross-attention query or fc1), and after the last block the
-output LayerNorm and head do the same. On a GPU at batch 1 each of those is one tiny kernel and a
-step is bound by how many it launches (24 residual adds and 25 LayerNorms of a 137-kernel
-uncached DP-T step on an H100). Three ways to run the same arithmetic, chosen per backend:
+reused blocks after it), and the computed block then normalises the stream. On a GPU at batch 1
+each of those is one tiny kernel and a step is bound by how many it launches: 24 residual adds
+and 25 LayerNorms of a 137-kernel uncached step on an H100. `add_norm_triton` does both in one
+Triton kernel per boundary; `add_norm_torch` is the same arithmetic in torch (what runs where
+Triton or CUDA is missing, and the reference the kernel is tested against).
 
-    add_norm_torch         torch ops (CPU, eager, and the reference the kernels are tested against)
-    add_norm_triton        add + LayerNorm in one Triton kernel, the projection by cuBLAS
-    add_norm_linear_triton add + LayerNorm + projection in one Triton kernel (fp32 dot products)
-
-Each takes (h, deltas, start, stop, norm, linear) and returns (h + delta rows start..stop-1,
-linear(norm(that))); rows come from the executor's `StackedDeltas`.
+An AddNorm takes (h, deltas, start, stop, norm) and returns (h + sum of delta rows start..stop-1,
+norm of that): rows come from the executor's `StackedDeltas`, `norm` is the next block's (or the
+final) LayerNorm.
 """
 
 from __future__ import annotations
@@ -27,85 +23,70 @@ from torch import nn
 if TYPE_CHECKING:
     from polcache.policy.executor import StackedDeltas
 
-AddNorm = Callable[[torch.Tensor, "StackedDeltas", int, int, nn.LayerNorm, nn.Linear],
-                   tuple[torch.Tensor, torch.Tensor]]
-MODES = ("off", "norm", "norm+linear")
+AddNorm = Callable[[torch.Tensor, "StackedDeltas", int, int, nn.LayerNorm], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _add_rows(h: torch.Tensor, deltas: "StackedDeltas", start: int, stop: int) -> torch.Tensor:
+def add_norm_torch(h: torch.Tensor, deltas: "StackedDeltas", start: int, stop: int,
+                   norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows start..stop-1 added to h (one add, or one GEMM `ones @ rows` for several), then `norm`."""
     n = stop - start
     if n == 1:
-        return h + deltas.buf[start].view_as(h)
-    if n > 1:  # one GEMM: ones @ rows
-        return torch.addmm(h.reshape(1, -1), deltas.ones[:, :n], deltas.buf[start:stop]).view_as(h)
-    return h
+        h = h + deltas.buf[start].view_as(h)
+    elif n > 1:
+        h = torch.addmm(h.reshape(1, -1), deltas.ones[:, :n], deltas.buf[start:stop]).view_as(h)
+    return h, norm(h)
 
 
-def add_norm_torch(h: torch.Tensor, deltas: "StackedDeltas", start: int, stop: int, norm: nn.LayerNorm,
-                   linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows start..stop-1 added to h (one add, or one GEMM for several), then norm, then linear."""
-    h = _add_rows(h, deltas, start, stop)
-    return h, linear(norm(h))
+_kernel = None
 
 
-def _kernel(mode: str):
-    """The Triton kernel of a mode, imported on first use (only where Triton is)."""
-    from polcache.policy import residual_norm_kernels
+def _build_kernel():
+    """The Triton kernel, built on first use (Triton is imported only where it is used)."""
+    import triton
+    import triton.language as tl
 
-    return residual_norm_kernels.KERNELS[mode]
+    @triton.jit
+    def add_norm_kernel(h_ptr, rows_ptr, row_stride, n_rows, w_ptr, b_ptr, h_out_ptr, y_ptr, width, eps,
+                        BLOCK: tl.constexpr, STORE_H: tl.constexpr):
+        r = tl.program_id(0)  # one program per token (row of width `width`)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        x = tl.load(h_ptr + r * width + cols, mask=mask, other=0.0).to(tl.float32)
+        for i in range(n_rows):
+            x += tl.load(rows_ptr + i * row_stride + r * width + cols, mask=mask, other=0.0).to(tl.float32)
+        if STORE_H:
+            tl.store(h_out_ptr + r * width + cols, x.to(h_out_ptr.dtype.element_ty), mask=mask)
+        mean = tl.sum(x, axis=0) / width
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / width + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + r * width + cols, (xc * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+    return add_norm_kernel
 
 
-def _launch_args(h: torch.Tensor, deltas: "StackedDeltas", start: int, stop: int):
-    n = stop - start
-    h = h.contiguous()
-    rows = deltas.buf[start:stop] if n else deltas.buf[:1]
-    return h, rows, n, (torch.empty_like(h) if n else h)
-
-
-def _tiles(M: int, width: int) -> tuple[int, int]:
+def add_norm_triton(h: torch.Tensor, deltas: "StackedDeltas", start: int, stop: int,
+                    norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_norm_torch` as one Triton kernel (fp32 accumulation whatever the stream's dtype)."""
+    global _kernel
+    if _kernel is None:
+        _kernel = _build_kernel()
     import triton
 
-    return min(triton.next_power_of_2(M), 64) if M >= 16 else 16, triton.next_power_of_2(width)
-
-
-def add_norm_triton(h: torch.Tensor, deltas: "StackedDeltas", start: int, stop: int, norm: nn.LayerNorm,
-                    linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_norm_torch` with the add and the LayerNorm in one Triton kernel (fp32 accumulation)."""
-    h, rows, n, h_out = _launch_args(h, deltas, start, stop)
+    n = stop - start
+    h = h.contiguous()
     width = h.shape[-1]
-    M = h.numel() // width
-    BM, BK = _tiles(M, width)
+    rows = deltas.buf[start:stop] if n else deltas.buf[:1]
+    h_out = torch.empty_like(h) if n else h
     y = torch.empty_like(h)
-    _kernel("norm")[(-(-M // BM),)](h, rows, rows.stride(0), n, norm.weight, norm.bias, h_out, y, M, width,
-                                     norm.eps, BM=BM, BK=BK)
-    return h_out, linear(y)
-
-
-def add_norm_linear_triton(h: torch.Tensor, deltas: "StackedDeltas", start: int, stop: int, norm: nn.LayerNorm,
-                           linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_norm_torch` as one Triton kernel: add, LayerNorm and the projection (fp32 arithmetic,
-    IEEE dot products, whatever the stream's dtype)."""
-    h, rows, n, h_out = _launch_args(h, deltas, start, stop)
-    width, N = h.shape[-1], linear.out_features
-    M = h.numel() // width
-    BM, BK = _tiles(M, width)
-    BN = 32
-    z = torch.empty((*h.shape[:-1], N), dtype=h.dtype, device=h.device)
-    grid = (-(-N // BN), -(-M // BM))
-    _kernel("norm+linear")[grid](h, rows, rows.stride(0), n, norm.weight, norm.bias, linear.weight, linear.bias,
-                                  h_out, z, M, width, N, norm.eps, BM=BM, BK=BK, BN=BN)
-    return h_out, z
-
-
-def fused_add_norm(mode: str) -> AddNorm | None:
-    """The AddNorm of a mode in MODES (None for "off": the executor's plain path)."""
-    if mode not in MODES:
-        raise ValueError(f"fused add+norm mode must be one of {', '.join(MODES)}, got {mode!r}")
-    return {"off": None, "norm": add_norm_triton, "norm+linear": add_norm_linear_triton}[mode]
+    _kernel[(h.numel() // width,)](h, rows, rows.stride(0), n, norm.weight, norm.bias, h_out, y, width, norm.eps,
+                                   BLOCK=triton.next_power_of_2(width), STORE_H=n > 0)
+    return h_out, y
 
 
 def triton_blocker(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    """Why the Triton add+norm cannot run on `device`, or None when it can."""
     if device.type != "cuda":
         return "the fused add+norm kernel needs a CUDA device"
     try:
