@@ -153,6 +153,8 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
         if fast is not None:
             variants.append(("compile", fast, dict(fused_update=False, **plain)))
         for ename, pol, kw in variants:
+            if args.executors and ename not in args.executors:
+                continue
             try:
                 t0 = time.perf_counter()
                 b = TorchBackend(pol, kind, K, p, device=device, **kw)
@@ -172,7 +174,7 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
                 kern[(ename, pname)] = kernels_per_step(fns[(ename, pname)], K)
     step_kernels = one_step_kernels(policy, kind, K, device)
     n_act = policy.cfg.n_action_steps
-    base = res[("eager", "none")]["ms"]
+    base = res[("eager", "none")]["ms"] if ("eager", "none") in res else float("nan")
     rows = []
     for (ename, pname), r in sorted(res.items(), key=lambda kv: (kv[0][1], list(plans).index(kv[0][1]))):
         meta = info.get((ename, pname), {})
@@ -211,6 +213,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sustain", type=float, default=1.0, help="seconds of back-to-back chunks per method")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--executors", type=lambda v: set(v.split(",")), default=None,
+                    help="only these executor rows (comma list; the authors' executor always runs)")
     ap.add_argument("--quick", action="store_true", help="2-layer model, few calls: a smoke test of the script")
     ap.add_argument("--json", default=str(RESULTS / "gpu.json"))
     args = ap.parse_args()

@@ -72,6 +72,19 @@ CHECK = textwrap.dedent("""
                 want_h, want_y = add_norm_torch(h.float(), ref, start, stop, norm.float())
                 torch.testing.assert_close(got_h.float(), want_h, rtol=tol, atol=tol)
                 torch.testing.assert_close(got_y.float(), want_y, rtol=tol, atol=tol)
+    sys.path.insert(0, sys.argv[2])
+    from helpers import tiny_policy
+    from polcache.cache.baselines import uniform_plan
+    p = tiny_policy(n_layers=2, width=64).to(dev).eval()
+    s = p.sampler("ddim", 6)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():  # whole chunks, uncached and cached, batch 1 and 3
+        for batch, plan in [(1, None), (3, None), (1, uniform_plan(6, 6, 3))]:
+            feats = p.encode({"state": torch.randn(batch, p.cfg.n_obs_steps, 5, generator=g, device=dev)})
+            x0 = torch.randn(batch, p.cfg.horizon, p.action_dim, generator=g, device=dev)
+            want = p.denoise(feats, s, x0.clone(), None, plan)
+            got = p.denoise(feats, s, x0.clone(), None, plan, add_norm=add_norm_triton)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     print("ok")
 """)
 
@@ -82,5 +95,7 @@ def test_triton_kernel_matches_the_torch_form():
     env = dict(os.environ)
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"  # Triton's interpreter runs the kernel on the host
-    out = subprocess.run([sys.executable, "-c", CHECK, device], env=env, capture_output=True, text=True, timeout=600)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", CHECK, device, tests], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -35,8 +35,8 @@ class TorchBackend:
     update is one compiled kernel (`fused_update`, default: with graphs; measured 2-9% faster
     chunks on an H100), falling back to the plain update, with the reason logged, where
     torch.compile fails; and each residual add is fused with the next LayerNorm in one Triton kernel
-    (`fused_norm`, default: with graphs where Triton is installed; 12-17% faster on an H200). A bf16/fp16 denoiser passes the parity gate of polcache.policy.precision
-    before it serves.
+    (`fused_norm`, default: with graphs where Triton is installed; 4-17% faster chunks on an H200).
+    A bf16/fp16 denoiser passes the parity gate of polcache.policy.precision before it serves.
 
     Several robots' sessions share one sampling call (`predict_sessions`): each row draws its noise
     from its own seed, so it gets the chunk it would get alone. Rows that self-verify run alone
@@ -77,7 +77,7 @@ class TorchBackend:
         if fused_update if fused_update is not None else self.graph_blocker is None:
             self.sampler = self.sampler.fused()
         # each residual add fused with the next LayerNorm in one Triton kernel (polcache.policy.residual_norm);
-        # default: with graphs (12-17% faster chunks on an H200), not eager (Triton's launch costs more there)
+        # default: with graphs (4-17% faster chunks on an H200), not eager (Triton's launch costs more there)
         use_norm = fused_norm if fused_norm is not None else self.graph_blocker is None
         self.norm_blocker = triton_blocker(self.device) if use_norm else "turned off"
         if fused_norm and self.norm_blocker is not None:
