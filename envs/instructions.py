@@ -69,20 +69,32 @@ INSTRUCTIONS: dict[str, dict[str, tuple[str, ...]]] = {
                   "reach the cued goal", "touch the target the light pointed at"),
         "heldout": ("go where the cue pointed", "reach the goal the cue indicated"),
     },
-    # pad-reach: the words are the only cue (envs/pad_reach.py).
+    # pad-reach: the words are the only cue (envs/pad_reach.py). Twelve training phrasings in the
+    # same frames for every pad, so only the pad's word tells them apart (five were too few for the
+    # expert to ignore the frame: BENCHMARKS.md, pad-reach); the held-out ones use words and
+    # frames the training set avoids ("leftmost", "centre", "the ... one, please").
     "pad-reach-left": {
         "train": ("go to the left pad", "reach the pad on the left", "move to the left target",
-                  "touch the left pad", "head for the pad on the left side"),
+                  "touch the left pad", "head for the pad on the left side",
+                  "I need you at the left pad", "left pad", "the pad on the left is your goal",
+                  "aim for the left target", "could you reach the left pad",
+                  "your target is the pad on the left", "move over to the left pad now"),
         "heldout": ("reach the leftmost pad", "the left one, please"),
     },
     "pad-reach-middle": {
         "train": ("go to the middle pad", "reach the pad in the middle", "move to the middle target",
-                  "touch the middle pad", "head for the pad in the middle"),
+                  "touch the middle pad", "head for the pad in the middle",
+                  "I need you at the middle pad", "middle pad", "the pad in the middle is your goal",
+                  "aim for the middle target", "could you reach the middle pad",
+                  "your target is the pad in the middle", "move over to the middle pad now"),
         "heldout": ("reach the pad in the centre", "the middle one, please"),
     },
     "pad-reach-right": {
         "train": ("go to the right pad", "reach the pad on the right", "move to the right target",
-                  "touch the right pad", "head for the pad on the right side"),
+                  "touch the right pad", "head for the pad on the right side",
+                  "I need you at the right pad", "right pad", "the pad on the right is your goal",
+                  "aim for the right target", "could you reach the right pad",
+                  "your target is the pad on the right", "move over to the right pad now"),
         "heldout": ("reach the rightmost pad", "the right one, please"),
     },
 }
