@@ -4,7 +4,7 @@ A fused plan row (executor.fused_rows) adds to the residual stream, before each 
 the deltas of the blocks since the previous one (its fresh delta and the stored deltas of the
 reused blocks after it), and the computed block then normalises the stream. On a GPU at batch 1
 each of those is one tiny kernel and a step is bound by how many it launches: 24 residual adds
-and 25 LayerNorms of a 137-kernel uncached step on an H100. `add_norm_triton` does both in one
+and 25 LayerNorms of a 139-kernel uncached step on an H100. `add_norm_triton` does both in one
 Triton kernel per boundary; `add_norm_torch` is the same arithmetic in torch (what runs where
 Triton or CUDA is missing, and the reference the kernel is tested against).
 
@@ -72,8 +72,6 @@ def add_norm_triton(h: torch.Tensor, deltas: "StackedDeltas", start: int, stop: 
     global _kernel
     if _kernel is None:
         _kernel = _build_kernel()
-    import triton
-
     n = stop - start
     h = h.contiguous()
     width = h.shape[-1]
@@ -81,7 +79,7 @@ def add_norm_triton(h: torch.Tensor, deltas: "StackedDeltas", start: int, stop: 
     h_out = torch.empty_like(h) if n else h
     y = torch.empty_like(h)
     _kernel[(h.numel() // width,)](h, rows, rows.stride(0), n, norm.weight, norm.bias, h_out, y, width, norm.eps,
-                                   BLOCK=triton.next_power_of_2(width), STORE_H=n > 0)
+                                   BLOCK=1 << (width - 1).bit_length(), STORE_H=n > 0)
     return h_out, y
 
 
