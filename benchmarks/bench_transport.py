@@ -5,7 +5,9 @@ chunk, over tcp loopback, side by side in one run:
   inference worker hand-off) with a zero-cost policy, driven by PolicyClient's wire format;
 - msgpack REQ/REP: the same raw-numpy msgpack encoding with a bare echo server;
 - pickle REQ/REP: the common pickle-over-REQ/REP setup (baseline only; polcache never
-  unpickles peer data, which is why pickle lives here and not in polcache/).
+  unpickles peer data, which is why pickle lives here and not in polcache/);
+- msgpack+Nus (`--echo-work-us N,..`): the bare echo server spinning N us before each reply, as
+  if it did N us of per-message work: how the round trip grows with server work on this machine.
 
 Each server runs in its own process. Modes are interleaved in rounds so drift hits all alike.
 Besides the round-trip times, the CPU each request costs the server process (all its threads:
@@ -15,6 +17,7 @@ load on the machine barely moves, where the tail does.
 (e.g. `git worktree add /tmp/before main`), for a before/after comparison in one run.
 
     python benchmarks/bench_transport.py [--calls 400] [--rounds 20] [--baseline-tree DIR]
+                                         [--echo-work-us 25,50,100]
                                          [--json benchmarks/results/transport.json]
 """
 
@@ -83,6 +86,7 @@ def serve(mode: str, port: int) -> None:
     sock = zmq.Context.instance().socket(zmq.REP)
     sock.bind(address)
     actions = np.zeros(ACTION_SHAPE, np.float32)
+    work_s = float(mode.partition("+")[2].removesuffix("us") or 0) / 1e6
     while True:
         data = sock.recv()
         if mode == "pickle":
@@ -90,6 +94,9 @@ def serve(mode: str, port: int) -> None:
             sock.send(pickle.dumps(actions))
         else:
             _raw_unpack(data)
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < work_s:  # spin: CPU work, not a sleep
+                pass
             sock.send(_raw_pack({"actions": actions}))
 
 
@@ -112,7 +119,7 @@ class Client:
         if self.mode == "pickle":
             self.sock.send(pickle.dumps(arrays))
             pickle.loads(self.sock.recv())
-        elif self.mode == "msgpack":
+        elif self.mode.startswith("msgpack"):
             self.sock.send(_raw_pack(arrays))
             _raw_unpack(self.sock.recv())
         else:
@@ -146,7 +153,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="short rounds: load changes hit all modes alike")
     parser.add_argument("--baseline-tree", help="also time the polcache server of this checkout (before/after)")
     parser.add_argument("--json", default=str(RESULTS / "transport.json"))
-    parser.add_argument("--serve", choices=(*MODES, "polcache-baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--echo-work-us", default="",
+                        help="comma-separated: also time the msgpack echo spinning this long per message")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -159,7 +168,7 @@ def main() -> None:
     trees = {"polcache": REPO}  # the checkout this script belongs to, not whichever polcache is installed
     if args.baseline_tree:
         trees["polcache-baseline"] = Path(args.baseline_tree).resolve()
-    modes = [*trees, *MODES[1:]]
+    modes = [*trees, *MODES[1:], *(f"msgpack+{int(us)}us" for us in args.echo_work_us.split(",") if us)]
     ports = {mode: free_port() for mode in modes}
     servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p)],
                                 env={**os.environ, "PYTHONPATH": _import_path(trees.get(m, REPO))})
@@ -195,7 +204,7 @@ def main() -> None:
                      "p99_over_msgpack": round(float(np.percentile(us, 99)) / (bare_p99 * 1e6), 2),
                      "server_cpu_us": round(server_cpu[mode] / len(us) * 1e6, 1),
                      "client_cpu_us": round(client_cpu[mode] / len(us) * 1e6, 1),
-                     "request_bytes": payload_bytes.get(mode, polcache_bytes)})
+                     "request_bytes": payload_bytes.get(mode.partition("+")[0], polcache_bytes)})
         if clients[mode].server_us:  # what the server's stages account for; the rest is wake-ups, sockets, client
             rows[-1]["server_stages_p50_us"] = round(float(np.percentile(clients[mode].server_us, 50)), 1)
     print(f"round trip, 96x96x3 uint8 image + {STATE_DIM} float32 state -> 8x4 float32 actions, tcp loopback")

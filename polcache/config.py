@@ -55,6 +55,10 @@ class VLAConfig:
     # encoder (all-MiniLM-L6-v2 from a pinned package, `polcache[minilm]`), one projected token |
     # minilm-tokens: the same model's per-token states, each projected (the words stay apart)
     text_encoder: str = "bytes"
+    # minilm paths: the frozen encoder's unit-norm vectors times sqrt(dim), so each feature starts at
+    # the scale of the byte embeddings and the normalised state (off: as they come, 1/sqrt(384) per
+    # feature, as in checkpoints from before this option; BENCHMARKS.md, pad-reach)
+    unit_text_features: bool = False
 
 
 @dataclass
@@ -293,3 +297,6 @@ def validate(cfg: ExperimentConfig) -> None:
         if v.text_encoder not in TEXT_ENCODERS:
             raise ConfigError(f"policy.vla.text_encoder must be {', '.join(TEXT_ENCODERS[:-1])} or {TEXT_ENCODERS[-1]}, "
                               f"got {v.text_encoder!r}")
+        if v.unit_text_features and v.text_encoder == "bytes":
+            raise ConfigError("policy.vla.unit_text_features applies to the frozen MiniLM's vectors "
+                              "(text_encoder minilm or minilm-tokens); byte embeddings are trained at unit scale")

@@ -27,7 +27,8 @@ def tiny_policy(n_layers: int = 2, width: int = 32, obs_dim: int = 5, action_dim
 
 
 def tiny_vla(n_layers: int = 2, width: int = 32, obs_dim: int = 5, action_dim: int = 3, seed: int = 0,
-             image: bool = False, n_obs_steps: int = 2, instruction_bytes: int = 16, text_encoder: str = "bytes"):
+             image: bool = False, n_obs_steps: int = 2, instruction_bytes: int = 16, text_encoder: str = "bytes",
+             unit_text_features: bool = False):
     """A small VLA (policy.family vla): flow matching, 4 Euler steps, optional camera."""
     import torch
 
@@ -38,7 +39,8 @@ def tiny_vla(n_layers: int = 2, width: int = 32, obs_dim: int = 5, action_dim: i
     cfg = PolicyConfig(family="vla", n_layers=n_layers, width=width, n_heads=4, n_obs_steps=n_obs_steps,
                        objective="flow", sampler=SamplerConfig(kind="flow", inference_steps=4, clip_sample=False),
                        vla=VLAConfig(width=16, layers=1, heads=2, image_grid=2, instruction_bytes=instruction_bytes,
-                                     bytes_per_token=4, text_encoder=text_encoder))
+                                     bytes_per_token=4, text_encoder=text_encoder,
+                                     unit_text_features=unit_text_features))
     cfg.image.channels = 8
     rng = np.random.default_rng(seed)
     spec = {"state": ArraySpec((obs_dim,), "float32"), "instruction": ArraySpec((instruction_bytes,), "uint8")}

@@ -34,6 +34,16 @@ def test_config_names_the_text_encoders():
         validate(cfg)
 
 
+def test_unit_text_features_are_refused_for_byte_tokens():
+    from polcache.config import ExperimentConfig, PolicyConfig, validate
+    from polcache.errors import ConfigError
+
+    cfg = ExperimentConfig(obs_keys=["state", "instruction"], policy=PolicyConfig(family="vla"))
+    cfg.policy.vla.unit_text_features = True
+    with pytest.raises(ConfigError, match="policy.vla.unit_text_features applies to the frozen MiniLM's vectors"):
+        validate(cfg)
+
+
 def test_bytes_vla_identity_is_what_it_was_before_text_encoders():
     """Schedules and exported artifacts of byte-level VLAs name their model hash; adding the option
     must not change it (the digest is of main's identity before this option existed)."""
@@ -112,6 +122,30 @@ def test_cached_instruction_embeddings_equal_recomputing_them():
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert after.hits - before.hits >= 2  # the second batch was lookups only
     assert after.misses - before.misses <= 2  # two distinct texts, each encoded at most once
+
+
+@needs_minilm
+def test_unit_text_features_scale_the_frozen_vectors_and_name_the_model(tmp_path):
+    """sqrt(dim) times the unit-norm MiniLM states before the projection; the option is part of the
+    model's identity (a schedule of the unscaled model is refused) and survives a checkpoint."""
+    from polcache.cache.schedule import model_hash
+    from polcache.config import ExperimentConfig
+    from polcache.policy import load_policy, save_checkpoint
+
+    plain = tiny_vla(text_encoder="minilm-tokens")
+    scaled = tiny_vla(text_encoder="minilm-tokens", unit_text_features=True)  # same seed: same weights
+    enc = scaled.encoder
+    rows = vla_observations(scaled, TEXTS)["instruction"][:, -1]
+    states = enc.sentence.embed_tokens(["push the puck"], enc.n_text_tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.text_tokens(rows)[0], enc.text_proj(states[0] * enc.sentence.dim ** 0.5))
+        torch.testing.assert_close(plain.encoder.text_tokens(rows)[0], plain.encoder.text_proj(states[0]))
+    assert "unit_text_features" not in plain.identity()["config"]["vla"]  # earlier hashes unchanged
+    assert model_hash(scaled) != model_hash(plain)
+    path = save_checkpoint(tmp_path / "ckpt", ExperimentConfig(task="test", policy=scaled.cfg, obs_keys=scaled.obs_keys),
+                           scaled)
+    loaded, _, _ = load_policy(path)
+    assert loaded.cfg.vla.unit_text_features and model_hash(loaded) == model_hash(scaled)
 
 
 @needs_minilm

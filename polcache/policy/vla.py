@@ -11,7 +11,8 @@ sentence embedding (polcache.policy.sentence, cached per distinct instruction) t
 linear projection; with `minilm-tokens`, one token per WordPiece token of the instruction (the
 same model's states before pooling, instruction_bytes // 3 + 2 of them, zero after the text's
 end: room for any instruction of three or more bytes per token; a longer one is cut), each
-through the projection.
+through the projection. `unit_text_features` multiplies the frozen unit-norm vectors by sqrt(dim)
+first, so their features enter at the scale of the state and byte tokens rather than ~20x below.
 
 Action expert: the DP-T decoder over the action tokens, cross-attending to the prefix output
 (every action token sees every prefix token; cross-attention rather than pi0's joint attention,
@@ -92,6 +93,7 @@ class PrefixEncoder(nn.Module):
             self.text_proj = nn.Linear(self.sentence.dim, v.width)
             text_tokens = 1 if v.text_encoder == "minilm" else v.instruction_bytes // 3 + 2
         self.n_text_tokens = text_tokens
+        self.text_scale = self.sentence.dim ** 0.5 if self.sentence is not None and v.unit_text_features else 1.0
         self.memory_tokens = cfg.n_obs_steps * tokens_per_frame + text_tokens
         self.pos_emb = nn.Parameter(torch.randn(1, self.memory_tokens, v.width) * 0.02)
         layer = nn.TransformerEncoderLayer(v.width, v.heads, 4 * v.width, dropout=0.1, activation="gelu",
@@ -127,7 +129,7 @@ class PrefixEncoder(nn.Module):
             emb = self.sentence.embed(texts).unsqueeze(1)  # (N, 1, dim)
         else:
             emb = self.sentence.embed_tokens(texts, self.n_text_tokens)  # (N, tokens, dim)
-        return self.text_proj(emb.to(self.text_proj.weight.device)[row])
+        return self.text_proj(emb.to(self.text_proj.weight.device)[row] * self.text_scale)
 
     @property
     def host_step(self) -> str | None:
@@ -153,6 +155,8 @@ class VisionLanguageAction(DiffusionPolicy):
     def identity(self) -> dict:
         identity = super().identity()
         vla = identity["config"]["vla"]
+        if not vla["unit_text_features"]:  # hashes from before this option stay valid
+            del vla["unit_text_features"]
         if vla["text_encoder"] == "bytes":  # hashes of VLAs from before text encoders existed stay valid
             del vla["text_encoder"]
         else:  # the frozen weights decide the outputs too, and are not in the state dict
