@@ -11,8 +11,9 @@ chunk, over tcp loopback, side by side in one run:
 
 Each server runs in its own process. Modes are interleaved in rounds so drift hits all alike.
 Besides the round-trip times, the CPU each request costs the server process (all its threads:
-Python, ZeroMQ's I/O thread, the kernel on their behalf) and the client's thread: a figure that
-load on the machine barely moves, where the tail does.
+Python, ZeroMQ's I/O thread, the kernel on their behalf; also split into the Python threads and
+the I/O thread) and the client's thread: a figure that load on the machine barely moves, where
+the tail does.
 `--baseline-tree DIR` adds "polcache-baseline": the same server imported from another checkout
 (e.g. `git worktree add /tmp/before main`), for a before/after comparison in one run.
 
@@ -135,10 +136,19 @@ def _import_path(tree: Path) -> str:
     return os.pathsep.join([str(tree), str(tree / "client")])
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_cpu_s(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of process `pid` so far (Linux /proc): its ZeroMQ I/O threads, and
+    all its other threads (Python's: the server loop, the idle inference worker)."""
+    zmq_s = other_s = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if "ZMQbg" in stat.split("(", 1)[1].rsplit(")", 1)[0]:
+            zmq_s += seconds
+        else:
+            other_s += seconds
+    return other_s, zmq_s
 
 
 def free_port() -> int:
@@ -176,18 +186,18 @@ def main() -> None:
     try:
         clients = {mode: Client(mode, port) for mode, port in ports.items()}
         times: dict[str, list[float]] = {mode: [] for mode in modes}
-        server_cpu = {mode: 0.0 for mode in modes}  # CPU seconds, over the timed calls only
+        server_cpu = {mode: np.zeros(2) for mode in modes}  # CPU seconds (Python threads, ZeroMQ I/O), timed calls only
         client_cpu = {mode: 0.0 for mode in modes}
         for _ in range(args.rounds):
             for (mode, client), server in zip(clients.items(), servers):
                 for _ in range(50):  # warm-up after the other modes ran
                     client.round_trip(arrays)
-                s0, c0 = process_cpu_s(server.pid), time.thread_time()
+                s0, c0 = np.array(process_cpu_s(server.pid)), time.thread_time()
                 for _ in range(args.calls):
                     t0 = time.perf_counter()
                     client.round_trip(arrays)
                     times[mode].append(time.perf_counter() - t0)
-                server_cpu[mode] += process_cpu_s(server.pid) - s0
+                server_cpu[mode] += np.array(process_cpu_s(server.pid)) - s0
                 client_cpu[mode] += time.thread_time() - c0
     finally:
         for proc in servers:
@@ -202,13 +212,16 @@ def main() -> None:
         rows.append({"mode": mode, "calls": len(us), "p50_us": round(float(np.percentile(us, 50)), 1),
                      "p99_us": round(float(np.percentile(us, 99)), 1), "mean_us": round(float(us.mean()), 1),
                      "p99_over_msgpack": round(float(np.percentile(us, 99)) / (bare_p99 * 1e6), 2),
-                     "server_cpu_us": round(server_cpu[mode] / len(us) * 1e6, 1),
+                     "server_cpu_us": round(float(server_cpu[mode].sum()) / len(us) * 1e6, 1),
+                     "server_python_cpu_us": round(float(server_cpu[mode][0]) / len(us) * 1e6, 1),
+                     "server_zmq_io_cpu_us": round(float(server_cpu[mode][1]) / len(us) * 1e6, 1),
                      "client_cpu_us": round(client_cpu[mode] / len(us) * 1e6, 1),
                      "request_bytes": payload_bytes.get(mode.partition("+")[0], polcache_bytes)})
         if clients[mode].server_us:  # what the server's stages account for; the rest is wake-ups, sockets, client
             rows[-1]["server_stages_p50_us"] = round(float(np.percentile(clients[mode].server_us, 50)), 1)
     print(f"round trip, 96x96x3 uint8 image + {STATE_DIM} float32 state -> 8x4 float32 actions, tcp loopback")
     print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "p99_over_msgpack", "server_cpu_us",
+                       "server_python_cpu_us", "server_zmq_io_cpu_us",
                        "client_cpu_us", "server_stages_p50_us", "request_bytes"])
     write_json(args.json, {"benchmark": "transport", "rows": rows, "calls": args.calls, "rounds": args.rounds})
 
