@@ -141,10 +141,10 @@ def process_cpu_s(pid: int) -> tuple[float, float]:
     all its other threads (Python's: the server loop, the idle inference worker)."""
     zmq_s = other_s = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        stat = (task / "stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
+        name, _, rest = (task / "stat").read_text().partition("(")[2].rpartition(")")  # "tid (name) state ..."
+        fields = rest.split()
         seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        if "ZMQbg" in stat.split("(", 1)[1].rsplit(")", 1)[0]:
+        if name.startswith("ZMQbg"):
             zmq_s += seconds
         else:
             other_s += seconds
