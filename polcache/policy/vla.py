@@ -129,7 +129,9 @@ class PrefixEncoder(nn.Module):
             emb = self.sentence.embed(texts).unsqueeze(1)  # (N, 1, dim)
         else:
             emb = self.sentence.embed_tokens(texts, self.n_text_tokens)  # (N, tokens, dim)
-        return self.text_proj(emb.to(self.text_proj.weight.device)[row] * self.text_scale)
+        if self.text_scale != 1.0:  # on the distinct instructions, before they are spread over the batch
+            emb = emb * self.text_scale
+        return self.text_proj(emb.to(self.text_proj.weight.device)[row])
 
     @property
     def host_step(self) -> str | None:
