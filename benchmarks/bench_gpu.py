@@ -174,16 +174,18 @@ def bench_config(policy, fast, kind: str, K: int, budget: int, args, device) -> 
                 kern[(ename, pname)] = kernels_per_step(fns[(ename, pname)], K)
     step_kernels = one_step_kernels(policy, kind, K, device)
     n_act = policy.cfg.n_action_steps
-    base = res[("eager", "none")]["ms"] if ("eager", "none") in res else float("nan")
+    base = res.get(("eager", "none"), {}).get("ms")  # absent when the eager row failed: no speedup column then
     rows = []
     for (ename, pname), r in sorted(res.items(), key=lambda kv: (kv[0][1], list(plans).index(kv[0][1]))):
         meta = info.get((ename, pname), {})
         row = {"sampler": f"{kind.upper()}-{K}", "executor": ename,
                "cache": "none" if pname == "none" else f"bac:{budget}:{args.bu_blocks}",
-               "ms": round(r["ms"], 2), "p99_ms": round(r["p99"], 2), "speedup": round(base / r["ms"], 2),
+               "ms": round(r["ms"], 2), "p99_ms": round(r["p99"], 2),
                "vs_authors": round(res[("authors", pname)]["ms"] / r["ms"], 2),
                "control_hz": round(r["chunks_per_s"] * n_act, 1),
                "block_evals": summary["block_evals"] if pname == "bac" else summary["block_evals_uncached"]}
+        if base is not None:  # a NaN here would also make the JSON invalid
+            row["speedup"] = round(base / r["ms"], 2)
         if (ename, pname) in kern:
             row["kernels_per_step"] = kern[(ename, pname)][0]
             row["top_kernels"] = kern[(ename, pname)][1]
