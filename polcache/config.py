@@ -18,7 +18,8 @@ from polcache.errors import ConfigError
 
 INSTRUCTION_KEY = "instruction"  # the observation key a language-conditioned policy reads its instruction from
 EMBEDDING_KEY = "embedding"  # the frame features `polcache ptp embed` stores and a fine-tuned head reads
-TEXT_ENCODERS = ("bytes", "minilm", "minilm-tokens")  # policy.vla.text_encoder
+TEXT_ENCODERS = ("bytes", "minilm", "minilm-tokens", "minilm-tokens+bytes")  # policy.vla.text_encoder
+BYTE_TEXT_ENCODERS = ("bytes", "minilm-tokens+bytes")  # those with byte tokens embedded from scratch
 
 
 @dataclass
@@ -53,7 +54,9 @@ class VLAConfig:
     bytes_per_token: int = 1
     # bytes: the byte tokens above, embedded from scratch | minilm: a frozen pretrained sentence
     # encoder (all-MiniLM-L6-v2 from a pinned package, `polcache[minilm]`), one projected token |
-    # minilm-tokens: the same model's per-token states, each projected (the words stay apart)
+    # minilm-tokens: the same model's per-token states, each projected (the words stay apart) |
+    # minilm-tokens+bytes: both token kinds side by side (MiniLM's states of "left" and "right"
+    # are close, the bytes are not; BENCHMARKS.md, pad-reach)
     text_encoder: str = "bytes"
     # minilm paths: the frozen encoder's unit-norm vectors times sqrt(dim), so each feature starts at
     # the scale of the byte embeddings and the normalised state (off: as they come, 1/sqrt(384) per

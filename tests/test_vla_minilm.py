@@ -30,7 +30,7 @@ def test_config_names_the_text_encoders():
     cfg = ExperimentConfig(obs_keys=["state", "instruction"], policy=PolicyConfig(family="vla"))
     assert cfg.policy.vla.text_encoder == "bytes"
     cfg.policy.vla.text_encoder = "bert"
-    with pytest.raises(ConfigError, match="policy.vla.text_encoder must be bytes, minilm or minilm-tokens, got 'bert'"):
+    with pytest.raises(ConfigError, match="policy.vla.text_encoder must be bytes, minilm, minilm-tokens or minilm-tokens\\+bytes, got 'bert'"):
         validate(cfg)
 
 
@@ -149,6 +149,31 @@ def test_unit_text_features_scale_the_frozen_vectors_and_name_the_model(tmp_path
 
 
 @needs_minilm
+def test_minilm_tokens_with_bytes_put_both_token_kinds_in_the_prefix(tmp_path):
+    """minilm-tokens+bytes: the frozen states' tokens first, then the byte tokens with their own
+    embedding and projection; a checkpoint keeps both (same outputs, same model hash)."""
+    from polcache.cache.schedule import model_hash
+    from polcache.config import ExperimentConfig
+    from polcache.policy import load_policy, save_checkpoint
+
+    both = tiny_vla(text_encoder="minilm-tokens+bytes", unit_text_features=True)
+    enc = both.encoder  # instruction_bytes 16, bytes_per_token 4: 7 MiniLM tokens + 4 byte tokens
+    assert (enc.n_text_tokens, enc.n_byte_tokens, enc.memory_tokens) == (7, 4, 2 + 7 + 4)
+    rows = vla_observations(both, TEXTS)["instruction"][:, -1]
+    states = enc.sentence.embed_tokens(["push the puck"], 7) * enc.sentence.dim ** 0.5
+    with torch.no_grad():
+        tokens = enc.text_tokens(rows)
+        torch.testing.assert_close(tokens[0, :7], enc.text_proj(states[0]))
+        byte_tokens = enc.byte_proj(enc.byte_emb(rows[:1].long()).reshape(1, 4, -1))
+        torch.testing.assert_close(tokens[0, 7:], byte_tokens[0])
+    path = save_checkpoint(tmp_path / "ckpt", ExperimentConfig(task="test", policy=both.cfg, obs_keys=both.obs_keys), both)
+    loaded, _, _ = load_policy(path)
+    assert model_hash(loaded) == model_hash(both) != model_hash(tiny_vla(text_encoder="minilm-tokens"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encoder.text_tokens(rows), tokens)
+
+
+@needs_minilm
 def test_token_states_are_cached_cut_to_the_prefix_length_and_zero_after_the_text():
     policy = tiny_vla(text_encoder="minilm-tokens")  # instruction_bytes 16: 16 // 3 + 2 = 7 text tokens
     enc = policy.encoder
@@ -168,13 +193,15 @@ def test_token_states_are_cached_cut_to_the_prefix_length_and_zero_after_the_tex
 
 
 @needs_minilm
-@pytest.mark.parametrize("text_encoder", ["minilm", "minilm-tokens"])
+@pytest.mark.parametrize("text_encoder", ["minilm", "minilm-tokens", "minilm-tokens+bytes"])
 def test_the_text_path_trains_its_projection_only_and_keeps_minilm_frozen(text_encoder):
     policy = tiny_vla(text_encoder=text_encoder).train()
     obs = vla_observations(policy, TEXTS)
     loss = policy.compute_loss({"obs": obs, "action": torch.randn(len(TEXTS), policy.cfg.horizon, 3)})
     loss.backward()
     assert policy.encoder.text_proj.weight.grad.abs().sum() > 0
+    if text_encoder.endswith("+bytes"):  # the byte tokens beside them train from scratch
+        assert policy.encoder.byte_emb.weight.grad.abs().sum() > 0 and policy.encoder.byte_proj.weight.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in policy.encoder.sentence.model.parameters())
     assert not policy.encoder.sentence.model.training
 

@@ -11,7 +11,8 @@ sentence embedding (polcache.policy.sentence, cached per distinct instruction) t
 linear projection; with `minilm-tokens`, one token per WordPiece token of the instruction (the
 same model's states before pooling, instruction_bytes // 3 + 2 of them, zero after the text's
 end: room for any instruction of three or more bytes per token; a longer one is cut), each
-through the projection. `unit_text_features` multiplies the frozen unit-norm vectors by sqrt(dim)
+through the projection; with `minilm-tokens+bytes`, those tokens followed by the byte tokens (their
+own embeddings and projection). `unit_text_features` multiplies the frozen unit-norm vectors by sqrt(dim)
 first, so their features enter at the scale of the state and byte tokens rather than ~20x below.
 
 Action expert: the DP-T decoder over the action tokens, cross-attending to the prefix output
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polcache.config import INSTRUCTION_KEY, PolicyConfig
+from polcache.config import BYTE_TEXT_ENCODERS, INSTRUCTION_KEY, PolicyConfig
 from polcache.data.normalize import Normalizer
 from polcache.policy.encoders import ConvTrunk
 from polcache.policy.language import decode_instruction
@@ -85,14 +86,20 @@ class PrefixEncoder(nn.Module):
                 tokens_per_frame += v.image_grid ** 2
         self.text_encoder = v.text_encoder
         self.sentence = None if v.text_encoder == "bytes" else minilm()  # frozen, not a submodule: never saved
-        if self.sentence is None:
-            self.byte_emb = nn.Embedding(256, v.width)
-            self.text_proj = nn.Linear(v.bytes_per_token * v.width, v.width)
-            text_tokens = v.instruction_bytes // v.bytes_per_token
-        else:
+        self.n_text_tokens = 0  # the frozen encoder's tokens
+        if self.sentence is not None:
             self.text_proj = nn.Linear(self.sentence.dim, v.width)
-            text_tokens = 1 if v.text_encoder == "minilm" else v.instruction_bytes // 3 + 2
-        self.n_text_tokens = text_tokens
+            self.n_text_tokens = 1 if v.text_encoder == "minilm" else v.instruction_bytes // 3 + 2
+        self.n_byte_tokens = v.instruction_bytes // v.bytes_per_token if v.text_encoder in BYTE_TEXT_ENCODERS else 0
+        if self.n_byte_tokens:
+            self.byte_emb = nn.Embedding(256, v.width)
+            # bytes alone keep the name text_proj, so checkpoints from before the frozen encoders load
+            byte_proj = nn.Linear(v.bytes_per_token * v.width, v.width)
+            if self.sentence is None:
+                self.text_proj = byte_proj
+            else:
+                self.byte_proj = byte_proj
+        text_tokens = self.n_text_tokens + self.n_byte_tokens
         self.text_scale = self.sentence.dim ** 0.5 if self.sentence is not None and v.unit_text_features else 1.0
         self.memory_tokens = cfg.n_obs_steps * tokens_per_frame + text_tokens
         self.pos_emb = nn.Parameter(torch.randn(1, self.memory_tokens, v.width) * 0.02)
@@ -117,10 +124,17 @@ class PrefixEncoder(nn.Module):
         return self.norm(self.transformer(torch.cat(tokens, dim=1) + self.pos_emb))
 
     def text_tokens(self, instruction: torch.Tensor) -> torch.Tensor:
-        """(B, bytes) uint8 -> (B, text tokens, width)."""
+        """(B, bytes) uint8 -> (B, text tokens, width): the frozen encoder's tokens, then the byte tokens."""
         if self.sentence is None:
-            text = self.byte_emb(instruction.long())  # (B, bytes, width)
-            return self.text_proj(text.reshape(text.shape[0], -1, self.bytes_per_token * text.shape[-1]))
+            return self.byte_tokens(instruction, self.text_proj)
+        frozen = self.frozen_tokens(instruction)
+        return frozen if not self.n_byte_tokens else torch.cat([frozen, self.byte_tokens(instruction, self.byte_proj)], 1)
+
+    def byte_tokens(self, instruction: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        text = self.byte_emb(instruction.long())  # (B, bytes, width)
+        return proj(text.reshape(text.shape[0], -1, self.bytes_per_token * text.shape[-1]))
+
+    def frozen_tokens(self, instruction: torch.Tensor) -> torch.Tensor:
         # Each distinct instruction of the batch is decoded and looked up once (a batch of one
         # robot, or a training batch, holds few); the embeddings are CPU tensors of the shared encoder.
         distinct, row = torch.unique(instruction, dim=0, return_inverse=True)
