@@ -131,10 +131,12 @@ class PrefixEncoder(nn.Module):
         return frozen if not self.n_byte_tokens else torch.cat([frozen, self.byte_tokens(instruction, self.byte_proj)], 1)
 
     def byte_tokens(self, instruction: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """(B, bytes) -> (B, bytes // bytes_per_token, width): embedded bytes, bytes_per_token per token."""
         text = self.byte_emb(instruction.long())  # (B, bytes, width)
         return proj(text.reshape(text.shape[0], -1, self.bytes_per_token * text.shape[-1]))
 
     def frozen_tokens(self, instruction: torch.Tensor) -> torch.Tensor:
+        """(B, bytes) -> (B, n_text_tokens, width): the frozen MiniLM's vectors, projected."""
         # Each distinct instruction of the batch is decoded and looked up once (a batch of one
         # robot, or a training batch, holds few); the embeddings are CPU tensors of the shared encoder.
         distinct, row = torch.unique(instruction, dim=0, return_inverse=True)
