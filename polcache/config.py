@@ -302,4 +302,4 @@ def validate(cfg: ExperimentConfig) -> None:
                               f"got {v.text_encoder!r}")
         if v.unit_text_features and v.text_encoder == "bytes":
             raise ConfigError("policy.vla.unit_text_features applies to the frozen MiniLM's vectors "
-                              "(text_encoder minilm or minilm-tokens); byte embeddings are trained at unit scale")
+                              "(text_encoder minilm, minilm-tokens or minilm-tokens+bytes); byte embeddings are trained at unit scale")
