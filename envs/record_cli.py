@@ -25,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--instructions", type=int, nargs="?", const=64, default=0, metavar="BYTES",
                    help="also record each episode's instruction (one of the task's training paraphrases) as the "
                         "'instruction' observation of BYTES UTF-8 bytes (default 64), for language-conditioned policies")
+    p.add_argument("--hold-steps", type=int, default=0, metavar="H",
+                   help="now and then (10%% of steps) have the robot repeat its last executed action for 1..H steps "
+                        "while the expert's own actions are recorded: demonstrations of recovering from stale actions, "
+                        "as a policy executing action chunks open loop meets them (H: n_action_steps - 1); default 0")
     p.set_defaults(handler=_run)
 
 
@@ -37,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = record_demonstrations(
         tasks[0] if len(tasks) == 1 else tasks, args.episodes, args.out, image=args.image, seed=args.seed,
         cameras=args.cameras, image_size=args.image_size, keep=args.keep, instruction_bytes=args.instructions,
+        hold_steps=args.hold_steps,
     )
     print(f"wrote {summary['path']}: {summary['episodes']} episodes, {summary['steps']} steps, obs {', '.join(summary['obs_keys'])}")
     return 0

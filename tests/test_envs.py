@@ -286,3 +286,35 @@ def test_record_cli(tmp_path, capsys):
     args = parser.parse_args(["record", "--task", "nope", "--episodes", "1", "--out", str(tmp_path / "e")])
     with pytest.raises(UnknownTaskError, match="'nope'"):
         args.handler(args)
+
+
+def test_held_stale_actions_are_executed_and_the_experts_own_are_recorded():
+    """--hold-steps: the robot now and then repeats its last executed action (1..H steps) while
+    the dataset keeps the expert's action at every observation."""
+    from polcache.envs.record import _run_episode
+
+    class Counter:
+        """State = the step count; executes whatever it is given and remembers it."""
+        task, max_episode_steps = "count", 400
+
+        def reset(self, seed):
+            self.t, self.executed = 0, []
+            return {"state": np.array([0.0], np.float32)}
+
+        def step(self, action):
+            self.executed.append(float(action[0]))
+            self.t += 1
+            return {"state": np.array([self.t], np.float32)}, 0.0, False, {"success": False}
+
+    env = Counter()
+    expert = lambda obs: obs["state"].copy()  # noqa: E731  the action names the step it was decided at
+    episode, _ = _run_episode(env, expert, seed=0, extra_steps=0, hold_steps=3)
+    np.testing.assert_array_equal(episode.action[:, 0], np.arange(400))  # labels: always the expert's
+    executed = np.array(env.executed)
+    stale = np.arange(400) - executed  # how old the executed decision is
+    assert stale.min() == 0 and stale.max() >= 3
+    assert 0.1 < (stale > 0).mean() < 0.4  # holds start at 10% of steps and last 1-3 steps
+    held = np.flatnonzero(stale > 0)
+    np.testing.assert_array_equal(executed[held], executed[held - 1])  # a held step repeats the step before
+    _run_episode(env, expert, seed=0, extra_steps=0)
+    assert env.executed == list(map(float, range(400)))  # off by default
