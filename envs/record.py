@@ -24,9 +24,9 @@ def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int, hold
 
     With `hold_steps` H > 0, at each step with probability HOLD_RATE the robot starts to repeat
     the action it last executed for 1..H steps (a hold may follow another), while action[t] still
-    records what the expert does at obs[t] (DART-style): the episode passes through the states a robot reaches acting on a
-    stale decision, as when an action chunk runs open loop past an event (a go signal, a slip),
-    each labelled with the expert's way out."""
+    records what the expert does at obs[t] (DART-style): the episode passes through the states a
+    robot reaches acting on a stale decision, as when an action chunk runs open loop past an
+    event (a go signal), each labelled with the expert's way out."""
     from polcache.data.store import Episode
 
     obs = env.reset(seed=seed)

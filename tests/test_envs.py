@@ -318,3 +318,5 @@ def test_held_stale_actions_are_executed_and_the_experts_own_are_recorded():
     np.testing.assert_array_equal(executed[held], executed[held - 1])  # a held step repeats the step before
     _run_episode(env, expert, seed=0, extra_steps=0)
     assert env.executed == list(map(float, range(400)))  # off by default
+    with pytest.raises(PolcacheError, match="--hold-steps must be >= 0, got -1"):
+        record_demonstrations("cue-reach", 1, "unused.zarr", progress=False, hold_steps=-1)
