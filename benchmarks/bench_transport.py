@@ -137,8 +137,8 @@ def _import_path(tree: Path) -> str:
 
 
 def process_cpu_s(pid: int) -> tuple[float, float]:
-    """User + system CPU seconds of process `pid` so far (Linux /proc), as (all threads but ZeroMQ's
-    I/O threads: Python's server loop and idle inference worker, ZeroMQ's I/O threads)."""
+    """User + system CPU seconds of process `pid` so far (Linux /proc), as a pair: its Python
+    threads (the server loop, the idle inference worker), then its ZeroMQ I/O threads."""
     zmq_s = other_s = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         name, _, rest = (task / "stat").read_text().partition("(")[2].rpartition(")")  # "tid (name) state ..."

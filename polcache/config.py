@@ -251,6 +251,11 @@ def past_tokens(p: PolicyConfig) -> int:
                       f"(n_obs_steps - 1), got {p.past_loss!r}")
 
 
+def _one_of(names) -> str:
+    """"a, b or c": the choices an error message names, from the tuple the check uses."""
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def validate(cfg: ExperimentConfig) -> None:
     p = cfg.policy
     if p.width % p.n_heads:
@@ -298,8 +303,8 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"policy.vla.instruction_bytes ({v.instruction_bytes}) must be a multiple of "
                               f"policy.vla.bytes_per_token ({v.bytes_per_token})")
         if v.text_encoder not in TEXT_ENCODERS:
-            raise ConfigError(f"policy.vla.text_encoder must be {', '.join(TEXT_ENCODERS[:-1])} or {TEXT_ENCODERS[-1]}, "
-                              f"got {v.text_encoder!r}")
+            raise ConfigError(f"policy.vla.text_encoder must be {_one_of(TEXT_ENCODERS)}, got {v.text_encoder!r}")
         if v.unit_text_features and v.text_encoder == "bytes":
-            raise ConfigError("policy.vla.unit_text_features applies to the frozen MiniLM's vectors "
-                              "(text_encoder minilm, minilm-tokens or minilm-tokens+bytes); byte embeddings are trained at unit scale")
+            raise ConfigError("policy.vla.unit_text_features applies to the frozen MiniLM's vectors (text_encoder "
+                              f"{_one_of([e for e in TEXT_ENCODERS if e != 'bytes'])}); byte embeddings are trained "
+                              "at unit scale")
