@@ -74,6 +74,11 @@ class TaskEnv(abc.ABC):
 
     # --- shared ----------------------------------------------------------------------------
 
+    def rest_action(self, last: np.ndarray) -> np.ndarray:
+        """The action that keeps the robot where it is, given the one it last executed: zero for
+        velocity and position-delta actions (every task here); a gripper keeps its command."""
+        return np.zeros_like(last)
+
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         """Start a new episode; the same seed always gives the same episode."""
         if seed is None:

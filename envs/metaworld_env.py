@@ -70,6 +70,10 @@ class MetaWorldEnv(TaskEnv):
         state, reward, terminated, truncated, info = self._gym.step(action)
         return state, float(reward), terminated or truncated, bool(info["success"])
 
+    def rest_action(self, last: np.ndarray) -> np.ndarray:
+        """No hand motion; the gripper keeps its last command (zero effort would let go of a held object)."""
+        return np.concatenate([np.zeros(3, dtype=last.dtype), last[3:]])
+
     def goal(self) -> np.ndarray:
         """The episode's goal position, for checking that seeds vary the task."""
         return np.array(self._sim._target_pos, dtype=np.float64)

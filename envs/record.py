@@ -16,9 +16,11 @@ from polcache.errors import PolcacheError
 
 EXTRA_STEPS = 10  # steps recorded after first success, so policies also learn to settle
 HOLD_RATE = 0.1  # with holds on, the chance per step that one starts
+STOP_RATE = 0.1  # with stops on, the same for a stop (tried after a hold's draw)
 
 
-def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int, hold_steps: int = 0):
+def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int, hold_steps: int = 0,
+                 stop_steps: int = 0):
     """One expert rollout; obs[t] is the observation before action[t]. Stops `extra_steps`
     after the first success, or when the env says done. Returns (Episode, succeeded).
 
@@ -26,7 +28,10 @@ def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int, hold
     the action it last executed for 1..H steps (a hold may follow another), while action[t] still
     records what the expert does at obs[t] (DART-style): the episode passes through the states a
     robot reaches acting on a stale decision, as when an action chunk runs open loop past an
-    event (a go signal), each labelled with the expert's way out."""
+    event (a go signal), each labelled with the expert's way out. With `stop_steps` S > 0, at
+    each step with probability STOP_RATE the robot instead rests (`env.rest_action`) for 1..S
+    steps, as a robot does whose next chunk is late or whose queue ran dry: the data then holds
+    states at rest short of where the expert was heading, labelled with the way on."""
     from polcache.data.store import Episode
 
     obs = env.reset(seed=seed)
@@ -34,16 +39,20 @@ def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int, hold
     actions: list[np.ndarray] = []
     success, first_success = False, None
     rng = np.random.default_rng(seed)
-    executed, held = None, 0
+    executed, held, stale = None, 0, None  # executed: what the robot ran at the step before
     for t in range(env.max_episode_steps):
         action = np.asarray(expert(obs), dtype=np.float32)
         for k, v in obs.items():
             frames[k].append(v)
         actions.append(action)
-        if hold_steps and not held and executed is not None and rng.random() < HOLD_RATE:
-            held = int(rng.integers(1, hold_steps + 1))  # this and the next held - 1 steps repeat the last one
+        if not held and executed is not None:  # this and the next held - 1 steps execute `stale`
+            if hold_steps and rng.random() < HOLD_RATE:
+                held, stale = int(rng.integers(1, hold_steps + 1)), executed
+            elif stop_steps and rng.random() < STOP_RATE:
+                held, stale = int(rng.integers(1, stop_steps + 1)), env.rest_action(executed)
         if held:
             held -= 1
+            executed = stale
         else:
             executed = action
         obs, _, done, info = env.step(executed)
@@ -58,7 +67,7 @@ def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int, hold
 
 def _collect(task: str, episodes: int, seed: int, image: bool, cameras: tuple[str, ...] | None, image_size: int,
              progress: bool, keep: int | None, instruction_bytes: int,
-             hold_steps: int) -> tuple[list, list[int], list[int], dict]:
+             hold_steps: int, stop_steps: int) -> tuple[list, list[int], list[int], dict]:
     """One task's kept episodes, their seeds, the dropped seeds and the dataset attrs of its env.
     With `instruction_bytes`, every step also carries the episode's instruction (episode i follows
     the task's i-th training paraphrase, cycling)."""
@@ -68,7 +77,7 @@ def _collect(task: str, episodes: int, seed: int, image: bool, cameras: tuple[st
         kept, kept_seeds, dropped_seeds = [], [], []
         with tqdm(range(episodes), desc=f"record {task}", unit="ep", disable=not progress) as bar:
             for i in bar:
-                episode, success = _run_episode(env, expert, seed + i, EXTRA_STEPS, hold_steps)
+                episode, success = _run_episode(env, expert, seed + i, EXTRA_STEPS, hold_steps, stop_steps)
                 if success:
                     if instruction_bytes:
                         text = instruction_array(task, "train", len(kept), instruction_bytes)
@@ -113,6 +122,7 @@ def record_demonstrations(
     keep: int | None = None,
     instruction_bytes: int = 0,
     hold_steps: int = 0,
+    stop_steps: int = 0,
 ) -> dict:
     """Run the scripted expert for `episodes` episodes (episode i uses seed + i), keep those that
     end in success, and write them to `out`. Failed ones are dropped rather than kept, since
@@ -121,18 +131,20 @@ def record_demonstrations(
     make one multi-task dataset, each episode naming its task; they must share observation and
     action shapes (Meta-World's do). `instruction_bytes` > 0 adds the `instruction` observation
     (see `_collect`); `hold_steps` > 0 has the robot hold stale actions now and then while the
-    expert's own actions are recorded (see `_run_episode`). Returns a summary dict."""
+    expert's own actions are recorded, `stop_steps` > 0 has it rest now and then (both in
+    `_run_episode`). Returns a summary dict."""
     from polcache.data.store import write_dataset
 
     tasks = [task] if isinstance(task, str) else list(task)
     if episodes <= 0 or (keep is not None and keep <= 0) or not tasks:
         raise PolcacheError(f"episodes and keep must be positive and a task given, got {episodes}, {keep}, {tasks}")
-    if hold_steps < 0:
-        raise PolcacheError(f"--hold-steps must be >= 0, got {hold_steps}")
+    for flag, steps in (("--hold-steps", hold_steps), ("--stop-steps", stop_steps)):
+        if steps < 0:
+            raise PolcacheError(f"{flag} must be >= 0, got {steps}")
     kept, seeds, dropped, attrs = [], {}, {}, None
     for name in tasks:
         k, kept_seeds, dropped_seeds, task_attrs = _collect(name, episodes, seed, image, cameras, image_size, progress,
-                                                            keep, instruction_bytes, hold_steps)
+                                                            keep, instruction_bytes, hold_steps, stop_steps)
         if attrs is not None and (task_attrs["obs_spec"], task_attrs["action_dim"]) != (attrs["obs_spec"], attrs["action_dim"]):
             raise PolcacheError(f"{name}: observations or actions differ in shape from {tasks[0]}'s; "
                                 "a multi-task dataset needs the same shapes")
@@ -141,7 +153,8 @@ def record_demonstrations(
         seeds[name], dropped[name] = kept_seeds, dropped_seeds
     # a multi-task dataset names no single task: a policy trained on it asks eval for --task
     attrs = {**attrs, "task": tasks[0] if len(tasks) == 1 else "", "seed": seed, "extra_steps_after_success": EXTRA_STEPS,
-             "hold_steps": hold_steps, "hold_rate": HOLD_RATE if hold_steps else 0.0}
+             "hold_steps": hold_steps, "hold_rate": HOLD_RATE if hold_steps else 0.0,
+             "stop_steps": stop_steps, "stop_rate": STOP_RATE if stop_steps else 0.0}
     if len(tasks) == 1:
         attrs.update(episode_seeds=seeds[tasks[0]])
     else:

@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="now and then (10%% of steps) have the robot repeat its last executed action for 1..H steps "
                         "while the expert's own actions are recorded: demonstrations of recovering from stale actions, "
                         "as a policy executing action chunks open loop meets them (H: n_action_steps - 1); default 0")
+    p.add_argument("--stop-steps", type=int, default=0, metavar="S",
+                   help="now and then (10%% of the steps without a hold) have the robot rest for 1..S steps, as when its "
+                        "next chunk is late, while the expert's actions are recorded: demonstrations of going on from "
+                        "rest short of where the expert was heading; default 0")
     p.set_defaults(handler=_run)
 
 
@@ -41,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = record_demonstrations(
         tasks[0] if len(tasks) == 1 else tasks, args.episodes, args.out, image=args.image, seed=args.seed,
         cameras=args.cameras, image_size=args.image_size, keep=args.keep, instruction_bytes=args.instructions,
-        hold_steps=args.hold_steps,
+        hold_steps=args.hold_steps, stop_steps=args.stop_steps,
     )
     print(f"wrote {summary['path']}: {summary['episodes']} episodes, {summary['steps']} steps, obs {', '.join(summary['obs_keys'])}")
     return 0

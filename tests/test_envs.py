@@ -90,6 +90,21 @@ def test_metaworld_state_obs_matches_spec(reach):
     assert "reach" in reach.description
 
 
+def test_metaworld_rest_action_keeps_the_hand_and_the_grip(reach):
+    reach.reset(seed=0)
+    move = np.array([1.0, 0.0, 0.0, 0.7], np.float32)
+    for _ in range(5):
+        obs, *_ = reach.step(move)
+    rest = reach.rest_action(move)
+    np.testing.assert_allclose(rest, [0.0, 0.0, 0.0, 0.7])
+    hand = [obs["state"][:3]]
+    for _ in range(8):
+        obs, *_ = reach.step(rest)
+        hand.append(obs["state"][:3])
+    step = np.linalg.norm(np.diff(hand, axis=0), axis=1)
+    assert step[-1] < 0.1 * step[0]  # the hand settles where its last command put it (it lags the mocap)
+
+
 def test_metaworld_expert_succeeds(reach):
     _, info = rollout(reach, make_expert("reach-v3", reach), seed=3)
     assert info["success"]
@@ -320,3 +335,30 @@ def test_held_stale_actions_are_executed_and_the_experts_own_are_recorded():
     assert env.executed == list(map(float, range(400)))  # off by default
     with pytest.raises(PolcacheError, match="--hold-steps must be >= 0, got -1"):
         record_demonstrations("cue-reach", 1, "unused.zarr", progress=False, hold_steps=-1)
+
+    # --stop-steps: the robot rests (the env's rest action, here -1) for 1..S steps instead
+    env.rest_action = lambda last: np.full_like(last, -1.0)
+    episode, _ = _run_episode(env, expert, seed=0, extra_steps=0, stop_steps=3)
+    np.testing.assert_array_equal(episode.action[:, 0], np.arange(400))
+    executed = np.array(env.executed)
+    rests = np.flatnonzero(executed == -1)
+    np.testing.assert_array_equal(executed[executed != -1], np.flatnonzero(executed != -1))  # fresh otherwise
+    assert 0.1 < len(rests) / 400 < 0.4
+    runs = np.split(rests, np.flatnonzero(np.diff(rests) > 1) + 1)
+    assert max(len(r) for r in runs) <= 6  # 1..3 steps each; one stop may follow another
+    with pytest.raises(PolcacheError, match="--stop-steps must be >= 0, got -2"):
+        record_demonstrations("cue-reach", 1, "unused.zarr", progress=False, stop_steps=-2)
+
+
+def test_rest_actions_keep_the_robot_still():
+    """A stop rests the robot: the point mass stops; Meta-World's hand stays, its gripper keeps its command."""
+    from polcache.envs import make_env
+
+    with make_env("cue-reach", seed=0, image=False, cameras=None, image_size=96) as env:
+        env.reset(seed=0)
+        for _ in range(3):
+            obs, *_ = env.step(np.array([1.0, 0.5], np.float32))
+        assert np.linalg.norm(obs["state"][2:4]) > 0.05
+        for _ in range(3):
+            obs, *_ = env.step(env.rest_action(np.array([1.0, 0.5], np.float32)))
+        np.testing.assert_allclose(obs["state"][2:4], 0.0, atol=0.02)
