@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -19,19 +20,41 @@ HOLD_RATE = 0.1  # with holds on, the chance per step that one starts
 STOP_RATE = 0.1  # with stops on, the same for a stop (tried after a hold's draw)
 
 
-def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int, hold_steps: int = 0,
-                 stop_steps: int = 0):
-    """One expert rollout; obs[t] is the observation before action[t]. Stops `extra_steps`
-    after the first success, or when the env says done. Returns (Episode, succeeded).
+@dataclass(frozen=True)
+class Perturbations:
+    """How the executed actions depart from the expert's while each step's label stays the
+    expert's own action at that observation (DART-style): the demonstrations then pass through
+    the states a policy reaches when it errs, each labelled with the way back.
 
-    With `hold_steps` H > 0, at each step with probability HOLD_RATE the robot starts to repeat
-    the action it last executed for 1..H steps (a hold may follow another), while action[t] still
-    records what the expert does at obs[t] (DART-style): the episode passes through the states a
-    robot reaches acting on a stale decision, as when an action chunk runs open loop past an
-    event (a go signal), each labelled with the expert's way out. With `stop_steps` S > 0, at
-    each step with probability STOP_RATE the robot instead rests (`env.rest_action`) for 1..S
-    steps, as a robot does whose next chunk is late or whose queue ran dry: the data then holds
-    states at rest short of where the expert was heading, labelled with the way on."""
+    `hold_steps` H: at HOLD_RATE of steps the robot starts repeating the action it last executed
+    for 1..H steps, as when an action chunk runs open loop past an event (a go signal).
+    `stop_steps` S: at STOP_RATE of the other steps it rests (`env.rest_action`) for 1..S steps, as
+    a robot does whose next chunk is late: states at rest short of where the expert was heading.
+    `action_noise` sigma: Gaussian noise of that standard deviation is added to every fresh action
+    (clipped to [-1, 1]): states off the expert's path, as an imprecise policy drifts."""
+
+    hold_steps: int = 0
+    stop_steps: int = 0
+    action_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--hold-steps", self.hold_steps), ("--stop-steps", self.stop_steps),
+                            ("--action-noise", self.action_noise)):
+            if not value >= 0:
+                raise PolcacheError(f"{flag} must be >= 0, got {value}")
+
+    def attrs(self) -> dict:
+        """What a dataset records of them."""
+        return {"hold_steps": self.hold_steps, "hold_rate": HOLD_RATE if self.hold_steps else 0.0,
+                "stop_steps": self.stop_steps, "stop_rate": STOP_RATE if self.stop_steps else 0.0,
+                "action_noise": self.action_noise}
+
+
+def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int,
+                 perturb: Perturbations = Perturbations()):
+    """One expert rollout; obs[t] is the observation before action[t]. Stops `extra_steps`
+    after the first success, or when the env says done. Returns (Episode, succeeded). action[t]
+    is always the expert's action at obs[t]; what the robot executes follows `perturb`."""
     from polcache.data.store import Episode
 
     obs = env.reset(seed=seed)
@@ -46,13 +69,16 @@ def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int, hold
             frames[k].append(v)
         actions.append(action)
         if not held and executed is not None:  # this and the next held - 1 steps execute `stale`
-            if hold_steps and rng.random() < HOLD_RATE:
-                held, stale = int(rng.integers(1, hold_steps + 1)), executed
-            elif stop_steps and rng.random() < STOP_RATE:
-                held, stale = int(rng.integers(1, stop_steps + 1)), env.rest_action(executed)
+            if perturb.hold_steps and rng.random() < HOLD_RATE:
+                held, stale = int(rng.integers(1, perturb.hold_steps + 1)), executed
+            elif perturb.stop_steps and rng.random() < STOP_RATE:
+                held, stale = int(rng.integers(1, perturb.stop_steps + 1)), env.rest_action(executed)
         if held:
             held -= 1
             executed = stale
+        elif perturb.action_noise:
+            noise = rng.normal(0.0, perturb.action_noise, action.shape)
+            executed = np.clip(action + noise, -1.0, 1.0).astype(np.float32)
         else:
             executed = action
         obs, _, done, info = env.step(executed)
@@ -67,7 +93,7 @@ def _run_episode(env: TaskEnv, expert: Expert, seed: int, extra_steps: int, hold
 
 def _collect(task: str, episodes: int, seed: int, image: bool, cameras: tuple[str, ...] | None, image_size: int,
              progress: bool, keep: int | None, instruction_bytes: int,
-             hold_steps: int, stop_steps: int) -> tuple[list, list[int], list[int], dict]:
+             perturb: Perturbations) -> tuple[list, list[int], list[int], dict]:
     """One task's kept episodes, their seeds, the dropped seeds and the dataset attrs of its env.
     With `instruction_bytes`, every step also carries the episode's instruction (episode i follows
     the task's i-th training paraphrase, cycling)."""
@@ -77,7 +103,7 @@ def _collect(task: str, episodes: int, seed: int, image: bool, cameras: tuple[st
         kept, kept_seeds, dropped_seeds = [], [], []
         with tqdm(range(episodes), desc=f"record {task}", unit="ep", disable=not progress) as bar:
             for i in bar:
-                episode, success = _run_episode(env, expert, seed + i, EXTRA_STEPS, hold_steps, stop_steps)
+                episode, success = _run_episode(env, expert, seed + i, EXTRA_STEPS, perturb)
                 if success:
                     if instruction_bytes:
                         text = instruction_array(task, "train", len(kept), instruction_bytes)
@@ -121,8 +147,7 @@ def record_demonstrations(
     progress: bool = True,
     keep: int | None = None,
     instruction_bytes: int = 0,
-    hold_steps: int = 0,
-    stop_steps: int = 0,
+    perturb: Perturbations = Perturbations(),
 ) -> dict:
     """Run the scripted expert for `episodes` episodes (episode i uses seed + i), keep those that
     end in success, and write them to `out`. Failed ones are dropped rather than kept, since
@@ -130,21 +155,17 @@ def record_demonstrations(
     (so "50 demonstrations" means 50 even where the expert fails some). Several tasks (a list)
     make one multi-task dataset, each episode naming its task; they must share observation and
     action shapes (Meta-World's do). `instruction_bytes` > 0 adds the `instruction` observation
-    (see `_collect`); `hold_steps` > 0 has the robot hold stale actions now and then while the
-    expert's own actions are recorded, `stop_steps` > 0 has it rest now and then (both in
-    `_run_episode`). Returns a summary dict."""
+    (see `_collect`); `perturb` makes the robot depart from the expert's actions while those are
+    recorded (see `Perturbations`). Returns a summary dict."""
     from polcache.data.store import write_dataset
 
     tasks = [task] if isinstance(task, str) else list(task)
     if episodes <= 0 or (keep is not None and keep <= 0) or not tasks:
         raise PolcacheError(f"episodes and keep must be positive and a task given, got {episodes}, {keep}, {tasks}")
-    for flag, steps in (("--hold-steps", hold_steps), ("--stop-steps", stop_steps)):
-        if steps < 0:
-            raise PolcacheError(f"{flag} must be >= 0, got {steps}")
     kept, seeds, dropped, attrs = [], {}, {}, None
     for name in tasks:
         k, kept_seeds, dropped_seeds, task_attrs = _collect(name, episodes, seed, image, cameras, image_size, progress,
-                                                            keep, instruction_bytes, hold_steps, stop_steps)
+                                                            keep, instruction_bytes, perturb)
         if attrs is not None and (task_attrs["obs_spec"], task_attrs["action_dim"]) != (attrs["obs_spec"], attrs["action_dim"]):
             raise PolcacheError(f"{name}: observations or actions differ in shape from {tasks[0]}'s; "
                                 "a multi-task dataset needs the same shapes")
@@ -153,8 +174,7 @@ def record_demonstrations(
         seeds[name], dropped[name] = kept_seeds, dropped_seeds
     # a multi-task dataset names no single task: a policy trained on it asks eval for --task
     attrs = {**attrs, "task": tasks[0] if len(tasks) == 1 else "", "seed": seed, "extra_steps_after_success": EXTRA_STEPS,
-             "hold_steps": hold_steps, "hold_rate": HOLD_RATE if hold_steps else 0.0,
-             "stop_steps": stop_steps, "stop_rate": STOP_RATE if stop_steps else 0.0}
+             **perturb.attrs()}
     if len(tasks) == 1:
         attrs.update(episode_seeds=seeds[tasks[0]])
     else:

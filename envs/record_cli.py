@@ -33,11 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="now and then (10%% of the steps without a hold) have the robot rest for 1..S steps, as when its "
                         "next chunk is late, while the expert's actions are recorded: demonstrations of going on from "
                         "rest short of where the expert was heading; default 0")
+    p.add_argument("--action-noise", type=float, default=0.0, metavar="SIGMA",
+                   help="add Gaussian noise of this standard deviation to every executed action (actions span "
+                        "[-1, 1]) while the expert's actions are recorded (DART): demonstrations of coming back to "
+                        "the expert's path from off it; default 0")
     p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from polcache.envs.record import record_demonstrations
+    from polcache.envs.record import Perturbations, record_demonstrations
 
     from polcache.sim.suite import SUITES
 
@@ -45,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = record_demonstrations(
         tasks[0] if len(tasks) == 1 else tasks, args.episodes, args.out, image=args.image, seed=args.seed,
         cameras=args.cameras, image_size=args.image_size, keep=args.keep, instruction_bytes=args.instructions,
-        hold_steps=args.hold_steps, stop_steps=args.stop_steps,
+        perturb=Perturbations(args.hold_steps, args.stop_steps, args.action_noise),
     )
     print(f"wrote {summary['path']}: {summary['episodes']} episodes, {summary['steps']} steps, obs {', '.join(summary['obs_keys'])}")
     return 0

@@ -303,10 +303,10 @@ def test_record_cli(tmp_path, capsys):
         args.handler(args)
 
 
-def test_held_stale_actions_are_executed_and_the_experts_own_are_recorded():
-    """--hold-steps: the robot now and then repeats its last executed action (1..H steps) while
-    the dataset keeps the expert's action at every observation."""
-    from polcache.envs.record import _run_episode
+def test_perturbed_actions_are_executed_and_the_experts_own_are_recorded():
+    """Holds, stops and action noise change what the robot executes; the dataset keeps the
+    expert's action at every observation."""
+    from polcache.envs.record import Perturbations, _run_episode
 
     class Counter:
         """State = the step count; executes whatever it is given and remembers it."""
@@ -323,7 +323,7 @@ def test_held_stale_actions_are_executed_and_the_experts_own_are_recorded():
 
     env = Counter()
     expert = lambda obs: obs["state"].copy()  # noqa: E731  the action names the step it was decided at
-    episode, _ = _run_episode(env, expert, seed=0, extra_steps=0, hold_steps=3)
+    episode, _ = _run_episode(env, expert, seed=0, extra_steps=0, perturb=Perturbations(hold_steps=3))
     np.testing.assert_array_equal(episode.action[:, 0], np.arange(400))  # labels: always the expert's
     executed = np.array(env.executed)
     stale = np.arange(400) - executed  # how old the executed decision is
@@ -334,11 +334,11 @@ def test_held_stale_actions_are_executed_and_the_experts_own_are_recorded():
     _run_episode(env, expert, seed=0, extra_steps=0)
     assert env.executed == list(map(float, range(400)))  # off by default
     with pytest.raises(PolcacheError, match="--hold-steps must be >= 0, got -1"):
-        record_demonstrations("cue-reach", 1, "unused.zarr", progress=False, hold_steps=-1)
+        Perturbations(hold_steps=-1)
 
     # --stop-steps: the robot rests (the env's rest action, here -1) for 1..S steps instead
     env.rest_action = lambda last: np.full_like(last, -1.0)
-    episode, _ = _run_episode(env, expert, seed=0, extra_steps=0, stop_steps=3)
+    episode, _ = _run_episode(env, expert, seed=0, extra_steps=0, perturb=Perturbations(stop_steps=3))
     np.testing.assert_array_equal(episode.action[:, 0], np.arange(400))
     executed = np.array(env.executed)
     rests = np.flatnonzero(executed == -1)
@@ -347,7 +347,16 @@ def test_held_stale_actions_are_executed_and_the_experts_own_are_recorded():
     runs = np.split(rests, np.flatnonzero(np.diff(rests) > 1) + 1)
     assert max(len(r) for r in runs) <= 6  # 1..3 steps each; one stop may follow another
     with pytest.raises(PolcacheError, match="--stop-steps must be >= 0, got -2"):
-        record_demonstrations("cue-reach", 1, "unused.zarr", progress=False, stop_steps=-2)
+        Perturbations(stop_steps=-2)
+
+    # --action-noise: every fresh action gets Gaussian noise of that deviation, clipped to [-1, 1]
+    expert = lambda obs: np.array([0.5, 0.0], np.float32)  # noqa: E731
+    episode, _ = _run_episode(env, expert, seed=0, extra_steps=0, perturb=Perturbations(action_noise=0.2))
+    np.testing.assert_array_equal(episode.action, np.tile([0.5, 0.0], (400, 1)))
+    noise = np.array(env.executed) - 0.5
+    assert abs(noise.mean()) < 0.05 and 0.17 < noise.std() < 0.23
+    with pytest.raises(PolcacheError, match="--action-noise must be >= 0, got nan"):
+        Perturbations(action_noise=float("nan"))
 
 
 def test_rest_actions_keep_the_robot_still():
