@@ -75,8 +75,9 @@ class TaskEnv(abc.ABC):
     # --- shared ----------------------------------------------------------------------------
 
     def rest_action(self, last: np.ndarray) -> np.ndarray:
-        """The action that keeps the robot where it is, given the one it last executed: zero for
-        velocity and position-delta actions (every task here); a gripper keeps its command."""
+        """The action that keeps the robot where it is, given the one it last executed (what a
+        recorded stop executes): zero, for velocity and position-delta actions; a task with a
+        gripper overrides it so the gripper keeps its command."""
         return np.zeros_like(last)
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:

@@ -359,8 +359,8 @@ def test_perturbed_actions_are_executed_and_the_experts_own_are_recorded():
         Perturbations(action_noise=float("nan"))
 
 
-def test_rest_actions_keep_the_robot_still():
-    """A stop rests the robot: the point mass stops; Meta-World's hand stays, its gripper keeps its command."""
+def test_rest_action_stops_the_point_mass():
+    """A stop rests the robot: cue-reach's point mass stops (velocity actions)."""
     from polcache.envs import make_env
 
     with make_env("cue-reach", seed=0, image=False, cameras=None, image_size=96) as env:
