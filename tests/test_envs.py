@@ -298,6 +298,17 @@ def test_record_cli(tmp_path, capsys):
     args = parser.parse_args(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(tmp_path / "d"), "--seed", "3"])
     assert args.handler(args) == 0
     assert "2 episodes" in capsys.readouterr().out
+    args = parser.parse_args(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(tmp_path / "p"),
+                              "--hold-steps", "7", "--stop-steps", "5", "--action-noise", "0.1"])
+    assert args.handler(args) == 0
+    from polcache.data.store import EpisodeStore
+
+    attrs = EpisodeStore.open(tmp_path / "p").attrs
+    assert (attrs["hold_steps"], attrs["stop_steps"], attrs["action_noise"], attrs["stop_rate"]) == (7, 5, 0.1, 0.1)
+    args = parser.parse_args(["record", "--task", "cue-reach", "--episodes", "1", "--out", str(tmp_path / "n"),
+                              "--stop-steps", "-1"])
+    with pytest.raises(PolcacheError, match="--stop-steps must be >= 0, got -1"):
+        args.handler(args)
     args = parser.parse_args(["record", "--task", "nope", "--episodes", "1", "--out", str(tmp_path / "e")])
     with pytest.raises(UnknownTaskError, match="'nope'"):
         args.handler(args)
