@@ -291,6 +291,7 @@ def test_record_keep_replaces_failed_episodes(tmp_path, monkeypatch):
 
 
 def test_record_cli(tmp_path, capsys):
+    from polcache.data.store import EpisodeStore
     from polcache.envs.record_cli import register
 
     parser = argparse.ArgumentParser()
@@ -301,8 +302,6 @@ def test_record_cli(tmp_path, capsys):
     args = parser.parse_args(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(tmp_path / "p"),
                               "--hold-steps", "7", "--stop-steps", "5", "--action-noise", "0.1"])
     assert args.handler(args) == 0
-    from polcache.data.store import EpisodeStore
-
     attrs = EpisodeStore.open(tmp_path / "p").attrs
     assert (attrs["hold_steps"], attrs["stop_steps"], attrs["action_noise"], attrs["stop_rate"]) == (7, 5, 0.1, 0.1)
     args = parser.parse_args(["record", "--task", "cue-reach", "--episodes", "1", "--out", str(tmp_path / "n"),
