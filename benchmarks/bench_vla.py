@@ -5,7 +5,7 @@ forward pass); BAC on the action expert against uncached; real-time chunking's c
 vector-Jacobian product per flow step) on top.
 
     python benchmarks/bench_vla.py --checkpoint runs/vla-mt10/last --schedule sched.json [--calls 30]
-    python benchmarks/bench_vla.py ... --device cuda     # chunks replayed as CUDA graphs (RTC stays eager)
+    python benchmarks/bench_vla.py ... --device cuda     # chunks replayed as CUDA graphs, RTC's too (+ its eager rows)
 
 Without --checkpoint a freshly initialised VLA of configs/vla_mt10.yaml's size is timed (latency
 does not depend on the weights); BAC rows need a schedule from `polcache calibrate`.
@@ -78,7 +78,9 @@ def main() -> None:
            "prefix once per chunk": lambda: uncached.predict(obs, seed=0)}
     committed = CommittedActions(np.zeros((spec.n_action_steps, spec.action_dim), np.float32), delay=2)
     fns["+ real-time chunking"] = lambda: uncached.predict(obs, seed=0, committed=committed)
-    if device.type == "cuda":
+    if device.type == "cuda":  # RTC above replays a captured graph; the same chunk launched eagerly
+        eager = TorchBackend(policy, sampler.kind, sampler.num_steps, device=device, graphs=False, fused_norm=False)
+        fns["+ real-time chunking, eager"] = lambda: eager.predict(obs, seed=0, committed=committed)
         normed_uncached = TorchBackend(policy, sampler.kind, sampler.num_steps, device=device, fused_norm=True)
         fns["prefix once + fused add+norm"] = lambda: normed_uncached.predict(obs, seed=0)
     if args.schedule:
@@ -89,6 +91,11 @@ def main() -> None:
             normed = TorchBackend(policy, sampler.kind, sampler.num_steps, plan=plan, device=device, fused_norm=True)
             fns[f"prefix once + BAC {args.bac} + fused add+norm"] = lambda: normed.predict(obs, seed=0)
         fns[f"prefix once + BAC {args.bac} + RTC"] = lambda: cached.predict(obs, seed=0, committed=committed)
+        if device.type == "cuda":
+            cached_eager = TorchBackend(policy, sampler.kind, sampler.num_steps, plan=plan, device=device, graphs=False,
+                                        fused_norm=False)
+            fns[f"prefix once + BAC {args.bac} + RTC, eager"] = lambda: cached_eager.predict(obs, seed=0,
+                                                                                             committed=committed)
     times = round_robin(fns, args.calls, warmup=3)
     base = float(np.median(times["prefix once per chunk"]))
     rows = [{"path": name, "median_ms": round(float(np.median(t)) * 1e3, 2),
@@ -97,8 +104,8 @@ def main() -> None:
     print(f"VLA {args.checkpoint or '(fresh, configs/vla_mt10.yaml)'}: {sampler.kind} K={sampler.num_steps}, "
           f"{len(policy.cache_blocks)} expert blocks, {policy.encoder.memory_tokens} prefix tokens, "
           f"batch 1, {args.threads} thread(s), {device}"
-          + (f" ({torch.cuda.get_device_name(device)}, graphs: {uncached.describe()['cuda_graphs_off_because'] or 'on'})"
-             if device.type == "cuda" else ""))
+          + (f" ({torch.cuda.get_device_name(device)}, graphs: {uncached.describe()['cuda_graphs_off_because'] or 'on'}, "
+             f"RTC graph: {uncached.describe()['rtc_cuda_graph_off_because'] or 'on'})" if device.type == "cuda" else ""))
     print_table(rows, ["path", "median_ms", "p95_ms", "vs_prefix_once"])
     write_json(args.json, {"checkpoint": args.checkpoint, "device": str(device),
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

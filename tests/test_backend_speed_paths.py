@@ -19,6 +19,13 @@ from polcache.policy.precision import probe_observations
 NO_CUDA = not torch.cuda.is_available()
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles as a fresh process would: dynamo's recompile limit (8 per function) would
+    otherwise count the sampler update's compilations for every shape of the tests before."""
+    torch._dynamo.reset()
+
+
 def obs_np(policy, n=2, seed=3):
     return {k: v.numpy() for k, v in probe_observations(policy, n, seed).items()}
 
@@ -106,6 +113,53 @@ def test_robot_sessions_and_self_verification_replay_graphs_from_features():
                                    atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(graph.predict(obs, seed, past_actions=past),
                                    eager.predict(obs, seed, past_actions=past), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["dp-t", "vla"])
+def test_real_time_chunks_replay_as_one_graph_equal_to_eager(family):
+    """RTC's chunk (a forward pass and a vector-Jacobian product per flow step) is captured whole on
+    a GPU; replays with new committed actions, delays and noise give what eager computes."""
+    from helpers import tiny_vla, vla_observations
+
+    from polcache.cache.resolve import resolve_plan
+    from polcache.policy.spec import CommittedActions
+
+    policy = tiny_vla(width=64) if family == "vla" else tiny_policy(objective="flow", n_layers=2, width=64)
+    obs = ({k: v.numpy() for k, v in vla_observations(policy, ["push"]).items()} if family == "vla"
+           else obs_np(policy, 1))
+    rng = np.random.default_rng(0)
+    device = "cpu" if NO_CUDA else "cuda"
+    for cache in (None, "uniform:2"):
+        plan = None if cache is None else resolve_plan(cache, policy, policy.sampler("flow", 8))
+        eager = TorchBackend(policy, "flow", 8, plan, device=device, graphs=False)
+        graph = TorchBackend(policy, "flow", 8, plan, device=device)
+        graph.warmup(rtc=True)
+        what = graph.describe()
+        if NO_CUDA:
+            assert not what["rtc_cuda_graph"] and what["rtc_cuda_graph_off_because"] == "CUDA graphs need a CUDA device"
+        else:
+            assert what["rtc_cuda_graph"], what["rtc_cuda_graph_off_because"]
+        for seed, (n, delay) in enumerate(((5, 2), (3, 1), (8, 4))):
+            committed = CommittedActions(rng.uniform(-1, 1, (n, policy.action_dim)).astype(np.float32), delay)
+            np.testing.assert_allclose(graph.predict(obs, seed, committed=committed),
+                                       eager.predict(obs, seed, committed=committed), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_compiled_update_serves_every_batch_size_a_server_warms_up():
+    """A server captures batch sizes 1..max_batch (default 8) and an RTC chunk: the compiled update
+    must not run out of dynamo's recompiles (it then falls back to the plain update)."""
+    from polcache.policy.spec import CommittedActions
+
+    p = tiny_policy(objective="flow", n_layers=2, width=64)
+    b = TorchBackend(p, "flow", 6, device="cuda")
+    b.warmup(tuple(range(1, 10)), rtc=True)
+    assert b.describe()["fused_update"] and b.describe()["rtc_cuda_graph"], b.describe()
+    obs = obs_np(p, 1)
+    committed = CommittedActions(np.zeros((4, p.action_dim), np.float32), 1)
+    eager = TorchBackend(p, "flow", 6, device="cuda", graphs=False)
+    np.testing.assert_allclose(b.predict(obs, 2, committed=committed), eager.predict(obs, 2, committed=committed),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_threshold_cache_reports_the_block_evaluations_it_measured():

@@ -13,13 +13,13 @@ from polcache.policy.batching import Outcome, SessionRequest, predict_alone
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.device import resolve_device
 from polcache.policy.executor import decided_at_run_time, make_store
-from polcache.policy.graph import ChunkGraph, graph_blocker
+from polcache.policy.graph import ChunkGraph, GuidedChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
                                        probe_observations, reduced_copy)
 from polcache.policy.residual_norm import add_norm_triton, triton_blocker
 from polcache.policy.session import TorchSession
-from polcache.policy.rtc import guided_denoise, overlap_weights
+from polcache.policy.rtc import guided_denoise, overlap_weights, require_flow
 from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, StatelessSession
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class TorchBackend:
             log.warning("fused add+norm unavailable: %s; running the plain adds and LayerNorms", self.norm_blocker)
         self.add_norm = add_norm_triton if self.norm_blocker is None else None
         self._graphs: dict[tuple[int, bool], ChunkGraph] = {}  # per (batch size, from features)
+        self._guided_graph: GuidedChunkGraph | None = None  # real-time chunking, captured at its first chunk
+        self.rtc_graph_blocker = self.graph_blocker  # set to the reason where capturing it fails
         self.dynamic = decided_at_run_time(plan)
         self.batch_blocker = ("the threshold cache decides which blocks to compute from the whole batch's data"
                               if self.dynamic else None)
@@ -198,8 +200,11 @@ class TorchBackend:
         return int(np.isfinite(np.asarray(past_actions, dtype=np.float32)).all(axis=-1).sum()) >= self.min_verified
 
     def _chunked(self, feats: torch.Tensor, committed: CommittedActions, gen: torch.Generator | None) -> torch.Tensor:
-        """Real-time chunking (polcache.policy.rtc), eager: one gradient per flow step."""
+        """Real-time chunking (polcache.policy.rtc): one gradient per flow step, the whole chunk
+        replayed as a CUDA graph where graphs are on (eager, with the reason logged, where its
+        capture fails)."""
         spec = self.spec
+        require_flow(self.sampler)
         actions = np.asarray(committed.actions, dtype=np.float32)
         if feats.shape[0] != 1 or actions.ndim != 2 or actions.shape[1] != spec.action_dim:
             raise ValueError(f"real-time chunking takes one observation history and committed actions of shape "
@@ -213,6 +218,14 @@ class TorchBackend:
                 "action", torch.as_tensor(actions[:n], device=self.device))
             weights[0, start:start + n, 0] = torch.as_tensor(overlap_weights(n, committed.delay), device=self.device)
         x, _ = self.policy.initial_noise(1, self.sampler, gen, self.device)
+        if self.rtc_graph_blocker is None and self._guided_graph is None:
+            try:
+                self._guided_graph = GuidedChunkGraph(self.policy, self.sampler, self.plan, feats, target, weights)
+            except Exception as exc:  # noqa: BLE001 - a capture failure leaves the eager path, which still works
+                self.rtc_graph_blocker = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log.warning("real-time chunking runs eager: %s", self.rtc_graph_blocker)
+        if self._guided_graph is not None:
+            return self._guided_graph(feats, x, target, weights)
         return guided_denoise(self.policy, feats, self.sampler, x, self.plan, target, weights)
 
     def _actions(self, x: torch.Tensor) -> np.ndarray:
@@ -245,11 +258,15 @@ class TorchBackend:
         """A robot's session: an embedding ring where the encoder is per frame, else stateless."""
         return TorchSession(self) if self.policy.encoder.per_frame else StatelessSession(self)
 
-    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+    def warmup(self, batch_sizes: Sequence[int] = (1,), rtc: bool = False) -> None:
         """Run (and on CUDA capture) one chunk per batch size, directly and through that many robot
-        sessions (the path the server takes), so the first robot request does not pay it."""
+        sessions (the path the server takes), and with `rtc` one real-time-chunking chunk, so the
+        first robot request does not pay it."""
         obs = {k: v.cpu().numpy() for k, v in probe_observations(self.policy, 1).items()}
         seqs = list(range(self.spec.n_obs_steps))
+        if rtc:
+            committed = CommittedActions(np.zeros((self.spec.n_action_steps, self.spec.action_dim), np.float32), 1)
+            self.predict(obs, seed=0, committed=committed)
         for size in batch_sizes:
             batch = probe_observations(self.policy, size)
             self.predict({k: v.cpu().numpy() for k, v in batch.items()}, seed=0)
@@ -274,7 +291,8 @@ class TorchBackend:
                 "parity": self.parity, "cuda_graphs": self.graph_blocker is None,
                 "fused_update": self.sampler.is_fused, "fused_norm": self.add_norm is not None,
                 "fused_norm_off_because": self.norm_blocker, "verify_candidates": self.candidates,
-                "cuda_graphs_off_because": self.graph_blocker, "batched_sessions": self.batch_blocker is None,
+                "cuda_graphs_off_because": self.graph_blocker, "rtc_cuda_graph": self._guided_graph is not None,
+                "rtc_cuda_graph_off_because": self.rtc_graph_blocker, "batched_sessions": self.batch_blocker is None,
                 "batching_off_because": self.batch_blocker}
 
 

@@ -12,13 +12,14 @@ static input buffers, so replays follow the caller's generator exactly as eager 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from polcache.policy.executor import decided_at_run_time
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.residual_norm import AddNorm
+from polcache.policy.rtc import guided_denoise
 from polcache.policy.samplers import Sampler
 
 
@@ -35,14 +36,34 @@ def graph_blocker(device: torch.device, plan: Sequence[Sequence[int]] | None,
     return None
 
 
-class ChunkGraph:
+class _CapturedChunk:
+    """A chunk computed from static input buffers, captured once as a CUDA graph.
+
+    The time token's K/V are kept by the denoiser; they are held here so the graph's reads stay
+    valid. The weights must not be replaced while the graph lives (it reads them by address)."""
+
+    def _capture(self, policy: DiffusionPolicy, sampler: Sampler, run: Callable[[], torch.Tensor],
+                 warmup: int) -> None:
+        with torch.no_grad():
+            self._time_kv = policy.denoiser.time_kv(sampler.timesteps)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # allocator and cuBLAS workspaces settle before capture
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = run()
+
+
+class ChunkGraph(_CapturedChunk):
     """One captured chunk for a fixed policy, sampler, plan and batch size.
 
     `__call__(inputs, x, noise)` copies the inputs into the static buffers, replays the graph and
     returns the normalised sample (a static buffer: read or copy it before the next call).
     `inputs` are the raw observations, or `{"features": (B, To, F)}` for a chunk from encoded
-    observations (self-verification encodes one observation and broadcasts it to N candidates).
-    The weights must not be replaced while the graph lives (it reads them by address)."""
+    observations (self-verification encodes one observation and broadcasts it to N candidates)."""
 
     def __init__(self, policy: DiffusionPolicy, sampler: Sampler, plan: Sequence[Sequence[int]] | None,
                  inputs: dict[str, torch.Tensor], warmup: int = 2, add_norm: AddNorm | None = None):
@@ -53,18 +74,7 @@ class ChunkGraph:
         self.x.zero_()
         if self.noise is not None:
             self.noise.zero_()
-        # The time token's K/V are kept by the denoiser; hold them so the graph's reads stay valid.
-        with torch.no_grad():
-            self._time_kv = policy.denoiser.time_kv(sampler.timesteps)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):  # allocator and cuBLAS workspaces settle before capture
-                self._chunk()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._chunk()
+        self._capture(policy, sampler, self._chunk, warmup)
 
     @torch.no_grad()
     def _chunk(self) -> torch.Tensor:
@@ -77,5 +87,26 @@ class ChunkGraph:
         self.x.copy_(x)
         if noise is not None:
             self.noise.copy_(noise)
+        self.graph.replay()
+        return self.out
+
+
+class GuidedChunkGraph(_CapturedChunk):
+    """A real-time-chunking chunk (polcache.policy.rtc) captured whole for one robot: every flow
+    step's forward pass, its vector-Jacobian product and the guided update. Eager, each step
+    launches the kernels of a forward and a backward pass from Python; on a GPU at batch 1 that is
+    what the chunk's time is. `__call__(features, x, target, weights)` as `guided_denoise` takes them."""
+
+    def __init__(self, policy: DiffusionPolicy, sampler: Sampler, plan: Sequence[Sequence[int]] | None,
+                 features: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, warmup: int = 2):
+        self.features, self.target, self.weights = features.detach().clone(), target.clone(), weights.clone()
+        self.x = torch.zeros_like(target)
+        self._capture(policy, sampler, lambda: guided_denoise(policy, self.features, sampler, self.x, plan,
+                                                              self.target, self.weights), warmup)
+
+    def __call__(self, features: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        for buf, value in ((self.features, features), (self.x, x), (self.target, target), (self.weights, weights)):
+            buf.copy_(value)
         self.graph.replay()
         return self.out

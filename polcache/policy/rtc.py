@@ -56,19 +56,24 @@ def guidance_weight(t: float, max_guidance: float) -> float:
     return min(max_guidance, t / ((1.0 - t) * r2)) if t > 0 else 0.0
 
 
+def require_flow(sampler: Sampler) -> None:
+    """RTC steers a flow sampler's clean-action estimate; the others are refused."""
+    if sampler.kind != "flow":
+        raise ValueError(f"real-time chunking guides flow samplers; this one is {sampler.kind}")
+
+
 def guided_denoise(policy, features: torch.Tensor, sampler: Sampler, x: torch.Tensor,
                    plan: Sequence[Sequence[int]] | None, target: torch.Tensor, weights: torch.Tensor,
                    max_guidance: float = MAX_GUIDANCE) -> torch.Tensor:
     """`policy.denoise` with RTC guidance: x (B, H, Da) from noise; `target` (B, H, Da) the committed
-    actions in normalised units and `weights` (B, H, 1) their per-token weight (0: free)."""
-    if sampler.kind != "flow":
-        raise ValueError(f"real-time chunking guides flow samplers; this one is {sampler.kind}")
+    actions in normalised units and `weights` (B, H, 1) their per-token weight (0: free). Free of host
+    synchronisation, so a CUDA graph can capture it whole (polcache.policy.graph.GuidedChunkGraph)."""
+    require_flow(sampler)
     with torch.no_grad():
         ctx = policy.denoiser.prepare_chunk(features, sampler.timesteps)
     n = len(policy.cache_blocks)
     store = None if plan is None else make_store(plan, n, _ConstantStore)
-    times = (sampler.timesteps / FLOW_TIME_SCALE).tolist()
-    for k, t in enumerate(times):
+    for k, t in enumerate(v / FLOW_TIME_SCALE for v in sampler.timestep_values):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             v = policy.denoiser.step(xg, k, ctx, None if plan is None else plan[k], store)
@@ -76,5 +81,6 @@ def guided_denoise(policy, features: torch.Tensor, sampler: Sampler, x: torch.Te
             error = (weights * (target - x0)).detach()
             (g,) = torch.autograd.grad((error * x0).sum(), xg)
         # v points from data to noise; the guidance moves x0_hat toward the target (data side)
-        x = sampler.update(k, x, (v - guidance_weight(t, max_guidance) * g).detach(), None)
+        with torch.no_grad():  # as in unguided chunks: a compiled update is not recompiled for grad mode
+            x = sampler.update(k, x, v.detach() - guidance_weight(t, max_guidance) * g, None)
     return x

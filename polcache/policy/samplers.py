@@ -43,6 +43,7 @@ class Sampler:
     def __post_init__(self) -> None:
         # Python floats: multiplying by a float is cheaper than by an indexed 0-d tensor.
         self._coef = list(zip(*(getattr(self, n).tolist() for n in ("a", "b", "c", "d", "e", "s"))))
+        self.timestep_values: list[float] = self.timesteps.tolist()  # read without a device sync (graph capture)
         self._fused = None  # set by `fused()`
 
     def fused(self) -> "Sampler":
@@ -62,7 +63,9 @@ class Sampler:
                 x0 = x0.clamp(-1.0, 1.0)
             return c * x0 + d * x + e * model_out + s * noise
 
-        out._fused = torch.compile(update, dynamic=False, fullgraph=True)
+        # dynamic=None: a second batch size compiles one kernel for all of them (a server warms up
+        # batch sizes 1..8; one compiled kernel per size would pass dynamo's recompile limit)
+        out._fused = torch.compile(update, dynamic=None, fullgraph=True)
         return out
 
     @property

@@ -116,7 +116,11 @@ def _serve(args: argparse.Namespace) -> int:
                               instruction=args.instruction, max_batch=args.max_batch, rtc=args.rtc,
                               simulated_latency_ms=args.simulate_latency_ms, inline_ms=args.inline_ms)
         # e.g. on CUDA: captures each batch size's graph before the first robots ask (they wait meanwhile)
-        backend.warmup(tuple(range(1, server.max_batch + 1)))
+        sizes = tuple(range(1, server.max_batch + 1))
+        if args.rtc:  # a torch backend with a flow sampler (PolicyServer checked)
+            backend.warmup(sizes, rtc=True)
+        else:
+            backend.warmup(sizes)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         print(f"serving {args.checkpoint} on {server.endpoint} (Ctrl-C to stop)", flush=True)
         try:
