@@ -8,8 +8,9 @@
 #   BENCHES=vla bash benchmarks/gpu_check.sh     # the CUDA tests and bench_vla only (default: "gpu vla")
 #
 # The GPU machine has torch + CUDA but no registry: wheels of what it lacks (zarr, numcodecs,
-# donfig, google-crc32c, pyzmq, diffusers, importlib_metadata, cp312) are carried in .whl/. A trained VLA checkpoint and its BAC schedule, where carried in
-# .gpu/vla and .gpu/vla_sched.json, add the VLA rows.
+# donfig, google-crc32c, pyzmq, diffusers, importlib_metadata, cp312) are carried in .whl/.
+# A trained VLA checkpoint and its BAC schedule, where carried in .gpu/vla and
+# .gpu/vla_sched.json, add the VLA rows.
 set -u
 OUT=${OUT:-$PWD/benchmarks/results}
 DEVICE=${DEVICE:-cuda}
