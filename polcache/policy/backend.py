@@ -25,6 +25,12 @@ from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, St
 log = logging.getLogger(__name__)
 
 
+def _reason(exc: Exception) -> str:
+    """An exception as one line for a log or `describe()`: its type and its message's first line."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class TorchBackend:
     """Runs a DiffusionPolicy with a chosen sampler, step count, (optional) cache plan, device and
     denoiser precision.
@@ -98,8 +104,7 @@ class TorchBackend:
         except Exception as exc:  # noqa: BLE001 - torch.compile raises many kinds (no triton, no compiler)
             if not self.sampler.is_fused:
                 raise
-            log.warning("compiled sampler update unavailable (%s: %s); capturing the plain update instead",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            log.warning("compiled sampler update unavailable (%s); capturing the plain update instead", _reason(exc))
             self.sampler = self.policy.sampler(self.sampler.kind, self.sampler.num_steps)
             return ChunkGraph(self.policy, self.sampler, self.plan, batch, add_norm=self.add_norm)
 
@@ -222,7 +227,7 @@ class TorchBackend:
             try:
                 self._guided_graph = GuidedChunkGraph(self.policy, self.sampler, self.plan, feats, target, weights)
             except Exception as exc:  # noqa: BLE001 - a capture failure leaves the eager path, which still works
-                self.rtc_graph_blocker = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.rtc_graph_blocker = f"capture failed: {_reason(exc)}"
                 log.warning("real-time chunking runs eager: %s", self.rtc_graph_blocker)
         if self._guided_graph is not None:
             return self._guided_graph(feats, x, target, weights)
