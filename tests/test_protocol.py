@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import msgpack
 import numpy as np
 import pytest
@@ -27,8 +25,8 @@ def _messages() -> list[P.Message]:
 
 def _assert_same(a: P.Message, b: P.Message) -> None:
     assert type(a) is type(b)
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
+    for name in a.__struct_fields__:
+        x, y = getattr(a, name), getattr(b, name)
         if isinstance(x, dict) and x and isinstance(next(iter(x.values())), np.ndarray):
             assert x.keys() == y.keys()
             for k in x:
@@ -38,7 +36,7 @@ def _assert_same(a: P.Message, b: P.Message) -> None:
             np.testing.assert_array_equal(x, y)
             assert x.dtype == y.dtype
         else:
-            assert x == y, f.name
+            assert x == y, name
 
 
 @pytest.mark.parametrize("msg", _messages(), ids=lambda m: type(m).__name__)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 
 import numpy as np
 import zmq
+from msgspec.structs import replace
 
 from polcache_client.curve import apply_client_keys
 from polcache_client.logs import RateLimitedLog

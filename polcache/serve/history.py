@@ -10,6 +10,7 @@ frame_offsets, the same layout as the training windows, padding included).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 
 import numpy as np
@@ -38,11 +39,10 @@ class ObservationHistory:
         """The sequence numbers used (oldest first) and each key stacked as (1, n_steps, ...)."""
         if not self._entries:
             raise ValueError("window of an empty history")
-        newest = self._entries[-1][0]
-        picks = []
-        for target in (newest + off for off in self.offsets):
-            earlier = [entry for entry in self._entries if entry[0] <= target]
-            picks.append(earlier[-1] if earlier else self._entries[0])
+        entries = self._entries
+        seqs = [seq for seq, _ in entries]  # ascending (push refuses older steps)
+        # per offset the newest step at or before it, the oldest held where none is
+        picks = [entries[max(bisect_right(seqs, seqs[-1] + off) - 1, 0)] for off in self.offsets]
         stacked = {}
         for key, newest_array in picks[-1][1].items():  # filled in place: a third of np.stack's cost, per message
             out = stacked[key] = np.empty((1, len(picks), *newest_array.shape), newest_array.dtype)
@@ -64,6 +64,8 @@ class ExecutedLog:
         self._by_seq.clear()
 
     def record(self, seqs: list[int], actions: np.ndarray) -> None:
+        if not seqs:  # most observations: a robot that does not report, or a tick it held
+            return
         for seq, action in zip(seqs, actions):
             self._by_seq[int(seq)] = np.asarray(action, np.float32)
         if self._by_seq:
@@ -74,6 +76,8 @@ class ExecutedLog:
     def at(self, seq: int, offsets: tuple[int, ...], action_dim: int) -> np.ndarray | None:
         """The actions applied at steps seq + offsets (oldest first), NaN rows where none was
         reported; None while nothing at all is known."""
+        if not self._by_seq:
+            return None
         rows = [self._by_seq.get(seq + off) for off in offsets]
         if not rows or all(r is None for r in rows):
             return None

@@ -79,6 +79,7 @@ class Session:
     history: ObservationHistory
     executed: ExecutedLog
     policy: PolicySession  # the robot's own policy state (e.g. its embedding ring buffer)
+    action_offsets_s: np.ndarray  # when each action of a chunk is due, after its observation's capture
     version: int = PROTOCOL_VERSION  # the robot's protocol version: every reply is written in it
     epoch: int = 0
     last_seen: float = 0.0
@@ -257,11 +258,11 @@ class PolicyServer:
 
     def _drain(self) -> None:
         """Read everything waiting before the next dispatch, so only the newest observation counts."""
-        for _ in range(MAX_DRAIN):
-            if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a zmq.Again per turn
-                return
+        for _ in range(MAX_DRAIN):  # the poll said one is waiting; after it, asking is cheaper than a zmq.Again
             frames = self._router.recv_multipart(zmq.NOBLOCK)
             self._handle(frames[0], frames[1:])
+            if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _handle(self, robot: bytes, frames: list[bytes]) -> None:
         session = self.sessions.get(robot)
@@ -274,21 +275,21 @@ class PolicyServer:
                 raise ProtocolError("malformed", f"expected one frame per message, got {len(frames)}")
             msg, version = decode_versioned(frames[0], self.max_message_bytes)
             decode_ms = (time.perf_counter() - t0) * 1e3
-            if isinstance(msg, Handshake):
-                self._on_handshake(robot, msg, version)
-            elif isinstance(msg, Heartbeat):
-                self._send(robot, frames[0])
-            elif isinstance(msg, (Observation, Reset)):
+            if isinstance(msg, (Observation, Reset)):  # observations first: nearly every message is one
                 if session is None:
                     raise ProtocolError("no_session", "no handshake on this connection (server restarted?): send a handshake first")
-                if isinstance(msg, Reset):
+                if type(msg) is Observation:
+                    self._on_observation(robot, session, msg, decode_ms)
+                else:
                     if msg.instruction is not None:  # refused whole (the epoch too) if it does not fit
                         session.instruction = session_instruction(msg.instruction, self.spec, None,
                                                                   "reset.instruction")
                     session.start_epoch(msg.epoch)
                     self._send(robot, frames[0])
-                else:
-                    self._on_observation(robot, session, msg, decode_ms)
+            elif isinstance(msg, Handshake):
+                self._on_handshake(robot, msg, version)
+            elif isinstance(msg, Heartbeat):
+                self._send(robot, frames[0])
             else:
                 raise ProtocolError("unknown_type", f"the server does not accept {type(msg).__name__} messages")
         except ProtocolError as exc:
@@ -309,7 +310,8 @@ class PolicyServer:
                                                                   self.spec.frame_mode),
                                        executed=ExecutedLog(self.spec.history_span), policy=self.backend.session(),
                                        version=version, instruction=instruction,
-                                       last_seen=time.monotonic())
+                                       last_seen=time.monotonic(),
+                                       action_offsets_s=np.arange(self.spec.n_action_steps, dtype=np.float64) / msg.hz)
         self.sessions.move_to_end(robot)
         while len(self.sessions) > self.max_sessions:
             evicted = self.sessions.popitem(last=False)[1]
@@ -362,7 +364,9 @@ class PolicyServer:
         # send at the same instant every tick keep the same arrival order, and the first would
         # win every time.) A robot left out by max_batch is older than all served now: next turn
         # it goes first.
-        robots = sorted(waiting, key=lambda r: self.sessions[r].last_served)[:self.max_batch]
+        if len(waiting) > 1:
+            waiting.sort(key=lambda r: self.sessions[r].last_served)
+        robots = waiting[:self.max_batch]
         jobs = [self._job(robot, len(waiting), len(robots)) for robot in robots]
         if self._runs_inline():
             for result in self._worker.infer(jobs):
@@ -413,10 +417,9 @@ class PolicyServer:
         if result.actions is None:
             self._refuse(job.robot, session, ProtocolError("inference", result.error), seq=job.seq)
             return
-        n = len(result.actions)
         chunk = ActionChunk(epoch=job.epoch, seq=job.seq, obs_seqs=job.obs_seqs, t_capture=job.t_capture,
-                            t_actions=job.t_capture + np.arange(n, dtype=np.float64) / session.hz,
-                            actions=result.actions, timing=job.timing)
+                            t_actions=job.t_capture + session.action_offsets_s, actions=result.actions,
+                            timing=job.timing)
         frame, encode_ms = encode_chunk(chunk, session.version)
         self._send(job.robot, frame)
         total_ms = (time.perf_counter() - job.received) * 1e3 + job.timing["decode"]
@@ -429,12 +432,14 @@ class PolicyServer:
         if late:
             self._warn(f"{session.name}:deadline", f"observation {job.seq} of {session.name} took {total_ms:.1f} ms, "
                                                    f"over its {deadline_ms:.1f} ms deadline")
-        timing = job.timing
-        self._record(RequestRecord(
-            t=time.time(), robot=session.name, epoch=job.epoch, seq=job.seq, decode_ms=timing["decode"],
-            preprocess_ms=timing["preprocess"], queue_ms=timing["queue"], inference_ms=timing["inference"],
-            postprocess_ms=timing["postprocess"], encode_ms=encode_ms, total_ms=total_ms,
-            queue_depth=job.queue_depth, batch_size=job.batch_size, superseded=job.superseded, deadline_miss=late))
+        if self.on_record is not None:  # built only for a listener: a few microseconds per chunk
+            timing = job.timing
+            self.on_record(RequestRecord(
+                t=time.time(), robot=session.name, epoch=job.epoch, seq=job.seq, decode_ms=timing["decode"],
+                preprocess_ms=timing["preprocess"], queue_ms=timing["queue"], inference_ms=timing["inference"],
+                postprocess_ms=timing["postprocess"], encode_ms=encode_ms, total_ms=total_ms,
+                queue_depth=job.queue_depth, batch_size=job.batch_size, superseded=job.superseded,
+                deadline_miss=late))
 
     # ------------------------------------------------------------ plumbing
 

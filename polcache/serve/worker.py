@@ -28,7 +28,7 @@ from polcache_client.logs import RateLimitedLog
 log = logging.getLogger("polcache.serve")
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     robot: bytes  # session identity
     epoch: int
@@ -47,7 +47,7 @@ class Job:
     timing: dict[str, float] = field(default_factory=dict)  # stages so far, ms
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     job: Job
     actions: np.ndarray | None  # (n_action_steps, action_dim) float32, or None on failure
