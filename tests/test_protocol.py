@@ -165,3 +165,76 @@ def test_version_2_observations_carry_the_executed_actions():
     msg, version = P.decode_versioned(P.encode(obs))
     assert version == P.PROTOCOL_VERSION >= 2 and msg.executed_seqs == [4, 5]
     np.testing.assert_array_equal(msg.executed, executed)
+
+
+# ------------------------------------------------------------ the per-tick fast path
+
+
+def _valid_tick_wires() -> list[dict]:
+    obs = msgpack.unpackb(P.encode(P.Observation(
+        epoch=1, seq=6, t_capture=2.5, arrays={"state": np.arange(3, dtype=np.float32), "image": np.ones((2, 2, 3), np.uint8)},
+        executed_seqs=[4, 5], executed=np.ones((2, 2), np.float32))))
+    chunk = msgpack.unpackb(P.encode_chunk(_messages()[3])[0])
+    return [obs, {**obs, "v": 2}, chunk, {**chunk, "v": 1}]
+
+
+BAD_VALUES = [None, True, "7", -1, 2**63, 2**64 - 1, 1.5, float("nan"), float("inf"), -1e13, [], {}, b"", [True], ["x"],
+              {"x": 1.0}, {"k" * 4097: 1.0}, {"k": float("nan")}, {"k": True}, {"k": "x"}]
+BAD_ARRAYS = [{"dtype": "float32", "shape": [3]}, {"dtype": "float32", "shape": [3], "data": b"\0" * 12, "x": 1},
+              {"dtype": "object", "shape": [1], "data": b"\0" * 8}, {"dtype": 5, "shape": [1], "data": b"\0" * 4},
+              {"dtype": "uint8", "shape": [-1], "data": b""}, {"dtype": "uint8", "shape": [2**31], "data": b""},
+              {"dtype": "uint8", "shape": [1] * 9, "data": b"\0"}, {"dtype": "uint8", "shape": "3", "data": b"\0" * 3},
+              {"dtype": "uint8", "shape": [3], "data": "abc"}, {"dtype": "uint8", "shape": [3], "data": b"\0" * 4},
+              {"dtype": "int32", "shape": [2, 2], "data": b"\0" * 16}, {"dtype": "float32", "shape": [2], "data": b"\0" * 8},
+              {"dtype": "float32", "shape": [2, 2], "data": np.full(4, np.nan, np.float32).tobytes()}]
+
+
+def _mutations(wire: dict):
+    """The valid frame, then each field missing, replaced by a bad value or array, plus extra keys."""
+    yield wire
+    yield {**wire, "colour": "red"}
+    for key in wire:
+        yield {k: v for k, v in wire.items() if k != key}
+        for bad in BAD_VALUES + BAD_ARRAYS:
+            yield {**wire, key: bad}
+        if isinstance(wire[key], dict) and key != "timing":  # each array of obs.arrays
+            for name in wire[key]:
+                for bad in BAD_ARRAYS:
+                    yield {**wire, key: {**wire[key], name: bad}}
+            yield {**wire, key: {**wire[key], "k" * 4097: wire[key][next(iter(wire[key]))]}}
+
+
+def _strict(frame: bytes):
+    try:
+        return P._decode_strict(frame)
+    except P.ProtocolError:
+        return None
+
+
+def _assert_tick_agrees(frame: bytes) -> bool:
+    """The fast path accepts nothing the strict decoder refuses, and what it accepts decodes alike."""
+    fast, strict = P._decode_tick(frame), _strict(frame)
+    if strict is None:
+        assert fast is None, f"fast path accepted what the strict decoder refuses: {msgpack.unpackb(frame)!r:.300}"
+    elif fast is not None:
+        assert fast[1] == strict[1]
+        _assert_same(fast[0], strict[0])
+    return fast is not None
+
+
+def test_tick_fast_path_reads_valid_observations_and_chunks():
+    for wire in _valid_tick_wires():
+        assert _assert_tick_agrees(msgpack.packb(wire)), wire["type"]  # taken, not just agreeing
+
+
+def test_tick_fast_path_is_no_looser_than_the_strict_decoder():
+    frames = [msgpack.packb(m) for wire in _valid_tick_wires() for m in _mutations(wire)]
+    assert len(frames) > 500
+    # flipped bytes: msgpack of other types and lengths, invalid UTF-8, truncations
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        frame = bytearray(frames[rng.integers(len(frames))])
+        for pos in rng.integers(len(frame), size=rng.integers(1, 4)):
+            frame[pos] = rng.integers(256)
+        frames.append(bytes(frame))
+    assert sum(_assert_tick_agrees(f) for f in frames) > 4  # some taken; every one agreeing
