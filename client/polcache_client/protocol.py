@@ -159,11 +159,13 @@ def encode_array(arr: np.ndarray) -> dict:
 
 def _array_parts(arr: np.ndarray) -> tuple[str, list[int], bytes]:
     """An array's wire fields: dtype name, shape, raw little-endian C-order bytes."""
-    arr = np.asarray(arr)
+    if type(arr) is not np.ndarray:
+        arr = np.asarray(arr)
     name = _dtype_name(arr.dtype)
     if name not in ALLOWED_DTYPES:
         raise ProtocolError("bad_dtype", f"dtype {arr.dtype} cannot be sent")
-    return name, list(arr.shape), np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[name]).tobytes()
+    wire = _WIRE_DTYPES[name]
+    return name, list(arr.shape), (arr if arr.dtype == wire else arr.astype(wire)).tobytes()  # tobytes: C order
 
 
 def _is_dim(s: Any) -> bool:
@@ -194,7 +196,7 @@ def _array(dtype: str, shape: list[int], data: bytes | memoryview, where: str) -
         raise ProtocolError(
             "bad_array", f"{where}: {len(data)} bytes for shape {shape} {dtype} (expected {expected})"
         )
-    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    return np.ndarray(shape, np_dtype, buffer=data)  # read-only, as the frame it views
 
 
 def check_arrays(arrays: dict[str, np.ndarray], spec: ObsSpec) -> None:
