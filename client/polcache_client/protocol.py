@@ -199,6 +199,12 @@ def _array(dtype: str, shape: list[int], data: bytes | memoryview, where: str) -
     return np.ndarray(shape, np_dtype, buffer=data)  # read-only, as the frame it views
 
 
+def all_finite(arr: np.ndarray) -> bool:
+    """Whether a float array holds no NaN or infinity (count_nonzero: half the time of
+    isfinite().all(), which goes through a Python wrapper; paid several times a message)."""
+    return np.count_nonzero(np.isfinite(arr)) == arr.size
+
+
 def check_arrays(arrays: dict[str, np.ndarray], spec: ObsSpec) -> None:
     """Refuse observations that do not match the negotiated spec, naming the first offending key."""
     if arrays.keys() != spec.keys():
@@ -212,7 +218,7 @@ def check_arrays(arrays: dict[str, np.ndarray], spec: ObsSpec) -> None:
             raise ProtocolError("bad_shape", f"observation {key!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
         if _dtype_name(arr.dtype) != dtype:
             raise ProtocolError("bad_dtype", f"observation {key!r} has dtype {arr.dtype.name}, expected {dtype}")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and not all_finite(arr):
             raise ProtocolError("non_finite", f"observation {key!r} contains NaN or infinite values")
 
 
@@ -500,7 +506,7 @@ def _check_executed(obs: Observation) -> None:
     if executed.ndim != 2 or executed.dtype.kind != "f" or len(seqs) != len(executed):
         raise ProtocolError("bad_shape", f"obs.executed must be ({len(seqs)}, action_dim) floats, one row per "
                                          f"obs.executed_seqs entry, got {executed.dtype} {executed.shape}")
-    if not np.isfinite(executed).all():
+    if not all_finite(executed):
         raise ProtocolError("non_finite", "obs.executed contains NaN or infinite values")
     if any(not 0 <= s < obs.seq for s in seqs):
         raise ProtocolError("out_of_range", f"obs.executed_seqs must be earlier ticks of the epoch (0..{obs.seq - 1}), "
@@ -513,7 +519,7 @@ def _check_chunk(chunk: ActionChunk) -> None:
         raise ProtocolError("bad_shape", "chunk.actions must be (n, action_dim) floats and chunk.t_actions (n,) floats")
     if len(t_actions) != len(actions):
         raise ProtocolError("bad_shape", f"chunk has {len(actions)} actions but {len(t_actions)} due times")
-    if not (np.isfinite(actions).all() and np.isfinite(t_actions).all()):
+    if not (all_finite(actions) and all_finite(t_actions)):
         raise ProtocolError("non_finite", "chunk contains NaN or infinite values")
 
 

@@ -24,6 +24,7 @@ import zmq
 from polcache.policy.batching import SessionRequest, session_predictor
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession
 from polcache_client.logs import RateLimitedLog
+from polcache_client.protocol import all_finite
 
 log = logging.getLogger("polcache.serve")
 
@@ -126,7 +127,7 @@ class InferenceWorker:
         expected = (1, spec.n_action_steps, spec.action_dim)
         if actions.shape != expected:
             raise ValueError(f"policy returned actions of shape {actions.shape}, expected {expected}")
-        if not np.isfinite(actions).all():
+        if not all_finite(actions):
             raise ValueError("policy produced NaN or infinite actions")
         return actions[0]
 
