@@ -3,6 +3,8 @@ chunk, over tcp loopback, side by side in one run:
 
 - polcache: the real PolicyServer (ROUTER/DEALER, validated single-frame msgpack, history,
   inference worker hand-off) with a zero-cost policy, driven by PolicyClient's wire format;
+- polcache+metrics: the same server recording every request into polcache's metrics (window
+  summaries and Prometheus histograms, no file), as `polcache serve` always does;
 - msgpack REQ/REP: the same raw-numpy msgpack encoding with a bare echo server;
 - pickle REQ/REP: the common pickle-over-REQ/REP setup (baseline only; polcache never
   unpickles peer data, which is why pickle lives here and not in polcache/);
@@ -43,7 +45,7 @@ from polcache_client.protocol import ActionChunk, Handshake, Observation, decode
 IMAGE = (96, 96, 3)
 STATE_DIM = 39
 ACTION_SHAPE = (8, 4)
-MODES = ("polcache", "msgpack", "pickle")
+MODES = ("polcache", "polcache+metrics", "msgpack", "pickle")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -80,9 +82,11 @@ def serve(mode: str, port: int) -> None:
     """Run one server in this process until killed."""
     address = f"tcp://127.0.0.1:{port}"
     if mode.startswith("polcache"):
+        from polcache.metrics import Metrics
         from polcache.serve.server import PolicyServer
 
-        PolicyServer(ZeroBackend(), address, deadline_ms=1e9).serve_forever()
+        on_record = Metrics().record if mode.endswith("+metrics") else None
+        PolicyServer(ZeroBackend(), address, deadline_ms=1e9, on_record=on_record).serve_forever()
         return
     sock = zmq.Context.instance().socket(zmq.REP)
     sock.bind(address)
@@ -175,10 +179,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     arrays = {"image_front": rng.integers(0, 255, IMAGE, dtype=np.uint8),
               "state": rng.standard_normal(STATE_DIM).astype(np.float32)}
-    trees = {"polcache": REPO}  # the checkout this script belongs to, not whichever polcache is installed
+    trees = {"polcache": REPO, "polcache+metrics": REPO}  # this script's checkout, not whichever is installed
     if args.baseline_tree:
         trees["polcache-baseline"] = Path(args.baseline_tree).resolve()
-    modes = [*trees, *MODES[1:], *(f"msgpack+{int(us)}us" for us in args.echo_work_us.split(",") if us)]
+    modes = [*trees, *MODES[2:], *(f"msgpack+{int(us)}us" for us in args.echo_work_us.split(",") if us)]
     ports = {mode: free_port() for mode in modes}
     servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p)],
                                 env={**os.environ, "PYTHONPATH": _import_path(trees.get(m, REPO))})

@@ -55,7 +55,10 @@ from polcache_client.protocol import (
 
 log = logging.getLogger("polcache.serve")
 
-SOCKET_HWM = 4  # per robot, each way
+# Messages per robot, each way. Small, so a flooding robot queues little; not smaller: ZeroMQ
+# passes flow-control credit between its threads every HWM/2 messages, and at 4 that cost a
+# thread wake-up every second message (BENCHMARKS.md, transport).
+SOCKET_HWM = 16
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
