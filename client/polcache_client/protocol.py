@@ -71,8 +71,8 @@ class Welcome(msgspec.Struct, frozen=True):
     server: str
 
 
-def _no_actions() -> np.ndarray:
-    return np.zeros((0, 0), np.float32)
+NO_ACTIONS = np.zeros((0, 0), np.float32)  # "none reported": shared by every such observation, so
+NO_ACTIONS.flags.writeable = False  # read-only (it is empty anyway)
 
 
 class Observation(msgspec.Struct, frozen=True):
@@ -86,7 +86,7 @@ class Observation(msgspec.Struct, frozen=True):
     t_capture: float
     arrays: dict[str, np.ndarray]
     executed_seqs: list[int] = msgspec.field(default_factory=list)
-    executed: np.ndarray = msgspec.field(default_factory=_no_actions)
+    executed: np.ndarray = NO_ACTIONS
 
 
 class ActionChunk(msgspec.Struct, frozen=True):
@@ -544,10 +544,15 @@ class _WireArray(msgspec.Struct, forbid_unknown_fields=True):
 
     @classmethod
     def of(cls, arr: np.ndarray) -> "_WireArray":
-        return cls(*_array_parts(arr))
+        return _WIRE_NO_ACTIONS if arr is NO_ACTIONS else cls(*_array_parts(arr))
 
     def array(self) -> np.ndarray:
+        if self.shape == [0, 0] and self.dtype == "float32":  # most observations' executed actions
+            return NO_ACTIONS
         return _array(self.dtype, self.shape, self.data, "")
+
+
+_WIRE_NO_ACTIONS = _WireArray(*_array_parts(NO_ACTIONS))
 
 
 class _WireObservation(msgspec.Struct, tag_field="type", tag="obs", forbid_unknown_fields=True):
