@@ -81,7 +81,7 @@ def test_client_distribution_installs_without_torch_and_runs_a_robot_loop(tmp_pa
     except subprocess.TimeoutExpired:
         pytest.skip("pip install ./client took over 120 s (package registry too slow to reach)")
     if install.returncode != 0 and any(m in install.stderr for m in OFFLINE):
-        pytest.skip(f"pip cannot reach the package registry for numpy/pyzmq/msgpack: {install.stderr.strip()[-300:]}")
+        pytest.skip(f"pip cannot reach the package registry for numpy/pyzmq/msgpack/msgspec: {install.stderr.strip()[-300:]}")
     assert install.returncode == 0, install.stderr
 
     blocked = subprocess.run([python, "-I", "-c", "import torch"], capture_output=True, text=True, timeout=60, cwd=tmp_path)

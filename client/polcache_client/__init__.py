@@ -1,7 +1,7 @@
 """polcache_client: the robot side of the runtime (protocol, fixed-Hz loop, action schedule,
-watchdog, adapter interface). Depends only on numpy, pyzmq, msgpack and the standard library,
-never on torch, MuJoCo or the rest of polcache, so a robot computer installs it alone: the
-`polcache-client` distribution built from client/ (`pip install ./client`)."""
+watchdog, adapter interface). Depends only on numpy, pyzmq, msgpack, msgspec and the standard
+library, never on torch, MuJoCo or the rest of polcache, so a robot computer installs it alone:
+the `polcache-client` distribution built from client/ (`pip install ./client`)."""
 
 from polcache_client.adapter import RobotAdapter
 from polcache_client.connection import ConnectError, PolicyClient
