@@ -167,7 +167,10 @@ def test_version_2_observations_carry_the_executed_actions():
     np.testing.assert_array_equal(msg.executed, executed)
 
 
-# ------------------------------------------------------------ the per-tick fast path
+# ------------------------------------------------------------ the per-tick fast paths
+
+TICK_SPEC = {"state": ((3,), "float32"), "image": ((2, 2, 3), "uint8")}
+READER = P.ObservationReader(TICK_SPEC)
 
 
 def _valid_tick_wires() -> list[dict]:
@@ -175,7 +178,8 @@ def _valid_tick_wires() -> list[dict]:
         epoch=1, seq=6, t_capture=2.5, arrays={"state": np.arange(3, dtype=np.float32), "image": np.ones((2, 2, 3), np.uint8)},
         executed_seqs=[4, 5], executed=np.ones((2, 2), np.float32))))
     chunk = msgpack.unpackb(P.encode_chunk(_messages()[3])[0])
-    return [obs, {**obs, "v": 2}, chunk, {**chunk, "v": 1}]
+    return [obs, {**obs, "v": 2}, {**obs, "executed_seqs": [], "executed": P.encode_array(P.NO_ACTIONS)}, chunk,
+            {**chunk, "v": 1}]
 
 
 BAD_VALUES = [None, True, "7", -1, 2**63, 2**64 - 1, 1.5, float("nan"), float("inf"), -1e13, [], {}, b"", [True], ["x"],
@@ -186,34 +190,48 @@ BAD_ARRAYS = [{"dtype": "float32", "shape": [3]}, {"dtype": "float32", "shape": 
               {"dtype": "uint8", "shape": [1] * 9, "data": b"\0"}, {"dtype": "uint8", "shape": "3", "data": b"\0" * 3},
               {"dtype": "uint8", "shape": [3], "data": "abc"}, {"dtype": "uint8", "shape": [3], "data": b"\0" * 4},
               {"dtype": "int32", "shape": [2, 2], "data": b"\0" * 16}, {"dtype": "float32", "shape": [2], "data": b"\0" * 8},
-              {"dtype": "float32", "shape": [2, 2], "data": np.full(4, np.nan, np.float32).tobytes()}]
+              {"dtype": "float64", "shape": [3], "data": b"\0" * 24}, {"dtype": "float32", "shape": [3], "data": b"\0" * 8},
+              {"dtype": "uint8", "shape": [2, 2, 3], "data": b"\0" * 11}, {"dtype": "uint8", "shape": [2, 3, 2], "data": b"\0" * 12},
+              {"dtype": "float32", "shape": [2, 2], "data": np.full(4, np.nan, np.float32).tobytes()},
+              {"dtype": "float32", "shape": [3], "data": np.array([0, np.inf, 0], np.float32).tobytes()}]
 
 
 def _mutations(wire: dict):
-    """The valid frame, then each field missing, replaced by a bad value or array, plus extra keys."""
+    """The valid frame, then each field missing, replaced by a bad value or array, plus extra keys;
+    each array of obs.arrays missing, replaced or joined by another."""
     yield wire
     yield {**wire, "colour": "red"}
     for key in wire:
         yield {k: v for k, v in wire.items() if k != key}
         for bad in BAD_VALUES + BAD_ARRAYS:
             yield {**wire, key: bad}
-        if isinstance(wire[key], dict) and key != "timing":  # each array of obs.arrays
-            for name in wire[key]:
-                for bad in BAD_ARRAYS:
-                    yield {**wire, key: {**wire[key], name: bad}}
-            yield {**wire, key: {**wire[key], "k" * 4097: wire[key][next(iter(wire[key]))]}}
+    if wire["type"] == "obs":
+        arrays = wire["arrays"]
+        for name in arrays:
+            yield {**wire, "arrays": {k: v for k, v in arrays.items() if k != name}}
+            for bad in BAD_ARRAYS:
+                yield {**wire, "arrays": {**arrays, name: bad}}
+        yield {**wire, "arrays": {**arrays, "k" * 4097: arrays["state"]}}
+        yield {**wire, "arrays": {**arrays, "depth": arrays["state"]}}
 
 
 def _strict(frame: bytes):
+    """The strict decoder's message, an observation also checked against TICK_SPEC; None if refused."""
     try:
-        return P._decode_strict(frame)
+        msg, version = P._decode_strict(frame)
+        if type(msg) is P.Observation:
+            P.check_arrays(msg.arrays, TICK_SPEC)
+        return msg, version
     except P.ProtocolError:
         return None
 
 
-def _assert_tick_agrees(frame: bytes) -> bool:
-    """The fast path accepts nothing the strict decoder refuses, and what it accepts decodes alike."""
-    fast, strict = P._decode_tick(frame), _strict(frame)
+def _assert_fast_agrees(frame: bytes) -> bool:
+    """The fast paths (chunks: decode's; observations: the spec's reader) accept nothing the
+    strict decoder refuses, and what they accept decodes alike. True if one took the frame."""
+    chunk, obs, strict = P._decode_tick(frame), READER._read_observation(frame), _strict(frame)
+    assert chunk is None or obs is None
+    fast = chunk or obs
     if strict is None:
         assert fast is None, f"fast path accepted what the strict decoder refuses: {msgpack.unpackb(frame)!r:.300}"
     elif fast is not None:
@@ -222,14 +240,14 @@ def _assert_tick_agrees(frame: bytes) -> bool:
     return fast is not None
 
 
-def test_tick_fast_path_reads_valid_observations_and_chunks():
+def test_fast_paths_read_valid_observations_and_chunks():
     for wire in _valid_tick_wires():
-        assert _assert_tick_agrees(msgpack.packb(wire)), wire["type"]  # taken, not just agreeing
+        assert _assert_fast_agrees(msgpack.packb(wire)), wire["type"]  # taken, not just agreeing
 
 
-def test_tick_fast_path_is_no_looser_than_the_strict_decoder():
+def test_fast_paths_are_no_looser_than_the_strict_decoder():
     frames = [msgpack.packb(m) for wire in _valid_tick_wires() for m in _mutations(wire)]
-    assert len(frames) > 500
+    assert len(frames) > 700
     # flipped bytes: msgpack of other types and lengths, invalid UTF-8, truncations
     rng = np.random.default_rng(0)
     for _ in range(3000):
@@ -237,4 +255,16 @@ def test_tick_fast_path_is_no_looser_than_the_strict_decoder():
         for pos in rng.integers(len(frame), size=rng.integers(1, 4)):
             frame[pos] = rng.integers(256)
         frames.append(bytes(frame))
-    assert sum(_assert_tick_agrees(f) for f in frames) > 4  # some taken; every one agreeing
+    assert sum(_assert_fast_agrees(f) for f in frames) > 5  # some taken; every one agreeing
+
+
+def test_reader_names_what_does_not_match_the_spec():
+    obs = P.Observation(epoch=0, seq=9, t_capture=1.0, arrays={"state": np.zeros(4, np.float32),
+                                                               "image": np.zeros((2, 2, 3), np.uint8)})
+    with pytest.raises(P.ProtocolError, match=r"'state' has shape \(4,\), expected \(3,\)") as info:
+        READER.read(P.encode(obs))
+    assert info.value.code == "bad_shape" and info.value.seq == 9
+    assert type(READER.read(P.encode(P.Heartbeat(t=1.0)))[0]) is P.Heartbeat  # other messages pass as decoded
+    with pytest.raises(P.ProtocolError) as info:
+        READER.read(P.encode(obs), max_bytes=10)
+    assert info.value.code == "too_large"

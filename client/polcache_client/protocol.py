@@ -524,10 +524,11 @@ def _check_chunk(chunk: ActionChunk) -> None:
 
 
 # ---------------------------------------------------------------- the per-tick fast path
-# msgspec decodes an observation or a chunk of a current version into these typed records in
-# compiled code, about a quarter of the strict decoder's time (BENCHMARKS.md, transport). The
-# records are at least as strict as the field codecs above and the checks after them are the
-# same functions, so a frame they accept is one the strict decoder accepts as the same message
+# msgspec decodes a chunk (and, in ObservationReader, an observation of the negotiated layout)
+# into these typed records in compiled code, a fraction of the strict decoder's time
+# (BENCHMARKS.md, transport); msgspec also writes observations and chunks from them. The records
+# are at least as strict as the field codecs above and the checks after them are the same
+# functions, so a frame they accept is one the strict decoder accepts as the same message
 # (tests/test_protocol.py compares the two on valid and broken frames); whatever they do not
 # accept, the strict decoder reads and names.
 
@@ -555,8 +556,9 @@ class _WireArray(msgspec.Struct, forbid_unknown_fields=True):
 _WIRE_NO_ACTIONS = _WireArray(*_array_parts(NO_ACTIONS))
 
 
-class _WireObservation(msgspec.Struct, tag_field="type", tag="obs", forbid_unknown_fields=True):
+class _WireObservation(msgspec.Struct, forbid_unknown_fields=True):
     versions: ClassVar[tuple[int, ...]] = (2, 3)  # those whose observations carry executed actions (FIELD_SINCE)
+    type: Literal["obs"]  # a field, not a msgspec tag: a tag may be left out where no union needs it
     v: Literal[versions]
     epoch: _WireCount
     seq: _WireCount
@@ -567,12 +569,13 @@ class _WireObservation(msgspec.Struct, tag_field="type", tag="obs", forbid_unkno
 
     @classmethod
     def of(cls, obs: Observation, version: int) -> "_WireObservation":
-        return cls(version, int(obs.epoch), int(obs.seq), float(obs.t_capture),
+        return cls("obs", version, int(obs.epoch), int(obs.seq), float(obs.t_capture),
                    {k: _WireArray.of(a) for k, a in obs.arrays.items()}, list(obs.executed_seqs),
                    _WireArray.of(obs.executed))
 
 
-class _WireChunk(msgspec.Struct, tag_field="type", tag="chunk", forbid_unknown_fields=True):
+class _WireChunk(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["chunk"]
     v: Literal[SUPPORTED_VERSIONS]
     epoch: _WireCount
     seq: _WireCount
@@ -587,27 +590,74 @@ class _WireChunk(msgspec.Struct, tag_field="type", tag="chunk", forbid_unknown_f
         """With timing["encode"] = 0.0 as the last entry (see encode_chunk)."""
         timing = {k: v for k, v in chunk.timing.items() if k != "encode"}
         timing["encode"] = 0.0
-        return cls(version, int(chunk.epoch), int(chunk.seq), list(chunk.obs_seqs), float(chunk.t_capture),
+        return cls("chunk", version, int(chunk.epoch), int(chunk.seq), list(chunk.obs_seqs), float(chunk.t_capture),
                    _WireArray.of(chunk.t_actions), _WireArray.of(chunk.actions), timing)
 
 
-_TICK_DECODER = msgspec.msgpack.Decoder(Union[_WireObservation, _WireChunk])
+_CHUNK_DECODER = msgspec.msgpack.Decoder(_WireChunk)
 
 
-def _decode_tick(data: bytes) -> tuple[Observation | ActionChunk, int] | None:
-    """The message if it is a valid observation or chunk this path reads; None for anything else.
-    Its arrays are read-only views into `data`, which must therefore not change: bytes."""
+def _decode_tick(data: bytes) -> tuple[ActionChunk, int] | None:
+    """The message if it is a valid chunk; None for anything else. Its arrays are read-only views
+    into `data`, which must therefore not change: bytes."""
     try:
-        wire = _TICK_DECODER.decode(data if type(data) is bytes else bytes(data))
-        if type(wire) is _WireObservation:
-            msg = Observation(epoch=wire.epoch, seq=wire.seq, t_capture=wire.t_capture,
-                              arrays={k: a.array() for k, a in wire.arrays.items()},
-                              executed_seqs=wire.executed_seqs, executed=wire.executed.array())
-            _check_executed(msg)
-        else:
-            msg = ActionChunk(epoch=wire.epoch, seq=wire.seq, obs_seqs=wire.obs_seqs, t_capture=wire.t_capture,
-                              t_actions=wire.t_actions.array(), actions=wire.actions.array(), timing=wire.timing)
-            _check_chunk(msg)
+        wire = _CHUNK_DECODER.decode(data if type(data) is bytes else bytes(data))
+        msg = ActionChunk(epoch=wire.epoch, seq=wire.seq, obs_seqs=wire.obs_seqs, t_capture=wire.t_capture,
+                          t_actions=wire.t_actions.array(), actions=wire.actions.array(), timing=wire.timing)
+        _check_chunk(msg)
     except Exception:  # noqa: BLE001 - msgspec's errors, bad UTF-8, a failed check: the strict decoder names it
         return None
     return msg, wire.v
+
+
+class ObservationReader:
+    """Reads a server's messages from robots that negotiated `spec`. msgspec checks each array's
+    key, dtype and shape while it decodes an observation, in compiled code; Python checks only
+    the byte counts, the finiteness of float arrays and the executed actions. A frame it does not
+    take (another message, version or layout, anything wrong) goes through `decode_versioned`,
+    an observation from there through `check_arrays`: they name the problem."""
+
+    def __init__(self, spec: ObsSpec):
+        self.spec = spec
+        # per array: struct field, key, wire dtype, shape, byte count, whether it must be finite
+        self._arrays = [(f"a{i}", key, _WIRE_DTYPES[dtype], shape, math.prod(shape) * _WIRE_DTYPES[dtype].itemsize,
+                         np.dtype(dtype).kind == "f") for i, (key, (shape, dtype)) in enumerate(spec.items())]
+        arrays = msgspec.defstruct(
+            "SpecArrays", [(field, msgspec.defstruct(f"SpecArray_{field}", [
+                ("dtype", Literal[spec[key][1]]), ("shape", tuple[tuple(Literal[n] for n in shape)]),
+                ("data", memoryview)], forbid_unknown_fields=True)) for field, key, _, shape, _, _ in self._arrays],
+            rename={field: key for field, key, *_ in self._arrays}, forbid_unknown_fields=True)
+        observation = type("SpecObservation", (_WireObservation,), {"__annotations__": {"arrays": arrays}})
+        self._decoder = msgspec.msgpack.Decoder(observation)  # _WireObservation with these arrays
+
+    def read(self, data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[Message, int]:
+        """`decode_versioned`, and an Observation returned matches the spec (ProtocolError, with
+        the observation's seq, where it does not)."""
+        if len(data) <= max_bytes and (obs := self._read_observation(data)) is not None:
+            return obs
+        msg, version = decode_versioned(data, max_bytes)
+        if type(msg) is Observation:
+            try:
+                check_arrays(msg.arrays, self.spec)
+            except ProtocolError as exc:
+                exc.seq = msg.seq
+                raise
+        return msg, version
+
+    def _read_observation(self, data: bytes) -> tuple[Observation, int] | None:
+        try:
+            wire = self._decoder.decode(data if type(data) is bytes else bytes(data))
+            arrays = {}
+            for field, key, dtype, shape, size, finite in self._arrays:
+                buffer = getattr(wire.arrays, field).data
+                if len(buffer) != size:
+                    return None
+                arrays[key] = arr = np.ndarray(shape, dtype, buffer=buffer)
+                if finite and not all_finite(arr):
+                    return None
+            msg = Observation(epoch=wire.epoch, seq=wire.seq, t_capture=wire.t_capture, arrays=arrays,
+                              executed_seqs=wire.executed_seqs, executed=wire.executed.array())
+            _check_executed(msg)
+        except Exception:  # noqa: BLE001 - as _decode_tick
+            return None
+        return msg, wire.v

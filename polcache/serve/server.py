@@ -46,8 +46,8 @@ from polcache_client.protocol import (
     Observation,
     ProtocolError,
     Reset,
+    ObservationReader,
     Welcome,
-    check_arrays,
     decode_versioned,
     encode,
     encode_chunk,
@@ -171,7 +171,7 @@ class PolicyServer:
         self.on_record = on_record
         self.name = name
         self.instruction = instruction
-        self._obs_spec = robot_obs_spec(self.spec)
+        self._reader = ObservationReader(robot_obs_spec(self.spec))
         self._past_offsets = self.spec.frame_offsets[:-1]  # the past frames' steps, asked once per chunk
         self._log = RateLimitedLog(log)
         self._warn = self._log.warning
@@ -276,7 +276,10 @@ class PolicyServer:
         try:
             if len(frames) != 1:
                 raise ProtocolError("malformed", f"expected one frame per message, got {len(frames)}")
-            msg, version = decode_versioned(frames[0], self.max_message_bytes)
+            # a robot with a session sent its observations in the negotiated layout, which the reader
+            # checks as it decodes; without one, an observation is refused with no_session first
+            read = self._reader.read if session is not None else decode_versioned
+            msg, version = read(frames[0], self.max_message_bytes)
             decode_ms = (time.perf_counter() - t0) * 1e3
             if isinstance(msg, (Observation, Reset)):  # observations first: nearly every message is one
                 if session is None:
@@ -324,11 +327,7 @@ class PolicyServer:
                                          server=self.name), version))
 
     def _on_observation(self, robot: bytes, session: Session, obs: Observation, decode_ms: float) -> None:
-        try:
-            check_arrays(obs.arrays, self._obs_spec)
-        except ProtocolError as exc:
-            self._refuse(robot, session, exc, seq=obs.seq)
-            return
+        """`obs` matches the negotiated spec (ObservationReader)."""
         if obs.epoch < session.epoch:  # a robot bug: reset/reconnect start a newer epoch, never an older one
             self._refuse(robot, session, ProtocolError(
                 "stale_epoch", f"obs.epoch {obs.epoch} is older than this session's epoch {session.epoch}; "
