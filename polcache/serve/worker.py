@@ -46,13 +46,9 @@ class Job:
     past_actions: np.ndarray | None = None  # executed at the past frames' steps (protocol v2), if known
     committed: CommittedActions | None = None  # real-time chunking: the robot's planned actions from now on
     timing: dict[str, float] = field(default_factory=dict)  # stages so far, ms
-
-
-@dataclass(slots=True)
-class Result:
-    job: Job
-    actions: np.ndarray | None  # (n_action_steps, action_dim) float32, or None on failure
-    error: str | None
+    # the outcome, filled by `InferenceWorker.infer`: the chunk's actions, or why there are none
+    actions: np.ndarray | None = None  # (n_action_steps, action_dim) float32
+    error: str | None = None
 
 
 class InferenceWorker:
@@ -64,7 +60,7 @@ class InferenceWorker:
         self.simulated_latency_s = simulated_latency_s
         self._predict = session_predictor(backend)
         self._jobs: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()  # at most one batch waits
-        self.results: queue.SimpleQueue[list[Result]] = queue.SimpleQueue()  # a batch's results, then a wake-up
+        self.done: queue.SimpleQueue[list[Job]] = queue.SimpleQueue()  # a batch's jobs, answered, then a wake-up
         self._wake = context.socket(zmq.PAIR)
         self._wake.connect(wake_endpoint)
         self._warn = RateLimitedLog(log).warning
@@ -82,20 +78,21 @@ class InferenceWorker:
 
     def _run(self) -> None:
         while (jobs := self._jobs.get()) is not None:
-            self.results.put(self.infer(jobs))
+            self.done.put(self.infer(jobs))
             self._wake.send(b"")
 
-    def infer(self, jobs: list[Job]) -> list[Result]:
-        """One result per job; every chunk's `inference` time is the shared call's. Runs on the
-        worker thread, or on the caller's while the worker is idle (the server's inline path)."""
-        ready, results = [], []
+    def infer(self, jobs: list[Job]) -> list[Job]:
+        """The jobs, each with its actions or its error; every chunk's `inference` time is the
+        shared call's. Runs on the worker thread, or on the caller's while the worker is idle (the
+        server's inline path)."""
+        ready = []
         for job in jobs:
             try:
                 if job.reset_session:  # here, in the inference thread: never while the session predicts
                     job.session.reset()
                 ready.append(job)
             except Exception as exc:  # noqa: BLE001 - a failing policy must not take the server down
-                results.append(self._failed(job, exc))
+                self._fail(job, exc)
         t0 = time.perf_counter()
         try:
             outcomes = self._predict([SessionRequest(job.session, job.obs, job.obs_seqs, past_actions=job.past_actions,
@@ -109,14 +106,13 @@ class InferenceWorker:
         for job, outcome in zip(ready, outcomes):
             t1 = time.perf_counter()
             try:
-                actions = self._checked(outcome)
+                job.actions = self._checked(outcome)
             except Exception as exc:  # noqa: BLE001
-                results.append(self._failed(job, exc))
+                self._fail(job, exc)
                 continue
             job.timing["inference"] = inference_ms
             job.timing["postprocess"] = (time.perf_counter() - t1) * 1e3
-            results.append(Result(job, actions, None))
-        return results
+        return jobs
 
     def _checked(self, outcome: np.ndarray | Exception) -> np.ndarray:
         """One row's actions (n_action_steps, action_dim), or the reason it has none raised."""
@@ -131,6 +127,6 @@ class InferenceWorker:
             raise ValueError("policy produced NaN or infinite actions")
         return actions[0]
 
-    def _failed(self, job: Job, exc: Exception) -> Result:
+    def _fail(self, job: Job, exc: Exception) -> None:
         self._warn(type(exc).__name__, f"inference failed for observation {job.seq}: {exc}")
-        return Result(job, None, f"{type(exc).__name__}: {exc}")
+        job.error = f"{type(exc).__name__}: {exc}"
