@@ -59,6 +59,7 @@ log = logging.getLogger("polcache.serve")
 # passes flow-control credit between its threads every HWM/2 messages, and at 4 that cost a
 # thread wake-up every second message (BENCHMARKS.md, transport).
 SOCKET_HWM = 16
+LOOP_WAKE_MS = 100  # the longest the loop waits for a message: housekeeping and stop() run between
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
@@ -187,7 +188,7 @@ class PolicyServer:
         self._auth = None
         self._router = self._ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SOCKET_HWM), (zmq.RCVHWM, SOCKET_HWM),
-                           (zmq.MAXMSGSIZE, 2 * max_message_bytes)):
+                           (zmq.MAXMSGSIZE, 2 * max_message_bytes), (zmq.RCVTIMEO, LOOP_WAKE_MS)):
             self._router.setsockopt(opt, value)
         try:
             if keys_dir:
@@ -221,19 +222,29 @@ class PolicyServer:
             self._shutdown()
 
     def _loop(self) -> None:
-        # While no inference is out, only the network is polled: each extra socket in a poll costs
-        # syscalls on every message (BENCHMARKS.md, transport); disconnects are logged once a second.
-        idle, busy = zmq.Poller(), zmq.Poller()
-        idle.register(self._router, zmq.POLLIN)
+        # While no inference is out, the loop waits in the network socket's own receive, which costs
+        # fewer calls per message than a poll (BENCHMARKS.md, transport); while one is, it polls the
+        # network and the worker's wake-up. Disconnects are logged once a second.
+        busy = zmq.Poller()
         for sock in (self._router, self._wake):
             busy.register(sock, zmq.POLLIN)
         log.info("serving %s on %s", self.spec.task or "policy", self.endpoint)
         while not self._stop.is_set():
-            events = dict((busy if self._busy else idle).poll(100))
-            if self._wake in events:
-                self._collect_results()
-            if self._router in events:
-                self._drain()
+            if self._busy:
+                events = dict(busy.poll(LOOP_WAKE_MS))
+                if self._wake in events:
+                    self._collect_results()
+                if self._router in events:
+                    self._drain()
+            else:
+                try:
+                    frames = self._router.recv_multipart()  # waits up to LOOP_WAKE_MS (RCVTIMEO)
+                except zmq.Again:
+                    pass
+                else:
+                    self._handle(frames[0], frames[1:])
+                    if self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        self._drain()
             self._once_a_second()
             self._dispatch()  # last: the woken worker then finds the GIL free, this thread asleep in poll
 
@@ -260,8 +271,9 @@ class PolicyServer:
     # ------------------------------------------------------------ receiving
 
     def _drain(self) -> None:
-        """Read everything waiting before the next dispatch, so only the newest observation counts."""
-        for _ in range(MAX_DRAIN):  # the poll said one is waiting; after it, asking is cheaper than a zmq.Again
+        """Read everything waiting before the next dispatch, so only the newest observation counts;
+        called when one is waiting (after it, asking is cheaper than a zmq.Again)."""
+        for _ in range(MAX_DRAIN):
             frames = self._router.recv_multipart(zmq.NOBLOCK)
             self._handle(frames[0], frames[1:])
             if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
