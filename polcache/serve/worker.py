@@ -58,6 +58,7 @@ class InferenceWorker:
         aid: real-time chunking and chunk blending compared under latency on a fast machine)."""
         self.backend = backend
         self.simulated_latency_s = simulated_latency_s
+        self._chunk_shape = (1, backend.spec.n_action_steps, backend.spec.action_dim)  # what one row's predict returns
         self._predict = session_predictor(backend)
         self._jobs: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()  # at most one batch waits
         self.done: queue.SimpleQueue[list[Job]] = queue.SimpleQueue()  # a batch's jobs, answered, then a wake-up
@@ -118,11 +119,9 @@ class InferenceWorker:
         """One row's actions (n_action_steps, action_dim), or the reason it has none raised."""
         if isinstance(outcome, Exception):
             raise outcome
-        spec = self.backend.spec
         actions = np.asarray(outcome, dtype=np.float32)
-        expected = (1, spec.n_action_steps, spec.action_dim)
-        if actions.shape != expected:
-            raise ValueError(f"policy returned actions of shape {actions.shape}, expected {expected}")
+        if actions.shape != self._chunk_shape:
+            raise ValueError(f"policy returned actions of shape {actions.shape}, expected {self._chunk_shape}")
         if not all_finite(actions):
             raise ValueError("policy produced NaN or infinite actions")
         return actions[0]
