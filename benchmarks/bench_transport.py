@@ -18,9 +18,14 @@ the I/O thread) and the client's thread: a figure that load on the machine barel
 the tail does.
 `--baseline-tree DIR` adds "polcache-baseline": the same server imported from another checkout
 (e.g. `git worktree add /tmp/before main`), for a before/after comparison in one run.
+`--in-process` instead times the per-message Python alone, without sockets: the server's path
+from a received frame to its reply frame (PolicyServer's handling and inline dispatch, the send
+replaced by a list append), warm and with the CPU caches evicted before each message (an 8 MB
+sweep: how a server finds them after sleeping between requests), and the client's encode and
+decode.
 
     python benchmarks/bench_transport.py [--calls 400] [--rounds 20] [--baseline-tree DIR]
-                                         [--echo-work-us 25,50,100]
+                                         [--echo-work-us 25,50,100] [--in-process]
                                          [--json benchmarks/results/transport.json]
 """
 
@@ -135,6 +140,60 @@ class Client:
             self.server_us.append(sum(chunk.timing.values()) * 1e3)
 
 
+def in_process(calls: int) -> list[dict]:
+    """Microseconds of Python per message, no sockets (see the module docstring)."""
+    from polcache.serve.server import PolicyServer
+
+    server = PolicyServer(ZeroBackend(), "tcp://127.0.0.1:0", deadline_ms=1e9)
+    replies: list[bytes] = []
+    server._send = lambda robot, frame: replies.append(frame)  # noqa: SLF001 - the path up to the socket
+    spec = {"image_front": (IMAGE, "uint8"), "state": ((STATE_DIM,), "float32")}
+    server._handle(b"robot", [encode(Handshake(obs_spec=spec, action_dim=ACTION_SHAPE[1], hz=50.0, name="bench"))])
+    replies.clear()  # the welcome
+    rng = np.random.default_rng(0)
+    arrays = {"image_front": rng.integers(0, 255, IMAGE, dtype=np.uint8),
+              "state": rng.standard_normal(STATE_DIM).astype(np.float32)}
+    frames = iter([encode(Observation(epoch=0, seq=i + 1, t_capture=float(i), arrays=arrays))
+                   for i in range(3 * calls + 100)])
+    sweep = np.ones(8 << 20, np.uint8)
+
+    def serve_one() -> float:
+        t0 = time.perf_counter()
+        server._handle(b"robot", [next(frames)])  # noqa: SLF001
+        server._dispatch()  # noqa: SLF001 - inline once 16 inferences were fast: on this thread
+        if server._busy:  # noqa: SLF001 - the first ones go to the worker thread
+            server._collect_results()  # noqa: SLF001
+        return time.perf_counter() - t0
+
+    try:
+        for _ in range(100):  # until the inline path is on and the code is warm
+            serve_one()
+        assert server._runs_inline()  # noqa: SLF001
+        warm = [serve_one() for _ in range(calls)]
+        cold = []
+        for _ in range(calls):
+            sweep.sum()
+            cold.append(serve_one())
+    finally:
+        server._shutdown()  # noqa: SLF001 - never served, so never stopped
+    assert len(replies) == 2 * calls + 100 and isinstance(decode(replies[-1]), ActionChunk)
+    obs = Observation(epoch=0, seq=1, t_capture=0.0, arrays=arrays)
+    reply, raw_reply = replies[-1], _raw_pack({"actions": np.zeros(ACTION_SHAPE, np.float32)})
+    rows = [("server: frame in to reply out, warm caches", warm), ("server: the same, caches evicted first", cold),
+            ("client: encode an observation", [_timed(lambda: encode(obs)) for _ in range(calls)]),
+            ("client: decode a chunk", [_timed(lambda: decode(reply)) for _ in range(calls)]),
+            ("raw msgpack: pack the observation", [_timed(lambda: _raw_pack(arrays)) for _ in range(calls)]),
+            ("raw msgpack: unpack the reply", [_timed(lambda: _raw_unpack(raw_reply)) for _ in range(calls)])]
+    return [{"what": what, "p50_us": round(float(np.percentile(ts, 50)) * 1e6, 1),
+             "mean_us": round(float(np.mean(ts)) * 1e6, 1)} for what, ts in rows]
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _import_path(tree: Path) -> str:
     """PYTHONPATH under which a server imports polcache and polcache_client from `tree`."""
     return os.pathsep.join([str(tree), str(tree / "client")])
@@ -169,11 +228,20 @@ def main() -> None:
     parser.add_argument("--json", default=str(RESULTS / "transport.json"))
     parser.add_argument("--echo-work-us", default="",
                         help="comma-separated: also time the msgpack echo spinning this long per message")
+    parser.add_argument("--in-process", action="store_true",
+                        help="time the per-message Python alone, without sockets (see the docstring)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port)
+        return
+    if args.in_process:
+        rows = in_process(args.calls * args.rounds)
+        print("per message, no sockets: 96x96x3 uint8 image + state observation -> 8x4 chunk")
+        print_table(rows, ["what", "p50_us", "mean_us"])
+        write_json(args.json.replace("transport.json", "transport_in_process.json"), {"benchmark": "transport-in-process",
+                                                                                    "rows": rows})
         return
 
     rng = np.random.default_rng(0)
