@@ -229,7 +229,7 @@ def _strict(frame: bytes):
 def _assert_fast_agrees(frame: bytes) -> bool:
     """The fast paths (chunks: decode's; observations: the spec's reader) accept nothing the
     strict decoder refuses, and what they accept decodes alike. True if one took the frame."""
-    chunk, obs, strict = P._decode_tick(frame), READER._read_observation(frame), _strict(frame)
+    chunk, obs, strict = P._decode_chunk(frame), READER._read_observation(frame), _strict(frame)
     assert chunk is None or obs is None
     fast = chunk or obs
     if strict is None:

@@ -6,9 +6,10 @@ travel as dtype name, shape and raw little-endian bytes. Decoding is strict: unk
 versions, unknown types, missing or extra keys and wrong types are refused with a
 `ProtocolError` whose code and message name the problem, never with a crash.
 
-The two messages of every control tick (an observation to the server, its chunk back) take a
-compiled path (msgspec): a frame it does not accept goes through the strict decoder, the one
-place where errors are named. msgspec also writes every message.
+The two messages of every control tick take a compiled path (msgspec): a server reads
+observations with an ObservationReader, `decode` reads chunks through a typed record; a frame
+either does not accept goes through the strict decoder, the one place where errors are named.
+msgspec also writes every message.
 """
 
 from __future__ import annotations
@@ -454,7 +455,7 @@ def decode_versioned(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     """`decode`, also returning the protocol version the peer wrote (a server answers in it)."""
     if len(data) > max_bytes:
         raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
-    return _decode_tick(data) or _decode_strict(data)
+    return _decode_chunk(data) or _decode_strict(data)
 
 
 def _decode_strict(data: bytes) -> tuple[Message, int]:
@@ -597,7 +598,7 @@ class _WireChunk(msgspec.Struct, forbid_unknown_fields=True):
 _CHUNK_DECODER = msgspec.msgpack.Decoder(_WireChunk)
 
 
-def _decode_tick(data: bytes) -> tuple[ActionChunk, int] | None:
+def _decode_chunk(data: bytes) -> tuple[ActionChunk, int] | None:
     """The message if it is a valid chunk; None for anything else. Its arrays are read-only views
     into `data`, which must therefore not change: bytes."""
     try:
@@ -658,6 +659,6 @@ class ObservationReader:
             msg = Observation(epoch=wire.epoch, seq=wire.seq, t_capture=wire.t_capture, arrays=arrays,
                               executed_seqs=wire.executed_seqs, executed=wire.executed.array())
             _check_executed(msg)
-        except Exception:  # noqa: BLE001 - as _decode_tick
+        except Exception:  # noqa: BLE001 - as _decode_chunk
             return None
         return msg, wire.v

@@ -44,9 +44,9 @@ from polcache_client.protocol import (
     Handshake,
     Heartbeat,
     Observation,
+    ObservationReader,
     ProtocolError,
     Reset,
-    ObservationReader,
     Welcome,
     decode_versioned,
     encode,
@@ -246,7 +246,7 @@ class PolicyServer:
                     if self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         self._drain()
             self._once_a_second()
-            self._dispatch()  # last: the woken worker then finds the GIL free, this thread asleep in poll
+            self._dispatch()  # last: the woken worker then finds the GIL free, this thread waiting
 
     def start(self) -> "PolicyServer":
         """Serve on a background thread (tests, benchmarks, in-process robots)."""
