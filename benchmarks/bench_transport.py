@@ -38,8 +38,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import msgpack
 import numpy as np
