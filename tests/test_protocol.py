@@ -258,6 +258,17 @@ def test_fast_paths_are_no_looser_than_the_strict_decoder():
     assert sum(_assert_fast_agrees(f) for f in frames) > 5  # some taken; every one agreeing
 
 
+def test_reader_reads_any_layout_a_spec_can_name():
+    """Dotted keys (LeRobot's), 0-d arrays, numpy integers in shapes (specs built in code)."""
+    spec = {"observation.state": ((), "float64"), "observation.images.top": ((np.int64(4), 4, 3), "uint8")}
+    arrays = {"observation.state": np.array(1.5), "observation.images.top": np.arange(48, dtype=np.uint8).reshape(4, 4, 3)}
+    msg, _ = P.ObservationReader(spec)._read_observation(P.encode(P.Observation(epoch=0, seq=1, t_capture=0.0,
+                                                                                arrays=arrays)))
+    for key, arr in arrays.items():
+        np.testing.assert_array_equal(msg.arrays[key], arr)
+        assert not msg.arrays[key].flags.writeable  # views into the frame
+
+
 def test_reader_names_what_does_not_match_the_spec():
     obs = P.Observation(epoch=0, seq=9, t_capture=1.0, arrays={"state": np.zeros(4, np.float32),
                                                                "image": np.zeros((2, 2, 3), np.uint8)})

@@ -625,7 +625,7 @@ class ObservationReader:
                          np.dtype(dtype).kind == "f") for i, (key, (shape, dtype)) in enumerate(spec.items())]
         arrays = msgspec.defstruct(
             "SpecArrays", [(field, msgspec.defstruct(f"SpecArray_{field}", [
-                ("dtype", Literal[spec[key][1]]), ("shape", tuple[tuple(Literal[n] for n in shape)]),
+                ("dtype", Literal[str(spec[key][1])]), ("shape", tuple[tuple(Literal[int(n)] for n in shape)]),
                 ("data", memoryview)], forbid_unknown_fields=True)) for field, key, _, shape, _, _ in self._arrays],
             rename={field: key for field, key, *_ in self._arrays}, forbid_unknown_fields=True)
         observation = type("SpecObservation", (_WireObservation,), {"__annotations__": {"arrays": arrays}})
