@@ -73,7 +73,7 @@ def guided_denoise(policy, features: torch.Tensor, sampler: Sampler, x: torch.Te
         ctx = policy.denoiser.prepare_chunk(features, sampler.timesteps)
     n = len(policy.cache_blocks)
     store = None if plan is None else make_store(plan, n, _ConstantStore)
-    for k, t in enumerate(v / FLOW_TIME_SCALE for v in sampler.timestep_values):
+    for k, t in enumerate(step / FLOW_TIME_SCALE for step in sampler.timestep_values):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             v = policy.denoiser.step(xg, k, ctx, None if plan is None else plan[k], store)

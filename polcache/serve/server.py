@@ -318,7 +318,8 @@ class PolicyServer:
         self._warn(f"{who}:{exc.code}", f"refused message from {who}: [{exc.code}] {exc}")
         version = session.version if session else PROTOCOL_VERSION
         self._send(robot, encode(Error(code=exc.code, message=str(exc), seq=seq), version))
-        self._record(ErrorRecord(t=time.time(), robot=who, code=exc.code))
+        if self.on_record is not None:
+            self.on_record(ErrorRecord(t=time.time(), robot=who, code=exc.code))
 
     def _on_handshake(self, robot: bytes, msg: Handshake, version: int) -> None:
         check_handshake(msg, self.spec)
@@ -462,10 +463,6 @@ class PolicyServer:
             self._router.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self._warn("send", f"reply to {robot.hex()} not sent: {exc}")
-
-    def _record(self, record) -> None:
-        if self.on_record is not None:
-            self.on_record(record)
 
     def _once_a_second(self) -> None:
         """Housekeeping kept off the per-message path: closed connections logged, silent robots forgotten."""
