@@ -10,7 +10,7 @@
    dashboard process's CPU use once started (percent of one core). Each arm reports its median
    run. Also the cost of computing every view.
 
-    python benchmarks/bench_dashboard.py [--rounds 2] [--episodes 5] [--hz 50] [--realtime] [--json benchmarks/results/dashboard.json]
+    python benchmarks/bench_dashboard.py [--recording-only] [--rounds 2] [--episodes 5] [--hz 50] [--realtime] [--json benchmarks/results/dashboard.json]
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import numpy as np
 
 from common import RESULTS, print_table, round_robin, write_json
 from polcache.dashboard import RunState
-from polcache.metrics import Metrics
+from polcache.metrics import JsonlWriter, Metrics
 from polcache.metrics.prometheus import PrometheusRecorder
+from polcache.serve.records import RequestRecord
 from polcache_client.records import TickRecord
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -42,13 +43,24 @@ POLCACHE = [sys.executable, "-m", "polcache.cli"]
 
 
 def recording_cost(calls: int) -> list[dict]:
+    """Microseconds on the recording thread per record: a robot's tick, a server's request (also
+    with the JSON-lines file of `--metrics-file`: the caller's share, the line is written on the
+    file's own thread), the Prometheus part alone, and one scrape."""
     tick = TickRecord(t=1.0, epoch=0, seq=1, period_error_ms=0.02, state="fresh", queue_depth=5)
+    request = RequestRecord(t=1.0, robot="bench", epoch=0, seq=1, decode_ms=0.01, preprocess_ms=0.01, queue_ms=0.01,
+                            inference_ms=5.0, postprocess_ms=0.01, encode_ms=0.01, total_ms=5.1, queue_depth=1)
     metrics = Metrics(robot="bench")
     recorder = PrometheusRecorder(CollectorRegistry(), robot="bench")
-    times = round_robin({"Metrics.record (summaries + Prometheus)": lambda: metrics.record(tick),
-                         "Prometheus part alone": lambda: recorder.record(tick),
-                         "scrape: exposition text": lambda: generate_latest(metrics.registry)},
-                        calls, warmup=100)
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = JsonlWriter(Path(tmp) / "metrics.jsonl", queue_size=4 * calls)
+        with_file = Metrics(sink=writer)
+        times = round_robin({"Metrics.record: tick (summaries + Prometheus)": lambda: metrics.record(tick),
+                             "Metrics.record: request": lambda: metrics.record(request),
+                             "Metrics.record: request, JSON-lines file too": lambda: with_file.record(request),
+                             "Prometheus part alone: request": lambda: recorder.record(request),
+                             "scrape: exposition text": lambda: generate_latest(metrics.registry)},
+                            calls, warmup=100)
+        writer.close()
     period_us = 1e6 / 50
     return [{"what": name, "median_us": round(float(np.median(t)) * 1e6, 2),
              "p99_us": round(float(np.percentile(t, 99)) * 1e6, 2),
@@ -160,12 +172,16 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--hz", type=float, default=50.0)
     parser.add_argument("--realtime", action="store_true", help="run the robot loop under SCHED_FIFO (sim-robot --realtime)")
+    parser.add_argument("--recording-only", action="store_true", help="only the recording costs (no robot runs)")
     parser.add_argument("--json", default=str(RESULTS / "dashboard.json"))
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
 
     recording = recording_cost(args.calls) + [views_cost(20)]
     print_table(recording, ["what", "median_us", "p99_us", "share_of_50Hz_period"])
+    if args.recording_only:
+        write_json(args.json, {"args": vars(args), "recording": recording})
+        return
     attached, per_run = attached_cost(args.rounds, args.episodes, args.hz, args.realtime)
     columns = ["dashboard", "runs", "period_error_p50_ms", "period_error_p99_ms", "latency_p50_ms", "latency_p99_ms",
                "deadline_miss", "ticks", "dashboard_cpu_pct"]

@@ -3,10 +3,13 @@ the shipped Grafana dashboard only asks for series the registry exposes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -107,3 +110,55 @@ def test_grafana_dashboard_asks_only_for_exposed_series():
                    "polcache_tick_deadline_miss_total", "polcache_tick_queue_depth", "polcache_error_errors_total",
                    "polcache_chunk_stale_chunks_total", "polcache_tick_safe_stops_total"):
         assert metric in used
+
+
+def reference_samples(records) -> dict[tuple[str, tuple], float]:
+    """The same records through prometheus_client's own Counter/Histogram/Gauge objects."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from polcache.metrics.prometheus import LABEL_FIELDS, buckets_for, metric_name
+
+    registry, metrics = CollectorRegistry(), {}
+    for r in records:
+        labelnames = ("robot",) + tuple(f for f in LABEL_FIELDS if hasattr(r, f))
+        labels = (r.robot,) + tuple(str(getattr(r, f)) for f in LABEL_FIELDS if hasattr(r, f))
+        for field in (*r.counters, *r.summaries):
+            name = metric_name(r.kind, field)
+            if name not in metrics:
+                metrics[name] = (Counter(name, "", labelnames, registry=registry) if field in r.counters else
+                                 Histogram(name, "", labelnames, buckets=buckets_for(field), registry=registry)
+                                 if field.endswith("_ms") else Gauge(name, "", labelnames, registry=registry))
+            child, value = metrics[name].labels(*labels), getattr(r, field)
+            if field in r.counters:
+                child.inc(value)
+            elif field.endswith("_ms"):
+                if math.isfinite(value):
+                    child.observe(value / 1e3)
+            else:
+                child.set(value)
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            if not s.name.endswith("_created"):
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_exposition_equals_prometheus_clients_own_metrics():
+    """polcache counts into its own buckets (cheaper per record); a scrape must read exactly what
+    prometheus_client's Histogram, Counter and Gauge would have exposed for the same records."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(400):
+        robot = ["left", "right", "spare"][i % 3]
+        total = float(rng.choice([rng.lognormal(0, 2), 0.02, 20.0, 1000.0, 5e3, np.nan, np.inf]))  # bucket edges too
+        records.append(request(robot, inference_ms=float(rng.exponential(10.0)), queue_depth=int(rng.integers(0, 5)),
+                               superseded=int(rng.integers(0, 3)), deadline_miss=bool(rng.random() < 0.2)))
+        records[-1] = dataclasses.replace(records[-1], total_ms=total)
+        if i % 7 == 0:
+            records.append(ErrorRecord(t=1.0, robot=robot, code=["bad_shape", "non_finite"][i % 2]))
+    m = Metrics()
+    for r in records:
+        m.record(r)
+    ours = {k: v for k, v in samples(m).items() if not k[0].endswith("_created")}
+    assert ours == reference_samples(records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import numpy as np
 import pytest
 
 from fakes import FakeBackend, StepRobot
@@ -67,6 +68,22 @@ def test_jsonl_file_is_rotated_and_bounded(tmp_path):
     assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
     last = [json.loads(line) for line in path.read_text().splitlines()][-1]
     assert last["kind"] == "tick" and last["period_error_ms"] == 199.0
+
+
+def test_jsonl_lines_are_json_with_labels_and_nulls_and_a_bad_line_is_skipped(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path, labels={"robot": "arm"})
+    writer.write({"kind": "info", "hz": np.float32(50.0)})
+    writer(TickRecord(t=1.0, epoch=0, seq=np.int64(7), period_error_ms=float("nan"), state="fresh", queue_depth=3))
+    writer({"kind": "info", "what": object()})  # JSON cannot hold it: this line is lost, the writer goes on
+    writer(ChunkRecord(t=2.0, epoch=0, seq=8, latency_ms=float("inf"), inference_ms=1.5, server_ms=2.0))
+    writer.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"kind": "info", "hz": 50.0}  # a dict is written as it is
+    assert lines[1]["kind"] == "tick" and lines[1]["robot"] == "arm" and lines[1]["seq"] == 7
+    assert lines[1]["period_error_ms"] is None  # NaN: not measured
+    assert lines[2]["kind"] == "chunk" and lines[2]["latency_ms"] is None and lines[2]["inference_ms"] == 1.5
+    assert len(lines) == 3 and writer.dropped == 1 and "metrics line not written" in caplog.text
 
 
 def test_server_and_loop_write_one_metrics_file(tmp_path):

@@ -4,19 +4,24 @@ thread so a slow disk never delays a control tick, and rotated by size so it nev
 Lines look like {"kind": "tick", "t": ..., "period_error_ms": ..., ...}; see the record
 classes in polcache_client.records and polcache.serve.records for the fields of each kind.
 `labels` (e.g. the robot's name) are added to every line that lacks them, so a reader of
-several files can tell robots apart.
+several files can tell robots apart. A record reaches the writer's thread as it is and becomes a
+line there: the caller (a server's reply path, a control tick) pays one queue put.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import queue
 import threading
 from pathlib import Path
 from typing import Any
 
-from polcache.metrics.registry import record_fields
+import msgspec
+
+from polcache.metrics.registry import builtin_scalar, record_fields
+
+log = logging.getLogger("polcache.metrics")
 
 
 class JsonlWriter:
@@ -31,26 +36,33 @@ class JsonlWriter:
         self.backups = backups
         self.dropped = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)  # records, dicts (write), None: stop
+        self._encoder = msgspec.json.Encoder(enc_hook=builtin_scalar)
         self._file = open(self.path, "a", encoding="utf-8")
         self._thread = threading.Thread(target=self._run, name="polcache-metrics-writer", daemon=True)
         self._thread.start()
 
-    def __call__(self, record: Any) -> None:
-        self.write(self.labels | record_fields(record))
-
-    def write(self, fields: dict[str, Any]) -> None:
+    def write(self, item: dict[str, Any] | Any) -> None:
+        """One line: a dict as it is, or a record (its kind and fields, the labels it lacks)."""
         try:
-            self._queue.put_nowait(json.dumps(fields, separators=(",", ":")))
+            self._queue.put_nowait(item)
         except queue.Full:
             self.dropped += 1
+
+    __call__ = write  # a Metrics sink
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while (line := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            try:
+                line = self._encoder.encode(item if isinstance(item, dict) else self.labels | record_fields(item)).decode()
+            except (TypeError, ValueError) as exc:  # a field JSON cannot hold: that line is lost, not the writer
+                self.dropped += 1
+                log.warning("metrics line not written: %s", exc)
+                continue
             if self._file.tell() + len(line) + 1 > self.max_bytes:
                 self._rotate()
             self._file.write(line + "\n")

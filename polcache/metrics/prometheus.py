@@ -10,10 +10,15 @@ the newest value. Every series carries `robot`; refused messages also carry `cod
 
 from __future__ import annotations
 
+import itertools
+import math
 import threading
-from typing import Any
+from bisect import bisect_left
+from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 # Seconds. Jitter of a fixed-rate loop: tens of microseconds when healthy, a period when not.
 PERIOD_ERROR_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
@@ -38,62 +43,89 @@ def buckets_for(field: str) -> tuple[float, ...]:
     return LATENCY_BUCKETS if field in WHOLE_REQUEST_FIELDS else STAGE_BUCKETS
 
 
+class _Kind:
+    """One record class's exposed fields, by role, and its metric names (built once per kind)."""
+
+    def __init__(self, record: Any):
+        kind = record.kind
+        self.labelnames = ("robot",) + tuple(f for f in LABEL_FIELDS if hasattr(record, f))
+        self.counters = tuple(record.counters)
+        self.histograms = tuple((f, buckets_for(f)) for f in record.summaries if f.endswith("_ms"))
+        self.gauges = tuple(f for f in record.summaries if not f.endswith("_ms"))
+        self.docs = {f: f"{kind} records: {f}" for f in self.counters}
+        self.docs.update({f: f"{kind} records: {f[:-3]} in seconds" for f, _ in self.histograms})
+        self.docs.update({f: f"{kind} records: newest {f}" for f in self.gauges})
+        self.names = {f: metric_name(kind, f) for f in self.docs}
+
+
+class _Series:
+    """The numbers of one (kind, labels): counter totals, per histogram its bucket counts (not
+    cumulative; the last one is +Inf) and sum, gauge values."""
+
+    def __init__(self, kind: _Kind, labels: tuple[str, ...]):
+        self.kind = kind
+        self.labels = labels
+        self.counters = dict.fromkeys(kind.counters, 0.0)
+        self.buckets = {f: [0] * (len(bounds) + 1) for f, bounds in kind.histograms}
+        self.sums = dict.fromkeys(self.buckets, 0.0)
+        self.gauges = dict.fromkeys(kind.gauges, math.nan)
+
+
 class PrometheusRecorder:
-    """Turns records into observations on `registry`. Metrics are created the first time a kind
-    is seen (from its record class's `counters` and `summaries`); each (kind, labels) keeps its
-    bound children, so a tick costs a dict lookup and a few locked additions."""
+    """Counts records into histograms, counters and gauges per (kind, labels), exposed through
+    `registry` as a prometheus_client collector: the families are built when scraped, so a
+    record costs plain additions under one lock (prometheus_client's own metric objects take a
+    lock per bucket, sum and counter: several times the cost, paid on every request;
+    BENCHMARKS.md, metrics). The exposition is prometheus_client's, the same as theirs."""
 
     def __init__(self, registry: CollectorRegistry, robot: str = ""):
-        self.registry = registry
         self.robot = robot
         self._lock = threading.Lock()
-        self._families: dict[str, dict[str, Any]] = {}
-        self._children: dict[tuple, list[tuple[str, str, Any]]] = {}
+        self._kinds: dict[type, _Kind] = {}
+        self._series: dict[tuple, _Series] = {}
+        registry.register(self)
 
     def record(self, record: Any) -> None:
-        kind = record.kind
         labels = (getattr(record, "robot", None) or self.robot,) + tuple(
             str(getattr(record, f)) for f in LABEL_FIELDS if hasattr(record, f))
-        key = (kind, labels)
-        children = self._children.get(key)
-        if children is None:
-            children = self._bind(record, labels)
-        for field, role, child in children:
-            value = getattr(record, field)
-            if role == "counter":
-                if value:
-                    child.inc(value)
-            elif role == "histogram":
-                if value == value and value not in (float("inf"), float("-inf")):  # NaN: not measured
-                    child.observe(value / 1e3)
-            else:
-                child.set(value)
-
-    def _bind(self, record: Any, labels: tuple[str, ...]) -> list[tuple[str, str, Any]]:
-        kind = record.kind
         with self._lock:
-            families = self._families.get(kind)
-            if families is None:
-                families = self._families[kind] = self._create(record)
-            children = []
-            for field, family in families.items():
-                role = "counter" if field in record.counters else "histogram" if field.endswith("_ms") else "gauge"
-                children.append((field, role, family.labels(*labels)))
-            self._children[(kind, labels)] = children
-            return children
+            series = self._series.get((type(record), labels))
+            if series is None:
+                kind = self._kinds.get(type(record)) or self._kinds.setdefault(type(record), _Kind(record))
+                series = self._series[(type(record), labels)] = _Series(kind, labels)
+            counters = series.counters
+            for field in counters:
+                counters[field] += getattr(record, field)
+            for field, bounds in series.kind.histograms:
+                value = getattr(record, field)
+                if math.isfinite(value):  # NaN: not measured
+                    seconds = value / 1e3
+                    series.buckets[field][bisect_left(bounds, seconds)] += 1  # the first bucket with le >= it
+                    series.sums[field] += seconds
+            gauges = series.gauges
+            for field in gauges:
+                gauges[field] = getattr(record, field)
 
-    def _create(self, record: Any) -> dict[str, Any]:
-        kind = record.kind
-        labelnames = ("robot",) + tuple(f for f in LABEL_FIELDS if hasattr(record, f))
-        out: dict[str, Any] = {}
-        for field in record.counters:
-            out[field] = Counter(metric_name(kind, field), f"{kind} records: {field}", labelnames,
-                                 registry=self.registry)
-        for field in record.summaries:
-            name = metric_name(kind, field)
-            if field.endswith("_ms"):
-                out[field] = Histogram(name, f"{kind} records: {field[:-3]} in seconds", labelnames,
-                                       buckets=buckets_for(field), registry=self.registry)
-            else:
-                out[field] = Gauge(name, f"{kind} records: newest {field}", labelnames, registry=self.registry)
-        return out
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's collector protocol: every family, from a consistent copy."""
+        with self._lock:
+            copies = [(s.kind, s.labels, dict(s.counters), {f: list(b) for f, b in s.buckets.items()}, dict(s.sums),
+                       dict(s.gauges)) for s in self._series.values()]
+        families: dict[str, Metric] = {}
+
+        def family(kind: _Kind, field: str, cls: type) -> Metric:
+            name = kind.names[field]
+            if name not in families:
+                families[name] = cls(name, kind.docs[field], labels=kind.labelnames)
+            return families[name]
+
+        for kind, labels, counters, buckets, sums, gauges in copies:
+            for field, value in counters.items():
+                family(kind, field, CounterMetricFamily).add_metric(labels, value)
+            for field, bounds in kind.histograms:
+                cumulative = list(itertools.accumulate(buckets[field]))
+                family(kind, field, HistogramMetricFamily).add_metric(
+                    labels, [*zip(map(floatToGoString, bounds), cumulative), ("+Inf", cumulative[-1])], sums[field])
+            for field, value in gauges.items():
+                family(kind, field, GaugeMetricFamily).add_metric(labels, value)
+        return iter(families.values())

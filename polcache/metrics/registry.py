@@ -10,12 +10,12 @@ percentiles are computed only when someone reads them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 from collections import deque
 from typing import Any, Callable
 
+import msgspec
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -56,20 +56,19 @@ class Metrics:
         self.registry = CollectorRegistry()  # one per Metrics: several in one process never collide
         self._prometheus = PrometheusRecorder(self.registry, robot)
         self._lock = threading.Lock()
-        self._counters: dict[tuple[str, str], float] = {}
-        self._summaries: dict[tuple[str, str], _Summary] = {}
+        self._kinds: dict[str, tuple[dict[str, float], dict[str, _Summary]]] = {}  # kind: counters, summaries
 
     def record(self, record: Any) -> None:
-        kind = record.kind
         with self._lock:
-            for name in record.counters:
-                key = (kind, name)
-                self._counters[key] = self._counters.get(key, 0) + getattr(record, name)
-            for name in record.summaries:
-                key = (kind, name)
-                if key not in self._summaries:
-                    self._summaries[key] = _Summary(self.window)
-                self._summaries[key].add(float(getattr(record, name)))
+            kind = self._kinds.get(record.kind)
+            if kind is None:
+                kind = self._kinds[record.kind] = (dict.fromkeys(record.counters, 0),
+                                                   {name: _Summary(self.window) for name in record.summaries})
+            counters, summaries = kind
+            for name in counters:
+                counters[name] += getattr(record, name)
+            for name, summary in summaries.items():
+                summary.add(float(getattr(record, name)))
         self._prometheus.record(record)
         if self.sink is not None:
             self.sink(record)
@@ -77,12 +76,8 @@ class Metrics:
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """{kind: {counter: total, summary: {p50, p95, p99, max, mean, n}}}"""
         with self._lock:
-            out: dict[str, dict[str, Any]] = {}
-            for (kind, name), value in self._counters.items():
-                out.setdefault(kind, {})[name] = value
-            for (kind, name), summary in self._summaries.items():
-                out.setdefault(kind, {})[name] = summary.describe()
-        return out
+            return {kind: {**counters, **{name: s.describe() for name, s in summaries.items()}}
+                    for kind, (counters, summaries) in self._kinds.items()}
 
     def prometheus_text(self) -> str:
         """The Prometheus text exposition of every series recorded so far."""
@@ -91,7 +86,15 @@ class Metrics:
 
 def record_fields(record: Any) -> dict[str, Any]:
     """A record as a flat JSON-ready dict: its kind plus every field, non-finite floats as None."""
-    fields = {"kind": record.kind}
-    for key, value in dataclasses.asdict(record).items():
-        fields[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+    fields = {"kind": record.kind, **msgspec.to_builtins(record, enc_hook=builtin_scalar)}
+    for key, value in fields.items():
+        if type(value) is float and not math.isfinite(value):
+            fields[key] = None
     return fields
+
+
+def builtin_scalar(value: Any) -> Any:
+    """msgspec's hook for what it does not write itself: numpy scalars as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write a {type(value).__name__} into a metrics record")
