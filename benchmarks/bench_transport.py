@@ -4,7 +4,8 @@ chunk, over tcp loopback, side by side in one run:
 - polcache: the real PolicyServer (ROUTER/DEALER, validated single-frame msgpack, history,
   inference worker hand-off) with a zero-cost policy, driven by PolicyClient's wire format;
 - polcache+metrics: the same server recording every request into polcache's metrics (window
-  summaries and Prometheus histograms, no file), as `polcache serve` always does;
+  summaries, Prometheus histograms and a JSON-lines file), as `polcache serve --metrics-file`
+  does under `polcache launch`;
 - msgpack REQ/REP: the same raw-numpy msgpack encoding with a bare echo server;
 - pickle REQ/REP: the common pickle-over-REQ/REP setup (baseline only; polcache never
   unpickles peer data, which is why pickle lives here and not in polcache/);
@@ -16,8 +17,9 @@ Besides the round-trip times, the CPU each request costs the server process (all
 Python, ZeroMQ's I/O thread, the kernel on their behalf; also split into the Python threads and
 the I/O thread) and the client's thread: a figure that load on the machine barely moves, where
 the tail does.
-`--baseline-tree DIR` adds "polcache-baseline": the same server imported from another checkout
-(e.g. `git worktree add /tmp/before main`), for a before/after comparison in one run.
+`--baseline-tree DIR` adds "polcache-baseline" and "polcache-baseline+metrics": the same servers
+imported from another checkout (e.g. `git worktree add /tmp/before main`), for a before/after
+comparison in one run.
 `--in-process` instead times the per-message Python alone, without sockets: the server's path
 from a received frame to its reply frame (PolicyServer's handling and inline dispatch, the send
 replaced by a list append), warm and with the CPU caches evicted before each message (an 8 MB
@@ -37,6 +39,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -84,14 +87,14 @@ def _raw_unpack(data: bytes) -> dict[str, np.ndarray]:
     return {k: np.frombuffer(v["data"], dtype=v["dtype"]).reshape(v["shape"]) for k, v in msgpack.unpackb(data).items()}
 
 
-def serve(mode: str, port: int) -> None:
+def serve(mode: str, port: int, metrics_file: str) -> None:
     """Run one server in this process until killed."""
     address = f"tcp://127.0.0.1:{port}"
     if mode.startswith("polcache"):
-        from polcache.metrics import Metrics
+        from polcache.metrics import JsonlWriter, Metrics
         from polcache.serve.server import PolicyServer
 
-        on_record = Metrics().record if mode.endswith("+metrics") else None
+        on_record = Metrics(sink=JsonlWriter(metrics_file)).record if mode.endswith("+metrics") else None
         PolicyServer(ZeroBackend(), address, deadline_ms=1e9, on_record=on_record).serve_forever()
         return
     sock = zmq.Context.instance().socket(zmq.REP)
@@ -233,9 +236,10 @@ def main() -> None:
                         help="time the per-message Python alone, without sockets (see the docstring)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port)
+        serve(args.serve, args.port, args.metrics_file)
         return
     if args.in_process:
         rows = in_process(args.calls * args.rounds)
@@ -250,10 +254,12 @@ def main() -> None:
               "state": rng.standard_normal(STATE_DIM).astype(np.float32)}
     trees = {"polcache": REPO, "polcache+metrics": REPO}  # this script's checkout, not whichever is installed
     if args.baseline_tree:
-        trees["polcache-baseline"] = Path(args.baseline_tree).resolve()
+        trees["polcache-baseline"] = trees["polcache-baseline+metrics"] = Path(args.baseline_tree).resolve()
     modes = [*trees, *MODES[2:], *(f"msgpack+{int(us)}us" for us in args.echo_work_us.split(",") if us)]
     ports = {mode: free_port() for mode in modes}
-    servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p)],
+    files = tempfile.TemporaryDirectory()  # the metrics files of the +metrics servers
+    servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p),
+                                 "--metrics-file", os.path.join(files.name, f"{m}.jsonl")],
                                 env={**os.environ, "PYTHONPATH": _import_path(trees.get(m, REPO))})
                for m, p in ports.items()]
     try:
@@ -276,6 +282,7 @@ def main() -> None:
         for proc in servers:
             proc.kill()
             proc.wait()
+        files.cleanup()
     polcache_bytes = len(encode(Observation(epoch=0, seq=0, t_capture=0.0, arrays=arrays)))
     payload_bytes = {"msgpack": len(_raw_pack(arrays)), "pickle": len(pickle.dumps(arrays))}
     bare_p99 = float(np.percentile(times["msgpack"], 99))

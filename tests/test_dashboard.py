@@ -63,13 +63,13 @@ def test_tail_notices_a_file_rewritten_longer_between_two_polls(tmp_path):
 
 def test_tail_follows_the_writers_rotation_without_losing_records(tmp_path):
     path = tmp_path / "m.jsonl"
-    writer = JsonlWriter(path, max_bytes=1500, backups=3)
+    writer = JsonlWriter(path, max_bytes=1500, backups=3, flush_s=0.005)
     tail = JsonlTail(path)
     seen = []
     for i in range(120):
         writer(tick(float(i)))
         if i % 7 == 0:
-            time.sleep(0.01)  # the writer's thread writes and rotates meanwhile
+            time.sleep(0.02)  # the writer's thread writes and rotates meanwhile
             seen += tail.poll()
     writer.close()
     seen += tail.poll()

@@ -1,74 +1,91 @@
-"""The metrics file the dashboard reads: one JSON object per line, written on a background
-thread so a slow disk never delays a control tick, and rotated by size so it never fills one.
+"""The metrics file the dashboard reads: one JSON object per line, rotated by size so it never
+fills a disk, written by a background thread so a slow disk never delays a control tick.
 
 Lines look like {"kind": "tick", "t": ..., "period_error_ms": ..., ...}; see the record
 classes in polcache_client.records and polcache.serve.records for the fields of each kind.
 `labels` (e.g. the robot's name) are added to every line that lacks them, so a reader of
-several files can tell robots apart. A record reaches the writer's thread as it is and becomes a
-line there: the caller (a server's reply path, a control tick) pays one queue put.
+several files can tell robots apart.
+
+The caller encodes its line (msgspec, a few microseconds) and appends it to a list; the writer
+thread wakes every `flush_s` (FLUSH_S) and writes what has gathered. A thread woken for every record costs
+the server a wake-up per request and the woken thread competes for the interpreter lock with
+the next request (BENCHMARKS.md, metrics); a dashboard polling every second sees no difference.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from polcache.metrics.registry import builtin_scalar, record_fields
+from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.metrics")
+FLUSH_S = 0.1  # how long a line may wait for the file
 
 
 class JsonlWriter:
     """Keeps `path` under `max_bytes` by renaming it to path.1 (path.1 to path.2, ...) and keeps
-    `backups` old files; drops (and counts) records when more than `queue_size` wait."""
+    `backups` old files; drops (and counts) records when more than `queue_size` wait. A reader
+    following the rotation must look more often than `backups` full files take to write."""
 
     def __init__(self, path: str | Path, max_bytes: int = 10 * 2**20, backups: int = 3, queue_size: int = 10_000,
-                 labels: dict[str, Any] | None = None):
+                 labels: dict[str, Any] | None = None, flush_s: float = FLUSH_S):
         self.path = Path(path)
         self.labels = dict(labels or {})
         self.max_bytes = max_bytes
         self.backups = backups
+        self.queue_size = queue_size
+        self.flush_s = flush_s
         self.dropped = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)  # records, dicts (write), None: stop
+        self._lines: deque[bytes] = deque()  # appended by any thread, taken by the writer (both atomic)
         self._encoder = msgspec.json.Encoder(enc_hook=builtin_scalar)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._warn = RateLimitedLog(log).warning
+        self._file = open(self.path, "ab")
+        self._size = self._file.tell()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="polcache-metrics-writer", daemon=True)
         self._thread.start()
 
     def write(self, item: dict[str, Any] | Any) -> None:
         """One line: a dict as it is, or a record (its kind and fields, the labels it lacks)."""
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if len(self._lines) >= self.queue_size:
             self.dropped += 1
+            return
+        try:
+            self._lines.append(self._encoder.encode(item if isinstance(item, dict) else self.labels | record_fields(item)))
+        except (TypeError, ValueError) as exc:  # a field JSON cannot hold: that line is lost, not the caller
+            self.dropped += 1
+            self._warn(type(exc).__name__, f"metrics line not written: {exc}")
 
     __call__ = write  # a Metrics sink
 
     def close(self) -> None:
-        self._queue.put(None)
+        """Write what is left and close the file."""
+        self._closing.set()
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                line = self._encoder.encode(item if isinstance(item, dict) else self.labels | record_fields(item)).decode()
-            except (TypeError, ValueError) as exc:  # a field JSON cannot hold: that line is lost, not the writer
-                self.dropped += 1
-                log.warning("metrics line not written: %s", exc)
-                continue
-            if self._file.tell() + len(line) + 1 > self.max_bytes:
-                self._rotate()
-            self._file.write(line + "\n")
-            if self._queue.empty():
-                self._file.flush()
+        while not self._closing.wait(self.flush_s):
+            self._write_gathered()
+        self._write_gathered()
         self._file.close()
+
+    def _write_gathered(self) -> None:
+        while self._lines:
+            line = self._lines.popleft() + b"\n"
+            if self._size + len(line) > self.max_bytes:
+                self._rotate()
+            self._file.write(line)
+            self._size += len(line)
+        self._file.flush()
 
     def _rotate(self) -> None:
         self._file.close()
@@ -80,4 +97,5 @@ class JsonlWriter:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink()
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab")
+        self._size = 0
