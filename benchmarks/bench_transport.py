@@ -94,7 +94,7 @@ def serve(mode: str, port: int, metrics_file: str) -> None:
         from polcache.metrics import JsonlWriter, Metrics
         from polcache.serve.server import PolicyServer
 
-        on_record = Metrics(sink=JsonlWriter(metrics_file)).record if mode.endswith("+metrics") else None
+        on_record = Metrics(0, sink=JsonlWriter(metrics_file)).record if mode.endswith("+metrics") else None  # as serve
         PolicyServer(ZeroBackend(), address, deadline_ms=1e9, on_record=on_record).serve_forever()
         return
     sock = zmq.Context.instance().socket(zmq.REP)

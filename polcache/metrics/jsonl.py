@@ -6,10 +6,11 @@ classes in polcache_client.records and polcache.serve.records for the fields of 
 `labels` (e.g. the robot's name) are added to every line that lacks them, so a reader of
 several files can tell robots apart.
 
-The caller encodes its line (msgspec, a few microseconds) and appends it to a list; the writer
-thread wakes every `flush_s` (FLUSH_S) and writes what has gathered. A thread woken for every record costs
-the server a wake-up per request and the woken thread competes for the interpreter lock with
-the next request (BENCHMARKS.md, metrics); a dashboard polling every second sees no difference.
+The caller encodes its line (msgspec, a few microseconds) and appends it to a deque; the
+writer thread wakes every `flush_s` and writes what has gathered. A thread woken for every
+record cost the server a wake-up per request, and the woken thread then competed for the
+interpreter lock with the next request (BENCHMARKS.md, "Metrics off the reply path"); a
+dashboard polling every second sees no difference.
 """
 
 from __future__ import annotations

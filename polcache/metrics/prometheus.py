@@ -91,7 +91,9 @@ class PrometheusRecorder:
         with self._lock:
             series = self._series.get((type(record), labels))
             if series is None:
-                kind = self._kinds.get(type(record)) or self._kinds.setdefault(type(record), _Kind(record))
+                kind = self._kinds.get(type(record))
+                if kind is None:
+                    kind = self._kinds[type(record)] = _Kind(record)
                 series = self._series[(type(record), labels)] = _Series(kind, labels)
             counters = series.counters
             for field in counters:

@@ -46,9 +46,11 @@ class _Summary:
 
 
 class Metrics:
-    """`window` bounds each distribution (most recent values); `sink` also receives every
-    record (e.g. a JsonlWriter); `robot` labels the Prometheus series of records that do not
-    name their robot themselves (the robot side's tick and chunk records)."""
+    """`window` bounds each distribution (most recent values) of `snapshot()`; 0 keeps none, for a
+    process that never reports one (`polcache serve`: its distributions are read from the file or
+    the Prometheus endpoint). `sink` also receives every record (e.g. a JsonlWriter); `robot`
+    labels the Prometheus series of records that do not name their robot themselves (the robot
+    side's tick and chunk records)."""
 
     def __init__(self, window: int = 10_000, sink: Callable[[Any], None] | None = None, robot: str = ""):
         self.window = window
@@ -62,8 +64,8 @@ class Metrics:
         with self._lock:
             kind = self._kinds.get(record.kind)
             if kind is None:
-                kind = self._kinds[record.kind] = (dict.fromkeys(record.counters, 0),
-                                                   {name: _Summary(self.window) for name in record.summaries})
+                kind = self._kinds[record.kind] = (dict.fromkeys(record.counters, 0), {
+                    name: _Summary(self.window) for name in (record.summaries if self.window else ())})
             counters, summaries = kind
             for name in counters:
                 counters[name] += getattr(record, name)

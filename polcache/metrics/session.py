@@ -14,15 +14,16 @@ from polcache.metrics.registry import Metrics
 
 @contextmanager
 def collect_metrics(path: str | Path | None = None, port: int | None = None, host: str = "127.0.0.1",
-                    robot: str = "", info: dict[str, Any] | None = None) -> Iterator[Metrics]:
+                    robot: str = "", info: dict[str, Any] | None = None, window: int = 10_000) -> Iterator[Metrics]:
     """`robot` names the robot whose records carry no name (the robot side's); `info` is written
     as the file's first line, kind `info` (what runs: the server's backend and cache plan, the
-    robot's rate; and both clocks, wall and monotonic, at one instant), so a dashboard or report can draw deadlines and cache schedules."""
+    robot's rate; and both clocks, wall and monotonic, at one instant), so a dashboard or report can
+    draw deadlines and cache schedules. `window`: as Metrics (0: no in-process distributions)."""
     writer = JsonlWriter(path, labels={"robot": robot} if robot else None) if path else None
     if writer is not None and info is not None:
         writer.write({"kind": "info", "t": time.time(), "monotonic": time.monotonic(),
                       **({"robot": robot} if robot else {}), **info})
-    metrics = Metrics(sink=writer, robot=robot)
+    metrics = Metrics(window, sink=writer, robot=robot)
     http = serve_prometheus(metrics, port, host) if port is not None else None
     try:
         yield metrics

@@ -109,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
     backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, **backend_options(args))
     info = {"role": "server", "checkpoint": args.checkpoint, "backend": backend.describe(),
             "policy": backend.spec.to_dict(), "deadline_ms": args.deadline_ms}
-    with collect_metrics(args.metrics_file, args.metrics_port, info=info) as metrics:
+    with collect_metrics(args.metrics_file, args.metrics_port, info=info, window=0) as metrics:  # no snapshot read
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
                               on_record=metrics.record, name=f"polcache serve {args.checkpoint}",
