@@ -3,9 +3,9 @@ chunk, over tcp loopback, side by side in one run:
 
 - polcache: the real PolicyServer (ROUTER/DEALER, validated single-frame msgpack, history,
   inference worker hand-off) with a zero-cost policy, driven by PolicyClient's wire format;
-- polcache+metrics: the same server recording every request into polcache's metrics (window
-  summaries, Prometheus histograms and a JSON-lines file), as `polcache serve --metrics-file`
-  does under `polcache launch`;
+- polcache+metrics: the same server recording every request into polcache's metrics as
+  `polcache serve --metrics-file` does under `polcache launch` (Prometheus histograms and
+  counters, a JSON-lines file, no in-process distributions);
 - msgpack REQ/REP: the same raw-numpy msgpack encoding with a bare echo server;
 - pickle REQ/REP: the common pickle-over-REQ/REP setup (baseline only; polcache never
   unpickles peer data, which is why pickle lives here and not in polcache/);
@@ -94,7 +94,7 @@ def serve(mode: str, port: int, metrics_file: str) -> None:
         from polcache.metrics import JsonlWriter, Metrics
         from polcache.serve.server import PolicyServer
 
-        on_record = Metrics(0, sink=JsonlWriter(metrics_file)).record if mode.endswith("+metrics") else None  # as serve
+        on_record = Metrics(0, sink=JsonlWriter(metrics_file)).record if mode.endswith("+metrics") else None
         PolicyServer(ZeroBackend(), address, deadline_ms=1e9, on_record=on_record).serve_forever()
         return
     sock = zmq.Context.instance().socket(zmq.REP)
