@@ -12,7 +12,8 @@ chunk, over tcp loopback, side by side in one run:
 - msgpack+Nus (`--echo-work-us N,..`): the bare echo server spinning N us before each reply, as
   if it did N us of per-message work: how the round trip grows with server work on this machine.
 
-Each server runs in its own process. Modes are interleaved in rounds so drift hits all alike.
+Each server runs in its own process, stopped (SIGSTOP) while the others are timed. Modes are
+interleaved in rounds so drift hits all alike.
 Besides the round-trip times, the CPU each request costs the server process (all its threads:
 Python, ZeroMQ's I/O thread, the kernel on their behalf; also split into the Python threads and
 the I/O thread) and the client's thread: a figure that load on the machine barely moves, where
@@ -26,7 +27,7 @@ replaced by a list append), warm and with the CPU caches evicted before each mes
 sweep: how a server finds them after sleeping between requests), and the client's encode and
 decode.
 
-    python benchmarks/bench_transport.py [--calls 400] [--rounds 20] [--baseline-tree DIR]
+    python benchmarks/bench_transport.py [--calls 80] [--rounds 100] [--baseline-tree DIR]
                                          [--echo-work-us 25,50,100] [--in-process]
                                          [--json benchmarks/results/transport.json]
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -226,8 +228,9 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=400, help="round trips per mode and round")
-    parser.add_argument("--rounds", type=int, default=20, help="short rounds: load changes hit all modes alike")
+    parser.add_argument("--calls", type=int, default=80, help="round trips per mode and round")
+    parser.add_argument("--rounds", type=int, default=100,
+                        help="short rounds (80 calls: ~16 ms), so a burst of load on the machine hits all modes alike")
     parser.add_argument("--baseline-tree", help="also time the polcache server of this checkout (before/after)")
     parser.add_argument("--json", default=str(RESULTS / "transport.json"))
     parser.add_argument("--echo-work-us", default="",
@@ -267,8 +270,13 @@ def main() -> None:
         times: dict[str, list[float]] = {mode: [] for mode in modes}
         server_cpu = {mode: np.zeros(2) for mode in modes}  # CPU seconds (Python threads, ZeroMQ I/O), timed calls only
         client_cpu = {mode: 0.0 for mode in modes}
+        for proc in servers:
+            proc.send_signal(signal.SIGSTOP)
         for _ in range(args.rounds):
             for (mode, client), server in zip(clients.items(), servers):
+                # only the measured server runs: an idle one's periodic wake-ups (polcache's loop
+                # and metrics writer; a REP echo has none) would land in the others' timings
+                server.send_signal(signal.SIGCONT)
                 for _ in range(50):  # warm-up after the other modes ran
                     client.round_trip(arrays)
                 s0, c0 = np.array(process_cpu_s(server.pid)), time.thread_time()
@@ -278,6 +286,7 @@ def main() -> None:
                     times[mode].append(time.perf_counter() - t0)
                 server_cpu[mode] += np.array(process_cpu_s(server.pid)) - s0
                 client_cpu[mode] += time.thread_time() - c0
+                server.send_signal(signal.SIGSTOP)
     finally:
         for proc in servers:
             proc.kill()

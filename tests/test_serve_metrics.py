@@ -79,6 +79,17 @@ def test_jsonl_file_is_rotated_and_bounded(tmp_path):
     assert last["kind"] == "tick" and last["period_error_ms"] == 199.0
 
 
+def test_jsonl_line_longer_than_a_file_gets_a_file_of_its_own(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path, max_bytes=100, backups=2, flush_s=0.01)
+    writer.write({"kind": "info", "note": "x" * 300})
+    writer(tick(1.0))
+    writer.close()
+    assert not writer._thread.is_alive()  # noqa: SLF001 - it finished instead of rotating forever
+    assert json.loads((tmp_path / "metrics.jsonl.1").read_text())["note"] == "x" * 300
+    assert json.loads(path.read_text())["period_error_ms"] == 1.0
+
+
 def test_jsonl_lines_are_json_with_labels_and_nulls_and_a_bad_line_is_skipped(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     writer = JsonlWriter(path, labels={"robot": "arm"})

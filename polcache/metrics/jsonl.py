@@ -80,12 +80,21 @@ class JsonlWriter:
         self._file.close()
 
     def _write_gathered(self) -> None:
+        """The gathered lines, one write per file they go to (the interpreter lock is held while
+        they are gathered and released in the write, so the recording thread waits little)."""
         while self._lines:
-            line = self._lines.popleft() + b"\n"
-            if self._size + len(line) > self.max_bytes:
+            batch, size = [], self._size
+            while self._lines:
+                length = len(self._lines[0]) + 1
+                if size and size + length > self.max_bytes:  # full (an empty file takes any one line)
+                    break
+                batch.append(self._lines.popleft())
+                size += length
+            if batch:
+                self._file.write(b"\n".join(batch) + b"\n")
+                self._size = size
+            if self._lines:  # the next line does not fit
                 self._rotate()
-            self._file.write(line)
-            self._size += len(line)
         self._file.flush()
 
     def _rotate(self) -> None:
