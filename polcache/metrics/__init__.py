@@ -3,7 +3,7 @@ the dashboard, and Prometheus text over a tiny HTTP endpoint."""
 
 from polcache.metrics.http import serve_prometheus
 from polcache.metrics.jsonl import JsonlWriter
-from polcache.metrics.registry import Metrics, record_fields
+from polcache.metrics.registry import Metrics
 from polcache.metrics.session import collect_metrics
 
-__all__ = ["JsonlWriter", "Metrics", "collect_metrics", "record_fields", "serve_prometheus"]
+__all__ = ["JsonlWriter", "Metrics", "collect_metrics", "serve_prometheus"]

@@ -15,6 +15,7 @@ dashboard polling every second sees no difference.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -23,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 
-from polcache.metrics.registry import builtin_scalar, record_fields
 from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.metrics")
@@ -47,7 +48,8 @@ class JsonlWriter:
         self.dropped = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lines: deque[bytes] = deque()  # appended by any thread, taken by the writer (both atomic)
-        self._encoder = msgspec.json.Encoder(enc_hook=builtin_scalar)
+        self._encoder = msgspec.json.Encoder(enc_hook=_builtin_scalar)
+        self._prefixes: dict[type, bytes] = {}  # per record class, see _record_line
         self._warn = RateLimitedLog(log).warning
         self._file = open(self.path, "ab")
         self._size = self._file.tell()
@@ -61,12 +63,24 @@ class JsonlWriter:
             self.dropped += 1
             return
         try:
-            self._lines.append(self._encoder.encode(item if isinstance(item, dict) else self.labels | record_fields(item)))
+            self._lines.append(self._encoder.encode(item) if isinstance(item, dict) else self._record_line(item))
         except (TypeError, ValueError) as exc:  # a field JSON cannot hold: that line is lost, not the caller
             self.dropped += 1
             self._warn(type(exc).__name__, f"metrics line not written: {exc}")
 
     __call__ = write  # a Metrics sink
+
+    def _record_line(self, record: Any) -> bytes:
+        """{"kind": .., the labels the record lacks, its fields}: msgspec writes the record (a
+        dataclass; non-finite floats as null) after a prefix made once per record class."""
+        prefix = self._prefixes.get(type(record))
+        if prefix is None:
+            fields = {f.name for f in dataclasses.fields(record)}
+            if not fields:
+                raise ValueError(f"{type(record).__name__} has no fields to write")
+            head = {"kind": record.kind, **{k: v for k, v in self.labels.items() if k not in fields}}
+            prefix = self._prefixes[type(record)] = self._encoder.encode(head)[:-1] + b","  # '{"kind":..,'
+        return prefix + self._encoder.encode(record)[1:]
 
     def close(self) -> None:
         """Write what is left and close the file."""
@@ -109,3 +123,10 @@ class JsonlWriter:
             self.path.unlink()
         self._file = open(self.path, "ab")
         self._size = 0
+
+
+def _builtin_scalar(value: Any) -> Any:
+    """msgspec's hook for what it does not write itself: numpy scalars as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write a {type(value).__name__} into a metrics line")

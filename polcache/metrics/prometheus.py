@@ -48,7 +48,9 @@ class _Kind:
 
     def __init__(self, record: Any):
         kind = record.kind
-        self.labelnames = ("robot",) + tuple(f for f in LABEL_FIELDS if hasattr(record, f))
+        self.names_robot = hasattr(record, "robot")  # server records do; the robot side's do not
+        self.label_fields = tuple(f for f in LABEL_FIELDS if hasattr(record, f))
+        self.labelnames = ("robot", *self.label_fields)
         self.counters = tuple(record.counters)
         self.histograms = tuple((f, buckets_for(f)) for f in record.summaries if f.endswith("_ms"))
         self.gauges = tuple(f for f in record.summaries if not f.endswith("_ms"))
@@ -56,6 +58,12 @@ class _Kind:
         self.docs.update({f: f"{kind} records: {f[:-3]} in seconds" for f, _ in self.histograms})
         self.docs.update({f: f"{kind} records: newest {f}" for f in self.gauges})
         self.names = {f: metric_name(kind, f) for f in self.docs}
+
+    def labels(self, record: Any, robot: str) -> tuple[str, ...]:
+        """The label values of one record (`robot`: for records that do not name one)."""
+        if self.names_robot and record.robot:
+            robot = record.robot
+        return (robot, *(str(getattr(record, f)) for f in self.label_fields)) if self.label_fields else (robot,)
 
 
 class _Series:
@@ -81,20 +89,20 @@ class PrometheusRecorder:
     def __init__(self, registry: CollectorRegistry, robot: str = ""):
         self.robot = robot
         self._lock = threading.Lock()
-        self._kinds: dict[type, _Kind] = {}
+        self._kinds: dict[type, _Kind] = {}  # per record class
         self._series: dict[tuple, _Series] = {}
         registry.register(self)
 
     def record(self, record: Any) -> None:
-        labels = (getattr(record, "robot", None) or self.robot,) + tuple(
-            str(getattr(record, f)) for f in LABEL_FIELDS if hasattr(record, f))
+        kind = self._kinds.get(type(record))
+        if kind is None:
+            with self._lock:
+                kind = self._kinds.setdefault(type(record), _Kind(record))
+        labels = kind.labels(record, self.robot)
         with self._lock:
-            series = self._series.get((type(record), labels))
+            series = self._series.get((kind, labels))
             if series is None:
-                kind = self._kinds.get(type(record))
-                if kind is None:
-                    kind = self._kinds[type(record)] = _Kind(record)
-                series = self._series[(type(record), labels)] = _Series(kind, labels)
+                series = self._series[(kind, labels)] = _Series(kind, labels)
             counters = series.counters
             for field in counters:
                 counters[field] += getattr(record, field)

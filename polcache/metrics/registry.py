@@ -15,7 +15,6 @@ import threading
 from collections import deque
 from typing import Any, Callable
 
-import msgspec
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -84,19 +83,3 @@ class Metrics:
     def prometheus_text(self) -> str:
         """The Prometheus text exposition of every series recorded so far."""
         return generate_latest(self.registry).decode()
-
-
-def record_fields(record: Any) -> dict[str, Any]:
-    """A record as a flat JSON-ready dict: its kind plus every field, non-finite floats as None."""
-    fields = {"kind": record.kind, **msgspec.to_builtins(record, enc_hook=builtin_scalar)}
-    for key, value in fields.items():
-        if type(value) is float and not math.isfinite(value):
-            fields[key] = None
-    return fields
-
-
-def builtin_scalar(value: Any) -> Any:
-    """msgspec's hook for what it does not write itself: numpy scalars as Python numbers."""
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot write a {type(value).__name__} into a metrics record")
