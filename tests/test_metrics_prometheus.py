@@ -3,12 +3,12 @@ the shipped Grafana dashboard only asks for series the registry exposes."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -154,7 +154,7 @@ def test_exposition_equals_prometheus_clients_own_metrics():
         total = float(rng.choice([rng.lognormal(0, 2), 0.02, 20.0, 1000.0, 5e3, np.nan, np.inf]))  # bucket edges too
         records.append(request(robot, inference_ms=float(rng.exponential(10.0)), queue_depth=int(rng.integers(0, 5)),
                                superseded=int(rng.integers(0, 3)), deadline_miss=bool(rng.random() < 0.2)))
-        records[-1] = dataclasses.replace(records[-1], total_ms=total)
+        records[-1] = msgspec.structs.replace(records[-1], total_ms=total)
         if i % 7 == 0:
             records.append(ErrorRecord(t=1.0, robot=robot, code=["bad_shape", "non_finite"][i % 2]))
     m = Metrics()

@@ -15,7 +15,6 @@ dashboard polling every second sees no difference.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -72,10 +71,10 @@ class JsonlWriter:
 
     def _record_line(self, record: Any) -> bytes:
         """{"kind": .., the labels the record lacks, its fields}: msgspec writes the record (a
-        dataclass; non-finite floats as null) after a prefix made once per record class."""
+        Struct; non-finite floats as null) after a prefix made once per record class."""
         prefix = self._prefixes.get(type(record))
         if prefix is None:
-            fields = {f.name for f in dataclasses.fields(record)}
+            fields = set(record.__struct_fields__)
             if not fields:
                 raise ValueError(f"{type(record).__name__} has no fields to write")
             head = {"kind": record.kind, **{k: v for k, v in self.labels.items() if k not in fields}}

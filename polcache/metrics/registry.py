@@ -2,7 +2,7 @@
 over a bounded recent window, readable as a dict, and the same records as Prometheus
 histograms and counters (polcache.metrics.prometheus) for scraping.
 
-A record is any dataclass with `kind`, `counters` and `summaries` class attributes (see
+A record is a msgspec Struct with `kind`, `counters` and `summaries` class attributes (see
 polcache_client.records). Recording is a few deque appends and histogram increments under
 locks, cheap enough for every control tick (benchmarks/bench_dashboard.py measures it);
 percentiles are computed only when someone reads them.

@@ -3,12 +3,12 @@ for the record convention: `counters` accumulate, `summaries` are distributions)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
+import msgspec
 
-@dataclass(frozen=True)
-class RequestRecord:
+
+class RequestRecord(msgspec.Struct, frozen=True):
     kind: ClassVar[str] = "request"
     counters: ClassVar[tuple[str, ...]] = ("requests", "superseded", "deadline_miss")
     summaries: ClassVar[tuple[str, ...]] = ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms",
@@ -32,8 +32,7 @@ class RequestRecord:
     deadline_miss: bool = False
 
 
-@dataclass(frozen=True)
-class ErrorRecord:
+class ErrorRecord(msgspec.Struct, frozen=True):
     kind: ClassVar[str] = "error"
     counters: ClassVar[tuple[str, ...]] = ("errors",)
     summaries: ClassVar[tuple[str, ...]] = ()
