@@ -131,19 +131,17 @@ class Client:
             self.sock.send(encode(Handshake(obs_spec=spec, action_dim=ACTION_SHAPE[1], hz=50.0, name="bench")))
             self.sock.recv()
 
-    def round_trip(self, arrays: dict[str, np.ndarray]) -> None:
+    def round_trip(self, arrays: dict[str, np.ndarray]) -> object:
+        """One request and its decoded reply (returned: the caller checks it after the clock stops)."""
         if self.mode == "pickle":
             self.sock.send(pickle.dumps(arrays))
-            pickle.loads(self.sock.recv())
-        elif self.mode.startswith("msgpack"):
+            return pickle.loads(self.sock.recv())
+        if self.mode.startswith("msgpack"):
             self.sock.send(_raw_pack(arrays))
-            _raw_unpack(self.sock.recv())
-        else:
-            self.seq += 1
-            self.sock.send(encode(Observation(epoch=0, seq=self.seq, t_capture=time.monotonic(), arrays=arrays)))
-            chunk = decode(self.sock.recv())
-            assert isinstance(chunk, ActionChunk)
-            self.server_us.append(sum(chunk.timing.values()) * 1e3)
+            return _raw_unpack(self.sock.recv())
+        self.seq += 1
+        self.sock.send(encode(Observation(epoch=0, seq=self.seq, t_capture=time.monotonic(), arrays=arrays)))
+        return decode(self.sock.recv())
 
 
 def in_process(calls: int) -> list[dict]:
@@ -282,8 +280,11 @@ def main() -> None:
                 s0, c0 = np.array(process_cpu_s(server.pid)), time.thread_time()
                 for _ in range(args.calls):
                     t0 = time.perf_counter()
-                    client.round_trip(arrays)
+                    reply = client.round_trip(arrays)
                     times[mode].append(time.perf_counter() - t0)
+                    if client.polcache:  # the server's own stages, from the chunk's timing map
+                        assert isinstance(reply, ActionChunk), reply
+                        client.server_us.append(sum(reply.timing.values()) * 1e3)
                 server_cpu[mode] += np.array(process_cpu_s(server.pid)) - s0
                 client_cpu[mode] += time.thread_time() - c0
                 server.send_signal(signal.SIGSTOP)
