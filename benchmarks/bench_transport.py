@@ -13,7 +13,8 @@ chunk, over tcp loopback, side by side in one run:
   if it did N us of per-message work: how the round trip grows with server work on this machine.
 
 Each server runs in its own process, stopped (SIGSTOP) while the others are timed. Modes are
-interleaved in rounds so drift hits all alike.
+interleaved in rounds so drift hits all alike. The p99 ratio to the echo comes with a 90%
+interval from resampling the rounds (how much it depends on which rounds met a slow moment).
 Besides the round-trip times, the CPU each request costs the server process (all its threads:
 Python, ZeroMQ's I/O thread, the kernel on their behalf; also split into the Python threads and
 the I/O thread) and the client's thread: a figure that load on the machine barely moves, where
@@ -198,6 +199,20 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def ratio_interval(times: list[float], bare: list[float], rounds: int, draws: int = 400) -> tuple[float, float]:
+    """A 90% interval of p99(times) / p99(bare): the rounds resampled with replacement, the same
+    rounds for both (a burst of load on the machine hits the modes of one round alike), so how
+    far the ratio could move by which rounds happened to be slow."""
+    mode, base = np.asarray(times).reshape(rounds, -1), np.asarray(bare).reshape(rounds, -1)
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(draws):
+        picked = rng.integers(0, rounds, rounds)
+        ratios.append(np.percentile(mode[picked], 99) / np.percentile(base[picked], 99))
+    low, high = np.percentile(ratios, [5, 95])
+    return float(low), float(high)
+
+
 def _import_path(tree: Path) -> str:
     """PYTHONPATH under which a server imports polcache and polcache_client from `tree`."""
     return os.pathsep.join([str(tree), str(tree / "client")])
@@ -302,6 +317,7 @@ def main() -> None:
         rows.append({"mode": mode, "calls": len(us), "p50_us": round(float(np.percentile(us, 50)), 1),
                      "p99_us": round(float(np.percentile(us, 99)), 1), "mean_us": round(float(us.mean()), 1),
                      "p99_over_msgpack": round(float(np.percentile(us, 99)) / (bare_p99 * 1e6), 2),
+                     "ratio_90pct_interval": "%.2f-%.2f" % ratio_interval(times[mode], times["msgpack"], args.rounds),
                      "server_cpu_us": round(float(server_cpu[mode].sum()) / len(us) * 1e6, 1),
                      "server_python_cpu_us": round(float(server_cpu[mode][0]) / len(us) * 1e6, 1),
                      "server_zmq_io_cpu_us": round(float(server_cpu[mode][1]) / len(us) * 1e6, 1),
@@ -310,7 +326,8 @@ def main() -> None:
         if clients[mode].server_us:  # what the server's stages account for; the rest is wake-ups, sockets, client
             rows[-1]["server_stages_p50_us"] = round(float(np.percentile(clients[mode].server_us, 50)), 1)
     print(f"round trip, 96x96x3 uint8 image + {STATE_DIM} float32 state -> 8x4 float32 actions, tcp loopback")
-    print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "p99_over_msgpack", "server_cpu_us",
+    print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "p99_over_msgpack", "ratio_90pct_interval",
+                       "server_cpu_us",
                        "server_python_cpu_us", "server_zmq_io_cpu_us",
                        "client_cpu_us", "server_stages_p50_us", "request_bytes"])
     write_json(args.json, {"benchmark": "transport", "rows": rows, "calls": args.calls, "rounds": args.rounds})
