@@ -84,7 +84,7 @@ class PrometheusRecorder:
     `registry` as a prometheus_client collector: the families are built when scraped, so a
     record costs plain additions under one lock (prometheus_client's own metric objects take a
     lock per bucket, sum and counter: several times the cost, paid on every request;
-    BENCHMARKS.md, metrics). The exposition is prometheus_client's, the same as theirs."""
+    BENCHMARKS.md, "Metrics off the reply path"). The exposition is prometheus_client's."""
 
     def __init__(self, registry: CollectorRegistry, robot: str = ""):
         self.robot = robot
