@@ -90,6 +90,29 @@ def test_jsonl_line_longer_than_a_file_gets_a_file_of_its_own(tmp_path):
     assert json.loads(path.read_text())["period_error_ms"] == 1.0
 
 
+def test_jsonl_writer_survives_a_failed_write(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path, flush_s=1000)  # the test drives the flushes
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        flush = write
+
+        def close(self):
+            pass
+
+    real, writer._file = writer._file, FullDisk()  # noqa: SLF001 - the disk fills up under the writer
+    real.close()
+    writer(tick(1.0))
+    writer._write_gathered()  # noqa: SLF001 - one flush, as the writer's thread does
+    writer(tick(2.0))  # the disk has room again: the writer reopened its file
+    writer.close()
+    assert [json.loads(line)["period_error_ms"] for line in path.read_text().splitlines()] == [2.0]
+    assert writer.dropped == 1 and "No space left on device" in caplog.text
+
+
 def test_jsonl_lines_are_json_with_labels_and_nulls_and_a_bad_line_is_skipped(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     writer = JsonlWriter(path, labels={"robot": "arm"})

@@ -103,12 +103,34 @@ class JsonlWriter:
                     break
                 batch.append(self._lines.popleft())
                 size += length
-            if batch:
-                self._file.write(b"\n".join(batch) + b"\n")
-                self._size = size
-            if self._lines:  # the next line does not fit
-                self._rotate()
-        self._file.flush()
+            try:
+                if batch:
+                    self._file.write(b"\n".join(batch) + b"\n")
+                    self._size = size
+                if self._lines:  # the next line does not fit
+                    self._rotate()
+            except (OSError, ValueError) as exc:  # a full disk, a removed directory: lost lines, not a dead writer
+                self.dropped += len(batch)
+                self._warn("write", f"{len(batch)} metrics lines not written to {self.path}: {exc}")
+                self._reopen()
+                return  # the rest at the next flush
+        try:
+            self._file.flush()
+        except (OSError, ValueError) as exc:
+            self._warn("write", f"metrics lines not written to {self.path}: {exc}")
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """A fresh handle on the file after a failed write (the next flush tries again if this fails)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            self._file = open(self.path, "ab")
+            self._size = self._file.tell()
+        except OSError:
+            pass
 
     def _rotate(self) -> None:
         self._file.close()
