@@ -106,7 +106,7 @@ class JsonlWriter:
             try:
                 if batch:
                     self._file.write(b"\n".join(batch) + b"\n")
-                    self._size = size
+                    self._size, batch = size, []  # written: a failed rotation below loses none of it
                 if self._lines:  # the next line does not fit
                     self._rotate()
             except (OSError, ValueError) as exc:  # a full disk, a removed directory: lost lines, not a dead writer
