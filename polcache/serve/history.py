@@ -68,10 +68,9 @@ class ExecutedLog:
             return
         for seq, action in zip(seqs, actions):
             self._by_seq[int(seq)] = np.asarray(action, np.float32)
-        if self._by_seq:
-            newest = max(self._by_seq)
-            for seq in [s for s in self._by_seq if s <= newest - self.span]:
-                del self._by_seq[seq]
+        newest = max(self._by_seq)
+        for seq in [s for s in self._by_seq if s <= newest - self.span]:
+            del self._by_seq[seq]
 
     def at(self, seq: int, offsets: tuple[int, ...], action_dim: int) -> np.ndarray | None:
         """The actions applied at steps seq + offsets (oldest first), NaN rows where none was

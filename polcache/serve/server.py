@@ -446,7 +446,7 @@ class PolicyServer:
         if late:
             self._warn(f"{session.name}:deadline", f"observation {job.seq} of {session.name} took {total_ms:.1f} ms, "
                                                    f"over its {deadline_ms:.1f} ms deadline")
-        if self.on_record is not None:  # built only for a listener: a few microseconds per chunk
+        if self.on_record is not None:  # built only for a listener
             timing = job.timing
             self.on_record(RequestRecord(
                 t=time.time(), robot=session.name, epoch=job.epoch, seq=job.seq, decode_ms=timing["decode"],
