@@ -22,6 +22,9 @@ the tail does.
 `--baseline-tree DIR` adds "polcache-baseline" and "polcache-baseline+metrics": the same servers
 imported from another checkout (e.g. `git worktree add /tmp/before main`), for a before/after
 comparison in one run.
+`--pin` places the processes as `polcache launch configs/launch/sim.yaml` does: every server
+(polcache and the baselines alike, each with its ZeroMQ I/O thread) on the last CPU, the client
+on CPU 0.
 `--in-process` instead times the per-message Python alone, without sockets: the server's path
 from a received frame to its reply frame (PolicyServer's handling and inline dispatch, the send
 replaced by a list append), warm and with the CPU caches evicted before each message (an 8 MB
@@ -29,7 +32,7 @@ sweep: how a server finds them after sleeping between requests), and the client'
 decode.
 
     python benchmarks/bench_transport.py [--calls 80] [--rounds 100] [--baseline-tree DIR]
-                                         [--echo-work-us 25,50,100] [--in-process]
+                                         [--echo-work-us 25,50,100] [--pin] [--in-process]
                                          [--json benchmarks/results/transport.json]
 """
 
@@ -248,6 +251,8 @@ def main() -> None:
     parser.add_argument("--json", default=str(RESULTS / "transport.json"))
     parser.add_argument("--echo-work-us", default="",
                         help="comma-separated: also time the msgpack echo spinning this long per message")
+    parser.add_argument("--pin", action="store_true",
+                        help="servers on the last CPU, the client on CPU 0, as polcache launch places them")
     parser.add_argument("--in-process", action="store_true",
                         help="time the per-message Python alone, without sockets (see the docstring)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -273,10 +278,18 @@ def main() -> None:
         trees["polcache-baseline"] = trees["polcache-baseline+metrics"] = Path(args.baseline_tree).resolve()
     modes = [*trees, *MODES[2:], *(f"msgpack+{int(us)}us" for us in args.echo_work_us.split(",") if us)]
     ports = {mode: free_port() for mode in modes}
+    server_cpus = None
+    if args.pin:  # before any ZeroMQ context: its I/O thread inherits the client's CPU
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error(f"--pin needs two CPUs, this process may use {cpus}")
+        server_cpus = {cpus[-1]}
+        os.sched_setaffinity(0, {cpus[0]})
     files = tempfile.TemporaryDirectory()  # the metrics files of the +metrics servers
     servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p),
                                  "--metrics-file", os.path.join(files.name, f"{m}.jsonl")],
-                                env={**os.environ, "PYTHONPATH": _import_path(trees.get(m, REPO))})
+                                env={**os.environ, "PYTHONPATH": _import_path(trees.get(m, REPO))},
+                                preexec_fn=None if server_cpus is None else lambda: os.sched_setaffinity(0, server_cpus))
                for m, p in ports.items()]
     try:
         clients = {mode: Client(mode, port) for mode, port in ports.items()}
@@ -325,12 +338,15 @@ def main() -> None:
                      "request_bytes": payload_bytes.get(mode.partition("+")[0], polcache_bytes)})
         if clients[mode].server_us:  # what the server's stages account for; the rest is wake-ups, sockets, client
             rows[-1]["server_stages_p50_us"] = round(float(np.percentile(clients[mode].server_us, 50)), 1)
-    print(f"round trip, 96x96x3 uint8 image + {STATE_DIM} float32 state -> 8x4 float32 actions, tcp loopback")
+    placement = "unpinned" if server_cpus is None else f"servers on CPU {min(server_cpus)}, client on CPU {cpus[0]}"
+    print(f"round trip, 96x96x3 uint8 image + {STATE_DIM} float32 state -> 8x4 float32 actions, tcp loopback, "
+          f"{placement}")
     print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "p99_over_msgpack", "ratio_90pct_interval",
                        "server_cpu_us",
                        "server_python_cpu_us", "server_zmq_io_cpu_us",
                        "client_cpu_us", "server_stages_p50_us", "request_bytes"])
-    write_json(args.json, {"benchmark": "transport", "rows": rows, "calls": args.calls, "rounds": args.rounds})
+    write_json(args.json, {"benchmark": "transport", "rows": rows, "calls": args.calls, "rounds": args.rounds,
+                           "pinned": args.pin})
 
 
 if __name__ == "__main__":
