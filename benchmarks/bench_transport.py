@@ -278,13 +278,14 @@ def main() -> None:
         trees["polcache-baseline"] = trees["polcache-baseline+metrics"] = Path(args.baseline_tree).resolve()
     modes = [*trees, *MODES[2:], *(f"msgpack+{int(us)}us" for us in args.echo_work_us.split(",") if us)]
     ports = {mode: free_port() for mode in modes}
-    server_cpus = None
+    server_cpus, placement = None, "unpinned"
     if args.pin:  # before any ZeroMQ context: its I/O thread inherits the client's CPU
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             parser.error(f"--pin needs two CPUs, this process may use {cpus}")
         server_cpus = {cpus[-1]}
         os.sched_setaffinity(0, {cpus[0]})
+        placement = f"servers on CPU {cpus[-1]}, client on CPU {cpus[0]}"
     files = tempfile.TemporaryDirectory()  # the metrics files of the +metrics servers
     servers = [subprocess.Popen([sys.executable, __file__, "--serve", m, "--port", str(p),
                                  "--metrics-file", os.path.join(files.name, f"{m}.jsonl")],
@@ -338,7 +339,6 @@ def main() -> None:
                      "request_bytes": payload_bytes.get(mode.partition("+")[0], polcache_bytes)})
         if clients[mode].server_us:  # what the server's stages account for; the rest is wake-ups, sockets, client
             rows[-1]["server_stages_p50_us"] = round(float(np.percentile(clients[mode].server_us, 50)), 1)
-    placement = "unpinned" if server_cpus is None else f"servers on CPU {min(server_cpus)}, client on CPU {cpus[0]}"
     print(f"round trip, 96x96x3 uint8 image + {STATE_DIM} float32 state -> 8x4 float32 actions, tcp loopback, "
           f"{placement}")
     print_table(rows, ["mode", "calls", "p50_us", "p99_us", "mean_us", "p99_over_msgpack", "ratio_90pct_interval",
@@ -346,7 +346,7 @@ def main() -> None:
                        "server_python_cpu_us", "server_zmq_io_cpu_us",
                        "client_cpu_us", "server_stages_p50_us", "request_bytes"])
     write_json(args.json, {"benchmark": "transport", "rows": rows, "calls": args.calls, "rounds": args.rounds,
-                           "pinned": args.pin})
+                           "placement": placement})
 
 
 if __name__ == "__main__":
