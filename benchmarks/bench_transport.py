@@ -48,13 +48,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import msgpack
 import numpy as np
 import zmq
 
-from common import RESULTS, print_table, write_json
+from common import RESULTS, print_table, round_robin, write_json
 from polcache_client.protocol import ActionChunk, Handshake, Observation, decode, encode, encode_array
 
 IMAGE = (96, 96, 3)
@@ -187,19 +186,13 @@ def in_process(calls: int) -> list[dict]:
     assert len(replies) == 2 * calls + 100 and isinstance(decode(replies[-1]), ActionChunk)
     obs = Observation(epoch=0, seq=1, t_capture=0.0, arrays=arrays)
     reply, raw_reply = replies[-1], _raw_pack({"actions": np.zeros(ACTION_SHAPE, np.float32)})
-    rows = [("server: frame in to reply out, warm caches", warm), ("server: the same, caches evicted first", cold),
-            ("client: encode an observation", [_timed(lambda: encode(obs)) for _ in range(calls)]),
-            ("client: decode a chunk", [_timed(lambda: decode(reply)) for _ in range(calls)]),
-            ("raw msgpack: pack the observation", [_timed(lambda: _raw_pack(arrays)) for _ in range(calls)]),
-            ("raw msgpack: unpack the reply", [_timed(lambda: _raw_unpack(raw_reply)) for _ in range(calls)])]
+    codec = round_robin({"client: encode an observation": lambda: encode(obs),
+                         "client: decode a chunk": lambda: decode(reply),
+                         "raw msgpack: pack the observation": lambda: _raw_pack(arrays),
+                         "raw msgpack: unpack the reply": lambda: _raw_unpack(raw_reply)}, calls, warmup=0)
+    rows = {"server: frame in to reply out, warm caches": warm, "server: the same, caches evicted first": cold, **codec}
     return [{"what": what, "p50_us": round(float(np.percentile(ts, 50)) * 1e6, 1),
-             "mean_us": round(float(np.mean(ts)) * 1e6, 1)} for what, ts in rows]
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+             "mean_us": round(float(np.mean(ts)) * 1e6, 1)} for what, ts in rows.items()]
 
 
 def ratio_interval(times: list[float], bare: list[float], rounds: int, draws: int = 400) -> tuple[float, float]:

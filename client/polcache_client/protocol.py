@@ -178,8 +178,7 @@ def decode_array(obj: Any, where: str) -> np.ndarray:
     if not isinstance(obj, dict) or obj.keys() != _ARRAY_KEYS:
         raise ProtocolError("bad_array", f"{where}: an array is a map with keys dtype, shape, data")
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if not isinstance(dtype, str) or dtype not in _WIRE_DTYPES:
-        raise ProtocolError("bad_dtype", f"{where}: dtype {_short(dtype)} is not one of {sorted(ALLOWED_DTYPES)}")
+    _wire_dtype(dtype, where)  # named before the shape is looked at
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(map(_is_dim, shape)):
         raise ProtocolError("bad_array", f"{where}: shape must be a list of at most {MAX_NDIM} non-negative ints")
     if not isinstance(data, bytes):
@@ -187,11 +186,17 @@ def decode_array(obj: Any, where: str) -> np.ndarray:
     return _array(dtype, shape, data, where)
 
 
-def _array(dtype: str, shape: list[int], data: bytes | memoryview, where: str) -> np.ndarray:
-    """The array of well-typed wire fields: a dtype we accept, as many bytes as the shape needs."""
-    np_dtype = _WIRE_DTYPES.get(dtype)
+def _wire_dtype(dtype: Any, where: str) -> np.dtype:
+    """The numpy dtype of a wire dtype name, or bad_dtype naming it."""
+    np_dtype = _WIRE_DTYPES.get(dtype) if isinstance(dtype, str) else None
     if np_dtype is None:
         raise ProtocolError("bad_dtype", f"{where}: dtype {_short(dtype)} is not one of {sorted(ALLOWED_DTYPES)}")
+    return np_dtype
+
+
+def _array(dtype: str, shape: list[int], data: bytes | memoryview, where: str) -> np.ndarray:
+    """The array of well-typed wire fields: a dtype we accept, as many bytes as the shape needs."""
+    np_dtype = _wire_dtype(dtype, where)
     expected = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected:
         raise ProtocolError(
