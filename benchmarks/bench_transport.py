@@ -6,6 +6,10 @@ chunk, over tcp loopback, side by side in one run:
 - polcache+metrics: the same server recording every request into polcache's metrics as
   `polcache serve --metrics-file` does under `polcache launch` (Prometheus histograms and
   counters, a JSON-lines file, no in-process distributions);
+- python-floor: the least per-message Python polcache's wire format needs, as a lower bound for
+  any rewrite of the server in Python: a ROUTER loop that decodes with the server's
+  ObservationReader, stacks the two-step window, calls the zero-cost policy and encodes the chunk
+  (no sessions, epochs, fairness, hand-off, records; driven by the same client as polcache);
 - msgpack REQ/REP: the same raw-numpy msgpack encoding with a bare echo server;
 - pickle REQ/REP: the common pickle-over-REQ/REP setup (baseline only; polcache never
   unpickles peer data, which is why pickle lives here and not in polcache/);
@@ -54,12 +58,15 @@ import numpy as np
 import zmq
 
 from common import RESULTS, print_table, round_robin, write_json
-from polcache_client.protocol import ActionChunk, Handshake, Observation, decode, encode, encode_array
+from polcache_client.protocol import (DEFAULT_MAX_MESSAGE_BYTES, ActionChunk, Handshake, Observation,
+                                      ObservationReader, Welcome, decode, encode, encode_array, encode_chunk)
 
 IMAGE = (96, 96, 3)
 STATE_DIM = 39
 ACTION_SHAPE = (8, 4)
-MODES = ("polcache", "polcache+metrics", "msgpack", "pickle")
+HZ = 50.0  # the robot's rate, as its handshake states it
+MODES = ("polcache", "polcache+metrics", "python-floor", "msgpack", "pickle")
+POLCACHE_WIRE = ("polcache", "python-floor")  # modes driven by PolicyClient's wire format
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -102,6 +109,9 @@ def serve(mode: str, port: int, metrics_file: str) -> None:
         on_record = Metrics(0, sink=JsonlWriter(metrics_file)).record if mode.endswith("+metrics") else None
         PolicyServer(ZeroBackend(), address, deadline_ms=1e9, on_record=on_record).serve_forever()
         return
+    if mode == "python-floor":
+        serve_floor(address)
+        return
     sock = zmq.Context.instance().socket(zmq.REP)
     sock.bind(address)
     actions = np.zeros(ACTION_SHAPE, np.float32)
@@ -119,11 +129,42 @@ def serve(mode: str, port: int, metrics_file: str) -> None:
             sock.send(_raw_pack({"actions": actions}))
 
 
+def serve_floor(address: str) -> None:
+    """The python-floor server (see the module docstring): what is left of PolicyServer's
+    per-message work when everything but decode, window, policy and encode is taken away."""
+    from polcache.serve.handshake import robot_obs_spec
+
+    backend = ZeroBackend()
+    reader = ObservationReader(robot_obs_spec(backend.spec))
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(address)
+    newest: dict[bytes, Observation] = {}  # per robot: the two-step window's older step
+    action_offsets_s = np.arange(ACTION_SHAPE[0], dtype=np.float64) / HZ
+    while True:
+        robot, frame = sock.recv_multipart()
+        msg, version = reader.read(frame)
+        if type(msg) is not Observation:  # the handshake
+            welcome = Welcome(policy=backend.spec.to_dict(), max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+                              server="python-floor")
+            sock.send_multipart([robot, encode(welcome, version)])
+            continue
+        older = newest.get(robot, msg)
+        newest[robot] = msg
+        window = {}
+        for key, array in msg.arrays.items():
+            stacked = window[key] = np.empty((1, 2, *array.shape), array.dtype)
+            stacked[0, 0], stacked[0, 1] = older.arrays[key], array
+        chunk = ActionChunk(epoch=msg.epoch, seq=msg.seq, obs_seqs=[older.seq, msg.seq], t_capture=msg.t_capture,
+                            t_actions=msg.t_capture + action_offsets_s, actions=backend.predict(window)[0], timing={})
+        sock.send(robot, zmq.SNDMORE)
+        sock.send(encode_chunk(chunk, version)[0])
+
+
 class Client:
     def __init__(self, mode: str, port: int):
         self.mode = mode
         ctx = zmq.Context.instance()
-        self.polcache = mode.startswith("polcache")
+        self.polcache = mode.startswith(POLCACHE_WIRE)
         self.sock = ctx.socket(zmq.DEALER if self.polcache else zmq.REQ)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(f"tcp://127.0.0.1:{port}")
@@ -131,7 +172,7 @@ class Client:
         self.server_us: list[float] = []  # polcache: the server's own stages (the chunk's timing map) per call
         if self.polcache:
             spec = {"image_front": (IMAGE, "uint8"), "state": ((STATE_DIM,), "float32")}
-            self.sock.send(encode(Handshake(obs_spec=spec, action_dim=ACTION_SHAPE[1], hz=50.0, name="bench")))
+            self.sock.send(encode(Handshake(obs_spec=spec, action_dim=ACTION_SHAPE[1], hz=HZ, name="bench")))
             self.sock.recv()
 
     def round_trip(self, arrays: dict[str, np.ndarray]) -> object:
@@ -155,7 +196,7 @@ def in_process(calls: int) -> list[dict]:
     replies: list[bytes] = []
     server._send = lambda robot, frame: replies.append(frame)  # noqa: SLF001 - the path up to the socket
     spec = {"image_front": (IMAGE, "uint8"), "state": ((STATE_DIM,), "float32")}
-    server._handle(b"robot", [encode(Handshake(obs_spec=spec, action_dim=ACTION_SHAPE[1], hz=50.0, name="bench"))])
+    server._handle(b"robot", [encode(Handshake(obs_spec=spec, action_dim=ACTION_SHAPE[1], hz=HZ, name="bench"))])
     replies.clear()  # the welcome
     rng = np.random.default_rng(0)
     arrays = {"image_front": rng.integers(0, 255, IMAGE, dtype=np.uint8),
@@ -304,9 +345,10 @@ def main() -> None:
                     t0 = time.perf_counter()
                     reply = client.round_trip(arrays)
                     times[mode].append(time.perf_counter() - t0)
-                    if client.polcache:  # the server's own stages, from the chunk's timing map
+                    if client.polcache:
                         assert isinstance(reply, ActionChunk), reply
-                        client.server_us.append(sum(reply.timing.values()) * 1e3)
+                        if mode.startswith("polcache"):  # its own stages, from the chunk's timing map
+                            client.server_us.append(sum(reply.timing.values()) * 1e3)
                 server_cpu[mode] += np.array(process_cpu_s(server.pid)) - s0
                 client_cpu[mode] += time.thread_time() - c0
                 server.send_signal(signal.SIGSTOP)
