@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--step-graphs", choices=["if", "patterns"], default=None,
                    help="if: one step graph switching blocks with If nodes on the plan table (default); patterns: "
                         "one step graph per distinct update pattern of the plan")
-    p.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="artifact directory to write (an earlier artifact there is replaced "
+                                                "atomically; any other existing path is refused)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check against torch after export")
     p.set_defaults(handler=_run)
 

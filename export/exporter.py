@@ -67,6 +67,9 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
         raise ExportError(f"unknown step mode {step_mode!r}: expected one of {', '.join(STEP_MODES)}")
     if policy.host_step is not None:
         raise ExportError(f"cannot export this policy: {policy.host_step}; serve it with the torch backend")
+    out = Path(out)
+    if out.exists() and not (out / MANIFEST).is_file():  # an artifact is replaced whole; anything else is not ours
+        raise ExportError(f"{out}: exists and is not an exported policy (no {MANIFEST}); refusing to overwrite it")
     t0 = time.perf_counter()
     was_training = policy.training
     policy = policy.cpu().eval()
@@ -94,7 +97,6 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
             raise RuntimeError(f"exported graph {name} fails onnx.checker: {exc}") from exc
     action = policy.normalizer.stats("action")
     entries = {}
-    out = Path(out)
     with atomic_directory(out) as tmp:
         tmp.mkdir()
         for name, model in graphs.items():
