@@ -86,6 +86,15 @@ def test_server_guides_each_robots_next_chunk_with_its_last_one():
     np.testing.assert_allclose(seen[1].actions, chunks[1].actions[1:])
 
 
+def test_evaluator_refuses_rtc_before_rolling_out_where_the_backend_cannot():
+    from polcache.errors import PolcacheError
+    from polcache.sim.evaluate import Rollout, evaluate
+
+    with pytest.raises(PolcacheError, match="--rtc: real-time chunking needs the torch backend and a flow sampler, "
+                                            "this is torch with ddim"):
+        evaluate(TorchBackend(tiny_policy(), "ddim", 4), "no-such-task", 1, rollout=Rollout(rtc=True))
+
+
 def test_evaluator_commits_the_chunk_still_in_flight():
     """With a delay as long as the chunks executed, the chunk planned last has not arrived when the
     next is planned; it is still what the robot executes next, so it is what RTC holds to."""

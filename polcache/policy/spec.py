@@ -145,6 +145,16 @@ class PolicyBackend(Protocol):
         ...
 
 
+def rtc_blocker(backend: PolicyBackend) -> str | None:
+    """Why `backend` cannot generate chunks by real-time chunking, or None where it can: the
+    guidance differentiates through a flow sampler's steps, which only the torch backend runs."""
+    what = backend.describe()
+    if what.get("backend") != "torch" or what.get("sampler") != "flow":
+        return (f"real-time chunking needs the torch backend and a flow sampler, this is {what.get('backend')} "
+                f"with {what.get('sampler')}")
+    return None
+
+
 class PolicySession(Protocol):
     """One robot's view of a backend: `predict` takes the window's observation steps too, so a
     session can keep per-frame work (e.g. encoder embeddings) from one chunk to the next."""

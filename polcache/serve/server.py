@@ -29,7 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from polcache.errors import PolcacheError
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.batching import batching_blocker
-from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession
+from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession, rtc_blocker
 from polcache.serve.handshake import check_handshake, robot_obs_spec, session_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
@@ -151,11 +151,8 @@ class PolicyServer:
         if not 0 <= inline_ms <= MAX_INLINE_MS:
             raise PolcacheError(f"inline_ms must be in [0, {MAX_INLINE_MS:g}] ms (inference run on the server thread), "
                                 f"got {inline_ms}")
-        if rtc:
-            what = backend.describe()
-            if what.get("backend") != "torch" or what.get("sampler") != "flow":
-                raise PolcacheError(f"real-time chunking needs the torch backend and a flow sampler, this is "
-                                    f"{what.get('backend')} with {what.get('sampler')}")
+        if rtc and (why := rtc_blocker(backend)):
+            raise PolcacheError(why)
         self.rtc = rtc
         if instruction is not None:  # a bad default is the operator's error, refused before serving
             session_instruction(instruction, backend.spec, None, "--instruction")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.language import encode_instruction
 from polcache.errors import PolcacheError
-from polcache.policy.spec import CommittedActions, PolicyBackend
+from polcache.policy.spec import CommittedActions, PolicyBackend, rtc_blocker
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
 from polcache_client.protocol import ActionChunk
@@ -141,6 +141,8 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     from polcache.envs.instructions import instructions
     from polcache.policy.checkpoint import check_compatible
 
+    if rollout.rtc and (why := rtc_blocker(backend)):
+        raise PolcacheError(f"--rtc: {why}")
     image_keys = [k for k in backend.spec.obs if k.startswith("image_")]
     cams = tuple(k[len("image_"):] for k in image_keys)
     size = backend.spec.obs[image_keys[0]].shape[0] if image_keys else 96
