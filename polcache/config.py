@@ -91,7 +91,7 @@ class PolicyConfig:
 @dataclass
 class TrainConfig:
     steps: int = 20000
-    epochs: int = 0  # > 0: train this many passes over the training windows instead of `steps`
+    epochs: int = 0  # > 0: train this many passes over the training windows instead of `steps` (load_config)
     batch_size: int = 256
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -230,8 +230,13 @@ def read_yaml_mapping(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The file's config with `overrides` applied and validated. A `train.steps` override without a
+    `train.epochs` one trains that many steps: the file's epochs (which would win) are set aside."""
     data = read_yaml_mapping(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
+    overridden = {item.partition("=")[0].strip() for item in overrides or []}
+    if "train.steps" in overridden and "train.epochs" not in overridden:
+        data["train"]["epochs"] = 0
     cfg = from_dict(ExperimentConfig, data)
     validate(cfg)
     return cfg

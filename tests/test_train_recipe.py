@@ -21,6 +21,10 @@ def test_epochs_set_the_step_count_from_the_data():
     assert total_steps(cfg, 1280) == 60  # twice the data, twice the steps
     assert total_steps(cfg, 10) == 3  # fewer windows than a batch: one batch per epoch
     assert total_steps(load_config("configs/metaworld_small.yaml", ["train.steps=123"]), 640) == 123
+    # a step count on the command line wins over the file's epochs, unless epochs are given there too
+    assert load_config("configs/recommended_cpu.yaml").train.epochs == 100
+    assert total_steps(load_config("configs/recommended_cpu.yaml", ["train.steps=5"]), 640) == 5
+    assert total_steps(load_config("configs/recommended_cpu.yaml", ["train.steps=5", "train.epochs=2"]), 640) == 2 * 10
 
 
 @pytest.mark.parametrize("override, match", [
