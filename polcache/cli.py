@@ -45,13 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # the command as typed, a nested one's action included (`polcache ptp embed`)
+    command = " ".join([args.command, *(getattr(args, f"{args.command}_command", None) or "").split()])
     try:
         return int(args.handler(args) or 0)
     except PolcacheError as exc:
-        print(f"polcache {args.command}: error: {exc}", file=sys.stderr)
+        print(f"polcache {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"polcache {args.command}: interrupted", file=sys.stderr)
+        print(f"polcache {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,5 +1,7 @@
 """Bad input gives one clear line naming the problem, never a traceback."""
 
+from pathlib import Path
+
 import pytest
 
 from polcache.cli import main
@@ -26,6 +28,20 @@ def test_incomplete_checkpoint(capsys, tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "meta.json").write_text("{}")
     assert "missing" in _err(capsys, ["eval", "--checkpoint", str(tmp_path / "ck"), "--episodes", "1"])
+
+
+def test_a_training_runs_folder_points_to_its_checkpoint(capsys, tmp_path):
+    (tmp_path / "run" / "last").mkdir(parents=True)
+    (tmp_path / "run" / "last" / "meta.json").write_text("{}")
+    err = _err(capsys, ["eval", "--checkpoint", str(tmp_path / "run"), "--episodes", "1"])
+    assert err.endswith(f"a training run: pass {tmp_path / 'run' / 'last'}")
+
+
+def test_nested_commands_are_named_and_ptp_embed_asks_for_the_dataset(capsys, tmp_path, monkeypatch):
+    checkpoint = Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/cue-reach-ptp"
+    monkeypatch.chdir(tmp_path)  # where the checkpoint's data/cue-reach.zarr is not
+    err = _err(capsys, ["ptp", "embed", "--checkpoint", str(checkpoint), "--out", "x.zarr"])
+    assert err.startswith("polcache ptp embed: error:") and err.endswith("which is not here: pass --dataset")
 
 
 def test_unknown_config_key(capsys, tmp_path):

@@ -32,7 +32,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
     state, bad = RunState(keep=None), 0
     for path in map(Path, paths):
         if not path.is_file():
-            raise PolcacheError(f"report: {path}: no such metrics file")
+            raise PolcacheError(f"{path}: no such metrics file")
         context: dict[str, Any] = {}
         for part in run_files(path):
             tail = JsonlTail(part)
@@ -41,7 +41,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
             tail.close()
     bad += state.bad_records
     if not state.records:
-        raise PolcacheError(f"report: no metrics records in {', '.join(map(str, paths))}")
+        raise PolcacheError(f"no metrics records in {', '.join(map(str, paths))}")
     return state, bad
 
 

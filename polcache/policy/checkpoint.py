@@ -101,7 +101,9 @@ def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
         raise CheckpointError(f"checkpoint not found: {path} is not a directory")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
-        raise CheckpointError(f"{path}: not a complete polcache checkpoint (missing {', '.join(missing)})")
+        runs = [sub for sub in ("last", "best") if (path / sub / "meta.json").is_file()]  # a training run's folder
+        hint = f"; a training run: pass {path / runs[0]}" if runs else ""
+        raise CheckpointError(f"{path}: not a complete polcache checkpoint (missing {', '.join(missing)}){hint}")
     try:
         meta = json.loads((path / "meta.json").read_text())
     except json.JSONDecodeError:

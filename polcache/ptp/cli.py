@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from polcache.cli_types import DEVICE_HELP
+from polcache.errors import PolcacheError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +41,8 @@ def _embed(args: argparse.Namespace) -> int:
 
     policy, cfg, _ = load_policy(args.checkpoint, resolve_device(args.device))
     dataset = args.dataset or cfg.dataset
+    if args.dataset is None and not Path(dataset).exists():
+        raise PolcacheError(f"the checkpoint was trained on {dataset}, which is not here: pass --dataset")
     out = embed_dataset(policy, dataset, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
                         progress=not args.no_progress)
     print(f"wrote {out}: {policy.encoder.feature_dim}-d float32 embeddings of {dataset}")

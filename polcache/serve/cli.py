@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("sim-robot", help="run a simulated task as a robot against a policy server",
                               description="Run a MuJoCo task as a robot that speaks the protocol, paced to wall-clock "
-                                          "time at --hz; prints success rate with a 95%% Wilson interval like "
+                                          "time at --hz; prints success rate with a 95% Wilson interval like "
                                           "`polcache eval`, plus loop timing.")
     p.add_argument("--task", required=True, help="task name (see polcache.envs.list_tasks())")
     p.add_argument("--hz", type=positive_float, required=True, help="control rate")
