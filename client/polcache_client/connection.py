@@ -127,7 +127,9 @@ class PolicyClient:
         deadline = time.monotonic() + timeout_s
         while not self._ready:
             if time.monotonic() > deadline:
-                raise ConnectError(f"no answer from a policy server at {self.address} within {timeout_s:g} s")
+                hint = "" if self.keys_dir else (" (none running there? one started with --keys answers only robots "
+                                                 "given its keys)")
+                raise ConnectError(f"no answer from a policy server at {self.address} within {timeout_s:g} s{hint}")
             self.poll()
             self._socket.poll(10)
         return self.policy

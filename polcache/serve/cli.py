@@ -92,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("OpenGL").setLevel(logging.WARNING)  # MuJoCo's renderer: its INFO lines say nothing to a user
 
 
 def _serve(args: argparse.Namespace) -> int:
