@@ -101,8 +101,8 @@ def _collect(task: str, episodes: int, seed: int, image: bool, cameras: tuple[st
     try:
         expert = make_expert(task, env)
         kept, kept_seeds, dropped_seeds = [], [], []
-        with tqdm(range(episodes), desc=f"record {task}", unit="ep", disable=not progress) as bar:
-            for i in bar:
+        with tqdm(total=episodes, desc=f"record {task}", unit="ep", disable=not progress) as bar:
+            for i in range(episodes):  # counted by hand: an iterating bar misses the episode it breaks on
                 episode, success = _run_episode(env, expert, seed + i, EXTRA_STEPS, perturb)
                 if success:
                     if instruction_bytes:
@@ -112,7 +112,8 @@ def _collect(task: str, episodes: int, seed: int, image: bool, cameras: tuple[st
                     kept_seeds.append(seed + i)
                 else:
                     dropped_seeds.append(seed + i)
-                bar.set_postfix(kept=len(kept), dropped=len(dropped_seeds))
+                bar.set_postfix(kept=len(kept), dropped=len(dropped_seeds), refresh=False)
+                bar.update()
                 if keep is not None and len(kept) >= keep:
                     break
         if progress:
