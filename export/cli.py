@@ -60,5 +60,6 @@ def _run(args: argparse.Namespace) -> int:
         plan_obj, _ = plan_table(policy, smp, args.cache)
         ref = torch_reference(policy, obs, smp, plan_obj, x, noise)
         diff = float(np.abs(backend.sample(obs, x, noise) - ref).max())
-        print(f"verified: max |ONNX Runtime - torch| = {diff:.2e} over one chunk (normalised actions, same noise)")
+        print(f"verified: max |ONNX Runtime - torch| = {diff:.2e} over one chunk (random observations, normalised "
+              f"actions, same noise)")
     return 0
