@@ -92,7 +92,8 @@ def _plot(view: dict[str, Any], path: Path) -> bool:
 
 def _line(ax, view) -> bool:
     for s in view["series"]:
-        ax.plot(s["x"], [float("nan") if v is None else v for v in s["y"]], label=s["name"], linewidth=1.2)
+        ax.plot(s["x"], [float("nan") if v is None else v for v in s["y"]], label=s["name"], linewidth=1.2,
+                marker="." if len(s["x"]) < 20 else None)  # a short run's few points visible, not lost as specks
     for h in view.get("hlines", []):
         ax.axhline(h["y"], color="#c00", linestyle="--", linewidth=1, label=h["name"])
     ax.set_xlabel("seconds since start")
