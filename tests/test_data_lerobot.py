@@ -389,7 +389,7 @@ def test_cli_bad_root(tmp_path, capsys):
     (tmp_path / "old/meta/info.json").write_text(json.dumps({"codebase_version": "v2.1"}))
     assert main(["data", "import-lerobot", str(tmp_path / "old"), "--out", str(tmp_path / "x.zarr")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("polcache data: error:") and "v2.1" in err and len(err.splitlines()) == 1
+    assert err.startswith("polcache data import-lerobot: error:") and "v2.1" in err and len(err.splitlines()) == 1
 
 
 # ---- lerobot itself ----------------------------------------------------------------------
