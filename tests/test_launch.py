@@ -178,7 +178,7 @@ def test_sim_launch_runs_its_episodes_and_stops_everything(tmp_path):
     if no_nice or not fifo_permitted():
         assert "robot: SCHED_FIFO priority 50 is not permitted here" in out
     order = ["robot stopped (exit status 0)", "server stopped (exit status 0)"]
-    order += ["dashboard stopped"] if "dashboard" in launcher.pids() else []
+    order += ["dashboard stopped (exit status 0)"] if "dashboard" in launcher.pids() else []
     assert [out.index(line) for line in order] == sorted(out.index(line) for line in order), out
     assert all(gone(pid) for pid in launcher.pids().values())
     (run,) = (tmp_path / "runs").iterdir()
@@ -209,7 +209,7 @@ def test_sigterm_mid_run_stops_robot_then_server_and_children_are_pinned(tmp_pat
     out = launcher.finish(timeout=60)
     assert launcher.proc.returncode == 130, out
     order = ["robot stopped (exit status 130)", "server stopped (exit status 0)"]
-    order += ["dashboard stopped"] if "dashboard" in pids else []
+    order += ["dashboard stopped (exit status 0)"] if "dashboard" in pids else []
     assert [out.index(line) for line in order] == sorted(out.index(line) for line in order), out
     assert all(gone(pid) for pid in pids.values())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _dashboard(args: argparse.Namespace) -> int:
     from polcache.dashboard import run_dashboard
 
-    run_dashboard(args.metrics, args.connect, args.port, args.host)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # TERM (polcache launch, systemd) stops it as Ctrl-C does
+    try:
+        run_dashboard(args.metrics, args.connect, args.port, args.host)
+    except KeyboardInterrupt:  # the way a service is stopped, not a failure: exit 0, as `polcache serve`
+        pass
     return 0
 
 

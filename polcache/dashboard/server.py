@@ -35,7 +35,7 @@ class Dashboard:
     def __init__(self, metrics_files: Sequence[str | Path] = (), connect: Sequence[str] = (), poll_s: float = 0.5,
                  keep: int = 20_000):
         if not metrics_files and not connect:
-            raise PolcacheError("dashboard: give --metrics FILE (repeatable) or --connect ADDR")
+            raise PolcacheError("give --metrics FILE (repeatable) or --connect ADDR")
         self.state = RunState(keep=keep)
         self.sources = [(JsonlTail(p), {}) for p in metrics_files] + [(PrometheusScraper(a), {}) for a in connect]
         self.poll_s = poll_s
@@ -122,7 +122,7 @@ def run_dashboard(metrics_files: Sequence[str] = (), connect: Sequence[str] = ()
     try:
         url = dashboard.serve(port, host)
     except OSError as exc:
-        raise PolcacheError(f"dashboard: cannot listen on {host}:{port}: {exc}") from None
+        raise PolcacheError(f"cannot listen on {host}:{port}: {exc}") from None
     print(f"dashboard on {url} (Ctrl-C to stop)", flush=True)
     try:
         deadline = None if seconds is None else time.monotonic() + seconds
