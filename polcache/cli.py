@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    # the command as typed, a nested one's action included (`polcache ptp embed`)
-    command = " ".join([args.command, *(getattr(args, f"{args.command}_command", None) or "").split()])
+    action = getattr(args, f"{args.command}_command", None)  # a nested command's, as in `polcache ptp embed`
+    command = f"{args.command} {action}" if action else args.command
     try:
         return int(args.handler(args) or 0)
     except PolcacheError as exc:

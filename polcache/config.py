@@ -91,7 +91,8 @@ class PolicyConfig:
 @dataclass
 class TrainConfig:
     steps: int = 20000
-    epochs: int = 0  # > 0: train this many passes over the training windows instead of `steps` (load_config)
+    epochs: int = 0  # > 0: train this many passes over the training windows instead of `steps` (a train.steps
+    # override on the command line sets it to 0: load_config)
     batch_size: int = 256
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
