@@ -153,6 +153,23 @@ def test_the_embedding_ring_buffer_gives_the_features_of_re_encoding_every_frame
     assert session.ring.encoded == len({max(0, t + off) for t in range(0, 40, 2) for off in p.spec.frame_offsets})
 
 
+def test_a_gap_in_the_robots_steps_keeps_the_frame_the_window_repeats():
+    """A robot that skips steps (a dropped or refused observation): the window repeats the newest
+    earlier frame, which may lie beyond the span, and the ring still has it."""
+    from polcache.policy.backend import TorchBackend
+    from polcache.serve.history import ObservationHistory
+
+    p = tiny_policy(n_obs_steps=2, horizon=8, n_action_steps=4)
+    b = TorchBackend(p, "ddim", 4)
+    session, history = b.session(), ObservationHistory(2)
+    rng = np.random.default_rng(0)
+    for seq in (0, 2, 3, 7, 8, 20):
+        history.push(seq, {"state": rng.normal(size=5).astype(np.float32)})
+        steps, obs = history.window()
+        np.testing.assert_allclose(session.predict(obs, steps, seed=seq), b.predict(obs, seed=seq), atol=1e-4)
+    assert steps == [8, 20] and set(session.ring._by_step) == {8, 20}  # noqa: SLF001 - nothing older kept
+
+
 def test_two_robots_sessions_keep_their_own_history():
     from polcache.policy.backend import TorchBackend
 

@@ -3,7 +3,7 @@
 A long-context policy sees K frames, but between two chunks only the newest few are new. The
 encoder is per frame (polcache.policy.encoders), so each frame's embedding is computed once,
 kept under its control step, and reused by every later window that contains it; frames older
-than the window's span are dropped. Frames are encoded one at a time, so a window's features are
+than the window's oldest are dropped. Frames are encoded one at a time, so a window's features are
 bit for bit those of re-encoding each of its K frames on its own (encoding the K frames as one
 batch rounds differently on CPU BLAS, by ~1e-7).
 """
@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 
 
 class EmbeddingRing:
-    """Per-frame encoder outputs keyed by control step, at most `span` steps back from the newest."""
+    """Per-frame encoder outputs keyed by control step, none older than the last window's oldest
+    frame (a window's frames only move forward: polcache.serve.history)."""
 
-    def __init__(self, span: int):
-        self.span = span
+    def __init__(self):
         self._by_step: dict[int, torch.Tensor] = {}
         self.encoded = 0  # frames encoded so far (for benchmarks and tests)
 
@@ -42,8 +42,8 @@ class EmbeddingRing:
                     i = first[s]
                     self._by_step[s] = policy.encode({k: v[:, i:i + 1] for k, v in obs.items()})[0, 0]
             self.encoded += len(new)
-            newest = max(self._by_step)
-            for s in [s for s in self._by_step if s <= newest - self.span]:
+            oldest = min(steps)  # later windows never reach back further (after a gap: beyond the span)
+            for s in [s for s in self._by_step if s < oldest]:
                 del self._by_step[s]
         return torch.stack([self._by_step[s] for s in steps])[None]
 
@@ -54,7 +54,7 @@ class TorchSession:
 
     def __init__(self, backend: "TorchBackend"):
         self.backend = backend
-        self.ring = EmbeddingRing(backend.spec.history_span)
+        self.ring = EmbeddingRing()
 
     def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
                 past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
