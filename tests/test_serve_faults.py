@@ -83,12 +83,15 @@ def test_multipart_message_is_refused(peer):
 def test_observation_error_names_its_sequence_number(peer):
     reply = peer.request(observation(42, state=np.zeros(1, np.float32)))
     assert reply.seq == 42
+    reply = peer.request(obs_map(seq=43, foo=1))  # the message's own keys wrong: its seq still readable
+    assert reply.code == "extra_key" and reply.seq == 43
+    assert peer.request(obs_map(seq=-1, foo=1)).seq is None  # out of range: not a seq to match
 
 
 def test_observation_before_handshake_is_refused(server):
     p = RawPeer(server.endpoint)
-    reply = p.request(observation(0))
-    assert reply.code == "no_session" and "handshake" in reply.message
+    reply = p.request(observation(7))
+    assert reply.code == "no_session" and "handshake" in reply.message and reply.seq == 7
     p.close()
 
 
@@ -286,3 +289,9 @@ def test_observation_of_an_ended_epoch_gets_an_error(peer):
     reply = peer.request(obs_map(epoch=4, seq=9))
     assert isinstance(reply, Error) and reply.code == "stale_epoch" and reply.seq == 9
     assert "older than this session's epoch 5" in reply.message
+    # a reset to an older epoch is refused and changes nothing; the current one may be repeated (a retry)
+    reply = peer.request(msgpack.packb({"v": PROTOCOL_VERSION, "type": "reset", "epoch": 3}))
+    assert isinstance(reply, Error) and reply.code == "stale_epoch" and "reset.epoch 3 is older" in reply.message
+    assert peer.request(obs_map(epoch=3, seq=10)).code == "stale_epoch"
+    assert isinstance(peer.request(msgpack.packb({"v": PROTOCOL_VERSION, "type": "reset", "epoch": 5})), Reset)
+    assert isinstance(peer.request(obs_map(epoch=5, seq=11)), ActionChunk)

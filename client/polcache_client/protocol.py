@@ -250,7 +250,8 @@ def _ranged(parse: Callable[[Any, str], Any], lo: float, hi: float, allowed: str
     def codec(value: Any, where: str) -> Any:
         value = parse(value, where)
         if not lo <= value <= hi:
-            raise ProtocolError("out_of_range", f"{where} must be {allowed}, got {value:g}")
+            shown = value if type(value) is int else f"{value:g}"  # an int exactly, not as 9.22337e+18
+            raise ProtocolError("out_of_range", f"{where} must be {allowed}, got {shown}")
         return value
 
     return codec
@@ -269,6 +270,14 @@ def _str(value: Any, where: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ProtocolError("bad_type", f"{where} is not valid UTF-8 (at character {exc.start})") from None
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    """A robot's name: it goes into the server's log lines, so no control characters."""
+    value = _str(value, where)
+    if not value.isprintable():
+        raise ProtocolError("bad_type", f"{where} must be printable text (no newlines or other control characters)")
     return value
 
 
@@ -352,7 +361,7 @@ _FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[
     (Handshake, "obs_spec"): (_obs_spec, _wire_obs_spec),
     (Handshake, "action_dim"): (_dim, int),
     (Handshake, "hz"): (_hz, float),
-    (Handshake, "name"): (_str, str),
+    (Handshake, "name"): (_name, str),
     (Handshake, "instruction"): (_instruction, _identity),
     (Welcome, "policy"): (_dict, _identity),
     (Welcome, "max_message_bytes"): (_int, int),
@@ -479,14 +488,17 @@ def _decode_strict(data: bytes) -> tuple[Message, int]:
     if cls is None:
         raise ProtocolError("unknown_type", f"unknown message type {_short(obj.get('type'))}; known: {sorted(TYPES_BY_NAME)}")
     name = TYPE_NAMES[cls]
+    # an observation's refusal names its seq wherever that field is readable and in range
+    seq = obj.get("seq") if cls is Observation else None
+    seq = seq if type(seq) is int and 0 <= seq <= MAX_COUNT else None
     expected, required = _key_sets(cls, version)
     given = obj.keys() - _ENVELOPE
     if not required <= given:
-        raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(required - given)}")
+        raise ProtocolError("missing_key", f"{name} message lacks key(s) {sorted(required - given)}", seq)
     if not given <= expected:
-        raise ProtocolError("extra_key", f"{name} message has unexpected key(s) {_short(sorted(map(str, given - expected)))}")
+        unexpected = _short(sorted(map(str, given - expected)))
+        raise ProtocolError("extra_key", f"{name} message has unexpected key(s) {unexpected}", seq)
     # Fields are checked in their documented order, so where several are wrong the same one is named.
-    seq = obj["seq"] if cls is Observation and type(obj["seq"]) is int and 0 <= obj["seq"] <= MAX_COUNT else None
     try:
         msg = cls(**{n: parse(obj[n], where) for n, parse, where in _decoders(cls, version) if n in given})
         if isinstance(msg, Observation):
@@ -509,9 +521,11 @@ def _check_executed(obs: Observation) -> None:
     executed, seqs = obs.executed, obs.executed_seqs
     if not seqs and executed.size == 0:
         return
-    if executed.ndim != 2 or executed.dtype.kind != "f" or len(seqs) != len(executed):
+    if executed.dtype.kind != "f":
+        raise ProtocolError("bad_dtype", f"obs.executed must be a float array, got {executed.dtype}")
+    if executed.ndim != 2 or len(seqs) != len(executed):
         raise ProtocolError("bad_shape", f"obs.executed must be ({len(seqs)}, action_dim) floats, one row per "
-                                         f"obs.executed_seqs entry, got {executed.dtype} {executed.shape}")
+                                         f"obs.executed_seqs entry, got {executed.shape}")
     if not all_finite(executed):
         raise ProtocolError("non_finite", "obs.executed contains NaN or infinite values")
     if any(not 0 <= s < obs.seq for s in seqs):

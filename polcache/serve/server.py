@@ -292,10 +292,15 @@ class PolicyServer:
             decode_ms = (time.perf_counter() - t0) * 1e3
             if isinstance(msg, (Observation, Reset)):  # observations first: nearly every message is one
                 if session is None:
-                    raise ProtocolError("no_session", "no handshake on this connection (server restarted?): send a handshake first")
+                    seq = msg.seq if type(msg) is Observation else None
+                    raise ProtocolError("no_session", "no handshake on this connection (server restarted?): send a "
+                                                      "handshake first", seq)
                 if type(msg) is Observation:
                     self._on_observation(robot, session, msg, decode_ms)
                 else:
+                    if msg.epoch < session.epoch:  # a robot bug, as an old epoch's obs: nothing changes
+                        raise ProtocolError("stale_epoch", f"reset.epoch {msg.epoch} is older than this session's epoch "
+                                                           f"{session.epoch}; epochs only grow")
                     if msg.instruction is not None:  # refused whole (the epoch too) if it does not fit
                         session.instruction = session_instruction(msg.instruction, self.spec, None,
                                                                   "reset.instruction")
