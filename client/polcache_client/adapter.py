@@ -16,6 +16,10 @@ from polcache_client.protocol import ObsSpec
 
 
 class RobotAdapter(Protocol):
+    """Your robot: any object with these members (no base class needed). `observe`, `act` and
+    `safe_stop` run on the control loop's thread; the loop calls `safe_stop` on a watchdog stop
+    and on any exception out of `ControlLoop.run` (Ctrl-C included)."""
+
     obs_spec: ObsSpec  # key -> (shape, dtype) of one control step
     action_dim: int
 

@@ -47,6 +47,12 @@ class ConnectError(RuntimeError):
 
 
 class PolicyClient:
+    """This robot's connection to a policy server at `address` (e.g. tcp://host:5555; with
+    `keys_dir` over CurveZMQ): `connect()` waits for the welcome (the policy's spec), then
+    `send_observation` never blocks and `poll()` returns the chunks that arrived. A server silent
+    for `timeout_s`, or one that forgot this robot, is reconnected to in a new epoch. Usually
+    driven by ControlLoop rather than called directly."""
+
     def __init__(
         self,
         address: str,

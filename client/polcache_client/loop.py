@@ -18,6 +18,13 @@ from polcache_client.watchdog import State, Watchdog
 
 
 class ControlLoop:
+    """Drive `adapter` at `hz` from `client`'s chunks: `run(seconds=...)` ticks (observe, send
+    without waiting, act on the action due now) until done; Ctrl-C or any exception out of a tick
+    safe-stops the robot before it propagates. `reset_episode()` starts a new epoch. With no
+    fresh action the last one is held for the watchdog's `hold_s` (0.2 s), then `safe_stop` is
+    called once; acting resumes when fresh actions return. `on_tick`/`on_chunk` receive per-tick
+    and per-chunk records (loop timing, latency)."""
+
     def __init__(
         self,
         adapter: RobotAdapter,

@@ -217,6 +217,7 @@ class PolicyServer:
             self._loop()
         finally:
             self._shutdown()
+            log.info("stopped serving on %s (%d robot sessions closed)", self.endpoint, len(self.sessions))
 
     def _loop(self) -> None:
         # While no inference is out, the loop waits in the network socket's own receive, which costs
