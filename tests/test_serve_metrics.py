@@ -90,6 +90,22 @@ def test_jsonl_line_longer_than_a_file_gets_a_file_of_its_own(tmp_path):
     assert json.loads(path.read_text())["period_error_ms"] == 1.0
 
 
+def test_jsonl_writer_appends_after_a_cut_off_line_and_names_a_path_it_cannot_write(tmp_path):
+    from polcache.errors import PolcacheError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"kind": "tick", "period_error_ms": 1.0}\n{"kind": "ti')  # the last run was killed mid-line
+    writer = JsonlWriter(path)
+    writer(tick(2.0))
+    writer.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["period_error_ms"] == 2.0
+    (tmp_path / "a_file").write_text("")
+    for bad in (tmp_path / "a_file" / "m.jsonl", tmp_path):
+        with pytest.raises(PolcacheError, match=f"metrics file {bad}: cannot write it"):
+            JsonlWriter(bad)
+
+
 def test_jsonl_writer_survives_a_failed_write(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     writer = JsonlWriter(path, flush_s=1000)  # the test drives the flushes

@@ -25,10 +25,17 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from polcache.errors import PolcacheError
 from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.metrics")
 FLUSH_S = 0.1  # how long a line may wait for the file
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 class JsonlWriter:
@@ -45,12 +52,17 @@ class JsonlWriter:
         self.queue_size = queue_size
         self.flush_s = flush_s
         self.dropped = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab")
+        except OSError as exc:
+            raise PolcacheError(f"metrics file {self.path}: cannot write it ({exc.strerror})") from None
+        if self._file.tell() and not _ends_with_newline(self.path):  # an earlier run cut off mid-line
+            self._file.write(b"\n")
         self._lines: deque[bytes] = deque()  # appended by any thread, taken by the writer (both atomic)
         self._encoder = msgspec.json.Encoder(enc_hook=_builtin_scalar)
         self._prefixes: dict[type, bytes] = {}  # per record class, see _record_line
         self._warn = RateLimitedLog(log).warning
-        self._file = open(self.path, "ab")
         self._size = self._file.tell()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="polcache-metrics-writer", daemon=True)
