@@ -57,6 +57,29 @@ def test_resume_continues_from_last_checkpoint(dataset, tmp_path, capsys):
     assert meta["step"] == 40
 
 
+def test_a_damaged_run_is_named_in_one_line_not_resumed_or_served(dataset, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    assert _train(dataset, run, 20) == 0
+    capsys.readouterr()
+    state = run / "last" / "train" / "state.pt"
+    state.write_bytes(state.read_bytes()[:200])  # killed mid-write by something outside polcache
+    assert _train(dataset, run, 40) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot read the training state to resume from" in err and err.endswith("pass --fresh to start over")
+    nan = tmp_path / "nan"
+    shutil.copytree(run / "last", nan)
+    weights = load_file(str(nan / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] * float("nan")
+    save_file(weights, str(nan / "model.safetensors"))
+    assert main(["eval", "--checkpoint", str(nan), "--episodes", "1", "--no-progress"]) == 2
+    assert f"model.safetensors: NaN or infinite values in {name}" in capsys.readouterr().err
+
+
 def test_backend_predicts_unnormalised_chunks(dataset, tmp_path):
     run = tmp_path / "run"
     assert _train(dataset, run, 20) == 0

@@ -125,10 +125,16 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
     path = Path(path)
     cfg, meta = read_meta(path)
     try:
-        normalizer = Normalizer.from_state_dict(load_file(str(path / "normalizer.safetensors")))
+        stats = load_file(str(path / "normalizer.safetensors"))
+        normalizer = Normalizer.from_state_dict(stats)
         weights = load_file(str(path / "model.safetensors"))
     except Exception as exc:  # safetensors raises several types for truncated/corrupt files
         raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
+    for file, tensors in (("normalizer.safetensors", stats), ("model.safetensors", weights)):
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # a diverged run or a damaged file: it would act on NaN
+            raise CheckpointError(f"{path}/{file}: NaN or infinite values in {bad[0]}"
+                                  + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""))
     check_external_weights(meta, path)
     obs_spec = {k: ArraySpec.from_dict(v) for k, v in meta["obs_spec"].items()}
     try:
@@ -155,9 +161,13 @@ def load_train_state(path: str | Path) -> TrainState | None:
     train = Path(path) / "train"
     if not (train / "state.pt").is_file():
         return None
-    state = torch.load(train / "state.pt", weights_only=True, map_location="cpu")  # the optimizer moves it back
-    return TrainState(load_file(str(train / "model.safetensors")), state["optimizer"], state["lr_scheduler"],
-                      int(state["step"]))
+    try:
+        state = torch.load(train / "state.pt", weights_only=True, map_location="cpu")  # the optimizer moves it back
+        return TrainState(load_file(str(train / "model.safetensors")), state["optimizer"], state["lr_scheduler"],
+                          int(state["step"]))
+    except Exception as exc:  # torch and safetensors raise several types for truncated/corrupt files
+        raise CheckpointError(f"{train}: cannot read the training state to resume from ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --fresh to start over") from None
 
 
 def check_compatible(meta: dict, obs_spec: dict[str, ArraySpec], action_dim: int, where: str) -> None:

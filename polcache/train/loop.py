@@ -260,8 +260,13 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     state = load_train_state(last)
     if state is None:
         raise CheckpointError(f"{last} has no training state to resume from; pass --fresh to start over")
+    try:
+        averaged = load_file(str(last / "model.safetensors"), device=str(device))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise CheckpointError(f"{last}/model.safetensors: cannot read it ({type(exc).__name__}); pass --fresh to "
+                              f"start over") from None
     policy.load_state_dict(state.model)
-    ema.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)))
+    ema.load_state_dict(averaged)
     optimizer.load_state_dict(state.optimizer)
     lr_sched.load_state_dict(state.lr_scheduler)
     return state.step
