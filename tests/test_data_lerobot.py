@@ -326,8 +326,10 @@ def _short_video(root: Path) -> None:
     (_short_video, "no video frame for episode 2 frame 3"),
     (_drop_action, "missing required feature.*action"),
     (lambda r: shutil.rmtree(r / "meta/episodes"), "missing episode metadata"),
+    (lambda r: _edit_info(r, fps=0), "fps must be a positive number of frames per second, got 0"),
+    (lambda r: _edit_info(r, fps="fast"), "fps must be a positive number of frames per second, got 'fast'"),
 ], ids=["no-info", "v2.1", "v4.0", "v3.1", "total-frames", "dropped-rows", "missing-data-file", "cut-parquet",
-        "missing-video", "short-video", "no-action", "no-episodes-meta"])
+        "missing-video", "short-video", "no-action", "no-episodes-meta", "fps-zero", "fps-text"])
 def test_import_refusals(lerobot_root, tmp_path, mutate, match):
     mutate(lerobot_root)
     with pytest.raises(DatasetError, match=match):

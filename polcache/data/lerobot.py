@@ -150,6 +150,9 @@ def read_info(root: str | Path) -> dict[str, Any]:
     missing = [k for k in ("fps", "features", "total_episodes", "total_frames", "data_path") if k not in info]
     if missing:
         raise DatasetError(f"{path}: missing {', '.join(missing)}")
+    fps = info["fps"]
+    if type(fps) not in (int, float) or not 0 < fps < 10_000:  # frames are timed as index / fps
+        raise DatasetError(f"{path}: fps must be a positive number of frames per second, got {fps!r}")
     return info
 
 
