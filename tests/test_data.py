@@ -256,3 +256,15 @@ def test_normalizer_state_dict_safetensors(tmp_path):
     torch.testing.assert_close(m.normalize("action", x), n.normalize("action", x))
     torch.testing.assert_close(m.unnormalize("action", m.normalize("action", x)), x, atol=1e-6, rtol=0)
     torch.testing.assert_close(m.stats("action")["min"], torch.from_numpy(a.min(0)))
+
+
+def test_training_names_a_dataset_whose_values_were_damaged_to_nan(tmp_path, episodes):
+    from polcache.config import load_config
+    from polcache.train.loop import build_policy
+
+    path = tmp_path / "demo.zarr"
+    write_dataset(path, [make_episode(5, 0.0, image=False), make_episode(70, 200.0, image=False)])
+    zarr.open_group(str(path), mode="r+")["data/action"][3, 1] = np.nan  # damaged on disk after it was written
+    cfg = load_config("configs/metaworld_small.yaml", [f"dataset={path}", "obs_keys=[state]"])
+    with pytest.raises(DatasetError, match=f"dataset {path}: normalizer: 'action' contains NaN or inf"):
+        build_policy(cfg, EpisodeStore.open(path))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
-from polcache.errors import CheckpointError, ConfigError
+from polcache.errors import CheckpointError, ConfigError, DatasetError
 from polcache.policy.checkpoint import TrainState, check_external_weights, load_train_state, read_meta, save_checkpoint
 from polcache.policy.device import resolve_device, to_device
 from polcache.policy.families import build_policy as build_family_policy
@@ -59,7 +59,10 @@ def build_policy(cfg: ExperimentConfig, store: EpisodeStore) -> DiffusionPolicy:
     arrays, modes = {"action": store.array("action")}, {"action": cfg.train.action_norm}
     if "state" in cfg.obs_keys:
         arrays["state"], modes["state"] = store.array("state"), cfg.train.state_norm
-    normalizer = Normalizer.fit(arrays, modes)
+    try:
+        normalizer = Normalizer.fit(arrays, modes)
+    except ValueError as exc:  # non-finite values: the dataset's fault, named as such
+        raise DatasetError(f"dataset {cfg.dataset}: {exc}") from None
     return build_family_policy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
 
 
