@@ -144,6 +144,18 @@ def test_bad_schedule_files_are_clear_errors(tmp_path, schedule_file):
         (tmp_path / "bad.json").write_text(json.dumps(doc | change))
         with pytest.raises(CacheError, match=match):
             load_schedule(tmp_path / "bad.json")
+    steps = doc["update_steps"]
+    block = next(iter(steps))
+    hand_edits = (({"update_steps": steps | {block: ["0", "1"]}}, f"update_steps.{block} must be an integer, got '0'"),
+                  ({"update_steps": steps | {block: [0, True]}}, "must be an integer, got True"),
+                  ({"update_steps": steps | {block: [0.0, 1.7]}}, "must be an integer, got 0.0"),
+                  ({"update_steps": steps | {"layers.99.sa": [0]}}, "unlike model.blocks"),
+                  ({"budget": 999}, "budget 999 must be in 1..K"),
+                  ({"method": "frobnicate"}, "unknown method 'frobnicate'"))
+    for change, match in hand_edits:  # refused, not coerced into a plan nobody wrote
+        (tmp_path / "bad.json").write_text(json.dumps(doc | change))
+        with pytest.raises(CacheError, match=match):
+            load_schedule(tmp_path / "bad.json")
     doc["update_steps"]["layers.0.sa"] = [1, 3]
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(CacheError, match="start at 0"):

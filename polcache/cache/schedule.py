@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,6 +211,13 @@ def _dumps(obj, depth: int = 0) -> str:
     return json.dumps(obj)
 
 
+def _whole(value: Any, field: str) -> int:
+    """An integer as JSON wrote it: "3", 2.7 or true in a hand-edited file is refused, not coerced."""
+    if type(value) is not int:
+        raise ValueError(f"{field} must be an integer, got {value!r}")
+    return value
+
+
 def load_schedule(path: str | Path) -> Schedule:
     """Read and validate a schedule file (format, version, shapes); not yet tied to a model."""
     path = Path(path)
@@ -226,15 +234,17 @@ def load_schedule(path: str | Path) -> Schedule:
         raise CacheError(f"{path}: schedule version {d.get('version')} is not supported (expected 1..{VERSION})")
     try:
         names = list(d["model"]["blocks"])
-        K = int(d["sampler"]["steps"])
-        steps = {n: [int(s) for s in d["update_steps"][n]] for n in names}
+        K = _whole(d["sampler"]["steps"], "sampler.steps")
+        steps = {n: [_whole(s, f"update_steps.{n}") for s in d["update_steps"][n]] for n in names}
+        if set(d["update_steps"]) != set(names):
+            raise ValueError(f"update_steps names {sorted(set(d['update_steps']) ^ set(names))[:3]} unlike model.blocks")
         calibration = Calibration.from_json(d["calibration"], names)
         if "layers" in d["model"]:
             calibration.layer_kind = [(int(a), str(b)) for a, b in zip(d["model"]["layers"], d["model"]["kinds"],
                                                                         strict=True)]
         schedule = Schedule(method=str(d["method"]), model_hash=str(d["model"]["hash"]),
-                            sampler=str(d["sampler"]["kind"]), steps=K, budget=int(d["budget"]),
-                            bu_blocks=int(d["bu_blocks"]),
+                            sampler=str(d["sampler"]["kind"]), steps=K, budget=_whole(d["budget"], "budget"),
+                            bu_blocks=_whole(d["bu_blocks"], "bu_blocks"),
                             force_last=bool(d["force_last"]), update_steps=steps, calibration=calibration,
                             objective=str(d.get("objective", "similarity")),
                             family=str(d["model"].get("family", "dp-t")),
@@ -250,6 +260,10 @@ def load_schedule(path: str | Path) -> Schedule:
         value = getattr(calibration, key)
         if value is not None and value.shape != shape:
             raise CacheError(f"{path}: calibration {key} has shape {value.shape}, expected {shape}")
+    if schedule.method not in METHODS:
+        raise CacheError(f"{path}: unknown method {schedule.method!r} (expected one of {', '.join(METHODS)})")
+    if not 1 <= schedule.budget <= K:
+        raise CacheError(f"{path}: budget {schedule.budget} must be in 1..K={K} update steps")
     if schedule.objective not in OBJECTIVES:
         raise CacheError(f"{path}: unknown objective {schedule.objective!r} (expected one of {', '.join(OBJECTIVES)})")
     return schedule
