@@ -237,7 +237,8 @@ def load_schedule(path: str | Path) -> Schedule:
         K = _whole(d["sampler"]["steps"], "sampler.steps")
         steps = {n: [_whole(s, f"update_steps.{n}") for s in d["update_steps"][n]] for n in names}
         if set(d["update_steps"]) != set(names):
-            raise ValueError(f"update_steps names {sorted(set(d['update_steps']) ^ set(names))[:3]} unlike model.blocks")
+            odd = sorted(set(d["update_steps"]) ^ set(names))[:3]
+            raise ValueError(f"update_steps names {odd} unlike model.blocks")
         calibration = Calibration.from_json(d["calibration"], names)
         if "layers" in d["model"]:
             calibration.layer_kind = [(int(a), str(b)) for a, b in zip(d["model"]["layers"], d["model"]["kinds"],
