@@ -30,6 +30,29 @@ def test_incomplete_checkpoint(capsys, tmp_path):
     assert "missing" in _err(capsys, ["eval", "--checkpoint", str(tmp_path / "ck"), "--episodes", "1"])
 
 
+@pytest.mark.parametrize("damage, match", [
+    (lambda ck: (ck / "meta.json").write_text("[1, 2]"), "meta.json: not a JSON object"),
+    (lambda ck: _edit_meta(ck, action_dim="x"), "meta.json: malformed (ValueError"),
+    (lambda ck: _edit_meta(ck, obs_spec=None), "meta.json: malformed (AttributeError"),
+    (lambda ck: (ck / "config.yaml").write_text(""), "config.yaml: empty or not a mapping (truncated?)"),
+    (lambda ck: (ck / "config.yaml").write_text("policy: [unclosed"), "config.yaml: while parsing"),
+], ids=["meta-list", "meta-action-dim", "meta-obs-spec", "config-empty", "config-yaml"])
+def test_a_damaged_checkpoint_file_is_named_in_one_line(capsys, tmp_path, damage, match):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3", ck)
+    damage(ck)
+    assert match in _err(capsys, ["eval", "--checkpoint", str(ck), "--episodes", "1"])
+
+
+def _edit_meta(ck, **changes):
+    import json
+
+    meta = json.loads((ck / "meta.json").read_text())
+    (ck / "meta.json").write_text(json.dumps(meta | changes))
+
+
 def test_a_training_runs_folder_points_to_its_checkpoint(capsys, tmp_path):
     (tmp_path / "run" / "last").mkdir(parents=True)
     (tmp_path / "run" / "last" / "meta.json").write_text("{}")

@@ -108,15 +108,20 @@ def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
         meta = json.loads((path / "meta.json").read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}/meta.json: not valid JSON (truncated?)") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}/meta.json: not a JSON object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: meta.json format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is not supported (expected {VERSION})")
     try:
-        cfg = from_dict(ExperimentConfig, yaml.safe_load((path / "config.yaml").read_text()) or {})
+        data = yaml.safe_load((path / "config.yaml").read_text())
+        if not isinstance(data, dict) or not data:  # a saved config is never empty: its defaults are written out
+            raise ConfigError("empty or not a mapping (truncated?)")
+        cfg = from_dict(ExperimentConfig, data)
         validate(cfg)
     except (ConfigError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"{path}/config.yaml: {exc}") from None
+        raise CheckpointError(f"{path}/config.yaml: {str(exc).splitlines()[0]}") from None
     return cfg, meta
 
 
@@ -136,9 +141,13 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
             raise CheckpointError(f"{path}/{file}: NaN or infinite values in {bad[0]}"
                                   + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""))
     check_external_weights(meta, path)
-    obs_spec = {k: ArraySpec.from_dict(v) for k, v in meta["obs_spec"].items()}
     try:
-        policy = build_policy(cfg.policy, obs_spec, meta["obs_keys"], int(meta["action_dim"]), normalizer, meta["task"])
+        obs_spec = {k: ArraySpec.from_dict(v) for k, v in meta["obs_spec"].items()}
+        obs_keys, action_dim, task = list(meta["obs_keys"]), int(meta["action_dim"]), str(meta["task"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}/meta.json: malformed ({type(exc).__name__}: {exc})") from None
+    try:
+        policy = build_policy(cfg.policy, obs_spec, obs_keys, action_dim, normalizer, task)
     except ConfigError as exc:
         raise CheckpointError(f"{path}/config.yaml: {exc}") from None
     try:
