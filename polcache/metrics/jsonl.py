@@ -54,16 +54,13 @@ class JsonlWriter:
         self.dropped = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")
+            self._open()
         except OSError as exc:
             raise PolcacheError(f"metrics file {self.path}: cannot write it ({exc.strerror})") from None
-        if self._file.tell() and not _ends_with_newline(self.path):  # an earlier run cut off mid-line
-            self._file.write(b"\n")
         self._lines: deque[bytes] = deque()  # appended by any thread, taken by the writer (both atomic)
         self._encoder = msgspec.json.Encoder(enc_hook=_builtin_scalar)
         self._prefixes: dict[type, bytes] = {}  # per record class, see _record_line
         self._warn = RateLimitedLog(log).warning
-        self._size = self._file.tell()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="polcache-metrics-writer", daemon=True)
         self._thread.start()
@@ -139,10 +136,17 @@ class JsonlWriter:
         except OSError:
             pass
         try:
-            self._file = open(self.path, "ab")
-            self._size = self._file.tell()
+            self._open()
         except OSError:
             pass
+
+    def _open(self) -> None:
+        """Append to the file on a line of its own: a line cut off (a killed run, a failed write)
+        is not glued to the next."""
+        self._file = open(self.path, "ab")
+        if self._file.tell() and not _ends_with_newline(self.path):
+            self._file.write(b"\n")
+        self._size = self._file.tell()
 
     def _rotate(self) -> None:
         self._file.close()
