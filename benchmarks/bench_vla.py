@@ -24,7 +24,6 @@ from polcache.cache.resolve import resolve_plan
 from polcache.policy.backend import TorchBackend
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.device import resolve_device
-from polcache.policy.rtc import guided_denoise, overlap_weights
 from polcache.policy.spec import CommittedActions
 
 

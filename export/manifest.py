@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from polcache.errors import ExportError
+from polcache.jsonfile import read_json_object
 from polcache.policy.spec import PolicySpec
 
 FORMAT = "polcache-export"
@@ -73,11 +74,8 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     path = root / MANIFEST
     if not path.is_file():
         raise ExportError(f"{root}: not an exported policy (no {MANIFEST})")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ExportError(f"{path}: not valid JSON (truncated?)") from None
-    fmt = doc.get("format") if isinstance(doc, dict) else None
+    doc = read_json_object(path, ExportError)
+    fmt = doc.get("format")
     if fmt != FORMAT:
         raise ExportError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
     if doc.get("version") != VERSION:

@@ -9,7 +9,7 @@ from helpers import tiny_policy
 
 from polcache.cache import CacheError, plan_summary, resolve_plan, solve_acs
 from polcache.cache.calibrate import RecordingStore, calibrate
-from polcache.cache.schedule import (Calibration, build_schedule, check_fits, load_schedule, model_hash,
+from polcache.cache.schedule import (build_schedule, check_fits, load_schedule, model_hash,
                                      save_schedule)
 from polcache.policy.executor import COMPUTE, REUSE
 

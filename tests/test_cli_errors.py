@@ -32,11 +32,12 @@ def test_incomplete_checkpoint(capsys, tmp_path):
 
 @pytest.mark.parametrize("damage, match", [
     (lambda ck: (ck / "meta.json").write_text("[1, 2]"), "meta.json: not a JSON object"),
+    (lambda ck: (ck / "meta.json").write_bytes(b"\xff\xfe\x00garbage"), "meta.json: not valid JSON (truncated?)"),
     (lambda ck: _edit_meta(ck, action_dim="x"), "meta.json: malformed (ValueError"),
     (lambda ck: _edit_meta(ck, obs_spec=None), "meta.json: malformed (AttributeError"),
     (lambda ck: (ck / "config.yaml").write_text(""), "config.yaml: empty or not a mapping (truncated?)"),
     (lambda ck: (ck / "config.yaml").write_text("policy: [unclosed"), "config.yaml: while parsing"),
-], ids=["meta-list", "meta-action-dim", "meta-obs-spec", "config-empty", "config-yaml"])
+], ids=["meta-list", "meta-binary", "meta-action-dim", "meta-obs-spec", "config-empty", "config-yaml"])
 def test_a_damaged_checkpoint_file_is_named_in_one_line(capsys, tmp_path, damage, match):
     import shutil
 

@@ -47,7 +47,6 @@ def _random_value(rng: random.Random, depth: int = 0):
 
 
 def _valid_messages(seq: int) -> list:
-    state = np.arange(STATE_DIM, dtype=np.float32)
     return [
         Handshake(obs_spec={"state": ((STATE_DIM,), "float32")}, action_dim=2, hz=50.0, name="fuzz"),
         Welcome(policy={}, max_message_bytes=10, server="x"),

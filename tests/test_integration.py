@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from polcache.cli import main
 from polcache.policy import load_backend, load_policy

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from helpers import tiny_policy, tiny_vla, vla_observations
 from polcache.policy.backend import TorchBackend

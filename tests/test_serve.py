@@ -233,8 +233,6 @@ def test_version_1_robots_are_still_served_without_executed_actions():
 def test_phase_locked_robots_are_served_fairly():
     """Four robots whose observations arrive at the same instant, in the same order, every tick,
     with a policy slow enough that only about one chunk fits per tick: each gets its share."""
-    import zmq
-
     backend = FakeBackend(delay_s=0.008)
     with serve(backend) as server:
         peers = [RawPeer(server.endpoint) for _ in range(4)]

@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from fakes import BatchingFakeBackend, FakeBackend, RawPeer, observation, wait_for
 from helpers import tiny_policy

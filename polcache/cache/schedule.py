@@ -28,7 +28,7 @@ from polcache.atomic import atomic_write_text
 from polcache.cache.acs import acs_score, solve_acs
 from polcache.cache.bubbling import bubbling_union, legacy_layer_kind, top_blocks
 from polcache.cache.errors import CacheError
-from polcache.config import to_dict
+from polcache.jsonfile import read_json_object
 from polcache.policy.executor import COMPUTE, REUSE, Plan
 from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
@@ -223,11 +223,8 @@ def load_schedule(path: str | Path) -> Schedule:
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"schedule file not found: {path}")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CacheError(f"{path}: not valid JSON (truncated?)") from None
-    fmt = d.get("format") if isinstance(d, dict) else None
+    d = read_json_object(path, CacheError)
+    fmt = d.get("format")
     if fmt != FORMAT:
         raise CacheError(f"{path}: not a polcache cache schedule (format {fmt!r})")
     if d.get("version") not in (1, VERSION):

@@ -10,7 +10,6 @@ killed, the kernel sends each child SIGTERM (PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from polcache.errors import PolcacheError
+from polcache.jsonfile import read_json_object
 from polcache.launch.config import LaunchConfig, Placement, check_machine, tcp_port
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
 from polcache.launch.placement import child_setup, describe, placement_warning
@@ -63,7 +63,7 @@ def robot_task(cfg: LaunchConfig) -> str:
     ckpt = Path(cfg.server.checkpoint)
     for name, read in (("meta.json", lambda m: m.get("task")), ("manifest.json", lambda m: m.get("policy", {}).get("task"))):
         if (ckpt / name).is_file():
-            task = read(json.loads((ckpt / name).read_text()))
+            task = read(read_json_object(ckpt / name))
             if task:
                 return task
     raise PolcacheError(f"robot.task: {ckpt} names no task; set robot.task")

@@ -25,6 +25,7 @@ from polcache.atomic import atomic_directory
 from polcache.config import ExperimentConfig, from_dict, to_dict, validate
 from polcache.data.normalize import Normalizer
 from polcache.errors import CheckpointError, ConfigError
+from polcache.jsonfile import read_json_object
 from polcache.policy.families import build_policy
 from polcache.policy.pinned import PackageWeights, check_installed
 from polcache.policy.policy import DiffusionPolicy
@@ -104,12 +105,7 @@ def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
         runs = [sub for sub in ("last", "best") if (path / sub / "meta.json").is_file()]  # a training run's folder
         hint = f"; a training run: pass {path / runs[0]}" if runs else ""
         raise CheckpointError(f"{path}: not a complete polcache checkpoint (missing {', '.join(missing)}){hint}")
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}/meta.json: not valid JSON (truncated?)") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}/meta.json: not a JSON object")
+    meta = read_json_object(path / "meta.json", CheckpointError)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: meta.json format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:

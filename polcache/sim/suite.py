@@ -16,7 +16,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from polcache.errors import PolcacheError
+from polcache.errors import CheckpointError, PolcacheError
+from polcache.jsonfile import read_json_object
 
 SUITES = {
     # Meta-World's MT10 (metaworld.env_dict.MT10_V3), in Meta-World's order.
@@ -150,7 +151,7 @@ def _train_seconds(run_dir: Path) -> float:
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
-    return int(json.loads((Path(checkpoint) / "meta.json").read_text()).get("step", 0))
+    return int(read_json_object(Path(checkpoint) / "meta.json", CheckpointError).get("step", 0))
 
 
 def run_suite(tasks: Sequence[str], run: SuiteRun, out: str | Path, workers: int = 1, ray_address: str | None = None,
