@@ -90,3 +90,17 @@ def test_bad_cli_numbers(capsys, value):
         main(["eval", "--checkpoint", "x", "--episodes", value])
     assert exc.value.code == 2
     assert "--episodes" in capsys.readouterr().err
+
+
+def test_training_on_a_dataset_with_a_damaged_chunk_names_it(capsys, tmp_path):
+    import numpy as np
+
+    from polcache.data import Episode, write_dataset
+
+    path = tmp_path / "demo.zarr"
+    t = np.arange(20, dtype=np.float32)[:, None]
+    write_dataset(path, [Episode(obs={"state": np.hstack([t, -t])}, action=np.hstack([t, t]))])
+    (path / "data/obs/state/c/0/0").write_bytes(b"damaged!" * 4)
+    err = _err(capsys, ["train", "--config", "configs/metaworld_small.yaml", f"dataset={path}", "obs_keys=[state]"])
+    assert err.startswith("polcache train: error: ")
+    assert "demo.zarr: data/obs/state chunk 0 (rows 0..19, episode 0) cannot be read (RuntimeError: Zstd" in err

@@ -161,6 +161,22 @@ def test_foreign_datasets(tmp_path):
         EpisodeStore.open(tmp_path / "nope")
 
 
+def test_a_chunk_that_fails_to_decode_is_named_where_it_is_read(ds_path):
+    (ds_path / "data/obs/image_front/c/1/0/0/0").write_bytes(b"damaged!" * 8)  # rows 64..77, in episode 2
+    store = EpisodeStore.open(ds_path)  # open reads no image chunk
+    where = r"demo.zarr: data/obs/image_front chunk 1 \(rows 64..77, episode 2\) cannot be read \(RuntimeError: Zstd"
+    with pytest.raises(DatasetError, match=where):
+        store.array("image_front")
+    with pytest.raises(DatasetError, match=where):
+        store.episode(2)
+    with pytest.raises(DatasetError, match=where):
+        SequenceDataset(store, horizon=4, n_obs_steps=2)  # what training and calibration load
+    assert store.episode(0).obs["image_front"].shape == (5, 4, 5, 3)  # the good chunk still reads
+    (ds_path / "meta/episode_ends/c/0").write_bytes(b"damaged!")
+    with pytest.raises(DatasetError, match=r"meta/episode_ends chunk 0 \(rows 0..2\) cannot be read"):
+        EpisodeStore.open(ds_path)
+
+
 # ---- sequence ---------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ Layout (same idea as diffusion_policy's ReplayBuffer, so datasets are easy to in
 
 Writes are atomic: a sibling temp directory is filled, flagged complete, and renamed into
 place, so a crash or a bad episode never leaves a half-written dataset where a good one was.
+A chunk that fails to decode is named in a DatasetError where it is read.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ VERSION = 1
 _RESERVED_ATTRS = ("format", "version", "complete")
 _IMAGE_CHUNK = 64  # frames per image chunk: small enough to read one window cheaply
 _LOWDIM_CHUNK = 16384  # state/action rows per chunk: low-dim arrays are tiny
+# What reading a damaged chunk raises: numcodecs' decompression errors (RuntimeError), a chunk that
+# decodes to the wrong size (ValueError), the file system (OSError).
+_READ_ERRORS = (RuntimeError, ValueError, OSError)
 
 
 @dataclass
@@ -149,6 +153,35 @@ def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | N
         root.attrs["complete"] = True  # last write: only a fully written dataset carries it
 
 
+def _episodes(ends: np.ndarray | None, a: int, b: int) -> str:
+    """", episodes i..j" for rows [a, b), or "" when the episode ends are not known yet."""
+    if ends is None:
+        return ""
+    first, last = (int(np.searchsorted(ends, r, "right")) for r in (a, b - 1))
+    return f", episode {first}" if first == last else f", episodes {first}..{last}"
+
+
+def _read_rows(path: Path, name: str, arr: zarr.Array, rows: slice, ends: np.ndarray | None = None) -> np.ndarray:
+    """arr[rows]; a damaged chunk becomes one DatasetError naming it. The chunk is found by reading
+    them one at a time, which happens only after a failed read: good reads cost nothing extra."""
+    try:
+        return np.asarray(arr[rows])
+    except _READ_ERRORS as e:
+        cause, where = e, ""
+    start, stop, _ = rows.indices(arr.shape[0])
+    size = arr.chunks[0]
+    for a in range(start - start % size, stop, size):
+        b = min(a + size, arr.shape[0])
+        try:
+            arr[a:b]
+        except _READ_ERRORS as e:
+            cause, where = e, f" chunk {a // size} (rows {a}..{b - 1}{_episodes(ends, a, b)})"
+            break
+    detail = " ".join(f"{type(cause).__name__}: {cause}".split())
+    raise DatasetError(f"{path}: {name}{where} cannot be read ({detail}): the dataset is damaged; record, import "
+                       "or copy it again")
+
+
 class EpisodeStore:
     """Read access to a dataset written by `write_dataset`; validated on open so later reads can trust it."""
 
@@ -187,7 +220,7 @@ class EpisodeStore:
                 raise DatasetError(f"{path}: truncated dataset: {name} is not an array")
             return node
 
-        ends = np.asarray(get("meta/episode_ends")[:])
+        ends = _read_rows(path, "meta/episode_ends", get("meta/episode_ends"), slice(None))
         if ends.ndim != 1 or len(ends) == 0 or not np.issubdtype(ends.dtype, np.integer):
             raise DatasetError(f"{path}: meta/episode_ends must be a non-empty 1-D integer array, got {ends.dtype} {ends.shape}")
         ends = ends.astype(np.int64)
@@ -262,10 +295,14 @@ class EpisodeStore:
             raise KeyError(f"{self.path}: no obs key {key!r}; have {self._obs_keys} and 'action'")
         return self._root[f"data/obs/{key}"]
 
+    def _read(self, key: str, rows: slice) -> np.ndarray:
+        node = self._node(key)
+        return _read_rows(self.path, node.path, node, rows, self._ends)
+
     def array(self, key: str) -> np.ndarray:
         """Whole obs key ("action" for actions) in memory; loaded once, cached, read-only (shared by datasets)."""
         if key not in self._cache:
-            x = np.asarray(self._node(key)[:])
+            x = self._read(key, slice(None))
             x.setflags(write=False)
             self._cache[key] = x
         return self._cache[key]
@@ -277,8 +314,8 @@ class EpisodeStore:
         i %= n
         start = 0 if i == 0 else int(self._ends[i - 1])
         end = int(self._ends[i])
-        obs = {k: np.asarray(self._node(k)[start:end]) for k in self._obs_keys}
-        return Episode(obs=obs, action=np.asarray(self._node("action")[start:end]), task=self._tasks[i])
+        obs = {k: self._read(k, slice(start, end)) for k in self._obs_keys}
+        return Episode(obs=obs, action=self._read("action", slice(start, end)), task=self._tasks[i])
 
     def __repr__(self) -> str:
         return f"EpisodeStore({str(self.path)!r}, episodes={self.num_episodes}, steps={self.num_steps}, obs={self._obs_keys})"
