@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import numpy as np
@@ -175,6 +176,29 @@ def test_a_chunk_that_fails_to_decode_is_named_where_it_is_read(ds_path):
     (ds_path / "meta/episode_ends/c/0").write_bytes(b"damaged!")
     with pytest.raises(DatasetError, match=r"meta/episode_ends chunk 0 \(rows 0..2\) cannot be read"):
         EpisodeStore.open(ds_path)
+
+
+def test_bit_rot_that_still_decodes_is_caught_by_the_zstd_checksum(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)  # incompressible: stored raw
+    path = tmp_path / "rot.zarr"
+    write_dataset(path, [Episode(obs={"image_front": pixels}, action=np.zeros((40, 2), np.float32))])
+    chunk = path / "data/obs/image_front/c/0/0/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01  # without a checksum this decodes, one pixel off
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"rot.zarr: data/obs/image_front chunk 0 \(rows 0..39, episode 0\) cannot "
+                                           r"be read \(RuntimeError: .*checksum"):
+        EpisodeStore.open(path).array("image_front")
+
+
+def test_datasets_written_without_checksums_still_open(tmp_path, episodes, monkeypatch):
+    monkeypatch.setattr(store_mod, "_COMPRESSOR", "auto")  # zarr's default zstd, as datasets were written before
+    write_dataset(tmp_path / "old.zarr", episodes)
+    monkeypatch.undo()
+    codecs = json.loads((tmp_path / "old.zarr/data/action/zarr.json").read_text())["codecs"]
+    assert {"name": "zstd", "configuration": {"level": 0, "checksum": False}} in codecs
+    np.testing.assert_array_equal(EpisodeStore.open(tmp_path / "old.zarr").array("action"),
+                                  np.concatenate([e.action for e in episodes]))
 
 
 # ---- sequence ---------------------------------------------------------------

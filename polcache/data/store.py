@@ -10,7 +10,8 @@ Layout (same idea as diffusion_policy's ReplayBuffer, so datasets are easy to in
 
 Writes are atomic: a sibling temp directory is filled, flagged complete, and renamed into
 place, so a crash or a bad episode never leaves a half-written dataset where a good one was.
-A chunk that fails to decode is named in a DatasetError where it is read.
+Chunks are zstd frames with checksums, so bytes damaged later fail to decode instead of
+reading as other numbers; a chunk that fails is named in a DatasetError where it is read.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from polcache.atomic import atomic_directory
 from polcache.errors import DatasetError
@@ -33,6 +35,9 @@ VERSION = 1
 _RESERVED_ATTRS = ("format", "version", "complete")
 _IMAGE_CHUNK = 64  # frames per image chunk: small enough to read one window cheaply
 _LOWDIM_CHUNK = 16384  # state/action rows per chunk: low-dim arrays are tiny
+# zarr's default codec (zstd level 0) plus a checksum of each chunk's content: bit-rot that would
+# still decode is then caught. Datasets written without it open as before (the codec is per array).
+_COMPRESSOR = ZstdCodec(level=0, checksum=True)
 # What reading a damaged chunk raises: numcodecs' decompression errors (RuntimeError), a chunk that
 # decodes to the wrong size (ValueError), the file system (OSError).
 _READ_ERRORS = (RuntimeError, ValueError, OSError)
@@ -121,7 +126,7 @@ def _is_polcache(path: Path) -> bool:
 def _put(group: zarr.Group, name: str, data: np.ndarray, rows: int) -> None:
     chunks = (max(1, min(rows, data.shape[0])),) + data.shape[1:]
     # write_empty_chunks: every chunk lands on disk, so a missing chunk file means truncation.
-    group.create_array(name, data=data, chunks=chunks, config={"write_empty_chunks": True})
+    group.create_array(name, data=data, chunks=chunks, compressors=_COMPRESSOR, config={"write_empty_chunks": True})
 
 
 def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | None = None) -> None:
