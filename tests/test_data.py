@@ -201,6 +201,52 @@ def test_datasets_written_without_checksums_still_open(tmp_path, episodes, monke
                                   np.concatenate([e.action for e in episodes]))
 
 
+RECORDED_ATTRS = {"obs_spec": {"state": {"shape": [2], "dtype": "float32"},
+                               "image_front": {"shape": [4, 5, 3], "dtype": "uint8"}}, "action_dim": 2}
+
+
+def _edit_array_meta(path, name: str, **changes) -> None:
+    """Hand-edit an array's zarr.json; a new shape changes the chunk shape alike, so the chunk files still fit."""
+    meta = path / name / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc.update(changes)
+    if "shape" in changes:
+        doc["chunk_grid"]["configuration"]["chunk_shape"][1:] = changes["shape"][1:]
+    meta.write_text(json.dumps(doc))
+
+
+def _set_attr(path, group: str, **attrs) -> None:
+    zarr.open_group(str(path / group), mode="r+").attrs.update(attrs)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p: _edit_array_meta(p, "data/obs/state", data_type="int32"),
+     r"data/obs/state holds int32 steps of shape \(2,\), expected float32 steps of shape \(\*,\) \(as polcache writes"),
+    (lambda p: _edit_array_meta(p, "data/obs/image_front", data_type="int8"),
+     r"data/obs/image_front holds int8 steps of shape \(4, 5, 3\), expected uint8"),
+    (lambda p: _edit_array_meta(p, "data/obs/state", shape=[78, 3]),
+     r"data/obs/state holds float32 steps of shape \(3,\), expected float32 steps of shape \(2,\) \(as attrs "
+     r"obs_spec declares\)"),
+    (lambda p: _edit_array_meta(p, "data/action", shape=[78, 3]),
+     r"data/action holds float32 steps of shape \(3,\), expected float32 steps of shape \(2,\) \(attrs action_dim is 2\)"),
+    (lambda p: shutil.rmtree(p / "data/obs/image_front"), "truncated dataset: missing array data/obs/image_front .attrs obs_spec declares it"),
+    (lambda p: _set_attr(p, "meta", tasks="abc"), 'meta attrs tasks must be a list of strings, one per episode, got "abc"'),
+    (lambda p: _set_attr(p, "meta", tasks=[1, 2, 3]), "meta attrs tasks must be a list of strings"),
+    (lambda p: _set_attr(p, "", obs_spec={"state": {"shape": "2", "dtype": "float32"}}),
+     "attrs obs_spec must map each obs key to"),
+    (lambda p: _set_attr(p, "", action_dim="2"), "attrs action_dim must be a positive integer, got '2'"),
+    (lambda p: _set_attr(p, "", version=True), "dataset version True is not supported"),
+], ids=["state-int32", "image-int8", "state-shape", "action-shape", "declared-array-gone", "tasks-string",
+        "tasks-ints", "obs-spec-shape-text", "action-dim-text", "version-bool"])
+def test_hand_edited_layout_is_refused_at_open(tmp_path, episodes, damage, match):
+    path = tmp_path / "rec.zarr"
+    write_dataset(path, episodes, attrs=RECORDED_ATTRS)  # the attrs `polcache record` writes
+    EpisodeStore.open(path)
+    damage(path)
+    with pytest.raises(DatasetError, match=f"rec.zarr: {match}"):
+        EpisodeStore.open(path)
+
+
 # ---- sequence ---------------------------------------------------------------
 
 

@@ -187,6 +187,59 @@ def _read_rows(path: Path, name: str, arr: zarr.Array, rows: slice, ends: np.nda
                        "or copy it again")
 
 
+def _format_expects(name: str) -> tuple[str, tuple[int | None, ...]] | None:
+    """(dtype, per-step shape; None: any size) that write_dataset gives array `name` (data/action,
+    data/obs/<key>); None for an obs key it never writes."""
+    key = name.removeprefix("data/obs/")
+    if name == "data/action" or key in ("state", "embedding"):
+        return "float32", (None,)
+    if key == "instruction":
+        return "uint8", (None,)
+    if key.startswith("image_") and len(key) > len("image_"):
+        return "uint8", (None, None, 3)
+    return None
+
+
+def _check_array(path: Path, name: str, arr: zarr.Array, dtype: str, step: tuple[int | None, ...], why: str) -> None:
+    found = tuple(int(n) for n in arr.shape[1:])
+    if np.dtype(arr.dtype).name == dtype and len(found) == len(step) and all(w in (None, f) for w, f in zip(step, found)):
+        return
+    want = "(" + ", ".join("*" if w is None else str(w) for w in step) + ("," if len(step) == 1 else "") + ")"
+    raise DatasetError(f"{path}: {name} holds {np.dtype(arr.dtype).name} steps of shape {found}, expected {dtype} "
+                       f"steps of shape {want} ({why})")
+
+
+def _declared(path: Path, attrs: dict[str, Any]) -> tuple[dict[str, ArraySpec] | None, int | None]:
+    """attrs obs_spec and action_dim (written by `polcache record`), type-checked; None where absent."""
+    spec, dim = attrs.get("obs_spec"), attrs.get("action_dim")
+    if spec is not None:
+        good = isinstance(spec, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+            and all(type(n) is int and n > 0 for n in v["shape"]) for v in spec.values())
+        if not good:
+            raise DatasetError(f"{path}: attrs obs_spec must map each obs key to {{'shape': [positive ints], "
+                               f"'dtype': str}}, got {json.dumps(spec)[:120]}")
+        spec = {k: ArraySpec.from_dict(v) for k, v in spec.items()}
+    if dim is not None and (type(dim) is not int or dim < 1):
+        raise DatasetError(f"{path}: attrs action_dim must be a positive integer, got {dim!r}")
+    return spec, dim
+
+
+def _check_layout(path: Path, name: str, arr: zarr.Array, spec: dict[str, ArraySpec] | None,
+                  action_dim: int | None) -> None:
+    """An array's dtype and per-step shape: as write_dataset writes them, and as attrs declare them."""
+    expects, key = _format_expects(name), name.removeprefix("data/obs/")
+    if expects is None:
+        raise DatasetError(f"{path}: {name} is not an obs key polcache writes (state, embedding, instruction, "
+                           "image_<camera>)")
+    _check_array(path, name, arr, *expects, "as polcache writes it")
+    if name == "data/action":
+        if action_dim is not None:
+            _check_array(path, name, arr, "float32", (action_dim,), f"attrs action_dim is {action_dim}")
+    elif spec is not None and key in spec:
+        _check_array(path, name, arr, spec[key].dtype, spec[key].shape, "as attrs obs_spec declares")
+
+
 class EpisodeStore:
     """Read access to a dataset written by `write_dataset`; validated on open so later reads can trust it."""
 
@@ -211,7 +264,7 @@ class EpisodeStore:
             raise DatasetError(f"{path}: not a polcache dataset (not a zarr group)") from None
         if attrs.get("format") != FORMAT:
             raise DatasetError(f"{path}: not a polcache dataset (format attr is {attrs.get('format')!r})")
-        if attrs.get("version") != VERSION:
+        if type(attrs.get("version")) is not int or attrs.get("version") != VERSION:
             raise DatasetError(f"{path}: dataset version {attrs.get('version')!r} is not supported (expected {VERSION})")
         if attrs.get("complete") is not True:
             raise DatasetError(f"{path}: dataset is incomplete (write was interrupted)")
@@ -232,9 +285,12 @@ class EpisodeStore:
         if ends[0] <= 0 or (np.diff(ends) <= 0).any():
             raise DatasetError(f"{path}: meta/episode_ends is not strictly increasing from > 0")
         try:
-            tasks = list(root["meta"].attrs.get("tasks", []))
+            tasks = root["meta"].attrs.get("tasks")
         except Exception:
-            tasks = []
+            tasks = None
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise DatasetError(f"{path}: meta attrs tasks must be a list of strings, one per episode, got "
+                               f"{json.dumps(tasks)[:80]}")
         if len(tasks) != len(ends):
             raise DatasetError(f"{path}: meta tasks list has {len(tasks)} entries for {len(ends)} episodes")
         try:
@@ -243,17 +299,22 @@ class EpisodeStore:
             obs_keys = []
         if not obs_keys:
             raise DatasetError(f"{path}: truncated dataset: no arrays under data/obs")
+        spec, action_dim = _declared(path, attrs)
+        missing = sorted(set(spec or ()) - set(obs_keys))
+        if missing:
+            raise DatasetError(f"{path}: truncated dataset: missing array data/obs/{missing[0]} (attrs obs_spec "
+                               f"declares it)")
         n = int(ends[-1])
         for name in [f"data/obs/{k}" for k in obs_keys] + ["data/action", "meta/episode_ends"]:
             arr = get(name)
             want = len(ends) if name == "meta/episode_ends" else n
             if arr.ndim == 0 or arr.shape[0] != want:
                 raise DatasetError(f"{path}: truncated dataset: {name} has {arr.shape[0] if arr.ndim else 0} rows, expected {want}")
+            if name != "meta/episode_ends":
+                _check_layout(path, name, arr, spec, action_dim)
             if arr.nchunks_initialized != arr.nchunks:
                 raise DatasetError(f"{path}: truncated dataset: {name} has {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing")
-        if get("data/action").ndim != 2:
-            raise DatasetError(f"{path}: data/action must be 2-D (steps, action_dim)")
-        return cls(path, root, ends, [str(t) for t in tasks], obs_keys)
+        return cls(path, root, ends, tasks, obs_keys)
 
     @property
     def num_episodes(self) -> int:
