@@ -307,6 +307,12 @@ def _drop_action(root: Path) -> None:
     (root / "meta/info.json").write_text(json.dumps(info))
 
 
+def _declare_shape(root: Path, key: str, shape: list[int]) -> None:
+    info = json.loads((root / "meta/info.json").read_text())
+    info["features"][key]["shape"] = shape
+    (root / "meta/info.json").write_text(json.dumps(info))
+
+
 def _short_video(root: Path) -> None:
     path = root / lr.VIDEO_PATH.format(video_key="observation.images.top", chunk_index=0, file_index=1)
     encode_video(path, [frame_image(10 + k) for k in range(3)])
@@ -328,8 +334,13 @@ def _short_video(root: Path) -> None:
     (lambda r: shutil.rmtree(r / "meta/episodes"), "missing episode metadata"),
     (lambda r: _edit_info(r, fps=0), "fps must be a positive number of frames per second, got 0"),
     (lambda r: _edit_info(r, fps="fast"), "fps must be a positive number of frames per second, got 'fast'"),
+    (lambda r: _declare_shape(r, "action", [3]),
+     r"feature action declares shape \[3\] in meta/info.json but its parquet column holds shape \[2\]"),
+    (lambda r: _declare_shape(r, "observation.state", [2]),
+     r"feature observation.state declares shape \[2\] in meta/info.json but its parquet column holds shape \[3\]"),
 ], ids=["no-info", "v2.1", "v4.0", "v3.1", "total-frames", "dropped-rows", "missing-data-file", "cut-parquet",
-        "missing-video", "short-video", "no-action", "no-episodes-meta", "fps-zero", "fps-text"])
+        "missing-video", "short-video", "no-action", "no-episodes-meta", "fps-zero", "fps-text", "action-shape",
+        "state-shape"])
 def test_import_refusals(lerobot_root, tmp_path, mutate, match):
     mutate(lerobot_root)
     with pytest.raises(DatasetError, match=match):

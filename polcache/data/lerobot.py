@@ -251,6 +251,17 @@ def _numbers(root: Path, table: Any, name: str) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False).reshape(n, 1)
 
 
+def _vector(root: Path, table: Any, features: dict, key: str) -> np.ndarray:
+    """A vector feature's column as (frames, width), refused when the width is not the shape
+    info.json declares for it (lerobot reads that shape; the stored columns are what trains)."""
+    x = _numbers(root, table, key)
+    declared = features[key].get("shape")
+    if declared != [x.shape[1]]:
+        raise DatasetError(f"{root}: feature {key} declares shape {declared} in {INFO_PATH} but its parquet column "
+                           f"holds shape [{x.shape[1]}]")
+    return x
+
+
 def _read_episodes(root: Path, info: dict, video_keys: list[str]) -> dict[str, np.ndarray]:
     """Episode metadata columns, sorted by episode_index and checked against info.json."""
     files = sorted((root / EPISODES_DIR).glob("*/*.parquet"))
@@ -396,8 +407,8 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True) -> 
     columns = [ACTION, "timestamp", "frame_index", "episode_index"] + [STATE] * has_state + ["task_index"] * has_tasks
     columns += [lk for k, (lk, _) in cameras.items() if k not in videos]
     frames = _read_frames(root, info, eps, columns)
-    action = _numbers(root, frames, ACTION)
-    state = _numbers(root, frames, STATE) if has_state else None
+    action = _vector(root, frames, features, ACTION)
+    state = _vector(root, frames, features, STATE) if has_state else None
     lengths = eps["length"]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     tasks = [""] * len(lengths)
