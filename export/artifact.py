@@ -15,6 +15,14 @@ from polcache.policy.executor import COMPUTE, REUSE
 from polcache.policy.spec import PolicySpec, StatelessSession
 
 
+def chunk_deviation(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Max absolute difference and min cosine similarity of two batches of normalised chunks (B, H, Da)."""
+    probes = len(reference)
+    a, b = np.asarray(reference, np.float32).reshape(probes, -1), np.asarray(candidate, np.float32).reshape(probes, -1)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {"max_abs": float(np.abs(a - b).max()), "min_cosine": float(cos.min()), "probes": probes}
+
+
 class ExportedBackend:
     """Base of OrtBackend and TrtBackend; subclasses implement `sample` and set `kind`."""
 
@@ -118,10 +126,7 @@ class ExportedBackend:
             obs[key] = (rng.integers(0, 256, shape, dtype=np.uint8) if np.dtype(s.dtype) == np.uint8
                         else rng.standard_normal(shape).astype(np.float32))
         x, noise = self.initial_noise(probes, seed)
-        a = reference.sample(obs, x, noise).reshape(probes, -1)
-        b = self.sample(obs, x, noise).reshape(probes, -1)
-        cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        return {"max_abs": float(np.abs(a - b).max()), "min_cosine": float(cos.min()), "probes": probes}
+        return chunk_deviation(reference.sample(obs, x, noise), self.sample(obs, x, noise))
 
     def reset(self) -> None:
         """DP-T keeps no state between chunks."""

@@ -107,7 +107,7 @@ class TrtBackend(ExportedBackend):
         if precision != "fp32":
             reference = TrtBackend(artifact, device, "fp32", max_batch, rebuild)
             self.parity = self.deviation_from(reference)
-            check_parity(self.parity, f"TensorRT {precision}",
+            check_parity(self.parity, f"TensorRT {precision} denoiser",
                          DEFAULT_TOLERANCE if precision_tolerance is None else precision_tolerance)
 
     # ---- engines -------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class TorchBackend:
         if dtype != torch.float32:
             low = reduced_copy(policy, dtype)
             self.parity = action_deviation(policy, low, self.sampler, plan, probe_observations(policy, device=self.device))
-            check_parity(self.parity, precision, precision_tolerance)
+            check_parity(self.parity, f"{precision} denoiser", precision_tolerance)
             policy = low
         self.policy = policy
         if candidates < 1:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from polcache.errors import PrecisionError
+from polcache.errors import PolcacheError, PrecisionError
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.samplers import Sampler
 
@@ -71,9 +71,13 @@ def action_deviation(reference: DiffusionPolicy, candidate: DiffusionPolicy, sam
     return {"max_abs": float((ref - low).abs().max()), "min_cosine": float(cos.min()), "probes": batch}
 
 
-def check_parity(deviation: dict, precision: str, tolerance: float) -> None:
+def check_parity(deviation: dict, candidate: str, tolerance: float, reference: str = "fp32",
+                 remedy: str = "run fp32 or raise the tolerance (--precision-tolerance) knowingly",
+                 error: type[PolcacheError] = PrecisionError) -> None:
+    """The one parity gate (reduced precision, TensorRT engines, exported graphs): refuse `candidate`
+    when its normalised chunks differ from `reference`'s by more than `tolerance` (or are NaN)."""
     if not deviation["max_abs"] <= tolerance:  # also refuses NaN
-        raise PrecisionError(
-            f"{precision} denoiser disagrees with fp32 by up to {deviation['max_abs']:.4g} (normalised action units, "
+        raise error(
+            f"{candidate} disagrees with {reference} by up to {deviation['max_abs']:.4g} (normalised action units, "
             f"min cosine {deviation['min_cosine']:.3f}) on {deviation['probes']} probe observations, above the "
-            f"tolerance {tolerance:g}: run fp32 or raise the tolerance (--precision-tolerance) knowingly")
+            f"tolerance {tolerance:g}: {remedy}")
