@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import positive_int
+from polcache.cli_types import non_negative_float, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "one step graph per distinct update pattern of the plan")
     p.add_argument("--out", required=True, help="artifact directory to write (an earlier artifact there is replaced "
                                                 "atomically; any other existing path is refused)")
-    p.add_argument("--no-verify", action="store_true", help="skip the parity check against torch after export")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check against torch")
+    p.add_argument("--tolerance", type=non_negative_float, metavar="X",
+                   help="largest max |ONNX Runtime - torch| (normalised action units) the parity check accepts; above "
+                        "it nothing is written to --out (default 0.05, as --precision-tolerance)")
     p.set_defaults(handler=_run)
 
 
@@ -33,15 +36,25 @@ def _run(args: argparse.Namespace) -> int:
     require_export_deps()
     from pathlib import Path
 
-    import numpy as np
-
-    from polcache.export.exporter import DEFAULT_STEP_MODE, export_policy, plan_table, torch_reference
-    from polcache.export.ort_backend import OrtBackend
+    from polcache.errors import ExportError
+    from polcache.export.exporter import DEFAULT_STEP_MODE, export_policy, parity, plan_table
     from polcache.policy.checkpoint import load_policy
+    from polcache.policy.precision import DEFAULT_TOLERANCE, check_parity
 
     policy, _, _ = load_policy(args.checkpoint, "cpu")
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    deviation: dict = {}
+
+    def verify(artifact: Path) -> None:  # before the artifact replaces --out
+        smp = policy.sampler(args.sampler, args.steps)
+        deviation.update(parity(policy, artifact, smp, plan_table(policy, smp, args.cache)[0]))
+        check_parity(deviation, "the exported policy (ONNX Runtime)", tolerance, reference="torch", error=ExportError,
+                     remedy=f"nothing was written to {args.out}; serve the checkpoint with --backend torch, or raise "
+                            "--tolerance knowingly")
+
     m = export_policy(policy, args.out, cache=args.cache, sampler=args.sampler, steps=args.steps,
-                      step_mode=args.step_graphs or DEFAULT_STEP_MODE, checkpoint=args.checkpoint)
+                      step_mode=args.step_graphs or DEFAULT_STEP_MODE, checkpoint=args.checkpoint,
+                      verify=None if args.no_verify else verify)
     sizes = {name: (Path(args.out) / g.file).stat().st_size for name, g in m.graphs.items()}
     summary = m.cache["summary"]
     plan = "uncached" if summary is None else (f"{m.cache['spec']} ({summary['block_evals']} of "
@@ -49,17 +62,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"exported {args.checkpoint} -> {args.out}: {m.sampler['kind']} K={m.sampler['steps']}, {plan}, "
           f"step mode {m.step_mode}, {len(m.graphs)} graphs, {sum(sizes.values()) / 1e6:.1f} MB, "
           f"{m.export_seconds:.1f} s")
-    if not args.no_verify:
-        backend = OrtBackend(args.out, threads=1)
-        rng = np.random.default_rng(0)
-        obs = {k: (rng.integers(0, 256, (1, backend.spec.n_obs_steps, *s.shape)) if s.dtype == "uint8"
-                   else rng.normal(size=(1, backend.spec.n_obs_steps, *s.shape))).astype(s.dtype)
-               for k, s in backend.spec.obs.items()}
-        x, noise = backend.initial_noise(1, seed=0)
-        smp = policy.sampler(args.sampler, args.steps)
-        plan_obj, _ = plan_table(policy, smp, args.cache)
-        ref = torch_reference(policy, obs, smp, plan_obj, x, noise)
-        diff = float(np.abs(backend.sample(obs, x, noise) - ref).max())
-        print(f"verified: max |ONNX Runtime - torch| = {diff:.2e} over one chunk (random observations, normalised "
-              f"actions, same noise)")
+    if deviation:
+        print(f"verified: max |ONNX Runtime - torch| = {deviation['max_abs']:.2e}, min cosine "
+              f"{deviation['min_cosine']:.6f} on {deviation['probes']} probe observations (normalised actions, same "
+              f"noise; tolerance {tolerance:g})")
     return 0

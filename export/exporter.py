@@ -9,6 +9,7 @@ the torch backend.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,10 @@ def _schedule_sha(cache: str | None) -> str | None:
 
 
 def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = None, sampler: str | None = None,
-                  steps: int | None = None, step_mode: str = DEFAULT_STEP_MODE, checkpoint: str = "") -> Manifest:
-    """Write the artifact directory `out` (atomically) and return its manifest."""
+                  steps: int | None = None, step_mode: str = DEFAULT_STEP_MODE, checkpoint: str = "",
+                  verify: Callable[[Path], None] | None = None) -> Manifest:
+    """Write the artifact directory `out` (atomically) and return its manifest. `verify` gets the
+    finished artifact before it replaces `out`: if it raises, `out` is left as it was."""
     from polcache.cache import plan_summary
     from polcache.cache.schedule import model_hash
 
@@ -118,6 +121,8 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
             polcache_version=_code_version(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             export_seconds=round(time.perf_counter() - t0, 3))
         (tmp / MANIFEST).write_text(manifest.to_json())
+        if verify is not None:
+            verify(tmp)
     return manifest
 
 
@@ -145,3 +150,17 @@ def torch_reference(policy: DiffusionPolicy, obs: dict[str, np.ndarray], sampler
     feats = policy.encode({k: torch.as_tensor(v) for k, v in obs.items()})
     xs = policy.denoise(feats, sampler, torch.as_tensor(x), None if noise is None else torch.as_tensor(noise), plan)
     return xs.float().numpy()
+
+
+def parity(policy: DiffusionPolicy, artifact: str | Path, sampler, plan) -> dict:
+    """How far the artifact's normalised chunks are from torch's (max |difference|, min cosine), on
+    the precision gate's probe observations (inside the training data's state range, random pixels)
+    with the same start and noise, so one tolerance means the same thing for both gates."""
+    from polcache.export.artifact import chunk_deviation
+    from polcache.export.ort_backend import OrtBackend
+    from polcache.policy.precision import PROBES, probe_observations
+
+    backend = OrtBackend(artifact, threads=1)
+    obs = {k: v.numpy() for k, v in probe_observations(policy, PROBES).items()}
+    x, noise = backend.initial_noise(PROBES, seed=0)
+    return chunk_deviation(torch_reference(policy, obs, sampler, plan, x, noise), backend.sample(obs, x, noise))

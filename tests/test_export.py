@@ -215,6 +215,24 @@ def test_export_cli_then_eval_with_the_ort_backend(checkpoint, tmp_path, capsys)
     assert result["extra"]["backend"] == "ort" and result["extra"]["cache"]["method"] == "uniform"
 
 
+def test_export_refuses_an_artifact_beyond_the_parity_tolerance(checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "art"
+    argv = ["export", "--checkpoint", checkpoint, "--sampler", "ddpm", "--steps", str(K), "--out", str(out)]
+    assert main(argv) == 0  # the default tolerance passes an honest export
+    kept = (out / "manifest.json").read_text()
+    sample = OrtBackend.sample
+    # graphs that disagree with torch by 0.2 everywhere, as a wrong op or plan table would
+    monkeypatch.setattr(OrtBackend, "sample", lambda self, obs, x, noise=None: sample(self, obs, x, noise) + 0.2)
+    err = _err(capsys, [*argv, "--cache", "uniform:3"])
+    assert "the exported policy (ONNX Runtime) disagrees with torch by up to 0.2 " in err
+    assert f"above the tolerance 0.05: nothing was written to {out}" in err
+    assert (out / "manifest.json").read_text() == kept  # the earlier artifact stays, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # and no temp directory is left
+    assert main([*argv, "--cache", "uniform:3", "--tolerance", "0.5"]) == 0  # raised knowingly
+    assert "(normalised actions, same noise; tolerance 0.5)" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["cache"]["spec"] == "uniform:3"
+
+
 def test_blocks_the_plan_computes_together_share_one_if(policy, tmp_path):
     from polcache.export.onnx_graphs import block_groups
 
