@@ -12,15 +12,8 @@ import numpy as np
 from polcache.errors import ExportError
 from polcache.export.manifest import Manifest, read_manifest
 from polcache.policy.executor import COMPUTE, REUSE
+from polcache.policy.parity import PROBES, chunk_deviation
 from polcache.policy.spec import PolicySpec, StatelessSession
-
-
-def chunk_deviation(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """Max absolute difference and min cosine similarity of two batches of normalised chunks (B, H, Da)."""
-    probes = len(reference)
-    a, b = np.asarray(reference, np.float32).reshape(probes, -1), np.asarray(candidate, np.float32).reshape(probes, -1)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return {"max_abs": float(np.abs(a - b).max()), "min_cosine": float(cos.min()), "probes": probes}
 
 
 class ExportedBackend:
@@ -116,9 +109,9 @@ class ExportedBackend:
         x, noise = self.initial_noise(batch, seed)
         return np.ascontiguousarray(self.decode(self.sample(obs, x, noise))["action"])
 
-    def deviation_from(self, reference: "ExportedBackend", probes: int = 4, seed: int = 0) -> dict:
-        """Max absolute difference and min cosine similarity of the normalised chunks of this backend
-        and `reference` on the same probe observations (standard-normal states, random pixels) and noise."""
+    def deviation_from(self, reference: "ExportedBackend", probes: int = PROBES, seed: int = 0) -> dict:
+        """polcache.policy.parity's deviation of the normalised chunks of this backend from `reference`'s
+        on the same probe observations (standard-normal states, random pixels) and noise."""
         rng = np.random.default_rng(seed)
         obs = {}
         for key, s in self.spec.obs.items():

@@ -153,12 +153,12 @@ def torch_reference(policy: DiffusionPolicy, obs: dict[str, np.ndarray], sampler
 
 
 def parity(policy: DiffusionPolicy, artifact: str | Path, sampler, plan) -> dict:
-    """How far the artifact's normalised chunks are from torch's (max |difference|, min cosine), on
+    """How far the artifact's normalised chunks are from torch's (polcache.policy.parity), on
     the precision gate's probe observations (inside the training data's state range, random pixels)
     with the same start and noise, so one tolerance means the same thing for both gates."""
-    from polcache.export.artifact import chunk_deviation
     from polcache.export.ort_backend import OrtBackend
-    from polcache.policy.precision import PROBES, probe_observations
+    from polcache.policy.parity import PROBES, chunk_deviation
+    from polcache.policy.precision import probe_observations
 
     backend = OrtBackend(artifact, threads=1)
     obs = {k: v.numpy() for k, v in probe_observations(policy, PROBES).items()}

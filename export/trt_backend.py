@@ -84,7 +84,7 @@ class TrtBackend(ExportedBackend):
         import torch
 
         from polcache.policy.device import resolve_device
-        from polcache.policy.precision import DEFAULT_TOLERANCE, check_parity
+        from polcache.policy.parity import DEFAULT_TOLERANCE, check_parity
 
         super().__init__(artifact)
         if precision not in PRECISIONS:

@@ -49,7 +49,8 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "match fp32 within --precision-tolerance on probe observations, else the backend refuses "
                         "to start")
     p.add_argument("--precision-tolerance", type=non_negative_float, metavar="X",
-                   help="largest accepted |action - fp32 action| in normalised units (default 0.05)")
+                   help="largest accepted max |action - fp32 action| of the median probe observation, in normalised "
+                        "units (default 0.05)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="torch on CUDA: run chunks eagerly instead of replaying a captured CUDA graph")
     p.add_argument("--verify", type=positive_int, default=1, metavar="N",

@@ -15,8 +15,8 @@ from polcache.policy.device import resolve_device
 from polcache.policy.executor import decided_at_run_time, make_store
 from polcache.policy.graph import ChunkGraph, GuidedChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
-from polcache.policy.precision import (DEFAULT_TOLERANCE, action_deviation, check_parity, parse_precision,
-                                       probe_observations, reduced_copy)
+from polcache.policy.parity import DEFAULT_TOLERANCE, check_parity
+from polcache.policy.precision import action_deviation, parse_precision, probe_observations, reduced_copy
 from polcache.policy.residual_norm import add_norm_triton, triton_blocker
 from polcache.policy.session import TorchSession
 from polcache.policy.rtc import guided_denoise, overlap_weights, require_flow
@@ -322,7 +322,6 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
     from pathlib import Path
 
     from polcache.errors import ExportError, PolcacheError
-    from polcache.policy.precision import DEFAULT_TOLERANCE
 
     tolerance = DEFAULT_TOLERANCE if precision_tolerance is None else precision_tolerance
     path = Path(checkpoint)

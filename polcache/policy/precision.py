@@ -17,13 +17,12 @@ from typing import Sequence
 
 import torch
 
-from polcache.errors import PolcacheError, PrecisionError
+from polcache.errors import PrecisionError
+from polcache.policy.parity import PROBES, chunk_deviation
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.samplers import Sampler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_TOLERANCE = 0.05  # max |action difference| in normalised units (actions span [-1, 1])
-PROBES = 4
 
 
 def parse_precision(name: str) -> torch.dtype:
@@ -59,25 +58,12 @@ def probe_observations(policy: DiffusionPolicy, n: int = PROBES, seed: int = 0,
 @torch.no_grad()
 def action_deviation(reference: DiffusionPolicy, candidate: DiffusionPolicy, sampler: Sampler,
                      plan: Sequence[Sequence[int]] | None, obs: dict[str, torch.Tensor], seed: int = 0) -> dict:
-    """Max absolute difference and minimum cosine similarity of the normalised action chunks of
-    two policies sampling from the same observations and noise."""
+    """polcache.policy.parity's deviation of the normalised action chunks of two policies
+    sampling from the same observations and noise."""
     batch = next(iter(obs.values())).shape[0]
     device = next(iter(obs.values())).device
     gen = torch.Generator(device=device).manual_seed(seed)
     x, noise = reference.initial_noise(batch, sampler, gen, device)
-    ref = reference.denoise(reference.encode(obs), sampler, x, noise, plan).flatten(1)
-    low = candidate.denoise(candidate.encode(obs), sampler, x, noise, plan).flatten(1).float()
-    cos = torch.nn.functional.cosine_similarity(ref, low, dim=1)
-    return {"max_abs": float((ref - low).abs().max()), "min_cosine": float(cos.min()), "probes": batch}
-
-
-def check_parity(deviation: dict, candidate: str, tolerance: float, reference: str = "fp32",
-                 remedy: str = "run fp32 or raise the tolerance (--precision-tolerance) knowingly",
-                 error: type[PolcacheError] = PrecisionError) -> None:
-    """The one parity gate (reduced precision, TensorRT engines, exported graphs): refuse `candidate`
-    when its normalised chunks differ from `reference`'s by more than `tolerance` (or are NaN)."""
-    if not deviation["max_abs"] <= tolerance:  # also refuses NaN
-        raise error(
-            f"{candidate} disagrees with {reference} by up to {deviation['max_abs']:.4g} (normalised action units, "
-            f"min cosine {deviation['min_cosine']:.3f}) on {deviation['probes']} probe observations, above the "
-            f"tolerance {tolerance:g}: {remedy}")
+    ref = reference.denoise(reference.encode(obs), sampler, x, noise, plan)
+    low = candidate.denoise(candidate.encode(obs), sampler, x, noise, plan)
+    return chunk_deviation(ref.float().cpu().numpy(), low.float().cpu().numpy())
