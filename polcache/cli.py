@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from polcache.errors import PolcacheError
 
@@ -24,8 +25,16 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line, as every other bad input is (argparse prints its whole usage block
+    first); subcommands' parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="polcache",
         description="polcache: train, evaluate, accelerate (block-wise caching) and serve transformer diffusion "
                     "policies. `polcache COMMAND --help` for each command.")

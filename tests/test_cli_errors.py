@@ -104,3 +104,16 @@ def test_training_on_a_dataset_with_a_damaged_chunk_names_it(capsys, tmp_path):
     err = _err(capsys, ["train", "--config", "configs/metaworld_small.yaml", f"dataset={path}", "obs_keys=[state]"])
     assert err.startswith("polcache train: error: ")
     assert "demo.zarr: data/obs/state chunk 0 (rows 0..19, episode 0) cannot be read (RuntimeError: Zstd" in err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["eval", "--episodes", "x"], "polcache eval: error: argument --episodes: expected a positive integer, got 'x' "
+                                  "(see polcache eval --help)"),
+    (["ptp", "embed", "--batch-size", "x"], "polcache ptp embed: error: argument --batch-size"),
+    ([], "polcache: error: the following arguments are required: COMMAND"),
+], ids=["flag", "nested", "no-command"])
+def test_a_bad_flag_is_one_line_not_the_usage_block(capsys, argv, match):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
