@@ -13,7 +13,7 @@ from polcache.errors import ExportError
 from polcache.export.manifest import Manifest, read_manifest
 from polcache.policy.executor import COMPUTE, REUSE
 from polcache.policy.parity import PROBES, chunk_deviation
-from polcache.policy.spec import PolicySpec, StatelessSession
+from polcache.policy.spec import CommittedActions, PolicySpec, StatelessSession, rtc_blocker
 
 
 class ExportedBackend:
@@ -31,23 +31,6 @@ class ExportedBackend:
         self.n_blocks, self.width = int(m.model["n_blocks"]), int(m.model["width"])
         self._scale = np.asarray(m.normalizer["action"]["scale"], dtype=np.float32)
         self._offset = np.asarray(m.normalizer["action"]["offset"], dtype=np.float32)
-
-    def check_obs(self, obs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        """Contiguous arrays of the spec's dtypes, one per observation key, and the batch size."""
-        feeds, batch = {}, None
-        for key, s in self.spec.obs.items():
-            if key not in obs:
-                raise ExportError(f"observation {key!r} missing (the policy takes {sorted(self.spec.obs)})")
-            a = np.ascontiguousarray(obs[key], dtype=s.dtype)
-            want = (self.spec.n_obs_steps, *s.shape)
-            if a.ndim != len(want) + 1 or a.shape[1:] != want:
-                raise ExportError(f"observation {key!r}: expected (batch, {', '.join(map(str, want))}), "
-                                  f"got {tuple(a.shape)}")
-            batch = a.shape[0] if batch is None else batch
-            if a.shape[0] != batch:
-                raise ExportError(f"observation {key!r} has batch {a.shape[0]}, others {batch}")
-            feeds[key] = a
-        return feeds, int(batch)
 
     def check_start(self, batch: int, x: np.ndarray, noise: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """The initial sample (B, H, Da) and, for stochastic samplers, the per-step noise (K, B, H, Da)."""
@@ -103,9 +86,12 @@ class ExportedBackend:
         return x, noise
 
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
-                past_actions: np.ndarray | None = None) -> np.ndarray:
-        """See PolicyBackend.predict; exported policies do not self-verify (`past_actions` unused)."""
-        _, batch = self.check_obs(obs)
+                past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
+        """See PolicyBackend.predict; exported policies do not self-verify (`past_actions` unused)
+        and cannot chunk in real time (`committed` raises ValueError: polcache.policy.spec.rtc_blocker)."""
+        if committed is not None:
+            raise ValueError(rtc_blocker(self))
+        _, batch = self.spec.check_observations(obs)
         x, noise = self.initial_noise(batch, seed)
         return np.ascontiguousarray(self.decode(self.sample(obs, x, noise))["action"])
 
@@ -125,6 +111,7 @@ class ExportedBackend:
         """DP-T keeps no state between chunks."""
 
     def session(self) -> StatelessSession:
+        """A robot's session: exported policies keep nothing between chunks."""
         return StatelessSession(self)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:

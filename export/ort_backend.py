@@ -105,7 +105,7 @@ class OrtBackend(ExportedBackend):
 
     # ---- PolicyBackend -------------------------------------------------------------------------
     def sample(self, obs: dict[str, np.ndarray], x: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        feeds, B = self.check_obs(obs)
+        feeds, B = self.spec.check_observations(obs)
         H, Da = self.spec.horizon, self.spec.action_dim
         x, noise = self.check_start(B, x, noise)
         if noise is not None:

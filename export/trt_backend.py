@@ -151,7 +151,7 @@ class TrtBackend(ExportedBackend):
 
     def sample(self, obs: dict[str, np.ndarray], x: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         torch = self.torch
-        feeds, B = self.check_obs(obs)
+        feeds, B = self.spec.check_observations(obs)
         x, noise = self.check_start(B, x, noise)
         H, Da, n, W = self.spec.horizon, self.spec.action_dim, self.n_blocks, self.width
         with torch.cuda.stream(self.stream):

@@ -18,6 +18,11 @@ class DatasetError(PolcacheError):
     """A dataset is missing, truncated, or not written by polcache."""
 
 
+class ObservationError(PolcacheError, ValueError):
+    """Observations given to a backend that are not the policy's: a key missing, another dtype or
+    shape, NaN. (A ValueError too, as PolicyBackend.predict documents.)"""
+
+
 class UnknownTaskError(PolcacheError):
     """A task name that no registered simulation task answers to."""
 

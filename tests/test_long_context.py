@@ -119,8 +119,9 @@ def test_self_verification_returns_the_candidate_whose_past_matches_what_was_exe
     best = int(torch.argmin(scores))
     np.testing.assert_allclose(early.predict(obs, seed=7, past_actions=partial)[0], preds["action"][best].numpy(),
                                atol=1e-6)
-    with pytest.raises(ValueError, match="executed past actions"):
-        b.predict(obs, seed=7, past_actions=np.zeros((3, 3)))
+    for wrong in (np.zeros((3, 3)), np.zeros((1, 3)), np.zeros(3)):  # checked before counting known rows
+        with pytest.raises(ValueError, match=r"past_actions: expected shape \(2, 3\)"):
+            b.predict(obs, seed=7, past_actions=wrong)
 
 
 def _window(frames, t, offsets):

@@ -67,7 +67,7 @@ def test_a_failing_row_fails_alone():
     requests = [SessionRequest(b.session(), obs, [0, 1], 1), SessionRequest(b.session(), obs, [0, 1, 2], 2),
                 SessionRequest(b.session(), {"state": np.ones((1, 2, 5), np.float32)}, [0, 1], 3)]
     got = b.predict_sessions(requests)
-    assert isinstance(got[1], ValueError) and "2 frame steps" in str(got[1])
+    assert isinstance(got[1], ValueError) and "one control step per frame (2), got 3" in str(got[1])
     np.testing.assert_allclose(got[0], b.session().predict(obs, [0, 1], seed=1), atol=1e-5)
     np.testing.assert_allclose(got[2], b.session().predict(obs, [0, 1], seed=3), atol=1e-5)
 

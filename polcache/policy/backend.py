@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from polcache.errors import ConfigError
+from polcache.errors import ConfigError, ObservationError
 from polcache.policy.batching import Outcome, SessionRequest, predict_alone
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.device import resolve_device
@@ -23,6 +24,16 @@ from polcache.policy.rtc import guided_denoise, overlap_weights, require_flow
 from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, StatelessSession
 
 log = logging.getLogger(__name__)
+
+
+def _check_options(steps: int | None, threads: int | None = None, precision_tolerance: float | None = None) -> None:
+    """Backend options a caller of the Python API may get wrong, refused before anything loads."""
+    for name, value in (("steps", steps), ("threads", threads)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{name}: expected an integer >= 1 (or None: the default), got {value!r}")
+    if precision_tolerance is not None and not 0 <= precision_tolerance < math.inf:
+        raise ConfigError(f"precision_tolerance: expected a finite number >= 0 (normalised action units), "
+                          f"got {precision_tolerance!r}")
 
 
 def _reason(exc: Exception) -> str:
@@ -54,6 +65,7 @@ class TorchBackend:
                  precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE,
                  fused_update: bool | None = None, candidates: int = 1, min_verified: int | None = None,
                  fused_norm: bool | None = None):
+        _check_options(steps, precision_tolerance=precision_tolerance)
         self.device = torch.device(device)
         policy = policy.to(self.device).eval()
         self.sampler = policy.sampler(sampler, steps)
@@ -109,7 +121,9 @@ class TorchBackend:
             return ChunkGraph(self.policy, self.sampler, self.plan, batch, add_norm=self.add_norm)
 
     def _batch(self, obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.as_tensor(np.asarray(obs[k])).to(self.device) for k in self.spec.obs}
+        """Checked observations (PolicySpec.check_observations) as tensors on the device."""
+        arrays, _ = self.spec.check_observations(obs)
+        return {k: torch.as_tensor(a).to(self.device) for k, a in arrays.items()}
 
     def _sample(self, inputs: dict[str, torch.Tensor], x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """The normalised sample (B, H, Da) from the start `x` and step `noise` (see
@@ -144,6 +158,8 @@ class TorchBackend:
 
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
                 past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
+        """See PolicyBackend.predict: obs[key] (B, n_obs_steps, *shape) -> actions (B, n_action_steps,
+        action_dim) float32; `seed` makes the chunk reproducible (the same seed, the same noise)."""
         batch = self._batch(obs)
         if committed is not None or (self.candidates > 1 and past_actions is not None):
             with torch.no_grad():
@@ -194,7 +210,7 @@ class TorchBackend:
             return request.session.features(request.obs, request.seqs)
         batch = self._batch(request.obs)
         if next(iter(batch.values())).shape[0] != 1:
-            raise ValueError("a session predicts for one robot: batch 1")
+            raise ObservationError(f"a session predicts for one robot: batch 1, got {next(iter(batch.values())).shape[0]}")
         with torch.no_grad():
             return self.policy.encode(batch)
 
@@ -202,7 +218,12 @@ class TorchBackend:
         """Whether a chunk with these executed past actions is chosen by self-verification."""
         if self.candidates == 1 or past_actions is None:
             return False
-        return int(np.isfinite(np.asarray(past_actions, dtype=np.float32)).all(axis=-1).sum()) >= self.min_verified
+        past = np.asarray(past_actions, dtype=np.float32)
+        want = (self.spec.n_obs_steps - 1, self.spec.action_dim)
+        if past.shape != want:  # checked first: a wrong shape must not quietly turn verification off
+            raise ObservationError(f"past_actions: expected shape {want} (the actions executed at the past frames' "
+                                   f"steps, NaN rows where none was), got {past.shape}")
+        return int(np.isfinite(past).all(axis=-1).sum()) >= self.min_verified
 
     def _chunked(self, feats: torch.Tensor, committed: CommittedActions, gen: torch.Generator | None) -> torch.Tensor:
         """Real-time chunking (polcache.policy.rtc): one gradient per flow step, the whole chunk
@@ -238,7 +259,11 @@ class TorchBackend:
         return self.policy.to_actions(x)["action"].float().cpu().numpy()
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
-        return None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+        if seed is None:
+            return None
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ObservationError(f"seed: expected an integer in 0..2^63-1 or None, got {seed!r}")
+        return torch.Generator(device=self.device).manual_seed(int(seed))
 
     def _verified(self, feats: torch.Tensor, past_actions: np.ndarray, gen: torch.Generator | None) -> np.ndarray:
         """Self-verification: N candidates from one encoding; the one whose predicted past action
@@ -323,6 +348,7 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
 
     from polcache.errors import ExportError, PolcacheError
 
+    _check_options(steps, threads, precision_tolerance)
     tolerance = DEFAULT_TOLERANCE if precision_tolerance is None else precision_tolerance
     path = Path(checkpoint)
     exported = (path / "manifest.json").is_file()

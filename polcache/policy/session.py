@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from polcache.errors import ObservationError
 from polcache.policy.spec import CommittedActions
 
 if TYPE_CHECKING:
@@ -27,13 +28,21 @@ class EmbeddingRing:
 
     def __init__(self):
         self._by_step: dict[int, torch.Tensor] = {}
+        self._newest: int | None = None
         self.encoded = 0  # frames encoded so far (for benchmarks and tests)
 
     def clear(self) -> None:
         self._by_step.clear()
+        self._newest = None
 
     def features(self, policy, obs: dict[str, torch.Tensor], steps: Sequence[int]) -> torch.Tensor:
-        """obs[key]: (1, K, ...) window whose frame i was observed at steps[i] -> (1, K, F)."""
+        """obs[key]: (1, K, ...) window whose frame i was observed at steps[i] -> (1, K, F). A step
+        already held is not encoded again, so windows must move forward: steps that go back (a new
+        episode counted from 0 without reset()) are refused rather than answered with old frames."""
+        if list(steps) != sorted(steps) or (self._newest is not None and steps[-1] < self._newest):
+            raise ObservationError(f"seqs {list(steps)}: frame steps must ascend and never go back (newest so far "
+                                   f"{self._newest}); call reset() before a new episode")
+        self._newest = steps[-1]
         new = sorted({s for s in steps if s not in self._by_step})
         if new:
             first = {s: i for i, s in reversed(list(enumerate(steps)))}  # a frame's first index in the window
@@ -65,8 +74,11 @@ class TorchSession:
         several robots' sessions sample together (TorchBackend.predict_sessions)."""
         b = self.backend
         batch = b._batch(obs)
-        if next(iter(batch.values())).shape[0] != 1 or len(seqs) != b.spec.n_obs_steps:
-            raise ValueError(f"a session predicts for one robot: batch 1 and {b.spec.n_obs_steps} frame steps")
+        size = next(iter(batch.values())).shape[0]
+        if size != 1:
+            raise ObservationError(f"a session predicts for one robot: batch 1, got {size}")
+        if len(seqs) != b.spec.n_obs_steps:
+            raise ObservationError(f"seqs: one control step per frame ({b.spec.n_obs_steps}), got {len(seqs)}")
         return self.ring.features(b.policy, batch, [int(s) for s in seqs])
 
     def reset(self) -> None:

@@ -8,9 +8,11 @@ keyed by name: `state` (float32 proprioception/low-dim state) and `image_<camera
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from polcache.errors import ObservationError
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,36 @@ class PolicySpec:
     extra: dict = field(default_factory=dict)
     obs_stride: int = 1  # control steps between consecutive observation frames
     frame_mode: str = "strided"  # or "mixed": see frame_offsets
+
+    def check_observations(self, obs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+        """Every backend's one check of what `predict` is given: obs[key] of shape (batch,
+        n_obs_steps, *shape), finite, same batch for every key -> contiguous arrays of the spec's
+        dtypes and the batch size. Keys the policy does not take are ignored. State of another
+        numeric dtype is cast; pixels must be uint8 (a [0, 1] float image would read as black).
+        Anything else raises ObservationError naming the key and what was expected."""
+        if not isinstance(obs, Mapping):
+            raise ObservationError(f"observations: expected a dict of key -> array, got {type(obs).__name__}")
+        arrays, batch = {}, None
+        for key, s in self.obs.items():
+            if key not in obs:
+                raise ObservationError(f"observation {key!r} missing (the policy takes {sorted(self.obs)})")
+            a = np.asarray(obs[key])
+            want = np.dtype(s.dtype)
+            if a.dtype != want and (want == np.uint8 or a.dtype.kind not in "fiu"):
+                raise ObservationError(f"observation {key!r}: expected {want.name}, got {a.dtype.name}"
+                                       + (" (pixels 0-255)" if want == np.uint8 else ""))
+            shape = (self.n_obs_steps, *s.shape)
+            if a.ndim != len(shape) + 1 or a.shape[1:] != shape or a.shape[0] < 1:
+                raise ObservationError(f"observation {key!r}: expected shape (batch, {', '.join(map(str, shape))}) "
+                                       f"with batch >= 1, got {a.shape}")
+            if batch is not None and a.shape[0] != batch:
+                raise ObservationError(f"observation {key!r} has batch {a.shape[0]}, the others {batch}")
+            batch = a.shape[0]
+            a = np.ascontiguousarray(a, dtype=want)
+            if want.kind == "f" and not np.isfinite(a).all():
+                raise ObservationError(f"observation {key!r} contains NaN or infinite values")
+            arrays[key] = a
+        return arrays, int(batch)
 
     @property
     def frame_offsets(self) -> tuple[int, ...]:

@@ -65,6 +65,7 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
 DEFAULT_INLINE_MS = 1.0  # inference this fast runs on the server thread (see PolicyServer)
 MAX_INLINE_MS = 100.0  # beyond this, heartbeats and other robots would wait too long behind an inline inference
+MIN_MESSAGE_BYTES = 4096  # the largest handshake and welcome of a small policy fit
 INLINE_WINDOW = 16  # recent inference times that decide where the next one runs
 
 
@@ -148,6 +149,16 @@ class PolicyServer:
             raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
         if simulated_latency_ms < 0:
             raise PolcacheError(f"simulated_latency_ms must be >= 0, got {simulated_latency_ms}")
+        if deadline_ms is not None and not 0 < deadline_ms < math.inf:
+            raise PolcacheError(f"deadline_ms must be a positive number of ms (or None: the chunk's duration), "
+                                f"got {deadline_ms}")
+        if max_sessions < 1:
+            raise PolcacheError(f"max_sessions must be >= 1 (robots served at once), got {max_sessions}")
+        if not 0 < session_timeout_s < math.inf:
+            raise PolcacheError(f"session_timeout_s must be a positive number of seconds, got {session_timeout_s}")
+        if max_message_bytes < MIN_MESSAGE_BYTES:
+            raise PolcacheError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES} (a handshake must fit), "
+                                f"got {max_message_bytes}")
         if not 0 <= inline_ms <= MAX_INLINE_MS:
             raise PolcacheError(f"inline_ms must be in [0, {MAX_INLINE_MS:g}] ms (inference run on the server thread), "
                                 f"got {inline_ms}")
@@ -247,12 +258,16 @@ class PolicyServer:
             self._dispatch()  # last: the woken worker then finds the GIL free, this thread waiting
 
     def start(self) -> "PolicyServer":
-        """Serve on a background thread (tests, benchmarks, in-process robots)."""
+        """Serve on a background thread (tests, benchmarks, in-process robots); once only."""
+        if self._thread is not None or self._stop.is_set():
+            raise PolcacheError("this server was started before (its sockets close when it stops): create a new "
+                                "PolicyServer")
         self._thread = threading.Thread(target=self.serve_forever, name="polcache-server", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop serving and wait for the loop to close its sockets (serve_forever returns)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
