@@ -220,7 +220,7 @@ def lerobot_action(policy, pre, post, state: np.ndarray):
 
 def load_polcache(reference: dict, run: Path):
     """polcache's checkpoint of the suite run, with the sampler and steps its evaluation used."""
-    from polcache.policy.backend import load_backend
+    from polcache.policy.loader import load_backend
 
     extra = reference["extra"]
     return load_backend(str(run / Path(extra["checkpoint"]).name), sampler=extra["sampler"],

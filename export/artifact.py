@@ -11,7 +11,7 @@ import numpy as np
 
 from polcache.errors import ExportError
 from polcache.export.manifest import Manifest, read_manifest
-from polcache.policy.executor import COMPUTE, REUSE
+from polcache.policy.ops import COMPUTE, REUSE
 from polcache.policy.parity import PROBES, chunk_deviation
 from polcache.policy.spec import CommittedActions, PolicySpec, StatelessSession, rtc_blocker
 

@@ -255,3 +255,19 @@ def test_ort_and_torch_backends_sample_the_same_chunk_for_the_same_seed(policy, 
     obs = _obs(policy.spec, 1, seed=4)
     for seed in (0, 7):
         np.testing.assert_allclose(ort.predict(obs, seed=seed), torch_b.predict(obs, seed=seed), atol=1e-5)
+
+
+def test_an_artifact_loads_and_predicts_without_torch(policy, tmp_path):
+    """A robot computer with ONNX Runtime and numpy only: load_backend must not import torch."""
+    import subprocess
+    import sys
+
+    art = _artifact(policy, tmp_path)
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "import numpy as np\nfrom polcache.policy import load_backend\n"
+              f"b = load_backend({str(art)!r})\n"
+              "obs = {k: np.zeros((1, b.spec.n_obs_steps, *s.shape), s.dtype) for k, s in b.spec.obs.items()}\n"
+              "print(type(b).__name__, *b.predict(obs, seed=0).shape)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    want = ["OrtBackend", "1", str(policy.spec.n_action_steps), str(policy.spec.action_dim)]
+    assert out.returncode == 0 and out.stdout.split() == want, out.stderr

@@ -11,7 +11,7 @@ _EXPORTS = {
     "PolicySpec": "polcache.policy.spec",
     "DiffusionPolicy": "polcache.policy.policy",
     "TorchBackend": "polcache.policy.backend",
-    "load_backend": "polcache.policy.backend",
+    "load_backend": "polcache.policy.loader",
     "load_policy": "polcache.policy.checkpoint",
     "save_checkpoint": "polcache.policy.checkpoint",
 }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Sequence
 
 import numpy as np
@@ -11,9 +10,8 @@ import torch
 
 from polcache.errors import ConfigError, ObservationError
 from polcache.policy.batching import Outcome, SessionRequest, predict_alone
-from polcache.policy.checkpoint import load_policy
-from polcache.policy.device import resolve_device
 from polcache.policy.executor import decided_at_run_time, make_store
+from polcache.policy.loader import check_options
 from polcache.policy.graph import ChunkGraph, GuidedChunkGraph, graph_blocker
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.parity import DEFAULT_TOLERANCE, check_parity
@@ -24,16 +22,6 @@ from polcache.policy.rtc import guided_denoise, overlap_weights, require_flow
 from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, StatelessSession
 
 log = logging.getLogger(__name__)
-
-
-def _check_options(steps: int | None, threads: int | None = None, precision_tolerance: float | None = None) -> None:
-    """Backend options a caller of the Python API may get wrong, refused before anything loads."""
-    for name, value in (("steps", steps), ("threads", threads)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{name}: expected an integer >= 1 (or None: the default), got {value!r}")
-    if precision_tolerance is not None and not 0 <= precision_tolerance < math.inf:
-        raise ConfigError(f"precision_tolerance: expected a finite number >= 0 (normalised action units), "
-                          f"got {precision_tolerance!r}")
 
 
 def _reason(exc: Exception) -> str:
@@ -65,7 +53,7 @@ class TorchBackend:
                  precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE,
                  fused_update: bool | None = None, candidates: int = 1, min_verified: int | None = None,
                  fused_norm: bool | None = None):
-        _check_options(steps, precision_tolerance=precision_tolerance)
+        check_options(steps, precision_tolerance=precision_tolerance)
         self.device = torch.device(device)
         policy = policy.to(self.device).eval()
         self.sampler = policy.sampler(sampler, steps)
@@ -324,70 +312,3 @@ class TorchBackend:
                 "cuda_graphs_off_because": self.graph_blocker, "rtc_cuda_graph": self._guided_graph is not None,
                 "rtc_cuda_graph_off_because": self.rtc_graph_blocker, "batched_sessions": self.batch_blocker is None,
                 "batching_off_because": self.batch_blocker}
-
-
-BACKENDS = ("torch", "ort", "trt")
-
-
-def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,
-                 device: str = "cpu", backend: str | None = None, threads: int | None = None,
-                 precision: str = "fp32", precision_tolerance: float | None = None, graphs: bool = True,
-                 candidates: int = 1, min_verified: int | None = None):
-    """Load a policy as a backend on `device` (cpu, cuda, cuda:N, auto).
-
-    `checkpoint` is a checkpoint directory (backend "torch", the default for one) or an artifact
-    written by `polcache export` (backend "ort", the default for one, or "trt"). For a checkpoint,
-    `cache` names a schedule file or a baseline spec (see polcache.cache); for an artifact, `cache`,
-    `sampler` and `steps` default to the exported ones and are refused if they differ from them.
-    `threads`: ONNX Runtime intra-op threads (default: torch's thread count). `precision`: the
-    denoiser's (torch: fp32|bf16|fp16; trt: fp32|fp16; ort: fp32), checked against fp32 within
-    `precision_tolerance` before serving. `graphs`: CUDA graphs for the torch backend on a GPU.
-    `candidates` > 1: self-verification (torch backend only), scored once `min_verified` past
-    frames' steps have executed actions (default: all)."""
-    from pathlib import Path
-
-    from polcache.errors import ExportError, PolcacheError
-
-    _check_options(steps, threads, precision_tolerance)
-    tolerance = DEFAULT_TOLERANCE if precision_tolerance is None else precision_tolerance
-    path = Path(checkpoint)
-    exported = (path / "manifest.json").is_file()
-    kind = backend or ("ort" if exported else "torch")
-    if kind not in BACKENDS:
-        raise PolcacheError(f"unknown backend {kind!r}: expected {', '.join(BACKENDS)}")
-    if kind == "trt":
-        from polcache.export.trt_backend import require_tensorrt
-
-        require_tensorrt()  # one line before anything else is checked
-    if kind in ("ort", "trt"):
-        if candidates > 1:
-            raise PolcacheError(f"self-verification (--verify {candidates}) runs on the torch backend only")
-        if not exported and (path / "model.safetensors").is_file():
-            raise ExportError(f"{path} is a checkpoint, not an exported policy: run `polcache export --checkpoint "
-                              f"{path} --format onnx --out DIR` (with the --cache/--sampler/--steps to run) and "
-                              "pass DIR")
-        if kind == "ort" and precision != "fp32":
-            raise ExportError(f"--precision {precision}: the ONNX Runtime backend runs the exported fp32 graphs; "
-                              "use --backend trt for fp16 engines or --backend torch for bf16/fp16")
-        from polcache.export.manifest import check_request, read_manifest
-
-        check_request(read_manifest(path, verify=False), str(path), cache, sampler, steps)
-        if kind == "trt":
-            from polcache.export.trt_backend import TrtBackend
-
-            return TrtBackend(path, device=device, precision=precision, precision_tolerance=tolerance)
-        from polcache.export.ort_backend import OrtBackend
-
-        return OrtBackend(path, device=device, threads=threads)
-    if exported:
-        raise ExportError(f"{path} is an exported policy (ONNX), not a checkpoint: run it with --backend ort")
-    device = resolve_device(device)
-    policy, _, _ = load_policy(checkpoint, device)
-    plan = None
-    if cache:
-        from polcache.cache import resolve_plan  # lazily: caching is optional for plain inference
-
-        sampler_obj = policy.sampler(sampler, steps)
-        plan = resolve_plan(cache, policy, sampler_obj)
-    return TorchBackend(policy, sampler, steps, plan, device, precision=precision, graphs=graphs,
-                        precision_tolerance=tolerance, candidates=candidates, min_verified=min_verified)

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from polcache.policy.blocks import Block
+from polcache.policy.ops import COMPUTE, FORECAST, GATE, REUSE
 from polcache.policy.residual_norm import AddNorm, add_norm_torch
 
-COMPUTE, REUSE, FORECAST, GATE = 0, 1, 2, 3
 OP_NAMES = {COMPUTE: "compute", REUSE: "reuse", FORECAST: "forecast", GATE: "gate"}
 
 

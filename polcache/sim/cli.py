@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from polcache.atomic import atomic_write_text
-    from polcache.policy.backend import load_backend
+    from polcache.policy.loader import load_backend
     from polcache.sim.evaluate import Rollout, evaluate
 
     torch.set_num_threads(max(1, args.threads))

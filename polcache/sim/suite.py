@@ -97,7 +97,7 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
     from polcache.config import load_config
     from polcache.data import EpisodeStore
     from polcache.envs import record_demonstrations
-    from polcache.policy.backend import load_backend
+    from polcache.policy.loader import load_backend
     from polcache.sim.evaluate import Rollout, evaluate
     from polcache.train.loop import save_initial, train
 

@@ -1,0 +1,4 @@
+"""What each cell (denoising step x cache block) of a cache plan says to do. Torch-free, so
+exported backends read the plans in their manifests without torch."""
+
+COMPUTE, REUSE, FORECAST, GATE = 0, 1, 2, 3  # recompute; reuse the cached residual; extrapolate it; decide at run time
