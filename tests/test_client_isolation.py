@@ -40,3 +40,4 @@ def test_the_policy_commands_start_without_the_sim_extra():
     result = subprocess.run([sys.executable, "-c", SERVER_CHECK], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+

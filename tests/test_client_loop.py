@@ -142,3 +142,32 @@ def test_each_executed_action_is_reported_once_with_the_tick_it_was_applied_at()
     loop.reset_episode()
     loop.run(ticks=3)
     assert client.reported[12][:2] == (1, 0) and client.reported[12][2] == []  # nothing leaks across episodes
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"timeout_s": -1}, "expected 0 < heartbeat_s < timeout_s"),
+    ({"timeout_s": 0.1}, "expected 0 < heartbeat_s < timeout_s"),  # the default heartbeat 0.25 s
+    ({"heartbeat_s": 0}, "expected 0 < heartbeat_s < timeout_s"),
+    ({"obs_spec": {"state": (39, "float32")}}, r"obs_spec\['state'\]: expected \(shape tuple of ints, dtype name\)"),
+    ({"address": "notaurl"}, "cannot connect to 'notaurl'"),
+], ids=["timeout-negative", "timeout-below-heartbeat", "heartbeat-zero", "obs-spec", "address"])
+def test_client_arguments_are_checked_before_anything_is_sent(kwargs, match):
+    from polcache_client import ConnectError, PolicyClient
+
+    args = {"address": "tcp://127.0.0.1:9", "obs_spec": {"state": ((39,), "float32")}} | kwargs
+    address, obs_spec = args.pop("address"), args.pop("obs_spec")
+    with pytest.raises((ValueError, ConnectError), match=match):
+        PolicyClient(address, obs_spec, 4, hz=20, **args)
+
+
+def test_a_closed_client_says_so():
+    import numpy as np
+
+    from polcache_client import ConnectError, PolicyClient
+
+    client = PolicyClient("tcp://127.0.0.1:9", {"state": ((2,), "float32")}, 2, hz=20)
+    client.close()
+    for call in (client.poll, lambda: client.connect(timeout_s=0.1),
+                 lambda: client.send_observation({"state": np.zeros(2, np.float32)}, 0.0)):
+        with pytest.raises(ConnectError, match="was closed: create a new PolicyClient"):
+            call()

@@ -9,6 +9,7 @@ from before the interruption can be executed after it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -46,6 +47,18 @@ class ConnectError(RuntimeError):
     """The server could not be reached, or refused this robot's handshake."""
 
 
+def _check_obs_spec(obs_spec: ObsSpec) -> None:
+    """Refused here, naming the key, rather than as a TypeError at the first observation."""
+    if not isinstance(obs_spec, dict) or not obs_spec:
+        raise ValueError(f"obs_spec: expected a dict of key -> (shape, dtype name), got {obs_spec!r}")
+    for key, entry in obs_spec.items():
+        ok = (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], str)
+              and isinstance(entry[0], (tuple, list)) and all(type(n) is int and n >= 0 for n in entry[0]))
+        if not ok:
+            raise ValueError(f"obs_spec[{key!r}]: expected (shape tuple of ints, dtype name), e.g. ((39,), 'float32'), "
+                             f"got {entry!r}")
+
+
 class PolicyClient:
     """This robot's connection to a policy server at `address` (e.g. tcp://host:5555; with
     `keys_dir` over CurveZMQ): `connect()` waits for the welcome (the policy's spec), then
@@ -69,8 +82,15 @@ class PolicyClient:
         version: int = PROTOCOL_VERSION,
         instruction: str | None = None,
     ):
-        """`instruction`: what a language-conditioned policy should do (protocol version 3; a
-        policy without language ignores it); `reset` may change it per episode."""
+        """`obs_spec`: key -> (shape, dtype name) of one control step's observation. `heartbeat_s`:
+        how often a welcomed client pings (and an unwelcomed one repeats its handshake); a server
+        silent for `timeout_s` is reconnected to, so it must be longer. `instruction`: what a
+        language-conditioned policy should do (protocol version 3; a policy without language
+        ignores it); `reset` may change it per episode."""
+        if not 0 < heartbeat_s < timeout_s < math.inf:
+            raise ValueError(f"heartbeat_s and timeout_s: expected 0 < heartbeat_s < timeout_s (finite seconds), "
+                             f"got {heartbeat_s} and {timeout_s}")
+        _check_obs_spec(obs_spec)
         self.address = address
         self.version = version  # 2 reports executed actions, 3 instructions; older servers get their version
         self.obs_spec = obs_spec
@@ -107,7 +127,11 @@ class PolicyClient:
         sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
         if self.keys_dir:
             apply_client_keys(sock, self.keys_dir)
-        sock.connect(self.address)
+        try:
+            sock.connect(self.address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConnectError(f"cannot connect to {self.address!r} (expected e.g. tcp://host:5555): {exc}") from None
         self._socket = sock
         now = self.clock.now()
         self._ready = False
@@ -130,6 +154,7 @@ class PolicyClient:
 
     def connect(self, timeout_s: float = 10.0) -> dict:
         """Block until the server welcomes this robot; returns the policy spec."""
+        self._check_open()
         deadline = time.monotonic() + timeout_s
         while not self._ready:
             if time.monotonic() > deadline:
@@ -142,6 +167,7 @@ class PolicyClient:
 
     def poll(self) -> list[ActionChunk]:
         """Read everything the server sent (never blocks); returns the action chunks among it."""
+        self._check_open()
         now = self.clock.now()
         chunks = []
         for _ in range(MAX_DRAIN):
@@ -206,6 +232,7 @@ class PolicyClient:
         invalid data) when it was not sent; the step still consumes a sequence number.
         `executed`: (seq, action) applied at earlier ticks of this epoch since the last
         observation (protocol version 2; dropped when talking to a version-1 server)."""
+        self._check_open()
         self.seq += 1
         if not self._ready:
             return False
@@ -236,9 +263,15 @@ class PolicyClient:
         return self.epoch
 
     def close(self) -> None:
+        """Close the connection; the client cannot be used again (create a new one)."""
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        self._ready = False
+
+    def _check_open(self) -> None:
+        if self._socket is None:
+            raise ConnectError(f"this client's connection to {self.address} was closed: create a new PolicyClient")
 
     def __enter__(self) -> "PolicyClient":
         return self

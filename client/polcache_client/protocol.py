@@ -220,6 +220,8 @@ def check_arrays(arrays: dict[str, np.ndarray], spec: ObsSpec) -> None:
         raise ProtocolError("extra_key", f"observation has unexpected key(s) {sorted(set(arrays) - set(spec))}")
     for key, (shape, dtype) in spec.items():
         arr = arrays[key]
+        if not isinstance(arr, np.ndarray):  # a list or a torch tensor: the adapter must give numpy
+            raise ProtocolError("bad_type", f"observation {key!r} is a {type(arr).__name__}, expected a numpy array")
         if arr.shape != tuple(shape):
             raise ProtocolError("bad_shape", f"observation {key!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
         if _dtype_name(arr.dtype) != dtype:
