@@ -21,6 +21,7 @@ class ScriptedClient:
 
     def __init__(self, clock: FakeClock, latency_s: float):
         self.clock = clock
+        self.hz = HZ
         self.latency_s = latency_s
         self.epoch, self.seq = 0, -1
         self.silent = False
@@ -171,3 +172,20 @@ def test_a_closed_client_says_so():
                  lambda: client.send_observation({"state": np.zeros(2, np.float32)}, 0.0)):
         with pytest.raises(ConnectError, match="was closed: create a new PolicyClient"):
             call()
+
+
+def test_the_loop_and_the_client_must_tick_at_the_same_rate():
+    from polcache_client import PolicyClient
+
+    client = PolicyClient("tcp://127.0.0.1:9", {"state": ((2,), "float32")}, 2, hz=20)
+    try:
+        with pytest.raises(ValueError, match="the loop ticks at 50 Hz but the client told the server 20 Hz"):
+            ControlLoop(None, client, 50)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("hold_s", [-1, float("nan"), float("inf")])
+def test_a_watchdog_hold_must_be_a_finite_time(hold_s):
+    with pytest.raises(ValueError, match="hold_s: expected a finite number of seconds >= 0"):
+        Watchdog(hold_s)

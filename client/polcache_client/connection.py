@@ -114,7 +114,13 @@ class PolicyClient:
 
     @property
     def ready(self) -> bool:
+        """Welcomed by the server (and not closed): observations are sent."""
         return self._ready
+
+    @property
+    def hz(self) -> float:
+        """The control rate this robot announced; the server times each chunk's actions at it."""
+        return self._hello.hz
 
     def _open(self) -> None:
         if self._socket is not None:

@@ -37,6 +37,9 @@ class ControlLoop:
         on_tick: Callable[[TickRecord], None] | None = None,
         on_chunk: Callable[[ChunkRecord], None] | None = None,
     ):
+        if abs(client.hz - hz) > 1e-9 * hz:  # the server would time each chunk's actions at the client's rate
+            raise ValueError(f"hz: the loop ticks at {hz:g} Hz but the client told the server {client.hz:g} Hz; "
+                             "give both the same rate")
         self.adapter = adapter
         self.client = client
         self.clock = clock or MonotonicClock()

@@ -7,6 +7,7 @@ then asks for a safe stop exactly once, and resumes as soon as fresh actions ret
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import NamedTuple
 
@@ -27,7 +28,13 @@ class Decision(NamedTuple):
 
 
 class Watchdog:
+    """Decides each tick whether to act, hold or stop: see the module's docstring."""
+
     def __init__(self, hold_s: float = 0.2):
+        """`hold_s`: how long the last action is held without fresh ones before the safe stop
+        (0: stop at the first tick without one)."""
+        if not 0 <= hold_s < math.inf:
+            raise ValueError(f"hold_s: expected a finite number of seconds >= 0, got {hold_s}")
         self.hold_s = hold_s
         self.reset()
 
