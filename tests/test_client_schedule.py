@@ -84,3 +84,27 @@ def test_chunks_are_bounded():
 def test_unknown_blend_mode_is_refused():
     with pytest.raises(ValueError, match="blend"):
         ActionSchedule(HZ, blend="median")
+
+
+def test_a_large_decay_blends_without_overflow_and_nan_is_refused():
+    import math
+
+    import numpy as np
+    import pytest
+
+    from polcache_client import ActionSchedule
+    from polcache_client.protocol import ActionChunk
+
+    def chunk(seq, value):
+        return ActionChunk(epoch=0, seq=seq, obs_seqs=[seq], t_capture=100.0, t_actions=100 + np.arange(8) / 20,
+                           actions=np.full((8, 2), value, np.float32), timing={})
+
+    for decay, want in ((-800.0, 1.0), (800.0, 2.0)):  # all weight on the oldest / the newest chunk
+        s = ActionSchedule(20, decay=decay)
+        s.reset(0)
+        s.add(chunk(0, 1.0), 100.0)
+        s.add(chunk(1, 2.0), 100.0)
+        np.testing.assert_array_equal(s.action_at(100.0), [want, want])
+    for bad in ({"decay": math.nan}, {"hz": 0}, {"max_chunks": 0}):
+        with pytest.raises(ValueError):
+            ActionSchedule(**({"hz": 20} | bad))

@@ -10,6 +10,7 @@ and chunks after a reset or reconnect never mix with old ones.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -32,6 +33,14 @@ class ActionSchedule:
     chunks (reactive), negative favours old ones (ACT's smoother choice), zero averages."""
 
     def __init__(self, hz: float, blend: str = "ensemble", decay: float = 0.5, max_chunks: int = 16):
+        """`hz`: the control rate (an action is due within half a period of its time). `max_chunks`:
+        overlapping chunks kept for blending."""
+        if not 0 < hz < math.inf:
+            raise ValueError(f"hz must be a positive control rate, got {hz}")
+        if not math.isfinite(decay):
+            raise ValueError(f"decay must be a finite number, got {decay}")
+        if max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
         if blend not in BLEND_MODES:
             raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
         self.half_period = 0.5 / hz
@@ -68,7 +77,8 @@ class ActionSchedule:
                 due.append(planned.actions[i])
         if not due:
             return None
-        weights = np.exp(-self.decay * np.arange(len(due)))
+        exponents = -self.decay * np.arange(len(due))
+        weights = np.exp(exponents - exponents.max())  # relative to the largest: no overflow for any decay
         return (np.tensordot(weights, np.stack(due), axes=1) / weights.sum()).astype(np.float32)
 
     def depth(self, now: float) -> int:
