@@ -6,6 +6,7 @@ typo in a YAML file or a `key=value` override fails loudly with the key's dotted
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ INSTRUCTION_KEY = "instruction"  # the observation key a language-conditioned po
 EMBEDDING_KEY = "embedding"  # the frame features `polcache ptp embed` stores and a fine-tuned head reads
 TEXT_ENCODERS = ("bytes", "minilm", "minilm-tokens", "minilm-tokens+bytes")  # policy.vla.text_encoder
 BYTE_TEXT_ENCODERS = ("bytes", "minilm-tokens+bytes")  # those with byte tokens embedded from scratch
+# policy.sampler.beta_schedule: the noise schedules both DDPM and DDIM (diffusers) define; training
+# uses DDPM's and any checkpoint may be sampled with either
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 @dataclass
@@ -212,7 +216,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.__class__.__name__}); quote "
+                              f"a string, write a list as [a, b]") from None
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is a section; set its keys, e.g. "
+                              f"{key.strip()}.KEY=VALUE")
+        node[parts[-1]] = value
     return data
 
 
@@ -222,9 +234,13 @@ def read_yaml_mapping(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a YAML text file (not UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: unreadable ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
     return data
@@ -262,8 +278,68 @@ def _one_of(names) -> str:
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config field accepts: lo..hi, each end included unless `open`;
+    `inf` means unbounded (and infinity itself is refused: a finite number is expected)."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        return (math.isfinite(x) and (self.lo < x if self.lo_open else self.lo <= x)
+                and (x < self.hi if self.hi_open else x <= self.hi))
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, lo_open=True)
+PROBABILITY = Range(0, 1, hi_open=True)  # dropout, EMA decay, Adam betas, held-out share: 1 would freeze or drop all
+# Every numeric field's accepted values, by dotted key (a tuple field: each element). Checked before
+# the rules between fields below, which may divide by some of them.
+RANGES: dict[str, Range] = {
+    "policy.horizon": AT_LEAST_1, "policy.n_obs_steps": AT_LEAST_1, "policy.obs_stride": AT_LEAST_1,
+    "policy.n_action_steps": AT_LEAST_1, "policy.n_layers": AT_LEAST_1, "policy.n_heads": AT_LEAST_1,
+    "policy.width": AT_LEAST_1, "policy.ffn_mult": AT_LEAST_1, "policy.state_hidden": AT_LEAST_1,
+    "policy.p_drop_attn": PROBABILITY, "policy.p_drop_emb": PROBABILITY,
+    "policy.image.channels": AT_LEAST_1, "policy.image.keypoints": AT_LEAST_1, "policy.image.feature_dim": AT_LEAST_1,
+    "policy.image.crop_fraction": Range(0, 1, lo_open=True),
+    "policy.sampler.train_steps": AT_LEAST_1, "policy.sampler.inference_steps": AT_LEAST_1,
+    "policy.vla.width": AT_LEAST_1, "policy.vla.layers": AT_LEAST_1, "policy.vla.heads": AT_LEAST_1,
+    "policy.vla.image_grid": AT_LEAST_1, "policy.vla.instruction_bytes": AT_LEAST_1,
+    "policy.vla.bytes_per_token": AT_LEAST_1,
+    "train.steps": AT_LEAST_0, "train.epochs": AT_LEAST_0, "train.batch_size": AT_LEAST_1, "train.lr": POSITIVE,
+    "train.betas": PROBABILITY, "train.weight_decay": AT_LEAST_0, "train.warmup_steps": AT_LEAST_0,
+    "train.ema_decay": PROBABILITY, "train.ema_warmup": AT_LEAST_0, "train.checkpoint_every": AT_LEAST_1,
+    "train.log_every": AT_LEAST_1, "train.val_fraction": PROBABILITY, "train.val_windows": AT_LEAST_0,
+    "train.state_noise": AT_LEAST_0, "train.num_workers": AT_LEAST_0, "train.seed": AT_LEAST_0,
+    "train.threads": AT_LEAST_0,  # 0: torch's default thread count
+}
+
+
+def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
+    """Refuse the first field of `cfg` outside its range in `ranges`, naming its dotted key."""
+    for key, allowed in ranges.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, x in items:
+            if x not in allowed:
+                name = key if i is None else f"{key}[{i}]"
+                kind = "an integer" if isinstance(x, int) else "a finite number"
+                raise ConfigError(f"{name} must be {kind} {allowed}, got {x!r}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
+    """Refuse values the code would only trip over later (a traceback, or a run that trains garbage)."""
     p = cfg.policy
+    check_ranges(cfg, RANGES)
     if p.width % p.n_heads:
         raise ConfigError(f"policy.width ({p.width}) must be divisible by policy.n_heads ({p.n_heads})")
     if not 1 <= p.n_obs_steps <= p.horizon:
@@ -272,13 +348,14 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"policy.n_action_steps must be in 1..{p.horizon - p.n_obs_steps + 1}, got {p.n_action_steps}")
     if p.objective not in ("epsilon", "flow"):
         raise ConfigError(f"policy.objective must be 'epsilon' or 'flow', got {p.objective!r}")
-    if p.obs_stride < 1:
-        raise ConfigError(f"policy.obs_stride must be >= 1, got {p.obs_stride}")
     if p.frame_mode not in ("strided", "mixed"):
         raise ConfigError(f"policy.frame_mode must be 'strided' or 'mixed', got {p.frame_mode!r}")
     past_tokens(p)  # validates policy.past_loss
     if p.sampler.kind not in ("ddpm", "ddim", "flow"):
         raise ConfigError(f"policy.sampler.kind must be ddpm, ddim or flow, got {p.sampler.kind!r}")
+    if p.sampler.beta_schedule not in BETA_SCHEDULES:
+        raise ConfigError(f"policy.sampler.beta_schedule must be {_one_of(BETA_SCHEDULES)}, "
+                          f"got {p.sampler.beta_schedule!r}")
     t = cfg.train
     for name in ("state_norm", "action_norm"):
         if getattr(t, name) not in ("limits", "gaussian"):
@@ -287,10 +364,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("train.action_norm=gaussian with policy.sampler.clip_sample=true: the sampler clips normalised "
                           "actions to [-1, 1], i.e. every action beyond one standard deviation (measured: 0% on "
                           "peg-insert-side-v3); use action_norm=limits or set policy.sampler.clip_sample=false")
-    if t.steps < 0 or t.epochs < 0 or (t.steps == 0 and t.epochs == 0):
+    if t.steps == 0 and t.epochs == 0:
         raise ConfigError(f"train.steps ({t.steps}) or train.epochs ({t.epochs}) must be positive")
-    if t.state_noise < 0 or t.val_windows < 0:
-        raise ConfigError("train.state_noise and train.val_windows must be >= 0")
     keys = [k for k in cfg.obs_keys if k != INSTRUCTION_KEY]
     if not keys or any(not (k == "state" or k.startswith("image_")) for k in keys):
         raise ConfigError(f"obs_keys must name 'state' and/or 'image_<camera>' keys (and 'instruction' for "
@@ -302,9 +377,8 @@ def validate(cfg: ExperimentConfig) -> None:
         v = p.vla
         if INSTRUCTION_KEY not in cfg.obs_keys:
             raise ConfigError("policy.family=vla: obs_keys must include 'instruction'")
-        if v.width % v.heads or min(v.layers, v.image_grid, v.bytes_per_token) < 1:
-            raise ConfigError(f"policy.vla: width ({v.width}) must be divisible by heads ({v.heads}); layers, "
-                              "image_grid and bytes_per_token must be >= 1")
+        if v.width % v.heads:
+            raise ConfigError(f"policy.vla.width ({v.width}) must be divisible by policy.vla.heads ({v.heads})")
         if v.instruction_bytes % v.bytes_per_token:
             raise ConfigError(f"policy.vla.instruction_bytes ({v.instruction_bytes}) must be a multiple of "
                               f"policy.vla.bytes_per_token ({v.bytes_per_token})")

@@ -79,6 +79,24 @@ def test_bad_override_value(capsys):
     assert "train.steps" in _err(capsys, ["train", "--config", "configs/metaworld_small.yaml", "train.steps=lots"])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lr=[1"], "override 'train.lr=[1': the value is not valid YAML (ParserError); quote a string, write a "
+                      "list as [a, b]"),
+    (["train.steps=3", "train=5"], "override 'train=5': 'train' is a section; set its keys, e.g. train.KEY=VALUE"),
+    (["train.log_every=0"], "train.log_every must be an integer >= 1, got 0"),  # was a ZeroDivisionError
+    (["policy.n_heads=0"], "policy.n_heads must be an integer >= 1, got 0"),
+])
+def test_bad_overrides_are_one_line(capsys, overrides, message):
+    err = _err(capsys, ["train", "--config", "configs/recommended_cpu.yaml", *overrides])
+    assert err == f"polcache train: error: {message}"
+
+
+def test_a_config_file_that_is_not_text_is_one_line(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"train:\n  lr: \xff\xfe\x00\x81")
+    assert _err(capsys, ["train", "--config", str(cfg)]).endswith(f"{cfg}: not a YAML text file (not UTF-8)")
+
+
 def test_missing_dataset(capsys, tmp_path):
     err = _err(capsys, ["train", "--config", "configs/metaworld_small.yaml", f"dataset={tmp_path / 'none.zarr'}"])
     assert "none.zarr" in err

@@ -93,3 +93,53 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     assert load_config("configs/metaworld_small.yaml", ["train.lr=1e-3"]).train.lr == 1e-3
     with pytest.raises(ConfigError, match="train.lr: expected a number"):
         load_config("configs/metaworld_small.yaml", ["train.lr=fast"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=inf", "train.lr must be a finite number > 0, got inf"),  # trained an all-NaN checkpoint
+    ("train.lr=nan", "train.lr must be a finite number > 0, got nan"),
+    ("train.lr=-1", "train.lr must be a finite number > 0, got -1.0"),
+    ("train.batch_size=0", "train.batch_size must be an integer >= 1, got 0"),
+    ("policy.n_heads=0", "policy.n_heads must be an integer >= 1, got 0"),  # was a ZeroDivisionError
+    ("policy.n_layers=0", "policy.n_layers must be an integer >= 1, got 0"),
+    ("policy.width=-8", "policy.width must be an integer >= 1, got -8"),
+    ("train.ema_decay=1", "train.ema_decay must be a finite number in [0, 1), got 1.0"),
+    ("train.warmup_steps=-1", "train.warmup_steps must be an integer >= 0, got -1"),
+    ("policy.image.crop_fraction=0", "policy.image.crop_fraction must be a finite number in (0, 1], got 0.0"),
+    ("train.state_noise=inf", "train.state_noise must be a finite number >= 0, got inf"),
+    ("train.checkpoint_every=0", "train.checkpoint_every must be an integer >= 1, got 0"),
+    ("train.log_every=0", "train.log_every must be an integer >= 1, got 0"),
+    ("train.val_fraction=1", "train.val_fraction must be a finite number in [0, 1), got 1.0"),
+    ("policy.sampler.train_steps=0", "policy.sampler.train_steps must be an integer >= 1, got 0"),
+    ("train.num_workers=-1", "train.num_workers must be an integer >= 0, got -1"),
+    ("train.threads=-2", "train.threads must be an integer >= 0, got -2"),
+    ("policy.p_drop_attn=1", "policy.p_drop_attn must be a finite number in [0, 1), got 1.0"),
+    ("policy.p_drop_emb=-0.1", "policy.p_drop_emb must be a finite number in [0, 1), got -0.1"),
+    ("train.seed=-1", "train.seed must be an integer >= 0, got -1"),
+    ("train.betas=[0.9, 1.5]", "train.betas[1] must be a finite number in [0, 1), got 1.5"),
+    ("policy.vla.heads=0", "policy.vla.heads must be an integer >= 1, got 0"),
+    ("policy.sampler.beta_schedule=cosine",
+     "policy.sampler.beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, got 'cosine'"),
+])
+def test_numeric_fields_outside_their_range_are_named(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config("configs/recommended_cpu.yaml", [override])
+    assert str(exc.value) == message
+
+
+def test_every_numeric_config_field_has_a_range():
+    """A numeric field added to a config dataclass without an entry in RANGES would go unchecked."""
+    import dataclasses
+    import typing
+
+    from polcache.config import RANGES, ExperimentConfig
+
+    def numeric(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp, key = typing.get_type_hints(cls)[f.name], prefix + f.name
+            if dataclasses.is_dataclass(tp):
+                yield from numeric(tp, key + ".")
+            elif tp in (int, float) or typing.get_origin(tp) is tuple:
+                yield key
+
+    assert set(numeric(ExperimentConfig)) == set(RANGES)
