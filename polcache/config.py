@@ -24,6 +24,10 @@ BYTE_TEXT_ENCODERS = ("bytes", "minilm-tokens+bytes")  # those with byte tokens 
 # policy.sampler.beta_schedule: the noise schedules both DDPM and DDIM (diffusers) define; training
 # uses DDPM's and any checkpoint may be sampled with either
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# policy.objective -> the samplers that integrate what it trains the denoiser to predict: noise
+# (epsilon) is read by DDPM/DDIM's update, a velocity (flow) by Euler steps; the other pairings run
+# without complaint and produce garbage actions
+SAMPLERS_FOR = {"epsilon": ("ddpm", "ddim"), "flow": ("flow",)}
 
 
 @dataclass
@@ -275,7 +279,18 @@ def past_tokens(p: PolicyConfig) -> int:
 
 def _one_of(names) -> str:
     """"a, b or c": the choices an error message names, from the tuple the check uses."""
-    return f"{', '.join(names[:-1])} or {names[-1]}"
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def check_sampler_fits(kind: str, objective: str, what: str = "sampler") -> None:
+    """Refuse sampling a policy with a sampler that does not read its denoiser's output (SAMPLERS_FOR);
+    `what` names where the kind came from (a config key or a command-line option)."""
+    fits = SAMPLERS_FOR.get(objective, ())
+    if kind not in fits:
+        sep = " " if what.startswith("-") else "="  # a command-line option or a config key
+        raise ConfigError(f"{what}{sep}{kind} does not fit policy.objective={objective} (a denoiser trained to "
+                          f"predict {'a flow velocity' if objective == 'flow' else 'noise'}): use "
+                          f"{what}{sep}{_one_of(fits)}")
 
 
 @dataclass(frozen=True)
@@ -346,13 +361,14 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"policy.n_obs_steps must be in 1..horizon ({p.horizon}), got {p.n_obs_steps}")
     if not 1 <= p.n_action_steps <= p.horizon - p.n_obs_steps + 1:
         raise ConfigError(f"policy.n_action_steps must be in 1..{p.horizon - p.n_obs_steps + 1}, got {p.n_action_steps}")
-    if p.objective not in ("epsilon", "flow"):
-        raise ConfigError(f"policy.objective must be 'epsilon' or 'flow', got {p.objective!r}")
+    if p.objective not in SAMPLERS_FOR:
+        raise ConfigError(f"policy.objective must be {_one_of(tuple(SAMPLERS_FOR))}, got {p.objective!r}")
     if p.frame_mode not in ("strided", "mixed"):
         raise ConfigError(f"policy.frame_mode must be 'strided' or 'mixed', got {p.frame_mode!r}")
     past_tokens(p)  # validates policy.past_loss
     if p.sampler.kind not in ("ddpm", "ddim", "flow"):
         raise ConfigError(f"policy.sampler.kind must be ddpm, ddim or flow, got {p.sampler.kind!r}")
+    check_sampler_fits(p.sampler.kind, p.objective, "policy.sampler.kind")
     if p.sampler.beta_schedule not in BETA_SCHEDULES:
         raise ConfigError(f"policy.sampler.beta_schedule must be {_one_of(BETA_SCHEDULES)}, "
                           f"got {p.sampler.beta_schedule!r}")

@@ -14,8 +14,9 @@ def tiny_policy(n_layers: int = 2, width: int = 32, obs_dim: int = 5, action_dim
     import torch
 
     torch.manual_seed(seed)
+    kind = "flow" if kw.get("objective") == "flow" else "ddim"  # a sampler that reads the denoiser's output
     cfg = PolicyConfig(n_layers=n_layers, width=width, n_heads=4, state_hidden=16,
-                       sampler=SamplerConfig(kind="ddim", inference_steps=8), **kw)
+                       sampler=SamplerConfig(kind=kind, inference_steps=8), **kw)
     rng = np.random.default_rng(seed)
     spec = {"state": ArraySpec((obs_dim,), "float32")}
     keys = ["state"]

@@ -61,7 +61,7 @@ def test_graphs_and_fused_norm_say_why_they_are_off():
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind,steps", [("ddpm", 20), ("ddim", 8), ("flow", 6)])
 def test_cuda_graph_chunks_equal_eager_chunks(kind, steps):
-    p = tiny_policy(n_layers=2, width=64)
+    p = tiny_policy(n_layers=2, width=64, objective="flow" if kind == "flow" else "epsilon")
     n = len(p.denoiser.blocks)
     for plan in (None, uniform_plan(steps, n, 3)):
         eager = TorchBackend(p, kind, steps, plan, device="cuda", graphs=False)

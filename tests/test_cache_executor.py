@@ -12,8 +12,18 @@ SAMPLERS = [("ddpm", 10), ("ddim", 8), ("flow", 6)]
 
 
 @pytest.fixture(scope="module")
-def policy():
-    return tiny_policy(n_layers=2, width=32)
+def policies():
+    """One tiny policy per objective: each sampler runs on the denoiser output it reads."""
+    return {objective: tiny_policy(n_layers=2, width=32, objective=objective) for objective in ("epsilon", "flow")}
+
+
+@pytest.fixture(scope="module")
+def policy(policies):
+    return policies["epsilon"]
+
+
+def fitting(policies, kind):
+    return policies["flow" if kind == "flow" else "epsilon"]
 
 
 def features(policy, batch=3, seed=0):
@@ -69,7 +79,8 @@ def random_ops(K, n, seed, skip_ops=(REUSE,)):
 
 
 @pytest.mark.parametrize("kind,K", SAMPLERS)
-def test_full_plan_equals_uncached_bit_for_bit(policy, kind, K):
+def test_full_plan_equals_uncached_bit_for_bit(policies, kind, K):
+    policy = fitting(policies, kind)
     s = policy.sampler(kind, K)
     f = features(policy)
     n = len(policy.denoiser.blocks)
@@ -80,7 +91,8 @@ def test_full_plan_equals_uncached_bit_for_bit(policy, kind, K):
 
 
 @pytest.mark.parametrize("kind,K", SAMPLERS)
-def test_cached_run_equals_reference(policy, kind, K):
+def test_cached_run_equals_reference(policies, kind, K):
+    policy = fitting(policies, kind)
     s = policy.sampler(kind, K)
     f = features(policy)
     n = len(policy.denoiser.blocks)
@@ -91,7 +103,8 @@ def test_cached_run_equals_reference(policy, kind, K):
 
 
 @pytest.mark.parametrize("kind,K", SAMPLERS)
-def test_forecast_equals_reference(policy, kind, K):
+def test_forecast_equals_reference(policies, kind, K):
+    policy = fitting(policies, kind)
     s = policy.sampler(kind, K)
     f = features(policy)
     ops = random_ops(K, len(policy.denoiser.blocks), seed=K + 1, skip_ops=(REUSE, FORECAST))
@@ -99,7 +112,8 @@ def test_forecast_equals_reference(policy, kind, K):
 
 
 @pytest.mark.parametrize("kind,K", SAMPLERS)
-def test_threshold_cache_equals_reference(policy, kind, K):
+def test_threshold_cache_equals_reference(policies, kind, K):
+    policy = fitting(policies, kind)
     s = policy.sampler(kind, K)
     f = features(policy)
     n = len(policy.denoiser.blocks)
@@ -140,7 +154,8 @@ def test_fused_rows_list_the_computed_blocks_of_each_step():
 
 
 @pytest.mark.parametrize("kind,K", SAMPLERS)
-def test_fused_run_equals_the_observed_block_by_block_run(policy, kind, K):
+def test_fused_run_equals_the_observed_block_by_block_run(policies, kind, K):
+    policy = fitting(policies, kind)
     s = policy.sampler(kind, K)
     f = features(policy)
     n = len(policy.denoiser.blocks)

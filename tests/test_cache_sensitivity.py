@@ -38,7 +38,7 @@ def _projected_output(policy, sampler, feats, seed, store):
 
 
 def test_sensitivity_is_the_squared_gradient_norm_by_finite_differences():
-    policy = tiny_policy(n_layers=1, width=4, horizon=10)  # float64 below: finite differences need it
+    policy = tiny_policy(n_layers=1, width=4, horizon=10, objective="flow")  # float64 below: finite differences need it
     feats = policy.encode({"state": torch.randn(1, policy.cfg.n_obs_steps, 5,
                                                 generator=torch.Generator().manual_seed(3))}).double()
     policy.double()

@@ -54,6 +54,13 @@ def _edit_meta(ck, **changes):
     (ck / "meta.json").write_text(json.dumps(meta | changes))
 
 
+def test_a_sampler_that_does_not_fit_the_objective_is_refused_before_any_episode(capsys):
+    checkpoint = Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3"  # epsilon DP-T
+    err = _err(capsys, ["eval", "--checkpoint", str(checkpoint), "--sampler", "flow", "--episodes", "1"])
+    assert err.endswith("--sampler flow does not fit policy.objective=epsilon (a denoiser trained to predict "
+                        "noise): use --sampler ddpm or ddim")
+
+
 def test_a_training_runs_folder_points_to_its_checkpoint(capsys, tmp_path):
     (tmp_path / "run" / "last").mkdir(parents=True)
     (tmp_path / "run" / "last" / "meta.json").write_text("{}")

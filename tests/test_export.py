@@ -102,6 +102,8 @@ def test_step_graph_matches_torch_step_and_update(policy, schedule, tmp_path, ca
                                              ("ddpm", "bac", "patterns")])
 def test_chunk_matches_torch_with_the_same_noise_at_any_batch(policy, schedule, tmp_path, kind, cache, mode):
     cache = schedule if cache == "bac" else cache  # calibrated for DDPM
+    if kind == "flow":  # a flow sampler reads a velocity: the same tiny policy trained for flow matching
+        policy = tiny_policy(n_layers=2, width=32, obs_dim=8, action_dim=2, objective="flow")
     art = _artifact(policy, tmp_path, cache, kind, mode)
     backend = load_backend(str(art))
     smp = policy.sampler(kind, K)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from polcache.config import SamplerConfig
+from polcache.config import SamplerConfig, load_config
 from polcache.errors import ConfigError
 from polcache.policy.samplers import TrainingNoise, diffusers_scheduler, make_sampler
 
@@ -55,3 +55,20 @@ def test_training_noise_target_inverts_corruption(objective):
     else:
         tb = (t / 1000.0).view(-1, 1, 1)
         torch.testing.assert_close(xt - tb * target, x0, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sampler_that_does_not_read_the_denoisers_output_is_refused():
+    """flow on a noise-predicting (epsilon) policy, or DDPM/DDIM on a velocity-predicting (flow) one,
+    ran without complaint and produced garbage actions."""
+    from helpers import tiny_policy, tiny_vla
+
+    with pytest.raises(ConfigError, match=r"^--sampler flow does not fit policy.objective=epsilon \(a denoiser "
+                                          r"trained to predict noise\): use --sampler ddpm or ddim$"):
+        tiny_policy().sampler("flow", 4)
+    for kind in ("ddpm", "ddim"):
+        with pytest.raises(ConfigError, match=f"^--sampler {kind} does not fit policy.objective=flow .*use "
+                                              "--sampler flow$"):
+            tiny_vla().sampler(kind, 4)
+    assert tiny_policy().sampler("ddpm", 4).kind == "ddpm" and tiny_vla().sampler("flow", 4).kind == "flow"
+    with pytest.raises(ConfigError, match="^policy.sampler.kind=ddim does not fit policy.objective=flow"):
+        load_config("configs/recommended_cpu.yaml", ["policy.objective=flow"])

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from polcache.config import EMBEDDING_KEY as EMBEDDING
-from polcache.config import PolicyConfig, past_tokens, to_dict
+from polcache.config import PolicyConfig, check_sampler_fits, past_tokens, to_dict
 from polcache.data.normalize import Normalizer
 from polcache.policy.blocks import Block
 from polcache.policy.denoiser import DiffusionTransformer
@@ -115,8 +115,12 @@ class DiffusionPolicy(nn.Module):
 
     # ---- inference ----------------------------------------------------------------------------
     def sampler(self, kind: str | None = None, steps: int | None = None) -> Sampler:
+        """The sampler `kind` (default: the config's) at `steps`, refused where it does not read what the
+        denoiser was trained to predict (policy.objective): every command builds its sampler here."""
         key = (kind or self.cfg.sampler.kind, int(steps or self.cfg.sampler.inference_steps))
         if key not in self._samplers:
+            if key[0] in ("ddpm", "ddim", "flow"):  # (an unknown kind is named by make_sampler)
+                check_sampler_fits(key[0], self.cfg.objective, "--sampler")
             dev = next(self.parameters()).device
             self._samplers[key] = make_sampler(self.cfg.sampler, *key).to(dev)
         return self._samplers[key]
