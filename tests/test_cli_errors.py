@@ -37,7 +37,10 @@ def test_incomplete_checkpoint(capsys, tmp_path):
     (lambda ck: _edit_meta(ck, obs_spec=None), "meta.json: malformed (AttributeError"),
     (lambda ck: (ck / "config.yaml").write_text(""), "config.yaml: empty or not a mapping (truncated?)"),
     (lambda ck: (ck / "config.yaml").write_text("policy: [unclosed"), "config.yaml: while parsing"),
-], ids=["meta-list", "meta-binary", "meta-action-dim", "meta-obs-spec", "config-empty", "config-yaml"])
+    (lambda ck: _other_normalizer(ck, state_dim=8), "normalizer.safetensors: 'state' statistics have 8 dimensions but "
+                                                    "the model's state has 39 (a normalizer from another model?)"),
+], ids=["meta-list", "meta-binary", "meta-action-dim", "meta-obs-spec", "config-empty", "config-yaml",
+        "normalizer-of-another-model"])
 def test_a_damaged_checkpoint_file_is_named_in_one_line(capsys, tmp_path, damage, match):
     import shutil
 
@@ -45,6 +48,17 @@ def test_a_damaged_checkpoint_file_is_named_in_one_line(capsys, tmp_path, damage
     shutil.copytree(Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3", ck)
     damage(ck)
     assert match in _err(capsys, ["eval", "--checkpoint", str(ck), "--episodes", "1"])
+
+
+def _other_normalizer(ck, state_dim):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from polcache.data import Normalizer
+
+    rng = np.random.default_rng(0)
+    other = Normalizer.fit({"state": rng.normal(size=(20, state_dim)), "action": rng.normal(size=(20, 4))})
+    save_file(other.state_dict(), str(ck / "normalizer.safetensors"))
 
 
 def _edit_meta(ck, **changes):

@@ -142,6 +142,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
         obs_keys, action_dim, task = list(meta["obs_keys"]), int(meta["action_dim"]), str(meta["task"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}/meta.json: malformed ({type(exc).__name__}: {exc})") from None
+    _check_normalizer(normalizer, obs_spec, obs_keys, action_dim, path / "normalizer.safetensors")
     try:
         policy = build_policy(cfg.policy, obs_spec, obs_keys, action_dim, normalizer, task)
     except ConfigError as exc:
@@ -152,6 +153,20 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise CheckpointError(f"{path}: weights do not match the config ({first})") from None
     return policy.to(device).eval(), cfg, meta
+
+
+def _check_normalizer(normalizer: Normalizer, obs_spec: dict[str, ArraySpec], obs_keys: list[str], action_dim: int,
+                      file: Path) -> None:
+    """Refuse statistics that do not fit the model's state and action sizes (a normalizer file copied
+    from another model), which would otherwise fail at the first observation, deep in sampling."""
+    sizes = {"action": action_dim, **({"state": obs_spec["state"].shape[-1]} if "state" in obs_keys else {})}
+    for key, size in sizes.items():
+        if key not in normalizer:
+            raise CheckpointError(f"{file}: no statistics for {key!r} (has {', '.join(normalizer.keys) or 'none'})")
+        have = normalizer.stats(key)["scale"].shape[0]
+        if have != size:
+            raise CheckpointError(f"{file}: {key!r} statistics have {have} dimensions but the model's {key} has "
+                                  f"{size} (a normalizer from another model?)")
 
 
 def check_external_weights(meta: dict, path: str | Path) -> None:
