@@ -96,9 +96,10 @@ def test_exponent_numbers_without_a_dot_are_numbers():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lr=inf", "train.lr must be a finite number > 0, got inf"),  # trained an all-NaN checkpoint
-    ("train.lr=nan", "train.lr must be a finite number > 0, got nan"),
-    ("train.lr=-1", "train.lr must be a finite number > 0, got -1.0"),
+    ("train.lr=inf", "train.lr must be a finite number in (0, 1e+38], got inf"),  # trained an all-NaN checkpoint
+    ("train.lr=nan", "train.lr must be a finite number in (0, 1e+38], got nan"),
+    ("train.lr=1e39", "train.lr must be a finite number in (0, 1e+38], got 1e+39"),  # AdamW's float32 update
+    ("train.lr=-1", "train.lr must be a finite number in (0, 1e+38], got -1.0"),
     ("train.batch_size=0", "train.batch_size must be an integer >= 1, got 0"),
     ("policy.n_heads=0", "policy.n_heads must be an integer >= 1, got 0"),  # was a ZeroDivisionError
     ("policy.n_layers=0", "policy.n_layers must be an integer >= 1, got 0"),
