@@ -23,6 +23,10 @@ class ObservationError(PolcacheError, ValueError):
     shape, NaN. (A ValueError too, as PolicyBackend.predict documents.)"""
 
 
+class TrainingError(PolcacheError):
+    """Training that cannot go on usefully, e.g. a loss that became NaN or infinite."""
+
+
 class UnknownTaskError(PolcacheError):
     """A task name that no registered simulation task answers to."""
 

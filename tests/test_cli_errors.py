@@ -156,3 +156,27 @@ def test_a_bad_flag_is_one_line_not_the_usage_block(capsys, argv, match):
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_a_run_directory_that_is_a_file_or_inside_a_dataset_is_refused(capsys, tmp_path):
+    from test_train_recipe import FAST, demo_dataset
+
+    data = demo_dataset(tmp_path / "d.zarr")
+    (tmp_path / "file").write_text("mine")
+
+    def train(dataset, out) -> str:
+        return _err(capsys, ["train", "--config", "configs/recommended_cpu.yaml", f"dataset={dataset}", f"out={out}",
+                             *FAST])
+
+    assert train(data, tmp_path / "file").endswith(f"out={tmp_path / 'file'}: exists and is not a directory; give a "
+                                                   "run directory")
+    assert (tmp_path / "file").read_text() == "mine"
+    # record --out on the dataset would replace it, with the run in it
+    assert train(data, data).endswith(f"out={data} is dataset {data}: writing the dataset again would delete the "
+                                      "run; give an out directory outside it")
+    other = demo_dataset(tmp_path / "other.zarr")
+    assert f"out={other / 'runs/x'} is inside dataset {other}:" in train(data, other / "runs/x")
+    assert train(tmp_path / "run/last/d.zarr", tmp_path / "run").endswith(
+        f"dataset {tmp_path / 'run/last/d.zarr'} is inside {tmp_path / 'run/last'}, which training replaces; move the "
+        "dataset or give another out directory")
+    assert sorted(p.name for p in data.iterdir()) == ["data", "meta", "zarr.json"]

@@ -114,7 +114,8 @@ def test_image_policy_trains_and_evaluates_on_cue_reach(tmp_path):
     assert main(["eval", "--checkpoint", str(run / "last"), "--episodes", "1", "--no-progress"]) == 0
 
 
-def test_interrupted_training_saves_and_resumes(dataset, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])  # SIGTERM: a process manager stopping the run
+def test_interrupted_training_saves_and_resumes(dataset, tmp_path, sig):
     import signal
     import time
 
@@ -127,7 +128,7 @@ def test_interrupted_training_saves_and_resumes(dataset, tmp_path):
     deadline = time.time() + 120
     while not (log.exists() and '"loss"' in log.read_text()) and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-1000:]
     assert "interrupted: saved" in out

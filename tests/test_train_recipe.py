@@ -144,3 +144,76 @@ def test_every_numeric_config_field_has_a_range():
                 yield key
 
     assert set(numeric(ExperimentConfig)) == set(RANGES)
+
+
+FAST = ["policy.n_layers=1", "policy.width=16", "policy.n_heads=2", "policy.state_hidden=16",
+        "policy.sampler.inference_steps=2", "train.batch_size=8", "train.steps=2", "train.checkpoint_every=2",
+        "train.val_windows=2", "train.val_fraction=0.3", "train.warmup_steps=0", "train.threads=1", "--no-progress"]
+
+
+def demo_dataset(path, task="demo", shift=0.0):
+    """A tiny recorded-looking dataset (no simulator): 3 episodes of 24 steps, 3-d state, 2-d action."""
+    from polcache.data import Episode, write_dataset
+
+    t = np.linspace(0, 1, 24, dtype=np.float32)[:, None]
+    episodes = [Episode(obs={"state": np.hstack([t, t * i, -t]) + shift}, action=np.hstack([t, -t]) * (i + 1),
+                        task=task) for i in range(3)]
+    write_dataset(path, episodes, {"task": task})
+    return path
+
+
+def train_cli(dataset, out, *extra):
+    return main(["train", "--config", "configs/recommended_cpu.yaml", f"dataset={dataset}", f"out={out}", *FAST,
+                 *extra])
+
+
+def test_a_loss_that_becomes_nan_stops_before_the_weights_take_the_step(tmp_path, capsys, monkeypatch):
+    from polcache.policy.policy import DiffusionPolicy
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    forward, calls = DiffusionPolicy.forward, []
+
+    def nan_at_step_3(self, batch, state_noise=0.0):
+        calls.append(1)
+        loss = forward(self, batch, state_noise)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(DiffusionPolicy, "forward", nan_at_step_3)
+    assert train_cli(data, run, "train.steps=4", "train.log_every=1", "train.lr=2e-3") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"polcache train: error: step 3: the training loss is nan, so training stopped ({run / 'last'} "
+                   "keeps step 2); the learning rate train.lr=0.002 is the likely cause: lower it (or lengthen "
+                   "train.warmup_steps) and run again")
+    assert load_policy(run / "last")[2]["step"] == 2  # loads: its weights are finite
+    lines = (run / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=pytest.fail).get("step") for line in lines] == [None, 1, 2, 2]
+
+
+def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from polcache.policy.policy import DiffusionPolicy
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    forward = DiffusionPolicy.forward
+
+    def poison_a_weight(self, batch, state_noise=0.0):  # after a finite loss, as an overflowing update would
+        loss = forward(self, batch, state_noise)
+        with torch.no_grad():
+            self.denoiser.head.bias.fill_(float("inf"))  # (the backward pass does not read a bias)
+        return loss
+
+    monkeypatch.setattr(DiffusionPolicy, "forward", poison_a_weight)
+    assert train_cli(data, run, "train.checkpoint_every=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polcache train: error: step 1: the weights hold NaN or infinite values (denoiser.head.")
+    assert "so training stopped (nothing was saved); the learning rate train.lr=0.003 is the likely cause" in err
+    assert not (run / "last").exists()
+
+
+def test_the_train_log_writes_non_finite_numbers_as_null(tmp_path):
+    from polcache.train.loop import _log
+
+    _log(tmp_path / "log.jsonl", {"step": 1, "loss": float("nan"), "lr": float("inf")})
+    assert json.loads((tmp_path / "log.jsonl").read_text(), parse_constant=pytest.fail) == \
+        {"step": 1, "loss": None, "lr": None}

@@ -5,6 +5,8 @@ The run directory holds `last/` (a full checkpoint plus optimizer state, rewritt
 `checkpoint_every` steps), `best/` (the EMA weights whose sampled actions on held-out
 episodes came closest to the demonstrations) and `train_log.jsonl`. Running the same
 command again resumes from `last/` unless `fresh=True`.
+A loss that becomes NaN or infinite stops the run before the weights take the step.
+SIGTERM (a process manager stopping the run) is handled as Ctrl-C: `last/` is saved first.
 
 Length follows the data when `train.epochs` is set: the step count is epochs x batches per
 epoch, so a dataset twice as large trains twice as many steps under the same config."""
@@ -12,12 +14,16 @@ epoch, so a dataset twice as large trains twice as many steps under the same con
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -28,7 +34,8 @@ from tqdm import tqdm
 
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
-from polcache.errors import CheckpointError, ConfigError, DatasetError
+from polcache.data.store import dataset_at_or_above
+from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from polcache.policy.checkpoint import TrainState, check_external_weights, load_train_state, read_meta, save_checkpoint
 from polcache.policy.device import resolve_device, to_device
 from polcache.policy.families import build_policy as build_family_policy
@@ -139,6 +146,12 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
     """Train the policy described by `cfg` on `device` (cpu, cuda, cuda:N, auto; under torchrun each
     process takes its LOCAL_RANK's GPU); returns the path of the final checkpoint (`out/last`).
     `source`: what to learn from (default: `dataset_source(cfg)`)."""
+    check_out(Path(cfg.out), cfg.dataset)
+    with _sigterm_as_interrupt():
+        return _train(cfg, fresh, progress, device, source)
+
+
+def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, source: TrainingSource | None) -> Path:
     dev = resolve_device(device)
     rank, world = _distributed()
     if world > 1 and dev.type == "cuda":
@@ -167,6 +180,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
         step = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev)
         if rank == 0:
             print(f"resuming from {last} at step {step}")
+    saved = step if step else None  # the step OUT/last holds from this run, if any
 
     model = policy
     if world > 1:
@@ -185,9 +199,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
         plan = f"{steps} steps{epochs} at batch {cfg.train.batch_size}, {len(train_data)} training windows"
         if progress:
             print(f"training {plan}")
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"steps": steps, "train_windows": len(train_data), "val_windows": len(val_data),
-                                "plan": plan}) + "\n")
+        _log(log_path, {"steps": steps, "train_windows": len(train_data), "val_windows": len(val_data), "plan": plan})
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
     best = _best_so_far(out / "best")
     policy.train()
@@ -196,6 +208,8 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
         while step < steps:
             batch = to_device(next(batches), dev)
             loss = model(batch, cfg.train.state_noise)  # forward is the training loss, so DDP syncs its gradients
+            if not _finite(loss, world):  # before the update: the weights stay those of the last good step
+                raise TrainingError(_diverged(cfg, step + 1, f"the training loss is {loss.item()}", last, saved))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -206,11 +220,10 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == steps:
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0],
-                                            "elapsed_s": round(time.time() - t0, 2)}) + "\n")
+                    _log(log_path, {"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0],
+                                    "elapsed_s": round(time.time() - t0, 2)})
                 if step % cfg.train.checkpoint_every == 0 or step == steps:
-                    _save(last, cfg, policy, ema, optimizer, lr_sched, step)
+                    saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved)
                     judge.load_state_dict(ema.state_dict())
                     val = validate(judge, val_data, cfg.train.batch_size, cfg.train.val_windows, cfg.train.seed)
                     score = val.get("val_action_mse", val.get("val_loss"))
@@ -218,11 +231,10 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
                     if improved:
                         best = score
                         save_checkpoint(out / "best", cfg, judge, step=step, extra_meta={"validation": val})
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, **val, "best": improved, "checkpoint": str(last)}) + "\n")
+                    _log(log_path, {"step": step, **val, "best": improved, "checkpoint": str(last)})
     except KeyboardInterrupt:
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
-            _save(last, cfg, policy, ema, optimizer, lr_sched, step)
+            _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved)
             print(f"\ninterrupted: saved {last} at step {step}; run the same command to resume")
         raise
     bar.close()
@@ -248,9 +260,78 @@ def _best_so_far(path: Path) -> float:
         return math.inf
 
 
-def _save(path: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, ema: EMA, optimizer, lr_sched, step: int) -> None:
+def _save(path: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, ema: EMA, optimizer, lr_sched, step: int,
+          saved: int | None) -> int:
+    """Checkpoint the run at `step` as `path` (OUT/last) and return the step; weights that are no longer
+    finite are refused, so `path` keeps the last good step (`saved`)."""
+    for name, weights in (("weights", policy.state_dict()), ("EMA weights", ema.state_dict())):
+        bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise TrainingError(_diverged(cfg, step, f"the {name} hold NaN or infinite values ({bad})", path, saved))
     save_checkpoint(path, cfg, policy, ema.state_dict(), step,
                     TrainState(policy.state_dict(), optimizer.state_dict(), lr_sched.state_dict(), step))
+    return step
+
+
+def _finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether every process's loss is finite (all processes agree, so all stop at the same step)."""
+    ok = torch.isfinite(loss.detach()).to(torch.float32)
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _diverged(cfg: ExperimentConfig, step: int, what: str, last: Path, saved: int | None) -> str:
+    kept = f"{last} keeps step {saved}" if saved is not None else "nothing was saved"
+    return (f"step {step}: {what}, so training stopped ({kept}); the learning rate train.lr={cfg.train.lr:g} is the "
+            f"likely cause: lower it (or lengthen train.warmup_steps) and run again")
+
+
+def _log(path: Path, record: dict) -> None:
+    """Append one line to train_log.jsonl; a non-finite number is written as null, so every line stays
+    valid JSON (NaN and Infinity are not)."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def check_out(out: Path, dataset: str) -> None:
+    """Refuse a run directory that training could not write or that would put data at risk: a file; a
+    folder inside a polcache dataset (writing that dataset again, `record --out`, replaces everything in
+    it); the dataset itself or a folder inside it; a dataset where training replaces OUT/last or OUT/best."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out}: exists and is not a directory; give a run directory")
+    data = Path(dataset).resolve() if dataset else None
+    holder = dataset_at_or_above(out) or (data if data is not None and data in (out.resolve(), *out.resolve().parents)
+                                         else None)
+    if holder is not None:
+        where = "is dataset" if holder == out.resolve() else "is inside dataset"
+        raise ConfigError(f"out={out} {where} {holder}: writing the dataset again would delete the run; give an out "
+                          f"directory outside it")
+    for sub in ("last", "best"):
+        if data is not None and (data == (out / sub).resolve() or (out / sub).resolve() in data.parents):
+            raise ConfigError(f"dataset {dataset} is inside {out / sub}, which training replaces; move the dataset "
+                              f"or give another out directory")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM as Ctrl-C while training: a process manager stopping the run (systemd, docker,
+    a robot's launcher) then gets OUT/last saved first instead of losing the steps since the last
+    checkpoint. A second SIGTERM is ignored while that save runs."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
