@@ -167,6 +167,46 @@ def train_cli(dataset, out, *extra):
                  *extra])
 
 
+def test_resuming_on_other_data_is_refused_naming_what_differs(tmp_path, capsys):
+    run = tmp_path / "run"
+    a, b = demo_dataset(tmp_path / "a.zarr", "task-a"), demo_dataset(tmp_path / "b.zarr", "task-b", shift=1.0)
+    assert train_cli(a, run) == 0
+    capsys.readouterr()
+    assert train_cli(b, run, "train.steps=4") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"polcache train: error: cannot resume {run / 'last'}: task is 'task-b', the run's is 'task-a'; "
+                   f"dataset {b} is not the run's {a} (its normaliser statistics differ); pass --fresh to start over "
+                   "(the previous run is moved aside) or use another out directory")
+    demo_dataset(a, "task-a", shift=0.5)  # recorded again at the same path
+    assert train_cli(a, run, "train.steps=4") == 2
+    assert f"dataset {a} changed since the run (its normaliser statistics differ)" in capsys.readouterr().err
+    assert load_policy(run / "last")[2]["step"] == 2  # untouched
+    import shutil
+
+    shutil.move(a, tmp_path / "moved.zarr")  # the same data at another path resumes
+    demo_dataset(tmp_path / "a.zarr", "task-a")
+    shutil.copytree(tmp_path / "a.zarr", tmp_path / "copy.zarr")
+    assert train_cli(tmp_path / "copy.zarr", run, "train.steps=4") == 0
+    assert "holds the same data" in capsys.readouterr().out
+    assert load_policy(run / "last")[2]["step"] == 4
+
+
+def test_fresh_moves_the_previous_run_aside_and_starts_clean(tmp_path, capsys):
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.steps=4") == 0
+    old_log = (run / "train_log.jsonl").read_text()
+    capsys.readouterr()
+    assert train_cli(data, run, "--fresh") == 0
+    out = capsys.readouterr().out
+    (aside,) = run.glob("previous-*")
+    assert f"--fresh: moved the previous run's last/, best/, train_log.jsonl to {aside}" in out
+    assert (aside / "train_log.jsonl").read_text() == old_log  # nothing lost
+    assert load_policy(aside / "last")[2]["step"] == 4 and (aside / "best" / "meta.json").is_file()
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["steps"] == 2 and max(r.get("step", 0) for r in log) == 2  # only the new run's lines
+    assert load_policy(run / "best")[2]["step"] == 2  # judged on its own, not against the old best
+
+
 def test_a_loss_that_becomes_nan_stops_before_the_weights_take_the_step(tmp_path, capsys, monkeypatch):
     from polcache.policy.policy import DiffusionPolicy
 

@@ -4,7 +4,8 @@ resume after interruption, and torch DDP when launched by torchrun.
 The run directory holds `last/` (a full checkpoint plus optimizer state, rewritten every
 `checkpoint_every` steps), `best/` (the EMA weights whose sampled actions on held-out
 episodes came closest to the demonstrations) and `train_log.jsonl`. Running the same
-command again resumes from `last/` unless `fresh=True`.
+command again resumes from `last/` (refused if the task, data or policy differ) unless
+`fresh=True`, which moves the previous run's files aside into `previous-<time>/`.
 A loss that becomes NaN or infinite stops the run before the weights take the step.
 SIGTERM (a process manager stopping the run) is handled as Ctrl-C: `last/` is saved first.
 
@@ -177,9 +178,11 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     step = 0
     last = out / "last"
     if not fresh and last.exists():
-        step = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev)
+        step = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev, rank == 0)
         if rank == 0:
             print(f"resuming from {last} at step {step}")
+    elif fresh and rank == 0:
+        _set_aside_previous_run(out)
     saved = step if step else None  # the step OUT/last holds from this run, if any
 
     model = policy
@@ -314,6 +317,26 @@ def check_out(out: Path, dataset: str) -> None:
                               f"or give another out directory")
 
 
+def _set_aside_previous_run(out: Path) -> None:
+    """--fresh: move the previous run's checkpoints and log into OUT/previous-<time>/, so the new run
+    starts clean (its best/ is not judged against the old one's, its log has only its own lines) and
+    nothing is deleted that the user may still want."""
+    old = [p for p in (out / "last", out / "best", out / "train_log.jsonl") if p.exists()]
+    if not old:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = out / f"previous-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out / f"previous-{stamp}-{n}"
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in old)
+    aside.mkdir()
+    for p in old:
+        os.rename(p, aside / p.name)
+    print(f"--fresh: moved the previous run's {names} to {aside} (delete it if not needed)")
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Handle SIGTERM as Ctrl-C while training: a process manager stopping the run (systemd, docker,
@@ -335,12 +358,18 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
-            device: torch.device) -> int:
+            device: torch.device, verbose: bool = True) -> int:
     old_cfg, meta = read_meta(last)
     check_external_weights(meta, last)
-    if to_dict(old_cfg.policy) != to_dict(cfg.policy) or old_cfg.obs_keys != cfg.obs_keys:
+    if to_dict(old_cfg.policy) != to_dict(cfg.policy):
         raise CheckpointError(f"{last} was trained with a different policy config; pass --fresh to start over "
                               f"or use another out directory")
+    differences = _data_differences(last, old_cfg, meta, cfg, policy)
+    if differences:
+        raise CheckpointError(f"cannot resume {last}: {'; '.join(differences)}; pass --fresh to start over "
+                              f"(the previous run is moved aside) or use another out directory")
+    if verbose and old_cfg.dataset and Path(old_cfg.dataset).resolve() != Path(cfg.dataset).resolve():
+        print(f"note: the run was trained on {old_cfg.dataset}; {cfg.dataset} holds the same data (same statistics)")
     state = load_train_state(last)
     if state is None:
         raise CheckpointError(f"{last} has no training state to resume from; pass --fresh to start over")
@@ -354,3 +383,35 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     optimizer.load_state_dict(state.optimizer)
     lr_sched.load_state_dict(state.lr_scheduler)
     return state.step
+
+
+def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: ExperimentConfig,
+                      policy: DiffusionPolicy) -> list[str]:
+    """What a resumed run would learn from that differs from what OUT/last was trained on: the task, the
+    observation keys and shapes, the action size, and the data itself, as its normaliser statistics
+    (fitted on it; a resumed run would switch to the new ones mid-run). A dataset that was only moved
+    (same statistics at another path) is the same data."""
+    out = []
+    if old_cfg.task != cfg.task:
+        out.append(f"task is {cfg.task!r}, the run's is {old_cfg.task!r}")
+    if list(meta.get("obs_keys", old_cfg.obs_keys)) != policy.obs_keys:
+        out.append(f"obs_keys are {policy.obs_keys}, the run's are {meta.get('obs_keys', old_cfg.obs_keys)}")
+    else:
+        shapes = {k: list(v.shape) for k, v in policy.spec.obs.items()}
+        old_shapes = {k: list(v.get("shape", ())) for k, v in meta.get("obs_spec", {}).items()}
+        if shapes != old_shapes:
+            out.append(f"observation shapes are {shapes}, the run's are {old_shapes}")
+    if int(meta.get("action_dim", policy.action_dim)) != policy.action_dim:
+        out.append(f"action size is {policy.action_dim}, the run's is {meta['action_dim']}")
+    try:
+        old_stats = load_file(str(last / "normalizer.safetensors"))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise CheckpointError(f"{last}/normalizer.safetensors: cannot read it ({type(exc).__name__}); pass --fresh to "
+                              f"start over") from None
+    stats = policy.normalizer.state_dict()
+    if (stats.keys() != old_stats.keys() or any(not torch.equal(v, old_stats[k]) for k, v in stats.items())):
+        where = (f"dataset {cfg.dataset} is not the run's {old_cfg.dataset}"
+                 if Path(old_cfg.dataset).resolve() != Path(cfg.dataset).resolve()
+                 else f"dataset {cfg.dataset} changed since the run")
+        out.append(f"{where} (its normaliser statistics differ)")
+    return out
