@@ -212,7 +212,8 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
             batch = to_device(next(batches), dev)
             loss = model(batch, cfg.train.state_noise)  # forward is the training loss, so DDP syncs its gradients
             if not _finite(loss, world):  # before the update: the weights stay those of the last good step
-                raise TrainingError(_diverged(cfg, step + 1, f"the training loss is {loss.item()}", last, saved))
+                what = f"the training loss is {loss.item()}" if world == 1 else "a process's training loss is not finite"
+                raise TrainingError(_diverged(cfg, step + 1, what, last, saved))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
