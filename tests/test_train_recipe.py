@@ -229,6 +229,16 @@ def test_a_loss_that_becomes_nan_stops_before_the_weights_take_the_step(tmp_path
     assert [json.loads(line, parse_constant=pytest.fail).get("step") for line in lines] == [None, 1, 2, 2]
 
 
+def test_a_resumed_run_takes_the_commands_learning_rate(tmp_path, capsys):
+    """The divergence message says to lower train.lr and run again: the restored optimizer state kept the old one."""
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.lr=1e-3") == 0
+    assert train_cli(data, run, "train.lr=1e-5", "train.steps=4", "train.log_every=1") == 0
+    assert "note: learning rate train.lr=1e-05 (the run had 0.001)" in capsys.readouterr().out
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "lr" in r}
+    assert 0 < lrs[3] <= 1e-5
+
+
 def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path, capsys, monkeypatch):
     import torch
 

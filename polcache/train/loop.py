@@ -383,6 +383,12 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     ema.load_state_dict(averaged)
     optimizer.load_state_dict(state.optimizer)
     lr_sched.load_state_dict(state.lr_scheduler)
+    if lr_sched.base_lrs[0] != cfg.train.lr:  # the command's learning rate (e.g. lowered after a divergence),
+        if verbose:                           # at the schedule's position: the restored state would keep the old one
+            print(f"note: learning rate train.lr={cfg.train.lr:g} (the run had {lr_sched.base_lrs[0]:g})")
+        lr_sched.base_lrs = [cfg.train.lr] * len(lr_sched.base_lrs)
+        for group, schedule in zip(optimizer.param_groups, lr_sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = cfg.train.lr, cfg.train.lr * schedule(lr_sched.last_epoch)
     return state.step
 
 
