@@ -158,11 +158,15 @@ def record_demonstrations(
     action shapes (Meta-World's do). `instruction_bytes` > 0 adds the `instruction` observation
     (see `_collect`); `perturb` makes the robot depart from the expert's actions while those are
     recorded (see `Perturbations`). Returns a summary dict."""
-    from polcache.data.store import write_dataset
+    from polcache.data.store import check_dataset_output, write_dataset
 
     tasks = [task] if isinstance(task, str) else list(task)
-    if episodes <= 0 or (keep is not None and keep <= 0) or not tasks:
-        raise PolcacheError(f"episodes and keep must be positive and a task given, got {episodes}, {keep}, {tasks}")
+    for name, value in (("--episodes", episodes), ("--keep", 1 if keep is None else keep)):
+        if value <= 0:
+            raise PolcacheError(f"{name} must be a positive integer, got {value}")
+    if not tasks:
+        raise PolcacheError("--task: no task given")
+    check_dataset_output(out)  # refused before recording, not after
     kept, seeds, dropped, attrs = [], {}, {}, None
     for name in tasks:
         k, kept_seeds, dropped_seeds, task_attrs = _collect(name, episodes, seed, image, cameras, image_size, progress,

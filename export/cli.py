@@ -38,10 +38,11 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from polcache.errors import ExportError
-    from polcache.export.exporter import DEFAULT_STEP_MODE, export_policy, parity, plan_table
+    from polcache.export.exporter import DEFAULT_STEP_MODE, check_artifact_output, export_policy, parity, plan_table
     from polcache.policy.checkpoint import load_policy
     from polcache.policy.parity import DEFAULT_TOLERANCE, check_parity
 
+    check_artifact_output(args.out, "--out")
     policy, _, _ = load_policy(args.checkpoint, "cpu")
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     deviation: dict = {}

@@ -19,6 +19,7 @@ import torch
 import polcache
 from polcache.atomic import atomic_directory
 from polcache.errors import ExportError
+from polcache.outputs import check_output
 from polcache.export.manifest import MANIFEST, GraphEntry, Manifest, sha256_file
 from polcache.export.onnx_graphs import (OPSET, STEP_MODES, assemble_step, dims, io_description, trace_encoder,
                                          trace_pieces)
@@ -58,6 +59,13 @@ def _schedule_sha(cache: str | None) -> str | None:
     return sha256_file(path) if path.suffix == ".json" and path.is_file() else None
 
 
+def check_artifact_output(out: str | Path, flag: str | None = None) -> Path:
+    """Refuse, before any work, an --out that is not an earlier artifact: one is replaced whole,
+    anything else is not ours (see check_output)."""
+    return check_output(out, f"an exported policy (with {MANIFEST})", folder=True,
+                        ours=lambda p: (p / MANIFEST).is_file(), flag=flag, error=ExportError)
+
+
 def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = None, sampler: str | None = None,
                   steps: int | None = None, step_mode: str = DEFAULT_STEP_MODE, checkpoint: str = "",
                   verify: Callable[[Path], None] | None = None) -> Manifest:
@@ -70,9 +78,7 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
         raise ExportError(f"unknown step mode {step_mode!r}: expected one of {', '.join(STEP_MODES)}")
     if policy.host_step is not None:
         raise ExportError(f"cannot export this policy: {policy.host_step}; serve it with the torch backend")
-    out = Path(out)
-    if out.exists() and not (out / MANIFEST).is_file():  # an artifact is replaced whole; anything else is not ours
-        raise ExportError(f"{out}: exists and is not an exported policy (no {MANIFEST}); refusing to overwrite it")
+    out = check_artifact_output(out)
     t0 = time.perf_counter()
     was_training = policy.training
     policy = policy.cpu().eval()

@@ -140,3 +140,10 @@ def check_request(manifest: Manifest, where: str, cache: str | None = None, samp
     path = Path(cache.strip().removesuffix("+forecast").rpartition("@")[2])
     if want and path.suffix == ".json" and path.is_file() and sha256_file(path) != want:
         raise ExportError(f"{path} changed since {where} was exported with it (sha256 differs): export again")
+
+
+def refuse_exported(path: str | Path, remedy: str) -> None:
+    """The one line for an exported artifact given where a checkpoint is needed, so eval, calibrate
+    and ptp embed name it alike instead of calling it an incomplete checkpoint."""
+    if (Path(path) / MANIFEST).is_file():
+        raise ExportError(f"{path} is an exported policy (ONNX), not a checkpoint: {remedy}")

@@ -3,39 +3,71 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+
+
+def _number(value: str, parse: type, ok, expected: str):
+    """`value` parsed by `parse` (int or float) when `ok` of it, else the one-line argparse error."""
+    try:
+        x = parse(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if not (ok(x) and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return x
 
 
 def positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not x > 0 or x != x or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return x
+    return _number(value, float, lambda x: x > 0, "a positive number")
 
 
 def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+    return _number(value, int, lambda n: n >= 1, "a positive integer")
 
 
-DEVICE_HELP = "compute device: cpu, cuda, cuda:N or auto (cuda when available, else cpu); default cpu"
+def non_negative_int(value: str) -> int:
+    """Seeds, step counts: gymnasium and numpy refuse negative seeds deep inside a run."""
+    return _number(value, int, lambda n: n >= 0, "an integer >= 0")
 
 
 def non_negative_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return x
+    """Finite: inf or nan as a tolerance, decay or delay would pass every check it meets."""
+    return _number(value, float, lambda x: x >= 0, "a finite number >= 0")
+
+
+def port(value: str) -> int:
+    """A TCP port, 0..65535 (0: the system picks a free one where the command allows it)."""
+    return _number(value, int, lambda n: 0 <= n <= 65535, "a port number 0..65535")
+
+
+def non_empty(value: str) -> str:
+    """A name, host or path that an empty string would silently turn into a default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value, got ''")
+    return value
+
+
+def config_file(value: str) -> str:
+    """An existing YAML file: '' would read as the current folder and a folder as "not found"."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a YAML config file, got ''")
+    if os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"expected a YAML config file, got the folder {value}")
+    if not os.path.isfile(value):
+        raise argparse.ArgumentTypeError(f"config file not found: {value}")
+    return value
+
+
+def name_list(value: str) -> tuple[str, ...]:
+    """A comma-separated list of at least one name (cameras)."""
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {value!r}")
+    return names
+
+
+DEVICE_HELP = "compute device: cpu, cuda, cuda:N or auto (cuda when available, else cpu); default cpu"
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:

@@ -46,3 +46,7 @@ class ExportError(PolcacheError):
 
 class BackendUnavailableError(PolcacheError):
     """An inference backend that this installation cannot run (e.g. TensorRT without tensorrt)."""
+
+
+class OutputError(PolcacheError):
+    """An output path a command cannot write, or that holds something it must not replace."""

@@ -180,3 +180,255 @@ def test_a_run_directory_that_is_a_file_or_inside_a_dataset_is_refused(capsys, t
         f"dataset {tmp_path / 'run/last/d.zarr'} is inside {tmp_path / 'run/last'}, which training replaces; move the "
         "dataset or give another out directory")
     assert sorted(p.name for p in data.iterdir()) == ["data", "meta", "zarr.json"]
+
+
+# ------------------------------------------------------------ outputs: checked before any work, never replaced
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3"
+
+
+def _dataset(path: Path, state_dim: int = 39) -> Path:
+    import numpy as np
+
+    from polcache.data import Episode, write_dataset
+
+    t = np.arange(10, dtype=np.float32)[:, None]
+    write_dataset(path, [Episode(obs={"state": np.repeat(t, state_dim, 1)}, action=np.repeat(t, 4, 1))])
+    return path
+
+
+def _tree_of(path: Path) -> dict:
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_ptp_embed_refuses_its_own_input_and_another_dataset(capsys, tmp_path):
+    data, other = _dataset(tmp_path / "reach.zarr"), _dataset(tmp_path / "other.zarr")
+    before = _tree_of(other)
+    for out, match in [(data, "is also the input"), (tmp_path / "." / "reach.zarr", "is also the input"),
+                       (other, "exists and is not an embedding store from `polcache ptp embed`; refusing")]:
+        err = _err(capsys, ["ptp", "embed", "--checkpoint", str(CHECKPOINT), "--dataset", str(data),
+                            "--out", str(out), "--no-progress"])
+        assert err.startswith(f"polcache ptp embed: error: --out {out}: ") and match in err
+    assert _tree_of(other) == before
+
+
+def test_ptp_embed_replaces_its_own_store(capsys, tmp_path):
+    data = _dataset(tmp_path / "reach.zarr")
+    argv = ["ptp", "embed", "--checkpoint", str(CHECKPOINT), "--dataset", str(data), "--out", str(tmp_path / "e.zarr"),
+            "--no-progress"]
+    assert main(argv) == 0 and main(argv) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "--checkpoint", str(CHECKPOINT), "--budget", "3", "--out", "{meta}"],
+    ["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--json", "{meta}"],
+    ["sim-robot", "--task", "reach-v3", "--hz", "10", "--server", "tcp://127.0.0.1:1", "--connect-timeout", "0.1",
+     "--json", "{meta}"],
+], ids=["calibrate", "eval", "sim-robot"])
+def test_json_outputs_never_replace_a_file_of_another_kind(capsys, tmp_path, argv):
+    import shutil
+
+    ck = shutil.copytree(CHECKPOINT, tmp_path / "ck")
+    meta = ck / "meta.json"
+    before = meta.read_bytes()
+    err = _err(capsys, [a.format(meta=meta) for a in argv])
+    assert f"{meta}: exists and is not a" in err and "refusing to overwrite it" in err
+    assert meta.read_bytes() == before
+
+
+def test_an_eval_result_is_recognised_with_or_without_its_marker(tmp_path):
+    import json
+
+    from polcache.errors import OutputError
+    from polcache.sim.evaluate import RESULT_FORMAT, EvalResult, check_result_output
+
+    new = EvalResult("reach-v3", 1, 1, 1.0, (0.2, 1.0), 10.0, {}, 0).to_dict()
+    assert new["format"] == RESULT_FORMAT
+    old = {k: v for k, v in new.items() if k != "format"}  # written before the marker
+    for i, doc in enumerate([new, old]):
+        (tmp_path / f"{i}.json").write_text(json.dumps(doc))
+        check_result_output(tmp_path / f"{i}.json")
+    (tmp_path / "other.json").write_text(json.dumps({"task": "reach-v3"}))
+    with pytest.raises(OutputError, match="not an eval result"):
+        check_result_output(tmp_path / "other.json")
+
+
+def test_calibrate_wants_a_json_name_and_keeps_an_unrelated_png(capsys, tmp_path):
+    calibrate = ["calibrate", "--checkpoint", str(CHECKPOINT), "--budget", "3", "--out"]
+    assert "expected a .json name" in _err(capsys, calibrate + [str(tmp_path / "s.png")])
+    (tmp_path / "keep.png").write_bytes(b"a picture of something else")
+    err = _err(capsys, calibrate + [str(tmp_path / "keep.json")])
+    assert f"{tmp_path / 'keep.png'}: exists and is not the heatmap of schedule keep.json" in err
+    assert (tmp_path / "keep.png").read_bytes() == b"a picture of something else"
+
+
+def test_an_interrupted_calibrate_never_leaves_a_new_schedule_beside_an_old_heatmap(capsys, tmp_path, monkeypatch):
+    import polcache.cache.plot as plot
+
+    out = tmp_path / "s.json"
+    argv = ["calibrate", "--checkpoint", str(CHECKPOINT), "--budget", "3", "--samples", "1", "--batch-size", "1",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    old_schedule = out.read_bytes()
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plot, "plot_schedule", interrupted)  # Ctrl-C after the schedule, before its heatmap
+    assert main(argv + ["--seed", "1"]) == 130
+    assert out.read_bytes() != old_schedule and not out.with_suffix(".png").exists()
+
+
+@pytest.fixture
+def afile(tmp_path) -> Path:
+    (tmp_path / "afile").write_text("not a folder")
+    return tmp_path / "afile"
+
+
+OUTPUTS = {  # command line with OUT for the output, and whether that output is a folder
+    "record": (["record", "--task", "reach-v3", "--episodes", "1", "--out", "OUT"], True),
+    "calibrate": (["calibrate", "--checkpoint", str(CHECKPOINT), "--budget", "3", "--out", "OUT"], False),
+    "eval": (["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--json", "OUT"], False),
+    "sim-robot": (["sim-robot", "--task", "reach-v3", "--hz", "10", "--server", "tcp://127.0.0.1:1", "--json", "OUT"],
+                  False),
+    "report": (["report", "RUN", "--out", "OUT"], True),
+    "export": (["export", "--checkpoint", str(CHECKPOINT), "--out", "OUT"], True),
+    "import-lerobot": (["data", "import-lerobot", "ROOT", "--out", "OUT"], True),
+    "export-lerobot": (["data", "export-lerobot", "DATA", "--out", "OUT"], True),
+    "ptp-embed": (["ptp", "embed", "--checkpoint", str(CHECKPOINT), "--dataset", "DATA", "--out", "OUT"], True),
+    "keys": (["keys", "--dir", "OUT"], True),
+}
+
+
+@pytest.mark.parametrize("command", OUTPUTS)
+@pytest.mark.parametrize("where", ["under-a-file", "wrong-kind", "empty"])
+def test_every_output_path_is_checked_first_in_one_line(capsys, tmp_path, afile, command, where):
+    argv, folder = OUTPUTS[command]
+    run = tmp_path / "run.jsonl"
+    run.write_text("")
+    if where == "under-a-file":
+        out, match = afile / "sub", f"{afile} is a file, not a folder"
+    elif where == "wrong-kind":
+        out = afile if folder else tmp_path
+        match = "is a file; expected" if folder else "is a folder; expected"
+    else:
+        out, match = "", "empty"
+    subs = {"OUT": str(out), "RUN": str(run), "ROOT": str(tmp_path), "DATA": str(tmp_path / "d.zarr")}
+    try:
+        err = _err(capsys, [subs.get(a, a) for a in argv])
+    except SystemExit as exc:  # refused by the flag's type (keys --dir '')
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.code == 2 and where == "empty"
+    assert match in err and "Traceback" not in err
+
+
+def test_report_refuses_a_folder_or_file_it_did_not_write(capsys, tmp_path):
+    run = tmp_path / "run.jsonl"
+    run.write_text('{"kind": "tick", "t": 1.0, "robot": "arm"}\n')
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("my page")
+    assert "exists and is not a report folder" in _err(capsys, ["report", str(run), "--out", str(site)])
+    assert (site / "index.html").read_text() == "my page"
+    assert "is also the input" in _err(capsys, ["report", str(run), "--out", str(run)])
+    assert main(["report", str(run), "--out", str(tmp_path / "r")]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "r")]) == 0  # its own earlier report is replaced
+
+
+# ------------------------------------------------------------ flags: one type per kind of value
+
+def _usage_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+SIM_ROBOT = ["sim-robot", "--task", "reach-v3", "--hz", "10", "--connect-timeout", "0.1"]
+EVAL = ["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["record", "--task", "reach-v3", "--episodes", "1", "--out", "x.zarr", "--seed", "-1"], "--seed"),
+    (EVAL + ["--seed", "-1"], "--seed"),
+    (["calibrate", "--checkpoint", "x", "--budget", "2", "--out", "x.json", "--seed", "-1"], "--seed"),
+    (SIM_ROBOT + ["--seed", "-1"], "--seed"),
+    (["serve", "--checkpoint", "x", "--metrics-port", "99999"], "--metrics-port"),
+    (["serve", "--checkpoint", "x", "--metrics-port", "-1"], "--metrics-port"),
+    (["dashboard", "--port", "99999"], "--port"),
+    (["dashboard", "--port", "-1"], "--port"),
+    (SIM_ROBOT + ["--metrics-port", "99999"], "--metrics-port"),
+    (EVAL + ["--ensemble", "nan"], "--ensemble"),
+    (EVAL + ["--ensemble", "inf"], "--ensemble"),
+    (EVAL + ["--ensemble", "-1"], "--ensemble"),
+    (SIM_ROBOT + ["--decay", "nan"], "--decay"),
+    (SIM_ROBOT + ["--decay", "-1"], "--decay"),
+    (EVAL + ["--delay", "-1"], "--delay"),
+    (EVAL + ["--threads", "0"], "--threads"),
+    (EVAL + ["--threads", "-1"], "--threads"),
+    (EVAL + ["--precision-tolerance", "inf"], "--precision-tolerance"),
+    (["ptp", "embed", "--checkpoint", "x", "--out", "y", "--batch-size", "0"], "--batch-size"),
+    (["ptp", "embed", "--checkpoint", "x", "--out", "y", "--batch-size", "-4"], "--batch-size"),
+    (["record", "--task", "reach-v3", "--episodes", "1", "--out", "x.zarr", "--instructions", "0"], "--instructions"),
+    (["record", "--task", "reach-v3", "--episodes", "1", "--out", "x.zarr", "--instructions", "-3"], "--instructions"),
+    (["record", "--task", "reach-v3", "--episodes", "1", "--out", "x.zarr", "--cameras", ""], "--cameras"),
+    (["record", "--task", "reach-v3", "--episodes", "0", "--out", "x.zarr"], "--episodes"),
+    (["ptp", "finetune", "--embeddings", "e", "--config", ""], "--config"),
+    (["ptp", "finetune", "--embeddings", "e", "--config", str(CHECKPOINT.parents[3] / "configs")], "--config"),
+    (["dashboard", "--host", ""], "--host"),
+    (["keys", "--dir", ""], "--dir"),
+])
+def test_bad_flag_values_name_the_flag(capsys, tmp_path, monkeypatch, argv, flag):
+    monkeypatch.chdir(tmp_path)  # where an accepted value would write
+    err = _usage_error(capsys, argv)
+    assert f"argument {flag}" in err and "expected" in err, err
+
+
+def test_record_names_the_flag_when_called_as_a_library():
+    from polcache.envs.record import record_demonstrations
+    from polcache.errors import PolcacheError
+
+    with pytest.raises(PolcacheError, match="--episodes must be a positive integer, got 0"):
+        record_demonstrations("reach-v3", 0, "x.zarr")
+
+
+def test_a_bind_port_out_of_range_is_refused_not_wrapped_around(capsys):
+    err = _err(capsys, ["serve", "--checkpoint", str(CHECKPOINT), "--bind", "tcp://127.0.0.1:99999"])
+    assert "--bind: port 99999 of tcp://127.0.0.1:99999 is not a port number" in err
+
+
+def test_eval_refuses_more_action_steps_than_the_policy_makes(capsys):
+    err = _err(capsys, EVAL + ["--action-steps", "100"])
+    assert "--action-steps 100: the policy executes at most 8 actions per chunk" in err
+
+
+def test_ptp_embed_names_a_checkpoint_that_does_not_fit_the_dataset(capsys, tmp_path):
+    cue = CHECKPOINT.parent / "cue-reach-ptp"
+    err = _err(capsys, ["ptp", "embed", "--checkpoint", str(cue), "--dataset", str(_dataset(tmp_path / "r.zarr")),
+                        "--out", str(tmp_path / "e.zarr")])
+    assert "observation 'state' is float32[39] per frame but the checkpoint's encoder takes float32[8]" in err
+
+
+def test_ptp_embed_refuses_a_vla(tmp_path):
+    from helpers import tiny_vla
+
+    from polcache.errors import DatasetError
+    from polcache.ptp.embeddings import check_embeddable
+
+    with pytest.raises(DatasetError, match="the checkpoint is a vla policy"):
+        check_embeddable(tiny_vla(), _dataset(tmp_path / "r.zarr"))
+
+
+@pytest.mark.parametrize("argv", [["calibrate", "--budget", "2", "--out", "{tmp}/s.json"],
+                                  ["ptp", "embed", "--out", "{tmp}/e.zarr"],
+                                  ["eval", "--episodes", "1", "--backend", "torch"]], ids=["calibrate", "ptp", "eval"])
+def test_an_exported_artifact_is_named_alike_where_a_checkpoint_is_needed(capsys, tmp_path, argv):
+    artifact = tmp_path / "art"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text("{}")
+    err = _err(capsys, [a.format(tmp=tmp_path) for a in argv] + ["--checkpoint", str(artifact)])
+    assert f"{artifact} is an exported policy (ONNX), not a checkpoint" in err
+
+
+def test_dashboard_refuses_a_folder_as_metrics_file(capsys, tmp_path):
+    assert f"--metrics {tmp_path}: is a folder" in _err(capsys, ["dashboard", "--metrics", str(tmp_path)])

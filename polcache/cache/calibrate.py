@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from polcache.cache.errors import CacheError
-from polcache.cache.schedule import Calibration, Schedule, build_schedule, model_hash, save_schedule
+from polcache.cache.schedule import FORMAT, Calibration, Schedule, build_schedule, model_hash, save_schedule
+from polcache.jsonfile import read_json_object
+from polcache.outputs import check_output
 from polcache.cache.sensitivity import delta_sensitivity
 from polcache.config import INSTRUCTION_KEY, ExperimentConfig
 from polcache.policy.executor import DeltaStore
@@ -137,15 +139,41 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
     return obs, f"{task} environment resets: seeds {seed}..{seed + samples - 1}"
 
 
+def is_schedule_file(path: Path) -> bool:
+    """True for a file that `save_schedule` wrote (its "format" field names a cache schedule)."""
+    try:
+        return read_json_object(path).get("format") == FORMAT
+    except Exception:
+        return False
+
+
+def check_schedule_output(out: str | Path, flag: str | None = "--out") -> tuple[Path, Path]:
+    """The schedule path and its heatmap's (the same name, .png), refused before calibration when
+    the schedule is not a .json name, or either would replace something calibrate did not write:
+    an existing OUT.png is replaced only together with the schedule OUT it belongs to."""
+    out = check_output(out, "a cache schedule (JSON)", folder=False, ours=is_schedule_file, flag=flag,
+                       error=CacheError)
+    if out.suffix.lower() != ".json":
+        raise CacheError(f"{flag} {out}: expected a .json name (the heatmap is written beside it as .png)")
+    replacing = out.exists()
+    png = check_output(out.with_suffix(".png"), f"the heatmap of schedule {out.name}", folder=False,
+                       ours=lambda _: replacing, flag=f"{flag} heatmap" if flag else None, error=CacheError)
+    return out, png
+
+
 def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, bu_blocks: int = 5,
                          sampler: str | None = None, steps: int | None = None, samples: int = 32,
                          method: str = "bac", force_last: bool = True, seed: int = 0, batch_size: int = 8,
                          device: str = "cpu", progress: bool = True, objective: str = "error-bound") -> Schedule:
-    """Calibrate a checkpoint, solve its schedule, and write it to `out` (plus a heatmap PNG beside it)."""
+    """Calibrate a checkpoint, solve its schedule, and write it to `out` (plus a heatmap PNG beside it);
+    `out` is checked before calibrating (see check_schedule_output)."""
     from polcache.cache.plot import plot_schedule
+    from polcache.export.manifest import refuse_exported
     from polcache.policy.checkpoint import load_policy
     from polcache.policy.device import resolve_device
 
+    out, png = check_schedule_output(out)
+    refuse_exported(checkpoint, "calibrate the checkpoint it was exported from")
     policy, cfg, _ = load_policy(checkpoint, resolve_device(device))
     smp = policy.sampler(sampler, steps)
     K, n = smp.num_steps, len(policy.cache_blocks)
@@ -157,6 +185,8 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     calib = calibrate(policy, smp, obs, source, batch_size, seed, progress)
     schedule = build_schedule(calib, method, budget, bu_blocks, force_last, model_hash(policy), smp.kind, objective,
                               policy.identity()["family"])
+    # the old heatmap goes first: an interrupt may leave a schedule without its picture, never beside another's
+    png.unlink(missing_ok=True)
     save_schedule(schedule, out)
-    plot_schedule(schedule, Path(out).with_suffix(".png"))
+    plot_schedule(schedule, png)
     return schedule

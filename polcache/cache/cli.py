@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import DEVICE_HELP, positive_int
+from polcache.cli_types import DEVICE_HELP, non_negative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "schedule JSON (use it with `polcache eval --cache FILE`) and a heatmap PNG beside it.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--budget", type=positive_int, required=True, help="update steps per block S (1..K)")
-    p.add_argument("--bu-blocks", type=int, default=5,
+    p.add_argument("--bu-blocks", type=non_negative_int, default=5,
                    help="blocks widened by Bubbling Union (paper: 5 in simulation, 3 on robots; default 5)")
     p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
@@ -29,12 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "similarity maximises the cosine similarity kept (the paper's BAC)")
     p.add_argument("--no-force-last", action="store_true",
                    help="do not recompute every block at the final step (the authors' code does)")
-    p.add_argument("--seed", type=int, default=0, help="seed for observation choice and sampling noise")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for observation choice and sampling noise")
     p.add_argument("--batch-size", type=positive_int, default=8, help="observations per calibration batch")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: shared CPUs oversubscribe badly)")
-    p.add_argument("--out", required=True, help="schedule JSON to write (the heatmap goes to the same name .png)")
+    p.add_argument("--out", required=True, help="schedule JSON to write, a .json name (the heatmap goes to the same name .png); an existing "
+                        "file is replaced only if it is a schedule, and an existing .png only with its schedule")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_run)
 

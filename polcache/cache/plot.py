@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from polcache.atomic import atomic_write_bytes
 
 from polcache.cache.schedule import Schedule
 from polcache.policy.blocks import CA, FFN, SA
@@ -44,8 +47,8 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
                  f"budget {schedule.budget}, BU blocks {schedule.bu_blocks} (*); title: updates, mean similarity kept", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.5, label="cosine similarity (row step a, column t)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return path
+    atomic_write_bytes(path, png.getvalue())  # an interrupt never leaves half a picture
+    return Path(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import signal
 
+from polcache.cli_types import non_empty, port
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("dashboard", help="live local web page of a server's and robots' metrics",
@@ -17,15 +19,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--connect", action="append", default=[], metavar="ADDR",
                    help="scrape a running process's Prometheus endpoint: HOST:PORT or http://HOST:PORT/metrics "
                         "(repeatable)")
-    p.add_argument("--port", type=int, default=8050, help="port of the page (default 8050; 0 picks a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=port, default=8050, help="port of the page (default 8050; 0 picks a free one)")
+    p.add_argument("--host", type=non_empty, default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.set_defaults(handler=_dashboard)
 
     p = subparsers.add_parser("report", help="static HTML page with PNG plots of recorded runs",
                               description="The dashboard's views of recorded metrics files (rotated backups FILE.N "
                                           "are read too) as OUT/index.html with one PNG per view.")
     p.add_argument("runs", nargs="+", metavar="RUN.jsonl", help="metrics JSON-lines files (server and robots)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (written whole; an existing one is replaced only if "
+                                               "it is an earlier report)")
     p.set_defaults(handler=_report)
 
 

@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from polcache.atomic import atomic_write_text
+from polcache.atomic import atomic_directory
 from polcache.dashboard.tail import JsonlTail
 from polcache.dashboard.views import RunState
 from polcache.errors import PolcacheError
+from polcache.outputs import check_output
 
 OP_COLORS = ["#1f4e79", "#cfe2f3", "#f6b26b", "#b4a7d6"]  # compute, reuse, forecast, gate (as the page)
 
@@ -46,13 +47,32 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
-    """Write OUT/index.html, OUT/<view>.png and OUT/views.json; returns the page's path."""
+    """Write OUT/index.html, OUT/<view>.png and OUT/views.json, the folder whole and atomically;
+    returns the page's path. An existing OUT is replaced only if it is an earlier report."""
     import matplotlib
 
     matplotlib.use("Agg")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_report_output(out, paths)
     state, bad = load_runs(paths)
+    with atomic_directory(out) as tmp:
+        tmp.mkdir()
+        _write_page(tmp, paths, state, bad)
+    return out / "index.html"
+
+
+def is_report(path: Path) -> bool:
+    """True for a folder that `write_report` wrote."""
+    return (path / "index.html").is_file() and (path / "views.json").is_file()
+
+
+def check_report_output(out: str | Path, runs: Sequence[str | Path] = (), flag: str | None = "--out") -> Path:
+    """Refuse, before reading the runs, an --out that is a file, a run, or a folder of something else."""
+    return check_output(out, "a report folder from `polcache report`", folder=True, ours=is_report, flag=flag,
+                        inputs=runs)
+
+
+def _write_page(out: Path, paths: Sequence[str | Path], state: RunState, bad: int) -> None:
+    """The page, one PNG per view and views.json, into the (temporary) folder `out`."""
     views = state.views()
     meta = views.pop("_meta")
     sections = []
@@ -72,10 +92,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
             f"robots: {html.escape(', '.join(meta['robots']))}; {meta['span_s']:.1f} s of records, "
             f"statistics per {meta['interval_s']:.1f} s; refused messages: {html.escape(errors)}; "
             f"unreadable lines: {bad}</p>{''.join(sections)}</body></html>\n")
-    atomic_write_text(out / "views.json", json.dumps(views))
-    page_path = out / "index.html"
-    atomic_write_text(page_path, page)
-    return page_path
+    (out / "views.json").write_text(json.dumps(views))  # inside the temp folder: atomic as a whole
+    (out / "index.html").write_text(page)
 
 
 def _plot(view: dict[str, Any], path: Path) -> bool:

@@ -118,6 +118,9 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
 def run_dashboard(metrics_files: Sequence[str] = (), connect: Sequence[str] = (), port: int = 8050,
                   host: str = "127.0.0.1", seconds: float | None = None) -> None:
     """Serve until interrupted (or for `seconds`), printing the page's address first."""
+    for path in metrics_files:  # refused now, not as a failed read at every poll
+        if Path(path).is_dir():
+            raise PolcacheError(f"--metrics {path}: is a folder; expected a metrics JSON-lines file")
     dashboard = Dashboard(metrics_files, connect)
     try:
         url = dashboard.serve(port, host)

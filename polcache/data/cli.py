@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _import(args: argparse.Namespace) -> int:
     from polcache.data.lerobot import import_lerobot
+    from polcache.data.store import check_dataset_output
 
+    check_dataset_output(args.out, "--out", inputs=[args.root])
     r = import_lerobot(args.root, args.out, progress=not args.no_progress)
     print(f"wrote {r.path}: {r.episodes} episodes, {r.frames} frames at {r.fps} fps, obs {', '.join(r.obs_keys)}")
     for skipped in r.skipped:
@@ -46,8 +48,9 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from polcache.data.lerobot import export_lerobot
+    from polcache.data.lerobot import check_lerobot_output, export_lerobot
 
+    check_lerobot_output(args.out, "--out")
     r = export_lerobot(args.dataset, args.out, fps=args.fps, crf=args.crf, progress=not args.no_progress)
     videos = f", videos ({r.codec}) {', '.join(r.video_keys)}" if r.video_keys else ""
     print(f"wrote {r.path}: LeRobotDataset v3.0, {r.episodes} episodes, {r.frames} frames at {r.fps} fps{videos}")

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from polcache.atomic import atomic_directory
 from polcache.data.store import Episode, EpisodeStore, write_dataset
 from polcache.errors import DatasetError
+from polcache.outputs import check_output
 
 CODEBASE_VERSION = "v3.0"
 INFO_PATH = "meta/info.json"
@@ -112,6 +113,11 @@ def _av() -> Any:
 def is_lerobot_root(path: str | Path) -> bool:
     """A LeRobot dataset root is a directory with meta/info.json (of any version)."""
     return (Path(path) / INFO_PATH).is_file()
+
+
+def check_lerobot_output(out: str | Path, flag: str | None = None) -> Path:
+    """Refuse, before any work, an export root that is not a LeRobot dataset (see check_output)."""
+    return check_output(out, "a LeRobot dataset", folder=True, ours=is_lerobot_root, flag=flag, error=DatasetError)
 
 
 # ---- import -----------------------------------------------------------------
@@ -596,8 +602,7 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
     store = EpisodeStore.open(dataset)
     out = Path(out)
     fps = _export_fps(fps, store.attrs)
-    if out.exists() and not (out.is_dir() and (is_lerobot_root(out) or not any(out.iterdir()))):
-        raise DatasetError(f"{out}: exists and is not a LeRobot dataset; refusing to overwrite it")
+    check_lerobot_output(out)
     spec = store.obs_spec()
     cams = [k for k in store.obs_keys if k.startswith("image_")]
     for k in cams:

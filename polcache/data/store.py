@@ -28,6 +28,7 @@ from zarr.codecs import ZstdCodec
 
 from polcache.atomic import atomic_directory
 from polcache.errors import DatasetError
+from polcache.outputs import check_output
 from polcache.policy.spec import ArraySpec
 
 FORMAT = "polcache-episodes"
@@ -116,7 +117,8 @@ def _validated(episodes: Sequence[Episode]) -> tuple[dict[str, np.ndarray], np.n
     return cat, np.concatenate(actions, axis=0), np.cumsum(lengths, dtype=np.int64)
 
 
-def _is_polcache(path: Path) -> bool:
+def is_dataset(path: Path) -> bool:
+    """True for a dataset that polcache wrote (a demonstration or an embedding store)."""
     try:
         return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
     except Exception:
@@ -139,6 +141,12 @@ def _put(group: zarr.Group, name: str, data: np.ndarray, rows: int) -> None:
     group.create_array(name, data=data, chunks=chunks, compressors=_COMPRESSOR, config={"write_empty_chunks": True})
 
 
+def check_dataset_output(path: str | Path, flag: str | None = None, inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse, before any work, a dataset output that is not a polcache dataset (see check_output)."""
+    return check_output(path, "a polcache dataset", folder=True, ours=is_dataset, flag=flag, inputs=inputs,
+                        error=DatasetError)
+
+
 def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | None = None) -> None:
     """Write episodes atomically to `path`, replacing an existing polcache dataset only once the new one is complete."""
     path = Path(path)
@@ -151,8 +159,7 @@ def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | N
     except (TypeError, ValueError) as e:
         raise DatasetError(f"{path}: attrs must be JSON-serialisable ({e})") from None
     obs, action, ends = _validated(episodes)
-    if path.exists() and not _is_polcache(path):
-        raise DatasetError(f"{path}: exists and is not a polcache dataset; refusing to overwrite it")
+    check_dataset_output(path)
 
     with atomic_directory(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)

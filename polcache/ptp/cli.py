@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from polcache.cli_types import DEVICE_HELP
+from polcache.cli_types import DEVICE_HELP, config_file, positive_int
 from polcache.errors import PolcacheError
 
 
@@ -20,13 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", required=True, help="the trained short-context policy whose encoder to use")
     e.add_argument("--dataset", help="dataset to embed (default: the one the checkpoint was trained on)")
     e.add_argument("--out", required=True, help="embedding store to write (a polcache dataset, key `embedding`)")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--batch-size", type=positive_int, default=256, help="frames per encoder batch (default 256)")
     e.add_argument("--device", default="cpu", help=DEVICE_HELP)
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(handler=_embed)
     f = sub.add_parser("finetune", help="train a long-context head on stored embeddings (resumes like train)")
     f.add_argument("--embeddings", required=True, help="store written by `polcache ptp embed`")
-    f.add_argument("--config", required=True, help="YAML experiment config of the long-context policy")
+    f.add_argument("--config", required=True, type=config_file, help="YAML experiment config of the long-context policy")
     f.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
     f.add_argument("--fresh", action="store_true", help="ignore OUT/last and start from scratch")
     f.add_argument("--device", default="cpu", help=DEVICE_HELP)
@@ -37,12 +37,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _embed(args: argparse.Namespace) -> int:
     from polcache.policy.checkpoint import load_policy
     from polcache.policy.device import resolve_device
-    from polcache.ptp.embeddings import embed_dataset
+    from polcache.export.manifest import refuse_exported
+    from polcache.ptp.embeddings import check_embedding_output, check_embeddable, embed_dataset
 
+    refuse_exported(args.checkpoint, "embed with the checkpoint it was exported from")
+    if args.dataset is not None:
+        check_embedding_output(args.out, args.dataset, "--out")
     policy, cfg, _ = load_policy(args.checkpoint, resolve_device(args.device))
     dataset = args.dataset or cfg.dataset
     if args.dataset is None and not Path(dataset).exists():
         raise PolcacheError(f"the checkpoint was trained on {dataset}, which is not here: pass --dataset")
+    check_embedding_output(args.out, dataset, "--out")
+    check_embeddable(policy, dataset)
     out = embed_dataset(policy, dataset, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
                         progress=not args.no_progress)
     print(f"wrote {out}: {policy.encoder.feature_dim}-d float32 embeddings of {dataset}")

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from polcache.config import EMBEDDING_KEY
 from polcache.data import Episode, EpisodeStore, open_dataset, write_dataset
+from polcache.data.store import is_dataset
 from polcache.errors import DatasetError
+from polcache.outputs import check_output
 from polcache.policy.policy import DiffusionPolicy
 
 KEY = EMBEDDING_KEY
@@ -44,16 +46,49 @@ def encoder_hash(policy: DiffusionPolicy) -> str:
     return "sha256:" + h.hexdigest()
 
 
-@torch.no_grad()
-def embed_dataset(policy: DiffusionPolicy, dataset: str | Path, out: str | Path, checkpoint: str = "",
-                  batch_size: int = 256, progress: bool = True) -> Path:
-    """Write the per-frame embeddings of every frame of `dataset` to `out` (atomically)."""
-    policy = policy.eval()
-    device = next(policy.parameters()).device
+def is_embedding_store(path: Path) -> bool:
+    """True for a store that `embed_dataset` wrote (the only dataset ptp embed may replace)."""
+    try:
+        return is_dataset(path) and isinstance(EpisodeStore.open(path).attrs.get(ATTR), dict)
+    except DatasetError:  # a damaged store is still one: replacing it loses nothing
+        return True
+
+
+def check_embedding_output(out: str | Path, dataset: str | Path, flag: str | None = None) -> Path:
+    """Refuse, before embedding, an --out that is the input or an existing dataset of demonstrations."""
+    return check_output(out, "an embedding store from `polcache ptp embed`", folder=True, ours=is_embedding_store,
+                        flag=flag, inputs=[dataset], error=DatasetError)
+
+
+def check_embeddable(policy: DiffusionPolicy, dataset: str | Path) -> EpisodeStore:
+    """The opened dataset when the policy's per-frame encoder takes its observations; else one line
+    naming the mismatch, before any frame is encoded."""
+    family = policy.identity()["family"]
+    if family != "dp-t":  # a VLA encodes all frames (and the instruction) together: no per-frame embedding
+        raise DatasetError(f"the checkpoint is a {family} policy; ptp embed stores the per-frame features of a "
+                           "dp-t policy's encoder")
     store = open_dataset(dataset)
     missing = [k for k in policy.obs_keys if k not in store.obs_keys]
     if missing:
         raise DatasetError(f"{dataset} has no {missing} observations, which the policy's encoder takes")
+    have = store.obs_spec()
+    for key in policy.obs_keys:
+        want = policy.spec.obs[key]
+        if (have[key].shape, have[key].dtype) != (want.shape, want.dtype):
+            raise DatasetError(f"{dataset}: observation {key!r} is {have[key].dtype}{list(have[key].shape)} per frame "
+                               f"but the checkpoint's encoder takes {want.dtype}{list(want.shape)} (a checkpoint "
+                               f"of another task, {policy.spec.task or 'unnamed'}?)")
+    return store
+
+
+@torch.no_grad()
+def embed_dataset(policy: DiffusionPolicy, dataset: str | Path, out: str | Path, checkpoint: str = "",
+                  batch_size: int = 256, progress: bool = True) -> Path:
+    """Write the per-frame embeddings of every frame of `dataset` to `out` (atomically)."""
+    check_embedding_output(out, dataset)
+    policy = policy.eval()
+    device = next(policy.parameters()).device
+    store = check_embeddable(policy, dataset)
     arrays = {k: store.array(k) for k in policy.obs_keys}
     n = len(store.array("action"))
     feats = np.empty((n, policy.encoder.feature_dim), np.float32)

@@ -7,7 +7,8 @@ import json
 import logging
 import signal
 
-from polcache.cli_types import add_backend_options, backend_options, non_negative_float, positive_float, positive_int
+from polcache.cli_types import (add_backend_options, backend_options, name_list, non_empty, non_negative_float,
+                                 non_negative_int, port, positive_float, positive_int)
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from polcache_client.schedule import BLEND_MODES
@@ -17,7 +18,8 @@ DEFAULT_SERVER = "tcp://127.0.0.1:5555"
 
 def _add_metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-file", help="append metrics as JSON lines here (rotated at 10 MiB, 3 backups)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus text on http://127.0.0.1:PORT/metrics (default: off)")
+    p.add_argument("--metrics-port", type=port, help="serve Prometheus text on http://127.0.0.1:PORT/metrics "
+                                                  "(default: off)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Write server and client CurveZMQ key pairs into a directory. Give the "
                                           "directory to `polcache serve --keys` and to the robot "
                                           "(client.key_secret + server.key suffice there).")
-    p.add_argument("--dir", required=True, help="directory for the key files")
+    p.add_argument("--dir", required=True, type=non_empty, help="directory for the key files")
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(handler=_keys)
 
@@ -70,22 +72,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, help="task name (see polcache.envs.list_tasks())")
     p.add_argument("--hz", type=positive_float, required=True, help="control rate")
     p.add_argument("--episodes", type=positive_int, default=10, help="number of episodes (default 10)")
-    p.add_argument("--seed", type=int, default=1000, help="episode i resets with seed S+i (default 1000, as eval)")
+    p.add_argument("--seed", type=non_negative_int, default=1000,
+                   help="episode i resets with seed S+i (default 1000, as eval)")
     p.add_argument("--instruction", help="send this instruction in every episode (default: the task's held-out "
                                          "paraphrases, one per episode, where written; ignored by policies without "
                                          "language)")
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"policy server address (default {DEFAULT_SERVER})")
     p.add_argument("--keys", help="CurveZMQ key directory (for an encrypted server)")
-    p.add_argument("--cameras", help="comma-separated cameras for image observations (default: state only)")
+    p.add_argument("--cameras", type=name_list, help="comma-separated cameras for image observations (default: state only)")
     p.add_argument("--image-size", type=positive_int, default=96)
     p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble or latest")
-    p.add_argument("--decay", type=float, default=0.5, help="ensemble weight exp(-decay * k), k = 0 for the newest chunk")
+    p.add_argument("--decay", type=non_negative_float, default=0.5, help="ensemble weight exp(-decay * k), k = 0 for the newest chunk")
     p.add_argument("--hold-ms", type=positive_float, default=200.0,
                    help="hold the last action this long without a fresh one, then safe-stop (default 200)")
     p.add_argument("--connect-timeout", type=positive_float, default=30.0, help="seconds to wait for the server")
     p.add_argument("--realtime", action="store_true",
                    help="run the control loop under SCHED_FIFO (needs root or CAP_SYS_NICE): steadier ticks on a busy machine")
-    p.add_argument("--json", help="write the full result as JSON here")
+    p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
+                                  "an eval result)")
     _add_metrics_args(p)
     p.set_defaults(handler=_sim_robot)
 
@@ -143,10 +147,13 @@ def _sim_robot(args: argparse.Namespace) -> int:
     from polcache.atomic import atomic_write_text
     from polcache.metrics import collect_metrics
     from polcache.serve.sim_robot import run_sim_robot, sim_robot_name
+    from polcache.sim.evaluate import check_result_output
 
+    if args.json is not None:
+        check_result_output(args.json)
     _logging()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # TERM stops the loop safely, like Ctrl-C
-    cameras = tuple(c for c in (args.cameras or "").split(",") if c) or None
+    cameras = args.cameras
     info = {"role": "robot", "task": args.task, "hz": args.hz, "server": args.server}
     with collect_metrics(args.metrics_file, args.metrics_port, robot=sim_robot_name(args.task), info=info) as metrics:
         result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,

@@ -11,6 +11,8 @@ import zmq
 import zmq.auth
 
 from polcache.errors import PolcacheError
+from polcache.outputs import check_output
+from polcache.serve.address import tcp_port
 from polcache_client.curve import CLIENT_NAME, SERVER_NAME, key_path, load_keypair
 
 
@@ -34,6 +36,8 @@ def is_loopback(address: str) -> bool:
 
 
 def check_bind(address: str, keys_dir: str | None, insecure: bool) -> None:
+    """Refuse, before the checkpoint loads, a malformed bind address and an unencrypted wide one."""
+    tcp_port(address, "--bind")
     if keys_dir or insecure or is_loopback(address):
         return
     raise InsecureBindError(
@@ -44,7 +48,7 @@ def check_bind(address: str, keys_dir: str | None, insecure: bool) -> None:
 
 def generate_keys(keys_dir: str | Path, force: bool = False) -> list[Path]:
     """Write server and client CurveZMQ key pairs; secret keys are readable by the owner only."""
-    keys_dir = Path(keys_dir)
+    keys_dir = check_output(keys_dir, "a folder for keys", folder=True, ours=lambda _: True, flag="--dir")
     targets = [key_path(keys_dir, n, s) for n in (SERVER_NAME, CLIENT_NAME) for s in (False, True)]
     existing = [p for p in targets if p.exists()]
     if existing and not force:

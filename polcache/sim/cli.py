@@ -6,7 +6,8 @@ import argparse
 import json
 import time
 
-from polcache.cli_types import add_backend_options, backend_options, positive_int
+from polcache.cli_types import (add_backend_options, backend_options, non_negative_float, non_negative_int,
+                                 positive_int)
 from polcache.errors import PolcacheError
 
 
@@ -17,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or an artifact from `polcache export`")
     p.add_argument("--task", help="task name (default: the task the checkpoint was trained on)")
     p.add_argument("--episodes", type=positive_int, default=50, help="number of episodes (default 50)")
-    p.add_argument("--seed", type=int, default=1000, help="episode i resets with seed S+i (default 1000)")
+    p.add_argument("--seed", type=non_negative_int, default=1000, help="episode i resets with seed S+i (default 1000)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
     p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
     p.add_argument("--cache", help="block cache: a schedule JSON from `polcache calibrate`, or a baseline such as "
@@ -26,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                            "task's own cap, 500 for Meta-World)")
     p.add_argument("--action-steps", type=positive_int, help="execute only the first N actions of each chunk, then "
                                                               "replan (default: the checkpoint's n_action_steps)")
-    p.add_argument("--ensemble", type=float, metavar="DECAY", help="temporal ensembling of overlapping chunks with the "
+    p.add_argument("--ensemble", type=non_negative_float, metavar="DECAY", help="temporal ensembling of overlapping chunks with the "
                    "robot client's action schedule, weight exp(-DECAY*k) for the k-th newest chunk (default: off)")
-    p.add_argument("--delay", type=int, default=0, metavar="STEPS",
+    p.add_argument("--delay", type=non_negative_int, default=0, metavar="STEPS",
                    help="simulate a policy that takes STEPS control steps per chunk: the robot executes the previous "
                         "chunk meanwhile (default 0)")
     p.add_argument("--rtc", action="store_true", help="real-time chunking: generate each chunk guided toward the "
@@ -39,11 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="without --instruction: the task's paraphrases to cycle through, those trained on or the "
                         "held-out ones (default)")
     add_backend_options(p)
-    p.add_argument("--threads", type=int, default=1, help="torch (or ONNX Runtime) intra-op threads (default 1: "
+    p.add_argument("--threads", type=positive_int, default=1, help="torch (or ONNX Runtime) intra-op threads (default 1: "
                                                            "fastest at batch 1)")
-    p.add_argument("--json", help="write the full result as JSON here")
+    p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
+                                  "an eval result)")
     p.add_argument("--video", help="directory for GIFs of the first --video-episodes episodes")
-    p.add_argument("--video-episodes", type=int, default=3)
+    p.add_argument("--video-episodes", type=positive_int, default=3, help="episodes recorded with --video (default 3)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_run)
 
@@ -53,11 +55,16 @@ def _run(args: argparse.Namespace) -> int:
 
     from polcache.atomic import atomic_write_text
     from polcache.policy.loader import load_backend
-    from polcache.sim.evaluate import Rollout, evaluate
+    from polcache.outputs import check_output
+    from polcache.sim.evaluate import Rollout, check_result_output, evaluate
 
-    torch.set_num_threads(max(1, args.threads))
+    if args.json is not None:
+        check_result_output(args.json)
+    if args.video is not None:
+        check_output(args.video, "a folder for GIFs", folder=True, ours=lambda _: True, flag="--video")
+    torch.set_num_threads(args.threads)
     backend = load_backend(args.checkpoint, cache=args.cache, sampler=args.sampler, steps=args.steps,
-                           threads=max(1, args.threads), **backend_options(args))
+                           threads=args.threads, **backend_options(args))
     task = args.task or backend.spec.task
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")

@@ -20,11 +20,23 @@ from tqdm import tqdm
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.language import encode_instruction
 from polcache.errors import PolcacheError
+from polcache.outputs import check_output, json_kind
 from polcache.policy.spec import CommittedActions, PolicyBackend, rtc_blocker
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
 from polcache_client.protocol import ActionChunk
 from polcache_client.schedule import ActionSchedule
+
+
+RESULT_FORMAT = "polcache-eval-result"
+_RESULT_FIELDS = ("task", "episodes", "successes", "success_rate", "ci95")  # how results before the marker look
+
+
+def check_result_output(path: str | Path, flag: str = "--json") -> Path:
+    """Refuse, before any episode runs, a result path that holds anything but an earlier result
+    of eval or sim-robot (files written before the "format" marker are known by their fields)."""
+    return check_output(path, "an eval result (JSON)", folder=False, flag=flag,
+                        ours=lambda p: json_kind(p, RESULT_FORMAT, _RESULT_FIELDS))
 
 
 @dataclass
@@ -41,7 +53,7 @@ class EvalResult:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {"format": RESULT_FORMAT, **asdict(self)}  # the marker lets --json replace only a result
         d["ci95"] = list(self.ci95)
         return d
 
@@ -89,7 +101,10 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
 
     spec = backend.spec
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
-    per_chunk = min(spec.n_action_steps, rollout.action_steps or spec.n_action_steps)
+    if (rollout.action_steps or 0) > spec.n_action_steps:  # a chunk holds no more actions than that
+        raise PolcacheError(f"--action-steps {rollout.action_steps}: the policy executes at most "
+                            f"{spec.n_action_steps} actions per chunk (its n_action_steps)")
+    per_chunk = rollout.action_steps or spec.n_action_steps
     if per_chunk + rollout.delay > spec.n_action_steps:
         raise PolcacheError(f"a delay of {rollout.delay} steps with {per_chunk} actions executed per chunk needs "
                             f"chunks of at least {per_chunk + rollout.delay} actions; the policy's have "

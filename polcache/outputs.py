@@ -1,0 +1,56 @@
+"""Output paths are checked before any work, with one helper, so a wrong --out costs one line
+instead of a finished run, and a command never replaces a file or folder that it did not write.
+
+Every writer names what it writes (`what`, e.g. "a polcache dataset") and how to recognise its
+own earlier output (`ours`); an existing path that is not its own is refused, as is a path
+under a file, a folder where a file goes (or the reverse), an empty path, and the command's
+own input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+from polcache.errors import OutputError, PolcacheError
+from polcache.jsonfile import read_json_object
+
+
+def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[Path], bool] | None = None,
+                 flag: str | None = "--out", inputs: Iterable[str | Path] = (),
+                 error: type[PolcacheError] = OutputError) -> Path:
+    """`path` as a Path when the command may write `what` there; else OutputError in one line.
+
+    folder: the output is a directory (an existing empty one is fine) or else a file.
+    ours: true for an existing output of this command, which may be replaced; None: nothing may be.
+    inputs: paths the command reads, which the output must not be.
+    error: the class raised (a library writer raises its own, e.g. DatasetError)."""
+    name = f"{flag} {path}" if flag else str(path)
+    if not str(path).strip():
+        raise error(f"{flag or 'output'}: empty path; expected {what}")
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise error(f"{name}: {parent} is a file, not a folder")
+    for source in inputs:
+        if Path(source).resolve() == path.resolve():
+            raise error(f"{name}: is also the input; refusing to overwrite it")
+    if not path.exists():
+        return path
+    if path.is_dir() != folder:
+        raise error(f"{name}: is a {'file' if folder else 'folder'}; expected {what}")
+    if folder and not any(path.iterdir()):
+        return path
+    if ours is None or not ours(path):
+        raise error(f"{name}: exists and is not {what}; refusing to overwrite it")
+    return path
+
+
+def json_kind(path: Path, format: str, fields: Iterable[str] = ()) -> bool:
+    """True for a JSON object whose "format" is `format`, or, for files written before the marker,
+    one that has every one of `fields`."""
+    try:
+        doc = read_json_object(path)
+    except Exception:
+        return False
+    fields = list(fields)
+    return doc.get("format") == format or (bool(fields) and all(f in doc for f in fields))
