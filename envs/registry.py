@@ -24,7 +24,8 @@ def list_tasks() -> list[str]:
     return metaworld_tasks() + [CUE_REACH, *PAD_REACH_TASKS]
 
 
-def _check_task(task: str) -> None:
+def check_task(task: str) -> None:
+    """Refuse an unknown task name in one line, with the closest known ones."""
     tasks = list_tasks()
     if task not in tasks:
         close = difflib.get_close_matches(task, tasks, n=3, cutoff=0.5)
@@ -41,7 +42,7 @@ def make_env(
 ) -> TaskEnv:
     """Build `task`. image=True adds "image_<camera>" observations for `cameras` (default: the
     task's usual camera); giving cameras alone also turns images on."""
-    _check_task(task)
+    check_task(task)
     cameras = tuple(cameras) if cameras else None
     if task == CUE_REACH:
         from polcache.envs.cue_reach import CueReachEnv
@@ -59,7 +60,7 @@ def make_env(
 def make_expert(task: str, env: TaskEnv) -> Expert:
     """The scripted expert for `task`: obs dict -> action. `env` must be the env it acts in
     (cue-reach's and pad-reach's expert reads the true target from it)."""
-    _check_task(task)
+    check_task(task)
     if env.task != task:
         raise PolcacheError(f"expert for {task!r} asked to act in a {env.task!r} env")
     if task == CUE_REACH or task.startswith(PAD_REACH):  # the same scene and expert

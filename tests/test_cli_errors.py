@@ -432,3 +432,11 @@ def test_an_exported_artifact_is_named_alike_where_a_checkpoint_is_needed(capsys
 
 def test_dashboard_refuses_a_folder_as_metrics_file(capsys, tmp_path):
     assert f"--metrics {tmp_path}: is a folder" in _err(capsys, ["dashboard", "--metrics", str(tmp_path)])
+
+
+@pytest.mark.parametrize("override, match", [("robot.seed=-1", "robot.seed: expected an integer >= 0"),
+                                             ("robot.task=nonexist", "robot.task: unknown task 'nonexist'"),
+                                             ("run_dir={afile}", "run_dir {afile}: is a file")])
+def test_launch_checks_before_starting_anything(capsys, afile, override, match):
+    err = _err(capsys, ["launch", "configs/launch/sim.yaml", override.format(afile=afile)])
+    assert match.format(afile=afile) in err

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from polcache.config import apply_overrides, from_dict, read_yaml_mapping
 from polcache.errors import ConfigError, PolcacheError
+from polcache.outputs import check_output
+from polcache.serve.address import tcp_port
 from polcache.serve.server import DEFAULT_INLINE_MS, MAX_INLINE_MS
 
 DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
@@ -88,17 +90,6 @@ def load_launch_config(path: str | Path, overrides: list[str] | None = None) -> 
     return cfg
 
 
-def tcp_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of a tcp:// ZeroMQ address; None for ipc:// and inproc://."""
-    if address.startswith(("ipc://", "inproc://")):
-        return None
-    match = re.fullmatch(r"tcp://(.+):(\d+)", address)
-    if match is None:
-        raise ConfigError(f"server.bind: expected tcp://HOST:PORT, ipc://PATH or inproc://NAME, got {address!r}")
-    host = match.group(1).strip("[]")
-    return ("0.0.0.0" if host == "*" else host), int(match.group(2))
-
-
 def _check_port(name: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise ConfigError(f"{name}: expected a port in 1..65535, got {port}")
@@ -115,7 +106,7 @@ def _check_placement(name: str, placement: Placement) -> None:
 def validate(cfg: LaunchConfig) -> None:
     """Checks that need nothing but the config."""
     s, r, d = cfg.server, cfg.robot, cfg.dashboard
-    address = tcp_port(s.bind)
+    address = tcp_port(s.bind, "server.bind", ConfigError)
     if address is not None:
         _check_port("server.bind", address[1])
     if not DEVICE_PATTERN.fullmatch(s.device):
@@ -132,6 +123,8 @@ def validate(cfg: LaunchConfig) -> None:
             raise ConfigError(f"{name}: expected a positive number, got {value}")
     if r.episodes < 1:
         raise ConfigError(f"robot.episodes: expected a positive integer, got {r.episodes}")
+    if r.seed < 0:  # sim-robot would refuse it only after the server started
+        raise ConfigError(f"robot.seed: expected an integer >= 0, got {r.seed}")
     if s.max_batch < 1:
         raise ConfigError(f"server.max_batch: expected a positive integer, got {s.max_batch}")
     if not 0 <= s.inline_ms <= MAX_INLINE_MS:
@@ -162,6 +155,15 @@ def check_machine(cfg: LaunchConfig) -> None:
     """Checks against this machine, before anything starts: the checkpoint exists, the device
     is there, the CPUs may be used, the ports are free. Raises PolcacheError naming the field."""
     s = cfg.server
+    check_output(cfg.run_dir, "a folder for launch runs", folder=True, ours=lambda _: True, flag="run_dir",
+                 error=PolcacheError)
+    if cfg.robot.enabled and cfg.robot.task:
+        from polcache.envs.registry import check_task
+
+        try:
+            check_task(cfg.robot.task)
+        except PolcacheError as exc:
+            raise PolcacheError(f"robot.task: {exc}") from None
     if not Path(s.checkpoint).is_dir():
         raise PolcacheError(f"server.checkpoint: {s.checkpoint} is not a directory (a checkpoint or an exported "
                             f"artifact; paths are relative to {os.getcwd()})")
@@ -181,7 +183,7 @@ def check_machine(cfg: LaunchConfig) -> None:
         if missing:
             raise PolcacheError(f"{name}.placement.cpus: CPU {missing[0]} is not available here "
                                 f"(this process may use CPUs {sorted(allowed)})")
-    address = tcp_port(s.bind)
+    address = tcp_port(s.bind, "server.bind", ConfigError)
     if address is not None:
         _check_port_free("server.bind", *address)
     if cfg.dashboard.enabled:
