@@ -116,6 +116,14 @@ def test_handshake_mismatch_names_the_field(server, spec, action_dim, fragment):
     client.close()
 
 
+def test_a_handshake_refused_for_a_field_out_of_range_is_reported_as_refused(server):
+    """`sim-robot --hz 1e9` said "no answer from a policy server" although the server answered."""
+    client = PolicyClient(server.endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=1e9)
+    with pytest.raises(ConnectError, match=r"refused the handshake: \[out_of_range\] handshake.hz"):
+        client.connect(timeout_s=2)
+    client.close()
+
+
 def test_oversized_messages(server, peer, caplog):
     reply = peer.request(msgpack.packb({"v": 1, "type": "obs", "pad": b"x" * 100_000}))
     assert reply.code == "too_large" and "exceeds the limit of 65536" in reply.message

@@ -205,8 +205,6 @@ class PolicyClient:
         elif isinstance(msg, Heartbeat):
             self.rtt_s = now - msg.t
         elif isinstance(msg, Error):
-            if msg.code == "spec_mismatch" or (msg.code == "bad_instruction" and not self._ready):
-                raise ConnectError(f"server at {self.address} refused the handshake: {msg.message}")
             if msg.code == "version" and not self._ready and self.version > 1:
                 self.version -= 1  # an older server: try its version (fewer fields)
                 self._handshake = encode(self._hello, self.version)
@@ -214,6 +212,8 @@ class PolicyClient:
                 log.info("server at %s does not speak our protocol version: falling back to version %d",
                          self.address, self.version)
                 return True
+            if msg.code == "spec_mismatch" or not self._ready:  # before the welcome only a handshake was sent
+                raise ConnectError(f"server at {self.address} refused the handshake: [{msg.code}] {msg.message}")
             if msg.code == "no_session":
                 self._reconnect(f"server does not know this robot ({msg.message})")
                 return False
