@@ -430,6 +430,22 @@ def test_an_exported_artifact_is_named_alike_where_a_checkpoint_is_needed(capsys
     assert f"{artifact} is an exported policy (ONNX), not a checkpoint" in err
 
 
+def test_ptp_finetune_refuses_another_task_and_another_dataset(capsys, tmp_path):
+    data = _dataset(tmp_path / "reach.zarr")
+    data_attrs = __import__("zarr").open_group(str(data), mode="r+").attrs
+    data_attrs["task"] = "reach-v3"
+    store = tmp_path / "e.zarr"
+    assert main(["ptp", "embed", "--checkpoint", str(CHECKPOINT), "--dataset", str(data), "--out", str(store),
+                 "--no-progress"]) == 0
+    finetune = ["ptp", "finetune", "--embeddings", str(store), "--config", "configs/ptp_cue_reach.yaml",
+                f"out={tmp_path / 'run'}"]
+    err = _err(capsys, finetune)
+    assert f"task is 'cue-reach' but dataset {data} was recorded on 'reach-v3'" in err
+    err = _err(capsys, finetune + ["task=reach-v3", f"dataset={tmp_path / 'other.zarr'}"])
+    assert f"dataset is {tmp_path / 'other.zarr'} but {store} embeds {data}" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_dashboard_refuses_a_folder_as_metrics_file(capsys, tmp_path):
     assert f"--metrics {tmp_path}: is a folder" in _err(capsys, ["dashboard", "--metrics", str(tmp_path)])
 

@@ -36,9 +36,17 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path) -> TrainingSo
     if list(cfg.obs_keys) != list(info["obs_keys"]):
         raise ConfigError(f"obs_keys {cfg.obs_keys} disagree with the embedding store's encoder, which takes "
                           f"{info['obs_keys']}")
+    source = info["source"]
+    if cfg.dataset and Path(cfg.dataset).resolve() != Path(source).resolve():  # not silently replaced
+        raise ConfigError(f"dataset is {cfg.dataset} but {embeddings} embeds {source}; leave dataset empty "
+                          "(ptp finetune trains on the store, whose source dataset calibration reads)")
+    recorded = str(store.attrs.get("task", "")) or base_cfg.task
+    if cfg.task and recorded and cfg.task != recorded:  # as train refuses a dataset of another task
+        raise ConfigError(f"task is {cfg.task!r} but dataset {source} was recorded on {recorded!r} (embedded in "
+                          f"{embeddings}); set task={recorded} (or leave task empty)")
     cfg.policy.state_hidden, cfg.policy.image = base_cfg.policy.state_hidden, base_cfg.policy.image
-    cfg.dataset = info["source"]
-    cfg.task = cfg.task or base_cfg.task
+    cfg.dataset = source
+    cfg.task = cfg.task or recorded
     validate(cfg)
     policy = build_policy(cfg.policy, base.spec.obs, base.obs_keys, base.action_dim,
                           with_embedding_stats(base.normalizer, store), cfg.task)
