@@ -304,10 +304,10 @@ def test_record_cli(tmp_path, capsys):
     assert args.handler(args) == 0
     attrs = EpisodeStore.open(tmp_path / "p").attrs
     assert (attrs["hold_steps"], attrs["stop_steps"], attrs["action_noise"], attrs["stop_rate"]) == (7, 5, 0.1, 0.1)
-    args = parser.parse_args(["record", "--task", "cue-reach", "--episodes", "1", "--out", str(tmp_path / "n"),
-                              "--stop-steps", "-1"])
-    with pytest.raises(PolcacheError, match="--stop-steps must be >= 0, got -1"):
-        args.handler(args)
+    with pytest.raises(SystemExit):  # refused by the flag's type, before anything is recorded
+        parser.parse_args(["record", "--task", "cue-reach", "--episodes", "1", "--out", str(tmp_path / "n"),
+                           "--stop-steps", "-1"])
+    assert "argument --stop-steps: expected an integer >= 0, got -1" in capsys.readouterr().err
     args = parser.parse_args(["record", "--task", "nope", "--episodes", "1", "--out", str(tmp_path / "e")])
     with pytest.raises(UnknownTaskError, match="'nope'"):
         args.handler(args)
