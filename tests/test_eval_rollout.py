@@ -61,7 +61,10 @@ def test_cap_and_default_chunking():
 def test_fewer_executed_actions_replan_sooner():
     _, acts, chunks = _run(Rollout(max_steps=6, action_steps=2))
     assert acts.tolist() == [0, 0, 1, 1, 2, 2] and chunks == 3
-    assert _run(Rollout(max_steps=8, action_steps=99))[2] == 2  # at most the policy's n_action_steps
+    from polcache.errors import PolcacheError
+
+    with pytest.raises(PolcacheError, match="--action-steps 99: the policy executes at most 4 actions per chunk"):
+        _run(Rollout(max_steps=8, action_steps=99))  # refused, no longer clamped to n_action_steps in silence
 
 
 @pytest.mark.parametrize("decay, expected", [(0.0, [0, 0, 0.5, 0.5, 1.5, 1.5]),
