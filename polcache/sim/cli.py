@@ -54,8 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from polcache.atomic import atomic_write_text
-    from polcache.policy.loader import load_backend
     from polcache.outputs import check_output
+    from polcache.policy.loader import load_backend
     from polcache.sim.evaluate import Rollout, check_result_output, evaluate
 
     if args.json is not None:
