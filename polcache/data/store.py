@@ -130,7 +130,7 @@ def dataset_at_or_above(path: str | Path) -> Path | None:
     everything in it, when the dataset is written again (`record --out`)."""
     p = Path(path).resolve()
     for q in (p, *p.parents):
-        if (q / "zarr.json").is_file() and _is_polcache(q):
+        if (q / "zarr.json").is_file() and is_dataset(q):
             return q
     return None
 
