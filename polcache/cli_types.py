@@ -68,6 +68,8 @@ def name_list(value: str) -> tuple[str, ...]:
 
 
 DEVICE_HELP = "compute device: cpu, cuda, cuda:N or auto (cuda when available, else cpu); default cpu"
+FRESH_HELP = ("start from scratch; the previous run (last/, best/, train_log.jsonl) is moved into "
+              "OUT/previous-<time>/")
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:

@@ -72,8 +72,9 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
         from polcache.export.ort_backend import OrtBackend
 
         return OrtBackend(path, device=device, threads=threads)
-    if exported:
-        raise ExportError(f"{path} is an exported policy (ONNX), not a checkpoint: run it with --backend ort")
+    from polcache.export.manifest import refuse_exported
+
+    refuse_exported(path, "run it with --backend ort")
     from polcache.policy.backend import TorchBackend
     from polcache.policy.checkpoint import load_policy
     from polcache.policy.device import resolve_device

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from polcache.cli_types import DEVICE_HELP, config_file, positive_int
+from polcache.cli_types import DEVICE_HELP, FRESH_HELP, config_file, positive_int
 from polcache.errors import PolcacheError
 
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--embeddings", required=True, help="store written by `polcache ptp embed`")
     f.add_argument("--config", required=True, type=config_file, help="YAML experiment config of the long-context policy")
     f.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
-    f.add_argument("--fresh", action="store_true", help="ignore OUT/last and start from scratch")
+    f.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     f.add_argument("--device", default="cpu", help=DEVICE_HELP)
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(handler=_finetune)

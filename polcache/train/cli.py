@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import DEVICE_HELP
+from polcache.cli_types import DEVICE_HELP, FRESH_HELP, config_file
 from polcache.config import load_config
 
 
@@ -13,11 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="train a diffusion policy from a recorded dataset",
         description="Train a DP-T policy. Re-running the same command resumes from OUT/last. "
                     "Multi-GPU/CPU: torchrun --nproc_per_node N -m polcache.cli train --config ...")
-    p.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
+    p.add_argument("--config", required=True, type=config_file, help="YAML experiment config (see configs/)")
     p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value, e.g. train.steps=1000")
-    p.add_argument("--fresh", action="store_true",
-                   help="start from scratch; the previous run (last/, best/, train_log.jsonl) is moved into "
-                        "OUT/previous-<time>/")
+    p.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     p.set_defaults(handler=_run)
