@@ -452,7 +452,12 @@ def test_dashboard_refuses_a_folder_as_metrics_file(capsys, tmp_path):
 
 @pytest.mark.parametrize("override, match", [("robot.seed=-1", "robot.seed: expected an integer >= 0"),
                                              ("robot.task=nonexist", "robot.task: unknown task 'nonexist'"),
-                                             ("run_dir={afile}", "run_dir {afile}: is a file")])
+                                             ("run_dir={afile}", "run_dir {afile}: is a file"),
+                                             ("server.cache=bogus", "server.cache: unknown cache spec 'bogus'"),
+                                             ("server.cache=bac:x:5@s.json", "server.cache: cache spec 'bac:x:5@s.json': "
+                                                                             "the budget S must be an integer"),
+                                             ("server.cache=/nope/s.json",
+                                              "server.cache: schedule file not found: /nope/s.json")])
 def test_launch_checks_before_starting_anything(capsys, afile, override, match):
     err = _err(capsys, ["launch", "configs/launch/sim.yaml", override.format(afile=afile)])
     assert match.format(afile=afile) in err

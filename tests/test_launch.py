@@ -216,7 +216,8 @@ def test_sigterm_mid_run_stops_robot_then_server_and_children_are_pinned(tmp_pat
 
 @pytest.mark.slow
 def test_a_server_that_dies_before_it_is_ready_is_one_error_and_nothing_is_left(tmp_path):
-    launcher = Launcher(sim_overrides(tmp_path, "server.cache=no-such-plan", "dashboard.enabled=false"))
+    (tmp_path / "other.json").write_text("{}")  # a schedule file by name only: launch's own checks pass it
+    launcher = Launcher(sim_overrides(tmp_path, f"server.cache={tmp_path / 'other.json'}", "dashboard.enabled=false"))
     out = launcher.finish()
     assert launcher.proc.returncode == 2, out
     assert "polcache launch: error: the server exited with status 2 before it was ready" in out

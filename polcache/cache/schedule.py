@@ -28,6 +28,7 @@ from polcache.atomic import atomic_write_text
 from polcache.cache.acs import acs_score, solve_acs
 from polcache.cache.bubbling import bubbling_union, legacy_layer_kind, top_blocks
 from polcache.cache.errors import CacheError
+from polcache.cache.spec import OBJECTIVES
 from polcache.jsonfile import read_json_object
 from polcache.policy.executor import COMPUTE, REUSE, Plan
 from polcache.cache.protocol import CacheTarget
@@ -39,8 +40,7 @@ METHODS = ("bac", "blockwise", "unified")  # ACS + Bubbling Union, per-block ACS
 # What ACS maximises per block: "similarity" -- the cosine similarity kept (the paper); "error-bound" --
 # minus the first-order bound on the action error, sum over steps t of
 # sqrt(sensitivity[t]) * ||delta[start] - delta[t]||, which ignores steps whose errors cannot reach
-# the actions and spends updates where they do.
-OBJECTIVES = ("error-bound", "similarity")
+# the actions and spends updates where they do. (Named in polcache.cache.spec, with the spec grammar.)
 
 
 @dataclass

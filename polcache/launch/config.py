@@ -14,6 +14,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polcache.cache.errors import CacheError
+from polcache.cache.spec import parse_cache_spec
 from polcache.config import apply_overrides, from_dict, read_yaml_mapping
 from polcache.errors import ConfigError, PolcacheError
 from polcache.outputs import check_output
@@ -127,6 +129,13 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"robot.seed: expected an integer >= 0, got {r.seed}")
     if s.max_batch < 1:
         raise ConfigError(f"server.max_batch: expected a positive integer, got {s.max_batch}")
+    if s.cache is not None:  # the grammar and the schedule file; whether it fits the model, the server checks
+        try:
+            spec = parse_cache_spec(s.cache)
+        except CacheError as exc:
+            raise ConfigError(f"server.cache: {exc}") from None
+        if spec.path is not None and not Path(spec.path).is_file():
+            raise ConfigError(f"server.cache: schedule file not found: {spec.path}")
     if not 0 <= s.inline_ms <= MAX_INLINE_MS:
         raise ConfigError(f"server.inline_ms: expected 0 to {MAX_INLINE_MS:g} ms, got {s.inline_ms}")
     if r.blend not in ("ensemble", "latest"):
