@@ -91,9 +91,9 @@ class ExportedBackend:
         and cannot chunk in real time (`committed` raises ValueError: polcache.policy.spec.rtc_blocker)."""
         if committed is not None:
             raise ValueError(rtc_blocker(self))
-        _, batch = self.spec.check_observations(obs)
-        x, noise = self.initial_noise(batch, seed)
-        return np.ascontiguousarray(self.decode(self.sample(obs, x, noise))["action"])
+        feeds, batch = self.spec.check_observations(obs)
+        x, noise = self.initial_noise(batch, seed)  # sample() checks again, but finds nothing left to convert
+        return np.ascontiguousarray(self.decode(self.sample(feeds, x, noise))["action"])
 
     def deviation_from(self, reference: "ExportedBackend", probes: int = PROBES, seed: int = 0) -> dict:
         """polcache.policy.parity's deviation of the normalised chunks of this backend from `reference`'s

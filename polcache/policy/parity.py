@@ -11,6 +11,8 @@ the smallest cosine are reported alongside."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from polcache.errors import PolcacheError, PrecisionError
@@ -36,7 +38,7 @@ def check_parity(deviation: dict, candidate: str, tolerance: float, reference: s
                  error: type[PolcacheError] = PrecisionError) -> None:
     """Refuse `candidate` when its median probe differs from `reference` by more than `tolerance`
     (or anything is NaN)."""
-    if not (deviation["median_abs"] <= tolerance and deviation["max_abs"] == deviation["max_abs"]):
+    if not deviation["median_abs"] <= tolerance or math.isnan(deviation["max_abs"]):  # NaN on any probe
         raise error(
             f"{candidate} disagrees with {reference} by {deviation['median_abs']:.4g} on the median of "
             f"{deviation['probes']} probe observations (normalised action units; worst probe "
