@@ -70,11 +70,29 @@ def test_config_refuses_bad_values_naming_the_field(override, named):
         load_launch_config(SIM, [override])
 
 
+def test_a_port_left_in_time_wait_by_a_stopped_run_is_free_to_launch_on(tmp_path):
+    """The dashboard closes the health check's and browsers' connections first, so its port keeps
+    TIME_WAIT entries for a minute after a run stops; launching again at once must not be refused."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server and ZeroMQ bind
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server side closes first: its end of the connection enters TIME_WAIT
+        client.recv(1)
+        client.close()
+    check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}",
+                                                                       f"server.bind=tcp://127.0.0.1:{port}"]))
+
+
 def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
     with pytest.raises(PolcacheError, match="server.checkpoint: .*nope is not a directory"):
         check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.checkpoint={tmp_path / 'nope'}")))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
+        busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(PolcacheError, match=f"server.bind: port {port} .* already in use"):
             check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"server.bind=tcp://127.0.0.1:{port}"]))
@@ -105,6 +123,7 @@ def test_commands_pass_the_server_choices_through(tmp_path):
 def test_cli_refuses_a_busy_port_in_one_line_and_starts_nothing(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
+        busy.listen()
         port = busy.getsockname()[1]
         proc = subprocess.run([sys.executable, "-m", "polcache.cli", "launch", str(SIM),
                                *sim_overrides(tmp_path, f"server.bind=tcp://127.0.0.1:{port}")],

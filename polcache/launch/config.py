@@ -149,7 +149,11 @@ def validate(cfg: LaunchConfig) -> None:
 
 
 def _check_port_free(name: str, host: str, port: int) -> None:
+    """Refuse a port another socket holds. The probe binds as the server and the dashboard will
+    (both set SO_REUSEADDR), so the closed connections a stopped run leaves in TIME_WAIT for a
+    minute do not block launching again; a socket still listening there does."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except socket.gaierror:
