@@ -15,18 +15,37 @@ PAD_REACH = "pad-reach-"
 Expert = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
-def list_tasks() -> list[str]:
-    """Every task make_env accepts: all Meta-World v3 tasks plus polcache's own."""
-    from polcache.envs.metaworld_env import metaworld_tasks
-
+def _own_tasks() -> list[str]:
+    """polcache's own tasks, which need MuJoCo but not Meta-World."""
     from polcache.envs.pad_reach import PAD_REACH_TASKS
 
-    return metaworld_tasks() + [CUE_REACH, *PAD_REACH_TASKS]
+    return [CUE_REACH, *PAD_REACH_TASKS]
+
+
+def list_tasks() -> list[str]:
+    """Every task make_env accepts: polcache's own, and all Meta-World v3 tasks where metaworld is
+    installed (a robot workstation may have MuJoCo alone)."""
+    from polcache.envs.metaworld_env import metaworld_tasks
+
+    try:
+        return metaworld_tasks() + _own_tasks()
+    except ImportError:
+        return _own_tasks()
 
 
 def check_task(task: str) -> None:
-    """Refuse an unknown task name in one line, with the closest known ones."""
-    tasks = list_tasks()
+    """Refuse an unknown task name in one line, with the closest known ones; polcache's own tasks
+    are accepted without importing Meta-World."""
+    if task in _own_tasks():
+        return
+    from polcache.envs.metaworld_env import metaworld_tasks
+
+    try:
+        tasks = metaworld_tasks() + _own_tasks()
+    except ImportError:
+        raise UnknownTaskError(f"task {task!r} is not one of polcache's own ({CUE_REACH}, {PAD_REACH}*), and "
+                               f"Meta-World, whose task it may be, is not installed: pip install "
+                               f"'polcache[sim]'") from None
     if task not in tasks:
         close = difflib.get_close_matches(task, tasks, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see polcache.envs.list_tasks()"

@@ -13,6 +13,11 @@ def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
     def __getattr__(name: str) -> Any:
         if name not in exports:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(import_module(exports[name]), name)
+        try:
+            module = import_module(exports[name])
+        except AttributeError as exc:  # raised while importing (a library without a symbol it needs):
+            # passed on as is, `from package import name` would report only "cannot import name"
+            raise ImportError(f"{package}.{name}: importing {exports[name]} failed: {exc}") from exc
+        return getattr(module, name)
 
     return __getattr__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import pytest
@@ -43,6 +44,30 @@ def test_list_tasks_has_all_metaworld_tasks_and_our_own():
     assert set(ALL_V3_ENVIRONMENTS) <= set(tasks)
     assert {"cue-reach", "pad-reach-left", "pad-reach-middle", "pad-reach-right"} <= set(tasks)
     assert len(tasks) == len(set(tasks)) == 54
+
+
+def test_own_tasks_run_where_meta_world_is_not_installed(monkeypatch):
+    """A robot workstation may have MuJoCo alone: cue-reach must not need Meta-World, and a
+    Meta-World name there says what to install instead of "unknown task"."""
+    monkeypatch.setitem(sys.modules, "metaworld.policies", None)  # `import metaworld.policies` fails
+    assert "reach-v3" not in list_tasks() and "cue-reach" in list_tasks()
+    env = make_env("cue-reach", seed=0)
+    env.reset(seed=0)
+    env.close()
+    with pytest.raises(UnknownTaskError, match=r"'reach-v3' is not one of polcache's own .*polcache\[sim\]"):
+        make_env("reach-v3")
+
+
+def test_a_library_failing_inside_a_lazy_import_is_named(tmp_path, monkeypatch):
+    """PyOpenGL without libEGL raises AttributeError while MuJoCo imports; `from polcache.envs
+    import make_env` must show it, not only "cannot import name"."""
+    (tmp_path / "lazypkg").mkdir()
+    (tmp_path / "lazypkg" / "__init__.py").write_text(
+        "from polcache.lazy import lazy_exports\n__getattr__ = lazy_exports(__name__, {'thing': 'lazypkg.broken'})\n")
+    (tmp_path / "lazypkg" / "broken.py").write_text("import types\ntypes.SimpleNamespace().eglQueryString\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match="lazypkg.thing: importing lazypkg.broken failed: .*eglQueryString"):
+        from lazypkg import thing  # noqa: F401
 
 
 def test_unknown_task_names_it_and_suggests():
