@@ -8,7 +8,7 @@ import importlib
 import sys
 from typing import NoReturn
 
-from polcache.errors import PolcacheError
+from polcache.errors import PolcacheError, Terminated
 
 # Modules that contribute subcommands, in the order `polcache --help` lists them.
 COMMAND_MODULES = [
@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     except PolcacheError as exc:
         print(f"polcache {command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"polcache {command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C: 130 (128 + SIGINT); SIGTERM raised as Terminated: 143
+        terminated = isinstance(exc, Terminated)
+        print(f"polcache {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

@@ -239,6 +239,30 @@ def test_a_resumed_run_takes_the_commands_learning_rate(tmp_path, capsys):
     assert 0 < lrs[3] <= 1e-5
 
 
+@pytest.mark.parametrize("sig, status, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_stopped_run_saves_and_exits_with_the_signals_status(tmp_path, capsys, monkeypatch, sig, status, said):
+    """Ctrl-C exits 130; a process manager's SIGTERM 143 (128 + 15), the status it expects. Both save OUT/last."""
+    import signal
+
+    from polcache.policy.policy import DiffusionPolicy
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    forward, calls = DiffusionPolicy.forward, []
+
+    def stop_at_step_2(self, batch, state_noise=0.0):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(getattr(signal, sig))
+        return forward(self, batch, state_noise)
+
+    monkeypatch.setattr(DiffusionPolicy, "forward", stop_at_step_2)
+    assert train_cli(data, run, "train.steps=4") == status
+    captured = capsys.readouterr()
+    assert f"interrupted: saved {run / 'last'} at step 1" in captured.out
+    assert captured.err.strip() == f"polcache train: {said}"
+    assert load_policy(run / "last")[2]["step"] == 1
+
+
 def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path, capsys, monkeypatch):
     import torch
 

@@ -7,7 +7,8 @@ episodes came closest to the demonstrations) and `train_log.jsonl`. Running the 
 command again resumes from `last/` (refused if the task, data or policy differ) unless
 `fresh=True`, which moves the previous run's files aside into `previous-<time>/`.
 A loss that becomes NaN or infinite stops the run before the weights take the step.
-SIGTERM (a process manager stopping the run) is handled as Ctrl-C: `last/` is saved first.
+SIGTERM (a process manager stopping the run) is handled as Ctrl-C: `last/` is saved first (the
+command then exits 143 where Ctrl-C exits 130).
 
 Length follows the data when `train.epochs` is set: the step count is epochs x batches per
 epoch, so a dataset twice as large trains twice as many steps under the same config."""
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.data.store import dataset_at_or_above
-from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
+from polcache.errors import CheckpointError, ConfigError, DatasetError, Terminated, TrainingError
 from polcache.policy.checkpoint import TrainState, check_external_weights, load_train_state, read_meta, save_checkpoint
 from polcache.policy.device import resolve_device, to_device
 from polcache.policy.families import build_policy as build_family_policy
@@ -342,14 +343,15 @@ def _set_aside_previous_run(out: Path) -> None:
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Handle SIGTERM as Ctrl-C while training: a process manager stopping the run (systemd, docker,
     a robot's launcher) then gets OUT/last saved first instead of losing the steps since the last
-    checkpoint. A second SIGTERM is ignored while that save runs."""
+    checkpoint. It raises Terminated (a KeyboardInterrupt), so the command's exit status says SIGTERM.
+    A second SIGTERM is ignored while that save runs."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield
         return
 
     def interrupt(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
