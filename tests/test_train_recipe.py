@@ -239,6 +239,20 @@ def test_a_resumed_run_takes_the_commands_learning_rate(tmp_path, capsys):
     assert 0 < lrs[3] <= 1e-5
 
 
+def test_a_resumed_run_takes_the_commands_betas_and_weight_decay_and_keeps_the_moments(tmp_path, capsys):
+    from polcache.policy.checkpoint import load_train_state
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.betas=[0.9, 0.95]", "train.weight_decay=0.001") == 0
+    assert train_cli(data, run, "train.betas=[0.5, 0.6]", "train.weight_decay=0.1", "train.steps=4") == 0
+    optimizer = load_train_state(run / "last").optimizer
+    assert all(g["betas"] == (0.5, 0.6) and g["weight_decay"] == 0.1 for g in optimizer["param_groups"])
+    assert all(s["step"] == 4 for s in optimizer["state"].values())  # the moments of steps 1-2 carried on
+    out = capsys.readouterr().out
+    assert "note: train.betas=[0.5, 0.6] (the run had [0.9, 0.95])" in out
+    assert "note: train.weight_decay=0.1 (the run had 0.001)" in out
+
+
 @pytest.mark.parametrize("sig, status, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
 def test_a_stopped_run_saves_and_exits_with_the_signals_status(tmp_path, capsys, monkeypatch, sig, status, said):
     """Ctrl-C exits 130; a process manager's SIGTERM 143 (128 + 15), the status it expects. Both save OUT/last."""

@@ -362,6 +362,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
             device: torch.device, verbose: bool = True) -> int:
+    """Restore OUT/last into the new run's objects and return its step. The optimizer keeps the run's
+    moment estimates but takes the command's hyper-parameters (train.lr, betas, weight_decay), which
+    may have been changed to continue the run differently."""
     old_cfg, meta = read_meta(last)
     check_external_weights(meta, last)
     if to_dict(old_cfg.policy) != to_dict(cfg.policy):
@@ -384,6 +387,13 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     policy.load_state_dict(state.model)
     ema.load_state_dict(averaged)
     optimizer.load_state_dict(state.optimizer)
+    for name, value in (("betas", tuple(cfg.train.betas)), ("weight_decay", cfg.train.weight_decay)):
+        had = optimizer.param_groups[0][name]
+        if had != value:  # the command's, as for the learning rate below; the moment estimates stay the run's
+            if verbose:
+                print(f"note: train.{name}={json.dumps(value)} (the run had {json.dumps(had)})")
+            for group in optimizer.param_groups:
+                group[name] = value
     lr_sched.load_state_dict(state.lr_scheduler)
     if lr_sched.base_lrs[0] != cfg.train.lr:  # the command's learning rate (e.g. lowered after a divergence),
         if verbose:                           # at the schedule's position: the restored state would keep the old one
