@@ -49,6 +49,15 @@ def test_prometheus_text_over_http():
         assert 'polcache_tick_period_error_seconds_count{robot="arm"} 1.0' in text
 
 
+def test_port_zero_prints_the_port_it_took(capsys):
+    with collect_metrics(port=0, robot="arm") as m:
+        m.record(tick(0.25))
+        line = capsys.readouterr().out.strip()
+        assert line.startswith("metrics on http://127.0.0.1:") and line.endswith("/metrics")
+        body = urllib.request.urlopen(line.removeprefix("metrics on "), timeout=5).read().decode()
+        assert 'polcache_tick_ticks_total{robot="arm"} 1.0' in body
+
+
 def test_http_endpoint_serves_metrics_only():
     from polcache.metrics import serve_prometheus
 

@@ -18,13 +18,16 @@ def collect_metrics(path: str | Path | None = None, port: int | None = None, hos
     """`robot` names the robot whose records carry no name (the robot side's); `info` is written
     as the file's first line, kind `info` (what runs: the server's backend and cache plan, the
     robot's rate; and both clocks, wall and monotonic, at one instant), so a dashboard or report can
-    draw deadlines and cache schedules. `window`: as Metrics (0: no in-process distributions)."""
+    draw deadlines and cache schedules. `window`: as Metrics (0: no in-process distributions).
+    `port` 0 takes a free port and prints the endpoint's address."""
     writer = JsonlWriter(path, labels={"robot": robot} if robot else None) if path else None
     if writer is not None and info is not None:
         writer.write({"kind": "info", "t": time.time(), "monotonic": time.monotonic(),
                       **({"robot": robot} if robot else {}), **info})
     metrics = Metrics(window, sink=writer, robot=robot)
     http = serve_prometheus(metrics, port, host) if port is not None else None
+    if port == 0:  # the system picked the port: say which, or nothing could scrape it
+        print(f"metrics on http://{host}:{http.server_address[1]}/metrics", flush=True)
     try:
         yield metrics
     finally:

@@ -19,7 +19,7 @@ DEFAULT_SERVER = "tcp://127.0.0.1:5555"
 def _add_metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-file", help="append metrics as JSON lines here (rotated at 10 MiB, 3 backups)")
     p.add_argument("--metrics-port", type=port, help="serve Prometheus text on http://127.0.0.1:PORT/metrics "
-                                                  "(default: off)")
+                                                  "(default: off; 0 takes a free port and prints it)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
