@@ -373,6 +373,10 @@ def validate(cfg: ExperimentConfig) -> None:
     if p.sampler.beta_schedule not in BETA_SCHEDULES:
         raise ConfigError(f"policy.sampler.beta_schedule must be {_one_of(BETA_SCHEDULES)}, "
                           f"got {p.sampler.beta_schedule!r}")
+    if p.sampler.kind != "flow" and p.sampler.inference_steps > p.sampler.train_steps:  # flow has no noise levels
+        raise ConfigError(f"policy.sampler.inference_steps ({p.sampler.inference_steps}) must be at most "
+                          f"policy.sampler.train_steps ({p.sampler.train_steps}): a {p.sampler.kind} step takes one of "
+                          f"the trained noise levels")
     t = cfg.train
     for name in ("state_norm", "action_norm"):
         if getattr(t, name) not in ("limits", "gaussian"):

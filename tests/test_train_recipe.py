@@ -128,6 +128,15 @@ def test_numeric_fields_outside_their_range_are_named(override, message):
     assert str(exc.value) == message
 
 
+def test_more_inference_steps_than_trained_noise_levels_are_refused_when_the_config_loads():
+    with pytest.raises(ConfigError) as exc:
+        load_config("configs/recommended_cpu.yaml", ["policy.sampler.inference_steps=101"])
+    assert str(exc.value) == ("policy.sampler.inference_steps (101) must be at most policy.sampler.train_steps (100): "
+                              "a ddim step takes one of the trained noise levels")
+    # a flow sampler integrates continuous time: any step count
+    assert load_config("configs/vla_mt10.yaml", ["policy.sampler.inference_steps=200"]).policy.sampler.kind == "flow"
+
+
 def test_every_numeric_config_field_has_a_range():
     """A numeric field added to a config dataclass without an entry in RANGES would go unchecked."""
     import dataclasses
