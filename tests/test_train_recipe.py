@@ -262,6 +262,16 @@ def test_a_resumed_run_takes_the_commands_betas_and_weight_decay_and_keeps_the_m
     assert "note: train.weight_decay=0.1 (the run had 0.001)" in out
 
 
+def test_a_batch_smaller_than_the_world_size_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node 4 sets it
+    run, missing = tmp_path / "run", tmp_path / "not-recorded-yet.zarr"  # refused before the dataset is opened
+    assert train_cli(missing, run, "train.batch_size=2") == 2
+    assert capsys.readouterr().err.strip() == (
+        "polcache train: error: train.batch_size=2 is smaller than the world size 4 (processes sharing the batch, "
+        "each taking batch_size // 4 windows); set train.batch_size >= 4")
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("sig, status, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
 def test_a_stopped_run_saves_and_exits_with_the_signals_status(tmp_path, capsys, monkeypatch, sig, status, said):
     """Ctrl-C exits 130; a process manager's SIGTERM 143 (128 + 15), the status it expects. Both save OUT/last."""

@@ -52,9 +52,14 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _world_size() -> int:
+    """The processes sharing the run: torchrun's WORLD_SIZE, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
@@ -149,6 +154,11 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
     process takes its LOCAL_RANK's GPU); returns the path of the final checkpoint (`out/last`).
     `source`: what to learn from (default: `dataset_source(cfg)`)."""
     check_out(Path(cfg.out), cfg.dataset)
+    world = _world_size()
+    if cfg.train.batch_size < world:  # each process takes batch_size // world windows: 0 fails after the data loads
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {world} (processes "
+                          f"sharing the batch, each taking batch_size // {world} windows); set train.batch_size >= "
+                          f"{world}")
     with _sigterm_as_interrupt():
         return _train(cfg, fresh, progress, device, source)
 
