@@ -37,26 +37,17 @@ def _run(args: argparse.Namespace) -> int:
     require_export_deps()
     from pathlib import Path
 
-    from polcache.errors import ExportError
-    from polcache.export.exporter import DEFAULT_STEP_MODE, check_artifact_output, export_policy, parity, plan_table
+    from polcache.export.exporter import DEFAULT_STEP_MODE, check_artifact_output, export_policy
     from polcache.policy.checkpoint import load_policy
-    from polcache.policy.parity import DEFAULT_TOLERANCE, check_parity
+    from polcache.policy.parity import DEFAULT_TOLERANCE
 
     check_artifact_output(args.out, "--out")
     policy, _, _ = load_policy(args.checkpoint, "cpu")
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     deviation: dict = {}
-
-    def verify(artifact: Path) -> None:  # before the artifact replaces --out
-        smp = policy.sampler(args.sampler, args.steps)
-        deviation.update(parity(policy, artifact, smp, plan_table(policy, smp, args.cache)[0]))
-        check_parity(deviation, "the exported policy (ONNX Runtime)", tolerance, reference="torch", error=ExportError,
-                     remedy=f"nothing was written to {args.out}; serve the checkpoint with --backend torch, or raise "
-                            "--tolerance knowingly")
-
     m = export_policy(policy, args.out, cache=args.cache, sampler=args.sampler, steps=args.steps,
                       step_mode=args.step_graphs or DEFAULT_STEP_MODE, checkpoint=args.checkpoint,
-                      verify=None if args.no_verify else verify)
+                      tolerance=None if args.no_verify else tolerance, deviation=deviation)
     sizes = {name: (Path(args.out) / g.file).stat().st_size for name, g in m.graphs.items()}
     summary = m.cache["summary"]
     plan = "uncached" if summary is None else (f"{m.cache['spec']} ({summary['block_evals']} of "

@@ -9,7 +9,6 @@ the torch backend.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from polcache.export.manifest import MANIFEST, GraphEntry, Manifest, sha256_file
 from polcache.export.onnx_graphs import (OPSET, STEP_MODES, assemble_step, dims, io_description, trace_encoder,
                                          trace_pieces)
 from polcache.policy.executor import COMPUTE, FORECAST, GATE
+from polcache.policy.parity import DEFAULT_TOLERANCE, check_parity
 from polcache.policy.policy import DiffusionPolicy
 
 DEFAULT_STEP_MODE = "if"
@@ -68,9 +68,12 @@ def check_artifact_output(out: str | Path, flag: str | None = None) -> Path:
 
 def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = None, sampler: str | None = None,
                   steps: int | None = None, step_mode: str = DEFAULT_STEP_MODE, checkpoint: str = "",
-                  verify: Callable[[Path], None] | None = None) -> Manifest:
-    """Write the artifact directory `out` (atomically) and return its manifest. `verify` gets the
-    finished artifact before it replaces `out`: if it raises, `out` is left as it was."""
+                  tolerance: float | None = DEFAULT_TOLERANCE, deviation: dict | None = None) -> Manifest:
+    """Write the artifact directory `out` (atomically) and return its manifest. Before the artifact
+    replaces `out` it is checked against the torch policy (`parity`, as `polcache export` does): where
+    its median probe differs by more than `tolerance`, ExportError is raised and `out` is left as it
+    was, so graphs that act differently from the policy are never written. tolerance=None skips the
+    check. `deviation`, where given, receives the difference measured (chunk_deviation's keys)."""
     from polcache.cache import plan_summary
     from polcache.cache.schedule import model_hash
 
@@ -82,9 +85,9 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
     t0 = time.perf_counter()
     was_training = policy.training
     policy = policy.cpu().eval()
-    smp = policy.sampler(sampler, steps)
-    plan, compute = plan_table(policy, smp, cache)
-    try:
+    try:  # eval mode through the parity check too: dropout would make torch's reference random
+        smp = policy.sampler(sampler, steps)
+        plan, compute = plan_table(policy, smp, cache)
         encoder = trace_encoder(policy)
         pieces = trace_pieces(policy, smp)
         graphs: dict[str, onnx.ModelProto] = {"encoder": encoder}
@@ -97,38 +100,43 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
                 pattern_of_step.append(patterns.setdefault(tuple(row), len(patterns)))
             for row, j in patterns.items():
                 graphs[f"step_p{j}"] = assemble_step(pieces, pattern=row, name=f"polcache_step_p{j}")
+        for name, model in graphs.items():
+            try:
+                onnx.checker.check_model(model, full_check=True)
+            except onnx.checker.ValidationError as exc:  # a bug here, not a user error: keep the detail
+                raise RuntimeError(f"exported graph {name} fails onnx.checker: {exc}") from exc
+        action = policy.normalizer.stats("action")
+        entries = {}
+        with atomic_directory(out) as tmp:
+            tmp.mkdir()
+            for name, model in graphs.items():
+                f = tmp / f"{name}.onnx"
+                f.write_bytes(model.SerializeToString())
+                entries[name] = GraphEntry(file=f.name, sha256=sha256_file(f), opset=OPSET, **io_description(model))
+            manifest = Manifest(
+                spec=policy.spec.to_dict(),
+                model={"hash": model_hash(policy), "checkpoint": str(checkpoint), "block_names":
+                       policy.denoiser.block_names, **dims(policy)},
+                sampler={"kind": smp.kind, "steps": smp.num_steps, "clip_sample": bool(smp.clip_sample),
+                         "needs_noise": bool(smp.needs_noise), "timesteps": smp.timesteps.tolist(),
+                         **{c: getattr(smp, c).tolist() for c in "abcdes"}},
+                cache={"spec": cache.strip() if cache else "none", "schedule_sha256": _schedule_sha(cache),
+                       "summary": plan_summary(plan) if plan is not None else None,
+                       "table": compute.astype(int).tolist()},
+                normalizer={"action": {"scale": action["scale"].tolist(), "offset": action["offset"].tolist()}},
+                graphs=entries, step_mode=step_mode, pattern_of_step=pattern_of_step,
+                polcache_version=_code_version(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                export_seconds=round(time.perf_counter() - t0, 3))
+            (tmp / MANIFEST).write_text(manifest.to_json())
+            if tolerance is not None:
+                measured = parity(policy, tmp, smp, plan)
+                if deviation is not None:
+                    deviation.update(measured)
+                check_parity(measured, "the exported policy (ONNX Runtime)", tolerance, reference="torch",
+                             error=ExportError, remedy=f"nothing was written to {out}; serve the policy with the torch "
+                                                       "backend, or raise the tolerance (--tolerance) knowingly")
     finally:
         policy.train(was_training)
-    for name, model in graphs.items():
-        try:
-            onnx.checker.check_model(model, full_check=True)
-        except onnx.checker.ValidationError as exc:  # a bug here, not a user error: keep the detail
-            raise RuntimeError(f"exported graph {name} fails onnx.checker: {exc}") from exc
-    action = policy.normalizer.stats("action")
-    entries = {}
-    with atomic_directory(out) as tmp:
-        tmp.mkdir()
-        for name, model in graphs.items():
-            f = tmp / f"{name}.onnx"
-            f.write_bytes(model.SerializeToString())
-            entries[name] = GraphEntry(file=f.name, sha256=sha256_file(f), opset=OPSET, **io_description(model))
-        manifest = Manifest(
-            spec=policy.spec.to_dict(),
-            model={"hash": model_hash(policy), "checkpoint": str(checkpoint), "block_names":
-                   policy.denoiser.block_names, **dims(policy)},
-            sampler={"kind": smp.kind, "steps": smp.num_steps, "clip_sample": bool(smp.clip_sample),
-                     "needs_noise": bool(smp.needs_noise), "timesteps": smp.timesteps.tolist(),
-                     **{c: getattr(smp, c).tolist() for c in "abcdes"}},
-            cache={"spec": cache.strip() if cache else "none", "schedule_sha256": _schedule_sha(cache),
-                   "summary": plan_summary(plan) if plan is not None else None,
-                   "table": compute.astype(int).tolist()},
-            normalizer={"action": {"scale": action["scale"].tolist(), "offset": action["offset"].tolist()}},
-            graphs=entries, step_mode=step_mode, pattern_of_step=pattern_of_step,
-            polcache_version=_code_version(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            export_seconds=round(time.perf_counter() - t0, 3))
-        (tmp / MANIFEST).write_text(manifest.to_json())
-        if verify is not None:
-            verify(tmp)
     return manifest
 
 
@@ -142,11 +150,13 @@ def _code_version() -> str:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, cache: str | None = None, sampler: str | None = None,
-                      steps: int | None = None, step_mode: str = DEFAULT_STEP_MODE) -> Manifest:
+                      steps: int | None = None, step_mode: str = DEFAULT_STEP_MODE,
+                      tolerance: float | None = DEFAULT_TOLERANCE) -> Manifest:
+    """export_policy of the checkpoint's policy (parity-checked likewise)."""
     from polcache.policy.checkpoint import load_policy
 
     policy, _, _ = load_policy(checkpoint, "cpu")
-    return export_policy(policy, out, cache, sampler, steps, step_mode, checkpoint=str(checkpoint))
+    return export_policy(policy, out, cache, sampler, steps, step_mode, checkpoint=str(checkpoint), tolerance=tolerance)
 
 
 @torch.no_grad()

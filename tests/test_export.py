@@ -236,6 +236,27 @@ def test_export_refuses_an_artifact_beyond_the_parity_tolerance(checkpoint, tmp_
     assert json.loads((out / "manifest.json").read_text())["cache"]["spec"] == "uniform:3"
 
 
+def test_export_policy_runs_the_clis_parity_check_unless_told_not_to(policy, tmp_path, monkeypatch):
+    import re
+
+    out, deviation = tmp_path / "art", {}
+    policy.train()  # as fresh from training: checked with dropout off, and left in training mode
+    try:
+        export_policy(policy, out, sampler="ddpm", steps=K, deviation=deviation)
+        assert policy.training
+    finally:
+        policy.eval()
+    assert deviation["probes"] == 8 and deviation["median_abs"] <= 0.05
+    kept = (out / "manifest.json").read_text()
+    sample = OrtBackend.sample
+    monkeypatch.setattr(OrtBackend, "sample", lambda self, obs, x, noise=None: sample(self, obs, x, noise) + 0.2)
+    with pytest.raises(ExportError, match=re.escape(f"above the tolerance 0.05: nothing was written to {out}")):
+        export_policy(policy, out, cache="uniform:3", sampler="ddpm", steps=K)
+    assert (out / "manifest.json").read_text() == kept
+    assert export_policy(policy, out, cache="uniform:3", sampler="ddpm", steps=K, tolerance=None).cache["spec"] == \
+        "uniform:3"  # skipped when asked
+
+
 def test_blocks_the_plan_computes_together_share_one_if(policy, tmp_path):
     from polcache.export.onnx_graphs import block_groups
 
