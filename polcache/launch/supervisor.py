@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from polcache.errors import PolcacheError
+from polcache.errors import PolcacheError, Terminated
 from polcache.jsonfile import read_json_object
 from polcache.launch.config import LaunchConfig, Placement, check_machine, tcp_port
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
 from polcache.launch.placement import child_setup, describe, placement_warning
+from polcache.signals import sigterm_as_interrupt
 
 POLCACHE = [sys.executable, "-m", "polcache.cli"]
 STOP_ORDER = ("robot", "server", "dashboard")
@@ -170,23 +171,22 @@ def new_run_dir(cfg: LaunchConfig) -> Path:
 def run_launch(cfg: LaunchConfig) -> int:
     """Start everything, wait until the robot finishes (or, without a simulated robot, until
     Ctrl-C / SIGTERM), stop everything. Returns the exit status: the robot's when it finished its
-    episodes, 130 when interrupted, 1 when a child died; raises PolcacheError (the CLI's exit
+    episodes, 130 when interrupted (143 for SIGTERM), 1 when a child died; raises PolcacheError (the CLI's exit
     status 2) for a refused config or a child that exited before it was ready."""
     check_machine(cfg)
     task = robot_task(cfg) if cfg.robot.enabled else ""
     launch = Launch(cfg, new_run_dir(cfg))
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops everything, as Ctrl-C does
-    try:
-        return _supervise(cfg, launch, task)
-    except KeyboardInterrupt:
-        say("interrupted: stopping")
-        return 130
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the orderly stop short
-            signal.signal(sig, signal.SIG_IGN)
-        launch.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_as_interrupt():  # SIGTERM stops everything, as Ctrl-C does
+        try:
+            return _supervise(cfg, launch, task)
+        except KeyboardInterrupt as exc:
+            say("terminated: stopping" if isinstance(exc, Terminated) else "interrupted: stopping")
+            return 143 if isinstance(exc, Terminated) else 130
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the orderly stop short
+                signal.signal(sig, signal.SIG_IGN)
+            launch.stop()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:

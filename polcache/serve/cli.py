@@ -147,15 +147,16 @@ def _sim_robot(args: argparse.Namespace) -> int:
     from polcache.atomic import atomic_write_text
     from polcache.metrics import collect_metrics
     from polcache.serve.sim_robot import run_sim_robot, sim_robot_name
+    from polcache.signals import sigterm_as_interrupt
     from polcache.sim.evaluate import check_result_output
 
     if args.json is not None:
         check_result_output(args.json)
     _logging()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # TERM stops the loop safely, like Ctrl-C
     cameras = args.cameras
     info = {"role": "robot", "task": args.task, "hz": args.hz, "server": args.server}
-    with collect_metrics(args.metrics_file, args.metrics_port, robot=sim_robot_name(args.task), info=info) as metrics:
+    metrics_cm = collect_metrics(args.metrics_file, args.metrics_port, robot=sim_robot_name(args.task), info=info)
+    with sigterm_as_interrupt(), metrics_cm as metrics:  # TERM stops the loop safely, like Ctrl-C
         result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,
                                image_size=args.image_size, keys_dir=args.keys, blend=args.blend, decay=args.decay,
                                hold_s=args.hold_ms / 1e3, connect_timeout_s=args.connect_timeout,

@@ -16,16 +16,12 @@ epoch, so a dataset twice as large trains twice as many steps under the same con
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
 import json
 import math
 import os
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,11 +33,12 @@ from tqdm import tqdm
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.data.store import dataset_at_or_above
-from polcache.errors import CheckpointError, ConfigError, DatasetError, Terminated, TrainingError
+from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from polcache.policy.checkpoint import TrainState, check_external_weights, load_train_state, read_meta, save_checkpoint
 from polcache.policy.device import resolve_device, to_device
 from polcache.policy.families import build_policy as build_family_policy
 from polcache.policy.policy import DiffusionPolicy
+from polcache.signals import sigterm_as_interrupt
 from polcache.train.ema import EMA
 
 
@@ -159,7 +156,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {world} (processes "
                           f"sharing the batch, each taking batch_size // {world} windows); set train.batch_size >= "
                           f"{world}")
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         return _train(cfg, fresh, progress, device, source)
 
 
@@ -347,27 +344,6 @@ def _set_aside_previous_run(out: Path) -> None:
     for p in old:
         os.rename(p, aside / p.name)
     print(f"--fresh: moved the previous run's {names} to {aside} (delete it if not needed)")
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Handle SIGTERM as Ctrl-C while training: a process manager stopping the run (systemd, docker,
-    a robot's launcher) then gets OUT/last saved first instead of losing the steps since the last
-    checkpoint. It raises Terminated (a KeyboardInterrupt), so the command's exit status says SIGTERM.
-    A second SIGTERM is ignored while that save runs."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield
-        return
-
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
