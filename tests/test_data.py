@@ -230,13 +230,15 @@ def _set_attr(path, group: str, **attrs) -> None:
     (lambda p: _edit_array_meta(p, "data/action", shape=[78, 3]),
      r"data/action holds float32 steps of shape \(3,\), expected float32 steps of shape \(2,\) \(attrs action_dim is 2\)"),
     (lambda p: shutil.rmtree(p / "data/obs/image_front"), "truncated dataset: missing array data/obs/image_front .attrs obs_spec declares it"),
+    (lambda p: _set_attr(p, "", obs_spec={"state": {"shape": [2], "dtype": "float32"}}),
+     r"data/obs/image_front is not declared in attrs obs_spec \(which declares state\)"),
     (lambda p: _set_attr(p, "meta", tasks="abc"), 'meta attrs tasks must be a list of strings, one per episode, got "abc"'),
     (lambda p: _set_attr(p, "meta", tasks=[1, 2, 3]), "meta attrs tasks must be a list of strings"),
     (lambda p: _set_attr(p, "", obs_spec={"state": {"shape": "2", "dtype": "float32"}}),
      "attrs obs_spec must map each obs key to"),
     (lambda p: _set_attr(p, "", action_dim="2"), "attrs action_dim must be a positive integer, got '2'"),
     (lambda p: _set_attr(p, "", version=True), "dataset version True is not supported"),
-], ids=["state-int32", "image-int8", "state-shape", "action-shape", "declared-array-gone", "tasks-string",
+], ids=["state-int32", "image-int8", "state-shape", "action-shape", "declared-array-gone", "undeclared-array", "tasks-string",
         "tasks-ints", "obs-spec-shape-text", "action-dim-text", "version-bool"])
 def test_hand_edited_layout_is_refused_at_open(tmp_path, episodes, damage, match):
     path = tmp_path / "rec.zarr"

@@ -321,6 +321,10 @@ class EpisodeStore:
         if missing:
             raise DatasetError(f"{path}: truncated dataset: missing array data/obs/{missing[0]} (attrs obs_spec "
                                f"declares it)")
+        undeclared = sorted(set(obs_keys) - set(spec)) if spec is not None else []
+        if undeclared:  # an array added by hand, or left from another recording: nothing says what it holds
+            raise DatasetError(f"{path}: data/obs/{undeclared[0]} is not declared in attrs obs_spec (which declares "
+                               f"{', '.join(sorted(spec))}): remove it or declare it")
         n = int(ends[-1])
         for name in [f"data/obs/{k}" for k in obs_keys] + ["data/action", "meta/episode_ends"]:
             arr = get(name)
