@@ -1,9 +1,12 @@
 """Multistage PTP training: embed every frame once with a frozen encoder, fine-tune a long-context
 head on the stored embeddings, get an ordinary checkpoint; stores from other encoders refused."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import zarr
 from test_cli_errors import _err
 
 from polcache.cli import main
@@ -27,10 +30,12 @@ def short_run(tmp_path_factory):
     return root
 
 
-def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run, capsys):
+def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run, capsys, monkeypatch):
     root = short_run
-    assert main(["ptp", "embed", "--checkpoint", str(root / "short" / "last"), "--out", str(root / "emb.zarr"),
-                 "--no-progress"]) == 0
+    repo = Path.cwd()
+    monkeypatch.chdir(root)  # relative paths, as typed in a shell: the store records them absolute
+    assert main(["ptp", "embed", "--checkpoint", "short/last", "--out", "emb.zarr", "--no-progress"]) == 0
+    monkeypatch.chdir(repo)  # fine-tuning from another directory still finds the checkpoint and its dataset
     base, _, _ = load_policy(root / "short" / "last")
     store = open_dataset(root / "emb.zarr")
     assert store.attrs["embedding"]["encoder_hash"] == encoder_hash(base)
@@ -69,6 +74,18 @@ def test_a_store_from_another_encoder_or_obs_keys_is_refused(short_run, capsys):
     base = ["ptp", "finetune", "--embeddings", str(root / "emb2.zarr"), "--config", "configs/ptp_cue_reach.yaml",
             "task=toy", f"out={root / 'x'}", "policy.n_obs_steps=4", "policy.horizon=8", "policy.n_action_steps=4"]
     assert "embedded by another encoder" in _err(capsys, base)
+    # a store of the retrained encoder is a valid one, but not the data the first fine-tune ran on
+    assert main(["ptp", "embed", "--checkpoint", str(root / "short" / "last"), "--out", str(root / "emb3.zarr"),
+                 "--no-progress"]) == 0
+    resume = [*base[:3], str(root / "emb3.zarr"), *base[4:6], f"out={root / 'long'}", "policy.n_obs_steps=4",
+              "policy.obs_stride=2", "policy.horizon=8", "policy.n_action_steps=4", "policy.n_layers=1",
+              "policy.width=32", "policy.sampler.inference_steps=2", "train.batch_size=8", "train.epochs=2"]
+    assert "the embeddings are not the run's (another embedding store, or another encoder)" in _err(capsys, resume)
+    # a store embedded before paths were recorded absolute: its relative checkpoint path, read from elsewhere
+    group = zarr.open_group(str(root / "emb3.zarr"), mode="r+")
+    group.attrs["embedding"] = {**group.attrs["embedding"], "checkpoint": "short/last"}
+    assert ("was embedded from checkpoint short/last, which is not there (a relative path is read from the directory "
+            "`ptp embed` ran in)") in _err(capsys, resume)
     assert "not an embedding store" in _err(capsys, ["ptp", "finetune", "--embeddings", str(root / "toy.zarr"),
                                                      "--config", "configs/ptp_cue_reach.yaml"])
 

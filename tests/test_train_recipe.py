@@ -184,11 +184,11 @@ def test_resuming_on_other_data_is_refused_naming_what_differs(tmp_path, capsys)
     assert train_cli(b, run, "train.steps=4") == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"polcache train: error: cannot resume {run / 'last'}: task is 'task-b', the run's is 'task-a'; "
-                   f"dataset {b} is not the run's {a} (its normaliser statistics differ); pass --fresh to start over "
+                   f"dataset {b} is not the run's {a} (the normaliser statistics of state differ); pass --fresh to start over "
                    "(the previous run is moved aside) or use another out directory")
     demo_dataset(a, "task-a", shift=0.5)  # recorded again at the same path
     assert train_cli(a, run, "train.steps=4") == 2
-    assert f"dataset {a} changed since the run (its normaliser statistics differ)" in capsys.readouterr().err
+    assert f"dataset {a} changed since the run (the normaliser statistics of " in capsys.readouterr().err
     assert load_policy(run / "last")[2]["step"] == 2  # untouched
     import shutil
 

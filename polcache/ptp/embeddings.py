@@ -100,7 +100,9 @@ def embed_dataset(policy: DiffusionPolicy, dataset: str | Path, out: str | Path,
     starts = np.concatenate([[0], ends[:-1]])
     task = str(store.attrs.get("task", ""))
     episodes = [Episode(obs={KEY: feats[s:e]}, action=actions[s:e], task=task) for s, e in zip(starts, ends)]
-    attrs = {ATTR: {"encoder_hash": encoder_hash(policy), "checkpoint": str(checkpoint), "source": str(dataset),
+    # absolute paths: `ptp finetune` reads both from the store, from whatever directory it runs in
+    attrs = {ATTR: {"encoder_hash": encoder_hash(policy), "checkpoint": str(Path(checkpoint).resolve()) if checkpoint
+                    else "", "source": str(Path(dataset).resolve()),
                     "feature_dim": int(feats.shape[1]), "dtype": "float32", "obs_keys": list(policy.obs_keys)}}
     for name in ("task", "fps"):
         if name in store.attrs:

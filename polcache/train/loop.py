@@ -414,9 +414,12 @@ def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: Ex
         raise CheckpointError(f"{last}/normalizer.safetensors: cannot read it ({type(exc).__name__}); pass --fresh to "
                               f"start over") from None
     stats = policy.normalizer.state_dict()
-    if (stats.keys() != old_stats.keys() or any(not torch.equal(v, old_stats[k]) for k, v in stats.items())):
+    differ = sorted({k.split(".")[0] for k in stats.keys() ^ old_stats.keys()}
+                    | {k.split(".")[0] for k, v in stats.items() if k in old_stats and not torch.equal(v, old_stats[k])})
+    if differ:
         where = (f"dataset {cfg.dataset} is not the run's {old_cfg.dataset}"
                  if Path(old_cfg.dataset).resolve() != Path(cfg.dataset).resolve()
-                 else f"dataset {cfg.dataset} changed since the run")
-        out.append(f"{where} (its normaliser statistics differ)")
+                 else f"dataset {cfg.dataset} changed since the run" if differ != ["embedding"]
+                 else "the embeddings are not the run's (another embedding store, or another encoder)")
+        out.append(f"{where} (the normaliser statistics of {', '.join(differ)} differ)")
     return out
