@@ -106,7 +106,7 @@ def instructions(task: str, split: str = "train") -> tuple[str, ...]:
         raise PolcacheError(f"instruction split {split!r}: expected one of {', '.join(SPLITS)}")
     if task not in INSTRUCTIONS:
         raise PolcacheError(f"no instructions are written for task {task!r} (have: {', '.join(sorted(INSTRUCTIONS))}); "
-                            "pass one with --instruction")
+                            "give the policy one yourself (eval, sim-robot: --instruction TEXT)")
     return INSTRUCTIONS[task][split]
 
 

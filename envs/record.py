@@ -166,6 +166,13 @@ def record_demonstrations(
             raise PolcacheError(f"{name} must be a positive integer, got {value}")
     if not tasks:
         raise PolcacheError("--task: no task given")
+    if instruction_bytes:  # before recording, not at the first kept episode
+        from polcache.envs.instructions import INSTRUCTIONS
+
+        unwritten = [name for name in tasks if name not in INSTRUCTIONS]
+        if unwritten:
+            raise PolcacheError(f"--instructions: no instructions are written for task {unwritten[0]!r} (have: "
+                                f"{', '.join(sorted(INSTRUCTIONS))}); record it without --instructions")
     check_dataset_output(out)  # refused before recording, not after
     kept, seeds, dropped, attrs = [], {}, {}, None
     for name in tasks:

@@ -200,6 +200,16 @@ def test_resuming_on_other_data_is_refused_naming_what_differs(tmp_path, capsys)
     assert load_policy(run / "last")[2]["step"] == 4
 
 
+@pytest.mark.parametrize("sub", ["last", "best"])
+def test_a_folder_of_the_users_where_training_writes_a_checkpoint_is_refused(tmp_path, capsys, sub):
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    (run / sub).mkdir(parents=True)
+    (run / sub / "notes.txt").write_text("precious")
+    assert train_cli(data, run, "train.steps=2") == 2
+    assert f"{run / sub} is not a polcache checkpoint, and training replaces it" in capsys.readouterr().err
+    assert (run / sub / "notes.txt").read_text() == "precious"
+
+
 def test_fresh_moves_the_previous_run_aside_and_starts_clean(tmp_path, capsys):
     run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
     assert train_cli(data, run, "train.steps=4") == 0

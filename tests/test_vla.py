@@ -144,6 +144,12 @@ def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, ca
     assert store.tasks == ["reach-v3"] * 2 + ["push-v3"] * 2
     assert store.attrs["task"] == "" and store.attrs["tasks_recorded"] == ["reach-v3", "push-v3"]  # no single task
     assert decode_instruction(store.episode(3).obs["instruction"][0]) == "slide the puck onto the target"
+    assert main(["train", "--config", str(_config()), "dataset=mt.zarr", "out=run0", "train.steps=1"]) == 2
+    assert ("policy.vla.instruction_bytes is 64 but the observation 'instruction' holds 48 bytes (as recorded with "
+            "--instructions): set policy.vla.instruction_bytes to match") in capsys.readouterr().err
+    assert main(["record", "--task", "hammer-v3", "--episodes", "1", "--instructions", "48", "--out", "h.zarr"]) == 2
+    assert ("--instructions: no instructions are written for task 'hammer-v3'" in capsys.readouterr().err
+            and not (tmp_path / "h.zarr").exists())
     assert main(["train", "--config", str(_config()), "dataset=mt.zarr", "out=run", "train.steps=4",
                  "train.epochs=0", "train.val_windows=4", "policy.vla.instruction_bytes=48", "policy.n_layers=2",
                  "policy.width=32", "policy.vla.width=32"]) == 0

@@ -33,6 +33,7 @@ from torch import nn
 
 from polcache.config import BYTE_TEXT_ENCODERS, INSTRUCTION_KEY, PolicyConfig
 from polcache.data.normalize import Normalizer
+from polcache.errors import ConfigError
 from polcache.policy.encoders import ConvTrunk
 from polcache.policy.language import decode_instruction
 from polcache.policy.pinned import PackageWeights
@@ -73,8 +74,10 @@ class PrefixEncoder(nn.Module):
         self.obs_keys = [k for k in obs_keys if k != INSTRUCTION_KEY]
         self.bytes_per_token = v.bytes_per_token
         if obs_spec[INSTRUCTION_KEY].shape != (v.instruction_bytes,):
-            raise ValueError(f"observation 'instruction' has shape {obs_spec[INSTRUCTION_KEY].shape}, "
-                             f"policy.vla.instruction_bytes is {v.instruction_bytes}")
+            have = obs_spec[INSTRUCTION_KEY].shape
+            raise ConfigError(f"policy.vla.instruction_bytes is {v.instruction_bytes} but the observation 'instruction' "
+                              f"holds {have[0] if len(have) == 1 else have} bytes (as recorded with --instructions): "
+                              f"set policy.vla.instruction_bytes to match")
         self.tokenizers = nn.ModuleDict()
         tokens_per_frame = 0
         for key in self.obs_keys:

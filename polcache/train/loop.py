@@ -324,6 +324,12 @@ def check_out(out: Path, dataset: str) -> None:
         if data is not None and (data == (out / sub).resolve() or (out / sub).resolve() in data.parents):
             raise ConfigError(f"dataset {dataset} is inside {out / sub}, which training replaces; move the dataset "
                               f"or give another out directory")
+        if (out / sub).exists():  # training replaces OUT/last and OUT/best: only ever an earlier checkpoint
+            try:
+                read_meta(out / sub)
+            except CheckpointError as exc:
+                raise ConfigError(f"{out / sub} is not a polcache checkpoint, and training replaces it ({exc}); move "
+                                  f"it or give another out directory") from None
 
 
 def _set_aside_previous_run(out: Path) -> None:
