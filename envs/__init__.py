@@ -13,10 +13,14 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 _EXPORTS = {
     "TaskEnv": "polcache.envs.base",
+    "Perturbations": "polcache.envs.record",
     "record_demonstrations": "polcache.envs.record",
+    "check_task": "polcache.envs.registry",
     "list_tasks": "polcache.envs.registry",
     "make_env": "polcache.envs.registry",
     "make_expert": "polcache.envs.registry",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS, hint=(
+    f" (MuJoCo's renderer, MUJOCO_GL={os.environ['MUJOCO_GL']}: egl needs libEGL, osmesa needs libosmesa6; "
+    "MUJOCO_GL=disable runs state-only tasks without one)"))

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from polcache.data.store import check_dataset_output
-    from polcache.envs.record import Perturbations, record_demonstrations
+    from polcache.envs import Perturbations, record_demonstrations  # lazily: a renderer error is one line
 
     from polcache.sim.suite import SUITES
 

@@ -66,8 +66,26 @@ def test_a_library_failing_inside_a_lazy_import_is_named(tmp_path, monkeypatch):
         "from polcache.lazy import lazy_exports\n__getattr__ = lazy_exports(__name__, {'thing': 'lazypkg.broken'})\n")
     (tmp_path / "lazypkg" / "broken.py").write_text("import types\ntypes.SimpleNamespace().eglQueryString\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ImportError, match="lazypkg.thing: importing lazypkg.broken failed: .*eglQueryString"):
+    with pytest.raises(ImportError, match="lazypkg.thing: importing lazypkg.broken failed: .*eglQueryString") as err:
         from lazypkg import thing  # noqa: F401
+    assert isinstance(err.value, PolcacheError)  # the command line prints it in one line
+
+
+def test_a_renderer_that_cannot_load_is_one_line_naming_mujoco_gl(tmp_path):
+    """MUJOCO_GL=osmesa where libosmesa6 is missing: PyOpenGL fails inside MuJoCo's import with an
+    AttributeError (a stand-in mujoco package raises the same here)."""
+    import os
+    import subprocess
+
+    (tmp_path / "mujoco").mkdir()
+    (tmp_path / "mujoco" / "__init__.py").write_text("None.glGetError\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    run = subprocess.run([sys.executable, "-m", "polcache", "record", "--task", "cue-reach", "--episodes", "1", "--out",
+                          str(tmp_path / "x.zarr")], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert "'NoneType' object has no attribute 'glGetError'" in line and "MUJOCO_GL=disable runs state-only" in line
+    assert "MUJOCO_GL=" in line and "MUJOCO_GL=disable runs state-only tasks" in line
 
 
 def test_unknown_task_names_it_and_suggests():

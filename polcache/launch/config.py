@@ -171,7 +171,7 @@ def check_machine(cfg: LaunchConfig) -> None:
     check_output(cfg.run_dir, "a folder for launch runs", folder=True, ours=lambda _: True, flag="run_dir",
                  error=PolcacheError)
     if cfg.robot.enabled and cfg.robot.task:
-        from polcache.envs.registry import check_task
+        from polcache.envs import check_task
 
         try:
             check_task(cfg.robot.task)
