@@ -84,7 +84,7 @@ def test_a_relative_dataset_is_found_from_another_directory(tmp_path, monkeypatc
     assert find_dataset("", ckpt) is None
 
 
-def test_eval_with_cache_reports_plan_and_side_by_side_speedup(tmp_path):
+def test_eval_with_cache_reports_plan_and_side_by_side_speedup(tmp_path, capsys):
     import json
 
     from polcache.cli import main
@@ -96,3 +96,5 @@ def test_eval_with_cache_reports_plan_and_side_by_side_speedup(tmp_path):
     assert extra["cache"]["method"] == "uniform" and extra["cache"]["compute_limit"] == 4.0
     assert extra["speedup"]["uncached_ms"] > 0 and extra["speedup"]["cached_ms"] > 0
     assert (extra["device"], extra["sampler"], extra["steps"], extra["max_steps"]) == ("cpu", "ddim", 16, 8)
+    said = capsys.readouterr().out  # the jerk the JSON holds is printed too, as sim-robot prints it
+    assert extra["jerk"] is not None and f"{extra['jerk']:.4g} elsewhere (mean norm" in said

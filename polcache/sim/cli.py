@@ -85,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
         result.extra["cache"] = what["cache"] | {"spec": args.cache}
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())
+    if result.jerk_line():
+        print(result.jerk_line())
     if args.cache and not exported:
         sp = result.extra["speedup"]
         print(f"cache {args.cache}: {sp['uncached_ms']:.1f} ms -> {sp['cached_ms']:.1f} ms per chunk "

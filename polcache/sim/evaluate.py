@@ -65,6 +65,15 @@ class EvalResult:
                 f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps{cap}, "
                 f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
 
+    def jerk_line(self) -> str | None:
+        """The executed actions' jerk at chunk seams and elsewhere, as every run reports it (eval and
+        sim-robot alike); None where the run measured neither."""
+        seam, other = self.extra.get("seam_jerk"), self.extra.get("jerk")
+        if seam is None and other is None:
+            return None
+        seam, other = (f"{v:.4g}" if v is not None else "n/a" for v in (seam, other))
+        return f"executed actions: jerk {seam} where a new chunk took over, {other} elsewhere (mean norm of the third difference)"
+
 
 @dataclass(frozen=True)
 class Rollout:
