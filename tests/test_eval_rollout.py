@@ -97,3 +97,32 @@ def test_seam_jerk_separates_steps_where_a_chunk_takes_over():
     assert out["seam_jerk"] == pytest.approx(2.5) and out["jerk"] > 0
     # a chunk that arrived as the episode ended (over ZeroMQ) took over no executed step
     assert seam_jerk(jumpy, [4, 8, len(jumpy)]) == out
+
+
+def test_ctrl_c_in_eval_reports_and_writes_the_finished_episodes(tmp_path, monkeypatch, capsys):
+    """A long evaluation stopped early is still a result: the episodes finished before Ctrl-C are
+    summarised and written (marked as interrupted), and the command exits 130."""
+    import importlib
+    import json
+
+    from polcache.cli import main
+
+    evaluate = importlib.import_module("polcache.sim.evaluate")  # the module (the package exports a function of that name)
+
+    finished = []
+
+    def stop_at_the_third(*args, **kwargs):
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+        finished.append(run_episode(*args, **kwargs))
+        return finished[-1]
+
+    monkeypatch.setattr(evaluate, "run_episode", stop_at_the_third)
+    out = tmp_path / "e.json"
+    assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "5", "--max-steps", "8",
+                 "--no-progress", "--json", str(out)]) == 130
+    said = capsys.readouterr().out
+    assert "reach-v3 [interrupted: the 2 of 5 episodes finished]: success" in said
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 2 and len(result["per_episode"]) == 2
+    assert result["extra"]["interrupted"] == {"episodes_asked": 5}

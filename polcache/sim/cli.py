@@ -77,17 +77,19 @@ def _run(args: argparse.Namespace) -> int:
                          "steps": what["steps"], "device": what["device"], "threads": torch.get_num_threads(),
                          "cache": "none"})
     exported = what["backend"] != "torch"  # the plan is inside the artifact: no uncached comparator to load
+    stopped = "interrupted" in result.extra  # by Ctrl-C: report the finished episodes, skip the speed comparison
     if exported and what["cache"]:
         result.extra["cache"] = what["cache"] | {"spec": what.get("cache_spec")}
     if args.cache and not exported:
+        result.extra["cache"] = what["cache"] | {"spec": args.cache}
+    if args.cache and not exported and not stopped:
         uncached = load_backend(args.checkpoint, sampler=args.sampler, steps=args.steps,
                                 **{**backend_options(args), "candidates": 1})
-        result.extra["cache"] = what["cache"] | {"spec": args.cache}
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())
     if result.jerk_line():
         print(result.jerk_line())
-    if args.cache and not exported:
+    if args.cache and not exported and not stopped:
         sp = result.extra["speedup"]
         print(f"cache {args.cache}: {sp['uncached_ms']:.1f} ms -> {sp['cached_ms']:.1f} ms per chunk "
               f"({sp['speedup']:.2f}x, medians of {sp['calls']} calls side by side)")
@@ -98,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
-    return 0
+    return 130 if stopped else 0
 
 
 def _speedup(uncached, cached, calls: int = 20) -> dict:

@@ -61,7 +61,9 @@ class EvalResult:
         lo, hi = self.ci95
         lat = self.latency_ms
         cap = f" (cap {self.extra['max_steps']})" if "max_steps" in self.extra else ""
-        return (f"{self.task}: success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI "
+        stopped = self.extra.get("interrupted")
+        cut = f" [interrupted: the {self.episodes} of {stopped['episodes_asked']} episodes finished]" if stopped else ""
+        return (f"{self.task}{cut}: success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI "
                 f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps{cap}, "
                 f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
 
@@ -184,6 +186,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     latencies: list[float] = []
     per_episode = []
+    interrupted = False
     try:
         for i in tqdm(range(episodes), desc=f"eval {task}", disable=not progress, unit="ep"):
             frames = [] if video_dir and i < video_episodes else None
@@ -194,18 +197,22 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
             per_episode.append(ep)
             if frames:
                 _write_gif(Path(video_dir) / f"{task}_seed{seed + i}.gif", frames)
+    except KeyboardInterrupt:  # Ctrl-C in a long evaluation: the finished episodes are still a result
+        if not per_episode:
+            raise
+        interrupted = True
     finally:
         env.close()
-    n_ok = sum(e["success"] for e in per_episode)
+    n, n_ok = len(per_episode), sum(e["success"] for e in per_episode)
     return EvalResult(
-        task=task, episodes=episodes, successes=n_ok, success_rate=n_ok / max(1, episodes),
-        ci95=wilson_interval(n_ok, episodes),
+        task=task, episodes=n, successes=n_ok, success_rate=n_ok / max(1, n), ci95=wilson_interval(n_ok, n),
         mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else 0.0,
         latency_ms=percentiles_ms(latencies), seed=seed, per_episode=per_episode, extra={"max_steps": cap,
         "action_steps": min(backend.spec.n_action_steps, rollout.action_steps or backend.spec.n_action_steps),
         "ensemble_decay": rollout.ensemble_decay, "delay": rollout.delay, "rtc": rollout.rtc,
         **jerk_summary(per_episode),
-        **({} if texts is None else {"instructions": list(texts)})})
+        **({} if texts is None else {"instructions": list(texts)}),
+        **({"interrupted": {"episodes_asked": episodes}} if interrupted else {})})
 
 
 def _write_gif(path: Path, frames: list[np.ndarray]) -> None:
