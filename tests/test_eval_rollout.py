@@ -126,3 +126,11 @@ def test_ctrl_c_in_eval_reports_and_writes_the_finished_episodes(tmp_path, monke
     result = json.loads(out.read_text())
     assert result["episodes"] == 2 and len(result["per_episode"]) == 2
     assert result["extra"]["interrupted"] == {"episodes_asked": 5}
+
+
+def test_an_instruction_for_a_policy_without_language_is_refused(capsys):
+    from polcache.cli import main
+
+    assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1",
+                 "--instruction", "reach the goal"]) == 2
+    assert "--instruction: this policy takes no instruction" in capsys.readouterr().err

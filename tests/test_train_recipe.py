@@ -200,6 +200,14 @@ def test_resuming_on_other_data_is_refused_naming_what_differs(tmp_path, capsys)
     assert load_policy(run / "last")[2]["step"] == 4
 
 
+def test_resuming_with_another_policy_config_names_the_fields(tmp_path, capsys):
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.steps=2") == 0
+    capsys.readouterr()
+    assert train_cli(data, run, "train.steps=4", "policy.n_heads=4") == 2
+    assert "a different policy config (policy.n_heads is 4, the run's is 2); pass --fresh" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("sub", ["last", "best"])
 def test_a_folder_of_the_users_where_training_writes_a_checkpoint_is_refused(tmp_path, capsys, sub):
     run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
@@ -208,6 +216,16 @@ def test_a_folder_of_the_users_where_training_writes_a_checkpoint_is_refused(tmp
     assert train_cli(data, run, "train.steps=2") == 2
     assert f"{run / sub} is not a polcache checkpoint, and training replaces it" in capsys.readouterr().err
     assert (run / sub / "notes.txt").read_text() == "precious"
+
+
+
+def test_an_out_folder_of_other_files_is_refused(tmp_path, capsys):
+    data, out = demo_dataset(tmp_path / "d.zarr"), tmp_path / "configs"
+    out.mkdir()
+    (out / "sim.yaml").write_text("keep: me")
+    assert train_cli(data, out) == 2
+    assert f"out={out} holds other files and no training run" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["sim.yaml"]
 
 
 def test_fresh_moves_the_previous_run_aside_and_starts_clean(tmp_path, capsys):

@@ -177,6 +177,8 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
             "action_dim": backend.spec.action_dim}
     env_spec = env.observation_spec()
     texts = None
+    if rollout.instruction is not None and INSTRUCTION_KEY not in backend.spec.obs:  # would be ignored silently
+        raise PolcacheError("--instruction: this policy takes no instruction (it is not language-conditioned)")
     if INSTRUCTION_KEY in backend.spec.obs:  # the evaluator gives the instruction, as a robot would
         env_spec[INSTRUCTION_KEY] = backend.spec.obs[INSTRUCTION_KEY]
         texts = (rollout.instruction,) if rollout.instruction is not None else instructions(task, rollout.instructions)

@@ -206,7 +206,8 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
     if rank == 0 and step == 0:
-        epochs = f" ({cfg.train.epochs} epochs of {steps // cfg.train.epochs} batches)" if cfg.train.epochs else ""
+        epochs = (f" ({cfg.train.epochs} epochs of {steps // cfg.train.epochs} batches; train.epochs sets the length, "
+                  f"not train.steps)" if cfg.train.epochs else "")
         plan = f"{steps} steps{epochs} at batch {cfg.train.batch_size}, {len(train_data)} training windows"
         if progress:
             print(f"training {plan}")
@@ -313,6 +314,11 @@ def check_out(out: Path, dataset: str) -> None:
     it); the dataset itself or a folder inside it; a dataset where training replaces OUT/last or OUT/best."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out}: exists and is not a directory; give a run directory")
+    run_files = ("last", "best", "train_log.jsonl")
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in run_files) \
+            and not any(out.glob("previous-*")):  # e.g. out=configs, or the folder that holds the runs
+        raise ConfigError(f"out={out} holds other files and no training run ({', '.join(run_files)}): give a new or "
+                          f"empty folder, or an earlier run's")
     data = Path(dataset).resolve() if dataset else None
     holder = dataset_at_or_above(out) or (data if data is not None and data in (out.resolve(), *out.resolve().parents)
                                          else None)
@@ -359,9 +365,10 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     may have been changed to continue the run differently."""
     old_cfg, meta = read_meta(last)
     check_external_weights(meta, last)
-    if to_dict(old_cfg.policy) != to_dict(cfg.policy):
-        raise CheckpointError(f"{last} was trained with a different policy config; pass --fresh to start over "
-                              f"or use another out directory")
+    changed = _changed_fields(to_dict(old_cfg.policy), to_dict(cfg.policy), "policy")
+    if changed:
+        raise CheckpointError(f"{last} was trained with a different policy config ({'; '.join(changed[:4])}); pass "
+                              f"--fresh to start over or use another out directory")
     differences = _data_differences(last, old_cfg, meta, cfg, policy)
     if differences:
         raise CheckpointError(f"cannot resume {last}: {'; '.join(differences)}; pass --fresh to start over "
@@ -394,6 +401,18 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
         for group, schedule in zip(optimizer.param_groups, lr_sched.lr_lambdas):
             group["initial_lr"], group["lr"] = cfg.train.lr, cfg.train.lr * schedule(lr_sched.last_epoch)
     return state.step
+
+
+def _changed_fields(old: dict, new: dict, prefix: str) -> list[str]:
+    """'field is X, the run's is Y' for each config field (dotted) whose value differs."""
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_fields(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key} is {json.dumps(b)}, the run's is {json.dumps(a)}")
+    return out
 
 
 def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: ExperimentConfig,
