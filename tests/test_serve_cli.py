@@ -33,6 +33,14 @@ def test_sim_robot_without_a_server(capsys):
     assert code == 2 and "no answer from a policy server at tcp://127.0.0.1:1" in capsys.readouterr().err
 
 
+def test_sim_robot_names_an_instruction_that_is_not_utf8(capsys):
+    pytest.importorskip("mujoco")
+    code = main(["sim-robot", "--task", "cue-reach", "--hz", "20", "--server", "tcp://127.0.0.1:1",
+                 "--connect-timeout", "0.3", "--instruction", "go \udcff"])  # what Python makes of $'go \xff'
+    err = capsys.readouterr().err
+    assert code == 2 and err == "polcache sim-robot: error: instruction: not encodable as UTF-8 (lone surrogate)\n"
+
+
 def test_sim_robot_rejects_a_bad_rate(capsys):
     with pytest.raises(SystemExit):
         main(["sim-robot", "--task", "reach-v3", "--hz", "0"])

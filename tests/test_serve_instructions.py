@@ -111,6 +111,34 @@ def test_client_sends_its_instruction_at_handshake_and_reset():
                 client.connect(timeout_s=5)
 
 
+BAD_INSTRUCTIONS = [("go \udcff", r"instruction: not encodable as UTF-8 \(lone surrogate\)"),  # $'go \xff' in a shell
+                    (b"go", "instruction: expected a string, got bytes"), ("", "instruction: empty"),
+                    (" \t", "instruction: empty"), ("a\0b", "instruction: contains a NUL"),
+                    (" " * 1030 + "go", "instruction: more than 1024 UTF-8 bytes")]
+
+
+def test_client_refuses_locally_what_the_server_would_and_keeps_its_instruction():
+    """Refused before anything changes (epoch, the instruction a reconnect sends), once welcomed also
+    what the policy cannot read: no traceback from the encoder, no text kept that the server refuses."""
+    backend = FakeBackend(language_spec(16))
+    with PolicyServer(backend, "tcp://127.0.0.1:0") as server:
+        for bad, match in BAD_INSTRUCTIONS:
+            with pytest.raises(P.ProtocolError, match=match) as exc:
+                PolicyClient(server.endpoint, STATE, 2, hz=50, instruction=bad)
+            assert exc.value.code == "bad_instruction"
+        with PolicyClient(server.endpoint, STATE, 2, hz=50, instruction="push") as client:
+            for bad, match in BAD_INSTRUCTIONS:
+                with pytest.raises(P.ProtocolError, match=match):
+                    client.reset(bad)
+            client.connect(timeout_s=5)  # the handshake still carries "push"
+            with pytest.raises(P.ProtocolError, match="instruction: 17 UTF-8 bytes, at most 16 allowed"):
+                client.reset("x" * 17)  # the welcome says the policy reads 16 bytes
+            assert client.epoch == 0 and client.seq == -1
+            assert client.send_observation({"state": np.zeros(3, np.float32)}, 1.0)
+            _wait(lambda: client.poll() or backend.calls)
+            assert decode_instruction(backend.calls[-1]["instruction"][0, -1]) == "push"
+
+
 def _wait(done, timeout_s: float = 5.0) -> None:
     import time
 

@@ -20,6 +20,7 @@ from polcache_client.curve import apply_client_keys
 from polcache_client.logs import RateLimitedLog
 from polcache_client.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_INSTRUCTION_BYTES,
     PROTOCOL_VERSION,
     ActionChunk,
     Error,
@@ -34,6 +35,7 @@ from polcache_client.protocol import (
     check_arrays,
     decode,
     encode,
+    instruction_bytes,
 )
 from polcache_client.rate import Clock, MonotonicClock
 
@@ -86,11 +88,16 @@ class PolicyClient:
         how often a welcomed client pings (and an unwelcomed one repeats its handshake); a server
         silent for `timeout_s` is reconnected to, so it must be longer. `instruction`: what a
         language-conditioned policy should do (protocol version 3; a policy without language
-        ignores it); `reset` may change it per episode."""
+        ignores it); `reset` may change it per episode. An instruction no policy could follow
+        (not a string, not UTF-8, empty, containing NUL, over 1024 bytes) is refused here with a
+        ProtocolError (a ValueError), code `bad_instruction`."""
         if not 0 < heartbeat_s < timeout_s < math.inf:
             raise ValueError(f"heartbeat_s and timeout_s: expected 0 < heartbeat_s < timeout_s (finite seconds), "
                              f"got {heartbeat_s} and {timeout_s}")
         _check_obs_spec(obs_spec)
+        self.policy: dict | None = None  # the server's PolicySpec, once welcomed
+        if instruction is not None:
+            self._check_instruction(instruction)
         self.address = address
         self.version = version  # 2 reports executed actions, 3 instructions; older servers get their version
         self.obs_spec = obs_spec
@@ -105,7 +112,6 @@ class PolicyClient:
         self._warn = RateLimitedLog(log).warning
         self.epoch = 0  # bumped on every reset and reconnect
         self.seq = -1  # of the last observation (sent or not) in this epoch
-        self.policy: dict | None = None  # the server's PolicySpec, once welcomed
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.rtt_s = float("nan")
         self.connections = 0
@@ -222,6 +228,18 @@ class PolicyClient:
             self._warn("unexpected", f"unexpected {type(msg).__name__} message from server")
         return True
 
+    def _check_instruction(self, instruction: str) -> None:
+        """Refuse, before anything changes, what the server would refuse: the protocol's limits and,
+        once welcomed by a language-conditioned policy, that policy's (welcome.policy.obs.instruction
+        has shape (n,): it reads at most n bytes)."""
+        try:
+            limit = min(int(self.policy["obs"]["instruction"]["shape"][0]), MAX_INSTRUCTION_BYTES)
+        except (TypeError, KeyError, IndexError, ValueError):  # not welcomed yet, or a policy without language
+            limit = MAX_INSTRUCTION_BYTES
+        instruction_bytes(instruction, limit)
+        if len(instruction.encode("utf-8")) > MAX_INSTRUCTION_BYTES:  # the wire counts surrounding spaces too
+            raise ProtocolError("bad_instruction", f"instruction: more than {MAX_INSTRUCTION_BYTES} UTF-8 bytes")
+
     def _keep_alive(self, now: float) -> None:
         if self._ready and now - self._last_rx > self.timeout_s:
             self._reconnect(f"no reply from server for {now - self._last_rx:.2f} s")
@@ -258,7 +276,10 @@ class PolicyClient:
 
     def reset(self, instruction: str | None = None) -> int:
         """Start a new episode: a new epoch, so old chunks can never be executed in it. A new
-        `instruction` holds from this episode on (also across reconnects)."""
+        `instruction` holds from this episode on (also across reconnects); one the server would
+        refuse for certain raises ProtocolError (a ValueError) here, and nothing changes."""
+        if instruction is not None:
+            self._check_instruction(instruction)
         self.epoch += 1
         self.seq = -1
         if instruction is not None:

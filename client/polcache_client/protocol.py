@@ -297,6 +297,26 @@ def _instruction(value: Any, where: str) -> str | None:
     return value
 
 
+def instruction_bytes(text: Any, limit: int = MAX_INSTRUCTION_BYTES, field: str = "instruction") -> bytes:
+    """The UTF-8 bytes a policy reads of `text` (surrounding whitespace stripped). Refuses with
+    `bad_instruction`, naming `field`, what no policy reading `limit` bytes can follow: not a
+    string, not encodable as UTF-8, empty, containing NUL (the padding) or longer. One check for
+    the server, `polcache eval` and the client, which applies it before it sends an instruction."""
+    if not isinstance(text, str):
+        raise ProtocolError("bad_instruction", f"{field}: expected a string, got {type(text).__name__}")
+    try:
+        raw = text.encode("utf-8").strip()
+    except UnicodeEncodeError:
+        raise ProtocolError("bad_instruction", f"{field}: not encodable as UTF-8 (lone surrogate)") from None
+    if not raw:
+        raise ProtocolError("bad_instruction", f"{field}: empty instruction")
+    if b"\0" in raw:
+        raise ProtocolError("bad_instruction", f"{field}: contains a NUL character")
+    if len(raw) > limit:
+        raise ProtocolError("bad_instruction", f"{field}: {len(raw)} UTF-8 bytes, at most {limit} allowed")
+    return raw
+
+
 def _optional_int(value: Any, where: str) -> int | None:
     return None if value is None else _int(value, where)
 

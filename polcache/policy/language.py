@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from polcache.errors import PolcacheError
+from polcache_client.protocol import ProtocolError, instruction_bytes
 
 
 class InstructionError(PolcacheError):
@@ -18,27 +19,17 @@ class InstructionError(PolcacheError):
 
 def encode_instruction(text: str | bytes, length: int, field: str = "instruction") -> np.ndarray:
     """`text` -> (length,) uint8: its UTF-8 bytes, zero-padded. Refuses, naming `field`, what is not
-    valid UTF-8, contains a NUL byte (the padding) or takes more than `length` bytes."""
+    valid UTF-8, contains a NUL byte (the padding) or takes more than `length` bytes (the client's
+    `instruction_bytes`, so a robot refuses locally what the server would)."""
     if isinstance(text, bytes):
         try:
-            text.decode("utf-8")
+            text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InstructionError(f"{field}: not valid UTF-8 (byte {exc.start})") from None
-        raw = text
-    elif isinstance(text, str):
-        try:
-            raw = text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InstructionError(f"{field}: not encodable as UTF-8 (lone surrogate)") from None
-    else:
-        raise InstructionError(f"{field}: expected a string, got {type(text).__name__}")
-    raw = raw.strip()
-    if not raw:
-        raise InstructionError(f"{field}: empty instruction")
-    if b"\0" in raw:
-        raise InstructionError(f"{field}: contains a NUL character")
-    if len(raw) > length:
-        raise InstructionError(f"{field}: {len(raw)} UTF-8 bytes, at most {length} allowed")
+    try:
+        raw = instruction_bytes(text, length, field)
+    except ProtocolError as exc:
+        raise InstructionError(str(exc)) from None
     out = np.zeros(length, dtype=np.uint8)
     out[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
     return out

@@ -15,7 +15,8 @@ from polcache.metrics import Metrics
 from polcache.serve.handshake import wire_obs_spec
 from polcache.sim.evaluate import EvalResult
 from polcache.sim.stats import jerk_summary, seam_jerk, wilson_interval
-from polcache_client import ActionSchedule, ConnectError, ControlLoop, PolicyClient, Watchdog, use_realtime_priority
+from polcache_client import (ActionSchedule, ConnectError, ControlLoop, PolicyClient, ProtocolError, Watchdog,
+                             use_realtime_priority)
 
 
 class SimRobot:
@@ -112,6 +113,8 @@ def run_sim_robot(
                                     "safe_stops": robot.safe_stops,
                                     **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
                                    | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
+    except ProtocolError as exc:  # an instruction the client refused to send (e.g. not UTF-8): one line
+        raise PolcacheError(str(exc)) from None
     finally:
         env.close()
     n_ok = sum(e["success"] for e in per_episode)
