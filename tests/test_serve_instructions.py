@@ -139,6 +139,78 @@ def test_client_refuses_locally_what_the_server_would_and_keeps_its_instruction(
             assert decode_instruction(backend.calls[-1]["instruction"][0, -1]) == "push"
 
 
+class ScriptedServer:
+    """A bare ROUTER answering a client's messages as told: a server that refuses instructions the
+    client cannot know it will (the reference server's refusals the client foresees)."""
+
+    def __init__(self):
+        import zmq
+
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.endpoint = f"tcp://127.0.0.1:{self.socket.bind_to_random_port('tcp://127.0.0.1')}"
+        self.robot = b""
+
+    def answer(self, client: PolicyClient, reply) -> P.Message:
+        """Poll `client` until a message other than a heartbeat arrives; send it `reply(message)`
+        (unless None) and return the message."""
+        import time
+
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            client.poll()
+            if self.socket.poll(10):
+                self.robot, frame = self.socket.recv_multipart()
+                msg = P.decode(frame)
+                answer = msg if isinstance(msg, P.Heartbeat) else reply(msg)
+                if answer is not None:
+                    self.socket.send_multipart([self.robot, P.encode(answer)])
+                if not isinstance(msg, P.Heartbeat):
+                    return msg
+        raise AssertionError("timed out")
+
+    def reconnect(self, client: PolicyClient) -> P.Handshake:
+        """Forget the client (as a restarted server does): the handshake it then sends."""
+        self.socket.send_multipart([self.robot, P.encode(P.Error(code="no_session", message="restarted", seq=None))])
+        return self.answer(client, self.welcome)
+
+    def welcome(self, msg: P.Message) -> P.Message:
+        return P.Welcome(policy={}, max_message_bytes=P.DEFAULT_MAX_MESSAGE_BYTES, server="scripted")
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def test_a_refused_reset_instruction_is_dropped_so_a_reconnect_asks_for_the_one_the_server_follows():
+    """A refused reset keeps the server on the previous instruction; a client that kept the refused
+    one would send it in its next handshake, be refused for good, and its loop would safe-stop."""
+    server = ScriptedServer()
+
+    def refuse_pull(msg: P.Message) -> P.Message:
+        if "pull" in msg.instruction:
+            return P.Error(code="bad_instruction", message="reset.instruction: not this one", seq=None)
+        return msg  # the echo: accepted
+
+    with PolicyClient(server.endpoint, STATE, 2, hz=50, instruction="push", timeout_s=30) as client:
+        assert server.answer(client, server.welcome).instruction == "push"
+        client.connect(timeout_s=5)
+        client.reset("pull")
+        server.answer(client, refuse_pull)
+        assert server.reconnect(client).instruction == "push"
+        client.connect(timeout_s=5)
+        client.reset("open")  # accepted, then one refused: answered in order
+        client.reset("pull it")
+        assert [server.answer(client, refuse_pull).instruction for _ in range(2)] == ["open", "pull it"]
+        assert server.reconnect(client).instruction == "open"
+        client.connect(timeout_s=5)
+        client.reset("pull again")  # refused, then a later one accepted
+        client.reset("close")
+        server.answer(client, refuse_pull)
+        server.answer(client, refuse_pull)
+        assert server.reconnect(client).instruction == "close"
+    server.close()
+
+
 def _wait(done, timeout_s: float = 5.0) -> None:
     import time
 

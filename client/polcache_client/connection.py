@@ -145,6 +145,11 @@ class PolicyClient:
             sock.close(linger=0)
             raise ConnectError(f"cannot connect to {self.address!r} (expected e.g. tcp://host:5555): {exc}") from None
         self._socket = sock
+        # Instructions asked for, oldest first, as (epoch of the reset, text, awaiting the server's
+        # answer): the first is the one the server follows, an accepted one drops those before it, a
+        # refused one is removed; the handshake carries the last, so a reconnect never repeats a
+        # refused instruction (which would be refused again, and for good).
+        self._instructions: list[tuple[int, str | None, bool]] = [(self.epoch, self._hello.instruction, False)]
         now = self.clock.now()
         self._ready = False
         self._handshake_due = now
@@ -223,10 +228,41 @@ class PolicyClient:
             if msg.code == "no_session":
                 self._reconnect(f"server does not know this robot ({msg.message})")
                 return False
+            if msg.code == "bad_instruction" and self._instruction_refused(msg.message):
+                return True
             self._warn(msg.code, f"server error {msg.code} (seq {msg.seq}): {msg.message}")
-        elif not isinstance(msg, Reset):
+        elif isinstance(msg, Reset):
+            if msg.instruction is not None:
+                self._instruction_accepted(msg.epoch)
+        else:
             self._warn("unexpected", f"unexpected {type(msg).__name__} message from server")
         return True
+
+    def _instruction_accepted(self, epoch: int) -> None:
+        """The server echoed the reset of `epoch`: it follows that reset's instruction from now on."""
+        for i, (e, text, awaiting) in enumerate(self._instructions):
+            if e == epoch and awaiting:
+                self._instructions[: i + 1] = [(e, text, False)]
+                return
+
+    def _instruction_refused(self, message: str) -> bool:
+        """The server refused a reset's instruction (and keeps the previous one): forget it. It
+        answers resets in order, so the refused one is the oldest awaiting an answer. False when
+        none awaits one (the refusal is then only logged)."""
+        awaiting = [i for i, (_, _, waits) in enumerate(self._instructions) if waits]
+        if not awaiting:
+            return False
+        _, refused, _ = self._instructions.pop(awaiting[0])
+        self._set_instruction(self._instructions[-1][1])
+        self._warn("bad_instruction", f"server refused the instruction {refused!r} and keeps the previous one "
+                                      f"({self._instructions[0][1]!r}): {message}")
+        return True
+
+    def _set_instruction(self, instruction: str | None) -> None:
+        """The instruction the next handshake carries."""
+        if instruction != self._hello.instruction:
+            self._hello = replace(self._hello, instruction=instruction)
+            self._handshake = encode(self._hello, self.version)
 
     def _check_instruction(self, instruction: str) -> None:
         """Refuse, before anything changes, what the server would refuse: the protocol's limits and,
@@ -276,17 +312,20 @@ class PolicyClient:
 
     def reset(self, instruction: str | None = None) -> int:
         """Start a new episode: a new epoch, so old chunks can never be executed in it. A new
-        `instruction` holds from this episode on (also across reconnects); one the server would
-        refuse for certain raises ProtocolError (a ValueError) here, and nothing changes."""
+        `instruction` holds from this episode on (also across reconnects) unless the server refuses
+        it (`bad_instruction`, logged), which keeps the previous one; one the server would refuse
+        for certain raises ProtocolError (a ValueError) here, and nothing changes."""
         if instruction is not None:
             self._check_instruction(instruction)
         self.epoch += 1
         self.seq = -1
+        sent = self._ready and self._send(encode(Reset(epoch=self.epoch, instruction=instruction), self.version))
         if instruction is not None:
-            self._hello = replace(self._hello, instruction=instruction)
-            self._handshake = encode(self._hello, self.version)
-        if self._ready:
-            self._send(encode(Reset(epoch=self.epoch, instruction=instruction), self.version))
+            if self._ready and self.version >= 3:  # a sent reset is answered; an unsent one waits for a handshake
+                self._instructions.append((self.epoch, instruction, sent))
+            else:  # the next handshake carries it (a version-2 server never sees it)
+                self._instructions = [(self.epoch, instruction, False)]
+            self._set_instruction(instruction)
         return self.epoch
 
     def close(self) -> None:
