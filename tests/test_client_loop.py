@@ -145,6 +145,21 @@ def test_each_executed_action_is_reported_once_with_the_tick_it_was_applied_at()
     assert client.reported[12][:2] == (1, 0) and client.reported[12][2] == []  # nothing leaks across episodes
 
 
+def test_held_actions_are_reported_as_executed_and_waiting_or_stopped_ticks_report_nothing():
+    """A held action is applied again, so a self-verifying policy compares its predicted past with
+    it; while waiting or after a safe stop the robot applies nothing, and nothing is reported."""
+    loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
+    loop.run(ticks=20)
+    client.silent = True
+    loop.run(ticks=31)  # fresh to tick 25, holding 26-29, stopped from 30 (see the test above); 50 reports 49
+    reported = {seq: float(np.asarray(a).ravel()[0]) for _, _, done in client.reported for seq, a in done}
+    states = {t.seq: t.state for t in ticks}
+    assert [s for s in range(50) if states[s] == "holding"] == [26, 27, 28, 29]
+    assert [reported[s] for s in range(24, 30)] == [24, 25, 25, 25, 25, 25]  # what the robot applied
+    assert dict(robot.applied)[29] == 25
+    assert not any(s in reported for s in range(50) if states[s] in ("waiting", "stopped"))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"timeout_s": -1}, "expected 0 < heartbeat_s < timeout_s"),
     ({"timeout_s": 0.1}, "expected 0 < heartbeat_s < timeout_s"),  # the default heartbeat 0.25 s

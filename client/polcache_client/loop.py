@@ -74,7 +74,8 @@ class ControlLoop:
             self.adapter.safe_stop()
         elif decision.action is not None:
             self.adapter.act(decision.action)
-            self._executed.append((self.client.epoch, self.client.seq, decision.action))  # reported next tick
+            # reported next tick, a held action too: the robot applied it again (a stop applies nothing)
+            self._executed.append((self.client.epoch, self.client.seq, decision.action))
         record = TickRecord(
             t=now,
             epoch=self.client.epoch,

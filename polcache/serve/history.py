@@ -64,7 +64,7 @@ class ExecutedLog:
         self._by_seq.clear()
 
     def record(self, seqs: list[int], actions: np.ndarray) -> None:
-        if not seqs:  # most observations: a robot that does not report, or a tick it held
+        if not seqs:  # a robot that does not report, or a tick where it applied nothing (waiting, stopped)
             return
         for seq, action in zip(seqs, actions):
             self._by_seq[int(seq)] = np.asarray(action, np.float32)
