@@ -314,11 +314,6 @@ def check_out(out: Path, dataset: str) -> None:
     it); the dataset itself or a folder inside it; a dataset where training replaces OUT/last or OUT/best."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out}: exists and is not a directory; give a run directory")
-    run_files = ("last", "best", "train_log.jsonl")
-    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in run_files) \
-            and not any(out.glob("previous-*")):  # e.g. out=configs, or the folder that holds the runs
-        raise ConfigError(f"out={out} holds other files and no training run ({', '.join(run_files)}): give a new or "
-                          f"empty folder, or an earlier run's")
     data = Path(dataset).resolve() if dataset else None
     holder = dataset_at_or_above(out) or (data if data is not None and data in (out.resolve(), *out.resolve().parents)
                                          else None)
@@ -326,6 +321,11 @@ def check_out(out: Path, dataset: str) -> None:
         where = "is dataset" if holder == out.resolve() else "is inside dataset"
         raise ConfigError(f"out={out} {where} {holder}: writing the dataset again would delete the run; give an out "
                           f"directory outside it")
+    run_files = ("last", "best", "train_log.jsonl")
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in run_files) \
+            and not any(out.glob("previous-*")):  # e.g. out=configs, or the folder that holds the runs
+        raise ConfigError(f"out={out} holds other files and no training run ({', '.join(run_files)}): give a new or "
+                          f"empty folder, or an earlier run's")
     for sub in ("last", "best"):
         if data is not None and (data == (out / sub).resolve() or (out / sub).resolve() in data.parents):
             raise ConfigError(f"dataset {dataset} is inside {out / sub}, which training replaces; move the dataset "
