@@ -64,6 +64,9 @@ def test_shipped_launch_configs_load(name):
     ("server.max_batch=0", "server.max_batch"),
     ("server.inline_ms=-1", "server.inline_ms"),
     ("robot.blend=average", "robot.blend"),
+    ('server.instruction=""', "server.instruction: empty instruction"),
+    pytest.param("robot.instruction=" + "x" * 1025, "robot.instruction: 1025 UTF-8 bytes, at most 1024",
+                 id="robot.instruction-too-long"),
 ])
 def test_config_refuses_bad_values_naming_the_field(override, named):
     with pytest.raises(ConfigError, match=re.escape(named)):

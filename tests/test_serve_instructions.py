@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fakes import FakeBackend, RawPeer, fake_spec
-from polcache.policy.language import decode_instruction
+from polcache.policy.language import InstructionError, decode_instruction
 from polcache.policy.spec import ArraySpec
 from polcache.serve.server import PolicyServer
 from polcache_client import PolicyClient
@@ -84,8 +84,10 @@ def test_older_robots_get_the_servers_default_instruction_and_policies_without_l
                           P.ActionChunk)
         assert decode_instruction(backend.calls[-1]["instruction"][0, -1]) == "reach"
         peer.close()
-    with pytest.raises(P.ProtocolError, match="--instruction: 33 UTF-8 bytes, at most 16"):
-        PolicyServer(backend, "tcp://127.0.0.1:0", instruction="x" * 33)
+    for bad, why in (("x" * 33, "33 UTF-8 bytes, at most 16"), ("", "empty instruction"),
+                     ("go \udcff", "not encodable as UTF-8")):  # "\udcff": a non-UTF-8 byte from argv
+        with pytest.raises(InstructionError, match=f"--instruction: {why}"):  # a PolcacheError: one CLI line
+            PolicyServer(backend, "tcp://127.0.0.1:0", instruction=bad)
     plain = FakeBackend()
     with PolicyServer(plain, "tcp://127.0.0.1:0") as server:
         with PolicyClient(server.endpoint, STATE, 2, hz=50, instruction="anything") as client:
@@ -218,3 +220,17 @@ def _wait(done, timeout_s: float = 5.0) -> None:
     while not done():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.005)
+
+
+def test_serve_refuses_a_bad_instruction_in_one_line(tmp_path, capsys):
+    from helpers import tiny_vla
+    from polcache.cli import main
+    from polcache.config import ExperimentConfig
+    from polcache.policy import save_checkpoint
+
+    policy = tiny_vla()
+    ckpt = save_checkpoint(tmp_path / "vla", ExperimentConfig(task="test", policy=policy.cfg,
+                                                                 obs_keys=policy.obs_keys), policy)
+    assert main(["serve", "--checkpoint", str(ckpt), "--bind", "tcp://127.0.0.1:0", "--instruction", ""]) == 2
+    err = capsys.readouterr().err
+    assert err == "polcache serve: error: --instruction: empty instruction\n"

@@ -21,6 +21,7 @@ from polcache.errors import ConfigError, PolcacheError
 from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
 from polcache.serve.server import DEFAULT_INLINE_MS, MAX_INLINE_MS
+from polcache_client.protocol import ProtocolError, instruction_bytes
 
 DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
 FIFO_PRIORITIES = range(0, 100)  # 0: ordinary scheduling; 1..99: SCHED_FIFO with that priority
@@ -138,6 +139,12 @@ def validate(cfg: LaunchConfig) -> None:
             raise ConfigError(f"server.cache: schedule file not found: {spec.path}")
     if not 0 <= s.inline_ms <= MAX_INLINE_MS:
         raise ConfigError(f"server.inline_ms: expected 0 to {MAX_INLINE_MS:g} ms, got {s.inline_ms}")
+    for name, text in (("server.instruction", s.instruction), ("robot.instruction", r.instruction)):
+        if text is not None:  # the policy's own limit (often fewer bytes) the server checks as it starts
+            try:
+                instruction_bytes(text, field=name)  # the protocol's limit, 1024 bytes
+            except ProtocolError as exc:
+                raise ConfigError(str(exc)) from None
     if r.blend not in ("ensemble", "latest"):
         raise ConfigError(f"robot.blend: expected ensemble or latest, got {r.blend!r}")
     _check_port("dashboard.port", d.port)

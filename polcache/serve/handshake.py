@@ -22,6 +22,15 @@ def robot_obs_spec(spec: PolicySpec) -> ObsSpec:
     return wire_obs_spec({k: a for k, a in spec.obs.items() if k != INSTRUCTION_KEY})
 
 
+def policy_instruction(text: str, spec: PolicySpec, field: str) -> np.ndarray | None:
+    """`text` encoded for the policy's instruction key; None for a policy without language (which
+    ignores instructions). Raises InstructionError naming `field`: a PolcacheError, so an operator's
+    bad --instruction is one line at the command line rather than a traceback."""
+    if INSTRUCTION_KEY not in spec.obs:
+        return None
+    return encode_instruction(text, spec.obs[INSTRUCTION_KEY].shape[0], field)
+
+
 def session_instruction(text: str | None, spec: PolicySpec, default: str | None, field: str) -> np.ndarray | None:
     """The encoded instruction a robot's observations carry: its own (`text`), else the server's
     `default`; None for a policy without language (which ignores instructions). Refused with
@@ -33,7 +42,7 @@ def session_instruction(text: str | None, spec: PolicySpec, default: str | None,
         raise ProtocolError("bad_instruction", f"{field}: the hosted policy follows an instruction; send one "
                                                "(protocol version 3) or start the server with --instruction")
     try:
-        return encode_instruction(text, spec.obs[INSTRUCTION_KEY].shape[0], field)
+        return policy_instruction(text, spec, field)
     except InstructionError as exc:
         raise ProtocolError("bad_instruction", str(exc)) from None
 

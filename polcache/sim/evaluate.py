@@ -18,10 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from polcache.config import INSTRUCTION_KEY
-from polcache.policy.language import encode_instruction
 from polcache.errors import PolcacheError
 from polcache.outputs import check_output, json_kind
 from polcache.policy.spec import CommittedActions, PolicyBackend, rtc_blocker
+from polcache.serve.handshake import policy_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
 from polcache_client.protocol import ActionChunk
@@ -182,8 +182,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     if INSTRUCTION_KEY in backend.spec.obs:  # the evaluator gives the instruction, as a robot would
         env_spec[INSTRUCTION_KEY] = backend.spec.obs[INSTRUCTION_KEY]
         texts = (rollout.instruction,) if rollout.instruction is not None else instructions(task, rollout.instructions)
-        length = backend.spec.obs[INSTRUCTION_KEY].shape[0]
-        encoded = [encode_instruction(t, length, "--instruction") for t in texts]
+        encoded = [policy_instruction(t, backend.spec, "--instruction") for t in texts]
     check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     latencies: list[float] = []
