@@ -80,6 +80,13 @@ def test_a_session_refuses_steps_that_go_back_instead_of_reusing_old_frames():
     ({"threads": 0}, "threads: expected an integer >= 1"),
     ({"precision_tolerance": -1}, "precision_tolerance: expected a finite number >= 0"),
     ({"precision_tolerance": math.nan}, "precision_tolerance: expected a finite number >= 0"),
+    ({"precision_tolerance": "0.1"}, "precision_tolerance: expected a finite number >= 0"),
+    ({"candidates": "4"}, "candidates: expected an integer >= 1, got '4'"),
+    ({"candidates": 2.5}, "candidates: expected an integer >= 1, got 2.5"),
+    ({"candidates": True}, "candidates: expected an integer >= 1"),
+    ({"candidates": 0}, "candidates: expected an integer >= 1"),
+    ({"min_verified": 1.5}, "min_verified: expected an integer >= 1 \\(or None: all past frames\\), got 1.5"),
+    ({"min_verified": "1"}, "min_verified: expected an integer >= 1"),
 ])
 def test_backend_options_are_checked_before_loading(kwargs, match):
     with pytest.raises(ConfigError, match=match):

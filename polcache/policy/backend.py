@@ -53,7 +53,7 @@ class TorchBackend:
                  precision: str = "fp32", graphs: bool = True, precision_tolerance: float = DEFAULT_TOLERANCE,
                  fused_update: bool | None = None, candidates: int = 1, min_verified: int | None = None,
                  fused_norm: bool | None = None):
-        check_options(steps, precision_tolerance=precision_tolerance)
+        check_options(steps, precision_tolerance=precision_tolerance, candidates=candidates, min_verified=min_verified)
         self.device = torch.device(device)
         policy = policy.to(self.device).eval()
         self.sampler = policy.sampler(sampler, steps)
@@ -70,8 +70,6 @@ class TorchBackend:
             check_parity(self.parity, f"{precision} denoiser", precision_tolerance)
             policy = low
         self.policy = policy
-        if candidates < 1:
-            raise ConfigError(f"self-verification candidates must be >= 1, got {candidates}")
         self.candidates = candidates  # > 1: self-verification when predict gets the executed past actions
         past = policy.spec.n_obs_steps - 1
         if min_verified is not None and not 1 <= min_verified <= past:

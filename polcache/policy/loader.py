@@ -5,6 +5,7 @@ checkpoint: an artifact runs on a robot computer with ONNX Runtime and numpy alo
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,20 @@ from polcache.errors import ConfigError, ExportError, PolcacheError
 from polcache.policy.parity import DEFAULT_TOLERANCE
 
 
-def check_options(steps: int | None, threads: int | None = None, precision_tolerance: float | None = None) -> None:
-    """Backend options a caller of the Python API may get wrong, refused before anything loads."""
-    for name, value in (("steps", steps), ("threads", threads)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{name}: expected an integer >= 1 (or None: the default), got {value!r}")
-    if precision_tolerance is not None and not 0 <= precision_tolerance < math.inf:
-        raise ConfigError(f"precision_tolerance: expected a finite number >= 0 (normalised action units), "
-                          f"got {precision_tolerance!r}")
+def check_options(steps: int | None, threads: int | None = None, precision_tolerance: float | None = None,
+                  candidates: int = 1, min_verified: int | None = None) -> None:
+    """Backend options a caller of the Python API may get wrong, refused before anything loads
+    (a string or a fraction would otherwise fail later, deep inside loading or predict)."""
+    for name, value, default in (("steps", steps, "the default"), ("threads", threads, "the default"),
+                                 ("candidates", candidates, None), ("min_verified", min_verified, "all past frames")):
+        if value is None and default is not None:
+            continue
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            none = f" (or None: {default})" if default is not None else ""
+            raise ConfigError(f"{name}: expected an integer >= 1{none}, got {value!r}")
+    tol = precision_tolerance
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf):
+        raise ConfigError(f"precision_tolerance: expected a finite number >= 0 (normalised action units), got {tol!r}")
 
 
 BACKENDS = ("torch", "ort", "trt")
@@ -41,7 +48,7 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
     `precision_tolerance` before serving. `graphs`: CUDA graphs for the torch backend on a GPU.
     `candidates` > 1: self-verification (torch backend only), scored once `min_verified` past
     frames' steps have executed actions (default: all)."""
-    check_options(steps, threads, precision_tolerance)
+    check_options(steps, threads, precision_tolerance, candidates, min_verified)
     tolerance = DEFAULT_TOLERANCE if precision_tolerance is None else precision_tolerance
     path = Path(checkpoint)
     exported = (path / "manifest.json").is_file()
