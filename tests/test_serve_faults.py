@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import msgpack
 import numpy as np
@@ -130,10 +131,29 @@ def test_oversized_messages(server, peer, caplog):
     with caplog.at_level(logging.INFO, logger="polcache.serve"):
         peer.send(b"x" * 200_000)  # over the transport limit: ZeroMQ drops the connection, the server logs it
         assert wait_for(lambda: "131072-byte transport limit" in caplog.text)
+    assert "robot raw (session " in caplog.text  # the robot that was cut off, by name
     fresh = RawPeer(server.endpoint)
     fresh.handshake()
     assert_still_serving(fresh)
     fresh.close()
+
+
+def test_robots_sharing_a_name_are_told_apart_in_the_log(server, caplog):
+    """Connects are logged per session, not per name, and each closed connection names its robot,
+    also where the descriptor of a closed one was reused before the server read the disconnect."""
+    with caplog.at_level(logging.INFO, logger="polcache.serve"):
+        a, b = RawPeer(server.endpoint), RawPeer(server.endpoint)
+        assert isinstance(a.handshake(name="arm"), Welcome) and isinstance(b.handshake(name="arm"), Welcome)
+        assert len(set(re.findall(r"robot arm \(session (\w+)\) connected", caplog.text))) == 2  # none suppressed
+        a.close()
+        b.close()
+        for i in range(10):  # one after another, on the descriptors the closed connections leave
+            peer = RawPeer(server.endpoint)
+            assert isinstance(peer.handshake(name=f"r{i}"), Welcome)
+            peer.close()
+        assert wait_for(lambda: caplog.text.count("disconnected") == 12)
+    connected = re.findall(r"robot (\w+) \(session (\w+)\) connected", caplog.text)
+    assert sorted(re.findall(r"robot (\w+) \(session (\w+)\) disconnected", caplog.text)) == sorted(connected)
 
 
 def test_client_refuses_to_send_an_oversized_observation(server, caplog):

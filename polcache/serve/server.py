@@ -116,6 +116,12 @@ class Session:
         return CommittedActions(due, math.ceil((self.latency_s or 0.0) * self.hz))
 
 
+def robot_label(name: str, robot: bytes) -> str:
+    """A robot in the server's log: its handshake name, which several robots may share, and its session
+    (the connection's routing id), which tells them apart."""
+    return f"{name} (session {robot.hex()})"
+
+
 class PolicyServer:
     """Serve `backend` on `bind` (use port 0 / '*' for an ephemeral one; see `endpoint`)."""
 
@@ -185,6 +191,9 @@ class PolicyServer:
         self._log = RateLimitedLog(log)
         self._warn = self._log.warning
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
+        # open connections by file descriptor: the robot (routing id, name) that shook hands on each,
+        # so the monitor's disconnect event (which gives only the descriptor) can name it
+        self._connections: dict[int, tuple[bytes, str]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = False
@@ -247,11 +256,10 @@ class PolicyServer:
                     self._drain()
             else:
                 try:
-                    frames = self._router.recv_multipart()  # waits up to LOOP_WAKE_MS (RCVTIMEO)
+                    self._receive()  # waits up to LOOP_WAKE_MS (RCVTIMEO)
                 except zmq.Again:
                     pass
                 else:
-                    self._handle(frames[0], frames[1:])
                     if self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         self._drain()
             self._once_a_second()
@@ -287,12 +295,26 @@ class PolicyServer:
         """Read everything waiting before the next dispatch, so only the newest observation counts;
         called when one is waiting (after it, asking is cheaper than a zmq.Again)."""
         for _ in range(MAX_DRAIN):
-            frames = self._router.recv_multipart(zmq.NOBLOCK)
-            self._handle(frames[0], frames[1:])
+            self._receive(zmq.NOBLOCK)
             if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
 
-    def _handle(self, robot: bytes, frames: list[bytes]) -> None:
+    def _receive(self, flags: int = 0) -> None:
+        """Read and handle one message. A robot without a session (one about to shake hands) is read
+        as a zmq.Frame for its connection's file descriptor, which a disconnect event reports; the
+        rest as bytes, as recv_multipart would (which makes as many calls)."""
+        robot = self._router.recv(flags)
+        fd = None
+        if robot in self.sessions:
+            frames = [self._router.recv()]
+        else:
+            frame = self._router.recv(copy=False)
+            frames, fd = [frame.bytes], frame.get(zmq.SRCFD)
+        while self._router.getsockopt(zmq.RCVMORE):
+            frames.append(self._router.recv())
+        self._handle(robot, frames, fd)
+
+    def _handle(self, robot: bytes, frames: list[bytes], fd: int | None = None) -> None:
         session = self.sessions.get(robot)
         if session is not None:
             session.last_seen = time.monotonic()
@@ -323,7 +345,7 @@ class PolicyServer:
                     session.start_epoch(msg.epoch)
                     self._send(robot, frames[0])
             elif isinstance(msg, Handshake):
-                self._on_handshake(robot, msg, version)
+                self._on_handshake(robot, msg, version, fd)
             elif isinstance(msg, Heartbeat):
                 self._send(robot, frames[0])
             else:
@@ -332,14 +354,16 @@ class PolicyServer:
             self._refuse(robot, session, exc, seq=exc.seq)
 
     def _refuse(self, robot: bytes, session: Session | None, exc: ProtocolError, seq: int | None = None) -> None:
-        who = session.name if session else robot.hex()
-        self._warn(f"{who}:{exc.code}", f"refused message from {who}: [{exc.code}] {exc}")
+        who = session.name if session else robot.hex()  # the metrics label
+        self._warn(f"{robot.hex()}:{exc.code}", f"refused message from {robot_label(who, robot) if session else who}: "
+                                                f"[{exc.code}] {exc}")
         version = session.version if session else PROTOCOL_VERSION
         self._send(robot, encode(Error(code=exc.code, message=str(exc), seq=seq), version))
         if self.on_record is not None:
             self.on_record(ErrorRecord(t=time.time(), robot=who, code=exc.code))
 
-    def _on_handshake(self, robot: bytes, msg: Handshake, version: int) -> None:
+    def _on_handshake(self, robot: bytes, msg: Handshake, version: int, fd: int | None) -> None:
+        """`fd`: the connection's file descriptor (None for a robot shaking hands again on its session's)."""
         check_handshake(msg, self.spec)
         instruction = session_instruction(msg.instruction, self.spec, self.instruction, "handshake.instruction")
         self.sessions[robot] = Session(name=msg.name, hz=msg.hz,
@@ -351,9 +375,15 @@ class PolicyServer:
                                        action_offsets_s=np.arange(self.spec.n_action_steps, dtype=np.float64) / msg.hz)
         self.sessions.move_to_end(robot)
         while len(self.sessions) > self.max_sessions:
-            evicted = self.sessions.popitem(last=False)[1]
-            self._warn("evict", f"too many robots: forgot {evicted.name} (least recently seen)")
-        self._log.info(f"hello:{msg.name}", f"robot {msg.name} connected ({msg.hz:g} Hz)")
+            evicted_id, evicted = self.sessions.popitem(last=False)
+            self._warn("evict", f"too many robots: forgot {robot_label(evicted.name, evicted_id)} (least recently seen)")
+        if fd is not None and fd >= 0:  # -1: a transport without descriptors (inproc)
+            # A descriptor is reused only after its connection closed, and that closing is queued on the
+            # monitor before it: read it first, so the entry cannot name the previous connection's robot.
+            self._log_disconnects()
+            self._connections[fd] = (robot, msg.name)
+        # per session, not per name: robots sharing a name (or one restarted) each get their line
+        self._log.info(f"hello:{robot.hex()}", f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz)")
         self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
                                          server=self.name), version))
 
@@ -381,9 +411,11 @@ class PolicyServer:
 
     def _log_disconnects(self) -> None:
         while self._monitor.poll(0):
-            recv_monitor_message(self._monitor)
-            self._log.info("disconnect", "a robot connection closed (robot exited, network loss, or a message over "
-                                         f"the {2 * self.max_message_bytes}-byte transport limit)")
+            fd = recv_monitor_message(self._monitor)["value"]  # EVENT_DISCONNECTED's value: the descriptor
+            robot, name = self._connections.pop(fd, (b"", ""))  # none: it closed before shaking hands
+            what = f"robot {robot_label(name, robot)} disconnected" if robot else "a robot connection closed"
+            self._log.info(f"disconnect:{robot.hex()}", f"{what} (robot exited, network loss, or a message over the "
+                                                        f"{2 * self.max_message_bytes}-byte transport limit)")
 
     # ------------------------------------------------------------ inference
 
@@ -462,8 +494,8 @@ class PolicyServer:
         deadline_ms = self.deadline_ms or (self.spec.n_action_steps - 1) / session.hz * 1e3
         late = total_ms > deadline_ms
         if late:
-            self._warn(f"{session.name}:deadline", f"observation {job.seq} of {session.name} took {total_ms:.1f} ms, "
-                                                   f"over its {deadline_ms:.1f} ms deadline")
+            self._warn(f"{job.robot.hex()}:deadline", f"observation {job.seq} of {robot_label(session.name, job.robot)} "
+                                                      f"took {total_ms:.1f} ms, over its {deadline_ms:.1f} ms deadline")
         if self.on_record is not None:  # built only for a listener
             timing = job.timing
             self.on_record(RequestRecord(
@@ -491,7 +523,8 @@ class PolicyServer:
         self._log_disconnects()
         for robot, session in list(itertools.takewhile(lambda kv: now - kv[1].last_seen > self.session_timeout_s,
                                                        self.sessions.items())):
-            log.info("robot %s silent for %.0f s: session closed", session.name, now - session.last_seen)
+            log.info("robot %s silent for %.0f s: session closed", robot_label(session.name, robot),
+                     now - session.last_seen)
             del self.sessions[robot]
 
     def __enter__(self) -> "PolicyServer":
