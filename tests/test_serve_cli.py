@@ -47,6 +47,14 @@ def test_sim_robot_rejects_a_bad_rate(capsys):
     assert "positive" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["", " ", "arm\n2"])
+def test_sim_robot_refuses_a_name_the_server_would(name, capsys):
+    with pytest.raises(SystemExit):
+        main(["sim-robot", "--task", "reach-v3", "--hz", "50", "--name", name])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --name: expected" in err
+
+
 def test_serve_rejects_a_batch_cap_below_one(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--checkpoint", "/nonexistent", "--max-batch", "0"])

@@ -54,3 +54,14 @@ def test_sim_robot_over_zeromq_matches_in_process_eval():
     # the executed actions' jerk at chunk seams and elsewhere, as the evaluator reports it
     assert all("seam_jerk" in e and "jerk" in e for e in remote.per_episode)
     assert np.isfinite(remote.extra["seam_jerk"]) and np.isfinite(in_process.extra["seam_jerk"])
+
+
+def test_sim_robot_name_is_what_the_server_sees():
+    """Several sim-robots on one task could not be told apart at the server: --name names each."""
+    from polcache.cli import main
+
+    robots = []
+    with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0", on_record=lambda r: robots.append(r.robot)) as server:
+        assert main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "1", "--server", server.endpoint,
+                     "--name", "arm 2"]) == 0
+    assert robots and set(robots) == {"arm 2"}

@@ -16,6 +16,14 @@ from polcache_client.schedule import BLEND_MODES
 DEFAULT_SERVER = "tcp://127.0.0.1:5555"
 
 
+def robot_name(value: str) -> str:
+    """A handshake name: non-empty and printable (the server writes it into log lines and refuses
+    control characters), so a bad one is refused here, not as a refused handshake."""
+    if not non_empty(value).isprintable():
+        raise argparse.ArgumentTypeError(f"expected printable text (no control characters), got {value!r}")
+    return value
+
+
 def _add_metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-file", help="append metrics as JSON lines here (rotated at 10 MiB, 3 backups)")
     p.add_argument("--metrics-port", type=port, help="serve Prometheus text on http://127.0.0.1:PORT/metrics "
@@ -79,6 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                          "language)")
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"policy server address (default {DEFAULT_SERVER})")
     p.add_argument("--keys", help="CurveZMQ key directory (for an encrypted server)")
+    p.add_argument("--name", type=robot_name,
+                   help="the name this robot gives the server and labels its metrics with (default 'sim-robot TASK'; "
+                        "give robots sharing a task their own)")
     p.add_argument("--cameras", type=name_list, help="comma-separated cameras for image observations (default: state only)")
     p.add_argument("--image-size", type=positive_int, default=96)
     p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble or latest")
@@ -155,12 +166,13 @@ def _sim_robot(args: argparse.Namespace) -> int:
     _logging()
     cameras = args.cameras
     info = {"role": "robot", "task": args.task, "hz": args.hz, "server": args.server}
-    metrics_cm = collect_metrics(args.metrics_file, args.metrics_port, robot=sim_robot_name(args.task), info=info)
+    name = args.name or sim_robot_name(args.task)
+    metrics_cm = collect_metrics(args.metrics_file, args.metrics_port, robot=name, info=info)
     with sigterm_as_interrupt(), metrics_cm as metrics:  # TERM stops the loop safely, like Ctrl-C
         result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,
                                image_size=args.image_size, keys_dir=args.keys, blend=args.blend, decay=args.decay,
                                hold_s=args.hold_ms / 1e3, connect_timeout_s=args.connect_timeout,
-                               realtime=args.realtime, metrics=metrics, instruction=args.instruction)
+                               realtime=args.realtime, metrics=metrics, instruction=args.instruction, name=name)
     print(result.summary())
     tick = result.extra["tick"]
     err = tick.get("period_error_ms", {})

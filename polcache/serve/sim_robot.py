@@ -70,10 +70,13 @@ def run_sim_robot(
     realtime: bool = False,
     metrics: Metrics | None = None,
     instruction: str | None = None,
+    name: str | None = None,
 ) -> EvalResult:
     """Run `episodes` episodes of `task` (episode i resets with seed + i, as in `polcache eval`);
     every tick and chunk record goes to `metrics`; `realtime` runs the loop under SCHED_FIFO.
-    Episode i sends `instruction`, or else the task's i-th held-out paraphrase where written."""
+    Episode i sends `instruction`, or else the task's i-th held-out paraphrase where written.
+    `name`: what the robot calls itself at the server (default `sim_robot_name(task)`), so several
+    robots on one task can be told apart in its log and metrics."""
     from polcache.envs import make_env  # simulation is an optional extra
     from polcache.envs.instructions import INSTRUCTIONS, instructions
 
@@ -85,7 +88,8 @@ def run_sim_robot(
     robot = SimRobot(env)
     per_episode = []
     try:
-        with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=sim_robot_name(task), keys_dir=keys_dir,
+        with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=name or sim_robot_name(task),
+                          keys_dir=keys_dir,
                           instruction=texts[0]) as client:
             try:
                 client.connect(timeout_s=connect_timeout_s)
