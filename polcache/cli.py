@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from polcache.errors import PolcacheError, Terminated
 
@@ -27,7 +27,19 @@ COMMAND_MODULES = [
 
 class OneLineParser(argparse.ArgumentParser):
     """A bad flag is one line, as every other bad input is (argparse prints its whole usage block
-    first); subcommands' parsers are of the same class."""
+    first); subcommands' parsers are of the same class. `checks` judge flags together, which argparse
+    cannot (one flag that means nothing without another): each returns the error line or None."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checks: list[Callable[[argparse.Namespace], str | None]] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        for check in self.checks:
+            if (problem := check(parsed)) is not None:
+                self.error(problem)
+        return parsed, extra
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

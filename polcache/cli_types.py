@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from polcache.cli import OneLineParser
 
 
 def _number(value: str, parse: type, ok, expected: str):
@@ -72,7 +76,7 @@ FRESH_HELP = ("start from scratch; the previous run (last/, best/, train_log.jso
               "OUT/previous-<time>/")
 
 
-def add_backend_options(p: argparse.ArgumentParser) -> None:
+def add_backend_options(p: "OneLineParser") -> None:
     """What runs the policy, for every command that loads one to act (eval, serve)."""
     p.add_argument("--backend", choices=["torch", "ort", "trt"], help="inference backend (default: torch for a "
                    "checkpoint, ort (ONNX Runtime) for an artifact from `polcache export`; trt: TensorRT engines "
@@ -93,8 +97,17 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "actions match the executed ones best (torch backend; over ZeroMQ the robot reports them "
                         "with protocol version 2; default 1: off)")
     p.add_argument("--verify-min-past", type=positive_int, metavar="M",
-                   help="score candidates once M of the past frames' steps have executed actions (default: all "
-                        "of them, the paper's rule; fewer verifies earlier in an episode)")
+                   help="with --verify N > 1: score candidates once M of the past frames' steps have executed "
+                        "actions (default: all of them, the paper's rule; fewer verifies earlier in an episode)")
+    p.checks.append(_verify_min_past_needs_verify)
+
+
+def _verify_min_past_needs_verify(args: argparse.Namespace) -> str | None:
+    """--verify-min-past alone would be silently ignored: without candidates nothing is scored."""
+    if args.verify_min_past is not None and args.verify == 1:
+        return (f"argument --verify-min-past: applies to self-verification only; give --verify N (N >= 2 "
+                f"candidates) with it, got --verify-min-past {args.verify_min_past} and --verify 1")
+    return None
 
 
 def backend_options(args: argparse.Namespace) -> dict:

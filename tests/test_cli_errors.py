@@ -150,7 +150,12 @@ def test_training_on_a_dataset_with_a_damaged_chunk_names_it(capsys, tmp_path):
                                   "(see polcache eval --help)"),
     (["ptp", "embed", "--batch-size", "x"], "polcache ptp embed: error: argument --batch-size"),
     ([], "polcache: error: the following arguments are required: COMMAND"),
-], ids=["flag", "nested", "no-command"])
+    (["eval", "--checkpoint", "x", "--verify-min-past", "3"],
+     "polcache eval: error: argument --verify-min-past: applies to self-verification only; give --verify N (N >= 2 "
+     "candidates) with it, got --verify-min-past 3 and --verify 1"),
+    (["serve", "--checkpoint", "x", "--verify", "1", "--verify-min-past", "2"],
+     "polcache serve: error: argument --verify-min-past: applies to self-verification only"),
+], ids=["flag", "nested", "no-command", "eval-verify-min-past-alone", "serve-verify-min-past-alone"])
 def test_a_bad_flag_is_one_line_not_the_usage_block(capsys, argv, match):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -119,6 +119,7 @@ def test_self_verification_returns_the_candidate_whose_past_matches_what_was_exe
     best = int(torch.argmin(scores))
     np.testing.assert_allclose(early.predict(obs, seed=7, past_actions=partial)[0], preds["action"][best].numpy(),
                                atol=1e-6)
+    assert (b.describe()["verify_min_past"], early.describe()["verify_min_past"]) == (2, 1)
     for wrong in (np.zeros((3, 3)), np.zeros((1, 3)), np.zeros(3)):  # checked before counting known rows
         with pytest.raises(ValueError, match=r"past_actions: expected shape \(2, 3\)"):
             b.predict(obs, seed=7, past_actions=wrong)
@@ -185,3 +186,18 @@ def test_two_robots_sessions_keep_their_own_history():
             np.testing.assert_allclose(session.predict(obs, steps, seed=t), b.predict(obs, seed=t), atol=1e-4)
     sa.reset()
     assert not sa.ring._by_step and sb.ring._by_step
+
+
+def test_eval_records_its_self_verification_options(tmp_path):
+    pytest.importorskip("metaworld")
+    import json
+    from pathlib import Path
+
+    from polcache.cli import main
+
+    shipped = Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3"
+    out = tmp_path / "r.json"
+    assert main(["eval", "--checkpoint", str(shipped), "--episodes", "1", "--max-steps", "8", "--no-progress",
+                 "--verify", "2", "--verify-min-past", "1", "--json", str(out)]) == 0
+    extra = json.loads(out.read_text())["extra"]
+    assert (extra["verify"], extra["verify_min_past"]) == (2, 1)

@@ -307,6 +307,7 @@ class TorchBackend:
                 "parity": self.parity, "cuda_graphs": self.graph_blocker is None,
                 "fused_update": self.sampler.is_fused, "fused_norm": self.add_norm is not None,
                 "fused_norm_off_because": self.norm_blocker, "verify_candidates": self.candidates,
+                "verify_min_past": self.min_verified,
                 "cuda_graphs_off_because": self.graph_blocker, "rtc_cuda_graph": self._guided_graph is not None,
                 "rtc_cuda_graph_off_because": self.rtc_graph_blocker, "batched_sessions": self.batch_blocker is None,
                 "batching_off_because": self.batch_blocker}

@@ -75,7 +75,8 @@ def _run(args: argparse.Namespace) -> int:
     what = backend.describe()
     result.extra.update({"checkpoint": args.checkpoint, "backend": what["backend"], "sampler": what["sampler"],
                          "steps": what["steps"], "device": what["device"], "threads": torch.get_num_threads(),
-                         "cache": "none"})
+                         "cache": "none", "verify": what.get("verify_candidates", 1),  # torch only: others refuse N > 1
+                         "verify_min_past": what.get("verify_min_past")})
     exported = what["backend"] != "torch"  # the plan is inside the artifact: no uncached comparator to load
     stopped = "interrupted" in result.extra  # by Ctrl-C: report the finished episodes, skip the speed comparison
     if exported and what["cache"]:
