@@ -33,6 +33,14 @@ def test_sim_robot_without_a_server(capsys):
     assert code == 2 and "no answer from a policy server at tcp://127.0.0.1:1" in capsys.readouterr().err
 
 
+def test_sim_robot_names_a_server_address_without_its_transport(capsys):
+    pytest.importorskip("mujoco")
+    code = main(["sim-robot", "--task", "cue-reach", "--hz", "20", "--server", "localhost:5555"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("polcache sim-robot: error: cannot connect to 'localhost:5555' (expected e.g. "
+                                        "tcp://host:5555)") and len(err.splitlines()) == 1
+
+
 def test_sim_robot_names_an_instruction_that_is_not_utf8(capsys):
     pytest.importorskip("mujoco")
     code = main(["sim-robot", "--task", "cue-reach", "--hz", "20", "--server", "tcp://127.0.0.1:1",

@@ -179,10 +179,8 @@ def _sim_robot(args: argparse.Namespace) -> int:
     print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
           f"{err.get('p99', float('nan')):.3f} ms, {tick.get('missed_ticks', 0):.0f} missed ticks, "
           f"{tick.get('deadline_miss', 0):.0f} ticks without a fresh action, {tick.get('safe_stops', 0):.0f} safe stops")
-    if result.extra["seam_jerk"] is not None or result.extra["jerk"] is not None:
-        seam, other = (f"{v:.4g}" if v is not None else "n/a" for v in (result.extra["seam_jerk"], result.extra["jerk"]))
-        print(f"executed actions: jerk {seam} where a new chunk took over, {other} elsewhere "
-              "(mean norm of the third difference)")
+    if result.jerk_line():
+        print(result.jerk_line())
     if args.json:
         atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")

@@ -91,10 +91,7 @@ def run_sim_robot(
         with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=name or sim_robot_name(task),
                           keys_dir=keys_dir,
                           instruction=texts[0]) as client:
-            try:
-                client.connect(timeout_s=connect_timeout_s)
-            except ConnectError as exc:
-                raise PolcacheError(str(exc)) from None
+            client.connect(timeout_s=connect_timeout_s)
             if realtime:
                 try:
                     use_realtime_priority()
@@ -117,8 +114,8 @@ def run_sim_robot(
                                     "safe_stops": robot.safe_stops,
                                     **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
                                    | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
-    except ProtocolError as exc:  # an instruction the client refused to send (e.g. not UTF-8): one line
-        raise PolcacheError(str(exc)) from None
+    except (ConnectError, ProtocolError) as exc:  # a bad --server address, no server, an instruction the client
+        raise PolcacheError(str(exc)) from None  # refused to send (e.g. not UTF-8): one line
     finally:
         env.close()
     n_ok = sum(e["success"] for e in per_episode)
