@@ -36,6 +36,7 @@ from polcache_client.protocol import (
     decode,
     encode,
     instruction_bytes,
+    robot_name,
 )
 from polcache_client.rate import Clock, MonotonicClock
 
@@ -95,6 +96,7 @@ class PolicyClient:
             raise ValueError(f"heartbeat_s and timeout_s: expected 0 < heartbeat_s < timeout_s (finite seconds), "
                              f"got {heartbeat_s} and {timeout_s}")
         _check_obs_spec(obs_spec)
+        robot_name(name)
         self.policy: dict | None = None  # the server's PolicySpec, once welcomed
         if instruction is not None:
             self._check_instruction(instruction)

@@ -275,8 +275,9 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
-def _name(value: Any, where: str) -> str:
-    """A robot's name: it goes into the server's log lines, so no control characters."""
+def robot_name(value: Any, where: str = "name") -> str:
+    """A robot's name: it goes into the server's log lines, so no control characters. The client
+    checks its own with this before sending (a name that cannot be encoded would crash the encoder)."""
     value = _str(value, where)
     if not value.isprintable():
         raise ProtocolError("bad_type", f"{where} must be printable text (no newlines or other control characters)")
@@ -383,7 +384,7 @@ _FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[
     (Handshake, "obs_spec"): (_obs_spec, _wire_obs_spec),
     (Handshake, "action_dim"): (_dim, int),
     (Handshake, "hz"): (_hz, float),
-    (Handshake, "name"): (_name, str),
+    (Handshake, "name"): (robot_name, str),
     (Handshake, "instruction"): (_instruction, _identity),
     (Welcome, "policy"): (_dict, _identity),
     (Welcome, "max_message_bytes"): (_int, int),
