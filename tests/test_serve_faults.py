@@ -185,6 +185,29 @@ def test_inference_failure_is_reported_and_serving_continues():
         p.close()
 
 
+def test_a_window_that_failed_is_not_reused():
+    """A finite but absurd state (1e30) makes the network overflow to NaN; without clearing, every
+    window that frame stays in fails too (n_obs_steps ticks, longer with a stride)."""
+    class Overflowing(FakeBackend):
+        def predict(self, obs, seed=None, past_actions=None):
+            if np.abs(obs["state"]).max() > 1e29:
+                return np.full((1, 8, ACTION_DIM), np.nan, np.float32)
+            return super().predict(obs, seed)
+
+    backend = Overflowing()
+    assert backend.spec.n_obs_steps > 1  # the bad frame would sit in the next windows
+    with PolicyServer(backend, "tcp://127.0.0.1:0") as server:
+        p = RawPeer(server.endpoint)
+        p.handshake()
+        assert isinstance(p.request(observation(4)), ActionChunk)
+        reply = p.request(observation(5, value=1e30))
+        assert reply.code == "inference" and "history was cleared" in reply.message and reply.seq == 5
+        for seq in (6, 7):
+            assert isinstance(p.request(observation(seq)), ActionChunk)
+        assert (backend.calls[-1]["state"][0, :, 0] < 1e29).all()
+        p.close()
+
+
 def test_slow_inference_is_a_logged_deadline_miss_and_the_robot_stops_safely(caplog):
     records = []
     robot = StepRobot(50)

@@ -478,8 +478,13 @@ class PolicyServer:
         session = self.sessions.get(job.robot)
         if session is None or session.epoch != job.epoch:
             return  # the robot reset or left while we computed: the chunk would be stale
-        if job.actions is None:
-            self._refuse(job.robot, session, ProtocolError("inference", job.error), seq=job.seq)
+        if job.actions is None:  # the window that failed is not reused: a frame in it (say a finite 1e30 the
+            # network overflows on) would fail every window it is part of; the next observation starts afresh
+            session.history.clear()
+            session.pending = None
+            session.needs_reset = True
+            self._refuse(job.robot, session, ProtocolError("inference", f"{job.error} (this robot's observation "
+                                                                        "history was cleared)"), seq=job.seq)
             return
         chunk = ActionChunk(epoch=job.epoch, seq=job.seq, obs_seqs=job.obs_seqs, t_capture=job.t_capture,
                             t_actions=job.t_capture + session.action_offsets_s, actions=job.actions,
