@@ -209,8 +209,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         epochs = (f" ({cfg.train.epochs} epochs of {steps // cfg.train.epochs} batches; train.epochs sets the length, "
                   f"not train.steps)" if cfg.train.epochs else "")
         plan = f"{steps} steps{epochs} at batch {cfg.train.batch_size}, {len(train_data)} training windows"
-        if progress:
-            print(f"training {plan}")
+        print(f"training {plan}")  # also with --no-progress: the run's length is worth a line in any log
         _log(log_path, {"steps": steps, "train_windows": len(train_data), "val_windows": len(val_data), "plan": plan})
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
     best = _best_so_far(out / "best")
