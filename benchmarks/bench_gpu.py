@@ -269,7 +269,8 @@ def main() -> None:
         kind, K, budget = spec.split(":")
         rows += bench_config(policy, fast, kind, int(K), int(budget), args, device)
         print_table(rows, ["sampler", "executor", "cache", "ms", "p99_ms", "speedup", "vs_authors", "control_hz",
-                           "block_evals", "kernels_per_step", "bf16_median_abs", "bf16_max_abs", "bf16_min_cos", "setup_s", "error"])
+                           "block_evals", "kernels_per_step", "bf16_median_abs", "bf16_max_abs", "bf16_min_cos",
+                           "setup_s", "error"])
         for r in rows:
             if r.get("anatomy"):
                 a = r["anatomy"]

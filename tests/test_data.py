@@ -238,8 +238,8 @@ def _set_attr(path, group: str, **attrs) -> None:
      "attrs obs_spec must map each obs key to"),
     (lambda p: _set_attr(p, "", action_dim="2"), "attrs action_dim must be a positive integer, got '2'"),
     (lambda p: _set_attr(p, "", version=True), "dataset version True is not supported"),
-], ids=["state-int32", "image-int8", "state-shape", "action-shape", "declared-array-gone", "undeclared-array", "tasks-string",
-        "tasks-ints", "obs-spec-shape-text", "action-dim-text", "version-bool"])
+], ids=["state-int32", "image-int8", "state-shape", "action-shape", "declared-array-gone", "undeclared-array",
+        "tasks-string", "tasks-ints", "obs-spec-shape-text", "action-dim-text", "version-bool"])
 def test_hand_edited_layout_is_refused_at_open(tmp_path, episodes, damage, match):
     path = tmp_path / "rec.zarr"
     write_dataset(path, episodes, attrs=RECORDED_ATTRS)  # the attrs `polcache record` writes

@@ -107,7 +107,7 @@ def test_ctrl_c_in_eval_reports_and_writes_the_finished_episodes(tmp_path, monke
 
     from polcache.cli import main
 
-    evaluate = importlib.import_module("polcache.sim.evaluate")  # the module (the package exports a function of that name)
+    evaluate = importlib.import_module("polcache.sim.evaluate")  # the module: the package exports a function so named
 
     finished = []
 

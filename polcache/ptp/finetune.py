@@ -31,8 +31,8 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path) -> TrainingSo
     info = embedding_info(store, str(embeddings))
     for what in ("checkpoint", "source"):  # stores embedded before paths were made absolute hold them as typed
         if not info[what] or not Path(info[what]).exists():
-            raise DatasetError(f"{embeddings} was embedded from {what} {info[what]}, which is not there (a relative path "
-                               f"is read from the directory `ptp embed` ran in): run from there, or embed again")
+            raise DatasetError(f"{embeddings} was embedded from {what} {info[what]}, which is not there (a relative "
+                               f"path is read from the directory `ptp embed` ran in): run from there, or embed again")
     base, base_cfg, _ = load_policy(info["checkpoint"])
     if encoder_hash(base) != info["encoder_hash"]:
         raise DatasetError(f"{embeddings} was embedded by another encoder than the one now in {info['checkpoint']} "

@@ -74,7 +74,8 @@ class EvalResult:
         if seam is None and other is None:
             return None
         seam, other = (f"{v:.4g}" if v is not None else "n/a" for v in (seam, other))
-        return f"executed actions: jerk {seam} where a new chunk took over, {other} elsewhere (mean norm of the third difference)"
+        return (f"executed actions: jerk {seam} where a new chunk took over, {other} elsewhere (mean norm of the "
+                "third difference)")
 
 
 @dataclass(frozen=True)
