@@ -64,6 +64,8 @@ def test_shipped_launch_configs_load(name):
     ("server.max_batch=0", "server.max_batch"),
     ("server.inline_ms=-1", "server.inline_ms"),
     ("robot.blend=average", "robot.blend"),
+    ("robot.name=''", "robot.name"),
+    ('robot.name="arm\\n2"', "robot.name"),
     ('server.instruction=""', "server.instruction: empty instruction"),
     pytest.param("robot.instruction=" + "x" * 1025, "robot.instruction: 1025 UTF-8 bytes, at most 1024",
                  id="robot.instruction-too-long"),
@@ -268,10 +270,12 @@ def test_language_rtc_and_batching_options_reach_the_children(tmp_path):
     from polcache.launch.supervisor import robot_command, server_command
 
     cfg = load_launch_config(SIM, ["server.rtc=true", "server.max_batch=2", "server.instruction=open the door",
-                                   "robot.blend=latest", "robot.instruction=open the door", "server.inline_ms=0"])
+                                   "robot.blend=latest", "robot.instruction=open the door", "server.inline_ms=0",
+                                   "robot.name=left arm"])
     serve = server_command(cfg, tmp_path)
     assert serve[-1] == "--rtc" and serve[serve.index("--max-batch") + 1] == "2"
     assert serve[serve.index("--inline-ms") + 1] == "0.0"
     assert serve[serve.index("--instruction") + 1] == "open the door"
     robot = robot_command(cfg, tmp_path, "door-open-v3")
     assert robot[robot.index("--blend") + 1] == "latest" and robot[robot.index("--instruction") + 1] == "open the door"
+    assert robot[robot.index("--name") + 1] == "left arm"

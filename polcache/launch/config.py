@@ -21,7 +21,7 @@ from polcache.errors import ConfigError, PolcacheError
 from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
 from polcache.serve.server import DEFAULT_INLINE_MS, MAX_INLINE_MS
-from polcache_client.protocol import ProtocolError, instruction_bytes
+from polcache_client.protocol import ProtocolError, instruction_bytes, robot_name
 
 DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
 FIFO_PRIORITIES = range(0, 100)  # 0: ordinary scheduling; 1..99: SCHED_FIFO with that priority
@@ -66,6 +66,7 @@ class RobotLaunch:
     seed: int = 1000
     blend: str = "ensemble"  # ensemble | latest: how overlapping chunks are executed
     instruction: str | None = None  # None: the task's held-out paraphrases (language-conditioned policies)
+    name: str | None = None  # what it calls itself at the server (None: "sim-robot TASK")
     placement: Placement = field(default_factory=Placement)
 
 
@@ -145,6 +146,12 @@ def validate(cfg: LaunchConfig) -> None:
                 instruction_bytes(text, field=name)  # the protocol's limit, 1024 bytes
             except ProtocolError as exc:
                 raise ConfigError(str(exc)) from None
+    if r.name is not None:
+        try:
+            if not robot_name(r.name, "robot.name").strip():
+                raise ProtocolError("bad_type", "robot.name: expected a non-empty name")
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from None
     if r.blend not in ("ensemble", "latest"):
         raise ConfigError(f"robot.blend: expected ensemble or latest, got {r.blend!r}")
     _check_port("dashboard.port", d.port)

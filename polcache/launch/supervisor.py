@@ -90,6 +90,7 @@ def robot_command(cfg: LaunchConfig, run: Path, task: str) -> list[str]:
                       "--metrics-file", str(run / "robot.jsonl"), "--json", str(run / "robot.json"),
                       "--blend", r.blend]
     cmd += ["--instruction", r.instruction] if r.instruction is not None else []
+    cmd += ["--name", r.name] if r.name is not None else []
     return cmd + (["--keys", cfg.server.keys] if cfg.server.keys else [])
 
 
