@@ -334,6 +334,15 @@ def test_the_first_documented_field_wins_when_several_are_wrong(peer):
         assert reply.code == "bad_type" and reply.message.startswith("obs.epoch") and reply.seq is None
 
 
+def test_an_observation_that_is_not_newer_gets_an_error(peer):
+    assert isinstance(peer.request(obs_map(seq=57)), ActionChunk)
+    for seq in (57, 3):  # a repeat; a robot counting from the start again without a new epoch
+        reply = peer.request(obs_map(seq=seq))
+        assert isinstance(reply, Error) and reply.code == "stale_seq" and reply.seq == seq
+        assert f"obs.seq {seq} is not newer than this epoch's last, 57" in reply.message
+    assert isinstance(peer.request(obs_map(seq=58)), ActionChunk)
+
+
 def test_observation_of_an_ended_epoch_gets_an_error(peer):
     from polcache_client.protocol import Reset
 

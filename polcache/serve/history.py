@@ -28,6 +28,10 @@ class ObservationHistory:
     def clear(self) -> None:
         self._entries.clear()
 
+    @property
+    def newest_seq(self) -> int | None:
+        return self._entries[-1][0] if self._entries else None
+
     def push(self, seq: int, arrays: dict[str, np.ndarray]) -> bool:
         """Add one step; False (and ignored) if it is not newer than the newest step held."""
         if self._entries and seq <= self._entries[-1][0]:

@@ -403,8 +403,12 @@ class PolicyServer:
             return
         session.executed.record(obs.executed_seqs, obs.executed)
         arrays = obs.arrays if session.instruction is None else {**obs.arrays, INSTRUCTION_KEY: session.instruction}
-        if not session.history.push(obs.seq, arrays):
-            return  # duplicate or reordered
+        if not session.history.push(obs.seq, arrays):  # a repeat, or a robot counting again without a new epoch
+            self._refuse(robot, session, ProtocolError(
+                "stale_seq", f"obs.seq {obs.seq} is not newer than this epoch's last, {session.history.newest_seq}: "
+                             f"not answered; a robot that counts from the start again must reset (a new epoch)"),
+                seq=obs.seq)
+            return
         if session.pending is not None:
             session.superseded += 1
         session.pending = Pending(obs, decode_ms, time.perf_counter())
