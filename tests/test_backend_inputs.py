@@ -69,6 +69,9 @@ def test_a_session_refuses_steps_that_go_back_instead_of_reusing_old_frames():
         s.predict({"state": STATE + 1}, [0, 1], seed=0)  # a new episode counted from 0
     with pytest.raises(ObservationError, match="frame steps must ascend"):
         s.predict({"state": STATE}, [47, 46], seed=0)
+    for steps in ([45.0, 46.7], ["45", "46"], [True, 46]):
+        with pytest.raises(ObservationError, match="seqs: expected integer control steps"):
+            s.predict({"state": STATE}, steps, seed=0)
     s.reset()
     fresh = b.session().predict({"state": STATE + 1}, [0, 1], seed=0)
     np.testing.assert_array_equal(s.predict({"state": STATE + 1}, [0, 1], seed=0), fresh)

@@ -79,6 +79,8 @@ class TorchSession:
             raise ObservationError(f"a session predicts for one robot: batch 1, got {size}")
         if len(seqs) != b.spec.n_obs_steps:
             raise ObservationError(f"seqs: one control step per frame ({b.spec.n_obs_steps}), got {len(seqs)}")
+        if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seqs):
+            raise ObservationError(f"seqs: expected integer control steps, got {list(seqs)!r}")  # 2.7 is no step
         return self.ring.features(b.policy, batch, [int(s) for s in seqs])
 
     def reset(self) -> None:
