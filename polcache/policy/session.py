@@ -67,6 +67,9 @@ class TorchSession:
 
     def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
                 past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
+        """One chunk from the window `obs` whose frame i was observed at control step `seqs[i]`. Each
+        step's frame is encoded once: a step already held keeps the frame first given for it (new
+        observations need new steps; a new episode needs reset())."""
         return self.backend.predict_features(self.features(obs, seqs), seed, past_actions, committed)
 
     def features(self, obs: dict[str, np.ndarray], seqs: Sequence[int]) -> torch.Tensor:
