@@ -40,6 +40,11 @@ def non_negative_float(value: str) -> float:
     return _number(value, float, lambda x: x >= 0, "a finite number >= 0")
 
 
+def h264_crf(value: str) -> int:
+    """H.264's constant rate factor (argparse's choices would list all 52 values in its error)."""
+    return _number(value, int, lambda n: 0 <= n <= 51, "an H.264 quality 0..51")
+
+
 def port(value: str) -> int:
     """A TCP port, 0..65535 (0: the system picks a free one where the command allows it)."""
     return _number(value, int, lambda n: 0 <= n <= 65535, "a port number 0..65535")

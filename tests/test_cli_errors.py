@@ -155,7 +155,9 @@ def test_training_on_a_dataset_with_a_damaged_chunk_names_it(capsys, tmp_path):
      "candidates) with it, got --verify-min-past 3 and --verify 1"),
     (["serve", "--checkpoint", "x", "--verify", "1", "--verify-min-past", "2"],
      "polcache serve: error: argument --verify-min-past: applies to self-verification only"),
-], ids=["flag", "nested", "no-command", "eval-verify-min-past-alone", "serve-verify-min-past-alone"])
+    (["data", "export-lerobot", "d", "--out", "o", "--crf", "99"],
+     "argument --crf: expected an H.264 quality 0..51, got 99"),
+], ids=["flag", "nested", "no-command", "eval-verify-min-past-alone", "serve-verify-min-past-alone", "crf"])
 def test_a_bad_flag_is_one_line_not_the_usage_block(capsys, argv, match):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import positive_int
+from polcache.cli_types import h264_crf, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("--out", required=True, help="LeRobot root to write (replaced only if it is a LeRobot root)")
     exp.add_argument("--fps", type=positive_int,
                      help="frame rate (default: the dataset's fps attr, else 10)")
-    exp.add_argument("--crf", type=int, default=10, choices=range(0, 52), metavar="0..51",
+    exp.add_argument("--crf", type=h264_crf, default=10, metavar="0..51",
                      help="H.264 quality, lower is closer to the source (default 10)")
     exp.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     exp.set_defaults(handler=_export)
