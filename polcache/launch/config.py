@@ -20,8 +20,9 @@ from polcache.config import apply_overrides, from_dict, read_yaml_mapping
 from polcache.errors import ConfigError, PolcacheError
 from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
+from polcache.serve.handshake import own_robot_name
 from polcache.serve.server import DEFAULT_INLINE_MS, MAX_INLINE_MS
-from polcache_client.protocol import ProtocolError, instruction_bytes, robot_name
+from polcache_client.protocol import ProtocolError, instruction_bytes
 
 DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
 FIFO_PRIORITIES = range(0, 100)  # 0: ordinary scheduling; 1..99: SCHED_FIFO with that priority
@@ -148,8 +149,7 @@ def validate(cfg: LaunchConfig) -> None:
                 raise ConfigError(str(exc)) from None
     if r.name is not None:
         try:
-            if not robot_name(r.name, "robot.name").strip():
-                raise ProtocolError("bad_type", "robot.name: expected a non-empty name")
+            own_robot_name(r.name, "robot.name")
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from None
     if r.blend not in ("ensemble", "latest"):

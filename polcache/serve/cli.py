@@ -9,19 +9,20 @@ import signal
 
 from polcache.cli_types import (add_backend_options, backend_options, name_list, non_empty, non_negative_float,
                                  non_negative_int, port, positive_float, positive_int)
+from polcache.serve.handshake import own_robot_name
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS
-from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
 from polcache_client.schedule import BLEND_MODES
 
 DEFAULT_SERVER = "tcp://127.0.0.1:5555"
 
 
 def robot_name(value: str) -> str:
-    """A handshake name: non-empty and printable (the server writes it into log lines and refuses
-    control characters), so a bad one is refused here, not as a refused handshake."""
-    if not non_empty(value).isprintable():
-        raise argparse.ArgumentTypeError(f"expected printable text (no control characters), got {value!r}")
-    return value
+    """--name, refused here by the server's own rule rather than as a refused handshake."""
+    try:
+        return own_robot_name(value, "name")
+    except ProtocolError:
+        raise argparse.ArgumentTypeError(f"expected a non-empty name of printable text, got {value!r}") from None
 
 
 def _add_metrics_args(p: argparse.ArgumentParser) -> None:
@@ -179,8 +180,8 @@ def _sim_robot(args: argparse.Namespace) -> int:
     print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
           f"{err.get('p99', float('nan')):.3f} ms, {tick.get('missed_ticks', 0):.0f} missed ticks, "
           f"{tick.get('deadline_miss', 0):.0f} ticks without a fresh action, {tick.get('safe_stops', 0):.0f} safe stops")
-    if result.jerk_line():
-        print(result.jerk_line())
+    if jerk := result.jerk_line():
+        print(jerk)
     if args.json:
         atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")

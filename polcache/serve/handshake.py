@@ -8,7 +8,7 @@ import numpy as np
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.language import InstructionError, encode_instruction
 from polcache.policy.spec import ArraySpec, PolicySpec
-from polcache_client.protocol import Handshake, ObsSpec, ProtocolError
+from polcache_client.protocol import Handshake, ObsSpec, ProtocolError, robot_name
 
 
 def wire_obs_spec(obs: dict[str, ArraySpec]) -> ObsSpec:
@@ -20,6 +20,14 @@ def robot_obs_spec(spec: PolicySpec) -> ObsSpec:
     """What a robot sends each tick: the policy's observations but the instruction, which it sends
     at handshake and reset (the server adds it to every observation)."""
     return wire_obs_spec({k: a for k, a in spec.obs.items() if k != INSTRUCTION_KEY})
+
+
+def own_robot_name(name: str, field: str) -> str:
+    """A name one of polcache's own robots announces (sim-robot --name, launch's robot.name): what the
+    server accepts (printable UTF-8) and not blank. Raises ProtocolError naming `field`."""
+    if not name.strip():
+        raise ProtocolError("bad_type", f"{field}: expected a non-empty name, got {name!r}")
+    return robot_name(name, field)
 
 
 def policy_instruction(text: str, spec: PolicySpec, field: str) -> np.ndarray | None:

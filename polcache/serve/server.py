@@ -355,8 +355,8 @@ class PolicyServer:
 
     def _refuse(self, robot: bytes, session: Session | None, exc: ProtocolError, seq: int | None = None) -> None:
         who = session.name if session else robot.hex()  # the metrics label
-        self._warn(f"{robot.hex()}:{exc.code}", f"refused message from {robot_label(who, robot) if session else who}: "
-                                                f"[{exc.code}] {exc}")
+        label = robot_label(who, robot) if session else who
+        self._warn(f"{robot.hex()}:{exc.code}", f"refused message from {label}: [{exc.code}] {exc}")
         version = session.version if session else PROTOCOL_VERSION
         self._send(robot, encode(Error(code=exc.code, message=str(exc), seq=seq), version))
         if self.on_record is not None:

@@ -88,8 +88,8 @@ def _run(args: argparse.Namespace) -> int:
                                 **{**backend_options(args), "candidates": 1})
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())
-    if result.jerk_line():
-        print(result.jerk_line())
+    if jerk := result.jerk_line():
+        print(jerk)
     if args.cache and not exported and not stopped:
         sp = result.extra["speedup"]
         print(f"cache {args.cache}: {sp['uncached_ms']:.1f} ms -> {sp['cached_ms']:.1f} ms per chunk "
