@@ -11,6 +11,7 @@ import pytest
 
 from fakes import FakeBackend, RawPeer, StepRobot, fake_spec, observation, wait_for
 from polcache.errors import PolcacheError
+from polcache.policy.spec import frame_offsets
 from polcache.serve.history import ObservationHistory
 from polcache.serve.server import INLINE_WINDOW, PolicyServer
 from polcache_client import ControlLoop, PolicyClient
@@ -40,6 +41,21 @@ def test_history_pads_the_first_observation_and_fills_gaps():
     h.clear()
     h.push(0, {"x": np.array([9])})
     assert h.window()[0] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("K,s,mode", [(2, 1, "strided"), (4, 3, "strided"), (5, 2, "mixed")])
+def test_history_window_takes_the_newest_step_at_or_before_each_frame(K, s, mode):
+    """Runs with and without gaps (the window's shortcut for gap-free runs and its general rule
+    agree): per frame, the newest step held at or before it, the oldest held where none is."""
+    rng = np.random.default_rng(K)
+    h, held, seq = ObservationHistory(K, s, mode), [], 0
+    for _ in range(200):
+        seq += int(rng.choice([1, 1, 1, 2, 5]))
+        h.push(seq, {"x": np.array([seq])})
+        held = (held + [seq])[-(1 - frame_offsets(K, s, mode)[0]):]
+        expected = [max([t for t in held if t <= seq + off], default=held[0]) for off in frame_offsets(K, s, mode)]
+        seqs, stacked = h.window()
+        assert seqs == expected and stacked["x"][0, :, 0].tolist() == expected
 
 
 def test_end_to_end_loop_executes_every_action_on_time(records):

@@ -44,9 +44,12 @@ class ObservationHistory:
         if not self._entries:
             raise ValueError("window of an empty history")
         entries = self._entries
-        seqs = [seq for seq, _ in entries]  # ascending (push refuses older steps)
-        # per offset the newest step at or before it, the oldest held where none is
-        picks = [entries[max(bisect_right(seqs, seqs[-1] + off) - 1, 0)] for off in self.offsets]
+        newest = len(entries) - 1
+        if entries[-1][0] - entries[0][0] == newest:  # no gap (nearly always): step newest+off is at newest+off
+            picks = [entries[max(newest + off, 0)] for off in self.offsets]
+        else:  # per offset the newest step at or before it, the oldest held where none is
+            seqs = [seq for seq, _ in entries]  # ascending (push refuses older steps)
+            picks = [entries[max(bisect_right(seqs, seqs[-1] + off) - 1, 0)] for off in self.offsets]
         stacked = {}
         for key, newest_array in picks[-1][1].items():  # filled in place: a third of np.stack's cost, per message
             out = stacked[key] = np.empty((1, len(picks), *newest_array.shape), newest_array.dtype)

@@ -67,6 +67,10 @@ DEFAULT_INLINE_MS = 1.0  # inference this fast runs on the server thread (see Po
 MAX_INLINE_MS = 100.0  # beyond this, heartbeats and other robots would wait too long behind an inline inference
 MIN_MESSAGE_BYTES = 4096  # the largest handshake and welcome of a small policy fit
 INLINE_WINDOW = 16  # recent inference times that decide where the next one runs
+# pyzmq's flags as plain ints: combining or testing its enum members runs enum.py's Python (~1 us each)
+_POLLIN = int(zmq.POLLIN)
+_SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class Pending(NamedTuple):
@@ -85,6 +89,7 @@ class Session:
     executed: ExecutedLog
     policy: PolicySession  # the robot's own policy state (e.g. its embedding ring buffer)
     action_offsets_s: np.ndarray  # when each action of a chunk is due, after its observation's capture
+    deadline_ms: float  # observation to reply: a chunk later than this is logged and counted as late
     version: int = PROTOCOL_VERSION  # the robot's protocol version: every reply is written in it
     epoch: int = 0
     last_seen: float = 0.0
@@ -260,7 +265,7 @@ class PolicyServer:
                 except zmq.Again:
                     pass
                 else:
-                    if self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if self._router.getsockopt(zmq.EVENTS) & _POLLIN:
                         self._drain()
             self._once_a_second()
             self._dispatch()  # last: the woken worker then finds the GIL free, this thread waiting
@@ -295,8 +300,8 @@ class PolicyServer:
         """Read everything waiting before the next dispatch, so only the newest observation counts;
         called when one is waiting (after it, asking is cheaper than a zmq.Again)."""
         for _ in range(MAX_DRAIN):
-            self._receive(zmq.NOBLOCK)
-            if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._receive(_NOBLOCK)
+            if not self._router.getsockopt(zmq.EVENTS) & _POLLIN:
                 return
 
     def _receive(self, flags: int = 0) -> None:
@@ -372,6 +377,7 @@ class PolicyServer:
                                        executed=ExecutedLog(self.spec.history_span), policy=self.backend.session(),
                                        version=version, instruction=instruction,
                                        last_seen=time.monotonic(),
+                                       deadline_ms=self.deadline_ms or (self.spec.n_action_steps - 1) / msg.hz * 1e3,
                                        action_offsets_s=np.arange(self.spec.n_action_steps, dtype=np.float64) / msg.hz)
         self.sessions.move_to_end(robot)
         while len(self.sessions) > self.max_sessions:
@@ -396,12 +402,13 @@ class PolicyServer:
             return
         if obs.epoch > session.epoch:
             session.start_epoch(obs.epoch)
-        if obs.executed_seqs and obs.executed.shape[1] != self.spec.action_dim:
-            self._refuse(robot, session, ProtocolError(
-                "bad_shape", f"obs.executed has {obs.executed.shape[1]} values per action, the policy's actions have "
-                             f"{self.spec.action_dim}"), seq=obs.seq)
-            return
-        session.executed.record(obs.executed_seqs, obs.executed)
+        if obs.executed_seqs:  # most observations report none
+            if obs.executed.shape[1] != self.spec.action_dim:
+                self._refuse(robot, session, ProtocolError(
+                    "bad_shape", f"obs.executed has {obs.executed.shape[1]} values per action, the policy's actions "
+                                 f"have {self.spec.action_dim}"), seq=obs.seq)
+                return
+            session.executed.record(obs.executed_seqs, obs.executed)
         arrays = obs.arrays if session.instruction is None else {**obs.arrays, INSTRUCTION_KEY: session.instruction}
         if not session.history.push(obs.seq, arrays):  # a repeat, or a robot counting again without a new epoch
             self._refuse(robot, session, ProtocolError(
@@ -461,8 +468,8 @@ class PolicyServer:
                   t_capture=pending.obs.t_capture, received=pending.received, obs=stacked, session=session.policy,
                   reset_session=session.needs_reset, queue_depth=queue_depth, batch_size=batch_size,
                   superseded=session.superseded,
-                  past_actions=session.executed.at(pending.obs.seq, self._past_offsets,
-                                                   self.spec.action_dim),
+                  past_actions=session.executed.at(pending.obs.seq, self._past_offsets, self.spec.action_dim)
+                  if self._past_offsets else None,
                   committed=session.committed(pending.obs.t_capture) if self.rtc else None)
         job.timing.update(decode=pending.decode_ms, preprocess=(time.perf_counter() - t0) * 1e3,
                           queue=(t0 - pending.received) * 1e3)
@@ -500,11 +507,11 @@ class PolicyServer:
             session.planned = (chunk.t_actions, job.actions)
             seen = total_ms / 1e3
             session.latency_s = seen if session.latency_s is None else 0.7 * session.latency_s + 0.3 * seen
-        deadline_ms = self.deadline_ms or (self.spec.n_action_steps - 1) / session.hz * 1e3
-        late = total_ms > deadline_ms
+        late = total_ms > session.deadline_ms
         if late:
             self._warn(f"{job.robot.hex()}:deadline", f"observation {job.seq} of {robot_label(session.name, job.robot)} "
-                                                      f"took {total_ms:.1f} ms, over its {deadline_ms:.1f} ms deadline")
+                                                      f"took {total_ms:.1f} ms, over its {session.deadline_ms:.1f} ms "
+                                                      f"deadline")
         if self.on_record is not None:  # built only for a listener
             timing = job.timing
             self.on_record(RequestRecord(
@@ -518,8 +525,8 @@ class PolicyServer:
 
     def _send(self, robot: bytes, frame: bytes) -> None:
         try:  # a ROUTER drops (never blocks on) messages to a full or departed robot
-            self._router.send(robot, zmq.SNDMORE | zmq.NOBLOCK)  # two sends: send_multipart's checks cost more
-            self._router.send(frame, zmq.NOBLOCK)
+            self._router.send(robot, _SEND_MORE)  # two sends: send_multipart's checks cost more
+            self._router.send(frame, _NOBLOCK)
         except zmq.ZMQError as exc:
             self._warn("send", f"reply to {robot.hex()} not sent: {exc}")
 
