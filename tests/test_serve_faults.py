@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import re
 
 import msgpack
@@ -201,10 +202,33 @@ def test_a_window_that_failed_is_not_reused():
         p.handshake()
         assert isinstance(p.request(observation(4)), ActionChunk)
         reply = p.request(observation(5, value=1e30))
-        assert reply.code == "inference" and "history was cleared" in reply.message and reply.seq == 5
+        assert reply.code == "inference" and "history up to 5 was cleared" in reply.message and reply.seq == 5
         for seq in (6, 7):
             assert isinstance(p.request(observation(seq)), ActionChunk)
         assert (backend.calls[-1]["state"][0, :, 0] < 1e29).all()
+        p.close()
+
+
+def test_an_observation_sent_during_a_failing_inference_is_still_answered():
+    """The failed window's steps are dropped, not the newer observation waiting behind them: it gets
+    its chunk, from a window of itself alone."""
+    class SlowOverflowing(FakeBackend):
+        def predict(self, obs, seed=None, past_actions=None):
+            if np.abs(obs["state"]).max() > 1e29:
+                time.sleep(0.3)  # observation 6 arrives meanwhile
+                return np.full((1, 8, ACTION_DIM), np.nan, np.float32)
+            return super().predict(obs, seed)
+
+    backend = SlowOverflowing()
+    with PolicyServer(backend, "tcp://127.0.0.1:0") as server:
+        p = RawPeer(server.endpoint)
+        p.handshake()
+        p.send(observation(5, value=1e30))
+        time.sleep(0.1)
+        p.send(observation(6))
+        failed, answered = p.recv(), p.recv()
+        assert failed.code == "inference" and failed.seq == 5
+        assert isinstance(answered, ActionChunk) and answered.seq == 6 and answered.obs_seqs == [6, 6]
         p.close()
 
 

@@ -28,6 +28,11 @@ class ObservationHistory:
     def clear(self) -> None:
         self._entries.clear()
 
+    def drop_through(self, seq: int) -> None:
+        """Forget the steps up to and including `seq`; newer ones stay."""
+        while self._entries and self._entries[0][0] <= seq:
+            self._entries.popleft()
+
     @property
     def newest_seq(self) -> int | None:
         return self._entries[-1][0] if self._entries else None

@@ -490,12 +490,13 @@ class PolicyServer:
         if session is None or session.epoch != job.epoch:
             return  # the robot reset or left while we computed: the chunk would be stale
         if job.actions is None:  # the window that failed is not reused: a frame in it (say a finite 1e30 the
-            # network overflows on) would fail every window it is part of; the next observation starts afresh
-            session.history.clear()
-            session.pending = None
+            # network overflows on) would fail every window it is part of. Its steps are forgotten; an
+            # observation that arrived meanwhile stays pending and starts the next window afresh.
+            session.history.drop_through(job.seq)
             session.needs_reset = True
             self._refuse(job.robot, session, ProtocolError("inference", f"{job.error} (this robot's observation "
-                                                                        "history was cleared)"), seq=job.seq)
+                                                                        f"history up to {job.seq} was cleared)"),
+                         seq=job.seq)
             return
         chunk = ActionChunk(epoch=job.epoch, seq=job.seq, obs_seqs=job.obs_seqs, t_capture=job.t_capture,
                             t_actions=job.t_capture + session.action_offsets_s, actions=job.actions,
