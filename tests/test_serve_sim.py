@@ -65,3 +65,18 @@ def test_sim_robot_name_is_what_the_server_sees():
         assert main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "1", "--server", server.endpoint,
                      "--name", "arm 2"]) == 0
     assert robots and set(robots) == {"arm 2"}
+
+
+def test_sim_robot_refused_for_camera_images_says_which_options_send_them():
+    """A policy that sees a camera, served to a sim-robot run without --cameras: the refusal names
+    the missing image key and the options that send it."""
+    from polcache.errors import PolcacheError
+    from polcache.serve.sim_robot import run_sim_robot
+
+    class ImageBackend(ExpertBackend):
+        spec = PolicySpec(obs={"state": ArraySpec((39,), "float32"), "image_top": ArraySpec((32, 32, 3), "uint8")},
+                          action_dim=4, n_obs_steps=2, horizon=8, n_action_steps=8, task=TASK)
+
+    with PolicyServer(ImageBackend(), "tcp://127.0.0.1:0") as server:
+        with pytest.raises(PolcacheError, match=r"'image_top'.*--cameras NAME.*--image-size"):
+            run_sim_robot(TASK, server.endpoint, hz=100, episodes=1, connect_timeout_s=5)

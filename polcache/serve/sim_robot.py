@@ -48,6 +48,11 @@ class SimRobot:
         self.safe_stops += 1
 
 
+# what a refused handshake that names a camera image means for sim-robot's own options
+CAMERA_HINT = (" (sim-robot sends camera NAME's image as image_NAME for each --cameras NAME, at --image-size "
+               "pixels: give the policy's cameras and size)")
+
+
 def sim_robot_name(task: str) -> str:
     """The name the robot gives the server, and the label of its own metrics."""
     return f"sim-robot {task}"
@@ -115,7 +120,9 @@ def run_sim_robot(
                                     **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
                                    | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
     except (ConnectError, ProtocolError) as exc:  # a bad --server address, no server, an instruction the client
-        raise PolcacheError(str(exc)) from None  # refused to send (e.g. not UTF-8): one line
+        # refused to send (e.g. not UTF-8): one line
+        hint = CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc) else ""
+        raise PolcacheError(f"{exc}{hint}") from None
     finally:
         env.close()
     n_ok = sum(e["success"] for e in per_episode)
