@@ -22,6 +22,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from common import RESULTS, print_table, write_json  # noqa: E402
 
+from polcache.errors import PolcacheError  # noqa: E402
 from polcache.sim.stats import wilson_interval  # noqa: E402
 from polcache.sim.suite import SuiteRun, TaskResult, resolve_tasks, run_suite  # noqa: E402
 
@@ -82,11 +83,16 @@ def main() -> None:
                    episodes=args.episodes, eval_seed=args.eval_seed, max_steps=args.max_steps, sampler=args.sampler,
                    steps=args.steps, action_steps=args.action_steps,
                    ensemble_decay=args.ensemble, untrained=args.untrained, checkpoint=args.checkpoint, threads=args.threads)
-    tasks = resolve_tasks(args.tasks)
-    print(f"{len(tasks)} tasks, {'ray ' + args.ray if args.ray else f'{args.workers} local workers'}, out {args.out}")
-    results = run_suite(tasks, run, args.out, workers=args.workers, ray_address=args.ray,
-                        on_result=lambda r: print(f"done {r.task}: {r.success_rate:.0%} ({r.successes}/{r.episodes}), "
-                                                  f"trained {r.train_seconds / 60:.1f} min", flush=True))
+    try:
+        tasks = resolve_tasks(args.tasks)
+        print(f"{len(tasks)} tasks, {'ray ' + args.ray if args.ray else f'{args.workers} local workers'}, "
+              f"out {args.out}")
+        results = run_suite(tasks, run, args.out, workers=args.workers, ray_address=args.ray,
+                            on_result=lambda r: print(f"done {r.task}: {r.success_rate:.0%} ({r.successes}/"
+                                                      f"{r.episodes}), trained {r.train_seconds / 60:.1f} min",
+                                                  flush=True))
+    except PolcacheError as exc:  # an unknown task, no Ray cluster: one line
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
     rows = [row(r) for r in results] + [mean_row(results)]
     cap = results[0].extra.get("max_steps")
     print(f"\nsuccess = Meta-World info['success'] at any step of an episode capped at {cap} steps; "

@@ -58,3 +58,10 @@ def test_ray_local_instance_gives_the_same_table(tmp_path):
            [(r.task, r.successes, r.mean_episode_length) for r in local]
     assert (tmp_path / "ray" / "reach-v3" / "untrained.json").exists()
     assert suite._stored(tmp_path / "ray" / "reach-v3" / "untrained.json", _run(untrained=True)) is not None
+
+
+def test_ray_without_a_cluster_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="ray is an optional extra (pip install -e '.[cluster]')")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(PolcacheError, match=r"--ray auto: no Ray cluster to join.*--ray local"):
+        run_suite(["reach-v3"], _run(untrained=True), tmp_path, ray_address="auto")

@@ -200,8 +200,12 @@ def _run_on_ray(tasks: Sequence[str], run: SuiteRun, out: str | Path, address: s
         raise PolcacheError("--ray needs Ray: pip install -e '.[cluster]'") from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=None if address == "local" else address, num_cpus=None, log_to_driver=False,
-                 include_dashboard=False)
+        try:
+            ray.init(address=None if address == "local" else address, num_cpus=None, log_to_driver=False,
+                     include_dashboard=False)
+        except ConnectionError as exc:  # no cluster at that address
+            raise PolcacheError(f"--ray {address}: no Ray cluster to join ({exc}); start one (`ray start --head`) "
+                                f"or use --ray local") from None
     try:
         remote = ray.remote(num_cpus=run.threads)(run_task)
         refs = [remote.remote(t, run, str(Path(out).resolve())) for t in tasks]
