@@ -8,6 +8,7 @@ own input."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -27,6 +28,8 @@ def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[P
     name = f"{flag} {path}" if flag else str(path)
     if not str(path).strip():
         raise error(f"{flag or 'output'}: empty path; expected {what}")
+    if not folder and str(path).endswith(("/", os.sep)):  # Path() would drop the slash and write a file there
+        raise error(f"{name}: ends with a slash, a folder; expected {what}, a file name")
     path = Path(path)
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():

@@ -329,6 +329,15 @@ def test_every_output_path_is_checked_first_in_one_line(capsys, tmp_path, afile,
     assert match in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [c for c, (_, folder) in OUTPUTS.items() if not folder])
+def test_a_file_output_named_like_a_folder_is_refused(capsys, tmp_path, command):
+    """`--out x.json/` would lose its slash to Path() and be written as a file named x.json."""
+    argv, _ = OUTPUTS[command]
+    err = _err(capsys, [str(tmp_path / "x.json") + "/" if a == "OUT" else a for a in argv])
+    assert "ends with a slash" in err and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_report_refuses_a_folder_or_file_it_did_not_write(capsys, tmp_path):
     run = tmp_path / "run.jsonl"
     run.write_text('{"kind": "tick", "t": 1.0, "robot": "arm"}\n')
