@@ -100,6 +100,8 @@ def _obs_wire(**override) -> bytes:
         (_obs_wire(seq=5, executed_seqs=[4], executed=P.encode_array(np.zeros((1, 2), np.int32))), "bad_dtype",
          "obs.executed must be a float array, got int32"),
         (_obs_wire(seq=2 ** 63), "out_of_range", "obs.seq must be in 0..2\\^63-1, got 9223372036854775808$"),
+        (_raw(type="handshake", obs_spec={"state": {"shape": [3], "dtype": "float32"}}, action_dim=2, hz=10000.001,
+              name="arm"), "out_of_range", "got 10000.001$"),
         (_raw(type="handshake", obs_spec={"state": {"shape": [3], "dtype": "float32"}}, action_dim=2, hz=50.0,
               name="arm\n2026-11-27 CRITICAL: forged\x1b[31m"), "bad_type", "handshake.name must be printable"),
         (_raw(type="chunk", epoch=0, seq=0, obs_seqs=[0], t_capture=0.0, t_actions=P.encode_array(np.zeros(2)),

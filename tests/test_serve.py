@@ -3,9 +3,12 @@ semantics, heartbeats while busy, resets."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
+import msgpack
+import msgspec
 import numpy as np
 import pytest
 
@@ -15,7 +18,8 @@ from polcache.policy.spec import frame_offsets
 from polcache.serve.history import ObservationHistory
 from polcache.serve.server import INLINE_WINDOW, PolicyServer
 from polcache_client import ControlLoop, PolicyClient
-from polcache_client.protocol import PROTOCOL_VERSION, ActionChunk, Handshake, Heartbeat, Reset, Welcome, encode
+from polcache_client.protocol import (PROTOCOL_VERSION, ActionChunk, Handshake, Heartbeat, Observation, Reset, Welcome,
+                                      decode_versioned, encode)
 
 
 @pytest.fixture
@@ -200,8 +204,8 @@ def test_multiple_robots_are_served_independently():
             peer.close()
 
 
-def test_session_count_is_bounded():
-    with serve(FakeBackend(), max_sessions=2) as server:
+def test_session_count_is_bounded(caplog):
+    with caplog.at_level(logging.INFO, logger="polcache.serve"), serve(FakeBackend(), max_sessions=2) as server:
         peers = [RawPeer(server.endpoint) for _ in range(4)]
         for i, peer in enumerate(peers):
             peer.handshake(name=f"r{i}")
@@ -209,6 +213,33 @@ def test_session_count_is_bounded():
         assert peers[0].request(observation(0)).code == "no_session"
         for peer in peers:
             peer.close()
+    assert "forgot r0" in caplog.text and "forgot r1" in caplog.text  # each eviction its line, within a second too
+
+
+def test_a_robot_without_a_session_is_answered_in_its_own_protocol_version(caplog):
+    """After a server restart a version-1 robot must be able to read the no_session that tells it to
+    shake hands again, and a refused handshake is written in the handshake's version."""
+    def reply(peer: RawPeer, frame: bytes):
+        peer.send(frame)
+        assert peer.socket.poll(2000)
+        return decode_versioned(peer.socket.recv())
+
+    state = {"state": np.zeros(3, np.float32)}
+    handshake = Handshake(obs_spec={"state": ((3,), "float32")}, action_dim=2, hz=50.0, name="old arm")
+    with caplog.at_level(logging.INFO, logger="polcache.serve"), serve(FakeBackend()) as server:
+        peer = RawPeer(server.endpoint)
+        error, version = reply(peer, encode(Observation(epoch=0, seq=3, t_capture=1.0, arrays=state), 1))
+        assert (error.code, error.seq, version) == ("no_session", 3, 1)
+        error, version = reply(peer, encode(msgspec.structs.replace(handshake, action_dim=5), 2))
+        assert (error.code, version) == ("spec_mismatch", 2)
+        extra = msgpack.unpackb(encode(handshake, 1)) | {"colour": "red"}
+        error, version = reply(peer, msgpack.packb(extra))
+        assert (error.code, version) == ("extra_key", 1)
+        assert isinstance(reply(peer, encode(handshake, 1))[0], Welcome)
+        # a second handshake on the connection replaces the session: its name is logged too
+        assert isinstance(reply(peer, encode(msgspec.structs.replace(handshake, name="new arm"), 1))[0], Welcome)
+        peer.close()
+    assert "robot old arm (session" in caplog.text and "robot new arm (session" in caplog.text
 
 
 def test_spec_is_the_policy_spec():

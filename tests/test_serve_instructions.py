@@ -59,6 +59,9 @@ def test_server_adds_the_robots_instruction_to_every_observation_and_resets_chan
         refused = peer.request(hello())  # the policy needs an instruction and the server has no default
         assert isinstance(refused, P.Error) and refused.code == "bad_instruction"
         assert "handshake.instruction: the hosted policy follows an instruction" in refused.message
+        as_key = peer.request(P.encode(P.Handshake(obs_spec={**STATE, "instruction": ((16,), "uint8")}, action_dim=2,
+                                                    hz=50.0, name="arm")))
+        assert as_key.code == "spec_mismatch" and "goes in handshake.instruction" in as_key.message
         too_long = peer.request(hello("push the puck to the goal"))  # 25 bytes, the policy reads 16
         assert too_long.code == "bad_instruction" and "handshake.instruction: 25 UTF-8 bytes, at most 16" in too_long.message
         assert isinstance(peer.request(hello("push the puck")), P.Welcome)

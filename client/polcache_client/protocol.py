@@ -46,12 +46,15 @@ ObsSpec = dict[str, tuple[tuple[int, ...], str]]
 
 class ProtocolError(ValueError):
     """A message that breaks the protocol; `code` is machine-readable, str(self) names the problem;
-    `seq` is the observation concerned when the message was an observation with a readable seq."""
+    `seq` is the observation concerned when the message was an observation with a readable seq;
+    `version` the protocol version the message was written in, where that was readable (a refusal
+    to a robot without a session is written in it)."""
 
-    def __init__(self, code: str, message: str, seq: int | None = None):
+    def __init__(self, code: str, message: str, seq: int | None = None, version: int | None = None):
         super().__init__(message)
         self.code = code
         self.seq = seq
+        self.version = version
 
 
 class Handshake(msgspec.Struct, frozen=True):
@@ -252,8 +255,8 @@ def _ranged(parse: Callable[[Any, str], Any], lo: float, hi: float, allowed: str
     def codec(value: Any, where: str) -> Any:
         value = parse(value, where)
         if not lo <= value <= hi:
-            shown = value if type(value) is int else f"{value:g}"  # an int exactly, not as 9.22337e+18
-            raise ProtocolError("out_of_range", f"{where} must be {allowed}, got {shown}")
+            # repr: an int exactly (not 9.22337e+18), a float to the digit that put it out of range (not 10000)
+            raise ProtocolError("out_of_range", f"{where} must be {allowed}, got {value!r}")
         return value
 
     return codec
@@ -507,6 +510,15 @@ def _decode_strict(data: bytes) -> tuple[Message, int]:
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError("version", f"protocol version {_short(version)} is not supported (this side speaks "
                                        f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
+    try:
+        return _decode_body(obj, version), version
+    except ProtocolError as exc:
+        exc.version = version
+        raise
+
+
+def _decode_body(obj: dict, version: int) -> Message:
+    """The message of a map whose version is supported (_decode_strict's remaining checks)."""
     cls = TYPES_BY_NAME.get(obj.get("type")) if isinstance(obj.get("type"), str) else None
     if cls is None:
         raise ProtocolError("unknown_type", f"unknown message type {_short(obj.get('type'))}; known: {sorted(TYPES_BY_NAME)}")
@@ -531,7 +543,7 @@ def _decode_strict(data: bytes) -> tuple[Message, int]:
         raise
     if isinstance(msg, ActionChunk):
         _check_chunk(msg)
-    return msg, version
+    return msg
 
 
 def _short(value: Any, limit: int = 80) -> str:

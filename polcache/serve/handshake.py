@@ -64,6 +64,9 @@ def check_handshake(handshake: Handshake, spec: PolicySpec) -> None:
 
     if set(policy) - set(robot):
         refuse(f"obs_spec: the policy needs key(s) {sorted(set(policy) - set(robot))} that the robot does not send")
+    if INSTRUCTION_KEY in robot and INSTRUCTION_KEY in spec.obs:
+        refuse(f"obs_spec: {INSTRUCTION_KEY!r} is not sent each tick: it goes in handshake.instruction and "
+               "reset.instruction (protocol version 3), and the server adds it to every observation")
     if set(robot) - set(policy):
         refuse(f"obs_spec: the robot sends key(s) {sorted(set(robot) - set(policy))} that the policy does not use")
     for key, (shape, dtype) in policy.items():

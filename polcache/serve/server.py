@@ -325,6 +325,7 @@ class PolicyServer:
             session.last_seen = time.monotonic()
             self.sessions.move_to_end(robot)
         t0 = time.perf_counter()
+        version = None  # the version of a readable message: a robot without a session is answered in it
         try:
             if len(frames) != 1:
                 raise ProtocolError("malformed", f"expected one frame per message, got {len(frames)}")
@@ -356,13 +357,17 @@ class PolicyServer:
             else:
                 raise ProtocolError("unknown_type", f"the server does not accept {type(msg).__name__} messages")
         except ProtocolError as exc:
+            if exc.version is None:
+                exc.version = version
             self._refuse(robot, session, exc, seq=exc.seq)
 
     def _refuse(self, robot: bytes, session: Session | None, exc: ProtocolError, seq: int | None = None) -> None:
+        """Answer with an error: in the session's protocol version, else the refused message's where
+        it was readable (a version-1 robot after a server restart reads its no_session), else ours."""
         who = session.name if session else robot.hex()  # the metrics label
         label = robot_label(who, robot) if session else who
         self._warn(f"{robot.hex()}:{exc.code}", f"refused message from {label}: [{exc.code}] {exc}")
-        version = session.version if session else PROTOCOL_VERSION
+        version = session.version if session else exc.version or PROTOCOL_VERSION
         self._send(robot, encode(Error(code=exc.code, message=str(exc), seq=seq), version))
         if self.on_record is not None:
             self.on_record(ErrorRecord(t=time.time(), robot=who, code=exc.code))
@@ -382,14 +387,16 @@ class PolicyServer:
         self.sessions.move_to_end(robot)
         while len(self.sessions) > self.max_sessions:
             evicted_id, evicted = self.sessions.popitem(last=False)
-            self._warn("evict", f"too many robots: forgot {robot_label(evicted.name, evicted_id)} (least recently seen)")
+            self._warn(f"evict:{evicted_id.hex()}",
+                       f"too many robots: forgot {robot_label(evicted.name, evicted_id)} (least recently seen)")
         if fd is not None and fd >= 0:  # -1: a transport without descriptors (inproc)
             # A descriptor is reused only after its connection closed, and that closing is queued on the
             # monitor before it: read it first, so the entry cannot name the previous connection's robot.
             self._log_disconnects()
             self._connections[fd] = (robot, msg.name)
         # per session, not per name: robots sharing a name (or one restarted) each get their line
-        self._log.info(f"hello:{robot.hex()}", f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz)")
+        self._log.info(f"hello:{robot.hex()}:{msg.name}",
+                       f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz)")
         self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
                                          server=self.name), version))
 

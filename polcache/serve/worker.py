@@ -127,5 +127,5 @@ class InferenceWorker:
         return actions[0]
 
     def _fail(self, job: Job, exc: Exception) -> None:
-        self._warn(type(exc).__name__, f"inference failed for observation {job.seq}: {exc}")
+        self._warn(type(exc).__name__, f"inference failed for observation {job.seq} (session {job.robot.hex()}): {exc}")
         job.error = f"{type(exc).__name__}: {exc}"
