@@ -337,7 +337,7 @@ def _float_map(value: Any, where: str) -> dict[str, float]:
     out = {}
     for k, v in value.items():  # the usual entry passes the first test; any other is checked in full
         if not (type(k) is str and len(k) <= 4096 and k.isascii() and type(v) is float and math.isfinite(v)):
-            k, v = _str(k, where), _float(v, f"{where}.{k}")
+            k, v = _str(k, f"{where} key"), _float(v, f"{where}.{k}")
         out[k] = float(v)
     return out
 
@@ -345,7 +345,7 @@ def _float_map(value: Any, where: str) -> dict[str, float]:
 def _array_map(value: Any, where: str) -> dict[str, np.ndarray]:
     if not isinstance(value, dict):
         raise ProtocolError("bad_type", f"{where} must be a map of arrays")
-    return {_str(k, where): decode_array(v, f"{where}.{k}") for k, v in value.items()}
+    return {_str(k, f"{where} key"): decode_array(v, f"{where}.{k}") for k, v in value.items()}
 
 
 def _obs_spec(value: Any, where: str) -> ObsSpec:
@@ -353,7 +353,7 @@ def _obs_spec(value: Any, where: str) -> ObsSpec:
         raise ProtocolError("bad_type", f"{where} must be a map of {{shape, dtype}}")
     spec: ObsSpec = {}
     for key, entry in value.items():
-        key = _str(key, where)
+        key = _str(key, f"{where} key")
         if not isinstance(entry, dict) or set(entry) != {"shape", "dtype"}:
             raise ProtocolError("bad_type", f"{where}.{key} must be a map with keys shape, dtype")
         shape = _int_list(entry["shape"], f"{where}.{key}.shape")
@@ -503,7 +503,8 @@ def _decode_strict(data: bytes) -> tuple[Message, int]:
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, unicode_errors="surrogateescape")
     except Exception as exc:  # msgpack raises many types for bad input; all mean the same here
-        raise ProtocolError("malformed", f"not a msgpack message: {type(exc).__name__}: {exc}") from None
+        what = "a map key is not a string" if "map key" in str(exc) else "not a msgpack message"  # strict_map_key
+        raise ProtocolError("malformed", f"{what}: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("malformed", f"message must be a msgpack map, got {type(obj).__name__}")
     version = obj.get("v")
