@@ -210,8 +210,10 @@ def test_scrape_address_forms():
     assert scrape_url("127.0.0.1:9100") == "http://127.0.0.1:9100/metrics"
     assert scrape_url(":9100") == "http://127.0.0.1:9100/metrics"
     assert scrape_url("http://robot:9100/metrics") == "http://robot:9100/metrics"
-    with pytest.raises(PolcacheError, match="HOST:PORT"):
-        scrape_url("robot")
+    for bad in ("robot", "127.0.0.1:99999", "127.0.0.1:0", "ftp://robot:21/metrics", "http://robot:99999/metrics",
+                "http:///metrics"):
+        with pytest.raises(PolcacheError, match="HOST:PORT"):
+            scrape_url(bad)
 
 
 # ------------------------------------------------------------ report and command line
@@ -241,7 +243,13 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert "HOST:PORT" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "no such metrics file" in err and len(err.strip().splitlines()) == 1
+    assert "no such file; expected a metrics file" in err and len(err.strip().splitlines()) == 1
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "not a file; expected a metrics file" in capsys.readouterr().err
+    run = tmp_path / "run.jsonl"
+    run.write_text(line(kind="tick", t=1.0, robot="r", ticks=1))
+    assert main(["report", str(run), str(run), "--out", str(tmp_path / "r")]) == 2
+    assert "given twice" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["report", str(empty), "--out", str(tmp_path / "r")]) == 2
@@ -259,6 +267,74 @@ def test_records_with_wrong_types_are_counted_not_fatal():
     views = state.views()
     assert views["_meta"]["robots"] == ["r"] and views["period_error"]["series"] == []
     json.dumps(views, allow_nan=False)
+
+
+def test_lines_too_big_or_too_deep_for_a_float_or_the_parser_are_counted_not_fatal(tmp_path):
+    """A 400-digit integer (no float holds it) and a line nested 200,000 deep: each one unreadable
+    line, and every view (and the report) still built from the good ones around them."""
+    run = tmp_path / "run.jsonl"
+    run.write_text(line(kind="tick", t=1.0, robot="r", ticks=1, period_error_ms=0.2)
+                   + '{"kind": "tick", "t": 2.0, "robot": "r", "ticks": 1' + "0" * 400 + "}\n"
+                   + '{"kind": "tick", "t": 1' + "0" * 400 + ', "robot": "r"}\n'
+                   + "[" * 200_000 + "\n"
+                   + line(kind="tick", t=3.0, robot="r", ticks=1, period_error_ms=0.4))
+    tail = JsonlTail(run)
+    state = RunState()
+    state.add(tail.poll())
+    assert tail.bad_lines == 1 and state.bad_records == 1
+    views = state.views()
+    assert views["_meta"]["span_s"] == 2.0 and views["period_error"]["series"]
+    json.dumps(views, allow_nan=False)
+    assert write_report([run], tmp_path / "report").is_file()
+
+
+def test_a_source_that_cannot_be_read_says_why_and_the_others_are_still_read(tmp_path):
+    """A metrics path that is a folder, one not there (yet), an address serving something other than
+    Prometheus: each named on the page; the good file's records still arrive."""
+    good, folder = tmp_path / "good.jsonl", tmp_path / "folder"
+    folder.mkdir()
+    good.write_text(line(kind="tick", t=1.0, robot="r", ticks=1))
+    page = serve_prometheus(Metrics(robot="arm"), 0)  # a real server, asked for a path it does not serve
+    try:
+        dashboard = Dashboard([folder, tmp_path / "typo.jsonl", good],
+                              [f"http://127.0.0.1:{page.server_address[1]}/nothing-here"])
+        dashboard.poll()
+        with open(good, "a") as f:
+            f.write(line(kind="tick", t=2.0, robot="r", ticks=1))
+        dashboard.poll()
+    finally:
+        page.shutdown()
+        page.server_close()
+    meta = dashboard.data()["_meta"]
+    assert meta["span_s"] == 1.0
+    problems = " | ".join(meta["source_problems"])
+    assert f"{folder}: cannot read it" in problems and "typo.jsonl: no such file (yet)" in problems
+    assert "nothing-here: cannot reach it" in problems, problems
+
+
+def test_a_scrape_of_something_that_is_not_prometheus_is_named(tmp_path):
+    import http.server
+    import threading
+
+    class Html(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html>hello</html>\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        scraper = PrometheusScraper(f"127.0.0.1:{server.server_address[1]}")
+        assert scraper.poll() == [] and "not a Prometheus endpoint" in scraper.problem and scraper.failures == 1
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc")

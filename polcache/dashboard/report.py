@@ -31,15 +31,22 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
     """Every record of every file (no bound on how many); returns the state and the number of
     unreadable lines."""
     state, bad = RunState(keep=None), 0
+    seen: set[Path] = set()
     for path in map(Path, paths):
         if not path.is_file():
-            raise PolcacheError(f"{path}: no such metrics file")
+            raise PolcacheError(f"{path}: {'not a file' if path.exists() else 'no such file'}; expected a metrics "
+                                "file (JSON lines, from --metrics-file)")
+        if path.resolve() in seen:  # its records would count twice
+            raise PolcacheError(f"{path}: given twice")
+        seen.add(path.resolve())
         context: dict[str, Any] = {}
         for part in run_files(path):
             tail = JsonlTail(part)
             state.add(tail.poll() + tail.finish(), context)
-            bad += tail.bad_lines
             tail.close()
+            if tail.problem:
+                raise PolcacheError(tail.problem)
+            bad += tail.bad_lines
     bad += state.bad_records
     if not state.records:
         raise PolcacheError(f"no metrics records in {', '.join(map(str, paths))}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from typing import Any
@@ -24,11 +25,19 @@ PREFIX = "polcache_"
 
 
 def scrape_url(addr: str) -> str:
+    expected = f"--connect {addr!r}: expected HOST:PORT (port 1-65535) or http://HOST:PORT/metrics"
     if "://" in addr:
+        url = urllib.parse.urlsplit(addr)
+        try:
+            port = url.port
+        except ValueError:  # out of range or not a number
+            port = None
+        if url.scheme not in ("http", "https") or not url.hostname or not port:
+            raise PolcacheError(expected)
         return addr
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise PolcacheError(f"--connect {addr!r}: expected HOST:PORT or http://HOST:PORT/metrics")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise PolcacheError(expected)
     return f"http://{host or '127.0.0.1'}:{port}/metrics"
 
 
@@ -41,17 +50,24 @@ class PrometheusScraper:
         self.timeout_s = timeout_s
         self._last: dict[tuple, float] | None = None
         self.failures = 0
+        self.problem: str | None = None  # why the last scrape gave nothing (shown on the page), None if it did
 
     def poll(self) -> list[dict[str, Any]]:
         try:
             with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
-                text = response.read().decode()
-        except OSError:
-            self.failures += 1  # the process may be starting or gone; keep trying
-            return []
-        current = parse_exposition(text)
+                current = parse_exposition(response.read().decode())
+        except OSError as exc:  # the process may be starting or gone; keep trying
+            return self._failed(f"cannot reach it ({getattr(exc, 'reason', None) or exc})")
+        except ValueError as exc:  # not UTF-8, not the Prometheus text format: another service on that port?
+            return self._failed(f"not a Prometheus endpoint ({str(exc)[:80]})")
+        self.problem = None
         last, self._last = self._last, current
         return [] if last is None else records_between(last, current)
+
+    def _failed(self, why: str) -> list[dict[str, Any]]:
+        self.failures += 1
+        self.problem = f"{self.url}: {why}"
+        return []
 
 
 def parse_exposition(text: str) -> dict[tuple, float]:

@@ -46,9 +46,17 @@ class Dashboard:
         self.http: ThreadingHTTPServer | None = None
 
     def poll(self) -> None:
-        """Read every source once and sample the machine (the thread calls this; tests may too)."""
+        """Read every source once and sample the machine (the thread calls this; tests may too).
+        A source that cannot be read says why on the page and in one log line per change; the
+        others are still read."""
         for source, context in self.sources:
-            records = source.poll()
+            before = source.problem
+            try:
+                records = source.poll()
+            except OSError as exc:  # e.g. a read error on an open file: this source only
+                source.problem, records = f"{getattr(source, 'path', source)}: cannot read it ({exc})", []
+            if source.problem != before and source.problem:
+                log.warning("dashboard: %s", source.problem)
             if records:
                 with self.lock:
                     self.state.add(records, context)
@@ -61,6 +69,7 @@ class Dashboard:
             views = self.state.views()
         views["_meta"]["bad_lines"] = views["_meta"]["bad_records"] + sum(
             getattr(s, "bad_lines", 0) for s, _ in self.sources)
+        views["_meta"]["source_problems"] = [s.problem for s, _ in self.sources if s.problem]
         return views
 
     def serve(self, port: int = 8050, host: str = "127.0.0.1") -> str:
@@ -84,8 +93,8 @@ class Dashboard:
         while not self._stop.is_set():
             try:
                 self.poll()
-            except OSError as exc:  # e.g. a metrics file made unreadable: say so, keep serving
-                log.warning("dashboard: reading the sources failed: %s", exc)
+            except Exception:  # noqa: BLE001 - a bug in reading one record must not stop the page updating
+                log.exception("dashboard: reading the sources failed")
             self._stop.wait(self.poll_s)
 
 

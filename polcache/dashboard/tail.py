@@ -26,6 +26,7 @@ class JsonlTail:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.bad_lines = 0
+        self.problem: str | None = None  # why nothing is read now (shown on the page), None while it is
         self._file: BinaryIO | None = None
         self._inode: int | None = None
         self._partial = b""
@@ -68,7 +69,12 @@ class JsonlTail:
         try:
             self._file = open(self.path, "rb")
         except FileNotFoundError:
+            self.problem = f"{self.path}: no such file (yet)"
             return False
+        except OSError as exc:  # a folder, no permission: the other sources are still read
+            self.problem = f"{self.path}: cannot read it ({exc.strerror or exc})"
+            return False
+        self.problem = None
         self._inode = os.fstat(self._file.fileno()).st_ino
         return True
 
@@ -94,7 +100,7 @@ class JsonlTail:
                 continue
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
                 self.bad_lines += 1
                 continue
             if isinstance(record, dict) and isinstance(record.get("kind"), str):

@@ -97,7 +97,7 @@ class RunState:
         for r in records:
             try:
                 self._add(r, source)
-            except (TypeError, ValueError, AttributeError):
+            except (TypeError, ValueError, AttributeError, OverflowError):  # checked before anything is stored
                 self.bad_records += 1
 
     def _add(self, r: dict[str, Any], source: dict[str, Any]) -> None:
@@ -328,9 +328,15 @@ def _check_plan(plan: Any) -> None:
 
 
 def _number(value: Any) -> float:
+    """A field's value as a float, NaN where it is none (or an int too large for a float)."""
     if isinstance(value, bool):
         return float(value)
-    return float(value) if isinstance(value, (int, float)) else math.nan
+    if not isinstance(value, (int, float)):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:
+        return math.nan
 
 
 def _round(value: float) -> float | None:
