@@ -30,6 +30,13 @@ def positive_int(value: str) -> int:
     return _number(value, int, lambda n: n >= 1, "a positive integer")
 
 
+def thread_count(value: str) -> int:
+    """Intra-op threads: at most this machine's CPUs (more only slow inference down, and a huge count
+    crashes the OpenMP runtime)."""
+    cpus = os.cpu_count() or 1
+    return _number(value, int, lambda n: 1 <= n <= cpus, f"a thread count in 1..{cpus} (this machine's CPUs)")
+
+
 def non_negative_int(value: str) -> int:
     """Seeds, step counts: gymnasium and numpy refuse negative seeds deep inside a run."""
     return _number(value, int, lambda n: n >= 0, "an integer >= 0")

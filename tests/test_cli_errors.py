@@ -382,6 +382,9 @@ EVAL = ["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--no-progre
     (EVAL + ["--delay", "-1"], "--delay"),
     (EVAL + ["--threads", "0"], "--threads"),
     (EVAL + ["--threads", "-1"], "--threads"),
+    (EVAL + ["--threads", "100000"], "--threads"),  # more than the machine's CPUs (100000 crashed OpenMP)
+    (["serve", "--checkpoint", "x", "--threads", "100000"], "--threads"),
+    (["calibrate", "--checkpoint", "x", "--budget", "2", "--out", "x.json", "--threads", "100000"], "--threads"),
     (EVAL + ["--precision-tolerance", "inf"], "--precision-tolerance"),
     (["ptp", "embed", "--checkpoint", "x", "--out", "y", "--batch-size", "0"], "--batch-size"),
     (["ptp", "embed", "--checkpoint", "x", "--out", "y", "--batch-size", "-4"], "--batch-size"),

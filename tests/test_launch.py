@@ -56,6 +56,7 @@ def test_shipped_launch_configs_load(name):
     ("server.bind=udp://x", "server.bind"),
     ("dashboard.port=0", "dashboard.port"),
     ("server.device=gpu", "server.device"),
+    ("server.threads=100000", "server.threads"),
     ("server.precision=fp8", "server.precision"),
     ("robot.placement.fifo_priority=100", "robot.placement.fifo_priority"),
     ("robot.placement.cpus=[0,0]", "robot.placement.cpus"),

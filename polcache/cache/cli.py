@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import DEVICE_HELP, non_negative_int, positive_int
+from polcache.cli_types import DEVICE_HELP, non_negative_int, positive_int, thread_count
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for observation choice and sampling noise")
     p.add_argument("--batch-size", type=positive_int, default=8, help="observations per calibration batch")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--threads", type=positive_int, default=1,
+    p.add_argument("--threads", type=thread_count, default=1,
                    help="torch intra-op threads (default 1: shared CPUs oversubscribe badly)")
     p.add_argument("--out", required=True, help="schedule JSON to write, a .json name (the heatmap goes to the same name .png); an existing "
                         "file is replaced only if it is a schedule, and an existing .png only with its schedule")

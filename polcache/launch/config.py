@@ -120,8 +120,9 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"server.backend: expected torch, ort or trt (or null), got {s.backend!r}")
     if s.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"server.precision: expected fp32, bf16 or fp16, got {s.precision!r}")
-    if s.threads < 0:
-        raise ConfigError(f"server.threads: expected 0 (one per pinned CPU) or more, got {s.threads}")
+    if not 0 <= s.threads <= (os.cpu_count() or 1):
+        raise ConfigError(f"server.threads: expected 0 (one per pinned CPU) to {os.cpu_count() or 1} (this machine's "
+                          f"CPUs), got {s.threads}")
     for name, value in (("server.ready_timeout_s", s.ready_timeout_s), ("dashboard.ready_timeout_s", d.ready_timeout_s),
                         ("stop_timeout_s", cfg.stop_timeout_s), ("robot.hz", r.hz)):
         if not value > 0:

@@ -8,7 +8,7 @@ import logging
 import signal
 
 from polcache.cli_types import (add_backend_options, backend_options, name_list, non_empty, non_negative_float,
-                                 non_negative_int, port, positive_float, positive_int)
+                                 non_negative_int, port, positive_float, positive_int, thread_count)
 from polcache.serve.handshake import own_robot_name
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="add this much to every inference, as a slower computer would (testing real-time chunking "
                         "and blending under latency; default 0)")
     add_backend_options(p)
-    p.add_argument("--threads", type=positive_int, default=1, help="torch (or ONNX Runtime) intra-op threads "
+    p.add_argument("--threads", type=thread_count, default=1, help="torch (or ONNX Runtime) intra-op threads "
                                                                   "(default 1)")
     _add_metrics_args(p)
     p.set_defaults(handler=_serve)
