@@ -480,3 +480,8 @@ def test_dashboard_refuses_a_folder_as_metrics_file(capsys, tmp_path):
 def test_launch_checks_before_starting_anything(capsys, afile, override, match):
     err = _err(capsys, ["launch", "configs/launch/sim.yaml", override.format(afile=afile)])
     assert match.format(afile=afile) in err
+
+
+def test_sim_robot_with_a_keys_folder_without_keys_is_one_line(capsys, tmp_path):
+    err = _err(capsys, SIM_ROBOT + ["--keys", str(tmp_path / "nokeys")])
+    assert "client.key_secret not found" in err and "polcache keys --dir" in err

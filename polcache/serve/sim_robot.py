@@ -119,8 +119,8 @@ def run_sim_robot(
                                     "safe_stops": robot.safe_stops,
                                     **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
                                    | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
-    except (ConnectError, ProtocolError) as exc:  # a bad --server address, no server, an instruction the client
-        # refused to send (e.g. not UTF-8): one line
+    except (ConnectError, ProtocolError, FileNotFoundError) as exc:  # a bad --server address, no server, an
+        # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
         hint = CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc) else ""
         raise PolcacheError(f"{exc}{hint}") from None
     finally:
