@@ -382,7 +382,8 @@ EVAL = ["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--no-progre
     (EVAL + ["--delay", "-1"], "--delay"),
     (EVAL + ["--threads", "0"], "--threads"),
     (EVAL + ["--threads", "-1"], "--threads"),
-    (EVAL + ["--threads", "100000"], "--threads"),  # more than the machine's CPUs (100000 crashed OpenMP)
+    (EVAL + ["--threads", "100000"], "--threads"),
+    (["serve", "--checkpoint", "x", "--metrics-file", ""], "--metrics-file"),  # it turned metrics off  # more than the machine's CPUs (100000 crashed OpenMP)
     (["serve", "--checkpoint", "x", "--threads", "100000"], "--threads"),
     (["calibrate", "--checkpoint", "x", "--budget", "2", "--out", "x.json", "--threads", "100000"], "--threads"),
     (EVAL + ["--precision-tolerance", "inf"], "--precision-tolerance"),
@@ -485,3 +486,8 @@ def test_launch_checks_before_starting_anything(capsys, afile, override, match):
 def test_sim_robot_with_a_keys_folder_without_keys_is_one_line(capsys, tmp_path):
     err = _err(capsys, SIM_ROBOT + ["--keys", str(tmp_path / "nokeys")])
     assert "client.key_secret not found" in err and "polcache keys --dir" in err
+
+
+def test_a_metrics_file_under_a_file_is_named(capsys, afile):
+    err = _err(capsys, ["serve", "--checkpoint", str(CHECKPOINT), "--metrics-file", str(afile / "x.jsonl")])
+    assert f"{afile} is a file, not a folder" in err

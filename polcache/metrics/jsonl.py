@@ -26,6 +26,7 @@ import msgspec
 import numpy as np
 
 from polcache.errors import PolcacheError
+from polcache.outputs import check_output
 from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.metrics")
@@ -52,6 +53,9 @@ class JsonlWriter:
         self.queue_size = queue_size
         self.flush_s = flush_s
         self.dropped = 0
+        # a folder, a path under a file, an empty name: one line naming it (an existing file is appended to)
+        check_output(path, "a metrics file (JSON lines)", folder=False, ours=lambda _: True, flag="metrics file",
+                     error=PolcacheError)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._open()
