@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 
 import numpy as np
@@ -110,9 +111,14 @@ def test_jsonl_writer_appends_after_a_cut_off_line_and_names_a_path_it_cannot_wr
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["period_error_ms"] == 2.0
     (tmp_path / "a_file").write_text("")
-    for bad in (tmp_path / "a_file" / "m.jsonl", tmp_path):
-        with pytest.raises(PolcacheError, match=f"metrics file {bad}: cannot write it"):
+    for bad, why in ((tmp_path / "a_file" / "m.jsonl", "a_file is a file, not a folder"),
+                     (tmp_path, "is a folder; expected a metrics file")):
+        with pytest.raises(PolcacheError, match=f"metrics file {bad}: .*{why}"):
             JsonlWriter(bad)
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(PolcacheError, match="cannot write it"):
+            JsonlWriter(tmp_path / "locked" / "m.jsonl")
 
 
 def test_jsonl_writer_survives_a_failed_write(tmp_path, caplog):
