@@ -57,6 +57,7 @@ def test_shipped_launch_configs_load(name):
     ("dashboard.port=0", "dashboard.port"),
     ("server.device=gpu", "server.device"),
     ("server.threads=100000", "server.threads"),
+    ("server.bind=tcp://127.0.0.1:8050", "dashboard.port: 8050 is server.bind's port too"),
     ("server.precision=fp8", "server.precision"),
     ("robot.placement.fifo_priority=100", "robot.placement.fifo_priority"),
     ("robot.placement.cpus=[0,0]", "robot.placement.cpus"),

@@ -156,6 +156,8 @@ def validate(cfg: LaunchConfig) -> None:
     if r.blend not in ("ensemble", "latest"):
         raise ConfigError(f"robot.blend: expected ensemble or latest, got {r.blend!r}")
     _check_port("dashboard.port", d.port)
+    if d.enabled and address is not None and address[1] == d.port:  # both would bind it: the second fails
+        raise ConfigError(f"dashboard.port: {d.port} is server.bind's port too; give them different ports")
     _check_placement("server", s.placement)
     _check_placement("robot", r.placement)
     _check_placement("dashboard", d.placement)
