@@ -30,6 +30,13 @@ def positive_int(value: str) -> int:
     return _number(value, int, lambda n: n >= 1, "a positive integer")
 
 
+def control_rate(value: str) -> float:
+    """A robot's control rate in the range the protocol accepts (refused here, not at the handshake)."""
+    from polcache_client.protocol import MAX_HZ, MIN_HZ
+
+    return _number(value, float, lambda x: MIN_HZ <= x <= MAX_HZ, f"a rate in [{MIN_HZ:g}, {MAX_HZ:g}] Hz")
+
+
 def thread_count(value: str) -> int:
     """Intra-op threads: at most this machine's CPUs (more only slow inference down, and a huge count
     crashes the OpenMP runtime)."""

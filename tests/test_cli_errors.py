@@ -378,6 +378,7 @@ EVAL = ["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--no-progre
     (EVAL + ["--ensemble", "inf"], "--ensemble"),
     (EVAL + ["--ensemble", "-1"], "--ensemble"),
     (SIM_ROBOT + ["--decay", "nan"], "--decay"),
+    (["sim-robot", "--task", "reach-v3", "--hz", "1e9"], "--hz"),  # the server would refuse it at the handshake
     (SIM_ROBOT + ["--decay", "-1"], "--decay"),
     (EVAL + ["--delay", "-1"], "--delay"),
     (EVAL + ["--threads", "0"], "--threads"),

@@ -166,10 +166,11 @@ def test_held_actions_are_reported_as_executed_and_waiting_or_stopped_ticks_repo
     ({"heartbeat_s": 0}, "expected 0 < heartbeat_s < timeout_s"),
     ({"obs_spec": {"state": (39, "float32")}}, r"obs_spec\['state'\]: expected \(shape tuple of ints, dtype name\)"),
     ({"address": "notaurl"}, "cannot connect to 'notaurl'"),
+    ({"address": "tcp://127.0.0.1:99999"}, "port 99999 is not in 1..65535"),  # ZeroMQ would dial port 34463
     ({"name": "arm \udcff"}, r"name is not valid UTF-8 \(at character 4\)"),
     ({"name": "arm\n2"}, "name must be printable text"),
-], ids=["timeout-negative", "timeout-below-heartbeat", "heartbeat-zero", "obs-spec", "address", "name-surrogate",
-        "name-newline"])
+], ids=["timeout-negative", "timeout-below-heartbeat", "heartbeat-zero", "obs-spec", "address", "port",
+        "name-surrogate", "name-newline"])
 def test_client_arguments_are_checked_before_anything_is_sent(kwargs, match):
     from polcache_client import ConnectError, PolicyClient
 

@@ -141,9 +141,12 @@ class PolicyClient:
         sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
         if self.keys_dir:
             apply_client_keys(sock, self.keys_dir)
+        port = self.address.rpartition(":")[2]
         try:
             sock.connect(self.address)
-        except zmq.ZMQError as exc:
+            if self.address.startswith("tcp://") and port.isdigit() and not 0 < int(port) < 65536:
+                raise ConnectError(f"port {port} is not in 1..65535")  # ZeroMQ takes it modulo 65536
+        except (zmq.ZMQError, ConnectError) as exc:
             sock.close(linger=0)
             raise ConnectError(f"cannot connect to {self.address!r} (expected e.g. tcp://host:5555): {exc}") from None
         self._socket = sock
