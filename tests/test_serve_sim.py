@@ -80,3 +80,29 @@ def test_sim_robot_refused_for_camera_images_says_which_options_send_them():
     with PolicyServer(ImageBackend(), "tcp://127.0.0.1:0") as server:
         with pytest.raises(PolcacheError, match=r"'image_top'.*--cameras NAME.*--image-size"):
             run_sim_robot(TASK, server.endpoint, hz=100, episodes=1, connect_timeout_s=5)
+
+
+def test_a_stopped_sim_robot_reports_its_finished_episodes(monkeypatch, tmp_path, capsys):
+    """SIGTERM (as `polcache launch` stops it) during the second of three episodes: the first is
+    still a result, printed and written, and the exit says how it was stopped."""
+    import json
+
+    from polcache.cli import main
+    from polcache.errors import Terminated
+    from polcache.serve.sim_robot import SimRobot
+
+    begin = SimRobot.begin
+
+    def stopped_in_the_second(self, seed):
+        if seed == 1001:
+            raise Terminated
+        begin(self, seed)
+
+    monkeypatch.setattr(SimRobot, "begin", stopped_in_the_second)
+    out = tmp_path / "robot.json"
+    with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        assert main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "3", "--server", server.endpoint,
+                     "--json", str(out)]) == 143
+    assert "[interrupted: the 1 of 3 episodes finished]" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 1 and result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from polcache.errors import PolcacheError
+from polcache.errors import PolcacheError, Terminated
 from polcache.metrics import Metrics
 from polcache.serve.handshake import wire_obs_spec
 from polcache.sim.evaluate import EvalResult
@@ -89,6 +89,7 @@ def run_sim_robot(
              else list(instructions(task, "heldout")) if task in INSTRUCTIONS else [None])
 
     metrics = metrics or Metrics()
+    interrupted = None
     env = make_env(task, seed=seed, image=bool(cameras), cameras=cameras, image_size=image_size)
     robot = SimRobot(env)
     per_episode = []
@@ -111,27 +112,33 @@ def run_sim_robot(
                                on_tick=metrics.record, on_chunk=chunk_arrived)
             # Ticks without a step (waiting, stopped) do not count as episode steps; bound them anyway.
             max_ticks = 2 * env.max_episode_steps + int(10 * hz)
-            for i in range(episodes):
-                robot.begin(seed + i)
-                loop.reset_episode(texts[i % len(texts)])
-                loop.run(ticks=max_ticks, until=lambda: robot.done)
-                per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
-                                    "safe_stops": robot.safe_stops,
-                                    **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
-                                   | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
+            try:
+                for i in range(episodes):
+                    robot.begin(seed + i)
+                    loop.reset_episode(texts[i % len(texts)])
+                    loop.run(ticks=max_ticks, until=lambda: robot.done)  # safe-stops the robot if interrupted
+                    per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
+                                        "safe_stops": robot.safe_stops,
+                                        **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
+                                       | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
+            except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
+                if not per_episode:  # the finished episodes are still a result, as `polcache eval` reports them
+                    raise
+                interrupted = {"episodes_asked": episodes, "signal": "SIGTERM" if isinstance(exc, Terminated)
+                               else "SIGINT"}
     except (ConnectError, ProtocolError, FileNotFoundError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
         hint = CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc) else ""
         raise PolcacheError(f"{exc}{hint}") from None
     finally:
         env.close()
-    n_ok = sum(e["success"] for e in per_episode)
+    n, n_ok = len(per_episode), sum(e["success"] for e in per_episode)
     snap = metrics.snapshot()
     latency = snap.get("chunk", {}).get("latency_ms", {})
     return EvalResult(
-        task=task, episodes=episodes, successes=n_ok, success_rate=n_ok / max(1, episodes),
-        ci95=wilson_interval(n_ok, episodes), mean_episode_length=float(np.mean([e["length"] for e in per_episode])),
+        task=task, episodes=n, successes=n_ok, success_rate=n_ok / max(1, n),
+        ci95=wilson_interval(n_ok, n), mean_episode_length=float(np.mean([e["length"] for e in per_episode])),
         latency_ms={k: latency.get(k, float("nan")) for k in ("p50", "p95", "p99")} | {"n": latency.get("n", 0)},
         seed=seed, per_episode=per_episode,
         extra={"server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}), "chunk": snap.get("chunk", {}),
-               **jerk_summary(per_episode)})
+               **jerk_summary(per_episode), **({"interrupted": interrupted} if interrupted else {})})
