@@ -97,6 +97,9 @@ def test_a_port_left_in_time_wait_by_a_stopped_run_is_free_to_launch_on(tmp_path
 def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
     with pytest.raises(PolcacheError, match="server.checkpoint: .*nope is not a directory"):
         check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.checkpoint={tmp_path / 'nope'}")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PolcacheError, match="server.checkpoint: .*empty is neither a checkpoint"):
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.checkpoint={tmp_path / 'empty'}")))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

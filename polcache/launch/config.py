@@ -197,6 +197,9 @@ def check_machine(cfg: LaunchConfig) -> None:
     if not Path(s.checkpoint).is_dir():
         raise PolcacheError(f"server.checkpoint: {s.checkpoint} is not a directory (a checkpoint or an exported "
                             f"artifact; paths are relative to {os.getcwd()})")
+    if not any((Path(s.checkpoint) / name).is_file() for name in ("meta.json", "manifest.json")):
+        raise PolcacheError(f"server.checkpoint: {s.checkpoint} is neither a checkpoint (no meta.json) nor an exported "
+                            "policy (no manifest.json)")
     if s.keys is not None and not Path(s.keys).is_dir():
         raise PolcacheError(f"server.keys: {s.keys} is not a directory (create it with `polcache keys --dir {s.keys}`)")
     if s.device != "cpu":
