@@ -90,8 +90,8 @@ def test_a_port_left_in_time_wait_by_a_stopped_run_is_free_to_launch_on(tmp_path
         served.close()  # the server side closes first: its end of the connection enters TIME_WAIT
         client.recv(1)
         client.close()
-    check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}",
-                                                                       f"server.bind=tcp://127.0.0.1:{port}"]))
+    check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}"]))
+    check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"server.bind=tcp://127.0.0.1:{port}"]))
 
 
 def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
