@@ -394,7 +394,7 @@ class PolicyServer:
             # monitor before it: read it first, so the entry cannot name the previous connection's robot.
             self._log_disconnects()
             self._connections[fd] = (robot, msg.name)
-        # per session, not per name: robots sharing a name (or one restarted) each get their line
+        # per session and name: robots sharing a name (or one restarted) each get their line, a renamed session too
         self._log.info(f"hello:{robot.hex()}:{msg.name}",
                        f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz)")
         self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
