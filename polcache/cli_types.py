@@ -37,6 +37,12 @@ def control_rate(value: str) -> float:
     return _number(value, float, lambda x: MIN_HZ <= x <= MAX_HZ, f"a rate in [{MIN_HZ:g}, {MAX_HZ:g}] Hz")
 
 
+def image_size(value: str) -> int:
+    """A rendered camera image's side: MuJoCo renders up to its offscreen buffer, and a policy's images are
+    small (96 by default); a typo like 100000 would ask for a 30 GB frame."""
+    return _number(value, int, lambda n: 1 <= n <= 4096, "an image side in 1..4096 pixels")
+
+
 def thread_count(value: str) -> int:
     """Intra-op threads: at most this machine's CPUs (more only slow inference down, and a huge count
     crashes the OpenMP runtime)."""

@@ -379,6 +379,7 @@ EVAL = ["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--no-progre
     (EVAL + ["--ensemble", "-1"], "--ensemble"),
     (SIM_ROBOT + ["--decay", "nan"], "--decay"),
     (["sim-robot", "--task", "reach-v3", "--hz", "1e9"], "--hz"),  # the server would refuse it at the handshake
+    (SIM_ROBOT + ["--image-size", "100000"], "--image-size"),  # a 30 GB frame
     (SIM_ROBOT + ["--decay", "-1"], "--decay"),
     (EVAL + ["--delay", "-1"], "--delay"),
     (EVAL + ["--threads", "0"], "--threads"),
@@ -419,8 +420,10 @@ def test_a_bind_port_out_of_range_is_refused_not_wrapped_around(capsys):
 
 
 def test_eval_refuses_more_action_steps_than_the_policy_makes(capsys):
-    err = _err(capsys, EVAL + ["--action-steps", "100"])
+    """Before the progress bar starts (with it on), so the refusal is the only line."""
+    err = _err(capsys, [a for a in EVAL if a != "--no-progress"] + ["--action-steps", "100"])
     assert "--action-steps 100: the policy executes at most 8 actions per chunk" in err
+    assert "a delay of 6 steps" in _err(capsys, [a for a in EVAL if a != "--no-progress"] + ["--delay", "6"])
 
 
 def test_ptp_embed_names_a_checkpoint_that_does_not_fit_the_dataset(capsys, tmp_path):

@@ -55,12 +55,14 @@ def test_sim_robot_rejects_a_bad_rate(capsys):
     assert "expected a rate in [0.01, 10000] Hz, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["", " ", "arm\n2"])
-def test_sim_robot_refuses_a_name_the_server_would(name, capsys):
+@pytest.mark.parametrize("name, why", [("", "non-empty"), (" ", "non-empty"), ("arm\n2", "printable"),
+                                       ("a" * 5000, "at most 4096 characters")])
+def test_sim_robot_refuses_a_name_the_server_would(name, why, capsys):
     with pytest.raises(SystemExit):
         main(["sim-robot", "--task", "reach-v3", "--hz", "50", "--name", name])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "argument --name: expected" in err
+    assert err.count("\n") == 1 and "argument --name: expected a name the server accepts" in err and why in err
+    assert len(err) < 300  # the name is shortened, not echoed whole
 
 
 def test_serve_rejects_a_batch_cap_below_one(capsys):

@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 
-from polcache.cli_types import (add_backend_options, backend_options, control_rate, name_list, non_empty,
+from polcache.cli_types import (add_backend_options, backend_options, control_rate, image_size, name_list, non_empty,
                                  non_negative_float, non_negative_int, port, positive_float, positive_int, thread_count)
 from polcache.serve.handshake import own_robot_name
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS
@@ -21,8 +21,9 @@ def robot_name(value: str) -> str:
     """--name, refused here by the server's own rule rather than as a refused handshake."""
     try:
         return own_robot_name(value, "name")
-    except ProtocolError:
-        raise argparse.ArgumentTypeError(f"expected a non-empty name of printable text, got {value!r}") from None
+    except ProtocolError as exc:  # the rule's own words: printable, not blank, at most 4096 characters
+        raise argparse.ArgumentTypeError(f"expected a name the server accepts ({exc}), got "
+                                         f"{value if len(value) <= 40 else value[:37] + '...'!r}") from None
 
 
 def _add_metrics_args(p: argparse.ArgumentParser) -> None:
@@ -92,12 +93,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the name this robot gives the server and labels its metrics with (default 'sim-robot TASK'; "
                         "give robots sharing a task their own)")
     p.add_argument("--cameras", type=name_list, help="comma-separated cameras for image observations (default: state only)")
-    p.add_argument("--image-size", type=positive_int, default=96)
+    p.add_argument("--image-size", type=image_size, default=96,
+                   help="camera image side in pixels, for --cameras (default 96; the policy's size)")
     p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble or latest")
     p.add_argument("--decay", type=non_negative_float, default=0.5, help="ensemble weight exp(-decay * k), k = 0 for the newest chunk")
     p.add_argument("--hold-ms", type=positive_float, default=200.0,
                    help="hold the last action this long without a fresh one, then safe-stop (default 200)")
-    p.add_argument("--connect-timeout", type=positive_float, default=30.0, help="seconds to wait for the server")
+    p.add_argument("--connect-timeout", type=positive_float, default=30.0,
+                   help="seconds to wait for the server (default 30)")
     p.add_argument("--realtime", action="store_true",
                    help="run the control loop under SCHED_FIFO (needs root or CAP_SYS_NICE): steadier ticks on a busy machine")
     p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from polcache.config import INSTRUCTION_KEY
 from polcache.errors import PolcacheError
 from polcache.outputs import check_output, json_kind
-from polcache.policy.spec import CommittedActions, PolicyBackend, rtc_blocker
+from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, rtc_blocker
 from polcache.serve.handshake import policy_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
@@ -98,6 +98,19 @@ class Rollout:
     instructions: str = "heldout"
 
 
+def check_rollout(rollout: Rollout, spec: PolicySpec) -> int:
+    """The actions executed per chunk; PolcacheError where the policy's chunks cannot give them."""
+    if (rollout.action_steps or 0) > spec.n_action_steps:  # a chunk holds no more actions than that
+        raise PolcacheError(f"--action-steps {rollout.action_steps}: the policy executes at most "
+                            f"{spec.n_action_steps} actions per chunk (its n_action_steps)")
+    per_chunk = rollout.action_steps or spec.n_action_steps
+    if per_chunk + rollout.delay > spec.n_action_steps:
+        raise PolcacheError(f"a delay of {rollout.delay} steps with {per_chunk} actions executed per chunk needs "
+                            f"chunks of at least {per_chunk + rollout.delay} actions; the policy's have "
+                            f"{spec.n_action_steps} (lower --action-steps)")
+    return per_chunk
+
+
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
                 rollout: Rollout = Rollout(), instruction: np.ndarray | None = None) -> dict:
     """One episode; it ends at the first success, when the env says done, or at the step cap.
@@ -113,14 +126,7 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
 
     spec = backend.spec
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
-    if (rollout.action_steps or 0) > spec.n_action_steps:  # a chunk holds no more actions than that
-        raise PolcacheError(f"--action-steps {rollout.action_steps}: the policy executes at most "
-                            f"{spec.n_action_steps} actions per chunk (its n_action_steps)")
-    per_chunk = rollout.action_steps or spec.n_action_steps
-    if per_chunk + rollout.delay > spec.n_action_steps:
-        raise PolcacheError(f"a delay of {rollout.delay} steps with {per_chunk} actions executed per chunk needs "
-                            f"chunks of at least {per_chunk + rollout.delay} actions; the policy's have "
-                            f"{spec.n_action_steps} (lower --action-steps)")
+    per_chunk = check_rollout(rollout, spec)
     schedule = (ActionSchedule(1.0, "latest") if rollout.ensemble_decay is None
                 else ActionSchedule(1.0, "ensemble", rollout.ensemble_decay))
     session = backend.session()  # this episode's own policy state
@@ -185,6 +191,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         texts = (rollout.instruction,) if rollout.instruction is not None else instructions(task, rollout.instructions)
         encoded = [policy_instruction(t, backend.spec, "--instruction") for t in texts]
     check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")
+    check_rollout(rollout, backend.spec)  # before the progress bar: a bad option is one line
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     latencies: list[float] = []
     per_episode = []
