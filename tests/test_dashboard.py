@@ -270,18 +270,19 @@ def test_records_with_wrong_types_are_counted_not_fatal():
 
 
 def test_lines_too_big_or_too_deep_for_a_float_or_the_parser_are_counted_not_fatal(tmp_path):
-    """A 400-digit integer (no float holds it) and a line nested 200,000 deep: each one unreadable
-    line, and every view (and the report) still built from the good ones around them."""
+    """A 400-digit integer (no float holds it), a line nested 200,000 deep, a time no clock gives:
+    each one unreadable line, and every view (and the report) still built from the good ones."""
     run = tmp_path / "run.jsonl"
     run.write_text(line(kind="tick", t=1.0, robot="r", ticks=1, period_error_ms=0.2)
                    + '{"kind": "tick", "t": 2.0, "robot": "r", "ticks": 1' + "0" * 400 + "}\n"
                    + '{"kind": "tick", "t": 1' + "0" * 400 + ', "robot": "r"}\n'
                    + "[" * 200_000 + "\n"
+                   + line(kind="tick", t=1e308, robot="r", ticks=1)  # no clock says that: it would stretch the span
                    + line(kind="tick", t=3.0, robot="r", ticks=1, period_error_ms=0.4))
     tail = JsonlTail(run)
     state = RunState()
     state.add(tail.poll())
-    assert tail.bad_lines == 1 and state.bad_records == 1
+    assert tail.bad_lines == 1 and state.bad_records == 2
     views = state.views()
     assert views["_meta"]["span_s"] == 2.0 and views["period_error"]["series"]
     json.dumps(views, allow_nan=False)

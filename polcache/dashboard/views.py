@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from polcache_client.protocol import MAX_TIME_S
+
 MONOTONIC_KINDS = ("tick", "chunk")
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
 QUANTILES = (50, 95, 99)
@@ -111,8 +113,8 @@ class RunState:
             elif r.get("role") == "robot" and r.get("robot") and r.get("hz"):
                 self.robot_hz[str(r["robot"])] = float(r["hz"])
             return
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise ValueError("t")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not -MAX_TIME_S <= t <= MAX_TIME_S:
+            raise ValueError("t")  # NaN, or a time no clock gives, which would stretch every view's span
         wall = t + source.get("offset", self._local_offset) if kind in MONOTONIC_KINDS else t
         robot = str(r.get("robot") or "robot")
         if kind == "error":
