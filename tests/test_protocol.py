@@ -101,6 +101,8 @@ def _obs_wire(**override) -> bytes:
          "obs.executed must be a float array, got int32"),
         (_obs_wire(seq=2 ** 63), "out_of_range", "obs.seq must be in 0..2\\^63-1, got 9223372036854775808$"),
         (msgpack.packb({"v": 3, "type": "heartbeat", "t": 1.0, 7: 1}), "malformed", "a map key is not a string"),
+        (_obs_wire(arrays={"state": {"dtype": "float32", "shape": [2**31 - 1] * 8, "data": b"1234"}}), "bad_array",
+         r"4 bytes for shape .* float32 \(expected more than 2\^63\)"),
         (_raw(type="handshake", obs_spec={"k" * 4097: {"shape": [3], "dtype": "float32"}}, action_dim=2, hz=50.0,
               name="arm"), "bad_type", "handshake.obs_spec key must be a string"),
         (_raw(type="handshake", obs_spec={"state": {"shape": [3], "dtype": "float32"}}, action_dim=2, hz=10000.001,

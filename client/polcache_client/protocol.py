@@ -202,9 +202,8 @@ def _array(dtype: str, shape: list[int], data: bytes | memoryview, where: str) -
     np_dtype = _wire_dtype(dtype, where)
     expected = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected:
-        raise ProtocolError(
-            "bad_array", f"{where}: {len(data)} bytes for shape {shape} {dtype} (expected {expected})"
-        )
+        shown = expected if expected < 2**63 else "more than 2^63"  # eight dimensions of 2^31-1: 75 digits
+        raise ProtocolError("bad_array", f"{where}: {len(data)} bytes for shape {shape} {dtype} (expected {shown})")
     return np.ndarray(shape, np_dtype, buffer=data)  # read-only, as the frame it views
 
 
