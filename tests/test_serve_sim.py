@@ -106,3 +106,15 @@ def test_a_stopped_sim_robot_reports_its_finished_episodes(monkeypatch, tmp_path
     assert "[interrupted: the 1 of 3 episodes finished]" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["episodes"] == 1 and result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM"}
+
+
+def test_sim_robot_on_another_task_than_the_policys_is_warned(caplog):
+    """Allowed (a transfer test), but said: a policy of reach-v3 driving push-v3 is rarely meant."""
+    import logging
+
+    from polcache.serve.sim_robot import run_sim_robot
+
+    with caplog.at_level(logging.WARNING, logger="polcache.sim_robot"), \
+            PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        run_sim_robot("push-v3", server.endpoint, hz=100, episodes=1, connect_timeout_s=5)
+    assert "the server's policy was trained on reach-v3, this robot runs push-v3" in caplog.text

@@ -8,6 +8,8 @@ its first chunk or after a safe stop it holds still (the simulation does not ste
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from polcache.errors import PolcacheError, Terminated
@@ -17,6 +19,9 @@ from polcache.sim.evaluate import EvalResult
 from polcache.sim.stats import jerk_summary, seam_jerk, wilson_interval
 from polcache_client import (ActionSchedule, ConnectError, ControlLoop, PolicyClient, ProtocolError, Watchdog,
                              use_realtime_priority)
+
+
+log = logging.getLogger("polcache.sim_robot")
 
 
 class SimRobot:
@@ -97,7 +102,9 @@ def run_sim_robot(
         with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=name or sim_robot_name(task),
                           keys_dir=keys_dir,
                           instruction=texts[0]) as client:
-            client.connect(timeout_s=connect_timeout_s)
+            policy = client.connect(timeout_s=connect_timeout_s)
+            if policy.get("task") and policy["task"] != task:  # allowed (transfer tests), but rarely meant
+                log.warning("the server's policy was trained on %s, this robot runs %s", policy["task"], task)
             if realtime:
                 try:
                     use_realtime_priority()
