@@ -49,6 +49,24 @@ def test_tail_survives_truncation_mid_line(tmp_path):
     assert [r["t"] for r in tail.poll()] == [4.0] and tail.bad_lines == 1
 
 
+def test_tail_drops_a_line_longer_than_it_holds(tmp_path, monkeypatch):
+    """A file without newlines (not JSON lines) would grow the held-back line without bound: past
+    MAX_LINE_BYTES it is one unreadable line, dropped up to its newline, and reading goes on."""
+    from polcache.dashboard import tail as tail_module
+
+    monkeypatch.setattr(tail_module, "MAX_LINE_BYTES", 100)
+    path = tmp_path / "m.jsonl"
+    path.write_text(line(kind="tick", t=1.0) + "x" * 150)
+    tail = JsonlTail(path)
+    assert [r["t"] for r in tail.poll()] == [1.0] and tail.bad_lines == 1
+    with open(path, "a") as f:
+        f.write("y" * 150)  # still the same line
+    assert tail.poll() == [] and tail.bad_lines == 1 and tail._partial == b""  # noqa: SLF001
+    with open(path, "a") as f:
+        f.write("z\n" + line(kind="tick", t=2.0))
+    assert [r["t"] for r in tail.poll()] == [2.0] and tail.bad_lines == 1
+
+
 def test_tail_notices_a_file_rewritten_longer_between_two_polls(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(line(kind="info", t=1.0) + line(kind="tick", t=2.0))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 HEAD_BYTES = 256  # compared at every poll to notice a file rewritten from its start
+MAX_LINE_BYTES = 1 << 20  # a longer line (a file that is not JSON lines) is one unreadable line, not held in memory
 
 
 class JsonlTail:
@@ -30,6 +31,7 @@ class JsonlTail:
         self._file: BinaryIO | None = None
         self._inode: int | None = None
         self._partial = b""
+        self._skipping = False  # inside a line over MAX_LINE_BYTES: dropped up to its newline
         self._head = b""  # the file's first bytes as we read them: a rewrite changes them
 
     def poll(self) -> list[dict[str, Any]]:
@@ -42,14 +44,14 @@ class JsonlTail:
             stat = None
         if stat is not None and stat.st_ino == self._inode and self._rewritten(stat.st_size):
             self._file.seek(0)  # truncated under us: whatever we held back belonged to the old content
-            self._partial = b""
+            self._partial, self._skipping = b"", False
             self._head = b""
         records += self._read()
         if stat is not None and stat.st_ino != self._inode:  # rotated: the old file is finished
             records += self.finish()
             self._file.close()
             self._file = None
-            self._head = b""
+            self._head, self._skipping = b"", False
             if self._open():
                 records += self._read()
         return records
@@ -88,9 +90,17 @@ class JsonlTail:
         chunk = self._file.read()
         if start < HEAD_BYTES:
             self._head = (self._head + chunk)[:HEAD_BYTES]
-        data = self._partial + chunk
-        lines = data.split(b"\n")
+        lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()  # empty after a complete last line
+        if self._skipping:  # the rest of an over-long line: up to its newline, if it came
+            if lines:
+                lines.pop(0)
+                self._skipping = False
+            else:
+                self._partial = b""
+        if len(self._partial) > MAX_LINE_BYTES:
+            self._partial, self._skipping = b"", True
+            self.bad_lines += 1
         return self._parse(lines)
 
     def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
