@@ -162,6 +162,17 @@ def test_views_tell_robots_apart_and_align_clocks(tmp_path):
     assert sum(views["latency_hist"]["series"][0]["counts"]) == 50
 
 
+def test_a_histogram_says_what_its_last_bar_holds():
+    """The bars span the values up to their 99.5th percentile, so outliers land in the last bar:
+    the note says how many and how far they reach."""
+    state = RunState()
+    state.add([{"kind": "chunk", "t": float(i), "robot": "r", "latency_ms": 10.0 + i % 5} for i in range(999)]
+              + [{"kind": "chunk", "t": 999.0, "robot": "r", "latency_ms": 240.0}])
+    hist = state.views()["latency_hist"]
+    assert sum(hist["series"][0]["counts"]) == 1000
+    assert hist["note"] == "1 value above 14 (up to 240) counted in the last bar"
+
+
 def test_views_without_records_are_empty_not_broken():
     views = RunState().views()
     assert views["latency"]["series"] == [] and views["cache"]["rows"] == []

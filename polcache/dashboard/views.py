@@ -194,7 +194,7 @@ class RunState:
         return {"series": self._binned("chunk", "latency_ms", interval, stats), "hlines": self._deadlines_ms()}
 
     def _view_latency_hist(self, interval: float) -> dict[str, Any]:
-        return {"series": self._histograms("chunk", "latency_ms"),
+        return {**self._histograms("chunk", "latency_ms"),
                 "vlines": [{"name": d["name"], "x": d["y"]} for d in self._deadlines_ms()]}
 
     def _view_stages(self, interval: float) -> dict[str, Any]:
@@ -223,7 +223,7 @@ class RunState:
         return {"series": self._binned("tick", "period_error_ms", interval, {"p50": 50, "p99": 99}), "hlines": []}
 
     def _view_period_error_hist(self, interval: float) -> dict[str, Any]:
-        return {"series": self._histograms("tick", "period_error_ms"), "vlines": []}
+        return {**self._histograms("tick", "period_error_ms"), "vlines": []}
 
     def _view_deadline(self, interval: float) -> dict[str, Any]:
         return {"series": self._cumulative("tick", "deadline_miss", "ticks without fresh action")
@@ -271,18 +271,25 @@ class RunState:
                                "y": [_round(v) if v is not None else None for v in values]})
         return {"series": series, "hlines": [{"name": "100%", "y": 100.0}]}
 
-    def _histograms(self, kind: str, field: str, bins: int = 40) -> list[dict[str, Any]]:
+    def _histograms(self, kind: str, field: str, bins: int = 40) -> dict[str, Any]:
+        """{"series": one histogram per robot} over the values up to their 99.5th percentile (a few
+        outliers must not squash the picture); the last bar also counts those above, which the
+        "note" says."""
         series = self._series(kind, field)
         if not series:
-            return []
+            return {"series": []}
         every = np.concatenate([v for _, v in series.values()])
-        lo, hi = np.percentile(every, [0, 99.5])  # a few outliers must not squash the picture
+        lo, hi = np.percentile(every, [0, 99.5])
         edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
         out = []
         for robot, (_, v) in sorted(series.items()):
             counts, _ = np.histogram(np.clip(v, edges[0], edges[-1]), edges)
             out.append({"name": robot, "edges": [_round(e) for e in edges], "counts": counts.tolist()})
-        return out
+        above = int((every > edges[-1]).sum())
+        if not above:
+            return {"series": out}
+        return {"series": out, "note": f"{above} value{'s' if above > 1 else ''} above {edges[-1]:.3g} (up to "
+                                       f"{every.max():.3g}) counted in the last bar"}
 
     def _mean(self, kind: str, robot: str, field: str) -> float | None:
         if not self.records.get((robot, kind)):
