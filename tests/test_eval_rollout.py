@@ -122,7 +122,7 @@ def test_ctrl_c_in_eval_reports_and_writes_the_finished_episodes(tmp_path, monke
     assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "5", "--max-steps", "8",
                  "--no-progress", "--json", str(out)]) == 130
     said = capsys.readouterr().out
-    assert "reach-v3 [interrupted: the 2 of 5 episodes finished]: success" in said
+    assert "reach-v3 [interrupted: 2 of 5 episodes finished]: success" in said
     result = json.loads(out.read_text())
     assert result["episodes"] == 2 and len(result["per_episode"]) == 2
     assert result["extra"]["interrupted"] == {"episodes_asked": 5}

@@ -103,7 +103,7 @@ def test_a_stopped_sim_robot_reports_its_finished_episodes(monkeypatch, tmp_path
     with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
         assert main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "3", "--server", server.endpoint,
                      "--json", str(out)]) == 143
-    assert "[interrupted: the 1 of 3 episodes finished]" in capsys.readouterr().out
+    assert "[interrupted: 1 of 3 episodes finished]" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["episodes"] == 1 and result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM"}
 

@@ -62,7 +62,7 @@ class EvalResult:
         lat = self.latency_ms
         cap = f" (cap {self.extra['max_steps']})" if "max_steps" in self.extra else ""
         stopped = self.extra.get("interrupted")
-        cut = f" [interrupted: the {self.episodes} of {stopped['episodes_asked']} episodes finished]" if stopped else ""
+        cut = f" [interrupted: {self.episodes} of {stopped['episodes_asked']} episodes finished]" if stopped else ""
         return (f"{self.task}{cut}: success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI "
                 f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps{cap}, "
                 f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
