@@ -16,7 +16,8 @@ from polcache.serve.security import InsecureBindError, generate_keys, is_loopbac
 from polcache.serve.server import PolicyServer
 from polcache_client import ControlLoop, PolicyClient
 from polcache_client.connection import ConnectError
-from polcache_client.protocol import PROTOCOL_VERSION, ActionChunk, Error, Handshake, Welcome, encode, encode_array
+from polcache_client.protocol import (PROTOCOL_VERSION, ActionChunk, Error, Handshake, Heartbeat, Welcome, encode,
+                                      encode_array)
 from polcache_client.watchdog import Watchdog
 
 
@@ -133,6 +134,11 @@ def test_oversized_messages(server, peer, caplog):
         peer.send(b"x" * 200_000)  # over the transport limit: ZeroMQ drops the connection, the server logs it
         assert wait_for(lambda: "131072-byte transport limit" in caplog.text)
     assert "robot raw (session " in caplog.text  # the robot that was cut off, by name
+    stranger = RawPeer(server.endpoint)  # a connection that never shakes hands (launch's health check)
+    assert isinstance(stranger.request(encode(Heartbeat(t=1.0))), Heartbeat)
+    with caplog.at_level(logging.INFO, logger="polcache.serve"):
+        stranger.close()
+        assert wait_for(lambda: "a connection closed before any handshake (a health check" in caplog.text, 3)
     fresh = RawPeer(server.endpoint)
     fresh.handshake()
     assert_still_serving(fresh)

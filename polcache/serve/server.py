@@ -431,9 +431,11 @@ class PolicyServer:
         while self._monitor.poll(0):
             fd = recv_monitor_message(self._monitor)["value"]  # EVENT_DISCONNECTED's value: the descriptor
             robot, name = self._connections.pop(fd, (b"", ""))  # none: it closed before shaking hands
-            what = f"robot {robot_label(name, robot)} disconnected" if robot else "a robot connection closed"
-            self._log.info(f"disconnect:{robot.hex()}", f"{what} (robot exited, network loss, or a message over the "
-                                                        f"{2 * self.max_message_bytes}-byte transport limit)")
+            limit = f"a message over the {2 * self.max_message_bytes}-byte transport limit"
+            self._log.info(f"disconnect:{robot.hex()}",
+                           f"robot {robot_label(name, robot)} disconnected (robot exited, network loss, or {limit})"
+                           if robot else f"a connection closed before any handshake (a health check such as "
+                                         f"launch's, a robot that exited, or {limit})")
 
     # ------------------------------------------------------------ inference
 
