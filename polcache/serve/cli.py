@@ -27,7 +27,8 @@ def robot_name(value: str) -> str:
 
 
 def _add_metrics_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics-file", type=non_empty, help="append metrics as JSON lines here (rotated at 10 MiB, 3 backups)")
+    p.add_argument("--metrics-file", type=non_empty,
+                   help="append metrics as JSON lines here (rotated at 10 MiB, 3 backups)")
     p.add_argument("--metrics-port", type=port, help="serve Prometheus text on http://127.0.0.1:PORT/metrics "
                                                   "(default: off; 0 takes a free port and prints it)")
 

@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="without --instruction: the task's paraphrases to cycle through, those trained on or the "
                         "held-out ones (default)")
     add_backend_options(p)
-    p.add_argument("--threads", type=thread_count, default=1, help="torch (or ONNX Runtime) intra-op threads (default 1: "
-                                                           "fastest at batch 1)")
+    p.add_argument("--threads", type=thread_count, default=1,
+                   help="torch (or ONNX Runtime) intra-op threads (default 1: fastest at batch 1)")
     p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
                                   "an eval result)")
     p.add_argument("--video", help="directory for GIFs of the first --video-episodes episodes")
