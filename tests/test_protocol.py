@@ -101,6 +101,8 @@ def _obs_wire(**override) -> bytes:
          "obs.executed must be a float array, got int32"),
         (_obs_wire(seq=2 ** 63), "out_of_range", "obs.seq must be in 0..2\\^63-1, got 9223372036854775808$"),
         (msgpack.packb({"v": 3, "type": "heartbeat", "t": 1.0, 7: 1}), "malformed", "a map key is not a string"),
+        (_raw(type="welcome", policy={}, max_message_bytes=-1, server="s"), "out_of_range",  # every obs "too large"
+         "welcome.max_message_bytes must be a positive byte count, got -1"),
         (_obs_wire(arrays={"state": {"dtype": "float32", "shape": [2**31 - 1] * 8, "data": b"1234"}}), "bad_array",
          r"4 bytes for shape .* float32 \(expected more than 2\^63\)"),
         (_raw(type="handshake", obs_spec={"k" * 4097: {"shape": [3], "dtype": "float32"}}, action_dim=2, hz=50.0,

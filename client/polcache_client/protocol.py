@@ -389,7 +389,7 @@ _FIELD_CODECS: dict[tuple[type, str], tuple[Callable[[Any, str], Any], Callable[
     (Handshake, "name"): (robot_name, str),
     (Handshake, "instruction"): (_instruction, _identity),
     (Welcome, "policy"): (_dict, _identity),
-    (Welcome, "max_message_bytes"): (_int, int),
+    (Welcome, "max_message_bytes"): (_ranged(_int, 1, MAX_COUNT, "a positive byte count"), int),
     (Welcome, "server"): (_str, str),
     (Observation, "epoch"): (_count, int),
     (Observation, "seq"): (_count, int),
