@@ -18,8 +18,8 @@ import torch
 import polcache
 from polcache.atomic import atomic_directory
 from polcache.errors import ExportError
-from polcache.outputs import check_output
-from polcache.export.manifest import MANIFEST, GraphEntry, Manifest, sha256_file
+from polcache.outputs import check_output, json_kind
+from polcache.export.manifest import FORMAT, MANIFEST, GraphEntry, Manifest, sha256_file
 from polcache.export.onnx_graphs import (OPSET, STEP_MODES, assemble_step, dims, io_description, trace_encoder,
                                          trace_pieces)
 from polcache.policy.executor import COMPUTE, FORECAST, GATE
@@ -62,8 +62,8 @@ def _schedule_sha(cache: str | None) -> str | None:
 def check_artifact_output(out: str | Path, flag: str | None = None) -> Path:
     """Refuse, before any work, an --out that is not an earlier artifact: one is replaced whole,
     anything else is not ours (see check_output)."""
-    return check_output(out, f"an exported policy (with {MANIFEST})", folder=True,
-                        ours=lambda p: (p / MANIFEST).is_file(), flag=flag, error=ExportError)
+    return check_output(out, f"an exported policy (with {MANIFEST})", folder=True,  # a folder whose manifest.json
+                        ours=lambda p: json_kind(p / MANIFEST, FORMAT), flag=flag, error=ExportError)  # is another's: not ours
 
 
 def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = None, sampler: str | None = None,

@@ -161,6 +161,10 @@ def test_bad_artifacts_and_requests_are_refused(policy, schedule, checkpoint, tm
     with pytest.raises(ExportError, match="exists and is not an exported policy .*refusing to overwrite it"):
         export_policy(policy, precious, sampler="ddpm", steps=K)
     assert (precious / "notes.txt").read_text() == "mine"
+    (precious / "manifest.json").write_text('{"name": "my web app"}')  # a manifest, but not ours
+    with pytest.raises(ExportError, match="exists and is not an exported policy .*refusing to overwrite it"):
+        export_policy(policy, precious, sampler="ddpm", steps=K)
+    assert (precious / "notes.txt").read_text() == "mine"
     assert export_policy(policy, art, cache="uniform:2", sampler="ddpm", steps=K).cache["spec"] == "uniform:2"
     assert export_policy(policy, art, cache="uniform:3", sampler="ddpm", steps=K).cache["spec"] == "uniform:3"
     with pytest.raises(ExportError, match="is a checkpoint, not an exported policy"):
