@@ -133,13 +133,28 @@ def check_request(manifest: Manifest, where: str, cache: str | None = None, samp
     if cache is None:
         return
     exported = manifest.cache.get("spec") or "none"
-    if cache.strip() != exported:
+    want = manifest.cache.get("schedule_sha256")
+    (head, path), (exported_head, exported_path) = _schedule_part(cache.strip()), _schedule_part(exported)
+    # the same schedule may sit elsewhere (a relative path, another machine): its content decides
+    same_file = path is not None and exported_path is not None and want is not None and path.is_file() \
+        and sha256_file(path) == want
+    if cache.strip() != exported and not (head == exported_head and same_file):
         raise ExportError(f"{where} was exported with --cache {exported}, not {cache.strip()}: the plan is part of "
                           "the exported graphs, so export again with the cache you want")
-    want = manifest.cache.get("schedule_sha256")
-    path = Path(cache.strip().removesuffix("+forecast").rpartition("@")[2])
-    if want and path.suffix == ".json" and path.is_file() and sha256_file(path) != want:
+    if want and path is not None and path.is_file() and sha256_file(path) != want:
         raise ExportError(f"{path} changed since {where} was exported with it (sha256 differs): export again")
+
+
+def _schedule_part(spec: str) -> tuple[str, Path | None]:
+    """A cache spec split into everything but its schedule file, and that file (None without one):
+    'bac:5:3@s.json+forecast' -> ('bac:5:3@+forecast', Path('s.json'))."""
+    core, forecast = spec.removesuffix("+forecast"), spec.endswith("+forecast")
+    head, at, tail = core.rpartition("@")
+    if not at and core.endswith(".json"):
+        head, tail = "", core
+    elif not at:
+        return spec, None
+    return f"{head}{at}{'+forecast' if forecast else ''}", Path(tail)
 
 
 def refuse_exported(path: str | Path, remedy: str) -> None:

@@ -141,6 +141,25 @@ def test_image_policy_exports(tmp_path, family):
     assert np.abs(backend.sample(obs, x) - torch_reference(policy, obs, smp, plan, x, None)).max() < 1e-3
 
 
+def test_an_artifact_takes_its_schedule_from_any_path_with_the_same_content(policy, schedule, tmp_path,
+                                                                           monkeypatch):
+    """Exported with /abs/bac.json, served with ./bac.json or a copy on another machine: the file's
+    content (sha256 in the manifest) decides, not its path."""
+    import shutil
+
+    art = _artifact(policy, tmp_path, schedule)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(schedule, tmp_path / "copy.json")
+    assert load_backend(str(art), cache="copy.json").K == K
+    other = json.loads((tmp_path / "copy.json").read_text())
+    other["budget"] = other["budget"] + 1  # another schedule at the same name
+    (tmp_path / "copy.json").write_text(json.dumps(other))
+    with pytest.raises(ExportError, match="exported with --cache .*bac.json, not copy.json"):
+        load_backend(str(art), cache="copy.json")
+    with pytest.raises(ExportError, match="not uniform:3"):
+        load_backend(str(art), cache="uniform:3")
+
+
 def test_bad_artifacts_and_requests_are_refused(policy, schedule, checkpoint, tmp_path, capsys):
     art = _artifact(policy, tmp_path, "uniform:3")
     with pytest.raises(ExportError, match=r"exported with --cache uniform:3, not uniform:2"):
