@@ -18,6 +18,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from polcache.errors import ExportError
 from polcache.jsonfile import read_json_object
 from polcache.policy.spec import PolicySpec
@@ -97,6 +99,17 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
         missing = [g for g in needed if g not in graphs]
         if missing:
             raise ValueError(f"no graph entry for {', '.join(missing)}")
+        spec = manifest.policy_spec
+        inputs = {i["name"]: i["shape"] for i in graphs["encoder"].inputs}
+        for key, array in spec.obs.items():  # the spec robots are held to is the one the graph takes
+            if inputs.get(key) != ["B", spec.n_obs_steps, *array.shape]:
+                raise ValueError(f"spec.obs.{key} {list(array.shape)} does not match the encoder graph's input "
+                                 f"{inputs.get(key)}")
+        action_dim = spec.action_dim
+        for field in ("scale", "offset"):  # the actions' unnormalisation, applied to every chunk
+            values = np.asarray(manifest.normalizer["action"][field], dtype=np.float64)
+            if values.shape != (action_dim,) or not np.isfinite(values).all():
+                raise ValueError(f"normalizer.action.{field} must be {action_dim} finite numbers (action_dim)")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ExportError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
     if verify:

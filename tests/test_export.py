@@ -141,6 +141,22 @@ def test_image_policy_exports(tmp_path, family):
     assert np.abs(backend.sample(obs, x) - torch_reference(policy, obs, smp, plan, x, None)).max() < 1e-3
 
 
+@pytest.mark.parametrize("edit, named", [
+    (lambda m: m.__setitem__("normalizer", None), "malformed manifest"),
+    (lambda m: m["normalizer"]["action"].__setitem__("scale", [1.0] * 7), r"normalizer.action.scale must be \d finite"),
+    (lambda m: m["normalizer"]["action"].__setitem__("offset", "abc"), "malformed manifest"),
+    (lambda m: m["spec"]["obs"]["state"].__setitem__("shape", [40]), r"spec.obs.state \[40\] does not match the encoder"),
+], ids=["normalizer-null", "scale-length", "offset-text", "obs-shape"])
+def test_a_hand_edited_manifest_is_refused_at_load(policy, tmp_path, edit, named):
+    """Not at the first chunk (a broadcast error) or as ONNX Runtime's invalid dimensions."""
+    art = _artifact(policy, tmp_path)
+    doc = json.loads((art / "manifest.json").read_text())
+    edit(doc)
+    (art / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ExportError, match=named):
+        load_backend(str(art))
+
+
 def test_an_artifact_takes_its_schedule_from_any_path_with_the_same_content(policy, schedule, tmp_path,
                                                                            monkeypatch):
     """Exported with /abs/bac.json, served with ./bac.json or a copy on another machine: the file's
