@@ -172,6 +172,10 @@ def _schedule_part(spec: str) -> tuple[str, Path | None]:
 
 def refuse_exported(path: str | Path, remedy: str) -> None:
     """The one line for an exported artifact given where a checkpoint is needed, so eval, calibrate
-    and ptp embed name it alike instead of calling it an incomplete checkpoint."""
+    and ptp embed name it alike instead of calling it an incomplete checkpoint (also an artifact that
+    lost its manifest)."""
     if (Path(path) / MANIFEST).is_file():
         raise ExportError(f"{path} is an exported policy (ONNX), not a checkpoint: {remedy}")
+    if Path(path).is_dir() and any(Path(path).glob("*.onnx")) and not (Path(path) / "meta.json").is_file():
+        raise ExportError(f"{path} holds ONNX graphs but no {MANIFEST}: not a complete exported policy (export it "
+                          "again)")

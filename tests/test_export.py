@@ -226,6 +226,9 @@ def test_bad_artifacts_and_requests_are_refused(policy, schedule, checkpoint, tm
     doc.write_text(json.dumps({"format": "polcache-export", "version": 1, "graphs": {}}))
     with pytest.raises(ExportError, match="malformed manifest"):
         load_backend(str(art))
+    doc.unlink()  # not a checkpoint missing config.yaml etc., but an export missing its manifest
+    with pytest.raises(ExportError, match="holds ONNX graphs but no manifest.json"):
+        load_backend(str(art))
 
     base = ["export", "--checkpoint", checkpoint, "--format", "onnx", "--sampler", "ddpm", "--steps", str(K)]
     assert "GATE" in _err(capsys, [*base, "--cache", "threshold:0.1", "--out", str(tmp_path / "g")])

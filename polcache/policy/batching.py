@@ -48,7 +48,7 @@ class BatchingBackend(Protocol):
 def batching_blocker(backend: PolicyBackend) -> str | None:
     """Why `backend` computes one robot per call, or None when it batches."""
     if not isinstance(backend, BatchingBackend):
-        return f"the {type(backend).__name__} backend predicts one robot per call"
+        return f"{type(backend).__name__} predicts one robot per call"
     return backend.batch_blocker
 
 
