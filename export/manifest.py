@@ -106,10 +106,10 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
                 raise ValueError(f"spec.obs.{key} {list(array.shape)} does not match the encoder graph's input "
                                  f"{inputs.get(key)}")
         action_dim = spec.action_dim
-        for field in ("scale", "offset"):  # the actions' unnormalisation, applied to every chunk
-            values = np.asarray(manifest.normalizer["action"][field], dtype=np.float64)
+        for part in ("scale", "offset"):  # the actions' unnormalisation, applied to every chunk
+            values = np.asarray(manifest.normalizer["action"][part], dtype=np.float64)
             if values.shape != (action_dim,) or not np.isfinite(values).all():
-                raise ValueError(f"normalizer.action.{field} must be {action_dim} finite numbers (action_dim)")
+                raise ValueError(f"normalizer.action.{part} must be {action_dim} finite numbers (action_dim)")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ExportError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
     if verify:
