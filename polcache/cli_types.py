@@ -107,6 +107,8 @@ def add_backend_options(p: "OneLineParser") -> None:
                    "checkpoint, ort (ONNX Runtime) for an artifact from `polcache export`; trt: TensorRT engines "
                    "built from such an artifact, needs the tensorrt package and --device cuda)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="denoiser precision (torch: any; trt: fp32 or fp16; ort: fp32). Reduced precision must "
                         "match fp32 within --precision-tolerance on probe observations, else the backend refuses "
@@ -137,6 +139,7 @@ def _verify_min_past_needs_verify(args: argparse.Namespace) -> str | None:
 
 def backend_options(args: argparse.Namespace) -> dict:
     """The load_backend keywords that add_backend_options parsed."""
-    return {"backend": args.backend, "device": args.device, "precision": args.precision,
+    return {"backend": args.backend, "device": args.device, "sampler": args.sampler, "steps": args.steps,
+            "precision": args.precision,
             "precision_tolerance": args.precision_tolerance, "graphs": not args.no_cuda_graphs,
             "candidates": args.verify, "min_verified": args.verify_min_past}

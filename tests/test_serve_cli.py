@@ -70,3 +70,14 @@ def test_serve_rejects_a_batch_cap_below_one(capsys):
         main(["serve", "--checkpoint", "/nonexistent", "--max-batch", "0"])
     err = capsys.readouterr().err
     assert "--max-batch" in err and "positive" in err
+
+
+def test_serve_takes_the_sampler_and_steps_eval_takes():
+    """The README's export section asks --sampler/--steps given to serve to match an artifact's;
+    serve did not take them at all. Both commands now share them with the other backend options."""
+    from polcache.cli import build_parser
+    from polcache.cli_types import backend_options
+
+    for command in ("serve", "eval"):
+        args = build_parser().parse_args([command, "--checkpoint", "x", "--sampler", "ddim", "--steps", "4"])
+        assert {k: backend_options(args)[k] for k in ("sampler", "steps")} == {"sampler": "ddim", "steps": 4}

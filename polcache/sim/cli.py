@@ -19,8 +19,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", help="task name (default: the task the checkpoint was trained on)")
     p.add_argument("--episodes", type=positive_int, default=50, help="number of episodes (default 50)")
     p.add_argument("--seed", type=non_negative_int, default=1000, help="episode i resets with seed S+i (default 1000)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
-    p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
     p.add_argument("--cache", help="block cache: a schedule JSON from `polcache calibrate`, or a baseline such as "
                                    "uniform:N (see README)")
     p.add_argument("--max-steps", type=positive_int, help="cap each episode at this many steps (default: the "
@@ -63,8 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.video is not None:
         check_output(args.video, "a folder for GIFs", folder=True, ours=lambda _: True, flag="--video")
     torch.set_num_threads(args.threads)
-    backend = load_backend(args.checkpoint, cache=args.cache, sampler=args.sampler, steps=args.steps,
-                           threads=args.threads, **backend_options(args))
+    backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, **backend_options(args))
     task = args.task or backend.spec.task
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
@@ -84,8 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cache and not exported:
         result.extra["cache"] = what["cache"] | {"spec": args.cache}
     if args.cache and not exported and not stopped:
-        uncached = load_backend(args.checkpoint, sampler=args.sampler, steps=args.steps,
-                                **{**backend_options(args), "candidates": 1})
+        uncached = load_backend(args.checkpoint, **{**backend_options(args), "candidates": 1})
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())
     if jerk := result.jerk_line():
