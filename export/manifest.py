@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from polcache.cache.errors import CacheError
+from polcache.cache.spec import CacheSpec, parse_cache_spec
 from polcache.errors import ExportError
 from polcache.jsonfile import read_json_object
 from polcache.policy.spec import PolicySpec
@@ -147,7 +149,7 @@ def check_request(manifest: Manifest, where: str, cache: str | None = None, samp
         return
     exported = manifest.cache.get("spec") or "none"
     want = manifest.cache.get("schedule_sha256")
-    (head, path), (exported_head, exported_path) = _schedule_part(cache.strip()), _schedule_part(exported)
+    (head, path), (exported_head, exported_path) = schedule_parts(cache), schedule_parts(exported)
     # the same schedule may sit elsewhere (a relative path, another machine): its content decides
     same_file = path is not None and exported_path is not None and want is not None and path.is_file() \
         and sha256_file(path) == want
@@ -158,16 +160,14 @@ def check_request(manifest: Manifest, where: str, cache: str | None = None, samp
         raise ExportError(f"{path} changed since {where} was exported with it (sha256 differs): export again")
 
 
-def _schedule_part(spec: str) -> tuple[str, Path | None]:
-    """A cache spec split into everything but its schedule file, and that file (None without one):
-    'bac:5:3@s.json+forecast' -> ('bac:5:3@+forecast', Path('s.json'))."""
-    core, forecast = spec.removesuffix("+forecast"), spec.endswith("+forecast")
-    head, at, tail = core.rpartition("@")
-    if not at and core.endswith(".json"):
-        head, tail = "", core
-    elif not at:
+def schedule_parts(spec: str) -> tuple[CacheSpec | str, Path | None]:
+    """A cache spec less its schedule file, and that file (None without one): the same schedule at
+    another path then compares equal. An unparsable spec is returned as is."""
+    try:
+        parsed = parse_cache_spec(spec)
+    except CacheError:  # refused by check_request as not the exported spec
         return spec, None
-    return f"{head}{at}{'+forecast' if forecast else ''}", Path(tail)
+    return replace(parsed, text="", path=None), None if parsed.path is None else Path(parsed.path)
 
 
 def refuse_exported(path: str | Path, remedy: str) -> None:

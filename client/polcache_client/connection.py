@@ -97,6 +97,10 @@ class PolicyClient:
                              f"got {heartbeat_s} and {timeout_s}")
         _check_obs_spec(obs_spec)
         robot_name(name)
+        port = address.rpartition(":")[2]
+        if address.startswith("tcp://") and port.isdigit() and not 0 < int(port) < 65536:  # ZeroMQ: modulo 65536
+            raise ConnectError(f"cannot connect to {address!r} (expected e.g. tcp://host:5555): port {port} is not "
+                               "in 1..65535")
         self.policy: dict | None = None  # the server's PolicySpec, once welcomed
         if instruction is not None:
             self._check_instruction(instruction)
@@ -141,12 +145,9 @@ class PolicyClient:
         sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
         if self.keys_dir:
             apply_client_keys(sock, self.keys_dir)
-        port = self.address.rpartition(":")[2]
         try:
             sock.connect(self.address)
-            if self.address.startswith("tcp://") and port.isdigit() and not 0 < int(port) < 65536:
-                raise ConnectError(f"port {port} is not in 1..65535")  # ZeroMQ takes it modulo 65536
-        except (zmq.ZMQError, ConnectError) as exc:
+        except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise ConnectError(f"cannot connect to {self.address!r} (expected e.g. tcp://host:5555): {exc}") from None
         self._socket = sock

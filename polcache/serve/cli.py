@@ -189,5 +189,4 @@ def _sim_robot(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
-    stopped = result.extra.get("interrupted")  # the finished episodes reported; the exit says how it was stopped
-    return 0 if not stopped else 143 if stopped["signal"] == "SIGTERM" else 130
+    return result.exit_status()

@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
-    return 130 if stopped else 0
+    return result.exit_status()
 
 
 def _speedup(uncached, cached, calls: int = 20) -> dict:

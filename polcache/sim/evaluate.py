@@ -67,6 +67,12 @@ class EvalResult:
                 f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps{cap}, "
                 f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
 
+    def exit_status(self) -> int:
+        """What the command that ran it exits with: 0, or 130 / 143 when Ctrl-C / SIGTERM cut it short
+        (the finished episodes still reported)."""
+        stopped = self.extra.get("interrupted")
+        return 0 if not stopped else 143 if stopped.get("signal") == "SIGTERM" else 130
+
     def jerk_line(self) -> str | None:
         """The executed actions' jerk at chunk seams and elsewhere, as every run reports it (eval and
         sim-robot alike); None where the run measured neither."""
