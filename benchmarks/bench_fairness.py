@@ -3,12 +3,14 @@ inference per robot (--max-batch 1) and with the waiting robots batched, side by
 
 N robots (raw protocol peers, as a client written from docs/protocol.md would be) send their
 observation at the same instant of every tick, always in the same order, at --hz for --seconds,
-to a server hosting the shipped reach-v3 checkpoint (in this process's server thread). Per robot:
+to a server hosting the shipped reach-v3 checkpoint, or --checkpoint (a checkpoint, or an artifact
+from `polcache export`, served by ONNX Runtime), in this process's server thread. Per robot:
 chunks per second, and the longest run of ticks without a fresh chunk (the target: at most
 n_action_steps, so the robot never runs out of actions); plus the ratio of the most to the least
 served robot (target <= 1.2).
 
-    python benchmarks/bench_fairness.py [--robots 4] [--hz 50] [--seconds 10] [--batches 1,8] [--json ...]
+    python benchmarks/bench_fairness.py [--robots 4] [--hz 50] [--seconds 10] [--batches 1,8]
+                                        [--checkpoint DIR] [--json ...]
 """
 
 from __future__ import annotations
@@ -84,12 +86,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--batches", default=f"1,{DEFAULT_MAX_BATCH}", help="server --max-batch values to compare")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (serve's default: 1)")
+    ap.add_argument("--checkpoint", default=str(SHIPPED), help="a checkpoint or an exported artifact (default: "
+                    "the shipped reach-v3)")
     ap.add_argument("--json", default=str(RESULTS / "fairness.json"))
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    backend = load_backend(str(SHIPPED))
+    backend = load_backend(args.checkpoint, threads=args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     backend.warmup(tuple(range(1, max(batches) + 1)))
     rows, summaries = [], []
@@ -97,11 +101,14 @@ def main() -> None:
         batch_rows, summary = serve_robots(backend, args, max_batch)
         rows += batch_rows
         summaries.append(summary)
-    print(f"{args.robots} phase-locked robots at {args.hz:g} Hz, shipped reach-v3, {args.seconds:g} s each; "
+    what = backend.describe()
+    print(f"{args.robots} phase-locked robots at {args.hz:g} Hz, {args.checkpoint} ({what['backend']}), "
+          f"{args.seconds:g} s each; "
           f"target: every robot a fresh chunk within {backend.spec.n_action_steps} ticks, most/least served <= 1.2")
     print_table(rows, ["max_batch", "robot", "chunks_per_s", "longest_wait_ticks"])
     print_table(summaries, list(summaries[0]))
-    write_json(args.json, {"benchmark": "fairness", "robots": args.robots, "hz": args.hz,
+    write_json(args.json, {"benchmark": "fairness", "checkpoint": args.checkpoint, "backend": what["backend"],
+                           "robots": args.robots, "hz": args.hz,
                            "n_action_steps": backend.spec.n_action_steps, "summaries": summaries, "rows": rows})
 
 

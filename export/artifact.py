@@ -1,6 +1,7 @@
 """What every backend of an exported artifact shares, whatever runs its graphs (ONNX Runtime,
 TensorRT): the manifest and policy spec, observation and start-noise checks, the numpy action
-decode, seeded noise, and `predict` on top of the runtime's own `sample`. Needs no torch."""
+decode, seeded noise, and `predict` and `predict_sessions` (several robots in one graph run) on top
+of the runtime's own `sample`. Needs no torch."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Sequence
 
 import numpy as np
 
-from polcache.errors import ExportError
+from polcache.errors import ExportError, ObservationError
 from polcache.export.manifest import Manifest, read_manifest
+from polcache.policy.batching import Outcome, SessionRequest, predict_shared
 from polcache.policy.ops import COMPUTE, REUSE
 from polcache.policy.parity import PROBES, chunk_deviation
 from polcache.policy.spec import CommittedActions, PolicySpec, StatelessSession, rtc_blocker
@@ -20,6 +22,8 @@ class ExportedBackend:
     """Base of OrtBackend and TrtBackend; subclasses implement `sample` and set `kind`."""
 
     kind = "exported"
+    batch_blocker: str | None = None  # every exported graph takes a batch axis: robots share a run
+    max_batch: int | None = None  # the most rows one run takes (a TensorRT engine's profile), None: any
 
     def __init__(self, artifact: str | Path):
         self.artifact = Path(artifact)
@@ -95,6 +99,33 @@ class ExportedBackend:
         x, noise = self.initial_noise(batch, seed)  # sample() checks again, but finds nothing left to convert
         return np.ascontiguousarray(self.decode(self.sample(feeds, x, noise))["action"])
 
+    def predict_sessions(self, requests: Sequence[SessionRequest]) -> list[Outcome]:
+        """Each robot's chunk (see polcache.policy.batching): every row's observations are checked on
+        their own, then the rows run through the graphs together, each from its own seed's noise,
+        so a row's chunk is the one its own `predict` gives."""
+        return predict_shared(requests, self._shares, self._row_feeds, self._sample_rows, self.max_batch)
+
+    def _shares(self, request: SessionRequest) -> bool:
+        """Whether a request's row can run with others (not one asking for real-time chunking, which
+        its own session refuses with the reason, nor another backend's session)."""
+        return (isinstance(request.session, StatelessSession) and request.session.backend is self
+                and request.committed is None)
+
+    def _row_feeds(self, request: SessionRequest) -> dict[str, np.ndarray]:
+        """One robot's checked observations, batch 1."""
+        feeds, batch = self.spec.check_observations(request.obs)
+        if batch != 1:
+            raise ObservationError(f"a session predicts for one robot: batch 1, got {batch}")
+        return feeds
+
+    def _sample_rows(self, rows: list[dict[str, np.ndarray]], seeds: list[int | None]) -> np.ndarray:
+        """Checked rows sampled in one run of the graphs, row i from `seeds[i]`'s noise."""
+        draws = [self.initial_noise(1, seed) for seed in seeds]
+        x = np.concatenate([d[0] for d in draws])
+        noise = np.concatenate([d[1] for d in draws], axis=1) if self.needs_noise else None
+        obs = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
+        return np.ascontiguousarray(self.decode(self.sample(obs, x, noise))["action"])
+
     def deviation_from(self, reference: "ExportedBackend", probes: int = PROBES, seed: int = 0) -> dict:
         """polcache.policy.parity's deviation of the normalised chunks of this backend from `reference`'s
         on the same probe observations (standard-normal states, random pixels) and noise."""
@@ -115,7 +146,8 @@ class ExportedBackend:
         return StatelessSession(self)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        for size in batch_sizes:
+        """One chunk per batch size, up to the most one run takes (`predict_sessions` splits larger)."""
+        for size in sorted({min(s, self.max_batch or s) for s in batch_sizes}):
             obs = {key: np.zeros((size, self.spec.n_obs_steps, *s.shape), dtype=s.dtype)
                    for key, s in self.spec.obs.items()}
             self.predict(obs, seed=0)

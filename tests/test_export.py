@@ -336,3 +336,31 @@ def test_an_artifact_loads_and_predicts_without_torch(policy, tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     want = ["OrtBackend", "1", str(policy.spec.n_action_steps), str(policy.spec.action_dim)]
     assert out.returncode == 0 and out.stdout.split() == want, out.stderr
+
+
+def test_robots_share_one_graph_run_each_with_its_own_chunk(policy, schedule, tmp_path):
+    """predict_sessions on an artifact: rows run together (at most max_batch per run), each equal to
+    its own session's predict with its seed; a bad row and a real-time-chunking row fail alone."""
+    from polcache.policy.batching import SessionRequest, batching_blocker
+    from polcache.policy.spec import CommittedActions
+
+    b = OrtBackend(_artifact(policy, tmp_path, cache=schedule))
+    assert batching_blocker(b) is None
+    obs = [_obs(policy.spec, 1, seed=s) for s in range(4)]
+    seqs = list(range(policy.spec.n_obs_steps))
+    bad = {k: v[:, :1] for k, v in obs[0].items()}  # one frame short
+    requests = [SessionRequest(b.session(), obs[0], seqs, 3), SessionRequest(b.session(), bad, seqs, 4),
+                SessionRequest(b.session(), obs[1], seqs, 5),
+                SessionRequest(b.session(), obs[2], seqs, 6, committed=CommittedActions(np.zeros((2, 2)), 1)),
+                SessionRequest(b.session(), obs[3], seqs, 7)]
+    calls = []
+    sample = b.sample
+    b.sample = lambda o, x, noise=None: calls.append(len(x)) or sample(o, x, noise)
+    for max_batch, runs in ((None, [3]), (2, [2, 1])):
+        b.max_batch, calls[:] = max_batch, []
+        got = b.predict_sessions(requests)
+        assert calls == runs
+        assert "expected shape" in str(got[1]) and "real-time chunking" in str(got[3])
+        for i, o, seed in ((0, obs[0], 3), (2, obs[1], 5), (4, obs[3], 7)):
+            np.testing.assert_allclose(got[i], b.predict(o, seed=seed), atol=1e-5)
+    assert not np.allclose(got[0], got[2])

@@ -169,10 +169,20 @@ def test_with_a_batch_cap_no_robot_is_served_twice_in_a_row_while_another_waits(
     assert max(served) - min(served) <= 2, served
 
 
-def test_torch_backend_serves_a_batch_over_the_wire():
-    """The real path: worker -> predict_sessions -> TorchBackend; rounds in which three robots send
-    at once until one inference has served several of them."""
-    backend = TorchBackend(tiny_policy(obs_dim=3, action_dim=2), "ddim", 4)
+@pytest.mark.parametrize("kind", ["torch", "ort"])
+def test_a_real_backend_serves_a_batch_over_the_wire(kind, tmp_path):
+    """The real path: worker -> predict_sessions -> TorchBackend, or OrtBackend on an exported
+    artifact; rounds in which three robots send at once until one inference has served several."""
+    policy = tiny_policy(obs_dim=3, action_dim=2)
+    if kind == "ort":
+        pytest.importorskip("onnxruntime")
+        from polcache.export.exporter import export_policy
+        from polcache.export.ort_backend import OrtBackend
+
+        export_policy(policy, tmp_path / "art", sampler="ddim", steps=4)
+        backend = OrtBackend(tmp_path / "art")
+    else:
+        backend = TorchBackend(policy, "ddim", 4)
     records = []
     with PolicyServer(backend, "tcp://127.0.0.1:0", on_record=records.append) as server:
         peers = _robots(server, 3)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from polcache.errors import ConfigError, ObservationError
-from polcache.policy.batching import Outcome, SessionRequest, predict_alone
+from polcache.policy.batching import Outcome, SessionRequest, predict_shared
 from polcache.policy.executor import decided_at_run_time, make_store
 from polcache.policy.loader import check_options
 from polcache.policy.graph import ChunkGraph, GuidedChunkGraph, graph_blocker
@@ -166,29 +166,18 @@ class TorchBackend:
     def predict_sessions(self, requests: Sequence[SessionRequest]) -> list[Outcome]:
         """Each robot's chunk (see polcache.policy.batching): every row is encoded on its own (a
         ring-buffer session keeps its frames), then the rows that can share it sample in one call."""
-        outcomes: list[Outcome | None] = [None] * len(requests)
-        shared: list[int] = []
-        feats: list[torch.Tensor] = []
-        for i, r in enumerate(requests):
-            if (self.batch_blocker is not None or not isinstance(r.session, (TorchSession, StatelessSession))
-                    or r.session.backend is not self or self._verifies(r.past_actions) or r.committed is not None):
-                outcomes[i] = predict_alone(r)
-                continue
-            try:
-                feats.append(self._row_features(r))
-                shared.append(i)
-            except Exception as exc:  # noqa: BLE001 - this row's input is bad, the others still run
-                outcomes[i] = exc
-        if shared:
-            try:
-                x, noise = self._row_noise([requests[i].seed for i in shared])
-                actions = self._actions(self._sample({"features": torch.cat(feats)}, x, noise))
-                for row, i in enumerate(shared):
-                    outcomes[i] = actions[row:row + 1]
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: every shared row learns why
-                for i in shared:
-                    outcomes[i] = exc
-        return outcomes
+        return predict_shared(requests, self._shares, self._row_features, self._sample_rows)
+
+    def _shares(self, request: SessionRequest) -> bool:
+        """Whether this request's row can sample with others (not one that self-verifies or chunks
+        in real time, nor another backend's session)."""
+        return (self.batch_blocker is None and isinstance(request.session, (TorchSession, StatelessSession))
+                and request.session.backend is self and not self._verifies(request.past_actions)
+                and request.committed is None)
+
+    def _sample_rows(self, feats: list[torch.Tensor], seeds: list[int | None]) -> np.ndarray:
+        """Encoded rows sampled together, row i from `seeds[i]`'s noise."""
+        return self._actions(self._sample({"features": torch.cat(feats)}, *self._row_noise(seeds)))
 
     def _row_features(self, request: SessionRequest) -> torch.Tensor:
         """One robot's encoded window (1, To, F), through its session's ring buffer where it has one."""

@@ -11,7 +11,7 @@ with one call per robot, with the same results.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Callable, NamedTuple, Protocol, Sequence, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -56,6 +56,43 @@ def session_predictor(backend: PolicyBackend) -> Callable[[Sequence[SessionReque
     """What computes several requests' chunks on `backend`: its batched path where it has one,
     else one call per robot. Chosen once (a Protocol isinstance check costs ~10 us a call)."""
     return backend.predict_sessions if batching_blocker(backend) is None else predict_each
+
+
+Row = TypeVar("Row")  # what a backend prepares per robot before the shared call (features, checked arrays)
+
+
+def predict_shared(requests: Sequence[SessionRequest], shares: Callable[[SessionRequest], bool],
+                   prepare: Callable[[SessionRequest], Row],
+                   run: Callable[[list[Row], list[int | None]], np.ndarray],
+                   max_rows: int | None = None) -> list[Outcome]:
+    """A backend's `predict_sessions` from its three parts: rows that `shares` refuses go alone
+    (`predict_alone`); each other row is `prepare`d on its own, so one robot's bad input fails only
+    that robot; the prepared rows then go to `run` (prepared rows, their seeds -> actions (n,
+    n_action_steps, action_dim)) together, at most `max_rows` per call, and a failing call fails
+    only its own rows."""
+    outcomes: list[Outcome | None] = [None] * len(requests)
+    shared: list[int] = []
+    rows: list[Row] = []
+    for i, r in enumerate(requests):
+        try:
+            if not shares(r):
+                outcomes[i] = predict_alone(r)
+                continue
+            rows.append(prepare(r))
+            shared.append(i)
+        except Exception as exc:  # noqa: BLE001 - this row's input is bad, the others still run
+            outcomes[i] = exc
+    step = max_rows or len(shared) or 1
+    for start in range(0, len(shared), step):
+        group = shared[start:start + step]
+        try:
+            actions = run(rows[start:start + step], [requests[i].seed for i in group])
+            for row, i in enumerate(group):
+                outcomes[i] = actions[row:row + 1]
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: every row of this call learns why
+            for i in group:
+                outcomes[i] = exc
+    return outcomes
 
 
 def predict_each(requests: Sequence[SessionRequest]) -> list[Outcome]:
