@@ -83,6 +83,16 @@ def test_self_verifying_rows_run_alone_with_the_same_result():
     np.testing.assert_allclose(got[1], b.session().predict(obs, [0, 2, 4], seed=8), atol=1e-5)
 
 
+def test_a_row_with_malformed_past_actions_fails_alone():
+    p = tiny_policy(n_obs_steps=3, horizon=8, obs_stride=2, n_action_steps=4)
+    b = TorchBackend(p, "ddim", 4, candidates=4)
+    obs = {"state": np.zeros((1, 3, 5), np.float32)}
+    got = b.predict_sessions([SessionRequest(b.session(), obs, [0, 2, 4], 7, np.zeros((5, 3), np.float32)),
+                              SessionRequest(b.session(), obs, [0, 2, 4], 8)])
+    assert "past_actions: expected shape (2, 3)" in str(got[0])
+    np.testing.assert_allclose(got[1], b.session().predict(obs, [0, 2, 4], seed=8), atol=1e-5)
+
+
 def test_backends_that_cannot_batch_say_why_and_are_called_once_per_robot():
     from polcache.cache.baselines import threshold_plan
 
