@@ -51,6 +51,9 @@ def test_sim_robot_over_zeromq_matches_in_process_eval():
     assert tick["safe_stops"] == 0 and tick["ticks"] >= sum(e["length"] for e in remote.per_episode)
     assert remote.latency_ms["n"] > 0
     assert "success 100%" in remote.summary()
+    # what each measures: a robot's latency spans capture to its tick, eval's is the inference alone
+    assert "observation-to-action latency p50" in remote.summary() and "inference p50" in remote.summary()
+    assert "chunk latency p50" in in_process.summary()
     # the executed actions' jerk at chunk seams and elsewhere, as the evaluator reports it
     assert all("seam_jerk" in e and "jerk" in e for e in remote.per_episode)
     assert np.isfinite(remote.extra["seam_jerk"]) and np.isfinite(in_process.extra["seam_jerk"])

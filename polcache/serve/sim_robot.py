@@ -147,5 +147,5 @@ def run_sim_robot(
         ci95=wilson_interval(n_ok, n), mean_episode_length=float(np.mean([e["length"] for e in per_episode])),
         latency_ms={k: latency.get(k, float("nan")) for k in ("p50", "p95", "p99")} | {"n": latency.get("n", 0)},
         seed=seed, per_episode=per_episode,
-        extra={"server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}), "chunk": snap.get("chunk", {}),
+        extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}), "chunk": snap.get("chunk", {}),
                **jerk_summary(per_episode), **({"interrupted": interrupted} if interrupted else {})})

@@ -63,9 +63,15 @@ class EvalResult:
         cap = f" (cap {self.extra['max_steps']})" if "max_steps" in self.extra else ""
         stopped = self.extra.get("interrupted")
         cut = f" [interrupted: {self.episodes} of {stopped['episodes_asked']} episodes finished]" if stopped else ""
+        # eval times each chunk's inference; a robot (sim-robot) from its observation's capture to the
+        # tick that received the chunk, which includes the transport and waiting for that tick
+        robot = self.extra.get("latency_from") == "capture"
+        inference = self.extra.get("chunk", {}).get("inference_ms", {}).get("p50") if robot else None
         return (f"{self.task}{cut}: success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI "
                 f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps{cap}, "
-                f"chunk latency p50 {lat['p50']:.1f} ms / p95 {lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms")
+                f"{'observation-to-action' if robot else 'chunk'} latency p50 {lat['p50']:.1f} ms / p95 "
+                f"{lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms"
+                + (f" (the server's inference p50 {inference:.1f} ms)" if inference is not None else ""))
 
     def exit_status(self) -> int:
         """What the command that ran it exits with: 0, or 130 / 143 when Ctrl-C / SIGTERM cut it short
