@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,34 @@ class Manifest:
         return json.dumps(asdict(self), indent=1) + "\n"
 
 
+JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+              type(None): "null"}
+
+
+def json_type(value: object) -> str:
+    """What a JSON value is called in JSON's words (a manifest is edited as JSON, not Python)."""
+    return JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _check_fields(doc: object, cls: type, where: str) -> None:
+    """`doc` holds exactly `cls`'s fields (the required ones at least), objects where it declares
+    dicts, lists where it declares lists: ValueError naming the field otherwise."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where.rstrip('.') or 'the manifest'} must be a JSON object")
+    declared = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(doc) - set(declared))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(where + k for k in unknown)}")
+    for name, f in declared.items():
+        if name not in doc:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"missing field {where}{name}")
+            continue
+        kind = {"dict": dict, "list": list}.get(str(f.type).partition("[")[0])
+        if kind is not None and not isinstance(doc[name], kind):
+            raise ValueError(f"{where}{name} must be a JSON {JSON_NAMES[kind]}, got {json_type(doc[name])}")
+
+
 def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     """Read and check an artifact's manifest; with `verify`, every graph file's sha256 too."""
     root = Path(artifact)
@@ -85,13 +113,21 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     if doc.get("version") != VERSION:
         raise ExportError(f"{path}: export version {doc.get('version')} is not supported (expected {VERSION})")
     try:
+        _check_fields(doc, Manifest, "")
+        if not isinstance(doc["graphs"], dict):
+            raise ValueError("graphs must be an object of graph name -> entry")
+        for name, g in doc["graphs"].items():
+            _check_fields(g, GraphEntry, f"graphs.{name}.")
         graphs = {name: GraphEntry(**g) for name, g in doc.pop("graphs").items()}
         manifest = Manifest(graphs=graphs, **doc)
-        manifest.policy_spec  # noqa: B018 - validates the spec
+        try:
+            manifest.policy_spec  # noqa: B018 - validates the spec
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"spec is not a policy spec ({type(exc).__name__}: {exc})") from None
         K, n = int(manifest.sampler["steps"]), int(manifest.model["n_blocks"])
         table = manifest.cache["table"]
-        if len(table) != K or any(len(row) != n for row in table):
-            raise ValueError(f"cache table is not {K} x {n}")
+        if not isinstance(table, list) or len(table) != K or any(not isinstance(r, list) or len(r) != n for r in table):
+            raise ValueError(f"cache.table must be {K} rows of {n} entries (steps x blocks)")
         if manifest.step_mode not in ("if", "patterns"):
             raise ValueError(f"unknown step mode {manifest.step_mode!r}")
         needed = ["encoder"] + (["step"] if manifest.step_mode == "if"
@@ -109,11 +145,18 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
                                  f"{inputs.get(key)}")
         action_dim = spec.action_dim
         for part in ("scale", "offset"):  # the actions' unnormalisation, applied to every chunk
-            values = np.asarray(manifest.normalizer["action"][part], dtype=np.float64)
+            try:
+                values = np.asarray(manifest.normalizer["action"][part], dtype=np.float64)
+            except (TypeError, ValueError):  # text, objects
+                values = np.array([np.nan])
             if values.shape != (action_dim,) or not np.isfinite(values).all():
                 raise ValueError(f"normalizer.action.{part} must be {action_dim} finite numbers (action_dim)")
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ExportError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+    except KeyError as exc:  # an entry a nested object lacks
+        raise ExportError(f"{path}: malformed manifest (missing entry {exc})") from None
+    except (TypeError, AttributeError) as exc:  # a nested value of the wrong kind
+        raise ExportError(f"{path}: malformed manifest (a value of the wrong type: {exc})") from None
+    except ValueError as exc:
+        raise ExportError(f"{path}: malformed manifest ({exc})") from None
     if verify:
         for name in graphs:
             graph_bytes(root, manifest, name)

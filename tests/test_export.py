@@ -142,11 +142,17 @@ def test_image_policy_exports(tmp_path, family):
 
 
 @pytest.mark.parametrize("edit, named", [
-    (lambda m: m.__setitem__("normalizer", None), "malformed manifest"),
+    (lambda m: m.__setitem__("normalizer", None), r"normalizer must be a JSON object, got null"),
     (lambda m: m["normalizer"]["action"].__setitem__("scale", [1.0] * 7), r"normalizer.action.scale must be \d finite"),
-    (lambda m: m["normalizer"]["action"].__setitem__("offset", "abc"), "malformed manifest"),
+    (lambda m: m["normalizer"]["action"].__setitem__("offset", "abc"), r"normalizer.action.offset must be \d finite"),
     (lambda m: m["spec"]["obs"]["state"].__setitem__("shape", [40]), r"spec.obs.state \[40\] does not match the encoder"),
-], ids=["normalizer-null", "scale-length", "offset-text", "obs-shape"])
+    (lambda m: m.__setitem__("comment", "mine"), r"unknown field\(s\) comment"),
+    (lambda m: m.pop("sampler"), r"missing field sampler"),
+    (lambda m: m["graphs"]["step"].pop("sha256"), r"missing field graphs.step.sha256"),
+    (lambda m: m["cache"].__setitem__("table", 5), r"cache.table must be 8 rows of \d+ entries"),
+    (lambda m: m.__setitem__("pattern_of_step", {}), r"pattern_of_step must be a JSON array, got object"),
+], ids=["normalizer-null", "scale-length", "offset-text", "obs-shape", "unknown", "missing", "graph-missing",
+        "table", "pattern-type"])
 def test_a_hand_edited_manifest_is_refused_at_load(policy, tmp_path, edit, named):
     """Not at the first chunk (a broadcast error) or as ONNX Runtime's invalid dimensions."""
     art = _artifact(policy, tmp_path)
