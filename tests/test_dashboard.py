@@ -96,6 +96,22 @@ def test_tail_follows_the_writers_rotation_without_losing_records(tmp_path):
     assert errors == [float(i) for i in range(120)] and tail.bad_lines == 0
 
 
+def test_tail_reads_a_large_file_over_several_polls_and_a_rotated_one_to_its_end(tmp_path):
+    """A poll reads at most its limit (the page's memory stays bounded on a huge foreign file);
+    the lines cut at a poll's end are read whole by the next, and a file rotated away with bytes
+    still unread is read to its end before the new one."""
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(line(kind="tick", t=float(i), pad="x" * 40) for i in range(200)))
+    tail = JsonlTail(path)
+    polls = [tail.poll(limit=1000) for _ in range(3)]
+    assert all(0 < len(got) < 30 for got in polls)
+    os.rename(path, f"{path}.1")
+    path.write_text(line(kind="tick", t=1000.0))
+    rest = tail.poll(limit=1000)
+    assert [r["t"] for got in (*polls, rest) for r in got] == [*map(float, range(200)), 1000.0]
+    assert tail.bad_lines == 0
+
+
 # ------------------------------------------------------------ views
 
 

@@ -42,7 +42,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
         context: dict[str, Any] = {}
         for part in run_files(path):
             tail = JsonlTail(part)
-            state.add(tail.poll() + tail.finish(), context)
+            state.add(tail.poll(None) + tail.finish(), context)
             tail.close()
             if tail.problem:
                 raise PolcacheError(tail.problem)

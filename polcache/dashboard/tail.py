@@ -6,7 +6,8 @@ a rotated file is still read), notice a new inode at the path and switch to it, 
 shorter than our offset or whose first bytes changed (rewritten, even longer than before, between
 two polls: every run's first line is its info record with a timestamp) and start again from its
 beginning, and hold back a last line until its newline arrives, so a line caught half-written is
-read whole on the next poll.
+read whole on the next poll. A poll reads at most READ_BYTES, so a large file already there (one
+polcache did not write: its own rotate at 10 MiB) is read over several polls, not held whole.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, BinaryIO
 
 HEAD_BYTES = 256  # compared at every poll to notice a file rewritten from its start
 MAX_LINE_BYTES = 1 << 20  # a longer line (a file that is not JSON lines) is one unreadable line, not held in memory
+READ_BYTES = 16 << 20  # the most one poll reads
 
 
 class JsonlTail:
@@ -34,7 +36,8 @@ class JsonlTail:
         self._skipping = False  # inside a line over MAX_LINE_BYTES: dropped up to its newline
         self._head = b""  # the file's first bytes as we read them: a rewrite changes them
 
-    def poll(self) -> list[dict[str, Any]]:
+    def poll(self, limit: int | None = READ_BYTES) -> list[dict[str, Any]]:
+        """The records appended since the last call, from at most `limit` bytes (None: to the end)."""
         records: list[dict[str, Any]] = []
         if self._file is None and not self._open():
             return records
@@ -46,14 +49,14 @@ class JsonlTail:
             self._file.seek(0)  # truncated under us: whatever we held back belonged to the old content
             self._partial, self._skipping = b"", False
             self._head = b""
-        records += self._read()
+        records += self._read(limit)
         if stat is not None and stat.st_ino != self._inode:  # rotated: the old file is finished
-            records += self.finish()
+            records += self._read(None) + self.finish()
             self._file.close()
             self._file = None
             self._head, self._skipping = b"", False
             if self._open():
-                records += self._read()
+                records += self._read(limit)
         return records
 
     def finish(self) -> list[dict[str, Any]]:
@@ -85,9 +88,9 @@ class JsonlTail:
             return True
         return bool(self._head) and os.pread(self._file.fileno(), len(self._head), 0) != self._head
 
-    def _read(self) -> list[dict[str, Any]]:
+    def _read(self, limit: int | None) -> list[dict[str, Any]]:
         start = self._file.tell()
-        chunk = self._file.read()
+        chunk = self._file.read(-1 if limit is None else limit)
         if start < HEAD_BYTES:
             self._head = (self._head + chunk)[:HEAD_BYTES]
         lines = (self._partial + chunk).split(b"\n")
