@@ -10,7 +10,7 @@ n_action_steps, so the robot never runs out of actions); plus the ratio of the m
 served robot (target <= 1.2).
 
     python benchmarks/bench_fairness.py [--robots 4] [--hz 50] [--seconds 10] [--batches 1,8]
-                                        [--checkpoint DIR] [--json ...]
+                                        [--checkpoint DIR] [--device cuda] [--json ...]
 """
 
 from __future__ import annotations
@@ -88,12 +88,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (serve's default: 1)")
     ap.add_argument("--checkpoint", default=str(SHIPPED), help="a checkpoint or an exported artifact (default: "
                     "the shipped reach-v3)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (serve's --device)")
     ap.add_argument("--json", default=str(RESULTS / "fairness.json"))
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    backend = load_backend(args.checkpoint, threads=args.threads)
+    backend = load_backend(args.checkpoint, threads=args.threads, device=args.device)
     batches = [int(b) for b in args.batches.split(",")]
     backend.warmup(tuple(range(1, max(batches) + 1)))
     rows, summaries = [], []
@@ -102,12 +103,14 @@ def main() -> None:
         rows += batch_rows
         summaries.append(summary)
     what = backend.describe()
-    print(f"{args.robots} phase-locked robots at {args.hz:g} Hz, {args.checkpoint} ({what['backend']}), "
+    print(f"{args.robots} phase-locked robots at {args.hz:g} Hz, {args.checkpoint} ({what['backend']} on "
+          f"{what.get('device', args.device)}), "
           f"{args.seconds:g} s each; "
           f"target: every robot a fresh chunk within {backend.spec.n_action_steps} ticks, most/least served <= 1.2")
     print_table(rows, ["max_batch", "robot", "chunks_per_s", "longest_wait_ticks"])
     print_table(summaries, list(summaries[0]))
     write_json(args.json, {"benchmark": "fairness", "checkpoint": args.checkpoint, "backend": what["backend"],
+                           "device": what.get("device", args.device),
                            "robots": args.robots, "hz": args.hz,
                            "n_action_steps": backend.spec.n_action_steps, "summaries": summaries, "rows": rows})
 

@@ -9,7 +9,8 @@
 #   BENCHES=vla bash benchmarks/gpu_check.sh     # the CUDA tests and bench_vla only (default: "gpu train launch vla")
 #
 # EXECUTORS=eager,graph+fused+norm limits bench_gpu's rows (the authors' executor always runs).
-# "train": bench_train_step.py (what the per-step finite-loss check costs a training step on the GPU);
+# "fairness": bench_fairness.py on the device, 4 and 16 phase-locked robots, one inference per robot
+# against batched; "train": bench_train_step.py (what the per-step finite-loss check costs a training step on the GPU);
 # "launch": configs/launch/workstation.yaml as a user runs it (cuda, bf16 with its parity gate, keys),
 # with a simulated cue-reach robot and the dashboard's data read while it runs.
 #
@@ -89,6 +90,13 @@ if [[ " $BENCHES " == *" gpu "* ]]; then
     timeout 360 python bench_gpu.py --device "$DEVICE" --no-compile --calls 20 --sustain 0.5 \
       ${EXECUTORS:+--executors "$EXECUTORS"} --json "$OUT/gpu.json"
   fi
+fi
+if [[ " $BENCHES " == *" fairness "* ]]; then  # phase-locked robots served batched on the GPU
+  for n in 4 16; do
+    echo "== bench_fairness, $n robots"
+    timeout 150 python bench_fairness.py --device "$DEVICE" --robots $n --hz 50 --seconds ${QUICK:+1}${QUICK:-10} \
+      --batches 1,$((n > 8 ? n : 8)) --json "$OUT/fairness_$n.json" 2>&1 | tail -4
+  done
 fi
 if [[ " $BENCHES " == *" vla "* ]] && [ -d ../.gpu/vla ]; then
   echo "== bench_vla"
