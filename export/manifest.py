@@ -114,8 +114,6 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
         raise ExportError(f"{path}: export version {doc.get('version')} is not supported (expected {VERSION})")
     try:
         _check_fields(doc, Manifest, "")
-        if not isinstance(doc["graphs"], dict):
-            raise ValueError("graphs must be an object of graph name -> entry")
         for name, g in doc["graphs"].items():
             _check_fields(g, GraphEntry, f"graphs.{name}.")
         graphs = {name: GraphEntry(**g) for name, g in doc.pop("graphs").items()}
