@@ -123,3 +123,24 @@ def test_policy_families_by_name_and_old_checkpoints_load_as_dp_t(tmp_path, caps
         load_policy(path)
     assert main(["eval", "--checkpoint", str(path), "--episodes", "1"]) == 2
     assert "not a known policy family" in capsys.readouterr().err
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    """Weights readable by whoever may read the config (a server running as another user):
+    safetensors' own writer made them owner-only."""
+    import os
+    import stat
+
+    from polcache.config import ExperimentConfig
+    from polcache.policy import save_checkpoint
+    from polcache.policy.checkpoint import TrainState
+
+    p = tiny_policy()
+    state = TrainState(model=dict(p.state_dict()), optimizer={}, lr_scheduler={}, step=1)
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ck", ExperimentConfig(task="test", policy=p.cfg), p, train_state=state)
+    finally:
+        os.umask(old)
+    for f in ("config.yaml", "model.safetensors", "normalizer.safetensors", "train/model.safetensors"):
+        assert stat.S_IMODE(os.stat(path / f).st_mode) == 0o644, f

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 import polcache
 from polcache.atomic import atomic_directory
@@ -82,17 +82,24 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
     with atomic_directory(path) as tmp:
         tmp.mkdir()
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        save_file(weights, str(tmp / "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in policy.normalizer.state_dict().items()},
-                  str(tmp / "normalizer.safetensors"))
+        _write_tensors(weights, tmp / "model.safetensors")
+        _write_tensors({k: v.contiguous() for k, v in policy.normalizer.state_dict().items()},
+                       tmp / "normalizer.safetensors")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if train_state is not None:
             (tmp / "train").mkdir()
-            save_file({k: v.detach().cpu().contiguous() for k, v in train_state.model.items()},
-                      str(tmp / "train" / "model.safetensors"))
+            _write_tensors({k: v.detach().cpu().contiguous() for k, v in train_state.model.items()},
+                           tmp / "train" / "model.safetensors")
             torch.save({"optimizer": train_state.optimizer, "lr_scheduler": train_state.lr_scheduler,
                         "step": train_state.step}, tmp / "train" / "state.pt")
     return path
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file with the umask's permissions, like the checkpoint's other files
+    (safetensors' save_file makes it owner-only, so a server running as another user, e.g.
+    launch/polcache.service's, could not read weights someone else trained)."""
+    path.write_bytes(save(tensors))
 
 
 def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
