@@ -3,8 +3,9 @@ instead of a finished run, and a command never replaces a file or folder that it
 
 Every writer names what it writes (`what`, e.g. "a polcache dataset") and how to recognise its
 own earlier output (`ours`); an existing path that is not its own is refused, as is a path
-under a file, a folder where a file goes (or the reverse), an empty path, and the command's
-own input."""
+under a file, a folder where a file goes (or the reverse), an empty path, the command's own
+input, and a path inside a folder that polcache replaces whole when it writes it again (a
+dataset, a checkpoint, an exported policy, a report), where the output would vanish unseen."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[P
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise error(f"{name}: {parent} is a file, not a folder")
+    if (holder := enclosing_output(path)) is not None:
+        raise error(f"{name}: is inside {holder[0]}, {holder[1]}, which is replaced whole when it is written again; "
+                    "give a path outside it")
     for source in inputs:
         if Path(source).resolve() == path.resolve():
             raise error(f"{name}: is also the input; refusing to overwrite it")
@@ -57,3 +61,26 @@ def json_kind(path: Path, format: str, fields: Iterable[str] = ()) -> bool:
         return False
     fields = list(fields)
     return doc.get("format") == format or (bool(fields) and all(f in doc for f in fields))
+
+
+def replaced_whole(folder: Path) -> str | None:
+    """What `folder` is where polcache replaces it whole at its next write (everything put inside
+    it is then lost), else None: a zarr dataset (recorded, imported or embedded), a checkpoint
+    (training's OUT/last and OUT/best), an exported policy, a report."""
+    if (folder / "zarr.json").is_file():
+        return "a dataset"
+    if (folder / "meta.json").is_file() and (folder / "model.safetensors").is_file():
+        return "a checkpoint"
+    if (folder / "manifest.json").is_file() and json_kind(folder / "manifest.json", "polcache-export"):
+        return "an exported policy"
+    if (folder / "index.html").is_file() and (folder / "views.json").is_file():
+        return "a report"
+    return None
+
+
+def enclosing_output(path: str | Path) -> tuple[Path, str] | None:
+    """The outermost folder above `path` that is replaced whole (see `replaced_whole`), and what it is."""
+    for folder in reversed(Path(path).resolve().parents):
+        if (what := replaced_whole(folder)) is not None:
+            return folder, what
+    return None

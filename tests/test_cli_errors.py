@@ -182,7 +182,7 @@ def test_a_run_directory_that_is_a_file_or_inside_a_dataset_is_refused(capsys, t
     assert train(data, data).endswith(f"out={data} is dataset {data}: writing the dataset again would delete the "
                                       "run; give an out directory outside it")
     other = demo_dataset(tmp_path / "other.zarr")
-    assert f"out={other / 'runs/x'} is inside dataset {other}:" in train(data, other / "runs/x")
+    assert f"out={other / 'runs/x'} is inside {other}, a dataset:" in train(data, other / "runs/x")
     assert train(tmp_path / "run/last/d.zarr", tmp_path / "run").endswith(
         f"dataset {tmp_path / 'run/last/d.zarr'} is inside {tmp_path / 'run/last'}, which training replaces; move the "
         "dataset or give another out directory")
@@ -232,15 +232,36 @@ def test_ptp_embed_replaces_its_own_store(capsys, tmp_path):
     ["sim-robot", "--task", "reach-v3", "--hz", "10", "--server", "tcp://127.0.0.1:1", "--connect-timeout", "0.1",
      "--json", "{meta}"],
 ], ids=["calibrate", "eval", "sim-robot"])
-def test_json_outputs_never_replace_a_file_of_another_kind(capsys, tmp_path, argv):
+def test_json_outputs_never_replace_a_file_of_another_kind_nor_write_inside_a_checkpoint(capsys, tmp_path, argv):
     import shutil
 
-    ck = shutil.copytree(CHECKPOINT, tmp_path / "ck")
-    meta = ck / "meta.json"
-    before = meta.read_bytes()
+    meta = tmp_path / "meta.json"
+    meta.write_text('{"mine": 1}')
     err = _err(capsys, [a.format(meta=meta) for a in argv])
     assert f"{meta}: exists and is not a" in err and "refusing to overwrite it" in err
-    assert meta.read_bytes() == before
+    assert meta.read_text() == '{"mine": 1}'
+    # a new file inside a checkpoint would vanish when training saves OUT/last again
+    ck = shutil.copytree(CHECKPOINT, tmp_path / "run" / "last")
+    inside = ck / "mine.json"
+    err = _err(capsys, [a.format(meta=inside) for a in argv])
+    assert f"{inside}: is inside {ck}, a checkpoint, which is replaced whole when it is written again" in err
+    assert not inside.exists()
+
+
+def test_outputs_inside_a_dataset_an_export_or_a_report_are_refused(capsys, tmp_path):
+    from polcache.outputs import enclosing_output
+
+    data = _dataset(tmp_path / "reach.zarr")
+    err = _err(capsys, ["record", "--task", "reach-v3", "--episodes", "1", "--out", str(data / "sub.zarr")])
+    assert f"--out {data / 'sub.zarr'}: is inside {data}, a dataset" in err
+    assert enclosing_output(data / "data" / "action" / "x") == (data, "a dataset")  # the outermost store
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text('{"format": "polcache-export"}')
+    assert enclosing_output(tmp_path / "art" / "x.json") == (tmp_path / "art", "an exported policy")
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "manifest.json").write_text('{"name": "a web app"}')
+    assert enclosing_output(tmp_path / "web" / "x.json") is None
+    assert enclosing_output(tmp_path / "reach.zarr") is None  # the dataset itself: its writer decides
 
 
 def test_an_eval_result_is_recognised_with_or_without_its_marker(tmp_path):

@@ -16,7 +16,7 @@ from polcache.atomic import atomic_directory
 from polcache.dashboard.tail import JsonlTail
 from polcache.dashboard.views import RunState
 from polcache.errors import PolcacheError
-from polcache.outputs import check_output
+from polcache.outputs import check_output, replaced_whole
 
 OP_COLORS = ["#1f4e79", "#cfe2f3", "#f6b26b", "#b4a7d6"]  # compute, reuse, forecast, gate (as the page)
 
@@ -69,7 +69,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
 
 def is_report(path: Path) -> bool:
     """True for a folder that `write_report` wrote."""
-    return (path / "index.html").is_file() and (path / "views.json").is_file()
+    return replaced_whole(path) == "a report"
 
 
 def check_report_output(out: str | Path, runs: Sequence[str | Path] = (), flag: str | None = "--out") -> Path:

@@ -125,16 +125,6 @@ def is_dataset(path: Path) -> bool:
         return False
 
 
-def dataset_at_or_above(path: str | Path) -> Path | None:
-    """The polcache dataset that `path` is or lies inside, if any: a folder there is replaced, with
-    everything in it, when the dataset is written again (`record --out`)."""
-    p = Path(path).resolve()
-    for q in (p, *p.parents):
-        if (q / "zarr.json").is_file() and is_dataset(q):
-            return q
-    return None
-
-
 def _put(group: zarr.Group, name: str, data: np.ndarray, rows: int) -> None:
     chunks = (max(1, min(rows, data.shape[0])),) + data.shape[1:]
     # write_empty_chunks: every chunk lands on disk, so a missing chunk file means truncation.

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
-from polcache.data.store import dataset_at_or_above
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
+from polcache.outputs import enclosing_output
 from polcache.policy.checkpoint import TrainState, check_external_weights, load_train_state, read_meta, save_checkpoint
 from polcache.policy.device import resolve_device, to_device
 from polcache.policy.families import build_policy as build_family_policy
@@ -314,12 +314,13 @@ def check_out(out: Path, dataset: str) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out}: exists and is not a directory; give a run directory")
     data = Path(dataset).resolve() if dataset else None
-    holder = dataset_at_or_above(out) or (data if data is not None and data in (out.resolve(), *out.resolve().parents)
-                                         else None)
-    if holder is not None:
-        where = "is dataset" if holder == out.resolve() else "is inside dataset"
-        raise ConfigError(f"out={out} {where} {holder}: writing the dataset again would delete the run; give an out "
+    if data is not None and data in (out.resolve(), *out.resolve().parents):
+        where = "is dataset" if data == out.resolve() else "is inside dataset"
+        raise ConfigError(f"out={out} {where} {data}: writing the dataset again would delete the run; give an out "
                           f"directory outside it")
+    if (holder := enclosing_output(out)) is not None:
+        raise ConfigError(f"out={out} is inside {holder[0]}, {holder[1]}: writing it again would delete the run; "
+                          f"give an out directory outside it")
     run_files = ("last", "best", "train_log.jsonl")
     if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in run_files) \
             and not any(out.glob("previous-*")):  # e.g. out=configs, or the folder that holds the runs
