@@ -7,6 +7,8 @@ import math
 import os
 from typing import TYPE_CHECKING
 
+from polcache.policy.loader import MAX_CANDIDATES
+
 if TYPE_CHECKING:
     from polcache.cli import OneLineParser
 
@@ -48,6 +50,12 @@ def thread_count(value: str) -> int:
     crashes the OpenMP runtime)."""
     cpus = os.cpu_count() or 1
     return _number(value, int, lambda n: 1 <= n <= cpus, f"a thread count in 1..{cpus} (this machine's CPUs)")
+
+
+def candidate_count(value: str) -> int:
+    """Self-verification's candidate chunks: sampled as one batch, so a huge count runs out of memory
+    once verification starts, mid-episode."""
+    return _number(value, int, lambda n: 1 <= n <= MAX_CANDIDATES, f"a candidate count in 1..{MAX_CANDIDATES}")
 
 
 def non_negative_int(value: str) -> int:
@@ -118,11 +126,11 @@ def add_backend_options(p: "OneLineParser") -> None:
                         "units (default 0.05)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="torch on CUDA: run chunks eagerly instead of replaying a captured CUDA graph")
-    p.add_argument("--verify", type=positive_int, default=1, metavar="N",
+    p.add_argument("--verify", type=candidate_count, default=1, metavar="N",
                    help="self-verification (long-context policies): once the robot's executed actions cover the "
                         "past frames' steps, sample N candidate chunks and run the one whose predicted past "
                         "actions match the executed ones best (torch backend; over ZeroMQ the robot reports them "
-                        "with protocol version 2; default 1: off)")
+                        f"with protocol version 2; default 1: off; at most {MAX_CANDIDATES})")
     p.add_argument("--verify-min-past", type=positive_int, metavar="M",
                    help="with --verify N > 1: score candidates once M of the past frames' steps have executed "
                         "actions (default: all of them, the paper's rule; fewer verifies earlier in an episode)")

@@ -88,6 +88,7 @@ def test_a_session_refuses_steps_that_go_back_instead_of_reusing_old_frames():
     ({"candidates": 2.5}, "candidates: expected an integer >= 1, got 2.5"),
     ({"candidates": True}, "candidates: expected an integer >= 1"),
     ({"candidates": 0}, "candidates: expected an integer >= 1"),
+    ({"candidates": 257}, "candidates: expected at most 256 \\(sampled as one batch\\), got 257"),
     ({"min_verified": 1.5}, "min_verified: expected an integer >= 1 \\(or None: all past frames\\), got 1.5"),
     ({"min_verified": "1"}, "min_verified: expected an integer >= 1"),
 ])

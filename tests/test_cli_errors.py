@@ -157,7 +157,10 @@ def test_training_on_a_dataset_with_a_damaged_chunk_names_it(capsys, tmp_path):
      "polcache serve: error: argument --verify-min-past: applies to self-verification only"),
     (["data", "export-lerobot", "d", "--out", "o", "--crf", "99"],
      "argument --crf: expected an H.264 quality 0..51, got 99"),
-], ids=["flag", "nested", "no-command", "eval-verify-min-past-alone", "serve-verify-min-past-alone", "crf"])
+    (["eval", "--checkpoint", "x", "--verify", "100000"],  # sampled as one batch: out of memory mid-episode
+     "polcache eval: error: argument --verify: expected a candidate count in 1..256, got 100000"),
+], ids=["flag", "nested", "no-command", "eval-verify-min-past-alone", "serve-verify-min-past-alone", "crf",
+        "verify-huge"])
 def test_a_bad_flag_is_one_line_not_the_usage_block(capsys, argv, match):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

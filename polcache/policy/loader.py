@@ -14,6 +14,9 @@ from polcache.errors import ConfigError, ExportError, PolcacheError
 from polcache.policy.parity import DEFAULT_TOLERANCE
 
 
+MAX_CANDIDATES = 256  # self-verification's candidate chunks, sampled as one batch: 100000 ran out of memory
+
+
 def check_options(steps: int | None, threads: int | None = None, precision_tolerance: float | None = None,
                   candidates: int = 1, min_verified: int | None = None) -> None:
     """Backend options a caller of the Python API may get wrong, refused before anything loads
@@ -25,6 +28,8 @@ def check_options(steps: int | None, threads: int | None = None, precision_toler
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             none = f" (or None: {default})" if default is not None else ""
             raise ConfigError(f"{name}: expected an integer >= 1{none}, got {value!r}")
+    if candidates > MAX_CANDIDATES:
+        raise ConfigError(f"candidates: expected at most {MAX_CANDIDATES} (sampled as one batch), got {candidates}")
     tol = precision_tolerance
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf):
         raise ConfigError(f"precision_tolerance: expected a finite number >= 0 (normalised action units), got {tol!r}")
