@@ -189,6 +189,11 @@ def test_resuming_on_other_data_is_refused_naming_what_differs(tmp_path, capsys)
     demo_dataset(a, "task-a", shift=0.5)  # recorded again at the same path
     assert train_cli(a, run, "train.steps=4") == 2
     assert f"dataset {a} changed since the run (the normaliser statistics of " in capsys.readouterr().err
+    demo_dataset(a, "task-a")  # the run's data again, normalised another way: the mode is named, not the data
+    assert train_cli(a, run, "train.steps=4", "train.state_norm=gaussian") == 2
+    err = capsys.readouterr().err
+    assert "train.state_norm is gaussian, the run's is limits (the normaliser is fitted with it)" in err
+    assert "dataset" not in err
     assert load_policy(run / "last")[2]["step"] == 2  # untouched
     import shutil
 

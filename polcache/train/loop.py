@@ -441,7 +441,11 @@ def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: Ex
     stats = policy.normalizer.state_dict()
     differ = sorted({k.split(".")[0] for k in stats.keys() ^ old_stats.keys()}
                     | {k.split(".")[0] for k, v in stats.items() if k in old_stats and not torch.equal(v, old_stats[k])})
-    if differ:
+    modes = [f"train.{name} is {getattr(cfg.train, name)}, the run's is {getattr(old_cfg.train, name)}"
+             for name in ("state_norm", "action_norm") if getattr(cfg.train, name) != getattr(old_cfg.train, name)]
+    if modes:  # the statistics differ because the normalisation does, whatever the data
+        out += [f"{m} (the normaliser is fitted with it)" for m in modes]
+    elif differ:
         where = (f"dataset {cfg.dataset} is not the run's {old_cfg.dataset}"
                  if Path(old_cfg.dataset).resolve() != Path(cfg.dataset).resolve()
                  else f"dataset {cfg.dataset} changed since the run" if differ != ["embedding"]
