@@ -30,3 +30,20 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Inside, Ctrl-C and SIGTERM are ignored: for the save an interrupted command makes on its way
+    out, which a second press would otherwise cut short (losing the work since the last save) or
+    turn into a traceback. SIGKILL still stops it (the saves are atomic). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -329,6 +329,52 @@ def test_a_stopped_run_saves_and_exits_with_the_signals_status(tmp_path, capsys,
     assert load_policy(run / "last")[2]["step"] == 1
 
 
+def test_a_second_ctrl_c_during_the_interrupted_runs_save_is_ignored(tmp_path, capsys, monkeypatch):
+    """Pressed again while OUT/last is being saved, Ctrl-C used to cut the save short (the steps since
+    the last checkpoint lost) or end in a traceback; it is ignored until the save is done."""
+    import signal
+
+    import polcache.train.loop as loop
+    from polcache.policy.policy import DiffusionPolicy
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    forward, save, calls = DiffusionPolicy.forward, loop._save, []
+
+    def stop_at_step_2(self, batch, state_noise=0.0):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return forward(self, batch, state_noise)
+
+    def pressed_again(*args):
+        signal.raise_signal(signal.SIGINT)
+        return save(*args)
+
+    monkeypatch.setattr(DiffusionPolicy, "forward", stop_at_step_2)
+    monkeypatch.setattr(loop, "_save", pressed_again)
+    assert train_cli(data, run, "train.steps=4") == 130
+    captured = capsys.readouterr()
+    assert f"interrupted: saved {run / 'last'} at step 1" in captured.out
+    assert captured.err.strip() == "polcache train: interrupted"
+    assert load_policy(run / "last")[2]["step"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # held only for the save
+
+
+def test_a_resumed_run_forgets_the_logged_steps_its_checkpoint_does_not_hold(tmp_path, capsys):
+    """Killed between checkpoints, a run trains those steps again: its log holds each step once."""
+    import json
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.log_every=1") == 0  # saved at step 2
+    log = run / "train_log.jsonl"
+    with open(log, "a") as f:  # what a kill at step 3 leaves: step 3 logged, not saved, a torn last line
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')
+    assert train_cli(data, run, "train.log_every=1", "train.steps=4") == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4] and 9.0 not in [r["loss"] for r in records if "loss" in r]
+
+
 def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path, capsys, monkeypatch):
     import torch
 

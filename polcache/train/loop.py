@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from polcache.atomic import atomic_write_text
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
@@ -38,7 +39,7 @@ from polcache.policy.checkpoint import TrainState, check_external_weights, load_
 from polcache.policy.device import resolve_device, to_device
 from polcache.policy.families import build_policy as build_family_policy
 from polcache.policy.policy import DiffusionPolicy
-from polcache.signals import sigterm_as_interrupt
+from polcache.signals import interrupts_held, sigterm_as_interrupt
 from polcache.train.ema import EMA
 
 
@@ -189,6 +190,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         step = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev, rank == 0)
         if rank == 0:
             print(f"resuming from {last} at step {step}")
+            _forget_log_after(out / "train_log.jsonl", step)
     elif fresh and rank == 0:
         _set_aside_previous_run(out)
     saved = step if step else None  # the step OUT/last holds from this run, if any
@@ -246,14 +248,39 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
                     _log(log_path, {"step": step, **val, "best": improved, "checkpoint": str(last)})
     except KeyboardInterrupt:
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
-            _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved)
-            print(f"\ninterrupted: saved {last} at step {step}; run the same command to resume")
+            with interrupts_held():
+                print(f"\ninterrupted: saving {last} at step {step} (Ctrl-C is ignored until it is saved)", flush=True)
+                _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved)
+            print(f"interrupted: saved {last} at step {step}; run the same command to resume")
         raise
     bar.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def _forget_log_after(path: Path, step: int) -> None:
+    """Drop the log's records of steps after `step`, the checkpoint a run resumes from, and a last line
+    a kill left half-written: a run stopped between checkpoints (killed, or its save cut short) trains
+    those steps again, and its log would otherwise hold each of them twice, with different losses."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
+def _logged_step(line: str) -> int | None:
+    """A log line's step (0 for the plan line), None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not line.endswith("\n"):
+        return None
+    return record["step"] if isinstance(record.get("step"), int) else 0
 
 
 def save_initial(cfg: ExperimentConfig) -> Path:
