@@ -15,7 +15,7 @@ from polcache.export.manifest import Manifest, read_manifest
 from polcache.policy.batching import Outcome, SessionRequest, predict_shared
 from polcache.policy.ops import COMPUTE, REUSE
 from polcache.policy.parity import PROBES, chunk_deviation
-from polcache.policy.spec import CommittedActions, PolicySpec, StatelessSession, rtc_blocker
+from polcache.policy.spec import CommittedActions, PolicySpec, StatelessSession, finite_actions, rtc_blocker
 
 
 class ExportedBackend:
@@ -97,7 +97,7 @@ class ExportedBackend:
             raise ValueError(rtc_blocker(self))
         feeds, batch = self.spec.check_observations(obs)
         x, noise = self.initial_noise(batch, seed)  # sample() checks again, but finds nothing left to convert
-        return np.ascontiguousarray(self.decode(self.sample(feeds, x, noise))["action"])
+        return finite_actions(np.ascontiguousarray(self.decode(self.sample(feeds, x, noise))["action"]))
 
     def predict_sessions(self, requests: Sequence[SessionRequest]) -> list[Outcome]:
         """Each robot's chunk (see polcache.policy.batching): every row's observations are checked on

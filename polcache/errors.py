@@ -23,6 +23,11 @@ class ObservationError(PolcacheError, ValueError):
     shape, NaN. (A ValueError too, as PolicyBackend.predict documents.)"""
 
 
+class InferenceError(PolcacheError, ValueError):
+    """A chunk that must not reach a robot, e.g. NaN or infinite actions (from observations far outside
+    the training data, or broken weights). A ValueError too, as PolicyBackend.predict documents."""
+
+
 class TrainingError(PolcacheError):
     """Training that cannot go on usefully, e.g. a loss that became NaN or infinite."""
 

@@ -4,6 +4,7 @@ sessions stay apart, a failing row fails alone, and the server stays fair with a
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,21 @@ def test_self_verifying_rows_run_alone_with_the_same_result():
                               SessionRequest(b.session(), obs, [0, 2, 4], 8)])
     np.testing.assert_array_equal(got[0], b.session().predict(obs, [0, 2, 4], seed=7, past_actions=past))
     np.testing.assert_allclose(got[1], b.session().predict(obs, [0, 2, 4], seed=8), atol=1e-5)
+
+
+def test_absurd_observations_never_give_nan_actions_and_fail_only_their_row():
+    """State of 1e20 (wrong units) made the shipped DP-T return NaN actions without a word; in a
+    batch, only that robot's row fails."""
+    from polcache.errors import InferenceError
+    from polcache.policy import load_backend
+
+    b = load_backend(str(Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3"))
+    huge, ok = {"state": np.full((1, 2, 39), 1e20, np.float32)}, {"state": np.zeros((1, 2, 39), np.float32)}
+    with pytest.raises(InferenceError, match="NaN or infinite: its observations are probably far outside"):
+        b.predict(huge, seed=0)
+    got = b.predict_sessions([SessionRequest(b.session(), huge, [0, 1], 1), SessionRequest(b.session(), ok, [0, 1], 2)])
+    assert isinstance(got[0], InferenceError) and np.isfinite(got[1]).all()
+    np.testing.assert_allclose(got[1], b.session().predict(ok, [0, 1], seed=2), atol=1e-5)
 
 
 def test_a_row_with_malformed_past_actions_fails_alone():

@@ -19,7 +19,7 @@ from polcache.policy.precision import action_deviation, parse_precision, probe_o
 from polcache.policy.residual_norm import add_norm_triton, triton_blocker
 from polcache.policy.session import TorchSession
 from polcache.policy.rtc import guided_denoise, overlap_weights, require_flow
-from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, StatelessSession
+from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, StatelessSession, finite_actions
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +151,19 @@ class TorchBackend:
             with torch.no_grad():
                 feats = self.policy.encode(batch)
             return self.predict_features(feats, seed, past_actions, committed)
-        return self._actions(self._sample(batch, *self._noise(next(iter(batch.values())).shape[0], seed)))
+        return finite_actions(self._actions(self._sample(batch, *self._noise(next(iter(batch.values())).shape[0], seed))))
 
     def predict_features(self, feats: torch.Tensor, seed: int | None = None,
                          past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
         """`predict` from encoded observations (B, To, F): what sessions with an embedding ring
         buffer call, and where self-verification and real-time chunking happen."""
         if committed is not None:
-            return self._actions(self._chunked(feats, committed, self._generator(seed)))
-        if self._verifies(past_actions):
-            return self._verified(feats, np.asarray(past_actions, dtype=np.float32), self._generator(seed))
-        return self._actions(self._sample({"features": feats}, *self._noise(feats.shape[0], seed)))
+            actions = self._actions(self._chunked(feats, committed, self._generator(seed)))
+        elif self._verifies(past_actions):
+            actions = self._verified(feats, np.asarray(past_actions, dtype=np.float32), self._generator(seed))
+        else:
+            actions = self._actions(self._sample({"features": feats}, *self._noise(feats.shape[0], seed)))
+        return finite_actions(actions)
 
     def predict_sessions(self, requests: Sequence[SessionRequest]) -> list[Outcome]:
         """Each robot's chunk (see polcache.policy.batching): every row is encoded on its own (a

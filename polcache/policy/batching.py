@@ -15,7 +15,8 @@ from typing import Callable, NamedTuple, Protocol, Sequence, TypeVar, runtime_ch
 
 import numpy as np
 
-from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession
+from polcache.errors import InferenceError
+from polcache.policy.spec import NON_FINITE_ACTIONS, CommittedActions, PolicyBackend, PolicySession
 
 
 class SessionRequest(NamedTuple):
@@ -87,8 +88,9 @@ def predict_shared(requests: Sequence[SessionRequest], shares: Callable[[Session
         group = shared[start:start + step]
         try:
             actions = run(rows[start:start + step], [requests[i].seed for i in group])
-            for row, i in enumerate(group):
-                outcomes[i] = actions[row:row + 1]
+            for row, i in enumerate(group):  # a row gone NaN (e.g. its robot's absurd input) fails alone
+                row_actions = actions[row:row + 1]
+                outcomes[i] = row_actions if np.isfinite(row_actions).all() else InferenceError(NON_FINITE_ACTIONS)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: every row of this call learns why
             for i in group:
                 outcomes[i] = exc

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from polcache.errors import ObservationError
+from polcache.errors import InferenceError, ObservationError
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,17 @@ class CommittedActions:
 
     actions: np.ndarray  # (n, action_dim)
     delay: int
+
+
+NON_FINITE_ACTIONS = ("the policy's actions are NaN or infinite: its observations are probably far outside what it "
+                      "was trained on (check their units and scale), or its weights are broken")
+
+
+def finite_actions(actions: np.ndarray) -> np.ndarray:
+    """`actions` where every value is finite; else InferenceError, so no backend hands a robot a NaN."""
+    if not np.isfinite(actions).all():
+        raise InferenceError(NON_FINITE_ACTIONS)
+    return actions
 
 
 class PolicyBackend(Protocol):

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from polcache.errors import PolcacheError
 from polcache.policy.batching import SessionRequest, session_predictor
-from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession
+from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession, finite_actions
 from polcache_client.logs import RateLimitedLog
-from polcache_client.protocol import all_finite
 
 log = logging.getLogger("polcache.serve")
 
@@ -122,10 +122,8 @@ class InferenceWorker:
         actions = np.asarray(outcome, dtype=np.float32)
         if actions.shape != self._chunk_shape:
             raise ValueError(f"policy returned actions of shape {actions.shape}, expected {self._chunk_shape}")
-        if not all_finite(actions):
-            raise ValueError("policy produced NaN or infinite actions")
-        return actions[0]
+        return finite_actions(actions)[0]
 
     def _fail(self, job: Job, exc: Exception) -> None:
         self._warn(type(exc).__name__, f"inference failed for observation {job.seq} (session {job.robot.hex()}): {exc}")
-        job.error = f"{type(exc).__name__}: {exc}"
+        job.error = str(exc) if isinstance(exc, PolcacheError) else f"{type(exc).__name__}: {exc}"  # ours say it all
