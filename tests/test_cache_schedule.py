@@ -151,8 +151,15 @@ def test_bad_schedule_files_are_clear_errors(tmp_path, schedule_file):
                   ({"update_steps": steps | {block: [0.0, 1.7]}}, "must be an integer, got 0.0"),
                   ({"update_steps": steps | {"layers.99.sa": [0]}}, "unlike model.blocks"),
                   ({"budget": 999}, "budget 999 must be in 1..K"),
-                  ({"method": "frobnicate"}, "unknown method 'frobnicate'"))
-    for change, match in hand_edits:  # refused, not coerced into a plan nobody wrote
+                  ({"method": "frobnicate"}, "unknown method 'frobnicate'"),
+                  ({"update_steps": {k: v for k, v in steps.items() if k != block}}, rf"\['{block}'\] unlike model"),
+                  ({"update_steps": list(steps.values())}, r"\(update_steps must be a JSON object\)"),
+                  ({"calibration": 5}, r"\(calibration must be a JSON object\)"),
+                  ({"model": {}}, r"\(missing entry 'blocks'\)"),
+                  ({"calibration": doc["calibration"] | {"similarity": [[[float("nan")]]]}},
+                   r"calibration.similarity must hold one row of finite scores per block"),
+                  ({"calibration": doc["calibration"] | {"l1": {}}}, r"calibration.l1 lacks block"))
+    for change, match in hand_edits:  # refused in the file's words, not coerced into a plan nobody wrote
         (tmp_path / "bad.json").write_text(json.dumps(doc | change))
         with pytest.raises(CacheError, match=match):
             load_schedule(tmp_path / "bad.json")

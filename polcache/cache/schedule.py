@@ -90,13 +90,27 @@ class Calibration:
 
     @classmethod
     def from_json(cls, d: dict, block_names: list[str]) -> "Calibration":
-        def optional(key: str) -> np.ndarray | None:
-            return np.asarray(d[key], dtype=np.float64) if key in d else None
+        """The calibration a schedule file holds; ValueError naming a field that is missing, not one
+        score per block, not finite, or negative where scores cannot be (a schedule is re-solved from
+        them: `bac:S:n@FILE`)."""
+        def scores(key: str, non_negative: bool) -> np.ndarray:
+            a = np.asarray(d[key], dtype=np.float64)
+            if a.ndim < 1 or len(a) != len(block_names) or not np.isfinite(a).all() or (non_negative and (a < 0).any()):
+                raise ValueError(f"calibration.{key} must hold one row of finite{' non-negative' if non_negative else ''} "
+                                 f"scores per block ({len(block_names)})")
+            return a
 
-        return cls(block_names=list(block_names), similarity=np.asarray(d["similarity"], dtype=np.float64),
-                   l1=np.asarray([d["l1"][n] for n in block_names], dtype=np.float64), samples=int(d["samples"]),
-                   source=str(d["source"]), seed=int(d["seed"]), distance=optional("distance"),
-                   sensitivity=optional("sensitivity"))
+        for key in ("similarity", "l1", "samples", "source", "seed"):
+            if key not in d:
+                raise ValueError(f"calibration lacks {key!r}")
+        missing = [n for n in block_names if n not in d["l1"]]
+        if missing:
+            raise ValueError(f"calibration.l1 lacks block {missing[0]!r}")
+        d = {**d, "l1": [d["l1"][n] for n in block_names]}
+        return cls(block_names=list(block_names), similarity=scores("similarity", False), l1=scores("l1", True),
+                   samples=int(d["samples"]), source=str(d["source"]), seed=int(d["seed"]),
+                   distance=scores("distance", True) if "distance" in d else None,
+                   sensitivity=scores("sensitivity", True) if "sensitivity" in d else None)
 
 
 def _significant(a: np.ndarray, digits: int = 5) -> np.ndarray:
@@ -230,12 +244,21 @@ def load_schedule(path: str | Path) -> Schedule:
     if d.get("version") not in (1, VERSION):
         raise CacheError(f"{path}: schedule version {d.get('version')} is not supported (expected 1..{VERSION})")
     try:
+        for key in ("model", "sampler", "update_steps", "calibration", "method", "budget", "bu_blocks", "force_last"):
+            if key not in d:
+                raise ValueError(f"missing field {key!r}")
+        for key in ("model", "sampler", "update_steps", "calibration"):
+            if not isinstance(d[key], dict):
+                raise ValueError(f"{key} must be a JSON object")
         names = list(d["model"]["blocks"])
         K = _whole(d["sampler"]["steps"], "sampler.steps")
-        steps = {n: [_whole(s, f"update_steps.{n}") for s in d["update_steps"][n]] for n in names}
         if set(d["update_steps"]) != set(names):
             odd = sorted(set(d["update_steps"]) ^ set(names))[:3]
             raise ValueError(f"update_steps names {odd} unlike model.blocks")
+        for n in names:
+            if not isinstance(d["update_steps"][n], list):
+                raise ValueError(f"update_steps.{n} must be a list of steps")
+        steps = {n: [_whole(s, f"update_steps.{n}") for s in d["update_steps"][n]] for n in names}
         calibration = Calibration.from_json(d["calibration"], names)
         if "layers" in d["model"]:
             calibration.layer_kind = [(int(a), str(b)) for a, b in zip(d["model"]["layers"], d["model"]["kinds"],
@@ -248,8 +271,12 @@ def load_schedule(path: str | Path) -> Schedule:
                             family=str(d["model"].get("family", "dp-t")),
                             bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
                             code_version=str(d.get("code_version", "")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CacheError(f"{path}: malformed schedule ({type(exc).__name__}: {exc})") from None
+    except KeyError as exc:  # an entry a nested object lacks
+        raise CacheError(f"{path}: malformed schedule (missing entry {exc})") from None
+    except TypeError as exc:
+        raise CacheError(f"{path}: malformed schedule (a value of the wrong type: {exc})") from None
+    except ValueError as exc:
+        raise CacheError(f"{path}: malformed schedule ({exc})") from None
     bad = [n for n, s in steps.items() if not s or s[0] != 0 or s != sorted(set(s)) or s[-1] >= K]
     if bad:
         raise CacheError(f"{path}: update steps of {bad[0]} must be sorted, distinct, start at 0 and stay below K={K}")
