@@ -134,3 +134,6 @@ def test_an_instruction_for_a_policy_without_language_is_refused(capsys):
     assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1",
                  "--instruction", "reach the goal"]) == 2
     assert "--instruction: this policy takes no instruction" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1",
+                 "--instructions", "train"]) == 2
+    assert "--instructions train: this policy takes no instruction" in capsys.readouterr().err

@@ -92,7 +92,9 @@ def test_older_robots_get_the_servers_default_instruction_and_policies_without_l
         with pytest.raises(InstructionError, match=f"--instruction: {why}"):  # a PolcacheError: one CLI line
             PolicyServer(backend, "tcp://127.0.0.1:0", instruction=bad)
     plain = FakeBackend()
-    with PolicyServer(plain, "tcp://127.0.0.1:0") as server:
+    with pytest.raises(InstructionError, match="--instruction: this policy takes no instruction"):
+        PolicyServer(plain, "tcp://127.0.0.1:0", instruction="reach")  # the operator's: refused, not ignored
+    with PolicyServer(plain, "tcp://127.0.0.1:0") as server:  # a robot's: ignored (a mixed fleet)
         with PolicyClient(server.endpoint, STATE, 2, hz=50, instruction="anything") as client:
             client.connect(timeout_s=5)
             assert "instruction" not in client.policy["obs"]

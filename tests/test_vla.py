@@ -166,6 +166,9 @@ def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, ca
     assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "1",
                  "--instruction", "x" * 49]) == 2
     assert "--instruction: 49 UTF-8 bytes, at most 48 allowed" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "1", "--instruction", "go",
+                 "--instructions", "train"]) == 2  # which one? the split was ignored without a word
+    assert "--instructions train: give it or --instruction, not both" in capsys.readouterr().err
     assert main(["calibrate", "--checkpoint", "run/last", "--budget", "3", "--bu-blocks", "2", "--samples", "4",
                  "--out", "sched.json"]) == 0
     assert json.loads((tmp_path / "sched.json").read_text())["model"]["family"] == "vla"

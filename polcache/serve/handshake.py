@@ -39,6 +39,14 @@ def policy_instruction(text: str, spec: PolicySpec, field: str) -> np.ndarray | 
     return encode_instruction(text, spec.obs[INSTRUCTION_KEY].shape[0], field)
 
 
+def operator_instruction(text: str, spec: PolicySpec, field: str) -> np.ndarray:
+    """An instruction an operator gives for every episode or robot (eval's or serve's --instruction),
+    encoded; refused for a policy without language, which would ignore it without a word."""
+    if INSTRUCTION_KEY not in spec.obs:
+        raise InstructionError(f"{field}: this policy takes no instruction (it is not language-conditioned)")
+    return policy_instruction(text, spec, field)
+
+
 def session_instruction(text: str | None, spec: PolicySpec, default: str | None, field: str) -> np.ndarray | None:
     """The encoded instruction a robot's observations carry: its own (`text`), else the server's
     `default`; None for a policy without language (which ignores instructions). Refused with

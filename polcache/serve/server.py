@@ -30,7 +30,7 @@ from polcache.errors import PolcacheError
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.batching import batching_blocker
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession, rtc_blocker
-from polcache.serve.handshake import check_handshake, policy_instruction, robot_obs_spec, session_instruction
+from polcache.serve.handshake import check_handshake, operator_instruction, robot_obs_spec, session_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
 from polcache.serve.security import apply_server_keys, check_bind
@@ -177,7 +177,7 @@ class PolicyServer:
             raise PolcacheError(why)
         self.rtc = rtc
         if instruction is not None:  # a bad default is the operator's error, refused before serving
-            policy_instruction(instruction, backend.spec, "--instruction")
+            operator_instruction(instruction, backend.spec, "--instruction")
         self.backend = backend
         self.spec = backend.spec
         self.max_message_bytes = max_message_bytes

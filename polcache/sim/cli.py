@@ -34,9 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                       "actions already committed (flow samplers; torch backend)")
     p.add_argument("--instruction", help="language-conditioned policies: follow this instruction in every episode "
                                          "(e.g. another task's, to check the policy listens)")
-    p.add_argument("--instructions", choices=["train", "heldout"], default="heldout",
-                   help="without --instruction: the task's paraphrases to cycle through, those trained on or the "
-                        "held-out ones (default)")
+    p.add_argument("--instructions", choices=["train", "heldout"],
+                   help="language-conditioned policies, without --instruction: the task's paraphrases to cycle "
+                        "through, those trained on or the held-out ones (default)")
     add_backend_options(p)
     p.add_argument("--threads", type=thread_count, default=1,
                    help="torch (or ONNX Runtime) intra-op threads (default 1: fastest at batch 1)")

@@ -21,7 +21,7 @@ from polcache.config import INSTRUCTION_KEY
 from polcache.errors import PolcacheError
 from polcache.outputs import check_output, json_kind
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, rtc_blocker
-from polcache.serve.handshake import policy_instruction
+from polcache.serve.handshake import operator_instruction, policy_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
 from polcache_client.protocol import ActionChunk
@@ -107,7 +107,7 @@ class Rollout:
     delay: int = 0  # control steps from planning a chunk to executing it (simulated inference latency)
     rtc: bool = False  # real-time chunking: guide each chunk toward the actions already committed
     instruction: str | None = None
-    instructions: str = "heldout"
+    instructions: str | None = None  # train | heldout (None: heldout, or the one instruction)
 
 
 def check_rollout(rollout: Rollout, spec: PolicySpec) -> int:
@@ -196,11 +196,18 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
             "action_dim": backend.spec.action_dim}
     env_spec = env.observation_spec()
     texts = None
-    if rollout.instruction is not None and INSTRUCTION_KEY not in backend.spec.obs:  # would be ignored silently
-        raise PolcacheError("--instruction: this policy takes no instruction (it is not language-conditioned)")
+    if rollout.instruction is not None:  # refused where it would be ignored without a word
+        operator_instruction(rollout.instruction, backend.spec, "--instruction")
+        if rollout.instructions is not None:
+            raise PolcacheError(f"--instructions {rollout.instructions}: give it or --instruction, not both (an "
+                                "--instruction is followed in every episode)")
+    elif rollout.instructions is not None and INSTRUCTION_KEY not in backend.spec.obs:
+        raise PolcacheError(f"--instructions {rollout.instructions}: this policy takes no instruction (it is not "
+                            "language-conditioned)")
     if INSTRUCTION_KEY in backend.spec.obs:  # the evaluator gives the instruction, as a robot would
         env_spec[INSTRUCTION_KEY] = backend.spec.obs[INSTRUCTION_KEY]
-        texts = (rollout.instruction,) if rollout.instruction is not None else instructions(task, rollout.instructions)
+        texts = ((rollout.instruction,) if rollout.instruction is not None
+                 else instructions(task, rollout.instructions or "heldout"))
         encoded = [policy_instruction(t, backend.spec, "--instruction") for t in texts]
     check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")
     check_rollout(rollout, backend.spec)  # before the progress bar: a bad option is one line
