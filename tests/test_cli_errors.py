@@ -448,6 +448,9 @@ def test_eval_refuses_more_action_steps_than_the_policy_makes(capsys):
     err = _err(capsys, [a for a in EVAL if a != "--no-progress"] + ["--action-steps", "100"])
     assert "--action-steps 100: the policy executes at most 8 actions per chunk" in err
     assert "a delay of 6 steps" in _err(capsys, [a for a in EVAL if a != "--no-progress"] + ["--delay", "6"])
+    # the fix it names is one that can work: no --action-steps helps a delay of a whole chunk
+    assert "(lower --action-steps to at most 2)" in _err(capsys, EVAL + ["--delay", "6"])
+    assert "(--delay at most 7)" in _err(capsys, EVAL + ["--delay", "100", "--action-steps", "1"])
 
 
 def test_ptp_embed_names_a_checkpoint_that_does_not_fit_the_dataset(capsys, tmp_path):

@@ -119,7 +119,9 @@ def check_rollout(rollout: Rollout, spec: PolicySpec) -> int:
     if per_chunk + rollout.delay > spec.n_action_steps:
         raise PolcacheError(f"a delay of {rollout.delay} steps with {per_chunk} actions executed per chunk needs "
                             f"chunks of at least {per_chunk + rollout.delay} actions; the policy's have "
-                            f"{spec.n_action_steps} (lower --action-steps)")
+                            f"{spec.n_action_steps} ("
+                            + (f"--delay at most {spec.n_action_steps - 1}" if rollout.delay >= spec.n_action_steps
+                               else f"lower --action-steps to at most {spec.n_action_steps - rollout.delay}") + ")")
     return per_chunk
 
 
