@@ -173,6 +173,10 @@ def record_demonstrations(
         if unwritten:
             raise PolcacheError(f"--instructions: no instructions are written for task {unwritten[0]!r} (have: "
                                 f"{', '.join(sorted(INSTRUCTIONS))}); record it without --instructions")
+        size, longest = max((len(t.encode()), t) for name in tasks for t in INSTRUCTIONS[name]["train"])
+        if size > instruction_bytes:
+            raise PolcacheError(f"--instructions {instruction_bytes}: the longest instruction of "
+                                f"{', '.join(tasks)} ({longest!r}) takes {size} UTF-8 bytes; give at least {size}")
     check_dataset_output(out)  # refused before recording, not after
     kept, seeds, dropped, attrs = [], {}, {}, None
     for name in tasks:

@@ -150,6 +150,8 @@ def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, ca
     assert main(["record", "--task", "hammer-v3", "--episodes", "1", "--instructions", "48", "--out", "h.zarr"]) == 2
     assert ("--instructions: no instructions are written for task 'hammer-v3'" in capsys.readouterr().err
             and not (tmp_path / "h.zarr").exists())
+    assert main(["record", "--task", "reach-v3", "--episodes", "1", "--instructions", "8", "--out", "h.zarr"]) == 2
+    assert "--instructions 8: the longest instruction of reach-v3 (" in capsys.readouterr().err  # before recording
     assert main(["train", "--config", str(_config()), "dataset=mt.zarr", "out=run", "train.steps=4",
                  "train.epochs=0", "train.val_windows=4", "policy.vla.instruction_bytes=48", "policy.n_layers=2",
                  "policy.width=32", "policy.vla.width=32"]) == 0
