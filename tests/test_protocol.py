@@ -105,6 +105,8 @@ def _obs_wire(**override) -> bytes:
          "welcome.max_message_bytes must be a positive byte count, got -1"),
         (_obs_wire(arrays={"state": {"dtype": "float32", "shape": [2**31 - 1] * 8, "data": b"1234"}}), "bad_array",
          r"4 bytes for shape .* float32 \(expected more than 2\^63\)"),
+        (_obs_wire(arrays={"state": {"dtype": "float32", "shape": [2**40], "data": b"1234"}}), "bad_array",
+         r"shape must be a list of at most 8 ints in 0..2\^31-1, got \[1099511627776\]"),
         (_raw(type="handshake", obs_spec={"k" * 4097: {"shape": [3], "dtype": "float32"}}, action_dim=2, hz=50.0,
               name="arm"), "bad_type", "handshake.obs_spec key must be a string"),
         (_raw(type="handshake", obs_spec={"state": {"shape": [3], "dtype": "float32"}}, action_dim=2, hz=10000.001,

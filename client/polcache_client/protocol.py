@@ -183,7 +183,8 @@ def decode_array(obj: Any, where: str) -> np.ndarray:
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
     _wire_dtype(dtype, where)  # named before the shape is looked at
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(map(_is_dim, shape)):
-        raise ProtocolError("bad_array", f"{where}: shape must be a list of at most {MAX_NDIM} non-negative ints")
+        raise ProtocolError("bad_array", f"{where}: shape must be a list of at most {MAX_NDIM} ints in "
+                                         f"0..2^31-1, got {_short(shape)}")
     if not isinstance(data, bytes):
         raise ProtocolError("bad_array", f"{where}: data must be binary")
     return _array(dtype, shape, data, where)
