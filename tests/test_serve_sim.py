@@ -121,3 +121,19 @@ def test_sim_robot_on_another_task_than_the_policys_is_warned(caplog):
             PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
         run_sim_robot("push-v3", server.endpoint, hz=100, episodes=1, connect_timeout_s=5)
     assert "the server's policy was trained on reach-v3, this robot runs push-v3" in caplog.text
+
+
+def test_a_language_policy_on_a_task_without_written_instructions_names_sim_robots_option():
+    """The server's refusal speaks to robots in general (send one, or --instruction at the server); the
+    simulated robot adds its own way out."""
+    from polcache.errors import PolcacheError
+    from polcache.serve.sim_robot import run_sim_robot
+
+    class Listening(ExpertBackend):
+        spec = PolicySpec(obs={"state": ArraySpec((39,), "float32"), "instruction": ArraySpec((32,), "uint8")},
+                          action_dim=4, n_obs_steps=2, horizon=8, n_action_steps=8, task="hammer-v3")
+
+    with PolicyServer(Listening(), "tcp://127.0.0.1:0") as server:
+        with pytest.raises(PolcacheError, match=r"\[bad_instruction\].* \(sim-robot: no instructions are written for "
+                                                r"task 'hammer-v3'; give one with --instruction TEXT\)"):
+            run_sim_robot("hammer-v3", server.endpoint, hz=50, episodes=1, seed=0)

@@ -135,7 +135,9 @@ def run_sim_robot(
                                else "SIGINT"}
     except (ConnectError, ProtocolError, FileNotFoundError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
-        hint = CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc) else ""
+        hint = (CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc)
+                else f" (sim-robot: no instructions are written for task {task!r}; give one with --instruction TEXT)"
+                if "[bad_instruction]" in str(exc) and texts == [None] else "")
         raise PolcacheError(f"{exc}{hint}") from None
     finally:
         env.close()
