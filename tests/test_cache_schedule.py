@@ -193,7 +193,9 @@ def test_resolve_plan_grammar(schedule_file, policy, sampler):
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("fast", "unknown cache spec"), ("uniform:x", "integer"), ("uniform:0", "positive"), ("threshold:-1", "non-neg"),
+    ("fast", "unknown cache spec"), ("uniform:x", "integer"), ("uniform:0", r"in 1\.\.8"), ("threshold:-1", ">= 0"),
+    ("uniform:9", r"in 1\.\.8 \(the sampler's steps K\), got 9"), ("threshold:inf", "finite number >= 0"),
+    ("", "cache spec is empty"), ("  ", "cache spec is empty"),
     ("bac:10:5", "needs a calibration"), ("bac:10@x.json", "bac:S:n"), ("bac:3:2:best@{path}", "OBJECTIVE"),
     ("none+forecast", "nothing to forecast"),
     ("threshold:0.1+forecast", "static"), ("missing.json", "not found"), ("unified:99@{path}", "budget"),

@@ -17,8 +17,8 @@ def no_cache_plan(steps: int, n_blocks: int) -> Plan:
 
 def uniform_plan(steps: int, n_blocks: int, interval: int) -> Plan:
     """Every block recomputed at steps 0, N, 2N, ... and reused in between (FORA, DeepCache)."""
-    if interval < 1:
-        raise CacheError(f"uniform interval must be a positive number of steps, got {interval}")
+    if not 1 <= interval <= steps:  # beyond K, every step after the first reuses: the same as N = K, said plainly
+        raise CacheError(f"uniform interval must be in 1..{steps} (the sampler's steps K), got {interval}")
     rows = tuple((COMPUTE if k % interval == 0 else REUSE,) * n_blocks for k in range(steps))
     return Plan(rows, method="uniform")
 
@@ -28,7 +28,7 @@ def threshold_plan(steps: int, n_blocks: int, threshold: float) -> Plan:
     computed at every step; its delta's relative L1 change from the previous step is
     accumulated, and every other block is recomputed once the sum reaches `threshold`
     (reused otherwise). The first and last steps compute everything."""
-    if not threshold >= 0:
+    if not threshold >= 0:  # inf: only the probe block between the first and last steps (the spec takes finite T)
         raise CacheError(f"threshold must be a non-negative number, got {threshold}")
     full = (COMPUTE,) * n_blocks
     gated = (COMPUTE,) + (GATE,) * (n_blocks - 1)

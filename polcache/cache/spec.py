@@ -53,6 +53,9 @@ def parse_cache_spec(cache_spec: str) -> CacheSpec:
     """Check a cache spec's grammar (see the module docstring) without a model, so a launch config
     is refused before anything starts; CacheError naming what is wrong."""
     spec = cache_spec.strip()
+    if not spec:  # an empty --cache (an unset shell variable, say) is not a silent "none"
+        raise CacheError("cache spec is empty: give none, uniform:N, threshold:T, a schedule .json or "
+                         "bac:S:n@PATH.json")
     forecast = spec.endswith(FORECAST_SUFFIX)
     body = spec[: -len(FORECAST_SUFFIX)] if forecast else spec
     head, _, args = body.partition(":")
@@ -75,7 +78,10 @@ def parse_cache_spec(cache_spec: str) -> CacheSpec:
     elif head == "uniform" and args:
         parsed = CacheSpec(spec, head, forecast, _number(args, int, "the interval N", spec))
     elif head == "threshold" and args:
-        parsed = CacheSpec(spec, head, forecast, _number(args, float, "the threshold T", spec))
+        threshold = _number(args, float, "the threshold T", spec)
+        if not 0 <= threshold < float("inf"):
+            raise CacheError(f"cache spec {spec!r}: the threshold T must be a finite number >= 0")
+        parsed = CacheSpec(spec, head, forecast, threshold)
     elif body == "none":
         parsed = CacheSpec(spec, "none", forecast)
     else:

@@ -94,7 +94,7 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
     device = resolve_device(device)
     policy, _, _ = load_policy(checkpoint, device)
     plan = None
-    if cache:
+    if cache is not None:
         from polcache.cache import resolve_plan  # lazily: caching is optional for plain inference
 
         sampler_obj = policy.sampler(sampler, steps)
