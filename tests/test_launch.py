@@ -62,6 +62,7 @@ def test_shipped_launch_configs_load(name):
     ("robot.placement.fifo_priority=100", "robot.placement.fifo_priority"),
     ("robot.placement.cpus=[0,0]", "robot.placement.cpus"),
     ("robot.hz=0", "robot.hz"),
+    ("robot.hz=1e9", "robot.hz: expected a rate in [0.01, 10000] Hz"),
     ("robot.episodes=0", "robot.episodes"),
     ("server.max_batch=0", "server.max_batch"),
     ("server.inline_ms=-1", "server.inline_ms"),

@@ -154,8 +154,9 @@ def test_simulated_latency_is_added_to_every_inference():
             chunk = peer.recv(timeout_s=2)
             assert chunk.timing["inference"] >= 80.0 and time.monotonic() - t0 >= 0.08
         peer.close()
-    with pytest.raises(PolcacheError, match="simulated_latency_ms must be >= 0"):
-        serve(FakeBackend(), simulated_latency_ms=-1.0)
+    for bad in (-1.0, 1e12):  # 1e12: the server took 20 s to stop with a robot connected
+        with pytest.raises(PolcacheError, match=r"simulated_latency_ms must be in \[0, 10000\] ms"):
+            serve(FakeBackend(), simulated_latency_ms=bad)
 
 
 def test_busy_server_answers_heartbeats_and_only_the_latest_observation(records):

@@ -22,7 +22,7 @@ from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
 from polcache.serve.handshake import own_robot_name
 from polcache.serve.server import DEFAULT_INLINE_MS, MAX_INLINE_MS
-from polcache_client.protocol import ProtocolError, instruction_bytes
+from polcache_client.protocol import MAX_HZ, MIN_HZ, ProtocolError, instruction_bytes
 
 DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
 FIFO_PRIORITIES = range(0, 100)  # 0: ordinary scheduling; 1..99: SCHED_FIFO with that priority
@@ -124,9 +124,11 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"server.threads: expected 0 (one per pinned CPU) to {os.cpu_count() or 1} (this machine's "
                           f"CPUs), got {s.threads}")
     for name, value in (("server.ready_timeout_s", s.ready_timeout_s), ("dashboard.ready_timeout_s", d.ready_timeout_s),
-                        ("stop_timeout_s", cfg.stop_timeout_s), ("robot.hz", r.hz)):
+                        ("stop_timeout_s", cfg.stop_timeout_s)):
         if not value > 0:
             raise ConfigError(f"{name}: expected a positive number, got {value}")
+    if not MIN_HZ <= r.hz <= MAX_HZ:  # the protocol's range: sim-robot would refuse it after the server started
+        raise ConfigError(f"robot.hz: expected a rate in [{MIN_HZ:g}, {MAX_HZ:g}] Hz, got {r.hz}")
     if r.episodes < 1:
         raise ConfigError(f"robot.episodes: expected a positive integer, got {r.episodes}")
     if r.seed < 0:  # sim-robot would refuse it only after the server started

@@ -10,7 +10,7 @@ import signal
 from polcache.cli_types import (add_backend_options, backend_options, control_rate, image_size, name_list, non_empty,
                                  non_negative_float, non_negative_int, port, positive_float, positive_int, thread_count)
 from polcache.serve.handshake import own_robot_name
-from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS
+from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS, MAX_SIMULATED_LATENCY_MS
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
 from polcache_client.schedule import BLEND_MODES
 
@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"at most {MAX_INLINE_MS:g})")
     p.add_argument("--simulate-latency-ms", type=non_negative_float, default=0.0,
                    help="add this much to every inference, as a slower computer would (testing real-time chunking "
-                        "and blending under latency; default 0)")
+                        f"and blending under latency; default 0, at most {MAX_SIMULATED_LATENCY_MS:g})")
     add_backend_options(p)
     p.add_argument("--threads", type=thread_count, default=1, help="torch (or ONNX Runtime) intra-op threads "
                                                                   "(default 1)")

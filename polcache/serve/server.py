@@ -64,6 +64,7 @@ MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replie
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
 DEFAULT_INLINE_MS = 1.0  # inference this fast runs on the server thread (see PolicyServer)
+MAX_SIMULATED_LATENCY_MS = 10_000.0  # a slower computer's inference, for tests of chunking under latency
 MAX_INLINE_MS = 100.0  # beyond this, heartbeats and other robots would wait too long behind an inline inference
 MIN_MESSAGE_BYTES = 4096  # the largest handshake and welcome of a small policy fit
 INLINE_WINDOW = 16  # recent inference times that decide where the next one runs
@@ -158,8 +159,9 @@ class PolicyServer:
         check_bind(bind, keys_dir, insecure)
         if max_batch < 1:
             raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
-        if simulated_latency_ms < 0:
-            raise PolcacheError(f"simulated_latency_ms must be >= 0, got {simulated_latency_ms}")
+        if not 0 <= simulated_latency_ms <= MAX_SIMULATED_LATENCY_MS:  # longer holds shutdown hostage
+            raise PolcacheError(f"simulated_latency_ms must be in [0, {MAX_SIMULATED_LATENCY_MS:g}] ms, "
+                                f"got {simulated_latency_ms}")
         if deadline_ms is not None and not 0 < deadline_ms < math.inf:
             raise PolcacheError(f"deadline_ms must be a positive number of ms (or None: the chunk's duration), "
                                 f"got {deadline_ms}")
