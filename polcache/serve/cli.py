@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cameras", type=name_list, help="comma-separated cameras for image observations (default: state only)")
     p.add_argument("--image-size", type=image_size, default=96,
                    help="camera image side in pixels, for --cameras (default 96; the policy's size)")
-    p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble or latest")
+    p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble (the default) or latest")
     p.add_argument("--decay", type=non_negative_float, default=0.5, help="ensemble weight exp(-decay * k), k = 0 for the newest chunk")
     p.add_argument("--hold-ms", type=positive_float, default=200.0,
                    help="hold the last action this long without a fresh one, then safe-stop (default 200)")
