@@ -55,6 +55,12 @@ def test_calibrate_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--budget must be in 1..8" in err
+    argv[argv.index("9")] = "3"
+    assert main([*argv, "--samples", "100000000"]) == 2  # where no dataset is found: that many simulator resets
+    assert "calibration samples must be in 1..4096, got 100000000" in capsys.readouterr().err
+    assert main([*argv, "--samples", "4000"]) == 0  # the dataset's windows, and the schedule says so
+    source = json.loads((tmp_path / "s.json").read_text())["calibration"]["source"]
+    assert source.endswith("random windows (seed 0, all it has of the 4000 asked)"), source
 
 
 def test_environment_resets_when_the_dataset_is_missing():

@@ -99,13 +99,16 @@ def find_dataset(dataset: str, checkpoint: str | Path | None = None) -> Path | N
     return next((c for c in candidates if c.exists()), None)
 
 
+MAX_SAMPLES = 4096  # calibration observations: the scores settle long before (the default is 32)
+
+
 def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples: int, seed: int = 0,
                              checkpoint: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """`samples` observation histories (key -> (N, To, ...)) and a description of where they came
     from: random windows of the training dataset if it exists (see `find_dataset`), else
     environment resets (the reset observation repeated To times, as at the start of an episode)."""
-    if samples < 1:
-        raise CacheError(f"calibration needs at least one sample, got {samples}")
+    if not 1 <= samples <= MAX_SAMPLES:  # each is a simulator reset where no dataset is found: 1e8 never ends
+        raise CacheError(f"calibration samples must be in 1..{MAX_SAMPLES}, got {samples}")
     keys, To = policy.obs_keys, policy.cfg.n_obs_steps
     dataset = find_dataset(cfg.dataset, checkpoint)
     if dataset is not None:
@@ -116,7 +119,8 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
         windows = [ds[int(i)]["obs"] for i in idx]
         obs = {k: torch.stack([w[k] for w in windows]) for k in keys}
-        return obs, f"dataset {dataset}: {len(idx)} random windows (seed {seed})"
+        short = f", all it has of the {samples} asked" if len(idx) < samples else ""
+        return obs, f"dataset {dataset}: {len(idx)} random windows (seed {seed}{short})"
     task = cfg.task or policy.spec.task
     if not task:
         raise CacheError(f"no calibration observations: dataset {cfg.dataset or '(none)'} not found and the "
