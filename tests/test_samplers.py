@@ -42,6 +42,9 @@ def test_bad_step_counts_are_clear_errors():
         make_sampler(SamplerConfig(), "ddim", 0)
     with pytest.raises(ConfigError, match="unknown sampler"):
         make_sampler(SamplerConfig(), "euler", 10)
+    for steps in (0, 1001):  # 100000 Euler steps ran a 23 GB machine out of memory
+        with pytest.raises(ConfigError, match=f"flow inference steps must be in 1..1000, got {steps}"):
+            make_sampler(SamplerConfig(), "flow", steps)
 
 
 @pytest.mark.parametrize("objective", ["epsilon", "flow"])

@@ -160,10 +160,13 @@ def make_sampler(cfg: SamplerConfig, kind: str | None = None, steps: int | None 
     return Sampler(kind=kind, timesteps=ts.float(), clip_sample=cfg.clip_sample, **tab)
 
 
+MAX_FLOW_STEPS = 1000  # Euler steps; memory grows with K (100000 ran a 23 GB machine out of memory)
+
+
 def _flow_sampler(steps: int) -> Sampler:
     """Euler integration of a rectified-flow velocity v = noise - x0 from t=1 (noise) to t=0 (data)."""
-    if steps < 1:
-        raise ConfigError(f"flow inference steps must be >= 1, got {steps}")
+    if not 1 <= steps <= MAX_FLOW_STEPS:
+        raise ConfigError(f"flow inference steps must be in 1..{MAX_FLOW_STEPS}, got {steps}")
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     t_now, t_next = t[:-1], t[1:]
     zeros = torch.zeros(steps)
