@@ -65,3 +65,44 @@ def test_ray_without_a_cluster_is_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(PolcacheError, match=r"--ray auto: no Ray cluster to join.*--ray local"):
         run_suite(["reach-v3"], _run(untrained=True), tmp_path, ray_address="auto")
+
+
+def _bench_suite():
+    """benchmarks/bench_suite.py as a module (it puts benchmarks/ on sys.path for its `common`)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_suite.py"
+    spec = importlib.util.spec_from_file_location("bench_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flag, value", [("--episodes", "0"), ("--episodes", "-1"), ("--demos", "0"), ("--demos", "-2"),
+                                         ("--threads", "0"), ("--max-steps", "0"), ("--workers", "0"),
+                                         ("--steps", "0"), ("--action-steps", "0"), ("--ensemble", "nan"),
+                                         ("--demo-seed", "-1"), ("--eval-seed", "-1")])
+def test_bench_suite_refuses_bad_numbers_before_any_work_naming_the_flag(capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        _bench_suite().build_parser().parse_args([flag, value])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"argument {flag}: expected" in err and f"got {value}" in err
+
+
+def test_bench_suite_within_column_follows_the_cap_used():
+    from polcache.sim.suite import TaskResult
+
+    bench = _bench_suite()
+
+    def result(cap: int, lengths: list[int]) -> TaskResult:
+        episodes = [{"success": True, "length": n} for n in lengths]
+        return TaskResult("reach-v3", {}, 1.0, len(lengths), len(lengths), [0.5, 1.0], 10.0, {"p50": 1.0}, 0.0, 0, 2,
+                          {"max_steps": cap, "per_episode": episodes})
+
+    assert bench.short_cap([result(500, [150, 250])]) == 200  # LeRobot's cap, below ours
+    assert bench.row(result(500, [150, 250]), 200)["within 200 steps"] == "50%"
+    capped = [result(60, [30, 60])]
+    assert bench.short_cap(capped) == 60 and "within 60 steps" in bench.columns(60)
+    assert bench.mean_row(capped, 60)["within 60 steps"] == "100.0%"
