@@ -256,9 +256,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data = read_yaml_mapping(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     overridden = {item.partition("=")[0].strip() for item in overrides or []}
-    if "train.steps" in overridden and "train.epochs" not in overridden:
+    steps_only = "train.steps" in overridden and "train.epochs" not in overridden
+    if steps_only:
         data["train"]["epochs"] = 0
     cfg = from_dict(ExperimentConfig, data)
+    if steps_only and cfg.train.steps < 1:  # the file's epochs are set aside, so nothing would say how long to train
+        raise ConfigError(f"train.steps={cfg.train.steps}: expected a positive number of steps (the override replaces "
+                          f"the config's train.epochs; to train by epochs, set train.epochs=N instead)")
     validate(cfg)
     return cfg
 
@@ -386,7 +390,8 @@ def validate(cfg: ExperimentConfig) -> None:
                           "actions to [-1, 1], i.e. every action beyond one standard deviation (measured: 0% on "
                           "peg-insert-side-v3); use action_norm=limits or set policy.sampler.clip_sample=false")
     if t.steps == 0 and t.epochs == 0:
-        raise ConfigError(f"train.steps ({t.steps}) or train.epochs ({t.epochs}) must be positive")
+        raise ConfigError("train.steps and train.epochs are both 0: expected a positive train.steps (optimizer steps) "
+                          "or train.epochs (passes over the training windows)")
     keys = [k for k in cfg.obs_keys if k != INSTRUCTION_KEY]
     if not keys or any(not (k == "state" or k.startswith("image_")) for k in keys):
         raise ConfigError(f"obs_keys must name 'state' and/or 'image_<camera>' keys (and 'instruction' for "

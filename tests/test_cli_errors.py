@@ -106,6 +106,11 @@ def test_bad_override_value(capsys):
     (["train.steps=3", "train=5"], "override 'train=5': 'train' is a section; set its keys, e.g. train.KEY=VALUE"),
     (["train.log_every=0"], "train.log_every must be an integer >= 1, got 0"),  # was a ZeroDivisionError
     (["policy.n_heads=0"], "policy.n_heads must be an integer >= 1, got 0"),
+    # the config trains 100 epochs; the message blamed train.epochs (0), which the override had set aside
+    (["train.steps=0"], "train.steps=0: expected a positive number of steps (the override replaces the config's "
+                        "train.epochs; to train by epochs, set train.epochs=N instead)"),
+    (["train.steps=0", "train.epochs=0"], "train.steps and train.epochs are both 0: expected a positive train.steps "
+                                          "(optimizer steps) or train.epochs (passes over the training windows)"),
 ])
 def test_bad_overrides_are_one_line(capsys, overrides, message):
     err = _err(capsys, ["train", "--config", "configs/recommended_cpu.yaml", *overrides])
