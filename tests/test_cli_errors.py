@@ -75,6 +75,12 @@ def test_a_sampler_that_does_not_fit_the_objective_is_refused_before_any_episode
                         "noise): use --sampler ddpm or ddim")
 
 
+def test_too_many_denoising_steps_name_the_flag(capsys):
+    err = _err(capsys, ["eval", "--checkpoint", str(CHECKPOINT), "--steps", "100000", "--episodes", "1"])
+    assert err.endswith("--steps 100000: ddim takes 1..100 inference steps (one per noise level trained, "
+                        "policy.sampler.train_steps)")
+
+
 def test_a_training_runs_folder_points_to_its_checkpoint(capsys, tmp_path):
     (tmp_path / "run" / "last").mkdir(parents=True)
     (tmp_path / "run" / "last" / "meta.json").write_text("{}")

@@ -122,7 +122,7 @@ class DiffusionPolicy(nn.Module):
             if key[0] in ("ddpm", "ddim", "flow"):  # (an unknown kind is named by make_sampler)
                 check_sampler_fits(key[0], self.cfg.objective, "--sampler")
             dev = next(self.parameters()).device
-            self._samplers[key] = make_sampler(self.cfg.sampler, *key).to(dev)
+            self._samplers[key] = make_sampler(self.cfg.sampler, key[0], steps or None, "--steps").to(dev)
         return self._samplers[key]
 
     @torch.no_grad()

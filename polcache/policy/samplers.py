@@ -122,16 +122,21 @@ def diffusers_scheduler(cfg: SamplerConfig, kind: str | None = None):
     raise ConfigError(f"sampler kind {kind!r} has no diffusers scheduler (expected ddpm or ddim)")
 
 
-def make_sampler(cfg: SamplerConfig, kind: str | None = None, steps: int | None = None) -> Sampler:
-    """Build the coefficient tables for `kind` (default cfg.kind) with `steps` inference steps."""
+def make_sampler(cfg: SamplerConfig, kind: str | None = None, steps: int | None = None,
+                 what: str = "steps") -> Sampler:
+    """Build the coefficient tables for `kind` (default cfg.kind) with `steps` inference steps;
+    `what` names where a given `steps` came from in an error (a keyword, or a command's --steps)."""
     kind = kind or cfg.kind
+    name = "policy.sampler.inference_steps" if steps is None else what
     steps = int(cfg.inference_steps if steps is None else steps)
     if kind == "flow":
         return _flow_sampler(steps)
     if kind not in ("ddpm", "ddim"):
         raise ConfigError(f"unknown sampler {kind!r}: expected ddpm, ddim or flow")
     if not 1 <= steps <= cfg.train_steps:
-        raise ConfigError(f"{kind} inference steps must be in 1..{cfg.train_steps}, got {steps}")
+        sep = " " if name.startswith("-") else "="  # a command-line option or a keyword / config key
+        raise ConfigError(f"{name}{sep}{steps}: {kind} takes 1..{cfg.train_steps} inference steps (one per noise level "
+                          f"trained, policy.sampler.train_steps)")
     sched = diffusers_scheduler(cfg, kind)
     sched.set_timesteps(steps)
     ts = sched.timesteps.long()
