@@ -39,8 +39,12 @@ def test_incomplete_checkpoint(capsys, tmp_path):
     (lambda ck: (ck / "config.yaml").write_text("policy: [unclosed"), "config.yaml: while parsing"),
     (lambda ck: _other_normalizer(ck, state_dim=8), "normalizer.safetensors: 'state' statistics have 8 dimensions but "
                                                     "the model's state has 39 (a normalizer from another model?)"),
+    (lambda ck: (ck / "normalizer.safetensors").write_bytes(b""), "normalizer.safetensors: cannot read it, truncated "
+                                                                  "or damaged? (SafetensorError: Error while "
+                                                                  "deserializing header: header too small)"),
+    (lambda ck: _truncate(ck / "model.safetensors"), "model.safetensors: cannot read it, truncated or damaged?"),
 ], ids=["meta-list", "meta-binary", "meta-action-dim", "meta-obs-spec", "config-empty", "config-yaml",
-        "normalizer-of-another-model"])
+        "normalizer-of-another-model", "normalizer-empty", "model-truncated"])
 def test_a_damaged_checkpoint_file_is_named_in_one_line(capsys, tmp_path, damage, match):
     import shutil
 
@@ -59,6 +63,10 @@ def _other_normalizer(ck, state_dim):
     rng = np.random.default_rng(0)
     other = Normalizer.fit({"state": rng.normal(size=(20, state_dim)), "action": rng.normal(size=(20, 4))})
     save_file(other.state_dict(), str(ck / "normalizer.safetensors"))
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:1000])
 
 
 def _edit_meta(ck, **changes):

@@ -213,6 +213,18 @@ def test_resuming_with_another_policy_config_names_the_fields(tmp_path, capsys):
     assert "a different policy config (policy.n_heads is 4, the run's is 2); pass --fresh" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["normalizer.safetensors", "model.safetensors"])
+def test_resuming_from_a_damaged_weights_file_names_it(tmp_path, capsys, name):
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run) == 0
+    (run / "last" / name).write_bytes(b"")
+    capsys.readouterr()
+    assert train_cli(data, run, "train.steps=4") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"polcache train: error: {run / 'last' / name}: cannot read it, truncated or damaged? (SafetensorError: Error "
+        "while deserializing header: header too small); pass --fresh to start over")
+
+
 @pytest.mark.parametrize("sub", ["last", "best"])
 def test_a_folder_of_the_users_where_training_writes_a_checkpoint_is_refused(tmp_path, capsys, sub):
     run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")

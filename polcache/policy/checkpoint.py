@@ -132,12 +132,12 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
     """Load a checkpoint for inference (eval mode, EMA weights)."""
     path = Path(path)
     cfg, meta = read_meta(path)
+    stats = read_tensors(path / "normalizer.safetensors")
     try:
-        stats = load_file(str(path / "normalizer.safetensors"))
         normalizer = Normalizer.from_state_dict(stats)
-        weights = load_file(str(path / "model.safetensors"))
-    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
-        raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
+    except KeyError as exc:
+        raise CheckpointError(f"{path}/normalizer.safetensors: {exc.args[0]}") from None
+    weights = read_tensors(path / "model.safetensors")
     for file, tensors in (("normalizer.safetensors", stats), ("model.safetensors", weights)):
         bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:  # a diverged run or a damaged file: it would act on NaN
@@ -160,6 +160,16 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise CheckpointError(f"{path}: weights do not match the config ({first})") from None
     return policy.to(device).eval(), cfg, meta
+
+
+def read_tensors(file: Path, device: str | torch.device = "cpu", hint: str = "") -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file, or one line naming that file (safetensors raises several types
+    for a truncated or damaged one); `hint` ends the line with what to do."""
+    try:
+        return load_file(str(file), device=str(device))
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{file}: cannot read it, truncated or damaged? ({why}){hint}") from None
 
 
 def _check_normalizer(normalizer: Normalizer, obs_spec: dict[str, ArraySpec], obs_keys: list[str], action_dim: int,

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -35,12 +34,15 @@ from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from polcache.outputs import enclosing_output
-from polcache.policy.checkpoint import TrainState, check_external_weights, load_train_state, read_meta, save_checkpoint
+from polcache.policy.checkpoint import (TrainState, check_external_weights, load_train_state, read_meta, read_tensors,
+                                       save_checkpoint)
 from polcache.policy.device import resolve_device, to_device
 from polcache.policy.families import build_policy as build_family_policy
 from polcache.policy.policy import DiffusionPolicy
 from polcache.signals import interrupts_held, sigterm_as_interrupt
 from polcache.train.ema import EMA
+
+FRESH_HINT = "; pass --fresh to start over"  # ends a line about a run that cannot be resumed
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -405,11 +407,7 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     state = load_train_state(last)
     if state is None:
         raise CheckpointError(f"{last} has no training state to resume from; pass --fresh to start over")
-    try:
-        averaged = load_file(str(last / "model.safetensors"), device=str(device))
-    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
-        raise CheckpointError(f"{last}/model.safetensors: cannot read it ({type(exc).__name__}); pass --fresh to "
-                              f"start over") from None
+    averaged = read_tensors(last / "model.safetensors", device, FRESH_HINT)
     policy.load_state_dict(state.model)
     ema.load_state_dict(averaged)
     optimizer.load_state_dict(state.optimizer)
@@ -460,11 +458,7 @@ def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: Ex
             out.append(f"observation shapes are {shapes}, the run's are {old_shapes}")
     if int(meta.get("action_dim", policy.action_dim)) != policy.action_dim:
         out.append(f"action size is {policy.action_dim}, the run's is {meta['action_dim']}")
-    try:
-        old_stats = load_file(str(last / "normalizer.safetensors"))
-    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
-        raise CheckpointError(f"{last}/normalizer.safetensors: cannot read it ({type(exc).__name__}); pass --fresh to "
-                              f"start over") from None
+    old_stats = read_tensors(last / "normalizer.safetensors", hint=FRESH_HINT)
     stats = policy.normalizer.state_dict()
     differ = sorted({k.split(".")[0] for k in stats.keys() ^ old_stats.keys()}
                     | {k.split(".")[0] for k, v in stats.items() if k in old_stats and not torch.equal(v, old_stats[k])})
