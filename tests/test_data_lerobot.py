@@ -405,6 +405,19 @@ def test_cli_bad_root(tmp_path, capsys):
     assert err.startswith("polcache data import-lerobot: error:") and "v2.1" in err and len(err.splitlines()) == 1
 
 
+def test_cli_hub_id_says_only_local_roots_are_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where no lerobot/pusht folder is
+    assert main(["data", "import-lerobot", "lerobot/pusht", "--out", "x.zarr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("polcache data import-lerobot: error: lerobot/pusht: no such folder; a Hugging Face Hub id is not "
+                   "downloaded, only a local dataset root is read: download it first (`huggingface-cli download "
+                   "lerobot/pusht --repo-type dataset --local-dir DIR`, or huggingface_hub.snapshot_download("
+                   "'lerobot/pusht', repo_type='dataset', local_dir=DIR)) and pass DIR")
+    (tmp_path / "lerobot/pusht").mkdir(parents=True)  # a folder of that name: it is what was meant
+    assert main(["data", "import-lerobot", "lerobot/pusht", "--out", "x.zarr"]) == 2
+    assert capsys.readouterr().err.strip().endswith("lerobot/pusht: not a LeRobot dataset root (no meta/info.json)")
+
+
 # ---- lerobot itself ----------------------------------------------------------------------
 
 

@@ -57,6 +57,8 @@ CHUNKS_SIZE = 1000  # lerobot's defaults: files per chunk directory, MB per data
 DATA_FILES_SIZE_IN_MB = 100
 VIDEO_FILES_SIZE_IN_MB = 200
 
+HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name, as the Hugging Face Hub names a dataset
+
 STATE, ACTION = "observation.state", "action"
 IMAGES_PREFIX = "observation.images."
 SINGLE_IMAGE, SINGLE_IMAGE_CAMERA = "observation.image", "main"
@@ -145,6 +147,11 @@ def read_info(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     path = root / INFO_PATH
     if not path.is_file():
+        if not root.exists() and HUB_ID.fullmatch(str(root)):  # nothing is downloaded: say how to get it
+            raise DatasetError(f"{root}: no such folder; a Hugging Face Hub id is not downloaded, only a local dataset "
+                               f"root is read: download it first (`huggingface-cli download {root} --repo-type dataset "
+                               f"--local-dir DIR`, or huggingface_hub.snapshot_download('{root}', repo_type='dataset', "
+                               f"local_dir=DIR)) and pass DIR")
         raise DatasetError(f"{root}: not a LeRobot dataset root (no {INFO_PATH})")
     try:
         info = json.loads(path.read_text())
