@@ -213,6 +213,17 @@ def test_resuming_with_another_policy_config_names_the_fields(tmp_path, capsys):
     assert "a different policy config (policy.n_heads is 4, the run's is 2); pass --fresh" in capsys.readouterr().err
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys):
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run) == 0
+    capsys.readouterr()
+    assert train_cli(data, run) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"resuming from {run / 'last'} at step 2; the plan is 2 steps, so there is nothing left to train (give a "
+        "larger train.steps or train.epochs to train on, or --fresh to start over)")
+    assert load_policy(run / "last")[2]["step"] == 2
+
+
 @pytest.mark.parametrize("name", ["normalizer.safetensors", "model.safetensors"])
 def test_resuming_from_a_damaged_weights_file_names_it(tmp_path, capsys, name):
     run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")

@@ -190,8 +190,10 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     last = out / "last"
     if not fresh and last.exists():
         step = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev, rank == 0)
-        if rank == 0:
-            print(f"resuming from {last} at step {step}")
+        if rank == 0:  # a run already at its plan's length returns at once: say why nothing trains
+            done = (f"; the plan is {steps} steps, so there is nothing left to train (give a larger train.steps or "
+                    f"train.epochs to train on, or --fresh to start over)" if step >= steps else "")
+            print(f"resuming from {last} at step {step}{done}")
             _forget_log_after(out / "train_log.jsonl", step)
     elif fresh and rank == 0:
         _set_aside_previous_run(out)
