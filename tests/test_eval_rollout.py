@@ -128,6 +128,17 @@ def test_ctrl_c_in_eval_reports_and_writes_the_finished_episodes(tmp_path, monke
     assert result["extra"]["interrupted"] == {"episodes_asked": 5}
 
 
+def test_a_step_cap_above_the_tasks_own_is_said(capsys):
+    """The env ends its episodes at its own cap: the run goes on under that one, and one line says so."""
+    from polcache.cli import main
+
+    assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/cue-reach-ptp", "--episodes", "1",
+                 "--max-steps", "120", "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "note: --max-steps 120 is above cue-reach's own cap of 70 steps; episodes end at 70"
+    assert "(cap 70)" in out[1]
+
+
 def test_an_instruction_for_a_policy_without_language_is_refused(capsys):
     from polcache.cli import main
 

@@ -214,6 +214,8 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")
     check_rollout(rollout, backend.spec)  # before the progress bar: a bad option is one line
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
+    if (rollout.max_steps or 0) > cap:  # the env ends its episodes there: run, but not under a cap not applied
+        print(f"note: --max-steps {rollout.max_steps} is above {task}'s own cap of {cap} steps; episodes end at {cap}")
     latencies: list[float] = []
     per_episode = []
     interrupted = False
