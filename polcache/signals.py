@@ -32,7 +32,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-
 @contextmanager
 def interrupts_held() -> Iterator[None]:
     """Inside, Ctrl-C and SIGTERM are ignored: for the save an interrupted command makes on its way
@@ -47,3 +46,8 @@ def interrupts_held() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stopped_by(exc: KeyboardInterrupt) -> str:
+    """The signal that cut a run short, as its result records it: "SIGTERM" for Terminated, else "SIGINT"."""
+    return "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"

@@ -99,11 +99,14 @@ def test_seam_jerk_separates_steps_where_a_chunk_takes_over():
     assert seam_jerk(jumpy, [4, 8, len(jumpy)]) == out
 
 
-def test_ctrl_c_in_eval_reports_and_writes_the_finished_episodes(tmp_path, monkeypatch, capsys):
-    """A long evaluation stopped early is still a result: the episodes finished before Ctrl-C are
-    summarised and written (marked as interrupted), and the command exits 130."""
+@pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stopped_eval_reports_and_writes_the_finished_episodes(tmp_path, monkeypatch, capsys, sig, status):
+    """A long evaluation stopped early is still a result: the episodes finished before Ctrl-C, or a
+    process manager's SIGTERM, are summarised and written (marked as interrupted, with the signal),
+    and the command exits 130 or 143 (128 + the signal)."""
     import importlib
     import json
+    import signal
 
     from polcache.cli import main
 
@@ -113,19 +116,19 @@ def test_ctrl_c_in_eval_reports_and_writes_the_finished_episodes(tmp_path, monke
 
     def stop_at_the_third(*args, **kwargs):
         if len(finished) == 2:
-            raise KeyboardInterrupt
+            signal.raise_signal(getattr(signal, sig))
         finished.append(run_episode(*args, **kwargs))
         return finished[-1]
 
     monkeypatch.setattr(evaluate, "run_episode", stop_at_the_third)
     out = tmp_path / "e.json"
     assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "5", "--max-steps", "8",
-                 "--no-progress", "--json", str(out)]) == 130
+                 "--no-progress", "--json", str(out)]) == status
     said = capsys.readouterr().out
     assert "reach-v3 [interrupted: 2 of 5 episodes finished]: success" in said
     result = json.loads(out.read_text())
     assert result["episodes"] == 2 and len(result["per_episode"]) == 2
-    assert result["extra"]["interrupted"] == {"episodes_asked": 5}
+    assert result["extra"]["interrupted"] == {"episodes_asked": 5, "signal": sig}
 
 
 def test_a_step_cap_above_the_tasks_own_is_said(capsys):

@@ -12,9 +12,10 @@ import logging
 
 import numpy as np
 
-from polcache.errors import PolcacheError, Terminated
+from polcache.errors import PolcacheError
 from polcache.metrics import Metrics
 from polcache.serve.handshake import wire_obs_spec
+from polcache.signals import stopped_by
 from polcache.sim.evaluate import EvalResult
 from polcache.sim.stats import jerk_summary, seam_jerk, wilson_interval
 from polcache_client import (ActionSchedule, ConnectError, ControlLoop, PolicyClient, ProtocolError, Watchdog,
@@ -131,8 +132,7 @@ def run_sim_robot(
             except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
                 if not per_episode:  # the finished episodes are still a result, as `polcache eval` reports them
                     raise
-                interrupted = {"episodes_asked": episodes, "signal": "SIGTERM" if isinstance(exc, Terminated)
-                               else "SIGINT"}
+                interrupted = {"episodes_asked": episodes, "signal": stopped_by(exc)}
     except (ConnectError, ProtocolError, FileNotFoundError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
         hint = (CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc)

@@ -54,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     from polcache.atomic import atomic_write_text
     from polcache.outputs import check_output
     from polcache.policy.loader import load_backend
+    from polcache.signals import sigterm_as_interrupt
     from polcache.sim.evaluate import Rollout, check_result_output, evaluate
 
     if args.json is not None:
@@ -65,17 +66,18 @@ def _run(args: argparse.Namespace) -> int:
     task = args.task or backend.spec.task
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
-    result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
-                      video_dir=args.video, video_episodes=args.video_episodes if args.video else 0,
-                      rollout=Rollout(args.max_steps, args.action_steps, args.ensemble, args.delay, args.rtc,
-                                      args.instruction, args.instructions))
+    with sigterm_as_interrupt():  # TERM reports the finished episodes, like Ctrl-C, and exits 143
+        result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
+                          video_dir=args.video, video_episodes=args.video_episodes if args.video else 0,
+                          rollout=Rollout(args.max_steps, args.action_steps, args.ensemble, args.delay, args.rtc,
+                                          args.instruction, args.instructions))
     what = backend.describe()
     result.extra.update({"checkpoint": args.checkpoint, "backend": what["backend"], "sampler": what["sampler"],
                          "steps": what["steps"], "device": what["device"], "threads": torch.get_num_threads(),
                          "cache": "none", "verify": what.get("verify_candidates", 1),  # torch only: others refuse N > 1
                          "verify_min_past": what.get("verify_min_past")})
     exported = what["backend"] != "torch"  # the plan is inside the artifact: no uncached comparator to load
-    stopped = "interrupted" in result.extra  # by Ctrl-C: report the finished episodes, skip the speed comparison
+    stopped = "interrupted" in result.extra  # Ctrl-C or SIGTERM: report the finished episodes, no speed comparison
     if exported and what["cache"]:
         result.extra["cache"] = what["cache"] | {"spec": what.get("cache_spec")}
     if args.cache and not exported:

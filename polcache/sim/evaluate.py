@@ -23,6 +23,7 @@ from polcache.outputs import check_output, json_kind
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, rtc_blocker
 from polcache.serve.handshake import operator_instruction, policy_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
+from polcache.signals import stopped_by
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
 from polcache_client.protocol import ActionChunk
 from polcache_client.schedule import ActionSchedule
@@ -218,7 +219,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         print(f"note: --max-steps {rollout.max_steps} is above {task}'s own cap of {cap} steps; episodes end at {cap}")
     latencies: list[float] = []
     per_episode = []
-    interrupted = False
+    interrupted = None
     try:
         for i in tqdm(range(episodes), desc=f"eval {task}", disable=not progress, unit="ep"):
             frames = [] if video_dir and i < video_episodes else None
@@ -229,10 +230,10 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
             per_episode.append(ep)
             if frames:
                 _write_gif(Path(video_dir) / f"{task}_seed{seed + i}.gif", frames)
-    except KeyboardInterrupt:  # Ctrl-C in a long evaluation: the finished episodes are still a result
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM in a long evaluation: the finished episodes are a result
         if not per_episode:
             raise
-        interrupted = True
+        interrupted = {"episodes_asked": episodes, "signal": stopped_by(exc)}
     finally:
         env.close()
     n, n_ok = len(per_episode), sum(e["success"] for e in per_episode)
@@ -244,7 +245,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         "ensemble_decay": rollout.ensemble_decay, "delay": rollout.delay, "rtc": rollout.rtc,
         **jerk_summary(per_episode),
         **({} if texts is None else {"instructions": list(texts)}),
-        **({"interrupted": {"episodes_asked": episodes}} if interrupted else {})})
+        **({"interrupted": interrupted} if interrupted else {})})
 
 
 def _write_gif(path: Path, frames: list[np.ndarray]) -> None:
