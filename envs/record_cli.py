@@ -45,15 +45,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from polcache.data.store import check_dataset_output
     from polcache.envs import Perturbations, record_demonstrations  # lazily: a renderer error is one line
+    from polcache.signals import sigterm_as_interrupt
 
     from polcache.sim.suite import SUITES
 
     check_dataset_output(args.out, "--out")  # before recording, not after
     tasks = list(SUITES.get(args.task, [t for t in args.task.split(",") if t]))
-    summary = record_demonstrations(
-        tasks[0] if len(tasks) == 1 else tasks, args.episodes, args.out, image=args.image, seed=args.seed,
-        cameras=args.cameras, image_size=args.image_size, keep=args.keep, instruction_bytes=args.instructions,
-        perturb=Perturbations(args.hold_steps, args.stop_steps, args.action_noise),
-    )
+    with sigterm_as_interrupt():  # TERM stops as Ctrl-C does (the old dataset kept), said and exiting 143
+        summary = record_demonstrations(
+            tasks[0] if len(tasks) == 1 else tasks, args.episodes, args.out, image=args.image, seed=args.seed,
+            cameras=args.cameras, image_size=args.image_size, keep=args.keep, instruction_bytes=args.instructions,
+            perturb=Perturbations(args.hold_steps, args.stop_steps, args.action_noise),
+        )
     print(f"wrote {summary['path']}: {summary['episodes']} episodes, {summary['steps']} steps, obs {', '.join(summary['obs_keys'])}")
     return 0

@@ -356,6 +356,33 @@ def test_record_cli(tmp_path, capsys):
         args.handler(args)
 
 
+@pytest.mark.parametrize("sig, status, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_stopped_record_keeps_the_old_dataset_and_says_so(tmp_path, capsys, monkeypatch, sig, status, said):
+    """A process manager's SIGTERM stops recording as Ctrl-C does: the line saying so, 128 + the signal."""
+    import signal
+
+    from polcache.cli import main
+    from polcache.data.store import EpisodeStore
+    from polcache.envs import record
+
+    out = tmp_path / "d.zarr"
+    assert main(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(out)]) == 0
+    before = EpisodeStore.open(out).num_episodes
+    run_episode, calls = record._run_episode, []
+
+    def stop_in_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(getattr(signal, sig))
+        return run_episode(*args, **kwargs)
+
+    monkeypatch.setattr(record, "_run_episode", stop_in_the_second)
+    capsys.readouterr()
+    assert main(["record", "--task", "cue-reach", "--episodes", "5", "--out", str(out)]) == status
+    assert capsys.readouterr().err.strip().endswith(f"polcache record: {said}")
+    assert EpisodeStore.open(out).num_episodes == before
+
+
 def test_perturbed_actions_are_executed_and_the_experts_own_are_recorded():
     """Holds, stops and action noise change what the robot executes; the dataset keeps the
     expert's action at every observation."""
