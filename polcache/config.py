@@ -208,6 +208,43 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently,
+    so a config that sets train.lr twice would train with whichever came later. Every config (files,
+    overrides, a checkpoint's config.yaml) is read through `load_yaml`, which uses it."""
+
+    def construct_document(self, node):
+        self._refuse_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, node: yaml.Node, path: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias of a node already checked (or of its own ancestor)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._refuse_duplicate_keys(item, f"{path}[{i}]", seen)
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, then overriding base's keys, is meant
+                    self._refuse_duplicate_keys(value_node, path, seen)
+                    continue
+                key = self.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                name = f"{path}.{key}" if path else str(key)
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigError(f"duplicate key {name} on line {line} (first on line {lines[key]}); "
+                                      "give each key once")
+                lines[key] = line
+                self._refuse_duplicate_keys(value_node, name, seen)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values; a key given twice in a mapping is a ConfigError naming it and its lines."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
     for item in overrides:
@@ -221,10 +258,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.__class__.__name__}); quote "
                               f"a string, write a list as [a, b]") from None
+        except ConfigError as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from None
         if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
             raise ConfigError(f"override {item!r}: {key.strip()!r} is a section; set its keys, e.g. "
                               f"{key.strip()}.KEY=VALUE")
@@ -238,9 +277,11 @@ def read_yaml_mapping(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a YAML text file (not UTF-8)") from None
     except OSError as exc:

@@ -37,6 +37,8 @@ def test_incomplete_checkpoint(capsys, tmp_path):
     (lambda ck: _edit_meta(ck, obs_spec=None), "meta.json: malformed (AttributeError"),
     (lambda ck: (ck / "config.yaml").write_text(""), "config.yaml: empty or not a mapping (truncated?)"),
     (lambda ck: (ck / "config.yaml").write_text("policy: [unclosed"), "config.yaml: while parsing"),
+    (lambda ck: (ck / "config.yaml").write_text((ck / "config.yaml").read_text() + "task: push-v3\n"),
+     "config.yaml: duplicate key task on line"),
     (lambda ck: _other_normalizer(ck, state_dim=8), "normalizer.safetensors: 'state' statistics have 8 dimensions but "
                                                     "the model's state has 39 (a normalizer from another model?)"),
     (lambda ck: (ck / "normalizer.safetensors").write_bytes(b""), "normalizer.safetensors: cannot read it, truncated "
@@ -44,7 +46,7 @@ def test_incomplete_checkpoint(capsys, tmp_path):
                                                                   "deserializing header: header too small)"),
     (lambda ck: _truncate(ck / "model.safetensors"), "model.safetensors: cannot read it, truncated or damaged?"),
 ], ids=["meta-list", "meta-binary", "meta-action-dim", "meta-obs-spec", "config-empty", "config-yaml",
-        "normalizer-of-another-model", "normalizer-empty", "model-truncated"])
+        "config-duplicate-key", "normalizer-of-another-model", "normalizer-empty", "model-truncated"])
 def test_a_damaged_checkpoint_file_is_named_in_one_line(capsys, tmp_path, damage, match):
     import shutil
 
@@ -129,6 +131,21 @@ def test_bad_override_value(capsys):
 def test_bad_overrides_are_one_line(capsys, overrides, message):
     err = _err(capsys, ["train", "--config", "configs/recommended_cpu.yaml", *overrides])
     assert err == f"polcache train: error: {message}"
+
+
+def test_a_key_given_twice_in_a_config_is_refused_naming_it_and_its_lines(capsys, tmp_path):
+    """YAML would keep the last silently (the run trained with whichever lr came later)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 1.0e-3\n  batch_size: 8\n  lr: 3.0e-3\n")
+    assert _err(capsys, ["train", "--config", str(cfg)]) == (
+        f"polcache train: error: {cfg}: duplicate key train.lr on line 4 (first on line 2); give each key once")
+    assert _err(capsys, ["train", "--config", "configs/recommended_cpu.yaml", "policy.sampler={kind: ddim, kind: ddpm}"]
+                ) == ("polcache train: error: override 'policy.sampler={kind: ddim, kind: ddpm}': duplicate key kind on "
+                      "line 1 (first on line 1); give each key once")
+    launch = tmp_path / "launch.yaml"  # `polcache launch` reads its config through the same loader
+    launch.write_text("robot:\n  task: reach-v3\nrobot:\n  task: push-v3\n")
+    assert _err(capsys, ["launch", str(launch)]).endswith(f"{launch}: duplicate key robot on line 3 (first on line 1); "
+                                                          "give each key once")
 
 
 def test_a_config_file_that_is_not_text_is_one_line(capsys, tmp_path):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save
 
 import polcache
 from polcache.atomic import atomic_directory
-from polcache.config import ExperimentConfig, from_dict, to_dict, validate
+from polcache.config import ExperimentConfig, from_dict, load_yaml, to_dict, validate
 from polcache.data.normalize import Normalizer
 from polcache.errors import CheckpointError, ConfigError
 from polcache.jsonfile import read_json_object
@@ -118,7 +118,7 @@ def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is not supported (expected {VERSION})")
     try:
-        data = yaml.safe_load((path / "config.yaml").read_text())
+        data = load_yaml((path / "config.yaml").read_text())
         if not isinstance(data, dict) or not data:  # a saved config is never empty: its defaults are written out
             raise ConfigError("empty or not a mapping (truncated?)")
         cfg = from_dict(ExperimentConfig, data)
