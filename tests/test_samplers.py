@@ -43,8 +43,10 @@ def test_bad_step_counts_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown sampler"):
         make_sampler(SamplerConfig(), "euler", 10)
     for steps in (0, 1001):  # 100000 Euler steps ran a 23 GB machine out of memory
-        with pytest.raises(ConfigError, match=f"flow inference steps must be in 1..1000, got {steps}"):
+        with pytest.raises(ConfigError, match=f"steps={steps}: flow takes 1..1000 inference steps"):
             make_sampler(SamplerConfig(), "flow", steps)
+    with pytest.raises(ConfigError, match="^--steps 100000: flow takes 1..1000 inference steps"):  # as eval names it
+        make_sampler(SamplerConfig(), "flow", 100000, "--steps")
 
 
 @pytest.mark.parametrize("objective", ["epsilon", "flow"])

@@ -127,16 +127,17 @@ def make_sampler(cfg: SamplerConfig, kind: str | None = None, steps: int | None 
     """Build the coefficient tables for `kind` (default cfg.kind) with `steps` inference steps;
     `what` names where a given `steps` came from in an error (a keyword, or a command's --steps)."""
     kind = kind or cfg.kind
+    if kind not in ("ddpm", "ddim", "flow"):
+        raise ConfigError(f"unknown sampler {kind!r}: expected ddpm, ddim or flow")
     name = "policy.sampler.inference_steps" if steps is None else what
     steps = int(cfg.inference_steps if steps is None else steps)
+    most, why = ((MAX_FLOW_STEPS, "Euler steps: memory grows with them") if kind == "flow"
+                 else (cfg.train_steps, "one per noise level trained, policy.sampler.train_steps"))
+    if not 1 <= steps <= most:
+        sep = " " if name.startswith("-") else "="  # a command-line option or a keyword / config key
+        raise ConfigError(f"{name}{sep}{steps}: {kind} takes 1..{most} inference steps ({why})")
     if kind == "flow":
         return _flow_sampler(steps)
-    if kind not in ("ddpm", "ddim"):
-        raise ConfigError(f"unknown sampler {kind!r}: expected ddpm, ddim or flow")
-    if not 1 <= steps <= cfg.train_steps:
-        sep = " " if name.startswith("-") else "="  # a command-line option or a keyword / config key
-        raise ConfigError(f"{name}{sep}{steps}: {kind} takes 1..{cfg.train_steps} inference steps (one per noise level "
-                          f"trained, policy.sampler.train_steps)")
     sched = diffusers_scheduler(cfg, kind)
     sched.set_timesteps(steps)
     ts = sched.timesteps.long()
@@ -170,8 +171,6 @@ MAX_FLOW_STEPS = 1000  # Euler steps; memory grows with K (100000 ran a 23 GB ma
 
 def _flow_sampler(steps: int) -> Sampler:
     """Euler integration of a rectified-flow velocity v = noise - x0 from t=1 (noise) to t=0 (data)."""
-    if not 1 <= steps <= MAX_FLOW_STEPS:
-        raise ConfigError(f"flow inference steps must be in 1..{MAX_FLOW_STEPS}, got {steps}")
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     t_now, t_next = t[:-1], t[1:]
     zeros = torch.zeros(steps)
