@@ -104,3 +104,7 @@ def test_eval_with_cache_reports_plan_and_side_by_side_speedup(tmp_path, capsys)
     assert (extra["device"], extra["sampler"], extra["steps"], extra["max_steps"]) == ("cpu", "ddim", 16, 8)
     said = capsys.readouterr().out  # the jerk the JSON holds is printed too, as sim-robot prints it
     assert extra["jerk"] is not None and f"{extra['jerk']:.4g} elsewhere (mean norm" in said
+    # --cache none skips nothing: no side-by-side of the policy against itself
+    assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1", "--max-steps", "4",
+                 "--cache", "none", "--json", str(out), "--no-progress"]) == 0
+    assert "speedup" not in json.loads(out.read_text())["extra"] and "per chunk (" not in capsys.readouterr().out

@@ -487,6 +487,7 @@ def test_eval_refuses_more_action_steps_than_the_policy_makes(capsys):
     # the fix it names is one that can work: no --action-steps helps a delay of a whole chunk
     assert "(lower --action-steps to at most 2)" in _err(capsys, EVAL + ["--delay", "6"])
     assert "(--delay at most 7)" in _err(capsys, EVAL + ["--delay", "100", "--action-steps", "1"])
+    assert "--task: empty task name" in _err(capsys, EVAL + ["--task", ""])  # not the checkpoint's, silently
 
 
 def test_ptp_embed_names_a_checkpoint_that_does_not_fit_the_dataset(capsys, tmp_path):

@@ -63,6 +63,8 @@ def _run(args: argparse.Namespace) -> int:
         check_output(args.video, "a folder for GIFs", folder=True, ours=lambda _: True, flag="--video")
     torch.set_num_threads(args.threads)
     backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, **backend_options(args))
+    if args.task is not None and not args.task.strip():  # an unset shell variable: not "the checkpoint's task"
+        raise PolcacheError("--task: empty task name (leave --task out for the checkpoint's task)")
     task = args.task or backend.spec.task
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
@@ -82,16 +84,20 @@ def _run(args: argparse.Namespace) -> int:
         result.extra["cache"] = what["cache"] | {"spec": what.get("cache_spec")}
     if args.cache and not exported:
         result.extra["cache"] = what["cache"] | {"spec": args.cache}
-    if args.cache and not exported and not stopped:
+    # a plan that skips something, against the same checkpoint uncached (--cache none has nothing to compare)
+    compare = bool(args.cache) and not exported and not stopped and (what["cache"] or {}).get("method") != "none"
+    if compare:
         uncached = load_backend(args.checkpoint, **{**backend_options(args), "candidates": 1})
         result.extra["speedup"] = _speedup(uncached, backend)
     print(result.summary())
     if jerk := result.jerk_line():
         print(jerk)
-    if args.cache and not exported and not stopped:
+    if compare:
         sp = result.extra["speedup"]
+        guided = (f"; sampled without real-time chunking, whose guided chunks took p50 {result.latency_ms['p50']:.1f} "
+                  "ms in this run" if args.rtc else "")
         print(f"cache {args.cache}: {sp['uncached_ms']:.1f} ms -> {sp['cached_ms']:.1f} ms per chunk "
-              f"({sp['speedup']:.2f}x, medians of {sp['calls']} calls side by side)")
+              f"({sp['speedup']:.2f}x, medians of {sp['calls']} calls side by side{guided})")
         cache = what["cache"]
         if cache.get("dynamic"):
             print(f"threshold cache: {cache['block_evals_mean']} of {cache['block_evals_uncached']} block evaluations "
