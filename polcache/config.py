@@ -438,6 +438,9 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"obs_keys must name 'state' and/or 'image_<camera>' keys (and 'instruction' for "
                           f"policy.family=vla), got {cfg.obs_keys}")
     if INSTRUCTION_KEY in cfg.obs_keys and p.family != "vla":
+        from polcache.policy.families import get_family  # lazily (it imports torch): a mistyped family is named first
+
+        get_family(p.family)
         raise ConfigError(f"obs_keys: 'instruction' needs a language-conditioned family (policy.family=vla), "
                           f"got policy.family={p.family!r}")
     if p.family == "vla":

@@ -123,6 +123,10 @@ def test_policy_families_by_name_and_old_checkpoints_load_as_dp_t(tmp_path, caps
         load_policy(path)
     assert main(["eval", "--checkpoint", str(path), "--episodes", "1"]) == 2
     assert "not a known policy family" in capsys.readouterr().err
+    # a mistyped family in a config with an instruction key: the family is named, not the key
+    assert main(["train", "--config", "configs/vla_mt10.yaml", "dataset=none.zarr", f"out={tmp_path / 'r'}",
+                 "policy.family=fo"]) == 2
+    assert "policy.family 'fo' is not a known policy family (known: dp-t, vla)" in capsys.readouterr().err
 
 
 def test_checkpoint_files_follow_the_umask(tmp_path):
