@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import Callable, NoReturn
 
@@ -79,5 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if terminated else 130
 
 
+def console() -> NoReturn:
+    """The `polcache` command: `main`'s status as the process's. Once a command was interrupted (130)
+    or terminated (143), a further Ctrl-C or SIGTERM while the process exits is ignored: it used to
+    turn the documented status into a death by SIGINT (-2 to a supervisor)."""
+    try:
+        status = main()
+    except KeyboardInterrupt:  # pressed again while main reported the first
+        status = 130
+    if status in (130, 143):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

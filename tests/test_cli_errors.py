@@ -559,3 +559,25 @@ def test_sim_robot_with_a_keys_folder_without_keys_is_one_line(capsys, tmp_path)
 def test_a_metrics_file_under_a_file_is_named(capsys, afile):
     err = _err(capsys, ["serve", "--checkpoint", str(CHECKPOINT), "--metrics-file", str(afile / "x.jsonl")])
     assert f"{afile} is a file, not a folder" in err
+
+
+def test_the_command_exits_with_its_status_when_interrupted_again_on_its_way_out(monkeypatch):
+    """A second Ctrl-C while an interrupted command reports and exits turned its documented status 130
+    into a death by SIGINT (-2 to a supervisor); the command now ignores it."""
+    import signal
+
+    from polcache import cli
+
+    def pressed_again(argv=None):
+        raise KeyboardInterrupt
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(cli, "main", pressed_again)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.console()
+        assert exit_.value.code == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
