@@ -19,7 +19,7 @@ import polcache
 from polcache.atomic import atomic_directory
 from polcache.errors import ExportError
 from polcache.outputs import check_output, json_kind
-from polcache.export.manifest import FORMAT, MANIFEST, GraphEntry, Manifest, schedule_parts, sha256_file
+from polcache.export.manifest import FORMAT, MANIFEST, GraphEntry, Manifest, schedule_digest, schedule_parts, sha256_file
 from polcache.export.onnx_graphs import (OPSET, STEP_MODES, assemble_step, dims, io_description, trace_encoder,
                                          trace_pieces)
 from polcache.policy.executor import COMPUTE, FORECAST, GATE
@@ -54,7 +54,7 @@ def plan_table(policy: DiffusionPolicy, sampler, cache: str | None):
 
 def _schedule_sha(cache: str | None) -> str | None:
     path = schedule_parts(cache)[1] if cache else None
-    return sha256_file(path) if path is not None and path.is_file() else None
+    return schedule_digest(path) if path is not None and path.is_file() else None
 
 
 def check_artifact_output(out: str | Path, flag: str | None = None) -> Path:
