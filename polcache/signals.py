@@ -47,7 +47,3 @@ def interrupts_held() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-
-def stopped_by(exc: KeyboardInterrupt) -> str:
-    """The signal that cut a run short, as its result records it: "SIGTERM" for Terminated, else "SIGINT"."""
-    return "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"

@@ -15,8 +15,7 @@ import numpy as np
 from polcache.errors import PolcacheError
 from polcache.metrics import Metrics
 from polcache.serve.handshake import wire_obs_spec
-from polcache.signals import stopped_by
-from polcache.sim.evaluate import EvalResult
+from polcache.sim.evaluate import EvalResult, interruption
 from polcache.sim.stats import jerk_summary, seam_jerk, wilson_interval
 from polcache_client import (ActionSchedule, ConnectError, ControlLoop, PolicyClient, ProtocolError, Watchdog,
                              use_realtime_priority)
@@ -132,7 +131,7 @@ def run_sim_robot(
             except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
                 if not per_episode:  # the finished episodes are still a result, as `polcache eval` reports them
                     raise
-                interrupted = {"episodes_asked": episodes, "signal": stopped_by(exc)}
+                interrupted = interruption(exc, episodes)
     except (ConnectError, ProtocolError, FileNotFoundError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
         hint = (CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc)
@@ -149,5 +148,6 @@ def run_sim_robot(
         ci95=wilson_interval(n_ok, n), mean_episode_length=float(np.mean([e["length"] for e in per_episode])),
         latency_ms={k: latency.get(k, float("nan")) for k in ("p50", "p95", "p99")} | {"n": latency.get("n", 0)},
         seed=seed, per_episode=per_episode,
-        extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}), "chunk": snap.get("chunk", {}),
+        extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}),
+               "chunk": snap.get("chunk", {}),
                **jerk_summary(per_episode), **({"interrupted": interrupted} if interrupted else {})})

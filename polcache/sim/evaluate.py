@@ -18,12 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from polcache.config import INSTRUCTION_KEY
-from polcache.errors import PolcacheError
+from polcache.errors import PolcacheError, Terminated
 from polcache.outputs import check_output, json_kind
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, rtc_blocker
 from polcache.serve.handshake import operator_instruction, policy_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
-from polcache.signals import stopped_by
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
 from polcache_client.protocol import ActionChunk
 from polcache_client.schedule import ActionSchedule
@@ -89,6 +88,12 @@ class EvalResult:
         seam, other = (f"{v:.4g}" if v is not None else "n/a" for v in (seam, other))
         return (f"executed actions: jerk {seam} where a new chunk took over, {other} elsewhere (mean norm of the "
                 "third difference)")
+
+
+def interruption(exc: KeyboardInterrupt, episodes_asked: int) -> dict:
+    """What a run's result records when Ctrl-C or SIGTERM (Terminated) cut it short (eval and
+    sim-robot alike): the episodes asked for and the signal, whose exit status EvalResult gives."""
+    return {"episodes_asked": episodes_asked, "signal": "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"}
 
 
 @dataclass(frozen=True)
@@ -233,7 +238,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM in a long evaluation: the finished episodes are a result
         if not per_episode:
             raise
-        interrupted = {"episodes_asked": episodes, "signal": stopped_by(exc)}
+        interrupted = interruption(exc, episodes)
     finally:
         env.close()
     n, n_ok = len(per_episode), sum(e["success"] for e in per_episode)
