@@ -418,6 +418,17 @@ def test_cli_hub_id_says_only_local_roots_are_read(tmp_path, capsys, monkeypatch
     assert capsys.readouterr().err.strip().endswith("lerobot/pusht: not a LeRobot dataset root (no meta/info.json)")
 
 
+def test_train_names_a_hub_id_as_one(tmp_path, capsys, monkeypatch):
+    """`train dataset=lerobot/pusht` said only that the dataset does not exist."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(Path(__file__).resolve().parents[1] / "configs/recommended_cpu.yaml"), "dataset=lerobot/pusht",
+                 "out=run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polcache train: error: lerobot/pusht: no such folder; a Hugging Face Hub id is not "
+                          "downloaded") and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 # ---- lerobot itself ----------------------------------------------------------------------
 
 

@@ -142,16 +142,22 @@ def _check_version(root: Path, version: Any) -> None:
         raise DatasetError(f"{root}: LeRobotDataset {version} is newer than supported ({CODEBASE_VERSION})")
 
 
+def refuse_hub_id(path: Path) -> None:
+    """A missing folder named like a Hub id (owner/name) was most likely meant as one: say that
+    nothing is downloaded and how to get it, rather than only that the folder does not exist."""
+    if not path.exists() and HUB_ID.fullmatch(str(path)):
+        raise DatasetError(f"{path}: no such folder; a Hugging Face Hub id is not downloaded, only a local dataset "
+                           f"root is read: download it first (`huggingface-cli download {path} --repo-type dataset "
+                           f"--local-dir DIR`, or huggingface_hub.snapshot_download('{path}', repo_type='dataset', "
+                           f"local_dir=DIR)) and pass DIR")
+
+
 def read_info(root: str | Path) -> dict[str, Any]:
     """meta/info.json of a v3.0 root, refusing anything else with the reason."""
     root = Path(root)
     path = root / INFO_PATH
     if not path.is_file():
-        if not root.exists() and HUB_ID.fullmatch(str(root)):  # nothing is downloaded: say how to get it
-            raise DatasetError(f"{root}: no such folder; a Hugging Face Hub id is not downloaded, only a local dataset "
-                               f"root is read: download it first (`huggingface-cli download {root} --repo-type dataset "
-                               f"--local-dir DIR`, or huggingface_hub.snapshot_download('{root}', repo_type='dataset', "
-                               f"local_dir=DIR)) and pass DIR")
+        refuse_hub_id(root)
         raise DatasetError(f"{root}: not a LeRobot dataset root (no {INFO_PATH})")
     try:
         info = json.loads(path.read_text())
@@ -747,4 +753,5 @@ def open_dataset(path: str | Path, progress: bool = False) -> EpisodeStore:
     """Open a dataset for training: a polcache zarr store, or a LeRobot v3.0 root (imported once
     into a cache, see `cached_import`), so `dataset=` may name either."""
     path = Path(path)
+    refuse_hub_id(path)
     return EpisodeStore.open(cached_import(path, progress) if is_lerobot_root(path) else path)
