@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import struct
 import sys
 import time
@@ -39,6 +40,9 @@ MIN_HZ, MAX_HZ = 0.01, 10_000.0  # control rates outside these are not a robot's
 MAX_TIME_S = 1e12  # robot-clock timestamps: finite and within +-1e12 s
 MAX_ACTION_DIM = 65_536
 MAX_INSTRUCTION_BYTES = 1024  # UTF-8 bytes of an instruction on the wire (a policy may allow fewer)
+# Entries of any one map and any one list in a message. A frame under the byte limit can still hold
+# 100,000 one-byte arrays, which took the server 0.6 s to refuse: every peer waited that long.
+MAX_MAP_KEYS, MAX_LIST_ITEMS = 1024, 65_536
 
 # Per-step observation layout: key -> (shape, dtype name).
 ObsSpec = dict[str, tuple[tuple[int, ...], str]]
@@ -100,7 +104,7 @@ class ActionChunk(msgspec.Struct, frozen=True):
 
     epoch: int
     seq: int
-    obs_seqs: list[int]
+    obs_seqs: _WireList
     t_capture: float
     t_actions: np.ndarray
     actions: np.ndarray
@@ -498,11 +502,19 @@ def decode_versioned(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     return _decode_chunk(data) or _decode_strict(data)
 
 
+_OVER_LIMIT = re.compile(r"(\d+) exceeds max_(map|array)_len\((\d+)\)")  # msgpack's words for MAX_MAP_KEYS etc.
+
+
 def _decode_strict(data: bytes) -> tuple[Message, int]:
     """Every message, every check in the documented order: the first problem is named."""
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, unicode_errors="surrogateescape")
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, unicode_errors="surrogateescape",
+                              max_map_len=MAX_MAP_KEYS, max_array_len=MAX_LIST_ITEMS)
     except Exception as exc:  # msgpack raises many types for bad input; all mean the same here
+        if (over := _OVER_LIMIT.fullmatch(str(exc))) is not None:  # refused as soon as its length was read
+            kind = "map" if over[2] == "map" else "list"
+            raise ProtocolError("too_large", f"a {kind} of {over[1]} entries exceeds the limit of {over[3]} entries "
+                                             f"per {kind}") from None
         what = "a map key is not a string" if "map key" in str(exc) else "not a msgpack message"  # strict_map_key
         raise ProtocolError("malformed", f"{what}: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
@@ -592,6 +604,7 @@ _WireCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 _WireTime = Annotated[float, msgspec.Meta(ge=-MAX_TIME_S, le=MAX_TIME_S)]
 _WireFinite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]  # refuses NaN too
 _WireKey = Annotated[str, msgspec.Meta(max_length=4096)]
+_WireList = Annotated[list[int], msgspec.Meta(max_length=MAX_LIST_ITEMS)]
 
 
 class _WireArray(msgspec.Struct, forbid_unknown_fields=True):
@@ -619,8 +632,8 @@ class _WireObservation(msgspec.Struct, forbid_unknown_fields=True):
     epoch: _WireCount
     seq: _WireCount
     t_capture: _WireTime
-    arrays: dict[_WireKey, _WireArray]
-    executed_seqs: list[int]
+    arrays: Annotated[dict[_WireKey, _WireArray], msgspec.Meta(max_length=MAX_MAP_KEYS)]
+    executed_seqs: _WireList
     executed: _WireArray
 
     @classmethod
@@ -635,11 +648,11 @@ class _WireChunk(msgspec.Struct, forbid_unknown_fields=True):
     v: Literal[SUPPORTED_VERSIONS]
     epoch: _WireCount
     seq: _WireCount
-    obs_seqs: list[int]
+    obs_seqs: _WireList
     t_capture: _WireTime
     t_actions: _WireArray
     actions: _WireArray
-    timing: dict[_WireKey, _WireFinite]
+    timing: Annotated[dict[_WireKey, _WireFinite], msgspec.Meta(max_length=MAX_MAP_KEYS)]
 
     @classmethod
     def of(cls, chunk: ActionChunk, version: int) -> "_WireChunk":
