@@ -16,8 +16,9 @@ from fakes import FakeBackend, RawPeer, StepRobot, fake_spec, observation, wait_
 from polcache.errors import PolcacheError
 from polcache.policy.spec import frame_offsets
 from polcache.serve.history import ObservationHistory
+from polcache.serve import server as server_module
 from polcache.serve.server import INLINE_WINDOW, PolicyServer
-from polcache_client import ControlLoop, PolicyClient
+from polcache_client import ConnectError, ControlLoop, PolicyClient
 from polcache_client.protocol import (PROTOCOL_VERSION, ActionChunk, Handshake, Heartbeat, Observation, Reset, Welcome,
                                       decode_versioned, encode)
 
@@ -205,7 +206,8 @@ def test_multiple_robots_are_served_independently():
             peer.close()
 
 
-def test_session_count_is_bounded(caplog):
+def test_session_count_is_bounded(caplog, monkeypatch):
+    monkeypatch.setattr(server_module, "EVICTABLE_SILENCE_S", 0.0)  # every session as if silent long enough
     with caplog.at_level(logging.INFO, logger="polcache.serve"), serve(FakeBackend(), max_sessions=2) as server:
         peers = [RawPeer(server.endpoint) for _ in range(4)]
         for i, peer in enumerate(peers):
@@ -215,6 +217,40 @@ def test_session_count_is_bounded(caplog):
         for peer in peers:
             peer.close()
     assert "forgot r0" in caplog.text and "forgot r1" in caplog.text  # each eviction its line, within a second too
+
+
+def test_a_burst_of_handshakes_does_not_push_out_active_robots():
+    """One process opening 300 sockets and shaking hands pushed every running 50 Hz robot out of the
+    session cap; a new robot now takes only the place of one silent for EVICTABLE_SILENCE_S."""
+    with serve(FakeBackend(), max_sessions=2) as server:
+        running = [RawPeer(server.endpoint) for _ in range(2)]
+        for i, peer in enumerate(running):
+            peer.handshake(name=f"r{i}")
+        burst = [RawPeer(server.endpoint) for _ in range(5)]
+        for peer in burst:
+            reply = peer.handshake(name="burst")
+            assert reply.code == "server_full" and "serves at most 2 robot(s) at once" in reply.message
+        for peer in running:
+            assert isinstance(peer.request(observation(1)), ActionChunk)  # still served
+        time.sleep(server_module.EVICTABLE_SILENCE_S + 0.1)  # r0, r1 silent: the next robot takes r0's place
+        assert isinstance(burst[0].handshake(name="late"), Welcome)
+        assert running[0].request(observation(2)).code == "no_session"
+        assert isinstance(running[1].request(observation(2)), ActionChunk)
+        for peer in running + burst:
+            peer.close()
+
+
+def test_the_client_waits_for_a_full_server_and_says_so():
+    robot = StepRobot(50)
+    with serve(FakeBackend(), max_sessions=1) as server:
+        running = RawPeer(server.endpoint)
+        running.handshake(name="running")
+        with PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=50) as client:
+            with pytest.raises(ConnectError, match=r"stayed full for 0.5 s: this server serves at most 1 robot\(s\) at once"):
+                client.connect(timeout_s=0.5)
+            assert isinstance(running.request(observation(1)), ActionChunk)  # the running robot kept its place
+            running.close()  # silent from now on: after EVICTABLE_SILENCE_S the waiting client gets in
+            assert client.connect(timeout_s=5)["n_action_steps"] == 8
 
 
 def test_a_robot_without_a_session_is_answered_in_its_own_protocol_version(caplog):

@@ -121,6 +121,7 @@ class PolicyClient:
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.rtt_s = float("nan")
         self.connections = 0
+        self._full = ""  # the server's last server_full refusal of our handshake, if any
         self._socket: zmq.Socket | None = None
         self._open()
 
@@ -181,6 +182,8 @@ class PolicyClient:
         deadline = time.monotonic() + timeout_s
         while not self._ready:
             if time.monotonic() > deadline:
+                if self._full:
+                    raise ConnectError(f"the policy server at {self.address} stayed full for {timeout_s:g} s: {self._full}")
                 hint = "" if self.keys_dir else (" (none running there? one started with --keys answers only robots "
                                                  "given its keys)")
                 raise ConnectError(f"no answer from a policy server at {self.address} within {timeout_s:g} s{hint}")
@@ -228,6 +231,10 @@ class PolicyClient:
                 self._handshake_due = now
                 log.info("server at %s does not speak our protocol version: falling back to version %d",
                          self.address, self.version)
+                return True
+            if msg.code == "server_full" and not self._ready:  # every session active: the handshake is resent
+                self._warn(msg.code, f"server at {self.address} is full, retrying: {msg.message}")
+                self._full = msg.message
                 return True
             if msg.code == "spec_mismatch" or not self._ready:  # before the welcome only a handshake was sent
                 raise ConnectError(f"server at {self.address} refused the handshake: [{msg.code}] {msg.message}")

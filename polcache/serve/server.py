@@ -60,6 +60,9 @@ log = logging.getLogger("polcache.serve")
 # thread wake-up every second message (BENCHMARKS.md, transport).
 SOCKET_HWM = 16
 LOOP_WAKE_MS = 100  # the longest the loop waits for a message: housekeeping and stop() run between
+# A session silent this long may be forgotten for a new robot when all are taken: a robot that hears
+# nothing for its timeout (the reference client's: 1 s) reconnects as a new session anyway.
+EVICTABLE_SILENCE_S = 1.0
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
@@ -378,6 +381,8 @@ class PolicyServer:
         """`fd`: the connection's file descriptor (None for a robot shaking hands again on its session's)."""
         check_handshake(msg, self.spec)
         instruction = session_instruction(msg.instruction, self.spec, self.instruction, "handshake.instruction")
+        if robot not in self.sessions and len(self.sessions) >= self.max_sessions:
+            self._make_room()
         self.sessions[robot] = Session(name=msg.name, hz=msg.hz,
                                        history=ObservationHistory(self.spec.n_obs_steps, self.spec.obs_stride,
                                                                   self.spec.frame_mode),
@@ -387,10 +392,6 @@ class PolicyServer:
                                        deadline_ms=self.deadline_ms or (self.spec.n_action_steps - 1) / msg.hz * 1e3,
                                        action_offsets_s=np.arange(self.spec.n_action_steps, dtype=np.float64) / msg.hz)
         self.sessions.move_to_end(robot)
-        while len(self.sessions) > self.max_sessions:
-            evicted_id, evicted = self.sessions.popitem(last=False)
-            self._warn(f"evict:{evicted_id.hex()}",
-                       f"too many robots: forgot {robot_label(evicted.name, evicted_id)} (least recently seen)")
         if fd is not None and fd >= 0:  # -1: a transport without descriptors (inproc)
             # A descriptor is reused only after its connection closed, and that closing is queued on the
             # monitor before it: read it first, so the entry cannot name the previous connection's robot.
@@ -401,6 +402,19 @@ class PolicyServer:
                        f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz)")
         self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
                                          server=self.name), version))
+
+    def _make_room(self) -> None:
+        """Forget the least recently seen session for a new robot, unless it is still active: a burst
+        of handshakes (a process opening sockets in a loop) used to push out every running robot."""
+        robot, oldest = next(iter(self.sessions.items()))
+        silent_s = time.monotonic() - oldest.last_seen
+        if silent_s < EVICTABLE_SILENCE_S:
+            raise ProtocolError("server_full", f"this server serves at most {self.max_sessions} robot(s) at once and "
+                                               f"each was heard from within the last {EVICTABLE_SILENCE_S:g} s; try "
+                                               f"again once one has stopped")
+        del self.sessions[robot]
+        self._warn(f"evict:{robot.hex()}", f"too many robots: forgot {robot_label(oldest.name, robot)} (least "
+                                           f"recently seen, {silent_s:.1f} s ago)")
 
     def _on_observation(self, robot: bytes, session: Session, obs: Observation, decode_ms: float) -> None:
         """`obs` matches the negotiated spec (ObservationReader)."""
