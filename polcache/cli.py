@@ -72,12 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except PolcacheError as exc:
-        print(f"polcache {command}: error: {exc}", file=sys.stderr)
+        print(f"polcache {command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system's refusal (disk full, read-only, permission), named with its path
+        paths = ": ".join(f"{p}" for p in (exc.filename, exc.filename2) if p is not None)
+        print(f"polcache {command}: error: {paths + ': ' if paths else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:  # Ctrl-C: 130 (128 + SIGINT); SIGTERM raised as Terminated: 143
         terminated = isinstance(exc, Terminated)
         print(f"polcache {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
+
+
+def one_line(message: str) -> str:
+    """A message as one line: some libraries' own (pyarrow's) carry newlines into ours."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 def console() -> NoReturn:

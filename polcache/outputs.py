@@ -41,6 +41,8 @@ def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[P
     for source in inputs:
         if Path(source).resolve() == path.resolve():
             raise error(f"{name}: is also the input; refusing to overwrite it")
+    if (unwritable := _unwritable(path)) is not None:
+        raise error(f"{name}: {unwritable}; nothing was done")
     if not path.exists():
         return path
     if path.is_dir() != folder:
@@ -50,6 +52,18 @@ def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[P
     if ours is None or not ours(path):
         raise error(f"{name}: exists and is not {what}; refusing to overwrite it")
     return path
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the output cannot be written, checked where its writer creates it (the nearest existing
+    folder above it): a read-only file system or a folder this user may not write in were found
+    only after the recording, training or evaluation was done."""
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"{folder} is on a read-only file system"
+    return f"{folder} is not writable by this user"
 
 
 def json_kind(path: Path, format: str, fields: Iterable[str] = ()) -> bool:

@@ -1,10 +1,13 @@
 """Bad input gives one clear line naming the problem, never a traceback."""
 
+import os
 from pathlib import Path
 
 import pytest
 
+from polcache import cli, outputs
 from polcache.cli import main
+from polcache.serve import cli as serve_cli
 
 
 def _err(capsys, argv) -> str:
@@ -368,12 +371,18 @@ OUTPUTS = {  # command line with OUT for the output, and whether that output is 
 
 
 @pytest.mark.parametrize("command", OUTPUTS)
-@pytest.mark.parametrize("where", ["under-a-file", "wrong-kind", "empty"])
-def test_every_output_path_is_checked_first_in_one_line(capsys, tmp_path, afile, command, where):
+@pytest.mark.parametrize("where", ["under-a-file", "wrong-kind", "empty", "unwritable"])
+def test_every_output_path_is_checked_first_in_one_line(capsys, tmp_path, afile, command, where, monkeypatch):
     argv, folder = OUTPUTS[command]
     run = tmp_path / "run.jsonl"
     run.write_text("")
-    if where == "under-a-file":
+    if where == "unwritable":  # found only after the work was done, before this check (tests run as root)
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        real_access = os.access
+        monkeypatch.setattr(outputs.os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+        out, match = locked / "out", f"{locked} is not writable by this user; nothing was done"
+    elif where == "under-a-file":
         out, match = afile / "sub", f"{afile} is a file, not a folder"
     elif where == "wrong-kind":
         out = afile if folder else tmp_path
@@ -581,3 +590,18 @@ def test_the_command_exits_with_its_status_when_interrupted_again_on_its_way_out
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_a_failure_of_the_system_is_one_line_naming_the_path(capsys, monkeypatch):
+    """Disk full, a read-only file system met mid-write: a traceback (status 1) before."""
+    def full(args):
+        raise OSError(28, "No space left on device", "/data/run/.last.tmp-1/model.safetensors")
+    monkeypatch.setattr(serve_cli, "_keys", full)
+    assert cli.main(["keys", "--dir", "k"]) == 1
+    assert capsys.readouterr().err == ("polcache keys: error: /data/run/.last.tmp-1/model.safetensors: No space left on "
+                                       "device\n")
+
+
+def test_a_library_message_with_newlines_is_printed_as_one_line():
+    assert cli.one_line("cannot read part-0.parquet: Parquet magic bytes not found\n  in footer.\n") == (
+        "cannot read part-0.parquet: Parquet magic bytes not found in footer.")
