@@ -63,6 +63,19 @@ def test_calibrate_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert source.endswith("random windows (seed 0, all it has of the 4000 asked)"), source
 
 
+def test_the_default_bubbling_union_fits_a_model_with_fewer_blocks(tmp_path, capsys):
+    """`--bu-blocks` defaults to 5; a 1-layer model (3 blocks) refused the command's own default."""
+    rng = np.random.default_rng(0)
+    write_dataset(tmp_path / "demo.zarr", [Episode(obs={"state": rng.normal(size=(20, 5)).astype(np.float32)},
+                                                   action=rng.uniform(-1, 1, (20, 3)).astype(np.float32))])
+    policy = tiny_policy(n_layers=1, width=32)
+    ckpt = save_checkpoint(tmp_path / "ckpt", ExperimentConfig(task="", dataset=str(tmp_path / "demo.zarr"),
+                                                               policy=policy.cfg), policy)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--budget", "3", "--steps", "8", "--sampler", "ddim",
+                 "--samples", "4", "--out", str(tmp_path / "s.json"), "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "s.json").read_text())["bu_blocks"] == 3
+
+
 def test_environment_resets_when_the_dataset_is_missing():
     from polcache.cache.calibrate import calibration_observations
 

@@ -99,6 +99,7 @@ def find_dataset(dataset: str, checkpoint: str | Path | None = None) -> Path | N
     return next((c for c in candidates if c.exists()), None)
 
 
+DEFAULT_BU_BLOCKS = 5  # blocks widened by Bubbling Union: the paper's choice in simulation
 MAX_SAMPLES = 4096  # calibration observations: the scores settle long before (the default is 32)
 
 
@@ -165,7 +166,7 @@ def check_schedule_output(out: str | Path, flag: str | None = "--out") -> tuple[
     return out, png
 
 
-def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, bu_blocks: int = 5,
+def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, bu_blocks: int | None = None,
                          sampler: str | None = None, steps: int | None = None, samples: int = 32,
                          method: str = "bac", force_last: bool = True, seed: int = 0, batch_size: int = 8,
                          device: str = "cpu", progress: bool = True, objective: str = "error-bound") -> Schedule:
@@ -183,6 +184,8 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     K, n = smp.num_steps, len(policy.cache_blocks)
     if not 1 <= budget <= K:
         raise CacheError(f"--budget must be in 1..{K} (the number of denoising steps), got {budget}")
+    if bu_blocks is None:  # the paper's 5, or every block of a smaller model
+        bu_blocks = min(DEFAULT_BU_BLOCKS, n)
     if method == "bac" and not 0 <= bu_blocks <= n:
         raise CacheError(f"--bu-blocks must be in 0..{n} (the number of blocks), got {bu_blocks}")
     obs, source = calibration_observations(policy, cfg, samples, seed, checkpoint)

@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "schedule JSON (use it with `polcache eval --cache FILE`) and a heatmap PNG beside it.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--budget", type=positive_int, required=True, help="update steps per block S (1..K)")
-    p.add_argument("--bu-blocks", type=non_negative_int, default=5,
-                   help="blocks widened by Bubbling Union (paper: 5 in simulation, 3 on robots; default 5)")
+    p.add_argument("--bu-blocks", type=non_negative_int,
+                   help="blocks widened by Bubbling Union (paper: 5 in simulation, 3 on robots; default 5, or "
+                        "every block of a model with fewer)")
     p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
     p.add_argument("--samples", type=positive_int, default=32, help="calibration observations (default 32)")
