@@ -173,7 +173,7 @@ def test_client_refuses_to_send_an_oversized_observation(server, caplog):
         assert "too_large" in caplog.text or "limit" in caplog.text
 
 
-def test_inference_failure_is_reported_and_serving_continues():
+def test_inference_failure_is_reported_and_serving_continues(caplog):
     class Flaky(FakeBackend):
         def predict(self, obs, seed=None, past_actions=None):
             if obs["state"][0, -1, 0] == 13:
@@ -182,11 +182,14 @@ def test_inference_failure_is_reported_and_serving_continues():
                 return np.full((1, 8, ACTION_DIM), np.nan, np.float32)
             return super().predict(obs, seed)
 
-    with PolicyServer(Flaky(), "tcp://127.0.0.1:0") as server:
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"), PolicyServer(Flaky(), "tcp://127.0.0.1:0") as server:
         p = RawPeer(server.endpoint)
-        p.handshake()
+        p.handshake(name="arm-" + "x" * 4000)
         reply = p.request(observation(13))
         assert reply.code == "inference" and "out of memory" in reply.message and reply.seq == 13
+        # the log names the robot, its name cut short (it is in every line about the robot)
+        assert f"inference failed for observation 13 of arm-{'x' * 60}... (session " in caplog.text
+        assert "x" * 61 not in caplog.text
         nan = p.request(observation(14)).message
         assert "the policy's actions are NaN or infinite: its observations are probably far outside" in nan
         assert "Error:" not in nan  # our own reason, without a Python exception's name

@@ -34,7 +34,7 @@ from polcache.serve.handshake import check_handshake, operator_instruction, robo
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
 from polcache.serve.security import apply_server_keys, check_bind
-from polcache.serve.worker import InferenceWorker, Job
+from polcache.serve.worker import InferenceWorker, Job, robot_label
 from polcache_client.logs import RateLimitedLog
 from polcache_client.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -123,12 +123,6 @@ class Session:
         if not len(due):
             return None
         return CommittedActions(due, math.ceil((self.latency_s or 0.0) * self.hz))
-
-
-def robot_label(name: str, robot: bytes) -> str:
-    """A robot in the server's log: its handshake name, which several robots may share, and its session
-    (the connection's routing id), which tells them apart."""
-    return f"{name} (session {robot.hex()})"
 
 
 class PolicyServer:
@@ -489,7 +483,7 @@ class PolicyServer:
         pending = session.pending
         t0 = time.perf_counter()
         obs_seqs, stacked = session.history.window()
-        job = Job(robot=robot, epoch=session.epoch, seq=pending.obs.seq, obs_seqs=obs_seqs,
+        job = Job(robot=robot, name=session.name, epoch=session.epoch, seq=pending.obs.seq, obs_seqs=obs_seqs,
                   t_capture=pending.obs.t_capture, received=pending.received, obs=stacked, session=session.policy,
                   reset_session=session.needs_reset, queue_depth=queue_depth, batch_size=batch_size,
                   superseded=session.superseded,

@@ -27,11 +27,13 @@ from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession,
 from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.serve")
+LABEL_CHARS = 64  # of a robot's name in log lines
 
 
 @dataclass(slots=True)
 class Job:
     robot: bytes  # session identity
+    name: str  # the robot's handshake name, for the log
     epoch: int
     seq: int
     obs_seqs: list[int]  # history steps in `obs`, oldest first
@@ -49,6 +51,14 @@ class Job:
     # the outcome, filled by `InferenceWorker.infer`: the chunk's actions, or why there are none
     actions: np.ndarray | None = None  # (n_action_steps, action_dim) float32
     error: str | None = None
+
+
+def robot_label(name: str, robot: bytes) -> str:
+    """A robot in the server's log: its handshake name (cut short: a name may be 4096 characters, and
+    it is in every line about the robot), which several robots may share, and its session (the
+    connection's routing id), which tells them apart."""
+    shown = name if len(name) <= LABEL_CHARS else name[:LABEL_CHARS] + "..."
+    return f"{shown or '(unnamed)'} (session {robot.hex()})"
 
 
 class InferenceWorker:
@@ -125,5 +135,6 @@ class InferenceWorker:
         return finite_actions(actions)[0]
 
     def _fail(self, job: Job, exc: Exception) -> None:
-        self._warn(type(exc).__name__, f"inference failed for observation {job.seq} (session {job.robot.hex()}): {exc}")
+        self._warn(type(exc).__name__, f"inference failed for observation {job.seq} of "
+                                       f"{robot_label(job.name, job.robot)}: {exc}")
         job.error = str(exc) if isinstance(exc, PolcacheError) else f"{type(exc).__name__}: {exc}"  # ours say it all
