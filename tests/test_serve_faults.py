@@ -12,11 +12,12 @@ import pytest
 
 from fakes import ACTION_DIM, STATE_DIM, FakeBackend, RawPeer, StepRobot, observation, wait_for
 from polcache.errors import PolcacheError
+from polcache.serve.flood import FloodGuard, allowance
 from polcache.serve.security import InsecureBindError, generate_keys, is_loopback
 from polcache.serve.server import PolicyServer
 from polcache_client import ControlLoop, PolicyClient
 from polcache_client.connection import ConnectError
-from polcache_client.protocol import (PROTOCOL_VERSION, ActionChunk, Error, Handshake, Heartbeat, Welcome, encode,
+from polcache_client.protocol import (PROTOCOL_VERSION, ActionChunk, Error, Handshake, Heartbeat, Welcome, decode, encode,
                                       encode_array)
 from polcache_client.watchdog import Watchdog
 
@@ -391,3 +392,58 @@ def test_observation_of_an_ended_epoch_gets_an_error(peer):
     assert peer.request(obs_map(epoch=3, seq=10)).code == "stale_epoch"
     assert isinstance(peer.request(msgpack.packb({"v": PROTOCOL_VERSION, "type": "reset", "epoch": 5})), Reset)
     assert isinstance(peer.request(obs_map(epoch=5, seq=11)), ActionChunk)
+
+
+def test_a_flooding_peer_is_muted_while_others_are_served(server, peer, caplog):
+    """A peer sending far more than its declared rate while others are served has its messages
+    dropped unread for the next second, and is told so once; it is heard again once it slows."""
+    flooder = RawPeer(server.endpoint)
+    flooder.handshake(name="flooder")  # 50 Hz: 4 * 50 + 20 = 220 messages a second allowed
+    heartbeat = encode(Heartbeat(t=1.0))
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+        deadline = time.monotonic() + 3.0
+        told = None
+        next_beat = 0.0
+        while told is None and time.monotonic() < deadline:  # flood until a window closes and mutes it
+            for _ in range(50):
+                flooder.send(heartbeat)
+            if time.monotonic() >= next_beat:  # the robot beside it is heard in the window too, at 50 Hz
+                peer.send(heartbeat)
+                next_beat = time.monotonic() + 0.02
+            while flooder.socket.poll(0):
+                reply = decode(flooder.socket.recv())
+                if type(reply) is Error:
+                    told = reply
+            while peer.socket.poll(0):
+                peer.socket.recv()
+        assert told is not None and told.code == "rate_limited" and "more than 220 messages in one second" in told.message
+        assert "flooder (session" in caplog.text and "dropped unread until it sends fewer" in caplog.text
+        while peer.socket.poll(200):  # the echoes of its heartbeats
+            peer.socket.recv()
+        assert_still_serving(peer)
+    flooder.close()
+
+
+def test_the_flood_guard_mutes_only_beside_others_and_hears_a_peer_that_slowed_down():
+    guard = FloodGuard()
+    allowed = {b"robot": allowance(50.0), b"flooder": allowance(50.0), b"stranger": allowance(None)}.__getitem__
+    assert allowed(b"robot") == 220 and allowed(b"stranger") == 100
+    guard.counts = {b"flooder": 5000}
+    assert guard.new_window(allowed) == {} and not guard.muted  # alone: no one to starve
+    guard.counts = {b"flooder": 5000, b"robot": 60, b"stranger": 101}
+    assert guard.new_window(allowed) == {b"flooder": 5000, b"stranger": 101}
+    assert guard.muted == {b"flooder", b"stranger"} and guard.counts == {}
+    guard.told.add(b"flooder")
+    guard.counts = {b"flooder": 5000, b"robot": 60}  # still flooding (its dropped messages count): muted, not new
+    assert guard.new_window(allowed) == {} and guard.muted == {b"flooder"} and not guard.told
+    guard.counts = {b"flooder": 10, b"robot": 60}  # slowed down: heard again
+    assert guard.new_window(allowed) == {} and not guard.muted
+
+
+def test_a_peer_alone_is_never_muted(server, peer):
+    """A benchmark's ping-pong or a fast robot alone on its server is no flood."""
+    for seq in range(400):
+        assert type(peer.request(encode(Heartbeat(t=float(seq))))) is Heartbeat
+    time.sleep(1.1)
+    assert_still_serving(peer)
+    assert not server._flood.muted

@@ -31,6 +31,7 @@ from polcache.config import INSTRUCTION_KEY
 from polcache.policy.batching import batching_blocker
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession, rtc_blocker
 from polcache.serve.handshake import check_handshake, operator_instruction, robot_obs_spec, session_instruction
+from polcache.serve.flood import DROP_PAUSE_S, FloodGuard, allowance
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
 from polcache.serve.security import apply_server_keys, check_bind
@@ -202,6 +203,7 @@ class PolicyServer:
         self._thread: threading.Thread | None = None
         self._busy = False
         self._next_sweep = 0.0
+        self._flood = FloodGuard()
         self.inline_ms = inline_ms
         self._recent_inference_ms: deque[float] = deque(maxlen=INLINE_WINDOW)
 
@@ -299,15 +301,22 @@ class PolicyServer:
         """Read everything waiting before the next dispatch, so only the newest observation counts;
         called when one is waiting (after it, asking is cheaper than a zmq.Again)."""
         for _ in range(MAX_DRAIN):
-            self._receive(_NOBLOCK)
+            if not self._receive(_NOBLOCK):  # a flooder's: the robots waiting are served first
+                return
             if not self._router.getsockopt(zmq.EVENTS) & _POLLIN:
                 return
 
-    def _receive(self, flags: int = 0) -> None:
+    def _receive(self, flags: int = 0) -> bool:
         """Read and handle one message. A robot without a session (one about to shake hands) is read
         as a zmq.Frame for its connection's file descriptor, which a disconnect event reports; the
-        rest as bytes, as recv_multipart would (which makes as many calls)."""
+        rest as bytes, as recv_multipart would (which makes as many calls). False: the message was a
+        muted peer's, dropped unread."""
         robot = self._router.recv(flags)
+        counts = self._flood.counts
+        counts[robot] = counts.get(robot, 0) + 1
+        if robot in self._flood.muted:
+            self._drop(robot)
+            return False
         fd = None
         if robot in self.sessions:
             frames = [self._router.recv()]
@@ -317,6 +326,21 @@ class PolicyServer:
         while self._router.getsockopt(zmq.RCVMORE):
             frames.append(self._router.recv())
         self._handle(robot, frames, fd)
+        return True
+
+    def _drop(self, robot: bytes) -> None:
+        """Read a muted peer's message and drop it unread (polcache.serve.flood); tell it once a window."""
+        while self._router.getsockopt(zmq.RCVMORE):
+            self._router.recv(copy=False)
+        # Reading it slowly lets its connection's queue fill, so ZeroMQ stops reading it too (and the
+        # flooder's sends wait); the pause frees the core and the GIL for everyone else meanwhile.
+        time.sleep(DROP_PAUSE_S)
+        if robot not in self._flood.told:
+            self._flood.told.add(robot)
+            session = self.sessions.get(robot)
+            self._send(robot, encode(Error(code="rate_limited", message=(
+                f"more than {self._allowance(robot):g} messages in one second while other robots are served: this robot's messages "
+                f"are dropped unread until it sends fewer"), seq=None), session.version if session else PROTOCOL_VERSION))
 
     def _handle(self, robot: bytes, frames: list[bytes], fd: int | None = None) -> None:
         session = self.sessions.get(robot)
@@ -557,11 +581,21 @@ class PolicyServer:
             return
         self._next_sweep = now + 1.0
         self._log_disconnects()
+        for robot, n in self._flood.new_window(self._allowance).items():
+            session = self.sessions.get(robot)
+            self._warn(f"flood:{robot.hex()}", f"{robot_label(session.name, robot) if session else robot.hex()} sent "
+                                               f"{n} messages in one second, more than its {self._allowance(robot):g}, "
+                                               f"while other robots were served: its messages are dropped unread "
+                                               f"until it sends fewer")
         for robot, session in list(itertools.takewhile(lambda kv: now - kv[1].last_seen > self.session_timeout_s,
                                                        self.sessions.items())):
             log.info("robot %s silent for %.0f s: session closed", robot_label(session.name, robot),
                      now - session.last_seen)
             del self.sessions[robot]
+
+    def _allowance(self, robot: bytes) -> float:
+        session = self.sessions.get(robot)
+        return allowance(session.hz if session else None)
 
     def __enter__(self) -> "PolicyServer":
         return self.start()
