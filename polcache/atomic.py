@@ -4,7 +4,7 @@ A sibling temp directory is filled, then swapped into place. On Linux the swap i
 renameat2(RENAME_EXCHANGE): `path` always names a complete directory, the old one or the new,
 even if the process is killed mid-swap. Elsewhere (or on a filesystem without it) an existing
 directory is renamed aside first and restored if the final rename fails; a kill between the two
-renames leaves it aside, and the next write to `path` puts it back. Temp names carry the
+renames leaves it aside, and the next reader (`restore`) or writer of `path` puts it back. Temp names carry the
 writer's pid, so the next write also removes what killed writers left behind."""
 
 from __future__ import annotations
@@ -47,17 +47,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def restore(path: str | Path) -> Path:
+    """Put back the directory that a writer of `path`, killed between its two renames (filesystems
+    without an atomic exchange), left set aside as `.NAME.old-*`, so a reader finds the complete old
+    one instead of nothing. Every reader of an atomically written path calls this first; it changes
+    nothing where `path` exists, or where the writer is still running. Returns `path`."""
+    path = Path(path)
+    if os.path.lexists(path):
+        return path
+    try:
+        for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
+            pid = leftover.name[len(path.name) + 6:].partition("-")[0]
+            if pid.isdigit() and not _alive(int(pid)) and leftover.is_dir() and not leftover.is_symlink():
+                os.rename(leftover, path)
+                break
+    except OSError:  # a read-only folder, or another reader restored it first
+        pass
+    return path
+
+
 def _recover(path: Path) -> None:
     """Undo what killed writers of `path` left: a directory renamed aside is put back where
     `path` is missing; their temp directories are removed."""
+    restore(path)
     for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*")):
         kind, _, tag = leftover.name[len(path.name) + 2:].partition("-")
         pid = tag.partition("-")[0]
         if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
             continue
-        if kind == "old" and not path.exists():
-            os.rename(leftover, path)
-        elif leftover.is_dir():
+        if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)

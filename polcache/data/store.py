@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from polcache.atomic import atomic_directory
+from polcache.atomic import atomic_directory, restore
 from polcache.errors import DatasetError
 from polcache.outputs import check_output
 from polcache.policy.spec import ArraySpec
@@ -261,7 +261,7 @@ class EpisodeStore:
     @classmethod
     def open(cls, path: str | Path) -> "EpisodeStore":
         """Open and validate; any missing, truncated or foreign dataset raises DatasetError."""
-        path = Path(path)
+        path = restore(path)  # a write killed between its two renames (no atomic exchange) left it aside
         if not path.exists():
             raise DatasetError(f"{path}: dataset does not exist")
         try:

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from polcache.atomic import atomic_write_text
+from polcache.atomic import atomic_write_text, restore
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
@@ -55,6 +55,11 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
 def _world_size() -> int:
     """The processes sharing the run: torchrun's WORLD_SIZE, else 1."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun gives it (RANK), before the process group exists; 0 alone."""
+    return int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
 
 
 def _distributed() -> tuple[int, int]:
@@ -153,7 +158,11 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
     """Train the policy described by `cfg` on `device` (cpu, cuda, cuda:N, auto; under torchrun each
     process takes its LOCAL_RANK's GPU); returns the path of the final checkpoint (`out/last`).
     `source`: what to learn from (default: `dataset_source(cfg)`)."""
-    check_out(Path(cfg.out), cfg.dataset)
+    out = Path(cfg.out)
+    if _launch_rank() == 0:  # a save killed between its two renames (no atomic exchange) left a checkpoint
+        for sub in ("last", "best"):  # aside: put back before it is checked, resumed or moved by --fresh
+            restore(out / sub)
+    check_out(out, cfg.dataset)
     world = _world_size()
     if cfg.train.batch_size < world:  # each process takes batch_size // world windows: 0 fails after the data loads
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {world} (processes "
