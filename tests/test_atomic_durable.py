@@ -76,3 +76,55 @@ def test_loading_a_checkpoint_whose_save_was_killed_between_renames(tmp_path, ca
                                        f"policy, cfg, _ = load_policy({str(run / 'last')!r})\n"
                                        f"save_checkpoint({str(run / 'last')!r}, cfg, policy, step=3)")
     assert load_policy(run / "last")[2]["step"] == 2
+
+
+# Holds OUT's training lock as a running `polcache train` does, until its stdin closes.
+HOLDS_THE_RUN = r"""
+import sys
+from pathlib import Path
+from polcache.train.loop import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_training_with_the_same_out_is_refused_while_one_runs(tmp_path, capsys):
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run) == 0
+    first = subprocess.Popen([sys.executable, "-c", HOLDS_THE_RUN, str(run)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "holding\n"
+        capsys.readouterr()
+        assert train_cli(data, run, "train.steps=4") == 2
+        assert capsys.readouterr().err.strip() == (
+            f"polcache train: error: out={run}: another training holds it (pid {first.pid}, lock {run / '.train.lock'}); "
+            "wait for it to end or give another out directory")
+        assert load_policy(run / "last")[2]["step"] == 2  # untouched
+    finally:
+        first.kill()  # the kernel drops a killed run's lock: the next run goes on
+        first.wait()
+    assert train_cli(data, run, "train.steps=4") == 0
+    assert load_policy(run / "last")[2]["step"] == 4
+
+
+def test_a_run_killed_before_writing_anything_leaves_an_out_that_the_next_run_takes(tmp_path, capsys):
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    run.mkdir()
+    (run / ".train.lock").write_text("12345\n")  # all that a run killed while loading its data leaves
+    assert train_cli(data, run) == 0
+    assert load_policy(run / "last")[2]["step"] == 2
+    assert train_cli(tmp_path / "missing.zarr", tmp_path / "new") == 2  # failed before any work: no folder left
+    assert not (tmp_path / "new").exists()
+
+
+def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    from polcache.train.loop import run_lock
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with run_lock(tmp_path / "run"):
+        monkeypatch.setenv("RANK", "1")
+        with run_lock(tmp_path / "run"):  # another rank of the same run: not refused, takes nothing
+            pass
