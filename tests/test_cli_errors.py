@@ -581,3 +581,22 @@ def test_the_command_exits_with_its_status_when_interrupted_again_on_its_way_out
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_a_folder_for_gifs_or_keys_that_is_itself_replaced_whole_is_refused(capsys, tmp_path):
+    import shutil
+
+    from polcache.errors import OutputError
+    from polcache.serve.security import generate_keys
+
+    data = _dataset(tmp_path / "reach.zarr")
+    before = sorted(p.name for p in data.iterdir())
+    err = _err(capsys, ["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--video", str(data)])
+    assert f"--video {data}: is a dataset, which is replaced whole when it is written again; give a path outside it" \
+        in err
+    assert sorted(p.name for p in data.iterdir()) == before
+    ck = shutil.copytree(CHECKPOINT, tmp_path / "run" / "last")
+    with pytest.raises(OutputError, match=f"--dir {ck}: is a checkpoint, which is replaced whole"):
+        generate_keys(ck)
+    assert not list(ck.glob("*.key*"))
+    generate_keys(tmp_path / "keys")  # a folder of the user's own is fine

@@ -119,7 +119,7 @@ def is_lerobot_root(path: str | Path) -> bool:
 
 def check_lerobot_output(out: str | Path, flag: str | None = None) -> Path:
     """Refuse, before any work, an export root that is not a LeRobot dataset (see check_output)."""
-    return check_output(out, "a LeRobot dataset", folder=True, ours=is_lerobot_root, flag=flag, error=DatasetError)
+    return check_output(out, "a LeRobot dataset", folder=True, ours=is_lerobot_root, flag=flag, error=DatasetError, whole=True)
 
 
 # ---- import -----------------------------------------------------------------

@@ -134,7 +134,7 @@ def _put(group: zarr.Group, name: str, data: np.ndarray, rows: int) -> None:
 def check_dataset_output(path: str | Path, flag: str | None = None, inputs: Sequence[str | Path] = ()) -> Path:
     """Refuse, before any work, a dataset output that is not a polcache dataset (see check_output)."""
     return check_output(path, "a polcache dataset", folder=True, ours=is_dataset, flag=flag, inputs=inputs,
-                        error=DatasetError)
+                        error=DatasetError, whole=True)
 
 
 def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | None = None) -> None:
