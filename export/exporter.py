@@ -61,7 +61,7 @@ def check_artifact_output(out: str | Path, flag: str | None = None) -> Path:
     """Refuse, before any work, an --out that is not an earlier artifact: one is replaced whole,
     anything else is not ours (see check_output)."""
     return check_output(out, f"an exported policy (with {MANIFEST})", folder=True,  # a folder whose manifest.json
-                        ours=lambda p: json_kind(p / MANIFEST, FORMAT), flag=flag, error=ExportError)  # is another's: not ours
+                        ours=lambda p: json_kind(p / MANIFEST, FORMAT), flag=flag, error=ExportError, whole=True)  # is another's: not ours
 
 
 def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = None, sampler: str | None = None,

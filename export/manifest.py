@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from polcache.atomic import restore
 from polcache.cache.errors import CacheError
 from polcache.cache.spec import CacheSpec, parse_cache_spec
 from polcache.errors import ExportError
@@ -102,7 +103,7 @@ def _check_fields(doc: object, cls: type, where: str) -> None:
 
 def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     """Read and check an artifact's manifest; with `verify`, every graph file's sha256 too."""
-    root = Path(artifact)
+    root = restore(artifact)  # an export killed between its two renames (no atomic exchange) left it aside
     path = root / MANIFEST
     if not path.is_file():
         raise ExportError(f"{root}: not an exported policy (no {MANIFEST})")

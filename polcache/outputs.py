@@ -19,13 +19,15 @@ from polcache.jsonfile import read_json_object
 
 def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[Path], bool] | None = None,
                  flag: str | None = "--out", inputs: Iterable[str | Path] = (),
-                 error: type[PolcacheError] = OutputError) -> Path:
+                 error: type[PolcacheError] = OutputError, whole: bool = False) -> Path:
     """`path` as a Path when the command may write `what` there; else OutputError in one line.
 
     folder: the output is a directory (an existing empty one is fine) or else a file.
     ours: true for an existing output of this command, which may be replaced; None: nothing may be.
     inputs: paths the command reads, which the output must not be.
-    error: the class raised (a library writer raises its own, e.g. DatasetError)."""
+    error: the class raised (a library writer raises its own, e.g. DatasetError).
+    whole: the command replaces the folder whole (a dataset, an exported policy, a report); else it puts
+    files into it (GIFs, keys), which must then not be such a folder itself either."""
     name = f"{flag} {path}" if flag else str(path)
     if not str(path).strip():
         raise error(f"{flag or 'output'}: empty path; expected {what}")
@@ -35,9 +37,9 @@ def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[P
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise error(f"{name}: {parent} is a file, not a folder")
-    if (holder := enclosing_output(path)) is not None:
-        raise error(f"{name}: is inside {holder[0]}, {holder[1]}, which is replaced whole when it is written again; "
-                    "give a path outside it")
+    if (holder := enclosing_output(path, itself=folder and not whole)) is not None:
+        where = f"is {holder[1]}" if holder[0] == path.resolve() else f"is inside {holder[0]}, {holder[1]}"
+        raise error(f"{name}: {where}, which is replaced whole when it is written again; give a path outside it")
     for source in inputs:
         if Path(source).resolve() == path.resolve():
             raise error(f"{name}: is also the input; refusing to overwrite it")
@@ -92,9 +94,11 @@ def replaced_whole(folder: Path) -> str | None:
     return None
 
 
-def enclosing_output(path: str | Path) -> tuple[Path, str] | None:
-    """The outermost folder above `path` that is replaced whole (see `replaced_whole`), and what it is."""
-    for folder in reversed(Path(path).resolve().parents):
+def enclosing_output(path: str | Path, itself: bool = False) -> tuple[Path, str] | None:
+    """The outermost folder above `path` (or, with `itself`, `path` too: a folder that a command puts
+    files into) that is replaced whole (see `replaced_whole`), and what it is."""
+    path = Path(path).resolve()
+    for folder in [*reversed(path.parents), *([path] if itself else [])]:
         if (what := replaced_whole(folder)) is not None:
             return folder, what
     return None

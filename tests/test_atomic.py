@@ -3,6 +3,7 @@ left behind is undone by the next write."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,82 @@ def test_the_next_write_undoes_what_a_killed_writer_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", live.name, f".f.txt.tmp-{dead}-00000000"])
     atomic_write_text(tmp_path / "f.txt", "whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", live.name, "f.txt"])
+
+
+def test_a_write_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """Power loss: every file and folder of the new directory is fsynced before the swap, the parent after it
+    (and after a file's replace)."""
+    events, fsync, rename = [], atomic.os.fsync, atomic.os.rename
+
+    def synced(fd):
+        events.append(("fsync", atomic.os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", synced)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: (events.append(("swap", str(b))), False)[1])
+    monkeypatch.setattr(atomic.os, "rename", lambda a, b: (events.append(("rename", str(b))), rename(a, b))[1])
+    _write(tmp_path / "d", "first")
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "data.txt").write_text("second")
+    synced_names = [Path(p).name for op, p in events if op == "fsync"]
+    first_swap = next(i for i, (op, _) in enumerate(events) if op == "swap")
+    assert {"data.txt", "sub"} <= set(synced_names[:first_swap]) and events[first_swap - 1][1].startswith(str(tmp))
+    assert events[-1] == ("fsync", str(tmp_path))  # the parent, after the renames
+    events.clear()
+    atomic_write_text(tmp_path / "f.txt", "whole")
+    assert [op for op, _ in events] == ["fsync", "fsync"] and events[-1] == ("fsync", str(tmp_path))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_a_symbolic_link_is_written_through_and_nothing_is_left_beside_it(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    (tmp_path / "real").mkdir()
+    _write(tmp_path / "real" / "d", "first")
+    (tmp_path / "cur").symlink_to(tmp_path / "real" / "d")
+    _write(tmp_path / "cur", "second")
+    assert (tmp_path / "cur").is_symlink() and (tmp_path / "real" / "d" / "data.txt").read_text() == "second"
+    (tmp_path / "real" / "f.json").write_text("old")
+    (tmp_path / "f.json").symlink_to(tmp_path / "real" / "f.json")
+    atomic_write_text(tmp_path / "f.json", "new")
+    assert (tmp_path / "f.json").is_symlink() and (tmp_path / "real" / "f.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cur", "f.json", "real"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["d", "f.json"]
+
+
+def test_a_link_left_as_a_temp_by_a_killed_writer_is_removed_and_its_target_kept(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "data.txt").write_text("keep")
+    leftover = tmp_path / f".d.tmp-{_dead_pid()}-0a1b2c3d"
+    leftover.symlink_to(tmp_path / "real")  # what the exchange of a link once left
+    _write(tmp_path / "d", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "real"]
+    assert (tmp_path / "real" / "data.txt").read_text() == "keep"
+
+
+def test_a_killed_writers_temps_are_removed_though_its_pid_looks_alive(tmp_path):
+    """In a container a dead writer's pid (e.g. 1) names a live process: its lock, free, says it is gone."""
+    import fcntl
+
+    for tag in ("1-0a1b2c3d", f"{atomic.os.getpid()}-ffffffff"):
+        (tmp_path / f".d.tmp-{tag}").mkdir()
+        (tmp_path / f".d.lock-{tag}").touch()
+    held = open(tmp_path / f".d.lock-{atomic.os.getpid()}-ffffffff")  # a writer still writing holds its lock
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        _write(tmp_path / "d", "new")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["d", f".d.tmp-{atomic.os.getpid()}-ffffffff", f".d.lock-{atomic.os.getpid()}-ffffffff"])
+    finally:
+        held.close()
+    _write(tmp_path / "d", "newer")
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_a_writer_holds_its_lock_while_it_writes_and_removes_it_after(tmp_path):
+    with atomic_directory(tmp_path / "d") as tmp:
+        tmp.mkdir()
+        (lock,) = tmp_path.glob(".d.lock-*")
+        assert not atomic._writer_gone(tmp_path / "d", lock.name.partition("lock-")[2])  # noqa: SLF001
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]

@@ -605,3 +605,22 @@ def test_a_failure_of_the_system_is_one_line_naming_the_path(capsys, monkeypatch
 def test_a_library_message_with_newlines_is_printed_as_one_line():
     assert cli.one_line("cannot read part-0.parquet: Parquet magic bytes not found\n  in footer.\n") == (
         "cannot read part-0.parquet: Parquet magic bytes not found in footer.")
+
+
+def test_a_folder_for_gifs_or_keys_that_is_itself_replaced_whole_is_refused(capsys, tmp_path):
+    import shutil
+
+    from polcache.errors import OutputError
+    from polcache.serve.security import generate_keys
+
+    data = _dataset(tmp_path / "reach.zarr")
+    before = sorted(p.name for p in data.iterdir())
+    err = _err(capsys, ["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--video", str(data)])
+    assert f"--video {data}: is a dataset, which is replaced whole when it is written again; give a path outside it" \
+        in err
+    assert sorted(p.name for p in data.iterdir()) == before
+    ck = shutil.copytree(CHECKPOINT, tmp_path / "run" / "last")
+    with pytest.raises(OutputError, match=f"--dir {ck}: is a checkpoint, which is replaced whole"):
+        generate_keys(ck)
+    assert not list(ck.glob("*.key*"))
+    generate_keys(tmp_path / "keys")  # a folder of the user's own is fine

@@ -75,7 +75,7 @@ def is_report(path: Path) -> bool:
 def check_report_output(out: str | Path, runs: Sequence[str | Path] = (), flag: str | None = "--out") -> Path:
     """Refuse, before reading the runs, an --out that is a file, a run, or a folder of something else."""
     return check_output(out, "a report folder from `polcache report`", folder=True, ours=is_report, flag=flag,
-                        inputs=runs)
+                        inputs=runs, whole=True)
 
 
 def _write_page(out: Path, paths: Sequence[str | Path], state: RunState, bad: int) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from polcache.atomic import atomic_directory
+from polcache.atomic import atomic_directory, restore
 from polcache.data.store import Episode, EpisodeStore, write_dataset
 from polcache.errors import DatasetError
 from polcache.outputs import check_output
@@ -119,7 +119,7 @@ def is_lerobot_root(path: str | Path) -> bool:
 
 def check_lerobot_output(out: str | Path, flag: str | None = None) -> Path:
     """Refuse, before any work, an export root that is not a LeRobot dataset (see check_output)."""
-    return check_output(out, "a LeRobot dataset", folder=True, ours=is_lerobot_root, flag=flag, error=DatasetError)
+    return check_output(out, "a LeRobot dataset", folder=True, ours=is_lerobot_root, flag=flag, error=DatasetError, whole=True)
 
 
 # ---- import -----------------------------------------------------------------
@@ -737,7 +737,7 @@ def cached_import(root: str | Path, progress: bool = False) -> Path:
             continue
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not cache.exists():  # written atomically, so present means complete
+            if not restore(cache).exists():  # written atomically, so present means complete
                 import_lerobot(root, cache, progress)
                 if cache.parent == root / ".polcache":
                     for stale in cache.parent.glob("episodes-*.zarr"):
@@ -752,6 +752,6 @@ def cached_import(root: str | Path, progress: bool = False) -> Path:
 def open_dataset(path: str | Path, progress: bool = False) -> EpisodeStore:
     """Open a dataset for training: a polcache zarr store, or a LeRobot v3.0 root (imported once
     into a cache, see `cached_import`), so `dataset=` may name either."""
-    path = Path(path)
+    path = restore(path)  # a write killed between its two renames left it aside: the dataset is back
     refuse_hub_id(path)
     return EpisodeStore.open(cached_import(path, progress) if is_lerobot_root(path) else path)

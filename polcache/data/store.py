@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from polcache.atomic import atomic_directory
+from polcache.atomic import atomic_directory, restore
 from polcache.errors import DatasetError
 from polcache.outputs import check_output
 from polcache.policy.spec import ArraySpec
@@ -134,7 +134,7 @@ def _put(group: zarr.Group, name: str, data: np.ndarray, rows: int) -> None:
 def check_dataset_output(path: str | Path, flag: str | None = None, inputs: Sequence[str | Path] = ()) -> Path:
     """Refuse, before any work, a dataset output that is not a polcache dataset (see check_output)."""
     return check_output(path, "a polcache dataset", folder=True, ours=is_dataset, flag=flag, inputs=inputs,
-                        error=DatasetError)
+                        error=DatasetError, whole=True)
 
 
 def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | None = None) -> None:
@@ -261,7 +261,7 @@ class EpisodeStore:
     @classmethod
     def open(cls, path: str | Path) -> "EpisodeStore":
         """Open and validate; any missing, truncated or foreign dataset raises DatasetError."""
-        path = Path(path)
+        path = restore(path)  # a write killed between its two renames (no atomic exchange) left it aside
         if not path.exists():
             raise DatasetError(f"{path}: dataset does not exist")
         try:

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file, save
 
 import polcache
-from polcache.atomic import atomic_directory
+from polcache.atomic import atomic_directory, restore
 from polcache.config import ExperimentConfig, from_dict, load_yaml, to_dict, validate
 from polcache.data.normalize import Normalizer
 from polcache.errors import CheckpointError, ConfigError
@@ -104,7 +104,7 @@ def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
     """Validate a checkpoint directory and return (config, meta) without building the model."""
-    path = Path(path)
+    path = restore(path)  # a save killed between its two renames (no atomic exchange) left it aside
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path} is not a directory")
     missing = [f for f in REQUIRED if not (path / f).is_file()]

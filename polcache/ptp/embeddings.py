@@ -57,7 +57,7 @@ def is_embedding_store(path: Path) -> bool:
 def check_embedding_output(out: str | Path, dataset: str | Path, flag: str | None = None) -> Path:
     """Refuse, before embedding, an --out that is the input or an existing dataset of demonstrations."""
     return check_output(out, "an embedding store from `polcache ptp embed`", folder=True, ours=is_embedding_store,
-                        flag=flag, inputs=[dataset], error=DatasetError)
+                        flag=flag, inputs=[dataset], error=DatasetError, whole=True)
 
 
 def check_embeddable(policy: DiffusionPolicy, dataset: str | Path) -> EpisodeStore:

@@ -16,12 +16,14 @@ epoch, so a dataset twice as large trains twice as many steps under the same con
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 import json
 import math
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from polcache.atomic import atomic_write_text
+from polcache.atomic import atomic_write_text, restore
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
@@ -43,6 +45,7 @@ from polcache.signals import interrupts_held, sigterm_as_interrupt
 from polcache.train.ema import EMA
 
 FRESH_HINT = "; pass --fresh to start over"  # ends a line about a run that cannot be resumed
+RUN_LOCK = ".train.lock"  # in OUT: held (flock) by the run that writes OUT
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -55,6 +58,11 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
 def _world_size() -> int:
     """The processes sharing the run: torchrun's WORLD_SIZE, else 1."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun gives it (RANK), before the process group exists; 0 alone."""
+    return int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
 
 
 def _distributed() -> tuple[int, int]:
@@ -153,14 +161,58 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
     """Train the policy described by `cfg` on `device` (cpu, cuda, cuda:N, auto; under torchrun each
     process takes its LOCAL_RANK's GPU); returns the path of the final checkpoint (`out/last`).
     `source`: what to learn from (default: `dataset_source(cfg)`)."""
-    check_out(Path(cfg.out), cfg.dataset)
+    out = Path(cfg.out)
+    if _launch_rank() == 0:  # a save killed between its two renames (no atomic exchange) left a checkpoint
+        for sub in ("last", "best"):  # aside: put back before it is checked, resumed or moved by --fresh
+            restore(out / sub)
+    check_out(out, cfg.dataset)
     world = _world_size()
     if cfg.train.batch_size < world:  # each process takes batch_size // world windows: 0 fails after the data loads
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {world} (processes "
                           f"sharing the batch, each taking batch_size // {world} windows); set train.batch_size >= "
                           f"{world}")
-    with sigterm_as_interrupt():
+    with run_lock(out), sigterm_as_interrupt():
         return _train(cfg, fresh, progress, device, source)
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive flock on OUT/.train.lock for the whole run, refusing (ConfigError) a second run
+    with the same out= while one holds it: it would resume from the first one's in-flight checkpoint
+    and fork the run. The kernel drops the lock when the process dies, so a killed run leaves none
+    behind. Under torchrun only rank 0 takes it (the others wait for it in init_process_group, and
+    torchrun stops them when it fails); where the filesystem has no locks, the run goes on without."""
+    if _launch_rank() != 0:
+        yield
+        return
+    import fcntl  # POSIX only, like the rest of the runtime
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / RUN_LOCK
+    f = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            holder = f"pid {holder}, " if holder.isdigit() else ""
+            raise ConfigError(f"out={out}: another training holds it ({holder}lock {lock}); wait for it to end or give "
+                              f"another out directory") from None
+        except OSError:
+            pass  # no locks on this filesystem
+        else:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        yield
+    finally:
+        if created and [p.name for p in out.iterdir()] == [RUN_LOCK]:  # failed before writing anything:
+            lock.unlink(missing_ok=True)                                # leave no folder behind
+            out.rmdir()
+        f.close()
 
 
 def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, source: TrainingSource | None) -> Path:
@@ -353,7 +405,8 @@ def check_out(out: Path, dataset: str) -> None:
         raise ConfigError(f"out={out} is inside {holder[0]}, {holder[1]}: writing it again would delete the run; "
                           f"give an out directory outside it")
     run_files = ("last", "best", "train_log.jsonl")
-    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in run_files) \
+    others = out.is_dir() and any(p.name != RUN_LOCK for p in out.iterdir())  # (a killed run may leave only its lock)
+    if others and not any((out / f).exists() for f in run_files) \
             and not any(out.glob("previous-*")):  # e.g. out=configs, or the folder that holds the runs
         raise ConfigError(f"out={out} holds other files and no training run ({', '.join(run_files)}): give a new or "
                           f"empty folder, or an earlier run's")
