@@ -185,8 +185,10 @@ class PolicyClient:
             if time.monotonic() > deadline:
                 if self._full:
                     raise ConnectError(f"the policy server at {self.address} stayed full for {timeout_s:g} s: {self._full}")
-                hint = "" if self.keys_dir else (" (none running there? one started with --keys answers only robots "
-                                                 "given its keys)")
+                hint = (f" (none running there, or one that does not admit this robot's keys: CurveZMQ refuses a "
+                        f"client key or server.key it does not know without any reply; check client.key_secret and "
+                        f"server.key in {self.keys_dir})" if self.keys_dir else
+                        " (none running there? one started with --keys answers only robots given its keys)")
                 raise ConnectError(f"no answer from a policy server at {self.address} within {timeout_s:g} s{hint}")
             self.poll()
             self._socket.poll(10)
