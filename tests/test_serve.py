@@ -314,6 +314,24 @@ def test_version_1_robots_are_still_served_without_executed_actions():
     assert all(p is None for p in backend.past)
 
 
+def test_welcome_policy_is_the_same_map_in_every_protocol_version():
+    """docs/protocol.md: welcome.policy is not versioned (obs_stride came within version 1,
+    frame_mode later); a robot ignores policy keys it does not know."""
+    with serve(FakeBackend(fake_spec(obs_stride=2))) as server:
+        policies = []
+        for version in (1, 2, 3):
+            peer = RawPeer(server.endpoint)
+            peer.send(encode(Handshake(obs_spec={"state": ((3,), "float32")}, action_dim=2, hz=50.0,
+                                       name=f"v{version}"), version))
+            assert peer.socket.poll(2000)
+            wire = msgpack.unpackb(peer.socket.recv())
+            assert wire["v"] == version and wire["type"] == "welcome"
+            policies.append(wire["policy"])
+            peer.socket.close(linger=0)
+    assert policies[0] == policies[1] == policies[2]
+    assert policies[0]["obs_stride"] == 2 and policies[0]["frame_mode"] == "strided"
+
+
 def test_phase_locked_robots_are_served_fairly():
     """Four robots whose observations arrive at the same instant, in the same order, every tick,
     with a policy slow enough that only about one chunk fits per tick: each gets its share."""

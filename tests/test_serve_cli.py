@@ -81,3 +81,23 @@ def test_serve_takes_the_sampler_and_steps_eval_takes():
     for command in ("serve", "eval"):
         args = build_parser().parse_args([command, "--checkpoint", "x", "--sampler", "ddim", "--steps", "4"])
         assert {k: backend_options(args)[k] for k in ("sampler", "steps")} == {"sampler": "ddim", "steps": 4}
+
+
+def test_readme_serve_usage_lists_every_serve_flag():
+    """README's `polcache serve` usage lacked --deadline-ms and --max-message-bytes; the backend
+    options it shares with eval stand there as `[--backend ...] [--device ...] [--precision ...]`."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from polcache.cli import OneLineParser, build_parser
+    from polcache.cli_types import add_backend_options
+
+    shared = OneLineParser(add_help=False)
+    add_backend_options(shared)
+    backend = {o for a in shared._actions for o in a.option_strings}
+    serve = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    flags = {o for a in serve._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    usage = re.search(r"\n    polcache serve .*?\n(?=    polcache \w)", readme, re.S).group(0)
+    assert sorted(f for f in flags - backend if not re.search(re.escape(f) + r"\b", usage)) == []

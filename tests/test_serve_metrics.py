@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 
 import numpy as np
@@ -98,6 +99,56 @@ def test_jsonl_line_longer_than_a_file_gets_a_file_of_its_own(tmp_path):
     assert not writer._thread.is_alive()  # noqa: SLF001 - it finished instead of rotating forever
     assert json.loads((tmp_path / "metrics.jsonl.1").read_text())["note"] == "x" * 300
     assert json.loads(path.read_text())["period_error_ms"] == 1.0
+
+
+def test_jsonl_file_rotates_only_when_full_while_records_keep_arriving(tmp_path):
+    """A record that arrives while the writer writes goes into the same file at the next turn:
+    rotating for it (whenever any had arrived) cut files at a few KB under load, not at max_bytes."""
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path, max_bytes=10_000, backups=3, flush_s=1000)  # the test drives the flushes
+
+    class Busy:  # the file, with a record recorded by another thread during each of the first writes
+        def __init__(self, real):
+            self.real, self.busy = real, 5
+
+        def write(self, data):
+            if self.busy:
+                self.busy -= 1
+                writer(tick(2.0))
+            return self.real.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    writer._file = Busy(writer._file)  # noqa: SLF001 - records arrive while the writer thread writes
+    writer(tick(1.0))
+    writer._write_gathered()  # noqa: SLF001 - a flush, as the writer's thread does
+    writer._file = writer._file.real  # noqa: SLF001
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # far from 10 kB: no rotation
+    assert len(path.read_text().splitlines()) == 6
+
+
+def test_jsonl_files_under_load_are_rotated_near_their_limit(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    limit = 32 * 1024
+    writer = JsonlWriter(path, max_bytes=limit, backups=3, flush_s=0.001)
+    rotated_at, rotate = [], writer._rotate  # noqa: SLF001 - the size of every file the writer rotates
+
+    def counted_rotate():
+        rotated_at.append(writer._size)  # noqa: SLF001
+        rotate()
+
+    writer._rotate = counted_rotate  # noqa: SLF001
+    line = {"kind": "error", "t": 1.0, "robot": "x", "code": "malformed", "errors": 1}
+    width = len(json.dumps(line, separators=(",", ":"))) + 1
+    for i in range(20 * limit // width):  # about 20 files' worth, recorded while the writer writes
+        writer.write(line)
+        if i % 200 == 0:
+            time.sleep(0.0002)
+    writer.close()
+    assert writer.dropped == 0 and all(path.with_name(f"metrics.jsonl.{i}").exists() for i in (1, 2, 3))
+    assert len(rotated_at) >= 19 and all(limit - width < size <= limit for size in rotated_at), rotated_at
 
 
 def test_jsonl_writer_appends_after_a_cut_off_line_and_names_a_path_it_cannot_write(tmp_path):

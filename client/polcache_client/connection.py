@@ -32,6 +32,7 @@ from polcache_client.protocol import (
     ProtocolError,
     Reset,
     Welcome,
+    check_action_width,
     check_arrays,
     decode,
     encode,
@@ -184,8 +185,10 @@ class PolicyClient:
             if time.monotonic() > deadline:
                 if self._full:
                     raise ConnectError(f"the policy server at {self.address} stayed full for {timeout_s:g} s: {self._full}")
-                hint = "" if self.keys_dir else (" (none running there? one started with --keys answers only robots "
-                                                 "given its keys)")
+                hint = (f" (none running there, or one that does not admit this robot's keys: CurveZMQ refuses a "
+                        f"client key or server.key it does not know without any reply; check client.key_secret and "
+                        f"server.key in {self.keys_dir})" if self.keys_dir else
+                        " (none running there? one started with --keys answers only robots given its keys)")
                 raise ConnectError(f"no answer from a policy server at {self.address} within {timeout_s:g} s{hint}")
             self.poll()
             self._socket.poll(10)
@@ -204,6 +207,8 @@ class PolicyClient:
             self._last_rx = now
             try:
                 msg = decode(frame)
+                if type(msg) is ActionChunk:  # as NaN actions: refused, never handed to act()
+                    check_action_width(msg, self._hello.action_dim)
             except ProtocolError as exc:
                 self._warn(exc.code, f"unreadable message from server: {exc}")
                 continue
@@ -217,6 +222,10 @@ class PolicyClient:
     def _handle(self, msg: Message, now: float) -> bool:
         """Handle a non-chunk message; False when it replaced the connection."""
         if isinstance(msg, Welcome):
+            policy_dim = msg.policy.get("action_dim", self._hello.action_dim)
+            if not self._ready and policy_dim != self._hello.action_dim:  # a server that skipped its check
+                raise ConnectError(f"server at {self.address} welcomed this robot to a policy with action_dim "
+                                   f"{policy_dim!r}, but this robot's is {self._hello.action_dim}")
             if not self._ready:
                 self._ready, self.policy = True, msg.policy
                 self.max_message_bytes = msg.max_message_bytes

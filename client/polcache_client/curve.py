@@ -1,6 +1,8 @@
 """CurveZMQ key files: one directory holding the server and client key pairs written by
-`polcache keys`. The robot needs client.key_secret and server.key; the server needs
-server.key_secret and the public keys of the robots it admits."""
+`polcache keys`. The robot needs client.key_secret and server.key, never server.key_secret; the
+server needs server.key_secret and admits the public keys of the other `*.key` files beside it
+(polcache.serve.security.ClientKeys), not its own server.key. A robot with keys the server does
+not admit gets no reply at all: the CurveZMQ handshake fails without a message to the robot."""
 
 from __future__ import annotations
 

@@ -591,6 +591,16 @@ def _check_chunk(chunk: ActionChunk) -> None:
         raise ProtocolError("non_finite", "chunk contains NaN or infinite values")
 
 
+def check_action_width(chunk: ActionChunk, action_dim: int) -> None:
+    """Refuse, with `bad_shape`, a chunk whose actions are not `action_dim` wide: the robot declared
+    that width in its handshake and its `act()` takes vectors of it (a buggy or foreign server's
+    (n, 7) actions would otherwise reach a 4-joint arm)."""
+    width = chunk.actions.shape[1]
+    if width != action_dim:
+        raise ProtocolError("bad_shape", f"chunk.actions has {width} values per action, but this robot's "
+                                         f"action_dim (its handshake's) is {action_dim}")
+
+
 # ---------------------------------------------------------------- the per-tick fast path
 # msgspec decodes a chunk (and, in ObservationReader, an observation of the negotiated layout)
 # into these typed records in compiled code, a fraction of the strict decoder's time

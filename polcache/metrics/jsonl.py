@@ -109,10 +109,11 @@ class JsonlWriter:
         """The gathered lines, one write per file they go to (the interpreter lock is held while
         they are gathered and released in the write, so the recording thread waits little)."""
         while self._lines:
-            batch, size = [], self._size
+            batch, size, full = [], self._size, False
             while self._lines:
                 length = len(self._lines[0]) + 1
                 if size and size + length > self.max_bytes:  # full (an empty file takes any one line)
+                    full = True
                     break
                 batch.append(self._lines.popleft())
                 size += length
@@ -120,7 +121,9 @@ class JsonlWriter:
                 if batch:
                     self._file.write(b"\n".join(batch) + b"\n")
                     self._size, batch = size, []  # written: a failed rotation below loses none of it
-                if self._lines:  # the next line does not fit
+                # only when the next line did not fit: lines that arrived during the write go on
+                # into this file at the next turn (rotating for them cut files at a few KB under load)
+                if full:
                     self._rotate()
             except (OSError, ValueError) as exc:  # a full disk, a removed directory: lost lines, not a dead writer
                 self.dropped += len(batch)

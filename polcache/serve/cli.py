@@ -70,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("keys", help="create CurveZMQ keys for a non-loopback server",
                               description="Write server and client CurveZMQ key pairs into a directory. Give the "
-                                          "directory to `polcache serve --keys` and to the robot "
-                                          "(client.key_secret + server.key suffice there).")
+                                          "directory to `polcache serve --keys`; copy only client.key_secret and "
+                                          "server.key to the robot (never server.key_secret).")
     p.add_argument("--dir", required=True, type=non_empty, help="directory for the key files")
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(handler=_keys)

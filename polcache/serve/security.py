@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from polcache.errors import PolcacheError
 from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
 from polcache_client.curve import CLIENT_NAME, SERVER_NAME, key_path, load_keypair
+from polcache_client.logs import RateLimitedLog
+
+log = logging.getLogger("polcache.serve")
 
 
 class InsecureBindError(PolcacheError):
@@ -68,3 +72,43 @@ def apply_server_keys(socket: zmq.Socket, keys_dir: str | Path) -> None:
     socket.curve_publickey = public
     socket.curve_secretkey = secret
     socket.curve_server = True
+
+
+class ClientKeys:
+    """Which robots a CurveZMQ server admits: the public keys of the `*.key` files in its key folder
+    but its own. zmq.auth's `configure_curve(location=DIR)` admits every `*.key` there, the server's
+    `server.key` too, so the server's key pair (which the robots' folders hold half of) worked as a
+    client's. A refusal is one log line (rate-limited): the robot itself gets no reply at all."""
+
+    def __init__(self, keys_dir: str | Path):
+        self.keys_dir = Path(keys_dir)
+        try:
+            self.server_key, _ = load_keypair(keys_dir, SERVER_NAME)
+            found = zmq.auth.load_certificates(str(keys_dir))
+        except (OSError, ValueError) as exc:
+            raise PolcacheError(str(exc)) from None
+        self.keys = frozenset(k for k in found if k != self.server_key)  # Z85 bytes, as the callback gets them
+        self._warn = RateLimitedLog(log).warning
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """zmq.auth's credentials-provider hook (on the authenticator's thread), per connection."""
+        if key in self.keys:
+            return True
+        what = "the server's own key pair" if key == self.server_key else "an unknown client key"
+        self._warn(what, f"CurveZMQ authentication refused for {what} ({key.decode('ascii', 'replace')}): not "
+                            f"a client key in {self.keys_dir}; the robot gets no reply (give it client.key_secret "
+                            f"and server.key from the folder `polcache keys` wrote)")
+        return False
+
+
+def start_authenticator(context: zmq.Context, keys_dir: str | Path):
+    """A started zmq.auth ThreadAuthenticator on `context` admitting the client keys of `keys_dir`
+    (ClientKeys); the caller stops it. Raises PolcacheError, with nothing left running, where the
+    keys cannot be read."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    keys = ClientKeys(keys_dir)
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve_callback(domain="*", credentials_provider=keys)
+    return auth

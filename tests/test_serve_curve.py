@@ -1,0 +1,83 @@
+"""CurveZMQ: the server admits the client keys of its key folder, never its own key pair, and
+says in its log when it refused a robot (which itself gets no reply)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import zmq
+import zmq.auth
+
+from polcache.errors import PolcacheError
+from polcache_client import PolicyClient
+from polcache_client.connection import ConnectError
+from polcache.serve.security import ClientKeys, apply_server_keys, generate_keys, start_authenticator
+
+
+@pytest.fixture
+def keys(tmp_path):
+    generate_keys(tmp_path / "keys")
+    return tmp_path / "keys"
+
+
+def pair(keys_dir, name: str) -> tuple[bytes, bytes]:
+    return zmq.auth.load_certificate(str(keys_dir / f"{name}.key_secret"))
+
+
+def test_only_client_keys_are_admitted(keys, tmp_path, caplog):
+    zmq.auth.create_certificates(str(tmp_path), "rogue")
+    admitted = ClientKeys(keys)
+    client, server, rogue = (pair(d, n)[0] for d, n in ((keys, "client"), (keys, "server"), (tmp_path, "rogue")))
+    assert admitted.keys == {client}  # server.key is a *.key file of the folder too
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+        assert admitted.callback("*", client)
+        assert not admitted.callback("*", server)
+        assert not admitted.callback("*", rogue)
+    assert "CurveZMQ authentication refused for the server's own key pair" in caplog.text
+    assert f"CurveZMQ authentication refused for an unknown client key ({rogue.decode()})" in caplog.text
+    with pytest.raises(PolcacheError, match="polcache keys"):
+        ClientKeys(tmp_path / "nokeys")
+
+
+def test_the_servers_key_pair_is_no_client_credential(keys, tmp_path, caplog):
+    """Over real sockets: a robot with the client keys is heard, one with the server's pair (or a
+    key from elsewhere) is not, and the server's log says so."""
+    zmq.auth.create_certificates(str(tmp_path), "rogue")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    apply_server_keys(router, keys)
+    auth = start_authenticator(ctx, keys)
+    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def heard(public: bytes, secret: bytes) -> bool:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.curve_publickey, dealer.curve_secretkey = public, secret
+        dealer.curve_serverkey = pair(keys, "server")[0]
+        dealer.connect(endpoint)
+        dealer.send(b"hello")
+        got = bool(router.poll(1500))
+        if got:
+            router.recv_multipart()
+        dealer.close(linger=0)
+        return got
+
+    robot = tmp_path / "robot"  # what a robot given the server's key pair as its own holds
+    robot.mkdir()
+    (robot / "server.key").write_bytes((keys / "server.key").read_bytes())
+    (robot / "client.key_secret").write_bytes((keys / "server.key_secret").read_bytes())
+    try:
+        with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+            assert heard(*pair(keys, "client"))
+            assert not heard(*pair(keys, "server"))
+            assert not heard(*pair(tmp_path, "rogue"))
+            client = PolicyClient(endpoint, {"state": ((3,), "float32")}, 2, hz=50, keys_dir=str(robot))
+            with pytest.raises(ConnectError, match="no answer .* does not admit this robot's keys: CurveZMQ refuses"):
+                client.connect(timeout_s=0.5)  # silence is all a robot sees
+            client.close()
+    finally:
+        router.close(linger=0)
+        auth.stop()
+        ctx.term()
+    assert "authentication refused for the server's own key pair" in caplog.text
+    assert "authentication refused for an unknown client key" in caplog.text
