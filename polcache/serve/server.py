@@ -34,7 +34,7 @@ from polcache.serve.handshake import check_handshake, operator_instruction, robo
 from polcache.serve.flood import DROP_PAUSE_S, FloodGuard, allowance
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import ErrorRecord, RequestRecord
-from polcache.serve.security import apply_server_keys, check_bind
+from polcache.serve.security import apply_server_keys, check_bind, start_authenticator
 from polcache.serve.worker import InferenceWorker, Job, robot_label
 from polcache_client.logs import RateLimitedLog
 from polcache_client.protocol import (
@@ -216,11 +216,7 @@ class PolicyServer:
         try:
             if keys_dir:
                 apply_server_keys(self._router, keys_dir)
-                from zmq.auth.thread import ThreadAuthenticator
-
-                self._auth = ThreadAuthenticator(self._ctx)
-                self._auth.start()
-                self._auth.configure_curve(domain="*", location=str(keys_dir))
+                self._auth = start_authenticator(self._ctx, keys_dir)
             self._router.bind(bind)
         except (zmq.ZMQError, PolcacheError) as exc:
             self._router.close(linger=0)
