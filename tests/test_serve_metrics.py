@@ -168,8 +168,24 @@ def test_jsonl_writer_appends_after_a_cut_off_line_and_names_a_path_it_cannot_wr
             JsonlWriter(bad)
     (tmp_path / "locked").mkdir(mode=0o500)
     if os.geteuid() != 0:  # root writes anywhere
-        with pytest.raises(PolcacheError, match="cannot write it"):
+        with pytest.raises(PolcacheError, match="not writable by this user|cannot write it"):
             JsonlWriter(tmp_path / "locked" / "m.jsonl")
+
+
+def test_jsonl_writer_refuses_a_file_of_another_kind(tmp_path):
+    """`serve --metrics-file sched.json` appended records to a schedule (and rotation moved it away)."""
+    from polcache.errors import PolcacheError
+
+    schedule = tmp_path / "sched.json"
+    schedule.write_text('{"format": "polcache-schedule", "budget": 4}\n')
+    for other in (schedule, tmp_path / "notes.txt"):
+        other.write_text(other.read_text() if other.exists() else "robot notes\n")
+        before = other.read_text()
+        with pytest.raises(PolcacheError, match=f"metrics file {other}: exists and is not a metrics file"):
+            JsonlWriter(other)
+        assert other.read_text() == before
+    (tmp_path / "empty.jsonl").write_text("")
+    JsonlWriter(tmp_path / "empty.jsonl").close()  # empty, or a metrics file's first line: appended to
 
 
 def test_jsonl_writer_survives_a_failed_write(tmp_path, caplog):

@@ -15,6 +15,7 @@ dashboard polling every second sees no difference.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -39,6 +40,20 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
+def is_metrics_file(path: Path) -> bool:
+    """Whether a writer may append to `path`: it is empty, or its first line is a record ({"kind": ..}).
+    Anything else (a schedule, an eval result given by mistake) was appended to, and rotated away."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16)
+        if not first.strip():
+            return True
+        record = json.loads(first)
+    except (OSError, ValueError):  # unreadable, not JSON
+        return False
+    return isinstance(record, dict) and "kind" in record
+
+
 class JsonlWriter:
     """Keeps `path` under `max_bytes` by renaming it to path.1 (path.1 to path.2, ...) and keeps
     `backups` old files; drops (and counts) records when more than `queue_size` wait. A reader
@@ -53,8 +68,9 @@ class JsonlWriter:
         self.queue_size = queue_size
         self.flush_s = flush_s
         self.dropped = 0
-        # a folder, a path under a file, an empty name: one line naming it (an existing file is appended to)
-        check_output(path, "a metrics file (JSON lines)", folder=False, ours=lambda _: True, flag="metrics file",
+        # a folder, a path under a file, an empty name, a file of another kind (a schedule, a result):
+        # one line naming it; an existing metrics file is appended to
+        check_output(path, "a metrics file (JSON lines)", folder=False, ours=is_metrics_file, flag="metrics file",
                      error=PolcacheError)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
