@@ -15,9 +15,9 @@ dashboard polling every second sees no difference.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 import threading
 from collections import deque
 from pathlib import Path
@@ -41,17 +41,18 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def is_metrics_file(path: Path) -> bool:
-    """Whether a writer may append to `path`: it is empty, or its first line is a record ({"kind": ..}).
-    Anything else (a schedule, an eval result given by mistake) was appended to, and rotated away."""
+    """Whether a writer may append to `path`: it is empty, or it starts as a record does ({"kind": ..,
+    even cut off by a killed writer). Anything else (a schedule, an eval result given by mistake) was
+    appended to, and rotated away."""
     try:
         with open(path, "rb") as f:
-            first = f.readline(1 << 16)
-        if not first.strip():
-            return True
-        record = json.loads(first)
-    except (OSError, ValueError):  # unreadable, not JSON
+            start = f.read(64)
+    except OSError:
         return False
-    return isinstance(record, dict) and "kind" in record
+    return not start.strip() or _RECORD_START.match(start) is not None
+
+
+_RECORD_START = re.compile(rb'\s*\{\s*"kind"\s*:')
 
 
 class JsonlWriter:
