@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, print_table, round_robin, write_json
+from common import RESULTS, free_port, print_table, round_robin, write_json
 from polcache.dashboard import RunState
 from polcache.metrics import JsonlWriter, Metrics
 from polcache.metrics.prometheus import PrometheusRecorder
@@ -65,12 +64,6 @@ def recording_cost(calls: int) -> list[dict]:
     return [{"what": name, "median_us": round(float(np.median(t)) * 1e6, 2),
              "p99_us": round(float(np.percentile(t, 99)) * 1e6, 2),
              "share_of_50Hz_period": f"{float(np.median(t)) * 1e6 / period_us:.4%}"} for name, t in times.items()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def poll_page(url: str, stop: threading.Event) -> None:

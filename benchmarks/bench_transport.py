@@ -46,7 +46,6 @@ import argparse
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from common import RESULTS, print_table, round_robin, write_json
+from common import RESULTS, free_port, print_table, round_robin, write_json
 from polcache_client.protocol import (DEFAULT_MAX_MESSAGE_BYTES, ActionChunk, Handshake, Observation,
                                       ObservationReader, Welcome, decode, encode, encode_array, encode_chunk)
 
@@ -268,12 +267,6 @@ def process_cpu_s(pid: int) -> tuple[float, float]:
         else:
             other_s += seconds
     return other_s, zmq_s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
