@@ -233,7 +233,7 @@ def test_resuming_from_a_damaged_weights_file_names_it(tmp_path, capsys, name):
     assert train_cli(data, run, "train.steps=4") == 2
     assert capsys.readouterr().err.strip() == (
         f"polcache train: error: {run / 'last' / name}: cannot read it, truncated or damaged? (SafetensorError: Error "
-        "while deserializing header: header too small); pass --fresh to start over")
+        "while deserializing: header too small); pass --fresh to start over")
 
 
 @pytest.mark.parametrize("sub", ["last", "best"])

@@ -3,13 +3,15 @@
     config.yaml             the full experiment config
     model.safetensors       inference weights (the EMA weights)
     normalizer.safetensors  normalisation statistics
-    meta.json               format version, code version, observation spec, task, step
+    meta.json               format version, code version, observation spec, task, step, and the
+                            sha256 of each weights file (checked on loading; older checkpoints have none)
     train/                  optional: raw weights + optimizer state, for resuming training
 
 Written atomically (temp directory + rename)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 
 import polcache
 from polcache.atomic import atomic_directory, restore
@@ -79,27 +81,22 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
     pins = policy.external_weights()
     if pins:
         meta["external_weights"] = {name: pin.to_dict() for name, pin in pins.items()}
+    files = {"model.safetensors": save(weights),
+             "normalizer.safetensors": save({k: v.contiguous() for k, v in policy.normalizer.state_dict().items()})}
+    meta["sha256"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     with atomic_directory(path) as tmp:
         tmp.mkdir()
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        _write_tensors(weights, tmp / "model.safetensors")
-        _write_tensors({k: v.contiguous() for k, v in policy.normalizer.state_dict().items()},
-                       tmp / "normalizer.safetensors")
+        for name, data in files.items():  # with the umask's permissions (safetensors' save_file: owner-only)
+            (tmp / name).write_bytes(data)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if train_state is not None:
             (tmp / "train").mkdir()
-            _write_tensors({k: v.detach().cpu().contiguous() for k, v in train_state.model.items()},
-                           tmp / "train" / "model.safetensors")
+            (tmp / "train" / "model.safetensors").write_bytes(
+                save({k: v.detach().cpu().contiguous() for k, v in train_state.model.items()}))
             torch.save({"optimizer": train_state.optimizer, "lr_scheduler": train_state.lr_scheduler,
                         "step": train_state.step}, tmp / "train" / "state.pt")
     return path
-
-
-def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file with the umask's permissions, like the checkpoint's other files
-    (safetensors' save_file makes it owner-only, so a server running as another user, e.g.
-    launch/polcache.service's, could not read weights someone else trained)."""
-    path.write_bytes(save(tensors))
 
 
 def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
@@ -132,12 +129,12 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
     """Load a checkpoint for inference (eval mode, EMA weights)."""
     path = Path(path)
     cfg, meta = read_meta(path)
-    stats = read_tensors(path / "normalizer.safetensors")
+    stats = read_tensors(path / "normalizer.safetensors", meta=meta)
     try:
         normalizer = Normalizer.from_state_dict(stats)
     except KeyError as exc:
         raise CheckpointError(f"{path}/normalizer.safetensors: {exc.args[0]}") from None
-    weights = read_tensors(path / "model.safetensors")
+    weights = read_tensors(path / "model.safetensors", meta=meta)
     for file, tensors in (("normalizer.safetensors", stats), ("model.safetensors", weights)):
         bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:  # a diverged run or a damaged file: it would act on NaN
@@ -162,14 +159,24 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
     return policy.to(device).eval(), cfg, meta
 
 
-def read_tensors(file: Path, device: str | torch.device = "cpu", hint: str = "") -> dict[str, torch.Tensor]:
+def read_tensors(file: Path, device: str | torch.device = "cpu", hint: str = "",
+                 meta: dict | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint's safetensors file, or one line naming that file (safetensors raises several types
-    for a truncated or damaged one); `hint` ends the line with what to do."""
+    for a truncated or damaged one); `hint` ends the line with what to do. With the checkpoint's
+    `meta`, the file must match the sha256 it recorded (checkpoints saved before it had none): flipped
+    bits in the weights loaded and acted, unnoticed, where they stayed finite."""
     try:
-        return load_file(str(file), device=str(device))
+        data = file.read_bytes()
+        tensors = load(data)
     except Exception as exc:
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
         raise CheckpointError(f"{file}: cannot read it, truncated or damaged? ({why}){hint}") from None
+    digests = (meta or {}).get("sha256")
+    expected = digests.get(file.name) if isinstance(digests, dict) else None
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"{file}: its content does not match the sha256 in meta.json (damaged or changed "
+                              f"after it was saved){hint}")
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def _check_normalizer(normalizer: Normalizer, obs_spec: dict[str, ArraySpec], obs_keys: list[str], action_dim: int,

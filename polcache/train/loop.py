@@ -462,7 +462,7 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     state = load_train_state(last)
     if state is None:
         raise CheckpointError(f"{last} has no training state to resume from; pass --fresh to start over")
-    averaged = read_tensors(last / "model.safetensors", device, FRESH_HINT)
+    averaged = read_tensors(last / "model.safetensors", device, FRESH_HINT, meta)
     policy.load_state_dict(state.model)
     ema.load_state_dict(averaged)
     optimizer.load_state_dict(state.optimizer)
@@ -513,7 +513,7 @@ def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: Ex
             out.append(f"observation shapes are {shapes}, the run's are {old_shapes}")
     if int(meta.get("action_dim", policy.action_dim)) != policy.action_dim:
         out.append(f"action size is {policy.action_dim}, the run's is {meta['action_dim']}")
-    old_stats = read_tensors(last / "normalizer.safetensors", hint=FRESH_HINT)
+    old_stats = read_tensors(last / "normalizer.safetensors", hint=FRESH_HINT, meta=meta)
     stats = policy.normalizer.state_dict()
     differ = sorted({k.split(".")[0] for k in stats.keys() ^ old_stats.keys()}
                     | {k.split(".")[0] for k, v in stats.items() if k in old_stats and not torch.equal(v, old_stats[k])})
