@@ -16,14 +16,12 @@ epoch, so a dataset twice as large trains twice as many steps under the same con
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,9 +41,9 @@ from polcache.policy.families import build_policy as build_family_policy
 from polcache.policy.policy import DiffusionPolicy
 from polcache.signals import interrupts_held, sigterm_as_interrupt
 from polcache.train.ema import EMA
+from polcache.train.run_lock import RUN_LOCK, run_lock
 
 FRESH_HINT = "; pass --fresh to start over"  # ends a line about a run that cannot be resumed
-RUN_LOCK = ".train.lock"  # in OUT: held (flock) by the run that writes OUT
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -171,48 +169,8 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {world} (processes "
                           f"sharing the batch, each taking batch_size // {world} windows); set train.batch_size >= "
                           f"{world}")
-    with run_lock(out), sigterm_as_interrupt():
+    with run_lock(out, _launch_rank()), sigterm_as_interrupt():
         return _train(cfg, fresh, progress, device, source)
-
-
-@contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive flock on OUT/.train.lock for the whole run, refusing (ConfigError) a second run
-    with the same out= while one holds it: it would resume from the first one's in-flight checkpoint
-    and fork the run. The kernel drops the lock when the process dies, so a killed run leaves none
-    behind. Under torchrun only rank 0 takes it (the others wait for it in init_process_group, and
-    torchrun stops them when it fails); where the filesystem has no locks, the run goes on without."""
-    if _launch_rank() != 0:
-        yield
-        return
-    import fcntl  # POSIX only, like the rest of the runtime
-
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / RUN_LOCK
-    f = open(lock, "a+")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            holder = f"pid {holder}, " if holder.isdigit() else ""
-            raise ConfigError(f"out={out}: another training holds it ({holder}lock {lock}); wait for it to end or give "
-                              f"another out directory") from None
-        except OSError:
-            pass  # no locks on this filesystem
-        else:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-        yield
-    finally:
-        if created and [p.name for p in out.iterdir()] == [RUN_LOCK]:  # failed before writing anything:
-            lock.unlink(missing_ok=True)                                # leave no folder behind
-            out.rmdir()
-        f.close()
 
 
 def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, source: TrainingSource | None) -> Path:
