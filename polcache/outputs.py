@@ -43,8 +43,8 @@ def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[P
     for source in inputs:
         if Path(source).resolve() == path.resolve():
             raise error(f"{name}: is also the input; refusing to overwrite it")
-    if (unwritable := _unwritable(path)) is not None:
-        raise error(f"{name}: {unwritable}; nothing was done")
+    if (why := unwritable(path)) is not None:
+        raise error(f"{name}: {why}; nothing was done")
     if not path.exists():
         return path
     if path.is_dir() != folder:
@@ -56,7 +56,7 @@ def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[P
     return path
 
 
-def _unwritable(path: Path) -> str | None:
+def unwritable(path: Path) -> str | None:
     """Why the output cannot be written, checked where its writer creates it (the nearest existing
     folder above it): a read-only file system or a folder this user may not write in were found
     only after the recording, training or evaluation was done."""

@@ -1,6 +1,7 @@
 """What a writer killed mid-write on a filesystem without an atomic exchange (NFS, CIFS, sshfs)
 leaves behind is put back by the next reader, and training runs keep their checkpoints."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,16 @@ def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
     with run_lock(tmp_path / "run", rank=0):
         with run_lock(tmp_path / "run", rank=1):  # another rank of the same run: not refused, takes nothing
             pass
+
+
+def test_train_refuses_an_out_it_cannot_write_before_any_work(tmp_path, capsys, monkeypatch):
+    """It failed at its lock file with status 1 (before the lock: a traceback)."""
+    from polcache import outputs
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    assert train_cli(demo_dataset(tmp_path / "d.zarr"), locked / "run") == 2
+    assert f"out={locked / 'run'}: {locked} is not writable by this user; nothing was done" in capsys.readouterr().err
+    assert not (locked / "run").exists()

@@ -163,7 +163,7 @@ def test_jsonl_writer_appends_after_a_cut_off_line_and_names_a_path_it_cannot_wr
     assert len(lines) == 3 and json.loads(lines[2])["period_error_ms"] == 2.0
     (tmp_path / "a_file").write_text("")
     for bad, why in ((tmp_path / "a_file" / "m.jsonl", "a_file is a file, not a folder"),
-                     (tmp_path, "is a folder; expected a metrics file")):
+                     (tmp_path, "is a folder; expected a polcache metrics file")):
         with pytest.raises(PolcacheError, match=f"metrics file {bad}: .*{why}"):
             JsonlWriter(bad)
     (tmp_path / "locked").mkdir(mode=0o500)
@@ -181,7 +181,7 @@ def test_jsonl_writer_refuses_a_file_of_another_kind(tmp_path):
     for other in (schedule, tmp_path / "notes.txt"):
         other.write_text(other.read_text() if other.exists() else "robot notes\n")
         before = other.read_text()
-        with pytest.raises(PolcacheError, match=f"metrics file {other}: exists and is not a metrics file"):
+        with pytest.raises(PolcacheError, match=f"metrics file {other}: exists and is not a polcache metrics file"):
             JsonlWriter(other)
         assert other.read_text() == before
     (tmp_path / "empty.jsonl").write_text("")

@@ -236,6 +236,23 @@ def test_resuming_from_a_damaged_weights_file_names_it(tmp_path, capsys, name):
         "while deserializing: header too small); pass --fresh to start over")
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "state.pt"])
+def test_resuming_from_flipped_bits_in_the_training_state_names_the_file(tmp_path, capsys, name):
+    """Only the inference files had digests: damaged resume weights were trained on, then saved with a
+    valid digest."""
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run) == 0
+    file = run / "last" / "train" / name
+    content = bytearray(file.read_bytes())
+    content[-10] ^= 0x01
+    file.write_bytes(bytes(content))
+    capsys.readouterr()
+    assert train_cli(data, run, "train.steps=4") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"polcache train: error: {file}: ") and len(err.splitlines()) == 1, err
+    assert "pass --fresh to start over" in err
+
+
 @pytest.mark.parametrize("sub", ["last", "best"])
 def test_a_folder_of_the_users_where_training_writes_a_checkpoint_is_refused(tmp_path, capsys, sub):
     run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")

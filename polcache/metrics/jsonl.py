@@ -71,7 +71,7 @@ class JsonlWriter:
         self.dropped = 0
         # a folder, a path under a file, an empty name, a file of another kind (a schedule, a result):
         # one line naming it; an existing metrics file is appended to
-        check_output(path, "a metrics file (JSON lines)", folder=False, ours=is_metrics_file, flag="metrics file",
+        check_output(path, 'a polcache metrics file (lines of {"kind": ...} records)', folder=False, ours=is_metrics_file, flag="metrics file",
                      error=PolcacheError)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

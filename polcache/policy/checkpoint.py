@@ -12,6 +12,7 @@ Written atomically (temp directory + rename)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load, save
 
 import polcache
 from polcache.atomic import atomic_directory, restore
@@ -83,19 +84,21 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
         meta["external_weights"] = {name: pin.to_dict() for name, pin in pins.items()}
     files = {"model.safetensors": save(weights),
              "normalizer.safetensors": save({k: v.contiguous() for k, v in policy.normalizer.state_dict().items()})}
+    if train_state is not None:
+        files["train/model.safetensors"] = save({k: v.detach().cpu().contiguous() for k, v in train_state.model.items()})
+        state = io.BytesIO()
+        torch.save({"optimizer": train_state.optimizer, "lr_scheduler": train_state.lr_scheduler,
+                    "step": train_state.step}, state)
+        files["train/state.pt"] = state.getvalue()
     meta["sha256"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     with atomic_directory(path) as tmp:
         tmp.mkdir()
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if train_state is not None:
+            (tmp / "train").mkdir()
         for name, data in files.items():  # with the umask's permissions (safetensors' save_file: owner-only)
             (tmp / name).write_bytes(data)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if train_state is not None:
-            (tmp / "train").mkdir()
-            (tmp / "train" / "model.safetensors").write_bytes(
-                save({k: v.detach().cpu().contiguous() for k, v in train_state.model.items()}))
-            torch.save({"optimizer": train_state.optimizer, "lr_scheduler": train_state.lr_scheduler,
-                        "step": train_state.step}, tmp / "train" / "state.pt")
     return path
 
 
@@ -171,12 +174,17 @@ def read_tensors(file: Path, device: str | torch.device = "cpu", hint: str = "",
     except Exception as exc:
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
         raise CheckpointError(f"{file}: cannot read it, truncated or damaged? ({why}){hint}") from None
+    _check_digest(file, file.name, data, meta, hint)
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def _check_digest(file: Path, name: str, data: bytes, meta: dict | None, hint: str = "") -> None:
+    """`data` (the content of `file`, `name` in the checkpoint) matches the sha256 meta.json recorded, if any."""
     digests = (meta or {}).get("sha256")
-    expected = digests.get(file.name) if isinstance(digests, dict) else None
+    expected = digests.get(name) if isinstance(digests, dict) else None
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(f"{file}: its content does not match the sha256 in meta.json (damaged or changed "
                               f"after it was saved){hint}")
-    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def _check_normalizer(normalizer: Normalizer, obs_spec: dict[str, ArraySpec], obs_keys: list[str], action_dim: int,
@@ -200,18 +208,26 @@ def check_external_weights(meta: dict, path: str | Path) -> None:
         check_installed(PackageWeights.from_dict(record, f"{path}/meta.json"), f"checkpoint {path}", CheckpointError)
 
 
-def load_train_state(path: str | Path) -> TrainState | None:
-    """Raw weights + optimizer state saved for resuming, or None if the checkpoint has none."""
+def load_train_state(path: str | Path, meta: dict | None = None) -> TrainState | None:
+    """Raw weights + optimizer state saved for resuming, or None if the checkpoint has none; with the
+    checkpoint's `meta`, each file must match the sha256 it recorded."""
     train = Path(path) / "train"
     if not (train / "state.pt").is_file():
         return None
     try:
-        state = torch.load(train / "state.pt", weights_only=True, map_location="cpu")  # the optimizer moves it back
-        return TrainState(load_file(str(train / "model.safetensors")), state["optimizer"], state["lr_scheduler"],
-                          int(state["step"]))
+        model, state = (train / "model.safetensors").read_bytes(), (train / "state.pt").read_bytes()
+        trained = TrainState(load(model), *_optimizer_state(state))
     except Exception as exc:  # torch and safetensors raise several types for truncated/corrupt files
         raise CheckpointError(f"{train}: cannot read the training state to resume from ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --fresh to start over") from None
+    for name, data in (("model.safetensors", model), ("state.pt", state)):
+        _check_digest(train / name, f"train/{name}", data, meta, "; pass --fresh to start over")
+    return trained
+
+
+def _optimizer_state(data: bytes) -> tuple[dict, dict, int]:
+    state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")  # the optimizer moves it back
+    return state["optimizer"], state["lr_scheduler"], int(state["step"])
 
 
 def check_compatible(meta: dict, obs_spec: dict[str, ArraySpec], action_dim: int, where: str) -> None:

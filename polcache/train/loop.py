@@ -33,7 +33,7 @@ from polcache.atomic import atomic_write_text, restore
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
-from polcache.outputs import enclosing_output
+from polcache.outputs import enclosing_output, unwritable
 from polcache.policy.checkpoint import (TrainState, check_external_weights, load_train_state, read_meta, read_tensors,
                                        save_checkpoint)
 from polcache.policy.device import resolve_device, to_device
@@ -354,6 +354,8 @@ def check_out(out: Path, dataset: str) -> None:
     it); the dataset itself or a folder inside it; a dataset where training replaces OUT/last or OUT/best."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out}: exists and is not a directory; give a run directory")
+    if (why := unwritable(out / "last")) is not None:  # where the run's lock, log and checkpoints go
+        raise ConfigError(f"out={out}: {why}; nothing was done")
     data = Path(dataset).resolve() if dataset else None
     if data is not None and data in (out.resolve(), *out.resolve().parents):
         where = "is dataset" if data == out.resolve() else "is inside dataset"
@@ -417,7 +419,7 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
                               f"(the previous run is moved aside) or use another out directory")
     if verbose and old_cfg.dataset and Path(old_cfg.dataset).resolve() != Path(cfg.dataset).resolve():
         print(f"note: the run was trained on {old_cfg.dataset}; {cfg.dataset} holds the same data (same statistics)")
-    state = load_train_state(last)
+    state = load_train_state(last, meta)
     if state is None:
         raise CheckpointError(f"{last} has no training state to resume from; pass --fresh to start over")
     averaged = read_tensors(last / "model.safetensors", device, FRESH_HINT, meta)
