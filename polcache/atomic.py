@@ -136,11 +136,9 @@ def _recover(path: Path) -> None:
     """Undo what killed writers of `path` left: a directory renamed aside is put back where
     `path` is missing; their temp directories and lock files are removed."""
     restore(path)
-    for entry, kind, tag in _leftovers(path):
-        if kind != "lock" and _writer_gone(path, tag):
-            _remove(entry)
-    for entry, kind, tag in _leftovers(path):  # locks last: each stays while its writer's temps do
-        if kind == "lock" and _writer_gone(path, tag):
+    # locks last: each stays while its writer's temps do
+    for entry, kind, tag in sorted(_leftovers(path), key=lambda leftover: leftover[1] == "lock"):
+        if _writer_gone(path, tag):
             _remove(entry)
 
 

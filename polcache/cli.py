@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"polcache {command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # the system's refusal (disk full, read-only, permission), named with its path
-        paths = ": ".join(f"{p}" for p in (exc.filename, exc.filename2) if p is not None)
+        paths = ": ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
         print(f"polcache {command}: error: {paths + ': ' if paths else ''}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C: 130 (128 + SIGINT); SIGTERM raised as Terminated: 143

@@ -104,7 +104,7 @@ class ActionChunk(msgspec.Struct, frozen=True):
 
     epoch: int
     seq: int
-    obs_seqs: _WireList
+    obs_seqs: list[int]
     t_capture: float
     t_actions: np.ndarray
     actions: np.ndarray

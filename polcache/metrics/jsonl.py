@@ -40,6 +40,9 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
+_RECORD_START = re.compile(rb'\s*\{\s*"kind"\s*:')  # how every record's line starts
+
+
 def is_metrics_file(path: Path) -> bool:
     """Whether a writer may append to `path`: it is empty, or it starts as a record does ({"kind": ..,
     even cut off by a killed writer). Anything else (a schedule, an eval result given by mistake) was
@@ -50,9 +53,6 @@ def is_metrics_file(path: Path) -> bool:
     except OSError:
         return False
     return not start.strip() or _RECORD_START.match(start) is not None
-
-
-_RECORD_START = re.compile(rb'\s*\{\s*"kind"\s*:')
 
 
 class JsonlWriter:
@@ -71,8 +71,8 @@ class JsonlWriter:
         self.dropped = 0
         # a folder, a path under a file, an empty name, a file of another kind (a schedule, a result):
         # one line naming it; an existing metrics file is appended to
-        check_output(path, 'a polcache metrics file (lines of {"kind": ...} records)', folder=False, ours=is_metrics_file, flag="metrics file",
-                     error=PolcacheError)
+        check_output(path, 'a polcache metrics file (lines of {"kind": ...} records)', folder=False,
+                     ours=is_metrics_file, flag="metrics file", error=PolcacheError)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._open()

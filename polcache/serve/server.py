@@ -334,9 +334,10 @@ class PolicyServer:
         if robot not in self._flood.told:
             self._flood.told.add(robot)
             session = self.sessions.get(robot)
-            self._send(robot, encode(Error(code="rate_limited", message=(
-                f"more than {self._allowance(robot):g} messages in one second while other robots are served: this robot's messages "
-                f"are dropped unread until it sends fewer"), seq=None), session.version if session else PROTOCOL_VERSION))
+            why = (f"more than {self._allowance(robot):g} messages in one second while other robots are served: this "
+                   f"robot's messages are dropped unread until it sends fewer")
+            self._send(robot, encode(Error(code="rate_limited", message=why, seq=None),
+                                     session.version if session else PROTOCOL_VERSION))
 
     def _handle(self, robot: bytes, frames: list[bytes], fd: int | None = None) -> None:
         session = self.sessions.get(robot)
