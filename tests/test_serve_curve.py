@@ -42,7 +42,8 @@ def test_only_client_keys_are_admitted(keys, tmp_path, caplog):
 
 def test_the_servers_key_pair_is_no_client_credential(keys, tmp_path, caplog):
     """Over real sockets: a robot with the client keys is heard, one with the server's pair (or a
-    key from elsewhere) is not, and the server's log says so."""
+    key from elsewhere) is not, and the server's log says so; the reference client refuses the
+    server's pair itself, before it waits on a silent server."""
     zmq.auth.create_certificates(str(tmp_path), "rogue")
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
@@ -66,12 +67,18 @@ def test_the_servers_key_pair_is_no_client_credential(keys, tmp_path, caplog):
     robot.mkdir()
     (robot / "server.key").write_bytes((keys / "server.key").read_bytes())
     (robot / "client.key_secret").write_bytes((keys / "server.key_secret").read_bytes())
+    stranger = tmp_path / "stranger"  # a robot whose key pair this server never saw
+    stranger.mkdir()
+    (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
+    (stranger / "client.key_secret").write_bytes((tmp_path / "rogue.key_secret").read_bytes())
     try:
         with caplog.at_level(logging.WARNING, logger="polcache.serve"):
             assert heard(*pair(keys, "client"))
             assert not heard(*pair(keys, "server"))
             assert not heard(*pair(tmp_path, "rogue"))
-            client = PolicyClient(endpoint, {"state": ((3,), "float32")}, 2, hz=50, keys_dir=str(robot))
+            with pytest.raises(ValueError, match="holds the server's key pair, not a client's"):
+                PolicyClient(endpoint, {"state": ((3,), "float32")}, 2, hz=50, keys_dir=str(robot)).connect(0.5)
+            client = PolicyClient(endpoint, {"state": ((3,), "float32")}, 2, hz=50, keys_dir=str(stranger))
             with pytest.raises(ConnectError, match="no answer .* does not admit this robot's keys: CurveZMQ refuses"):
                 client.connect(timeout_s=0.5)  # silence is all a robot sees
             client.close()

@@ -2,7 +2,8 @@
 `polcache keys`. The robot needs client.key_secret and server.key, never server.key_secret; the
 server needs server.key_secret and admits the public keys of the other `*.key` files beside it
 (polcache.serve.security.ClientKeys), not its own server.key. A robot with keys the server does
-not admit gets no reply at all: the CurveZMQ handshake fails without a message to the robot."""
+not admit gets no reply at all: the CurveZMQ handshake fails without a message to the robot; the
+server's own pair given as the robot's is therefore refused here, before connecting."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def apply_client_keys(socket: zmq.Socket, keys_dir: str | Path) -> None:
     server_path = key_path(keys_dir, SERVER_NAME, secret=False)
     if not server_path.is_file():
         raise FileNotFoundError(f"server public key {server_path} not found")
+    server_public = zmq.auth.load_certificate(str(server_path))[0]
+    if public == server_public:  # server.key_secret copied as client.key_secret: the server refuses it, silently
+        raise ValueError(f"{key_path(keys_dir, CLIENT_NAME, secret=True)} holds the server's key pair, not a client's "
+                         f"(the server admits no robot with it): copy client.key_secret from the folder "
+                         f"`polcache keys` wrote")
     socket.curve_publickey = public
     socket.curve_secretkey = secret
-    socket.curve_serverkey = zmq.auth.load_certificate(str(server_path))[0]
+    socket.curve_serverkey = server_public
