@@ -338,6 +338,25 @@ def test_ort_and_torch_backends_sample_the_same_chunk_for_the_same_seed(policy, 
         np.testing.assert_allclose(ort.predict(obs, seed=seed), torch_b.predict(obs, seed=seed), atol=1e-5)
 
 
+def test_ort_and_torch_backends_refuse_the_same_absurd_state_alike(policy, tmp_path):
+    """1e20 overflowed to NaN on torch but gave a chunk on ONNX Runtime: the artifact carries the
+    policy's normaliser in its spec, and both refuse such a state before inference, in the same words."""
+    from polcache.errors import ObservationError
+    from polcache.policy.backend import TorchBackend
+
+    ort, torch_b = OrtBackend(_artifact(policy, tmp_path)), TorchBackend(policy, "ddpm", K)
+    assert ort.spec.obs_normalizer == policy.spec.obs_normalizer and "state" in ort.spec.obs_normalizer
+    for value in (1e3, 1e20):
+        obs = _obs(policy.spec, 1, seed=4)
+        obs["state"][0, -1, 3] = value
+        refusals = []
+        for backend in (ort, torch_b):
+            with pytest.raises(ObservationError, match=r"observation 'state'\[3\] is .* a sensor fault") as info:
+                backend.predict(obs, seed=0)
+            refusals.append(str(info.value))
+        assert refusals[0] == refusals[1]
+
+
 def test_an_artifact_loads_and_predicts_without_torch(policy, tmp_path):
     """A robot computer with ONNX Runtime and numpy only: load_backend must not import torch."""
     import subprocess

@@ -84,18 +84,22 @@ def test_self_verifying_rows_run_alone_with_the_same_result():
     np.testing.assert_allclose(got[1], b.session().predict(obs, [0, 2, 4], seed=8), atol=1e-5)
 
 
-def test_absurd_observations_never_give_nan_actions_and_fail_only_their_row():
-    """State of 1e20 (wrong units) made the shipped DP-T return NaN actions without a word; in a
-    batch, only that robot's row fails."""
-    from polcache.errors import InferenceError
+def test_absurd_observations_are_refused_and_fail_only_their_row():
+    """State of 1e20 (wrong units) made the shipped DP-T return NaN actions, and 1e3 saturated ones,
+    without a word; it is refused by name before inference, and in a batch only that robot's row
+    fails. A state beyond the training range but within the limit is still answered."""
+    from polcache.errors import ObservationError
     from polcache.policy import load_backend
 
     b = load_backend(str(Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3"))
     huge, ok = {"state": np.full((1, 2, 39), 1e20, np.float32)}, {"state": np.zeros((1, 2, 39), np.float32)}
-    with pytest.raises(InferenceError, match="NaN or infinite: its observations are probably far outside"):
-        b.predict(huge, seed=0)
+    for value in (1e20, 1e3, 150.0):
+        with pytest.raises(ObservationError, match=r"observation 'state'\[0\] is .*: the policy was trained on "
+                                                   r"-0.09682 to 0.09429 there .* a sensor fault or a unit mistake"):
+            b.predict({"state": np.full((1, 2, 39), value, np.float32)}, seed=0)
+    assert np.isfinite(b.predict({"state": np.full((1, 2, 39), 0.5, np.float32)}, seed=0)).all()  # 5x its range
     got = b.predict_sessions([SessionRequest(b.session(), huge, [0, 1], 1), SessionRequest(b.session(), ok, [0, 1], 2)])
-    assert isinstance(got[0], InferenceError) and np.isfinite(got[1]).all()
+    assert isinstance(got[0], ObservationError) and np.isfinite(got[1]).all()
     np.testing.assert_allclose(got[1], b.session().predict(ok, [0, 1], seed=2), atol=1e-5)
 
 

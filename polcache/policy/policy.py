@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +40,7 @@ class DiffusionPolicy(nn.Module):
         self.spec = PolicySpec(
             obs={k: obs_spec[k] for k in self.obs_keys}, action_dim=action_dim, n_obs_steps=cfg.n_obs_steps,
             horizon=cfg.horizon, n_action_steps=cfg.n_action_steps, task=task, obs_stride=cfg.obs_stride,
-            frame_mode=cfg.frame_mode)
+            frame_mode=cfg.frame_mode, obs_normalizer=self._obs_normalizer(obs_spec))
         # Loss weight per action token: past tokens 0..K-2 (oldest first) count only as far as
         # policy.past_loss says; the current and future ones always do.
         weight = torch.ones(cfg.horizon)
@@ -50,6 +51,16 @@ class DiffusionPolicy(nn.Module):
                                              self.encoder.causal_memory)
         self.training_noise = TrainingNoise(cfg.sampler, cfg.objective)
         self._samplers: dict[tuple[str, int], Sampler] = {}
+
+    def _obs_normalizer(self, obs_spec: dict) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+        """PolicySpec.obs_normalizer: the normaliser's scale and offset of each float observation
+        it normalises (state; a PTP head's embedding), so every backend refuses the same faults."""
+        out = {}
+        for key in self.obs_keys:
+            if key in self.normalizer and np.dtype(obs_spec[key].dtype).kind == "f":
+                stats = self.normalizer.stats(key)
+                out[key] = (tuple(stats["scale"].tolist()), tuple(stats["offset"].tolist()))
+        return out
 
     # ---- what the cache layer sees (polcache.cache.protocol.CacheTarget) ---------------------
     @property

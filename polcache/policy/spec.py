@@ -8,6 +8,7 @@ keyed by name: `state` (float32 proprioception/low-dim state) and `image_<camera
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -29,6 +30,12 @@ class ArraySpec:
 
 
 FRAME_MODES = ("strided", "mixed")
+# An observation farther from the middle of its training range than this many times the range's
+# half-width, and than this many of its own units, is a sensor fault or a unit mistake, not a state:
+# refused before inference by every backend alike. (Such values gave saturated actions, or overflowed
+# to NaN on one backend and not on another: 1e20 did on torch, not on ONNX Runtime.) The floor of as
+# many units keeps a dimension that barely moved in training (an object's resting height) usable.
+OBS_RANGE_LIMIT = 100.0
 
 
 def frame_offsets(n_obs_steps: int, stride: int = 1, mode: str = "strided") -> tuple[int, ...]:
@@ -64,6 +71,9 @@ class PolicySpec:
     extra: dict = field(default_factory=dict)
     obs_stride: int = 1  # control steps between consecutive observation frames
     frame_mode: str = "strided"  # or "mixed": see frame_offsets
+    # key -> (scale, offset) per last dimension: what the policy sees is x * scale + offset (its
+    # normaliser); keys listed are checked against OBS_RANGE_LIMIT. Empty for policies from before it.
+    obs_normalizer: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
 
     def check_observations(self, obs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
         """Every backend's one check of what `predict` is given: obs[key] of shape (batch,
@@ -92,8 +102,34 @@ class PolicySpec:
             a = np.ascontiguousarray(a, dtype=want)
             if want.kind == "f" and not np.isfinite(a).all():
                 raise ObservationError(f"observation {key!r} contains NaN or infinite values")
+            if key in self._normalizers:
+                self._check_range(key, a)
             arrays[key] = a
         return arrays, int(batch)
+
+    @cached_property
+    def _normalizers(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """key -> scale, offset and the largest |x * scale + offset| allowed, per dimension."""
+        out = {}
+        for key, (scale, offset) in self.obs_normalizer.items():
+            scale = np.asarray(scale, np.float64)
+            out[key] = scale, np.asarray(offset, np.float64), OBS_RANGE_LIMIT * np.maximum(1.0, np.abs(scale))
+        return out
+
+    def _check_range(self, key: str, a: np.ndarray) -> None:
+        """ObservationError where a value of `a` lies beyond OBS_RANGE_LIMIT (see there)."""
+        scale, offset, limit = self._normalizers[key]
+        over = np.abs(a * scale + offset) / limit  # float64: a float32 state of 1e38 must not overflow here
+        if over.max() <= 1.0:
+            return
+        index = np.unravel_index(int(over.argmax()), over.shape)
+        dim = index[-1]
+        low, high = sorted(((-1 - offset[dim]) / scale[dim], (1 - offset[dim]) / scale[dim]))
+        reach = OBS_RANGE_LIMIT * max((high - low) / 2, 1.0)
+        raise ObservationError(f"observation {key!r}[{dim}] is {a[index]:.6g}: the policy was trained on {low:.4g} to "
+                               f"{high:.4g} there and takes values at most {reach:.4g} from the middle of that "
+                               f"({OBS_RANGE_LIMIT:g} times its half-width, or {OBS_RANGE_LIMIT:g} units): a sensor "
+                               f"fault or a unit mistake, not answered")
 
     @property
     def frame_offsets(self) -> tuple[int, ...]:
@@ -114,6 +150,8 @@ class PolicySpec:
             "task": self.task,
             "obs_stride": self.obs_stride,
             "frame_mode": self.frame_mode,
+            "obs_normalizer": {k: {"scale": list(scale), "offset": list(offset)}
+                               for k, (scale, offset) in self.obs_normalizer.items()},
         }
 
     @classmethod
@@ -127,6 +165,8 @@ class PolicySpec:
             task=str(d.get("task", "")),
             obs_stride=int(d.get("obs_stride", 1)),
             frame_mode=str(d.get("frame_mode", "strided")),
+            obs_normalizer={k: (tuple(map(float, v["scale"])), tuple(map(float, v["offset"])))
+                            for k, v in d.get("obs_normalizer", {}).items()},
         )
 
 
