@@ -447,3 +447,28 @@ def test_a_peer_alone_is_never_muted(server, peer):
     time.sleep(1.1)
     assert_still_serving(peer)
     assert not server._flood.muted
+
+
+def test_a_state_far_outside_the_training_range_is_refused_by_name_and_the_robot_goes_on():
+    """The shipped DP-T served: a state of 1e3 (a sensor fault) is answered with an `inference` error
+    naming the key, the dimension and the training range, not with saturated actions; the robot's
+    next, sane observation gets its chunk from a window without the bad frame."""
+    from pathlib import Path
+
+    from polcache.policy import load_backend
+
+    backend = load_backend(str(Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3"))
+    zeros = np.zeros(39, np.float32)
+    with PolicyServer(backend, "tcp://127.0.0.1:0") as server:
+        p = RawPeer(server.endpoint)
+        hello = Handshake(obs_spec={"state": ((39,), "float32")}, action_dim=4, hz=50.0, name="arm")
+        assert isinstance(p.request(encode(hello)), Welcome)
+        assert isinstance(p.request(observation(1, state=zeros)), ActionChunk)
+        faulty = zeros.copy()
+        faulty[5] = 1e3
+        reply = p.request(observation(2, state=faulty))
+        assert reply.code == "inference" and reply.seq == 2
+        assert re.search(r"observation 'state'\[5\] is 1000: the policy was trained on .* a sensor fault", reply.message)
+        chunk = p.request(observation(3, state=zeros))
+        assert isinstance(chunk, ActionChunk) and chunk.obs_seqs == [3, 3]
+        p.close()
