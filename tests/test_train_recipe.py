@@ -1,6 +1,7 @@
 """Training-length, validation and augmentation options of the training recipe."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -287,6 +288,35 @@ def test_fresh_moves_the_previous_run_aside_and_starts_clean(tmp_path, capsys):
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["steps"] == 2 and max(r.get("step", 0) for r in log) == 2  # only the new run's lines
     assert load_policy(run / "best")[2]["step"] == 2  # judged on its own, not against the old best
+
+
+def test_a_fresh_killed_between_its_moves_is_finished_by_the_next_run(tmp_path, capsys, monkeypatch):
+    """--fresh moves last/, best/ and the log one by one: killed after the first, the next run (even
+    without --fresh) used to resume nothing and append to the old log, judged against the old best."""
+    import polcache.train.loop as loop
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.steps=4") == 0
+    old_log = (run / "train_log.jsonl").read_text()
+    rename = os.rename
+
+    def killed_after_one(src, dst):
+        rename(src, dst)
+        raise KeyboardInterrupt  # as a SIGINT between the two renames
+
+    monkeypatch.setattr(loop.os, "rename", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        loop._set_aside_previous_run(run)
+    monkeypatch.setattr(loop.os, "rename", rename)
+    (aside,) = run.glob("previous-*")
+    assert (aside / "last").is_dir() and (run / "best").is_dir()  # split between the two folders
+    capsys.readouterr()
+    assert train_cli(data, run) == 0
+    assert f"--fresh, interrupted before: finished moving the previous run to {aside}" in capsys.readouterr().out
+    assert (aside / "train_log.jsonl").read_text() == old_log and (aside / "best" / "meta.json").is_file()
+    assert not (run / loop.FRESH_MARK).exists()
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in log) == 2  # a new run of its own, not the old log continued
 
 
 def test_a_loss_that_becomes_nan_stops_before_the_weights_take_the_step(tmp_path, capsys, monkeypatch):

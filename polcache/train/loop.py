@@ -198,6 +198,8 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     ema = EMA(policy, cfg.train.ema_decay, cfg.train.ema_warmup)
     step = 0
     last = out / "last"
+    if rank == 0:
+        _finish_set_aside(out)
     if not fresh and last.exists():
         step = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev, rank == 0)
         if rank == 0:  # a run already at its plan's length returns at once: say why nothing trains
@@ -382,11 +384,17 @@ def check_out(out: Path, dataset: str) -> None:
                                   f"it or give another out directory") from None
 
 
+FRESH_MARK = ".fresh-aside"  # in OUT while --fresh moves the previous run: names the folder it moves it into
+PREVIOUS_RUN = ("last", "best", "train_log.jsonl")
+
+
 def _set_aside_previous_run(out: Path) -> None:
     """--fresh: move the previous run's checkpoints and log into OUT/previous-<time>/, so the new run
     starts clean (its best/ is not judged against the old one's, its log has only its own lines) and
-    nothing is deleted that the user may still want."""
-    old = [p for p in (out / "last", out / "best", out / "train_log.jsonl") if p.exists()]
+    nothing is deleted that the user may still want. The folder is named in OUT/.fresh-aside before
+    anything moves, so a run killed between the moves is completed by the next (_finish_set_aside)
+    instead of leaving last/ here and best/ there."""
+    old = [p for p in (out / name for name in PREVIOUS_RUN) if p.exists()]
     if not old:
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -395,11 +403,32 @@ def _set_aside_previous_run(out: Path) -> None:
     while aside.exists():
         n += 1
         aside = out / f"previous-{stamp}-{n}"
-    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in old)
     aside.mkdir()
-    for p in old:
-        os.rename(p, aside / p.name)
+    atomic_write_text(out / FRESH_MARK, aside.name + "\n")
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in old)
+    _move_previous_run(out, aside)
     print(f"--fresh: moved the previous run's {names} to {aside} (delete it if not needed)")
+
+
+def _move_previous_run(out: Path, aside: Path) -> None:
+    for name in PREVIOUS_RUN:
+        if (out / name).exists():
+            os.rename(out / name, aside / name)
+    (out / FRESH_MARK).unlink()
+
+
+def _finish_set_aside(out: Path) -> None:
+    """Complete a --fresh that was killed while it moved the previous run aside (see there)."""
+    try:
+        name = (out / FRESH_MARK).read_text().strip()
+    except FileNotFoundError:
+        return
+    aside = out / name
+    if not name or "/" in name or not aside.is_dir():
+        raise CheckpointError(f"{out / FRESH_MARK} names no folder of the previous run ({name!r}); move "
+                              f"{', '.join(PREVIOUS_RUN)} where you want them, delete the file, and run again")
+    _move_previous_run(out, aside)
+    print(f"--fresh, interrupted before: finished moving the previous run to {aside}")
 
 
 def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
