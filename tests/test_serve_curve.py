@@ -88,3 +88,25 @@ def test_the_servers_key_pair_is_no_client_credential(keys, tmp_path, caplog):
         ctx.term()
     assert "authentication refused for the server's own key pair" in caplog.text
     assert "authentication refused for an unknown client key" in caplog.text
+
+
+def test_the_servers_disconnect_line_names_refused_keys_as_a_cause(keys, tmp_path, caplog):
+    """A robot with keys the server does not admit is dropped before any handshake: the disconnect
+    line the server logs for it names that cause, beside the refusal logged before it."""
+    from fakes import FakeBackend, wait_for
+    from polcache.serve.server import PolicyServer
+
+    zmq.auth.create_certificates(str(tmp_path), "rogue")
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
+    (stranger / "client.key_secret").write_bytes((tmp_path / "rogue.key_secret").read_bytes())
+    with caplog.at_level(logging.INFO, logger="polcache.serve"), \
+            PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", keys_dir=str(keys)) as server:
+        client = PolicyClient(server.endpoint, {"state": ((3,), "float32")}, 2, hz=50, keys_dir=str(stranger))
+        with pytest.raises(ConnectError):
+            client.connect(timeout_s=0.5)
+        client.close()
+        assert wait_for(lambda: "a connection closed before any handshake" in caplog.text, 3)
+    assert "a robot that exited, keys CurveZMQ refused (logged before)" in caplog.text
+    assert caplog.text.index("authentication refused for an unknown client key") < caplog.text.index("closed before")
