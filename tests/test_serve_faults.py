@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import re
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -453,8 +454,6 @@ def test_a_state_far_outside_the_training_range_is_refused_by_name_and_the_robot
     """The shipped DP-T served: a state of 1e3 (a sensor fault) is answered with an `inference` error
     naming the key, the dimension and the training range, not with saturated actions; the robot's
     next, sane observation gets its chunk from a window without the bad frame."""
-    from pathlib import Path
-
     from polcache.policy import load_backend
 
     backend = load_backend(str(Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3"))
