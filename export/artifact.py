@@ -15,7 +15,8 @@ from polcache.export.manifest import Manifest, read_manifest
 from polcache.policy.batching import Outcome, SessionRequest, predict_shared
 from polcache.policy.ops import COMPUTE, REUSE
 from polcache.policy.parity import PROBES, chunk_deviation
-from polcache.policy.spec import CommittedActions, PolicySpec, StatelessSession, finite_actions, rtc_blocker
+from polcache.policy.spec import (CommittedActions, PolicySpec, StatelessSession, check_seed, finite_actions,
+                                  rtc_blocker)
 
 
 class ExportedBackend:
@@ -72,6 +73,7 @@ class ExportedBackend:
         Where torch is installed these are the torch backend's own draws for the same seed (a CPU
         generator, same shapes, same order), so `--backend ort` and `--backend torch` on the same
         seeds sample the same chunks; without torch (a robot computer), numpy's default_rng(seed)."""
+        seed = check_seed(seed)
         shape = (batch, self.spec.horizon, self.spec.action_dim)
         try:
             import torch
@@ -84,7 +86,7 @@ class ExportedBackend:
         if seed is None:
             gen.seed()
         else:
-            gen.manual_seed(int(seed))
+            gen.manual_seed(seed)
         x = torch.randn(shape, generator=gen).numpy()
         noise = torch.randn((self.K, *shape), generator=gen).numpy() if self.needs_noise else None
         return x, noise

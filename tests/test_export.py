@@ -338,6 +338,25 @@ def test_ort_and_torch_backends_sample_the_same_chunk_for_the_same_seed(policy, 
         np.testing.assert_allclose(ort.predict(obs, seed=seed), torch_b.predict(obs, seed=seed), atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64 + 5, 1.5, "3", True, np.float32(2.0)])
+def test_ort_and_torch_backends_refuse_the_same_bad_seeds_alike(policy, tmp_path, seed):
+    """ONNX Runtime truncated 1.5 to 1 and took -1, "3" and True (torch refused them), and 2**64+5 came
+    back as a raw ValueError: one check now refuses them on both, and batched, only in that row."""
+    from polcache.errors import ObservationError
+    from polcache.policy.backend import TorchBackend
+    from polcache.policy.batching import SessionRequest
+
+    ort, torch_b = OrtBackend(_artifact(policy, tmp_path)), TorchBackend(policy, "ddpm", K)
+    obs, seqs = _obs(policy.spec, 1, seed=4), list(range(policy.spec.n_obs_steps))
+    for backend in (ort, torch_b):
+        with pytest.raises(ObservationError, match=r"^seed: expected an integer in 0\.\.2\^63-1 or None, got "):
+            backend.predict(obs, seed=seed)
+        good, bad = backend.predict_sessions([SessionRequest(backend.session(), obs, seqs, 3),
+                                              SessionRequest(backend.session(), obs, seqs, seed)])
+        assert isinstance(bad, ObservationError)
+        np.testing.assert_allclose(good, backend.predict(obs, seed=3), atol=1e-5)
+
+
 def test_ort_and_torch_backends_refuse_the_same_absurd_state_alike(policy, tmp_path):
     """1e20 overflowed to NaN on torch but gave a chunk on ONNX Runtime: the artifact carries the
     policy's normaliser in its spec, and both refuse such a state before inference, in the same words."""

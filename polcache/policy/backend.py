@@ -19,7 +19,8 @@ from polcache.policy.precision import action_deviation, parse_precision, probe_o
 from polcache.policy.residual_norm import add_norm_triton, triton_blocker
 from polcache.policy.session import TorchSession
 from polcache.policy.rtc import guided_denoise, overlap_weights, require_flow
-from polcache.policy.spec import CommittedActions, PolicySession, PolicySpec, StatelessSession, finite_actions
+from polcache.policy.spec import (CommittedActions, PolicySession, PolicySpec, StatelessSession, check_seed,
+                                  finite_actions)
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +237,8 @@ class TorchBackend:
         return self.policy.to_actions(x)["action"].float().cpu().numpy()
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
-        if seed is None:
-            return None
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ObservationError(f"seed: expected an integer in 0..2^63-1 or None, got {seed!r}")
-        return torch.Generator(device=self.device).manual_seed(int(seed))
+        seed = check_seed(seed)
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
 
     def _verified(self, feats: torch.Tensor, past_actions: np.ndarray, gen: torch.Generator | None) -> np.ndarray:
         """Self-verification: N candidates from one encoding; the one whose predicted past action

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Protocol, Sequence, TypeVar, runtime_ch
 import numpy as np
 
 from polcache.errors import InferenceError
-from polcache.policy.spec import NON_FINITE_ACTIONS, CommittedActions, PolicyBackend, PolicySession
+from polcache.policy.spec import NON_FINITE_ACTIONS, CommittedActions, PolicyBackend, PolicySession, check_seed
 
 
 class SessionRequest(NamedTuple):
@@ -79,6 +79,7 @@ def predict_shared(requests: Sequence[SessionRequest], shares: Callable[[Session
             if not shares(r):
                 outcomes[i] = predict_alone(r)
                 continue
+            check_seed(r.seed)  # a bad seed fails its own row here, not the shared call
             rows.append(prepare(r))
             shared.append(i)
         except Exception as exc:  # noqa: BLE001 - this row's input is bad, the others still run

@@ -38,6 +38,17 @@ FRAME_MODES = ("strided", "mixed")
 OBS_RANGE_LIMIT = 100.0
 
 
+def check_seed(seed: Any) -> int | None:
+    """A sampling seed as every backend takes it: None (fresh noise) or an integer in 0..2^63-1
+    (torch's generator range). Anything else (a bool, a float, a string, a negative number) is
+    refused rather than truncated, so `--backend ort` and `--backend torch` accept the same seeds."""
+    if seed is None:
+        return None
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed < 2**63:
+        raise ObservationError(f"seed: expected an integer in 0..2^63-1 or None, got {seed!r}")
+    return int(seed)
+
+
 def frame_offsets(n_obs_steps: int, stride: int = 1, mode: str = "strided") -> tuple[int, ...]:
     """Control steps of the observation frames relative to the current one, oldest first.
     "strided": K frames at stride s ending at the current step (0). "mixed": the newest
