@@ -194,6 +194,19 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextmanager
+def naming_errors(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """An OSError while writing `path` named with `path`: a full disk or quota fails a write(), a flush or
+    an fsync, which name no file ("No space left on device" alone), and a failure inside a temp copy
+    `tmp` would name a hidden file the user never asked for."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None and (tmp is None or not str(exc.filename).startswith(str(tmp))):
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
+@contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory to fill; on normal exit it replaces `path` (a link's target), durably; on
     error it vanishes."""
@@ -203,7 +216,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     old = path.parent / f".{path.name}.old-{tag}"
-    with _writer_lock(path, tag):
+    with _writer_lock(path, tag), naming_errors(path, tmp):
         try:
             yield tmp
             _fsync_tree(tmp)
@@ -230,7 +243,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _recover(path)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"
-    with _writer_lock(path, tag):
+    with _writer_lock(path, tag), naming_errors(path, tmp):
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

@@ -130,3 +130,56 @@ def test_a_writer_holds_its_lock_while_it_writes_and_removes_it_after(tmp_path):
         (lock,) = tmp_path.glob(".d.lock-*")
         assert not atomic._writer_gone(tmp_path / "d", lock.name.partition("lock-")[2])  # noqa: SLF001
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_a_full_disk_is_named_with_the_output_not_left_nameless_or_a_hidden_temp(tmp_path, monkeypatch):
+    """write() and fsync() name no file when the disk fills ("No space left on device" alone, as `polcache
+    export`, `eval --json`, `record --out` and `train out=` printed it); a failure naming a file inside the
+    temp copy named a hidden `.NAME.tmp-*` path. Each now names the output, and leaves nothing beside it."""
+    import errno
+
+    from polcache.train.loop import _log
+    from polcache.train.run_lock import run_lock
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(atomic.os, "fsync", full)
+        with pytest.raises(OSError, match="No space left") as info:
+            atomic_write_text(tmp_path / "f.json", "{}")
+        assert info.value.filename == str(tmp_path / "f.json")
+    with pytest.raises(OSError) as info:
+        with atomic_directory(tmp_path / "d") as tmp:
+            tmp.mkdir()
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model.safetensors"))
+    assert info.value.filename == str(tmp_path / "d") and info.value.errno == errno.ENOSPC
+    with pytest.raises(PermissionError) as info:  # a file outside the temp copy keeps its own name
+        with atomic_directory(tmp_path / "d"):
+            raise PermissionError(errno.EACCES, "Permission denied", "/etc/shadow")
+    assert info.value.filename == "/etc/shadow"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with monkeypatch.context() as m:  # training's log is appended to, not replaced: named all the same
+        m.setattr(atomic.os, "fsync", full)
+        m.setattr("builtins.open", lambda *a, **k: _FullFile())
+        with pytest.raises(OSError) as info:
+            _log(tmp_path / "train_log.jsonl", {"step": 1})
+        assert info.value.filename == str(tmp_path / "train_log.jsonl")
+    monkeypatch.setattr("polcache.train.run_lock.os.write", full)
+    with pytest.raises(OSError) as info:
+        with run_lock(tmp_path / "run"):
+            pass
+    assert info.value.filename == str(tmp_path / "run" / ".train.lock") and not (tmp_path / "run").exists()
+
+
+class _FullFile:
+    """A file on a full disk: the buffered write succeeds, the flush on close fails, naming no file."""
+
+    def __enter__(self):
+        return self
+
+    def write(self, text):
+        return len(text)
+
+    def __exit__(self, *exc):
+        raise OSError(28, "No space left on device")

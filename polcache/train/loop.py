@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from polcache.atomic import atomic_write_text, restore
+from polcache.atomic import atomic_write_text, naming_errors, restore
 from polcache.config import ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
@@ -346,7 +346,7 @@ def _log(path: Path, record: dict) -> None:
     """Append one line to train_log.jsonl; a non-finite number is written as null, so every line stays
     valid JSON (NaN and Infinity are not)."""
     record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    with open(path, "a") as f:
+    with naming_errors(path), open(path, "a") as f:
         f.write(json.dumps(record, allow_nan=False) + "\n")
 
 

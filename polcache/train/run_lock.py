@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from polcache.atomic import naming_errors
 from polcache.errors import ConfigError
 
 RUN_LOCK = ".train.lock"  # in OUT: held (flock) by the run that writes OUT
@@ -45,8 +46,8 @@ def run_lock(out: Path, rank: int = 0) -> Iterator[None]:
         else:
             f.seek(0)
             f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
+            with naming_errors(lock):  # unbuffered: a full disk fails here, named, not again in close()
+                os.write(f.fileno(), f"{os.getpid()}\n".encode())
         yield
     finally:
         if created and [p.name for p in out.iterdir()] == [RUN_LOCK]:  # failed before writing anything:
