@@ -46,6 +46,17 @@ def test_a_wrong_observation_is_named(backend, obs, match):
         backend.session().predict(obs, [0, 1], seed=0)
 
 
+def test_an_instructions_dtype_error_says_it_holds_text_not_pixels():
+    """An instruction is uint8 like an image, but its bytes are text: the hint said "(pixels 0-255)"."""
+    from polcache.policy.spec import ArraySpec, PolicySpec
+
+    spec = PolicySpec({"instruction": ArraySpec((8,), "uint8")}, action_dim=2, n_obs_steps=1, horizon=4,
+                      n_action_steps=2)
+    with pytest.raises(ObservationError, match=r"^observation 'instruction': expected uint8, got int64 "
+                                               r"\(UTF-8 bytes, zero-padded\)$"):
+        spec.check_observations({"instruction": np.zeros((1, 1, 8), np.int64)})
+
+
 def test_what_is_accepted_reads_as_the_policys_dtypes(backend):
     ref = backend.predict({"state": STATE, "image_cam": IMAGE}, seed=0)
     # float64 state is cast; a flipped (negative-stride) image is copied; extra keys are ignored

@@ -129,6 +129,30 @@ def test_policy_families_by_name_and_old_checkpoints_load_as_dp_t(tmp_path, caps
     assert "policy.family 'fo' is not a known policy family (known: dp-t, vla)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("edit, named", [
+    (("n_layers", 1), r"\(\d+ unexpected tensors, e\.g\. denoiser\.blocks\.\d+\.\S+\)"),
+    (("n_layers", 4), r"\(\d+ tensors missing, e\.g\. denoiser\.blocks\.\d+\.\S+\)"),
+    (("width", 48), r"\(\d+ tensors of another shape, e\.g\. \S+ is \(.*\), the config makes \(.*\)\)"),
+])
+def test_a_config_edited_after_training_is_one_short_line(tmp_path, edit, named):
+    """A changed layer count printed torch's list of every missing key: one line of thousands of characters."""
+    import yaml
+
+    from polcache.config import ExperimentConfig
+    from polcache.errors import CheckpointError
+    from polcache.policy import load_policy, save_checkpoint
+
+    p = tiny_policy()
+    path = save_checkpoint(tmp_path / "ck", ExperimentConfig(task="test", policy=p.cfg), p)
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    cfg["policy"][edit[0]] = edit[1]
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not match config\.yaml " + named
+                       + "; was config.yaml edited after training") as info:
+        load_policy(path)
+    assert len(str(info.value)) < 300
+
+
 def test_checkpoint_files_follow_the_umask(tmp_path):
     """Weights readable by whoever may read the config (a server running as another user):
     safetensors' own writer made them owner-only."""

@@ -154,12 +154,24 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
         policy = build_policy(cfg.policy, obs_spec, obs_keys, action_dim, normalizer, task)
     except ConfigError as exc:
         raise CheckpointError(f"{path}/config.yaml: {exc}") from None
-    try:
-        policy.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise CheckpointError(f"{path}: weights do not match the config ({first})") from None
+    if (mismatch := _weights_mismatch(policy.state_dict(), weights)) is not None:
+        raise CheckpointError(f"{path}: model.safetensors does not match config.yaml ({mismatch}); was config.yaml "
+                              f"edited after training (layer counts, widths)?")
+    policy.load_state_dict(weights)
     return policy.to(device).eval(), cfg, meta
+
+
+def _weights_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str | None:
+    """What differs between the tensors the config builds and those saved, counted with one example each
+    (torch's own message lists every key: one line of thousands of characters for a changed layer count)."""
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    resized = [f"{k} is {tuple(weights[k].shape)}, the config makes {tuple(t.shape)}"
+               for k, t in expected.items() if k in weights and weights[k].shape != t.shape]
+    parts = [f"{len(names)} {what}, e.g. {names[0]}" for names, what in
+             ((missing, "tensors missing"), (unexpected, "unexpected tensors"), (resized, "tensors of another shape"))
+             if names]
+    return "; ".join(parts) if parts else None
 
 
 def read_tensors(file: Path, device: str | torch.device = "cpu", hint: str = "",

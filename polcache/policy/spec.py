@@ -101,8 +101,9 @@ class PolicySpec:
             a = np.asarray(obs[key])
             want = np.dtype(s.dtype)
             if a.dtype != want and (want == np.uint8 or a.dtype.kind not in "fiu"):
+                holds = "pixels 0-255" if key.startswith("image") else "UTF-8 bytes, zero-padded"  # or an instruction
                 raise ObservationError(f"observation {key!r}: expected {want.name}, got {a.dtype.name}"
-                                       + (" (pixels 0-255)" if want == np.uint8 else ""))
+                                       + (f" ({holds})" if want == np.uint8 else ""))
             shape = (self.n_obs_steps, *s.shape)
             if a.ndim != len(shape) + 1 or a.shape[1:] != shape or a.shape[0] < 1:
                 raise ObservationError(f"observation {key!r}: expected shape (batch, {', '.join(map(str, shape))}) "
