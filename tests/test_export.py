@@ -269,6 +269,9 @@ def test_export_cli_then_eval_with_the_ort_backend(checkpoint, tmp_path, capsys)
     assert "K=8 steps, not 4" in err
     err = _err(capsys, ["eval", "--checkpoint", str(out), "--precision", "bf16", "--episodes", "1"])
     assert "--precision bf16: the ONNX Runtime backend runs the exported fp32 graphs" in err
+    err = _err(capsys, ["export", "--checkpoint", str(out), "--out", str(tmp_path / "again")])
+    assert err.endswith("it is an exported policy, which eval and serve run (--backend ort); here, pass the "
+                        "checkpoint it was exported from") and not (tmp_path / "again").exists()
     json_out = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(out), "--backend", "ort", "--episodes", "1", "--max-steps", "12",
                  "--no-progress", "--json", str(json_out)]) == 0

@@ -29,6 +29,7 @@ from polcache.config import ExperimentConfig, from_dict, load_yaml, to_dict, val
 from polcache.data.normalize import Normalizer
 from polcache.errors import CheckpointError, ConfigError
 from polcache.jsonfile import read_json_object
+from polcache.outputs import replaced_whole
 from polcache.policy.families import build_policy
 from polcache.policy.pinned import PackageWeights, check_installed
 from polcache.policy.policy import DiffusionPolicy
@@ -111,6 +112,11 @@ def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
     if missing:
         runs = [sub for sub in ("last", "best") if (path / sub / "meta.json").is_file()]  # a training run's folder
         hint = f"; a training run: pass {path / runs[0]}" if runs else ""
+        if (what := replaced_whole(path)) == "an exported policy":
+            hint = ("; it is an exported policy, which eval and serve run (--backend ort); here, pass the "
+                    "checkpoint it was exported from")
+        elif what is not None:
+            hint = f"; it is {what}"
         raise CheckpointError(f"{path}: not a complete polcache checkpoint (missing {', '.join(missing)}){hint}")
     meta = read_json_object(path / "meta.json", CheckpointError)
     if meta.get("format") != FORMAT:
