@@ -123,10 +123,10 @@ def restore(path: str | Path) -> Path:
     if os.path.lexists(where):
         return path
     try:
-        for entry, kind, tag in _leftovers(where):
-            if kind == "old" and entry.is_dir() and not entry.is_symlink() and _writer_gone(where, tag):
-                os.rename(entry, where)
-                break
+        aside = [entry for entry, kind, tag in _leftovers(where)
+                 if kind == "old" and entry.is_dir() and not entry.is_symlink() and _writer_gone(where, tag)]
+        if aside:  # several only where an earlier restore could not rename: the last set aside is the newest
+            os.rename(max(aside, key=lambda entry: entry.stat().st_ctime_ns), where)
     except OSError:  # a read-only folder, or another reader restored it first
         pass
     return path

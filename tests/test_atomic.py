@@ -53,6 +53,22 @@ def test_the_next_write_undoes_what_a_killed_writer_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", live.name, "f.txt"])
 
 
+def test_of_several_directories_set_aside_the_newest_is_put_back(tmp_path):
+    """Two `.old` leftovers (a restore that could not rename, then a second killed writer): the one set
+    aside last holds the newer data, whatever the order of the random tags in their names."""
+    import time
+
+    dead = _dead_pid()
+    for tag, text in (("00000000", "older"), ("ffffffff", "newer")):
+        (tmp_path / "src").mkdir()
+        (tmp_path / "src" / "data.txt").write_text(text)
+        atomic.os.rename(tmp_path / "src", tmp_path / f".d.old-{dead}-{tag}")  # a rename stamps its ctime
+        time.sleep(0.01)
+    atomic._recover(tmp_path / "d")  # noqa: SLF001 - what every write of d does first
+    assert (tmp_path / "d" / "data.txt").read_text() == "newer"
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
 def test_a_write_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
     """Power loss: every file and folder of the new directory is fsynced before the swap, the parent after it
     (and after a file's replace)."""
