@@ -159,6 +159,7 @@ def record_demonstrations(
     (see `_collect`); `perturb` makes the robot depart from the expert's actions while those are
     recorded (see `Perturbations`). Returns a summary dict."""
     from polcache.data.store import check_dataset_output, write_dataset
+    from polcache.signals import interrupts_held
 
     tasks = [task] if isinstance(task, str) else list(task)
     for name, value in (("--episodes", episodes), ("--keep", 1 if keep is None else keep)):
@@ -195,7 +196,8 @@ def record_demonstrations(
         attrs.update(episode_seeds=seeds[tasks[0]])
     else:
         attrs.update(description=f"{len(tasks)} tasks: {', '.join(tasks)}", tasks_recorded=tasks, episode_seeds=seeds)
-    write_dataset(out, kept, attrs)
+    with interrupts_held():  # every episode is recorded: a stop now would lose them, or end after the swap
+        write_dataset(out, kept, attrs)  # and say "terminated" of a dataset it had written
     return {
         "path": str(out),
         "task": tasks[0] if len(tasks) == 1 else tasks,

@@ -383,6 +383,31 @@ def test_a_stopped_record_keeps_the_old_dataset_and_says_so(tmp_path, capsys, mo
     assert EpisodeStore.open(out).num_episodes == before
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_during_the_save_lets_the_save_finish_and_says_what_was_written(tmp_path, capsys, monkeypatch, sig):
+    """Every episode recorded, a stop in the final save: it said "terminated" (143) although the swap had
+    already replaced the dataset. The save is held to its end and the run reports the new dataset."""
+    import signal
+
+    from polcache.cli import main
+    from polcache.data import store
+    from polcache.data.store import EpisodeStore
+
+    out = tmp_path / "d.zarr"
+    assert main(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(out)]) == 0
+    put = store._put
+
+    def stop_while_saving(*args, **kwargs):
+        signal.raise_signal(getattr(signal, sig))
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_put", stop_while_saving)
+    capsys.readouterr()
+    assert main(["record", "--task", "cue-reach", "--episodes", "3", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out and EpisodeStore.open(out).num_episodes == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_perturbed_actions_are_executed_and_the_experts_own_are_recorded():
     """Holds, stops and action noise change what the robot executes; the dataset keeps the
     expert's action at every observation."""
