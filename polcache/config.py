@@ -293,17 +293,23 @@ def read_yaml_mapping(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """The file's config with `overrides` applied and validated. A `train.steps` override without a
-    `train.epochs` one trains that many steps: the file's epochs (which would win) are set aside."""
+    `train.epochs` one trains that many steps: the file's epochs (which would win) are set aside. Either
+    override alone must be >= 1, as nothing else would say how long to train."""
     data = read_yaml_mapping(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     overridden = {item.partition("=")[0].strip() for item in overrides or []}
     steps_only = "train.steps" in overridden and "train.epochs" not in overridden
+    epochs_only = "train.epochs" in overridden and "train.steps" not in overridden
     if steps_only:
         data["train"]["epochs"] = 0
     cfg = from_dict(ExperimentConfig, data)
     if steps_only and cfg.train.steps < 1:  # the file's epochs are set aside, so nothing would say how long to train
         raise ConfigError(f"train.steps={cfg.train.steps}: expected a positive number of steps (the override replaces "
                           f"the config's train.epochs; to train by epochs, set train.epochs=N instead)")
+    if epochs_only and cfg.train.epochs < 1:  # 0 would silently train the config's (or default) train.steps
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: expected a positive number of epochs (with train.epochs=0 "
+                          f"the run would train train.steps={cfg.train.steps} steps; to train by steps, set "
+                          f"train.steps=N instead)")
     validate(cfg)
     return cfg
 

@@ -40,6 +40,23 @@ def test_recipe_options_are_validated(override, match):
         load_config("configs/metaworld_small.yaml", [override])
 
 
+@pytest.mark.parametrize("value, message", [
+    ("0", "train.epochs=0: expected a positive number of epochs (with train.epochs=0 the run would train "
+          "train.steps=20000 steps; to train by steps, set train.steps=N instead)"),  # trained those 20000 steps
+    ("-1", "train.epochs=-1: expected a positive number of epochs (with train.epochs=0 the run would train "
+           "train.steps=20000 steps; to train by steps, set train.steps=N instead)"),
+    ("1.5", "train.epochs: expected an integer, got 1.5"),
+], ids=["zero", "negative", "fraction"])
+def test_an_epochs_override_below_one_is_refused_like_a_steps_one(tmp_path, capsys, value, message):
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/recommended_cpu.yaml", f"dataset={tmp_path / 'd.zarr'}", f"out={run}",
+                 f"train.epochs={value}", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"polcache train: error: {message}"
+    assert not run.exists()
+    # given with train.steps, epochs=0 says to train by steps
+    assert load_config("configs/recommended_cpu.yaml", ["train.epochs=0", "train.steps=5"]).train.steps == 5
+
+
 def test_normalizer_modes_per_key():
     rng = np.random.default_rng(0)
     state, action = rng.normal(3.0, 2.0, (500, 4)), rng.uniform(-5, 7, (500, 2))
