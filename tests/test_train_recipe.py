@@ -323,17 +323,48 @@ def test_a_fresh_killed_between_its_moves_is_finished_by_the_next_run(tmp_path, 
 
     monkeypatch.setattr(loop.os, "rename", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
-        loop._set_aside_previous_run(run)
+        loop._set_aside_previous_run(run, "--fresh")
     monkeypatch.setattr(loop.os, "rename", rename)
     (aside,) = run.glob("previous-*")
     assert (aside / "last").is_dir() and (run / "best").is_dir()  # split between the two folders
     capsys.readouterr()
     assert train_cli(data, run) == 0
-    assert f"--fresh, interrupted before: finished moving the previous run to {aside}" in capsys.readouterr().out
+    assert f"moving the previous run aside was interrupted before: finished moving it to {aside}" in \
+        capsys.readouterr().out
     assert (aside / "train_log.jsonl").read_text() == old_log and (aside / "best" / "meta.json").is_file()
     assert not (run / loop.FRESH_MARK).exists()
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert max(r.get("step", 0) for r in log) == 2  # a new run of its own, not the old log continued
+
+
+@pytest.mark.parametrize("left", [("train_log.jsonl",), ("best", "train_log.jsonl")])
+def test_a_new_run_moves_aside_what_an_earlier_run_without_last_left(tmp_path, capsys, left):
+    """Killed before its first checkpoint (only the log left), or with last/ deleted, an earlier run
+    left files that the next run, starting at step 0, appended to (two plans, steps twice) and judged
+    its best/ against."""
+    import shutil
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.steps=4") == 0
+    for name in {"last", "best"} - set(left):
+        shutil.rmtree(run / name)
+    old_log = (run / "train_log.jsonl").read_text()
+    capsys.readouterr()
+    assert train_cli(data, run) == 0
+    (aside,) = run.glob("previous-*")
+    names = ", ".join(name + ("/" if name == "best" else "") for name in left)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"no {run / 'last'} to resume from (the run stopped before its first checkpoint?), so a new run starts: moved "
+        f"the previous run's {names} to {aside} (delete it if not needed)")
+    assert sorted(p.name for p in aside.iterdir()) == sorted(left)
+    assert (aside / "train_log.jsonl").read_text() == old_log  # nothing lost
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in log if "plan" in r] == [2] and max(r.get("step", 0) for r in log) == 2
+    assert load_policy(run / "best")[2]["step"] == 2  # judged on its own, not against the old best
+    capsys.readouterr()
+    assert train_cli(data, run, "train.steps=4") == 0  # with last/, a run resumes as before: nothing moved
+    assert capsys.readouterr().out.startswith(f"resuming from {run / 'last'} at step 2\n")
+    assert len(list(run.glob("previous-*"))) == 1
 
 
 def test_a_loss_that_becomes_nan_stops_before_the_weights_take_the_step(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,9 @@ The run directory holds `last/` (a full checkpoint plus optimizer state, rewritt
 `checkpoint_every` steps), `best/` (the EMA weights whose sampled actions on held-out
 episodes came closest to the demonstrations) and `train_log.jsonl`. Running the same
 command again resumes from `last/` (refused if the task, data or policy differ) unless
-`fresh=True`, which moves the previous run's files aside into `previous-<time>/`.
+`fresh=True`, which moves the previous run's files aside into `previous-<time>/`; with no `last/`
+to resume (a run killed before its first checkpoint), an earlier run's `best/` and log are moved
+aside the same way, so the new run neither appends to that log nor is judged against that best.
 A loss that becomes NaN or infinite stops the run before the weights take the step.
 SIGTERM (a process manager stopping the run) is handled as Ctrl-C: `last/` is saved first (the
 command then exits 143 where Ctrl-C exits 130).
@@ -207,8 +209,9 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
                     f"train.epochs to train on, or --fresh to start over)" if step >= steps else "")
             print(f"resuming from {last} at step {step}{done}")
             _forget_log_after(out / "train_log.jsonl", step)
-    elif fresh and rank == 0:
-        _set_aside_previous_run(out)
+    elif rank == 0:  # --fresh, or nothing to resume: what an earlier run left is not this run's
+        _set_aside_previous_run(out, "--fresh" if fresh else f"no {last} to resume from (the run stopped before "
+                                                            f"its first checkpoint?), so a new run starts")
     saved = step if step else None  # the step OUT/last holds from this run, if any
 
     model = policy
@@ -384,12 +387,13 @@ def check_out(out: Path, dataset: str) -> None:
                                   f"it or give another out directory") from None
 
 
-FRESH_MARK = ".fresh-aside"  # in OUT while --fresh moves the previous run: names the folder it moves it into
+FRESH_MARK = ".fresh-aside"  # in OUT while a previous run is moved aside: names the folder it moves into
 PREVIOUS_RUN = ("last", "best", "train_log.jsonl")
 
 
-def _set_aside_previous_run(out: Path) -> None:
-    """--fresh: move the previous run's checkpoints and log into OUT/previous-<time>/, so the new run
+def _set_aside_previous_run(out: Path, why: str) -> None:
+    """Move the previous run's checkpoints and log into OUT/previous-<time>/ (--fresh, or a new run
+    where the previous one left no last/ to resume; `why` starts the line that says so), so the new run
     starts clean (its best/ is not judged against the old one's, its log has only its own lines) and
     nothing is deleted that the user may still want. The folder is named in OUT/.fresh-aside before
     anything moves, so a run killed between the moves is completed by the next (_finish_set_aside)
@@ -407,7 +411,7 @@ def _set_aside_previous_run(out: Path) -> None:
     atomic_write_text(out / FRESH_MARK, aside.name + "\n")
     names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in old)
     _move_previous_run(out, aside)
-    print(f"--fresh: moved the previous run's {names} to {aside} (delete it if not needed)")
+    print(f"{why}: moved the previous run's {names} to {aside} (delete it if not needed)")
 
 
 def _move_previous_run(out: Path, aside: Path) -> None:
@@ -418,7 +422,7 @@ def _move_previous_run(out: Path, aside: Path) -> None:
 
 
 def _finish_set_aside(out: Path) -> None:
-    """Complete a --fresh that was killed while it moved the previous run aside (see there)."""
+    """Complete a move of the previous run aside that was killed midway (see _set_aside_previous_run)."""
     try:
         name = (out / FRESH_MARK).read_text().strip()
     except FileNotFoundError:
@@ -428,7 +432,7 @@ def _finish_set_aside(out: Path) -> None:
         raise CheckpointError(f"{out / FRESH_MARK} names no folder of the previous run ({name!r}); move "
                               f"{', '.join(PREVIOUS_RUN)} where you want them, delete the file, and run again")
     _move_previous_run(out, aside)
-    print(f"--fresh, interrupted before: finished moving the previous run to {aside}")
+    print(f"moving the previous run aside was interrupted before: finished moving it to {aside}")
 
 
 def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
