@@ -493,6 +493,41 @@ def test_a_resumed_run_forgets_the_logged_steps_its_checkpoint_does_not_hold(tmp
     assert steps == [1, 2, 3, 4] and 9.0 not in [r["loss"] for r in records if "loss" in r]
 
 
+def test_a_resumed_run_given_another_length_prints_and_logs_its_new_plan(tmp_path, capsys, monkeypatch):
+    """The plan line said when the run would end: resumed with a larger train.steps, the log still
+    said the first command's length."""
+    import signal
+
+    from polcache.policy.policy import DiffusionPolicy
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    forward, calls = DiffusionPolicy.forward, []
+
+    def stop_at_step_3(self, batch, state_noise=0.0):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return forward(self, batch, state_noise)
+
+    monkeypatch.setattr(DiffusionPolicy, "forward", stop_at_step_3)
+    assert train_cli(data, run, "train.steps=4", "train.log_every=1") == 130  # saved at step 2
+    monkeypatch.setattr(DiffusionPolicy, "forward", forward)
+    log = run / "train_log.jsonl"
+    plan = json.loads(log.read_text().splitlines()[0])
+    capsys.readouterr()
+    assert train_cli(data, run, "train.steps=4", "train.log_every=1") == 0  # the same plan: nothing new to say
+    assert capsys.readouterr().out.splitlines()[:2] == [f"resuming from {run / 'last'} at step 2",
+                                                        f"checkpoint: {run / 'last'}"]
+    assert train_cli(data, run, "train.steps=6", "train.log_every=1") == 0
+    new_plan = "6 steps at batch 8, 48 training windows"
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"resuming from {run / 'last'} at step 4", f"training {new_plan} (the run's plan was {plan['plan']})"]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r.get("step", r.get("plan")) for r in records if "loss" in r or "plan" in r] == \
+        [plan["plan"], 1, 2, 3, 4, new_plan, 5, 6]
+    assert records[-4] == {**plan, "steps": 6, "plan": new_plan}  # the first plan line's format
+
+
 def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path, capsys, monkeypatch):
     import torch
 

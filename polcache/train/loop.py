@@ -226,12 +226,15 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
-    if rank == 0 and step == 0:
+    if rank == 0 and step < steps:  # a new run's plan, or a resumed one's given another length: when it ends
         epochs = (f" ({cfg.train.epochs} epochs of {steps // cfg.train.epochs} batches; train.epochs sets the length, "
                   f"not train.steps)" if cfg.train.epochs else "")
         plan = f"{steps} steps{epochs} at batch {cfg.train.batch_size}, {len(train_data)} training windows"
-        print(f"training {plan}")  # also with --no-progress: the run's length is worth a line in any log
-        _log(log_path, {"steps": steps, "train_windows": len(train_data), "val_windows": len(val_data), "plan": plan})
+        logged = _logged_plan(log_path)
+        if plan != logged:  # printed also with --no-progress: the run's length is worth a line in any log
+            print(f"training {plan}" + (f" (the run's plan was {logged})" if logged else ""))
+            _log(log_path, {"steps": steps, "train_windows": len(train_data), "val_windows": len(val_data),
+                            "plan": plan})
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
     best = _best_so_far(out / "best")
     policy.train()
@@ -300,6 +303,17 @@ def _logged_step(line: str) -> int | None:
     if not isinstance(record, dict) or not line.endswith("\n"):
         return None
     return record["step"] if isinstance(record.get("step"), int) else 0
+
+
+def _logged_plan(path: Path) -> str | None:
+    """The plan of the log's last plan line (None without one): the one a resumed run has followed. Every
+    line is a whole record: a new run has no log, a resumed one's went through _forget_log_after."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    plans = [record["plan"] for record in map(json.loads, lines) if "plan" in record]
+    return plans[-1] if plans else None
 
 
 def save_initial(cfg: ExperimentConfig) -> Path:
