@@ -91,6 +91,12 @@ with run_lock(Path(sys.argv[1])):
 
 
 def test_a_second_training_with_the_same_out_is_refused_while_one_runs(tmp_path, capsys):
+    import pytest
+
+    from polcache.config import load_config
+    from polcache.errors import ConfigError
+    from polcache.train.loop import save_initial
+
     run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
     assert train_cli(data, run) == 0
     first = subprocess.Popen([sys.executable, "-c", HOLDS_THE_RUN, str(run)], stdin=subprocess.PIPE,
@@ -103,6 +109,10 @@ def test_a_second_training_with_the_same_out_is_refused_while_one_runs(tmp_path,
             f"polcache train: error: out={run}: another training holds it (pid {first.pid}, lock {run / '.train.lock'}); "
             "wait for it to end or give another out directory")
         assert load_policy(run / "last")[2]["step"] == 2  # untouched
+        cfg = load_config("configs/recommended_cpu.yaml", [f"dataset={data}", f"out={run}"])
+        with pytest.raises(ConfigError, match="another training holds it"):  # a suite's untrained baseline too
+            save_initial(cfg)
+        assert load_policy(run / "last")[2]["step"] == 2
     finally:
         first.kill()  # the kernel drops a killed run's lock: the next run goes on
         first.wait()

@@ -318,9 +318,11 @@ def _logged_plan(path: Path) -> str | None:
 
 def save_initial(cfg: ExperimentConfig) -> Path:
     """Checkpoint the config's policy at initialisation (no training) as OUT/last: the floor
-    against which trained policies are compared."""
+    against which trained policies are compared. Under the run lock, as a training of OUT is: a
+    suite's baseline written while a run trains there would replace that run's last/."""
     torch.manual_seed(cfg.train.seed)
-    return save_checkpoint(Path(cfg.out) / "last", cfg, dataset_source(cfg).policy, step=0)
+    with run_lock(Path(cfg.out)):
+        return save_checkpoint(Path(cfg.out) / "last", cfg, dataset_source(cfg).policy, step=0)
 
 
 def _best_so_far(path: Path) -> float:
