@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -364,6 +366,11 @@ def test_open_dataset_imports_once(lerobot_root, monkeypatch):
 
     monkeypatch.setattr(lr, "import_lerobot", no_import)
     assert open_dataset(lerobot_root).path == caches[0]
+    # an import killed between its two renames (no atomic exchange) left the cache aside: put back, not redone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    caches[0].rename(caches[0].with_name(f".{caches[0].name}.old-{dead}-0a1b2c3d"))
+    assert open_dataset(lerobot_root).path == caches[0] and caches[0].is_dir()
 
     monkeypatch.undo()  # a changed dataset is imported again and the stale copy removed
     data = lerobot_root / lr.DATA_PATH.format(chunk_index=0, file_index=0)
