@@ -281,6 +281,32 @@ def test_report_writes_a_page_with_one_png_per_view(tmp_path):
     assert views["latency"]["series"]
 
 
+def test_rotated_files_whose_first_is_gone_still_have_the_server_info_and_count_each_record_once(tmp_path):
+    """The writer repeats the info line at the start of every rotated file: with the first file
+    rotated away, the report and the page still draw the deadline (they said "no server info
+    yet"), and the repeated line counts nothing twice."""
+    from polcache.dashboard.report import load_runs, run_files
+
+    path = tmp_path / "server.jsonl"
+    writer = JsonlWriter(path, max_bytes=1500, backups=2, flush_s=0.005)
+    writer.write({"kind": "info", "t": 1.0, "monotonic": 0.5, "role": "server", "deadline_ms": 50.0})
+    for i in range(60):
+        writer(request("arm", inference_ms=float(i)))
+    writer.close()
+    files = run_files(path)
+    lines = [json.loads(text) for p in files for text in p.read_text().splitlines()]
+    assert len(files) == 3 and lines[0]["kind"] == "info" and lines[-1]["inference_ms"] == 59.0
+    assert [r["kind"] for r in lines].count("info") == 3  # one per file: the first file's requests are gone
+    kept = [r["inference_ms"] for r in lines if r["kind"] == "request"]
+    state, bad = load_runs([path])
+    assert bad == 0 and list(state.records[("arm", "request")].column("inference_ms")) == kept
+    assert state.views()["latency"]["hlines"] == [{"name": "deadline", "y": 50.0}]
+    dashboard = Dashboard([path])  # the live page follows the newest file only
+    dashboard.poll()
+    dashboard.stop()
+    assert dashboard.data()["latency"]["hlines"] == [{"name": "deadline", "y": 50.0}]
+
+
 def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert main(["dashboard"]) == 2
     assert "--metrics FILE" in capsys.readouterr().err

@@ -98,7 +98,29 @@ def test_jsonl_line_longer_than_a_file_gets_a_file_of_its_own(tmp_path):
     writer.close()
     assert not writer._thread.is_alive()  # noqa: SLF001 - it finished instead of rotating forever
     assert json.loads((tmp_path / "metrics.jsonl.1").read_text())["note"] == "x" * 300
-    assert json.loads(path.read_text())["period_error_ms"] == 1.0
+    info, last = [json.loads(line) for line in path.read_text().splitlines()]  # the info line starts every file
+    assert info["note"] == "x" * 300 and last["period_error_ms"] == 1.0
+
+
+def test_jsonl_every_rotated_file_starts_with_the_latest_info_line(tmp_path):
+    """Once the first file is rotated away, the files left must still say what ran (deadline,
+    target rate): a report or dashboard reading them said "no server info yet"."""
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path, max_bytes=1000, backups=2, flush_s=1000)  # the test drives the flushes
+    writer.write({"kind": "info", "role": "server", "deadline_ms": 50.0})
+    writer._write_gathered()  # noqa: SLF001 - a flush, as the writer's thread does
+    writer.write({"kind": "info", "role": "server", "deadline_ms": 70.0})  # e.g. restarted with another budget
+    for i in range(100):
+        writer(tick(float(i)))
+    writer.close()
+    files = [path.with_name(f"metrics.jsonl.{i}") for i in (2, 1)] + [path]
+    assert all(p.exists() for p in files) and not path.with_name("metrics.jsonl.3").exists()
+    for p in files:
+        first = json.loads(p.read_text().splitlines()[0])
+        assert first == {"kind": "info", "role": "server", "deadline_ms": 70.0}, p
+        assert p.stat().st_size <= 1000
+    ticks = [json.loads(line)["period_error_ms"] for p in files for line in p.read_text().splitlines()[1:]]
+    assert ticks == [float(i) for i in range(100 - len(ticks), 100)]  # the newest, each once
 
 
 def test_jsonl_file_rotates_only_when_full_while_records_keep_arriving(tmp_path):

@@ -58,7 +58,9 @@ def is_metrics_file(path: Path) -> bool:
 class JsonlWriter:
     """Keeps `path` under `max_bytes` by renaming it to path.1 (path.1 to path.2, ...) and keeps
     `backups` old files; drops (and counts) records when more than `queue_size` wait. A reader
-    following the rotation must look more often than `backups` full files take to write."""
+    following the rotation must look more often than `backups` full files take to write. Every
+    new file starts with the latest `info` line written, so the files left once the first is
+    rotated away still say what ran (deadline, target rate, cache plan)."""
 
     def __init__(self, path: str | Path, max_bytes: int = 10 * 2**20, backups: int = 3, queue_size: int = 10_000,
                  labels: dict[str, Any] | None = None, flush_s: float = FLUSH_S):
@@ -69,6 +71,7 @@ class JsonlWriter:
         self.queue_size = queue_size
         self.flush_s = flush_s
         self.dropped = 0
+        self._info = b""  # the latest info line, repeated at the start of every rotated file
         # a folder, a path under a file, an empty name, a file of another kind (a schedule, a result):
         # one line naming it; an existing metrics file is appended to
         check_output(path, 'a polcache metrics file (lines of {"kind": ...} records)', folder=False,
@@ -92,7 +95,10 @@ class JsonlWriter:
             self.dropped += 1
             return
         try:
-            self._lines.append(self._encoder.encode(item) if isinstance(item, dict) else self._record_line(item))
+            line = self._encoder.encode(item) if isinstance(item, dict) else self._record_line(item)
+            if isinstance(item, dict) and item.get("kind") == "info":
+                self._info = line
+            self._lines.append(line)
         except (TypeError, ValueError) as exc:  # a field JSON cannot hold: that line is lost, not the caller
             self.dropped += 1
             self._warn(type(exc).__name__, f"metrics line not written: {exc}")
@@ -129,7 +135,8 @@ class JsonlWriter:
             batch, size, full = [], self._size, False
             while self._lines:
                 length = len(self._lines[0]) + 1
-                if size and size + length > self.max_bytes:  # full (an empty file takes any one line)
+                # full; a file holding nothing yet but its repeated info line takes any one line
+                if size > self._head_size and size + length > self.max_bytes:
                     full = True
                     break
                 batch.append(self._lines.popleft())
@@ -171,6 +178,7 @@ class JsonlWriter:
         if self._file.tell() and not _ends_with_newline(self.path):
             self._file.write(b"\n")
         self._size = self._file.tell()
+        self._head_size = 0
 
     def _rotate(self) -> None:
         self._file.close()
@@ -183,7 +191,10 @@ class JsonlWriter:
         else:
             self.path.unlink()
         self._file = open(self.path, "ab")
-        self._size = 0
+        self._size = self._head_size = 0
+        if self._info:
+            self._file.write(self._info + b"\n")
+            self._size = self._head_size = len(self._info) + 1
 
 
 def _builtin_scalar(value: Any) -> Any:
