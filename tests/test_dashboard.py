@@ -327,6 +327,29 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert "no metrics records" in capsys.readouterr().err
 
 
+def test_dashboard_refuses_a_file_that_is_not_a_metrics_file_as_report_and_writer_do(tmp_path, capsys):
+    """`dashboard --metrics robot.json` (or README.md) started and served an empty page: it is refused
+    in one line, exit status 2, nothing left running; a file not there yet is still followed."""
+    import subprocess
+    import sys
+
+    from polcache.dashboard import run_dashboard
+
+    result, readme = tmp_path / "robot.json", tmp_path / "README.md"
+    result.write_text('{"format": "polcache-eval", "episodes": 1}\n')
+    readme.write_text("# notes\n")
+    what = 'is not a polcache metrics file (lines of {"kind": ...} records)'
+    for other in (result, readme):
+        proc = subprocess.run([sys.executable, "-m", "polcache.cli", "dashboard", "--metrics", str(other), "--port", "0"],
+                              capture_output=True, text=True, timeout=30)  # the whole process: it exits
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr == f"polcache dashboard: error: --metrics {other}: {what}\n"
+        assert main(["report", str(other), "--out", str(tmp_path / "r")]) == 2
+        assert capsys.readouterr().err == f"polcache report: error: {other}: {what}\n"
+    run_dashboard([str(tmp_path / "later.jsonl")], port=0, seconds=0.1)  # the server creates it later
+    assert "dashboard on http://127.0.0.1:" in capsys.readouterr().out
+
+
 def test_records_with_wrong_types_are_counted_not_fatal():
     state = RunState()
     state.add([{"kind": "info", "t": 1.0, "monotonic": "soon"}, {"kind": "tick", "t": "late"},

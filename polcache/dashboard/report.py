@@ -16,6 +16,7 @@ from polcache.atomic import atomic_directory
 from polcache.dashboard.tail import JsonlTail
 from polcache.dashboard.views import RunState
 from polcache.errors import PolcacheError
+from polcache.metrics.jsonl import check_metrics_input
 from polcache.outputs import check_output, replaced_whole
 
 OP_COLORS = ["#1f4e79", "#cfe2f3", "#f6b26b", "#b4a7d6"]  # compute, reuse, forecast, gate (as the page)
@@ -36,6 +37,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
         if not path.is_file():
             raise PolcacheError(f"{path}: {'not a file' if path.exists() else 'no such file'}; expected a metrics "
                                 "file (JSON lines, from --metrics-file)")
+        check_metrics_input(path)  # as the dashboard and the writer refuse it
         if path.resolve() in seen:  # its records would count twice
             raise PolcacheError(f"{path}: given twice")
         seen.add(path.resolve())

@@ -24,6 +24,7 @@ from polcache.dashboard.system import SystemSampler
 from polcache.dashboard.tail import JsonlTail
 from polcache.dashboard.views import RunState
 from polcache.errors import PolcacheError
+from polcache.metrics.jsonl import check_metrics_input
 
 log = logging.getLogger(__name__)
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8")}
@@ -127,9 +128,8 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
 def run_dashboard(metrics_files: Sequence[str] = (), connect: Sequence[str] = (), port: int = 8050,
                   host: str = "127.0.0.1", seconds: float | None = None) -> None:
     """Serve until interrupted (or for `seconds`), printing the page's address first."""
-    for path in metrics_files:  # refused now, not as a failed read at every poll
-        if Path(path).is_dir():
-            raise PolcacheError(f"--metrics {path}: is a folder; expected a metrics JSON-lines file")
+    for path in metrics_files:  # refused now, not as a failed read at every poll or an empty page
+        check_metrics_input(path, "--metrics")
     dashboard = Dashboard(metrics_files, connect)
     try:
         url = dashboard.serve(port, host)

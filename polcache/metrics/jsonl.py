@@ -41,6 +41,7 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 _RECORD_START = re.compile(rb'\s*\{\s*"kind"\s*:')  # how every record's line starts
+METRICS_FILE = 'a polcache metrics file (lines of {"kind": ...} records)'
 
 
 def is_metrics_file(path: Path) -> bool:
@@ -53,6 +54,18 @@ def is_metrics_file(path: Path) -> bool:
     except OSError:
         return False
     return not start.strip() or _RECORD_START.match(start) is not None
+
+
+def check_metrics_input(path: str | Path, flag: str | None = None) -> None:
+    """Refuse, in one line, a metrics file to read that a writer would not append to (a folder, a
+    robot.json or README given by mistake): the dashboard served an empty page for it. A path not
+    there yet passes: the server or robot writing it creates it."""
+    path = Path(path)
+    name = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise PolcacheError(f"{name}: is a folder; expected {METRICS_FILE}")
+    if path.exists() and not is_metrics_file(path):
+        raise PolcacheError(f"{name}: is not {METRICS_FILE}")
 
 
 class JsonlWriter:
@@ -74,7 +87,7 @@ class JsonlWriter:
         self._info = b""  # the latest info line, repeated at the start of every rotated file
         # a folder, a path under a file, an empty name, a file of another kind (a schedule, a result):
         # one line naming it; an existing metrics file is appended to
-        check_output(path, 'a polcache metrics file (lines of {"kind": ...} records)', folder=False,
+        check_output(path, METRICS_FILE, folder=False,
                      ours=is_metrics_file, flag="metrics file", error=PolcacheError)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
