@@ -145,6 +145,19 @@ def test_cli_refuses_a_busy_port_in_one_line_and_starts_nothing(tmp_path):
     assert "started" not in proc.stdout and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux /proc")
+def test_cli_refuses_a_run_dir_it_cannot_create_in_one_line_naming_it(tmp_path):
+    """/proc/nope passes the writability check (for root) but cannot be created: exit status 1 and
+    a line about /proc/nope that did not name run_dir."""
+    proc = subprocess.run([sys.executable, "-m", "polcache.cli", "launch", str(SIM),
+                           *sim_overrides(tmp_path), "run_dir=/proc/nope"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert re.fullmatch(r"polcache launch: error: run_dir /proc/nope: .*(cannot create /proc/nope/|not writable).*", line)
+    assert "started" not in proc.stdout and not os.path.exists("/proc/nope")
+
+
 class Launcher:
     """`polcache launch` as a subprocess whose output lines are read as they come."""
 

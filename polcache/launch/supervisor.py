@@ -162,9 +162,13 @@ def dashboard_available() -> subprocess.Popen:
 
 def new_run_dir(cfg: LaunchConfig) -> Path:
     """A fresh directory per launch under `run_dir`, so the metrics files (which append) and the
-    dashboard hold this run only, and earlier runs stay readable."""
+    dashboard hold this run only, and earlier runs stay readable. A run_dir the checks pass but
+    that cannot be created (/proc/nope, even for root) is refused naming the field."""
     run = Path(cfg.run_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    run.mkdir(parents=True)
+    try:
+        run.mkdir(parents=True)
+    except OSError as exc:
+        raise PolcacheError(f"run_dir {cfg.run_dir}: cannot create {run} ({exc.strerror or exc})") from None
     say(f"logs and metrics in {run}")
     return run
 
