@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -106,9 +108,45 @@ def test_a_stopped_sim_robot_reports_its_finished_episodes(monkeypatch, tmp_path
     with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
         assert main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "3", "--server", server.endpoint,
                      "--json", str(out)]) == 143
-    assert "[interrupted: 1 of 3 episodes finished]" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "[interrupted: 1 of 3 episodes finished]" in said
+    assert re.search(r"\d+ watchdog safe stops\n", said)  # the loop was not running: no stop of its own
     result = json.loads(out.read_text())
-    assert result["episodes"] == 1 and result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM"}
+    assert result["episodes"] == 1
+    assert result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM", "safe_stop": False}
+
+
+def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(monkeypatch, tmp_path, capsys):
+    """SIGTERM while the loop runs: the loop safe-stops the robot, which the summary said nothing of
+    ("0 safe stops": its count is the watchdog's, from the tick records)."""
+    import json
+
+    from polcache.cli import main
+    from polcache.errors import Terminated
+    from polcache.serve.sim_robot import SimRobot
+
+    begin, act = SimRobot.begin, SimRobot.act
+    stops = []
+
+    def begin_seeded(self, seed):
+        self.seed = seed
+        begin(self, seed)
+
+    def stopped_in_the_second(self, action):
+        if self.seed == 1001 and self.steps == 5:
+            raise Terminated
+        act(self, action)
+
+    monkeypatch.setattr(SimRobot, "begin", begin_seeded)
+    monkeypatch.setattr(SimRobot, "act", stopped_in_the_second)
+    monkeypatch.setattr(SimRobot, "safe_stop", lambda self: stops.append(self.steps))
+    out = tmp_path / "robot.json"
+    with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        assert main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "3", "--server", server.endpoint,
+                     "--json", str(out)]) == 143
+    said = capsys.readouterr().out
+    assert stops[-1] == 5 and re.search(r"\d+ watchdog safe stops, then the safe stop on SIGTERM\n", said), said
+    assert json.loads(out.read_text())["extra"]["interrupted"]["safe_stop"] is True
 
 
 def test_sim_robot_on_another_task_than_the_policys_is_warned(caplog):

@@ -119,11 +119,16 @@ def run_sim_robot(
                                on_tick=metrics.record, on_chunk=chunk_arrived)
             # Ticks without a step (waiting, stopped) do not count as episode steps; bound them anyway.
             max_ticks = 2 * env.max_episode_steps + int(10 * hz)
+            stopped = False  # the interrupt came while the loop ran, which safe-stopped the robot
             try:
                 for i in range(episodes):
                     robot.begin(seed + i)
                     loop.reset_episode(texts[i % len(texts)])
-                    loop.run(ticks=max_ticks, until=lambda: robot.done)  # safe-stops the robot if interrupted
+                    try:
+                        loop.run(ticks=max_ticks, until=lambda: robot.done)  # safe-stops the robot if interrupted
+                    except KeyboardInterrupt:
+                        stopped = True
+                        raise
                     per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
                                         "safe_stops": robot.safe_stops,
                                         **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
@@ -131,7 +136,8 @@ def run_sim_robot(
             except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
                 if not per_episode:  # the finished episodes are still a result, as `polcache eval` reports them
                     raise
-                interrupted = interruption(exc, episodes)
+                # the summary's safe stops are the watchdog's (tick records): this one is told apart
+                interrupted = interruption(exc, episodes) | {"safe_stop": stopped}
     except (ConnectError, ProtocolError, FileNotFoundError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
         hint = (CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc)
