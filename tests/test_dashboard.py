@@ -340,8 +340,8 @@ def test_dashboard_refuses_a_file_that_is_not_a_metrics_file_as_report_and_write
     readme.write_text("# notes\n")
     what = 'is not a polcache metrics file (lines of {"kind": ...} records)'
     for other in (result, readme):
-        proc = subprocess.run([sys.executable, "-m", "polcache.cli", "dashboard", "--metrics", str(other), "--port", "0"],
-                              capture_output=True, text=True, timeout=30)  # the whole process: it exits
+        command = [sys.executable, "-m", "polcache.cli", "dashboard", "--metrics", str(other), "--port", "0"]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=30)  # the whole process: it exits
         assert proc.returncode == 2 and proc.stdout == ""
         assert proc.stderr == f"polcache dashboard: error: --metrics {other}: {what}\n"
         assert main(["report", str(other), "--out", str(tmp_path / "r")]) == 2
