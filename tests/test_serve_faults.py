@@ -18,8 +18,8 @@ from polcache.serve.security import InsecureBindError, generate_keys, is_loopbac
 from polcache.serve.server import PolicyServer
 from polcache_client import ControlLoop, PolicyClient
 from polcache_client.connection import ConnectError
-from polcache_client.protocol import (PROTOCOL_VERSION, ActionChunk, Error, Handshake, Heartbeat, Welcome, decode, encode,
-                                      encode_array)
+from polcache_client.protocol import (PROTOCOL_VERSION, ActionChunk, Error, Handshake, Heartbeat, Reset, Welcome,
+                                      decode, encode, encode_array)
 from polcache_client.watchdog import Watchdog
 
 
@@ -259,6 +259,25 @@ def test_slow_inference_is_a_logged_deadline_miss_and_the_robot_stops_safely(cap
     assert records[0].deadline_miss and "over its 140.0 ms deadline" in caplog.text
     assert chunks and all(c.dropped_actions == 8 for c in chunks)  # every action arrived too late
     assert not robot.applied and robot.stops == []  # never moved, so never needed stopping
+
+
+@pytest.mark.parametrize("restart", ["handshake", "reset"])
+def test_a_chunk_computed_before_the_robot_started_over_is_not_sent(restart):
+    """A second handshake on the connection (epoch 0 again) or a reset repeating the epoch starts the
+    session afresh: the chunk for an observation from before, still being computed, came after the
+    welcome or the reset's echo and matched the new session's epoch, so a robot would have run it."""
+    with PolicyServer(FakeBackend(delay_s=0.3), "tcp://127.0.0.1:0") as server:
+        p = RawPeer(server.endpoint)
+        assert isinstance(p.handshake(), Welcome)
+        p.send(observation(5))
+        time.sleep(0.1)  # its inference is under way
+        again = p.handshake() if restart == "handshake" else p.request(encode(Reset(epoch=0)))
+        assert isinstance(again, Welcome if restart == "handshake" else Reset)
+        with pytest.raises(TimeoutError):
+            p.recv(timeout_s=0.5)
+        answered = p.request(observation(1))
+        assert isinstance(answered, ActionChunk) and answered.seq == 1 and answered.obs_seqs == [1, 1]
+        p.close()
 
 
 def test_robot_disconnect_and_reconnect(server):

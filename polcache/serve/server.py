@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -78,6 +78,9 @@ _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
+_GENERATIONS = itertools.count()  # Session.generation: unique in the process
+
+
 class Pending(NamedTuple):
     obs: Observation
     decode_ms: float
@@ -105,9 +108,13 @@ class Session:
     planned: tuple[np.ndarray, np.ndarray] | None = None  # its last chunk's due times and actions (RTC)
     latency_s: float | None = None  # smoothed observation-to-reply time (RTC's delay)
     instruction: np.ndarray | None = None  # encoded; joins every observation of a language-conditioned policy
+    # What the history belongs to: new at each handshake and each (re)started epoch. A chunk computed for
+    # an older one is stale: a second handshake starts at epoch 0 again, and a reset may repeat its epoch.
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.generation = next(_GENERATIONS)
         self.history.clear()
         self.executed.clear()
         self.pending = None
@@ -505,7 +512,8 @@ class PolicyServer:
         pending = session.pending
         t0 = time.perf_counter()
         obs_seqs, stacked = session.history.window()
-        job = Job(robot=robot, name=session.name, epoch=session.epoch, seq=pending.obs.seq, obs_seqs=obs_seqs,
+        job = Job(robot=robot, name=session.name, epoch=session.epoch, generation=session.generation,
+                  seq=pending.obs.seq, obs_seqs=obs_seqs,
                   t_capture=pending.obs.t_capture, received=pending.received, obs=stacked, session=session.policy,
                   reset_session=session.needs_reset, queue_depth=queue_depth, batch_size=batch_size,
                   superseded=session.superseded,
@@ -528,8 +536,8 @@ class PolicyServer:
         if job.actions is not None:
             self._recent_inference_ms.append(job.timing["inference"])
         session = self.sessions.get(job.robot)
-        if session is None or session.epoch != job.epoch:
-            return  # the robot reset or left while we computed: the chunk would be stale
+        if session is None or session.generation != job.generation:
+            return  # the robot reset, shook hands again or left while we computed: the chunk would be stale
         if job.actions is None:  # the window that failed is not reused: a frame in it (say a finite 1e30 the
             # network overflows on) would fail every window it is part of. Its steps are forgotten; an
             # observation that arrived meanwhile stays pending and starts the next window afresh.

@@ -35,6 +35,7 @@ class Job:
     robot: bytes  # session identity
     name: str  # the robot's handshake name, for the log
     epoch: int
+    generation: int  # the session's (Session.generation) when dispatched: replied to only if still current
     seq: int
     obs_seqs: list[int]  # history steps in `obs`, oldest first
     t_capture: float  # robot clock
