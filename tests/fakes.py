@@ -134,12 +134,14 @@ class StepRobot:
 class RawPeer:
     """A bare DEALER for sending arbitrary bytes to a server and reading its replies."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, routing_id: bytes | None = None):
         import zmq
 
         self._zmq = zmq
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if routing_id is not None:  # as a client that sets one itself does (docs/protocol.md: do not)
+            self.socket.setsockopt(zmq.ROUTING_ID, routing_id)
         self.socket.connect(endpoint)
 
     def send(self, *frames: bytes) -> None:

@@ -165,6 +165,50 @@ def test_robots_sharing_a_name_are_told_apart_in_the_log(server, caplog):
     assert sorted(re.findall(r"robot (\w+) \(session (\w+)\) disconnected", caplog.text)) == sorted(connected)
 
 
+# A robot with a fixed ZeroMQ routing id that shakes hands, says so, then waits (to be frozen by SIGSTOP).
+FIXED_ID_ROBOT = r"""
+import sys, time, zmq
+from polcache_client.protocol import Handshake, encode
+s = zmq.Context.instance().socket(zmq.DEALER)
+s.setsockopt(zmq.ROUTING_ID, b"robot-7")
+s.connect(sys.argv[1])
+s.send(encode(Handshake(obs_spec={"state": ((3,), "float32")}, action_dim=2, hz=50.0, name="arm")))
+s.recv()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+def test_a_robot_that_stops_answering_is_disconnected_and_its_fixed_id_freed(server, caplog):
+    """A robot that lost power (here: frozen by SIGSTOP) kept its TCP connection open on the server,
+    so a restarted robot with the same fixed routing id was ignored without a word, for minutes.
+    ZeroMQ's heartbeats close it within HEARTBEAT_TIMEOUT_MS, logged, and the id is free again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from polcache.serve.server import HEARTBEAT_TIMEOUT_MS
+
+    assert (STATE_DIM, ACTION_DIM) == (3, 2)
+    frozen = subprocess.Popen([sys.executable, "-c", FIXED_ID_ROBOT, server.endpoint], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert frozen.stdout.readline() == "ready\n"
+        with caplog.at_level(logging.INFO, logger="polcache.serve"):
+            os.kill(frozen.pid, signal.SIGSTOP)
+            start = time.monotonic()
+            assert wait_for(lambda: "robot arm (session 726f626f742d37) disconnected" in caplog.text, timeout_s=10)
+            assert time.monotonic() - start < HEARTBEAT_TIMEOUT_MS / 1e3 + 2
+        restarted = RawPeer(server.endpoint, routing_id=b"robot-7")
+        assert isinstance(restarted.handshake(name="arm"), Welcome)
+        restarted.close()
+    finally:
+        frozen.kill()
+        frozen.wait()
+
+
 def test_client_refuses_to_send_an_oversized_observation(server, caplog):
     spec = {"state": ((STATE_DIM,), "float32")}
     with PolicyClient(server.endpoint, spec, ACTION_DIM, hz=50) as client:

@@ -64,6 +64,11 @@ LOOP_WAKE_MS = 100  # the longest the loop waits for a message: housekeeping and
 # A session silent this long may be forgotten for a new robot when all are taken: a robot that hears
 # nothing for its timeout (the reference client's: 1 s) reconnects as a new session anyway.
 EVICTABLE_SILENCE_S = 1.0
+# ZeroMQ's own pings on every connection: one that stops answering (a robot that lost power or its cable,
+# a frozen process) is closed and logged as a disconnect after HEARTBEAT_TIMEOUT_MS, rather than held open
+# until the kernel gives up on TCP, minutes later; its routing id is then free again.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
@@ -218,7 +223,8 @@ class PolicyServer:
         self._auth = None
         self._router = self._ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SOCKET_HWM), (zmq.RCVHWM, SOCKET_HWM),
-                           (zmq.MAXMSGSIZE, 2 * max_message_bytes), (zmq.RCVTIMEO, LOOP_WAKE_MS)):
+                           (zmq.MAXMSGSIZE, 2 * max_message_bytes), (zmq.RCVTIMEO, LOOP_WAKE_MS),
+                           (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS), (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)):
             self._router.setsockopt(opt, value)
         try:
             if keys_dir:
