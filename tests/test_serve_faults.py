@@ -324,6 +324,20 @@ def test_a_chunk_computed_before_the_robot_started_over_is_not_sent(restart):
         p.close()
 
 
+def test_a_robot_clock_that_goes_back_is_logged_and_the_robot_still_served(peer, caplog):
+    """A wall clock stepped back by NTP (a robot stamping with time.time()) went unnoticed; under
+    real-time chunking the old plan's actions all counted as still due. Logged once, naming the robot;
+    its chunks keep coming on its own clock; a new epoch may start at any time."""
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+        for seq, epoch, t in ((0, 0, 100.0), (1, 0, 50.0), (2, 0, 50.02), (3, 1, 10.0)):
+            chunk = peer.request(observation(seq, epoch=epoch, t_capture=t))
+            assert isinstance(chunk, ActionChunk) and chunk.seq == seq and chunk.t_actions[0] == t
+    warned = [r.getMessage() for r in caplog.records if "earlier than the last" in r.getMessage()]
+    assert warned == ["raw (session %s): obs.t_capture of seq 1 is 50.000 s earlier than the last observation's in "
+                      "epoch 0; stamp observations with a monotonic clock (time.monotonic(), not time.time())"
+                      % re.search(r"session (\w+)", warned[0])[1]]
+
+
 def test_robot_disconnect_and_reconnect(server):
     spec = {"state": ((STATE_DIM,), "float32")}
     for _ in range(3):

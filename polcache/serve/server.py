@@ -116,10 +116,12 @@ class Session:
     # What the history belongs to: new at each handshake and each (re)started epoch. A chunk computed for
     # an older one is stale: a second handshake starts at epoch 0 again, and a reset may repeat its epoch.
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
+    last_t_capture: float = -math.inf  # the epoch's newest observation's: a robot clock must not go back
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.generation = next(_GENERATIONS)
+        self.last_t_capture = -math.inf
         self.history.clear()
         self.executed.clear()
         self.pending = None
@@ -467,9 +469,23 @@ class PolicyServer:
                              f"not answered; a robot that counts from the start again must reset (a new epoch)"),
                 seq=obs.seq)
             return
+        if obs.t_capture < session.last_t_capture:
+            self._clock_went_back(robot, session, obs)
+        session.last_t_capture = obs.t_capture
         if session.pending is not None:
             session.superseded += 1
         session.pending = Pending(obs, decode_ms, time.perf_counter())
+
+    def _clock_went_back(self, robot: bytes, session: Session, obs: Observation) -> None:
+        """A t_capture earlier than the epoch's last: a robot stamping with a wall clock that NTP stepped
+        back (time.time(), not a monotonic clock). Its chunks still come (their due times are on the
+        robot's clock, whatever it is), but real-time chunking's plan, on the old time line, would count
+        every old action as still due and freeze stale ones: it starts over."""
+        session.planned = None
+        self._warn(f"{robot.hex()}:clock", f"{robot_label(session.name, robot)}: obs.t_capture of seq {obs.seq} is "
+                                           f"{session.last_t_capture - obs.t_capture:.3f} s earlier than the last "
+                                           f"observation's in epoch {obs.epoch}; stamp observations with a monotonic "
+                                           f"clock (time.monotonic(), not time.time())")
 
     def _log_disconnects(self) -> None:
         while self._monitor.poll(0):
