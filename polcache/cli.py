@@ -34,8 +34,12 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.checks: list[Callable[[argparse.Namespace], str | None]] = []
+        for name in (None, "store"):  # None: a flag given no action=
+            self.register("action", name, _StoreOnce)
+        self.given: dict[str, object] = {}  # this parse's flags of one value so far: _StoreOnce
 
     def parse_known_args(self, args=None, namespace=None):
+        self.given = {}
         parsed, extra = super().parse_known_args(args, namespace)
         for check in self.checks:
             if (problem := check(parsed)) is not None:
@@ -44,6 +48,19 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _StoreOnce(argparse._StoreAction):
+    """A flag of one value given twice with two values is refused: argparse kept the last silently
+    (`serve --bind A --bind B` served on B alone). The same value twice changes nothing and passes."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(parser, "given", None)
+        if option_string is not None and given is not None:
+            if self.dest in given and given[self.dest] != values:
+                parser.error(f"{option_string} given twice ({given[self.dest]}, then {values}); it takes one value")
+            given[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -643,3 +643,18 @@ def test_a_folder_for_gifs_or_keys_that_is_itself_replaced_whole_is_refused(caps
         generate_keys(ck)
     assert not list(ck.glob("*.key*"))
     generate_keys(tmp_path / "keys")  # a folder of the user's own is fine
+
+
+def test_a_flag_of_one_value_given_twice_with_two_values_is_refused(capsys, monkeypatch):
+    """`serve --bind A --bind B` served on B alone, silently (argparse keeps the last); the same value
+    twice changes nothing and passes, and flags that collect several values still do."""
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--checkpoint", "ck", "--bind", "tcp://127.0.0.1:5725", "--bind", "tcp://127.0.0.1:5726"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("polcache serve: error: --bind given twice (tcp://127.0.0.1:5725, then "
+                                       "tcp://127.0.0.1:5726); it takes one value (see polcache serve --help)\n")
+    parser = cli.build_parser()
+    assert parser.parse_args(["eval", "--checkpoint", "ck", "--episodes", "3", "--episodes", "3"]).episodes == 3
+    assert parser.parse_args(["eval", "--checkpoint", "ck", "--episodes", "4"]).episodes == 4  # a new parse forgets
+    args = parser.parse_args(["dashboard", "--metrics", "a.jsonl", "--metrics", "b.jsonl"])
+    assert args.metrics == ["a.jsonl", "b.jsonl"]
