@@ -374,6 +374,33 @@ def test_server_restart_mid_episode(tmp_path):
     assert all(v <= t for t, v in robot.applied)  # before the stop: fresh or held, never from the future
 
 
+def test_a_robot_waiting_for_a_lost_server_says_so_until_it_is_back(tmp_path, caplog, monkeypatch):
+    """After "no reply ... reconnecting" the robot said nothing more while it waited (10 s in a probe);
+    now a line every STILL_LOST_LOG_S, and the reconnect line says how long the server was gone."""
+    from polcache_client import connection
+
+    monkeypatch.setattr(connection, "STILL_LOST_LOG_S", 0.3)
+    endpoint = f"ipc://{tmp_path}/policy.sock"
+    server = PolicyServer(FakeBackend(), endpoint).start()
+    client = PolicyClient(endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=50, timeout_s=0.2,
+                          heartbeat_s=0.05)
+    try:
+        client.connect(timeout_s=2)
+        server.stop()
+        with caplog.at_level(logging.INFO, logger="polcache_client"):
+            assert wait_for(lambda: client.poll() is not None and caplog.text.count("still no answer") >= 2,
+                            timeout_s=3)
+            server = PolicyServer(FakeBackend(), endpoint).start()
+            assert wait_for(lambda: client.poll() is not None and client.ready, timeout_s=3)
+        assert re.search(r"still no answer from ipc://\S+, \d+ s after the server was lost \(handshake resent "
+                         r"every 0\.05 s\)", caplog.text)
+        assert re.search(r"connected to \S+ at ipc://\S+ \(epoch 1, \d+\.\d s after the server was lost\)",
+                         caplog.text)
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_non_loopback_bind_needs_keys_or_insecure(tmp_path):
     assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:1")
     assert is_loopback(f"ipc://{tmp_path}/x") and not is_loopback("tcp://*:5555") and not is_loopback("tcp://10.0.0.2:1")

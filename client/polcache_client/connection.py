@@ -45,6 +45,7 @@ log = logging.getLogger("polcache_client")
 
 SOCKET_HWM = 4  # messages; a full queue drops observations instead of delaying them
 MAX_DRAIN = 256  # messages read per poll, so a flood cannot stall a tick
+STILL_LOST_LOG_S = 5.0  # while a lost server does not answer, a line this often says the robot still waits
 
 
 class ConnectError(RuntimeError):
@@ -123,6 +124,8 @@ class PolicyClient:
         self.rtt_s = float("nan")
         self.connections = 0
         self._full = ""  # the server's last server_full refusal of our handshake, if any
+        self._lost_at: float | None = None  # when the server was lost (until a welcome), for the waiting line
+        self._next_lost_log = 0.0
         self._socket: zmq.Socket | None = None
         self._open()
 
@@ -166,6 +169,8 @@ class PolicyClient:
 
     def _reconnect(self, reason: str) -> None:
         log.warning("%s; reconnecting to %s with a new epoch", reason, self.address)
+        self._lost_at = self._lost_at or self.clock.now()
+        self._next_lost_log = self.clock.now() + STILL_LOST_LOG_S
         self.epoch += 1
         self.seq = -1
         self._open()
@@ -230,7 +235,9 @@ class PolicyClient:
                 self._ready, self.policy = True, msg.policy
                 self.max_message_bytes = msg.max_message_bytes
                 self.connections += 1
-                log.info("connected to %s at %s (epoch %d)", msg.server, self.address, self.epoch)
+                lost = f", {now - self._lost_at:.1f} s after the server was lost" if self._lost_at is not None else ""
+                log.info("connected to %s at %s (epoch %d%s)", msg.server, self.address, self.epoch, lost)
+                self._lost_at = None
         elif isinstance(msg, Heartbeat):
             self.rtt_s = now - msg.t
         elif isinstance(msg, Error):
@@ -304,6 +311,10 @@ class PolicyClient:
         elif not self._ready and now >= self._handshake_due:
             self._handshake_due = now + self.heartbeat_s
             self._send(self._handshake)
+            if self._lost_at is not None and now >= self._next_lost_log:  # the operator sees it still waits
+                self._next_lost_log = now + STILL_LOST_LOG_S
+                log.warning("still no answer from %s, %.0f s after the server was lost (handshake resent every "
+                            "%.2g s)", self.address, now - self._lost_at, self.heartbeat_s)
         elif self._ready and now - self._last_heartbeat >= self.heartbeat_s:
             self._last_heartbeat = now
             self._send(encode(Heartbeat(t=now), self.version))
