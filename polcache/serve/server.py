@@ -77,8 +77,11 @@ MAX_SIMULATED_LATENCY_MS = 10_000.0  # a slower computer's inference, for tests 
 MAX_INLINE_MS = 100.0  # beyond this, heartbeats and other robots would wait too long behind an inline inference
 MIN_MESSAGE_BYTES = 4096  # the largest handshake and welcome of a small policy fit
 INLINE_WINDOW = 16  # recent inference times that decide where the next one runs
-# pyzmq's flags as plain ints: combining or testing its enum members runs enum.py's Python (~1 us each)
+# pyzmq's flags and options as plain ints: combining or testing its enum members runs enum.py's Python
+# (~1 us each), and even passing one costs ~0.2 us more than an int (getsockopt, twice per message)
 _POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 
@@ -277,7 +280,7 @@ class PolicyServer:
                 except zmq.Again:
                     pass
                 else:
-                    if self._router.getsockopt(zmq.EVENTS) & _POLLIN:
+                    if self._router.getsockopt(_EVENTS) & _POLLIN:
                         self._drain()
             self._once_a_second()
             self._dispatch()  # last: the woken worker then finds the GIL free, this thread waiting
@@ -314,7 +317,7 @@ class PolicyServer:
         for _ in range(MAX_DRAIN):
             if not self._receive(_NOBLOCK):  # a flooder's: the robots waiting are served first
                 return
-            if not self._router.getsockopt(zmq.EVENTS) & _POLLIN:
+            if not self._router.getsockopt(_EVENTS) & _POLLIN:
                 return
 
     def _receive(self, flags: int = 0) -> bool:
@@ -334,14 +337,14 @@ class PolicyServer:
         else:
             frame = self._router.recv(copy=False)
             frames, fd = [frame.bytes], frame.get(zmq.SRCFD)
-        while self._router.getsockopt(zmq.RCVMORE):
+        while self._router.getsockopt(_RCVMORE):
             frames.append(self._router.recv())
         self._handle(robot, frames, fd)
         return True
 
     def _drop(self, robot: bytes) -> None:
         """Read a muted peer's message and drop it unread (polcache.serve.flood); tell it once a window."""
-        while self._router.getsockopt(zmq.RCVMORE):
+        while self._router.getsockopt(_RCVMORE):
             self._router.recv(copy=False)
         # Reading it slowly lets its connection's queue fill, so ZeroMQ stops reading it too (and the
         # flooder's sends wait); the pause frees the core and the GIL for everyone else meanwhile.
