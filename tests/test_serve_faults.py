@@ -401,6 +401,50 @@ def test_a_robot_waiting_for_a_lost_server_says_so_until_it_is_back(tmp_path, ca
         server.stop()
 
 
+# A server whose inference takes 3 s, stopped by SIGTERM as `polcache serve` is; it exits with serve_forever's status.
+SLOW_SERVER = r"""
+import signal, sys
+sys.path.insert(0, sys.argv[2])
+from fakes import FakeBackend
+from polcache.serve.server import PolicyServer
+server = PolicyServer(FakeBackend(delay_s=3.0), sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: server.stop())
+print(server.endpoint, flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.mark.slow
+def test_a_server_stopped_during_an_inference_while_its_robot_reconnects_exits_cleanly():
+    """SIGTERM while a long inference ran: the server waited for it with its connections open and
+    unread, the robot gave up and reconnected meanwhile, and libzmq aborted the process (exit 134,
+    "Assertion failed: !_io_error"). The connections now close before the wait."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, "tcp://127.0.0.1:0", str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    endpoint = proc.stdout.readline().strip()
+    client = PolicyClient(endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=50, timeout_s=0.2,
+                          heartbeat_s=0.05)
+    try:
+        client.connect(timeout_s=5)
+        assert client.send_observation({"state": np.zeros(STATE_DIM, np.float32)}, 0.0)
+        time.sleep(0.3)  # its inference is under way
+        proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 3  # the robot goes on at 50 Hz: it times out and reconnects, as a robot does
+        while time.monotonic() < end and proc.poll() is None:
+            client.poll()
+            client.send_observation({"state": np.zeros(STATE_DIM, np.float32)}, time.monotonic())
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        client.close()
+        proc.kill()
+    assert proc.returncode == 0 and "Assertion" not in err, err
+
+
 def test_non_loopback_bind_needs_keys_or_insecure(tmp_path):
     assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:1")
     assert is_loopback(f"ipc://{tmp_path}/x") and not is_loopback("tcp://*:5555") and not is_loopback("tcp://10.0.0.2:1")

@@ -301,12 +301,17 @@ class PolicyServer:
             self._thread.join(timeout=10)
 
     def _shutdown(self) -> None:
-        self._worker.close()
+        """The robots' connections close first, then the worker is waited for. While an inference ran
+        on (up to the worker's join), nothing read the connections: robots gave up and reconnected, and
+        libzmq 4.3.5 aborted the process on such a connection's reset ("Assertion failed: !_io_error
+        (src/stream_engine_base.cpp:310)", exit 134 instead of a clean stop)."""
+        self._router.disable_monitor()
+        for sock in (self._monitor, self._router):
+            sock.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
-        self._router.disable_monitor()
-        for sock in (self._monitor, self._wake, self._router):
-            sock.close(linger=0)
+        self._worker.close()
+        self._wake.close(linger=0)
         self._ctx.term()
 
     # ------------------------------------------------------------ receiving
