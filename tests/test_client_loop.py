@@ -88,6 +88,52 @@ def test_silent_server_holds_then_stops_once_then_resumes():
     assert all(value == tick for tick, value in robot.applied[-4:])
 
 
+class StallingRobot(StepRobot):
+    """observe() takes `stall_s` of the clock at tick `stall_at` (a camera that hung, a paused process);
+    records the period the clock is in at every act and stop."""
+
+    def __init__(self, clock: FakeClock, stall_at: int, stall_s: float):
+        super().__init__(HZ, clock)
+        self.clock, self.stall_at, self.stall_s = clock, stall_at, stall_s
+        self.events: list[tuple[str, float, float]] = []  # (act|stop, the clock's period, action value)
+
+    def observe(self):
+        obs = super().observe()
+        if self.tick == self.stall_at:
+            self.clock.advance(self.stall_s)
+        return obs
+
+    def act(self, action):
+        super().act(action)
+        self.events.append(("act", self.clock.now() * HZ, float(action[0])))
+
+    def safe_stop(self):
+        super().safe_stop()
+        self.events.append(("stop", self.clock.now() * HZ, float("nan")))
+
+
+@pytest.mark.parametrize("stall_periods", [0.7, 3.0, 25.0])
+def test_an_action_is_never_executed_past_its_due_time_after_a_tick_stalls(stall_periods):
+    """A tick that stalled between reading the clock and acting executed the action due at its start,
+    up to seconds late (a 0.5 s stall: one act of an action due 0.5 s before). It now acts on what is
+    due when it acts (within half a period, as every tick), holds, or stops once the hold is over."""
+    clock, ticks = FakeClock(t=0.0), []
+    robot = StallingRobot(clock, stall_at=20, stall_s=stall_periods / HZ)
+    loop = ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, watchdog=Watchdog(0.1), clock=clock,
+                       on_tick=ticks.append)
+    loop.run(ticks=40)
+    acts = [(period, value) for kind, period, value in robot.events if kind == "act"]
+    states = [t.state for t in ticks if t.state in ("fresh", "holding")]  # the ticks that acted, in order
+    assert len(states) == len(acts) and states[-1] == "fresh"
+    for state, (period, value) in zip(states, acts):
+        if state == "fresh":  # the action due when it is applied, within half a period as on every tick
+            assert abs(value - period) <= 0.5, (period, value)
+        else:  # held: the last one again, until the watchdog's hold is over
+            assert value < period
+    if stall_periods > 0.1 * HZ + 1:  # longer than the hold: the first thing after the stall is the one stop
+        assert next(e for e in robot.events if e[1] > 20.5)[0] == "stop" and len(robot.stops) == 1
+
+
 def test_reset_never_executes_chunks_from_the_previous_episode():
     loop, robot, client, _, _, _ = make_loop(latency_s=2.5 / HZ)
     loop.run(ticks=10)

@@ -69,6 +69,9 @@ class ControlLoop:
         sent = self.client.send_observation(self.adapter.observe(), t_capture, executed=done)
         if sent or self.client.epoch != epoch:
             self._executed.clear()
+        acting = self.clock.now()
+        if acting - now > self.schedule.half_period:  # the tick stalled (a slow observe(), a paused process):
+            now = acting  # the action due at its start is past due; act on what is due now, or hold or stop
         decision = self.watchdog.step(now, self.schedule.action_at(now))
         if decision.stop:
             self.adapter.safe_stop()
