@@ -134,6 +134,20 @@ def test_an_action_is_never_executed_past_its_due_time_after_a_tick_stalls(stall
         assert next(e for e in robot.events if e[1] > 20.5)[0] == "stop" and len(robot.stops) == 1
 
 
+def test_chunks_that_arrive_with_every_action_past_due_are_logged(caplog):
+    """A round trip longer than a chunk lasts (bad Wi-Fi) left the robot waiting, then stopped, with
+    nothing in either log saying why; one rate-limited line now names the latency and the horizon."""
+    import logging
+
+    loop, robot, _, _, ticks, chunks = make_loop(latency_s=10 / HZ)
+    with caplog.at_level(logging.WARNING, logger="polcache_client"):
+        loop.run(ticks=40)
+    assert not robot.applied and all(c.dropped_actions == N_ACTIONS for c in chunks)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["chunk for observation 0 arrived 220 ms after its capture, with all 8 actions past due: the "
+                     "round trip is longer than a chunk lasts (160 ms); check the network and the server's load"]
+
+
 def test_reset_never_executes_chunks_from_the_previous_episode():
     loop, robot, client, _, _, _ = make_loop(latency_s=2.5 / HZ)
     loop.run(ticks=10)

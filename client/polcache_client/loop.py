@@ -7,14 +7,19 @@ dead server degrades to holding, then a safe stop, never to a stalled loop.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from polcache_client.adapter import RobotAdapter
 from polcache_client.connection import PolicyClient
+from polcache_client.logs import RateLimitedLog
 from polcache_client.rate import Clock, MonotonicClock, Rate
 from polcache_client.records import ChunkRecord, TickRecord
 from polcache_client.schedule import ActionSchedule
 from polcache_client.watchdog import State, Watchdog
+
+log = logging.getLogger(__name__)
+LATE_CHUNK_LOG_S = 5.0  # at most one line this often about chunks that arrive with every action past due
 
 
 class ControlLoop:
@@ -50,6 +55,7 @@ class ControlLoop:
         self.on_chunk = on_chunk
         self.schedule.reset(client.epoch)
         self._executed: list[tuple[int, int, object]] = []  # (epoch, seq, action) not yet reported
+        self._warn = RateLimitedLog(log, interval_s=LATE_CHUNK_LOG_S).warning
 
     def reset_episode(self, instruction: str | None = None) -> None:
         """New episode: new epoch on the wire (with a new `instruction`, if given), empty schedule,
@@ -101,6 +107,11 @@ class ControlLoop:
             self.schedule.reset(self.client.epoch)
         for chunk in chunks:
             dropped = self.schedule.add(chunk, now)
+            if dropped and dropped == len(chunk.actions):  # the robot waits, holds or stops: say why
+                self._warn("late", f"chunk for observation {chunk.seq} arrived {(now - chunk.t_capture) * 1e3:.0f} ms "
+                                   f"after its capture, with all {dropped} actions past due: the round trip is "
+                                   f"longer than a chunk lasts ({dropped * self.rate.period * 1e3:.0f} ms); check "
+                                   f"the network and the server's load")
             if self.on_chunk:
                 self.on_chunk(
                     ChunkRecord(
