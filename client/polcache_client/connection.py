@@ -169,7 +169,7 @@ class PolicyClient:
 
     def _reconnect(self, reason: str) -> None:
         log.warning("%s; reconnecting to %s with a new epoch", reason, self.address)
-        self._lost_at = self._lost_at or self.clock.now()
+        self._lost_at = self._lost_at or self._last_rx  # last heard from, not when the silence was noticed
         self._next_lost_log = self.clock.now() + STILL_LOST_LOG_S
         self.epoch += 1
         self.seq = -1
