@@ -169,7 +169,8 @@ class PolicyClient:
 
     def _reconnect(self, reason: str) -> None:
         log.warning("%s; reconnecting to %s with a new epoch", reason, self.address)
-        self._lost_at = self._lost_at or self._last_rx  # last heard from, not when the silence was noticed
+        if self._lost_at is None:  # when it was last heard from, not when the silence was noticed
+            self._lost_at = self._last_rx
         self._next_lost_log = self.clock.now() + STILL_LOST_LOG_S
         self.epoch += 1
         self.seq = -1
