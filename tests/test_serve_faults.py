@@ -401,6 +401,26 @@ def test_a_robot_waiting_for_a_lost_server_says_so_until_it_is_back(tmp_path, ca
         server.stop()
 
 
+def test_a_robot_that_paused_itself_does_not_blame_the_server_alone(server, caplog):
+    """A robot frozen for 5 s logged "no reply from server for 5.03 s", as if the server had gone; the
+    line now says the robot itself did not poll for most of that time. It still reconnects (the server
+    may have closed the silent connection meanwhile)."""
+    client = PolicyClient(server.endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=50, timeout_s=0.2,
+                          heartbeat_s=0.05)
+    try:
+        client.connect(timeout_s=2)
+        client.poll()
+        time.sleep(0.4)  # the robot's own loop stalls
+        with caplog.at_level(logging.WARNING, logger="polcache_client"):
+            client.poll()
+        assert re.search(r"no reply from server for 0\.\d\d s \(this robot did not poll for 0\.\d\d s of it: a "
+                         r"pause here, such as a stalled loop or process, not necessarily the server\); reconnecting",
+                         caplog.text), caplog.text
+        assert wait_for(lambda: client.poll() is not None and client.ready)
+    finally:
+        client.close()
+
+
 # A server whose inference takes 3 s, stopped by SIGTERM as `polcache serve` is; it exits with serve_forever's status.
 SLOW_SERVER = r"""
 import signal, sys

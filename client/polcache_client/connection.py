@@ -126,6 +126,7 @@ class PolicyClient:
         self._full = ""  # the server's last server_full refusal of our handshake, if any
         self._lost_at: float | None = None  # when the server was lost (until a welcome), for the waiting line
         self._next_lost_log = 0.0
+        self._polled_at, self._unpolled_s = self.clock.now(), 0.0  # the last poll, and the gap before this one
         self._socket: zmq.Socket | None = None
         self._open()
 
@@ -204,6 +205,7 @@ class PolicyClient:
         """Read everything the server sent (never blocks); returns the action chunks among it."""
         self._check_open()
         now = self.clock.now()
+        self._unpolled_s, self._polled_at = now - self._polled_at, now  # a pause on the robot shows here
         chunks = []
         for _ in range(MAX_DRAIN):
             try:
@@ -308,7 +310,10 @@ class PolicyClient:
 
     def _keep_alive(self, now: float) -> None:
         if self._ready and now - self._last_rx > self.timeout_s:
-            self._reconnect(f"no reply from server for {now - self._last_rx:.2f} s")
+            paused = (f" (this robot did not poll for {self._unpolled_s:.2f} s of it: a pause here, such as a "
+                      f"stalled loop or process, not necessarily the server)" if self._unpolled_s > self.timeout_s / 2
+                      else "")
+            self._reconnect(f"no reply from server for {now - self._last_rx:.2f} s{paused}")
         elif not self._ready and now >= self._handshake_due:
             self._handshake_due = now + self.heartbeat_s
             self._send(self._handshake)
