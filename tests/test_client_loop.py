@@ -68,6 +68,7 @@ def test_every_action_executes_at_its_due_tick(latency_ticks, blend):
     assert [t for t, _ in robot.applied] == list(range(first, 40))
     assert all(value == tick for tick, value in robot.applied)  # latency compensated, no off-by-one
     assert [t.state for t in ticks[:first]] == ["waiting"] * first
+    assert [t.waiting for t in ticks] == [True] * first + [False] * (40 - first)  # counted apart from misses
     assert not any(t.deadline_miss for t in ticks)
     assert chunks[0].dropped_actions == first  # actions due before the chunk arrived
     assert chunks[0].latency_ms == pytest.approx(first / HZ * 1e3)

@@ -36,8 +36,8 @@ def test_window_zero_keeps_counters_and_prometheus_but_no_distributions():
     m = Metrics(window=0)  # as `polcache serve` runs it: nothing reads its snapshot
     for i in range(10):
         m.record(tick(float(i), miss=i == 3))
-    assert m.snapshot() == {"tick": {"ticks": 10, "missed_ticks": 0, "deadline_miss": 1, "safe_stops": 0,
-                                     "obs_dropped": 0}}
+    assert m.snapshot() == {"tick": {"ticks": 10, "missed_ticks": 0, "waiting": 0, "deadline_miss": 1,
+                                     "safe_stops": 0, "obs_dropped": 0}}
     assert 'polcache_tick_period_error_seconds_count{robot=""} 10.0' in m.prometheus_text()
 
 

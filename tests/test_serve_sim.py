@@ -146,6 +146,9 @@ def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(monkeypat
                      "--json", str(out)]) == 143
     said = capsys.readouterr().out
     assert stops[-1] == 5 and re.search(r"\d+ watchdog safe stops, then the safe stop on SIGTERM\n", said), said
+    # ticks before each episode's first chunk are told apart from misses (a slow network showed only misses)
+    waiting = int(re.search(r"(\d+) ticks waiting for an episode's first action, \d+ ticks without", said)[1])
+    assert waiting >= 2  # at least one tick per episode begun
     assert json.loads(out.read_text())["extra"]["interrupted"]["safe_stop"] is True
 
 

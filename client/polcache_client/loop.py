@@ -93,6 +93,7 @@ class ControlLoop:
             state=decision.state.value,
             queue_depth=self.schedule.depth(now),
             missed_ticks=tick.missed,
+            waiting=decision.state == State.WAITING,
             deadline_miss=decision.state in (State.HOLDING, State.STOPPED),
             safe_stops=int(decision.stop),
             obs_dropped=int(not sent),

@@ -17,7 +17,8 @@ import msgspec
 
 class TickRecord(msgspec.Struct, frozen=True):
     kind: ClassVar[str] = "tick"
-    counters: ClassVar[tuple[str, ...]] = ("ticks", "missed_ticks", "deadline_miss", "safe_stops", "obs_dropped")
+    counters: ClassVar[tuple[str, ...]] = ("ticks", "missed_ticks", "waiting", "deadline_miss", "safe_stops",
+                                         "obs_dropped")
     summaries: ClassVar[tuple[str, ...]] = ("period_error_ms", "queue_depth")
 
     t: float
@@ -28,6 +29,7 @@ class TickRecord(msgspec.Struct, frozen=True):
     queue_depth: int  # actions left in the newest chunk
     ticks: int = 1
     missed_ticks: int = 0  # grid points skipped because the loop itself ran late
+    waiting: bool = False  # no action yet this episode: its first chunk has not come (or came too late)
     deadline_miss: bool = False  # no fresh action was due (holding or stopped)
     safe_stops: int = 0
     obs_dropped: int = 0  # observation not sent (not connected, socket full, or invalid)

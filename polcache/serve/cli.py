@@ -185,6 +185,7 @@ def _sim_robot(args: argparse.Namespace) -> int:
     final = f", then the safe stop on {stopped['signal']}" if stopped.get("safe_stop") else ""
     print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
           f"{err.get('p99', float('nan')):.3f} ms, {tick.get('missed_ticks', 0):.0f} missed ticks, "
+          f"{tick.get('waiting', 0):.0f} ticks waiting for an episode's first action, "
           f"{tick.get('deadline_miss', 0):.0f} ticks without a fresh action, "
           f"{tick.get('safe_stops', 0):.0f} watchdog safe stops{final}")
     if jerk := result.jerk_line():
