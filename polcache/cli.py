@@ -55,11 +55,11 @@ class _StoreOnce(argparse._StoreAction):
     (`serve --bind A --bind B` served on B alone). The same value twice changes nothing and passes."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        given = getattr(parser, "given", None)
-        if option_string is not None and given is not None:
-            if self.dest in given and given[self.dest] != values:
-                parser.error(f"{option_string} given twice ({given[self.dest]}, then {values}); it takes one value")
-            given[self.dest] = values
+        if option_string is not None:  # a OneLineParser's (only it registers this action)
+            if self.dest in parser.given and parser.given[self.dest] != values:
+                parser.error(f"{option_string} given twice ({parser.given[self.dest]}, then {values}); it takes one "
+                             f"value")
+            parser.given[self.dest] = values
         super().__call__(parser, namespace, values, option_string)
 
 

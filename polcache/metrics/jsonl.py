@@ -108,9 +108,12 @@ class JsonlWriter:
             self.dropped += 1
             return
         try:
-            line = self._encoder.encode(item) if isinstance(item, dict) else self._record_line(item)
-            if isinstance(item, dict) and item.get("kind") == "info":
-                self._info = line
+            if isinstance(item, dict):  # an info line (kept for the next rotated file) or another map
+                line = self._encoder.encode(item)
+                if item.get("kind") == "info":
+                    self._info = line
+            else:
+                line = self._record_line(item)
             self._lines.append(line)
         except (TypeError, ValueError) as exc:  # a field JSON cannot hold: that line is lost, not the caller
             self.dropped += 1

@@ -312,7 +312,8 @@ def _logged_plan(path: Path) -> str | None:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         return None
-    plans = [record["plan"] for record in map(json.loads, lines) if "plan" in record]
+    plans = [record["plan"] for record in map(json.loads, (line for line in lines if '"plan"' in line))
+             if "plan" in record]  # only the few plan lines are parsed, not every step's
     return plans[-1] if plans else None
 
 
