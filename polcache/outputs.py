@@ -58,14 +58,17 @@ def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[P
 
 def unwritable(path: Path) -> str | None:
     """Why the output cannot be written, checked where its writer creates it (the nearest existing
-    folder above it): a read-only file system or a folder this user may not write in were found
-    only after the recording, training or evaluation was done."""
+    folder above it): a read-only file system, a folder this user may not write in or a full disk
+    were found only after the recording, training or evaluation was done."""
     folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
-    if os.access(folder, os.W_OK | os.X_OK):
-        return None
-    if os.statvfs(folder).f_flag & os.ST_RDONLY:
-        return f"{folder} is on a read-only file system"
-    return f"{folder} is not writable by this user"
+    fs = os.statvfs(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is on a read-only file system" if fs.f_flag & os.ST_RDONLY else \
+            f"{folder} is not writable by this user"
+    # a full disk too (the space a run's output will need cannot be known ahead; none at all can)
+    if (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) == 0:
+        return f"no space left on the file system of {folder}"
+    return None
 
 
 def json_kind(path: Path, format: str, fields: Iterable[str] = ()) -> bool:

@@ -390,7 +390,7 @@ OUTPUTS = {  # command line with OUT for the output, and whether that output is 
 
 
 @pytest.mark.parametrize("command", OUTPUTS)
-@pytest.mark.parametrize("where", ["under-a-file", "wrong-kind", "empty", "unwritable"])
+@pytest.mark.parametrize("where", ["under-a-file", "wrong-kind", "empty", "unwritable", "full"])
 def test_every_output_path_is_checked_first_in_one_line(capsys, tmp_path, afile, command, where, monkeypatch):
     argv, folder = OUTPUTS[command]
     run = tmp_path / "run.jsonl"
@@ -401,6 +401,16 @@ def test_every_output_path_is_checked_first_in_one_line(capsys, tmp_path, afile,
         real_access = os.access
         monkeypatch.setattr(outputs.os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
         out, match = locked / "out", f"{locked} is not writable by this user; nothing was done"
+    elif where == "full":  # as a tmpfs filled with dd: record and eval ran every episode before the write failed
+        full = tmp_path / "full"
+        full.mkdir()
+        real_statvfs = os.statvfs
+
+        def statvfs(p):
+            fs = real_statvfs(p)
+            return fs if Path(p) != full else os.statvfs_result((*fs[:3], 0, 0, *fs[5:]))  # f_bfree, f_bavail
+        monkeypatch.setattr(outputs.os, "statvfs", statvfs)
+        out, match = full / "out", f"no space left on the file system of {full}; nothing was done"
     elif where == "under-a-file":
         out, match = afile / "sub", f"{afile} is a file, not a folder"
     elif where == "wrong-kind":
