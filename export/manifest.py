@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from polcache.policy.spec import PolicySpec
 FORMAT = "polcache-export"
 VERSION = 1
 MANIFEST = "manifest.json"
+log = logging.getLogger("polcache.export")
+_UNSEALED_TOLD: set[str] = set()  # manifests without a seal already warned about: each is read twice at load
 
 
 def sha256_file(path: str | Path) -> str:
@@ -64,13 +67,26 @@ class Manifest:
     polcache_version: str = ""
     created: str = ""
     export_seconds: float = 0.0
+    # the sha256 of every other field (`content_sha256`), written at export: the graphs were built for these
+    # values, so a manifest edited afterwards (a scale, a stride, a plan, a graph's hash) is refused at load
+    # rather than run with actions silently different. Empty in manifests from before it.
+    seal: str = ""
 
     @property
     def policy_spec(self) -> PolicySpec:
         return PolicySpec.from_dict(self.spec)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1) + "\n"
+        doc = asdict(self)
+        doc["seal"] = content_sha256(doc)
+        return json.dumps(doc, indent=1) + "\n"
+
+
+def content_sha256(doc: dict) -> str:
+    """The sha256 of a manifest's fields but its seal, in one canonical JSON form (what a reader
+    computes from the parsed file is what the writer computed from the values it wrote)."""
+    content = {k: v for k, v in doc.items() if k != "seal"}
+    return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
@@ -108,6 +124,7 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     if not path.is_file():
         raise ExportError(f"{root}: not an exported policy (no {MANIFEST})")
     doc = read_json_object(path, ExportError)
+    sealed = content_sha256(doc)  # before any check takes the document apart
     fmt = doc.get("format")
     if fmt != FORMAT:
         raise ExportError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
@@ -156,6 +173,13 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
         raise ExportError(f"{path}: malformed manifest (a value of the wrong type: {exc})") from None
     except ValueError as exc:
         raise ExportError(f"{path}: malformed manifest ({exc})") from None
+    if manifest.seal and manifest.seal != sealed:  # checked after the fields, which name a malformed one
+        raise ExportError(f"{path}: edited after export (its content no longer matches its seal); the graphs were "
+                          "built for the exported values, so export again rather than editing the manifest")
+    if not manifest.seal and str(path) not in _UNSEALED_TOLD:
+        _UNSEALED_TOLD.add(str(path))
+        log.warning("%s: exported before manifests were sealed, so an edit to it cannot be detected; export again "
+                    "to seal it", path)
     if verify:
         for name in graphs:
             graph_bytes(root, manifest, name)

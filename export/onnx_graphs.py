@@ -187,7 +187,17 @@ def trace_encoder(policy: DiffusionPolicy, batch: int = 2) -> onnx.ModelProto:
         else:
             args.append(torch.randn((batch, To, *s.shape), generator=g).to(getattr(torch, s.dtype)))
     dyn = {key: {0: BATCH} for key in policy.obs_keys} | {"obs_kv": {2: BATCH}}
-    return _trace(_Encoder(policy), tuple(args), list(policy.obs_keys), ["obs_kv"], dyn)
+    model = _trace(_Encoder(policy), tuple(args), list(policy.obs_keys), ["obs_kv"], dyn)
+    # the tracer names the token count after the Concat that makes it ("Concatobs_kv_dim_4"), though it is
+    # fixed: stated as the step graph takes it, so the manifest's shapes hold numbers and the batch "B" only
+    d = dims(policy)
+    model.graph.output[0].CopyFrom(_value("obs_kv", TensorProto.FLOAT, obs_kv_shape(d)))
+    return model
+
+
+def obs_kv_shape(d: dict[str, int]) -> list:
+    """(n_ca, 2, B, heads, To, head_dim): every cross-attention block's observation keys and values."""
+    return [d["n_ca"], 2, BATCH, d["heads"], d["memory_tokens"], d["head_dim"]]
 
 
 def trace_pieces(policy: DiffusionPolicy, sampler: Sampler, batch: int = 2) -> Pieces:
@@ -211,7 +221,7 @@ def trace_pieces(policy: DiffusionPolicy, sampler: Sampler, batch: int = 2) -> P
             blocks.append(_trace(_Block(blk, None), (h,), ["h"], ["d"], {"h": {1: BATCH}, "d": {1: BATCH}}))
     post = _trace(_Post(policy, sampler), (h, x, k, x), ["h", "x", "k", "noise"], ["x_next"],
                   {"h": {1: BATCH}, "x": {0: BATCH}, "noise": {0: BATCH}, "x_next": {0: BATCH}})
-    shapes = {"x": [BATCH, H, Da], "k": [], "obs_kv": [n_ca, 2, BATCH, heads, To, hd],
+    shapes = {"x": [BATCH, H, Da], "k": [], "obs_kv": obs_kv_shape(d),
               "deltas": [d["n_blocks"], BATCH, H, W], "noise": [BATCH, H, Da],
               "x_next": [BATCH, H, Da], "deltas_out": [d["n_blocks"], BATCH, H, W]}
     return Pieces(pre, blocks, post, shapes)

@@ -62,6 +62,8 @@ def _artifact(policy, tmp_path, cache=None, kind="ddpm", mode="if"):
     m = export_policy(policy, out, cache=cache, sampler=kind, steps=K, step_mode=mode)
     for g in m.graphs.values():
         onnx.checker.check_model(onnx.load(str(out / g.file)), full_check=True)
+        for io in g.inputs + g.outputs:  # numbers, and "B" for the batch only (not the tracer's names)
+            assert all(d == "B" or type(d) is int for d in io["shape"]), (g.file, io)
     assert not policy.training  # tracing never leaves the policy in training mode
     return out
 
@@ -163,6 +165,28 @@ def test_a_hand_edited_manifest_is_refused_at_load(policy, tmp_path, edit, named
         load_backend(str(art))
 
 
+@pytest.mark.parametrize("edit", [
+    lambda m: m["normalizer"]["action"].__setitem__("scale", [10.0] * len(m["normalizer"]["action"]["scale"])),
+    lambda m: m["spec"].__setitem__("obs_stride", m["spec"]["obs_stride"] + 1),
+    lambda m: m["cache"].__setitem__("table", [[1] * len(row) for row in m["cache"]["table"]]),
+    lambda m: m["graphs"]["step"].__setitem__("sha256", "sha256:" + "0" * 64),
+    lambda m: m["spec"].__setitem__("n_action_steps", m["spec"]["n_action_steps"] - 1),
+], ids=["action-scale", "obs-stride", "cache-table", "graph-hash", "n-action-steps"])
+def test_a_well_formed_edit_of_the_manifest_is_refused_by_its_seal(policy, tmp_path, edit):
+    """Edits that pass every field check ran before: 10x smaller actions, a history at another
+    stride, a plan shown that is not the one the graph runs, a graph swapped with its hash."""
+    art = _artifact(policy, tmp_path, "uniform:3")
+    text = (art / "manifest.json").read_text()
+    load_backend(str(art))  # sealed at export: the file as written is accepted
+    doc = json.loads(text)
+    edit(doc)
+    (art / "manifest.json").write_text(json.dumps(doc, indent=1))
+    with pytest.raises(ExportError, match="edited after export .*export again"):
+        load_backend(str(art))
+    (art / "manifest.json").write_text(json.dumps(json.loads(text)))  # reformatted only: still the same content
+    load_backend(str(art))
+
+
 def test_an_artifact_takes_its_schedule_from_any_path_with_the_same_content(policy, schedule, tmp_path,
                                                                            monkeypatch):
     """Exported with /abs/bac.json, served with ./bac.json or a copy on another machine: the file's
@@ -181,6 +205,7 @@ def test_an_artifact_takes_its_schedule_from_any_path_with_the_same_content(poli
 
     manifest = json.loads((art / "manifest.json").read_text())  # exported before the digest: the file's sha256
     manifest["cache"]["schedule_sha256"] = sha256_file(schedule)
+    del manifest["seal"]  # and before the seal
     (art / "manifest.json").write_text(json.dumps(manifest))
     assert load_backend(str(art), cache="copy.json").K == K
     other = json.loads((tmp_path / "copy.json").read_text())
