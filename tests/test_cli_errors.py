@@ -599,22 +599,26 @@ def test_a_metrics_file_under_a_file_is_named(capsys, afile):
     assert f"{afile} is a file, not a folder" in err
 
 
-def test_the_command_exits_with_its_status_when_interrupted_again_on_its_way_out(monkeypatch):
-    """A second Ctrl-C while an interrupted command reports and exits turned its documented status 130
-    into a death by SIGINT (-2 to a supervisor); the command now ignores it."""
+@pytest.mark.parametrize("ended", ["finished", "interrupted", "interrupted-again"])
+def test_the_command_exits_with_its_status_when_interrupted_on_its_way_out(monkeypatch, ended):
+    """A Ctrl-C during the interpreter's teardown, after a finished export, made its status 130 with
+    the artifact written; a second Ctrl-C while an interrupted command reports and exits turned its
+    documented 130 into a death by SIGINT (-2 to a supervisor). Once the command ends, both are ignored."""
     import signal
 
     from polcache import cli
 
-    def pressed_again(argv=None):
-        raise KeyboardInterrupt
+    def command(argv=None):
+        if ended == "interrupted-again":
+            raise KeyboardInterrupt
+        return 0 if ended == "finished" else 130
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(cli, "main", pressed_again)
+    monkeypatch.setattr(cli, "main", command)
     try:
         with pytest.raises(SystemExit) as exit_:
             cli.console()
-        assert exit_.value.code == 130
+        assert exit_.value.code == (0 if ended == "finished" else 130)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         for sig, handler in before.items():
