@@ -113,6 +113,11 @@ def test_policy_families_by_name_and_old_checkpoints_load_as_dp_t(tmp_path, caps
     p = tiny_policy()
     path = save_checkpoint(tmp_path / "ck", ExperimentConfig(task="test", policy=p.cfg), p)
     assert json.loads((path / "meta.json").read_text())["family"] == "dp-t"
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(meta | {"family": "vla"}))  # was read, never compared
+    with pytest.raises(CheckpointError, match="meta.json says policy family 'vla', config.yaml 'dp-t'"):
+        load_policy(path)
+    (path / "meta.json").write_text(json.dumps(meta))
     cfg = yaml.safe_load((path / "config.yaml").read_text())
     del cfg["policy"]["family"]  # a checkpoint from before families existed
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))

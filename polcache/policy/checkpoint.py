@@ -160,6 +160,10 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
         policy = build_policy(cfg.policy, obs_spec, obs_keys, action_dim, normalizer, task)
     except ConfigError as exc:
         raise CheckpointError(f"{path}/config.yaml: {exc}") from None
+    if meta.get("family", cfg.policy.family) != cfg.policy.family:  # absent: saved before families
+        raise CheckpointError(f"{path}: meta.json says policy family {meta['family']!r}, config.yaml "
+                              f"{cfg.policy.family!r}; one of them was edited after training (the weights are "
+                              f"of the family the run trained)")
     if (mismatch := _weights_mismatch(policy.state_dict(), weights)) is not None:
         raise CheckpointError(f"{path}: model.safetensors does not match config.yaml ({mismatch}); was config.yaml "
                               f"edited after training (layer counts, widths)?")
