@@ -556,3 +556,14 @@ def test_the_train_log_writes_non_finite_numbers_as_null(tmp_path):
     _log(tmp_path / "log.jsonl", {"step": 1, "loss": float("nan"), "lr": float("inf")})
     assert json.loads((tmp_path / "log.jsonl").read_text(), parse_constant=pytest.fail) == \
         {"step": 1, "loss": None, "lr": None}
+
+
+def test_a_run_shorter_than_its_warm_up_says_so(tmp_path, capsys):
+    """80 steps against warmup_steps 300 ended at a fraction of train.lr, and nothing said so."""
+    data = demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, tmp_path / "a", "train.warmup_steps=4", "train.lr=1e-3") == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: the run ends inside its learning-rate warm-up (train.warmup_steps=4, 2 steps): the rate reaches "
+        "0.0005, not train.lr=0.001; lower train.warmup_steps or train longer"]
+    assert train_cli(data, tmp_path / "b", "train.warmup_steps=1") == 0
+    assert "warm-up" not in capsys.readouterr().err
