@@ -170,6 +170,18 @@ def test_a_key_given_twice_in_a_config_is_refused_naming_it_and_its_lines(capsys
                                                           "give each key once")
 
 
+def test_a_config_file_that_is_not_yaml_names_the_line(capsys, tmp_path):
+    """It said only "not valid YAML (ParserError)"."""
+    launch = tmp_path / "launch.yaml"
+    launch.write_text("server:\n  port: [1, 2\n")
+    assert _err(capsys, ["launch", str(launch)]) == (f"polcache launch: error: {launch}: not valid YAML at line 3, "
+                                                     "column 1: expected ',' or ']', but got '<stream end>'")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: a: b\n")
+    assert _err(capsys, ["train", "--config", str(cfg)]) == (f"polcache train: error: {cfg}: not valid YAML at line 2, "
+                                                             "column 8: mapping values are not allowed here")
+
+
 def test_a_config_file_that_is_not_text_is_one_line(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_bytes(b"train:\n  lr: \xff\xfe\x00\x81")
