@@ -42,9 +42,19 @@ class Robot:
         self.stops += 1
 
 robot, chunks = Robot(), []
+metrics = polcache_client.MetricsFile(sys.argv[2], robot="client-only arm")  # the dashboard's robot half
+metrics.write_info(role="robot", hz=50)
+
+
+def on_chunk(record):
+    chunks.append(record)
+    metrics.write(record)
+
+
 with PolicyClient(sys.argv[1], robot.obs_spec, robot.action_dim, hz=50) as client:
     policy = client.connect(timeout_s=10)
-    ControlLoop(robot, client, 50, on_chunk=chunks.append).run(ticks=20)
+    ControlLoop(robot, client, 50, on_tick=metrics.write, on_chunk=on_chunk).run(ticks=20)
+metrics.close()
 print(json.dumps({
     "torch": importlib.util.find_spec("torch") is not None,
     "polcache": importlib.util.find_spec("polcache") is not None,
@@ -55,6 +65,9 @@ print(json.dumps({
     "acted": robot.acted,
 }))
 """
+
+# what a robot's own metrics file fills on the dashboard (the server's file fills the rest)
+ROBOT_VIEWS = {"latency", "rate", "period_error", "queue", "drops"}
 
 # pip's messages when the package registry cannot be reached (the only reason to skip).
 OFFLINE = ("NewConnectionError", "Max retries exceeded", "Temporary failure in name resolution",
@@ -87,7 +100,7 @@ def test_client_distribution_installs_without_torch_and_runs_a_robot_loop(tmp_pa
     assert blocked.returncode != 0 and "No module named 'torch'" in blocked.stderr
 
     with PolicyServer(FakeBackend(), "tcp://127.0.0.1:0") as server:
-        robot = subprocess.run([python, "-I", "-c", ROBOT, server.endpoint],
+        robot = subprocess.run([python, "-I", "-c", ROBOT, server.endpoint, str(tmp_path / "robot.jsonl")],
                                capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert robot.returncode == 0, robot.stderr
     out = json.loads(robot.stdout.strip().splitlines()[-1])
@@ -95,3 +108,11 @@ def test_client_distribution_installs_without_torch_and_runs_a_robot_loop(tmp_pa
     assert out["client_file"].startswith(out["prefix"])  # the installed copy, not the repository's
     assert out["n_action_steps"] == 8
     assert out["chunks"] >= 1 and out["acted"] >= 1, out
+
+    # the robot half of the dashboard, written with polcache-client alone, as polcache's report reads it
+    from polcache.cli import main
+
+    assert main(["report", str(tmp_path / "robot.jsonl"), "--out", str(tmp_path / "report")]) == 0
+    views = json.loads((tmp_path / "report" / "views.json").read_text())
+    assert ROBOT_VIEWS <= set(views), sorted(views)
+    assert all(views[name].get("series") for name in ROBOT_VIEWS), {name: views[name] for name in ROBOT_VIEWS}

@@ -194,20 +194,27 @@ def test_jsonl_writer_appends_after_a_cut_off_line_and_names_a_path_it_cannot_wr
             JsonlWriter(tmp_path / "locked" / "m.jsonl")
 
 
-def test_jsonl_writer_refuses_a_file_of_another_kind(tmp_path):
-    """`serve --metrics-file sched.json` appended records to a schedule (and rotation moved it away)."""
+@pytest.mark.parametrize("writer_class", ["polcache", "polcache_client"])
+def test_jsonl_writer_refuses_a_file_of_another_kind(tmp_path, writer_class):
+    """`serve --metrics-file sched.json` appended records to a schedule (and rotation moved it away).
+    The robot-side package's writer (a robot with polcache-client alone) refuses the same."""
     from polcache.errors import PolcacheError
+    from polcache_client.metrics_file import MetricsFile, MetricsFileError
+
+    writer, error = (JsonlWriter, PolcacheError) if writer_class == "polcache" else (MetricsFile, MetricsFileError)
+    with pytest.raises(error, match=f"metrics file {tmp_path}: is a folder; expected a polcache metrics file"):
+        writer(tmp_path)
 
     schedule = tmp_path / "sched.json"
     schedule.write_text('{"format": "polcache-schedule", "budget": 4}\n')
     for other in (schedule, tmp_path / "notes.txt"):
         other.write_text(other.read_text() if other.exists() else "robot notes\n")
         before = other.read_text()
-        with pytest.raises(PolcacheError, match=f"metrics file {other}: exists and is not a polcache metrics file"):
-            JsonlWriter(other)
+        with pytest.raises(error, match=f"metrics file {other}: exists and is not a polcache metrics file"):
+            writer(other)
         assert other.read_text() == before
     (tmp_path / "empty.jsonl").write_text("")
-    JsonlWriter(tmp_path / "empty.jsonl").close()  # empty, or a metrics file's first line: appended to
+    writer(tmp_path / "empty.jsonl").close()  # empty, or a metrics file's first line: appended to
 
 
 def test_jsonl_writer_survives_a_failed_write(tmp_path, caplog):

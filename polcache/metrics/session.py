@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,10 +19,9 @@ def collect_metrics(path: str | Path | None = None, port: int | None = None, hos
     robot's rate; and both clocks, wall and monotonic, at one instant), so a dashboard or report can
     draw deadlines and cache schedules. `window`: as Metrics (0: no in-process distributions).
     `port` 0 takes a free port and prints the endpoint's address."""
-    writer = JsonlWriter(path, labels={"robot": robot} if robot else None) if path else None
+    writer = JsonlWriter(path, robot=robot) if path else None
     if writer is not None and info is not None:
-        writer.write({"kind": "info", "t": time.time(), "monotonic": time.monotonic(),
-                      **({"robot": robot} if robot else {}), **info})
+        writer.write_info(**info)
     metrics = Metrics(window, sink=writer, robot=robot)
     http = serve_prometheus(metrics, port, host) if port is not None else None
     if port == 0:  # the system picked the port: say which, or nothing could scrape it
