@@ -125,7 +125,7 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
                 graphs=entries, step_mode=step_mode, pattern_of_step=pattern_of_step,
                 polcache_version=_code_version(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 export_seconds=round(time.perf_counter() - t0, 3))
-            (tmp / MANIFEST).write_text(manifest.to_json())
+            (tmp / MANIFEST).write_text(manifest.sealed_json())
             if tolerance is not None:
                 measured = parity(policy, tmp, smp, plan)
                 if deviation is not None:

@@ -76,10 +76,10 @@ class Manifest:
     def policy_spec(self) -> PolicySpec:
         return PolicySpec.from_dict(self.spec)
 
-    def to_json(self) -> str:
-        doc = asdict(self)
-        doc["seal"] = content_sha256(doc)
-        return json.dumps(doc, indent=1) + "\n"
+    def sealed_json(self) -> str:
+        """The file's text, with the seal of the fields as they are now (set on this manifest too)."""
+        self.seal = content_sha256(asdict(self))
+        return json.dumps(asdict(self), indent=1) + "\n"
 
 
 def content_sha256(doc: dict) -> str:
