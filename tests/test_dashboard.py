@@ -178,6 +178,42 @@ def test_views_tell_robots_apart_and_align_clocks(tmp_path):
     assert sum(views["latency_hist"]["series"][0]["counts"]) == 50
 
 
+def test_robots_sharing_a_name_in_two_files_are_kept_apart_and_named(tmp_path):
+    """Two robots left at their default name: the second file's robot is "NAME (2)", not merged
+    into the first one's series (whose rate read negative and whose counts ran back in time), and
+    the page and the report say which files share the name."""
+    server, left, right = two_robot_run(tmp_path)
+    for path in (server, right):
+        path.write_text(path.read_text().replace('"right"', '"left"'))
+    state = RunState()
+    tails = [(JsonlTail(p), {"name": str(p)}) for p in (server, left, right)]
+    for _ in range(100):  # a few lines of each file in turn, as the live page reads them
+        for tail, context in tails:
+            state.add(tail.poll(2000), context)
+    views = state.views(interval_s=1.0)
+    assert views["_meta"]["robots"] == ["left", "left (2)"]
+    rates = [v for s in views["rate"]["series"] for v in s["y"]]
+    assert rates and all(v == pytest.approx(50.0, rel=1e-6) for v in rates)
+    misses = {s["name"]: s for s in views["deadline"]["series"]}
+    assert misses["left (2) ticks without fresh action"]["y"][-1] == 4
+    assert all(s["x"] == sorted(s["x"]) for s in misses.values())
+    [note] = views["_meta"]["notes"]
+    assert f"({left}, {right})" in note and "shown as left, left (2)" in note and "--name" in note
+    html = write_report([server, left, right], tmp_path / "report").read_text()
+    assert "shown as left, left (2)" in html
+
+
+def test_series_are_in_time_order_whatever_order_records_came_in():
+    """A rate from records out of order (a wall clock stepped back) read negative, and a
+    cumulative count ran back in time."""
+    state = RunState()
+    state.add([{"kind": "tick", "t": float(t), "robot": "r", "ticks": 1, "deadline_miss": True}
+               for t in [*range(50, 100), *range(50)]])
+    views = state.views(interval_s=10.0)
+    assert [y for s in views["rate"]["series"] for y in s["y"]] == [pytest.approx(1.0)] * 10
+    assert views["deadline"]["series"][0]["x"] == sorted(views["deadline"]["series"][0]["x"])
+
+
 def test_a_histogram_says_what_its_last_bar_holds():
     """The bars span the values up to their 99.5th percentile, so outliers land in the last bar:
     the note says how many and how far they reach."""

@@ -41,7 +41,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
         if path.resolve() in seen:  # its records would count twice
             raise PolcacheError(f"{path}: given twice")
         seen.add(path.resolve())
-        context: dict[str, Any] = {}
+        context: dict[str, Any] = {"name": str(path)}
         for part in run_files(path):
             tail = JsonlTail(part)
             state.add(tail.poll(None) + tail.finish(), context)
@@ -94,13 +94,14 @@ def _write_page(out: Path, paths: Sequence[str | Path], state: RunState, bad: in
         note = f'<p class="note">{html.escape(view["note"])}</p>' if view.get("note") else ""
         sections.append(f'<section><h2>{html.escape(view["title"])}</h2>{body}{note}</section>')
     errors = ", ".join(f"{k} {n}" for k, n in meta["errors"].items()) or "none"
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in meta["notes"])
     page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>polcache report</title>"
             f"<style>body{{font:13px system-ui,sans-serif;margin:12px}}section{{margin-bottom:18px}}"
             f"h2{{font-size:14px}}.note{{color:#666}}img{{max-width:100%}}</style></head><body>"
             f"<h1>polcache report</h1><p>files: {html.escape(', '.join(map(str, paths)))}<br>"
             f"robots: {html.escape(', '.join(meta['robots']))}; {meta['span_s']:.1f} s of records, "
             f"statistics per {meta['interval_s']:.1f} s; refused messages: {html.escape(errors)}; "
-            f"unreadable lines: {bad}</p>{''.join(sections)}</body></html>\n")
+            f"unreadable lines: {bad}</p>{notes}{''.join(sections)}</body></html>\n")
     (out / "views.json").write_text(json.dumps(views))  # inside the temp folder: atomic as a whole
     (out / "index.html").write_text(page)
 

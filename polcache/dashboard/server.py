@@ -38,7 +38,8 @@ class Dashboard:
         if not metrics_files and not connect:
             raise PolcacheError("give --metrics FILE (repeatable) or --connect ADDR")
         self.state = RunState(keep=keep)
-        self.sources = [(JsonlTail(p), {}) for p in metrics_files] + [(PrometheusScraper(a), {}) for a in connect]
+        self.sources = ([(JsonlTail(p), {"name": str(p)}) for p in metrics_files]
+                        + [(PrometheusScraper(a), {"name": a}) for a in connect])
         self.poll_s = poll_s
         self.lock = threading.Lock()
         self.system = SystemSampler()

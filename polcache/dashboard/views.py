@@ -10,6 +10,11 @@ matplotlib, so both show exactly the same numbers.
 Clocks: `tick` and `chunk` records carry the robot's monotonic clock, `request` and `error`
 records wall time. A file's `info` line holds both clocks at one instant; without one we use
 this machine's offset (the same machine's monotonic clock is shared by all its processes).
+
+Robots are told apart by name. A robot's own records (ticks, chunks, its info line) from a second
+source (file or scraped endpoint) under a name an earlier source already used are shown as
+"NAME (2)" (then "(3)"...) rather than merged into one series, and `_meta.notes` says so. The
+server's records name only the robot, so those of robots sharing a name stay under NAME.
 """
 
 from __future__ import annotations
@@ -91,11 +96,14 @@ class RunState:
         self.t0: float | None = None
         self.bad_records = 0
         self._columns: dict[tuple[str, str, str], np.ndarray] = {}
+        self._unnamed: dict[str, Any] = {}  # the source of records added without one
+        self._owners: dict[str, list[dict[str, Any]]] = {}  # robot name -> the sources of its own records, in order
 
     def add(self, records: Iterable[dict[str, Any]], source: dict[str, Any] | None = None) -> None:
-        """`source` carries per-file context: its info line's clock offset, once seen. A record
-        whose fields have the wrong types is counted in `bad_records` and skipped."""
-        source = source if source is not None else {}
+        """`source` carries per-source context (one dict per file or endpoint, the same at each call):
+        its "name" (shown in notes), its info line's clock offset once seen, the names its robots are
+        shown under. A record whose fields have the wrong types is counted in `bad_records` and skipped."""
+        source = source if source is not None else self._unnamed
         for r in records:
             try:
                 self._add(r, source)
@@ -111,16 +119,36 @@ class RunState:
                 _check_plan(((r.get("backend") or {}).get("cache") or {}).get("plan"))
                 self.server = r
             elif r.get("role") == "robot" and r.get("robot") and r.get("hz"):
-                self.robot_hz[str(r["robot"])] = float(r["hz"])
+                self.robot_hz[self._robot(str(r["robot"]), source)] = float(r["hz"])
             return
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not -MAX_TIME_S <= t <= MAX_TIME_S:
             raise ValueError("t")  # NaN, or a time no clock gives, which would stretch every view's span
         wall = t + source.get("offset", self._local_offset) if kind in MONOTONIC_KINDS else t
         robot = str(r.get("robot") or "robot")
+        if kind in MONOTONIC_KINDS:  # the robot's own records
+            robot = self._robot(robot, source)
         if kind == "error":
             self.errors[(robot, str(r.get("code")))] += int(r.get("errors", 1))
         self.records[(robot, kind)].append(wall, r)
         self.t0 = wall if self.t0 is None else min(self.t0, wall)
+
+    def _robot(self, name: str, source: dict[str, Any]) -> str:
+        """The name `source`'s robot `name` is shown under: NAME for the first source using it, then
+        "NAME (2)", "NAME (3)": two robots' records in one series would mix their rates and counts."""
+        shown = source.setdefault("robots", {})
+        if name not in shown:
+            owners = self._owners.setdefault(name, [])
+            owners.append(source)
+            shown[name] = name if len(owners) == 1 else f"{name} ({len(owners)})"
+        return shown[name]
+
+    def notes(self) -> list[str]:
+        """One line per robot name that several sources use."""
+        return [f"{len(owners)} sources name their robot {name!r} "
+                f"({', '.join(str(o.get('name', 'unnamed')) for o in owners)}): shown as "
+                f"{', '.join(o['robots'][name] for o in owners)}; the server's records of them cannot be told apart "
+                f"and are all under {name!r}; give each robot its own name (sim-robot --name)"
+                for name, owners in sorted(self._owners.items()) if len(owners) > 1]
 
     def add_system(self, wall: float, cpu: float | None, gpu: float | None) -> None:
         self.system.append((wall, cpu, gpu))
@@ -137,6 +165,7 @@ class RunState:
         for view, (title, kind) in VIEWS.items():
             out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
         out["_meta"] = {"robots": self.robots(), "interval_s": interval, "span_s": span, "bad_records": self.bad_records,
+                        "notes": self.notes(),
                         "errors": {f"{robot}: {code}": n for (robot, code), n in sorted(self.errors.items())}}
         return out
 
@@ -148,13 +177,17 @@ class RunState:
         return max(ends) - self.t0 if ends and self.t0 is not None else 0.0
 
     def _series(self, kind: str, field: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Per robot: (seconds since the run's start, values) of one field, non-finite dropped."""
+        """Per robot: (seconds since the run's start, values) of one field in time order (records
+        need not arrive in it: a wall clock stepped back), non-finite dropped. Rates and cumulative
+        counts rely on the order."""
         out = {}
         for (robot, k), rows in self.records.items():
             if k != kind or not rows:
                 continue
             t = self._column(robot, kind, "") - (self.t0 or 0.0)
             v = self._column(robot, kind, field)
+            order = np.argsort(t, kind="stable")
+            t, v = t[order], v[order]
             keep = np.isfinite(v)
             if keep.any():
                 out[robot] = (t[keep], v[keep])

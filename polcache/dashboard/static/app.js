@@ -188,7 +188,8 @@ function render(data) {
   document.getElementById("status").textContent =
     `robots: ${meta.robots.join(", ") || "none yet"} · ${fmt(meta.span_s)} s of records · interval ` +
     `${fmt(meta.interval_s)} s · refused messages: ${errors || "none"} · unreadable lines: ${meta.bad_lines}` +
-    (meta.source_problems.length ? ` · not read: ${meta.source_problems.join("; ")}` : "");
+    (meta.source_problems.length ? ` · not read: ${meta.source_problems.join("; ")}` : "") +
+    meta.notes.map(n => ` · ${n}`).join("");
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
 }
 
