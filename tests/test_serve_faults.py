@@ -149,11 +149,16 @@ def test_oversized_messages(server, peer, caplog):
 
 def test_robots_sharing_a_name_are_told_apart_in_the_log(server, caplog):
     """Connects are logged per session, not per name, and each closed connection names its robot,
-    also where the descriptor of a closed one was reused before the server read the disconnect."""
+    also where the descriptor of a closed one was reused before the server read the disconnect. A
+    robot shaking hands with a connected one's name is warned about: their metrics would mix."""
     with caplog.at_level(logging.INFO, logger="polcache.serve"):
         a, b = RawPeer(server.endpoint), RawPeer(server.endpoint)
         assert isinstance(a.handshake(name="arm"), Welcome) and isinstance(b.handshake(name="arm"), Welcome)
         assert len(set(re.findall(r"robot arm \(session (\w+)\) connected", caplog.text))) == 2  # none suppressed
+        first, second = re.findall(r"robot arm \(session (\w+)\) connected", caplog.text)
+        [shared] = [r.message for r in caplog.records if "share one name" in r.message]  # said once, at the second
+        assert shared == (f"robots arm (session {first}) and arm (session {second}) share one name: name them apart "
+                          f"(sim-robot --name), or their metrics mix")
         a.close()
         b.close()
         for i in range(10):  # one after another, on the descriptors the closed connections leave
@@ -161,6 +166,11 @@ def test_robots_sharing_a_name_are_told_apart_in_the_log(server, caplog):
             assert isinstance(peer.handshake(name=f"r{i}"), Welcome)
             peer.close()
         assert wait_for(lambda: caplog.text.count("disconnected") == 12)
+        restarted = RawPeer(server.endpoint)  # the name is free again: no warning
+        assert isinstance(restarted.handshake(name="arm"), Welcome)
+        restarted.close()
+        assert wait_for(lambda: caplog.text.count("disconnected") == 13)
+        assert caplog.text.count("share one name") == 1
     connected = re.findall(r"robot (\w+) \(session (\w+)\) connected", caplog.text)
     assert sorted(re.findall(r"robot (\w+) \(session (\w+)\) disconnected", caplog.text)) == sorted(connected)
 

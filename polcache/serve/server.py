@@ -438,8 +438,19 @@ class PolicyServer:
         # per session and name: robots sharing a name (or one restarted) each get their line, a renamed session too
         self._log.info(f"hello:{robot.hex()}:{msg.name}",
                        f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz)")
+        self._warn_shared_name(robot, msg.name)
         self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
                                          server=self.name), version))
+
+    def _warn_shared_name(self, robot: bytes, name: str) -> None:
+        """Metrics label a robot by its name only: two connected robots with one name mix theirs.
+        Only open connections count, so a robot restarted (its old connection closed) is no other robot."""
+        others = sorted({other for other, other_name in self._connections.values()
+                         if other_name == name and other != robot and other in self.sessions})
+        if others:
+            self._warn(f"shared-name:{robot.hex()}:{name}",
+                       f"robots {', '.join(robot_label(name, o) for o in others)} and {robot_label(name, robot)} share "
+                       f"one name: name them apart (sim-robot --name), or their metrics mix")
 
     def _make_room(self) -> None:
         """Forget the least recently seen session for a new robot, unless it is still active: a burst
