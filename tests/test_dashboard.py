@@ -163,7 +163,10 @@ def test_views_tell_robots_apart_and_align_clocks(tmp_path):
     p50 = {s["name"]: s["y"] for s in views["latency"]["series"] if s["name"].endswith("p50")}
     assert set(p50) == {"left p50", "right p50"}
     assert all(10 <= v <= 12 for v in p50["left p50"]) and all(30 <= v <= 32 for v in p50["right p50"])
-    assert [h["y"] for h in views["latency"]["hlines"]] == [140.0, 140.0]  # (8 - 1) / 50 Hz, one per robot
+    # (8 - 1) / 50 Hz for both robots: one line, not two drawn on top of each other
+    assert views["latency"]["hlines"] == [{"name": "deadline left, right", "y": 140.0}]
+    assert views["latency_hist"]["vlines"] == [{"name": "deadline left, right", "x": 140.0}]
+    assert views["rate"]["hlines"] == [{"name": "target left, right", "y": 50.0}]
     rates = [v for s in views["rate"]["series"] for v in s["y"]]
     assert rates and all(v == pytest.approx(50.0, rel=1e-6) for v in rates)
     misses = {s["name"]: s["y"][-1] for s in views["deadline"]["series"]}

@@ -9,6 +9,7 @@ scripts/test.sh installs Chromium where apt-get can; elsewhere this test skips.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from polcache.dashboard import Dashboard
 from polcache.dashboard.views import VIEWS
 
-pytest.importorskip("metaworld")
 CHECKPOINT = Path(__file__).resolve().parents[1] / "polcache" / "assets" / "checkpoints" / "reach-v3"
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 POLCACHE = [sys.executable, "-m", "polcache.cli"]
@@ -42,6 +43,7 @@ def headless(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.skipif(BROWSER is None, reason="no chromium (scripts/test.sh installs it with apt-get where it can)")
 def test_every_view_receives_data_in_a_real_browser(tmp_path):
+    pytest.importorskip("metaworld")
     server_file, robot_file = tmp_path / "server.jsonl", tmp_path / "robot.jsonl"
     address = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
@@ -75,3 +77,38 @@ def test_every_view_receives_data_in_a_real_browser(tmp_path):
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def section(dom: str, view: str) -> str:
+    return re.search(rf'id="view-{view}".*?</section>', dom, re.S).group(0)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium (scripts/test.sh installs it with apt-get where it can)")
+def test_reference_line_labels_are_drawn_apart(tmp_path):
+    """Robots at one deadline share a line and its label; close deadlines' labels are moved apart
+    (they were drawn on top of each other); the x axis's last number ends at its tick, not cut off."""
+    server = tmp_path / "server.jsonl"
+    server.write_text(json.dumps({"kind": "info", "t": 100.0, "role": "server",
+                                  "policy": {"n_action_steps": 8}}) + "\n")
+    paths = [server]
+    for name, hz in (("armA", 50.0), ("armB", 50.0), ("armC", 48.0)):  # deadlines 140, 140 and 145.8 ms
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in [
+            {"kind": "info", "t": 100.0, "monotonic": 0.0, "role": "robot", "robot": name, "hz": hz},
+            *({"kind": "chunk", "t": i / 10, "robot": name, "latency_ms": 100.0 + i} for i in range(100))]))
+    dashboard = Dashboard(paths)
+    dashboard.poll()
+    try:
+        dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
+    finally:
+        dashboard.stop()
+    labels = dict((name, float(y)) for y, name in
+                  re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end">(deadline [^<]*)</text>',
+                             section(dom, "latency")))
+    assert set(labels) == {"deadline armA, armB 140.0", "deadline armC 145.8"}, labels
+    assert abs(labels["deadline armA, armB 140.0"] - labels["deadline armC 145.8"]) >= 11
+    ys = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end">deadline arm',
+                                        section(dom, "latency_hist"))]
+    assert len(ys) == 2 and abs(ys[0] - ys[1]) >= 11
+    x_ticks = re.findall(r'<text x="([\d.]+)" y="217" text-anchor="(\w+)">', section(dom, "latency_hist"))
+    assert len(x_ticks) == 6 and x_ticks[-1][1] == "end"

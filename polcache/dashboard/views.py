@@ -219,8 +219,8 @@ class RunState:
         if self.server.get("deadline_ms"):
             return [{"name": "deadline", "y": float(self.server["deadline_ms"])}]
         steps = (self.server.get("policy") or {}).get("n_action_steps")
-        return [{"name": f"deadline {robot}", "y": _round((steps - 1) / hz * 1e3)}
-                for robot, hz in sorted(self.robot_hz.items())] if steps else []
+        return _reference_lines("deadline", {robot: (steps - 1) / hz * 1e3
+                                             for robot, hz in self.robot_hz.items()}) if steps else []
 
     def _view_latency(self, interval: float) -> dict[str, Any]:
         stats = {f"p{q}": q for q in QUANTILES}
@@ -250,7 +250,7 @@ class RunState:
         for robot, (t, _) in sorted(self._series("tick", "ticks").items()):
             if len(t) > 1:
                 series += _binned_values(robot, t[1:], np.diff(t), interval, {"": "rate"})
-        return {"series": series, "hlines": [{"name": f"target {r}", "y": hz} for r, hz in sorted(self.robot_hz.items())]}
+        return {"series": series, "hlines": _reference_lines("target", self.robot_hz)}
 
     def _view_period_error(self, interval: float) -> dict[str, Any]:
         return {"series": self._binned("tick", "period_error_ms", interval, {"p50": 50, "p99": 99}), "hlines": []}
@@ -358,6 +358,15 @@ def _binned_values(robot: str, t: np.ndarray, v: np.ndarray, interval: float,
             y = sv[lo] + (sv[hi] - sv[lo]) * (pos - lo)
         series.append({"name": f"{robot} {label}".strip(), "x": x, "y": [_round(value) for value in y]})
     return series
+
+
+def _reference_lines(label: str, per_robot: dict[str, float]) -> list[dict[str, Any]]:
+    """One line per value, named by the robots at it ("deadline armA, armB"): a line per robot drew
+    equal ones on top of each other, their labels overprinted."""
+    robots: dict[float, list[str]] = defaultdict(list)
+    for robot, value in sorted(per_robot.items()):
+        robots[value].append(robot)
+    return [{"name": f"{label} {', '.join(names)}", "y": _round(value)} for value, names in sorted(robots.items())]
 
 
 def _check_plan(plan: Any) -> None:

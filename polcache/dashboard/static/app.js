@@ -41,8 +41,20 @@ function frame(svg, x0, x1, y0, y1) {
     el("line", { x1: M.l, x2: W - M.r, y1: sy(v), y2: sy(v), stroke: "#eee" }, svg);
     text(svg, M.l - 4, sy(v) + 3, fmt(v), "end");
   }
-  for (const v of ticks(x0, x1, 5)) text(svg, sx(v), H - M.b + 13, fmt(v), "middle");
+  // the last label ends at its tick: centred, it ran past the right edge and was cut off
+  ticks(x0, x1, 5).forEach((v, i) => text(svg, sx(v), H - M.b + 13, fmt(v), i === 5 ? "end" : "middle"));
   return [sx, sy];
+}
+
+// Label positions (pixels along one axis) moved apart by at least `gap`, in order: labels of
+// reference lines close to each other were drawn on top of each other.
+function spread(positions, gap, step) {
+  const order = positions.map((p, i) => i).sort((a, b) => step * (positions[a] - positions[b]));
+  const out = positions.slice();
+  order.forEach((i, k) => {
+    if (k > 0 && step * (out[i] - out[order[k - 1]]) < gap) out[i] = out[order[k - 1]] + step * gap;
+  });
+  return out;
 }
 
 function range(values, pad) {
@@ -81,9 +93,10 @@ function drawLine(svg, section, view) {
     });
     el("path", { d, fill: "none", stroke: COLORS[i % COLORS.length], "stroke-width": 1.4 }, svg);
   });
-  (view.hlines || []).forEach(h => {
+  const hlines = view.hlines || [], labelY = spread(hlines.map(h => sy(h.y) - 3), 11, -1);  // upwards
+  hlines.forEach((h, i) => {
     el("line", { x1: M.l, x2: W - M.r, y1: sy(h.y), y2: sy(h.y), stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
-    text(svg, W - M.r - 2, sy(h.y) - 3, `${h.name} ${fmt(h.y)}`, "end");
+    text(svg, W - M.r - 2, labelY[i], `${h.name} ${fmt(h.y)}`, "end");
   });
   legend(section, series.map(s => s.name));
   return series.some(s => s.y.some(v => v !== null));
@@ -102,10 +115,11 @@ function drawHist(svg, section, view) {
     d += `L${sx(s.edges[s.edges.length - 1])},${sy(0)}`;
     el("path", { d, fill: COLORS[i % COLORS.length], "fill-opacity": 0.3, stroke: COLORS[i % COLORS.length] }, svg);
   });
-  (view.vlines || []).forEach(v => {
-    if (v.x < x0 || v.x > x1) return;
+  const vlines = (view.vlines || []).filter(v => v.x >= x0 && v.x <= x1);
+  const labelY = spread(vlines.map(() => M.t + 10), 11, 1);  // downwards, one row per line
+  vlines.forEach((v, i) => {
     el("line", { x1: sx(v.x), x2: sx(v.x), y1: M.t, y2: H - M.b, stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
-    text(svg, sx(v.x) - 3, M.t + 10, v.name, "end");
+    text(svg, sx(v.x) - 3, labelY[i], v.name, "end");
   });
   legend(section, series.map(s => s.name));
   return series.some(s => s.counts.some(c => c > 0));
