@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.request
 
@@ -113,6 +114,25 @@ def test_tail_reads_a_large_file_over_several_polls_and_a_rotated_one_to_its_end
 
 
 # ------------------------------------------------------------ views
+
+
+def test_tail_says_when_its_file_is_gone_and_when_it_is_back(tmp_path, monkeypatch):
+    """A deleted file was taken for one between the writer's rename and its new file, forever:
+    the page said nothing. Past a rotation's gap it is reported, until it is back."""
+    monkeypatch.setattr("polcache.dashboard.tail.GONE_AFTER_S", 0.2)
+    path = tmp_path / "m.jsonl"
+    path.write_text(line(kind="tick", t=1.0))
+    tail = JsonlTail(path)
+    assert len(tail.poll()) == 1
+    path.unlink()
+    assert tail.poll() == [] and tail.problem is None  # as during a rotation
+    time.sleep(0.3)
+    tail.poll()
+    assert re.fullmatch(rf"{re.escape(str(path))}: gone \(deleted\?\) since \d\d:\d\d:\d\d; waiting for it to come "
+                        r"back", tail.problem)
+    path.write_text(line(kind="tick", t=2.0))
+    assert [r["t"] for r in tail.poll()] == [2.0] and tail.problem is None
+    tail.close()
 
 
 def two_robot_run(tmp_path, seconds: float = 4.0, hz: float = 50.0):

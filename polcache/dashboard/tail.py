@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
 HEAD_BYTES = 256  # compared at every poll to notice a file rewritten from its start
 MAX_LINE_BYTES = 1 << 20  # a longer line (a file that is not JSON lines) is one unreadable line, not held in memory
 READ_BYTES = 16 << 20  # the most one poll reads
+GONE_AFTER_S = 5.0  # a path missing longer than this was deleted: a rotation's rename-then-create takes far less
 
 
 class JsonlTail:
@@ -35,6 +37,7 @@ class JsonlTail:
         self._partial = b""
         self._skipping = False  # inside a line over MAX_LINE_BYTES: dropped up to its newline
         self._head = b""  # the file's first bytes as we read them: a rewrite changes them
+        self._missing_since: tuple[float, float] | None = None  # (monotonic, wall) time its path went missing
 
     def poll(self, limit: int | None = READ_BYTES) -> list[dict[str, Any]]:
         """The records appended since the last call, from at most `limit` bytes (None: to the end)."""
@@ -43,8 +46,9 @@ class JsonlTail:
             return records
         try:
             stat = os.stat(self.path)
-        except FileNotFoundError:  # between the writer's rename and its new file
+        except FileNotFoundError:  # between the writer's rename and its new file, or deleted
             stat = None
+        self._check_gone(stat is None)
         if stat is not None and stat.st_ino == self._inode and self._rewritten(stat.st_size):
             self._file.seek(0)  # truncated under us: whatever we held back belonged to the old content
             self._partial, self._skipping = b"", False
@@ -69,6 +73,19 @@ class JsonlTail:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def _check_gone(self, missing: bool) -> None:
+        """Say on the page that the path is gone once it has been missing for longer than a rotation
+        leaves it (until then, and once it is back, say nothing)."""
+        if not missing:
+            if self._missing_since is not None:
+                self._missing_since = self.problem = None
+            return
+        if self._missing_since is None:
+            self._missing_since = (time.monotonic(), time.time())
+        elif time.monotonic() - self._missing_since[0] > GONE_AFTER_S:
+            since = time.strftime("%H:%M:%S", time.localtime(self._missing_since[1]))
+            self.problem = f"{self.path}: gone (deleted?) since {since}; waiting for it to come back"
 
     def _open(self) -> bool:
         try:
