@@ -248,6 +248,15 @@ def test_a_histogram_says_what_its_last_bar_holds():
     assert hist["note"] == "1 value above 14 (up to 240) counted in the last bar"
 
 
+def test_machine_samples_before_the_first_record_are_left_out():
+    """The CPU view's axis started below 0 with samples taken before the run's first record."""
+    state = RunState()
+    state.add_system(95.0, 10.0, None)
+    state.add([{"kind": "request", "t": 100.0, "robot": "r", "inference_ms": 5.0}])
+    state.add_system(101.0, 20.0, None)
+    assert state.views()["system"]["series"] == [{"name": "CPU %", "x": [1.0], "y": [20.0]}]
+
+
 def test_views_without_records_are_empty_not_broken():
     views = RunState().views()
     assert views["latency"]["series"] == [] and views["cache"]["rows"] == []

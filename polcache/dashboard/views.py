@@ -293,12 +293,16 @@ class RunState:
                 "legend": OP_NAMES, "note": note}
 
     def _view_system(self, interval: float) -> dict[str, Any]:
-        if not self.system:
+        """Samples from the run's first record on: earlier ones (a dashboard started before the run)
+        put the axis below 0, and moving the origin to them would shift every other view."""
+        t0 = self.t0 if self.t0 is not None else (self.system[0][0] if self.system else 0.0)
+        rows = [row for row in self.system if row[0] >= t0]
+        if not rows:
             return {"series": [], "hlines": []}
-        t = np.array([w for w, _, _ in self.system]) - (self.t0 if self.t0 is not None else self.system[0][0])
+        t = np.array([w for w, _, _ in rows]) - t0
         series = []
         for i, name in ((1, "CPU %"), (2, "GPU %")):
-            values = [row[i] for row in self.system]
+            values = [row[i] for row in rows]
             if any(v is not None for v in values):
                 series.append({"name": name, "x": [_round(x) for x in t],
                                "y": [_round(v) if v is not None else None for v in values]})
