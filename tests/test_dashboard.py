@@ -349,6 +349,23 @@ def test_report_writes_a_page_with_one_png_per_view(tmp_path):
     assert views["latency"]["series"]
 
 
+def test_report_stages_legend_is_below_the_bars_and_their_label(tmp_path):
+    """The legend sat inside the axes, on top of a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from polcache.dashboard.report import _bars
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.0))
+    assert _bars(ax, state_of(two_robot_run(tmp_path)).views()["stages"])
+    fig.tight_layout()
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().y1 < ax.xaxis.label.get_window_extent().y0
+    plt.close(fig)
+
+
 def test_rotated_files_whose_first_is_gone_still_have_the_server_info_and_count_each_record_once(tmp_path):
     """The writer repeats the info line at the start of every rotated file: with the first file
     rotated away, the report and the page still draw the deadline (they said "no server info

@@ -148,8 +148,8 @@ def _bars(ax, view) -> bool:
         ax.barh(cats, values, left=left, label=s["name"])
         left = [a + b for a, b in zip(left, values)]
     ax.set_xlabel("ms")
-    if cats:
-        ax.legend(fontsize=6, ncol=4)
+    if cats:  # below the axis label: inside the axes it covered the bars
+        ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
     return bool(cats)
 
 
