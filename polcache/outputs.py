@@ -65,8 +65,9 @@ def unwritable(path: Path) -> str | None:
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{folder} is on a read-only file system" if fs.f_flag & os.ST_RDONLY else \
             f"{folder} is not writable by this user"
-    # a full disk too (the space a run's output will need cannot be known ahead; none at all can)
-    if (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) == 0:
+    # a full disk too (the space a run's output will need cannot be known ahead; none at all can); a
+    # file system of no blocks (/proc, /sys) is not a disk
+    if fs.f_blocks and (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) == 0:
         return f"no space left on the file system of {folder}"
     return None
 
