@@ -188,6 +188,13 @@ def _sim_robot(args: argparse.Namespace) -> int:
           f"{tick.get('waiting', 0):.0f} ticks waiting for an episode's first action, "
           f"{tick.get('deadline_miss', 0):.0f} ticks without a fresh action, "
           f"{tick.get('safe_stops', 0):.0f} watchdog safe stops{final}")
+    chunk = result.extra.get("chunk", {})
+    if chunk.get("chunks"):  # the dashboard's "dropped actions" climbs by thousands in a healthy run: say why
+        latency = chunk.get("latency_ms", {}).get("p50", float("nan"))
+        print(f"chunks: {chunk['chunks']:.0f} received, {chunk.get('stale_chunks', 0):.0f} stale; "
+              f"{chunk.get('dropped_actions', 0) / chunk['chunks']:.1f} actions of each already past due on arrival "
+              f"(the observation-to-action latency, p50 {latency:.1f} ms, is {latency * args.hz / 1e3:.1f} control "
+              f"periods), so never executed")
     if jerk := result.jerk_line():
         print(jerk)
     if args.json:
