@@ -9,7 +9,8 @@ import signal
 import sys
 from typing import Callable, NoReturn
 
-from polcache.errors import PolcacheError, Terminated
+from polcache.errors import PolcacheError
+from polcache_client.signals import Terminated
 
 # Modules that contribute subcommands, in the order `polcache --help` lists them.
 COMMAND_MODULES = [

@@ -57,6 +57,3 @@ class OutputError(PolcacheError):
     """An output path a command cannot write, or that holds something it must not replace."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM raised as Ctrl-C, so the same cleanup runs (`polcache train` saves OUT/last), yet told
-    apart: the command then exits 143 (128 + SIGTERM), the status a process manager expects, not 130."""

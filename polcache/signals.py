@@ -1,6 +1,6 @@
-"""SIGTERM handled as Ctrl-C, yet told apart: what a process manager's stop (systemd, docker,
-`polcache launch`) must get from a command that has something to finish first, such as saving
-the training run or safe-stopping the robot."""
+"""Signals around a command's work: SIGTERM handled as Ctrl-C yet told apart (polcache_client.signals,
+shared with the robot's control loop), and interrupts held during the save an interrupted command
+makes on its way out."""
 
 from __future__ import annotations
 
@@ -9,27 +9,9 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from polcache.errors import Terminated
+from polcache_client.signals import sigterm_as_interrupt
 
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM raises Terminated (a KeyboardInterrupt), so the same cleanup runs as for
-    Ctrl-C and the command exits 143 (128 + SIGTERM) rather than 130. A second SIGTERM is ignored
-    while that cleanup runs. Outside the main thread (where no signal handler can be set) a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+__all__ = ["interrupts_held", "sigterm_as_interrupt"]
 
 
 @contextmanager

@@ -76,15 +76,15 @@ def test_every_action_executes_at_its_due_tick(latency_ticks, blend):
 
 def test_silent_server_holds_then_stops_once_then_resumes():
     loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
-    loop.run(ticks=20)
+    loop.run(ticks=20, then_stop=False)
     client.silent = True
-    loop.run(ticks=30)  # the chunk of tick 18 covers ticks 20-25, then 4 ticks of holding, then stop
+    loop.run(ticks=30, then_stop=False)  # the chunk of tick 18 covers ticks 20-25, then 4 ticks of holding, then stop
     states = [t.state for t in ticks[20:]]
     assert states == ["fresh"] * 6 + ["holding"] * 4 + ["stopped"] * 20
     assert robot.stops == [30]  # exactly one safe stop
     assert sum(t.safe_stops for t in ticks) == 1 and all(t.deadline_miss for t in ticks[26:50])
     client.silent = False
-    loop.run(ticks=5)
+    loop.run(ticks=5, then_stop=False)
     assert [t.state for t in ticks[-4:]] == ["fresh"] * 4
     assert all(value == tick for tick, value in robot.applied[-4:])
 
@@ -122,7 +122,7 @@ def test_an_action_is_never_executed_past_its_due_time_after_a_tick_stalls(stall
     robot = StallingRobot(clock, stall_at=20, stall_s=stall_periods / HZ)
     loop = ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, watchdog=Watchdog(0.1), clock=clock,
                        on_tick=ticks.append)
-    loop.run(ticks=40)
+    loop.run(ticks=40, then_stop=False)  # the watchdog's stops only
     acts = [(period, value) for kind, period, value in robot.events if kind == "act"]
     states = [t.state for t in ticks if t.state in ("fresh", "holding")]  # the ticks that acted, in order
     assert len(states) == len(acts) and states[-1] == "fresh"
@@ -269,3 +269,97 @@ def test_the_loop_and_the_client_must_tick_at_the_same_rate():
 def test_a_watchdog_hold_must_be_a_finite_time(hold_s):
     with pytest.raises(ValueError, match="hold_s: expected a finite number of seconds >= 0"):
         Watchdog(hold_s)
+
+
+def test_run_ends_with_the_robot_stopped_once_and_never_twice_in_a_row():
+    """run() returned with the robot still executing its last command; and Ctrl-C after the watchdog's
+    stop called safe_stop a second time."""
+    loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
+    loop.run(ticks=10)
+    assert robot.stops == [9] and loop.watchdog.state.value == "stopped"
+    loop.run(ticks=5)  # fresh actions resume acting after the stop, and the end stops again
+    assert [t.state for t in ticks[-4:]] == ["fresh"] * 4 and robot.stops == [9, 14]
+    client.silent = True
+    loop.run(ticks=20)  # the watchdog stops the robot: the end of run() does not stop it again
+    assert robot.stops[:2] == [9, 14] and len(robot.stops) == 3 and sum(t.safe_stops for t in ticks) == 1
+    stops = list(robot.stops)
+
+    def interrupted(*action):
+        raise KeyboardInterrupt
+
+    observe, robot.observe = robot.observe, interrupted
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(ticks=5)  # the watchdog's stop was the last thing the robot was told: not again
+    assert robot.stops == stops
+    robot.observe, robot.act, client.silent = observe, interrupted, False
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(ticks=5)  # acting again, then Ctrl-C: one stop
+    assert robot.stops == [*stops, robot.tick]
+
+
+def test_sigterm_safe_stops_the_robot_where_the_program_has_no_handler_of_its_own():
+    """A process manager's stop (systemd, docker: SIGTERM) ended the process with the robot still
+    executing its last command: safe_stop was never called."""
+    import os
+    import signal
+
+    from polcache_client.signals import Terminated
+
+    loop, robot, _, _, _, _ = make_loop(latency_s=0.5 / HZ)
+    act = robot.act
+
+    def stopped_by_the_process_manager(action):
+        act(action)
+        if len(robot.applied) in (3, 6):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    robot.act = stopped_by_the_process_manager
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(Terminated):
+            loop.run(ticks=20)
+        assert robot.stops == [robot.applied[-1][0]] and len(robot.applied) == 3
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+        told = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: told.append(signum))  # the program's own: left alone
+        loop.run(ticks=20)
+        assert told == [signal.SIGTERM] and len(robot.applied) > 3
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_adapter_acts_on_a_copy_so_converting_in_place_changes_nothing_held_or_reported():
+    """A held action was the same array each tick: an adapter scaling it in place halved it tick after
+    tick, and the halved values were reported as executed."""
+    loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
+    act, got = robot.act, []
+
+    def to_motor_units(action):
+        action *= 0.5  # in place, as a driver converting units might
+        got.append(float(action[0]))
+        act(action)
+
+    robot.act = to_motor_units
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    loop.run(ticks=15, then_stop=False)  # the last chunk's actions, then the last one held, then the stop
+    acted = [t.state for t in ticks if t.state in ("fresh", "holding")]
+    held = [value for state, value in zip(acted, got) if state == "holding"]
+    assert len(held) >= 2 and held == [got[acted.index("holding") - 1]] * len(held)  # held, not decaying
+    executed = [a for _, _, done in client.reported for _, a in done]
+    assert all(float(a[0]) == 2 * value for a, value in zip(executed, got))  # reported as decided
+
+
+def test_ticks_skipped_by_a_slow_tick_are_logged_with_what_took_the_time(caplog):
+    """observe() taking 30 ms at 50 Hz dropped the loop to 32 Hz and nothing was logged."""
+    import logging
+
+    clock, ticks = FakeClock(t=0.0), []
+    robot = StallingRobot(clock, stall_at=5, stall_s=2.5 / HZ)
+    loop = ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, clock=clock, on_tick=ticks.append)
+    with caplog.at_level(logging.WARNING, logger="polcache_client"):
+        loop.run(ticks=10)
+    assert sum(t.missed_ticks for t in ticks) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "control loop late: 1 tick(s) skipped; the last tick's work (observe, send, act, callbacks) took 50.0 ms of "
+        "the 20.0 ms period: make it shorter or lower the rate"]

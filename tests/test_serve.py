@@ -76,7 +76,7 @@ def test_end_to_end_loop_executes_every_action_on_time(records):
     # observation read late under load shifts the chunk's due times by that fraction of a period, and
     # the schedule interpolates (5.28 in period 5). A stale or shifted chunk is a whole period off.
     assert robot.applied and all(abs(value - tick) < 0.5 for tick, value in robot.applied)
-    assert robot.applied[-1][0] == 39 and not robot.stops
+    assert robot.applied[-1][0] == 39 and robot.stops == [39]  # the one stop: run()'s, at its end
     first = backend.first_obs["state"]
     assert first[0, 0, 0] == first[0, 1, 0] == 0  # the first window is padded, never half-filled
     assert all(c.stale_chunks == 0 for c in chunks) and len(chunks) >= 30

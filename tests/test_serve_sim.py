@@ -93,7 +93,7 @@ def test_a_stopped_sim_robot_reports_its_finished_episodes(monkeypatch, tmp_path
     import json
 
     from polcache.cli import main
-    from polcache.errors import Terminated
+    from polcache_client.signals import Terminated
     from polcache.serve.sim_robot import SimRobot
 
     begin = SimRobot.begin
@@ -122,7 +122,7 @@ def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(monkeypat
     import json
 
     from polcache.cli import main
-    from polcache.errors import Terminated
+    from polcache_client.signals import Terminated
     from polcache.serve.sim_robot import SimRobot
 
     begin, act = SimRobot.begin, SimRobot.act

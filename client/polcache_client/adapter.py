@@ -2,8 +2,8 @@
 
 Anything with these members is a robot (see docs/protocol.md for a worked example):
 `obs_spec` and `action_dim` go into the handshake, `observe` and `act` run inside every
-control tick and must return quickly, and `safe_stop` is called once when the watchdog gives
-up on the policy.
+control tick and must return quickly, and `safe_stop` is called when the watchdog gives up on
+the policy and when the loop ends (never twice in a row).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from polcache_client.protocol import ObsSpec
 
 class RobotAdapter(Protocol):
     """Your robot: any object with these members (no base class needed). `observe`, `act` and
-    `safe_stop` run on the control loop's thread; the loop calls `safe_stop` on a watchdog stop
-    and on any exception out of `ControlLoop.run` (Ctrl-C included)."""
+    `safe_stop` run on the control loop's thread; the loop calls `safe_stop` on a watchdog stop,
+    at the end of `ControlLoop.run` and on any exception out of it (Ctrl-C and SIGTERM included),
+    but not again when a stop was the last thing the robot was told."""
 
     obs_spec: ObsSpec  # key -> (shape, dtype) of one control step
     action_dim: int
@@ -28,9 +29,11 @@ class RobotAdapter(Protocol):
         ...
 
     def act(self, action: np.ndarray) -> None:
-        """Command one action (float32, shape (action_dim,)) for the current step."""
+        """Command one action (float32, shape (action_dim,)) for the current step: the adapter's own
+        copy, which it may convert in place."""
         ...
 
     def safe_stop(self) -> None:
-        """Bring the robot to a safe rest; called when no valid action arrived for too long."""
+        """Bring the robot to a safe rest; called when no valid action arrived for too long, and when
+        the loop ends or fails."""
         ...

@@ -16,19 +16,21 @@ from polcache_client.logs import RateLimitedLog
 from polcache_client.rate import Clock, MonotonicClock, Rate
 from polcache_client.records import ChunkRecord, TickRecord
 from polcache_client.schedule import ActionSchedule
+from polcache_client.signals import sigterm_as_interrupt
 from polcache_client.watchdog import State, Watchdog
 
 log = logging.getLogger(__name__)
-LATE_CHUNK_LOG_S = 5.0  # at most one line this often about chunks that arrive with every action past due
+LATE_CHUNK_LOG_S = 5.0  # at most one line this often about late chunks, and about ticks skipped
 
 
 class ControlLoop:
     """Drive `adapter` at `hz` from `client`'s chunks: `run(seconds=...)` ticks (observe, send
-    without waiting, act on the action due now) until done; Ctrl-C or any exception out of a tick
-    safe-stops the robot before it propagates. `reset_episode()` starts a new epoch. With no
-    fresh action the last one is held for the watchdog's `hold_s` (0.2 s), then `safe_stop` is
-    called once; acting resumes when fresh actions return. `on_tick`/`on_chunk` receive per-tick
-    and per-chunk records (loop timing, latency)."""
+    without waiting, act on the action due now) until done, then safe-stops the robot; Ctrl-C,
+    SIGTERM or any exception out of a tick safe-stops it before it propagates. `reset_episode()`
+    starts a new epoch. With no fresh action the last one is held for the watchdog's `hold_s`
+    (0.2 s), then `safe_stop` is called once; acting resumes when fresh actions return. The robot
+    is never told to stop twice in a row. `on_tick`/`on_chunk` receive per-tick and per-chunk
+    records (loop timing, latency)."""
 
     def __init__(
         self,
@@ -56,6 +58,7 @@ class ControlLoop:
         self.schedule.reset(client.epoch)
         self._executed: list[tuple[int, int, object]] = []  # (epoch, seq, action) not yet reported
         self._warn = RateLimitedLog(log, interval_s=LATE_CHUNK_LOG_S).warning
+        self._work_s = 0.0  # how long the last tick's work took (observe, send, act, callbacks)
 
     def reset_episode(self, instruction: str | None = None) -> None:
         """New episode: new epoch on the wire (with a new `instruction`, if given), empty schedule,
@@ -68,6 +71,8 @@ class ControlLoop:
     def tick(self) -> TickRecord:
         tick = self.rate.sleep()
         now = tick.t
+        if tick.missed:
+            self._ran_late(tick.missed)
         self._receive(now)
         t_capture = self.clock.now()
         epoch = self.client.epoch
@@ -82,7 +87,9 @@ class ControlLoop:
         if decision.stop:
             self.adapter.safe_stop()
         elif decision.action is not None:
-            self.adapter.act(decision.action)
+            # a copy: an adapter converting units in place changed the held action tick after tick (and
+            # what is reported as executed), or failed on a chunk's read-only array
+            self.adapter.act(decision.action.copy())
             # reported next tick, a held action too: the robot applied it again (a stop applies nothing)
             self._executed.append((self.client.epoch, self.client.seq, decision.action))
         record = TickRecord(
@@ -100,7 +107,18 @@ class ControlLoop:
         )
         if self.on_tick:
             self.on_tick(record)
+        self._work_s = self.clock.now() - tick.t
         return record
+
+    def _ran_late(self, missed: int) -> None:
+        """Say, at most every few seconds, that ticks were skipped and what took the time: the loop
+        fell to 32 Hz of 50 under a 30 ms observe() with nothing logged."""
+        period_ms, work_ms = self.rate.period * 1e3, self._work_s * 1e3
+        why = (f"the last tick's work (observe, send, act, callbacks) took {work_ms:.1f} ms of the {period_ms:.1f} ms "
+               f"period: make it shorter or lower the rate" if work_ms > period_ms else
+               f"the process was paused or not scheduled (the last tick's work took {work_ms:.1f} ms of the "
+               f"{period_ms:.1f} ms period): a loaded machine; see use_realtime_priority()")
+        self._warn("missed", f"control loop late: {missed} tick(s) skipped; {why}")
 
     def _receive(self, now: float) -> None:
         chunks = self.client.poll()
@@ -127,15 +145,31 @@ class ControlLoop:
                     )
                 )
 
-    def run(self, seconds: float | None = None, ticks: int | None = None, until: Callable[[], bool] | None = None) -> None:
-        """Tick until `seconds` or `ticks` elapse or `until()` is true; on any exception the
-        robot is safe-stopped before the exception propagates."""
+    def run(self, seconds: float | None = None, ticks: int | None = None, until: Callable[[], bool] | None = None,
+            *, then_stop: bool = True) -> None:
+        """Tick until `seconds` or `ticks` elapse or `until()` is true, then safe-stop the robot
+        (`then_stop=False`: leave it as it is, for a caller that ticks on, e.g. episode after
+        episode). On any exception the robot is safe-stopped before the exception propagates; so
+        on SIGTERM (a process manager's stop), raised as `Terminated` (a KeyboardInterrupt) while
+        the program has no SIGTERM handler of its own: it ended the process with the robot still
+        executing its last command."""
         end = None if seconds is None else self.clock.now() + seconds
         n = 0
-        try:
-            while (ticks is None or n < ticks) and (end is None or self.clock.now() < end) and not (until and until()):
-                self.tick()
-                n += 1
-        except BaseException:
+        with sigterm_as_interrupt(replace=False):
+            try:
+                while (ticks is None or n < ticks) and (end is None or self.clock.now() < end) and not (until and until()):
+                    self.tick()
+                    n += 1
+                if then_stop:
+                    self.stop()
+            except BaseException:
+                self.stop()
+                raise
+
+    def stop(self) -> None:
+        """Safe-stop the robot, unless a stop was the last thing it was told (the watchdog's, or
+        an earlier one of this loop's): `safe_stop` was called twice, by the watchdog and again on
+        Ctrl-C. Fresh actions resume acting."""
+        if self.watchdog.state is not State.STOPPED:
+            self.watchdog.stop()  # first: a safe_stop that raises is not called again on its way out
             self.adapter.safe_stop()
-            raise

@@ -43,6 +43,10 @@ class Watchdog:
         self._last_action: np.ndarray | None = None
         self._last_fresh = float("-inf")
 
+    def stop(self) -> None:
+        """The robot was stopped from outside (the loop's end, an exception): nothing to hold."""
+        self.state, self._last_action = State.STOPPED, None
+
     def step(self, now: float, action: np.ndarray | None) -> Decision:
         if action is not None:
             self.state, self._last_action, self._last_fresh = State.FRESH, action, now

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from polcache.errors import PolcacheError, Terminated
+from polcache.errors import PolcacheError
 from polcache.jsonfile import read_json_object
 from polcache.launch.config import LaunchConfig, Placement, check_machine, tcp_port
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
 from polcache.launch.placement import child_setup, describe, placement_warning
 from polcache.signals import sigterm_as_interrupt
+from polcache_client.signals import Terminated
 
 POLCACHE = [sys.executable, "-m", "polcache.cli"]
 STOP_ORDER = ("robot", "server", "dashboard")

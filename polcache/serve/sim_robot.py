@@ -125,7 +125,8 @@ def run_sim_robot(
                     robot.begin(seed + i)
                     loop.reset_episode(texts[i % len(texts)])
                     try:
-                        loop.run(ticks=max_ticks, until=lambda: robot.done)  # safe-stops the robot if interrupted
+                        # safe-stops the robot if interrupted; an episode's end needs no stop: the next resets the scene
+                        loop.run(ticks=max_ticks, until=lambda: robot.done, then_stop=False)
                     except KeyboardInterrupt:
                         stopped = True
                         raise

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from polcache.config import INSTRUCTION_KEY
-from polcache.errors import PolcacheError, Terminated
+from polcache.errors import PolcacheError
 from polcache.outputs import check_output, json_kind
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, rtc_blocker
 from polcache.serve.handshake import operator_instruction, policy_instruction
@@ -26,6 +26,7 @@ from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
 from polcache_client.protocol import ActionChunk
 from polcache_client.schedule import ActionSchedule
+from polcache_client.signals import Terminated
 
 
 RESULT_FORMAT = "polcache-eval-result"
