@@ -217,6 +217,22 @@ def test_jsonl_writer_refuses_a_file_of_another_kind(tmp_path, writer_class):
     writer(tmp_path / "empty.jsonl").close()  # empty, or a metrics file's first line: appended to
 
 
+def test_metrics_file_in_a_with_block_writes_what_is_left_when_interrupted(tmp_path):
+    """A robot stopped by Ctrl-C lost its last lines: the writer thread, a daemon, died with the
+    process before its next flush. The with block closes the file however the block ends."""
+    from polcache_client.metrics_file import MetricsFile
+
+    path = tmp_path / "robot.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        with MetricsFile(path, flush_s=1000) as metrics:  # no flush before the interrupt
+            for i in range(3):
+                metrics.write(tick(float(i)))
+            raise KeyboardInterrupt
+    assert [json.loads(line)["period_error_ms"] for line in path.read_text().splitlines()] == [0.0, 1.0, 2.0]
+    with JsonlWriter(tmp_path / "server.jsonl") as writer:  # polcache's writer is one too
+        assert isinstance(writer, JsonlWriter)
+
+
 def test_jsonl_writer_survives_a_failed_write(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     writer = JsonlWriter(path, flush_s=1000)  # the test drives the flushes

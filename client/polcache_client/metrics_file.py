@@ -3,10 +3,9 @@ fills a disk, written by a background thread so a slow disk never delays a contr
 the robot-side package, so a robot with only polcache-client installed writes the robot half of
 the dashboard (latency, control rate, period error, queue, drops) the way `sim-robot` does:
 
-    metrics = MetricsFile("robot.jsonl", robot="arm-1")
-    metrics.write_info(role="robot", hz=50)
-    ControlLoop(robot, client, 50, on_tick=metrics.write, on_chunk=metrics.write).run()
-    metrics.close()
+    with MetricsFile("robot.jsonl", robot="arm-1") as metrics:  # closed (what is left written) even on Ctrl-C
+        metrics.write_info(role="robot", hz=50)
+        ControlLoop(robot, client, 50, on_tick=metrics.write, on_chunk=metrics.write).run()
 
 Lines look like {"kind": "tick", "t": ..., "period_error_ms": ..., ...}; see the record
 classes in polcache_client.records (and polcache.serve.records, the server's) for the fields of
@@ -29,7 +28,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -64,6 +63,9 @@ def is_metrics_file(path: Path) -> bool:
     except OSError:
         return False
     return not start.strip() or _RECORD_START.match(start) is not None
+
+
+_Writer = TypeVar("_Writer", bound="MetricsFile")  # a with block's target keeps its subclass (JsonlWriter)
 
 
 class MetricsFile:
@@ -146,6 +148,14 @@ class MetricsFile:
         """Write what is left and close the file."""
         self._closing.set()
         self._thread.join(timeout=10)
+
+    def __enter__(self: _Writer) -> _Writer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Closed however the block ends: the writer thread is a daemon, so lines still gathered when
+        an interrupted robot's process exits (Ctrl-C) would be lost."""
+        self.close()
 
     def _run(self) -> None:
         while not self._closing.wait(self.flush_s):
