@@ -10,7 +10,7 @@ import zmq
 import zmq.auth
 
 from polcache.errors import PolcacheError
-from polcache_client import PolicyClient
+from polcache_client import KeyFolderError, PolicyClient
 from polcache_client.connection import ConnectError
 from polcache.serve.security import ClientKeys, apply_server_keys, generate_keys, start_authenticator
 
@@ -88,6 +88,23 @@ def test_the_servers_key_pair_is_no_client_credential(keys, tmp_path, caplog):
         ctx.term()
     assert "authentication refused for the server's own key pair" in caplog.text
     assert "authentication refused for an unknown client key" in caplog.text
+
+
+def test_a_robots_key_folder_without_its_keys_says_to_copy_them(keys, tmp_path):
+    """A robot without keys was told to run `polcache keys`: a robot does not have polcache, and keys
+    made there would not be admitted by the server. The advice is to copy them."""
+    robot = tmp_path / "robot"
+    robot.mkdir()
+    spec = {"state": ((3,), "float32")}
+    for present, missing in (((), "client.key_secret and server.key"), (("client.key_secret",), "server.key")):
+        for name in present:
+            (robot / name).write_bytes((keys / name).read_bytes())
+        with pytest.raises(KeyFolderError, match=f"key folder {robot}: {missing} not found \\(copy client.key_secret "
+                                                 f"and server.key from the folder `polcache keys` wrote"):
+            PolicyClient("tcp://127.0.0.1:5555", spec, 2, hz=50, keys_dir=str(robot))
+    (robot / "server.key").write_text("not a key\n")
+    with pytest.raises(KeyFolderError, match=f"key folder {robot}: "):
+        PolicyClient("tcp://127.0.0.1:5555", spec, 2, hz=50, keys_dir=str(robot))
 
 
 def test_the_servers_disconnect_line_names_refused_keys_as_a_cause(keys, tmp_path, caplog):

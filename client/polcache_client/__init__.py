@@ -6,6 +6,7 @@ robot computer installs it alone: the `polcache-client` distribution built from 
 
 from polcache_client.adapter import RobotAdapter
 from polcache_client.connection import ConnectError, PolicyClient
+from polcache_client.curve import KeyFolderError
 from polcache_client.loop import ControlLoop
 from polcache_client.metrics_file import MetricsFile
 from polcache_client.protocol import PROTOCOL_VERSION, ProtocolError
@@ -21,6 +22,7 @@ __all__ = [
     "Clock",
     "ConnectError",
     "ControlLoop",
+    "KeyFolderError",
     "MetricsFile",
     "MonotonicClock",
     "PolicyClient",

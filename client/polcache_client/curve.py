@@ -20,6 +20,11 @@ def key_path(keys_dir: str | Path, name: str, secret: bool) -> Path:
     return Path(keys_dir) / (f"{name}.key_secret" if secret else f"{name}.key")
 
 
+class KeyFolderError(ValueError):
+    """A robot's CurveZMQ key folder lacks client.key_secret or server.key, or holds keys the server
+    never admits: raised before connecting, since the server would answer such a robot with silence."""
+
+
 def load_keypair(keys_dir: str | Path, name: str) -> tuple[bytes, bytes]:
     path = key_path(keys_dir, name, secret=True)
     if not path.is_file():
@@ -31,15 +36,24 @@ def load_keypair(keys_dir: str | Path, name: str) -> tuple[bytes, bytes]:
 
 
 def apply_client_keys(socket: zmq.Socket, keys_dir: str | Path) -> None:
-    public, secret = load_keypair(keys_dir, CLIENT_NAME)
+    """The robot's keys on `socket`; a KeyFolderError names what is wrong with the folder. Keys made
+    anew on the robot (`polcache keys`, which a robot does not even have) are no cure: the server
+    admits only the client keys beside its own, so the advice is to copy them."""
+    client_path = key_path(keys_dir, CLIENT_NAME, secret=True)
     server_path = key_path(keys_dir, SERVER_NAME, secret=False)
-    if not server_path.is_file():
-        raise FileNotFoundError(f"server public key {server_path} not found")
-    server_public = zmq.auth.load_certificate(str(server_path))[0]
+    missing = [path.name for path in (client_path, server_path) if not path.is_file()]
+    if missing:
+        raise KeyFolderError(f"CurveZMQ key folder {keys_dir}: {' and '.join(missing)} not found (copy "
+                             f"client.key_secret and server.key from the folder `polcache keys` wrote, on the "
+                             f"machine that ran it)")
+    try:
+        public, secret = load_keypair(keys_dir, CLIENT_NAME)
+        server_public = zmq.auth.load_certificate(str(server_path))[0]
+    except (OSError, ValueError) as exc:  # unreadable, or not a key file
+        raise KeyFolderError(f"CurveZMQ key folder {keys_dir}: {exc}") from None
     if public == server_public:  # server.key_secret copied as client.key_secret: the server refuses it, silently
-        raise ValueError(f"{key_path(keys_dir, CLIENT_NAME, secret=True)} holds the server's key pair, not a client's "
-                         f"(the server admits no robot with it): copy client.key_secret from the folder "
-                         f"`polcache keys` wrote")
+        raise KeyFolderError(f"{client_path} holds the server's key pair, not a client's (the server admits no "
+                             f"robot with it): copy client.key_secret from the folder `polcache keys` wrote")
     socket.curve_publickey = public
     socket.curve_secretkey = secret
     socket.curve_serverkey = server_public

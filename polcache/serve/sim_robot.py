@@ -17,8 +17,8 @@ from polcache.metrics import Metrics
 from polcache.serve.handshake import wire_obs_spec
 from polcache.sim.evaluate import EvalResult, interruption
 from polcache.sim.stats import jerk_summary, seam_jerk, wilson_interval
-from polcache_client import (ActionSchedule, ConnectError, ControlLoop, PolicyClient, ProtocolError, Watchdog,
-                             use_realtime_priority)
+from polcache_client import (ActionSchedule, ConnectError, ControlLoop, KeyFolderError, PolicyClient, ProtocolError,
+                             Watchdog, use_realtime_priority)
 
 
 log = logging.getLogger("polcache.sim_robot")
@@ -139,7 +139,7 @@ def run_sim_robot(
                     raise
                 # the summary's safe stops are the watchdog's (tick records): this one is told apart
                 interrupted = interruption(exc, episodes) | {"safe_stop": stopped}
-    except (ConnectError, ProtocolError, FileNotFoundError) as exc:  # a bad --server address, no server, an
+    except (ConnectError, ProtocolError, KeyFolderError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
         hint = (CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc)
                 else f" (sim-robot: no instructions are written for task {task!r}; give one with --instruction TEXT)"
