@@ -107,9 +107,11 @@ def test_a_robots_key_folder_without_its_keys_says_to_copy_them(keys, tmp_path):
         PolicyClient("tcp://127.0.0.1:5555", spec, 2, hz=50, keys_dir=str(robot))
 
 
-def test_the_servers_disconnect_line_names_refused_keys_as_a_cause(keys, tmp_path, caplog):
-    """A robot with keys the server does not admit is dropped before any handshake: the disconnect
-    line the server logs for it names that cause, beside the refusal logged before it."""
+@pytest.mark.parametrize("robot_keys", ["refused", "none"])
+def test_the_servers_disconnect_line_names_missing_or_refused_keys_as_a_cause(keys, tmp_path, caplog, robot_keys):
+    """A robot with keys the server does not admit, or with no keys at all, is dropped before any
+    handshake: the disconnect line the server logs names both causes; only refused keys were logged
+    before it (the line said "logged before" of a robot without keys too, of which nothing was)."""
     from fakes import FakeBackend, wait_for
     from polcache.serve.server import PolicyServer
 
@@ -120,10 +122,13 @@ def test_the_servers_disconnect_line_names_refused_keys_as_a_cause(keys, tmp_pat
     (stranger / "client.key_secret").write_bytes((tmp_path / "rogue.key_secret").read_bytes())
     with caplog.at_level(logging.INFO, logger="polcache.serve"), \
             PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", keys_dir=str(keys)) as server:
-        client = PolicyClient(server.endpoint, {"state": ((3,), "float32")}, 2, hz=50, keys_dir=str(stranger))
+        client = PolicyClient(server.endpoint, {"state": ((3,), "float32")}, 2, hz=50,
+                              keys_dir=str(stranger) if robot_keys == "refused" else None)
         with pytest.raises(ConnectError):
             client.connect(timeout_s=0.5)
         client.close()
         assert wait_for(lambda: "a connection closed before any handshake" in caplog.text, 3)
-    assert "a robot that exited, keys CurveZMQ refused (logged before)" in caplog.text
-    assert caplog.text.index("authentication refused for an unknown client key") < caplog.text.index("closed before")
+    assert ("a robot that exited, a robot without CurveZMQ keys or with keys refused (logged before if so)"
+            in caplog.text)
+    refusal = caplog.text.find("authentication refused for an unknown client key")
+    assert (0 <= refusal < caplog.text.index("closed before")) if robot_keys == "refused" else refusal == -1

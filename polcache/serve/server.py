@@ -511,7 +511,9 @@ class PolicyServer:
             fd = recv_monitor_message(self._monitor)["value"]  # EVENT_DISCONNECTED's value: the descriptor
             robot, name = self._connections.pop(fd, (b"", ""))  # none: it closed before shaking hands
             limit = f"a message over the {2 * self.max_message_bytes}-byte transport limit"
-            refused = ", keys CurveZMQ refused (logged before)" if self._auth is not None else ""
+            # the authenticator logs the keys it refuses, never a robot that presented none
+            refused = (", a robot without CurveZMQ keys or with keys refused (logged before if so)"
+                       if self._auth is not None else "")
             self._log.info(f"disconnect:{robot.hex()}",
                            f"robot {robot_label(name, robot)} disconnected (robot exited, network loss, or {limit})"
                            if robot else f"a connection closed before any handshake (a health check such as "
