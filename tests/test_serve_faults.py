@@ -158,7 +158,7 @@ def test_robots_sharing_a_name_are_told_apart_in_the_log(server, caplog):
         first, second = re.findall(r"robot arm \(session (\w+)\) connected", caplog.text)
         [shared] = [r.message for r in caplog.records if "share one name" in r.message]  # said once, at the second
         assert shared == (f"robots arm (session {first}) and arm (session {second}) share one name: name them apart "
-                          f"(sim-robot --name), or their metrics mix")
+                          f"(the handshake's name: PolicyClient(name=...), sim-robot --name), or their metrics mix")
         a.close()
         b.close()
         for i in range(10):  # one after another, on the descriptors the closed connections leave

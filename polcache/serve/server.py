@@ -450,7 +450,8 @@ class PolicyServer:
         if others:
             self._warn(f"shared-name:{robot.hex()}:{name}",
                        f"robots {', '.join(robot_label(name, o) for o in others)} and {robot_label(name, robot)} share "
-                       f"one name: name them apart (sim-robot --name), or their metrics mix")
+                       f"one name: name them apart (the handshake's name: PolicyClient(name=...), sim-robot --name), "
+                       f"or their metrics mix")
 
     def _make_room(self) -> None:
         """Forget the least recently seen session for a new robot, unless it is still active: a burst
