@@ -254,6 +254,21 @@ def test_a_closed_client_says_so():
             call()
 
 
+def test_no_answer_from_a_host_name_that_does_not_resolve_says_so():
+    """ZeroMQ fails to resolve a mistyped host in silence: the robot was told no server runs there."""
+    from polcache_client import ConnectError, PolicyClient
+
+    client = PolicyClient("tcp://no-such-host.invalid:5601", {"state": ((2,), "float32")}, 2, hz=20)
+    with pytest.raises(ConnectError, match=r"no answer .* within 0.2 s: the host name 'no-such-host.invalid' does "
+                                           r"not resolve \("):
+        client.connect(timeout_s=0.2)
+    client.close()
+    client = PolicyClient("tcp://127.0.0.1:9", {"state": ((2,), "float32")}, 2, hz=20)
+    with pytest.raises(ConnectError, match=r"within 0.2 s \(none running there\?"):  # a host that resolves
+        client.connect(timeout_s=0.2)
+    client.close()
+
+
 def test_the_loop_and_the_client_must_tick_at_the_same_rate():
     from polcache_client import PolicyClient
 

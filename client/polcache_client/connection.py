@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 
 import numpy as np
@@ -62,6 +63,19 @@ def _check_obs_spec(obs_spec: ObsSpec) -> None:
         if not ok:
             raise ValueError(f"obs_spec[{key!r}]: expected (shape tuple of ints, dtype name), e.g. ((39,), 'float32'), "
                              f"got {entry!r}")
+
+
+def _unresolved_host(address: str) -> str | None:
+    """Why the host of a tcp:// `address` does not resolve, if it does not: ZeroMQ resolves it in the
+    background and says nothing, so a mistyped name looked like a server not running."""
+    if not address.startswith("tcp://"):
+        return None
+    host = address[len("tcp://"):].rpartition(":")[0].rpartition(";")[2].strip("[]")  # tcp://[source;]host:port
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as exc:
+        return f"the host name {host!r} does not resolve ({exc})"
+    return None
 
 
 class PolicyClient:
@@ -192,7 +206,9 @@ class PolicyClient:
             if time.monotonic() > deadline:
                 if self._full:
                     raise ConnectError(f"the policy server at {self.address} stayed full for {timeout_s:g} s: {self._full}")
-                hint = (f" (none running there, or one that does not admit this robot's keys: CurveZMQ refuses a "
+                unresolved = _unresolved_host(self.address)
+                hint = (f": {unresolved}" if unresolved else
+                        f" (none running there, or one that does not admit this robot's keys: CurveZMQ refuses a "
                         f"client key or server.key it does not know without any reply; check client.key_secret and "
                         f"server.key in {self.keys_dir})" if self.keys_dir else
                         " (none running there? one started with --keys answers only robots given its keys)")
