@@ -237,6 +237,24 @@ def test_series_are_in_time_order_whatever_order_records_came_in():
     assert views["deadline"]["series"][0]["x"] == sorted(views["deadline"]["series"][0]["x"])
 
 
+def test_runs_appended_to_one_robot_file_are_apart_in_every_line_view(tmp_path):
+    """A second run appended to a robot's metrics file: the rate view took the 80 s between the
+    runs for a tick period (a rate of 0.8 Hz), and the lines ran straight across the gap."""
+    server, robot, _ = two_robot_run(tmp_path, seconds=2.0)
+    first = robot.read_text()
+    later = [dict(json.loads(row), t=json.loads(row)["t"] + 80.0) for row in first.splitlines()]  # 80 s on
+    robot.write_text(first + "".join(json.dumps(row) + "\n" for row in later))
+    views = state_of([server, robot]).views(interval_s=1.0)
+    [rate] = views["rate"]["series"]
+    assert None in rate["y"] and all(v == pytest.approx(50.0, rel=1e-6) for v in rate["y"] if v is not None)
+    for view, name in (("rate", "left"), ("latency", "left p50"), ("queue", "left"),
+                       ("deadline", "left ticks without fresh action")):
+        [series] = [s for s in views[view]["series"] if s["name"] == name]
+        [gap] = [x for x, y in zip(series["x"], series["y"]) if y is None]
+        assert max(x for x in series["x"] if x < gap) < 2.0 and min(x for x in series["x"] if x > gap) > 80.0, view
+    assert write_report([server, robot], tmp_path / "report").exists()  # the report draws the break
+
+
 def test_a_histogram_says_what_its_last_bar_holds():
     """The bars span the values up to their 99.5th percentile, so outliers land in the last bar:
     the note says how many and how far they reach."""

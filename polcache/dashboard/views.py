@@ -11,6 +11,10 @@ Clocks: `tick` and `chunk` records carry the robot's monotonic clock, `request` 
 records wall time. A file's `info` line holds both clocks at one instant; without one we use
 this machine's offset (the same machine's monotonic clock is shared by all its processes).
 
+A robot's ticks pausing for over PAUSE_S and over PAUSE_PERIODS of its periods (a run stopped, and the
+next appended to its file) break its series: no rate is computed across the pause, and every line
+view of the robot gets a null point in it, where the page and the report draw no segment.
+
 Robots are told apart by name. A robot's own records (ticks, chunks, its info line) from a second
 source (file or scraped endpoint) under a name an earlier source already used are shown as
 "NAME (2)" (then "(3)"...) rather than merged into one series, and `_meta.notes` says so. The
@@ -19,6 +23,7 @@ server's records name only the robot, so those of robots sharing a name stay und
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import defaultdict, deque
@@ -31,6 +36,7 @@ from polcache_client.protocol import MAX_TIME_S
 MONOTONIC_KINDS = ("tick", "chunk")
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
 QUANTILES = (50, 95, 99)
+PAUSE_S, PAUSE_PERIODS = 1.0, 10  # a gap in a robot's ticks longer than both breaks its series
 OP_NAMES = {0: "compute", 1: "reuse", 2: "forecast", 3: "gate"}  # polcache.policy.executor's op codes
 
 # Every view, in page order: id -> (title, type). The page and the report iterate this table.
@@ -96,6 +102,7 @@ class RunState:
         self.t0: float | None = None
         self.bad_records = 0
         self._columns: dict[tuple[str, str, str], np.ndarray] = {}
+        self._pauses: dict[str, np.ndarray] = {}  # per views() call: robot -> the middles of its pauses
         self._unnamed: dict[str, Any] = {}  # the source of records added without one
         self._owners: dict[str, list[dict[str, Any]]] = {}  # robot name -> the sources of its own records, in order
 
@@ -161,6 +168,7 @@ class RunState:
         span = self._span()
         interval = interval_s or max(1.0, span / 100)
         self._columns = {}  # per call: records change between calls
+        self._pauses = {robot: self._pauses_of(robot, t) for robot, (t, _) in self._series("tick", "ticks").items()}
         out = {}
         for view, (title, kind) in VIEWS.items():
             out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
@@ -200,17 +208,41 @@ class RunState:
             self._columns[key] = self.records[(robot, kind)].column(field)
         return self._columns[key]
 
+    def _pause_s(self, robot: str, periods: np.ndarray) -> float:
+        """The shortest pause between a robot's ticks (`periods` apart) that breaks its series; its
+        period is its info line's, else its ticks' median (a robot ticking slower than 1 Hz is no pause)."""
+        hz = self.robot_hz.get(robot)
+        period = 1 / hz if hz else float(np.median(periods)) if len(periods) else 0.0
+        return max(PAUSE_S, PAUSE_PERIODS * period)
+
+    def _pauses_of(self, robot: str, ticks: np.ndarray) -> np.ndarray:
+        """The middles of the pauses in a robot's tick times: where its series break."""
+        periods = np.diff(ticks)
+        gaps = np.flatnonzero(periods > self._pause_s(robot, periods))
+        return (ticks[gaps] + ticks[gaps + 1]) / 2
+
+    def _broken(self, robot: str, series: dict[str, Any]) -> dict[str, Any]:
+        """`series` with a null point in each pause of the robot's ticks that it spans: without it the
+        line ran straight from one run's last point to the next run's first."""
+        x, y = list(series["x"]), list(series["y"])
+        pauses = self._pauses.get(robot, ())
+        for pause in (p for p in pauses if x and x[0] < p < x[-1]):
+            i = bisect.bisect_left(x, pause)
+            x.insert(i, _round(pause))
+            y.insert(i, None)
+        return {**series, "x": x, "y": y}
+
     def _binned(self, kind: str, field: str, interval: float, stats: dict[str, str | float]) -> list[dict[str, Any]]:
         series = []
         for robot, (t, v) in sorted(self._series(kind, field).items()):
-            series += _binned_values(robot, t, v, interval, stats)
+            series += [self._broken(robot, s) for s in _binned_values(robot, t, v, interval, stats)]
         return series
 
     def _cumulative(self, kind: str, field: str, label: str) -> list[dict[str, Any]]:
         series = []
         for robot, (t, v) in sorted(self._series(kind, field).items()):
             x, y = _thin(t, np.cumsum(v))
-            series.append({"name": f"{robot} {label}", "x": x, "y": y})
+            series.append(self._broken(robot, {"name": f"{robot} {label}", "x": x, "y": y}))
         return series
 
     def _deadlines_ms(self) -> list[dict[str, Any]]:
@@ -248,8 +280,11 @@ class RunState:
     def _view_rate(self, interval: float) -> dict[str, Any]:
         series = []  # 1 / mean tick-to-tick time per interval: a partly covered interval reads right too
         for robot, (t, _) in sorted(self._series("tick", "ticks").items()):
-            if len(t) > 1:
-                series += _binned_values(robot, t[1:], np.diff(t), interval, {"": "rate"})
+            periods = np.diff(t)
+            within = periods <= self._pause_s(robot, periods)  # a pause is no period: it read as a rate near 0
+            if within.any():
+                series += [self._broken(robot, s)
+                           for s in _binned_values(robot, t[1:][within], periods[within], interval, {"": "rate"})]
         return {"series": series, "hlines": _reference_lines("target", self.robot_hz)}
 
     def _view_period_error(self, interval: float) -> dict[str, Any]:
