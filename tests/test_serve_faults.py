@@ -147,6 +147,26 @@ def test_oversized_messages(server, peer, caplog):
     fresh.close()
 
 
+def test_refused_messages_of_connections_without_a_handshake_are_not_labelled_as_robots(caplog):
+    """Their records carried the session id (hex) as the robot, which the dashboard listed as one."""
+    from polcache.dashboard import RunState
+
+    records = []
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"), \
+            PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", on_record=records.append) as server:
+        peer = RawPeer(server.endpoint)
+        assert isinstance(peer.request(b"not msgpack"), Error)
+        peer.close()
+    [record] = [r for r in records if r.kind == "error"]
+    assert record.robot == "(no handshake)"
+    assert re.search(r"refused message from \(no handshake\) \(session \w+\): \[", caplog.text)
+    state = RunState()  # as the dashboard reads the server's metrics file
+    state.add([{"kind": "error", "t": record.t, "robot": record.robot, "code": record.code, "errors": 1}])
+    views = state.views()
+    assert views["_meta"]["robots"] == ["(no handshake)"]
+    assert views["_meta"]["errors"] == {f"(no handshake): {record.code}": 1}
+
+
 def test_robots_sharing_a_name_are_told_apart_in_the_log(server, caplog):
     """Connects are logged per session, not per name, and each closed connection names its robot,
     also where the descriptor of a closed one was reused before the server read the disconnect. A

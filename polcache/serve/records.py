@@ -32,6 +32,11 @@ class RequestRecord(msgspec.Struct, frozen=True):
     deadline_miss: bool = False
 
 
+# The `robot` of refused messages from connections that never shook hands: they have no name, and
+# their session ids (hex) read as robots on the dashboard; the server's log line names the session.
+NO_HANDSHAKE = "(no handshake)"
+
+
 class ErrorRecord(msgspec.Struct, frozen=True):
     kind: ClassVar[str] = "error"
     counters: ClassVar[tuple[str, ...]] = ("errors",)

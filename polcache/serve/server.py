@@ -33,7 +33,7 @@ from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession,
 from polcache.serve.handshake import check_handshake, operator_instruction, robot_obs_spec, session_instruction
 from polcache.serve.flood import DROP_PAUSE_S, FloodGuard, allowance
 from polcache.serve.history import ExecutedLog, ObservationHistory
-from polcache.serve.records import ErrorRecord, RequestRecord
+from polcache.serve.records import NO_HANDSHAKE, ErrorRecord, RequestRecord
 from polcache.serve.security import apply_server_keys, check_bind, start_authenticator
 from polcache.serve.worker import InferenceWorker, Job, robot_label
 from polcache_client.logs import RateLimitedLog
@@ -407,9 +407,8 @@ class PolicyServer:
     def _refuse(self, robot: bytes, session: Session | None, exc: ProtocolError, seq: int | None = None) -> None:
         """Answer with an error: in the session's protocol version, else the refused message's where
         it was readable (a version-1 robot after a server restart reads its no_session), else ours."""
-        who = session.name if session else robot.hex()  # the metrics label
-        label = robot_label(who, robot) if session else who
-        self._warn(f"{robot.hex()}:{exc.code}", f"refused message from {label}: [{exc.code}] {exc}")
+        who = session.name if session else NO_HANDSHAKE  # the metrics label
+        self._warn(f"{robot.hex()}:{exc.code}", f"refused message from {robot_label(who, robot)}: [{exc.code}] {exc}")
         version = session.version if session else exc.version or PROTOCOL_VERSION
         self._send(robot, encode(Error(code=exc.code, message=str(exc), seq=seq), version))
         if self.on_record is not None:
