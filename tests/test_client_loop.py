@@ -146,7 +146,8 @@ def test_chunks_that_arrive_with_every_action_past_due_are_logged(caplog):
     assert not robot.applied and all(c.dropped_actions == N_ACTIONS for c in chunks)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["chunk for observation 0 arrived 220 ms after its capture, with all 8 actions past due: the "
-                     "round trip is longer than a chunk lasts (160 ms); check the network and the server's load"]
+                     "round trip is longer than its last action waits (150 ms after capture: its due time plus half a period); "
+                     "check the network and the server's load"]
 
 
 def test_reset_never_executes_chunks_from_the_previous_episode():

@@ -127,10 +127,11 @@ class ControlLoop:
         for chunk in chunks:
             dropped = self.schedule.add(chunk, now)
             if dropped and dropped == len(chunk.actions):  # the robot waits, holds or stops: say why
+                last_s = chunk.t_actions[-1] - chunk.t_capture + self.schedule.half_period  # when the last is dropped
                 self._warn("late", f"chunk for observation {chunk.seq} arrived {(now - chunk.t_capture) * 1e3:.0f} ms "
                                    f"after its capture, with all {dropped} actions past due: the round trip is "
-                                   f"longer than a chunk lasts ({dropped * self.rate.period * 1e3:.0f} ms); check "
-                                   f"the network and the server's load")
+                                   f"longer than its last action waits ({last_s * 1e3:.0f} ms after capture: its due "
+                                   f"time plus half a period); check the network and the server's load")
             if self.on_chunk:
                 self.on_chunk(
                     ChunkRecord(
