@@ -385,14 +385,14 @@ def test_server_restart_mid_episode(tmp_path):
     client = PolicyClient(endpoint, robot.obs_spec, robot.action_dim, hz=50, timeout_s=0.3)
     client.connect(timeout_s=2)
     loop = ControlLoop(robot, client, 50, watchdog=Watchdog(hold_s=0.1), on_tick=ticks.append)
-    loop.run(ticks=15)
+    loop.run(ticks=15, then_stop=False)
     server.stop()
-    loop.run(ticks=35)  # 0.7 s without a server: hold, then one safe stop, then a reconnect attempt
+    loop.run(ticks=35, then_stop=False)  # 0.7 s without a server: hold, then one safe stop, then a reconnect attempt
     assert len(robot.stops) == 1 and client.epoch >= 1
     server = PolicyServer(FakeBackend(), endpoint).start()
     try:
-        assert loop.run(until=lambda: len(ticks) > 400 or ticks[-1].state == "fresh") is None
-        loop.run(ticks=10)
+        assert loop.run(until=lambda: len(ticks) > 400 or ticks[-1].state == "fresh", then_stop=False) is None
+        loop.run(ticks=10, then_stop=False)
         was_ready = client.ready
     finally:
         client.close()

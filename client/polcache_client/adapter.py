@@ -3,7 +3,7 @@
 Anything with these members is a robot (see docs/protocol.md for a worked example):
 `obs_spec` and `action_dim` go into the handshake, `observe` and `act` run inside every
 control tick and must return quickly, and `safe_stop` is called when the watchdog gives up on
-the policy and when the loop ends (never twice in a row).
+the policy and when the loop that moved the robot ends (never twice in a row).
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ class ControlLoop:
         self._executed: list[tuple[int, int, object]] = []  # (epoch, seq, action) not yet reported
         self._warn = RateLimitedLog(log, interval_s=LATE_CHUNK_LOG_S).warning
         self._work_s = 0.0  # how long the last tick's work took (observe, send, act, callbacks)
+        self._acted = False  # an action was applied since the robot was last told to stop: `stop` undoes it
 
     def reset_episode(self, instruction: str | None = None) -> None:
         """New episode: new epoch on the wire (with a new `instruction`, if given), empty schedule,
@@ -85,8 +86,10 @@ class ControlLoop:
             now = acting  # the action due at its start is past due; act on what is due now, or hold or stop
         decision = self.watchdog.step(now, self.schedule.action_at(now))
         if decision.stop:
+            self._acted = False
             self.adapter.safe_stop()
         elif decision.action is not None:
+            self._acted = True
             # a copy: an adapter converting units in place changed the held action tick after tick (and
             # what is reported as executed), or failed on a chunk's read-only array
             self.adapter.act(decision.action.copy())
@@ -168,9 +171,10 @@ class ControlLoop:
                 raise
 
     def stop(self) -> None:
-        """Safe-stop the robot, unless a stop was the last thing it was told (the watchdog's, or
-        an earlier one of this loop's): `safe_stop` was called twice, by the watchdog and again on
-        Ctrl-C. Fresh actions resume acting."""
-        if self.watchdog.state is not State.STOPPED:
-            self.watchdog.stop()  # first: a safe_stop that raises is not called again on its way out
+        """Safe-stop the robot if this loop moved it since its last stop: not again after the
+        watchdog's stop (`safe_stop` was called twice, by the watchdog and again on Ctrl-C), nor a
+        robot it never commanded. Fresh actions resume acting."""
+        if self._acted:
+            self._acted = False  # first: a safe_stop that raises is not called again on its way out
+            self.watchdog.stop()
             self.adapter.safe_stop()
