@@ -223,6 +223,23 @@ def test_resuming_on_other_data_is_refused_naming_what_differs(tmp_path, capsys)
     assert load_policy(run / "last")[2]["step"] == 4
 
 
+def test_resuming_with_another_validation_split_is_refused_naming_the_settings(tmp_path, capsys):
+    """Another train.seed or train.val_fraction changed the held-out episodes mid-run: the run validated on
+    episodes it had trained on and replaced best/ on that score."""
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run) == 0
+    capsys.readouterr()
+    assert train_cli(data, run, "train.steps=4", "train.seed=1", "train.val_windows=4") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"polcache train: error: cannot resume {run / 'last'}: train.seed is 1, the run's is 0 (it chooses the "
+        "validation episodes); train.val_windows is 4, the run's is 2 (it chooses the validation windows); pass "
+        "--fresh to start over (the previous run is moved aside) or use another out directory")
+    assert train_cli(data, run, "train.steps=4", "train.val_fraction=0.5") == 2
+    assert "train.val_fraction is 0.5, the run's is 0.3 (it chooses the validation episodes)" in \
+        capsys.readouterr().err
+    assert load_policy(run / "last")[2]["step"] == 2  # untouched
+
+
 def test_resuming_with_another_policy_config_names_the_fields(tmp_path, capsys):
     run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
     assert train_cli(data, run, "train.steps=2") == 0

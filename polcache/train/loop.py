@@ -4,7 +4,7 @@ resume after interruption, and torch DDP when launched by torchrun.
 The run directory holds `last/` (a full checkpoint plus optimizer state, rewritten every
 `checkpoint_every` steps), `best/` (the EMA weights whose sampled actions on held-out
 episodes came closest to the demonstrations) and `train_log.jsonl`. Running the same
-command again resumes from `last/` (refused if the task, data or policy differ) unless
+command again resumes from `last/` (refused if the task, data, validation split or policy differ) unless
 `fresh=True`, which moves the previous run's files aside into `previous-<time>/`; with no `last/`
 to resume (a run killed before its first checkpoint), an earlier run's `best/` and log are moved
 aside the same way, so the new run neither appends to that log nor is judged against that best.
@@ -511,12 +511,17 @@ def _changed_fields(old: dict, new: dict, prefix: str) -> list[str]:
     return out
 
 
+VALIDATION_SET = (("seed", "episodes"), ("val_fraction", "episodes"), ("val_windows", "windows"))
+
+
 def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: ExperimentConfig,
                       policy: DiffusionPolicy) -> list[str]:
     """What a resumed run would learn from that differs from what OUT/last was trained on: the task, the
-    observation keys and shapes, the action size, and the data itself, as its normaliser statistics
-    (fitted on it; a resumed run would switch to the new ones mid-run). A dataset that was only moved
-    (same statistics at another path) is the same data."""
+    observation keys and shapes, the action size, the data itself, as its normaliser statistics
+    (fitted on it; a resumed run would switch to the new ones mid-run), and the settings that choose the
+    validation episodes and windows (it would validate on episodes it trained on, and judge best/ on
+    scores not comparable with the stored one). A dataset that was only moved (same statistics at
+    another path) is the same data."""
     out = []
     if old_cfg.task != cfg.task:
         out.append(f"task is {cfg.task!r}, the run's is {old_cfg.task!r}")
@@ -543,4 +548,7 @@ def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: Ex
                  else f"dataset {cfg.dataset} changed since the run" if differ != ["embedding"]
                  else "the embeddings are not the run's (another embedding store, or another encoder)")
         out.append(f"{where} (the normaliser statistics of {', '.join(differ)} differ)")
+    out += [f"train.{name} is {getattr(cfg.train, name)}, the run's is {getattr(old_cfg.train, name)} (it chooses "
+            f"the validation {what})" for name, what in VALIDATION_SET
+            if getattr(cfg.train, name) != getattr(old_cfg.train, name)]
     return out
