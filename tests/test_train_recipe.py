@@ -416,6 +416,31 @@ def test_a_resumed_run_takes_the_commands_learning_rate(tmp_path, capsys):
     assert 0 < lrs[3] <= 1e-5
 
 
+def test_the_log_records_the_rate_each_step_used_and_the_time_since_the_run_began(tmp_path, monkeypatch):
+    """The log read the scheduler after it stepped: each line held the next step's rate (the last one 0.0);
+    and elapsed_s started again from 0 on every resume."""
+    import time
+
+    from polcache.policy.policy import DiffusionPolicy
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    forward = DiffusionPolicy.forward
+
+    def slow(self, batch, state_noise=0.0):
+        time.sleep(0.2)
+        return forward(self, batch, state_noise)
+
+    monkeypatch.setattr(DiffusionPolicy, "forward", slow)
+    assert train_cli(data, run, "train.lr=1e-3", "train.log_every=1") == 0
+    monkeypatch.setattr(DiffusionPolicy, "forward", forward)
+    assert train_cli(data, run, "train.lr=1e-3", "train.log_every=1", "train.steps=4") == 0
+    log = {r["step"]: r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "lr" in r}
+    assert log[1]["lr"] == pytest.approx(1e-3)  # no warm-up: the first step takes train.lr
+    assert log[2]["lr"] == pytest.approx(5e-4)  # halfway down the 2-step cosine
+    assert log[4]["lr"] > 0  # the last step's rate, not the 0.0 after it
+    assert log[2]["elapsed_s"] >= 0.4 and log[3]["elapsed_s"] >= log[2]["elapsed_s"]
+
+
 def test_a_resumed_run_takes_the_commands_betas_and_weight_decay_and_keeps_the_moments(tmp_path, capsys):
     from polcache.policy.checkpoint import load_train_state
 

@@ -199,12 +199,12 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, cfg.train.warmup_steps, steps))
     ema = EMA(policy, cfg.train.ema_decay, cfg.train.ema_warmup)
-    step = 0
+    step, elapsed = 0, 0.0
     last = out / "last"
     if rank == 0:
         _finish_set_aside(out)
     if not fresh and last.exists():
-        step = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev, rank == 0)
+        step, elapsed = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev, rank == 0)
         if rank == 0:  # a run already at its plan's length returns at once: say why nothing trains
             done = (f"; the plan is {steps} steps, so there is nothing left to train (give a larger train.steps or "
                     f"train.epochs to train on, or --fresh to start over)" if step >= steps else "")
@@ -244,7 +244,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
     best = _best_so_far(out / "best")
     policy.train()
-    t0 = time.time()
+    t0 = time.time() - elapsed  # elapsed_s counts on from the checkpoint resumed
     try:
         while step < steps:
             batch = to_device(next(batches), dev)
@@ -255,17 +255,18 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # this step's rate: the scheduler now holds the next one's
             lr_sched.step()
             step += 1
             ema.update(policy, step)
             if rank == 0:
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == steps:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
-                    _log(log_path, {"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0],
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                    _log(log_path, {"step": step, "loss": loss.item(), "lr": lr,
                                     "elapsed_s": round(time.time() - t0, 2)})
                 if step % cfg.train.checkpoint_every == 0 or step == steps:
-                    saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved)
+                    saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.time() - t0)
                     judge.load_state_dict(ema.state_dict())
                     val = validate(judge, val_data, cfg.train.batch_size, cfg.train.val_windows, cfg.train.seed)
                     score = val.get("val_action_mse", val.get("val_loss"))
@@ -278,7 +279,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
             with interrupts_held():
                 print(f"\ninterrupted: saving {last} at step {step} (Ctrl-C is ignored until it is saved)", flush=True)
-                _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved)
+                _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.time() - t0)
             print(f"interrupted: saved {last} at step {step}; run the same command to resume")
         raise
     bar.close()
@@ -342,15 +343,17 @@ def _best_so_far(path: Path) -> float:
 
 
 def _save(path: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, ema: EMA, optimizer, lr_sched, step: int,
-          saved: int | None) -> int:
-    """Checkpoint the run at `step` as `path` (OUT/last) and return the step; weights that are no longer
+          saved: int | None, elapsed: float) -> int:
+    """Checkpoint the run at `step` as `path` (OUT/last), with the run's seconds so far (`elapsed`, from
+    which a resumed run's elapsed_s counts on), and return the step; weights that are no longer
     finite are refused, so `path` keeps the last good step (`saved`)."""
     for name, weights in (("weights", policy.state_dict()), ("EMA weights", ema.state_dict())):
         bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
             raise TrainingError(_diverged(cfg, step, f"the {name} hold NaN or infinite values ({bad})", path, saved))
     save_checkpoint(path, cfg, policy, ema.state_dict(), step,
-                    TrainState(policy.state_dict(), optimizer.state_dict(), lr_sched.state_dict(), step))
+                    TrainState(policy.state_dict(), optimizer.state_dict(), lr_sched.state_dict(), step),
+                    extra_meta={"elapsed_s": round(elapsed, 2)})
     return step
 
 
@@ -459,8 +462,9 @@ def _finish_set_aside(out: Path) -> None:
 
 
 def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
-            device: torch.device, verbose: bool = True) -> int:
-    """Restore OUT/last into the new run's objects and return its step. The optimizer keeps the run's
+            device: torch.device, verbose: bool = True) -> tuple[int, float]:
+    """Restore OUT/last into the new run's objects and return its step and the run's seconds until it
+    was saved (0 for a checkpoint that does not record them). The optimizer keeps the run's
     moment estimates but takes the command's hyper-parameters (train.lr, betas, weight_decay), which
     may have been changed to continue the run differently."""
     old_cfg, meta = read_meta(last)
@@ -496,7 +500,7 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
         lr_sched.base_lrs = [cfg.train.lr] * len(lr_sched.base_lrs)
         for group, schedule in zip(optimizer.param_groups, lr_sched.lr_lambdas):
             group["initial_lr"], group["lr"] = cfg.train.lr, cfg.train.lr * schedule(lr_sched.last_epoch)
-    return state.step
+    return state.step, float(meta.get("elapsed_s", 0.0))
 
 
 def _changed_fields(old: dict, new: dict, prefix: str) -> list[str]:
