@@ -570,6 +570,19 @@ def test_a_resumed_run_given_another_length_prints_and_logs_its_new_plan(tmp_pat
     assert records[-4] == {**plan, "steps": 6, "plan": new_plan}  # the first plan line's format
 
 
+def test_a_batch_larger_than_the_data_is_planned_and_logged_as_the_batch_used(tmp_path, capsys):
+    """The plan said "at batch 1000" while every step took all 233 windows there were."""
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.batch_size=100") == 0
+    plan = ("2 steps at batch 48 (all training windows; train.batch_size=100 is more than there are), 48 training "
+            "windows")
+    assert f"training {plan}" in capsys.readouterr().out.splitlines()
+    record = json.loads((run / "train_log.jsonl").read_text().splitlines()[0])
+    assert record["plan"] == plan and record["batch"] == 48
+    assert train_cli(data, tmp_path / "b", "train.batch_size=8") == 0
+    assert json.loads((tmp_path / "b" / "train_log.jsonl").read_text().splitlines()[0])["batch"] == 8
+
+
 def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path, capsys, monkeypatch):
     import torch
 

@@ -230,7 +230,10 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     if rank == 0 and step < steps:  # a new run's plan, or a resumed one's given another length: when it ends
         epochs = (f" ({cfg.train.epochs} epochs of {steps // cfg.train.epochs} batches; train.epochs sets the length, "
                   f"not train.steps)" if cfg.train.epochs else "")
-        plan = f"{steps} steps{epochs} at batch {cfg.train.batch_size}, {len(train_data)} training windows"
+        batch = min(cfg.train.batch_size, len(train_data))  # drop_last: a short batch only when it is all there is
+        whole = (f" (all training windows; train.batch_size={cfg.train.batch_size} is more than there are)"
+                 if batch < cfg.train.batch_size else "")
+        plan = f"{steps} steps{epochs} at batch {batch}{whole}, {len(train_data)} training windows"
         logged = _logged_plan(log_path)
         if plan != logged:  # printed also with --no-progress: the run's length is worth a line in any log
             print(f"training {plan}" + (f" (the run's plan was {logged})" if logged else ""))
@@ -239,8 +242,8 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
                       f"{cfg.train.warmup_steps}, {steps} steps): the rate reaches "
                       f"{cfg.train.lr * steps / cfg.train.warmup_steps:.3g}, not train.lr={cfg.train.lr:g}; lower "
                       f"train.warmup_steps or train longer", file=sys.stderr)
-            _log(log_path, {"steps": steps, "train_windows": len(train_data), "val_windows": len(val_data),
-                            "plan": plan})
+            _log(log_path, {"steps": steps, "batch": batch, "train_windows": len(train_data),
+                            "val_windows": len(val_data), "plan": plan})
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
     best = _best_so_far(out / "best")
     policy.train()
