@@ -178,13 +178,13 @@ FAST = ["policy.n_layers=1", "policy.width=16", "policy.n_heads=2", "policy.stat
         "train.val_windows=2", "train.val_fraction=0.3", "train.warmup_steps=0", "train.threads=1", "--no-progress"]
 
 
-def demo_dataset(path, task="demo", shift=0.0):
-    """A tiny recorded-looking dataset (no simulator): 3 episodes of 24 steps, 3-d state, 2-d action."""
+def demo_dataset(path, task="demo", shift=0.0, n=3):
+    """A tiny recorded-looking dataset (no simulator): n episodes of 24 steps, 3-d state, 2-d action."""
     from polcache.data import Episode, write_dataset
 
     t = np.linspace(0, 1, 24, dtype=np.float32)[:, None]
     episodes = [Episode(obs={"state": np.hstack([t, t * i, -t]) + shift}, action=np.hstack([t, -t]) * (i + 1),
-                        task=task) for i in range(3)]
+                        task=task) for i in range(n)]
     write_dataset(path, episodes, {"task": task})
     return path
 
@@ -611,6 +611,25 @@ def test_the_train_log_writes_non_finite_numbers_as_null(tmp_path):
     _log(tmp_path / "log.jsonl", {"step": 1, "loss": float("nan"), "lr": float("inf")})
     assert json.loads((tmp_path / "log.jsonl").read_text(), parse_constant=pytest.fail) == \
         {"step": 1, "loss": None, "lr": None}
+
+
+@pytest.mark.parametrize("episodes, override, warning, best", [
+    (1, "train.val_fraction=0.3", "no validation: the dataset has 1 episode, none left to hold out at "
+     "train.val_fraction=0.3 (record more episodes); best/ is not written, so evaluate last/", None),
+    (3, "train.val_fraction=0", "no validation: train.val_fraction=0 holds out no episode; best/ is not written, "
+     "so evaluate last/", None),
+    (3, "train.val_windows=0", "train.val_windows=0: validation samples no actions, so best/ keeps the lowest "
+     "val_loss (the denoising loss), not the lowest val_action_mse", "val_loss"),
+], ids=["one-episode", "no-val-fraction", "no-val-windows"])
+def test_a_run_that_cannot_judge_best_by_sampled_actions_says_so(tmp_path, capsys, episodes, override, warning, best):
+    """A 1-episode dataset trained without validation or best/, and nothing said so."""
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr", n=episodes)
+    assert train_cli(data, run, override) == 0
+    assert capsys.readouterr().err.splitlines() == [f"warning: {warning}"]
+    if best:
+        assert list(json.loads((run / "best" / "meta.json").read_text())["validation"]) == [best]
+    else:
+        assert not (run / "best").exists()
 
 
 def test_a_run_shorter_than_its_warm_up_says_so(tmp_path, capsys):

@@ -242,6 +242,8 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
                       f"{cfg.train.warmup_steps}, {steps} steps): the rate reaches "
                       f"{cfg.train.lr * steps / cfg.train.warmup_steps:.3g}, not train.lr={cfg.train.lr:g}; lower "
                       f"train.warmup_steps or train longer", file=sys.stderr)
+            if (unjudged := _unvalidated(cfg, store.num_episodes, len(val_data))) is not None:
+                print(f"warning: {unjudged}", file=sys.stderr)
             _log(log_path, {"steps": steps, "batch": batch, "train_windows": len(train_data),
                             "val_windows": len(val_data), "plan": plan})
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
@@ -290,6 +292,20 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def _unvalidated(cfg: ExperimentConfig, episodes: int, val_windows: int) -> str | None:
+    """Why the run cannot judge best/ by val_action_mse (None when it can): with no held-out episode
+    there is no validation and no best/; with train.val_windows=0 only the denoising loss is computed."""
+    if val_windows == 0:
+        why = ("train.val_fraction=0 holds out no episode" if cfg.train.val_fraction == 0
+               else f"the dataset has {episodes} episode, none left to hold out at train.val_fraction="
+                    f"{cfg.train.val_fraction:g} (record more episodes)")
+        return f"no validation: {why}; best/ is not written, so evaluate last/"
+    if cfg.train.val_windows == 0:
+        return ("train.val_windows=0: validation samples no actions, so best/ keeps the lowest val_loss (the "
+                "denoising loss), not the lowest val_action_mse")
+    return None
 
 
 def _forget_log_after(path: Path, step: int) -> None:
