@@ -583,6 +583,34 @@ def test_a_batch_larger_than_the_data_is_planned_and_logged_as_the_batch_used(tm
     assert json.loads((tmp_path / "b" / "train_log.jsonl").read_text().splitlines()[0])["batch"] == 8
 
 
+def test_a_validation_cut_short_by_ctrl_c_runs_when_the_run_resumes(tmp_path, capsys, monkeypatch):
+    """OUT/last is saved before its validation: Ctrl-C during the final step's validation left a run
+    with nothing left to train, and best/ never saw its final weights."""
+    import signal
+
+    import polcache.train.loop as loop
+
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    validate = loop.validate
+
+    def pressed_during(*args):
+        signal.raise_signal(signal.SIGINT)
+        return validate(*args)
+
+    monkeypatch.setattr(loop, "validate", pressed_during)
+    assert train_cli(data, run) == 130
+    monkeypatch.setattr(loop, "validate", validate)
+    assert load_policy(run / "last")[2]["step"] == 2 and not (run / "best").exists()
+    capsys.readouterr()
+    assert train_cli(data, run) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "validating step 2, whose validation was interrupted"
+    assert load_policy(run / "best")[2]["step"] == 2
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "checkpoint" in r] == [2]
+    assert train_cli(data, run) == 0  # validated now: not again
+    assert "validating" not in capsys.readouterr().out
+
+
 def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path, capsys, monkeypatch):
     import torch
 

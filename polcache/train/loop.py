@@ -248,9 +248,30 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
                             "val_windows": len(val_data), "plan": plan})
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
     best = _best_so_far(out / "best")
+
+    def checkpoint_due(at: int) -> bool:
+        return at % cfg.train.checkpoint_every == 0 or at == steps
+
+    def validate_checkpoint(at: int, best: float) -> float:
+        """Validate the EMA weights just saved in OUT/last at step `at`, keep them as best/ if they score
+        better than `best`, log the scores; returns the best score."""
+        judge.load_state_dict(ema.state_dict())
+        val = validate(judge, val_data, cfg.train.batch_size, cfg.train.val_windows, cfg.train.seed)
+        score = val.get("val_action_mse", val.get("val_loss"))
+        improved = cfg.train.keep_best and score is not None and score < best
+        if improved:
+            best = score
+            save_checkpoint(out / "best", cfg, judge, step=at, extra_meta={"validation": val})
+        _log(log_path, {"step": at, **val, "best": improved, "checkpoint": str(last)})
+        return best
+
     policy.train()
     t0 = time.time() - elapsed  # elapsed_s counts on from the checkpoint resumed
     try:
+        # a run interrupted while validating saved OUT/last at that step first: its validation is still due
+        if rank == 0 and step and checkpoint_due(step) and not _validated(log_path, step):
+            print(f"validating step {step}, whose validation was interrupted")
+            best = validate_checkpoint(step, best)
         while step < steps:
             batch = to_device(next(batches), dev)
             loss = model(batch, cfg.train.state_noise)  # forward is the training loss, so DDP syncs its gradients
@@ -270,16 +291,9 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
                     _log(log_path, {"step": step, "loss": loss.item(), "lr": lr,
                                     "elapsed_s": round(time.time() - t0, 2)})
-                if step % cfg.train.checkpoint_every == 0 or step == steps:
+                if checkpoint_due(step):
                     saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.time() - t0)
-                    judge.load_state_dict(ema.state_dict())
-                    val = validate(judge, val_data, cfg.train.batch_size, cfg.train.val_windows, cfg.train.seed)
-                    score = val.get("val_action_mse", val.get("val_loss"))
-                    improved = cfg.train.keep_best and score is not None and score < best
-                    if improved:
-                        best = score
-                        save_checkpoint(out / "best", cfg, judge, step=step, extra_meta={"validation": val})
-                    _log(log_path, {"step": step, **val, "best": improved, "checkpoint": str(last)})
+                    best = validate_checkpoint(step, best)
     except KeyboardInterrupt:
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
             with interrupts_held():
@@ -331,16 +345,26 @@ def _logged_step(line: str) -> int | None:
     return record["step"] if isinstance(record.get("step"), int) else 0
 
 
-def _logged_plan(path: Path) -> str | None:
-    """The plan of the log's last plan line (None without one): the one a resumed run has followed. Every
-    line is a whole record: a new run has no log, a resumed one's went through _forget_log_after."""
+def _logged(path: Path, key: str) -> list[dict]:
+    """The log's records that hold `key` ([] without a log); only the lines naming it are parsed, not
+    every step's. Every line is a whole record: a new run has no log, a resumed one's went through
+    _forget_log_after."""
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        return None
-    plans = [record["plan"] for record in map(json.loads, (line for line in lines if '"plan"' in line))
-             if "plan" in record]  # only the few plan lines are parsed, not every step's
-    return plans[-1] if plans else None
+        return []
+    return [record for record in map(json.loads, (line for line in lines if f'"{key}"' in line)) if key in record]
+
+
+def _logged_plan(path: Path) -> str | None:
+    """The plan of the log's last plan line (None without one): the one a resumed run has followed."""
+    plans = _logged(path, "plan")
+    return plans[-1]["plan"] if plans else None
+
+
+def _validated(path: Path, step: int) -> bool:
+    """Whether the log holds the validation of `step` (its line names the checkpoint validated)."""
+    return any(record["step"] == step for record in _logged(path, "checkpoint"))
 
 
 def save_initial(cfg: ExperimentConfig) -> Path:
