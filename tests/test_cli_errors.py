@@ -113,6 +113,17 @@ def test_too_many_denoising_steps_name_the_flag(capsys):
                         "policy.sampler.train_steps)")
 
 
+def test_eval_on_another_task_than_trained_warns_naming_both(capsys):
+    """Allowed (transfer tests) but rarely meant: sim-robot said so, eval ran without a word."""
+    assert main(["eval", "--checkpoint", str(CHECKPOINT), "--task", "push-v3", "--episodes", "1", "--max-steps", "2",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: the checkpoint's policy was trained on reach-v3, this evaluation runs push-v3"]
+    assert main(["eval", "--checkpoint", str(CHECKPOINT), "--task", "reach-v3", "--episodes", "1", "--max-steps", "2",
+                 "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_training_runs_folder_points_to_its_checkpoint(capsys, tmp_path):
     (tmp_path / "run" / "last").mkdir(parents=True)
     (tmp_path / "run" / "last" / "meta.json").write_text("{}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from polcache.cli_types import (add_backend_options, backend_options, non_negative_float, non_negative_int,
@@ -68,6 +69,9 @@ def _run(args: argparse.Namespace) -> int:
     task = args.task or backend.spec.task
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
+    if backend.spec.task and task != backend.spec.task:  # allowed (transfer tests), but rarely meant; as sim-robot says
+        print(f"warning: the checkpoint's policy was trained on {backend.spec.task}, this evaluation runs {task}",
+              file=sys.stderr)
     with sigterm_as_interrupt():  # TERM reports the finished episodes, like Ctrl-C, and exits 143
         result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
                           video_dir=args.video, video_episodes=args.video_episodes if args.video else 0,
