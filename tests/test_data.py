@@ -300,6 +300,8 @@ def test_episode_subset_and_split(ds_path):
     assert len(val) == 2 and sorted(train + val) == list(range(10)) and not set(train) & set(val)
     assert episode_split(10, 0.2, seed=1) == (train, val)
     assert episode_split(2, 0.01, seed=0)[1] != [] and episode_split(1, 0.5)[1] == []
+    assert episode_split(1, 0.6) == ([0], [])  # held out its only episode: training failed on no windows
+    assert episode_split(3, 0.9, seed=0)[0] != []
     ds = SequenceDataset(EpisodeStore.open(ds_path), horizon=4, n_obs_steps=2, episode_ids=[1])
     assert len(ds) == 3 and {ds.sample_info(i)[0] for i in range(3)} == {1}
     with pytest.raises(KeyError):

@@ -24,14 +24,15 @@ from polcache.policy.spec import action_offsets, frame_offsets
 def episode_split(num_episodes: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Split episode ids (not windows, which overlap) into sorted train and val lists.
 
-    With val_fraction > 0 and at least 2 episodes, val gets at least one and train keeps at least one."""
+    Train always keeps at least one (a 1-episode dataset has none to hold out); with val_fraction > 0
+    and at least 2 episodes, val gets at least one."""
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = int(round(num_episodes * val_fraction))
+    n_val = min(int(round(num_episodes * val_fraction)), num_episodes - 1)
     if val_fraction > 0 and num_episodes > 1:
-        n_val = min(max(n_val, 1), num_episodes - 1)
+        n_val = max(n_val, 1)
     perm = np.random.default_rng(seed).permutation(num_episodes)
     return sorted(int(i) for i in perm[n_val:]), sorted(int(i) for i in perm[:n_val])
 
