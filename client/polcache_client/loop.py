@@ -25,8 +25,8 @@ LATE_CHUNK_LOG_S = 5.0  # at most one line this often about late chunks, and abo
 
 class ControlLoop:
     """Drive `adapter` at `hz` from `client`'s chunks: `run(seconds=...)` ticks (observe, send
-    without waiting, act on the action due now) until done, then safe-stops the robot; Ctrl-C,
-    SIGTERM or any exception out of a tick safe-stops it before it propagates. `reset_episode()`
+    without waiting, act on the action due now) until done, then safe-stops the robot it moved;
+    Ctrl-C, SIGTERM or any exception out of a tick safe-stops it before it propagates. `reset_episode()`
     starts a new epoch. With no fresh action the last one is held for the watchdog's `hold_s`
     (0.2 s), then `safe_stop` is called once; acting resumes when fresh actions return. The robot
     is never told to stop twice in a row. `on_tick`/`on_chunk` receive per-tick and per-chunk
@@ -151,7 +151,7 @@ class ControlLoop:
 
     def run(self, seconds: float | None = None, ticks: int | None = None, until: Callable[[], bool] | None = None,
             *, then_stop: bool = True) -> None:
-        """Tick until `seconds` or `ticks` elapse or `until()` is true, then safe-stop the robot
+        """Tick until `seconds` or `ticks` elapse or `until()` is true, then `stop()` the robot
         (`then_stop=False`: leave it as it is, for a caller that ticks on, e.g. episode after
         episode). On any exception the robot is safe-stopped before the exception propagates; so
         on SIGTERM (a process manager's stop), raised as `Terminated` (a KeyboardInterrupt) while

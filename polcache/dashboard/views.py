@@ -27,7 +27,7 @@ import bisect
 import math
 import time
 from collections import defaultdict, deque
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
@@ -37,6 +37,15 @@ MONOTONIC_KINDS = ("tick", "chunk")
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
 QUANTILES = (50, 95, 99)
 PAUSE_S, PAUSE_PERIODS = 1.0, 10  # a gap in a robot's ticks longer than both breaks its series
+
+
+class Ticks(NamedTuple):
+    """A robot's ticks, as the views break its series at pauses (RunState._ticks_of)."""
+
+    t: np.ndarray  # seconds since the run's start, in order
+    periods: np.ndarray  # np.diff(t)
+    paused: np.ndarray  # per period: a pause, not a period
+    pauses: np.ndarray  # the pauses' middles
 OP_NAMES = {0: "compute", 1: "reuse", 2: "forecast", 3: "gate"}  # polcache.policy.executor's op codes
 
 # Every view, in page order: id -> (title, type). The page and the report iterate this table.
@@ -102,7 +111,7 @@ class RunState:
         self.t0: float | None = None
         self.bad_records = 0
         self._columns: dict[tuple[str, str, str], np.ndarray] = {}
-        self._pauses: dict[str, np.ndarray] = {}  # per views() call: robot -> the middles of its pauses
+        self._ticks: dict[str, Ticks] = {}  # per views() call: robot -> its tick times, periods and pauses
         self._unnamed: dict[str, Any] = {}  # the source of records added without one
         self._owners: dict[str, list[dict[str, Any]]] = {}  # robot name -> the sources of its own records, in order
 
@@ -168,7 +177,7 @@ class RunState:
         span = self._span()
         interval = interval_s or max(1.0, span / 100)
         self._columns = {}  # per call: records change between calls
-        self._pauses = {robot: self._pauses_of(robot, t) for robot, (t, _) in self._series("tick", "ticks").items()}
+        self._ticks = {robot: self._ticks_of(robot, t) for robot, (t, _) in self._series("tick", "ticks").items()}
         out = {}
         for view, (title, kind) in VIEWS.items():
             out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
@@ -215,17 +224,19 @@ class RunState:
         period = 1 / hz if hz else float(np.median(periods)) if len(periods) else 0.0
         return max(PAUSE_S, PAUSE_PERIODS * period)
 
-    def _pauses_of(self, robot: str, ticks: np.ndarray) -> np.ndarray:
-        """The middles of the pauses in a robot's tick times: where its series break."""
-        periods = np.diff(ticks)
-        gaps = np.flatnonzero(periods > self._pause_s(robot, periods))
-        return (ticks[gaps] + ticks[gaps + 1]) / 2
+    def _ticks_of(self, robot: str, t: np.ndarray) -> Ticks:
+        """A robot's tick times, the periods between them, which of those are pauses, and the pauses'
+        middles (where its series break), found once per views() call for every view."""
+        periods = np.diff(t)
+        paused = periods > self._pause_s(robot, periods)
+        gaps = np.flatnonzero(paused)
+        return Ticks(t, periods, paused, (t[gaps] + t[gaps + 1]) / 2)
 
     def _broken(self, robot: str, series: dict[str, Any]) -> dict[str, Any]:
         """`series` with a null point in each pause of the robot's ticks that it spans: without it the
         line ran straight from one run's last point to the next run's first."""
         x, y = list(series["x"]), list(series["y"])
-        pauses = self._pauses.get(robot, ())
+        pauses = self._ticks[robot].pauses if robot in self._ticks else ()
         for pause in (p for p in pauses if x and x[0] < p < x[-1]):
             i = bisect.bisect_left(x, pause)
             x.insert(i, _round(pause))
@@ -279,12 +290,11 @@ class RunState:
 
     def _view_rate(self, interval: float) -> dict[str, Any]:
         series = []  # 1 / mean tick-to-tick time per interval: a partly covered interval reads right too
-        for robot, (t, _) in sorted(self._series("tick", "ticks").items()):
-            periods = np.diff(t)
-            within = periods <= self._pause_s(robot, periods)  # a pause is no period: it read as a rate near 0
+        for robot, ticks in sorted(self._ticks.items()):
+            within = ~ticks.paused  # a pause is no period: it read as a rate near 0
             if within.any():
-                series += [self._broken(robot, s)
-                           for s in _binned_values(robot, t[1:][within], periods[within], interval, {"": "rate"})]
+                series += [self._broken(robot, s) for s in _binned_values(robot, ticks.t[1:][within],
+                                                                          ticks.periods[within], interval, {"": "rate"})]
         return {"series": series, "hlines": _reference_lines("target", self.robot_hz)}
 
     def _view_period_error(self, interval: float) -> dict[str, Any]:
