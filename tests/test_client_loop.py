@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -64,6 +66,8 @@ def make_loop(latency_s: float, blend: str = "ensemble", hold_s: float = 0.1):
 def test_every_action_executes_at_its_due_tick(latency_ticks, blend):
     loop, robot, _, _, ticks, chunks = make_loop(latency_ticks / HZ, blend)
     loop.run(ticks=40)
+    *ticks, end = ticks  # the 40 ticks, then the record of run()'s own safe stop
+    assert (end.ticks, end.safe_stops) == (0, 1)
     first = int(np.ceil(latency_ticks))  # the first chunk is usable from this tick on
     assert [t for t, _ in robot.applied] == list(range(first, 40))
     assert all(value == tick for tick, value in robot.applied)  # latency compensated, no off-by-one
@@ -176,7 +180,8 @@ def test_period_error_and_missed_ticks_are_reported():
     loop, _, _, clock, ticks, _ = make_loop(latency_s=0.5 / HZ)
     clock.lateness = 0.0004
     loop.run(ticks=3)
-    assert [t.period_error_ms for t in ticks] == pytest.approx([0.4] * 3)
+    assert [t.period_error_ms for t in ticks[:3]] == pytest.approx([0.4] * 3)
+    assert ticks[3].ticks == 0 and math.isnan(ticks[3].period_error_ms)  # run()'s stop: no tick, no period error
     clock.advance(0.07)  # the next tick was due at 0.06; now it is 0.1104
     assert loop.tick().missed_ticks == 2
 
@@ -215,7 +220,7 @@ def test_held_actions_are_reported_as_executed_and_waiting_or_stopped_ticks_repo
     client.silent = True
     loop.run(ticks=31)  # fresh to tick 25, holding 26-29, stopped from 30 (see the test above); 50 reports 49
     reported = {seq: float(np.asarray(a).ravel()[0]) for _, _, done in client.reported for seq, a in done}
-    states = {t.seq: t.state for t in ticks}
+    states = {t.seq: t.state for t in ticks if t.ticks}  # not run()'s stop after tick 19, which has its seq
     assert [s for s in range(50) if states[s] == "holding"] == [26, 27, 28, 29]
     assert [reported[s] for s in range(24, 30)] == [24, 25, 25, 25, 25, 25]  # what the robot applied
     assert dict(robot.applied)[29] == 25
@@ -294,10 +299,11 @@ def test_run_ends_with_the_robot_stopped_once_and_never_twice_in_a_row():
     loop.run(ticks=10)
     assert robot.stops == [9] and loop.watchdog.state.value == "stopped"
     loop.run(ticks=5)  # fresh actions resume acting after the stop, and the end stops again
-    assert [t.state for t in ticks[-4:]] == ["fresh"] * 4 and robot.stops == [9, 14]
+    assert [t.state for t in ticks if t.ticks][-4:] == ["fresh"] * 4 and robot.stops == [9, 14]
     client.silent = True
     loop.run(ticks=20)  # the watchdog stops the robot: the end of run() does not stop it again
-    assert robot.stops[:2] == [9, 14] and len(robot.stops) == 3 and sum(t.safe_stops for t in ticks) == 1
+    assert robot.stops[:2] == [9, 14] and len(robot.stops) == 3
+    assert sum(t.safe_stops for t in ticks if t.ticks) == 1 and sum(t.safe_stops for t in ticks) == 3
     stops = list(robot.stops)
 
     def interrupted(*action):
@@ -311,6 +317,44 @@ def test_run_ends_with_the_robot_stopped_once_and_never_twice_in_a_row():
     with pytest.raises(KeyboardInterrupt):
         loop.run(ticks=5)  # acting again, then Ctrl-C: one stop
     assert robot.stops == [*stops, robot.tick]
+
+
+def test_the_loops_own_safe_stop_is_recorded_as_the_watchdogs_are():
+    """stop() made no tick record: a run that ended with the loop's own safe stop showed none in the
+    metrics (the dashboard's safe stops), while the watchdog's stops were counted. Its record is no
+    tick, and a stop not made (the watchdog's came last, or nothing moved) records nothing."""
+    from polcache.metrics import Metrics
+
+    metrics = Metrics()
+    loop, robot, client, clock, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
+    loop.on_tick = lambda record: (ticks.append(record), metrics.record(record))
+    loop.run(ticks=10)
+    *run, end = ticks
+    assert robot.stops == [9] and [t.ticks for t in run] == [1] * 10 and not any(t.safe_stops for t in run)
+    assert (end.ticks, end.safe_stops, end.state, end.t, end.epoch, end.seq) == (0, 1, "stopped", clock.now(), 0, 9)
+    assert math.isnan(end.period_error_ms) and end.queue_depth == run[-1].queue_depth  # the same instant here
+    assert not (end.waiting or end.deadline_miss or end.missed_ticks or end.obs_dropped)
+    assert loop.safe_stops == 1 and loop.stop() is False and len(ticks) == 11  # nothing moved since: no record
+    client.silent = True
+    loop.run(ticks=20)  # acts, holds, then the watchdog stops it on a tick; run() adds no stop of its own
+    assert len(robot.stops) == 2 and ticks[-1].ticks == 1 and loop.safe_stops == 1
+    client.silent = False
+    act = robot.act
+
+    def interrupted(action):
+        act(action)
+        raise KeyboardInterrupt
+
+    robot.act = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(ticks=5)  # acting again, then Ctrl-C: the loop's stop, recorded
+    assert len(robot.stops) == 3 and loop.safe_stops == 2 and ticks[-1].ticks == 0
+    assert sum(t.safe_stops for t in ticks) == len(robot.stops)  # every stop the robot was told, counted once
+    snap = metrics.snapshot()["tick"]
+    assert snap["safe_stops"] == 3 and snap["ticks"] == sum(t.ticks for t in ticks) == len(ticks) - 2
+    assert snap["period_error_ms"]["n"] == snap["ticks"]  # the stops' NaN is no period error
+    robot.act = act
+    assert loop.tick().ticks == 1 and loop.stop() is True and loop.stop() is False  # called directly: the same
 
 
 def test_sigterm_safe_stops_the_robot_where_the_program_has_no_handler_of_its_own():

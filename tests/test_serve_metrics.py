@@ -281,6 +281,11 @@ def test_server_and_loop_write_one_metrics_file(tmp_path):
             client.connect(timeout_s=2)
             ControlLoop(robot, client, 100, on_tick=m.record, on_chunk=m.record).run(ticks=20)
         snap = m.snapshot()
-    kinds = {json.loads(line)["kind"] for line in path.read_text().splitlines()}
-    assert kinds == {"tick", "chunk", "request"}
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {line["kind"] for line in lines} == {"tick", "chunk", "request"}
     assert snap["tick"]["ticks"] == 20 and snap["request"]["inference_ms"]["n"] >= 1
+    # every safe stop the robot was told, run()'s own at its end too (it wrote no line), in the file
+    # and the counters; run()'s stop is no tick
+    ticks = [line for line in lines if line["kind"] == "tick"]
+    assert snap["tick"]["safe_stops"] == sum(t["safe_stops"] for t in ticks) == len(robot.stops) >= 1
+    assert sum(t["ticks"] for t in ticks) == 20 and snap["tick"]["period_error_ms"]["n"] == 20

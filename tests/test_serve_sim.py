@@ -151,11 +151,64 @@ def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(monkeypat
     assert waiting >= 2  # at least one tick per episode begun
     result = json.loads(out.read_text())
     assert result["extra"]["interrupted"]["safe_stop"] is True
+    # the tick records count the loop's stop too (they had none of it); the line names it on its own
+    watchdog = int(re.search(r"(\d+) watchdog safe stops, then", said)[1])
+    assert result["extra"]["tick"]["safe_stops"] == len(stops) == watchdog + 1
     # the actions past due on arrival, which the dashboard counts by thousands in a healthy run, explained
     chunk = result["extra"]["chunk"]
     assert f"chunks: {chunk['chunks']:.0f} received, {chunk['stale_chunks']:.0f} stale; " \
            f"{chunk['dropped_actions'] / chunk['chunks']:.1f} actions of each already past due on arrival " \
            f"(the observation-to-action latency, p50 " in said
+
+
+def test_a_sim_robot_stopped_after_its_watchdogs_stop_says_its_loop_made_none(monkeypatch, tmp_path, capsys):
+    """SIGTERM after the watchdog had safe-stopped the robot (no fresh actions): the loop does not stop
+    it again, yet the loop line said "then the safe stop on SIGTERM" and the result "safe_stop": true."""
+    import json
+
+    import polcache.serve.sim_robot as sim_robot
+    from polcache.cli import main
+    from polcache_client import Watchdog
+    from polcache_client.signals import Terminated
+
+    begin, observe = sim_robot.SimRobot.begin, sim_robot.SimRobot.observe
+    robots, stops = [], []
+
+    def begin_seeded(self, seed):
+        self.seed = seed
+        robots.append(self)
+        begin(self, seed)
+
+    def watchdog_stop(self):
+        stops.append((self.seed, self.steps))
+
+    def stopped_after_the_watchdogs_stop(self):
+        if stops and stops[-1][0] == 1001:
+            raise Terminated
+        return observe(self)
+
+    class Starved(Watchdog):
+        """No fresh action after the second episode's first step: the last one held (--hold-ms), then the
+        stop, before the held action ends the episode."""
+
+        def step(self, now, action):
+            robot = robots[-1]
+            return super().step(now, None if robot.seed == 1001 and robot.steps >= 1 else action)
+
+    monkeypatch.setattr(sim_robot.SimRobot, "begin", begin_seeded)
+    monkeypatch.setattr(sim_robot.SimRobot, "safe_stop", watchdog_stop)
+    monkeypatch.setattr(sim_robot.SimRobot, "observe", stopped_after_the_watchdogs_stop)
+    monkeypatch.setattr(sim_robot, "Watchdog", Starved)
+    out = tmp_path / "robot.json"
+    with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        assert main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "3", "--server", server.endpoint,
+                     "--hold-ms", "20", "--json", str(out)]) == 143
+    said = capsys.readouterr().out
+    assert stops and stops[-1][0] == 1001  # the watchdog's stop came last: the loop made none
+    assert re.search(rf"{len(stops)} watchdog safe stops\n", said), said
+    result = json.loads(out.read_text())
+    assert result["extra"]["interrupted"]["safe_stop"] is False
+    assert result["extra"]["tick"]["safe_stops"] == len(stops)
 
 
 def test_sim_robot_on_another_task_than_the_policys_is_warned(caplog):

@@ -8,6 +8,7 @@ dead server degrades to holding, then a safe stop, never to a stalled loop.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 from polcache_client.adapter import RobotAdapter
@@ -30,7 +31,8 @@ class ControlLoop:
     starts a new epoch. With no fresh action the last one is held for the watchdog's `hold_s`
     (0.2 s), then `safe_stop` is called once; acting resumes when fresh actions return. The robot
     is never told to stop twice in a row. `on_tick`/`on_chunk` receive per-tick and per-chunk
-    records (loop timing, latency)."""
+    records (loop timing, latency); `on_tick` also gets a record of the loop's own safe stop (see
+    `stop`), so that the tick records' `safe_stops` count every stop, the watchdog's and the loop's."""
 
     def __init__(
         self,
@@ -60,6 +62,7 @@ class ControlLoop:
         self._warn = RateLimitedLog(log, interval_s=LATE_CHUNK_LOG_S).warning
         self._work_s = 0.0  # how long the last tick's work took (observe, send, act, callbacks)
         self._acted = False  # an action was applied since the robot was last told to stop: `stop` undoes it
+        self.safe_stops = 0  # how many times `stop` safe-stopped the robot (the watchdog's stops not among them)
 
     def reset_episode(self, instruction: str | None = None) -> None:
         """New episode: new epoch on the wire (with a new `instruction`, if given), empty schedule,
@@ -170,11 +173,24 @@ class ControlLoop:
                 self.stop()
                 raise
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
         """Safe-stop the robot if this loop moved it since its last stop: not again after the
         watchdog's stop (`safe_stop` was called twice, by the watchdog and again on Ctrl-C), nor a
-        robot it never commanded. Fresh actions resume acting."""
-        if self._acted:
-            self._acted = False  # first: a safe_stop that raises is not called again on its way out
-            self.watchdog.stop()
-            self.adapter.safe_stop()
+        robot it never commanded. Fresh actions resume acting. Returns whether it called `safe_stop`.
+
+        A stop it made is recorded as the watchdog's are, in a tick record with `safe_stops=1`
+        (handed to `on_tick` once `safe_stop` returned): a run that ended with this stop showed no
+        safe stop in the metrics. That record is no tick: its `ticks` is 0 and its `period_error_ms`
+        NaN (not measured), and its state "stopped"."""
+        if not self._acted:
+            return False
+        self._acted = False  # first: a safe_stop that raises is not called again on its way out
+        self.watchdog.stop()
+        self.adapter.safe_stop()
+        self.safe_stops += 1
+        if self.on_tick:
+            now = self.clock.now()
+            self.on_tick(TickRecord(t=now, epoch=self.client.epoch, seq=self.client.seq, period_error_ms=math.nan,
+                                    state=self.watchdog.state.value, queue_depth=self.schedule.depth(now), ticks=0,
+                                    safe_stops=1))
+        return True

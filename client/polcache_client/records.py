@@ -1,5 +1,9 @@
 """What the robot side measures, one record per tick and one per received chunk.
 
+The control loop's own safe stop (`ControlLoop.stop`: at the end of `run()`, on Ctrl-C, SIGTERM or
+an exception) is a tick record too, with `ticks` 0 and `safe_stops` 1: summing `safe_stops` counts
+the watchdog's stops and the loop's, summing `ticks` counts the ticks.
+
 Records are frozen msgspec Structs handed to callbacks (one is built every tick and request: a
 request's 16 fields take 0.2 us as a Struct, 2.8 as a frozen dataclass), so the client stays
 free of any metrics backend; `polcache.metrics` turns them into summaries, counters, files and
@@ -24,14 +28,14 @@ class TickRecord(msgspec.Struct, frozen=True):
     t: float
     epoch: int
     seq: int
-    period_error_ms: float  # how late the tick started
+    period_error_ms: float  # how late the tick started (NaN on the loop's stop: no tick started)
     state: str  # watchdog state: waiting, fresh, holding, stopped
     queue_depth: int  # actions left in the newest chunk
-    ticks: int = 1
+    ticks: int = 1  # 0 on the record of the loop's own safe stop, which is no tick
     missed_ticks: int = 0  # grid points skipped because the loop itself ran late
     waiting: bool = False  # no action yet this episode: its first chunk has not come (or came too late)
     deadline_miss: bool = False  # no fresh action was due (holding or stopped)
-    safe_stops: int = 0
+    safe_stops: int = 0  # the watchdog's stop on this tick, or the loop's own stop (ticks 0)
     obs_dropped: int = 0  # observation not sent (not connected, socket full, or invalid)
 
 

@@ -182,12 +182,14 @@ def _sim_robot(args: argparse.Namespace) -> int:
     tick = result.extra["tick"]
     err = tick.get("period_error_ms", {})
     stopped = result.extra.get("interrupted", {})
-    final = f", then the safe stop on {stopped['signal']}" if stopped.get("safe_stop") else ""
+    # the tick records count the loop's own stop on the interrupt too; it is named on its own
+    loop_stops = 1 if stopped.get("safe_stop") else 0
+    final = f", then the safe stop on {stopped['signal']}" if loop_stops else ""
     print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
           f"{err.get('p99', float('nan')):.3f} ms, {tick.get('missed_ticks', 0):.0f} missed ticks, "
           f"{tick.get('waiting', 0):.0f} ticks waiting for an episode's first action, "
           f"{tick.get('deadline_miss', 0):.0f} ticks without a fresh action, "
-          f"{tick.get('safe_stops', 0):.0f} watchdog safe stops{final}")
+          f"{tick.get('safe_stops', 0) - loop_stops:.0f} watchdog safe stops{final}")
     chunk = result.extra.get("chunk", {})
     if chunk.get("chunks"):  # the dashboard's "dropped actions" climbs by thousands in a healthy run: say why
         latency = chunk.get("latency_ms", {}).get("p50", float("nan"))

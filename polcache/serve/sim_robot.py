@@ -119,16 +119,17 @@ def run_sim_robot(
                                on_tick=metrics.record, on_chunk=chunk_arrived)
             # Ticks without a step (waiting, stopped) do not count as episode steps; bound them anyway.
             max_ticks = 2 * env.max_episode_steps + int(10 * hz)
-            stopped = False  # the interrupt came while the loop ran, which safe-stopped the robot
+            stopped = False  # the loop safe-stopped the robot on the interrupt (not if the watchdog had stopped it)
             try:
                 for i in range(episodes):
                     robot.begin(seed + i)
                     loop.reset_episode(texts[i % len(texts)])
+                    stops = loop.safe_stops
                     try:
                         # safe-stops the robot if interrupted; an episode's end needs no stop: the next resets the scene
                         loop.run(ticks=max_ticks, until=lambda: robot.done, then_stop=False)
                     except KeyboardInterrupt:
-                        stopped = True
+                        stopped = loop.safe_stops > stops
                         raise
                     per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
                                         "safe_stops": robot.safe_stops,
@@ -137,7 +138,7 @@ def run_sim_robot(
             except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
                 if not per_episode:  # the finished episodes are still a result, as `polcache eval` reports them
                     raise
-                # the summary's safe stops are the watchdog's (tick records): this one is told apart
+                # the tick records' safe stops count this one too (a record of its own): told apart here
                 interrupted = interruption(exc, episodes) | {"safe_stop": stopped}
     except (ConnectError, ProtocolError, KeyFolderError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
