@@ -237,6 +237,21 @@ def test_series_are_in_time_order_whatever_order_records_came_in():
     assert views["deadline"]["series"][0]["x"] == sorted(views["deadline"]["series"][0]["x"])
 
 
+def test_the_loops_own_safe_stop_is_counted_but_is_no_tick():
+    """The loop's safe stop at a run's end is a tick record of no tick (ticks 0): counted among the
+    safe stops, but taken for a tick it made a last period of a few microseconds, and the last
+    interval's rate read high."""
+    state = RunState()
+    state.add([{"kind": "tick", "t": i / 50, "robot": "r", "ticks": 1, "safe_stops": 0} for i in range(100)]
+              + [{"kind": "tick", "t": 99 / 50 + 1e-4, "robot": "r", "ticks": 0, "safe_stops": 1,
+                  "period_error_ms": None}])
+    views = state.views(interval_s=0.5)
+    rates = [y for s in views["rate"]["series"] for y in s["y"]]
+    assert rates and all(y == pytest.approx(50.0, rel=1e-6) for y in rates)
+    [stops] = [s for s in views["starvation"]["series"] if s["name"].endswith("safe stops")]
+    assert stops["y"][-1] == 1
+
+
 def test_runs_appended_to_one_robot_file_are_apart_in_every_line_view(tmp_path):
     """A second run appended to a robot's metrics file: the rate view took the 80 s between the
     runs for a tick period (a rate of 0.8 Hz), and the lines ran straight across the gap."""

@@ -177,7 +177,8 @@ class RunState:
         span = self._span()
         interval = interval_s or max(1.0, span / 100)
         self._columns = {}  # per call: records change between calls
-        self._ticks = {robot: self._ticks_of(robot, t) for robot, (t, _) in self._series("tick", "ticks").items()}
+        # a record of no tick (the loop's own safe stop, a scrape interval without ticks) is no tick time
+        self._ticks = {robot: self._ticks_of(robot, t[n > 0]) for robot, (t, n) in self._series("tick", "ticks").items()}
         out = {}
         for view, (title, kind) in VIEWS.items():
             out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
