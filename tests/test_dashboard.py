@@ -434,7 +434,7 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no such file; expected a metrics file" in err and len(err.strip().splitlines()) == 1
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
-    assert "not a file; expected a metrics file" in capsys.readouterr().err
+    assert "is a folder; expected a polcache metrics file" in capsys.readouterr().err
     run = tmp_path / "run.jsonl"
     run.write_text(line(kind="tick", t=1.0, robot="r", ticks=1))
     assert main(["report", str(run), str(run), "--out", str(tmp_path / "r")]) == 2
@@ -466,6 +466,40 @@ def test_dashboard_refuses_a_file_that_is_not_a_metrics_file_as_report_and_write
         assert capsys.readouterr().err == f"polcache report: error: {other}: {what}\n"
     run_dashboard([str(tmp_path / "later.jsonl")], port=0, seconds=0.1)  # the server creates it later
     assert "dashboard on http://127.0.0.1:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["folder", "robot.json", "fifo"])
+def test_readers_and_writers_refuse_a_bad_metrics_path_in_the_same_words(tmp_path, capsys, bad):
+    """The reader's check (dashboard, report) and the writer's (polcache's JsonlWriter, the robot
+    side's MetricsFile) worded the same mistake differently: one check, one message after the name
+    each gives the path ("metrics file", --metrics, the report's argument)."""
+    from polcache.dashboard import run_dashboard
+    from polcache.metrics.jsonl import check_metrics_input
+    from polcache_client.metrics_file import MetricsFile, MetricsFileError
+
+    path = tmp_path / bad
+    if bad == "folder":
+        path.mkdir()
+    elif bad == "fifo":
+        os.mkfifo(path)  # opening it to look would block: refused before
+    else:
+        path.write_text('{"format": "polcache-eval", "episodes": 1}\n')
+    messages = []
+    for check, error in ((JsonlWriter, PolcacheError), (MetricsFile, MetricsFileError),
+                         (lambda p: check_metrics_input(p, "metrics file"), PolcacheError),
+                         (lambda p: run_dashboard([str(p)], port=0, seconds=0.1), PolcacheError)):
+        with pytest.raises(error) as refused:
+            check(path)
+        messages.append(str(refused.value))
+    assert main(["report", str(path), "--out", str(tmp_path / "r")]) == 2
+    report = capsys.readouterr().err
+    assert report.startswith("polcache report: error: ") and report.count("\n") == 1
+    messages.append(report.removeprefix("polcache report: error: ").rstrip("\n"))
+    why = messages[0].removeprefix(f"metrics file {path}: ")
+    assert why.endswith('expected a polcache metrics file (lines of {"kind": ...} records)') or \
+        why == 'is not a polcache metrics file (lines of {"kind": ...} records)'
+    assert messages == [f"metrics file {path}: {why}"] * 3 + [f"--metrics {path}: {why}", f"{path}: {why}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bad]  # nothing written: no report, no metrics file
 
 
 def test_records_with_wrong_types_are_counted_not_fatal():

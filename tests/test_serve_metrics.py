@@ -210,7 +210,7 @@ def test_jsonl_writer_refuses_a_file_of_another_kind(tmp_path, writer_class):
     for other in (schedule, tmp_path / "notes.txt"):
         other.write_text(other.read_text() if other.exists() else "robot notes\n")
         before = other.read_text()
-        with pytest.raises(error, match=f"metrics file {other}: exists and is not a polcache metrics file"):
+        with pytest.raises(error, match=f"metrics file {other}: is not a polcache metrics file"):
             writer(other)
         assert other.read_text() == before
     (tmp_path / "empty.jsonl").write_text("")

@@ -65,6 +65,24 @@ def is_metrics_file(path: Path) -> bool:
     return not start.strip() or _RECORD_START.match(start) is not None
 
 
+def check_metrics_path(path: str | Path, label: str | None = "metrics file") -> Path:
+    """`path` as a Path where it is a metrics file or may become one (not there yet, empty, or
+    starting as a record does); else MetricsFileError in one line, "LABEL PATH: why; expected ..".
+    The one check, and wording, of both sides: this writer (and polcache's JsonlWriter) refuses to
+    append to a folder or a file of another kind (a schedule, a robot.json, a README given by
+    mistake; rotation would move it away), and polcache's dashboard and report refuse to read one
+    (they served an empty page). `label`: how the user gave the path (a flag), None for none."""
+    path = Path(path)
+    name = f"{label} {path}" if label else str(path)
+    if path.is_dir():
+        raise MetricsFileError(f"{name}: is a folder; expected {METRICS_FILE}")
+    if path.exists() and not path.is_file():  # a pipe or device: opening it to look may block, rotating renames it
+        raise MetricsFileError(f"{name}: is not a regular file; expected {METRICS_FILE}")
+    if path.exists() and not is_metrics_file(path):
+        raise MetricsFileError(f"{name}: is not {METRICS_FILE}")
+    return path
+
+
 _Writer = TypeVar("_Writer", bound="MetricsFile")  # a with block's target keeps its subclass (JsonlWriter)
 
 
@@ -79,7 +97,7 @@ class MetricsFile:
                  labels: dict[str, Any] | None = None, flush_s: float = FLUSH_S, robot: str = ""):
         """`robot`: the name every line lacking one gets (a robot's records carry none), the
         dashboard's label for this robot: one per robot, as its handshake's `name`."""
-        self.path = Path(path)
+        self.path = self._checked(path)
         self.labels = {**({"robot": robot} if robot else {}), **(labels or {})}
         self.max_bytes = max_bytes
         self.backups = backups
@@ -87,13 +105,6 @@ class MetricsFile:
         self.flush_s = flush_s
         self.dropped = 0
         self._info = b""  # the latest info line, repeated at the start of every rotated file
-        # a folder or a file of another kind (a result, a README) is refused, never appended to; an
-        # existing metrics file is appended to
-        if self.path.is_dir():
-            raise MetricsFileError(f"metrics file {self.path}: is a folder; expected {METRICS_FILE}")
-        if self.path.exists() and not is_metrics_file(self.path):
-            raise MetricsFileError(f"metrics file {self.path}: exists and is not {METRICS_FILE}; refusing to "
-                                   f"overwrite it")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._open()
@@ -106,6 +117,12 @@ class MetricsFile:
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="polcache-metrics-writer", daemon=True)
         self._thread.start()
+
+    def _checked(self, path: str | Path) -> Path:
+        """The path to write, checked once before the file is opened: a folder or a file of another
+        kind is refused, never appended to; an existing metrics file is appended to. A subclass adds
+        its own checks here (polcache's JsonlWriter: those of every polcache output)."""
+        return check_metrics_path(path)
 
     def write(self, item: dict[str, Any] | Any) -> None:
         """One line: a dict as it is, or a record (its kind and fields, the labels it lacks)."""

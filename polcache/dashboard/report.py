@@ -34,10 +34,9 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[RunState, int]:
     state, bad = RunState(keep=None), 0
     seen: set[Path] = set()
     for path in map(Path, paths):
-        if not path.is_file():
-            raise PolcacheError(f"{path}: {'not a file' if path.exists() else 'no such file'}; expected a metrics "
-                                "file (JSON lines, from --metrics-file)")
-        check_metrics_input(path)  # as the dashboard and the writer refuse it
+        check_metrics_input(path)  # a folder, a file of another kind: as the dashboard and the writer refuse it
+        if not path.exists():  # the dashboard follows one not written yet; a report has nothing to draw
+            raise PolcacheError(f"{path}: no such file; expected a metrics file (JSON lines, from --metrics-file)")
         if path.resolve() in seen:  # its records would count twice
             raise PolcacheError(f"{path}: given twice")
         seen.add(path.resolve())
