@@ -598,3 +598,19 @@ def test_system_sampler_reads_proc_stat_and_nvidia_smi(tmp_path, monkeypatch):
     time.sleep(0.05)  # a few jiffies pass
     assert 0.0 <= sampler.sample_cpu() <= 100.0
     assert sampler.sample_gpu() == 39.0  # the mean over the GPUs listed
+
+
+def test_a_metrics_path_behind_a_folder_this_user_may_not_enter_is_one_line(tmp_path, monkeypatch):
+    """Path.exists raises PermissionError for a path under a folder the user may not enter (mode
+    000; root never meets it, so the error is raised here as the OS would): it was a traceback."""
+    from pathlib import Path
+
+    from polcache.metrics.jsonl import check_metrics_input
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "stat", denied)
+    path = tmp_path / "locked" / "m.jsonl"
+    with pytest.raises(PolcacheError, match=r"^--metrics .*m\.jsonl: permission denied \(.*\); expected a polcache"):
+        check_metrics_input(path, "--metrics")

@@ -74,12 +74,16 @@ def check_metrics_path(path: str | Path, label: str | None = "metrics file") -> 
     (they served an empty page). `label`: how the user gave the path (a flag), None for none."""
     path = Path(path)
     name = f"{label} {path}" if label else str(path)
-    if path.is_dir():
-        raise MetricsFileError(f"{name}: is a folder; expected {METRICS_FILE}")
-    if path.exists() and not path.is_file():  # a pipe or device: opening it to look may block, rotating renames it
-        raise MetricsFileError(f"{name}: is not a regular file; expected {METRICS_FILE}")
-    if path.exists() and not is_metrics_file(path):
-        raise MetricsFileError(f"{name}: is not {METRICS_FILE}")
+    try:
+        if path.is_dir():
+            raise MetricsFileError(f"{name}: is a folder; expected {METRICS_FILE}")
+        if path.exists() and not path.is_file():  # a pipe or device: opening it to look may block, rotating renames it
+            raise MetricsFileError(f"{name}: is not a regular file; expected {METRICS_FILE}")
+        if path.exists() and not is_metrics_file(path):
+            raise MetricsFileError(f"{name}: is not {METRICS_FILE}")
+    except PermissionError as exc:  # a folder on the way this user may not enter (Path.exists raises on it)
+        raise MetricsFileError(f"{name}: permission denied ({exc.filename}); expected {METRICS_FILE} this user "
+                               f"may read and write") from None
     return path
 
 
