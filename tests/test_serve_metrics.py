@@ -194,6 +194,23 @@ def test_jsonl_writer_appends_after_a_cut_off_line_and_names_a_path_it_cannot_wr
             JsonlWriter(tmp_path / "locked" / "m.jsonl")
 
 
+def test_an_empty_metrics_path_is_named_empty_not_the_current_folder():
+    """Path("") is ".": the writers and the dashboard said "metrics file .: is a folder" (JsonlWriter
+    said "empty path" while check_output ran before the metrics file's own check)."""
+    from polcache.errors import PolcacheError
+    from polcache.metrics.jsonl import check_metrics_input
+    from polcache_client.metrics_file import MetricsFile, MetricsFileError
+
+    what = 'empty path; expected a polcache metrics file (lines of {"kind": ...} records)'
+    for writer, error in ((JsonlWriter, PolcacheError), (MetricsFile, MetricsFileError)):
+        with pytest.raises(error) as refused:
+            writer("")
+        assert str(refused.value) == f"metrics file: {what}"
+    with pytest.raises(PolcacheError) as refused:
+        check_metrics_input(" ", "--metrics")
+    assert str(refused.value) == f"--metrics: {what}"
+
+
 @pytest.mark.parametrize("writer_class", ["polcache", "polcache_client"])
 def test_jsonl_writer_refuses_a_file_of_another_kind(tmp_path, writer_class):
     """`serve --metrics-file sched.json` appended records to a schedule (and rotation moved it away).

@@ -72,6 +72,8 @@ def check_metrics_path(path: str | Path, label: str | None = "metrics file") -> 
     append to a folder or a file of another kind (a schedule, a robot.json, a README given by
     mistake; rotation would move it away), and polcache's dashboard and report refuse to read one
     (they served an empty page). `label`: how the user gave the path (a flag), None for none."""
+    if not str(path).strip():  # Path("") is the current folder, which would be named "."
+        raise MetricsFileError(f"{label or 'metrics file'}: empty path; expected {METRICS_FILE}")
     path = Path(path)
     name = f"{label} {path}" if label else str(path)
     try:
