@@ -669,3 +669,34 @@ def test_a_run_shorter_than_its_warm_up_says_so(tmp_path, capsys):
         "0.0005, not train.lr=0.001; lower train.warmup_steps or train longer"]
     assert train_cli(data, tmp_path / "b", "train.warmup_steps=1") == 0
     assert "warm-up" not in capsys.readouterr().err
+
+
+
+def test_a_run_resumed_with_another_batch_size_validates_as_before(tmp_path, monkeypatch):
+    """validate() took max(val_windows, train.batch_size) windows and drew each batch's noise in
+    turn: a run resumed with another train.batch_size (which resuming allows) judged best/ on other
+    windows and other noise than its stored score's. The same step-2 weights, validated once in an
+    uninterrupted run and once after a resume with another batch size, score the same."""
+    import signal
+
+    import polcache.train.loop as loop
+
+    data = demo_dataset(tmp_path / "d.zarr", n=6)
+    options = ["train.val_windows=7", "train.val_fraction=0.5", "train.batch_size=2"]
+    assert train_cli(data, tmp_path / "whole", *options) == 0
+    validate = loop.validate
+
+    def pressed_during(*args):
+        signal.raise_signal(signal.SIGINT)
+        return validate(*args)
+
+    monkeypatch.setattr(loop, "validate", pressed_during)
+    assert train_cli(data, tmp_path / "resumed", *options) == 130
+    monkeypatch.setattr(loop, "validate", validate)
+    assert train_cli(data, tmp_path / "resumed", *options[:-1], "train.batch_size=5") == 0
+
+    def scores(run):
+        [record] = [r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "val_loss" in r]
+        return record["val_loss"], record["val_action_mse"]
+
+    assert scores(tmp_path / "resumed") == pytest.approx(scores(tmp_path / "whole"), rel=1e-6)

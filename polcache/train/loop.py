@@ -131,27 +131,41 @@ def total_steps(cfg: ExperimentConfig, n_windows: int) -> int:
     return cfg.train.epochs * max(1, n_windows // cfg.train.batch_size)
 
 
+VAL_BATCH = 32  # validation's own batch size: the windows and the noise each draws do not depend on train.batch_size
+
+
+def spread_windows(n: int, count: int) -> list[int]:
+    """`count` indices (all `n` where there are fewer) spread evenly over `n` windows."""
+    return torch.linspace(0, n - 1, min(n, count)).long().unique().tolist() if n and count else []
+
+
 @torch.no_grad()
-def validate(policy: DiffusionPolicy, data: SequenceDataset, batch_size: int, windows: int, seed: int) -> dict:
+def validate(policy: DiffusionPolicy, data: SequenceDataset, windows: int, seed: int) -> dict:
     """Held-out metrics of `policy` (in eval mode): the denoising loss, and the mean squared error
     (normalised units) between the actions it samples and the demonstrated ones over the executed
-    part of the chunk -- the closed-loop proxy used to choose the best checkpoint."""
+    part of the chunk -- the closed-loop proxy used to choose the best checkpoint. The actions are
+    sampled on `windows` (train.val_windows) windows spread over `data`, the loss taken on at least
+    VAL_BATCH; batched by VAL_BATCH from one seeded generator, so a run resumed with another
+    train.batch_size judges best/ on the windows and noise its stored score saw."""
     if len(data) == 0:
         return {}
     policy.eval()
     g = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
-    idx = torch.linspace(0, len(data) - 1, min(len(data), max(windows, batch_size))).long().unique().tolist()
-    loader = DataLoader(torch.utils.data.Subset(data, idx), batch_size=batch_size, shuffle=False)
-    losses, errors = [], []
     start, n_act = policy.cfg.n_obs_steps - 1, policy.cfg.n_action_steps
-    for i, batch in enumerate(loader):
-        batch = to_device(batch, g.device)
-        losses.append(policy.compute_loss(batch, g).item())
-        if i * batch_size < windows:
-            x = policy.sample(policy.encode(batch["obs"]), policy.sampler(), generator=g)
-            target = policy.normalizer.normalize("action", batch["action"])
-            errors.append(((x - target)[:, start:start + n_act] ** 2).mean(dim=(1, 2)))
-    out = {"val_loss": sum(losses) / len(losses)}
+
+    def batches(count: int):
+        subset = torch.utils.data.Subset(data, spread_windows(len(data), count))
+        for batch in DataLoader(subset, batch_size=VAL_BATCH, shuffle=False):
+            yield to_device(batch, g.device)
+
+    losses = [(policy.compute_loss(batch, g).item(), len(batch["action"]))
+              for batch in batches(max(windows, VAL_BATCH))]
+    out = {"val_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses)}  # per window
+    errors = []
+    for batch in batches(windows):
+        x = policy.sample(policy.encode(batch["obs"]), policy.sampler(), generator=g)
+        target = policy.normalizer.normalize("action", batch["action"])
+        errors.append(((x - target)[:, start:start + n_act] ** 2).mean(dim=(1, 2)))
     if errors:
         out["val_action_mse"] = torch.cat(errors).mean().item()
     return out
@@ -256,7 +270,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         """Validate the EMA weights just saved in OUT/last at step `at`, keep them as best/ if they score
         better than `best`, log the scores; returns the best score."""
         judge.load_state_dict(ema.state_dict())
-        val = validate(judge, val_data, cfg.train.batch_size, cfg.train.val_windows, cfg.train.seed)
+        val = validate(judge, val_data, cfg.train.val_windows, cfg.train.seed)
         score = val.get("val_action_mse", val.get("val_loss"))
         improved = cfg.train.keep_best and score is not None and score < best
         if improved:
