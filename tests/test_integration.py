@@ -96,7 +96,7 @@ def test_backend_predicts_unnormalised_chunks(dataset, tmp_path):
 
 def test_ddp_two_cpu_processes_on_gloo(dataset, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "polcache.cli", "train", "--config", "configs/metaworld_small.yaml", f"dataset={dataset}",
            f"out={run}", "train.steps=10", "train.checkpoint_every=10", *TINY, "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
