@@ -10,6 +10,7 @@ import sys
 from typing import Callable, NoReturn
 
 from polcache.errors import PolcacheError
+from polcache.extras import missing_extra
 from polcache_client.signals import Terminated
 
 # Modules that contribute subcommands, in the order `polcache --help` lists them.
@@ -91,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except PolcacheError as exc:
         print(f"polcache {command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional library (an extra) this install lacks: what to install
+        if (message := missing_extra(exc)) is None:
+            raise
+        print(f"polcache {command}: error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:  # the system's refusal (disk full, read-only, permission), named with its path
         paths = ": ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)

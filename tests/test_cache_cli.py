@@ -49,6 +49,41 @@ def test_calibrate_writes_schedule_and_heatmap(checkpoint, tmp_path, capsys):
         load_backend(str(checkpoint), cache=str(out), sampler="ddim", steps=10)
 
 
+def test_calibrate_without_matplotlib_writes_the_schedule_and_says_why_no_heatmap(checkpoint, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """On an install without the report/sim extras, calibrate wrote the schedule and then ended in a
+    ModuleNotFoundError traceback (status 1) drawing its heatmap."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        find_spec(name, *a))
+    out = tmp_path / "sched.json"
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--budget", "3", "--steps", "8", "--sampler", "ddim",
+                 "--samples", "4", "--out", str(out), "--no-progress"]) == 0
+    assert "no heatmap: matplotlib is not installed; pip install -e '.[report]'" in capsys.readouterr().out
+    assert json.loads(out.read_text())["budget"] == 3 and not out.with_suffix(".png").exists()
+
+
+def test_a_command_needing_a_missing_extra_says_which_in_one_line(monkeypatch, capsys):
+    """eval or record without MuJoCo, report without matplotlib: a traceback, status 1."""
+    import polcache.cache.calibrate as calibrate
+
+    def needs(module):
+        def calibrate_checkpoint(*args, **kwargs):
+            raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+        return calibrate_checkpoint
+
+    argv = ["calibrate", "--checkpoint", "x", "--budget", "3", "--out", "s.json"]
+    monkeypatch.setattr(calibrate, "calibrate_checkpoint", needs("mujoco"))
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("polcache calibrate: error: this command needs mujoco, which is not installed: "
+                                       "pip install -e '.[sim]'\n")
+    monkeypatch.setattr(calibrate, "calibrate_checkpoint", needs("polcache.nonexistent"))
+    with pytest.raises(ModuleNotFoundError):  # polcache's own module missing is a bug: shown as one
+        main(argv)
+
+
 def test_calibrate_errors_are_one_line(checkpoint, tmp_path, capsys):
     argv = ["calibrate", "--checkpoint", str(checkpoint), "--budget", "9", "--steps", "8", "--sampler", "ddim",
             "--out", str(tmp_path / "s.json"), "--no-progress"]

@@ -171,7 +171,10 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
                          method: str = "bac", force_last: bool = True, seed: int = 0, batch_size: int = 8,
                          device: str = "cpu", progress: bool = True, objective: str = "error-bound") -> Schedule:
     """Calibrate a checkpoint, solve its schedule, and write it to `out` (plus a heatmap PNG beside it);
-    `out` is checked before calibrating (see check_schedule_output)."""
+    `out` is checked before calibrating (see check_schedule_output). Without matplotlib (an install
+    without the report or sim extra) the schedule is written without its heatmap."""
+    import importlib.util
+
     from polcache.cache.plot import plot_schedule
     from polcache.export.manifest import refuse_exported
     from polcache.policy.checkpoint import load_policy
@@ -195,5 +198,6 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     # the old heatmap goes first: an interrupt may leave a schedule without its picture, never beside another's
     png.unlink(missing_ok=True)
     save_schedule(schedule, out)
-    plot_schedule(schedule, png)
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot_schedule(schedule, png)
     return schedule

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from polcache.cli_types import DEVICE_HELP, non_negative_int, positive_int, thread_count
+from polcache.extras import install_hint
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,5 +77,8 @@ def _run(args: argparse.Namespace) -> int:
     total = schedule.steps * len(schedule.update_steps)
     console.print(f"block evaluations {schedule.block_evals} of {total} uncached: compute limit "
                   f"{total / schedule.block_evals:.2f}x; calibration: {schedule.calibration.source}")
-    console.print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    png = Path(args.out).with_suffix(".png")
+    console.print(f"wrote {args.out} and {png}" if png.exists() else
+                  f"wrote {args.out} (no heatmap: matplotlib is not installed; {install_hint('matplotlib')})",
+                  markup=False, soft_wrap=True)
     return 0
