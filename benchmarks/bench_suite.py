@@ -83,7 +83,8 @@ def build_parser() -> OneLineParser:
                     help="executed actions per chunk at evaluation (default: the config's)")
     ap.add_argument("--ensemble", type=non_negative_float, metavar="DECAY",
                     help="temporal ensembling at evaluation (default off)")
-    ap.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    ap.add_argument("--checkpoint", choices=["best", "last"], default="last",
+                    help="which checkpoint of each run to evaluate (default last: best/ did not beat it, BENCHMARKS.md)")
     ap.add_argument("--untrained", action="store_true", help="evaluate the config's policy at initialisation")
     ap.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 1)), help="local worker processes")
     ap.add_argument("--threads", type=thread_count, default=1, help="torch threads per task")

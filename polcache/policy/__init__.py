@@ -7,6 +7,7 @@ from polcache.lazy import lazy_exports
 
 _EXPORTS = {
     "ArraySpec": "polcache.policy.spec",
+    "InferenceError": "polcache.errors",
     "ObservationError": "polcache.errors",
     "PolicyBackend": "polcache.policy.spec",
     "PolicySpec": "polcache.policy.spec",

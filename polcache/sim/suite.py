@@ -44,7 +44,7 @@ class SuiteRun:
     untrained: bool = False  # evaluate the config's policy at initialisation (the floor of the table)
     action_steps: int | None = None  # executed actions per chunk at evaluation (None: the config's)
     ensemble_decay: float | None = None  # temporal ensembling at evaluation (None: off)
-    checkpoint: str = "best"  # which checkpoint of a run to evaluate: best (validation) or last
+    checkpoint: str = "last"  # which checkpoint of a run to evaluate: last, or best (validation; did not beat last)
     threads: int = 1
 
     def key(self) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from polcache.cli_types import DEVICE_HELP, FRESH_HELP, config_file
 from polcache.config import load_config
@@ -12,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a diffusion policy from a recorded dataset",
         description="Train a DP-T policy. Re-running the same command resumes from OUT/last. "
-                    "Multi-GPU/CPU: torchrun --nproc_per_node N -m polcache.cli train --config ...")
+                    "Multi-GPU/CPU: torchrun --standalone --nproc_per_node N -m polcache.cli train --config ...")
     p.add_argument("--config", required=True, type=config_file, help="YAML experiment config (see configs/)")
     p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value, e.g. train.steps=1000")
     p.add_argument("--fresh", action="store_true", help=FRESH_HELP)
@@ -26,5 +27,6 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     path = train(cfg, fresh=args.fresh, progress=not args.no_progress, device=args.device)
-    print(f"checkpoint: {path}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run, not one per process
+        print(f"checkpoint: {path}")
     return 0
