@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import name_list, non_negative_float, non_negative_int, positive_int
+from polcache.cli_types import name_list, non_negative_float, non_negative_int, seed_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                             "--episodes)")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument("--image", action="store_true", help="also record camera images")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of episode 0; episode i uses seed + i")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of episode 0; episode i uses seed + i")
     p.add_argument("--cameras", type=name_list, default=None,
                    help="comma-separated cameras (default: the task's usual one); implies --image")
     p.add_argument("--image-size", type=positive_int, default=96, help="square image size in pixels")

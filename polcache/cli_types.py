@@ -13,14 +13,20 @@ if TYPE_CHECKING:
     from polcache.cli import OneLineParser
 
 
+def _shown(value: str) -> str:
+    """A value as typed, cut short: a 400-digit number is not worth printing whole."""
+    return value if len(value) <= 24 else f"{value[:12]}...{value[-4:]} ({len(value)} characters)"
+
+
 def _number(value: str, parse: type, ok, expected: str):
     """`value` parsed by `parse` (int or float) when `ok` of it, else the one-line argparse error."""
     try:
         x = parse(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
-    if not (ok(x) and math.isfinite(x)):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {_shown(repr(value))}") from None
+    # an int is always finite (math.isfinite of one beyond float's range raises OverflowError)
+    if not (ok(x) and (isinstance(x, int) or math.isfinite(x))):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {_shown(value)}")
     return x
 
 
@@ -61,6 +67,15 @@ def candidate_count(value: str) -> int:
 def non_negative_int(value: str) -> int:
     """Seeds, step counts: gymnasium and numpy refuse negative seeds deep inside a run."""
     return _number(value, int, lambda n: n >= 0, "an integer >= 0")
+
+
+MAX_SEED = 2**63 - 1  # what every backend's sampling seed takes (polcache.policy.spec.check_seed), and torch's
+
+
+def seed_int(value: str) -> int:
+    """A seed, 0..2^63-1: a larger one failed deep inside a run (torch's generator, the backends'
+    seed check), after the checkpoint had loaded."""
+    return _number(value, int, lambda n: 0 <= n <= MAX_SEED, "a seed in 0..2^63-1")
 
 
 def non_negative_float(value: str) -> float:

@@ -490,6 +490,11 @@ EVAL = ["eval", "--checkpoint", str(CHECKPOINT), "--episodes", "1", "--no-progre
     (EVAL + ["--seed", "-1"], "--seed"),
     (["calibrate", "--checkpoint", "x", "--budget", "2", "--out", "x.json", "--seed", "-1"], "--seed"),
     (SIM_ROBOT + ["--seed", "-1"], "--seed"),
+    # beyond 2^63-1 a seed failed deep inside the run (torch's generator, the backends' seed check)
+    (["record", "--task", "reach-v3", "--episodes", "1", "--out", "x.zarr", "--seed", str(2**63)], "--seed"),
+    (EVAL + ["--seed", str(2**63)], "--seed"),
+    (["calibrate", "--checkpoint", "x", "--budget", "2", "--out", "x.json", "--seed", "99999999999999999999"], "--seed"),
+    (SIM_ROBOT + ["--seed", str(2**63)], "--seed"),
     (["serve", "--checkpoint", "x", "--metrics-port", "99999"], "--metrics-port"),
     (["serve", "--checkpoint", "x", "--metrics-port", "-1"], "--metrics-port"),
     (["dashboard", "--port", "99999"], "--port"),
@@ -525,6 +530,16 @@ def test_bad_flag_values_name_the_flag(capsys, tmp_path, monkeypatch, argv, flag
     monkeypatch.chdir(tmp_path)  # where an accepted value would write
     err = _usage_error(capsys, argv)
     assert f"argument {flag}" in err and "expected" in err, err
+
+
+def test_a_seed_names_its_range_and_a_huge_number_is_one_short_line(capsys):
+    err = _usage_error(capsys, ["calibrate", "--checkpoint", "x", "--budget", "2", "--out", "x.json",
+                                "--seed", "99999999999999999999"])
+    assert "argument --seed: expected a seed in 0..2^63-1, got 99999999999999999999" in err, err
+    huge = "1" + "0" * 400  # an int beyond float's range: the flag's check raised OverflowError (math.isfinite)
+    err = _usage_error(capsys, ["calibrate", "--checkpoint", "x", "--budget", "2", "--out", "x.json", "--seed", huge])
+    assert "argument --seed: expected a seed in 0..2^63-1, got 100000000000...0000 (401 characters)" in err, err
+    assert "not found" in _err(capsys, ["calibrate", "--checkpoint", "nope", "--budget", huge, "--out", "x.json"])
 
 
 def test_record_names_the_flag_when_called_as_a_library():
@@ -599,7 +614,9 @@ def test_dashboard_refuses_a_folder_as_metrics_file(capsys, tmp_path):
     assert f"--metrics {tmp_path}: is a folder" in _err(capsys, ["dashboard", "--metrics", str(tmp_path)])
 
 
-@pytest.mark.parametrize("override, match", [("robot.seed=-1", "robot.seed: expected an integer >= 0"),
+@pytest.mark.parametrize("override, match", [("robot.seed=-1", "robot.seed: expected a seed in 0..2^63-1"),
+                                             ("robot.seed=9223372036854775808",
+                                              "robot.seed: expected a seed in 0..2^63-1"),
                                              ("robot.task=nonexist", "robot.task: unknown task 'nonexist'"),
                                              ("run_dir={afile}", "run_dir {afile}: is a file"),
                                              ("server.cache=bogus", "server.cache: unknown cache spec 'bogus'"),

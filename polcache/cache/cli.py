@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import DEVICE_HELP, non_negative_int, positive_int, thread_count
+from polcache.cli_types import DEVICE_HELP, non_negative_int, positive_int, seed_int, thread_count
 from polcache.extras import install_hint
 
 
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "similarity maximises the cosine similarity kept (the paper's BAC)")
     p.add_argument("--no-force-last", action="store_true",
                    help="do not recompute every block at the final step (the authors' code does)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for observation choice and sampling noise")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for observation choice and sampling noise")
     p.add_argument("--batch-size", type=positive_int, default=8, help="observations per calibration batch")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--threads", type=thread_count, default=1,

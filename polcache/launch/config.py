@@ -131,8 +131,8 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"robot.hz: expected a rate in [{MIN_HZ:g}, {MAX_HZ:g}] Hz, got {r.hz}")
     if r.episodes < 1:
         raise ConfigError(f"robot.episodes: expected a positive integer, got {r.episodes}")
-    if r.seed < 0:  # sim-robot would refuse it only after the server started
-        raise ConfigError(f"robot.seed: expected an integer >= 0, got {r.seed}")
+    if not 0 <= r.seed <= 2**63 - 1:  # sim-robot would refuse it only after the server started
+        raise ConfigError(f"robot.seed: expected a seed in 0..2^63-1, got {r.seed}")
     if s.max_batch < 1:
         raise ConfigError(f"server.max_batch: expected a positive integer, got {s.max_batch}")
     if s.cache is not None:  # the grammar and the schedule file; whether it fits the model, the server checks

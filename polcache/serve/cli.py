@@ -8,7 +8,7 @@ import logging
 import signal
 
 from polcache.cli_types import (add_backend_options, backend_options, control_rate, image_size, name_list, non_empty,
-                                 non_negative_float, non_negative_int, port, positive_float, positive_int, thread_count)
+                                 non_negative_float, seed_int, port, positive_float, positive_int, thread_count)
 from polcache.serve.handshake import own_robot_name
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS, MAX_SIMULATED_LATENCY_MS
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, help="task name (see polcache.envs.list_tasks())")
     p.add_argument("--hz", type=control_rate, required=True, help="control rate (Hz)")
     p.add_argument("--episodes", type=positive_int, default=10, help="number of episodes (default 10)")
-    p.add_argument("--seed", type=non_negative_int, default=1000,
+    p.add_argument("--seed", type=seed_int, default=1000,
                    help="episode i resets with seed S+i (default 1000, as eval)")
     p.add_argument("--instruction", help="send this instruction in every episode (default: the task's held-out "
                                          "paraphrases, one per episode, where written; ignored by policies without "

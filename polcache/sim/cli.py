@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from polcache.cli_types import (add_backend_options, backend_options, non_negative_float, non_negative_int,
+from polcache.cli_types import (add_backend_options, backend_options, non_negative_float, non_negative_int, seed_int,
                                  positive_int, thread_count)
 from polcache.errors import PolcacheError
 
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or an artifact from `polcache export`")
     p.add_argument("--task", help="task name (default: the task the checkpoint was trained on)")
     p.add_argument("--episodes", type=positive_int, default=50, help="number of episodes (default 50)")
-    p.add_argument("--seed", type=non_negative_int, default=1000, help="episode i resets with seed S+i (default 1000)")
+    p.add_argument("--seed", type=seed_int, default=1000, help="episode i resets with seed S+i (default 1000)")
     p.add_argument("--cache", help="block cache: a schedule JSON from `polcache calibrate`, or a baseline such as "
                                    "uniform:N (see README)")
     p.add_argument("--max-steps", type=positive_int, help="cap each episode at this many steps (default: the "
