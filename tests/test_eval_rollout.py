@@ -58,6 +58,29 @@ def test_cap_and_default_chunking():
     assert _run(Rollout(max_steps=1000))[0]["length"] == CountingEnv.max_episode_steps  # never above the task's
 
 
+class SeedCheckingBackend(ChunkIndexBackend):
+    """Records each chunk's seed after the check every real backend makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.seeds = []
+
+    def predict(self, obs, seed=None, past_actions=None):
+        from polcache.policy.spec import check_seed
+
+        self.seeds.append(check_seed(seed))
+        return super().predict(obs, seed, past_actions)
+
+
+@pytest.mark.parametrize("seed", [1000, 10**15, 2**63 - 1, 2**63 + 5])  # the last: episode seed S + i past 2^63-1
+def test_chunk_seeds_stay_in_every_backends_range_and_keep_their_old_values(seed):
+    backend = SeedCheckingBackend()
+    run_episode(CountingEnv(), backend, seed=seed, latencies=[], rollout=Rollout(max_steps=10))
+    assert backend.seeds == [(seed * 10007 + c) % 2**63 for c in range(3)]
+    if seed * 10007 + 2 < 2**63:  # what runs with such seeds drew before: unchanged
+        assert backend.seeds == [seed * 10007 + c for c in range(3)]
+
+
 def test_fewer_executed_actions_replan_sooner():
     _, acts, chunks = _run(Rollout(max_steps=6, action_steps=2))
     assert acts.tolist() == [0, 0, 1, 1, 2, 2] and chunks == 3

@@ -132,6 +132,14 @@ def check_rollout(rollout: Rollout, spec: PolicySpec) -> int:
     return per_chunk
 
 
+def chunk_seed(episode_seed: int, chunk: int) -> int:
+    """The sampling seed of an episode's `chunk`-th chunk: episode_seed * 10007 + chunk, modulo 2^63 so
+    that it stays a seed every backend takes (0..2^63-1) for any episode seed; 10007 is odd, so episode
+    seeds that differ below 2^63 still get different seeds for the same chunk. Below 2^63 it is the
+    plain value, so runs with smaller seeds are reproduced exactly as before the modulo."""
+    return (episode_seed * 10007 + chunk) % 2**63
+
+
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
                 rollout: Rollout = Rollout(), instruction: np.ndarray | None = None) -> dict:
     """One episode; it ends at the first success, when the env says done, or at the step cap.
@@ -167,7 +175,7 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
             committed = CommittedActions(planned, rollout.delay) if rollout.rtc and len(planned) else None
             t0 = time.perf_counter()
             frame_steps, window = history.window()
-            actions = session.predict(window, frame_steps, seed=seed * 10007 + chunk, past_actions=past,
+            actions = session.predict(window, frame_steps, seed=chunk_seed(seed, chunk), past_actions=past,
                                       committed=committed)[0]
             latencies.append(time.perf_counter() - t0)
             last = ActionChunk(0, chunk, [], float(steps), steps + np.arange(len(actions), dtype=np.float64), actions, {})
