@@ -192,6 +192,26 @@ def test_resolve_plan_grammar(schedule_file, policy, sampler):
     assert len({row.count(COMPUTE) for row in unified}) == 2  # all or nothing per step
 
 
+def test_a_schedule_path_is_read_as_calibrate_writes_it(tmp_path, schedule_file, policy, sampler):
+    """calibrate takes --out A.JSON (any case) and names with '@'; --cache reads them the same."""
+    import shutil
+
+    from polcache.cache.spec import parse_cache_spec
+
+    path, sched = schedule_file
+    for name in ("A.JSON", "x@y.json", "bac:3:2@z.json"):  # the last: an existing file wins over the grammar
+        shutil.copy(path, tmp_path / name)
+        spec = parse_cache_spec(str(tmp_path / name))
+        assert (spec.method, spec.path) == ("schedule", str(tmp_path / name))
+        assert resolve_plan(str(tmp_path / name), policy, sampler).ops == sched.to_plan().ops
+    assert resolve_plan(f"unified:3@{tmp_path / 'A.JSON'}", policy, sampler).method == "unified"
+    assert parse_cache_spec(f"bac:3:2@{tmp_path / 'none.json'}").method == "bac"  # the grammar, no such file
+    assert parse_cache_spec(str(tmp_path / "A.JSON+forecast")).forecast
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(CacheError, match=r"dir.json is a folder"):
+        resolve_plan(str(tmp_path / "dir.json"), policy, sampler)
+
+
 @pytest.mark.parametrize("spec,match", [
     ("fast", "unknown cache spec"), ("uniform:x", "integer"), ("uniform:0", r"in 1\.\.8"), ("threshold:-1", ">= 0"),
     ("uniform:9", r"in 1\.\.8 \(the sampler's steps K\), got 9"), ("threshold:inf", "finite number >= 0"),

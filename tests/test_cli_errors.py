@@ -629,6 +629,14 @@ def test_launch_checks_before_starting_anything(capsys, afile, override, match):
     assert match.format(afile=afile) in err
 
 
+def test_launch_and_eval_name_a_folder_given_as_schedule_file(capsys, tmp_path):
+    (tmp_path / "dir.json").mkdir()
+    err = _err(capsys, ["launch", "configs/launch/sim.yaml", f"server.cache={tmp_path / 'dir.json'}"])
+    assert f"server.cache: schedule file {tmp_path / 'dir.json'} is a folder" in err, err
+    err = _err(capsys, EVAL + ["--cache", str(tmp_path / "dir.json")])
+    assert f"schedule file {tmp_path / 'dir.json'} is a folder" in err, err
+
+
 def test_sim_robot_with_a_keys_folder_without_keys_is_one_line(capsys, tmp_path):
     err = _err(capsys, SIM_ROBOT + ["--keys", str(tmp_path / "nokeys")])
     assert "client.key_secret and server.key not found (copy client.key_secret and server.key from the folder" in err

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from polcache.cache.baselines import no_cache_plan, threshold_plan, uniform_plan, with_forecast
 from polcache.cache.schedule import build_schedule, check_fits, load_schedule
-from polcache.cache.spec import parse_cache_spec
+from polcache.cache.spec import ACS_METHODS, parse_cache_spec
 from polcache.policy.executor import COMPUTE, Plan, decided_at_run_time
 from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
@@ -20,7 +20,7 @@ def resolve_plan(cache_spec: str, policy: CacheTarget, sampler: Sampler) -> Plan
         schedule = load_schedule(spec.path)
         check_fits(schedule, policy, sampler, spec.path)
         plan = schedule.to_plan()
-    elif spec.method in ("bac", "blockwise", "unified"):
+    elif spec.method in ACS_METHODS:
         source = load_schedule(spec.path)
         check_fits(source, policy, sampler, spec.path)
         plan = build_schedule(source.calibration, spec.method, int(spec.value), spec.bu_blocks, source.force_last,

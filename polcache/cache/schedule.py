@@ -28,7 +28,7 @@ from polcache.atomic import atomic_write_text
 from polcache.cache.acs import acs_score, solve_acs
 from polcache.cache.bubbling import bubbling_union, legacy_layer_kind, top_blocks
 from polcache.cache.errors import CacheError
-from polcache.cache.spec import OBJECTIVES
+from polcache.cache.spec import ACS_METHODS, OBJECTIVES
 from polcache.jsonfile import read_json_object
 from polcache.policy.executor import COMPUTE, REUSE, Plan
 from polcache.cache.protocol import CacheTarget
@@ -36,7 +36,7 @@ from polcache.policy.samplers import Sampler
 
 FORMAT = "polcache-cache-schedule"
 VERSION = 2  # 2 added the objective, squared distances and sensitivities; version 1 files read as "similarity"
-METHODS = ("bac", "blockwise", "unified")  # ACS + Bubbling Union, per-block ACS, one ACS for all blocks
+METHODS = ACS_METHODS  # ACS + Bubbling Union, per-block ACS, one ACS for all blocks
 # What ACS maximises per block: "similarity" -- the cosine similarity kept (the paper); "error-bound" --
 # minus the first-order bound on the action error, sum over steps t of
 # sqrt(sensitivity[t]) * ||delta[start] - delta[t]||, which ignores steps whose errors cannot reach
@@ -235,6 +235,8 @@ def _whole(value: Any, field: str) -> int:
 def load_schedule(path: str | Path) -> Schedule:
     """Read and validate a schedule file (format, version, shapes); not yet tied to a model."""
     path = Path(path)
+    if path.is_dir():
+        raise CacheError(f"schedule file {path} is a folder, not a file written by `polcache calibrate`")
     if not path.is_file():
         raise CacheError(f"schedule file not found: {path}")
     d = read_json_object(path, CacheError)

@@ -3,7 +3,8 @@
     none                   no caching: every block at every step
     uniform:N              every block recomputed every N steps (FORA / DeepCache)
     threshold:T            dynamic residual-threshold cache (TeaCache / first-block cache), T >= 0
-    PATH.json              a schedule written by `polcache calibrate` (BAC by default)
+    PATH.json              a schedule written by `polcache calibrate` (BAC by default); the
+                           suffix in any case (.JSON), '@' allowed in the name (x@y.json)
     bac:S:n@PATH.json      ACS with S update steps per block + Bubbling Union over n blocks,
     blockwise:S@PATH.json  ACS per block without Bubbling Union,
     unified:S@PATH.json    one ACS schedule for all blocks from their mean scores,
@@ -18,6 +19,7 @@ delta from the last two updates instead of reusing the last one (e.g. `run.json+
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from polcache.cache.errors import CacheError
@@ -26,6 +28,7 @@ from polcache.cache.errors import CacheError
 OBJECTIVES = ("error-bound", "similarity")
 
 FORECAST_SUFFIX = "+forecast"
+ACS_METHODS = ("bac", "blockwise", "unified")  # the specs METHOD:S...@PATH that re-solve a calibration
 
 
 def _number(text: str, kind: type, what: str, spec: str):
@@ -59,9 +62,12 @@ def parse_cache_spec(cache_spec: str) -> CacheSpec:
     forecast = spec.endswith(FORECAST_SUFFIX)
     body = spec[: -len(FORECAST_SUFFIX)] if forecast else spec
     head, _, args = body.partition(":")
-    if body.endswith(".json") and "@" not in body:
+    # a schedule file: a .json name (any case, as `polcache calibrate --out` takes it) that is not
+    # METHOD:...@PATH -- '@' elsewhere in a file's name (x@y.json) is part of the path, and an
+    # existing file wins over the grammar
+    if body.lower().endswith(".json") and (head not in ACS_METHODS or "@" not in args or os.path.isfile(body)):
         parsed = CacheSpec(spec, "schedule", forecast, path=body)
-    elif head in ("bac", "blockwise", "unified"):
+    elif head in ACS_METHODS:
         params, at, path = args.partition("@")
         if not at or not path:
             raise CacheError(f"cache spec {spec!r}: {head} needs a calibration, e.g. {head}:"

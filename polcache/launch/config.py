@@ -140,6 +140,8 @@ def validate(cfg: LaunchConfig) -> None:
             spec = parse_cache_spec(s.cache)
         except CacheError as exc:
             raise ConfigError(f"server.cache: {exc}") from None
+        if spec.path is not None and Path(spec.path).is_dir():
+            raise ConfigError(f"server.cache: schedule file {spec.path} is a folder")
         if spec.path is not None and not Path(spec.path).is_file():
             raise ConfigError(f"server.cache: schedule file not found: {spec.path}")
     if not 0 <= s.inline_ms <= MAX_INLINE_MS:
