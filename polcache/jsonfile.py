@@ -22,6 +22,8 @@ def read_json_object(path: str | Path, error: type[PolcacheError] = PolcacheErro
         raise error(f"{path}: unreadable ({exc.strerror or exc})") from None
     except ValueError:  # JSONDecodeError, UnicodeDecodeError
         raise error(f"{path}: not valid JSON (truncated?)") from None
+    except RecursionError:  # '[' * 100000: nested deeper than the parser goes; nothing polcache writes
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise error(f"{path}: not a JSON object")
     return doc

@@ -169,6 +169,65 @@ def test_bad_schedule_files_are_clear_errors(tmp_path, schedule_file):
         load_schedule(tmp_path / "bad.json")
 
 
+def test_damaged_schedule_files_name_the_field_in_one_short_line(tmp_path, schedule_file):
+    path, _ = schedule_file
+    bad = tmp_path / "bad.json"
+    bad.write_text("[" * 100000 + "]" * 100000)  # a RecursionError traceback before
+    with pytest.raises(CacheError, match="not valid JSON"):
+        load_schedule(bad)
+    doc = json.loads(path.read_text())
+    block = next(iter(doc["update_steps"]))
+    for change, match in (
+            ({"sampler": doc["sampler"] | {"steps": 10**400}},
+             r"sampler.steps 10000000000000000000\.\.\.00000000 \(401 characters\) disagrees with the "
+             r"calibration's 8 steps"),
+            ({"budget": 10**400}, r"budget .* \(401 characters\)"),
+            ({"extra": 1}, "unknown field 'extra', not one `polcache calibrate` writes"),
+            ({"model": doc["model"] | {"hsah": "x"}}, "unknown field 'model.hsah'"),
+            ({"force_last": "false"}, "force_last must be true or false, got 'false'"),
+            ({"force_last": 0}, "force_last must be true or false, got 0"),
+            ({"bu_selected": "layers.0.sa"}, "bu_selected must be a list of block names"),
+            ({"bu_selected": []}, "bu_selected must name 2 distinct blocks"),
+            ({"update_steps": {n: [0] for n in doc["update_steps"]}},
+             rf"update_steps.{block} has 1 update steps, expected 4 \(budget 3 \+ the forced last step 7\)"),
+            ({"update_steps": {n: [0, 1, 2, 3] for n in doc["update_steps"]}},
+             rf"update_steps.{block} lacks the last step 7, which force_last recomputes"),
+
+            ({"force_last": False, "update_steps": {n: [0] for n in doc["update_steps"]}},
+             rf"update_steps.{block} has 1 update steps, expected 3 \(budget 3\)"),
+            ({"method": "blockwise"}, "a blockwise schedule widens no blocks")):
+        bad.write_text(json.dumps(doc | change))
+        with pytest.raises(CacheError, match=match) as exc:
+            load_schedule(bad)
+        assert len(str(exc.value)) < 300, str(exc.value)
+
+
+def test_a_block_widened_by_bubbling_union_keeps_the_updates_of_the_ffn_blocks_after_it(tmp_path, calibration):
+    import dataclasses
+
+    first = dataclasses.replace(calibration, l1=np.arange(len(calibration.l1), 0, -1.0))  # widens layers.0.sa
+    sched = build_schedule(first, "bac", 3, 1, True, "sha256:x", "ddim")
+    assert sched.bu_selected == ["layers.0.sa"]
+    widened = sched.update_steps["layers.0.sa"]
+    other = [0] + [k for k in range(1, K - 1) if k not in widened][:2] + [K - 1]  # same count, not a subset
+    sched.update_steps["layers.1.ffn"] = other
+    with pytest.raises(CacheError, match=r"update_steps.layers.0.sa \(widened by Bubbling Union\) lacks updates "
+                                         r"of layers.1.ffn \(an FFN block at layer 1 >= 0\)"):
+        load_schedule(save_schedule(sched, tmp_path / "s.json"))
+
+
+@pytest.mark.parametrize("method", ["bac", "blockwise", "unified"])
+def test_every_schedule_build_schedule_writes_loads(tmp_path, calibration, method):
+    """The update-step checks refuse hand edits only: every budget, force_last and Bubbling Union size."""
+    n = len(calibration.block_names)
+    for budget in range(1, K + 1):
+        for force_last in (True, False):
+            for bu in (range(n + 1) if method == "bac" else [0]):
+                sched = build_schedule(calibration, method, budget, bu, force_last, "sha256:x", "ddim")
+                back = load_schedule(save_schedule(sched, tmp_path / "s.json"))
+                assert back.update_steps == sched.update_steps
+
+
 def test_resolve_plan_grammar(schedule_file, policy, sampler):
     path, sched = schedule_file
     n = len(policy.denoiser.blocks)

@@ -30,6 +30,7 @@ from polcache.cache.bubbling import bubbling_union, legacy_layer_kind, top_block
 from polcache.cache.errors import CacheError
 from polcache.cache.spec import ACS_METHODS, OBJECTIVES
 from polcache.jsonfile import read_json_object
+from polcache.policy.blocks import FFN
 from polcache.policy.executor import COMPUTE, REUSE, Plan
 from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
@@ -228,8 +229,91 @@ def _dumps(obj, depth: int = 0) -> str:
 def _whole(value: Any, field: str) -> int:
     """An integer as JSON wrote it: "3", 2.7 or true in a hand-edited file is refused, not coerced."""
     if type(value) is not int:
-        raise ValueError(f"{field} must be an integer, got {value!r}")
+        raise ValueError(f"{field} must be an integer, got {_shown(value)}")
     return value
+
+
+def _names(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{field} must be a list of block names, got {_shown(value)}")
+    return value
+
+
+def _flag(value: Any, field: str) -> bool:
+    """A JSON boolean: "false" (a string, so truthy) or 0 in a hand-edited file is refused, not coerced."""
+    if type(value) is not bool:
+        raise ValueError(f"{field} must be true or false, got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A value for a message, cut short: a 400-digit number or a long list is not worth printing whole."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
+
+
+# every key save_schedule has written (version 1 lacked objective, model.family, model.layers and
+# model.kinds); any other is a typo or another program's file, refused rather than ignored
+_KEYS = {"": {"format", "version", "method", "objective", "model", "sampler", "budget", "bu_blocks", "force_last",
+              "bu_selected", "block_evaluations", "block_evaluations_uncached", "update_steps", "created",
+              "code_version", "calibration"},
+         "model.": {"hash", "family", "blocks", "layers", "kinds"}, "sampler.": {"kind", "steps"},
+         "calibration.": {"source", "samples", "seed", "l1", "similarity", "distance", "sensitivity"}}
+
+
+def _check_keys(d: dict) -> None:
+    for prefix, known in _KEYS.items():
+        obj = d[prefix[:-1]] if prefix else d
+        unknown = [k for k in obj if k not in known]
+        if unknown:
+            raise ValueError(f"unknown field {_shown(prefix + unknown[0])}, not one `polcache calibrate` writes")
+
+
+def _expected_updates(schedule: Schedule) -> int:
+    """How many update steps ACS gives every block (`solve_acs`): the budget, plus the last step with
+    force_last unless the budget already covers steps 0..K-2."""
+    K, budget = schedule.steps, schedule.budget
+    if not schedule.force_last or K == 1:
+        return budget
+    return K if budget >= K - 1 else budget + 1
+
+
+def _check_steps_fit(schedule: Schedule) -> str | None:
+    """Why the update steps cannot be what `build_schedule` solved for the file's own method, budget,
+    force_last and Bubbling Union, or None. Every block has exactly the ACS count of updates, the last
+    step among them with force_last; a block widened by Bubbling Union (bu_selected) has at least that
+    many, including every update of each unwidened FFN block at its layer or later; `unified` gives
+    every block the same steps."""
+    names, K = list(schedule.update_steps), schedule.steps
+    widened = schedule.bu_selected
+    if schedule.method == "bac":
+        if len(widened) != schedule.bu_blocks or len(set(widened)) != len(widened) or not set(widened) <= set(names):
+            return (f"bu_selected must name {_shown(schedule.bu_blocks)} distinct blocks of model.blocks (bu_blocks), "
+                    f"got {_shown(widened)}")
+    elif widened or schedule.bu_blocks:
+        return f"a {schedule.method} schedule widens no blocks: bu_blocks must be 0 and bu_selected empty"
+    n = _expected_updates(schedule)
+    why = f"budget {schedule.budget}" + (f" + the forced last step {K - 1}" if n == schedule.budget + 1 else "")
+    if n == K and schedule.budget < K:
+        why = f"budget {schedule.budget} with force_last covers every step"
+    kinds = dict(zip(names, schedule.calibration.layer_kind))
+    for name, steps in schedule.update_steps.items():
+        if name not in widened and len(steps) != n:
+            return f"update_steps.{name} has {len(steps)} update steps, expected {n} ({why})"
+        if name in widened and len(steps) < n:
+            return f"update_steps.{name} has {len(steps)} update steps, expected at least {n} ({why})"
+        if schedule.force_last and K > 1 and steps[-1] != K - 1:
+            return f"update_steps.{name} lacks the last step {K - 1}, which force_last recomputes"
+        if name in widened:
+            layer = kinds[name][0]
+            for other, (other_layer, kind) in kinds.items():
+                if kind == FFN and other_layer >= layer and other not in widened \
+                        and not set(schedule.update_steps[other]) <= set(steps):
+                    return (f"update_steps.{name} (widened by Bubbling Union) lacks updates of {other} "
+                            f"(an FFN block at layer {other_layer} >= {layer})")
+    if schedule.method == "unified" and len({tuple(s) for s in schedule.update_steps.values()}) > 1:
+        return "a unified schedule gives every block the same update steps"
+    return None
 
 
 def load_schedule(path: str | Path) -> Schedule:
@@ -252,6 +336,7 @@ def load_schedule(path: str | Path) -> Schedule:
         for key in ("model", "sampler", "update_steps", "calibration"):
             if not isinstance(d[key], dict):
                 raise ValueError(f"{key} must be a JSON object")
+        _check_keys(d)
         names = list(d["model"]["blocks"])
         K = _whole(d["sampler"]["steps"], "sampler.steps")
         if set(d["update_steps"]) != set(names):
@@ -262,16 +347,18 @@ def load_schedule(path: str | Path) -> Schedule:
                 raise ValueError(f"update_steps.{n} must be a list of steps")
         steps = {n: [_whole(s, f"update_steps.{n}") for s in d["update_steps"][n]] for n in names}
         calibration = Calibration.from_json(d["calibration"], names)
+        if K != calibration.steps:  # before any check that would print K
+            raise ValueError(f"sampler.steps {_shown(K)} disagrees with the calibration's {calibration.steps} steps")
         if "layers" in d["model"]:
             calibration.layer_kind = [(int(a), str(b)) for a, b in zip(d["model"]["layers"], d["model"]["kinds"],
                                                                         strict=True)]
         schedule = Schedule(method=str(d["method"]), model_hash=str(d["model"]["hash"]),
                             sampler=str(d["sampler"]["kind"]), steps=K, budget=_whole(d["budget"], "budget"),
                             bu_blocks=_whole(d["bu_blocks"], "bu_blocks"),
-                            force_last=bool(d["force_last"]), update_steps=steps, calibration=calibration,
+                            force_last=_flag(d["force_last"], "force_last"), update_steps=steps, calibration=calibration,
                             objective=str(d.get("objective", "similarity")),
                             family=str(d["model"].get("family", "dp-t")),
-                            bu_selected=list(d.get("bu_selected", [])), created=str(d.get("created", "")),
+                            bu_selected=_names(d.get("bu_selected", []), "bu_selected"), created=str(d.get("created", "")),
                             code_version=str(d.get("code_version", "")))
     except KeyError as exc:  # an entry a nested object lacks
         raise CacheError(f"{path}: malformed schedule (missing entry {exc})") from None
@@ -290,9 +377,12 @@ def load_schedule(path: str | Path) -> Schedule:
     if schedule.method not in METHODS:
         raise CacheError(f"{path}: unknown method {schedule.method!r} (expected one of {', '.join(METHODS)})")
     if not 1 <= schedule.budget <= K:
-        raise CacheError(f"{path}: budget {schedule.budget} must be in 1..K={K} update steps")
+        raise CacheError(f"{path}: budget {_shown(schedule.budget)} must be in 1..K={K} update steps")
     if schedule.objective not in OBJECTIVES:
         raise CacheError(f"{path}: unknown objective {schedule.objective!r} (expected one of {', '.join(OBJECTIVES)})")
+    why = _check_steps_fit(schedule)
+    if why:  # a hand edit: the plan would not be the one the file says it is (method, budget, force_last)
+        raise CacheError(f"{path}: {why}")
     return schedule
 
 
