@@ -47,6 +47,9 @@ def test_calibrate_writes_schedule_and_heatmap(checkpoint, tmp_path, capsys):
 
     with pytest.raises(CacheError, match="K=8"):
         load_backend(str(checkpoint), cache=str(out), sampler="ddim", steps=10)
+    with pytest.raises(CacheError, match=rf"^cache 'bac:9:2@{out}': budget must be an integer number of update "
+                                         r"steps in 1\.\.8, got 9$"):  # the spec named, not only its budget
+        load_backend(str(checkpoint), cache=f"bac:9:2@{out}", sampler="ddim", steps=8)
 
 
 def test_calibrate_without_matplotlib_writes_the_schedule_and_says_why_no_heatmap(checkpoint, tmp_path, capsys,
@@ -92,7 +95,9 @@ def test_calibrate_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert err.count("\n") == 0 and "--budget must be in 1..8" in err
     argv[argv.index("9")] = "3"
     assert main([*argv, "--samples", "100000000"]) == 2  # where no dataset is found: that many simulator resets
-    assert "calibration samples must be in 1..4096, got 100000000" in capsys.readouterr().err
+    assert "--samples (calibration observations) must be in 1..4096, got 100000000" in capsys.readouterr().err
+    assert main([*argv, "--method", "unified", "--bu-blocks", "2"]) == 2  # was ignored without a word
+    assert "--bu-blocks applies to --method bac (Bubbling Union) only, not unified" in capsys.readouterr().err
     assert main([*argv, "--samples", "4000"]) == 0  # the dataset's windows, and the schedule says so
     source = json.loads((tmp_path / "s.json").read_text())["calibration"]["source"]
     assert source.endswith("random windows (seed 0, all it has of the 4000 asked)"), source

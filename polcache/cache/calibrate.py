@@ -109,7 +109,7 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
     from: random windows of the training dataset if it exists (see `find_dataset`), else
     environment resets (the reset observation repeated To times, as at the start of an episode)."""
     if not 1 <= samples <= MAX_SAMPLES:  # each is a simulator reset where no dataset is found: 1e8 never ends
-        raise CacheError(f"calibration samples must be in 1..{MAX_SAMPLES}, got {samples}")
+        raise CacheError(f"--samples (calibration observations) must be in 1..{MAX_SAMPLES}, got {samples}")
     keys, To = policy.obs_keys, policy.cfg.n_obs_steps
     dataset = find_dataset(cfg.dataset, checkpoint)
     if dataset is not None:
@@ -181,6 +181,8 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     from polcache.policy.device import resolve_device
 
     out, png = check_schedule_output(out)
+    if bu_blocks is not None and method != "bac":  # it was ignored without a word
+        raise CacheError(f"--bu-blocks applies to --method bac (Bubbling Union) only, not {method}")
     refuse_exported(checkpoint, "calibrate the checkpoint it was exported from")
     policy, cfg, _ = load_policy(checkpoint, resolve_device(device))
     smp = policy.sampler(sampler, steps)

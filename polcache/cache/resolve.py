@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from polcache.cache.baselines import no_cache_plan, threshold_plan, uniform_plan, with_forecast
+from polcache.cache.errors import CacheError
 from polcache.cache.schedule import build_schedule, check_fits, load_schedule
 from polcache.cache.spec import ACS_METHODS, parse_cache_spec
 from polcache.policy.executor import COMPUTE, Plan, decided_at_run_time
@@ -23,9 +24,12 @@ def resolve_plan(cache_spec: str, policy: CacheTarget, sampler: Sampler) -> Plan
     elif spec.method in ACS_METHODS:
         source = load_schedule(spec.path)
         check_fits(source, policy, sampler, spec.path)
-        plan = build_schedule(source.calibration, spec.method, int(spec.value), spec.bu_blocks, source.force_last,
-                              source.model_hash, source.sampler, spec.objective or source.objective,
-                              source.family).to_plan()
+        try:  # a budget or Bubbling Union size this schedule's model cannot take: named with the spec
+            plan = build_schedule(source.calibration, spec.method, int(spec.value), spec.bu_blocks, source.force_last,
+                                  source.model_hash, source.sampler, spec.objective or source.objective,
+                                  source.family).to_plan()
+        except CacheError as exc:
+            raise CacheError(f"cache {cache_spec!r}: {exc}") from None
     elif spec.method == "uniform":
         plan = uniform_plan(K, n, int(spec.value))
     elif spec.method == "threshold":
