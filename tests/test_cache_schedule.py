@@ -195,7 +195,9 @@ def test_damaged_schedule_files_name_the_field_in_one_short_line(tmp_path, sched
 
             ({"force_last": False, "update_steps": {n: [0] for n in doc["update_steps"]}},
              rf"update_steps.{block} has 1 update steps, expected 3 \(budget 3\)"),
-            ({"method": "blockwise"}, "a blockwise schedule widens no blocks")):
+            ({"method": "blockwise"}, "a blockwise schedule widens no blocks"),
+            ({"model": doc["model"] | {"layers": doc["model"]["layers"][:-1]}},  # was zip()'s own words
+             r"model.layers must list one entry per block of model.blocks \(6\)")):
         bad.write_text(json.dumps(doc | change))
         with pytest.raises(CacheError, match=match) as exc:
             load_schedule(bad)

@@ -350,8 +350,10 @@ def load_schedule(path: str | Path) -> Schedule:
         if K != calibration.steps:  # before any check that would print K
             raise ValueError(f"sampler.steps {_shown(K)} disagrees with the calibration's {calibration.steps} steps")
         if "layers" in d["model"]:
-            calibration.layer_kind = [(int(a), str(b)) for a, b in zip(d["model"]["layers"], d["model"]["kinds"],
-                                                                        strict=True)]
+            for key in ("layers", "kinds"):  # one entry per block, as model.blocks lists them
+                if not isinstance(d["model"].get(key), list) or len(d["model"][key]) != len(names):
+                    raise ValueError(f"model.{key} must list one entry per block of model.blocks ({len(names)})")
+            calibration.layer_kind = [(int(a), str(b)) for a, b in zip(d["model"]["layers"], d["model"]["kinds"])]
         schedule = Schedule(method=str(d["method"]), model_hash=str(d["model"]["hash"]),
                             sampler=str(d["sampler"]["kind"]), steps=K, budget=_whole(d["budget"], "budget"),
                             bu_blocks=_whole(d["bu_blocks"], "bu_blocks"),
