@@ -369,12 +369,16 @@ class Range:
                 and (x < self.hi if self.hi_open else x <= self.hi))
 
     def __str__(self) -> str:
+        def shown(end: float) -> str:  # an int end exactly (a seed's 2^63-1 read 9.22337e+18)
+            return str(end) if isinstance(end, int) else f"{end:g}"
+
         if self.hi == math.inf:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'>' if self.lo_open else '>='} {shown(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{shown(self.lo)}, {shown(self.hi)}{')' if self.hi_open else ']'}"
 
 
 AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+SEED = Range(0, 2**63 - 1)  # torch's and numpy's generators take no larger seed: beyond, a traceback
 LEARNING_RATE = Range(0, 1e38, lo_open=True)  # AdamW applies it in float32 (max 3.4e38): beyond, a traceback
 PROBABILITY = Range(0, 1, hi_open=True)  # dropout, EMA decay, Adam betas, held-out share: 1 would freeze or drop all
 # Every numeric field's accepted values, by dotted key (a tuple field: each element). Checked before
@@ -394,7 +398,7 @@ RANGES: dict[str, Range] = {
     "train.betas": PROBABILITY, "train.weight_decay": AT_LEAST_0, "train.warmup_steps": AT_LEAST_0,
     "train.ema_decay": PROBABILITY, "train.ema_warmup": AT_LEAST_0, "train.checkpoint_every": AT_LEAST_1,
     "train.log_every": AT_LEAST_1, "train.val_fraction": PROBABILITY, "train.val_windows": AT_LEAST_0,
-    "train.state_noise": AT_LEAST_0, "train.num_workers": AT_LEAST_0, "train.seed": AT_LEAST_0,
+    "train.state_noise": AT_LEAST_0, "train.num_workers": AT_LEAST_0, "train.seed": SEED,
     "train.threads": AT_LEAST_0,  # 0: torch's default thread count
 }
 

@@ -134,7 +134,7 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     ("train.threads=-2", "train.threads must be an integer >= 0, got -2"),
     ("policy.p_drop_attn=1", "policy.p_drop_attn must be a finite number in [0, 1), got 1.0"),
     ("policy.p_drop_emb=-0.1", "policy.p_drop_emb must be a finite number in [0, 1), got -0.1"),
-    ("train.seed=-1", "train.seed must be an integer >= 0, got -1"),
+    ("train.seed=-1", "train.seed must be an integer in [0, 9223372036854775807], got -1"),
     ("train.betas=[0.9, 1.5]", "train.betas[1] must be a finite number in [0, 1), got 1.5"),
     ("policy.vla.heads=0", "policy.vla.heads must be an integer >= 1, got 0"),
     ("policy.sampler.beta_schedule=cosine",
@@ -700,3 +700,12 @@ def test_a_run_resumed_with_another_batch_size_validates_as_before(tmp_path, mon
         return record["val_loss"], record["val_action_mse"]
 
     assert scores(tmp_path / "resumed") == pytest.approx(scores(tmp_path / "whole"), rel=1e-6)
+
+
+def test_a_seed_beyond_what_generators_take_is_refused_naming_its_range():
+    """train.seed was checked for >= 0 only: 2^63 and up ended in torch's OverflowError traceback."""
+    cfg = load_config("configs/recommended_cpu.yaml", [f"train.seed={2**63 - 1}"])
+    assert cfg.train.seed == 2**63 - 1
+    with pytest.raises(ConfigError, match=r"^train.seed must be an integer in \[0, 9223372036854775807\], got "
+                                          r"9223372036854775808$"):
+        load_config("configs/recommended_cpu.yaml", [f"train.seed={2**63}"])
