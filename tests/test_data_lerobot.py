@@ -43,11 +43,11 @@ def action_of(g: int) -> list[float]:
     return [g * 0.1, 2.0 - g]
 
 
-def encode_video(path: Path, frames: list[np.ndarray]) -> None:
+def encode_video(path: Path, frames: list[np.ndarray], fps: int = FPS) -> None:
     """Like lerobot's streaming encoder: time base 1/fps, frame k at pts k."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=FPS, options={"crf": "5", "g": "2"})
+        s = c.add_stream("libx264", rate=fps, options={"crf": "5", "g": "2"})
         s.width, s.height, s.pix_fmt = W, H, "yuv420p"
         for k, img in enumerate(frames):
             f = av.VideoFrame.from_ndarray(img, format="rgb24")
@@ -155,6 +155,20 @@ def test_import_hand_written_root(lerobot_root, tmp_path):
     # every frame is nearest to its own source frame: no off-by-one at episode or file borders
     dist = np.abs(got[:, None].astype(int) - want[None].astype(int)).mean(axis=(2, 3, 4))
     assert dist.argmin(axis=1).tolist() == list(range(15))
+
+
+def test_import_takes_the_nearest_video_frame(lerobot_root, tmp_path):
+    """A video with three frames per data frame (all inside the lookup window): the frame at the
+    wanted time is taken, not the last one in the window."""
+    n = LENGTHS[0] + LENGTHS[1]
+    encode_video(lerobot_root / lr.VIDEO_PATH.format(video_key="observation.images.top", chunk_index=0, file_index=0),
+                 [frame_image(j) for j in range(3 * n)], fps=3 * FPS)
+    lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False)
+    store = EpisodeStore.open(tmp_path / "out.zarr")
+    got = np.concatenate([store.episode(e).obs["image_top"] for e in (0, 1)]).astype(int)
+    candidates = np.stack([frame_image(j) for j in range(3 * n)]).astype(int)
+    best = [int(np.argmin(np.abs(candidates - img).mean(axis=(1, 2, 3)))) for img in got]
+    assert best == [3 * g for g in range(n)]
 
 
 def test_import_embedded_png_images(lerobot_root, tmp_path):
@@ -320,6 +334,22 @@ def _short_video(root: Path) -> None:
     encode_video(path, [frame_image(10 + k) for k in range(3)])
 
 
+def _edit_data(root: Path, file_index: int, column: str, edit) -> None:
+    """Rewrite one column of a data file: edit(values) -> new values (same length)."""
+    path = root / lr.DATA_PATH.format(chunk_index=0, file_index=file_index)
+    table = pq.read_table(path)
+    i = table.column_names.index(column)
+    values = np.array(table.column(column).to_pylist())
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array(edit(values), table.schema.field(i).type)),
+                   path)
+
+
+def _swap(x: np.ndarray, i: int, j: int) -> np.ndarray:
+    x = x.copy()
+    x[[i, j]] = x[[j, i]]
+    return x
+
+
 @pytest.mark.parametrize("mutate, match", [
     (lambda r: (r / "meta/info.json").unlink(), "not a LeRobot dataset root"),
     (lambda r: _edit_info(r, codebase_version="v2.1"), "older format.*convert_dataset_v21_to_v30"),
@@ -340,9 +370,12 @@ def _short_video(root: Path) -> None:
      r"feature action declares shape \[3\] in meta/info.json but its parquet column holds shape \[2\]"),
     (lambda r: _declare_shape(r, "observation.state", [2]),
      r"feature observation.state declares shape \[2\] in meta/info.json but its parquet column holds shape \[3\]"),
+    (lambda r: _edit_data(r, 0, "timestamp", np.zeros_like), "episode 0 frame 1 has timestamp 0 s"),
+    (lambda r: _edit_data(r, 0, "timestamp", lambda t: _swap(t, 1, 3)), "episode 0 frame 1 has timestamp 0.2 s"),
+    (lambda r: _edit_info(r, fps=30), "episode 0 frame 1 has timestamp 0.0666.* s but frame_index / fps = 0.0333"),
 ], ids=["no-info", "v2.1", "v4.0", "v3.1", "total-frames", "dropped-rows", "missing-data-file", "cut-parquet",
         "missing-video", "short-video", "no-action", "no-episodes-meta", "fps-zero", "fps-text", "action-shape",
-        "state-shape"])
+        "state-shape", "timestamps-zero", "timestamps-swapped", "wrong-fps"])
 def test_import_refusals(lerobot_root, tmp_path, mutate, match):
     mutate(lerobot_root)
     with pytest.raises(DatasetError, match=match):

@@ -352,11 +352,12 @@ def _read_tasks(root: Path) -> dict[int, str]:
 
 def _decode_video(root: Path, path: Path, times: np.ndarray, rows: np.ndarray, out: np.ndarray,
                   filled: np.ndarray, tol: float, bar: tqdm) -> None:
-    """Decode one mp4, writing the frame shown at each wanted time (within tol) to out[rows]."""
+    """Decode one mp4, writing to out[rows] the decoded frame nearest each wanted time (within tol)."""
     import av
 
     order = np.argsort(times, kind="stable")
     times, rows = times[order], rows[order]
+    best = np.full(len(times), np.inf)
     h, w = out.shape[1:3]
     rel = path.relative_to(root)
     if not path.is_file():
@@ -375,11 +376,35 @@ def _decode_video(root: Path, path: Path, times: np.ndarray, rows: np.ndarray, o
                 if (frame.height, frame.width) != (h, w):
                     raise DatasetError(f"{root}: {rel} has {frame.height}x{frame.width} frames but info.json "
                                        f"declares {h}x{w} (polcache does not resize)")
-                out[rows[lo:hi]] = frame.to_ndarray(format="rgb24")
-                filled[rows[lo:hi]] = True
-                bar.update(hi - lo)
+                dist = np.abs(times[lo:hi] - t)
+                closer = dist < best[lo:hi]  # several frames may fall in the window: the nearest wins
+                if not closer.any():
+                    continue
+                wanted = rows[lo:hi][closer]
+                bar.update(int((~filled[wanted]).sum()))
+                out[wanted] = frame.to_ndarray(format="rgb24")
+                filled[wanted] = True
+                best[lo:hi][closer] = dist[closer]
     except (av.error.FFmpegError, IndexError) as e:
         raise DatasetError(f"{root}: video {rel} is unreadable ({e})") from None
+
+
+def _check_timestamps(root: Path, timestamp: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                      fps: float) -> None:
+    """Each episode's timestamps must be frame_index / fps (so increasing), within half a frame period:
+    video frames are looked up by them, so a wrong one would silently pair a frame with another's image.
+    (lerobot's own check is tighter, 1e-4 s; half a period tolerates float32 and rounded writers.)"""
+    frame_index = np.arange(len(timestamp)) - np.repeat(starts, lengths)
+    expected = frame_index / fps
+    tol = 0.5 / fps
+    bad = np.flatnonzero(~(np.abs(timestamp - expected) < tol))  # NaN counts as bad
+    if len(bad):
+        row = int(bad[0])
+        e = int(np.searchsorted(starts, row, "right") - 1)
+        k = row - int(starts[e])
+        raise DatasetError(f"{root}: episode {e} frame {k} has timestamp {timestamp[row]:.6g} s but frame_index / fps "
+                           f"= {expected[row]:.6g} s (fps {fps} in {INFO_PATH}); timestamps must be frame_index / fps "
+                           f"within half a frame ({tol:.3g} s): out of order, or fps is wrong")
 
 
 def _decode_images(root: Path, key: str, column: Any, hw: tuple[int, int], bar: tqdm) -> np.ndarray:
@@ -444,6 +469,7 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True) -> 
         _av()
     with tqdm(total=len(frames) * len(cameras), desc="decode images", unit="frame", disable=not progress) as bar:
         timestamp = _numbers(root, frames, "timestamp")[:, 0].astype(np.float64)
+        _check_timestamps(root, timestamp, starts, lengths, fps)
         episode_of = np.repeat(np.arange(len(lengths)), lengths)
         for key, (lkey, hw) in cameras.items():
             if key not in videos:
