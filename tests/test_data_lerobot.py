@@ -350,6 +350,20 @@ def _swap(x: np.ndarray, i: int, j: int) -> np.ndarray:
     return x
 
 
+def _empty_episode(root: Path, e: int) -> None:
+    """Episode e keeps its metadata row with length 0 and loses its frames; total_frames follows."""
+    path = root / lr.DATA_PATH.format(chunk_index=0, file_index=FILE_OF[e])
+    table = pq.read_table(path)
+    pq.write_table(table.filter(pa.array(np.array(table.column("episode_index").to_pylist()) != e)), path)
+    ep_path = root / lr.EPISODES_PATH.format(chunk_index=0, file_index=0)
+    eps = pq.read_table(ep_path)
+    i = eps.column_names.index("length")
+    lengths = eps.column("length").to_pylist()
+    lengths[e] = 0
+    pq.write_table(eps.set_column(i, eps.schema.field(i), pa.array(lengths, eps.schema.field(i).type)), ep_path)
+    _edit_info(root, total_frames=sum(lengths))
+
+
 @pytest.mark.parametrize("mutate, match", [
     (lambda r: (r / "meta/info.json").unlink(), "not a LeRobot dataset root"),
     (lambda r: _edit_info(r, codebase_version="v2.1"), "older format.*convert_dataset_v21_to_v30"),
@@ -373,9 +387,12 @@ def _swap(x: np.ndarray, i: int, j: int) -> np.ndarray:
     (lambda r: _edit_data(r, 0, "timestamp", np.zeros_like), "episode 0 frame 1 has timestamp 0 s"),
     (lambda r: _edit_data(r, 0, "timestamp", lambda t: _swap(t, 1, 3)), "episode 0 frame 1 has timestamp 0.2 s"),
     (lambda r: _edit_info(r, fps=30), "episode 0 frame 1 has timestamp 0.0666.* s but frame_index / fps = 0.0333"),
+    (lambda r: _empty_episode(r, 2), "lerobot: episode 2 has length 0"),
+    (lambda r: _empty_episode(r, 1), "lerobot: episode 1 has length 0"),
 ], ids=["no-info", "v2.1", "v4.0", "v3.1", "total-frames", "dropped-rows", "missing-data-file", "cut-parquet",
         "missing-video", "short-video", "no-action", "no-episodes-meta", "fps-zero", "fps-text", "action-shape",
-        "state-shape", "timestamps-zero", "timestamps-swapped", "wrong-fps"])
+        "state-shape", "timestamps-zero", "timestamps-swapped", "wrong-fps", "empty-last-episode",
+        "empty-middle-episode"])
 def test_import_refusals(lerobot_root, tmp_path, mutate, match):
     mutate(lerobot_root)
     with pytest.raises(DatasetError, match=match):

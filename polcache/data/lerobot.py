@@ -298,6 +298,11 @@ def _read_episodes(root: Path, info: dict, video_keys: list[str]) -> dict[str, n
         raise DatasetError(f"{root}: the dataset has no episodes")
     if not np.array_equal(cols["episode_index"], np.arange(n)):
         raise DatasetError(f"{root}: episode metadata does not list episodes 0..{n - 1} once each")
+    empty = np.flatnonzero(cols["length"] <= 0)
+    if len(empty):
+        e = int(empty[0])
+        raise DatasetError(f"{root}: episode {e} has length {int(cols['length'][e])} in the episode metadata; "
+                           f"empty episodes are not supported (remove it from the dataset)")
     if n != info["total_episodes"]:
         raise DatasetError(f"{root}: episode metadata lists {n} episodes but {INFO_PATH} says total_episodes="
                            f"{info['total_episodes']}: truncated dataset")
