@@ -300,6 +300,10 @@ def test_export_refuses_odd_image_size(tmp_path):
 # ---- refusals -------------------------------------------------------------------
 
 
+def _info(root: Path) -> dict:
+    return json.loads((root / "meta/info.json").read_text())
+
+
 def _edit_info(root: Path, **changes) -> None:
     info = json.loads((root / "meta/info.json").read_text())
     info.update(changes)
@@ -389,10 +393,20 @@ def _empty_episode(root: Path, e: int) -> None:
     (lambda r: _edit_info(r, fps=30), "episode 0 frame 1 has timestamp 0.0666.* s but frame_index / fps = 0.0333"),
     (lambda r: _empty_episode(r, 2), "lerobot: episode 2 has length 0"),
     (lambda r: _empty_episode(r, 1), "lerobot: episode 1 has length 0"),
+    (lambda r: _edit_info(r, features={**_info(r)["features"], "action": "float32"}),
+     r"features\['action'\] must be an object with dtype and shape, got \"float32\""),
+    (lambda r: _edit_info(r, data_path=None), "data_path must be a path template string, got null"),
+    (lambda r: _edit_info(r, video_path=5), "video_path must be a path template string or null, got 5"),
+    (lambda r: _edit_info(r, data_path="data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"),
+     r"data_path .* only the placeholders \{chunk_index\}, \{file_index\} \(KeyError: 'episode_chunk'\)"),
+    (lambda r: _edit_info(r, total_frames="15"), "total_frames must be a non-negative integer, got \"15\""),
+    (lambda r: _declare_shape(r, "action", "2"), r"features\['action'\].shape must be a list of non-negative"),
 ], ids=["no-info", "v2.1", "v4.0", "v3.1", "total-frames", "dropped-rows", "missing-data-file", "cut-parquet",
         "missing-video", "short-video", "no-action", "no-episodes-meta", "fps-zero", "fps-text", "action-shape",
         "state-shape", "timestamps-zero", "timestamps-swapped", "wrong-fps", "empty-last-episode",
-        "empty-middle-episode"])
+        "empty-middle-episode",
+        "feature-not-object", "data-path-null", "video-path-int", "data-path-placeholders", "total-frames-text",
+        "shape-text"])
 def test_import_refusals(lerobot_root, tmp_path, mutate, match):
     mutate(lerobot_root)
     with pytest.raises(DatasetError, match=match):

@@ -172,7 +172,45 @@ def read_info(root: str | Path) -> dict[str, Any]:
     fps = info["fps"]
     if type(fps) not in (int, float) or not 0 < fps < 10_000:  # frames are timed as index / fps
         raise DatasetError(f"{path}: fps must be a positive number of frames per second, got {fps!r}")
+    _check_info_types(path, info)
     return info
+
+
+def _check_info_types(path: Path, info: dict[str, Any]) -> None:
+    """Every info.json field the import reads must have the type lerobot writes: one line naming it."""
+    def bad(field: str, expected: str, got: Any) -> DatasetError:
+        return DatasetError(f"{path}: {field} must be {expected}, got {json.dumps(got)[:80]}")
+
+    for key in ("total_episodes", "total_frames"):
+        if type(info[key]) is not int or info[key] < 0:
+            raise bad(key, "a non-negative integer", info[key])
+    templates = {"data_path": ("chunk_index", "file_index"), "video_path": ("video_key", "chunk_index", "file_index")}
+    for key, fields in templates.items():
+        template = info.get(key)
+        if key == "video_path" and template is None:
+            continue
+        if not isinstance(template, str):
+            raise bad(key, "a path template string" + (" or null" if key == "video_path" else ""), template)
+        try:
+            template.format(**{f: "x" if f == "video_key" else 0 for f in fields})
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise DatasetError(f"{path}: {key} {template!r} is not a path template with only the placeholders "
+                               f"{', '.join('{' + f + '}' for f in fields)} ({type(e).__name__}: {e})") from None
+    if info.get("robot_type") is not None and not isinstance(info["robot_type"], str):
+        raise bad("robot_type", "a string or null", info["robot_type"])
+    features = info["features"]
+    if not isinstance(features, dict):
+        raise bad("features", "an object (feature name -> {dtype, shape, ...})", features)
+    for name, ft in features.items():
+        if not isinstance(ft, dict):
+            raise bad(f"features[{name!r}]", "an object with dtype and shape", ft)
+        if "dtype" in ft and not isinstance(ft["dtype"], str):
+            raise bad(f"features[{name!r}].dtype", "a string", ft["dtype"])
+        shape = ft.get("shape")
+        if shape is not None and not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise bad(f"features[{name!r}].shape", "a list of non-negative integers", shape)
+        if ft.get("info") is not None and not isinstance(ft["info"], dict):
+            raise bad(f"features[{name!r}].info", "an object or null", ft["info"])
 
 
 def _camera(key: str) -> str | None:
@@ -196,9 +234,7 @@ def _image_hw(ft: dict) -> tuple[int, int] | None:
 
 def _plan(root: Path, info: dict) -> tuple[dict[str, tuple[str, tuple[int, int]]], list[str]]:
     """Cameras to import (polcache key -> (LeRobot key, (H, W))) and the features left out, with why."""
-    features = info["features"]
-    if not isinstance(features, dict):
-        raise DatasetError(f"{root}: {INFO_PATH} features is not an object")
+    features = info["features"]  # types checked by read_info
     missing = [k for k in (ACTION, *REQUIRED_INDEX_FEATURES) if k not in features]
     if missing:
         raise DatasetError(f"{root}: missing required feature(s) {', '.join(missing)} in {INFO_PATH}")
