@@ -344,7 +344,7 @@ def _edit_data(root: Path, file_index: int, column: str, edit) -> None:
     table = pq.read_table(path)
     i = table.column_names.index(column)
     values = np.array(table.column(column).to_pylist())
-    pq.write_table(table.set_column(i, table.schema.field(i), pa.array(edit(values), table.schema.field(i).type)),
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array(edit(values).tolist(), table.schema.field(i).type)),
                    path)
 
 
@@ -401,12 +401,17 @@ def _empty_episode(root: Path, e: int) -> None:
      r"data_path .* only the placeholders \{chunk_index\}, \{file_index\} \(KeyError: 'episode_chunk'\)"),
     (lambda r: _edit_info(r, total_frames="15"), "total_frames must be a non-negative integer, got \"15\""),
     (lambda r: _declare_shape(r, "action", "2"), r"features\['action'\].shape must be a list of non-negative"),
+    (lambda r: _edit_data(r, 0, "action", lambda a: np.where(np.arange(len(a))[:, None] == 7, np.nan, a)),
+     r"lerobot: feature action holds NaN or inf at episode 1 frame 1"),
+    (lambda r: _edit_data(r, 1, "observation.state", lambda x: np.where(np.arange(len(x))[:, None] == 2, np.inf, x)),
+     r"lerobot: feature observation.state holds NaN or inf at episode 2 frame 2"),
 ], ids=["no-info", "v2.1", "v4.0", "v3.1", "total-frames", "dropped-rows", "missing-data-file", "cut-parquet",
         "missing-video", "short-video", "no-action", "no-episodes-meta", "fps-zero", "fps-text", "action-shape",
         "state-shape", "timestamps-zero", "timestamps-swapped", "wrong-fps", "empty-last-episode",
         "empty-middle-episode",
         "feature-not-object", "data-path-null", "video-path-int", "data-path-placeholders", "total-frames-text",
-        "shape-text"])
+        "shape-text", "nan-action",
+        "inf-state"])
 def test_import_refusals(lerobot_root, tmp_path, mutate, match):
     mutate(lerobot_root)
     with pytest.raises(DatasetError, match=match):

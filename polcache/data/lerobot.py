@@ -496,6 +496,11 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True) -> 
     state = _vector(root, frames, features, STATE) if has_state else None
     lengths = eps["length"]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for key, x in ((ACTION, action), (STATE, state)):
+        if x is not None and not np.isfinite(x).all():
+            row = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
+            e = int(np.searchsorted(starts, row, "right") - 1)
+            raise DatasetError(f"{root}: feature {key} holds NaN or inf at episode {e} frame {row - int(starts[e])}")
     tasks = [""] * len(lengths)
     if has_tasks:
         task_of = _read_tasks(root)
