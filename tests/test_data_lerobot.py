@@ -448,6 +448,21 @@ def test_open_dataset_imports_once(lerobot_root, monkeypatch):
     assert fresh.path != caches[0] and list((lerobot_root / ".polcache").glob("episodes-*.zarr")) == [fresh.path]
 
 
+def test_failed_import_lock_does_not_block_and_is_swept(lerobot_root):
+    """A failed import leaves only its lock file (flock is released, so nothing waits on it); the next
+    successful import removes it with the stale caches."""
+    good = lerobot_root / lr.DATA_PATH.format(chunk_index=0, file_index=0)
+    saved = good.read_bytes()
+    _edit_data(lerobot_root, 0, "action", lambda a: np.where(np.arange(len(a))[:, None] == 7, np.nan, a))
+    with pytest.raises(DatasetError, match="NaN or inf"):
+        open_dataset(lerobot_root)
+    assert [p.name for p in (lerobot_root / ".polcache").iterdir()][0].endswith(".zarr.lock")
+    good.write_bytes(saved)
+    store = open_dataset(lerobot_root)
+    assert sorted(p.name for p in (lerobot_root / ".polcache").iterdir()) == [f".{store.path.name}.lock",
+                                                                            store.path.name]
+
+
 def test_open_dataset_read_only_root_uses_user_cache(lerobot_root, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     (lerobot_root / ".polcache").write_text("")  # the cache directory cannot be created here

@@ -815,7 +815,9 @@ def cached_import(root: str | Path, progress: bool = False) -> Path:
                     for stale in cache.parent.glob("episodes-*.zarr"):
                         if stale != cache:
                             shutil.rmtree(stale, ignore_errors=True)
-                            (cache.parent / f".{stale.name}.lock").unlink(missing_ok=True)
+                    for stale_lock in cache.parent.glob(".episodes-*.zarr.lock"):  # also a failed import's
+                        if stale_lock.name != f".{cache.name}.lock":
+                            stale_lock.unlink(missing_ok=True)
         return cache
     raise DatasetError(f"{root}: no writable cache directory for the imported dataset "
                        f"(tried {root / '.polcache'} and {_user_cache_dir()})")
