@@ -10,6 +10,7 @@ onnx and onnxruntime are optional (`pip install -e '.[export]'`) and imported la
 from __future__ import annotations
 
 from polcache.errors import ExportError
+from polcache.extras import install_hint
 
 
 def require_export_deps() -> None:
@@ -21,4 +22,4 @@ def require_export_deps() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ExportError(f"ONNX export needs {' and '.join(missing)}: pip install -e '.[export]'")
+        raise ExportError(f"ONNX export needs {' and '.join(missing)}: {install_hint('onnx')}")

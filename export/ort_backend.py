@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from polcache.errors import DeviceError, ExportError
+from polcache.extras import install_hint
 from polcache.export.artifact import ExportedBackend
 from polcache.export.manifest import graph_bytes
 
@@ -24,7 +25,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise ExportError("the ONNX Runtime backend needs onnxruntime: pip install -e '.[export]'") from None
+        raise ExportError(f"the ONNX Runtime backend needs onnxruntime: {install_hint('onnxruntime')}") from None
     return onnxruntime
 
 

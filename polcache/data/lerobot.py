@@ -43,6 +43,7 @@ from tqdm import tqdm
 from polcache.atomic import atomic_directory, restore
 from polcache.data.store import Episode, EpisodeStore, write_dataset
 from polcache.errors import DatasetError
+from polcache.extras import install_hint
 from polcache.outputs import check_output
 
 CODEBASE_VERSION = "v3.0"
@@ -72,7 +73,7 @@ CODEC, CODEC_NAME, PIX_FMT, GOP = "libx264", "h264", "yuv420p", 2
 DEFAULT_CRF = 10
 DEFAULT_FPS = 10
 _CACHE_VERSION = 1  # bump when import output changes, so stale caches are rebuilt
-_INSTALL_HINT = "pip install -e '.[lerobot]'"
+_INSTALL_HINT = install_hint("pyarrow")
 
 
 @dataclass(frozen=True)

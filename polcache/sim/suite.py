@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from polcache.errors import CheckpointError, PolcacheError
+from polcache.extras import install_hint
 from polcache.jsonfile import read_json_object
 
 SUITES = {
@@ -197,7 +198,7 @@ def _run_on_ray(tasks: Sequence[str], run: SuiteRun, out: str | Path, address: s
     try:
         import ray
     except ImportError:
-        raise PolcacheError("--ray needs Ray: pip install -e '.[cluster]'") from None
+        raise PolcacheError(f"--ray needs Ray: {install_hint('ray')}") from None
     started = not ray.is_initialized()
     if started:
         try:
