@@ -7,6 +7,8 @@ import math
 import os
 from typing import TYPE_CHECKING
 
+from polcache.config import MAX_SEED
+from polcache.errors import cut_short
 from polcache.policy.loader import MAX_CANDIDATES
 
 if TYPE_CHECKING:
@@ -14,8 +16,8 @@ if TYPE_CHECKING:
 
 
 def _shown(value: str) -> str:
-    """A value as typed, cut short: a 400-digit number is not worth printing whole."""
-    return value if len(value) <= 24 else f"{value[:12]}...{value[-4:]} ({len(value)} characters)"
+    """A value as typed, cut short (to fit argparse's usage line)."""
+    return cut_short(value, 12, 4)
 
 
 def _number(value: str, parse: type, ok, expected: str):
@@ -67,9 +69,6 @@ def candidate_count(value: str) -> int:
 def non_negative_int(value: str) -> int:
     """Seeds, step counts: gymnasium and numpy refuse negative seeds deep inside a run."""
     return _number(value, int, lambda n: n >= 0, "an integer >= 0")
-
-
-MAX_SEED = 2**63 - 1  # what every backend's sampling seed takes (polcache.policy.spec.check_seed), and torch's
 
 
 def seed_int(value: str) -> int:

@@ -378,7 +378,8 @@ class Range:
 
 
 AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
-SEED = Range(0, 2**63 - 1)  # torch's and numpy's generators take no larger seed: beyond, a traceback
+MAX_SEED = 2**63 - 1  # torch's generators take no larger seed (beyond, a traceback); every seed is checked to it
+SEED = Range(0, MAX_SEED)
 LEARNING_RATE = Range(0, 1e38, lo_open=True)  # AdamW applies it in float32 (max 3.4e38): beyond, a traceback
 PROBABILITY = Range(0, 1, hi_open=True)  # dropout, EMA decay, Adam betas, held-out share: 1 would freeze or drop all
 # Every numeric field's accepted values, by dotted key (a tuple field: each element). Checked before

@@ -2,6 +2,12 @@
 into one clear line instead of a traceback."""
 
 
+def cut_short(text: str, head: int = 20, tail: int = 8) -> str:
+    """`text` for a one-line message, cut short past head + tail + 12 characters: a 400-digit number
+    or a long list is not worth printing whole."""
+    return text if len(text) <= head + tail + 12 else f"{text[:head]}...{text[-tail:]} ({len(text)} characters)"
+
+
 class PolcacheError(Exception):
     """A problem the user can fix: bad input, wrong file, mismatched shapes."""
 

@@ -28,6 +28,7 @@ from polcache.atomic import atomic_write_text
 from polcache.cache.acs import acs_score, solve_acs
 from polcache.cache.bubbling import bubbling_union, legacy_layer_kind, top_blocks
 from polcache.cache.errors import CacheError
+from polcache.errors import cut_short
 from polcache.cache.spec import ACS_METHODS, OBJECTIVES
 from polcache.jsonfile import read_json_object
 from polcache.policy.blocks import FFN
@@ -247,9 +248,8 @@ def _flag(value: Any, field: str) -> bool:
 
 
 def _shown(value: Any) -> str:
-    """A value for a message, cut short: a 400-digit number or a long list is not worth printing whole."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
+    """A value of the file for a message, cut short."""
+    return cut_short(repr(value))
 
 
 # every key save_schedule has written (version 1 lacked objective, model.family, model.layers and

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from polcache.cache.errors import CacheError
 from polcache.cache.spec import parse_cache_spec
-from polcache.config import apply_overrides, from_dict, read_yaml_mapping
+from polcache.config import MAX_SEED, apply_overrides, from_dict, read_yaml_mapping
 from polcache.errors import ConfigError, PolcacheError
 from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
@@ -131,7 +131,7 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"robot.hz: expected a rate in [{MIN_HZ:g}, {MAX_HZ:g}] Hz, got {r.hz}")
     if r.episodes < 1:
         raise ConfigError(f"robot.episodes: expected a positive integer, got {r.episodes}")
-    if not 0 <= r.seed <= 2**63 - 1:  # sim-robot would refuse it only after the server started
+    if not 0 <= r.seed <= MAX_SEED:  # sim-robot would refuse it only after the server started
         raise ConfigError(f"robot.seed: expected a seed in 0..2^63-1, got {r.seed}")
     if s.max_batch < 1:
         raise ConfigError(f"server.max_batch: expected a positive integer, got {s.max_batch}")

@@ -10,7 +10,8 @@ from typing import Any, Iterator
 
 from polcache.errors import PolcacheError
 from polcache.outputs import check_output
-from polcache_client.metrics_file import FLUSH_S, METRICS_FILE, MetricsFile, MetricsFileError, check_metrics_path
+from polcache_client.metrics_file import (FLUSH_S, METRICS_FILE, MetricsFile, MetricsFileError, check_metrics_path,
+                                          is_metrics_file)
 
 
 @contextmanager
@@ -30,11 +31,6 @@ def check_metrics_input(path: str | Path, flag: str | None = None) -> None:
         check_metrics_path(path, flag)
 
 
-def _kind_checked_first(path: Path) -> bool:
-    """check_output's `ours` for a metrics file: true, as MetricsFile checked the kind just before."""
-    return True
-
-
 class JsonlWriter(MetricsFile):
     """MetricsFile, its path checked as every polcache output is (polcache.outputs)."""
 
@@ -48,6 +44,6 @@ class JsonlWriter(MetricsFile):
         words; then what only polcache checks, once: a path under a file, a trailing slash, a path
         inside a checkpoint or dataset, a read-only or full disk. An existing metrics file is appended to."""
         checked = super()._checked(path)
-        check_output(path, METRICS_FILE, folder=False, ours=_kind_checked_first, flag="metrics file",
+        check_output(path, METRICS_FILE, folder=False, ours=is_metrics_file, flag="metrics file",
                      error=PolcacheError)
         return checked

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from polcache.config import MAX_SEED
 from polcache.errors import InferenceError, ObservationError
 
 
@@ -44,7 +45,7 @@ def check_seed(seed: Any) -> int | None:
     refused rather than truncated, so `--backend ort` and `--backend torch` accept the same seeds."""
     if seed is None:
         return None
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed < 2**63:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed <= MAX_SEED:
         raise ObservationError(f"seed: expected an integer in 0..2^63-1 or None, got {seed!r}")
     return int(seed)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from polcache.config import INSTRUCTION_KEY
+from polcache.config import INSTRUCTION_KEY, MAX_SEED
 from polcache.errors import PolcacheError
 from polcache.outputs import check_output, json_kind
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, rtc_blocker
@@ -137,7 +137,7 @@ def chunk_seed(episode_seed: int, chunk: int) -> int:
     that it stays a seed every backend takes (0..2^63-1) for any episode seed; 10007 is odd, so episode
     seeds that differ below 2^63 still get different seeds for the same chunk. Below 2^63 it is the
     plain value, so runs with smaller seeds are reproduced exactly as before the modulo."""
-    return (episode_seed * 10007 + chunk) % 2**63
+    return (episode_seed * 10007 + chunk) % (MAX_SEED + 1)
 
 
 def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], frames: list | None = None,
