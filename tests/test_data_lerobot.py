@@ -21,6 +21,7 @@ from polcache.cli import main  # noqa: E402
 from polcache.data import Episode, EpisodeStore, SequenceDataset, open_dataset, write_dataset  # noqa: E402
 from polcache.data import lerobot as lr  # noqa: E402
 from polcache.errors import DatasetError  # noqa: E402
+from polcache.policy.language import encode_instruction  # noqa: E402
 
 FPS, H, W = 15, 32, 32
 LENGTHS = [6, 4, 5]
@@ -295,6 +296,54 @@ def test_export_refuses_odd_image_size(tmp_path):
     write_dataset(tmp_path / "odd.zarr", [ep])
     with pytest.raises(DatasetError, match="even image sizes"):
         lr.export_lerobot(tmp_path / "odd.zarr", tmp_path / "out", progress=False)
+
+
+# ---- instructions (language) <-> task strings ---------------------------------------
+
+
+def instructed_episode(texts: list[str], seed: int, width: int = 64) -> Episode:
+    """An episode as `polcache record --instructions` writes it: frame k carries texts[k]'s bytes."""
+    rng = np.random.default_rng(seed)
+    n = len(texts)
+    return Episode(obs={"state": rng.normal(size=(n, 4)).astype(np.float32),
+                        "instruction": np.stack([encode_instruction(t, width) for t in texts])},
+                   action=rng.normal(size=(n, 3)).astype(np.float32), task="reach-v3")
+
+
+def instructed_dataset(path: Path, width: int = 64) -> list[Episode]:
+    """Four record-like episodes, one of whose instruction changes midway (as subtasks would)."""
+    episodes = [instructed_episode(["reach the goal"] * 5, 0, width),
+                instructed_episode(["go to the target"] * 3 + ["reach the goal"] * 2 + ["go to the target"], 1, width),
+                instructed_episode(["reach the goal"] * 3, 2, width),
+                instructed_episode(["touche la cible, s'il te plaît"] * 2, 3, width)]
+    write_dataset(path, episodes, attrs={"fps": 20, "task": "reach-v3"})
+    return episodes
+
+
+def test_export_writes_instructions_as_tasks(tmp_path):
+    """The `instruction` observation is lerobot's task string, frame by frame; numbered in order of first use."""
+    instructed_dataset(tmp_path / "instructed.zarr")
+    out = tmp_path / "exported"
+    lr.export_lerobot(tmp_path / "instructed.zarr", out, progress=False)
+    tasks = pq.read_table(out / "meta/tasks.parquet")
+    assert tasks.column("task").to_pylist() == ["reach the goal", "go to the target", "touche la cible, s'il te plaît"]
+    assert tasks.column("task_index").to_pylist() == [0, 1, 2]
+    eps = pq.read_table(out / "meta/episodes/chunk-000/file-000.parquet").to_pydict()
+    assert eps["tasks"] == [["reach the goal"], ["go to the target", "reach the goal"], ["reach the goal"],
+                            ["touche la cible, s'il te plaît"]]
+    data = pq.read_table(out / "data/chunk-000/file-000.parquet")
+    assert data.column("task_index").to_pylist() == [0] * 5 + [1, 1, 1, 0, 0, 1] + [0] * 3 + [2] * 2
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["total_tasks"] == 3 and "instruction" not in info["features"]  # the task string is its home
+
+
+def test_export_refuses_undecodable_instruction(tmp_path):
+    ep = instructed_episode(["reach the goal"] * 3, 0, 16)
+    ep.obs["instruction"][2, :2] = [0xC3, 0x28]  # not UTF-8
+    write_dataset(tmp_path / "bad.zarr", [instructed_episode(["reach"] * 2, 1, 16), ep])
+    with pytest.raises(DatasetError, match=r"bad.zarr: episode 1 frame 2: instruction: not valid UTF-8 \(byte 0\)"):
+        lr.export_lerobot(tmp_path / "bad.zarr", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- refusals -------------------------------------------------------------------

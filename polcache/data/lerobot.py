@@ -15,7 +15,9 @@ A v3.0 root, as lerobot writes it (many episodes per file; episodes located thro
 
 Mapping to polcache's episode store: observation.state <-> "state", action <-> action,
 observation.images.<cam> (or observation.image, as camera "main") <-> "image_<cam>", and the
-per-frame task_index (through tasks.parquet) <-> Episode.task. Images keep their size.
+per-frame task_index (through tasks.parquet) <-> Episode.task. An "instruction" observation is
+language, and LeRobot's place for language is the task string: export writes each frame's
+instruction as its task (instead of Episode.task). Images keep their size.
 
 Videos are written with libx264 (H.264), yuv420p, crf 10, a keyframe every 2 frames (lerobot's
 GOP, for cheap random access): near-lossless at the sizes policies use, decodable by every
@@ -41,10 +43,12 @@ import numpy as np
 from tqdm import tqdm
 
 from polcache.atomic import atomic_directory, restore
+from polcache.config import INSTRUCTION_KEY
 from polcache.data.store import Episode, EpisodeStore, write_dataset
 from polcache.errors import DatasetError
 from polcache.extras import install_hint
 from polcache.outputs import check_output
+from polcache.policy.language import InstructionError, decode_instruction, encode_instruction
 
 CODEBASE_VERSION = "v3.0"
 INFO_PATH = "meta/info.json"
@@ -675,6 +679,20 @@ def _write_tasks(path: Path, tasks: list[str]) -> None:
     pq.write_table(table.replace_schema_metadata({"pandas": json.dumps(pandas_meta)}), path)
 
 
+def _instruction_texts(dataset: str | Path, e: int, instruction: np.ndarray) -> list[str]:
+    """Each frame's instruction as text, for its LeRobot task string. Checked as encode_instruction
+    checks what it encodes (UTF-8, no NUL inside, not empty), so import can encode it back; each
+    distinct row is decoded once (record repeats one instruction through an episode)."""
+    rows, first, inverse = np.unique(instruction, axis=0, return_index=True, return_inverse=True)
+    texts = []
+    for row, k in zip(rows, first):
+        try:
+            texts.append(decode_instruction(encode_instruction(row.tobytes().rstrip(b"\0"), len(row))))
+        except InstructionError as exc:
+            raise DatasetError(f"{dataset}: episode {e} frame {k}: {exc}") from None
+    return [texts[i] for i in inverse.reshape(-1)]
+
+
 def _lists(stats: dict[str, np.ndarray]) -> dict[str, Any]:
     return {k: v.tolist() for k, v in stats.items()}
 
@@ -683,7 +701,9 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
                    progress: bool = True) -> ExportReport:
     """Write a polcache dataset as a LeRobotDataset v3.0 root at `out`, atomically: a sibling temp
     directory is filled and renamed, so a failed export leaves nothing. fps: the dataset's `fps`
-    attr unless given, else DEFAULT_FPS. An existing `out` is replaced only if it is a LeRobot root."""
+    attr unless given, else DEFAULT_FPS. An existing `out` is replaced only if it is a LeRobot root.
+    Each frame's task string is its `instruction` observation's text where the dataset has one
+    (lerobot's language field), else its episode's task."""
     pa, pq = _pyarrow()
     store = EpisodeStore.open(dataset)
     out = Path(out)
@@ -699,9 +719,8 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
     if cams:
         _av()
     video_keys = {k: IMAGES_PREFIX + k[len("image_"):] for k in cams}
-    has_state = "state" in store.obs_keys
-    task_names = list(dict.fromkeys(store.tasks))
-    task_index = {t: i for i, t in enumerate(task_names)}
+    has_state, has_instruction = "state" in store.obs_keys, INSTRUCTION_KEY in store.obs_keys
+    task_index: dict[str, int] = {}  # task string -> task_index, numbered in order of first use
 
     rows: list[dict[str, Any]] = []
     ep_stats: list[dict[str, dict[str, np.ndarray]]] = []
@@ -723,11 +742,14 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
                     ep = store.episode(e)
                     n = len(ep.action)
                     frame_index = np.arange(n, dtype=np.int64)
+                    frame_tasks = (_instruction_texts(dataset, e, ep.obs[INSTRUCTION_KEY]) if has_instruction
+                                   else [ep.task] * n)
                     cols = {
                         **({STATE: ep.obs["state"]} if has_state else {}), ACTION: ep.action,
                         "timestamp": (frame_index / fps).astype(np.float32), "frame_index": frame_index,
                         "episode_index": np.full(n, e, np.int64), "index": start + frame_index,
-                        "task_index": np.full(n, task_index[ep.task], np.int64)}
+                        "task_index": np.array([task_index.setdefault(t, len(task_index)) for t in frame_tasks],
+                                               np.int64)}
                     table = pa.table({name: _fixed_list(x) if x.ndim == 2 else pa.array(x)
                                       for name, x in cols.items()})
                     if data_writer is None:
@@ -735,7 +757,8 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
                     data_writer.write_table(table)  # one row group per episode, as lerobot writes
                     stats = {name: _stats(x if x.ndim == 2 else x[:, None]) for name, x in cols.items()}
                     row: dict[str, Any] = {
-                        "episode_index": e, "tasks": [ep.task], "length": n, "data/chunk_index": 0,
+                        "episode_index": e, "tasks": list(dict.fromkeys(frame_tasks)), "length": n,
+                        "data/chunk_index": 0,
                         "data/file_index": 0, "dataset_from_index": start, "dataset_to_index": start + n}
                     for k, vk in video_keys.items():
                         writers[k].write(ep.obs[k])
@@ -760,12 +783,12 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
         episodes_path = tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)
         episodes_path.parent.mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows), episodes_path, compression="snappy")
-        _write_tasks(tmp / TASKS_PATH, task_names)
+        _write_tasks(tmp / TASKS_PATH, list(task_index))
         stats_json = {name: _lists(_aggregate([s[name] for s in ep_stats])) for name in ep_stats[0]}
         (tmp / STATS_PATH).write_text(json.dumps(stats_json, indent=2))
         info = {
             "codebase_version": CODEBASE_VERSION, "robot_type": store.attrs.get("robot_type"),
-            "total_episodes": store.num_episodes, "total_frames": store.num_steps, "total_tasks": len(task_names),
+            "total_episodes": store.num_episodes, "total_frames": store.num_steps, "total_tasks": len(task_index),
             "chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": DATA_FILES_SIZE_IN_MB,
             "video_files_size_in_mb": VIDEO_FILES_SIZE_IN_MB, "fps": fps,
             "splits": {"train": f"0:{store.num_episodes}"}, "data_path": DATA_PATH,
