@@ -21,7 +21,7 @@ from polcache.cli import main  # noqa: E402
 from polcache.data import Episode, EpisodeStore, SequenceDataset, open_dataset, write_dataset  # noqa: E402
 from polcache.data import lerobot as lr  # noqa: E402
 from polcache.errors import DatasetError  # noqa: E402
-from polcache.policy.language import encode_instruction  # noqa: E402
+from polcache.policy.language import decode_instruction, encode_instruction  # noqa: E402
 
 FPS, H, W = 15, 32, 32
 LENGTHS = [6, 4, 5]
@@ -310,6 +310,10 @@ def instructed_episode(texts: list[str], seed: int, width: int = 64) -> Episode:
                    action=rng.normal(size=(n, 3)).astype(np.float32), task="reach-v3")
 
 
+def frame_texts(store: EpisodeStore, e: int) -> list[str]:
+    return [decode_instruction(row) for row in store.episode(e).obs["instruction"]]
+
+
 def instructed_dataset(path: Path, width: int = 64) -> list[Episode]:
     """Four record-like episodes, one of whose instruction changes midway (as subtasks would)."""
     episodes = [instructed_episode(["reach the goal"] * 5, 0, width),
@@ -344,6 +348,52 @@ def test_export_refuses_undecodable_instruction(tmp_path):
     with pytest.raises(DatasetError, match=r"bad.zarr: episode 1 frame 2: instruction: not valid UTF-8 \(byte 0\)"):
         lr.export_lerobot(tmp_path / "bad.zarr", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_instructions_round_trip(tmp_path):
+    """record --instructions -> export-lerobot -> import-lerobot --instructions: every frame's bytes come back."""
+    src = tmp_path / "instructed.zarr"
+    episodes = instructed_dataset(src)
+    lr.export_lerobot(src, tmp_path / "exported", progress=False)
+    report = lr.import_lerobot(tmp_path / "exported", tmp_path / "back.zarr", progress=False, instruction_bytes=64)
+    assert report.obs_keys == ["instruction", "state"]
+    back = EpisodeStore.open(tmp_path / "back.zarr")
+    assert back.obs_spec()["instruction"] == EpisodeStore.open(src).obs_spec()["instruction"]
+    for e, ep in enumerate(episodes):
+        np.testing.assert_array_equal(back.episode(e).obs["instruction"], ep.obs["instruction"])
+    assert frame_texts(back, 1) == ["go to the target"] * 3 + ["reach the goal"] * 2 + ["go to the target"]
+    np.testing.assert_array_equal(back.array("state"), EpisodeStore.open(src).array("state"))
+
+    lr.import_lerobot(tmp_path / "exported", tmp_path / "plain.zarr", progress=False)  # opt-in, as record's flag is
+    assert EpisodeStore.open(tmp_path / "plain.zarr").obs_keys == ["state"]
+
+
+def test_import_several_tasks_per_episode_keeps_per_frame_strings(lerobot_root, tmp_path):
+    """A LeRobot episode whose frames name different tasks (subtasks): every frame's instruction is its own."""
+    _edit_data(lerobot_root, 0, "task_index", lambda t: np.array([0, 0, 0, 1, 1, 0, 1, 1, 0, 0]))
+    lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False, instruction_bytes=16)
+    s = EpisodeStore.open(tmp_path / "out.zarr")
+    assert s.obs_keys == ["image_top", "instruction", "state"] and s.obs_spec()["instruction"].shape == (16,)
+    pick, drawer = TASKS
+    assert frame_texts(s, 0) == [pick, pick, pick, drawer, drawer, pick]
+    assert frame_texts(s, 1) == [drawer, drawer, pick, pick]
+    assert frame_texts(s, 2) == [pick] * 5
+    assert s.tasks == [pick, drawer, pick]  # an episode's task stays its first frame's
+
+
+def test_import_instructions_refusals(lerobot_root, tmp_path):
+    with pytest.raises(DatasetError, match=r"lerobot: --instructions 12: episode 1's task 'open the drawer' takes 15 "
+                                           r"UTF-8 bytes \(the longest\); give --instructions 15 or more"):
+        lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False, instruction_bytes=12)
+    pq.write_table(pa.table({"task_index": [0, 1], "task": [TASKS[0], "  "]}), lerobot_root / "meta/tasks.parquet")
+    with pytest.raises(DatasetError, match=r"lerobot: --instructions: episode 1's task '  ': empty instruction"):
+        lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False, instruction_bytes=64)
+    info = _info(lerobot_root)
+    del info["features"]["task_index"]
+    (lerobot_root / "meta/info.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match="lerobot: --instructions: the dataset has no task_index feature"):
+        lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False, instruction_bytes=64)
+    assert not (tmp_path / "out.zarr").exists()
 
 
 # ---- refusals -------------------------------------------------------------------

@@ -17,7 +17,8 @@ Mapping to polcache's episode store: observation.state <-> "state", action <-> a
 observation.images.<cam> (or observation.image, as camera "main") <-> "image_<cam>", and the
 per-frame task_index (through tasks.parquet) <-> Episode.task. An "instruction" observation is
 language, and LeRobot's place for language is the task string: export writes each frame's
-instruction as its task (instead of Episode.task). Images keep their size.
+instruction as its task (instead of Episode.task), and import with instruction_bytes turns each
+frame's task back into that observation. Images keep their size.
 
 Videos are written with libx264 (H.264), yuv420p, crf 10, a keyframe every 2 frames (lerobot's
 GOP, for cheap random access): near-lossless at the sizes policies use, decodable by every
@@ -45,7 +46,7 @@ from tqdm import tqdm
 from polcache.atomic import atomic_directory, restore
 from polcache.config import INSTRUCTION_KEY
 from polcache.data.store import Episode, EpisodeStore, write_dataset
-from polcache.errors import DatasetError
+from polcache.errors import DatasetError, cut_short
 from polcache.extras import install_hint
 from polcache.outputs import check_output
 from polcache.policy.language import InstructionError, decode_instruction, encode_instruction
@@ -396,6 +397,29 @@ def _read_tasks(root: Path) -> dict[int, str]:
     return dict(zip(table.column("task_index").to_pylist(), table.column(task_col).to_pylist()))
 
 
+def _encode_tasks(root: Path, task_of: dict[int, str], frame_task: np.ndarray, starts: np.ndarray,
+                  width: int) -> np.ndarray:
+    """Each frame's task string as the `instruction` observation, (frames, width) uint8, encoded as
+    `polcache record --instructions` encodes an instruction. A task that does not fit is refused as
+    record refuses one: the longest, so one retry with its size is enough."""
+    used, first, inverse = np.unique(frame_task, return_index=True, return_inverse=True)
+    texts = [task_of[int(t)] for t in used]
+    episode_of = np.searchsorted(starts, first, "right") - 1  # the episode each task first appears in
+    size, longest = max((len(text.encode("utf-8").strip()) if isinstance(text, str) else 0, i)  # null: refused below
+                        for i, text in enumerate(texts))
+    if size > width:
+        raise DatasetError(f"{root}: --instructions {width}: episode {episode_of[longest]}'s task "
+                           f"{cut_short(repr(texts[longest]))} takes {size} UTF-8 bytes (the longest); give "
+                           f"--instructions {size} or more")
+    try:
+        rows = np.stack([encode_instruction(text, width, f"{root}: --instructions: episode {e}'s task "
+                                                         f"{cut_short(repr(text))}")
+                         for text, e in zip(texts, episode_of.tolist())])
+    except InstructionError as exc:  # empty, or a NUL inside: nothing a policy could read
+        raise DatasetError(str(exc)) from None
+    return rows[inverse.reshape(-1)]
+
+
 def _decode_video(root: Path, path: Path, times: np.ndarray, rows: np.ndarray, out: np.ndarray,
                   filled: np.ndarray, tol: float, bar: tqdm) -> None:
     """Decode one mp4, writing to out[rows] the decoded frame nearest each wanted time (within tol)."""
@@ -483,8 +507,13 @@ def _names(ft: dict) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def import_lerobot(root: str | Path, out: str | Path, progress: bool = True) -> ImportReport:
-    """Convert a LeRobotDataset v3.0 root into a polcache zarr dataset at `out` (written atomically)."""
+def import_lerobot(root: str | Path, out: str | Path, progress: bool = True,
+                   instruction_bytes: int = 0) -> ImportReport:
+    """Convert a LeRobotDataset v3.0 root into a polcache zarr dataset at `out` (written atomically).
+    `instruction_bytes` > 0 also makes each frame's task string its `instruction` observation of
+    that many bytes, as `polcache record --instructions` writes it, for language-conditioned policies.
+    Opt-in, as record's flag is: many datasets' only task is a generic name, which a policy without
+    language would carry in every frame for nothing."""
     _pyarrow()
     root = Path(root)
     info = read_info(root)
@@ -506,14 +535,21 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True) -> 
             row = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
             e = int(np.searchsorted(starts, row, "right") - 1)
             raise DatasetError(f"{root}: feature {key} holds NaN or inf at episode {e} frame {row - int(starts[e])}")
+    if instruction_bytes and not has_tasks:
+        raise DatasetError(f"{root}: --instructions: the dataset has no task_index feature, so no task strings to "
+                           f"take instructions from")
     tasks = [""] * len(lengths)
+    instruction = None
     if has_tasks:
         task_of = _read_tasks(root)
-        task_index = _numbers(root, frames, "task_index")[starts, 0]  # an episode's task is its first frame's
-        unknown = sorted(set(task_index.tolist()) - set(task_of))
+        frame_task = _numbers(root, frames, "task_index")[:, 0]
+        used = frame_task if instruction_bytes else frame_task[starts]  # an episode's task is its first frame's
+        unknown = sorted(set(used.tolist()) - set(task_of))
         if unknown:
             raise DatasetError(f"{root}: task_index {unknown[0]} is not in {TASKS_PATH}")
-        tasks = [task_of[int(t)] for t in task_index]
+        tasks = [task_of[int(t)] for t in frame_task[starts]]
+        if instruction_bytes:
+            instruction = _encode_tasks(root, task_of, frame_task, starts, instruction_bytes)
 
     images: dict[str, np.ndarray] = {}
     if cameras:
@@ -542,7 +578,8 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True) -> 
                                    f"(video truncated or timestamps off)")
             images[key] = out_arr
 
-    obs_all = {**({"state": state} if state is not None else {}), **images}
+    obs_all = {**({"state": state} if state is not None else {}), **images,
+               **({INSTRUCTION_KEY: instruction} if instruction is not None else {})}
     episodes = [Episode(obs={k: v[s:s + n] for k, v in obs_all.items()}, action=action[s:s + n], task=tasks[e])
                 for e, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist()))]
     attrs: dict[str, Any] = {"fps": fps, "source": f"lerobot {info['codebase_version']}"}
