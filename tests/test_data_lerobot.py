@@ -585,6 +585,8 @@ def test_cli_round_trip(polcache_ds, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "LeRobotDataset v3.0, 3 episodes, 16 frames at 25 fps" in text and "3 episodes, 16 frames" in text
     assert EpisodeStore.open(back).attrs["fps"] == 25
+    assert main(["data", "import-lerobot", str(out), "--out", str(back), "--instructions", "--no-progress"]) == 0
+    assert EpisodeStore.open(back).obs_spec()["instruction"].shape == (64,)  # record's default width
 
 
 def test_cli_bad_root(tmp_path, capsys):

@@ -16,15 +16,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     imp = sub.add_parser("import-lerobot", help="LeRobotDataset v3.0 root -> polcache dataset",
                          description="Read a LeRobotDataset v3.0 root (meta/info.json, parquet data, mp4 videos) and "
-                                     "write it as a polcache dataset. Images keep their size.")
+                                     "write it as a polcache dataset. Images keep their size. With --instructions, "
+                                     "each frame's task string also becomes its 'instruction' observation.")
     imp.add_argument("root", help="LeRobot dataset root (the directory holding meta/info.json)")
     imp.add_argument("--out", required=True, help="polcache dataset (zarr directory) to write")
+    imp.add_argument("--instructions", type=positive_int, nargs="?", const=64, default=0, metavar="BYTES",
+                     help="also write each frame's task string as the 'instruction' observation of BYTES UTF-8 bytes "
+                          "(default 64), as `polcache record --instructions` does, for language-conditioned policies; "
+                          "a task that does not fit is refused")
     imp.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     imp.set_defaults(handler=_import)
 
     exp = sub.add_parser("export-lerobot", help="polcache dataset -> LeRobotDataset v3.0 root",
                          description="Write a polcache dataset as a LeRobotDataset v3.0 root; camera images become "
-                                     "one H.264 mp4 per camera. The output appears only once complete.")
+                                     "one H.264 mp4 per camera, and an 'instruction' observation (polcache record "
+                                     "--instructions) each frame's task string. The output appears only once complete.")
     exp.add_argument("dataset", help="polcache dataset (zarr directory)")
     exp.add_argument("--out", required=True, help="LeRobot root to write (replaced only if it is a LeRobot root)")
     exp.add_argument("--fps", type=positive_int,
@@ -40,7 +46,7 @@ def _import(args: argparse.Namespace) -> int:
     from polcache.data.store import check_dataset_output
 
     check_dataset_output(args.out, "--out", inputs=[args.root])
-    r = import_lerobot(args.root, args.out, progress=not args.no_progress)
+    r = import_lerobot(args.root, args.out, progress=not args.no_progress, instruction_bytes=args.instructions)
     print(f"wrote {r.path}: {r.episodes} episodes, {r.frames} frames at {r.fps} fps, obs {', '.join(r.obs_keys)}")
     for skipped in r.skipped:
         print(f"  skipped {skipped}")
