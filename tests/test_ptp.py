@@ -22,7 +22,7 @@ def short_run(tmp_path_factory):
     rng = np.random.default_rng(0)
     eps = [Episode(obs={"state": rng.normal(size=(30, 5)).astype(np.float32)},
                    action=rng.normal(size=(30, 2)).astype(np.float32), task="toy") for _ in range(4)]
-    write_dataset(root / "toy.zarr", eps)
+    write_dataset(root / "toy.zarr", eps, {"fps": 10})
     args = ["train", "--config", "configs/recommended_cpu.yaml", f"dataset={root / 'toy.zarr'}", f"out={root / 'short'}",
             "policy.n_layers=1", "policy.width=32", "policy.state_hidden=32", "policy.sampler.inference_steps=2",
             "train.batch_size=8", "train.warmup_steps=1", "train.epochs=1", "train.val_windows=4", "--no-progress"]
@@ -52,6 +52,7 @@ def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run
     assert main(args) == 0
     long, cfg, _ = load_policy(root / "long" / "last")
     assert long.spec.obs_stride == 2 and long.spec.n_obs_steps == 4 and cfg.dataset == str(root / "toy.zarr")
+    assert long.spec.control_hz == base.spec.control_hz == 10.0  # the source's fps, copied into the store
     assert encoder_hash(long) == encoder_hash(base)  # the encoder was frozen
     # raw observations through the checkpoint = stored embeddings through the head
     ds_raw = SequenceDataset(open_dataset(root / "toy.zarr"), 8, 4, ["state"], obs_stride=2)

@@ -3,8 +3,9 @@
     config.yaml             the full experiment config
     model.safetensors       inference weights (the EMA weights)
     normalizer.safetensors  normalisation statistics
-    meta.json               format version, code version, observation spec, task, step, and the
-                            sha256 of each weights file (checked on loading; older checkpoints have none)
+    meta.json               format version, code version, observation spec, task, training control
+                            rate (`control_hz`, null where unknown; absent from older checkpoints), step,
+                            and the sha256 of each weights file (checked on loading; older checkpoints have none)
     train/                  optional: raw weights + optimizer state, for resuming training
 
 Written atomically (temp directory + rename)."""
@@ -16,7 +17,7 @@ import io
 import json
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from polcache.outputs import replaced_whole
 from polcache.policy.families import build_policy
 from polcache.policy.pinned import PackageWeights, check_installed
 from polcache.policy.policy import DiffusionPolicy
-from polcache.policy.spec import ArraySpec
+from polcache.policy.spec import ArraySpec, check_control_hz
 
 FORMAT = "polcache-checkpoint"
 VERSION = 1
@@ -77,6 +78,7 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
         "obs_keys": policy.obs_keys,
         "obs_spec": {k: v.to_dict() for k, v in policy.spec.obs.items()},
         "action_dim": policy.action_dim,
+        "control_hz": policy.spec.control_hz,
         "family": cfg.policy.family,
         **(extra_meta or {}),
     }
@@ -153,6 +155,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
     try:
         obs_spec = {k: ArraySpec.from_dict(v) for k, v in meta["obs_spec"].items()}
         obs_keys, action_dim, task = list(meta["obs_keys"]), int(meta["action_dim"]), str(meta["task"])
+        control_hz = check_control_hz(meta.get("control_hz"), "control_hz")  # absent: saved before it
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}/meta.json: malformed ({type(exc).__name__}: {exc})") from None
     _check_normalizer(normalizer, obs_spec, obs_keys, action_dim, path / "normalizer.safetensors")
@@ -168,6 +171,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
         raise CheckpointError(f"{path}: model.safetensors does not match config.yaml ({mismatch}); was config.yaml "
                               f"edited after training (layer counts, widths)?")
     policy.load_state_dict(weights)
+    policy.spec = replace(policy.spec, control_hz=control_hz)
     return policy.to(device).eval(), cfg, meta
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+import math
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -50,6 +51,18 @@ def check_seed(seed: Any) -> int | None:
     return int(seed)
 
 
+def check_control_hz(value: Any, field: str) -> float | None:
+    """A training control rate as every reader takes it: None (unknown) or a positive finite number
+    of Hz; anything else (a bool, a string, 0, NaN) raises ValueError naming `field`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{field}: expected a positive number of Hz (control steps per second) or null, got "
+                         f"{value!r}")
+    return float(value)
+
+
 def frame_offsets(n_obs_steps: int, stride: int = 1, mode: str = "strided") -> tuple[int, ...]:
     """Control steps of the observation frames relative to the current one, oldest first.
     "strided": K frames at stride s ending at the current step (0). "mixed": the newest
@@ -86,6 +99,9 @@ class PolicySpec:
     # key -> (scale, offset) per last dimension: what the policy sees is x * scale + offset (its
     # normaliser); keys listed are checked against OBS_RANGE_LIMIT. Empty for policies from before it.
     obs_normalizer: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
+    # Control steps per second of the data it was trained on (the dataset's fps): its actions are per
+    # step at that rate. None where unknown (a dataset without fps, a policy from before it).
+    control_hz: float | None = None
 
     def check_observations(self, obs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
         """Every backend's one check of what `predict` is given: obs[key] of shape (batch,
@@ -165,6 +181,7 @@ class PolicySpec:
             "frame_mode": self.frame_mode,
             "obs_normalizer": {k: {"scale": list(scale), "offset": list(offset)}
                                for k, (scale, offset) in self.obs_normalizer.items()},
+            "control_hz": self.control_hz,
         }
 
     @classmethod
@@ -180,6 +197,7 @@ class PolicySpec:
             frame_mode=str(d.get("frame_mode", "strided")),
             obs_normalizer={k: (tuple(map(float, v["scale"])), tuple(map(float, v["offset"])))
                             for k, v in d.get("obs_normalizer", {}).items()},
+            control_hz=check_control_hz(d.get("control_hz"), "control_hz"),
         )
 
 

@@ -7,6 +7,7 @@ Everything else is `polcache train`'s loop (EMA, validation, checkpoints, resume
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from polcache.errors import ConfigError, DatasetError
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.families import build_policy
 from polcache.ptp.embeddings import KEY, embedding_info, encoder_hash
-from polcache.train.loop import TrainingSource, train
+from polcache.train.loop import TrainingSource, dataset_rate, train
 
 EMBEDDING_MIN_STD = 1e-9  # float32 rounding of the features is ~1e-10 and below
 
@@ -54,6 +55,9 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path) -> TrainingSo
     validate(cfg)
     policy = build_policy(cfg.policy, base.spec.obs, base.obs_keys, base.action_dim,
                           with_embedding_stats(base.normalizer, store), cfg.task)
+    # the store's fps (copied from its source); a store embedded before that was copied: the checkpoint's
+    hz = dataset_rate(store, str(embeddings))
+    policy.spec = replace(policy.spec, control_hz=hz if hz is not None else base.spec.control_hz)
     policy.encoder.load_state_dict(base.encoder.state_dict())
     policy.encoder.requires_grad_(False)
     if store.obs_spec()[KEY].shape != (policy.encoder.feature_dim,):

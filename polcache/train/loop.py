@@ -18,7 +18,7 @@ epoch, so a dataset twice as large trains twice as many steps under the same con
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import json
 import math
 import os
@@ -42,6 +42,7 @@ from polcache.policy.checkpoint import (TrainState, check_external_weights, load
 from polcache.policy.device import resolve_device, to_device
 from polcache.policy.families import build_policy as build_family_policy
 from polcache.policy.policy import DiffusionPolicy
+from polcache.policy.spec import check_control_hz
 from polcache.signals import interrupts_held, sigterm_as_interrupt
 from polcache.train.ema import EMA
 from polcache.train.run_lock import RUN_LOCK, run_lock
@@ -86,7 +87,18 @@ def build_policy(cfg: ExperimentConfig, store: EpisodeStore) -> DiffusionPolicy:
         normalizer = Normalizer.fit(arrays, modes)
     except ValueError as exc:  # non-finite values: the dataset's fault, named as such
         raise DatasetError(f"dataset {cfg.dataset}: {exc}") from None
-    return build_family_policy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
+    policy = build_family_policy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
+    policy.spec = replace(policy.spec, control_hz=dataset_rate(store, cfg.dataset))
+    return policy
+
+
+def dataset_rate(store: EpisodeStore, where: str) -> float | None:
+    """The control steps per second the dataset was recorded at (its `fps` attr, which `polcache record`
+    and the LeRobot import write), None where it states none: the rate the trained policy acts at."""
+    try:
+        return check_control_hz(store.attrs.get("fps"), "fps")
+    except ValueError as exc:
+        raise DatasetError(f"dataset {where}: attrs {exc}") from None
 
 
 @dataclass
@@ -202,6 +214,9 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     out = Path(cfg.out)
     source = source or dataset_source(cfg, progress=progress and rank == 0)
     store, policy = source.store, source.policy.to(dev)
+    if rank == 0 and (hz := policy.spec.control_hz) is not None:  # what eval and serve hold their rates to
+        print(f"dataset rate: {hz:g} fps, so the policy acts at {hz:g} Hz (eval and serve check their control rate "
+              f"against it)")
     train_ids, val_ids = episode_split(store.num_episodes, cfg.train.val_fraction, cfg.train.seed)
     p = cfg.policy
     train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, source.keys, train_ids, p.obs_stride, p.frame_mode)

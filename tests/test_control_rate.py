@@ -1,0 +1,79 @@
+"""The policy's training control rate (its dataset's fps): carried by the spec and the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from fakes import fake_spec
+from helpers import tiny_policy
+from polcache.config import ExperimentConfig
+from polcache.errors import CheckpointError, DatasetError
+from polcache.policy import load_policy, save_checkpoint
+from polcache.policy.spec import PolicySpec
+from test_train_recipe import train_cli
+
+
+def test_the_spec_carries_the_rate_and_reads_dicts_without_it():
+    spec = replace(fake_spec(), control_hz=30.0)
+    assert spec.to_dict()["control_hz"] == 30.0
+    assert PolicySpec.from_dict(spec.to_dict()) == spec
+    old = {k: v for k, v in spec.to_dict().items() if k != "control_hz"}  # a checkpoint or server from before it
+    assert PolicySpec.from_dict(old).control_hz is None
+    assert PolicySpec.from_dict({**spec.to_dict(), "a_later_key": [1]}) == spec  # keys of later releases ignored
+    for bad in ("30", True, 0, -5.0, float("nan")):
+        with pytest.raises(ValueError, match=r"control_hz: expected a positive number of Hz .* got "):
+            PolicySpec.from_dict({**spec.to_dict(), "control_hz": bad})
+
+
+def _checkpoint(tmp_path, control_hz):
+    policy = tiny_policy(n_layers=1, width=32)
+    policy.spec = replace(policy.spec, control_hz=control_hz)
+    return save_checkpoint(tmp_path / "ck", ExperimentConfig(task="", dataset="d.zarr", policy=policy.cfg), policy)
+
+
+def test_a_checkpoint_keeps_the_rate_and_one_saved_before_it_loads_without(tmp_path):
+    ck = _checkpoint(tmp_path, 12.5)
+    assert json.loads((ck / "meta.json").read_text())["control_hz"] == 12.5
+    assert load_policy(ck)[0].spec.control_hz == 12.5
+    meta = json.loads((ck / "meta.json").read_text())
+    del meta["control_hz"]
+    (ck / "meta.json").write_text(json.dumps(meta))
+    assert load_policy(ck)[0].spec.control_hz is None
+    (ck / "meta.json").write_text(json.dumps({**meta, "control_hz": "fast"}))
+    with pytest.raises(CheckpointError, match=r"meta.json: malformed \(ValueError: control_hz: expected a positive"):
+        load_policy(ck)
+    assert load_policy(_checkpoint(tmp_path / "unknown", None))[0].spec.control_hz is None
+
+
+def _dataset(path, **attrs):
+    from polcache.data import Episode, write_dataset
+
+    t = np.linspace(0, 1, 24, dtype=np.float32)[:, None]
+    episodes = [Episode(obs={"state": np.hstack([t, t * i, -t])}, action=np.hstack([t, -t]) * (i + 1), task="demo")
+                for i in range(3)]
+    write_dataset(path, episodes, {"task": "demo", **attrs})
+    return path
+
+
+def test_training_takes_the_rate_from_the_datasets_fps_and_says_it(tmp_path, capsys):
+    assert train_cli(_dataset(tmp_path / "d.zarr", fps=30), tmp_path / "run") == 0
+    assert "dataset rate: 30 fps, so the policy acts at 30 Hz" in capsys.readouterr().out
+    assert load_policy(tmp_path / "run" / "last")[0].spec.control_hz == 30.0
+    assert train_cli(_dataset(tmp_path / "none.zarr"), tmp_path / "none") == 0
+    assert "dataset rate" not in capsys.readouterr().out
+    assert load_policy(tmp_path / "none" / "last")[0].spec.control_hz is None
+
+
+def test_a_dataset_with_a_bad_fps_is_named(tmp_path):
+    from polcache.config import load_config
+    from polcache.data import EpisodeStore
+    from polcache.train.loop import build_policy
+
+    path = _dataset(tmp_path / "d.zarr", fps="thirty")
+    cfg = load_config("configs/recommended_cpu.yaml", [f"dataset={path}"])
+    with pytest.raises(DatasetError, match=f"dataset {path}: attrs fps: expected a positive number of Hz"):
+        build_policy(cfg, EpisodeStore.open(path))
