@@ -1,8 +1,10 @@
-"""The policy's training control rate (its dataset's fps): carried by the spec and the checkpoint."""
+"""The policy's training control rate (its dataset's fps): carried by the spec and the checkpoint,
+held against the rate eval's task steps at (refused)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -10,11 +12,15 @@ import pytest
 
 from fakes import fake_spec
 from helpers import tiny_policy
+from polcache.cli import main
 from polcache.config import ExperimentConfig
-from polcache.errors import CheckpointError, DatasetError
+from polcache.errors import CheckpointError, DatasetError, PolcacheError
 from polcache.policy import load_policy, save_checkpoint
 from polcache.policy.spec import PolicySpec
+from polcache.sim.evaluate import check_rate
 from test_train_recipe import train_cli
+
+SHIPPED = "polcache/assets/checkpoints/cue-reach-ptp"  # cue-reach steps at 20 Hz; saved before control_hz
 
 
 def test_the_spec_carries_the_rate_and_reads_dicts_without_it():
@@ -77,3 +83,34 @@ def test_a_dataset_with_a_bad_fps_is_named(tmp_path):
     cfg = load_config("configs/recommended_cpu.yaml", [f"dataset={path}"])
     with pytest.raises(DatasetError, match=f"dataset {path}: attrs fps: expected a positive number of Hz"):
         build_policy(cfg, EpisodeStore.open(path))
+
+
+def test_a_rate_within_one_percent_is_the_same_rate():
+    spec = replace(fake_spec(), control_hz=20.0)
+    assert check_rate(spec, 20.15, "t") is None and check_rate(fake_spec(), 80.0, "t") is None
+    with pytest.raises(PolcacheError, match="trained at 20 Hz .* but t steps at 20.3 Hz"):
+        check_rate(spec, 20.3, "t")
+
+
+def _shipped_at(tmp_path, control_hz):
+    ck = tmp_path / "ck"
+    shutil.copytree(SHIPPED, ck)
+    meta = json.loads((ck / "meta.json").read_text())
+    (ck / "meta.json").write_text(json.dumps({**meta, "control_hz": control_hz}))
+    return ck
+
+
+def test_eval_refuses_a_task_at_another_rate_unless_told(tmp_path, capsys):
+    ck = _shipped_at(tmp_path, 30.0)
+    argv = ["eval", "--checkpoint", str(ck), "--episodes", "1", "--max-steps", "4", "--no-progress"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "polcache eval: error: the policy was trained at 30 Hz (its dataset's fps) but cue-reach steps at 20 Hz: its "
+        "actions are per control step, so a success rate measured here is not the policy's; pass "
+        "--allow-rate-mismatch to evaluate anyway")
+    out = tmp_path / "e.json"
+    assert main([*argv, "--allow-rate-mismatch", "--json", str(out)]) == 0
+    assert "warning: the policy was trained at 30 Hz" in capsys.readouterr().err
+    assert json.loads(out.read_text())["extra"]["rate_mismatch"] == {"policy_hz": 30.0, "task_hz": 20.0}
+    assert main(["eval", "--checkpoint", str(_shipped_at(tmp_path / "same", 20.0)), "--episodes", "1",
+                 "--max-steps", "4", "--no-progress"]) == 0

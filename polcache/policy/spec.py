@@ -51,6 +51,11 @@ def check_seed(seed: Any) -> int | None:
     return int(seed)
 
 
+# A control rate this far (relative) from the policy's training rate (PolicySpec.control_hz) is another
+# rate, not a rounding of it (a recorded dataset states 1 / period to 6 decimals).
+RATE_TOLERANCE = 0.01
+
+
 def check_control_hz(value: Any, field: str) -> float | None:
     """A training control rate as every reader takes it: None (unknown) or a positive finite number
     of Hz; anything else (a bool, a string, 0, NaN) raises ValueError naming `field`."""
@@ -61,6 +66,11 @@ def check_control_hz(value: Any, field: str) -> float | None:
         raise ValueError(f"{field}: expected a positive number of Hz (control steps per second) or null, got "
                          f"{value!r}")
     return float(value)
+
+
+def rate_mismatch(policy_hz: float | None, hz: float) -> bool:
+    """Whether `hz` is another rate than the policy's training rate (False where that is unknown)."""
+    return policy_hz is not None and abs(hz - policy_hz) > RATE_TOLERANCE * policy_hz
 
 
 def frame_offsets(n_obs_steps: int, stride: int = 1, mode: str = "strided") -> tuple[int, ...]:

@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--instructions", choices=["train", "heldout"],
                    help="language-conditioned policies, without --instruction: the task's paraphrases to cycle "
                         "through, those trained on or the held-out ones (default)")
+    p.add_argument("--allow-rate-mismatch", action="store_true",
+                   help="evaluate even where the task steps at another rate than the policy was trained at (its "
+                        "dataset's fps): refused by default, as its success rate would not be the policy's")
     add_backend_options(p)
     p.add_argument("--threads", type=thread_count, default=1,
                    help="torch (or ONNX Runtime) intra-op threads (default 1: fastest at batch 1)")
@@ -76,7 +79,8 @@ def _run(args: argparse.Namespace) -> int:
         result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
                           video_dir=args.video, video_episodes=args.video_episodes if args.video else 0,
                           rollout=Rollout(args.max_steps, args.action_steps, args.ensemble, args.delay, args.rtc,
-                                          args.instruction, args.instructions))
+                                          args.instruction, args.instructions),
+                          allow_rate_mismatch=args.allow_rate_mismatch)
     what = backend.describe()
     result.extra.update({"checkpoint": args.checkpoint, "backend": what["backend"], "sampler": what["sampler"],
                          "steps": what["steps"], "device": what["device"], "threads": torch.get_num_threads(),

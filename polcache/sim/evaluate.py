@@ -9,6 +9,7 @@ run is reproducible and different seeds give different episodes."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from polcache.config import INSTRUCTION_KEY, MAX_SEED
 from polcache.errors import PolcacheError
 from polcache.outputs import check_output, json_kind
-from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, rtc_blocker
+from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, rate_mismatch, rtc_blocker
 from polcache.serve.handshake import operator_instruction, policy_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
@@ -196,9 +197,26 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
     return {"seed": seed, "success": success, "length": steps, **seam_jerk(np.asarray(applied), seams[1:])}
 
 
+def check_rate(spec: PolicySpec, task_hz: float, task: str, allow_mismatch: bool = False) -> dict | None:
+    """Refuse a task that steps at another rate than the policy was trained at (spec.control_hz, where
+    known): its actions are per control step, so at another rate the robot moves at another speed and
+    the success rate measured is not the policy's. With `allow_mismatch` it runs, said on stderr, and
+    the rates are returned for the result to record; None where they agree or the policy's is unknown."""
+    if not rate_mismatch(spec.control_hz, task_hz):
+        return None
+    rates = f"the policy was trained at {spec.control_hz:g} Hz (its dataset's fps) but {task} steps at {task_hz:g} Hz"
+    if not allow_mismatch:
+        raise PolcacheError(f"{rates}: its actions are per control step, so a success rate measured here is not the "
+                            f"policy's; pass --allow-rate-mismatch to evaluate anyway")
+    print(f"warning: {rates} (--allow-rate-mismatch): the success rate is measured at the wrong rate", file=sys.stderr)
+    return {"policy_hz": spec.control_hz, "task_hz": task_hz}
+
+
 def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, progress: bool = True,
-             video_dir: str | Path | None = None, video_episodes: int = 0, rollout: Rollout = Rollout()) -> EvalResult:
-    """Roll `backend` out for `episodes` episodes of `task` (episode i uses seed + i)."""
+             video_dir: str | Path | None = None, video_episodes: int = 0, rollout: Rollout = Rollout(),
+             allow_rate_mismatch: bool = False) -> EvalResult:
+    """Roll `backend` out for `episodes` episodes of `task` (episode i uses seed + i). A task stepping
+    at another rate than the policy was trained at is refused unless `allow_rate_mismatch`."""
     from polcache.envs import make_env  # simulation is an optional extra
     from polcache.envs.instructions import instructions
     from polcache.policy.checkpoint import check_compatible
@@ -209,6 +227,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     cams = tuple(k[len("image_"):] for k in image_keys)
     size = backend.spec.obs[image_keys[0]].shape[0] if image_keys else 96
     env = make_env(task, seed=seed, image=bool(cams), cameras=cams or None, image_size=size)
+    mismatch = check_rate(backend.spec, 1.0 / env.control_period_s, task, allow_rate_mismatch)
     meta = {"obs_keys": list(backend.spec.obs), "obs_spec": {k: v.to_dict() for k, v in backend.spec.obs.items()},
             "action_dim": backend.spec.action_dim}
     env_spec = env.observation_spec()
@@ -259,6 +278,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         "ensemble_decay": rollout.ensemble_decay, "delay": rollout.delay, "rtc": rollout.rtc,
         **jerk_summary(per_episode),
         **({} if texts is None else {"instructions": list(texts)}),
+        **({"rate_mismatch": mismatch} if mismatch else {}),
         **({"interrupted": interrupted} if interrupted else {})})
 
 
