@@ -1,23 +1,26 @@
 """The policy's training control rate (its dataset's fps): carried by the spec and the checkpoint,
-held against the rate eval's task steps at (refused)."""
+held against the rate eval's task steps at (refused) and a robot's handshake (warned)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from fakes import fake_spec
+from fakes import STATE_DIM, FakeBackend, StepRobot, fake_spec, wait_for
 from helpers import tiny_policy
 from polcache.cli import main
 from polcache.config import ExperimentConfig
 from polcache.errors import CheckpointError, DatasetError, PolcacheError
 from polcache.policy import load_policy, save_checkpoint
 from polcache.policy.spec import PolicySpec
+from polcache.serve.server import PolicyServer
 from polcache.sim.evaluate import check_rate
+from polcache_client import PolicyClient
 from test_train_recipe import train_cli
 
 SHIPPED = "polcache/assets/checkpoints/cue-reach-ptp"  # cue-reach steps at 20 Hz; saved before control_hz
@@ -114,3 +117,19 @@ def test_eval_refuses_a_task_at_another_rate_unless_told(tmp_path, capsys):
     assert json.loads(out.read_text())["extra"]["rate_mismatch"] == {"policy_hz": 30.0, "task_hz": 20.0}
     assert main(["eval", "--checkpoint", str(_shipped_at(tmp_path / "same", 20.0)), "--episodes", "1",
                  "--max-steps", "4", "--no-progress"]) == 0
+
+
+def test_a_robot_at_another_rate_is_warned_once_and_served(caplog):
+    backend = FakeBackend(replace(fake_spec(), control_hz=30.0))
+    robot = StepRobot(50)
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"), \
+            PolicyServer(backend, "tcp://127.0.0.1:0") as server:
+        for name, hz in (("fast arm", 50), ("true arm", 30.2)):
+            with PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=hz, name=name,
+                              version=1) as client:  # the oldest protocol reads the welcome with the new key
+                assert client.connect(timeout_s=5)["control_hz"] == 30.0
+                assert client.send_observation({"state": np.zeros(STATE_DIM, np.float32)}, 0.0)
+                assert wait_for(lambda: client.poll())  # served all the same
+    said = [r.getMessage() for r in caplog.records if "Hz but the policy was trained at" in r.getMessage()]
+    assert said == ["robot fast arm ticks at 50 Hz but the policy was trained at 30 Hz: its actions are per control "
+                    "step at 30 Hz, so this robot plays them at 1.7x the trained speed (served all the same)"]
