@@ -103,7 +103,6 @@ class PolicySpec:
     horizon: int  # predicted action tokens
     n_action_steps: int  # actions executed per chunk, starting at the current step
     task: str = ""
-    extra: dict = field(default_factory=dict)
     obs_stride: int = 1  # control steps between consecutive observation frames
     frame_mode: str = "strided"  # or "mixed": see frame_offsets
     # key -> (scale, offset) per last dimension: what the policy sees is x * scale + offset (its
