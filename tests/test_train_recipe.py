@@ -709,3 +709,24 @@ def test_a_seed_beyond_what_generators_take_is_refused_naming_its_range():
     with pytest.raises(ConfigError, match=r"^train.seed must be an integer in \[0, 9223372036854775807\], got "
                                           r"9223372036854775808$"):
         load_config("configs/recommended_cpu.yaml", [f"train.seed={2**63}"])
+
+
+def test_resuming_an_epoch_run_with_another_batch_size_is_refused(tmp_path, capsys):
+    """Its saved step counts batches of the run's size: at twice the size, a run stopped halfway would
+    read as done. A run measured in steps resumes at another batch size."""
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.epochs=1") == 0
+    capsys.readouterr()
+    assert train_cli(data, run, "train.epochs=2", "train.batch_size=16") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"polcache train: error: cannot resume {run / 'last'}: train.batch_size is 16, the run's is 8 (with "
+        "train.epochs set, its steps and learning-rate schedule count batches of that size: resume with "
+        "train.batch_size=8); pass --fresh to start over (the previous run is moved aside) or use another out "
+        "directory")
+    step = load_policy(run / "last")[2]["step"]
+    assert train_cli(data, run, "train.epochs=2") == 0  # the run's batch size: it trains on
+    assert load_policy(run / "last")[2]["step"] == 2 * step
+    steps_run = tmp_path / "steps"
+    assert train_cli(data, steps_run) == 0
+    assert train_cli(data, steps_run, "train.steps=4", "train.batch_size=16") == 0
+    assert load_policy(steps_run / "last")[2]["step"] == 4

@@ -545,7 +545,7 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     if changed:
         raise CheckpointError(f"{last} was trained with a different policy config ({'; '.join(changed[:4])}); pass "
                               f"--fresh to start over or use another out directory")
-    differences = _data_differences(last, old_cfg, meta, cfg, policy)
+    differences = _data_differences(last, old_cfg, meta, cfg, policy) + _epoch_batch_difference(old_cfg, cfg)
     if differences:
         raise CheckpointError(f"cannot resume {last}: {'; '.join(differences)}; pass --fresh to start over "
                               f"(the previous run is moved aside) or use another out directory")
@@ -585,6 +585,18 @@ def _changed_fields(old: dict, new: dict, prefix: str) -> list[str]:
         elif a != b:
             out.append(f"{prefix}.{key} is {json.dumps(b)}, the run's is {json.dumps(a)}")
     return out
+
+
+def _epoch_batch_difference(old_cfg: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
+    """A run measured in epochs counts its steps in batches of train.batch_size: resumed with another
+    size, the step it saved would stand for another share of its epochs (at twice the size, a run
+    stopped halfway would be "done"), and its learning-rate schedule would jump. A run measured in
+    steps (train.epochs 0) keeps its length whatever the batch."""
+    if cfg.train.epochs <= 0 or cfg.train.batch_size == old_cfg.train.batch_size:
+        return []
+    return [f"train.batch_size is {cfg.train.batch_size}, the run's is {old_cfg.train.batch_size} (with train.epochs "
+            f"set, its steps and learning-rate schedule count batches of that size: resume with "
+            f"train.batch_size={old_cfg.train.batch_size})"]
 
 
 VALIDATION_SET = (("seed", "episodes"), ("val_fraction", "episodes"), ("val_windows", "windows"))
