@@ -3,17 +3,12 @@ mismatch is refused once with a message naming the field instead of failing ever
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.language import InstructionError, encode_instruction
 from polcache.policy.spec import ArraySpec, PolicySpec, rate_mismatch
-from polcache.serve.worker import LABEL_CHARS
 from polcache_client.protocol import Handshake, ObsSpec, ProtocolError, robot_name
-
-log = logging.getLogger("polcache.serve")
 
 
 def wire_obs_spec(obs: dict[str, ArraySpec]) -> ObsSpec:
@@ -70,7 +65,7 @@ def session_instruction(text: str | None, spec: PolicySpec, default: str | None,
 
 def check_handshake(handshake: Handshake, spec: PolicySpec) -> None:
     """Raise ProtocolError('spec_mismatch') naming the first field where robot and policy differ; a
-    control rate other than the policy's training rate is only warned of (warn_rate)."""
+    control rate other than the policy's training rate is only warned of (rate_warning)."""
     robot, policy = handshake.obs_spec, robot_obs_spec(spec)
 
     def refuse(message: str) -> None:
@@ -90,16 +85,14 @@ def check_handshake(handshake: Handshake, spec: PolicySpec) -> None:
             refuse(f"obs_spec.{key}.dtype: robot {robot[key][1]} != policy {dtype}")
     if handshake.action_dim != spec.action_dim:
         refuse(f"action_dim: robot {handshake.action_dim} != policy {spec.action_dim}")
-    warn_rate(handshake, spec)
 
 
-def warn_rate(handshake: Handshake, spec: PolicySpec) -> None:
-    """Log a warning where the robot ticks at another rate than the policy was trained at (once per
-    session: each handshake starts one). Served all the same: a robot may mean to run at its own rate,
-    and a simulation stepped once per tick is unaffected; a real robot is not, and its operator is told."""
+def rate_warning(handshake: Handshake, spec: PolicySpec, robot: str) -> str | None:
+    """What the server warns of (once per session) where `robot` ticks at another rate than the policy
+    was trained at, else None. Served all the same: a robot may mean to run at its own rate, and a
+    simulation stepped once per tick is unaffected; a real robot is not, and its operator is told."""
     if not rate_mismatch(spec.control_hz, handshake.hz):
-        return
-    name = handshake.name if len(handshake.name) <= LABEL_CHARS else handshake.name[:LABEL_CHARS] + "..."
-    log.warning(f"robot {name or '(unnamed)'} ticks at {handshake.hz:g} Hz but the policy was trained at "
-                f"{spec.control_hz:g} Hz: its actions are per control step at {spec.control_hz:g} Hz, so this robot "
-                f"plays them at {handshake.hz / spec.control_hz:.2g}x the trained speed (served all the same)")
+        return None
+    return (f"robot {robot} ticks at {handshake.hz:g} Hz but the policy was trained at {spec.control_hz:g} Hz: its "
+            f"actions are per control step at {spec.control_hz:g} Hz, so this robot plays them at "
+            f"{handshake.hz / spec.control_hz:.2g}x the trained speed (served all the same)")

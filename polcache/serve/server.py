@@ -30,7 +30,8 @@ from polcache.errors import PolcacheError
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.batching import batching_blocker
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession, rtc_blocker
-from polcache.serve.handshake import check_handshake, operator_instruction, robot_obs_spec, session_instruction
+from polcache.serve.handshake import (check_handshake, operator_instruction, rate_warning, robot_obs_spec,
+                                     session_instruction)
 from polcache.serve.flood import DROP_PAUSE_S, FloodGuard, allowance
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.serve.records import NO_HANDSHAKE, ErrorRecord, RequestRecord
@@ -438,6 +439,8 @@ class PolicyServer:
         self._log.info(f"hello:{robot.hex()}:{msg.name}",
                        f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz)")
         self._warn_shared_name(robot, msg.name)
+        if (why := rate_warning(msg, self.spec, robot_label(msg.name, robot))) is not None:
+            self._warn(f"rate:{robot.hex()}:{msg.hz}", why)
         self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
                                          server=self.name), version))
 
