@@ -50,7 +50,8 @@ def test_sim_robot_over_zeromq_matches_in_process_eval():
     assert remote.ci95 == in_process.ci95
     assert [e["seed"] for e in remote.per_episode] == [e["seed"] for e in in_process.per_episode]
     tick = remote.extra["tick"]
-    assert tick["safe_stops"] == 0 and tick["ticks"] >= sum(e["length"] for e in remote.per_episode)
+    assert tick["safe_stops"] == 1 and remote.extra["safe_stop"]  # the robot stopped at the end
+    assert tick["ticks"] >= sum(e["length"] for e in remote.per_episode)
     assert remote.latency_ms["n"] > 0
     assert "success 100%" in remote.summary()
     # what each measures: a robot's latency spans capture to its tick, eval's is the inference alone
@@ -110,10 +111,51 @@ def test_a_stopped_sim_robot_reports_its_finished_episodes(monkeypatch, tmp_path
                      "--json", str(out)]) == 143
     said = capsys.readouterr().out
     assert "[interrupted: 1 of 3 episodes finished]" in said
-    assert re.search(r"\d+ watchdog safe stops\n", said)  # the loop was not running: no stop of its own
     result = json.loads(out.read_text())
     assert result["episodes"] == 1
-    assert result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM", "safe_stop": False}
+    assert result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM"}
+
+
+@pytest.mark.parametrize("where", ["begin", "reset_episode", "end"])
+def test_every_way_out_of_a_sim_robot_ends_with_one_safe_stop(where, monkeypatch, tmp_path, capsys):
+    """SIGTERM in the second episode's begin(), or Ctrl-C in its reset_episode(), came between the
+    loop's runs (which stop the robot only on their own way out, not at an episode's end): the first
+    episode's robot was left unstopped, as it was after the last episode. Each way out stops it once."""
+    import json
+    import os
+    import signal
+
+    from polcache.cli import main
+    from polcache.serve.sim_robot import SimRobot
+    from polcache_client import ControlLoop
+
+    begin, reset_episode = SimRobot.begin, ControlLoop.reset_episode
+    stops = []
+
+    def terminated_in_the_second(self, seed):
+        if where == "begin" and seed == 1001:
+            os.kill(os.getpid(), signal.SIGTERM)
+        begin(self, seed)
+
+    def interrupted_in_the_second(self, instruction=None):
+        if where == "reset_episode" and self.client.epoch == 1:
+            raise KeyboardInterrupt
+        reset_episode(self, instruction)
+
+    monkeypatch.setattr(SimRobot, "begin", terminated_in_the_second)
+    monkeypatch.setattr(SimRobot, "safe_stop", lambda self: stops.append(self.steps))
+    monkeypatch.setattr(ControlLoop, "reset_episode", interrupted_in_the_second)
+    out = tmp_path / "robot.json"
+    with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        status = main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "2", "--server", server.endpoint,
+                       "--json", str(out)])
+    said = capsys.readouterr().out
+    assert status == {"begin": 143, "reset_episode": 130, "end": 0}[where]
+    on = {"begin": "on SIGTERM", "reset_episode": "on SIGINT", "end": "at the end"}[where]
+    watchdog = int(re.search(rf"(\d+) watchdog safe stops, then the safe stop {on}\n", said)[1])
+    result = json.loads(out.read_text())
+    assert result["extra"]["safe_stop"] is True
+    assert result["extra"]["tick"]["safe_stops"] == len(stops) == watchdog + 1
 
 
 def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(monkeypatch, tmp_path, capsys):
@@ -150,7 +192,7 @@ def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(monkeypat
     waiting = int(re.search(r"(\d+) ticks waiting for an episode's first action, \d+ ticks without", said)[1])
     assert waiting >= 2  # at least one tick per episode begun
     result = json.loads(out.read_text())
-    assert result["extra"]["interrupted"]["safe_stop"] is True
+    assert result["extra"]["safe_stop"] is True
     # the tick records count the loop's stop too (they had none of it); the line names it on its own
     watchdog = int(re.search(r"(\d+) watchdog safe stops, then", said)[1])
     assert result["extra"]["tick"]["safe_stops"] == len(stops) == watchdog + 1
@@ -207,7 +249,7 @@ def test_a_sim_robot_stopped_after_its_watchdogs_stop_says_its_loop_made_none(mo
     assert stops and stops[-1][0] == 1001  # the watchdog's stop came last: the loop made none
     assert re.search(rf"{len(stops)} watchdog safe stops\n", said), said
     result = json.loads(out.read_text())
-    assert result["extra"]["interrupted"]["safe_stop"] is False
+    assert result["extra"]["safe_stop"] is False
     assert result["extra"]["tick"]["safe_stops"] == len(stops)
 
 

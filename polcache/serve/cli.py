@@ -181,10 +181,10 @@ def _sim_robot(args: argparse.Namespace) -> int:
     print(result.summary())
     tick = result.extra["tick"]
     err = tick.get("period_error_ms", {})
-    stopped = result.extra.get("interrupted", {})
-    # the tick records count the loop's own stop on the interrupt too; it is named on its own
-    loop_stops = 1 if stopped.get("safe_stop") else 0
-    final = f", then the safe stop on {stopped['signal']}" if loop_stops else ""
+    stopped = result.extra.get("interrupted")
+    # the tick records count the loop's own stop on the way out too; it is named on its own
+    loop_stops = 1 if result.extra["safe_stop"] else 0
+    final = f", then the safe stop {'on ' + stopped['signal'] if stopped else 'at the end'}" if loop_stops else ""
     print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
           f"{err.get('p99', float('nan')):.3f} ms, {tick.get('missed_ticks', 0):.0f} missed ticks, "
           f"{tick.get('waiting', 0):.0f} ticks waiting for an episode's first action, "

@@ -119,27 +119,25 @@ def run_sim_robot(
                                on_tick=metrics.record, on_chunk=chunk_arrived)
             # Ticks without a step (waiting, stopped) do not count as episode steps; bound them anyway.
             max_ticks = 2 * env.max_episode_steps + int(10 * hz)
-            stopped = False  # the loop safe-stopped the robot on the interrupt (not if the watchdog had stopped it)
             try:
-                for i in range(episodes):
-                    robot.begin(seed + i)
-                    loop.reset_episode(texts[i % len(texts)])
-                    stops = loop.safe_stops
-                    try:
+                try:
+                    for i in range(episodes):
+                        robot.begin(seed + i)
+                        loop.reset_episode(texts[i % len(texts)])
                         # safe-stops the robot if interrupted; an episode's end needs no stop: the next resets the scene
                         loop.run(ticks=max_ticks, until=lambda: robot.done, then_stop=False)
-                    except KeyboardInterrupt:
-                        stopped = loop.safe_stops > stops
-                        raise
-                    per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
-                                        "safe_stops": robot.safe_stops,
-                                        **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
-                                       | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
+                        per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
+                                            "safe_stops": robot.safe_stops,
+                                            **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
+                                           | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
+                finally:  # run() stops the robot only on its own way out: here after the last episode and on an
+                    loop.stop()  # interrupt between runs (begin, reset_episode); none after run()'s or the watchdog's
             except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
                 if not per_episode:  # the finished episodes are still a result, as `polcache eval` reports them
                     raise
-                # the tick records' safe stops count this one too (a record of its own): told apart here
-                interrupted = interruption(exc, episodes) | {"safe_stop": stopped}
+                interrupted = interruption(exc, episodes)
+            # the loop's own stop on the way out; the tick records' safe stops count it too (a record of its own)
+            stopped = loop.safe_stops > 0
     except (ConnectError, ProtocolError, KeyFolderError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
         hint = (CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc)
@@ -158,4 +156,5 @@ def run_sim_robot(
         seed=seed, per_episode=per_episode,
         extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}),
                "chunk": snap.get("chunk", {}),
-               **jerk_summary(per_episode), **({"interrupted": interrupted} if interrupted else {})})
+               "safe_stop": stopped, **jerk_summary(per_episode),
+               **({"interrupted": interrupted} if interrupted else {})})
