@@ -234,6 +234,55 @@ def test_jsonl_writer_refuses_a_file_of_another_kind(tmp_path, writer_class):
     writer(tmp_path / "empty.jsonl").close()  # empty, or a metrics file's first line: appended to
 
 
+@pytest.mark.parametrize("bad", ["slash", "under a file", "fifo", "locked folder", "unreadable"])
+def test_metrics_file_alone_checks_its_path_as_polcache_does(tmp_path, monkeypatch, bad):
+    """A robot with polcache-client alone: `MetricsFile("runs/")` wrote a file named runs, one under a
+    file said "cannot write it (File exists)", and the reader called a file it may not read "not a
+    polcache metrics file". One line naming the path, the words of polcache's writer and reader.
+    Root reads and enters anything: the OS's PermissionError is raised here as it would be."""
+    from pathlib import Path
+
+    import polcache_client.metrics_file as metrics_file
+    from polcache.errors import PolcacheError
+    from polcache.metrics.jsonl import check_metrics_input
+    from polcache_client.metrics_file import MetricsFile, MetricsFileError
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    (tmp_path / "a_file").write_text("")
+    path = {"slash": f"{tmp_path / 'runs'}/", "under a file": tmp_path / "a_file" / "m.jsonl",
+            "fifo": tmp_path / "fifo", "locked folder": tmp_path / "locked" / "m.jsonl",
+            "unreadable": tmp_path / "m.jsonl"}[bad]
+    why = {"slash": 'ends with a slash, a folder; expected a polcache metrics file (lines of {"kind": ...} records), '
+                    "a file name",
+           "under a file": f"{tmp_path / 'a_file'} is a file, not a folder",
+           "fifo": 'is not a regular file; expected a polcache metrics file (lines of {"kind": ...} records)',
+           "locked folder": f"permission denied ({path}); expected a polcache metrics file "
+                            '(lines of {"kind": ...} records) this user may read and write',
+           "unreadable": "cannot read it (Permission denied); expected a polcache metrics file "
+                         '(lines of {"kind": ...} records) this user may read'}[bad]
+    if bad == "fifo":
+        os.mkfifo(path)
+    elif bad == "locked folder":
+        monkeypatch.setattr(Path, "stat", lambda self, *args, **kwargs: denied() if "locked" in str(self)
+                            else os.stat(self, *args, **kwargs))
+    elif bad == "unreadable":
+        path.write_text('{"kind": "tick", "t": 1.0}\n')
+        monkeypatch.setattr(metrics_file, "open", denied, raising=False)  # as mode 000 is to a user not root
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(MetricsFileError) as refused:
+        MetricsFile(path)
+    assert str(refused.value) == f"metrics file {path}: {why}"
+    with pytest.raises(PolcacheError) as polcaches:
+        JsonlWriter(path)
+    assert str(polcaches.value) == str(refused.value)
+    with pytest.raises(PolcacheError) as read:
+        check_metrics_input(path, "--metrics")
+    assert str(read.value) == f"--metrics {path}: {why}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
 def test_metrics_file_in_a_with_block_writes_what_is_left_when_interrupted(tmp_path):
     """A robot stopped by Ctrl-C lost its last lines: the writer thread, a daemon, died with the
     process before its next flush. The with block closes the file however the block ends."""

@@ -53,16 +53,23 @@ _RECORD_START = re.compile(rb'\s*\{\s*"kind"\s*:')  # how every record's line st
 METRICS_FILE = 'a polcache metrics file (lines of {"kind": ...} records)'
 
 
+def _first_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(64)
+
+
+def _starts_as_records(start: bytes) -> bool:
+    return not start.strip() or _RECORD_START.match(start) is not None
+
+
 def is_metrics_file(path: Path) -> bool:
     """Whether a writer may append to `path`: it is empty, or it starts as a record does ({"kind": ..,
     even cut off by a killed writer). Anything else (a schedule, an eval result given by mistake) was
     appended to, and rotated away."""
     try:
-        with open(path, "rb") as f:
-            start = f.read(64)
+        return _starts_as_records(_first_bytes(path))
     except OSError:
         return False
-    return not start.strip() or _RECORD_START.match(start) is not None
 
 
 def check_metrics_path(path: str | Path, label: str | None = "metrics file") -> Path:
@@ -71,18 +78,30 @@ def check_metrics_path(path: str | Path, label: str | None = "metrics file") -> 
     The one check, and wording, of both sides: this writer (and polcache's JsonlWriter) refuses to
     append to a folder or a file of another kind (a schedule, a robot.json, a README given by
     mistake; rotation would move it away), and polcache's dashboard and report refuse to read one
-    (they served an empty page). `label`: how the user gave the path (a flag), None for none."""
+    (they served an empty page). Here, not in polcache, so that a robot with polcache-client alone
+    gets every check too. `label`: how the user gave the path (a flag), None for none."""
     if not str(path).strip():  # Path("") is the current folder, which would be named "."
         raise MetricsFileError(f"{label or 'metrics file'}: empty path; expected {METRICS_FILE}")
-    path = Path(path)
     name = f"{label} {path}" if label else str(path)
+    if str(path).endswith(("/", os.sep)):  # Path() drops the slash: the file would be written (or read) there
+        raise MetricsFileError(f"{name}: ends with a slash, a folder; expected {METRICS_FILE}, a file name")
+    path = Path(path)
     try:
+        for parent in path.parents:  # not there yet, it seemed: a path that can never be created (or written)
+            if parent.exists() and not parent.is_dir():
+                raise MetricsFileError(f"{name}: {parent} is a file, not a folder")
         if path.is_dir():
             raise MetricsFileError(f"{name}: is a folder; expected {METRICS_FILE}")
         if path.exists() and not path.is_file():  # a pipe or device: opening it to look may block, rotating renames it
             raise MetricsFileError(f"{name}: is not a regular file; expected {METRICS_FILE}")
-        if path.exists() and not is_metrics_file(path):
-            raise MetricsFileError(f"{name}: is not {METRICS_FILE}")
+        if path.exists():
+            try:
+                start = _first_bytes(path)
+            except OSError as exc:  # another user's file, or mode 200: it was called "not a polcache metrics file"
+                raise MetricsFileError(f"{name}: cannot read it ({exc.strerror}); expected {METRICS_FILE} this user "
+                                       f"may read") from None
+            if not _starts_as_records(start):
+                raise MetricsFileError(f"{name}: is not {METRICS_FILE}")
     except PermissionError as exc:  # a folder on the way this user may not enter (Path.exists raises on it)
         raise MetricsFileError(f"{name}: permission denied ({exc.filename}); expected {METRICS_FILE} this user "
                                f"may read and write") from None
@@ -125,9 +144,9 @@ class MetricsFile:
         self._thread.start()
 
     def _checked(self, path: str | Path) -> Path:
-        """The path to write, checked once before the file is opened: a folder or a file of another
-        kind is refused, never appended to; an existing metrics file is appended to. A subclass adds
-        its own checks here (polcache's JsonlWriter: those of every polcache output)."""
+        """The path to write, checked once before the file is opened (check_metrics_path): a folder or
+        a file of another kind is refused, never appended to; an existing metrics file is appended to.
+        A subclass adds its own checks here (polcache's JsonlWriter: those of every polcache output)."""
         return check_metrics_path(path)
 
     def write(self, item: dict[str, Any] | Any) -> None:

@@ -40,9 +40,9 @@ class JsonlWriter(MetricsFile):
             super().__init__(path, max_bytes, backups, queue_size, labels, flush_s, robot)
 
     def _checked(self, path: str | Path) -> Path:
-        """A folder or a file of another kind (a schedule, a result): MetricsFile's check, the reader's
-        words; then what only polcache checks, once: a path under a file, a trailing slash, a path
-        inside a checkpoint or dataset, a read-only or full disk. An existing metrics file is appended to."""
+        """A folder, a trailing slash, a path under a file, a file of another kind (a schedule, a result):
+        MetricsFile's check, the reader's words; then what only polcache checks, once: a path inside a
+        checkpoint or dataset, a read-only or full disk. An existing metrics file is appended to."""
         checked = super()._checked(path)
         check_output(path, METRICS_FILE, folder=False, ours=is_metrics_file, flag="metrics file",
                      error=PolcacheError)
