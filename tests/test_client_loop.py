@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from polcache_client.loop import ControlLoop
 from polcache_client.protocol import ActionChunk
 from polcache_client.schedule import ActionSchedule
+from polcache_client.signals import Terminated
 from polcache_client.watchdog import Watchdog
 from fakes import FakeClock, StepRobot
 
@@ -423,3 +426,50 @@ def test_ticks_skipped_by_a_slow_tick_are_logged_with_what_took_the_time(caplog)
     assert [r.getMessage() for r in caplog.records] == [
         "control loop late: 1 tick(s) skipped; the last tick's work (observe, send, act, callbacks) took 50.0 ms of "
         "the 20.0 ms period: make it shorter or lower the rate"]
+
+
+class SignalledStopRobot(StepRobot):
+    """Its safe stop takes two steps (say, zero velocity, then the brakes) and receives `signals`
+    between them, as from someone pressing Ctrl-C again while the program stops."""
+
+    def __init__(self, clock: FakeClock, signals: tuple[int, ...]):
+        super().__init__(HZ, clock)
+        self.signals, self.braked = signals, 0
+
+    def safe_stop(self) -> None:
+        self.stops.append(self.tick)
+        for sig in self.signals:
+            os.kill(os.getpid(), sig)
+        self.braked += 1
+
+
+def signalled_loop(signals: tuple[int, ...], hold_s: float = 0.1):
+    loop, _, client, clock, ticks, chunks = make_loop(0.5 / HZ, hold_s=hold_s)
+    robot = loop.adapter = SignalledStopRobot(clock, signals)
+    return loop, robot, client, ticks
+
+
+@pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_an_interrupt_during_the_safe_stop_waits_for_it(sig, raised):
+    loop, robot, _, ticks = signalled_loop((sig,))
+    with pytest.raises(raised):  # raised once the stop returned, and recorded
+        loop.run(ticks=5)
+    assert (robot.stops, robot.braked) == ([4], 1)
+    assert (ticks[-1].ticks, ticks[-1].safe_stops, loop.safe_stops) == (0, 1, 1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_twice_during_the_safe_stop_abandons_it():
+    loop, robot, _, _ = signalled_loop((signal.SIGINT, signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(ticks=5)
+    assert (robot.stops, robot.braked) == ([4], 0)  # a stop that hangs can be left
+
+
+def test_ctrl_c_during_the_watchdogs_stop_waits_for_it_and_the_robot_is_not_stopped_twice():
+    loop, robot, client, ticks = signalled_loop((signal.SIGINT,), hold_s=0.02)
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    with pytest.raises(KeyboardInterrupt):  # the watchdog stops the robot, and the Ctrl-C comes after it
+        loop.run(ticks=30)
+    assert robot.braked == 1 and len(robot.stops) == 1  # run()'s own stop: not again after the watchdog's

@@ -17,11 +17,12 @@ from polcache_client.logs import RateLimitedLog
 from polcache_client.rate import Clock, MonotonicClock, Rate
 from polcache_client.records import ChunkRecord, TickRecord
 from polcache_client.schedule import ActionSchedule
-from polcache_client.signals import sigterm_as_interrupt
+from polcache_client.signals import interrupts_deferred, sigterm_as_interrupt
 from polcache_client.watchdog import State, Watchdog
 
 log = logging.getLogger(__name__)
 LATE_CHUNK_LOG_S = 5.0  # at most one line this often about late chunks, and about ticks skipped
+STOPPING = "stopping the robot safely"  # said when a Ctrl-C is held until the robot's safe stop returns
 
 
 class ControlLoop:
@@ -90,7 +91,8 @@ class ControlLoop:
         decision = self.watchdog.step(now, self.schedule.action_at(now))
         if decision.stop:
             self._acted = False
-            self.adapter.safe_stop()
+            with interrupts_deferred(STOPPING):  # a Ctrl-C now would cut the watchdog's stop short, never redone
+                self.adapter.safe_stop()
         elif decision.action is not None:
             self._acted = True
             # a copy: an adapter converting units in place changed the held action tick after tick (and
@@ -177,6 +179,8 @@ class ControlLoop:
         """Safe-stop the robot if this loop moved it since its last stop: not again after the
         watchdog's stop (`safe_stop` was called twice, by the watchdog and again on Ctrl-C), nor a
         robot it never commanded. Fresh actions resume acting. Returns whether it called `safe_stop`.
+        While `safe_stop` runs (this one and the watchdog's), Ctrl-C and SIGTERM wait until it returns
+        (polcache_client.signals.interrupts_deferred); Ctrl-C pressed twice meanwhile abandons it.
 
         A stop it made is recorded as the watchdog's are, in a tick record with `safe_stops=1`
         (handed to `on_tick` once `safe_stop` returned): a run that ended with this stop showed no
@@ -186,11 +190,12 @@ class ControlLoop:
             return False
         self._acted = False  # first: a safe_stop that raises is not called again on its way out
         self.watchdog.stop()
-        self.adapter.safe_stop()
-        self.safe_stops += 1
-        if self.on_tick:
-            now = self.clock.now()
-            self.on_tick(TickRecord(t=now, epoch=self.client.epoch, seq=self.client.seq, period_error_ms=math.nan,
-                                    state=self.watchdog.state.value, queue_depth=self.schedule.depth(now), ticks=0,
-                                    safe_stops=1))
+        with interrupts_deferred(STOPPING):  # the second Ctrl-C of someone stopping a program must not cut it short
+            self.adapter.safe_stop()
+            self.safe_stops += 1
+            if self.on_tick:
+                now = self.clock.now()
+                self.on_tick(TickRecord(t=now, epoch=self.client.epoch, seq=self.client.seq, period_error_ms=math.nan,
+                                        state=self.watchdog.state.value, queue_depth=self.schedule.depth(now), ticks=0,
+                                        safe_stops=1))
         return True

@@ -1,13 +1,18 @@
 """SIGTERM handled as Ctrl-C, yet told apart: what a process manager's stop (systemd, docker,
 `polcache launch`) must get from a process that has something to finish first, such as
-safe-stopping the robot (ControlLoop.run) or saving a training run (polcache's commands)."""
+safe-stopping the robot (ControlLoop.run) or saving a training run (polcache's commands); and
+interrupts held while the robot's safe stop runs, so a second press does not cut it short."""
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 
 class Terminated(KeyboardInterrupt):
@@ -35,3 +40,32 @@ def sigterm_as_interrupt(replace: bool = True) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def interrupts_deferred(what: str) -> Iterator[None]:
+    """Inside, Ctrl-C and SIGTERM are held until the block ends, then raised (KeyboardInterrupt,
+    Terminated), so the second press people give a stopping program does not cut `what` short (a
+    robot's safe stop left half-sent). Ctrl-C pressed twice inside is raised at once: a `what` that
+    hangs can still be left. Nothing is raised after the block while an exception is already on its
+    way out (the stop a failure or an interrupt made: that one propagates). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[KeyboardInterrupt] = []
+
+    def on_interrupt(signum, frame):
+        if signum == signal.SIGINT and any(type(h) is KeyboardInterrupt for h in held):
+            raise KeyboardInterrupt
+        held.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+        if signum == signal.SIGINT:
+            log.warning("%s first (Ctrl-C again to abandon it)", what)
+
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held and sys.exc_info()[1] is None:
+        raise held[0]
