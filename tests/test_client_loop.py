@@ -162,11 +162,11 @@ def test_reset_never_executes_chunks_from_the_previous_episode():
     loop.run(ticks=10)
     assert client.in_flight  # chunks of epoch 0 still on their way
     n_before, last_tick = len(robot.applied), robot.tick
-    loop.reset_episode()  # the next tick starts a fresh grid right away
+    loop.reset_episode()  # a fresh grid: its first tick a period after the last (the reset took no time here)
     loop.run(ticks=10)
     after = robot.applied[n_before:]
     assert after and all(value >= 1000 for _, value in after)  # only epoch-1 chunks
-    assert after[0][0] == last_tick + 3  # waits for its own first chunk (2.5 periods away)
+    assert after[0][0] == last_tick + 4  # waits for its own first chunk (2.5 periods after that tick)
 
 
 def test_reconnect_epoch_change_discards_old_chunks():

@@ -38,6 +38,20 @@ def test_a_stall_skips_grid_points_and_counts_them():
     assert rate.sleep().deadline == pytest.approx(0.08)
 
 
+def test_a_fresh_grid_counts_no_pause_as_missed_and_never_ticks_within_a_period_of_the_last():
+    clock = FakeClock(t=0.0)
+    rate = Rate(50, clock)
+    rate.sleep()
+    clock.advance(0.008)  # an episode's reset took less than a period
+    rate.reset()
+    assert rate.sleep().deadline == pytest.approx(0.02)  # not at once: a 50 Hz loop would read above 50 Hz
+    clock.advance(0.5)  # one that took 25 periods
+    rate.reset()
+    tick = rate.sleep()
+    assert (tick.deadline, tick.missed) == (pytest.approx(0.52), 0)
+    assert rate.sleep().deadline == pytest.approx(0.54)
+
+
 def test_invalid_rate_is_refused():
     with pytest.raises(ValueError, match="positive"):
         Rate(0)

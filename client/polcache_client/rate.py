@@ -72,17 +72,22 @@ class Rate:
             raise ValueError(f"rate must be a positive number of Hz, got {hz}")
         self.period = 1.0 / hz
         self.clock = clock or MonotonicClock()
-        self._next: float | None = None
+        self._next = -math.inf  # the grid's next deadline
+        self._fresh = True  # the next call starts a new grid
 
     def reset(self) -> None:
-        """Start a fresh grid at the next call (e.g. after a pause the loop did not own)."""
-        self._next = None
+        """Start a fresh grid at the next call, after a pause the loop did not own (an episode's
+        reset): nothing in the pause counts as missed, yet no tick comes sooner than a period
+        after the last one (a short pause started the grid early: a 50 Hz loop read ~50.3 Hz)."""
+        self._fresh = True
 
     def sleep(self) -> Tick:
         now = self.clock.now()
-        deadline = now if self._next is None else self._next
-        missed = max(0, math.floor((now - deadline) / self.period))
-        deadline += missed * self.period
+        if self._fresh:
+            deadline, missed, self._fresh = max(now, self._next), 0, False
+        else:
+            missed = max(0, math.floor((now - self._next) / self.period))
+            deadline = self._next + missed * self.period
         self.clock.sleep_until(deadline)
         self._next = deadline + self.period
         return Tick(t=self.clock.now(), deadline=deadline, missed=missed)
