@@ -159,6 +159,11 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _counted(n: float, noun: str) -> str:
+    """'1 missed tick', '0 missed ticks': a count from the metrics (a float) with its noun."""
+    return f"{n:.0f} {noun}{'' if round(n) == 1 else 's'}"
+
+
 def _sim_robot(args: argparse.Namespace) -> int:
     from polcache.atomic import atomic_write_text
     from polcache.metrics import collect_metrics
@@ -186,10 +191,10 @@ def _sim_robot(args: argparse.Namespace) -> int:
     loop_stops = 1 if result.extra["safe_stop"] else 0
     final = f", then the safe stop {'on ' + stopped['signal'] if stopped else 'at the end'}" if loop_stops else ""
     print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
-          f"{err.get('p99', float('nan')):.3f} ms, {tick.get('missed_ticks', 0):.0f} missed ticks, "
-          f"{tick.get('waiting', 0):.0f} ticks waiting for an episode's first action, "
-          f"{tick.get('deadline_miss', 0):.0f} ticks without a fresh action, "
-          f"{tick.get('safe_stops', 0) - loop_stops:.0f} watchdog safe stops{final}")
+          f"{err.get('p99', float('nan')):.3f} ms, {_counted(tick.get('missed_ticks', 0), 'missed tick')}, "
+          f"{_counted(tick.get('waiting', 0), 'tick')} waiting for an episode's first action, "
+          f"{_counted(tick.get('deadline_miss', 0), 'tick')} without a fresh action, "
+          f"{_counted(tick.get('safe_stops', 0) - loop_stops, 'watchdog safe stop')}{final}")
     chunk = result.extra.get("chunk", {})
     if chunk.get("chunks"):  # the dashboard's "dropped actions" climbs by thousands in a healthy run: say why
         latency = chunk.get("latency_ms", {}).get("p50", float("nan"))

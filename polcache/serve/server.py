@@ -641,8 +641,8 @@ class PolicyServer:
                                                f"until it sends fewer")
         for robot, session in list(itertools.takewhile(lambda kv: now - kv[1].last_seen > self.session_timeout_s,
                                                        self.sessions.items())):
-            log.info("robot %s silent for %.0f s: session closed", robot_label(session.name, robot),
-                     now - session.last_seen)
+            log.info("robot %s silent for %.0f s (over the %g s session timeout): session closed",
+                     robot_label(session.name, robot), now - session.last_seen, self.session_timeout_s)
             del self.sessions[robot]
 
     def _allowance(self, robot: bytes) -> float:
