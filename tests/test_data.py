@@ -104,6 +104,28 @@ def test_atomic_replace_keeps_old_dataset_on_failure(ds_path, episodes, monkeypa
     assert sorted(p.name for p in ds_path.parent.iterdir()) == ["demo.zarr"]
 
 
+def test_writer_appends_episodes_as_write_dataset_writes_them(tmp_path, episodes):
+    """dataset_writer takes one episode at a time (memory: an episode, not the dataset) and writes the
+    same dataset, chunks included; an error inside the block leaves nothing."""
+    write_dataset(tmp_path / "whole.zarr", episodes, attrs={"source": "test"})
+    with store_mod.dataset_writer(tmp_path / "appended.zarr", attrs={"source": "test"}) as writer:
+        for ep in episodes:
+            writer.append(ep)
+        assert writer.num_episodes == 3 and not (tmp_path / "appended.zarr").exists()
+    whole, appended = (zarr.open_group(tmp_path / name, mode="r") for name in ("whole.zarr", "appended.zarr"))
+    assert dict(appended.attrs) == dict(whole.attrs) and dict(appended["meta"].attrs) == dict(whole["meta"].attrs)
+    for name in ("data/obs/image_front", "data/obs/state", "data/action", "meta/episode_ends"):
+        assert appended[name].chunks == whole[name].chunks and appended[name].shape == whole[name].shape
+        np.testing.assert_array_equal(appended[name][:], whole[name][:])
+    assert whole["data/obs/image_front"].chunks[0] == 64  # 78 frames: one whole chunk, then a partial one
+
+    with pytest.raises(DatasetError, match="episode 1: obs keys"):
+        with store_mod.dataset_writer(tmp_path / "bad.zarr") as writer:
+            writer.append(episodes[0])
+            writer.append(make_episode(3, 0.0, image=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["appended.zarr", "whole.zarr"]
+
+
 def test_refuses_to_overwrite_foreign_directory(tmp_path, episodes):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

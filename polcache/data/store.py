@@ -10,6 +10,8 @@ Layout (same idea as diffusion_policy's ReplayBuffer, so datasets are easy to in
 
 Writes are atomic: a sibling temp directory is filled, flagged complete, and renamed into
 place, so a crash or a bad episode never leaves a half-written dataset where a good one was.
+`dataset_writer` takes the episodes one at a time (write_dataset uses it), so writing holds about
+one episode in memory, not the dataset.
 Chunks are zstd frames with checksums, so bytes damaged later fail to decode instead of
 reading as other numbers; a chunk that fails is named in a DatasetError where it is read.
 """
@@ -17,7 +19,8 @@ reading as other numbers; a chunk that fails is named in a DatasetError where it
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,59 +65,47 @@ def _check_key(key: str) -> None:
         raise DatasetError(f"obs key {key!r} must not contain '/'")
 
 
-def _validated(episodes: Sequence[Episode]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Check every episode against the first one; return concatenated obs, actions and episode_ends."""
-    if len(episodes) == 0:
-        raise DatasetError("cannot write a dataset with no episodes")
-    keys = sorted(episodes[0].obs)
-    if not keys:
-        raise DatasetError("episode 0: obs is empty; need at least 'state' or one 'image_<camera>'")
+def _checked(i: int, ep: Episode, keys: list[str], ref_shapes: dict[str, tuple[int, ...]]
+             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Episode i's obs and action as written (numbers as float32), checked against the first episode's
+    keys and step shapes (`ref_shapes`, filled from the first episode)."""
+    if sorted(ep.obs) != keys:
+        raise DatasetError(f"episode {i}: obs keys {sorted(ep.obs)} differ from episode 0's {keys}")
+    action = np.asarray(ep.action)
+    if action.ndim != 2 or action.shape[0] == 0:
+        raise DatasetError(f"episode {i}: action must be (T>0, action_dim), got shape {action.shape}")
+    if not np.issubdtype(action.dtype, np.number):
+        raise DatasetError(f"episode {i}: action has non-numeric dtype {action.dtype}")
+    action = action.astype(np.float32)
+    if not np.isfinite(action).all():
+        raise DatasetError(f"episode {i}: action contains NaN or inf")
+    T = action.shape[0]
+    ref_shapes.setdefault("action", action.shape[1:])
+    if action.shape[1:] != ref_shapes["action"]:
+        raise DatasetError(f"episode {i}: action dim {action.shape[1:]} differs from episode 0's {ref_shapes['action']}")
+    obs = {}
     for k in keys:
-        _check_key(k)
-    obs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    actions: list[np.ndarray] = []
-    lengths: list[int] = []
-    ref_shapes: dict[str, tuple[int, ...]] = {}
-    for i, ep in enumerate(episodes):
-        if sorted(ep.obs) != keys:
-            raise DatasetError(f"episode {i}: obs keys {sorted(ep.obs)} differ from episode 0's {keys}")
-        action = np.asarray(ep.action)
-        if action.ndim != 2 or action.shape[0] == 0:
-            raise DatasetError(f"episode {i}: action must be (T>0, action_dim), got shape {action.shape}")
-        if not np.issubdtype(action.dtype, np.number):
-            raise DatasetError(f"episode {i}: action has non-numeric dtype {action.dtype}")
-        action = action.astype(np.float32)
-        if not np.isfinite(action).all():
-            raise DatasetError(f"episode {i}: action contains NaN or inf")
-        T = action.shape[0]
-        ref_shapes.setdefault("action", action.shape[1:])
-        if action.shape[1:] != ref_shapes["action"]:
-            raise DatasetError(f"episode {i}: action dim {action.shape[1:]} differs from episode 0's {ref_shapes['action']}")
-        for k in keys:
-            x = np.asarray(ep.obs[k])
-            if x.ndim < 1 or x.shape[0] != T:
-                raise DatasetError(f"episode {i}: obs[{k!r}] has {x.shape[0] if x.ndim else 0} steps but action has {T}")
-            if k in ("state", "embedding"):
-                if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-                    raise DatasetError(f"episode {i}: obs[{k!r}] must be numeric (T, D), got {x.dtype} {x.shape}")
-                x = x.astype(np.float32)
-                if not np.isfinite(x).all():
-                    raise DatasetError(f"episode {i}: obs[{k!r}] contains NaN or inf")
-            elif k == "instruction":
-                if x.dtype != np.uint8 or x.ndim != 2:
-                    raise DatasetError(f"episode {i}: obs['instruction'] must be uint8 (T, bytes), got {x.dtype} {x.shape}")
-            elif x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-                raise DatasetError(f"episode {i}: obs[{k!r}] must be uint8 (T, H, W, 3), got {x.dtype} {x.shape}")
-            ref_shapes.setdefault(k, x.shape[1:])
-            if x.shape[1:] != ref_shapes[k]:
-                raise DatasetError(f"episode {i}: obs[{k!r}] step shape {x.shape[1:]} differs from episode 0's {ref_shapes[k]}")
-            obs[k].append(x)
-        if not isinstance(ep.task, str):
-            raise DatasetError(f"episode {i}: task must be a str, got {type(ep.task).__name__}")
-        actions.append(action)
-        lengths.append(T)
-    cat = {k: np.concatenate(v, axis=0) for k, v in obs.items()}
-    return cat, np.concatenate(actions, axis=0), np.cumsum(lengths, dtype=np.int64)
+        x = np.asarray(ep.obs[k])
+        if x.ndim < 1 or x.shape[0] != T:
+            raise DatasetError(f"episode {i}: obs[{k!r}] has {x.shape[0] if x.ndim else 0} steps but action has {T}")
+        if k in ("state", "embedding"):
+            if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+                raise DatasetError(f"episode {i}: obs[{k!r}] must be numeric (T, D), got {x.dtype} {x.shape}")
+            x = x.astype(np.float32)
+            if not np.isfinite(x).all():
+                raise DatasetError(f"episode {i}: obs[{k!r}] contains NaN or inf")
+        elif k == "instruction":
+            if x.dtype != np.uint8 or x.ndim != 2:
+                raise DatasetError(f"episode {i}: obs['instruction'] must be uint8 (T, bytes), got {x.dtype} {x.shape}")
+        elif x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise DatasetError(f"episode {i}: obs[{k!r}] must be uint8 (T, H, W, 3), got {x.dtype} {x.shape}")
+        ref_shapes.setdefault(k, x.shape[1:])
+        if x.shape[1:] != ref_shapes[k]:
+            raise DatasetError(f"episode {i}: obs[{k!r}] step shape {x.shape[1:]} differs from episode 0's {ref_shapes[k]}")
+        obs[k] = x
+    if not isinstance(ep.task, str):
+        raise DatasetError(f"episode {i}: task must be a str, got {type(ep.task).__name__}")
+    return obs, action
 
 
 def is_dataset(path: Path) -> bool:
@@ -137,9 +128,97 @@ def check_dataset_output(path: str | Path, flag: str | None = None, inputs: Sequ
                         error=DatasetError, whole=True)
 
 
-def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | None = None) -> None:
-    """Write episodes atomically to `path`, replacing an existing polcache dataset only once the new one is complete."""
-    path = Path(path)
+class _Column:
+    """One array filled as rows arrive: written in whole chunks, each compressed once, the last partial
+    chunk at finish, so it is chunked as _put chunks the whole array. Holds less than a chunk of rows."""
+
+    def __init__(self, group: zarr.Group, name: str, chunk_rows: int):
+        self._group, self._name, self._chunk_rows = group, name, chunk_rows
+        self._array: zarr.Array | None = None
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        start = 0
+        if self._pending_rows:  # top up the partial chunk first
+            start = min(len(rows), self._chunk_rows - self._pending_rows)
+            self._hold(rows[:start])
+            if self._pending_rows < self._chunk_rows:
+                return
+            self.finish()
+        whole = start + (len(rows) - start) // self._chunk_rows * self._chunk_rows
+        if whole > start:
+            self._write(rows[start:whole])
+        if whole < len(rows):
+            self._hold(rows[whole:])
+
+    def _hold(self, rows: np.ndarray) -> None:
+        self._pending.append(rows.copy())  # a view would keep the caller's whole episode alive
+        self._pending_rows += len(rows)
+
+    def _write(self, rows: np.ndarray) -> None:
+        if self._array is None:
+            _put(self._group, self._name, rows, self._chunk_rows)
+            self._array = self._group[self._name]
+        else:
+            self._array.append(rows)
+
+    def finish(self) -> None:
+        """Write the rows held back (a partial chunk)."""
+        if self._pending:
+            self._write(np.concatenate(self._pending))
+            self._pending, self._pending_rows = [], 0
+
+
+class DatasetWriter:
+    """Episodes appended one at a time to a dataset being written by `dataset_writer`: each is checked
+    against the first as write_dataset checks them, then written, so memory holds about one episode."""
+
+    def __init__(self, root: zarr.Group):
+        self._root = root
+        self._data = root.create_group("data")
+        self._obs = self._data.create_group("obs")
+        self._columns: dict[str, _Column] = {}
+        self._keys: list[str] = []
+        self._ref_shapes: dict[str, tuple[int, ...]] = {}
+        self._lengths: list[int] = []
+        self._tasks: list[str] = []
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._lengths)
+
+    def append(self, episode: Episode) -> None:
+        i = len(self._lengths)
+        if i == 0:
+            self._keys = sorted(episode.obs)
+            if not self._keys:
+                raise DatasetError("episode 0: obs is empty; need at least 'state' or one 'image_<camera>'")
+            for k in self._keys:
+                _check_key(k)
+        obs, action = _checked(i, episode, self._keys, self._ref_shapes)
+        if i == 0:
+            for k in self._keys:
+                self._columns[k] = _Column(self._obs, k, _IMAGE_CHUNK if k.startswith("image_") else _LOWDIM_CHUNK)
+            self._columns["action"] = _Column(self._data, "action", _LOWDIM_CHUNK)
+        for k, x in obs.items():
+            self._columns[k].append(x)
+        self._columns["action"].append(action)
+        self._lengths.append(len(action))
+        self._tasks.append(episode.task)
+
+    def _finish(self) -> None:
+        if not self._lengths:
+            raise DatasetError("cannot write a dataset with no episodes")
+        for column in self._columns.values():
+            column.finish()
+        meta = self._root.create_group("meta")
+        _put(meta, "episode_ends", np.cumsum(self._lengths, dtype=np.int64), len(self._lengths))
+        meta.attrs["tasks"] = self._tasks
+        self._root.attrs["complete"] = True  # last write: only a fully written dataset carries it
+
+
+def _checked_attrs(path: Path, attrs: dict | None) -> dict:
     attrs = dict(attrs or {})
     clash = [k for k in _RESERVED_ATTRS if k in attrs]
     if clash:
@@ -148,21 +227,30 @@ def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | N
         json.dumps(attrs)
     except (TypeError, ValueError) as e:
         raise DatasetError(f"{path}: attrs must be JSON-serialisable ({e})") from None
-    obs, action, ends = _validated(episodes)
-    check_dataset_output(path)
+    return attrs
 
+
+@contextmanager
+def dataset_writer(path: str | Path, attrs: dict | None = None) -> Iterator[DatasetWriter]:
+    """Write a dataset episode by episode (`writer.append(episode)`), for datasets larger than memory.
+    Atomic as write_dataset: the dataset replaces `path` only when the block ends without an error,
+    and is flagged complete last; an error (or no episode) leaves `path` as it was."""
+    path = Path(path)
+    attrs = _checked_attrs(path, attrs)
+    check_dataset_output(path)
     with atomic_directory(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs.update({"format": FORMAT, "version": VERSION, "complete": False, **attrs})
-        data = root.create_group("data")
-        obs_group = data.create_group("obs")
-        for k, x in obs.items():
-            _put(obs_group, k, x, _IMAGE_CHUNK if k.startswith("image_") else _LOWDIM_CHUNK)
-        _put(data, "action", action, _LOWDIM_CHUNK)
-        meta = root.create_group("meta")
-        _put(meta, "episode_ends", ends, len(ends))
-        meta.attrs["tasks"] = [ep.task for ep in episodes]
-        root.attrs["complete"] = True  # last write: only a fully written dataset carries it
+        writer = DatasetWriter(root)
+        yield writer
+        writer._finish()
+
+
+def write_dataset(path: str | Path, episodes: Sequence[Episode], attrs: dict | None = None) -> None:
+    """Write episodes atomically to `path`, replacing an existing polcache dataset only once the new one is complete."""
+    with dataset_writer(path, attrs) as writer:
+        for episode in episodes:
+            writer.append(episode)
 
 
 def _episodes(ends: np.ndarray | None, a: int, b: int) -> str:
