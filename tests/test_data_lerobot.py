@@ -8,10 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -172,6 +174,23 @@ def test_import_takes_the_nearest_video_frame(lerobot_root, tmp_path):
     assert best == [3 * g for g in range(n)]
 
 
+def test_video_cursor_reads_on_and_back(lerobot_root, monkeypatch):
+    """Episodes are read from a file in order, each frame decoded once; a read may share a frame with the
+    one before (kept), and a read before what was let go (episodes stored out of order) reopens the file."""
+    path = lerobot_root / lr.VIDEO_PATH.format(video_key="observation.images.top", chunk_index=0, file_index=0)
+    opens, real_open = [], lr._VideoCursor._open
+    monkeypatch.setattr(lr._VideoCursor, "_open", lambda self: opens.append(1) or real_open(self))
+    cursor = lr._VideoCursor(lerobot_root, path, (H, W), 0.4 / FPS)
+    with tqdm(disable=True) as bar:
+        for frames in ([0, 1, 2, 3], [3, 4], [7, 8, 9], [1, 2]):
+            images, found = cursor.read(np.array(frames) / FPS, bar)
+            assert found.all()
+            assert_images_close(images, np.stack([frame_image(g) for g in frames]))
+        assert len(opens) == 2  # once, and again for the read back
+        assert not cursor.read(np.array([10, 11]) / FPS, bar)[1].any()  # past the end: nothing found
+    cursor.close()
+
+
 def test_import_embedded_png_images(lerobot_root, tmp_path):
     """dtype "image" features: PNG bytes in the data parquet as {bytes, path} structs."""
     info = json.loads((lerobot_root / "meta/info.json").read_text())
@@ -192,6 +211,39 @@ def test_import_embedded_png_images(lerobot_root, tmp_path):
     s = EpisodeStore.open(tmp_path / "out.zarr")
     assert s.obs_keys == ["image_main", "image_top", "state"]
     np.testing.assert_array_equal(s.array("image_main"), np.stack([frame_image(g) for g in range(15)]))
+
+
+def exported_root(tmp_path: Path, name: str, episodes: int, length: int = 16, hw: tuple[int, int] = (64, 96)) -> Path:
+    """A LeRobot root of `episodes` episodes of `length` frames, one camera of `hw` images (noise, so
+    compression does not hide their size), all in one mp4 as lerobot writes them."""
+    rng = np.random.default_rng(0)
+    eps = [Episode(obs={"state": rng.normal(size=(length, 2)).astype(np.float32),
+                        "image_front": rng.integers(0, 256, (length, *hw, 3), np.uint8)},
+                   action=rng.normal(size=(length, 2)).astype(np.float32)) for _ in range(episodes)]
+    write_dataset(tmp_path / f"{name}.zarr", eps)
+    lr.export_lerobot(tmp_path / f"{name}.zarr", tmp_path / name, fps=10, crf=30, progress=False)
+    return tmp_path / name
+
+
+def import_peak(root: Path, out: Path, **kwargs) -> int:
+    """Peak bytes allocated through Python and numpy (numpy reports to tracemalloc) during an import."""
+    tracemalloc.start()
+    try:
+        lr.import_lerobot(root, out, progress=False, **kwargs)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_import_memory_does_not_grow_with_episodes(tmp_path):
+    """Episodes are decoded and written one at a time: three times the episodes, same peak, where holding
+    the dataset would add at least the extra episodes' images. (Both hold whole 64-frame zarr chunks, so
+    the partial last chunk, held until the end, is the same size.)"""
+    small, large = exported_root(tmp_path, "small", 8), exported_root(tmp_path, "large", 24)
+    lr.import_lerobot(small, tmp_path / "warm.zarr", progress=False)  # module imports are not what is measured
+    extra_images = 16 * 16 * 64 * 96 * 3
+    peak_small, peak_large = import_peak(small, tmp_path / "s.zarr"), import_peak(large, tmp_path / "l.zarr")
+    assert peak_large < peak_small + extra_images / 8, (peak_small, peak_large, extra_images)
 
 
 # ---- export and round trip ----------------------------------------------------

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from polcache.atomic import atomic_directory, restore
 from polcache.config import INSTRUCTION_KEY
-from polcache.data.store import Episode, EpisodeStore, write_dataset
+from polcache.data.store import Episode, EpisodeStore, dataset_writer
 from polcache.errors import DatasetError, cut_short
 from polcache.extras import install_hint
 from polcache.outputs import check_output
@@ -420,43 +420,77 @@ def _encode_tasks(root: Path, task_of: dict[int, str], frame_task: np.ndarray, s
     return rows[inverse.reshape(-1)]
 
 
-def _decode_video(root: Path, path: Path, times: np.ndarray, rows: np.ndarray, out: np.ndarray,
-                  filled: np.ndarray, tol: float, bar: tqdm) -> None:
-    """Decode one mp4, writing to out[rows] the decoded frame nearest each wanted time (within tol)."""
-    import av
+class _VideoCursor:
+    """One mp4 decoded front to back while its episodes are read in order (v3.0 puts them back to back in
+    a file), so each frame is decoded once and only one episode's images are held. The frames near the
+    end of a read are kept, since the next episode's lookup window may reach back into them; a read
+    starting before what was let go reopens the file (episodes stored out of order: right, only slower)."""
 
-    order = np.argsort(times, kind="stable")
-    times, rows = times[order], rows[order]
-    best = np.full(len(times), np.inf)
-    h, w = out.shape[1:3]
-    rel = path.relative_to(root)
-    if not path.is_file():
-        raise DatasetError(f"{root}: missing video file {rel}")
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
+    def __init__(self, root: Path, path: Path, hw: tuple[int, int], tol: float):
+        self._root, self._path, self._hw, self._tol = root, path, hw, tol
+        self._container: Any = None
+
+    def _open(self) -> None:
+        import av
+
+        self.close()
+        self._container = av.open(str(self._path))
+        stream = self._container.streams.video[0]
+        stream.thread_type = "AUTO"
+        self._time_base = stream.time_base
+        self._frames = self._container.decode(stream)
+        self._kept: list[tuple[float, Any]] = []  # (time, frame) decoded and maybe wanted by the next read
+        self._let_go = -np.inf  # the latest time of a decoded frame no longer kept
+        self._reached = -np.inf  # the latest time decoded
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def read(self, times: np.ndarray, bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
+        """(images, found): for each of `times` (seconds into the file, increasing) the decoded frame
+        nearest it within tol, as lerobot looks frames up; found is False where none was."""
+        import av
+
+        images = np.empty((len(times), *self._hw, 3), np.uint8)
+        best = np.full(len(times), np.inf)
+        try:
+            if self._container is None or self._let_go >= times[0] - self._tol:
+                self._open()
+            kept, self._kept = self._kept, []
+            for t, frame in kept:
+                self._take(t, frame, times, images, best, bar)
+            while self._reached <= times[-1] + self._tol:
+                frame = next(self._frames, None)
+                if frame is None:
+                    break
                 if frame.pts is None:
                     continue
-                t = float(frame.pts * stream.time_base)
-                lo, hi = np.searchsorted(times, t - tol, "left"), np.searchsorted(times, t + tol, "right")
-                if lo == hi:
-                    continue
-                if (frame.height, frame.width) != (h, w):
-                    raise DatasetError(f"{root}: {rel} has {frame.height}x{frame.width} frames but info.json "
-                                       f"declares {h}x{w} (polcache does not resize)")
-                dist = np.abs(times[lo:hi] - t)
-                closer = dist < best[lo:hi]  # several frames may fall in the window: the nearest wins
-                if not closer.any():
-                    continue
-                wanted = rows[lo:hi][closer]
-                bar.update(int((~filled[wanted]).sum()))
-                out[wanted] = frame.to_ndarray(format="rgb24")
-                filled[wanted] = True
-                best[lo:hi][closer] = dist[closer]
-    except (av.error.FFmpegError, IndexError) as e:
-        raise DatasetError(f"{root}: video {rel} is unreadable ({e})") from None
+                self._reached = t = float(frame.pts * self._time_base)
+                self._take(t, frame, times, images, best, bar)
+        except (av.error.FFmpegError, IndexError) as e:
+            raise DatasetError(f"{self._root}: video {self._path.relative_to(self._root)} is unreadable ({e})") from None
+        return images, np.isfinite(best)
+
+    def _take(self, t: float, frame: Any, times: np.ndarray, images: np.ndarray, best: np.ndarray, bar: tqdm) -> None:
+        """Put the frame at time t where it is the nearest so far, and keep it if the next read may want it."""
+        if t >= times[-1] - self._tol:
+            self._kept.append((t, frame))
+        else:
+            self._let_go = max(self._let_go, t)
+        lo, hi = np.searchsorted(times, t - self._tol, "left"), np.searchsorted(times, t + self._tol, "right")
+        if lo == hi:
+            return
+        if (frame.height, frame.width) != self._hw:
+            raise DatasetError(f"{self._root}: {self._path.relative_to(self._root)} has {frame.height}x{frame.width} "
+                               f"frames but info.json declares {self._hw[0]}x{self._hw[1]}")
+        dist = np.abs(times[lo:hi] - t)
+        closer = dist < best[lo:hi]  # several frames may fall in the window: the nearest wins
+        if closer.any():
+            bar.update(int(np.isinf(best[lo:hi][closer]).sum()))
+            images[lo:hi][closer] = frame.to_ndarray(format="rgb24")
+            best[lo:hi][closer] = dist[closer]
 
 
 def _check_timestamps(root: Path, timestamp: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
@@ -477,24 +511,25 @@ def _check_timestamps(root: Path, timestamp: np.ndarray, starts: np.ndarray, len
                            f"within half a frame ({tol:.3g} s): out of order, or fps is wrong")
 
 
-def _decode_images(root: Path, key: str, column: Any, hw: tuple[int, int], bar: tqdm) -> np.ndarray:
-    """Images stored in the parquet as {bytes, path} structs (PNG/JPEG bytes)."""
+def _decode_images(root: Path, key: str, column: Any, e: int, hw: tuple[int, int], bar: tqdm) -> np.ndarray:
+    """Episode e's images stored in the parquet as {bytes, path} structs (PNG/JPEG bytes)."""
     import av
 
     blobs = column.combine_chunks().field("bytes").to_pylist()
     out = np.empty((len(blobs), *hw, 3), np.uint8)
-    for i, blob in enumerate(blobs):
+    for k, blob in enumerate(blobs):
         if blob is None:
-            raise DatasetError(f"{root}: image feature {key} frame row {i} has no embedded bytes")
+            raise DatasetError(f"{root}: image feature {key} episode {e} frame {k} has no embedded bytes")
         try:
             with av.open(io.BytesIO(blob)) as c:
-                img = next(c.decode(video=0)).to_ndarray(format="rgb24")
-        except (av.error.FFmpegError, StopIteration) as e:
-            raise DatasetError(f"{root}: image feature {key} row {i} is not a readable image ({e})") from None
-        if img.shape[:2] != hw:
-            raise DatasetError(f"{root}: image feature {key} row {i} is {img.shape[0]}x{img.shape[1]}, info.json "
-                               f"declares {hw[0]}x{hw[1]} (polcache does not resize)")
-        out[i] = img
+                frame = next(c.decode(video=0))
+                if (frame.height, frame.width) != hw:
+                    raise DatasetError(f"{root}: image feature {key} episode {e} frame {k} is {frame.height}x"
+                                       f"{frame.width}, info.json declares {hw[0]}x{hw[1]}")
+                out[k] = frame.to_ndarray(format="rgb24")
+        except (av.error.FFmpegError, StopIteration) as exc:
+            raise DatasetError(f"{root}: image feature {key} episode {e} frame {k} is not a readable image "
+                               f"({exc})") from None
         bar.update()
     return out
 
@@ -507,9 +542,10 @@ def _names(ft: dict) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def import_lerobot(root: str | Path, out: str | Path, progress: bool = True,
-                   instruction_bytes: int = 0) -> ImportReport:
-    """Convert a LeRobotDataset v3.0 root into a polcache zarr dataset at `out` (written atomically).
+def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, instruction_bytes: int = 0
+                   ) -> ImportReport:
+    """Convert a LeRobotDataset v3.0 root into a polcache zarr dataset at `out` (written atomically),
+    one episode at a time, so memory holds about one episode's images whatever the dataset's size.
     `instruction_bytes` > 0 also makes each frame's task string its `instruction` observation of
     that many bytes, as `polcache record --instructions` writes it, for language-conditioned policies.
     Opt-in, as record's flag is: many datasets' only task is a generic name, which a policy without
@@ -551,37 +587,18 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True,
         if instruction_bytes:
             instruction = _encode_tasks(root, task_of, frame_task, starts, instruction_bytes)
 
-    images: dict[str, np.ndarray] = {}
+    timestamp = _numbers(root, frames, "timestamp")[:, 0].astype(np.float64)
+    _check_timestamps(root, timestamp, starts, lengths, fps)
+    files = {lk: list(zip(eps[f"videos/{lk}/chunk_index"].tolist(), eps[f"videos/{lk}/file_index"].tolist()))
+             for lk in videos.values()}  # each episode's (chunk, file) per camera
+    paths = {(lk, c, f): root / info["video_path"].format(video_key=lk, chunk_index=c, file_index=f)
+             for lk, pairs in files.items() for c, f in pairs}
+    for path in paths.values():  # before hours of decoding, not after
+        if not path.is_file():
+            raise DatasetError(f"{root}: missing video file {path.relative_to(root)}")
     if cameras:
         _av()
-    with tqdm(total=len(frames) * len(cameras), desc="decode images", unit="frame", disable=not progress) as bar:
-        timestamp = _numbers(root, frames, "timestamp")[:, 0].astype(np.float64)
-        _check_timestamps(root, timestamp, starts, lengths, fps)
-        episode_of = np.repeat(np.arange(len(lengths)), lengths)
-        for key, (lkey, hw) in cameras.items():
-            if key not in videos:
-                images[key] = _decode_images(root, lkey, frames.column(lkey), hw, bar)
-                continue
-            out_arr = np.empty((len(frames), *hw, 3), np.uint8)
-            filled = np.zeros(len(frames), bool)
-            # A frame is looked up at its episode's from_timestamp + its own timestamp, as lerobot does.
-            times = eps[f"videos/{lkey}/from_timestamp"][episode_of] + timestamp
-            file_of = list(zip(eps[f"videos/{lkey}/chunk_index"].tolist(), eps[f"videos/{lkey}/file_index"].tolist()))
-            for c, f in _files(eps, f"videos/{lkey}"):
-                rows = np.flatnonzero(np.array([fo == (c, f) for fo in file_of])[episode_of])
-                path = root / info["video_path"].format(video_key=lkey, chunk_index=c, file_index=f)
-                _decode_video(root, path, times[rows], rows, out_arr, filled, 0.4 / fps, bar)
-            if not filled.all():
-                row = int(np.flatnonzero(~filled)[0])
-                e = int(episode_of[row])
-                raise DatasetError(f"{root}: {lkey} has no video frame for episode {e} frame {row - starts[e]} "
-                                   f"(video truncated or timestamps off)")
-            images[key] = out_arr
 
-    obs_all = {**({"state": state} if state is not None else {}), **images,
-               **({INSTRUCTION_KEY: instruction} if instruction is not None else {})}
-    episodes = [Episode(obs={k: v[s:s + n] for k, v in obs_all.items()}, action=action[s:s + n], task=tasks[e])
-                for e, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist()))]
     attrs: dict[str, Any] = {"fps": fps, "source": f"lerobot {info['codebase_version']}"}
     if len(set(tasks)) == 1 and tasks[0]:  # one task throughout (e.g. a Meta-World task name): the dataset's task
         attrs["task"] = tasks[0]
@@ -590,8 +607,38 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True,
     for key, attr in ((STATE, "state_names"), (ACTION, "action_names")):
         if key in features and (names := _names(features[key])) is not None:
             attrs[attr] = names
-    write_dataset(out, episodes, attrs)
-    return ImportReport(Path(out), len(episodes), len(frames), sorted(obs_all), fps, skipped)
+
+    # Episode by episode: decoded and appended, so memory holds one episode's images, not the dataset's.
+    cursors: dict[tuple[str, int, int], _VideoCursor] = {}
+    last_use = {(lk, *pair): e for lk, pairs in files.items() for e, pair in enumerate(pairs)}
+    try:
+        with (dataset_writer(out, attrs) as writer,
+              tqdm(total=len(frames) * len(cameras), desc="decode images", unit="frame", disable=not progress) as bar):
+            for e, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+                obs = {**({"state": state[s:s + n]} if state is not None else {}),
+                       **({INSTRUCTION_KEY: instruction[s:s + n]} if instruction is not None else {})}
+                for key, (lkey, hw) in cameras.items():
+                    if key not in videos:
+                        obs[key] = _decode_images(root, lkey, frames.column(lkey).slice(s, n), e, hw, bar)
+                        continue
+                    file = (lkey, *files[lkey][e])
+                    if file not in cursors:
+                        cursors[file] = _VideoCursor(root, paths[file], hw, 0.4 / fps)
+                    # A frame is looked up at its episode's from_timestamp + its own timestamp, as lerobot does.
+                    times = eps[f"videos/{lkey}/from_timestamp"][e] + timestamp[s:s + n]
+                    obs[key], found = cursors[file].read(times, bar)
+                    if not found.all():
+                        raise DatasetError(f"{root}: {lkey} has no video frame for episode {e} frame "
+                                           f"{int(np.flatnonzero(~found)[0])} (video truncated or timestamps off)")
+                    if last_use[file] == e:
+                        cursors.pop(file).close()
+                writer.append(Episode(obs=obs, action=action[s:s + n], task=tasks[e]))
+    finally:
+        for cursor in cursors.values():
+            cursor.close()
+    obs_keys = sorted([*(["state"] if state is not None else []), *cameras,
+                       *([INSTRUCTION_KEY] if instruction is not None else [])])
+    return ImportReport(Path(out), len(lengths), len(frames), obs_keys, fps, skipped)
 
 
 # ---- export -----------------------------------------------------------------
