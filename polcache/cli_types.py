@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from typing import TYPE_CHECKING
 
 from polcache.config import MAX_SEED
@@ -51,6 +52,15 @@ def image_size(value: str) -> int:
     """A rendered camera image's side: MuJoCo renders up to its offscreen buffer, and a policy's images are
     small (96 by default); a typo like 100000 would ask for a 30 GB frame."""
     return _number(value, int, lambda n: 1 <= n <= 4096, "an image side in 1..4096 pixels")
+
+
+def image_height_width(value: str) -> tuple[int, int]:
+    """HxW (e.g. 96x96, 240x320): an image size to resize to, each side in 1..4096 pixels as image_size's."""
+    m = re.fullmatch(r"([0-9]+)[xX]([0-9]+)", value)
+    if m is None or not all(1 <= int(side) <= 4096 for side in m.groups()):
+        raise argparse.ArgumentTypeError(f"expected HxW, height x width in pixels (each 1..4096), e.g. 96x96, got "
+                                         f"{_shown(repr(value))}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def thread_count(value: str) -> int:

@@ -174,13 +174,41 @@ def test_import_takes_the_nearest_video_frame(lerobot_root, tmp_path):
     assert best == [3 * g for g in range(n)]
 
 
+def box_mean(images: np.ndarray, f: int) -> np.ndarray:
+    """(T, H, W, 3) images shrunk f times by averaging f x f blocks: what an area resize gives."""
+    t, h, w, c = images.shape
+    return images.reshape(t, h // f, f, w // f, f, c).astype(float).mean(axis=(2, 4)).round().astype(np.uint8)
+
+
+def test_import_resizes_every_camera(lerobot_root, tmp_path):
+    """image_size resizes videos and embedded images at decode (area averaging), to exactly HxW
+    whatever the aspect ratio, and the attrs say from what."""
+    add_png_camera(lerobot_root)
+    want = box_mean(np.stack([frame_image(g) for g in range(15)]), 2)
+    report = lr.import_lerobot(lerobot_root, tmp_path / "half.zarr", progress=False, image_size=(H // 2, W // 2))
+    s = EpisodeStore.open(tmp_path / "half.zarr")
+    assert report.obs_keys == ["image_main", "image_top", "state"]
+    assert_images_close(s.array("image_top"), want)
+    np.testing.assert_allclose(s.array("image_main"), want, atol=1)  # lossless source: only rounding differs
+    assert s.attrs["image_resize"] == {"size": [16, 16], "interpolation": "area",
+                                       "source_sizes": {"image_main": [H, W], "image_top": [H, W]}}
+    np.testing.assert_array_equal(s.array("state"), np.array([state_of(g) for g in range(15)], np.float32))
+
+    lr.import_lerobot(lerobot_root, tmp_path / "wide.zarr", progress=False, image_size=(8, 24))
+    assert EpisodeStore.open(tmp_path / "wide.zarr").obs_spec()["image_top"].shape == (8, 24, 3)
+    lr.import_lerobot(lerobot_root, tmp_path / "full.zarr", progress=False)
+    assert "image_resize" not in EpisodeStore.open(tmp_path / "full.zarr").attrs  # full size: as before
+    with pytest.raises(DatasetError, match=r"image_size must be \(height, width\), each 1..4096 pixels, got \(0, 8\)"):
+        lr.import_lerobot(lerobot_root, tmp_path / "bad.zarr", progress=False, image_size=(0, 8))
+
+
 def test_video_cursor_reads_on_and_back(lerobot_root, monkeypatch):
     """Episodes are read from a file in order, each frame decoded once; a read may share a frame with the
     one before (kept), and a read before what was let go (episodes stored out of order) reopens the file."""
     path = lerobot_root / lr.VIDEO_PATH.format(video_key="observation.images.top", chunk_index=0, file_index=0)
     opens, real_open = [], lr._VideoCursor._open
     monkeypatch.setattr(lr._VideoCursor, "_open", lambda self: opens.append(1) or real_open(self))
-    cursor = lr._VideoCursor(lerobot_root, path, (H, W), 0.4 / FPS)
+    cursor = lr._VideoCursor(lerobot_root, path, (H, W), None, 0.4 / FPS)
     with tqdm(disable=True) as bar:
         for frames in ([0, 1, 2, 3], [3, 4], [7, 8, 9], [1, 2]):
             images, found = cursor.read(np.array(frames) / FPS, bar)
@@ -191,8 +219,8 @@ def test_video_cursor_reads_on_and_back(lerobot_root, monkeypatch):
     cursor.close()
 
 
-def test_import_embedded_png_images(lerobot_root, tmp_path):
-    """dtype "image" features: PNG bytes in the data parquet as {bytes, path} structs."""
+def add_png_camera(lerobot_root: Path) -> None:
+    """A dtype "image" feature, observation.image: PNG bytes in the data parquet as {bytes, path} structs."""
     info = json.loads((lerobot_root / "meta/info.json").read_text())
     info["features"]["observation.image"] = {"dtype": "image", "shape": [H, W, 3],
                                              "names": ["height", "width", "channels"]}
@@ -207,6 +235,10 @@ def test_import_embedded_png_images(lerobot_root, tmp_path):
                   "path": None} for g in table.column("index").to_pylist()]
         struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
         pq.write_table(table.append_column("observation.image", pa.array(blobs, struct)), path)
+
+
+def test_import_embedded_png_images(lerobot_root, tmp_path):
+    add_png_camera(lerobot_root)
     lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False)
     s = EpisodeStore.open(tmp_path / "out.zarr")
     assert s.obs_keys == ["image_main", "image_top", "state"]
@@ -244,6 +276,8 @@ def test_import_memory_does_not_grow_with_episodes(tmp_path):
     extra_images = 16 * 16 * 64 * 96 * 3
     peak_small, peak_large = import_peak(small, tmp_path / "s.zarr"), import_peak(large, tmp_path / "l.zarr")
     assert peak_large < peak_small + extra_images / 8, (peak_small, peak_large, extra_images)
+    peak_resized = import_peak(large, tmp_path / "r.zarr", image_size=(16, 24))  # full-size frames never held
+    assert peak_resized < peak_large / 4, (peak_resized, peak_large)
 
 
 # ---- export and round trip ----------------------------------------------------
@@ -639,6 +673,18 @@ def test_cli_round_trip(polcache_ds, tmp_path, capsys):
     assert EpisodeStore.open(back).attrs["fps"] == 25
     assert main(["data", "import-lerobot", str(out), "--out", str(back), "--instructions", "--no-progress"]) == 0
     assert EpisodeStore.open(back).obs_spec()["instruction"].shape == (64,)  # record's default width
+    assert main(["data", "import-lerobot", str(out), "--out", str(back), "--image-size", "8x12", "--no-progress"]) == 0
+    assert EpisodeStore.open(back).obs_spec()["image_front"].shape == (8, 12, 3)
+
+
+@pytest.mark.parametrize("value", ["96", "96x", "0x96", "96x96x3", "4x-8", "5000x96", "axb"])
+def test_cli_image_size_is_checked(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "import-lerobot", str(tmp_path), "--out", str(tmp_path / "x.zarr"), "--image-size", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polcache data import-lerobot: error: argument --image-size: expected HxW") and \
+        len(err.splitlines()) == 1, err
 
 
 def test_cli_bad_root(tmp_path, capsys):

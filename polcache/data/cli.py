@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import h264_crf, positive_int
+from polcache.cli_types import h264_crf, image_height_width, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "data", help="convert datasets to and from LeRobotDataset v3.0",
         description="Convert between polcache datasets (zarr) and LeRobotDataset v3.0 roots. Training can also "
-                    "read a LeRobot root directly (dataset=ROOT); it is imported once into ROOT/.polcache.")
+                    "read a LeRobot root directly (dataset=ROOT); it is imported once, at full image size, into "
+                    "ROOT/.polcache.")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     imp = sub.add_parser("import-lerobot", help="LeRobotDataset v3.0 root -> polcache dataset",
                          description="Read a LeRobotDataset v3.0 root (meta/info.json, parquet data, mp4 videos) and "
-                                     "write it as a polcache dataset. Images keep their size. With --instructions, "
-                                     "each frame's task string also becomes its 'instruction' observation.")
+                                     "write it as a polcache dataset, one episode at a time (memory: about one "
+                                     "episode, not the dataset). Images keep their size unless --image-size is "
+                                     "given. With --instructions, each frame's task string also becomes its "
+                                     "'instruction' observation.")
     imp.add_argument("root", help="LeRobot dataset root (the directory holding meta/info.json)")
     imp.add_argument("--out", required=True, help="polcache dataset (zarr directory) to write")
     imp.add_argument("--instructions", type=positive_int, nargs="?", const=64, default=0, metavar="BYTES",
                      help="also write each frame's task string as the 'instruction' observation of BYTES UTF-8 bytes "
                           "(default 64), as `polcache record --instructions` does, for language-conditioned policies; "
                           "a task that does not fit is refused")
+    imp.add_argument("--image-size", type=image_height_width, metavar="HxW",
+                     help="resize every camera to exactly HxW pixels as it is decoded (e.g. 96x96, or 240x320 for "
+                          "480x640 cameras), with area averaging; a different aspect ratio stretches the image, "
+                          "nothing is cropped or padded (as lerobot's and diffusion_policy's resize do); the "
+                          "dataset's image_resize attr records the size and each camera's source size")
     imp.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     imp.set_defaults(handler=_import)
 
@@ -46,7 +54,8 @@ def _import(args: argparse.Namespace) -> int:
     from polcache.data.store import check_dataset_output
 
     check_dataset_output(args.out, "--out", inputs=[args.root])
-    r = import_lerobot(args.root, args.out, progress=not args.no_progress, instruction_bytes=args.instructions)
+    r = import_lerobot(args.root, args.out, progress=not args.no_progress, instruction_bytes=args.instructions,
+                       image_size=args.image_size)
     print(f"wrote {r.path}: {r.episodes} episodes, {r.frames} frames at {r.fps} fps, obs {', '.join(r.obs_keys)}")
     for skipped in r.skipped:
         print(f"  skipped {skipped}")

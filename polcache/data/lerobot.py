@@ -18,7 +18,9 @@ observation.images.<cam> (or observation.image, as camera "main") <-> "image_<ca
 per-frame task_index (through tasks.parquet) <-> Episode.task. An "instruction" observation is
 language, and LeRobot's place for language is the task string: export writes each frame's
 instruction as its task (instead of Episode.task), and import with instruction_bytes turns each
-frame's task back into that observation. Images keep their size.
+frame's task back into that observation. Images keep their size unless import is given
+image_size: then every camera is resized to it as frames are decoded (swscale, area averaging).
+Import decodes and writes one episode at a time, so its memory is about one episode's images.
 
 Videos are written with libx264 (H.264), yuv420p, crf 10, a keyframe every 2 frames (lerobot's
 GOP, for cheap random access): near-lossless at the sizes policies use, decodable by every
@@ -77,6 +79,10 @@ REQUIRED_INDEX_FEATURES = ("timestamp", "frame_index", "episode_index")
 CODEC, CODEC_NAME, PIX_FMT, GOP = "libx264", "h264", "yuv420p", 2
 DEFAULT_CRF = 10
 DEFAULT_FPS = 10
+# Import's resize (swscale): area averaging, where every source pixel counts when shrinking (no aliasing
+# from skipped pixels, unlike point or plain bilinear sampling); it is bilinear when enlarging.
+RESIZE_INTERPOLATION = "AREA"
+MAX_IMAGE_SIDE = 4096  # as a rendered image's side (cli_types.image_size): a typo would ask for a huge frame
 _CACHE_VERSION = 1  # bump when import output changes, so stale caches are rebuilt
 _INSTALL_HINT = install_hint("pyarrow")
 
@@ -420,14 +426,22 @@ def _encode_tasks(root: Path, task_of: dict[int, str], frame_task: np.ndarray, s
     return rows[inverse.reshape(-1)]
 
 
+def _rgb(frame: Any, size: tuple[int, int] | None) -> np.ndarray:
+    """A decoded frame as uint8 (H, W, 3) RGB; resized to `size` (H, W) in the same swscale conversion,
+    so the full-size RGB image is never made."""
+    if size is None:
+        return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=size[1], height=size[0], interpolation=RESIZE_INTERPOLATION)
+
+
 class _VideoCursor:
     """One mp4 decoded front to back while its episodes are read in order (v3.0 puts them back to back in
     a file), so each frame is decoded once and only one episode's images are held. The frames near the
     end of a read are kept, since the next episode's lookup window may reach back into them; a read
     starting before what was let go reopens the file (episodes stored out of order: right, only slower)."""
 
-    def __init__(self, root: Path, path: Path, hw: tuple[int, int], tol: float):
-        self._root, self._path, self._hw, self._tol = root, path, hw, tol
+    def __init__(self, root: Path, path: Path, hw: tuple[int, int], size: tuple[int, int] | None, tol: float):
+        self._root, self._path, self._hw, self._size, self._tol = root, path, hw, size, tol
         self._container: Any = None
 
     def _open(self) -> None:
@@ -453,7 +467,7 @@ class _VideoCursor:
         nearest it within tol, as lerobot looks frames up; found is False where none was."""
         import av
 
-        images = np.empty((len(times), *self._hw, 3), np.uint8)
+        images = np.empty((len(times), *(self._size or self._hw), 3), np.uint8)
         best = np.full(len(times), np.inf)
         try:
             if self._container is None or self._let_go >= times[0] - self._tol:
@@ -489,7 +503,7 @@ class _VideoCursor:
         closer = dist < best[lo:hi]  # several frames may fall in the window: the nearest wins
         if closer.any():
             bar.update(int(np.isinf(best[lo:hi][closer]).sum()))
-            images[lo:hi][closer] = frame.to_ndarray(format="rgb24")
+            images[lo:hi][closer] = _rgb(frame, self._size)
             best[lo:hi][closer] = dist[closer]
 
 
@@ -511,12 +525,13 @@ def _check_timestamps(root: Path, timestamp: np.ndarray, starts: np.ndarray, len
                            f"within half a frame ({tol:.3g} s): out of order, or fps is wrong")
 
 
-def _decode_images(root: Path, key: str, column: Any, e: int, hw: tuple[int, int], bar: tqdm) -> np.ndarray:
+def _decode_images(root: Path, key: str, column: Any, e: int, hw: tuple[int, int], size: tuple[int, int] | None,
+                   bar: tqdm) -> np.ndarray:
     """Episode e's images stored in the parquet as {bytes, path} structs (PNG/JPEG bytes)."""
     import av
 
     blobs = column.combine_chunks().field("bytes").to_pylist()
-    out = np.empty((len(blobs), *hw, 3), np.uint8)
+    out = np.empty((len(blobs), *(size or hw), 3), np.uint8)
     for k, blob in enumerate(blobs):
         if blob is None:
             raise DatasetError(f"{root}: image feature {key} episode {e} frame {k} has no embedded bytes")
@@ -526,7 +541,7 @@ def _decode_images(root: Path, key: str, column: Any, e: int, hw: tuple[int, int
                 if (frame.height, frame.width) != hw:
                     raise DatasetError(f"{root}: image feature {key} episode {e} frame {k} is {frame.height}x"
                                        f"{frame.width}, info.json declares {hw[0]}x{hw[1]}")
-                out[k] = frame.to_ndarray(format="rgb24")
+                out[k] = _rgb(frame, size)
         except (av.error.FFmpegError, StopIteration) as exc:
             raise DatasetError(f"{root}: image feature {key} episode {e} frame {k} is not a readable image "
                                f"({exc})") from None
@@ -542,16 +557,21 @@ def _names(ft: dict) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, instruction_bytes: int = 0
-                   ) -> ImportReport:
+def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, instruction_bytes: int = 0,
+                   image_size: tuple[int, int] | None = None) -> ImportReport:
     """Convert a LeRobotDataset v3.0 root into a polcache zarr dataset at `out` (written atomically),
     one episode at a time, so memory holds about one episode's images whatever the dataset's size.
     `instruction_bytes` > 0 also makes each frame's task string its `instruction` observation of
     that many bytes, as `polcache record --instructions` writes it, for language-conditioned policies.
     Opt-in, as record's flag is: many datasets' only task is a generic name, which a policy without
-    language would carry in every frame for nothing."""
+    language would carry in every frame for nothing. `image_size` (height, width) resizes every
+    camera to exactly that size as it is decoded (aspect ratio not kept, as lerobot's and
+    diffusion_policy's resize transforms do); the attrs' image_resize records it and the source sizes."""
     _pyarrow()
     root = Path(root)
+    if image_size is not None and not (isinstance(image_size, tuple) and len(image_size) == 2
+                                       and all(type(n) is int and 1 <= n <= MAX_IMAGE_SIDE for n in image_size)):
+        raise DatasetError(f"image_size must be (height, width), each 1..{MAX_IMAGE_SIDE} pixels, got {image_size!r}")
     info = read_info(root)
     fps = info["fps"]
     cameras, skipped = _plan(root, info)
@@ -607,8 +627,11 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
     for key, attr in ((STATE, "state_names"), (ACTION, "action_names")):
         if key in features and (names := _names(features[key])) is not None:
             attrs[attr] = names
+    if image_size is not None:
+        attrs["image_resize"] = {"size": list(image_size), "interpolation": RESIZE_INTERPOLATION.lower(),
+                                 "source_sizes": {k: list(hw) for k, (_, hw) in cameras.items()}}
 
-    # Episode by episode: decoded and appended, so memory holds one episode's images, not the dataset's.
+    # Episode by episode: decoded (and resized) then appended, so memory holds one episode's images.
     cursors: dict[tuple[str, int, int], _VideoCursor] = {}
     last_use = {(lk, *pair): e for lk, pairs in files.items() for e, pair in enumerate(pairs)}
     try:
@@ -619,11 +642,11 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
                        **({INSTRUCTION_KEY: instruction[s:s + n]} if instruction is not None else {})}
                 for key, (lkey, hw) in cameras.items():
                     if key not in videos:
-                        obs[key] = _decode_images(root, lkey, frames.column(lkey).slice(s, n), e, hw, bar)
+                        obs[key] = _decode_images(root, lkey, frames.column(lkey).slice(s, n), e, hw, image_size, bar)
                         continue
                     file = (lkey, *files[lkey][e])
                     if file not in cursors:
-                        cursors[file] = _VideoCursor(root, paths[file], hw, 0.4 / fps)
+                        cursors[file] = _VideoCursor(root, paths[file], hw, image_size, 0.4 / fps)
                     # A frame is looked up at its episode's from_timestamp + its own timestamp, as lerobot does.
                     times = eps[f"videos/{lkey}/from_timestamp"][e] + timestamp[s:s + n]
                     obs[key], found = cursors[file].read(times, bar)
@@ -903,7 +926,8 @@ def _user_cache_dir() -> Path:
 def cached_import(root: str | Path, progress: bool = False) -> Path:
     """Import a LeRobot root once and return the polcache copy: <root>/.polcache/episodes-<hash>.zarr,
     or ~/.cache/polcache/lerobot/<hash>.zarr when the root is read-only. A file lock makes concurrent
-    callers (torchrun ranks) wait for one import instead of racing."""
+    callers (torchrun ranks) wait for one import instead of racing. Images keep their size (the hash
+    has no options in it): for smaller ones, import with image_size and train on that dataset."""
     import fcntl  # POSIX only, like the rest of the runtime; imported here so polcache.data loads anywhere
 
     root = Path(root)
