@@ -290,6 +290,14 @@ def test_machine_samples_before_the_first_record_are_left_out():
     assert state.views()["system"]["series"] == [{"name": "CPU %", "x": [1.0], "y": [20.0]}]
 
 
+def test_refusals_of_connections_without_a_handshake_are_counted_but_are_no_robot():
+    state = RunState()
+    state.add([{"kind": "request", "t": 1.0, "robot": "arm", "inference_ms": 5.0},
+               {"kind": "error", "t": 1.5, "robot": "(no handshake)", "code": "malformed", "errors": 1}])
+    meta = state.views()["_meta"]
+    assert meta["robots"] == ["arm"] and meta["errors"] == {"(no handshake): malformed": 1}
+
+
 def test_views_without_records_are_empty_not_broken():
     views = RunState().views()
     assert views["latency"]["series"] == [] and views["cache"]["rows"] == []

@@ -31,6 +31,7 @@ from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
+from polcache.serve.records import NO_HANDSHAKE
 from polcache_client.protocol import MAX_TIME_S
 
 MONOTONIC_KINDS = ("tick", "chunk")
@@ -188,7 +189,9 @@ class RunState:
         return out
 
     def robots(self) -> list[str]:
-        return sorted({robot for robot, _ in self.records})
+        """The robots with records; not the server's label for refused connections that never shook
+        hands (their refusals are counted under it with the others')."""
+        return sorted({robot for robot, _ in self.records} - {NO_HANDSHAKE})
 
     def _span(self) -> float:
         ends = [c.t[-1] for c in self.records.values() if len(c)]
