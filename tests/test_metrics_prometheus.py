@@ -162,3 +162,18 @@ def test_exposition_equals_prometheus_clients_own_metrics():
         m.record(r)
     ours = {k: v for k, v in samples(m).items() if not k[0].endswith("_created")}
     assert ours == reference_samples(records)
+
+
+def test_declared_kinds_are_exposed_before_their_first_record():
+    """A server that has served no one yet still shows what it will export (a scrape of it used to
+    be an empty body, which reads as a broken endpoint)."""
+    metrics = Metrics(0, kinds=(RequestRecord, ErrorRecord))
+    families = {f.name: f for f in text_string_to_metric_families(metrics.prometheus_text())}
+    assert families["polcache_request_total_seconds"].type == "histogram"
+    assert families["polcache_error_errors"].type == "counter"
+    assert families["polcache_request_queue_depth"].type == "gauge"
+    assert not any(f.samples for f in families.values())
+    metrics.record(request("arm"))
+    after = {f.name: f for f in text_string_to_metric_families(metrics.prometheus_text())}
+    assert set(after) == set(families)  # the same families, no duplicate, now with the robot's samples
+    assert after["polcache_request_total_seconds"].samples and not after["polcache_error_errors"].samples

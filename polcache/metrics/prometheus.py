@@ -47,6 +47,7 @@ class _Kind:
     """One record class's exposed fields, by role, and its metric names (built once per kind)."""
 
     def __init__(self, record: Any):
+        """`record`: a record or its class (every attribute read is the class's)."""
         kind = record.kind
         self.names_robot = hasattr(record, "robot")  # server records do; the robot side's do not
         self.label_fields = tuple(f for f in LABEL_FIELDS if hasattr(record, f))
@@ -86,10 +87,12 @@ class PrometheusRecorder:
     lock per bucket, sum and counter: several times the cost, paid on every request;
     BENCHMARKS.md, "Metrics off the reply path"). The exposition is prometheus_client's."""
 
-    def __init__(self, registry: CollectorRegistry, robot: str = ""):
+    def __init__(self, registry: CollectorRegistry, robot: str = "", kinds: tuple[type, ...] = ()):
+        """`kinds`: record classes exposed before their first record (their families with no series),
+        so a scrape of a process that has served nothing yet shows what it will export."""
         self.robot = robot
         self._lock = threading.Lock()
-        self._kinds: dict[type, _Kind] = {}  # per record class
+        self._kinds: dict[type, _Kind] = {cls: _Kind(cls) for cls in kinds}  # per record class
         self._series: dict[tuple, _Series] = {}
         registry.register(self)
 
@@ -121,6 +124,7 @@ class PrometheusRecorder:
         with self._lock:
             copies = [(s.kind, s.labels, dict(s.counters), {f: list(b) for f, b in s.buckets.items()}, dict(s.sums),
                        dict(s.gauges)) for s in self._series.values()]
+            kinds = list(self._kinds.values())
         families: dict[str, Metric] = {}
 
         def family(kind: _Kind, field: str, cls: type) -> Metric:
@@ -138,4 +142,11 @@ class PrometheusRecorder:
                     labels, [*zip(map(floatToGoString, bounds), cumulative), ("+Inf", cumulative[-1])], sums[field])
             for field, value in gauges.items():
                 family(kind, field, GaugeMetricFamily).add_metric(labels, value)
+        for kind in kinds:  # a kind without records yet: its families, empty
+            for field in kind.counters:
+                family(kind, field, CounterMetricFamily)
+            for field, _ in kind.histograms:
+                family(kind, field, HistogramMetricFamily)
+            for field in kind.gauges:
+                family(kind, field, GaugeMetricFamily)
         return iter(families.values())

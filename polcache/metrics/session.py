@@ -13,16 +13,18 @@ from polcache.metrics.registry import Metrics
 
 @contextmanager
 def collect_metrics(path: str | Path | None = None, port: int | None = None, host: str = "127.0.0.1",
-                    robot: str = "", info: dict[str, Any] | None = None, window: int = 10_000) -> Iterator[Metrics]:
+                    robot: str = "", info: dict[str, Any] | None = None, window: int = 10_000,
+                    kinds: tuple[type, ...] = ()) -> Iterator[Metrics]:
     """`robot` names the robot whose records carry no name (the robot side's); `info` is written
     as the file's first line, kind `info` (what runs: the server's backend and cache plan, the
     robot's rate; and both clocks, wall and monotonic, at one instant), so a dashboard or report can
-    draw deadlines and cache schedules. `window`: as Metrics (0: no in-process distributions).
+    draw deadlines and cache schedules. `window`, `kinds`: as Metrics (0: no in-process distributions;
+    the record classes the endpoint shows before their first record).
     `port` 0 takes a free port and prints the endpoint's address."""
     writer = JsonlWriter(path, robot=robot) if path else None
     if writer is not None and info is not None:
         writer.write_info(**info)
-    metrics = Metrics(window, sink=writer, robot=robot)
+    metrics = Metrics(window, sink=writer, robot=robot, kinds=kinds)
     http = serve_prometheus(metrics, port, host) if port is not None else None
     if port == 0:  # the system picked the port: say which, or nothing could scrape it
         print(f"metrics on http://{host}:{http.server_address[1]}/metrics", flush=True)

@@ -123,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from polcache.metrics import collect_metrics
     from polcache.policy import load_backend
+    from polcache.serve.records import ErrorRecord, RequestRecord
     from polcache.serve.server import PolicyServer
 
     _logging()
@@ -130,7 +131,9 @@ def _serve(args: argparse.Namespace) -> int:
     backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, **backend_options(args))
     info = {"role": "server", "checkpoint": args.checkpoint, "backend": backend.describe(),
             "policy": backend.spec.to_dict(), "deadline_ms": args.deadline_ms}
-    with collect_metrics(args.metrics_file, args.metrics_port, info=info, window=0) as metrics:  # no snapshot read
+    # no snapshot is read (window 0); the endpoint shows its families before the first request
+    with collect_metrics(args.metrics_file, args.metrics_port, info=info, window=0,
+                         kinds=(RequestRecord, ErrorRecord)) as metrics:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
                               on_record=metrics.record, name=f"polcache serve {args.checkpoint}",
@@ -170,6 +173,7 @@ def _sim_robot(args: argparse.Namespace) -> int:
     from polcache.serve.sim_robot import run_sim_robot, sim_robot_name
     from polcache.signals import sigterm_as_interrupt
     from polcache.sim.evaluate import check_result_output
+    from polcache_client.records import ChunkRecord, TickRecord
 
     if args.json is not None:
         check_result_output(args.json)
@@ -177,7 +181,8 @@ def _sim_robot(args: argparse.Namespace) -> int:
     cameras = args.cameras
     info = {"role": "robot", "task": args.task, "hz": args.hz, "server": args.server}
     name = args.name or sim_robot_name(args.task)
-    metrics_cm = collect_metrics(args.metrics_file, args.metrics_port, robot=name, info=info)
+    metrics_cm = collect_metrics(args.metrics_file, args.metrics_port, robot=name, info=info,
+                                 kinds=(TickRecord, ChunkRecord))
     with sigterm_as_interrupt(), metrics_cm as metrics:  # TERM stops the loop safely, like Ctrl-C
         result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,
                                image_size=args.image_size, keys_dir=args.keys, blend=args.blend, decay=args.decay,
