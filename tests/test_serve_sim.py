@@ -116,6 +116,35 @@ def test_a_stopped_sim_robot_reports_its_finished_episodes(monkeypatch, tmp_path
     assert result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM"}
 
 
+def test_a_sim_robot_whose_server_restarted_says_it_reconnected(monkeypatch, tmp_path, capsys):
+    """A reconnect (a new epoch: the episode's observation history starts over) showed only as a dip
+    in the dashboard's fresh actions; the summary names it."""
+    import json
+
+    from polcache.cli import main
+    from polcache.serve.sim_robot import SimRobot
+
+    servers = [PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0").start()]
+    begin = SimRobot.begin
+
+    def restarted_before_the_second(self, seed):
+        if seed == 1001:  # the server restarts on the same address: it knows no robot
+            servers[0].stop()
+            servers.append(PolicyServer(ExpertBackend(), servers[0].endpoint).start())
+        begin(self, seed)
+
+    monkeypatch.setattr(SimRobot, "begin", restarted_before_the_second)
+    out = tmp_path / "robot.json"
+    try:
+        main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "2", "--server", servers[0].endpoint,
+              "--json", str(out)])
+    finally:
+        servers[-1].stop()
+    assert "reconnected to the server 1 time (it went silent or forgot this robot)" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 2 and result["extra"]["reconnects"] == 1
+
+
 @pytest.mark.parametrize("where", ["begin", "reset_episode", "end"])
 def test_every_way_out_of_a_sim_robot_ends_with_one_safe_stop(where, monkeypatch, tmp_path, capsys):
     """SIGTERM in the second episode's begin(), or Ctrl-C in its reset_episode(), came between the

@@ -136,7 +136,7 @@ class PolicyClient:
         self.seq = -1  # of the last observation (sent or not) in this epoch
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.rtt_s = float("nan")
-        self.connections = 0
+        self.connections = 0  # welcomes received: the first connection and every reconnect
         self._full = ""  # the server's last server_full refusal of our handshake, if any
         self._lost_at: float | None = None  # when the server was lost (until a welcome), for the waiting line
         self._next_lost_log = 0.0

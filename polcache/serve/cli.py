@@ -200,6 +200,9 @@ def _sim_robot(args: argparse.Namespace) -> int:
           f"{_counted(tick.get('waiting', 0), 'tick')} waiting for an episode's first action, "
           f"{_counted(tick.get('deadline_miss', 0), 'tick')} without a fresh action, "
           f"{_counted(tick.get('safe_stops', 0) - loop_stops, 'watchdog safe stop')}{final}")
+    if reconnects := result.extra["reconnects"]:  # otherwise only a dip in the dashboard's fresh actions shows it
+        print(f"reconnected to the server {_counted(reconnects, 'time')} (it went silent or forgot this robot): each "
+              f"reconnect starts a new epoch, and that episode's observation history starts over")
     chunk = result.extra.get("chunk", {})
     if chunk.get("chunks"):  # the dashboard's "dropped actions" climbs by thousands in a healthy run: say why
         latency = chunk.get("latency_ms", {}).get("p50", float("nan"))

@@ -138,6 +138,7 @@ def run_sim_robot(
                 interrupted = interruption(exc, episodes)
             # the loop's own stop on the way out; the tick records' safe stops count it too (a record of its own)
             stopped = loop.safe_stops > 0
+            reconnects = max(0, client.connections - 1)
     except (ConnectError, ProtocolError, KeyFolderError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
         hint = (CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc)
@@ -156,5 +157,5 @@ def run_sim_robot(
         seed=seed, per_episode=per_episode,
         extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}),
                "chunk": snap.get("chunk", {}),
-               "safe_stop": stopped, **jerk_summary(per_episode),
+               "safe_stop": stopped, "reconnects": reconnects, **jerk_summary(per_episode),
                **({"interrupted": interrupted} if interrupted else {})})
