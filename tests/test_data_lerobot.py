@@ -655,6 +655,23 @@ def test_open_dataset_read_only_root_uses_user_cache(lerobot_root, tmp_path, mon
     assert store.path.parent == tmp_path / "xdg/polcache/lerobot" and store.num_episodes == 3
 
 
+def test_a_language_policy_trains_from_a_root_on_its_task_strings(lerobot_root):
+    """dataset=ROOT for a VLA: the root's task strings become its instructions, in a copy of their own
+    beside the one without (a DP-T on the same root keeps it), both kept when either is opened."""
+    from polcache.config import load_config
+    from polcache.train.loop import dataset_source
+
+    plain = open_dataset(lerobot_root)
+    cfg = load_config("configs/vla_mt10.yaml", [f"dataset={lerobot_root}", "obs_keys=[state,instruction]",
+                                                "policy.vla.instruction_bytes=32"])
+    store = dataset_source(cfg).store
+    assert store.obs_spec()["instruction"].shape == (32,) and "instruction" not in plain.obs_keys
+    assert open_dataset(lerobot_root).path == plain.path and open_dataset(lerobot_root, instruction_bytes=32).path \
+        == store.path
+    assert sorted(p.name for p in (lerobot_root / ".polcache").glob("episodes-*.zarr")) == sorted(
+        [plain.path.name, store.path.name])
+
+
 def test_open_dataset_zarr_and_bad_paths(polcache_ds, tmp_path):
     assert open_dataset(polcache_ds).num_steps == 16
     with pytest.raises(DatasetError, match="does not exist"):

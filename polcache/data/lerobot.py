@@ -923,17 +923,20 @@ def _user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polcache" / "lerobot"
 
 
-def cached_import(root: str | Path, progress: bool = False) -> Path:
+def cached_import(root: str | Path, progress: bool = False, instruction_bytes: int = 0) -> Path:
     """Import a LeRobot root once and return the polcache copy: <root>/.polcache/episodes-<hash>.zarr,
     or ~/.cache/polcache/lerobot/<hash>.zarr when the root is read-only. A file lock makes concurrent
     callers (torchrun ranks) wait for one import instead of racing. Images keep their size (the hash
-    has no options in it): for smaller ones, import with image_size and train on that dataset."""
+    has no options in it): for smaller ones, import with image_size and train on that dataset.
+    `instruction_bytes` > 0: with each frame's task string as the instruction observation (a
+    language policy's), a copy of its own beside the one without."""
     import fcntl  # POSIX only, like the rest of the runtime; imported here so polcache.data loads anywhere
 
     root = Path(root)
     read_info(root)  # refuse a bad root before hashing or creating anything
     key = _fingerprint(root)
-    for cache in (root / ".polcache" / f"episodes-{key}.zarr", _user_cache_dir() / f"{key}.zarr"):
+    name = f"{key}-instructions{instruction_bytes}" if instruction_bytes else key
+    for cache in (root / ".polcache" / f"episodes-{name}.zarr", _user_cache_dir() / f"{name}.zarr"):
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             lock = open(cache.parent / f".{cache.name}.lock", "a")
@@ -942,22 +945,26 @@ def cached_import(root: str | Path, progress: bool = False) -> Path:
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not restore(cache).exists():  # written atomically, so present means complete
-                import_lerobot(root, cache, progress)
-                if cache.parent == root / ".polcache":
+                import_lerobot(root, cache, progress, instruction_bytes=instruction_bytes)
+                if cache.parent == root / ".polcache":  # copies of the dataset as it was before go
                     for stale in cache.parent.glob("episodes-*.zarr"):
-                        if stale != cache:
+                        if not stale.name.startswith(f"episodes-{key}"):
                             shutil.rmtree(stale, ignore_errors=True)
                     for stale_lock in cache.parent.glob(".episodes-*.zarr.lock"):  # also a failed import's
-                        if stale_lock.name != f".{cache.name}.lock":
+                        if not stale_lock.name.startswith(f".episodes-{key}"):
                             stale_lock.unlink(missing_ok=True)
         return cache
     raise DatasetError(f"{root}: no writable cache directory for the imported dataset "
                        f"(tried {root / '.polcache'} and {_user_cache_dir()})")
 
 
-def open_dataset(path: str | Path, progress: bool = False) -> EpisodeStore:
+def open_dataset(path: str | Path, progress: bool = False, instruction_bytes: int = 0) -> EpisodeStore:
     """Open a dataset for training: a polcache zarr store, or a LeRobot v3.0 root (imported once
-    into a cache, see `cached_import`), so `dataset=` may name either."""
+    into a cache, see `cached_import`), so `dataset=` may name either. `instruction_bytes`: the
+    instruction width of a language policy, whose instructions a LeRobot root's task strings are
+    (a zarr store holds its own)."""
     path = restore(path)  # a write killed between its two renames left it aside: the dataset is back
     refuse_hub_id(path)
-    return EpisodeStore.open(cached_import(path, progress) if is_lerobot_root(path) else path)
+    if is_lerobot_root(path):
+        path = cached_import(path, progress, instruction_bytes)
+    return EpisodeStore.open(path)
