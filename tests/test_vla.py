@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from polcache.policy.spec import ArraySpec
+
 from helpers import tiny_policy, tiny_vla, vla_observations
 
 TEXTS = ["push the puck", "open the door", "reach the goal"]
@@ -184,6 +186,22 @@ def _config():
     return Path(__file__).resolve().parents[1] / "configs" / "vla_mt10.yaml"
 
 
+def test_images_too_small_for_the_encoder_are_refused_and_portrait_ones_train():
+    """A 4x4 camera (import-lerobot --image-size 4x4) was a traceback in the first training step
+    (its crop did not fit), a portrait one too (the crop came from the height alone)."""
+    from polcache.config import PolicyConfig
+    from polcache.errors import ConfigError
+    from polcache.policy.encoders import ObsEncoder
+
+    cfg = PolicyConfig()
+    with pytest.raises(ConfigError, match=r"^obs 'image_top': images of 4x4 pixels are smaller than the image "
+                                          r"encoder takes \(8x8 at least\)$"):
+        ObsEncoder({"image_top": ArraySpec((4, 4, 3), "uint8")}, ["image_top"], cfg)
+    encoder = ObsEncoder({"image_top": ArraySpec((48, 20, 3), "uint8")}, ["image_top"], cfg).train()
+    features = encoder({"image_top": torch.randint(0, 256, (2, cfg.n_obs_steps, 48, 20, 3), dtype=torch.uint8)})
+    assert features.shape == (2, cfg.n_obs_steps, encoder.feature_dim) and torch.isfinite(features).all()
+
+
 @pytest.mark.parametrize("size", [24, 64, 96])
 def test_image_tokens_are_a_grid_of_equal_cells_at_any_image_size(size):
     from polcache.config import PolicyConfig, VLAConfig
@@ -191,5 +209,5 @@ def test_image_tokens_are_a_grid_of_equal_cells_at_any_image_size(size):
 
     cfg = PolicyConfig(vla=VLAConfig(width=16, image_grid=4))
     cfg.image.channels = 8
-    tokens = ImageTokens(size, cfg)(torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
+    tokens = ImageTokens("image_top", (size, size, 3), cfg)(torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
     assert tokens.shape == (2, 16, 16)

@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from polcache.config import ImageEncoderConfig, PolicyConfig
+from polcache.errors import ConfigError
 from polcache.policy.spec import ArraySpec
+
+MIN_IMAGE_SIDE = 8  # pixels: the smallest crop the image trunk takes
 
 
 class SpatialSoftmax(nn.Module):
@@ -38,10 +41,16 @@ class ConvTrunk(nn.Module):
     centre one at inference), then a small GroupNorm CNN. DP-T reads keypoints off it, the VLA
     pools it into image tokens."""
 
-    def __init__(self, image_size: int, cfg: ImageEncoderConfig):
+    def __init__(self, key: str, image_shape: tuple[int, ...], cfg: ImageEncoderConfig):
+        """`image_shape`: (H, W, 3) of observation `key` (named in its refusal)."""
         super().__init__()
         c = cfg.channels
-        self.crop = max(8, int(round(image_size * cfg.crop_fraction)))
+        height, width = image_shape[:2]
+        if min(height, width) < MIN_IMAGE_SIDE:  # the crop below would not fit: a traceback in the first step
+            raise ConfigError(f"obs {key!r}: images of {height}x{width} pixels are smaller than the image encoder "
+                              f"takes ({MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} at least)")
+        # a square crop, crop_fraction of the height (as every trained policy's), inside a portrait image too
+        self.crop = min(max(MIN_IMAGE_SIDE, int(round(height * cfg.crop_fraction))), width)
         self.channels = 2 * c
 
         def conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -65,8 +74,8 @@ class ConvTrunk(nn.Module):
 
 
 class ImageEncoder(ConvTrunk):
-    def __init__(self, image_size: int, cfg: ImageEncoderConfig):
-        super().__init__(image_size, cfg)
+    def __init__(self, key: str, image_shape: tuple[int, ...], cfg: ImageEncoderConfig):
+        super().__init__(key, image_shape, cfg)
         self.keypoints = SpatialSoftmax(self.channels, cfg.keypoints)
         self.out = nn.Linear(2 * cfg.keypoints, cfg.feature_dim)
         self.feature_dim = cfg.feature_dim
@@ -89,7 +98,7 @@ class ObsEncoder(nn.Module):
                     nn.Linear(spec.shape[0], cfg.state_hidden), nn.Mish(), nn.Linear(cfg.state_hidden, cfg.state_hidden))
                 dim += cfg.state_hidden
             else:
-                self.encoders[key] = ImageEncoder(spec.shape[0], cfg.image)
+                self.encoders[key] = ImageEncoder(key, spec.shape, cfg.image)
                 dim += cfg.image.feature_dim
         self.feature_dim = dim
         self.memory_tokens = cfg.n_obs_steps  # one conditioning token per observation step ...

@@ -47,15 +47,15 @@ class ImageTokens(nn.Module):
     grid of equal cells (a fixed pool, not an adaptive one: ONNX cannot export an adaptive pool
     over a dynamic batch; a remainder of the map beyond grid * cell is left out)."""
 
-    def __init__(self, image_size: int, cfg: PolicyConfig):
+    def __init__(self, key: str, image_shape: tuple[int, ...], cfg: PolicyConfig):
         super().__init__()
-        self.trunk = ConvTrunk(image_size, cfg.image)
+        self.trunk = ConvTrunk(key, image_shape, cfg.image)
         with torch.no_grad():
             side = self.trunk.net(torch.zeros(1, 3, self.trunk.crop, self.trunk.crop)).shape[-1]
         grid = cfg.vla.image_grid
         if side < grid:
-            raise ValueError(f"policy.vla.image_grid {grid} exceeds the {side}x{side} feature map of "
-                             f"{image_size}px images")
+            raise ConfigError(f"policy.vla.image_grid {grid} exceeds the {side}x{side} feature map of obs {key!r}'s "
+                              f"{image_shape[0]}x{image_shape[1]} images")
         self.cell, self.grid = side // grid, grid
         self.proj = nn.Linear(self.trunk.channels, cfg.vla.width)
 
@@ -85,7 +85,7 @@ class PrefixEncoder(nn.Module):
                 self.tokenizers[key] = nn.Linear(obs_spec[key].shape[0], v.width)
                 tokens_per_frame += 1
             else:
-                self.tokenizers[key] = ImageTokens(obs_spec[key].shape[0], cfg)
+                self.tokenizers[key] = ImageTokens(key, obs_spec[key].shape, cfg)
                 tokens_per_frame += v.image_grid ** 2
         self.text_encoder = v.text_encoder
         self.sentence = None if v.text_encoder == "bytes" else minilm()  # frozen, not a submodule: never saved
