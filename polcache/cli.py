@@ -103,9 +103,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"polcache {command}: error: {paths + ': ' if paths else ''}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C: 130 (128 + SIGINT); SIGTERM raised as Terminated: 143
-        terminated = isinstance(exc, Terminated)
-        print(f"polcache {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
+        return _interrupted(command, exc)
+    except Exception as exc:  # a library that turned the Ctrl-C it met into its own error (mujoco's import
+        if not isinstance(exc.__context__, KeyboardInterrupt):  # into "ImportError: initialization failed")
+            raise
+        return _interrupted(command, exc.__context__)
+
+
+def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
+    """Say how the command was stopped; its status: 130 after Ctrl-C, 143 after SIGTERM (Terminated)."""
+    terminated = isinstance(exc, Terminated)
+    print(f"polcache {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def one_line(message: str) -> str:

@@ -391,6 +391,27 @@ def test_an_interrupted_calibrate_never_leaves_a_new_schedule_beside_an_old_heat
     assert out.read_bytes() != old_schedule and not out.with_suffix(".png").exists()
 
 
+def test_a_ctrl_c_a_library_turned_into_its_own_error_is_an_interruption(capsys, tmp_path, monkeypatch):
+    """Ctrl-C while `import mujoco` ran came out as "ImportError: initialization failed" (raised while
+    the KeyboardInterrupt was handled): a traceback and status 1, not "interrupted" and 130."""
+    import polcache.cache.plot as plot
+
+    def import_interrupted(*_):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")
+
+    monkeypatch.setattr(plot, "plot_schedule", import_interrupted)
+    assert main(["calibrate", "--checkpoint", str(CHECKPOINT), "--budget", "3", "--samples", "1", "--batch-size",
+                 "1", "--no-progress", "--out", str(tmp_path / "s.json")]) == 130
+    assert capsys.readouterr().err == "polcache calibrate: interrupted\n"
+    monkeypatch.setattr(plot, "plot_schedule", lambda *_: (_ for _ in ()).throw(ImportError("a real one")))
+    with pytest.raises(ImportError, match="a real one"):  # one without an interrupt behind it is not hidden
+        main(["calibrate", "--checkpoint", str(CHECKPOINT), "--budget", "3", "--samples", "1", "--batch-size", "1",
+              "--no-progress", "--out", str(tmp_path / "t.json")])
+
+
 @pytest.fixture
 def afile(tmp_path) -> Path:
     (tmp_path / "afile").write_text("not a folder")
