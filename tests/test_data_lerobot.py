@@ -472,12 +472,12 @@ def test_import_instructions_refusals(lerobot_root, tmp_path):
                                            r"UTF-8 bytes \(the longest\); give --instructions 15 or more"):
         lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False, instruction_bytes=12)
     pq.write_table(pa.table({"task_index": [0, 1], "task": [TASKS[0], "  "]}), lerobot_root / "meta/tasks.parquet")
-    with pytest.raises(DatasetError, match=r"lerobot: --instructions: episode 1's task '  ': empty instruction"):
+    with pytest.raises(DatasetError, match=r"lerobot: --instructions 64: episode 1's task '  ': empty instruction"):
         lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False, instruction_bytes=64)
     info = _info(lerobot_root)
     del info["features"]["task_index"]
     (lerobot_root / "meta/info.json").write_text(json.dumps(info))
-    with pytest.raises(DatasetError, match="lerobot: --instructions: the dataset has no task_index feature"):
+    with pytest.raises(DatasetError, match="lerobot: --instructions 64: the dataset has no task_index feature"):
         lr.import_lerobot(lerobot_root, tmp_path / "out.zarr", progress=False, instruction_bytes=64)
     assert not (tmp_path / "out.zarr").exists()
 
@@ -670,6 +670,10 @@ def test_a_language_policy_trains_from_a_root_on_its_task_strings(lerobot_root):
         == store.path
     assert sorted(p.name for p in (lerobot_root / ".polcache").glob("episodes-*.zarr")) == sorted(
         [plain.path.name, store.path.name])
+    cfg.policy.vla.instruction_bytes = 2  # too narrow for the root's tasks: named as training sets it
+    with pytest.raises(DatasetError, match=r": policy\.vla\.instruction_bytes=2: episode \d+'s task .* give "
+                                           r"policy\.vla\.instruction_bytes=\d+ or more$"):
+        dataset_source(cfg)
 
 
 def test_open_dataset_zarr_and_bad_paths(polcache_ds, tmp_path):

@@ -116,8 +116,9 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
         from polcache.data import SequenceDataset, open_dataset
 
         width = policy.spec.obs[INSTRUCTION_KEY].shape[0] if INSTRUCTION_KEY in keys else 0  # a LeRobot root's tasks
-        ds = SequenceDataset(open_dataset(dataset, instruction_bytes=width), policy.cfg.horizon, To, keys=keys,
-                             obs_stride=policy.cfg.obs_stride, frame_mode=policy.cfg.frame_mode)
+        store = open_dataset(dataset, instruction_bytes=width, instruction_setting="policy.vla.instruction_bytes={}")
+        ds = SequenceDataset(store, policy.cfg.horizon, To, keys=keys, obs_stride=policy.cfg.obs_stride,
+                             frame_mode=policy.cfg.frame_mode)
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
         windows = [ds[int(i)]["obs"] for i in idx]
         obs = {k: torch.stack([w[k] for w in windows]) for k in keys}

@@ -54,6 +54,7 @@ from polcache.outputs import check_output
 from polcache.policy.language import InstructionError, decode_instruction, encode_instruction
 
 CODEBASE_VERSION = "v3.0"
+INSTRUCTIONS_FLAG = "--instructions {}"  # import-lerobot's, which gives an import its instruction width
 INFO_PATH = "meta/info.json"
 STATS_PATH = "meta/stats.json"
 TASKS_PATH = "meta/tasks.parquet"
@@ -404,21 +405,22 @@ def _read_tasks(root: Path) -> dict[int, str]:
 
 
 def _encode_tasks(root: Path, task_of: dict[int, str], frame_task: np.ndarray, starts: np.ndarray,
-                  width: int) -> np.ndarray:
+                  width: int, setting: str) -> np.ndarray:
     """Each frame's task string as the `instruction` observation, (frames, width) uint8, encoded as
     `polcache record --instructions` encodes an instruction. A task that does not fit is refused as
-    record refuses one: the longest, so one retry with its size is enough."""
+    record refuses one: the longest, so one retry with its size is enough. `setting`: what gave the
+    width, a format of it (INSTRUCTIONS_FLAG, or training's config key)."""
     used, first, inverse = np.unique(frame_task, return_index=True, return_inverse=True)
     texts = [task_of[int(t)] for t in used]
     episode_of = np.searchsorted(starts, first, "right") - 1  # the episode each task first appears in
     size, longest = max((len(text.encode("utf-8").strip()) if isinstance(text, str) else 0, i)  # null: refused below
                         for i, text in enumerate(texts))
     if size > width:
-        raise DatasetError(f"{root}: --instructions {width}: episode {episode_of[longest]}'s task "
+        raise DatasetError(f"{root}: {setting.format(width)}: episode {episode_of[longest]}'s task "
                            f"{cut_short(repr(texts[longest]))} takes {size} UTF-8 bytes (the longest); give "
-                           f"--instructions {size} or more")
+                           f"{setting.format(size)} or more")
     try:
-        rows = np.stack([encode_instruction(text, width, f"{root}: --instructions: episode {e}'s task "
+        rows = np.stack([encode_instruction(text, width, f"{root}: {setting.format(width)}: episode {e}'s task "
                                                          f"{cut_short(repr(text))}")
                          for text, e in zip(texts, episode_of.tolist())])
     except InstructionError as exc:  # empty, or a NUL inside: nothing a policy could read
@@ -558,7 +560,8 @@ def _names(ft: dict) -> list[str] | None:
 
 
 def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, instruction_bytes: int = 0,
-                   image_size: tuple[int, int] | None = None) -> ImportReport:
+                   image_size: tuple[int, int] | None = None, instruction_setting: str = INSTRUCTIONS_FLAG
+                   ) -> ImportReport:
     """Convert a LeRobotDataset v3.0 root into a polcache zarr dataset at `out` (written atomically),
     one episode at a time, so memory holds about one episode's images whatever the dataset's size.
     `instruction_bytes` > 0 also makes each frame's task string its `instruction` observation of
@@ -566,7 +569,8 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
     Opt-in, as record's flag is: many datasets' only task is a generic name, which a policy without
     language would carry in every frame for nothing. `image_size` (height, width) resizes every
     camera to exactly that size as it is decoded (aspect ratio not kept, as lerobot's and
-    diffusion_policy's resize transforms do); the attrs' image_resize records it and the source sizes."""
+    diffusion_policy's resize transforms do); the attrs' image_resize records it and the source sizes.
+    `instruction_setting`: what gave instruction_bytes, for refusals (a format of the width)."""
     _pyarrow()
     root = Path(root)
     if image_size is not None and not (isinstance(image_size, tuple) and len(image_size) == 2
@@ -592,8 +596,8 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
             e = int(np.searchsorted(starts, row, "right") - 1)
             raise DatasetError(f"{root}: feature {key} holds NaN or inf at episode {e} frame {row - int(starts[e])}")
     if instruction_bytes and not has_tasks:
-        raise DatasetError(f"{root}: --instructions: the dataset has no task_index feature, so no task strings to "
-                           f"take instructions from")
+        raise DatasetError(f"{root}: {instruction_setting.format(instruction_bytes)}: the dataset has no task_index "
+                           f"feature, so no task strings to take instructions from")
     tasks = [""] * len(lengths)
     instruction = None
     if has_tasks:
@@ -605,7 +609,7 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
             raise DatasetError(f"{root}: task_index {unknown[0]} is not in {TASKS_PATH}")
         tasks = [task_of[int(t)] for t in frame_task[starts]]
         if instruction_bytes:
-            instruction = _encode_tasks(root, task_of, frame_task, starts, instruction_bytes)
+            instruction = _encode_tasks(root, task_of, frame_task, starts, instruction_bytes, instruction_setting)
 
     timestamp = _numbers(root, frames, "timestamp")[:, 0].astype(np.float64)
     _check_timestamps(root, timestamp, starts, lengths, fps)
@@ -923,7 +927,8 @@ def _user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polcache" / "lerobot"
 
 
-def cached_import(root: str | Path, progress: bool = False, instruction_bytes: int = 0) -> Path:
+def cached_import(root: str | Path, progress: bool = False, instruction_bytes: int = 0,
+                  instruction_setting: str = INSTRUCTIONS_FLAG) -> Path:
     """Import a LeRobot root once and return the polcache copy: <root>/.polcache/episodes-<hash>.zarr,
     or ~/.cache/polcache/lerobot/<hash>.zarr when the root is read-only. A file lock makes concurrent
     callers (torchrun ranks) wait for one import instead of racing. Images keep their size (the hash
@@ -945,7 +950,8 @@ def cached_import(root: str | Path, progress: bool = False, instruction_bytes: i
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not restore(cache).exists():  # written atomically, so present means complete
-                import_lerobot(root, cache, progress, instruction_bytes=instruction_bytes)
+                import_lerobot(root, cache, progress, instruction_bytes=instruction_bytes,
+                               instruction_setting=instruction_setting)
                 if cache.parent == root / ".polcache":  # copies of the dataset as it was before go
                     for stale in cache.parent.glob("episodes-*.zarr"):
                         if not stale.name.startswith(f"episodes-{key}"):
@@ -958,13 +964,14 @@ def cached_import(root: str | Path, progress: bool = False, instruction_bytes: i
                        f"(tried {root / '.polcache'} and {_user_cache_dir()})")
 
 
-def open_dataset(path: str | Path, progress: bool = False, instruction_bytes: int = 0) -> EpisodeStore:
+def open_dataset(path: str | Path, progress: bool = False, instruction_bytes: int = 0,
+                 instruction_setting: str = INSTRUCTIONS_FLAG) -> EpisodeStore:
     """Open a dataset for training: a polcache zarr store, or a LeRobot v3.0 root (imported once
     into a cache, see `cached_import`), so `dataset=` may name either. `instruction_bytes`: the
     instruction width of a language policy, whose instructions a LeRobot root's task strings are
-    (a zarr store holds its own)."""
+    (a zarr store holds its own); `instruction_setting` names what gave it (a format of the width)."""
     path = restore(path)  # a write killed between its two renames left it aside: the dataset is back
     refuse_hub_id(path)
     if is_lerobot_root(path):
-        path = cached_import(path, progress, instruction_bytes)
+        path = cached_import(path, progress, instruction_bytes, instruction_setting)
     return EpisodeStore.open(path)

@@ -118,7 +118,8 @@ def dataset_source(cfg: ExperimentConfig, progress: bool = False) -> TrainingSou
         raise ConfigError("dataset: no dataset path given (set `dataset:` in the config or dataset=PATH)")
     language = INSTRUCTION_KEY in cfg.obs_keys  # a LeRobot root's task strings are then its instructions
     store = open_dataset(cfg.dataset, progress=progress,
-                         instruction_bytes=cfg.policy.vla.instruction_bytes if language else 0)
+                         instruction_bytes=cfg.policy.vla.instruction_bytes if language else 0,
+                         instruction_setting="policy.vla.instruction_bytes={}")
     # multi-task datasets recorded before this rule stored their first task as the task: ignore it
     recorded = "" if len(store.attrs.get("tasks_recorded", ())) > 1 else str(store.attrs.get("task", ""))
     if cfg.task and recorded and cfg.task != recorded:
