@@ -187,9 +187,11 @@ def test_every_way_out_of_a_sim_robot_ends_with_one_safe_stop(where, monkeypatch
     assert result["extra"]["tick"]["safe_stops"] == len(stops) == watchdog + 1
 
 
-def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("episode", [1, 0])
+def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(episode, monkeypatch, tmp_path, capsys):
     """SIGTERM while the loop runs: the loop safe-stops the robot, which the summary said nothing of
-    ("0 safe stops": its count is the watchdog's, from the tick records)."""
+    ("0 safe stops": its count is the watchdog's, from the tick records). Stopped in the first episode,
+    it said nothing at all and wrote no result (`polcache launch` stopped early left no robot.json)."""
     import json
 
     from polcache.cli import main
@@ -203,13 +205,13 @@ def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(monkeypat
         self.seed = seed
         begin(self, seed)
 
-    def stopped_in_the_second(self, action):
-        if self.seed == 1001 and self.steps == 5:
+    def stopped_in_the_episode(self, action):
+        if self.seed == 1000 + episode and self.steps == 5:
             raise Terminated
         act(self, action)
 
     monkeypatch.setattr(SimRobot, "begin", begin_seeded)
-    monkeypatch.setattr(SimRobot, "act", stopped_in_the_second)
+    monkeypatch.setattr(SimRobot, "act", stopped_in_the_episode)
     monkeypatch.setattr(SimRobot, "safe_stop", lambda self: stops.append(self.steps))
     out = tmp_path / "robot.json"
     with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
@@ -218,9 +220,12 @@ def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(monkeypat
     said = capsys.readouterr().out
     assert stops[-1] == 5 and re.search(r"\d+ watchdog safe stops?, then the safe stop on SIGTERM\n", said), said
     # ticks before each episode's first chunk are told apart from misses (a slow network showed only misses)
-    waiting = int(re.search(r"(\d+) ticks waiting for an episode's first action, \d+ ticks without", said)[1])
-    assert waiting >= 2  # at least one tick per episode begun
+    waiting = int(re.search(r"(\d+) ticks? waiting for an episode's first action, \d+ ticks? without", said)[1])
+    assert waiting >= episode + 1  # at least one tick per episode begun
+    assert f"[interrupted: {episode} of 3 episodes finished]" in said
+    assert ("no episode finished" in said) == (episode == 0)
     result = json.loads(out.read_text())
+    assert result["episodes"] == episode and result["extra"]["interrupted"]["signal"] == "SIGTERM"
     assert result["extra"]["safe_stop"] is True
     # the tick records count the loop's stop too (they had none of it); the line names it on its own
     watchdog = int(re.search(r"(\d+) watchdog safe stops?, then", said)[1])

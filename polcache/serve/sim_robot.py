@@ -9,6 +9,7 @@ its first chunk or after a safe stop it holds still (the simulation does not ste
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -133,9 +134,7 @@ def run_sim_robot(
                 finally:  # run() stops the robot only on its own way out: here after the last episode and on an
                     loop.stop()  # interrupt between runs (begin, reset_episode); none after run()'s or the watchdog's
             except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
-                if not per_episode:  # the finished episodes are still a result, as `polcache eval` reports them
-                    raise
-                interrupted = interruption(exc, episodes)
+                interrupted = interruption(exc, episodes)  # the episodes finished (none too) and the stop: a result
             # the loop's own stop on the way out; the tick records' safe stops count it too (a record of its own)
             stopped = loop.safe_stops > 0
             reconnects = max(0, client.connections - 1)
@@ -152,7 +151,8 @@ def run_sim_robot(
     latency = snap.get("chunk", {}).get("latency_ms", {})
     return EvalResult(
         task=task, episodes=n, successes=n_ok, success_rate=n_ok / max(1, n),
-        ci95=wilson_interval(n_ok, n), mean_episode_length=float(np.mean([e["length"] for e in per_episode])),
+        ci95=wilson_interval(n_ok, n),
+        mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else math.nan,
         latency_ms={k: latency.get(k, float("nan")) for k in ("p50", "p95", "p99")} | {"n": latency.get("n", 0)},
         seed=seed, per_episode=per_episode,
         extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}),

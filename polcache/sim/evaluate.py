@@ -69,8 +69,10 @@ class EvalResult:
         # tick that received the chunk, which includes the transport and waiting for that tick
         robot = self.extra.get("latency_from") == "capture"
         inference = self.extra.get("chunk", {}).get("inference_ms", {}).get("p50") if robot else None
-        return (f"{self.task}{cut}: success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI "
-                f"{lo:.0%}-{hi:.0%}), mean episode length {self.mean_episode_length:.1f} steps{cap}, "
+        outcome = (f"success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI {lo:.0%}-{hi:.0%}), "
+                   f"mean episode length {self.mean_episode_length:.1f} steps{cap}" if self.episodes
+                   else "no episode finished")  # a robot stopped in its first: its stop and loop still reported
+        return (f"{self.task}{cut}: {outcome}, "
                 f"{'observation-to-action' if robot else 'chunk'} latency p50 {lat['p50']:.1f} ms / p95 "
                 f"{lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms"
                 + (f" (the server's inference p50 {inference:.1f} ms)" if inference is not None else ""))
