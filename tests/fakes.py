@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
@@ -173,6 +174,13 @@ def observation(seq: int, epoch: int = 0, value: float | None = None, t_capture:
 
     state = np.array([seq if value is None else value, 0, 0], np.float32)
     return encode(Observation(epoch=epoch, seq=seq, t_capture=t_capture, arrays=arrays or {"state": state}))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 just now (for servers whose port a test must know before they start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout_s: float = 2.0) -> bool:

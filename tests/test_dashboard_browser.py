@@ -21,18 +21,11 @@ import pytest
 
 from polcache.dashboard import Dashboard
 from polcache.dashboard.views import VIEWS
+from fakes import free_port
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "polcache" / "assets" / "checkpoints" / "reach-v3"
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 POLCACHE = [sys.executable, "-m", "polcache.cli"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def headless(*args: str) -> subprocess.CompletedProcess:

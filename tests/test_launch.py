@@ -20,17 +20,12 @@ import pytest
 from polcache.errors import ConfigError, PolcacheError
 from polcache.launch import check_machine, load_launch_config
 from polcache.launch.supervisor import connect_address, dashboard_command, robot_task, server_command, server_threads
+from fakes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "launch"
 SIM = CONFIGS / "sim.yaml"
 TWO_CPUS = len(os.sched_getaffinity(0)) >= 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sim_overrides(tmp_path: Path, *extra: str) -> list[str]:

@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from fakes import FakeBackend, StepRobot
+from fakes import FakeBackend, StepRobot, free_port
 from polcache.metrics import JsonlWriter, Metrics, collect_metrics
 from polcache.serve.server import PolicyServer
 from polcache_client import ControlLoop, PolicyClient
@@ -49,6 +49,12 @@ def test_prometheus_text_over_http():
         assert 'polcache_tick_deadline_miss_total{robot="arm"} 1.0' in text
         assert 'polcache_tick_period_error_seconds_bucket{le="0.0005",robot="arm"} 1.0' in text
         assert 'polcache_tick_period_error_seconds_count{robot="arm"} 1.0' in text
+
+
+def test_a_fixed_port_is_printed_too(capsys):
+    port = free_port()
+    with collect_metrics(port=port, robot="arm"):
+        assert capsys.readouterr().out == f"metrics on http://127.0.0.1:{port}/metrics\n"
 
 
 def test_port_zero_prints_the_port_it_took(capsys):

@@ -719,10 +719,10 @@ def test_resuming_an_epoch_run_with_another_batch_size_is_refused(tmp_path, caps
     capsys.readouterr()
     assert train_cli(data, run, "train.epochs=2", "train.batch_size=16") == 2
     assert capsys.readouterr().err.strip() == (
-        f"polcache train: error: cannot resume {run / 'last'}: train.batch_size is 16, the run's is 8 (with "
-        "train.epochs set, its steps and learning-rate schedule count batches of that size: resume with "
-        "train.batch_size=8); pass --fresh to start over (the previous run is moved aside) or use another out "
-        "directory")
+        f"polcache train: error: cannot resume {run / 'last'}: train.batch_size is 16, the run's is 8 (a run "
+        "measured in train.epochs counts its steps and learning-rate schedule in batches of the size it was saved "
+        "at: resume with train.batch_size=8); pass --fresh to start over (the previous run is moved aside) or use "
+        "another out directory")
     step = load_policy(run / "last")[2]["step"]
     assert train_cli(data, run, "train.epochs=2") == 0  # the run's batch size: it trains on
     assert load_policy(run / "last")[2]["step"] == 2 * step

@@ -56,6 +56,7 @@ def interrupts_deferred(what: str) -> Iterator[None]:
 
     def on_interrupt(signum, frame):
         if signum == signal.SIGINT and any(type(h) is KeyboardInterrupt for h in held):
+            log.warning("%s: abandoned (Ctrl-C twice)", what)
             raise KeyboardInterrupt
         held.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
         if signum == signal.SIGINT:

@@ -20,13 +20,13 @@ def collect_metrics(path: str | Path | None = None, port: int | None = None, hos
     robot's rate; and both clocks, wall and monotonic, at one instant), so a dashboard or report can
     draw deadlines and cache schedules. `window`, `kinds`: as Metrics (0: no in-process distributions;
     the record classes the endpoint shows before their first record).
-    `port` 0 takes a free port and prints the endpoint's address."""
+    `port` 0 takes a free port; the endpoint's address is printed."""
     writer = JsonlWriter(path, robot=robot) if path else None
     if writer is not None and info is not None:
         writer.write_info(**info)
     metrics = Metrics(window, sink=writer, robot=robot, kinds=kinds)
     http = serve_prometheus(metrics, port, host) if port is not None else None
-    if port == 0:  # the system picked the port: say which, or nothing could scrape it
+    if http is not None:  # where to scrape (with port 0, the one the system picked: nothing could know it)
         print(f"metrics on http://{host}:{http.server_address[1]}/metrics", flush=True)
     try:
         yield metrics

@@ -258,7 +258,8 @@ class PolicyServer:
             self._loop()
         finally:
             self._shutdown()
-            log.info("stopped serving on %s (%d robot sessions closed)", self.endpoint, len(self.sessions))
+            log.info("stopped serving on %s (%d robot session%s closed)", self.endpoint, len(self.sessions),
+                     "" if len(self.sessions) == 1 else "s")
 
     def _loop(self) -> None:
         # While no inference is out, the loop waits in the network socket's own receive, which costs

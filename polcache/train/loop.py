@@ -597,9 +597,9 @@ def _epoch_batch_difference(old_cfg: ExperimentConfig, cfg: ExperimentConfig) ->
     steps (train.epochs 0) keeps its length whatever the batch."""
     if cfg.train.epochs <= 0 or cfg.train.batch_size == old_cfg.train.batch_size:
         return []
-    return [f"train.batch_size is {cfg.train.batch_size}, the run's is {old_cfg.train.batch_size} (with train.epochs "
-            f"set, its steps and learning-rate schedule count batches of that size: resume with "
-            f"train.batch_size={old_cfg.train.batch_size})"]
+    return [f"train.batch_size is {cfg.train.batch_size}, the run's is {old_cfg.train.batch_size} (a run measured in "
+            f"train.epochs counts its steps and learning-rate schedule in batches of the size it was saved at: resume "
+            f"with train.batch_size={old_cfg.train.batch_size})"]
 
 
 VALIDATION_SET = (("seed", "episodes"), ("val_fraction", "episodes"), ("val_windows", "windows"))
