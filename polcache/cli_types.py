@@ -55,12 +55,14 @@ def image_size(value: str) -> int:
 
 
 def image_height_width(value: str) -> tuple[int, int]:
-    """HxW (e.g. 96x96, 240x320): an image size to resize to, each side in 1..4096 pixels as image_size's."""
-    m = re.fullmatch(r"([0-9]+)[xX]([0-9]+)", value)
-    if m is None or not all(1 <= int(side) <= 4096 for side in m.groups()):
-        raise argparse.ArgumentTypeError(f"expected HxW, height x width in pixels (each 1..4096), e.g. 96x96, got "
-                                         f"{_shown(repr(value))}")
-    return int(m.group(1)), int(m.group(2))
+    """HxW (e.g. 96x96, 240x320), or N for NxN as record's and sim-robot's --image-size: an image size to
+    resize to, each side in 1..4096 pixels as image_size's."""
+    m = re.fullmatch(r"([0-9]+)(?:[xX]([0-9]+))?", value)
+    sides = (m.group(1), m.group(2) or m.group(1)) if m is not None else ()
+    if not sides or not all(1 <= int(side) <= 4096 for side in sides):
+        raise argparse.ArgumentTypeError(f"expected HxW, height x width in pixels (each 1..4096), e.g. 96x96 (or 96 "
+                                         f"for a square), got {_shown(repr(value))}")
+    return int(sides[0]), int(sides[1])
 
 
 def thread_count(value: str) -> int:

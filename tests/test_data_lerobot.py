@@ -200,6 +200,11 @@ def test_import_resizes_every_camera(lerobot_root, tmp_path):
     assert "image_resize" not in EpisodeStore.open(tmp_path / "full.zarr").attrs  # full size: as before
     with pytest.raises(DatasetError, match=r"image_size must be \(height, width\), each 1..4096 pixels, got \(0, 8\)"):
         lr.import_lerobot(lerobot_root, tmp_path / "bad.zarr", progress=False, image_size=(0, 8))
+    states = tmp_path / "states.zarr"  # a root without cameras: refused, not silently "resized"
+    write_dataset(states, [Episode(obs={"state": np.zeros((4, 2), np.float32)}, action=np.zeros((4, 2), np.float32))])
+    lr.export_lerobot(states, tmp_path / "states-root", progress=False)
+    with pytest.raises(DatasetError, match=r"states-root: --image-size: the dataset has no camera features to resize$"):
+        lr.import_lerobot(tmp_path / "states-root", tmp_path / "bad.zarr", progress=False, image_size=(8, 8))
 
 
 def test_video_cursor_reads_on_and_back(lerobot_root, monkeypatch):
@@ -696,9 +701,11 @@ def test_cli_round_trip(polcache_ds, tmp_path, capsys):
     assert EpisodeStore.open(back).obs_spec()["instruction"].shape == (64,)  # record's default width
     assert main(["data", "import-lerobot", str(out), "--out", str(back), "--image-size", "8x12", "--no-progress"]) == 0
     assert EpisodeStore.open(back).obs_spec()["image_front"].shape == (8, 12, 3)
+    assert main(["data", "import-lerobot", str(out), "--out", str(back), "--image-size", "8", "--no-progress"]) == 0
+    assert EpisodeStore.open(back).obs_spec()["image_front"].shape == (8, 8, 3)  # N: a square, as record's flag
 
 
-@pytest.mark.parametrize("value", ["96", "96x", "0x96", "96x96x3", "4x-8", "5000x96", "axb"])
+@pytest.mark.parametrize("value", ["96x", "0x96", "0", "96x96x3", "4x-8", "5000x96", "axb"])
 def test_cli_image_size_is_checked(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit_:
         main(["data", "import-lerobot", str(tmp_path), "--out", str(tmp_path / "x.zarr"), "--image-size", value])

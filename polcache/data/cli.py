@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "(default 64), as `polcache record --instructions` does, for language-conditioned policies; "
                           "a task that does not fit is refused")
     imp.add_argument("--image-size", type=image_height_width, metavar="HxW",
-                     help="resize every camera to exactly HxW pixels as it is decoded (e.g. 96x96, or 240x320 for "
+                     help="resize every camera to exactly HxW pixels as it is decoded (e.g. 96x96 or 96, or 240x320 for "
                           "480x640 cameras), with area averaging; a different aspect ratio stretches the image, "
                           "nothing is cropped or padded (as lerobot's and diffusion_policy's resize do); the "
                           "dataset's image_resize attr records the size and each camera's source size")

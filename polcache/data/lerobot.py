@@ -579,6 +579,8 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
     info = read_info(root)
     fps = info["fps"]
     cameras, skipped = _plan(root, info)
+    if image_size is not None and not cameras:  # said, or a user would believe the images were resized
+        raise DatasetError(f"{root}: --image-size: the dataset has no camera features to resize")
     features = info["features"]
     videos = {k: lk for k, (lk, _) in cameras.items() if features[lk]["dtype"] == "video"}
     eps = _read_episodes(root, info, list(videos.values()))
