@@ -18,6 +18,8 @@ import yaml
 from polcache.errors import ConfigError
 
 INSTRUCTION_KEY = "instruction"  # the observation key a language-conditioned policy reads its instruction from
+# the instruction width as a refusal of a LeRobot root's task strings names it (training and calibration)
+INSTRUCTION_WIDTH_SETTING = "policy.vla.instruction_bytes={}"
 EMBEDDING_KEY = "embedding"  # the frame features `polcache ptp embed` stores and a fine-tuned head reads
 TEXT_ENCODERS = ("bytes", "minilm", "minilm-tokens", "minilm-tokens+bytes")  # policy.vla.text_encoder
 BYTE_TEXT_ENCODERS = ("bytes", "minilm-tokens+bytes")  # those with byte tokens embedded from scratch

@@ -22,7 +22,7 @@ from polcache.cache.schedule import FORMAT, Calibration, Schedule, build_schedul
 from polcache.jsonfile import read_json_object
 from polcache.outputs import check_output
 from polcache.cache.sensitivity import delta_sensitivity
-from polcache.config import INSTRUCTION_KEY, ExperimentConfig
+from polcache.config import INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, ExperimentConfig
 from polcache.policy.executor import DeltaStore
 from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
@@ -116,7 +116,7 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
         from polcache.data import SequenceDataset, open_dataset
 
         width = policy.spec.obs[INSTRUCTION_KEY].shape[0] if INSTRUCTION_KEY in keys else 0  # a LeRobot root's tasks
-        store = open_dataset(dataset, instruction_bytes=width, instruction_setting="policy.vla.instruction_bytes={}")
+        store = open_dataset(dataset, instruction_bytes=width, instruction_setting=INSTRUCTION_WIDTH_SETTING)
         ds = SequenceDataset(store, policy.cfg.horizon, To, keys=keys, obs_stride=policy.cfg.obs_stride,
                              frame_mode=policy.cfg.frame_mode)
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))

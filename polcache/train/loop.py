@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from polcache.atomic import atomic_write_text, naming_errors, restore
-from polcache.config import INSTRUCTION_KEY, ExperimentConfig, to_dict
+from polcache.config import INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from polcache.outputs import enclosing_output, unwritable
@@ -119,7 +119,7 @@ def dataset_source(cfg: ExperimentConfig, progress: bool = False) -> TrainingSou
     language = INSTRUCTION_KEY in cfg.obs_keys  # a LeRobot root's task strings are then its instructions
     store = open_dataset(cfg.dataset, progress=progress,
                          instruction_bytes=cfg.policy.vla.instruction_bytes if language else 0,
-                         instruction_setting="policy.vla.instruction_bytes={}")
+                         instruction_setting=INSTRUCTION_WIDTH_SETTING)
     # multi-task datasets recorded before this rule stored their first task as the task: ignore it
     recorded = "" if len(store.attrs.get("tasks_recorded", ())) > 1 else str(store.attrs.get("task", ""))
     if cfg.task and recorded and cfg.task != recorded:
