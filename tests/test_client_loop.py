@@ -473,3 +473,57 @@ def test_ctrl_c_during_the_watchdogs_stop_waits_for_it_and_the_robot_is_not_stop
     with pytest.raises(KeyboardInterrupt):  # the watchdog stops the robot, and the Ctrl-C comes after it
         loop.run(ticks=30)
     assert robot.braked == 1 and len(robot.stops) == 1  # run()'s own stop: not again after the watchdog's
+
+
+class LaggingCamera(StepRobot):
+    """A robot whose observation shows it `lag_s` ago (a camera's exposure and transfer), and says so
+    through `capture_time()` unless `tells` is False."""
+
+    def __init__(self, hz: float, clock: FakeClock, lag_s: float, tells: bool = True):
+        super().__init__(hz, clock)
+        self.lag_s = lag_s
+        if tells:
+            self.capture_time = lambda: clock.now() - lag_s
+
+    def observe(self) -> dict[str, np.ndarray]:
+        now = self.now()
+        self.t0 = now if self.t0 is None else self.t0
+        self.tick = round((now - self.t0) * self.hz)
+        return {"state": np.array([round((now - self.lag_s - self.t0) * self.hz), 0, 0], np.float32)}
+
+
+@pytest.mark.parametrize("tells", [True, False])
+def test_a_lagging_sensors_capture_time_times_the_actions_from_when_the_robot_was_seen(tells):
+    clock = FakeClock(t=0.0)
+    robot = LaggingCamera(HZ, clock, lag_s=2 / HZ, tells=tells)
+    client = ScriptedClient(clock, latency_s=1.5 / HZ)
+    chunks = []
+    ControlLoop(robot, client, HZ, clock=clock, on_chunk=chunks.append).run(ticks=30)
+    applied = robot.applied[5:]  # from a steady state on
+    # each action is the one for the period it is applied in: the frame's two periods of lag are not
+    # added to the actions' delay; a robot that does not tell executes every action two periods late
+    assert {tick - value for tick, value in applied} == ({0} if tells else {2})
+    if tells:  # the chunk's latency counts from the frame's capture
+        assert chunks[-1].latency_ms == pytest.approx(3 / HZ * 1e3)  # the frame's lag, to the tick after the send
+
+
+@pytest.mark.parametrize("capture, match", [
+    (lambda now: now + 0.5, r"0\.500 s after observe\(\) returned: it must be on the loop's clock"),
+    (lambda now: now - 3600.0, r"3600\.000 s before observe\(\) was called"),
+    (lambda now: float("nan"), r"capture_time\(\) must return a finite number of seconds"),
+    (lambda now: "now", r"got 'now'"),
+])
+def test_a_capture_time_on_another_clock_is_refused_and_the_robot_stopped(capture, match):
+    clock = FakeClock(t=100.0)
+    robot = StepRobot(HZ, clock)
+    robot.capture_time = lambda: clock.now() if len(robot.applied) < 3 else capture(clock.now())  # acts, then errs
+    with pytest.raises(ValueError, match=match):
+        ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, clock=clock).run(ticks=10)
+    assert len(robot.applied) == 3 and len(robot.stops) == 1  # the robot it moved was safe-stopped on the way out
+
+
+def test_chunks_late_because_the_sensors_lag_say_so(caplog):
+    clock = FakeClock(t=0.0)
+    robot = LaggingCamera(HZ, clock, lag_s=9 / HZ)  # older than a chunk's 8 actions reach
+    ControlLoop(robot, ScriptedClient(clock, latency_s=9.5 / HZ), HZ, clock=clock).run(ticks=12)
+    assert "(of which 180 ms before observe() was called: the sensors' lag" in caplog.text

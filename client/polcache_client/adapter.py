@@ -4,6 +4,13 @@ Anything with these members is a robot (see docs/protocol.md for a worked exampl
 `obs_spec` and `action_dim` go into the handshake, `observe` and `act` run inside every
 control tick and must return quickly, and `safe_stop` is called when the watchdog gives up on
 the policy and when the loop that moved the robot ends (never twice in a row).
+
+Optional: `capture_time()`, the time (on the loop's clock: `time.monotonic()` unless the loop
+was given another) at which the data `observe()` just returned was captured, for sensors that
+lag (a camera's exposure and transfer: its frame is older than the call that fetched it). The
+chunk's action 0 then belongs to that instant, so actions are timed from when the robot was
+seen, not from when the loop asked. Without it, the loop stamps the observation when it calls
+`observe()`. Where sensors differ, return the oldest one's time.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ import logging
 import math
 from typing import Callable
 
+import numpy as np
+
 from polcache_client.adapter import RobotAdapter
 from polcache_client.connection import PolicyClient
 from polcache_client.logs import RateLimitedLog
@@ -22,6 +24,10 @@ from polcache_client.watchdog import State, Watchdog
 
 log = logging.getLogger(__name__)
 LATE_CHUNK_LOG_S = 5.0  # at most one line this often about late chunks, and about ticks skipped
+# An adapter's capture time further than this from its observe() call is on another clock (time.time(), a
+# camera's hardware clock), not a lagging sensor: refused, rather than every action timed that far off.
+MAX_CAPTURE_AGE_S = 10.0
+CAPTURE_CLOCK_SLACK_S = 1e-3  # a capture stamped this much after observe() returned is rounding, not a clock mix-up
 STOPPING = "stopping the robot safely"  # said when a Ctrl-C is held until the robot's safe stop returns
 
 
@@ -63,6 +69,8 @@ class ControlLoop:
         self._warn = RateLimitedLog(log, interval_s=LATE_CHUNK_LOG_S).warning
         self._work_s = 0.0  # how long the last tick's work took (observe, send, act, callbacks)
         self._acted = False  # an action was applied since the robot was last told to stop: `stop` undoes it
+        self._capture_time = getattr(adapter, "capture_time", None)  # optional: see RobotAdapter
+        self._capture_age_s = 0.0  # the last observation's age when observe() was called (its sensors' lag)
         self.safe_stops = 0  # how many times `stop` safe-stopped the robot (the watchdog's stops not among them)
 
     def reset_episode(self, instruction: str | None = None) -> None:
@@ -79,10 +87,11 @@ class ControlLoop:
         if tick.missed:
             self._ran_late(tick.missed)
         self._receive(now)
-        t_capture = self.clock.now()
+        observing = self.clock.now()
         epoch = self.client.epoch
         done = [(seq, a) for e, seq, a in self._executed if e == epoch]
-        sent = self.client.send_observation(self.adapter.observe(), t_capture, executed=done)
+        arrays = self.adapter.observe()
+        sent = self.client.send_observation(arrays, self._captured(observing), executed=done)
         if sent or self.client.epoch != epoch:
             self._executed.clear()
         acting = self.clock.now()
@@ -118,6 +127,25 @@ class ControlLoop:
         self._work_s = self.clock.now() - tick.t
         return record
 
+    def _captured(self, observing: float) -> float:
+        """The observation's capture time: the adapter's `capture_time()` where it has one (a camera
+        frame is older than the call that fetched it, and action 0 belongs to the frame's step),
+        else `observing`, when observe() was called."""
+        if self._capture_time is None:
+            return observing
+        t = self._capture_time()
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)) or not math.isfinite(t):
+            raise ValueError(f"capture_time() must return a finite number of seconds on the loop's clock, got {t!r}")
+        t = float(t)
+        now = self.clock.now()
+        if not observing - MAX_CAPTURE_AGE_S <= t <= now + CAPTURE_CLOCK_SLACK_S:
+            when = f"{t - now:.3f} s after observe() returned" if t > now else f"{observing - t:.3f} s before observe() was called"
+            raise ValueError(f"capture_time() returned {t:.6f}, {when}: it must be on the loop's "
+                             f"clock (time.monotonic(), or the clock given to ControlLoop), not time.time() or a "
+                             f"sensor's own clock")
+        self._capture_age_s = max(observing - t, 0.0)
+        return t
+
     def _ran_late(self, missed: int) -> None:
         """Say, at most every few seconds, that ticks were skipped and what took the time: the loop
         fell to 32 Hz of 50 under a 30 ms observe() with nothing logged."""
@@ -136,8 +164,10 @@ class ControlLoop:
             dropped = self.schedule.add(chunk, now)
             if dropped and dropped == len(chunk.actions):  # the robot waits, holds or stops: say why
                 last_s = chunk.t_actions[-1] - chunk.t_capture + self.schedule.half_period  # when the last is dropped
+                lag = (f" (of which {self._capture_age_s * 1e3:.0f} ms before observe() was called: the sensors' lag, "
+                       f"from the adapter's capture_time())" if self._capture_age_s else "")
                 self._warn("late", f"chunk for observation {chunk.seq} arrived {(now - chunk.t_capture) * 1e3:.0f} ms "
-                                   f"after its capture, with all {dropped} actions past due: the round trip is "
+                                   f"after its capture{lag}, with all {dropped} actions past due: the round trip is "
                                    f"longer than its last action waits ({last_s * 1e3:.0f} ms after capture: its due "
                                    f"time plus half a period); check the network and the server's load")
             if self.on_chunk:
