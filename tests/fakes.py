@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import selectors
 import socket
+import threading
 import time
 
 import numpy as np
@@ -191,3 +193,56 @@ def wait_for(predicate, timeout_s: float = 2.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+class StallingLink:
+    """A TCP link from robots to a server at `target_port` that can stall: while `stalled` is set
+    nothing is forwarded either way and every connection stays open, as over a cable pulled or a
+    Wi-Fi link lost for a moment; TCP then delivers all that was held, late, once it is cleared.
+    Robots connect to `address`."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.stalled = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stalling-link", daemon=True)
+
+    def __enter__(self) -> "StallingLink":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._closing.set()
+        self._thread.join(timeout=5)
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()
+        self._selector.close()
+
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            if self.stalled.is_set():  # read nothing: what is sent waits in the kernel's buffers
+                time.sleep(0.002)
+                continue
+            for key, _ in self._selector.select(timeout=0.01):
+                if key.fileobj is self._listener:
+                    robot, _ = self._listener.accept()
+                    server = socket.create_connection(("127.0.0.1", self.target_port))
+                    self._selector.register(robot, selectors.EVENT_READ, server)
+                    self._selector.register(server, selectors.EVENT_READ, robot)
+                    continue
+                source, sink = key.fileobj, key.data
+                try:
+                    data = source.recv(1 << 16)
+                    if data:
+                        sink.sendall(data)
+                        continue
+                except OSError:
+                    pass
+                for end in (source, sink):  # one side closed: so does the other
+                    if end.fileno() >= 0:
+                        self._selector.unregister(end)
+                        end.close()

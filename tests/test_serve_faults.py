@@ -11,7 +11,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from fakes import ACTION_DIM, STATE_DIM, FakeBackend, RawPeer, StepRobot, observation, wait_for
+from fakes import ACTION_DIM, STATE_DIM, FakeBackend, RawPeer, StallingLink, StepRobot, observation, wait_for
 from polcache.errors import PolcacheError
 from polcache.serve.flood import FloodGuard, allowance
 from polcache.serve.security import InsecureBindError, generate_keys, is_loopback
@@ -669,3 +669,34 @@ def test_a_state_far_outside_the_training_range_is_refused_by_name_and_the_robot
         chunk = p.request(observation(3, state=zeros))
         assert isinstance(chunk, ActionChunk) and chunk.obs_seqs == [3, 3]
         p.close()
+
+
+@pytest.mark.parametrize("stall_s, reconnects", [(0.4, False), (1.6, True)])
+def test_after_a_network_stall_the_robot_never_acts_on_stale_actions(stall_s, reconnects):
+    """The link stalls with its connections open (TCP then delivers everything held, late): the robot
+    holds, stops once, and resumes with fresh actions only; what was computed for observations sent
+    before or during the stall comes too late and is dropped. A stall over the robot's timeout ends
+    in a reconnect, which the old connection's late chunks cannot cross."""
+    robot, ticks = StepRobot(50), []
+    with PolicyServer(FakeBackend(), "tcp://127.0.0.1:0") as server, \
+            StallingLink(int(server.endpoint.rsplit(":", 1)[1])) as link:
+        client = PolicyClient(link.address, robot.obs_spec, robot.action_dim, hz=50, timeout_s=0.8)
+        try:
+            client.connect(timeout_s=2)
+            loop = ControlLoop(robot, client, 50, watchdog=Watchdog(hold_s=0.1), on_tick=ticks.append)
+            loop.run(ticks=25, then_stop=False)
+            link.stalled.set()
+            loop.run(seconds=stall_s, then_stop=False)
+            stalled_until = robot.tick
+            link.stalled.clear()
+            loop.run(until=lambda: len(ticks) > 500 or (robot.tick > stalled_until + 10 and ticks[-1].state == "fresh"),
+                     then_stop=False)
+            loop.run(ticks=20, then_stop=False)
+        finally:
+            client.close()
+    assert ticks[-1].state == "fresh"
+    assert len(robot.stops) == 1 and stalled_until > robot.stops[0]  # held, then one safe stop, while stalled
+    resumed = [(t, v) for t, v in robot.applied if t > robot.stops[0]]
+    assert resumed and all(v == t for t, v in resumed)  # on time: no action computed before the link came back
+    assert all(v <= t for t, v in robot.applied)  # fresh or held, never ahead of its step
+    assert (client.connections == 2) == reconnects and (client.epoch >= 1) == reconnects
