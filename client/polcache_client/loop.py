@@ -90,7 +90,7 @@ class ControlLoop:
         observing = self.clock.now()
         epoch = self.client.epoch
         done = [(seq, a) for e, seq, a in self._executed if e == epoch]
-        arrays = self.adapter.observe()
+        arrays = self.adapter.observe()  # first: capture_time() speaks of the data it returned
         sent = self.client.send_observation(arrays, self._captured(observing), executed=done)
         if sent or self.client.epoch != epoch:
             self._executed.clear()
@@ -139,7 +139,8 @@ class ControlLoop:
         t = float(t)
         now = self.clock.now()
         if not observing - MAX_CAPTURE_AGE_S <= t <= now + CAPTURE_CLOCK_SLACK_S:
-            when = f"{t - now:.3f} s after observe() returned" if t > now else f"{observing - t:.3f} s before observe() was called"
+            when = (f"{t - now:.3f} s after observe() returned" if t > now else
+                    f"{observing - t:.3f} s before observe() was called")
             raise ValueError(f"capture_time() returned {t:.6f}, {when}: it must be on the loop's "
                              f"clock (time.monotonic(), or the clock given to ControlLoop), not time.time() or a "
                              f"sensor's own clock")
