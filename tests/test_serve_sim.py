@@ -313,3 +313,62 @@ def test_a_language_policy_on_a_task_without_written_instructions_names_sim_robo
         with pytest.raises(PolcacheError, match=r"\[bad_instruction\].* \(sim-robot: no instructions are written for "
                                                 r"task 'hammer-v3'; give one with --instruction TEXT\)"):
             run_sim_robot("hammer-v3", server.endpoint, hz=50, episodes=1, seed=0)
+
+
+@pytest.mark.parametrize("stamped", [True, False])
+def test_a_lagging_sensor_is_timed_from_its_capture_where_the_robot_says_when(stamped):
+    """sim-robot --sensor-lag-ms 60: each observation is 60 ms old; stamped (capture_time()), the
+    chunks' latency counts from then (>= the lag), unstamped from when the robot asked."""
+    from polcache.serve.sim_robot import run_sim_robot
+
+    with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        result = run_sim_robot(TASK, server.endpoint, hz=100, episodes=2, seed=1000, sensor_lag_ms=60.0,
+                               stamped=stamped)
+    assert result.extra["sensor_lag_ms"] == 60.0 and result.extra["stamped"] == stamped
+    assert result.episodes == 2
+    latency = result.latency_ms["p50"]
+    assert latency >= 60.0 if stamped else latency < 60.0
+
+
+def test_a_sensor_lag_beyond_what_the_loop_accepts_is_refused_by_name():
+    from polcache.errors import PolcacheError
+    from polcache.serve.sim_robot import run_sim_robot
+
+    with pytest.raises(PolcacheError, match=r"sensor_lag_ms \(--sensor-lag-ms\) must be in \[0, 5000\] ms, got 6000"):
+        run_sim_robot(TASK, "tcp://127.0.0.1:1", hz=50, episodes=1, sensor_lag_ms=6000.0)
+    with pytest.raises(PolcacheError, match=r"--unstamped\) leaves out .* give the lag \(--sensor-lag-ms MS\)"):
+        run_sim_robot(TASK, "tcp://127.0.0.1:1", hz=50, episodes=1, stamped=False)
+
+
+def test_the_simulated_sensor_returns_the_newest_observation_old_enough(monkeypatch):
+    from polcache.serve import sim_robot
+
+    class Env:
+        action_dim = 1
+        max_episode_steps = 10
+
+        def observation_spec(self):
+            return {"state": ArraySpec((1,), "float32")}
+
+        def reset(self, seed):
+            self.t = 0
+            return {"state": np.zeros(1, np.float32)}
+
+        def step(self, action):
+            self.t += 1
+            return {"state": np.full(1, self.t, np.float32)}, 0.0, False, {"success": False}
+
+    clock = [100.0]
+    monkeypatch.setattr(sim_robot.time, "monotonic", lambda: clock[0])
+    robot = sim_robot.SimRobot(Env(), sensor_lag_s=0.05)
+    robot.begin(0)  # observation 0 made at 100.00
+    assert robot.observe()["state"][0] == 0 and robot.capture_time() == 100.0  # nothing older: the reset's
+    for _ in range(3):  # observations 1..3 made 20 ms apart
+        clock[0] += 0.02
+        robot.act(np.zeros(1, np.float32))
+    assert robot.observe()["state"][0] == 0 and robot.capture_time() == pytest.approx(100.01)  # 50 ms ago
+    clock[0] = 100.11  # observation 3 (made at 100.06) is the scene as of 50 ms ago, captured then
+    assert robot.observe()["state"][0] == 3 and robot.capture_time() == pytest.approx(100.06)
+    clock[0] = 105.0  # the robot held still since: the same scene, captured 50 ms ago
+    assert robot.observe()["state"][0] == 3 and robot.capture_time() == pytest.approx(104.95)
+    assert not hasattr(sim_robot.SimRobot(Env(), sensor_lag_s=0.05, stamped=False), "capture_time")

@@ -104,6 +104,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds to wait for the server (default 30)")
     p.add_argument("--realtime", action="store_true",
                    help="run the control loop under SCHED_FIFO (needs root or CAP_SYS_NICE): steadier ticks on a busy machine")
+    p.add_argument("--sensor-lag-ms", type=non_negative_float, default=0.0,
+                   help="a lagging sensor: each observation shows the scene as it was this many ms ago (default 0), "
+                        "stamped with when it was captured (the adapter's capture_time())")
+    p.add_argument("--unstamped", action="store_true",
+                   help="with --sensor-lag-ms: the robot does not say when its data were captured, so its chunks are "
+                        "timed from when it asked (what the lag costs a robot without capture_time())")
     p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
                                   "an eval result)")
     _add_metrics_args(p)
@@ -187,7 +193,8 @@ def _sim_robot(args: argparse.Namespace) -> int:
         result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,
                                image_size=args.image_size, keys_dir=args.keys, blend=args.blend, decay=args.decay,
                                hold_s=args.hold_ms / 1e3, connect_timeout_s=args.connect_timeout,
-                               realtime=args.realtime, metrics=metrics, instruction=args.instruction, name=name)
+                               realtime=args.realtime, metrics=metrics, instruction=args.instruction, name=name,
+                               sensor_lag_ms=args.sensor_lag_ms, stamped=not args.unstamped)
     print(result.summary())
     tick = result.extra["tick"]
     err = tick.get("period_error_ms", {})

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections import deque
 
 import numpy as np
 
@@ -26,26 +28,46 @@ log = logging.getLogger("polcache.sim_robot")
 
 
 class SimRobot:
-    """RobotAdapter over a TaskEnv: observe returns the latest observation, act steps the env."""
+    """RobotAdapter over a TaskEnv: observe returns the latest observation, act steps the env.
+    `sensor_lag_s`: observe returns the scene as it was this long ago, as a lagging camera would;
+    `stamped`: the robot then says when it was captured (`capture_time`, see
+    polcache_client.adapter), as a well-integrated real robot does."""
 
-    def __init__(self, env):
+    def __init__(self, env, sensor_lag_s: float = 0.0, stamped: bool = True):
         self.env = env
         self.obs_spec = wire_obs_spec(env.observation_spec())
         self.action_dim = env.action_dim
+        self.sensor_lag_s = sensor_lag_s
+        self._frames: deque[tuple[float, dict[str, np.ndarray]]] = deque()  # (time made, observation), oldest first
+        self._seen_made = 0.0  # when the observation observe() last returned was captured
+        if sensor_lag_s and stamped:
+            self.capture_time = lambda: self._seen_made
 
     def begin(self, seed: int) -> None:
-        self.obs = self.env.reset(seed=seed)
+        self._frames.clear()
+        self._made(self.env.reset(seed=seed))
         self.steps, self.safe_stops = 0, 0
         self.done = self.success = False
         self.applied: list[np.ndarray] = []  # every action applied this episode ...
         self.seams: list[int] = []  # ... and the steps where a newly arrived chunk took over
 
+    def _made(self, obs: dict[str, np.ndarray]) -> None:
+        self._frames.append((time.monotonic(), obs))
+
     def observe(self) -> dict[str, np.ndarray]:
-        return self.obs
+        """The scene as it was `sensor_lag_s` ago, captured then (a sensor samples it continuously:
+        while the robot holds still, its frames show the same scene with newer times)."""
+        seen = time.monotonic() - self.sensor_lag_s
+        while len(self._frames) > 1 and self._frames[1][0] <= seen:  # a newer one is old enough: the older goes
+            self._frames.popleft()
+        made, obs = self._frames[0]
+        self._seen_made = max(made, seen)  # made later: an episode's first observation, the only one there is
+        return obs
 
     def act(self, action: np.ndarray) -> None:
         self.applied.append(np.asarray(action, dtype=np.float32))
-        self.obs, _, done, info = self.env.step(action)
+        obs, _, done, info = self.env.step(action)
+        self._made(obs)
         self.steps += 1
         self.success = self.success or info["success"]
         self.done = done or self.success or self.steps >= self.env.max_episode_steps
@@ -57,6 +79,9 @@ class SimRobot:
 # what a refused handshake that names a camera image means for sim-robot's own options
 CAMERA_HINT = (" (sim-robot sends camera NAME's image as image_NAME for each --cameras NAME, at --image-size "
                "pixels: give the policy's cameras and size)")
+
+
+MAX_SENSOR_LAG_MS = 5000.0  # beyond it every chunk is long past due; the loop refuses capture times 10 s old
 
 
 def sim_robot_name(task: str) -> str:
@@ -82,22 +107,30 @@ def run_sim_robot(
     metrics: Metrics | None = None,
     instruction: str | None = None,
     name: str | None = None,
+    sensor_lag_ms: float = 0.0,
+    stamped: bool = True,
 ) -> EvalResult:
     """Run `episodes` episodes of `task` (episode i resets with seed + i, as in `polcache eval`);
     every tick and chunk record goes to `metrics`; `realtime` runs the loop under SCHED_FIFO.
     Episode i sends `instruction`, or else the task's i-th held-out paraphrase where written.
     `name`: what the robot calls itself at the server (default `sim_robot_name(task)`), so several
-    robots on one task can be told apart in its log and metrics."""
+    robots on one task can be told apart in its log and metrics. `sensor_lag_ms`, `stamped`: a
+    lagging sensor, and whether the robot says when its data were captured (SimRobot)."""
     from polcache.envs import make_env  # simulation is an optional extra
     from polcache.envs.instructions import INSTRUCTIONS, instructions
 
+    if not 0 <= sensor_lag_ms <= MAX_SENSOR_LAG_MS:
+        raise PolcacheError(f"sensor_lag_ms (--sensor-lag-ms) must be in [0, {MAX_SENSOR_LAG_MS:g}] ms, got {sensor_lag_ms}")
+    if not stamped and not sensor_lag_ms:
+        raise PolcacheError("stamped=False (--unstamped) leaves out the time of a lagging sensor's data: give the lag "
+                            "(--sensor-lag-ms MS)")
     texts = ([instruction] if instruction is not None
              else list(instructions(task, "heldout")) if task in INSTRUCTIONS else [None])
 
     metrics = metrics or Metrics()
     interrupted = None
     env = make_env(task, seed=seed, image=bool(cameras), cameras=cameras, image_size=image_size)
-    robot = SimRobot(env)
+    robot = SimRobot(env, sensor_lag_ms / 1e3, stamped)
     per_episode = []
     try:
         with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=name or sim_robot_name(task),
@@ -158,4 +191,5 @@ def run_sim_robot(
         extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}),
                "chunk": snap.get("chunk", {}),
                "safe_stop": stopped, "reconnects": reconnects, **jerk_summary(per_episode),
+               **({"sensor_lag_ms": sensor_lag_ms, "stamped": stamped} if sensor_lag_ms else {}),
                **({"interrupted": interrupted} if interrupted else {})})
