@@ -28,7 +28,7 @@ log = logging.getLogger("polcache.sim_robot")
 
 
 class SimRobot:
-    """RobotAdapter over a TaskEnv: observe returns the latest observation, act steps the env.
+    """RobotAdapter over a TaskEnv: observe returns the observation its sensor sees, act steps the env.
     `sensor_lag_s`: observe returns the scene as it was this long ago, as a lagging camera would;
     `stamped`: the robot then says when it was captured (`capture_time`, see
     polcache_client.adapter), as a well-integrated real robot does."""
@@ -39,19 +39,19 @@ class SimRobot:
         self.action_dim = env.action_dim
         self.sensor_lag_s = sensor_lag_s
         self._frames: deque[tuple[float, dict[str, np.ndarray]]] = deque()  # (time made, observation), oldest first
-        self._seen_made = 0.0  # when the observation observe() last returned was captured
+        self._captured_at = 0.0  # when the observation observe() last returned was captured
         if sensor_lag_s and stamped:
-            self.capture_time = lambda: self._seen_made
+            self.capture_time = lambda: self._captured_at
 
     def begin(self, seed: int) -> None:
         self._frames.clear()
-        self._made(self.env.reset(seed=seed))
+        self._record_frame(self.env.reset(seed=seed))
         self.steps, self.safe_stops = 0, 0
         self.done = self.success = False
         self.applied: list[np.ndarray] = []  # every action applied this episode ...
         self.seams: list[int] = []  # ... and the steps where a newly arrived chunk took over
 
-    def _made(self, obs: dict[str, np.ndarray]) -> None:
+    def _record_frame(self, obs: dict[str, np.ndarray]) -> None:
         self._frames.append((time.monotonic(), obs))
 
     def observe(self) -> dict[str, np.ndarray]:
@@ -61,13 +61,13 @@ class SimRobot:
         while len(self._frames) > 1 and self._frames[1][0] <= seen:  # a newer one is old enough: the older goes
             self._frames.popleft()
         made, obs = self._frames[0]
-        self._seen_made = max(made, seen)  # made later: an episode's first observation, the only one there is
+        self._captured_at = max(made, seen)  # made later: an episode's first observation, the only one there is
         return obs
 
     def act(self, action: np.ndarray) -> None:
         self.applied.append(np.asarray(action, dtype=np.float32))
         obs, _, done, info = self.env.step(action)
-        self._made(obs)
+        self._record_frame(obs)
         self.steps += 1
         self.success = self.success or info["success"]
         self.done = done or self.success or self.steps >= self.env.max_episode_steps
