@@ -527,3 +527,19 @@ def test_chunks_late_because_the_sensors_lag_say_so(caplog):
     robot = LaggingCamera(HZ, clock, lag_s=9 / HZ)  # older than a chunk's 8 actions reach
     ControlLoop(robot, ScriptedClient(clock, latency_s=9.5 / HZ), HZ, clock=clock).run(ticks=12)
     assert "(of which 180 ms before observe() was called: the sensors' lag" in caplog.text
+
+
+def test_a_capture_time_that_goes_back_is_held_at_the_last_one_and_said(caplog):
+    """An adapter whose oldest sensor changes from tick to tick can return a capture time earlier
+    than the last observation's: the server would log it as a wall clock stepped back."""
+    clock = FakeClock(t=100.0)
+    robot = StepRobot(HZ, clock)
+    times = iter([100.0, 100.02, 99.99, 100.06])  # the third is older than the second
+    robot.capture_time = lambda: next(times)
+    client = ScriptedClient(clock, 0.5 / HZ)
+    stamps = []
+    send = client.send_observation
+    client.send_observation = lambda arrays, t, executed=None: stamps.append(t) or send(arrays, t, executed)
+    ControlLoop(robot, client, HZ, clock=clock).run(ticks=4)
+    assert stamps == [100.0, 100.02, 100.02, 100.06]
+    assert "capture_time() went back 30.0 ms from the last observation's: stamped with the last one's time" in caplog.text

@@ -71,6 +71,7 @@ class ControlLoop:
         self._acted = False  # an action was applied since the robot was last told to stop: `stop` undoes it
         self._capture_time = getattr(adapter, "capture_time", None)  # optional: see RobotAdapter
         self._capture_age_s = 0.0  # the last observation's age when observe() was called (its sensors' lag)
+        self._last_capture = (-1, -math.inf)  # (epoch, time) of the last observation stamped by capture_time()
         self.safe_stops = 0  # how many times `stop` safe-stopped the robot (the watchdog's stops not among them)
 
     def reset_episode(self, instruction: str | None = None) -> None:
@@ -144,6 +145,14 @@ class ControlLoop:
             raise ValueError(f"capture_time() returned {t:.6f}, {when}: it must be on the loop's "
                              f"clock (time.monotonic(), or the clock given to ControlLoop), not time.time() or a "
                              f"sensor's own clock")
+        epoch = self.client.epoch
+        last_epoch, last_t = self._last_capture
+        if epoch == last_epoch and t < last_t:  # the server would blame a wall clock, and RTC drop its plan
+            self._warn("capture-back", f"capture_time() went back {(last_t - t) * 1e3:.1f} ms from the last "
+                                       f"observation's: stamped with the last one's time (data older than the last "
+                                       f"observation's; where sensors differ, return the oldest one's time every tick)")
+            t = last_t
+        self._last_capture = (epoch, t)
         self._capture_age_s = max(observing - t, 0.0)
         return t
 
