@@ -330,6 +330,18 @@ def test_a_lagging_sensor_is_timed_from_its_capture_where_the_robot_says_when(st
     assert latency >= 60.0 if stamped else latency < 60.0
 
 
+@pytest.mark.parametrize("flags, said", [([], "of which the sensor's 40 ms lag"),
+                                          (["--unstamped"], "without the sensor's 40 ms lag: --unstamped")])
+def test_sim_robots_chunks_line_says_what_the_sensor_lag_is_in_the_latency(flags, said, capsys):
+    from polcache.cli import main
+
+    with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        assert main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "1", "--server", server.endpoint,
+                     "--sensor-lag-ms", "40", *flags]) == 0
+    assert re.search(rf"\(the observation-to-action latency, p50 [\d.]+ ms \({re.escape(said)}\), is ",
+                     capsys.readouterr().out)
+
+
 def test_a_sensor_lag_beyond_what_the_loop_accepts_is_refused_by_name():
     from polcache.errors import PolcacheError
     from polcache.serve.sim_robot import run_sim_robot

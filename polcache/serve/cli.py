@@ -213,10 +213,12 @@ def _sim_robot(args: argparse.Namespace) -> int:
     chunk = result.extra.get("chunk", {})
     if chunk.get("chunks"):  # the dashboard's "dropped actions" climbs by thousands in a healthy run: say why
         latency = chunk.get("latency_ms", {}).get("p50", float("nan"))
+        lag = (f" (of which the sensor's {args.sensor_lag_ms:g} ms lag)" if args.sensor_lag_ms and not args.unstamped
+               else f" (without the sensor's {args.sensor_lag_ms:g} ms lag: --unstamped)" if args.sensor_lag_ms else "")
         print(f"chunks: {chunk['chunks']:.0f} received, {chunk.get('stale_chunks', 0):.0f} stale; "
               f"{chunk.get('dropped_actions', 0) / chunk['chunks']:.1f} actions of each already past due on arrival "
-              f"(the observation-to-action latency, p50 {latency:.1f} ms, is {latency * args.hz / 1e3:.1f} control "
-              f"periods), so never executed")
+              f"(the observation-to-action latency, p50 {latency:.1f} ms{lag}, is {latency * args.hz / 1e3:.1f} "
+              f"control periods), so never executed")
     if jerk := result.jerk_line():
         print(jerk)
     if args.json:
