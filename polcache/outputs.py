@@ -5,7 +5,8 @@ Every writer names what it writes (`what`, e.g. "a polcache dataset") and how to
 own earlier output (`ours`); an existing path that is not its own is refused, as is a path
 under a file, a folder where a file goes (or the reverse), an empty path, the command's own
 input, and a path inside a folder that polcache replaces whole when it writes it again (a
-dataset, a checkpoint, an exported policy, a report), where the output would vanish unseen."""
+dataset, a checkpoint, an exported policy, a report, a LeRobot root), where the output would
+vanish unseen."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Callable, Iterable
 
 from polcache.errors import OutputError, PolcacheError
 from polcache.jsonfile import read_json_object
+
+LEROBOT_CACHE = ".polcache"  # where a LeRobot root's import is cached inside it (polcache.data.lerobot)
 
 
 def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[Path], bool] | None = None,
@@ -86,7 +89,8 @@ def json_kind(path: Path, format: str, fields: Iterable[str] = ()) -> bool:
 def replaced_whole(folder: Path) -> str | None:
     """What `folder` is where polcache replaces it whole at its next write (everything put inside
     it is then lost), else None: a zarr dataset (recorded, imported or embedded), a checkpoint
-    (training's OUT/last and OUT/best), an exported policy, a report."""
+    (training's OUT/last and OUT/best), an exported policy, a report, a LeRobot dataset root (which
+    `data export-lerobot` writes again whole)."""
     if (folder / "zarr.json").is_file():
         return "a dataset"
     if (folder / "meta.json").is_file() and (folder / "model.safetensors").is_file():
@@ -95,6 +99,8 @@ def replaced_whole(folder: Path) -> str | None:
         return "an exported policy"
     if (folder / "index.html").is_file() and (folder / "views.json").is_file():
         return "a report"
+    if (folder / "meta" / "info.json").is_file():  # polcache.data.lerobot's INFO_PATH: export-lerobot replaces it
+        return "a LeRobot dataset"
     return None
 
 
@@ -104,5 +110,7 @@ def enclosing_output(path: str | Path, itself: bool = False) -> tuple[Path, str]
     path = Path(path).resolve()
     for folder in [*reversed(path.parents), *([path] if itself else [])]:
         if (what := replaced_whole(folder)) is not None:
+            if what == "a LeRobot dataset" and path.relative_to(folder).parts[:1] == (LEROBOT_CACHE,):
+                continue  # its import cache, polcache's own: imported again when an export wiped it
             return folder, what
     return None

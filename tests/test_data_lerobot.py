@@ -763,3 +763,20 @@ def test_lerobot_loads_our_export(polcache_ds, tmp_path):
     assert item["task"] == "b" and tuple(item["observation.images.front"].shape) == (3, H, W)
     got = (item["observation.images.front"].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
     assert_images_close(got, src.array("image_front")[6])
+
+
+def test_an_output_inside_a_lerobot_root_is_refused_as_an_export_would_wipe_it(tmp_path):
+    """export-lerobot replaces its root whole: a dataset imported into it, a training run or an eval
+    result put there vanished at the next export without a word. Its own import cache is exempt."""
+    from polcache.errors import PolcacheError
+    from polcache.outputs import LEROBOT_CACHE, check_output, enclosing_output
+
+    root = tmp_path / "lr"
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "info.json").write_text("{}")
+    with pytest.raises(PolcacheError, match=r"is inside .*lr, a LeRobot dataset, which is replaced whole"):
+        check_output(root / "x.zarr", "a polcache dataset", folder=True, whole=True)
+    with pytest.raises(PolcacheError, match="a LeRobot dataset, which is replaced whole"):
+        check_output(root / "eval.json", "an eval result (JSON)", folder=False)
+    assert enclosing_output(root / "run") == (root.resolve(), "a LeRobot dataset")  # training's out=
+    assert enclosing_output(root / LEROBOT_CACHE / "episodes-abc.zarr") is None

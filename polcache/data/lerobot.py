@@ -50,7 +50,7 @@ from polcache.config import INSTRUCTION_KEY
 from polcache.data.store import Episode, EpisodeStore, dataset_writer
 from polcache.errors import DatasetError, cut_short
 from polcache.extras import install_hint
-from polcache.outputs import check_output
+from polcache.outputs import LEROBOT_CACHE, check_output
 from polcache.policy.language import InstructionError, decode_instruction, encode_instruction
 
 CODEBASE_VERSION = "v3.0"
@@ -943,7 +943,7 @@ def cached_import(root: str | Path, progress: bool = False, instruction_bytes: i
     read_info(root)  # refuse a bad root before hashing or creating anything
     key = _fingerprint(root)
     name = f"{key}-instructions{instruction_bytes}" if instruction_bytes else key
-    for cache in (root / ".polcache" / f"episodes-{name}.zarr", _user_cache_dir() / f"{name}.zarr"):
+    for cache in (root / LEROBOT_CACHE / f"episodes-{name}.zarr", _user_cache_dir() / f"{name}.zarr"):
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             lock = open(cache.parent / f".{cache.name}.lock", "a")
@@ -954,7 +954,7 @@ def cached_import(root: str | Path, progress: bool = False, instruction_bytes: i
             if not restore(cache).exists():  # written atomically, so present means complete
                 import_lerobot(root, cache, progress, instruction_bytes=instruction_bytes,
                                instruction_setting=instruction_setting)
-                if cache.parent == root / ".polcache":  # copies of the dataset as it was before go
+                if cache.parent == root / LEROBOT_CACHE:  # copies of the dataset as it was before go
                     for stale in cache.parent.glob("episodes-*.zarr"):
                         if not stale.name.startswith(f"episodes-{key}"):
                             shutil.rmtree(stale, ignore_errors=True)
