@@ -543,3 +543,25 @@ def test_a_capture_time_that_goes_back_is_held_at_the_last_one_and_said(caplog):
     ControlLoop(robot, client, HZ, clock=clock).run(ticks=4)
     assert stamps == [100.0, 100.02, 100.02, 100.06]
     assert "capture_time() went back 30.0 ms from the last observation's: stamped with the last one's time" in caplog.text
+
+
+def test_a_server_silent_from_an_episode_reset_on_still_gets_the_moving_robot_stopped():
+    """Episodes back to back (run(then_stop=False), reset_episode): the watchdog waited for the new
+    episode's first action as if the robot were at rest, so a server silent from the reset on left it
+    executing its last command until run() ended."""
+    loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.1)
+    loop.run(ticks=10, then_stop=False)
+    assert robot.applied and not robot.stops  # moving
+    loop.reset_episode()
+    client.silent = True
+    loop.run(ticks=20, then_stop=False)
+    assert len(robot.stops) == 1 and robot.stops[0] <= 10 + 6  # within hold_s (5 ticks) of the reset
+    assert [t.safe_stops for t in ticks].count(1) == 1
+
+
+def test_a_robot_at_rest_at_a_reset_is_not_stopped_while_it_waits():
+    loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.1)
+    client.silent = True
+    loop.reset_episode()
+    loop.run(ticks=20, then_stop=False)
+    assert not robot.stops and not robot.applied

@@ -79,7 +79,7 @@ class ControlLoop:
         watchdog waiting for a first action."""
         self.schedule.reset(self.client.reset(instruction))
         self._executed.clear()
-        self.watchdog.reset()
+        self.watchdog.reset(moving_since=self.clock.now() if self._acted else None)  # moving: still guarded
         self.rate.reset()
 
     def tick(self) -> TickRecord:

@@ -15,7 +15,7 @@ import numpy as np
 
 
 class State(str, Enum):
-    WAITING = "waiting"  # no action yet this episode; the robot is assumed at rest
+    WAITING = "waiting"  # no action yet this episode (a robot still moving from the last is stopped after hold_s)
     FRESH = "fresh"
     HOLDING = "holding"
     STOPPED = "stopped"
@@ -38,10 +38,14 @@ class Watchdog:
         self.hold_s = hold_s
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, moving_since: float | None = None) -> None:
+        """Wait for a new episode's first action. `moving_since`: the robot was still moving at this
+        time (episodes run back to back, not stopped between them): without an action by `hold_s`
+        after it, it is stopped as a held one would be (a server silent from the reset on left it
+        executing its last command until the loop ended)."""
         self.state = State.WAITING
         self._last_action: np.ndarray | None = None
-        self._last_fresh = float("-inf")
+        self._last_fresh = float("-inf") if moving_since is None else moving_since
 
     def stop(self) -> None:
         """The robot was stopped from outside (the loop's end, an exception): nothing to hold."""
@@ -51,8 +55,10 @@ class Watchdog:
         if action is not None:
             self.state, self._last_action, self._last_fresh = State.FRESH, action, now
             return Decision(self.state, action, False)
-        if self.state in (State.WAITING, State.STOPPED):
-            return Decision(self.state, None, False)
+        resting = self._last_fresh == float("-inf")  # waiting since a reset at rest
+        if self.state is State.STOPPED or (self.state is State.WAITING and
+                                           (resting or now - self._last_fresh <= self.hold_s)):
+            return Decision(self.state, None, False)  # at rest, or a moving robot's hold since the reset
         if now - self._last_fresh <= self.hold_s:
             self.state = State.HOLDING
             return Decision(self.state, self._last_action, False)
