@@ -152,9 +152,9 @@ def test_chunks_that_arrive_with_every_action_past_due_are_logged(caplog):
         loop.run(ticks=40)
     assert not robot.applied and all(c.dropped_actions == N_ACTIONS for c in chunks)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["chunk for observation 0 arrived 220 ms after its capture, with all 8 actions past due: the "
-                     "round trip is longer than its last action waits (150 ms after capture: its due time plus half a period); "
-                     "check the network and the server's load"]
+    assert lines == ["chunk for observation 0 arrived 220 ms after its capture, with all 8 actions past due: its "
+                     "last action waits only 150 ms after capture (its due time plus half a period); check the "
+                     "network and the server's load"]
 
 
 def test_reset_never_executes_chunks_from_the_previous_episode():
@@ -527,6 +527,7 @@ def test_chunks_late_because_the_sensors_lag_say_so(caplog):
     robot = LaggingCamera(HZ, clock, lag_s=9 / HZ)  # older than a chunk's 8 actions reach
     ControlLoop(robot, ScriptedClient(clock, latency_s=9.5 / HZ), HZ, clock=clock).run(ticks=12)
     assert "(of which 180 ms before observe() was called: the sensors' lag" in caplog.text
+    assert "the sensors' lag alone is longer: use longer chunks, less lag, or check what capture_time()" in caplog.text
 
 
 def test_a_capture_time_that_goes_back_is_held_at_the_last_one_and_said(caplog):

@@ -176,10 +176,12 @@ class ControlLoop:
                 last_s = chunk.t_actions[-1] - chunk.t_capture + self.schedule.half_period  # when the last is dropped
                 lag = (f" (of which {self._capture_age_s * 1e3:.0f} ms before observe() was called: the sensors' lag, "
                        f"from the adapter's capture_time())" if self._capture_age_s else "")
+                cause = ("the sensors' lag alone is longer: use longer chunks, less lag, or check what capture_time() "
+                         "returns" if self._capture_age_s >= last_s else "check the network and the server's load")
                 self._warn("late", f"chunk for observation {chunk.seq} arrived {(now - chunk.t_capture) * 1e3:.0f} ms "
-                                   f"after its capture{lag}, with all {dropped} actions past due: the round trip is "
-                                   f"longer than its last action waits ({last_s * 1e3:.0f} ms after capture: its due "
-                                   f"time plus half a period); check the network and the server's load")
+                                   f"after its capture{lag}, with all {dropped} actions past due: its last action "
+                                   f"waits only {last_s * 1e3:.0f} ms after capture (its due time plus half a "
+                                   f"period); {cause}")
             if self.on_chunk:
                 self.on_chunk(
                     ChunkRecord(
