@@ -17,7 +17,10 @@ from typing import Callable, Iterable
 from polcache.errors import OutputError, PolcacheError
 from polcache.jsonfile import read_json_object
 
-LEROBOT_CACHE = ".polcache"  # where a LeRobot root's import is cached inside it (polcache.data.lerobot)
+# A LeRobot dataset root (polcache.data.lerobot), which export-lerobot replaces whole: what marks one,
+# and where its import is cached inside it
+LEROBOT_INFO = "meta/info.json"
+LEROBOT_CACHE = ".polcache"
 
 
 def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[Path], bool] | None = None,
@@ -99,7 +102,7 @@ def replaced_whole(folder: Path) -> str | None:
         return "an exported policy"
     if (folder / "index.html").is_file() and (folder / "views.json").is_file():
         return "a report"
-    if (folder / "meta" / "info.json").is_file():  # polcache.data.lerobot's INFO_PATH: export-lerobot replaces it
+    if (folder / LEROBOT_INFO).is_file():
         return "a LeRobot dataset"
     return None
 

@@ -50,12 +50,12 @@ from polcache.config import INSTRUCTION_KEY
 from polcache.data.store import Episode, EpisodeStore, dataset_writer
 from polcache.errors import DatasetError, cut_short
 from polcache.extras import install_hint
-from polcache.outputs import LEROBOT_CACHE, check_output
+from polcache.outputs import LEROBOT_CACHE, LEROBOT_INFO, check_output
 from polcache.policy.language import InstructionError, decode_instruction, encode_instruction
 
 CODEBASE_VERSION = "v3.0"
 INSTRUCTIONS_FLAG = "--instructions {}"  # import-lerobot's, which gives an import its instruction width
-INFO_PATH = "meta/info.json"
+INFO_PATH = LEROBOT_INFO  # what marks a root
 STATS_PATH = "meta/stats.json"
 TASKS_PATH = "meta/tasks.parquet"
 EPISODES_DIR = "meta/episodes"
