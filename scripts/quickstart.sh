@@ -9,4 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh sim
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
-exec python -m polcache.cli launch configs/launch/sim.yaml "robot.episodes=${EPISODES:-20}" "$@"
+# EPISODES only when set: sim.yaml runs 20, and an override given twice with two values is refused.
+exec python -m polcache.cli launch configs/launch/sim.yaml ${EPISODES:+"robot.episodes=$EPISODES"} "$@"

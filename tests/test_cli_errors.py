@@ -7,6 +7,7 @@ import pytest
 
 from polcache import cli, outputs
 from polcache.cli import main
+from polcache.config import load_config
 from polcache.serve import cli as serve_cli
 
 
@@ -179,6 +180,15 @@ def test_a_key_given_twice_in_a_config_is_refused_naming_it_and_its_lines(capsys
     launch.write_text("robot:\n  task: reach-v3\nrobot:\n  task: push-v3\n")
     assert _err(capsys, ["launch", str(launch)]).endswith(f"{launch}: duplicate key robot on line 3 (first on line 1); "
                                                           "give each key once")
+
+
+def test_an_override_given_twice_with_two_values_is_refused(capsys, tmp_path):
+    """It kept the last silently, unlike a flag or a YAML key given twice; the same value twice passes."""
+    assert _err(capsys, ["train", "--config", "configs/recommended_cpu.yaml", "train.lr=1e-3", "train.lr=2e-3"]) == (
+        "polcache train: error: override 'train.lr' given twice (1e-3, then 2e-3); it takes one value")
+    assert "given twice" in _err(capsys, ["launch", "configs/launch/sim.yaml", "robot.episodes=5", "robot.episodes=9"])
+    cfg = load_config("configs/recommended_cpu.yaml", ["train.lr=1e-3", "train.lr=1e-3"])
+    assert cfg.train.lr == 1e-3
 
 
 def test_a_config_file_that_is_not_yaml_names_the_line(capsys, tmp_path):
