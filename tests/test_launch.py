@@ -29,12 +29,15 @@ TWO_CPUS = len(os.sched_getaffinity(0)) >= 2
 
 
 def sim_overrides(tmp_path: Path, *extra: str) -> list[str]:
-    """sim.yaml on free ports, writing under tmp_path, placed on this machine's CPUs."""
+    """sim.yaml on free ports, writing under tmp_path, placed on this machine's CPUs; `extra` overrides
+    replace these of the same keys (a key given twice with two values is refused)."""
     cpus = sorted(os.sched_getaffinity(0))
     robot_cpu, server_cpu = (cpus[0], cpus[1]) if TWO_CPUS else (cpus[0], cpus[0])
-    return [f"run_dir={tmp_path / 'runs'}", f"server.bind=tcp://127.0.0.1:{free_port()}",
-            f"dashboard.port={free_port()}", f"robot.placement.cpus=[{robot_cpu}]",
-            f"server.placement.cpus=[{server_cpu}]", f"dashboard.placement.cpus=[{server_cpu}]", *extra]
+    given = {e.partition("=")[0] for e in extra}
+    return [o for o in (f"run_dir={tmp_path / 'runs'}", f"server.bind=tcp://127.0.0.1:{free_port()}",
+                        f"dashboard.port={free_port()}", f"robot.placement.cpus=[{robot_cpu}]",
+                        f"server.placement.cpus=[{server_cpu}]", f"dashboard.placement.cpus=[{server_cpu}]")
+            if o.partition("=")[0] not in given] + list(extra)
 
 
 @pytest.mark.parametrize("name", ["sim", "workstation", "jetson"])
@@ -86,8 +89,8 @@ def test_a_port_left_in_time_wait_by_a_stopped_run_is_free_to_launch_on(tmp_path
         served.close()  # the server side closes first: its end of the connection enters TIME_WAIT
         client.recv(1)
         client.close()
-    check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}"]))
-    check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"server.bind=tcp://127.0.0.1:{port}"]))
+    check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"dashboard.port={port}")))
+    check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.bind=tcp://127.0.0.1:{port}")))
 
 
 def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
@@ -101,16 +104,16 @@ def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(PolcacheError, match=f"server.bind: port {port} .* already in use"):
-            check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"server.bind=tcp://127.0.0.1:{port}"]))
+            check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.bind=tcp://127.0.0.1:{port}")))
         with pytest.raises(PolcacheError, match=f"dashboard.port: port {port} on 127.0.0.1 is already in use"):
-            check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}"]))
-        check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"dashboard.port={port}",
-                                                                           "dashboard.enabled=false"]))
+            check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"dashboard.port={port}")))
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"dashboard.port={port}",
+                                                            "dashboard.enabled=false")))
     with pytest.raises(PolcacheError, match=r"server.bind: cannot bind 192\.0\.2\.1:5555 here"):  # not ours
-        check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + ["server.bind=tcp://192.0.2.1:5555"]))
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path, "server.bind=tcp://192.0.2.1:5555")))
     unavailable = max(os.sched_getaffinity(0)) + 1
     with pytest.raises(PolcacheError, match=f"server.placement.cpus: CPU {unavailable} is not available"):
-        check_machine(load_launch_config(SIM, sim_overrides(tmp_path) + [f"server.placement.cpus=[{unavailable}]"]))
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.placement.cpus=[{unavailable}]")))
 
 
 def test_commands_pass_the_server_choices_through(tmp_path):
@@ -145,7 +148,7 @@ def test_cli_refuses_a_run_dir_it_cannot_create_in_one_line_naming_it(tmp_path):
     """/proc/nope passes the writability check (for root) but cannot be created: exit status 1 and
     a line about /proc/nope that did not name run_dir."""
     proc = subprocess.run([sys.executable, "-m", "polcache.cli", "launch", str(SIM),
-                           *sim_overrides(tmp_path), "run_dir=/proc/nope"],
+                           *sim_overrides(tmp_path, "run_dir=/proc/nope")],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()

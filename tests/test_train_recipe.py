@@ -190,7 +190,10 @@ def demo_dataset(path, task="demo", shift=0.0, n=3):
 
 
 def train_cli(dataset, out, *extra):
-    return main(["train", "--config", "configs/recommended_cpu.yaml", f"dataset={dataset}", f"out={out}", *FAST,
+    """`polcache train` on the FAST settings, with `extra` overrides in place of FAST's of the same keys."""
+    keys = {e.partition("=")[0] for e in extra}
+    fast = [f for f in FAST if f.partition("=")[0] not in keys]
+    return main(["train", "--config", "configs/recommended_cpu.yaml", f"dataset={dataset}", f"out={out}", *fast,
                  *extra])
 
 
