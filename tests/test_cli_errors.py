@@ -39,17 +39,24 @@ def test_incomplete_checkpoint(capsys, tmp_path):
     (lambda ck: (ck / "meta.json").write_bytes(b"\xff\xfe\x00garbage"), "meta.json: not valid JSON (truncated?)"),
     (lambda ck: _edit_meta(ck, action_dim="x"), "meta.json: malformed (ValueError"),
     (lambda ck: _edit_meta(ck, obs_spec=None), "meta.json: malformed (AttributeError"),
-    (lambda ck: (ck / "config.yaml").write_text(""), "config.yaml: empty or not a mapping (truncated?)"),
-    (lambda ck: (ck / "config.yaml").write_text("policy: [unclosed"), "config.yaml: while parsing"),
-    (lambda ck: (ck / "config.yaml").write_text((ck / "config.yaml").read_text() + "task: push-v3\n"),
+    # a config cut at a line end parses; its missing keys had taken their defaults (another sampler)
+    (lambda ck: _truncate_lines(ck / "config.yaml"), "config.yaml: its content does not match the sha256 in "
+                                                     "meta.json (damaged or changed after it was saved); it is the "
+                                                     "record of the training run: to sample otherwise, eval and serve "
+                                                     "take --sampler and --steps"),
+    # checkpoints saved before the digests: what the files themselves say
+    (lambda ck: _before_digests(ck, config=""), "config.yaml: empty or not a mapping (truncated?)"),
+    (lambda ck: _before_digests(ck, config="policy: [unclosed"), "config.yaml: while parsing"),
+    (lambda ck: _before_digests(ck, config=(ck / "config.yaml").read_text() + "task: push-v3\n"),
      "config.yaml: duplicate key task on line"),
-    (lambda ck: _other_normalizer(ck, state_dim=8), "normalizer.safetensors: 'state' statistics have 8 dimensions but "
-                                                    "the model's state has 39 (a normalizer from another model?)"),
+    (lambda ck: _other_normalizer(_before_digests(ck), state_dim=8),
+     "normalizer.safetensors: 'state' statistics have 8 dimensions but the model's state has 39 (a normalizer "
+     "from another model?)"),
     (lambda ck: (ck / "normalizer.safetensors").write_bytes(b""), "normalizer.safetensors: cannot read it, truncated "
                                                                   "or damaged? (SafetensorError: Error while "
                                                                   "deserializing: header too small)"),
     (lambda ck: _truncate(ck / "model.safetensors"), "model.safetensors: cannot read it, truncated or damaged?"),
-], ids=["meta-list", "meta-binary", "meta-action-dim", "meta-obs-spec", "config-empty", "config-yaml",
+], ids=["meta-list", "meta-binary", "meta-action-dim", "meta-obs-spec", "config-cut", "config-empty", "config-yaml",
         "config-duplicate-key", "normalizer-of-another-model", "normalizer-empty", "model-truncated"])
 def test_a_damaged_checkpoint_file_is_named_in_one_line(capsys, tmp_path, damage, match):
     import shutil
@@ -92,6 +99,19 @@ def _other_normalizer(ck, state_dim):
 
 def _truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:1000])
+
+
+def _truncate_lines(file: Path) -> None:
+    lines = file.read_text().splitlines(keepends=True)
+    file.write_text("".join(lines[:len(lines) // 2]))
+
+
+def _before_digests(ck: Path, config: str | None = None) -> Path:
+    """The checkpoint as saved before meta.json held sha256 digests, with `config` as its config.yaml."""
+    _edit_meta(ck, sha256=None)
+    if config is not None:
+        (ck / "config.yaml").write_text(config)
+    return ck
 
 
 def _edit_meta(ck, **changes):

@@ -117,9 +117,10 @@ def test_policy_families_by_name_and_old_checkpoints_load_as_dp_t(tmp_path, caps
     (path / "meta.json").write_text(json.dumps(meta | {"family": "vla"}))  # was read, never compared
     with pytest.raises(CheckpointError, match="meta.json says policy family 'vla', config.yaml 'dp-t'"):
         load_policy(path)
+    del meta["sha256"]["config.yaml"]  # a checkpoint from before families existed (and config digests)
     (path / "meta.json").write_text(json.dumps(meta))
     cfg = yaml.safe_load((path / "config.yaml").read_text())
-    del cfg["policy"]["family"]  # a checkpoint from before families existed
+    del cfg["policy"]["family"]
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert load_policy(path)[1].policy.family == "dp-t"
     cfg["policy"]["family"] = "vla-x"
@@ -152,10 +153,34 @@ def test_a_config_edited_after_training_is_one_short_line(tmp_path, edit, named)
     cfg = yaml.safe_load((path / "config.yaml").read_text())
     cfg["policy"][edit[0]] = edit[1]
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="config.yaml: its content does not match the sha256 in meta.json"):
+        load_policy(path)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["sha256"]["config.yaml"]  # saved before config digests: the weights' shapes still catch it
+    (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"model\.safetensors does not match config\.yaml " + named
                        + "; was config.yaml edited after training") as info:
         load_policy(path)
     assert len(str(info.value)) < 300
+
+
+def test_a_config_cut_at_a_line_end_is_refused_not_run_with_defaults(tmp_path):
+    """A 16-step DDIM config cut after `kind: ddim` parsed, and the policy sampled with the default step count."""
+    from polcache.config import ExperimentConfig
+    from polcache.errors import CheckpointError
+    from polcache.policy import load_policy, save_checkpoint
+    from polcache.config import SamplerConfig
+
+    p = tiny_policy()
+    cfg = ExperimentConfig(task="test", policy=p.cfg)
+    cfg.policy.sampler = SamplerConfig(kind="ddim", inference_steps=16)
+    path = save_checkpoint(tmp_path / "ck", cfg, p)
+    assert load_policy(path)[1].policy.sampler.inference_steps == 16
+    text = (path / "config.yaml").read_text()
+    (path / "config.yaml").write_text(text[:text.index("kind: ddim") + len("kind: ddim\n")])
+    with pytest.raises(CheckpointError, match="config.yaml: its content does not match the sha256 in meta.json "
+                                              r"\(damaged or changed after it was saved\)"):
+        load_policy(path)
 
 
 def test_checkpoint_files_follow_the_umask(tmp_path):

@@ -5,7 +5,8 @@
     normalizer.safetensors  normalisation statistics
     meta.json               format version, code version, observation spec, task, training control
                             rate (`control_hz`, null where unknown; absent from older checkpoints), step,
-                            and the sha256 of each weights file (checked on loading; older checkpoints have none)
+                            and the sha256 of each other file (checked on loading; older checkpoints have
+                            none, and those before config.yaml's have the weights' only)
     train/                  optional: raw weights + optimizer state, for resuming training
 
 Written atomically (temp directory + rename)."""
@@ -85,7 +86,8 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
     pins = policy.external_weights()
     if pins:
         meta["external_weights"] = {name: pin.to_dict() for name, pin in pins.items()}
-    files = {"model.safetensors": save(weights),
+    files = {"config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(),
+             "model.safetensors": save(weights),
              "normalizer.safetensors": save({k: v.contiguous() for k, v in policy.normalizer.state_dict().items()})}
     if train_state is not None:
         files["train/model.safetensors"] = save({k: v.detach().cpu().contiguous() for k, v in train_state.model.items()})
@@ -96,7 +98,6 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
     meta["sha256"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     with atomic_directory(path) as tmp:
         tmp.mkdir()
-        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if train_state is not None:
             (tmp / "train").mkdir()
         for name, data in files.items():  # with the umask's permissions (safetensors' save_file: owner-only)
@@ -125,8 +126,14 @@ def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
         raise CheckpointError(f"{path}: meta.json format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is not supported (expected {VERSION})")
+    text = (path / "config.yaml").read_bytes()
+    # A config cut at a line end still parses, and the missing keys took their defaults: a trained
+    # 16-step DDIM sampler ran 100 steps.
+    _check_digest(path / "config.yaml", "config.yaml", text, meta,
+                  "; it is the record of the training run: to sample otherwise, eval and serve take --sampler "
+                  "and --steps")
     try:
-        data = load_yaml((path / "config.yaml").read_text())
+        data = load_yaml(text.decode("utf-8", errors="replace"))
         if not isinstance(data, dict) or not data:  # a saved config is never empty: its defaults are written out
             raise ConfigError("empty or not a mapping (truncated?)")
         cfg = from_dict(ExperimentConfig, data)
