@@ -10,7 +10,8 @@ from polcache.policy import ArraySpec, DiffusionPolicy
 
 
 def tiny_policy(n_layers: int = 2, width: int = 32, obs_dim: int = 5, action_dim: int = 3, seed: int = 0,
-                image: bool = False, **kw) -> DiffusionPolicy:
+                image: bool = False, normalizer: Normalizer | None = None, **kw) -> DiffusionPolicy:
+    """`normalizer`: the statistics of the data it stands for (default: fitted on random numbers)."""
     import torch
 
     torch.manual_seed(seed)
@@ -23,7 +24,8 @@ def tiny_policy(n_layers: int = 2, width: int = 32, obs_dim: int = 5, action_dim
     if image:
         spec["image_cam"] = ArraySpec((24, 24, 3), "uint8")
         keys.append("image_cam")
-    norm = Normalizer.fit({"state": rng.normal(size=(50, obs_dim)), "action": rng.uniform(-2, 2, (50, action_dim))})
+    norm = normalizer or Normalizer.fit({"state": rng.normal(size=(50, obs_dim)),
+                                         "action": rng.uniform(-2, 2, (50, action_dim))})
     return DiffusionPolicy(cfg, spec, keys, action_dim, norm, task="test").eval()
 
 

@@ -10,20 +10,29 @@ from helpers import tiny_policy
 from polcache.cache import CacheError, plan_summary
 from polcache.cli import main
 from polcache.config import ExperimentConfig
-from polcache.data import Episode, write_dataset
+from polcache.data import Episode, EpisodeStore, write_dataset
 from polcache.policy import load_backend, save_checkpoint
+from polcache.train.loop import fit_normalizer
+
+
+def demo_data(path, episodes=3, seed=0, state_dim=5):
+    rng = np.random.default_rng(seed)
+    write_dataset(path, [Episode(obs={"state": rng.normal(size=(20, state_dim)).astype(np.float32)},
+                                 action=rng.uniform(-1, 1, (20, 3)).astype(np.float32)) for _ in range(episodes)])
+    return path
+
+
+def trained_on(dataset, out, n_layers=2):
+    """A tiny checkpoint whose normaliser is the one training on `dataset` fits."""
+    cfg = ExperimentConfig(task="", dataset=str(dataset), policy=tiny_policy().cfg)
+    policy = tiny_policy(n_layers=n_layers, width=32, normalizer=fit_normalizer(EpisodeStore.open(dataset), cfg, ""))
+    return save_checkpoint(out, replace(cfg, policy=policy.cfg), policy)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache_cli")
-    rng = np.random.default_rng(0)
-    episodes = [Episode(obs={"state": rng.normal(size=(20, 5)).astype(np.float32)},
-                        action=rng.uniform(-1, 1, (20, 3)).astype(np.float32)) for _ in range(3)]
-    write_dataset(tmp / "demo.zarr", episodes)
-    policy = tiny_policy(n_layers=2, width=32)
-    cfg = ExperimentConfig(task="", dataset=str(tmp / "demo.zarr"), policy=policy.cfg)
-    return save_checkpoint(tmp / "ckpt", cfg, policy)
+    return trained_on(demo_data(tmp / "demo.zarr"), tmp / "ckpt")
 
 
 def test_calibrate_writes_schedule_and_heatmap(checkpoint, tmp_path, capsys):
@@ -105,12 +114,7 @@ def test_calibrate_errors_are_one_line(checkpoint, tmp_path, capsys):
 
 def test_the_default_bubbling_union_fits_a_model_with_fewer_blocks(tmp_path, capsys):
     """`--bu-blocks` defaults to 5; a 1-layer model (3 blocks) refused the command's own default."""
-    rng = np.random.default_rng(0)
-    write_dataset(tmp_path / "demo.zarr", [Episode(obs={"state": rng.normal(size=(20, 5)).astype(np.float32)},
-                                                   action=rng.uniform(-1, 1, (20, 3)).astype(np.float32))])
-    policy = tiny_policy(n_layers=1, width=32)
-    ckpt = save_checkpoint(tmp_path / "ckpt", ExperimentConfig(task="", dataset=str(tmp_path / "demo.zarr"),
-                                                               policy=policy.cfg), policy)
+    ckpt = trained_on(demo_data(tmp_path / "demo.zarr", episodes=1), tmp_path / "ckpt", n_layers=1)
     assert main(["calibrate", "--checkpoint", str(ckpt), "--budget", "3", "--steps", "8", "--sampler", "ddim",
                  "--samples", "4", "--out", str(tmp_path / "s.json"), "--no-progress"]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "s.json").read_text())["bu_blocks"] == 3
@@ -161,3 +165,33 @@ def test_eval_with_cache_reports_plan_and_side_by_side_speedup(tmp_path, capsys)
     assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1", "--max-steps", "4",
                  "--cache", "none", "--json", str(out), "--no-progress"]) == 0
     assert "speedup" not in json.loads(out.read_text())["extra"] and "per chunk (" not in capsys.readouterr().out
+
+
+def test_a_dataset_found_at_the_checkpoints_path_must_be_its_training_data(checkpoint, tmp_path, monkeypatch, capsys):
+    """The training dataset is found by its relative path; another recording there (another project's,
+    or recorded again) was calibrated on without a word, and one of other shapes ended in a traceback."""
+    monkeypatch.chdir(tmp_path)
+    other = demo_data(tmp_path / "other.zarr", seed=1)
+    demo_data(tmp_path / "data" / "demo.zarr")
+    ckpt = trained_on("data/demo.zarr", tmp_path / "ckpt")
+    argv = ["calibrate", "--checkpoint", str(ckpt), "--budget", "3", "--steps", "8", "--sampler", "ddim", "--samples",
+            "4", "--out", str(tmp_path / "s.json"), "--no-progress"]
+    source = lambda: json.loads((tmp_path / "s.json").read_text())["calibration"]["source"]  # noqa: E731
+    assert main(argv) == 0
+    assert source().startswith("dataset data/demo.zarr: 4 random windows")
+    demo_data(tmp_path / "data" / "demo.zarr", seed=2)  # recorded again at the same path
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "polcache calibrate: error: data/demo.zarr (found from the checkpoint's dataset: data/demo.zarr) is not the "
+        "data it was trained on (the normaliser statistics of action, state differ): pass --dataset PATH to "
+        "calibrate on the training data, or on this one anyway")
+    assert main([*argv, "--dataset", str(other)]) == 0  # the user's choice
+    assert source().startswith(f"dataset {other}: 4 random windows")
+    capsys.readouterr()
+    wide = demo_data(tmp_path / "wide.zarr", state_dim=7)
+    assert main([*argv, "--dataset", str(wide)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"polcache calibrate: error: {wide}: observation 'state' is float32[7] per frame but the checkpoint takes "
+        "float32[5]")
+    assert main([*argv, "--dataset", str(tmp_path / "nope.zarr")]) == 2
+    assert f"--dataset {tmp_path / 'nope.zarr'}: not found" in capsys.readouterr().err

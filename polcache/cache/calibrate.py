@@ -99,24 +99,49 @@ def find_dataset(dataset: str, checkpoint: str | Path | None = None) -> Path | N
     return next((c for c in candidates if c.exists()), None)
 
 
+def _check_training_data(policy: CacheTarget, cfg: ExperimentConfig, store, dataset: Path) -> None:
+    """Refuse a dataset found by the checkpoint's relative `dataset` path that is not the data it was
+    trained on (another recording at that path, or another project's): the normaliser refitted on
+    it differs. The schedule would be fitted to other observations without a word."""
+    from polcache.data.normalize import differing_keys
+    from polcache.train.loop import fit_normalizer
+
+    saved = policy.normalizer.state_dict()
+    refit = fit_normalizer(store, cfg, str(dataset)).state_dict()
+    differ = differing_keys({k: v for k, v in refit.items() if k in saved}, saved)
+    if differ:
+        raise CacheError(f"{dataset} (found from the checkpoint's dataset: {cfg.dataset}) is not the data it was "
+                         f"trained on (the normaliser statistics of {', '.join(differ)} differ): pass --dataset PATH "
+                         f"to calibrate on the training data, or on this one anyway")
+
+
 DEFAULT_BU_BLOCKS = 5  # blocks widened by Bubbling Union: the paper's choice in simulation
 MAX_SAMPLES = 4096  # calibration observations: the scores settle long before (the default is 32)
 
 
 def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples: int, seed: int = 0,
-                             checkpoint: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
+                             checkpoint: str | Path | None = None,
+                             dataset: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """`samples` observation histories (key -> (N, To, ...)) and a description of where they came
-    from: random windows of the training dataset if it exists (see `find_dataset`), else
-    environment resets (the reset observation repeated To times, as at the start of an episode)."""
+    from: random windows of `dataset` if given, else of the training dataset if it is found (see
+    `find_dataset`) and is the data the checkpoint was trained on, else environment resets (the reset
+    observation repeated To times, as at the start of an episode)."""
     if not 1 <= samples <= MAX_SAMPLES:  # each is a simulator reset where no dataset is found: 1e8 never ends
         raise CacheError(f"--samples (calibration observations) must be in 1..{MAX_SAMPLES}, got {samples}")
     keys, To = policy.obs_keys, policy.cfg.n_obs_steps
-    dataset = find_dataset(cfg.dataset, checkpoint)
+    if dataset is not None and not Path(dataset).exists():
+        raise CacheError(f"--dataset {dataset}: not found")
+    found = dataset is None
+    dataset = find_dataset(cfg.dataset, checkpoint) if found else Path(dataset)
     if dataset is not None:
         from polcache.data import SequenceDataset, open_dataset
 
         width = policy.spec.obs[INSTRUCTION_KEY].shape[0] if INSTRUCTION_KEY in keys else 0  # a LeRobot root's tasks
         store = open_dataset(dataset, instruction_bytes=width, instruction_setting=INSTRUCTION_WIDTH_SETTING)
+        store.check_observations({k: policy.spec.obs[k] for k in keys}, str(dataset), "the checkpoint",
+                                 " (pass --dataset with the data it was trained on)" if found else "")
+        if found:
+            _check_training_data(policy, cfg, store, dataset)
         ds = SequenceDataset(store, policy.cfg.horizon, To, keys=keys, obs_stride=policy.cfg.obs_stride,
                              frame_mode=policy.cfg.frame_mode)
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
@@ -171,10 +196,12 @@ def check_schedule_output(out: str | Path, flag: str | None = "--out") -> tuple[
 def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, bu_blocks: int | None = None,
                          sampler: str | None = None, steps: int | None = None, samples: int = 32,
                          method: str = "bac", force_last: bool = True, seed: int = 0, batch_size: int = 8,
-                         device: str = "cpu", progress: bool = True, objective: str = "error-bound") -> Schedule:
+                         device: str = "cpu", progress: bool = True, objective: str = "error-bound",
+                         dataset: str | Path | None = None) -> Schedule:
     """Calibrate a checkpoint, solve its schedule, and write it to `out` (plus a heatmap PNG beside it);
-    `out` is checked before calibrating (see check_schedule_output). Without matplotlib (an install
-    without the report or sim extra) the schedule is written without its heatmap."""
+    `out` is checked before calibrating (see check_schedule_output). Observations come from `dataset`
+    or the training data (see `calibration_observations`). Without matplotlib (an install without the
+    report or sim extra) the schedule is written without its heatmap."""
     import importlib.util
 
     from polcache.cache.plot import plot_schedule
@@ -195,7 +222,7 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
         bu_blocks = min(DEFAULT_BU_BLOCKS, n)
     if method == "bac" and not 0 <= bu_blocks <= n:
         raise CacheError(f"--bu-blocks must be in 0..{n} (the number of blocks), got {bu_blocks}")
-    obs, source = calibration_observations(policy, cfg, samples, seed, checkpoint)
+    obs, source = calibration_observations(policy, cfg, samples, seed, checkpoint, dataset)
     calib = calibrate(policy, smp, obs, source, batch_size, seed, progress)
     schedule = build_schedule(calib, method, budget, bu_blocks, force_last, model_hash(policy), smp.kind, objective,
                               policy.identity()["family"])

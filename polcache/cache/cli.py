@@ -11,8 +11,8 @@ from polcache.extras import install_hint
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "calibrate", help="calibrate a checkpoint and write a block-wise cache schedule (BAC)",
-        description="Run uncached sampling on calibration observations (training dataset windows, else "
-                    "environment resets), measure every block's delta similarity across denoising steps, "
+        description="Run uncached sampling on calibration observations (windows of --dataset or of the "
+                    "checkpoint's training dataset, else environment resets), measure every block's delta similarity across denoising steps, "
                     "solve the Adaptive Caching Scheduler per block and apply Bubbling Union. Writes the "
                     "schedule JSON (use it with `polcache eval --cache FILE`) and a heatmap PNG beside it.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
     p.add_argument("--samples", type=positive_int, default=32, help="calibration observations (default 32)")
+    p.add_argument("--dataset", help="dataset (polcache zarr or LeRobot root) to take them from (default: the "
+                   "checkpoint's training dataset where it is found and is that data, else environment resets)")
     p.add_argument("--method", choices=["bac", "blockwise", "unified"], default="bac",
                    help="bac: ACS + Bubbling Union (default); blockwise: ACS per block; unified: one ACS for all")
     p.add_argument("--objective", choices=["error-bound", "similarity"], default="error-bound",
@@ -56,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     schedule = calibrate_checkpoint(
         args.checkpoint, args.out, args.budget, args.bu_blocks, args.sampler, args.steps, args.samples,
         args.method, not args.no_force_last, args.seed, args.batch_size, args.device, not args.no_progress,
-        args.objective)
+        args.objective, args.dataset)
     kept = schedule.kept_similarity()
     title = (f"{schedule.method} schedule ({schedule.objective} objective): {schedule.sampler} K={schedule.steps}, "
              f"budget {schedule.budget}")

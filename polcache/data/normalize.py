@@ -119,3 +119,10 @@ class Normalizer:
 
     def __repr__(self) -> str:
         return f"Normalizer({ {k: int(p['scale'].shape[0]) for k, p in self._p.items()} })"
+
+
+def differing_keys(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys (state, action, ...) whose statistics differ between two normalizer state dicts, or
+    that only one has: refitted on the same data they are equal, so this tells data apart."""
+    return sorted({k.split(".")[0] for k in a.keys() ^ b.keys()}
+                  | {k.split(".")[0] for k, v in a.items() if k in b and not torch.equal(v, b[k])})

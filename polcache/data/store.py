@@ -453,6 +453,19 @@ class EpisodeStore:
             out[k] = ArraySpec(tuple(int(s) for s in arr.shape[1:]), np.dtype(arr.dtype).name)
         return out
 
+    def check_observations(self, want: dict[str, ArraySpec], where: str, taker: str, hint: str = "") -> None:
+        """Refuse a dataset (`where`, as the user named it) whose observations do not fit what `taker`
+        takes (`want`: key -> per-frame spec), naming the first key missing or of another shape or
+        dtype, before any frame is read."""
+        missing = [k for k in want if k not in self._obs_keys]
+        if missing:
+            raise DatasetError(f"{where} has no {missing} observations, which {taker} takes")
+        have = self.obs_spec()
+        for key, spec in want.items():
+            if (have[key].shape, have[key].dtype) != (spec.shape, spec.dtype):
+                raise DatasetError(f"{where}: observation {key!r} is {have[key].dtype}{list(have[key].shape)} per "
+                                   f"frame but {taker} takes {spec.dtype}{list(spec.shape)}{hint}")
+
     def _node(self, key: str) -> zarr.Array:
         if key == "action":
             return self._root["data/action"]

@@ -68,16 +68,8 @@ def check_embeddable(policy: DiffusionPolicy, dataset: str | Path) -> EpisodeSto
         raise DatasetError(f"the checkpoint is a {family} policy; ptp embed stores the per-frame features of a "
                            "dp-t policy's encoder")
     store = open_dataset(dataset)
-    missing = [k for k in policy.obs_keys if k not in store.obs_keys]
-    if missing:
-        raise DatasetError(f"{dataset} has no {missing} observations, which the policy's encoder takes")
-    have = store.obs_spec()
-    for key in policy.obs_keys:
-        want = policy.spec.obs[key]
-        if (have[key].shape, have[key].dtype) != (want.shape, want.dtype):
-            raise DatasetError(f"{dataset}: observation {key!r} is {have[key].dtype}{list(have[key].shape)} per frame "
-                               f"but the checkpoint's encoder takes {want.dtype}{list(want.shape)} (a checkpoint "
-                               f"of another task, {policy.spec.task or 'unnamed'}?)")
+    store.check_observations({k: policy.spec.obs[k] for k in policy.obs_keys}, str(dataset),
+                             "the checkpoint's encoder", f" (a checkpoint of another task, {policy.spec.task or 'unnamed'}?)")
     return store
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from polcache.atomic import atomic_write_text, naming_errors, restore
 from polcache.config import INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
+from polcache.data.normalize import differing_keys
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from polcache.outputs import enclosing_output, unwritable
 from polcache.policy.checkpoint import (TrainState, check_external_weights, load_train_state, read_meta, read_tensors,
@@ -80,16 +81,22 @@ def build_policy(cfg: ExperimentConfig, store: EpisodeStore) -> DiffusionPolicy:
     missing = [k for k in cfg.obs_keys if k not in spec]
     if missing:
         raise ConfigError(f"obs_keys {missing} are not in dataset {cfg.dataset} (it has {sorted(spec)})")
+    normalizer = fit_normalizer(store, cfg, cfg.dataset)
+    policy = build_family_policy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
+    policy.spec = replace(policy.spec, control_hz=dataset_rate(store, cfg.dataset))
+    return policy
+
+
+def fit_normalizer(store: EpisodeStore, cfg: ExperimentConfig, where: str) -> Normalizer:
+    """The normaliser a run of `cfg` fits on the dataset (`where`): its actions', and its states' where
+    the policy observes them, over every episode."""
     arrays, modes = {"action": store.array("action")}, {"action": cfg.train.action_norm}
     if "state" in cfg.obs_keys:
         arrays["state"], modes["state"] = store.array("state"), cfg.train.state_norm
     try:
-        normalizer = Normalizer.fit(arrays, modes)
+        return Normalizer.fit(arrays, modes)
     except ValueError as exc:  # non-finite values: the dataset's fault, named as such
-        raise DatasetError(f"dataset {cfg.dataset}: {exc}") from None
-    policy = build_family_policy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
-    policy.spec = replace(policy.spec, control_hz=dataset_rate(store, cfg.dataset))
-    return policy
+        raise DatasetError(f"dataset {where}: {exc}") from None
 
 
 def dataset_rate(store: EpisodeStore, where: str) -> float | None:
@@ -626,9 +633,7 @@ def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: Ex
     if int(meta.get("action_dim", policy.action_dim)) != policy.action_dim:
         out.append(f"action size is {policy.action_dim}, the run's is {meta['action_dim']}")
     old_stats = read_tensors(last / "normalizer.safetensors", hint=FRESH_HINT, meta=meta)
-    stats = policy.normalizer.state_dict()
-    differ = sorted({k.split(".")[0] for k in stats.keys() ^ old_stats.keys()}
-                    | {k.split(".")[0] for k, v in stats.items() if k in old_stats and not torch.equal(v, old_stats[k])})
+    differ = differing_keys(policy.normalizer.state_dict(), old_stats)
     modes = [f"train.{name} is {getattr(cfg.train, name)}, the run's is {getattr(old_cfg.train, name)}"
              for name in ("state_norm", "action_norm") if getattr(cfg.train, name) != getattr(old_cfg.train, name)]
     if modes:  # the statistics differ because the normalisation does, whatever the data
