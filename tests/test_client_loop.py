@@ -278,13 +278,17 @@ def test_no_answer_from_a_host_name_that_does_not_resolve_says_so():
     client.close()
 
 
-def test_the_loop_and_the_client_must_tick_at_the_same_rate():
+def test_the_loop_the_client_and_the_schedule_must_tick_at_the_same_rate():
     from polcache_client import PolicyClient
 
     client = PolicyClient("tcp://127.0.0.1:9", {"state": ((2,), "float32")}, 2, hz=20)
     try:
         with pytest.raises(ValueError, match="the loop ticks at 50 Hz but the client told the server 20 Hz"):
             ControlLoop(None, client, 50)
+        # a schedule of another rate judged actions due within half of its own period, not the loop's
+        with pytest.raises(ValueError, match="schedule: built for 10 Hz but the loop ticks at 20 Hz"):
+            ControlLoop(None, client, 20, schedule=ActionSchedule(10, blend="latest"))
+        assert ControlLoop(None, client, 20, schedule=ActionSchedule(20, blend="latest")).schedule.hz == 20
     finally:
         client.close()
 
@@ -473,6 +477,8 @@ def test_ctrl_c_during_the_watchdogs_stop_waits_for_it_and_the_robot_is_not_stop
     with pytest.raises(KeyboardInterrupt):  # the watchdog stops the robot, and the Ctrl-C comes after it
         loop.run(ticks=30)
     assert robot.braked == 1 and len(robot.stops) == 1  # run()'s own stop: not again after the watchdog's
+    # the watchdog's stop is in its tick's record (the interrupt had been raised before the record was made)
+    assert sum(t.safe_stops for t in ticks) == 1 and ticks[-1].ticks == 1 and ticks[-1].state == "stopped"
 
 
 class LaggingCamera(StepRobot):

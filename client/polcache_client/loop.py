@@ -56,6 +56,9 @@ class ControlLoop:
         if abs(client.hz - hz) > 1e-9 * hz:  # the server would time each chunk's actions at the client's rate
             raise ValueError(f"hz: the loop ticks at {hz:g} Hz but the client told the server {client.hz:g} Hz; "
                              "give both the same rate")
+        if schedule is not None and abs(schedule.hz - hz) > 1e-9 * hz:  # it would judge actions due at its own rate
+            raise ValueError(f"schedule: built for {schedule.hz:g} Hz but the loop ticks at {hz:g} Hz; give both the "
+                             "same rate")
         self.adapter = adapter
         self.client = client
         self.clock = clock or MonotonicClock()
@@ -99,10 +102,18 @@ class ControlLoop:
         if acting - now > self.schedule.half_period:  # the tick stalled (a slow observe(), a paused process):
             now = acting  # the action due at its start is past due; act on what is due now, or hold or stop
         decision = self.watchdog.step(now, self.schedule.action_at(now))
+        interrupted: KeyboardInterrupt | None = None
         if decision.stop:
             self._acted = False
-            with interrupts_deferred(STOPPING):  # a Ctrl-C now would cut the watchdog's stop short, never redone
-                self.adapter.safe_stop()
+            stopped = False
+            try:
+                with interrupts_deferred(STOPPING):  # a Ctrl-C now would cut the watchdog's stop short, never redone
+                    self.adapter.safe_stop()
+                    stopped = True
+            except KeyboardInterrupt as exc:  # held to the stop's end: raised once the stop is recorded
+                if not stopped:
+                    raise
+                interrupted = exc
         elif decision.action is not None:
             self._acted = True
             # a copy: an adapter converting units in place changed the held action tick after tick (and
@@ -126,6 +137,8 @@ class ControlLoop:
         if self.on_tick:
             self.on_tick(record)
         self._work_s = self.clock.now() - tick.t
+        if interrupted is not None:
+            raise interrupted
         return record
 
     def _captured(self, observing: float) -> float:

@@ -43,6 +43,7 @@ class ActionSchedule:
             raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
         if blend not in BLEND_MODES:
             raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
+        self.hz = hz
         self.half_period = 0.5 / hz
         self.blend = blend
         self.decay = decay
