@@ -368,6 +368,23 @@ def test_a_robot_clock_that_goes_back_is_logged_and_the_robot_still_served(peer,
                       % re.search(r"session (\w+)", warned[0])[1]]
 
 
+def test_a_robot_whose_connection_closed_is_logged_once_with_its_session_closed(server, caplog):
+    """Its session stayed for the 60 s idle timeout, logged again then as "silent ... session closed",
+    and counted among the sessions closed at shutdown; a handshake again on one connection keeps it."""
+    with caplog.at_level(logging.INFO, logger="polcache.serve"):
+        a, b = RawPeer(server.endpoint), RawPeer(server.endpoint)
+        assert isinstance(a.handshake(name="arm"), Welcome) and isinstance(b.handshake(name="other"), Welcome)
+        assert isinstance(b.handshake(name="other"), Welcome)  # again, on its connection
+        a.close()
+        assert wait_for(lambda: len(server.sessions) == 1)
+        [line] = [r.message for r in caplog.records if "disconnected" in r.message]
+        assert re.fullmatch(r"robot arm \(session \w+\) disconnected \(robot exited or reconnecting, network loss, "
+                            r"or a message over the 131072-byte transport limit\): session closed", line), line
+        b.close()
+        assert wait_for(lambda: not server.sessions)
+        assert caplog.text.count("session closed") == 2 and "silent" not in caplog.text
+
+
 def test_robot_disconnect_and_reconnect(server):
     spec = {"state": ((STATE_DIM,), "float32")}
     for _ in range(3):

@@ -121,6 +121,7 @@ class Session:
     # an older one is stale: a second handshake starts at epoch 0 again, and a reset may repeat its epoch.
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
     last_t_capture: float = -math.inf  # the epoch's newest observation's: a robot clock must not go back
+    fd: int | None = None  # its connection's descriptor: the session closes with that connection
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -420,9 +421,17 @@ class PolicyServer:
         """`fd`: the connection's file descriptor (None for a robot shaking hands again on its session's)."""
         check_handshake(msg, self.spec)
         instruction = session_instruction(msg.instruction, self.spec, self.instruction, "handshake.instruction")
-        if robot not in self.sessions and len(self.sessions) >= self.max_sessions:
+        if fd is not None and fd >= 0:  # -1: a transport without descriptors (inproc)
+            # A descriptor is reused only after its connection closed, and that closing is queued on the
+            # monitor before it: read it first, so that neither the entry below nor the session names
+            # the previous connection's robot (nor its closing closes this session).
+            self._log_disconnects()
+        old = self.sessions.get(robot)
+        if old is None and len(self.sessions) >= self.max_sessions:
             self._make_room()
-        self.sessions[robot] = Session(name=msg.name, hz=msg.hz,
+        if fd is None and old is not None:  # shaking hands again on its connection
+            fd = old.fd
+        self.sessions[robot] = Session(name=msg.name, hz=msg.hz, fd=fd,
                                        history=ObservationHistory(self.spec.n_obs_steps, self.spec.obs_stride,
                                                                   self.spec.frame_mode),
                                        executed=ExecutedLog(self.spec.history_span), policy=self.backend.session(),
@@ -431,10 +440,7 @@ class PolicyServer:
                                        deadline_ms=self.deadline_ms or (self.spec.n_action_steps - 1) / msg.hz * 1e3,
                                        action_offsets_s=np.arange(self.spec.n_action_steps, dtype=np.float64) / msg.hz)
         self.sessions.move_to_end(robot)
-        if fd is not None and fd >= 0:  # -1: a transport without descriptors (inproc)
-            # A descriptor is reused only after its connection closed, and that closing is queued on the
-            # monitor before it: read it first, so the entry cannot name the previous connection's robot.
-            self._log_disconnects()
+        if fd is not None and fd >= 0:
             self._connections[fd] = (robot, msg.name)
         # per session and name: robots sharing a name (or one restarted) each get their line, a renamed session too
         self._log.info(f"hello:{robot.hex()}:{msg.name}",
@@ -518,8 +524,16 @@ class PolicyServer:
             # the authenticator logs the keys it refuses, never a robot that presented none
             refused = (", a robot without CurveZMQ keys or with keys refused (logged before if so)"
                        if self._auth is not None else "")
+            # Its session goes with it: it was logged again a minute later as "silent", and counted as
+            # served at shutdown. (A robot with a fixed routing id may have shaken hands on a new
+            # connection already: that session is not this connection's.)
+            session = self.sessions.get(robot)
+            closed = session is not None and session.fd == fd
+            if closed:
+                del self.sessions[robot]
             self._log.info(f"disconnect:{robot.hex()}",
-                           f"robot {robot_label(name, robot)} disconnected (robot exited, network loss, or {limit})"
+                           f"robot {robot_label(name, robot)} disconnected (robot exited or reconnecting, network "
+                           f"loss, or {limit}){': session closed' if closed else ''}"
                            if robot else f"a connection closed before any handshake (a health check such as "
                                          f"launch's, a robot that exited{refused}, or {limit})")
 
