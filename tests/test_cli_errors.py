@@ -143,6 +143,9 @@ def test_eval_on_another_task_than_trained_warns_naming_both(capsys):
     assert main(["eval", "--checkpoint", str(CHECKPOINT), "--task", "reach-v3", "--episodes", "1", "--max-steps", "2",
                  "--no-progress"]) == 0
     assert "warning" not in capsys.readouterr().err
+    # an unknown task is refused, not first warned about as another task
+    assert _err(capsys, ["eval", "--checkpoint", str(CHECKPOINT), "--task", "reach-v4", "--episodes", "1"]) == (
+        "polcache eval: error: unknown task 'reach-v4'; did you mean reach-v3, reach-wall-v3, cue-reach?")
 
 
 def test_a_training_runs_folder_points_to_its_checkpoint(capsys, tmp_path):

@@ -118,6 +118,10 @@ def test_eval_refuses_a_task_at_another_rate_unless_told(tmp_path, capsys):
     assert json.loads(out.read_text())["extra"]["rate_mismatch"] == {"policy_hz": 30.0, "task_hz": 20.0}
     assert main(["eval", "--checkpoint", str(_shipped_at(tmp_path / "same", 20.0)), "--episodes", "1",
                  "--max-steps", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    # a task of other shapes is refused for them first: --allow-rate-mismatch would not have run it
+    assert main([*argv, "--task", "reach-v3"]) == 2
+    assert "polcache eval: error: observation 'state': checkpoint expects shape" in capsys.readouterr().err
 
 
 def test_a_robot_at_another_rate_is_warned_once_and_served(caplog):

@@ -73,6 +73,9 @@ def _run(args: argparse.Namespace) -> int:
     if not task:
         raise PolcacheError("the checkpoint names no task: pass --task")
     if backend.spec.task and task != backend.spec.task:  # allowed (transfer tests), but rarely meant; as sim-robot says
+        from polcache.envs.registry import check_task
+
+        check_task(task)  # an unknown one is refused first, not warned about
         print(f"warning: the checkpoint's policy was trained on {backend.spec.task}, this evaluation runs {task}",
               file=sys.stderr)
     with sigterm_as_interrupt():  # TERM reports the finished episodes, like Ctrl-C, and exits 143

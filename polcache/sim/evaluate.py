@@ -229,7 +229,6 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     cams = tuple(k[len("image_"):] for k in image_keys)
     size = backend.spec.obs[image_keys[0]].shape[0] if image_keys else 96
     env = make_env(task, seed=seed, image=bool(cams), cameras=cams or None, image_size=size)
-    mismatch = check_rate(backend.spec, 1.0 / env.control_period_s, task, allow_rate_mismatch)
     meta = {"obs_keys": list(backend.spec.obs), "obs_spec": {k: v.to_dict() for k, v in backend.spec.obs.items()},
             "action_dim": backend.spec.action_dim}
     env_spec = env.observation_spec()
@@ -247,7 +246,8 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         texts = ((rollout.instruction,) if rollout.instruction is not None
                  else instructions(task, rollout.instructions or "heldout"))
         encoded = [policy_instruction(t, backend.spec, "--instruction") for t in texts]
-    check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")
+    check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")  # first: a task of other shapes, whatever its rate
+    mismatch = check_rate(backend.spec, 1.0 / env.control_period_s, task, allow_rate_mismatch)
     check_rollout(rollout, backend.spec)  # before the progress bar: a bad option is one line
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     if (rollout.max_steps or 0) > cap:  # the env ends its episodes there: run, but not under a cap not applied
