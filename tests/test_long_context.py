@@ -125,6 +125,28 @@ def test_self_verification_returns_the_candidate_whose_past_matches_what_was_exe
             b.predict(obs, seed=7, past_actions=wrong)
 
 
+def test_self_verification_scores_only_the_past_tokens_training_learned():
+    """A policy trained with past_loss=none predicts nothing learned at its past tokens: --verify was
+    accepted and picked among candidates at random; with recent:k the older tokens added their noise."""
+    from polcache.policy.backend import TorchBackend
+
+    for past_loss, why in (("none", "was trained with policy.past_loss=none"), ("all", "observes one frame")):
+        p = tiny_policy(n_obs_steps=1 if past_loss == "all" else 3, horizon=8, n_action_steps=4, past_loss=past_loss)
+        with pytest.raises(ConfigError, match=f"--verify 4: self-verification scores candidates by their predicted "
+                                              f"past actions, and it {why}"):
+            TorchBackend(p, "ddim", 4, candidates=4)
+    p = tiny_policy(n_obs_steps=3, horizon=8, n_action_steps=4, past_loss="recent:1")
+    b = TorchBackend(p, "ddim", 4, candidates=6)
+    obs = {"state": np.random.default_rng(0).normal(size=(1, 3, 5)).astype(np.float32)}
+    with torch.no_grad():
+        x = p.sample(p.encode({"state": torch.as_tensor(obs["state"])}).expand(6, -1, -1), b.sampler, None,
+                     torch.Generator().manual_seed(7))
+    preds = p.to_actions(x)
+    past = preds["action_pred"][2, :2].numpy().copy()
+    past[0] = preds["action_pred"][5, 0].numpy() + 5.0  # the untrained oldest token: far from every candidate's
+    np.testing.assert_allclose(b.predict(obs, seed=7, past_actions=past)[0], preds["action"][2].numpy(), atol=1e-6)
+
+
 def _window(frames, t, offsets):
     picks = [max(0, t + off) for off in offsets]
     return {key: x[picks][None] for key, x in frames.items()}, picks

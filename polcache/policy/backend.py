@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from polcache.config import past_tokens
 from polcache.errors import ConfigError, ObservationError
 from polcache.policy.batching import Outcome, SessionRequest, predict_shared
 from polcache.policy.executor import decided_at_run_time, make_store
@@ -73,6 +74,13 @@ class TorchBackend:
         self.policy = policy
         self.candidates = candidates  # > 1: self-verification when predict gets the executed past actions
         past = policy.spec.n_obs_steps - 1
+        # the past tokens the training loss supervised, most recent first (policy.past_loss): only they are scored
+        self.trained_past = past_tokens(policy.cfg)
+        if candidates > 1 and self.trained_past == 0:
+            why = ("it observes one frame: it has no past action tokens" if past == 0 else
+                   "it was trained with policy.past_loss=none: its past action tokens were never learned")
+            raise ConfigError(f"--verify {candidates}: self-verification scores candidates by their predicted past "
+                              f"actions, and {why} (a Past-Token Prediction policy has them)")
         if min_verified is not None and not 1 <= min_verified <= past:
             raise ConfigError(f"--verify-min-past must be in 1..{past} (the policy's past action tokens), "
                               f"got {min_verified}")
@@ -253,7 +261,9 @@ class TorchBackend:
         with torch.no_grad():
             x = self._sample({"features": feats.expand(self.candidates, -1, -1)},
                              *self.policy.initial_noise(self.candidates, self.sampler, gen, self.device))
-            known = torch.as_tensor(np.isfinite(past_actions).all(axis=-1), device=self.device)
+            executed = np.isfinite(past_actions).all(axis=-1)
+            executed[:past - self.trained_past] = False  # tokens older than policy.past_loss=recent:k learned nothing
+            known = torch.as_tensor(executed, device=self.device)
             target = self.policy.normalizer.normalize("action", torch.as_tensor(past_actions, device=self.device))
             scores = (x[:, :past][:, known].float() - target[known]).pow(2).mean(dim=(1, 2))
             best = int(torch.argmin(scores))
