@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="add Gaussian noise of this standard deviation to every executed action (actions span "
                         "[-1, 1]) while the expert's actions are recorded (DART): demonstrations of coming back to "
                         "the expert's path from off it; default 0")
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     p.set_defaults(handler=_run)
 
 
@@ -55,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         summary = record_demonstrations(
             tasks[0] if len(tasks) == 1 else tasks, args.episodes, args.out, image=args.image, seed=args.seed,
             cameras=args.cameras, image_size=args.image_size, keep=args.keep, instruction_bytes=args.instructions,
-            perturb=Perturbations(args.hold_steps, args.stop_steps, args.action_noise),
+            perturb=Perturbations(args.hold_steps, args.stop_steps, args.action_noise), progress=not args.no_progress,
         )
     print(f"wrote {summary['path']}: {summary['episodes']} episodes, {summary['steps']} steps, obs {', '.join(summary['obs_keys'])}")
     return 0

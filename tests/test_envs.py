@@ -403,8 +403,10 @@ def test_a_stop_during_the_save_lets_the_save_finish_and_says_what_was_written(t
 
     monkeypatch.setattr(store, "_put", stop_while_saving)
     capsys.readouterr()
-    assert main(["record", "--task", "cue-reach", "--episodes", "3", "--out", str(out)]) == 0
-    assert "wrote" in capsys.readouterr().out and EpisodeStore.open(out).num_episodes == 3
+    assert main(["record", "--task", "cue-reach", "--episodes", "3", "--out", str(out), "--no-progress"]) == 0
+    streams = capsys.readouterr()
+    assert "wrote" in streams.out and EpisodeStore.open(out).num_episodes == 3
+    assert "record" not in streams.err  # --no-progress: no bar (as every other long command has)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
