@@ -346,10 +346,25 @@ def test_a_sensor_lag_beyond_what_the_loop_accepts_is_refused_by_name():
     from polcache.errors import PolcacheError
     from polcache.serve.sim_robot import run_sim_robot
 
-    with pytest.raises(PolcacheError, match=r"sensor_lag_ms \(--sensor-lag-ms\) must be in \[0, 5000\] ms, got 6000"):
+    with pytest.raises(PolcacheError, match=r"sensor_lag_ms must be in \[0, 5000\] ms, got 6000"):
         run_sim_robot(TASK, "tcp://127.0.0.1:1", hz=50, episodes=1, sensor_lag_ms=6000.0)
-    with pytest.raises(PolcacheError, match=r"--unstamped\) leaves out .* give the lag \(--sensor-lag-ms MS\)"):
+    with pytest.raises(PolcacheError, match=r"stamped=False leaves out .* give the lag \(sensor_lag_ms\)"):
         run_sim_robot(TASK, "tcp://127.0.0.1:1", hz=50, episodes=1, stamped=False)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--sensor-lag-ms", "6000"], "argument --sensor-lag-ms: expected at most 5000 ms (every chunk would be past due), "
+                                  "got 6000"),
+    (["--unstamped"], "argument --unstamped: applies to a lagging sensor only; give --sensor-lag-ms MS with it"),
+])
+def test_sim_robots_sensor_flags_are_refused_by_their_own_names(capsys, flags, said):
+    """The command's refusals named the library's arguments (sensor_lag_ms, stamped=False)."""
+    from polcache.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["sim-robot", "--task", TASK, "--hz", "50", *flags])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"polcache sim-robot: error: {said} (see polcache sim-robot --help)\n"
 
 
 def test_the_simulated_sensor_returns_the_newest_observation_old_enough(monkeypatch):

@@ -113,6 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
                                   "an eval result)")
     _add_metrics_args(p)
+    p.checks.append(_sensor_lag_check)
     p.set_defaults(handler=_sim_robot)
 
 
@@ -171,6 +172,18 @@ def _keys(args: argparse.Namespace) -> int:
 def _counted(n: float, noun: str) -> str:
     """'1 missed tick', '0 missed ticks': a count from the metrics (a float) with its noun."""
     return f"{n:.0f} {noun}{'' if round(n) == 1 else 's'}"
+
+
+def _sensor_lag_check(args: argparse.Namespace) -> str | None:
+    """The lagging sensor's flags, judged together and named as flags (the library names its arguments)."""
+    from polcache.serve.sim_robot import MAX_SENSOR_LAG_MS
+
+    if args.sensor_lag_ms > MAX_SENSOR_LAG_MS:
+        return (f"argument --sensor-lag-ms: expected at most {MAX_SENSOR_LAG_MS:g} ms (every chunk would be past due), "
+                f"got {args.sensor_lag_ms:g}")
+    if args.unstamped and not args.sensor_lag_ms:
+        return "argument --unstamped: applies to a lagging sensor only; give --sensor-lag-ms MS with it"
+    return None
 
 
 def _sim_robot(args: argparse.Namespace) -> int:

@@ -120,10 +120,9 @@ def run_sim_robot(
     from polcache.envs.instructions import INSTRUCTIONS, instructions
 
     if not 0 <= sensor_lag_ms <= MAX_SENSOR_LAG_MS:
-        raise PolcacheError(f"sensor_lag_ms (--sensor-lag-ms) must be in [0, {MAX_SENSOR_LAG_MS:g}] ms, got {sensor_lag_ms}")
+        raise PolcacheError(f"sensor_lag_ms must be in [0, {MAX_SENSOR_LAG_MS:g}] ms, got {sensor_lag_ms}")
     if not stamped and not sensor_lag_ms:
-        raise PolcacheError("stamped=False (--unstamped) leaves out the time of a lagging sensor's data: give the lag "
-                            "(--sensor-lag-ms MS)")
+        raise PolcacheError("stamped=False leaves out the time of a lagging sensor's data: give the lag (sensor_lag_ms)")
     texts = ([instruction] if instruction is not None
              else list(instructions(task, "heldout")) if task in INSTRUCTIONS else [None])
 
