@@ -368,6 +368,20 @@ def test_a_robot_clock_that_goes_back_is_logged_and_the_robot_still_served(peer,
                       % re.search(r"session (\w+)", warned[0])[1]]
 
 
+def test_a_robot_clock_that_jumps_ahead_is_logged_and_the_robot_still_served(peer, caplog):
+    """A robot switching from time.monotonic() to time.time() mid-epoch was answered without a word (and
+    warned about only when it switched back, naming that observation). Sensor lag that changes a little
+    from frame to frame is no jump."""
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+        for seq, t in ((0, 100.0), (1, 100.5), (2, 1.8e9), (3, 1.8e9 + 0.02)):
+            chunk = peer.request(observation(seq, t_capture=t))
+            assert isinstance(chunk, ActionChunk) and chunk.seq == seq and chunk.t_actions[0] == t
+    [warned] = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+    assert re.fullmatch(r"raw \(session \w+\): obs.t_capture of seq 2 is 1799999899.500 s later than the last "
+                        r"observation's in epoch 0, which arrived 0.\d{3} s before it: the robot's clock jumped ahead; "
+                        r"stamp observations with one monotonic clock \(time.monotonic\(\), not time.time\(\)\)", warned)
+
+
 def test_a_robot_whose_connection_closed_is_logged_once_with_its_session_closed(server, caplog):
     """Its session stayed for the 60 s idle timeout, logged again then as "silent ... session closed",
     and counted among the sessions closed at shutdown; a handshake again on one connection keeps it."""

@@ -65,6 +65,9 @@ LOOP_WAKE_MS = 100  # the longest the loop waits for a message: housekeeping and
 # A session silent this long may be forgotten for a new robot when all are taken: a robot that hears
 # nothing for its timeout (the reference client's: 1 s) reconnects as a new session anyway.
 EVICTABLE_SILENCE_S = 1.0
+# An epoch's capture times may run ahead of their arrival times by this much (sensor lag changing
+# from frame to frame); more is a clock that jumped (time.time() in place of time.monotonic()).
+CLOCK_JUMP_S = 5.0
 # ZeroMQ's own pings on every connection: one that stops answering (a robot that lost power or its cable,
 # a frozen process) is closed and logged as a disconnect after HEARTBEAT_TIMEOUT_MS, rather than held open
 # until the kernel gives up on TCP, minutes later; its routing id is then free again.
@@ -121,6 +124,7 @@ class Session:
     # an older one is stale: a second handshake starts at epoch 0 again, and a reset may repeat its epoch.
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
     last_t_capture: float = -math.inf  # the epoch's newest observation's: a robot clock must not go back
+    last_obs_at: float = 0.0  # perf_counter when that observation arrived: its clock must not leap ahead either
     fd: int | None = None  # its connection's descriptor: the session closes with that connection
 
     def start_epoch(self, epoch: int) -> None:
@@ -498,12 +502,20 @@ class PolicyServer:
                              f"not answered; a robot that counts from the start again must reset (a new epoch)"),
                 seq=obs.seq)
             return
-        if obs.t_capture < session.last_t_capture:
+        now = time.perf_counter()
+        gap = obs.t_capture - session.last_t_capture  # inf for an epoch's first
+        if gap < 0:
             self._clock_went_back(robot, session, obs)
-        session.last_t_capture = obs.t_capture
+        elif gap > now - session.last_obs_at + CLOCK_JUMP_S and gap != math.inf:
+            self._warn(f"{robot.hex()}:clock-ahead",
+                       f"{robot_label(session.name, robot)}: obs.t_capture of seq {obs.seq} is {gap:.3f} s later than "
+                       f"the last observation's in epoch {obs.epoch}, which arrived {now - session.last_obs_at:.3f} s "
+                       f"before it: the robot's clock jumped ahead; stamp observations with one monotonic clock "
+                       f"(time.monotonic(), not time.time())")
+        session.last_t_capture, session.last_obs_at = obs.t_capture, now
         if session.pending is not None:
             session.superseded += 1
-        session.pending = Pending(obs, decode_ms, time.perf_counter())
+        session.pending = Pending(obs, decode_ms, now)
 
     def _clock_went_back(self, robot: bytes, session: Session, obs: Observation) -> None:
         """A t_capture earlier than the epoch's last: a robot stamping with a wall clock that NTP stepped
