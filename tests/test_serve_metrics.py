@@ -361,3 +361,26 @@ def test_server_and_loop_write_one_metrics_file(tmp_path):
     ticks = [line for line in lines if line["kind"] == "tick"]
     assert snap["tick"]["safe_stops"] == sum(t["safe_stops"] for t in ticks) == len(robot.stops) >= 1
     assert sum(t["ticks"] for t in ticks) == 20 and snap["tick"]["period_error_ms"]["n"] == 20
+
+
+def test_a_departed_robots_gauges_go_and_its_totals_stay():
+    """Prometheus kept a departed robot's last queue depth and batch size as if it were still served."""
+    import re
+
+    from fakes import wait_for
+
+    robot = StepRobot(100)
+    m = Metrics(window=0)
+    with PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", on_record=m.record,
+                      on_session_closed=m.forget_robot) as server:
+        for name in ("arm", "other"):
+            with PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz=100, name=name) as client:
+                client.connect(timeout_s=2)
+                ControlLoop(robot, client, 100).run(ticks=10)
+                assert re.search(rf'polcache_request_queue_depth{{robot="{name}"}} \d', m.prometheus_text())
+        assert wait_for(lambda: not server.sessions)
+    text = m.prometheus_text()
+    assert "polcache_request_queue_depth{" not in text and "polcache_request_batch_size{" not in text
+    assert "# TYPE polcache_request_queue_depth gauge" in text  # the family stays, without series
+    for name in ("arm", "other"):
+        assert re.search(rf'polcache_request_requests_total{{robot="{name}"}} [1-9]', text)

@@ -119,6 +119,14 @@ class PrometheusRecorder:
             for field in gauges:
                 gauges[field] = getattr(record, field)
 
+    def forget_gauges(self, robot: str) -> None:
+        """The gauges of `robot`'s series no longer show its last value (a departed robot's queue depth
+        is no reading); its next record sets them again."""
+        with self._lock:
+            for series in self._series.values():
+                if series.labels[0] == robot:
+                    series.gauges = dict.fromkeys(series.gauges, math.nan)
+
     def collect(self) -> Iterator[Metric]:
         """prometheus_client's collector protocol: every family, from a consistent copy."""
         with self._lock:
@@ -141,7 +149,8 @@ class PrometheusRecorder:
                 family(kind, field, HistogramMetricFamily).add_metric(
                     labels, [*zip(map(floatToGoString, bounds), cumulative), ("+Inf", cumulative[-1])], sums[field])
             for field, value in gauges.items():
-                family(kind, field, GaugeMetricFamily).add_metric(labels, value)
+                if not math.isnan(value):  # forgotten (its robot left), or never measured
+                    family(kind, field, GaugeMetricFamily).add_metric(labels, value)
         for kind in kinds:  # a kind without records yet: its families, empty
             for field in kind.counters:
                 family(kind, field, CounterMetricFamily)

@@ -75,6 +75,11 @@ class Metrics:
         if self.sink is not None:
             self.sink(record)
 
+    def forget_robot(self, robot: str) -> None:
+        """A robot left: its Prometheus gauges (queue depth, batch size) show no value until its name
+        records again. Its counters and histograms stay: totals a fleet adds up."""
+        self._prometheus.forget_gauges(robot)
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """{kind: {counter: total, summary: {p50, p95, p99, max, mean, n}}}"""
         with self._lock:

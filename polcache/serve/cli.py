@@ -143,7 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
                          kinds=(RequestRecord, ErrorRecord)) as metrics:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
-                              on_record=metrics.record, name=f"polcache serve {args.checkpoint}",
+                              on_record=metrics.record, on_session_closed=metrics.forget_robot,
+                              name=f"polcache serve {args.checkpoint}",
                               instruction=args.instruction, max_batch=args.max_batch, rtc=args.rtc,
                               simulated_latency_ms=args.simulate_latency_ms, inline_ms=args.inline_ms)
         # e.g. on CUDA: captures each batch size's graph before the first robots ask (they wait meanwhile)

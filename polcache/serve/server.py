@@ -164,6 +164,7 @@ class PolicyServer:
         max_sessions: int = 64,
         session_timeout_s: float = 60.0,
         on_record: Callable[[RequestRecord | ErrorRecord], None] | None = None,
+        on_session_closed: Callable[[str], None] | None = None,
         name: str = "polcache",
         instruction: str | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
@@ -171,7 +172,9 @@ class PolicyServer:
         simulated_latency_ms: float = 0.0,
         inline_ms: float = DEFAULT_INLINE_MS,
     ):
-        """`instruction`: what a language-conditioned policy follows for robots that send none.
+        """`on_session_closed`: told the name of each robot whose session ends (its connection closed,
+        silent past `session_timeout_s`, evicted), e.g. so its metrics' gauges stop showing a reading.
+        `instruction`: what a language-conditioned policy follows for robots that send none.
         `max_batch`: robots whose waiting observations share one inference (1 where the backend
         cannot batch, see polcache.policy.batching). `rtc`: real-time chunking (polcache.policy.rtc):
         each robot's next chunk is guided toward the actions of its last chunk still due, the first
@@ -212,6 +215,7 @@ class PolicyServer:
             log.info("one inference per robot: %s", blocker)
         self.session_timeout_s = session_timeout_s
         self.on_record = on_record
+        self.on_session_closed = on_session_closed
         self.name = name
         self.instruction = instruction
         self._reader = ObservationReader(robot_obs_spec(self.spec))
@@ -475,7 +479,7 @@ class PolicyServer:
             raise ProtocolError("server_full", f"this server serves at most {self.max_sessions} robot(s) at once and "
                                                f"each was heard from within the last {EVICTABLE_SILENCE_S:g} s; try "
                                                f"again once one has stopped")
-        del self.sessions[robot]
+        self._close(robot)
         self._warn(f"evict:{robot.hex()}", f"too many robots: forgot {robot_label(oldest.name, robot)} (least "
                                            f"recently seen, {silent_s:.1f} s ago)")
 
@@ -542,7 +546,7 @@ class PolicyServer:
             session = self.sessions.get(robot)
             closed = session is not None and session.fd == fd
             if closed:
-                del self.sessions[robot]
+                self._close(robot)
             self._log.info(f"disconnect:{robot.hex()}",
                            f"robot {robot_label(name, robot)} disconnected (robot exited or reconnecting, network "
                            f"loss, or {limit}){': session closed' if closed else ''}"
@@ -670,7 +674,13 @@ class PolicyServer:
                                                        self.sessions.items())):
             log.info("robot %s silent for %.0f s (over the %g s session timeout): session closed",
                      robot_label(session.name, robot), now - session.last_seen, self.session_timeout_s)
-            del self.sessions[robot]
+            self._close(robot)
+
+    def _close(self, robot: bytes) -> None:
+        """Forget a robot's session, and say so to `on_session_closed`."""
+        session = self.sessions.pop(robot)
+        if self.on_session_closed is not None:
+            self.on_session_closed(session.name)
 
     def _allowance(self, robot: bytes) -> float:
         session = self.sessions.get(robot)
