@@ -46,6 +46,8 @@ class OneLineParser(argparse.ArgumentParser):
         for check in self.checks:
             if (problem := check(parsed)) is not None:
                 self.error(problem)
+        if not hasattr(parsed, "command_parser"):  # the innermost (sub)command's parser: it names its --help
+            parsed.command_parser = self
         return parsed, extra
 
     def error(self, message: str) -> NoReturn:
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     action = getattr(args, f"{args.command}_command", None)  # a nested command's, as in `polcache ptp embed`
     command = f"{args.command} {action}" if action else args.command
     try:

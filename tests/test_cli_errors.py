@@ -761,6 +761,19 @@ def test_a_folder_for_gifs_or_keys_that_is_itself_replaced_whole_is_refused(caps
     generate_keys(tmp_path / "keys")  # a folder of the user's own is fine
 
 
+@pytest.mark.parametrize("argv, command", [(["eval", "--checkpoint", "ck", "--fast"], "eval"),
+                                           (["ptp", "embed", "--checkpoint", "ck", "--out", "o", "--fast"], "ptp embed"),
+                                           (["train", "--config", "configs/recommended_cpu.yaml", "--fast", "train.lr=1"],
+                                            "train")])
+def test_an_unknown_option_is_refused_by_its_command_pointing_at_its_help(capsys, argv, command):
+    """It said "polcache: error: ... (see polcache --help)", whose page lists commands, not their options."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (f"polcache {command}: error: unrecognized arguments: --fast (see polcache "
+                                       f"{command} --help)\n")
+
+
 def test_a_flag_of_one_value_given_twice_with_two_values_is_refused(capsys, monkeypatch):
     """`serve --bind A --bind B` served on B alone, silently (argparse keeps the last); the same value
     twice changes nothing and passes, and flags that collect several values still do."""
