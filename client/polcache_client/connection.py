@@ -138,7 +138,7 @@ class PolicyClient:
         self.rtt_s = float("nan")
         self.connections = 0  # welcomes received: the first connection and every reconnect
         self._full = ""  # the server's last server_full refusal of our handshake, if any
-        self._lost_at: float | None = None  # when the server was lost (until a welcome), for the waiting line
+        self._lost_at: float | None = None  # when the connection was lost (until a welcome), for the waiting line
         self._next_lost_log = 0.0
         self._polled_at, self._unpolled_s = self.clock.now(), 0.0  # the last poll, and the gap before this one
         self._socket: zmq.Socket | None = None
@@ -254,7 +254,7 @@ class PolicyClient:
                 self._ready, self.policy = True, msg.policy
                 self.max_message_bytes = msg.max_message_bytes
                 self.connections += 1
-                lost = f", {now - self._lost_at:.1f} s after the server was lost" if self._lost_at is not None else ""
+                lost = f", {now - self._lost_at:.1f} s after the connection was lost" if self._lost_at is not None else ""
                 log.info("connected to %s at %s (epoch %d%s)", msg.server, self.address, self.epoch, lost)
                 self._lost_at = None
         elif isinstance(msg, Heartbeat):
@@ -335,7 +335,7 @@ class PolicyClient:
             self._send(self._handshake)
             if self._lost_at is not None and now >= self._next_lost_log:  # the operator sees it still waits
                 self._next_lost_log = now + STILL_LOST_LOG_S
-                log.warning("still no answer from %s, %.0f s after the server was lost (handshake resent every "
+                log.warning("still no answer from %s, %.0f s after the connection was lost (handshake resent every "
                             "%.2g s)", self.address, now - self._lost_at, self.heartbeat_s)
         elif self._ready and now - self._last_heartbeat >= self.heartbeat_s:
             self._last_heartbeat = now
