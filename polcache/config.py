@@ -191,8 +191,10 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f" in '{path}'" if path else ""
-        raise ConfigError(f"unknown config key{where}: {', '.join(repr(path + '.' + k if path else k) for k in unknown)} "
+        exc = ConfigError(f"unknown config key{where}: {', '.join(repr(path + '.' + k if path else k) for k in unknown)} "
                           f"(known: {', '.join(sorted(names))})")
+        exc.key = f"{path}.{unknown[0]}" if path else str(unknown[0])  # for `located`: where the file gives it
+        raise exc
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -308,6 +310,35 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return data
 
 
+def key_lines(path: str | Path) -> dict[str, int]:
+    """The line of each dotted key in a YAML config file (for messages; {} where it cannot be read)."""
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    lines: dict[str, int] = {}
+    todo = [(root, "")]
+    while todo:
+        node, prefix = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    name = f"{prefix}.{key_node.value}" if prefix else key_node.value
+                    lines.setdefault(name, key_node.start_mark.line + 1)
+                    todo.append((value_node, name))
+    return lines
+
+
+def located(exc: ConfigError, path: str | Path | None, overrides: list[str]) -> ConfigError:
+    """`exc` with the file line of the key it names (`exc.key`, set by `from_dict`), unless an override
+    set that key: a typo in a long config file was named by its dotted path alone."""
+    key = getattr(exc, "key", None)
+    if key is None or path is None or any(o.partition("=")[0].strip() == key for o in overrides):
+        return exc
+    line = key_lines(path).get(key)
+    return ConfigError(f"{path}, line {line}: {exc}") if line else exc
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """The file's config with `overrides` applied and validated. A `train.steps` override without a
     `train.epochs` one trains that many steps: the file's epochs (which would win) are set aside. Either
@@ -319,7 +350,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     epochs_only = "train.epochs" in overridden and "train.steps" not in overridden
     if steps_only:
         data["train"]["epochs"] = 0
-    cfg = from_dict(ExperimentConfig, data)
+    try:
+        cfg = from_dict(ExperimentConfig, data)
+    except ConfigError as exc:
+        raise located(exc, path, overrides or []) from None
     if steps_only and cfg.train.steps < 1:  # the file's epochs are set aside, so nothing would say how long to train
         raise ConfigError(f"train.steps={cfg.train.steps}: expected a positive number of steps (the override replaces "
                           f"the config's train.epochs; to train by epochs, set train.epochs=N instead)")

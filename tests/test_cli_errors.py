@@ -164,9 +164,18 @@ def test_nested_commands_are_named_and_ptp_embed_asks_for_the_dataset(capsys, tm
 
 def test_unknown_config_key(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("policy:\n  widht: 64\n")
+    cfg.write_text("task: reach-v3\npolicy:\n  width: 64\n  widht: 64\n")
     err = _err(capsys, ["train", "--config", str(cfg)])
-    assert "policy.widht" in err
+    # the file's line too: a typo in a long config was named by its dotted path alone
+    assert err.startswith(f"polcache train: error: {cfg}, line 4: unknown config key in 'policy': 'policy.widht' "
+                          "(known: ")
+    cfg.write_text("task: reach-v3\n")  # an override's typo is the override's, not the file's
+    assert _err(capsys, ["train", "--config", str(cfg), "policy.widht=3"]).startswith(
+        "polcache train: error: unknown config key in 'policy': 'policy.widht'")
+    launch = tmp_path / "launch.yaml"
+    launch.write_text("robot:\n  episodez: 3\n")
+    assert _err(capsys, ["launch", str(launch)]).startswith(f"polcache launch: error: {launch}, line 2: unknown "
+                                                            "config key in 'robot': 'robot.episodez'")
 
 
 def test_bad_override_value(capsys):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from polcache.cache.errors import CacheError
 from polcache.cache.spec import parse_cache_spec
-from polcache.config import MAX_SEED, apply_overrides, from_dict, read_yaml_mapping
+from polcache.config import MAX_SEED, apply_overrides, from_dict, located, read_yaml_mapping
 from polcache.errors import ConfigError, PolcacheError
 from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
@@ -90,7 +90,10 @@ class LaunchConfig:
 
 def load_launch_config(path: str | Path, overrides: list[str] | None = None) -> LaunchConfig:
     """Read and check a launch config file, with `a.b=value` overrides (unknown keys refused)."""
-    cfg = from_dict(LaunchConfig, apply_overrides(read_yaml_mapping(path), overrides or []))
+    try:
+        cfg = from_dict(LaunchConfig, apply_overrides(read_yaml_mapping(path), overrides or []))
+    except ConfigError as exc:
+        raise located(exc, path, overrides or []) from None
     validate(cfg)
     return cfg
 
