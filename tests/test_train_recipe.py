@@ -672,6 +672,8 @@ def test_a_run_shorter_than_its_warm_up_says_so(tmp_path, capsys):
         "0.0005, not train.lr=0.001; lower train.warmup_steps or train longer"]
     assert train_cli(data, tmp_path / "b", "train.warmup_steps=1") == 0
     assert "warm-up" not in capsys.readouterr().err
+    assert train_cli(data, tmp_path / "c", "train.warmup_steps=2") == 0  # its last step runs at train.lr itself
+    assert "warm-up" not in capsys.readouterr().err
 
 
 

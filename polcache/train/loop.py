@@ -276,7 +276,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         logged = _logged_plan(log_path)
         if plan != logged:  # printed also with --no-progress: the run's length is worth a line in any log
             print(f"training {plan}" + (f" (the run's plan was {logged})" if logged else ""))
-            if steps <= cfg.train.warmup_steps:  # cosine_with_warmup: at most steps / warmup_steps of the rate
+            if steps < cfg.train.warmup_steps:  # cosine_with_warmup: at most steps / warmup_steps of the rate
                 print(f"warning: the run ends inside its learning-rate warm-up (train.warmup_steps="
                       f"{cfg.train.warmup_steps}, {steps} steps): the rate reaches "
                       f"{cfg.train.lr * steps / cfg.train.warmup_steps:.3g}, not train.lr={cfg.train.lr:g}; lower "
