@@ -518,6 +518,8 @@ def test_a_lagging_sensors_capture_time_times_the_actions_from_when_the_robot_wa
     (lambda now: now - 3600.0, r"3600\.000 s before observe\(\) was called"),
     (lambda now: float("nan"), r"capture_time\(\) must return a finite number of seconds"),
     (lambda now: "now", r"got 'now'"),
+    (lambda now: int(now), r"returned the integer 100: whole seconds, or nanoseconds \(time.monotonic_ns\(\)\)"),
+    (lambda now: np.int64(now * 1e9), r"returned the integer 1000\d{8}: whole seconds, or nanoseconds"),
 ])
 def test_a_capture_time_on_another_clock_is_refused_and_the_robot_stopped(capture, match):
     clock = FakeClock(t=100.0)

@@ -150,6 +150,9 @@ class ControlLoop:
         t = self._capture_time()
         if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)) or not math.isfinite(t):
             raise ValueError(f"capture_time() must return a finite number of seconds on the loop's clock, got {t!r}")
+        if isinstance(t, (int, np.integer)):  # int(time.monotonic()): up to a second of lag that is not there
+            raise ValueError(f"capture_time() returned the integer {int(t)}: whole seconds, or nanoseconds "
+                             f"(time.monotonic_ns()); return float seconds on the loop's clock")
         t = float(t)
         now = self.clock.now()
         if not observing - MAX_CAPTURE_AGE_S <= t <= now + CAPTURE_CLOCK_SLACK_S:
