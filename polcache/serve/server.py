@@ -541,10 +541,12 @@ class PolicyServer:
             refused = (", a robot without CurveZMQ keys or with keys refused (logged before if so)"
                        if self._auth is not None else "")
             # Its session goes with it: it was logged again a minute later as "silent", and counted as
-            # served at shutdown. (A robot with a fixed routing id may have shaken hands on a new
-            # connection already: that session is not this connection's.)
+            # served at shutdown. Only where ZeroMQ made up the routing id (a zero first byte; a peer's
+            # own ids cannot start with one): a reconnect gets a new id, so the session is unreachable.
+            # A robot with a fixed id comes back under it (ZeroMQ reconnects after a network blip) and
+            # keeps its session; nor is a session closed that such a robot opened on a new connection.
             session = self.sessions.get(robot)
-            closed = session is not None and session.fd == fd
+            closed = session is not None and session.fd == fd and robot[:1] == b"\x00"
             if closed:
                 self._close(robot)
             self._log.info(f"disconnect:{robot.hex()}",
