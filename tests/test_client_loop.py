@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -54,9 +55,9 @@ class ScriptedClient:
         return self.epoch
 
 
-def make_loop(latency_s: float, blend: str = "ensemble", hold_s: float = 0.1):
+def make_loop(latency_s: float, blend: str = "ensemble", hold_s: float = 0.1, robot_class=None):
     clock = FakeClock(t=0.0)
-    robot = StepRobot(HZ, clock)
+    robot = (robot_class or StepRobot)(HZ, clock)
     client = ScriptedClient(clock, latency_s)
     ticks, chunks = [], []
     loop = ControlLoop(robot, client, HZ, schedule=ActionSchedule(HZ, blend=blend), watchdog=Watchdog(hold_s),
@@ -94,6 +95,53 @@ def test_silent_server_holds_then_stops_once_then_resumes():
     loop.run(ticks=5, then_stop=False)
     assert [t.state for t in ticks[-4:]] == ["fresh"] * 4
     assert all(value == tick for tick, value in robot.applied[-4:])
+
+
+class BrakingRobot(StepRobot):
+    """Its safe stop engages the brakes; `resume()` releases them (or refuses, with `refuse`)."""
+
+    def __init__(self, hz, clock, refuse=False):
+        super().__init__(hz, clock)
+        self.calls, self.refuse = [], refuse
+
+    def act(self, action):
+        self.calls.append("act")
+        super().act(action)
+
+    def safe_stop(self):
+        self.calls.append("stop")
+        super().safe_stop()
+
+    def resume(self):
+        self.calls.append("resume")
+        if self.refuse:
+            raise RuntimeError("drive fault: cannot release the brakes")
+
+
+def test_resume_is_called_once_before_the_first_action_after_each_stop():
+    """The loop went back to act() after a safe stop without a word to the adapter: a robot whose stop
+    engaged its brakes had no place to release them."""
+    loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.04, robot_class=BrakingRobot)
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    loop.run(ticks=15, then_stop=False)  # the watchdog's stop
+    client.silent = False
+    loop.run(ticks=10)  # acting again, then run()'s own stop
+    loop.run(ticks=10, then_stop=False)  # and again
+    runs = [call for call, _ in itertools.groupby(robot.calls)]  # acts in a row as one
+    assert runs == ["act", "stop", "resume", "act", "stop", "resume", "act"]  # no resume before the first act
+
+
+def test_a_resume_that_raises_keeps_the_robot_stopped_and_ends_the_run():
+    loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.04, robot_class=BrakingRobot)
+    robot.refuse = True
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    loop.run(ticks=15, then_stop=False)
+    client.silent = False
+    with pytest.raises(RuntimeError, match="drive fault"):
+        loop.run(ticks=10)
+    assert robot.calls[-2:] == ["stop", "resume"]  # not acted on, and not told to stop again
 
 
 class StallingRobot(StepRobot):

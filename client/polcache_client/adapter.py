@@ -11,6 +11,11 @@ lag (a camera's exposure and transfer: its frame is older than the call that fet
 chunk's action 0 then belongs to that instant, so actions are timed from when the robot was
 seen, not from when the loop asked. Without it, the loop stamps the observation when it calls
 `observe()`. Where sensors differ, return the oldest one's time.
+
+Optional: `resume()`, called once before the first action after a `safe_stop` (fresh actions
+came again): where a stop engaged brakes or disabled the drives, this re-enables them. Raising
+from it keeps the robot stopped; the exception ends `ControlLoop.run`, and the robot is not told
+to stop again. Without it, actions simply resume.
 """
 
 from __future__ import annotations

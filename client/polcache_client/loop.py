@@ -73,6 +73,8 @@ class ControlLoop:
         self._work_s = 0.0  # how long the last tick's work took (observe, send, act, callbacks)
         self._acted = False  # an action was applied since the robot was last told to stop: `stop` undoes it
         self._capture_time = getattr(adapter, "capture_time", None)  # optional: see RobotAdapter
+        self._resume = getattr(adapter, "resume", None)  # optional: see RobotAdapter
+        self._stopped = False  # told to safe-stop, not resumed since: `resume()` comes before its next action
         self._capture_age_s = 0.0  # the last observation's age when observe() was called (its sensors' lag)
         self._last_capture = (-1, -math.inf)  # (epoch, time) of the last observation stamped by capture_time()
         self.safe_stops = 0  # how many times `stop` safe-stopped the robot (the watchdog's stops not among them)
@@ -108,6 +110,7 @@ class ControlLoop:
             stopped = False
             try:
                 with interrupts_deferred(STOPPING):  # a Ctrl-C now would cut the watchdog's stop short, never redone
+                    self._stopped = True
                     self.adapter.safe_stop()
                     stopped = True
             except KeyboardInterrupt as exc:  # held to the stop's end: raised once the stop is recorded
@@ -115,6 +118,10 @@ class ControlLoop:
                     raise
                 interrupted = exc
         elif decision.action is not None:
+            if self._stopped:  # fresh actions after a stop: the robot may need waking first (brakes, a drive)
+                if self._resume is not None:
+                    self._resume()  # raising leaves the robot stopped, and ends run() without another stop
+                self._stopped = False
             self._acted = True
             # a copy: an adapter converting units in place changed the held action tick after tick (and
             # what is reported as executed), or failed on a chunk's read-only array
@@ -249,6 +256,7 @@ class ControlLoop:
         self._acted = False  # first: a safe_stop that raises is not called again on its way out
         self.watchdog.stop()
         with interrupts_deferred(STOPPING):  # the second Ctrl-C of someone stopping a program must not cut it short
+            self._stopped = True
             self.adapter.safe_stop()
             self.safe_stops += 1
             if self.on_tick:
