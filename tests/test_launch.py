@@ -3,6 +3,7 @@ that finish by themselves, stop on SIGTERM robot-first, leave nothing running an
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -127,6 +128,12 @@ def test_commands_pass_the_server_choices_through(tmp_path):
     assert dashboard_command(cfg, tmp_path)[-6:] == ["--metrics", str(tmp_path / "server.jsonl"),
                                                      "--metrics", str(tmp_path / "robot.jsonl"), "--port", "8050"]
     assert robot_task(cfg) == "reach-v3"  # from the checkpoint's meta.json
+    multi = tmp_path / "multi"  # a multi-task run's checkpoint names no task, but the tasks it trained on
+    multi.mkdir()
+    (multi / "meta.json").write_text(json.dumps({"task": "", "tasks": ["push-v3", "reach-v3"]}))
+    with pytest.raises(PolcacheError, match=rf"robot.task: {multi} names no task; set robot.task \(it was trained "
+                                            r"on push-v3, reach-v3\)"):
+        robot_task(load_launch_config(SIM, [f"server.checkpoint={multi}"]))
 
 
 def test_cli_refuses_a_busy_port_in_one_line_and_starts_nothing(tmp_path):

@@ -158,7 +158,7 @@ def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, ca
                  "train.epochs=0", "train.val_windows=4", "policy.vla.instruction_bytes=48", "policy.n_layers=2",
                  "policy.width=32", "policy.vla.width=32"]) == 0
     assert main(["eval", "--checkpoint", "run/last", "--episodes", "1"]) == 2  # which of its tasks?
-    assert "names no task: pass --task" in capsys.readouterr().err
+    assert "names no task: pass --task (it was trained on push-v3, reach-v3)" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "2", "--max-steps", "8",
                  "--no-progress", "--json", "heldout.json"]) == 0
     result = json.loads((tmp_path / "heldout.json").read_text())

@@ -151,8 +151,11 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
         return obs, f"dataset {dataset}: {len(idx)} random windows (seed {seed}{short})"
     task = cfg.task or policy.spec.task
     if not task:
+        from polcache.policy.checkpoint import no_task_hint
+
         raise CacheError(f"no calibration observations: dataset {cfg.dataset or '(none)'} not found and the "
-                         "checkpoint names no task")
+                         f"checkpoint names no task{no_task_hint(checkpoint) if checkpoint is not None else ''}: pass "
+                         f"--dataset")
     from polcache.envs import make_env  # simulation is an optional extra
 
     cams = tuple(k[len("image_"):] for k in keys if k.startswith("image_"))

@@ -68,7 +68,9 @@ def robot_task(cfg: LaunchConfig) -> str:
             task = read(read_json_object(ckpt / name))
             if task:
                 return task
-    raise PolcacheError(f"robot.task: {ckpt} names no task; set robot.task")
+    from polcache.policy.checkpoint import no_task_hint  # torch: only on this way out
+
+    raise PolcacheError(f"robot.task: {ckpt} names no task; set robot.task{no_task_hint(ckpt)}")
 
 
 def server_command(cfg: LaunchConfig, run: Path) -> list[str]:

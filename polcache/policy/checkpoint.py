@@ -234,6 +234,16 @@ def _check_normalizer(normalizer: Normalizer, obs_spec: dict[str, ArraySpec], ob
                                   f"{size} (a normalizer from another model?)")
 
 
+def no_task_hint(path: str | Path) -> str:
+    """For a refusal of a checkpoint that names no task: the tasks a multi-task run trained on
+    (meta.json `tasks`), or "" where it has no such list (an older checkpoint, an export)."""
+    try:
+        tasks = read_json_object(Path(path) / "meta.json").get("tasks")
+    except Exception:  # noqa: BLE001 - only a hint: the refusal stands without it
+        return ""
+    return f" (it was trained on {', '.join(map(str, tasks))})" if isinstance(tasks, list) and tasks else ""
+
+
 def check_external_weights(meta: dict, path: str | Path) -> None:
     """Refuse a checkpoint whose pinned pretrained weights (meta.json `external_weights`) are not
     the installed package's, naming both."""

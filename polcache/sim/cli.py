@@ -71,7 +71,9 @@ def _run(args: argparse.Namespace) -> int:
         raise PolcacheError("--task: empty task name (leave --task out for the checkpoint's task)")
     task = args.task or backend.spec.task
     if not task:
-        raise PolcacheError("the checkpoint names no task: pass --task")
+        from polcache.policy.checkpoint import no_task_hint
+
+        raise PolcacheError(f"the checkpoint names no task: pass --task{no_task_hint(args.checkpoint)}")
     if backend.spec.task and task != backend.spec.task:  # allowed (transfer tests), but rarely meant; as sim-robot says
         from polcache.envs.registry import check_task
 

@@ -224,6 +224,8 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     out = Path(cfg.out)
     source = source or dataset_source(cfg, progress=progress and rank == 0)
     store, policy = source.store, source.policy.to(dev)
+    # a multi-task run's tasks, for the checkpoint's meta.json: its config names none (commands then ask for one)
+    tasks = {"tasks": sorted(set(store.tasks))} if len(set(store.tasks)) > 1 else {}
     if rank == 0 and (hz := policy.spec.control_hz) is not None:  # what eval and serve hold their rates to
         print(f"dataset rate: {hz:g} fps, so the policy acts at {hz:g} Hz (eval and serve check their control rate "
               f"against it)")
@@ -300,7 +302,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         improved = cfg.train.keep_best and score is not None and score < best
         if improved:
             best = score
-            save_checkpoint(out / "best", cfg, judge, step=at, extra_meta={"validation": val})
+            save_checkpoint(out / "best", cfg, judge, step=at, extra_meta={"validation": val, **tasks})
         _log(log_path, {"step": at, **val, "best": improved, "checkpoint": str(last)})
         return best
 
@@ -331,13 +333,13 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
                     _log(log_path, {"step": step, "loss": loss.item(), "lr": lr,
                                     "elapsed_s": round(time.time() - t0, 2)})
                 if checkpoint_due(step):
-                    saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.time() - t0)
+                    saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.time() - t0, tasks)
                     best = validate_checkpoint(step, best)
     except KeyboardInterrupt:
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
             with interrupts_held():
                 print(f"\ninterrupted: saving {last} at step {step} (Ctrl-C is ignored until it is saved)", flush=True)
-                _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.time() - t0)
+                _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.time() - t0, tasks)
             print(f"interrupted: saved {last} at step {step}; run the same command to resume")
         raise
     bar.close()
@@ -425,17 +427,17 @@ def _best_so_far(path: Path) -> float:
 
 
 def _save(path: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, ema: EMA, optimizer, lr_sched, step: int,
-          saved: int | None, elapsed: float) -> int:
+          saved: int | None, elapsed: float, meta: dict) -> int:
     """Checkpoint the run at `step` as `path` (OUT/last), with the run's seconds so far (`elapsed`, from
-    which a resumed run's elapsed_s counts on), and return the step; weights that are no longer
-    finite are refused, so `path` keeps the last good step (`saved`)."""
+    which a resumed run's elapsed_s counts on) and `meta` in its meta.json, and return the step; weights
+    that are no longer finite are refused, so `path` keeps the last good step (`saved`)."""
     for name, weights in (("weights", policy.state_dict()), ("EMA weights", ema.state_dict())):
         bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
             raise TrainingError(_diverged(cfg, step, f"the {name} hold NaN or infinite values ({bad})", path, saved))
     save_checkpoint(path, cfg, policy, ema.state_dict(), step,
                     TrainState(policy.state_dict(), optimizer.state_dict(), lr_sched.state_dict(), step),
-                    extra_meta={"elapsed_s": round(elapsed, 2)})
+                    extra_meta={"elapsed_s": round(elapsed, 2), **meta})
     return step
 
 
