@@ -280,7 +280,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _where(exc: yaml.YAMLError) -> str:
+def yaml_error_where(exc: yaml.YAMLError) -> str:
     """Where the parser gave up and why, in one line: ' at line 1, column 14: expected ...' (a bare
     class name left the user to bisect the file)."""
     mark = getattr(exc, "problem_mark", None)
@@ -298,7 +298,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
     try:
         data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML{_where(exc)}") from None
+        raise ConfigError(f"{p}: not valid YAML{yaml_error_where(exc)}") from None
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     except UnicodeDecodeError:

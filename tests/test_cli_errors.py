@@ -46,7 +46,9 @@ def test_incomplete_checkpoint(capsys, tmp_path):
                                                      "take --sampler and --steps"),
     # checkpoints saved before the digests: what the files themselves say
     (lambda ck: _before_digests(ck, config=""), "config.yaml: empty or not a mapping (truncated?)"),
-    (lambda ck: _before_digests(ck, config="policy: [unclosed"), "config.yaml: while parsing"),
+    (lambda ck: _before_digests(ck, config="policy: [unclosed"), "config.yaml: not valid YAML at line 1, column 18: "
+                                                                 "expected ',' or ']', but got '<stream end>' "
+                                                                 "(truncated or damaged?)"),
     (lambda ck: _before_digests(ck, config=(ck / "config.yaml").read_text() + "task: push-v3\n"),
      "config.yaml: duplicate key task on line"),
     (lambda ck: _other_normalizer(_before_digests(ck), state_dim=8),

@@ -27,7 +27,7 @@ from safetensors.torch import load, save
 
 import polcache
 from polcache.atomic import atomic_directory, restore
-from polcache.config import ExperimentConfig, from_dict, load_yaml, to_dict, validate
+from polcache.config import ExperimentConfig, from_dict, load_yaml, to_dict, validate, yaml_error_where
 from polcache.data.normalize import Normalizer
 from polcache.errors import CheckpointError, ConfigError
 from polcache.jsonfile import read_json_object
@@ -138,8 +138,11 @@ def read_meta(path: str | Path) -> tuple[ExperimentConfig, dict]:
             raise ConfigError("empty or not a mapping (truncated?)")
         cfg = from_dict(ExperimentConfig, data)
         validate(cfg)
-    except (ConfigError, yaml.YAMLError) as exc:
+    except ConfigError as exc:
         raise CheckpointError(f"{path}/config.yaml: {str(exc).splitlines()[0]}") from None
+    except yaml.YAMLError as exc:  # one saved before config.yaml had its digest, cut or damaged
+        raise CheckpointError(f"{path}/config.yaml: not valid YAML{yaml_error_where(exc)} (truncated or "
+                              f"damaged?)") from None
     return cfg, meta
 
 
