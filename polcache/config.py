@@ -191,8 +191,8 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f" in '{path}'" if path else ""
-        exc = ConfigError(f"unknown config key{where}: {', '.join(repr(path + '.' + k if path else k) for k in unknown)} "
-                          f"(known: {', '.join(sorted(names))})")
+        named = ", ".join(repr(f"{path}.{k}" if path else k) for k in unknown)
+        exc = ConfigError(f"unknown config key{where}: {named} (known: {', '.join(sorted(names))})")
         exc.key = f"{path}.{unknown[0]}" if path else str(unknown[0])  # for `located`: where the file gives it
         raise exc
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}

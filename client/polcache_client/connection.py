@@ -254,7 +254,8 @@ class PolicyClient:
                 self._ready, self.policy = True, msg.policy
                 self.max_message_bytes = msg.max_message_bytes
                 self.connections += 1
-                lost = f", {now - self._lost_at:.1f} s after the connection was lost" if self._lost_at is not None else ""
+                lost = (f", {now - self._lost_at:.1f} s after the connection was lost" if self._lost_at is not None
+                        else "")
                 log.info("connected to %s at %s (epoch %d%s)", msg.server, self.address, self.epoch, lost)
                 self._lost_at = None
         elif isinstance(msg, Heartbeat):

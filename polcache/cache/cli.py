@@ -12,8 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "calibrate", help="calibrate a checkpoint and write a block-wise cache schedule (BAC)",
         description="Run uncached sampling on calibration observations (windows of --dataset or of the "
-                    "checkpoint's training dataset, else environment resets), measure every block's delta similarity across denoising steps, "
-                    "solve the Adaptive Caching Scheduler per block and apply Bubbling Union. Writes the "
+                    "checkpoint's training dataset, else environment resets), measure every block's delta "
+                    "similarity across denoising steps, solve the Adaptive Caching Scheduler per block and "
+                    "apply Bubbling Union. Writes the "
                     "schedule JSON (use it with `polcache eval --cache FILE`) and a heatmap PNG beside it.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--budget", type=positive_int, required=True, help="update steps per block S (1..K)")

@@ -68,8 +68,8 @@ def check_embeddable(policy: DiffusionPolicy, dataset: str | Path) -> EpisodeSto
         raise DatasetError(f"the checkpoint is a {family} policy; ptp embed stores the per-frame features of a "
                            "dp-t policy's encoder")
     store = open_dataset(dataset)
-    store.check_observations({k: policy.spec.obs[k] for k in policy.obs_keys}, str(dataset),
-                             "the checkpoint's encoder", f" (a checkpoint of another task, {policy.spec.task or 'unnamed'}?)")
+    store.check_observations({k: policy.spec.obs[k] for k in policy.obs_keys}, str(dataset), "the checkpoint's encoder",
+                             f" (a checkpoint of another task, {policy.spec.task or 'unnamed'}?)")
     return store
 
 

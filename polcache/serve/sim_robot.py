@@ -122,7 +122,8 @@ def run_sim_robot(
     if not 0 <= sensor_lag_ms <= MAX_SENSOR_LAG_MS:
         raise PolcacheError(f"sensor_lag_ms must be in [0, {MAX_SENSOR_LAG_MS:g}] ms, got {sensor_lag_ms}")
     if not stamped and not sensor_lag_ms:
-        raise PolcacheError("stamped=False leaves out the time of a lagging sensor's data: give the lag (sensor_lag_ms)")
+        raise PolcacheError("stamped=False leaves out the time of a lagging sensor's data: give the lag "
+                            "(sensor_lag_ms)")
     texts = ([instruction] if instruction is not None
              else list(instructions(task, "heldout")) if task in INSTRUCTIONS else [None])
 

@@ -246,7 +246,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         texts = ((rollout.instruction,) if rollout.instruction is not None
                  else instructions(task, rollout.instructions or "heldout"))
         encoded = [policy_instruction(t, backend.spec, "--instruction") for t in texts]
-    check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")  # first: a task of other shapes, whatever its rate
+    check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")  # first: other shapes, whatever the rate
     mismatch = check_rate(backend.spec, 1.0 / env.control_period_s, task, allow_rate_mismatch)
     check_rollout(rollout, backend.spec)  # before the progress bar: a bad option is one line
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
