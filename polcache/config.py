@@ -195,7 +195,15 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
         exc = ConfigError(f"unknown config key{where}: {named} (known: {', '.join(sorted(names))})")
         exc.key = f"{path}.{unknown[0]}" if path else str(unknown[0])  # for `located`: where the file gives it
         raise exc
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        name = f"{path}.{k}" if path else k
+        try:
+            kwargs[k] = _coerce(v, hints[k], name)
+        except ConfigError as exc:
+            if not hasattr(exc, "key"):  # the innermost key whose value is refused, for `located`
+                exc.key = name
+            raise
     return cls(**kwargs)
 
 
@@ -330,8 +338,9 @@ def key_lines(path: str | Path) -> dict[str, int]:
 
 
 def located(exc: ConfigError, path: str | Path | None, overrides: list[str]) -> ConfigError:
-    """`exc` with the file line of the key it names (`exc.key`, set by `from_dict`), unless an override
-    set that key: a typo in a long config file was named by its dotted path alone."""
+    """`exc` with the file line of the key it names (`exc.key`, set by `from_dict`: an unknown key, or
+    one whose value is of the wrong type), unless an override set that key: a typo in a long config
+    file was named by its dotted path alone."""
     key = getattr(exc, "key", None)
     if key is None or path is None or any(o.partition("=")[0].strip() == key for o in overrides):
         return exc

@@ -171,6 +171,9 @@ def test_unknown_config_key(capsys, tmp_path):
     # the file's line too: a typo in a long config was named by its dotted path alone
     assert err.startswith(f"polcache train: error: {cfg}, line 4: unknown config key in 'policy': 'policy.widht' "
                           "(known: ")
+    cfg.write_text("task: reach-v3\ntrain:\n  lr: fast\n")  # a value of the wrong type too
+    assert _err(capsys, ["train", "--config", str(cfg)]) == (f"polcache train: error: {cfg}, line 3: train.lr: "
+                                                             "expected a number, got 'fast'")
     cfg.write_text("task: reach-v3\n")  # an override's typo is the override's, not the file's
     assert _err(capsys, ["train", "--config", str(cfg), "policy.widht=3"]).startswith(
         "polcache train: error: unknown config key in 'policy': 'policy.widht'")
