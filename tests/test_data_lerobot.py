@@ -747,6 +747,23 @@ def test_train_names_a_hub_id_as_one(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_training_on_a_root_with_large_cameras_says_how_to_import_them_smaller(tmp_path, capsys):
+    """dataset=ROOT trained on ALOHA's 480x640 images as imported, slowly, without a word of --image-size."""
+    from polcache.config import ExperimentConfig
+    from polcache.train.loop import dataset_source
+
+    cfg = ExperimentConfig(dataset=str(exported_root(tmp_path, "big", episodes=1, length=4, hw=(144, 160))),
+                           obs_keys=["state", "image_front"])
+    dataset_source(cfg)
+    assert capsys.readouterr().err.strip() == (
+        f"note: {cfg.dataset} is imported with its cameras at their own size (image_front 144x160), and the policy "
+        f"trains on those; for smaller images, `polcache data import-lerobot {cfg.dataset} --image-size 96x96 --out "
+        "DATA.zarr` and dataset=DATA.zarr")
+    dataset_source(ExperimentConfig(dataset=str(exported_root(tmp_path, "small", episodes=1, length=4)),
+                                    obs_keys=["state", "image_front"]))
+    assert capsys.readouterr().err == ""
+
+
 # ---- lerobot itself ----------------------------------------------------------------------
 
 

@@ -133,7 +133,26 @@ def dataset_source(cfg: ExperimentConfig, progress: bool = False) -> TrainingSou
         raise ConfigError(f"task is {cfg.task!r} but dataset {cfg.dataset} was recorded on {recorded!r}; "
                           f"set task={recorded} (or leave task empty)")
     cfg.task = cfg.task or recorded
+    if _launch_rank() == 0:
+        _note_large_lerobot_images(cfg, store)
     return TrainingSource(store, build_policy(cfg, store), list(cfg.obs_keys))
+
+
+LARGE_IMAGE_PX = 128  # a camera side above this, imported whole from a LeRobot root, earns a note
+
+
+def _note_large_lerobot_images(cfg: ExperimentConfig, store: EpisodeStore) -> None:
+    """`dataset=ROOT` imports a LeRobot root's cameras at their own size (480x640 for ALOHA): the policy
+    then trains on them, slowly, with no word of the smaller route."""
+    from polcache.data.lerobot import is_lerobot_root
+
+    spec = store.obs_spec()
+    big = [f"{k} {spec[k].shape[0]}x{spec[k].shape[1]}" for k in cfg.obs_keys
+           if k.startswith("image_") and k in spec and max(spec[k].shape[:2]) > LARGE_IMAGE_PX]
+    if big and is_lerobot_root(cfg.dataset):
+        print(f"note: {cfg.dataset} is imported with its cameras at their own size ({', '.join(big)}), and the "
+              f"policy trains on those; for smaller images, `polcache data import-lerobot {cfg.dataset} "
+              f"--image-size 96x96 --out DATA.zarr` and dataset=DATA.zarr", file=sys.stderr)
 
 
 def _infinite(loader: DataLoader, sampler: DistributedSampler | None):
