@@ -407,6 +407,19 @@ def test_a_robot_whose_connection_closed_is_logged_once_with_its_session_closed(
         assert list(server.sessions) == [b"arm-1"] and caplog.text.count("session closed") == 2
 
 
+def test_a_robot_renamed_on_its_connection_ends_the_old_names_session(server):
+    """A second handshake under another name kept the first name's gauges exposed for good."""
+    closed = []
+    server.on_session_closed = closed.append
+    peer = RawPeer(server.endpoint)
+    assert isinstance(peer.handshake(name="raw-A"), Welcome) and isinstance(peer.handshake(name="raw-A"), Welcome)
+    assert closed == []  # the same name again: the same robot
+    assert isinstance(peer.handshake(name="raw-B"), Welcome)
+    assert closed == ["raw-A"]
+    peer.close()
+    assert wait_for(lambda: closed == ["raw-A", "raw-B"])
+
+
 def test_robot_disconnect_and_reconnect(server):
     spec = {"state": ((STATE_DIM,), "float32")}
     for _ in range(3):
@@ -637,6 +650,8 @@ def test_observation_of_an_ended_epoch_gets_an_error(peer):
 def test_a_flooding_peer_is_muted_while_others_are_served(server, peer, caplog):
     """A peer sending far more than its declared rate while others are served has its messages
     dropped unread for the next second, and is told so once; it is heard again once it slows."""
+    records = []
+    server.on_record = records.append
     flooder = RawPeer(server.endpoint)
     flooder.handshake(name="flooder")  # 50 Hz: 4 * 50 + 20 = 220 messages a second allowed
     heartbeat = encode(Heartbeat(t=1.0))
@@ -658,6 +673,8 @@ def test_a_flooding_peer_is_muted_while_others_are_served(server, peer, caplog):
                 peer.socket.recv()
         assert told is not None and told.code == "rate_limited" and "more than 220 messages in one second" in told.message
         assert "flooder (session" in caplog.text and "dropped unread until it sends fewer" in caplog.text
+        # each message dropped is counted as refused (they were in no metric: "refused messages: none")
+        assert {(r.robot, r.code) for r in records if r.kind == "error"} == {("flooder", "rate_limited")}
         while peer.socket.poll(200):  # the echoes of its heartbeats
             peer.socket.recv()
         assert_still_serving(peer)

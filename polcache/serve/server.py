@@ -365,6 +365,10 @@ class PolicyServer:
         # Reading it slowly lets its connection's queue fill, so ZeroMQ stops reading it too (and the
         # flooder's sends wait); the pause frees the core and the GIL for everyone else meanwhile.
         time.sleep(DROP_PAUSE_S)
+        if self.on_record is not None:  # every refused message is counted, these too (they were in no metric)
+            session = self.sessions.get(robot)
+            self.on_record(ErrorRecord(t=time.time(), robot=session.name if session else NO_HANDSHAKE,
+                                       code="rate_limited"))
         if robot not in self._flood.told:
             self._flood.told.add(robot)
             session = self.sessions.get(robot)
@@ -437,6 +441,8 @@ class PolicyServer:
         old = self.sessions.get(robot)
         if old is None and len(self.sessions) >= self.max_sessions:
             self._make_room()
+        if old is not None and old.name != msg.name and self.on_session_closed is not None:
+            self.on_session_closed(old.name)  # renamed on its connection: the old name's session ended
         if fd is None and old is not None:  # shaking hands again on its connection
             fd = old.fd
         self.sessions[robot] = Session(name=msg.name, hz=msg.hz, fd=fd,
