@@ -443,6 +443,33 @@ def test_sigterm_safe_stops_the_robot_where_the_program_has_no_handler_of_its_ow
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.parametrize("during_the_stop", [False, True])
+def test_a_hangup_safe_stops_the_robot_as_sigterm_does(during_the_stop):
+    """Closing the terminal or SSH session that ran the robot (SIGHUP, whose default ends the process)
+    left it executing its last command; one during the safe stop waits for it. Under nohup
+    (SIGHUP ignored) nothing changes."""
+    from polcache_client.signals import Terminated
+
+    if during_the_stop:
+        loop, robot, _, _ = signalled_loop((signal.SIGHUP,))
+    else:
+        loop, robot, _, _, _, _ = make_loop(latency_s=0.5 / HZ)
+        act = robot.act
+        robot.act = lambda action: (act(action), len(robot.applied) == 3 and os.kill(os.getpid(), signal.SIGHUP))
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with pytest.raises(Terminated):
+            loop.run(ticks=20)
+        assert len(robot.stops) == 1 and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        if during_the_stop:
+            assert robot.braked == 1  # the stop ran to its end before the hangup was raised
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        loop.run(ticks=5)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_the_adapter_acts_on_a_copy_so_converting_in_place_changes_nothing_held_or_reported():
     """A held action was the same array each tick: an adapter scaling it in place halved it tick after
     tick, and the halved values were reported as executed."""

@@ -23,23 +23,31 @@ class Terminated(KeyboardInterrupt):
 @contextmanager
 def sigterm_as_interrupt(replace: bool = True) -> Iterator[None]:
     """Inside, SIGTERM raises Terminated (a KeyboardInterrupt), so the same cleanup runs as for
-    Ctrl-C. A second SIGTERM is ignored while that cleanup runs. `replace=False`: only where SIGTERM
-    would otherwise end the process outright (its default action), leaving a program's own handler
-    alone. Outside the main thread (where no signal handler can be set) a no-op."""
-    if threading.current_thread() is not threading.main_thread() or \
-            not replace and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    Ctrl-C; so does SIGHUP where its action is the default (ending the process). A second signal is
+    ignored while that cleanup runs. `replace=False`: SIGTERM too only where it would otherwise end
+    the process outright, leaving a program's own handler alone. Outside the main thread (where no
+    signal handler can be set) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    # SIGHUP too (the terminal or SSH session that ran it closed): its default also ended the process
+    # outright, the robot still executing its last command; only where it is the default (nohup ignores it)
+    taken = [sig for sig in (signal.SIGTERM, signal.SIGHUP)
+             if signal.getsignal(sig) is signal.SIG_DFL or (replace and sig == signal.SIGTERM)]
 
     def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in taken:
+            signal.signal(sig, signal.SIG_IGN)
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    interrupt.raises_terminated = True  # interrupts_deferred holds a SIGHUP it would raise
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in taken}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager
@@ -58,11 +66,14 @@ def interrupts_deferred(what: str) -> Iterator[None]:
         if signum == signal.SIGINT and any(type(h) is KeyboardInterrupt for h in held):
             log.warning("%s: abandoned (Ctrl-C twice)", what)
             raise KeyboardInterrupt
-        held.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+        held.append(KeyboardInterrupt() if signum == signal.SIGINT else Terminated())
         if signum == signal.SIGINT:
             log.warning("%s first (Ctrl-C again to abandon it)", what)
 
-    previous = {sig: signal.signal(sig, on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    hangup = signal.getsignal(signal.SIGHUP)  # held where it would end the process or raise (sigterm_as_interrupt)
+    held_signals = (signal.SIGINT, signal.SIGTERM) + (
+        (signal.SIGHUP,) if hangup is signal.SIG_DFL or getattr(hangup, "raises_terminated", False) else ())
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in held_signals}
     try:
         yield
     finally:
