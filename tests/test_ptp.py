@@ -61,6 +61,12 @@ def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run
         a = long.encode({"state": ds_raw[17]["obs"]["state"][None]})
         b = long.encode({"embedding": ds_emb[17]["obs"]["embedding"][None]})
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # calibration reads the source dataset, recognised as the training data (the head's normaliser
+    # also holds the embeddings' statistics, which raw data has not: that refused it)
+    from polcache.cache.calibrate import calibration_observations
+
+    _, source = calibration_observations(long, cfg, 4, checkpoint=root / "long" / "last")
+    assert source.startswith(f"dataset {root / 'toy.zarr'}: 4 random windows")
 
 
 def test_a_store_from_another_encoder_or_obs_keys_is_refused(short_run, capsys):

@@ -108,7 +108,9 @@ def _check_training_data(policy: CacheTarget, cfg: ExperimentConfig, store, data
 
     saved = policy.normalizer.state_dict()
     refit = fit_normalizer(store, cfg, str(dataset)).state_dict()
-    differ = differing_keys({k: v for k, v in refit.items() if k in saved}, saved)
+    # the raw data's keys only: a PTP head fine-tuned on stored embeddings also has the embeddings' statistics
+    shared = saved.keys() & refit.keys()
+    differ = differing_keys({k: refit[k] for k in shared}, {k: saved[k] for k in shared})
     if differ:
         raise CacheError(f"{dataset} (found from the checkpoint's dataset: {cfg.dataset}) is not the data it was "
                          f"trained on (the normaliser statistics of {', '.join(differ)} differ): pass --dataset PATH "
