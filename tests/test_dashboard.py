@@ -226,6 +226,23 @@ def test_robots_sharing_a_name_in_two_files_are_kept_apart_and_named(tmp_path):
     assert "shown as left, left (2)" in html
 
 
+def test_a_robot_really_named_like_anothers_second_label_is_not_merged_with_it(tmp_path):
+    """Robots named arm-1, arm-1 and "arm-1 (2)": the second arm-1 was shown as "arm-1 (2)" and merged
+    with the robot of that name (one series at twice the rate, the misses of both)."""
+    _, left, right = two_robot_run(tmp_path)
+    third = tmp_path / "third.jsonl"
+    third.write_text(right.read_text().replace('"right"', '"left (2)"'))
+    right.write_text(right.read_text().replace('"right"', '"left"'))
+    state = RunState()
+    for path in (left, right, third):
+        state.add(JsonlTail(path).poll(100000), {"name": str(path)})
+    views = state.views(interval_s=1.0)
+    # the second "left" took "left (2)" first: the robot of that name is shown as "left (2) (2)"
+    assert sorted(views["_meta"]["robots"]) == ["left", "left (2)", "left (2) (2)"]
+    rates = [v for s in views["rate"]["series"] for v in s["y"]]
+    assert rates and all(v == pytest.approx(50.0, rel=1e-6) for v in rates)
+
+
 def test_series_are_in_time_order_whatever_order_records_came_in():
     """A rate from records out of order (a wall clock stepped back) read negative, and a
     cumulative count ran back in time."""

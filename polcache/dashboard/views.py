@@ -115,6 +115,7 @@ class RunState:
         self._ticks: dict[str, Ticks] = {}  # per views() call: robot -> its tick times, periods and pauses
         self._unnamed: dict[str, Any] = {}  # the source of records added without one
         self._owners: dict[str, list[dict[str, Any]]] = {}  # robot name -> the sources of its own records, in order
+        self._labels: set[str] = set()  # every name a robot's own records are shown under
 
     def add(self, records: Iterable[dict[str, Any]], source: dict[str, Any] | None = None) -> None:
         """`source` carries per-source context (one dict per file or endpoint, the same at each call):
@@ -156,7 +157,15 @@ class RunState:
         if name not in shown:
             owners = self._owners.setdefault(name, [])
             owners.append(source)
-            shown[name] = name if len(owners) == 1 else f"{name} ({len(owners)})"
+            label, k = name, len(owners)
+            if k > 1 or label in self._labels:  # a robot really named "NAME (2)" is not another's second
+                k = max(k, 2)
+                label = f"{name} ({k})"
+                while label in self._labels:
+                    k += 1
+                    label = f"{name} ({k})"
+            self._labels.add(label)
+            shown[name] = label
         return shown[name]
 
     def notes(self) -> list[str]:
