@@ -745,6 +745,11 @@ def test_train_names_a_hub_id_as_one(tmp_path, capsys, monkeypatch):
     assert err.startswith("polcache train: error: lerobot/pusht: no such folder; a Hugging Face Hub id is not "
                           "downloaded") and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+    (tmp_path / "data").mkdir()  # a mistyped local path is not sent to the Hub
+    for typo in ("data/nope.zarr", "dta/nope.zarr", "data/nope"):
+        assert main(["train", "--config", str(Path(__file__).resolve().parents[1] / "configs/recommended_cpu.yaml"),
+                     f"dataset={typo}", "out=run"]) == 2
+        assert capsys.readouterr().err.strip() == f"polcache train: error: {typo}: dataset does not exist"
 
 
 def test_training_on_a_root_with_large_cameras_says_how_to_import_them_smaller(tmp_path, capsys):

@@ -157,8 +157,10 @@ def _check_version(root: Path, version: Any) -> None:
 
 def refuse_hub_id(path: Path) -> None:
     """A missing folder named like a Hub id (owner/name) was most likely meant as one: say that
-    nothing is downloaded and how to get it, rather than only that the folder does not exist."""
-    if not path.exists() and HUB_ID.fullmatch(str(path)):
+    nothing is downloaded and how to get it, rather than only that the folder does not exist. Not a
+    path whose folder is here or that names a zarr store (`data/nope.zarr`: a mistyped local path)."""
+    path = Path(path)
+    if not path.exists() and HUB_ID.fullmatch(str(path)) and not path.parent.exists() and path.suffix != ".zarr":
         raise DatasetError(f"{path}: no such folder; a Hugging Face Hub id is not downloaded, only a local dataset "
                            f"root is read: download it first (`huggingface-cli download {path} --repo-type dataset "
                            f"--local-dir DIR`, or huggingface_hub.snapshot_download('{path}', repo_type='dataset', "
