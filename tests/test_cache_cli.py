@@ -15,16 +15,17 @@ from polcache.policy import load_backend, save_checkpoint
 from polcache.train.loop import fit_normalizer
 
 
-def demo_data(path, episodes=3, seed=0, state_dim=5):
+def demo_data(path, episodes=3, seed=0, state_dim=5, task=None):
     rng = np.random.default_rng(seed)
     write_dataset(path, [Episode(obs={"state": rng.normal(size=(20, state_dim)).astype(np.float32)},
-                                 action=rng.uniform(-1, 1, (20, 3)).astype(np.float32)) for _ in range(episodes)])
+                                 action=rng.uniform(-1, 1, (20, 3)).astype(np.float32)) for _ in range(episodes)],
+                  {"task": task} if task else None)
     return path
 
 
-def trained_on(dataset, out, n_layers=2):
+def trained_on(dataset, out, n_layers=2, task=""):
     """A tiny checkpoint whose normaliser is the one training on `dataset` fits."""
-    cfg = ExperimentConfig(task="", dataset=str(dataset), policy=tiny_policy().cfg)
+    cfg = ExperimentConfig(task=task, dataset=str(dataset), policy=tiny_policy().cfg)
     policy = tiny_policy(n_layers=n_layers, width=32, normalizer=fit_normalizer(EpisodeStore.open(dataset), cfg, ""))
     return save_checkpoint(out, replace(cfg, policy=policy.cfg), policy)
 
@@ -187,7 +188,12 @@ def test_a_dataset_found_at_the_checkpoints_path_must_be_its_training_data(check
         "calibrate on the training data, or on this one anyway")
     assert main([*argv, "--dataset", str(other)]) == 0  # the user's choice
     assert source().startswith(f"dataset {other}: 4 random windows")
-    capsys.readouterr()
+    assert "warning" not in capsys.readouterr().err  # neither names a task
+    pushed = demo_data(tmp_path / "push.zarr", seed=3, task="push-v3")  # another task's: said, as eval says it
+    reach = trained_on("data/demo.zarr", tmp_path / "reach", task="reach-v3")
+    assert main([*[str(reach) if a == str(ckpt) else a for a in argv], "--dataset", str(pushed)]) == 0
+    assert (f"warning: the checkpoint's policy was trained on reach-v3, --dataset {pushed} was recorded on push-v3"
+            in capsys.readouterr().err)
     wide = demo_data(tmp_path / "wide.zarr", state_dim=7)
     assert main([*argv, "--dataset", str(wide)]) == 2
     assert capsys.readouterr().err.strip() == (

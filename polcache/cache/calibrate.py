@@ -9,6 +9,7 @@ from the checkpoint's training dataset when it exists, else from environment res
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -144,6 +145,9 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
                                  " (pass --dataset with the data it was trained on)" if found else "")
         if found:
             _check_training_data(policy, cfg, store, dataset)
+        elif (recorded := str(store.attrs.get("task", ""))) and policy.spec.task and recorded != policy.spec.task:
+            print(f"warning: the checkpoint's policy was trained on {policy.spec.task}, --dataset {dataset} was "
+                  f"recorded on {recorded}", file=sys.stderr)  # allowed, as eval allows it, but rarely meant
         ds = SequenceDataset(store, policy.cfg.horizon, To, keys=keys, obs_stride=policy.cfg.obs_stride,
                              frame_mode=policy.cfg.frame_mode)
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
