@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from polcache.config import INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, Experime
 from polcache.policy.executor import DeltaStore
 from polcache.cache.protocol import CacheTarget
 from polcache.policy.samplers import Sampler
+
+if TYPE_CHECKING:
+    from polcache.data import EpisodeStore
 
 
 class RecordingStore(DeltaStore):
@@ -100,7 +103,7 @@ def find_dataset(dataset: str, checkpoint: str | Path | None = None) -> Path | N
     return next((c for c in candidates if c.exists()), None)
 
 
-def _check_training_data(policy: CacheTarget, cfg: ExperimentConfig, store, dataset: Path) -> None:
+def _check_training_data(policy: CacheTarget, cfg: ExperimentConfig, store: "EpisodeStore", dataset: Path) -> None:
     """Refuse a dataset found by the checkpoint's relative `dataset` path that is not the data it was
     trained on (another recording at that path, or another project's): the normaliser refitted on
     it differs. The schedule would be fitted to other observations without a word."""

@@ -157,13 +157,11 @@ class RunState:
         if name not in shown:
             owners = self._owners.setdefault(name, [])
             owners.append(source)
-            label, k = name, len(owners)
-            if k > 1 or label in self._labels:  # a robot really named "NAME (2)" is not another's second
-                k = max(k, 2)
+            k = len(owners)
+            label = name if k == 1 else f"{name} ({k})"
+            while label in self._labels:  # a robot really named "NAME (2)" is not another's second
+                k = max(k, 1) + 1
                 label = f"{name} ({k})"
-                while label in self._labels:
-                    k += 1
-                    label = f"{name} ({k})"
             self._labels.add(label)
             shown[name] = label
         return shown[name]

@@ -365,13 +365,12 @@ class PolicyServer:
         # Reading it slowly lets its connection's queue fill, so ZeroMQ stops reading it too (and the
         # flooder's sends wait); the pause frees the core and the GIL for everyone else meanwhile.
         time.sleep(DROP_PAUSE_S)
+        session = self.sessions.get(robot)
         if self.on_record is not None:  # every refused message is counted, these too (they were in no metric)
-            session = self.sessions.get(robot)
             self.on_record(ErrorRecord(t=time.time(), robot=session.name if session else NO_HANDSHAKE,
                                        code="rate_limited"))
         if robot not in self._flood.told:
             self._flood.told.add(robot)
-            session = self.sessions.get(robot)
             why = (f"more than {self._allowance(robot):g} messages in one second while other robots are served: this "
                    f"robot's messages are dropped unread until it sends fewer")
             self._send(robot, encode(Error(code="rate_limited", message=why, seq=None),
@@ -441,8 +440,8 @@ class PolicyServer:
         old = self.sessions.get(robot)
         if old is None and len(self.sessions) >= self.max_sessions:
             self._make_room()
-        if old is not None and old.name != msg.name and self.on_session_closed is not None:
-            self.on_session_closed(old.name)  # renamed on its connection: the old name's session ended
+        if old is not None and old.name != msg.name:
+            self._ended(old.name)  # renamed on its connection: the old name's session ended
         if fd is None and old is not None:  # shaking hands again on its connection
             fd = old.fd
         self.sessions[robot] = Session(name=msg.name, hz=msg.hz, fd=fd,
@@ -686,9 +685,11 @@ class PolicyServer:
 
     def _close(self, robot: bytes) -> None:
         """Forget a robot's session, and say so to `on_session_closed`."""
-        session = self.sessions.pop(robot)
+        self._ended(self.sessions.pop(robot).name)
+
+    def _ended(self, name: str) -> None:
         if self.on_session_closed is not None:
-            self.on_session_closed(session.name)
+            self.on_session_closed(name)
 
     def _allowance(self, robot: bytes) -> float:
         session = self.sessions.get(robot)
