@@ -7,6 +7,7 @@ import json
 import os
 import re
 import time
+import types
 import urllib.request
 
 import pytest
@@ -375,6 +376,48 @@ def test_scrape_turns_histogram_increases_into_values():
     state = RunState()
     state.add(records)
     assert state.views()["latency"]["series"] and state.views()["_meta"]["robots"] == ["arm"]
+
+
+def test_a_scraped_robot_shows_its_control_rate_and_target_not_the_scrape_rate(monkeypatch):
+    """Each scrape's tick record stands for every tick since the last: the rate is ticks per second,
+    whatever the scrape interval, and the run's Info metric gives the target line."""
+    clock = {"now": 100.0}
+    monkeypatch.setattr("polcache.dashboard.scrape.time",
+                        types.SimpleNamespace(time=lambda: clock["now"], monotonic=lambda: clock["now"]))
+    m = Metrics(robot="arm", info={"role": "robot", "hz": 50, "task": "reach-v3"})
+    http = serve_prometheus(m, 0)
+    state = RunState()
+    try:
+        scraper = PrometheusScraper(f"127.0.0.1:{http.server_address[1]}")
+        state.add(scraper.poll())  # the baseline, and the info
+        for step in range(12):
+            clock["now"] += 0.5 if step != 6 else 5.5  # a 5 s pause before the seventh scrape's 25 ticks
+            for _ in range(25):
+                m.record(tick(0.1))
+            state.add(scraper.poll())
+    finally:
+        http.shutdown()
+        http.server_close()
+    views = state.views(interval_s=1.0)
+    assert views["rate"]["hlines"] == [{"name": "target arm", "y": 50.0}]
+    rates = [v for s in views["rate"]["series"] for v in s["y"] if v is not None]
+    assert rates and all(v == pytest.approx(50.0) for v in rates)  # not 2 Hz (the scrapes), not 25/5.5 Hz
+    assert None in views["rate"]["series"][0]["y"]  # the pause breaks the line
+
+
+def test_a_servers_scraped_info_gives_the_deadline_line():
+    m = Metrics(window=0, info={"role": "server", "deadline_ms": None, "policy": {"n_action_steps": 8}})
+    robot = Metrics(robot="arm", info={"role": "robot", "hz": 50})
+    endpoints = [serve_prometheus(m, 0), serve_prometheus(robot, 0)]
+    state = RunState()
+    try:
+        for http in endpoints:
+            state.add(PrometheusScraper(f"127.0.0.1:{http.server_address[1]}").poll())
+    finally:
+        for http in endpoints:
+            http.shutdown()
+            http.server_close()
+    assert state.views()["latency"]["hlines"] == [{"name": "deadline arm", "y": 140.0}]  # (8 - 1) / 50 Hz
 
 
 def test_scrape_address_forms():

@@ -2,9 +2,11 @@
 
 ADDR is `HOST:PORT` or a URL (`http://HOST:PORT/metrics`) of a `--metrics-port` endpoint of
 `polcache serve` or `sim-robot`. Each scrape is turned back into records so the views are the
-same as from files: counter increases become counter fields, gauges their newest value, and
-a histogram's new observations become values at their bucket's midpoint. So from a scrape,
-distributions have bucket resolution and times have the scrape interval's.
+same as from files: counter increases become counter fields (a scrape's tick record stands for
+all the ticks since the last), gauges their newest value, a histogram's new observations become
+values at their bucket's midpoint, and the run's Info metric (a robot's rate, a server's
+deadline) an info record. So from a scrape, distributions have bucket resolution and times
+have the scrape interval's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from polcache.dashboard.views import MONOTONIC_KINDS
 from polcache.errors import PolcacheError
+from polcache.metrics.prometheus import RUN_INFO
 
 PREFIX = "polcache_"
 
@@ -55,14 +58,14 @@ class PrometheusScraper:
     def poll(self) -> list[dict[str, Any]]:
         try:
             with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
-                current = parse_exposition(response.read().decode())
+                current, infos = parse_exposition(response.read().decode())
         except OSError as exc:  # the process may be starting or gone; keep trying
             return self._failed(f"cannot reach it ({getattr(exc, 'reason', None) or exc})")
         except ValueError as exc:  # not UTF-8, not the Prometheus text format: another service on that port?
             return self._failed(f"not a Prometheus endpoint ({str(exc)[:80]})")
         self.problem = None
         last, self._last = self._last, current
-        return [] if last is None else records_between(last, current)
+        return [info_record(labels) for labels in infos] + ([] if last is None else records_between(last, current))
 
     def _failed(self, why: str) -> list[dict[str, Any]]:
         self.failures += 1
@@ -70,10 +73,14 @@ class PrometheusScraper:
         return []
 
 
-def parse_exposition(text: str) -> dict[tuple, float]:
-    """{(kind, field, role, robot, code, le): value} for polcache's series."""
-    out = {}
+def parse_exposition(text: str) -> tuple[dict[tuple, float], list[dict[str, str]]]:
+    """{(kind, field, role, robot, code, le): value} for polcache's series, and the labels of each
+    run Info sample."""
+    out, infos = {}, []
     for family in text_string_to_metric_families(text):
+        if family.name == f"{RUN_INFO}_info":
+            infos += [sample.labels for sample in family.samples]
+            continue
         if not family.name.startswith(PREFIX) or family.type not in ("counter", "histogram", "gauge"):
             continue
         kind, _, field = family.name[len(PREFIX):].partition("_")
@@ -89,7 +96,24 @@ def parse_exposition(text: str) -> dict[tuple, float]:
             else:
                 continue
             out[key] = sample.value
-    return out
+    return out, infos
+
+
+def info_record(labels: dict[str, str]) -> dict[str, Any]:
+    """A run Info sample as a metrics file's info line holds it (numbers as numbers, the server's
+    n_action_steps in its policy); a number that is none (another exporter's labels) is left out."""
+    record: dict[str, Any] = {"kind": "info", "t": time.time(), "role": labels.get("role"), "robot": labels.get("robot")}
+    numbers = {}
+    for field in ("hz", "deadline_ms", "n_action_steps"):
+        try:
+            value = float(labels[field])
+        except (KeyError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            numbers[field] = value
+    if "n_action_steps" in numbers:
+        record["policy"] = {"n_action_steps": int(numbers.pop("n_action_steps"))}
+    return {**record, **numbers}
 
 
 def records_between(last: dict[tuple, float], current: dict[tuple, float]) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ class Ticks(NamedTuple):
     """A robot's ticks, as the views break its series at pauses (RunState._ticks_of)."""
 
     t: np.ndarray  # seconds since the run's start, in order
+    counts: np.ndarray  # the ticks each record stands for: 1 from a file, all since the last from a scrape
     periods: np.ndarray  # np.diff(t)
     paused: np.ndarray  # per period: a pause, not a period
     pauses: np.ndarray  # the pauses' middles
@@ -186,7 +187,8 @@ class RunState:
         interval = interval_s or max(1.0, span / 100)
         self._columns = {}  # per call: records change between calls
         # a record of no tick (the loop's own safe stop, a scrape interval without ticks) is no tick time
-        self._ticks = {robot: self._ticks_of(robot, t[n > 0]) for robot, (t, n) in self._series("tick", "ticks").items()}
+        self._ticks = {robot: self._ticks_of(robot, t[n > 0], n[n > 0])
+                       for robot, (t, n) in self._series("tick", "ticks").items()}
         out = {}
         for view, (title, kind) in VIEWS.items():
             out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
@@ -228,20 +230,17 @@ class RunState:
             self._columns[key] = self.records[(robot, kind)].column(field)
         return self._columns[key]
 
-    def _pause_s(self, robot: str, periods: np.ndarray) -> float:
-        """The shortest pause between a robot's ticks (`periods` apart) that breaks its series; its
-        period is its info line's, else its ticks' median (a robot ticking slower than 1 Hz is no pause)."""
-        hz = self.robot_hz.get(robot)
-        period = 1 / hz if hz else float(np.median(periods)) if len(periods) else 0.0
-        return max(PAUSE_S, PAUSE_PERIODS * period)
-
-    def _ticks_of(self, robot: str, t: np.ndarray) -> Ticks:
-        """A robot's tick times, the periods between them, which of those are pauses, and the pauses'
-        middles (where its series break), found once per views() call for every view."""
+    def _ticks_of(self, robot: str, t: np.ndarray, counts: np.ndarray) -> Ticks:
+        """A robot's tick records' times, the periods between them, which of those are pauses, and the
+        pauses' middles (where its series break), found once per views() call for every view. A pause
+        is a period longer than its ticks take by both PAUSE_S and PAUSE_PERIODS of the robot's period:
+        its info line's, else its ticks' median (a robot ticking slower than 1 Hz is no pause)."""
         periods = np.diff(t)
-        paused = periods > self._pause_s(robot, periods)
+        hz = self.robot_hz.get(robot)
+        period = 1 / hz if hz else float(np.median(periods / counts[1:])) if len(periods) else 0.0
+        paused = periods - counts[1:] * period > max(PAUSE_S, PAUSE_PERIODS * period)
         gaps = np.flatnonzero(paused)
-        return Ticks(t, periods, paused, (t[gaps] + t[gaps + 1]) / 2)
+        return Ticks(t, counts, periods, paused, (t[gaps] + t[gaps + 1]) / 2)
 
     def _broken(self, robot: str, series: dict[str, Any]) -> dict[str, Any]:
         """`series` with a null point in each pause of the robot's ticks that it spans: without it the
@@ -300,12 +299,13 @@ class RunState:
         return {"categories": robots, "stacks": stacks if robots else []}
 
     def _view_rate(self, interval: float) -> dict[str, Any]:
-        series = []  # 1 / mean tick-to-tick time per interval: a partly covered interval reads right too
+        series = []  # ticks / their periods' time per interval: a partly covered interval reads right too
         for robot, ticks in sorted(self._ticks.items()):
             within = ~ticks.paused  # a pause is no period: it read as a rate near 0
             if within.any():
-                series += [self._broken(robot, s) for s in _binned_values(robot, ticks.t[1:][within],
-                                                                          ticks.periods[within], interval, {"": "rate"})]
+                series += [self._broken(robot, s) for s in _binned_values(
+                    robot, ticks.t[1:][within], ticks.periods[within], interval, {"": "rate"},
+                    events=ticks.counts[1:][within])]
         return {"series": series, "hlines": _reference_lines("target", self.robot_hz)}
 
     def _view_period_error(self, interval: float) -> dict[str, Any]:
@@ -392,11 +392,12 @@ class RunState:
         return _round(float(values.mean())) if len(values) else None
 
 
-def _binned_values(robot: str, t: np.ndarray, v: np.ndarray, interval: float,
-                   stats: dict[str, str | float]) -> list[dict[str, Any]]:
+def _binned_values(robot: str, t: np.ndarray, v: np.ndarray, interval: float, stats: dict[str, str | float],
+                   events: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One series per statistic, a point per interval (at its middle). A statistic is a
     percentile (a number, numpy's linear interpolation), "mean", "max", or "rate" (v holds the
-    time between events: events per second). Vectorised: a page poll computes hundreds."""
+    time each point's `events` took, default one each: events per second). Vectorised: a page poll
+    computes hundreds."""
     bins = np.floor(t / interval).astype(np.int64)
     order = np.lexsort((v, bins))
     b, sv = bins[order], v[order]
@@ -410,7 +411,7 @@ def _binned_values(robot: str, t: np.ndarray, v: np.ndarray, interval: float,
         elif stat == "max":
             y = np.maximum.reduceat(sv, starts)
         elif stat == "rate":
-            y = counts / np.add.reduceat(sv, starts)
+            y = (counts if events is None else np.add.reduceat(events[order], starts)) / np.add.reduceat(sv, starts)
         else:
             pos = starts + float(stat) / 100 * (counts - 1)
             lo = np.floor(pos).astype(np.int64)

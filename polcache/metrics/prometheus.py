@@ -17,7 +17,8 @@ from bisect import bisect_left
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily,
+                                    Metric)
 from prometheus_client.utils import floatToGoString
 
 # Seconds. Jitter of a fixed-rate loop: tens of microseconds when healthy, a period when not.
@@ -28,6 +29,10 @@ LATENCY_BUCKETS = (1e-3, 2.5e-3, 5e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 4e-2, 6e-2, 8e-
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
 WHOLE_REQUEST_FIELDS = ("latency_ms", "inference_ms", "server_ms", "total_ms")
 LABEL_FIELDS = ("code",)  # record fields that become labels (beside robot)
+RUN_INFO = "polcache_run"  # exposed as polcache_run_info{role, robot, hz, ...} 1, prometheus_client's Info
+# What a dashboard draws from a scrape besides the records: the robot's target rate, the server's deadline
+# and chunk length (n_action_steps: with the robots' rates, the deadline where none is set).
+RUN_INFO_FIELDS = ("role", "task", "hz", "deadline_ms", "n_action_steps")
 
 
 def metric_name(kind: str, field: str) -> str:
@@ -35,6 +40,13 @@ def metric_name(kind: str, field: str) -> str:
     if field.endswith("_ms"):
         return f"polcache_{kind}_{field[:-3]}_seconds"
     return f"polcache_{kind}_{field}"
+
+
+def run_info_labels(info: dict[str, Any]) -> dict[str, str]:
+    """The labels of the run's Info metric: the scalar facts of its info line in RUN_INFO_FIELDS (a
+    server's `n_action_steps` is in its `policy`)."""
+    facts = {**info, **(info.get("policy") or {})}
+    return {field: str(facts[field]) for field in RUN_INFO_FIELDS if facts.get(field) is not None}
 
 
 def buckets_for(field: str) -> tuple[float, ...]:
@@ -87,10 +99,13 @@ class PrometheusRecorder:
     lock per bucket, sum and counter: several times the cost, paid on every request;
     BENCHMARKS.md, "Metrics off the reply path"). The exposition is prometheus_client's."""
 
-    def __init__(self, registry: CollectorRegistry, robot: str = "", kinds: tuple[type, ...] = ()):
+    def __init__(self, registry: CollectorRegistry, robot: str = "", kinds: tuple[type, ...] = (),
+                 info: dict[str, Any] | None = None):
         """`kinds`: record classes exposed before their first record (their families with no series),
-        so a scrape of a process that has served nothing yet shows what it will export."""
+        so a scrape of a process that has served nothing yet shows what it will export. `info`: the
+        run's info line, exposed as RUN_INFO."""
         self.robot = robot
+        self._info = {**run_info_labels(info), **({"robot": robot} if robot else {})} if info else None
         self._lock = threading.Lock()
         self._kinds: dict[type, _Kind] = {cls: _Kind(cls) for cls in kinds}  # per record class
         self._series: dict[tuple, _Series] = {}
@@ -134,6 +149,9 @@ class PrometheusRecorder:
                        dict(s.gauges)) for s in self._series.values()]
             kinds = list(self._kinds.values())
         families: dict[str, Metric] = {}
+        if self._info:
+            families[RUN_INFO] = InfoMetricFamily(RUN_INFO, "what runs: a robot's control rate, a server's deadline "
+                                                            "and actions per chunk", value=self._info)
 
         def family(kind: _Kind, field: str, cls: type) -> Metric:
             name = kind.names[field]

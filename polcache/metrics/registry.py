@@ -49,14 +49,15 @@ class Metrics:
     process that never reports one (`polcache serve`: its distributions are read from the file or
     the Prometheus endpoint). `sink` also receives every record (e.g. a JsonlWriter); `robot`
     labels the Prometheus series of records that do not name their robot themselves (the robot
-    side's tick and chunk records); `kinds`: record classes exposed before their first record."""
+    side's tick and chunk records); `kinds`: record classes exposed before their first record;
+    `info`: the run's info line, whose rate and deadline the endpoint exposes too."""
 
     def __init__(self, window: int = 10_000, sink: Callable[[Any], None] | None = None, robot: str = "",
-                 kinds: tuple[type, ...] = ()):
+                 kinds: tuple[type, ...] = (), info: dict[str, Any] | None = None):
         self.window = window
         self.sink = sink
         self.registry = CollectorRegistry()  # one per Metrics: several in one process never collide
-        self._prometheus = PrometheusRecorder(self.registry, robot, kinds)
+        self._prometheus = PrometheusRecorder(self.registry, robot, kinds, info)
         self._lock = threading.Lock()
         self._kinds: dict[str, tuple[dict[str, float], dict[str, _Summary]]] = {}  # kind: counters, summaries
 
