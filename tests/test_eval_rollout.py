@@ -98,6 +98,16 @@ def test_ensembling_blends_overlapping_chunks(decay, expected):
     assert acts == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("action_steps, delay, hint", [(None, 0, "pass --action-steps 3 or fewer"),
+                                                      (2, 2, "pass --action-steps 1 or fewer"),
+                                                      (1, 3, "lower --delay")])
+def test_ensembling_chunks_that_never_overlap_is_refused_not_a_silent_no_op(action_steps, delay, hint):
+    from polcache.errors import PolcacheError
+
+    with pytest.raises(PolcacheError, match=f"--ensemble blends nothing here.*{hint}"):
+        _run(Rollout(max_steps=6, action_steps=action_steps, ensemble_decay=0.5, delay=delay))
+
+
 def test_a_delay_keeps_the_previous_chunk_running_until_the_next_arrives():
     from polcache.errors import PolcacheError
 

@@ -132,6 +132,14 @@ def check_rollout(rollout: Rollout, spec: PolicySpec) -> int:
                             f"{spec.n_action_steps} ("
                             + (f"--delay at most {spec.n_action_steps - 1}" if rollout.delay >= spec.n_action_steps
                                else f"lower --action-steps to at most {spec.n_action_steps - rollout.delay}") + ")")
+    if rollout.ensemble_decay is not None and per_chunk + rollout.delay >= spec.n_action_steps:
+        # each chunk is replaced only once all its actions ran: nothing would be blended, silently
+        fewer = spec.n_action_steps - 1 - rollout.delay
+        raise PolcacheError(f"--ensemble blends nothing here: with {per_chunk} of each chunk's {spec.n_action_steps} "
+                            f"actions executed" + (f" and a delay of {rollout.delay}" if rollout.delay else "")
+                            + " no two chunks overlap; "
+                            + (f"pass --action-steps {fewer} or fewer to ensemble" if fewer >= 1 else
+                               "lower --delay to ensemble"))
     return per_chunk
 
 
