@@ -178,7 +178,7 @@ def record_demonstrations(
         if size > instruction_bytes:
             raise PolcacheError(f"--instructions {instruction_bytes}: the longest instruction of "
                                 f"{', '.join(tasks)} ({longest!r}) takes {size} UTF-8 bytes; give at least {size}")
-    check_dataset_output(out)  # refused before recording, not after
+    check_dataset_output(out, demonstrations=True)  # refused before recording, not after
     kept, seeds, dropped, attrs = [], {}, {}, None
     for name in tasks:
         k, kept_seeds, dropped_seeds, task_attrs = _collect(name, episodes, seed, image, cameras, image_size, progress,

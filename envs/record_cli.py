@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from polcache.sim.suite import SUITES
 
-    check_dataset_output(args.out, "--out")  # before recording, not after
+    check_dataset_output(args.out, "--out", demonstrations=True)  # before recording, not after
     tasks = list(SUITES.get(args.task, [t for t in args.task.split(",") if t]))
     with sigterm_as_interrupt():  # TERM stops as Ctrl-C does (the old dataset kept), said and exiting 143
         summary = record_demonstrations(

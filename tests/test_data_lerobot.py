@@ -312,9 +312,9 @@ def test_single_task_becomes_the_dataset_task(tmp_path):
 
 def test_exported_meta_structure(polcache_ds, tmp_path):
     out = tmp_path / "exported"
-    lr.export_lerobot(polcache_ds, out, fps=30, progress=False)
+    lr.export_lerobot(polcache_ds, out, fps=20, progress=False)  # the dataset's own: accepted
     info = json.loads((out / "meta/info.json").read_text())
-    assert info["codebase_version"] == "v3.0" and info["fps"] == 30
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 20
     assert (info["total_episodes"], info["total_frames"], info["total_tasks"]) == (3, 16, 2)
     assert info["data_path"] == "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
     assert info["video_path"] == "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
@@ -337,7 +337,7 @@ def test_exported_meta_structure(polcache_ds, tmp_path):
         assert col in eps, col
     assert eps["length"] == [5, 7, 4] and eps["tasks"] == [["a"], ["b"], ["a"]]
     assert eps["dataset_from_index"] == [0, 5, 12] and eps["dataset_to_index"] == [5, 12, 16]
-    assert eps["videos/observation.images.front/from_timestamp"] == pytest.approx([0, 5 / 30, 12 / 30])
+    assert eps["videos/observation.images.front/from_timestamp"] == pytest.approx([0, 5 / 20, 12 / 20])
 
     tasks = pq.read_table(out / "meta/tasks.parquet")
     assert tasks.column("task").to_pylist() == ["a", "b"] and tasks.column("task_index").to_pylist() == [0, 1]
@@ -345,7 +345,7 @@ def test_exported_meta_structure(polcache_ds, tmp_path):
 
     data = pq.read_table(out / "data/chunk-000/file-000.parquet")
     assert data.num_rows == 16 and data.column("index").to_pylist() == list(range(16))
-    assert data.column("timestamp").to_pylist()[5:7] == pytest.approx([0, 1 / 30])
+    assert data.column("timestamp").to_pylist()[5:7] == pytest.approx([0, 1 / 20])
 
     stats = json.loads((out / "meta/stats.json").read_text())
     src = EpisodeStore.open(polcache_ds)
@@ -380,6 +380,37 @@ def test_interrupted_export_leaves_nothing(polcache_ds, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         lr.export_lerobot(polcache_ds, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.zarr"]
+
+
+def test_export_refuses_another_rate_than_the_datasets_and_takes_one_where_it_has_none(polcache_ds, tmp_path):
+    with pytest.raises(DatasetError, match="--fps 30: the dataset's frames are 20 per second"):
+        lr.export_lerobot(polcache_ds, tmp_path / "out", fps=30, progress=False)  # timestamps would lie
+    assert not (tmp_path / "out").exists()
+    write_dataset(tmp_path / "norate.zarr", [smooth_episode(4, 0, "a")])
+    assert lr.export_lerobot(tmp_path / "norate.zarr", tmp_path / "out", fps=30, progress=False).fps == 30
+
+
+def test_export_refuses_an_observation_it_would_drop(tmp_path):
+    ep = Episode(obs={"state": np.zeros((3, 2), np.float32), "embedding": np.zeros((3, 8), np.float32)},
+                 action=np.zeros((3, 2), np.float32))
+    write_dataset(tmp_path / "emb.zarr", [ep])
+    with pytest.raises(DatasetError, match="'embedding' has no LeRobot feature.*export the dataset it was made from"):
+        lr.export_lerobot(tmp_path / "emb.zarr", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_recording_or_import_does_not_replace_an_embedding_store(lerobot_root, tmp_path, capsys):
+    store = tmp_path / "emb.zarr"
+    write_dataset(store, [Episode(obs={"embedding": np.zeros((3, 8), np.float32)}, action=np.zeros((3, 2), np.float32))])
+    assert main(["data", "import-lerobot", str(lerobot_root), "--out", str(store), "--no-progress"]) == 2
+    assert "an embedding store from `ptp embed` is not replaced" in capsys.readouterr().err
+    assert main(["record", "--task", "cue-reach", "--episodes", "1", "--out", str(store), "--no-progress"]) == 2
+    assert "is not replaced" in capsys.readouterr().err
+    with pytest.raises(DatasetError, match="not replaced"):
+        lr.import_lerobot(lerobot_root, store, progress=False)
+    assert EpisodeStore.open(store).obs_keys == ["embedding"]
+    lr.import_lerobot(lerobot_root, tmp_path / "demo.zarr", progress=False)
+    lr.import_lerobot(lerobot_root, tmp_path / "demo.zarr", progress=False)  # demonstrations are replaced
 
 
 def test_export_refuses_odd_image_size(tmp_path):
@@ -692,11 +723,11 @@ def test_open_dataset_zarr_and_bad_paths(polcache_ds, tmp_path):
 
 def test_cli_round_trip(polcache_ds, tmp_path, capsys):
     out, back = tmp_path / "lerobot", tmp_path / "back.zarr"
-    assert main(["data", "export-lerobot", str(polcache_ds), "--out", str(out), "--fps", "25", "--no-progress"]) == 0
+    assert main(["data", "export-lerobot", str(polcache_ds), "--out", str(out), "--no-progress"]) == 0
     assert main(["data", "import-lerobot", str(out), "--out", str(back), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "LeRobotDataset v3.0, 3 episodes, 16 frames at 25 fps" in text and "3 episodes, 16 frames" in text
-    assert EpisodeStore.open(back).attrs["fps"] == 25
+    assert "LeRobotDataset v3.0, 3 episodes, 16 frames at 20 fps" in text and "3 episodes, 16 frames" in text
+    assert EpisodeStore.open(back).attrs["fps"] == 20
     assert main(["data", "import-lerobot", str(out), "--out", str(back), "--instructions", "--no-progress"]) == 0
     assert EpisodeStore.open(back).obs_spec()["instruction"].shape == (64,)  # record's default width
     assert main(["data", "import-lerobot", str(out), "--out", str(back), "--image-size", "8x12", "--no-progress"]) == 0

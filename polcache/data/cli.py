@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("dataset", help="polcache dataset (zarr directory)")
     exp.add_argument("--out", required=True, help="LeRobot root to write (replaced only if it is a LeRobot root)")
     exp.add_argument("--fps", type=positive_int,
-                     help="frame rate (default: the dataset's fps attr, else 10)")
+                     help="frame rate of a dataset without an fps attr (default 10); another than the attr is refused")
     exp.add_argument("--crf", type=h264_crf, default=10, metavar="0..51",
                      help="H.264 quality, lower is closer to the source (default 10)")
     exp.add_argument("--no-progress", action="store_true", help="disable the progress bar")
@@ -53,7 +53,7 @@ def _import(args: argparse.Namespace) -> int:
     from polcache.data.lerobot import import_lerobot
     from polcache.data.store import check_dataset_output
 
-    check_dataset_output(args.out, "--out", inputs=[args.root])
+    check_dataset_output(args.out, "--out", inputs=[args.root], demonstrations=True)
     r = import_lerobot(args.root, args.out, progress=not args.no_progress, instruction_bytes=args.instructions,
                        image_size=args.image_size)
     print(f"wrote {r.path}: {r.episodes} episodes, {r.frames} frames at {r.fps} fps, obs {', '.join(r.obs_keys)}")

@@ -46,8 +46,8 @@ import numpy as np
 from tqdm import tqdm
 
 from polcache.atomic import atomic_directory, restore
-from polcache.config import INSTRUCTION_KEY
-from polcache.data.store import Episode, EpisodeStore, dataset_writer
+from polcache.config import EMBEDDING_KEY, INSTRUCTION_KEY
+from polcache.data.store import Episode, EpisodeStore, check_dataset_output, dataset_writer
 from polcache.errors import DatasetError, cut_short
 from polcache.extras import install_hint
 from polcache.outputs import LEROBOT_CACHE, LEROBOT_INFO, check_output
@@ -578,6 +578,7 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
     if image_size is not None and not (isinstance(image_size, tuple) and len(image_size) == 2
                                        and all(type(n) is int and 1 <= n <= MAX_IMAGE_SIDE for n in image_size)):
         raise DatasetError(f"image_size must be (height, width), each 1..{MAX_IMAGE_SIDE} pixels, got {image_size!r}")
+    check_dataset_output(out, inputs=[root], demonstrations=True)
     info = read_info(root)
     fps = info["fps"]
     cameras, skipped = _plan(root, info)
@@ -737,6 +738,9 @@ def _aggregate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _export_fps(fps: float | None, attrs: dict[str, Any]) -> int:
+    if fps is not None and "fps" in attrs and fps != attrs["fps"]:  # timestamps would claim another control rate
+        raise DatasetError(f"--fps {fps:g}: the dataset's frames are {attrs['fps']!r} per second (its fps attr); "
+                           f"leave --fps out (it is for datasets that do not record their rate)")
     value = fps if fps is not None else attrs.get("fps", DEFAULT_FPS)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or value != int(value):
         raise DatasetError(f"fps must be a positive integer for LeRobot (info.json stores an int), got {value!r}")
@@ -826,6 +830,12 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
     check_lerobot_output(out)
     spec = store.obs_spec()
     cams = [k for k in store.obs_keys if k.startswith("image_")]
+    unwritten = [k for k in store.obs_keys if k not in ("state", INSTRUCTION_KEY) and k not in cams]
+    if unwritten:  # dropped in silence, the root would hold less than the dataset (an embedding store: nothing)
+        raise DatasetError(f"{dataset}: observation {', '.join(map(repr, unwritten))} has no LeRobot feature here "
+                           f"(exported: state, image_* cameras, instruction)"
+                           + ("; an embedding store (`ptp embed`) is derived: export the dataset it was made from"
+                              if EMBEDDING_KEY in unwritten else ""))
     for k in cams:
         h, w = spec[k].shape[:2]
         if h % 2 or w % 2:

@@ -30,6 +30,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from polcache.atomic import atomic_directory, restore
+from polcache.config import EMBEDDING_KEY
 from polcache.errors import DatasetError
 from polcache.outputs import check_output
 from polcache.policy.spec import ArraySpec
@@ -122,10 +123,23 @@ def _put(group: zarr.Group, name: str, data: np.ndarray, rows: int) -> None:
     group.create_array(name, data=data, chunks=chunks, compressors=_COMPRESSOR, config={"write_empty_chunks": True})
 
 
-def check_dataset_output(path: str | Path, flag: str | None = None, inputs: Sequence[str | Path] = ()) -> Path:
-    """Refuse, before any work, a dataset output that is not a polcache dataset (see check_output)."""
-    return check_output(path, "a polcache dataset", folder=True, ours=is_dataset, flag=flag, inputs=inputs,
-                        error=DatasetError, whole=True)
+def is_demonstrations(path: Path) -> bool:
+    """True for a polcache dataset of demonstrations (recorded or imported), not an embedding store
+    (`ptp embed`'s: observation key `embedding`, an encoder's pass over a whole dataset)."""
+    try:
+        return is_dataset(path) and EMBEDDING_KEY not in EpisodeStore.open(path).obs_keys
+    except DatasetError:  # a damaged dataset: replacing it loses nothing
+        return True
+
+
+def check_dataset_output(path: str | Path, flag: str | None = None, inputs: Sequence[str | Path] = (),
+                         demonstrations: bool = False) -> Path:
+    """Refuse, before any work, a dataset output that is not a polcache dataset (see check_output);
+    with `demonstrations` (a recording, an import), an embedding store too."""
+    what, ours = ("a polcache dataset", is_dataset)
+    if demonstrations:
+        what, ours = f"{what} of demonstrations (an embedding store from `ptp embed` is not replaced)", is_demonstrations
+    return check_output(path, what, folder=True, ours=ours, flag=flag, inputs=inputs, error=DatasetError, whole=True)
 
 
 class _Column:
