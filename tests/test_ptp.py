@@ -88,6 +88,12 @@ def test_a_store_from_another_encoder_or_obs_keys_is_refused(short_run, capsys):
               "policy.obs_stride=2", "policy.horizon=8", "policy.n_action_steps=4", "policy.n_layers=1",
               "policy.width=32", "policy.sampler.inference_steps=2", "train.batch_size=8", "train.epochs=2"]
     assert "the embeddings are not the run's (another embedding store, or another encoder)" in _err(capsys, resume)
+    # `train` (raw observations, end to end) into the fine-tuned run's folder: the other command's run
+    retrain = ["train", "--config", "configs/ptp_cue_reach.yaml", f"dataset={root / 'toy.zarr'}", *resume[6:],
+               "task=toy", "--no-progress"]
+    assert ("the run's head was fine-tuned on stored embeddings: resume it with `polcache ptp finetune --embeddings "
+            "STORE`") in _err(capsys, retrain)
+    assert "the run was trained end to end by `polcache train`" in _err(capsys, [*resume[:6], f"out={root / 'short'}"])
     # a store embedded before paths were recorded absolute: its relative checkpoint path, read from elsewhere
     group = zarr.open_group(str(root / "emb3.zarr"), mode="r+")
     group.attrs["embedding"] = {**group.attrs["embedding"], "checkpoint": "short/last"}

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from polcache.atomic import atomic_write_text, naming_errors, restore
-from polcache.config import INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, ExperimentConfig, to_dict
+from polcache.config import EMBEDDING_KEY, INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.data.normalize import differing_keys
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
@@ -572,6 +572,9 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     may have been changed to continue the run differently."""
     old_cfg, meta = read_meta(last)
     check_external_weights(meta, last)
+    if (other := _other_commands_run(last, meta, policy)) is not None:  # before any difference, all of them follow
+        raise CheckpointError(f"cannot resume {last}: {other}; pass --fresh to start over (the previous run is moved "
+                              f"aside) or use another out directory")
     changed = _changed_fields(to_dict(old_cfg.policy), to_dict(cfg.policy), "policy")
     if changed:
         raise CheckpointError(f"{last} was trained with a different policy config ({'; '.join(changed[:4])}); pass "
@@ -604,6 +607,18 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
         for group, schedule in zip(optimizer.param_groups, lr_sched.lr_lambdas):
             group["initial_lr"], group["lr"] = cfg.train.lr, cfg.train.lr * schedule(lr_sched.last_epoch)
     return state.step, float(meta.get("elapsed_s", 0.0))
+
+
+def _other_commands_run(last: Path, meta: dict, policy: DiffusionPolicy) -> str | None:
+    """Why OUT/last is the other training command's run (`train` end to end, `ptp finetune` a head on
+    stored embeddings: its normaliser holds theirs), or None."""
+    old_stats = read_tensors(last / "normalizer.safetensors", hint=FRESH_HINT, meta=meta)
+    run_on_embeddings = any(k.split(".")[0] == EMBEDDING_KEY for k in old_stats)
+    if run_on_embeddings == (EMBEDDING_KEY in policy.normalizer.keys):
+        return None
+    return ("the run's head was fine-tuned on stored embeddings: resume it with `polcache ptp finetune --embeddings "
+            "STORE`" if run_on_embeddings else
+            "the run was trained end to end by `polcache train`, not fine-tuned on stored embeddings")
 
 
 def _changed_fields(old: dict, new: dict, prefix: str) -> list[str]:
