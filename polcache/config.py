@@ -399,9 +399,12 @@ def check_sampler_fits(kind: str, objective: str, what: str = "sampler") -> None
     fits = SAMPLERS_FOR.get(objective, ())
     if kind not in fits:
         sep = " " if what.startswith("-") else "="  # a command-line option or a config key
+        trains = [o for o, kinds in SAMPLERS_FOR.items() if kind in kinds]  # a config may choose the objective too
         raise ConfigError(f"{what}{sep}{kind} does not fit policy.objective={objective} (a denoiser trained to "
                           f"predict {'a flow velocity' if objective == 'flow' else 'noise'}): use "
-                          f"{what}{sep}{_one_of(fits)}")
+                          f"{what}{sep}{_one_of(fits)}"
+                          + (f", or set policy.objective={trains[0]} to train a denoiser for {kind}"
+                             if trains and sep == "=" else ""))
 
 
 @dataclass(frozen=True)

@@ -75,5 +75,8 @@ def test_a_sampler_that_does_not_read_the_denoisers_output_is_refused():
                                               "--sampler flow$"):
             tiny_vla().sampler(kind, 4)
     assert tiny_policy().sampler("ddpm", 4).kind == "ddpm" and tiny_vla().sampler("flow", 4).kind == "flow"
-    with pytest.raises(ConfigError, match="^policy.sampler.kind=ddim does not fit policy.objective=flow"):
+    with pytest.raises(ConfigError, match="^policy.sampler.kind=ddim does not fit policy.objective=flow.*use "
+                                          "policy.sampler.kind=flow, or set policy.objective=epsilon to train a denoiser for ddim$"):
         load_config("configs/recommended_cpu.yaml", ["policy.objective=flow"])
+    with pytest.raises(ConfigError, match="kind=ddpm or ddim, or set policy.objective=flow to train a denoiser for flow$"):
+        load_config("configs/recommended_cpu.yaml", ["policy.sampler.kind=flow"])  # the objective is a config's too
