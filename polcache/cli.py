@@ -11,7 +11,7 @@ from typing import Callable, NoReturn
 
 from polcache.errors import PolcacheError
 from polcache.extras import missing_extra
-from polcache_client.signals import Terminated
+from polcache_client.signals import interrupt_signal, interrupted_status
 
 # Modules that contribute subcommands, in the order `polcache --help` lists them.
 COMMAND_MODULES = [
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = ": ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
         print(f"polcache {command}: error: {paths + ': ' if paths else ''}{exc.strerror or exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as exc:  # Ctrl-C: 130 (128 + SIGINT); SIGTERM raised as Terminated: 143
+    except KeyboardInterrupt as exc:  # Ctrl-C: 130 (128 + SIGINT); SIGTERM, SIGHUP raised as Terminated: 143, 129
         return _interrupted(command, exc)
     except Exception as exc:  # a library that turned the Ctrl-C it met into its own error (mujoco's import
         if not isinstance(exc.__context__, KeyboardInterrupt):  # into "ImportError: initialization failed")
@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
-    """Say how the command was stopped; its status: 130 after Ctrl-C, 143 after SIGTERM (Terminated)."""
-    terminated = isinstance(exc, Terminated)
-    print(f"polcache {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-    return 143 if terminated else 130
+    """Say how the command was stopped; its status: 130 after Ctrl-C, 143 after SIGTERM, 129 after SIGHUP."""
+    how = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(interrupt_signal(exc), "hung up (SIGHUP)")
+    print(f"polcache {command}: {how}", file=sys.stderr)
+    return interrupted_status(exc)
 
 
 def one_line(message: str) -> str:

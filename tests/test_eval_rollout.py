@@ -132,11 +132,12 @@ def test_seam_jerk_separates_steps_where_a_chunk_takes_over():
     assert seam_jerk(jumpy, [4, 8, len(jumpy)]) == out
 
 
-@pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
 def test_a_stopped_eval_reports_and_writes_the_finished_episodes(tmp_path, monkeypatch, capsys, sig, status):
-    """A long evaluation stopped early is still a result: the episodes finished before Ctrl-C, or a
-    process manager's SIGTERM, are summarised and written (marked as interrupted, with the signal),
-    and the command exits 130 or 143 (128 + the signal)."""
+    """A long evaluation stopped early is still a result: the episodes finished before Ctrl-C, a
+    process manager's SIGTERM or a closed terminal's SIGHUP are summarised and written (marked as
+    interrupted, with the signal, which SIGHUP's had been recorded as SIGTERM), and the command exits
+    128 + the signal."""
     import importlib
     import json
     import signal
@@ -155,8 +156,12 @@ def test_a_stopped_eval_reports_and_writes_the_finished_episodes(tmp_path, monke
 
     monkeypatch.setattr(evaluate, "run_episode", stop_at_the_third)
     out = tmp_path / "e.json"
-    assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "5", "--max-steps", "8",
-                 "--no-progress", "--json", str(out)]) == status
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (a runner under nohup ignores it)
+    try:
+        assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "5", "--max-steps",
+                     "8", "--no-progress", "--json", str(out)]) == status
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
     said = capsys.readouterr().out
     assert "reach-v3 [interrupted: 2 of 5 episodes finished]: success" in said
     result = json.loads(out.read_text())

@@ -16,8 +16,23 @@ log = logging.getLogger(__name__)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM raised as Ctrl-C, so the same cleanup runs (the robot's safe stop), yet told apart:
-    a process may then exit 143 (128 + SIGTERM), the status a process manager expects, not 130."""
+    """SIGTERM (or SIGHUP) raised as Ctrl-C, so the same cleanup runs (the robot's safe stop), yet
+    told apart: a process may then exit 128 + its signal (143 for SIGTERM, the status a process
+    manager expects; 129 for SIGHUP), not 130."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signal.Signals(signum)
+
+
+def interrupt_signal(exc: KeyboardInterrupt) -> signal.Signals:
+    """The signal behind an interrupt: SIGINT for Ctrl-C, else the Terminated's own."""
+    return exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+
+
+def interrupted_status(exc: KeyboardInterrupt) -> int:
+    """The exit status after an interrupt, 128 + its signal: 130 (Ctrl-C), 143 (SIGTERM), 129 (SIGHUP)."""
+    return 128 + interrupt_signal(exc)
 
 
 @contextmanager
@@ -38,7 +53,7 @@ def sigterm_as_interrupt(replace: bool = True) -> Iterator[None]:
     def interrupt(signum, frame):
         for sig in taken:
             signal.signal(sig, signal.SIG_IGN)
-        raise Terminated
+        raise Terminated(signum)
 
     interrupt.raises_terminated = True  # interrupts_deferred holds a SIGHUP it would raise
 
@@ -66,7 +81,7 @@ def interrupts_deferred(what: str) -> Iterator[None]:
         if signum == signal.SIGINT and any(type(h) is KeyboardInterrupt for h in held):
             log.warning("%s: abandoned (Ctrl-C twice)", what)
             raise KeyboardInterrupt
-        held.append(KeyboardInterrupt() if signum == signal.SIGINT else Terminated())
+        held.append(KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum))
         if signum == signal.SIGINT:
             log.warning("%s first (Ctrl-C again to abandon it)", what)
 

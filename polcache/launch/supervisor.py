@@ -25,7 +25,7 @@ from polcache.launch.config import LaunchConfig, Placement, check_machine, tcp_p
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
 from polcache.launch.placement import child_setup, describe, placement_warning
 from polcache.signals import sigterm_as_interrupt
-from polcache_client.signals import Terminated
+from polcache_client.signals import interrupt_signal, interrupted_status
 
 POLCACHE = [sys.executable, "-m", "polcache.cli"]
 STOP_ORDER = ("robot", "server", "dashboard")
@@ -179,7 +179,7 @@ def new_run_dir(cfg: LaunchConfig) -> Path:
 def run_launch(cfg: LaunchConfig) -> int:
     """Start everything, wait until the robot finishes (or, without a simulated robot, until
     Ctrl-C / SIGTERM), stop everything. Returns the exit status: the robot's when it finished its
-    episodes, 130 when interrupted (143 for SIGTERM), 1 when a child died; raises PolcacheError (the CLI's exit
+    episodes, 130 when interrupted (143 for SIGTERM, 129 for SIGHUP), 1 when a child died; raises PolcacheError (the CLI's exit
     status 2) for a refused config or a child that exited before it was ready."""
     check_machine(cfg)
     task = robot_task(cfg) if cfg.robot.enabled else ""
@@ -188,8 +188,8 @@ def run_launch(cfg: LaunchConfig) -> int:
         try:
             return _supervise(cfg, launch, task)
         except KeyboardInterrupt as exc:
-            say("terminated: stopping" if isinstance(exc, Terminated) else "interrupted: stopping")
-            return 143 if isinstance(exc, Terminated) else 130
+            say(f"{'interrupted' if interrupt_signal(exc) == signal.SIGINT else interrupt_signal(exc).name}: stopping")
+            return interrupted_status(exc)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the orderly stop short
                 signal.signal(sig, signal.SIG_IGN)

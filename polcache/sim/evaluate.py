@@ -9,6 +9,7 @@ run is reproducible and different seeds give different episodes."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
 from polcache_client.protocol import ActionChunk
 from polcache_client.schedule import ActionSchedule
-from polcache_client.signals import Terminated
+from polcache_client.signals import interrupt_signal
 
 
 RESULT_FORMAT = "polcache-eval-result"
@@ -78,10 +79,10 @@ class EvalResult:
                 + (f" (the server's inference p50 {inference:.1f} ms)" if inference is not None else ""))
 
     def exit_status(self) -> int:
-        """What the command that ran it exits with: 0, or 130 / 143 when Ctrl-C / SIGTERM cut it short
-        (the finished episodes still reported)."""
+        """What the command that ran it exits with: 0, or 128 + the signal that cut it short (130 Ctrl-C,
+        143 SIGTERM, 129 SIGHUP; the finished episodes still reported)."""
         stopped = self.extra.get("interrupted")
-        return 0 if not stopped else 143 if stopped.get("signal") == "SIGTERM" else 130
+        return 0 if not stopped else 128 + signal.Signals[stopped["signal"]]
 
     def jerk_line(self) -> str | None:
         """The executed actions' jerk at chunk seams and elsewhere, as every run reports it (eval and
@@ -95,9 +96,9 @@ class EvalResult:
 
 
 def interruption(exc: KeyboardInterrupt, episodes_asked: int) -> dict:
-    """What a run's result records when Ctrl-C or SIGTERM (Terminated) cut it short (eval and
+    """What a run's result records when Ctrl-C, SIGTERM or SIGHUP (Terminated) cut it short (eval and
     sim-robot alike): the episodes asked for and the signal, whose exit status EvalResult gives."""
-    return {"episodes_asked": episodes_asked, "signal": "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"}
+    return {"episodes_asked": episodes_asked, "signal": interrupt_signal(exc).name}
 
 
 @dataclass(frozen=True)
