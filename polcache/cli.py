@@ -11,7 +11,8 @@ from typing import Callable, NoReturn
 
 from polcache.errors import PolcacheError
 from polcache.extras import missing_extra
-from polcache_client.signals import interrupt_signal, interrupted_status
+from polcache.signals import how_stopped
+from polcache_client.signals import interrupted_status
 
 # Modules that contribute subcommands, in the order `polcache --help` lists them.
 COMMAND_MODULES = [
@@ -114,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
     """Say how the command was stopped; its status: 130 after Ctrl-C, 143 after SIGTERM, 129 after SIGHUP."""
-    how = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(interrupt_signal(exc), "hung up (SIGHUP)")
-    print(f"polcache {command}: {how}", file=sys.stderr)
+    print(f"polcache {command}: {how_stopped(exc)}", file=sys.stderr)
     return interrupted_status(exc)
 
 

@@ -9,9 +9,14 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from polcache_client.signals import sigterm_as_interrupt
+from polcache_client.signals import interrupt_signal, sigterm_as_interrupt
 
-__all__ = ["interrupts_held", "sigterm_as_interrupt"]
+__all__ = ["how_stopped", "interrupts_held", "sigterm_as_interrupt"]
+
+
+def how_stopped(exc: KeyboardInterrupt) -> str:
+    """What a command says it was: interrupted (Ctrl-C), terminated (SIGTERM) or hung up (SIGHUP)."""
+    return {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(interrupt_signal(exc), "hung up (SIGHUP)")
 
 
 @contextmanager

@@ -399,3 +399,52 @@ def test_the_simulated_sensor_returns_the_newest_observation_old_enough(monkeypa
     clock[0] = 105.0  # the robot held still since: the same scene, captured 50 ms ago
     assert robot.observe()["state"][0] == 3 and robot.capture_time() == pytest.approx(104.95)
     assert not hasattr(sim_robot.SimRobot(Env(), sensor_lag_s=0.05, stamped=False), "capture_time")
+
+
+def test_an_episode_cut_at_the_tick_limit_is_marked_truncated_not_just_failed(monkeypatch, caplog):
+    """Ticks without a step (a server gone quiet) ran an episode out of ticks: it was counted as the
+    policy's failure with nothing per episode saying it had been cut."""
+    import logging
+
+    from polcache.serve import sim_robot
+
+    monkeypatch.setattr(sim_robot, "episode_tick_limit", lambda steps, hz: 5)  # the expert needs more steps
+    with caplog.at_level(logging.WARNING, logger="polcache.sim_robot"), \
+            PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        result = sim_robot.run_sim_robot(TASK, server.endpoint, hz=100, episodes=1, seed=1000)
+    (episode,) = result.per_episode
+    assert episode["truncated"] and not episode["success"] and result.extra["truncated_episodes"] == 1
+    assert "episode 0 (seed 1000) cut at 5 ticks" in caplog.text
+
+
+def test_what_a_sim_robot_records_is_what_ran(capsys):
+    """The ensemble's decay is recorded (two decays gave indistinguishable results), a decay with
+    --blend latest is refused (it was ignored), and a policy without language records no
+    instruction (each episode had recorded the task's paraphrase it never read)."""
+    from polcache.cli import main
+    from polcache.serve.sim_robot import run_sim_robot
+
+    with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
+        result = run_sim_robot(TASK, server.endpoint, hz=100, episodes=1, seed=1000, decay=0.3)
+        assert result.extra["decay"] == 0.3 and "instruction" not in result.per_episode[0]
+        assert "decay" not in run_sim_robot(TASK, server.endpoint, hz=100, episodes=1, blend="latest").extra
+    with pytest.raises(SystemExit, match="2"):
+        main(["sim-robot", "--task", TASK, "--hz", "50", "--blend", "latest", "--decay", "0.3"])
+    assert "argument --decay: weighs ensembled chunks; --blend latest executes the newest chunk only" in \
+        capsys.readouterr().err
+
+
+def test_a_sim_robot_on_a_task_at_another_rate_than_the_policys_is_refused_as_eval_refuses_it(capsys):
+    from dataclasses import replace
+
+    from polcache.errors import PolcacheError
+    from polcache.serve.sim_robot import run_sim_robot
+
+    backend = ExpertBackend()
+    backend.spec = replace(ExpertBackend.spec, control_hz=30.0)  # reach-v3 steps at 80 Hz
+    with PolicyServer(backend, "tcp://127.0.0.1:0") as server:
+        with pytest.raises(PolcacheError, match="trained at 30 Hz .* but reach-v3 steps at 80 Hz"):
+            run_sim_robot(TASK, server.endpoint, hz=30, episodes=1, seed=1000)
+        result = run_sim_robot(TASK, server.endpoint, hz=30, episodes=1, seed=1000, allow_rate_mismatch=True)
+    assert result.extra["rate_mismatch"] == {"policy_hz": 30.0, "task_hz": 80.0}
+    assert "warning: the policy was trained at 30 Hz" in capsys.readouterr().err

@@ -24,8 +24,8 @@ from polcache.jsonfile import read_json_object
 from polcache.launch.config import LaunchConfig, Placement, check_machine, tcp_port
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
 from polcache.launch.placement import child_setup, describe, placement_warning
-from polcache.signals import sigterm_as_interrupt
-from polcache_client.signals import interrupt_signal, interrupted_status
+from polcache.signals import how_stopped, sigterm_as_interrupt
+from polcache_client.signals import interrupted_status
 
 POLCACHE = [sys.executable, "-m", "polcache.cli"]
 STOP_ORDER = ("robot", "server", "dashboard")
@@ -188,7 +188,7 @@ def run_launch(cfg: LaunchConfig) -> int:
         try:
             return _supervise(cfg, launch, task)
         except KeyboardInterrupt as exc:
-            say(f"{'interrupted' if interrupt_signal(exc) == signal.SIGINT else interrupt_signal(exc).name}: stopping")
+            say(f"{how_stopped(exc)}: stopping")
             return interrupted_status(exc)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the orderly stop short

@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=image_size, default=96,
                    help="camera image side in pixels, for --cameras (default 96; the policy's size)")
     p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble (the default) or latest")
-    p.add_argument("--decay", type=non_negative_float, default=0.5, help="ensemble weight exp(-decay * k), k = 0 for the newest chunk")
+    p.add_argument("--decay", type=non_negative_float,
+                   help="--blend ensemble: weight exp(-decay * k), k = 0 for the newest chunk (default 0.5)")
     p.add_argument("--hold-ms", type=positive_float, default=200.0,
                    help="hold the last action this long without a fresh one, then safe-stop (default 200)")
     p.add_argument("--connect-timeout", type=positive_float, default=30.0,
@@ -110,10 +111,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--unstamped", action="store_true",
                    help="with --sensor-lag-ms: the robot does not say when its data were captured, so its chunks are "
                         "timed from when it asked (what the lag costs a robot without capture_time())")
+    p.add_argument("--allow-rate-mismatch", action="store_true",
+                   help="run even where the task steps at another rate than the policy was trained at (its dataset's "
+                        "fps): refused by default, as in eval, as its success rate would not be the policy's")
     p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
                                   "an eval result)")
     _add_metrics_args(p)
-    p.checks.append(_sensor_lag_check)
+    p.checks += [_sensor_lag_check, _decay_check]
     p.set_defaults(handler=_sim_robot)
 
 
@@ -187,6 +191,12 @@ def _sensor_lag_check(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _decay_check(args: argparse.Namespace) -> str | None:
+    if args.decay is not None and args.blend != "ensemble":  # accepted and ignored, it read as a setting of the run
+        return f"argument --decay: weighs ensembled chunks; --blend {args.blend} executes the newest chunk only"
+    return None
+
+
 def _sim_robot(args: argparse.Namespace) -> int:
     from polcache.atomic import atomic_write_text
     from polcache.metrics import collect_metrics
@@ -208,7 +218,8 @@ def _sim_robot(args: argparse.Namespace) -> int:
                                image_size=args.image_size, keys_dir=args.keys, blend=args.blend, decay=args.decay,
                                hold_s=args.hold_ms / 1e3, connect_timeout_s=args.connect_timeout,
                                realtime=args.realtime, metrics=metrics, instruction=args.instruction, name=name,
-                               sensor_lag_ms=args.sensor_lag_ms, stamped=not args.unstamped)
+                               sensor_lag_ms=args.sensor_lag_ms, stamped=not args.unstamped,
+                               allow_rate_mismatch=args.allow_rate_mismatch)
     print(result.summary())
     tick = result.extra["tick"]
     err = tick.get("period_error_ms", {})
@@ -221,6 +232,9 @@ def _sim_robot(args: argparse.Namespace) -> int:
           f"{_counted(tick.get('waiting', 0), 'tick')} waiting for an episode's first action, "
           f"{_counted(tick.get('deadline_miss', 0), 'tick')} without a fresh action, "
           f"{_counted(tick.get('safe_stops', 0) - loop_stops, 'watchdog safe stop')}{final}")
+    if truncated := result.extra["truncated_episodes"]:
+        print(f"{_counted(truncated, 'episode')} cut at the loop's tick limit, most ticks without a step (waiting for "
+              f"chunks or safe-stopped): counted as no success, marked truncated in --json")
     if reconnects := result.extra["reconnects"]:  # otherwise only a dip in the dashboard's fresh actions shows it
         print(f"reconnected to the server {_counted(reconnects, 'time')} (it went silent or forgot this robot): each "
               f"reconnect starts a new epoch, and that episode's observation history starts over")

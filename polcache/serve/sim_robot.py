@@ -18,7 +18,8 @@ import numpy as np
 from polcache.errors import PolcacheError
 from polcache.metrics import Metrics
 from polcache.serve.handshake import wire_obs_spec
-from polcache.sim.evaluate import EvalResult, interruption
+from polcache.config import INSTRUCTION_KEY
+from polcache.sim.evaluate import EvalResult, check_rate, interruption
 from polcache.sim.stats import jerk_summary, seam_jerk, wilson_interval
 from polcache_client import (ActionSchedule, ConnectError, ControlLoop, KeyFolderError, PolicyClient, ProtocolError,
                              Watchdog, use_realtime_priority)
@@ -84,6 +85,13 @@ CAMERA_HINT = (" (sim-robot sends camera NAME's image as image_NAME for each --c
 MAX_SENSOR_LAG_MS = 5000.0  # beyond it every chunk is long past due; the loop refuses capture times 10 s old
 
 
+def episode_tick_limit(max_episode_steps: int, hz: float) -> int:
+    """The most ticks one episode runs: ticks without a step (waiting for a chunk, safe-stopped) do not
+    count as the task's steps, so twice its step cap plus 10 s of them end an episode that would
+    otherwise wait for a server forever."""
+    return 2 * max_episode_steps + int(10 * hz)
+
+
 def sim_robot_name(task: str) -> str:
     """The name the robot gives the server, and the label of its own metrics."""
     return f"sim-robot {task}"
@@ -100,7 +108,7 @@ def run_sim_robot(
     image_size: int = 96,
     keys_dir: str | None = None,
     blend: str = "ensemble",
-    decay: float = 0.5,
+    decay: float | None = None,
     hold_s: float = 0.2,
     connect_timeout_s: float = 30.0,
     realtime: bool = False,
@@ -109,18 +117,26 @@ def run_sim_robot(
     name: str | None = None,
     sensor_lag_ms: float = 0.0,
     stamped: bool = True,
+    allow_rate_mismatch: bool = False,
 ) -> EvalResult:
     """Run `episodes` episodes of `task` (episode i resets with seed + i, as in `polcache eval`);
     every tick and chunk record goes to `metrics`; `realtime` runs the loop under SCHED_FIFO.
     Episode i sends `instruction`, or else the task's i-th held-out paraphrase where written.
     `name`: what the robot calls itself at the server (default `sim_robot_name(task)`), so several
     robots on one task can be told apart in its log and metrics. `sensor_lag_ms`, `stamped`: a
-    lagging sensor, and whether the robot says when its data were captured (SimRobot)."""
+    lagging sensor, and whether the robot says when its data were captured (SimRobot). `decay`:
+    ensembling's (ActionSchedule's default where None), refused with `blend` latest, which has none.
+    An episode is cut after `episode_tick_limit` ticks, however few of them stepped (waiting for a
+    chunk, safe-stopped: a server gone quiet): marked `truncated` and counted as no success. A task
+    that steps at another rate than the policy was trained at is refused as `polcache eval` refuses
+    it, unless `allow_rate_mismatch`."""
     from polcache.envs import make_env  # simulation is an optional extra
     from polcache.envs.instructions import INSTRUCTIONS, instructions
 
     if not 0 <= sensor_lag_ms <= MAX_SENSOR_LAG_MS:
         raise PolcacheError(f"sensor_lag_ms must be in [0, {MAX_SENSOR_LAG_MS:g}] ms, got {sensor_lag_ms}")
+    if decay is not None and blend != "ensemble":
+        raise PolcacheError(f"decay weighs ensembled chunks; blend {blend!r} executes the newest chunk only")
     if not stamped and not sensor_lag_ms:
         raise PolcacheError("stamped=False leaves out the time of a lagging sensor's data: give the lag "
                             "(sensor_lag_ms)")
@@ -139,6 +155,8 @@ def run_sim_robot(
             policy = client.connect(timeout_s=connect_timeout_s)
             if policy.get("task") and policy["task"] != task:  # allowed (transfer tests), but rarely meant
                 log.warning("the server's policy was trained on %s, this robot runs %s", policy["task"], task)
+            mismatch = check_rate(policy.get("control_hz"), 1.0 / env.control_period_s, task, allow_rate_mismatch)
+            follows = INSTRUCTION_KEY in (policy.get("obs") or {})  # a policy without language ignores them
             if realtime:
                 try:
                     use_realtime_priority()
@@ -149,10 +167,10 @@ def run_sim_robot(
                 if not record.stale_chunks:
                     robot.seams.append(robot.steps)
 
-            loop = ControlLoop(robot, client, hz, schedule=ActionSchedule(hz, blend, decay), watchdog=Watchdog(hold_s),
+            schedule = ActionSchedule(hz, blend, **({} if decay is None else {"decay": decay}))
+            loop = ControlLoop(robot, client, hz, schedule=schedule, watchdog=Watchdog(hold_s),
                                on_tick=metrics.record, on_chunk=chunk_arrived)
-            # Ticks without a step (waiting, stopped) do not count as episode steps; bound them anyway.
-            max_ticks = 2 * env.max_episode_steps + int(10 * hz)
+            max_ticks = episode_tick_limit(env.max_episode_steps, hz)
             try:
                 try:
                     for i in range(episodes):
@@ -160,10 +178,15 @@ def run_sim_robot(
                         loop.reset_episode(texts[i % len(texts)])
                         # safe-stops the robot if interrupted; an episode's end needs no stop: the next resets the scene
                         loop.run(ticks=max_ticks, until=lambda: robot.done, then_stop=False)
+                        if not robot.done:
+                            log.warning("episode %d (seed %d) cut at %d ticks (%.0f s) after %d of its %d steps: the "
+                                        "robot waited or was stopped for the rest (a server gone quiet?); counted as "
+                                        "no success, marked truncated", i, seed + i, max_ticks, max_ticks / hz,
+                                        robot.steps, env.max_episode_steps)
                         per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
-                                            "safe_stops": robot.safe_stops,
+                                            "safe_stops": robot.safe_stops, "truncated": not robot.done,
                                             **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
-                                           | ({} if texts[0] is None else {"instruction": texts[i % len(texts)]}))
+                                           | ({"instruction": texts[i % len(texts)]} if follows and texts[0] else {}))
                 finally:  # run() stops the robot only on its own way out: here after the last episode and on an
                     loop.stop()  # interrupt between runs (begin, reset_episode); none after run()'s or the watchdog's
             except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
@@ -188,8 +211,11 @@ def run_sim_robot(
         mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else math.nan,
         latency_ms={k: latency.get(k, float("nan")) for k in ("p50", "p95", "p99")} | {"n": latency.get("n", 0)},
         seed=seed, per_episode=per_episode,
-        extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend, "tick": snap.get("tick", {}),
+        extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend,
+               **({"decay": schedule.decay} if blend == "ensemble" else {}), "tick": snap.get("tick", {}),
                "chunk": snap.get("chunk", {}),
                "safe_stop": stopped, "reconnects": reconnects, **jerk_summary(per_episode),
+               "truncated_episodes": sum(e["truncated"] for e in per_episode),
                **({"sensor_lag_ms": sensor_lag_ms, "stamped": stamped} if sensor_lag_ms else {}),
+               **({"rate_mismatch": mismatch} if mismatch else {}),
                **({"interrupted": interrupted} if interrupted else {})})

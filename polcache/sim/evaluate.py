@@ -208,19 +208,19 @@ def run_episode(env, backend: PolicyBackend, seed: int, latencies: list[float], 
     return {"seed": seed, "success": success, "length": steps, **seam_jerk(np.asarray(applied), seams[1:])}
 
 
-def check_rate(spec: PolicySpec, task_hz: float, task: str, allow_mismatch: bool = False) -> dict | None:
-    """Refuse a task that steps at another rate than the policy was trained at (spec.control_hz, where
-    known): its actions are per control step, so at another rate the robot moves at another speed and
-    the success rate measured is not the policy's. With `allow_mismatch` it runs, said on stderr, and
+def check_rate(policy_hz: float | None, task_hz: float, task: str, allow_mismatch: bool = False) -> dict | None:
+    """Refuse a task that steps at another rate than the policy was trained at (its spec's control_hz,
+    where known): its actions are per control step, so at another rate the robot moves at another speed
+    and the success rate measured is not the policy's. With `allow_mismatch` it runs, said on stderr, and
     the rates are returned for the result to record; None where they agree or the policy's is unknown."""
-    if not rate_mismatch(spec.control_hz, task_hz):
+    if not rate_mismatch(policy_hz, task_hz):
         return None
-    rates = f"the policy was trained at {spec.control_hz:g} Hz (its dataset's fps) but {task} steps at {task_hz:g} Hz"
+    rates = f"the policy was trained at {policy_hz:g} Hz (its dataset's fps) but {task} steps at {task_hz:g} Hz"
     if not allow_mismatch:
         raise PolcacheError(f"{rates}: its actions are per control step, so a success rate measured here is not the "
                             f"policy's; pass --allow-rate-mismatch to evaluate anyway")
     print(f"warning: {rates} (--allow-rate-mismatch): the success rate is measured at the wrong rate", file=sys.stderr)
-    return {"policy_hz": spec.control_hz, "task_hz": task_hz}
+    return {"policy_hz": policy_hz, "task_hz": task_hz}
 
 
 def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, progress: bool = True,
@@ -256,7 +256,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
                  else instructions(task, rollout.instructions or "heldout"))
         encoded = [policy_instruction(t, backend.spec, "--instruction") for t in texts]
     check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")  # first: other shapes, whatever the rate
-    mismatch = check_rate(backend.spec, 1.0 / env.control_period_s, task, allow_rate_mismatch)
+    mismatch = check_rate(backend.spec.control_hz, 1.0 / env.control_period_s, task, allow_rate_mismatch)
     check_rollout(rollout, backend.spec)  # before the progress bar: a bad option is one line
     cap = min(env.max_episode_steps, rollout.max_steps or env.max_episode_steps)
     if (rollout.max_steps or 0) > cap:  # the env ends its episodes there: run, but not under a cap not applied
