@@ -94,6 +94,17 @@ def test_evaluator_refuses_rtc_before_rolling_out_where_the_backend_cannot():
         evaluate(TorchBackend(tiny_policy(), "ddim", 4), "no-such-task", 1, rollout=Rollout(rtc=True))
 
 
+def test_rtc_with_self_verification_is_refused_where_the_guided_chunk_would_skip_it():
+    """The guided chunk took precedence: `--rtc --verify N` verified no chunk, and the result recorded N."""
+    from polcache.errors import PolcacheError
+    from polcache.sim.evaluate import Rollout, evaluate
+
+    policy = tiny_policy(objective="flow", n_obs_steps=3, horizon=8)  # past tokens (PTP) and a flow sampler
+    with pytest.raises(PolcacheError, match=r"--rtc: .*self-verification \(--verify 4\) picks one of several "
+                                            "candidates: they do not combine"):
+        evaluate(TorchBackend(policy, "flow", 4, candidates=4), "no-such-task", 1, rollout=Rollout(rtc=True))
+
+
 def test_evaluator_commits_the_chunk_still_in_flight():
     """With a delay as long as the chunks executed, the chunk planned last has not arrived when the
     next is planned; it is still what the robot executes next, so it is what RTC holds to."""

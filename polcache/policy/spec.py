@@ -270,11 +270,15 @@ class PolicyBackend(Protocol):
 
 def rtc_blocker(backend: PolicyBackend) -> str | None:
     """Why `backend` cannot generate chunks by real-time chunking, or None where it can: the
-    guidance differentiates through a flow sampler's steps, which only the torch backend runs."""
+    guidance differentiates through a flow sampler's steps, which only the torch backend runs, and
+    makes one chunk, where self-verification would choose among several."""
     what = backend.describe()
     if what.get("backend") != "torch" or what.get("sampler") != "flow":
         return (f"real-time chunking needs the torch backend and a flow sampler, this is {what.get('backend')} "
                 f"with {what.get('sampler')}")
+    if (candidates := what.get("verify_candidates", 1)) > 1:  # the guided chunk took precedence: none was verified
+        return (f"real-time chunking generates one chunk guided toward the committed actions, self-verification "
+                f"(--verify {candidates}) picks one of several candidates: they do not combine, drop one of them")
     return None
 
 
