@@ -2,6 +2,8 @@
 windows (padding included) in training data and at run time (the server's history, which the
 evaluator uses too)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -210,16 +212,25 @@ def test_two_robots_sessions_keep_their_own_history():
     assert not sa.ring._by_step and sb.ring._by_step
 
 
-def test_eval_records_its_self_verification_options(tmp_path):
-    pytest.importorskip("metaworld")
+def test_eval_records_its_self_verification_options_and_says_how_many_chunks_it_chose(tmp_path, capsys):
+    """On cue-reach the default (all 15 past frames at stride 3: 45 steps) is never reached in its
+    43-step episodes: `--verify 16` verified nothing, said nothing and recorded 16."""
     import json
     from pathlib import Path
 
     from polcache.cli import main
 
-    shipped = Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/reach-v3"
+    shipped = Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/cue-reach-ptp"
     out = tmp_path / "r.json"
-    assert main(["eval", "--checkpoint", str(shipped), "--episodes", "1", "--max-steps", "8", "--no-progress",
-                 "--verify", "2", "--verify-min-past", "1", "--json", str(out)]) == 0
+    argv = ["eval", "--checkpoint", str(shipped), "--episodes", "1", "--no-progress", "--verify", "2", "--json", str(out)]
+    assert main(argv) == 0
     extra = json.loads(out.read_text())["extra"]
-    assert (extra["verify"], extra["verify_min_past"]) == (2, 1)
+    assert (extra["verify"], extra["verify_min_past"], extra["verified_chunks"]) == (2, 15, 0)
+    assert re.search(r"warning: self-verification: 0 of \d+ chunks chosen among 2 candidates: none had executed "
+                     r"actions at 15 past frames .* the oldest of them 45 steps back", capsys.readouterr().err)
+    assert main([*argv, "--verify-min-past", "3"]) == 0
+    extra = json.loads(out.read_text())["extra"]
+    assert extra["verify_min_past"] == 3 and extra["verified_chunks"] > 0
+    assert re.search(rf"self-verification: {extra['verified_chunks']} of \d+ chunks", capsys.readouterr().out)
+    assert main([*argv[:6], "--json", str(out)]) == 0  # without --verify: no self-verification figures
+    assert "verify_min_past" not in json.loads(out.read_text())["extra"]

@@ -86,6 +86,7 @@ class TorchBackend:
                               f"got {min_verified}")
         # past tokens that must have been executed before candidates are scored (default: all, the paper's rule)
         self.min_verified = past if min_verified is None else min_verified
+        self.verified_chunks = 0  # chosen by self-verification so far: none where no chunk had enough past steps
         self.graph_blocker = graph_blocker(self.device, plan, policy.host_step) if graphs else "turned off"
         if fused_update if fused_update is not None else self.graph_blocker is None:
             self.sampler = self.sampler.fused()
@@ -170,6 +171,7 @@ class TorchBackend:
             actions = self._actions(self._chunked(feats, committed, self._generator(seed)))
         elif self._verifies(past_actions):
             actions = self._verified(feats, np.asarray(past_actions, dtype=np.float32), self._generator(seed))
+            self.verified_chunks += 1
         else:
             actions = self._actions(self._sample({"features": feats}, *self._noise(feats.shape[0], seed)))
         return finite_actions(actions)
@@ -306,7 +308,7 @@ class TorchBackend:
                 "parity": self.parity, "cuda_graphs": self.graph_blocker is None,
                 "fused_update": self.sampler.is_fused, "fused_norm": self.add_norm is not None,
                 "fused_norm_off_because": self.norm_blocker, "verify_candidates": self.candidates,
-                "verify_min_past": self.min_verified,
+                "verify_min_past": self.min_verified, "verified_chunks": self.verified_chunks,
                 "cuda_graphs_off_because": self.graph_blocker, "rtc_cuda_graph": self._guided_graph is not None,
                 "rtc_cuda_graph_off_because": self.rtc_graph_blocker, "batched_sessions": self.batch_blocker is None,
                 "batching_off_because": self.batch_blocker}

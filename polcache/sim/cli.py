@@ -89,8 +89,9 @@ def _run(args: argparse.Namespace) -> int:
     what = backend.describe()
     result.extra.update({"checkpoint": args.checkpoint, "backend": what["backend"], "sampler": what["sampler"],
                          "steps": what["steps"], "device": what["device"], "threads": torch.get_num_threads(),
-                         "cache": "none", "verify": what.get("verify_candidates", 1),  # torch only: others refuse N > 1
-                         "verify_min_past": what.get("verify_min_past")})
+                         "cache": "none", "verify": what.get("verify_candidates", 1)})  # torch only: others refuse N > 1
+    if args.verify > 1:  # how many chunks it chose: none where no episode executed enough past steps
+        result.extra.update({"verify_min_past": what["verify_min_past"], "verified_chunks": what["verified_chunks"]})
     exported = what["backend"] != "torch"  # the plan is inside the artifact: no uncached comparator to load
     stopped = "interrupted" in result.extra  # Ctrl-C or SIGTERM: report the finished episodes, no speed comparison
     if exported and what["cache"]:
@@ -105,6 +106,9 @@ def _run(args: argparse.Namespace) -> int:
     print(result.summary())
     if jerk := result.jerk_line():
         print(jerk)
+    if args.verify > 1:
+        line, verified = _verify_line(result, backend.spec)
+        print(line, file=sys.stdout if verified else sys.stderr)
     if compare:
         sp = result.extra["speedup"]
         guided = (f"; sampled without real-time chunking, whose guided chunks took p50 {result.latency_ms['p50']:.1f} "
@@ -121,7 +125,18 @@ def _run(args: argparse.Namespace) -> int:
     return result.exit_status()
 
 
-def _speedup(uncached, cached, calls: int = 20) -> dict:
+def _verify_line(result, spec) -> tuple[str, bool]:
+    """How many chunks self-verification chose, and whether any; where none, a warning that says why: a
+    chunk is scored once the robot executed actions at verify_min_past of its past frames' steps, and
+    the episodes may end before that."""
+    verified, chunks, need = result.extra["verified_chunks"], result.latency_ms["n"], result.extra["verify_min_past"]
+    line = f"self-verification: {verified} of {chunks} chunks chosen among {result.extra['verify']} candidates"
+    if verified:
+        return line, True
+    step = sorted(-offset for offset in spec.frame_offsets[:-1])[need - 1]  # the oldest past frame it must reach
+    return (f"warning: {line}: none had executed actions at {need} past frames (--verify-min-past; the oldest of them "
+            f"{step} steps back), and the episodes were {result.mean_episode_length:.0f} steps long on average: "
+            f"lower --verify-min-past to verify on this task"), False
     """Median per-chunk latency of both backends on the same observation, interleaved."""
     import numpy as np
 
