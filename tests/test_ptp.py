@@ -50,7 +50,10 @@ def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run
             "policy.n_action_steps=4", "policy.n_layers=1", "policy.width=32", "policy.sampler.inference_steps=2",
             "train.batch_size=8", "train.warmup_steps=1", "train.epochs=1", "train.val_windows=4", "--no-progress"]
     assert main(args) == 0
+    # the config file's encoder setting gives way to the store's encoder's, said, and config.yaml records it
+    assert "note: the embeddings' encoder fixes policy.state_hidden 128 -> 32" in capsys.readouterr().out
     long, cfg, _ = load_policy(root / "long" / "last")
+    assert cfg.policy.state_hidden == 32
     assert long.spec.obs_stride == 2 and long.spec.n_obs_steps == 4 and cfg.dataset == str(root / "toy.zarr")
     assert long.spec.control_hz == base.spec.control_hz == 10.0  # the source's fps, copied into the store
     assert encoder_hash(long) == encoder_hash(base)  # the encoder was frozen
@@ -94,6 +97,10 @@ def test_a_store_from_another_encoder_or_obs_keys_is_refused(short_run, capsys):
     assert ("the run's head was fine-tuned on stored embeddings: resume it with `polcache ptp finetune --embeddings "
             "STORE`") in _err(capsys, retrain)
     assert "the run was trained end to end by `polcache train`" in _err(capsys, [*resume[:6], f"out={root / 'short'}"])
+    for override in ("train.state_norm=gaussian", "policy.image.channels=8", "policy.state_hidden=64"):
+        # replaced by the encoder's in silence, while config.yaml recorded them
+        assert (f"{override.partition('=')[0].rsplit('.channels')[0]}: ptp finetune takes it from the checkpoint "
+                f"that made the embeddings" in _err(capsys, [*resume, override]))
     # a store embedded before paths were recorded absolute: its relative checkpoint path, read from elsewhere
     group = zarr.open_group(str(root / "emb3.zarr"), mode="r+")
     group.attrs["embedding"] = {**group.attrs["embedding"], "checkpoint": "short/last"}

@@ -60,6 +60,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from polcache.ptp.finetune import finetune
 
     cfg = load_config(args.config, args.overrides)
-    path = finetune(cfg, args.embeddings, fresh=args.fresh, progress=not args.no_progress, device=args.device)
+    path = finetune(cfg, args.embeddings, fresh=args.fresh, progress=not args.no_progress, device=args.device,
+                    overrides=args.overrides)
     print(f"checkpoint: {path}")
     return 0

@@ -7,6 +7,7 @@ Everything else is `polcache train`'s loop (EMA, validation, checkpoints, resume
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,13 +22,18 @@ from polcache.ptp.embeddings import KEY, embedding_info, encoder_hash
 from polcache.train.loop import TrainingSource, dataset_rate, train
 
 EMBEDDING_MIN_STD = 1e-9  # float32 rounding of the features is ~1e-10 and below
+# What the checkpoint that made the store fixes: its encoder's settings (the stored embeddings are their
+# output) and its normalisation (state is normalised before it is encoded; its action statistics are kept).
+ENCODER_SETTINGS = ("policy.state_hidden", "policy.image", "train.state_norm", "train.action_norm")
 
 
-def finetune_source(cfg: ExperimentConfig, embeddings: str | Path) -> TrainingSource:
+def finetune_source(cfg: ExperimentConfig, embeddings: str | Path, overrides: Sequence[str] = ()) -> TrainingSource:
     """The embedding store and a policy with the store's encoder (frozen) and `cfg`'s head.
 
-    The encoder settings (state_hidden, image) and observation keys come from the checkpoint that
-    made the store; `cfg.dataset` becomes the store's source dataset (calibration reads it)."""
+    ENCODER_SETTINGS and the observation keys come from the checkpoint that made the store: a config
+    file's other values are replaced (said), one of the command's `overrides` is refused (it had been
+    replaced in silence while config.yaml recorded it); `cfg.dataset` becomes the store's source
+    dataset (calibration reads it)."""
     store = open_dataset(embeddings)
     info = embedding_info(store, str(embeddings))
     for what in ("checkpoint", "source"):  # stores embedded before paths were made absolute hold them as typed
@@ -49,7 +55,21 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path) -> TrainingSo
     if cfg.task and recorded and cfg.task != recorded:  # as train refuses a dataset of another task
         raise ConfigError(f"task is {cfg.task!r} but dataset {source} was recorded on {recorded!r} (embedded in "
                           f"{embeddings}); set task={recorded} (or leave task empty)")
+    replaced, given_keys = [], [o.partition("=")[0].strip() for o in overrides]
+    for setting in ENCODER_SETTINGS:
+        group, name = setting.split(".")
+        given, fixed = getattr(getattr(cfg, group), name), getattr(getattr(base_cfg, group), name)
+        if given == fixed:
+            continue
+        if any(key == setting or key.startswith(f"{setting}.") for key in given_keys):
+            raise ConfigError(f"{setting}: ptp finetune takes it from the checkpoint that made the embeddings, "
+                              f"{info['checkpoint']} ({fixed!r}; its encoder and normalisation are frozen): leave it "
+                              f"out, or train the short policy with it and embed again")
+        replaced.append(f"{setting} {given!r} -> {fixed!r}")
+    if replaced:  # the config file's own values: said, and config.yaml records what the checkpoint holds
+        print(f"note: the embeddings' encoder fixes {'; '.join(replaced)} (from {info['checkpoint']})")
     cfg.policy.state_hidden, cfg.policy.image = base_cfg.policy.state_hidden, base_cfg.policy.image
+    cfg.train.state_norm, cfg.train.action_norm = base_cfg.train.state_norm, base_cfg.train.action_norm
     cfg.dataset = source
     cfg.task = cfg.task or recorded
     validate(cfg)
@@ -77,6 +97,8 @@ def with_embedding_stats(normalizer: Normalizer, store: EpisodeStore) -> Normali
 
 
 def finetune(cfg: ExperimentConfig, embeddings: str | Path, fresh: bool = False, progress: bool = True,
-             device: str = "cpu") -> Path:
-    """Train `cfg`'s long-context head from `embeddings`; returns the checkpoint path (OUT/last)."""
-    return train(cfg, fresh=fresh, progress=progress, device=device, source=finetune_source(cfg, embeddings))
+             device: str = "cpu", overrides: Sequence[str] = ()) -> Path:
+    """Train `cfg`'s long-context head from `embeddings`; returns the checkpoint path (OUT/last).
+    `overrides`: the command's, which must not change what the store's encoder fixes."""
+    return train(cfg, fresh=fresh, progress=progress, device=device,
+                 source=finetune_source(cfg, embeddings, overrides))
