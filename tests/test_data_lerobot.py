@@ -484,6 +484,11 @@ def test_instructions_round_trip(tmp_path):
     for e, ep in enumerate(episodes):
         np.testing.assert_array_equal(back.episode(e).obs["instruction"], ep.obs["instruction"])
     assert frame_texts(back, 1) == ["go to the target"] * 3 + ["reach the goal"] * 2 + ["go to the target"]
+    one = tmp_path / "one.zarr"  # one instruction throughout: language, not the environment's task name
+    write_dataset(one, [instructed_episode(["reach the goal"] * 4, 0)])
+    lr.export_lerobot(one, tmp_path / "one", progress=False)
+    lr.import_lerobot(tmp_path / "one", tmp_path / "one_back.zarr", progress=False, instruction_bytes=64)
+    assert "task" not in EpisodeStore.open(tmp_path / "one_back.zarr").attrs  # eval had looked for "reach the goal"
     np.testing.assert_array_equal(back.array("state"), EpisodeStore.open(src).array("state"))
 
     lr.import_lerobot(tmp_path / "exported", tmp_path / "plain.zarr", progress=False)  # opt-in, as record's flag is

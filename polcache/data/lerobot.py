@@ -629,7 +629,9 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
         _av()
 
     attrs: dict[str, Any] = {"fps": fps, "source": f"lerobot {info['codebase_version']}"}
-    if len(set(tasks)) == 1 and tasks[0]:  # one task throughout (e.g. a Meta-World task name): the dataset's task
+    # one task throughout (e.g. a Meta-World task name): the dataset's task; not where the strings are instructions
+    # (language, not an environment's name: eval would look for a task called "reach the goal")
+    if len(set(tasks)) == 1 and tasks[0] and not instruction_bytes:
         attrs["task"] = tasks[0]
     if info.get("robot_type"):
         attrs["robot_type"] = info["robot_type"]
