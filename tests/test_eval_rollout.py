@@ -189,3 +189,20 @@ def test_an_instruction_for_a_policy_without_language_is_refused(capsys):
     assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1",
                  "--instructions", "train"]) == 2
     assert "--instructions train: this policy takes no instruction" in capsys.readouterr().err
+
+
+def test_an_episode_gif_plays_at_the_tasks_pace_pauses_included(tmp_path):
+    """imageio takes milliseconds: 0.08 gave every frame 0 ms, and a held pose's identical frames
+    were merged away (the dock-and-wait phase of cue-reach vanished)."""
+    from PIL import Image
+
+    from polcache.sim.evaluate import _write_gif
+
+    frames = [np.full((8, 8, 3), step // 6 * 40, np.uint8) for step in range(24)]  # a pose held 6 steps, 4 times
+    _write_gif(tmp_path / "e.gif", frames, control_period_s=0.05)
+    gif = Image.open(tmp_path / "e.gif")
+    durations = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        durations.append(gif.info["duration"])
+    assert sum(durations) == 24 * 50  # the episode's 24 steps at 20 Hz, the held poses kept

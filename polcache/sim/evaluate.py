@@ -273,7 +273,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
                 ep["instruction"] = texts[i % len(texts)]
             per_episode.append(ep)
             if frames:
-                _write_gif(Path(video_dir) / f"{task}_seed{seed + i}.gif", frames)
+                _write_gif(Path(video_dir) / f"{task}_seed{seed + i}.gif", frames, env.control_period_s)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM in a long evaluation: the finished episodes are a result
         if not per_episode:
             raise
@@ -293,8 +293,15 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         **({"interrupted": interrupted} if interrupted else {})})
 
 
-def _write_gif(path: Path, frames: list[np.ndarray]) -> None:
+GIF_STEPS_PER_FRAME = 2  # every other step: half the file, still smooth
+
+
+def _write_gif(path: Path, frames: list[np.ndarray], control_period_s: float) -> None:
+    """An episode's frames at their real pace. imageio (>= 2.28, Pillow) takes `duration` in milliseconds
+    (0.08 meant 0 ms: players raced through it, and Pillow merged a held pose's identical frames away);
+    GIF delays count hundredths of a second and browsers slow anything under 20 ms to 100 ms."""
     import imageio.v2 as imageio
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimsave(path, frames[::2], duration=0.08, loop=0)
+    frame_ms = max(20, round(GIF_STEPS_PER_FRAME * control_period_s * 100) * 10)
+    imageio.mimsave(path, frames[::GIF_STEPS_PER_FRAME], duration=frame_ms, loop=0)
