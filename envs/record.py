@@ -116,9 +116,10 @@ def _collect(task: str, episodes: int, seed: int, image: bool, cameras: tuple[st
                 bar.update()
                 if keep is not None and len(kept) >= keep:
                     break
-        if progress:
-            failed = f" (seeds {dropped_seeds})" if dropped_seeds else ""
-            print(f"record {task}: kept {len(kept)} of {len(kept) + len(dropped_seeds)} episodes, dropped {len(dropped_seeds)} where the expert failed{failed}")
+        failed = f" (seeds {dropped_seeds})" if dropped_seeds else ""  # said with or without the bar: logs need it
+        short = f"; --keep {keep} not reached in {episodes} attempts" if keep is not None and len(kept) < keep else ""
+        print(f"record {task}: kept {len(kept)} of {len(kept) + len(dropped_seeds)} episodes, dropped "
+              f"{len(dropped_seeds)} where the expert failed{failed}{short}")
         if not kept:
             raise PolcacheError(f"{task}: the expert failed all {episodes} episodes; nothing written")
         obs_spec = {k: v.to_dict() for k, v in env.observation_spec().items()}

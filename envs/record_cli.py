@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of episode 0; episode i uses seed + i")
     p.add_argument("--cameras", type=name_list, default=None,
                    help="comma-separated cameras (default: the task's usual one); implies --image")
-    p.add_argument("--image-size", type=positive_int, default=96, help="square image size in pixels")
+    p.add_argument("--image-size", type=positive_int, help="square image size in pixels (default 96)")
     p.add_argument("--instructions", type=positive_int, nargs="?", const=64, default=0, metavar="BYTES",
                    help="also record each episode's instruction (one of the task's training paraphrases) as the "
                         "'instruction' observation of BYTES UTF-8 bytes (default 64), for language-conditioned policies")
@@ -40,7 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "[-1, 1]) while the expert's actions are recorded (DART): demonstrations of coming back to "
                         "the expert's path from off it; default 0")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    p.checks.append(_image_size_check)
     p.set_defaults(handler=_run)
+
+
+def _image_size_check(args: argparse.Namespace) -> str | None:
+    if args.image_size is not None and not (args.image or args.cameras):  # accepted and ignored: a state-only dataset
+        return "argument --image-size: sizes camera images; give --image (or --cameras) with it"
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -55,8 +62,11 @@ def _run(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():  # TERM stops as Ctrl-C does (the old dataset kept), said and exiting 143
         summary = record_demonstrations(
             tasks[0] if len(tasks) == 1 else tasks, args.episodes, args.out, image=args.image, seed=args.seed,
-            cameras=args.cameras, image_size=args.image_size, keep=args.keep, instruction_bytes=args.instructions,
+            cameras=args.cameras, keep=args.keep, instruction_bytes=args.instructions,
+            **({} if args.image_size is None else {"image_size": args.image_size}),
             perturb=Perturbations(args.hold_steps, args.stop_steps, args.action_noise), progress=not args.no_progress,
         )
-    print(f"wrote {summary['path']}: {summary['episodes']} episodes, {summary['steps']} steps, obs {', '.join(summary['obs_keys'])}")
+    n = summary["episodes"]
+    print(f"wrote {summary['path']}: {n} episode{'' if n == 1 else 's'}, {summary['steps']} steps, "
+          f"obs {', '.join(summary['obs_keys'])}")
     return 0

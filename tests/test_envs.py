@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
@@ -334,26 +333,30 @@ def test_record_keep_replaces_failed_episodes(tmp_path, monkeypatch):
 
 
 def test_record_cli(tmp_path, capsys):
+    from polcache.cli import main
     from polcache.data.store import EpisodeStore
-    from polcache.envs.record_cli import register
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(tmp_path / "d"), "--seed", "3"])
-    assert args.handler(args) == 0
-    assert "2 episodes" in capsys.readouterr().out
-    args = parser.parse_args(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(tmp_path / "p"),
-                              "--hold-steps", "7", "--stop-steps", "5", "--action-noise", "0.1"])
-    assert args.handler(args) == 0
+    assert main(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(tmp_path / "d"), "--seed", "3",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out  # the kept line without the bar too: scripts and logs run without it
+    assert "record cue-reach: kept 2 of 2 episodes, dropped 0" in out and "2 episodes" in out
+    assert main(["record", "--task", "cue-reach", "--episodes", "2", "--out", str(tmp_path / "p"),
+                 "--hold-steps", "7", "--stop-steps", "5", "--action-noise", "0.1", "--no-progress"]) == 0
     attrs = EpisodeStore.open(tmp_path / "p").attrs
     assert (attrs["hold_steps"], attrs["stop_steps"], attrs["action_noise"], attrs["stop_rate"]) == (7, 5, 0.1, 0.1)
+    assert main(["record", "--task", "cue-reach", "--episodes", "1", "--keep", "3", "--out", str(tmp_path / "k"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "; --keep 3 not reached in 1 attempts" in out and ": 1 episode, " in out
     with pytest.raises(SystemExit):  # refused by the flag's type, before anything is recorded
-        parser.parse_args(["record", "--task", "cue-reach", "--episodes", "1", "--out", str(tmp_path / "n"),
-                           "--stop-steps", "-1"])
+        main(["record", "--task", "cue-reach", "--episodes", "1", "--out", str(tmp_path / "n"), "--stop-steps", "-1"])
     assert "argument --stop-steps: expected an integer >= 0, got -1" in capsys.readouterr().err
-    args = parser.parse_args(["record", "--task", "nope", "--episodes", "1", "--out", str(tmp_path / "e")])
-    with pytest.raises(UnknownTaskError, match="'nope'"):
-        args.handler(args)
+    with pytest.raises(SystemExit):  # accepted and ignored, it wrote a state-only dataset
+        main(["record", "--task", "cue-reach", "--episodes", "1", "--out", str(tmp_path / "n"), "--image-size", "7"])
+    assert "argument --image-size: sizes camera images; give --image (or --cameras) with it" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+    assert main(["record", "--task", "nope", "--episodes", "1", "--out", str(tmp_path / "e")]) == 2
+    assert "'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sig, status, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
