@@ -421,21 +421,23 @@ def test_calibrate_wants_a_json_name_and_keeps_an_unrelated_png(capsys, tmp_path
     assert (tmp_path / "keep.png").read_bytes() == b"a picture of something else"
 
 
-def test_an_interrupted_calibrate_never_leaves_a_new_schedule_beside_an_old_heatmap(capsys, tmp_path, monkeypatch):
+def test_an_interrupted_calibrate_leaves_the_old_schedule_and_heatmap_as_they_were(capsys, tmp_path, monkeypatch):
+    """Ctrl-C while the heatmap was drawn had left the new schedule without a picture, said as
+    "interrupted": the picture is drawn first now, and both are written together."""
     import polcache.cache.plot as plot
 
     out = tmp_path / "s.json"
     argv = ["calibrate", "--checkpoint", str(CHECKPOINT), "--budget", "3", "--samples", "1", "--batch-size", "1",
             "--no-progress", "--out", str(out)]
     assert main(argv) == 0
-    old_schedule = out.read_bytes()
+    old = out.read_bytes(), out.with_suffix(".png").read_bytes()
 
     def interrupted(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(plot, "plot_schedule", interrupted)  # Ctrl-C after the schedule, before its heatmap
+    monkeypatch.setattr(plot, "schedule_png", interrupted)  # Ctrl-C once the schedule is solved, drawing it
     assert main(argv + ["--seed", "1"]) == 130
-    assert out.read_bytes() != old_schedule and not out.with_suffix(".png").exists()
+    assert (out.read_bytes(), out.with_suffix(".png").read_bytes()) == old
 
 
 def test_a_ctrl_c_a_library_turned_into_its_own_error_is_an_interruption(capsys, tmp_path, monkeypatch):
@@ -449,11 +451,11 @@ def test_a_ctrl_c_a_library_turned_into_its_own_error_is_an_interruption(capsys,
         except KeyboardInterrupt:
             raise ImportError("initialization failed")
 
-    monkeypatch.setattr(plot, "plot_schedule", import_interrupted)
+    monkeypatch.setattr(plot, "schedule_png", import_interrupted)
     assert main(["calibrate", "--checkpoint", str(CHECKPOINT), "--budget", "3", "--samples", "1", "--batch-size",
                  "1", "--no-progress", "--out", str(tmp_path / "s.json")]) == 130
     assert capsys.readouterr().err == "polcache calibrate: interrupted\n"
-    monkeypatch.setattr(plot, "plot_schedule", lambda *_: (_ for _ in ()).throw(ImportError("a real one")))
+    monkeypatch.setattr(plot, "schedule_png", lambda *_: (_ for _ in ()).throw(ImportError("a real one")))
     with pytest.raises(ImportError, match="a real one"):  # one without an interrupt behind it is not hidden
         main(["calibrate", "--checkpoint", str(CHECKPOINT), "--budget", "3", "--samples", "1", "--batch-size", "1",
               "--no-progress", "--out", str(tmp_path / "t.json")])

@@ -216,7 +216,9 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     report or sim extra) the schedule is written without its heatmap."""
     import importlib.util
 
-    from polcache.cache.plot import plot_schedule
+    from polcache.atomic import atomic_write_bytes
+    from polcache.cache.plot import schedule_png
+    from polcache.signals import interrupts_held
     from polcache.export.manifest import refuse_exported
     from polcache.policy.checkpoint import load_policy
     from polcache.policy.device import resolve_device
@@ -238,9 +240,13 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     calib = calibrate(policy, smp, obs, source, batch_size, seed, progress)
     schedule = build_schedule(calib, method, budget, bu_blocks, force_last, model_hash(policy), smp.kind, objective,
                               policy.identity()["family"])
-    # the old heatmap goes first: an interrupt may leave a schedule without its picture, never beside another's
-    png.unlink(missing_ok=True)
-    save_schedule(schedule, out)
-    if importlib.util.find_spec("matplotlib") is not None:
-        plot_schedule(schedule, png)
+    # the picture is drawn before anything is replaced (Ctrl-C then leaves the old pair as it was), and the
+    # schedule and its picture are written together, interrupts held: never one without the other
+    picture = schedule_png(schedule) if importlib.util.find_spec("matplotlib") is not None else None
+    with interrupts_held():
+        save_schedule(schedule, out)
+        if picture is None:
+            png.unlink(missing_ok=True)  # not beside another schedule
+        else:
+            atomic_write_bytes(png, picture)
     return schedule

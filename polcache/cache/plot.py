@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
-
-from polcache.atomic import atomic_write_bytes
 
 from polcache.cache.schedule import Schedule
 from polcache.policy.blocks import CA, FFN, SA
 
 
-def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
-    """Grid of small heatmaps, one per block (columns: layers, rows: sa/ca/ffn). On each, the
-    row segments that serve the steps of a segment are white lines, update steps red dots."""
+def schedule_png(schedule: Schedule) -> bytes:
+    """Grid of small heatmaps, one per block (columns: layers, rows: sa/ca/ffn), as PNG bytes. On each,
+    the row segments that serve the steps of a segment are white lines, update steps red dots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,5 +47,4 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, png.getvalue())  # an interrupt never leaves half a picture
-    return Path(path)
+    return png.getvalue()
