@@ -20,6 +20,7 @@ from polcache.atomic import atomic_directory
 from polcache.errors import ExportError
 from polcache.outputs import check_output, json_kind
 from polcache.export.manifest import FORMAT, MANIFEST, GraphEntry, Manifest, schedule_digest, schedule_parts, sha256_file
+from polcache.policy.checkpoint import trained_tasks
 from polcache.export.onnx_graphs import (OPSET, STEP_MODES, assemble_step, dims, io_description, trace_encoder,
                                          trace_pieces)
 from polcache.policy.executor import COMPUTE, FORECAST, GATE
@@ -114,7 +115,7 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
             manifest = Manifest(
                 spec=policy.spec.to_dict(),
                 model={"hash": model_hash(policy), "checkpoint": str(checkpoint), "block_names":
-                       policy.denoiser.block_names, **dims(policy)},
+                       policy.denoiser.block_names, **dims(policy), **trained_tasks(checkpoint)},
                 sampler={"kind": smp.kind, "steps": smp.num_steps, "clip_sample": bool(smp.clip_sample),
                          "needs_noise": bool(smp.needs_noise), "timesteps": smp.timesteps.tolist(),
                          **{c: getattr(smp, c).tolist() for c in "abcdes"}},

@@ -279,6 +279,23 @@ def test_bad_artifacts_and_requests_are_refused(policy, schedule, checkpoint, tm
         assert missing in _err(capsys, ["serve", "--checkpoint", checkpoint, "--backend", "trt"])
 
 
+def test_an_export_of_a_multi_task_checkpoint_names_its_tasks_where_a_task_is_asked_for(checkpoint, tmp_path, capsys):
+    """`eval` of an exported multi-task VLA without --task said only "pass --task": the checkpoint's
+    refusal lists its tasks (meta.json), the export's did not (no meta.json)."""
+    import shutil
+
+    from polcache.policy.checkpoint import no_task_hint
+
+    multi = tmp_path / "multi"
+    shutil.copytree(checkpoint, multi)
+    meta = json.loads((multi / "meta.json").read_text())
+    (multi / "meta.json").write_text(json.dumps({**meta, "tasks": ["push-v3", "reach-v3"]}))
+    assert main(["export", "--checkpoint", str(multi), "--out", str(tmp_path / "art"), "--no-verify"]) == 0
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["model"]["tasks"] == ["push-v3", "reach-v3"]
+    assert no_task_hint(tmp_path / "art") == no_task_hint(multi) == " (it was trained on push-v3, reach-v3)"
+    assert no_task_hint(checkpoint) == ""
+
+
 def test_export_cli_then_eval_with_the_ort_backend(checkpoint, tmp_path, capsys):
     out = tmp_path / "art"
     argv = ["export", "--checkpoint", checkpoint, "--cache", "uniform:2", "--sampler", "ddim", "--steps", str(K),

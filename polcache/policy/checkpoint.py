@@ -237,14 +237,25 @@ def _check_normalizer(normalizer: Normalizer, obs_spec: dict[str, ArraySpec], ob
                                   f"{size} (a normalizer from another model?)")
 
 
-def no_task_hint(path: str | Path) -> str:
-    """For a refusal of a checkpoint that names no task: the tasks a multi-task run trained on
-    (meta.json `tasks`), or "" where it has no such list (an older checkpoint, an export)."""
+def trained_tasks(path: str | Path) -> dict[str, list[str]]:
+    """{"tasks": [...]}: the tasks a multi-task checkpoint trained on (meta.json `tasks`; an export
+    carries them in its manifest's `model`), or {} where it records none."""
+    path = Path(path)
     try:
-        tasks = read_json_object(Path(path) / "meta.json").get("tasks")
-    except Exception:  # noqa: BLE001 - only a hint: the refusal stands without it
-        return ""
-    return f" (it was trained on {', '.join(map(str, tasks))})" if isinstance(tasks, list) and tasks else ""
+        if (path / "meta.json").is_file():
+            tasks = read_json_object(path / "meta.json").get("tasks")
+        else:
+            tasks = (read_json_object(path / "manifest.json").get("model") or {}).get("tasks")
+    except Exception:  # noqa: BLE001 - only ever a hint: what needs it stands without it
+        return {}
+    return {"tasks": [str(t) for t in tasks]} if isinstance(tasks, list) and tasks else {}
+
+
+def no_task_hint(path: str | Path) -> str:
+    """For a refusal of a checkpoint or export that names no task: the tasks a multi-task run trained
+    on, or "" where it records none (an older checkpoint)."""
+    tasks = trained_tasks(path).get("tasks")
+    return f" (it was trained on {', '.join(tasks)})" if tasks else ""
 
 
 def check_external_weights(meta: dict, path: str | Path) -> None:
