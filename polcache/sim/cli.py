@@ -137,6 +137,9 @@ def _verify_line(result, spec) -> tuple[str, bool]:
     return (f"warning: {line}: none had executed actions at {need} past frames (--verify-min-past; the oldest of them "
             f"{step} steps back), and the episodes were {result.mean_episode_length:.0f} steps long on average: "
             f"lower --verify-min-past to verify on this task"), False
+
+
+def _speedup(uncached, cached, calls: int = 20) -> dict:
     """Median per-chunk latency of both backends on the same observation, interleaved."""
     import numpy as np
 
