@@ -1,6 +1,7 @@
 """`polcache calibrate` end to end on a tiny checkpoint, and the schedule used through load_backend."""
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -121,6 +122,23 @@ def test_the_default_bubbling_union_fits_a_model_with_fewer_blocks(tmp_path, cap
     assert json.loads((tmp_path / "s.json").read_text())["bu_blocks"] == 3
 
 
+def test_a_dataset_found_that_is_other_data_gives_way_to_environment_resets_said(tmp_path, monkeypatch, capsys):
+    """A shipped checkpoint's relative dataset path found someone else's recording in a folder above
+    it: calibrate refused, though --help promises environment resets where no training data is."""
+    from polcache.cache.calibrate import calibration_observations
+
+    monkeypatch.chdir(tmp_path)
+    demo_data(tmp_path / "data" / "d.zarr", state_dim=8)  # a recording of the same shape, not its training data
+    policy = tiny_policy(n_layers=1, width=32, obs_dim=8)
+    obs, source = calibration_observations(policy, ExperimentConfig(task="cue-reach", dataset="data/d.zarr"), 3,
+                                           checkpoint=tmp_path / "runs" / "x" / "last")
+    assert source == "cue-reach environment resets: seeds 0..2" and obs["state"].shape == (3, 2, 8)
+    assert capsys.readouterr().err.strip() == (
+        "warning: data/d.zarr (the normaliser statistics of action, state differ): found from the checkpoint's "
+        "dataset data/d.zarr, not the data it was trained on: calibrating on cue-reach environment resets (pass "
+        "--dataset PATH for a dataset)")
+
+
 def test_environment_resets_when_the_dataset_is_missing():
     from polcache.cache.calibrate import calibration_observations
 
@@ -135,7 +153,7 @@ def test_environment_resets_when_the_dataset_is_missing():
 
 
 def test_a_relative_dataset_is_found_from_another_directory(tmp_path, monkeypatch):
-    from polcache.cache.calibrate import find_dataset
+    from polcache.cache.calibrate import dataset_candidates
 
     (tmp_path / "data" / "d.zarr").mkdir(parents=True)
     ckpt = tmp_path / "runs" / "x" / "last"
@@ -143,9 +161,11 @@ def test_a_relative_dataset_is_found_from_another_directory(tmp_path, monkeypatc
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert find_dataset("data/d.zarr", ckpt) == tmp_path / "data" / "d.zarr"
-    assert find_dataset("data/d.zarr") is None and find_dataset("data/missing.zarr", ckpt) is None
-    assert find_dataset("", ckpt) is None
+    assert dataset_candidates("data/d.zarr", ckpt) == [tmp_path / "data" / "d.zarr"]
+    assert dataset_candidates("data/d.zarr") == [] and dataset_candidates("data/missing.zarr", ckpt) == []
+    assert dataset_candidates("", ckpt) == []
+    (elsewhere / "data" / "d.zarr").mkdir(parents=True)  # nearest first: where training ran, then above the checkpoint
+    assert dataset_candidates("data/d.zarr", ckpt) == [Path("data/d.zarr"), tmp_path / "data" / "d.zarr"]
 
 
 def test_eval_with_cache_reports_plan_and_side_by_side_speedup(tmp_path, capsys):
@@ -181,11 +201,11 @@ def test_a_dataset_found_at_the_checkpoints_path_must_be_its_training_data(check
     assert main(argv) == 0
     assert source().startswith("dataset data/demo.zarr: 4 random windows")
     demo_data(tmp_path / "data" / "demo.zarr", seed=2)  # recorded again at the same path
-    assert main(argv) == 2
+    assert main(argv) == 2  # the checkpoint names no task: no environment resets either
     assert capsys.readouterr().err.strip() == (
-        "polcache calibrate: error: data/demo.zarr (found from the checkpoint's dataset: data/demo.zarr) is not the "
-        "data it was trained on (the normaliser statistics of action, state differ): pass --dataset PATH to "
-        "calibrate on the training data, or on this one anyway")
+        "polcache calibrate: error: no calibration observations: data/demo.zarr (the normaliser statistics of action, "
+        "state differ): found from the checkpoint's dataset data/demo.zarr, not the data it was trained on, and the "
+        "checkpoint names no task: pass --dataset PATH")
     assert main([*argv, "--dataset", str(other)]) == 0  # the user's choice
     assert source().startswith(f"dataset {other}: 4 random windows")
     assert "warning" not in capsys.readouterr().err  # neither names a task

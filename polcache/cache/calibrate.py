@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from polcache.cache.errors import CacheError
+from polcache.errors import PolcacheError
 from polcache.cache.schedule import FORMAT, Calibration, Schedule, build_schedule, model_hash, save_schedule
 from polcache.jsonfile import read_json_object
 from polcache.outputs import check_output
@@ -90,35 +91,47 @@ def calibrate(policy: CacheTarget, sampler: Sampler, observations: dict[str, tor
                        layer_kind=[(b.layer, b.kind) for b in policy.cache_blocks])
 
 
-def find_dataset(dataset: str, checkpoint: str | Path | None = None) -> Path | None:
-    """The training dataset of a checkpoint, if it is still around. A relative path was relative
-    to wherever training ran: try the current directory, then each directory above the checkpoint
-    (runs/NAME/last sits under the project that holds data/)."""
+def dataset_candidates(dataset: str, checkpoint: str | Path | None = None) -> list[Path]:
+    """Where the training dataset of a checkpoint may still be, those that exist, nearest first. A
+    relative path was relative to wherever training ran: the current directory, then each directory
+    above the checkpoint (runs/NAME/last sits under the project that holds data/)."""
     if not dataset:
-        return None
+        return []
     path = Path(dataset)
     candidates = [path]
     if not path.is_absolute() and checkpoint is not None:
         candidates += [parent / path for parent in Path(checkpoint).resolve().parents]
-    return next((c for c in candidates if c.exists()), None)
+    found: dict[Path, Path] = {}  # by where it resolves: the current directory may be one of those above the checkpoint
+    for candidate in candidates:
+        if candidate.exists():
+            found.setdefault(candidate.resolve(), candidate)
+    return list(found.values())
 
 
-def _check_training_data(policy: CacheTarget, cfg: ExperimentConfig, store: "EpisodeStore", dataset: Path) -> None:
-    """Refuse a dataset found by the checkpoint's relative `dataset` path that is not the data it was
-    trained on (another recording at that path, or another project's): the normaliser refitted on
-    it differs. The schedule would be fitted to other observations without a word."""
+def _training_data(policy: CacheTarget, cfg: ExperimentConfig, candidates: list[Path],
+                   open_store: Callable[[Path], "EpisodeStore"]) -> tuple[Path | None, "EpisodeStore | None", list[str]]:
+    """The first candidate that is the data the checkpoint was trained on (the normaliser refitted on it
+    equals the checkpoint's: another recording at that path, or another project's folder above, is
+    not), and why each one before it was passed over."""
     from polcache.data.normalize import differing_keys
     from polcache.train.loop import fit_normalizer
 
-    saved = policy.normalizer.state_dict()
-    refit = fit_normalizer(store, cfg, str(dataset)).state_dict()
-    # the raw data's keys only: a PTP head fine-tuned on stored embeddings also has the embeddings' statistics
-    shared = saved.keys() & refit.keys()
-    differ = differing_keys({k: refit[k] for k in shared}, {k: saved[k] for k in shared})
-    if differ:
-        raise CacheError(f"{dataset} (found from the checkpoint's dataset: {cfg.dataset}) is not the data it was "
-                         f"trained on (the normaliser statistics of {', '.join(differ)} differ): pass --dataset PATH "
-                         f"to calibrate on the training data, or on this one anyway")
+    saved, passed = policy.normalizer.state_dict(), []
+    for path in candidates:
+        try:
+            store = open_store(path)
+            store.check_observations({k: policy.spec.obs[k] for k in policy.obs_keys}, str(path), "the checkpoint")
+            refit = fit_normalizer(store, cfg, str(path)).state_dict()
+        except PolcacheError as exc:  # not a dataset, observations of other shapes: not its training data either
+            passed.append(f"{path} ({exc})")
+            continue
+        # the raw data's keys only: a PTP head fine-tuned on stored embeddings also has the embeddings' statistics
+        shared = saved.keys() & refit.keys()
+        differ = differing_keys({k: refit[k] for k in shared}, {k: saved[k] for k in shared})
+        if not differ:
+            return path, store, passed
+        passed.append(f"{path} (the normaliser statistics of {', '.join(differ)} differ)")
+    return None, None, passed
 
 
 DEFAULT_BU_BLOCKS = 5  # blocks widened by Bubbling Union: the paper's choice in simulation
@@ -137,20 +150,23 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
     keys, To = policy.obs_keys, policy.cfg.n_obs_steps
     if dataset is not None and not Path(dataset).exists():
         raise CacheError(f"--dataset {dataset}: not found")
-    found = dataset is None
-    dataset = find_dataset(cfg.dataset, checkpoint) if found else Path(dataset)
-    if dataset is not None:
-        from polcache.data import SequenceDataset, open_dataset
+    from polcache.data import SequenceDataset, open_dataset
 
-        width = policy.spec.obs[INSTRUCTION_KEY].shape[0] if INSTRUCTION_KEY in keys else 0  # a LeRobot root's tasks
-        store = open_dataset(dataset, instruction_bytes=width, instruction_setting=INSTRUCTION_WIDTH_SETTING)
-        store.check_observations({k: policy.spec.obs[k] for k in keys}, str(dataset), "the checkpoint",
-                                 " (pass --dataset with the data it was trained on)" if found else "")
-        if found:
-            _check_training_data(policy, cfg, store, dataset)
-        elif (recorded := str(store.attrs.get("task", ""))) and policy.spec.task and recorded != policy.spec.task:
+    width = policy.spec.obs[INSTRUCTION_KEY].shape[0] if INSTRUCTION_KEY in keys else 0  # a LeRobot root's tasks
+
+    def open_store(path: Path) -> "EpisodeStore":
+        return open_dataset(path, instruction_bytes=width, instruction_setting=INSTRUCTION_WIDTH_SETTING)
+
+    passed: list[str] = []
+    if dataset is None:
+        dataset, store, passed = _training_data(policy, cfg, dataset_candidates(cfg.dataset, checkpoint), open_store)
+    else:
+        dataset, store = Path(dataset), open_store(Path(dataset))
+        store.check_observations({k: policy.spec.obs[k] for k in keys}, str(dataset), "the checkpoint")
+        if (recorded := str(store.attrs.get("task", ""))) and policy.spec.task and recorded != policy.spec.task:
             print(f"warning: the checkpoint's policy was trained on {policy.spec.task}, --dataset {dataset} was "
                   f"recorded on {recorded}", file=sys.stderr)  # allowed, as eval allows it, but rarely meant
+    if store is not None:
         ds = SequenceDataset(store, policy.cfg.horizon, To, keys=keys, obs_stride=policy.cfg.obs_stride,
                              frame_mode=policy.cfg.frame_mode)
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
@@ -159,12 +175,17 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
         short = f", all it has of the {samples} asked" if len(idx) < samples else ""
         return obs, f"dataset {dataset}: {len(idx)} random windows (seed {seed}{short})"
     task = cfg.task or policy.spec.task
+    # found by the checkpoint's dataset path but other data (another recording there, another project's): said
+    other = f"{'; '.join(passed)}: found from the checkpoint's dataset {cfg.dataset}, not the data it was trained on"
     if not task:
         from polcache.policy.checkpoint import no_task_hint
 
-        raise CacheError(f"no calibration observations: dataset {cfg.dataset or '(none)'} not found and the "
-                         f"checkpoint names no task{no_task_hint(checkpoint) if checkpoint is not None else ''}: pass "
-                         f"--dataset")
+        found = other if passed else f"dataset {cfg.dataset or '(none)'} not found"
+        raise CacheError(f"no calibration observations: {found}, and the checkpoint names no task"
+                         f"{no_task_hint(checkpoint) if checkpoint is not None else ''}: pass --dataset PATH")
+    if passed:
+        print(f"warning: {other}: calibrating on {task} environment resets (pass --dataset PATH for a dataset)",
+              file=sys.stderr)
     from polcache.envs import make_env  # simulation is an optional extra
 
     cams = tuple(k[len("image_"):] for k in keys if k.startswith("image_"))
