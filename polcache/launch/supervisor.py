@@ -179,8 +179,9 @@ def new_run_dir(cfg: LaunchConfig) -> Path:
 def run_launch(cfg: LaunchConfig) -> int:
     """Start everything, wait until the robot finishes (or, without a simulated robot, until
     Ctrl-C / SIGTERM), stop everything. Returns the exit status: the robot's when it finished its
-    episodes, 130 when interrupted (143 for SIGTERM, 129 for SIGHUP), 1 when a child died; raises PolcacheError (the CLI's exit
-    status 2) for a refused config or a child that exited before it was ready."""
+    episodes, 130 when interrupted (143 for SIGTERM, 129 for SIGHUP), 1 when a child died; raises
+    PolcacheError (the CLI's exit status 2) for a refused config or a child that exited before it was
+    ready."""
     check_machine(cfg)
     task = robot_task(cfg) if cfg.robot.enabled else ""
     launch = Launch(cfg, new_run_dir(cfg))

@@ -18,8 +18,9 @@ def collect_metrics(path: str | Path | None = None, port: int | None = None, hos
     """`robot` names the robot whose records carry no name (the robot side's); `info` is written
     as the file's first line, kind `info` (what runs: the server's backend and cache plan, the
     robot's rate; and both clocks, wall and monotonic, at one instant), so a dashboard or report can
-    draw deadlines and cache schedules; the endpoint exposes its rate and deadline. `window`, `kinds`: as Metrics (0: no in-process distributions;
-    the record classes the endpoint shows before their first record).
+    draw deadlines and cache schedules; the endpoint exposes its rate and deadline. `window`,
+    `kinds`: as Metrics (0: no in-process distributions; the record classes the endpoint shows
+    before their first record).
     `port` 0 takes a free port; the endpoint's address is printed."""
     writer = JsonlWriter(path, robot=robot) if path else None
     if writer is not None and info is not None:
