@@ -265,6 +265,20 @@ def test_sigterm_mid_run_stops_robot_then_server_and_children_are_pinned(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_robot_killed_by_a_signal_is_said_and_the_launch_exits_1(tmp_path):
+    """A robot killed mid-run (SIGKILL, an OOM kill, a crash) made the launch exit 247 (256 - 9) with only
+    "robot stopped (SIGKILL)": no documented status, nothing saying it died."""
+    pytest.importorskip("metaworld")
+    launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=200", "dashboard.enabled=false"))
+    launcher.wait_for(r"connected to polcache serve")
+    os.kill(launcher.pids()["robot"], signal.SIGKILL)
+    out = launcher.finish(timeout=60)
+    assert launcher.proc.returncode == 1, out
+    assert "robot exited unexpectedly (killed by SIGKILL): stopping everything" in out
+    assert all(gone(pid) for pid in launcher.pids().values())
+
+
+@pytest.mark.slow
 def test_a_server_that_dies_before_it_is_ready_is_one_error_and_nothing_is_left(tmp_path):
     (tmp_path / "other.json").write_text("{}")  # a schedule file by name only: launch's own checks pass it
     launcher = Launcher(sim_overrides(tmp_path, f"server.cache={tmp_path / 'other.json'}", "dashboard.enabled=false"))

@@ -238,8 +238,12 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
         if ended is not None:
             break
         time.sleep(0.2)
-    if ended.name == "robot":
-        return ended.proc.returncode
-    print(launch.tail(ended.name), file=sys.stderr)
-    say(f"{ended.name} exited unexpectedly (status {ended.proc.returncode}): stopping everything")
+    code = ended.proc.returncode
+    if ended.name == "robot" and code >= 0:  # it finished its episodes (or refused something): its own status
+        return code
+    if ended.name != "robot":  # the robot's output is on this terminal already
+        print(launch.tail(ended.name), file=sys.stderr)
+    # killed by a signal (SIGKILL, an OOM kill, a crash): -N, which as an exit status read as 256 - N
+    how = f"status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+    say(f"{ended.name} exited unexpectedly ({how}): stopping everything")
     return 1
