@@ -265,13 +265,19 @@ def test_sigterm_mid_run_stops_robot_then_server_and_children_are_pinned(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_robot_killed_by_a_signal_is_said_and_the_launch_exits_1(tmp_path):
-    """A robot killed mid-run (SIGKILL, an OOM kill, a crash) made the launch exit 247 (256 - 9) with only
-    "robot stopped (SIGKILL)": no documented status, nothing saying it died."""
+def test_a_dead_dashboard_leaves_the_run_going_and_a_killed_robot_is_said_with_exit_1(tmp_path):
+    """The dashboard dying ended the robot's run (it only watches); a robot killed mid-run (SIGKILL, an
+    OOM kill, a crash) made the launch exit 247 (256 - 9) with only "robot stopped (SIGKILL)"."""
     pytest.importorskip("metaworld")
-    launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=200", "dashboard.enabled=false"))
+    launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=200"))
     launcher.wait_for(r"connected to polcache serve")
-    os.kill(launcher.pids()["robot"], signal.SIGKILL)
+    pids = launcher.pids()
+    if "dashboard" in pids:
+        os.kill(pids["dashboard"], signal.SIGKILL)
+        launcher.wait_for(r"dashboard exited unexpectedly \(killed by SIGKILL\): the server and robot go on")
+        time.sleep(1.0)
+        assert not gone(pids["robot"]) and not gone(pids["server"]) and launcher.proc.poll() is None
+    os.kill(pids["robot"], signal.SIGKILL)
     out = launcher.finish(timeout=60)
     assert launcher.proc.returncode == 1, out
     assert "robot exited unexpectedly (killed by SIGKILL): stopping everything" in out

@@ -235,7 +235,12 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
         say("running: a robot may connect now (Ctrl-C or SIGTERM stops everything)")
     while True:
         ended = launch.exited()
-        if ended is not None:
+        if ended is not None and ended.name == "dashboard":  # it only watches: a robot's run must not end with it
+            print(launch.tail("dashboard"), file=sys.stderr)
+            say(f"dashboard exited unexpectedly ({_ended(ended.proc.returncode)}): the server and robot go on "
+                f"without it")
+            del launch.children["dashboard"]
+        elif ended is not None:
             break
         time.sleep(0.2)
     code = ended.proc.returncode
@@ -243,7 +248,11 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
         return code
     if ended.name != "robot":  # the robot's output is on this terminal already
         print(launch.tail(ended.name), file=sys.stderr)
-    # killed by a signal (SIGKILL, an OOM kill, a crash): -N, which as an exit status read as 256 - N
-    how = f"status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
-    say(f"{ended.name} exited unexpectedly ({how}): stopping everything")
+    say(f"{ended.name} exited unexpectedly ({_ended(code)}): stopping everything")
     return 1
+
+
+def _ended(code: int) -> str:
+    """How a child ended: its exit status, or the signal that killed it (SIGKILL, an OOM kill, a crash:
+    Popen's -N, which as the launch's own exit status had read as 256 - N)."""
+    return f"status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
