@@ -11,6 +11,7 @@ vanish unseen."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -72,9 +73,15 @@ def unwritable(path: Path) -> str | None:
         return f"{folder} is on a read-only file system" if fs.f_flag & os.ST_RDONLY else \
             f"{folder} is not writable by this user"
     # a full disk too (the space a run's output will need cannot be known ahead; none at all can); a
-    # file system of no blocks (/proc, /sys) is not a disk
+    # file system of no blocks is no disk: /proc and /sys (which root's access() calls writable) refuse
+    # new files, a FUSE file system may not, so there a folder is made and removed to know
     if fs.f_blocks and (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) == 0:
         return f"no space left on the file system of {folder}"
+    if not fs.f_blocks:
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=folder))
+        except OSError:
+            return f"{folder} is on a file system where files cannot be created (such as /proc or /sys)"
     return None
 
 

@@ -272,7 +272,7 @@ def test_a_dead_dashboard_leaves_the_run_going_and_a_killed_robot_is_said_with_e
     launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=200"))
     launcher.wait_for(r"connected to polcache serve")
     pids = launcher.pids()
-    if "dashboard" in pids:
+    if "dashboard" in pids:  # where this polcache has the dashboard
         os.kill(pids["dashboard"], signal.SIGKILL)
         launcher.wait_for(r"dashboard exited unexpectedly \(killed by SIGKILL\): the server and robot go on")
         time.sleep(1.0)
