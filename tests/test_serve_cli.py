@@ -15,6 +15,17 @@ def test_keys_are_written_once(tmp_path, capsys):
     assert main(["keys", "--dir", str(tmp_path / "k"), "--force"]) == 0
 
 
+def test_a_key_file_given_for_the_key_folder_is_named_as_such(tmp_path, capsys):
+    """It was "server.key_secret not found (create keys with polcache keys --dir <the file>)"."""
+    from polcache.errors import PolcacheError
+    from polcache.serve.security import apply_server_keys
+
+    assert main(["keys", "--dir", str(tmp_path / "k")]) == 0
+    with pytest.raises(PolcacheError, match=r"k/client.key: is a file; expected the folder `polcache keys --dir DIR` "
+                                            r"wrote \(the one holding server.key_secret\)"):
+        apply_server_keys(None, tmp_path / "k" / "client.key")
+
+
 def test_serve_refuses_an_open_bind_before_loading_anything(capsys):
     assert main(["serve", "--checkpoint", "/nonexistent", "--bind", "tcp://0.0.0.0:5555"]) == 2
     err = capsys.readouterr().err

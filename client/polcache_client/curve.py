@@ -27,6 +27,9 @@ class KeyFolderError(ValueError):
 
 def load_keypair(keys_dir: str | Path, name: str) -> tuple[bytes, bytes]:
     path = key_path(keys_dir, name, secret=True)
+    if Path(keys_dir).is_file():  # a key file given for the folder: "create keys there" could not be done
+        raise FileNotFoundError(f"CurveZMQ keys {keys_dir}: is a file; expected the folder `polcache keys --dir DIR` "
+                                f"wrote (the one holding {path.name})")
     if not path.is_file():
         raise FileNotFoundError(f"CurveZMQ key {path} not found (create keys with `polcache keys --dir {keys_dir}`)")
     public, secret = zmq.auth.load_certificate(str(path))
