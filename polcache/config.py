@@ -257,13 +257,14 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=UniqueKeyLoader)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], example: str = "train.steps=1000") -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict. A key given twice with
-    two values is refused, as a flag is (`train.lr=1e-3 train.lr=2e-3` had kept the last silently)."""
+    two values is refused, as a flag is (`train.lr=1e-3 train.lr=2e-3` had kept the last silently).
+    `example`: an override of this kind of config, for the message refusing one without '='."""
     given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=1000")
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. {example}")
         key, raw = item.split("=", 1)
         if given.setdefault(key.strip(), raw) != raw:
             raise ConfigError(f"override {key.strip()!r} given twice ({given[key.strip()]}, then {raw}); it takes "

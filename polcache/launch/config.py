@@ -91,7 +91,7 @@ class LaunchConfig:
 def load_launch_config(path: str | Path, overrides: list[str] | None = None) -> LaunchConfig:
     """Read and check a launch config file, with `a.b=value` overrides (unknown keys refused)."""
     try:
-        cfg = from_dict(LaunchConfig, apply_overrides(read_yaml_mapping(path), overrides or []))
+        cfg = from_dict(LaunchConfig, apply_overrides(read_yaml_mapping(path), overrides or [], "robot.episodes=50"))
     except ConfigError as exc:
         raise located(exc, path, overrides or []) from None
     validate(cfg)
