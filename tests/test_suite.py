@@ -1,6 +1,8 @@
 """The suite runner: record -> train -> evaluate per task, resumable, local processes or Ray."""
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +43,12 @@ def test_task_result_is_stored_and_reused(tmp_path, monkeypatch):
     monkeypatch.undo()
     again = run_task("reach-v3", _run(action_steps=4), tmp_path)
     assert again.run["action_steps"] == 4
+    assert again.extra["checkpoint"] == first.extra["checkpoint"]  # evaluation settings: the same trained run
+    # another training recipe trains a run of its own: it had resumed the old one ("nothing left to train")
+    # and recorded the old weights under the new overrides
+    other = run_task("reach-v3", replace(_run(), overrides=(*TINY, "train.lr=1e-3")), tmp_path)
+    assert other.extra["checkpoint"] != first.extra["checkpoint"] and other.train_steps == 6
+    assert "lr: 0.001" in (Path(other.extra["checkpoint"]) / "config.yaml").read_text()
 
 
 def test_untrained_row_and_parallel_workers(tmp_path):

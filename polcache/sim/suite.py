@@ -8,6 +8,7 @@ half-trained one from its checkpoint, so an interrupted suite picks up where it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -15,10 +16,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from polcache.errors import CheckpointError, PolcacheError
 from polcache.extras import install_hint
 from polcache.jsonfile import read_json_object
+
+if TYPE_CHECKING:
+    from polcache.config import ExperimentConfig
 
 SUITES = {
     # Meta-World's MT10 (metaworld.env_dict.MT10_V3), in Meta-World's order.
@@ -112,10 +117,16 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
     if not data.exists():
         # Up to twice the attempts, so tasks whose expert sometimes fails still get `demos` episodes.
         record_demonstrations(task, 2 * run.demos, data, seed=run.demo_seed, progress=False, keep=run.demos)
-    cfg = load_config(run.config, [*run.overrides, f"task={task}", f"dataset={data}",
-                                   f"out={root / ('untrained' if run.untrained else 'run')}", f"train.threads={run.threads}"])
+    cfg = load_config(run.config, [*run.overrides, f"task={task}", f"dataset={data}", f"train.threads={run.threads}"])
+    # a folder per training recipe: one that changed (an override, the demos, the config file) trains anew; it
+    # had resumed the old run ("nothing left to train") and recorded the old weights under the new recipe
+    cfg.out = str(root / ("untrained" if run.untrained else f"run-{recipe_id(cfg)}"))
     t0 = time.time()
-    checkpoint = save_initial(cfg) if run.untrained else train(cfg, progress=False)
+    try:
+        checkpoint = save_initial(cfg) if run.untrained else train(cfg, progress=False)
+    except CheckpointError as exc:  # training's remedy is its --fresh flag; here the run's folder is the suite's
+        raise CheckpointError(f"{task}: {exc} (for the suite: remove {cfg.out} to train this task's run again, "
+                              f"or give another --out)") from None
     # Summed over resumed segments when the log has them; an untrained row trained for 0 s.
     train_seconds = 0.0 if run.untrained else (_train_seconds(Path(cfg.out)) or time.time() - t0)
     if run.checkpoint == "best" and (checkpoint.parent / "best").exists():
@@ -133,6 +144,17 @@ def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
                "max_steps": res.extra.get("max_steps"), "per_episode": res.per_episode})
     atomic_write_text(result_path, json.dumps(asdict(result), indent=1))
     return result
+
+
+def recipe_id(cfg: "ExperimentConfig") -> str:
+    """What decides a task's trained weights, as 8 hex digits: the whole resolved config (its dataset
+    names the demos and their seed) but where it is written and how many threads train it."""
+    from polcache.config import to_dict
+
+    recipe = to_dict(cfg)
+    recipe.pop("out")
+    recipe["train"].pop("threads")
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _train_seconds(run_dir: Path) -> float:
