@@ -572,14 +572,15 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     may have been changed to continue the run differently."""
     old_cfg, meta = read_meta(last)
     check_external_weights(meta, last)
-    if (other := _other_commands_run(last, meta, policy)) is not None:  # before any difference, all of them follow
+    old_stats = read_tensors(last / "normalizer.safetensors", hint=FRESH_HINT, meta=meta)  # the data it learnt from
+    if (other := _other_commands_run(old_stats, policy)) is not None:  # before any difference, all of them follow
         raise CheckpointError(f"cannot resume {last}: {other}; pass --fresh to start over (the previous run is moved "
                               f"aside) or use another out directory")
     changed = _changed_fields(to_dict(old_cfg.policy), to_dict(cfg.policy), "policy")
     if changed:
         raise CheckpointError(f"{last} was trained with a different policy config ({'; '.join(changed[:4])}); pass "
                               f"--fresh to start over or use another out directory")
-    differences = _data_differences(last, old_cfg, meta, cfg, policy) + _epoch_batch_difference(old_cfg, cfg)
+    differences = _data_differences(old_stats, old_cfg, meta, cfg, policy) + _epoch_batch_difference(old_cfg, cfg)
     if differences:
         raise CheckpointError(f"cannot resume {last}: {'; '.join(differences)}; pass --fresh to start over "
                               f"(the previous run is moved aside) or use another out directory")
@@ -609,10 +610,9 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     return state.step, float(meta.get("elapsed_s", 0.0))
 
 
-def _other_commands_run(last: Path, meta: dict, policy: DiffusionPolicy) -> str | None:
-    """Why OUT/last is the other training command's run (`train` end to end, `ptp finetune` a head on
-    stored embeddings: its normaliser holds theirs), or None."""
-    old_stats = read_tensors(last / "normalizer.safetensors", hint=FRESH_HINT, meta=meta)
+def _other_commands_run(old_stats: dict[str, torch.Tensor], policy: DiffusionPolicy) -> str | None:
+    """Why a run whose normaliser holds `old_stats` is the other training command's (`train` end to end,
+    `ptp finetune` a head on stored embeddings: its normaliser holds theirs), or None."""
     run_on_embeddings = any(k.split(".")[0] == EMBEDDING_KEY for k in old_stats)
     if run_on_embeddings == (EMBEDDING_KEY in policy.normalizer.keys):
         return None
@@ -648,14 +648,14 @@ def _epoch_batch_difference(old_cfg: ExperimentConfig, cfg: ExperimentConfig) ->
 VALIDATION_SET = (("seed", "episodes"), ("val_fraction", "episodes"), ("val_windows", "windows"))
 
 
-def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: ExperimentConfig,
+def _data_differences(old_stats: dict[str, torch.Tensor], old_cfg: ExperimentConfig, meta: dict, cfg: ExperimentConfig,
                       policy: DiffusionPolicy) -> list[str]:
     """What a resumed run would learn from that differs from what OUT/last was trained on: the task, the
     observation keys and shapes, the action size, the data itself, as its normaliser statistics
     (fitted on it; a resumed run would switch to the new ones mid-run), and the settings that choose the
     validation episodes and windows (it would validate on episodes it trained on, and judge best/ on
     scores not comparable with the stored one). A dataset that was only moved (same statistics at
-    another path) is the same data."""
+    another path) is the same data. `old_stats`: OUT/last's normaliser."""
     out = []
     if old_cfg.task != cfg.task:
         out.append(f"task is {cfg.task!r}, the run's is {old_cfg.task!r}")
@@ -668,7 +668,6 @@ def _data_differences(last: Path, old_cfg: ExperimentConfig, meta: dict, cfg: Ex
             out.append(f"observation shapes are {shapes}, the run's are {old_shapes}")
     if int(meta.get("action_dim", policy.action_dim)) != policy.action_dim:
         out.append(f"action size is {policy.action_dim}, the run's is {meta['action_dim']}")
-    old_stats = read_tensors(last / "normalizer.safetensors", hint=FRESH_HINT, meta=meta)
     differ = differing_keys(policy.normalizer.state_dict(), old_stats)
     modes = [f"train.{name} is {getattr(cfg.train, name)}, the run's is {getattr(old_cfg.train, name)}"
              for name in ("state_norm", "action_norm") if getattr(cfg.train, name) != getattr(old_cfg.train, name)]
