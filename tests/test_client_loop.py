@@ -144,6 +144,39 @@ def test_a_resume_that_raises_keeps_the_robot_stopped_and_ends_the_run():
     assert robot.calls[-2:] == ["stop", "resume"]  # not acted on, and not told to stop again
 
 
+class AcknowledgingRobot(BrakingRobot):
+    """Stays stopped after a safe stop until an operator acknowledges it: resume() returns False till then."""
+
+    acknowledged = False
+
+    def resume(self):
+        self.calls.append("resume")
+        return self.acknowledged
+
+
+def test_a_resume_that_returns_false_holds_the_robot_stopped_until_it_returns_true():
+    """A latched stop (an operator must acknowledge it) had no way to keep the robot still: resume() could
+    only let it act or end the run."""
+    loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.04, robot_class=AcknowledgingRobot)
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    loop.run(ticks=15, then_stop=False)  # the watchdog's stop
+    client.silent = False
+    first_held = len(ticks)
+    loop.run(ticks=10, then_stop=False)  # fresh actions, not acknowledged: asked every tick, never acted on
+    held = ticks[first_held:]
+    assert robot.calls[-10:] == ["resume"] * 10
+    assert all(t.state == "stopped" and t.waiting and not t.deadline_miss and not t.safe_stops for t in held)
+    client.silent = True
+    loop.run(ticks=15, then_stop=False)  # the server goes silent while held: the robot is not told to stop again
+    assert robot.calls.count("stop") == 1 and sum(t.safe_stops for t in ticks) == 1
+    client.silent = False
+    robot.acknowledged = True
+    loop.run(ticks=10)
+    runs = [call for call, _ in itertools.groupby(robot.calls)]
+    assert runs == ["act", "stop", "resume", "act", "stop"]  # acts once acknowledged; run()'s own stop at the end
+
+
 class StallingRobot(StepRobot):
     """observe() takes `stall_s` of the clock at tick `stall_at` (a camera that hung, a paused process);
     records the period the clock is in at every act and stop."""

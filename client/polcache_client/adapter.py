@@ -12,8 +12,10 @@ chunk's action 0 then belongs to that instant, so actions are timed from when th
 seen, not from when the loop asked. Without it, the loop stamps the observation when it calls
 `observe()`. Where sensors differ, return the oldest one's time.
 
-Optional: `resume()`, called once before the first action after a `safe_stop` (fresh actions
-came again): where a stop engaged brakes or disabled the drives, this re-enables them. Raising
+Optional: `resume()`, called before the first action after a `safe_stop` (fresh actions came
+again): where a stop engaged brakes or disabled the drives, this re-enables them. Returning False
+keeps the robot stopped for this tick, and it is asked again at the next tick with a fresh
+action: a stop that an operator must acknowledge first (a button, a pendant) waits there. Raising
 from it keeps the robot stopped; the exception ends `ControlLoop.run`, and the robot is not told
 to stop again. Without it, actions simply resume.
 """

@@ -69,7 +69,8 @@ class ControlLoop:
         self.on_chunk = on_chunk
         self.schedule.reset(client.epoch)
         self._executed: list[tuple[int, int, object]] = []  # (epoch, seq, action) not yet reported
-        self._warn = RateLimitedLog(log, interval_s=LATE_CHUNK_LOG_S).warning
+        self._log = RateLimitedLog(log, interval_s=LATE_CHUNK_LOG_S)
+        self._warn = self._log.warning
         self._work_s = 0.0  # how long the last tick's work took (observe, send, act, callbacks)
         self._acted = False  # an action was applied since the robot was last told to stop: `stop` undoes it
         self._capture_time = getattr(adapter, "capture_time", None)  # optional: see RobotAdapter
@@ -105,7 +106,9 @@ class ControlLoop:
             now = acting  # the action due at its start is past due; act on what is due now, or hold or stop
         decision = self.watchdog.step(now, self.schedule.action_at(now))
         interrupted: KeyboardInterrupt | None = None
-        if decision.stop:
+        held = False
+        stopping = decision.stop and not self._stopped  # not again for a robot its adapter has held stopped since
+        if stopping:
             self._acted = False
             stopped = False
             try:
@@ -117,11 +120,9 @@ class ControlLoop:
                 if not stopped:
                     raise
                 interrupted = exc
+        elif decision.action is not None and self._stopped and not self._resumed():
+            held = True  # the adapter keeps the robot stopped (an operator has not acknowledged the stop yet)
         elif decision.action is not None:
-            if self._stopped:  # fresh actions after a stop: the robot may need waking first (brakes, a drive)
-                if self._resume is not None:
-                    self._resume()  # raising leaves the robot stopped, and ends run() without another stop
-                self._stopped = False
             self._acted = True
             # a copy: an adapter converting units in place changed the held action tick after tick (and
             # what is reported as executed), or failed on a chunk's read-only array
@@ -133,12 +134,12 @@ class ControlLoop:
             epoch=self.client.epoch,
             seq=self.client.seq,
             period_error_ms=tick.error * 1e3,
-            state=decision.state.value,
+            state=State.STOPPED.value if held else decision.state.value,
             queue_depth=self.schedule.depth(now),
             missed_ticks=tick.missed,
-            waiting=decision.state == State.WAITING,
+            waiting=held or decision.state == State.WAITING,
             deadline_miss=decision.state in (State.HOLDING, State.STOPPED),
-            safe_stops=int(decision.stop),
+            safe_stops=int(stopping),
             obs_dropped=int(not sent),
         )
         if self.on_tick:
@@ -147,6 +148,17 @@ class ControlLoop:
         if interrupted is not None:
             raise interrupted
         return record
+
+    def _resumed(self) -> bool:
+        """Whether a stopped robot may act again: the adapter's `resume()` (if any) woke it. One that
+        returns False holds it stopped for this tick and is asked again at the next; one that raises
+        ends run() with the robot still stopped (not told to stop again)."""
+        if self._resume is not None and self._resume() is False:
+            self._log.info("held", "the robot stays stopped: its adapter's resume() returned False (waiting for "
+                                   "an operator's acknowledgement?); asked again every tick")
+            return False
+        self._stopped = False
+        return True
 
     def _captured(self, observing: float) -> float:
         """The observation's capture time: the adapter's `capture_time()` where it has one (a camera

@@ -33,7 +33,8 @@ class TickRecord(msgspec.Struct, frozen=True):
     queue_depth: int  # actions left in the newest chunk
     ticks: int = 1  # 0 on the record of the loop's own safe stop, which is no tick
     missed_ticks: int = 0  # grid points skipped because the loop itself ran late
-    waiting: bool = False  # no action yet this episode: its first chunk has not come (or came too late)
+    waiting: bool = False  # no action yet this episode: its first chunk has not come (or came too late); or the
+    # adapter's resume() held the stopped robot (returned False)
     deadline_miss: bool = False  # no fresh action was due (holding or stopped)
     safe_stops: int = 0  # the watchdog's stop on this tick, or the loop's own stop (ticks 0)
     obs_dropped: int = 0  # observation not sent (not connected, socket full, or invalid)
