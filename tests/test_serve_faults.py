@@ -11,7 +11,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from fakes import ACTION_DIM, STATE_DIM, FakeBackend, RawPeer, StallingLink, StepRobot, observation, wait_for
+from fakes import (ACTION_DIM, STATE_DIM, FakeBackend, RawPeer, StallingLink, StepRobot, fake_spec, observation,
+                   wait_for)
 from polcache.errors import PolcacheError
 from polcache.serve.flood import FloodGuard, allowance
 from polcache.serve.security import InsecureBindError, generate_keys, is_loopback
@@ -333,6 +334,20 @@ def test_slow_inference_is_a_logged_deadline_miss_and_the_robot_stops_safely(cap
     assert records[0].deadline_miss and "over its 140.0 ms deadline" in caplog.text
     assert chunks and all(c.dropped_actions == 8 for c in chunks)  # every action arrived too late
     assert not robot.applied and robot.stops == []  # never moved, so never needed stopping
+
+
+def test_a_policy_of_one_action_per_chunk_is_not_late_on_every_request():
+    """Its default deadline was (1 - 1) periods, 0 ms: every request counted as a deadline miss and warned."""
+    records = []
+    with PolicyServer(FakeBackend(fake_spec(n_action_steps=1)), "tcp://127.0.0.1:0", on_record=records.append) as server:
+        p = RawPeer(server.endpoint)
+        p.handshake()
+        for seq in range(1, 6):
+            assert isinstance(p.request(observation(seq)), ActionChunk)
+        assert [s.deadline_ms for s in server.sessions.values()] == [10.0]  # half a period at 50 Hz
+        p.close()
+        assert wait_for(lambda: len(records) == 5)
+    assert not any(r.deadline_miss for r in records)
 
 
 @pytest.mark.parametrize("restart", ["handshake", "reset"])

@@ -44,6 +44,14 @@ MAX_INSTRUCTION_BYTES = 1024  # UTF-8 bytes of an instruction on the wire (a pol
 # 100,000 one-byte arrays, which took the server 0.6 s to refuse: every peer waited that long.
 MAX_MAP_KEYS, MAX_LIST_ITEMS = 1024, 65_536
 
+
+def default_deadline_ms(n_action_steps: int, hz: float) -> float:
+    """A server's budget for one request where none is configured: (n_action_steps - 1) periods, after
+    which every action of the chunk is due before it can arrive; half a period for one action per chunk
+    (the robot still takes an action up to half a period past due: zero would count every request late)."""
+    return max(n_action_steps - 1, 0.5) / hz * 1e3
+
+
 # Per-step observation layout: key -> (shape, dtype name).
 ObsSpec = dict[str, tuple[tuple[int, ...], str]]
 

@@ -32,7 +32,7 @@ from typing import Any, Iterable, NamedTuple
 import numpy as np
 
 from polcache.serve.records import NO_HANDSHAKE
-from polcache_client.protocol import MAX_TIME_S
+from polcache_client.protocol import MAX_TIME_S, default_deadline_ms
 
 MONOTONIC_KINDS = ("tick", "chunk")
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
@@ -272,7 +272,7 @@ class RunState:
         if self.server.get("deadline_ms"):
             return [{"name": "deadline", "y": float(self.server["deadline_ms"])}]
         steps = (self.server.get("policy") or {}).get("n_action_steps")
-        return _reference_lines("deadline", {robot: (steps - 1) / hz * 1e3
+        return _reference_lines("deadline", {robot: default_deadline_ms(steps, hz)
                                              for robot, hz in self.robot_hz.items()}) if steps else []
 
     def _view_latency(self, interval: float) -> dict[str, Any]:

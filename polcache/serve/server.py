@@ -51,6 +51,7 @@ from polcache_client.protocol import (
     Reset,
     Welcome,
     decode_versioned,
+    default_deadline_ms,
     encode,
     encode_chunk,
 )
@@ -187,7 +188,7 @@ class PolicyServer:
             raise PolcacheError(f"simulated_latency_ms must be in [0, {MAX_SIMULATED_LATENCY_MS:g}] ms, "
                                 f"got {simulated_latency_ms}")
         if deadline_ms is not None and not 0 < deadline_ms < math.inf:
-            raise PolcacheError(f"deadline_ms must be a positive number of ms (or None: the chunk's duration), "
+            raise PolcacheError(f"deadline_ms must be a positive number of ms (or None: n_action_steps - 1 periods), "
                                 f"got {deadline_ms}")
         if max_sessions < 1:
             raise PolcacheError(f"max_sessions must be >= 1 (robots served at once), got {max_sessions}")
@@ -450,7 +451,7 @@ class PolicyServer:
                                        executed=ExecutedLog(self.spec.history_span), policy=self.backend.session(),
                                        version=version, instruction=instruction,
                                        last_seen=time.monotonic(),
-                                       deadline_ms=self.deadline_ms or (self.spec.n_action_steps - 1) / msg.hz * 1e3,
+                                       deadline_ms=self.deadline_ms or default_deadline_ms(self.spec.n_action_steps, msg.hz),
                                        action_offsets_s=np.arange(self.spec.n_action_steps, dtype=np.float64) / msg.hz)
         self.sessions.move_to_end(robot)
         if fd is not None and fd >= 0:
