@@ -82,8 +82,8 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
         raise ExportError(f"cannot export this policy: {policy.host_step}; serve it with the torch backend")
     out = check_artifact_output(out)
     t0 = time.perf_counter()
-    was_training = policy.training
-    policy = policy.cpu().eval()
+    was_training, device = policy.training, next(policy.parameters()).device
+    policy = policy.cpu().eval()  # in place (a module's .cpu()): the caller's policy goes back below
     try:  # eval mode through the parity check too: dropout would make torch's reference random
         smp = policy.sampler(sampler, steps)
         plan, compute = plan_table(policy, smp, cache)
@@ -135,7 +135,7 @@ def export_policy(policy: DiffusionPolicy, out: str | Path, cache: str | None = 
                              error=ExportError, remedy=f"nothing was written to {out}; serve the policy with the torch "
                                                        "backend, or raise the tolerance (--tolerance) knowingly")
     finally:
-        policy.train(was_training)
+        policy.to(device).train(was_training)
     return manifest
 
 
@@ -146,16 +146,6 @@ def _code_version() -> str:
         return code_version()
     except Exception:  # noqa: BLE001 - a version string is never worth failing an export for
         return polcache.__version__
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path, cache: str | None = None, sampler: str | None = None,
-                      steps: int | None = None, step_mode: str = DEFAULT_STEP_MODE,
-                      tolerance: float | None = DEFAULT_TOLERANCE) -> Manifest:
-    """export_policy of the checkpoint's policy (parity-checked likewise)."""
-    from polcache.policy.checkpoint import load_policy
-
-    policy, _, _ = load_policy(checkpoint, "cpu")
-    return export_policy(policy, out, cache, sampler, steps, step_mode, checkpoint=str(checkpoint), tolerance=tolerance)
 
 
 @torch.no_grad()

@@ -463,3 +463,11 @@ def test_robots_share_one_graph_run_each_with_its_own_chunk(policy, schedule, tm
         for i, o, seed in ((0, obs[0], 3), (2, obs[1], 5), (4, obs[3], 7)):
             np.testing.assert_allclose(got[i], b.predict(o, seed=seed), atol=1e-5)
     assert not np.allclose(got[0], got[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: a CPU policy stays on the CPU anyway")
+def test_exporting_leaves_the_callers_policy_on_its_device(tmp_path):
+    """export_policy moved the caller's policy to the CPU for good (a module's .cpu() is in place)."""
+    policy = tiny_policy(n_layers=2, width=32, obs_dim=8, action_dim=2).cuda().train()
+    export_policy(policy, tmp_path / "art")
+    assert next(policy.parameters()).device.type == "cuda" and policy.training
