@@ -28,7 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest max |ONNX Runtime - torch| of the median probe observation (normalised action units) "
                         "the parity check accepts; above it nothing is written to --out (default 0.05, as "
                         "--precision-tolerance)")
+    p.checks.append(_tolerance_check)
     p.set_defaults(handler=_run)
+
+
+def _tolerance_check(args: argparse.Namespace) -> str | None:
+    if args.tolerance is not None and args.no_verify:  # the check it limits is skipped: accepted, it would mislead
+        return "argument --tolerance: limits the parity check, which --no-verify skips; give one of them"
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:

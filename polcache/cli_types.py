@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from polcache.config import MAX_SEED
 from polcache.errors import cut_short
@@ -161,6 +161,16 @@ def add_backend_options(p: "OneLineParser") -> None:
                    help="with --verify N > 1: score candidates once M of the past frames' steps have executed "
                         "actions (default: all of them, the paper's rule; fewer verifies earlier in an episode)")
     p.checks.append(_verify_min_past_needs_verify)
+
+
+def given_only_with(flag: str, dest: str, other: str, other_dest: str) -> Callable[[argparse.Namespace], str | None]:
+    """A parser check refusing `flag` (default None) given without `other`, which alone makes it count:
+    accepted and ignored, it would look like a setting the run used."""
+    def check(args: argparse.Namespace) -> str | None:
+        if getattr(args, dest) is not None and not getattr(args, other_dest):
+            return f"argument {flag}: applies with {other} only; give {other} with it"
+        return None
+    return check
 
 
 def _verify_min_past_needs_verify(args: argparse.Namespace) -> str | None:

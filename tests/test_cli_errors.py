@@ -287,8 +287,15 @@ def test_training_on_a_dataset_with_a_damaged_chunk_names_it(capsys, tmp_path):
      "argument --crf: expected an H.264 quality 0..51, got 99"),
     (["eval", "--checkpoint", "x", "--verify", "100000"],  # sampled as one batch: out of memory mid-episode
      "polcache eval: error: argument --verify: expected a candidate count in 1..256, got 100000"),
+    # accepted and ignored, these looked like settings the run used
+    (["eval", "--checkpoint", "x", "--video-episodes", "5"],
+     "polcache eval: error: argument --video-episodes: applies with --video only; give --video with it"),
+    (["sim-robot", "--task", "reach-v3", "--hz", "50", "--image-size", "64"],
+     "polcache sim-robot: error: argument --image-size: applies with --cameras only; give --cameras with it"),
+    (["export", "--checkpoint", "x", "--out", "o", "--no-verify", "--tolerance", "0.1"],
+     "polcache export: error: argument --tolerance: limits the parity check, which --no-verify skips"),
 ], ids=["flag", "nested", "no-command", "eval-verify-min-past-alone", "serve-verify-min-past-alone", "crf",
-        "verify-huge"])
+        "verify-huge", "video-episodes-alone", "image-size-alone", "tolerance-no-verify"])
 def test_a_bad_flag_is_one_line_not_the_usage_block(capsys, argv, match):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

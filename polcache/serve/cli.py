@@ -7,8 +7,8 @@ import json
 import logging
 import signal
 
-from polcache.cli_types import (add_backend_options, backend_options, control_rate, image_size, name_list, non_empty,
-                                 non_negative_float, seed_int, port, positive_float, positive_int, thread_count)
+from polcache.cli_types import (add_backend_options, backend_options, control_rate, given_only_with, image_size,
+                                 name_list, non_empty, non_negative_float, seed_int, port, positive_float, positive_int, thread_count)
 from polcache.serve.handshake import own_robot_name
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS, MAX_SIMULATED_LATENCY_MS
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the name this robot gives the server and labels its metrics with (default 'sim-robot TASK'; "
                         "give robots sharing a task their own)")
     p.add_argument("--cameras", type=name_list, help="comma-separated cameras for image observations (default: state only)")
-    p.add_argument("--image-size", type=image_size, default=96,
+    p.add_argument("--image-size", type=image_size,
                    help="camera image side in pixels, for --cameras (default 96; the policy's size)")
     p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble (the default) or latest")
     p.add_argument("--decay", type=non_negative_float,
@@ -117,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
                                   "an eval result)")
     _add_metrics_args(p)
-    p.checks += [_sensor_lag_check, _decay_check]
+    p.checks += [_sensor_lag_check, _decay_check, given_only_with("--image-size", "image_size", "--cameras", "cameras")]
     p.set_defaults(handler=_sim_robot)
 
 
@@ -215,11 +215,12 @@ def _sim_robot(args: argparse.Namespace) -> int:
                                  kinds=(TickRecord, ChunkRecord))
     with sigterm_as_interrupt(), metrics_cm as metrics:  # TERM stops the loop safely, like Ctrl-C
         result = run_sim_robot(args.task, args.server, args.hz, args.episodes, args.seed, cameras=cameras,
-                               image_size=args.image_size, keys_dir=args.keys, blend=args.blend, decay=args.decay,
+                               keys_dir=args.keys, blend=args.blend, decay=args.decay,
                                hold_s=args.hold_ms / 1e3, connect_timeout_s=args.connect_timeout,
                                realtime=args.realtime, metrics=metrics, instruction=args.instruction, name=name,
                                sensor_lag_ms=args.sensor_lag_ms, stamped=not args.unstamped,
-                               allow_rate_mismatch=args.allow_rate_mismatch)
+                               allow_rate_mismatch=args.allow_rate_mismatch,
+                               **({} if args.image_size is None else {"image_size": args.image_size}))
     print(result.summary())
     tick = result.extra["tick"]
     err = tick.get("period_error_ms", {})

@@ -7,9 +7,11 @@ import json
 import sys
 import time
 
-from polcache.cli_types import (add_backend_options, backend_options, non_negative_float, non_negative_int, seed_int,
-                                 positive_int, thread_count)
+from polcache.cli_types import (add_backend_options, backend_options, given_only_with, non_negative_float,
+                                 non_negative_int, positive_int, seed_int, thread_count)
 from polcache.errors import PolcacheError
+
+VIDEO_EPISODES = 3  # episodes recorded as GIFs with --video, unless --video-episodes says
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,8 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
                                   "an eval result)")
     p.add_argument("--video", help="directory for GIFs of the first --video-episodes episodes")
-    p.add_argument("--video-episodes", type=positive_int, default=3, help="episodes recorded with --video (default 3)")
+    p.add_argument("--video-episodes", type=positive_int, help=f"episodes recorded with --video (default {VIDEO_EPISODES})")
     p.add_argument("--no-progress", action="store_true")
+    p.checks.append(given_only_with("--video-episodes", "video_episodes", "--video", "video"))
     p.set_defaults(handler=_run)
 
 
@@ -82,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     with sigterm_as_interrupt():  # TERM reports the finished episodes, like Ctrl-C, and exits 143
         result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
-                          video_dir=args.video, video_episodes=args.video_episodes if args.video else 0,
+                          video_dir=args.video, video_episodes=(args.video_episodes or VIDEO_EPISODES) if args.video else 0,
                           rollout=Rollout(args.max_steps, args.action_steps, args.ensemble, args.delay, args.rtc,
                                           args.instruction, args.instructions),
                           allow_rate_mismatch=args.allow_rate_mismatch)
