@@ -274,6 +274,22 @@ def test_inference_failure_is_reported_and_serving_continues(caplog):
         p.close()
 
 
+def test_a_policy_bug_is_logged_with_its_traceback_once(caplog):
+    """A backend's own bug (an AttributeError) was one warning line a second, like bad input: no stack to find it by."""
+    class Buggy(FakeBackend):
+        def predict(self, obs, seed=None, past_actions=None):
+            return self.no_such_model(obs)
+
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"), PolicyServer(Buggy(), "tcp://127.0.0.1:0") as server:
+        p = RawPeer(server.endpoint)
+        p.handshake()
+        for seq in (1, 2):
+            reply = p.request(observation(seq))
+            assert reply.code == "inference" and "AttributeError" in reply.message
+        p.close()
+    assert caplog.text.count("Traceback") == 1 and "in predict" in caplog.text
+
+
 def test_a_window_that_failed_is_not_reused():
     """A finite but absurd state (1e30) makes the network overflow to NaN; without clearing, every
     window that frame stays in fails too (n_obs_steps ticks, longer with a stride)."""

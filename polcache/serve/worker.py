@@ -76,6 +76,7 @@ class InferenceWorker:
         self._wake = context.socket(zmq.PAIR)
         self._wake.connect(wake_endpoint)
         self._warn = RateLimitedLog(log).warning
+        self._traced: set[type] = set()  # exception types whose traceback was logged (the first of each)
         self._thread = threading.Thread(target=self._run, name="polcache-inference", daemon=True)
         self._thread.start()
 
@@ -136,6 +137,10 @@ class InferenceWorker:
         return finite_actions(actions)[0]
 
     def _fail(self, job: Job, exc: Exception) -> None:
-        self._warn(type(exc).__name__, f"inference failed for observation {job.seq} of "
-                                       f"{robot_label(job.name, job.robot)}: {exc}")
+        message = f"inference failed for observation {job.seq} of {robot_label(job.name, job.robot)}: {exc}"
+        if isinstance(exc, (PolcacheError, ValueError)) or type(exc) in self._traced:  # ours, or bad input: said
+            self._warn(type(exc).__name__, message)
+        else:  # a bug in the policy or backend (a TypeError, an AttributeError): its traceback, once per type
+            self._traced.add(type(exc))
+            log.error("%s", message, exc_info=exc)
         job.error = str(exc) if isinstance(exc, PolcacheError) else f"{type(exc).__name__}: {exc}"  # ours say it all
