@@ -814,3 +814,45 @@ def test_a_flag_of_one_value_given_twice_with_two_values_is_refused(capsys, monk
     assert parser.parse_args(["eval", "--checkpoint", "ck", "--episodes", "4"]).episodes == 4  # a new parse forgets
     args = parser.parse_args(["dashboard", "--metrics", "a.jsonl", "--metrics", "b.jsonl"])
     assert args.metrics == ["a.jsonl", "b.jsonl"]
+
+
+
+@pytest.mark.parametrize("refused", ["model.safetensors", "dataset"])
+def test_a_file_the_system_will_not_let_us_read_is_said_as_such_not_as_damage(capsys, tmp_path, monkeypatch, refused):
+    """A permission error read as "truncated or damaged?" or "not a polcache dataset". (Root reads any
+    file, so the refusal is simulated.)"""
+    import pathlib
+
+    import zarr
+
+    read_bytes = pathlib.Path.read_bytes
+    if refused == "dataset":
+        monkeypatch.setattr(zarr, "open_group", lambda path, **kw: _refuse(path))
+        (tmp_path / "d.zarr").mkdir()
+        argv = ["train", "--config", "configs/recommended_cpu.yaml", f"dataset={tmp_path / 'd.zarr'}",
+                f"out={tmp_path / 'run'}"]
+    else:
+        monkeypatch.setattr(pathlib.Path, "read_bytes", lambda p: _refuse(p) if p.name == refused else read_bytes(p))
+        argv = ["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("Permission denied") and "damaged" not in err and "not a polcache" not in err, err
+
+
+def test_training_state_the_system_will_not_let_us_read_is_not_called_damaged(tmp_path, monkeypatch):
+    """It said "pass --fresh to start over", which sets a good run aside."""
+    import pathlib
+
+    from polcache.policy.checkpoint import load_train_state
+
+    (tmp_path / "train").mkdir()
+    for name in ("model.safetensors", "state.pt"):
+        (tmp_path / "train" / name).write_bytes(b"x")
+    read_bytes = pathlib.Path.read_bytes
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda p: _refuse(p) if p.name == "state.pt" else read_bytes(p))
+    with pytest.raises(PermissionError):
+        load_train_state(tmp_path)
+
+
+def _refuse(path):
+    raise PermissionError(13, "Permission denied", str(path))

@@ -369,6 +369,8 @@ class EpisodeStore:
         try:
             root = zarr.open_group(str(path), mode="r")
             attrs = dict(root.attrs)
+        except PermissionError:  # said as the system's refusal, with its path, not as someone else's data
+            raise
         except Exception:
             raise DatasetError(f"{path}: not a polcache dataset (not a zarr group)") from None
         if attrs.get("format") != FORMAT:

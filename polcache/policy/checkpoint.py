@@ -207,6 +207,8 @@ def read_tensors(file: Path, device: str | torch.device = "cpu", hint: str = "",
     try:
         data = file.read_bytes()
         tensors = load(data)
+    except PermissionError:  # the system's refusal, said with its path (polcache.cli), not as damage
+        raise
     except Exception as exc:
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
         raise CheckpointError(f"{file}: cannot read it, truncated or damaged? ({why}){hint}") from None
@@ -274,6 +276,8 @@ def load_train_state(path: str | Path, meta: dict | None = None) -> TrainState |
     try:
         model, state = (train / "model.safetensors").read_bytes(), (train / "state.pt").read_bytes()
         trained = TrainState(load(model), *_optimizer_state(state))
+    except PermissionError:  # not damage: --fresh would set a good run aside
+        raise
     except Exception as exc:  # torch and safetensors raise several types for truncated/corrupt files
         raise CheckpointError(f"{train}: cannot read the training state to resume from ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --fresh to start over") from None
