@@ -20,7 +20,8 @@ import pytest
 
 from polcache.errors import ConfigError, PolcacheError
 from polcache.launch import check_machine, load_launch_config
-from polcache.launch.supervisor import connect_address, dashboard_command, robot_task, server_command, server_threads
+from polcache.launch.supervisor import (connect_address, dashboard_command, robot_cameras, robot_command, robot_task,
+                                       server_command, server_threads)
 from fakes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +136,26 @@ def test_commands_pass_the_server_choices_through(tmp_path):
     with pytest.raises(PolcacheError, match=rf"robot.task: {multi} names no task; set robot.task \(it was trained "
                                             r"on push-v3, reach-v3\)"):
         robot_task(load_launch_config(SIM, [f"server.checkpoint={multi}"]))
+
+
+def test_an_image_policy_gets_its_cameras_and_an_artifact_its_task(tmp_path):
+    """The simulated robot sent state only, so an image checkpoint failed with spec_mismatch once the server ran;
+    an exported artifact's task was looked for under a manifest key it does not have ("names no task")."""
+    image = load_launch_config(SIM, ["server.checkpoint=polcache/assets/checkpoints/cue-reach-ptp-image"])
+    cmd = robot_command(image, tmp_path, robot_task(image), robot_cameras(image))
+    assert cmd[cmd.index("--cameras") + 1:cmd.index("--cameras") + 4] == ["top", "--image-size", "64"]
+    state = load_launch_config(SIM)
+    assert robot_cameras(state) is None and "--cameras" not in robot_command(state, tmp_path, "reach-v3")
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text(json.dumps({"spec": {"task": "cue-reach", "obs": {
+        "state": {"shape": [8], "dtype": "float32"}, "image_top": {"shape": [64, 64, 3], "dtype": "uint8"}}}}))
+    exported = load_launch_config(SIM, [f"server.checkpoint={artifact}"])
+    assert robot_task(exported) == "cue-reach" and robot_cameras(exported) == (["top"], 64)
+    (artifact / "manifest.json").write_text(json.dumps({"spec": {"task": "cue-reach", "obs": {
+        "image_top": {"shape": [64, 48, 3], "dtype": "uint8"}}}}))
+    with pytest.raises(PolcacheError, match=r"top \[64, 48, 3\]; the simulated robot renders square RGB images"):
+        robot_cameras(exported)
 
 
 def test_cli_refuses_a_busy_port_in_one_line_and_starts_nothing(tmp_path):

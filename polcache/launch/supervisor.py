@@ -58,19 +58,46 @@ def connect_address(bind: str) -> str:
     return f"tcp://127.0.0.1:{port}" if host in ("0.0.0.0", "::") else bind
 
 
+def checkpoint_policy(ckpt: Path) -> tuple[str, dict]:
+    """The task and the per-step observation layout (key -> {shape, dtype}) a checkpoint (meta.json) or
+    an exported artifact (manifest.json, its policy spec) names; ("", {}) where it names none."""
+    if (ckpt / "meta.json").is_file():
+        meta = read_json_object(ckpt / "meta.json")
+        return meta.get("task") or "", meta.get("obs_spec") or {}
+    if (ckpt / "manifest.json").is_file():
+        spec = read_json_object(ckpt / "manifest.json").get("spec") or {}
+        return spec.get("task") or "", spec.get("obs") or {}
+    return "", {}
+
+
 def robot_task(cfg: LaunchConfig) -> str:
     """robot.task, else the task the checkpoint (meta.json) or exported artifact (manifest.json) names."""
     if cfg.robot.task:
         return cfg.robot.task
     ckpt = Path(cfg.server.checkpoint)
-    for name, read in (("meta.json", lambda m: m.get("task")), ("manifest.json", lambda m: m.get("policy", {}).get("task"))):
-        if (ckpt / name).is_file():
-            task = read(read_json_object(ckpt / name))
-            if task:
-                return task
+    task, _ = checkpoint_policy(ckpt)
+    if task:
+        return task
     from polcache.policy.checkpoint import no_task_hint  # torch: only on this way out
 
     raise PolcacheError(f"robot.task: {ckpt} names no task; set robot.task{no_task_hint(ckpt)}")
+
+
+def robot_cameras(cfg: LaunchConfig) -> tuple[list[str], int] | None:
+    """The cameras (and their image side) the simulated robot renders for the policy: those its
+    observations name (image_NAME), so an image policy is served its images; None for a state policy."""
+    _, obs = checkpoint_policy(Path(cfg.server.checkpoint))
+    images = {key.removeprefix("image_"): tuple(spec.get("shape") or ()) for key, spec in obs.items()
+              if key.startswith("image_")}
+    if not images:
+        return None
+    sides = {shape[0] for shape in images.values() if len(shape) == 3 and shape[0] == shape[1] and shape[2] == 3}
+    if len(sides) != 1 or any(len(shape) != 3 or shape[0] != shape[1] for shape in images.values()):
+        shapes = ", ".join(f"{name} {list(shape)}" for name, shape in images.items())
+        raise PolcacheError(f"server.checkpoint: its cameras' images are {shapes}; the simulated robot renders "
+                            f"square RGB images of one size: disable it (robot.enabled=false) and connect a robot "
+                            f"of your own")
+    return sorted(images), sides.pop()
 
 
 def server_command(cfg: LaunchConfig, run: Path) -> list[str]:
@@ -86,7 +113,8 @@ def server_command(cfg: LaunchConfig, run: Path) -> list[str]:
     return cmd + (["--insecure"] if s.insecure else []) + (["--rtc"] if s.rtc else [])
 
 
-def robot_command(cfg: LaunchConfig, run: Path, task: str) -> list[str]:
+def robot_command(cfg: LaunchConfig, run: Path, task: str, cameras: tuple[list[str], int] | None = None) -> list[str]:
+    """`cameras`: robot_cameras' names and image side, rendered for an image policy."""
     r = cfg.robot
     cmd = POLCACHE + ["sim-robot", "--task", task, "--hz", f"{r.hz:g}", "--episodes", str(r.episodes),
                       "--seed", str(r.seed), "--server", connect_address(cfg.server.bind),
@@ -94,6 +122,7 @@ def robot_command(cfg: LaunchConfig, run: Path, task: str) -> list[str]:
                       "--blend", r.blend]
     cmd += ["--instruction", r.instruction] if r.instruction is not None else []
     cmd += ["--name", r.name] if r.name is not None else []
+    cmd += ["--cameras", ",".join(cameras[0]), "--image-size", str(cameras[1])] if cameras is not None else []
     return cmd + (["--keys", cfg.server.keys] if cfg.server.keys else [])
 
 
@@ -183,11 +212,11 @@ def run_launch(cfg: LaunchConfig) -> int:
     PolcacheError (the CLI's exit status 2) for a refused config or a child that exited before it was
     ready."""
     check_machine(cfg)
-    task = robot_task(cfg) if cfg.robot.enabled else ""
+    task, cameras = (robot_task(cfg), robot_cameras(cfg)) if cfg.robot.enabled else ("", None)
     launch = Launch(cfg, new_run_dir(cfg))
     with sigterm_as_interrupt():  # SIGTERM stops everything, as Ctrl-C does
         try:
-            return _supervise(cfg, launch, task)
+            return _supervise(cfg, launch, task, cameras)
         except KeyboardInterrupt as exc:
             say(f"{how_stopped(exc)}: stopping")
             return interrupted_status(exc)
@@ -198,7 +227,7 @@ def run_launch(cfg: LaunchConfig) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
+def _supervise(cfg: LaunchConfig, launch: Launch, task: str, cameras: tuple[list[str], int] | None) -> int:
     probe = dashboard_available() if cfg.dashboard.enabled else None
     try:
         server = launch.start("server", server_command(cfg, launch.run_dir), cfg.server.placement)
@@ -229,8 +258,9 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str) -> int:
             "dashboard; set dashboard.enabled=false to silence this")
     if cfg.robot.enabled:
         r = cfg.robot
-        say(f"robot: {task} at {r.hz:g} Hz, {r.episodes} episode(s)")
-        launch.start("robot", robot_command(cfg, launch.run_dir, task), r.placement, to_log=False)
+        seeing = "" if cameras is None else f", cameras {', '.join(cameras[0])} at {cameras[1]} px"
+        say(f"robot: {task} at {r.hz:g} Hz, {r.episodes} episode(s){seeing}")
+        launch.start("robot", robot_command(cfg, launch.run_dir, task, cameras), r.placement, to_log=False)
     else:
         say("running: a robot may connect now (Ctrl-C or SIGTERM stops everything)")
     while True:
