@@ -73,6 +73,8 @@ def test_shipped_launch_configs_load(name):
     pytest.param("robot.instruction=" + "x" * 1025, "robot.instruction: 1025 UTF-8 bytes, at most 1024",
                  id="robot.instruction-too-long"),
     ("robot", "override 'robot': expected key=value, e.g. robot.episodes=50"),  # not a training example
+    ("server.cache=threshold:0.1+forecast", "server.cache: cache spec 'threshold:0.1+forecast': +forecast applies to "
+                                            "static plans"),  # refused by the server only once it ran
 ])
 def test_config_refuses_bad_values_naming_the_field(override, named):
     with pytest.raises(ConfigError, match=re.escape(named)):

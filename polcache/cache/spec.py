@@ -13,7 +13,7 @@
                            with the file's objective, or the one named after S (or n):
                            e.g. bac:10:5:similarity@PATH.json is the paper's BAC
 
-Any spec except none and threshold may end in `+forecast`: skipped blocks extrapolate their
+Any spec except none and threshold:T may end in `+forecast`: skipped blocks extrapolate their
 delta from the last two updates instead of reusing the last one (e.g. `run.json+forecast`).
 """
 
@@ -95,4 +95,6 @@ def parse_cache_spec(cache_spec: str) -> CacheSpec:
                          "bac:S:n@PATH.json, blockwise:S@PATH.json or unified:S@PATH.json (optionally +forecast)")
     if forecast and parsed.method == "none":
         raise CacheError(f"cache spec {spec!r}: nothing is skipped without caching, so nothing to forecast")
+    if forecast and parsed.method == "threshold":  # here, so a launch config is refused before anything starts
+        raise CacheError(f"cache spec {spec!r}: +forecast applies to static plans, not to the threshold cache")
     return parsed
