@@ -58,8 +58,6 @@ BATCH = "B"
 # "if": one step graph, blocks switched by If nodes on the plan table (the product);
 # "patterns": one step graph per distinct row of the plan, chosen per step by the runtime.
 STEP_MODES = ("if", "patterns")
-_NP_TYPES = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("uint8"): TensorProto.UINT8,
-             np.dtype("int64"): TensorProto.INT64, np.dtype("bool"): TensorProto.BOOL}
 
 
 # ---- traced pieces ---------------------------------------------------------------------------
@@ -276,7 +274,7 @@ def block_groups(compute: np.ndarray) -> list[list[int]]:
     return groups
 
 
-def _group_if(pieces: Pieces, group: list[int], stored: list[str]) -> onnx.NodeProto:
+def _group_if(pieces: Pieces, group: list[int]) -> onnx.NodeProto:
     """One If for a run of blocks: the then-branch runs their nodes in order (each on the residual
     plus the deltas before it), the else-branch passes their stored deltas through; it outputs
     delta_<i> for every block of the run, which the outer graph adds to the residual."""
@@ -337,7 +335,7 @@ def assemble_step(pieces: Pieces, compute: np.ndarray | None = None, pattern: Se
     deltas = [f"delta_{i}" if pattern is None or pattern[i] else stored[i] for i in range(n)]
     for group in (block_groups(compute) if pattern is None else [[i] for i in range(n)]):
         if pattern is None:
-            nodes.append(_group_if(pieces, group, stored))
+            nodes.append(_group_if(pieces, group))
         elif pattern[group[0]]:
             i = group[0]
             b_nodes, b_inits = _inline(pieces.blocks[i], f"blk{i}/", {"h": f"h_{i}", "mem": "mem_kv", "d": deltas[i]})
