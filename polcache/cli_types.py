@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 
 from polcache.config import MAX_SEED
 from polcache.errors import cut_short
-from polcache.policy.loader import MAX_CANDIDATES
+from polcache.policy.loader import BACKENDS, MAX_CANDIDATES, PRECISIONS
 
 if TYPE_CHECKING:
     from polcache.cli import OneLineParser
@@ -137,13 +137,13 @@ FRESH_HELP = ("start from scratch; the previous run (last/, best/, train_log.jso
 
 def add_backend_options(p: "OneLineParser") -> None:
     """What runs the policy, for every command that loads one to act (eval, serve)."""
-    p.add_argument("--backend", choices=["torch", "ort", "trt"], help="inference backend (default: torch for a "
+    p.add_argument("--backend", choices=BACKENDS, help="inference backend (default: torch for a "
                    "checkpoint, ort (ONNX Runtime) for an artifact from `polcache export`; trt: TensorRT engines "
                    "built from such an artifact, needs the tensorrt package and --device cuda)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
     p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="denoiser precision (torch: any; trt: fp32 or fp16; ort: fp32). Reduced precision must "
                         "match fp32 within --precision-tolerance on probe observations, else the backend refuses "
                         "to start")

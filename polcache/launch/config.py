@@ -21,8 +21,10 @@ from polcache.errors import ConfigError, PolcacheError
 from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
 from polcache.serve.handshake import own_robot_name
-from polcache.serve.server import DEFAULT_INLINE_MS, MAX_INLINE_MS
+from polcache.policy.loader import BACKENDS, PRECISIONS
+from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS
 from polcache_client.protocol import MAX_HZ, MIN_HZ, ProtocolError, instruction_bytes
+from polcache_client.schedule import BLEND_MODES
 
 DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d+)?")
 FIFO_PRIORITIES = range(0, 100)  # 0: ordinary scheduling; 1..99: SCHED_FIFO with that priority
@@ -40,7 +42,7 @@ class Placement:
 @dataclass
 class ServerLaunch:
     checkpoint: str = "polcache/assets/checkpoints/reach-v3"
-    bind: str = "tcp://127.0.0.1:5555"
+    bind: str = DEFAULT_BIND
     backend: str | None = None  # torch | ort | trt; None: serve's default for the checkpoint
     device: str = "cpu"
     precision: str = "fp32"
@@ -48,7 +50,7 @@ class ServerLaunch:
     threads: int = 0  # torch / ONNX Runtime threads; 0: one per CPU in `placement.cpus` (1 when unpinned)
     keys: str | None = None  # CurveZMQ key directory (needed for a non-loopback bind)
     insecure: bool = False
-    max_batch: int = 8  # robots whose waiting observations share one inference
+    max_batch: int = DEFAULT_MAX_BATCH  # robots whose waiting observations share one inference
     inline_ms: float = DEFAULT_INLINE_MS  # inference faster than this runs on the server thread (`serve --inline-ms`)
     rtc: bool = False  # real-time chunking (flow samplers; robots then run robot.blend: latest)
     instruction: str | None = None  # language-conditioned policies: the default for robots that send none
@@ -119,10 +121,10 @@ def validate(cfg: LaunchConfig) -> None:
         _check_port("server.bind", address[1])
     if not DEVICE_PATTERN.fullmatch(s.device):
         raise ConfigError(f"server.device: expected cpu, cuda, cuda:N or auto, got {s.device!r}")
-    if s.backend not in (None, "torch", "ort", "trt"):
-        raise ConfigError(f"server.backend: expected torch, ort or trt (or null), got {s.backend!r}")
-    if s.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"server.precision: expected fp32, bf16 or fp16, got {s.precision!r}")
+    if s.backend is not None and s.backend not in BACKENDS:
+        raise ConfigError(f"server.backend: expected {', '.join(BACKENDS)} (or null), got {s.backend!r}")
+    if s.precision not in PRECISIONS:
+        raise ConfigError(f"server.precision: expected {', '.join(PRECISIONS)}, got {s.precision!r}")
     if not 0 <= s.threads <= (os.cpu_count() or 1):
         raise ConfigError(f"server.threads: expected 0 (one per pinned CPU) to {os.cpu_count() or 1} (this machine's "
                           f"CPUs), got {s.threads}")
@@ -160,8 +162,8 @@ def validate(cfg: LaunchConfig) -> None:
             own_robot_name(r.name, "robot.name")
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from None
-    if r.blend not in ("ensemble", "latest"):
-        raise ConfigError(f"robot.blend: expected ensemble or latest, got {r.blend!r}")
+    if r.blend not in BLEND_MODES:
+        raise ConfigError(f"robot.blend: expected {' or '.join(BLEND_MODES)}, got {r.blend!r}")
     _check_port("dashboard.port", d.port)
     if d.enabled and address is not None and address[1] == d.port:  # both would bind it: the second fails
         raise ConfigError(f"dashboard.port: {d.port} is server.bind's port too; give them different ports")

@@ -36,6 +36,7 @@ def check_options(steps: int | None, threads: int | None = None, precision_toler
 
 
 BACKENDS = ("torch", "ort", "trt")
+PRECISIONS = ("fp32", "bf16", "fp16")  # the denoiser's (polcache.policy.precision)
 
 
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,

@@ -14,7 +14,7 @@ from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_B
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
 from polcache_client.schedule import BLEND_MODES
 
-DEFAULT_SERVER = "tcp://127.0.0.1:5555"
+DEFAULT_SERVER = DEFAULT_BIND  # where a robot on this machine finds a server started with the defaults
 
 
 def robot_name(value: str) -> str:
