@@ -570,7 +570,7 @@ def test_readers_and_writers_refuse_a_bad_metrics_path_in_the_same_words(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == [bad]  # nothing written: no report, no metrics file
 
 
-def test_records_with_wrong_types_are_counted_not_fatal():
+def test_records_with_wrong_types_are_counted_not_fatal(caplog):
     state = RunState()
     state.add([{"kind": "info", "t": 1.0, "monotonic": "soon"}, {"kind": "tick", "t": "late"},
                {"kind": "error", "t": 1.0, "robot": "r", "code": "x", "errors": "many"},
@@ -578,6 +578,10 @@ def test_records_with_wrong_types_are_counted_not_fatal():
                {"kind": "tick", "t": 2.0, "robot": "r", "ticks": 1, "period_error_ms": "?", "queue_depth": None},
                {"kind": "info", "t": 1.0, "role": "server", "backend": {"cache": {"plan": [[0, 1], [7]]}}}])
     assert state.bad_records == 5 and state.server is None
+    # the first one's reason is said once (a bug in reading them was only counted, as bad data)
+    assert [r.getMessage() for r in caplog.records] == [
+        "dashboard: a record of kind 'info' skipped as unreadable (ValueError: could not convert string to float: "
+        "'soon'); more are only counted"]
     views = state.views()
     assert views["_meta"]["robots"] == ["r"] and views["period_error"]["series"] == []
     json.dumps(views, allow_nan=False)

@@ -24,6 +24,7 @@ server's records name only the robot, so those of robots sharing a name stay und
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import time
 from collections import defaultdict, deque
@@ -33,6 +34,8 @@ import numpy as np
 
 from polcache.serve.records import NO_HANDSHAKE
 from polcache_client.protocol import MAX_TIME_S, default_deadline_ms
+
+log = logging.getLogger("polcache.dashboard")
 
 MONOTONIC_KINDS = ("tick", "chunk")
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
@@ -126,7 +129,10 @@ class RunState:
         for r in records:
             try:
                 self._add(r, source)
-            except (TypeError, ValueError, AttributeError, OverflowError):  # checked before anything is stored
+            except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # checked before anything is stored
+                if not self.bad_records:  # the first one's reason: a bug here would otherwise only be counted
+                    log.warning("dashboard: a record of kind %r skipped as unreadable (%s: %s); more are only counted",
+                                r.get("kind") if isinstance(r, dict) else type(r).__name__, type(exc).__name__, exc)
                 self.bad_records += 1
 
     def _add(self, r: dict[str, Any], source: dict[str, Any]) -> None:
