@@ -315,6 +315,21 @@ def test_a_language_policy_on_a_task_without_written_instructions_names_sim_robo
             run_sim_robot("hammer-v3", server.endpoint, hz=50, episodes=1, seed=0)
 
 
+def test_an_image_policy_served_to_a_robot_without_cameras_names_sim_robots_options():
+    """The hint hangs on the refusal's error code (ConnectError.code), not on the message's wording."""
+    from polcache.errors import PolcacheError
+    from polcache.serve.sim_robot import run_sim_robot
+
+    class Seeing(ExpertBackend):
+        spec = PolicySpec(obs={"state": ArraySpec((39,), "float32"), "image_top": ArraySpec((64, 64, 3), "uint8")},
+                          action_dim=4, n_obs_steps=2, horizon=8, n_action_steps=8, task="reach-v3")
+
+    with PolicyServer(Seeing(), "tcp://127.0.0.1:0") as server:
+        with pytest.raises(PolcacheError, match=r"\[spec_mismatch\].*image_top.* \(sim-robot sends camera NAME's image "
+                                                r"as image_NAME for each --cameras NAME"):
+            run_sim_robot("reach-v3", server.endpoint, hz=50, episodes=1, seed=0)
+
+
 @pytest.mark.parametrize("stamped", [True, False])
 def test_a_lagging_sensor_is_timed_from_its_capture_where_the_robot_says_when(stamped):
     """sim-robot --sensor-lag-ms 60: each observation is 60 ms old; stamped (capture_time()), the

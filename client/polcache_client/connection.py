@@ -50,7 +50,12 @@ STILL_LOST_LOG_S = 5.0  # while a lost server does not answer, a line this often
 
 
 class ConnectError(RuntimeError):
-    """The server could not be reached, or refused this robot's handshake."""
+    """The server could not be reached, or refused this robot's handshake: then `code` is its error
+    code (docs/protocol.md), for a program to act on without reading the message."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 def _check_obs_spec(obs_spec: ObsSpec) -> None:
@@ -273,7 +278,7 @@ class PolicyClient:
                 self._full = msg.message
                 return True
             if msg.code == "spec_mismatch" or not self._ready:  # before the welcome only a handshake was sent
-                raise ConnectError(f"server at {self.address} refused the handshake: [{msg.code}] {msg.message}")
+                raise ConnectError(f"server at {self.address} refused the handshake: [{msg.code}] {msg.message}", msg.code)
             if msg.code == "no_session":
                 self._reconnect(f"server does not know this robot ({msg.message})")
                 return False

@@ -196,9 +196,10 @@ def run_sim_robot(
             reconnects = max(0, client.connections - 1)
     except (ConnectError, ProtocolError, KeyFolderError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
-        hint = (CAMERA_HINT if "[spec_mismatch] obs_spec" in str(exc) and "image_" in str(exc)
+        code = exc.code if isinstance(exc, ConnectError) else None  # the server's reason for refusing the handshake
+        hint = (CAMERA_HINT if code == "spec_mismatch" and "image_" in str(exc)
                 else f" (sim-robot: no instructions are written for task {task!r}; give one with --instruction TEXT)"
-                if "[bad_instruction]" in str(exc) and texts == [None] else "")
+                if code == "bad_instruction" and texts == [None] else "")
         raise PolcacheError(f"{exc}{hint}") from None
     finally:
         env.close()
