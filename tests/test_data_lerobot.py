@@ -694,6 +694,14 @@ def test_open_dataset_read_only_root_uses_user_cache(lerobot_root, tmp_path, mon
     (lerobot_root / ".polcache").write_text("")  # the cache directory cannot be created here
     store = open_dataset(lerobot_root)
     assert store.path.parent == tmp_path / "xdg/polcache/lerobot" and store.num_episodes == 3
+    # another root's copy stays; this root's copy of its dataset as it was before goes (it piled up, images and all)
+    other = store.path.parent / "0123456789ab-0123456789abcdef.zarr"
+    other.mkdir()
+    info = lerobot_root / lr.INFO_PATH
+    os.utime(info, ns=(info.stat().st_atime_ns, info.stat().st_mtime_ns + 10**9))  # the dataset changed
+    again = open_dataset(lerobot_root)
+    assert again.path != store.path and sorted(p.name for p in store.path.parent.glob("*.zarr")) == sorted(
+        [other.name, again.path.name])
 
 
 def test_a_language_policy_trains_from_a_root_on_its_task_strings(lerobot_root):

@@ -946,7 +946,8 @@ def _user_cache_dir() -> Path:
 def cached_import(root: str | Path, progress: bool = False, instruction_bytes: int = 0,
                   instruction_setting: str = INSTRUCTIONS_FLAG) -> Path:
     """Import a LeRobot root once and return the polcache copy: <root>/.polcache/episodes-<hash>.zarr,
-    or ~/.cache/polcache/lerobot/<hash>.zarr when the root is read-only. A file lock makes concurrent
+    or ~/.cache/polcache/lerobot/<root's path hash>-<hash>.zarr when the root is read-only; a new copy
+    replaces the root's earlier ones there (the dataset changed). A file lock makes concurrent
     callers (torchrun ranks) wait for one import instead of racing. Images keep their size (the hash
     has no options in it): for smaller ones, import with image_size and train on that dataset.
     `instruction_bytes` > 0: with each frame's task string as the instruction observation (a
@@ -957,10 +958,13 @@ def cached_import(root: str | Path, progress: bool = False, instruction_bytes: i
     read_info(root)  # refuse a bad root before hashing or creating anything
     key = _fingerprint(root)
     name = f"{key}-instructions{instruction_bytes}" if instruction_bytes else key
-    for cache in (root / LEROBOT_CACHE / f"episodes-{name}.zarr", _user_cache_dir() / f"{name}.zarr"):
+    # per folder, the prefix of this root's copies there: the user cache holds several roots' copies
+    where = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    for folder, prefix in ((root / LEROBOT_CACHE, "episodes-"), (_user_cache_dir(), f"{where}-")):
+        cache = folder / f"{prefix}{name}.zarr"
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(cache.parent / f".{cache.name}.lock", "a")
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = open(folder / f".{cache.name}.lock", "a")
         except OSError:
             continue
         with lock:
@@ -968,13 +972,12 @@ def cached_import(root: str | Path, progress: bool = False, instruction_bytes: i
             if not restore(cache).exists():  # written atomically, so present means complete
                 import_lerobot(root, cache, progress, instruction_bytes=instruction_bytes,
                                instruction_setting=instruction_setting)
-                if cache.parent == root / LEROBOT_CACHE:  # copies of the dataset as it was before go
-                    for stale in cache.parent.glob("episodes-*.zarr"):
-                        if not stale.name.startswith(f"episodes-{key}"):
-                            shutil.rmtree(stale, ignore_errors=True)
-                    for stale_lock in cache.parent.glob(".episodes-*.zarr.lock"):  # also a failed import's
-                        if not stale_lock.name.startswith(f".episodes-{key}"):
-                            stale_lock.unlink(missing_ok=True)
+                for stale in folder.glob(f"{prefix}*.zarr"):  # copies of this dataset as it was before go
+                    if not stale.name.startswith(f"{prefix}{key}"):
+                        shutil.rmtree(stale, ignore_errors=True)
+                for stale_lock in folder.glob(f".{prefix}*.zarr.lock"):  # also a failed import's
+                    if not stale_lock.name.startswith(f".{prefix}{key}"):
+                        stale_lock.unlink(missing_ok=True)
         return cache
     raise DatasetError(f"{root}: no writable cache directory for the imported dataset "
                        f"(tried {root / '.polcache'} and {_user_cache_dir()})")
