@@ -12,6 +12,7 @@ import numpy as np
 
 from polcache.errors import ConfigError, ExportError, PolcacheError
 from polcache.policy.parity import DEFAULT_TOLERANCE
+from polcache.policy.spec import PolicyBackend
 
 
 MAX_CANDIDATES = 256  # self-verification's candidate chunks, sampled as one batch: 100000 ran out of memory
@@ -42,7 +43,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # the denoiser's (polcache.policy.precisi
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,
                  device: str = "cpu", backend: str | None = None, threads: int | None = None,
                  precision: str = "fp32", precision_tolerance: float | None = None, graphs: bool = True,
-                 candidates: int = 1, min_verified: int | None = None):
+                 candidates: int = 1, min_verified: int | None = None) -> PolicyBackend:
     """Load a policy as a backend on `device` (cpu, cuda, cuda:N, auto).
 
     `checkpoint` is a checkpoint directory (backend "torch", the default for one) or an artifact
