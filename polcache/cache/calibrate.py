@@ -21,8 +21,7 @@ from tqdm import tqdm
 from polcache.cache.errors import CacheError
 from polcache.errors import PolcacheError
 from polcache.cache.schedule import FORMAT, Calibration, Schedule, build_schedule, model_hash, save_schedule
-from polcache.jsonfile import read_json_object
-from polcache.outputs import check_output
+from polcache.outputs import check_output, json_kind
 from polcache.cache.sensitivity import delta_sensitivity
 from polcache.config import INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, ExperimentConfig
 from polcache.policy.executor import DeltaStore
@@ -204,19 +203,11 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
     return obs, f"{task} environment resets: seeds {seed}..{seed + samples - 1}"
 
 
-def is_schedule_file(path: Path) -> bool:
-    """True for a file that `save_schedule` wrote (its "format" field names a cache schedule)."""
-    try:
-        return read_json_object(path).get("format") == FORMAT
-    except Exception:
-        return False
-
-
 def check_schedule_output(out: str | Path, flag: str | None = "--out") -> tuple[Path, Path]:
     """The schedule path and its heatmap's (the same name, .png), refused before calibration when
     the schedule is not a .json name, or either would replace something calibrate did not write:
     an existing OUT.png is replaced only together with the schedule OUT it belongs to."""
-    out = check_output(out, "a cache schedule (JSON)", folder=False, ours=is_schedule_file, flag=flag,
+    out = check_output(out, "a cache schedule (JSON)", folder=False, ours=lambda p: json_kind(p, FORMAT), flag=flag,
                        error=CacheError)
     if out.suffix.lower() != ".json":
         raise CacheError(f"{flag} {out}: expected a .json name (the heatmap is written beside it as .png)")
