@@ -131,12 +131,12 @@ def test_a_run_killed_before_writing_anything_leaves_an_out_that_the_next_run_ta
 
 
 def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
-    from polcache.train.loop import _launch_rank
+    from polcache.train.loop import launch_rank
     from polcache.train.run_lock import run_lock
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert _launch_rank() == 1
+    assert launch_rank() == 1
     with run_lock(tmp_path / "run", rank=0):
         with run_lock(tmp_path / "run", rank=1):  # another rank of the same run: not refused, takes nothing
             pass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from polcache.cli_types import DEVICE_HELP, FRESH_HELP, config_file
 from polcache.config import load_config
@@ -23,10 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from polcache.train.loop import train
+    from polcache.train.loop import launch_rank, train
 
     cfg = load_config(args.config, args.overrides)
     path = train(cfg, fresh=args.fresh, progress=not args.no_progress, device=args.device)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run, not one per process
+    if launch_rank() == 0:  # under torchrun, one line for the run, not one per process
         print(f"checkpoint: {path}")
     return 0

@@ -63,7 +63,7 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _launch_rank() -> int:
+def launch_rank() -> int:
     """This process's rank as torchrun gives it (RANK), before the process group exists; 0 alone."""
     return int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
 
@@ -133,7 +133,7 @@ def dataset_source(cfg: ExperimentConfig, progress: bool = False) -> TrainingSou
         raise ConfigError(f"task is {cfg.task!r} but dataset {cfg.dataset} was recorded on {recorded!r}; "
                           f"set task={recorded} (or leave task empty)")
     cfg.task = cfg.task or recorded
-    if _launch_rank() == 0:
+    if launch_rank() == 0:
         _note_large_lerobot_images(cfg, store)
     return TrainingSource(store, build_policy(cfg, store), list(cfg.obs_keys))
 
@@ -218,7 +218,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
     process takes its LOCAL_RANK's GPU); returns the path of the final checkpoint (`out/last`).
     `source`: what to learn from (default: `dataset_source(cfg)`)."""
     out = Path(cfg.out)
-    if _launch_rank() == 0:  # a save killed between its two renames (no atomic exchange) left a checkpoint
+    if launch_rank() == 0:  # a save killed between its two renames (no atomic exchange) left a checkpoint
         for sub in ("last", "best"):  # aside: put back before it is checked, resumed or moved by --fresh
             restore(out / sub)
     check_out(out, cfg.dataset)
@@ -227,7 +227,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {world} (processes "
                           f"sharing the batch, each taking batch_size // {world} windows); set train.batch_size >= "
                           f"{world}")
-    with run_lock(out, _launch_rank()), sigterm_as_interrupt():
+    with run_lock(out, launch_rank()), sigterm_as_interrupt():
         return _train(cfg, fresh, progress, device, source)
 
 
