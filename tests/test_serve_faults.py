@@ -79,6 +79,22 @@ def test_bad_message_gets_an_error_naming_the_problem(peer, frame, code, fragmen
     assert_still_serving(peer)
 
 
+def test_an_error_about_a_huge_message_is_cut_short_in_the_reply_and_the_log(caplog):
+    """1000 extra keys of 4000 control characters each (a 4 MB frame): the error listed them all, escaped, 16 MB,
+    over the robot's own size limit (no reply reached it), and as long a line in the server's log."""
+    arrays = {"state": encode_array(np.zeros(STATE_DIM, np.float32))}
+    arrays.update({f"{i:04d}" + "\x01" * 4000: encode_array(np.zeros(0, np.uint8)) for i in range(1000)})
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"), \
+            PolicyServer(FakeBackend(), "tcp://127.0.0.1:0") as server:  # the default size limit, 4 MiB
+        peer = RawPeer(server.endpoint)
+        peer.handshake()
+        reply = peer.request(obs_map(arrays=arrays))
+        assert reply.code == "extra_key" and len(reply.message) <= 1024 and "cut short: 16" in reply.message
+        assert max(len(r.getMessage()) for r in caplog.records) < 1200
+        assert_still_serving(peer)
+        peer.close()
+
+
 def test_multipart_message_is_refused(peer):
     peer.send(observation(0), b"second frame")
     reply = peer.recv()

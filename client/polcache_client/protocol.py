@@ -45,6 +45,19 @@ MAX_INSTRUCTION_BYTES = 1024  # UTF-8 bytes of an instruction on the wire (a pol
 MAX_MAP_KEYS, MAX_LIST_ITEMS = 1024, 65_536
 
 
+MAX_ERROR_MESSAGE_CHARS = 1024  # an error's message: a 4 MB message listing its 1000 bad keys is not answered whole
+
+
+def error_message(text: str) -> str:
+    """An error's message as sent and logged: its first MAX_ERROR_MESSAGE_CHARS characters, and how
+    long it was. Messages that name what was refused (every bad key, a huge shape) would otherwise
+    grow with the message refused: a 4 MB frame drew a 16 MB reply (escaped control characters),
+    more than a robot's size limit, and as long a log line."""
+    if len(text) <= MAX_ERROR_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_ERROR_MESSAGE_CHARS - 40]}... (cut short: {len(text)} characters)"
+
+
 def default_deadline_ms(n_action_steps: int, hz: float) -> float:
     """A server's budget for one request where none is configured: (n_action_steps - 1) periods, after
     which every action of the chunk is due before it can arrive; half a period for one action per chunk

@@ -52,6 +52,7 @@ from polcache_client.protocol import (
     Welcome,
     decode_versioned,
     default_deadline_ms,
+    error_message,
     encode,
     encode_chunk,
 )
@@ -423,9 +424,11 @@ class PolicyServer:
         """Answer with an error: in the session's protocol version, else the refused message's where
         it was readable (a version-1 robot after a server restart reads its no_session), else ours."""
         who = session.name if session else NO_HANDSHAKE  # the metrics label
-        self._warn(f"{robot.hex()}:{exc.code}", f"refused message from {robot_label(who, robot)}: [{exc.code}] {exc}")
+        message = error_message(str(exc))
+        self._warn(f"{robot.hex()}:{exc.code}",
+                   f"refused message from {robot_label(who, robot)}: [{exc.code}] {message}")
         version = session.version if session else exc.version or PROTOCOL_VERSION
-        self._send(robot, encode(Error(code=exc.code, message=str(exc), seq=seq), version))
+        self._send(robot, encode(Error(code=exc.code, message=message, seq=seq), version))
         if self.on_record is not None:
             self.on_record(ErrorRecord(t=time.time(), robot=who, code=exc.code))
 
