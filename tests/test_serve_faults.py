@@ -95,6 +95,24 @@ def test_an_error_about_a_huge_message_is_cut_short_in_the_reply_and_the_log(cap
         peer.close()
 
 
+def test_a_refused_observation_changes_nothing(server, peer):
+    """An epoch-2 observation refused for its executed actions' width had started epoch 2 (the episode's history
+    cleared, the next epoch-1 observation refused as stale); a repeated seq, refused as stale, had replaced the
+    executed actions reported for its ticks."""
+    executed = (lambda seqs, width, value=7.0: {"executed_seqs": seqs,
+                                                "executed": encode_array(np.full((len(seqs), width), value, np.float32))})
+    for seq in (1, 2, 3):
+        assert isinstance(peer.request(obs_map(epoch=1, seq=seq, **executed([seq - 1] if seq > 1 else [], 2))),
+                          ActionChunk)
+    assert peer.request(obs_map(epoch=2, seq=4, **executed([3], 5))).code == "bad_shape"
+    session = next(iter(server.sessions.values()))
+    assert session.epoch == 1 and session.history.newest_seq == 3
+    assert peer.request(obs_map(epoch=1, seq=3, **executed([2, 0], ACTION_DIM, 9.0))).code == "stale_seq"
+    assert {seq: a.tolist() for seq, a in session.executed._by_seq.items()} == {1: [7.0, 7.0], 2: [7.0, 7.0]}
+    reply = peer.request(obs_map(epoch=1, seq=4))
+    assert isinstance(reply, ActionChunk) and reply.obs_seqs == [3, 4]  # the episode's history, as it was
+
+
 def test_multipart_message_is_refused(peer):
     peer.send(observation(0), b"second frame")
     reply = peer.recv()

@@ -499,22 +499,25 @@ class PolicyServer:
                 "stale_epoch", f"obs.epoch {obs.epoch} is older than this session's epoch {session.epoch}; "
                                f"observations of an ended epoch are not answered"), seq=obs.seq)
             return
+        # Every check before anything changes: a refused observation leaves the session as it was (its epoch
+        # started the new one and cleared the history; a repeat's executed actions replaced those reported).
+        if obs.executed_seqs and obs.executed.shape[1] != self.spec.action_dim:  # most observations report none
+            self._refuse(robot, session, ProtocolError(
+                "bad_shape", f"obs.executed has {obs.executed.shape[1]} values per action, the policy's actions "
+                             f"have {self.spec.action_dim}"), seq=obs.seq)
+            return
+        newest = session.history.newest_seq
+        if obs.epoch == session.epoch and newest is not None and obs.seq <= newest:  # a repeat, or counting again
+            self._refuse(robot, session, ProtocolError(
+                "stale_seq", f"obs.seq {obs.seq} is not newer than this epoch's last, {newest}: not answered; a robot "
+                             f"that counts from the start again must reset (a new epoch)"), seq=obs.seq)
+            return
         if obs.epoch > session.epoch:
             session.start_epoch(obs.epoch)
-        if obs.executed_seqs:  # most observations report none
-            if obs.executed.shape[1] != self.spec.action_dim:
-                self._refuse(robot, session, ProtocolError(
-                    "bad_shape", f"obs.executed has {obs.executed.shape[1]} values per action, the policy's actions "
-                                 f"have {self.spec.action_dim}"), seq=obs.seq)
-                return
+        if obs.executed_seqs:
             session.executed.record(obs.executed_seqs, obs.executed)
         arrays = obs.arrays if session.instruction is None else {**obs.arrays, INSTRUCTION_KEY: session.instruction}
-        if not session.history.push(obs.seq, arrays):  # a repeat, or a robot counting again without a new epoch
-            self._refuse(robot, session, ProtocolError(
-                "stale_seq", f"obs.seq {obs.seq} is not newer than this epoch's last, {session.history.newest_seq}: "
-                             f"not answered; a robot that counts from the start again must reset (a new epoch)"),
-                seq=obs.seq)
-            return
+        session.history.push(obs.seq, arrays)  # newer than the newest held: checked above
         now = time.perf_counter()
         gap = obs.t_capture - session.last_t_capture  # inf for an epoch's first
         if gap < 0:
