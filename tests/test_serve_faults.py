@@ -126,6 +126,9 @@ def test_observation_error_names_its_sequence_number(peer):
     reply = peer.request(obs_map(seq=43, foo=1))  # the message's own keys wrong: its seq still readable
     assert reply.code == "extra_key" and reply.seq == 43
     assert peer.request(obs_map(seq=-1, foo=1)).seq is None  # out of range: not a seq to match
+    for version in (4, ...):  # an unsupported version, or none: the seq was readable all the same
+        reply = peer.request(obs_map(seq=44, v=version))
+        assert reply.code == "version" and reply.seq == 44
 
 
 def test_observation_before_handshake_is_refused(server):

@@ -544,12 +544,19 @@ def _decode_strict(data: bytes) -> tuple[Message, int]:
     version = obj.get("v")
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError("version", f"protocol version {_short(version)} is not supported (this side speaks "
-                                       f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
+                                       f"{', '.join(map(str, SUPPORTED_VERSIONS))})",
+                            _obs_seq(obj) if obj.get("type") == "obs" else None)
     try:
         return _decode_body(obj, version), version
     except ProtocolError as exc:
         exc.version = version
         raise
+
+
+def _obs_seq(obj: dict) -> int | None:
+    """An observation's seq where that field is readable and in range: its refusal names it."""
+    seq = obj.get("seq")
+    return seq if type(seq) is int and 0 <= seq <= MAX_COUNT else None
 
 
 def _decode_body(obj: dict, version: int) -> Message:
@@ -558,9 +565,7 @@ def _decode_body(obj: dict, version: int) -> Message:
     if cls is None:
         raise ProtocolError("unknown_type", f"unknown message type {_short(obj.get('type'))}; known: {sorted(TYPES_BY_NAME)}")
     name = TYPE_NAMES[cls]
-    # an observation's refusal names its seq wherever that field is readable and in range
-    seq = obj.get("seq") if cls is Observation else None
-    seq = seq if type(seq) is int and 0 <= seq <= MAX_COUNT else None
+    seq = _obs_seq(obj) if cls is Observation else None
     expected, required = _key_sets(cls, version)
     given = obj.keys() - _ENVELOPE
     if not required <= given:
