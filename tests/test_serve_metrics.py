@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.request
 
@@ -326,6 +327,34 @@ def test_jsonl_writer_survives_a_failed_write(tmp_path, caplog):
     writer.close()
     assert [json.loads(line)["period_error_ms"] for line in path.read_text().splitlines()] == [2.0]
     assert writer.dropped == 1 and "No space left on device" in caplog.text
+    assert caplog.records[-1].getMessage() == f"1 metrics line not written to {path} (see the warnings above)"
+
+
+def test_jsonl_writer_closing_on_a_full_disk_says_so_without_a_traceback(tmp_path, caplog):
+    """The last write happens as the file closes: on a full disk it raised out of the writer's thread, a
+    traceback at every run's end (and its status 0)."""
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path, flush_s=1000)
+
+    class FullOnClose:
+        def write(self, data):
+            return len(data)
+
+        def flush(self):
+            pass
+
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    real, writer._file = writer._file, FullOnClose()  # noqa: SLF001 - the disk fills up under the writer
+    real.close()
+    errors = []
+    old_hook, threading.excepthook = threading.excepthook, errors.append
+    try:
+        writer.close()
+    finally:
+        threading.excepthook = old_hook
+    assert errors == [] and f"not written to {path} as it closed: [Errno 28] No space left" in caplog.text
 
 
 def test_jsonl_lines_are_json_with_labels_and_nulls_and_a_bad_line_is_skipped(tmp_path, caplog):

@@ -203,7 +203,13 @@ class MetricsFile:
         while not self._closing.wait(self.flush_s):
             self._write_gathered()
         self._write_gathered()
-        self._file.close()
+        try:  # its buffer's last write: a full disk fails here too (a traceback out of this thread, said as such)
+            self._file.close()
+        except (OSError, ValueError) as exc:
+            self._warn("write", f"metrics lines not written to {self.path} as it closed: {exc}")
+        if self.dropped:  # what a run's reader of the file should know, said once at the end
+            log.warning("%d metrics line%s not written to %s (see the warnings above)", self.dropped,
+                        "" if self.dropped == 1 else "s", self.path)
 
     def _write_gathered(self) -> None:
         """The gathered lines, one write per file they go to (the interpreter lock is held while
