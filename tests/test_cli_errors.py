@@ -1,5 +1,6 @@
 """Bad input gives one clear line naming the problem, never a traceback."""
 
+import json
 import os
 from pathlib import Path
 
@@ -58,8 +59,14 @@ def test_incomplete_checkpoint(capsys, tmp_path):
                                                                   "or damaged? (SafetensorError: Error while "
                                                                   "deserializing: header too small)"),
     (lambda ck: _truncate(ck / "model.safetensors"), "model.safetensors: cannot read it, truncated or damaged?"),
+    # meta.json's digests damaged: they switched the check off, and damaged weights loaded unnoticed
+    (lambda ck: _edit_meta(ck, sha256=None), "meta.json: sha256.config.yaml is None, expected that file's sha256 "
+                                             "(64 hex digits): meta.json is damaged"),
+    (lambda ck: _edit_meta(ck, sha256={**_meta(ck)["sha256"], "model.safetensors": "x"}),
+     "meta.json: sha256.model.safetensors is 'x', expected that file's sha256"),
 ], ids=["meta-list", "meta-binary", "meta-action-dim", "meta-obs-spec", "config-cut", "config-empty", "config-yaml",
-        "config-duplicate-key", "normalizer-of-another-model", "normalizer-empty", "model-truncated"])
+        "config-duplicate-key", "normalizer-of-another-model", "normalizer-empty", "model-truncated", "digests-none",
+        "digest-not-hex"])
 def test_a_damaged_checkpoint_file_is_named_in_one_line(capsys, tmp_path, damage, match):
     import shutil
 
@@ -110,17 +117,20 @@ def _truncate_lines(file: Path) -> None:
 
 def _before_digests(ck: Path, config: str | None = None) -> Path:
     """The checkpoint as saved before meta.json held sha256 digests, with `config` as its config.yaml."""
-    _edit_meta(ck, sha256=None)
+    meta = _meta(ck)
+    del meta["sha256"]
+    (ck / "meta.json").write_text(json.dumps(meta))
     if config is not None:
         (ck / "config.yaml").write_text(config)
     return ck
 
 
-def _edit_meta(ck, **changes):
-    import json
+def _meta(ck: Path) -> dict:
+    return json.loads((ck / "meta.json").read_text())
 
-    meta = json.loads((ck / "meta.json").read_text())
-    (ck / "meta.json").write_text(json.dumps(meta | changes))
+
+def _edit_meta(ck, **changes):
+    (ck / "meta.json").write_text(json.dumps(_meta(ck) | changes))
 
 
 def test_a_sampler_that_does_not_fit_the_objective_is_refused_before_any_episode(capsys):

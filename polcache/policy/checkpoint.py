@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import time
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ import polcache
 from polcache.atomic import atomic_directory, restore
 from polcache.config import ExperimentConfig, from_dict, load_yaml, to_dict, validate, yaml_error_where
 from polcache.data.normalize import Normalizer
-from polcache.errors import CheckpointError, ConfigError
+from polcache.errors import CheckpointError, ConfigError, cut_short
 from polcache.jsonfile import read_json_object
 from polcache.outputs import replaced_whole
 from polcache.policy.families import build_policy
@@ -217,10 +218,21 @@ def read_tensors(file: Path, device: str | torch.device = "cpu", hint: str = "",
 
 
 def _check_digest(file: Path, name: str, data: bytes, meta: dict | None, hint: str = "") -> None:
-    """`data` (the content of `file`, `name` in the checkpoint) matches the sha256 meta.json recorded, if any."""
-    digests = (meta or {}).get("sha256")
+    """`data` (the content of `file`, `name` in the checkpoint) matches the sha256 meta.json recorded.
+    A checkpoint saved before digests has no "sha256" field (and one saved before config digests none
+    for config.yaml); otherwise it must hold this file's, so damage to meta.json cannot switch the
+    check off (damaged weights then loaded unnoticed)."""
+    if meta is None or "sha256" not in meta:
+        return
+    digests = meta["sha256"]
     expected = digests.get(name) if isinstance(digests, dict) else None
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+    if expected is None and name == "config.yaml" and isinstance(digests, dict):
+        return
+    if not (isinstance(expected, str) and re.fullmatch(r"[0-9a-f]{64}", expected)):
+        meta_file = file.parents[name.count("/")] / "meta.json"  # train/NAME: in the folder above
+        raise CheckpointError(f"{meta_file}: sha256.{name} is {cut_short(repr(expected))}, expected that file's sha256 "
+                              f"(64 hex digits): meta.json is damaged{hint}")
+    if hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(f"{file}: its content does not match the sha256 in meta.json (damaged or changed "
                               f"after it was saved){hint}")
 
