@@ -536,6 +536,20 @@ def test_a_resumed_run_forgets_the_logged_steps_its_checkpoint_does_not_hold(tmp
     records = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4] and 9.0 not in [r["loss"] for r in records if "loss" in r]
+    assert "unreadable" not in capsys.readouterr().err  # a kill's torn last line is no damage to speak of
+
+
+def test_a_resumed_run_says_which_damaged_log_lines_it_dropped(tmp_path, capsys):
+    """A damaged line inside the log vanished without a word as the run resumed (only a torn last line is a kill's)."""
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run, "train.log_every=1") == 0
+    log = run / "train_log.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"
+    log.write_text("".join(lines))
+    capsys.readouterr()
+    assert train_cli(data, run, "train.log_every=1", "train.steps=3") == 0
+    assert f"warning: {log}: line 2 unreadable (damaged), dropped as it resumes" in capsys.readouterr().err
 
 
 def test_a_resumed_run_given_another_length_prints_and_logs_its_new_plan(tmp_path, capsys, monkeypatch):

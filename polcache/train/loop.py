@@ -389,7 +389,13 @@ def _forget_log_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
+    steps = [_logged_step(line) for line in lines]
+    kept = [line for line, logged in zip(lines, steps) if logged is not None and logged <= step]
+    damaged = [n for n, logged in enumerate(steps[:-1], 1) if logged is None]  # not the last: a kill's torn line
+    if damaged:  # records lost to damage, not to the resumption: said, as every later reader trusts the lines
+        shown = ", ".join(map(str, damaged[:5])) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        print(f"warning: {path}: line{'s' if len(damaged) > 1 else ''} {shown} unreadable (damaged), dropped as it "
+              f"resumes", file=sys.stderr)
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(kept))
 
