@@ -587,7 +587,7 @@ def test_records_with_wrong_types_are_counted_not_fatal(caplog):
     json.dumps(views, allow_nan=False)
 
 
-def test_lines_too_big_or_too_deep_for_a_float_or_the_parser_are_counted_not_fatal(tmp_path):
+def test_lines_too_big_or_too_deep_for_a_float_or_the_parser_are_counted_not_fatal(tmp_path, caplog):
     """A 400-digit integer (no float holds it), a line nested 200,000 deep, a time no clock gives:
     each one unreadable line, and every view (and the report) still built from the good ones."""
     run = tmp_path / "run.jsonl"
@@ -605,6 +605,7 @@ def test_lines_too_big_or_too_deep_for_a_float_or_the_parser_are_counted_not_fat
     assert views["_meta"]["span_s"] == 2.0 and views["period_error"]["series"]
     json.dumps(views, allow_nan=False)
     assert write_report([run], tmp_path / "report").is_file()
+    assert "report: 3 unreadable lines skipped (damaged or cut short)" in caplog.text  # not only on the page
 
 
 def test_a_source_that_cannot_be_read_says_why_and_the_others_are_still_read(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,8 @@ from polcache.dashboard.views import RunState
 from polcache.errors import PolcacheError
 from polcache.metrics.jsonl import check_metrics_input
 from polcache.outputs import check_output, replaced_whole
+
+log = logging.getLogger("polcache.dashboard")
 
 OP_COLORS = ["#1f4e79", "#cfe2f3", "#f6b26b", "#b4a7d6"]  # compute, reuse, forecast, gate (as the page)
 
@@ -62,6 +65,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
     matplotlib.use("Agg")
     out = check_report_output(out, paths)
     state, bad = load_runs(paths)
+    if bad:  # on the page too; said here, as a report of a damaged file otherwise looked whole
+        log.warning("report: %d unreadable line%s skipped (damaged or cut short)", bad, "" if bad == 1 else "s")
     with atomic_directory(out) as tmp:
         tmp.mkdir()
         _write_page(tmp, paths, state, bad)
