@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import signal
@@ -82,11 +83,15 @@ def test_every_action_executes_at_its_due_tick(latency_ticks, blend):
     assert chunks[0].latency_ms == pytest.approx(first / HZ * 1e3)
 
 
-def test_silent_server_holds_then_stops_once_then_resumes():
+def test_silent_server_holds_then_stops_once_then_resumes(caplog):
     loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
     loop.run(ticks=20, then_stop=False)
     client.silent = True
-    loop.run(ticks=30, then_stop=False)  # the chunk of tick 18 covers ticks 20-25, then 4 ticks of holding, then stop
+    with caplog.at_level(logging.WARNING, logger="polcache_client"):
+        loop.run(ticks=30, then_stop=False)  # the chunk of tick 18 covers ticks 20-25, then 4 ticks of holding, then stop
+    # said when it happens (it was only counted, in the run's summary)
+    assert [r.getMessage() for r in caplog.records] == [
+        "no fresh action for 0.09 s: the robot was safe-stopped (it acts again when fresh actions come)"]
     states = [t.state for t in ticks[20:]]
     assert states == ["fresh"] * 6 + ["holding"] * 4 + ["stopped"] * 20
     assert robot.stops == [30]  # exactly one safe stop

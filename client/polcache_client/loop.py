@@ -116,6 +116,8 @@ class ControlLoop:
                     self._stopped = True
                     self.adapter.safe_stop()
                     stopped = True
+                self._warn("safe-stop", f"no fresh action for {self.watchdog.hold_s:g} s: the robot was safe-stopped "
+                                        f"(it acts again when fresh actions come)")
             except KeyboardInterrupt as exc:  # held to the stop's end: raised once the stop is recorded
                 if not stopped:
                     raise
