@@ -132,3 +132,16 @@ def test_the_servers_disconnect_line_names_missing_or_refused_keys_as_a_cause(ke
             in caplog.text)
     refusal = caplog.text.find("authentication refused for an unknown client key")
     assert (0 <= refusal < caplog.text.index("closed before")) if robot_keys == "refused" else refusal == -1
+
+
+def test_a_damaged_server_key_is_named_as_the_keys_problem(keys):
+    """It read "cannot serve on ADDR: No public key found in DIR/server.key", as if the address were at fault."""
+    from polcache.serve.server import PolicyServer
+
+    from fakes import FakeBackend
+
+    server_key = keys / "server.key"
+    server_key.write_bytes(server_key.read_bytes()[:10])
+    with pytest.raises(PolcacheError, match=rf"the server's keys in {keys}: No public key found in {server_key} "
+                                            rf"\(damaged\? create new ones with `polcache keys --dir {keys} --force`"):
+        PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", keys_dir=str(keys))

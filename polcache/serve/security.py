@@ -64,11 +64,19 @@ def generate_keys(keys_dir: str | Path, force: bool = False) -> list[Path]:
     return targets
 
 
+def keys_error(keys_dir: str | Path, exc: Exception) -> PolcacheError:
+    """A key folder the server cannot read, named as such ("cannot serve on ADDR: ..." alone read as the
+    address's problem)."""
+    remedy = "" if isinstance(exc, FileNotFoundError) else (f" (damaged? create new ones with `polcache keys --dir "
+                                                           f"{keys_dir} --force` and give the robots theirs)")
+    return PolcacheError(f"the server's keys in {keys_dir}: {exc}{remedy}")
+
+
 def apply_server_keys(socket: zmq.Socket, keys_dir: str | Path) -> None:
     try:
         public, secret = load_keypair(keys_dir, SERVER_NAME)
     except (OSError, ValueError) as exc:
-        raise PolcacheError(str(exc)) from None
+        raise keys_error(keys_dir, exc) from None
     socket.curve_publickey = public
     socket.curve_secretkey = secret
     socket.curve_server = True
@@ -86,7 +94,7 @@ class ClientKeys:
             self.server_key, _ = load_keypair(keys_dir, SERVER_NAME)
             found = zmq.auth.load_certificates(str(keys_dir))
         except (OSError, ValueError) as exc:
-            raise PolcacheError(str(exc)) from None
+            raise keys_error(keys_dir, exc) from None
         self.keys = frozenset(k for k in found if k != self.server_key)  # Z85 bytes, as the callback gets them
         self._warn = RateLimitedLog(log).warning
 
