@@ -281,6 +281,21 @@ def test_training_on_a_dataset_with_a_damaged_chunk_names_it(capsys, tmp_path):
     err = _err(capsys, ["train", "--config", "configs/metaworld_small.yaml", f"dataset={path}", "obs_keys=[state]"])
     assert err.startswith("polcache train: error: ")
     assert "demo.zarr: data/obs/state chunk 0 (rows 0..19, episode 0) cannot be read (RuntimeError: Zstd" in err
+    assert err.endswith("the dataset is damaged; record, import or copy it again")
+
+
+def test_a_damaged_embedding_store_says_to_embed_again(tmp_path):
+    """Its remedy was a demonstration's ("record, import or copy it again"): an embedding store is `ptp embed`'s."""
+    import numpy as np
+
+    from polcache.data import Episode, EpisodeStore, write_dataset
+    from polcache.errors import DatasetError
+
+    path = tmp_path / "emb.zarr"
+    write_dataset(path, [Episode(obs={"embedding": np.ones((20, 8), np.float32)}, action=np.zeros((20, 2), np.float32))])
+    (path / "data/obs/embedding/c/0/0").write_bytes(b"damaged!" * 4)
+    with pytest.raises(DatasetError, match=r"the dataset is damaged; write it again with `polcache ptp embed`$"):
+        EpisodeStore.open(path).array("embedding")
 
 
 @pytest.mark.parametrize("argv, match", [

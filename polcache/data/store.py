@@ -275,9 +275,13 @@ def _episodes(ends: np.ndarray | None, a: int, b: int) -> str:
     return f", episode {first}" if first == last else f", episodes {first}..{last}"
 
 
-def _read_rows(path: Path, name: str, arr: zarr.Array, rows: slice, ends: np.ndarray | None = None) -> np.ndarray:
-    """arr[rows]; a damaged chunk becomes one DatasetError naming it. The chunk is found by reading
-    them one at a time, which happens only after a failed read: good reads cost nothing extra."""
+RECORD_AGAIN = "record, import or copy it again"  # what to do about a damaged dataset of demonstrations
+
+
+def _read_rows(path: Path, name: str, arr: zarr.Array, rows: slice, ends: np.ndarray | None = None,
+               remedy: str = RECORD_AGAIN) -> np.ndarray:
+    """arr[rows]; a damaged chunk becomes one DatasetError naming it and `remedy`. The chunk is found
+    by reading them one at a time, which happens only after a failed read: good reads cost nothing extra."""
     try:
         return np.asarray(arr[rows])
     except _READ_ERRORS as e:
@@ -292,8 +296,7 @@ def _read_rows(path: Path, name: str, arr: zarr.Array, rows: slice, ends: np.nda
             cause, where = e, f" chunk {a // size} (rows {a}..{b - 1}{_episodes(ends, a, b)})"
             break
     detail = " ".join(f"{type(cause).__name__}: {cause}".split())
-    raise DatasetError(f"{path}: {name}{where} cannot be read ({detail}): the dataset is damaged; record, import "
-                       "or copy it again")
+    raise DatasetError(f"{path}: {name}{where} cannot be read ({detail}): the dataset is damaged; {remedy}")
 
 
 def _format_expects(name: str) -> tuple[str, tuple[int | None, ...]] | None:
@@ -491,7 +494,9 @@ class EpisodeStore:
 
     def _read(self, key: str, rows: slice) -> np.ndarray:
         node = self._node(key)
-        return _read_rows(self.path, node.path, node, rows, self._ends)
+        remedy = ("write it again with `polcache ptp embed`" if EMBEDDING_KEY in self._obs_keys  # an embedding store
+                  else RECORD_AGAIN)
+        return _read_rows(self.path, node.path, node, rows, self._ends, remedy)
 
     def array(self, key: str) -> np.ndarray:
         """Whole obs key ("action" for actions) in memory; loaded once, cached, read-only (shared by datasets)."""
