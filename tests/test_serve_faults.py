@@ -749,6 +749,25 @@ def test_a_flooding_peer_is_muted_while_others_are_served(server, peer, caplog):
     flooder.close()
 
 
+def test_a_flooding_peer_without_a_handshake_is_named_as_the_others_are(server, peer, caplog):
+    """Its flood line named a bare routing id, where every other line says "(no handshake) (session ID)"."""
+    flooder = RawPeer(server.endpoint)
+    heartbeat = encode(Heartbeat(t=1.0))
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+        deadline = time.monotonic() + 3.0
+        while "messages in one second" not in caplog.text and time.monotonic() < deadline:
+            for _ in range(50):
+                flooder.send(heartbeat)
+            peer.send(heartbeat)
+            time.sleep(0.02)
+            for sock in (flooder.socket, peer.socket):
+                while sock.poll(0):
+                    sock.recv()
+    line = next(r.getMessage() for r in caplog.records if "messages in one second" in r.getMessage())
+    assert line.startswith("(no handshake) (session ") and "more than its 100" in line, line
+    flooder.close()
+
+
 def test_the_flood_guard_mutes_only_beside_others_and_hears_a_peer_that_slowed_down():
     guard = FloodGuard()
     allowed = {b"robot": allowance(50.0), b"flooder": allowance(50.0), b"stranger": allowance(None)}.__getitem__

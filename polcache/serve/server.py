@@ -680,7 +680,7 @@ class PolicyServer:
         self._log_disconnects()
         for robot, n in self._flood.new_window(self._allowance).items():
             session = self.sessions.get(robot)
-            self._warn(f"flood:{robot.hex()}", f"{robot_label(session.name, robot) if session else robot.hex()} sent "
+            self._warn(f"flood:{robot.hex()}", f"{robot_label(session.name if session else NO_HANDSHAKE, robot)} sent "
                                                f"{n} messages in one second, more than its {self._allowance(robot):g}, "
                                                f"while other robots were served: its messages are dropped unread "
                                                f"until it sends fewer")
