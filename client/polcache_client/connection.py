@@ -278,7 +278,8 @@ class PolicyClient:
                 self._full = msg.message
                 return True
             if msg.code == "spec_mismatch" or not self._ready:  # before the welcome only a handshake was sent
-                raise ConnectError(f"server at {self.address} refused the handshake: [{msg.code}] {msg.message}", msg.code)
+                raise ConnectError(f"server at {self.address} refused the handshake: [{msg.code}] {msg.message}",
+                                   msg.code)
             if msg.code == "no_session":
                 self._reconnect(f"server does not know this robot ({msg.message})")
                 return False

@@ -12,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("dashboard", help="live local web page of a server's and robots' metrics",
                               description="Follow metrics JSON-lines files (--metrics-file of `serve` and `sim-robot`; "
                                           "rotated or truncated files are followed) and/or Prometheus endpoints "
-                                          "(--metrics-port) and serve a live page (on 127.0.0.1 unless --host says). Every asset is "
+                                          "(--metrics-port) and serve a live page (on 127.0.0.1 unless --host "
+                                          "says). Every asset is "
                                           "served from here; no internet needed.")
     p.add_argument("--metrics", action="append", default=[], metavar="FILE",
                    help="a metrics JSON-lines file to follow (repeatable: server and robots)")

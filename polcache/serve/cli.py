@@ -8,7 +8,8 @@ import logging
 import signal
 
 from polcache.cli_types import (add_backend_options, backend_options, control_rate, given_only_with, image_size,
-                                 name_list, non_empty, non_negative_float, seed_int, port, positive_float, positive_int, thread_count)
+                                 name_list, non_empty, non_negative_float, port, positive_float, positive_int, seed_int,
+                                 thread_count)
 from polcache.serve.handshake import own_robot_name
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS, MAX_SIMULATED_LATENCY_MS
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
@@ -117,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
                                   "an eval result)")
     _add_metrics_args(p)
-    p.checks += [_sensor_lag_check, _decay_check, given_only_with("--image-size", "image_size", "--cameras", "cameras")]
+    p.checks += [_sensor_lag_check, _decay_check,
+                 given_only_with("--image-size", "image_size", "--cameras", "cameras")]
     p.set_defaults(handler=_sim_robot)
 
 

@@ -454,7 +454,8 @@ class PolicyServer:
                                        executed=ExecutedLog(self.spec.history_span), policy=self.backend.session(),
                                        version=version, instruction=instruction,
                                        last_seen=time.monotonic(),
-                                       deadline_ms=self.deadline_ms or default_deadline_ms(self.spec.n_action_steps, msg.hz),
+                                       deadline_ms=self.deadline_ms or default_deadline_ms(self.spec.n_action_steps,
+                                                                                           msg.hz),
                                        action_offsets_s=np.arange(self.spec.n_action_steps, dtype=np.float64) / msg.hz)
         self.sessions.move_to_end(robot)
         if fd is not None and fd >= 0:
@@ -499,8 +500,8 @@ class PolicyServer:
                 "stale_epoch", f"obs.epoch {obs.epoch} is older than this session's epoch {session.epoch}; "
                                f"observations of an ended epoch are not answered"), seq=obs.seq)
             return
-        # Every check before anything changes: a refused observation leaves the session as it was (its epoch
-        # started the new one and cleared the history; a repeat's executed actions replaced those reported).
+        # Every check before anything changes: a refused observation leaves the session as it was (a newer
+        # epoch's had started that epoch, clearing the history; a repeat's executed actions replaced those reported).
         if obs.executed_seqs and obs.executed.shape[1] != self.spec.action_dim:  # most observations report none
             self._refuse(robot, session, ProtocolError(
                 "bad_shape", f"obs.executed has {obs.executed.shape[1]} values per action, the policy's actions "

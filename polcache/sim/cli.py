@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the full result as JSON here (an existing file is replaced only if it is "
                                   "an eval result)")
     p.add_argument("--video", help="directory for GIFs of the first --video-episodes episodes")
-    p.add_argument("--video-episodes", type=positive_int, help=f"episodes recorded with --video (default {VIDEO_EPISODES})")
+    p.add_argument("--video-episodes", type=positive_int,
+                   help=f"episodes recorded with --video (default {VIDEO_EPISODES})")
     p.add_argument("--no-progress", action="store_true")
     p.checks.append(given_only_with("--video-episodes", "video_episodes", "--video", "video"))
     p.set_defaults(handler=_run)
@@ -85,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     with sigterm_as_interrupt():  # TERM reports the finished episodes, like Ctrl-C, and exits 143
         result = evaluate(backend, task, args.episodes, args.seed, progress=not args.no_progress,
-                          video_dir=args.video, video_episodes=(args.video_episodes or VIDEO_EPISODES) if args.video else 0,
+                          video_dir=args.video,
+                          video_episodes=(args.video_episodes or VIDEO_EPISODES) if args.video else 0,
                           rollout=Rollout(args.max_steps, args.action_steps, args.ensemble, args.delay, args.rtc,
                                           args.instruction, args.instructions),
                           allow_rate_mismatch=args.allow_rate_mismatch)

@@ -12,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a diffusion policy from a recorded dataset",
         description="Train a policy of the family the config names (policy.family: dp-t or vla). Re-running the "
-                    "same command resumes from OUT/last. Multi-GPU/CPU: torchrun --standalone --nproc_per_node N -m polcache.cli train --config ...")
+                    "same command resumes from OUT/last. Multi-GPU/CPU: torchrun --standalone --nproc_per_node N -m "
+                    "polcache.cli train --config ...")
     p.add_argument("--config", required=True, type=config_file, help="YAML experiment config (see configs/)")
     p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value, e.g. train.steps=1000")
     p.add_argument("--fresh", action="store_true", help=FRESH_HELP)
