@@ -576,6 +576,41 @@ def test_an_interrupt_during_the_safe_stop_waits_for_it(sig, raised):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_interrupt_during_a_stop_made_while_handling_an_exception_is_not_lost():
+    """A program that catches an error and stops the robot before carrying on: a SIGTERM during that stop was
+    dropped (the exception being handled read as one on its way out), and the arm went on moving."""
+    loop, robot, _, _ = signalled_loop((signal.SIGTERM,))
+    loop.run(ticks=5, then_stop=False)
+    with pytest.raises(Terminated):
+        try:
+            raise ValueError("scene reset failed")
+        except ValueError:
+            loop.stop()  # the program would carry on after it
+    assert (robot.stops, robot.braked) == ([4], 1)
+
+
+def test_a_programs_own_sigterm_handler_gets_a_sigterm_held_during_the_safe_stop():
+    """It was raised as Terminated, bypassing the handler the program had set."""
+    loop, robot, _, _ = signalled_loop((signal.SIGTERM,))
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        loop.run(ticks=5)  # no Terminated: the program's handler decides
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert got == [signal.SIGTERM] and robot.braked == 1
+
+
+def test_a_signal_the_program_ignores_stays_ignored_during_the_safe_stop():
+    loop, robot, _, _ = signalled_loop((signal.SIGTERM,))
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        loop.run(ticks=5)  # nothing raised after the stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert robot.braked == 1
+
+
 def test_ctrl_c_twice_during_the_safe_stop_abandons_it():
     loop, robot, _, _ = signalled_loop((signal.SIGINT, signal.SIGINT))
     with pytest.raises(KeyboardInterrupt):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -67,32 +66,50 @@ def sigterm_as_interrupt(replace: bool = True) -> Iterator[None]:
 
 @contextmanager
 def interrupts_deferred(what: str) -> Iterator[None]:
-    """Inside, Ctrl-C and SIGTERM are held until the block ends, then raised (KeyboardInterrupt,
-    Terminated), so the second press people give a stopping program does not cut `what` short (a
-    robot's safe stop left half-sent). Ctrl-C pressed twice inside is raised at once: a `what` that
-    hangs can still be left. Nothing is raised after the block while an exception is already on its
-    way out (the stop a failure or an interrupt made: that one propagates). Main thread only."""
+    """Inside, Ctrl-C and SIGTERM are held until the block ends, then delivered: raised
+    (KeyboardInterrupt, Terminated), or handed to the program's own handler where it set one, so the
+    second press people give a stopping program does not cut `what` short (a robot's safe stop left
+    half-sent). Ctrl-C pressed twice inside is raised at once: a `what` that hangs can still be
+    left. A signal the program ignores stays ignored. Nothing is delivered after a block that itself
+    raised (the stop that failed: its exception propagates); one called while the program handles an
+    exception still gets its signal (an `except` that carries on must not swallow an operator's stop).
+    Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held: list[KeyboardInterrupt] = []
+    held: list[int] = []
 
     def on_interrupt(signum, frame):
-        if signum == signal.SIGINT and any(type(h) is KeyboardInterrupt for h in held):
+        if signum == signal.SIGINT and signal.SIGINT in held:
             log.warning("%s: abandoned (Ctrl-C twice)", what)
             raise KeyboardInterrupt
-        held.append(KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum))
+        held.append(signum)
         if signum == signal.SIGINT:
             log.warning("%s first (Ctrl-C again to abandon it)", what)
 
     hangup = signal.getsignal(signal.SIGHUP)  # held where it would end the process or raise (sigterm_as_interrupt)
-    held_signals = (signal.SIGINT, signal.SIGTERM) + (
+    candidates = (signal.SIGINT, signal.SIGTERM) + (
         (signal.SIGHUP,) if hangup is signal.SIG_DFL or getattr(hangup, "raises_terminated", False) else ())
-    previous = {sig: signal.signal(sig, on_interrupt) for sig in held_signals}
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in candidates
+                if signal.getsignal(sig) is not signal.SIG_IGN}
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if held and sys.exc_info()[1] is None:
-        raise held[0]
+        if held and not failed:
+            _deliver(held[0], previous[held[0]])
+
+
+def _deliver(signum: int, handler) -> None:
+    """A held signal, as it would have been had it not waited: the program's own handler, or the
+    interrupt polcache raises for it (Ctrl-C's KeyboardInterrupt, SIGTERM's and SIGHUP's Terminated)."""
+    if callable(handler) and handler is not signal.default_int_handler and not getattr(handler, "raises_terminated",
+                                                                                         False):
+        handler(signum, None)
+        return
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
