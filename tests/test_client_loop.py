@@ -182,6 +182,105 @@ def test_a_resume_that_returns_false_holds_the_robot_stopped_until_it_returns_tr
     assert runs == ["act", "stop", "resume", "act", "stop"]  # acts once acknowledged; run()'s own stop at the end
 
 
+def test_a_held_action_does_not_wake_a_stopped_robot():
+    """A robot held stopped (resume() False) was asked again while the watchdog held the last fresh action of a
+    policy gone quiet, and an acknowledgement then released it onto that stale command."""
+    loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.1, robot_class=AcknowledgingRobot)
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    loop.run(ticks=20, then_stop=False)  # the last chunk's actions, the hold, the watchdog's stop
+    assert robot.calls[-1] == "stop"
+    client.silent = False
+    loop.run(ticks=5, then_stop=False)  # fresh actions, held by the adapter
+    assert robot.calls[-1] == "resume"
+    client.silent = True
+    while loop.tick().state != "stopped" or loop.watchdog.state.value != "holding":  # the chunks' plans run out
+        pass
+    robot.acknowledged = True  # the operator acknowledges while the watchdog holds the quiet policy's last action
+    calls = len(robot.calls)
+    loop.run(ticks=10, then_stop=False)
+    assert robot.calls[calls:] == []  # neither asked nor acting on the held action; not stopped again either
+    client.silent = False
+    loop.run(ticks=5, then_stop=False)
+    assert robot.calls[calls:calls + 2] == ["resume", "act"]  # a fresh action wakes it
+
+
+def test_resetting_an_episode_does_not_put_off_the_stop_of_a_robot_left_moving():
+    """The hold counted from the reset: a reset 180 ms into a hold gave it 200 ms more, and episodes reset back to
+    back while the server was dead never stopped the robot."""
+    loop, robot, client, clock, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.1)
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    last_fresh = clock.now()
+    for _ in range(6):  # short episodes back to back, the server silent
+        loop.reset_episode()
+        loop.run(ticks=2, then_stop=False)
+    assert len(robot.stops) == 1 and robot.stops[0] <= round(last_fresh * HZ) + 0.1 * HZ + 1
+
+
+def test_a_reconnect_leaves_no_action_of_the_old_connection_to_hold():
+    """The schedule forgot the old connection's chunks, but the watchdog still held its last action in the new
+    epoch."""
+    loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.1)
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    loop.run(ticks=1, then_stop=False)  # holding the last action
+    client.epoch, client.seq = client.epoch + 1, -1  # reconnected: a new epoch
+    applied = len(robot.applied)
+    loop.run(ticks=10, then_stop=False)
+    assert robot.applied[applied:] == [] and len(robot.stops) == 1  # waited, then stopped; nothing of epoch 0 applied
+
+
+def test_what_was_planned_before_a_stop_is_not_executed_after_it():
+    """run() again after a stop executed the actions of chunks for observations captured before it (planned for a
+    robot still moving), without a word."""
+    loop, robot, _, _, ticks, chunks = make_loop(latency_s=1.5 / HZ)
+    loop.run(ticks=10)  # stopped after tick 9, chunks for observations 8 and 9 still in flight
+    loop.run(ticks=5)
+    after = [t.state for t in ticks[11:]]
+    assert after[:2] == ["stopped", "stopped"] and after[2:5] == ["fresh"] * 3  # the first chunk sent after the stop
+    assert [c.stale_chunks for c in chunks if c.seq in (8, 9)] == [1, 1]
+
+
+class InterruptedWaking(BrakingRobot):
+    """Its resume() takes a while (drives enabling) and gets Ctrl-C meanwhile."""
+
+    def resume(self):
+        self.calls.append("resume")
+        os.kill(os.getpid(), signal.SIGINT)
+        self.calls.append("awake")
+
+
+def test_ctrl_c_while_the_robot_wakes_waits_for_it_and_then_stops_it():
+    """A Ctrl-C during resume() left the robot half woken (drives on, brakes off) and never stopped."""
+    loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.04, robot_class=InterruptedWaking)
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    loop.run(ticks=10, then_stop=False)
+    client.silent = False
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(ticks=10)
+    assert robot.calls[-3:] == ["resume", "awake", "stop"]
+
+
+class FlakyStop(StepRobot):
+    """Its first safe_stop fails (a lost acknowledgement on the robot's bus)."""
+
+    def safe_stop(self):
+        super().safe_stop()
+        if len(self.stops) == 1:
+            raise TimeoutError("no acknowledgement from the drives")
+
+
+def test_a_safe_stop_that_raised_is_tried_again_on_the_way_out():
+    loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.04, robot_class=FlakyStop)
+    loop.run(ticks=10, then_stop=False)
+    client.silent = True
+    with pytest.raises(TimeoutError):
+        loop.run(ticks=10)  # the watchdog's stop raises; run()'s way out tries once more
+    assert len(robot.stops) == 2 and loop.stop() is False
+
+
 class StallingRobot(StepRobot):
     """observe() takes `stall_s` of the clock at tick `stall_at` (a camera that hung, a paused process);
     records the period the clock is in at every act and stop."""
@@ -305,7 +404,7 @@ def test_held_actions_are_reported_as_executed_and_waiting_or_stopped_ticks_repo
     """A held action is applied again, so a self-verifying policy compares its predicted past with
     it; while waiting or after a safe stop the robot applies nothing, and nothing is reported."""
     loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
-    loop.run(ticks=20)
+    loop.run(ticks=20, then_stop=False)
     client.silent = True
     loop.run(ticks=31)  # fresh to tick 25, holding 26-29, stopped from 30 (see the test above); 50 reports 49
     reported = {seq: float(np.asarray(a).ravel()[0]) for _, _, done in client.reported for seq, a in done}
@@ -393,6 +492,7 @@ def test_run_ends_with_the_robot_stopped_once_and_never_twice_in_a_row():
     assert robot.stops == [9] and loop.watchdog.state.value == "stopped"
     loop.run(ticks=5)  # fresh actions resume acting after the stop, and the end stops again
     assert [t.state for t in ticks if t.ticks][-4:] == ["fresh"] * 4 and robot.stops == [9, 14]
+    loop.run(ticks=5, then_stop=False)  # moving again, then the server goes silent
     client.silent = True
     loop.run(ticks=20)  # the watchdog stops the robot: the end of run() does not stop it again
     assert robot.stops[:2] == [9, 14] and len(robot.stops) == 3
@@ -425,9 +525,10 @@ def test_the_loops_own_safe_stop_is_recorded_as_the_watchdogs_are():
     *run, end = ticks
     assert robot.stops == [9] and [t.ticks for t in run] == [1] * 10 and not any(t.safe_stops for t in run)
     assert (end.ticks, end.safe_stops, end.state, end.t, end.epoch, end.seq) == (0, 1, "stopped", clock.now(), 0, 9)
-    assert math.isnan(end.period_error_ms) and end.queue_depth == run[-1].queue_depth  # the same instant here
+    assert math.isnan(end.period_error_ms) and end.queue_depth == 0  # what was planned before the stop is gone
     assert not (end.waiting or end.deadline_miss or end.missed_ticks or end.obs_dropped)
     assert loop.safe_stops == 1 and loop.stop() is False and len(ticks) == 11  # nothing moved since: no record
+    loop.run(ticks=5, then_stop=False)  # moving again
     client.silent = True
     loop.run(ticks=20)  # acts, holds, then the watchdog stops it on a tick; run() adds no stop of its own
     assert len(robot.stops) == 2 and ticks[-1].ticks == 1 and loop.safe_stops == 1
@@ -447,7 +548,8 @@ def test_the_loops_own_safe_stop_is_recorded_as_the_watchdogs_are():
     assert snap["safe_stops"] == 3 and snap["ticks"] == sum(t.ticks for t in ticks) == len(ticks) - 2
     assert snap["period_error_ms"]["n"] == snap["ticks"]  # the stops' NaN is no period error
     robot.act = act
-    assert loop.tick().ticks == 1 and loop.stop() is True and loop.stop() is False  # called directly: the same
+    assert [loop.tick().state for _ in range(3)] == ["stopped", "fresh", "fresh"]  # nothing planned before the stop
+    assert loop.stop() is True and loop.stop() is False  # called directly: the same
 
 
 def test_sigterm_safe_stops_the_robot_where_the_program_has_no_handler_of_its_own():
@@ -668,6 +770,8 @@ def test_a_lagging_sensors_capture_time_times_the_actions_from_when_the_robot_wa
     (lambda now: "now", r"got 'now'"),
     (lambda now: int(now), r"returned the integer 100: whole seconds, or nanoseconds \(time.monotonic_ns\(\)\)"),
     (lambda now: np.int64(now * 1e9), r"returned the integer 1000\d{8}: whole seconds, or nanoseconds"),
+    # accepted, it failed at random (rounded up past observe()'s return) or timed actions milliseconds off
+    (lambda now: np.float32(now), r"returned a float32, 100\.\d+: too coarse for seconds on a monotonic clock"),
 ])
 def test_a_capture_time_on_another_clock_is_refused_and_the_robot_stopped(capture, match):
     clock = FakeClock(t=100.0)
@@ -676,6 +780,15 @@ def test_a_capture_time_on_another_clock_is_refused_and_the_robot_stopped(captur
     with pytest.raises(ValueError, match=match):
         ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, clock=clock).run(ticks=10)
     assert len(robot.applied) == 3 and len(robot.stops) == 1  # the robot it moved was safe-stopped on the way out
+
+
+def test_an_observe_that_returns_no_dict_is_named():
+    """observe() returning None ended run() with "AttributeError: 'NoneType' object has no attribute 'keys'"."""
+    clock = FakeClock(t=0.0)
+    robot = StepRobot(HZ, clock)
+    robot.observe = lambda: None
+    with pytest.raises(TypeError, match=r"observe\(\) must return a dict of arrays \(key -> numpy array\), got NoneType"):
+        ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, clock=clock).run(ticks=3)
 
 
 def test_chunks_late_because_the_sensors_lag_say_so(caplog):

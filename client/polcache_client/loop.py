@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import Callable
 
 import numpy as np
@@ -29,6 +30,7 @@ LATE_CHUNK_LOG_S = 5.0  # at most one line this often about late chunks, and abo
 MAX_CAPTURE_AGE_S = 10.0
 CAPTURE_CLOCK_SLACK_S = 1e-3  # a capture stamped this much after observe() returned is rounding, not a clock mix-up
 STOPPING = "stopping the robot safely"  # said when a Ctrl-C is held until the robot's safe stop returns
+RESUMING = "waking the robot (the adapter's resume())"  # likewise while resume() runs
 
 
 class ControlLoop:
@@ -36,8 +38,10 @@ class ControlLoop:
     without waiting, act on the action due now) until done, then safe-stops the robot it moved;
     Ctrl-C, SIGTERM or any exception out of a tick safe-stops it before it propagates. `reset_episode()`
     starts a new epoch. With no fresh action the last one is held for the watchdog's `hold_s`
-    (0.2 s), then `safe_stop` is called once; acting resumes when fresh actions return. The robot
-    is never told to stop twice in a row. `on_tick`/`on_chunk` receive per-tick and per-chunk
+    (0.2 s), then `safe_stop` is called once; acting resumes when fresh actions return, never on what
+    was planned before the stop. The robot is never told to stop twice in a row (a safe_stop that
+    raised is tried once more on the way out). Driven from one thread: call `stop()` and
+    `reset_episode()` from the thread that runs it. `on_tick`/`on_chunk` receive per-tick and per-chunk
     records (loop timing, latency); `on_tick` also gets a record of the loop's own safe stop (see
     `stop`), so that the tick records' `safe_stops` count every stop, the watchdog's and the loop's."""
 
@@ -76,6 +80,7 @@ class ControlLoop:
         self._capture_time = getattr(adapter, "capture_time", None)  # optional: see RobotAdapter
         self._resume = getattr(adapter, "resume", None)  # optional: see RobotAdapter
         self._stopped = False  # told to safe-stop, not resumed since: `resume()` comes before its next action
+        self._stop_seq = (-1, -1)  # (epoch, seq) of the last observation sent before the last stop (see _safe_stop)
         self._capture_age_s = 0.0  # the last observation's age when observe() was called (its sensors' lag)
         self._last_capture = (-1, -math.inf)  # (epoch, time) of the last observation stamped by capture_time()
         self.safe_stops = 0  # how many times `stop` safe-stopped the robot (the watchdog's stops not among them)
@@ -85,8 +90,14 @@ class ControlLoop:
         watchdog waiting for a first action."""
         self.schedule.reset(self.client.reset(instruction))
         self._executed.clear()
-        self.watchdog.reset(moving_since=self.clock.now() if self._acted else None)  # moving: still guarded
+        self._guard_moving_robot()
         self.rate.reset()
+
+    def _guard_moving_robot(self) -> None:
+        """The watchdog waits for a new epoch's first action; a robot still moving is stopped hold_s after
+        its last fresh action, as a held one would be (counted from the reset, back-to-back resets put
+        the stop off for good)."""
+        self.watchdog.reset(moving_since=self.watchdog.last_fresh if self._acted else None)
 
     def tick(self) -> TickRecord:
         tick = self.rate.sleep()
@@ -98,6 +109,9 @@ class ControlLoop:
         epoch = self.client.epoch
         done = [(seq, a) for e, seq, a in self._executed if e == epoch]
         arrays = self.adapter.observe()  # first: capture_time() speaks of the data it returned
+        if not isinstance(arrays, Mapping):  # None: a robot driver's failure passed on, not an observation
+            raise TypeError(f"observe() must return a dict of arrays (key -> numpy array), got "
+                            f"{type(arrays).__name__}")
         sent = self.client.send_observation(arrays, self._captured(observing), executed=done)
         if sent or self.client.epoch != epoch:
             self._executed.clear()
@@ -109,21 +123,22 @@ class ControlLoop:
         held = False
         stopping = decision.stop and not self._stopped  # not again for a robot its adapter has held stopped since
         if stopping:
-            self._acted = False
             stopped = False
             try:
                 with interrupts_deferred(STOPPING):  # a Ctrl-C now would cut the watchdog's stop short, never redone
-                    self._stopped = True
-                    self.adapter.safe_stop()
+                    self._safe_stop()
                     stopped = True
-                self._warn("safe-stop", f"no fresh action for {self.watchdog.hold_s:g} s: the robot was safe-stopped "
-                                        f"(it acts again when fresh actions come)")
+                    self._warn("safe-stop", f"no fresh action for {self.watchdog.hold_s:g} s: the robot was "
+                                            f"safe-stopped (it acts again when fresh actions come)")
             except KeyboardInterrupt as exc:  # held to the stop's end: raised once the stop is recorded
                 if not stopped:
                     raise
                 interrupted = exc
-        elif decision.action is not None and self._stopped and not self._resumed():
-            held = True  # the adapter keeps the robot stopped (an operator has not acknowledged the stop yet)
+        elif decision.action is not None and self._stopped and (decision.state is not State.FRESH or
+                                                                 not self._resumed()):
+            # kept stopped: a held action is no fresh one to wake a stopped robot for (it was planned before the
+            # stop, and the policy has gone quiet), and the adapter may hold it (an operator's acknowledgement)
+            held = True
         elif decision.action is not None:
             self._acted = True
             # a copy: an adapter converting units in place changed the held action tick after tick (and
@@ -151,16 +166,45 @@ class ControlLoop:
             raise interrupted
         return record
 
+    def _safe_stop(self) -> None:
+        """The adapter's safe_stop (the callers hold Ctrl-C and SIGTERM meanwhile). What was planned
+        before the stop is not executed after it: the schedule's chunks go, and chunks still to come for
+        observations sent up to now are stale (they were computed for a moving robot). A safe_stop that
+        raises is tried once more by `stop()` on the way out (a lost acknowledgement on the robot's bus)."""
+        self._acted = False
+        self._stopped = True
+        self.schedule.reset(self.client.epoch)
+        self._stop_seq = (self.client.epoch, self.client.seq)
+        try:
+            self.adapter.safe_stop()
+        except Exception:
+            self._acted = True  # not stopped, as far as anyone knows
+            raise
+
     def _resumed(self) -> bool:
         """Whether a stopped robot may act again: the adapter's `resume()` (if any) woke it. One that
         returns False holds it stopped for this tick and is asked again at the next; one that raises
-        ends run() with the robot still stopped (not told to stop again)."""
-        if self._resume is not None and self._resume() is False:
+        ends run() with the robot still stopped (not told to stop again). Ctrl-C and SIGTERM wait for
+        it to return, as for safe_stop: a robot woken is then stopped on the way out (one left half
+        woken, Ctrl-C pressed twice, too)."""
+        if self._resume is None:
+            self._stopped = False
+            return True
+        finished = False
+        try:
+            with interrupts_deferred(RESUMING):
+                woken = self._resume() is not False
+                finished = True
+                if woken:  # awake: any way out of run() now stops it
+                    self._stopped, self._acted = False, True
+        except KeyboardInterrupt:
+            if not finished:
+                self._acted = True
+            raise
+        if not woken:
             self._log.info("held", "the robot stays stopped: its adapter's resume() returned False (waiting for "
-                                   "an operator's acknowledgement?); asked again every tick")
-            return False
-        self._stopped = False
-        return True
+                                   "an operator's acknowledgement?); asked again every tick with a fresh action")
+        return woken
 
     def _captured(self, observing: float) -> float:
         """The observation's capture time: the adapter's `capture_time()` where it has one (a camera
@@ -174,6 +218,9 @@ class ControlLoop:
         if isinstance(t, (int, np.integer)):  # int(time.monotonic()): up to a second of lag that is not there
             raise ValueError(f"capture_time() returned the integer {int(t)}: whole seconds, or nanoseconds "
                              f"(time.monotonic_ns()); return float seconds on the loop's clock")
+        if isinstance(t, np.floating) and np.finfo(t).nmant < 52:  # a float32 holds a day's seconds to ~8 ms
+            raise ValueError(f"capture_time() returned a {type(t).__name__}, {float(t):.6f}: too coarse for seconds "
+                             f"on a monotonic clock (steps of milliseconds); return a Python float (float64)")
         t = float(t)
         now = self.clock.now()
         if not observing - MAX_CAPTURE_AGE_S <= t <= now + CAPTURE_CLOCK_SLACK_S:
@@ -207,8 +254,10 @@ class ControlLoop:
         chunks = self.client.poll()
         if self.client.epoch != self.schedule.epoch:  # reconnected: forget the old connection's chunks
             self.schedule.reset(self.client.epoch)
+            self._guard_moving_robot()  # and its last action: nothing from before the reconnect is applied after it
         for chunk in chunks:
-            dropped = self.schedule.add(chunk, now)
+            # planned before the robot was stopped (for a robot still moving): stale, as another epoch's
+            dropped = None if (chunk.epoch, chunk.seq) <= self._stop_seq else self.schedule.add(chunk, now)
             if dropped and dropped == len(chunk.actions):  # the robot waits, holds or stops: say why
                 last_s = chunk.t_actions[-1] - chunk.t_capture + self.schedule.half_period  # when the last is dropped
                 lag = (f" (of which {self._capture_age_s * 1e3:.0f} ms before observe() was called: the sensors' lag, "
@@ -267,11 +316,9 @@ class ControlLoop:
         NaN (not measured), and its state "stopped"."""
         if not self._acted:
             return False
-        self._acted = False  # first: a safe_stop that raises is not called again on its way out
         self.watchdog.stop()
-        with interrupts_deferred(STOPPING):  # the second Ctrl-C of someone stopping a program must not cut it short
-            self._stopped = True
-            self.adapter.safe_stop()
+        with interrupts_deferred(STOPPING):  # its record made before a Ctrl-C held meanwhile is raised
+            self._safe_stop()
             self.safe_stops += 1
             if self.on_tick:
                 now = self.clock.now()

@@ -47,6 +47,11 @@ class Watchdog:
         self._last_action: np.ndarray | None = None
         self._last_fresh = float("-inf") if moving_since is None else moving_since
 
+    @property
+    def last_fresh(self) -> float:
+        """When the last fresh action came (-inf: none since a reset at rest): a hold counts from it."""
+        return self._last_fresh
+
     def stop(self) -> None:
         """The robot was stopped from outside (the loop's end, an exception): nothing to hold."""
         self.state, self._last_action = State.STOPPED, None
