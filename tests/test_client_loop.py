@@ -643,8 +643,8 @@ def test_ticks_skipped_by_a_slow_tick_are_logged_with_what_took_the_time(caplog)
         loop.run(ticks=10)
     assert sum(t.missed_ticks for t in ticks) == 1
     assert [r.getMessage() for r in caplog.records] == [
-        "control loop late: 1 tick(s) skipped; the last tick's work (observe, send, act, callbacks) took 50.0 ms of "
-        "the 20.0 ms period: make it shorter or lower the rate"]
+        "control loop late: 1 tick(s) skipped; the last tick's work (observe, send, act or safe_stop, callbacks) took "
+        "50.0 ms of the 20.0 ms period: make it shorter or lower the rate"]
 
 
 class SignalledStopRobot(StepRobot):
@@ -782,12 +782,28 @@ def test_a_capture_time_on_another_clock_is_refused_and_the_robot_stopped(captur
     assert len(robot.applied) == 3 and len(robot.stops) == 1  # the robot it moved was safe-stopped on the way out
 
 
+def test_a_pause_between_runs_is_no_missed_tick(caplog):
+    """2 s of the program's own work between run()s was logged as 99 ticks skipped (the process paused or a
+    loaded machine) and counted as missed ticks."""
+    import logging
+
+    clock, ticks = FakeClock(t=0.0), []
+    robot = StepRobot(HZ, clock)
+    loop = ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, clock=clock, on_tick=ticks.append)
+    with caplog.at_level(logging.WARNING, logger="polcache_client"):
+        loop.run(ticks=5, then_stop=False)
+        clock.t += 2.0
+        loop.run(ticks=5)
+    assert sum(t.missed_ticks for t in ticks) == 0 and "skipped" not in caplog.text
+
+
 def test_an_observe_that_returns_no_dict_is_named():
     """observe() returning None ended run() with "AttributeError: 'NoneType' object has no attribute 'keys'"."""
     clock = FakeClock(t=0.0)
     robot = StepRobot(HZ, clock)
     robot.observe = lambda: None
-    with pytest.raises(TypeError, match=r"observe\(\) must return a dict of arrays \(key -> numpy array\), got NoneType"):
+    with pytest.raises(TypeError, match=r"observe\(\) must return a dict of arrays \(key -> numpy array\), got "
+                                        r"NoneType"):
         ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, clock=clock).run(ticks=3)
 
 

@@ -75,7 +75,7 @@ class ControlLoop:
         self._executed: list[tuple[int, int, object]] = []  # (epoch, seq, action) not yet reported
         self._log = RateLimitedLog(log, interval_s=LATE_CHUNK_LOG_S)
         self._warn = self._log.warning
-        self._work_s = 0.0  # how long the last tick's work took (observe, send, act, callbacks)
+        self._work_s = 0.0  # how long the last tick's work took (observe, send, act or safe_stop, callbacks)
         self._acted = False  # an action was applied since the robot was last told to stop: `stop` undoes it
         self._capture_time = getattr(adapter, "capture_time", None)  # optional: see RobotAdapter
         self._resume = getattr(adapter, "resume", None)  # optional: see RobotAdapter
@@ -244,8 +244,8 @@ class ControlLoop:
         """Say, at most every few seconds, that ticks were skipped and what took the time: the loop
         fell to 32 Hz of 50 under a 30 ms observe() with nothing logged."""
         period_ms, work_ms = self.rate.period * 1e3, self._work_s * 1e3
-        why = (f"the last tick's work (observe, send, act, callbacks) took {work_ms:.1f} ms of the {period_ms:.1f} ms "
-               f"period: make it shorter or lower the rate" if work_ms > period_ms else
+        why = (f"the last tick's work (observe, send, act or safe_stop, callbacks) took {work_ms:.1f} ms of the "
+               f"{period_ms:.1f} ms period: make it shorter or lower the rate" if work_ms > period_ms else
                f"the process was paused or not scheduled (the last tick's work took {work_ms:.1f} ms of the "
                f"{period_ms:.1f} ms period): a loaded machine; see use_realtime_priority()")
         self._warn("missed", f"control loop late: {missed} tick(s) skipped; {why}")
@@ -292,6 +292,7 @@ class ControlLoop:
         executing its last command."""
         end = None if seconds is None else self.clock.now() + seconds
         n = 0
+        self.rate.reset()  # the time since the last run() is the program's, not ticks this loop missed
         with sigterm_as_interrupt(replace=False):
             try:
                 while (ticks is None or n < ticks) and (end is None or self.clock.now() < end) and not (until and until()):
