@@ -92,7 +92,7 @@ def main() -> None:
         # encoder cost per control step: one new frame through the ring, or all K frames again
         long_head.eval()
         window = SequenceDataset(raw, H, K, ["image_top", "state"], obs_stride=STRIDE)
-        ring = EmbeddingRing((K - 1) * STRIDE + 1)
+        ring = EmbeddingRing()
         ring_ms, full_ms = [], []
         with torch.no_grad():
             for t in range(60):
