@@ -95,8 +95,8 @@ class ControlLoop:
 
     def _guard_moving_robot(self) -> None:
         """The watchdog waits for a new epoch's first action; a robot still moving is stopped hold_s after
-        its last fresh action, as a held one would be (counted from the reset, back-to-back resets put
-        the stop off for good)."""
+        its last fresh action, as a held one would be (a hold counted from each reset let back-to-back
+        resets put the stop off for good)."""
         self.watchdog.reset(moving_since=self.watchdog.last_fresh if self._acted else None)
 
     def tick(self) -> TickRecord:
