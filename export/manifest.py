@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from polcache.atomic import restore
+from polcache.digest import file_sha256
 from polcache.cache.errors import CacheError
 from polcache.cache.spec import CacheSpec, parse_cache_spec
 from polcache.errors import ExportError
@@ -36,11 +37,8 @@ _UNSEALED_TOLD: set[str] = set()  # manifests without a seal already warned abou
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    """A file's digest as a manifest records it: "sha256:" and its hex digits."""
+    return "sha256:" + file_sha256(path)
 
 
 @dataclass

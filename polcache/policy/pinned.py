@@ -11,12 +11,12 @@ with.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from polcache.digest import file_sha256
 from polcache.errors import CheckpointError, ConfigError
 
 
@@ -54,11 +54,7 @@ def package_dir(module: str) -> Path | None:
 @functools.cache
 def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of a file, memoised per (path, size, mtime): 90 MB take ~0.3 s, paid once per process."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def installed_weights(pin: PackageWeights) -> PackageWeights:
