@@ -105,11 +105,11 @@ def interrupts_deferred(what: str) -> Iterator[None]:
             _deliver(held[0], previous[held[0]])
 
 
-def _deliver(signum: int, handler) -> None:
+def _deliver(signum: int, handler: object) -> None:
     """A held signal, as it would have been had it not waited: the program's own handler, or the
     interrupt polcache raises for it (Ctrl-C's KeyboardInterrupt, SIGTERM's and SIGHUP's Terminated)."""
-    if callable(handler) and handler is not signal.default_int_handler and not getattr(handler, "raises_terminated",
-                                                                                         False):
+    raises = handler is signal.default_int_handler or getattr(handler, "raises_terminated", False)
+    if callable(handler) and not raises:
         handler(signum, None)
         return
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
