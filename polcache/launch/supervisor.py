@@ -91,8 +91,9 @@ def robot_cameras(cfg: LaunchConfig) -> tuple[list[str], int] | None:
               if key.startswith("image_")}
     if not images:
         return None
-    sides = {shape[0] for shape in images.values() if len(shape) == 3 and shape[0] == shape[1] and shape[2] == 3}
-    if len(sides) != 1 or any(len(shape) != 3 or shape[0] != shape[1] for shape in images.values()):
+    sides = {shape[0] if len(shape) == 3 and shape[0] == shape[1] and shape[2] == 3 else None
+             for shape in images.values()}  # one square RGB side, or None for a shape it cannot render
+    if len(sides) != 1 or None in sides:
         shapes = ", ".join(f"{name} {list(shape)}" for name, shape in images.items())
         raise PolcacheError(f"server.checkpoint: its cameras' images are {shapes}; the simulated robot renders "
                             f"square RGB images of one size: disable it (robot.enabled=false) and connect a robot "
