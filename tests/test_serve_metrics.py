@@ -373,6 +373,17 @@ def test_jsonl_lines_are_json_with_labels_and_nulls_and_a_bad_line_is_skipped(tm
     assert len(lines) == 3 and writer.dropped == 1 and "metrics line not written" in caplog.text
 
 
+def test_jsonl_lines_over_the_queue_are_dropped_counted_and_warned(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path, queue_size=2, flush_s=60)  # nothing written until it closes
+    for seq in range(5):
+        writer(TickRecord(t=1.0, epoch=0, seq=seq, period_error_ms=0.0, state="fresh", queue_depth=3))
+    writer.close()
+    assert len(path.read_text().splitlines()) == 2 and writer.dropped == 3
+    assert caplog.text.count("2 lines already wait for the disk") == 1  # rate-limited: one warning, not three
+    assert "3 metrics lines not written" in caplog.text
+
+
 def test_server_and_loop_write_one_metrics_file(tmp_path):
     path = tmp_path / "run.jsonl"
     robot = StepRobot(100)

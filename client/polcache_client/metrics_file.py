@@ -151,8 +151,10 @@ class MetricsFile:
 
     def write(self, item: dict[str, Any] | Any) -> None:
         """One line: a dict as it is, or a record (its kind and fields, the labels it lacks)."""
-        if len(self._lines) >= self.queue_size:
+        if len(self._lines) >= self.queue_size:  # the disk falls behind: this record is lost, the caller is not held
             self.dropped += 1
+            self._warn("queue", f"metrics line not written to {self.path}: {self.queue_size} lines already "
+                                f"wait for the disk")
             return
         try:
             if isinstance(item, dict):  # an info line (kept for the next rotated file) or another map
