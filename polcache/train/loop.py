@@ -232,11 +232,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
 
 
 def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, source: TrainingSource | None) -> Path:
-    dev = resolve_device(device)
-    rank, world = _distributed()
-    if world > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
+    dev, rank, world = _process_device(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed + rank)
@@ -288,24 +284,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
     if rank == 0 and step < steps:  # a new run's plan, or a resumed one's given another length: when it ends
-        epochs = (f" ({cfg.train.epochs} epochs of {steps // cfg.train.epochs} batches; train.epochs sets the length, "
-                  f"not train.steps)" if cfg.train.epochs else "")
-        batch = min(cfg.train.batch_size, len(train_data))  # drop_last: a short batch only when it is all there is
-        whole = (f" (all training windows; train.batch_size={cfg.train.batch_size} is more than there are)"
-                 if batch < cfg.train.batch_size else "")
-        plan = f"{steps} steps{epochs} at batch {batch}{whole}, {len(train_data)} training windows"
-        logged = _logged_plan(log_path)
-        if plan != logged:  # printed also with --no-progress: the run's length is worth a line in any log
-            print(f"training {plan}" + (f" (the run's plan was {logged})" if logged else ""))
-            if steps < cfg.train.warmup_steps:  # cosine_with_warmup: at most steps / warmup_steps of the rate
-                print(f"warning: the run ends inside its learning-rate warm-up (train.warmup_steps="
-                      f"{cfg.train.warmup_steps}, {steps} steps): the rate reaches "
-                      f"{cfg.train.lr * steps / cfg.train.warmup_steps:.3g}, not train.lr={cfg.train.lr:g}; lower "
-                      f"train.warmup_steps or train longer", file=sys.stderr)
-            if (unjudged := _unvalidated(cfg, store.num_episodes, len(val_data))) is not None:
-                print(f"warning: {unjudged}", file=sys.stderr)
-            _log(log_path, {"steps": steps, "batch": batch, "train_windows": len(train_data),
-                            "val_windows": len(val_data), "plan": plan})
+        _announce_plan(cfg, steps, len(train_data), len(val_data), store.num_episodes, log_path)
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
     best = _best_so_far(out / "best")
 
@@ -366,6 +345,41 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def _process_device(device: str) -> tuple[torch.device, int, int]:
+    """This process's device, rank and world size: under torchrun each process takes its LOCAL_RANK's GPU."""
+    dev = resolve_device(device)
+    rank, world = _distributed()
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    return dev, rank, world
+
+
+def _announce_plan(cfg: ExperimentConfig, steps: int, train_windows: int, val_windows: int, episodes: int,
+                   log_path: Path) -> None:
+    """Say how long the run will be (and what will not work out), once per plan: a resumed run with the same
+    plan stays quiet. Printed also with --no-progress: the run's length is worth a line in any log."""
+    epochs = (f" ({cfg.train.epochs} epochs of {steps // cfg.train.epochs} batches; train.epochs sets the length, "
+              f"not train.steps)" if cfg.train.epochs else "")
+    batch = min(cfg.train.batch_size, train_windows)  # drop_last: a short batch only when it is all there is
+    whole = (f" (all training windows; train.batch_size={cfg.train.batch_size} is more than there are)"
+             if batch < cfg.train.batch_size else "")
+    plan = f"{steps} steps{epochs} at batch {batch}{whole}, {train_windows} training windows"
+    logged = _logged_plan(log_path)
+    if plan == logged:
+        return
+    print(f"training {plan}" + (f" (the run's plan was {logged})" if logged else ""))
+    if steps < cfg.train.warmup_steps:  # cosine_with_warmup: at most steps / warmup_steps of the rate
+        print(f"warning: the run ends inside its learning-rate warm-up (train.warmup_steps="
+              f"{cfg.train.warmup_steps}, {steps} steps): the rate reaches "
+              f"{cfg.train.lr * steps / cfg.train.warmup_steps:.3g}, not train.lr={cfg.train.lr:g}; lower "
+              f"train.warmup_steps or train longer", file=sys.stderr)
+    if (unjudged := _unvalidated(cfg, episodes, val_windows)) is not None:
+        print(f"warning: {unjudged}", file=sys.stderr)
+    _log(log_path, {"steps": steps, "batch": batch, "train_windows": train_windows, "val_windows": val_windows,
+                    "plan": plan})
 
 
 def _unvalidated(cfg: ExperimentConfig, episodes: int, val_windows: int) -> str | None:
