@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections import deque
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,35 @@ def sim_robot_name(task: str) -> str:
     return f"sim-robot {task}"
 
 
+def _check_options(sensor_lag_ms: float, stamped: bool, blend: str, decay: float | None) -> None:
+    """run_sim_robot's options that cannot go together or are out of range, refused before the scene loads."""
+    if not 0 <= sensor_lag_ms <= MAX_SENSOR_LAG_MS:
+        raise PolcacheError(f"sensor_lag_ms must be in [0, {MAX_SENSOR_LAG_MS:g}] ms, got {sensor_lag_ms}")
+    if decay is not None and blend != "ensemble":
+        raise PolcacheError(f"decay weighs ensembled chunks; blend {blend!r} executes the newest chunk only")
+    if not stamped and not sensor_lag_ms:
+        raise PolcacheError("stamped=False leaves out the time of a lagging sensor's data: give the lag "
+                            "(sensor_lag_ms)")
+
+
+def _episode_summary(robot: SimRobot, seed: int, instruction: str | None) -> dict[str, Any]:
+    """One finished episode's entry in the result: outcome, length, stops, seam jerk; the instruction
+    sent where the policy follows instructions."""
+    return ({"seed": seed, "success": robot.success, "length": robot.steps, "safe_stops": robot.safe_stops,
+             "truncated": not robot.done, **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
+            | ({"instruction": instruction} if instruction else {}))
+
+
+def _refusal_hint(exc: Exception, task: str, texts: list[str | None]) -> str:
+    """What sim-robot's user can do about the server's refusal of its handshake, where it knows ("" if not)."""
+    code = exc.code if isinstance(exc, ConnectError) else None  # the server's reason for refusing the handshake
+    if code == "spec_mismatch" and "image_" in str(exc):
+        return CAMERA_HINT
+    if code == "bad_instruction" and texts == [None]:
+        return f" (sim-robot: no instructions are written for task {task!r}; give one with --instruction TEXT)"
+    return ""
+
+
 def run_sim_robot(
     task: str,
     server: str,
@@ -133,13 +163,7 @@ def run_sim_robot(
     from polcache.envs import make_env  # simulation is an optional extra
     from polcache.envs.instructions import INSTRUCTIONS, instructions
 
-    if not 0 <= sensor_lag_ms <= MAX_SENSOR_LAG_MS:
-        raise PolcacheError(f"sensor_lag_ms must be in [0, {MAX_SENSOR_LAG_MS:g}] ms, got {sensor_lag_ms}")
-    if decay is not None and blend != "ensemble":
-        raise PolcacheError(f"decay weighs ensembled chunks; blend {blend!r} executes the newest chunk only")
-    if not stamped and not sensor_lag_ms:
-        raise PolcacheError("stamped=False leaves out the time of a lagging sensor's data: give the lag "
-                            "(sensor_lag_ms)")
+    _check_options(sensor_lag_ms, stamped, blend, decay)
     texts = ([instruction] if instruction is not None
              else list(instructions(task, "heldout")) if task in INSTRUCTIONS else [None])
 
@@ -183,10 +207,8 @@ def run_sim_robot(
                                         "robot waited or was stopped for the rest (a server gone quiet?); counted as "
                                         "no success, marked truncated", i, seed + i, max_ticks, max_ticks / hz,
                                         robot.steps, env.max_episode_steps)
-                        per_episode.append({"seed": seed + i, "success": robot.success, "length": robot.steps,
-                                            "safe_stops": robot.safe_stops, "truncated": not robot.done,
-                                            **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
-                                           | ({"instruction": texts[i % len(texts)]} if follows and texts[0] else {}))
+                        per_episode.append(_episode_summary(robot, seed + i,
+                                                            texts[i % len(texts)] if follows else None))
                 finally:  # run() stops the robot only on its own way out: here after the last episode and on an
                     loop.stop()  # interrupt between runs (begin, reset_episode); none after run()'s or the watchdog's
             except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
@@ -196,11 +218,7 @@ def run_sim_robot(
             reconnects = max(0, client.connections - 1)
     except (ConnectError, ProtocolError, KeyFolderError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
-        code = exc.code if isinstance(exc, ConnectError) else None  # the server's reason for refusing the handshake
-        hint = (CAMERA_HINT if code == "spec_mismatch" and "image_" in str(exc)
-                else f" (sim-robot: no instructions are written for task {task!r}; give one with --instruction TEXT)"
-                if code == "bad_instruction" and texts == [None] else "")
-        raise PolcacheError(f"{exc}{hint}") from None
+        raise PolcacheError(f"{exc}{_refusal_hint(exc, task, texts)}") from None
     finally:
         env.close()
     n, n_ok = len(per_episode), sum(e["success"] for e in per_episode)
