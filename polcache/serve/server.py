@@ -151,6 +151,33 @@ class Session:
         return CommittedActions(due, math.ceil((self.latency_s or 0.0) * self.hz))
 
 
+def _check_options(backend: PolicyBackend, bind: str, keys_dir: str | None, insecure: bool, max_message_bytes: int,
+                   deadline_ms: float | None, max_sessions: int, session_timeout_s: float, max_batch: int, rtc: bool,
+                   simulated_latency_ms: float, inline_ms: float) -> None:
+    """PolicyServer's options, each refused by name before anything is bound."""
+    check_bind(bind, keys_dir, insecure)
+    if max_batch < 1:
+        raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
+    if not 0 <= simulated_latency_ms <= MAX_SIMULATED_LATENCY_MS:  # longer holds shutdown hostage
+        raise PolcacheError(f"simulated_latency_ms must be in [0, {MAX_SIMULATED_LATENCY_MS:g}] ms, "
+                            f"got {simulated_latency_ms}")
+    if deadline_ms is not None and not 0 < deadline_ms < math.inf:
+        raise PolcacheError(f"deadline_ms must be a positive number of ms (or None: n_action_steps - 1 periods), "
+                            f"got {deadline_ms}")
+    if max_sessions < 1:
+        raise PolcacheError(f"max_sessions must be >= 1 (robots served at once), got {max_sessions}")
+    if not 0 < session_timeout_s < math.inf:
+        raise PolcacheError(f"session_timeout_s must be a positive number of seconds, got {session_timeout_s}")
+    if max_message_bytes < MIN_MESSAGE_BYTES:
+        raise PolcacheError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES} (a handshake must fit), "
+                            f"got {max_message_bytes}")
+    if not 0 <= inline_ms <= MAX_INLINE_MS:
+        raise PolcacheError(f"inline_ms must be in [0, {MAX_INLINE_MS:g}] ms (inference run on the server thread), "
+                            f"got {inline_ms}")
+    if rtc and (why := rtc_blocker(backend)):
+        raise PolcacheError(why)
+
+
 class PolicyServer:
     """Serve `backend` on `bind` (use port 0 / '*' for an ephemeral one; see `endpoint`)."""
 
@@ -182,27 +209,8 @@ class PolicyServer:
         each robot's next chunk is guided toward the actions of its last chunk still due, the first
         ceil(latency * hz) of them held exactly (latency: this robot's measured observation-to-reply
         time); robots should then execute the newest chunk (`sim-robot --blend latest`)."""
-        check_bind(bind, keys_dir, insecure)
-        if max_batch < 1:
-            raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
-        if not 0 <= simulated_latency_ms <= MAX_SIMULATED_LATENCY_MS:  # longer holds shutdown hostage
-            raise PolcacheError(f"simulated_latency_ms must be in [0, {MAX_SIMULATED_LATENCY_MS:g}] ms, "
-                                f"got {simulated_latency_ms}")
-        if deadline_ms is not None and not 0 < deadline_ms < math.inf:
-            raise PolcacheError(f"deadline_ms must be a positive number of ms (or None: n_action_steps - 1 periods), "
-                                f"got {deadline_ms}")
-        if max_sessions < 1:
-            raise PolcacheError(f"max_sessions must be >= 1 (robots served at once), got {max_sessions}")
-        if not 0 < session_timeout_s < math.inf:
-            raise PolcacheError(f"session_timeout_s must be a positive number of seconds, got {session_timeout_s}")
-        if max_message_bytes < MIN_MESSAGE_BYTES:
-            raise PolcacheError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES} (a handshake must fit), "
-                                f"got {max_message_bytes}")
-        if not 0 <= inline_ms <= MAX_INLINE_MS:
-            raise PolcacheError(f"inline_ms must be in [0, {MAX_INLINE_MS:g}] ms (inference run on the server thread), "
-                                f"got {inline_ms}")
-        if rtc and (why := rtc_blocker(backend)):
-            raise PolcacheError(why)
+        _check_options(backend, bind, keys_dir, insecure, max_message_bytes, deadline_ms, max_sessions,
+                       session_timeout_s, max_batch, rtc, simulated_latency_ms, inline_ms)
         self.rtc = rtc
         if instruction is not None:  # a bad default is the operator's error, refused before serving
             operator_instruction(instruction, backend.spec, "--instruction")
@@ -238,28 +246,34 @@ class PolicyServer:
 
         self._ctx = zmq.Context()
         self._auth = None
-        self._router = self._ctx.socket(zmq.ROUTER)
-        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SOCKET_HWM), (zmq.RCVHWM, SOCKET_HWM),
-                           (zmq.MAXMSGSIZE, 2 * max_message_bytes), (zmq.RCVTIMEO, LOOP_WAKE_MS),
-                           (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS), (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)):
-            self._router.setsockopt(opt, value)
-        try:
-            if keys_dir:
-                apply_server_keys(self._router, keys_dir)
-                self._auth = start_authenticator(self._ctx, keys_dir)
-            self._router.bind(bind)
-        except (zmq.ZMQError, PolcacheError) as exc:
-            self._router.close(linger=0)
-            if self._auth is not None:
-                self._auth.stop()
-            self._ctx.term()
-            raise PolcacheError(f"cannot serve on {bind}: {exc}") from None
+        self._router = self._bound_router(bind, keys_dir)
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         wake_endpoint = f"inproc://polcache-wake-{id(self)}"
         self._wake = self._ctx.socket(zmq.PAIR)
         self._wake.bind(wake_endpoint)
         self._worker = InferenceWorker(backend, self._ctx, wake_endpoint, simulated_latency_ms / 1e3)
+
+    def _bound_router(self, bind: str, keys_dir: str | None) -> zmq.Socket:
+        """The robots' socket, bound (with CurveZMQ keys and their authenticator where `keys_dir` is
+        given); nothing is left open where it cannot be."""
+        router = self._ctx.socket(zmq.ROUTER)
+        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SOCKET_HWM), (zmq.RCVHWM, SOCKET_HWM),
+                           (zmq.MAXMSGSIZE, 2 * self.max_message_bytes), (zmq.RCVTIMEO, LOOP_WAKE_MS),
+                           (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS), (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)):
+            router.setsockopt(opt, value)
+        try:
+            if keys_dir:
+                apply_server_keys(router, keys_dir)
+                self._auth = start_authenticator(self._ctx, keys_dir)
+            router.bind(bind)
+        except (zmq.ZMQError, PolcacheError) as exc:
+            router.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
+            self._ctx.term()
+            raise PolcacheError(f"cannot serve on {bind}: {exc}") from None
+        return router
 
     # ------------------------------------------------------------ lifecycle
 
