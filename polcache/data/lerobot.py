@@ -561,6 +561,50 @@ def _names(ft: dict) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
+def _check_finite(root: Path, starts: np.ndarray, vectors: dict[str, np.ndarray | None]) -> None:
+    """Refuse a NaN or inf in a vector feature, naming the first episode and frame holding one."""
+    for key, x in vectors.items():
+        if x is not None and not np.isfinite(x).all():
+            row = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
+            e = int(np.searchsorted(starts, row, "right") - 1)
+            raise DatasetError(f"{root}: feature {key} holds NaN or inf at episode {e} frame {row - int(starts[e])}")
+
+
+def _video_files(root: Path, info: dict[str, Any], eps: Any, videos: dict[str, str]
+                 ) -> tuple[dict[str, list[tuple[int, int]]], dict[tuple[str, int, int], Path]]:
+    """Each video camera's (chunk, file) per episode, and each such file's path, checked to exist before
+    hours of decoding, not after."""
+    files = {lk: list(zip(eps[f"videos/{lk}/chunk_index"].tolist(), eps[f"videos/{lk}/file_index"].tolist()))
+             for lk in videos.values()}
+    paths = {(lk, c, f): root / info["video_path"].format(video_key=lk, chunk_index=c, file_index=f)
+             for lk, pairs in files.items() for c, f in pairs}
+    for path in paths.values():
+        if not path.is_file():
+            raise DatasetError(f"{root}: missing video file {path.relative_to(root)}")
+    return files, paths
+
+
+def _imported_attrs(info: dict[str, Any], tasks: list[str], instruction_bytes: int,
+                    image_size: tuple[int, int] | None, cameras: dict[str, tuple[str, tuple[int, int]]]
+                    ) -> dict[str, Any]:
+    """The polcache dataset's attributes for an import: rate, source, task, robot, feature names, resize."""
+    features = info["features"]
+    attrs: dict[str, Any] = {"fps": info["fps"], "source": f"lerobot {info['codebase_version']}"}
+    # one task throughout (e.g. a Meta-World task name): the dataset's task; not where the strings are instructions
+    # (language, not an environment's name: eval would look for a task called "reach the goal")
+    if len(set(tasks)) == 1 and tasks[0] and not instruction_bytes:
+        attrs["task"] = tasks[0]
+    if info.get("robot_type"):
+        attrs["robot_type"] = info["robot_type"]
+    for key, attr in ((STATE, "state_names"), (ACTION, "action_names")):
+        if key in features and (names := _names(features[key])) is not None:
+            attrs[attr] = names
+    if image_size is not None:
+        attrs["image_resize"] = {"size": list(image_size), "interpolation": RESIZE_INTERPOLATION.lower(),
+                                 "source_sizes": {k: list(hw) for k, (_, hw) in cameras.items()}}
+    return attrs
+
+
 def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, instruction_bytes: int = 0,
                    image_size: tuple[int, int] | None = None, instruction_setting: str = INSTRUCTIONS_FLAG
                    ) -> ImportReport:
@@ -595,11 +639,7 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
     state = _vector(root, frames, features, STATE) if has_state else None
     lengths = eps["length"]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    for key, x in ((ACTION, action), (STATE, state)):
-        if x is not None and not np.isfinite(x).all():
-            row = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
-            e = int(np.searchsorted(starts, row, "right") - 1)
-            raise DatasetError(f"{root}: feature {key} holds NaN or inf at episode {e} frame {row - int(starts[e])}")
+    _check_finite(root, starts, {ACTION: action, STATE: state})
     if instruction_bytes and not has_tasks:
         raise DatasetError(f"{root}: {instruction_setting.format(instruction_bytes)}: the dataset has no task_index "
                            f"feature, so no task strings to take instructions from")
@@ -618,29 +658,10 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
 
     timestamp = _numbers(root, frames, "timestamp")[:, 0].astype(np.float64)
     _check_timestamps(root, timestamp, starts, lengths, fps)
-    files = {lk: list(zip(eps[f"videos/{lk}/chunk_index"].tolist(), eps[f"videos/{lk}/file_index"].tolist()))
-             for lk in videos.values()}  # each episode's (chunk, file) per camera
-    paths = {(lk, c, f): root / info["video_path"].format(video_key=lk, chunk_index=c, file_index=f)
-             for lk, pairs in files.items() for c, f in pairs}
-    for path in paths.values():  # before hours of decoding, not after
-        if not path.is_file():
-            raise DatasetError(f"{root}: missing video file {path.relative_to(root)}")
+    files, paths = _video_files(root, info, eps, videos)
     if cameras:
         _av()
-
-    attrs: dict[str, Any] = {"fps": fps, "source": f"lerobot {info['codebase_version']}"}
-    # one task throughout (e.g. a Meta-World task name): the dataset's task; not where the strings are instructions
-    # (language, not an environment's name: eval would look for a task called "reach the goal")
-    if len(set(tasks)) == 1 and tasks[0] and not instruction_bytes:
-        attrs["task"] = tasks[0]
-    if info.get("robot_type"):
-        attrs["robot_type"] = info["robot_type"]
-    for key, attr in ((STATE, "state_names"), (ACTION, "action_names")):
-        if key in features and (names := _names(features[key])) is not None:
-            attrs[attr] = names
-    if image_size is not None:
-        attrs["image_resize"] = {"size": list(image_size), "interpolation": RESIZE_INTERPOLATION.lower(),
-                                 "source_sizes": {k: list(hw) for k, (_, hw) in cameras.items()}}
+    attrs = _imported_attrs(info, tasks, instruction_bytes, image_size, cameras)
 
     # Episode by episode: decoded (and resized) then appended, so memory holds one episode's images.
     cursors: dict[tuple[str, int, int], _VideoCursor] = {}
