@@ -839,6 +839,43 @@ def _lists(stats: dict[str, np.ndarray]) -> dict[str, Any]:
     return {k: v.tolist() for k, v in stats.items()}
 
 
+def _check_exportable(dataset: str | Path, obs_keys: list[str], spec: dict[str, Any], cams: list[str]) -> None:
+    """Refuse what a LeRobot root cannot hold here: dropped in silence, the root would hold less than
+    the dataset (an embedding store: nothing); odd image sides, which the video codec cannot encode."""
+    unwritten = [k for k in obs_keys if k not in ("state", INSTRUCTION_KEY) and k not in cams]
+    if unwritten:
+        raise DatasetError(f"{dataset}: observation {', '.join(map(repr, unwritten))} has no LeRobot feature here "
+                           f"(exported: state, image_* cameras, instruction)"
+                           + ("; an embedding store (`ptp embed`) is derived: export the dataset it was made from"
+                              if EMBEDDING_KEY in unwritten else ""))
+    for k in cams:
+        h, w = spec[k].shape[:2]
+        if h % 2 or w % 2:
+            raise DatasetError(f"{dataset}: {k} is {h}x{w}; {CODEC} with {PIX_FMT} needs even image sizes "
+                               f"(polcache does not resize)")
+
+
+def _write_meta(tmp: Path, store: EpisodeStore, rows: list[dict[str, Any]], tasks: list[str],
+                ep_stats: list[dict[str, dict[str, np.ndarray]]], fps: float, crf: int, video_keys: dict[str, str]
+                ) -> None:
+    """The root's meta/ files once its frames and videos are written: episodes, tasks, stats, info."""
+    pa, pq = _pyarrow()
+    episodes_path = tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)
+    episodes_path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), episodes_path, compression="snappy")
+    _write_tasks(tmp / TASKS_PATH, tasks)
+    stats_json = {name: _lists(_aggregate([s[name] for s in ep_stats])) for name in ep_stats[0]}
+    (tmp / STATS_PATH).write_text(json.dumps(stats_json, indent=2))
+    info = {
+        "codebase_version": CODEBASE_VERSION, "robot_type": store.attrs.get("robot_type"),
+        "total_episodes": store.num_episodes, "total_frames": store.num_steps, "total_tasks": len(tasks),
+        "chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": DATA_FILES_SIZE_IN_MB,
+        "video_files_size_in_mb": VIDEO_FILES_SIZE_IN_MB, "fps": fps,
+        "splits": {"train": f"0:{store.num_episodes}"}, "data_path": DATA_PATH,
+        "video_path": VIDEO_PATH if video_keys else None, "features": _features(store, video_keys, fps, crf)}
+    (tmp / INFO_PATH).write_text(json.dumps(info, indent=4))
+
+
 def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = None, crf: int = DEFAULT_CRF,
                    progress: bool = True) -> ExportReport:
     """Write a polcache dataset as a LeRobotDataset v3.0 root at `out`, atomically: a sibling temp
@@ -853,17 +890,7 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
     check_lerobot_output(out)
     spec = store.obs_spec()
     cams = [k for k in store.obs_keys if k.startswith("image_")]
-    unwritten = [k for k in store.obs_keys if k not in ("state", INSTRUCTION_KEY) and k not in cams]
-    if unwritten:  # dropped in silence, the root would hold less than the dataset (an embedding store: nothing)
-        raise DatasetError(f"{dataset}: observation {', '.join(map(repr, unwritten))} has no LeRobot feature here "
-                           f"(exported: state, image_* cameras, instruction)"
-                           + ("; an embedding store (`ptp embed`) is derived: export the dataset it was made from"
-                              if EMBEDDING_KEY in unwritten else ""))
-    for k in cams:
-        h, w = spec[k].shape[:2]
-        if h % 2 or w % 2:
-            raise DatasetError(f"{dataset}: {k} is {h}x{w}; {CODEC} with {PIX_FMT} needs even image sizes "
-                               f"(polcache does not resize)")
+    _check_exportable(dataset, store.obs_keys, spec, cams)
     if cams:
         _av()
     video_keys = {k: IMAGES_PREFIX + k[len("image_"):] for k in cams}
@@ -928,20 +955,7 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
             if data_writer is not None:
                 data_writer.close()
 
-        episodes_path = tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)
-        episodes_path.parent.mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(rows), episodes_path, compression="snappy")
-        _write_tasks(tmp / TASKS_PATH, list(task_index))
-        stats_json = {name: _lists(_aggregate([s[name] for s in ep_stats])) for name in ep_stats[0]}
-        (tmp / STATS_PATH).write_text(json.dumps(stats_json, indent=2))
-        info = {
-            "codebase_version": CODEBASE_VERSION, "robot_type": store.attrs.get("robot_type"),
-            "total_episodes": store.num_episodes, "total_frames": store.num_steps, "total_tasks": len(task_index),
-            "chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": DATA_FILES_SIZE_IN_MB,
-            "video_files_size_in_mb": VIDEO_FILES_SIZE_IN_MB, "fps": fps,
-            "splits": {"train": f"0:{store.num_episodes}"}, "data_path": DATA_PATH,
-            "video_path": VIDEO_PATH if cams else None, "features": _features(store, video_keys, fps, crf)}
-        (tmp / INFO_PATH).write_text(json.dumps(info, indent=4))
+        _write_meta(tmp, store, rows, list(task_index), ep_stats, fps, crf, video_keys)
     return ExportReport(out, store.num_episodes, store.num_steps, fps, list(video_keys.values()), CODEC_NAME)
 
 
