@@ -851,3 +851,48 @@ def test_a_robot_at_rest_at_a_reset_is_not_stopped_while_it_waits():
     loop.reset_episode()
     loop.run(ticks=20, then_stop=False)
     assert not robot.stops and not robot.applied
+
+
+class StopButtonRobot(StepRobot):
+    """Its operator presses stop (ControlLoop.request_stop) during the observe() of period `press_at`."""
+
+    loop: ControlLoop
+    press_at = 20
+
+    def observe(self):
+        arrays = super().observe()
+        if self.tick == self.press_at:
+            self.loop.request_stop()
+        return arrays
+
+
+def test_a_requested_stop_acts_on_nothing_after_it_and_latches_until_cleared():
+    loop, robot, _, _, ticks, _ = make_loop(1.5 / HZ, robot_class=StopButtonRobot)
+    robot.loop = loop
+    loop.run(ticks=100, then_stop=False)  # a caller ticking on: the requested stop still stops the robot
+    assert loop.stop_requested and robot.stops == [20]
+    assert [t for t, _ in robot.applied][-1] == 19  # nothing applied in the tick the stop was pressed in, nor after
+    assert ticks[-2].state == "stopped" and (ticks[-1].ticks, ticks[-1].safe_stops) == (0, 1)
+    seen = len(ticks)
+    loop.run(ticks=100)  # latched: returns at once, the robot neither moved nor told to stop again
+    assert len(ticks) == seen and robot.stops == [20] and robot.applied[-1][0] == 19
+    robot.press_at = -1
+    loop.clear_stop_request()
+    loop.run(ticks=10)
+    assert not loop.stop_requested and robot.applied[-1][0] > 19 and len(robot.stops) == 2
+    assert all(value == tick for tick, value in robot.applied)  # acted again on chunks for fresh observations only
+
+
+def test_a_stop_requested_from_another_thread_ends_a_run_at_once():
+    import threading
+    import time
+
+    from polcache_client.rate import MonotonicClock
+
+    client = ScriptedClient(MonotonicClock(), 0.0)
+    robot = StepRobot(HZ)
+    loop = ControlLoop(robot, client, HZ, watchdog=Watchdog(0.1))
+    threading.Timer(0.3, loop.request_stop).start()
+    t0 = time.monotonic()
+    loop.run(seconds=30)
+    assert time.monotonic() - t0 < 1.0 and robot.applied and len(robot.stops) == 1

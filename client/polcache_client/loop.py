@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from typing import Callable
 
@@ -41,7 +42,8 @@ class ControlLoop:
     (0.2 s), then `safe_stop` is called once; acting resumes when fresh actions return, never on what
     was planned before the stop. The robot is never told to stop twice in a row (a safe_stop that
     raised is tried once more on the way out). Driven from one thread: call `stop()` and
-    `reset_episode()` from the thread that runs it. `on_tick`/`on_chunk` receive per-tick and per-chunk
+    `reset_episode()` from the thread that runs it; from any other thread (an operator's stop button, a
+    supervisor), `request_stop()`, which latches. `on_tick`/`on_chunk` receive per-tick and per-chunk
     records (loop timing, latency); `on_tick` also gets a record of the loop's own safe stop (see
     `stop`), so that the tick records' `safe_stops` count every stop, the watchdog's and the loop's."""
 
@@ -84,6 +86,23 @@ class ControlLoop:
         self._capture_age_s = 0.0  # the last observation's age when observe() was called (its sensors' lag)
         self._last_capture = (-1, -math.inf)  # (epoch, time) of the last observation stamped by capture_time()
         self.safe_stops = 0  # how many times `stop` safe-stopped the robot (the watchdog's stops not among them)
+        self._stop_request = threading.Event()  # set by request_stop() from any thread, cleared by clear_stop_request()
+
+    def request_stop(self) -> None:
+        """Stop the robot from any thread: no action is applied after the tick under way, and run()
+        returns with the robot safe-stopped (within one period). Latched, as an operator's stop should
+        be: run() returns at once, acting on nothing, until `clear_stop_request()`; acting then resumes
+        as after any safe stop (the adapter's resume(), fresh chunks only)."""
+        self._stop_request.set()
+
+    def clear_stop_request(self) -> None:
+        """Release a `request_stop()`: the next run() ticks again."""
+        self._stop_request.clear()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a `request_stop()` holds the loop (run() returns at once until it is cleared)."""
+        return self._stop_request.is_set()
 
     def reset_episode(self, instruction: str | None = None) -> None:
         """New episode: new epoch on the wire (with a new `instruction`, if given), empty schedule,
@@ -134,10 +153,11 @@ class ControlLoop:
                 if not stopped:
                     raise
                 interrupted = exc
-        elif decision.action is not None and self._stopped and (decision.state is not State.FRESH or
-                                                                 not self._resumed()):
-            # kept stopped: a held action is no fresh one to wake a stopped robot for (it was planned before the
-            # stop, and the policy has gone quiet), and the adapter may hold it (an operator's acknowledgement)
+        elif decision.action is not None and (self._stop_request.is_set() or self._stopped and (
+                decision.state is not State.FRESH or not self._resumed())):
+            # kept still: a stop was requested (run() stops the robot after this tick); or, stopped, a held action is
+            # no fresh one to wake the robot for (planned before the stop, the policy gone quiet), and the adapter may
+            # hold it (an operator's acknowledgement)
             held = True
         elif decision.action is not None:
             self._acted = True
@@ -286,19 +306,24 @@ class ControlLoop:
             *, then_stop: bool = True) -> None:
         """Tick until `seconds` or `ticks` elapse or `until()` is true, then `stop()` the robot
         (`then_stop=False`: leave it as it is, for a caller that ticks on, e.g. episode after
-        episode). On any exception the robot is safe-stopped before the exception propagates; so
+        episode); after a `request_stop()` (from any thread), stop it whatever `then_stop` says. On any exception the robot is safe-stopped before the exception propagates; so
         on SIGTERM (a process manager's stop), raised as `Terminated` (a KeyboardInterrupt) while
         the program has no SIGTERM handler of its own: it ended the process with the robot still
         executing its last command."""
         end = None if seconds is None else self.clock.now() + seconds
         n = 0
         self.rate.reset()  # the time since the last run() is the program's, not ticks this loop missed
+        requested = self._stop_request
+        if requested.is_set():
+            self._log.info("requested", "run() returns at once: request_stop() holds the loop until "
+                                        "clear_stop_request()")
         with sigterm_as_interrupt(replace=False):
             try:
-                while (ticks is None or n < ticks) and (end is None or self.clock.now() < end) and not (until and until()):
+                while ((ticks is None or n < ticks) and (end is None or self.clock.now() < end)
+                       and not requested.is_set() and not (until and until())):
                     self.tick()
                     n += 1
-                if then_stop:
+                if then_stop or requested.is_set():
                     self.stop()
             except BaseException:
                 self.stop()
