@@ -325,6 +325,27 @@ def test_views_without_records_are_empty_not_broken():
 # ------------------------------------------------------------ live page and scrapes
 
 
+def test_a_file_truncated_under_the_page_is_shown_as_it_is_now_not_counted_twice(tmp_path, caplog):
+    """A robot file cut down (not emptied) was read again from its start on top of what was shown:
+    its first seconds counted twice (a 50 Hz loop drawn at 100 Hz, drops and misses doubled)."""
+    server, left, right = two_robot_run(tmp_path)
+    dashboard = Dashboard([server, left, right], poll_s=60)
+    dashboard.poll()
+    assert len(dashboard.state.records[("left", "tick")]) == 200
+    lines = left.read_text().splitlines(keepends=True)
+    left.write_text("".join(lines[:126]))  # its info line and 100 ticks and their 25 chunks, the same first bytes
+    dashboard.poll()
+    state = dashboard.state
+    assert len(state.records[("left", "tick")]) == 100 and len(state.records[("left", "chunk")]) == 25
+    assert len(state.records[("right", "tick")]) == 200 and len(state.records[("left", "request")]) == 50
+    assert state.robot_hz == {"left": 50.0, "right": 50.0} and state.system  # labels kept, load samples kept
+    assert f"{left} was truncated or rewritten" in caplog.text
+    with open(left, "a") as f:  # it goes on growing: read on from there, once
+        f.write(line(kind="tick", t=600.0, robot="left", ticks=1, period_error_ms=0.5, queue_depth=2))
+    dashboard.poll()
+    assert len(dashboard.state.records[("left", "tick")]) == 101
+
+
 def test_dashboard_serves_the_page_and_live_data(tmp_path):
     paths = two_robot_run(tmp_path)
     dashboard = Dashboard(paths, poll_s=0.05)

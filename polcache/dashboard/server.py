@@ -51,7 +51,16 @@ class Dashboard:
         """Read every source once and sample the machine (the thread calls this; tests may too).
         A source that cannot be read says why on the page and in one log line per change; the
         others are still read."""
-        for source, context in self.sources:
+        if self._read_sources():  # started over: the files read before the rewritten one, again from their start
+            self._read_sources()
+        cpu, gpu = self.system.sample_cpu(), self.system.sample_gpu()
+        with self.lock:
+            self.state.add_system(time.time(), cpu, gpu)
+
+    def _read_sources(self) -> bool:
+        """Each source's new records into the state; whether a rewritten file made the page start over."""
+        started_over = False
+        for i, (source, _) in enumerate(self.sources):
             before = source.problem
             try:
                 records = source.poll()
@@ -59,12 +68,30 @@ class Dashboard:
                 source.problem, records = f"{getattr(source, 'path', source)}: cannot read it ({exc})", []
             if source.problem != before and source.problem:
                 log.warning("dashboard: %s", source.problem)
+            if getattr(source, "rewritten", False):
+                self._start_over(source)
+                started_over = True
             if records:
                 with self.lock:
-                    self.state.add(records, context)
-        cpu, gpu = self.system.sample_cpu(), self.system.sample_gpu()
+                    self.state.add(records, self.sources[i][1])
+        return started_over
+
+    def _start_over(self, rewritten: JsonlTail) -> None:
+        """A file truncated or rewritten (a new run over the same path, a user's edit) holds other records
+        than those shown: counted on top of them, the rates doubled and the counts grew by the records read
+        twice. The page starts over from what the files hold now: every file is read again from its start
+        (a rotated-away backup's records are no longer shown, as on a page opened now); the machine's load
+        samples are kept."""
+        log.warning("dashboard: %s was truncated or rewritten: the page shows what the files hold now",
+                    rewritten.path)
         with self.lock:
-            self.state.add_system(time.time(), cpu, gpu)
+            system = self.state.system
+            self.state = RunState(keep=self.state.keep)
+            self.state.system = system
+        for i, (source, context) in enumerate(self.sources):
+            self.sources[i] = (source, {"name": context["name"]})  # clock offsets and robot labels start over too
+            if isinstance(source, JsonlTail) and source is not rewritten:
+                source.rewind()
 
     def data(self) -> dict:
         with self.lock:

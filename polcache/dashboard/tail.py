@@ -38,10 +38,12 @@ class JsonlTail:
         self._skipping = False  # inside a line over MAX_LINE_BYTES: dropped up to its newline
         self._head = b""  # the file's first bytes as we read them: a rewrite changes them
         self._missing_since: tuple[float, float] | None = None  # (monotonic, wall) time its path went missing
+        self.rewritten = False  # the last poll found the file truncated or rewritten: it read it from its start
 
     def poll(self, limit: int | None = READ_BYTES) -> list[dict[str, Any]]:
         """The records appended since the last call, from at most `limit` bytes (None: to the end)."""
         records: list[dict[str, Any]] = []
+        self.rewritten = False
         if self._file is None and not self._open():
             return records
         try:
@@ -50,9 +52,8 @@ class JsonlTail:
             stat = None
         self._check_gone(stat is None)
         if stat is not None and stat.st_ino == self._inode and self._rewritten(stat.st_size):
-            self._file.seek(0)  # truncated under us: whatever we held back belonged to the old content
-            self._partial, self._skipping = b"", False
-            self._head = b""
+            self.rewind()  # truncated under us: whatever we held back belonged to the old content
+            self.rewritten = True
         records += self._read(limit)
         if stat is not None and stat.st_ino != self._inode:  # rotated: the old file is finished
             records += self._read(None) + self.finish()
@@ -62,6 +63,12 @@ class JsonlTail:
             if self._open():
                 records += self._read(limit)
         return records
+
+    def rewind(self) -> None:
+        """Read the file again from its start at the next poll (what was held back is dropped)."""
+        if self._file is not None:
+            self._file.seek(0)
+        self._partial, self._skipping, self._head = b"", False, b""
 
     def finish(self) -> list[dict[str, Any]]:
         """The held-back last line as a record, for a file that will not grow any more (a run
