@@ -346,6 +346,25 @@ def test_a_file_truncated_under_the_page_is_shown_as_it_is_now_not_counted_twice
     assert len(dashboard.state.records[("left", "tick")]) == 101
 
 
+def test_a_robot_file_alone_shows_its_chunks_server_time_and_inference(tmp_path):
+    """polcache_client's MetricsFile alone (no server file): the stages were one 'network' bar as if
+    that were the whole latency, and the inference view said no data, though every chunk carries both."""
+    _, left, _ = two_robot_run(tmp_path)
+    views = state_of([left]).views()
+    stages = {s["name"]: s["values"] for s in views["stages"]["stacks"]}
+    assert views["stages"]["categories"] == ["left"] and stages["server (total)"] == [6.0]
+    assert stages["network + tick wait"][0] == pytest.approx(10.0 + 1 - 6.0, abs=0.1)
+    assert "inference" not in stages  # no bar and no legend entry for stages nothing measured
+    assert "no server records of left" in views["stages"]["note"]
+    assert views["inference"]["series"] and all(y == 5.0 for s in views["inference"]["series"] for y in s["y"] if y)
+    assert "left: from the robot's chunk records" in views["inference"]["note"]
+    both = state_of(two_robot_run(tmp_path)).views()  # with the server's file: its stages, nothing in their place
+    assert "server (total)" not in {s["name"] for s in both["stages"]["stacks"]} and "note" not in both["stages"]
+    assert "note" not in both["inference"] and {s["name"].split()[0] for s in both["inference"]["series"]} == {
+        "left", "right"}
+    assert both["cache"]["legend"] == {0: "compute", 1: "reuse"}  # the ops the plan uses: no forecast, no gate
+
+
 def test_dashboard_serves_the_page_and_live_data(tmp_path):
     paths = two_robot_run(tmp_path)
     dashboard = Dashboard(paths, poll_s=0.05)

@@ -23,6 +23,7 @@ from polcache.outputs import check_output, replaced_whole
 log = logging.getLogger("polcache.dashboard")
 
 OP_COLORS = ["#1f4e79", "#cfe2f3", "#f6b26b", "#b4a7d6"]  # compute, reuse, forecast, gate (as the page)
+LEGEND_FONT = 8  # legible in a 750 px wide PNG (6 was not)
 
 
 def run_files(path: Path) -> list[Path]:
@@ -129,8 +130,10 @@ def _line(ax, view) -> bool:
     for h in view.get("hlines", []):
         ax.axhline(h["y"], color="#c00", linestyle="--", linewidth=1, label=h["name"])
     ax.set_xlabel("seconds since start")
+    low, high = ax.get_ylim()  # from 0, as on the page: a 0.1% dip in a rate zoomed to fill the axis read as a collapse
+    ax.set_ylim(min(low, 0.0), high)
     if view["series"]:
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=LEGEND_FONT, loc="best")
     return bool(view["series"])
 
 
@@ -140,7 +143,7 @@ def _hist(ax, view) -> bool:
     for v in view.get("vlines", []):
         ax.axvline(v["x"], color="#c00", linestyle="--", linewidth=1, label=v["name"])
     if view["series"]:
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=LEGEND_FONT)
     return bool(view["series"])
 
 
@@ -153,7 +156,7 @@ def _bars(ax, view) -> bool:
         left = [a + b for a, b in zip(left, values)]
     ax.set_xlabel("ms")
     if cats:  # below the axis label: inside the axes it covered the bars
-        ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+        ax.legend(fontsize=LEGEND_FONT, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
     return bool(cats)
 
 
@@ -167,5 +170,5 @@ def _heatmap(ax, view) -> bool:
     ax.set_yticks(range(len(view["rows"])), view["rows"], fontsize=5)
     ax.set_xlabel("denoising step")
     ax.legend(handles=[Patch(color=OP_COLORS[int(op)], label=name) for op, name in view["legend"].items()],
-              fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+              fontsize=LEGEND_FONT, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return True

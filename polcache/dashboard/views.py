@@ -51,6 +51,7 @@ class Ticks(NamedTuple):
     periods: np.ndarray  # np.diff(t)
     paused: np.ndarray  # per period: a pause, not a period
     pauses: np.ndarray  # the pauses' middles
+SERVER_TOTAL = "server (total)"  # a robot's chunks' server time, for robots the server's records do not cover
 OP_NAMES = {0: "compute", 1: "reuse", 2: "forecast", 3: "gate"}  # polcache.policy.executor's op codes
 
 # Every view, in page order: id -> (title, type). The page and the report iterate this table.
@@ -301,8 +302,18 @@ class RunState:
         robots = sorted(set(requests) | set(network))
         stacks = [{"name": s, "values": [requests.get(r, [None] * len(STAGES))[i] for r in robots]}
                   for i, s in enumerate(STAGES)]
+        unstaged = [r for r in robots if r not in requests]  # no server records of it: its chunks' server time
+        if unstaged:
+            stacks.append({"name": SERVER_TOTAL, "values": [self._mean("chunk", r, "server_ms") if r in unstaged
+                                                            else None for r in robots]})
         stacks.append({"name": "network + tick wait", "values": [network.get(r) for r in robots]})
-        return {"categories": robots, "stacks": stacks if robots else []}
+        stacks = [stack for stack in stacks if any(v is not None for v in stack["values"])]  # no legend for none
+        view = {"categories": robots, "stacks": stacks}
+        if unstaged:
+            view["note"] = (f"no server records of {', '.join(unstaged)}: its server time is one bar, "
+                            f"{SERVER_TOTAL!r}, from the robot's own records (give the server's metrics file too "
+                            f"for its stages)")
+        return view
 
     def _view_rate(self, interval: float) -> dict[str, Any]:
         series = []  # ticks / their periods' time per interval: a partly covered interval reads right too
@@ -338,7 +349,19 @@ class RunState:
                 + self._cumulative("request", "superseded", "superseded"), "hlines": []}
 
     def _view_inference(self, interval: float) -> dict[str, Any]:
-        return {"series": self._binned("request", "inference_ms", interval, {"p50": 50, "max": "max"}), "hlines": []}
+        """The server's records of each inference; for a robot the server's records do not cover (only the
+        robot's file given), the inference time its chunks carry, said in a note."""
+        stats: dict[str, str | float] = {"p50": 50, "max": "max"}
+        served = {robot for robot, kind in self.records if kind == "request" and self.records[(robot, kind)]}
+        series = self._binned("request", "inference_ms", interval, stats)
+        robot_side = {robot: tv for robot, tv in self._series("chunk", "inference_ms").items() if robot not in served}
+        for robot, (t, v) in sorted(robot_side.items()):
+            series += [self._broken(robot, s) for s in _binned_values(robot, t, v, interval, stats)]
+        view: dict[str, Any] = {"series": series, "hlines": []}
+        if robot_side:
+            view["note"] = (f"{', '.join(sorted(robot_side))}: from the robot's chunk records (no server records of "
+                            f"it): the inference time each chunk's server reported")
+        return view
 
     def _view_cache(self, interval: float) -> dict[str, Any]:
         cache = ((self.server.get("backend") or {}).get("cache") or {}) if self.server else {}
@@ -352,7 +375,8 @@ class RunState:
                 f"{cache.get('block_evals_uncached')} block evaluations, compute limit "
                 f"{limit if limit is not None else 'n/a'}x")
         return {"rows": names, "cols": list(range(len(plan))), "z": [list(col) for col in zip(*plan)],
-                "legend": OP_NAMES, "note": note}
+                "legend": {op: name for op, name in OP_NAMES.items() if any(op in step for step in plan)},
+                "note": note}
 
     def _view_system(self, interval: float) -> dict[str, Any]:
         """Samples from the run's first record on: earlier ones (a dashboard started before the run)
