@@ -308,6 +308,22 @@ def test_machine_samples_before_the_first_record_are_left_out():
     assert state.views()["system"]["series"] == [{"name": "CPU %", "x": [1.0], "y": [20.0]}]
 
 
+def test_a_finished_runs_files_opened_later_show_no_load_of_today_as_theirs():
+    """The load is sampled live: a run that ended before the page started drew today's load at its
+    own time line's end, as if the run had had it."""
+    state = RunState()
+    state.add([{"kind": "request", "t": 100.0, "robot": "r", "inference_ms": 5.0},
+               {"kind": "request", "t": 110.0, "robot": "r", "inference_ms": 5.0}])
+    state.add_system(113.0, 30.0, None)  # within a few seconds of the newest record: a live run's
+    state.add_system(5000.0, 20.0, None)  # long after: not the run's
+    assert state.views()["system"]["series"] == [{"name": "CPU %", "x": [13.0], "y": [30.0]}]
+    later = RunState()
+    later.add([{"kind": "request", "t": 100.0, "robot": "r", "inference_ms": 5.0}])
+    later.add_system(5000.0, 20.0, None)
+    view = later.views()["system"]
+    assert view["series"] == [] and "records ended before this page started" in view["note"]
+
+
 def test_refusals_of_connections_without_a_handshake_are_counted_but_are_no_robot():
     state = RunState()
     state.add([{"kind": "request", "t": 1.0, "robot": "arm", "inference_ms": 5.0},

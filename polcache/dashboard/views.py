@@ -40,6 +40,7 @@ log = logging.getLogger("polcache.dashboard")
 MONOTONIC_KINDS = ("tick", "chunk")
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
 QUANTILES = (50, 95, 99)
+LIVE_SLACK_S = 5.0  # load samples this long after the newest record still belong to a run (records arrive late)
 PAUSE_S, PAUSE_PERIODS = 1.0, 10  # a gap in a robot's ticks longer than both breaks its series
 
 
@@ -380,11 +381,16 @@ class RunState:
 
     def _view_system(self, interval: float) -> dict[str, Any]:
         """Samples from the run's first record on: earlier ones (a dashboard started before the run)
-        put the axis below 0, and moving the origin to them would shift every other view."""
+        put the axis below 0, and moving the origin to them would shift every other view. And up to a
+        few seconds past its last record: the load is sampled now, so a finished run's files opened
+        later drew today's load on the run's time line, as if it were the run's."""
         t0 = self.t0 if self.t0 is not None else (self.system[0][0] if self.system else 0.0)
-        rows = [row for row in self.system if row[0] >= t0]
+        end = t0 + self._span() + LIVE_SLACK_S if self.t0 is not None else math.inf
+        rows = [row for row in self.system if t0 <= row[0] <= end]
         if not rows:
-            return {"series": [], "hlines": []}
+            note = ("this machine's load is sampled live, and the records ended before this page started: "
+                    "no load of theirs to show" if self.system and self.t0 is not None else None)
+            return {"series": [], "hlines": [], **({"note": note} if note else {})}
         t = np.array([w for w, _, _ in rows]) - t0
         series = []
         for i, name in ((1, "CPU %"), (2, "GPU %")):
