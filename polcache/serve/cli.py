@@ -229,7 +229,8 @@ def _sim_robot(args: argparse.Namespace) -> int:
     stopped = result.extra.get("interrupted")
     # the tick records count the loop's own stop on the way out too; it is named on its own
     loop_stops = 1 if result.extra["safe_stop"] else 0
-    final = f", then the safe stop {'on ' + stopped['signal'] if stopped else 'at the end'}" if loop_stops else ""
+    final = (f", then the safe stop {'on ' + stopped['signal'] if stopped else 'at the end'}" if loop_stops
+             else f"; on {stopped['signal']} the robot was already stopped (not told again)" if stopped else "")
     print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
           f"{err.get('p99', float('nan')):.3f} ms, {_counted(tick.get('missed_ticks', 0), 'missed tick')}, "
           f"{_counted(tick.get('waiting', 0), 'tick')} waiting for an episode's first action, "
