@@ -93,7 +93,7 @@ def _write_page(out: Path, paths: Sequence[str | Path], state: RunState, bad: in
     for view_id, view in views.items():
         if view_id == "system":
             continue
-        drew = _plot(view, out / f"{view_id}.png")
+        drew = _plot(view, out / f"{view_id}.png", meta["span_s"])
         body = (f'<img src="{view_id}.png" alt="{html.escape(view["title"])}">' if drew
                 else "<p>no data in these files</p>")
         note = f'<p class="note">{html.escape(view["note"])}</p>' if view.get("note") else ""
@@ -111,11 +111,14 @@ def _write_page(out: Path, paths: Sequence[str | Path], state: RunState, bad: in
     (out / "index.html").write_text(page)
 
 
-def _plot(view: dict[str, Any], path: Path) -> bool:
+def _plot(view: dict[str, Any], path: Path, span_s: float) -> bool:
+    """`span_s`: the run's records' span, every time line's x axis (the views' axes lined up)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 3.0))
     drew = {"line": _line, "hist": _hist, "bars": _bars, "heatmap": _heatmap}[view["type"]](ax, view)
+    if drew and view["type"] == "line" and span_s > 0:
+        ax.set_xlim(0.0, span_s)
     if drew:
         fig.tight_layout()
         fig.savefig(path, dpi=100, bbox_inches="tight")  # legends placed outside the axes included

@@ -40,7 +40,7 @@ log = logging.getLogger("polcache.dashboard")
 MONOTONIC_KINDS = ("tick", "chunk")
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
 QUANTILES = (50, 95, 99)
-LIVE_SLACK_S = 5.0  # load samples this long after the newest record still belong to a run (records arrive late)
+LIVE_SLACK_S = 1.0  # load samples this long after the newest record still belong to a run (records arrive late)
 PAUSE_S, PAUSE_PERIODS = 1.0, 10  # a gap in a robot's ticks longer than both breaks its series
 
 
@@ -382,7 +382,7 @@ class RunState:
     def _view_system(self, interval: float) -> dict[str, Any]:
         """Samples from the run's first record on: earlier ones (a dashboard started before the run)
         put the axis below 0, and moving the origin to them would shift every other view. And up to a
-        few seconds past its last record: the load is sampled now, so a finished run's files opened
+        second past its last record: the load is sampled now, so a finished run's files opened
         later drew today's load on the run's time line, as if it were the run's."""
         t0 = self.t0 if self.t0 is not None else (self.system[0][0] if self.system else 0.0)
         end = t0 + self._span() + LIVE_SLACK_S if self.t0 is not None else math.inf

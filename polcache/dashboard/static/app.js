@@ -81,7 +81,8 @@ function legend(section, names) {
 function drawLine(svg, section, view) {
   const series = view.series || [];
   const xs = series.flatMap(s => s.x), ys = series.flatMap(s => s.y).concat((view.hlines || []).map(h => h.y));
-  const [x0, x1] = range(xs, false), [y0, y1] = range(ys, true);
+  // every time line over the run's whole span, so the views' axes line up
+  const [x0, x1] = range(view.span_s ? xs.concat([0, view.span_s]) : xs, false), [y0, y1] = range(ys, true);
   const [sx, sy] = frame(svg, x0, x1, y0, y1);
   text(svg, W - M.r, H - 2, "seconds since start", "end");
   series.forEach((s, i) => {
@@ -188,7 +189,7 @@ function render(data) {
     section.innerHTML = `<h2></h2>`;
     section.querySelector("h2").textContent = view.title;
     const svg = el("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}` }, section);
-    const drew = DRAW[view.type](svg, section, view);
+    const drew = DRAW[view.type](svg, section, { ...view, span_s: data._meta.span_s });
     if (drew) section.dataset.received = "1";
     if (view.note) {
       const p = document.createElement("p");
