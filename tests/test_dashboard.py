@@ -317,6 +317,7 @@ def test_a_finished_runs_files_opened_later_show_no_load_of_today_as_theirs():
     state.add_system(110.5, 30.0, None)  # just after the newest record: a live run's, whose records come late
     state.add_system(5000.0, 20.0, None)  # long after: not the run's
     assert state.views()["system"]["series"] == [{"name": "CPU %", "x": [10.5], "y": [30.0]}]
+    assert "no GPU utilisation: nvidia-smi is not on this machine" in state.views()["system"]["note"]
     later = RunState()
     later.add([{"kind": "request", "t": 100.0, "robot": "r", "inference_ms": 5.0}])
     later.add_system(5000.0, 20.0, None)

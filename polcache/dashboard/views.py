@@ -398,7 +398,10 @@ class RunState:
             if any(v is not None for v in values):
                 series.append({"name": name, "x": [_round(x) for x in t],
                                "y": [_round(v) if v is not None else None for v in values]})
-        return {"series": series, "hlines": [{"name": "100%", "y": 100.0}]}
+        view: dict[str, Any] = {"series": series, "hlines": [{"name": "100%", "y": 100.0}]}
+        if all(row[2] is None for row in rows):  # said, or an empty GPU line reads as an idle GPU
+            view["note"] = "no GPU utilisation: nvidia-smi is not on this machine or reports no GPU"
+        return view
 
     def _histograms(self, kind: str, field: str, bins: int = 40) -> dict[str, Any]:
         """{"series": one histogram per robot} over the values up to their 99.5th percentile (a few
