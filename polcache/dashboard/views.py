@@ -67,8 +67,8 @@ VIEWS = {
                  "line"),
     "queue": ("action queue depth (actions left in the newest chunk), mean per interval", "line"),
     "starvation": ("starvation: safe stops and missed ticks (cumulative)", "line"),
-    "drops": ("dropped actions (past due on arrival), stale chunks, observations not sent, superseded (cumulative)",
-              "line"),
+    "drops": ("dropped actions (each chunk's actions past due on arrival: chunks overlap, so they outnumber ticks), "
+              "stale chunks, observations not sent, superseded (cumulative)", "line"),
     "inference": ("inference time per chunk (ms), server side: p50 and max per interval", "line"),
     "cache": ("cache schedule (block x denoising step)", "heatmap"),
     "system": ("CPU load (%) and GPU utilisation (%) of this machine", "line"),
