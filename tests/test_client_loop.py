@@ -99,7 +99,8 @@ def test_silent_server_holds_then_stops_once_then_resumes(caplog):
     client.silent = False
     loop.run(ticks=5, then_stop=False)
     assert [t.state for t in ticks[-4:]] == ["fresh"] * 4
-    assert all(value == tick for tick, value in robot.applied[-4:])
+    # on chunks of the epoch the stop started (1000 + tick): none planned from the moving robot's frames
+    assert all(value == 1000 + tick for tick, value in robot.applied[-4:])
 
 
 class BrakingRobot(StepRobot):
@@ -137,7 +138,9 @@ def test_resume_is_called_once_before_the_first_action_after_each_stop():
     assert runs == ["act", "stop", "resume", "act", "stop", "resume", "act"]  # no resume before the first act
 
 
-def test_a_resume_that_raises_keeps_the_robot_stopped_and_ends_the_run():
+def test_a_resume_that_raises_ends_the_run_with_the_robot_stopped_again():
+    """A resume() that failed part-way (drives enabled, brakes not released) left the robot half woken,
+    never told to stop: it is stopped again on the way out, and never acted on."""
     loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.04, robot_class=BrakingRobot)
     robot.refuse = True
     loop.run(ticks=10, then_stop=False)
@@ -146,7 +149,7 @@ def test_a_resume_that_raises_keeps_the_robot_stopped_and_ends_the_run():
     client.silent = False
     with pytest.raises(RuntimeError, match="drive fault"):
         loop.run(ticks=10)
-    assert robot.calls[-2:] == ["stop", "resume"]  # not acted on, and not told to stop again
+    assert robot.calls[-3:] == ["stop", "resume", "stop"]
 
 
 class AcknowledgingRobot(BrakingRobot):
@@ -159,10 +162,13 @@ class AcknowledgingRobot(BrakingRobot):
         return self.acknowledged
 
 
-def test_a_resume_that_returns_false_holds_the_robot_stopped_until_it_returns_true():
+@pytest.mark.parametrize("refusal", [False, np.False_, 0], ids=["False", "numpy-False", "zero"])
+def test_a_resume_that_returns_false_holds_the_robot_stopped_until_it_returns_true(refusal):
     """A latched stop (an operator must acknowledge it) had no way to keep the robot still: resume() could
-    only let it act or end the run."""
+    only let it act or end the run. A refusal is any false value but None (`return drives_ok.all()` gives
+    numpy's False, which woke the robot)."""
     loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.04, robot_class=AcknowledgingRobot)
+    robot.acknowledged = refusal
     loop.run(ticks=10, then_stop=False)
     client.silent = True
     loop.run(ticks=15, then_stop=False)  # the watchdog's stop
@@ -320,7 +326,7 @@ def test_an_action_is_never_executed_past_its_due_time_after_a_tick_stalls(stall
     assert len(states) == len(acts) and states[-1] == "fresh"
     for state, (period, value) in zip(states, acts):
         if state == "fresh":  # the action due when it is applied, within half a period as on every tick
-            assert abs(value - period) <= 0.5, (period, value)
+            assert abs(value % 1000 - period) <= 0.5, (period, value)  # 1000 + tick: after the watchdog's stop
         else:  # held: the last one again, until the watchdog's hold is over
             assert value < period
     if stall_periods > 0.1 * HZ + 1:  # longer than the hold: the first thing after the stall is the one stop
@@ -356,10 +362,10 @@ def test_reset_never_executes_chunks_from_the_previous_episode():
 
 def test_reconnect_epoch_change_discards_old_chunks():
     loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ)
-    loop.run(ticks=5)
+    loop.run(ticks=5, then_stop=False)  # no stop (which starts a new epoch itself)
     client.epoch += 1  # what PolicyClient does when it reconnects
     client.seq = -1
-    loop.run(ticks=5)
+    loop.run(ticks=5, then_stop=False)
     assert robot.applied[-1][1] >= 1000
     assert loop.schedule.epoch == 1
 
@@ -397,7 +403,8 @@ def test_each_executed_action_is_reported_once_with_the_tick_it_was_applied_at()
         assert [(s, float(np.asarray(a).ravel()[0])) for s, a in done] == want, seq
     loop.reset_episode()
     loop.run(ticks=3)
-    assert client.reported[12][:2] == (1, 0) and client.reported[12][2] == []  # nothing leaks across episodes
+    # epoch 2 (run()'s stop started epoch 1, the reset 2): nothing leaks across episodes
+    assert client.reported[12][:2] == (2, 0) and client.reported[12][2] == []
 
 
 def test_held_actions_are_reported_as_executed_and_waiting_or_stopped_ticks_report_nothing():
@@ -407,12 +414,14 @@ def test_held_actions_are_reported_as_executed_and_waiting_or_stopped_ticks_repo
     loop.run(ticks=20, then_stop=False)
     client.silent = True
     loop.run(ticks=31)  # fresh to tick 25, holding 26-29, stopped from 30 (see the test above); 50 reports 49
-    reported = {seq: float(np.asarray(a).ravel()[0]) for _, _, done in client.reported for seq, a in done}
-    states = {t.seq: t.state for t in ticks if t.ticks}  # not run()'s stop after tick 19, which has its seq
-    assert [s for s in range(50) if states[s] == "holding"] == [26, 27, 28, 29]
-    assert [reported[s] for s in range(24, 30)] == [24, 25, 25, 25, 25, 25]  # what the robot applied
+    reported = {(epoch, seq): float(np.asarray(a).ravel()[0])
+                for epoch, _, done in client.reported for seq, a in done}
+    states = {(t.epoch, t.seq): t.state for t in ticks if t.ticks}  # not run()'s stop after tick 19
+    assert [seq for (epoch, seq), state in states.items() if state == "holding"] == [26, 27, 28, 29]
+    assert [reported[0, s] for s in range(24, 30)] == [24, 25, 25, 25, 25, 25]  # what the robot applied
     assert dict(robot.applied)[29] == 25
-    assert not any(s in reported for s in range(50) if states[s] in ("waiting", "stopped"))
+    assert not any(key in reported for key, state in states.items() if state in ("waiting", "stopped"))
+    assert states[0, 30] == "stopped" and {epoch for epoch, _ in states} == {0, 1}  # the stop started epoch 1
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -880,7 +889,21 @@ def test_a_requested_stop_acts_on_nothing_after_it_and_latches_until_cleared():
     loop.clear_stop_request()
     loop.run(ticks=10)
     assert not loop.stop_requested and robot.applied[-1][0] > 19 and len(robot.stops) == 2
-    assert all(value == tick for tick, value in robot.applied)  # acted again on chunks for fresh observations only
+    # acted again on chunks of the epoch the stop started only (1000 + tick), for observations after it
+    assert all(value == tick + 1000 * (tick > 20) for tick, value in robot.applied)
+
+
+def test_a_stop_requested_before_the_first_action_holds_the_robot_as_a_stopped_one():
+    """Pressed before the robot ever moved, the request stopped nothing, and once cleared the robot acted
+    on chunks for observations sent before it, with no resume() first."""
+    loop, robot, client, _, _, _ = make_loop(2.5 / HZ, robot_class=BrakingRobot)
+    loop.run(ticks=2)  # observations 0 and 1 sent, their chunks still on the way
+    loop.request_stop()
+    loop.run(ticks=5)
+    assert robot.calls == [] and client.epoch == 1  # nothing to stop; what was sent before it is of epoch 0
+    loop.clear_stop_request()
+    loop.run(ticks=10, then_stop=False)
+    assert robot.calls[0] == "resume" and robot.applied and all(value >= 1000 for _, value in robot.applied)
 
 
 def test_a_stop_requested_from_another_thread_ends_a_run_at_once():

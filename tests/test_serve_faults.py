@@ -844,4 +844,31 @@ def test_after_a_network_stall_the_robot_never_acts_on_stale_actions(stall_s, re
     resumed = [(t, v) for t, v in robot.applied if t > robot.stops[0]]
     assert resumed and all(v == t for t, v in resumed)  # on time: no action computed before the link came back
     assert all(v <= t for t, v in robot.applied)  # fresh or held, never ahead of its step
-    assert (client.connections == 2) == reconnects and (client.epoch >= 1) == reconnects
+    # an epoch for the safe stop, and another for the reconnect
+    assert (client.connections == 2) == reconnects and client.epoch == 1 + reconnects
+
+
+def test_after_a_safe_stop_the_policy_plans_from_frames_of_the_stopped_robot_only():
+    """Chunks lost on the way (a link gone quiet) until the watchdog stopped the robot: the first chunk it
+    acted on after the stop was computed from a window holding a frame of the robot still in motion, and
+    the server's executed actions and real-time-chunking plan were those of before the stop. The stop
+    starts a new epoch, so the server starts the robot's history afresh."""
+    hz = 50.0
+    robot = StepRobot(hz)
+    windows = []  # per inference: the ticks of its frames, oldest first
+
+    class Recording(FakeBackend):
+        def predict(self, obs, seed=None, past_actions=None):
+            windows.append(obs["state"][0, :, 0].tolist())
+            return super().predict(obs, seed, past_actions)
+
+    with PolicyServer(Recording(), "tcp://127.0.0.1:0") as server, \
+            PolicyClient(server.endpoint, robot.obs_spec, robot.action_dim, hz, name="arm") as client:
+        client.connect(timeout_s=10)
+        poll = client.poll
+        client.poll = lambda: [] if 20 <= robot.tick < 40 else poll()  # lost on the way: the watchdog stops it
+        ControlLoop(robot, client, hz, watchdog=Watchdog(0.1)).run(until=lambda: robot.tick >= 60)
+    stop = robot.stops[0]
+    assert 20 < stop < 40 and len(robot.stops) == 2  # the watchdog's, then run()'s at the end
+    assert any(newest > stop for *_, newest in windows) and robot.applied[-1][0] > 40
+    assert all(oldest > stop for oldest, *_, newest in windows if newest > stop)  # no frame of the robot moving

@@ -14,11 +14,12 @@ seen, not from when the loop asked. Without it, the loop stamps the observation 
 
 Optional: `resume()`, called before the first action after a `safe_stop` (fresh actions came
 again; a held one never wakes a stopped robot): where a stop engaged brakes or disabled the drives,
-this re-enables them. Returning False keeps the robot stopped for this tick, and it is asked again
-at the next tick with a fresh action: a stop that an operator must acknowledge first (a button, a
-pendant) waits there. Raising from it keeps the robot stopped; the exception ends
-`ControlLoop.run`, and the robot is not told to stop again. Without it, actions simply resume. It
-is not called before an episode's very first action.
+this re-enables them. Returning a false value other than None (False, numpy's False, 0) keeps the
+robot stopped for this tick, and it is asked again at the next tick with a fresh action: a stop that
+an operator must acknowledge first (a button, a pendant) waits there. Raising from it ends
+`ControlLoop.run` with that exception, the robot safe-stopped again (it may be half woken). Without
+it, actions simply resume. It is not called before an episode's very first action (unless a
+`request_stop()` came first).
 """
 
 from __future__ import annotations

@@ -40,10 +40,12 @@ class ControlLoop:
     Ctrl-C, SIGTERM or any exception out of a tick safe-stops it before it propagates. `reset_episode()`
     starts a new epoch. With no fresh action the last one is held for the watchdog's `hold_s`
     (0.2 s), then `safe_stop` is called once; acting resumes when fresh actions return, never on what
-    was planned before the stop. The robot is never told to stop twice in a row (a safe_stop that
-    raised is tried once more on the way out). Driven from one thread: call `stop()` and
-    `reset_episode()` from the thread that runs it; from any other thread (an operator's stop button, a
-    supervisor), `request_stop()`, which latches. `on_tick`/`on_chunk` receive per-tick and per-chunk
+    was planned before the stop, nor planned from the robot in motion (a stop starts a new epoch). The
+    robot is never told to stop twice in a row (but a safe_stop that raised is tried once more on the
+    way out, and a robot a raising resume() may have half woken is stopped again). Driven from one
+    thread: call `stop()` and `reset_episode()` from the thread that runs it; from any other thread (an
+    operator's stop button, a supervisor), `request_stop()`, which latches. `on_tick`/`on_chunk` receive
+    per-tick and per-chunk
     records (loop timing, latency); `on_tick` also gets a record of the loop's own safe stop (see
     `stop`), so that the tick records' `safe_stops` count every stop, the watchdog's and the loop's."""
 
@@ -82,7 +84,6 @@ class ControlLoop:
         self._capture_time = getattr(adapter, "capture_time", None)  # optional: see RobotAdapter
         self._resume = getattr(adapter, "resume", None)  # optional: see RobotAdapter
         self._stopped = False  # told to safe-stop, not resumed since: `resume()` comes before its next action
-        self._stop_seq = (-1, -1)  # (epoch, seq) of the last observation sent before the last stop (see _safe_stop)
         self._capture_age_s = 0.0  # the last observation's age when observe() was called (its sensors' lag)
         self._last_capture = (-1, -math.inf)  # (epoch, time) of the last observation stamped by capture_time()
         self.safe_stops = 0  # how many times `stop` safe-stopped the robot (the watchdog's stops not among them)
@@ -134,6 +135,7 @@ class ControlLoop:
         sent = self.client.send_observation(arrays, self._captured(observing), executed=done)
         if sent or self.client.epoch != epoch:
             self._executed.clear()
+        epoch, seq = self.client.epoch, self.client.seq  # this tick's, for its record (a stop starts a new epoch)
         acting = self.clock.now()
         if acting - now > self.schedule.half_period:  # the tick stalled (a slow observe(), a paused process):
             now = acting  # the action due at its start is past due; act on what is due now, or hold or stop
@@ -168,8 +170,8 @@ class ControlLoop:
             self._executed.append((self.client.epoch, self.client.seq, decision.action))
         record = TickRecord(
             t=now,
-            epoch=self.client.epoch,
-            seq=self.client.seq,
+            epoch=epoch,
+            seq=seq,
             period_error_ms=tick.error * 1e3,
             state=State.STOPPED.value if held else decision.state.value,
             queue_depth=self.schedule.depth(now),
@@ -187,37 +189,47 @@ class ControlLoop:
         return record
 
     def _safe_stop(self) -> None:
-        """The adapter's safe_stop (the callers hold Ctrl-C and SIGTERM meanwhile). What was planned
-        before the stop is not executed after it: the schedule's chunks go, and chunks still to come for
-        observations sent up to now are stale (they were computed for a moving robot). A safe_stop that
-        raises is tried once more by `stop()` on the way out (a lost acknowledgement on the robot's bus)."""
+        """The adapter's safe_stop (the callers hold Ctrl-C and SIGTERM meanwhile), then a fresh start
+        (`_start_afresh`). A safe_stop that raises is tried once more by `stop()` on the way out (a lost
+        acknowledgement on the robot's bus)."""
         self._acted = False
         self._stopped = True
-        self.schedule.reset(self.client.epoch)
-        self._stop_seq = (self.client.epoch, self.client.seq)
         try:
             self.adapter.safe_stop()
         except Exception:
             self._acted = True  # not stopped, as far as anyone knows
             raise
+        finally:
+            self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """After a stop, nothing planned for the moving robot acts, nor is planned from: a new epoch, so
+        the chunks held and those still to come for observations sent before it are stale, and the server
+        forgets the robot's history, the actions it reported and any real-time-chunking plan (the first
+        chunk after a stop was computed partly from a frame of the robot in motion, and with RTC steered
+        toward the old plan)."""
+        self.schedule.reset(self.client.reset())
+        self._executed.clear()
 
     def _resumed(self) -> bool:
         """Whether a stopped robot may act again: the adapter's `resume()` (if any) woke it. One that
-        returns False holds it stopped for this tick and is asked again at the next; one that raises
-        ends run() with the robot still stopped (not told to stop again). Ctrl-C and SIGTERM wait for
-        it to return, as for safe_stop: a robot woken is then stopped on the way out (one left half
-        woken, Ctrl-C pressed twice, too)."""
+        returns a false value other than None (False, numpy's False, 0) holds it stopped for this tick and
+        is asked again at the next; one that raises ends run() with the robot safe-stopped again (it may
+        have woken part of it: drives enabled, brakes still on). Ctrl-C and SIGTERM wait for it to
+        return, as for safe_stop: a robot woken is then stopped on the way out (one left half woken,
+        Ctrl-C pressed twice, too)."""
         if self._resume is None:
             self._stopped = False
             return True
         finished = False
         try:
             with interrupts_deferred(RESUMING):
-                woken = self._resume() is not False
+                answer = self._resume()
+                woken = answer is None or bool(answer)  # False, but also numpy's False or 0: held stopped
                 finished = True
                 if woken:  # awake: any way out of run() now stops it
                     self._stopped, self._acted = False, True
-        except KeyboardInterrupt:
+        except BaseException:  # cut short (raised, Ctrl-C twice): maybe half woken, so stopped on the way out
             if not finished:
                 self._acted = True
             raise
@@ -277,7 +289,7 @@ class ControlLoop:
             self._guard_moving_robot()  # and its last action: nothing from before the reconnect is applied after it
         for chunk in chunks:
             # planned before the robot was stopped (for a robot still moving): stale, as another epoch's
-            dropped = None if (chunk.epoch, chunk.seq) <= self._stop_seq else self.schedule.add(chunk, now)
+            dropped = self.schedule.add(chunk, now)
             if dropped and dropped == len(chunk.actions):  # the robot waits, holds or stops: say why
                 last_s = chunk.t_actions[-1] - chunk.t_capture + self.schedule.half_period  # when the last is dropped
                 lag = (f" (of which {self._capture_age_s * 1e3:.0f} ms before observe() was called: the sensors' lag, "
@@ -323,7 +335,11 @@ class ControlLoop:
                        and not requested.is_set() and not (until and until())):
                     self.tick()
                     n += 1
-                if then_stop or requested.is_set():
+                if requested.is_set():
+                    if not self.stop() and not self._stopped:  # a robot never moved is held as a stopped one too
+                        self._stopped = True
+                        self._start_afresh()
+                elif then_stop:
                     self.stop()
             except BaseException:
                 self.stop()
@@ -343,12 +359,13 @@ class ControlLoop:
         if not self._acted:
             return False
         self.watchdog.stop()
+        epoch, seq = self.client.epoch, self.client.seq  # the last observation's, as the stop starts a new epoch
         with interrupts_deferred(STOPPING):  # its record made before a Ctrl-C held meanwhile is raised
             self._safe_stop()
             self.safe_stops += 1
             if self.on_tick:
                 now = self.clock.now()
-                self.on_tick(TickRecord(t=now, epoch=self.client.epoch, seq=self.client.seq, period_error_ms=math.nan,
+                self.on_tick(TickRecord(t=now, epoch=epoch, seq=seq, period_error_ms=math.nan,
                                         state=self.watchdog.state.value, queue_depth=self.schedule.depth(now), ticks=0,
                                         safe_stops=1))
         return True
