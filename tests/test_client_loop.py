@@ -700,6 +700,25 @@ def test_an_interrupt_during_a_stop_made_while_handling_an_exception_is_not_lost
     assert (robot.stops, robot.braked) == ([4], 1)
 
 
+class FailingSignalledStopRobot(SignalledStopRobot):
+    """Its safe stop gets Ctrl-C, then fails (no acknowledgement on the robot's bus)."""
+
+    def safe_stop(self) -> None:
+        super().safe_stop()
+        raise RuntimeError("CAN bus: no ack")
+
+
+def test_ctrl_c_during_a_safe_stop_that_raises_is_not_lost():
+    """The operator saw "stopping the robot safely first", the stop failed, and run() raised only the
+    adapter's error: a program retrying after hardware errors went on running the robot."""
+    loop, _, client, ticks = signalled_loop(())
+    robot = loop.adapter = FailingSignalledStopRobot(client.clock, (signal.SIGINT,))
+    with pytest.raises(KeyboardInterrupt) as raised:
+        loop.run(ticks=5)
+    assert isinstance(raised.value.__context__, RuntimeError) and "no ack" in str(raised.value.__context__)
+    assert robot.stops  # tried; the error is the interrupt's context, on the traceback
+
+
 def test_a_programs_own_sigterm_handler_gets_a_sigterm_held_during_the_safe_stop():
     """It was raised as Terminated, bypassing the handler the program had set."""
     loop, robot, _, _ = signalled_loop((signal.SIGTERM,))

@@ -70,10 +70,10 @@ def interrupts_deferred(what: str) -> Iterator[None]:
     (KeyboardInterrupt, Terminated), or handed to the program's own handler where it set one, so the
     second press people give a stopping program does not cut `what` short (a robot's safe stop left
     half-sent). Ctrl-C pressed twice inside is raised at once: a `what` that hangs can still be
-    left. A signal the program ignores stays ignored. Nothing is delivered after a block that itself
-    raised (the stop that failed: its exception propagates); one called while the program handles an
-    exception still gets its signal (an `except` that carries on must not swallow an operator's stop).
-    Main thread only."""
+    left. A signal the program ignores stays ignored. A block that itself raised (a stop that failed)
+    still gets its signal: raised with the block's exception as its context, as a program that retries
+    after hardware errors must not swallow an operator's stop; so does one called while the program
+    handles an exception (an `except` that carries on). Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -92,16 +92,16 @@ def interrupts_deferred(what: str) -> Iterator[None]:
         (signal.SIGHUP,) if hangup is signal.SIG_DFL or getattr(hangup, "raises_terminated", False) else ())
     previous = {sig: signal.signal(sig, on_interrupt) for sig in candidates
                 if signal.getsignal(sig) is not signal.SIG_IGN}
-    failed = False
+    abandoned = False  # Ctrl-C twice: that KeyboardInterrupt is the delivery
     try:
         yield
-    except BaseException:
-        failed = True
+    except KeyboardInterrupt:
+        abandoned = True
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if held and not failed:
+        if held and not abandoned:
             _deliver(held[0], previous[held[0]])
 
 
