@@ -45,9 +45,9 @@ class ControlLoop:
     way out, and a robot a raising resume() may have half woken is stopped again). Driven from one
     thread: call `stop()` and `reset_episode()` from the thread that runs it; from any other thread (an
     operator's stop button, a supervisor), `request_stop()`, which latches. `on_tick`/`on_chunk` receive
-    per-tick and per-chunk
-    records (loop timing, latency); `on_tick` also gets a record of the loop's own safe stop (see
-    `stop`), so that the tick records' `safe_stops` count every stop, the watchdog's and the loop's."""
+    per-tick and per-chunk records (loop timing, latency); `on_tick` also gets a record of the loop's own
+    safe stop (see `stop`), so that the tick records' `safe_stops` count every stop, the watchdog's and
+    the loop's."""
 
     def __init__(
         self,
@@ -322,10 +322,11 @@ class ControlLoop:
             *, then_stop: bool = True) -> None:
         """Tick until `seconds` or `ticks` elapse or `until()` is true, then `stop()` the robot
         (`then_stop=False`: leave it as it is, for a caller that ticks on, e.g. episode after
-        episode); after a `request_stop()` (from any thread), stop it whatever `then_stop` says. On any exception the robot is safe-stopped before the exception propagates; so
-        on SIGTERM (a process manager's stop), raised as `Terminated` (a KeyboardInterrupt) while
-        the program has no SIGTERM handler of its own: it ended the process with the robot still
-        executing its last command."""
+        episode); after a `request_stop()` (from any thread), stop it whatever `then_stop` says. On
+        any exception the robot is safe-stopped before the exception propagates; so on SIGTERM (a
+        process manager's stop), raised as `Terminated` (a KeyboardInterrupt) while the program has no
+        SIGTERM handler of its own: it ended the process with the robot still executing its last
+        command."""
         end = None if seconds is None else self.clock.now() + seconds
         n = 0
         self.rate.reset()  # the time since the last run() is the program's, not ticks this loop missed
