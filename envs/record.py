@@ -175,10 +175,13 @@ def record_demonstrations(
         if unwritten:
             raise PolcacheError(f"--instructions: no instructions are written for task {unwritten[0]!r} (have: "
                                 f"{', '.join(sorted(INSTRUCTIONS))}); record it without --instructions")
-        size, longest = max((len(t.encode()), t) for name in tasks for t in INSTRUCTIONS[name]["train"])
+        # the held-out paraphrases too: eval and sim-robot send those by default, to the policy trained on these
+        size, longest = max((len(t.encode()), t) for name in tasks for split in INSTRUCTIONS[name].values()
+                            for t in split)
         if size > instruction_bytes:
             raise PolcacheError(f"--instructions {instruction_bytes}: the longest instruction of "
-                                f"{', '.join(tasks)} ({longest!r}) takes {size} UTF-8 bytes; give at least {size}")
+                                f"{', '.join(tasks)} ({longest!r}, held-out paraphrases included: eval and sim-robot "
+                                f"send those) takes {size} UTF-8 bytes; give at least {size}")
     check_dataset_output(out, demonstrations=True)  # refused before recording, not after
     kept, seeds, dropped, attrs = [], {}, {}, None
     for name in tasks:

@@ -154,6 +154,10 @@ def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, ca
             and not (tmp_path / "h.zarr").exists())
     assert main(["record", "--task", "reach-v3", "--episodes", "1", "--instructions", "8", "--out", "h.zarr"]) == 2
     assert "--instructions 8: the longest instruction of reach-v3 (" in capsys.readouterr().err  # before recording
+    # a width that holds the training paraphrases but not the held-out ones eval and sim-robot send was accepted
+    assert main(["record", "--task", "reach-v3", "--episodes", "1", "--instructions", "34", "--out", "h.zarr"]) == 2
+    assert ("('touch the target spot with the gripper', held-out paraphrases included: eval and sim-robot send those) "
+            "takes 38 UTF-8 bytes; give at least 38") in capsys.readouterr().err
     assert main(["train", "--config", str(_config()), "dataset=mt.zarr", "out=run", "train.steps=4",
                  "train.epochs=0", "train.val_windows=4", "policy.vla.instruction_bytes=48", "policy.n_layers=2",
                  "policy.width=32", "policy.vla.width=32"]) == 0
