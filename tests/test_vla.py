@@ -174,6 +174,10 @@ def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, ca
     assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "1",
                  "--instruction", "x" * 49]) == 2
     assert "--instruction: 49 UTF-8 bytes, at most 48 allowed" in capsys.readouterr().err
+    from polcache.envs.instructions import INSTRUCTIONS  # a held-out paraphrase wider than the policy reads
+    monkeypatch.setitem(INSTRUCTIONS, "push-v3", {**INSTRUCTIONS["push-v3"], "heldout": ("y" * 49,)})
+    assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "1"]) == 2
+    assert "push-v3's heldout paraphrase 'yyyyy" in capsys.readouterr().err  # it blamed --instruction, not given
     assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "1", "--instruction", "go",
                  "--instructions", "train"]) == 2  # which one? the split was ignored without a word
     assert "--instructions train: give it or --instruction, not both" in capsys.readouterr().err
