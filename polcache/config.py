@@ -372,7 +372,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                           f"the run would train train.steps={cfg.train.steps} steps; to train by steps, set "
                           f"train.steps=N instead)")
     validate(cfg)
+    _check_family_settings(cfg.policy)
     return cfg
+
+
+def _check_family_settings(p: PolicyConfig) -> None:
+    """Refuse a setting the chosen family never reads (a user tuning it would change nothing without a
+    word). Only values other than the defaults: a checkpoint's config.yaml lists every key of both."""
+    if p.family != "vla":
+        default = VLAConfig()
+        changed = [f.name for f in dataclasses.fields(VLAConfig) if getattr(p.vla, f.name) != getattr(default, f.name)]
+        if changed:
+            raise ConfigError(f"policy.vla.{changed[0]}: read by policy.family=vla only, and this config trains "
+                              f"{p.family}: it would change nothing; remove it (or set policy.family=vla)")
+    elif p.state_hidden != PolicyConfig.state_hidden:
+        raise ConfigError("policy.state_hidden: read by dp-t's state encoder only; the vla family embeds the state "
+                          "into policy.vla.width tokens: it would change nothing; remove it")
 
 
 def past_tokens(p: PolicyConfig) -> int:

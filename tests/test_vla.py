@@ -131,6 +131,24 @@ def test_configs_name_the_language_key_and_family_together():
         validate(cfg)
 
 
+def test_a_setting_the_family_never_reads_is_refused_and_a_checkpoints_full_config_is_not():
+    """policy.vla.width on a DP-T, policy.state_hidden on a VLA: trained, recorded in config.yaml, and
+    changed nothing, without a word."""
+    from pathlib import Path
+
+    from polcache.config import load_config
+    from polcache.errors import ConfigError
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=r"policy.vla.width: read by policy.family=vla only, and this config trains "
+                                          r"dp-t: it would change nothing"):
+        load_config(root / "configs" / "recommended_cpu.yaml", ["policy.vla.width=64"])
+    with pytest.raises(ConfigError, match="policy.state_hidden: read by dp-t's state encoder only"):
+        load_config(_config(), ["policy.state_hidden=7"])
+    for checkpoint in ("reach-v3", "cue-reach-ptp-image"):  # every key of both families, at their defaults
+        load_config(root / "polcache" / "assets" / "checkpoints" / checkpoint / "config.yaml")
+
+
 @pytest.mark.slow
 def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, capsys):
     """Record two Meta-World tasks with instructions, train a VLA a few steps, evaluate it with the
