@@ -30,7 +30,8 @@ from polcache.jsonfile import read_json_object
 from polcache.policy.spec import PolicySpec
 
 FORMAT = "polcache-export"
-VERSION = 1
+VERSION = 2  # 2: sealed (a manifest of version 1 was written before seals, or sealed without saying so)
+UNSEALED_VERSION = 1  # still read: without a seal only with a warning
 MANIFEST = "manifest.json"
 log = logging.getLogger("polcache.export")
 _UNSEALED_TOLD: set[str] = set()  # manifests without a seal already warned about: each is read twice at load
@@ -126,8 +127,9 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     fmt = doc.get("format")
     if fmt != FORMAT:
         raise ExportError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
-    if doc.get("version") != VERSION:
-        raise ExportError(f"{path}: export version {doc.get('version')} is not supported (expected {VERSION})")
+    if doc.get("version") not in (UNSEALED_VERSION, VERSION):
+        raise ExportError(f"{path}: export version {doc.get('version')} is not supported (expected {VERSION}, or "
+                          f"{UNSEALED_VERSION} from before sealed manifests)")
     try:
         _check_fields(doc, Manifest, "")
         for name, g in doc["graphs"].items():
@@ -174,6 +176,9 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     if manifest.seal and manifest.seal != sealed:  # checked after the fields, which name a malformed one
         raise ExportError(f"{path}: edited after export (its content no longer matches its seal); the graphs were "
                           "built for the exported values, so export again rather than editing the manifest")
+    if not manifest.seal and manifest.version == VERSION:  # removed, which turned the check off
+        raise ExportError(f"{path}: its seal is missing, so edits to it cannot be ruled out (version {VERSION} "
+                          f"manifests are written sealed); export again rather than editing the manifest")
     if not manifest.seal and str(path) not in _UNSEALED_TOLD:
         _UNSEALED_TOLD.add(str(path))
         log.warning("%s: exported before manifests were sealed, so an edit to it cannot be detected; export again "
@@ -217,9 +222,14 @@ def check_request(manifest: Manifest, where: str, cache: str | None = None, samp
     # the same schedule may sit elsewhere (a relative path, another machine): its content decides
     same_file = path is not None and exported_path is not None and want is not None and path.is_file() \
         and _same_schedule(path, want)
+    if path is not None and not path.is_file():  # a missing file is no other plan: said as elsewhere
+        raise ExportError(f"--cache {cache.strip()}: schedule file not found: {path}")
     if cache.strip() != exported and not (head == exported_head and same_file):
+        run_time = isinstance(head, CacheSpec) and (head.method == "threshold" or head.forecast)
+        remedy = ("a cache deciding at run time cannot be exported: run it on the checkpoint, --backend torch"
+                  if run_time else "export again with the cache you want")  # export refuses those
         raise ExportError(f"{where} was exported with --cache {exported}, not {cache.strip()}: the plan is part of "
-                          "the exported graphs, so export again with the cache you want")
+                          f"the exported graphs, so {remedy}")
     if want and path is not None and path.is_file() and not _same_schedule(path, want):
         raise ExportError(f"{path} changed since {where} was exported with it (sha256 differs): export again")
 

@@ -158,6 +158,8 @@ def test_bad_schedule_files_are_clear_errors(tmp_path, schedule_file):
                   ({"model": {}}, r"\(missing entry 'blocks'\)"),
                   ({"calibration": doc["calibration"] | {"similarity": [[[float("nan")]]]}},
                    r"calibration.similarity must hold one row of finite scores per block"),
+                  ({"calibration": doc["calibration"] | {"similarity": "x"}},  # was "could not convert string"
+                   r"calibration.similarity must hold one row of finite scores per block"),
                   ({"calibration": doc["calibration"] | {"l1": {}}}, r"calibration.l1 lacks block"))
     for change, match in hand_edits:  # refused in the file's words, not coerced into a plan nobody wrote
         (tmp_path / "bad.json").write_text(json.dumps(doc | change))

@@ -185,6 +185,10 @@ def test_a_well_formed_edit_of_the_manifest_is_refused_by_its_seal(policy, tmp_p
         load_backend(str(art))
     (art / "manifest.json").write_text(json.dumps(json.loads(text)))  # reformatted only: still the same content
     load_backend(str(art))
+    del doc["seal"]  # the edit with the seal taken away: that turned the check off, with a warning only
+    (art / "manifest.json").write_text(json.dumps(doc, indent=1))
+    with pytest.raises(ExportError, match="its seal is missing, so edits to it cannot be ruled out"):
+        load_backend(str(art))
 
 
 def test_an_artifact_takes_its_schedule_from_any_path_with_the_same_content(policy, schedule, tmp_path,
@@ -205,7 +209,8 @@ def test_an_artifact_takes_its_schedule_from_any_path_with_the_same_content(poli
 
     manifest = json.loads((art / "manifest.json").read_text())  # exported before the digest: the file's sha256
     manifest["cache"]["schedule_sha256"] = sha256_file(schedule)
-    del manifest["seal"]  # and before the seal
+    del manifest["seal"]  # and before the seal (a version-1 manifest)
+    manifest["version"] = 1
     (art / "manifest.json").write_text(json.dumps(manifest))
     assert load_backend(str(art), cache="copy.json").K == K
     other = json.loads((tmp_path / "copy.json").read_text())
@@ -221,6 +226,11 @@ def test_bad_artifacts_and_requests_are_refused(policy, schedule, checkpoint, tm
     art = _artifact(policy, tmp_path, "uniform:3")
     with pytest.raises(ExportError, match=r"exported with --cache uniform:3, not uniform:2"):
         load_backend(str(art), cache="uniform:2")
+    with pytest.raises(ExportError, match=r"not threshold:0.2: .* cannot be exported: run it on the checkpoint, "
+                                          r"--backend torch"):  # it said to export again, which export refuses
+        load_backend(str(art), cache="threshold:0.2")
+    with pytest.raises(ExportError, match="schedule file not found: .*gone.json"):  # it read as another plan
+        load_backend(str(art), cache=str(tmp_path / "gone.json"))
     with pytest.raises(ExportError, match="K=8 steps, not 10"):
         load_backend(str(art), steps=10)
     with pytest.raises(ExportError, match="sampler ddpm, not ddim"):

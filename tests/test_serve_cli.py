@@ -112,3 +112,18 @@ def test_readme_serve_usage_lists_every_serve_flag():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     usage = re.search(r"\n    polcache serve .*?\n(?=    polcache \w)", readme, re.S).group(0)
     assert sorted(f for f in flags - backend if not re.search(re.escape(f) + r"\b", usage)) == []
+
+
+def test_serve_says_which_backend_sampler_and_cache_plan_serve():
+    """The schedule in force was said only in the metrics file: nothing on the console confirmed it."""
+    from pathlib import Path
+
+    from polcache.policy.loader import load_backend
+    from polcache.serve.cli import _described
+
+    checkpoint = str(Path(__file__).resolve().parents[1] / "polcache" / "assets" / "checkpoints" / "reach-v3")
+    assert _described(load_backend(checkpoint, cache="uniform:3").describe()) == (
+        "torch on cpu, ddim 16 steps, cache uniform:3: 72 of 192 block evaluations per chunk")
+    assert _described(load_backend(checkpoint, cache="threshold:0.1").describe()).endswith(
+        "cache threshold:0.1: decided at run time")
+    assert _described(load_backend(checkpoint).describe()).endswith(", no cache")

@@ -96,7 +96,10 @@ class Calibration:
         score per block, not finite, or negative where scores cannot be (a schedule is re-solved from
         them: `bac:S:n@FILE`)."""
         def scores(key: str, non_negative: bool) -> np.ndarray:
-            a = np.asarray(d[key], dtype=np.float64)
+            try:
+                a = np.asarray(d[key], dtype=np.float64)
+            except (TypeError, ValueError):  # text, ragged rows: said as this field's, like every other damage
+                a = np.array([np.nan])
             if a.ndim < 1 or len(a) != len(block_names) or not np.isfinite(a).all() or (non_negative and (a < 0).any()):
                 raise ValueError(f"calibration.{key} must hold one row of finite{' non-negative' if non_negative else ''} "
                                  f"scores per block ({len(block_names)})")

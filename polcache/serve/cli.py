@@ -161,6 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
             backend.warmup(sizes)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         print(f"serving {args.checkpoint} on {server.endpoint} (Ctrl-C to stop)", flush=True)
+        print(f"policy: {_described(info['backend'])}", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -174,6 +175,18 @@ def _keys(args: argparse.Namespace) -> int:
     for path in generate_keys(args.dir, force=args.force):
         print(f"wrote {path}")
     return 0
+
+
+def _described(backend: dict) -> str:
+    """One line of what serves: backend, device, sampler and steps, and the cache plan (the schedule in
+    force was said only in the metrics file)."""
+    cache = backend.get("cache")
+    plan = ("no cache" if not cache else
+            f"cache {cache.get('source') or cache.get('method')}: {cache.get('block_evals')} of "
+            f"{cache.get('block_evals_uncached')} block evaluations per chunk" if not cache.get("dynamic") else
+            f"cache {cache.get('source') or cache.get('method')}: decided at run time")
+    return (f"{backend.get('backend')} on {backend.get('device')}, {backend.get('sampler')} {backend.get('steps')} "
+            f"steps, {plan}")
 
 
 def _counted(n: float, noun: str) -> str:
