@@ -39,6 +39,7 @@ log = logging.getLogger("polcache.dashboard")
 
 MONOTONIC_KINDS = ("tick", "chunk")
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
+SERVER_TOTAL = "server (total)"  # a robot's chunks' server time, for robots the server's records do not cover
 QUANTILES = (50, 95, 99)
 LIVE_SLACK_S = 1.0  # load samples this long after the newest record still belong to a run (records arrive late)
 PAUSE_S, PAUSE_PERIODS = 1.0, 10  # a gap in a robot's ticks longer than both breaks its series
@@ -52,7 +53,8 @@ class Ticks(NamedTuple):
     periods: np.ndarray  # np.diff(t)
     paused: np.ndarray  # per period: a pause, not a period
     pauses: np.ndarray  # the pauses' middles
-SERVER_TOTAL = "server (total)"  # a robot's chunks' server time, for robots the server's records do not cover
+
+
 OP_NAMES = {0: "compute", 1: "reuse", 2: "forecast", 3: "gate"}  # polcache.policy.executor's op codes
 
 # Every view, in page order: id -> (title, type). The page and the report iterate this table.
