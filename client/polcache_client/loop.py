@@ -124,8 +124,7 @@ class ControlLoop:
         tick = self.rate.sleep()
         now = tick.t
         if tick.missed:
-            self._ran_late(tick.missed, self._work_s, "the last tick's work (observe, send, act or safe_stop, "
-                                                      "callbacks)")
+            self._ran_late(tick.missed)
         self._receive(now)
         observing = self.clock.now()
         epoch = self.client.epoch
@@ -141,8 +140,6 @@ class ControlLoop:
         acting = self.clock.now()
         if acting - now > self.schedule.half_period:  # the tick stalled (a slow observe(), a paused process):
             now = acting  # the action due at its start is past due; act on what is due now, or hold or stop
-        if skipped := self.rate.skip_through(now):  # woke or acts over half a period late: a later step's tick
-            self._ran_late(skipped, acting - tick.t, "this tick's observe() and send")
         decision = self.watchdog.step(now, self.schedule.action_at(now))
         interrupted: KeyboardInterrupt | None = None
         held = False
@@ -179,7 +176,7 @@ class ControlLoop:
             period_error_ms=tick.error * 1e3,
             state=State.STOPPED.value if held else decision.state.value,
             queue_depth=self.schedule.depth(now),
-            missed_ticks=tick.missed + skipped,
+            missed_ticks=tick.missed,
             waiting=held or decision.state == State.WAITING,
             deadline_miss=decision.state in (State.HOLDING, State.STOPPED),
             safe_stops=int(stopping),
@@ -276,14 +273,14 @@ class ControlLoop:
         self._capture_age_s = max(observing - t, 0.0)
         return t
 
-    def _ran_late(self, missed: int, work_s: float, work: str) -> None:
-        """Say, at most every few seconds, that ticks were skipped and what took the time (`work` took
-        `work_s`): the loop fell to 32 Hz of 50 under a 30 ms observe() with nothing logged."""
-        period_ms, work_ms = self.rate.period * 1e3, work_s * 1e3
-        why = (f"{work} took {work_ms:.1f} ms of the {period_ms:.1f} ms period: make it shorter or lower the rate"
-               if work_ms > period_ms / 2 else
-               f"the process was paused or not scheduled ({work} took {work_ms:.1f} ms of the {period_ms:.1f} ms "
-               f"period): a loaded machine; see use_realtime_priority()")
+    def _ran_late(self, missed: int) -> None:
+        """Say, at most every few seconds, that ticks were skipped and what took the time: the loop
+        fell to 32 Hz of 50 under a 30 ms observe() with nothing logged."""
+        period_ms, work_ms = self.rate.period * 1e3, self._work_s * 1e3
+        why = (f"the last tick's work (observe, send, act or safe_stop, callbacks) took {work_ms:.1f} ms of the "
+               f"{period_ms:.1f} ms period: make it shorter or lower the rate" if work_ms > period_ms else
+               f"the process was paused or not scheduled (the last tick's work took {work_ms:.1f} ms of the "
+               f"{period_ms:.1f} ms period): a loaded machine; see use_realtime_priority()")
         self._warn("missed", f"control loop late: {missed} tick(s) skipped; {why}")
 
     def _receive(self, now: float) -> None:

@@ -4,9 +4,7 @@
 period is measured from the last wake-up; that is how control loops silently run slower
 than their nominal rate. `Rate` keeps an absolute grid of deadlines, sleeps until shortly
 before each one and spins the rest, reports how late every tick woke, and skips (and
-counts) grid points it could not make instead of bursting to catch up: a loop behind its grid
-waits for the nearest grid point, and a tick that ran over half a period late takes a later grid
-point's place, so that no two ticks come within a period of each other and pick the same action.
+counts) grid points it could not make instead of bursting to catch up.
 """
 
 from __future__ import annotations
@@ -83,24 +81,12 @@ class Rate:
         after the last one (a short pause started the grid early: a 50 Hz loop read ~50.3 Hz)."""
         self._fresh = True
 
-    def skip_through(self, t: float) -> int:
-        """The tick under way acts at `t`, more than half a period after its deadline (it woke late, or
-        stalled): it takes the place of the grid point nearest `t`, so the next tick comes a period after
-        that one. (Due within a period of this one, it picked the same action again, and the one this
-        tick should have had was never executed.) Returns the grid points skipped, counted as missed."""
-        deadline = self._next - self.period
-        slots = math.floor((t - deadline) / self.period + 0.5)  # at half a period: the later action is due
-        if slots < 1:
-            return 0
-        self._next = deadline + (slots + 1) * self.period
-        return slots
-
     def sleep(self) -> Tick:
         now = self.clock.now()
         if self._fresh:
             deadline, missed, self._fresh = max(now, self._next), 0, False
-        else:  # behind: the grid point nearest now (one more than half a period past is no tick's any more)
-            missed = max(0, math.floor((now - self._next) / self.period + 0.5))
+        else:
+            missed = max(0, math.floor((now - self._next) / self.period))
             deadline = self._next + missed * self.period
         self.clock.sleep_until(deadline)
         self._next = deadline + self.period
