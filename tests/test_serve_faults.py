@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import re
@@ -822,8 +823,6 @@ def test_after_a_network_stall_the_robot_never_acts_on_stale_actions(stall_s, re
     holds, stops once, and resumes with fresh actions only; what was computed for observations sent
     before or during the stall comes too late and is dropped. A stall over the robot's timeout ends
     in a reconnect, which the old connection's late chunks cannot cross."""
-    import gc
-
     robot, ticks = StepRobot(50), []
     gc.collect()  # a full collection of what earlier tests left paused the process ~300 ms mid-run: a second stop
     with PolicyServer(FakeBackend(), "tcp://127.0.0.1:0") as server, \

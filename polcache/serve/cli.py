@@ -181,10 +181,13 @@ def _described(backend: dict) -> str:
     """One line of what serves: backend, device, sampler and steps, and the cache plan (the schedule in
     force was said only in the metrics file)."""
     cache = backend.get("cache")
-    plan = ("no cache" if not cache else
-            f"cache {cache.get('source') or cache.get('method')}: {cache.get('block_evals')} of "
-            f"{cache.get('block_evals_uncached')} block evaluations per chunk" if not cache.get("dynamic") else
-            f"cache {cache.get('source') or cache.get('method')}: decided at run time")
+    if not cache:
+        plan = "no cache"
+    else:
+        name = cache.get("source") or cache.get("method")
+        plan = (f"cache {name}: decided at run time" if cache.get("dynamic") else
+                f"cache {name}: {cache.get('block_evals')} of {cache.get('block_evals_uncached')} block evaluations "
+                f"per chunk")
     return (f"{backend.get('backend')} on {backend.get('device')}, {backend.get('sampler')} {backend.get('steps')} "
             f"steps, {plan}")
 

@@ -254,9 +254,9 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
         env_spec[INSTRUCTION_KEY] = backend.spec.obs[INSTRUCTION_KEY]
         texts = ((rollout.instruction,) if rollout.instruction is not None
                  else instructions(task, rollout.instructions or "heldout"))
-        source = ("--instruction" if rollout.instruction is not None else
-                  f"{task}'s {rollout.instructions or 'heldout'} paraphrase {{!r}} (--instructions)")
-        encoded = [policy_instruction(t, backend.spec, source.format(t)) for t in texts]
+        split = rollout.instructions or "heldout"
+        encoded = [policy_instruction(t, backend.spec, "--instruction" if rollout.instruction is not None
+                                      else f"{task}'s {split} paraphrase {t!r} (--instructions)") for t in texts]
     check_compatible(meta, env_spec, env.action_dim, f"task {task!r}")  # first: other shapes, whatever the rate
     mismatch = check_rate(backend.spec.control_hz, 1.0 / env.control_period_s, task, allow_rate_mismatch)
     check_rollout(rollout, backend.spec)  # before the progress bar: a bad option is one line
