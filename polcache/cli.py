@@ -11,7 +11,7 @@ from typing import Callable, NoReturn
 
 from polcache.errors import PolcacheError
 from polcache.extras import missing_extra
-from polcache.signals import how_stopped
+from polcache.signals import how_stopped, sigterm_as_interrupt
 from polcache_client.signals import interrupted_status
 
 # Modules that contribute subcommands, in the order `polcache --help` lists them.
@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     action = getattr(args, f"{args.command}_command", None)  # a nested command's, as in `polcache ptp embed`
     command = f"{args.command} {action}" if action else args.command
     try:
-        return int(args.handler(args) or 0)
+        # every command stops on SIGTERM as on Ctrl-C, saying so (143); one with its own handler keeps it
+        with sigterm_as_interrupt(replace=False):
+            return int(args.handler(args) or 0)
     except PolcacheError as exc:
         print(f"polcache {command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2

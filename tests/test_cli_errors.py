@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -777,6 +779,29 @@ def test_the_command_exits_with_its_status_when_interrupted_on_its_way_out(monke
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_sigterm_stops_any_command_as_ctrl_c_does_saying_so():
+    """A command without its own SIGTERM handling (`polcache calibrate`) died silently on a process
+    manager's stop: status 143 with nothing said, unlike Ctrl-C's "interrupted". (In a child process:
+    without the handling, the signal ends whichever process receives it.)"""
+    script = """
+import os, signal, sys, time
+from polcache import cli
+from polcache.cache import cli as cache_cli
+
+def terminated(args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the signal arrives first
+    return 0
+
+cache_cli._run = terminated
+status = cli.main(["calibrate", "--checkpoint", "c", "--out", "s.json", "--budget", "5"])
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+sys.exit(status)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (143, "polcache calibrate: terminated\n")
 
 
 def test_a_failure_of_the_system_is_one_line_naming_the_path(capsys, monkeypatch):
