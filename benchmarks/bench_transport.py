@@ -81,9 +81,6 @@ class ZeroBackend:
     def predict(self, obs, seed=None, past_actions=None):
         return np.zeros((1, *ACTION_SHAPE), np.float32)
 
-    def reset(self):
-        pass
-
     def session(self):
         from polcache.policy.spec import StatelessSession
 

@@ -140,9 +140,6 @@ class ExportedBackend:
         x, noise = self.initial_noise(probes, seed)
         return chunk_deviation(reference.sample(obs, x, noise), self.sample(obs, x, noise))
 
-    def reset(self) -> None:
-        """DP-T keeps no state between chunks."""
-
     def session(self) -> StatelessSession:
         """A robot's session: exported policies keep nothing between chunks."""
         return StatelessSession(self)

@@ -95,7 +95,7 @@ class TrtBackend(ExportedBackend):
             raise DeviceError("--backend trt runs on a CUDA GPU: pass --device cuda")
         if self.manifest.step_mode != "if":
             raise ExportError(f"{artifact}: TensorRT engines are built from the single step graph; export again "
-                              "without --step-mode patterns")
+                              "without --step-graphs patterns")
         self.precision, self.max_batch, self.rebuild = precision, int(max_batch), rebuild
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)

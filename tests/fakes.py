@@ -79,10 +79,13 @@ class FakeBackend:
     def session(self):
         from polcache.policy.spec import StatelessSession
 
-        return StatelessSession(self)
+        backend = self
 
-    def reset(self) -> None:
-        self.resets += 1
+        class Counted(StatelessSession):
+            def reset(self) -> None:  # counted on the backend: each robot's session reset at its epochs
+                backend.resets += 1
+
+        return Counted(self)
 
 
 class BatchingFakeBackend(FakeBackend):

@@ -40,9 +40,6 @@ class ChunkIndexBackend:
     def session(self):
         return StatelessSession(self)
 
-    def reset(self):
-        self.calls = 0
-
 
 def _run(rollout: Rollout, n_action_steps=4):
     env, backend, lat = CountingEnv(), ChunkIndexBackend(n_action_steps), []

@@ -127,9 +127,6 @@ def test_evaluator_commits_the_chunk_still_in_flight():
         def session(self):
             return StatelessSession(self)
 
-        def reset(self):
-            pass
-
     backend = Recorder()
     run_episode(CountingEnv(), backend, 0, [], rollout=Rollout(max_steps=12, action_steps=4, delay=4, rtc=True))
     assert backend.committed[0] is None

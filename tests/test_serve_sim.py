@@ -34,9 +34,6 @@ class ExpertBackend:
     def session(self):
         return StatelessSession(self)
 
-    def reset(self):
-        pass
-
 
 def test_sim_robot_over_zeromq_matches_in_process_eval():
     from polcache.serve.sim_robot import run_sim_robot

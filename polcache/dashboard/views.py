@@ -32,6 +32,7 @@ from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
+from polcache.policy.ops import OP_NAMES
 from polcache.serve.records import NO_HANDSHAKE
 from polcache_client.protocol import MAX_TIME_S, default_deadline_ms
 
@@ -54,8 +55,6 @@ class Ticks(NamedTuple):
     paused: np.ndarray  # per period: a pause, not a period
     pauses: np.ndarray  # the pauses' middles
 
-
-OP_NAMES = {0: "compute", 1: "reuse", 2: "forecast", 3: "gate"}  # polcache.policy.executor's op codes
 
 # Every view, in page order: id -> (title, type). The page and the report iterate this table.
 VIEWS = {

@@ -1,4 +1,5 @@
-"""Policies: DP-T denoiser built from named blocks, encoders, samplers, checkpoints, backends.
+"""Policies: the denoisers of every family (DP-T, the VLA's action expert) built from named blocks,
+encoders, samplers, checkpoints, backends.
 
 Imports are lazy so that torch-free code (the robot client, simulated robots) can use
 `polcache.policy.spec` without paying for torch."""

@@ -291,9 +291,6 @@ class TorchBackend:
                 if isinstance(outcome, Exception):
                     raise outcome
 
-    def reset(self) -> None:
-        """DP-T keeps no state between chunks."""
-
     def describe(self) -> dict:
         cache = None
         if self.plan is not None:

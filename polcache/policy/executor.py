@@ -29,10 +29,8 @@ import numpy as np
 import torch
 
 from polcache.policy.blocks import Block
-from polcache.policy.ops import COMPUTE, FORECAST, GATE, REUSE
+from polcache.policy.ops import COMPUTE, GATE, REUSE
 from polcache.policy.residual_norm import AddNorm, add_norm_torch
-
-OP_NAMES = {COMPUTE: "compute", REUSE: "reuse", FORECAST: "forecast", GATE: "gate"}
 
 
 def decided_at_run_time(plan: Sequence[Sequence[int]] | None) -> bool:

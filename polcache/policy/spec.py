@@ -248,10 +248,6 @@ class PolicyBackend(Protocol):
         chunking toward those actions; a backend that cannot raises ValueError."""
         ...
 
-    def reset(self) -> None:
-        """Forget any per-episode state (e.g. embedding ring buffers)."""
-        ...
-
     def describe(self) -> dict:
         """What runs, for reports (JSON-able): backend kind, device, sampler kind and `steps`,
         and `cache` (the cache plan's summary, None when uncached)."""
@@ -298,16 +294,17 @@ class PolicySession(Protocol):
 
 
 class StatelessSession:
-    """The session of a backend that keeps nothing between chunks."""
+    """The session of a backend that keeps nothing between chunks (an exported one): an episode's
+    start has nothing to forget."""
 
     def __init__(self, backend: PolicyBackend):
         self.backend = backend
 
     def predict(self, obs: dict[str, np.ndarray], seqs: Sequence[int], seed: int | None = None,
                 past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
-        if committed is None:  # exported backends know nothing of real-time chunking
+        if committed is None:  # not passed: a backend written without real-time chunking takes no `committed`
             return self.backend.predict(obs, seed=seed, past_actions=past_actions)
         return self.backend.predict(obs, seed=seed, past_actions=past_actions, committed=committed)
 
     def reset(self) -> None:
-        self.backend.reset()
+        pass
