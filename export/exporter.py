@@ -23,7 +23,7 @@ from polcache.export.manifest import FORMAT, MANIFEST, GraphEntry, Manifest, sch
 from polcache.policy.checkpoint import trained_tasks
 from polcache.export.onnx_graphs import (OPSET, STEP_MODES, assemble_step, dims, io_description, trace_encoder,
                                          trace_pieces)
-from polcache.policy.executor import COMPUTE, FORECAST, GATE
+from polcache.policy.ops import COMPUTE, FORECAST, GATE
 from polcache.policy.parity import DEFAULT_TOLERANCE, check_parity
 from polcache.policy.policy import DiffusionPolicy
 

@@ -6,7 +6,8 @@ import torch
 from helpers import tiny_policy
 
 from polcache.cache.baselines import no_cache_plan, threshold_plan, uniform_plan, with_forecast
-from polcache.policy.executor import COMPUTE, FORECAST, GATE, REUSE, DeltaStore, Plan, fused_rows, make_store
+from polcache.policy.executor import DeltaStore, Plan, fused_rows, make_store
+from polcache.policy.ops import COMPUTE, FORECAST, GATE, REUSE
 
 SAMPLERS = [("ddpm", 10), ("ddim", 8), ("flow", 6)]
 

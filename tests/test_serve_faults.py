@@ -618,6 +618,28 @@ def test_a_server_stopped_during_an_inference_while_its_robot_reconnects_exits_c
     assert proc.returncode == 0 and "Assertion" not in err, err
 
 
+def test_a_stop_does_not_wait_forever_for_a_hung_inference(monkeypatch, caplog):
+    """The stop waits WORKER_STOP_S for the inference under way; past it the worker is left behind
+    (its socket closed by itself, never under its send) and the stop returns, saying so."""
+    from polcache.serve import server as server_module
+
+    monkeypatch.setattr(server_module, "WORKER_STOP_S", 0.2)
+    server = PolicyServer(FakeBackend(delay_s=1.5), "tcp://127.0.0.1:0").start()
+    peer = RawPeer(server.endpoint)
+    try:
+        peer.handshake()
+        peer.send(observation(0))
+        time.sleep(0.3)  # its inference is under way
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="polcache.serve.server"):
+            server.stop()
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        peer.close()
+    assert not server._thread.is_alive()
+    assert "an inference was still running 0.2 s after the stop: left behind" in caplog.text
+
+
 def test_non_loopback_bind_needs_keys_or_insecure(tmp_path):
     assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:1")
     assert is_loopback(f"ipc://{tmp_path}/x") and not is_loopback("tcp://*:5555") and not is_loopback("tcp://10.0.0.2:1")

@@ -237,3 +237,11 @@ def test_image_tokens_are_a_grid_of_equal_cells_at_any_image_size(size):
     cfg.image.channels = 8
     tokens = ImageTokens("image_top", (size, size, 3), cfg)(torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
     assert tokens.shape == (2, 16, 16)
+
+
+def test_ptp_embed_refuses_a_vla_whose_encoder_reads_the_frames_together(tmp_path):
+    from polcache.errors import DatasetError
+    from polcache.ptp.embeddings import check_embeddable
+
+    with pytest.raises(DatasetError, match="vla policy, whose encoder reads the frames together"):
+        check_embeddable(tiny_vla(), tmp_path / "no-dataset-needed")  # refused before the dataset is opened

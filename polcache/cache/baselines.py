@@ -7,7 +7,8 @@ All of them run in the same executor as BAC, on the same plan format: only the o
 from __future__ import annotations
 
 from polcache.cache.errors import CacheError
-from polcache.policy.executor import COMPUTE, FORECAST, GATE, REUSE, Plan
+from polcache.policy.executor import Plan
+from polcache.policy.ops import COMPUTE, FORECAST, GATE, REUSE
 
 
 def no_cache_plan(steps: int, n_blocks: int) -> Plan:

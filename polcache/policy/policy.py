@@ -50,7 +50,7 @@ class DiffusionPolicy(nn.Module):
         self.denoiser = DiffusionTransformer(action_dim, self.encoder.feature_dim, cfg, self.encoder.memory_tokens,
                                              self.encoder.causal_memory)
         self.training_noise = TrainingNoise(cfg.sampler, cfg.objective)
-        self._samplers: dict[tuple[str, int], Sampler] = {}
+        self._samplers: dict[tuple[str, int, torch.device], Sampler] = {}
 
     def _obs_normalizer(self, obs_spec: dict) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
         """PolicySpec.obs_normalizer: the normaliser's scale and offset of each float observation
@@ -128,11 +128,11 @@ class DiffusionPolicy(nn.Module):
     def sampler(self, kind: str | None = None, steps: int | None = None) -> Sampler:
         """The sampler `kind` (default: the config's) at `steps`, refused where it does not read what the
         denoiser was trained to predict (policy.objective): every command builds its sampler here."""
-        key = (kind or self.cfg.sampler.kind, int(steps or self.cfg.sampler.inference_steps))
+        dev = next(self.parameters()).device  # a policy moved since keeps its samplers for the old device too
+        key = (kind or self.cfg.sampler.kind, int(steps or self.cfg.sampler.inference_steps), dev)
         if key not in self._samplers:
             if key[0] in ("ddpm", "ddim", "flow"):  # (an unknown kind is named by make_sampler)
                 check_sampler_fits(key[0], self.cfg.objective, "--sampler")
-            dev = next(self.parameters()).device
             self._samplers[key] = make_sampler(self.cfg.sampler, key[0], steps or None, "--steps").to(dev)
         return self._samplers[key]
 

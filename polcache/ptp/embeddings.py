@@ -63,10 +63,9 @@ def check_embedding_output(out: str | Path, dataset: str | Path, flag: str | Non
 def check_embeddable(policy: DiffusionPolicy, dataset: str | Path) -> EpisodeStore:
     """The opened dataset when the policy's per-frame encoder takes its observations; else one line
     naming the mismatch, before any frame is encoded."""
-    family = policy.identity()["family"]
-    if family != "dp-t":  # a VLA encodes all frames (and the instruction) together: no per-frame embedding
-        raise DatasetError(f"the checkpoint is a {family} policy; ptp embed stores the per-frame features of a "
-                           "dp-t policy's encoder")
+    if not policy.encoder.per_frame:  # a VLA encodes all frames (and the instruction) together
+        raise DatasetError(f"the checkpoint is a {policy.identity()['family']} policy, whose encoder reads the frames "
+                           f"together; ptp embed stores per-frame features (a dp-t policy's encoder)")
     store = open_dataset(dataset)
     store.check_observations({k: policy.spec.obs[k] for k in policy.obs_keys}, str(dataset), "the checkpoint's encoder",
                              f" (a checkpoint of another task, {policy.spec.task or 'unnamed'}?)")

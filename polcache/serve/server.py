@@ -83,6 +83,7 @@ MAX_SIMULATED_LATENCY_MS = 10_000.0  # a slower computer's inference, for tests 
 MAX_INLINE_MS = 100.0  # beyond this, heartbeats and other robots would wait too long behind an inline inference
 MIN_MESSAGE_BYTES = 4096  # the largest handshake and welcome of a small policy fit
 INLINE_WINDOW = 16  # recent inference times that decide where the next one runs
+WORKER_STOP_S = 10.0  # how long a stop waits for the inference under way
 # pyzmq's flags and options as plain ints: combining or testing its enum members runs enum.py's Python
 # (~1 us each), and even passing one costs ~0.2 us more than an int (getsockopt, twice per message)
 _POLLIN = int(zmq.POLLIN)
@@ -337,9 +338,13 @@ class PolicyServer:
             sock.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
-        self._worker.close()
+        stopped = self._worker.close(WORKER_STOP_S)
         self._wake.close(linger=0)
-        self._ctx.term()
+        if stopped:
+            self._ctx.term()
+        else:  # term() would wait for the worker's socket: forever, if the device hung
+            log.warning("an inference was still running %g s after the stop: left behind (its thread ends with the "
+                        "process)", WORKER_STOP_S)
 
     # ------------------------------------------------------------ receiving
 

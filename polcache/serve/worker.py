@@ -84,15 +84,22 @@ class InferenceWorker:
         """Hand over one batch; the server submits only when the previous results came back."""
         self._jobs.put(jobs)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float) -> bool:
+        """Stop the worker once its inference under way (if any) ends; False if it did not within
+        `timeout_s` (a hung device): it is left running, its socket open, so the context cannot end."""
         self._jobs.put(None)
-        self._thread.join(timeout=10)
-        self._wake.close(linger=0)
+        self._thread.join(timeout=timeout_s)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
-        while (jobs := self._jobs.get()) is not None:
-            self.done.put(self.infer(jobs))
-            self._wake.send(b"")
+        # The socket is closed here, by the thread that sends on it: closed by the server after a join that
+        # timed out, it could be in the middle of the send of an inference that ended just then.
+        try:
+            while (jobs := self._jobs.get()) is not None:
+                self.done.put(self.infer(jobs))
+                self._wake.send(b"")
+        finally:
+            self._wake.close(linger=0)
 
     def infer(self, jobs: list[Job]) -> list[Job]:
         """The jobs, each with its actions or its error; every chunk's `inference` time is the
