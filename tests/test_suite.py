@@ -114,3 +114,14 @@ def test_bench_suite_within_column_follows_the_cap_used():
     capped = [result(60, [30, 60])]
     assert bench.short_cap(capped) == 60 and "within 60 steps" in bench.columns(60)
     assert bench.mean_row(capped, 60)["within 60 steps"] == "100.0%"
+
+
+def test_training_time_counts_on_across_resumes_and_an_old_result_is_run_again(tmp_path):
+    """elapsed_s counts on from the checkpoint a run resumed: summing segments counted the time
+    before that checkpoint twice. A stored result of another version's fields was a traceback."""
+    log = [{"step": s, "elapsed_s": e} for s, e in ((10, 10.0), (20, 20.0), (30, 30.0), (25, 25.0), (35, 35.0))]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert suite._train_seconds(tmp_path) == 35.0
+    run = SuiteRun(config="configs/default.yaml")
+    (tmp_path / "result.json").write_text(json.dumps({"run": run.key(), "a_field_of_old": 1}))
+    assert suite._stored(tmp_path / "result.json", run) is None

@@ -92,7 +92,10 @@ def _stored(path: Path, run: SuiteRun) -> TaskResult | None:
         return None
     if data.get("run") != run.key():
         return None
-    return TaskResult(**data)
+    try:
+        return TaskResult(**data)
+    except TypeError:  # written by a version with other fields: run again
+        return None
 
 
 def run_task(task: str, run: SuiteRun, out: str | Path) -> TaskResult:
@@ -158,19 +161,14 @@ def recipe_id(cfg: "ExperimentConfig") -> str:
 
 
 def _train_seconds(run_dir: Path) -> float:
-    """Wall time of training summed over resumed segments, from train_log.jsonl."""
-    total, last = 0.0, 0.0
+    """Time spent training, from train_log.jsonl: its last elapsed_s, which counts on across resumed
+    segments from the checkpoint each resumed (work lost to a crash after a checkpoint is not counted)."""
     try:
         lines = (run_dir / "train_log.jsonl").read_text().splitlines()
     except OSError:
         return 0.0
-    for line in lines:
-        rec = json.loads(line)
-        if "elapsed_s" in rec:
-            if rec["elapsed_s"] < last:  # a resumed segment restarts its clock
-                total += last
-            last = rec["elapsed_s"]
-    return total + last
+    elapsed = [rec["elapsed_s"] for rec in map(json.loads, lines) if "elapsed_s" in rec]
+    return elapsed[-1] if elapsed else 0.0
 
 
 def _checkpoint_step(checkpoint: Path) -> int:

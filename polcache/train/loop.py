@@ -305,7 +305,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         return best
 
     policy.train()
-    t0 = time.time() - elapsed  # elapsed_s counts on from the checkpoint resumed
+    t0 = time.monotonic() - elapsed  # elapsed_s counts on from the checkpoint resumed
     try:
         # a run interrupted while validating saved OUT/last at that step first: its validation is still due
         if rank == 0 and step and checkpoint_due(step) and not _validated(log_path, step):
@@ -329,15 +329,16 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
                 if step % cfg.train.log_every == 0 or step == steps:
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
                     _log(log_path, {"step": step, "loss": loss.item(), "lr": lr,
-                                    "elapsed_s": round(time.time() - t0, 2)})
+                                    "elapsed_s": round(time.monotonic() - t0, 2)})
                 if checkpoint_due(step):
-                    saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.time() - t0, tasks)
+                    saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.monotonic() - t0,
+                                  tasks)
                     best = validate_checkpoint(step, best)
     except KeyboardInterrupt:
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
             with interrupts_held():
                 print(f"\ninterrupted: saving {last} at step {step} (Ctrl-C is ignored until it is saved)", flush=True)
-                _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.time() - t0, tasks)
+                _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.monotonic() - t0, tasks)
             print(f"interrupted: saved {last} at step {step}; run the same command to resume")
         raise
     bar.close()
