@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import non_negative_float, positive_int
+from polcache.cli_types import add_sampler_options, non_negative_float
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,8 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--cache", help="cache plan compiled into the graphs (as for eval: uniform:N, a schedule .json, "
                                    "bac:S:n@PATH.json ...; not threshold:T or +forecast)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
-    p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
+    add_sampler_options(p)
     p.add_argument("--format", choices=["onnx"], default="onnx", help="artifact format (onnx)")
     p.add_argument("--step-graphs", choices=["if", "patterns"], default=None,
                    help="if: one step graph switching blocks with If nodes on the plan table (default); patterns: "

@@ -8,7 +8,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Callable
 
-from polcache.config import MAX_SEED
+from polcache.config import MAX_SEED, SAMPLER_KINDS
 from polcache.errors import cut_short
 from polcache.policy.loader import BACKENDS, MAX_CANDIDATES, PRECISIONS
 
@@ -135,14 +135,19 @@ FRESH_HELP = ("start from scratch; the previous run (last/, best/, train_log.jso
               "OUT/previous-<time>/")
 
 
+def add_sampler_options(p: "OneLineParser") -> None:
+    """How a policy is sampled, for every command that runs, calibrates or exports one."""
+    p.add_argument("--sampler", choices=SAMPLER_KINDS, help="sampler (default: the checkpoint's)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
+
+
 def add_backend_options(p: "OneLineParser") -> None:
     """What runs the policy, for every command that loads one to act (eval, serve)."""
     p.add_argument("--backend", choices=BACKENDS, help="inference backend (default: torch for a "
                    "checkpoint, ort (ONNX Runtime) for an artifact from `polcache export`; trt: TensorRT engines "
                    "built from such an artifact, needs the tensorrt package and --device cuda)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
-    p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
+    add_sampler_options(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="denoiser precision (torch: any; trt: fp32 or fp16; ort: fp32). Reduced precision must "
                         "match fp32 within --precision-tolerance on probe observations, else the backend refuses "

@@ -30,6 +30,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # (epsilon) is read by DDPM/DDIM's update, a velocity (flow) by Euler steps; the other pairings run
 # without complaint and produce garbage actions
 SAMPLERS_FOR = {"epsilon": ("ddpm", "ddim"), "flow": ("flow",)}
+SAMPLER_KINDS = tuple(kind for kinds in SAMPLERS_FOR.values() for kind in kinds)
 
 
 @dataclass
@@ -502,8 +503,8 @@ def validate(cfg: ExperimentConfig) -> None:
     if p.frame_mode not in ("strided", "mixed"):
         raise ConfigError(f"policy.frame_mode must be 'strided' or 'mixed', got {p.frame_mode!r}")
     past_tokens(p)  # validates policy.past_loss
-    if p.sampler.kind not in ("ddpm", "ddim", "flow"):
-        raise ConfigError(f"policy.sampler.kind must be ddpm, ddim or flow, got {p.sampler.kind!r}")
+    if p.sampler.kind not in SAMPLER_KINDS:
+        raise ConfigError(f"policy.sampler.kind must be one of {', '.join(SAMPLER_KINDS)}, got {p.sampler.kind!r}")
     check_sampler_fits(p.sampler.kind, p.objective, "policy.sampler.kind")
     if p.sampler.beta_schedule not in BETA_SCHEDULES:
         raise ConfigError(f"policy.sampler.beta_schedule must be {_one_of(BETA_SCHEDULES)}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import DEVICE_HELP, non_negative_int, positive_int, seed_int, thread_count
+from polcache.cli_types import DEVICE_HELP, add_sampler_options, non_negative_int, positive_int, seed_int, thread_count
 from polcache.extras import install_hint
 
 
@@ -21,8 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bu-blocks", type=non_negative_int,
                    help="blocks widened by Bubbling Union (paper: 5 in simulation, 3 on robots; default 5, or "
                         "every block of a model with fewer)")
-    p.add_argument("--steps", type=positive_int, help="denoising steps K (default: the checkpoint's)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "flow"], help="sampler (default: the checkpoint's)")
+    add_sampler_options(p)
     p.add_argument("--samples", type=positive_int, default=32, help="calibration observations (default 32)")
     p.add_argument("--dataset", help="dataset (polcache zarr or LeRobot root) to take them from (default: the "
                    "checkpoint's training dataset where it is found and is that data, else environment resets)")

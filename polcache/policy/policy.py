@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from polcache.config import EMBEDDING_KEY as EMBEDDING
-from polcache.config import PolicyConfig, check_sampler_fits, past_tokens, to_dict
+from polcache.config import SAMPLER_KINDS, PolicyConfig, check_sampler_fits, past_tokens, to_dict
 from polcache.data.normalize import Normalizer
 from polcache.policy.blocks import Block
 from polcache.policy.denoiser import DiffusionTransformer
@@ -131,7 +131,7 @@ class DiffusionPolicy(nn.Module):
         dev = next(self.parameters()).device  # a policy moved since keeps its samplers for the old device too
         key = (kind or self.cfg.sampler.kind, int(steps or self.cfg.sampler.inference_steps), dev)
         if key not in self._samplers:
-            if key[0] in ("ddpm", "ddim", "flow"):  # (an unknown kind is named by make_sampler)
+            if key[0] in SAMPLER_KINDS:  # (an unknown kind is named by make_sampler)
                 check_sampler_fits(key[0], self.cfg.objective, "--sampler")
             self._samplers[key] = make_sampler(self.cfg.sampler, key[0], steps or None, "--steps").to(dev)
         return self._samplers[key]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from polcache.config import SamplerConfig
+from polcache.config import SAMPLER_KINDS, SamplerConfig
 from polcache.errors import ConfigError
 
 FLOW_TIME_SCALE = 1000.0  # flow time t in [0, 1] is fed to the model as t * 1000, like DDPM's 0..999
@@ -127,8 +127,8 @@ def make_sampler(cfg: SamplerConfig, kind: str | None = None, steps: int | None 
     """Build the coefficient tables for `kind` (default cfg.kind) with `steps` inference steps;
     `what` names where a given `steps` came from in an error (a keyword, or a command's --steps)."""
     kind = kind or cfg.kind
-    if kind not in ("ddpm", "ddim", "flow"):
-        raise ConfigError(f"unknown sampler {kind!r}: expected ddpm, ddim or flow")
+    if kind not in SAMPLER_KINDS:
+        raise ConfigError(f"unknown sampler {kind!r}: expected one of {', '.join(SAMPLER_KINDS)}")
     name = "policy.sampler.inference_steps" if steps is None else what
     steps = int(cfg.inference_steps if steps is None else steps)
     most, why = ((MAX_FLOW_STEPS, "Euler steps: memory grows with them") if kind == "flow"
