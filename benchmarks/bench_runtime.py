@@ -25,7 +25,7 @@ from pathlib import Path
 from bench_transport import free_port
 from common import RESULTS, print_table, write_json
 from polcache.metrics import Metrics
-from polcache.serve.sim_robot import SimRobot
+from polcache.sim.robot import SimRobot
 from polcache_client import ControlLoop, PolicyClient, use_realtime_priority
 
 SHIPPED = Path(__file__).resolve().parents[1] / "polcache" / "assets" / "checkpoints" / "reach-v3"

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "polcache.sim.cli",
     "polcache.cache.cli",
     "polcache.serve.cli",
+    "polcache.sim.robot_cli",
     "polcache.export.cli",
     "polcache.dashboard.cli",
     "polcache.launch.cli",

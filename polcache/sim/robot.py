@@ -26,7 +26,7 @@ from polcache_client import (ActionSchedule, ConnectError, ControlLoop, KeyFolde
                              Watchdog, use_realtime_priority)
 
 
-log = logging.getLogger("polcache.sim_robot")
+log = logging.getLogger(__name__)
 
 
 class SimRobot:

@@ -36,7 +36,7 @@ class ExpertBackend:
 
 
 def test_sim_robot_over_zeromq_matches_in_process_eval():
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.robot import run_sim_robot
     from polcache.sim.evaluate import evaluate
 
     episodes = 4
@@ -74,7 +74,7 @@ def test_sim_robot_refused_for_camera_images_says_which_options_send_them():
     """A policy that sees a camera, served to a sim-robot run without --cameras: the refusal names
     the missing image key and the options that send it."""
     from polcache.errors import PolcacheError
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.robot import run_sim_robot
 
     class ImageBackend(ExpertBackend):
         spec = PolicySpec(obs={"state": ArraySpec((39,), "float32"), "image_top": ArraySpec((32, 32, 3), "uint8")},
@@ -92,7 +92,7 @@ def test_a_stopped_sim_robot_reports_its_finished_episodes(monkeypatch, tmp_path
 
     from polcache.cli import main
     from polcache_client.signals import Terminated
-    from polcache.serve.sim_robot import SimRobot
+    from polcache.sim.robot import SimRobot
 
     begin = SimRobot.begin
 
@@ -119,7 +119,7 @@ def test_a_sim_robot_whose_server_restarted_says_it_reconnected(monkeypatch, tmp
     import json
 
     from polcache.cli import main
-    from polcache.serve.sim_robot import SimRobot
+    from polcache.sim.robot import SimRobot
 
     servers = [PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0").start()]
     begin = SimRobot.begin
@@ -152,7 +152,7 @@ def test_every_way_out_of_a_sim_robot_ends_with_one_safe_stop(where, monkeypatch
     import signal
 
     from polcache.cli import main
-    from polcache.serve.sim_robot import SimRobot
+    from polcache.sim.robot import SimRobot
     from polcache_client import ControlLoop
 
     begin, reset_episode = SimRobot.begin, ControlLoop.reset_episode
@@ -193,7 +193,7 @@ def test_a_sim_robot_stopped_mid_episode_says_its_loop_safe_stopped_it(episode, 
 
     from polcache.cli import main
     from polcache_client.signals import Terminated
-    from polcache.serve.sim_robot import SimRobot
+    from polcache.sim.robot import SimRobot
 
     begin, act = SimRobot.begin, SimRobot.act
     stops = []
@@ -239,7 +239,7 @@ def test_a_sim_robot_stopped_after_its_watchdogs_stop_says_its_loop_made_none(mo
     it again, yet the loop line said "then the safe stop on SIGTERM" and the result "safe_stop": true."""
     import json
 
-    import polcache.serve.sim_robot as sim_robot
+    import polcache.sim.robot as sim_robot
     from polcache.cli import main
     from polcache_client import Watchdog
     from polcache_client.signals import Terminated
@@ -289,9 +289,9 @@ def test_sim_robot_on_another_task_than_the_policys_is_warned(caplog):
     """Allowed (a transfer test), but said: a policy of reach-v3 driving push-v3 is rarely meant."""
     import logging
 
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.robot import run_sim_robot
 
-    with caplog.at_level(logging.WARNING, logger="polcache.sim_robot"), \
+    with caplog.at_level(logging.WARNING, logger="polcache.sim.robot"), \
             PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
         run_sim_robot("push-v3", server.endpoint, hz=100, episodes=1, connect_timeout_s=5)
     assert "the server's policy was trained on reach-v3, this robot runs push-v3" in caplog.text
@@ -301,7 +301,7 @@ def test_a_language_policy_on_a_task_without_written_instructions_names_sim_robo
     """The server's refusal speaks to robots in general (send one, or --instruction at the server); the
     simulated robot adds its own way out."""
     from polcache.errors import PolcacheError
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.robot import run_sim_robot
 
     class Listening(ExpertBackend):
         spec = PolicySpec(obs={"state": ArraySpec((39,), "float32"), "instruction": ArraySpec((32,), "uint8")},
@@ -316,7 +316,7 @@ def test_a_language_policy_on_a_task_without_written_instructions_names_sim_robo
 def test_an_image_policy_served_to_a_robot_without_cameras_names_sim_robots_options():
     """The hint hangs on the refusal's error code (ConnectError.code), not on the message's wording."""
     from polcache.errors import PolcacheError
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.robot import run_sim_robot
 
     class Seeing(ExpertBackend):
         spec = PolicySpec(obs={"state": ArraySpec((39,), "float32"), "image_top": ArraySpec((64, 64, 3), "uint8")},
@@ -332,7 +332,7 @@ def test_an_image_policy_served_to_a_robot_without_cameras_names_sim_robots_opti
 def test_a_lagging_sensor_is_timed_from_its_capture_where_the_robot_says_when(stamped):
     """sim-robot --sensor-lag-ms 60: each observation is 60 ms old; stamped (capture_time()), the
     chunks' latency counts from then (>= the lag), unstamped from when the robot asked."""
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.robot import run_sim_robot
 
     with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
         result = run_sim_robot(TASK, server.endpoint, hz=100, episodes=2, seed=1000, sensor_lag_ms=60.0,
@@ -357,7 +357,7 @@ def test_sim_robots_chunks_line_says_what_the_sensor_lag_is_in_the_latency(flags
 
 def test_a_sensor_lag_beyond_what_the_loop_accepts_is_refused_by_name():
     from polcache.errors import PolcacheError
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.robot import run_sim_robot
 
     with pytest.raises(PolcacheError, match=r"sensor_lag_ms must be in \[0, 5000\] ms, got 6000"):
         run_sim_robot(TASK, "tcp://127.0.0.1:1", hz=50, episodes=1, sensor_lag_ms=6000.0)
@@ -381,7 +381,7 @@ def test_sim_robots_sensor_flags_are_refused_by_their_own_names(capsys, flags, s
 
 
 def test_the_simulated_sensor_returns_the_newest_observation_old_enough(monkeypatch):
-    from polcache.serve import sim_robot
+    from polcache.sim import robot as sim_robot
 
     class Env:
         action_dim = 1
@@ -419,10 +419,10 @@ def test_an_episode_cut_at_the_tick_limit_is_marked_truncated_not_just_failed(mo
     policy's failure with nothing per episode saying it had been cut."""
     import logging
 
-    from polcache.serve import sim_robot
+    from polcache.sim import robot as sim_robot
 
     monkeypatch.setattr(sim_robot, "episode_tick_limit", lambda steps, hz: 5)  # the expert needs more steps
-    with caplog.at_level(logging.WARNING, logger="polcache.sim_robot"), \
+    with caplog.at_level(logging.WARNING, logger="polcache.sim.robot"), \
             PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
         result = sim_robot.run_sim_robot(TASK, server.endpoint, hz=100, episodes=1, seed=1000)
     (episode,) = result.per_episode
@@ -435,7 +435,7 @@ def test_what_a_sim_robot_records_is_what_ran(capsys):
     --blend latest is refused (it was ignored), and a policy without language records no
     instruction (each episode had recorded the task's paraphrase it never read)."""
     from polcache.cli import main
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.robot import run_sim_robot
 
     with PolicyServer(ExpertBackend(), "tcp://127.0.0.1:0") as server:
         result = run_sim_robot(TASK, server.endpoint, hz=100, episodes=1, seed=1000, decay=0.3)
@@ -451,7 +451,7 @@ def test_a_sim_robot_on_a_task_at_another_rate_than_the_policys_is_refused_as_ev
     from dataclasses import replace
 
     from polcache.errors import PolcacheError
-    from polcache.serve.sim_robot import run_sim_robot
+    from polcache.sim.robot import run_sim_robot
 
     backend = ExpertBackend()
     backend.spec = replace(ExpertBackend.spec, control_hz=30.0)  # reach-v3 steps at 80 Hz
