@@ -20,7 +20,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 from common import RESULTS, print_table, write_json  # noqa: E402
 
 from polcache.data import EpisodeStore  # noqa: E402
-from polcache.data.lerobot import export_lerobot, import_lerobot  # noqa: E402
+from polcache.data.lerobot import import_lerobot  # noqa: E402
+from polcache.data.lerobot_export import export_lerobot  # noqa: E402
 from polcache.envs import record_demonstrations  # noqa: E402
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, print_table, write_json  # noqa: E402
 
 from polcache.data import lerobot  # noqa: E402
+from polcache.data.lerobot_export import export_lerobot  # noqa: E402
 from polcache.data.store import Episode, dataset_writer  # noqa: E402
 
 HEIGHT, WIDTH, CRF, FPS = 480, 640, 23, 50
@@ -83,7 +84,7 @@ def make_root(work: Path, episodes: int, frames: int, cameras: int, seed: int) -
             obs["state"] = rng.normal(size=(frames, 14)).astype(np.float32)
             writer.append(Episode(obs=obs, action=rng.normal(size=(frames, 14)).astype(np.float32), task="fold"))
     t0 = time.perf_counter()
-    lerobot.export_lerobot(src, root, crf=CRF, progress=False)
+    export_lerobot(src, root, crf=CRF, progress=False)
     return root, time.perf_counter() - t0
 
 

@@ -22,6 +22,7 @@ av = pytest.importorskip("av")
 from polcache.cli import main  # noqa: E402
 from polcache.data import Episode, EpisodeStore, SequenceDataset, open_dataset, write_dataset  # noqa: E402
 from polcache.data import lerobot as lr  # noqa: E402
+from polcache.data import lerobot_export as lr_export  # noqa: E402
 from polcache.errors import DatasetError  # noqa: E402
 from polcache.policy.language import decode_instruction, encode_instruction  # noqa: E402
 
@@ -202,7 +203,7 @@ def test_import_resizes_every_camera(lerobot_root, tmp_path):
         lr.import_lerobot(lerobot_root, tmp_path / "bad.zarr", progress=False, image_size=(0, 8))
     states = tmp_path / "states.zarr"  # a root without cameras: refused, not silently "resized"
     write_dataset(states, [Episode(obs={"state": np.zeros((4, 2), np.float32)}, action=np.zeros((4, 2), np.float32))])
-    lr.export_lerobot(states, tmp_path / "states-root", progress=False)
+    lr_export.export_lerobot(states, tmp_path / "states-root", progress=False)
     with pytest.raises(DatasetError, match=r"states-root: --image-size: the dataset has no camera features to resize$"):
         lr.import_lerobot(tmp_path / "states-root", tmp_path / "bad.zarr", progress=False, image_size=(8, 8))
 
@@ -258,7 +259,7 @@ def exported_root(tmp_path: Path, name: str, episodes: int, length: int = 16, hw
                         "image_front": rng.integers(0, 256, (length, *hw, 3), np.uint8)},
                    action=rng.normal(size=(length, 2)).astype(np.float32)) for _ in range(episodes)]
     write_dataset(tmp_path / f"{name}.zarr", eps)
-    lr.export_lerobot(tmp_path / f"{name}.zarr", tmp_path / name, fps=10, crf=30, progress=False)
+    lr_export.export_lerobot(tmp_path / f"{name}.zarr", tmp_path / name, fps=10, crf=30, progress=False)
     return tmp_path / name
 
 
@@ -290,7 +291,7 @@ def test_import_memory_does_not_grow_with_episodes(tmp_path):
 
 def test_round_trip(polcache_ds, tmp_path):
     out = tmp_path / "exported"
-    report = lr.export_lerobot(polcache_ds, out, progress=False)
+    report = lr_export.export_lerobot(polcache_ds, out, progress=False)
     assert (report.fps, report.codec, report.video_keys) == (20, "h264", ["observation.images.front"])
     lr.import_lerobot(out, tmp_path / "back.zarr", progress=False)
     src, back = EpisodeStore.open(polcache_ds), EpisodeStore.open(tmp_path / "back.zarr")
@@ -305,14 +306,14 @@ def test_round_trip(polcache_ds, tmp_path):
 def test_single_task_becomes_the_dataset_task(tmp_path):
     src = tmp_path / "one.zarr"
     write_dataset(src, [smooth_episode(4, 0, "push-v3"), smooth_episode(4, 1, "push-v3")])
-    lr.export_lerobot(src, tmp_path / "exported", progress=False)
+    lr_export.export_lerobot(src, tmp_path / "exported", progress=False)
     lr.import_lerobot(tmp_path / "exported", tmp_path / "back.zarr", progress=False)
     assert EpisodeStore.open(tmp_path / "back.zarr").attrs["task"] == "push-v3"  # train/eval find the env by it
 
 
 def test_exported_meta_structure(polcache_ds, tmp_path):
     out = tmp_path / "exported"
-    lr.export_lerobot(polcache_ds, out, fps=20, progress=False)  # the dataset's own: accepted
+    lr_export.export_lerobot(polcache_ds, out, fps=20, progress=False)  # the dataset's own: accepted
     info = json.loads((out / "meta/info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["fps"] == 20
     assert (info["total_episodes"], info["total_frames"], info["total_tasks"]) == (3, 16, 2)
@@ -362,12 +363,12 @@ def test_export_refuses_foreign_directory(polcache_ds, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(DatasetError, match="not a LeRobot dataset; refusing"):
-        lr.export_lerobot(polcache_ds, out, progress=False)
+        lr_export.export_lerobot(polcache_ds, out, progress=False)
     assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_export_replaces_lerobot_root(polcache_ds, lerobot_root):
-    lr.export_lerobot(polcache_ds, lerobot_root, progress=False)
+    lr_export.export_lerobot(polcache_ds, lerobot_root, progress=False)
     assert json.loads((lerobot_root / "meta/info.json").read_text())["total_frames"] == 16
     assert not (lerobot_root / "data/chunk-000/file-001.parquet").exists()
 
@@ -376,18 +377,18 @@ def test_interrupted_export_leaves_nothing(polcache_ds, tmp_path, monkeypatch):
     def boom(self, images):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(lr._VideoWriter, "write", boom)
+    monkeypatch.setattr(lr_export._VideoWriter, "write", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        lr.export_lerobot(polcache_ds, tmp_path / "out", progress=False)
+        lr_export.export_lerobot(polcache_ds, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.zarr"]
 
 
 def test_export_refuses_another_rate_than_the_datasets_and_takes_one_where_it_has_none(polcache_ds, tmp_path):
     with pytest.raises(DatasetError, match="--fps 30: the dataset's frames are 20 per second"):
-        lr.export_lerobot(polcache_ds, tmp_path / "out", fps=30, progress=False)  # timestamps would lie
+        lr_export.export_lerobot(polcache_ds, tmp_path / "out", fps=30, progress=False)  # timestamps would lie
     assert not (tmp_path / "out").exists()
     write_dataset(tmp_path / "norate.zarr", [smooth_episode(4, 0, "a")])
-    assert lr.export_lerobot(tmp_path / "norate.zarr", tmp_path / "out", fps=30, progress=False).fps == 30
+    assert lr_export.export_lerobot(tmp_path / "norate.zarr", tmp_path / "out", fps=30, progress=False).fps == 30
 
 
 def test_export_refuses_an_observation_it_would_drop(tmp_path):
@@ -395,7 +396,7 @@ def test_export_refuses_an_observation_it_would_drop(tmp_path):
                  action=np.zeros((3, 2), np.float32))
     write_dataset(tmp_path / "emb.zarr", [ep])
     with pytest.raises(DatasetError, match="'embedding' has no LeRobot feature.*export the dataset it was made from"):
-        lr.export_lerobot(tmp_path / "emb.zarr", tmp_path / "out", progress=False)
+        lr_export.export_lerobot(tmp_path / "emb.zarr", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -417,7 +418,7 @@ def test_export_refuses_odd_image_size(tmp_path):
     ep = Episode(obs={"image_cam": np.zeros((3, 5, 6, 3), np.uint8)}, action=np.zeros((3, 2), np.float32))
     write_dataset(tmp_path / "odd.zarr", [ep])
     with pytest.raises(DatasetError, match="even image sizes"):
-        lr.export_lerobot(tmp_path / "odd.zarr", tmp_path / "out", progress=False)
+        lr_export.export_lerobot(tmp_path / "odd.zarr", tmp_path / "out", progress=False)
 
 
 # ---- instructions (language) <-> task strings ---------------------------------------
@@ -450,7 +451,7 @@ def test_export_writes_instructions_as_tasks(tmp_path):
     """The `instruction` observation is lerobot's task string, frame by frame; numbered in order of first use."""
     instructed_dataset(tmp_path / "instructed.zarr")
     out = tmp_path / "exported"
-    lr.export_lerobot(tmp_path / "instructed.zarr", out, progress=False)
+    lr_export.export_lerobot(tmp_path / "instructed.zarr", out, progress=False)
     tasks = pq.read_table(out / "meta/tasks.parquet")
     assert tasks.column("task").to_pylist() == ["reach the goal", "go to the target", "touche la cible, s'il te plaît"]
     assert tasks.column("task_index").to_pylist() == [0, 1, 2]
@@ -468,7 +469,7 @@ def test_export_refuses_undecodable_instruction(tmp_path):
     ep.obs["instruction"][2, :2] = [0xC3, 0x28]  # not UTF-8
     write_dataset(tmp_path / "bad.zarr", [instructed_episode(["reach"] * 2, 1, 16), ep])
     with pytest.raises(DatasetError, match=r"bad.zarr: episode 1 frame 2: instruction: not valid UTF-8 \(byte 0\)"):
-        lr.export_lerobot(tmp_path / "bad.zarr", tmp_path / "out", progress=False)
+        lr_export.export_lerobot(tmp_path / "bad.zarr", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -476,7 +477,7 @@ def test_instructions_round_trip(tmp_path):
     """record --instructions -> export-lerobot -> import-lerobot --instructions: every frame's bytes come back."""
     src = tmp_path / "instructed.zarr"
     episodes = instructed_dataset(src)
-    lr.export_lerobot(src, tmp_path / "exported", progress=False)
+    lr_export.export_lerobot(src, tmp_path / "exported", progress=False)
     report = lr.import_lerobot(tmp_path / "exported", tmp_path / "back.zarr", progress=False, instruction_bytes=64)
     assert report.obs_keys == ["instruction", "state"]
     back = EpisodeStore.open(tmp_path / "back.zarr")
@@ -486,7 +487,7 @@ def test_instructions_round_trip(tmp_path):
     assert frame_texts(back, 1) == ["go to the target"] * 3 + ["reach the goal"] * 2 + ["go to the target"]
     one = tmp_path / "one.zarr"  # one instruction throughout: language, not the environment's task name
     write_dataset(one, [instructed_episode(["reach the goal"] * 4, 0)])
-    lr.export_lerobot(one, tmp_path / "one", progress=False)
+    lr_export.export_lerobot(one, tmp_path / "one", progress=False)
     lr.import_lerobot(tmp_path / "one", tmp_path / "one_back.zarr", progress=False, instruction_bytes=64)
     assert "task" not in EpisodeStore.open(tmp_path / "one_back.zarr").attrs  # eval had looked for "reach the goal"
     np.testing.assert_array_equal(back.array("state"), EpisodeStore.open(src).array("state"))
@@ -820,7 +821,7 @@ def test_lerobot_loads_our_export(polcache_ds, tmp_path):
     lerobot = pytest.importorskip("lerobot.datasets.lerobot_dataset",
                                   reason="lerobot is not installable next to this torch build (it pins its own torch)")
     out = tmp_path / "exported"
-    lr.export_lerobot(polcache_ds, out, progress=False)
+    lr_export.export_lerobot(polcache_ds, out, progress=False)
     ds = lerobot.LeRobotDataset("local/polcache-export", root=out, video_backend="pyav")
     assert ds.num_episodes == 3 and ds.num_frames == 16 and ds.fps == 20
     item = ds[6]

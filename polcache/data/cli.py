@@ -63,7 +63,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from polcache.data.lerobot import check_lerobot_output, export_lerobot
+    from polcache.data.lerobot_export import check_lerobot_output, export_lerobot
 
     check_lerobot_output(args.out, "--out")
     r = export_lerobot(args.dataset, args.out, fps=args.fps, crf=args.crf, progress=not args.no_progress)
