@@ -311,26 +311,91 @@ class StallingRobot(StepRobot):
         self.events.append(("stop", self.clock.now() * HZ, float("nan")))
 
 
-@pytest.mark.parametrize("stall_periods", [0.7, 3.0, 25.0])
-def test_an_action_is_never_executed_past_its_due_time_after_a_tick_stalls(stall_periods):
+@pytest.mark.parametrize("stall_periods", [0.7, 1.1, 3.0, 25.0])
+def test_a_stalled_tick_executes_each_step_once_in_order_and_never_a_period_late(stall_periods):
     """A tick that stalled between reading the clock and acting executed the action due at its start,
-    up to seconds late (a 0.5 s stall: one act of an action due 0.5 s before). It now acts on what is
-    due when it acts (within half a period, as every tick), holds, or stops once the hold is over."""
+    up to seconds late (a 0.5 s stall: one act of an action due 0.5 s before). Then it acted on what
+    was due when it acted, which the next tick, on time, picked again: one step twice, the one
+    before it never (with delta actions, the robot's path off by a step). Now a tick under a period
+    late acts for its own step, late; one a period late or more for the step due when it acts, the
+    ones before it skipped (counted as missed); the tick after it, its step not due yet, acts on
+    nothing; past the hold, the watchdog stops the robot once."""
     clock, ticks = FakeClock(t=0.0), []
     robot = StallingRobot(clock, stall_at=20, stall_s=stall_periods / HZ)
     loop = ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, watchdog=Watchdog(0.1), clock=clock,
                        on_tick=ticks.append)
     loop.run(ticks=40, then_stop=False)  # the watchdog's stops only
-    acts = [(period, value) for kind, period, value in robot.events if kind == "act"]
-    states = [t.state for t in ticks if t.state in ("fresh", "holding")]  # the ticks that acted, in order
-    assert len(states) == len(acts) and states[-1] == "fresh"
-    for state, (period, value) in zip(states, acts):
-        if state == "fresh":  # the action due when it is applied, within half a period as on every tick
-            assert abs(value % 1000 - period) <= 0.5, (period, value)  # 1000 + tick: after the watchdog's stop
-        else:  # held: the last one again, until the watchdog's hold is over
-            assert value < period
+    steps = []  # the values acted, the watchdog's holds (the last one again) left out
+    for kind, period, value in robot.events:
+        if kind == "act" and (not steps or value != steps[-1]):
+            assert -0.5 <= period - value % 1000 < 1, (period, value)  # never early, never a period late
+            steps.append(value)
+    assert steps == sorted(set(steps))  # each step once, in order
+    if stall_periods <= 0.1 * HZ:  # within the watchdog's hold: the episode goes on
+        skipped = math.floor(stall_periods + 0.5) if stall_periods >= 1 else 0  # the steps never executed
+        assert steps == [v for v in range(1, int(steps[-1]) + 1) if not 20 <= v < 20 + skipped]
+        assert sum(t.missed_ticks for t in ticks) == skipped
     if stall_periods > 0.1 * HZ + 1:  # longer than the hold: the first thing after the stall is the one stop
         assert next(e for e in robot.events if e[1] > 20.5)[0] == "stop" and len(robot.stops) == 1
+
+
+class LateWakingClock(FakeClock):
+    """Wakes `late_s` late once, at the deadline `at` (a preempted process, a page fault)."""
+
+    def __init__(self, at: float, late_s: float):
+        super().__init__(t=0.0)
+        self.at, self.late_s = at, late_s
+
+    def sleep_until(self, t: float) -> None:
+        super().sleep_until(t)
+        if abs(t - self.at) < 1e-9:
+            self.t += self.late_s
+
+
+class SlowObserveRobot(StepRobot):
+    """observe() takes `observe_s` every tick (a slow camera read); records (period, value) per act."""
+
+    def __init__(self, clock: FakeClock, observe_s: float):
+        super().__init__(HZ, clock)
+        self.clock, self.observe_s = clock, observe_s
+        self.acts: list[tuple[float, float]] = []
+
+    def observe(self):
+        self.clock.advance(self.observe_s)
+        return super().observe()
+
+    def act(self, action):
+        super().act(action)
+        self.acts.append((self.clock.now() * HZ, float(action[0])))
+
+
+def test_a_tick_that_woke_late_acts_for_its_own_step_and_the_next_tick_for_the_next():
+    """A tick woken 0.7 periods late acted for the next step (nearest its time); the next tick, on
+    time, acted for that step again, and the step in between was never executed."""
+    clock = LateWakingClock(at=20 / HZ, late_s=0.7 / HZ)
+    robot = SlowObserveRobot(clock, 0.0)
+    loop = ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, clock=clock)
+    loop.run(ticks=30, then_stop=False)
+    assert [value for _, value in robot.acts] == list(range(1, 30))
+    assert [round(period, 3) for period, value in robot.acts if value == 20] == [20.7]  # late, not skipped
+
+
+@pytest.mark.parametrize("observe_periods", [0.6, 1.3])
+def test_a_steadily_slow_observe_keeps_the_rate_it_can_and_each_step_once(observe_periods):
+    """Under an observe() that always takes 0.6 periods, every step is executed, at the full rate
+    (a tick over half a period late used to push the grid a step on: half the rate); under one
+    longer than a period, the loop ticks as fast as it can, skipping steps, never repeating one."""
+    clock = FakeClock(t=0.0)
+    robot = SlowObserveRobot(clock, observe_periods / HZ)
+    loop = ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, watchdog=Watchdog(1.0), clock=clock)
+    loop.run(seconds=60 / HZ, then_stop=False)
+    values = [value for _, value in robot.acts]
+    assert values == sorted(set(values))  # each step once, in order
+    assert all(-0.5 <= period - value < 1 for period, value in robot.acts)  # never early, never a period late
+    if observe_periods < 1:
+        assert values == list(range(1, len(values) + 1)) and len(values) >= 58
+    else:  # as many ticks as a 1.3-period tick allows, not half of them
+        assert len(values) >= 60 / observe_periods - 3
 
 
 def test_chunks_that_arrive_with_every_action_past_due_are_logged(caplog):
@@ -650,9 +715,9 @@ def test_ticks_skipped_by_a_slow_tick_are_logged_with_what_took_the_time(caplog)
     loop = ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, clock=clock, on_tick=ticks.append)
     with caplog.at_level(logging.WARNING, logger="polcache_client"):
         loop.run(ticks=10)
-    assert sum(t.missed_ticks for t in ticks) == 1
+    assert sum(t.missed_ticks for t in ticks) == 2  # the stalled tick acted for step 7: 5 and 6 skipped
     assert [r.getMessage() for r in caplog.records] == [
-        "control loop late: 1 tick(s) skipped; the last tick's work (observe, send, act or safe_stop, callbacks) took "
+        "control loop late: 2 tick(s) skipped; the last tick's work (observe, send, act or safe_stop, callbacks) took "
         "50.0 ms of the 20.0 ms period: make it shorter or lower the rate"]
 
 

@@ -22,7 +22,7 @@ from polcache_client.rate import Clock, MonotonicClock, Rate
 from polcache_client.records import ChunkRecord, TickRecord
 from polcache_client.schedule import ActionSchedule
 from polcache_client.signals import interrupts_deferred, sigterm_as_interrupt
-from polcache_client.watchdog import State, Watchdog
+from polcache_client.watchdog import Decision, State, Watchdog
 
 log = logging.getLogger(__name__)
 LATE_CHUNK_LOG_S = 5.0  # at most one line this often about late chunks, and about ticks skipped
@@ -81,6 +81,7 @@ class ControlLoop:
         self._warn = self._log.warning
         self._work_s = 0.0  # how long the last tick's work took (observe, send, act or safe_stop, callbacks)
         self._acted = False  # an action was applied since the robot was last told to stop: `stop` undoes it
+        self._acted_for: float | None = None  # the step (grid time) the last applied action was due at: see tick()
         self._capture_time = getattr(adapter, "capture_time", None)  # optional: see RobotAdapter
         self._resume = getattr(adapter, "resume", None)  # optional: see RobotAdapter
         self._stopped = False  # told to safe-stop, not resumed since: `resume()` comes before its next action
@@ -112,7 +113,12 @@ class ControlLoop:
         self.schedule.reset(self.client.reset(instruction))
         self._executed.clear()
         self._guard_moving_robot()
+        self._restart_grid()
+
+    def _restart_grid(self) -> None:
+        """The ticks start a fresh grid (Rate.reset), and the steps acted for start over with it."""
         self.rate.reset()
+        self._acted_for = None
 
     def _guard_moving_robot(self) -> None:
         """The watchdog waits for a new epoch's first action; a robot still moving is stopped hold_s after
@@ -121,11 +127,16 @@ class ControlLoop:
         self.watchdog.reset(moving_since=self.watchdog.last_fresh if self._acted else None)
 
     def tick(self) -> TickRecord:
+        """One step: the action due at the tick's grid point, each step once, in order. A tick that woke
+        or ran late acts for its own step, late, not the next one (which the next tick would then act
+        for again, the step in between never executed), unless it is a period late or more: then for
+        the last step due by then, those before it skipped. A tick right after such a late one, whose
+        step that one took, acts on nothing. Skipped steps are counted as missed ticks."""
         tick = self.rate.sleep()
         now = tick.t
-        if tick.missed:
-            self._ran_late(tick.missed)
-        self._receive(now)
+        period = self.rate.period
+        due = tick.deadline if self._acted_for is None else max(tick.deadline, self._acted_for + period)
+        self._receive(now, due)
         observing = self.clock.now()
         epoch = self.client.epoch
         done = [(seq, a) for e, seq, a in self._executed if e == epoch]
@@ -138,9 +149,17 @@ class ControlLoop:
             self._executed.clear()
         epoch, seq = self.client.epoch, self.client.seq  # this tick's, for its record (a stop starts a new epoch)
         acting = self.clock.now()
-        if acting - now > self.schedule.half_period:  # the tick stalled (a slow observe(), a paused process):
-            now = acting  # the action due at its start is past due; act on what is due now, or hold or stop
-        decision = self.watchdog.step(now, self.schedule.action_at(now))
+        if acting - now > self.schedule.half_period:  # the tick stalled (a slow observe(), a paused process)
+            now = acting
+        if acting - due >= period:  # its step and maybe more are a period past: the last one due by now
+            due += math.floor((acting - due) / period) * period
+        skipped = int(due > acting)  # not due yet: the late tick before acted for this one's step, skipping one
+        if missed := tick.missed + skipped:
+            self._ran_late(missed)
+        if skipped:
+            decision = Decision(self.watchdog.state, None, False)
+        else:
+            decision = self.watchdog.step(now, self.schedule.action_at(due))
         interrupted: KeyboardInterrupt | None = None
         held = False
         stopping = decision.stop and not self._stopped  # not again for a robot its adapter has held stopped since
@@ -167,6 +186,7 @@ class ControlLoop:
             # a copy: an adapter converting units in place changed the held action tick after tick (and
             # what is reported as executed), or failed on a chunk's read-only array
             self.adapter.act(decision.action.copy())
+            self._acted_for = due
             # reported next tick, a held action too: the robot applied it again (a stop applies nothing)
             self._executed.append((self.client.epoch, self.client.seq, decision.action))
         record = TickRecord(
@@ -175,8 +195,8 @@ class ControlLoop:
             seq=seq,
             period_error_ms=tick.error * 1e3,
             state=State.STOPPED.value if held else decision.state.value,
-            queue_depth=self.schedule.depth(now),
-            missed_ticks=tick.missed,
+            queue_depth=self.schedule.depth(due),
+            missed_ticks=missed,
             waiting=held or decision.state == State.WAITING,
             deadline_miss=decision.state in (State.HOLDING, State.STOPPED),
             safe_stops=int(stopping),
@@ -283,14 +303,16 @@ class ControlLoop:
                f"{period_ms:.1f} ms period): a loaded machine; see use_realtime_priority()")
         self._warn("missed", f"control loop late: {missed} tick(s) skipped; {why}")
 
-    def _receive(self, now: float) -> None:
+    def _receive(self, now: float, due: float) -> None:
+        """Take the chunks that arrived; of each, the actions due before the step this tick acts for
+        (`due`) are dropped, never executed late."""
         chunks = self.client.poll()
         if self.client.epoch != self.schedule.epoch:  # reconnected: forget the old connection's chunks
             self.schedule.reset(self.client.epoch)
             self._guard_moving_robot()  # and its last action: nothing from before the reconnect is applied after it
         for chunk in chunks:
             # planned before the robot was stopped (for a robot still moving): stale, as another epoch's
-            dropped = self.schedule.add(chunk, now)
+            dropped = self.schedule.add(chunk, due)
             if dropped and dropped == len(chunk.actions):  # the robot waits, holds or stops: say why
                 last_s = chunk.t_actions[-1] - chunk.t_capture + self.schedule.half_period  # when the last is dropped
                 lag = (f" (of which {self._capture_age_s * 1e3:.0f} ms before observe() was called: the sensors' lag, "
@@ -326,7 +348,7 @@ class ControlLoop:
         command."""
         end = None if seconds is None else self.clock.now() + seconds
         n = 0
-        self.rate.reset()  # the time since the last run() is the program's, not ticks this loop missed
+        self._restart_grid()  # the time since the last run() is the program's, not ticks this loop missed
         requested = self._stop_request
         if threading.current_thread() is not threading.main_thread() and not self._told_thread:
             self._told_thread = True  # a ROS executor's, a GUI's thread: Ctrl-C raised in the main thread, not here

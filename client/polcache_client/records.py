@@ -32,7 +32,7 @@ class TickRecord(msgspec.Struct, frozen=True):
     state: str  # watchdog state: waiting, fresh, holding, stopped
     queue_depth: int  # actions left in the newest chunk
     ticks: int = 1  # 0 on the record of the loop's own safe stop, which is no tick
-    missed_ticks: int = 0  # grid points skipped because the loop itself ran late
+    missed_ticks: int = 0  # steps skipped because the loop itself ran late (never executed)
     waiting: bool = False  # no action yet this episode: its first chunk has not come (or came too late); or the
     # adapter's resume() held the stopped robot (returned False)
     deadline_miss: bool = False  # no fresh action was due (holding or stopped)

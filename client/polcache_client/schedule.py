@@ -1,8 +1,9 @@
 """Which action is due now, given the chunks received so far.
 
-Every action carries the time it is due (on the robot's clock). A tick executes the action
-due within half a period of now; actions whose time has passed when their chunk arrives are
-dropped (latency compensation), never executed late. Overlapping chunks are blended with
+Every action carries the time it is due (on the robot's clock). A tick executes the action due
+within half a period of its step's time (polcache_client.loop.ControlLoop.tick); actions due
+before the step under way when their chunk arrives are dropped (latency compensation), never
+executed late. Overlapping chunks are blended with
 exponential weights by recency (temporal ensembling) or the newest wins. Chunks from another
 epoch, or older than the newest accepted one, are ignored, so the first chunk of an episode
 and chunks after a reset or reconnect never mix with old ones.
