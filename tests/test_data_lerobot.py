@@ -847,3 +847,20 @@ def test_an_output_inside_a_lerobot_root_is_refused_as_an_export_would_wipe_it(t
         check_output(root / "eval.json", "an eval result (JSON)", folder=False)
     assert enclosing_output(root / "run") == (root.resolve(), "a LeRobot dataset")  # training's out=
     assert enclosing_output(root / LEROBOT_CACHE / "episodes-abc.zarr") is None
+
+
+@pytest.mark.parametrize("array, row, said", [("data/action", 6, "action holds NaN or inf at episode 1 frame 1"),
+                                              ("data/obs/state", 13, "observation.state holds NaN or inf at episode 2 "
+                                                                 "frame 1")])
+def test_export_refuses_nan_naming_episode_and_frame(polcache_ds, tmp_path, array, row, said):
+    """A NaN written into a dataset after recording was exported: the root's stats.json held bare
+    NaN (not JSON), and import and training refused the root."""
+    import zarr
+
+    column = zarr.open_group(str(polcache_ds), mode="r+")[array]
+    values = column[:]
+    values[row, 0] = np.nan
+    column[:] = values
+    with pytest.raises(DatasetError, match=f"{said}; nothing was written"):
+        lr_export.export_lerobot(polcache_ds, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -202,6 +202,15 @@ def _check_exportable(dataset: str | Path, obs_keys: list[str], spec: dict[str, 
                                f"(polcache does not resize)")
 
 
+def _check_finite(dataset: str | Path, e: int, vectors: dict[str, np.ndarray | None]) -> None:
+    """Refuse a NaN or inf in episode `e`'s state or action, naming the frame: exported, it made a root
+    whose stats.json is not JSON and which import (and training) refuse."""
+    for key, x in vectors.items():
+        if x is not None and not (finite := np.isfinite(x).all(1)).all():
+            raise DatasetError(f"{dataset}: {key} holds NaN or inf at episode {e} frame "
+                               f"{int(np.flatnonzero(~finite)[0])}; nothing was written")
+
+
 def _write_meta(tmp: Path, store: EpisodeStore, rows: list[dict[str, Any]], tasks: list[str],
                 ep_stats: list[dict[str, dict[str, np.ndarray]]], fps: float, crf: int, video_keys: dict[str, str]
                 ) -> None:
@@ -263,6 +272,7 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
                 for e in range(store.num_episodes):
                     ep = store.episode(e)
                     n = len(ep.action)
+                    _check_finite(dataset, e, {ACTION: ep.action, STATE: ep.obs["state"] if has_state else None})
                     frame_index = np.arange(n, dtype=np.int64)
                     frame_tasks = (_instruction_texts(dataset, e, ep.obs[INSTRUCTION_KEY]) if has_instruction
                                    else [ep.task] * n)
