@@ -671,6 +671,10 @@ def test_eval_refuses_more_action_steps_than_the_policy_makes(capsys):
     # the fix it names is one that can work: no --action-steps helps a delay of a whole chunk
     assert "(lower --action-steps to at most 2)" in _err(capsys, EVAL + ["--delay", "6"])
     assert "(--delay at most 7)" in _err(capsys, EVAL + ["--delay", "100", "--action-steps", "1"])
+    # with the --action-steps given, the delay that fits them (it said 7, which 4 actions per chunk cannot take)
+    assert ("(--delay at most 4 with --action-steps 4, 7 with --action-steps 1)"
+            in _err(capsys, EVAL + ["--delay", "8", "--action-steps", "4"]))
+    assert "(--delay at most 7, with --action-steps 1)" in _err(capsys, EVAL + ["--delay", "8"])
     assert "--task: empty task name" in _err(capsys, EVAL + ["--task", ""])  # not the checkpoint's, silently
 
 

@@ -22,10 +22,12 @@ def test_epochs_set_the_step_count_from_the_data():
     assert total_steps(cfg, 1280) == 60  # twice the data, twice the steps
     assert total_steps(cfg, 10) == 3  # fewer windows than a batch: one batch per epoch
     assert total_steps(load_config("configs/metaworld_small.yaml", ["train.steps=123"]), 640) == 123
-    # a step count on the command line wins over the file's epochs, unless epochs are given there too
+    # a step count on the command line wins over the file's epochs; both on the command line are refused (epochs
+    # won, the steps given said nothing)
     assert load_config("configs/recommended_cpu.yaml").train.epochs == 100
     assert total_steps(load_config("configs/recommended_cpu.yaml", ["train.steps=5"]), 640) == 5
-    assert total_steps(load_config("configs/recommended_cpu.yaml", ["train.steps=5", "train.epochs=2"]), 640) == 2 * 10
+    with pytest.raises(ConfigError, match="train.steps=5 and train.epochs=2 both given: a run trains by one of them"):
+        load_config("configs/recommended_cpu.yaml", ["train.steps=5", "train.epochs=2"])
 
 
 @pytest.mark.parametrize("override, match", [
@@ -190,8 +192,11 @@ def demo_dataset(path, task="demo", shift=0.0, n=3):
 
 
 def train_cli(dataset, out, *extra):
-    """`polcache train` on the FAST settings, with `extra` overrides in place of FAST's of the same keys."""
+    """`polcache train` on the FAST settings, with `extra` overrides in place of FAST's of the same keys (an
+    epoch count in place of its step count)."""
     keys = {e.partition("=")[0] for e in extra}
+    if "train.epochs" in keys:
+        keys.add("train.steps")
     fast = [f for f in FAST if f.partition("=")[0] not in keys]
     return main(["train", "--config", "configs/recommended_cpu.yaml", f"dataset={dataset}", f"out={out}", *fast,
                  *extra])

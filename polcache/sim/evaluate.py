@@ -131,8 +131,12 @@ def check_rollout(rollout: Rollout, spec: PolicySpec) -> int:
         raise PolcacheError(f"a delay of {rollout.delay} steps with {per_chunk} actions executed per chunk needs "
                             f"chunks of at least {per_chunk + rollout.delay} actions; the policy's have "
                             f"{spec.n_action_steps} ("
-                            + (f"--delay at most {spec.n_action_steps - 1}" if rollout.delay >= spec.n_action_steps
-                               else f"lower --action-steps to at most {spec.n_action_steps - rollout.delay}") + ")")
+                            + (f"lower --action-steps to at most {spec.n_action_steps - rollout.delay}"
+                               if rollout.delay < spec.n_action_steps else
+                               f"--delay at most {spec.n_action_steps - 1}" if per_chunk == 1 else
+                               f"--delay at most {spec.n_action_steps - per_chunk} with --action-steps {per_chunk}, "
+                               f"{spec.n_action_steps - 1} with --action-steps 1" if rollout.action_steps else
+                               f"--delay at most {spec.n_action_steps - 1}, with --action-steps 1") + ")")
     if rollout.ensemble_decay is not None and per_chunk + rollout.delay >= spec.n_action_steps:
         # each chunk is replaced only once all its actions ran: nothing would be blended, silently
         fewer = spec.n_action_steps - 1 - rollout.delay
