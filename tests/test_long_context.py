@@ -149,6 +149,28 @@ def test_self_verification_scores_only_the_past_tokens_training_learned():
     np.testing.assert_allclose(b.predict(obs, seed=7, past_actions=past)[0], preds["action"][2].numpy(), atol=1e-6)
 
 
+def test_verify_min_past_counts_the_trained_past_tokens_only():
+    """With past_loss=recent:k, --verify-min-past took 1..K-1 and counted every executed past step, so
+    a policy scoring its newest token only waited by default for all K-1 (and never verified in
+    short episodes) and `--verify-min-past 5` verified as 2 did."""
+    from polcache.policy.backend import TorchBackend
+
+    p = tiny_policy(n_obs_steps=4, horizon=8, n_action_steps=4, past_loss="recent:1")
+    with pytest.raises(ConfigError, match=r"--verify-min-past must be in 1\.\.1 \(the policy's past action tokens its "
+                                          r"loss trained, policy.past_loss=recent:1\), got 2"):
+        TorchBackend(p, "ddim", 4, candidates=3, min_verified=2)
+    b = TorchBackend(p, "ddim", 4, candidates=3)
+    assert b.describe()["verify_min_past"] == 1
+    past = np.full((3, p.spec.action_dim), np.nan, np.float32)
+    past[:2] = 0.0  # the two older steps executed, not the one whose token was trained
+    assert not b._verifies(past)
+    past[2] = 0.0
+    assert b._verifies(past)
+    with pytest.raises(ConfigError, match="it was trained with policy.past_loss=recent:0: its past action tokens"):
+        TorchBackend(tiny_policy(n_obs_steps=3, horizon=8, n_action_steps=4, past_loss="recent:0"), "ddim", 4,
+                     candidates=3)
+
+
 def _window(frames, t, offsets):
     picks = [max(0, t + off) for off in offsets]
     return {key: x[picks][None] for key, x in frames.items()}, picks

@@ -78,14 +78,15 @@ class TorchBackend:
         self.trained_past = past_tokens(policy.cfg)
         if candidates > 1 and self.trained_past == 0:
             why = ("it observes one frame: it has no past action tokens" if past == 0 else
-                   "it was trained with policy.past_loss=none: its past action tokens were never learned")
+                   f"it was trained with policy.past_loss={policy.cfg.past_loss}: its past action tokens were never "
+                   f"learned")
             raise ConfigError(f"--verify {candidates}: self-verification scores candidates by their predicted past "
                               f"actions, and {why} (a Past-Token Prediction policy has them)")
-        if min_verified is not None and not 1 <= min_verified <= past:
-            raise ConfigError(f"--verify-min-past must be in 1..{past} (the policy's past action tokens), "
-                              f"got {min_verified}")
-        # past tokens that must have been executed before candidates are scored (default: all, the paper's rule)
-        self.min_verified = past if min_verified is None else min_verified
+        if min_verified is not None and not 1 <= min_verified <= max(self.trained_past, 1):
+            raise ConfigError(f"--verify-min-past must be in 1..{self.trained_past} (the policy's past action tokens "
+                              f"its loss trained, policy.past_loss={policy.cfg.past_loss}), got {min_verified}")
+        # trained past tokens that must have been executed before candidates are scored (default: all, the paper's rule)
+        self.min_verified = self.trained_past if min_verified is None else min_verified
         self.verified_chunks = 0  # chosen by self-verification so far: none where no chunk had enough past steps
         self.graph_blocker = graph_blocker(self.device, plan, policy.host_step) if graphs else "turned off"
         if fused_update if fused_update is not None else self.graph_blocker is None:
@@ -211,7 +212,8 @@ class TorchBackend:
         if past.shape != want:  # checked first: a wrong shape must not quietly turn verification off
             raise ObservationError(f"past_actions: expected shape {want} (the actions executed at the past frames' "
                                    f"steps, NaN rows where none was), got {past.shape}")
-        return int(np.isfinite(past).all(axis=-1).sum()) >= self.min_verified
+        scored = past[len(past) - self.trained_past:]  # the most recent: the tokens the loss trained
+        return int(np.isfinite(scored).all(axis=-1).sum()) >= self.min_verified
 
     def _chunked(self, feats: torch.Tensor, committed: CommittedActions, gen: torch.Generator | None) -> torch.Tensor:
         """Real-time chunking (polcache.policy.rtc): one gradient per flow step, the whole chunk
