@@ -129,6 +129,16 @@ def test_commands_pass_the_server_choices_through(tmp_path):
                         ("--cache", "uniform:3"), ("--threads", "2"), ("--bind", "tcp://*:6000")):
         assert cmd[cmd.index(flag) + 1] == value
     assert server_threads(cfg) == 2 and connect_address(cfg.server.bind) == "tcp://127.0.0.1:6000"
+    assert "--verify" not in cmd and "--verify-min-past" not in cmd  # off by default
+    # self-verification, which eval and serve offered and the one-config loop did not
+    verified = server_command(load_launch_config(SIM, ["server.verify=4", "server.verify_min_past=3"]), tmp_path)
+    assert verified[verified.index("--verify") + 1] == "4" and verified[verified.index("--verify-min-past") + 1] == "3"
+    for overrides, said in ((["server.verify=0"], "server.verify: expected 1 (off) to 256 candidate chunks, got 0"),
+                            (["server.verify_min_past=2"], "server.verify_min_past: expected a positive number of "
+                                                           "past steps, with server.verify >= 2, got 2 with "
+                                                           "server.verify 1")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_launch_config(SIM, overrides)
     assert dashboard_command(cfg, tmp_path)[-6:] == ["--metrics", str(tmp_path / "server.jsonl"),
                                                      "--metrics", str(tmp_path / "robot.jsonl"), "--port", "8050"]
     assert robot_task(cfg) == "reach-v3"  # from the checkpoint's meta.json

@@ -127,3 +127,26 @@ def test_serve_says_which_backend_sampler_and_cache_plan_serve():
     assert _described(load_backend(checkpoint, cache="threshold:0.1").describe()).endswith(
         "cache threshold:0.1: decided at run time")
     assert _described(load_backend(checkpoint).describe()).endswith(", no cache")
+
+
+def test_serve_says_at_the_end_how_many_chunks_self_verification_chose():
+    """`serve --verify` showed its count only in the start-up info line, where it is always 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from fakes import free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "polcache", "serve", "--checkpoint",
+                             "polcache/assets/checkpoints/cue-reach-ptp", "--verify", "2", "--bind",
+                             f"tcp://127.0.0.1:{free_port()}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        assert proc.stdout.readline().startswith("serving ")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert ("self-verification: 0 chunks chosen among 2 candidates (a chunk is scored once its robot executed actions "
+            "at 15 past frames' steps and reported them: protocol version 2)") in out

@@ -21,7 +21,7 @@ from polcache.errors import ConfigError, PolcacheError
 from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
 from polcache.serve.handshake import own_robot_name
-from polcache.policy.loader import BACKENDS, PRECISIONS
+from polcache.policy.loader import BACKENDS, MAX_CANDIDATES, PRECISIONS
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS
 from polcache_client.protocol import MAX_HZ, MIN_HZ, ProtocolError, instruction_bytes
 from polcache_client.schedule import BLEND_MODES
@@ -53,6 +53,8 @@ class ServerLaunch:
     max_batch: int = DEFAULT_MAX_BATCH  # robots whose waiting observations share one inference
     inline_ms: float = DEFAULT_INLINE_MS  # inference faster than this runs on the server thread (`serve --inline-ms`)
     rtc: bool = False  # real-time chunking (flow samplers; robots then run robot.blend: latest)
+    verify: int = 1  # self-verification's candidate chunks (`serve --verify`, Past-Token Prediction policies); 1: off
+    verify_min_past: int | None = None  # past steps executed before candidates are scored (None: all trained ones)
     instruction: str | None = None  # language-conditioned policies: the default for robots that send none
     ready_timeout_s: float = 180.0  # checkpoint loading and warm-up (CUDA graphs, TensorRT engines) may be slow
     placement: Placement = field(default_factory=Placement)
@@ -140,6 +142,11 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"robot.seed: expected a seed in 0..2^63-1, got {r.seed}")
     if s.max_batch < 1:
         raise ConfigError(f"server.max_batch: expected a positive integer, got {s.max_batch}")
+    if not 1 <= s.verify <= MAX_CANDIDATES:
+        raise ConfigError(f"server.verify: expected 1 (off) to {MAX_CANDIDATES} candidate chunks, got {s.verify}")
+    if s.verify_min_past is not None and (s.verify == 1 or s.verify_min_past < 1):
+        raise ConfigError(f"server.verify_min_past: expected a positive number of past steps, with server.verify >= "
+                          f"2, got {s.verify_min_past} with server.verify {s.verify}")
     if s.cache is not None:  # the grammar and the schedule file; whether it fits the model, the server checks
         try:
             spec = parse_cache_spec(s.cache)

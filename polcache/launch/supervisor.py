@@ -108,9 +108,10 @@ def server_command(cfg: LaunchConfig, run: Path) -> list[str]:
                       "--metrics-file", str(run / "server.jsonl"), "--max-batch", str(s.max_batch),
                       "--inline-ms", str(s.inline_ms)]
     for flag, value in (("--backend", s.backend), ("--cache", s.cache), ("--keys", s.keys),
-                        ("--instruction", s.instruction)):
+                        ("--instruction", s.instruction), ("--verify-min-past", s.verify_min_past)):
         if value is not None:
-            cmd += [flag, value]
+            cmd += [flag, str(value)]
+    cmd += ["--verify", str(s.verify)] if s.verify > 1 else []
     return cmd + (["--insecure"] if s.insecure else []) + (["--rtc"] if s.rtc else [])
 
 

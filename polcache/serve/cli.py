@@ -111,6 +111,11 @@ def _serve(args: argparse.Namespace) -> int:
             server.serve_forever()
         except KeyboardInterrupt:
             pass
+    if args.verify > 1:  # the startup info line's count is always 0: how many it chose, said at the end
+        what = backend.describe()
+        print(f"self-verification: {what['verified_chunks']} chunks chosen among {args.verify} candidates (a chunk is "
+              f"scored once its robot executed actions at {what['verify_min_past']} past frames' steps and reported "
+              f"them: protocol version 2)", flush=True)
     return 0
 
 
