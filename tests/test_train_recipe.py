@@ -492,9 +492,9 @@ def test_a_stopped_run_saves_and_exits_with_the_signals_status(tmp_path, capsys,
     monkeypatch.setattr(DiffusionPolicy, "forward", stop_at_step_2)
     assert train_cli(data, run, "train.steps=4") == status
     captured = capsys.readouterr()
-    assert f"interrupted: saved {run / 'last'} at step 1" in captured.out
-    assert captured.err.strip() == f"polcache train: {said}"
-    assert load_policy(run / "last")[2]["step"] == 1
+    assert f"interrupted: saved {run / 'last'} at step 2" in captured.out  # the step under way is finished first
+    assert captured.err.strip().splitlines()[-1] == f"polcache train: {said}"
+    assert load_policy(run / "last")[2]["step"] == 2
 
 
 def test_a_second_ctrl_c_during_the_interrupted_runs_save_is_ignored(tmp_path, capsys, monkeypatch):
@@ -522,9 +522,9 @@ def test_a_second_ctrl_c_during_the_interrupted_runs_save_is_ignored(tmp_path, c
     monkeypatch.setattr(loop, "_save", pressed_again)
     assert train_cli(data, run, "train.steps=4") == 130
     captured = capsys.readouterr()
-    assert f"interrupted: saved {run / 'last'} at step 1" in captured.out
-    assert captured.err.strip() == "polcache train: interrupted"
-    assert load_policy(run / "last")[2]["step"] == 1
+    assert f"interrupted: saved {run / 'last'} at step 2" in captured.out
+    assert captured.err.strip().splitlines()[-1] == "polcache train: interrupted"
+    assert load_policy(run / "last")[2]["step"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # held only for the save
 
 
@@ -574,13 +574,13 @@ def test_a_resumed_run_given_another_length_prints_and_logs_its_new_plan(tmp_pat
         return forward(self, batch, state_noise)
 
     monkeypatch.setattr(DiffusionPolicy, "forward", stop_at_step_3)
-    assert train_cli(data, run, "train.steps=4", "train.log_every=1") == 130  # saved at step 2
+    assert train_cli(data, run, "train.steps=4", "train.log_every=1") == 130  # saved at step 3, once it ends
     monkeypatch.setattr(DiffusionPolicy, "forward", forward)
     log = run / "train_log.jsonl"
     plan = json.loads(log.read_text().splitlines()[0])
     capsys.readouterr()
     assert train_cli(data, run, "train.steps=4", "train.log_every=1") == 0  # the same plan: nothing new to say
-    assert capsys.readouterr().out.splitlines()[:2] == [f"resuming from {run / 'last'} at step 2",
+    assert capsys.readouterr().out.splitlines()[:2] == [f"resuming from {run / 'last'} at step 3",
                                                         f"checkpoint: {run / 'last'}"]
     assert train_cli(data, run, "train.steps=6", "train.log_every=1") == 0
     new_plan = "6 steps at batch 8, 48 training windows"
@@ -754,3 +754,53 @@ def test_resuming_an_epoch_run_with_another_batch_size_is_refused(tmp_path, caps
     assert train_cli(data, steps_run) == 0
     assert train_cli(data, steps_run, "train.steps=4", "train.batch_size=16") == 0
     assert load_policy(steps_run / "last")[2]["step"] == 4
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_resumed_run_ends_with_the_weights_of_the_uninterrupted_one(tmp_path, monkeypatch, sig):
+    """Resumed after Ctrl-C or SIGTERM, a run trained on other batches (each epoch's order drawn from
+    the global random state) with other noise (the random state not saved), from a state saved
+    mid-step: its weights differed from the uninterrupted run's. Now the step under way ends first,
+    the random state is saved with it and the batch order follows from the step."""
+    import signal
+
+    from safetensors.numpy import load_file
+
+    from polcache.policy.policy import DiffusionPolicy
+
+    data = demo_dataset(tmp_path / "d.zarr")
+    extra = ("train.steps=9", "train.checkpoint_every=4", "train.batch_size=4", "policy.p_drop_attn=0.1")
+    assert train_cli(data, tmp_path / "whole", *extra) == 0
+    forward, calls = DiffusionPolicy.forward, []
+
+    def stop_in_step_6(self, batch, state_noise=0.0):  # mid-epoch (7 batches of 4 windows each), after a checkpoint
+        calls.append(1)
+        if len(calls) == 6:
+            signal.raise_signal(getattr(signal, sig))
+        return forward(self, batch, state_noise)
+
+    monkeypatch.setattr(DiffusionPolicy, "forward", stop_in_step_6)
+    assert train_cli(data, tmp_path / "cut", *extra) != 0
+    monkeypatch.setattr(DiffusionPolicy, "forward", forward)
+    assert load_policy(tmp_path / "cut" / "last")[2]["step"] == 6
+    assert train_cli(data, tmp_path / "cut", *extra) == 0
+    for name in ("model.safetensors", "train/model.safetensors"):  # the EMA weights, the raw ones
+        whole, cut = (load_file(str(tmp_path / run / "last" / name)) for run in ("whole", "cut"))
+        assert whole.keys() == cut.keys()
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], cut[key], err_msg=f"{name}: {key}")
+
+
+def test_the_batches_from_any_step_are_those_an_uninterrupted_run_takes_there():
+    from itertools import islice
+
+    from polcache.train.batches import EpochBatches
+
+    whole = list(islice(EpochBatches(23, 4, seed=3), 20))  # 5 batches an epoch, the last 3 windows sit out
+    assert all(len(b) == 4 for b in whole) and len(set(sum(whole[:5], []))) == 20
+    assert list(islice(EpochBatches(23, 4, seed=3, start=7), 13)) == whole[7:]
+    assert whole[:5] != whole[5:10]  # each epoch its own order
+    assert list(islice(EpochBatches(23, 4, seed=4), 5)) != whole[:5]  # each seed its own
+    ranks = [list(islice(EpochBatches(23, 2, seed=3, rank=r, world=2), 5)) for r in (0, 1)]  # one epoch each
+    assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))  # the processes share each epoch's windows
+    assert [len(b) for b in islice(EpochBatches(3, 8, seed=0), 2)] == [3, 3]  # fewer than a batch: all of them

@@ -61,6 +61,7 @@ class TrainState:
     optimizer: dict
     lr_scheduler: dict
     step: int
+    random: dict[str, torch.Tensor] | None = None  # torch's random state at the step ("cpu", "cuda"); older: none
 
 
 def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPolicy,
@@ -94,7 +95,7 @@ def save_checkpoint(path: str | Path, cfg: ExperimentConfig, policy: DiffusionPo
         files["train/model.safetensors"] = save({k: v.detach().cpu().contiguous() for k, v in train_state.model.items()})
         state = io.BytesIO()
         torch.save({"optimizer": train_state.optimizer, "lr_scheduler": train_state.lr_scheduler,
-                    "step": train_state.step}, state)
+                    "step": train_state.step, "random": train_state.random}, state)
         files["train/state.pt"] = state.getvalue()
     meta["sha256"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     with atomic_directory(path) as tmp:
@@ -298,9 +299,9 @@ def load_train_state(path: str | Path, meta: dict | None = None) -> TrainState |
     return trained
 
 
-def _optimizer_state(data: bytes) -> tuple[dict, dict, int]:
+def _optimizer_state(data: bytes) -> tuple[dict, dict, int, dict[str, torch.Tensor] | None]:
     state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")  # the optimizer moves it back
-    return state["optimizer"], state["lr_scheduler"], int(state["step"])
+    return state["optimizer"], state["lr_scheduler"], int(state["step"]), state.get("random")
 
 
 def check_compatible(meta: dict, obs_spec: dict[str, ArraySpec], action_dim: int, where: str) -> None:

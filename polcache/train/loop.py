@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from polcache.atomic import atomic_write_text, naming_errors, restore
@@ -45,8 +45,10 @@ from polcache.policy.families import build_policy as build_family_policy
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.spec import check_control_hz
 from polcache.signals import interrupts_held, sigterm_as_interrupt
+from polcache.train.batches import EpochBatches
 from polcache.train.ema import EMA
 from polcache.train.run_lock import RUN_LOCK, run_lock
+from polcache_client.signals import interrupts_deferred
 
 FRESH_HINT = "; pass --fresh to start over"  # ends a line about a run that cannot be resumed
 
@@ -155,15 +157,6 @@ def _note_large_lerobot_images(cfg: ExperimentConfig, store: EpisodeStore) -> No
               f"--image-size 96x96 --out DATA.zarr` and dataset=DATA.zarr", file=sys.stderr)
 
 
-def _infinite(loader: DataLoader, sampler: DistributedSampler | None):
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def total_steps(cfg: ExperimentConfig, n_windows: int) -> int:
     """Optimizer steps of the run: `train.epochs` passes over the windows (at the global batch
     size, however many processes share it), else `train.steps`."""
@@ -260,7 +253,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     if rank == 0:
         _finish_set_aside(out)
     if not fresh and last.exists():
-        step, elapsed = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev, rank == 0)
+        step, elapsed = _resume(last, cfg, policy, optimizer, lr_sched, ema, dev, rank == 0, world == 1)
         if rank == 0:  # a run already at its plan's length returns at once: say why nothing trains
             done = (f"; the plan is {steps} steps, so there is nothing left to train (give a larger train.steps or "
                     f"train.epochs to train on, or --fresh to start over)" if step >= steps else "")
@@ -274,11 +267,12 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     model = policy
     if world > 1:
         model = DistributedDataParallel(policy, device_ids=[dev.index] if dev.type == "cuda" else None)
-    sampler = DistributedSampler(train_data, world, rank, shuffle=True, seed=cfg.train.seed) if world > 1 else None
-    loader = DataLoader(train_data, batch_size=cfg.train.batch_size // world, shuffle=sampler is None,
-                        sampler=sampler, drop_last=len(train_data) >= cfg.train.batch_size,
-                        num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
-    batches = _infinite(loader, sampler)
+    # from the run's step on, the batches an uninterrupted run takes; the workers' seeds from the run's seed
+    order = EpochBatches(len(train_data), cfg.train.batch_size // world, cfg.train.seed, step, rank, world)
+    loader = DataLoader(train_data, batch_sampler=order, num_workers=cfg.train.num_workers,
+                        persistent_workers=cfg.train.num_workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.train.seed + rank))
+    batches = iter(loader)
     log_path = out / "train_log.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -313,27 +307,31 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
             best = validate_checkpoint(step, best)
         while step < steps:
             batch = to_device(next(batches), dev)
-            loss = model(batch, cfg.train.state_noise)  # forward is the training loss, so DDP syncs its gradients
-            if not _finite(loss, world):  # before the update: the weights stay those of the last good step
-                what = f"the training loss is {loss.item()}" if world == 1 else "a process's training loss is not finite"
-                raise TrainingError(_diverged(cfg, step + 1, what, last, saved))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]  # this step's rate: the scheduler now holds the next one's
-            lr_sched.step()
-            step += 1
-            ema.update(policy, step)
-            if rank == 0:
-                bar.update(1)
-                if step % cfg.train.log_every == 0 or step == steps:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-                    _log(log_path, {"step": step, "loss": loss.item(), "lr": lr,
-                                    "elapsed_s": round(time.monotonic() - t0, 2)})
-                if checkpoint_due(step):
-                    saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.monotonic() - t0,
-                                  tasks)
-                    best = validate_checkpoint(step, best)
+            # A step is taken whole or not at all: Ctrl-C or SIGTERM meanwhile waits for its end, so the state
+            # saved on the way out (weights, optimizer, random state) is that of a step boundary, from which
+            # the resumed run goes on exactly as the uninterrupted one (twice: abandoned, as a hung step must be).
+            with interrupts_deferred("the training step under way"):
+                loss = model(batch, cfg.train.state_noise)  # forward is the training loss, so DDP syncs its gradients
+                if not _finite(loss, world):  # before the update: the weights stay those of the last good step
+                    what = (f"the training loss is {loss.item()}" if world == 1 else
+                            "a process's training loss is not finite")
+                    raise TrainingError(_diverged(cfg, step + 1, what, last, saved))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                lr = optimizer.param_groups[0]["lr"]  # this step's rate: the scheduler now holds the next one's
+                lr_sched.step()
+                step += 1
+                ema.update(policy, step)
+                if rank == 0:
+                    bar.update(1)
+                    if step % cfg.train.log_every == 0 or step == steps:  # logged with it: a resumed run goes on after
+                        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                        _log(log_path, {"step": step, "loss": loss.item(), "lr": lr,
+                                        "elapsed_s": round(time.monotonic() - t0, 2)})
+            if rank == 0 and checkpoint_due(step):
+                saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.monotonic() - t0, tasks)
+                best = validate_checkpoint(step, best)
     except KeyboardInterrupt:
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
             with interrupts_held():
@@ -476,9 +474,19 @@ def _save(path: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, ema: EMA, 
         if bad is not None:
             raise TrainingError(_diverged(cfg, step, f"the {name} hold NaN or infinite values ({bad})", path, saved))
     save_checkpoint(path, cfg, policy, ema.state_dict(), step,
-                    TrainState(policy.state_dict(), optimizer.state_dict(), lr_sched.state_dict(), step),
+                    TrainState(policy.state_dict(), optimizer.state_dict(), lr_sched.state_dict(), step,
+                               _random_state(next(policy.parameters()).device)),
                     extra_meta={"elapsed_s": round(elapsed, 2), **meta})
     return step
+
+
+def _random_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's random state at a step boundary (the noise levels, noise, dropout and crops of the steps
+    to come), the device's own where it has one: a resumed run restores it."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 def _finite(loss: torch.Tensor, world: int) -> bool:
@@ -586,9 +594,10 @@ def _finish_set_aside(out: Path) -> None:
 
 
 def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimizer, lr_sched, ema: EMA,
-            device: torch.device, verbose: bool = True) -> tuple[int, float]:
+            device: torch.device, verbose: bool = True, random: bool = True) -> tuple[int, float]:
     """Restore OUT/last into the new run's objects and return its step and the run's seconds until it
-    was saved (0 for a checkpoint that does not record them). The optimizer keeps the run's
+    was saved (0 for a checkpoint that does not record them). `random`: torch's random state too (one
+    process's: with several, each keeps its own seed's, so their draws stay apart). The optimizer keeps the run's
     moment estimates but takes the command's hyper-parameters (train.lr, betas, weight_decay), which
     may have been changed to continue the run differently."""
     old_cfg, meta = read_meta(last)
@@ -611,6 +620,10 @@ def _resume(last: Path, cfg: ExperimentConfig, policy: DiffusionPolicy, optimize
     if state is None:
         raise CheckpointError(f"{last} has no training state to resume from; pass --fresh to start over")
     averaged = read_tensors(last / "model.safetensors", device, FRESH_HINT, meta)
+    if random and state.random is not None:  # saved at a step boundary: the steps to come draw what they drew before
+        torch.set_rng_state(state.random["cpu"])
+        if device.type == "cuda" and "cuda" in state.random:
+            torch.cuda.set_rng_state(state.random["cuda"], device)
     policy.load_state_dict(state.model)
     ema.load_state_dict(averaged)
     optimizer.load_state_dict(state.optimizer)
