@@ -35,6 +35,7 @@ def test_epochs_set_the_step_count_from_the_data():
     ("train.action_norm=1", "train.action_norm"),
     ("train.state_noise=-0.1", "state_noise"),
     ("train.steps=0", "train.steps"),
+    ("train.steps=100000000000000000000", r"train.steps must be an integer in \[0, 1000000000\], got 1000"),
     ("train.action_norm=gaussian", "clips normalised actions"),  # with the default clip_sample: 0% on peg-insert
 ])
 def test_recipe_options_are_validated(override, match):
