@@ -1,6 +1,7 @@
 """Multistage PTP training: embed every frame once with a frozen encoder, fine-tune a long-context
 head on the stored embeddings, get an ordinary checkpoint; stores from other encoders refused."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,13 @@ def test_a_store_from_another_encoder_or_obs_keys_is_refused(short_run, capsys):
                "task=toy", "--no-progress"]
     assert ("the run's head was fine-tuned on stored embeddings: resume it with `polcache ptp finetune --embeddings "
             "STORE`") in _err(capsys, retrain)
-    assert "the run was trained end to end by `polcache train`" in _err(capsys, [*resume[:6], f"out={root / 'short'}"])
+    # into the folder of the checkpoint whose encoder made the store: it moved that checkpoint aside
+    assert (f"out={root / 'short'} holds {root / 'short' / 'last'}, the checkpoint whose encoder made "
+            f"{root / 'emb3.zarr'}: fine-tuning there would replace it") in _err(capsys,
+                                                                              [*resume[:6], f"out={root / 'short'}"])
+    shutil.copytree(root / "short", root / "short-copy")
+    assert "the run was trained end to end by `polcache train`" in _err(capsys, [*resume[:6],
+                                                                              f"out={root / 'short-copy'}"])
     for override in ("train.state_norm=gaussian", "policy.image.channels=8", "policy.state_hidden=64"):
         # replaced by the encoder's in silence, while config.yaml recorded them
         assert (f"{override.partition('=')[0].rsplit('.channels')[0]}: ptp finetune takes it from the checkpoint "

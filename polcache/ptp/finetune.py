@@ -40,6 +40,11 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path, overrides: Se
         if not info[what] or not Path(info[what]).exists():
             raise DatasetError(f"{embeddings} was embedded from {what} {info[what]}, which is not there (a relative "
                                f"path is read from the directory `ptp embed` ran in): run from there, or embed again")
+    encoder = Path(info["checkpoint"]).resolve()
+    if cfg.out and encoder.is_relative_to(Path(cfg.out).resolve()):  # OUT/last, OUT/best: replaced by training
+        raise ConfigError(f"out={cfg.out} holds {info['checkpoint']}, the checkpoint whose encoder made {embeddings}: "
+                          f"fine-tuning there would replace it (or move it aside), and the store would name another "
+                          f"encoder; give the fine-tuned run its own out")
     base, base_cfg, _ = load_policy(info["checkpoint"])
     if encoder_hash(base) != info["encoder_hash"]:
         raise DatasetError(f"{embeddings} was embedded by another encoder than the one now in {info['checkpoint']} "
