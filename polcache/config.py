@@ -454,7 +454,7 @@ AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
 MAX_SEED = 2**63 - 1  # torch's generators take no larger seed (beyond, a traceback); every seed is checked to it
 SEED = Range(0, MAX_SEED)
 LEARNING_RATE = Range(0, 1e38, lo_open=True)  # AdamW applies it in float32 (max 3.4e38): beyond, a traceback
-TRAIN_LENGTH = Range(0, 10**9)  # steps or epochs: a billion steps is years of training; beyond, a typo (1e20 was taken)
+TRAIN_LENGTH = Range(0, 10**9)  # steps or epochs: a billion steps is years of training; beyond, a typo
 PROBABILITY = Range(0, 1, hi_open=True)  # dropout, EMA decay, Adam betas, held-out share: 1 would freeze or drop all
 # Every numeric field's accepted values, by dotted key (a tuple field: each element). Checked before
 # the rules between fields below, which may divide by some of them.
@@ -469,7 +469,8 @@ RANGES: dict[str, Range] = {
     "policy.vla.width": AT_LEAST_1, "policy.vla.layers": AT_LEAST_1, "policy.vla.heads": AT_LEAST_1,
     "policy.vla.image_grid": AT_LEAST_1, "policy.vla.instruction_bytes": AT_LEAST_1,
     "policy.vla.bytes_per_token": AT_LEAST_1,
-    "train.steps": TRAIN_LENGTH, "train.epochs": TRAIN_LENGTH, "train.batch_size": AT_LEAST_1, "train.lr": LEARNING_RATE,
+    "train.steps": TRAIN_LENGTH, "train.epochs": TRAIN_LENGTH, "train.batch_size": AT_LEAST_1,
+    "train.lr": LEARNING_RATE,
     "train.betas": PROBABILITY, "train.weight_decay": AT_LEAST_0, "train.warmup_steps": AT_LEAST_0,
     "train.ema_decay": PROBABILITY, "train.ema_warmup": AT_LEAST_0, "train.checkpoint_every": AT_LEAST_1,
     "train.log_every": AT_LEAST_1, "train.val_fraction": PROBABILITY, "train.val_windows": AT_LEAST_0,

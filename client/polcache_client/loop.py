@@ -149,8 +149,8 @@ class ControlLoop:
             self._executed.clear()
         epoch, seq = self.client.epoch, self.client.seq  # this tick's, for its record (a stop starts a new epoch)
         acting = self.clock.now()
-        if acting - now > self.schedule.half_period:  # the tick stalled (a slow observe(), a paused process)
-            now = acting
+        if acting - now > self.schedule.half_period:  # the tick stalled (a slow observe(), a paused process):
+            now = acting  # the watchdog and the record go by when it acts
         if acting - due >= period:  # its step and maybe more are a period past: the last one due by now
             due += math.floor((acting - due) / period) * period
         skipped = int(due > acting)  # not due yet: the late tick before acted for this one's step, skipping one

@@ -91,7 +91,8 @@ class ImportReport:
     skipped: list[str]  # LeRobot features polcache has no place for, with the reason
 
 
-def _pyarrow() -> tuple[Any, Any]:
+def require_pyarrow() -> tuple[Any, Any]:
+    """pyarrow and its parquet module (an optional extra), or one line saying how to install them."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -100,7 +101,8 @@ def _pyarrow() -> tuple[Any, Any]:
     return pa, pq
 
 
-def _av() -> Any:
+def require_av() -> Any:
+    """PyAV, for the datasets' videos (an optional extra), or one line saying how to install it."""
     try:
         import av
     except ImportError:
@@ -595,7 +597,7 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
     camera to exactly that size as it is decoded (aspect ratio not kept, as lerobot's and
     diffusion_policy's resize transforms do); the attrs' image_resize records it and the source sizes.
     `instruction_setting`: what gave instruction_bytes, for refusals (a format of the width)."""
-    _pyarrow()
+    require_pyarrow()
     root = Path(root)
     if image_size is not None and not (isinstance(image_size, tuple) and len(image_size) == 2
                                        and all(type(n) is int and 1 <= n <= MAX_IMAGE_SIDE for n in image_size)):
@@ -638,7 +640,7 @@ def import_lerobot(root: str | Path, out: str | Path, progress: bool = True, ins
     _check_timestamps(root, timestamp, starts, lengths, fps)
     files, paths = _video_files(root, info, eps, videos)
     if cameras:
-        _av()
+        require_av()
     attrs = _imported_attrs(info, tasks, instruction_bytes, image_size, cameras)
 
     # Episode by episode: decoded (and resized) then appended, so memory holds one episode's images.

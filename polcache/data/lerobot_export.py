@@ -16,8 +16,8 @@ from tqdm import tqdm
 from polcache.atomic import atomic_directory
 from polcache.config import EMBEDDING_KEY, INSTRUCTION_KEY
 from polcache.data.lerobot import (ACTION, CODEBASE_VERSION, DATA_PATH, EPISODES_PATH, IMAGES_PREFIX, INDEX_FEATURES,
-                                   INFO_PATH, STATE, STATS_PATH, TASKS_PATH, VIDEO_PATH, _av, _pyarrow,
-                                   is_lerobot_root)
+                                   INFO_PATH, STATE, STATS_PATH, TASKS_PATH, VIDEO_PATH, is_lerobot_root, require_av,
+                                   require_pyarrow)
 from polcache.data.store import EpisodeStore
 from polcache.errors import DatasetError
 from polcache.outputs import check_output
@@ -43,7 +43,8 @@ class ExportReport:
 
 def check_lerobot_output(out: str | Path, flag: str | None = None) -> Path:
     """Refuse, before any work, an export root that is not a LeRobot dataset (see check_output)."""
-    return check_output(out, "a LeRobot dataset", folder=True, ours=is_lerobot_root, flag=flag, error=DatasetError, whole=True)
+    return check_output(out, "a LeRobot dataset", folder=True, ours=is_lerobot_root, flag=flag, error=DatasetError,
+                        whole=True)
 
 
 class _VideoWriter:
@@ -215,7 +216,7 @@ def _write_meta(tmp: Path, store: EpisodeStore, rows: list[dict[str, Any]], task
                 ep_stats: list[dict[str, dict[str, np.ndarray]]], fps: float, crf: int, video_keys: dict[str, str]
                 ) -> None:
     """The root's meta/ files once its frames and videos are written: episodes, tasks, stats, info."""
-    pa, pq = _pyarrow()
+    pa, pq = require_pyarrow()
     episodes_path = tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)
     episodes_path.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), episodes_path, compression="snappy")
@@ -239,7 +240,7 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
     attr unless given, else DEFAULT_FPS. An existing `out` is replaced only if it is a LeRobot root.
     Each frame's task string is its `instruction` observation's text where the dataset has one
     (lerobot's language field), else its episode's task."""
-    pa, pq = _pyarrow()
+    pa, pq = require_pyarrow()
     store = EpisodeStore.open(dataset)
     out = Path(out)
     fps = _export_fps(fps, store.attrs)
@@ -248,7 +249,7 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
     cams = [k for k in store.obs_keys if k.startswith("image_")]
     _check_exportable(dataset, store.obs_keys, spec, cams)
     if cams:
-        _av()
+        require_av()
     video_keys = {k: IMAGES_PREFIX + k[len("image_"):] for k in cams}
     has_state, has_instruction = "state" in store.obs_keys, INSTRUCTION_KEY in store.obs_keys
     task_index: dict[str, int] = {}  # task string -> task_index, numbered in order of first use

@@ -2,4 +2,4 @@
 exported backends read the plans in their manifests without torch."""
 
 COMPUTE, REUSE, FORECAST, GATE = 0, 1, 2, 3  # recompute; reuse the cached residual; extrapolate it; decide at run time
-OP_NAMES = {COMPUTE: "compute", REUSE: "reuse", FORECAST: "forecast", GATE: "gate"}  # as plots and the dashboard name them
+OP_NAMES = {COMPUTE: "compute", REUSE: "reuse", FORECAST: "forecast", GATE: "gate"}  # as plots and dashboards say

@@ -121,6 +121,18 @@ class Rollout:
     instructions: str | None = None  # train | heldout (None: heldout, or the one instruction)
 
 
+def _what_fits(rollout: Rollout, n: int, per_chunk: int) -> str:
+    """The change that makes a delay fit chunks of `n` actions: fewer actions per chunk while the delay
+    leaves room, else a shorter delay (for the --action-steps given, and for one action per chunk)."""
+    if rollout.delay < n:
+        return f"lower --action-steps to at most {n - rollout.delay}"
+    if per_chunk == 1:
+        return f"--delay at most {n - 1}"
+    if rollout.action_steps:
+        return f"--delay at most {n - per_chunk} with --action-steps {per_chunk}, {n - 1} with --action-steps 1"
+    return f"--delay at most {n - 1}, with --action-steps 1"
+
+
 def check_rollout(rollout: Rollout, spec: PolicySpec) -> int:
     """The actions executed per chunk; PolcacheError where the policy's chunks cannot give them."""
     if (rollout.action_steps or 0) > spec.n_action_steps:  # a chunk holds no more actions than that
@@ -130,13 +142,7 @@ def check_rollout(rollout: Rollout, spec: PolicySpec) -> int:
     if per_chunk + rollout.delay > spec.n_action_steps:
         raise PolcacheError(f"a delay of {rollout.delay} steps with {per_chunk} actions executed per chunk needs "
                             f"chunks of at least {per_chunk + rollout.delay} actions; the policy's have "
-                            f"{spec.n_action_steps} ("
-                            + (f"lower --action-steps to at most {spec.n_action_steps - rollout.delay}"
-                               if rollout.delay < spec.n_action_steps else
-                               f"--delay at most {spec.n_action_steps - 1}" if per_chunk == 1 else
-                               f"--delay at most {spec.n_action_steps - per_chunk} with --action-steps {per_chunk}, "
-                               f"{spec.n_action_steps - 1} with --action-steps 1" if rollout.action_steps else
-                               f"--delay at most {spec.n_action_steps - 1}, with --action-steps 1") + ")")
+                            f"{spec.n_action_steps} ({_what_fits(rollout, spec.n_action_steps, per_chunk)})")
     if rollout.ensemble_decay is not None and per_chunk + rollout.delay >= spec.n_action_steps:
         # each chunk is replaced only once all its actions ran: nothing would be blended, silently
         fewer = spec.n_action_steps - 1 - rollout.delay

@@ -19,9 +19,8 @@ class EpochBatches:
     windows where there are fewer than a batch."""
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.rank, self.world = rank, world
-        shared = n // world  # each process's windows per epoch (the last n % world sit out, as DistributedSampler's)
+        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world
+        shared = n // world  # each process's windows per epoch (the epoch order's last n % world sit it out)
         self.per_epoch = max(1, shared // batch_size)
         self._size = batch_size if shared >= batch_size else shared
 
