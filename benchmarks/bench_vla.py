@@ -59,8 +59,9 @@ def main() -> None:
     sampler = policy.sampler()
     spec = policy.spec
     rng = np.random.default_rng(0)
-    obs = {k: (rng.integers(0, 256, (1, spec.n_obs_steps, *s.shape)) if s.dtype == "uint8"
-               else rng.normal(size=(1, spec.n_obs_steps, *s.shape))).astype(s.dtype) for k, s in spec.obs.items()}
+    obs = spec.placeholder_observations()  # a written instruction (random bytes are no text: refused)
+    obs.update({k: rng.normal(size=(1, spec.n_obs_steps, *s.shape)).astype(s.dtype) for k, s in spec.obs.items()
+                if s.dtype != "uint8"})
     batch = {k: torch.as_tensor(v).to(device) for k, v in obs.items()}
     gen = torch.Generator(device=device)
 

@@ -147,9 +147,7 @@ class ExportedBackend:
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """One chunk per batch size, up to the most one run takes (`predict_sessions` splits larger)."""
         for size in sorted({min(s, self.max_batch or s) for s in batch_sizes}):
-            obs = {key: np.zeros((size, self.spec.n_obs_steps, *s.shape), dtype=s.dtype)
-                   for key, s in self.spec.obs.items()}
-            self.predict(obs, seed=0)
+            self.predict(self.spec.placeholder_observations(size), seed=0)
 
     def describe(self) -> dict:
         m = self.manifest

@@ -128,3 +128,21 @@ def test_server_options_are_checked(kwargs, match):
 
     with pytest.raises(PolcacheError, match=match):
         PolicyServer(TorchBackend(tiny_policy(), "ddim", 4), "tcp://127.0.0.1:0", **kwargs)
+
+
+def test_an_instruction_that_is_no_text_is_refused_in_process():
+    """In process, an empty, garbled or NUL-split instruction array ran (a robot's is checked as text
+    at the server); warm-ups and timing runs give a written placeholder."""
+    from helpers import tiny_vla
+
+    backend = TorchBackend(tiny_vla(), "flow", 2)
+    obs = backend.spec.placeholder_observations(2)
+    assert backend.predict(obs, seed=0).shape[0] == 2
+    width = obs["instruction"].shape[-1]
+    for row, why in ((np.zeros(width, np.uint8), "empty \\(all zero bytes\\)"),
+                     (np.array([104, 0, 105] + [0] * (width - 3), np.uint8), "a zero byte inside the text"),
+                     (np.array([0xff] + [0] * (width - 1), np.uint8), "not valid UTF-8 \\(byte 0\\)")):
+        bad = {k: v.copy() for k, v in obs.items()}
+        bad["instruction"][1, 0] = row
+        with pytest.raises(ObservationError, match=f"observation 'instruction' \\[1, 0\\]: {why}"):
+            backend.predict(bad, seed=0)

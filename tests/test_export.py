@@ -51,10 +51,14 @@ def checkpoint(policy, tmp_path_factory):
 
 
 def _obs(spec, batch, seed=0):
+    """Random pixels and states; an instruction as text (random bytes are none, and are refused)."""
     rng = np.random.default_rng(seed)
-    return {k: (rng.integers(0, 256, (batch, spec.n_obs_steps, *s.shape)) if s.dtype == "uint8"
-                else rng.normal(size=(batch, spec.n_obs_steps, *s.shape))).astype(s.dtype)
-            for k, s in spec.obs.items()}
+    obs = {k: (rng.integers(0, 256, (batch, spec.n_obs_steps, *s.shape)) if s.dtype == "uint8"
+               else rng.normal(size=(batch, spec.n_obs_steps, *s.shape))).astype(s.dtype)
+           for k, s in spec.obs.items()}
+    if "instruction" in obs:
+        obs["instruction"] = spec.placeholder_observations(batch)["instruction"]
+    return obs
 
 
 def _artifact(policy, tmp_path, cache=None, kind="ddpm", mode="if"):

@@ -264,5 +264,4 @@ def test_record_train_eval_calibrate_serve_backend_with_minilm(tmp_path, monkeyp
     assert main(["eval", "--checkpoint", "run/last", "--task", "reach-v3", "--episodes", "1", "--max-steps", "8",
                  "--no-progress", "--cache", "sched.json", "--instruction", "reach the goal"]) == 0
     backend = TorchBackend(load_policy("run/last")[0])  # what `polcache serve` runs
-    obs = {k: np.zeros((1, 2, *s.shape), s.dtype) for k, s in backend.spec.obs.items()}
-    assert np.isfinite(backend.predict(obs, seed=0)).all()
+    assert np.isfinite(backend.predict(backend.spec.placeholder_observations(), seed=0)).all()

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from polcache.config import INSTRUCTION_KEY
 from polcache.errors import PrecisionError
 from polcache.policy.parity import PROBES, chunk_deviation
 from polcache.policy.policy import DiffusionPolicy
@@ -50,6 +51,8 @@ def probe_observations(policy: DiffusionPolicy, n: int = PROBES, seed: int = 0,
             st = policy.normalizer.stats("state")
             u = torch.rand(shape, generator=gen)
             obs[key] = st["min"] + u * (st["max"] - st["min"])
+        elif key == INSTRUCTION_KEY:  # random bytes are no text: the placeholder every warm-up gives
+            obs[key] = torch.as_tensor(policy.spec.placeholder_observations(n)[key])
         else:
             obs[key] = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
     return {k: v.to(device) for k, v in obs.items()}

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from polcache.config import MAX_SEED
+from polcache.config import INSTRUCTION_KEY, MAX_SEED
 from polcache.errors import InferenceError, ObservationError
 
 
@@ -93,6 +93,26 @@ def action_offsets(n_obs_steps: int, horizon: int, stride: int = 1, mode: str = 
     return frame_offsets(n_obs_steps, stride, mode)[:-1] + tuple(range(horizon - n_obs_steps + 1))
 
 
+PLACEHOLDER_INSTRUCTION = "go"  # what warm-ups and timing runs instruct a language policy (fits any width)
+
+
+def _check_instructions(a: np.ndarray) -> None:
+    """Every frame's instruction as encode_instruction writes one: UTF-8 text, then zero padding. In
+    process, an empty, garbled or NUL-split one ran (every robot's is checked as text at the server)."""
+    for i, row in enumerate(a.reshape(-1, a.shape[-1])):
+        raw = row.tobytes().rstrip(b"\0")
+        why = ("empty (all zero bytes)" if not raw else "a zero byte inside the text" if b"\0" in raw else None)
+        if why is None:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                why = f"not valid UTF-8 (byte {exc.start})"
+        if why is not None:
+            b, t = divmod(i, a.shape[1])
+            raise ObservationError(f"observation {INSTRUCTION_KEY!r} [{b}, {t}]: {why}; expected text's UTF-8 bytes, "
+                                   f"zero-padded (polcache.policy.language.encode_instruction)")
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """Shapes and timing of one policy: one observation per control step in, a chunk out."""
@@ -142,8 +162,20 @@ class PolicySpec:
                 raise ObservationError(f"observation {key!r} contains NaN or infinite values")
             if key in self._normalizers:
                 self._check_range(key, a)
+            if key == INSTRUCTION_KEY:
+                _check_instructions(a)
             arrays[key] = a
         return arrays, int(batch)
+
+    def placeholder_observations(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """Observations of the spec's shapes for warm-ups and timing runs: zeros, and a written
+        instruction where the policy reads one (zero bytes are no instruction)."""
+        from polcache.policy.language import encode_instruction
+
+        obs = {key: np.zeros((batch, self.n_obs_steps, *s.shape), dtype=s.dtype) for key, s in self.obs.items()}
+        if INSTRUCTION_KEY in obs:
+            obs[INSTRUCTION_KEY][:] = encode_instruction(PLACEHOLDER_INSTRUCTION, self.obs[INSTRUCTION_KEY].shape[0])
+        return obs
 
     @cached_property
     def _normalizers(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -148,8 +148,7 @@ def _speedup(uncached, cached, calls: int = 20) -> dict:
     """Median per-chunk latency of both backends on the same observation, interleaved."""
     import numpy as np
 
-    spec = cached.spec
-    obs = {k: np.zeros((1, spec.n_obs_steps, *v.shape), dtype=v.dtype) for k, v in spec.obs.items()}
+    obs = cached.spec.placeholder_observations()
     times = {"uncached": [], "cached": []}
     for b in (uncached, cached):
         b.predict(obs, seed=0)  # warm-up
