@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from polcache.cli_types import (add_backend_options, backend_options, given_only_with, non_negative_float,
                                  non_negative_int, positive_int, seed_int, thread_count)
@@ -63,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     from polcache.outputs import check_output
     from polcache.policy.loader import load_backend
     from polcache.signals import sigterm_as_interrupt
-    from polcache.sim.evaluate import Rollout, check_result_output, evaluate
+    from polcache.sim.evaluate import Rollout, check_result_output, evaluate, side_by_side_speed
 
     if args.json is not None:
         check_result_output(args.json)
@@ -107,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     compare = bool(args.cache) and not exported and not stopped and (what["cache"] or {}).get("method") != "none"
     if compare:
         uncached = load_backend(args.checkpoint, **{**backend_options(args), "candidates": 1})
-        result.extra["speedup"] = _speedup(uncached, backend)
+        result.extra["speedup"] = side_by_side_speed(uncached, backend)
     print(result.summary())
     if jerk := result.jerk_line():
         print(jerk)
@@ -143,19 +142,3 @@ def _verify_line(result, spec) -> tuple[str, bool]:
             f"{step} steps back), and the episodes were {result.mean_episode_length:.0f} steps long on average: "
             f"lower --verify-min-past to verify on this task"), False
 
-
-def _speedup(uncached, cached, calls: int = 20) -> dict:
-    """Median per-chunk latency of both backends on the same observation, interleaved."""
-    import numpy as np
-
-    obs = cached.spec.placeholder_observations()
-    times = {"uncached": [], "cached": []}
-    for b in (uncached, cached):
-        b.predict(obs, seed=0)  # warm-up
-    for i in range(calls):
-        for name, b in (("uncached", uncached), ("cached", cached)):
-            t0 = time.perf_counter()
-            b.predict(obs, seed=i)
-            times[name].append(time.perf_counter() - t0)
-    u, c = float(np.median(times["uncached"])) * 1e3, float(np.median(times["cached"])) * 1e3
-    return {"uncached_ms": round(u, 3), "cached_ms": round(c, 3), "speedup": round(u / c, 3), "calls": calls}

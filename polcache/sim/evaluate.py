@@ -317,3 +317,19 @@ def _write_gif(path: Path, frames: list[np.ndarray], control_period_s: float) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     frame_ms = max(20, round(GIF_STEPS_PER_FRAME * control_period_s * 100) * 10)
     imageio.mimsave(path, frames[::GIF_STEPS_PER_FRAME], duration=frame_ms, loop=0)
+
+
+def side_by_side_speed(uncached: PolicyBackend, cached: PolicyBackend, calls: int = 20) -> dict:
+    """Median per-chunk latency of both backends on the same observation, interleaved call by call
+    (drift on a noisy machine hits both alike): what `polcache eval --cache` reports as the speedup."""
+    obs = cached.spec.placeholder_observations()
+    times: dict[str, list[float]] = {"uncached": [], "cached": []}
+    for b in (uncached, cached):
+        b.predict(obs, seed=0)  # warm-up
+    for i in range(calls):
+        for name, b in (("uncached", uncached), ("cached", cached)):
+            t0 = time.perf_counter()
+            b.predict(obs, seed=i)
+            times[name].append(time.perf_counter() - t0)
+    u, c = float(np.median(times["uncached"])) * 1e3, float(np.median(times["cached"])) * 1e3
+    return {"uncached_ms": round(u, 3), "cached_ms": round(c, 3), "speedup": round(u / c, 3), "calls": calls}
