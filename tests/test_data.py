@@ -378,5 +378,9 @@ def test_training_names_a_dataset_whose_values_were_damaged_to_nan(tmp_path, epi
     write_dataset(path, [make_episode(5, 0.0, image=False), make_episode(70, 200.0, image=False)])
     zarr.open_group(str(path), mode="r+")["data/action"][3, 1] = np.nan  # damaged on disk after it was written
     cfg = load_config("configs/metaworld_small.yaml", [f"dataset={path}", "obs_keys=[state]"])
-    with pytest.raises(DatasetError, match=f"dataset {path}: normalizer: 'action' contains NaN or inf"):
+    with pytest.raises(DatasetError, match=f"dataset {path}: action holds NaN or inf at episode 0 frame 3$"):
+        build_policy(cfg, EpisodeStore.open(path))
+    zarr.open_group(str(path), mode="r+")["data/action"][3, 1] = 0.0
+    zarr.open_group(str(path), mode="r+")["data/obs/state"][9, 0] = np.inf  # the second episode's frame 4
+    with pytest.raises(DatasetError, match=f"dataset {path}: state holds NaN or inf at episode 1 frame 4$"):
         build_policy(cfg, EpisodeStore.open(path))

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -95,6 +96,12 @@ def fit_normalizer(store: EpisodeStore, cfg: ExperimentConfig, where: str) -> No
     arrays, modes = {"action": store.array("action")}, {"action": cfg.train.action_norm}
     if "state" in cfg.obs_keys:
         arrays["state"], modes["state"] = store.array("state"), cfg.train.state_norm
+    for key, x in arrays.items():  # where, so the user can find it (written by hand or by another tool)
+        if not (finite := np.isfinite(x).all(axis=-1)).all():
+            row = int(np.flatnonzero(~finite)[0])
+            e = int(np.searchsorted(store.episode_ends, row, side="right"))
+            start = int(store.episode_ends[e - 1]) if e else 0
+            raise DatasetError(f"dataset {where}: {key} holds NaN or inf at episode {e} frame {row - start}")
     try:
         return Normalizer.fit(arrays, modes)
     except ValueError as exc:  # non-finite values: the dataset's fault, named as such
