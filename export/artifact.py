@@ -15,8 +15,8 @@ from polcache.export.manifest import Manifest, read_manifest
 from polcache.policy.batching import Outcome, SessionRequest, predict_shared
 from polcache.policy.ops import COMPUTE, REUSE
 from polcache.policy.parity import PROBES, chunk_deviation
-from polcache.policy.spec import (CommittedActions, PolicySpec, StatelessSession, check_seed, finite_actions,
-                                  rtc_blocker)
+from polcache.policy.spec import (RTC_NEEDS, CommittedActions, PolicySpec, StatelessSession, check_seed,
+                                  finite_actions)
 
 
 class ExportedBackend:
@@ -24,6 +24,7 @@ class ExportedBackend:
 
     kind = "exported"
     batch_blocker: str | None = None  # every exported graph takes a batch axis: robots share a run
+    rtc_blocker: str | None = f"{RTC_NEEDS}: exported graphs run the sampler's steps without its gradient"
     max_batch: int | None = None  # the most rows one run takes (a TensorRT engine's profile), None: any
 
     def __init__(self, artifact: str | Path):
@@ -94,9 +95,9 @@ class ExportedBackend:
     def predict(self, obs: dict[str, np.ndarray], seed: int | None = None,
                 past_actions: np.ndarray | None = None, committed: CommittedActions | None = None) -> np.ndarray:
         """See PolicyBackend.predict; exported policies do not self-verify (`past_actions` unused)
-        and cannot chunk in real time (`committed` raises ValueError: polcache.policy.spec.rtc_blocker)."""
+        and cannot chunk in real time (`committed` raises ValueError: `rtc_blocker` says why)."""
         if committed is not None:
-            raise ValueError(rtc_blocker(self))
+            raise ValueError(self.rtc_blocker)
         feeds, batch = self.spec.check_observations(obs)
         x, noise = self.initial_noise(batch, seed)  # sample() checks again, but finds nothing left to convert
         return finite_actions(np.ascontiguousarray(self.decode(self.sample(feeds, x, noise))["action"]))

@@ -134,3 +134,18 @@ def test_evaluator_commits_the_chunk_still_in_flight():
     # before chunk 2 is delivered there) to chunk 2's, which are what runs from step 8
     assert backend.committed[1].actions[:, 0].tolist() == [1.0] * 4 and backend.committed[1].delay == 4
     assert backend.committed[2].actions[:, 0].tolist() == [2.0] * 4
+
+
+def test_a_backend_says_itself_whether_it_chunks_in_real_time():
+    """The server and evaluator read the backend's own `rtc_blocker` (they parsed describe()'s backend
+    and sampler names); a backend without one is taken as one that cannot."""
+    from fakes import FakeBackend
+
+    from polcache.errors import PolcacheError
+    from polcache.policy.spec import chunking_blocker
+    from polcache.serve.server import PolicyServer
+
+    assert chunking_blocker(TorchBackend(tiny_policy(objective="flow"), "flow", 4)) is None
+    with pytest.raises(PolcacheError, match="real-time chunking needs the torch backend and a flow sampler, this is "
+                                            "FakeBackend"):
+        PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", rtc=True)

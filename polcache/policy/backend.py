@@ -20,8 +20,8 @@ from polcache.policy.precision import action_deviation, parse_precision, probe_o
 from polcache.policy.residual_norm import add_norm_triton, triton_blocker
 from polcache.policy.session import TorchSession
 from polcache.policy.rtc import guided_denoise, overlap_weights, require_flow
-from polcache.policy.spec import (CommittedActions, PolicySession, PolicySpec, StatelessSession, check_seed,
-                                  finite_actions)
+from polcache.policy.spec import (RTC_NEEDS, CommittedActions, PolicySession, PolicySpec, StatelessSession,
+                                  check_seed, finite_actions)
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,18 @@ class TorchBackend:
             for outcome in self.predict_sessions([SessionRequest(self.session(), obs, seqs, 0) for _ in range(size)]):
                 if isinstance(outcome, Exception):
                     raise outcome
+
+    @property
+    def rtc_blocker(self) -> str | None:
+        """Why this backend cannot chunk in real time, or None: the guidance differentiates through a
+        flow sampler's steps, and makes one chunk, where self-verification would choose among several."""
+        if self.sampler.kind != "flow":
+            return f"{RTC_NEEDS}, this is torch with {self.sampler.kind}"
+        if self.candidates > 1:  # the guided chunk took precedence: none was verified
+            return (f"real-time chunking generates one chunk guided toward the committed actions, self-verification "
+                    f"(--verify {self.candidates}) picks one of several candidates: they do not combine, drop one of "
+                    f"them")
+        return None
 
     def describe(self) -> dict:
         cache = None

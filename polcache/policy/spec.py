@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 import math
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -296,18 +296,22 @@ class PolicyBackend(Protocol):
         ...
 
 
-def rtc_blocker(backend: PolicyBackend) -> str | None:
-    """Why `backend` cannot generate chunks by real-time chunking, or None where it can: the
-    guidance differentiates through a flow sampler's steps, which only the torch backend runs, and
-    makes one chunk, where self-verification would choose among several."""
-    what = backend.describe()
-    if what.get("backend") != "torch" or what.get("sampler") != "flow":
-        return (f"real-time chunking needs the torch backend and a flow sampler, this is {what.get('backend')} "
-                f"with {what.get('sampler')}")
-    if (candidates := what.get("verify_candidates", 1)) > 1:  # the guided chunk took precedence: none was verified
-        return (f"real-time chunking generates one chunk guided toward the committed actions, self-verification "
-                f"(--verify {candidates}) picks one of several candidates: they do not combine, drop one of them")
-    return None
+@runtime_checkable
+class ChunkingBackend(Protocol):
+    """A backend that may generate chunks by real-time chunking (polcache.policy.rtc): `predict`'s
+    `committed` guides the chunk toward the actions still due from the last one."""
+
+    rtc_blocker: str | None  # why it cannot (its sampler, its other options), or None
+
+
+RTC_NEEDS = "real-time chunking needs the torch backend and a flow sampler"  # its guidance differentiates the steps
+
+
+def chunking_blocker(backend: PolicyBackend) -> str | None:
+    """Why `backend` cannot generate chunks by real-time chunking, or None where it can."""
+    if not isinstance(backend, ChunkingBackend):
+        return f"{RTC_NEEDS}, this is {type(backend).__name__}"
+    return backend.rtc_blocker
 
 
 class PolicySession(Protocol):

@@ -29,7 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from polcache.errors import PolcacheError
 from polcache.config import INSTRUCTION_KEY
 from polcache.policy.batching import batching_blocker
-from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession, rtc_blocker
+from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession, chunking_blocker
 from polcache.serve.handshake import (check_handshake, operator_instruction, rate_warning, robot_obs_spec,
                                      session_instruction)
 from polcache.serve.flood import DROP_PAUSE_S, FloodGuard, allowance
@@ -175,7 +175,7 @@ def _check_options(backend: PolicyBackend, bind: str, keys_dir: str | None, inse
     if not 0 <= inline_ms <= MAX_INLINE_MS:
         raise PolcacheError(f"inline_ms must be in [0, {MAX_INLINE_MS:g}] ms (inference run on the server thread), "
                             f"got {inline_ms}")
-    if rtc and (why := rtc_blocker(backend)):
+    if rtc and (why := chunking_blocker(backend)):
         raise PolcacheError(why)
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from polcache.config import INSTRUCTION_KEY, MAX_SEED
 from polcache.errors import PolcacheError
 from polcache.outputs import check_output, json_kind
-from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, rate_mismatch, rtc_blocker
+from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, chunking_blocker, rate_mismatch
 from polcache.serve.handshake import operator_instruction, policy_instruction
 from polcache.serve.history import ExecutedLog, ObservationHistory
 from polcache.sim.stats import jerk_summary, percentiles_ms, seam_jerk, wilson_interval
@@ -242,7 +242,7 @@ def evaluate(backend: PolicyBackend, task: str, episodes: int, seed: int = 0, pr
     from polcache.envs.instructions import instructions
     from polcache.policy.checkpoint import check_compatible
 
-    if rollout.rtc and (why := rtc_blocker(backend)):
+    if rollout.rtc and (why := chunking_blocker(backend)):
         raise PolcacheError(f"--rtc: {why}")
     image_keys = [k for k in backend.spec.obs if k.startswith("image_")]
     cams = tuple(k[len("image_"):] for k in image_keys)
