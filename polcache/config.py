@@ -164,11 +164,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        raise ConfigError(f"{path}: expected true/false, got {_shown(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        raise ConfigError(f"{path}: expected an integer, got {_shown(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -177,12 +177,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        raise ConfigError(f"{path}: expected a number, got {_shown(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
+        raise ConfigError(f"{path}: expected a string, got {_shown(value)}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A refused value as the user wrote it: YAML's null is an empty override (`out=`), not Python's None."""
+    return "nothing (null: `key=` with no value, or a YAML null)" if value is None else repr(value)
 
 
 def from_dict(cls: type, data: dict, path: str = "") -> Any:

@@ -36,6 +36,7 @@ def test_epochs_set_the_step_count_from_the_data():
     ("train.state_noise=-0.1", "state_noise"),
     ("train.steps=0", "train.steps"),
     ("train.steps=100000000000000000000", r"train.steps must be an integer in \[0, 1000000000\], got 1000"),
+    ("out=", r"out: expected a string, got nothing \(null: `key=` with no value, or a YAML null\)"),  # "got None"
     ("train.action_norm=gaussian", "clips normalised actions"),  # with the default clip_sample: 0% on peg-insert
 ])
 def test_recipe_options_are_validated(override, match):
