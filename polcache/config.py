@@ -280,7 +280,8 @@ def apply_overrides(data: dict, overrides: list[str], example: str = "train.step
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+                raise ConfigError(f"override {key!r}: {p!r} is not a section of keys: the config gives it "
+                                  f"{_shown(node)}")
         try:
             value = load_yaml(raw)
         except yaml.YAMLError as exc:

@@ -37,6 +37,8 @@ def test_epochs_set_the_step_count_from_the_data():
     ("train.steps=0", "train.steps"),
     ("train.steps=100000000000000000000", r"train.steps must be an integer in \[0, 1000000000\], got 1000"),
     ("out=", r"out: expected a string, got nothing \(null: `key=` with no value, or a YAML null\)"),  # "got None"
+    ("policy.n_layers.x=1", r"override 'policy.n_layers.x': 'n_layers' is not a section of keys: the config gives "
+                            r"it 4"),
     ("train.action_norm=gaussian", "clips normalised actions"),  # with the default clip_sample: 0% on peg-insert
 ])
 def test_recipe_options_are_validated(override, match):
