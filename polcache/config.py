@@ -373,7 +373,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise located(exc, path, overrides or []) from None
     if {"train.steps", "train.epochs"} <= overridden and cfg.train.steps and cfg.train.epochs:  # epochs would win
         raise ConfigError(f"train.steps={cfg.train.steps} and train.epochs={cfg.train.epochs} both given: a run trains "
-                          f"by one of them (by epochs where both are set); give one")
+                          f"by one of them; give one")
     if steps_only and cfg.train.steps < 1:  # the file's epochs are set aside, so nothing would say how long to train
         raise ConfigError(f"train.steps={cfg.train.steps}: expected a positive number of steps (the override replaces "
                           f"the config's train.epochs; to train by epochs, set train.epochs=N instead)")
