@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from polcache.atomic import restore
 from polcache.config import INSTRUCTION_KEY
-from polcache.data.store import Episode, EpisodeStore, check_dataset_output, dataset_writer
+from polcache.data.store import Episode, EpisodeStore, check_dataset_output, dataset_writer, first_non_finite
 from polcache.errors import DatasetError, cut_short
 from polcache.extras import install_hint
 from polcache.outputs import LEROBOT_CACHE, LEROBOT_INFO
@@ -544,10 +544,8 @@ def _names(ft: dict) -> list[str] | None:
 def _check_finite(root: Path, starts: np.ndarray, vectors: dict[str, np.ndarray | None]) -> None:
     """Refuse a NaN or inf in a vector feature, naming the first episode and frame holding one."""
     for key, x in vectors.items():
-        if x is not None and not np.isfinite(x).all():
-            row = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
-            e = int(np.searchsorted(starts, row, "right") - 1)
-            raise DatasetError(f"{root}: feature {key} holds NaN or inf at episode {e} frame {row - int(starts[e])}")
+        if x is not None and (at := first_non_finite(x, starts)) is not None:
+            raise DatasetError(f"{root}: feature {key} holds NaN or inf at episode {at[0]} frame {at[1]}")
 
 
 def _video_files(root: Path, info: dict[str, Any], eps: Any, videos: dict[str, str]

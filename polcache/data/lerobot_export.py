@@ -18,7 +18,7 @@ from polcache.config import EMBEDDING_KEY, INSTRUCTION_KEY
 from polcache.data.lerobot import (ACTION, CODEBASE_VERSION, DATA_PATH, EPISODES_PATH, IMAGES_PREFIX, INDEX_FEATURES,
                                    INFO_PATH, STATE, STATS_PATH, TASKS_PATH, VIDEO_PATH, is_lerobot_root, require_av,
                                    require_pyarrow)
-from polcache.data.store import EpisodeStore
+from polcache.data.store import EpisodeStore, first_non_finite
 from polcache.errors import DatasetError
 from polcache.outputs import check_output
 from polcache.policy.language import InstructionError, decode_instruction, encode_instruction
@@ -203,13 +203,14 @@ def _check_exportable(dataset: str | Path, obs_keys: list[str], spec: dict[str, 
                                f"(polcache does not resize)")
 
 
-def _check_finite(dataset: str | Path, e: int, vectors: dict[str, np.ndarray | None]) -> None:
-    """Refuse a NaN or inf in episode `e`'s state or action, naming the frame: exported, it made a root
-    whose stats.json is not JSON and which import (and training) refuse."""
-    for key, x in vectors.items():
-        if x is not None and not (finite := np.isfinite(x).all(1)).all():
-            raise DatasetError(f"{dataset}: {key} holds NaN or inf at episode {e} frame "
-                               f"{int(np.flatnonzero(~finite)[0])}; nothing was written")
+def _check_finite(dataset: str | Path, store: EpisodeStore) -> None:
+    """Refuse a NaN or inf in the state or action, naming the episode and frame: exported, it made a
+    root whose stats.json is not JSON and which import (and training) refuse."""
+    exported = {ACTION: "action"} | ({STATE: "state"} if "state" in store.obs_keys else {})
+    for key, name in exported.items():
+        if (at := first_non_finite(store.array(name), store.episode_starts)) is not None:
+            raise DatasetError(f"{dataset}: {key} holds NaN or inf at episode {at[0]} frame {at[1]}; nothing was "
+                               f"written")
 
 
 def _write_meta(tmp: Path, store: EpisodeStore, rows: list[dict[str, Any]], tasks: list[str],
@@ -248,6 +249,7 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
     spec = store.obs_spec()
     cams = [k for k in store.obs_keys if k.startswith("image_")]
     _check_exportable(dataset, store.obs_keys, spec, cams)
+    _check_finite(dataset, store)
     if cams:
         require_av()
     video_keys = {k: IMAGES_PREFIX + k[len("image_"):] for k in cams}
@@ -273,7 +275,6 @@ def export_lerobot(dataset: str | Path, out: str | Path, fps: float | None = Non
                 for e in range(store.num_episodes):
                     ep = store.episode(e)
                     n = len(ep.action)
-                    _check_finite(dataset, e, {ACTION: ep.action, STATE: ep.obs["state"] if has_state else None})
                     frame_index = np.arange(n, dtype=np.int64)
                     frame_tasks = (_instruction_texts(dataset, e, ep.obs[INSTRUCTION_KEY]) if has_instruction
                                    else [ep.task] * n)

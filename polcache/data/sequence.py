@@ -70,8 +70,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         self._obs = {k: store.array(k) for k in self.keys}
         self._action = store.array("action")
 
-        ends = store.episode_ends
-        starts = np.concatenate([[0], ends[:-1]])
+        ends, starts = store.episode_ends, store.episode_starts
         obs_rows, act_rows, where = [], [], []
         obs_off = np.asarray(frame_offsets(n_obs_steps, obs_stride, frame_mode))
         act_off = np.asarray(action_offsets(n_obs_steps, horizon, obs_stride, frame_mode))

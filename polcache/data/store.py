@@ -132,6 +132,17 @@ def is_demonstrations(path: Path) -> bool:
         return True
 
 
+def first_non_finite(x: np.ndarray, starts: np.ndarray) -> tuple[int, int] | None:
+    """(episode, frame) of the first row of `x` (every episode's frames, episode i from row `starts[i]`)
+    holding a NaN or inf, or None: where a user finds a damaged value to mend it."""
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if finite.all():
+        return None
+    row = int(np.flatnonzero(~finite)[0])
+    e = int(np.searchsorted(starts, row, side="right")) - 1
+    return e, row - int(starts[e])
+
+
 def check_dataset_output(path: str | Path, flag: str | None = None, inputs: Sequence[str | Path] = (),
                          demonstrations: bool = False) -> Path:
     """Refuse, before any work, a dataset output that is not a polcache dataset (see check_output);
@@ -446,6 +457,11 @@ class EpisodeStore:
     def episode_ends(self) -> np.ndarray:
         """int64 cumulative ends (a copy): episode i spans [ends[i-1], ends[i])."""
         return self._ends.copy()
+
+    @property
+    def episode_starts(self) -> np.ndarray:
+        """int64 first rows: episode i spans [starts[i], ends[i])."""
+        return np.concatenate([[0], self._ends[:-1]])
 
     @property
     def obs_keys(self) -> list[str]:

@@ -87,8 +87,7 @@ def embed_dataset(policy: DiffusionPolicy, dataset: str | Path, out: str | Path,
         obs = {k: torch.from_numpy(np.array(a[i:i + batch_size]))[:, None].to(device) for k, a in arrays.items()}
         feats[i:i + batch_size] = policy.frame_features(obs)[:, 0].float().cpu().numpy()
     actions = np.asarray(store.array("action"), np.float32)
-    ends = store.episode_ends
-    starts = np.concatenate([[0], ends[:-1]])
+    ends, starts = store.episode_ends, store.episode_starts
     task = str(store.attrs.get("task", ""))
     episodes = [Episode(obs={KEY: feats[s:e]}, action=actions[s:e], task=task) for s, e in zip(starts, ends)]
     # absolute paths: `ptp finetune` reads both from the store, from whatever directory it runs in

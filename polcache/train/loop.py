@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -37,6 +36,7 @@ from polcache.atomic import atomic_write_text, naming_errors, restore
 from polcache.config import EMBEDDING_KEY, INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.data.normalize import differing_keys
+from polcache.data.store import first_non_finite
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from polcache.outputs import enclosing_output, unwritable
 from polcache.policy.checkpoint import (TrainState, check_external_weights, load_train_state, read_meta, read_tensors,
@@ -97,11 +97,8 @@ def fit_normalizer(store: EpisodeStore, cfg: ExperimentConfig, where: str) -> No
     if "state" in cfg.obs_keys:
         arrays["state"], modes["state"] = store.array("state"), cfg.train.state_norm
     for key, x in arrays.items():  # where, so the user can find it (written by hand or by another tool)
-        if not (finite := np.isfinite(x).all(axis=-1)).all():
-            row = int(np.flatnonzero(~finite)[0])
-            e = int(np.searchsorted(store.episode_ends, row, side="right"))
-            start = int(store.episode_ends[e - 1]) if e else 0
-            raise DatasetError(f"dataset {where}: {key} holds NaN or inf at episode {e} frame {row - start}")
+        if (at := first_non_finite(x, store.episode_starts)) is not None:
+            raise DatasetError(f"dataset {where}: {key} holds NaN or inf at episode {at[0]} frame {at[1]}")
     try:
         return Normalizer.fit(arrays, modes)
     except ValueError as exc:  # non-finite values: the dataset's fault, named as such
