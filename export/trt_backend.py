@@ -153,6 +153,9 @@ class TrtBackend(ExportedBackend):
         torch = self.torch
         feeds, B = self.spec.check_observations(obs)
         x, noise = self.check_start(B, x, noise)
+        if B > self.max_batch:  # beyond the engines' optimisation profile: TensorRT's own error names no remedy
+            raise ExportError(f"{B} observations in one call: these TensorRT engines take at most {self.max_batch} "
+                              f"(max_batch); load the backend with a larger max_batch (polcache serve --max-batch)")
         H, Da, n, W = self.spec.horizon, self.spec.action_dim, self.n_blocks, self.width
         with torch.cuda.stream(self.stream):
             enc = {key: self._tensor(a) for key, a in feeds.items()}

@@ -61,3 +61,26 @@ def test_trt_engines_match_onnx_runtime_and_are_reused(tmp_path):
     assert again.predict(obs, seed=0).shape == (3, p.cfg.n_action_steps, 2)
     half = TrtBackend(tmp_path / "art", device="cuda", precision="fp16", precision_tolerance=1.0)
     assert half.parity["min_cosine"] > 0.9
+
+
+def test_serve_builds_the_engines_for_its_largest_batch(tmp_path, monkeypatch, capsys):
+    """`polcache serve --max-batch 16` batches up to 16 robots: engines built for TrtBackend's default 8
+    failed at the ninth (found by reading: serve never passed --max-batch to the engines)."""
+    import polcache.export.trt_backend as trt_backend
+    from polcache.cli import main
+    from polcache.errors import PolcacheError
+    from polcache.export.exporter import export_policy
+
+    built = {}
+
+    def recorded(artifact, **options):
+        built.update(options)
+        raise PolcacheError("recorded")  # no GPU here: stop where the engines would be built
+
+    monkeypatch.setattr(trt_backend, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_backend, "TrtBackend", recorded)
+    export_policy(tiny_policy(n_layers=1, width=16, obs_dim=4, action_dim=2), tmp_path / "art", sampler="ddpm", steps=2)
+    assert main(["serve", "--checkpoint", str(tmp_path / "art"), "--backend", "trt", "--device", "cuda",
+                 "--max-batch", "16"]) == 2
+    assert "recorded" in capsys.readouterr().err
+    assert built["max_batch"] == 16

@@ -43,7 +43,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # the denoiser's (polcache.policy.precisi
 def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None = None, steps: int | None = None,
                  device: str = "cpu", backend: str | None = None, threads: int | None = None,
                  precision: str = "fp32", precision_tolerance: float | None = None, graphs: bool = True,
-                 candidates: int = 1, min_verified: int | None = None) -> PolicyBackend:
+                 candidates: int = 1, min_verified: int | None = None, max_batch: int = 8) -> PolicyBackend:
     """Load a policy as a backend on `device` (cpu, cuda, cuda:N, auto).
 
     `checkpoint` is a checkpoint directory (backend "torch", the default for one) or an artifact
@@ -54,7 +54,8 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
     denoiser's (torch: fp32|bf16|fp16; trt: fp32|fp16; ort: fp32), checked against fp32 within
     `precision_tolerance` before serving. `graphs`: CUDA graphs for the torch backend on a GPU.
     `candidates` > 1: self-verification (torch backend only), scored once `min_verified` past
-    frames' steps have executed actions (default: all)."""
+    frames' steps have executed actions (default: all). `max_batch`: the most observations one call
+    predicts (the TensorRT engines' batch profile, 1..max_batch; `polcache serve --max-batch`)."""
     check_options(steps, threads, precision_tolerance, candidates, min_verified)
     tolerance = DEFAULT_TOLERANCE if precision_tolerance is None else precision_tolerance
     path = Path(checkpoint)
@@ -82,7 +83,8 @@ def load_backend(checkpoint: str, cache: str | None = None, sampler: str | None 
         if kind == "trt":
             from polcache.export.trt_backend import TrtBackend
 
-            return TrtBackend(path, device=device, precision=precision, precision_tolerance=tolerance)
+            return TrtBackend(path, device=device, precision=precision, max_batch=max_batch,
+                              precision_tolerance=tolerance)
         from polcache.export.ort_backend import OrtBackend
 
         return OrtBackend(path, device=device, threads=threads)

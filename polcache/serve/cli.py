@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(flow samplers, torch backend; robots should run --blend latest)")
     p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
                    help=f"robots whose waiting observations share one inference (default {DEFAULT_MAX_BATCH}; "
-                        "1: one inference per robot)")
+                        "1: one inference per robot; --backend trt builds its engines for up to N)")
     p.add_argument("--inline-ms", type=non_negative_float, default=DEFAULT_INLINE_MS,
                    help=f"while every recent inference took less than this, run it on the server thread and save "
                         f"two thread hand-offs per chunk (default {DEFAULT_INLINE_MS:g}; 0: always on the worker thread, "
@@ -86,7 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     log_to_stderr()
     torch.set_num_threads(args.threads)
-    backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, **backend_options(args))
+    backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, max_batch=args.max_batch,
+                           **backend_options(args))
     info = {"role": "server", "checkpoint": args.checkpoint, "backend": backend.describe(),
             "policy": backend.spec.to_dict(), "deadline_ms": args.deadline_ms}
     # no snapshot is read (window 0); the endpoint shows its families before the first request
