@@ -59,7 +59,8 @@ def check_output(path: str | Path, what: str, *, folder: bool, ours: Callable[[P
     if folder and not any(path.iterdir()):
         return path
     if ours is None or not ours(path):
-        raise error(f"{name}: exists and is not {what}; refusing to overwrite it")
+        it = replaced_whole(path)  # a checkpoint, a run, an artifact...: named, where the folder is one
+        raise error(f"{name}: exists and is {it + ', ' if it else ''}not {what}; refusing to overwrite it")
     return path
 
 

@@ -377,7 +377,7 @@ def test_ptp_embed_refuses_its_own_input_and_another_dataset(capsys, tmp_path):
     data, other = _dataset(tmp_path / "reach.zarr"), _dataset(tmp_path / "other.zarr")
     before = _tree_of(other)
     for out, match in [(data, "is also the input"), (tmp_path / "." / "reach.zarr", "is also the input"),
-                       (other, "exists and is not an embedding store from `polcache ptp embed`; refusing")]:
+                       (other, "exists and is a dataset, not an embedding store from `polcache ptp embed`; refusing")]:
         err = _err(capsys, ["ptp", "embed", "--checkpoint", str(CHECKPOINT), "--dataset", str(data),
                             "--out", str(out), "--no-progress"])
         assert err.startswith(f"polcache ptp embed: error: --out {out}: ") and match in err
