@@ -249,7 +249,8 @@ class PolicyServer:
         self._auth = None
         self._router = self._bound_router(bind, keys_dir)
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # connections' openings too: a closing read with a handshake is then told apart from an earlier one's
+        self._monitor = self._router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         wake_endpoint = f"inproc://polcache-wake-{id(self)}"
         self._wake = self._ctx.socket(zmq.PAIR)
         self._wake.bind(wake_endpoint)
@@ -458,8 +459,14 @@ class PolicyServer:
         if fd is not None and fd >= 0:  # -1: a transport without descriptors (inproc)
             # A descriptor is reused only after its connection closed, and that closing is queued on the
             # monitor before it: read it first, so that neither the entry below nor the session names
-            # the previous connection's robot (nor its closing closes this session).
-            self._log_disconnects()
+            # the previous connection's robot (nor its closing closes this session). Where the last
+            # event read is the descriptor's closing (no reuse accepted after it), the connection closed
+            # is this robot's, gone since it sent the handshake (a robot crashing right after its start):
+            # a session made now would never hear of that and stayed for the idle timeout.
+            if self._log_disconnects().get(fd) == zmq.EVENT_DISCONNECTED:
+                self._log.info(f"gone:{robot.hex()}", f"robot {robot_label(msg.name, robot)}: its connection closed "
+                                                      f"right after its handshake, so no session was opened")
+                return
         old = self.sessions.get(robot)
         if old is None and len(self.sessions) >= self.max_sessions:
             self._make_room()
@@ -564,9 +571,16 @@ class PolicyServer:
                                            f"observation's in epoch {obs.epoch}; stamp observations with a monotonic "
                                            f"clock (time.monotonic(), not time.time())")
 
-    def _log_disconnects(self) -> None:
+    def _log_disconnects(self) -> dict[int, int]:
+        """Log the connections closed since the last call, closing their sessions; returns each
+        descriptor's last event read now (zmq.EVENT_ACCEPTED or zmq.EVENT_DISCONNECTED)."""
+        last: dict[int, int] = {}
         while self._monitor.poll(0):
-            fd = recv_monitor_message(self._monitor)["value"]  # EVENT_DISCONNECTED's value: the descriptor
+            event = recv_monitor_message(self._monitor)
+            fd = event["value"]  # either event's value: the descriptor
+            last[fd] = event["event"]
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
             robot, name = self._connections.pop(fd, (b"", ""))  # none: it closed before shaking hands
             limit = f"a message over the {2 * self.max_message_bytes}-byte transport limit"
             # the authenticator logs the keys it refuses, never a robot that presented none
@@ -586,6 +600,7 @@ class PolicyServer:
                            f"loss, or {limit}){': session closed' if closed else ''}"
                            if robot else f"a connection closed before any handshake (a health check such as "
                                          f"launch's, a robot that exited{refused}, or {limit})")
+        return last
 
     # ------------------------------------------------------------ inference
 
