@@ -113,6 +113,31 @@ def test_a_stopped_sim_robot_reports_its_finished_episodes(monkeypatch, tmp_path
     assert result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM"}
 
 
+def test_a_sim_robot_stopped_before_its_server_answered_still_writes_its_result(monkeypatch, tmp_path, capsys):
+    """SIGTERM while the robot waits for its server (`polcache launch` stopped during the server's
+    start): the README promises the result "also when none [finished]", yet --json was not written
+    (found by an outside probe)."""
+    import json
+
+    from polcache.cli import main
+    from polcache_client import PolicyClient
+    from polcache_client.signals import Terminated
+
+    def terminated(self, timeout_s=None):
+        raise Terminated
+
+    monkeypatch.setattr(PolicyClient, "connect", terminated)
+    out = tmp_path / "robot.json"
+    assert main(["sim-robot", "--task", TASK, "--hz", "50", "--episodes", "3", "--server", "tcp://127.0.0.1:9",
+                 "--json", str(out)]) == 143
+    said = capsys.readouterr().out
+    assert "[interrupted: 0 of 3 episodes finished]" in said
+    assert "SIGTERM before the server answered: the control loop never started, the robot never moved" in said
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 0 and result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM"}
+    assert result["extra"]["safe_stop"] is False
+
+
 def test_a_sim_robot_whose_server_restarted_says_it_reconnected(monkeypatch, tmp_path, capsys):
     """A reconnect (a new epoch: the episode's observation history starts over) showed only as a dip
     in the dashboard's fresh actions; the summary names it."""

@@ -168,7 +168,8 @@ def run_sim_robot(
              else list(instructions(task, "heldout")) if task in INSTRUCTIONS else [None])
 
     metrics = metrics or Metrics()
-    interrupted = None
+    interrupted, mismatch, loop = None, None, None
+    schedule = ActionSchedule(hz, blend, **({} if decay is None else {"decay": decay}))
     env = make_env(task, seed=seed, image=bool(cameras), cameras=cameras, image_size=image_size)
     robot = SimRobot(env, sensor_lag_ms / 1e3, stamped)
     per_episode = []
@@ -176,26 +177,26 @@ def run_sim_robot(
         with PolicyClient(server, robot.obs_spec, robot.action_dim, hz, name=name or sim_robot_name(task),
                           keys_dir=keys_dir,
                           instruction=texts[0]) as client:
-            policy = client.connect(timeout_s=connect_timeout_s)
-            if policy.get("task") and policy["task"] != task:  # allowed (transfer tests), but rarely meant
-                log.warning("the server's policy was trained on %s, this robot runs %s", policy["task"], task)
-            mismatch = check_rate(policy.get("control_hz"), 1.0 / env.control_period_s, task, allow_rate_mismatch)
-            follows = INSTRUCTION_KEY in (policy.get("obs") or {})  # a policy without language ignores them
-            if realtime:
-                try:
-                    use_realtime_priority()
-                except PermissionError as exc:
-                    raise PolcacheError(str(exc)) from None
-            def chunk_arrived(record) -> None:
-                metrics.record(record)
-                if not record.stale_chunks:
-                    robot.seams.append(robot.steps)
+            try:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping, from the connect on:
+                policy = client.connect(timeout_s=connect_timeout_s)
+                if policy.get("task") and policy["task"] != task:  # allowed (transfer tests), but rarely meant
+                    log.warning("the server's policy was trained on %s, this robot runs %s", policy["task"], task)
+                mismatch = check_rate(policy.get("control_hz"), 1.0 / env.control_period_s, task, allow_rate_mismatch)
+                follows = INSTRUCTION_KEY in (policy.get("obs") or {})  # a policy without language ignores them
+                if realtime:
+                    try:
+                        use_realtime_priority()
+                    except PermissionError as exc:
+                        raise PolcacheError(str(exc)) from None
 
-            schedule = ActionSchedule(hz, blend, **({} if decay is None else {"decay": decay}))
-            loop = ControlLoop(robot, client, hz, schedule=schedule, watchdog=Watchdog(hold_s),
-                               on_tick=metrics.record, on_chunk=chunk_arrived)
-            max_ticks = episode_tick_limit(env.max_episode_steps, hz)
-            try:
+                def chunk_arrived(record) -> None:
+                    metrics.record(record)
+                    if not record.stale_chunks:
+                        robot.seams.append(robot.steps)
+
+                loop = ControlLoop(robot, client, hz, schedule=schedule, watchdog=Watchdog(hold_s),
+                                   on_tick=metrics.record, on_chunk=chunk_arrived)
+                max_ticks = episode_tick_limit(env.max_episode_steps, hz)
                 try:
                     for i in range(episodes):
                         robot.begin(seed + i)
@@ -211,10 +212,10 @@ def run_sim_robot(
                                                             texts[i % len(texts)] if follows else None))
                 finally:  # run() stops the robot only on its own way out: here after the last episode and on an
                     loop.stop()  # interrupt between runs (begin, reset_episode); none after run()'s or the watchdog's
-            except KeyboardInterrupt as exc:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping:
-                interrupted = interruption(exc, episodes)  # the episodes finished (none too) and the stop: a result
+            except KeyboardInterrupt as exc:  # the episodes finished (none too, also before the server answered)
+                interrupted = interruption(exc, episodes)  # and the stop: a result
             # the loop's own stop on the way out; the tick records' safe stops count it too (a record of its own)
-            stopped = loop.safe_stops > 0
+            stopped = loop is not None and loop.safe_stops > 0
             reconnects = max(0, client.connections - 1)
     except (ConnectError, ProtocolError, KeyFolderError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line

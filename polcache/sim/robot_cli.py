@@ -124,11 +124,14 @@ def _sim_robot(args: argparse.Namespace) -> int:
     loop_stops = 1 if result.extra["safe_stop"] else 0
     final = (f", then the safe stop {'on ' + stopped['signal'] if stopped else 'at the end'}" if loop_stops
              else f"; on {stopped['signal']} the robot was already stopped (not told again)" if stopped else "")
-    print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
-          f"{err.get('p99', float('nan')):.3f} ms, {_counted(tick.get('missed_ticks', 0), 'missed tick')}, "
-          f"{_counted(tick.get('waiting', 0), 'tick')} waiting for an episode's first action, "
-          f"{_counted(tick.get('deadline_miss', 0), 'tick')} without a fresh action, "
-          f"{_counted(tick.get('safe_stops', 0) - loop_stops, 'watchdog safe stop')}{final}")
+    if stopped and not tick:
+        print(f"{stopped['signal']} before the server answered: the control loop never started, the robot never moved")
+    else:
+        print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
+              f"{err.get('p99', float('nan')):.3f} ms, {_counted(tick.get('missed_ticks', 0), 'missed tick')}, "
+              f"{_counted(tick.get('waiting', 0), 'tick')} waiting for an episode's first action, "
+              f"{_counted(tick.get('deadline_miss', 0), 'tick')} without a fresh action, "
+              f"{_counted(tick.get('safe_stops', 0) - loop_stops, 'watchdog safe stop')}{final}")
     if truncated := result.extra["truncated_episodes"]:
         print(f"{_counted(truncated, 'episode')} cut at the loop's tick limit, most ticks without a step (waiting for "
               f"chunks or safe-stopped): counted as no success, marked truncated in --json")
