@@ -319,12 +319,32 @@ def test_a_dead_dashboard_leaves_the_run_going_and_a_killed_robot_is_said_with_e
 
 
 @pytest.mark.slow
-def test_a_server_that_dies_before_it_is_ready_is_one_error_and_nothing_is_left(tmp_path):
-    (tmp_path / "other.json").write_text("{}")  # a schedule file by name only: launch's own checks pass it
-    launcher = Launcher(sim_overrides(tmp_path, f"server.cache={tmp_path / 'other.json'}", "dashboard.enabled=false"))
+@pytest.mark.parametrize("setting, said", [
+    ("server.cache={other}", "{other}: not a polcache cache schedule"),  # a schedule file by name only
+    ("server.cache=uniform:0", "cache 'uniform:0': uniform interval must be in 1..16"),
+    ("server.instruction=hello", "server.instruction: this policy takes no instruction"),
+])
+def test_a_server_that_refuses_its_settings_is_one_error_and_nothing_is_left(tmp_path, setting, said):
+    """Settings only the server can check against its policy (launch's own checks pass them): the
+    server's refusal was buried in its log's tail and the error named no setting ("the server exited
+    with status 2 before it was ready"); now that refusal is the one line, the option as its key."""
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    launcher = Launcher(sim_overrides(tmp_path, setting.format(other=other), "dashboard.enabled=false"))
     out = launcher.finish()
     assert launcher.proc.returncode == 2, out
-    assert "polcache launch: error: the server exited with status 2 before it was ready" in out
+    assert f"polcache launch: error: the server refused its settings: {said.format(other=other)}" in out, out
+    assert "server|" not in out and "robot started" not in out
+    assert all(gone(pid) for pid in launcher.pids().values())
+
+
+@pytest.mark.slow
+def test_a_server_not_ready_in_time_is_stopped_with_its_logs_tail_shown(tmp_path):
+    """Not a refusal: what the server said so far is shown, and nothing is left."""
+    launcher = Launcher(sim_overrides(tmp_path, "server.ready_timeout_s=0.01", "dashboard.enabled=false"))
+    out = launcher.finish()
+    assert launcher.proc.returncode == 2, out
+    assert re.search(r"polcache launch: error: the server did not answer .*", out), out
     assert "robot started" not in out
     assert all(gone(pid) for pid in launcher.pids().values())
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 from polcache.cache.baselines import no_cache_plan, threshold_plan, uniform_plan, with_forecast
 from polcache.cache.errors import CacheError
@@ -24,21 +25,31 @@ def resolve_plan(cache_spec: str, policy: CacheTarget, sampler: Sampler) -> Plan
     elif spec.method in ACS_METHODS:
         source = load_schedule(spec.path)
         check_fits(source, policy, sampler, spec.path)
-        try:  # a budget or Bubbling Union size this schedule's model cannot take: named with the spec
+        with _named(cache_spec):  # a budget or Bubbling Union size this schedule's model cannot take
             plan = build_schedule(source.calibration, spec.method, int(spec.value), spec.bu_blocks, source.force_last,
                                   source.model_hash, source.sampler, spec.objective or source.objective,
                                   source.family).to_plan()
-        except CacheError as exc:
-            raise CacheError(f"cache {cache_spec!r}: {exc}") from None
     elif spec.method == "uniform":
-        plan = uniform_plan(K, n, int(spec.value))
+        with _named(cache_spec):  # an interval beyond this sampler's steps
+            plan = uniform_plan(K, n, int(spec.value))
     elif spec.method == "threshold":
-        plan = threshold_plan(K, n, spec.value)
+        with _named(cache_spec):
+            plan = threshold_plan(K, n, spec.value)
     else:
         plan = no_cache_plan(K, n)
     if spec.forecast:
         plan = with_forecast(plan)
     return Plan(plan.ops, plan.method, spec.text, plan.threshold)
+
+
+@contextmanager
+def _named(cache_spec: str) -> Iterator[None]:
+    """A cache spec this model or sampler cannot take is refused naming the spec (a launch config's
+    server.cache=uniform:0 was refused as "uniform interval must be in 1..16", which names no setting)."""
+    try:
+        yield
+    except CacheError as exc:
+        raise CacheError(f"cache {cache_spec!r}: {exc}") from None
 
 
 def plan_summary(plan: Sequence[Sequence[int]]) -> dict:

@@ -11,17 +11,18 @@ killed, the kernel sends each child SIGTERM (PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO
 
 from polcache.errors import PolcacheError
 from polcache.jsonfile import read_json_object
-from polcache.launch.config import LaunchConfig, Placement, check_machine, tcp_port
+from polcache.launch.config import LaunchConfig, Placement, ServerLaunch, check_machine, tcp_port
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
 from polcache.launch.placement import child_setup, describe, placement_warning
 from polcache.signals import how_stopped, sigterm_as_interrupt
@@ -166,6 +167,22 @@ class Launch:
         lines = child.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         return "\n".join(f"  {name}| {line}" for line in lines)
 
+    def refusal(self, name: str) -> str | None:
+        """The one line a child that refused its options ended with ("polcache serve: error: ..."),
+        a leading option named as the launch config's key (--cache: server.cache), if it did."""
+        child = self.children[name]
+        if child.proc.returncode != 2 or child.log is None or not child.log.is_file():  # 2: refused, not crashed
+            return None
+        command = child.proc.args[len(POLCACHE)]
+        said = [line for line in child.log.read_text(errors="replace").splitlines()
+                if line.startswith(f"polcache {command}: error: ")]
+        if not said:
+            return None
+        why = said[-1].split(": error: ", 1)[1]
+        keys = {f.name for f in fields(ServerLaunch)} if name == "server" else set()
+        return re.sub(r"^(?:argument )?--([a-z][a-z-]*)",
+                      lambda m: f"{name}.{m[1].replace('-', '_')}" if m[1].replace("-", "_") in keys else m[0], why)
+
     def exited(self) -> Child | None:
         """A child that ended on its own, if any."""
         return next((c for c in self.children.values() if c.proc.poll() is not None), None)
@@ -237,6 +254,8 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str, cameras: tuple[list
             took = wait_for_server(server.proc, connect_address(cfg.server.bind), cfg.server.ready_timeout_s,
                                    cfg.server.keys)
         except NotReady as exc:
+            if (why := launch.refusal("server")) is not None:  # a setting only the server could check: one line
+                raise PolcacheError(f"the server refused its settings: {why}") from None
             print(launch.tail("server"), file=sys.stderr)
             raise PolcacheError(str(exc)) from None
         say(f"server {cfg.server.bind} answered a heartbeat after {took:.1f} s (checkpoint {cfg.server.checkpoint}, "
