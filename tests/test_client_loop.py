@@ -498,8 +498,9 @@ def test_held_actions_are_reported_as_executed_and_waiting_or_stopped_ticks_repo
     ({"address": "tcp://127.0.0.1:99999"}, "port 99999 is not in 1..65535"),  # ZeroMQ would dial port 34463
     ({"name": "arm \udcff"}, r"name is not valid UTF-8 \(at character 4\)"),
     ({"name": "arm\n2"}, "name must be printable text"),
+    ({"name": "(unnamed)"}, "names in parentheses are the server's own labels"),
 ], ids=["timeout-negative", "timeout-below-heartbeat", "heartbeat-zero", "obs-spec", "address", "port",
-        "name-surrogate", "name-newline"])
+        "name-surrogate", "name-newline", "name-label"])
 def test_client_arguments_are_checked_before_anything_is_sent(kwargs, match):
     from polcache_client import ConnectError, PolicyClient
 

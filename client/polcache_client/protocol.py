@@ -309,6 +309,9 @@ def robot_name(value: Any, where: str = "name") -> str:
     value = _str(value, where)
     if not value.isprintable():
         raise ProtocolError("bad_type", f"{where} must be printable text (no newlines or other control characters)")
+    if value.startswith("(") and value.endswith(")"):  # the server's own labels: a robot so named mixed with them
+        raise ProtocolError("bad_type", f"{where} {value!r}: names in parentheses are the server's own labels (such "
+                                        f"as '(no handshake)'); name the robot otherwise")
     return value
 
 
@@ -383,7 +386,7 @@ def _obs_spec(value: Any, where: str) -> ObsSpec:
             raise ProtocolError("bad_type", f"{where}.{key} must be a map with keys shape, dtype")
         shape = _int_list(entry["shape"], f"{where}.{key}.shape")
         dtype = _str(entry["dtype"], f"{where}.{key}.dtype")
-        if dtype not in ALLOWED_DTYPES or any(s < 0 for s in shape) or len(shape) > MAX_NDIM:
+        if dtype not in ALLOWED_DTYPES or not all(map(_is_dim, shape)) or len(shape) > MAX_NDIM:  # as arrays' shapes
             raise ProtocolError("bad_type", f"{where}.{key}: unsupported shape {shape} or dtype {dtype!r}")
         spec[key] = (tuple(shape), dtype)
     return spec
