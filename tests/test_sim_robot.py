@@ -133,9 +133,11 @@ def test_a_sim_robot_stopped_before_its_server_answered_still_writes_its_result(
     said = capsys.readouterr().out
     assert "[interrupted: 0 of 3 episodes finished]" in said
     assert "SIGTERM before the server answered: the control loop never started, the robot never moved" in said
-    result = json.loads(out.read_text())
+    # standard JSON: what has no value (no episode, no chunk) is null; Python's NaN stopped jq and browsers
+    result = json.loads(out.read_text(), parse_constant=lambda constant: pytest.fail(f"{constant} in {out}"))
     assert result["episodes"] == 0 and result["extra"]["interrupted"] == {"episodes_asked": 3, "signal": "SIGTERM"}
-    assert result["extra"]["safe_stop"] is False
+    assert result["extra"]["safe_stop"] is False and result["mean_episode_length"] is None
+    assert result["latency_ms"] == {"p50": None, "p95": None, "p99": None, "n": 0}
 
 
 def test_a_sim_robot_whose_server_restarted_says_it_reconnected(monkeypatch, tmp_path, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from polcache.cli_types import (add_backend_options, backend_options, given_only_with, non_negative_float,
@@ -124,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"threshold cache: {cache['block_evals_mean']} of {cache['block_evals_uncached']} block evaluations "
                   f"per chunk on average over the episodes")
     if args.json:
-        atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
+        atomic_write_text(args.json, result.to_json())
         print(f"wrote {args.json}")
     return result.exit_status()
 

@@ -9,6 +9,8 @@ run is reproducible and different seeds give different episodes."""
 
 from __future__ import annotations
 
+import json
+import math
 import signal
 import sys
 import time
@@ -35,6 +37,17 @@ RESULT_FORMAT = "polcache-eval-result"
 _RESULT_FIELDS = ("task", "episodes", "successes", "success_rate", "ci95")  # how results before the marker look
 
 
+def _nulled(value):
+    """`value` with every NaN or infinite float (nested in dicts and lists) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _nulled(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulled(v) for v in value]
+    return value
+
+
 def check_result_output(path: str | Path, flag: str = "--json") -> Path:
     """Refuse, before any episode runs, a result path that holds anything but an earlier result
     of eval or sim-robot (files written before the "format" marker are known by their fields)."""
@@ -59,6 +72,11 @@ class EvalResult:
         d = {"format": RESULT_FORMAT, **asdict(self)}  # the marker lets --json replace only a result
         d["ci95"] = list(self.ci95)
         return d
+
+    def to_json(self) -> str:
+        """The result as standard JSON (--json): a figure with no value (no episode finished, no chunk
+        timed) is null. Python wrote NaN, which jq, browsers and most other readers refuse."""
+        return json.dumps(_nulled(self.to_dict()), indent=2, allow_nan=False)
 
     def summary(self) -> str:
         lo, hi = self.ci95

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from polcache.cli_types import (control_rate, given_only_with, image_size, name_list, non_negative_float,
                                  positive_float, positive_int, seed_int)
@@ -150,6 +149,6 @@ def _sim_robot(args: argparse.Namespace) -> int:
     if jerk := result.jerk_line():
         print(jerk)
     if args.json:
-        atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
+        atomic_write_text(args.json, result.to_json())
         print(f"wrote {args.json}")
     return result.exit_status()
