@@ -81,6 +81,26 @@ def test_tail_notices_a_file_rewritten_longer_between_two_polls(tmp_path):
     assert [r["t"] for r in tail.poll()] == [20.0] and tail.bad_lines == 0
 
 
+def test_tail_reads_a_file_replaced_by_a_rename_with_the_same_start_on_where_it_was(tmp_path):
+    """rsync, cp + mv and sed -i put a file in place by a rename: a new inode, read as a rotation, so
+    every record was counted again (an outside probe: a 50 Hz robot's rate shown as 93 Hz). Another
+    file renamed into place is still a rotation's new file, read from its start."""
+    path, tmp = tmp_path / "m.jsonl", tmp_path / "m.tmp"
+    records = [line(kind="tick", t=float(i)) for i in range(6)]
+    path.write_text("".join(records[:3]) + records[3][:9])  # the last line caught half-written
+    tail = JsonlTail(path)
+    assert [r["t"] for r in tail.poll()] == [0.0, 1.0, 2.0]
+    tmp.write_text("".join(records))
+    os.replace(tmp, path)
+    assert [r["t"] for r in tail.poll()] == [3.0, 4.0, 5.0] and tail.bad_lines == 0
+    with open(path, "a") as f:
+        f.write(line(kind="tick", t=6.0))
+    assert [r["t"] for r in tail.poll()] == [6.0]
+    tmp.write_text(line(kind="tick", t=100.0))  # another file: a rotation's
+    os.replace(tmp, path)
+    assert [r["t"] for r in tail.poll()] == [100.0] and tail.bad_lines == 0
+
+
 def test_tail_follows_the_writers_rotation_without_losing_records(tmp_path):
     path = tmp_path / "m.jsonl"
     writer = JsonlWriter(path, max_bytes=1500, backups=3, flush_s=0.005)

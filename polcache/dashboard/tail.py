@@ -2,7 +2,8 @@
 
 The writer (polcache.metrics.jsonl) renames a full file to FILE.1 and starts a new FILE; a
 user may also truncate it or start a new run over it. We keep the open handle (so the rest of
-a rotated file is still read), notice a new inode at the path and switch to it, notice a file
+a rotated file is still read), notice a new inode at the path and switch to it (read on from our
+offset where it starts with everything we read: the same file copied into place), notice a file
 shorter than our offset or whose first bytes changed (rewritten, even longer than before, between
 two polls: every run's first line is its info record with a timestamp) and start again from its
 beginning, and hold back a last line until its newline arrives, so a line caught half-written is
@@ -21,6 +22,7 @@ from typing import Any, BinaryIO
 HEAD_BYTES = 256  # compared at every poll to notice a file rewritten from its start
 MAX_LINE_BYTES = 1 << 20  # a longer line (a file that is not JSON lines) is one unreadable line, not held in memory
 READ_BYTES = 16 << 20  # the most one poll reads
+COMPARE_BYTES = 1 << 20  # a file replaced by a rename is compared with the old one this much at a time
 GONE_AFTER_S = 5.0  # a path missing longer than this was deleted: a rotation's rename-then-create takes far less
 
 
@@ -55,7 +57,11 @@ class JsonlTail:
             self.rewind()  # truncated under us: whatever we held back belonged to the old content
             self.rewritten = True
         records += self._read(limit)
-        if stat is not None and stat.st_ino != self._inode:  # rotated: the old file is finished
+        if stat is not None and stat.st_ino != self._inode and (same := self._same_run_replaced()) is not None:
+            self._file.close()  # the same content put in place by a rename: read on where we were
+            self._file, self._inode = same, os.fstat(same.fileno()).st_ino
+            records += self._read(limit)
+        elif stat is not None and stat.st_ino != self._inode:  # rotated: the old file is finished
             records += self._read(None) + self.finish()
             self._file.close()
             self._file = None
@@ -106,6 +112,24 @@ class JsonlTail:
         self.problem = None
         self._inode = os.fstat(self._file.fileno()).st_ino
         return True
+
+    def _same_run_replaced(self) -> BinaryIO | None:
+        """The file now at the path, at our offset, where it starts with all we read of the old one:
+        the same run's file put in place by a rename (rsync, cp + mv, sed -i), which read as a
+        rotation counted every record again; None for another file (a rotation's new one)."""
+        offset = self._file.tell()
+        try:
+            new = open(self.path, "rb")
+        except OSError:
+            return None
+        old_fd, new_fd = self._file.fileno(), new.fileno()
+        if os.fstat(new_fd).st_size >= offset and all(
+                os.pread(old_fd, min(COMPARE_BYTES, offset - at), at) == os.pread(new_fd, min(COMPARE_BYTES, offset - at), at)
+                for at in range(0, offset, COMPARE_BYTES)):
+            new.seek(offset)
+            return new
+        new.close()
+        return None
 
     def _rewritten(self, size: int) -> bool:
         if size < self._file.tell():
