@@ -177,3 +177,19 @@ def test_declared_kinds_are_exposed_before_their_first_record():
     after = {f.name: f for f in text_string_to_metric_families(metrics.prometheus_text())}
     assert set(after) == set(families)  # the same families, no duplicate, now with the robot's samples
     assert after["polcache_request_total_seconds"].samples and not after["polcache_error_errors"].samples
+
+
+def test_a_metrics_port_in_use_is_refused_naming_the_option_and_port():
+    """serve and sim-robot said only "error: Address already in use" (an outside probe)."""
+    import socket
+
+    from polcache.errors import PolcacheError
+    from polcache.metrics import Metrics, serve_prometheus
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PolcacheError, match=rf"^--metrics-port {port}: cannot serve Prometheus metrics on "
+                                                rf"127.0.0.1:{port}: Address already in use$"):
+            serve_prometheus(Metrics(), port)

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from polcache.errors import PolcacheError
 from polcache.metrics.registry import Metrics
 
 
@@ -31,7 +32,11 @@ def serve_prometheus(metrics: Metrics, port: int, host: str = "127.0.0.1") -> Th
         def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:  # "Address already in use" alone named neither the port nor the option
+        raise PolcacheError(f"--metrics-port {port}: cannot serve Prometheus metrics on {host}:{port}: "
+                            f"{exc.strerror or exc}") from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="polcache-prometheus", daemon=True).start()
     return server
