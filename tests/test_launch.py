@@ -75,6 +75,9 @@ def test_shipped_launch_configs_load(name):
     ("robot", "override 'robot': expected key=value, e.g. robot.episodes=50"),  # not a training example
     ("server.cache=threshold:0.1+forecast", "server.cache: cache spec 'threshold:0.1+forecast': +forecast applies to "
                                             "static plans"),  # refused by the server only once it ran
+    ("server.metrics_port=0", "server.metrics_port: expected a port in 1..65535, got 0"),
+    ("robot.metrics_port=8050", "robot.metrics_port: 8050 is dashboard.port's port too"),
+    ("server.metrics_port=5555", "server.metrics_port: 5555 is server.bind's port too"),
 ])
 def test_config_refuses_bad_values_naming_the_field(override, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
@@ -114,6 +117,8 @@ def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
             check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"dashboard.port={port}")))
         check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"dashboard.port={port}",
                                                             "dashboard.enabled=false")))
+        with pytest.raises(PolcacheError, match=f"robot.metrics_port: port {port} on 127.0.0.1 is already in use"):
+            check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"robot.metrics_port={port}")))
     with pytest.raises(PolcacheError, match=r"server.bind: cannot bind 192\.0\.2\.1:5555 here"):  # not ours
         check_machine(load_launch_config(SIM, sim_overrides(tmp_path, "server.bind=tcp://192.0.2.1:5555")))
     unavailable = max(os.sched_getaffinity(0)) + 1
@@ -139,6 +144,12 @@ def test_commands_pass_the_server_choices_through(tmp_path):
                                                            "server.verify 1")):
         with pytest.raises(ConfigError, match=re.escape(said)):
             load_launch_config(SIM, overrides)
+    # Prometheus endpoints (an ops team's scrape targets), which only serve and sim-robot run by hand offered
+    scraped = load_launch_config(SIM, ["server.metrics_port=9100", "robot.metrics_port=9101"])
+    assert server_command(scraped, tmp_path)[server_command(scraped, tmp_path).index("--metrics-port") + 1] == "9100"
+    robot = robot_command(scraped, tmp_path, "reach-v3")
+    assert robot[robot.index("--metrics-port") + 1] == "9101"
+    assert "--metrics-port" not in server_command(cfg, tmp_path) + robot_command(cfg, tmp_path, "reach-v3")
     assert dashboard_command(cfg, tmp_path)[-6:] == ["--metrics", str(tmp_path / "server.jsonl"),
                                                      "--metrics", str(tmp_path / "robot.jsonl"), "--port", "8050"]
     assert robot_task(cfg) == "reach-v3"  # from the checkpoint's meta.json

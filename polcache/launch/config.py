@@ -57,6 +57,7 @@ class ServerLaunch:
     verify_min_past: int | None = None  # past steps executed before candidates are scored (None: all trained ones)
     instruction: str | None = None  # language-conditioned policies: the default for robots that send none
     ready_timeout_s: float = 180.0  # checkpoint loading and warm-up (CUDA graphs, TensorRT engines) may be slow
+    metrics_port: int | None = None  # a Prometheus endpoint on 127.0.0.1 (`serve --metrics-port`); None: none
     placement: Placement = field(default_factory=Placement)
 
 
@@ -72,6 +73,7 @@ class RobotLaunch:
     blend: str = "ensemble"  # ensemble | latest: how overlapping chunks are executed
     instruction: str | None = None  # None: the task's held-out paraphrases (language-conditioned policies)
     name: str | None = None  # what it calls itself at the server (None: "sim-robot TASK")
+    metrics_port: int | None = None  # a Prometheus endpoint on 127.0.0.1 (`sim-robot --metrics-port`); None: none
     placement: Placement = field(default_factory=Placement)
 
 
@@ -172,8 +174,18 @@ def validate(cfg: LaunchConfig) -> None:
     if r.blend not in BLEND_MODES:
         raise ConfigError(f"robot.blend: expected {' or '.join(BLEND_MODES)}, got {r.blend!r}")
     _check_port("dashboard.port", d.port)
-    if d.enabled and address is not None and address[1] == d.port:  # both would bind it: the second fails
-        raise ConfigError(f"dashboard.port: {d.port} is server.bind's port too; give them different ports")
+    ports = {"server.bind": address[1] if address is not None else None,
+             "dashboard.port": d.port if d.enabled else None, "server.metrics_port": s.metrics_port,
+             "robot.metrics_port": r.metrics_port if r.enabled else None}
+    for name in ("server.metrics_port", "robot.metrics_port"):
+        if ports[name] is not None:
+            _check_port(name, ports[name])
+    taken: dict[int, str] = {}
+    for name, port in ports.items():  # two of them on one port: the second to bind fails
+        if port is not None and port in taken:
+            raise ConfigError(f"{name}: {port} is {taken[port]}'s port too; give them different ports")
+        if port is not None:
+            taken[port] = name
     _check_placement("server", s.placement)
     _check_placement("robot", r.placement)
     _check_placement("dashboard", d.placement)
@@ -237,3 +249,7 @@ def check_machine(cfg: LaunchConfig) -> None:
         _check_port_free("server.bind", *address)
     if cfg.dashboard.enabled:
         _check_port_free("dashboard.port", "127.0.0.1", cfg.dashboard.port)
+    for name, port in (("server.metrics_port", s.metrics_port),
+                       ("robot.metrics_port", cfg.robot.metrics_port if cfg.robot.enabled else None)):
+        if port is not None:
+            _check_port_free(name, "127.0.0.1", port)

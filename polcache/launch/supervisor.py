@@ -109,7 +109,8 @@ def server_command(cfg: LaunchConfig, run: Path) -> list[str]:
                       "--metrics-file", str(run / "server.jsonl"), "--max-batch", str(s.max_batch),
                       "--inline-ms", str(s.inline_ms)]
     for flag, value in (("--backend", s.backend), ("--cache", s.cache), ("--keys", s.keys),
-                        ("--instruction", s.instruction), ("--verify-min-past", s.verify_min_past)):
+                        ("--instruction", s.instruction), ("--verify-min-past", s.verify_min_past),
+                        ("--metrics-port", s.metrics_port)):
         if value is not None:
             cmd += [flag, str(value)]
     cmd += ["--verify", str(s.verify)] if s.verify > 1 else []
@@ -125,6 +126,7 @@ def robot_command(cfg: LaunchConfig, run: Path, task: str, cameras: tuple[list[s
                       "--blend", r.blend]
     cmd += ["--instruction", r.instruction] if r.instruction is not None else []
     cmd += ["--name", r.name] if r.name is not None else []
+    cmd += ["--metrics-port", str(r.metrics_port)] if r.metrics_port is not None else []
     cmd += ["--cameras", ",".join(cameras[0]), "--image-size", str(cameras[1])] if cameras is not None else []
     return cmd + (["--keys", cfg.server.keys] if cfg.server.keys else [])
 
@@ -260,6 +262,8 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str, cameras: tuple[list
             raise PolcacheError(str(exc)) from None
         say(f"server {cfg.server.bind} answered a heartbeat after {took:.1f} s (checkpoint {cfg.server.checkpoint}, "
             f"device {cfg.server.device}, {server_threads(cfg)} thread(s))")
+        if cfg.server.metrics_port is not None:
+            say(f"server Prometheus metrics http://127.0.0.1:{cfg.server.metrics_port}/metrics")
         has_dashboard = probe is not None and probe.wait() == 0
     finally:
         if probe is not None and probe.poll() is None:
@@ -280,7 +284,8 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str, cameras: tuple[list
     if cfg.robot.enabled:
         r = cfg.robot
         seeing = "" if cameras is None else f", cameras {', '.join(cameras[0])} at {cameras[1]} px"
-        say(f"robot: {task} at {r.hz:g} Hz, {r.episodes} episode(s){seeing}")
+        scraped = "" if r.metrics_port is None else f", Prometheus metrics http://127.0.0.1:{r.metrics_port}/metrics"
+        say(f"robot: {task} at {r.hz:g} Hz, {r.episodes} episode(s){seeing}{scraped}")
         launch.start("robot", robot_command(cfg, launch.run_dir, task, cameras), r.placement, to_log=False)
     else:
         say("running: a robot may connect now (Ctrl-C or SIGTERM stops everything)")
