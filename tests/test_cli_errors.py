@@ -716,10 +716,36 @@ def test_ptp_finetune_refuses_another_task_and_another_dataset(capsys, tmp_path)
     finetune = ["ptp", "finetune", "--embeddings", str(store), "--config", "configs/ptp_cue_reach.yaml",
                 f"out={tmp_path / 'run'}"]
     err = _err(capsys, finetune)
-    assert f"task is 'cue-reach' but dataset {data} was recorded on 'reach-v3'" in err
+    assert f"task is 'cue-reach' but dataset {data} (embedded in {store}) was recorded on 'reach-v3'" in err
     err = _err(capsys, finetune + ["task=reach-v3", f"dataset={tmp_path / 'other.zarr'}"])
     assert f"dataset is {tmp_path / 'other.zarr'} but {store} embeds {data}" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_task_a_multi_task_dataset_was_not_recorded_on_is_refused_by_train_and_ptp_finetune(capsys,
+                                                                                                     tmp_path):
+    """configs/ptp_cue_reach.yaml (task: cue-reach) on a pad-reach recording trained, and the checkpoint
+    named cue-reach, which eval then ran without a word; ptp finetune compared the config's task with
+    the encoder checkpoint's instead of the data's (an outside probe)."""
+    import numpy as np
+
+    from polcache.data import Episode, write_dataset
+
+    t = np.arange(10, dtype=np.float32)[:, None]
+    pads = ["pad-reach-left", "pad-reach-right"]
+    data = tmp_path / "pads.zarr"
+    write_dataset(data, [Episode(obs={"state": np.repeat(t, 39, 1)}, action=np.repeat(t, 4, 1), task=task)
+                         for task in pads], {"tasks_recorded": pads})
+    said = "task is 'cue-reach' but dataset {} was recorded on pad-reach-left, pad-reach-right; set task to one of them"
+    err = _err(capsys, ["train", "--config", "configs/ptp_cue_reach.yaml", f"dataset={data}", f"out={tmp_path / 'a'}"])
+    assert said.format(data) in err
+    store = tmp_path / "e.zarr"
+    assert main(["ptp", "embed", "--checkpoint", str(CHECKPOINT), "--dataset", str(data), "--out", str(store),
+                 "--no-progress"]) == 0
+    err = _err(capsys, ["ptp", "finetune", "--embeddings", str(store), "--config", "configs/ptp_cue_reach.yaml",
+                        f"out={tmp_path / 'b'}"])
+    assert said.format(f"{data} (embedded in {store})") in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_dashboard_refuses_a_folder_as_metrics_file(capsys, tmp_path):

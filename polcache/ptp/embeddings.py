@@ -88,13 +88,13 @@ def embed_dataset(policy: DiffusionPolicy, dataset: str | Path, out: str | Path,
         feats[i:i + batch_size] = policy.frame_features(obs)[:, 0].float().cpu().numpy()
     actions = np.asarray(store.array("action"), np.float32)
     ends, starts = store.episode_ends, store.episode_starts
-    task = str(store.attrs.get("task", ""))
-    episodes = [Episode(obs={KEY: feats[s:e]}, action=actions[s:e], task=task) for s, e in zip(starts, ends)]
+    episodes = [Episode(obs={KEY: feats[s:e]}, action=actions[s:e], task=task)  # each episode's own task
+                for s, e, task in zip(starts, ends, store.tasks)]
     # absolute paths: `ptp finetune` reads both from the store, from whatever directory it runs in
     attrs = {ATTR: {"encoder_hash": encoder_hash(policy), "checkpoint": str(Path(checkpoint).resolve()) if checkpoint
                     else "", "source": str(Path(dataset).resolve()),
                     "feature_dim": int(feats.shape[1]), "dtype": "float32", "obs_keys": list(policy.obs_keys)}}
-    for name in ("task", "fps"):
+    for name in ("task", "tasks_recorded", "fps"):  # what ptp finetune checks its config's task against
         if name in store.attrs:
             attrs[name] = store.attrs[name]
     write_dataset(out, episodes, attrs)

@@ -19,7 +19,7 @@ from polcache.errors import ConfigError, DatasetError
 from polcache.policy.checkpoint import load_policy
 from polcache.policy.families import build_policy
 from polcache.ptp.embeddings import KEY, embedding_info, encoder_hash
-from polcache.train.loop import TrainingSource, dataset_rate, train
+from polcache.train.loop import TrainingSource, dataset_rate, run_task, train
 
 EMBEDDING_MIN_STD = 1e-9  # float32 rounding of the features is ~1e-10 and below
 # What the checkpoint that made the store fixes: its encoder's settings (the stored embeddings are their
@@ -56,10 +56,11 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path, overrides: Se
     if cfg.dataset and Path(cfg.dataset).resolve() != Path(source).resolve():  # not silently replaced
         raise ConfigError(f"dataset is {cfg.dataset} but {embeddings} embeds {source}; leave dataset empty "
                           "(ptp finetune trains on the store, whose source dataset calibration reads)")
-    recorded = str(store.attrs.get("task", "")) or base_cfg.task
-    if cfg.task and recorded and cfg.task != recorded:  # as train refuses a dataset of another task
-        raise ConfigError(f"task is {cfg.task!r} but dataset {source} was recorded on {recorded!r} (embedded in "
-                          f"{embeddings}); set task={recorded} (or leave task empty)")
+    # as train refuses a dataset of another task (the store carries its source's task attributes); a store
+    # naming none (an imported source) takes the encoder's
+    task = run_task(cfg.task, store.attrs, f"{source} (embedded in {embeddings})")
+    if not task and not store.attrs.get("tasks_recorded"):
+        task = base_cfg.task
     replaced, given_keys = [], [o.partition("=")[0].strip() for o in overrides]
     for setting in ENCODER_SETTINGS:
         group, name = setting.split(".")
@@ -76,7 +77,7 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path, overrides: Se
     cfg.policy.state_hidden, cfg.policy.image = base_cfg.policy.state_hidden, base_cfg.policy.image
     cfg.train.state_norm, cfg.train.action_norm = base_cfg.train.state_norm, base_cfg.train.action_norm
     cfg.dataset = source
-    cfg.task = cfg.task or recorded
+    cfg.task = task
     validate(cfg)
     policy = build_policy(cfg.policy, base.spec.obs, base.obs_keys, base.action_dim,
                           with_embedding_stats(base.normalizer, store), cfg.task)

@@ -24,7 +24,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -133,15 +135,27 @@ def dataset_source(cfg: ExperimentConfig, progress: bool = False) -> TrainingSou
     store = open_dataset(cfg.dataset, progress=progress,
                          instruction_bytes=cfg.policy.vla.instruction_bytes if language else 0,
                          instruction_setting=INSTRUCTION_WIDTH_SETTING)
-    # multi-task datasets recorded before this rule stored their first task as the task: ignore it
-    recorded = "" if len(store.attrs.get("tasks_recorded", ())) > 1 else str(store.attrs.get("task", ""))
-    if cfg.task and recorded and cfg.task != recorded:
-        raise ConfigError(f"task is {cfg.task!r} but dataset {cfg.dataset} was recorded on {recorded!r}; "
-                          f"set task={recorded} (or leave task empty)")
-    cfg.task = cfg.task or recorded
+    cfg.task = run_task(cfg.task, store.attrs, str(cfg.dataset))
     if launch_rank() == 0:
         _note_large_lerobot_images(cfg, store)
     return TrainingSource(store, build_policy(cfg, store), list(cfg.obs_keys))
+
+
+def run_task(given: str, attrs: Mapping[str, Any], dataset: str) -> str:
+    """The task a run on a dataset with `attrs` records: `given` (the config's task) where the dataset
+    was recorded on it, else the dataset's own task ("" for several). A task the dataset was not
+    recorded on is refused (ConfigError): the checkpoint would name it and eval would run it."""
+    several = [str(task) for task in attrs.get("tasks_recorded", ())]
+    if len(several) > 1:  # a multi-task recording (its first task was stored as the task before this rule)
+        if given and given not in several:  # the config's task was accepted and named the checkpoint
+            raise ConfigError(f"task is {given!r} but dataset {dataset} was recorded on {', '.join(several)}; set "
+                              f"task to one of them (eval's default) or leave task empty")
+        return given
+    recorded = str(attrs.get("task", ""))
+    if given and recorded and given != recorded:
+        raise ConfigError(f"task is {given!r} but dataset {dataset} was recorded on {recorded!r}; set "
+                          f"task={recorded} (or leave task empty)")
+    return given or recorded
 
 
 LARGE_IMAGE_PX = 128  # a camera side above this, imported whole from a LeRobot root, earns a note
