@@ -27,6 +27,14 @@ if [ -z "$task" ]; then
   task=$(python -c 'import json,sys; print(json.load(open(sys.argv[1] + "/meta.json")).get("task", ""))' "$checkpoint")
   [ -n "$task" ] || { echo "sim_loop: the checkpoint names no task; pass TASK" >&2; exit 2; }
 fi
+# A server already there (one left running) would answer the robot, whose result would then be
+# another policy's: refused, as `polcache launch` refuses a port in use.
+python - "$port" 2>/dev/null <<'EOF' || { echo "sim_loop: port $port on 127.0.0.1 is already in use (another server?): set PORT" >&2; exit 2; }
+import socket, sys
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds: a stopped run's TIME_WAIT is free
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+EOF
 server_metrics=(); robot_metrics=()
 if [ -n "${METRICS_DIR:-}" ]; then
   mkdir -p "$METRICS_DIR"
@@ -58,6 +66,13 @@ server_pid=$!
 "${polcache[@]}" sim-robot --task "$task" --hz "$hz" --episodes "$episodes" --server "$address" \
   --connect-timeout 120 "${robot_metrics[@]}" "$@" &
 robot_pid=$!
+while kill -0 "$robot_pid" 2>/dev/null; do  # a server that exits (a bad checkpoint) ends the run at once,
+  if ! kill -0 "$server_pid" 2>/dev/null; then  # not after the robot's 120 s connect timeout
+    echo "sim_loop: the server exited before the robot finished (its error is above)" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
 status=0
 wait "$robot_pid" || status=$?
 robot_pid=""

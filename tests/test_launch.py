@@ -389,3 +389,25 @@ def test_language_rtc_and_batching_options_reach_the_children(tmp_path):
     robot = robot_command(cfg, tmp_path, "door-open-v3")
     assert robot[robot.index("--blend") + 1] == "latest" and robot[robot.index("--instruction") + 1] == "open the door"
     assert robot[robot.index("--name") + 1] == "left arm"
+
+
+def test_sim_loop_script_refuses_a_port_in_use_and_ends_when_its_server_dies(tmp_path):
+    """launch/sim_loop.sh on a port another server held ran the robot against that server and reported
+    its policy's success as the checkpoint's, exit 0; a server that died at start left the robot
+    waiting out its 120 s connect timeout (an outside probe)."""
+    script = [shutil.which("bash"), str(REPO / "launch" / "sim_loop.sh")]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        run = subprocess.run(script + [str(REPO / "polcache/assets/checkpoints/reach-v3"), "reach-v3", "50", "1"],
+                             env={**os.environ, "PORT": str(port)}, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr == (f"sim_loop: port {port} on 127.0.0.1 is already in use (another "
+                                                  f"server?): set PORT\n")
+    started = time.monotonic()
+    run = subprocess.run(script + [str(tmp_path), "reach-v3", "50", "1"], cwd=REPO,
+                         env={**os.environ, "PORT": str(free_port()), "MUJOCO_GL": "egl"}, capture_output=True,
+                         text=True, timeout=100)
+    assert run.returncode == 1, run.stderr
+    assert "sim_loop: the server exited before the robot finished" in run.stderr
+    assert time.monotonic() - started < 60
