@@ -127,6 +127,11 @@ def test_serve_says_which_backend_sampler_and_cache_plan_serve():
     assert _described(load_backend(checkpoint, cache="threshold:0.1").describe()).endswith(
         "cache threshold:0.1: decided at run time")
     assert _described(load_backend(checkpoint).describe()).endswith(", no cache")
+    # self-verification was said only at the end, in its count of chosen chunks (an outside probe)
+    ptp = str(Path(checkpoint).parent / "cue-reach-ptp")
+    assert _described(load_backend(ptp, candidates=16, min_verified=3).describe()).endswith(
+        "no cache, self-verification: the best of 16 candidate chunks, scored at 3 past frames' executed steps")
+    assert "verification" not in _described(load_backend(ptp).describe())
 
 
 def test_serve_says_at_the_end_how_many_chunks_self_verification_chose():

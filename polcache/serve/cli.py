@@ -129,8 +129,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _described(backend: dict) -> str:
-    """One line of what serves: backend, device, sampler and steps, and the cache plan (the schedule in
-    force was said only in the metrics file)."""
+    """One line of what serves: backend, device, sampler and steps, the cache plan (the schedule in
+    force was said only in the metrics file) and self-verification where on."""
     cache = backend.get("cache")
     if not cache:
         plan = "no cache"
@@ -139,5 +139,8 @@ def _described(backend: dict) -> str:
         plan = (f"cache {name}: decided at run time" if cache.get("dynamic") else
                 f"cache {name}: {cache.get('block_evals')} of {cache.get('block_evals_uncached')} block evaluations "
                 f"per chunk")
+    verify = backend.get("verify_candidates") or 1  # said only at the end (its count of chosen chunks) before
+    verified = (f", self-verification: the best of {verify} candidate chunks, scored at {backend.get('verify_min_past')} "
+                f"past frames' executed steps" if verify > 1 else "")
     return (f"{backend.get('backend')} on {backend.get('device')}, {backend.get('sampler')} {backend.get('steps')} "
-            f"steps, {plan}")
+            f"steps, {plan}{verified}")
