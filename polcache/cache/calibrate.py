@@ -150,6 +150,7 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
     if dataset is not None and not Path(dataset).exists():
         raise CacheError(f"--dataset {dataset}: not found")
     from polcache.data import SequenceDataset, open_dataset
+    from polcache.data.store import other_tasks
 
     width = policy.spec.obs[INSTRUCTION_KEY].shape[0] if INSTRUCTION_KEY in keys else 0  # a LeRobot root's tasks
 
@@ -162,9 +163,9 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
     else:
         dataset, store = Path(dataset), open_store(Path(dataset))
         store.check_observations({k: policy.spec.obs[k] for k in keys}, str(dataset), "the checkpoint")
-        if (recorded := str(store.attrs.get("task", ""))) and policy.spec.task and recorded != policy.spec.task:
+        if (recorded := other_tasks(policy.spec.task, store.attrs)) is not None:  # allowed, as eval allows it
             print(f"warning: the checkpoint's policy was trained on {policy.spec.task}, --dataset {dataset} was "
-                  f"recorded on {recorded}", file=sys.stderr)  # allowed, as eval allows it, but rarely meant
+                  f"recorded on {recorded}", file=sys.stderr)
     if store is not None:
         ds = SequenceDataset(store, policy.cfg.horizon, To, keys=keys, obs_stride=policy.cfg.obs_stride,
                              frame_mode=policy.cfg.frame_mode)

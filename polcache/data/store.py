@@ -132,6 +132,23 @@ def is_demonstrations(path: Path) -> bool:
         return True
 
 
+def recorded_tasks(attrs: dict[str, Any]) -> list[str]:
+    """The tasks a dataset with `attrs` was recorded on: several for a multi-task recording (whose
+    first task was stored as its task before `tasks_recorded`), [] for one that names none."""
+    several = [str(task) for task in attrs.get("tasks_recorded", ())]
+    if len(several) > 1:
+        return several
+    return [task] if (task := str(attrs.get("task", ""))) else []
+
+
+def other_tasks(trained: str, attrs: dict[str, Any]) -> str | None:
+    """The tasks a dataset with `attrs` was recorded on (joined) where none is `trained`, a policy's
+    task: data of other tasks, allowed (transfer) but rarely meant; None where they agree or either
+    names none."""
+    recorded = recorded_tasks(attrs)
+    return ", ".join(recorded) if trained and recorded and trained not in recorded else None
+
+
 def first_non_finite(x: np.ndarray, starts: np.ndarray) -> tuple[int, int] | None:
     """(episode, frame) of the first row of `x` (every episode's frames, episode i from row `starts[i]`)
     holding a NaN or inf, or None: where a user finds a damaged value to mend it."""

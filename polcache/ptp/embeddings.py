@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from polcache.config import EMBEDDING_KEY
 from polcache.data import Episode, EpisodeStore, open_dataset, write_dataset
-from polcache.data.store import is_dataset
+from polcache.data.store import is_dataset, other_tasks
 from polcache.errors import DatasetError
 from polcache.outputs import check_output
 from polcache.policy.policy import DiffusionPolicy
@@ -69,6 +70,9 @@ def check_embeddable(policy: DiffusionPolicy, dataset: str | Path) -> EpisodeSto
     store = open_dataset(dataset)
     store.check_observations({k: policy.spec.obs[k] for k in policy.obs_keys}, str(dataset), "the checkpoint's encoder",
                              f" (a checkpoint of another task, {policy.spec.task or 'unnamed'}?)")
+    if (recorded := other_tasks(policy.spec.task, store.attrs)) is not None:  # as calibrate says it: allowed
+        print(f"warning: the checkpoint's encoder was trained on {policy.spec.task}, {dataset} was recorded on "
+              f"{recorded}: ptp finetune then trains on that task's data with this encoder", file=sys.stderr)
     return store
 
 

@@ -38,7 +38,7 @@ from polcache.atomic import atomic_write_text, naming_errors, restore
 from polcache.config import EMBEDDING_KEY, INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, ExperimentConfig, to_dict
 from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_split, open_dataset
 from polcache.data.normalize import differing_keys
-from polcache.data.store import first_non_finite
+from polcache.data.store import first_non_finite, recorded_tasks
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from polcache.outputs import enclosing_output, unwritable
 from polcache.policy.checkpoint import (TrainState, check_external_weights, load_train_state, read_meta, read_tensors,
@@ -145,17 +145,16 @@ def run_task(given: str, attrs: Mapping[str, Any], dataset: str) -> str:
     """The task a run on a dataset with `attrs` records: `given` (the config's task) where the dataset
     was recorded on it, else the dataset's own task ("" for several). A task the dataset was not
     recorded on is refused (ConfigError): the checkpoint would name it and eval would run it."""
-    several = [str(task) for task in attrs.get("tasks_recorded", ())]
-    if len(several) > 1:  # a multi-task recording (its first task was stored as the task before this rule)
-        if given and given not in several:  # the config's task was accepted and named the checkpoint
-            raise ConfigError(f"task is {given!r} but dataset {dataset} was recorded on {', '.join(several)}; set "
+    recorded = recorded_tasks(attrs)
+    if len(recorded) > 1:
+        if given and given not in recorded:  # the config's task was accepted and named the checkpoint
+            raise ConfigError(f"task is {given!r} but dataset {dataset} was recorded on {', '.join(recorded)}; set "
                               f"task to one of them (eval's default) or leave task empty")
         return given
-    recorded = str(attrs.get("task", ""))
-    if given and recorded and given != recorded:
-        raise ConfigError(f"task is {given!r} but dataset {dataset} was recorded on {recorded!r}; set "
-                          f"task={recorded} (or leave task empty)")
-    return given or recorded
+    if given and recorded and given != recorded[0]:
+        raise ConfigError(f"task is {given!r} but dataset {dataset} was recorded on {recorded[0]!r}; set "
+                          f"task={recorded[0]} (or leave task empty)")
+    return given or "".join(recorded)
 
 
 LARGE_IMAGE_PX = 128  # a camera side above this, imported whole from a LeRobot root, earns a note
