@@ -29,7 +29,8 @@ if [ -z "$task" ]; then
 fi
 # A server already there (one left running) would answer the robot, whose result would then be
 # another policy's: refused, as `polcache launch` refuses a port in use.
-python - "$port" 2>/dev/null <<'EOF' || { echo "sim_loop: port $port on 127.0.0.1 is already in use (another server?): set PORT" >&2; exit 2; }
+in_use() { echo "sim_loop: port $port on 127.0.0.1 is already in use (another server?): set PORT" >&2; exit 2; }
+python - "$port" 2>/dev/null <<'EOF' || in_use
 import socket, sys
 with socket.socket() as s:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds: a stopped run's TIME_WAIT is free

@@ -123,9 +123,9 @@ class JsonlTail:
         except OSError:
             return None
         old_fd, new_fd = self._file.fileno(), new.fileno()
-        if os.fstat(new_fd).st_size >= offset and all(
-                os.pread(old_fd, min(COMPARE_BYTES, offset - at), at) == os.pread(new_fd, min(COMPARE_BYTES, offset - at), at)
-                for at in range(0, offset, COMPARE_BYTES)):
+        spans = [(at, min(COMPARE_BYTES, offset - at)) for at in range(0, offset, COMPARE_BYTES)]
+        if os.fstat(new_fd).st_size >= offset and all(os.pread(old_fd, n, at) == os.pread(new_fd, n, at)
+                                                      for at, n in spans):
             new.seek(offset)
             return new
         new.close()

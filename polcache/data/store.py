@@ -19,7 +19,7 @@ reading as other numbers; a chunk that fails is named in a DatasetError where it
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +132,7 @@ def is_demonstrations(path: Path) -> bool:
         return True
 
 
-def recorded_tasks(attrs: dict[str, Any]) -> list[str]:
+def recorded_tasks(attrs: Mapping[str, Any]) -> list[str]:
     """The tasks a dataset with `attrs` was recorded on: several for a multi-task recording (whose
     first task was stored as its task before `tasks_recorded`), [] for one that names none."""
     several = [str(task) for task in attrs.get("tasks_recorded", ())]
@@ -141,7 +141,7 @@ def recorded_tasks(attrs: dict[str, Any]) -> list[str]:
     return [task] if (task := str(attrs.get("task", ""))) else []
 
 
-def other_tasks(trained: str, attrs: dict[str, Any]) -> str | None:
+def other_tasks(trained: str, attrs: Mapping[str, Any]) -> str | None:
     """The tasks a dataset with `attrs` was recorded on (joined) where none is `trained`, a policy's
     task: data of other tasks, allowed (transfer) but rarely meant; None where they agree or either
     names none."""

@@ -140,7 +140,7 @@ def _described(backend: dict) -> str:
                 f"cache {name}: {cache.get('block_evals')} of {cache.get('block_evals_uncached')} block evaluations "
                 f"per chunk")
     verify = backend.get("verify_candidates") or 1  # said only at the end (its count of chosen chunks) before
-    verified = (f", self-verification: the best of {verify} candidate chunks, scored at {backend.get('verify_min_past')} "
-                f"past frames' executed steps" if verify > 1 else "")
+    verified = (f", self-verification: the best of {verify} candidate chunks, scored at "
+                f"{backend.get('verify_min_past')} past frames' executed steps" if verify > 1 else "")
     return (f"{backend.get('backend')} on {backend.get('device')}, {backend.get('sampler')} {backend.get('steps')} "
             f"steps, {plan}{verified}")

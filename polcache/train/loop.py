@@ -154,7 +154,7 @@ def run_task(given: str, attrs: Mapping[str, Any], dataset: str) -> str:
     if given and recorded and given != recorded[0]:
         raise ConfigError(f"task is {given!r} but dataset {dataset} was recorded on {recorded[0]!r}; set "
                           f"task={recorded[0]} (or leave task empty)")
-    return given or "".join(recorded)
+    return given or (recorded[0] if recorded else "")
 
 
 LARGE_IMAGE_PX = 128  # a camera side above this, imported whole from a LeRobot root, earns a note
