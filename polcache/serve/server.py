@@ -237,6 +237,7 @@ class PolicyServer:
         # open connections by file descriptor: the robot (routing id, name) that shook hands on each,
         # so the monitor's disconnect event (which gives only the descriptor) can name it
         self._connections: dict[int, tuple[bytes, str]] = {}
+        self._closed_fds: set[int] = set()  # descriptors whose connection closed, none opened on them since
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = False
@@ -249,8 +250,15 @@ class PolicyServer:
         self._auth = None
         self._router = self._bound_router(bind, keys_dir)
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        # connections' openings too: a closing read with a handshake is then told apart from an earlier one's
-        self._monitor = self._router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        # Connections' openings too: a closing read with a handshake is then told apart from an earlier one's.
+        # The monitor is read once a second, so its queue is unbounded: at ZeroMQ's default bound (1000
+        # messages) a burst of connections between two reads blocked ZeroMQ's I/O thread, and with it every
+        # robot's traffic, until the next read (a test churned 1000 connections: a second without replies).
+        monitor = f"inproc://polcache-monitor-{id(self)}"
+        self._router.monitor(monitor, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = self._ctx.socket(zmq.PAIR)
+        self._monitor.setsockopt(zmq.RCVHWM, 0)
+        self._monitor.connect(monitor)
         wake_endpoint = f"inproc://polcache-wake-{id(self)}"
         self._wake = self._ctx.socket(zmq.PAIR)
         self._wake.bind(wake_endpoint)
@@ -460,10 +468,12 @@ class PolicyServer:
             # A descriptor is reused only after its connection closed, and that closing is queued on the
             # monitor before it: read it first, so that neither the entry below nor the session names
             # the previous connection's robot (nor its closing closes this session). Where the last
-            # event read is the descriptor's closing (no reuse accepted after it), the connection closed
-            # is this robot's, gone since it sent the handshake (a robot crashing right after its start):
-            # a session made now would never hear of that and stayed for the idle timeout.
-            if self._log_disconnects().get(fd) == zmq.EVENT_DISCONNECTED:
+            # event read of the descriptor (now or before, at another robot's handshake) is its closing,
+            # no reuse accepted after it, the connection closed is this robot's, gone since it sent the
+            # handshake (a robot crashing right after its start): a session made now would never hear
+            # of that and stayed for the idle timeout.
+            self._log_disconnects()
+            if fd in self._closed_fds:
                 self._log.info(f"gone:{robot.hex()}", f"robot {robot_label(msg.name, robot)}: its connection closed "
                                                       f"right after its handshake, so no session was opened")
                 return
@@ -571,16 +581,16 @@ class PolicyServer:
                                            f"observation's in epoch {obs.epoch}; stamp observations with a monotonic "
                                            f"clock (time.monotonic(), not time.time())")
 
-    def _log_disconnects(self) -> dict[int, int]:
-        """Log the connections closed since the last call, closing their sessions; returns each
-        descriptor's last event read now (zmq.EVENT_ACCEPTED or zmq.EVENT_DISCONNECTED)."""
-        last: dict[int, int] = {}
+    def _log_disconnects(self) -> None:
+        """Log the connections closed since the last call, closing their sessions; keep which
+        descriptors' last event was a closing (`_closed_fds`)."""
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
             fd = event["value"]  # either event's value: the descriptor
-            last[fd] = event["event"]
-            if event["event"] != zmq.EVENT_DISCONNECTED:
+            if event["event"] != zmq.EVENT_DISCONNECTED:  # opened: a closing before it was another connection's
+                self._closed_fds.discard(fd)
                 continue
+            self._closed_fds.add(fd)
             robot, name = self._connections.pop(fd, (b"", ""))  # none: it closed before shaking hands
             limit = f"a message over the {2 * self.max_message_bytes}-byte transport limit"
             # the authenticator logs the keys it refuses, never a robot that presented none
@@ -600,7 +610,6 @@ class PolicyServer:
                            f"loss, or {limit}){': session closed' if closed else ''}"
                            if robot else f"a connection closed before any handshake (a health check such as "
                                          f"launch's, a robot that exited{refused}, or {limit})")
-        return last
 
     # ------------------------------------------------------------ inference
 
