@@ -143,8 +143,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
-            if arg is type(None) and value is None:
-                return None
+            if arg is type(None):  # null only: it took any value the other types refused (metrics_port=abc)
+                if value is None:
+                    return None
+                continue
             try:
                 return _coerce(value, arg, path)
             except ConfigError as exc:
