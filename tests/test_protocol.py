@@ -117,6 +117,8 @@ def _obs_wire(**override) -> bytes:
               name="arm\n2026-11-27 CRITICAL: forged\x1b[31m"), "bad_type", "handshake.name must be printable"),
         (_raw(type="handshake", obs_spec={"state": {"shape": [3], "dtype": "float32"}}, action_dim=2, hz=50.0,
               name="(no handshake)"), "bad_type", "names in parentheses are the server's own labels"),
+        (_raw(type="handshake", obs_spec={"state": {"shape": [3], "dtype": "float32"}}, action_dim=2, hz=50.0,
+              name=" (unnamed) "), "bad_type", "names in parentheses are the server's own labels"),
         (_raw(type="handshake", obs_spec={"state": {"shape": [2**40], "dtype": "float32"}}, action_dim=2, hz=50.0,
               name="arm"), "bad_type", r"handshake.obs_spec.state: unsupported shape \[1099511627776\]"),
         (_raw(type="chunk", epoch=0, seq=0, obs_seqs=[0], t_capture=0.0, t_actions=P.encode_array(np.zeros(2)),

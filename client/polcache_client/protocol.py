@@ -309,7 +309,7 @@ def robot_name(value: Any, where: str = "name") -> str:
     value = _str(value, where)
     if not value.isprintable():
         raise ProtocolError("bad_type", f"{where} must be printable text (no newlines or other control characters)")
-    if value.startswith("(") and value.endswith(")"):  # the server's own labels: a robot so named mixed with them
+    if value.strip().startswith("(") and value.strip().endswith(")"):  # the server's own labels: mixed with them
         raise ProtocolError("bad_type", f"{where} {value!r}: names in parentheses are the server's own labels (such "
                                         f"as '(no handshake)'); name the robot otherwise")
     return value

@@ -38,7 +38,7 @@ def _embed(args: argparse.Namespace) -> int:
     from polcache.policy.checkpoint import load_policy
     from polcache.policy.device import resolve_device
     from polcache.export.manifest import refuse_exported
-    from polcache.ptp.embeddings import check_embedding_output, check_embeddable, embed_dataset
+    from polcache.ptp.embeddings import check_embedding_output, embed_dataset
 
     refuse_exported(args.checkpoint, "embed with the checkpoint it was exported from")
     if args.dataset is not None:
@@ -48,8 +48,7 @@ def _embed(args: argparse.Namespace) -> int:
     if args.dataset is None and not Path(dataset).exists():
         raise PolcacheError(f"the checkpoint was trained on {dataset}, which is not here: pass --dataset")
     check_embedding_output(args.out, dataset, "--out")
-    check_embeddable(policy, dataset)
-    out = embed_dataset(policy, dataset, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
+    out = embed_dataset(  # checks first that the encoder takes the dataset's framespolicy, dataset, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
                         progress=not args.no_progress)
     print(f"wrote {out}: {policy.encoder.feature_dim}-d float32 embeddings of {dataset}")
     return 0

@@ -72,7 +72,7 @@ def check_embeddable(policy: DiffusionPolicy, dataset: str | Path) -> EpisodeSto
                              f" (a checkpoint of another task, {policy.spec.task or 'unnamed'}?)")
     if (recorded := other_tasks(policy.spec.task, store.attrs)) is not None:  # as calibrate says it: allowed
         print(f"warning: the checkpoint's encoder was trained on {policy.spec.task}, {dataset} was recorded on "
-              f"{recorded}: ptp finetune then trains on that task's data with this encoder", file=sys.stderr)
+              f"{recorded}: ptp finetune would train on that data with this encoder", file=sys.stderr)
     return store
 
 
