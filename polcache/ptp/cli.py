@@ -48,7 +48,8 @@ def _embed(args: argparse.Namespace) -> int:
     if args.dataset is None and not Path(dataset).exists():
         raise PolcacheError(f"the checkpoint was trained on {dataset}, which is not here: pass --dataset")
     check_embedding_output(args.out, dataset, "--out")
-    out = embed_dataset(  # checks first that the encoder takes the dataset's framespolicy, dataset, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
+    # embed_dataset checks first that the encoder takes the dataset's frames
+    out = embed_dataset(policy, dataset, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
                         progress=not args.no_progress)
     print(f"wrote {out}: {policy.encoder.feature_dim}-d float32 embeddings of {dataset}")
     return 0
