@@ -96,6 +96,12 @@ def test_tail_reads_a_file_replaced_by_a_rename_with_the_same_start_on_where_it_
     with open(path, "a") as f:
         f.write(line(kind="tick", t=6.0))
     assert [r["t"] for r in tail.poll()] == [6.0]
+    tmp.write_text("".join(records[:2]))  # cut shorter (sed -i deleting lines): as a truncation, read anew
+    os.replace(tmp, path)
+    assert [r["t"] for r in tail.poll()] == [0.0, 1.0] and tail.rewritten
+    tmp.write_text(records[0])  # a rotation's new file holding only the run's first (info) line so far
+    os.replace(tmp, path)
+    assert [r["t"] for r in tail.poll()] == [0.0] and not tail.rewritten
     tmp.write_text(line(kind="tick", t=100.0))  # another file: a rotation's
     os.replace(tmp, path)
     assert [r["t"] for r in tail.poll()] == [100.0] and tail.bad_lines == 0

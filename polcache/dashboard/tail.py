@@ -60,6 +60,9 @@ class JsonlTail:
         if stat is not None and stat.st_ino != self._inode and (same := self._same_run_replaced()) is not None:
             self._file.close()  # the same content put in place by a rename: read on where we were
             self._file, self._inode = same, os.fstat(same.fileno()).st_ino
+            if same.tell() == 0:  # cut shorter (sed -i deleting lines): as a truncation, read again from its start
+                self.rewind()
+                self.rewritten = True
             records += self._read(limit)
         elif stat is not None and stat.st_ino != self._inode:  # rotated: the old file is finished
             records += self._read(None) + self.finish()
@@ -114,19 +117,23 @@ class JsonlTail:
         return True
 
     def _same_run_replaced(self) -> BinaryIO | None:
-        """The file now at the path, at our offset, where it starts with all we read of the old one:
-        the same run's file put in place by a rename (rsync, cp + mv, sed -i), which read as a
-        rotation counted every record again; None for another file (a rotation's new one)."""
+        """The file now at the path where it is the same run's, put in place by a rename (rsync,
+        cp + mv, sed -i), which read as a rotation counted every record again: at our offset where it
+        starts with all we read of the old one, at 0 where it is a shorter start of it; None for
+        another file (a rotation's new one)."""
         offset = self._file.tell()
         try:
             new = open(self.path, "rb")
         except OSError:
             return None
         old_fd, new_fd = self._file.fileno(), new.fileno()
-        spans = [(at, min(COMPARE_BYTES, offset - at)) for at in range(0, offset, COMPARE_BYTES)]
-        if os.fstat(new_fd).st_size >= offset and all(os.pread(old_fd, n, at) == os.pread(new_fd, n, at)
-                                                      for at, n in spans):
-            new.seek(offset)
+        common = min(offset, os.fstat(new_fd).st_size)
+        # past the first line: a rotated file starts with the run's info line again, so a new one still
+        # holding only that line (or a first file read no further) is a start of the old one too
+        first_line = os.pread(new_fd, min(common, MAX_LINE_BYTES), 0).find(b"\n") + 1
+        spans = [(at, min(COMPARE_BYTES, common - at)) for at in range(0, common, COMPARE_BYTES)]
+        if 0 < first_line < common and all(os.pread(old_fd, n, at) == os.pread(new_fd, n, at) for at, n in spans):
+            new.seek(common if common == offset else 0)
             return new
         new.close()
         return None
