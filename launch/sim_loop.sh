@@ -24,7 +24,8 @@ address="tcp://127.0.0.1:${port}"
 read -r -a polcache <<< "${POLCACHE:-python -m polcache.cli}"
 read -r -a serve_args <<< "${SERVE_ARGS:-}"
 if [ -z "$task" ]; then
-  task=$(python -c 'import json,sys; print(json.load(open(sys.argv[1] + "/meta.json")).get("task", ""))' "$checkpoint")
+  task=$(python -c 'import json,sys; print(json.load(open(sys.argv[1] + "/meta.json")).get("task", ""))' \
+    "$checkpoint" 2>/dev/null) || { echo "sim_loop: $checkpoint/meta.json: not readable (not a checkpoint?)" >&2; exit 2; }
   [ -n "$task" ] || { echo "sim_loop: the checkpoint names no task; pass TASK" >&2; exit 2; }
 fi
 # A server already there (one left running) would answer the robot, whose result would then be

@@ -414,3 +414,5 @@ def test_sim_loop_script_refuses_a_port_in_use_and_ends_when_its_server_dies(tmp
     assert run.returncode == 1, run.stderr
     assert "sim_loop: the server exited before the robot finished" in run.stderr
     assert time.monotonic() - started < 60
+    run = subprocess.run(script + [str(tmp_path)], capture_output=True, text=True, timeout=60)  # no TASK to read
+    assert run.returncode == 2 and run.stderr == f"sim_loop: {tmp_path}/meta.json: not readable (not a checkpoint?)\n"

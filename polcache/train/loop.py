@@ -149,11 +149,11 @@ def run_task(given: str, attrs: Mapping[str, Any], dataset: str) -> str:
     if len(recorded) > 1:
         if given and given not in recorded:  # the config's task was accepted and named the checkpoint
             raise ConfigError(f"task is {given!r} but dataset {dataset} was recorded on {', '.join(recorded)}; set "
-                              f"task to one of them (eval's default) or leave task empty")
+                              f"task to one of them (eval's default) or task='' (none)")
         return given
     if given and recorded and given != recorded[0]:
         raise ConfigError(f"task is {given!r} but dataset {dataset} was recorded on {recorded[0]!r}; set "
-                          f"task={recorded[0]} (or leave task empty)")
+                          f"task={recorded[0]} (or task='': the dataset's)")
     return given or (recorded[0] if recorded else "")
 
 
