@@ -9,8 +9,6 @@ run is reproducible and different seeds give different episodes."""
 
 from __future__ import annotations
 
-import json
-import math
 import signal
 import sys
 import time
@@ -23,6 +21,7 @@ from tqdm import tqdm
 
 from polcache.config import INSTRUCTION_KEY, MAX_SEED
 from polcache.errors import PolcacheError
+from polcache.jsonfile import standard_json
 from polcache.outputs import check_output, json_kind
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySpec, chunking_blocker, rate_mismatch
 from polcache.serve.handshake import operator_instruction, policy_instruction
@@ -35,17 +34,6 @@ from polcache_client.signals import interrupt_signal
 
 RESULT_FORMAT = "polcache-eval-result"
 _RESULT_FIELDS = ("task", "episodes", "successes", "success_rate", "ci95")  # how results before the marker look
-
-
-def _nulled(value):
-    """`value` with every NaN or infinite float (nested in dicts and lists) as None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _nulled(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nulled(v) for v in value]
-    return value
 
 
 def check_result_output(path: str | Path, flag: str = "--json") -> Path:
@@ -75,8 +63,8 @@ class EvalResult:
 
     def to_json(self) -> str:
         """The result as standard JSON (--json): a figure with no value (no episode finished, no chunk
-        timed) is null. Python wrote NaN, which jq, browsers and most other readers refuse."""
-        return json.dumps(_nulled(self.to_dict()), indent=2, allow_nan=False)
+        timed) is null (Python wrote NaN)."""
+        return standard_json(self.to_dict(), indent=2)
 
     def summary(self) -> str:
         lo, hi = self.ci95

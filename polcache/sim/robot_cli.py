@@ -39,10 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", type=robot_name,
                    help="the name this robot gives the server and labels its metrics with (default 'sim-robot TASK'; "
                         "give robots sharing a task their own)")
-    p.add_argument("--cameras", type=name_list, help="comma-separated cameras for image observations (default: state only)")
+    p.add_argument("--cameras", type=name_list,
+                   help="comma-separated cameras for image observations (default: state only)")
     p.add_argument("--image-size", type=image_size,
                    help="camera image side in pixels, for --cameras (default 96; the policy's size)")
-    p.add_argument("--blend", choices=BLEND_MODES, default="ensemble", help="overlapping chunks: ensemble (the default) or latest")
+    p.add_argument("--blend", choices=BLEND_MODES, default="ensemble",
+                   help="overlapping chunks: ensemble (the default) or latest")
     p.add_argument("--decay", type=non_negative_float,
                    help="--blend ensemble: weight exp(-decay * k), k = 0 for the newest chunk (default 0.5)")
     p.add_argument("--hold-ms", type=positive_float, default=200.0,
@@ -50,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--connect-timeout", type=positive_float, default=30.0,
                    help="seconds to wait for the server (default 30)")
     p.add_argument("--realtime", action="store_true",
-                   help="run the control loop under SCHED_FIFO (needs root or CAP_SYS_NICE): steadier ticks on a busy machine")
+                   help="run the control loop under SCHED_FIFO (needs root or CAP_SYS_NICE): steadier ticks on a "
+                        "busy machine")
     p.add_argument("--sensor-lag-ms", type=non_negative_float, default=0.0,
                    help="a lagging sensor: each observation shows the scene as it was this many ms ago (default 0), "
                         "stamped with when it was captured (the adapter's capture_time())")

@@ -40,6 +40,7 @@ from polcache.data import EpisodeStore, Normalizer, SequenceDataset, episode_spl
 from polcache.data.normalize import differing_keys
 from polcache.data.store import first_non_finite, recorded_tasks
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
+from polcache.jsonfile import standard_json
 from polcache.outputs import enclosing_output, unwritable
 from polcache.policy.checkpoint import (TrainState, check_external_weights, load_train_state, read_meta, read_tensors,
                                        save_checkpoint)
@@ -523,9 +524,8 @@ def _diverged(cfg: ExperimentConfig, step: int, what: str, last: Path, saved: in
 def _log(path: Path, record: dict) -> None:
     """Append one line to train_log.jsonl; a non-finite number is written as null, so every line stays
     valid JSON (NaN and Infinity are not)."""
-    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with naming_errors(path), open(path, "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.write(standard_json(record) + "\n")
 
 
 def check_out(out: Path, dataset: str) -> None:
