@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from pathlib import Path
 
 import msgspec
@@ -179,12 +180,12 @@ def test_declared_kinds_are_exposed_before_their_first_record():
     assert after["polcache_request_total_seconds"].samples and not after["polcache_error_errors"].samples
 
 
-def test_a_metrics_port_in_use_is_refused_naming_the_option_and_port():
+def test_a_metrics_port_in_use_is_refused_naming_the_option_and_port(tmp_path):
     """serve and sim-robot said only "error: Address already in use" (an outside probe)."""
     import socket
 
     from polcache.errors import PolcacheError
-    from polcache.metrics import Metrics, serve_prometheus
+    from polcache.metrics import Metrics, collect_metrics, serve_prometheus
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -193,3 +194,9 @@ def test_a_metrics_port_in_use_is_refused_naming_the_option_and_port():
         with pytest.raises(PolcacheError, match=rf"^--metrics-port {port}: cannot serve Prometheus metrics on "
                                                 rf"127.0.0.1:{port}: Address already in use$"):
             serve_prometheus(Metrics(), port)
+        # the whole run's metrics: refused before its file is written or its writer thread started
+        with pytest.raises(PolcacheError, match=f"--metrics-port {port}"):
+            with collect_metrics(tmp_path / "m.jsonl", port=port, info={"role": "server"}):
+                pass
+        assert not (tmp_path / "m.jsonl").exists()
+        assert not [t for t in threading.enumerate() if t.name == "polcache-metrics-writer"]

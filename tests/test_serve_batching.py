@@ -178,6 +178,22 @@ def test_a_failing_row_is_its_robots_error_and_the_others_get_their_chunks():
             peer.close()
 
 
+class _ShortBackend(BatchingFakeBackend):
+    """A backend written elsewhere whose batched path drops a row's result."""
+
+    def predict_sessions(self, requests) -> list:
+        return super().predict_sessions(requests)[:-1]
+
+
+def test_a_backend_that_returns_too_few_results_is_named_to_the_robot():
+    with PolicyServer(_ShortBackend(), "tcp://127.0.0.1:0") as server:
+        peer = _robots(server, 1)[0]
+        reply = peer.request(observation(3, value=1.0))
+        assert isinstance(reply, Error) and reply.code == "inference" and reply.seq == 3
+        assert "returned 0 results for a batch of 1" in reply.message, reply.message
+        peer.close()
+
+
 def test_with_a_batch_cap_no_robot_is_served_twice_in_a_row_while_another_waits():
     """Five robots always waiting, two per inference: a full batch never holds a robot of the batch
     before it (those left out go first), and all are served alike."""

@@ -712,6 +712,35 @@ def test_a_stop_does_not_wait_forever_for_a_hung_inference(monkeypatch, caplog):
     assert "an inference was still running 0.2 s after the stop: left behind" in caplog.text
 
 
+def test_a_stop_waits_out_the_worker_and_says_so_when_the_loop_itself_hangs(monkeypatch, caplog):
+    """stop() waited a fixed 10 s, returning with the loop alive when WORKER_STOP_S (also 10 s) of
+    waiting for the worker came on top of the loop's wake-up (a probe). Its wait is now derived
+    from WORKER_STOP_S; a loop hung in an inline inference (no worker to leave behind) is said."""
+    from polcache.serve import server as server_module
+
+    monkeypatch.setattr(server_module, "WORKER_STOP_S", 0.2)
+    backend = FakeBackend()
+    server = PolicyServer(backend, "tcp://127.0.0.1:0").start()
+    peer = RawPeer(server.endpoint)
+    try:
+        peer.handshake()
+        for seq in range(server_module.INLINE_WINDOW + 2):  # fast ones: the next runs on the loop's thread
+            assert isinstance(peer.request(observation(seq)), ActionChunk)
+        assert server._runs_inline()
+        backend.delay_s = 3.0
+        peer.send(observation(100))
+        assert wait_for(lambda: backend.calls[-1]["state"][0, -1, 0] == 100.0, 5)  # under way, inline
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="polcache.serve.server"):
+            server.stop()
+        assert 2.0 < time.monotonic() - t0 < 2.9 and server._thread.is_alive()
+        assert "the server's loop was still running 2.2 s after the stop" in caplog.text
+    finally:
+        peer.close()
+        server._thread.join(5)
+    assert not server._thread.is_alive()
+
+
 def test_non_loopback_bind_needs_keys_or_insecure(tmp_path):
     assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:1")
     assert is_loopback(f"ipc://{tmp_path}/x") and not is_loopback("tcp://*:5555") and not is_loopback("tcp://10.0.0.2:1")

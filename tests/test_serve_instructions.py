@@ -218,6 +218,34 @@ def test_a_refused_reset_instruction_is_dropped_so_a_reconnect_asks_for_the_one_
     server.close()
 
 
+def test_a_reset_that_found_the_send_queue_full_goes_before_the_epochs_first_observation():
+    """Its instruction was lost: the next observation started the new epoch under the previous
+    instruction, which the policy then followed for the whole episode (an outside review)."""
+    server = ScriptedServer()
+    state = {"state": np.zeros(3, np.float32)}
+    with PolicyClient(server.endpoint, STATE, 2, hz=50, instruction="push", timeout_s=30) as client:
+        server.answer(client, server.welcome)
+        client.connect(timeout_s=5)
+        send, full = client._send, [True, True]  # the queue is full for the reset, then for its first resend
+        client._send = lambda frame: send(frame) if not (full and full.pop()) else False
+        assert client.reset("pull") == 1
+        assert not client.send_observation(state, 1.0)  # neither the reset nor, without it, the observation
+        assert client.send_observation(state, 2.0)
+        reset = server.answer(client, lambda msg: msg)
+        assert isinstance(reset, P.Reset) and (reset.epoch, reset.instruction) == (1, "pull")
+        obs = server.answer(client, lambda msg: None)
+        assert isinstance(obs, P.Observation) and (obs.epoch, obs.seq) == (1, 1)
+        full[:] = [True]  # held again, then carried on by a reset without an instruction
+        client.reset("open")
+        client.reset()
+        assert client.send_observation(state, 3.0)
+        reset = server.answer(client, lambda msg: P.Error(code="bad_instruction", message="not now", seq=None))
+        assert (reset.epoch, reset.instruction) == (3, "open")
+        server.answer(client, lambda msg: None)
+        assert server.reconnect(client).instruction == "pull"  # the refused one is forgotten
+    server.close()
+
+
 def _wait(done, timeout_s: float = 5.0) -> None:
     import time
 

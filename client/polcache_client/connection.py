@@ -181,6 +181,9 @@ class PolicyClient:
         # refused one is removed; the handshake carries the last, so a reconnect never repeats a
         # refused instruction (which would be refused again, and for good).
         self._instructions: list[tuple[int, str | None, bool]] = [(self.epoch, self._hello.instruction, False)]
+        # An instruction whose reset found the send queue full: sent before this epoch's first
+        # observation (which would start the epoch under the previous instruction), or not at all.
+        self._held_instruction: str | None = None
         now = self.clock.now()
         self._ready = False
         self._handshake_due = now
@@ -370,7 +373,17 @@ class PolicyClient:
         except ProtocolError as exc:
             self._warn(exc.code, f"observation {self.seq} not sent: {exc}")
             return False
-        return self._send(frame)
+        return self._send_held_reset() and self._send(frame)
+
+    def _send_held_reset(self) -> bool:
+        """Send the reset whose instruction found the send queue full; False while it still does."""
+        if self._held_instruction is None:
+            return True
+        if not self._send(encode(Reset(epoch=self.epoch, instruction=self._held_instruction), self.version)):
+            return False
+        self._instructions[-1] = (self.epoch, self._held_instruction, True)  # now it is answered
+        self._held_instruction = None
+        return True
 
     def reset(self, instruction: str | None = None) -> int:
         """Start a new episode: a new epoch, so old chunks can never be executed in it. A new
@@ -381,10 +394,15 @@ class PolicyClient:
             self._check_instruction(instruction)
         self.epoch += 1
         self.seq = -1
+        if self._held_instruction is not None:  # it never reached the server: this reset carries it on
+            self._instructions.pop()
+            instruction = instruction if instruction is not None else self._held_instruction
+            self._held_instruction = None
         sent = self._ready and self._send(encode(Reset(epoch=self.epoch, instruction=instruction), self.version))
         if instruction is not None:
-            if self._ready and self.version >= 3:  # a sent reset is answered; an unsent one waits for a handshake
+            if self._ready and self.version >= 3:  # a sent reset is answered; an unsent one is sent again first
                 self._instructions.append((self.epoch, instruction, sent))
+                self._held_instruction = None if sent else instruction
             else:  # the next handshake carries it (a version-2 server never sees it)
                 self._instructions = [(self.epoch, instruction, False)]
             self._set_instruction(instruction)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,18 +22,18 @@ def collect_metrics(path: str | Path | None = None, port: int | None = None, hos
     `kinds`: as Metrics (0: no in-process distributions; the record classes the endpoint shows
     before their first record).
     `port` 0 takes a free port; the endpoint's address is printed."""
-    writer = JsonlWriter(path, robot=robot) if path else None
-    if writer is not None and info is not None:
-        writer.write_info(**info)
-    metrics = Metrics(window, sink=writer, robot=robot, kinds=kinds, info=info)
-    http = serve_prometheus(metrics, port, host) if port is not None else None
-    if http is not None:  # where to scrape (with port 0, the one the system picked: nothing could know it)
-        print(f"metrics on http://{host}:{http.server_address[1]}/metrics", flush=True)
-    try:
+    with ExitStack() as opened:  # a port in use (or a file not writable) leaves nothing open or written
+        metrics = Metrics(window, robot=robot, kinds=kinds, info=info)
+        if port is not None:
+            http = serve_prometheus(metrics, port, host)
+            opened.callback(http.server_close)
+            opened.callback(http.shutdown)  # first: the callbacks run last in, first out
+            # where to scrape (with port 0, the one the system picked: nothing could know it)
+            print(f"metrics on http://{host}:{http.server_address[1]}/metrics", flush=True)
+        if path:
+            writer = JsonlWriter(path, robot=robot)
+            opened.callback(writer.close)
+            if info is not None:
+                writer.write_info(**info)
+            metrics.sink = writer
         yield metrics
-    finally:
-        if http is not None:
-            http.shutdown()
-            http.server_close()
-        if writer is not None:
-            writer.close()

@@ -332,10 +332,14 @@ class PolicyServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving and wait for the loop to close its sockets (serve_forever returns)."""
+        """Stop serving and wait for the loop to close its sockets (serve_forever returns): up to the
+        inference under way's WORKER_STOP_S, plus the loop's wake-up and a margin."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=WORKER_STOP_S + 2.0)
+            if self._thread.is_alive():  # an inference on the loop's own thread (the inline path) that hangs
+                log.warning("the server's loop was still running %g s after the stop (an inference under way on "
+                            "it): left behind", WORKER_STOP_S + 2.0)
 
     def _shutdown(self) -> None:
         """The robots' connections close first, then the worker is waited for. While an inference ran

@@ -115,11 +115,14 @@ class InferenceWorker:
                 self._fail(job, exc)
         t0 = time.perf_counter()
         try:
-            outcomes = self._predict([SessionRequest(job.session, job.obs, job.obs_seqs, past_actions=job.past_actions,
+            outcomes = list(self._predict([SessionRequest(job.session, job.obs, job.obs_seqs, past_actions=job.past_actions,
                                                      committed=job.committed)
-                                      for job in ready])
+                                      for job in ready]))
         except Exception as exc:  # noqa: BLE001 - a backend that raised for the whole batch
             outcomes = [exc] * len(ready)
+        if len(outcomes) != len(ready):  # a backend written elsewhere: no row may go unanswered or mismatched
+            outcomes = [RuntimeError(f"the backend returned {len(outcomes)} results for a batch of {len(ready)} "
+                                     f"observations")] * len(ready)
         if self.simulated_latency_s:
             time.sleep(self.simulated_latency_s)
         inference_ms = (time.perf_counter() - t0) * 1e3
