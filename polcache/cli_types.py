@@ -41,6 +41,15 @@ def positive_int(value: str) -> int:
     return _number(value, int, lambda n: n >= 1, "a positive integer")
 
 
+def batch_size(value: str) -> int:
+    """Robots per inference: at most the robots a server serves at once (a typo like 1000 would have
+    TensorRT build engines for batches that never come)."""
+    from polcache.serve.server import DEFAULT_MAX_SESSIONS
+
+    return _number(value, int, lambda n: 1 <= n <= DEFAULT_MAX_SESSIONS,
+                   f"a batch size in 1..{DEFAULT_MAX_SESSIONS} (the most robots a server serves at once)")
+
+
 def control_rate(value: str) -> float:
     """A robot's control rate in the range the protocol accepts (refused here, not at the handshake)."""
     from polcache_client.protocol import MAX_HZ, MIN_HZ

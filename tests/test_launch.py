@@ -65,6 +65,7 @@ def test_shipped_launch_configs_load(name):
     ("robot.hz=1e9", "robot.hz: expected a rate in [0.01, 10000] Hz"),
     ("robot.episodes=0", "robot.episodes"),
     ("server.max_batch=0", "server.max_batch"),
+    ("server.max_batch=65", "server.max_batch: expected a batch size in 1..64"),
     ("server.inline_ms=-1", "server.inline_ms"),
     ("robot.blend=average", "robot.blend"),
     ("robot.name=''", "robot.name"),

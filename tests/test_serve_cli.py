@@ -76,11 +76,12 @@ def test_sim_robot_refuses_a_name_the_server_would(name, why, capsys):
     assert len(err) < 300  # the name is shortened, not echoed whole
 
 
-def test_serve_rejects_a_batch_cap_below_one(capsys):
+@pytest.mark.parametrize("cap", ["0", "65"])  # 65: a batch larger than the robots a server serves at once
+def test_serve_rejects_a_batch_cap_outside_one_to_the_session_limit(cap, capsys):
     with pytest.raises(SystemExit):
-        main(["serve", "--checkpoint", "/nonexistent", "--max-batch", "0"])
+        main(["serve", "--checkpoint", "/nonexistent", "--max-batch", cap])
     err = capsys.readouterr().err
-    assert "--max-batch" in err and "positive" in err
+    assert f"--max-batch: expected a batch size in 1..64 (the most robots a server serves at once), got {cap}" in err
 
 
 def test_serve_takes_the_sampler_and_steps_eval_takes():

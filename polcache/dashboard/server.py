@@ -114,6 +114,8 @@ class Dashboard:
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
+        if self._thread.is_alive():  # its poll under way reads the files closed below
+            self._thread.join(timeout=5)
         for source, _ in self.sources:
             if isinstance(source, JsonlTail):
                 source.close()

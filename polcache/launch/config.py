@@ -22,7 +22,7 @@ from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
 from polcache.serve.handshake import own_robot_name
 from polcache.policy.loader import BACKENDS, MAX_CANDIDATES, PRECISIONS
-from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS
+from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, DEFAULT_MAX_SESSIONS, MAX_INLINE_MS
 from polcache_client.protocol import MAX_HZ, MIN_HZ, ProtocolError, instruction_bytes
 from polcache_client.schedule import BLEND_MODES
 
@@ -142,8 +142,9 @@ def validate(cfg: LaunchConfig) -> None:
         raise ConfigError(f"robot.episodes: expected a positive integer, got {r.episodes}")
     if not 0 <= r.seed <= MAX_SEED:  # sim-robot would refuse it only after the server started
         raise ConfigError(f"robot.seed: expected a seed in 0..2^63-1, got {r.seed}")
-    if s.max_batch < 1:
-        raise ConfigError(f"server.max_batch: expected a positive integer, got {s.max_batch}")
+    if not 1 <= s.max_batch <= DEFAULT_MAX_SESSIONS:
+        raise ConfigError(f"server.max_batch: expected a batch size in 1..{DEFAULT_MAX_SESSIONS} (the most robots a "
+                          f"server serves at once), got {s.max_batch}")
     if not 1 <= s.verify <= MAX_CANDIDATES:
         raise ConfigError(f"server.verify: expected 1 (off) to {MAX_CANDIDATES} candidate chunks, got {s.verify}")
     if s.verify_min_past is not None and (s.verify == 1 or s.verify_min_past < 1):

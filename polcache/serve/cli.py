@@ -7,7 +7,7 @@ import argparse
 import logging
 import signal
 
-from polcache.cli_types import (add_backend_options, backend_options, non_empty, non_negative_float, port,
+from polcache.cli_types import (add_backend_options, backend_options, batch_size, non_empty, non_negative_float, port,
                                  positive_float, positive_int, thread_count)
 from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, MAX_INLINE_MS, MAX_SIMULATED_LATENCY_MS
 from polcache_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rtc", action="store_true",
                    help="real-time chunking: guide each robot's next chunk toward its last chunk's actions still due "
                         "(flow samplers, torch backend; robots should run --blend latest)")
-    p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
+    p.add_argument("--max-batch", type=batch_size, default=DEFAULT_MAX_BATCH,
                    help=f"robots whose waiting observations share one inference (default {DEFAULT_MAX_BATCH}; "
                         "1: one inference per robot; --backend trt builds its engines for up to N)")
     p.add_argument("--inline-ms", type=non_negative_float, default=DEFAULT_INLINE_MS,
@@ -88,8 +88,12 @@ def _serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, max_batch=args.max_batch,
                            **backend_options(args))
+    from polcache.policy.batching import batching_blocker
+
+    # what a recorded run says it was: robots per inference as served (1 where the backend cannot batch)
+    max_batch = args.max_batch if batching_blocker(backend) is None else 1
     info = {"role": "server", "checkpoint": args.checkpoint, "backend": backend.describe(),
-            "policy": backend.spec.to_dict(), "deadline_ms": args.deadline_ms}
+            "policy": backend.spec.to_dict(), "deadline_ms": args.deadline_ms, "max_batch": max_batch}
     # no snapshot is read (window 0); the endpoint shows its families before the first request
     with collect_metrics(args.metrics_file, args.metrics_port, info=info, window=0,
                          kinds=(RequestRecord, ErrorRecord)) as metrics:
@@ -107,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
             backend.warmup(sizes)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         print(f"serving {args.checkpoint} on {server.endpoint} (Ctrl-C to stop)", flush=True)
-        print(f"policy: {_described(info['backend'])}", flush=True)
+        print(f"policy: {_described(info['backend'])}; {_batching(server.max_batch, backend)}", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -126,6 +130,16 @@ def _keys(args: argparse.Namespace) -> int:
     for path in generate_keys(args.dir, force=args.force):
         print(f"wrote {path}")
     return 0
+
+
+def _batching(max_batch: int, backend) -> str:
+    """How waiting robots are served: together up to max_batch, or one per inference and why."""
+    from polcache.policy.batching import batching_blocker
+
+    if max_batch > 1:
+        return f"robots waiting together share one inference, up to {max_batch}"
+    why = batching_blocker(backend)
+    return f"one robot per inference ({why})" if why else "one robot per inference (--max-batch 1)"
 
 
 def _described(backend: dict) -> str:

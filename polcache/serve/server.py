@@ -78,6 +78,7 @@ HEARTBEAT_TIMEOUT_MS = 3000
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
+DEFAULT_MAX_SESSIONS = 64  # robots served at once; no batch is larger
 DEFAULT_INLINE_MS = 1.0  # inference this fast runs on the server thread (see PolicyServer)
 MAX_SIMULATED_LATENCY_MS = 10_000.0  # a slower computer's inference, for tests of chunking under latency
 MAX_INLINE_MS = 100.0  # beyond this, heartbeats and other robots would wait too long behind an inline inference
@@ -157,8 +158,9 @@ def _check_options(backend: PolicyBackend, bind: str, keys_dir: str | None, inse
                    simulated_latency_ms: float, inline_ms: float) -> None:
     """PolicyServer's options, each refused by name before anything is bound."""
     check_bind(bind, keys_dir, insecure)
-    if max_batch < 1:
-        raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
+    if not 1 <= max_batch <= max(max_sessions, 1):  # TensorRT would build engines for a batch that never comes
+        raise PolcacheError(f"max_batch must be in 1..{max_sessions} (robots per inference, at most the robots served "
+                            f"at once: max_sessions), got {max_batch}")
     if not 0 <= simulated_latency_ms <= MAX_SIMULATED_LATENCY_MS:  # longer holds shutdown hostage
         raise PolcacheError(f"simulated_latency_ms must be in [0, {MAX_SIMULATED_LATENCY_MS:g}] ms, "
                             f"got {simulated_latency_ms}")
@@ -191,7 +193,7 @@ class PolicyServer:
         insecure: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         deadline_ms: float | None = None,
-        max_sessions: int = 64,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
         session_timeout_s: float = 60.0,
         on_record: Callable[[RequestRecord | ErrorRecord], None] | None = None,
         on_session_closed: Callable[[str], None] | None = None,
