@@ -23,6 +23,7 @@ from polcache.launch import check_machine, load_launch_config
 from polcache.launch.supervisor import (connect_address, dashboard_command, robot_cameras, robot_command, robot_task,
                                        server_command, server_threads)
 from fakes import free_port
+from polcache_client.signals import Terminated
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "launch"
@@ -281,6 +282,37 @@ def test_sim_launch_runs_its_episodes_and_stops_everything(tmp_path):
     assert all(gone(pid) for pid in launcher.pids().values())
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "robot.json").is_file() and (run / "server.jsonl").stat().st_size > 0
+
+
+CHILD_SAYS_ITS_SIGNAL = """
+import signal, sys, time
+def said(signum, frame):
+    print(signal.Signals(signum).name, flush=True)
+    sys.exit(0)
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, said)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("stop, told", [(KeyboardInterrupt(), "SIGINT"), (Terminated(), "SIGTERM")])
+def test_the_children_are_stopped_with_the_launchers_signal(stop, told, tmp_path, monkeypatch):
+    """A Ctrl-C reached the robot as SIGTERM, so its summary said "on SIGTERM" (an outside probe)."""
+    from polcache.launch import supervisor
+
+    def supervise(cfg, launch, task, cameras):
+        for name in ("robot", "server"):
+            child = launch.start(name, [sys.executable, "-c", CHILD_SAYS_ITS_SIGNAL])
+            while "ready" not in child.log.read_text():
+                time.sleep(0.01)
+        raise stop
+
+    monkeypatch.setattr(supervisor, "_supervise", supervise)
+    cfg = load_launch_config(SIM, sim_overrides(tmp_path))
+    assert supervisor.run_launch(cfg) == 128 + signal.Signals[told]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert [(run / f"{name}.log").read_text().split() for name in ("robot", "server")] == [["ready", told]] * 2
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -140,9 +141,9 @@ def test_a_sim_robot_stopped_before_its_server_answered_still_writes_its_result(
     assert result["latency_ms"] == {"p50": None, "p95": None, "p99": None, "n": 0}
 
 
-def test_a_sim_robot_whose_server_restarted_says_it_reconnected(monkeypatch, tmp_path, capsys):
-    """A reconnect (a new epoch: the episode's observation history starts over) showed only as a dip
-    in the dashboard's fresh actions; the summary names it."""
+def _run_across_a_restart(monkeypatch, tmp_path, backend, episodes: int = 2) -> tuple[int, dict]:
+    """sim-robot's exit status and --json result, its server restarted with `backend` on the same
+    address before the second episode (it then knows no robot)."""
     import json
 
     from polcache.cli import main
@@ -152,21 +153,62 @@ def test_a_sim_robot_whose_server_restarted_says_it_reconnected(monkeypatch, tmp
     begin = SimRobot.begin
 
     def restarted_before_the_second(self, seed):
-        if seed == 1001:  # the server restarts on the same address: it knows no robot
+        if seed == 1001:
             servers[0].stop()
-            servers.append(PolicyServer(ExpertBackend(), servers[0].endpoint).start())
+            servers.append(PolicyServer(backend, servers[0].endpoint).start())
         begin(self, seed)
 
     monkeypatch.setattr(SimRobot, "begin", restarted_before_the_second)
     out = tmp_path / "robot.json"
     try:
-        main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", "2", "--server", servers[0].endpoint,
-              "--json", str(out)])
+        status = main(["sim-robot", "--task", TASK, "--hz", "100", "--episodes", str(episodes), "--server",
+                       servers[0].endpoint, "--json", str(out)])
     finally:
         servers[-1].stop()
-    assert "reconnected to the server 1 time (it went silent or forgot this robot)" in capsys.readouterr().out
-    result = json.loads(out.read_text())
+    return status, json.loads(out.read_text())
+
+
+def test_a_sim_robot_whose_server_restarted_says_it_reconnected(monkeypatch, tmp_path, capsys):
+    """A reconnect (a new epoch: the episode's observation history starts over) showed only as a dip
+    in the dashboard's fresh actions; the summary names it, the episode it happened in says so."""
+    status, result = _run_across_a_restart(monkeypatch, tmp_path, ExpertBackend())
+    out = capsys.readouterr().out
+    assert status == 0 and "reconnected to the server 1 time (it went silent or forgot this robot)" in out
     assert result["episodes"] == 2 and result["extra"]["reconnects"] == 1
+    assert [e["reconnects"] for e in result["per_episode"]] == [0, 1]
+    assert result["extra"]["policy_changes"] == 0 and "mix policies" not in out
+
+
+class LongerChunks(ExpertBackend):
+    spec = dataclasses.replace(ExpertBackend.spec, horizon=16, n_action_steps=12)
+
+
+def test_a_sim_robot_whose_server_came_back_with_another_policy_says_its_results_mix_policies(
+        monkeypatch, tmp_path, capsys, caplog):
+    """A server restarted with another checkpoint was reconnected to in silence (an outside probe)."""
+    status, result = _run_across_a_restart(monkeypatch, tmp_path, LongerChunks())
+    assert status == 0 and result["extra"]["policy_changes"] == 1
+    assert ("the server served another policy after 1 reconnect (restarted with another checkpoint or settings; "
+            "logged above): this run's results mix policies") in capsys.readouterr().out
+    assert "serves another policy than before this reconnect (horizon 8 -> 16, n_action_steps 8 -> 12)" in caplog.text
+
+
+class OtherRobot(ExpertBackend):
+    spec = dataclasses.replace(ExpertBackend.spec, obs={"state": ArraySpec((8,), "float32")})
+
+
+def test_a_sim_robot_refused_by_its_restarted_server_reports_the_episodes_it_finished(monkeypatch, tmp_path, capsys):
+    """It said one line and exited 2 (bad input), its finished episodes lost with its --json (a probe)."""
+    status, result = _run_across_a_restart(monkeypatch, tmp_path, OtherRobot(), episodes=3)
+    out = capsys.readouterr().out
+    assert status == 1 and result["episodes"] == 1
+    refused = result["extra"]["server_refused"]
+    assert refused["episodes_asked"] == 3 and "[spec_mismatch] obs_spec.state.shape" in refused["error"]
+    assert re.search(r"reach-v3 \[ended by the server's refusal: 1 of 3 episodes finished\]: success", out), out
+    assert "the server refused this robot when it reconnected, which ended the run: server at" in out
+    # the watchdog's stop while the server was away, or the loop's own on its way out
+    assert ("on the server's refusal the robot was already stopped" in out
+            or "then the safe stop on the server's refusal" in out), out
 
 
 @pytest.mark.parametrize("where", ["begin", "reset_episode", "end"])

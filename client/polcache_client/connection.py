@@ -142,6 +142,8 @@ class PolicyClient:
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.rtt_s = float("nan")
         self.connections = 0  # welcomes received: the first connection and every reconnect
+        self.policy_changes = 0  # reconnects that found another policy or server than the connection before
+        self.server = ""  # the welcoming server's name (welcome.server)
         self._full = ""  # the server's last server_full refusal of our handshake, if any
         self._lost_at: float | None = None  # when the connection was lost (until a welcome), for the waiting line
         self._next_lost_log = 0.0
@@ -259,7 +261,12 @@ class PolicyClient:
                 raise ConnectError(f"server at {self.address} welcomed this robot to a policy with action_dim "
                                    f"{policy_dim!r}, but this robot's is {self._hello.action_dim}")
             if not self._ready:
-                self._ready, self.policy = True, msg.policy
+                changed = _changes(self.policy, msg.policy, self.server, msg.server) if self.connections else ""
+                if changed:  # a server restarted with another checkpoint, sampler or horizon
+                    self.policy_changes += 1
+                    log.warning("the server at %s serves another policy than before this reconnect (%s): the chunks "
+                                "from now on are its", self.address, changed)
+                self._ready, self.policy, self.server = True, msg.policy, msg.server
                 self.max_message_bytes = msg.max_message_bytes
                 self.connections += 1
                 lost = (f", {now - self._lost_at:.1f} s after the connection was lost" if self._lost_at is not None
@@ -424,3 +431,10 @@ class PolicyClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _changes(policy: dict, new_policy: dict, server: str, new_server: str) -> str:
+    """What differs between two welcomes: each changed policy field (its values where short), and the server."""
+    changed = [f"{key} {policy.get(key)!r} -> {new_policy.get(key)!r}" if len(repr(policy.get(key))) < 40 else key
+               for key in sorted(set(policy) | set(new_policy)) if policy.get(key) != new_policy.get(key)]
+    return ", ".join(changed + ([f"server {server!r} -> {new_server!r}"] if server != new_server else []))

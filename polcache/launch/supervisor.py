@@ -3,7 +3,8 @@ processes, started in dependency order and stopped in the reverse of what matter
 
 Start: server (pinned, its thread count matched to its CPUs) -> heartbeat answered -> dashboard
 -> HTTP answered -> robot. Stop (Ctrl-C, SIGTERM, the robot finishing its episodes, or any child
-dying): robot first (SIGTERM: its control loop safe-stops the robot), then the server, then the
+dying): robot first (SIGINT after a Ctrl-C, else SIGTERM: its control loop safe-stops the robot and its
+summary names the signal), then the server, then the
 dashboard; each gets `stop_timeout_s` before SIGKILL. Children run in their own sessions, so a
 terminal's Ctrl-C reaches only the launcher and the order holds; if the launcher itself is
 killed, the kernel sends each child SIGTERM (PR_SET_PDEATHSIG)."""
@@ -26,7 +27,7 @@ from polcache.launch.config import LaunchConfig, Placement, ServerLaunch, check_
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
 from polcache.launch.placement import child_setup, describe, placement_warning
 from polcache.signals import how_stopped, sigterm_as_interrupt
-from polcache_client.signals import interrupted_status
+from polcache_client.signals import interrupt_signal, interrupted_status
 
 POLCACHE = [sys.executable, "-m", "polcache.cli"]
 STOP_ORDER = ("robot", "server", "dashboard")
@@ -189,20 +190,22 @@ class Launch:
         """A child that ended on its own, if any."""
         return next((c for c in self.children.values() if c.proc.poll() is not None), None)
 
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the children in STOP_ORDER with `sig`: the one that stopped the launch (each child says
+        so: the robot's summary names the Ctrl-C its user pressed), SIGTERM otherwise."""
         for name in STOP_ORDER:
             child = self.children.pop(name, None)
             if child is None:
                 continue
             proc = child.proc
             if proc.poll() is None:
-                proc.terminate()
+                proc.send_signal(sig)
                 try:
                     proc.wait(timeout=self.cfg.stop_timeout_s)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-                    say(f"{name} did not stop within {self.cfg.stop_timeout_s:g} s after SIGTERM: killed")
+                    say(f"{name} did not stop within {self.cfg.stop_timeout_s:g} s after {sig.name}: killed")
                     continue
             code = proc.returncode
             say(f"{name} stopped ({f'exit status {code}' if code >= 0 else signal.Signals(-code).name})")
@@ -235,16 +238,18 @@ def run_launch(cfg: LaunchConfig) -> int:
     check_machine(cfg)
     task, cameras = (robot_task(cfg), robot_cameras(cfg)) if cfg.robot.enabled else ("", None)
     launch = Launch(cfg, new_run_dir(cfg))
+    stop_with = signal.SIGTERM
     with sigterm_as_interrupt():  # SIGTERM stops everything, as Ctrl-C does
         try:
             return _supervise(cfg, launch, task, cameras)
         except KeyboardInterrupt as exc:
             say(f"{how_stopped(exc)}: stopping")
+            stop_with = signal.SIGINT if interrupt_signal(exc) == signal.SIGINT else signal.SIGTERM
             return interrupted_status(exc)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the orderly stop short
                 signal.signal(sig, signal.SIG_IGN)
-            launch.stop()
+            launch.stop(stop_with)
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

@@ -158,9 +158,8 @@ def _check_options(backend: PolicyBackend, bind: str, keys_dir: str | None, inse
                    simulated_latency_ms: float, inline_ms: float) -> None:
     """PolicyServer's options, each refused by name before anything is bound."""
     check_bind(bind, keys_dir, insecure)
-    if not 1 <= max_batch <= max(max_sessions, 1):  # TensorRT would build engines for a batch that never comes
-        raise PolcacheError(f"max_batch must be in 1..{max_sessions} (robots per inference, at most the robots served "
-                            f"at once: max_sessions), got {max_batch}")
+    if max_batch < 1:
+        raise PolcacheError(f"max_batch must be >= 1 (robots per inference), got {max_batch}")
     if not 0 <= simulated_latency_ms <= MAX_SIMULATED_LATENCY_MS:  # longer holds shutdown hostage
         raise PolcacheError(f"simulated_latency_ms must be in [0, {MAX_SIMULATED_LATENCY_MS:g}] ms, "
                             f"got {simulated_latency_ms}")
@@ -223,7 +222,7 @@ class PolicyServer:
         self.deadline_ms = deadline_ms
         self.max_sessions = max_sessions
         blocker = batching_blocker(backend)
-        self.max_batch = max_batch if blocker is None else 1
+        self.max_batch = min(max_batch, max_sessions) if blocker is None else 1  # no batch outnumbers the robots
         if blocker is not None and max_batch > 1:
             log.info("one inference per robot: %s", blocker)
         self.session_timeout_s = session_timeout_s

@@ -70,8 +70,9 @@ class EvalResult:
         lo, hi = self.ci95
         lat = self.latency_ms
         cap = f" (cap {self.extra['max_steps']})" if "max_steps" in self.extra else ""
-        stopped = self.extra.get("interrupted")
-        cut = f" [interrupted: {self.episodes} of {stopped['episodes_asked']} episodes finished]" if stopped else ""
+        stopped = self.extra.get("interrupted") or self.extra.get("server_refused")
+        why = "interrupted" if "interrupted" in self.extra else "ended by the server's refusal"
+        cut = f" [{why}: {self.episodes} of {stopped['episodes_asked']} episodes finished]" if stopped else ""
         # eval times each chunk's inference; a robot (sim-robot) from its observation's capture to the
         # tick that received the chunk, which includes the transport and waiting for that tick
         robot = self.extra.get("latency_from") == "capture"
@@ -79,16 +80,20 @@ class EvalResult:
         outcome = (f"success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI {lo:.0%}-{hi:.0%}), "
                    f"mean episode length {self.mean_episode_length:.1f} steps{cap}" if self.episodes
                    else "no episode finished")  # a robot stopped in its first: its stop and loop still reported
-        return (f"{self.task}{cut}: {outcome}, "
-                f"{'observation-to-action' if robot else 'chunk'} latency p50 {lat['p50']:.1f} ms / p95 "
-                f"{lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms"
+        latency = (f"{'observation-to-action' if robot else 'chunk'} latency p50 {lat['p50']:.1f} ms / p95 "
+                   f"{lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms" if lat["p50"] == lat["p50"]  # NaN: none timed
+                   else f"no chunk {'received' if robot else 'timed'}")
+        return (f"{self.task}{cut}: {outcome}, {latency}"
                 + (f" (the server's inference p50 {inference:.1f} ms)" if inference is not None else ""))
 
     def exit_status(self) -> int:
         """What the command that ran it exits with: 0, or 128 + the signal that cut it short (130 Ctrl-C,
-        143 SIGTERM, 129 SIGHUP; the finished episodes still reported)."""
+        143 SIGTERM, 129 SIGHUP), or 1 where the server refused the robot mid-run (the finished
+        episodes still reported)."""
         stopped = self.extra.get("interrupted")
-        return 0 if not stopped else 128 + signal.Signals[stopped["signal"]]
+        if stopped:
+            return 128 + signal.Signals[stopped["signal"]]
+        return 1 if "server_refused" in self.extra else 0
 
     def jerk_line(self) -> str | None:
         """The executed actions' jerk at chunk seams and elsewhere, as every run reports it (eval and

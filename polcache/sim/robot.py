@@ -109,11 +109,13 @@ def _check_options(sensor_lag_ms: float, stamped: bool, blend: str, decay: float
                             "(sensor_lag_ms)")
 
 
-def _episode_summary(robot: SimRobot, seed: int, instruction: str | None) -> dict[str, Any]:
-    """One finished episode's entry in the result: outcome, length, stops, seam jerk; the instruction
-    sent where the policy follows instructions."""
+def _episode_summary(robot: SimRobot, seed: int, instruction: str | None, reconnects: int) -> dict[str, Any]:
+    """One finished episode's entry in the result: outcome, length, stops, seam jerk, reconnects to
+    the server during it (an outage it spanned); the instruction sent where the policy follows
+    instructions."""
     return ({"seed": seed, "success": robot.success, "length": robot.steps, "safe_stops": robot.safe_stops,
-             "truncated": not robot.done, **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
+             "truncated": not robot.done, "reconnects": reconnects,
+             **seam_jerk(np.asarray(robot.applied), sorted(set(robot.seams))[1:])}
             | ({"instruction": instruction} if instruction else {}))
 
 
@@ -168,7 +170,7 @@ def run_sim_robot(
              else list(instructions(task, "heldout")) if task in INSTRUCTIONS else [None])
 
     metrics = metrics or Metrics()
-    interrupted, mismatch, loop = None, None, None
+    interrupted, refused, mismatch, loop = None, None, None, None
     schedule = ActionSchedule(hz, blend, **({} if decay is None else {"decay": decay}))
     env = make_env(task, seed=seed, image=bool(cameras), cameras=cameras, image_size=image_size)
     robot = SimRobot(env, sensor_lag_ms / 1e3, stamped)
@@ -199,6 +201,7 @@ def run_sim_robot(
                 max_ticks = episode_tick_limit(env.max_episode_steps, hz)
                 try:
                     for i in range(episodes):
+                        connections = client.connections
                         robot.begin(seed + i)
                         loop.reset_episode(texts[i % len(texts)])
                         # safe-stops the robot if interrupted; an episode's end needs no stop: the next resets the scene
@@ -208,15 +211,21 @@ def run_sim_robot(
                                         "robot waited or was stopped for the rest (a server gone quiet?); counted as "
                                         "no success, marked truncated", i, seed + i, max_ticks, max_ticks / hz,
                                         robot.steps, env.max_episode_steps)
-                        per_episode.append(_episode_summary(robot, seed + i,
-                                                            texts[i % len(texts)] if follows else None))
+                        per_episode.append(_episode_summary(robot, seed + i, texts[i % len(texts)] if follows else None,
+                                                            client.connections - connections))
                 finally:  # run() stops the robot only on its own way out: here after the last episode and on an
                     loop.stop()  # interrupt between runs (begin, reset_episode); none after run()'s or the watchdog's
             except KeyboardInterrupt as exc:  # the episodes finished (none too, also before the server answered)
                 interrupted = interruption(exc, episodes)  # and the stop: a result
+            except ConnectError as exc:
+                if loop is None:  # at the first connect: nothing ran (one line, below)
+                    raise
+                # a server restarted with another policy refused the robot's handshake on reconnecting: the
+                # episodes finished so far are a result too (it cost them all, with exit status 2 for bad input)
+                refused = {"episodes_asked": episodes, "error": f"{exc}{_refusal_hint(exc, task, texts)}"}
             # the loop's own stop on the way out; the tick records' safe stops count it too (a record of its own)
             stopped = loop is not None and loop.safe_stops > 0
-            reconnects = max(0, client.connections - 1)
+            reconnects, policy_changes = max(0, client.connections - 1), client.policy_changes
     except (ConnectError, ProtocolError, KeyFolderError) as exc:  # a bad --server address, no server, an
         # instruction the client refused to send (e.g. not UTF-8), a --keys folder without the keys: one line
         raise PolcacheError(f"{exc}{_refusal_hint(exc, task, texts)}") from None
@@ -234,8 +243,10 @@ def run_sim_robot(
         extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend,
                **({"decay": schedule.decay} if blend == "ensemble" else {}), "tick": snap.get("tick", {}),
                "chunk": snap.get("chunk", {}),
-               "safe_stop": stopped, "reconnects": reconnects, **jerk_summary(per_episode),
+               "safe_stop": stopped, "reconnects": reconnects, "policy_changes": policy_changes,
+               **jerk_summary(per_episode),
                "truncated_episodes": sum(e["truncated"] for e in per_episode),
                **({"sensor_lag_ms": sensor_lag_ms, "stamped": stamped} if sensor_lag_ms else {}),
                **({"rate_mismatch": mismatch} if mismatch else {}),
-               **({"interrupted": interrupted} if interrupted else {})})
+               **({"interrupted": interrupted} if interrupted else {}),
+               **({"server_refused": refused} if refused else {})})

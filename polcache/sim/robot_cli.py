@@ -124,8 +124,10 @@ def _sim_robot(args: argparse.Namespace) -> int:
     stopped = result.extra.get("interrupted")
     # the tick records count the loop's own stop on the way out too; it is named on its own
     loop_stops = 1 if result.extra["safe_stop"] else 0
-    final = (f", then the safe stop {'on ' + stopped['signal'] if stopped else 'at the end'}" if loop_stops
-             else f"; on {stopped['signal']} the robot was already stopped (not told again)" if stopped else "")
+    refused = result.extra.get("server_refused")
+    when = "on " + stopped["signal"] if stopped else "on the server's refusal" if refused else "at the end"
+    final = (f", then the safe stop {when}" if loop_stops
+             else f"; {when} the robot was already stopped (not told again)" if stopped or refused else "")
     if stopped and not tick:
         print(f"{stopped['signal']} before the server answered: the control loop never started, the robot never moved")
     else:
@@ -134,12 +136,17 @@ def _sim_robot(args: argparse.Namespace) -> int:
               f"{_counted(tick.get('waiting', 0), 'tick')} waiting for an episode's first action, "
               f"{_counted(tick.get('deadline_miss', 0), 'tick')} without a fresh action, "
               f"{_counted(tick.get('safe_stops', 0) - loop_stops, 'watchdog safe stop')}{final}")
+    if refused:
+        print(f"the server refused this robot when it reconnected, which ended the run: {refused['error']}")
     if truncated := result.extra["truncated_episodes"]:
         print(f"{_counted(truncated, 'episode')} cut at the loop's tick limit, most ticks without a step (waiting for "
               f"chunks or safe-stopped): counted as no success, marked truncated in --json")
     if reconnects := result.extra["reconnects"]:  # otherwise only a dip in the dashboard's fresh actions shows it
         print(f"reconnected to the server {_counted(reconnects, 'time')} (it went silent or forgot this robot): each "
               f"reconnect starts a new epoch, and that episode's observation history starts over")
+    if changes := result.extra["policy_changes"]:
+        print(f"the server served another policy after {_counted(changes, 'reconnect')} (restarted with another "
+              f"checkpoint or settings; logged above): this run's results mix policies")
     chunk = result.extra.get("chunk", {})
     if chunk.get("chunks"):  # the dashboard's "dropped actions" climbs by thousands in a healthy run: say why
         latency = chunk.get("latency_ms", {}).get("p50", float("nan"))
