@@ -69,6 +69,8 @@ def unwritable(path: Path) -> str | None:
     folder above it): a read-only file system, a folder this user may not write in or a full disk
     were found only after the recording, training or evaluation was done."""
     folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not folder.is_dir():  # a file where a folder of the path goes (access() would call it unwritable)
+        return f"{folder} is a file, not a folder"
     fs = os.statvfs(folder)
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{folder} is on a read-only file system" if fs.f_flag & os.ST_RDONLY else \

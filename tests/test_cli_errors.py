@@ -343,9 +343,17 @@ def test_a_run_directory_that_is_a_file_or_inside_a_dataset_is_refused(capsys, t
     assert train(data, tmp_path / "file").endswith(f"out={tmp_path / 'file'}: exists and is not a directory; give a "
                                                    "run directory")
     assert (tmp_path / "file").read_text() == "mine"
+    # below a file: said so (root's access() check called the file "not writable by this user")
+    assert train(data, tmp_path / "file" / "run").endswith(f"out={tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is "
+                                                          f"a file, not a folder; nothing was done")
     # record --out on the dataset would replace it, with the run in it
     assert train(data, data).endswith(f"out={data} is dataset {data}: writing the dataset again would delete the "
                                       "run; give an out directory outside it")
+    # a language policy's config on a dataset recorded without instructions: where they come from
+    said = _err(capsys, ["train", "--config", "configs/vla_mt10.yaml", f"dataset={data}", f"out={tmp_path / 'vla'}",
+                         "train.steps=2", "--no-progress"])
+    assert said.endswith("a language-conditioned policy reads 'instruction', which `polcache record --instructions` "
+                         "and `polcache data import-lerobot --instructions` write"), said
     other = demo_dataset(tmp_path / "other.zarr")
     assert f"out={other / 'runs/x'} is inside {other}, a dataset:" in train(data, other / "runs/x")
     assert train(tmp_path / "run/last/d.zarr", tmp_path / "run").endswith(

@@ -22,7 +22,8 @@ from polcache.outputs import check_output
 from polcache.serve.address import tcp_port
 from polcache.serve.handshake import own_robot_name
 from polcache.policy.loader import BACKENDS, MAX_CANDIDATES, PRECISIONS
-from polcache.serve.server import DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, DEFAULT_MAX_SESSIONS, MAX_INLINE_MS
+from polcache.serve.server import (DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, DEFAULT_MAX_SESSIONS,
+                                   MAX_INLINE_MS)
 from polcache_client.protocol import MAX_HZ, MIN_HZ, ProtocolError, instruction_bytes
 from polcache_client.schedule import BLEND_MODES
 

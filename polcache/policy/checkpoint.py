@@ -288,15 +288,21 @@ def load_train_state(path: str | Path, meta: dict | None = None) -> TrainState |
         return None
     try:
         model, state = (train / "model.safetensors").read_bytes(), (train / "state.pt").read_bytes()
-        trained = TrainState(load(model), *_optimizer_state(state))
     except PermissionError:  # not damage: --fresh would set a good run aside
         raise
-    except Exception as exc:  # torch and safetensors raise several types for truncated/corrupt files
-        raise CheckpointError(f"{train}: cannot read the training state to resume from ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --fresh to start over") from None
+    except OSError as exc:  # train/model.safetensors missing, a folder in a file's place
+        raise CheckpointError(f"{train}: cannot read the training state to resume from ({exc.strerror}: "
+                              f"{exc.filename}); pass --fresh to start over") from None
+    # damage is named by the digests first: torch's own error for a damaged state.pt advises loading it
+    # with weights_only=False, which would run whatever the damaged pickle holds
     for name, data in (("model.safetensors", model), ("state.pt", state)):
         _check_digest(train / name, f"train/{name}", data, meta, "; pass --fresh to start over")
-    return trained
+    try:
+        return TrainState(load(model), *_optimizer_state(state))
+    except Exception as exc:  # torch and safetensors raise several types for truncated/corrupt files
+        first = re.split(r"(?<=\.)\s", str(exc).splitlines()[0])[0] if str(exc) else ""  # no weights_only advice
+        raise CheckpointError(f"{train}: cannot read the training state to resume from ({type(exc).__name__}: "
+                              f"{first}); pass --fresh to start over") from None
 
 
 def _optimizer_state(data: bytes) -> tuple[dict, dict, int, dict[str, torch.Tensor] | None]:

@@ -115,9 +115,9 @@ class InferenceWorker:
                 self._fail(job, exc)
         t0 = time.perf_counter()
         try:
-            outcomes = list(self._predict([SessionRequest(job.session, job.obs, job.obs_seqs, past_actions=job.past_actions,
-                                                     committed=job.committed)
-                                      for job in ready]))
+            requests = [SessionRequest(job.session, job.obs, job.obs_seqs, past_actions=job.past_actions,
+                                       committed=job.committed) for job in ready]
+            outcomes = list(self._predict(requests))
         except Exception as exc:  # noqa: BLE001 - a backend that raised for the whole batch
             outcomes = [exc] * len(ready)
         if len(outcomes) != len(ready):  # a backend written elsewhere: no row may go unanswered or mismatched

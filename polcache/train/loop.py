@@ -86,7 +86,9 @@ def build_policy(cfg: ExperimentConfig, store: EpisodeStore) -> DiffusionPolicy:
     spec = store.obs_spec()
     missing = [k for k in cfg.obs_keys if k not in spec]
     if missing:
-        raise ConfigError(f"obs_keys {missing} are not in dataset {cfg.dataset} (it has {sorted(spec)})")
+        hint = (f"; a language-conditioned policy reads {INSTRUCTION_KEY!r}, which `polcache record --instructions` "
+                f"and `polcache data import-lerobot --instructions` write" if INSTRUCTION_KEY in missing else "")
+        raise ConfigError(f"obs_keys {missing} are not in dataset {cfg.dataset} (it has {sorted(spec)}){hint}")
     normalizer = fit_normalizer(store, cfg, cfg.dataset)
     policy = build_family_policy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
     policy.spec = replace(policy.spec, control_hz=dataset_rate(store, cfg.dataset))
@@ -328,7 +330,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
             # A step is taken whole or not at all: Ctrl-C or SIGTERM meanwhile waits for its end, so the state
             # saved on the way out (weights, optimizer, random state) is that of a step boundary, from which
             # the resumed run goes on exactly as the uninterrupted one (twice: abandoned, as a hung step must be).
-            with interrupts_deferred("the training step under way"):
+            with interrupts_deferred("finishing the training step under way"):
                 loss = model(batch, cfg.train.state_noise)  # forward is the training loss, so DDP syncs its gradients
                 if not _finite(loss, world):  # before the update: the weights stay those of the last good step
                     what = (f"the training loss is {loss.item()}" if world == 1 else
@@ -353,7 +355,8 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     except KeyboardInterrupt:
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
             with interrupts_held():
-                print(f"\ninterrupted: saving {last} at step {step} (Ctrl-C is ignored until it is saved)", flush=True)
+                print(f"\ninterrupted: saving {last} at step {step} (Ctrl-C and SIGTERM are ignored until it is "
+                      f"saved)", flush=True)
                 _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.monotonic() - t0, tasks)
             print(f"interrupted: saved {last} at step {step}; run the same command to resume")
         raise
