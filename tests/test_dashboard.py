@@ -550,6 +550,27 @@ def test_report_stages_legend_is_below_the_bars_and_their_label(tmp_path):
     plt.close(fig)
 
 
+def test_report_draws_more_than_ten_robots_apart():
+    """The eleventh robot's line took the first one's colour, and read as its (an outside probe)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    from polcache.dashboard.report import _hist, _line
+
+    fig, ax = plt.subplots()
+    assert _line(ax, {"series": [{"x": [0.0, 1.0], "y": [i, i], "name": f"arm{i}"} for i in range(25)]})
+    pens = {(matplotlib.colors.to_hex(line.get_color()), line.get_linestyle()) for line in ax.lines}
+    assert len(pens) == 25
+    ax.clear()
+    assert _hist(ax, {"series": [{"counts": [1, 2], "edges": [0.0, 1.0, 2.0], "name": f"arm{i}"} for i in range(12)]})
+    pens = {(matplotlib.colors.to_hex(p.get_facecolor()), p.get_linestyle()) for p in ax.patches}
+    assert len(pens) == 12
+    plt.close(fig)
+
+
 def test_rotated_files_whose_first_is_gone_still_have_the_server_info_and_count_each_record_once(tmp_path):
     """The writer repeats the info line at the start of every rotated file: with the first file
     rotated away, the report and the page still draw the deadline (they said "no server info

@@ -24,6 +24,7 @@ log = logging.getLogger("polcache.dashboard")
 
 OP_COLORS = ["#1f4e79", "#cfe2f3", "#f6b26b", "#b4a7d6"]  # compute, reuse, forecast, gate (as the page)
 LEGEND_FONT = 8  # legible in a 750 px wide PNG (6 was not)
+LINE_STYLES = ("-", "--", ":", "-.")  # per ten series, as the page's (app.js DASHES)
 
 
 def run_files(path: Path) -> list[Path]:
@@ -126,10 +127,16 @@ def _plot(view: dict[str, Any], path: Path, span_s: float) -> bool:
     return drew
 
 
+def _pen(i: int) -> dict[str, str]:
+    """Series i's colour and line style: the page's ten colours, then the same ones dashed, dotted...
+    (the eleventh robot drawn as the first was: two robots' lines read as one)."""
+    return {"color": f"C{i % 10}", "linestyle": LINE_STYLES[i // 10 % len(LINE_STYLES)]}
+
+
 def _line(ax, view) -> bool:
-    for s in view["series"]:
+    for i, s in enumerate(view["series"]):
         ax.plot(s["x"], [float("nan") if v is None else v for v in s["y"]], label=s["name"], linewidth=1.2,
-                marker="." if len(s["x"]) < 20 else None)  # a short run's few points visible, not lost as specks
+                marker="." if len(s["x"]) < 20 else None, **_pen(i))  # a short run's few points visible
     for h in view.get("hlines", []):
         ax.axhline(h["y"], color="#c00", linestyle="--", linewidth=1, label=h["name"])
     ax.set_xlabel("seconds since start")
@@ -141,8 +148,8 @@ def _line(ax, view) -> bool:
 
 
 def _hist(ax, view) -> bool:
-    for s in view["series"]:
-        ax.stairs(s["counts"], s["edges"], fill=True, alpha=0.35, label=s["name"])
+    for i, s in enumerate(view["series"]):
+        ax.stairs(s["counts"], s["edges"], fill=True, alpha=0.35, label=s["name"], **_pen(i))
     for v in view.get("vlines", []):
         ax.axvline(v["x"], color="#c00", linestyle="--", linewidth=1, label=v["name"])
     if view["series"]:

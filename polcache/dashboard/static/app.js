@@ -6,6 +6,9 @@
 const W = 580, H = 230, M = { l: 52, r: 12, t: 8, b: 26 };
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                 "#bcbd22", "#17becf"];
+// After ten series the colours come again, dashed, then dotted...: the eleventh robot drawn as the first read as one.
+const DASHES = ["", "6 3", "2 2", "8 3 2 3"], LEGEND_LINES = ["solid", "dashed", "dotted", "double"];
+const dashOf = i => Math.floor(i / COLORS.length) % DASHES.length;
 const OP_COLORS = { 0: "#1f4e79", 1: "#cfe2f3", 2: "#f6b26b", 3: "#b4a7d6" };
 const NS = "http://www.w3.org/2000/svg";
 
@@ -71,7 +74,9 @@ function legend(section, names) {
   div.className = "legend";
   names.forEach((name, i) => {
     const span = document.createElement("span");
-    span.innerHTML = `<i style="background:${COLORS[i % COLORS.length]}"></i>`;
+    const color = COLORS[i % COLORS.length];
+    span.innerHTML = dashOf(i) ? `<i style="background:none;border-top:3px ${LEGEND_LINES[dashOf(i)]} ${color}"></i>`
+                               : `<i style="background:${color}"></i>`;
     span.appendChild(document.createTextNode(name));
     div.appendChild(span);
   });
@@ -92,7 +97,8 @@ function drawLine(svg, section, view) {
       d += `${pen}${sx(x).toFixed(1)},${sy(s.y[j]).toFixed(1)} `;
       pen = "L";
     });
-    el("path", { d, fill: "none", stroke: COLORS[i % COLORS.length], "stroke-width": 1.4 }, svg);
+    el("path", { d, fill: "none", stroke: COLORS[i % COLORS.length], "stroke-width": 1.4,
+                 ...(dashOf(i) ? { "stroke-dasharray": DASHES[dashOf(i)] } : {}) }, svg);
   });
   const hlines = view.hlines || [], labelY = spread(hlines.map(h => sy(h.y) - 3), 11, -1);  // upwards
   hlines.forEach((h, i) => {
@@ -114,7 +120,8 @@ function drawHist(svg, section, view) {
     let d = `M${sx(s.edges[0])},${sy(0)} `;
     s.counts.forEach((c, j) => { d += `L${sx(s.edges[j])},${sy(c)} L${sx(s.edges[j + 1])},${sy(c)} `; });
     d += `L${sx(s.edges[s.edges.length - 1])},${sy(0)}`;
-    el("path", { d, fill: COLORS[i % COLORS.length], "fill-opacity": 0.3, stroke: COLORS[i % COLORS.length] }, svg);
+    el("path", { d, fill: COLORS[i % COLORS.length], "fill-opacity": 0.3, stroke: COLORS[i % COLORS.length],
+                 ...(dashOf(i) ? { "stroke-dasharray": DASHES[dashOf(i)] } : {}) }, svg);
   });
   const vlines = (view.vlines || []).filter(v => v.x >= x0 && v.x <= x1);
   const labelY = spread(vlines.map(() => M.t + 10), 11, 1);  // downwards, one row per line
