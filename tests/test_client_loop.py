@@ -26,6 +26,8 @@ class ScriptedClient:
     """Stands in for PolicyClient: answers each observation `latency_s` after capture with
     actions valued (captured tick + i + 1000 * epoch), unless `silent`."""
 
+    obs_spec, action_dim = StepRobot.obs_spec, StepRobot.action_dim  # the robot's handshake
+
     def __init__(self, clock: FakeClock, latency_s: float):
         self.clock = clock
         self.hz = HZ
@@ -538,17 +540,71 @@ def test_no_answer_from_a_host_name_that_does_not_resolve_says_so():
     client.close()
 
 
+class Arm:
+    obs_spec = {"state": ((2,), "float32")}
+    action_dim = 2
+
+    def observe(self):
+        return {"state": np.zeros(2, np.float32)}
+
+    def act(self, action):
+        pass
+
+    def safe_stop(self):
+        pass
+
+
 def test_the_loop_the_client_and_the_schedule_must_tick_at_the_same_rate():
     from polcache_client import PolicyClient
 
-    client = PolicyClient("tcp://127.0.0.1:9", {"state": ((2,), "float32")}, 2, hz=20)
+    client = PolicyClient("tcp://127.0.0.1:9", Arm.obs_spec, 2, hz=20)
     try:
         with pytest.raises(ValueError, match="the loop ticks at 50 Hz but the client told the server 20 Hz"):
-            ControlLoop(None, client, 50)
+            ControlLoop(Arm(), client, 50)
         # a schedule of another rate judged actions due within half of its own period, not the loop's
         with pytest.raises(ValueError, match="schedule: built for 10 Hz but the loop ticks at 20 Hz"):
-            ControlLoop(None, client, 20, schedule=ActionSchedule(10, blend="latest"))
-        assert ControlLoop(None, client, 20, schedule=ActionSchedule(20, blend="latest")).schedule.hz == 20
+            ControlLoop(Arm(), client, 20, schedule=ActionSchedule(10, blend="latest"))
+        assert ControlLoop(Arm(), client, 20, schedule=ActionSchedule(20, blend="latest")).schedule.hz == 20
+    finally:
+        client.close()
+
+
+class NoStop(Arm):
+    safe_stop = None
+
+
+class StopValue(Arm):
+    safe_stop = 5
+
+
+class NotResuming(Arm):
+    resume = True
+
+
+class SevenJoints(Arm):
+    action_dim = 7
+
+
+class WiderState(Arm):
+    obs_spec = {"state": ([3], "float32")}
+
+
+@pytest.mark.parametrize("adapter, said", [
+    (NoStop(), r"adapter: NoStop.safe_stop is missing; a robot is observe\(\), act\(action\) and safe_stop\(\)"),
+    (StopValue(), "adapter: StopValue.safe_stop is not callable"),
+    (NotResuming(), "adapter: NotResuming.resume is not callable"),
+    (SevenJoints(), "adapter: SevenJoints.action_dim 7 is not the client's 2"),
+    (WiderState(), r"adapter: WiderState.obs_spec \{'state': \(\[3\], 'float32'\)\} is not the client's")])
+def test_an_adapter_the_loop_could_not_stop_or_of_another_robot_is_refused_before_anything_moves(adapter, said):
+    """One without safe_stop ran and moved the robot, failing only at the end with the robot left
+    moving (an outside probe)."""
+    from polcache_client import PolicyClient
+
+    client = PolicyClient("tcp://127.0.0.1:9", Arm.obs_spec, 2, hz=20)
+    try:
+        with pytest.raises((TypeError, ValueError), match=said):
+            ControlLoop(adapter, client, 20)
+        ControlLoop(type("ShapesAsLists", (Arm,), {"obs_spec": {"state": ([2], "float32")}})(), client, 20)
     finally:
         client.close()
 

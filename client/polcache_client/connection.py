@@ -157,6 +157,11 @@ class PolicyClient:
         return self._ready
 
     @property
+    def action_dim(self) -> int:
+        """The width of this robot's actions, as its handshake states it."""
+        return self._hello.action_dim
+
+    @property
     def hz(self) -> float:
         """The control rate this robot announced; the server times each chunk's actions at it."""
         return self._hello.hz

@@ -61,6 +61,7 @@ class ControlLoop:
         on_tick: Callable[[TickRecord], None] | None = None,
         on_chunk: Callable[[ChunkRecord], None] | None = None,
     ):
+        _check_adapter(adapter, client)
         if abs(client.hz - hz) > 1e-9 * hz:  # the server would time each chunk's actions at the client's rate
             raise ValueError(f"hz: the loop ticks at {hz:g} Hz but the client told the server {client.hz:g} Hz; "
                              "give both the same rate")
@@ -398,3 +399,26 @@ class ControlLoop:
                                         state=self.watchdog.state.value, queue_depth=self.schedule.depth(now), ticks=0,
                                         safe_stops=1))
         return True
+
+
+def _check_adapter(adapter: RobotAdapter, client: PolicyClient) -> None:
+    """Refuse, before anything moves, an adapter the loop could not stop (no callable safe_stop: found
+    only at the end of a run, the robot left moving) or that describes another robot than the client's
+    handshake."""
+    name = type(adapter).__name__
+    for method in ("observe", "act", "safe_stop", "capture_time", "resume"):  # the last two are optional
+        found = getattr(adapter, method, None)
+        if (found is None and method in ("observe", "act", "safe_stop")) or (found is not None and not callable(found)):
+            raise TypeError(f"adapter: {name}.{method} is {'missing' if found is None else 'not callable'}; a robot is "
+                            f"observe(), act(action) and safe_stop(), optionally capture_time() and resume() "
+                            f"(polcache_client.RobotAdapter)")
+    spec = getattr(adapter, "obs_spec", None)
+    if spec is not None and {k: (tuple(shape), str(dtype)) for k, (shape, dtype) in spec.items()} != {
+            k: (tuple(shape), str(dtype)) for k, (shape, dtype) in client.obs_spec.items()}:
+        raise ValueError(f"adapter: {name}.obs_spec {spec} is not the client's {client.obs_spec}; give the client the "
+                         f"adapter's obs_spec")
+    action_dim = getattr(adapter, "action_dim", None)
+    if action_dim is not None and action_dim != client.action_dim:
+        raise ValueError(f"adapter: {name}.action_dim {action_dim} is not the client's {client.action_dim}; give the "
+                         f"client the adapter's action_dim")
+

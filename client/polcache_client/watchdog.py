@@ -7,11 +7,15 @@ then asks for a safe stop exactly once, and resumes as soon as fresh actions ret
 
 from __future__ import annotations
 
+import logging
 import math
 from enum import Enum
 from typing import NamedTuple
 
 import numpy as np
+
+log = logging.getLogger("polcache_client")
+LONG_HOLD_S = 1.0  # a hold beyond this is said: most likely milliseconds given as seconds
 
 
 class State(str, Enum):
@@ -35,6 +39,9 @@ class Watchdog:
         (0: stop at the first tick without one)."""
         if not 0 <= hold_s < math.inf:
             raise ValueError(f"hold_s: expected a finite number of seconds >= 0, got {hold_s}")
+        if hold_s > LONG_HOLD_S:
+            log.warning("hold_s %g s: a robot whose policy goes quiet keeps executing its last action that long "
+                        "before the safe stop (seconds, not milliseconds)", hold_s)
         self.hold_s = hold_s
         self.reset()
 
