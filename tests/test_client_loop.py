@@ -569,6 +569,15 @@ def test_the_loop_the_client_and_the_schedule_must_tick_at_the_same_rate():
         client.close()
 
 
+@pytest.mark.parametrize("hz", [0, -5, float("nan"), 1e9, "50"])
+def test_a_client_refuses_a_rate_the_server_would(hz):
+    """It was refused only at connect(), by the server."""
+    from polcache_client import PolicyClient
+
+    with pytest.raises(ValueError, match=r"hz: expected a control rate in \[0.01, 10000\] Hz, got"):
+        PolicyClient("tcp://127.0.0.1:9", Arm.obs_spec, 2, hz=hz)
+
+
 class NoStop(Arm):
     safe_stop = None
 

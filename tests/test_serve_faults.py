@@ -161,8 +161,13 @@ def test_handshake_mismatch_names_the_field(server, spec, action_dim, fragment):
 
 
 def test_a_handshake_refused_for_a_field_out_of_range_is_reported_as_refused(server):
-    """`sim-robot --hz 1e9` said "no answer from a policy server" although the server answered."""
-    client = PolicyClient(server.endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=1e9)
+    """`sim-robot --hz 1e9` said "no answer from a policy server" although the server answered. (The
+    client now refuses such a rate itself: the handshake is sent as an older client's would be.)"""
+    from msgspec.structs import replace
+
+    client = PolicyClient(server.endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=50)
+    client._hello = replace(client._hello, hz=1e9)
+    client._handshake = encode(client._hello, client.version)
     with pytest.raises(ConnectError, match=r"refused the handshake: \[out_of_range\] handshake.hz"):
         client.connect(timeout_s=2)
     client.close()
@@ -249,33 +254,80 @@ time.sleep(60)
 
 
 @pytest.mark.slow
-def test_a_robot_that_stops_answering_is_disconnected_and_its_fixed_id_freed(server, caplog):
+def test_a_robot_back_under_its_fixed_id_is_served_while_its_old_connection_lingers(server):
     """A robot that lost power (here: frozen by SIGSTOP) kept its TCP connection open on the server,
-    so a restarted robot with the same fixed routing id was ignored without a word, for minutes.
-    ZeroMQ's heartbeats close it within HEARTBEAT_TIMEOUT_MS, logged, and the id is free again."""
+    so a restarted robot with the same fixed routing id was ignored without a word, for minutes. It
+    takes its id over (ROUTER_HANDOVER) at once."""
     import os
     import signal
     import subprocess
     import sys
-
-    from polcache.serve.server import HEARTBEAT_TIMEOUT_MS
 
     assert (STATE_DIM, ACTION_DIM) == (3, 2)
     frozen = subprocess.Popen([sys.executable, "-c", FIXED_ID_ROBOT, server.endpoint], stdout=subprocess.PIPE,
                               text=True)
     try:
         assert frozen.stdout.readline() == "ready\n"
-        with caplog.at_level(logging.INFO, logger="polcache.serve"):
-            os.kill(frozen.pid, signal.SIGSTOP)
-            start = time.monotonic()
-            assert wait_for(lambda: "robot arm (session 726f626f742d37) disconnected" in caplog.text, timeout_s=10)
-            assert time.monotonic() - start < HEARTBEAT_TIMEOUT_MS / 1e3 + 2
+        os.kill(frozen.pid, signal.SIGSTOP)
         restarted = RawPeer(server.endpoint, routing_id=b"robot-7")
         assert isinstance(restarted.handshake(name="arm"), Welcome)
+        assert_still_serving(restarted)
         restarted.close()
     finally:
         frozen.kill()
         frozen.wait()
+
+
+HANGING_SERVER = r"""
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from fakes import FakeBackend
+from polcache.serve.server import PolicyServer
+
+class Hangs(FakeBackend):
+    calls = 0
+    def predict(self, obs, seed=None, past_actions=None):
+        Hangs.calls += 1
+        if Hangs.calls == 30:  # on the loop's own thread by then (inline), so nothing reads the socket
+            time.sleep(3.0)
+        return super().predict(obs, seed, past_actions)
+
+server = PolicyServer(Hangs(), sys.argv[1], inline_ms=100).start()
+print("ready", flush=True)
+time.sleep(8)
+server.stop()
+print("served on", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_an_inference_that_hangs_on_the_loop_thread_while_a_robot_reconnects_does_not_abort_the_server():
+    """libzmq 4.3.5 aborted the server (exit 134, "Assertion failed: !_io_error") when its heartbeat
+    fell due on the connection of a robot that gave up and reconnected while the loop was stuck in
+    an inline inference (an outside verifier)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fakes import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_SERVER, address, str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        with PolicyClient(address, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=50) as client:
+            client.connect(timeout_s=5)
+            end = time.monotonic() + 6
+            while time.monotonic() < end:
+                client.send_observation({"state": np.zeros(STATE_DIM, np.float32)}, time.monotonic())
+                client.poll()
+                time.sleep(0.02)
+            assert client.connections == 2  # it gave up on the stuck server once, and came back
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.endswith("served on\n") and "Assertion" not in err, err
 
 
 def test_client_refuses_to_send_an_oversized_observation(server, caplog):

@@ -21,7 +21,9 @@ from polcache_client.curve import apply_client_keys
 from polcache_client.logs import RateLimitedLog
 from polcache_client.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_HZ,
     MAX_INSTRUCTION_BYTES,
+    MIN_HZ,
     PROTOCOL_VERSION,
     ActionChunk,
     Error,
@@ -117,6 +119,8 @@ class PolicyClient:
             raise ValueError(f"heartbeat_s and timeout_s: expected 0 < heartbeat_s < timeout_s (finite seconds), "
                              f"got {heartbeat_s} and {timeout_s}")
         _check_obs_spec(obs_spec)
+        if not (isinstance(hz, (int, float, np.number)) and MIN_HZ <= hz <= MAX_HZ):  # the server's range
+            raise ValueError(f"hz: expected a control rate in [{MIN_HZ:g}, {MAX_HZ:g}] Hz, got {hz!r}")
         robot_name(name)
         port = address.rpartition(":")[2]
         if address.startswith("tcp://") and port.isdigit() and not 0 < int(port) < 65536:  # ZeroMQ: modulo 65536

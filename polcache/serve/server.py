@@ -70,11 +70,16 @@ EVICTABLE_SILENCE_S = 1.0
 # An epoch's capture times may run ahead of their arrival times by this much (sensor lag changing
 # from frame to frame); more is a clock that jumped (time.time() in place of time.monotonic()).
 CLOCK_JUMP_S = 5.0
-# ZeroMQ's own pings on every connection: one that stops answering (a robot that lost power or its cable,
-# a frozen process) is closed and logged as a disconnect after HEARTBEAT_TIMEOUT_MS, rather than held open
-# until the kernel gives up on TCP, minutes later; its routing id is then free again.
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 3000
+# A robot that lost power or its cable is found by the kernel, not held open for minutes: TCP keepalive
+# probes after 1 s of silence (every 1 s, 3 unanswered: closed), and data unacknowledged for
+# DEAD_PEER_MS (TCP_USER_TIMEOUT) closes it too; the disconnect is logged. Not ZeroMQ's own heartbeats:
+# libzmq 4.3.5 aborts the process ("Assertion failed: !_io_error (src/stream_engine_base.cpp:310)") when
+# one falls due on a connection whose robot left while the loop was not reading (an inference on its
+# thread that hung). A robot with a fixed routing id that comes back on a new connection takes its id
+# over from the old one (ROUTER_HANDOVER) rather than being ignored while that one lingers.
+DEAD_PEER_MS = 3000
+_TCP_KEEPALIVE = ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 1), (zmq.TCP_KEEPALIVE_INTVL, 1),
+                  (zmq.TCP_KEEPALIVE_CNT, 3), (zmq.TCP_MAXRT, DEAD_PEER_MS))
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
@@ -271,7 +276,7 @@ class PolicyServer:
         router = self._ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SOCKET_HWM), (zmq.RCVHWM, SOCKET_HWM),
                            (zmq.MAXMSGSIZE, 2 * self.max_message_bytes), (zmq.RCVTIMEO, LOOP_WAKE_MS),
-                           (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS), (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)):
+                           (zmq.ROUTER_HANDOVER, 1), *_TCP_KEEPALIVE):
             router.setsockopt(opt, value)
         try:
             if keys_dir:
