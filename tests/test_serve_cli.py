@@ -148,6 +148,7 @@ def test_serve_says_at_the_end_how_many_chunks_self_verification_chose():
                              f"tcp://127.0.0.1:{free_port()}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     try:
+        assert proc.stdout.readline() == "warming up batches of 1..8 robots\n"
         assert proc.stdout.readline().startswith("serving ")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

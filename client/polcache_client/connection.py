@@ -271,7 +271,7 @@ class PolicyClient:
                                    f"{policy_dim!r}, but this robot's is {self._hello.action_dim}")
             if not self._ready:
                 changed = _changes(self.policy, msg.policy, self.server, msg.server) if self.connections else ""
-                if changed:  # a server restarted with another checkpoint, sampler or horizon
+                if changed:  # a server restarted with another checkpoint, or (polcache serve's name) sampler or cache
                     self.policy_changes += 1
                     log.warning("the server at %s serves another policy than before this reconnect (%s): the chunks "
                                 "from now on are its", self.address, changed)

@@ -100,11 +100,14 @@ def _serve(args: argparse.Namespace) -> int:
         server = PolicyServer(backend, args.bind, keys_dir=args.keys, insecure=args.insecure,
                               max_message_bytes=args.max_message_bytes, deadline_ms=args.deadline_ms,
                               on_record=metrics.record, on_session_closed=metrics.forget_robot,
-                              name=f"polcache serve {args.checkpoint}",
+                              # in every welcome: a robot reconnecting to another sampler or cache plan says so
+                              name=f"polcache serve {args.checkpoint} ({_described(info['backend'])})",
                               instruction=args.instruction, max_batch=args.max_batch, rtc=args.rtc,
                               simulated_latency_ms=args.simulate_latency_ms, inline_ms=args.inline_ms)
         # e.g. on CUDA: captures each batch size's graph before the first robots ask (they wait meanwhile)
         sizes = tuple(range(1, server.max_batch + 1))
+        if len(sizes) > 1:  # a minute or two on CPUs at --max-batch 64: not silence
+            print(f"warming up batches of 1..{len(sizes)} robots", flush=True)
         if args.rtc:  # a torch backend with a flow sampler (PolicyServer checked)
             backend.warmup(sizes, rtc=True)
         else:

@@ -122,7 +122,7 @@ class InferenceWorker:
             outcomes = [exc] * len(ready)
         if len(outcomes) != len(ready):  # a backend written elsewhere: no row may go unanswered or mismatched
             outcomes = [RuntimeError(f"the backend returned {len(outcomes)} results for a batch of {len(ready)} "
-                                     f"observations")] * len(ready)
+                                     f"observation{'s' if len(ready) > 1 else ''}")] * len(ready)
         if self.simulated_latency_s:
             time.sleep(self.simulated_latency_s)
         inference_ms = (time.perf_counter() - t0) * 1e3
