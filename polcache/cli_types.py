@@ -144,6 +144,11 @@ FRESH_HELP = ("start from scratch; the previous run (last/, best/, train_log.jso
               "OUT/previous-<time>/")
 
 
+def add_progress_option(p: "OneLineParser") -> None:
+    """--no-progress, said alike by every command with a progress bar."""
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+
+
 def add_sampler_options(p: "OneLineParser") -> None:
     """How a policy is sampled, for every command that runs, calibrates or exports one."""
     p.add_argument("--sampler", choices=SAMPLER_KINDS, help="sampler (default: the checkpoint's)")

@@ -8,7 +8,7 @@ from polcache_client.adapter import RobotAdapter
 from polcache_client.connection import ConnectError, PolicyClient
 from polcache_client.curve import KeyFolderError
 from polcache_client.loop import ControlLoop
-from polcache_client.metrics_file import MetricsFile
+from polcache_client.metrics_file import MetricsFile, MetricsFileError
 from polcache_client.protocol import PROTOCOL_VERSION, ProtocolError
 from polcache_client.rate import Clock, MonotonicClock, Rate, use_realtime_priority
 from polcache_client.records import ChunkRecord, TickRecord
@@ -24,6 +24,7 @@ __all__ = [
     "ControlLoop",
     "KeyFolderError",
     "MetricsFile",
+    "MetricsFileError",
     "MonotonicClock",
     "PolicyClient",
     "ProtocolError",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import DEVICE_HELP, add_sampler_options, non_negative_int, positive_int, seed_int, thread_count
+from polcache.cli_types import (DEVICE_HELP, add_progress_option, add_sampler_options, non_negative_int, positive_int,
+                                seed_int, thread_count)
 from polcache.extras import install_hint
 
 
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="torch intra-op threads (default 1: shared CPUs oversubscribe badly)")
     p.add_argument("--out", required=True, help="schedule JSON to write, a .json name (the heatmap goes to the same name .png); an existing "
                         "file is replaced only if it is a schedule, and an existing .png only with its schedule")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_option(p)
     p.set_defaults(handler=_run)
 
 
@@ -78,7 +79,8 @@ def _run(args: argparse.Namespace) -> int:
     console.print(table)
     total = schedule.steps * len(schedule.update_steps)
     console.print(f"block evaluations {schedule.block_evals} of {total} uncached: compute limit "
-                  f"{total / schedule.block_evals:.2f}x; calibration: {schedule.calibration.source}")
+                  f"{total / schedule.block_evals:.2f}x; calibration: {schedule.calibration.source}",
+                  markup=False, soft_wrap=True)  # one line in a log too (a pipe is 80 columns to rich)
     png = Path(args.out).with_suffix(".png")
     console.print(f"wrote {args.out} and {png}" if png.exists() else
                   f"wrote {args.out} (no heatmap: matplotlib is not installed; {install_hint('matplotlib')})",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import h264_crf, image_height_width, positive_int
+from polcache.cli_types import add_progress_option, h264_crf, image_height_width, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "480x640 cameras), with area averaging; a different aspect ratio stretches the image, "
                           "nothing is cropped or padded (as lerobot's and diffusion_policy's resize do); the "
                           "dataset's image_resize attr records the size and each camera's source size")
-    imp.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    add_progress_option(imp)
     imp.set_defaults(handler=_import)
 
     exp = sub.add_parser("export-lerobot", help="polcache dataset -> LeRobotDataset v3.0 root",
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="frame rate of a dataset without an fps attr (default 10); another than the attr is refused")
     exp.add_argument("--crf", type=h264_crf, default=10, metavar="0..51",
                      help="H.264 quality, lower is closer to the source (default 10)")
-    exp.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    add_progress_option(exp)
     exp.set_defaults(handler=_export)
 
 
@@ -56,7 +56,7 @@ def _import(args: argparse.Namespace) -> int:
     check_dataset_output(args.out, "--out", inputs=[args.root], demonstrations=True)
     r = import_lerobot(args.root, args.out, progress=not args.no_progress, instruction_bytes=args.instructions,
                        image_size=args.image_size)
-    print(f"wrote {r.path}: {r.episodes} episodes, {r.frames} frames at {r.fps} fps, obs {', '.join(r.obs_keys)}")
+    print(f"wrote {r.path}: {_counted(r.episodes, 'episode')}, {_counted(r.frames, 'frame')} at {r.fps} fps, obs {', '.join(r.obs_keys)}")
     for skipped in r.skipped:
         print(f"  skipped {skipped}")
     return 0
@@ -68,5 +68,10 @@ def _export(args: argparse.Namespace) -> int:
     check_lerobot_output(args.out, "--out")
     r = export_lerobot(args.dataset, args.out, fps=args.fps, crf=args.crf, progress=not args.no_progress)
     videos = f", videos ({r.codec}) {', '.join(r.video_keys)}" if r.video_keys else ""
-    print(f"wrote {r.path}: LeRobotDataset v3.0, {r.episodes} episodes, {r.frames} frames at {r.fps} fps{videos}")
+    print(f"wrote {r.path}: LeRobotDataset v3.0, {_counted(r.episodes, 'episode')}, {_counted(r.frames, 'frame')} at {r.fps} fps{videos}")
     return 0
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+

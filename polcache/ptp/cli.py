@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from polcache.cli_types import DEVICE_HELP, FRESH_HELP, config_file, positive_int
+from polcache.cli_types import DEVICE_HELP, FRESH_HELP, add_progress_option, config_file, positive_int
 from polcache.errors import PolcacheError
 
 
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="embedding store to write (a polcache dataset, key `embedding`)")
     e.add_argument("--batch-size", type=positive_int, default=256, help="frames per encoder batch (default 256)")
     e.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    e.add_argument("--no-progress", action="store_true")
+    add_progress_option(e)
     e.set_defaults(handler=_embed)
     f = sub.add_parser("finetune", help="train a long-context head on stored embeddings (resumes like train)")
     f.add_argument("--embeddings", required=True, help="store written by `polcache ptp embed`")
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
     f.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     f.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    f.add_argument("--no-progress", action="store_true")
+    add_progress_option(f)
     f.set_defaults(handler=_finetune)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from polcache.cli_types import (add_backend_options, backend_options, given_only_with, non_negative_float,
-                                 non_negative_int, positive_int, seed_int, thread_count)
+from polcache.cli_types import (add_backend_options, add_progress_option, backend_options, given_only_with,
+                                non_negative_float, non_negative_int, positive_int, seed_int, thread_count)
 from polcache.errors import PolcacheError
 
 VIDEO_EPISODES = 3  # episodes recorded as GIFs with --video, unless --video-episodes says
@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--video", help="directory for GIFs of the first --video-episodes episodes")
     p.add_argument("--video-episodes", type=positive_int,
                    help=f"episodes recorded with --video (default {VIDEO_EPISODES})")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_option(p)
     p.checks.append(given_only_with("--video-episodes", "video_episodes", "--video", "video"))
     p.set_defaults(handler=_run)
 

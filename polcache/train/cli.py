@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import DEVICE_HELP, FRESH_HELP, config_file
+from polcache.cli_types import DEVICE_HELP, FRESH_HELP, add_progress_option, config_file
 from polcache.config import load_config
 
 
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides as dotted key=value, e.g. train.steps=1000")
     p.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    add_progress_option(p)
     p.set_defaults(handler=_run)
 
 
