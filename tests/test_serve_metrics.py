@@ -424,3 +424,33 @@ def test_a_departed_robots_gauges_go_and_its_totals_stay():
     assert "# TYPE polcache_request_queue_depth gauge" in text  # the family stays, without series
     for name in ("arm", "other"):
         assert re.search(rf'polcache_request_requests_total{{robot="{name}"}} [1-9]', text)
+
+
+def test_a_departed_robots_series_go_after_a_while_and_come_back_with_it(monkeypatch):
+    """Every robot name's series stayed until the server restarted: one that sees many names over
+    its life (a name per run) grew without bound."""
+    from polcache.metrics import prometheus
+    from polcache.serve.records import RequestRecord
+
+    def request(robot: str) -> RequestRecord:
+        return RequestRecord(t=0.0, robot=robot, epoch=0, seq=0, decode_ms=0.1, preprocess_ms=0.1, queue_ms=0.1,
+                             inference_ms=1.0, postprocess_ms=0.1, encode_ms=0.1, total_ms=2.0, queue_depth=1,
+                             batch_size=1, superseded=0, deadline_miss=False)
+
+    now = [1000.0]
+    monkeypatch.setattr(prometheus.time, "monotonic", lambda: now[0])
+    m = Metrics(window=0)
+    for name in ("run-1", "run-2", "arm"):
+        m.record(request(name))
+    m.forget_robot("run-1")
+    m.forget_robot("run-2")
+    m.forget_robot("arm")
+    m.record(request("arm"))  # back (or another session of its name): kept
+    now[0] += prometheus.DEPARTED_KEPT_S - 1
+    assert 'robot="run-1"' in m.prometheus_text()  # still scraped a while: its last increments are seen
+    now[0] += 2
+    text = m.prometheus_text()
+    assert 'robot="run-1"' not in text and 'robot="run-2"' not in text
+    assert 'polcache_request_requests_total{robot="arm"} 2.0' in text
+    m.record(request("run-1"))  # a name back after its series went: they start again
+    assert 'polcache_request_requests_total{robot="run-1"} 1.0' in m.prometheus_text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 from bisect import bisect_left
 from typing import Any, Iterator
 
@@ -33,6 +34,10 @@ RUN_INFO = "polcache_run"  # exposed as polcache_run_info{role, robot, hz, ...} 
 # What a dashboard draws from a scrape besides the records: the robot's target rate, the server's deadline
 # and chunk length (n_action_steps: with the robots' rates, the deadline where none is set).
 RUN_INFO_FIELDS = ("role", "task", "hz", "deadline_ms", "n_action_steps")
+# A departed robot's series are exposed this long (many scrape intervals: its last increments are
+# scraped), then dropped, so a server that sees many robot names over its life does not grow without
+# bound; one back under its name starts its series again (a counter reset, which rate() handles).
+DEPARTED_KEPT_S = 600.0
 
 
 def metric_name(kind: str, field: str) -> str:
@@ -109,6 +114,7 @@ class PrometheusRecorder:
         self._lock = threading.Lock()
         self._kinds: dict[type, _Kind] = {cls: _Kind(cls) for cls in kinds}  # per record class
         self._series: dict[tuple, _Series] = {}
+        self._departed: dict[str, float] = {}  # robot label -> when its session ended (time.monotonic())
         registry.register(self)
 
     def record(self, record: Any) -> None:
@@ -118,6 +124,8 @@ class PrometheusRecorder:
                 kind = self._kinds.setdefault(type(record), _Kind(record))
         labels = kind.labels(record, self.robot)
         with self._lock:
+            if self._departed:
+                self._departed.pop(labels[0], None)  # back, or another session of its name
             series = self._series.get((kind, labels))
             if series is None:
                 series = self._series[(kind, labels)] = _Series(kind, labels)
@@ -134,17 +142,27 @@ class PrometheusRecorder:
             for field in gauges:
                 gauges[field] = getattr(record, field)
 
-    def forget_gauges(self, robot: str) -> None:
-        """The gauges of `robot`'s series no longer show its last value (a departed robot's queue depth
-        is no reading); its next record sets them again."""
+    def departed(self, robot: str) -> None:
+        """`robot`'s session ended: its gauges no longer show its last value (a departed robot's queue
+        depth is no reading), and its series go DEPARTED_KEPT_S later unless it records again."""
         with self._lock:
+            self._departed[robot] = time.monotonic()
             for series in self._series.values():
                 if series.labels[0] == robot:
                     series.gauges = dict.fromkeys(series.gauges, math.nan)
 
+    def _drop_departed(self) -> None:
+        """Forget the series of robots departed DEPARTED_KEPT_S ago (under the lock)."""
+        gone = {robot for robot, at in self._departed.items() if time.monotonic() - at > DEPARTED_KEPT_S}
+        if gone:
+            self._series = {key: s for key, s in self._series.items() if s.labels[0] not in gone}
+            for robot in gone:
+                del self._departed[robot]
+
     def collect(self) -> Iterator[Metric]:
         """prometheus_client's collector protocol: every family, from a consistent copy."""
         with self._lock:
+            self._drop_departed()
             copies = [(s.kind, s.labels, dict(s.counters), {f: list(b) for f, b in s.buckets.items()}, dict(s.sums),
                        dict(s.gauges)) for s in self._series.values()]
             kinds = list(self._kinds.values())

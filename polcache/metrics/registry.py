@@ -78,8 +78,9 @@ class Metrics:
 
     def forget_robot(self, robot: str) -> None:
         """A robot left: its Prometheus gauges (queue depth, batch size) show no value until its name
-        records again. Its counters and histograms stay: totals a fleet adds up."""
-        self._prometheus.forget_gauges(robot)
+        records again; its counters and histograms stay for DEPARTED_KEPT_S (scraped: totals a fleet
+        adds up), then go (a server seeing many names over its life does not grow)."""
+        self._prometheus.departed(robot)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """{kind: {counter: total, summary: {p50, p95, p99, max, mean, n}}}"""
