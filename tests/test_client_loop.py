@@ -569,7 +569,7 @@ def test_the_loop_the_client_and_the_schedule_must_tick_at_the_same_rate():
         client.close()
 
 
-@pytest.mark.parametrize("hz", [0, -5, float("nan"), 1e9, "50"])
+@pytest.mark.parametrize("hz", [0, -5, float("nan"), 1e9, "50", True])
 def test_a_client_refuses_a_rate_the_server_would(hz):
     """It was refused only at connect(), by the server."""
     from polcache_client import PolicyClient
@@ -613,7 +613,10 @@ def test_an_adapter_the_loop_could_not_stop_or_of_another_robot_is_refused_befor
     try:
         with pytest.raises((TypeError, ValueError), match=said):
             ControlLoop(adapter, client, 20)
-        ControlLoop(type("ShapesAsLists", (Arm,), {"obs_spec": {"state": ([2], "float32")}})(), client, 20)
+        for spec in ({"state": ([2], "float32")}, {"state": ((2,), np.float32)}, {"state": ((2,), "<f4")}):
+            ControlLoop(type("SameSpec", (Arm,), {"obs_spec": spec})(), client, 20)  # the same, written otherwise
+        with pytest.raises(ValueError, match=r"adapter: Flat.obs_spec: expected key -> \(shape, dtype\)"):
+            ControlLoop(type("Flat", (Arm,), {"obs_spec": {"state": (2, "float32")}})(), client, 20)
     finally:
         client.close()
 

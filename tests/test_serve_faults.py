@@ -254,10 +254,11 @@ time.sleep(60)
 
 
 @pytest.mark.slow
-def test_a_robot_back_under_its_fixed_id_is_served_while_its_old_connection_lingers(server):
+def test_a_robot_back_under_its_fixed_id_is_served_while_its_old_connection_lingers(server, caplog):
     """A robot that lost power (here: frozen by SIGSTOP) kept its TCP connection open on the server,
     so a restarted robot with the same fixed routing id was ignored without a word, for minutes. It
-    takes its id over (ROUTER_HANDOVER) at once."""
+    takes its id over (ROUTER_HANDOVER) at once, and its own closing is logged as its (a verifier saw
+    "a connection closed before any handshake": the session still named the old connection)."""
     import os
     import signal
     import subprocess
@@ -272,7 +273,10 @@ def test_a_robot_back_under_its_fixed_id_is_served_while_its_old_connection_ling
         restarted = RawPeer(server.endpoint, routing_id=b"robot-7")
         assert isinstance(restarted.handshake(name="arm"), Welcome)
         assert_still_serving(restarted)
-        restarted.close()
+        with caplog.at_level(logging.INFO, logger="polcache.serve"):
+            restarted.close()
+            assert wait_for(lambda: "robot arm (session 726f626f742d37) disconnected" in caplog.text, 3)
+        assert "closed before any handshake" not in caplog.text
     finally:
         frozen.kill()
         frozen.wait()

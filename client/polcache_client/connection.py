@@ -119,7 +119,7 @@ class PolicyClient:
             raise ValueError(f"heartbeat_s and timeout_s: expected 0 < heartbeat_s < timeout_s (finite seconds), "
                              f"got {heartbeat_s} and {timeout_s}")
         _check_obs_spec(obs_spec)
-        if not (isinstance(hz, (int, float, np.number)) and MIN_HZ <= hz <= MAX_HZ):  # the server's range
+        if isinstance(hz, bool) or not (isinstance(hz, (int, float, np.number)) and MIN_HZ <= hz <= MAX_HZ):
             raise ValueError(f"hz: expected a control rate in [{MIN_HZ:g}, {MAX_HZ:g}] Hz, got {hz!r}")
         robot_name(name)
         port = address.rpartition(":")[2]

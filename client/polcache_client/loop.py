@@ -413,12 +413,20 @@ def _check_adapter(adapter: RobotAdapter, client: PolicyClient) -> None:
                             f"observe(), act(action) and safe_stop(), optionally capture_time() and resume() "
                             f"(polcache_client.RobotAdapter)")
     spec = getattr(adapter, "obs_spec", None)
-    if spec is not None and {k: (tuple(shape), str(dtype)) for k, (shape, dtype) in spec.items()} != {
-            k: (tuple(shape), str(dtype)) for k, (shape, dtype) in client.obs_spec.items()}:
+    if spec is not None and _shapes(spec, f"adapter: {name}.obs_spec") != _shapes(client.obs_spec, "client.obs_spec"):
         raise ValueError(f"adapter: {name}.obs_spec {spec} is not the client's {client.obs_spec}; give the client the "
                          f"adapter's obs_spec")
     action_dim = getattr(adapter, "action_dim", None)
     if action_dim is not None and action_dim != client.action_dim:
         raise ValueError(f"adapter: {name}.action_dim {action_dim} is not the client's {client.action_dim}; give the "
                          f"client the adapter's action_dim")
+
+
+def _shapes(spec: dict, where: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """key -> (shape, dtype) of an obs_spec, dtypes as numpy's ("float32", np.float32 and "<f4" alike)."""
+    try:
+        return {key: (tuple(int(d) for d in shape), np.dtype(dtype)) for key, (shape, dtype) in spec.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{where}: expected key -> (shape, dtype), e.g. {{'state': ((7,), 'float32')}}, got "
+                         f"{spec!r}") from None
 

@@ -24,7 +24,8 @@ log = logging.getLogger("polcache.dashboard")
 
 OP_COLORS = ["#1f4e79", "#cfe2f3", "#f6b26b", "#b4a7d6"]  # compute, reuse, forecast, gate (as the page)
 LEGEND_FONT = 8  # legible in a 750 px wide PNG (6 was not)
-LINE_STYLES = ("-", "--", ":", "-.")  # per ten series, as the page's (app.js DASHES)
+LINE_STYLES = ("-", "--", ":", "-.")
+LEGEND_INSIDE = 8  # legend entries drawn inside the axes; more go beside them  # per ten series, as the page's (app.js DASHES)
 
 
 def run_files(path: Path) -> list[Path]:
@@ -143,8 +144,16 @@ def _line(ax, view) -> bool:
     low, high = ax.get_ylim()  # from 0, as on the page: a 0.1% dip in a rate zoomed to fill the axis read as a collapse
     ax.set_ylim(min(low, 0.0), high)
     if view["series"]:
-        ax.legend(fontsize=LEGEND_FONT, loc="best")
+        _legend(ax, len(view["series"]) + len(view.get("hlines", [])), loc="best")
     return bool(view["series"])
+
+
+def _legend(ax, entries: int, **where) -> None:
+    """Inside the axes while it fits; beside them, in columns, for many robots (it covered the plot)."""
+    if entries <= LEGEND_INSIDE:
+        ax.legend(fontsize=LEGEND_FONT, **where)
+    else:
+        ax.legend(fontsize=LEGEND_FONT, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + entries // 14)
 
 
 def _hist(ax, view) -> bool:
@@ -153,7 +162,7 @@ def _hist(ax, view) -> bool:
     for v in view.get("vlines", []):
         ax.axvline(v["x"], color="#c00", linestyle="--", linewidth=1, label=v["name"])
     if view["series"]:
-        ax.legend(fontsize=LEGEND_FONT)
+        _legend(ax, len(view["series"]) + len(view.get("vlines", [])))
     return bool(view["series"])
 
 

@@ -388,9 +388,9 @@ class PolicyServer:
             self._drop(robot)
             return False
         fd = None
-        if robot in self.sessions:
+        if robot in self.sessions and robot[:1] == b"\x00":  # ZeroMQ's id: one connection ever holds it
             frames = [self._router.recv()]
-        else:
+        else:  # a new robot, or a fixed id that a new connection may have taken over (ROUTER_HANDOVER)
             frame = self._router.recv(copy=False)
             frames, fd = [frame.bytes], frame.get(zmq.SRCFD)
         while self._router.getsockopt(_RCVMORE):
