@@ -282,6 +282,30 @@ def test_a_robot_back_under_its_fixed_id_is_served_while_its_old_connection_ling
         frozen.wait()
 
 
+def test_a_robot_restarted_under_its_fixed_id_is_its_new_connection_and_no_other_robots(server, caplog):
+    """A robot restarted under a fixed routing id whose session was kept was filed under its old,
+    closed connection's descriptor, which the kernel had given to another robot since: the new
+    connection's closing was logged as "a connection closed before any handshake", and the other
+    robot's as the restarted one's, its session left open for the idle timeout (a soak test)."""
+    with caplog.at_level(logging.INFO, logger="polcache.serve"):
+        first = RawPeer(server.endpoint, routing_id=b"robot-7")
+        assert isinstance(first.handshake(name="arm"), Welcome)
+        first.close()  # its session is kept: a fixed id may come back
+        assert wait_for(lambda: "robot arm (session 726f626f742d37) disconnected" in caplog.text, 3)
+        other = RawPeer(server.endpoint)  # given the descriptor the first one had
+        assert isinstance(other.handshake(name="other"), Welcome)
+        again = RawPeer(server.endpoint, routing_id=b"robot-7")
+        assert isinstance(again.handshake(name="arm"), Welcome)
+        assert_still_serving(again)
+        caplog.clear()
+        again.close()
+        assert wait_for(lambda: "robot arm (session 726f626f742d37) disconnected" in caplog.text, 3)
+        other_session = next(robot for robot, s in server.sessions.items() if s.name == "other")
+        other.close()
+        assert wait_for(lambda: other_session not in server.sessions, 3)  # its own closing closed its session
+    assert "closed before any handshake" not in caplog.text
+
+
 HANGING_SERVER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
