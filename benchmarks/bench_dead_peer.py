@@ -73,7 +73,7 @@ def one_trial(hz: float, log: _Disconnects, timeout_s: float, heartbeats: bool) 
     from polcache.serve import server as server_module
     from polcache.serve.server import PolicyServer
 
-    server_module._TCP_KEEPALIVE = (((zmq.HEARTBEAT_IVL, 1000), (zmq.HEARTBEAT_TIMEOUT, 3000)) if heartbeats
+    server_module._DEAD_PEER_OPTIONS = (((zmq.HEARTBEAT_IVL, 1000), (zmq.HEARTBEAT_TIMEOUT, 3000)) if heartbeats
                                     else KERNEL_TIMERS)
 
     tests = str(Path(__file__).resolve().parents[1] / "tests")
@@ -115,7 +115,7 @@ def main() -> None:
     global KERNEL_TIMERS
     from polcache.serve import server as server_module
 
-    KERNEL_TIMERS = server_module._TCP_KEEPALIVE
+    KERNEL_TIMERS = server_module._DEAD_PEER_OPTIONS
     _sh("ip", "link", "set", "lo", "up")
     log = _Disconnects()
     logging.getLogger("polcache.serve").addHandler(log)

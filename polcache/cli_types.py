@@ -144,6 +144,11 @@ FRESH_HELP = ("start from scratch; the previous run (last/, best/, train_log.jso
               "OUT/previous-<time>/")
 
 
+def counted(n: float, noun: str) -> str:
+    """'1 episode', '3 frames': a count (a float from the metrics too) with its noun."""
+    return f"{n:.0f} {noun}{'' if round(n) == 1 else 's'}"
+
+
 def add_progress_option(p: "OneLineParser") -> None:
     """--no-progress, said alike by every command with a progress bar."""
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")

@@ -24,8 +24,8 @@ log = logging.getLogger("polcache.dashboard")
 
 OP_COLORS = ["#1f4e79", "#cfe2f3", "#f6b26b", "#b4a7d6"]  # compute, reuse, forecast, gate (as the page)
 LEGEND_FONT = 8  # legible in a 750 px wide PNG (6 was not)
-LINE_STYLES = ("-", "--", ":", "-.")
-LEGEND_INSIDE = 8  # legend entries drawn inside the axes; more go beside them  # per ten series, as the page's (app.js DASHES)
+LINE_STYLES = ("-", "--", ":", "-.")  # per ten series, as the page's (app.js DASHES)
+LEGEND_INSIDE = 8  # legend entries drawn inside the axes; more go beside them
 
 
 def run_files(path: Path) -> list[Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import add_progress_option, h264_crf, image_height_width, positive_int
+from polcache.cli_types import add_progress_option, counted, h264_crf, image_height_width, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,7 +56,8 @@ def _import(args: argparse.Namespace) -> int:
     check_dataset_output(args.out, "--out", inputs=[args.root], demonstrations=True)
     r = import_lerobot(args.root, args.out, progress=not args.no_progress, instruction_bytes=args.instructions,
                        image_size=args.image_size)
-    print(f"wrote {r.path}: {_counted(r.episodes, 'episode')}, {_counted(r.frames, 'frame')} at {r.fps} fps, obs {', '.join(r.obs_keys)}")
+    print(f"wrote {r.path}: {counted(r.episodes, 'episode')}, {counted(r.frames, 'frame')} at {r.fps} fps, obs "
+          f"{', '.join(r.obs_keys)}")
     for skipped in r.skipped:
         print(f"  skipped {skipped}")
     return 0
@@ -68,10 +69,7 @@ def _export(args: argparse.Namespace) -> int:
     check_lerobot_output(args.out, "--out")
     r = export_lerobot(args.dataset, args.out, fps=args.fps, crf=args.crf, progress=not args.no_progress)
     videos = f", videos ({r.codec}) {', '.join(r.video_keys)}" if r.video_keys else ""
-    print(f"wrote {r.path}: LeRobotDataset v3.0, {_counted(r.episodes, 'episode')}, {_counted(r.frames, 'frame')} at {r.fps} fps{videos}")
+    print(f"wrote {r.path}: LeRobotDataset v3.0, {counted(r.episodes, 'episode')}, {counted(r.frames, 'frame')} at "
+          f"{r.fps} fps{videos}")
     return 0
-
-
-def _counted(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 

@@ -153,7 +153,8 @@ class PrometheusRecorder:
 
     def _drop_departed(self) -> None:
         """Forget the series of robots departed DEPARTED_KEPT_S ago (under the lock)."""
-        gone = {robot for robot, at in self._departed.items() if time.monotonic() - at > DEPARTED_KEPT_S}
+        now = time.monotonic()
+        gone = {robot for robot, at in self._departed.items() if now - at > DEPARTED_KEPT_S}
         if gone:
             self._series = {key: s for key, s in self._series.items() if s.labels[0] not in gone}
             for robot in gone:

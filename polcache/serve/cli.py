@@ -82,18 +82,15 @@ def _serve(args: argparse.Namespace) -> int:
     from polcache.metrics import collect_metrics
     from polcache.policy import load_backend
     from polcache.serve.records import ErrorRecord, RequestRecord
-    from polcache.serve.server import PolicyServer
+    from polcache.serve.server import PolicyServer, served_batch
 
     log_to_stderr()
     torch.set_num_threads(args.threads)
     backend = load_backend(args.checkpoint, cache=args.cache, threads=args.threads, max_batch=args.max_batch,
                            **backend_options(args))
-    from polcache.policy.batching import batching_blocker
-
-    # what a recorded run says it was: robots per inference as served (1 where the backend cannot batch)
-    max_batch = args.max_batch if batching_blocker(backend) is None else 1
     info = {"role": "server", "checkpoint": args.checkpoint, "backend": backend.describe(),
-            "policy": backend.spec.to_dict(), "deadline_ms": args.deadline_ms, "max_batch": max_batch}
+            "policy": backend.spec.to_dict(), "deadline_ms": args.deadline_ms,
+            "max_batch": served_batch(backend, args.max_batch)}  # what a recorded run says it served
     # no snapshot is read (window 0); the endpoint shows its families before the first request
     with collect_metrics(args.metrics_file, args.metrics_port, info=info, window=0,
                          kinds=(RequestRecord, ErrorRecord)) as metrics:

@@ -78,7 +78,7 @@ CLOCK_JUMP_S = 5.0
 # thread that hung). A robot with a fixed routing id that comes back on a new connection takes its id
 # over from the old one (ROUTER_HANDOVER) rather than being ignored while that one lingers.
 DEAD_PEER_MS = 3000
-_TCP_KEEPALIVE = ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 1), (zmq.TCP_KEEPALIVE_INTVL, 1),
+_DEAD_PEER_OPTIONS = ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 1), (zmq.TCP_KEEPALIVE_INTVL, 1),
                   (zmq.TCP_KEEPALIVE_CNT, 3), (zmq.TCP_MAXRT, DEAD_PEER_MS))
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
@@ -158,6 +158,12 @@ class Session:
         return CommittedActions(due, math.ceil((self.latency_s or 0.0) * self.hz))
 
 
+def served_batch(backend: PolicyBackend, max_batch: int, max_sessions: int = DEFAULT_MAX_SESSIONS) -> int:
+    """Robots per inference as served: 1 where the backend cannot batch, and no more than the robots
+    served at once."""
+    return min(max_batch, max_sessions) if batching_blocker(backend) is None else 1
+
+
 def _check_options(backend: PolicyBackend, bind: str, keys_dir: str | None, insecure: bool, max_message_bytes: int,
                    deadline_ms: float | None, max_sessions: int, session_timeout_s: float, max_batch: int, rtc: bool,
                    simulated_latency_ms: float, inline_ms: float) -> None:
@@ -227,7 +233,7 @@ class PolicyServer:
         self.deadline_ms = deadline_ms
         self.max_sessions = max_sessions
         blocker = batching_blocker(backend)
-        self.max_batch = min(max_batch, max_sessions) if blocker is None else 1  # no batch outnumbers the robots
+        self.max_batch = served_batch(backend, max_batch, max_sessions)
         if blocker is not None and max_batch > 1:
             log.info("one inference per robot: %s", blocker)
         self.session_timeout_s = session_timeout_s
@@ -276,7 +282,7 @@ class PolicyServer:
         router = self._ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SOCKET_HWM), (zmq.RCVHWM, SOCKET_HWM),
                            (zmq.MAXMSGSIZE, 2 * self.max_message_bytes), (zmq.RCVTIMEO, LOOP_WAKE_MS),
-                           (zmq.ROUTER_HANDOVER, 1), *_TCP_KEEPALIVE):
+                           (zmq.ROUTER_HANDOVER, 1), *_DEAD_PEER_OPTIONS):
             router.setsockopt(opt, value)
         try:
             if keys_dir:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polcache.cli_types import (control_rate, given_only_with, image_size, name_list, non_negative_float,
+from polcache.cli_types import (control_rate, counted, given_only_with, image_size, name_list, non_negative_float,
                                  positive_float, positive_int, seed_int)
 from polcache.serve.cli import DEFAULT_SERVER, add_metrics_options, log_to_stderr
 from polcache.serve.handshake import own_robot_name
@@ -71,11 +71,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_sim_robot)
 
 
-def _counted(n: float, noun: str) -> str:
-    """'1 missed tick', '0 missed ticks': a count from the metrics (a float) with its noun."""
-    return f"{n:.0f} {noun}{'' if round(n) == 1 else 's'}"
-
-
 def _sensor_lag_check(args: argparse.Namespace) -> str | None:
     """The lagging sensor's flags, judged together and named as flags (the library names its arguments)."""
     from polcache.sim.robot import MAX_SENSOR_LAG_MS
@@ -132,20 +127,20 @@ def _sim_robot(args: argparse.Namespace) -> int:
         print(f"{stopped['signal']} before the server answered: the control loop never started, the robot never moved")
     else:
         print(f"loop {args.hz:g} Hz: period error p50 {err.get('p50', float('nan')):.3f} ms / p99 "
-              f"{err.get('p99', float('nan')):.3f} ms, {_counted(tick.get('missed_ticks', 0), 'missed tick')}, "
-              f"{_counted(tick.get('waiting', 0), 'tick')} waiting for an episode's first action, "
-              f"{_counted(tick.get('deadline_miss', 0), 'tick')} without a fresh action, "
-              f"{_counted(tick.get('safe_stops', 0) - loop_stops, 'watchdog safe stop')}{final}")
+              f"{err.get('p99', float('nan')):.3f} ms, {counted(tick.get('missed_ticks', 0), 'missed tick')}, "
+              f"{counted(tick.get('waiting', 0), 'tick')} waiting for an episode's first action, "
+              f"{counted(tick.get('deadline_miss', 0), 'tick')} without a fresh action, "
+              f"{counted(tick.get('safe_stops', 0) - loop_stops, 'watchdog safe stop')}{final}")
     if refused:
         print(f"the server refused this robot when it reconnected, which ended the run: {refused['error']}")
     if truncated := result.extra["truncated_episodes"]:
-        print(f"{_counted(truncated, 'episode')} cut at the loop's tick limit, most ticks without a step (waiting for "
+        print(f"{counted(truncated, 'episode')} cut at the loop's tick limit, most ticks without a step (waiting for "
               f"chunks or safe-stopped): counted as no success, marked truncated in --json")
     if reconnects := result.extra["reconnects"]:  # otherwise only a dip in the dashboard's fresh actions shows it
-        print(f"reconnected to the server {_counted(reconnects, 'time')} (it went silent or forgot this robot): each "
+        print(f"reconnected to the server {counted(reconnects, 'time')} (it went silent or forgot this robot): each "
               f"reconnect starts a new epoch, and that episode's observation history starts over")
     if changes := result.extra["policy_changes"]:
-        print(f"the server served another policy after {_counted(changes, 'reconnect')} (restarted with another "
+        print(f"the server served another policy after {counted(changes, 'reconnect')} (restarted with another "
               f"checkpoint or settings; logged above): this run's results mix policies")
     chunk = result.extra.get("chunk", {})
     if chunk.get("chunks"):  # the dashboard's "dropped actions" climbs by thousands in a healthy run: say why
