@@ -17,7 +17,7 @@ from fakes import (ACTION_DIM, STATE_DIM, FakeBackend, RawPeer, StallingLink, St
 from polcache.errors import PolcacheError
 from polcache.serve.flood import FloodGuard, allowance
 from polcache.serve.security import InsecureBindError, generate_keys, is_loopback
-from polcache.serve.server import PolicyServer
+from polcache.serve.server import SHARED_NAME_CHECK_S, PolicyServer
 from polcache_client import ControlLoop, PolicyClient
 from polcache_client.connection import ConnectError
 from polcache_client.protocol import (PROTOCOL_VERSION, ActionChunk, Error, Handshake, Heartbeat, Reset, Welcome,
@@ -220,6 +220,7 @@ def test_robots_sharing_a_name_are_told_apart_in_the_log(server, caplog):
         assert isinstance(a.handshake(name="arm"), Welcome) and isinstance(b.handshake(name="arm"), Welcome)
         assert len(set(re.findall(r"robot arm \(session (\w+)\) connected", caplog.text))) == 2  # none suppressed
         first, second = re.findall(r"robot arm \(session (\w+)\) connected", caplog.text)
+        assert wait_for(lambda: "share one name" in caplog.text)  # looked for a moment after the handshake
         [shared] = [r.message for r in caplog.records if "share one name" in r.message]  # said once, at the second
         assert shared == (f"robots arm (session {first}) and arm (session {second}) share one name: name them apart "
                           f"(the handshake's name: PolicyClient(name=...), sim-robot --name), or their metrics mix")
@@ -237,6 +238,21 @@ def test_robots_sharing_a_name_are_told_apart_in_the_log(server, caplog):
         assert caplog.text.count("share one name") == 1
     connected = re.findall(r"robot (\w+) \(session (\w+)\) connected", caplog.text)
     assert sorted(re.findall(r"robot (\w+) \(session (\w+)\) disconnected", caplog.text)) == sorted(connected)
+
+
+def test_a_robot_reconnecting_is_not_told_it_shares_its_name_with_its_old_connection(server, caplog):
+    """A robot that reconnects (after a server stall, a restart) may shake hands before the server
+    has read its old connection's closing: it was warned once as sharing its name with itself."""
+    with caplog.at_level(logging.INFO, logger="polcache.serve"):
+        old = RawPeer(server.endpoint)
+        assert isinstance(old.handshake(name="arm"), Welcome)
+        new = RawPeer(server.endpoint)
+        assert isinstance(new.handshake(name="arm"), Welcome)  # the old connection still open here
+        old.close()
+        assert wait_for(lambda: caplog.text.count("disconnected") == 1)
+        time.sleep(1.5 + SHARED_NAME_CHECK_S)  # past the look for a shared name
+        new.close()
+    assert "share one name" not in caplog.text
 
 
 # A robot with a fixed ZeroMQ routing id that shakes hands, says so, then waits (to be frozen by SIGSTOP).
@@ -310,7 +326,7 @@ HANGING_SERVER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
 from fakes import FakeBackend
-from polcache.serve.server import PolicyServer
+from polcache.serve.server import SHARED_NAME_CHECK_S, PolicyServer
 
 class Hangs(FakeBackend):
     calls = 0
@@ -731,7 +747,7 @@ SLOW_SERVER = r"""
 import signal, sys
 sys.path.insert(0, sys.argv[2])
 from fakes import FakeBackend
-from polcache.serve.server import PolicyServer
+from polcache.serve.server import SHARED_NAME_CHECK_S, PolicyServer
 server = PolicyServer(FakeBackend(delay_s=3.0), sys.argv[1])
 signal.signal(signal.SIGTERM, lambda *_: server.stop())
 print(server.endpoint, flush=True)

@@ -67,6 +67,9 @@ LOOP_WAKE_MS = 100  # the longest the loop waits for a message: housekeeping and
 # A session silent this long may be forgotten for a new robot when all are taken: a robot that hears
 # nothing for its timeout (the reference client's: 1 s) reconnects as a new session anyway.
 EVICTABLE_SILENCE_S = 1.0
+# A robot reconnecting (after a server stall, its own restart) shakes hands before the server may have
+# read its old connection's closing: a name shared with a connected robot is told this much later
+SHARED_NAME_CHECK_S = 0.5
 # An epoch's capture times may run ahead of their arrival times by this much (sensor lag changing
 # from frame to frame); more is a clock that jumped (time.time() in place of time.monotonic()).
 CLOCK_JUMP_S = 5.0
@@ -254,6 +257,7 @@ class PolicyServer:
         self._thread: threading.Thread | None = None
         self._busy = False
         self._next_sweep = 0.0
+        self._name_checks: dict[bytes, float] = {}  # robots that shook hands: when to look for a name shared
         self._flood = FloodGuard()
         self.inline_ms = inline_ms
         self._recent_inference_ms: deque[float] = deque(maxlen=INLINE_WINDOW)
@@ -515,22 +519,33 @@ class PolicyServer:
         # per session and name: robots sharing a name (or one restarted) each get their line, a renamed session too
         self._log.info(f"hello:{robot.hex()}:{msg.name}",
                        f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz)")
-        self._warn_shared_name(robot, msg.name)
+        self._name_checks[robot] = time.monotonic() + SHARED_NAME_CHECK_S
         if (why := rate_warning(msg, self.spec, robot_label(msg.name, robot))) is not None:
             self._warn(f"rate:{robot.hex()}:{msg.hz}", why)
         self._send(robot, encode(Welcome(policy=self.spec.to_dict(), max_message_bytes=self.max_message_bytes,
                                          server=self.name), version))
 
-    def _warn_shared_name(self, robot: bytes, name: str) -> None:
+    def _warn_shared_names(self, now: float) -> None:
         """Metrics label a robot by its name only: two connected robots with one name mix theirs.
-        Only open connections count, so a robot restarted (its old connection closed) is no other robot."""
-        others = sorted({other for other, other_name in self._connections.values()
-                         if other_name == name and other != robot and other in self.sessions})
-        if others:
-            self._warn(f"shared-name:{robot.hex()}:{name}",
-                       f"robots {', '.join(robot_label(name, o) for o in others)} and {robot_label(name, robot)} share "
-                       f"one name: name them apart (the handshake's name: PolicyClient(name=...), sim-robot --name), "
-                       f"or their metrics mix")
+        Looked for a moment after a handshake, and only among open connections, so a robot restarted
+        or reconnecting (its old connection closed, read by now) is no other robot. Said once per set
+        of robots, in the order they connected."""
+        for robot, due in list(self._name_checks.items()):
+            if due > now:
+                continue
+            del self._name_checks[robot]
+            if (session := self.sessions.get(robot)) is None:
+                continue
+            name = session.name
+            sharing = list(dict.fromkeys(other for other, other_name in self._connections.values()
+                                         if other_name == name and other in self.sessions))
+            if robot not in sharing:  # a transport without descriptors (inproc)
+                sharing.append(robot)
+            if len(sharing) > 1:
+                *first, last = (robot_label(name, r) for r in sharing)
+                self._warn(f"shared-name:{name}:{','.join(sorted(r.hex() for r in sharing))}",
+                           f"robots {', '.join(first)} and {last} share one name: name them apart (the handshake's "
+                           f"name: PolicyClient(name=...), sim-robot --name), or their metrics mix")
 
     def _make_room(self) -> None:
         """Forget the least recently seen session for a new robot, unless it is still active: a burst
@@ -738,6 +753,7 @@ class PolicyServer:
             return
         self._next_sweep = now + 1.0
         self._log_disconnects()
+        self._warn_shared_names(now)
         for robot, n in self._flood.new_window(self._allowance).items():
             session = self.sessions.get(robot)
             self._warn(f"flood:{robot.hex()}", f"{robot_label(session.name if session else NO_HANDSHAKE, robot)} sent "
