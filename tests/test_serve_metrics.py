@@ -364,13 +364,17 @@ def test_jsonl_lines_are_json_with_labels_and_nulls_and_a_bad_line_is_skipped(tm
     writer(TickRecord(t=1.0, epoch=0, seq=np.int64(7), period_error_ms=float("nan"), state="fresh", queue_depth=3))
     writer({"kind": "info", "what": object()})  # JSON cannot hold it: this line is lost, the writer goes on
     writer(ChunkRecord(t=2.0, epoch=0, seq=8, latency_ms=float("inf"), inference_ms=1.5, server_ms=2.0))
+    writer({"kind": "tick", "t": 3.0, "period_error_ms": 0.1})  # a record written as a dict: named all the same
+    writer({"kind": "tick", "t": 4.0, "robot": "other"})  # its own name kept
     writer.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert lines[0] == {"kind": "info", "hz": 50.0}  # a dict is written as it is
+    assert lines[0] == {"kind": "info", "hz": 50.0, "robot": "arm"}  # a dict gets the labels it lacks
+    assert lines[3] == {"kind": "tick", "t": 3.0, "period_error_ms": 0.1, "robot": "arm"}
+    assert lines[4]["robot"] == "other"
     assert lines[1]["kind"] == "tick" and lines[1]["robot"] == "arm" and lines[1]["seq"] == 7
     assert lines[1]["period_error_ms"] is None  # NaN: not measured
     assert lines[2]["kind"] == "chunk" and lines[2]["latency_ms"] is None and lines[2]["inference_ms"] == 1.5
-    assert len(lines) == 3 and writer.dropped == 1 and "metrics line not written" in caplog.text
+    assert len(lines) == 5 and writer.dropped == 1 and "metrics line not written" in caplog.text
 
 
 def test_jsonl_lines_over_the_queue_are_dropped_counted_and_warned(tmp_path, caplog):

@@ -150,7 +150,7 @@ class MetricsFile:
         return check_metrics_path(path)
 
     def write(self, item: dict[str, Any] | Any) -> None:
-        """One line: a dict as it is, or a record (its kind and fields, the labels it lacks)."""
+        """One line: a dict or a record (its kind and fields), with the labels it lacks (`robot`)."""
         if len(self._lines) >= self.queue_size:  # the disk falls behind: this record is lost, the caller is not held
             self.dropped += 1
             self._warn("queue", f"metrics line not written to {self.path}: {self.queue_size} lines already "
@@ -158,7 +158,7 @@ class MetricsFile:
             return
         try:
             if isinstance(item, dict):  # an info line (kept for the next rotated file) or another map
-                line = self._encoder.encode(item)
+                line = self._encoder.encode({**self.labels, **item} if self.labels else item)
                 if item.get("kind") == "info":
                     self._info = line
             else:
