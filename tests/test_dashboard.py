@@ -314,6 +314,20 @@ def test_runs_appended_to_one_robot_file_are_apart_in_every_line_view(tmp_path):
     assert write_report([server, robot], tmp_path / "report").exists()  # the report draws the break
 
 
+def test_a_gap_in_a_robots_file_alone_does_not_break_the_servers_series(tmp_path):
+    """The robot's metrics file cut short mid-run (truncated under the dashboard): the robot's lines
+    break there, the server's, which went on, did not need to (they had a gap in their middle)."""
+    server, robot, _ = two_robot_run(tmp_path, seconds=4.0)
+    rows = [json.loads(row) for row in robot.read_text().splitlines()]
+    robot.write_text("".join(json.dumps(r) + "\n" for r in rows if not 500.0 + 1.0 < r["t"] < 500.0 + 3.0))
+    views = state_of([server, robot]).views(interval_s=0.25)
+    [rate] = [s for s in views["rate"]["series"] if s["name"] == "left"]
+    assert None in rate["y"]
+    server_series = [s for view in ("deadline", "inference") for s in views[view]["series"]
+                     if s["name"].startswith("left") and "request" in s["name"]]
+    assert server_series and all(None not in s["y"] for s in server_series), [s["name"] for s in server_series]
+
+
 def test_a_histogram_says_what_its_last_bar_holds():
     """The bars span the values up to their 99.5th percentile, so outliers land in the last bar:
     the note says how many and how far they reach."""

@@ -53,7 +53,7 @@ class Ticks(NamedTuple):
     counts: np.ndarray  # the ticks each record stands for: 1 from a file, all since the last from a scrape
     periods: np.ndarray  # np.diff(t)
     paused: np.ndarray  # per period: a pause, not a period
-    pauses: np.ndarray  # the pauses' middles
+    pauses: np.ndarray  # (start, end) of each pause: the ticks on either side
 
 
 # Every view, in page order: id -> (title, type). The page and the report iterate this table.
@@ -249,17 +249,21 @@ class RunState:
         period = 1 / hz if hz else float(np.median(periods / counts[1:])) if len(periods) else 0.0
         paused = periods - counts[1:] * period > max(PAUSE_S, PAUSE_PERIODS * period)
         gaps = np.flatnonzero(paused)
-        return Ticks(t, counts, periods, paused, (t[gaps] + t[gaps + 1]) / 2)
+        return Ticks(t, counts, periods, paused, np.stack([t[gaps], t[gaps + 1]], axis=1))
 
     def _broken(self, robot: str, series: dict[str, Any]) -> dict[str, Any]:
-        """`series` with a null point in each pause of the robot's ticks that it spans: without it the
-        line ran straight from one run's last point to the next run's first."""
+        """`series` with a null point in each pause of the robot's ticks that it spans with a gap of its
+        own (its points around the pause's middle over half the pause apart): without it the line ran
+        straight from one run's last point to the next run's first. A series that went on through the
+        pause (the server's, while the robot's file was cut short) is not broken."""
         x, y = list(series["x"]), list(series["y"])
         pauses = self._ticks[robot].pauses if robot in self._ticks else ()
-        for pause in (p for p in pauses if x and x[0] < p < x[-1]):
-            i = bisect.bisect_left(x, pause)
-            x.insert(i, _round(pause))
-            y.insert(i, None)
+        for start, end in pauses:
+            middle = (start + end) / 2
+            i = bisect.bisect_left(x, middle)
+            if 0 < i < len(x) and x[i] - x[i - 1] > (end - start) / 2:
+                x.insert(i, _round(middle))
+                y.insert(i, None)
         return {**series, "x": x, "y": y}
 
     def _binned(self, kind: str, field: str, interval: float, stats: dict[str, str | float]) -> list[dict[str, Any]]:
