@@ -78,6 +78,8 @@ def _obs_wire(**override) -> bytes:
     "data, code, fragment",
     [
         (b"\xc1\xff\x00", "malformed", r"not a msgpack message: FormatError \(a byte no msgpack value starts with\)$"),
+        (b"\x91" * 2000 + b"\xc0", "malformed", r"not a msgpack message: StackError \(maps and lists nested deeper "
+                                                r"than msgpack decodes\)$"),
         (msgpack.packb([1, 2, 3]), "malformed", "map"),
         (msgpack.packb({"v": 99, "type": "heartbeat", "t": 1.0}), "version", "99"),
         (msgpack.packb({"v": True, "type": "heartbeat", "t": 1.0}), "version", "True"),

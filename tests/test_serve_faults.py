@@ -404,6 +404,8 @@ def test_inference_failure_is_reported_and_serving_continues(caplog):
         nan = p.request(observation(14)).message
         assert "the policy's actions are NaN or infinite: its observations are probably far outside" in nan
         assert "Error:" not in nan  # our own reason, without a Python exception's name
+        # said in the refusal's line (rate-limited per robot and code), not again in a warning of the worker's
+        assert "history up to 13 was cleared" in caplog.text and "inference failed for observation 14" not in caplog.text
         assert_still_serving(p)
         p.close()
 

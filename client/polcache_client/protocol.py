@@ -540,7 +540,9 @@ def _decode_strict(data: bytes) -> tuple[Message, int]:
             raise ProtocolError("too_large", f"a {kind} of {over[1]} entries exceeds the limit of {over[3]} entries "
                                              f"per {kind}") from None
         what = "a map key is not a string" if "map key" in str(exc) else "not a msgpack message"  # strict_map_key
-        detail = f": {exc}" if str(exc) else " (a byte no msgpack value starts with)"  # FormatError says nothing
+        detail = (f": {exc}" if str(exc) else  # FormatError and StackError say nothing
+                  " (maps and lists nested deeper than msgpack decodes)" if isinstance(exc, msgpack.StackError) else
+                  " (a byte no msgpack value starts with)")
         raise ProtocolError("malformed", f"{what}: {type(exc).__name__}{detail}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("malformed", f"message must be a msgpack map, got {type(obj).__name__}")

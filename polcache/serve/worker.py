@@ -24,7 +24,6 @@ import zmq
 from polcache.errors import PolcacheError
 from polcache.policy.batching import SessionRequest, session_predictor
 from polcache.policy.spec import CommittedActions, PolicyBackend, PolicySession, finite_actions
-from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.serve")
 LABEL_CHARS = 64  # of a robot's name in log lines
@@ -75,7 +74,6 @@ class InferenceWorker:
         self.done: queue.SimpleQueue[list[Job]] = queue.SimpleQueue()  # a batch's jobs, answered, then a wake-up
         self._wake = context.socket(zmq.PAIR)
         self._wake.connect(wake_endpoint)
-        self._warn = RateLimitedLog(log).warning
         self._traced: set[type] = set()  # exception types whose traceback was logged (the first of each)
         self._thread = threading.Thread(target=self._run, name="polcache-inference", daemon=True)
         self._thread.start()
@@ -147,10 +145,10 @@ class InferenceWorker:
         return finite_actions(actions)[0]
 
     def _fail(self, job: Job, exc: Exception) -> None:
-        message = f"inference failed for observation {job.seq} of {robot_label(job.name, job.robot)}: {exc}"
-        if isinstance(exc, (PolcacheError, ValueError)) or type(exc) in self._traced:  # ours, or bad input: said
-            self._warn(type(exc).__name__, message)
-        else:  # a bug in the policy or backend (a TypeError, an AttributeError): its traceback, once per type
+        """The robot's refusal (logged by the server) says what failed; a bug in the policy or backend
+        (a TypeError, an AttributeError) is logged here too, with its traceback, once per type."""
+        if not isinstance(exc, (PolcacheError, ValueError)) and type(exc) not in self._traced:
             self._traced.add(type(exc))
-            log.error("%s", message, exc_info=exc)
+            log.error("inference failed for observation %d of %s: %s", job.seq, robot_label(job.name, job.robot), exc,
+                      exc_info=exc)
         job.error = str(exc) if isinstance(exc, PolcacheError) else f"{type(exc).__name__}: {exc}"  # ours say it all
