@@ -1095,3 +1095,19 @@ def test_after_a_safe_stop_the_policy_plans_from_frames_of_the_stopped_robot_onl
     assert 20 < stop < 40 and len(robot.stops) == 2  # the watchdog's, then run()'s at the end
     assert any(newest > stop for *_, newest in windows) and robot.applied[-1][0] > 40
     assert all(oldest > stop for oldest, *_, newest in windows if newest > stop)  # no frame of the robot moving
+
+
+def test_a_count_of_suppressed_lines_says_when_they_were_if_long_ago(monkeypatch, caplog):
+    """A robot under a fixed routing id whose handshakes piled up while the server warmed up, then
+    restarted 41 s later: its connect line said "(15 similar suppressed)", as if just now."""
+    from polcache_client import logs
+
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    say = logs.RateLimitedLog(logging.getLogger("polcache.test")).info
+    with caplog.at_level(logging.INFO, logger="polcache.test"):
+        for dt in (0.0, 0.1, 0.2, 1.5, 1.6, 45.0):
+            clock[0] = 100.0 + dt
+            say("hello", "connected")
+    assert [r.message for r in caplog.records] == ["connected", "connected (2 similar suppressed)",
+                                                   "connected (1 similar suppressed after the last such line, 44 s ago)"]

@@ -30,6 +30,11 @@ class RateLimitedLog:
             self._last.clear()
             self._suppressed.clear()
         suppressed = self._suppressed.pop(key, 0)
+        # the suppressed ones followed the last line within interval_s: where that was long ago (a
+        # robot that reconnects under a fixed id a minute later), the count is not of recent ones
+        ago = now - self._last.get(key, now)
         self._last[key] = now
-        suffix = f" ({suppressed} similar suppressed)" if suppressed else ""
+        suffix = "" if not suppressed else (f" ({suppressed} similar suppressed)" if ago < 2 * self.interval_s else
+                                            f" ({suppressed} similar suppressed after the last such line, {ago:.0f} s "
+                                            f"ago)")
         self.logger.log(level, "%s%s", message, suffix)
