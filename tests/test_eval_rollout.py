@@ -203,3 +203,22 @@ def test_an_episode_gif_plays_at_the_tasks_pace_pauses_included(tmp_path):
         gif.seek(i)
         durations.append(gif.info["duration"])
     assert sum(durations) == 24 * 50  # the episode's 24 steps at 20 Hz, the held poses kept
+
+
+def test_the_json_result_is_written_when_stdout_is_closed(tmp_path, monkeypatch):
+    """`polcache eval ... --json r.json | head -1`: the summary's print raised BrokenPipeError before
+    the result was written, and the episodes run were lost."""
+    import io
+    import json
+
+    from polcache.cli import main
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    out = tmp_path / "e.json"
+    assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1", "--max-steps", "5",
+                 "--no-progress", "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["episodes"] == 1

@@ -106,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     if compare:
         uncached = load_backend(args.checkpoint, **{**backend_options(args), "candidates": 1})
         result.extra["speedup"] = side_by_side_speed(uncached, backend)
+    if args.json:  # before any line printed: a closed stdout (a pipe to head) cost the whole result
+        atomic_write_text(args.json, result.to_json())
     print(result.summary())
     if jerk := result.jerk_line():
         print(jerk)
@@ -123,7 +125,6 @@ def _run(args: argparse.Namespace) -> int:
             print(f"threshold cache: {cache['block_evals_mean']} of {cache['block_evals_uncached']} block evaluations "
                   f"per chunk on average over the episodes")
     if args.json:
-        atomic_write_text(args.json, result.to_json())
         print(f"wrote {args.json}")
     return result.exit_status()
 

@@ -113,6 +113,8 @@ def _sim_robot(args: argparse.Namespace) -> int:
                                sensor_lag_ms=args.sensor_lag_ms, stamped=not args.unstamped,
                                allow_rate_mismatch=args.allow_rate_mismatch,
                                **({} if args.image_size is None else {"image_size": args.image_size}))
+    if args.json:  # before any line printed: a closed stdout (a pipe to head) cost the whole result
+        atomic_write_text(args.json, result.to_json())
     print(result.summary())
     tick = result.extra["tick"]
     err = tick.get("period_error_ms", {})
@@ -154,6 +156,5 @@ def _sim_robot(args: argparse.Namespace) -> int:
     if jerk := result.jerk_line():
         print(jerk)
     if args.json:
-        atomic_write_text(args.json, result.to_json())
         print(f"wrote {args.json}")
     return result.exit_status()
