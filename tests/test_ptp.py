@@ -26,7 +26,8 @@ def short_run(tmp_path_factory):
     write_dataset(root / "toy.zarr", eps, {"fps": 10})
     args = ["train", "--config", "configs/recommended_cpu.yaml", f"dataset={root / 'toy.zarr'}", f"out={root / 'short'}",
             "policy.n_layers=1", "policy.width=32", "policy.state_hidden=32", "policy.sampler.inference_steps=2",
-            "train.batch_size=8", "train.warmup_steps=1", "train.epochs=1", "train.val_windows=4", "--no-progress"]
+            "train.batch_size=8", "train.warmup_steps=1", "train.ema_warmup=0", "train.epochs=1", "train.val_windows=4",
+            "--no-progress"]
     assert main(args) == 0
     return root
 
@@ -49,7 +50,8 @@ def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run
     args = ["ptp", "finetune", "--embeddings", str(root / "emb.zarr"), "--config", "configs/ptp_cue_reach.yaml",
             "task=toy", f"out={root / 'long'}", "policy.n_obs_steps=4", "policy.obs_stride=2", "policy.horizon=8",
             "policy.n_action_steps=4", "policy.n_layers=1", "policy.width=32", "policy.sampler.inference_steps=2",
-            "train.batch_size=8", "train.warmup_steps=1", "train.epochs=1", "train.val_windows=4", "--no-progress"]
+            "train.batch_size=8", "train.warmup_steps=1", "train.ema_warmup=0", "train.epochs=1", "train.val_windows=4",
+            "--no-progress"]
     assert main(args) == 0
     # the config file's encoder setting gives way to the store's encoder's, said, and config.yaml records it
     assert "note: the embeddings' encoder fixes policy.state_hidden 128 -> 32" in capsys.readouterr().out

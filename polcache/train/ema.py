@@ -1,6 +1,8 @@
 """Exponential moving average of weights, with diffusion_policy's warm-up of the decay
 (decay grows as 1 - (1 + step / warmup)^-1 ... capped at the configured value), so early
-averages are not dominated by the random initialisation."""
+averages are not dominated by the random initialisation. Only trained parameters are averaged;
+the rest (buffers, a frozen encoder's weights) is copied as it is: averaging a constant rounds it,
+and PTP fine-tuning's frozen encoder came out of it 1e-8 away from the one its embeddings are of."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = self.current_decay(step)
+        trained = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
         for k, v in model.state_dict().items():
             s = self.shadow[k]
-            if v.dtype.is_floating_point:
+            if k in trained:
                 s.mul_(d).add_(v.detach(), alpha=1.0 - d)
             else:
                 s.copy_(v)
