@@ -175,4 +175,5 @@ def test_threshold_cache_reports_the_block_evaluations_it_measured():
             b.predict(obs, seed=seed)
         cache = b.describe()["cache"]
         assert cache["block_evals_min"] <= cache["block_evals_mean"] <= 8 * n
+        assert cache["ops"][cache["plan"][0][0]] in ("compute", "gate")  # the plan's codes named beside it
         assert (cache["block_evals_mean"] == 8 * n) == expect_all
