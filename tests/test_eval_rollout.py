@@ -222,3 +222,14 @@ def test_the_json_result_is_written_when_stdout_is_closed(tmp_path, monkeypatch)
     assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1", "--max-steps", "5",
                  "--no-progress", "--json", str(out)]) == 1
     assert json.loads(out.read_text())["episodes"] == 1
+
+
+def test_verification_that_chose_nothing_in_short_episodes_says_to_run_longer_ones(capsys):
+    """Episodes shorter than a chunk: the warning said to lower --verify-min-past, already at 1."""
+    from polcache.cli import main
+
+    assert main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1", "--max-steps", "5",
+                 "--verify", "2", "--verify-min-past", "1", "--no-progress"]) == 0
+    said = capsys.readouterr().err
+    assert "warning: self-verification: 0 of" in said and "longer episodes (--max-steps) verify" in said
+    assert "lower --verify-min-past" not in said

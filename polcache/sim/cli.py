@@ -140,5 +140,7 @@ def _verify_line(result, spec) -> tuple[str, bool]:
     step = sorted(-offset for offset in spec.frame_offsets[:-1])[need - 1]  # the oldest past frame it must reach
     return (f"warning: {line}: none had executed actions at {need} past frames (--verify-min-past; the oldest of them "
             f"{step} steps back), and the episodes were {result.mean_episode_length:.0f} steps long on average: "
-            f"lower --verify-min-past to verify on this task"), False
+            + ("lower --verify-min-past to verify on this task" if need > 1 else
+               "each episode's first chunk has no past to check, and the episodes ended before more chunks could be; "
+               "longer episodes (--max-steps) verify")), False
 
