@@ -111,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
             backend.warmup(sizes)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         print(f"serving {args.checkpoint} on {server.endpoint} (Ctrl-C to stop)", flush=True)
-        print(f"policy: {_described(info['backend'])}; {_batching(server.max_batch, backend)}", flush=True)
+        print(f"policy: {_described(info['backend'])}; {_batching(server.max_batch, backend, args.rtc)}", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -132,12 +132,16 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batching(max_batch: int, backend) -> str:
-    """How waiting robots are served: together up to max_batch, or one per inference and why."""
+def _batching(max_batch: int, backend, rtc: bool) -> str:
+    """How waiting robots are served: together up to max_batch (but the rows that self-verify or
+    chunk in real time), or one per inference and why."""
     from polcache.policy.batching import batching_blocker
 
     if max_batch > 1:
-        return f"robots waiting together share one inference, up to {max_batch}"
+        alone = [what for what, on in (("self-verifies", getattr(backend, "candidates", 1) > 1),
+                                       ("is guided by real-time chunking", rtc)) if on]
+        return (f"robots waiting together share one inference, up to {max_batch}"
+                + (f" (but a robot whose chunk {' or '.join(alone)} has an inference of its own)" if alone else ""))
     why = batching_blocker(backend)
     return f"one robot per inference ({why})" if why else "one robot per inference (--max-batch 1)"
 
