@@ -118,6 +118,10 @@ def test_grafana_dashboard_asks_only_for_exposed_series():
         assert found, f"panel expression names no polcache metric: {expr}"
         used |= found
     assert used <= names, f"not exposed: {sorted(used - names)}"
+    # the robot picker lists robots known to the server alone too (a robot without metrics of its own)
+    [picker] = [v["query"] for v in dashboard["templating"]["list"] if v["name"] == "robot"]
+    assert {"polcache_tick_ticks_total", "polcache_request_requests_total"} <= set(re.findall(r"polcache_[a-z_]+",
+                                                                                              picker)) <= names
     for metric in ("polcache_chunk_latency_seconds_bucket", "polcache_tick_period_error_seconds_bucket",
                    "polcache_tick_deadline_miss_total", "polcache_tick_queue_depth", "polcache_error_errors_total",
                    "polcache_chunk_stale_chunks_total", "polcache_tick_safe_stops_total"):

@@ -106,8 +106,11 @@ def load_launch_config(path: str | Path, overrides: list[str] | None = None) -> 
 
 
 def _check_port(name: str, port: int) -> None:
+    """A fixed port: launch prints each address for the browser or the Prometheus scrape config (0, a
+    free port as serve and sim-robot take one, would be known only to the process that took it)."""
     if not 1 <= port <= 65535:
-        raise ConfigError(f"{name}: expected a port in 1..65535, got {port}")
+        zero = " (launch needs fixed ports: it prints each address; serve and sim-robot take 0)" if port == 0 else ""
+        raise ConfigError(f"{name}: expected a port in 1..65535, got {port}{zero}")
 
 
 def _check_placement(name: str, placement: Placement) -> None:
