@@ -230,7 +230,9 @@ class PolicyClient:
                         f" (none running there, or one that does not admit this robot's keys: CurveZMQ refuses a "
                         f"client key or server.key it does not know without any reply; check client.key_secret and "
                         f"server.key in {self.keys_dir})" if self.keys_dir else
-                        " (none running there? one started with --keys answers only robots given its keys)")
+                        f" (none running there? one started with --keys answers only robots given its keys; one "
+                        f"still loading and warming up its policy answers once it serves, which can take longer than "
+                        f"{timeout_s:g} s on a slow computer: a longer timeout_s waits for it)")
                 raise ConnectError(f"no answer from a policy server at {self.address} within {timeout_s:g} s{hint}")
             self.poll()
             self._socket.poll(10)
