@@ -484,6 +484,9 @@ def test_slow_inference_is_a_logged_deadline_miss_and_the_robot_stops_safely(cap
             loop.run(ticks=40)
             assert wait_for(lambda: records)
     assert records[0].deadline_miss and "over its 140.0 ms deadline" in caplog.text
+    # with where the time went (the policy too slow for the robot's rate here; robots waiting behind others there)
+    assert re.search(r"over its 140\.0 ms deadline \(inference 2\d\d\.\d ms for 1 robot, waiting \d+\.\d ms before it\)",
+                     caplog.text)
     assert chunks and all(c.dropped_actions == 8 for c in chunks)  # every action arrived too late
     assert not robot.applied and robot.stops == []  # never moved, so never needed stopping
 
