@@ -96,12 +96,30 @@ def test_reference_line_labels_are_drawn_apart(tmp_path):
     finally:
         dashboard.stop()
     labels = dict((name, float(y)) for y, name in
-                  re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end">(deadline [^<]*)</text>',
+                  re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end"[^>]*>(deadline [^<]*)</text>',
                              section(dom, "latency")))
     assert set(labels) == {"deadline armA, armB 140.0", "deadline armC 145.8"}, labels
     assert abs(labels["deadline armA, armB 140.0"] - labels["deadline armC 145.8"]) >= 11
-    ys = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end">deadline arm',
+    ys = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end"[^>]*>deadline arm',
                                         section(dom, "latency_hist"))]
     assert len(ys) == 2 and abs(ys[0] - ys[1]) >= 11
     x_ticks = re.findall(r'<text x="([\d.]+)" y="217" text-anchor="(\w+)">', section(dom, "latency_hist"))
     assert len(x_ticks) == 6 and x_ticks[-1][1] == "end"
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium (scripts/test.sh installs it with apt-get where it can)")
+def test_a_line_of_one_point_is_drawn_as_a_dot(tmp_path):
+    """About a second of records (a file just truncated): the rate's one point drew nothing, while
+    the page marked the view as having data."""
+    robot = tmp_path / "arm.jsonl"
+    robot.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "info", "t": 100.0, "monotonic": 0.0, "role": "robot", "robot": "arm", "hz": 50.0},
+        *({"kind": "tick", "t": i / 50, "robot": "arm", "ticks": 1, "period_error_ms": 0.01} for i in range(40))]))
+    dashboard = Dashboard([robot])
+    dashboard.poll()
+    try:
+        dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
+    finally:
+        dashboard.stop()
+    rate = section(dom, "rate")
+    assert 'data-received="1"' in rate and "<circle" in rate

@@ -139,10 +139,11 @@ def _line(ax, view) -> bool:
         ax.plot(s["x"], [float("nan") if v is None else v for v in s["y"]], label=s["name"], linewidth=1.2,
                 marker="." if len(s["x"]) < 20 else None, **_pen(i))  # a short run's few points visible
     for h in view.get("hlines", []):
-        ax.axhline(h["y"], color="#c00", linestyle="--", linewidth=1, label=h["name"])
+        ax.axhline(h["y"], color="#c00", linestyle="--", linewidth=1, label=f"{h['name']} {h['y']:g}")  # as the page
     ax.set_xlabel("seconds since start")
     low, high = ax.get_ylim()  # from 0, as on the page: a 0.1% dip in a rate zoomed to fill the axis read as a collapse
-    ax.set_ylim(min(low, 0.0), high)
+    low = min(low, 0.0)
+    ax.set_ylim(low, high + 0.05 * (high - low))  # headroom: a steady 50 Hz rate ran along the frame's top edge
     if view["series"]:
         _legend(ax, len(view["series"]) + len(view.get("hlines", [])), loc="best")
     return bool(view["series"])
@@ -160,7 +161,7 @@ def _hist(ax, view) -> bool:
     for i, s in enumerate(view["series"]):
         ax.stairs(s["counts"], s["edges"], fill=True, alpha=0.35, label=s["name"], **_pen(i))
     for v in view.get("vlines", []):
-        ax.axvline(v["x"], color="#c00", linestyle="--", linewidth=1, label=v["name"])
+        ax.axvline(v["x"], color="#c00", linestyle="--", linewidth=1, label=f"{v['name']} {v['x']:g}")
     if view["series"]:
         _legend(ax, len(view["series"]) + len(view.get("vlines", [])))
     return bool(view["series"])

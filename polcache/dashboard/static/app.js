@@ -25,6 +25,11 @@ function text(parent, x, y, s, anchor) {
   return t;
 }
 
+function haloed(label) {  // a reference line's label stays readable where curves pass under it
+  label.setAttribute("style", "paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round");
+  return label;
+}
+
 function fmt(v) {
   const a = Math.abs(v);
   return a >= 1000 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 0.1 ? v.toFixed(2) : v.toPrecision(2);
@@ -92,10 +97,14 @@ function drawLine(svg, section, view) {
   text(svg, W - M.r, H - 2, "seconds since start", "end");
   series.forEach((s, i) => {
     let d = "", pen = "M";
+    const present = j => j >= 0 && j < s.y.length && s.y[j] !== null;
     s.x.forEach((x, j) => {
       if (s.y[j] === null) { pen = "M"; return; }
       d += `${pen}${sx(x).toFixed(1)},${sy(s.y[j]).toFixed(1)} `;
       pen = "L";
+      if (!present(j - 1) && !present(j + 1)) {  // a point with no line to draw (a second of records): a dot
+        el("circle", { cx: sx(x).toFixed(1), cy: sy(s.y[j]).toFixed(1), r: 2, fill: COLORS[i % COLORS.length] }, svg);
+      }
     });
     el("path", { d, fill: "none", stroke: COLORS[i % COLORS.length], "stroke-width": 1.4,
                  ...(dashOf(i) ? { "stroke-dasharray": DASHES[dashOf(i)] } : {}) }, svg);
@@ -103,7 +112,7 @@ function drawLine(svg, section, view) {
   const hlines = view.hlines || [], labelY = spread(hlines.map(h => sy(h.y) - 3), 11, -1);  // upwards
   hlines.forEach((h, i) => {
     el("line", { x1: M.l, x2: W - M.r, y1: sy(h.y), y2: sy(h.y), stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
-    text(svg, W - M.r - 2, labelY[i], `${h.name} ${fmt(h.y)}`, "end");
+    haloed(text(svg, W - M.r - 2, labelY[i], `${h.name} ${fmt(h.y)}`, "end"));
   });
   legend(section, series.map(s => s.name));
   return series.some(s => s.y.some(v => v !== null));
@@ -127,7 +136,7 @@ function drawHist(svg, section, view) {
   const labelY = spread(vlines.map(() => M.t + 10), 11, 1);  // downwards, one row per line
   vlines.forEach((v, i) => {
     el("line", { x1: sx(v.x), x2: sx(v.x), y1: M.t, y2: H - M.b, stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
-    text(svg, sx(v.x) - 3, labelY[i], v.name, "end");
+    haloed(text(svg, sx(v.x) - 3, labelY[i], `${v.name} ${fmt(v.x)}`, "end"));
   });
   legend(section, series.map(s => s.name));
   return series.some(s => s.counts.some(c => c > 0));
