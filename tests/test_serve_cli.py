@@ -150,13 +150,15 @@ def test_serve_says_at_the_end_how_many_chunks_self_verification_chose():
     try:
         assert proc.stdout.readline() == "warming up batches of 1..8 robots\n"
         assert proc.stdout.readline().startswith("serving ")
+        policy = proc.stdout.readline()  # read here: communicate() below misses what readline() buffered
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 0
     # robots share an inference, but one whose chunk self-verifies: said at start-up (said nowhere, a probe)
-    assert ("robots waiting together share one inference, up to 8 (but a robot whose chunk self-verifies has an "
-            "inference of its own)") in out
+    assert policy.startswith("policy: ") and policy.rstrip().endswith(
+        "robots waiting together share one inference, up to 8 (but a robot whose chunk self-verifies has an inference "
+        "of its own)")
     assert ("self-verification: 0 chunks chosen among 2 candidates (a chunk is scored once its robot executed actions "
             "at 15 past frames' steps and reported them: protocol version 2)") in out

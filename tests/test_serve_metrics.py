@@ -367,6 +367,7 @@ def test_jsonl_lines_are_json_with_labels_and_nulls_and_a_bad_line_is_skipped(tm
     writer({"kind": "tick", "t": 3.0, "period_error_ms": 0.1})  # a record written as a dict: named all the same
     writer({"kind": "tick", "t": 4.0, "robot": "other"})  # its own name kept
     writer.close()
+    assert all(line.startswith('{"kind":') for line in path.read_text().splitlines())  # how a metrics file is known
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0] == {"kind": "info", "hz": 50.0, "robot": "arm"}  # a dict gets the labels it lacks
     assert lines[3] == {"kind": "tick", "t": 3.0, "period_error_ms": 0.1, "robot": "arm"}

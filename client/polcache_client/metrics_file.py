@@ -158,7 +158,8 @@ class MetricsFile:
             return
         try:
             if isinstance(item, dict):  # an info line (kept for the next rotated file) or another map
-                line = self._encoder.encode({**self.labels, **item} if self.labels else item)
+                # its keys first: a file is known as a metrics file by its lines starting {"kind": ...
+                line = self._encoder.encode(item | {k: v for k, v in self.labels.items() if k not in item})
                 if item.get("kind") == "info":
                     self._info = line
             else:
