@@ -13,7 +13,7 @@ import numpy as np
 from polcache.errors import ExportError, ObservationError
 from polcache.export.manifest import Manifest, read_manifest
 from polcache.policy.batching import Outcome, SessionRequest, predict_shared
-from polcache.policy.ops import COMPUTE, OP_NAMES, REUSE
+from polcache.policy.ops import COMPUTE, OP_LIST, REUSE
 from polcache.policy.parity import PROBES, chunk_deviation
 from polcache.policy.spec import (RTC_NEEDS, CommittedActions, PolicySpec, StatelessSession, check_seed,
                                   finite_actions)
@@ -154,7 +154,7 @@ class ExportedBackend:
         m = self.manifest
         cache = m.cache.get("summary")
         if cache is not None and m.cache.get("table") is not None:  # the table itself, as the torch backend gives it
-            cache = cache | {"plan": [[COMPUTE if c else REUSE for c in row] for row in m.cache["table"]], "ops": OP_NAMES,
+            cache = cache | {"plan": [[COMPUTE if c else REUSE for c in row] for row in m.cache["table"]], "ops": OP_LIST,
                              "block_names": m.model.get("block_names")}
         return {"backend": self.kind, "sampler": m.sampler["kind"], "steps": self.K, "cache": cache,
                 "cache_spec": m.cache.get("spec"), "artifact": str(self.artifact), "step_mode": m.step_mode}

@@ -314,18 +314,21 @@ def test_runs_appended_to_one_robot_file_are_apart_in_every_line_view(tmp_path):
     assert write_report([server, robot], tmp_path / "report").exists()  # the report draws the break
 
 
-def test_a_gap_in_a_robots_file_alone_does_not_break_the_servers_series(tmp_path):
+@pytest.mark.parametrize("pause_s, interval_s", [(2.0, 0.25), (1.3, 1.0)])
+def test_a_gap_in_a_robots_file_alone_does_not_break_the_servers_series(tmp_path, pause_s, interval_s):
     """The robot's metrics file cut short mid-run (truncated under the dashboard): the robot's lines
-    break there, the server's, which went on, did not need to (they had a gap in their middle)."""
-    server, robot, _ = two_robot_run(tmp_path, seconds=4.0)
+    break there, the server's, which went on, did not need to (they had a gap in their middle),
+    also where the pause is short against the bins (a probe: 1.3 s at 1 s bins)."""
+    server, robot, _ = two_robot_run(tmp_path, seconds=8.0)
     rows = [json.loads(row) for row in robot.read_text().splitlines()]
-    robot.write_text("".join(json.dumps(r) + "\n" for r in rows if not 500.0 + 1.0 < r["t"] < 500.0 + 3.0))
-    views = state_of([server, robot]).views(interval_s=0.25)
-    [rate] = [s for s in views["rate"]["series"] if s["name"] == "left"]
-    assert None in rate["y"]
-    server_series = [s for view in ("deadline", "inference") for s in views[view]["series"]
-                     if s["name"].startswith("left") and "request" in s["name"]]
-    assert server_series and all(None not in s["y"] for s in server_series), [s["name"] for s in server_series]
+    robot.write_text("".join(json.dumps(r) + "\n" for r in rows if not 503.0 < r["t"] < 503.0 + pause_s))
+    views = state_of([server, robot]).views(interval_s=interval_s)
+    if pause_s > 2 * interval_s:  # bins left empty: the robot's own line breaks
+        [rate] = [s for s in views["rate"]["series"] if s["name"] == "left"]
+        assert None in rate["y"]
+    server_series = ([s for s in views["deadline"]["series"] if s["name"] == "left requests over budget"]
+                     + [s for s in views["inference"]["series"] if s["name"].startswith("left ")])
+    assert len(server_series) == 3 and all(None not in s["y"] for s in server_series), server_series
 
 
 def test_a_histogram_says_what_its_last_bar_holds():

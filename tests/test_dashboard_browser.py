@@ -98,8 +98,8 @@ def test_reference_line_labels_are_drawn_apart(tmp_path):
     labels = dict((name, float(y)) for y, name in
                   re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end"[^>]*>(deadline [^<]*)</text>',
                              section(dom, "latency")))
-    assert set(labels) == {"deadline armA, armB 140.0", "deadline armC 145.8"}, labels
-    assert abs(labels["deadline armA, armB 140.0"] - labels["deadline armC 145.8"]) >= 11
+    assert set(labels) == {"deadline armA, armB: 140.0", "deadline armC: 145.8"}, labels
+    assert abs(labels["deadline armA, armB: 140.0"] - labels["deadline armC: 145.8"]) >= 11
     ys = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end"[^>]*>deadline arm',
                                         section(dom, "latency_hist"))]
     assert len(ys) == 2 and abs(ys[0] - ys[1]) >= 11

@@ -233,3 +233,23 @@ def test_verification_that_chose_nothing_in_short_episodes_says_to_run_longer_on
     said = capsys.readouterr().err
     assert "warning: self-verification: 0 of" in said and "longer episodes (--max-steps) verify" in said
     assert "lower --verify-min-past" not in said
+
+
+def test_a_json_result_that_cannot_be_written_still_leaves_the_summary(tmp_path, monkeypatch, capsys):
+    """Written before the summary, a --json that failed (a full disk) cost the summary too."""
+    import errno
+    import importlib
+
+    from polcache.cli import main
+
+    evaluate = importlib.import_module("polcache.sim.evaluate")  # the module: the package exports a function so named
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate, "atomic_write_text", full_disk)
+    status = main(["eval", "--checkpoint", "polcache/assets/checkpoints/reach-v3", "--episodes", "1", "--max-steps", "5",
+                   "--no-progress", "--json", str(tmp_path / "e.json")])
+    said = capsys.readouterr()
+    assert status != 0 and "reach-v3: success" in said.out and "wrote" not in said.out
+    assert "No space left on device" in said.err

@@ -78,7 +78,7 @@ def test_shipped_launch_configs_load(name):
     ("server.cache=threshold:0.1+forecast", "server.cache: cache spec 'threshold:0.1+forecast': +forecast applies to "
                                             "static plans"),  # refused by the server only once it ran
     ("server.metrics_port=0", "server.metrics_port: expected a port in 1..65535, got 0 (launch needs fixed ports: it "
-                              "prints each address; serve and sim-robot take 0)"),
+                              "prints each address; the commands run alone take 0)"),
     # an optional field took any value its type refused (a traceback later, or the server refusing it)
     ("server.metrics_port=abc", "server.metrics_port: expected an integer, got 'abc'"),
     ("robot.metrics_port=true", "robot.metrics_port: expected an integer, got True"),

@@ -365,7 +365,7 @@ def test_jsonl_lines_are_json_with_labels_and_nulls_and_a_bad_line_is_skipped(tm
     writer({"kind": "info", "what": object()})  # JSON cannot hold it: this line is lost, the writer goes on
     writer(ChunkRecord(t=2.0, epoch=0, seq=8, latency_ms=float("inf"), inference_ms=1.5, server_ms=2.0))
     writer({"kind": "tick", "t": 3.0, "period_error_ms": 0.1})  # a record written as a dict: named all the same
-    writer({"kind": "tick", "t": 4.0, "robot": "other"})  # its own name kept
+    writer({"robot": "other", "kind": "tick", "t": 4.0})  # its own name kept (and "kind" still first)
     writer.close()
     assert all(line.startswith('{"kind":') for line in path.read_text().splitlines())  # how a metrics file is known
     lines = [json.loads(line) for line in path.read_text().splitlines()]

@@ -158,8 +158,10 @@ class MetricsFile:
             return
         try:
             if isinstance(item, dict):  # an info line (kept for the next rotated file) or another map
-                # its keys first: a file is known as a metrics file by its lines starting {"kind": ...
-                line = self._encoder.encode(item | {k: v for k, v in self.labels.items() if k not in item})
+                # "kind" first, the labels it lacks last: a file is known as a metrics file by its lines
+                # starting {"kind": ... (a writer must never make a file it refuses to append to)
+                head = {"kind": item["kind"]} if "kind" in item else {}
+                line = self._encoder.encode(head | item | {k: v for k, v in self.labels.items() if k not in item})
                 if item.get("kind") == "info":
                     self._info = line
             else:

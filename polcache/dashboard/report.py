@@ -139,7 +139,7 @@ def _line(ax, view) -> bool:
         ax.plot(s["x"], [float("nan") if v is None else v for v in s["y"]], label=s["name"], linewidth=1.2,
                 marker="." if len(s["x"]) < 20 else None, **_pen(i))  # a short run's few points visible
     for h in view.get("hlines", []):
-        ax.axhline(h["y"], color="#c00", linestyle="--", linewidth=1, label=f"{h['name']} {h['y']:g}")  # as the page
+        ax.axhline(h["y"], color="#c00", linestyle="--", linewidth=1, label=f"{h['name']}: {h['y']:g}")  # as the page
     ax.set_xlabel("seconds since start")
     low, high = ax.get_ylim()  # from 0, as on the page: a 0.1% dip in a rate zoomed to fill the axis read as a collapse
     low = min(low, 0.0)
@@ -161,7 +161,7 @@ def _hist(ax, view) -> bool:
     for i, s in enumerate(view["series"]):
         ax.stairs(s["counts"], s["edges"], fill=True, alpha=0.35, label=s["name"], **_pen(i))
     for v in view.get("vlines", []):
-        ax.axvline(v["x"], color="#c00", linestyle="--", linewidth=1, label=f"{v['name']} {v['x']:g}")
+        ax.axvline(v["x"], color="#c00", linestyle="--", linewidth=1, label=f"{v['name']}: {v['x']:g}")
     if view["series"]:
         _legend(ax, len(view["series"]) + len(view.get("vlines", [])))
     return bool(view["series"])

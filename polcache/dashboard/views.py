@@ -253,15 +253,17 @@ class RunState:
 
     def _broken(self, robot: str, series: dict[str, Any]) -> dict[str, Any]:
         """`series` with a null point in each pause of the robot's ticks that it spans with a gap of its
-        own (its points around the pause's middle over half the pause apart): without it the line ran
-        straight from one run's last point to the next run's first. A series that went on through the
-        pause (the server's, while the robot's file was cut short) is not broken."""
+        own (its points around the pause's middle further apart than 1.5 of its usual spacing, a bin,
+        and half the pause): without it the line ran straight from one run's last point to the next
+        run's first. A series that went on through the pause (the server's, while the robot's file was
+        cut short) is not broken, however short the pause against the bins."""
         x, y = list(series["x"]), list(series["y"])
         pauses = self._ticks[robot].pauses if robot in self._ticks else ()
+        spacing = float(np.median(np.diff(x))) if len(x) > 2 else 0.0
         for start, end in pauses:
             middle = (start + end) / 2
             i = bisect.bisect_left(x, middle)
-            if 0 < i < len(x) and x[i] - x[i - 1] > (end - start) / 2:
+            if 0 < i < len(x) and x[i] - x[i - 1] > max(1.5 * spacing, (end - start) / 2):
                 x.insert(i, _round(middle))
                 y.insert(i, None)
         return {**series, "x": x, "y": y}

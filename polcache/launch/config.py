@@ -109,7 +109,7 @@ def _check_port(name: str, port: int) -> None:
     """A fixed port: launch prints each address for the browser or the Prometheus scrape config (0, a
     free port as serve and sim-robot take one, would be known only to the process that took it)."""
     if not 1 <= port <= 65535:
-        zero = " (launch needs fixed ports: it prints each address; serve and sim-robot take 0)" if port == 0 else ""
+        zero = " (launch needs fixed ports: it prints each address; the commands run alone take 0)" if port == 0 else ""
         raise ConfigError(f"{name}: expected a port in 1..65535, got {port}{zero}")
 
 

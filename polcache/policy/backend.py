@@ -14,7 +14,7 @@ from polcache.policy.batching import Outcome, SessionRequest, predict_shared
 from polcache.policy.executor import decided_at_run_time, make_store
 from polcache.policy.loader import check_options
 from polcache.policy.graph import ChunkGraph, GuidedChunkGraph, graph_blocker
-from polcache.policy.ops import OP_NAMES
+from polcache.policy.ops import OP_LIST
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.parity import DEFAULT_TOLERANCE, check_parity
 from polcache.policy.precision import action_deviation, parse_precision, probe_observations, reduced_copy
@@ -312,7 +312,7 @@ class TorchBackend:
             from polcache.cache import plan_summary
 
             cache = plan_summary(self.plan) | {  # the table itself: dashboards draw it as a heatmap
-                "plan": [[int(op) for op in row] for row in self.plan], "ops": OP_NAMES,
+                "plan": [[int(op) for op in row] for row in self.plan], "ops": OP_LIST,
                 "block_names": [b.name for b in self.policy.cache_blocks]}
             if self.dynamic:  # measured over the chunks computed so far
                 cache["block_evals_mean"] = round(self.gate_evals / self.gate_calls, 1) if self.gate_calls else None

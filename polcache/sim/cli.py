@@ -57,11 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from polcache.atomic import atomic_write_text
     from polcache.outputs import check_output
     from polcache.policy.loader import load_backend
     from polcache.signals import sigterm_as_interrupt
-    from polcache.sim.evaluate import Rollout, check_result_output, evaluate, side_by_side_speed
+    from polcache.sim.evaluate import (Rollout, check_result_output, evaluate, result_written_first,
+                                       side_by_side_speed)
 
     if args.json is not None:
         check_result_output(args.json)
@@ -106,8 +106,13 @@ def _run(args: argparse.Namespace) -> int:
     if compare:
         uncached = load_backend(args.checkpoint, **{**backend_options(args), "candidates": 1})
         result.extra["speedup"] = side_by_side_speed(uncached, backend)
-    if args.json:  # before any line printed: a closed stdout (a pipe to head) cost the whole result
-        atomic_write_text(args.json, result.to_json())
+    with result_written_first(args.json, result):
+        _say(args, result, backend, what, compare)
+    return result.exit_status()
+
+
+def _say(args: argparse.Namespace, result, backend, what: dict, compare: bool) -> None:
+    """The run's summary lines: the result, seam jerk, self-verification, the cache's speedup."""
     print(result.summary())
     if jerk := result.jerk_line():
         print(jerk)
@@ -124,9 +129,6 @@ def _run(args: argparse.Namespace) -> int:
         if cache.get("dynamic"):
             print(f"threshold cache: {cache['block_evals_mean']} of {cache['block_evals_uncached']} block evaluations "
                   f"per chunk on average over the episodes")
-    if args.json:
-        print(f"wrote {args.json}")
-    return result.exit_status()
 
 
 def _verify_line(result, spec) -> tuple[str, bool]:

@@ -13,12 +13,15 @@ import signal
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from polcache.atomic import atomic_write_text
 from polcache.config import INSTRUCTION_KEY, MAX_SEED
 from polcache.errors import PolcacheError
 from polcache.jsonfile import standard_json
@@ -41,6 +44,23 @@ def check_result_output(path: str | Path, flag: str = "--json") -> Path:
     of eval or sim-robot (files written before the "format" marker are known by their fields)."""
     return check_output(path, "an eval result (JSON)", folder=False, flag=flag,
                         ours=lambda p: json_kind(p, RESULT_FORMAT, _RESULT_FIELDS))
+
+
+@contextmanager
+def result_written_first(path: str | None, result: "EvalResult") -> Iterator[None]:
+    """Around a command's summary: --json written before it is printed (a closed stdout, a pipe to
+    head, cost the whole result), and a write that failed raised after it (then it cost the summary)."""
+    failed = None
+    if path:
+        try:
+            atomic_write_text(path, result.to_json())
+        except (OSError, PolcacheError) as exc:
+            failed = exc
+    yield
+    if failed is not None:
+        raise failed
+    if path:
+        print(f"wrote {path}")
 
 
 @dataclass

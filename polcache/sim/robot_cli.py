@@ -90,11 +90,10 @@ def _decay_check(args: argparse.Namespace) -> str | None:
 
 
 def _sim_robot(args: argparse.Namespace) -> int:
-    from polcache.atomic import atomic_write_text
     from polcache.metrics import collect_metrics
     from polcache.sim.robot import run_sim_robot, sim_robot_name
     from polcache.signals import sigterm_as_interrupt
-    from polcache.sim.evaluate import check_result_output
+    from polcache.sim.evaluate import check_result_output, result_written_first
     from polcache_client.records import ChunkRecord, TickRecord
 
     if args.json is not None:
@@ -113,8 +112,13 @@ def _sim_robot(args: argparse.Namespace) -> int:
                                sensor_lag_ms=args.sensor_lag_ms, stamped=not args.unstamped,
                                allow_rate_mismatch=args.allow_rate_mismatch,
                                **({} if args.image_size is None else {"image_size": args.image_size}))
-    if args.json:  # before any line printed: a closed stdout (a pipe to head) cost the whole result
-        atomic_write_text(args.json, result.to_json())
+    with result_written_first(args.json, result):
+        _say(args, result)
+    return result.exit_status()
+
+
+def _say(args: argparse.Namespace, result) -> None:
+    """The run's summary lines: the result, the loop, reconnects, chunks, seam jerk."""
     print(result.summary())
     tick = result.extra["tick"]
     err = tick.get("period_error_ms", {})
@@ -155,6 +159,4 @@ def _sim_robot(args: argparse.Namespace) -> int:
               f"control periods), so never executed")
     if jerk := result.jerk_line():
         print(jerk)
-    if args.json:
-        print(f"wrote {args.json}")
-    return result.exit_status()
+

@@ -112,7 +112,7 @@ function drawLine(svg, section, view) {
   const hlines = view.hlines || [], labelY = spread(hlines.map(h => sy(h.y) - 3), 11, -1);  // upwards
   hlines.forEach((h, i) => {
     el("line", { x1: M.l, x2: W - M.r, y1: sy(h.y), y2: sy(h.y), stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
-    haloed(text(svg, W - M.r - 2, labelY[i], `${h.name} ${fmt(h.y)}`, "end"));
+    haloed(text(svg, W - M.r - 2, labelY[i], `${h.name}: ${fmt(h.y)}`, "end"));
   });
   legend(section, series.map(s => s.name));
   return series.some(s => s.y.some(v => v !== null));
@@ -136,7 +136,7 @@ function drawHist(svg, section, view) {
   const labelY = spread(vlines.map(() => M.t + 10), 11, 1);  // downwards, one row per line
   vlines.forEach((v, i) => {
     el("line", { x1: sx(v.x), x2: sx(v.x), y1: M.t, y2: H - M.b, stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
-    haloed(text(svg, sx(v.x) - 3, labelY[i], `${v.name} ${fmt(v.x)}`, "end"));
+    haloed(text(svg, sx(v.x) - 3, labelY[i], `${v.name}: ${fmt(v.x)}`, "end"));
   });
   legend(section, series.map(s => s.name));
   return series.some(s => s.counts.some(c => c > 0));
