@@ -160,7 +160,9 @@ def test_bad_schedule_files_are_clear_errors(tmp_path, schedule_file):
                    r"calibration.similarity must hold one row of finite scores per block"),
                   ({"calibration": doc["calibration"] | {"similarity": "x"}},  # was "could not convert string"
                    r"calibration.similarity must hold one row of finite scores per block"),
-                  ({"calibration": doc["calibration"] | {"l1": {}}}, r"calibration.l1 lacks block"))
+                  ({"calibration": doc["calibration"] | {"l1": {}}}, r"calibration.l1 lacks block"),
+                  ({"sampler": doc["sampler"] | {"kind": "euler"}}, r"unknown sampler.kind 'euler' \(expected one of"),
+                  ({"block_evaluations": 12}, r"block_evaluations 12 disagrees with update_steps \(\d+\): edited"))
     for change, match in hand_edits:  # refused in the file's words, not coerced into a plan nobody wrote
         (tmp_path / "bad.json").write_text(json.dumps(doc | change))
         with pytest.raises(CacheError, match=match):

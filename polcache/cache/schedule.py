@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from polcache.atomic import atomic_write_text
+from polcache.config import SAMPLER_KINDS
 from polcache.cache.acs import acs_score, solve_acs
 from polcache.cache.bubbling import bubbling_union, legacy_layer_kind, top_blocks
 from polcache.cache.errors import CacheError
@@ -42,7 +43,8 @@ METHODS = ACS_METHODS  # ACS + Bubbling Union, per-block ACS, one ACS for all bl
 # What ACS maximises per block: "similarity" -- the cosine similarity kept (the paper); "error-bound" --
 # minus the first-order bound on the action error, sum over steps t of
 # sqrt(sensitivity[t]) * ||delta[start] - delta[t]||, which ignores steps whose errors cannot reach
-# the actions and spends updates where they do. (Named in polcache.cache.spec, with the spec grammar.)
+# the actions and spends updates where they do. Up to a constant per block: `distance` is per element,
+# so the bound's factor sqrt(delta size) drops out (ACS ranks one block's steps; the value is no bound). (Named in polcache.cache.spec, with the spec grammar.)
 
 
 @dataclass
@@ -385,9 +387,18 @@ def load_schedule(path: str | Path) -> Schedule:
         raise CacheError(f"{path}: budget {_shown(schedule.budget)} must be in 1..K={K} update steps")
     if schedule.objective not in OBJECTIVES:
         raise CacheError(f"{path}: unknown objective {schedule.objective!r} (expected one of {', '.join(OBJECTIVES)})")
+    if schedule.sampler not in SAMPLER_KINDS:  # before check_fits, whose advice would be --sampler <this>
+        raise CacheError(f"{path}: unknown sampler.kind {schedule.sampler!r} (expected one of "
+                         f"{', '.join(SAMPLER_KINDS)})")
     why = _check_steps_fit(schedule)
     if why:  # a hand edit: the plan would not be the one the file says it is (method, budget, force_last)
         raise CacheError(f"{path}: {why}")
+    # the counts are written for readers of the file; one that disagrees with the steps was edited
+    for key, counted in (("block_evaluations", schedule.block_evals),
+                         ("block_evaluations_uncached", K * len(names))):
+        if key in d and d[key] != counted:
+            raise CacheError(f"{path}: {key} {_shown(d[key])} disagrees with update_steps ({counted}): edited by hand? "
+                             f"calibrate again")
     return schedule
 
 
