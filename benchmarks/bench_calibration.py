@@ -44,10 +44,10 @@ def main() -> None:
         calib = calibrate(policy, sampler, obs, src, seed=seed)
         for objective in OBJECTIVES:
             plan = build_schedule(calib, "bac", args.budget, args.bu_blocks, True, h, sampler.kind, objective).to_plan()
-            nmse, evals = deviation(policy, feats, sampler, plan, refs)
-            rows.append({"seed": seed, "objective": objective, "block_evals": int(evals),
-                         "limit": round(sampler.num_steps * len(policy.denoiser.blocks) / evals, 2),
-                         "nmse": float(f"{nmse:.3g}")})
+            dev = deviation(policy, feats, sampler, plan, refs)
+            rows.append({"seed": seed, "objective": objective, "block_evals": int(dev["evals"]),
+                         "limit": round(sampler.num_steps * len(policy.denoiser.blocks) / dev["evals"], 2),
+                         "nmse": float(f"{dev['nmse']:.3g}")})
             print(rows[-1], flush=True)
     print(f"{args.checkpoint}, {sampler.kind.upper()}-{sampler.num_steps}, BAC S={args.budget} BU {args.bu_blocks}; "
           f"deviation on {args.deviation_obs} held-out observations ({source})")
