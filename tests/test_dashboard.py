@@ -10,6 +10,7 @@ import time
 import types
 import urllib.request
 
+import numpy as np
 import pytest
 
 from polcache.cli import main
@@ -808,3 +809,16 @@ def test_a_metrics_path_behind_a_folder_this_user_may_not_enter_is_one_line(tmp_
     path = tmp_path / "locked" / "m.jsonl"
     with pytest.raises(PolcacheError, match=r"^--metrics .*m\.jsonl: permission denied \(.*\); expected a polcache"):
         check_metrics_input(path, "--metrics")
+
+
+def test_latencies_a_control_period_apart_fill_every_bar():
+    """A robot stamps a chunk's arrival at its next tick, so latencies sit 20 ms apart at 50 Hz:
+    bars of 6 ms alternated with empty ones (an outside probe's report)."""
+    state = RunState()
+    state.add([{"kind": "info", "t": 0.0, "monotonic": 0.0, "role": "robot", "robot": "r", "hz": 50.0}]
+              + [{"kind": "chunk", "t": i / 10, "robot": "r", "latency_ms": 150.0 + 20.0 * (i % 13) + 0.3 * (i % 3)}
+                 for i in range(1000)])
+    [series] = state.views()["latency_hist"]["series"]
+    counts, edges = series["counts"], np.asarray(series["edges"])
+    assert sum(counts) == 1000 and all(c > 0 for c in counts)
+    assert np.allclose(np.diff(edges) % 20.0, 0.0, atol=1e-6)  # a whole number of periods wide

@@ -295,7 +295,11 @@ class RunState:
         return {"series": self._binned("chunk", "latency_ms", interval, stats), "hlines": self._deadlines_ms()}
 
     def _view_latency_hist(self, interval: float) -> dict[str, Any]:
-        return {**self._histograms("chunk", "latency_ms"),
+        # a robot stamps a chunk's arrival at its next tick: latencies sit a control period apart, and
+        # bars narrower than that alternated with empty ones
+        rates = {self.robot_hz.get(robot) for robot in self._series("chunk", "latency_ms")}
+        period_ms = 1e3 / rates.pop() if len(rates) == 1 and None not in rates else None
+        return {**self._histograms("chunk", "latency_ms", step=period_ms),
                 "vlines": [{"name": d["name"], "x": d["y"]} for d in self._deadlines_ms()]}
 
     def _view_stages(self, interval: float) -> dict[str, Any]:
@@ -410,16 +414,21 @@ class RunState:
             view["note"] = "no GPU utilisation: nvidia-smi is not on this machine or reports no GPU"
         return view
 
-    def _histograms(self, kind: str, field: str, bins: int = 40) -> dict[str, Any]:
+    def _histograms(self, kind: str, field: str, bins: int = 40, step: float | None = None) -> dict[str, Any]:
         """{"series": one histogram per robot} over the values up to their 99.5th percentile (a few
         outliers must not squash the picture); the last bar also counts those above, which the
-        "note" says."""
+        "note" says. `step`: values that come `step` apart (a control period) get bars a whole
+        number of steps wide, each value in a bar's middle."""
         series = self._series(kind, field)
         if not series:
             return {"series": []}
         every = np.concatenate([v for _, v in series.values()])
         lo, hi = np.percentile(every, [0, 99.5])
-        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        if step and hi - lo > step:
+            width = step * math.ceil((hi - lo) / (bins * step))
+            edges = lo - width / 2 + width * np.arange(math.floor((hi - lo) / width + 0.5) + 2)  # the last over hi
+        else:
+            edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
         out = []
         for robot, (_, v) in sorted(series.items()):
             counts, _ = np.histogram(np.clip(v, edges[0], edges[-1]), edges)
