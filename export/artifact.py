@@ -154,7 +154,8 @@ class ExportedBackend:
         m = self.manifest
         cache = m.cache.get("summary")
         if cache is not None and m.cache.get("table") is not None:  # the table itself, as the torch backend gives it
-            cache = cache | {"plan": [[COMPUTE if c else REUSE for c in row] for row in m.cache["table"]], "ops": OP_LIST,
+            cache = cache | {"plan": [[COMPUTE if c else REUSE for c in row] for row in m.cache["table"]],
+                             "ops": OP_LIST,
                              "block_names": m.model.get("block_names")}
         return {"backend": self.kind, "sampler": m.sampler["kind"], "steps": self.K, "cache": cache,
                 "cache_spec": m.cache.get("spec"), "artifact": str(self.artifact), "step_mode": m.step_mode}

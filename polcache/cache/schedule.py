@@ -44,7 +44,8 @@ METHODS = ACS_METHODS  # ACS + Bubbling Union, per-block ACS, one ACS for all bl
 # minus the first-order bound on the action error, sum over steps t of
 # sqrt(sensitivity[t]) * ||delta[start] - delta[t]||, which ignores steps whose errors cannot reach
 # the actions and spends updates where they do. Up to a constant per block: `distance` is per element,
-# so the bound's factor sqrt(delta size) drops out (ACS ranks one block's steps; the value is no bound). (Named in polcache.cache.spec, with the spec grammar.)
+# so the bound's factor sqrt(delta size) drops out (ACS ranks one block's steps; the value is no bound).
+# (Named in polcache.cache.spec, with the spec grammar.)
 
 
 @dataclass

@@ -725,11 +725,11 @@ class PolicyServer:
             session.latency_s = seen if session.latency_s is None else 0.7 * session.latency_s + 0.3 * seen
         late, timing = total_ms > session.deadline_ms, job.timing
         if late:  # said with where the time went: a policy too slow for this robot's rate, or robots waiting before it
+            robots = f"{job.batch_size} robot{'' if job.batch_size == 1 else 's'}"
             self._warn(f"{job.robot.hex()}:deadline", f"observation {job.seq} of {robot_label(session.name, job.robot)} "
                                                       f"took {total_ms:.1f} ms, over its {session.deadline_ms:.1f} ms "
-                                                      f"deadline (inference {timing['inference']:.1f} ms for "
-                                                      f"{job.batch_size} robot{'' if job.batch_size == 1 else 's'}, waiting "
-                                                      f"{timing['queue']:.1f} ms before it)")
+                                                      f"deadline (inference {timing['inference']:.1f} ms for {robots}, "
+                                                      f"waiting {timing['queue']:.1f} ms before it)")
         if self.on_record is not None:  # built only for a listener
             self.on_record(RequestRecord(
                 t=time.time(), robot=session.name, epoch=job.epoch, seq=job.seq, decode_ms=timing["decode"],
