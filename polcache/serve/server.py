@@ -528,8 +528,8 @@ class PolicyServer:
     def _warn_shared_names(self, now: float) -> None:
         """Metrics label a robot by its name only: two connected robots with one name mix theirs.
         Looked for a moment after a handshake, and only among open connections, so a robot restarted
-        or reconnecting (its old connection closed, read by now) is no other robot. Said once per set
-        of robots, in the order they connected."""
+        or reconnecting (its old connection closed, read by now) is no other robot. One line names the
+        whole set, in the order they connected (one line for the checks of several of them at once)."""
         for robot, due in list(self._name_checks.items()):
             if due > now:
                 continue
