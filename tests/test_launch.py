@@ -277,6 +277,7 @@ def test_sim_launch_runs_its_episodes_and_stops_everything(tmp_path):
     assert "polcache has no dashboard command" in out or re.search(r"dashboard http://127\.0\.0\.1:\d+/", out)
     if no_nice or not fifo_permitted():
         assert "robot: SCHED_FIFO priority 50 is not permitted here" in out
+        assert re.search(r"robot started \(pid \d+; [^)]*ordinary scheduling", out)  # what it got, not what it asked
     order = ["robot stopped (exit status 0)", "server stopped (exit status 0)"]
     order += ["dashboard stopped (exit status 0)"] if "dashboard" in launcher.pids() else []
     assert [out.index(line) for line in order] == sorted(out.index(line) for line in order), out

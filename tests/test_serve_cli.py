@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from polcache.cli import main
@@ -128,6 +130,9 @@ def test_serve_says_which_backend_sampler_and_cache_plan_serve():
     assert _described(load_backend(checkpoint, cache="threshold:0.1").describe()).endswith(
         "cache threshold:0.1: decided at run time")
     assert _described(load_backend(checkpoint).describe()).endswith(", no cache")
+    assert re.fullmatch(r"torch on cpu in bf16 \(checked against fp32: median \|diff\| [\d.e-]+, max [\d.e-]+ over 8 "
+                        r"probe observations\), ddim 16 steps, no cache",
+                        _described(load_backend(checkpoint, precision="bf16").describe()))  # said nowhere (a probe)
     # self-verification was said only at the end, in its count of chosen chunks (an outside probe)
     ptp = str(Path(checkpoint).parent / "cue-reach-ptp")
     assert _described(load_backend(ptp, candidates=16, min_verified=3).describe()).endswith(

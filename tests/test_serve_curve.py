@@ -145,3 +145,12 @@ def test_a_damaged_server_key_is_named_as_the_keys_problem(keys):
     with pytest.raises(PolcacheError, match=rf"the server's keys in {keys}: No public key found in {server_key} "
                                             rf"\(damaged\? create new ones with `polcache keys --dir {keys} --force`"):
         PolicyServer(FakeBackend(), "tcp://127.0.0.1:0", keys_dir=str(keys))
+
+
+def test_a_server_key_it_may_not_read_says_to_fix_its_owner_not_to_make_new_keys():
+    """A key folder made by root for a service running as another user: the advice was to create new
+    keys, which locks out every robot given the old ones."""
+    from polcache.serve.security import keys_error
+
+    said = str(keys_error("/opt/polcache/keys", PermissionError(13, "Permission denied", "server.key_secret")))
+    assert "check their owner and mode" in said and "--force" not in said

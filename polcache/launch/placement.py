@@ -53,8 +53,8 @@ def placement_warning(name: str, pid: int, placement: Placement) -> str | None:
             return None
     except OSError:  # already exited; its exit status tells the story
         return None
-    return (f"{name}: SCHED_FIFO priority {placement.fifo_priority} is not permitted here (needs root, CAP_SYS_NICE "
-            f"or an rtprio limit); running it with ordinary scheduling")
+    return (f"{name}: SCHED_FIFO priority {placement.fifo_priority} is not permitted here (needs CAP_SYS_NICE, which "
+            f"root has unless it was dropped, or an rtprio limit); running it with ordinary scheduling")
 
 
 def describe(placement: Placement) -> str:

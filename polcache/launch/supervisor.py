@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import IO
 
@@ -157,8 +157,9 @@ class Launch:
                 out.close()  # the child holds its own copy
         child = self.children[name] = Child(name, proc, log_path)
         where = f", log {log_path}" if log_path else ""
-        say(f"{name} started (pid {proc.pid}; {describe(placement)}{where})")
-        warning = placement_warning(name, proc.pid, placement)
+        warning = placement_warning(name, proc.pid, placement)  # the line says the scheduling it got, not asked for
+        granted = placement if warning is None else replace(placement, fifo_priority=0)
+        say(f"{name} started (pid {proc.pid}; {describe(granted)}{where})")
         if warning:
             say(warning)
         return child

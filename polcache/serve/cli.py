@@ -147,8 +147,9 @@ def _batching(max_batch: int, backend, rtc: bool) -> str:
 
 
 def _described(backend: dict) -> str:
-    """One line of what serves: backend, device, sampler and steps, the cache plan (the schedule in
-    force was said only in the metrics file) and self-verification where on."""
+    """One line of what serves: backend, device, a reduced precision and its check against fp32, sampler
+    and steps, the cache plan (the schedule in force was said only in the metrics file) and
+    self-verification where on."""
     cache = backend.get("cache")
     if not cache:
         plan = "no cache"
@@ -160,5 +161,10 @@ def _described(backend: dict) -> str:
     verify = backend.get("verify_candidates") or 1  # said only at the end (its count of chosen chunks) before
     verified = (f", self-verification: the best of {verify} candidate chunks, scored at "
                 f"{backend.get('verify_min_past')} past frames' executed steps" if verify > 1 else "")
-    return (f"{backend.get('backend')} on {backend.get('device')}, {backend.get('sampler')} {backend.get('steps')} "
-            f"steps, {plan}{verified}")
+    precision, parity = backend.get("precision"), backend.get("parity")
+    reduced = (f" in {precision}" + (f" (checked against fp32: median |diff| {parity['median_abs']:.2g}, max "
+                                      f"{parity['max_abs']:.2g} over {parity['probes']} probe observations)"
+                                      if parity else "")
+               if precision not in (None, "fp32") else "")
+    return (f"{backend.get('backend')} on {backend.get('device')}{reduced}, {backend.get('sampler')} "
+            f"{backend.get('steps')} steps, {plan}{verified}")
