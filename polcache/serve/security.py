@@ -68,8 +68,8 @@ def keys_error(keys_dir: str | Path, exc: Exception) -> PolcacheError:
     """A key folder the server cannot read, named as such ("cannot serve on ADDR: ..." alone read as the
     address's problem)."""
     remedy = ("" if isinstance(exc, FileNotFoundError) else
-              f" (the server's user must read them: check their owner and mode, e.g. a folder made by root for a "
-              f"service that runs as another user; new keys would lock out the robots given these)"
+              " (the server's user must read them: check their owner and mode, e.g. a folder made by root for a "
+              "service that runs as another user; new keys would lock out the robots given these)"
               if isinstance(exc, PermissionError) else
               f" (damaged? create new ones with `polcache keys --dir {keys_dir} --force` and give the robots theirs)")
     return PolcacheError(f"the server's keys in {keys_dir}: {exc}{remedy}")
