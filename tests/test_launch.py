@@ -125,6 +125,11 @@ def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
                                                             "dashboard.enabled=false")))
         with pytest.raises(PolcacheError, match=f"robot.metrics_port: port {port} on 127.0.0.1 is already in use"):
             check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"robot.metrics_port={port}")))
+        # an interface's name, as ZeroMQ and serve take it (tcp://eth0:PORT; it was "cannot resolve host"): checked
+        # at the interface's address, and a local robot sent there
+        with pytest.raises(PolcacheError, match=f"server.bind: port {port} on 127.0.0.1 is already in use"):
+            check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.bind=tcp://lo:{port}")))
+    assert connect_address("tcp://lo:6000") == "tcp://127.0.0.1:6000"
     with pytest.raises(PolcacheError, match=r"server.bind: cannot bind 192\.0\.2\.1:5555 here"):  # not ours
         check_machine(load_launch_config(SIM, sim_overrides(tmp_path, "server.bind=tcp://192.0.2.1:5555")))
     unavailable = max(os.sched_getaffinity(0)) + 1

@@ -19,7 +19,7 @@ from polcache.cache.spec import parse_cache_spec
 from polcache.config import MAX_SEED, apply_overrides, from_dict, located, read_yaml_mapping
 from polcache.errors import ConfigError, PolcacheError
 from polcache.outputs import check_output
-from polcache.serve.address import tcp_port
+from polcache.serve.address import interface_address, tcp_port
 from polcache.serve.handshake import own_robot_name
 from polcache.policy.loader import BACKENDS, MAX_CANDIDATES, PRECISIONS
 from polcache.serve.server import (DEFAULT_BIND, DEFAULT_INLINE_MS, DEFAULT_MAX_BATCH, DEFAULT_MAX_SESSIONS,
@@ -250,8 +250,9 @@ def check_machine(cfg: LaunchConfig) -> None:
             raise PolcacheError(f"{name}.placement.cpus: CPU {missing[0]} is not available here "
                                 f"(this process may use CPUs {sorted(allowed)})")
     address = tcp_port(s.bind, "server.bind", ConfigError)
-    if address is not None:
-        _check_port_free("server.bind", *address)
+    if address is not None:  # an interface's name (tcp://eth0:PORT, as serve takes it) is checked at its address
+        host, port = address
+        _check_port_free("server.bind", interface_address(host) or host, port)
     if cfg.dashboard.enabled:
         _check_port_free("dashboard.port", "127.0.0.1", cfg.dashboard.port)
     for name, port in (("server.metrics_port", s.metrics_port),

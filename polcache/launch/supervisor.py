@@ -23,7 +23,8 @@ from typing import IO
 
 from polcache.errors import PolcacheError
 from polcache.jsonfile import read_json_object
-from polcache.launch.config import LaunchConfig, Placement, ServerLaunch, check_machine, tcp_port
+from polcache.launch.config import LaunchConfig, Placement, ServerLaunch, check_machine
+from polcache.serve.address import interface_address, tcp_port
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
 from polcache.launch.placement import child_setup, describe, placement_warning
 from polcache.signals import how_stopped, sigterm_as_interrupt
@@ -52,12 +53,16 @@ def server_threads(cfg: LaunchConfig) -> int:
 
 
 def connect_address(bind: str) -> str:
-    """Where a local robot reaches a server bound to `bind` (a wildcard bind is reached on loopback)."""
+    """Where a local robot reaches a server bound to `bind` (a wildcard bind is reached on loopback,
+    an interface's name at the interface's address)."""
     hostport = tcp_port(bind)
     if hostport is None:
         return bind
     host, port = hostport
-    return f"tcp://127.0.0.1:{port}" if host in ("0.0.0.0", "::") else bind
+    if host in ("0.0.0.0", "::"):
+        return f"tcp://127.0.0.1:{port}"
+    address = interface_address(host)
+    return bind if address is None else f"tcp://{address}:{port}"
 
 
 def checkpoint_policy(ckpt: Path) -> tuple[str, dict]:

@@ -3,9 +3,14 @@ port that ZeroMQ would wrap around (tcp://HOST:99999 serves on 34463) is refused
 
 from __future__ import annotations
 
+import fcntl
 import re
+import socket
+import struct
 
 from polcache.errors import PolcacheError
+
+SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
 
 
 def tcp_port(address: str, name: str = "--bind", error: type[PolcacheError] = PolcacheError) -> tuple[str, int] | None:
@@ -21,3 +26,16 @@ def tcp_port(address: str, name: str = "--bind", error: type[PolcacheError] = Po
         raise error(f"{name}: port {port} of {address} is not a port number (0..65535)")
     host = match.group(1).strip("[]")
     return ("0.0.0.0" if host == "*" else host), port
+
+
+def interface_address(host: str) -> str | None:
+    """The IPv4 address of the network interface named `host` (ZeroMQ binds tcp://eth0:PORT there, a
+    robot network's usual bind), else None: not an interface's name, or one without an IPv4 address."""
+    if host not in {name for _, name in socket.if_nameindex()}:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            answer = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", host[:15].encode()))
+        except OSError:  # no IPv4 address on it
+            return None
+    return socket.inet_ntoa(answer[20:24])
