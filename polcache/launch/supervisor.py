@@ -24,9 +24,9 @@ from typing import IO
 from polcache.errors import PolcacheError
 from polcache.jsonfile import read_json_object
 from polcache.launch.config import LaunchConfig, Placement, ServerLaunch, check_machine
-from polcache.serve.address import interface_address, tcp_port
 from polcache.launch.health import NotReady, wait_for_http, wait_for_server
 from polcache.launch.placement import child_setup, describe, placement_warning
+from polcache.serve.address import interface_address, tcp_port
 from polcache.signals import how_stopped, sigterm_as_interrupt
 from polcache_client.signals import interrupt_signal, interrupted_status
 

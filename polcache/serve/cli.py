@@ -161,10 +161,11 @@ def _described(backend: dict) -> str:
     verify = backend.get("verify_candidates") or 1  # said only at the end (its count of chosen chunks) before
     verified = (f", self-verification: the best of {verify} candidate chunks, scored at "
                 f"{backend.get('verify_min_past')} past frames' executed steps" if verify > 1 else "")
-    precision, parity = backend.get("precision"), backend.get("parity")
-    reduced = (f" in {precision}" + (f" (checked against fp32: median |diff| {parity['median_abs']:.2g}, max "
-                                      f"{parity['max_abs']:.2g} over {parity['probes']} probe observations)"
-                                      if parity else "")
-               if precision not in (None, "fp32") else "")
+    precision, parity, reduced = backend.get("precision"), backend.get("parity"), ""
+    if precision not in (None, "fp32"):
+        reduced = f" in {precision}"
+        if parity:
+            reduced += (f" (checked against fp32: median |diff| {parity['median_abs']:.2g}, max "
+                        f"{parity['max_abs']:.2g} over {parity['probes']} probe observations)")
     return (f"{backend.get('backend')} on {backend.get('device')}{reduced}, {backend.get('sampler')} "
             f"{backend.get('steps')} steps, {plan}{verified}")
