@@ -723,7 +723,8 @@ class PolicyServer:
             session.planned = (chunk.t_actions, job.actions)
             seen = total_ms / 1e3
             session.latency_s = seen if session.latency_s is None else 0.7 * session.latency_s + 0.3 * seen
-        late, timing = total_ms > session.deadline_ms, job.timing
+        timing = job.timing
+        late = total_ms > session.deadline_ms
         if late:  # said with where the time went: a policy too slow for this robot's rate, or robots waiting before it
             robots = f"{job.batch_size} robot{'' if job.batch_size == 1 else 's'}"
             self._warn(f"{job.robot.hex()}:deadline", f"observation {job.seq} of {robot_label(session.name, job.robot)} "
