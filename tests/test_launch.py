@@ -273,12 +273,14 @@ def test_sim_launch_runs_its_episodes_and_stops_everything(tmp_path):
     pytest.importorskip("metaworld")
     # Where SCHED_FIFO is permitted, take the permission away, so the refusal path runs too.
     no_nice = ["setpriv", "--bounding-set", "-sys_nice"] if fifo_permitted() and shutil.which("setpriv") else []
-    launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=2", "robot.placement.fifo_priority=50"), no_nice)
+    launcher = Launcher(sim_overrides(tmp_path, "robot.episodes=2", "robot.placement.fifo_priority=50",
+                                      "server.device=auto"), no_nice)
     out = launcher.finish()
     assert launcher.proc.returncode == 0, out
     assert re.search(r"reach-v3: success \d+% \(\d/2, 95% CI", out), out
     assert "loop 50 Hz: period error p50" in out
     assert re.search(r"server tcp://127\.0\.0\.1:\d+ answered a heartbeat", out)
+    assert "server policy: torch on cpu, " in out  # the device the server chose, not the config's word
     assert "polcache has no dashboard command" in out or re.search(r"dashboard http://127\.0\.0\.1:\d+/", out)
     if no_nice or not fifo_permitted():
         assert "robot: SCHED_FIFO priority 50 is not permitted here" in out

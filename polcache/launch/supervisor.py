@@ -176,18 +176,24 @@ class Launch:
         lines = child.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         return "\n".join(f"  {name}| {line}" for line in lines)
 
+    def said(self, name: str, prefix: str) -> str | None:
+        """The last line of a child's log that starts with `prefix`, if it wrote one."""
+        child = self.children[name]
+        if child.log is None or not child.log.is_file():
+            return None
+        lines = [line for line in child.log.read_text(errors="replace").splitlines() if line.startswith(prefix)]
+        return lines[-1] if lines else None
+
     def refusal(self, name: str) -> str | None:
         """The one line a child that refused its options ended with ("polcache serve: error: ..."),
         a leading option named as the launch config's key (--cache: server.cache), if it did."""
         child = self.children[name]
-        if child.proc.returncode != 2 or child.log is None or not child.log.is_file():  # 2: refused, not crashed
+        if child.proc.returncode != 2:  # 2: refused, not crashed
             return None
-        command = child.proc.args[len(POLCACHE)]
-        said = [line for line in child.log.read_text(errors="replace").splitlines()
-                if line.startswith(f"polcache {command}: error: ")]
-        if not said:
+        said = self.said(name, f"polcache {child.proc.args[len(POLCACHE)]}: error: ")
+        if said is None:
             return None
-        why = said[-1].split(": error: ", 1)[1]
+        why = said.split(": error: ", 1)[1]
         keys = {f.name for f in fields(ServerLaunch)} if name == "server" else set()
         return re.sub(r"^(?:argument )?--([a-z][a-z-]*)",
                       lambda m: f"{name}.{m[1].replace('-', '_')}" if m[1].replace("-", "_") in keys else m[0], why)
@@ -272,7 +278,9 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str, cameras: tuple[list
             print(launch.tail("server"), file=sys.stderr)
             raise PolcacheError(str(exc)) from None
         say(f"server {cfg.server.bind} answered a heartbeat after {took:.1f} s (checkpoint {cfg.server.checkpoint}, "
-            f"device {cfg.server.device}, {server_threads(cfg)} thread(s))")
+            f"{server_threads(cfg)} thread(s))")
+        # what the server chose (device auto: which one; the backend, precision and cache plan), in its words
+        say(f"server {launch.said('server', 'policy: ') or f'policy: device {cfg.server.device}'}")
         if cfg.server.metrics_port is not None:
             say(f"server Prometheus metrics http://127.0.0.1:{cfg.server.metrics_port}/metrics")
         has_dashboard = probe is not None and probe.wait() == 0
