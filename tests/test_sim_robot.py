@@ -497,6 +497,27 @@ def test_an_episode_cut_at_the_tick_limit_is_marked_truncated_not_just_failed(mo
     (episode,) = result.per_episode
     assert episode["truncated"] and not episode["success"] and result.extra["truncated_episodes"] == 1
     assert "episode 0 (seed 1000) cut at 5 ticks" in caplog.text
+    # its steps say how long the robot waited, not how long the task took: not an episode length
+    assert np.isnan(result.mean_episode_length) and "no episode ran to its end" in result.summary()
+
+
+def test_episodes_cut_short_by_chunks_that_arrive_too_late_are_blamed_on_the_machine():
+    """On a loaded machine (inference p50 195 ms for chunks of 8 actions at 50 Hz) two of six
+    episodes ran out of ticks without a step; the summary read as the policy's 67% success and a
+    mean episode length that counted the two as 13 and 0 steps."""
+    from polcache.sim.evaluate import EvalResult
+    from polcache.sim.robot_cli import _starved
+
+    def result(latency_ms: float, truncated: int = 2) -> EvalResult:
+        return EvalResult(task=TASK, episodes=6, successes=4, success_rate=4 / 6, ci95=(0.3, 0.9),
+                          mean_episode_length=44.5, latency_ms={"p50": latency_ms, "p95": 250.0, "p99": 260.0},
+                          seed=0, extra={"truncated_episodes": truncated, "chunk_actions": 8})
+
+    assert "mean episode length 44.5 steps over the 4 not cut short" in result(200.0).summary()
+    assert "over the" not in result(200.0, truncated=0).summary()
+    assert ("observation-to-action latency (p50 200 ms) is longer than a chunk lasts (8 actions at 50 Hz: 160 ms)"
+            in _starved(result(200.0), 50.0))
+    assert _starved(result(120.0), 50.0) == "" and _starved(result(float("nan")), 50.0) == ""
 
 
 def test_what_a_sim_robot_records_is_what_ran(capsys):

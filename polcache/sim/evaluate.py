@@ -97,8 +97,13 @@ class EvalResult:
         # tick that received the chunk, which includes the transport and waiting for that tick
         robot = self.extra.get("latency_from") == "capture"
         inference = self.extra.get("chunk", {}).get("inference_ms", {}).get("p50") if robot else None
+        cut_short = self.extra.get("truncated_episodes", 0)  # a robot's episodes cut at the tick limit
+        length = (f"mean episode length {self.mean_episode_length:.1f} steps{cap}" if cut_short < self.episodes
+                  else "no episode ran to its end")
+        if 0 < cut_short < self.episodes:
+            length += f" over the {self.episodes - cut_short} not cut short"
         outcome = (f"success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI {lo:.0%}-{hi:.0%}), "
-                   f"mean episode length {self.mean_episode_length:.1f} steps{cap}" if self.episodes
+                   f"{length}" if self.episodes
                    else "no episode finished")  # a robot stopped in its first: its stop and loop still reported
         latency = (f"{'observation-to-action' if robot else 'chunk'} latency p50 {lat['p50']:.1f} ms / p95 "
                    f"{lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms" if lat["p50"] == lat["p50"]  # NaN: none timed

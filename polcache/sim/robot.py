@@ -170,7 +170,7 @@ def run_sim_robot(
              else list(instructions(task, "heldout")) if task in INSTRUCTIONS else [None])
 
     metrics = metrics or Metrics()
-    interrupted, refused, mismatch, loop = None, None, None, None
+    interrupted, refused, mismatch, loop, chunk_actions = None, None, None, None, None
     schedule = ActionSchedule(hz, blend, **({} if decay is None else {"decay": decay}))
     env = make_env(task, seed=seed, image=bool(cameras), cameras=cameras, image_size=image_size)
     robot = SimRobot(env, sensor_lag_ms / 1e3, stamped)
@@ -181,6 +181,7 @@ def run_sim_robot(
                           instruction=texts[0]) as client:
             try:  # Ctrl-C or (Terminated) SIGTERM, e.g. `polcache launch` stopping, from the connect on:
                 policy = client.connect(timeout_s=connect_timeout_s)
+                chunk_actions = policy.get("n_action_steps")  # how long a chunk lasts, for the summary
                 if policy.get("task") and policy["task"] != task:  # allowed (transfer tests), but rarely meant
                     log.warning("the server's policy was trained on %s, this robot runs %s", policy["task"], task)
                 mismatch = check_rate(policy.get("control_hz"), 1.0 / env.control_period_s, task, allow_rate_mismatch)
@@ -237,7 +238,9 @@ def run_sim_robot(
     return EvalResult(
         task=task, episodes=n, successes=n_ok, success_rate=n_ok / max(1, n),
         ci95=wilson_interval(n_ok, n),
-        mean_episode_length=float(np.mean([e["length"] for e in per_episode])) if per_episode else math.nan,
+        # a cut episode's steps say how long the robot waited, not how long the task took: left out
+        mean_episode_length=float(np.mean(ran)) if (ran := [e["length"] for e in per_episode if not e["truncated"]])
+        else math.nan,
         latency_ms={k: latency.get(k, float("nan")) for k in ("p50", "p95", "p99")} | {"n": latency.get("n", 0)},
         seed=seed, per_episode=per_episode,
         extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend,
@@ -245,7 +248,7 @@ def run_sim_robot(
                "chunk": snap.get("chunk", {}),
                "safe_stop": stopped, "reconnects": reconnects, "policy_changes": policy_changes,
                **jerk_summary(per_episode),
-               "truncated_episodes": sum(e["truncated"] for e in per_episode),
+               "truncated_episodes": sum(e["truncated"] for e in per_episode), "chunk_actions": chunk_actions,
                **({"sensor_lag_ms": sensor_lag_ms, "stamped": stamped} if sensor_lag_ms else {}),
                **({"rate_mismatch": mismatch} if mismatch else {}),
                **({"interrupted": interrupted} if interrupted else {}),

@@ -117,6 +117,19 @@ def _sim_robot(args: argparse.Namespace) -> int:
     return result.exit_status()
 
 
+def _starved(result, hz: float) -> str:
+    """Why episodes ran out of ticks, where the answer is the machine: chunks that arrive later than
+    they last leave the robot nothing to execute, whatever the policy would have done."""
+    latency = result.latency_ms.get("p50", float("nan"))
+    actions = result.extra.get("chunk_actions")
+    if not actions or not latency > actions / hz * 1e3:  # NaN: no chunk arrived (said above)
+        return ""
+    return (f". The observation-to-action latency (p50 {latency:.0f} ms) is longer than a chunk lasts ({actions} "
+            f"actions at {hz:g} Hz: {actions / hz * 1e3:.0f} ms), so most chunks arrived with every action past due: "
+            f"this machine did not keep up with the policy at this rate (a loaded CPU, the server's threads), and "
+            f"these episodes measure that, not the policy")
+
+
 def _say(args: argparse.Namespace, result) -> None:
     """The run's summary lines: the result, the loop, reconnects, chunks, seam jerk."""
     print(result.summary())
@@ -141,7 +154,8 @@ def _say(args: argparse.Namespace, result) -> None:
         print(f"the server refused this robot when it reconnected, which ended the run: {refused['error']}")
     if truncated := result.extra["truncated_episodes"]:
         print(f"{counted(truncated, 'episode')} cut at the loop's tick limit, most ticks without a step (waiting for "
-              f"chunks or safe-stopped): counted as no success, marked truncated in --json")
+              f"chunks or safe-stopped): counted as no success, left out of the mean episode length, marked "
+              f"truncated in --json{_starved(result, args.hz)}")
     if reconnects := result.extra["reconnects"]:  # otherwise only a dip in the dashboard's fresh actions shows it
         print(f"reconnected to the server {counted(reconnects, 'time')} (it went silent or forgot this robot): each "
               f"reconnect starts a new epoch, and that episode's observation history starts over")
