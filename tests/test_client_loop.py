@@ -382,6 +382,22 @@ def test_a_tick_that_woke_late_acts_for_its_own_step_and_the_next_tick_for_the_n
     assert [round(period, 3) for period, value in robot.acts if value == 20] == [20.7]  # late, not skipped
 
 
+def test_a_chunk_received_after_the_process_was_paused_is_judged_at_the_time_it_arrived(caplog):
+    """A robot process stopped 2 s (SIGSTOP, a debugger) mid-sleep: the chunk taken on its first tick
+    back, all of whose actions were long past due, was counted as 1 dropped action of 8, against
+    the deadline from before the pause, and no line said why the robot then stopped."""
+    clock = LateWakingClock(at=20 / HZ, late_s=2.0)
+    robot = SlowObserveRobot(clock, 0.0)
+    chunks = []
+    loop = ControlLoop(robot, ScriptedClient(clock, 0.5 / HZ), HZ, clock=clock, on_chunk=chunks.append)
+    with caplog.at_level(logging.WARNING, logger="polcache_client"):
+        loop.run(ticks=22, then_stop=False)
+    (back,) = [c for c in chunks if c.seq == 19]  # sent before the pause, taken on the first tick after it
+    assert back.dropped_actions == N_ACTIONS and back.latency_ms == pytest.approx(2000 + 1e3 / HZ)
+    assert "chunk for observation 19 arrived 2020 ms after its capture, with all 8 actions past due" in caplog.text
+    assert max(value for _, value in robot.acts) == 19  # nothing from before the pause executed after it
+
+
 @pytest.mark.parametrize("observe_periods", [0.6, 1.3])
 def test_a_steadily_slow_observe_keeps_the_rate_it_can_and_each_step_once(observe_periods):
     """Under an observe() that always takes 0.6 periods, every step is executed, at the full rate

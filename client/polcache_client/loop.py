@@ -137,6 +137,9 @@ class ControlLoop:
         now = tick.t
         period = self.rate.period
         due = tick.deadline if self._acted_for is None else max(tick.deadline, self._acted_for + period)
+        # a process paused in its sleep wakes a period or more past the deadline it slept for: the
+        # chunks it takes now are judged against the step due now (their actions dropped as past due)
+        due = self._caught_up(due, now)
         self._receive(now, due)
         observing = self.clock.now()
         epoch = self.client.epoch
@@ -152,8 +155,7 @@ class ControlLoop:
         acting = self.clock.now()
         if acting - now > self.schedule.half_period:  # the tick stalled (a slow observe(), a paused process):
             now = acting  # the watchdog and the record go by when it acts
-        if acting - due >= period:  # its step and maybe more are a period past: the last one due by now
-            due += math.floor((acting - due) / period) * period
+        due = self._caught_up(due, acting)  # its step and maybe more are a period past: the last one due by now
         skipped = int(due > acting)  # not due yet: the late tick before acted for this one's step, skipping one
         if missed := tick.missed + skipped:
             self._ran_late(missed)
@@ -303,6 +305,11 @@ class ControlLoop:
                f"the process was paused or not scheduled (the last tick's work took {work_ms:.1f} ms of the "
                f"{period_ms:.1f} ms period): a loaded machine; see use_realtime_priority()")
         self._warn("missed", f"control loop late: {missed} tick(s) skipped; {why}")
+
+    def _caught_up(self, due: float, now: float) -> float:
+        """The grid step due at `now`: `due` if it is less than a period past, else the last one due by then."""
+        period = self.rate.period
+        return due + math.floor((now - due) / period) * period if now - due >= period else due
 
     def _receive(self, now: float, due: float) -> None:
         """Take the chunks that arrived; of each, the actions due before the step this tick acts for
