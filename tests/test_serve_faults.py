@@ -725,6 +725,31 @@ def test_a_robot_waiting_for_a_lost_server_says_so_until_it_is_back(tmp_path, ca
         server.stop()
 
 
+def test_a_robot_that_a_restarted_server_forgot_says_how_it_learned_it(tmp_path, caplog):
+    """A server restarted while the robot sat between episodes: the new server answered its heartbeats
+    (any server does), so the robot learned of the restart from no_session on its next observation,
+    and its reconnect line read "0.2 s after the connection was lost" after an 11 s outage."""
+    endpoint = f"ipc://{tmp_path}/policy.sock"
+    server = PolicyServer(FakeBackend(), endpoint).start()
+    client = PolicyClient(endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=50, timeout_s=0.5,
+                          heartbeat_s=0.05)
+    try:
+        client.connect(timeout_s=2)
+        server.stop()
+        server = PolicyServer(FakeBackend(), endpoint).start()
+        time.sleep(0.3)  # the robot's heartbeats reach the new server, which answers them
+        assert client.poll() is not None and client.ready
+        with caplog.at_level(logging.INFO, logger="polcache_client"):
+            client.send_observation({"state": np.zeros(STATE_DIM, np.float32)}, time.monotonic())
+            assert wait_for(lambda: client.poll() is not None and client.epoch == 1 and client.ready, timeout_s=3)
+        assert "server does not know this robot" in caplog.text
+        assert re.search(r"connected to .* \(epoch 1, \d+\.\d s after the server said it did not know this robot\)",
+                         caplog.text), caplog.text
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_a_robot_that_paused_itself_does_not_blame_the_server_alone(server, caplog):
     """A robot frozen for 5 s logged "no reply from server for 5.03 s", as if the server had gone; the
     line now says the robot itself did not poll for most of that time. It still reconnects (the server

@@ -150,6 +150,7 @@ class PolicyClient:
         self.server = ""  # the welcoming server's name (welcome.server)
         self._full = ""  # the server's last server_full refusal of our handshake, if any
         self._lost_at: float | None = None  # when the connection was lost (until a welcome), for the waiting line
+        self._lost_how = "the connection was lost"  # or how the robot learned it must reconnect
         self._next_lost_log = 0.0
         self._polled_at, self._unpolled_s = self.clock.now(), 0.0  # the last poll, and the gap before this one
         self._socket: zmq.Socket | None = None
@@ -201,10 +202,13 @@ class PolicyClient:
         self._last_rx = now
         self._last_heartbeat = now
 
-    def _reconnect(self, reason: str) -> None:
+    def _reconnect(self, reason: str, forgotten: bool = False) -> None:
+        """`forgotten`: the server answered that it does not know this robot (restarted while its heartbeats,
+        which any server answers, kept the connection looking alive): counted from that answer."""
         log.warning("%s; reconnecting to %s with a new epoch", reason, self.address)
         if self._lost_at is None:  # when it was last heard from, not when the silence was noticed
             self._lost_at = self._last_rx
+            self._lost_how = "the server said it did not know this robot" if forgotten else "the connection was lost"
         self._next_lost_log = self.clock.now() + STILL_LOST_LOG_S
         self.epoch += 1
         self.seq = -1
@@ -280,8 +284,7 @@ class PolicyClient:
                 self._ready, self.policy, self.server = True, msg.policy, msg.server
                 self.max_message_bytes = msg.max_message_bytes
                 self.connections += 1
-                lost = (f", {now - self._lost_at:.1f} s after the connection was lost" if self._lost_at is not None
-                        else "")
+                lost = f", {now - self._lost_at:.1f} s after {self._lost_how}" if self._lost_at is not None else ""
                 log.info("connected to %s at %s (epoch %d%s)", msg.server, self.address, self.epoch, lost)
                 self._lost_at = None
         elif isinstance(msg, Heartbeat):
@@ -302,7 +305,7 @@ class PolicyClient:
                 raise ConnectError(f"server at {self.address} refused the handshake: [{msg.code}] {msg.message}",
                                    msg.code)
             if msg.code == "no_session":
-                self._reconnect(f"server does not know this robot ({msg.message})")
+                self._reconnect(f"server does not know this robot ({msg.message})", forgotten=True)
                 return False
             if msg.code == "bad_instruction" and self._instruction_refused(msg.message):
                 return True
@@ -363,8 +366,8 @@ class PolicyClient:
             self._send(self._handshake)
             if self._lost_at is not None and now >= self._next_lost_log:  # the operator sees it still waits
                 self._next_lost_log = now + STILL_LOST_LOG_S
-                log.warning("still no answer from %s, %.0f s after the connection was lost (handshake resent every "
-                            "%.2g s)", self.address, now - self._lost_at, self.heartbeat_s)
+                log.warning("still no answer from %s, %.0f s after %s (handshake resent every %.2g s)", self.address,
+                            now - self._lost_at, self._lost_how, self.heartbeat_s)
         elif self._ready and now - self._last_heartbeat >= self.heartbeat_s:
             self._last_heartbeat = now
             self._send(encode(Heartbeat(t=now), self.version))
