@@ -149,10 +149,13 @@ def test_observation_before_handshake_is_refused(server):
         ({"state": ((STATE_DIM,), "float32")}, ACTION_DIM + 5, "action_dim: robot 7 != policy 2"),
     ],
 )
-def test_handshake_mismatch_names_the_field(server, spec, action_dim, fragment):
+def test_handshake_mismatch_names_the_field(server, spec, action_dim, fragment, caplog):
     p = RawPeer(server.endpoint)
-    reply = p.request(encode(Handshake(obs_spec=spec, action_dim=action_dim, hz=50.0, name="x")))
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+        reply = p.request(encode(Handshake(obs_spec=spec, action_dim=action_dim, hz=50.0, name="arm3")))
     assert reply.code == "spec_mismatch" and fragment in reply.message
+    # which robot to fix, by the name it announced (it read "message from (no handshake)")
+    assert re.search(r"refused the handshake of arm3 \(session \w+\): \[spec_mismatch\] ", caplog.text), caplog.text
     p.close()
     client = PolicyClient(server.endpoint, spec, action_dim, hz=50)
     with pytest.raises(ConnectError, match="refused the handshake"):

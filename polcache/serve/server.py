@@ -432,7 +432,7 @@ class PolicyServer:
             session.last_seen = time.monotonic()
             self.sessions.move_to_end(robot)
         t0 = time.perf_counter()
-        version = None  # the version of a readable message: a robot without a session is answered in it
+        version = msg = None  # the version of a readable message: a robot without a session is answered in it
         try:
             if len(frames) != 1:
                 raise ProtocolError("malformed", f"expected one frame per message, got {len(frames)}")
@@ -466,15 +466,19 @@ class PolicyServer:
         except ProtocolError as exc:
             if exc.version is None:
                 exc.version = version
-            self._refuse(robot, session, exc, seq=exc.seq)
+            self._refuse(robot, session, exc, seq=exc.seq, handshake=msg if isinstance(msg, Handshake) else None)
 
-    def _refuse(self, robot: bytes, session: Session | None, exc: ProtocolError, seq: int | None = None) -> None:
+    def _refuse(self, robot: bytes, session: Session | None, exc: ProtocolError, seq: int | None = None,
+                handshake: Handshake | None = None) -> None:
         """Answer with an error: in the session's protocol version, else the refused message's where
-        it was readable (a version-1 robot after a server restart reads its no_session), else ours."""
+        it was readable (a version-1 robot after a server restart reads its no_session), else ours.
+        A refused `handshake` is logged under the name it announced (the metrics label stays "no
+        handshake": a name refused is no robot's series), so the operator knows which robot to fix."""
         who = session.name if session else NO_HANDSHAKE  # the metrics label
         message = error_message(str(exc))
-        self._warn(f"{robot.hex()}:{exc.code}",
-                   f"refused message from {robot_label(who, robot)}: [{exc.code}] {message}")
+        what = (f"the handshake of {robot_label(handshake.name, robot)}" if handshake is not None
+                else f"message from {robot_label(who, robot)}")
+        self._warn(f"{robot.hex()}:{exc.code}", f"refused {what}: [{exc.code}] {message}")
         version = session.version if session else exc.version or PROTOCOL_VERSION
         self._send(robot, encode(Error(code=exc.code, message=message, seq=seq), version))
         if self.on_record is not None:
