@@ -1103,4 +1103,5 @@ def test_a_run_off_the_main_thread_says_once_that_signals_do_not_stop_it(caplog)
             worker.start()
             worker.join()
     assert caplog.text.count("run() on thread 'ros-executor': Ctrl-C and SIGTERM reach the main thread only") == 1
+    assert "then wait while this thread is_alive() (docs/protocol.md: not a join()" in caplog.text  # as the docs say
     assert "loop.request_stop()" in caplog.text

@@ -361,7 +361,8 @@ class ControlLoop:
         if threading.current_thread() is not threading.main_thread() and not self._told_thread:
             self._told_thread = True  # a ROS executor's, a GUI's thread: Ctrl-C raised in the main thread, not here
             log.warning("ControlLoop.run() on thread %r: Ctrl-C and SIGTERM reach the main thread only, so they do "
-                        "not stop this loop; there, call loop.request_stop() (then join this thread)",
+                        "not stop this loop; there, call loop.request_stop(), then wait while this thread is_alive() "
+                        "(docs/protocol.md: not a join(), which Ctrl-C can cut short)",
                         threading.current_thread().name)
         if requested.is_set():
             self._log.info("requested", "run() returns at once: request_stop() holds the loop until "
