@@ -822,3 +822,20 @@ def test_latencies_a_control_period_apart_fill_every_bar():
     counts, edges = series["counts"], np.asarray(series["edges"])
     assert sum(counts) == 1000 and all(c > 0 for c in counts)
     assert np.allclose(np.diff(edges) % 20.0, 0.0, atol=1e-6)  # a whole number of periods wide
+
+
+def test_a_stage_keeps_its_colour_whether_or_not_the_server_records_are_there():
+    """Without the server's records the network bar came first and took the first stage's colour
+    (pink with them, orange without)."""
+    from polcache.dashboard.views import BAR_ORDER
+
+    robot = [{"kind": "chunk", "t": i / 10, "robot": "arm", "latency_ms": 50.0, "server_ms": 20.0} for i in range(20)]
+    server = [{"kind": "request", "t": i / 10, "robot": "arm", **{f"{s}_ms": 1.0 for s in BAR_ORDER[:6]}}
+              for i in range(20)]
+    colours = []
+    for records in (robot, robot + server):
+        state = RunState()
+        state.add(records)
+        colours.append({s["name"]: s["color"] for s in state.views()["stages"]["stacks"]})
+    assert colours[0]["network + tick wait"] == colours[1]["network + tick wait"] == BAR_ORDER.index("network + tick wait")
+    assert colours[1]["inference"] == BAR_ORDER.index("inference") and colours[0]["server (total)"] == 6

@@ -108,6 +108,31 @@ def test_reference_line_labels_are_drawn_apart(tmp_path):
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no chromium (scripts/test.sh installs it with apt-get where it can)")
+def test_counts_have_whole_ticks_and_a_deadline_at_the_left_edge_keeps_its_label_inside(tmp_path):
+    """A loaded run: the deadline line near the histogram's left edge had its label cut off and
+    drawn over the axis; counts of a few safe stops or drops had ticks at 1.57, 2.36, 3.15."""
+    server = tmp_path / "server.jsonl"
+    server.write_text(json.dumps({"kind": "info", "t": 100.0, "role": "server",
+                                  "policy": {"n_action_steps": 8}}) + "\n")
+    robot = tmp_path / "arm.jsonl"
+    robot.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "info", "t": 100.0, "monotonic": 0.0, "role": "robot", "robot": "sim-robot reach-v3", "hz": 50.0},
+        *({"kind": "chunk", "t": i / 10, "robot": "sim-robot reach-v3", "latency_ms": 135.0 + 3 * i,
+           "dropped_actions": int(i % 30 == 0)} for i in range(100))]))
+    dashboard = Dashboard([server, robot])
+    dashboard.poll()
+    try:
+        dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
+    finally:
+        dashboard.stop()
+    (anchor,) = re.findall(r'text-anchor="(\w+)"[^>]*>deadline sim-robot reach-v3: 140.0<', section(dom, "latency_hist"))
+    assert anchor == "start"  # right of its line: to the left it ran over the axis
+    drops = section(dom, "drops")
+    y_ticks = re.findall(r'<text x="48" y="[\d.]+" text-anchor="end">([^<]+)</text>', drops)
+    assert y_ticks and all(re.fullmatch(r"\d+", tick) for tick in y_ticks), y_ticks
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium (scripts/test.sh installs it with apt-get where it can)")
 def test_a_line_of_one_point_is_drawn_as_a_dot(tmp_path):
     """About a second of records (a file just truncated): the rate's one point drew nothing, while
     the page marked the view as having data."""

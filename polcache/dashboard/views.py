@@ -74,6 +74,10 @@ VIEWS = {
     "cache": ("cache schedule (block x denoising step)", "heatmap"),
     "system": ("CPU load (%) and GPU utilisation (%) of this machine", "line"),
 }
+COUNT_VIEWS = {"latency_hist", "period_error_hist", "deadline", "starvation", "drops"}  # whole-number axes
+# The per-stage bars' colours by name: a page without server records has no stage bars before the
+# network's, which took the first stage's colour there and another here.
+BAR_ORDER = (*STAGES, SERVER_TOTAL, "network + tick wait")
 
 
 class Columns:
@@ -201,6 +205,8 @@ class RunState:
         out = {}
         for view, (title, kind) in VIEWS.items():
             out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
+            if view in COUNT_VIEWS:
+                out[view]["integer"] = True
         out["_meta"] = {"robots": self.robots(), "interval_s": interval, "span_s": span, "bad_records": self.bad_records,
                         "notes": self.notes(),
                         "errors": {f"{robot}: {code}": n for (robot, code), n in sorted(self.errors.items())}}
@@ -319,7 +325,8 @@ class RunState:
             stacks.append({"name": SERVER_TOTAL, "values": [self._mean("chunk", r, "server_ms") if r in unstaged
                                                             else None for r in robots]})
         stacks.append({"name": "network + tick wait", "values": [network.get(r) for r in robots]})
-        stacks = [stack for stack in stacks if any(v is not None for v in stack["values"])]  # no legend for none
+        stacks = [{**stack, "color": BAR_ORDER.index(stack["name"])} for stack in stacks
+                  if any(v is not None for v in stack["values"])]  # no legend for none
         view = {"categories": robots, "stacks": stacks}
         if unstaged:
             view["note"] = (f"no server records of {', '.join(unstaged)}: its server time is one bar, "

@@ -41,13 +41,26 @@ function ticks(lo, hi, n) {
   return out;
 }
 
-function frame(svg, x0, x1, y0, y1) {
+// Round steps (1, 2 or 5 times a power of ten) for the value axis, whole ones for counts: a count
+// of safe stops read 1.57, 2.36, 3.15.
+function niceTicks(lo, hi, integer) {
+  const raw = (hi - lo || 1) / 4, p = 10 ** Math.floor(Math.log10(raw)), m = raw / p;
+  let step = (m <= 1 ? 1 : m <= 2 ? 2 : m <= 5 ? 5 : 10) * p;
+  if (integer) step = Math.max(1, Math.round(step));
+  const digits = Math.max(0, -Math.floor(Math.log10(step) + 1e-9)), out = [];  // as many decimals as the step has
+  for (let k = Math.ceil(lo / step - 1e-9); k * step <= hi + 1e-9 * step; k++) {
+    out.push([k * step, (k * step).toFixed(digits)]);
+  }
+  return out;
+}
+
+function frame(svg, x0, x1, y0, y1, integer) {
   const sx = v => M.l + (v - x0) / (x1 - x0 || 1) * (W - M.l - M.r);
   const sy = v => H - M.b - (v - y0) / (y1 - y0 || 1) * (H - M.t - M.b);
   el("rect", { x: M.l, y: M.t, width: W - M.l - M.r, height: H - M.t - M.b, fill: "none", stroke: "#ccc" }, svg);
-  for (const v of ticks(y0, y1, 4)) {
+  for (const [v, label] of niceTicks(y0, y1, integer)) {
     el("line", { x1: M.l, x2: W - M.r, y1: sy(v), y2: sy(v), stroke: "#eee" }, svg);
-    text(svg, M.l - 4, sy(v) + 3, fmt(v), "end");
+    text(svg, M.l - 4, sy(v) + 3, label, "end");
   }
   // the last label ends at its tick: centred, it ran past the right edge and was cut off
   ticks(x0, x1, 5).forEach((v, i) => text(svg, sx(v), H - M.b + 13, fmt(v), i === 5 ? "end" : "middle"));
@@ -74,12 +87,12 @@ function range(values, pad) {
   return [lo, hi + (hi - lo) * 0.05];
 }
 
-function legend(section, names) {
+function legend(section, names, colors) {  // colors: each name's colour index, where not its position
   const div = document.createElement("div");
   div.className = "legend";
-  names.forEach((name, i) => {
+  names.forEach((name, j) => {
     const span = document.createElement("span");
-    const color = COLORS[i % COLORS.length];
+    const i = colors ? colors[j] : j, color = COLORS[i % COLORS.length];
     span.innerHTML = dashOf(i) ? `<i style="background:none;border-top:3px ${LEGEND_LINES[dashOf(i)]} ${color}"></i>`
                                : `<i style="background:${color}"></i>`;
     span.appendChild(document.createTextNode(name));
@@ -93,7 +106,7 @@ function drawLine(svg, section, view) {
   const xs = series.flatMap(s => s.x), ys = series.flatMap(s => s.y).concat((view.hlines || []).map(h => h.y));
   // every time line over the run's whole span, so the views' axes line up
   const [x0, x1] = range(view.span_s ? xs.concat([0, view.span_s]) : xs, false), [y0, y1] = range(ys, true);
-  const [sx, sy] = frame(svg, x0, x1, y0, y1);
+  const [sx, sy] = frame(svg, x0, x1, y0, y1, view.integer);
   text(svg, W - M.r, H - 2, "seconds since start", "end");
   series.forEach((s, i) => {
     let d = "", pen = "M";
@@ -124,7 +137,8 @@ function drawHist(svg, section, view) {
   const edges = series[0].edges;
   const [x0, x1] = [edges[0], edges[edges.length - 1]];
   const [y0, y1] = range(series.flatMap(s => s.counts), true);
-  const [sx, sy] = frame(svg, x0, x1, y0, y1);
+  const [sx, sy] = frame(svg, x0, x1, y0, y1, view.integer);
+  text(svg, 10, (M.t + H - M.b) / 2, "count", "middle").setAttribute("transform", `rotate(-90 10 ${(M.t + H - M.b) / 2})`);
   series.forEach((s, i) => {
     let d = `M${sx(s.edges[0])},${sy(0)} `;
     s.counts.forEach((c, j) => { d += `L${sx(s.edges[j])},${sy(c)} L${sx(s.edges[j + 1])},${sy(c)} `; });
@@ -136,7 +150,11 @@ function drawHist(svg, section, view) {
   const labelY = spread(vlines.map(() => M.t + 10), 11, 1);  // downwards, one row per line
   vlines.forEach((v, i) => {
     el("line", { x1: sx(v.x), x2: sx(v.x), y1: M.t, y2: H - M.b, stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
-    haloed(text(svg, sx(v.x) - 3, labelY[i], `${v.name}: ${fmt(v.x)}`, "end"));
+    const label = haloed(text(svg, sx(v.x) - 3, labelY[i], `${v.name}: ${fmt(v.x)}`, "end"));
+    if (label.getComputedTextLength() > sx(v.x) - 3 - M.l) {  // it would run over the axis: right of the line
+      label.setAttribute("x", sx(v.x) + 3);
+      label.setAttribute("text-anchor", "start");
+    }
   });
   legend(section, series.map(s => s.name));
   return series.some(s => s.counts.some(c => c > 0));
@@ -155,13 +173,13 @@ function drawBars(svg, section, view) {
     stacks.forEach((s, j) => {
       const v = s.values[i] || 0;
       const r = el("rect", { x: sx(acc), y: y + 2, width: Math.max(sx(acc + v) - sx(acc), 0), height: rowH - 4,
-                             fill: COLORS[j % COLORS.length] }, svg);
+                             fill: COLORS[(s.color ?? j) % COLORS.length] }, svg);
       el("title", {}, r).textContent = `${s.name}: ${fmt(v)} ms`;
       acc += v;
     });
     text(svg, sx(acc) + 3, y + rowH / 2 + 3, `${fmt(acc)} ms`);
   });
-  legend(section, stacks.map(s => s.name));
+  legend(section, stacks.map(s => s.name), stacks.map((s, j) => s.color ?? j));
   return cats.length > 0 && totals.some(t => t > 0);
 }
 
