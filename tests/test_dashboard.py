@@ -551,6 +551,25 @@ def test_report_writes_a_page_with_one_png_per_view(tmp_path):
     assert views["latency"]["series"]
 
 
+def test_report_pngs_say_what_they_show_and_count_in_whole_numbers(tmp_path):
+    """A PNG pasted alone had no title, and the histograms no unit or 'count' on either axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from polcache.dashboard.report import _draw
+
+    views = state_of(two_robot_run(tmp_path)).views()
+    fig, ax = plt.subplots()
+    assert _draw(ax, views["latency_hist"], 10.0)
+    assert ax.get_title(loc="left") == VIEWS["latency_hist"][0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("ms", "count")
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_yticks())
+    plt.close(fig)
+
+
 def test_report_stages_legend_is_below_the_bars_and_their_label(tmp_path):
     """The legend sat inside the axes, on top of a bar."""
     import matplotlib

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -118,13 +119,26 @@ def _plot(view: dict[str, Any], path: Path, span_s: float) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 3.0))
-    drew = {"line": _line, "hist": _hist, "bars": _bars, "heatmap": _heatmap}[view["type"]](ax, view)
-    if drew and view["type"] == "line" and span_s > 0:
-        ax.set_xlim(0.0, span_s)
+    drew = _draw(ax, view, span_s)
     if drew:
         fig.tight_layout()
         fig.savefig(path, dpi=100, bbox_inches="tight")  # legends placed outside the axes included
     plt.close(fig)
+    return drew
+
+
+def _draw(ax, view: dict[str, Any], span_s: float) -> bool:
+    """One view on `ax`, titled: a PNG pasted into a ticket or a slide says what it shows (the title
+    was only the page's heading)."""
+    from matplotlib.ticker import MaxNLocator
+
+    drew = {"line": _line, "hist": _hist, "bars": _bars, "heatmap": _heatmap}[view["type"]](ax, view)
+    if drew and view["type"] == "line" and span_s > 0:
+        ax.set_xlim(0.0, span_s)
+    if drew:
+        ax.set_title(textwrap.fill(view["title"], 100), fontsize=9, loc="left")
+        if view.get("integer"):  # counts: a few safe stops had ticks at 0.5, 1.5, 2.5
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return drew
 
 
@@ -162,6 +176,8 @@ def _hist(ax, view) -> bool:
         ax.stairs(s["counts"], s["edges"], fill=True, alpha=0.35, label=s["name"], **_pen(i))
     for v in view.get("vlines", []):
         ax.axvline(v["x"], color="#c00", linestyle="--", linewidth=1, label=f"{v['name']}: {v['x']:g}")
+    ax.set_xlabel(view.get("title", "").rpartition("(")[2].rstrip(")"))  # the unit the title ends with: ms
+    ax.set_ylabel("count")
     if view["series"]:
         _legend(ax, len(view["series"]) + len(view.get("vlines", [])))
     return bool(view["series"])
@@ -170,9 +186,9 @@ def _hist(ax, view) -> bool:
 def _bars(ax, view) -> bool:
     cats = view["categories"]
     left = [0.0] * len(cats)
-    for s in view["stacks"]:
+    for i, s in enumerate(view["stacks"]):
         values = [v or 0.0 for v in s["values"]]
-        ax.barh(cats, values, left=left, label=s["name"])
+        ax.barh(cats, values, left=left, label=s["name"], color=f"C{s.get('color', i) % 10}")  # as on the page
         left = [a + b for a, b in zip(left, values)]
     ax.set_xlabel("ms")
     if cats:  # below the axis label: inside the axes it covered the bars
