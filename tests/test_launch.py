@@ -202,7 +202,9 @@ def test_cli_refuses_a_busy_port_in_one_line_and_starts_nothing(tmp_path):
                               cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"polcache launch: error: server.bind: port {port} on 127.0.0.1 "
-                                                f"is already in use"]
+                                                f"is already in use (`ss -ltnp 'sport = :{port}'` names the program, "
+                                                f"maybe a launch still running; or give "
+                                                f"server.bind=tcp://127.0.0.1:OTHER)"]
     assert "started" not in proc.stdout and not (tmp_path / "runs").exists()
 
 
