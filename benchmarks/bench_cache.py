@@ -33,9 +33,10 @@ from common import RESULTS, print_table, round_robin, write_json
 from polcache.cache import plan_summary
 from polcache.cache.baselines import threshold_plan, uniform_plan, with_forecast
 from polcache.cache.calibrate import calibrate, calibration_observations
+from polcache.cache.check import plan_deviation, sample_counted
 from polcache.cache.schedule import build_schedule, model_hash
 from polcache.policy.blocks import CA
-from polcache.policy.executor import COMPUTE, Plan, make_store
+from polcache.policy.executor import COMPUTE, Plan
 from polcache.policy.policy import DiffusionPolicy
 from polcache.policy.samplers import diffusers_scheduler
 
@@ -74,36 +75,6 @@ def naive_sample(policy: DiffusionPolicy, feats: torch.Tensor, kind: str, K: int
     return x
 
 
-def run(policy, feats, sampler, plan, seed):
-    """Our executor; returns (normalised actions, block evaluations performed)."""
-    n = len(policy.denoiser.blocks)
-    store = make_store(plan, n) if plan is not None else None
-    x = policy.sample(feats, sampler, plan, torch.Generator().manual_seed(seed), store)
-    return x, (store.computed if store is not None else sampler.num_steps * n)
-
-
-def chunk_jerk(x: torch.Tensor) -> float:
-    """Mean norm of the third difference along a chunk's horizon (normalised actions, (1, H, A))."""
-    d3 = x[:, 3:] - 3 * x[:, 2:-1] + 3 * x[:, 1:-2] - x[:, :-3]
-    return float(d3.norm(dim=-1).mean())
-
-
-def deviation(policy, feats_list, sampler, plan, refs) -> dict[str, float]:
-    """Against uncached with the same noise, over the held-out observations: the mean normalised
-    MSE, the worst action's deviation (max |cached - uncached|, normalised units: a robot meets the
-    worst case, not the mean), the mean ratio of the chunks' jerk (cached / uncached: a reused
-    residual can make a chunk rougher without moving it far) and the mean block evaluations."""
-    nmse, worst, jerk, evals = [], [], [], []
-    for i, (f, ref) in enumerate(zip(feats_list, refs)):
-        x, e = run(policy, f, sampler, plan, seed=i)
-        nmse.append(float(((x - ref) ** 2).sum() / (ref ** 2).sum()))
-        worst.append(float((x - ref).abs().max()))
-        jerk.append(chunk_jerk(x) / chunk_jerk(ref))
-        evals.append(e)
-    return {"nmse": float(np.mean(nmse)), "max_dev": max(worst), "jerk_ratio": float(np.mean(jerk)),
-            "evals": float(np.mean(evals))}
-
-
 def match_threshold(policy, feats_list, sampler, target_evals: float, iters: int = 12) -> float:
     """Bisect (in log space) the threshold whose mean block evaluations are closest to target."""
     n, K = len(policy.denoiser.blocks), sampler.num_steps
@@ -111,7 +82,7 @@ def match_threshold(policy, feats_list, sampler, target_evals: float, iters: int
     best = (float("inf"), 1.0)
     for _ in range(iters):
         t = math.exp((lo + hi) / 2)
-        evals = np.mean([run(policy, f, sampler, threshold_plan(K, n, t), i)[1] for i, f in enumerate(feats_list)])
+        evals = np.mean([sample_counted(policy, f, sampler, threshold_plan(K, n, t), i)[1] for i, f in enumerate(feats_list)])
         best = min(best, (abs(evals - target_evals), t))
         lo, hi = (lo, math.log(t)) if evals < target_evals else (math.log(t), hi)
     return best[1]
@@ -161,12 +132,12 @@ def bench_config(policy, obs, kind: str, K: int, budget: int, bu_blocks: int, ar
     with torch.no_grad():
         feats_list = [policy.encode({k: v[i:i + 1] for k, v in obs.items()})
                       for i in range(args.samples, args.samples + args.deviation_obs)]
-        refs = [run(policy, f, sampler, None, seed=i)[0] for i, f in enumerate(feats_list)]
+        refs = [sample_counted(policy, f, sampler, None, seed=i)[0] for i, f in enumerate(feats_list)]
         thr = match_threshold(policy, feats_list, sampler, bac_evals)
     methods.append(Method(f"threshold:{thr:.4g}", threshold_plan(K, n, thr)))
     rows = []
     feats = feats_list[0]
-    fns = {("after", m.name): (lambda p=m.plan: run(policy, feats, sampler, p, 0)) for m in methods}
+    fns = {("after", m.name): (lambda p=m.plan: sample_counted(policy, feats, sampler, p, 0)) for m in methods}
     if not args.no_naive:
         fns |= {("before", m.name): (lambda p=m.plan: naive_sample(policy, feats, kind, K, p,
                                                                     torch.Generator().manual_seed(0)))
@@ -176,7 +147,7 @@ def bench_config(policy, obs, kind: str, K: int, budget: int, bu_blocks: int, ar
         ms_after = {name: t for (path, name), t in ms.items() if path == "after"}
         ms_before = {name: t for (path, name), t in ms.items() if path == "before"}
         for m in methods:
-            dev = deviation(policy, feats_list, sampler, m.plan, refs)
+            dev = plan_deviation(policy, feats_list, sampler, m.plan, refs)
             evals = dev["evals"]
             limit = K * n / evals
             speedup = ms_after["none"] / ms_after[m.name]

@@ -11,9 +11,9 @@ import argparse
 
 import torch
 
-from bench_cache import deviation, run
 from common import RESULTS, print_table, write_json
 from polcache.cache.calibrate import calibrate, calibration_observations
+from polcache.cache.check import plan_deviation, sample_counted
 from polcache.cache.schedule import OBJECTIVES, build_schedule, model_hash
 from polcache.policy import load_policy
 
@@ -37,14 +37,14 @@ def main() -> None:
     held_out, source = calibration_observations(policy, cfg, args.deviation_obs, 10_000, args.checkpoint)
     with torch.no_grad():
         feats = [policy.encode({k: v[i:i + 1] for k, v in held_out.items()}) for i in range(args.deviation_obs)]
-        refs = [run(policy, f, sampler, None, seed=i)[0] for i, f in enumerate(feats)]
+        refs = [sample_counted(policy, f, sampler, None, seed=i)[0] for i, f in enumerate(feats)]
     rows = []
     for seed in map(int, args.seeds.split(",")):
         obs, src = calibration_observations(policy, cfg, args.samples, seed, args.checkpoint)
         calib = calibrate(policy, sampler, obs, src, seed=seed)
         for objective in OBJECTIVES:
             plan = build_schedule(calib, "bac", args.budget, args.bu_blocks, True, h, sampler.kind, objective).to_plan()
-            dev = deviation(policy, feats, sampler, plan, refs)
+            dev = plan_deviation(policy, feats, sampler, plan, refs)
             rows.append({"seed": seed, "objective": objective, "block_evals": int(dev["evals"]),
                          "limit": round(sampler.num_steps * len(policy.denoiser.blocks) / dev["evals"], 2),
                          "nmse": float(f"{dev['nmse']:.3g}")})

@@ -1,10 +1,12 @@
 """`polcache calibrate` end to end on a tiny checkpoint, and the schedule used through load_backend."""
 
 import json
+import re
 from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
+import torch
 import pytest
 from helpers import tiny_policy
 
@@ -40,10 +42,13 @@ def checkpoint(tmp_path_factory):
 def test_calibrate_writes_schedule_and_heatmap(checkpoint, tmp_path, capsys):
     out = tmp_path / "sched.json"
     argv = ["calibrate", "--checkpoint", str(checkpoint), "--budget", "3", "--bu-blocks", "2", "--steps", "8",
-            "--sampler", "ddim", "--samples", "6", "--out", str(out), "--no-progress"]
+            "--sampler", "ddim", "--samples", "6", "--out", str(out), "--no-progress", "--check", "3"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "layers.1.ffn" in printed and "compute limit" in printed
+    # the worst action and the roughness, which the mean error hides, on observations it was not calibrated on
+    assert re.search(r"checked on 3 held-out observations against uncached sampling \(same noise\): NMSE \S+, worst "
+                     r"action off by \S+ \(normalised units\), chunks \d+\.\d\dx as jerky", printed), printed
     doc = json.loads(out.read_text())
     assert doc["method"] == "bac" and doc["sampler"] == {"kind": "ddim", "steps": 8} and doc["budget"] == 3
     assert doc["objective"] == "error-bound" and len(doc["calibration"]["sensitivity"]) == 6  # 6 blocks
@@ -221,3 +226,24 @@ def test_a_dataset_found_at_the_checkpoints_path_must_be_its_training_data(check
         "float32[5]")
     assert main([*argv, "--dataset", str(tmp_path / "nope.zarr")]) == 2
     assert f"--dataset {tmp_path / 'nope.zarr'}: not found" in capsys.readouterr().err
+
+
+def test_a_plan_is_checked_against_uncached_sampling_with_the_same_noise(checkpoint):
+    """Uncached against itself deviates by nothing; a plan that reuses every block's first delta does,
+    and a rough check suggests a larger budget."""
+    from polcache.cache.check import plan_deviation
+    from polcache.cache.cli import _checked_line
+    from polcache.policy import load_policy
+    from polcache.policy.executor import COMPUTE, REUSE
+
+    policy, _, _ = load_policy(checkpoint)
+    sampler = policy.sampler("ddim", 8)
+    feats = [policy.encode({"state": torch.randn(1, 2, 5, generator=torch.Generator().manual_seed(i))})
+             for i in range(3)]
+    same = plan_deviation(policy, feats, sampler, None)
+    assert (same["nmse"], same["max_dev"], same["jerk_ratio"]) == (0.0, 0.0, 1.0)
+    n = len(policy.cache_blocks)
+    frozen = plan_deviation(policy, feats, sampler, [[COMPUTE] * n] + [[REUSE] * n] * 7)
+    assert frozen["nmse"] > 0 and frozen["max_dev"] > 0 and frozen["evals"] == n
+    assert "a larger --budget smooths them" in _checked_line({**frozen, "jerk_ratio": 1.48}, 3)
+    assert "--budget" not in _checked_line({**frozen, "jerk_ratio": 1.02}, 3)

@@ -135,11 +135,13 @@ def _training_data(policy: CacheTarget, cfg: ExperimentConfig, candidates: list[
 
 DEFAULT_BU_BLOCKS = 5  # blocks widened by Bubbling Union: the paper's choice in simulation
 MAX_SAMPLES = 4096  # calibration observations: the scores settle long before (the default is 32)
+CHECK_OBSERVATIONS = 16  # held out, to check a new schedule against uncached sampling
+HELD_OUT_SEED = 10_000  # their seed's offset: other environment resets (seeds) than any calibration's
 
 
 def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples: int, seed: int = 0,
-                             checkpoint: str | Path | None = None,
-                             dataset: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
+                             checkpoint: str | Path | None = None, dataset: str | Path | None = None,
+                             warn: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """`samples` observation histories (key -> (N, To, ...)) and a description of where they came
     from: random windows of `dataset` if given, else of the training dataset if it is found (see
     `find_dataset`) and is the data the checkpoint was trained on, else environment resets (the reset
@@ -163,7 +165,7 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
     else:
         dataset, store = Path(dataset), open_store(Path(dataset))
         store.check_observations({k: policy.spec.obs[k] for k in keys}, str(dataset), "the checkpoint")
-        if (recorded := other_tasks(policy.spec.task, store.attrs)) is not None:  # allowed, as eval allows it
+        if warn and (recorded := other_tasks(policy.spec.task, store.attrs)) is not None:  # allowed, as eval allows it
             print(f"warning: the checkpoint's policy was trained on {policy.spec.task}, --dataset {dataset} was "
                   f"recorded on {recorded}", file=sys.stderr)
     if store is not None:
@@ -183,7 +185,7 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
         found = other if passed else f"dataset {cfg.dataset or '(none)'} not found"
         raise CacheError(f"no calibration observations: {found}, and the checkpoint names no task"
                          f"{no_task_hint(checkpoint) if checkpoint is not None else ''}: pass --dataset PATH")
-    if passed:
+    if passed and warn:
         print(f"warning: {other}: calibrating on {task} environment resets (pass --dataset PATH for a dataset)",
               file=sys.stderr)
     from polcache.envs import make_env  # simulation is an optional extra
@@ -222,11 +224,14 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
                          sampler: str | None = None, steps: int | None = None, samples: int = 32,
                          method: str = "bac", force_last: bool = True, seed: int = 0, batch_size: int = 8,
                          device: str = "cpu", progress: bool = True, objective: str = "error-bound",
-                         dataset: str | Path | None = None) -> Schedule:
+                         dataset: str | Path | None = None,
+                         check: int = CHECK_OBSERVATIONS) -> tuple[Schedule, dict[str, float] | None]:
     """Calibrate a checkpoint, solve its schedule, and write it to `out` (plus a heatmap PNG beside it);
     `out` is checked before calibrating (see check_schedule_output). Observations come from `dataset`
     or the training data (see `calibration_observations`). Without matplotlib (an install without the
-    report or sim extra) the schedule is written without its heatmap."""
+    report or sim extra) the schedule is written without its heatmap. Then, once it is written, the
+    schedule is checked against uncached sampling on `check` held-out observations (drawn with the
+    seed + HELD_OUT_SEED; 0: not checked): `polcache.cache.check.plan_deviation`'s figures, or None."""
     import importlib.util
 
     from polcache.atomic import atomic_write_bytes
@@ -262,4 +267,13 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
             png.unlink(missing_ok=True)  # not beside another schedule
         else:
             atomic_write_bytes(png, picture)
-    return schedule
+    if not check:
+        return schedule, None
+    from polcache.cache.check import plan_deviation
+
+    held, _ = calibration_observations(policy, cfg, check, seed + HELD_OUT_SEED, checkpoint, dataset, warn=False)
+    dev = next(policy.parameters()).device
+    with torch.no_grad():
+        feats = [policy.encode({k: v[i:i + 1].to(dev) for k, v in held.items()})
+                 for i in range(len(next(iter(held.values()))))]
+    return schedule, plan_deviation(policy, feats, smp, schedule.to_plan())

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="do not recompute every block at the final step (the authors' code does)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed for observation choice and sampling noise")
     p.add_argument("--batch-size", type=positive_int, default=8, help="observations per calibration batch")
+    p.add_argument("--check", type=non_negative_int, default=16,
+                   help="held-out observations to check the schedule on against uncached sampling, same noise: "
+                        "mean error, worst action, roughness (default 16; 0: no check)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--threads", type=thread_count, default=1,
                    help="torch intra-op threads (default 1: shared CPUs oversubscribe badly)")
@@ -56,10 +59,10 @@ def _run(args: argparse.Namespace) -> int:
     from polcache.cache.calibrate import calibrate_checkpoint
 
     torch.set_num_threads(args.threads)
-    schedule = calibrate_checkpoint(
+    schedule, checked = calibrate_checkpoint(
         args.checkpoint, args.out, args.budget, args.bu_blocks, args.sampler, args.steps, args.samples,
         args.method, not args.no_force_last, args.seed, args.batch_size, args.device, not args.no_progress,
-        args.objective, args.dataset)
+        args.objective, args.dataset, args.check)
     kept = schedule.kept_similarity()
     title = (f"{schedule.method} schedule ({schedule.objective} objective): {schedule.sampler} K={schedule.steps}, "
              f"budget {schedule.budget}")
@@ -81,8 +84,24 @@ def _run(args: argparse.Namespace) -> int:
     console.print(f"block evaluations {schedule.block_evals} of {total} uncached: compute limit "
                   f"{total / schedule.block_evals:.2f}x; calibration: {schedule.calibration.source}",
                   markup=False, soft_wrap=True)  # one line in a log too (a pipe is 80 columns to rich)
+    if checked is not None:
+        console.print(_checked_line(checked, args.check), markup=False, soft_wrap=True)
     png = Path(args.out).with_suffix(".png")
     console.print(f"wrote {args.out} and {png}" if png.exists() else
                   f"wrote {args.out} (no heatmap: matplotlib is not installed; {install_hint('matplotlib')})",
                   markup=False, soft_wrap=True)
     return 0
+
+
+def _checked_line(checked: dict[str, float], n: int) -> str:
+    """The held-out check, with a larger budget suggested where the chunks came out rough: a cached
+    plan's mean error can be small while its worst action and its chunks' smoothness are not."""
+    from polcache.cache.check import ROUGH_JERK_RATIO
+
+    line = (f"checked on {n} held-out observations against uncached sampling (same noise): NMSE "
+            f"{checked['nmse']:.2g}, worst action off by {checked['max_dev']:.2g} (normalised units), chunks "
+            f"{checked['jerk_ratio']:.2f}x as jerky")
+    if checked["jerk_ratio"] > ROUGH_JERK_RATIO:
+        line += (f"; rougher than {ROUGH_JERK_RATIO:g}x: a larger --budget smooths them at some speed (BENCHMARKS.md, "
+                 f"'Worst case and roughness')")
+    return line
