@@ -22,9 +22,9 @@ import glob
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 try:
     import fcntl
@@ -238,21 +238,37 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file (a link's target) via a temp file + rename (same filesystem), fsynced first, and
     the folder after, so the new name is on disk too."""
-    path = _target(Path(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _recover(path)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    with _writer_lock(path, tag), naming_errors(path, tmp):
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync(path.parent, directory=True)
-        finally:
-            _remove(tmp)
+    atomic_write_together([(path, data)])
+
+
+def atomic_write_together(files: Sequence[tuple[str | Path, bytes]]) -> None:
+    """Write files that belong together (a schedule and its picture) as atomic_write_bytes does one:
+    every one written and fsynced under its temp name first, then all renamed in a row, so a failure
+    while writing any of them (a full disk) replaces none; only a kill between the renames, which do
+    no I/O, could leave some replaced (replacing one after the other left a new schedule beside the
+    old picture when the picture's write failed)."""
+    with ExitStack() as held:
+        staged = []
+        for path, data in files:
+            path = _target(Path(path))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _recover(path)
+            tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp = path.parent / f".{path.name}.tmp-{tag}"
+            held.enter_context(_writer_lock(path, tag))
+            held.callback(_remove, tmp)
+            with naming_errors(path, tmp):
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            staged.append((tmp, path))
+        for tmp, path in staged:
+            with naming_errors(path, tmp):
+                os.replace(tmp, path)
+        for folder in dict.fromkeys(path.parent for _, path in staged):
+            with naming_errors(folder):
+                _fsync(folder, directory=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

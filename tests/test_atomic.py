@@ -199,3 +199,31 @@ class _FullFile:
 
     def __exit__(self, *exc):
         raise OSError(28, "No space left on device")
+
+
+def test_files_written_together_are_all_replaced_or_none(tmp_path, monkeypatch):
+    """`polcache calibrate` on a nearly full disk: the schedule was replaced, then the picture's write
+    failed, leaving the new schedule beside the old picture of another schedule."""
+    import errno
+
+    from polcache.atomic import atomic_write_together
+
+    pair = [tmp_path / "sched.json", tmp_path / "sched.png"]
+    atomic_write_together([(pair[0], b"old schedule"), (pair[1], b"old picture")])
+    fsync, calls = atomic.os.fsync, []
+
+    def fills_up(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the picture, after the schedule was written whole
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fills_up)
+    with pytest.raises(OSError, match="No space left") as info:
+        atomic_write_together([(pair[0], b"new schedule"), (pair[1], b"new picture")])
+    assert info.value.filename == str(pair[1])
+    assert [p.read_bytes() for p in pair] == [b"old schedule", b"old picture"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sched.json", "sched.png"]  # no temp, no lock left
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    atomic_write_together([(pair[0], b"new schedule"), (pair[1], b"new picture")])
+    assert [p.read_bytes() for p in pair] == [b"new schedule", b"new picture"]

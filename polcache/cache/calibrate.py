@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from polcache.cache.errors import CacheError
 from polcache.errors import PolcacheError
-from polcache.cache.schedule import FORMAT, Calibration, Schedule, build_schedule, model_hash, save_schedule
+from polcache.cache.schedule import (FORMAT, Calibration, Schedule, build_schedule, model_hash, save_schedule,
+                                     schedule_text)
 from polcache.outputs import check_output, json_kind
 from polcache.cache.sensitivity import delta_sensitivity
 from polcache.config import INSTRUCTION_KEY, INSTRUCTION_WIDTH_SETTING, ExperimentConfig
@@ -234,7 +235,7 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     seed + HELD_OUT_SEED; 0: not checked): `polcache.cache.check.plan_deviation`'s figures, or None."""
     import importlib.util
 
-    from polcache.atomic import atomic_write_bytes
+    from polcache.atomic import atomic_write_together
     from polcache.cache.plot import schedule_png
     from polcache.signals import interrupts_held
     from polcache.export.manifest import refuse_exported
@@ -262,11 +263,11 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     # schedule and its picture are written together, interrupts held: never one without the other
     picture = schedule_png(schedule) if importlib.util.find_spec("matplotlib") is not None else None
     with interrupts_held():
-        save_schedule(schedule, out)
         if picture is None:
+            save_schedule(schedule, out)
             png.unlink(missing_ok=True)  # not beside another schedule
-        else:
-            atomic_write_bytes(png, picture)
+        else:  # a full disk while writing either leaves the old pair as it was
+            atomic_write_together([(out, schedule_text(schedule).encode()), (png, picture)])
     if not check:
         return schedule, None
     from polcache.cache.check import plan_deviation

@@ -195,9 +195,15 @@ def build_schedule(calibration: Calibration, method: str, budget: int, bu_blocks
 
 def save_schedule(schedule: Schedule, path: str | Path) -> Path:
     """Write the schedule as JSON, atomically."""
+    path = Path(path)
+    atomic_write_text(path, schedule_text(schedule))
+    return path
+
+
+def schedule_text(schedule: Schedule) -> str:
+    """The schedule's file, as save_schedule writes it."""
     from polcache.policy.checkpoint import code_version
 
-    path = Path(path)
     doc = {
         "format": FORMAT,
         "version": VERSION,
@@ -218,8 +224,7 @@ def save_schedule(schedule: Schedule, path: str | Path) -> Path:
         "code_version": schedule.code_version or code_version(),
         "calibration": schedule.calibration.to_json(),
     }
-    atomic_write_text(path, _dumps(doc) + "\n")
-    return path
+    return _dumps(doc) + "\n"
 
 
 def _dumps(obj, depth: int = 0) -> str:
