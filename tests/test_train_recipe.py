@@ -11,6 +11,7 @@ from polcache.cli import main
 from polcache.config import ConfigError, load_config
 from polcache.data import Normalizer
 from polcache.policy import load_policy
+from polcache.policy.checkpoint import read_meta
 from polcache.train.loop import total_steps
 
 from test_integration import TINY, dataset  # noqa: F401  (module-scoped recorded dataset)
@@ -298,6 +299,22 @@ def test_resuming_from_flipped_bits_in_the_training_state_names_the_file(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"polcache train: error: {file}: ") and len(err.splitlines()) == 1, err
     assert "pass --fresh to start over" in err
+
+
+def test_a_damaged_checkpoint_is_called_so_and_fresh_moves_it_aside(tmp_path, capsys):
+    """A truncated last/meta.json was "not a polcache checkpoint", and --fresh, which the message for
+    damaged weights suggests, was refused the same way: no way to start over in that run directory."""
+    run, data = tmp_path / "run", demo_dataset(tmp_path / "d.zarr")
+    assert train_cli(data, run) == 0
+    (run / "last" / "meta.json").write_text('{"format": "polcache-checkpoint", "vers')
+    capsys.readouterr()
+    assert train_cli(data, run, "train.steps=4") == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'last'} is a damaged checkpoint (" in err and "; pass --fresh to start over" in err, err
+    assert train_cli(data, run, "train.steps=4", "--fresh") == 0
+    (aside,) = run.glob("previous-*")
+    assert (aside / "last" / "meta.json").read_text().endswith('"vers')  # moved, not deleted
+    read_meta(run / "last")
 
 
 @pytest.mark.parametrize("sub", ["last", "best"])

@@ -234,7 +234,7 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
     if launch_rank() == 0:  # a save killed between its two renames (no atomic exchange) left a checkpoint
         for sub in ("last", "best"):  # aside: put back before it is checked, resumed or moved by --fresh
             restore(out / sub)
-    check_out(out, cfg.dataset)
+    check_out(out, cfg.dataset, fresh)
     world = _world_size()
     if cfg.train.batch_size < world:  # each process takes batch_size // world windows: 0 fails after the data loads
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {world} (processes "
@@ -531,10 +531,15 @@ def _log(path: Path, record: dict) -> None:
         f.write(standard_json(record) + "\n")
 
 
-def check_out(out: Path, dataset: str) -> None:
+CHECKPOINT_FILES = ("meta.json", "config.yaml", "model.safetensors")  # a folder with one was a checkpoint
+
+
+def check_out(out: Path, dataset: str, fresh: bool = False) -> None:
     """Refuse a run directory that training could not write or that would put data at risk: a file; a
     folder inside a polcache dataset (writing that dataset again, `record --out`, replaces everything in
-    it); the dataset itself or a folder inside it; a dataset where training replaces OUT/last or OUT/best."""
+    it); the dataset itself or a folder inside it; a dataset where training replaces OUT/last or OUT/best;
+    a folder there that is no checkpoint. A damaged checkpoint there (a truncated meta.json) is refused
+    unless `fresh`, which moves it aside with the rest of the previous run."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out}: exists and is not a directory; give a run directory")
     if (why := unwritable(out / "last")) is not None:  # where the run's lock, log and checkpoints go
@@ -561,8 +566,12 @@ def check_out(out: Path, dataset: str) -> None:
             try:
                 read_meta(out / sub)
             except CheckpointError as exc:
-                raise ConfigError(f"{out / sub} is not a polcache checkpoint, and training replaces it ({exc}); move "
-                                  f"it or give another out directory") from None
+                if not any((out / sub / name).exists() for name in CHECKPOINT_FILES):
+                    raise ConfigError(f"{out / sub} is not a polcache checkpoint, and training replaces it ({exc}); "
+                                      f"move it or give another out directory") from None
+                if not fresh:  # an earlier run's, damaged: --fresh moves it aside, as any previous run
+                    raise ConfigError(f"{out / sub} is a damaged checkpoint ({exc}){FRESH_HINT} (the previous run "
+                                      f"is moved into {out}/previous-*, nothing deleted)") from None
 
 
 FRESH_MARK = ".fresh-aside"  # in OUT while a previous run is moved aside: names the folder it moves into
