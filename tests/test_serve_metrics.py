@@ -97,6 +97,30 @@ def test_jsonl_file_is_rotated_and_bounded(tmp_path):
     assert last["kind"] == "tick" and last["period_error_ms"] == 199.0
 
 
+def test_a_second_process_writing_the_same_metrics_file_is_refused(tmp_path):
+    """Two servers given one --metrics-file both appended to it (the dashboard saw two servers as
+    one) and rotated it on their own counts, losing lines; the second is refused, naming the first."""
+    import subprocess
+    import sys
+
+    from polcache.errors import PolcacheError
+
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path)
+    try:
+        other = subprocess.run([sys.executable, "-c", f"from polcache.metrics import JsonlWriter; "
+                                                      f"JsonlWriter({str(path)!r})"], capture_output=True, text=True)
+        assert other.returncode == 1 and f"metrics file {path}: another process (pid {os.getpid()}) writes it; " \
+               f"give each process its own file" in other.stderr, other.stderr
+    finally:
+        writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # its lock went with it
+    JsonlWriter(path).close()  # closed: the next writer takes it
+    with pytest.raises(PolcacheError, match="another process"):  # one process, two writers: the same refusal
+        with JsonlWriter(path):
+            JsonlWriter(path)
+
+
 def test_jsonl_line_longer_than_a_file_gets_a_file_of_its_own(tmp_path):
     path = tmp_path / "metrics.jsonl"
     writer = JsonlWriter(path, max_bytes=100, backups=2, flush_s=0.01)
