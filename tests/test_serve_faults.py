@@ -325,6 +325,26 @@ def test_a_robot_restarted_under_its_fixed_id_is_its_new_connection_and_no_other
     assert "closed before any handshake" not in caplog.text
 
 
+def test_a_robot_that_takes_over_another_robots_fixed_id_is_logged(server, caplog):
+    """Two robots given one fixed routing id: the second took the first's session over, the first got
+    no more answers, and the log said only that the second had connected."""
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):
+        first = RawPeer(server.endpoint, routing_id=b"arm")
+        assert isinstance(first.handshake(name="armA"), Welcome)
+        second = RawPeer(server.endpoint, routing_id=b"arm")
+        assert isinstance(second.handshake(name="armB"), Welcome)
+        assert_still_serving(second)
+    assert re.search(r"robot armB \(session 61726d\) connected under the fixed routing id of armA's session and took "
+                     r"it over \(ZeroMQ's ROUTER_HANDOVER\): armA gets no more answers", caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"):  # a robot restarted under its own id: no line
+        again = RawPeer(server.endpoint, routing_id=b"arm")
+        assert isinstance(again.handshake(name="armB"), Welcome)
+    assert "took it over" not in caplog.text
+    for peer in (first, second, again):
+        peer.close()
+
+
 HANGING_SERVER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])

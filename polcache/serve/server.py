@@ -505,6 +505,11 @@ class PolicyServer:
         if old is None and len(self.sessions) >= self.max_sessions:
             self._make_room()
         if old is not None and old.name != msg.name:
+            if fd is not None and old.fd is not None and fd != old.fd:  # another connection, another robot's name
+                self._warn(f"takeover:{robot.hex()}:{msg.name}",
+                           f"robot {robot_label(msg.name, robot)} connected under the fixed routing id of "
+                           f"{old.name}'s session and took it over (ZeroMQ's ROUTER_HANDOVER): {old.name} gets no "
+                           f"more answers; give each robot its own routing id, or none (docs/protocol.md)")
             self._ended(old.name)  # renamed on its connection: the old name's session ended
         if fd is None and old is not None:  # shaking hands again on its connection
             fd = old.fd
