@@ -510,7 +510,8 @@ def validate(cfg: ExperimentConfig) -> None:
     if not 1 <= p.n_obs_steps <= p.horizon:
         raise ConfigError(f"policy.n_obs_steps must be in 1..horizon ({p.horizon}), got {p.n_obs_steps}")
     if not 1 <= p.n_action_steps <= p.horizon - p.n_obs_steps + 1:
-        raise ConfigError(f"policy.n_action_steps must be in 1..{p.horizon - p.n_obs_steps + 1}, got {p.n_action_steps}")
+        raise ConfigError(f"policy.n_action_steps must be in 1..{p.horizon - p.n_obs_steps + 1} (policy.horizon "
+                          f"{p.horizon} - policy.n_obs_steps {p.n_obs_steps} + 1), got {p.n_action_steps}")
     if p.objective not in SAMPLERS_FOR:
         raise ConfigError(f"policy.objective must be {_one_of(tuple(SAMPLERS_FOR))}, got {p.objective!r}")
     if p.frame_mode not in ("strided", "mixed"):

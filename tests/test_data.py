@@ -384,3 +384,13 @@ def test_training_names_a_dataset_whose_values_were_damaged_to_nan(tmp_path, epi
     zarr.open_group(str(path), mode="r+")["data/obs/state"][9, 0] = np.inf  # the second episode's frame 4
     with pytest.raises(DatasetError, match=f"dataset {path}: state holds NaN or inf at episode 1 frame 4$"):
         build_policy(cfg, EpisodeStore.open(path))
+
+
+def test_a_dataset_whose_group_metadata_is_cut_short_is_called_damaged(ds_path):
+    """A truncated zarr.json read as "not a polcache dataset (not a zarr group)", as if it were another program's."""
+    meta = next(ds_path / name for name in ("zarr.json", ".zgroup") if (ds_path / name).is_file())
+    meta.write_text(meta.read_text()[:20])
+    with pytest.raises(DatasetError, match="a zarr store whose group metadata cannot be read \\(damaged or truncated"):
+        EpisodeStore.open(ds_path)
+    with pytest.raises(DatasetError, match="not a zarr group"):
+        EpisodeStore.open(ds_path.parent)  # a plain folder is still not a dataset at all

@@ -825,3 +825,24 @@ def test_the_batches_from_any_step_are_those_an_uninterrupted_run_takes_there():
     ranks = [list(islice(EpochBatches(23, 2, seed=3, rank=r, world=2), 5)) for r in (0, 1)]  # one epoch each
     assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))  # the processes share each epoch's windows
     assert [len(b) for b in islice(EpochBatches(3, 8, seed=0), 2)] == [3, 3]  # fewer than a batch: all of them
+
+
+def test_a_horizon_too_short_for_the_chunk_is_named_with_the_setting_that_was_changed(tmp_path):
+    """policy.horizon=3 read "policy.n_action_steps must be in 1..2, got 8", naming a value not changed."""
+    with pytest.raises(ConfigError, match=r"policy.n_action_steps must be in 1\.\.2 \(policy.horizon 3 - "
+                                          r"policy.n_obs_steps 2 \+ 1\), got 8"):
+        load_config("configs/recommended_cpu.yaml", ["policy.horizon=3"])
+
+
+def test_an_embedding_store_given_to_train_says_what_it_is_for(tmp_path):
+    """dataset= an embedding store said only that obs_keys ['state'] are missing (it has ['embedding'])."""
+    from polcache.data import Episode, EpisodeStore, write_dataset
+    from polcache.train.loop import build_policy
+
+    store = tmp_path / "emb.zarr"
+    write_dataset(store, [Episode(obs={"embedding": np.zeros((5, 8), np.float32)}, action=np.zeros((5, 4), np.float32))],
+                  {"embedding": {"encoder": "x"}})
+    cfg = load_config("configs/recommended_cpu.yaml", [f"dataset={store}"])
+    with pytest.raises(ConfigError, match="an embedding store from `polcache ptp embed`, which `polcache ptp finetune` "
+                                          "trains on"):
+        build_policy(cfg, EpisodeStore.open(store))

@@ -86,8 +86,12 @@ def build_policy(cfg: ExperimentConfig, store: EpisodeStore) -> DiffusionPolicy:
     spec = store.obs_spec()
     missing = [k for k in cfg.obs_keys if k not in spec]
     if missing:
+        from polcache.ptp.embeddings import ATTR as EMBEDDINGS
+
         hint = (f"; a language-conditioned policy reads {INSTRUCTION_KEY!r}, which `polcache record --instructions` "
-                f"and `polcache data import-lerobot --instructions` write" if INSTRUCTION_KEY in missing else "")
+                f"and `polcache data import-lerobot --instructions` write" if INSTRUCTION_KEY in missing else
+                "; it is an embedding store from `polcache ptp embed`, which `polcache ptp finetune` trains on"
+                if isinstance(store.attrs.get(EMBEDDINGS), dict) else "")
         raise ConfigError(f"obs_keys {missing} are not in dataset {cfg.dataset} (it has {sorted(spec)}){hint}")
     normalizer = fit_normalizer(store, cfg, cfg.dataset)
     policy = build_family_policy(cfg.policy, spec, cfg.obs_keys, store.action_dim, normalizer, cfg.task)
