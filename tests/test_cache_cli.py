@@ -245,5 +245,5 @@ def test_a_plan_is_checked_against_uncached_sampling_with_the_same_noise(checkpo
     n = len(policy.cache_blocks)
     frozen = plan_deviation(policy, feats, sampler, [[COMPUTE] * n] + [[REUSE] * n] * 7)
     assert frozen["nmse"] > 0 and frozen["max_dev"] > 0 and frozen["evals"] == n
-    assert "a larger --budget smooths them" in _checked_line({**frozen, "jerk_ratio": 1.48}, 3)
-    assert "--budget" not in _checked_line({**frozen, "jerk_ratio": 1.02}, 3)
+    assert "a larger --budget smooths them" in _checked_line({**frozen, "jerk_ratio": 1.48, "observations": 3})
+    assert "--budget" not in _checked_line({**frozen, "jerk_ratio": 1.02, "observations": 3})

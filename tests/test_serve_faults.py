@@ -721,16 +721,22 @@ def test_server_restart_mid_episode(tmp_path):
     assert all(v <= t for t, v in robot.applied)  # before the stop: fresh or held, never from the future
 
 
+def ipc_server_and_robot(tmp_path, timeout_s: float) -> tuple[str, PolicyServer, PolicyClient]:
+    """A server on an ipc endpoint (restartable there) and a robot for it, heartbeating every 50 ms."""
+    endpoint = f"ipc://{tmp_path}/policy.sock"
+    server = PolicyServer(FakeBackend(), endpoint).start()
+    client = PolicyClient(endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=50, timeout_s=timeout_s,
+                          heartbeat_s=0.05)
+    return endpoint, server, client
+
+
 def test_a_robot_waiting_for_a_lost_server_says_so_until_it_is_back(tmp_path, caplog, monkeypatch):
     """After "no reply ... reconnecting" the robot said nothing more while it waited (10 s in a probe);
     now a line every STILL_LOST_LOG_S, and the reconnect line says how long the server was gone."""
     from polcache_client import connection
 
     monkeypatch.setattr(connection, "STILL_LOST_LOG_S", 0.3)
-    endpoint = f"ipc://{tmp_path}/policy.sock"
-    server = PolicyServer(FakeBackend(), endpoint).start()
-    client = PolicyClient(endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=50, timeout_s=0.2,
-                          heartbeat_s=0.05)
+    endpoint, server, client = ipc_server_and_robot(tmp_path, timeout_s=0.2)
     try:
         client.connect(timeout_s=2)
         server.stop()
@@ -752,10 +758,7 @@ def test_a_robot_that_a_restarted_server_forgot_says_how_it_learned_it(tmp_path,
     """A server restarted while the robot sat between episodes: the new server answered its heartbeats
     (any server does), so the robot learned of the restart from no_session on its next observation,
     and its reconnect line read "0.2 s after the connection was lost" after an 11 s outage."""
-    endpoint = f"ipc://{tmp_path}/policy.sock"
-    server = PolicyServer(FakeBackend(), endpoint).start()
-    client = PolicyClient(endpoint, {"state": ((STATE_DIM,), "float32")}, ACTION_DIM, hz=50, timeout_s=0.5,
-                          heartbeat_s=0.05)
+    endpoint, server, client = ipc_server_and_robot(tmp_path, timeout_s=0.5)
     try:
         client.connect(timeout_s=2)
         server.stop()

@@ -30,13 +30,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
-import numpy as np
-
 try:
     import fcntl
 except ImportError:  # not POSIX: no writer lock
     fcntl = None  # type: ignore[assignment]
+
+import msgspec
+import numpy as np
 
 from polcache_client.logs import RateLimitedLog
 
@@ -135,11 +135,14 @@ class MetricsFile:
         self.flush_s = flush_s
         self.dropped = 0
         self._info = b""  # the latest info line, repeated at the start of every rotated file
+        self._lock: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = self._writer_lock()
             self._open()
         except OSError as exc:
+            if self._lock is not None:  # not kept by a writer that never started
+                os.close(self._lock)
             raise MetricsFileError(f"metrics file {self.path}: cannot write it ({exc.strerror})") from None
         self._lines: deque[bytes] = deque()  # appended by any thread, taken by the writer (both atomic)
         self._encoder = msgspec.json.Encoder(enc_hook=_builtin_scalar)

@@ -232,7 +232,8 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     or the training data (see `calibration_observations`). Without matplotlib (an install without the
     report or sim extra) the schedule is written without its heatmap. Then, once it is written, the
     schedule is checked against uncached sampling on `check` held-out observations (drawn with the
-    seed + HELD_OUT_SEED; 0: not checked): `polcache.cache.check.plan_deviation`'s figures, or None."""
+    seed + HELD_OUT_SEED; 0: not checked): `polcache.cache.check.plan_deviation`'s figures and the
+    number of observations (a small dataset may have fewer), or None."""
     import importlib.util
 
     from polcache.atomic import atomic_write_together
@@ -277,4 +278,4 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
     with torch.no_grad():
         feats = [policy.encode({k: v[i:i + 1].to(dev) for k, v in held.items()})
                  for i in range(len(next(iter(held.values()))))]
-    return schedule, plan_deviation(policy, feats, smp, schedule.to_plan())
+    return schedule, {**plan_deviation(policy, feats, smp, schedule.to_plan()), "observations": len(feats)}

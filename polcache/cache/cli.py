@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
                   f"{total / schedule.block_evals:.2f}x; calibration: {schedule.calibration.source}",
                   markup=False, soft_wrap=True)  # one line in a log too (a pipe is 80 columns to rich)
     if checked is not None:
-        console.print(_checked_line(checked, args.check), markup=False, soft_wrap=True)
+        console.print(_checked_line(checked), markup=False, soft_wrap=True)
     png = Path(args.out).with_suffix(".png")
     console.print(f"wrote {args.out} and {png}" if png.exists() else
                   f"wrote {args.out} (no heatmap: matplotlib is not installed; {install_hint('matplotlib')})",
@@ -93,15 +93,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked_line(checked: dict[str, float], n: int) -> str:
+def _checked_line(checked: dict[str, float]) -> str:
     """The held-out check, with a larger budget suggested where the chunks came out rough: a cached
     plan's mean error can be small while its worst action and its chunks' smoothness are not."""
     from polcache.cache.check import ROUGH_JERK_RATIO
 
-    line = (f"checked on {n} held-out observations against uncached sampling (same noise): NMSE "
+    line = (f"checked on {checked['observations']:.0f} held-out observations against uncached sampling (same noise): NMSE "
             f"{checked['nmse']:.2g}, worst action off by {checked['max_dev']:.2g} (normalised units), chunks "
             f"{checked['jerk_ratio']:.2f}x as jerky")
     if checked["jerk_ratio"] > ROUGH_JERK_RATIO:
         line += (f"; rougher than {ROUGH_JERK_RATIO:g}x: a larger --budget smooths them at some speed (BENCHMARKS.md, "
-                 f"'Worst case and roughness')")
+                 f"'The budget, not the objective')")
     return line

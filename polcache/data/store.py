@@ -403,9 +403,9 @@ class EpisodeStore:
         except PermissionError:  # said as the system's refusal, with its path, not as someone else's data
             raise
         except Exception:
-            if any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zattrs")):  # a zarr store's, unreadable
-                raise DatasetError(f"{path}: a zarr store whose group metadata cannot be read (damaged or truncated?)"
-                                   ) from None
+            if any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zattrs")):  # zarr's, unreadable
+                raise DatasetError(f"{path}: a zarr store whose group metadata cannot be read (damaged or "
+                                   f"truncated?)") from None
             raise DatasetError(f"{path}: not a polcache dataset (not a zarr group)") from None
         if attrs.get("format") != FORMAT:
             raise DatasetError(f"{path}: not a polcache dataset (format attr is {attrs.get('format')!r})")

@@ -103,7 +103,7 @@ class EvalResult:
         if 0 < cut_short < self.episodes:
             length += f" over the {self.episodes - cut_short} not cut short"
         outcome = (f"success {self.success_rate:.0%} ({self.successes}/{self.episodes}, 95% CI {lo:.0%}-{hi:.0%}), "
-                   f"{length}" if self.episodes
+                   + length if self.episodes
                    else "no episode finished")  # a robot stopped in its first: its stop and loop still reported
         latency = (f"{'observation-to-action' if robot else 'chunk'} latency p50 {lat['p50']:.1f} ms / p95 "
                    f"{lat['p95']:.1f} ms / p99 {lat['p99']:.1f} ms" if lat["p50"] == lat["p50"]  # NaN: none timed

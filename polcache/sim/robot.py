@@ -233,14 +233,14 @@ def run_sim_robot(
     finally:
         env.close()
     n, n_ok = len(per_episode), sum(e["success"] for e in per_episode)
+    # a cut episode's steps say how long the robot waited, not how long the task took: left out of the mean
+    ran = [e["length"] for e in per_episode if not e["truncated"]]
     snap = metrics.snapshot()
     latency = snap.get("chunk", {}).get("latency_ms", {})
     return EvalResult(
         task=task, episodes=n, successes=n_ok, success_rate=n_ok / max(1, n),
         ci95=wilson_interval(n_ok, n),
-        # a cut episode's steps say how long the robot waited, not how long the task took: left out
-        mean_episode_length=float(np.mean(ran)) if (ran := [e["length"] for e in per_episode if not e["truncated"]])
-        else math.nan,
+        mean_episode_length=float(np.mean(ran)) if ran else math.nan,
         latency_ms={k: latency.get(k, float("nan")) for k in ("p50", "p95", "p99")} | {"n": latency.get("n", 0)},
         seed=seed, per_episode=per_episode,
         extra={"latency_from": "capture", "server": server, "hz": hz, "blend": blend,

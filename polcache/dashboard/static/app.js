@@ -138,7 +138,8 @@ function drawHist(svg, section, view) {
   const [x0, x1] = [edges[0], edges[edges.length - 1]];
   const [y0, y1] = range(series.flatMap(s => s.counts), true);
   const [sx, sy] = frame(svg, x0, x1, y0, y1, view.integer);
-  text(svg, 10, (M.t + H - M.b) / 2, "count", "middle").setAttribute("transform", `rotate(-90 10 ${(M.t + H - M.b) / 2})`);
+  const mid = (M.t + H - M.b) / 2;
+  text(svg, 10, mid, "count", "middle").setAttribute("transform", `rotate(-90 10 ${mid})`);
   series.forEach((s, i) => {
     let d = `M${sx(s.edges[0])},${sy(0)} `;
     s.counts.forEach((c, j) => { d += `L${sx(s.edges[j])},${sy(c)} L${sx(s.edges[j + 1])},${sy(c)} `; });
