@@ -98,8 +98,8 @@ def _checked_line(checked: dict[str, float]) -> str:
     plan's mean error can be small while its worst action and its chunks' smoothness are not."""
     from polcache.cache.check import ROUGH_JERK_RATIO
 
-    line = (f"checked on {checked['observations']:.0f} held-out observations against uncached sampling (same noise): NMSE "
-            f"{checked['nmse']:.2g}, worst action off by {checked['max_dev']:.2g} (normalised units), chunks "
+    line = (f"checked on {checked['observations']:.0f} held-out observations against uncached sampling (same "
+            f"noise): NMSE {checked['nmse']:.2g}, worst action off by {checked['max_dev']:.2g} (normalised units), chunks "
             f"{checked['jerk_ratio']:.2f}x as jerky")
     if checked["jerk_ratio"] > ROUGH_JERK_RATIO:
         line += (f"; rougher than {ROUGH_JERK_RATIO:g}x: a larger --budget smooths them at some speed (BENCHMARKS.md, "
