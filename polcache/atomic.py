@@ -26,6 +26,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from polcache_client import filelock
+
+from polcache.errors import PolcacheError
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no locks, the pid tells
@@ -233,6 +237,36 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             _remove(old)
         finally:
             _remove(tmp)
+
+
+_OUTPUTS_HELD: set[Path] = set()  # this process's output locks: a writer inside another of the same path takes none
+
+
+@contextmanager
+def output_lock(path: str | Path) -> Iterator[None]:
+    """One process at a time makes `path` (a dataset, an embedding store): an flock on `.NAME.writing`
+    beside it (polcache_client.filelock) for the whole command, so a second command writing the same
+    output at once is refused at its start, naming the first's pid (two `ptp embed --out X` both said
+    "wrote X", the second's result replacing the first's unseen). Where the folder is not there yet,
+    or takes no lock file, nothing is held."""
+    path = Path(path).absolute()
+    lock = path.parent / f".{path.name}.writing"
+    if path in _OUTPUTS_HELD or not path.parent.is_dir():
+        yield
+        return
+    try:
+        fd = filelock.hold(lock)
+    except filelock.LockHeld as held:
+        raise PolcacheError(f"{path}: another process{f' (pid {held.holder})' if held.holder else ''} is writing it; "
+                            f"wait for it to end or give another output") from None
+    except OSError:  # a read-only folder: the write itself says so
+        fd = None
+    _OUTPUTS_HELD.add(path)
+    try:
+        yield
+    finally:
+        _OUTPUTS_HELD.discard(path)
+        filelock.release(lock, fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

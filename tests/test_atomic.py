@@ -227,3 +227,29 @@ def test_files_written_together_are_all_replaced_or_none(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.os, "fsync", fsync)
     atomic_write_together([(pair[0], b"new schedule"), (pair[1], b"new picture")])
     assert [p.read_bytes() for p in pair] == [b"new schedule", b"new picture"]
+
+
+def test_a_second_process_making_the_same_output_is_refused_at_its_start(tmp_path):
+    """Two `ptp embed --out X` at once both said "wrote X", the second's store replacing the first's
+    unseen; a dataset written while another process writes it is refused, naming that process."""
+    import numpy as np
+
+    from polcache.data import Episode, write_dataset
+    from polcache.errors import PolcacheError
+
+    out = tmp_path / "d.zarr"
+    episodes = [Episode(obs={"state": np.zeros((4, 2), np.float32)}, action=np.zeros((4, 2), np.float32))]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from polcache_client import filelock; filelock.hold(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path / ".d.zarr.writing")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(PolcacheError, match=rf"d\.zarr: another process \(pid {holder.pid}\) is writing it"):
+            write_dataset(out, episodes)
+        assert not out.exists()
+    finally:
+        holder.kill()  # a killed writer's lock goes with it
+        holder.wait()
+    write_dataset(out, episodes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.zarr"]  # the next writer's lock went when it ended

@@ -30,14 +30,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, TypeVar
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no writer lock
-    fcntl = None  # type: ignore[assignment]
-
 import msgspec
 import numpy as np
 
+from polcache_client import filelock
 from polcache_client.logs import RateLimitedLog
 
 log = logging.getLogger("polcache.metrics")
@@ -141,8 +137,7 @@ class MetricsFile:
             self._lock = self._writer_lock()
             self._open()
         except OSError as exc:
-            if self._lock is not None:  # not kept by a writer that never started
-                os.close(self._lock)
+            filelock.release(self._lock_path(), self._lock)  # not kept by a writer that never started
             raise MetricsFileError(f"metrics file {self.path}: cannot write it ({exc.strerror})") from None
         self._lines: deque[bytes] = deque()  # appended by any thread, taken by the writer (both atomic)
         self._encoder = msgspec.json.Encoder(enc_hook=_builtin_scalar)
@@ -153,33 +148,15 @@ class MetricsFile:
         self._thread.start()
 
     def _writer_lock(self) -> int | None:
-        """An flock on `.NAME.writer` beside the file, held until closed (which removes it): a second
-        process writing the same file (two servers given one --metrics-file) mixed two runs in it and
-        rotated it on two counts, losing lines; it is refused instead. None where the system has no
-        flock. A lock file removed by its closing writer between this open and flock is not the one
-        the path names any more: taken again."""
-        if fcntl is None:
-            return None
-        lock = self._lock_path()
-        while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 20).decode(errors="replace").strip()
-                os.close(fd)
-                raise MetricsFileError(f"metrics file {self.path}: another process"
-                                       f"{f' (pid {holder})' if holder else ''} writes it; give each process its "
-                                       f"own file (the dashboard and the report read several)") from None
-            try:
-                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        return fd
+        """The file's writer lock (polcache_client.filelock), held until closed: a second process
+        writing the same file (two servers given one --metrics-file) mixed two runs in it and rotated
+        it on two counts, losing lines; it is refused instead."""
+        try:
+            return filelock.hold(self._lock_path())
+        except filelock.LockHeld as held:
+            raise MetricsFileError(f"metrics file {self.path}: another process"
+                                   f"{f' (pid {held.holder})' if held.holder else ''} writes it; give each process "
+                                   f"its own file (the dashboard and the report read several)") from None
 
     def _lock_path(self) -> Path:
         return self.path.with_name(f".{self.path.name}.writer")
@@ -253,9 +230,7 @@ class MetricsFile:
             self._file.close()
         except (OSError, ValueError) as exc:
             self._warn("write", f"metrics lines not written to {self.path} as it closed: {exc}")
-        if self._lock is not None:  # the next writer may take the file
-            self._lock_path().unlink(missing_ok=True)  # while held: a writer waiting on it takes it again
-            os.close(self._lock)
+        filelock.release(self._lock_path(), self._lock)  # the next writer may take the file
         if self.dropped:  # what a run's reader of the file should know, said once at the end
             log.warning("%d metrics line%s not written to %s (see the warnings above)", self.dropped,
                         "" if self.dropped == 1 else "s", self.path)

@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from polcache.atomic import atomic_directory, restore
+from polcache.atomic import atomic_directory, output_lock, restore
 from polcache.config import EMBEDDING_KEY
 from polcache.errors import DatasetError
 from polcache.outputs import check_output
@@ -280,7 +280,7 @@ def dataset_writer(path: str | Path, attrs: dict | None = None) -> Iterator[Data
     path = Path(path)
     attrs = _checked_attrs(path, attrs)
     check_dataset_output(path)
-    with atomic_directory(path) as tmp:
+    with output_lock(path), atomic_directory(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs.update({"format": FORMAT, "version": VERSION, "complete": False, **attrs})
         writer = DatasetWriter(root)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from polcache.atomic import output_lock
 from polcache.config import EMBEDDING_KEY
 from polcache.data import Episode, EpisodeStore, open_dataset, write_dataset
 from polcache.data.store import is_dataset, other_tasks
@@ -79,8 +80,15 @@ def check_embeddable(policy: DiffusionPolicy, dataset: str | Path) -> EpisodeSto
 @torch.no_grad()
 def embed_dataset(policy: DiffusionPolicy, dataset: str | Path, out: str | Path, checkpoint: str = "",
                   batch_size: int = 256, progress: bool = True) -> Path:
-    """Write the per-frame embeddings of every frame of `dataset` to `out` (atomically)."""
+    """Write the per-frame embeddings of every frame of `dataset` to `out` (atomically; a second
+    process embedding into `out` meanwhile is refused at its start)."""
     check_embedding_output(out, dataset)
+    with output_lock(out):
+        return _embed(policy, dataset, out, checkpoint, batch_size, progress)
+
+
+def _embed(policy: DiffusionPolicy, dataset: str | Path, out: str | Path, checkpoint: str, batch_size: int,
+           progress: bool) -> Path:
     policy = policy.eval()
     device = next(policy.parameters()).device
     store = check_embeddable(policy, dataset)
