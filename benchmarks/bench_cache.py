@@ -155,7 +155,7 @@ def bench_config(policy, obs, kind: str, K: int, budget: int, bu_blocks: int, ar
                    "speedup": round(speedup, 2), "block_evals": round(evals, 1), "limit": round(limit, 2),
                    "efficiency": round(speedup / limit, 2) if m.plan is not None else None,
                    "nmse": float(f"{dev['nmse']:.3g}"), "max_dev": float(f"{dev['max_dev']:.3g}"),
-                   "jerk_ratio": round(dev["jerk_ratio"], 3)}
+                   "jerk_ratio": None if dev["jerk_ratio"] is None else round(dev["jerk_ratio"], 3)}
             if m.name in ms_before:
                 row["ms_before"] = round(ms_before[m.name], 1)
                 row["speedup_before"] = round(ms_before["none"] / ms_before[m.name], 2)

@@ -247,3 +247,37 @@ def test_a_plan_is_checked_against_uncached_sampling_with_the_same_noise(checkpo
     assert frozen["nmse"] > 0 and frozen["max_dev"] > 0 and frozen["evals"] == n
     assert "a larger --budget smooths them" in _checked_line({**frozen, "jerk_ratio": 1.48, "observations": 3})
     assert "--budget" not in _checked_line({**frozen, "jerk_ratio": 1.02, "observations": 3})
+
+
+def test_held_out_windows_are_not_the_calibrations_and_the_check_is_refused_beyond_its_range(checkpoint, tmp_path,
+                                                                                             capsys):
+    """The check's windows were a second random draw, repeating calibration windows (on a 168-window
+    dataset, "300 held-out observations" were the calibration's own); --check 5000 failed after the
+    whole calibration, naming --samples."""
+    from polcache.cache.calibrate import calibration_observations
+    from polcache.policy import load_policy
+
+    policy, cfg, _ = load_policy(checkpoint)
+    every, _ = calibration_observations(policy, cfg, 4096, 0, checkpoint)
+    total = len(every["state"])
+    calib, _ = calibration_observations(policy, cfg, total - 3, 7, checkpoint)
+    held, _ = calibration_observations(policy, cfg, 50, 10_007, checkpoint, held_out_of=(total - 3, 7))
+    assert len(held["state"]) == 3  # all that is left, none of the calibration's
+    assert not any(torch.equal(h, c) for h in held["state"] for c in calib["state"])
+    none_left, _ = calibration_observations(policy, cfg, 50, 10_000, checkpoint, held_out_of=(total, 0))
+    assert len(none_left["state"]) == 0
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--checkpoint", str(checkpoint), "--budget", "3", "--steps", "8", "--sampler", "ddim",
+              "--check", "5000", "--out", str(tmp_path / "s.json"), "--no-progress"])
+    assert "--check: expected 0..4096 held-out observations, got 5000" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_chunks_too_short_for_a_jerk_are_said_so_not_nan(checkpoint):
+    from polcache.cache.check import chunk_jerk
+    from polcache.cache.cli import _checked_line
+
+    assert np.isnan(chunk_jerk(torch.zeros(1, 3, 2))) and chunk_jerk(torch.zeros(1, 5, 2)) == 0.0
+    line = _checked_line({"observations": 4, "nmse": 0.01, "max_dev": 0.19, "jerk_ratio": None})
+    assert line.endswith("chunks too short to measure their jerk") and "nan" not in line
+    assert _checked_line({"observations": 0}).startswith("not checked: the calibration used every window")

@@ -142,11 +142,14 @@ HELD_OUT_SEED = 10_000  # their seed's offset: other environment resets (seeds) 
 
 def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples: int, seed: int = 0,
                              checkpoint: str | Path | None = None, dataset: str | Path | None = None,
-                             warn: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+                             warn: bool = True,
+                             held_out_of: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """`samples` observation histories (key -> (N, To, ...)) and a description of where they came
     from: random windows of `dataset` if given, else of the training dataset if it is found (see
     `find_dataset`) and is the data the checkpoint was trained on, else environment resets (the reset
-    observation repeated To times, as at the start of an episode)."""
+    observation repeated To times, as at the start of an episode). `held_out_of`: the (samples, seed)
+    of a calibration whose windows these must not repeat (resets: give a seed past its seeds); the
+    rows may then be fewer than asked, or none."""
     if not 1 <= samples <= MAX_SAMPLES:  # each is a simulator reset where no dataset is found: 1e8 never ends
         raise CacheError(f"--samples (calibration observations) must be in 1..{MAX_SAMPLES}, got {samples}")
     keys, To = policy.obs_keys, policy.cfg.n_obs_steps
@@ -172,9 +175,14 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
     if store is not None:
         ds = SequenceDataset(store, policy.cfg.horizon, To, keys=keys, obs_stride=policy.cfg.obs_stride,
                              frame_mode=policy.cfg.frame_mode)
-        idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(samples, len(ds)), replace=False))
+        pool = np.arange(len(ds))
+        if held_out_of is not None:  # not the calibration's windows (drawn again as it drew them)
+            taken = np.random.default_rng(held_out_of[1]).choice(len(ds), size=min(held_out_of[0], len(ds)),
+                                                                 replace=False)
+            pool = np.setdiff1d(pool, taken)
+        idx = np.sort(np.random.default_rng(seed).choice(pool, size=min(samples, len(pool)), replace=False))
         windows = [ds[int(i)]["obs"] for i in idx]
-        obs = {k: torch.stack([w[k] for w in windows]) for k in keys}
+        obs = {k: torch.stack([w[k] for w in windows]) if windows else torch.empty(0) for k in keys}
         short = f", all it has of the {samples} asked" if len(idx) < samples else ""
         return obs, f"dataset {dataset}: {len(idx)} random windows (seed {seed}{short})"
     task = cfg.task or policy.spec.task
@@ -225,15 +233,11 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
                          sampler: str | None = None, steps: int | None = None, samples: int = 32,
                          method: str = "bac", force_last: bool = True, seed: int = 0, batch_size: int = 8,
                          device: str = "cpu", progress: bool = True, objective: str = "error-bound",
-                         dataset: str | Path | None = None,
-                         check: int = CHECK_OBSERVATIONS) -> tuple[Schedule, dict[str, float] | None]:
+                         dataset: str | Path | None = None) -> Schedule:
     """Calibrate a checkpoint, solve its schedule, and write it to `out` (plus a heatmap PNG beside it);
     `out` is checked before calibrating (see check_schedule_output). Observations come from `dataset`
     or the training data (see `calibration_observations`). Without matplotlib (an install without the
-    report or sim extra) the schedule is written without its heatmap. Then, once it is written, the
-    schedule is checked against uncached sampling on `check` held-out observations (drawn with the
-    seed + HELD_OUT_SEED; 0: not checked): `polcache.cache.check.plan_deviation`'s figures and the
-    number of observations (a small dataset may have fewer), or None."""
+    report or sim extra) the schedule is written without its heatmap."""
     import importlib.util
 
     from polcache.atomic import atomic_write_together
@@ -269,13 +273,28 @@ def calibrate_checkpoint(checkpoint: str | Path, out: str | Path, budget: int, b
             png.unlink(missing_ok=True)  # not beside another schedule
         else:  # a full disk while writing either leaves the old pair as it was
             atomic_write_together([(out, schedule_text(schedule).encode()), (png, picture)])
-    if not check:
-        return schedule, None
-    from polcache.cache.check import plan_deviation
+    return schedule
 
-    held, _ = calibration_observations(policy, cfg, check, seed + HELD_OUT_SEED, checkpoint, dataset, warn=False)
+
+def check_schedule(checkpoint: str | Path, schedule: Schedule, check: int = CHECK_OBSERVATIONS, samples: int = 32,
+                   seed: int = 0, device: str = "cpu", dataset: str | Path | None = None) -> dict[str, float]:
+    """A written schedule against uncached sampling on `check` observations its calibration (of
+    `samples` at `seed`) did not use: other resets (seed + HELD_OUT_SEED), or windows of the dataset
+    it did not draw. `polcache.cache.check.plan_deviation`'s figures and `observations`, the number
+    checked (a small dataset may have fewer, or none left)."""
+    from polcache.cache.check import plan_deviation
+    from polcache.policy.checkpoint import load_policy
+    from polcache.policy.device import resolve_device
+
+    policy, cfg, _ = load_policy(checkpoint, resolve_device(device))
+    held, _ = calibration_observations(policy, cfg, check, seed + HELD_OUT_SEED, checkpoint, dataset, warn=False,
+                                       held_out_of=(samples, seed))
     dev = next(policy.parameters()).device
     with torch.no_grad():
         feats = [policy.encode({k: v[i:i + 1].to(dev) for k, v in held.items()})
                  for i in range(len(next(iter(held.values()))))]
-    return schedule, {**plan_deviation(policy, feats, smp, schedule.to_plan()), "observations": len(feats)}
+    if not feats:
+        return {"observations": 0}
+    plan = schedule.to_plan()
+    return {**plan_deviation(policy, feats, policy.sampler(schedule.sampler, schedule.steps), plan),
+            "observations": len(feats)}

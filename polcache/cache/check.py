@@ -26,9 +26,10 @@ def sample_counted(policy: CacheTarget, feats: torch.Tensor, sampler: Sampler, p
 
 
 def chunk_jerk(x: torch.Tensor) -> float:
-    """Mean norm of the third difference along a chunk's horizon (normalised actions, (1, H, A))."""
+    """Mean norm of the third difference along a chunk's horizon (normalised actions, (1, H, A));
+    NaN for a chunk of fewer than 4 actions, which has none."""
     d3 = x[:, 3:] - 3 * x[:, 2:-1] + 3 * x[:, 1:-2] - x[:, :-3]
-    return float(d3.norm(dim=-1).mean())
+    return float(d3.norm(dim=-1).mean()) if d3.shape[1] else float("nan")
 
 
 @torch.no_grad()
@@ -36,8 +37,9 @@ def plan_deviation(policy: CacheTarget, feats_list: Sequence[torch.Tensor], samp
                    refs: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
     """Against uncached with the same noise (observation i sampled with seed i), over `feats_list`
     (one observation's features each): the mean normalised MSE, the worst action's deviation (max
-    |cached - uncached|, normalised units), the mean ratio of the chunks' jerk (cached / uncached)
-    and the mean block evaluations. `refs`: the uncached chunks, where already sampled."""
+    |cached - uncached|, normalised units), the mean ratio of the chunks' jerk (cached / uncached;
+    None where no uncached chunk has any: fewer than 4 actions, or constant ones) and the mean
+    block evaluations. `refs`: the uncached chunks, where already sampled."""
     if refs is None:
         refs = [sample_counted(policy, f, sampler, None, i)[0] for i, f in enumerate(feats_list)]
     nmse, worst, jerk, evals = [], [], [], []
@@ -45,7 +47,8 @@ def plan_deviation(policy: CacheTarget, feats_list: Sequence[torch.Tensor], samp
         x, e = sample_counted(policy, f, sampler, plan, i)
         nmse.append(float(((x - ref) ** 2).sum() / (ref ** 2).sum()))
         worst.append(float((x - ref).abs().max()))
-        jerk.append(chunk_jerk(x) / chunk_jerk(ref))
+        if chunk_jerk(ref) > 0:  # NaN (too short) and 0 (constant) give no ratio
+            jerk.append(chunk_jerk(x) / chunk_jerk(ref))
         evals.append(e)
-    return {"nmse": float(np.mean(nmse)), "max_dev": max(worst), "jerk_ratio": float(np.mean(jerk)),
+    return {"nmse": float(np.mean(nmse)), "max_dev": max(worst), "jerk_ratio": float(np.mean(jerk)) if jerk else None,
             "evals": float(np.mean(evals))}

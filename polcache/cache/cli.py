@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="do not recompute every block at the final step (the authors' code does)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed for observation choice and sampling noise")
     p.add_argument("--batch-size", type=positive_int, default=8, help="observations per calibration batch")
-    p.add_argument("--check", type=non_negative_int, default=16,
+    p.add_argument("--check", type=check_count, default=16,
                    help="held-out observations to check the schedule on against uncached sampling, same noise: "
                         "mean error, worst action, roughness (default 16; 0: no check)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
@@ -48,6 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
+def check_count(text: str) -> int:
+    """--check: 0 (no check) up to as many observations as a calibration may take."""
+    from polcache.cache.calibrate import MAX_SAMPLES
+
+    n = non_negative_int(text)
+    if n > MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(f"expected 0..{MAX_SAMPLES} held-out observations, got {n}")
+    return n
+
+
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -56,13 +66,13 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from polcache.cache.calibrate import calibrate_checkpoint
+    from polcache.cache.calibrate import calibrate_checkpoint, check_schedule
 
     torch.set_num_threads(args.threads)
-    schedule, checked = calibrate_checkpoint(
+    schedule = calibrate_checkpoint(
         args.checkpoint, args.out, args.budget, args.bu_blocks, args.sampler, args.steps, args.samples,
         args.method, not args.no_force_last, args.seed, args.batch_size, args.device, not args.no_progress,
-        args.objective, args.dataset, args.check)
+        args.objective, args.dataset)
     kept = schedule.kept_similarity()
     title = (f"{schedule.method} schedule ({schedule.objective} objective): {schedule.sampler} K={schedule.steps}, "
              f"budget {schedule.budget}")
@@ -84,12 +94,14 @@ def _run(args: argparse.Namespace) -> int:
     console.print(f"block evaluations {schedule.block_evals} of {total} uncached: compute limit "
                   f"{total / schedule.block_evals:.2f}x; calibration: {schedule.calibration.source}",
                   markup=False, soft_wrap=True)  # one line in a log too (a pipe is 80 columns to rich)
-    if checked is not None:
-        console.print(_checked_line(checked), markup=False, soft_wrap=True)
     png = Path(args.out).with_suffix(".png")
     console.print(f"wrote {args.out} and {png}" if png.exists() else
                   f"wrote {args.out} (no heatmap: matplotlib is not installed; {install_hint('matplotlib')})",
                   markup=False, soft_wrap=True)
+    if args.check:  # after the schedule is written and said so: a Ctrl-C here loses only the check
+        checked = check_schedule(args.checkpoint, schedule, args.check, args.samples, args.seed, args.device,
+                                 args.dataset)
+        console.print(_checked_line(checked), markup=False, soft_wrap=True)
     return 0
 
 
@@ -98,10 +110,13 @@ def _checked_line(checked: dict[str, float]) -> str:
     plan's mean error can be small while its worst action and its chunks' smoothness are not."""
     from polcache.cache.check import ROUGH_JERK_RATIO
 
+    if not checked["observations"]:
+        return "not checked: the calibration used every window of the dataset (no held-out observation left)"
+    jerk = checked["jerk_ratio"]
     line = (f"checked on {checked['observations']:.0f} held-out observations against uncached sampling (same "
-            f"noise): NMSE {checked['nmse']:.2g}, worst action off by {checked['max_dev']:.2g} (normalised units), chunks "
-            f"{checked['jerk_ratio']:.2f}x as jerky")
-    if checked["jerk_ratio"] > ROUGH_JERK_RATIO:
+            f"noise): NMSE {checked['nmse']:.2g}, worst action off by {checked['max_dev']:.2g} (normalised units), "
+            + ("chunks too short to measure their jerk" if jerk is None else f"chunks {jerk:.2f}x as jerky"))
+    if jerk is not None and jerk > ROUGH_JERK_RATIO:
         line += (f"; rougher than {ROUGH_JERK_RATIO:g}x: a larger --budget smooths them at some speed (BENCHMARKS.md, "
                  f"'The budget, not the objective')")
     return line
