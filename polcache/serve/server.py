@@ -504,12 +504,14 @@ class PolicyServer:
         old = self.sessions.get(robot)
         if old is None and len(self.sessions) >= self.max_sessions:
             self._make_room()
+        if (old is not None and fd is not None and old.fd is not None and min(fd, old.fd) >= 0 and fd != old.fd
+                and old.fd not in self._closed_fds):  # a fixed id taken from a connection still open
+            self._warn(f"takeover:{robot.hex()}:{msg.name}",
+                       f"robot {robot_label(msg.name, robot)} connected under the fixed routing id of {old.name}'s "
+                       f"session while that connection is still open, and took it over (ZeroMQ's ROUTER_HANDOVER): "
+                       f"the robot on the older connection gets no more answers (two robots, or two copies of one, "
+                       f"given one id? give each its own, or none: docs/protocol.md)")
         if old is not None and old.name != msg.name:
-            if fd is not None and old.fd is not None and fd != old.fd:  # another connection, another robot's name
-                self._warn(f"takeover:{robot.hex()}:{msg.name}",
-                           f"robot {robot_label(msg.name, robot)} connected under the fixed routing id of "
-                           f"{old.name}'s session and took it over (ZeroMQ's ROUTER_HANDOVER): {old.name} gets no "
-                           f"more answers; give each robot its own routing id, or none (docs/protocol.md)")
             self._ended(old.name)  # renamed on its connection: the old name's session ended
         if fd is None and old is not None:  # shaking hands again on its connection
             fd = old.fd
