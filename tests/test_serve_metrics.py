@@ -111,14 +111,16 @@ def test_a_second_process_writing_the_same_metrics_file_is_refused(tmp_path):
         other = subprocess.run([sys.executable, "-c", f"from polcache.metrics import JsonlWriter; "
                                                       f"JsonlWriter({str(path)!r})"], capture_output=True, text=True)
         assert other.returncode == 1 and f"metrics file {path}: another process (pid {os.getpid()}) writes it; " \
-               f"give each process its own file" in other.stderr, other.stderr
+               f"give each writer its own file" in other.stderr, other.stderr
     finally:
         writer.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # its lock went with it
     JsonlWriter(path).close()  # closed: the next writer takes it
-    with pytest.raises(PolcacheError, match="another process"):  # one process, two writers: the same refusal
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(path)
+    with pytest.raises(PolcacheError, match="another writer in this process writes it"):  # one process, two writers
         with JsonlWriter(path):
-            JsonlWriter(path)
+            JsonlWriter(link)  # through a link to it: the same file, the same lock
 
 
 def test_jsonl_line_longer_than_a_file_gets_a_file_of_its_own(tmp_path):

@@ -154,12 +154,15 @@ class MetricsFile:
         try:
             return filelock.hold(self._lock_path())
         except filelock.LockHeld as held:
-            raise MetricsFileError(f"metrics file {self.path}: another process"
-                                   f"{f' (pid {held.holder})' if held.holder else ''} writes it; give each process "
-                                   f"its own file (the dashboard and the report read several)") from None
+            who = ("another writer in this process" if held.holder == str(os.getpid()) else
+                   f"another process{f' (pid {held.holder})' if held.holder else ''}")
+            raise MetricsFileError(f"metrics file {self.path}: {who} writes it; give each writer its own file (the "
+                                   f"dashboard and the report read several)") from None
 
     def _lock_path(self) -> Path:
-        return self.path.with_name(f".{self.path.name}.writer")
+        """Beside the file itself: a second writer given a link to it takes the same lock."""
+        real = self.path.resolve()
+        return real.with_name(f".{real.name}.writer")
 
     def _checked(self, path: str | Path) -> Path:
         """The path to write, checked once before the file is opened (check_metrics_path): a folder or

@@ -210,7 +210,8 @@ def _check_port_free(name: str, host: str, port: int) -> None:
             raise PolcacheError(f"{name}: cannot resolve host {host!r}") from None
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                other = f"{name}=tcp://{host}:OTHER" if name == "server.bind" else f"{name}=OTHER"
+                shown = f"[{host}]" if ":" in host else host  # an IPv6 address in brackets, as ZeroMQ takes it
+                other = f"{name}=tcp://{shown}:OTHER" if name == "server.bind" else f"{name}=OTHER"
                 raise PolcacheError(f"{name}: port {port} on {host} is already in use (`ss -ltnp 'sport = :{port}'` "
                                     f"names the program, maybe a launch still running; or give {other})") from None
             raise PolcacheError(f"{name}: cannot bind {host}:{port} here ({exc.strerror})") from None

@@ -126,8 +126,8 @@ def _starved(result, hz: float) -> str:
         return ""
     return (f". The observation-to-action latency (p50 {latency:.0f} ms) is longer than a chunk lasts ({actions} "
             f"actions at {hz:g} Hz: {actions / hz * 1e3:.0f} ms), so most chunks arrived with every action past due: "
-            f"this machine did not keep up with the policy at this rate (a loaded CPU, the server's threads), and "
-            f"these episodes measure that, not the policy")
+            f"the server's answers did not keep up with the policy at this rate (a loaded CPU, the server's threads, "
+            f"a simulated latency), and these episodes measure that, not the policy")
 
 
 def _say(args: argparse.Namespace, result) -> None:
