@@ -82,7 +82,8 @@ def match_threshold(policy, feats_list, sampler, target_evals: float, iters: int
     best = (float("inf"), 1.0)
     for _ in range(iters):
         t = math.exp((lo + hi) / 2)
-        evals = np.mean([sample_counted(policy, f, sampler, threshold_plan(K, n, t), i)[1] for i, f in enumerate(feats_list)])
+        evals = np.mean([sample_counted(policy, f, sampler, threshold_plan(K, n, t), i)[1]
+                         for i, f in enumerate(feats_list)])
         best = min(best, (abs(evals - target_evals), t))
         lo, hi = (lo, math.log(t)) if evals < target_evals else (math.log(t), hi)
     return best[1]

@@ -856,5 +856,6 @@ def test_a_stage_keeps_its_colour_whether_or_not_the_server_records_are_there():
         state = RunState()
         state.add(records)
         colours.append({s["name"]: s["color"] for s in state.views()["stages"]["stacks"]})
-    assert colours[0]["network + tick wait"] == colours[1]["network + tick wait"] == BAR_ORDER.index("network + tick wait")
+    network = BAR_ORDER.index("network + tick wait")
+    assert colours[0]["network + tick wait"] == colours[1]["network + tick wait"] == network
     assert colours[1]["inference"] == BAR_ORDER.index("inference") and colours[0]["server (total)"] == 6

@@ -125,7 +125,8 @@ def test_counts_have_whole_ticks_and_a_deadline_at_the_left_edge_keeps_its_label
         dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
     finally:
         dashboard.stop()
-    (anchor,) = re.findall(r'text-anchor="(\w+)"[^>]*>deadline sim-robot reach-v3: 140.0<', section(dom, "latency_hist"))
+    (anchor,) = re.findall(r'text-anchor="(\w+)"[^>]*>deadline sim-robot reach-v3: 140.0<',
+                           section(dom, "latency_hist"))
     assert anchor == "start"  # right of its line: to the left it ran over the axis
     drops = section(dom, "drops")
     y_ticks = re.findall(r'<text x="48" y="[\d.]+" text-anchor="end">([^<]+)</text>', drops)

@@ -840,8 +840,8 @@ def test_an_embedding_store_given_to_train_says_what_it_is_for(tmp_path):
     from polcache.train.loop import build_policy
 
     store = tmp_path / "emb.zarr"
-    write_dataset(store, [Episode(obs={"embedding": np.zeros((5, 8), np.float32)}, action=np.zeros((5, 4), np.float32))],
-                  {"embedding": {"encoder": "x"}})
+    episode = Episode(obs={"embedding": np.zeros((5, 8), np.float32)}, action=np.zeros((5, 4), np.float32))
+    write_dataset(store, [episode], {"embedding": {"encoder": "x"}})
     cfg = load_config("configs/recommended_cpu.yaml", [f"dataset={store}"])
     with pytest.raises(ConfigError, match="an embedding store from `polcache ptp embed`, which `polcache ptp finetune` "
                                           "trains on"):
