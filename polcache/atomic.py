@@ -249,7 +249,7 @@ def output_lock(path: str | Path) -> Iterator[None]:
     output at once is refused at its start, naming the first's pid (two `ptp embed --out X` both said
     "wrote X", the second's result replacing the first's unseen). Where the folder is not there yet,
     or takes no lock file, nothing is held."""
-    path = Path(path).absolute()
+    path = _target(Path(path)).absolute()  # where the write goes: a link and its target take one lock
     lock = path.parent / f".{path.name}.writing"
     if path in _OUTPUTS_HELD or not path.parent.is_dir():
         yield

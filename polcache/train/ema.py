@@ -15,6 +15,8 @@ class EMA:
         self.decay = decay
         self.warmup = max(1, warmup)
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # what training changes, as built (PTP's encoder is frozen before): once, not at every step
+        self.trained = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
     def current_decay(self, step: int) -> float:
         return min(self.decay, 1.0 - 1.0 / (1.0 + step / self.warmup))
@@ -22,10 +24,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = self.current_decay(step)
-        trained = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
         for k, v in model.state_dict().items():
             s = self.shadow[k]
-            if k in trained:
+            if k in self.trained:
                 s.mul_(d).add_(v.detach(), alpha=1.0 - d)
             else:
                 s.copy_(v)

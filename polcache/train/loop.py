@@ -42,6 +42,7 @@ from polcache.data.store import first_non_finite, recorded_tasks
 from polcache.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from polcache.jsonfile import standard_json
 from polcache.outputs import enclosing_output, unwritable
+from polcache.policy.checkpoint import REQUIRED as CHECKPOINT_FILES
 from polcache.policy.checkpoint import (TrainState, check_external_weights, load_train_state, read_meta, read_tensors,
                                        save_checkpoint)
 from polcache.policy.device import resolve_device, to_device
@@ -535,9 +536,6 @@ def _log(path: Path, record: dict) -> None:
         f.write(standard_json(record) + "\n")
 
 
-CHECKPOINT_FILES = ("meta.json", "config.yaml", "model.safetensors")  # a folder with one was a checkpoint
-
-
 def check_out(out: Path, dataset: str, fresh: bool = False) -> None:
     """Refuse a run directory that training could not write or that would put data at risk: a file; a
     folder inside a polcache dataset (writing that dataset again, `record --out`, replaces everything in
@@ -570,7 +568,7 @@ def check_out(out: Path, dataset: str, fresh: bool = False) -> None:
             try:
                 read_meta(out / sub)
             except CheckpointError as exc:
-                if not any((out / sub / name).exists() for name in CHECKPOINT_FILES):
+                if not any((out / sub / name).exists() for name in CHECKPOINT_FILES):  # one of them: a checkpoint
                     raise ConfigError(f"{out / sub} is not a polcache checkpoint, and training replaces it ({exc}); "
                                       f"move it or give another out directory") from None
                 if not fresh:  # an earlier run's, damaged: --fresh moves it aside, as any previous run
