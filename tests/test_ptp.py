@@ -77,8 +77,14 @@ def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run
 
 def test_a_store_from_another_encoder_or_obs_keys_is_refused(short_run, capsys):
     root = short_run
-    main(["ptp", "embed", "--checkpoint", str(root / "short" / "last"), "--out", str(root / "emb2.zarr"),
-          "--no-progress"])
+    assert main(["ptp", "embed", "--checkpoint", str(root / "short" / "last"), "--out", str(root / "emb2.zarr"),
+                 "--no-progress"]) == 0
+    # a fine-tuned run of this test's own (not the other test's), on the store of the encoder as it was
+    assert main(["ptp", "finetune", "--embeddings", str(root / "emb2.zarr"), "--config", "configs/ptp_cue_reach.yaml",
+                 "task=toy", f"out={root / 'long2'}", "policy.n_obs_steps=4", "policy.obs_stride=2",
+                 "policy.horizon=8", "policy.n_action_steps=4", "policy.n_layers=1", "policy.width=32",
+                 "policy.sampler.inference_steps=2", "train.batch_size=8", "train.warmup_steps=1",
+                 "train.ema_warmup=0", "train.epochs=1", "train.val_windows=4", "--no-progress"]) == 0
     # retrain the short policy in place: its encoder changes, the store does not
     assert main(["train", "--config", "configs/recommended_cpu.yaml", f"dataset={root / 'toy.zarr'}",
                  f"out={root / 'short'}", "policy.n_layers=1", "policy.width=32", "policy.state_hidden=32",
@@ -90,7 +96,7 @@ def test_a_store_from_another_encoder_or_obs_keys_is_refused(short_run, capsys):
     # a store of the retrained encoder is a valid one, but not the data the first fine-tune ran on
     assert main(["ptp", "embed", "--checkpoint", str(root / "short" / "last"), "--out", str(root / "emb3.zarr"),
                  "--no-progress"]) == 0
-    resume = [*base[:3], str(root / "emb3.zarr"), *base[4:6], f"out={root / 'long'}", "policy.n_obs_steps=4",
+    resume = [*base[:3], str(root / "emb3.zarr"), *base[4:6], f"out={root / 'long2'}", "policy.n_obs_steps=4",
               "policy.obs_stride=2", "policy.horizon=8", "policy.n_action_steps=4", "policy.n_layers=1",
               "policy.width=32", "policy.sampler.inference_steps=2", "train.batch_size=8", "train.epochs=2"]
     assert "the embeddings are not the run's (another embedding store, or another encoder)" in _err(capsys, resume)
