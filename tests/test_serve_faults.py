@@ -301,6 +301,63 @@ def test_a_robot_back_under_its_fixed_id_is_served_while_its_old_connection_ling
         frozen.wait()
 
 
+# A server whose policy takes 50 ms and sees an image besides the state (so a backlog outgrows ZeroMQ's queue).
+STALLING_SERVER = r"""
+import dataclasses, sys
+sys.path.insert(0, sys.argv[1])
+from fakes import FakeBackend, fake_spec
+from polcache.policy.spec import ArraySpec
+from polcache.serve.server import PolicyServer
+spec = fake_spec()
+spec = dataclasses.replace(spec, obs={**spec.obs, "image_front": ArraySpec((96, 96, 3), "uint8")})
+server = PolicyServer(FakeBackend(spec, delay_s=0.05), "tcp://127.0.0.1:0")
+print(server.endpoint, flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.mark.slow
+def test_after_a_stall_the_server_answers_the_newest_observation_not_the_first_read():
+    """A server stopped for a moment (SIGSTOP here; swapped out, starved of CPU) finds a robot's
+    backlog partly in ZeroMQ's queue and partly still in the kernel's buffers: it answered the
+    newest queued one, from before the stall (past due on arrival, the fresh chunk an inference
+    later). It waits for the rest of the backlog and answers only the robot's newest observation."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    stalling = subprocess.Popen([sys.executable, "-c", STALLING_SERVER, str(Path(__file__).parent)],
+                                stdout=subprocess.PIPE, text=True)
+    peer = None
+    try:
+        endpoint = stalling.stdout.readline().strip()
+        peer = RawPeer(endpoint)
+        assert isinstance(peer.handshake({"state": ((STATE_DIM,), "float32"), "image_front": ((96, 96, 3), "uint8")}),
+                          Welcome)
+        image, state = np.zeros((96, 96, 3), np.uint8), np.zeros(STATE_DIM, np.float32)
+        seq = 0
+        for stall in range(3):
+            for seq in range(seq, seq + 3):
+                peer.send(observation(seq, t_capture=time.monotonic(), image_front=image, state=state))
+                assert peer.recv(timeout_s=10).seq == seq
+            os.kill(stalling.pid, signal.SIGSTOP)
+            for seq in range(seq + 1, seq + 61):  # 60 observations at 200 Hz
+                peer.send(observation(seq, t_capture=time.monotonic(), image_front=image, state=state))
+                time.sleep(0.005)
+            os.kill(stalling.pid, signal.SIGCONT)
+            answered = [peer.recv(timeout_s=5).seq]
+            while peer.socket.poll(300):
+                answered.append(peer.recv().seq)
+            assert answered == [seq], f"stall {stall}"
+            seq += 1
+    finally:
+        if peer is not None:
+            peer.close()
+        stalling.kill()
+        stalling.wait()
+
+
 def test_a_robot_restarted_under_its_fixed_id_is_its_new_connection_and_no_other_robots(server, caplog):
     """A robot restarted under a fixed routing id whose session was kept was filed under its old,
     closed connection's descriptor, which the kernel had given to another robot since: the new

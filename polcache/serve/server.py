@@ -84,6 +84,7 @@ DEAD_PEER_MS = 3000
 _DEAD_PEER_OPTIONS = ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 1), (zmq.TCP_KEEPALIVE_INTVL, 1),
                   (zmq.TCP_KEEPALIVE_CNT, 3), (zmq.TCP_MAXRT, DEAD_PEER_MS))
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
+BACKLOG_WAIT_MS = 10  # after a stall, how long a drain waits for the kernel's backlog to reach ZeroMQ's queue
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
 DEFAULT_MAX_SESSIONS = 64  # robots served at once; no batch is larger
@@ -256,6 +257,7 @@ class PolicyServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = False
+        self._backlog = False  # a robot's observation was read late: wait for its newer ones (see _drain)
         self._next_sweep = 0.0
         self._name_checks: dict[bytes, float] = {}  # robots that shook hands: when to look for a name shared
         self._flood = FloodGuard()
@@ -333,7 +335,7 @@ class PolicyServer:
                 except zmq.Again:
                     pass
                 else:
-                    if self._router.getsockopt(_EVENTS) & _POLLIN:
+                    if self._backlog or self._router.getsockopt(_EVENTS) & _POLLIN:
                         self._drain()
             self._once_a_second()
             self._dispatch()  # last: the woken worker then finds the GIL free, this thread waiting
@@ -378,13 +380,25 @@ class PolicyServer:
     # ------------------------------------------------------------ receiving
 
     def _drain(self) -> None:
-        """Read everything waiting before the next dispatch, so only the newest observation counts;
-        called when one is waiting (after it, asking is cheaper than a zmq.Again)."""
+        """Read everything waiting before the next dispatch, so only the newest observation counts.
+        After the server stalled (stopped, swapped out, starved of CPU) or the network held messages
+        back, a robot's backlog goes on in the kernel's buffers beyond the SOCKET_HWM messages ZeroMQ
+        queues for it, and reaches the queue only while it is read: where one was seen (`_backlog`: an
+        observation read late, or a turn that read a half queue more than one message per robot),
+        the drain waits up to BACKLOG_WAIT_MS for the rest. Else the dispatch answered an observation
+        from before the stall, its chunk past due on arrival and the robot's fresh one an inference
+        later."""
+        turn = 0
         for _ in range(MAX_DRAIN):
+            if not self._router.getsockopt(_EVENTS) & _POLLIN:
+                backlog = self._backlog or turn >= len(self.sessions) + SOCKET_HWM // 2
+                self._backlog = False
+                if not backlog or not self._router.poll(BACKLOG_WAIT_MS):
+                    return
+                turn = 0
             if not self._receive(_NOBLOCK):  # a flooder's: the robots waiting are served first
                 return
-            if not self._router.getsockopt(_EVENTS) & _POLLIN:
-                return
+            turn += 1
 
     def _receive(self, flags: int = 0) -> bool:
         """Read and handle one message. A robot without a session (one about to shake hands) is read
@@ -607,6 +621,8 @@ class PolicyServer:
                        f"the last observation's in epoch {obs.epoch}, which arrived {now - session.last_obs_at:.3f} s "
                        f"before it: the robot's clock jumped ahead; stamp observations with one monotonic clock "
                        f"(time.monotonic(), not time.time())")
+        if now - session.last_obs_at - gap > SOCKET_HWM / 2 / session.hz:  # read half a queue's periods late
+            self._backlog = True  # more of the robot's observations may wait in the kernel (see _drain)
         session.last_t_capture, session.last_obs_at = obs.t_capture, now
         if session.pending is not None:
             session.superseded += 1
