@@ -320,15 +320,16 @@ server.serve_forever()
 def test_after_a_stall_the_server_answers_the_newest_observation_not_the_first_read():
     """A server stopped for a moment (SIGSTOP here; swapped out, starved of CPU) finds a robot's
     backlog partly in ZeroMQ's queue and partly still in the kernel's buffers: it answered the
-    newest queued one, from before the stall (past due on arrival, the fresh chunk an inference
-    later). It waits for the rest of the backlog and answers only the robot's newest observation."""
+    newest queued one, or the one that waited from before the stall (past due on arrival, the
+    fresh chunk an inference later). It waits for the backlog, answers only the robot's newest
+    observation besides the inference under way at the stop, and says it stood still."""
     import os
     import signal
     import subprocess
     import sys
 
     stalling = subprocess.Popen([sys.executable, "-c", STALLING_SERVER, str(Path(__file__).parent)],
-                                stdout=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peer = None
     try:
         endpoint = stalling.stdout.readline().strip()
@@ -336,26 +337,39 @@ def test_after_a_stall_the_server_answers_the_newest_observation_not_the_first_r
         assert isinstance(peer.handshake({"state": ((STATE_DIM,), "float32"), "image_front": ((96, 96, 3), "uint8")}),
                           Welcome)
         image, state = np.zeros((96, 96, 3), np.uint8), np.zeros(STATE_DIM, np.float32)
+
+        def send(seq: int) -> None:
+            peer.send(observation(seq, t_capture=time.monotonic(), image_front=image, state=state))
+
         seq = 0
-        for stall in range(3):
+        for stall in range(4):
             for seq in range(seq, seq + 3):
-                peer.send(observation(seq, t_capture=time.monotonic(), image_front=image, state=state))
+                send(seq)
                 assert peer.recv(timeout_s=10).seq == seq
+            if under_way := stall % 2:  # stopped while it computes one (busy) with another waiting, or while idle
+                first = seq = seq + 1
+                send(first)
+                time.sleep(0.01)
+                seq += 1
+                send(seq)  # waits for the inference: never answered, the backlog behind it is newer
+                time.sleep(0.005)
             os.kill(stalling.pid, signal.SIGSTOP)
             for seq in range(seq + 1, seq + 61):  # 60 observations at 200 Hz
-                peer.send(observation(seq, t_capture=time.monotonic(), image_front=image, state=state))
+                send(seq)
                 time.sleep(0.005)
             os.kill(stalling.pid, signal.SIGCONT)
             answered = [peer.recv(timeout_s=5).seq]
             while peer.socket.poll(300):
                 answered.append(peer.recv().seq)
-            assert answered == [seq], f"stall {stall}"
+            # under way: the first one sent before the stop, if the server had read it by then
+            assert answered in ([seq], [first, seq]) if under_way else answered == [seq], f"stall {stall}: {answered}"
             seq += 1
     finally:
         if peer is not None:
             peer.close()
         stalling.kill()
-        stalling.wait()
+        _, log = stalling.communicate()
+    assert "the server stood still for at least" in log
 
 
 def test_a_robot_restarted_under_its_fixed_id_is_its_new_connection_and_no_other_robots(server, caplog):

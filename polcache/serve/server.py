@@ -84,7 +84,9 @@ DEAD_PEER_MS = 3000
 _DEAD_PEER_OPTIONS = ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 1), (zmq.TCP_KEEPALIVE_INTVL, 1),
                   (zmq.TCP_KEEPALIVE_CNT, 3), (zmq.TCP_MAXRT, DEAD_PEER_MS))
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
-BACKLOG_WAIT_MS = 10  # after a stall, how long a drain waits for the kernel's backlog to reach ZeroMQ's queue
+BACKLOG_WAIT_MS = 20  # after a stall, how long a drain waits for the kernel's backlog to reach ZeroMQ's queue
+# A wait for messages longer than this (its timeout and a half) means the process stood still meanwhile
+STALLED_S = 1.5 * LOOP_WAKE_MS / 1e3
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
 DEFAULT_MAX_SESSIONS = 64  # robots served at once; no batch is larger
@@ -258,6 +260,7 @@ class PolicyServer:
         self._thread: threading.Thread | None = None
         self._busy = False
         self._backlog = False  # a robot's observation was read late: wait for its newer ones (see _drain)
+        self._stall: tuple[float, float] | None = None  # the last time the server stood still, and how long
         self._next_sweep = 0.0
         self._name_checks: dict[bytes, float] = {}  # robots that shook hands: when to look for a name shared
         self._flood = FloodGuard()
@@ -323,22 +326,37 @@ class PolicyServer:
             busy.register(sock, zmq.POLLIN)
         log.info("serving %s on %s", self.spec.task or "policy", self.endpoint)
         while not self._stop.is_set():
+            waited = time.perf_counter()
             if self._busy:
                 events = dict(busy.poll(LOOP_WAKE_MS))
+                if (held_s := time.perf_counter() - waited) > STALLED_S:
+                    self._stood_still(held_s)
                 if self._wake in events:
                     self._collect_results()
-                if self._router in events:
+                if self._backlog or self._router in events:
                     self._drain()
             else:
                 try:
                     self._receive()  # waits up to LOOP_WAKE_MS (RCVTIMEO)
                 except zmq.Again:
                     pass
-                else:
-                    if self._backlog or self._router.getsockopt(_EVENTS) & _POLLIN:
-                        self._drain()
+                if (held_s := time.perf_counter() - waited) > STALLED_S:
+                    self._stood_still(held_s)
+                if self._backlog or self._router.getsockopt(_EVENTS) & _POLLIN:
+                    self._drain()
             self._once_a_second()
             self._dispatch()  # last: the woken worker then finds the GIL free, this thread waiting
+
+    def _stood_still(self, held_s: float) -> None:
+        """A wait of at most LOOP_WAKE_MS that took `held_s`: the process stood still meanwhile. The
+        robots' observations backed up (the next drain waits for them, see _drain), and the chunks
+        under way are late for a reason that is not the policy's, which their deadline lines say."""
+        still_s = held_s - LOOP_WAKE_MS / 1e3
+        self._stall = (time.perf_counter(), still_s)
+        self._backlog = True
+        self._warn("stood-still", f"the server stood still for at least {still_s:.2f} s (its process stopped, swapped "
+                                  f"out or starved of CPU): robots' observations from meanwhile are skipped for their "
+                                  f"newest, the chunks under way come late")
 
     def start(self) -> "PolicyServer":
         """Serve on a background thread (tests, benchmarks, in-process robots); once only."""
@@ -383,11 +401,11 @@ class PolicyServer:
         """Read everything waiting before the next dispatch, so only the newest observation counts.
         After the server stalled (stopped, swapped out, starved of CPU) or the network held messages
         back, a robot's backlog goes on in the kernel's buffers beyond the SOCKET_HWM messages ZeroMQ
-        queues for it, and reaches the queue only while it is read: where one was seen (`_backlog`: an
-        observation read late, or a turn that read a half queue more than one message per robot),
-        the drain waits up to BACKLOG_WAIT_MS for the rest. Else the dispatch answered an observation
-        from before the stall, its chunk past due on arrival and the robot's fresh one an inference
-        later."""
+        queues for it, and reaches the queue only while it is read: where one was seen (`_backlog`: the
+        loop stood still, an observation read late, or a turn that read a half queue more than one
+        message per robot), the drain waits up to BACKLOG_WAIT_MS for the rest. Else the dispatch
+        answered an observation from before the stall, its chunk past due on arrival and the robot's
+        fresh one an inference later."""
         turn = 0
         for _ in range(MAX_DRAIN):
             if not self._router.getsockopt(_EVENTS) & _POLLIN:
@@ -744,8 +762,8 @@ class PolicyServer:
                             t_actions=job.t_capture + session.action_offsets_s, actions=job.actions,
                             timing=job.timing)
         frame, encode_ms = encode_chunk(chunk, session.version)
-        self._send(job.robot, frame)
-        total_ms = (time.perf_counter() - job.received) * 1e3 + job.timing["decode"]
+        total_ms = (time.perf_counter() - job.received) * 1e3 + job.timing["decode"]  # before the send, which
+        self._send(job.robot, frame)  # hands the reply to ZeroMQ: a process stopped right after it is no late chunk
         if self.rtc:
             session.planned = (chunk.t_actions, job.actions)
             seen = total_ms / 1e3
@@ -754,10 +772,13 @@ class PolicyServer:
         late = total_ms > session.deadline_ms
         if late:  # said with where the time went: a policy too slow for this robot's rate, or robots waiting before it
             robots = f"{job.batch_size} robot{'' if job.batch_size == 1 else 's'}"
+            stood_still = (f"; the server stood still for at least {self._stall[1]:.2f} s meanwhile (process stopped, "
+                           f"swapped out or starved of CPU), which these times include"
+                           if self._stall is not None and self._stall[0] > job.received else "")
             self._warn(f"{job.robot.hex()}:deadline", f"observation {job.seq} of {robot_label(session.name, job.robot)} "
                                                       f"took {total_ms:.1f} ms, over its {session.deadline_ms:.1f} ms "
                                                       f"deadline (inference {timing['inference']:.1f} ms for {robots}, "
-                                                      f"waiting {timing['queue']:.1f} ms before it)")
+                                                      f"waiting {timing['queue']:.1f} ms before it){stood_still}")
         if self.on_record is not None:  # built only for a listener
             self.on_record(RequestRecord(
                 t=time.time(), robot=session.name, epoch=job.epoch, seq=job.seq, decode_ms=timing["decode"],
