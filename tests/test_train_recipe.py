@@ -185,14 +185,15 @@ FAST = ["policy.n_layers=1", "policy.width=16", "policy.n_heads=2", "policy.stat
         "train.val_windows=2", "train.val_fraction=0.3", "train.warmup_steps=0", "train.threads=1", "--no-progress"]
 
 
-def demo_dataset(path, task="demo", shift=0.0, n=3):
-    """A tiny recorded-looking dataset (no simulator): n episodes of 24 steps, 3-d state, 2-d action."""
+def demo_dataset(path, task="demo", shift=0.0, n=3, fps=None):
+    """A tiny recorded-looking dataset (no simulator): n episodes of 24 steps, 3-d state, 2-d action;
+    recorded at `fps` control steps per second where given."""
     from polcache.data import Episode, write_dataset
 
     t = np.linspace(0, 1, 24, dtype=np.float32)[:, None]
     episodes = [Episode(obs={"state": np.hstack([t, t * i, -t]) + shift}, action=np.hstack([t, -t]) * (i + 1),
                         task=task) for i in range(n)]
-    write_dataset(path, episodes, {"task": task})
+    write_dataset(path, episodes, {"task": task} | ({"fps": fps} if fps else {}))
     return path
 
 
@@ -234,6 +235,20 @@ def test_resuming_on_other_data_is_refused_naming_what_differs(tmp_path, capsys)
     assert train_cli(tmp_path / "copy.zarr", run, "train.steps=4") == 0
     assert "holds the same data" in capsys.readouterr().out
     assert load_policy(run / "last")[2]["step"] == 4
+
+
+def test_resuming_on_the_same_data_at_another_rate_is_refused(tmp_path, capsys):
+    """The checkpoint records the rate its policy acts at (the dataset's fps): a resume on a copy of
+    the data stating another rate switched it mid-run, in silence ("holds the same data")."""
+    run = tmp_path / "run"
+    assert train_cli(demo_dataset(tmp_path / "a.zarr", fps=20), run) == 0
+    capsys.readouterr()
+    slower = demo_dataset(tmp_path / "slower.zarr", fps=10)
+    assert train_cli(slower, run, "train.steps=4") == 2
+    assert (f"cannot resume {run / 'last'}: dataset {slower} is recorded at 10 fps, the run's policy acts at 20 Hz; "
+            f"pass --fresh") in capsys.readouterr().err
+    assert load_policy(run / "last")[0].spec.control_hz == 20.0  # untouched
+    assert train_cli(demo_dataset(tmp_path / "copy.zarr", fps=20), run, "train.steps=4") == 0  # the same rate resumes
 
 
 def test_resuming_with_another_validation_split_is_refused_naming_the_settings(tmp_path, capsys):

@@ -716,7 +716,8 @@ VALIDATION_SET = (("seed", "episodes"), ("val_fraction", "episodes"), ("val_wind
 def _data_differences(old_stats: dict[str, torch.Tensor], old_cfg: ExperimentConfig, meta: dict, cfg: ExperimentConfig,
                       policy: DiffusionPolicy) -> list[str]:
     """What a resumed run would learn from that differs from what OUT/last was trained on: the task, the
-    observation keys and shapes, the action size, the data itself, as its normaliser statistics
+    observation keys and shapes, the action size, the rate it was recorded at (the rate the checkpoint
+    says its policy acts at), the data itself, as its normaliser statistics
     (fitted on it; a resumed run would switch to the new ones mid-run), and the settings that choose the
     validation episodes and windows (it would validate on episodes it trained on, and judge best/ on
     scores not comparable with the stored one). A dataset that was only moved (same statistics at
@@ -733,6 +734,10 @@ def _data_differences(old_stats: dict[str, torch.Tensor], old_cfg: ExperimentCon
             out.append(f"observation shapes are {shapes}, the run's are {old_shapes}")
     if int(meta.get("action_dim", policy.action_dim)) != policy.action_dim:
         out.append(f"action size is {policy.action_dim}, the run's is {meta['action_dim']}")
+    if (old_hz := meta.get("control_hz")) is not None and policy.spec.control_hz != old_hz:
+        said = (f"is recorded at {policy.spec.control_hz:g} fps" if policy.spec.control_hz is not None
+                else "states no rate (no fps attr)")
+        out.append(f"dataset {cfg.dataset} {said}, the run's policy acts at {old_hz:g} Hz")
     differ = differing_keys(policy.normalizer.state_dict(), old_stats)
     modes = [f"train.{name} is {getattr(cfg.train, name)}, the run's is {getattr(old_cfg.train, name)}"
              for name in ("state_norm", "action_norm") if getattr(cfg.train, name) != getattr(old_cfg.train, name)]
