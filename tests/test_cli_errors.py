@@ -173,7 +173,7 @@ def test_nested_commands_are_named_and_ptp_embed_asks_for_the_dataset(capsys, tm
     checkpoint = Path(__file__).resolve().parents[1] / "polcache/assets/checkpoints/cue-reach-ptp"
     monkeypatch.chdir(tmp_path)  # where the checkpoint's data/cue-reach.zarr is not
     err = _err(capsys, ["ptp", "embed", "--checkpoint", str(checkpoint), "--out", "x.zarr"])
-    assert err.startswith("polcache ptp embed: error:") and err.endswith("which is not here: pass --dataset")
+    assert err.startswith("polcache ptp embed: error:") and err.endswith("which is not here (nor above the checkpoint): pass --dataset PATH")
 
 
 def test_unknown_config_key(capsys, tmp_path):

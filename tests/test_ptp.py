@@ -157,3 +157,31 @@ def test_image_policy_embeds_and_finetunes_to_the_same_actions_as_raw_frames(tmp
     assert "embedding" in long.normalizer.keys  # the head reads the stored embeddings standardised
     feats = long.encode({"embedding": torch.as_tensor(np.array(open_dataset(tmp_path / "emb.zarr").array("embedding")))[None]})
     torch.testing.assert_close(feats.mean(1)[0], torch.zeros(feats.shape[-1]), atol=1e-3, rtol=0)
+
+
+def test_embed_finds_the_training_data_as_calibrate_does_and_only_that_data(tmp_path, monkeypatch, capsys):
+    """A run trained on `data/toy.zarr` (relative, as typed in the project folder), embedded from
+    another folder: the dataset is found above the checkpoint, as calibrate finds it; another
+    recording at that path is not the frames the policy learnt from, and is refused."""
+    project = tmp_path / "project"
+    rng = np.random.default_rng(1)
+
+    def record(seed_shift: float) -> None:
+        eps = [Episode(obs={"state": (rng.normal(size=(30, 5)) + seed_shift).astype(np.float32)},
+                       action=rng.normal(size=(30, 2)).astype(np.float32), task="toy") for _ in range(3)]
+        write_dataset(project / "data" / "toy.zarr", eps, {"fps": 10})
+
+    record(0.0)
+    repo = Path.cwd()
+    monkeypatch.chdir(project)
+    assert main(["train", "--config", str(repo / "configs/recommended_cpu.yaml"), "dataset=data/toy.zarr",
+                 "out=runs/short", "policy.n_layers=1", "policy.width=32", "policy.state_hidden=32",
+                 "policy.sampler.inference_steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.steps=2",
+                 "train.val_windows=4", "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["ptp", "embed", "--checkpoint", "project/runs/short/last", "--out", "emb.zarr", "--no-progress"]) == 0
+    assert open_dataset(tmp_path / "emb.zarr").attrs["embedding"]["source"] == str(project / "data" / "toy.zarr")
+    record(3.0)  # recorded again at the same path: other frames
+    assert (f"trained on data/toy.zarr; found from that path, not that data: {project / 'data' / 'toy.zarr'} (the "
+            f"normaliser statistics of action, state differ): pass --dataset PATH") in _err(
+        capsys, ["ptp", "embed", "--checkpoint", "project/runs/short/last", "--out", "emb2.zarr", "--no-progress"])

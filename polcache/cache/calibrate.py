@@ -108,7 +108,7 @@ def dataset_candidates(dataset: str, checkpoint: str | Path | None = None) -> li
     return list(found.values())
 
 
-def _training_data(policy: CacheTarget, cfg: ExperimentConfig, candidates: list[Path],
+def training_data(policy: CacheTarget, cfg: ExperimentConfig, candidates: list[Path],
                    open_store: Callable[[Path], "EpisodeStore"]) -> tuple[Path | None, "EpisodeStore | None", list[str]]:
     """The first candidate that is the data the checkpoint was trained on (the normaliser refitted on it
     equals the checkpoint's: another recording at that path, or another project's folder above, is
@@ -165,7 +165,7 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
 
     passed: list[str] = []
     if dataset is None:
-        dataset, store, passed = _training_data(policy, cfg, dataset_candidates(cfg.dataset, checkpoint), open_store)
+        dataset, store, passed = training_data(policy, cfg, dataset_candidates(cfg.dataset, checkpoint), open_store)
     else:
         dataset, store = Path(dataset), open_store(Path(dataset))
         store.check_observations({k: policy.spec.obs[k] for k in keys}, str(dataset), "the checkpoint")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from polcache.cli_types import DEVICE_HELP, FRESH_HELP, add_progress_option, config_file, positive_int
 from polcache.errors import PolcacheError
@@ -44,15 +43,29 @@ def _embed(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         check_embedding_output(args.out, args.dataset, "--out")
     policy, cfg, _ = load_policy(args.checkpoint, resolve_device(args.device))
-    dataset = args.dataset or cfg.dataset
-    if args.dataset is None and not Path(dataset).exists():
-        raise PolcacheError(f"the checkpoint was trained on {dataset}, which is not here: pass --dataset")
+    dataset = args.dataset or _training_dataset(policy, cfg, args.checkpoint)
     check_embedding_output(args.out, dataset, "--out")
     # embed_dataset checks first that the encoder takes the dataset's frames
     out = embed_dataset(policy, dataset, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
                         progress=not args.no_progress)
     print(f"wrote {out}: {policy.encoder.feature_dim}-d float32 embeddings of {dataset}")
     return 0
+
+
+def _training_dataset(policy, cfg, checkpoint: str) -> str:
+    """The checkpoint's training data, found as calibrate finds it (a relative path from the current
+    directory or any above the checkpoint) and checked to be that data (its statistics): the
+    embeddings of another recording at that path would not be the frames the policy learnt from."""
+    from polcache.cache.calibrate import dataset_candidates, training_data
+    from polcache.data import open_dataset
+
+    path, _, passed = training_data(policy, cfg, dataset_candidates(cfg.dataset, checkpoint), open_dataset)
+    if path is None:
+        found = (f"; found from that path, not that data: {'; '.join(passed)}" if passed
+                 else ", which is not here (nor above the checkpoint)")
+        raise PolcacheError(f"the checkpoint was trained on {cfg.dataset or '(no dataset recorded)'}{found}: pass "
+                            f"--dataset PATH")
+    return str(path)
 
 
 def _finetune(args: argparse.Namespace) -> int:
