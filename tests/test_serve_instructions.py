@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import msgpack
 import numpy as np
@@ -52,9 +53,9 @@ def test_protocol_carries_instructions_from_version_3_and_names_bad_ones():
                                 "action_dim": 2, "hz": 50.0, "name": "a", "instruction": 7}))
 
 
-def test_server_adds_the_robots_instruction_to_every_observation_and_resets_change_it():
+def test_server_adds_the_robots_instruction_to_every_observation_and_resets_change_it(caplog):
     backend = FakeBackend(language_spec())
-    with PolicyServer(backend, "tcp://127.0.0.1:0") as server:
+    with caplog.at_level(logging.INFO, logger="polcache.serve"), PolicyServer(backend, "tcp://127.0.0.1:0") as server:
         peer = RawPeer(server.endpoint)
         refused = peer.request(hello())  # the policy needs an instruction and the server has no default
         assert isinstance(refused, P.Error) and refused.code == "bad_instruction"
@@ -75,11 +76,16 @@ def test_server_adds_the_robots_instruction_to_every_observation_and_resets_chan
         assert isinstance(peer.request(observation(0, epoch=1)), P.ActionChunk)
         assert decode_instruction(backend.calls[-1]["instruction"][0, -1]) == "open drawer"
         peer.close()
+    # what the policy is told, for the operator: the server's default (none here), each robot's, each change
+    assert "robots must send an instruction (no --instruction default)" in caplog.text
+    assert "connected (50 Hz), following 'push the puck'" in caplog.text
+    assert "follows 'open drawer' from epoch 1" in caplog.text and "open the drawer, please' from" not in caplog.text
 
 
-def test_older_robots_get_the_servers_default_instruction_and_policies_without_language_ignore_it():
+def test_older_robots_get_the_servers_default_instruction_and_policies_without_language_ignore_it(caplog):
     backend = FakeBackend(language_spec())
-    with PolicyServer(backend, "tcp://127.0.0.1:0", instruction="reach") as server:
+    with (caplog.at_level(logging.INFO, logger="polcache.serve"),
+          PolicyServer(backend, "tcp://127.0.0.1:0", instruction="reach") as server):
         peer = RawPeer(server.endpoint)
         assert isinstance(peer.request(hello(version=2)), P.Welcome)
         assert isinstance(peer.request(P.encode(P.Observation(epoch=0, seq=0, t_capture=1.0,
@@ -87,6 +93,8 @@ def test_older_robots_get_the_servers_default_instruction_and_policies_without_l
                           P.ActionChunk)
         assert decode_instruction(backend.calls[-1]["instruction"][0, -1]) == "reach"
         peer.close()
+    assert "robots that send no instruction follow 'reach'" in caplog.text
+    assert "connected (50 Hz), following the server's instruction 'reach'" in caplog.text
     for bad, why in (("x" * 33, "33 UTF-8 bytes, at most 16"), ("", "empty instruction"),
                      ("go \udcff", "not encodable as UTF-8")):  # "\udcff": a non-UTF-8 byte from argv
         with pytest.raises(InstructionError, match=f"--instruction: {why}"):  # a PolcacheError: one CLI line

@@ -324,7 +324,10 @@ class PolicyServer:
         busy = zmq.Poller()
         for sock in (self._router, self._wake):
             busy.register(sock, zmq.POLLIN)
-        log.info("serving %s on %s", self.spec.task or "policy", self.endpoint)
+        default = ("" if INSTRUCTION_KEY not in self.spec.obs else
+                   f"; robots that send no instruction follow {self.instruction!r}" if self.instruction is not None
+                   else "; robots must send an instruction (no --instruction default)")
+        log.info("serving %s on %s%s", self.spec.task or "policy", self.endpoint, default)
         while not self._stop.is_set():
             waited = time.perf_counter()
             if self._busy:
@@ -487,6 +490,9 @@ class PolicyServer:
                     if msg.instruction is not None:  # refused whole (the epoch too) if it does not fit
                         session.instruction = session_instruction(msg.instruction, self.spec, None,
                                                                   "reset.instruction")
+                        if session.instruction is not None:  # an operator wants to see what the policy is told
+                            log.info("robot %s follows %r from epoch %d", robot_label(session.name, robot),
+                                     msg.instruction, msg.epoch)
                     session.start_epoch(msg.epoch)
                     self._send(robot, frames[0])
             elif isinstance(msg, Handshake):
@@ -560,8 +566,10 @@ class PolicyServer:
         if fd is not None and fd >= 0:
             self._connections[fd] = (robot, msg.name)
         # per session and name: robots sharing a name (or one restarted) each get their line, a renamed session too
+        follows = (f", following {msg.instruction!r}" if msg.instruction is not None else
+                   f", following the server's instruction {self.instruction!r}") if instruction is not None else ""
         self._log.info(f"hello:{robot.hex()}:{msg.name}",
-                       f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz)")
+                       f"robot {robot_label(msg.name, robot)} connected ({msg.hz:g} Hz){follows}")
         self._name_checks[robot] = time.monotonic() + SHARED_NAME_CHECK_S
         if (why := rate_warning(msg, self.spec, robot_label(msg.name, robot))) is not None:
             self._warn(f"rate:{robot.hex()}:{msg.hz}", why)
