@@ -186,6 +186,8 @@ def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, ca
     result = json.loads((tmp_path / "heldout.json").read_text())
     assert [e["instruction"] for e in result["per_episode"]] == ["nudge the puck over to the target",
                                                                 "push the small puck to the goal spot"]
+    assert ("instructions: 2 heldout paraphrases of push-v3, one per episode in turn: 'nudge the puck over to the "
+            "target'; 'push the small puck to the goal spot'\n") in capsys.readouterr().out
     assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "1", "--max-steps", "8",
                  "--no-progress", "--instruction", "open the door", "--json", "swapped.json"]) == 0
     assert json.loads((tmp_path / "swapped.json").read_text())["extra"]["instructions"] == ["open the door"]

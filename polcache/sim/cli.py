@@ -114,6 +114,9 @@ def _run(args: argparse.Namespace) -> int:
 def _say(args: argparse.Namespace, result, backend, what: dict, compare: bool) -> None:
     """The run's summary lines: the result, seam jerk, self-verification, the cache's speedup."""
     print(result.summary())
+    if args.instruction is None and (texts := result.extra.get("instructions")):  # said: only --json had them
+        print(f"instructions: {len(texts)} {args.instructions or 'heldout'} paraphrase{'s' if len(texts) > 1 else ''} "
+              f"of {result.task}, one per episode in turn: {'; '.join(repr(t) for t in texts)}")
     if jerk := result.jerk_line():
         print(jerk)
     if args.verify > 1:
