@@ -496,6 +496,22 @@ def test_instructions_round_trip(tmp_path):
     assert EpisodeStore.open(tmp_path / "plain.zarr").obs_keys == ["state"]
 
 
+def test_a_run_on_instructions_as_task_strings_records_no_tasks(tmp_path):
+    """A LeRobot root's task strings are language: a checkpoint trained on one listed its paraphrases
+    as the tasks it was trained on, and eval then offered them as --task names."""
+    from polcache.train.loop import _task_names
+
+    src = tmp_path / "instructed.zarr"
+    write_dataset(src, [instructed_episode(["reach the goal"] * 3, 0) for _ in range(2)]
+                  + [Episode(obs=ep.obs, action=ep.action, task="push-v3")
+                     for ep in [instructed_episode(["push it"] * 3, 1)]])
+    assert _task_names(EpisodeStore.open(src)) == ["push-v3", "reach-v3"]  # recorded: environment tasks
+    lr_export.export_lerobot(src, tmp_path / "exported", progress=False)
+    lr.import_lerobot(tmp_path / "exported", tmp_path / "back.zarr", progress=False, instruction_bytes=64)
+    back = EpisodeStore.open(tmp_path / "back.zarr")
+    assert back.tasks == ["reach the goal", "reach the goal", "push it"] and _task_names(back) == []
+
+
 def test_import_several_tasks_per_episode_keeps_per_frame_strings(lerobot_root, tmp_path):
     """A LeRobot episode whose frames name different tasks (subtasks): every frame's instruction is its own."""
     _edit_data(lerobot_root, 0, "task_index", lambda t: np.array([0, 0, 0, 1, 1, 0, 1, 1, 0, 0]))

@@ -249,6 +249,22 @@ def train(cfg: ExperimentConfig, fresh: bool = False, progress: bool = True, dev
         return _train(cfg, fresh, progress, device, source)
 
 
+def _task_names(store: EpisodeStore) -> list[str]:
+    """A multi-task run's tasks, for the checkpoint's meta.json: its config names none, so commands ask
+    for one and list these. None where the episodes' task strings are their instructions (a LeRobot
+    root's are language: `eval --task` would look for an environment called "go to the left pad")."""
+    names = sorted(set(store.tasks))
+    if len(names) < 2:
+        return []
+    if INSTRUCTION_KEY in store.obs_keys:
+        from polcache.policy.language import decode_instruction
+
+        firsts = store.array(INSTRUCTION_KEY)[store.episode_starts]
+        if all(decode_instruction(row) == task for row, task in zip(firsts, store.tasks)):
+            return []
+    return names
+
+
 def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, source: TrainingSource | None) -> Path:
     dev, rank, world = _process_device(device)
     if cfg.train.threads:
@@ -257,8 +273,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     out = Path(cfg.out)
     source = source or dataset_source(cfg, progress=progress and rank == 0)
     store, policy = source.store, source.policy.to(dev)
-    # a multi-task run's tasks, for the checkpoint's meta.json: its config names none (commands then ask for one)
-    tasks = {"tasks": sorted(set(store.tasks))} if len(set(store.tasks)) > 1 else {}
+    tasks = {"tasks": names} if (names := _task_names(store)) else {}
     if rank == 0 and (hz := policy.spec.control_hz) is not None:  # what eval and serve hold their rates to
         print(f"dataset rate: {hz:g} fps, so the policy acts at {hz:g} Hz (eval and serve check their control rate "
               f"against it)")
