@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -31,10 +30,8 @@ from polcache.policy.spec import PolicySpec
 
 FORMAT = "polcache-export"
 VERSION = 2  # 2: sealed (a manifest of version 1 was written before seals, or sealed without saying so)
-UNSEALED_VERSION = 1  # still read: without a seal only with a warning
+UNSEALED_VERSION = 1  # still read where sealed; without a seal refused (a version lowered to 1 turned the check off)
 MANIFEST = "manifest.json"
-log = logging.getLogger("polcache.export")
-_UNSEALED_TOLD: set[str] = set()  # manifests without a seal already warned about: each is read twice at load
 
 
 def sha256_file(path: str | Path) -> str:
@@ -176,13 +173,10 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     if manifest.seal and manifest.seal != sealed:  # checked after the fields, which name a malformed one
         raise ExportError(f"{path}: edited after export (its content no longer matches its seal); the graphs were "
                           "built for the exported values, so export again rather than editing the manifest")
-    if not manifest.seal and manifest.version == VERSION:  # removed, which turned the check off
-        raise ExportError(f"{path}: its seal is missing, so edits to it cannot be ruled out (version {VERSION} "
-                          f"manifests are written sealed); export again rather than editing the manifest")
-    if not manifest.seal and str(path) not in _UNSEALED_TOLD:
-        _UNSEALED_TOLD.add(str(path))
-        log.warning("%s: exported before manifests were sealed, so an edit to it cannot be detected; export again "
-                    "to seal it", path)
+    if not manifest.seal:  # removed, which turned the check off; with the version lowered to 1 as well, too
+        raise ExportError(f"{path}: its seal is missing, so edits to it cannot be ruled out (exported before "
+                          f"manifests were sealed, or the seal taken away); export again rather than editing the "
+                          f"manifest")
     if verify:
         for name in graphs:
             graph_bytes(root, manifest, name)

@@ -194,6 +194,10 @@ def test_a_well_formed_edit_of_the_manifest_is_refused_by_its_seal(policy, tmp_p
     (art / "manifest.json").write_text(json.dumps(doc, indent=1))
     with pytest.raises(ExportError, match="its seal is missing, so edits to it cannot be ruled out"):
         load_backend(str(art))
+    doc["version"] = 1  # and the version lowered to the one from before seals: so did that
+    (art / "manifest.json").write_text(json.dumps(doc, indent=1))
+    with pytest.raises(ExportError, match="its seal is missing, so edits to it cannot be ruled out"):
+        load_backend(str(art))
 
 
 def test_an_artifact_takes_its_schedule_from_any_path_with_the_same_content(policy, schedule, tmp_path,
