@@ -215,7 +215,7 @@ def check_request(manifest: Manifest, where: str, cache: str | None = None, samp
     (head, path), (exported_head, exported_path) = schedule_parts(cache), schedule_parts(exported)
     # the same schedule may sit elsewhere (a relative path, another machine): its content decides
     same_file = path is not None and exported_path is not None and want is not None and path.is_file() \
-        and _same_schedule(path, want)
+        and schedule_digest(path) == want
     if path is not None and not path.is_file():  # a missing file is no other plan: said as elsewhere
         raise ExportError(f"--cache {cache.strip()}: schedule file not found: {path}")
     if cache.strip() != exported and not (head == exported_head and same_file):
@@ -224,7 +224,7 @@ def check_request(manifest: Manifest, where: str, cache: str | None = None, samp
                   if run_time else "export again with the cache you want")  # export refuses those
         raise ExportError(f"{where} was exported with --cache {exported}, not {cache.strip()}: the plan is part of "
                           f"the exported graphs, so {remedy}")
-    if want and path is not None and path.is_file() and not _same_schedule(path, want):
+    if want and path is not None and path.is_file() and schedule_digest(path) != want:
         raise ExportError(f"{path} changed since {where} was exported with it (sha256 differs): export again")
 
 
@@ -239,12 +239,6 @@ def schedule_digest(path: Path) -> str:
         doc = {k: v for k, v in doc.items() if k not in ("created", "code_version")}
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-def _same_schedule(path: Path, want: str) -> bool:
-    """Whether the schedule file at `path` is the one an artifact records (artifacts exported before
-    the digest recorded the file's own sha256)."""
-    return want in (schedule_digest(path), sha256_file(path))
 
 
 def schedule_parts(spec: str) -> tuple[CacheSpec | str, Path | None]:
