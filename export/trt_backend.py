@@ -38,7 +38,8 @@ def require_tensorrt():
     except ImportError:
         raise BackendUnavailableError(
             "TensorRT backend: the tensorrt Python package is not installed (JetPack ships it on a Jetson; on a "
-            "desktop GPU see the README's TensorRT section); use --backend ort or --backend torch") from None
+            "desktop GPU see the README's TensorRT section; it runs an artifact from `polcache export`, as --backend "
+            "ort does); use --backend torch on a checkpoint, --backend ort on an artifact") from None
     return tensorrt
 
 

@@ -287,7 +287,8 @@ def test_bad_artifacts_and_requests_are_refused(policy, schedule, checkpoint, tm
     if not HAVE_TRT:
         missing = "TensorRT backend: the tensorrt Python package is not installed"
         assert missing in _err(capsys, ["eval", "--checkpoint", checkpoint, "--backend", "trt", "--episodes", "1"])
-        assert missing in _err(capsys, ["serve", "--checkpoint", checkpoint, "--backend", "trt"])
+        err = _err(capsys, ["serve", "--checkpoint", checkpoint, "--backend", "trt"])
+        assert missing in err and "it runs an artifact from `polcache export`" in err  # ort would be refused too
 
 
 def test_an_export_of_a_multi_task_checkpoint_names_its_tasks_where_a_task_is_asked_for(checkpoint, tmp_path, capsys):
@@ -330,6 +331,10 @@ def test_export_cli_then_eval_with_the_ort_backend(checkpoint, tmp_path, capsys)
                  "--no-progress", "--json", str(json_out)]) == 0
     result = json.loads(json_out.read_text())
     assert result["extra"]["backend"] == "ort" and result["extra"]["cache"]["method"] == "uniform"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--cache", "uniform:2", "--episodes", "1", "--max-steps", "12",
+                 "--no-progress"]) == 0  # the speedup eval --cache reports on a checkpoint: said to be missing
+    assert "cache uniform:2: no speedup timed: the artifact holds only the cached graphs" in capsys.readouterr().out
 
 
 def test_export_refuses_an_artifact_beyond_the_parity_tolerance(checkpoint, tmp_path, capsys, monkeypatch):

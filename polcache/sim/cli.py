@@ -122,6 +122,9 @@ def _say(args: argparse.Namespace, result, backend, what: dict, compare: bool) -
     if args.verify > 1:
         line, verified = _verify_line(result, backend.spec)
         print(line, file=sys.stdout if verified else sys.stderr)
+    if args.cache and what["backend"] != "torch" and "interrupted" not in result.extra:  # README: it times both
+        print(f"cache {args.cache}: no speedup timed: the artifact holds only the cached graphs (time the plan on the "
+              f"checkpoint, --backend torch, or with benchmarks/bench_export.py)")
     if compare:
         sp = result.extra["speedup"]
         guided = (f"; sampled without real-time chunking, whose guided chunks took p50 {result.latency_ms['p50']:.1f} "
