@@ -5,11 +5,14 @@ median ms (round-robin, so load changes hit every variant alike): torch uncached
 the cache plan, ORT uncached, ORT with the same plan in both step-graph designs ("if": one step
 graph switching blocks with If nodes on the plan table; "patterns": one graph per distinct
 update pattern of the plan). Plans: a BAC schedule (calibrated here on random states: ACS
-S=10 per block with the error-bound objective, Bubbling Union over 5 blocks) and uniform:10.
+S per block with the error-bound objective, Bubbling Union over 5 blocks) and uniform:K/S (every
+block computed at the same S steps), S a tenth of the K steps (10 at the default DDPM-100, so
+uniform:10; `--steps 16`: 2, uniform:8).
 Also: export time, file size, step graphs; max |ORT - torch| per step call (same inputs,
 along a torch trajectory) and per chunk (same initial noise and per-step noise).
 
-    python benchmarks/bench_export.py [--threads 1] [--calls 15] [--json benchmarks/results/export.json]
+    python benchmarks/bench_export.py [--threads 1] [--calls 15] [--steps 100] [--samples 8]
+                                      [--json benchmarks/results/export.json]
 """
 
 from __future__ import annotations
@@ -76,11 +79,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     calib_obs = {"state": torch.randn(args.samples, policy.cfg.n_obs_steps, 39, generator=g)}
     calib = calibrate(policy, sampler, calib_obs, "random states", batch_size=8, sensitivity_samples=2)
-    bac_path = save_schedule(build_schedule(calib, "bac", 10, 5, True, model_hash(policy), "ddpm", "error-bound"),
+    S = max(1, round(K / 10))  # the same share of the steps at any K: S=10 of 100 was 10 of 16 at --steps 16
+    bac_path = save_schedule(build_schedule(calib, "bac", S, 5, True, model_hash(policy), "ddpm", "error-bound"),
                              tmp / "bac.json")
-    print(f"BAC schedule (S=10, BU 5, error-bound) calibrated on {args.samples} random states in "
+    print(f"BAC schedule (S={S}, BU 5, error-bound) calibrated on {args.samples} random states in "
           f"{time.perf_counter() - t0:.0f} s")
-    plans = {"none": None, "bac:10:5": str(bac_path), "uniform:10": "uniform:10"}
+    uniform = f"uniform:{K // S}"  # every (K // S)-th step: S of them
+    plans = {"none": None, f"bac:{S}:5": str(bac_path), uniform: uniform}
 
     artifacts, rows = {}, []
     for label, spec in plans.items():
