@@ -665,10 +665,12 @@ def test_import_refusals(lerobot_root, tmp_path, mutate, match):
 # ---- training straight from a LeRobot root ----------------------------------------
 
 
-def test_open_dataset_imports_once(lerobot_root, monkeypatch):
+def test_open_dataset_imports_once(lerobot_root, monkeypatch, capsys):
     store = open_dataset(lerobot_root)
     caches = list((lerobot_root / ".polcache").glob("episodes-*.zarr"))
     assert len(caches) == 1 and store.path == caches[0]
+    assert f"imported LeRobot root {lerobot_root} into {caches[0]}: used again while the root is unchanged (delete " \
+           f"it to free the space)" in capsys.readouterr().out  # where the space went: said once, at the import
     ds = SequenceDataset(store, horizon=4, n_obs_steps=2, keys=["state", "image_top"])
     item = ds[len(ds) - 1]
     assert len(ds) == 15 and item["obs"]["image_top"].shape == (2, H, W, 3) and item["action"].shape == (4, 2)
@@ -677,7 +679,7 @@ def test_open_dataset_imports_once(lerobot_root, monkeypatch):
         raise AssertionError("imported again")
 
     monkeypatch.setattr(lr, "import_lerobot", no_import)
-    assert open_dataset(lerobot_root).path == caches[0]
+    assert open_dataset(lerobot_root).path == caches[0] and "imported" not in capsys.readouterr().out
     # an import killed between its two renames (no atomic exchange) left the cache aside: put back, not redone
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

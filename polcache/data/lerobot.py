@@ -722,6 +722,8 @@ def cached_import(root: str | Path, progress: bool = False, instruction_bytes: i
             if not restore(cache).exists():  # written atomically, so present means complete
                 import_lerobot(root, cache, progress, instruction_bytes=instruction_bytes,
                                instruction_setting=instruction_setting)
+                print(f"imported LeRobot root {root} into {cache}: used again while the root is unchanged "
+                      f"(delete it to free the space)")
                 for stale in folder.glob(f"{prefix}*.zarr"):  # copies of this dataset as it was before go
                     if not stale.name.startswith(f"{prefix}{key}"):
                         shutil.rmtree(stale, ignore_errors=True)
