@@ -15,9 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--task", required=True, help="task name, e.g. reach-v3 or cue-reach; several (comma-separated, or "
                                               "a suite name: mt10, pad-reach) make one multi-task dataset")
-    p.add_argument("--episodes", type=positive_int, required=True, help="episodes to attempt (failed ones are dropped)")
-    p.add_argument("--keep", type=positive_int, help="stop once this many successful episodes are kept (attempting at most "
-                                            "--episodes)")
+    p.add_argument("--episodes", type=positive_int, required=True,
+                   help="episodes to attempt per task (failed ones are dropped)")
+    p.add_argument("--keep", type=positive_int, help="stop once this many successful episodes are kept per task "
+                                            "(attempting at most --episodes)")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument("--image", action="store_true", help="also record camera images")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of episode 0; episode i uses seed + i")
