@@ -616,8 +616,9 @@ def test_a_resumed_run_given_another_length_prints_and_logs_its_new_plan(tmp_pat
     plan = json.loads(log.read_text().splitlines()[0])
     capsys.readouterr()
     assert train_cli(data, run, "train.steps=4", "train.log_every=1") == 0  # the same plan: nothing new to say
-    assert capsys.readouterr().out.splitlines()[:2] == [f"resuming from {run / 'last'} at step 3",
-                                                        f"checkpoint: {run / 'last'}"]
+    said = capsys.readouterr().out.splitlines()
+    assert said[:2] == [f"resuming from {run / 'last'} at step 3", f"checkpoint: {run / 'last'}"]
+    assert said[2].startswith(f"next: polcache eval --checkpoint {run / 'last'} (in simulation)")  # what takes it
     assert train_cli(data, run, "train.steps=6", "train.log_every=1") == 0
     new_plan = "6 steps at batch 8, 48 training windows"
     assert capsys.readouterr().out.splitlines()[:2] == [

@@ -71,9 +71,10 @@ def _training_dataset(policy, cfg, checkpoint: str) -> str:
 def _finetune(args: argparse.Namespace) -> int:
     from polcache.config import load_config
     from polcache.ptp.finetune import finetune
+    from polcache.train.cli import announce_checkpoint
 
     cfg = load_config(args.config, args.overrides)
     path = finetune(cfg, args.embeddings, fresh=args.fresh, progress=not args.no_progress, device=args.device,
                     overrides=args.overrides)
-    print(f"checkpoint: {path}")
+    announce_checkpoint(path)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from polcache.cli_types import DEVICE_HELP, FRESH_HELP, add_progress_option, config_file
 from polcache.config import load_config
@@ -28,5 +29,12 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     path = train(cfg, fresh=args.fresh, progress=not args.no_progress, device=args.device)
     if launch_rank() == 0:  # under torchrun, one line for the run, not one per process
-        print(f"checkpoint: {path}")
+        announce_checkpoint(path)
     return 0
+
+
+def announce_checkpoint(path: Path) -> None:
+    """A trained checkpoint's path, and the commands that take it next."""
+    print(f"checkpoint: {path}")
+    print(f"next: polcache eval --checkpoint {path} (in simulation), polcache calibrate --checkpoint {path} (a cache "
+          f"schedule), polcache serve --checkpoint {path} (for robots)")
