@@ -55,8 +55,11 @@ def test_embed_then_finetune_gives_an_ordinary_long_context_checkpoint(short_run
     assert main(args) == 0
     # the config file's encoder setting gives way to the store's encoder's, said, and config.yaml records it
     assert "note: the embeddings' encoder fixes policy.state_hidden 128 -> 32" in capsys.readouterr().out
-    long, cfg, _ = load_policy(root / "long" / "last")
+    long, cfg, meta = load_policy(root / "long" / "last")
     assert cfg.policy.state_hidden == 32
+    # what made its inputs: the store, and the checkpoint whose encoder it froze (which may train on since)
+    assert meta["embeddings"] == {"store": str(root / "emb.zarr"), "encoder_checkpoint": str(root / "short" / "last"),
+                                  "encoder_hash": encoder_hash(base)}
     assert long.spec.obs_stride == 2 and long.spec.n_obs_steps == 4 and cfg.dataset == str(root / "toy.zarr")
     assert long.spec.control_hz == base.spec.control_hz == 10.0  # the source's fps, copied into the store
     assert encoder_hash(long) == encoder_hash(base)  # the encoder was frozen

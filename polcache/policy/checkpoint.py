@@ -6,7 +6,9 @@
     meta.json               format version, code version, observation spec, task, training control
                             rate (`control_hz`, null where unknown; absent from older checkpoints), step,
                             and the sha256 of each other file (checked on loading; older checkpoints have
-                            none, and those before config.yaml's have the weights' only)
+                            none, and those before config.yaml's have the weights' only); a multi-task
+                            run's `tasks`; a PTP head's `embeddings` (the store, the encoder's checkpoint
+                            and hash)
     train/                  optional: raw weights + optimizer state, for resuming training
 
 Written atomically (temp directory + rename)."""

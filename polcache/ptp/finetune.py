@@ -89,7 +89,10 @@ def finetune_source(cfg: ExperimentConfig, embeddings: str | Path, overrides: Se
     if store.obs_spec()[KEY].shape != (policy.encoder.feature_dim,):
         raise DatasetError(f"{embeddings}: embeddings of size {store.obs_spec()[KEY].shape} but the encoder makes "
                            f"{policy.encoder.feature_dim}")
-    return TrainingSource(store, policy, [KEY])
+    # which store and encoder made the head's inputs: a resume after the short run trained on needs to know
+    provenance = {"embeddings": {"store": str(Path(embeddings).resolve()), "encoder_checkpoint": info["checkpoint"],
+                                 "encoder_hash": info["encoder_hash"]}}
+    return TrainingSource(store, policy, [KEY], provenance)
 
 
 def with_embedding_stats(normalizer: Normalizer, store: EpisodeStore) -> Normalizer:

@@ -18,7 +18,7 @@ epoch, so a dataset twice as large trains twice as many steps under the same con
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 import json
 import math
 import os
@@ -133,6 +133,7 @@ class TrainingSource:
     store: EpisodeStore
     policy: DiffusionPolicy
     keys: list[str]
+    provenance: dict[str, Any] = field(default_factory=dict)  # for every checkpoint's meta.json: what made the data
 
 
 def dataset_source(cfg: ExperimentConfig, progress: bool = False) -> TrainingSource:
@@ -273,7 +274,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     out = Path(cfg.out)
     source = source or dataset_source(cfg, progress=progress and rank == 0)
     store, policy = source.store, source.policy.to(dev)
-    tasks = {"tasks": names} if (names := _task_names(store)) else {}
+    run_meta = ({"tasks": names} if (names := _task_names(store)) else {}) | source.provenance  # in every meta.json
     if rank == 0 and (hz := policy.spec.control_hz) is not None:  # what eval and serve hold their rates to
         print(f"dataset rate: {hz:g} fps, so the policy acts at {hz:g} Hz (eval and serve check their control rate "
               f"against it)")
@@ -334,7 +335,7 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
         improved = cfg.train.keep_best and score is not None and score < best
         if improved:
             best = score
-            save_checkpoint(out / "best", cfg, judge, step=at, extra_meta={"validation": val, **tasks})
+            save_checkpoint(out / "best", cfg, judge, step=at, extra_meta={"validation": val, **run_meta})
         _log(log_path, {"step": at, **val, "best": improved, "checkpoint": str(last)})
         return best
 
@@ -370,14 +371,14 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
                         _log(log_path, {"step": step, "loss": loss.item(), "lr": lr,
                                         "elapsed_s": round(time.monotonic() - t0, 2)})
             if rank == 0 and checkpoint_due(step):
-                saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.monotonic() - t0, tasks)
+                saved = _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.monotonic() - t0, run_meta)
                 best = validate_checkpoint(step, best)
     except KeyboardInterrupt:
         if rank == 0 and world == 1 and step > 0:  # keep the work done since the last checkpoint
             with interrupts_held():
                 print(f"\ninterrupted: saving {last} at step {step} (Ctrl-C and SIGTERM are ignored until it is "
                       f"saved)", flush=True)
-                _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.monotonic() - t0, tasks)
+                _save(last, cfg, policy, ema, optimizer, lr_sched, step, saved, time.monotonic() - t0, run_meta)
             print(f"interrupted: saved {last} at step {step}; run the same command to resume")
         raise
     bar.close()
