@@ -75,11 +75,13 @@ def test_server_adds_the_robots_instruction_to_every_observation_and_resets_chan
         assert isinstance(peer.request(P.encode(P.Reset(epoch=1, instruction="open drawer"))), P.Reset)
         assert isinstance(peer.request(observation(0, epoch=1)), P.ActionChunk)
         assert decode_instruction(backend.calls[-1]["instruction"][0, -1]) == "open drawer"
+        assert isinstance(peer.request(P.encode(P.Reset(epoch=2, instruction="open drawer"))), P.Reset)  # unchanged
         peer.close()
     # what the policy is told, for the operator: the server's default (none here), each robot's, each change
     assert "robots must send an instruction (no --instruction default)" in caplog.text
     assert "connected (50 Hz), following 'push the puck'" in caplog.text
-    assert "follows 'open drawer' from epoch 1" in caplog.text and "open the drawer, please' from" not in caplog.text
+    assert caplog.text.count("follows 'open drawer' from epoch") == 1  # a change, once
+    assert "open the drawer, please' from" not in caplog.text  # refused: no change
 
 
 def test_older_robots_get_the_servers_default_instruction_and_policies_without_language_ignore_it(caplog):

@@ -488,11 +488,12 @@ class PolicyServer:
                         raise ProtocolError("stale_epoch", f"reset.epoch {msg.epoch} is older than this session's epoch "
                                                            f"{session.epoch}; epochs only grow")
                     if msg.instruction is not None:  # refused whole (the epoch too) if it does not fit
+                        told = session.instruction
                         session.instruction = session_instruction(msg.instruction, self.spec, None,
                                                                   "reset.instruction")
-                        if session.instruction is not None:  # an operator wants to see what the policy is told
+                        if told is not None and not np.array_equal(told, session.instruction):  # the operator sees
                             log.info("robot %s follows %r from epoch %d", robot_label(session.name, robot),
-                                     msg.instruction, msg.epoch)
+                                     msg.instruction, msg.epoch)  # what the policy is told, each change once
                     session.start_epoch(msg.epoch)
                     self._send(robot, frames[0])
             elif isinstance(msg, Handshake):
