@@ -317,9 +317,10 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     log_path = out / "train_log.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
     if rank == 0 and step < steps:  # a new run's plan, or a resumed one's given another length: when it ends
         _announce_plan(cfg, steps, len(train_data), len(val_data), store.num_episodes, log_path)
+    # after the plan's lines: a bar drawn first had them printed over it
+    bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
     judge = copy.deepcopy(policy)  # holds the EMA weights while validating
     best = _best_so_far(out / "best")
 
