@@ -77,9 +77,11 @@ def section(dom: str, view: str) -> str:
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no chromium (scripts/test.sh installs it with apt-get where it can)")
-def test_reference_line_labels_are_drawn_apart(tmp_path):
-    """Robots at one deadline share a line and its label; close deadlines' labels are moved apart
-    (they were drawn on top of each other); the x axis's last number ends at its tick, not cut off."""
+def test_reference_lines_are_named_apart_and_off_the_curves(tmp_path):
+    """Robots at one deadline share a line and its name; close deadlines' names are apart (they were
+    drawn on top of each other): a time line's in the legend (drawn over the line they hid the
+    newest points of a rate at its target), a histogram's moved apart; the x axis's last number ends
+    at its tick, not cut off."""
     server = tmp_path / "server.jsonl"
     server.write_text(json.dumps({"kind": "info", "t": 100.0, "role": "server",
                                   "policy": {"n_action_steps": 8}}) + "\n")
@@ -95,16 +97,19 @@ def test_reference_line_labels_are_drawn_apart(tmp_path):
         dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
     finally:
         dashboard.stop()
-    labels = dict((name, float(y)) for y, name in
-                  re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end"[^>]*>(deadline [^<]*)</text>',
-                             section(dom, "latency")))
-    assert set(labels) == {"deadline armA, armB: 140.0", "deadline armC: 145.8"}, labels
-    assert abs(labels["deadline armA, armB: 140.0"] - labels["deadline armC: 145.8"]) >= 11
+    latency = section(dom, "latency")
+    assert not re.search(r"<text[^>]*>deadline", latency)  # nothing over the plot
+    assert re.findall(r'dashed #c00"></i>([^<]*)</span>', latency) == ["deadline armA, armB: 140.0",
+                                                                       "deadline armC: 145.8"], latency[-600:]
     ys = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.-]+)" text-anchor="end"[^>]*>deadline arm',
                                         section(dom, "latency_hist"))]
     assert len(ys) == 2 and abs(ys[0] - ys[1]) >= 11
-    x_ticks = re.findall(r'<text x="([\d.]+)" y="217" text-anchor="(\w+)">', section(dom, "latency_hist"))
-    assert len(x_ticks) == 6 and x_ticks[-1][1] == "end"
+    x_ticks = re.findall(r'<text x="([\d.]+)" y="217" text-anchor="(\w+)">([^<]*)<', section(dom, "latency_hist"))
+    values = [float(label) for _, _, label in x_ticks]  # round steps (they read 47.7, 71.7, 95.7)
+    assert len(values) >= 4 and len({round(b - a, 9) for a, b in zip(values, values[1:])}) == 1, x_ticks
+    step = values[1] - values[0]
+    assert step in (1, 2, 5, 10, 20, 50) and all(v % step == 0 for v in values), x_ticks
+    assert all(anchor == "end" for x, anchor, _ in x_ticks if float(x) > 580 - 12 - 12), x_ticks  # none cut off
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no chromium (scripts/test.sh installs it with apt-get where it can)")

@@ -35,16 +35,10 @@ function fmt(v) {
   return a >= 1000 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 0.1 ? v.toFixed(2) : v.toPrecision(2);
 }
 
-function ticks(lo, hi, n) {
-  const out = [];
-  for (let i = 0; i <= n; i++) out.push(lo + (hi - lo) * i / n);
-  return out;
-}
-
-// Round steps (1, 2 or 5 times a power of ten) for the value axis, whole ones for counts: a count
+// Round steps (1, 2 or 5 times a power of ten) for the axes, whole ones for counts: a count
 // of safe stops read 1.57, 2.36, 3.15.
-function niceTicks(lo, hi, integer) {
-  const raw = (hi - lo || 1) / 4, p = 10 ** Math.floor(Math.log10(raw)), m = raw / p;
+function niceTicks(lo, hi, integer, intervals = 4) {  // about that many steps between lo and hi
+  const raw = (hi - lo || 1) / intervals, p = 10 ** Math.floor(Math.log10(raw)), m = raw / p;
   let step = (m <= 1 ? 1 : m <= 2 ? 2 : m <= 5 ? 5 : 10) * p;
   if (integer) step = Math.max(1, Math.round(step));
   const digits = Math.max(0, -Math.floor(Math.log10(step) + 1e-9)), out = [];  // as many decimals as the step has
@@ -62,20 +56,12 @@ function frame(svg, x0, x1, y0, y1, integer) {
     el("line", { x1: M.l, x2: W - M.r, y1: sy(v), y2: sy(v), stroke: "#eee" }, svg);
     text(svg, M.l - 4, sy(v) + 3, label, "end");
   }
-  // the last label ends at its tick: centred, it ran past the right edge and was cut off
-  ticks(x0, x1, 5).forEach((v, i) => text(svg, sx(v), H - M.b + 13, fmt(v), i === 5 ? "end" : "middle"));
+  // round steps along x too (0.58, 1.16, 1.73 read as noise); a number at the right edge ends at its tick:
+  // centred, it ran past the edge and was cut off
+  for (const [v, label] of niceTicks(x0, x1, false, 6)) {  // the plot is wider than tall
+    text(svg, sx(v), H - M.b + 13, label, sx(v) > W - M.r - 12 ? "end" : "middle");
+  }
   return [sx, sy];
-}
-
-// Label positions (pixels along one axis) moved apart by at least `gap`, in order: labels of
-// reference lines close to each other were drawn on top of each other.
-function spread(positions, gap, step) {
-  const order = positions.map((p, i) => i).sort((a, b) => step * (positions[a] - positions[b]));
-  const out = positions.slice();
-  order.forEach((i, k) => {
-    if (k > 0 && step * (out[i] - out[order[k - 1]]) < gap) out[i] = out[order[k - 1]] + step * gap;
-  });
-  return out;
 }
 
 function range(values, pad) {
@@ -87,17 +73,22 @@ function range(values, pad) {
   return [lo, hi + (hi - lo) * 0.05];
 }
 
-function legend(section, names, colors) {  // colors: each name's colour index, where not its position
+// colors: each name's colour index, where not its position; references: reference lines' labels (red, dashed)
+function legend(section, names, colors, references) {
   const div = document.createElement("div");
   div.className = "legend";
-  names.forEach((name, j) => {
+  const entry = (swatch, name) => {
     const span = document.createElement("span");
-    const i = colors ? colors[j] : j, color = COLORS[i % COLORS.length];
-    span.innerHTML = dashOf(i) ? `<i style="background:none;border-top:3px ${LEGEND_LINES[dashOf(i)]} ${color}"></i>`
-                               : `<i style="background:${color}"></i>`;
+    span.innerHTML = swatch;
     span.appendChild(document.createTextNode(name));
     div.appendChild(span);
+  };
+  names.forEach((name, j) => {
+    const i = colors ? colors[j] : j, color = COLORS[i % COLORS.length];
+    entry(dashOf(i) ? `<i style="background:none;border-top:3px ${LEGEND_LINES[dashOf(i)]} ${color}"></i>`
+                    : `<i style="background:${color}"></i>`, name);
   });
+  (references || []).forEach(name => entry(`<i style="background:none;border-top:2px dashed #c00"></i>`, name));
   section.appendChild(div);
 }
 
@@ -122,12 +113,12 @@ function drawLine(svg, section, view) {
     el("path", { d, fill: "none", stroke: COLORS[i % COLORS.length], "stroke-width": 1.4,
                  ...(dashOf(i) ? { "stroke-dasharray": DASHES[dashOf(i)] } : {}) }, svg);
   });
-  const hlines = view.hlines || [], labelY = spread(hlines.map(h => sy(h.y) - 3), 11, -1);  // upwards
-  hlines.forEach((h, i) => {
+  const hlines = view.hlines || [];
+  hlines.forEach(h => {
     el("line", { x1: M.l, x2: W - M.r, y1: sy(h.y), y2: sy(h.y), stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
-    haloed(text(svg, W - M.r - 2, labelY[i], `${h.name}: ${fmt(h.y)}`, "end"));
   });
-  legend(section, series.map(s => s.name));
+  // named in the legend, not over the line: a rate at its target ran under the label, the newest points hidden
+  legend(section, series.map(s => s.name), null, hlines.map(h => `${h.name}: ${fmt(h.y)}`));
   return series.some(s => s.y.some(v => v !== null));
 }
 
@@ -148,7 +139,7 @@ function drawHist(svg, section, view) {
                  ...(dashOf(i) ? { "stroke-dasharray": DASHES[dashOf(i)] } : {}) }, svg);
   });
   const vlines = (view.vlines || []).filter(v => v.x >= x0 && v.x <= x1);
-  const labelY = spread(vlines.map(() => M.t + 10), 11, 1);  // downwards, one row per line
+  const labelY = vlines.map((_, i) => M.t + 10 + 11 * i);  // one row per line, downwards: they never overlap
   vlines.forEach((v, i) => {
     el("line", { x1: sx(v.x), x2: sx(v.x), y1: M.t, y2: H - M.b, stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
     const label = haloed(text(svg, sx(v.x) - 3, labelY[i], `${v.name}: ${fmt(v.x)}`, "end"));
