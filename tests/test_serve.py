@@ -4,6 +4,7 @@ semantics, heartbeats while busy, resets."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -130,6 +131,23 @@ def test_fast_inference_runs_on_the_server_thread_and_a_slow_one_goes_back_to_th
         _answer(peer, range(INLINE_WINDOW + 3, INLINE_WINDOW + 6))
         assert backend.threads[-3:] == ["polcache-server", "polcache-inference", "polcache-inference"]
         peer.close()
+
+
+def test_a_loop_held_up_on_its_own_thread_is_said_to_have_stood_still(caplog):
+    """The server's loop held up past a turn's allowance (inline_ms and 150 ms) where it does not wait
+    for messages (here an inference on its own thread; a SIGSTOP or a starved CPU there alike) was not
+    seen: only a wait past its timeout was, so a stall during an inline inference went unsaid."""
+    backend = ThreadRecordingBackend()
+    with caplog.at_level(logging.WARNING, logger="polcache.serve"), serve(backend, inline_ms=50.0) as server:
+        peer = RawPeer(server.endpoint)
+        peer.handshake()
+        _answer(peer, range(INLINE_WINDOW + 1))
+        assert backend.threads[-1] == "polcache-server" and "stood still" not in caplog.text
+        backend.delay_s = 0.4
+        _answer(peer, range(INLINE_WINDOW + 1, INLINE_WINDOW + 3))
+        assert backend.threads[-2] == "polcache-server"  # held up there: then the worker
+        peer.close()
+    assert re.search(r"the server stood still for about 0\.[34]\d s", caplog.text), caplog.text
 
 
 def test_inline_ms_zero_keeps_every_inference_on_the_worker():

@@ -85,8 +85,10 @@ _DEAD_PEER_OPTIONS = ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 1), (zmq.
                   (zmq.TCP_KEEPALIVE_CNT, 3), (zmq.TCP_MAXRT, DEAD_PEER_MS))
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
 BACKLOG_WAIT_MS = 20  # after a stall, how long a drain waits for the kernel's backlog to reach ZeroMQ's queue
-# A wait for messages longer than this (its timeout and a half) means the process stood still meanwhile
-STALLED_S = 1.5 * LOOP_WAKE_MS / 1e3
+LOOP_WAKE_S = LOOP_WAKE_MS / 1e3
+# A wait past its timeout, or a turn's work (a drain of a flood's MAX_DRAIN messages included) past inline_ms, by
+# this much: the process stood still meanwhile
+STALLED_WAIT_S, STALLED_WORK_S = 0.05, 0.15
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_MAX_BATCH = 8  # robots per inference: a batch takes longer than one row, the cap bounds that wait
 DEFAULT_MAX_SESSIONS = 64  # robots served at once; no batch is larger
@@ -328,12 +330,20 @@ class PolicyServer:
                    f"; robots that send no instruction follow {self.instruction!r}" if self.instruction is not None
                    else "; robots must send an instruction (no --instruction default)")
         log.info("serving %s on %s%s", self.spec.task or "policy", self.endpoint, default)
+        # The process stood still (stopped, swapped out, starved of CPU) where a wait for messages outlasts its
+        # timeout by STALLED_WAIT_S, or a turn's work after it (replies, a drain, an inference on this thread) its
+        # inline_ms by STALLED_WORK_S: the stall is said and the robots' backlog waited for (see _drain).
+        work_limit_s = STALLED_WORK_S + self.inline_ms / 1e3
+        woke = time.perf_counter()
         while not self._stop.is_set():
             waited = time.perf_counter()
+            if waited - woke > work_limit_s:
+                self._stood_still(waited - woke - self.inline_ms / 1e3)
             if self._busy:
                 events = dict(busy.poll(LOOP_WAKE_MS))
-                if (held_s := time.perf_counter() - waited) > STALLED_S:
-                    self._stood_still(held_s)
+                woke = time.perf_counter()
+                if woke - waited > LOOP_WAKE_S + STALLED_WAIT_S:
+                    self._stood_still(woke - waited - LOOP_WAKE_S)
                 if self._wake in events:
                     self._collect_results()
                 if self._backlog or self._router in events:
@@ -343,23 +353,23 @@ class PolicyServer:
                     self._receive()  # waits up to LOOP_WAKE_MS (RCVTIMEO)
                 except zmq.Again:
                     pass
-                if (held_s := time.perf_counter() - waited) > STALLED_S:
-                    self._stood_still(held_s)
+                woke = time.perf_counter()
+                if woke - waited > LOOP_WAKE_S + STALLED_WAIT_S:
+                    self._stood_still(woke - waited - LOOP_WAKE_S)
                 if self._backlog or self._router.getsockopt(_EVENTS) & _POLLIN:
                     self._drain()
             self._once_a_second()
             self._dispatch()  # last: the woken worker then finds the GIL free, this thread waiting
 
-    def _stood_still(self, held_s: float) -> None:
-        """A wait of at most LOOP_WAKE_MS that took `held_s`: the process stood still meanwhile. The
-        robots' observations backed up (the next drain waits for them, see _drain), and the chunks
-        under way are late for a reason that is not the policy's, which their deadline lines say."""
-        still_s = held_s - LOOP_WAKE_MS / 1e3
+    def _stood_still(self, still_s: float) -> None:
+        """The loop stood still for about `still_s` (see _loop): the robots' observations backed up
+        (the next drain waits for them, see _drain), and the chunks under way are late for a reason
+        that is not the policy's, which their deadline lines say."""
         self._stall = (time.perf_counter(), still_s)
         self._backlog = True
-        self._warn("stood-still", f"the server stood still for at least {still_s:.2f} s (its process stopped, swapped "
-                                  f"out or starved of CPU): robots' observations from meanwhile are skipped for their "
-                                  f"newest, the chunks under way come late")
+        self._warn("stood-still", f"the server stood still for about {still_s:.2f} s (its process stopped, swapped "
+                                  f"out, starved of CPU or blocked): robots' observations from meanwhile are skipped "
+                                  f"for their newest, the chunks under way come late")
 
     def start(self) -> "PolicyServer":
         """Serve on a background thread (tests, benchmarks, in-process robots); once only."""
@@ -781,8 +791,8 @@ class PolicyServer:
         late = total_ms > session.deadline_ms
         if late:  # said with where the time went: a policy too slow for this robot's rate, or robots waiting before it
             robots = f"{job.batch_size} robot{'' if job.batch_size == 1 else 's'}"
-            stood_still = (f"; the server stood still for at least {self._stall[1]:.2f} s meanwhile (process stopped, "
-                           f"swapped out or starved of CPU), which these times include"
+            stood_still = (f"; the server stood still for about {self._stall[1]:.2f} s meanwhile (process stopped, "
+                           f"swapped out, starved of CPU or blocked), which these times include"
                            if self._stall is not None and self._stall[0] > job.received else "")
             self._warn(f"{job.robot.hex()}:deadline", f"observation {job.seq} of {robot_label(session.name, job.robot)} "
                                                       f"took {total_ms:.1f} ms, over its {session.deadline_ms:.1f} ms "
