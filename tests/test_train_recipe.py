@@ -249,6 +249,13 @@ def test_resuming_on_the_same_data_at_another_rate_is_refused(tmp_path, capsys):
             f"pass --fresh") in capsys.readouterr().err
     assert load_policy(run / "last")[0].spec.control_hz == 20.0  # untouched
     assert train_cli(demo_dataset(tmp_path / "copy.zarr", fps=20), run, "train.steps=4") == 0  # the same rate resumes
+    unstated = tmp_path / "unstated"  # and the other way round: from no stated rate to one
+    assert train_cli(demo_dataset(tmp_path / "none.zarr"), unstated) == 0
+    capsys.readouterr()
+    assert train_cli(slower, unstated, "train.steps=4") == 2
+    said = capsys.readouterr()
+    assert (f"dataset {slower} is recorded at 10 fps, the run's policy was trained on data that states no rate"
+            in said.err) and "dataset rate" not in said.out  # no rate said for a run that did not go on
 
 
 def test_resuming_with_another_validation_split_is_refused_naming_the_settings(tmp_path, capsys):

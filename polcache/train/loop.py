@@ -275,9 +275,6 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     source = source or dataset_source(cfg, progress=progress and rank == 0)
     store, policy = source.store, source.policy.to(dev)
     run_meta = ({"tasks": names} if (names := _task_names(store)) else {}) | source.provenance  # in every meta.json
-    if rank == 0 and (hz := policy.spec.control_hz) is not None:  # what eval and serve hold their rates to
-        print(f"dataset rate: {hz:g} fps, so the policy acts at {hz:g} Hz (eval and serve check their control rate "
-              f"against it)")
     train_ids, val_ids = episode_split(store.num_episodes, cfg.train.val_fraction, cfg.train.seed)
     p = cfg.policy
     train_data = SequenceDataset(store, p.horizon, p.n_obs_steps, source.keys, train_ids, p.obs_stride, p.frame_mode)
@@ -303,6 +300,10 @@ def _train(cfg: ExperimentConfig, fresh: bool, progress: bool, device: str, sour
     elif rank == 0:  # --fresh, or nothing to resume: what an earlier run left is not this run's
         _set_aside_previous_run(out, "--fresh" if fresh else f"no {last} to resume from (the run stopped before "
                                                             f"its first checkpoint?), so a new run starts")
+    # what eval and serve hold their rates to: said once a resume's checks passed (a refused one ran at no rate)
+    if rank == 0 and (hz := policy.spec.control_hz) is not None:
+        print(f"dataset rate: {hz:g} fps, so the policy acts at {hz:g} Hz (eval and serve check their control rate "
+              f"against it)")
     saved = step if step else None  # the step OUT/last holds from this run, if any
 
     model = policy
@@ -727,6 +728,23 @@ def _epoch_batch_difference(old_cfg: ExperimentConfig, cfg: ExperimentConfig) ->
             f"with train.batch_size={old_cfg.train.batch_size})"]
 
 
+def _rate_difference(meta: dict, cfg: ExperimentConfig, policy: DiffusionPolicy) -> list[str]:
+    """The dataset's rate against the one the run's checkpoint records (meta.json `control_hz`, null
+    where its data stated none; absent from checkpoints saved before it), either way round."""
+    if "control_hz" not in meta:
+        return []
+    try:
+        old_hz = check_control_hz(meta["control_hz"], "control_hz")
+    except ValueError as exc:
+        return [f"the run's meta.json {exc}"]
+    if policy.spec.control_hz == old_hz:
+        return []
+    said = (f"is recorded at {policy.spec.control_hz:g} fps" if policy.spec.control_hz is not None
+            else "states no rate (no fps attr)")
+    acts = f"acts at {old_hz:g} Hz" if old_hz is not None else "was trained on data that states no rate"
+    return [f"dataset {cfg.dataset} {said}, the run's policy {acts}"]
+
+
 VALIDATION_SET = (("seed", "episodes"), ("val_fraction", "episodes"), ("val_windows", "windows"))
 
 
@@ -751,10 +769,7 @@ def _data_differences(old_stats: dict[str, torch.Tensor], old_cfg: ExperimentCon
             out.append(f"observation shapes are {shapes}, the run's are {old_shapes}")
     if int(meta.get("action_dim", policy.action_dim)) != policy.action_dim:
         out.append(f"action size is {policy.action_dim}, the run's is {meta['action_dim']}")
-    if (old_hz := meta.get("control_hz")) is not None and policy.spec.control_hz != old_hz:
-        said = (f"is recorded at {policy.spec.control_hz:g} fps" if policy.spec.control_hz is not None
-                else "states no rate (no fps attr)")
-        out.append(f"dataset {cfg.dataset} {said}, the run's policy acts at {old_hz:g} Hz")
+    out += _rate_difference(meta, cfg, policy)
     differ = differing_keys(policy.normalizer.state_dict(), old_stats)
     modes = [f"train.{name} is {getattr(cfg.train, name)}, the run's is {getattr(old_cfg.train, name)}"
              for name in ("state_norm", "action_norm") if getattr(cfg.train, name) != getattr(old_cfg.train, name)]
