@@ -375,6 +375,39 @@ def test_after_a_stall_the_server_answers_the_newest_observation_not_the_first_r
     assert "the server stood still for about" in log  # inline: only ever stopped in an inference, never in a wait
 
 
+TERMINATED_SERVER = r"""
+import signal, sys
+sys.path.insert(0, sys.argv[1])
+from fakes import FakeBackend
+from polcache.serve.server import PolicyServer
+server = PolicyServer(FakeBackend(), "tcp://127.0.0.1:0")
+signal.signal(signal.SIGTERM, lambda *_: server.stop())  # as polcache serve does
+print(server.endpoint, flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.mark.slow
+def test_a_clean_stop_is_not_taken_for_a_stall():
+    """A SIGTERM during the loop's wait for messages restarts the wait (pyzmq retries an interrupted
+    call with its whole timeout): the stop was logged as "the server stood still" in half the runs."""
+    import signal
+    import subprocess
+    import sys
+
+    for _ in range(4):
+        server = subprocess.Popen([sys.executable, "-c", TERMINATED_SERVER, str(Path(__file__).parent)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().startswith("tcp://")
+            time.sleep(0.3)  # waiting for messages by now
+            server.send_signal(signal.SIGTERM)
+            _, log = server.communicate(timeout=20)
+        finally:
+            server.kill()
+        assert server.returncode == 0 and "stood still" not in log, log
+
+
 def test_a_robot_restarted_under_its_fixed_id_is_its_new_connection_and_no_other_robots(server, caplog):
     """A robot restarted under a fixed routing id whose session was kept was filed under its old,
     closed connection's descriptor, which the kernel had given to another robot since: the new

@@ -364,7 +364,10 @@ class PolicyServer:
     def _stood_still(self, still_s: float) -> None:
         """The loop stood still for about `still_s` (see _loop): the robots' observations backed up
         (the next drain waits for them, see _drain), and the chunks under way are late for a reason
-        that is not the policy's, which their deadline lines say."""
+        that is not the policy's, which their deadline lines say. Not while stopping: a SIGTERM during a
+        wait restarts it (pyzmq retries an interrupted call with its whole timeout)."""
+        if self._stop.is_set():
+            return
         self._stall = (time.perf_counter(), still_s)
         self._backlog = True
         self._warn("stood-still", f"the server stood still for about {still_s:.2f} s (its process stopped, swapped "
