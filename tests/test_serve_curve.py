@@ -154,3 +154,14 @@ def test_a_server_key_it_may_not_read_says_to_fix_its_owner_not_to_make_new_keys
 
     said = str(keys_error("/opt/polcache/keys", PermissionError(13, "Permission denied", "server.key_secret")))
     assert "check their owner and mode" in said and "--force" not in said
+
+
+def test_polcache_keys_says_which_keys_go_to_the_robots(tmp_path, capsys):
+    """It printed only the four paths: which to copy where was in the README alone (a probe's key folder,
+    secrets included, sat untracked in its clone, a `git add -A` from a commit)."""
+    from polcache.cli import main
+
+    assert main(["keys", "--dir", str(tmp_path / "k")]) == 0
+    k = tmp_path / "k"
+    assert (f"copy {k / 'client.key_secret'} and {k / 'server.key'} to each robot; {k / 'server.key_secret'} stays "
+            f"on this computer") in capsys.readouterr().out

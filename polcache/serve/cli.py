@@ -127,8 +127,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from polcache.serve.security import generate_keys
 
-    for path in generate_keys(args.dir, force=args.force):
+    paths = generate_keys(args.dir, force=args.force)
+    for path in paths:
         print(f"wrote {path}")
+    server_public, server_secret, client_public, client_secret = paths
+    print(f"copy {client_secret} and {server_public} to each robot; {server_secret} stays on this computer (keep the "
+          f"folder out of version control: it holds secrets)")
     return 0
 
 
