@@ -107,6 +107,16 @@ def test_a_port_left_in_time_wait_by_a_stopped_run_is_free_to_launch_on(tmp_path
     check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.bind=tcp://127.0.0.1:{port}")))
 
 
+def test_machine_check_names_the_device_setting_not_a_flag(tmp_path):
+    """launch takes no --device: it said "server.device: --device cuda: ...; use --device cpu"."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is of a machine without it")
+    with pytest.raises(PolcacheError, match=r"^server.device cuda: CUDA is not available \(.*\); use server.device=cpu$"):
+        check_machine(load_launch_config(SIM, sim_overrides(tmp_path, "server.device=cuda")))
+
+
 def test_machine_check_names_missing_checkpoint_busy_ports_and_cpus(tmp_path):
     with pytest.raises(PolcacheError, match="server.checkpoint: .*nope is not a directory"):
         check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.checkpoint={tmp_path / 'nope'}")))

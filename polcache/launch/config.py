@@ -241,10 +241,7 @@ def check_machine(cfg: LaunchConfig) -> None:
     if s.device != "cpu":
         from polcache.policy.device import resolve_device  # imports torch: only where a GPU is asked for
 
-        try:
-            resolve_device(s.device)
-        except PolcacheError as exc:
-            raise PolcacheError(f"server.device: {exc}") from None
+        resolve_device(s.device, "server.device")
     allowed = os.sched_getaffinity(0)
     for name, placement in (("server", s.placement), ("robot", cfg.robot.placement),
                             ("dashboard", cfg.dashboard.placement)):
