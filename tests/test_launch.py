@@ -113,7 +113,8 @@ def test_machine_check_names_the_device_setting_not_a_flag(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal is of a machine without it")
-    with pytest.raises(PolcacheError, match=r"^server.device cuda: CUDA is not available \(.*\); use server.device=cpu$"):
+    with pytest.raises(PolcacheError,
+                       match=r"^server.device cuda: CUDA is not available \(.*\); use server.device=cpu$"):
         check_machine(load_launch_config(SIM, sim_overrides(tmp_path, "server.device=cuda")))
 
 
