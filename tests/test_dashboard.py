@@ -229,6 +229,19 @@ def test_views_tell_robots_apart_and_align_clocks(tmp_path):
     assert sum(views["latency_hist"]["series"][0]["counts"]) == 50
 
 
+def test_a_servers_records_alone_say_where_the_robot_views_come_from(tmp_path):
+    """A workstation's dashboard reads the server's file; the robot writes its own on the robot
+    computer: six views were blank axes without a word (the cache view alone said why)."""
+    from polcache.dashboard.views import NO_ROBOT_RECORDS, ROBOT_VIEWS
+
+    server, *robots = two_robot_run(tmp_path)
+    alone = state_of([server]).views(interval_s=1.0)
+    assert {view for view in VIEWS if alone[view].get("note") == NO_ROBOT_RECORDS} == ROBOT_VIEWS
+    assert alone["stages"]["categories"] == ["left", "right"]  # the server's own views are drawn
+    with_robots = state_of([server, *robots]).views(interval_s=1.0)
+    assert not any(view.get("note") == NO_ROBOT_RECORDS for view in with_robots.values())
+
+
 def test_robots_sharing_a_name_in_two_files_are_kept_apart_and_named(tmp_path):
     """Two robots left at their default name: the second file's robot is "NAME (2)", not merged
     into the first one's series (whose rate read negative and whose counts ran back in time), and

@@ -75,6 +75,11 @@ VIEWS = {
     "system": ("CPU load (%) and GPU utilisation (%) of this machine", "line"),
 }
 COUNT_VIEWS = {"latency_hist", "period_error_hist", "deadline", "starvation", "drops"}  # whole-number axes
+# Drawn from the robot's own records only (its ticks and chunks), which a robot on another computer writes there
+ROBOT_VIEWS = {"latency", "latency_hist", "rate", "period_error", "period_error_hist", "queue", "starvation"}
+NO_ROBOT_RECORDS = ("no robot records (yet): a robot writes these to its own metrics file (sim-robot --metrics-file, "
+                    "the client's MetricsFile); for a robot on another computer, copy its file here and give it with "
+                    "another --metrics")
 # The per-stage bars' colours by name: a page without server records has no stage bars before the
 # network's, which took the first stage's colour there and another here.
 BAR_ORDER = (*STAGES, SERVER_TOTAL, "network + tick wait")
@@ -203,10 +208,13 @@ class RunState:
         self._ticks = {robot: self._ticks_of(robot, t[n > 0], n[n > 0])
                        for robot, (t, n) in self._series("tick", "ticks").items()}
         out = {}
+        robot_records = bool(self._ticks) or bool(self._series("chunk", "latency_ms"))
         for view, (title, kind) in VIEWS.items():
             out[view] = {"title": title, "type": kind, **getattr(self, f"_view_{view}")(interval)}
             if view in COUNT_VIEWS:
                 out[view]["integer"] = True
+            if view in ROBOT_VIEWS and not robot_records:  # blank axes said nothing (a workstation's server alone)
+                out[view].setdefault("note", NO_ROBOT_RECORDS)
         out["_meta"] = {"robots": self.robots(), "interval_s": interval, "span_s": span, "bad_records": self.bad_records,
                         "notes": self.notes(),
                         "errors": {f"{robot}: {code}": n for (robot, code), n in sorted(self.errors.items())}}
