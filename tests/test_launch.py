@@ -107,6 +107,17 @@ def test_a_port_left_in_time_wait_by_a_stopped_run_is_free_to_launch_on(tmp_path
     check_machine(load_launch_config(SIM, sim_overrides(tmp_path, f"server.bind=tcp://127.0.0.1:{port}")))
 
 
+def test_a_launch_without_a_robot_says_where_robots_connect_and_which_keys_they_need():
+    """A workstation launch said "running: a robot may connect now" after "server tcp://0.0.0.0:5555":
+    no address to connect to, and nothing of the keys."""
+    from polcache.launch.supervisor import robot_reach
+
+    workstation = load_launch_config(CONFIGS / "workstation.yaml", [])
+    assert robot_reach(workstation.server) == (f"at tcp://{socket.gethostname()}:5555 with keys/client.key_secret and "
+                                               f"keys/server.key copied to it")
+    assert robot_reach(load_launch_config(SIM, []).server) == f"at {load_launch_config(SIM, []).server.bind}"
+
+
 def test_machine_check_names_the_device_setting_not_a_flag(tmp_path):
     """launch takes no --device: it said "server.device: --device cuda: ...; use --device cpu"."""
     import torch

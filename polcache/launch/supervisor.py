@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +64,18 @@ def connect_address(bind: str) -> str:
         return f"tcp://127.0.0.1:{port}"
     address = interface_address(host)
     return bind if address is None else f"tcp://{address}:{port}"
+
+
+def robot_reach(server) -> str:
+    """How a robot on another computer reaches the server: this computer's name for a wildcard bind
+    (0.0.0.0 is no address to connect to), and which keys to copy to it where the server has some."""
+    hostport = tcp_port(server.bind)
+    address = server.bind
+    if hostport is not None and hostport[0] in ("0.0.0.0", "::", "*"):
+        address = f"tcp://{socket.gethostname()}:{hostport[1]}"
+    keys = (f" with {Path(server.keys) / 'client.key_secret'} and {Path(server.keys) / 'server.key'} copied to it"
+            if server.keys else "")
+    return f"at {address}{keys}"
 
 
 def checkpoint_policy(ckpt: Path) -> tuple[str, dict]:
@@ -307,7 +320,7 @@ def _supervise(cfg: LaunchConfig, launch: Launch, task: str, cameras: tuple[list
         say(f"robot: {task} at {r.hz:g} Hz, {r.episodes} episode(s){seeing}{scraped}")
         launch.start("robot", robot_command(cfg, launch.run_dir, task, cameras), r.placement, to_log=False)
     else:
-        say("running: a robot may connect now (Ctrl-C or SIGTERM stops everything)")
+        say(f"running: a robot may connect now, {robot_reach(cfg.server)} (Ctrl-C or SIGTERM stops everything)")
     while True:
         ended = launch.exited()
         if ended is not None and ended.name == "dashboard":  # it only watches: a robot's run must not end with it
