@@ -179,6 +179,8 @@ def test_multitask_record_train_eval_with_instructions(tmp_path, monkeypatch, ca
     assert main(["train", "--config", str(_config()), "dataset=mt.zarr", "out=run", "train.steps=4",
                  "train.epochs=0", "train.val_windows=4", "policy.vla.instruction_bytes=48", "policy.n_layers=2",
                  "policy.width=32", "policy.vla.width=32"]) == 0
+    assert ("next: polcache eval --checkpoint run/last --task TASK (in simulation; TASK one of push-v3, reach-v3)"
+            in capsys.readouterr().out)  # a multi-task checkpoint names no task of its own
     assert main(["eval", "--checkpoint", "run/last", "--episodes", "1"]) == 2  # which of its tasks?
     assert "names no task: pass --task (it was trained on push-v3, reach-v3)" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", "run/last", "--task", "push-v3", "--episodes", "2", "--max-steps", "8",

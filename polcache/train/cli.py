@@ -34,7 +34,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def announce_checkpoint(path: Path) -> None:
-    """A trained checkpoint's path, and the commands that take it next."""
+    """A trained checkpoint's path, and the commands that take it next (eval with --task where the
+    checkpoint names none: a multi-task run, a LeRobot root's)."""
+    from polcache.jsonfile import read_json_object
+    from polcache.policy.checkpoint import trained_tasks
+
     print(f"checkpoint: {path}")
-    print(f"next: polcache eval --checkpoint {path} (in simulation), polcache calibrate --checkpoint {path} (a cache "
-          f"schedule), polcache serve --checkpoint {path} (for robots)")
+    eval_ = f"polcache eval --checkpoint {path} (in simulation)"
+    if not read_json_object(path / "meta.json").get("task"):
+        tasks = trained_tasks(path).get("tasks")
+        eval_ = (f"polcache eval --checkpoint {path} --task TASK (in simulation"
+                 f"{'; TASK one of ' + ', '.join(tasks) if tasks else ''})")
+    print(f"next: {eval_}, polcache calibrate --checkpoint {path} (a cache schedule), polcache serve --checkpoint "
+          f"{path} (for robots)")
