@@ -66,7 +66,7 @@ def connect_address(bind: str) -> str:
     return bind if address is None else f"tcp://{address}:{port}"
 
 
-def robot_reach(server) -> str:
+def robot_reach(server: ServerLaunch) -> str:
     """How a robot on another computer reaches the server: this computer's name for a wildcard bind
     (0.0.0.0 is no address to connect to), and which keys to copy to it where the server has some."""
     hostport = tcp_port(server.bind)

@@ -130,7 +130,7 @@ def _keys(args: argparse.Namespace) -> int:
     paths = generate_keys(args.dir, force=args.force)
     for path in paths:
         print(f"wrote {path}")
-    server_public, server_secret, client_public, client_secret = paths
+    server_public, server_secret, _, client_secret = paths
     print(f"copy {client_secret} and {server_public} to each robot; {server_secret} stays on this computer (keep the "
           f"folder out of version control: it holds secrets)")
     return 0
