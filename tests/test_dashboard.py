@@ -581,6 +581,11 @@ def test_report_pngs_say_what_they_show_and_count_in_whole_numbers(tmp_path):
     fig.canvas.draw()
     assert all(float(t).is_integer() for t in ax.get_yticks())
     plt.close(fig)
+    fig, ax = plt.subplots()  # values past the last bar, counted in it: the PNG says so too, not only the page
+    clipped = {**views["latency_hist"], "note": "12 values above 0.1 (up to 17.2) counted in the last bar"}
+    assert _draw(ax, clipped, 10.0)
+    assert ax.get_xlabel() == "ms; 12 values above 0.1 (up to 17.2) counted in the last bar"
+    plt.close(fig)
 
 
 def test_report_stages_legend_is_below_the_bars_and_their_label(tmp_path):
