@@ -143,6 +143,12 @@ class Session:
     last_t_capture: float = -math.inf  # the epoch's newest observation's: a robot clock must not go back
     last_obs_at: float = 0.0  # perf_counter when that observation arrived: its clock must not leap ahead either
     fd: int | None = None  # its connection's descriptor: the session closes with that connection
+    # an observation read this much later than the one before it, counted from their captures: half a socket
+    # queue of its periods, so more may wait in the kernel (PolicyServer._drain); once, not per observation
+    backlog_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.backlog_s = SOCKET_HWM / 2 / self.hz
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -661,8 +667,8 @@ class PolicyServer:
                        f"the last observation's in epoch {obs.epoch}, which arrived {now - session.last_obs_at:.3f} s "
                        f"before it: the robot's clock jumped ahead; stamp observations with one monotonic clock "
                        f"(time.monotonic(), not time.time())")
-        if now - session.last_obs_at - gap > SOCKET_HWM / 2 / session.hz:  # read half a queue's periods late
-            self._backlog = True  # more of the robot's observations may wait in the kernel (see _drain)
+        if now - session.last_obs_at - gap > session.backlog_s:  # more of the robot's observations may wait in
+            self._backlog = True  # the kernel (see _drain)
         session.last_t_capture, session.last_obs_at = obs.t_capture, now
         if session.pending is not None:
             session.superseded += 1
