@@ -96,7 +96,8 @@ def json_type(value: object) -> str:
 
 def _check_fields(doc: object, cls: type, where: str) -> None:
     """`doc` holds exactly `cls`'s fields (the required ones at least), objects where it declares
-    dicts, lists where it declares lists: ValueError naming the field otherwise."""
+    dicts, lists where it declares lists, text where it declares text (`"seal": 0` is a malformed
+    seal, not a missing one): ValueError naming the field otherwise."""
     if not isinstance(doc, dict):
         raise ValueError(f"{where.rstrip('.') or 'the manifest'} must be a JSON object")
     declared = {f.name: f for f in fields(cls)}
@@ -108,7 +109,7 @@ def _check_fields(doc: object, cls: type, where: str) -> None:
             if f.default is MISSING and f.default_factory is MISSING:
                 raise ValueError(f"missing field {where}{name}")
             continue
-        kind = {"dict": dict, "list": list}.get(str(f.type).partition("[")[0])
+        kind = {"dict": dict, "list": list, "str": str}.get(str(f.type).partition("[")[0])
         if kind is not None and not isinstance(doc[name], kind):
             raise ValueError(f"{where}{name} must be a JSON {JSON_NAMES[kind]}, got {json_type(doc[name])}")
 

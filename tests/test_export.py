@@ -158,8 +158,10 @@ def test_image_policy_exports(tmp_path, family):
     (lambda m: m["graphs"]["step"].pop("sha256"), r"missing field graphs.step.sha256"),
     (lambda m: m["cache"].__setitem__("table", 5), r"cache.table must be 8 rows of \d+ entries"),
     (lambda m: m.__setitem__("pattern_of_step", {}), r"pattern_of_step must be a JSON array, got object"),
+    (lambda m: m.__setitem__("seal", 0), r"seal must be a JSON string, got number"),
+    (lambda m: m["graphs"]["step"].__setitem__("file", ["step.onnx"]), r"graphs.step.file must be a JSON string"),
 ], ids=["normalizer-null", "scale-length", "offset-text", "obs-shape", "unknown", "missing", "graph-missing",
-        "table", "pattern-type"])
+        "table", "pattern-type", "seal-number", "file-list"])
 def test_a_hand_edited_manifest_is_refused_at_load(policy, tmp_path, edit, named):
     """Not at the first chunk (a broadcast error) or as ONNX Runtime's invalid dimensions."""
     art = _artifact(policy, tmp_path)
