@@ -23,6 +23,7 @@ import numpy as np
 from polcache.atomic import restore
 from polcache.digest import file_sha256
 from polcache.cache.errors import CacheError
+from polcache.cache.schedule_keys import check_schedule_keys
 from polcache.cache.spec import CacheSpec, parse_cache_spec
 from polcache.errors import ExportError
 from polcache.jsonfile import read_json_object
@@ -219,6 +220,11 @@ def check_request(manifest: Manifest, where: str, cache: str | None = None, samp
         and schedule_digest(path) == want
     if path is not None and not path.is_file():  # a missing file is no other plan: said as elsewhere
         raise ExportError(f"--cache {cache.strip()}: schedule file not found: {path}")
+    if path is not None and not same_file:  # a key added by hand is refused as such, not as another schedule
+        try:  # than the exported one
+            check_schedule_keys(read_json_object(path, CacheError))
+        except ValueError as exc:
+            raise CacheError(f"{path}: malformed schedule ({exc})") from None
     if cache.strip() != exported and not (head == exported_head and same_file):
         run_time = isinstance(head, CacheSpec) and (head.method == "threshold" or head.forecast)
         remedy = ("a cache deciding at run time cannot be exported: run it on the checkpoint, --backend torch"

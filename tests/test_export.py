@@ -16,7 +16,8 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from polcache.cache.calibrate import calibrate  # noqa: E402
-from polcache.cache.schedule import build_schedule, model_hash, save_schedule  # noqa: E402
+from polcache.cache.errors import CacheError  # noqa: E402
+from polcache.cache.schedule import build_schedule, load_schedule, model_hash, save_schedule  # noqa: E402
 from polcache.cli import main  # noqa: E402
 from polcache.config import ExperimentConfig  # noqa: E402
 from polcache.errors import BackendUnavailableError, ExportError  # noqa: E402
@@ -216,9 +217,12 @@ def test_an_artifact_takes_its_schedule_from_any_path_with_the_same_content(poli
     (tmp_path / "again.json").write_text(json.dumps(again | {"created": "2027-01-01T00:00:00", "code_version": "x"},
                                                     indent=3))
     assert load_backend(str(art), cache="again.json").K == K
-    other = json.loads((tmp_path / "copy.json").read_text())
-    other["budget"] = other["budget"] + 1  # another schedule at the same name
-    (tmp_path / "copy.json").write_text(json.dumps(other))
+    (tmp_path / "noted.json").write_text(json.dumps(again | {"note": "mine"}))  # the same plan, a key added by hand:
+    with pytest.raises(CacheError, match="unknown field 'note', not one `polcache calibrate` writes"):  # said so,
+        load_backend(str(art), cache="noted.json")  # not refused as another schedule than the exported one
+    calibration = load_schedule(schedule).calibration  # another schedule at the same name: S=4
+    save_schedule(build_schedule(calibration, "bac", 4, 2, True, model_hash(policy), "ddpm", "error-bound"),
+                  tmp_path / "copy.json")
     with pytest.raises(ExportError, match="exported with --cache .*bac.json, not copy.json"):
         load_backend(str(art), cache="copy.json")
     with pytest.raises(ExportError, match="not uniform:3"):

@@ -35,6 +35,7 @@ from polcache.jsonfile import read_json_object
 from polcache.policy.blocks import FFN
 from polcache.policy.executor import COMPUTE, REUSE, Plan
 from polcache.cache.protocol import CacheTarget
+from polcache.cache.schedule_keys import check_schedule_keys
 from polcache.policy.samplers import Sampler
 
 FORMAT = "polcache-cache-schedule"
@@ -263,23 +264,6 @@ def _shown(value: Any) -> str:
     return cut_short(repr(value))
 
 
-# every key save_schedule has written (version 1 lacked objective, model.family, model.layers and
-# model.kinds); any other is a typo or another program's file, refused rather than ignored
-_KEYS = {"": {"format", "version", "method", "objective", "model", "sampler", "budget", "bu_blocks", "force_last",
-              "bu_selected", "block_evaluations", "block_evaluations_uncached", "update_steps", "created",
-              "code_version", "calibration"},
-         "model.": {"hash", "family", "blocks", "layers", "kinds"}, "sampler.": {"kind", "steps"},
-         "calibration.": {"source", "samples", "seed", "l1", "similarity", "distance", "sensitivity"}}
-
-
-def _check_keys(d: dict) -> None:
-    for prefix, known in _KEYS.items():
-        obj = d[prefix[:-1]] if prefix else d
-        unknown = [k for k in obj if k not in known]
-        if unknown:
-            raise ValueError(f"unknown field {_shown(prefix + unknown[0])}, not one `polcache calibrate` writes")
-
-
 def _expected_updates(schedule: Schedule) -> int:
     """How many update steps ACS gives every block (`solve_acs`): the budget, plus the last step with
     force_last unless the budget already covers steps 0..K-2."""
@@ -347,7 +331,7 @@ def load_schedule(path: str | Path) -> Schedule:
         for key in ("model", "sampler", "update_steps", "calibration"):
             if not isinstance(d[key], dict):
                 raise ValueError(f"{key} must be a JSON object")
-        _check_keys(d)
+        check_schedule_keys(d)
         names = list(d["model"]["blocks"])
         K = _whole(d["sampler"]["steps"], "sampler.steps")
         if set(d["update_steps"]) != set(names):
