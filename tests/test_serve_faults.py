@@ -534,7 +534,7 @@ def test_inference_failure_is_reported_and_serving_continues(caplog):
         reply = p.request(observation(13))
         assert reply.code == "inference" and "out of memory" in reply.message and reply.seq == 13
         # the log names the robot, its name cut short (it is in every line about the robot)
-        assert f"inference failed for observation 13 of arm-{'x' * 60}... (session " in caplog.text
+        assert f"inference failed for observation 13 (epoch 0) of arm-{'x' * 60}... (session " in caplog.text
         assert "x" * 61 not in caplog.text
         nan = p.request(observation(14)).message
         assert "the policy's actions are NaN or infinite: its observations are probably far outside" in nan
@@ -619,6 +619,7 @@ def test_slow_inference_is_a_logged_deadline_miss_and_the_robot_stops_safely(cap
             loop.run(ticks=40)
             assert wait_for(lambda: records)
     assert records[0].deadline_miss and "over its 140.0 ms deadline" in caplog.text
+    assert re.search(r"observation \d+ \(epoch 0\) of robot", caplog.text)  # which epoch's, after a reset
     # with where the time went (the policy too slow for the robot's rate here; robots waiting behind others there)
     assert re.search(r"over its 140\.0 ms deadline \(inference 2\d\d\.\d ms for 1 robot, waiting \d+\.\d ms before it\)",
                      caplog.text)

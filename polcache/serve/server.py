@@ -803,7 +803,8 @@ class PolicyServer:
             stood_still = (f"; the server stood still for about {self._stall[1]:.2f} s meanwhile (process stopped, "
                            f"swapped out, starved of CPU or blocked), which these times include"
                            if self._stall is not None and self._stall[0] > job.received else "")
-            self._warn(f"{job.robot.hex()}:deadline", f"observation {job.seq} of {robot_label(session.name, job.robot)} "
+            self._warn(f"{job.robot.hex()}:deadline", f"observation {job.seq} (epoch {job.epoch}) of "
+                                                      f"{robot_label(session.name, job.robot)} "
                                                       f"took {total_ms:.1f} ms, over its {session.deadline_ms:.1f} ms "
                                                       f"deadline (inference {timing['inference']:.1f} ms for {robots}, "
                                                       f"waiting {timing['queue']:.1f} ms before it){stood_still}")

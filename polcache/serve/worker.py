@@ -149,6 +149,6 @@ class InferenceWorker:
         (a TypeError, an AttributeError) is logged here too, with its traceback, once per type."""
         if not isinstance(exc, (PolcacheError, ValueError)) and type(exc) not in self._traced:
             self._traced.add(type(exc))
-            log.error("inference failed for observation %d of %s: %s", job.seq, robot_label(job.name, job.robot), exc,
-                      exc_info=exc)
+            log.error("inference failed for observation %d (epoch %d) of %s: %s", job.seq, job.epoch,
+                      robot_label(job.name, job.robot), exc, exc_info=exc)
         job.error = str(exc) if isinstance(exc, PolcacheError) else f"{type(exc).__name__}: {exc}"  # ours say it all
