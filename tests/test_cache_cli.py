@@ -158,7 +158,7 @@ def test_environment_resets_when_the_dataset_is_missing():
 
 
 def test_a_relative_dataset_is_found_from_another_directory(tmp_path, monkeypatch):
-    from polcache.cache.calibrate import dataset_candidates
+    from polcache.data.training_set import dataset_candidates
 
     (tmp_path / "data" / "d.zarr").mkdir(parents=True)
     ckpt = tmp_path / "runs" / "x" / "last"

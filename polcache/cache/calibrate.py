@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from polcache.cache.errors import CacheError
-from polcache.errors import PolcacheError
 from polcache.cache.schedule import (FORMAT, Calibration, Schedule, build_schedule, model_hash, save_schedule,
                                      schedule_text)
 from polcache.outputs import check_output, json_kind
@@ -91,49 +90,6 @@ def calibrate(policy: CacheTarget, sampler: Sampler, observations: dict[str, tor
                        layer_kind=[(b.layer, b.kind) for b in policy.cache_blocks])
 
 
-def dataset_candidates(dataset: str, checkpoint: str | Path | None = None) -> list[Path]:
-    """Where the training dataset of a checkpoint may still be, those that exist, nearest first. A
-    relative path was relative to wherever training ran: the current directory, then each directory
-    above the checkpoint (runs/NAME/last sits under the project that holds data/)."""
-    if not dataset:
-        return []
-    path = Path(dataset)
-    candidates = [path]
-    if not path.is_absolute() and checkpoint is not None:
-        candidates += [parent / path for parent in Path(checkpoint).resolve().parents]
-    found: dict[Path, Path] = {}  # by where it resolves: the current directory may be one of those above the checkpoint
-    for candidate in candidates:
-        if candidate.exists():
-            found.setdefault(candidate.resolve(), candidate)
-    return list(found.values())
-
-
-def training_data(policy: CacheTarget, cfg: ExperimentConfig, candidates: list[Path],
-                   open_store: Callable[[Path], "EpisodeStore"]) -> tuple[Path | None, "EpisodeStore | None", list[str]]:
-    """The first candidate that is the data the checkpoint was trained on (the normaliser refitted on it
-    equals the checkpoint's: another recording at that path, or another project's folder above, is
-    not), and why each one before it was passed over."""
-    from polcache.data.normalize import differing_keys
-    from polcache.train.loop import fit_normalizer
-
-    saved, passed = policy.normalizer.state_dict(), []
-    for path in candidates:
-        try:
-            store = open_store(path)
-            store.check_observations({k: policy.spec.obs[k] for k in policy.obs_keys}, str(path), "the checkpoint")
-            refit = fit_normalizer(store, cfg, str(path)).state_dict()
-        except PolcacheError as exc:  # not a dataset, observations of other shapes: not its training data either
-            passed.append(f"{path} ({exc})")
-            continue
-        # the raw data's keys only: a PTP head fine-tuned on stored embeddings also has the embeddings' statistics
-        shared = saved.keys() & refit.keys()
-        differ = differing_keys({k: refit[k] for k in shared}, {k: saved[k] for k in shared})
-        if not differ:
-            return path, store, passed
-        passed.append(f"{path} (the normaliser statistics of {', '.join(differ)} differ)")
-    return None, None, passed
-
-
 DEFAULT_BU_BLOCKS = 5  # blocks widened by Bubbling Union: the paper's choice in simulation
 MAX_SAMPLES = 4096  # calibration observations: the scores settle long before (the default is 32)
 CHECK_OBSERVATIONS = 16  # held out, to check a new schedule against uncached sampling
@@ -146,7 +102,7 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
                              held_out_of: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """`samples` observation histories (key -> (N, To, ...)) and a description of where they came
     from: random windows of `dataset` if given, else of the training dataset if it is found (see
-    `find_dataset`) and is the data the checkpoint was trained on, else environment resets (the reset
+    `polcache.data.training_set`) and is the data the checkpoint was trained on, else environment resets (the reset
     observation repeated To times, as at the start of an episode). `held_out_of`: the (samples, seed)
     of a calibration whose windows these must not repeat (resets: give a seed past its seeds); the
     rows may then be fewer than asked, or none."""
@@ -157,6 +113,7 @@ def calibration_observations(policy: CacheTarget, cfg: ExperimentConfig, samples
         raise CacheError(f"--dataset {dataset}: not found")
     from polcache.data import SequenceDataset, open_dataset
     from polcache.data.store import other_tasks
+    from polcache.data.training_set import dataset_candidates, training_data
 
     width = policy.spec.obs[INSTRUCTION_KEY].shape[0] if INSTRUCTION_KEY in keys else 0  # a LeRobot root's tasks
 

@@ -56,7 +56,7 @@ def _training_dataset(policy, cfg, checkpoint: str) -> str:
     """The checkpoint's training data, found as calibrate finds it (a relative path from the current
     directory or any above the checkpoint) and checked to be that data (its statistics): the
     embeddings of another recording at that path would not be the frames the policy learnt from."""
-    from polcache.cache.calibrate import dataset_candidates, training_data
+    from polcache.data.training_set import dataset_candidates, training_data
     from polcache.data import open_dataset
 
     path, _, passed = training_data(policy, cfg, dataset_candidates(cfg.dataset, checkpoint), open_dataset)
