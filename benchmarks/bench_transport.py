@@ -99,8 +99,13 @@ def serve(mode: str, port: int, metrics_file: str) -> None:
     """Run one server in this process until killed."""
     address = f"tcp://127.0.0.1:{port}"
     if mode.startswith("polcache"):
+        import logging
+
         from polcache.metrics import JsonlWriter, Metrics
         from polcache.serve.server import PolicyServer
+
+        # stopped between its rounds (SIGSTOP, see main), it would rightly say after each that it stood still
+        logging.getLogger("polcache.serve").setLevel(logging.ERROR)
 
         on_record = Metrics(0, sink=JsonlWriter(metrics_file)).record if mode.endswith("+metrics") else None
         PolicyServer(ZeroBackend(), address, deadline_ms=1e9, on_record=on_record).serve_forever()
