@@ -295,6 +295,24 @@ def test_series_are_in_time_order_whatever_order_records_came_in():
     assert views["deadline"]["series"][0]["x"] == sorted(views["deadline"]["series"][0]["x"])
 
 
+def test_the_live_pages_counts_stay_whole_run_totals_once_it_lets_old_records_go():
+    """The page keeps the newest `keep` records per robot and kind: its cumulative counts summed only
+    those, so a long run's deadline misses read 20,000 where the run had 30,000 (the report, 30,000)."""
+    records = [{"kind": "tick", "t": i / 50, "robot": "r", "ticks": 1, "deadline_miss": True, "safe_stops": i % 2}
+               for i in range(300)]
+    live, whole = RunState(keep=100), RunState(keep=None)
+    live.add(records)
+    whole.add(records)
+    for state in (live, whole):
+        views = state.views(interval_s=1.0)
+        [misses] = views["deadline"]["series"]
+        [stops] = [s for s in views["starvation"]["series"] if s["name"].endswith("safe stops")]
+        assert misses["y"][-1] == 300 and stops["y"][-1] == 150
+    assert any("keeps the newest 100 records of each kind per robot: the plots of r begin" in note
+               for note in live.views()["_meta"]["notes"])
+    assert not whole.views()["_meta"]["notes"]
+
+
 def test_the_loops_own_safe_stop_is_counted_but_is_no_tick():
     """The loop's safe stop at a run's end is a tick record of no tick (ticks 0): counted among the
     safe stops, but taken for a tick it made a last period of a few microseconds, and the last

@@ -93,6 +93,9 @@ class Columns:
         self.keep = keep
         self.t: deque[float] = deque(maxlen=keep)
         self.fields: dict[str, deque[float]] = {}
+        # per field, the sum of the records no longer kept (past `keep`): cumulative counts stay whole-run totals
+        self.dropped: dict[str, float] = defaultdict(float)
+        self.dropped_records = 0
 
     def __len__(self) -> int:
         return len(self.t)
@@ -101,6 +104,11 @@ class Columns:
         for name, value in record.items():
             if name != "t" and name not in self.fields and (value is None or isinstance(value, (int, float))):
                 self.fields[name] = deque([math.nan] * len(self.t), maxlen=self.keep)
+        if len(self.t) == self.keep:  # the oldest record makes room
+            self.dropped_records += 1
+            for name, column in self.fields.items():
+                if math.isfinite(column[0]):
+                    self.dropped[name] += column[0]
         self.t.append(wall)
         for name, column in self.fields.items():
             column.append(_number(record.get(name)))
@@ -186,12 +194,18 @@ class RunState:
         return shown[name]
 
     def notes(self) -> list[str]:
-        """One line per robot name that several sources use."""
-        return [f"{len(owners)} sources name their robot {name!r} "
-                f"({', '.join(str(o.get('name', 'unnamed')) for o in owners)}): shown as "
-                f"{', '.join(o['robots'][name] for o in owners)}; the server's records of them cannot be told apart "
-                f"and are all under {name!r}; give each robot its own name (sim-robot --name)"
-                for name, owners in sorted(self._owners.items()) if len(owners) > 1]
+        """One line per robot name that several sources use; one where records were let go (`keep`)."""
+        notes = [f"{len(owners)} sources name their robot {name!r} "
+                 f"({', '.join(str(o.get('name', 'unnamed')) for o in owners)}): shown as "
+                 f"{', '.join(o['robots'][name] for o in owners)}; the server's records of them cannot be told apart "
+                 f"and are all under {name!r}; give each robot its own name (sim-robot --name)"
+                 for name, owners in sorted(self._owners.items()) if len(owners) > 1]
+        trimmed = sorted({robot for (robot, _), rows in self.records.items() if rows.dropped_records})
+        if trimmed:
+            notes.append(f"this page keeps the newest {self.keep:,} records of each kind per robot: the plots of "
+                         f"{', '.join(trimmed)} begin at the oldest kept (the cumulative counts include the older "
+                         f"ones; `polcache report` reads the whole file)")
+        return notes
 
     def add_system(self, wall: float, cpu: float | None, gpu: float | None) -> None:
         self.system.append((wall, cpu, gpu))
@@ -289,9 +303,10 @@ class RunState:
         return series
 
     def _cumulative(self, kind: str, field: str, label: str) -> list[dict[str, Any]]:
+        """Running totals from the run's start: the records no longer kept (the live page's) included."""
         series = []
         for robot, (t, v) in sorted(self._series(kind, field).items()):
-            x, y = _thin(t, np.cumsum(v))
+            x, y = _thin(t, self.records[(robot, kind)].dropped[field] + np.cumsum(v))
             series.append(self._broken(robot, {"name": f"{robot} {label}", "x": x, "y": y}))
         return series
 
