@@ -346,6 +346,32 @@ def test_runs_appended_to_one_robot_file_are_apart_in_every_line_view(tmp_path):
     assert write_report([server, robot], tmp_path / "report").exists()  # the report draws the break
 
 
+def test_runs_with_other_settings_in_one_file_are_each_held_to_their_own_deadline_and_rate(tmp_path):
+    """Two runs appended to the files, the second with --deadline-ms 150 and the robot at 25 Hz: every
+    run was drawn against the newest run's deadline and target rate (the first run's 50 Hz under a
+    25 Hz target line)."""
+    server, left, right = two_robot_run(tmp_path, seconds=2.0)
+    later = [json.loads(row) for row in server.read_text().splitlines()]
+    later[0]["deadline_ms"] = 150.0
+    server.write_text(server.read_text() + "".join(json.dumps(dict(r, t=r["t"] + 80.0)) + "\n" for r in later))
+    for robot, hz in ((left, 25.0), (right, 50.0)):
+        rows = [json.loads(row) for row in robot.read_text().splitlines()]
+        rows[0]["hz"] = hz
+        robot.write_text(robot.read_text() + "".join(json.dumps(dict(r, t=r["t"] + 80.0)) + "\n" for r in rows))
+    views = state_of([server, left, right]).views(interval_s=1.0)
+    assert views["latency"]["hlines"] == [
+        {"name": "deadline left, right (until 80 s)", "y": 140.0, "x1": 80.0},  # the first run's default: 7 / 50 Hz
+        {"name": "deadline left, right (from 80 s)", "y": 150.0, "x0": 80.0}]
+    assert views["rate"]["hlines"] == [{"name": "target left (from 80 s)", "y": 25.0, "x0": 80.0},
+                                       {"name": "target left (until 80 s)", "y": 50.0, "x1": 80.0},
+                                       {"name": "target right", "y": 50.0}]
+    assert [v["x"] for v in views["latency_hist"]["vlines"]] == [140.0, 150.0]
+    assert write_report([server, left, right], tmp_path / "report").exists()  # the report draws them in their spans
+    (tmp_path / "one").mkdir()
+    one_run = state_of(two_robot_run(tmp_path / "one")).views(interval_s=1.0)
+    assert one_run["rate"]["hlines"] == [{"name": "target left, right", "y": 50.0}]  # one run: across the whole axis
+
+
 @pytest.mark.parametrize("pause_s, interval_s", [(2.0, 0.25), (1.3, 1.0)])
 def test_a_gap_in_a_robots_file_alone_does_not_break_the_servers_series(tmp_path, pause_s, interval_s):
     """The robot's metrics file cut short mid-run (truncated under the dashboard): the robot's lines

@@ -154,3 +154,26 @@ def test_a_line_of_one_point_is_drawn_as_a_dot(tmp_path):
         dashboard.stop()
     rate = section(dom, "rate")
     assert 'data-received="1"' in rate and "<circle" in rate
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium (scripts/test.sh installs it with apt-get where it can)")
+def test_a_target_held_for_one_run_of_a_file_spans_that_run_only(tmp_path):
+    """Two runs in one robot file, 50 Hz then 25 Hz: each target line spans its own run (the first
+    run's 50 Hz was drawn under the second's 25 Hz line across the whole axis)."""
+    robot = tmp_path / "arm.jsonl"
+    runs = []
+    for start, hz in ((0.0, 50.0), (20.0, 25.0)):
+        runs += [{"kind": "info", "t": 100.0 + start, "monotonic": start, "role": "robot", "robot": "arm", "hz": hz},
+                 *({"kind": "tick", "t": start + i / hz, "robot": "arm", "ticks": 1, "period_error_ms": 0.01}
+                   for i in range(int(10 * hz)))]
+    robot.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    dashboard = Dashboard([robot])
+    dashboard.poll()
+    try:
+        dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
+    finally:
+        dashboard.stop()
+    lines = re.findall(r'<line x1="([\d.]+)" x2="([\d.]+)" y1="[\d.]+" y2="[\d.]+" stroke="#c00"', section(dom, "rate"))
+    (first_from, first_to), (second_from, second_to) = sorted((float(a), float(b)) for a, b in lines)
+    assert first_from < first_to <= second_from < second_to  # side by side, each over its own run
+    assert second_from - first_to < 1.0

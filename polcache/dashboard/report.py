@@ -132,9 +132,9 @@ def _draw(ax, view: dict[str, Any], span_s: float) -> bool:
     was only the page's heading)."""
     from matplotlib.ticker import MaxNLocator
 
-    drew = {"line": _line, "hist": _hist, "bars": _bars, "heatmap": _heatmap}[view["type"]](ax, view)
-    if drew and view["type"] == "line" and span_s > 0:
+    if view["type"] == "line" and span_s > 0:  # first: a reference line held for part of the run is placed in it
         ax.set_xlim(0.0, span_s)
+    drew = {"line": _line, "hist": _hist, "bars": _bars, "heatmap": _heatmap}[view["type"]](ax, view)
     if drew:
         ax.set_title(textwrap.fill(view["title"], 100), fontsize=9, loc="left")
         if view.get("integer"):  # counts: a few safe stops had ticks at 0.5, 1.5, 2.5
@@ -152,8 +152,9 @@ def _line(ax, view) -> bool:
     for i, s in enumerate(view["series"]):
         ax.plot(s["x"], [float("nan") if v is None else v for v in s["y"]], label=s["name"], linewidth=1.2,
                 marker="." if len(s["x"]) < 20 else None, **_pen(i))  # a short run's few points visible
-    for h in view.get("hlines", []):
-        ax.axhline(h["y"], color="#c00", linestyle="--", linewidth=1, label=f"{h['name']}: {h['y']:g}")  # as the page
+    for h in view.get("hlines", []):  # as the page; one held for part of the run only spans that part
+        ax.axhline(h["y"], xmin=_axis_fraction(ax, h.get("x0"), 0.0), xmax=_axis_fraction(ax, h.get("x1"), 1.0),
+                   color="#c00", linestyle="--", linewidth=1, label=f"{h['name']}: {h['y']:g}")
     ax.set_xlabel("seconds since start")
     low, high = ax.get_ylim()  # from 0, as on the page: a 0.1% dip in a rate zoomed to fill the axis read as a collapse
     low = min(low, 0.0)
@@ -161,6 +162,14 @@ def _line(ax, view) -> bool:
     if view["series"]:
         _legend(ax, len(view["series"]) + len(view.get("hlines", [])), loc="best")
     return bool(view["series"])
+
+
+def _axis_fraction(ax, x: float | None, default: float) -> float:
+    """Where time `x` is across the axes (0 to 1), or `default` for none."""
+    if x is None:
+        return default
+    low, high = ax.get_xlim()
+    return min(max((x - low) / (high - low), 0.0), 1.0) if high > low else default
 
 
 def _legend(ax, entries: int, **where) -> None:

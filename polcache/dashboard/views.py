@@ -129,7 +129,11 @@ class RunState:
         self.keep = keep
         self.records: dict[tuple[str, str], Columns] = defaultdict(lambda: Columns(self.keep))
         self.server: dict[str, Any] | None = None  # the newest server info line
-        self.robot_hz: dict[str, float] = {}
+        self.robot_hz: dict[str, float] = {}  # the newest
+        # Each run's, for the reference lines: (wall time of its info line, its deadline setting and chunk length)
+        # where they changed, and per robot (wall time, hz). A file holding two runs judged the first by the second's.
+        self.server_runs: list[tuple[float, tuple[float | None, int | None]]] = []
+        self.robot_runs: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.errors: dict[tuple[str, str], int] = defaultdict(int)
         self.system: deque = deque(maxlen=keep)  # (wall time, cpu %, gpu % or None)
         self._local_offset = time.time() - time.monotonic()
@@ -160,11 +164,17 @@ class RunState:
         if kind == "info":
             if "monotonic" in r:
                 source["offset"] = float(t) - float(r["monotonic"])
+            since = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else -math.inf
             if r.get("role") == "server":
                 _check_plan(((r.get("backend") or {}).get("cache") or {}).get("plan"))
                 self.server = r
+                steps = (r.get("policy") or {}).get("n_action_steps")
+                _changed(self.server_runs, since, (float(r["deadline_ms"]) if r.get("deadline_ms") else None,
+                                                   int(steps) if steps else None))
             elif r.get("role") == "robot" and r.get("robot") and r.get("hz"):
-                self.robot_hz[self._robot(str(r["robot"]), source)] = float(r["hz"])
+                robot = self._robot(str(r["robot"]), source)
+                self.robot_hz[robot] = float(r["hz"])
+                _changed(self.robot_runs[robot], since, float(r["hz"]))
             return
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not -MAX_TIME_S <= t <= MAX_TIME_S:
             raise ValueError("t")  # NaN, or a time no clock gives, which would stretch every view's span
@@ -311,13 +321,41 @@ class RunState:
         return series
 
     def _deadlines_ms(self) -> list[dict[str, Any]]:
-        if self.server is None:
-            return []
-        if self.server.get("deadline_ms"):
-            return [{"name": "deadline", "y": float(self.server["deadline_ms"])}]
-        steps = (self.server.get("policy") or {}).get("n_action_steps")
-        return _reference_lines("deadline", {robot: default_deadline_ms(steps, hz)
-                                             for robot, hz in self.robot_hz.items()}) if steps else []
+        """The deadline the server held each robot's chunks to, run by run: its --deadline-ms (one line
+        for every robot), else the default for its policy's chunk at the robot's rate."""
+        if all(deadline for _, (deadline, _) in self.server_runs):  # none, or every run's set
+            return self._reference_lines("deadline", {"": [(since, d) for since, (d, _) in self.server_runs]})
+        spans = {}
+        for robot, rates in self.robot_runs.items():
+            changes = sorted({since for since, _ in self.server_runs} | {since for since, _ in rates})
+            spans[robot] = [(since, deadline or (default_deadline_ms(steps, hz) if steps else None))
+                            for since in changes
+                            for (deadline, steps), hz in [(_in_effect(self.server_runs, since), _in_effect(rates, since))]]
+        return self._reference_lines("deadline", spans)
+
+    def _reference_lines(self, label: str, runs: dict[str, list[tuple[float, float | None]]]) -> list[dict[str, Any]]:
+        """Horizontal reference lines from values that hold from a time on (per robot, or "" for all):
+        one line per value and span, named by the robots at it ("deadline armA, armB"; a line per
+        robot drew equal ones on top of each other, their labels overprinted). A value held for part
+        of the run only (a file holding two runs with other settings) spans that part ("x0", "x1",
+        seconds since the run's start) and says so in its name."""
+        lines: dict[tuple[float, float | None, float | None], list[str]] = defaultdict(list)
+        for robot, changes in sorted(runs.items()):
+            kept = [(since, value) for i, (since, value) in enumerate(changes) if i == 0 or value != changes[i - 1][1]]
+            for i, (since, value) in enumerate(kept):
+                if value is None:
+                    continue
+                x0 = _round(since - (self.t0 or 0.0)) if i > 0 else None
+                x1 = _round(kept[i + 1][0] - (self.t0 or 0.0)) if i + 1 < len(kept) else None
+                lines[(_round(value), x0, x1)].append(robot)
+        out = []
+        for (value, x0, x1), robots in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or -math.inf)):
+            part = ("" if x0 is None and x1 is None else f" (from {x0:g} s)" if x1 is None
+                    else f" (until {x1:g} s)" if x0 is None else f" ({x0:g}-{x1:g} s)")
+            named = ", ".join(r for r in robots if r)
+            out.append({"name": f"{label}{' ' + named if named else ''}{part}", "y": value,
+                        **({} if x0 is None else {"x0": x0}), **({} if x1 is None else {"x1": x1})})
+        return out
 
     def _view_latency(self, interval: float) -> dict[str, Any]:
         stats = {f"p{q}": q for q in QUANTILES}
@@ -365,7 +403,7 @@ class RunState:
                 series += [self._broken(robot, s) for s in _binned_values(
                     robot, ticks.t[1:][within], ticks.periods[within], interval, {"": "rate"},
                     events=ticks.counts[1:][within])]
-        return {"series": series, "hlines": _reference_lines("target", self.robot_hz)}
+        return {"series": series, "hlines": self._reference_lines("target", self.robot_runs)}
 
     def _view_period_error(self, interval: float) -> dict[str, Any]:
         return {"series": self._binned("tick", "period_error_ms", interval, {"p50": 50, "p99": 99}), "hlines": []}
@@ -506,13 +544,17 @@ def _binned_values(robot: str, t: np.ndarray, v: np.ndarray, interval: float, st
     return series
 
 
-def _reference_lines(label: str, per_robot: dict[str, float]) -> list[dict[str, Any]]:
-    """One line per value, named by the robots at it ("deadline armA, armB"): a line per robot drew
-    equal ones on top of each other, their labels overprinted."""
-    robots: dict[float, list[str]] = defaultdict(list)
-    for robot, value in sorted(per_robot.items()):
-        robots[value].append(robot)
-    return [{"name": f"{label} {', '.join(names)}", "y": _round(value)} for value, names in sorted(robots.items())]
+def _changed(runs: list[tuple[float, Any]], since: float, value: Any) -> None:
+    """Note a run's setting where it differs from the last one noted (a scrape repeats its info
+    every time: the list grows with changes, not with time)."""
+    if not runs or runs[-1][1] != value:
+        runs.append((since, value))
+
+
+def _in_effect(runs: list[tuple[float, Any]], at: float) -> Any:
+    """The value noted last at or before `at` (the first one's before it: it was the run's from its start)."""
+    before = [value for since, value in runs if since <= at]
+    return before[-1] if before else runs[0][1]
 
 
 def _check_plan(plan: Any) -> None:

@@ -114,8 +114,9 @@ function drawLine(svg, section, view) {
                  ...(dashOf(i) ? { "stroke-dasharray": DASHES[dashOf(i)] } : {}) }, svg);
   });
   const hlines = view.hlines || [];
-  hlines.forEach(h => {
-    el("line", { x1: M.l, x2: W - M.r, y1: sy(h.y), y2: sy(h.y), stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
+  hlines.forEach(h => {  // a value held for part of the run only (x0, x1: another run's settings) spans that part
+    const left = h.x0 === undefined ? M.l : sx(Math.max(h.x0, x0)), right = h.x1 === undefined ? W - M.r : sx(Math.min(h.x1, x1));
+    el("line", { x1: left, x2: right, y1: sy(h.y), y2: sy(h.y), stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
   });
   // named in the legend, not over the line: a rate at its target ran under the label, the newest points hidden
   legend(section, series.map(s => s.name), null, hlines.map(h => `${h.name}: ${fmt(h.y)}`));
