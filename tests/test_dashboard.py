@@ -125,6 +125,25 @@ def test_tail_follows_the_writers_rotation_without_losing_records(tmp_path):
     assert errors == [float(i) for i in range(120)] and tail.bad_lines == 0
 
 
+def test_tail_reads_every_file_the_writer_rotated_between_two_polls(tmp_path):
+    """The page's process stopped or starved while the writer rotated twice or more: the file in between
+    (FILE.1, its first rotation's new file) was never opened, and its records were not on the page."""
+    path = tmp_path / "m.jsonl"
+    writer = JsonlWriter(path, max_bytes=1500, backups=20, flush_s=0.005)
+    writer(tick(-1.0))
+    writer.close()
+    tail = JsonlTail(path)
+    seen = tail.poll()
+    writer = JsonlWriter(path, max_bytes=1500, backups=20, flush_s=0.005)
+    for i in range(100):
+        writer(tick(float(i)))
+    writer.close()
+    assert os.path.exists(f"{path}.3")  # rotated several times since the last poll
+    seen += tail.poll()
+    assert [r["period_error_ms"] for r in seen if r["kind"] == "tick"] == [float(i) for i in range(-1, 100)]
+    assert tail.bad_lines == 0
+
+
 def test_tail_reads_a_large_file_over_several_polls_and_a_rotated_one_to_its_end(tmp_path):
     """A poll reads at most its limit (the page's memory stays bounded on a huge foreign file);
     the lines cut at a poll's end are read whole by the next, and a file rotated away with bytes

@@ -23,6 +23,7 @@ HEAD_BYTES = 256  # compared at every poll to notice a file rewritten from its s
 MAX_LINE_BYTES = 1 << 20  # a longer line (a file that is not JSON lines) is one unreadable line, not held in memory
 READ_BYTES = 16 << 20  # the most one poll reads
 COMPARE_BYTES = 1 << 20  # a file replaced by a rename is compared with the old one this much at a time
+MAX_BACKUPS = 100  # rotated files looked through for one rotated on while unread (the writer keeps 3 by default)
 GONE_AFTER_S = 5.0  # a path missing longer than this was deleted: a rotation's rename-then-create takes far less
 
 
@@ -69,9 +70,33 @@ class JsonlTail:
             self._file.close()
             self._file = None
             self._head, self._skipping = b"", False
+            for between in self._rotated_after(self._inode):
+                records += self._read_whole(between)
             if self._open():
                 records += self._read(limit)
         return records
+
+    def _rotated_after(self, inode: int | None) -> list[Path]:
+        """The files the writer rotated after the one with `inode`, oldest first: where it rotated more
+        than once between two polls (the page's process stopped or starved a while), FILE.k is ours and
+        FILE.k-1 .. FILE.1 were written in between; they are read whole rather than skipped."""
+        backups = []
+        for k in range(1, MAX_BACKUPS + 1):
+            backup = self.path.with_name(f"{self.path.name}.{k}")
+            try:
+                if os.stat(backup).st_ino == inode:
+                    return backups[::-1]
+            except OSError:  # FileNotFoundError past the last backup
+                return []
+            backups.append(backup)
+        return []
+
+    def _read_whole(self, path: Path) -> list[dict[str, Any]]:
+        try:
+            data = path.read_bytes()
+        except OSError:  # rotated on out of reach meanwhile: what it held is not on the page
+            return []
+        return self._parse(data.split(b"\n"))
 
     def rewind(self) -> None:
         """Read the file again from its start at the next poll (what was held back is dropped)."""
