@@ -425,7 +425,20 @@ def test_machine_samples_before_the_first_record_are_left_out():
     state.add_system(95.0, 10.0, None)
     state.add([{"kind": "request", "t": 100.0, "robot": "r", "inference_ms": 5.0}])
     state.add_system(101.0, 20.0, None)
-    assert state.views()["system"]["series"] == [{"name": "CPU %", "x": [1.0], "y": [20.0]}]
+    assert state.views()["system"]["series"] == [{"name": "CPU %", "x": [1.5], "y": [20.0]}]  # its second's middle
+
+
+def test_the_load_view_is_a_mean_per_interval_not_every_sample():
+    """Two samples a second, each sent: the page's answer grew with the run (the load view alone 21 KB
+    after ten minutes), where every other view has about a hundred points."""
+    state = RunState()
+    state.add([{"kind": "request", "t": 0.0, "robot": "r", "inference_ms": 5.0},
+               {"kind": "request", "t": 3600.0, "robot": "r", "inference_ms": 5.0}])
+    for i in range(7200):
+        state.add_system(i / 2, 40.0 + 20.0 * (i % 2), 80.0 if i < 3600 else None)
+    cpu, gpu = state.views()["system"]["series"]
+    assert len(cpu["x"]) == 100 and set(cpu["y"]) == {50.0}  # 36 s intervals
+    assert len(gpu["x"]) == 50 and max(gpu["x"]) < 1800 and set(gpu["y"]) == {80.0}  # no GPU samples after 30 min
 
 
 def test_a_finished_runs_files_opened_later_show_no_load_of_today_as_theirs():
