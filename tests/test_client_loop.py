@@ -85,6 +85,24 @@ def test_every_action_executes_at_its_due_tick(latency_ticks, blend):
     assert chunks[0].latency_ms == pytest.approx(first / HZ * 1e3)
 
 
+def test_a_stop_soon_after_another_is_logged_once_the_limit_allows_not_at_the_next_stop(caplog, monkeypatch):
+    """A robot safe-stopped as its server went away, seconds after a routine stop: the line was held
+    back by the 5 s limit until the next stop, which came only once it had reconnected (32 s later)."""
+    from polcache_client import logs
+
+    loop, robot, client, clock, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
+    monkeypatch.setattr(logs.time, "monotonic", clock.now)  # the limit's clock: the loop's
+    with caplog.at_level(logging.WARNING, logger="polcache_client"):
+        for silent, ticks in ((False, 20), (True, 30), (False, 20), (True, 30)):
+            client.silent = silent
+            loop.run(ticks=ticks, then_stop=False)
+        assert len(robot.stops) == 2 and len(caplog.records) == 1  # the second stop held back: 2 s after the first
+        loop.run(ticks=250, then_stop=False)  # the server stays silent: 5 s
+    second = caplog.records[1].getMessage()
+    assert second.startswith("no fresh action for 0.09 s: the robot was safe-stopped") and "held back" in second
+    assert len(caplog.records) == 2
+
+
 def test_silent_server_holds_then_stops_once_then_resumes(caplog):
     loop, robot, client, _, ticks, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
     loop.run(ticks=20, then_stop=False)

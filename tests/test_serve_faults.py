@@ -1268,6 +1268,33 @@ def test_after_a_safe_stop_the_policy_plans_from_frames_of_the_stopped_robot_onl
     assert all(oldest > stop for oldest, *_, newest in windows if newest > stop)  # no frame of the robot moving
 
 
+def test_the_last_line_of_a_burst_is_said_once_its_interval_has_passed(monkeypatch, caplog):
+    """A robot safe-stopped as its server went away, 4 s after a routine stop: that stop's line was
+    held back by the 5 s limit and said only with the next stop, 32 s later, once reconnected (an
+    operator reading the log could not tell whether the robot had held still)."""
+    from polcache_client import logs
+
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    log = logs.RateLimitedLog(logging.getLogger("polcache.test"), interval_s=5.0)
+    with caplog.at_level(logging.INFO, logger="polcache.test"):
+        for t, message in ((0.0, "stop 1"), (3.0, "stop 2"), (4.0, "stop 3")):
+            clock[0] = 100.0 + t
+            log.warning("safe-stop", message)
+            log.flush()
+        clock[0] = 104.9
+        log.flush()  # within the interval: still held
+        assert [r.message for r in caplog.records] == ["stop 1"]
+        clock[0] = 105.0
+        log.flush()
+        log.flush()  # said once
+        clock[0] = 136.0
+        log.warning("safe-stop", "stop 4")  # no count of what was already said
+    assert [r.message for r in caplog.records] == [
+        "stop 1", "stop 3 (logged 1.0 s after it happened, held back by the rate limit; 1 similar before it suppressed)",
+        "stop 4"]
+
+
 def test_a_count_of_suppressed_lines_says_when_they_were_if_long_ago(monkeypatch, caplog):
     """A robot under a fixed routing id whose handshakes piled up while the server warmed up, then
     restarted 41 s later: its connect line said "(15 similar suppressed)", as if just now."""

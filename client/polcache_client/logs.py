@@ -14,6 +14,7 @@ class RateLimitedLog:
         self.max_keys = max_keys
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
+        self._held: dict[str, tuple[int, str, float]] = {}  # per problem: its newest suppressed line (see flush)
 
     def warning(self, key: str, message: str) -> None:
         self._emit(logging.WARNING, key, message)
@@ -25,11 +26,14 @@ class RateLimitedLog:
         now = time.monotonic()
         if now - self._last.get(key, float("-inf")) < self.interval_s:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            self._held[key] = (level, message, now)
             return
         if len(self._last) >= self.max_keys and key not in self._last:
             self._last.clear()
             self._suppressed.clear()
+            self._held.clear()
         suppressed = self._suppressed.pop(key, 0)
+        self._held.pop(key, None)
         # the suppressed ones followed the last line within interval_s: where that was long ago (a
         # robot that reconnects under a fixed id a minute later), the count is not of recent ones
         ago = now - self._last.get(key, now)
@@ -38,3 +42,20 @@ class RateLimitedLog:
                                             f" ({suppressed} similar suppressed after the last such line, {ago:.0f} s "
                                             f"ago)")
         self.logger.log(level, "%s%s", message, suffix)
+
+    def flush(self) -> None:
+        """Say the newest suppressed line of each problem whose interval has passed since its last
+        line. Without it the last of a burst waited for the next such line, minutes later or never:
+        a robot safe-stopped as its server went away, seconds after a routine stop, logged the stop
+        only once reconnected. Cheap where nothing is held: call it often (a control loop's tick)."""
+        if not self._held:
+            return
+        now = time.monotonic()
+        for key, (level, message, when) in list(self._held.items()):
+            if now - self._last.get(key, float("-inf")) < self.interval_s:
+                continue
+            del self._held[key]
+            others = self._suppressed.pop(key, 1) - 1
+            self._last[key] = now
+            self.logger.log(level, "%s (logged %.1f s after it happened, held back by the rate limit%s)", message,
+                            now - when, f"; {others} similar before it suppressed" if others else "")

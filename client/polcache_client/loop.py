@@ -208,6 +208,7 @@ class ControlLoop:
         if self.on_tick:
             self.on_tick(record)
         self._work_s = self.clock.now() - tick.t
+        self._log.flush()  # after the tick's work: a line held back (a safe stop) is said within LATE_CHUNK_LOG_S
         if interrupted is not None:
             raise interrupted
         return record
