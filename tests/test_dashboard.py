@@ -282,6 +282,10 @@ def test_robots_sharing_a_name_in_two_files_are_kept_apart_and_named(tmp_path):
     assert all(s["x"] == sorted(s["x"]) for s in misses.values())
     [note] = views["_meta"]["notes"]
     assert f"({left}, {right})" in note and "shown as left, left (2)" in note and "--name" in note
+    # its stages and inference: the server's file was given, but its records of left (2) are under left
+    for view in ("stages", "inference"):
+        assert "the server's records of left (2) are under 'left' with those of the robot of that name" in \
+            views[view]["note"] and "give the server's metrics file too" not in views[view]["note"], view
     html = write_report([server, left, right], tmp_path / "report").read_text()
     assert "shown as left, left (2)" in html
 

@@ -391,9 +391,19 @@ class RunState:
         view = {"categories": robots, "stacks": stacks}
         if unstaged:
             view["note"] = (f"no server records of {', '.join(unstaged)}: its server time is one bar, "
-                            f"{SERVER_TOTAL!r}, from the robot's own records (give the server's metrics file too "
-                            f"for its stages)")
+                            f"{SERVER_TOTAL!r}, from the robot's own records ({self._why_unserved(unstaged)})")
         return view
+
+    def _why_unserved(self, robots: list[str]) -> str:
+        """Why robots' own records have no server records beside them: a robot shown as "NAME (2)" shares
+        its name with another, whose server records hold both robots' (the server's name only them)."""
+        second = {label: name for name, owners in self._owners.items() for owner in owners[1:]
+                  if (label := owner["robots"][name]) in robots}
+        if not second:
+            return "give the server's metrics file too for its stages"
+        return (f"the server's records of {', '.join(sorted(second))} are under "
+                f"{', '.join(repr(n) for n in sorted(set(second.values())))} with those of the robot of that name: "
+                f"give each robot its own name")
 
     def _view_rate(self, interval: float) -> dict[str, Any]:
         series = []  # ticks / their periods' time per interval: a partly covered interval reads right too
@@ -439,8 +449,9 @@ class RunState:
             series += [self._broken(robot, s) for s in _binned_values(robot, t, v, interval, stats)]
         view: dict[str, Any] = {"series": series, "hlines": []}
         if robot_side:
-            view["note"] = (f"{', '.join(sorted(robot_side))}: from the robot's chunk records (no server records of "
-                            f"it): the inference time each chunk's server reported")
+            view["note"] = (f"{', '.join(sorted(robot_side))}: from the robot's chunk records, the inference time "
+                            f"each chunk's server reported (no server records of it: "
+                            f"{self._why_unserved(sorted(robot_side))})")
         return view
 
     def _view_cache(self, interval: float) -> dict[str, Any]:
