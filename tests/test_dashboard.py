@@ -40,6 +40,29 @@ def test_tail_holds_back_a_half_written_line(tmp_path):
     assert [r["t"] for r in tail.poll()] == [2.0] and tail.bad_lines == 0
 
 
+def test_a_last_line_never_completed_is_said_on_the_page(tmp_path, monkeypatch):
+    """A robot killed mid-write: its file ends in half a record (its final safe stop), held back for
+    a newline that never comes; the page said nothing and looked complete (the report counted it)."""
+    from polcache.dashboard import tail as tail_module
+
+    clock = [100.0]
+    monkeypatch.setattr(tail_module.time, "monotonic", lambda: clock[0])
+    path = tmp_path / "m.jsonl"
+    path.write_text(line(kind="tick", t=1.0, robot="arm") + '{"kind": "tick", "t": 2.0, "safe_st')
+    dashboard = Dashboard([path])
+    dashboard.poll()
+    assert not dashboard.data()["_meta"]["notes"]  # a line being written: not yet
+    clock[0] = 106.0
+    dashboard.poll()
+    [note] = dashboard.data()["_meta"]["notes"]
+    assert note == f"{path} ends in an incomplete line (35 bytes without a newline for 6 s: its writer stopped " \
+                   f"mid-line?), not shown"
+    with open(path, "a") as f:
+        f.write('ops": 1}\n')
+    dashboard.poll()
+    assert not dashboard.data()["_meta"]["notes"]
+
+
 def test_tail_survives_truncation_mid_line(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(line(kind="tick", t=1.0) + line(kind="tick", t=2.0) + '{"kind": "ti')

@@ -99,6 +99,7 @@ class Dashboard:
         views["_meta"]["bad_lines"] = views["_meta"]["bad_records"] + sum(
             getattr(s, "bad_lines", 0) for s, _ in self.sources)
         views["_meta"]["source_problems"] = [s.problem for s, _ in self.sources if s.problem]
+        views["_meta"]["notes"] += [held for s, _ in self.sources if (held := getattr(s, "held_line", None))]
         return views
 
     def serve(self, port: int = 8050, host: str = "127.0.0.1") -> str:

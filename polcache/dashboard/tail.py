@@ -24,6 +24,7 @@ MAX_LINE_BYTES = 1 << 20  # a longer line (a file that is not JSON lines) is one
 READ_BYTES = 16 << 20  # the most one poll reads
 COMPARE_BYTES = 1 << 20  # a file replaced by a rename is compared with the old one this much at a time
 MAX_BACKUPS = 100  # rotated files looked through for one rotated on while unread (the writer keeps 3 by default)
+HELD_NOTE_S = 5.0  # a last line held back this long for its newline is said on the page (a writer killed mid-line)
 GONE_AFTER_S = 5.0  # a path missing longer than this was deleted: a rotation's rename-then-create takes far less
 
 
@@ -41,6 +42,7 @@ class JsonlTail:
         self._skipping = False  # inside a line over MAX_LINE_BYTES: dropped up to its newline
         self._head = b""  # the file's first bytes as we read them: a rewrite changes them
         self._missing_since: tuple[float, float] | None = None  # (monotonic, wall) time its path went missing
+        self._held_since: float | None = None  # monotonic time since which a last line waits for its newline
         self.rewritten = False  # the last poll found the file truncated or rewritten: it read it from its start
 
     def poll(self, limit: int | None = READ_BYTES) -> list[dict[str, Any]]:
@@ -74,7 +76,21 @@ class JsonlTail:
                 records += self._read_whole(between)
             if self._open():
                 records += self._read(limit)
+        if not self._partial:
+            self._held_since = None
+        elif self._held_since is None:
+            self._held_since = time.monotonic()
         return records
+
+    @property
+    def held_line(self) -> str | None:
+        """Said once a last line has waited HELD_NOTE_S for its newline: a file whose writer was killed
+        mid-line ends in one, never completed, and the page looked complete where it lacked that record
+        (a final safe stop); `polcache report` counts it as an unreadable line."""
+        if self._held_since is None or time.monotonic() - self._held_since < HELD_NOTE_S:
+            return None
+        return (f"{self.path} ends in an incomplete line ({len(self._partial)} bytes without a newline for "
+                f"{time.monotonic() - self._held_since:.0f} s: its writer stopped mid-line?), not shown")
 
     def _rotated_after(self, inode: int | None) -> list[Path]:
         """The files the writer rotated after the one with `inode`, oldest first: where it rotated more
