@@ -269,6 +269,11 @@ def test_views_tell_robots_apart_and_align_clocks(tmp_path):
     assert "compute limit 1.5x" in views["cache"]["note"]
     assert views["_meta"]["errors"] == {"left: bad_shape": 1}
     assert sum(views["latency_hist"]["series"][0]["counts"]) == 50
+    # the whole run per robot, in one row each: does it get its chunks in time
+    summary = views["_meta"]["summary"]
+    assert summary["columns"][:6] == ("robot", "chunks", "latency p50 ms", "p95 ms", "p99 ms", "deadline ms (newest run)")
+    assert summary["rows"] == [["left", 50, 11.0, 12.0, 12.0, 140.0, 200, 4, 0, 0, pytest.approx(0.04)],
+                               ["right", 50, 31.0, 32.0, 32.0, 140.0, 200, 4, 0, 0, pytest.approx(0.04)]]
 
 
 def test_a_servers_records_alone_say_where_the_robot_views_come_from(tmp_path):
@@ -311,6 +316,7 @@ def test_robots_sharing_a_name_in_two_files_are_kept_apart_and_named(tmp_path):
             views[view]["note"] and "give the server's metrics file too" not in views[view]["note"], view
     html = write_report([server, left, right], tmp_path / "report").read_text()
     assert "shown as left, left (2)" in html
+    assert "<th>latency p50 ms</th>" in html and "<td>left (2)</td><td>50</td><td>31</td>" in html
 
 
 def test_a_robot_really_named_like_anothers_second_label_is_not_merged_with_it(tmp_path):

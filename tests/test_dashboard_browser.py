@@ -154,6 +154,7 @@ def test_a_line_of_one_point_is_drawn_as_a_dot(tmp_path):
         dashboard.stop()
     rate = section(dom, "rate")
     assert 'data-received="1"' in rate and "<circle" in rate
+    assert re.search(r"<th>ticks</th>.*<td>arm</td><td>0</td><td>-</td><td>-</td><td>-</td><td>-</td><td>40</td>", dom)
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no chromium (scripts/test.sh installs it with apt-get where it can)")

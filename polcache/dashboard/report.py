@@ -103,15 +103,27 @@ def _write_page(out: Path, paths: Sequence[str | Path], state: RunState, bad: in
         sections.append(f'<section><h2>{html.escape(view["title"])}</h2>{body}{note}</section>')
     errors = ", ".join(f"{k} {n}" for k, n in meta["errors"].items()) or "none"
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in meta["notes"])
+    summary = _summary_table(meta["summary"])
     page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>polcache report</title>"
             f"<style>body{{font:13px system-ui,sans-serif;margin:12px}}section{{margin-bottom:18px}}"
-            f"h2{{font-size:14px}}.note{{color:#666}}img{{max-width:100%}}</style></head><body>"
+            f"h2{{font-size:14px}}.note{{color:#666}}img{{max-width:100%}}table{{border-collapse:collapse}}"
+            f"td,th{{border:1px solid #ddd;padding:2px 6px;text-align:right}}</style></head><body>"
             f"<h1>polcache report</h1><p>files: {html.escape(', '.join(map(str, paths)))}<br>"
             f"robots: {html.escape(', '.join(meta['robots']))}; {meta['span_s']:.1f} s of records, "
             f"statistics per {meta['interval_s']:.1f} s; refused messages: {html.escape(errors)}; "
-            f"unreadable lines: {bad}</p>{notes}{''.join(sections)}</body></html>\n")
+            f"unreadable lines: {bad}</p>{summary}{notes}{''.join(sections)}</body></html>\n")
     (out / "views.json").write_text(json.dumps(views))  # inside the temp folder: atomic as a whole
     (out / "index.html").write_text(page)
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    """The whole run per robot (RunState._summary), as the page shows it above its views."""
+    if not summary["rows"]:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in summary["columns"])
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape('-' if v is None else f'{v:g}' if isinstance(v, float) else str(v))}"
+                                    f"</td>" for v in row) + "</tr>" for row in summary["rows"])
+    return f"<h2>whole run, per robot</h2><table><tr>{head}</tr>{rows}</table>"
 
 
 def _plot(view: dict[str, Any], path: Path, span_s: float) -> bool:

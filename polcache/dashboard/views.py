@@ -74,6 +74,8 @@ VIEWS = {
     "cache": ("cache schedule (block x denoising step)", "heatmap"),
     "system": ("CPU load (%) and GPU utilisation (%) of this machine", "line"),
 }
+SUMMARY_COLUMNS = ("robot", "chunks", "latency p50 ms", "p95 ms", "p99 ms", "deadline ms (newest run)", "ticks",
+                   "ticks without fresh action", "safe stops", "missed ticks", "period error p99 ms")
 COUNT_VIEWS = {"latency_hist", "period_error_hist", "deadline", "starvation", "drops"}  # whole-number axes
 # Drawn from the robot's own records only (its ticks and chunks), which a robot on another computer writes there
 ROBOT_VIEWS = {"latency", "latency_hist", "rate", "period_error", "period_error_hist", "queue", "starvation"}
@@ -240,7 +242,7 @@ class RunState:
             if view in ROBOT_VIEWS and not robot_records:  # blank axes said nothing (a workstation's server alone)
                 out[view].setdefault("note", NO_ROBOT_RECORDS)
         out["_meta"] = {"robots": self.robots(), "interval_s": interval, "span_s": span, "bad_records": self.bad_records,
-                        "notes": self.notes(),
+                        "notes": self.notes(), "summary": self._summary(),
                         "errors": {f"{robot}: {code}": n for (robot, code), n in sorted(self.errors.items())}}
         return out
 
@@ -517,6 +519,44 @@ class RunState:
             return {"series": out}
         return {"series": out, "note": f"{above} value{'s' if above > 1 else ''} above {edges[-1]:.3g} (up to "
                                        f"{every.max():.3g}) counted in the last bar"}
+
+    def _summary(self) -> dict[str, Any]:
+        """Per robot with records of its own, the whole run's figures (the plots give them per interval):
+        its chunks' latency percentiles beside the deadline of its newest run, and its loop's totals.
+        The question a team asks first, whether the robot gets its actions in time, in one row."""
+        rows = []
+        for robot in self.robots():
+            latency = self._column(robot, "chunk", "latency_ms") if self.records.get((robot, "chunk")) else np.array([])
+            latency = latency[np.isfinite(latency)]
+            ticks = self.records.get((robot, "tick"))
+            if not len(latency) and not ticks:
+                continue  # the server's records alone: the stages and inference views have them
+            errors = self._column(robot, "tick", "period_error_ms") if ticks else np.array([])
+            errors = errors[np.isfinite(errors)]
+            rows.append([robot, self._total(robot, "chunk", "chunks"),
+                         *(_round(np.percentile(latency, q)) if len(latency) else None for q in QUANTILES),
+                         self._deadline_now(robot), self._total(robot, "tick", "ticks"),
+                         self._total(robot, "tick", "deadline_miss"), self._total(robot, "tick", "safe_stops"),
+                         self._total(robot, "tick", "missed_ticks"),
+                         _round(np.percentile(errors, 99)) if len(errors) else None])
+        return {"columns": SUMMARY_COLUMNS, "rows": rows}
+
+    def _total(self, robot: str, kind: str, field: str) -> int:
+        """A counter's whole-run total, the records no longer kept included."""
+        rows = self.records.get((robot, kind))
+        if not rows:
+            return 0
+        values = self._column(robot, kind, field)
+        return int(rows.dropped[field] + values[np.isfinite(values)].sum())
+
+    def _deadline_now(self, robot: str) -> float | None:
+        """The deadline of the newest run: the server's --deadline-ms, else the default for its chunk at
+        the robot's rate."""
+        if not self.server_runs:
+            return None
+        deadline, steps = self.server_runs[-1][1]
+        hz = self.robot_hz.get(robot)
+        return deadline or (_round(default_deadline_ms(steps, hz)) if steps and hz else None)
 
     def _mean(self, kind: str, robot: str, field: str) -> float | None:
         if not self.records.get((robot, kind)):

@@ -226,6 +226,7 @@ function render(data) {
     }
   }
   const meta = data._meta;
+  renderSummary(meta.summary);
   const errors = Object.entries(meta.errors).map(([k, n]) => `${k} ${n}`).join(", ");
   document.getElementById("status").textContent =
     `robots: ${meta.robots.join(", ") || "none yet"} · ${fmt(meta.span_s)} s of records · interval ` +
@@ -233,6 +234,21 @@ function render(data) {
     (meta.source_problems.length ? ` · not read: ${meta.source_problems.join("; ")}` : "") +
     meta.notes.map(n => ` · ${n}`).join("");
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+}
+
+function renderSummary(summary) {  // the whole run per robot, above the views (the report's table too)
+  const box = document.getElementById("summary");
+  box.innerHTML = "";
+  if (!summary.rows.length) return;
+  const table = document.createElement("table"), head = table.insertRow();
+  summary.columns.forEach(c => { const th = document.createElement("th"); th.textContent = c; head.appendChild(th); });
+  summary.rows.forEach(row => {
+    const tr = table.insertRow();
+    row.forEach(v => {  // counts as whole numbers (fmt wrote 4 safe stops as 4.00)
+      tr.insertCell().textContent = v === null ? "-" : Number.isInteger(v) ? String(v) : typeof v === "number" ? fmt(v) : v;
+    });
+  });
+  box.appendChild(table);
 }
 
 async function update() {
