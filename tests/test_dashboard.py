@@ -378,6 +378,10 @@ def test_the_loops_own_safe_stop_is_counted_but_is_no_tick():
     assert rates and all(y == pytest.approx(50.0, rel=1e-6) for y in rates)
     [stops] = [s for s in views["starvation"]["series"] if s["name"].endswith("safe stops")]
     assert stops["y"][-1] == 1
+    state.add([{"kind": "tick", "t": 2.0 + i / 50, "robot": "q", "ticks": 1, "queue_depth": 4} for i in range(9)]
+              + [{"kind": "tick", "t": 2.0 + 9 / 50, "robot": "q", "ticks": 0, "safe_stops": 1, "queue_depth": 0}])
+    [queue] = [s for s in state.views(interval_s=10.0)["queue"]["series"] if s["name"] == "q"]
+    assert queue["y"] == [4.0]  # the stop's queue of 0 is no tick's: it read 3.6
 
 
 def test_runs_appended_to_one_robot_file_are_apart_in_every_line_view(tmp_path):

@@ -74,6 +74,7 @@ VIEWS = {
     "cache": ("cache schedule (block x denoising step)", "heatmap"),
     "system": ("CPU load (%) and GPU utilisation (%) of this machine", "line"),
 }
+TICK_VALUES = ("period_error_ms", "queue_depth")  # what a tick measured, not counted
 SUMMARY_COLUMNS = ("robot", "chunks", "latency p50 ms", "p95 ms", "p99 ms", "deadline ms (newest run)", "ticks",
                    "ticks without fresh action", "safe stops", "missed ticks", "period error p99 ms")
 COUNT_VIEWS = {"latency_hist", "period_error_hist", "deadline", "starvation", "drops"}  # whole-number axes
@@ -268,6 +269,8 @@ class RunState:
             order = np.argsort(t, kind="stable")
             t, v = t[order], v[order]
             keep = np.isfinite(v)
+            if kind == "tick" and field in TICK_VALUES:  # the loop's own stop record (ticks 0) is no tick: its
+                keep &= self._column(robot, kind, "ticks")[order] != 0  # queue of 0 pulled the last mean down
             if keep.any():
                 out[robot] = (t[keep], v[keep])
         return out
