@@ -224,6 +224,26 @@ def test_multiple_robots_are_served_independently():
             peer.close()
 
 
+def test_servers_started_apart_give_their_robots_different_session_ids():
+    """libzmq draws a ROUTER's routing ids from an unseeded rand(): every server process named its first
+    robot's session 006b8b4567, so logs gathered over a night of restarts mixed sessions under one id."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from fakes import FakeBackend, RawPeer\n"
+            "from polcache.serve.server import PolicyServer\n"
+            "with PolicyServer(FakeBackend(), 'tcp://127.0.0.1:0') as server:\n"
+            "    peer = RawPeer(server.endpoint)\n"
+            "    peer.handshake(name='arm')\n"
+            "    print(next(iter(server.sessions)).hex())\n"
+            "    peer.close()\n")
+    ids = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parent,
+                          check=True).stdout.split()[-1] for _ in range(3)]
+    assert len(set(ids)) == 3, ids
+
+
 def test_session_count_is_bounded(caplog, monkeypatch):
     monkeypatch.setattr(server_module, "EVICTABLE_SILENCE_S", 0.0)  # every session as if silent long enough
     with caplog.at_level(logging.INFO, logger="polcache.serve"), serve(FakeBackend(), max_sessions=2) as server:

@@ -13,9 +13,11 @@ wake-ups of the hand-off would cost it more than its inference (BENCHMARKS.md, t
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -205,6 +207,17 @@ def _check_options(backend: PolicyBackend, bind: str, keys_dir: str | None, inse
         raise PolcacheError(why)
 
 
+def seed_routing_ids() -> None:
+    """Seed the C library's rand(), from which libzmq draws a ROUTER's first routing id: unseeded, every
+    server process named its first robot's session 006b8b4567 and the next 006b8b4568, so a night's
+    logs across restarts mixed different sessions under one id. Where libc cannot be reached (not
+    Linux or macOS), ids stay as libzmq makes them."""
+    try:
+        ctypes.CDLL(None).srand(int.from_bytes(os.urandom(4), "little"))
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class PolicyServer:
     """Serve `backend` on `bind` (use port 0 / '*' for an ephemeral one; see `endpoint`)."""
 
@@ -277,6 +290,7 @@ class PolicyServer:
 
         self._ctx = zmq.Context()
         self._auth = None
+        seed_routing_ids()
         self._router = self._bound_router(bind, keys_dir)
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         # Connections' openings too: a closing read with a handshake is then told apart from an earlier one's.
