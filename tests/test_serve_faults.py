@@ -1295,6 +1295,32 @@ def test_the_last_line_of_a_burst_is_said_once_its_interval_has_passed(monkeypat
         "stop 4"]
 
 
+def test_a_problem_that_goes_on_is_said_ever_less_often_up_to_the_longest_interval(monkeypatch, caplog):
+    """A server overloaded all night said its late chunks 35 times a minute (50,000 lines by the
+    morning): while a problem goes on without a pause its interval doubles, up to `longest_s`; after a
+    pause it is said at once and every interval_s again."""
+    from polcache_client import logs
+
+    clock = [0.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    log = logs.RateLimitedLog(logging.getLogger("polcache.test"), longest_s=8.0)
+    with caplog.at_level(logging.INFO, logger="polcache.test"):
+        for tick in range(400):  # every 0.1 s for 40 s
+            clock[0] = tick / 10
+            log.warning("late", "late")
+        clock[0] = 100.0  # a minute's pause, then again
+        log.warning("late", "late")
+        clock[0] = 100.5
+        log.warning("late", "late")
+        clock[0] = 101.0
+        log.warning("late", "late")
+    assert [r.getMessage() for r in caplog.records] == [
+        "late", "late (9 similar suppressed)", "late (19 similar suppressed in the last 2 s)",
+        "late (39 similar suppressed in the last 4 s)", *["late (79 similar suppressed in the last 8 s)"] * 4,
+        "late (9 similar suppressed after the last such line, 61 s ago)",
+        "late (1 similar suppressed)"]  # every interval_s again
+
+
 def test_a_count_of_suppressed_lines_says_when_they_were_if_long_ago(monkeypatch, caplog):
     """A robot under a fixed routing id whose handshakes piled up while the server warmed up, then
     restarted 41 s later: its connect line said "(15 similar suppressed)", as if just now."""

@@ -1,5 +1,6 @@
 """Log lines that cannot flood: a robot sending the same bad message at 50 Hz gets one line
-per second per problem, with a count of the ones suppressed, not 50 lines and a slow loop."""
+per second per problem, with a count of the ones suppressed, not 50 lines and a slow loop (and,
+where asked, ever fewer while the problem goes on)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import time
 
 
 class RateLimitedLog:
-    def __init__(self, logger: logging.Logger, interval_s: float = 1.0, max_keys: int = 256):
+    def __init__(self, logger: logging.Logger, interval_s: float = 1.0, max_keys: int = 256,
+                 longest_s: float | None = None):
+        """`longest_s`: a problem that goes on without a pause is said ever less often, its interval
+        doubling up to this (a server overloaded all night said it 35 times a minute, 50,000 lines by
+        the morning); once it pauses, every interval_s again."""
         self.logger = logger
         self.interval_s = interval_s
         self.max_keys = max_keys
+        self.longest_s = longest_s
+        self._every: dict[str, float] = {}  # per problem: its interval now (interval_s, doubled while it goes on)
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._held: dict[str, tuple[int, str, float]] = {}  # per problem: its newest suppressed line (see flush)
@@ -24,23 +31,25 @@ class RateLimitedLog:
 
     def _emit(self, level: int, key: str, message: str) -> None:
         now = time.monotonic()
-        if now - self._last.get(key, float("-inf")) < self.interval_s:
+        every = self._every.get(key, self.interval_s)
+        if now - self._last.get(key, float("-inf")) < every:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             self._held[key] = (level, message, now)
             return
         if len(self._last) >= self.max_keys and key not in self._last:
-            self._last.clear()
-            self._suppressed.clear()
-            self._held.clear()
+            for held in (self._last, self._suppressed, self._held, self._every):
+                held.clear()
         suppressed = self._suppressed.pop(key, 0)
         self._held.pop(key, None)
-        # the suppressed ones followed the last line within interval_s: where that was long ago (a
+        # the suppressed ones followed the last line within its interval: where that was long ago (a
         # robot that reconnects under a fixed id a minute later), the count is not of recent ones
         ago = now - self._last.get(key, now)
         self._last[key] = now
-        suffix = "" if not suppressed else (f" ({suppressed} similar suppressed)" if ago < 2 * self.interval_s else
-                                            f" ({suppressed} similar suppressed after the last such line, {ago:.0f} s "
-                                            f"ago)")
+        going_on = bool(suppressed) and ago < 2 * every
+        self._every[key] = min(2 * every, self.longest_s) if going_on and self.longest_s else self.interval_s
+        suffix = ("" if not suppressed else f" ({suppressed} similar suppressed)" if ago < 2 * self.interval_s
+                  else f" ({suppressed} similar suppressed in the last {ago:.0f} s)" if going_on
+                  else f" ({suppressed} similar suppressed after the last such line, {ago:.0f} s ago)")
         self.logger.log(level, "%s%s", message, suffix)
 
     def flush(self) -> None:
@@ -52,7 +61,7 @@ class RateLimitedLog:
             return
         now = time.monotonic()
         for key, (level, message, when) in list(self._held.items()):
-            if now - self._last.get(key, float("-inf")) < self.interval_s:
+            if now - self._last.get(key, float("-inf")) < self._every.get(key, self.interval_s):
                 continue
             del self._held[key]
             others = self._suppressed.pop(key, 1) - 1

@@ -86,6 +86,7 @@ DEAD_PEER_MS = 3000
 _DEAD_PEER_OPTIONS = ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 1), (zmq.TCP_KEEPALIVE_INTVL, 1),
                   (zmq.TCP_KEEPALIVE_CNT, 3), (zmq.TCP_MAXRT, DEAD_PEER_MS))
 MAX_DRAIN = 1000  # messages read per loop turn, so a flood cannot starve replies
+LONGEST_LOG_INTERVAL_S = 60.0  # a problem that goes on (a policy too slow all night) is said at least this often
 BACKLOG_WAIT_MS = 20  # after a stall, how long a drain waits for the kernel's backlog to reach ZeroMQ's queue
 LOOP_WAKE_S = LOOP_WAKE_MS / 1e3
 # A wait past its timeout, or a turn's work (a drain of a flood's MAX_DRAIN messages included) past inline_ms, by
@@ -270,7 +271,7 @@ class PolicyServer:
         self.instruction = instruction
         self._reader = ObservationReader(robot_obs_spec(self.spec))
         self._past_offsets = self.spec.frame_offsets[:-1]  # the past frames' steps, asked once per chunk
-        self._log = RateLimitedLog(log)
+        self._log = RateLimitedLog(log, longest_s=LONGEST_LOG_INTERVAL_S)
         self._warn = self._log.warning
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
         # open connections by file descriptor: the robot (routing id, name) that shook hands on each,
