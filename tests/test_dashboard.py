@@ -365,6 +365,24 @@ def test_the_live_pages_counts_stay_whole_run_totals_once_it_lets_old_records_go
     assert not whole.views()["_meta"]["notes"]
 
 
+def test_records_without_info_lines_say_why_the_deadline_and_target_are_missing(tmp_path):
+    """Files without their info lines (copied in part, older): the deadline and target lines were
+    simply not drawn, nothing said."""
+    server, left, right = two_robot_run(tmp_path)
+    for path in (server, left, right):
+        path.write_text("".join(row + "\n" for row in path.read_text().splitlines()[1:]))
+    views = state_of([server, left, right]).views(interval_s=1.0)
+    assert views["latency"]["hlines"] == [] and views["rate"]["hlines"] == []
+    assert views["latency"]["note"] == ("no deadline line: none of the files holds the server's info line (give the "
+                                        "server's file)")
+    assert views["rate"]["note"] == "no target rate for left, right: no info line in its file (polcache writes one first)"
+    server, left, right = two_robot_run(tmp_path)  # the server's info line, but not the robots'
+    left.write_text("".join(row + "\n" for row in left.read_text().splitlines()[1:]))
+    views = state_of([server, left, right]).views(interval_s=1.0)
+    assert views["latency"]["note"] == "no deadline line for left: its rate is unknown (no info line in its file)"
+    assert "note" not in state_of(two_robot_run(tmp_path)).views(interval_s=1.0)["latency"]
+
+
 def test_the_loops_own_safe_stop_is_counted_but_is_no_tick():
     """The loop's safe stop at a run's end is a tick record of no tick (ticks 0): counted among the
     safe stops, but taken for a tick it made a last period of a few microseconds, and the last

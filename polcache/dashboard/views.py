@@ -364,7 +364,19 @@ class RunState:
 
     def _view_latency(self, interval: float) -> dict[str, Any]:
         stats = {f"p{q}": q for q in QUANTILES}
-        return {"series": self._binned("chunk", "latency_ms", interval, stats), "hlines": self._deadlines_ms()}
+        series = self._binned("chunk", "latency_ms", interval, stats)
+        view: dict[str, Any] = {"series": series, "hlines": self._deadlines_ms()}
+        robots = sorted(self._series("chunk", "latency_ms"))
+        if not self.server_runs:  # files without info lines (copied in part, another program's) drew no line unsaid
+            unknown = "no deadline line: none of the files holds the server's info line (give the server's file)"
+        elif all(deadline for _, (deadline, _) in self.server_runs):
+            unknown = ""
+        else:
+            unknown = ", ".join(r for r in robots if r not in self.robot_runs)
+            unknown = unknown and f"no deadline line for {unknown}: its rate is unknown (no info line in its file)"
+        if robots and unknown:
+            view["note"] = unknown
+        return view
 
     def _view_latency_hist(self, interval: float) -> dict[str, Any]:
         # a robot stamps a chunk's arrival at its next tick: latencies sit a control period apart, and
@@ -418,7 +430,10 @@ class RunState:
                 series += [self._broken(robot, s) for s in _binned_values(
                     robot, ticks.t[1:][within], ticks.periods[within], interval, {"": "rate"},
                     events=ticks.counts[1:][within])]
-        return {"series": series, "hlines": self._reference_lines("target", self.robot_runs)}
+        view: dict[str, Any] = {"series": series, "hlines": self._reference_lines("target", self.robot_runs)}
+        if unknown := [robot for robot in sorted(self._ticks) if robot not in self.robot_runs]:
+            view["note"] = f"no target rate for {', '.join(unknown)}: no info line in its file (polcache writes one first)"
+        return view
 
     def _view_period_error(self, interval: float) -> dict[str, Any]:
         return {"series": self._binned("tick", "period_error_ms", interval, {"p50": 50, "p99": 99}), "hlines": []}
