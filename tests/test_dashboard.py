@@ -446,6 +446,30 @@ def test_runs_with_other_settings_in_one_file_are_each_held_to_their_own_deadlin
     assert one_run["rate"]["hlines"] == [{"name": "target left, right", "y": 50.0}]  # one run: across the whole axis
 
 
+@pytest.mark.parametrize("names", [("a", "b"), ("arm", "arm")], ids=["renamed", "same"])
+def test_a_robots_run_is_held_to_the_server_run_it_started_under(names):
+    """Two runs, each robot starting 5 s after its server (50 Hz with 8-step chunks, then 20 Hz with 16): every
+    server start was also taken as a change of each robot's deadline, so a robot got a line no run had (the second
+    run's chunk at the first run's rate, 300 ms), and a robot of the first run only the second run's deadline."""
+    records = []
+    for (start, hz, steps), name in zip(((0.0, 50.0, 8), (80.0, 20.0, 16)), names):
+        records += [{"kind": "info", "t": 1000.0 + start, "role": "server", "policy": {"n_action_steps": steps}},
+                    {"kind": "info", "t": 1005.0 + start, "monotonic": 5.0 + start, "role": "robot", "robot": name,
+                     "hz": hz}]
+        records += [{"kind": "chunk", "t": 5.0 + start + i / 10, "robot": name, "latency_ms": 100.0, "chunks": 1}
+                    for i in range(50)]
+    state = RunState()
+    state.add(records, {})
+    views = state.views(interval_s=1.0)
+    deadlines = sorted((line["y"], line.get("x0"), line.get("x1")) for line in views["latency"]["hlines"])
+    if names[0] != names[1]:
+        assert deadlines == [(140.0, None, None), (750.0, None, None)]  # each robot's own run, across the axis
+    else:
+        assert deadlines == [(140.0, None, 80.0), (750.0, 80.0, None)]  # its first run's, then its second's
+    assert {row[0]: row[5] for row in views["_meta"]["summary"]["rows"]} == (
+        {"a": 140.0, "b": 750.0} if names[0] != names[1] else {"arm": 750.0})
+
+
 @pytest.mark.parametrize("pause_s, interval_s", [(2.0, 0.25), (1.3, 1.0)])
 def test_a_gap_in_a_robots_file_alone_does_not_break_the_servers_series(tmp_path, pause_s, interval_s):
     """The robot's metrics file cut short mid-run (truncated under the dashboard): the robot's lines

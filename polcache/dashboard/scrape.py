@@ -52,6 +52,7 @@ class PrometheusScraper:
         self.url = scrape_url(addr)
         self.timeout_s = timeout_s
         self._last: dict[tuple, float] | None = None
+        self._first_seen: dict[frozenset, float] = {}  # per run Info sample: when first scraped (its run's start)
         self.failures = 0
         self.problem: str | None = None  # why the last scrape gave nothing (shown on the page), None if it did
 
@@ -65,7 +66,10 @@ class PrometheusScraper:
             return self._failed(f"not a Prometheus endpoint ({str(exc)[:80]})")
         self.problem = None
         last, self._last = self._last, current
-        return [info_record(labels) for labels in infos] + ([] if last is None else records_between(last, current))
+        # an Info sample is the same run's at every scrape: stamped when first seen, it is one run, not one per scrape
+        stamped = [info_record(labels, self._first_seen.setdefault(frozenset(labels.items()), time.time()))
+                   for labels in infos]
+        return stamped + ([] if last is None else records_between(last, current))
 
     def _failed(self, why: str) -> list[dict[str, Any]]:
         self.failures += 1
@@ -99,10 +103,11 @@ def parse_exposition(text: str) -> tuple[dict[tuple, float], list[dict[str, str]
     return out, infos
 
 
-def info_record(labels: dict[str, str]) -> dict[str, Any]:
+def info_record(labels: dict[str, str], t: float) -> dict[str, Any]:
     """A run Info sample as a metrics file's info line holds it (numbers as numbers, the server's
-    n_action_steps in its policy); a number that is none (another exporter's labels) is left out."""
-    record: dict[str, Any] = {"kind": "info", "t": time.time(), "role": labels.get("role"), "robot": labels.get("robot")}
+    n_action_steps in its policy), at wall time `t`; a number that is none (another exporter's
+    labels) is left out."""
+    record: dict[str, Any] = {"kind": "info", "t": t, "role": labels.get("role"), "robot": labels.get("robot")}
     numbers = {}
     for field in ("hz", "deadline_ms", "n_action_steps"):
         try:

@@ -133,8 +133,8 @@ class RunState:
         self.records: dict[tuple[str, str], Columns] = defaultdict(lambda: Columns(self.keep))
         self.server: dict[str, Any] | None = None  # the newest server info line
         self.robot_hz: dict[str, float] = {}  # the newest
-        # Each run's, for the reference lines: (wall time of its info line, its deadline setting and chunk length)
-        # where they changed, and per robot (wall time, hz). A file holding two runs judged the first by the second's.
+        # Each run's, for the reference lines: (wall time of its info line, its deadline setting and chunk length),
+        # and per robot (wall time, hz), in time order. A file holding two runs judged the first by the second's.
         self.server_runs: list[tuple[float, tuple[float | None, int | None]]] = []
         self.robot_runs: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.errors: dict[tuple[str, str], int] = defaultdict(int)
@@ -172,12 +172,12 @@ class RunState:
                 _check_plan(((r.get("backend") or {}).get("cache") or {}).get("plan"))
                 self.server = r
                 steps = (r.get("policy") or {}).get("n_action_steps")
-                _changed(self.server_runs, since, (float(r["deadline_ms"]) if r.get("deadline_ms") else None,
-                                                   int(steps) if steps else None))
+                _noted(self.server_runs, since, (float(r["deadline_ms"]) if r.get("deadline_ms") else None,
+                                                 int(steps) if steps else None))
             elif r.get("role") == "robot" and r.get("robot") and r.get("hz"):
                 robot = self._robot(str(r["robot"]), source)
                 self.robot_hz[robot] = float(r["hz"])
-                _changed(self.robot_runs[robot], since, float(r["hz"]))
+                _noted(self.robot_runs[robot], since, float(r["hz"]))
             return
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not -MAX_TIME_S <= t <= MAX_TIME_S:
             raise ValueError("t")  # NaN, or a time no clock gives, which would stretch every view's span
@@ -330,13 +330,19 @@ class RunState:
         for every robot), else the default for its policy's chunk at the robot's rate."""
         if all(deadline for _, (deadline, _) in self.server_runs):  # none, or every run's set
             return self._reference_lines("deadline", {"": [(since, d) for since, (d, _) in self.server_runs]})
-        spans = {}
-        for robot, rates in self.robot_runs.items():
-            changes = sorted({since for since, _ in self.server_runs} | {since for since, _ in rates})
-            spans[robot] = [(since, deadline or (default_deadline_ms(steps, hz) if steps else None))
-                            for since in changes
-                            for (deadline, steps), hz in [(_in_effect(self.server_runs, since), _in_effect(rates, since))]]
-        return self._reference_lines("deadline", spans)
+        # per robot, run by run: a robot's run (its info line) is served by the server's run in effect when it
+        # starts (the robot starts after its server; taking every server start as a change too paired one run's
+        # chunk with another's rate, and a robot's first run with a server run from before it existed)
+        return self._reference_lines("deadline", {robot: [(since, self._deadline_ms(since, hz)) for since, hz in rates]
+                                                  for robot, rates in self.robot_runs.items()})
+
+    def _deadline_ms(self, since: float, hz: float | None) -> float | None:
+        """The deadline of a robot's run at `hz` that started at `since`: the server's --deadline-ms
+        then, else the default for its policy's chunk at that rate."""
+        if not self.server_runs:
+            return None
+        deadline, steps = _in_effect(self.server_runs, since)
+        return deadline or (_round(default_deadline_ms(steps, hz)) if steps and hz else None)
 
     def _reference_lines(self, label: str, runs: dict[str, list[tuple[float, float | None]]]) -> list[dict[str, Any]]:
         """Horizontal reference lines from values that hold from a time on (per robot, or "" for all):
@@ -568,13 +574,9 @@ class RunState:
         return int(rows.dropped[field] + values[np.isfinite(values)].sum())
 
     def _deadline_now(self, robot: str) -> float | None:
-        """The deadline of the newest run: the server's --deadline-ms, else the default for its chunk at
-        the robot's rate."""
-        if not self.server_runs:
-            return None
-        deadline, steps = self.server_runs[-1][1]
-        hz = self.robot_hz.get(robot)
-        return deadline or (_round(default_deadline_ms(steps, hz)) if steps and hz else None)
+        """The deadline of the robot's newest run (without an info line of its own: the server's newest)."""
+        rates = self.robot_runs.get(robot)
+        return self._deadline_ms(*rates[-1]) if rates else self._deadline_ms(math.inf, None)
 
     def _mean(self, kind: str, robot: str, field: str) -> float | None:
         if not self.records.get((robot, kind)):
@@ -613,11 +615,11 @@ def _binned_values(robot: str, t: np.ndarray, v: np.ndarray, interval: float, st
     return series
 
 
-def _changed(runs: list[tuple[float, Any]], since: float, value: Any) -> None:
-    """Note a run's setting where it differs from the last one noted (a scrape repeats its info
-    every time: the list grows with changes, not with time)."""
-    if not runs or runs[-1][1] != value:
-        runs.append((since, value))
+def _noted(runs: list[tuple[float, Any]], since: float, value: Any) -> None:
+    """Note a run's setting from its info line, in time order; the same line again (a rotated file's copy
+    of it, a scrape's repeat, a file read again) once, so the list grows with runs, not with time."""
+    if (since, value) not in runs:
+        bisect.insort(runs, (since, value), key=lambda run: run[0])
 
 
 def _in_effect(runs: list[tuple[float, Any]], at: float) -> Any:
