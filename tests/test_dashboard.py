@@ -48,7 +48,8 @@ def test_a_last_line_never_completed_is_said_on_the_page(tmp_path, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(tail_module.time, "monotonic", lambda: clock[0])
     path = tmp_path / "m.jsonl"
-    path.write_text(line(kind="tick", t=1.0, robot="arm") + '{"kind": "tick", "t": 2.0, "safe_st')
+    path.write_text(line(kind="info", t=100.0, monotonic=0.0, role="robot", robot="arm", hz=50.0)
+                    + line(kind="tick", t=1.0, robot="arm") + '{"kind": "tick", "t": 2.0, "safe_st')
     dashboard = Dashboard([path])
     dashboard.poll()
     assert not dashboard.data()["_meta"]["notes"]  # a line being written: not yet
@@ -360,8 +361,8 @@ def test_the_live_pages_counts_stay_whole_run_totals_once_it_lets_old_records_go
         [misses] = views["deadline"]["series"]
         [stops] = [s for s in views["starvation"]["series"] if s["name"].endswith("safe stops")]
         assert misses["y"][-1] == 300 and stops["y"][-1] == 150
-    assert any("keeps the newest 100 records of each kind per robot: the plots of r begin" in note
-               for note in live.views()["_meta"]["notes"])
+    assert any("keeps the newest 100 records of each kind per robot: the plots and the whole-run table's "
+               "percentiles of r cover those" in note for note in live.views()["_meta"]["notes"])
     assert not whole.views()["_meta"]["notes"]
 
 
@@ -381,6 +382,21 @@ def test_records_without_info_lines_say_why_the_deadline_and_target_are_missing(
     views = state_of([server, left, right]).views(interval_s=1.0)
     assert views["latency"]["note"] == "no deadline line for left: its rate is unknown (no info line in its file)"
     assert "note" not in state_of(two_robot_run(tmp_path)).views(interval_s=1.0)["latency"]
+
+
+def test_robot_records_placed_without_an_info_line_say_their_clock_was_guessed(tmp_path):
+    """A robot file whose info line was damaged: its monotonic times were placed on this machine's clock,
+    and the report read "45947605.9 s of records" with only "unreadable lines: 1" to say anything."""
+    server, left, right = two_robot_run(tmp_path)
+    left.write_text("{damaged\n" + "".join(row + "\n" for row in left.read_text().splitlines()[1:]))
+    notes = state_of([server, left, right]).views()["_meta"]["notes"]
+    assert notes == []  # state_of gives no source names: a file's name is what the note names
+    state = RunState()
+    for path in (server, left, right):
+        state.add(JsonlTail(path).poll(), {"name": str(path)})
+    [note] = state.views()["_meta"]["notes"]
+    assert note.startswith(f"{left}: robot records before any info line (missing or damaged), placed on this "
+                           f"machine's monotonic clock")
 
 
 def test_the_loops_own_safe_stop_is_counted_but_is_no_tick():
@@ -717,6 +733,7 @@ def test_report_writes_a_page_with_one_png_per_view(tmp_path):
     assert "unreadable lines: 1" in html and "right: non_finite 1" in html
     views = json.loads((tmp_path / "report" / "views.json").read_text())
     assert views["latency"]["series"]
+    assert views["_meta"]["summary"]["rows"]  # the numbers behind the page's table too, not only its plots
 
 
 def test_report_pngs_say_what_they_show_and_count_in_whole_numbers(tmp_path):

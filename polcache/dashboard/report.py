@@ -112,7 +112,8 @@ def _write_page(out: Path, paths: Sequence[str | Path], state: RunState, bad: in
             f"robots: {html.escape(', '.join(meta['robots']))}; {meta['span_s']:.1f} s of records, "
             f"statistics per {meta['interval_s']:.1f} s; refused messages: {html.escape(errors)}; "
             f"unreadable lines: {bad}</p>{summary}{notes}{''.join(sections)}</body></html>\n")
-    (out / "views.json").write_text(json.dumps(views))  # inside the temp folder: atomic as a whole
+    # with the table, the notes and the run's span: the numbers behind the page, not only behind its plots
+    (out / "views.json").write_text(json.dumps({**views, "_meta": meta}))  # in the temp folder: atomic as a whole
     (out / "index.html").write_text(page)
 
 

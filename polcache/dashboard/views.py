@@ -147,6 +147,7 @@ class RunState:
         self._unnamed: dict[str, Any] = {}  # the source of records added without one
         self._owners: dict[str, list[dict[str, Any]]] = {}  # robot name -> the sources of its own records, in order
         self._labels: set[str] = set()  # every name a robot's own records are shown under
+        self._guessed: set[str] = set()  # sources whose robot records came before any info line: clock guessed
 
     def add(self, records: Iterable[dict[str, Any]], source: dict[str, Any] | None = None) -> None:
         """`source` carries per-source context (one dict per file or endpoint, the same at each call):
@@ -181,6 +182,8 @@ class RunState:
             return
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not -MAX_TIME_S <= t <= MAX_TIME_S:
             raise ValueError("t")  # NaN, or a time no clock gives, which would stretch every view's span
+        if kind in MONOTONIC_KINDS and "offset" not in source and "name" in source:
+            self._guessed.add(str(source["name"]))
         wall = t + source.get("offset", self._local_offset) if kind in MONOTONIC_KINDS else t
         robot = str(r.get("robot") or "robot")
         if kind in MONOTONIC_KINDS:  # the robot's own records
@@ -213,11 +216,14 @@ class RunState:
                  f"{', '.join(o['robots'][name] for o in owners)}; the server's records of them cannot be told apart "
                  f"and are all under {name!r}; give each robot its own name (sim-robot --name)"
                  for name, owners in sorted(self._owners.items()) if len(owners) > 1]
+        if self._guessed:  # a damaged or missing info line: the run read as 46 million seconds long, unsaid
+            notes.append(f"{', '.join(sorted(self._guessed))}: robot records before any info line (missing or "
+                         f"damaged), placed on this machine's monotonic clock: right only where the robot ran here")
         trimmed = sorted({robot for (robot, _), rows in self.records.items() if rows.dropped_records})
         if trimmed:
-            notes.append(f"this page keeps the newest {self.keep:,} records of each kind per robot: the plots of "
-                         f"{', '.join(trimmed)} begin at the oldest kept (the cumulative counts include the older "
-                         f"ones; `polcache report` reads the whole file)")
+            notes.append(f"this page keeps the newest {self.keep:,} records of each kind per robot: the plots and "
+                         f"the whole-run table's percentiles of {', '.join(trimmed)} cover those, from the oldest kept "
+                         f"on (the counts include the older ones; `polcache report` reads the whole file)")
         return notes
 
     def add_system(self, wall: float, cpu: float | None, gpu: float | None) -> None:

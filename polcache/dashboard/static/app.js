@@ -240,6 +240,9 @@ function renderSummary(summary) {  // the whole run per robot, above the views (
   const box = document.getElementById("summary");
   box.innerHTML = "";
   if (!summary.rows.length) return;
+  const title = document.createElement("h2");
+  title.textContent = "whole run, per robot";
+  box.appendChild(title);
   const table = document.createElement("table"), head = table.insertRow();
   summary.columns.forEach(c => { const th = document.createElement("th"); th.textContent = c; head.appendChild(th); });
   summary.rows.forEach(row => {
