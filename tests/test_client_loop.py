@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import signal
 
 import numpy as np
@@ -93,14 +94,26 @@ def test_a_stop_soon_after_another_is_logged_once_the_limit_allows_not_at_the_ne
     loop, robot, client, clock, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
     monkeypatch.setattr(logs.time, "monotonic", clock.now)  # the limit's clock: the loop's
     with caplog.at_level(logging.WARNING, logger="polcache_client"):
+        for silent, ticks in ((False, 20), (True, 30), (False, 20), (True, 300)):  # the server stays silent: 6 s
+            client.silent = silent
+            loop.run(ticks=ticks, then_stop=False)
+    assert len(robot.stops) == 2 and len(caplog.records) == 2
+    second = caplog.records[1].getMessage()  # 1 s after the first, said at a tick once the 5 s had passed
+    assert second == ("no fresh action for 0.09 s: the robot was safe-stopped (it acts again when fresh actions come) "
+                      "(logged 4.0 s after it happened, held back by the rate limit)")
+
+
+def test_a_line_held_back_when_the_loop_ends_is_said_as_it_ends(caplog):
+    """A robot stopped by its watchdog, then by SIGTERM 2 s later: its log had one safe stop of the two
+    its summary counted (the held line waited for a tick that never came)."""
+    loop, robot, client, _, _, _ = make_loop(latency_s=0.5 / HZ, hold_s=0.09)
+    with caplog.at_level(logging.WARNING, logger="polcache_client"):
         for silent, ticks in ((False, 20), (True, 30), (False, 20), (True, 30)):
             client.silent = silent
             loop.run(ticks=ticks, then_stop=False)
-        assert len(robot.stops) == 2 and len(caplog.records) == 1  # the second stop held back: 2 s after the first
-        loop.run(ticks=250, then_stop=False)  # the server stays silent: 5 s
-    second = caplog.records[1].getMessage()
-    assert second.startswith("no fresh action for 0.09 s: the robot was safe-stopped") and "held back" in second
-    assert len(caplog.records) == 2
+    assert len(robot.stops) == 2 and len(caplog.records) == 2
+    assert re.search(r"safe-stopped .*\(logged \d+\.\d s after it happened, held back by the rate limit\)$",
+                     caplog.records[1].getMessage())
 
 
 def test_silent_server_holds_then_stops_once_then_resumes(caplog):
@@ -444,9 +457,12 @@ def test_chunks_that_arrive_with_every_action_past_due_are_logged(caplog):
         loop.run(ticks=40)
     assert not robot.applied and all(c.dropped_actions == N_ACTIONS for c in chunks)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["chunk for observation 0 arrived 220 ms after its capture, with all 8 actions past due: its "
-                     "last action waits only 150 ms after capture (its due time plus half a period); check the "
-                     "network and the server's load"]
+    assert lines[0] == ("chunk for observation 0 arrived 220 ms after its capture, with all 8 actions past due: its "
+                        "last action waits only 150 ms after capture (its due time plus half a period); check the "
+                        "network and the server's load")
+    # and, as the run ended, the newest of those the rate limit held back, with how many
+    assert len(lines) == 2 and lines[1].startswith("chunk for observation 29 arrived 200 ms after its capture") and \
+        lines[1].endswith("; 28 similar before it suppressed)")
 
 
 def test_reset_never_executes_chunks_from_the_previous_episode():

@@ -1321,6 +1321,37 @@ def test_a_problem_that_goes_on_is_said_ever_less_often_up_to_the_longest_interv
         "late (1 similar suppressed)"]  # every interval_s again
 
 
+def test_a_burst_that_ends_is_said_with_its_count_and_the_problem_back_is_said_at_once(monkeypatch, caplog):
+    """Late chunks at 3 a second for a minute, then none for 40 s: the burst's count waited for the
+    next line, which came 14 s after the problem was back (its interval still a minute) and read
+    "(61 similar suppressed in the last 60 s)", 40 of them a pause."""
+    from polcache_client import logs
+
+    clock = [0.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    log = logs.RateLimitedLog(logging.getLogger("polcache.test"), longest_s=60.0)
+    with caplog.at_level(logging.INFO, logger="polcache.test"):
+        for tick in range(181):  # 60 s, 3 a second
+            clock[0] = tick / 3
+            log.warning("late", "late")
+            log.flush()
+        said = len(caplog.records)
+        clock[0] = 61.0
+        log.flush()  # 1 s without it: not yet a pause
+        assert len(caplog.records) == said
+        clock[0] = 62.1
+        log.flush()  # a pause: the burst's last line, with its count
+        clock[0] = 100.0
+        log.warning("late", "late")  # back: at once
+        clock[0] = 100.4
+        log.warning("late", "late")
+        clock[0] = 101.0
+        log.warning("late", "late")  # every second again
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[said].startswith("late (logged 2.1 s after it happened, held back by the rate limit; ")
+    assert lines[said + 1:] == ["late", "late (1 similar suppressed)"]
+
+
 def test_a_count_of_suppressed_lines_says_when_they_were_if_long_ago(monkeypatch, caplog):
     """A robot under a fixed routing id whose handshakes piled up while the server warmed up, then
     restarted 41 s later: its connect line said "(15 similar suppressed)", as if just now."""

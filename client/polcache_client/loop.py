@@ -383,6 +383,8 @@ class ControlLoop:
             except BaseException:
                 self.stop()
                 raise
+            finally:  # the lines the rate limit still holds (a safe stop seconds before a SIGTERM) are said
+                self._log.flush(everything=True)
 
     def stop(self) -> bool:
         """Safe-stop the robot if this loop moved it since its last stop: not again after the

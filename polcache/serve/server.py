@@ -285,6 +285,7 @@ class PolicyServer:
         self._stall: tuple[float, float] | None = None  # the last time the server stood still, and how long
         self._next_sweep = 0.0
         self._name_checks: dict[bytes, float] = {}  # robots that shook hands: when to look for a name shared
+        self._told_shared: set[str] = set()  # the sets of robots sharing a name that were said
         self._flood = FloodGuard()
         self.inline_ms = inline_ms
         self._recent_inference_ms: deque[float] = deque(maxlen=INLINE_WINDOW)
@@ -337,6 +338,7 @@ class PolicyServer:
             self._loop()
         finally:
             self._shutdown()
+            self._log.flush(everything=True)  # the lines still held (the last late chunks, a stall) are said
             log.info("stopped serving on %s (%d robot session%s closed)", self.endpoint, len(self.sessions),
                      "" if len(self.sessions) == 1 else "s")
 
@@ -627,9 +629,11 @@ class PolicyServer:
                                          if other_name == name and other in self.sessions))
             if robot not in sharing:  # a transport without descriptors (inproc)
                 sharing.append(robot)
-            if len(sharing) > 1:
+            key = f"shared-name:{name}:{','.join(sorted(r.hex() for r in sharing))}"
+            if len(sharing) > 1 and key not in self._told_shared:  # each robot's check finds the same set: said once
+                self._told_shared.add(key)
                 *first, last = (robot_label(name, r) for r in sharing)
-                self._warn(f"shared-name:{name}:{','.join(sorted(r.hex() for r in sharing))}",
+                self._warn(key,
                            f"robots {', '.join(first)} and {last} share one name: name them apart (the handshake's "
                            f"name: PolicyClient(name=...), sim-robot --name), or their metrics mix")
 
@@ -846,6 +850,7 @@ class PolicyServer:
         if now < self._next_sweep:
             return
         self._next_sweep = now + 1.0
+        self._log.flush()  # a held line (the last late chunk of a burst, a stall) is said, with its count
         self._log_disconnects()
         self._warn_shared_names(now)
         for robot, n in self._flood.new_window(self._allowance).items():
