@@ -1352,6 +1352,22 @@ def test_a_burst_that_ends_is_said_with_its_count_and_the_problem_back_is_said_a
     assert lines[said + 1:] == ["late", "late (1 similar suppressed)"]
 
 
+def test_a_server_flushing_every_second_still_says_a_problem_that_goes_on_ever_less_often(monkeypatch, caplog):
+    """The server flushes its held lines once a second: where the flush, not the next occurrence, said a
+    line, the interval stayed a second, and an overloaded night was 3,600 lines an hour again."""
+    from polcache_client import logs
+
+    clock = [0.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    log = logs.RateLimitedLog(logging.getLogger("polcache.test"), longest_s=60.0)
+    with caplog.at_level(logging.INFO, logger="polcache.test"):
+        for tick in range(2 * 600):  # twice a second for 10 minutes, the housekeeping's flush just before each
+            clock[0] = tick / 2
+            log.flush()
+            log.warning("late", "late")
+    assert 12 <= len(caplog.records) <= 18  # 1, 2, 4 .. 32 s, then once a minute
+
+
 def test_a_count_of_suppressed_lines_says_when_they_were_if_long_ago(monkeypatch, caplog):
     """A robot under a fixed routing id whose handshakes piled up while the server warmed up, then
     restarted 41 s later: its connect line said "(15 similar suppressed)", as if just now."""

@@ -61,7 +61,7 @@ class RateLimitedLog:
 
     def flush(self, everything: bool = False) -> None:
         """Say the newest suppressed line of each problem whose interval has passed since its last
-        line, or that has paused (2 intervals_s without it); with `everything`, of every problem (a
+        line, or that has paused (2 interval_s without it); with `everything`, of every problem (a
         loop or server ending). Without it the last of a burst waited for the next such line, minutes
         later or never: a robot safe-stopped as its server went away, seconds after a routine stop,
         logged the stop only once reconnected. Cheap where nothing is held: call it often (a control
@@ -70,11 +70,14 @@ class RateLimitedLog:
             return
         now = time.monotonic()
         for key, (level, message, when) in list(self._held.items()):
-            due = now - self._last.get(key, float("-inf")) >= self._every.get(key, self.interval_s)
-            if not (everything or due or now - self._seen.get(key, when) >= 2 * self.interval_s):
+            every = self._every.get(key, self.interval_s)
+            going_on = now - self._seen.get(key, when) < 2 * self.interval_s
+            if not (everything or not going_on or now - self._last.get(key, float("-inf")) >= every):
                 continue
             del self._held[key]
             others = self._suppressed.pop(key, 1) - 1
             self._last[key] = now
+            if going_on and self.longest_s:  # said here rather than at its next occurrence: ever less often too
+                self._every[key] = min(2 * every, self.longest_s)
             self.logger.log(level, "%s (logged %.1f s after it happened, held back by the rate limit%s)", message,
                             now - when, f"; {others} similar before it suppressed" if others else "")
