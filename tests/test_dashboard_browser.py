@@ -72,6 +72,16 @@ def test_every_view_receives_data_in_a_real_browser(tmp_path):
                 proc.kill()
 
 
+def page_dom(paths) -> str:
+    """The live page of these metrics files, as Chromium renders it."""
+    dashboard = Dashboard(paths)
+    dashboard.poll()
+    try:
+        return headless("--dump-dom", dashboard.serve(port=0)).stdout
+    finally:
+        dashboard.stop()
+
+
 def section(dom: str, view: str) -> str:
     return re.search(rf'id="view-{view}".*?</section>', dom, re.S).group(0)
 
@@ -91,12 +101,7 @@ def test_reference_lines_are_named_apart_and_off_the_curves(tmp_path):
         paths[-1].write_text("".join(json.dumps(r) + "\n" for r in [
             {"kind": "info", "t": 100.0, "monotonic": 0.0, "role": "robot", "robot": name, "hz": hz},
             *({"kind": "chunk", "t": i / 10, "robot": name, "latency_ms": 100.0 + i} for i in range(100))]))
-    dashboard = Dashboard(paths)
-    dashboard.poll()
-    try:
-        dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
-    finally:
-        dashboard.stop()
+    dom = page_dom(paths)
     latency = section(dom, "latency")
     assert not re.search(r"<text[^>]*>deadline", latency)  # nothing over the plot
     assert re.findall(r'dashed #c00"></i>([^<]*)</span>', latency) == ["deadline armA, armB: 140.0",
@@ -124,12 +129,7 @@ def test_counts_have_whole_ticks_and_a_deadline_at_the_left_edge_keeps_its_label
         {"kind": "info", "t": 100.0, "monotonic": 0.0, "role": "robot", "robot": "sim-robot reach-v3", "hz": 50.0},
         *({"kind": "chunk", "t": i / 10, "robot": "sim-robot reach-v3", "latency_ms": 135.0 + 3 * i,
            "dropped_actions": int(i % 30 == 0)} for i in range(100))]))
-    dashboard = Dashboard([server, robot])
-    dashboard.poll()
-    try:
-        dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
-    finally:
-        dashboard.stop()
+    dom = page_dom([server, robot])
     (anchor,) = re.findall(r'text-anchor="(\w+)"[^>]*>deadline sim-robot reach-v3: 140.0<',
                            section(dom, "latency_hist"))
     assert anchor == "start"  # right of its line: to the left it ran over the axis
@@ -146,12 +146,7 @@ def test_a_line_of_one_point_is_drawn_as_a_dot(tmp_path):
     robot.write_text("".join(json.dumps(r) + "\n" for r in [
         {"kind": "info", "t": 100.0, "monotonic": 0.0, "role": "robot", "robot": "arm", "hz": 50.0},
         *({"kind": "tick", "t": i / 50, "robot": "arm", "ticks": 1, "period_error_ms": 0.01} for i in range(40))]))
-    dashboard = Dashboard([robot])
-    dashboard.poll()
-    try:
-        dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
-    finally:
-        dashboard.stop()
+    dom = page_dom([robot])
     rate = section(dom, "rate")
     assert 'data-received="1"' in rate and "<circle" in rate
     assert re.search(r"<th>ticks</th>.*<td>arm</td><td>0</td><td>-</td><td>-</td><td>-</td><td>-</td><td>40</td>", dom)
@@ -168,12 +163,7 @@ def test_a_target_held_for_one_run_of_a_file_spans_that_run_only(tmp_path):
                  *({"kind": "tick", "t": start + i / hz, "robot": "arm", "ticks": 1, "period_error_ms": 0.01}
                    for i in range(int(10 * hz)))]
     robot.write_text("".join(json.dumps(r) + "\n" for r in runs))
-    dashboard = Dashboard([robot])
-    dashboard.poll()
-    try:
-        dom = headless("--dump-dom", dashboard.serve(port=0)).stdout
-    finally:
-        dashboard.stop()
+    dom = page_dom([robot])
     lines = re.findall(r'<line x1="([\d.]+)" x2="([\d.]+)" y1="[\d.]+" y2="[\d.]+" stroke="#c00"', section(dom, "rate"))
     (first_from, first_to), (second_from, second_to) = sorted((float(a), float(b)) for a, b in lines)
     assert first_from < first_to <= second_from < second_to  # side by side, each over its own run

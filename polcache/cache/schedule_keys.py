@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from polcache.errors import cut_short
 
-SCHEDULE_KEYS = {"": {"format", "version", "method", "objective", "model", "sampler", "budget", "bu_blocks", "force_last",
-                      "bu_selected", "block_evaluations", "block_evaluations_uncached", "update_steps", "created",
-                      "code_version", "calibration"},
+SCHEDULE_KEYS = {"": {"format", "version", "method", "objective", "model", "sampler", "budget", "bu_blocks",
+                      "force_last", "bu_selected", "block_evaluations", "block_evaluations_uncached", "update_steps",
+                      "created", "code_version", "calibration"},
                  "model.": {"hash", "family", "blocks", "layers", "kinds"}, "sampler.": {"kind", "steps"},
                  "calibration.": {"source", "samples", "seed", "l1", "similarity", "distance", "sensitivity"}}
 

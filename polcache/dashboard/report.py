@@ -121,9 +121,11 @@ def _summary_table(summary: dict[str, Any]) -> str:
     """The whole run per robot (RunState._summary), as the page shows it above its views."""
     if not summary["rows"]:
         return ""
+    def cell(value: Any) -> str:
+        return html.escape("-" if value is None else f"{value:g}" if isinstance(value, float) else str(value))
+
     head = "".join(f"<th>{html.escape(c)}</th>" for c in summary["columns"])
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape('-' if v is None else f'{v:g}' if isinstance(v, float) else str(v))}"
-                                    f"</td>" for v in row) + "</tr>" for row in summary["rows"])
+    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in summary["rows"])
     return f"<h2>whole run, per robot</h2><table><tr>{head}</tr>{rows}</table>"
 
 

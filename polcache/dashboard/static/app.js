@@ -115,7 +115,8 @@ function drawLine(svg, section, view) {
   });
   const hlines = view.hlines || [];
   hlines.forEach(h => {  // a value held for part of the run only (x0, x1: another run's settings) spans that part
-    const left = h.x0 === undefined ? M.l : sx(Math.max(h.x0, x0)), right = h.x1 === undefined ? W - M.r : sx(Math.min(h.x1, x1));
+    const left = h.x0 === undefined ? M.l : sx(Math.max(h.x0, x0));
+    const right = h.x1 === undefined ? W - M.r : sx(Math.min(h.x1, x1));
     el("line", { x1: left, x2: right, y1: sy(h.y), y2: sy(h.y), stroke: "#c00", "stroke-dasharray": "4 3" }, svg);
   });
   // named in the legend, not over the line: a rate at its target ran under the label, the newest points hidden
@@ -248,7 +249,8 @@ function renderSummary(summary) {  // the whole run per robot, above the views (
   summary.rows.forEach(row => {
     const tr = table.insertRow();
     row.forEach(v => {  // counts as whole numbers (fmt wrote 4 safe stops as 4.00)
-      tr.insertCell().textContent = v === null ? "-" : Number.isInteger(v) ? String(v) : typeof v === "number" ? fmt(v) : v;
+      const shown = v === null ? "-" : Number.isInteger(v) ? String(v) : typeof v === "number" ? fmt(v) : v;
+      tr.insertCell().textContent = shown;
     });
   });
   box.appendChild(table);
